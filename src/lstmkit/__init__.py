@@ -1,0 +1,11 @@
+"""lstmkit: the LSTM as its textbook explanations describe it, every variant, fast.
+
+Importing this package compiles nothing; fused kernels are built on first use.
+"""
+
+from lstmkit.inspect import GateView, describe
+from lstmkit.nn import LSTM, RNN, LSTMCell
+from lstmkit.spec import PRESETS, CellSpec, resolve
+
+__all__ = ["LSTM", "RNN", "LSTMCell", "CellSpec", "PRESETS", "resolve", "describe", "GateView"]
+__version__ = "0.1.0"

@@ -1,0 +1,157 @@
+"""The cell equations, written once, in plain torch ops (see ``docs/cell.md``).
+
+This is the reference every fused kernel is tested against, and the documentation of
+what a layer computes. A step is split in two, as the kernels split it:
+
+* :func:`input_projection` — the part that depends only on ``x``, computed for all
+  time steps at once: ``a = x W_ihᵀ (LN) + b_ih + b_hh``, shape (T, B, R);
+* :func:`step` — one step of the recurrence, given ``a_t`` and the previous state.
+
+For the vanilla LSTM (H cells, I inputs)::
+
+    i = σ(W_i [x, h] + b_i)   f = σ(W_f [x, h] + b_f)   g = tanh(W_g [x, h] + b_g)
+    o = σ(W_o [x, h] + b_o)   c' = f ⊙ c + i ⊙ g        h' = o ⊙ tanh(c')
+
+where each ``W_k = [W_ik | W_hk]`` is H × (I + H), stored fused as ``weight_ih`` (4H × I)
+and ``weight_hh`` (4H × H).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lstmkit.layout import gate_slices
+from lstmkit.spec import CellSpec
+
+__all__ = ["input_projection", "step", "StepOut", "LN_EPS", "activation"]
+
+#: Epsilon of every layer norm in the cell.
+LN_EPS = 1e-5
+
+Params = dict[str, Tensor]
+
+
+def activation(name: str, v: Tensor) -> Tensor:
+    """Apply a named activation (``tanh``, ``relu``, ``sigmoid``, ``identity``)."""
+    if name == "tanh":
+        return torch.tanh(v)
+    if name == "sigmoid":
+        return torch.sigmoid(v)
+    if name == "relu":
+        return torch.relu(v)
+    return v
+
+
+def chunk_layernorm(v: Tensor, gain: Tensor, spec: CellSpec, hidden_size: int) -> Tensor:
+    """Layer norm of each gate's chunk of the R pre-activations separately, times ``gain``.
+
+    Args:
+        v: (..., R) pre-activations; gain: (R,).
+    """
+    widths = [s.stop - s.start for s in gate_slices(spec, hidden_size).values()]
+    if len(set(widths)) == 1:  # all gates equally wide: one batched norm
+        n = widths[0]
+        shape = v.shape
+        out = F.layer_norm(v.reshape(*shape[:-1], len(widths), n), (n,), eps=LN_EPS)
+        return out.reshape(shape) * gain
+    parts = [F.layer_norm(p, (p.shape[-1],), eps=LN_EPS) for p in v.split(widths, dim=-1)]
+    return torch.cat(parts, dim=-1) * gain
+
+
+def input_projection(x: Tensor, p: Params, spec: CellSpec, hidden_size: int) -> Tensor:
+    """The input side of every step at once: ``x W_ihᵀ`` (layer-normed) plus both biases.
+
+    Args:
+        x: (T, B, I) inputs of the layer.
+        p: the layer-direction's parameters, names without suffix.
+    Returns:
+        (T, B, R) pre-activations from the input.
+    """
+    a = torch.matmul(x, p["weight_ih"].t())  # (T, B, R)
+    if spec.layernorm:
+        a = chunk_layernorm(a, p["ln_ih_weight"], spec, hidden_size)
+    if "bias_ih" in p:
+        a = a + (p["bias_ih"] + p["bias_hh"])
+    return a
+
+
+class StepOut(NamedTuple):
+    """Everything one step computes. Absent gates are ``None`` (not tensors of ones)."""
+
+    h: Tensor                  # (B, H_out) new hidden state / output
+    c: Tensor | None           # (B, H) new cell state (None for the RNN)
+    s: Tensor | None           # (B, |S|·H) sigmoid-gate activations for fgr, else None
+    i: Tensor | None           # (B, H) gate activations, None when absent
+    f: Tensor | None
+    g: Tensor
+    o: Tensor | None
+
+
+def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
+         spec: CellSpec, hidden_size: int) -> StepOut:
+    """One step of the recurrence.
+
+    Args:
+        a_t: (B, R) this step's input pre-activations from :func:`input_projection`.
+        h: (B, H_out) previous hidden state; c: (B, H) previous cell state (None for RNN).
+        s: (B, |S|·H) previous sigmoid-gate activations (fgr only, else None).
+        p: parameters of the layer-direction (names without suffix).
+    """
+    r = torch.matmul(h, p["weight_hh"].t())  # (B, R)
+    if spec.layernorm:
+        r = chunk_layernorm(r, p["ln_hh_weight"], spec, hidden_size)
+    z = a_t + r  # (B, R)
+    if not spec.is_lstm:
+        h_new = activation(spec.nonlinearity, z)
+        return StepOut(h_new, None, None, None, None, h_new, None)
+
+    u: dict[str, Tensor] = {}
+    for gate, rows in gate_slices(spec, hidden_size).items():
+        zk = z[:, rows]  # (B, n_k)
+        widths = spec.hidden_widths(gate)
+        for j in range(1, len(widths) + 1):  # deep gate: an MLP over [x, h]
+            zk = activation(spec.gate_hidden_activation, zk)
+            zk = F.linear(zk, p[f"mlp_{gate}_weight{j}"], p.get(f"mlp_{gate}_bias{j}"))
+        u[gate] = zk  # (B, H)
+    if spec.peephole:
+        for gate in ("i", "f"):
+            if gate in u:
+                u[gate] = u[gate] + p[f"peephole_{gate}"] * c
+    if spec.fgr:
+        sig = spec.sigmoid_gates
+        rec = torch.matmul(s, p["weight_gg"].t()).split(hidden_size, dim=-1)  # |S| × (B, H)
+        for gate, extra in zip(sig, rec):
+            u[gate] = u[gate] + extra
+
+    i = torch.sigmoid(u["i"]) if "i" in u else None
+    if "f" in u:
+        f = torch.sigmoid(u["f"])
+    elif spec.coupled:
+        f = 1.0 - i
+    else:
+        f = None  # nfg: f ≡ 1
+    g = activation(spec.candidate_activation, u["g"])
+    keep = c if f is None else f * c
+    c_new = keep + (g if i is None else i * g)
+    if spec.cell_clip is not None:
+        c_new = c_new.clamp(-spec.cell_clip, spec.cell_clip)
+    o = None
+    if "o" in u:
+        uo = u["o"] + p["peephole_o"] * c_new if spec.peephole else u["o"]
+        o = torch.sigmoid(uo)
+    m = c_new
+    if spec.layernorm:
+        m = F.layer_norm(c_new, (hidden_size,), p["ln_c_weight"], p["ln_c_bias"], eps=LN_EPS)
+    h_new = activation(spec.output_activation, m)
+    if o is not None:
+        h_new = o * h_new
+    if "weight_hr" in p:
+        h_new = torch.matmul(h_new, p["weight_hr"].t())  # (B, P)
+    s_new = None
+    if spec.fgr:
+        s_new = torch.cat([{"i": i, "f": f, "o": o}[k] for k in spec.sigmoid_gates], dim=-1)
+    return StepOut(h_new, c_new, s_new, i, f, g, o)

@@ -1,0 +1,60 @@
+"""Kernels: one interface, a registry table, and the choice of kernel per layer.
+
+``REGISTRY`` lists the kernels in order of preference; :func:`select` returns the first
+that supports a layer's spec, device and dtype, or the one ``backend=`` names.
+``reference`` (the autograd loop over :mod:`lstmkit.cell`) is always a row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut
+from lstmkit.kernels.reference import ReferenceKernel
+from lstmkit.spec import CellSpec
+
+__all__ = ["Kernel", "KernelOut", "TRACE_KEYS", "REGISTRY", "select", "register"]
+
+#: name -> kernel, fastest first.
+REGISTRY: dict[str, Kernel] = {}
+
+
+def register(kernel: Kernel, first: bool = False) -> None:
+    """Add a kernel row (``first=True`` puts it before the others)."""
+    global REGISTRY
+    if first:
+        REGISTRY = {kernel.name: kernel, **{k: v for k, v in REGISTRY.items() if k != kernel.name}}
+    else:
+        REGISTRY[kernel.name] = kernel
+
+
+register(ReferenceKernel())
+
+
+def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
+           backend: str | None = None) -> Kernel:
+    """The kernel to run ``spec`` on ``device`` in ``dtype``.
+
+    Args:
+        backend: a registry name to force, or None for the fastest that supports it.
+    Raises:
+        ValueError: ``backend`` is unknown or cannot run this spec/device/dtype.
+    """
+    if backend is not None:
+        if backend not in REGISTRY:
+            raise ValueError(f"backend: unknown kernel {backend!r}; expected one of {list(REGISTRY)}")
+        kernel = REGISTRY[backend]
+        why = _why_not(kernel, spec, device, dtype)
+        if why:
+            raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
+        return kernel
+    for kernel in REGISTRY.values():
+        if _why_not(kernel, spec, device, dtype) is None:
+            return kernel
+    raise RuntimeError("no kernel supports this layer, not even 'reference'")  # unreachable
+
+
+def _why_not(kernel: Kernel, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type not in kernel.devices:
+        return f"it runs on {list(kernel.devices)}, not on {device.type!r}"
+    return kernel.unsupported(spec, device, dtype)

@@ -1,0 +1,60 @@
+"""The one interface every kernel implements.
+
+A kernel runs one layer in one direction over a whole (padded) sequence. The loop in
+:mod:`lstmkit.loop` handles layers, directions (it reverses sequences for the backward
+direction), dropout and packing, and asks the registry for a kernel per layer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from lstmkit.spec import CellSpec
+
+__all__ = ["Kernel", "KernelOut", "TRACE_KEYS"]
+
+#: What a recording kernel returns per step, each (T, B, ·); absent gates are missing.
+TRACE_KEYS: tuple[str, ...] = ("i", "f", "g", "o", "c", "h")
+
+
+class KernelOut(NamedTuple):
+    """Result of one layer-direction."""
+
+    y: Tensor                 # (T, B, H_out), zeros past each sequence's length
+    h_n: Tensor               # (B, H_out) state after each sequence's last valid step
+    c_n: Tensor | None        # (B, H), None for the RNN
+    trace: dict[str, Tensor] | None  # record=True: per-step activations, (T, B, H) each
+
+
+class Kernel(ABC):
+    """A way to run the recurrence of one layer-direction, with gradients.
+
+    Attributes:
+        name: the registry key, accepted by ``backend=``.
+        devices: device types it runs on (``"cpu"``, ``"cuda"``).
+    """
+
+    name: str
+    devices: tuple[str, ...]
+
+    @abstractmethod
+    def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this kernel cannot run ``spec`` on ``device``/``dtype``, or None if it can."""
+
+    @abstractmethod
+    def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+            params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
+            record: bool = False) -> KernelOut:
+        """Run one layer-direction forward in time; autograd gives the gradients.
+
+        Args:
+            x: (T, B, I) layer input, time-major, zero-padded.
+            lengths: (B,) int64 on the CPU, or None when every sequence has length T.
+            h0: (B, H_out); c0: (B, H) or None for the RNN.
+            params: the layer-direction's parameters, names without suffix.
+            record: also return the per-step activations (``TRACE_KEYS``).
+        """

@@ -1,0 +1,65 @@
+"""The reference kernel: the equations of :mod:`lstmkit.cell` in a Python time loop.
+
+Autograd differentiates it. It runs every variant on every device and dtype, and it is
+what the fused kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lstmkit import cell
+from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut
+from lstmkit.spec import CellSpec
+
+__all__ = ["ReferenceKernel"]
+
+
+class ReferenceKernel(Kernel):
+    """Plain torch ops, one step at a time (slow, obviously right)."""
+
+    name = "reference"
+    devices = ("cpu", "cuda", "mps", "xpu", "meta")
+
+    def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+        return None
+
+    def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+            params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
+            record: bool = False) -> KernelOut:
+        T, B = x.shape[0], x.shape[1]
+        a = cell.input_projection(x, params, spec, hidden_size)  # (T, B, R)
+        h, c = h0, c0
+        s = None
+        if spec.fgr:
+            s = h0.new_zeros(B, len(spec.sigmoid_gates) * hidden_size)
+        valid = None
+        if lengths is not None and bool((lengths < T).any()):
+            steps = torch.arange(T).unsqueeze(1)  # (T, 1)
+            valid = (steps < lengths.unsqueeze(0)).to(x.device).unsqueeze(-1)  # (T, B, 1)
+        ys: list[Tensor] = []
+        rec: dict[str, list[Tensor]] = {k: [] for k in TRACE_KEYS}
+        for t, a_t in enumerate(a.unbind(0)):  # unbind once: indexing inside makes BPTT O(T²)
+            out = cell.step(a_t, h, c, s, params, spec, hidden_size)
+            h_new, c_new, s_new = out.h, out.c, out.s
+            if valid is not None:
+                v = valid[t]  # (B, 1)
+                ys.append(torch.where(v, h_new, torch.zeros_like(h_new)))
+                h_new = torch.where(v, h_new, h)
+                c_new = torch.where(v, c_new, c) if c is not None else None
+                s_new = torch.where(v, s_new, s) if s is not None else None
+            else:
+                ys.append(h_new)
+            if record:
+                for k in ("i", "f", "g", "o"):
+                    value = getattr(out, k)
+                    if value is not None:
+                        rec[k].append(value)
+                if out.c is not None:
+                    rec["c"].append(out.c)
+                rec["h"].append(out.h)
+            h, c, s = h_new, c_new, s_new
+        y = torch.stack(ys) if ys else x.new_zeros(0, B, h0.shape[-1])  # (T, B, H_out)
+        trace = {k: torch.stack(v) for k, v in rec.items() if v} if record else None
+        return KernelOut(y, h, c, trace)

@@ -1,0 +1,120 @@
+"""THE gate order, every framework's permutation, and the parameter schema.
+
+Every fact about how gates are laid out in memory lives here and nowhere else.
+
+lstmkit stores gates fused, in the order **i, f, g, o** (input, forget, candidate,
+output) — the order of ``torch.nn.LSTM`` and Keras. Other frameworks:
+
+============  =============  ==============================================
+framework     gate order     notes
+============  =============  ==============================================
+torch         i, f, g, o     ``weight_ih (4H, I)``, two biases
+keras         i, f, c, o     ``kernel (I, 4H)``: transposed, one bias
+onnx          i, o, f, c     ``W [D, 4H, I]``, ``B [D, 8H]``, ``P [D, 3H]`` (i, o, f)
+tf1 / haste   i, g, f, o     TF1 ``kernel [I+H, 4H]``; forget bias added at run time
+============  =============  ==============================================
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from lstmkit.spec import CellSpec
+
+__all__ = [
+    "GATES", "GATE_NAMES", "ORDERS", "permutation", "reorder_gates", "suffix",
+    "layer_param_shapes", "gate_slices",
+]
+
+#: Canonical gate letters, in storage order.
+GATES: tuple[str, ...] = ("i", "f", "g", "o")
+#: Human names of the gates, aligned with :data:`GATES`.
+GATE_NAMES: tuple[str, ...] = ("input", "forget", "candidate", "output")
+
+#: Gate order of each framework, in lstmkit's letters (Keras' ``c`` is our ``g``).
+ORDERS: dict[str, tuple[str, ...]] = {
+    "lstmkit": GATES,
+    "torch": ("i", "f", "g", "o"),
+    "keras": ("i", "f", "g", "o"),
+    "onnx": ("i", "o", "f", "g"),
+    "tf1": ("i", "g", "f", "o"),
+    "haste": ("i", "g", "f", "o"),
+}
+
+#: ONNX stores the peephole weights in this order.
+ONNX_PEEPHOLE_ORDER: tuple[str, ...] = ("i", "o", "f")
+
+
+def permutation(src: str, dst: str) -> list[int]:
+    """Indices ``p`` such that ``dst_gates = src_gates[p]`` (gate blocks, not rows)."""
+    for name in (src, dst):
+        if name not in ORDERS:
+            raise ValueError(f"gate order: unknown framework {name!r}; expected one of {list(ORDERS)}")
+    return [ORDERS[src].index(g) for g in ORDERS[dst]]
+
+
+def reorder_gates(t: torch.Tensor, src: str, dst: str, dim: int = 0) -> torch.Tensor:
+    """Permute the four gate blocks of ``t`` along ``dim`` from ``src``'s order to ``dst``'s.
+
+    Args:
+        t: a tensor whose size along ``dim`` is ``4 * H`` (e.g. a (4H, I) weight).
+    """
+    n = t.shape[dim]
+    if n % 4:
+        raise ValueError(f"reorder_gates: dimension {dim} must be 4*H, got size {n}")
+    blocks = t.chunk(4, dim=dim)
+    return torch.cat([blocks[i] for i in permutation(src, dst)], dim=dim)
+
+
+def suffix(layer: int, direction: int) -> str:
+    """Parameter-name suffix as torch writes it: ``_l0``, ``_l1_reverse``."""
+    return f"_l{layer}" + ("_reverse" if direction == 1 else "")
+
+
+def gate_slices(spec: CellSpec, hidden_size: int) -> dict[str, slice]:
+    """Rows of ``weight_ih`` / ``weight_hh`` / biases that each computed gate occupies."""
+    out, start = {}, 0
+    for g in spec.computed_gates:
+        n = spec.first_width(g, hidden_size)
+        out[g] = slice(start, start + n)
+        start += n
+    return out
+
+
+def layer_param_shapes(spec: CellSpec, input_size: int, hidden_size: int, proj_size: int = 0,
+                       bias: bool = True) -> dict[str, tuple[int, ...]]:
+    """Names (without suffix) and shapes of one layer-direction's parameters, in order.
+
+    The order is the registration order: torch's four (plus ``weight_hr``) first, so a
+    vanilla layer's ``state_dict`` matches ``torch.nn.LSTM``'s key for key.
+    """
+    H, I = hidden_size, input_size
+    h_out = proj_size if proj_size > 0 else H
+    R = spec.gate_rows(H)
+    shapes: dict[str, tuple[int, ...]] = {"weight_ih": (R, I), "weight_hh": (R, h_out)}
+    if bias:
+        shapes["bias_ih"] = (R,)
+        shapes["bias_hh"] = (R,)
+    if proj_size > 0:
+        shapes["weight_hr"] = (proj_size, H)
+    if spec.peephole:
+        for g in spec.sigmoid_gates:
+            shapes[f"peephole_{g}"] = (H,)
+    if spec.fgr:
+        n = len(spec.sigmoid_gates) * H
+        shapes["weight_gg"] = (n, n)
+    if spec.layernorm:
+        shapes["ln_ih_weight"] = (R,)
+        shapes["ln_hh_weight"] = (R,)
+        shapes["ln_c_weight"] = (H,)
+        shapes["ln_c_bias"] = (H,)
+    for g, widths in spec.gate_hidden:
+        sizes = list(widths) + [H]
+        for j in range(1, len(sizes)):
+            shapes[f"mlp_{g}_weight{j}"] = (sizes[j], sizes[j - 1])
+            if bias:
+                shapes[f"mlp_{g}_bias{j}"] = (sizes[j],)
+    return shapes

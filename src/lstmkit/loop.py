@@ -1,0 +1,86 @@
+"""The only loop over layers and directions: stacking, reversal, dropout, state carry.
+
+Each layer-direction is handed to a kernel (:mod:`lstmkit.kernels`), which runs the
+time loop. Inputs here are already time-major, padded and validated (:mod:`lstmkit.nn`
+does that); ``lengths`` is None when every sequence has the full length.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lstmkit import kernels
+from lstmkit.spec import CellSpec
+
+__all__ = ["StackOut", "run_stack", "reverse_within_lengths"]
+
+
+class StackOut(NamedTuple):
+    """Result of a whole stack of layers."""
+
+    y: Tensor              # (T, B, D·H_out) output of the last layer
+    h_n: Tensor            # (L·D, B, H_out)
+    c_n: Tensor | None     # (L·D, B, H), None for the RNN
+    traces: list[list[dict[str, Tensor]]] | None  # [layer][direction] -> per-step activations
+
+
+def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Reverse each sequence of ``x`` (T, B, F) within its own length; padding stays put.
+
+    The map is its own inverse, so it also flips a reversed output back.
+    """
+    if lengths is None:
+        return x.flip(0)
+    T, B = x.shape[0], x.shape[1]
+    t = torch.arange(T).unsqueeze(1)  # (T, 1)
+    n = lengths.unsqueeze(0)  # (1, B)
+    src = torch.where(t < n, n - 1 - t, t).to(x.device)  # (T, B)
+    return x.gather(0, src.unsqueeze(-1).expand(T, B, x.shape[-1]))
+
+
+def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+              params: list[list[dict[str, Tensor]]], spec: CellSpec, hidden_size: int,
+              dropout: float = 0.0, training: bool = False, backend: str | None = None,
+              record: bool = False) -> StackOut:
+    """Run ``len(params)`` layers of ``len(params[0])`` directions over ``x``.
+
+    Args:
+        x: (T, B, I) time-major, zero-padded input.
+        lengths: (B,) int64 on the CPU, or None (all sequences have length T).
+        h0: (L·D, B, H_out); c0: (L·D, B, H), or None for the RNN.
+        params: ``params[layer][direction]`` maps names without suffix to tensors.
+        dropout: probability of dropout on the input of every layer but the first.
+        backend: force a kernel by registry name.
+        record: collect per-step activations from the kernels.
+    """
+    num_dirs = len(params[0])
+    kernel = kernels.select(spec, x.device, x.dtype, backend)
+    h_out, c_out, traces = [], [], []
+    layer_in = x
+    for layer, directions in enumerate(params):
+        if layer > 0 and dropout > 0.0 and training:
+            layer_in = F.dropout(layer_in, p=dropout, training=True)
+        ys, layer_traces = [], []
+        for direction, p in enumerate(directions):
+            k = layer * num_dirs + direction
+            inp = layer_in if direction == 0 else reverse_within_lengths(layer_in, lengths)
+            out = kernel.run(inp, lengths, h0[k], None if c0 is None else c0[k], p, spec,
+                             hidden_size, record=record)
+            y = out.y if direction == 0 else reverse_within_lengths(out.y, lengths)
+            ys.append(y)
+            h_out.append(out.h_n)
+            c_out.append(out.c_n)
+            if record:
+                trace = out.trace or {}
+                if direction == 1:
+                    trace = {key: reverse_within_lengths(v, lengths) for key, v in trace.items()}
+                layer_traces.append(trace)
+        traces.append(layer_traces)
+        layer_in = ys[0] if num_dirs == 1 else torch.cat(ys, dim=-1)  # (T, B, D·H_out)
+    h_n = torch.stack(h_out)
+    c_n = None if c0 is None else torch.stack(c_out)
+    return StackOut(layer_in, h_n, c_n, traces if record else None)

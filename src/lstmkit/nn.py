@@ -1,0 +1,476 @@
+"""``LSTM``, ``RNN`` and ``LSTMCell`` modules with ``torch.nn``'s signatures plus ``cell=``.
+
+A vanilla :class:`LSTM` has exactly ``torch.nn.LSTM``'s parameters (names, shapes,
+initialisation) and forward contract, so ``layer.load_state_dict(nn_lstm.state_dict())``
+works unchanged. ``cell=`` picks any variant (:mod:`lstmkit.spec`); the extra parameters
+a variant brings are listed in ``docs/cell.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from lstmkit import cell as cell_eqs
+from lstmkit.layout import gate_slices, layer_param_shapes, suffix
+from lstmkit.loop import StackOut, run_stack
+from lstmkit.spec import CellSpec, resolve
+
+__all__ = ["LSTM", "RNN", "LSTMCell"]
+
+State = tuple[Tensor, Tensor]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+class _Recurrent(nn.Module):
+    """Shared machinery of :class:`LSTM` and :class:`RNN`: parameters, checks, packing.
+
+    Not used directly; its two leaves fix the cell kind and the state type.
+    """
+
+    spec: CellSpec
+
+    def __init__(self, spec: CellSpec, input_size: int, hidden_size: int, num_layers: int,
+                 bias: bool, batch_first: bool, dropout: float, bidirectional: bool,
+                 proj_size: int, device: Any, dtype: Any, backend: str | None,
+                 check_finite: bool) -> None:
+        super().__init__()
+        _check_int("input_size", input_size, 1)
+        _check_int("hidden_size", hidden_size, 1)
+        _check_int("num_layers", num_layers, 1)
+        _check_int("proj_size", proj_size, 0)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
+                or not 0.0 <= float(dropout) <= 1.0:
+            raise ValueError(f"dropout: expected a number in [0, 1], got {dropout!r}")
+        if proj_size >= hidden_size:
+            raise ValueError(
+                f"proj_size: expected a value smaller than hidden_size ({hidden_size}), got {proj_size}"
+            )
+        if proj_size and not spec.is_lstm:
+            raise ValueError("proj_size: only LSTM layers have a projection, not the plain RNN")
+        if spec.forget_bias is not None and not bias:
+            raise ValueError(
+                f"cell: forget_bias={spec.forget_bias} needs biases, but the layer has bias=False"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                f"expects num_layers greater than 1, but got dropout={dropout} and "
+                f"num_layers={num_layers}", stacklevel=3)
+        self.spec = spec
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bool(bidirectional)
+        self.proj_size = proj_size
+        self.backend = backend
+        self.check_finite = check_finite
+        if backend is not None:
+            from lstmkit import kernels
+            if backend not in kernels.REGISTRY:
+                raise ValueError(
+                    f"backend: unknown kernel {backend!r}; expected one of {list(kernels.REGISTRY)}"
+                )
+        factory = {"device": device, "dtype": dtype}
+        num_dirs = 2 if bidirectional else 1
+        self._param_names: list[list[dict[str, str]]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else self.output_size * num_dirs
+            names = []
+            for direction in range(num_dirs):
+                shapes = layer_param_shapes(spec, layer_input, hidden_size, proj_size, bias)
+                mapping = {}
+                for base, shape in shapes.items():
+                    full = base + suffix(layer, direction)
+                    setattr(self, full, nn.Parameter(torch.empty(shape, **factory)))
+                    mapping[base] = full
+                names.append(mapping)
+            self._param_names.append(names)
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------- parameters
+
+    @property
+    def output_size(self) -> int:
+        """``H_out``: the size of ``h`` (``proj_size`` if set, else ``hidden_size``)."""
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    @property
+    def num_directions(self) -> int:
+        """2 if bidirectional else 1."""
+        return 2 if self.bidirectional else 1
+
+    def reset_parameters(self) -> None:
+        """torch's initialisation: U(−1/√H, 1/√H) everywhere; see docs/cell.md for extras."""
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for layer in self._param_names:
+                for names in layer:
+                    for base, full in names.items():
+                        w = getattr(self, full)
+                        if base.startswith("ln_"):
+                            w.fill_(0.0 if base.endswith("bias") else 1.0)
+                        elif base.startswith("mlp_") and not base.endswith(("weight1", "bias1")):
+                            fan_in = getattr(self, names[base.replace("bias", "weight")]).shape[1]
+                            bound = 1.0 / math.sqrt(fan_in)
+                            w.uniform_(-bound, bound)
+                        else:
+                            w.uniform_(-stdv, stdv)
+                    self._init_forget_bias(names)
+
+    def _init_forget_bias(self, names: dict[str, str]) -> None:
+        fb = self.spec.forget_bias
+        if fb is None:
+            return
+        deep = self.spec.hidden_widths("f")
+        if deep:
+            getattr(self, names[f"mlp_f_bias{len(deep)}"]).fill_(fb)
+            return
+        rows = gate_slices(self.spec, self.hidden_size)["f"]
+        getattr(self, names["bias_ih"])[rows] = fb
+        getattr(self, names["bias_hh"])[rows] = 0.0
+
+    def layer_params(self, layer: int = 0, direction: int = 0) -> dict[str, Tensor]:
+        """The parameters of one layer and direction, keyed by name without suffix."""
+        self._check_layer_direction(layer, direction)
+        return {base: getattr(self, full) for base, full in self._param_names[layer][direction].items()}
+
+    def _check_layer_direction(self, layer: int, direction: int) -> None:
+        if not (isinstance(layer, int) and 0 <= layer < self.num_layers):
+            raise ValueError(f"layer: expected an int in [0, {self.num_layers - 1}], got {layer!r}")
+        if not (isinstance(direction, int) and 0 <= direction < self.num_directions):
+            raise ValueError(
+                f"direction: expected an int in [0, {self.num_directions - 1}], got {direction!r}"
+            )
+
+    def _all_params(self) -> list[list[dict[str, Tensor]]]:
+        return [[self.layer_params(layer, d) for d in range(self.num_directions)]
+                for layer in range(self.num_layers)]
+
+    def gates(self, layer: int = 0, direction: int = 0) -> dict[str, Any]:
+        """Each gate as the textbook writes it: ``W`` (H × (I + H)) over ``[x_t, h_{t-1}]``.
+
+        Returns:
+            ``{"input": GateView, "forget": …, "candidate": …, "output": …}``; see
+            :class:`lstmkit.inspect.GateView` (absent gates say so and why).
+        """
+        from lstmkit.inspect import gate_views
+        self._check_layer_direction(layer, direction)
+        return gate_views(self, layer, direction)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        if self.spec.is_lstm:
+            s += f", cell={self.spec.name!r}"
+        elif self.spec.nonlinearity != "tanh":
+            s += f", nonlinearity={self.spec.nonlinearity!r}"
+        if self.backend:
+            s += f", backend={self.backend!r}"
+        return s
+
+    # ---------------------------------------------------------------- forward
+
+    def _run(self, input: Tensor | PackedSequence, hx: Any, record: bool = False
+             ) -> tuple[Tensor | PackedSequence, Tensor, Tensor | None, StackOut]:
+        """Validate, pack/unpack and run. Returns output, h_n, c_n and the raw stack result."""
+        packed = isinstance(input, PackedSequence)
+        lengths = None
+        if packed:
+            x, lengths = pad_packed_sequence(input)  # (T, B, I) in the caller's batch order
+            self._check_input_tensor(x, "input (PackedSequence data)")
+            if bool((lengths == 0).any()):
+                raise ValueError("input: a sequence in the PackedSequence has length 0")
+            batched = True
+        elif isinstance(input, Tensor):
+            self._check_input_tensor(input, "input")
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"input: expected a 2-D (L, {self.input_size}) unbatched or 3-D batched tensor, "
+                    f"got {input.dim()}-D of shape {_shape(input)}"
+                )
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                x = x.transpose(0, 1)  # (T, B, I)
+        else:
+            raise TypeError(
+                f"input: expected a Tensor or a PackedSequence, got {type(input).__name__}"
+            )
+        T, B = x.shape[0], x.shape[1]
+        if T == 0:
+            raise ValueError(f"input: expected a sequence length L >= 1, got L = 0 (shape {_shape(x)})")
+        if B == 0:
+            raise ValueError(f"input: expected a batch size >= 1, got 0 (shape {_shape(x)})")
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                "input: contains NaN or inf; lstmkit checks this so that bad data fails here and "
+                "not as NaN weights later (pass check_finite=False to skip the check)"
+            )
+        h0, c0 = self._initial_state(hx, x, batched)
+        if lengths is not None and bool((lengths == T).all()):
+            lengths = None
+        out = run_stack(x, lengths, h0, c0, self._all_params(), self.spec, self.hidden_size,
+                        dropout=self.dropout, training=self.training, backend=self.backend,
+                        record=record)
+        y, h_n, c_n = out.y, out.h_n, out.c_n
+        if packed:
+            if input.sorted_indices is not None:
+                y = y.index_select(1, input.sorted_indices)  # into packing order
+            data = pack_padded_sequence(y, lengths_for_pack(input), enforce_sorted=True).data
+            result: Tensor | PackedSequence = PackedSequence(
+                data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        elif batched:
+            result = y.transpose(0, 1) if self.batch_first else y
+        else:
+            result = y.squeeze(1)
+            h_n = h_n.squeeze(1)
+            c_n = None if c_n is None else c_n.squeeze(1)
+        return result, h_n, c_n, out
+
+    def _check_input_tensor(self, x: Tensor, what: str) -> None:
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{what}: expected a floating-point tensor, got dtype {x.dtype}")
+        w = self.weight_ih_l0
+        if x.dtype != w.dtype:
+            raise TypeError(
+                f"{what}: dtype {x.dtype} does not match the layer's parameters ({w.dtype}); "
+                f"convert one of them, e.g. layer.to({x.dtype}) or input.to({w.dtype})"
+            )
+        if x.device != w.device:
+            raise ValueError(
+                f"{what}: on device {x.device}, but the layer's parameters are on {w.device}"
+            )
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"{what}: expected input size (last dimension) {self.input_size}, got {x.shape[-1]} "
+                f"(shape {_shape(x)})"
+            )
+
+    def _state_shapes(self, batch: int, batched: bool) -> list[tuple[str, tuple[int, ...]]]:
+        lead = self.num_layers * self.num_directions
+        shapes = [("h_0", (lead, batch, self.output_size))]
+        if self.spec.is_lstm:
+            shapes.append(("c_0", (lead, batch, self.hidden_size)))
+        if not batched:
+            shapes = [(n, (s[0], s[2])) for n, s in shapes]
+        return shapes
+
+    def _initial_state(self, hx: Any, x: Tensor, batched: bool) -> tuple[Tensor, Tensor | None]:
+        B = x.shape[1]
+        shapes = self._state_shapes(B, batched)
+        if hx is None:
+            zeros = [x.new_zeros(s if batched else (s[0], 1, s[1])) for _, s in shapes]
+            return zeros[0], (zeros[1] if len(zeros) > 1 else None)
+        if self.spec.is_lstm:
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                raise TypeError(
+                    f"hx: expected a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
+                    + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else "")
+                )
+            states = list(hx)
+        else:
+            if not isinstance(hx, Tensor):
+                raise TypeError(f"hx: expected a tensor h_0, got {type(hx).__name__}")
+            states = [hx]
+        out = []
+        for (name, shape), t in zip(shapes, states):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"hx: {name} must be a tensor, got {type(t).__name__}")
+            if t.dtype != x.dtype:
+                raise TypeError(f"hx: {name} has dtype {t.dtype}, expected {x.dtype} like the input")
+            if t.device != x.device:
+                raise ValueError(f"hx: {name} is on device {t.device}, expected {x.device} like the input")
+            if _shape(t) != shape:
+                what = "batched" if batched else "unbatched 2-D"
+                hint = ""
+                if batched and t.dim() == 3 and t.shape[1] != B:
+                    hint = f"; its batch size {t.shape[1]} does not match the input's {B}"
+                raise ValueError(
+                    f"hx: {name} for {what} input must have shape {shape} "
+                    f"(num_layers*num_directions, {'batch, ' if batched else ''}size), "
+                    f"got {_shape(t)}{hint}"
+                )
+            if self.check_finite and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"hx: {name} contains NaN or inf")
+            out.append(t if batched else t.unsqueeze(1))
+        return out[0], (out[1] if len(out) > 1 else None)
+
+
+def lengths_for_pack(packed: PackedSequence) -> Tensor:
+    """Sequence lengths of a PackedSequence in its sorted (packing) order, (B,) int64."""
+    bs = packed.batch_sizes  # (T,) number of sequences still running at each step
+    B = int(bs[0])
+    return (bs.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
+
+
+class LSTM(_Recurrent):
+    """A multi-layer LSTM with ``torch.nn.LSTM``'s signature, plus ``cell=`` for variants.
+
+    Args:
+        input_size: ``I``, features of ``x``.
+        hidden_size: ``H``, number of cells per layer and direction.
+        num_layers, bias, batch_first, dropout, bidirectional, proj_size, device, dtype:
+            as ``torch.nn.LSTM``.
+        cell: a preset name (``"peephole"``, ``"cifg+layernorm"``, …) or a :class:`CellSpec`.
+        backend: force a kernel by registry name (``"reference"``, …); None picks the
+            fastest that supports the variant.
+        check_finite: raise on NaN/inf in the input or initial state (one cheap pass).
+
+    Shapes (``D`` = 2 if bidirectional, ``H_out`` = proj_size or hidden_size):
+        input (L, N, I), (N, L, I) with batch_first, (L, I) unbatched, or a PackedSequence;
+        h_0 (D·num_layers, N, H_out), c_0 (D·num_layers, N, H);
+        output (L, N, D·H_out) and (h_n, c_n) shaped like (h_0, c_0).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device: Any = None, dtype: Any = None, *,
+                 cell: str | CellSpec = "vanilla", backend: str | None = None,
+                 check_finite: bool = True) -> None:
+        spec = resolve(cell)
+        if not spec.is_lstm:
+            raise ValueError("cell: lstmkit.LSTM takes LSTM variants; use lstmkit.RNN for the plain RNN")
+        super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device, dtype, backend, check_finite)
+
+    def forward(self, input: Tensor | PackedSequence, hx: State | None = None
+                ) -> tuple[Tensor | PackedSequence, State]:
+        """Run the LSTM; returns ``output, (h_n, c_n)`` exactly as ``torch.nn.LSTM``."""
+        output, h_n, c_n, _ = self._run(input, hx)
+        return output, (h_n, c_n)  # type: ignore[return-value]
+
+
+class RNN(_Recurrent):
+    """The plain Elman RNN, ``h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``.
+
+    Same signature, parameters and contract as ``torch.nn.RNN``; there for comparison.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, device: Any = None,
+                 dtype: Any = None, *, backend: str | None = None, check_finite: bool = True) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+        spec = CellSpec(kind="rnn", nonlinearity=nonlinearity)
+        self.nonlinearity = nonlinearity
+        super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, device, dtype, backend, check_finite)
+
+    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None
+                ) -> tuple[Tensor | PackedSequence, Tensor]:
+        """Run the RNN; returns ``output, h_n`` exactly as ``torch.nn.RNN``."""
+        output, h_n, _, _ = self._run(input, hx)
+        return output, h_n
+
+
+class LSTMCell(nn.Module):
+    """One LSTM step with ``torch.nn.LSTMCell``'s signature, plus ``cell=``.
+
+    Parameters are named as torch's (``weight_ih``, ``weight_hh``, ``bias_ih``,
+    ``bias_hh``) plus the variant's extras without a layer suffix.
+
+    Shapes: input (N, I) or (I,); hx (h, c) each (N, H) or (H,); returns (h', c').
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device: Any = None,
+                 dtype: Any = None, *, cell: str | CellSpec = "vanilla") -> None:
+        super().__init__()
+        spec = resolve(cell)
+        if not spec.is_lstm:
+            raise ValueError("cell: LSTMCell takes LSTM variants, not the plain RNN")
+        if spec.fgr:
+            raise ValueError(
+                "cell: fgr keeps the previous gate activations as extra state, which LSTMCell's "
+                "(h, c) cannot carry; use lstmkit.LSTM over the whole sequence instead"
+            )
+        # One layer, one direction: reuse the layer's parameter machinery and checks.
+        self._layer = _Recurrent(spec, input_size, hidden_size, 1, bias, False, 0.0, False, 0,
+                                 device, dtype, "reference", True)
+        for base, full in self._layer._param_names[0][0].items():
+            self.register_parameter(base, getattr(self._layer, full))
+        del self._layer
+        self.spec = spec
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+
+    def forward(self, input: Tensor, hx: State | None = None) -> State:
+        """One step: ``(h', c') = cell(x, (h, c))``."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(
+                f"input: expected a 1-D ({self.input_size},) or 2-D (N, {self.input_size}) tensor, "
+                f"got {input.dim()}-D of shape {_shape(input)}"
+            )
+        if not input.dtype.is_floating_point:
+            raise TypeError(f"input: expected a floating-point tensor, got dtype {input.dtype}")
+        if input.dtype != self.weight_ih.dtype:
+            raise TypeError(
+                f"input: dtype {input.dtype} does not match the cell's parameters ({self.weight_ih.dtype})"
+            )
+        if input.device != self.weight_ih.device:
+            raise ValueError(f"input: on device {input.device}, but the cell is on {self.weight_ih.device}")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(
+                f"input: expected input size {self.input_size}, got {input.shape[-1]} (shape {_shape(input)})"
+            )
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        shape = (x.shape[0], self.hidden_size)
+        if hx is None:
+            h, c = x.new_zeros(shape), x.new_zeros(shape)
+        else:
+            if not (isinstance(hx, (tuple, list)) and len(hx) == 2
+                    and all(isinstance(t, Tensor) for t in hx)):
+                raise TypeError("hx: expected a tuple (h, c) of two tensors")
+            h, c = hx
+            for name, t in (("h", h), ("c", c)):
+                want = shape if batched else (self.hidden_size,)
+                if _shape(t) != want:
+                    raise ValueError(f"hx: {name} must have shape {want}, got {_shape(t)}")
+                if t.dtype != x.dtype or t.device != x.device:
+                    raise TypeError(
+                        f"hx: {name} has dtype {t.dtype} on {t.device}, expected {x.dtype} on {x.device}"
+                    )
+            if not batched:
+                h, c = h.unsqueeze(0), c.unsqueeze(0)
+        p = dict(self.named_parameters())
+        a = cell_eqs.input_projection(x.unsqueeze(0), p, self.spec, self.hidden_size)[0]
+        out = cell_eqs.step(a, h, c, None, p, self.spec, self.hidden_size)
+        h_new, c_new = out.h, out.c
+        if not batched:
+            h_new, c_new = h_new.squeeze(0), c_new.squeeze(0)
+        return h_new, c_new  # type: ignore[return-value]

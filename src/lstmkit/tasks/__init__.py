@@ -1,0 +1,1 @@
+"""Built-in benchmark tasks for lstmkit (data generators, encoders and metrics)."""
