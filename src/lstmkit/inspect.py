@@ -115,7 +115,8 @@ def gate_views(layer: Any, index: int = 0, direction: int = 0) -> dict[str, Gate
             views[name] = GateView(letter, False, "absent: the plain RNN has no gates", "")
             continue
         if letter not in rows:
-            note = "f = 1 − i (cifg), no parameters" if letter == "f" and spec.coupled else _ABSENT_NOTE[letter]
+            coupled = letter == "f" and spec.coupled
+            note = "f = 1 − i (cifg), no parameters" if coupled else _ABSENT_NOTE[letter]
             views[name] = GateView(letter, False, note, "sigmoid")
             continue
         sl = rows[letter]
@@ -212,7 +213,7 @@ def describe(model: nn.Module, file: IO[str] | None = None) -> str:
         out.append(f"{name}: {type(layer).__name__}({layer.input_size} → {layer.hidden_size}"
                    f"{f', proj {layer.proj_size}' if layer.proj_size else ''}), {kind}, "
                    f"{layer.num_layers} layer(s) × {layer.num_directions} direction(s)")
-        fmt = "  ".join("{:<%d}" % w for w in widths)
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         out.append(fmt.format(*header))
         out.append(fmt.format(*("-" * w for w in widths)))
         out.extend(fmt.format(*r) for r in rows)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lstmkit.layout import GATES, GATE_NAMES
+from lstmkit.layout import GATE_NAMES, GATES
 
 __all__ = ["CellSpec", "PRESETS", "resolve", "preset_names"]
 

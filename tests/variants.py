@@ -1,0 +1,31 @@
+"""The variant table every correctness test runs over (ids -> lstmkit cell argument)."""
+
+from __future__ import annotations
+
+from lstmkit import CellSpec
+
+#: One entry per row of the variant table, plus combinations that make sense.
+LSTM_VARIANTS: dict[str, object] = {
+    "vanilla": "vanilla",
+    "peephole": "peephole",
+    "nig": "nig",
+    "nfg": "nfg",
+    "nog": "nog",
+    "niaf": "niaf",
+    "noaf": "noaf",
+    "cifg": "cifg",
+    "fgr": "fgr",
+    "layernorm": "layernorm",
+    "clip": "clip=0.3",
+    "forget_bias": "vanilla+fb=1",
+    "deep_all": CellSpec(gate_hidden=(3,)),
+    "deep_f": CellSpec(gate_hidden={"f": (4, 2)}),
+    "peephole+cifg+layernorm": "peephole+cifg+layernorm",
+    "fgr+peephole+nog+clip": "fgr+peephole+nog+clip=0.4",
+    "fgr+cifg+noaf": "fgr+cifg+noaf",
+    "layernorm+deep_g": CellSpec(layernorm=True, gate_hidden={"g": (5,)}),
+    "nig+niaf+noaf": "nig+niaf+noaf",
+    "nfg+peephole+layernorm": "nfg+peephole+layernorm",
+}
+
+RNN_VARIANTS: dict[str, str] = {"rnn_tanh": "tanh", "rnn_relu": "relu"}
