@@ -1,0 +1,5 @@
+import sys
+
+from lstmkit.cli import main
+
+sys.exit(main())

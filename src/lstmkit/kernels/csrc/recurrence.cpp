@@ -1,0 +1,664 @@
+// lstmkit fused CPU recurrence: forward and hand-written BPTT for ONE layer, ONE direction.
+//
+// The input projection xg = x W_ih^T (+LN) + b_ih + b_hh, (T, B, R), is computed outside
+// (PyTorch autograd). This file runs the whole time loop in C++ inside ONE OpenMP
+// parallel region; per step:
+//   forward : phase A  GEMMs   r = h_{t-1} W_hh^T            (B, R)   [+ fgr: s_{t-1} W_gg^T]
+//             phase B  pointwise, rows split over threads (LN of r, gates, c, LN of c, h)
+//             [projection: phase C GEMM y_t = m_t W_hr^T, phase D state copy / masking]
+//   backward: [projection: dh -> dm = dh W_hr]
+//             phase B  pointwise (rows), phase A GEMMs dh_{t-1} = dr W_hh [+ ds = du_S W_gg]
+// separated by OpenMP barriers. The GEMMs are the packed AVX-512 kernel of gemm.h (W packed
+// once per call); the pointwise pass uses at::vec::Vectorized (Sleef exp/tanh, the same
+// functions torch's CPU sigmoid/tanh use). No allocation inside the time loop.
+// Large after-loop reductions (dW_hh, dW_hr, dW_gg) are done by the Python wrapper with
+// torch.mm on the saved tensors.
+//
+// What is saved for backward (forward with save=true), all (T, B, .):
+//   every LSTM variant : G (T,B,R) gate activations of the computed gates, in order i,f,g,o
+//                        (these are the "trace" i, f, g, o), C (T,B,H) the (clipped) c_t,
+//                        y (T,B,H_out) the output (returned anyway; = h_t on valid steps),
+//                        plus h0, c0, the weights and lengths (references, no copies).
+//   layernorm adds     : RH (T,B,R) the normalised r-hat of the recurrent LN and
+//                        RS (T,B,G) its 1/std per gate chunk. (LN of c is recomputed from C.)
+//   projection         : nothing more (o*tanh(LN(c)) is recomputed from G and C in backward).
+//   fgr                : nothing more (s_{t-1} is read from G).
+//   rnn                : y only.
+// Steps t >= len_b: h, c, s carry over, y = 0, G row = 0, C row = carried c.
+#include <torch/extension.h>
+#include <omp.h>
+#include <cmath>
+#include <vector>
+#include "gemm.h"
+
+namespace lk {
+
+enum Flags : int64_t {
+  F_RNN = 1, F_RELU = 2, F_NIG = 4, F_NFG = 8, F_NOG = 16, F_CIFG = 32, F_PEEP = 64,
+  F_FGR = 128, F_LN = 256, F_NIAF = 512, F_NOAF = 1024, F_CLIP = 2048
+};
+
+constexpr double LN_EPS = 1e-5;
+
+struct Cfg {
+  bool rnn, relu, has_i, has_f, has_o, cifg, peep, fgr, ln, niaf, noaf, clip;
+  double clipv;
+  int64_t H, P, Hout, R, G, nS;
+  int64_t oi, of, og, oo;  // column offsets in R (-1 absent)
+  int64_t si, sf, so;      // column offsets in s (nS*H) (-1 absent)
+  Cfg(int64_t flags, double clip_, int64_t H_, int64_t P_) {
+    rnn = flags & F_RNN; relu = flags & F_RELU;
+    has_i = !rnn && !(flags & F_NIG);
+    cifg = !rnn && (flags & F_CIFG);
+    has_f = !rnn && !(flags & F_NFG) && !cifg;
+    has_o = !rnn && !(flags & F_NOG);
+    peep = !rnn && (flags & F_PEEP); fgr = !rnn && (flags & F_FGR);
+    ln = flags & F_LN; niaf = flags & F_NIAF; noaf = flags & F_NOAF;
+    clip = !rnn && (flags & F_CLIP); clipv = clip_;
+    H = H_; P = rnn ? 0 : P_; Hout = P > 0 ? P : H;
+    int64_t k = 0;
+    oi = has_i ? H * k++ : -1;
+    of = has_f ? H * k++ : -1;
+    og = H * k++;
+    oo = has_o ? H * k++ : -1;
+    G = k; R = G * H;
+    int64_t s = 0;
+    si = has_i ? H * s++ : -1;
+    sf = has_f ? H * s++ : -1;
+    so = has_o ? H * s++ : -1;
+    nS = s;
+  }
+};
+
+static inline int64_t pad_ld(int64_t K, int VL) {
+  // round up to whole vectors, then one more vector: breaks 4 KiB aliasing of row starts
+  return (K + VL - 1) / VL * VL + VL;
+}
+
+template <typename T>
+static inline T hsum(const Vectorized<T>& v) {
+  alignas(64) T tmp[Vectorized<T>::size()];
+  v.store(tmp);
+  T s = 0;
+  for (int i = 0; i < Vectorized<T>::size(); ++i) s += tmp[i];
+  return s;
+}
+
+template <typename T>
+static inline Vectorized<T> ldv(const T* p, int n) {
+  return n == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
+}
+template <typename T>
+static inline void stv(const Vectorized<T>& v, T* p, int n) {
+  if (n == Vectorized<T>::size()) v.store(p); else v.store(p, n);
+}
+template <typename T>
+static inline Vectorized<T> sigm(const Vectorized<T>& x) {
+  const Vectorized<T> one(T(1));
+  return one / (one + (Vectorized<T>(T(0)) - x).exp());
+}
+
+// mean and 1/sqrt(var+eps) of n values (two-pass, biased variance)
+template <typename T>
+static inline void row_stats(const T* x, int64_t n, T& mean, T& rstd) {
+  using V = Vectorized<T>;
+  constexpr int VL = V::size();
+  V acc(T(0));
+  for (int64_t j = 0; j < n; j += VL) acc = acc + ldv(x + j, (int)std::min<int64_t>(VL, n - j));
+  mean = hsum(acc) / T(n);
+  V m(mean), acc2(T(0));
+  for (int64_t j = 0; j < n; j += VL) {
+    int c = (int)std::min<int64_t>(VL, n - j);
+    V d = ldv(x + j, c) - m;
+    if (c < VL) d = V::set(V(T(0)), d, c);
+    acc2 = at::vec::fmadd(d, d, acc2);
+  }
+  T var = hsum(acc2) / T(n);
+  rstd = T(1) / std::sqrt(var + T(LN_EPS));
+}
+
+static inline void split_range(int64_t n, int tid, int nth, int64_t& lo, int64_t& hi) {
+  lo = n * tid / nth; hi = n * (tid + 1) / nth;
+}
+
+#define LK_BARRIER() do { if (nth > 1) { _Pragma("omp barrier") } } while (0)
+
+// ----------------------------------------------------------------------------------------
+// forward
+// ----------------------------------------------------------------------------------------
+template <typename T>
+std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh, const at::Tensor& h0,
+                                     const at::Tensor& c0, const std::vector<int64_t>& len,
+                                     const at::Tensor& p_i, const at::Tensor& p_f, const at::Tensor& p_o,
+                                     const at::Tensor& wgg, const at::Tensor& lnhh_w, const at::Tensor& lnc_w,
+                                     const at::Tensor& lnc_b, const at::Tensor& whr, const Cfg& cf, bool save,
+                                     int nthreads) {
+  using V = Vectorized<T>;
+  constexpr int VL = V::size();
+  const int64_t Tn = xg.size(0), B = xg.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
+  const bool lstm = !cf.rnn;
+  auto opt = xg.options();
+  at::Tensor Y = at::empty({Tn, B, Hout}, opt);
+  at::Tensor Gs, Cs, RH, RS;
+  const bool saveG = save && lstm;
+  if (saveG) { Gs = at::empty({Tn, B, R}, opt); Cs = at::empty({Tn, B, H}, opt); }
+  if (save && cf.ln) { RH = at::empty({Tn, B, R}, opt); RS = at::empty({Tn, B, cf.G}, opt); }
+  // workspaces (one allocation per call)
+  const int64_t ldh = pad_ld(Hout, VL), ldr = pad_ld(R, VL), lds = pad_ld(std::max<int64_t>(cf.nS * H, 1), VL),
+                ldm = pad_ld(H, VL);
+  at::Tensor hs = at::zeros({B, ldh}, opt), rws = at::zeros({B, ldr}, opt);
+  at::Tensor cs = lstm ? c0.contiguous().clone() : at::Tensor();
+  at::Tensor gws = (!saveG && lstm) ? at::zeros({B, R}, opt) : at::Tensor();
+  at::Tensor ss, fws, mws;
+  if (cf.fgr) { ss = at::zeros({B, lds}, opt); fws = at::zeros({B, lds}, opt); }
+  if (P > 0) mws = at::zeros({B, ldm}, opt);
+  hs.narrow(1, 0, Hout).copy_(h0);
+
+  Packed<T> Wp, Wgg, Whr;
+  const T* whh_p = whh.data_ptr<T>();
+  Wp.init(whh_p, whh.stride(0), whh.stride(1), (int)R, (int)Hout);
+  if (cf.fgr) Wgg.init(wgg.data_ptr<T>(), wgg.stride(0), wgg.stride(1), (int)(cf.nS * H), (int)(cf.nS * H));
+  if (P > 0) Whr.init(whr.data_ptr<T>(), whr.stride(0), whr.stride(1), (int)P, (int)H);
+
+  const T* xgp = xg.data_ptr<T>();
+  T* Yp = Y.data_ptr<T>();
+  T* Gp = saveG ? Gs.data_ptr<T>() : nullptr;
+  T* Cp = saveG ? Cs.data_ptr<T>() : nullptr;
+  T* RHp = RH.defined() ? RH.data_ptr<T>() : nullptr;
+  T* RSp = RS.defined() ? RS.data_ptr<T>() : nullptr;
+  T* hsp = hs.data_ptr<T>();
+  T* rwp = rws.data_ptr<T>();
+  T* csp = lstm ? cs.data_ptr<T>() : nullptr;
+  T* gwp = gws.defined() ? gws.data_ptr<T>() : nullptr;
+  T* ssp = cf.fgr ? ss.data_ptr<T>() : nullptr;
+  T* fwp = cf.fgr ? fws.data_ptr<T>() : nullptr;
+  T* mwp = P > 0 ? mws.data_ptr<T>() : nullptr;
+  const T* pi = cf.peep && cf.has_i ? p_i.data_ptr<T>() : nullptr;
+  const T* pf = cf.peep && cf.has_f ? p_f.data_ptr<T>() : nullptr;
+  const T* po = cf.peep && cf.has_o ? p_o.data_ptr<T>() : nullptr;
+  const T* gln = cf.ln ? lnhh_w.data_ptr<T>() : nullptr;
+  const T* cw = (cf.ln && lstm) ? lnc_w.data_ptr<T>() : nullptr;
+  const T* cb = (cf.ln && lstm) ? lnc_b.data_ptr<T>() : nullptr;
+  const T clipv = (T)cf.clipv;
+
+  GemmTask<T> phaseA[2];
+  int nA = 0;
+  phaseA[nA++] = GemmTask<T>{&Wp, (int)B, hsp, ldh, rwp, ldr, false};
+  if (cf.fgr) phaseA[nA++] = GemmTask<T>{&Wgg, (int)B, ssp, lds, fwp, lds, false};
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    { // pack the weights (panels split across threads)
+      int64_t lo, hi;
+      split_range(Wp.npanels, tid, nth, lo, hi); Wp.pack_panels((int)lo, (int)hi);
+      if (cf.fgr) { split_range(Wgg.npanels, tid, nth, lo, hi); Wgg.pack_panels((int)lo, (int)hi); }
+      if (P > 0) { split_range(Whr.npanels, tid, nth, lo, hi); Whr.pack_panels((int)lo, (int)hi); }
+    }
+    int64_t b0, b1;
+    split_range(B, tid, nth, b0, b1);
+    LK_BARRIER();
+    for (int64_t t = 0; t < Tn; ++t) {
+      run_tasks<T>(phaseA, nA, tid, nth);
+      LK_BARRIER();
+      for (int64_t b = b0; b < b1; ++b) {
+        const bool valid = t < len[b];
+        const int64_t tb = t * B + b;
+        T* yr = Yp + tb * Hout;
+        T* rr = rwp + b * ldr;
+        const T* xr = xgp + tb * R;
+        if (!lstm) {  // plain RNN
+          T* hr = hsp + b * ldh;
+          if (!valid) { if (P == 0) std::fill(yr, yr + Hout, T(0)); continue; }
+          for (int64_t j = 0; j < H; j += VL) {
+            const int n = (int)std::min<int64_t>(VL, H - j);
+            V u = ldv(xr + j, n) + ldv(rr + j, n);
+            V h = cf.relu ? at::vec::maximum(u, V(T(0))) : u.tanh();
+            stv(h, hr + j, n); stv(h, yr + j, n);
+          }
+          continue;
+        }
+        T* gr = saveG ? Gp + tb * R : gwp + b * R;
+        T* cr = csp + b * H;
+        if (!valid) {
+          if (P == 0) std::fill(yr, yr + Hout, T(0));
+          if (saveG) { std::fill(gr, gr + R, T(0)); std::copy(cr, cr + H, Cp + tb * H); }
+          if (RHp) { std::fill(RHp + tb * R, RHp + tb * R + R, T(0)); std::fill(RSp + tb * cf.G, RSp + tb * cf.G + cf.G, T(0)); }
+          continue;
+        }
+        if (cf.ln) {  // r <- LN(r) without the gain, per gate chunk; stats saved
+          for (int64_t k = 0; k < cf.G; ++k) {
+            T* ch = rr + k * H;
+            T mean, rstd;
+            row_stats(ch, H, mean, rstd);
+            const V vm(mean), vr(rstd);
+            for (int64_t j = 0; j < H; j += VL) {
+              const int n = (int)std::min<int64_t>(VL, H - j);
+              stv((ldv(ch + j, n) - vm) * vr, ch + j, n);
+            }
+            if (RHp) { std::copy(ch, ch + H, RHp + tb * R + k * H); RSp[tb * cf.G + k] = rstd; }
+          }
+        }
+        const T* fr = cf.fgr ? fwp + b * lds : nullptr;
+        T* sr = cf.fgr ? ssp + b * lds : nullptr;
+        auto pre = [&](int64_t off, int64_t j, int n) -> V {  // z = xg + (gain *) r
+          V r = ldv(rr + off + j, n);
+          if (gln) r = r * ldv(gln + off + j, n);
+          return ldv(xr + off + j, n) + r;
+        };
+        const V one(T(1));
+        // loop 1: i, f, g -> c
+        for (int64_t j = 0; j < H; j += VL) {
+          const int n = (int)std::min<int64_t>(VL, H - j);
+          const V cp = ldv(cr + j, n);
+          V i = one, f = one, g;
+          if (cf.has_i) {
+            V u = pre(cf.oi, j, n);
+            if (pi) u = at::vec::fmadd(ldv(pi + j, n), cp, u);
+            if (fr) u = u + ldv(fr + cf.si + j, n);
+            i = sigm(u);
+            stv(i, gr + cf.oi + j, n);
+            if (sr) stv(i, sr + cf.si + j, n);
+          }
+          if (cf.has_f) {
+            V u = pre(cf.of, j, n);
+            if (pf) u = at::vec::fmadd(ldv(pf + j, n), cp, u);
+            if (fr) u = u + ldv(fr + cf.sf + j, n);
+            f = sigm(u);
+            stv(f, gr + cf.of + j, n);
+            if (sr) stv(f, sr + cf.sf + j, n);
+          } else if (cf.cifg) {
+            f = one - i;
+          }
+          {
+            V u = pre(cf.og, j, n);
+            g = cf.niaf ? u : u.tanh();
+            stv(g, gr + cf.og + j, n);
+          }
+          V c = at::vec::fmadd(f, cp, i * g);
+          if (cf.clip) c = at::vec::clamp(c, V(-clipv), V(clipv));
+          stv(c, cr + j, n);
+        }
+        if (saveG) std::copy(cr, cr + H, Cp + tb * H);
+        T cmean = 0, crstd = 1;
+        if (cw) row_stats(cr, H, cmean, crstd);
+        T* hout = P > 0 ? mwp + b * ldm : hsp + b * ldh;
+        // loop 2: o, h
+        for (int64_t j = 0; j < H; j += VL) {
+          const int n = (int)std::min<int64_t>(VL, H - j);
+          const V c = ldv(cr + j, n);
+          V o = one;
+          if (cf.has_o) {
+            V u = pre(cf.oo, j, n);
+            if (po) u = at::vec::fmadd(ldv(po + j, n), c, u);
+            if (fr) u = u + ldv(fr + cf.so + j, n);
+            o = sigm(u);
+            stv(o, gr + cf.oo + j, n);
+            if (sr) stv(o, sr + cf.so + j, n);
+          }
+          V m = c;
+          if (cw) m = at::vec::fmadd((c - V(cmean)) * V(crstd), ldv(cw + j, n), ldv(cb + j, n));
+          V h = o * (cf.noaf ? m : m.tanh());
+          stv(h, hout + j, n);
+          if (P == 0) stv(h, yr + j, n);
+        }
+      }
+      LK_BARRIER();
+      if (P > 0) {
+        GemmTask<T> pc{&Whr, (int)B, mwp, ldm, Yp + t * B * P, P, false};
+        run_tasks<T>(&pc, 1, tid, nth);
+        LK_BARRIER();
+        for (int64_t b = b0; b < b1; ++b) {
+          T* yr = Yp + (t * B + b) * P;
+          if (t < len[b]) std::copy(yr, yr + P, hsp + b * ldh);
+          else std::fill(yr, yr + P, T(0));
+        }
+        LK_BARRIER();
+      }
+    }
+  }
+  at::Tensor hn = hs.narrow(1, 0, Hout).contiguous();
+  at::Tensor cn = lstm ? cs : at::Tensor();
+  return {Y, hn, cn.defined() ? cn : at::empty({0}, opt), saveG ? Gs : at::empty({0}, opt),
+          saveG ? Cs : at::empty({0}, opt), RH.defined() ? RH : at::empty({0}, opt),
+          RS.defined() ? RS : at::empty({0}, opt)};
+}
+
+// ----------------------------------------------------------------------------------------
+// backward
+// ----------------------------------------------------------------------------------------
+// Returns dXG (T,B,R), dR (T,B,R; layernorm only: the gradient w.r.t. the raw r = h W_hh^T),
+// dHP (T,B,P) and M (T,B,H) (projection: gradient w.r.t. y_t before masking, and
+// o*tanh(LN(c)) for dW_hr), dh0, dc0, acc (vector of per-parameter reductions:
+// [dp_i, dp_f, dp_o, dln_c_w, dln_c_b] each H, then dln_hh_w R).
+template <typename T>
+std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs, const at::Tensor& Y,
+                                      const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& whh,
+                                      const std::vector<int64_t>& len, const at::Tensor& p_i,
+                                      const at::Tensor& p_f, const at::Tensor& p_o, const at::Tensor& wgg,
+                                      const at::Tensor& lnhh_w, const at::Tensor& lnc_w, const at::Tensor& lnc_b,
+                                      const at::Tensor& whr, const at::Tensor& RH, const at::Tensor& RS,
+                                      const at::Tensor& dY, const at::Tensor& dhn, const at::Tensor& dcn,
+                                      const Cfg& cf, int nthreads) {
+  using V = Vectorized<T>;
+  constexpr int VL = V::size();
+  const int64_t Tn = Y.size(0), B = Y.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
+  const bool lstm = !cf.rnn;
+  auto opt = Y.options();
+  at::Tensor dXG = at::empty({Tn, B, R}, opt);
+  at::Tensor dR = cf.ln ? at::empty({Tn, B, R}, opt) : at::Tensor();
+  at::Tensor dHP = P > 0 ? at::empty({Tn, B, P}, opt) : at::Tensor();
+  at::Tensor Mo = P > 0 ? at::empty({Tn, B, H}, opt) : at::Tensor();
+  const int64_t ldr = pad_ld(R, VL), lds = pad_ld(std::max<int64_t>(cf.nS * H, 1), VL), ldp = pad_ld(std::max<int64_t>(P, 1), VL);
+  at::Tensor dH = at::zeros({B, Hout}, opt);      // GEMM output: dr_t W_hh
+  at::Tensor dRw = at::zeros({B, ldr}, opt);      // GEMM input (padded)
+  at::Tensor dcs = lstm ? dcn.clone() : at::Tensor();
+  at::Tensor dS, dUS, dHPw, dMo;
+  if (cf.fgr) { dS = at::zeros({B, cf.nS * H}, opt); dUS = at::zeros({B, lds}, opt); }
+  if (P > 0) { dHPw = at::zeros({B, ldp}, opt); dMo = at::zeros({B, H}, opt); }
+  const int64_t NACC = 5 * H + R;
+  at::Tensor acc = at::zeros({nthreads, NACC}, opt);
+  at::Tensor rowtmp = at::zeros({nthreads, H + VL}, opt);
+
+  Packed<T> Wt, Wggt, Whrt;
+  Wt.init(whh.data_ptr<T>(), whh.stride(1), whh.stride(0), (int)Hout, (int)R);
+  if (cf.fgr) Wggt.init(wgg.data_ptr<T>(), wgg.stride(1), wgg.stride(0), (int)(cf.nS * H), (int)(cf.nS * H));
+  if (P > 0) Whrt.init(whr.data_ptr<T>(), whr.stride(1), whr.stride(0), (int)H, (int)P);
+
+  const T* Gp = lstm ? Gs.data_ptr<T>() : nullptr;
+  const T* Cp = lstm ? Cs.data_ptr<T>() : nullptr;
+  const T* Yp = Y.data_ptr<T>();
+  const T* c0p = lstm ? c0.data_ptr<T>() : nullptr;
+  const T* dYp = dY.data_ptr<T>();
+  const T* dhnp = dhn.data_ptr<T>();
+  T* dXGp = dXG.data_ptr<T>();
+  T* dRp = cf.ln ? dR.data_ptr<T>() : nullptr;
+  T* dHPp = P > 0 ? dHP.data_ptr<T>() : nullptr;
+  T* Mop = P > 0 ? Mo.data_ptr<T>() : nullptr;
+  T* dHp = dH.data_ptr<T>();
+  T* dRwp = dRw.data_ptr<T>();
+  T* dcp = lstm ? dcs.data_ptr<T>() : nullptr;
+  T* dSp = cf.fgr ? dS.data_ptr<T>() : nullptr;
+  T* dUSp = cf.fgr ? dUS.data_ptr<T>() : nullptr;
+  T* dHPwp = P > 0 ? dHPw.data_ptr<T>() : nullptr;
+  T* dMop = P > 0 ? dMo.data_ptr<T>() : nullptr;
+  const T* RHp = cf.ln ? RH.data_ptr<T>() : nullptr;
+  const T* RSp = cf.ln ? RS.data_ptr<T>() : nullptr;
+  const T* pi = cf.peep && cf.has_i ? p_i.data_ptr<T>() : nullptr;
+  const T* pf = cf.peep && cf.has_f ? p_f.data_ptr<T>() : nullptr;
+  const T* po = cf.peep && cf.has_o ? p_o.data_ptr<T>() : nullptr;
+  const T* gln = cf.ln ? lnhh_w.data_ptr<T>() : nullptr;
+  const T* cw = (cf.ln && lstm) ? lnc_w.data_ptr<T>() : nullptr;
+  const T* cb = (cf.ln && lstm) ? lnc_b.data_ptr<T>() : nullptr;
+  const T clipv = (T)cf.clipv;
+  T* accp = acc.data_ptr<T>();
+  T* rowtmpp = rowtmp.data_ptr<T>();
+
+  GemmTask<T> phaseA[2];
+  int nA = 0;
+  phaseA[nA++] = GemmTask<T>{&Wt, (int)B, dRwp, ldr, dHp, Hout, false};
+  if (cf.fgr) phaseA[nA++] = GemmTask<T>{&Wggt, (int)B, dUSp, lds, dSp, cf.nS * H, false};
+
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    {
+      int64_t lo, hi;
+      split_range(Wt.npanels, tid, nth, lo, hi); Wt.pack_panels((int)lo, (int)hi);
+      if (cf.fgr) { split_range(Wggt.npanels, tid, nth, lo, hi); Wggt.pack_panels((int)lo, (int)hi); }
+      if (P > 0) { split_range(Whrt.npanels, tid, nth, lo, hi); Whrt.pack_panels((int)lo, (int)hi); }
+    }
+    int64_t b0, b1;
+    split_range(B, tid, nth, b0, b1);
+    T* A_pi = accp + tid * NACC;  // per-thread accumulators
+    T* A_pf = A_pi + H;
+    T* A_po = A_pf + H;
+    T* A_cw = A_po + H;
+    T* A_cb = A_cw + H;
+    T* A_hh = A_cb + H;
+    T* dchat = rowtmpp + tid * (H + VL);
+    LK_BARRIER();
+    for (int64_t t = Tn - 1; t >= 0; --t) {
+      if (P > 0) {  // dh_total = dy + carried dh  ->  dm = dh_total W_hr
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t tb = t * B + b;
+          T* w = dHPwp + b * ldp;
+          T* d = dHPp + tb * P;
+          if (t < len[b]) {
+            const T* carry = (t + 1 < len[b]) ? dHp + b * Hout : dhnp + b * Hout;
+            const T* dy = dYp + tb * P;
+            for (int64_t j = 0; j < P; ++j) { T v = dy[j] + carry[j]; w[j] = v; d[j] = v; }
+          } else {
+            std::fill(w, w + P, T(0)); std::fill(d, d + P, T(0));
+          }
+        }
+        LK_BARRIER();
+        GemmTask<T> pc{&Whrt, (int)B, dHPwp, ldp, dMop, H, false};
+        run_tasks<T>(&pc, 1, tid, nth);
+        LK_BARRIER();
+      }
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t tb = t * B + b;
+        const bool valid = t < len[b];
+        T* dxr = dXGp + tb * R;
+        T* dwr = dRwp + b * ldr;
+        if (!valid) {
+          std::fill(dxr, dxr + R, T(0));
+          std::fill(dwr, dwr + R, T(0));
+          if (dRp) std::fill(dRp + tb * R, dRp + tb * R + R, T(0));
+          if (dUSp) std::fill(dUSp + b * lds, dUSp + b * lds + cf.nS * H, T(0));
+          if (Mop) std::fill(Mop + tb * H, Mop + tb * H + H, T(0));
+          continue;
+        }
+        const bool carry_in = t + 1 < len[b];
+        const T* dhc = carry_in ? dHp + b * Hout : dhnp + b * Hout;
+        const T* dy = dYp + tb * Hout;
+        if (!lstm) {
+          const T* y = Yp + tb * H;
+          for (int64_t j = 0; j < H; j += VL) {
+            const int n = (int)std::min<int64_t>(VL, H - j);
+            V dh = ldv(dy + j, n) + ldv(dhc + j, n);
+            V yv = ldv(y + j, n);
+            V du = cf.relu ? V::blendv(V(T(0)), dh, yv > V(T(0))) : dh * (V(T(1)) - yv * yv);
+            stv(du, dxr + j, n); stv(du, dwr + j, n);
+          }
+          continue;
+        }
+        const T* gr = Gp + tb * R;
+        const T* cr = Cp + tb * H;
+        const T* cpr = t > 0 ? Cp + (tb - B) * H : c0p + b * H;
+        T* dcr = dcp + b * H;
+        const T* dsr = (cf.fgr && carry_in) ? dSp + b * cf.nS * H : nullptr;
+        T* dus = cf.fgr ? dUSp + b * lds : nullptr;
+        const V one(T(1)), zero(T(0));
+        T cmean = 0, crstd = 1;
+        if (cw) row_stats(cr, H, cmean, crstd);
+        T s1 = 0, s2 = 0;  // LN-c backward sums: sum(dchat), sum(dchat*chat)
+        // loop 2': o, dm
+        {
+          V a1(T(0)), a2(T(0));
+          for (int64_t j = 0; j < H; j += VL) {
+            const int n = (int)std::min<int64_t>(VL, H - j);
+            const V c = ldv(cr + j, n);
+            const V dh = P > 0 ? ldv(dMop + b * H + j, n) : ldv(dy + j, n) + ldv(dhc + j, n);
+            V chat, m = c;
+            if (cw) { chat = (c - V(cmean)) * V(crstd); m = at::vec::fmadd(chat, ldv(cw + j, n), ldv(cb + j, n)); }
+            const V tm = cf.noaf ? m : m.tanh();
+            V o = one;
+            if (cf.has_o) {
+              o = ldv(gr + cf.oo + j, n);
+              V dO = dh * tm;
+              if (dsr) dO = dO + ldv(dsr + cf.so + j, n);
+              const V du = dO * o * (one - o);
+              stv(du, dxr + cf.oo + j, n);
+              if (dus) stv(du, dus + cf.so + j, n);
+              if (po) stv(at::vec::fmadd(du, c, ldv(A_po + j, n)), A_po + j, n);
+            }
+            if (Mop) stv(o * tm, Mop + tb * H + j, n);
+            V dm = dh * o;
+            if (!cf.noaf) dm = dm * (one - tm * tm);
+            if (cw) {
+              stv(at::vec::fmadd(dm, chat, ldv(A_cw + j, n)), A_cw + j, n);
+              stv(ldv(A_cb + j, n) + dm, A_cb + j, n);
+              V dch = dm * ldv(cw + j, n);
+              if (n < VL) { dch = V::set(zero, dch, n); chat = V::set(zero, chat, n); }
+              a1 = a1 + dch; a2 = at::vec::fmadd(dch, chat, a2);
+              stv(dch, dchat + j, n);
+            } else {
+              stv(dm, dchat + j, n);
+            }
+          }
+          if (cw) { s1 = hsum(a1) / T(H); s2 = hsum(a2) / T(H); }
+        }
+        // loop 1': dc -> i, f, g, c_prev
+        for (int64_t j = 0; j < H; j += VL) {
+          const int n = (int)std::min<int64_t>(VL, H - j);
+          const V c = ldv(cr + j, n), cp = ldv(cpr + j, n);
+          V dc = ldv(dcr + j, n);
+          if (cw) {
+            const V chat = (c - V(cmean)) * V(crstd);
+            dc = dc + V(crstd) * (ldv(dchat + j, n) - V(s1) - chat * V(s2));
+          } else {
+            dc = dc + ldv(dchat + j, n);
+          }
+          if (po) dc = at::vec::fmadd(ldv(dxr + cf.oo + j, n), ldv(po + j, n), dc);
+          if (cf.clip) dc = V::blendv(zero, dc, c.abs() < V(clipv));
+          const V i = cf.has_i ? ldv(gr + cf.oi + j, n) : one;
+          const V g = ldv(gr + cf.og + j, n);
+          V f = one;
+          if (cf.has_f) f = ldv(gr + cf.of + j, n);
+          else if (cf.cifg) f = one - i;
+          V dcp = dc * f;
+          // g
+          {
+            V dg = dc * i;
+            if (!cf.niaf) dg = dg * (one - g * g);
+            stv(dg, dxr + cf.og + j, n);
+          }
+          const V df = dc * cp;
+          if (cf.has_f) {
+            V d = df;
+            if (dsr) d = d + ldv(dsr + cf.sf + j, n);
+            const V du = d * f * (one - f);
+            stv(du, dxr + cf.of + j, n);
+            if (dus) stv(du, dus + cf.sf + j, n);
+            if (pf) { dcp = at::vec::fmadd(du, ldv(pf + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pf + j, n)), A_pf + j, n); }
+          }
+          if (cf.has_i) {
+            V d = dc * g;
+            if (cf.cifg) d = d - df;
+            if (dsr) d = d + ldv(dsr + cf.si + j, n);
+            const V du = d * i * (one - i);
+            stv(du, dxr + cf.oi + j, n);
+            if (dus) stv(du, dus + cf.si + j, n);
+            if (pi) { dcp = at::vec::fmadd(du, ldv(pi + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pi + j, n)), A_pi + j, n); }
+          }
+          stv(dcp, dcr + j, n);
+        }
+        // recurrent side: dr (LN backward or identity) -> padded GEMM input
+        if (cf.ln) {
+          T* drr = dRp + tb * R;
+          for (int64_t k = 0; k < cf.G; ++k) {
+            const T* du = dxr + k * H;
+            const T* rh = RHp + tb * R + k * H;
+            const T* gk = gln + k * H;
+            const T rstd = RSp[tb * cf.G + k];
+            V a1(T(0)), a2(T(0));
+            for (int64_t j = 0; j < H; j += VL) {
+              const int n = (int)std::min<int64_t>(VL, H - j);
+              const V d = ldv(du + j, n), rhv = ldv(rh + j, n);
+              stv(at::vec::fmadd(d, rhv, ldv(A_hh + k * H + j, n)), A_hh + k * H + j, n);
+              const V dx = d * ldv(gk + j, n);  // zero in the tail (loads zero-fill)
+              a1 = a1 + dx; a2 = at::vec::fmadd(dx, rhv, a2);
+            }
+            const T m1 = hsum(a1) / T(H), m2 = hsum(a2) / T(H);
+            for (int64_t j = 0; j < H; j += VL) {
+              const int n = (int)std::min<int64_t>(VL, H - j);
+              const V dx = ldv(du + j, n) * ldv(gk + j, n);
+              const V dr = V(rstd) * (dx - V(m1) - ldv(rh + j, n) * V(m2));
+              stv(dr, drr + k * H + j, n);
+              stv(dr, dwr + k * H + j, n);
+            }
+          }
+        } else {
+          std::copy(dxr, dxr + R, dwr);
+        }
+      }
+      LK_BARRIER();
+      run_tasks<T>(phaseA, nA, tid, nth);
+      LK_BARRIER();
+    }
+  }
+  at::Tensor dh0 = at::empty({B, Hout}, opt);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* src = len[b] > 0 ? dHp + b * Hout : dhnp + b * Hout;
+    std::copy(src, src + Hout, dh0.data_ptr<T>() + b * Hout);
+  }
+  at::Tensor accs = acc.sum(0);
+  auto e = at::empty({0}, opt);
+  return {dXG, cf.ln ? dR : e, P > 0 ? dHP : e, P > 0 ? Mo : e, dh0, lstm ? dcs : e, accs};
+}
+
+static std::vector<int64_t> lengths_vec(const at::Tensor& lengths, int64_t B, int64_t Tn) {
+  std::vector<int64_t> len(B, Tn);
+  if (lengths.defined() && lengths.numel() > 0) {
+    TORCH_CHECK(lengths.numel() == B, "lstmkit recurrence: lengths must have B entries");
+    auto l = lengths.to(at::kLong).contiguous();
+    const int64_t* lp = l.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) len[b] = std::max<int64_t>(0, std::min<int64_t>(lp[b], Tn));
+  }
+  return len;
+}
+
+static int choose_threads(int64_t B, int64_t R, int64_t K, int64_t requested) {
+  int nt = requested > 0 ? (int)requested : at::get_num_threads();
+  nt = std::max(1, nt);
+  // ~ FMAs per step per thread; below this a barrier costs more than it saves
+  const int64_t work = B * R * K;
+  if (work < (int64_t)1 << 14) nt = 1;
+  return std::max(1, std::min<int>(nt, (int)std::max<int64_t>(B, 1) * 64));
+}
+
+std::vector<at::Tensor> forward(at::Tensor xg, at::Tensor whh, at::Tensor h0, at::Tensor c0, at::Tensor lengths,
+                                at::Tensor p_i, at::Tensor p_f, at::Tensor p_o, at::Tensor wgg, at::Tensor lnhh_w,
+                                at::Tensor lnc_w, at::Tensor lnc_b, at::Tensor whr, int64_t flags, double clip,
+                                int64_t H, int64_t P, bool save, int64_t nthreads) {
+  Cfg cf(flags, clip, H, P);
+  TORCH_CHECK(xg.dim() == 3 && xg.size(2) == cf.R, "lstmkit recurrence: xg must be (T, B, R=", cf.R, ")");
+  xg = xg.contiguous(); h0 = h0.contiguous();
+  const int64_t Tn = xg.size(0), B = xg.size(1);
+  auto len = lengths_vec(lengths, B, Tn);
+  int nt = choose_threads(B, cf.R, cf.Hout, nthreads);
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(xg.scalar_type(), "lstmkit_fwd", [&] {
+    out = forward_impl<scalar_t>(xg, whh, h0, c0, len, p_i.contiguous(), p_f.contiguous(), p_o.contiguous(), wgg,
+                                 lnhh_w.contiguous(), lnc_w.contiguous(), lnc_b.contiguous(), whr, cf, save, nt);
+  });
+  return out;
+}
+
+std::vector<at::Tensor> backward(at::Tensor Gs, at::Tensor Cs, at::Tensor Y, at::Tensor h0, at::Tensor c0,
+                                 at::Tensor whh, at::Tensor lengths, at::Tensor p_i, at::Tensor p_f, at::Tensor p_o,
+                                 at::Tensor wgg, at::Tensor lnhh_w, at::Tensor lnc_w, at::Tensor lnc_b, at::Tensor whr,
+                                 at::Tensor RH, at::Tensor RS, at::Tensor dY, at::Tensor dhn, at::Tensor dcn,
+                                 int64_t flags, double clip, int64_t H, int64_t P, int64_t nthreads) {
+  Cfg cf(flags, clip, H, P);
+  const int64_t Tn = Y.size(0), B = Y.size(1);
+  auto len = lengths_vec(lengths, B, Tn);
+  int nt = choose_threads(B, cf.R, cf.Hout, nthreads);
+  std::vector<at::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(Y.scalar_type(), "lstmkit_bwd", [&] {
+    out = backward_impl<scalar_t>(Gs.contiguous(), Cs.contiguous(), Y.contiguous(), h0.contiguous(), c0.contiguous(),
+                                  whh, len, p_i.contiguous(), p_f.contiguous(), p_o.contiguous(), wgg,
+                                  lnhh_w.contiguous(), lnc_w.contiguous(), lnc_b.contiguous(), whr, RH.contiguous(),
+                                  RS.contiguous(), dY.contiguous(), dhn.contiguous(), dcn.contiguous(), cf, nt);
+  });
+  return out;
+}
+
+}  // namespace lk
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &lk::forward, "lstmkit recurrence forward");
+  m.def("backward", &lk::backward, "lstmkit recurrence backward");
+}
