@@ -13,16 +13,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lstmkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train LSTMs and RNNs on the embedded Reber grammar")
-    demo.add_argument("--seeds", type=int, default=5, help="trials per model (default 5)")
+    demo.add_argument("--seeds", type=int, default=3, help="trials per model (default 3)")
     demo.add_argument("--hidden", type=int, default=16, help="cells per layer (default 16)")
-    demo.add_argument("--max-epochs", type=int, default=100, help="epochs per trial at most")
+    demo.add_argument("--max-sequences", type=int, default=40_000,
+                      help="training strings per trial at most (default 40,000)")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        for name in ("seeds", "hidden", "max_epochs"):
+        for name in ("seeds", "hidden", "max_sequences"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
         from lstmkit.demo import main as demo_main
-        demo_main(seeds=args.seeds, hidden=args.hidden, max_epochs=args.max_epochs)
+        demo_main(seeds=args.seeds, hidden=args.hidden, max_sequences=args.max_sequences)
     return 0
 
 

@@ -49,9 +49,11 @@ class _Predictor(nn.Module):
         return self.head(self.rnn(x)[0])
 
 
-def reber_trial(kind: str, seed: int, hidden: int = 16, lr: float = 1e-2, batch: int = 16,
-                max_epochs: int = 100, bar: tqdm | None = None) -> Trial:
-    """Train one model on the embedded Reber grammar until solved or ``max_epochs``.
+def reber_trial(kind: str, seed: int, hidden: int = 16, lr: float = 5e-3, batch: int = 4,
+                max_sequences: int = 40_000, bar: tqdm | None = None) -> Trial:
+    """Train one model on the embedded Reber grammar until solved or ``max_sequences``.
+
+    Solved is checked after every epoch (256 strings), as the paper's criterion asks.
 
     Args:
         kind: ``"lstm"`` or ``"rnn"``.
@@ -66,7 +68,7 @@ def reber_trial(kind: str, seed: int, hidden: int = 16, lr: float = 1e-2, batch:
     order = torch.Generator().manual_seed(seed)
     start, seen = time.perf_counter(), 0
     a = b = 0.0
-    for _ in range(max_epochs):
+    while seen < max_sequences:
         perm = torch.randperm(len(train), generator=order)
         for k in range(0, len(train), batch):
             idx = perm[k:k + batch]
@@ -80,7 +82,7 @@ def reber_trial(kind: str, seed: int, hidden: int = 16, lr: float = 1e-2, batch:
             a = reber.solved_fraction(model(xtr), ytr, ltr)
             b = reber.solved_fraction(model(xte), yte, lte)
         if bar is not None:
-            bar.update(1)
+            bar.update(len(train))
             bar.set_postfix(model=kind, seed=seed, loss=f"{loss.item():.3f}",
                             train=f"{a:.0%}", test=f"{b:.0%}")
         if a == 1.0 and b == 1.0:
@@ -88,26 +90,27 @@ def reber_trial(kind: str, seed: int, hidden: int = 16, lr: float = 1e-2, batch:
     return Trial(kind, seed, a == 1.0 and b == 1.0, seen, a, b, time.perf_counter() - start)
 
 
-def main(seeds: int = 5, hidden: int = 16, max_epochs: int = 100) -> list[Trial]:
+def main(seeds: int = 3, hidden: int = 16, max_sequences: int = 40_000) -> list[Trial]:
     """Run ``seeds`` LSTM trials and ``seeds`` RNN trials; print a summary against the paper."""
     torch.set_num_threads(1)  # tiny shapes: one thread is faster (see DESIGN)
     print(f"Embedded Reber grammar (Hochreiter & Schmidhuber 1997, §5.1): 256 training and 256 test "
-          f"strings, {seeds} seeds, {hidden} cells, Adam lr 1e-2, batches of 16 strings, up to "
-          f"{max_epochs} epochs.")
+          f"strings, {seeds} seeds, {hidden} cells, Adam lr 5e-3, batches of 4 strings, up to "
+          f"{max_sequences:,} training sequences per trial.")
     trials: list[Trial] = []
-    with tqdm(total=2 * seeds * max_epochs, unit="epoch", dynamic_ncols=True) as bar:
+    with tqdm(total=2 * seeds * max_sequences, unit="seq", unit_scale=True, mininterval=1.0,
+              dynamic_ncols=True) as bar:
         for kind in ("lstm", "rnn"):
             for seed in range(seeds):
                 done_before = bar.n
-                trials.append(reber_trial(kind, seed, hidden, max_epochs=max_epochs, bar=bar))
-                bar.update(max_epochs - (bar.n - done_before))  # skipped epochs of a solved trial
+                trials.append(reber_trial(kind, seed, hidden, max_sequences=max_sequences, bar=bar))
+                bar.update(max_sequences - (bar.n - done_before))  # budget a solved trial left
     print()
     print(f"{'model':<6} {'seed':>4} {'solved':>6} {'sequences':>10} {'train':>6} {'test':>6} {'time':>6}")
     for t in trials:
         print(f"{t.model:<6} {t.seed:>4} {'yes' if t.solved else 'no':>6} {t.sequences:>10,} "
               f"{t.train_solved:>6.0%} {t.test_solved:>6.0%} {t.seconds:>5.1f}s")
     print()
-    for kind, paper in (("lstm", "100 % of trials, median 8,440 sequences (LSTM 3×2, lr 0.5)"),
+    for kind, paper in (("lstm", "100 % of trials, 8,440 sequences (range 3,800–24,100; LSTM 3×2, lr 0.5)"),
                         ("rnn", "0 % of trials (Elman nets, > 200,000 sequences)")):
         mine = [t for t in trials if t.model == kind]
         ok = [t.sequences for t in mine if t.solved]

@@ -1,0 +1,255 @@
+"""Time lstmkit's kernels against torch.nn.LSTM in one process; write JSON and markdown.
+
+    python benchmarks/bench_kernels.py                 # the full grid (~10-15 min on 2 cores)
+    python benchmarks/bench_kernels.py --quick         # two shapes, fewer variants
+    python benchmarks/bench_kernels.py --memory-only   # training peak memory, fresh processes
+
+Every row is timed in this process with torch's default threads (plus one-thread rows
+for nn.LSTM and the reference loop): warm-up, then the median of ``--repeats`` runs.
+Ratios are reported, not absolute times (the machines are shared and noisy); GFLOP/s of
+each row sit next to the machine's GEMM peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import lstmkit
+from lstmkit import kernels
+
+GRID = [(1, 100, 32, 32), (32, 100, 64, 64), (32, 100, 128, 128), (64, 100, 256, 256),
+        (32, 200, 512, 512), (16, 50, 1024, 1024)]
+EXTRA = [("2-layer", (32, 100, 256, 256), dict(num_layers=2)),
+         ("bidirectional", (32, 100, 256, 256), dict(bidirectional=True))]
+VARIANTS = ["peephole", "nig", "nfg", "nog", "niaf", "noaf", "cifg", "fgr", "layernorm", "clip=3",
+            "peephole+cifg+layernorm"]
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs, seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def gemm_peak(repeats: int) -> dict[str, float]:
+    """GFLOP/s of a large fp32 GEMM: MKL (torch.mm) and oneDNN with a prepacked weight."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    flops = 2 * n ** 3
+    out = {"mkl_mm": flops / median_time(lambda: torch.mm(a, b), repeats) / 1e9}
+    try:
+        wp = torch.ops.mkldnn._reorder_linear_weight(b, n)
+        lin = torch.ops.mkldnn._linear_pointwise
+        out["onednn_prepacked"] = flops / median_time(lambda: lin(a, wp, None, "none", [], ""), repeats) / 1e9
+    except (RuntimeError, AttributeError):  # oneDNN ops missing in this build
+        pass
+    return out
+
+
+def lstm_flops(B: int, T: int, I: int, H: int, layers: int = 1, dirs: int = 1, train: bool = False) -> float:
+    """GEMM FLOPs of a vanilla LSTM (training ≈ 3× forward: dX, dW, dH GEMMs)."""
+    fwd = 0.0
+    for layer in range(layers):
+        inp = I if layer == 0 else H * dirs
+        fwd += dirs * 2 * T * B * 4 * H * (inp + H)
+    return fwd * (3 if train else 1)
+
+
+def make_step(module: torch.nn.Module, x: torch.Tensor, train: bool) -> Callable[[], object]:
+    """A closure running inference (no_grad) or a training step (forward + backward)."""
+    if not train:
+        def infer():
+            with torch.no_grad():
+                return module(x)
+        return infer
+    params = list(module.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        out, _ = module(x)
+        out.sum().backward()
+    return step
+
+
+def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default, with_reference):
+    B, T, I, H = shape
+    torch.manual_seed(0)
+    x = torch.randn(T, B, I)
+    rows = []
+    torch_lstm = torch.nn.LSTM(I, H, **kw)
+    fast_kernel = kernels.select(lstmkit.spec.resolve("vanilla"), x.device, x.dtype).name
+    for train in (False, True):
+        mode = "train" if train else "infer"
+        flops = lstm_flops(B, T, I, H, kw.get("num_layers", 1), 2 if kw.get("bidirectional") else 1, train)
+
+        def record(name, kernel, seconds, base, mode=mode, flops=flops):
+            rows.append({"shape": list(shape), "mode": mode, "row": name, "kernel": kernel,
+                         "seconds": seconds, "ratio_vs_torch": seconds / base,
+                         "gflops": flops / seconds / 1e9})
+
+        torch.set_num_threads(threads_default)
+        base = median_time(make_step(torch_lstm, x, train), repeats)
+        record("torch.nn.LSTM", "oneDNN", base, base)
+        torch.set_num_threads(1)
+        one = median_time(make_step(torch_lstm, x, train), repeats)
+        record("torch.nn.LSTM (1 thread)", "oneDNN", one, base)
+        torch.set_num_threads(threads_default)
+        for cell in ["vanilla", *variants]:
+            layer = lstmkit.LSTM(I, H, cell=cell, **kw)
+            if cell == "vanilla":
+                layer.load_state_dict(torch_lstm.state_dict())
+            kname = kernels.select(layer.spec, x.device, x.dtype).name
+            record(f"lstmkit {cell}", kname, median_time(make_step(layer, x, train), repeats), base)
+            if with_reference:
+                layer.backend = "reference"
+                ref_t = median_time(make_step(layer, x, train), reference_repeats, warmup=1)
+                record(f"reference {cell}", "reference", ref_t, base)
+                if cell == "vanilla":
+                    torch.set_num_threads(1)
+                    record("reference vanilla (1 thread)", "reference",
+                           median_time(make_step(layer, x, train), reference_repeats, warmup=1), base)
+                    torch.set_num_threads(threads_default)
+        print(f"  {shape} {kw or ''} {mode}: nn.LSTM {base * 1e3:.2f} ms; "
+              + ", ".join(f"{r['row'].replace('lstmkit ', '')} {r['ratio_vs_torch']:.2f}"
+                          for r in rows if r["mode"] == mode and r["shape"] == list(shape)
+                          and r["row"].startswith("lstmkit")), flush=True)
+    del fast_kernel
+    return rows
+
+
+def memory_child(which: str, shape: tuple[int, int, int, int]) -> None:
+    """Run in a fresh process: one training step; print the peak-RSS increase in MiB."""
+    import resource
+    B, T, I, H = shape
+    torch.manual_seed(0)
+    x = torch.randn(T, B, I)
+    module = torch.nn.LSTM(I, H) if which == "torch" else lstmkit.LSTM(I, H, cell=which)
+    if which != "torch":
+        kernels.select(module.spec, x.device, x.dtype)  # build/load the extension first
+    step = make_step(module, x, train=True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"which": which, "peak_increase_mib": (after - before) / 1024}))
+
+
+def measure_memory(variants: list[str], shape=(32, 200, 512, 512)) -> list[dict]:
+    rows = []
+    for which in ["torch", "vanilla", *variants]:
+        out = subprocess.run([sys.executable, __file__, "--memory-child", which,
+                              "--memory-shape", ",".join(map(str, shape))],
+                             capture_output=True, text=True, check=True)
+        rec = json.loads(out.stdout.strip().splitlines()[-1])
+        rec["shape"] = list(shape)
+        rows.append(rec)
+        print(f"  memory {which}: +{rec['peak_increase_mib']:.0f} MiB", flush=True)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Kernel benchmark", "",
+             f"Machine: {result['machine']}; torch {result['torch']}; {result['threads']} threads "
+             f"(default); median of {result['repeats']} repeats after warm-up.", "",
+             "GEMM peak measured in this run: " + ", ".join(
+                 f"{k} {v:.0f} GFLOP/s" for k, v in result["gemm_peak"].items()), "",
+             "Ratios are time ÷ torch.nn.LSTM's time (vanilla, default threads) at the same "
+             "shape and mode; below 1 is faster.", ""]
+    for mode in ("infer", "train"):
+        rows = [r for r in result["rows"] if r["mode"] == mode]
+        shapes = []
+        for r in rows:
+            key = (tuple(r["shape"]), r.get("extra", ""))
+            if key not in shapes:
+                shapes.append(key)
+        names = []
+        for r in rows:
+            if r["row"] not in names:
+                names.append(r["row"])
+        head = "| row | " + " | ".join(f"{s} {e}".strip() for s, e in shapes) + " |"
+        lines += [f"## {'Inference' if mode == 'infer' else 'Training step (forward + backward)'}", "",
+                  head, "|" + "---|" * (len(shapes) + 1)]
+        for name in names:
+            cells = []
+            for s, e in shapes:
+                r = next((r for r in rows if r["row"] == name and tuple(r["shape"]) == s
+                          and r.get("extra", "") == e), None)
+                cells.append("" if r is None else f"{r['ratio_vs_torch']:.2f} ({r['gflops']:.0f} GF/s)")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ratios = [r["ratio_vs_torch"] for r in result["rows"]
+              if r["row"] == "lstmkit vanilla" and not r.get("extra")]
+    if ratios:
+        gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        lines.append(f"Vanilla lstmkit ÷ nn.LSTM over the grid: geometric mean {gm:.2f}, "
+                     f"worst {max(ratios):.2f}.")
+    if result.get("memory"):
+        lines += ["", "## Training peak memory (fresh process each, one step)", "",
+                  "| row | shape | peak RSS increase (MiB) |", "|---|---|---|"]
+        for m in result["memory"]:
+            lines.append(f"| {m['which']} | {tuple(m['shape'])} | {m['peak_increase_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--reference-repeats", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="two shapes and three variants")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference-loop rows")
+    ap.add_argument("--memory-only", action="store_true")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-shape", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, tuple(int(v) for v in args.memory_shape.split(",")))
+        return
+    threads = torch.get_num_threads()
+    grid, extra, variants = GRID, EXTRA, VARIANTS
+    if args.quick:
+        grid, extra, variants = [GRID[0], GRID[3]], [], ["peephole", "layernorm", "cifg"]
+    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+              "torch": torch.__version__, "threads": threads, "repeats": args.repeats,
+              "gemm_peak": {}, "rows": [], "memory": []}
+    if not args.memory_only:
+        result["gemm_peak"] = gemm_peak(args.repeats)
+        print("GEMM peak:", {k: round(v) for k, v in result["gemm_peak"].items()}, flush=True)
+        for shape in grid:
+            result["rows"] += bench_shape(shape, {}, variants, args.repeats, args.reference_repeats,
+                                          threads, not args.no_reference)
+        for name, shape, kw in extra:
+            rows = bench_shape(shape, kw, [], args.repeats, args.reference_repeats, threads,
+                               not args.no_reference)
+            for r in rows:
+                r["extra"] = name
+            result["rows"] += rows
+    result["memory"] = measure_memory(variants if not args.quick else [])
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "bench_kernels_quick" if args.quick else ("memory" if args.memory_only else "bench_kernels")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
