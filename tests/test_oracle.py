@@ -20,16 +20,16 @@ T, B, I, H = 5, 3, 3, 4
 # over T steps, layer norms and two layers, so 1e-5 cannot hold for every element; the
 # float64 runs carry the 1e-10 bound. Same-precision comparisons (torch.nn.LSTM, kernels
 # against the reference) use 1e-5 in float32.
-F32_VS_F64 = (2e-4, 2e-5)
+F32_VS_F64 = 1e-4
 
 
 def assert_vs_oracle(actual, expected, dtype, what):
     if dtype == torch.float64:
         assert_close(actual, expected, dtype, what)
-    else:
-        rtol, atol = F32_VS_F64
-        torch.testing.assert_close(actual, expected.to(dtype), rtol=rtol, atol=atol,
-                                   msg=lambda m: f"{what}: {m}")
+    else:  # norm-wise: max|a - b| <= 1e-4 · max|b| (float32 rounding through layer norms)
+        err = (actual.double() - expected.double()).abs().max().item()
+        scale = max(expected.abs().max().item(), 1e-3)
+        assert err <= F32_VS_F64 * scale, f"{what}: max abs error {err:.3g} > {F32_VS_F64:g} × {scale:.3g}"
 
 
 def oracle_variant(layer) -> dict:

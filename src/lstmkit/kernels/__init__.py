@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut
+from lstmkit.kernels.fused import FusedCPUKernel
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.spec import CellSpec
 
@@ -29,6 +30,7 @@ def register(kernel: Kernel, first: bool = False) -> None:
 
 
 register(ReferenceKernel())
+register(FusedCPUKernel(), first=True)
 
 
 def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,

@@ -18,7 +18,7 @@ Saved for backward (``saved`` tuple, see :data:`SAVED_FIELDS`); memory per varia
 * projection, fgr, peephole, cell clip, nig/nfg/nog, niaf/noaf: nothing more;
 * rnn: ``y`` only (``G``, ``C`` empty).
 
-For the trace: ``trace_from_saved(saved, cfg)`` returns {"i","f","g","o","c","h"} views.
+For the trace: ``trace_from_saved(saved, spec, hidden_size)`` returns {"i","f","g","o","c","h"} views.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["available", "recurrence_forward", "recurrence_backward", "trace_from_saved",
+from lstmkit.spec import CellSpec
+
+__all__ = ["available", "recurrence_forward", "recurrence_backward", "trace_from_saved", "input_projection",
            "SAVED_FIELDS", "set_num_threads"]
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
@@ -64,7 +66,7 @@ def _build():
     from torch.utils.cpp_extension import load
 
     flags = _cpu_flags()
-    cflags = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+    cflags = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
     # ATen's Vectorized<T> width: 512-bit (Sleef exp/tanh, as torch's own CPU kernels).
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         cflags += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
@@ -107,51 +109,18 @@ def set_num_threads(n: int) -> None:
     _nthreads = int(n)
 
 
-def _flags(cfg: dict) -> tuple[int, float]:
+def _flags(spec: CellSpec) -> tuple[int, float]:
+    """The variant as the C++ side's bit flags, plus the clip value."""
+    if not spec.is_lstm:
+        return 1 | (2 if spec.nonlinearity == "relu" else 0), 0.0
     f = 0
-    if cfg.get("kind", "lstm") == "rnn":
-        f |= 1
-        if cfg.get("nonlinearity", "tanh") == "relu":
-            f |= 2
-        return f, 0.0
-    if not cfg.get("input_gate", True):
-        f |= 4
-    if not cfg.get("forget_gate", True):
-        f |= 8
-    if not cfg.get("output_gate", True):
-        f |= 16
-    if cfg.get("coupled", False):
-        f |= 32
-    if cfg.get("peephole", False):
-        f |= 64
-    if cfg.get("fgr", False):
-        f |= 128
-    if cfg.get("layernorm", False):
-        f |= 256
-    if cfg.get("candidate_activation", "tanh") == "identity":
-        f |= 512
-    if cfg.get("output_activation", "tanh") == "identity":
-        f |= 1024
-    clip = cfg.get("cell_clip")
-    if clip is not None:
-        f |= 2048
-        return f, float(clip)
-    return f, 0.0
-
-
-def _gates(cfg: dict) -> tuple[str, ...]:
-    """Computed gates, canonical order (as CellSpec.computed_gates)."""
-    if cfg.get("kind", "lstm") == "rnn":
-        return ("g",)
-    out = []
-    if cfg.get("input_gate", True):
-        out.append("i")
-    if cfg.get("forget_gate", True) and not cfg.get("coupled", False):
-        out.append("f")
-    out.append("g")
-    if cfg.get("output_gate", True):
-        out.append("o")
-    return tuple(out)
+    for bit, on in ((4, not spec.input_gate), (8, not spec.forget_gate), (16, not spec.output_gate),
+                    (32, spec.coupled), (64, spec.peephole), (128, spec.fgr), (256, spec.layernorm),
+                    (512, spec.candidate_activation == "identity"),
+                    (1024, spec.output_activation == "identity"), (2048, spec.cell_clip is not None)):
+        if on:
+            f |= bit
+    return f, float(spec.cell_clip or 0.0)
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -159,7 +128,8 @@ def _empty(like: Tensor) -> Tensor:
 
 
 def recurrence_forward(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor | None,
-                       lengths: Tensor | None, params: dict, cfg: dict, save: bool):
+                       lengths: Tensor | None, params: dict, spec: CellSpec, hidden_size: int,
+                       proj_size: int, save: bool):
     """Run the recurrence forward over all T steps.
 
     Args:
@@ -167,14 +137,13 @@ def recurrence_forward(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor | None,
         w_hh: (R, H_out). h0: (B, H_out). c0: (B, H), or None/empty for the RNN.
         lengths: (B,) int64 on the CPU, or None/empty (= all T).
         params: the variant's extra parameters, names as in docs/cell.md without suffix.
-        cfg: the variant (keys as CellSpec plus hidden_size, proj_size).
+        spec, hidden_size, proj_size: the variant and its sizes (no deep gates).
         save: keep what backward needs (training); False for inference.
     Returns:
         (y (T, B, H_out), h_n (B, H_out), c_n (B, H) or None, saved tuple)
     """
-    flags, clip = _flags(cfg)
-    H = int(cfg["hidden_size"])
-    P = int(cfg.get("proj_size") or 0) if cfg.get("kind", "lstm") == "lstm" else 0
+    flags, clip = _flags(spec)
+    H, P = int(hidden_size), int(proj_size)
     e = _empty(xg)
     rnn = bool(flags & 1)
     if lengths is None:
@@ -193,7 +162,7 @@ def recurrence_forward(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor | None,
 
 
 def recurrence_backward(saved: tuple, dy: Tensor | None, dh_n: Tensor | None,
-                        dc_n: Tensor | None, cfg: dict):
+                        dc_n: Tensor | None, spec: CellSpec, hidden_size: int, proj_size: int):
     """BPTT through the recurrence.
 
     Returns:
@@ -202,10 +171,9 @@ def recurrence_backward(saved: tuple, dy: Tensor | None, dh_n: Tensor | None,
     """
     (G, C, y, h0, c0, w_hh, lengths, p_i, p_f, p_o, w_gg, ln_hh_w, ln_c_w, ln_c_b, w_hr,
      RH, RS) = saved
-    flags, clip = _flags(cfg)
+    flags, clip = _flags(spec)
     rnn = bool(flags & 1)
-    H = int(cfg["hidden_size"])
-    P = int(cfg.get("proj_size") or 0) if not rnn else 0
+    H, P = int(hidden_size), int(proj_size)
     Hout = P if P > 0 else H
     T, B = y.shape[0], y.shape[1]
     if dy is None:
@@ -227,7 +195,7 @@ def recurrence_backward(saved: tuple, dy: Tensor | None, dh_n: Tensor | None,
         dw_hh.addmm_(dr[1:].reshape(-1, R).t(), y[:-1].reshape(-1, Hout))
     dparams: dict[str, Tensor] = {}
     if not rnn:
-        gates = _gates(cfg)
+        gates = spec.computed_gates
         if flags & 64:
             for k, sl in (("i", slice(0, H)), ("f", slice(H, 2 * H)), ("o", slice(2 * H, 3 * H))):
                 if k in gates:
@@ -239,7 +207,7 @@ def recurrence_backward(saved: tuple, dy: Tensor | None, dh_n: Tensor | None,
         if P > 0:
             dparams["weight_hr"] = torch.mm(dHP.reshape(-1, P).t(), Mo.reshape(-1, H))
         if flags & 128:
-            sig = [k for k in gates if k != "g"]
+            sig = spec.sigmoid_gates
             cols = [gates.index(k) * H for k in sig]
             nS = len(sig) * H
             if T > 1:
@@ -251,15 +219,28 @@ def recurrence_backward(saved: tuple, dy: Tensor | None, dh_n: Tensor | None,
     return dXG, dw_hh, dh0, (None if rnn else dc0), dparams
 
 
-def trace_from_saved(saved: tuple, cfg: dict) -> dict[str, Tensor]:
+def input_projection(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x Wᵀ + b`` over all leading dims with the kernel's packed GEMM (forward only, no autograd).
+
+    Faster than ``F.linear`` (MKL sgemm) on this AMD machine: see benchmarks/lab_recurrence.py.
+    Its backward is ``dx = dout W`` and ``dW = doutᵀ x`` (plain torch.mm), for the caller's
+    autograd.Function.
+    """
+    shape = x.shape
+    out = _ext.linear(x.reshape(-1, shape[-1]), weight.detach(),
+                      bias.detach() if bias is not None else _empty(x), _nthreads)
+    return out.view(*shape[:-1], weight.shape[0])
+
+
+def trace_from_saved(saved: tuple, spec: CellSpec, hidden_size: int) -> dict[str, Tensor]:
     """Per-step activations (T, B, ·) from a forward run with ``save=True``: views, no copies."""
     G, C, y = saved[0], saved[1], saved[2]
-    H = int(cfg["hidden_size"])
+    H = int(hidden_size)
     out: dict[str, Tensor] = {"h": y}
-    if cfg.get("kind", "lstm") == "rnn":
+    if not spec.is_lstm:
         out["g"] = y
         return out
-    for n, k in enumerate(_gates(cfg)):
+    for n, k in enumerate(spec.computed_gates):
         out[k] = G[:, :, n * H:(n + 1) * H]
     out["c"] = C
     return out

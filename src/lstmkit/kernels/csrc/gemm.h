@@ -19,7 +19,7 @@ using at::vec::Vectorized;
 
 template <typename T, int MR, int NV>
 static inline void micro(int K, const T* __restrict A, int lda, const T* __restrict Wp,
-                         T* __restrict C, int ldc, bool acc_in, int ncols) {
+                         T* __restrict C, int ldc, bool acc_in, int ncols, const T* bias = nullptr) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   constexpr int NR = NV * VL;
@@ -37,6 +37,14 @@ static inline void micro(int K, const T* __restrict A, int lda, const T* __restr
       V a(A[(size_t)m * lda + k]);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[m][v] = at::vec::fmadd(a, w[v], acc[m][v]);
+    }
+  }
+  if (bias) {  // bias is padded to whole panels by the caller
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const V bv = V::loadu(bias + v * VL);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) acc[m][v] = acc[m][v] + bv;
     }
   }
   if (ncols == NR) {
@@ -101,22 +109,24 @@ struct Packed {
 
 // C[M x N] (=|+=) A[M x K] * B^T over panels [p0, p1)
 template <typename T>
-void gemm_panels(const Packed<T>& W, int M, const T* A, int64_t lda, T* C, int64_t ldc, bool acc, int p0, int p1) {
+void gemm_panels(const Packed<T>& W, int M, const T* A, int64_t lda, T* C, int64_t ldc, bool acc, int p0, int p1,
+                 const T* bias = nullptr) {
   constexpr int NV = Packed<T>::NV, MR = Packed<T>::MR, NR = Packed<T>::NR;
   const int K = W.K;
   for (int p = p0; p < p1; ++p) {
     const T* wp = W.buf.data() + (size_t)p * K * NR;
     const int ncols = std::min(NR, W.N - p * NR);
     T* cp = C + (int64_t)p * NR;
+    const T* bp = bias ? bias + (int64_t)p * NR : nullptr;
     int m = 0;
     for (; m + MR <= M; m += MR)
-      micro<T, MR, NV>(K, A + (int64_t)m * lda, (int)lda, wp, cp + (int64_t)m * ldc, (int)ldc, acc, ncols);
+      micro<T, MR, NV>(K, A + (int64_t)m * lda, (int)lda, wp, cp + (int64_t)m * ldc, (int)ldc, acc, ncols, bp);
     const int rem = M - m;
     const T* a = A + (int64_t)m * lda;
     T* c = cp + (int64_t)m * ldc;
     switch (rem) {
       case 0: break;
-#define LKC(r) case r: if constexpr (r < MR) micro<T, r, NV>(K, a, (int)lda, wp, c, (int)ldc, acc, ncols); break;
+#define LKC(r) case r: if constexpr (r < MR) micro<T, r, NV>(K, a, (int)lda, wp, c, (int)ldc, acc, ncols, bp); break;
       LKC(1) LKC(2) LKC(3) LKC(4) LKC(5) LKC(6) LKC(7)
 #undef LKC
       default: break;

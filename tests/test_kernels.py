@@ -1,0 +1,209 @@
+"""Every kernel row × every variant it claims × {float32, float64} × awkward shapes
+matches the reference kernel: outputs, final states and the gradients of the input,
+the initial states and every parameter (rel. 1e-5 float32, 1e-10 float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import lstmkit
+from conftest import assert_rel
+from lstmkit import kernels
+from lstmkit.spec import resolve
+from variants import LSTM_VARIANTS, RNN_VARIANTS
+
+FAST = [name for name in kernels.REGISTRY if name != "reference"]
+DTYPES = [torch.float32, torch.float64]
+
+# (T, B, I, H, proj, layers, bidirectional, lengths)
+SHAPES = {
+    "T1_B1_H1": (1, 1, 1, 1, 0, 1, False, None),
+    "odd": (7, 3, 5, 11, 0, 1, False, None),
+    "B1_long": (23, 1, 2, 3, 0, 1, False, None),
+    "lengths": (6, 4, 3, 5, 0, 1, False, [6, 2, 5, 1]),
+    "stacked_bidir": (5, 3, 4, 6, 0, 2, True, [5, 3, 1]),
+    "projection": (5, 2, 3, 6, 4, 2, False, None),
+    "big": (4, 9, 33, 70, 0, 1, True, None),
+}
+
+
+def _variants(kernel_name, rnn=False):
+    kernel = kernels.REGISTRY[kernel_name]
+    table = RNN_VARIANTS if rnn else LSTM_VARIANTS
+    out = []
+    for vid, cell in table.items():
+        spec = lstmkit.CellSpec(kind="rnn", nonlinearity=cell) if rnn else resolve(cell)
+        if kernel.unsupported(spec, torch.device("cpu"), torch.float64) is None:
+            out.append(pytest.param(cell, id=vid))
+    return out
+
+
+def _run(layer, x, h0, c0, lengths):
+    inp = x if lengths is None else pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+    out, st = layer(inp, (h0, c0) if c0 is not None else h0)
+    if lengths is not None:
+        out, _ = pad_packed_sequence(out, total_length=x.shape[0])
+    h_n, c_n = st if c0 is not None else (st, None)
+    g = torch.Generator().manual_seed(5)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum() + (h_n * 0.7).sum()
+    if c_n is not None:
+        loss = loss + (c_n * torch.randn(c_n.shape, generator=g, dtype=out.dtype)).sum()
+    wrt = [x, h0] + ([c0] if c0 is not None else []) + list(layer.parameters())
+    return [out, h_n] + ([c_n] if c_n is not None else []), torch.autograd.grad(loss, wrt)
+
+
+def _results(kernel_name, make_layer, state, shape, dtype, lstm):
+    T, B, I, H, P, L, bidir, lengths = shape
+    layer = make_layer(I, H, L, bidir, P).to(dtype)
+    layer.load_state_dict(state)
+    layer.backend = kernel_name
+    D = 2 if bidir else 1
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    h0 = torch.randn(L * D, B, P or H, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    c0 = None
+    if lstm:
+        c0 = torch.randn(L * D, B, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    values, grads = _run(layer, x, h0, c0, lengths)
+    names = ["output", "h_n"] + (["c_n"] if lstm else []) + ["grad of input", "grad of h_0"]
+    names += (["grad of c_0"] if lstm else []) + [f"grad of {n}" for n, _ in layer.named_parameters()]
+    return dict(zip(names, [*values, *grads]))
+
+
+def compare(kernel_name, make_layer, shape, dtype, lstm=True):
+    """float64: kernel vs reference to 1e-10 (norm-wise relative). float32: the kernel is as
+    accurate as the float32 reference, both measured against the float64 reference:
+    error <= max(1e-5, 2 x the reference's own float32 error)."""
+    T, B, I, H, P, L, bidir, lengths = shape
+    torch.manual_seed(0)
+    base = make_layer(I, H, L, bidir, P).double()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if not name.startswith("ln_"):
+                p.uniform_(-0.5, 0.5)
+    state = base.state_dict()
+    truth = _results("reference", make_layer, state, shape, torch.float64, lstm)
+    if dtype == torch.float64:
+        fast = _results(kernel_name, make_layer, state, shape, torch.float64, lstm)
+        for name in truth:
+            assert_rel(fast[name], truth[name], dtype, name)
+        return
+    fast = _results(kernel_name, make_layer, state, shape, torch.float32, lstm)
+    ref32 = _results("reference", make_layer, state, shape, torch.float32, lstm)
+    for name, t in truth.items():
+        scale = max(t.abs().max().item(), 1e-3) if t.numel() else 1.0
+        err_fast = (fast[name].double() - t).abs().max().item() / scale if t.numel() else 0.0
+        err_ref = (ref32[name].double() - t).abs().max().item() / scale if t.numel() else 0.0
+        assert err_fast <= max(1e-5, 2 * err_ref), (
+            f"{name}: float32 kernel error {err_fast:.2e} vs the float32 reference's {err_ref:.2e}")
+
+
+@pytest.mark.parametrize("kernel_name", FAST)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_kernel_vanilla_shapes(kernel_name, shape, dtype):
+    compare(kernel_name, lambda I, H, L, bd, P: lstmkit.LSTM(I, H, L, bidirectional=bd, proj_size=P),
+            shape, dtype)
+
+
+@pytest.mark.parametrize("kernel_name", FAST)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", ["odd", "lengths", "stacked_bidir", "projection"])
+def test_kernel_every_claimed_variant(kernel_name, dtype, shape, request):
+    for param in _variants(kernel_name):
+        cell = param.values[0]
+        compare(kernel_name, lambda I, H, L, bd, P, cell=cell: lstmkit.LSTM(
+            I, H, L, bidirectional=bd, proj_size=P, cell=cell), SHAPES[shape], dtype)
+
+
+@pytest.mark.parametrize("kernel_name", FAST)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_kernel_rnn(kernel_name, dtype, nonlinearity):
+    for shape in ("T1_B1_H1", "odd", "stacked_bidir"):
+        compare(kernel_name, lambda I, H, L, bd, P: lstmkit.RNN(
+            I, H, L, bidirectional=bd, nonlinearity=nonlinearity), SHAPES[shape], dtype, lstm=False)
+
+
+@pytest.mark.parametrize("kernel_name", FAST)
+@pytest.mark.parametrize("cell", ["vanilla", "peephole+layernorm+cifg", "fgr+nog+clip=0.4", "nig+noaf"])
+def test_kernel_gradcheck(kernel_name, cell):
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(2, 3, num_layers=2, bidirectional=True, proj_size=2, cell=cell,
+                         backend=kernel_name).double()
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in layer.parameters()]
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, h0, c0, *ps):
+        packed = pack_padded_sequence(x, torch.tensor([4, 1, 3]), enforce_sorted=False)
+        out, (h, c) = torch.func.functional_call(layer, dict(zip(names, ps)), (packed, (h0, c0)))
+        return out.data, h, c
+
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_name", FAST)
+def test_kernel_double_backward_raises_clearly(kernel_name):
+    layer = lstmkit.LSTM(2, 3, backend=kernel_name).double()
+    x = torch.randn(3, 1, 2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"not differentiable .* backend='reference'"):
+        torch.autograd.grad(layer(x)[0].sum(), x, create_graph=True)
+    # The reference row gives true second derivatives.
+    ref = lstmkit.LSTM(2, 3, backend="reference").double()
+    ref.load_state_dict(layer.state_dict())
+    assert torch.autograd.gradgradcheck(lambda x: ref(x)[0], (x,))
+
+
+def test_registry_rows_and_selection():
+    assert "reference" in kernels.REGISTRY
+    cpu = torch.device("cpu")
+    deep = lstmkit.CellSpec(gate_hidden=(3,))
+    assert kernels.select(deep, cpu, torch.float32).name == "reference"
+    assert kernels.select(resolve("vanilla"), torch.device("meta"), torch.float32).name == "reference"
+    assert kernels.select(resolve("vanilla"), cpu, torch.float16).name == "reference"
+    if FAST:
+        assert kernels.select(resolve("peephole"), cpu, torch.float32).name == FAST[0]
+        with pytest.raises(ValueError, match=r"cannot run this layer: deep gates"):
+            kernels.select(deep, cpu, torch.float32, backend=FAST[0])
+
+
+def test_cuda_layers_select_the_reference_row():
+    for cell in ("vanilla", "peephole+layernorm"):
+        assert kernels.select(resolve(cell), torch.device("cuda"), torch.float32).name == "reference"
+
+
+def test_build_failure_falls_back_to_reference_with_one_warning(monkeypatch):
+    from lstmkit.kernels import cpu_ext
+
+    def broken_build():
+        raise RuntimeError("simulated compiler failure")
+
+    monkeypatch.setattr(cpu_ext, "_ext", None)
+    monkeypatch.setattr(cpu_ext, "_failed", False)
+    monkeypatch.setattr(cpu_ext, "_build", broken_build)
+    layer = lstmkit.LSTM(3, 4).double()
+    ref = lstmkit.LSTM(3, 4, backend="reference").double()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="could not be built.*simulated compiler failure") as rec:
+        out = layer(x)[0]
+        layer(x)  # a second call warns no more
+    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
+    torch.testing.assert_close(out, ref(x)[0], rtol=0, atol=0)
+    assert kernels.select(layer.spec, x.device, x.dtype).name == "reference"
+
+
+@pytest.mark.parametrize("kernel_name", FAST)
+@pytest.mark.parametrize("cell", ["vanilla", "layernorm", "clip=1", "nig+niaf+noaf"])
+def test_kernel_propagates_nan_like_torch(kernel_name, cell):
+    layer = lstmkit.LSTM(3, 40, cell=cell, backend=kernel_name, check_finite=False)
+    x = torch.randn(4, 2, 3)
+    x[1, 0, 0] = float("nan")
+    out, (h, c) = layer(x)
+    assert torch.isnan(out[1:, 0]).all() and torch.isnan(c[:, 0]).all()  # NaN spreads through batch 0
+    assert torch.isfinite(out[:, 1]).all()                                # batch 1 is untouched
