@@ -26,6 +26,7 @@ SHAPES = {
     "stacked_bidir": (5, 3, 4, 6, 0, 2, True, [5, 3, 1]),
     "projection": (5, 2, 3, 6, 4, 2, False, None),
     "big": (4, 9, 33, 70, 0, 1, True, None),
+    "onednn_projection": (3, 90, 256, 256, 0, 1, True, None),  # T·B >= 256, I·R >= 256·1024
 }
 
 
@@ -207,3 +208,26 @@ def test_kernel_propagates_nan_like_torch(kernel_name, cell):
     out, (h, c) = layer(x)
     assert torch.isnan(out[1:, 0]).all() and torch.isnan(c[:, 0]).all()  # NaN spreads through batch 0
     assert torch.isfinite(out[:, 1]).all()                                # batch 1 is untouched
+
+
+def test_onednn_input_projection_matches_linear():
+    from lstmkit.kernels import fused
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 256, dtype=torch.float64)
+    w = torch.randn(1024, 256, dtype=torch.float64) * 0.05
+    b = torch.randn(1024, dtype=torch.float64)
+    assert fused._use_onednn(300, w.float()) and not fused._use_onednn(300, w)  # float32 only
+    assert not fused._use_onednn(300, torch.zeros(512, 128))                    # small: MKL
+    xs, ws, bs = (t.float().requires_grad_(True) for t in (x, w, b))
+    xd, wd, bd = (t.clone().requires_grad_(True) for t in (x, w, b))
+    out = fused.input_linear(xs, ws, bs)
+    ref = torch.nn.functional.linear(xd, wd, bd)
+    assert out.grad_fn is not None and "_Linear" in type(out.grad_fn).__name__
+    g = torch.randn(300, 1024, dtype=torch.float64)
+    (out * g.float()).sum().backward()
+    (ref * g).sum().backward()
+    for name, a, e in (("out", out, ref), ("dx", xs.grad, xd.grad), ("dw", ws.grad, wd.grad),
+                       ("db", bs.grad, bd.grad)):
+        err = (a.double() - e).abs().max() / e.abs().max()
+        assert err < 1e-5, f"{name}: {err:.2e}"

@@ -18,6 +18,7 @@ and ``weight_hh`` (4H × H).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -46,37 +47,46 @@ def activation(name: str, v: Tensor) -> Tensor:
     return v
 
 
-def chunk_layernorm(v: Tensor, gain: Tensor, spec: CellSpec, hidden_size: int) -> Tensor:
-    """Layer norm of each gate's chunk of the R pre-activations separately, times ``gain``.
+def chunk_layernorm(v: Tensor, spec: CellSpec, hidden_size: int) -> Tensor:
+    """Layer norm (no gain) of each gate's chunk of the R pre-activations separately.
 
     Args:
-        v: (..., R) pre-activations; gain: (R,).
+        v: (..., R) pre-activations.
     """
     widths = [s.stop - s.start for s in gate_slices(spec, hidden_size).values()]
     if len(set(widths)) == 1:  # all gates equally wide: one batched norm
         n = widths[0]
         shape = v.shape
-        out = F.layer_norm(v.reshape(*shape[:-1], len(widths), n), (n,), eps=LN_EPS)
-        return out.reshape(shape) * gain
+        return F.layer_norm(v.reshape(*shape[:-1], len(widths), n), (n,), eps=LN_EPS).reshape(shape)
     parts = [F.layer_norm(p, (p.shape[-1],), eps=LN_EPS) for p in v.split(widths, dim=-1)]
-    return torch.cat(parts, dim=-1) * gain
+    return torch.cat(parts, dim=-1)
 
 
-def input_projection(x: Tensor, p: Params, spec: CellSpec, hidden_size: int) -> Tensor:
+Linear = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+
+def input_projection(x: Tensor, p: Params, spec: CellSpec, hidden_size: int,
+                     linear: Linear | None = None) -> Tensor:
     """The input side of every step at once: ``x W_ihᵀ`` (layer-normed) plus both biases.
 
     Args:
         x: (T, B, I) inputs of the layer.
         p: the layer-direction's parameters, names without suffix.
+        linear: ``linear(x2d, W, b) = x2d Wᵀ + b`` for x2d (T·B, I); defaults to
+            ``F.linear``. A kernel may pass a faster GEMM.
     Returns:
         (T, B, R) pre-activations from the input.
     """
-    a = torch.matmul(x, p["weight_ih"].t())  # (T, B, R)
-    if spec.layernorm:
-        a = chunk_layernorm(a, p["ln_ih_weight"], spec, hidden_size)
-    if "bias_ih" in p:
-        a = a + (p["bias_ih"] + p["bias_hh"])
-    return a
+    T, B = x.shape[0], x.shape[1]
+    w = p["weight_ih"]
+    lin = linear or F.linear
+    bias = p["bias_ih"] + p["bias_hh"] if "bias_ih" in p else None  # (R,)
+    x2d = x.reshape(T * B, x.shape[-1])
+    if not spec.layernorm:
+        return lin(x2d, w, bias).view(T, B, w.shape[0])  # the bias rides in the GEMM
+    a = chunk_layernorm(lin(x2d, w, None), spec, hidden_size)  # (T·B, R)
+    a = a * p["ln_ih_weight"] if bias is None else torch.addcmul(bias, a, p["ln_ih_weight"])
+    return a.view(T, B, w.shape[0])
 
 
 class StepOut(NamedTuple):
@@ -103,7 +113,7 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
     """
     r = torch.matmul(h, p["weight_hh"].t())  # (B, R)
     if spec.layernorm:
-        r = chunk_layernorm(r, p["ln_hh_weight"], spec, hidden_size)
+        r = chunk_layernorm(r, spec, hidden_size) * p["ln_hh_weight"]
     z = a_t + r  # (B, R)
     if not spec.is_lstm:
         h_new = activation(spec.nonlinearity, z)

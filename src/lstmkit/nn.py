@@ -38,6 +38,12 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _all_finite(t: Tensor) -> bool:
+    """No NaN or inf in ``t``. One reduction: a NaN or inf makes the sum NaN or inf; only
+    then (or on overflow of finite values) is every element checked."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 class _Recurrent(nn.Module):
     """Shared machinery of :class:`LSTM` and :class:`RNN`: parameters, checks, packing.
 
@@ -232,7 +238,7 @@ class _Recurrent(nn.Module):
             raise ValueError(f"input: expected a sequence length L >= 1, got L = 0 (shape {_shape(x)})")
         if B == 0:
             raise ValueError(f"input: expected a batch size >= 1, got 0 (shape {_shape(x)})")
-        if self.check_finite and not bool(torch.isfinite(x).all()):
+        if self.check_finite and not _all_finite(x):
             raise ValueError(
                 "input: contains NaN or inf; lstmkit checks this so that bad data fails here and "
                 "not as NaN weights later (pass check_finite=False to skip the check)"
@@ -321,7 +327,7 @@ class _Recurrent(nn.Module):
                     f"(num_layers*num_directions, {'batch, ' if batched else ''}size), "
                     f"got {_shape(t)}{hint}"
                 )
-            if self.check_finite and not bool(torch.isfinite(t).all()):
+            if self.check_finite and not _all_finite(t):
                 raise ValueError(f"hx: {name} contains NaN or inf")
             out.append(t if batched else t.unsqueeze(1))
         return out[0], (out[1] if len(out) > 1 else None)
