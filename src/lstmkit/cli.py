@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lstmkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train LSTMs and RNNs on the embedded Reber grammar")
-    demo.add_argument("--seeds", type=int, default=3, help="trials per model (default 3)")
+    demo.add_argument("--seeds", type=int, default=5, help="trials per model (default 5)")
     demo.add_argument("--hidden", type=int, default=16, help="cells per layer (default 16)")
     demo.add_argument("--max-sequences", type=int, default=40_000,
                       help="training strings per trial at most (default 40,000)")
