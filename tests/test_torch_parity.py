@@ -164,3 +164,13 @@ def test_dropout_between_layers_train_vs_eval():
 def test_dropout_warning_matches_torch():
     with pytest.warns(UserWarning, match="num_layers greater than 1"):
         lstmkit.LSTM(I, H, dropout=0.2)
+
+
+def test_flatten_parameters_and_all_weights_like_torch():
+    ref, kit = _pair(torch.nn.LSTM, lstmkit.LSTM, torch.float32, num_layers=2, bidirectional=True, proj_size=2)
+    kit.flatten_parameters()  # accepted, as code written for nn.LSTM calls it
+    assert [[tuple(w.shape) for w in ws] for ws in kit.all_weights] == \
+        [[tuple(w.shape) for w in ws] for ws in ref.all_weights]
+    for ws_k, ws_r in zip(kit.all_weights, ref.all_weights):
+        for a, b in zip(ws_k, ws_r):
+            assert torch.equal(a, b)

@@ -168,6 +168,15 @@ class _Recurrent(nn.Module):
                 f"direction: expected an int in [0, {self.num_directions - 1}], got {direction!r}"
             )
 
+    def flatten_parameters(self) -> None:
+        """A no-op kept for ``torch.nn.LSTM`` compatibility (lstmkit has no cuDNN flat buffer)."""
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """Parameters per layer-direction, in registration order, as ``torch.nn.LSTM``'s."""
+        return [[getattr(self, full) for full in names.values()]
+                for layer in self._param_names for names in layer]
+
     def _all_params(self) -> list[list[dict[str, Tensor]]]:
         return [[self.layer_params(layer, d) for d in range(self.num_directions)]
                 for layer in range(self.num_layers)]
