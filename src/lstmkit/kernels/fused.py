@@ -23,7 +23,7 @@ __all__ = ["FusedCPUKernel", "Recurrence"]
 
 # Extra parameters the C++ recurrence takes, besides weight_hh (names as in docs/cell.md).
 _EXTRAS = ("peephole_i", "peephole_f", "peephole_o", "weight_gg", "ln_hh_weight",
-           "ln_c_weight", "ln_c_bias", "weight_hr")
+           "ln_c_weight", "ln_c_bias", "weight_hr", "ln_ih_weight", "bias")
 
 
 class Recurrence(torch.autograd.Function):
@@ -133,7 +133,17 @@ class FusedCPUKernel(Kernel):
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
             record: bool = False) -> KernelOut:
         proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
-        xg = cell.input_projection(x, params, spec, hidden_size, linear=input_linear)  # (T, B, R)
+        if spec.layernorm:
+            # The kernel normalises the raw projection per step (in cache) and adds the bias
+            # after the norm: xg is x W_ihᵀ alone, and the summed bias is a parameter.
+            T, B = x.shape[0], x.shape[1]
+            w = params["weight_ih"]
+            xg = input_linear(x.reshape(T * B, x.shape[-1]), w, None).view(T, B, w.shape[0])
+            params = dict(params)
+            if "bias_ih" in params:
+                params["bias"] = params["bias_ih"] + params["bias_hh"]  # (R,)
+        else:
+            xg = cell.input_projection(x, params, spec, hidden_size, linear=input_linear)  # (T, B, R)
         names = tuple(n for n in _EXTRAS if n in params)
         c0_t = c0 if c0 is not None else h0.new_empty(0)
         inputs = (xg, params["weight_hh"], h0, c0_t, *(params[n] for n in names))

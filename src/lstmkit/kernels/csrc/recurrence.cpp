@@ -1,10 +1,13 @@
 // lstmkit fused CPU recurrence: forward and hand-written BPTT for ONE layer, ONE direction.
 //
-// The input projection xg = x W_ih^T (+LN) + b_ih + b_hh, (T, B, R), is computed outside
-// (PyTorch autograd). This file runs the whole time loop in C++ inside ONE OpenMP
-// parallel region; per step:
+// The input projection is computed outside (PyTorch autograd): xg = x W_ih^T + b_ih + b_hh,
+// (T, B, R), for every variant except layernorm, where xg is the RAW a = x W_ih^T (no bias,
+// no LN) and the kernel applies the input LN, its gain ln_ih_weight and bias = b_ih + b_hh
+// (optional) itself. This file runs the whole time loop in C++ inside ONE OpenMP parallel
+// region (layernorm backward: one region per chunk of steps, see backward_impl); per step:
 //   forward : phase A  GEMMs   r = h_{t-1} W_hh^T            (B, R)   [+ fgr: s_{t-1} W_gg^T]
-//             phase B  pointwise, rows split over threads (LN of r, gates, c, LN of c, h)
+//             phase B  pointwise, rows split over threads (layernorm: z = LN(a) g_ih +
+//                      LN(r) g_hh + bias, both LNs' stats in one fused pass; gates, c, LN of c, h)
 //             [projection: phase C GEMM y_t = m_t W_hr^T, phase D state copy / masking]
 //   backward: [projection: dh -> dm = dh W_hr]
 //             phase B  pointwise (rows), phase A GEMMs dh_{t-1} = dr W_hh [+ ds = du_S W_gg]
@@ -12,19 +15,26 @@
 // once per call); the pointwise pass uses at::vec::Vectorized (Sleef exp/tanh, the same
 // functions torch's CPU sigmoid/tanh use). No allocation inside the time loop.
 // Large after-loop reductions (dW_hh, dW_hr, dW_gg) are done by the Python wrapper with
-// torch.mm on the saved tensors.
+// torch.mm on the saved tensors; layernorm's dW_hh is accumulated here chunk by chunk (its
+// dr_t differs from dXG and is not kept for all T steps).
 //
 // What is saved for backward (forward with save=true), all (T, B, .):
 //   every LSTM variant : G (T,B,R) gate activations of the computed gates, in order i,f,g,o
 //                        (these are the "trace" i, f, g, o), C (T,B,H) the (clipped) c_t,
 //                        y (T,B,H_out) the output (returned anyway; = h_t on valid steps),
 //                        plus h0, c0, the weights and lengths (references, no copies).
-//   layernorm adds     : RH (T,B,R) the normalised r-hat of the recurrent LN and
-//                        RS (T,B,G) its 1/std per gate chunk. (LN of c is recomputed from C.)
+//   layernorm          : G is NOT saved (without fgr); instead
+//                        AH (T,B,R) the normalised a-hat of the input LN, AS (T,B,G) its 1/std
+//                        per gate chunk, RH (T,B,R) the normalised r-hat of the recurrent LN,
+//                        RS (T,B,G) its 1/std; plus references to ln_ih_weight and bias.
+//                        Backward recomputes the gate activations from a-hat, r-hat (the same
+//                        instructions on the same stored values: bit-identical), and the LN of
+//                        c from C. The raw a is not kept (the caller may free it).
+//                        layernorm + fgr saves G as well (s_{t-1} is read from it).
 //   projection         : nothing more (o*tanh(LN(c)) is recomputed from G and C in backward).
 //   fgr                : nothing more (s_{t-1} is read from G).
 //   rnn                : y only.
-// Steps t >= len_b: h, c, s carry over, y = 0, G row = 0, C row = carried c.
+// Steps t >= len_b: h, c, s carry over, y = 0, G/AH/RH/AS/RS rows = 0, C row = carried c.
 #include <torch/extension.h>
 #include <omp.h>
 #include <cmath>
@@ -149,23 +159,77 @@ static inline Vectorized<T> sigm(const Vectorized<T>& x) {
   return one / (one + vexp<T>(Vectorized<T>(T(0)) - x));
 }
 
-// mean and 1/sqrt(var+eps) of n values (two-pass, biased variance)
+// mean and 1/sqrt(var+eps) of n values (two-pass, biased variance; two accumulators per
+// pass to halve the add-latency chain). NaN anywhere gives NaN stats (no max/min here).
 template <typename T>
 static inline void row_stats(const T* x, int64_t n, T& mean, T& rstd) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
-  V acc(T(0));
-  for (int64_t j = 0; j < n; j += VL) acc = acc + ldv(x + j, (int)std::min<int64_t>(VL, n - j));
-  mean = hsum(acc) / T(n);
-  V m(mean), acc2(T(0));
-  for (int64_t j = 0; j < n; j += VL) {
-    int c = (int)std::min<int64_t>(VL, n - j);
+  V s0(T(0)), s1(T(0));
+  int64_t j = 0;
+  for (; j + 2 * VL <= n; j += 2 * VL) { s0 = s0 + V::loadu(x + j); s1 = s1 + V::loadu(x + j + VL); }
+  for (; j < n; j += VL) s0 = s0 + ldv(x + j, (int)std::min<int64_t>(VL, n - j));
+  mean = hsum(s0 + s1) / T(n);
+  const V m(mean);
+  V q0(T(0)), q1(T(0));
+  for (j = 0; j + 2 * VL <= n; j += 2 * VL) {
+    const V d0 = V::loadu(x + j) - m, d1 = V::loadu(x + j + VL) - m;
+    q0 = at::vec::fmadd(d0, d0, q0); q1 = at::vec::fmadd(d1, d1, q1);
+  }
+  for (; j < n; j += VL) {
+    const int c = (int)std::min<int64_t>(VL, n - j);
     V d = ldv(x + j, c) - m;
     if (c < VL) d = V::set(V(T(0)), d, c);
-    acc2 = at::vec::fmadd(d, d, acc2);
+    q0 = at::vec::fmadd(d, d, q0);
   }
-  T var = hsum(acc2) / T(n);
+  const T var = hsum(q0 + q1) / T(n);
   rstd = T(1) / std::sqrt(var + T(LN_EPS));
+}
+
+// The same for two n-vectors at once (the input and recurrent chunks of one gate).
+template <typename T>
+static inline void row_stats2(const T* x, const T* y, int64_t n, T& mx, T& rx, T& my, T& ry) {
+  using V = Vectorized<T>;
+  constexpr int VL = V::size();
+  V sx0(T(0)), sx1(T(0)), sy0(T(0)), sy1(T(0));
+  int64_t j = 0;
+  for (; j + 2 * VL <= n; j += 2 * VL) {
+    sx0 = sx0 + V::loadu(x + j); sx1 = sx1 + V::loadu(x + j + VL);
+    sy0 = sy0 + V::loadu(y + j); sy1 = sy1 + V::loadu(y + j + VL);
+  }
+  for (; j < n; j += VL) {
+    const int c = (int)std::min<int64_t>(VL, n - j);
+    sx0 = sx0 + ldv(x + j, c); sy0 = sy0 + ldv(y + j, c);
+  }
+  mx = hsum(sx0 + sx1) / T(n);
+  my = hsum(sy0 + sy1) / T(n);
+  const V vmx(mx), vmy(my);
+  V qx0(T(0)), qx1(T(0)), qy0(T(0)), qy1(T(0));
+  for (j = 0; j + 2 * VL <= n; j += 2 * VL) {
+    const V dx0 = V::loadu(x + j) - vmx, dx1 = V::loadu(x + j + VL) - vmx;
+    const V dy0 = V::loadu(y + j) - vmy, dy1 = V::loadu(y + j + VL) - vmy;
+    qx0 = at::vec::fmadd(dx0, dx0, qx0); qx1 = at::vec::fmadd(dx1, dx1, qx1);
+    qy0 = at::vec::fmadd(dy0, dy0, qy0); qy1 = at::vec::fmadd(dy1, dy1, qy1);
+  }
+  for (; j < n; j += VL) {
+    const int c = (int)std::min<int64_t>(VL, n - j);
+    V dx = ldv(x + j, c) - vmx, dy = ldv(y + j, c) - vmy;
+    if (c < VL) { dx = V::set(V(T(0)), dx, c); dy = V::set(V(T(0)), dy, c); }
+    qx0 = at::vec::fmadd(dx, dx, qx0); qy0 = at::vec::fmadd(dy, dy, qy0);
+  }
+  rx = T(1) / std::sqrt(hsum(qx0 + qx1) / T(n) + T(LN_EPS));
+  ry = T(1) / std::sqrt(hsum(qy0 + qy1) / T(n) + T(LN_EPS));
+}
+
+// layernorm: the gate pre-activation z = a_hat * g_ih + r_hat * g_hh (+ bias) at column off.
+// Forward and backward both call this on the same stored a_hat, r_hat, so the backward's
+// recomputed gate activations are bit-identical to the forward's.
+template <typename T>
+static inline Vectorized<T> ln_z(const Vectorized<T>& ah, const Vectorized<T>& rh, const T* gih, const T* ghh,
+                                 const T* bias, int64_t off, int n) {
+  Vectorized<T> z = ah * ldv(gih + off, n) + rh * ldv(ghh + off, n);
+  if (bias) z = z + ldv(bias + off, n);
+  return z;
 }
 
 static inline void split_range(int64_t n, int tid, int nth, int64_t& lo, int64_t& hi) {
@@ -182,24 +246,29 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
                                      const at::Tensor& c0, const std::vector<int64_t>& len,
                                      const at::Tensor& p_i, const at::Tensor& p_f, const at::Tensor& p_o,
                                      const at::Tensor& wgg, const at::Tensor& lnhh_w, const at::Tensor& lnc_w,
-                                     const at::Tensor& lnc_b, const at::Tensor& whr, const Cfg& cf, bool save,
-                                     int nthreads) {
+                                     const at::Tensor& lnc_b, const at::Tensor& whr, const at::Tensor& lnih_w,
+                                     const at::Tensor& bias, const Cfg& cf, bool save, int nthreads) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t Tn = xg.size(0), B = xg.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
   const bool lstm = !cf.rnn;
   auto opt = xg.options();
   at::Tensor Y = at::empty({Tn, B, Hout}, opt);
-  at::Tensor Gs, Cs, RH, RS;
-  const bool saveG = save && lstm;
-  if (saveG) { Gs = at::empty({Tn, B, R}, opt); Cs = at::empty({Tn, B, H}, opt); }
-  if (save && cf.ln) { RH = at::empty({Tn, B, R}, opt); RS = at::empty({Tn, B, cf.G}, opt); }
+  at::Tensor Gs, Cs, RH, RS, AH, AS;
+  // layernorm (without fgr) saves a_hat and r_hat instead of G: backward recomputes the gates
+  const bool saveC = save && lstm;
+  const bool saveG = saveC && (!cf.ln || cf.fgr);
+  if (saveG) Gs = at::empty({Tn, B, R}, opt);
+  if (saveC) Cs = at::empty({Tn, B, H}, opt);
+  if (save && cf.ln) {
+    RH = at::empty({Tn, B, R}, opt); RS = at::empty({Tn, B, cf.G}, opt);
+    AH = at::empty({Tn, B, R}, opt); AS = at::empty({Tn, B, cf.G}, opt);
+  }
   // workspaces (one allocation per call)
   const int64_t ldh = pad_ld(Hout, VL), ldr = pad_ld(R, VL), lds = pad_ld(std::max<int64_t>(cf.nS * H, 1), VL),
                 ldm = pad_ld(H, VL);
   at::Tensor hs = at::zeros({B, ldh}, opt), rws = at::zeros({B, ldr}, opt);
   at::Tensor cs = lstm ? c0.contiguous().clone() : at::Tensor();
-  at::Tensor gws = (!saveG && lstm) ? at::zeros({B, R}, opt) : at::Tensor();
   at::Tensor ss, fws, mws;
   if (cf.fgr) { ss = at::zeros({B, lds}, opt); fws = at::zeros({B, lds}, opt); }
   if (P > 0) mws = at::zeros({B, ldm}, opt);
@@ -214,13 +283,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   const T* xgp = xg.data_ptr<T>();
   T* Yp = Y.data_ptr<T>();
   T* Gp = saveG ? Gs.data_ptr<T>() : nullptr;
-  T* Cp = saveG ? Cs.data_ptr<T>() : nullptr;
+  T* Cp = saveC ? Cs.data_ptr<T>() : nullptr;
   T* RHp = RH.defined() ? RH.data_ptr<T>() : nullptr;
   T* RSp = RS.defined() ? RS.data_ptr<T>() : nullptr;
+  T* AHp = AH.defined() ? AH.data_ptr<T>() : nullptr;
+  T* ASp = AS.defined() ? AS.data_ptr<T>() : nullptr;
   T* hsp = hs.data_ptr<T>();
   T* rwp = rws.data_ptr<T>();
   T* csp = lstm ? cs.data_ptr<T>() : nullptr;
-  T* gwp = gws.defined() ? gws.data_ptr<T>() : nullptr;
   T* ssp = cf.fgr ? ss.data_ptr<T>() : nullptr;
   T* fwp = cf.fgr ? fws.data_ptr<T>() : nullptr;
   T* mwp = P > 0 ? mws.data_ptr<T>() : nullptr;
@@ -228,6 +298,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   const T* pf = cf.peep && cf.has_f ? p_f.data_ptr<T>() : nullptr;
   const T* po = cf.peep && cf.has_o ? p_o.data_ptr<T>() : nullptr;
   const T* gln = cf.ln ? lnhh_w.data_ptr<T>() : nullptr;
+  const T* glnih = cf.ln ? lnih_w.data_ptr<T>() : nullptr;
+  const T* biasp = (cf.ln && bias.defined() && bias.numel() > 0) ? bias.data_ptr<T>() : nullptr;
   const T* cw = (cf.ln && lstm) ? lnc_w.data_ptr<T>() : nullptr;
   const T* cb = (cf.ln && lstm) ? lnc_b.data_ptr<T>() : nullptr;
   const T clipv = (T)cf.clipv;
@@ -269,33 +341,42 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           }
           continue;
         }
-        T* gr = saveG ? Gp + tb * R : gwp + b * R;
+        T* gr = saveG ? Gp + tb * R : nullptr;  // gate activations are stored only when saved
         T* cr = csp + b * H;
         if (!valid) {
           if (P == 0) std::fill(yr, yr + Hout, T(0));
-          if (saveG) { std::fill(gr, gr + R, T(0)); std::copy(cr, cr + H, Cp + tb * H); }
-          if (RHp) { std::fill(RHp + tb * R, RHp + tb * R + R, T(0)); std::fill(RSp + tb * cf.G, RSp + tb * cf.G + cf.G, T(0)); }
+          if (saveG) std::fill(gr, gr + R, T(0));
+          if (saveC) std::copy(cr, cr + H, Cp + tb * H);
+          if (RHp) {
+            std::fill(RHp + tb * R, RHp + tb * R + R, T(0)); std::fill(RSp + tb * cf.G, RSp + tb * cf.G + cf.G, T(0));
+            std::fill(AHp + tb * R, AHp + tb * R + R, T(0)); std::fill(ASp + tb * cf.G, ASp + tb * cf.G + cf.G, T(0));
+          }
           continue;
         }
-        if (cf.ln) {  // r <- LN(r) without the gain, per gate chunk; stats saved
+        if (cf.ln) {  // r <- z = LN(a) g_ih + LN(r) g_hh (+ bias), per gate chunk; a_hat, r_hat, 1/std saved
           for (int64_t k = 0; k < cf.G; ++k) {
-            T* ch = rr + k * H;
-            T mean, rstd;
-            row_stats(ch, H, mean, rstd);
-            const V vm(mean), vr(rstd);
+            const T* ach = xr + k * H;
+            T* rch = rr + k * H;
+            T ma, ra, mr, rs;
+            row_stats2(ach, rch, H, ma, ra, mr, rs);
+            T* ah = AHp ? AHp + tb * R + k * H : nullptr;
+            T* rh = RHp ? RHp + tb * R + k * H : nullptr;
+            if (AHp) { ASp[tb * cf.G + k] = ra; RSp[tb * cf.G + k] = rs; }
+            const V vma(ma), vra(ra), vmr(mr), vrs(rs);
             for (int64_t j = 0; j < H; j += VL) {
               const int n = (int)std::min<int64_t>(VL, H - j);
-              stv((ldv(ch + j, n) - vm) * vr, ch + j, n);
+              const V ahat = (ldv(ach + j, n) - vma) * vra;
+              const V rhat = (ldv(rch + j, n) - vmr) * vrs;
+              if (ah) { stv(ahat, ah + j, n); stv(rhat, rh + j, n); }
+              stv(ln_z(ahat, rhat, glnih, gln, biasp, k * H + j, n), rch + j, n);
             }
-            if (RHp) { std::copy(ch, ch + H, RHp + tb * R + k * H); RSp[tb * cf.G + k] = rstd; }
           }
         }
         const T* fr = cf.fgr ? fwp + b * lds : nullptr;
         T* sr = cf.fgr ? ssp + b * lds : nullptr;
-        auto pre = [&](int64_t off, int64_t j, int n) -> V {  // z = xg + (gain *) r
-          V r = ldv(rr + off + j, n);
-          if (gln) r = r * ldv(gln + off + j, n);
-          return ldv(xr + off + j, n) + r;
+        auto pre = [&](int64_t off, int64_t j, int n) -> V {  // z = xg + r, or the LN z from above
+          if (cf.ln) return ldv(rr + off + j, n);
+          return ldv(xr + off + j, n) + ldv(rr + off + j, n);
         };
         const V one(T(1));
         // loop 1: i, f, g -> c
@@ -308,7 +389,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
             if (pi) u = at::vec::fmadd(ldv(pi + j, n), cp, u);
             if (fr) u = u + ldv(fr + cf.si + j, n);
             i = sigm(u);
-            stv(i, gr + cf.oi + j, n);
+            if (gr) stv(i, gr + cf.oi + j, n);
             if (sr) stv(i, sr + cf.si + j, n);
           }
           if (cf.has_f) {
@@ -316,7 +397,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
             if (pf) u = at::vec::fmadd(ldv(pf + j, n), cp, u);
             if (fr) u = u + ldv(fr + cf.sf + j, n);
             f = sigm(u);
-            stv(f, gr + cf.of + j, n);
+            if (gr) stv(f, gr + cf.of + j, n);
             if (sr) stv(f, sr + cf.sf + j, n);
           } else if (cf.cifg) {
             f = one - i;
@@ -324,13 +405,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           {
             V u = pre(cf.og, j, n);
             g = cf.niaf ? u : vtanh<T>(u);
-            stv(g, gr + cf.og + j, n);
+            if (gr) stv(g, gr + cf.og + j, n);
           }
           V c = at::vec::fmadd(f, cp, i * g);
           if (cf.clip) c = at::vec::clamp(c, V(-clipv), V(clipv));
           stv(c, cr + j, n);
         }
-        if (saveG) std::copy(cr, cr + H, Cp + tb * H);
+        if (saveC) std::copy(cr, cr + H, Cp + tb * H);
         T cmean = 0, crstd = 1;
         if (cw) row_stats(cr, H, cmean, crstd);
         T* hout = P > 0 ? mwp + b * ldm : hsp + b * ldh;
@@ -344,7 +425,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
             if (po) u = at::vec::fmadd(ldv(po + j, n), c, u);
             if (fr) u = u + ldv(fr + cf.so + j, n);
             o = sigm(u);
-            stv(o, gr + cf.oo + j, n);
+            if (gr) stv(o, gr + cf.oo + j, n);
             if (sr) stv(o, sr + cf.so + j, n);
           }
           V m = c;
@@ -370,60 +451,77 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   }
   at::Tensor hn = hs.narrow(1, 0, Hout).contiguous();
   at::Tensor cn = lstm ? cs : at::Tensor();
-  return {Y, hn, cn.defined() ? cn : at::empty({0}, opt), saveG ? Gs : at::empty({0}, opt),
-          saveG ? Cs : at::empty({0}, opt), RH.defined() ? RH : at::empty({0}, opt),
-          RS.defined() ? RS : at::empty({0}, opt)};
+  auto e = at::empty({0}, opt);
+  return {Y, hn, cn.defined() ? cn : e, saveG ? Gs : e, saveC ? Cs : e, RH.defined() ? RH : e,
+          RS.defined() ? RS : e, AH.defined() ? AH : e, AS.defined() ? AS : e};
 }
 
 // ----------------------------------------------------------------------------------------
 // backward
 // ----------------------------------------------------------------------------------------
-// Returns dXG (T,B,R), dR (T,B,R; layernorm only: the gradient w.r.t. the raw r = h W_hh^T),
-// dHP (T,B,P) and M (T,B,H) (projection: gradient w.r.t. y_t before masking, and
+// Returns dXG (T,B,R) (layernorm: the gradient w.r.t. the RAW a = x W_ih^T, through the
+// input LN), dWhh (R,H_out) (layernorm only; other variants: empty, the wrapper computes it
+// from dXG), dHP (T,B,P) and M (T,B,H) (projection: gradient w.r.t. y_t before masking, and
 // o*tanh(LN(c)) for dW_hr), dh0, dc0, acc (vector of per-parameter reductions:
-// [dp_i, dp_f, dp_o, dln_c_w, dln_c_b] each H, then dln_hh_w R).
+// [dp_i, dp_f, dp_o, dln_c_w, dln_c_b] each H, then dln_hh_w, dln_ih_w, dbias each R),
+// dZS (T,B,nS*H) (layernorm + fgr only: the gradient w.r.t. the sigmoid gates' u, for dW_gg).
+// layernorm: dr_t (the gradient w.r.t. the raw r_t) is kept for a chunk of Tc steps only;
+// after each chunk dW_hh += dr_chunk^T h_prev_chunk (at::addmm_, outside the OpenMP region).
+// dY may have any strides (an expanded gradient such as that of y.sum() is not copied).
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs, const at::Tensor& Y,
                                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& whh,
                                       const std::vector<int64_t>& len, const at::Tensor& p_i,
                                       const at::Tensor& p_f, const at::Tensor& p_o, const at::Tensor& wgg,
                                       const at::Tensor& lnhh_w, const at::Tensor& lnc_w, const at::Tensor& lnc_b,
-                                      const at::Tensor& whr, const at::Tensor& RH, const at::Tensor& RS,
-                                      const at::Tensor& dY, const at::Tensor& dhn, const at::Tensor& dcn,
-                                      const Cfg& cf, int nthreads) {
+                                      const at::Tensor& whr, const at::Tensor& lnih_w, const at::Tensor& bias,
+                                      const at::Tensor& RH, const at::Tensor& RS, const at::Tensor& AH,
+                                      const at::Tensor& AS, const at::Tensor& dY, const at::Tensor& dhn,
+                                      const at::Tensor& dcn, const Cfg& cf, int nthreads) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t Tn = Y.size(0), B = Y.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
   const bool lstm = !cf.rnn;
+  const bool regate = cf.ln && !cf.fgr;  // gates recomputed from a_hat, r_hat (G not saved)
   auto opt = Y.options();
   at::Tensor dXG = at::empty({Tn, B, R}, opt);
-  at::Tensor dR = cf.ln ? at::empty({Tn, B, R}, opt) : at::Tensor();
   at::Tensor dHP = P > 0 ? at::empty({Tn, B, P}, opt) : at::Tensor();
   at::Tensor Mo = P > 0 ? at::empty({Tn, B, H}, opt) : at::Tensor();
+  at::Tensor dZS = (cf.ln && cf.fgr) ? at::empty({Tn, B, cf.nS * H}, opt) : at::Tensor();
   const int64_t ldr = pad_ld(R, VL), lds = pad_ld(std::max<int64_t>(cf.nS * H, 1), VL), ldp = pad_ld(std::max<int64_t>(P, 1), VL);
-  at::Tensor dH = at::zeros({B, Hout}, opt);      // GEMM output: dr_t W_hh
-  at::Tensor dRw = at::zeros({B, ldr}, opt);      // GEMM input (padded)
+  // layernorm: dW_hh accumulated chunk by chunk (about 512 rows of dr at a time)
+  const int64_t Tc = cf.ln ? std::max<int64_t>(1, std::min<int64_t>(Tn, (512 + B - 1) / std::max<int64_t>(B, 1)))
+                           : std::max<int64_t>(Tn, 1);
+  // rows padded to ldr: the chunk rows of step t are also that step's GEMM input (dh = dr W_hh)
+  at::Tensor dRc = cf.ln ? at::zeros({Tc * B, ldr}, opt) : at::Tensor();
+  at::Tensor dWhh = cf.ln ? at::zeros({R, Hout}, opt) : at::Tensor();
+    at::Tensor dH = at::zeros({B, Hout}, opt);      // GEMM output: dr_t W_hh
+  at::Tensor dRw = at::zeros({cf.ln ? 0 : B, ldr}, opt);  // GEMM input (padded; layernorm: dRc rows)
   at::Tensor dcs = lstm ? dcn.clone() : at::Tensor();
   at::Tensor dS, dUS, dHPw, dMo;
   if (cf.fgr) { dS = at::zeros({B, cf.nS * H}, opt); dUS = at::zeros({B, lds}, opt); }
   if (P > 0) { dHPw = at::zeros({B, ldp}, opt); dMo = at::zeros({B, H}, opt); }
-  const int64_t NACC = 5 * H + R;
+  const int64_t NACC = 5 * H + 3 * R;
   at::Tensor acc = at::zeros({nthreads, NACC}, opt);
-  at::Tensor rowtmp = at::zeros({nthreads, H + VL}, opt);
+  // per thread: LN-c row temp (H), gathered dy row (H_out), recomputed gate row (R)
+  const int64_t ldtmp = pad_ld(H, VL) + pad_ld(Hout, VL) + (regate ? pad_ld(R, VL) : 0);
+  at::Tensor rowtmp = at::zeros({nthreads, ldtmp}, opt);
 
   Packed<T> Wt, Wggt, Whrt;
   Wt.init(whh.data_ptr<T>(), whh.stride(1), whh.stride(0), (int)Hout, (int)R);
   if (cf.fgr) Wggt.init(wgg.data_ptr<T>(), wgg.stride(1), wgg.stride(0), (int)(cf.nS * H), (int)(cf.nS * H));
   if (P > 0) Whrt.init(whr.data_ptr<T>(), whr.stride(1), whr.stride(0), (int)H, (int)P);
 
-  const T* Gp = lstm ? Gs.data_ptr<T>() : nullptr;
+  const T* Gp = (lstm && !regate) ? Gs.data_ptr<T>() : nullptr;
   const T* Cp = lstm ? Cs.data_ptr<T>() : nullptr;
   const T* Yp = Y.data_ptr<T>();
   const T* c0p = lstm ? c0.data_ptr<T>() : nullptr;
   const T* dYp = dY.data_ptr<T>();
+  const int64_t dys0 = dY.stride(0), dys1 = dY.stride(1), dys2 = dY.stride(2);
   const T* dhnp = dhn.data_ptr<T>();
   T* dXGp = dXG.data_ptr<T>();
-  T* dRp = cf.ln ? dR.data_ptr<T>() : nullptr;
+  T* dRcp = cf.ln ? dRc.data_ptr<T>() : nullptr;
+  T* dZSp = dZS.defined() ? dZS.data_ptr<T>() : nullptr;
   T* dHPp = P > 0 ? dHP.data_ptr<T>() : nullptr;
   T* Mop = P > 0 ? Mo.data_ptr<T>() : nullptr;
   T* dHp = dH.data_ptr<T>();
@@ -435,10 +533,14 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
   T* dMop = P > 0 ? dMo.data_ptr<T>() : nullptr;
   const T* RHp = cf.ln ? RH.data_ptr<T>() : nullptr;
   const T* RSp = cf.ln ? RS.data_ptr<T>() : nullptr;
+  const T* AHp = cf.ln ? AH.data_ptr<T>() : nullptr;
+  const T* ASp = cf.ln ? AS.data_ptr<T>() : nullptr;
   const T* pi = cf.peep && cf.has_i ? p_i.data_ptr<T>() : nullptr;
   const T* pf = cf.peep && cf.has_f ? p_f.data_ptr<T>() : nullptr;
   const T* po = cf.peep && cf.has_o ? p_o.data_ptr<T>() : nullptr;
   const T* gln = cf.ln ? lnhh_w.data_ptr<T>() : nullptr;
+  const T* glnih = cf.ln ? lnih_w.data_ptr<T>() : nullptr;
+  const T* biasp = (cf.ln && bias.defined() && bias.numel() > 0) ? bias.data_ptr<T>() : nullptr;
   const T* cw = (cf.ln && lstm) ? lnc_w.data_ptr<T>() : nullptr;
   const T* cb = (cf.ln && lstm) ? lnc_b.data_ptr<T>() : nullptr;
   const T clipv = (T)cf.clipv;
@@ -450,10 +552,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
   phaseA[nA++] = GemmTask<T>{&Wt, (int)B, dRwp, ldr, dHp, Hout, false};
   if (cf.fgr) phaseA[nA++] = GemmTask<T>{&Wggt, (int)B, dUSp, lds, dSp, cf.nS * H, false};
 
+  bool packed = false;
+  for (int64_t t1 = Tn; t1 > 0 || (Tn == 0 && !packed); t1 -= Tc) {
+    const int64_t t0 = std::max<int64_t>(0, t1 - Tc);
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    {
+    if (!packed) {
       int64_t lo, hi;
       split_range(Wt.npanels, tid, nth, lo, hi); Wt.pack_panels((int)lo, (int)hi);
       if (cf.fgr) { split_range(Wggt.npanels, tid, nth, lo, hi); Wggt.pack_panels((int)lo, (int)hi); }
@@ -467,9 +572,19 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
     T* A_cw = A_po + H;
     T* A_cb = A_cw + H;
     T* A_hh = A_cb + H;
-    T* dchat = rowtmpp + tid * (H + VL);
+    T* A_ih = A_hh + R;
+    T* A_bi = A_ih + R;
+    T* dchat = rowtmpp + tid * ldtmp;
+    T* dybuf = dchat + pad_ld(H, VL);
+    T* gbuf = regate ? dybuf + pad_ld(Hout, VL) : nullptr;
+    auto dy_row = [&](int64_t t, int64_t b) -> const T* {  // row (t, b) of dY, gathered if strided
+      const T* p = dYp + t * dys0 + b * dys1;
+      if (dys2 == 1) return p;
+      for (int64_t j = 0; j < Hout; ++j) dybuf[j] = p[j * dys2];
+      return dybuf;
+    };
     LK_BARRIER();
-    for (int64_t t = Tn - 1; t >= 0; --t) {
+    for (int64_t t = t1 - 1; t >= t0; --t) {
       if (P > 0) {  // dh_total = dy + carried dh  ->  dm = dh_total W_hr
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t tb = t * B + b;
@@ -477,7 +592,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
           T* d = dHPp + tb * P;
           if (t < len[b]) {
             const T* carry = (t + 1 < len[b]) ? dHp + b * Hout : dhnp + b * Hout;
-            const T* dy = dYp + tb * P;
+            const T* dy = dy_row(t, b);
             for (int64_t j = 0; j < P; ++j) { T v = dy[j] + carry[j]; w[j] = v; d[j] = v; }
           } else {
             std::fill(w, w + P, T(0)); std::fill(d, d + P, T(0));
@@ -492,18 +607,19 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
         const int64_t tb = t * B + b;
         const bool valid = t < len[b];
         T* dxr = dXGp + tb * R;
-        T* dwr = dRwp + b * ldr;
+        T* drc = dRcp ? dRcp + ((t - t0) * B + b) * ldr : nullptr;
+        T* dwr = drc ? drc : dRwp + b * ldr;  // GEMM input row
         if (!valid) {
           std::fill(dxr, dxr + R, T(0));
           std::fill(dwr, dwr + R, T(0));
-          if (dRp) std::fill(dRp + tb * R, dRp + tb * R + R, T(0));
+          if (dZSp) std::fill(dZSp + tb * cf.nS * H, dZSp + (tb + 1) * cf.nS * H, T(0));
           if (dUSp) std::fill(dUSp + b * lds, dUSp + b * lds + cf.nS * H, T(0));
           if (Mop) std::fill(Mop + tb * H, Mop + tb * H + H, T(0));
           continue;
         }
         const bool carry_in = t + 1 < len[b];
         const T* dhc = carry_in ? dHp + b * Hout : dhnp + b * Hout;
-        const T* dy = dYp + tb * Hout;
+        const T* dy = P > 0 ? nullptr : dy_row(t, b);
         if (!lstm) {
           const T* y = Yp + tb * H;
           for (int64_t j = 0; j < H; j += VL) {
@@ -515,13 +631,44 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
           }
           continue;
         }
-        const T* gr = Gp + tb * R;
         const T* cr = Cp + tb * H;
         const T* cpr = t > 0 ? Cp + (tb - B) * H : c0p + b * H;
+        const V one(T(1)), zero(T(0));
+        const T* gr = Gp ? Gp + tb * R : gbuf;
+        if (regate) {  // the forward's gate activations, recomputed exactly as it did
+          const T* ah = AHp + tb * R;
+          const T* rh = RHp + tb * R;
+          for (int64_t j = 0; j < H; j += VL) {
+            const int n = (int)std::min<int64_t>(VL, H - j);
+            const V cp = ldv(cpr + j, n);
+            if (cf.has_i) {
+              const int64_t o = cf.oi + j;
+              V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), glnih, gln, biasp, o, n);
+              if (pi) u = at::vec::fmadd(ldv(pi + j, n), cp, u);
+              stv(sigm(u), gbuf + o, n);
+            }
+            if (cf.has_f) {
+              const int64_t o = cf.of + j;
+              V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), glnih, gln, biasp, o, n);
+              if (pf) u = at::vec::fmadd(ldv(pf + j, n), cp, u);
+              stv(sigm(u), gbuf + o, n);
+            }
+            {
+              const int64_t o = cf.og + j;
+              const V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), glnih, gln, biasp, o, n);
+              stv(cf.niaf ? u : vtanh<T>(u), gbuf + o, n);
+            }
+            if (cf.has_o) {
+              const int64_t o = cf.oo + j;
+              V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), glnih, gln, biasp, o, n);
+              if (po) u = at::vec::fmadd(ldv(po + j, n), ldv(cr + j, n), u);
+              stv(sigm(u), gbuf + o, n);
+            }
+          }
+        }
         T* dcr = dcp + b * H;
         const T* dsr = (cf.fgr && carry_in) ? dSp + b * cf.nS * H : nullptr;
         T* dus = cf.fgr ? dUSp + b * lds : nullptr;
-        const V one(T(1)), zero(T(0));
         T cmean = 0, crstd = 1;
         if (cw) row_stats(cr, H, cmean, crstd);
         T s1 = 0, s2 = 0;  // LN-c backward sums: sum(dchat), sum(dchat*chat)
@@ -606,29 +753,42 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
           }
           stv(dcp, dcr + j, n);
         }
-        // recurrent side: dr (LN backward or identity) -> padded GEMM input
         if (cf.ln) {
-          T* drr = dRp + tb * R;
+          // dz (in dxr) -> both LN backwards, per gate chunk:
+          //   dr = rs (g_hh dz - mean(g_hh dz) - r_hat mean(g_hh dz r_hat))  -> GEMM input, chunk rows
+          //   da = ra (g_ih dz - mean(g_ih dz) - a_hat mean(g_ih dz a_hat))  -> dXG (over dz)
+          if (dZSp) std::copy(dus, dus + cf.nS * H, dZSp + tb * cf.nS * H);
           for (int64_t k = 0; k < cf.G; ++k) {
-            const T* du = dxr + k * H;
+            T* dz = dxr + k * H;
+            const T* ah = AHp + tb * R + k * H;
             const T* rh = RHp + tb * R + k * H;
-            const T* gk = gln + k * H;
-            const T rstd = RSp[tb * cf.G + k];
-            V a1(T(0)), a2(T(0));
-            for (int64_t j = 0; j < H; j += VL) {
+            const T* gi = glnih + k * H;
+            const T* gh = gln + k * H;
+            T* aih = A_ih + k * H;
+            T* ahh = A_hh + k * H;
+            T* abi = A_bi + k * H;
+            const T ra = ASp[tb * cf.G + k], rs = RSp[tb * cf.G + k];
+            V sa1(T(0)), sa2(T(0)), sr1(T(0)), sr2(T(0));
+            for (int64_t j = 0; j < H; j += VL) {  // tails: the loads zero-fill, so the sums stay exact
               const int n = (int)std::min<int64_t>(VL, H - j);
-              const V d = ldv(du + j, n), rhv = ldv(rh + j, n);
-              stv(at::vec::fmadd(d, rhv, ldv(A_hh + k * H + j, n)), A_hh + k * H + j, n);
-              const V dx = d * ldv(gk + j, n);  // zero in the tail (loads zero-fill)
-              a1 = a1 + dx; a2 = at::vec::fmadd(dx, rhv, a2);
+              const V d = ldv(dz + j, n), av = ldv(ah + j, n), rv = ldv(rh + j, n);
+              stv(at::vec::fmadd(d, av, ldv(aih + j, n)), aih + j, n);
+              stv(at::vec::fmadd(d, rv, ldv(ahh + j, n)), ahh + j, n);
+              if (biasp) stv(ldv(abi + j, n) + d, abi + j, n);
+              const V dai = d * ldv(gi + j, n), drh = d * ldv(gh + j, n);
+              sa1 = sa1 + dai; sa2 = at::vec::fmadd(dai, av, sa2);
+              sr1 = sr1 + drh; sr2 = at::vec::fmadd(drh, rv, sr2);
             }
-            const T m1 = hsum(a1) / T(H), m2 = hsum(a2) / T(H);
+            const V ma1(hsum(sa1) / T(H)), ma2(hsum(sa2) / T(H)), mr1(hsum(sr1) / T(H)), mr2(hsum(sr2) / T(H));
+            const V vra(ra), vrs(rs);
+            T* dwk = dwr + k * H;
             for (int64_t j = 0; j < H; j += VL) {
               const int n = (int)std::min<int64_t>(VL, H - j);
-              const V dx = ldv(du + j, n) * ldv(gk + j, n);
-              const V dr = V(rstd) * (dx - V(m1) - ldv(rh + j, n) * V(m2));
-              stv(dr, drr + k * H + j, n);
-              stv(dr, dwr + k * H + j, n);
+              const V d = ldv(dz + j, n);
+              const V dr = vrs * (d * ldv(gh + j, n) - mr1 - ldv(rh + j, n) * mr2);
+              const V da = vra * (d * ldv(gi + j, n) - ma1 - ldv(ah + j, n) * ma2);
+              stv(dr, dwk + j, n);
+              stv(da, dz + j, n);
             }
           }
         } else {
@@ -636,9 +796,23 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
         }
       }
       LK_BARRIER();
-      run_tasks<T>(phaseA, nA, tid, nth);
+      GemmTask<T> tasks[2] = {phaseA[0], phaseA[1]};
+      if (dRcp) tasks[0].A = dRcp + (t - t0) * B * ldr;  // layernorm: this step's chunk rows
+      run_tasks<T>(tasks, nA, tid, nth);
       LK_BARRIER();
     }
+  }
+    packed = true;
+    if (cf.ln && t1 > t0) {  // dW_hh += dr_t^T h_{t-1} over this chunk (h_{-1} = h0, then y)
+      at::Tensor d = dRc.narrow(0, 0, (t1 - t0) * B).narrow(1, 0, R);
+      if (t0 == 0) {
+        dWhh.addmm_(d.narrow(0, 0, B).t(), h0);
+        if (t1 > 1) dWhh.addmm_(d.narrow(0, B, (t1 - 1) * B).t(), Y.narrow(0, 0, t1 - 1).reshape({-1, Hout}));
+      } else {
+        dWhh.addmm_(d.t(), Y.narrow(0, t0 - 1, t1 - t0).reshape({-1, Hout}));
+      }
+    }
+    if (Tn == 0) break;
   }
   at::Tensor dh0 = at::empty({B, Hout}, opt);
   for (int64_t b = 0; b < B; ++b) {
@@ -647,7 +821,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
   }
   at::Tensor accs = acc.sum(0);
   auto e = at::empty({0}, opt);
-  return {dXG, cf.ln ? dR : e, P > 0 ? dHP : e, P > 0 ? Mo : e, dh0, lstm ? dcs : e, accs};
+  return {dXG, cf.ln ? dWhh : e, P > 0 ? dHP : e, P > 0 ? Mo : e, dh0, lstm ? dcs : e, accs,
+          dZS.defined() ? dZS : e};
 }
 
 static std::vector<int64_t> lengths_vec(const at::Tensor& lengths, int64_t B, int64_t Tn) {
@@ -672,10 +847,14 @@ static int choose_threads(int64_t B, int64_t R, int64_t K, int64_t requested) {
 
 std::vector<at::Tensor> forward(at::Tensor xg, at::Tensor whh, at::Tensor h0, at::Tensor c0, at::Tensor lengths,
                                 at::Tensor p_i, at::Tensor p_f, at::Tensor p_o, at::Tensor wgg, at::Tensor lnhh_w,
-                                at::Tensor lnc_w, at::Tensor lnc_b, at::Tensor whr, int64_t flags, double clip,
-                                int64_t H, int64_t P, bool save, int64_t nthreads) {
+                                at::Tensor lnc_w, at::Tensor lnc_b, at::Tensor whr, at::Tensor lnih_w, at::Tensor bias,
+                                int64_t flags, double clip, int64_t H, int64_t P, bool save, int64_t nthreads) {
   Cfg cf(flags, clip, H, P);
   TORCH_CHECK(xg.dim() == 3 && xg.size(2) == cf.R, "lstmkit recurrence: xg must be (T, B, R=", cf.R, ")");
+  if (cf.ln) {
+    TORCH_CHECK(lnih_w.numel() == cf.R, "lstmkit recurrence: layernorm needs ln_ih_weight (R=", cf.R, ")");
+    TORCH_CHECK(bias.numel() == 0 || bias.numel() == cf.R, "lstmkit recurrence: bias must be (R=", cf.R, ") or empty");
+  }
   xg = xg.contiguous(); h0 = h0.contiguous();
   const int64_t Tn = xg.size(0), B = xg.size(1);
   auto len = lengths_vec(lengths, B, Tn);
@@ -683,7 +862,8 @@ std::vector<at::Tensor> forward(at::Tensor xg, at::Tensor whh, at::Tensor h0, at
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(xg.scalar_type(), "lstmkit_fwd", [&] {
     out = forward_impl<scalar_t>(xg, whh, h0, c0, len, p_i.contiguous(), p_f.contiguous(), p_o.contiguous(), wgg,
-                                 lnhh_w.contiguous(), lnc_w.contiguous(), lnc_b.contiguous(), whr, cf, save, nt);
+                                 lnhh_w.contiguous(), lnc_w.contiguous(), lnc_b.contiguous(), whr, lnih_w.contiguous(),
+                                 bias.contiguous(), cf, save, nt);
   });
   return out;
 }
@@ -691,8 +871,9 @@ std::vector<at::Tensor> forward(at::Tensor xg, at::Tensor whh, at::Tensor h0, at
 std::vector<at::Tensor> backward(at::Tensor Gs, at::Tensor Cs, at::Tensor Y, at::Tensor h0, at::Tensor c0,
                                  at::Tensor whh, at::Tensor lengths, at::Tensor p_i, at::Tensor p_f, at::Tensor p_o,
                                  at::Tensor wgg, at::Tensor lnhh_w, at::Tensor lnc_w, at::Tensor lnc_b, at::Tensor whr,
-                                 at::Tensor RH, at::Tensor RS, at::Tensor dY, at::Tensor dhn, at::Tensor dcn,
-                                 int64_t flags, double clip, int64_t H, int64_t P, int64_t nthreads) {
+                                 at::Tensor lnih_w, at::Tensor bias, at::Tensor RH, at::Tensor RS, at::Tensor AH,
+                                 at::Tensor AS, at::Tensor dY, at::Tensor dhn, at::Tensor dcn, int64_t flags, double clip,
+                                 int64_t H, int64_t P, int64_t nthreads) {
   Cfg cf(flags, clip, H, P);
   const int64_t Tn = Y.size(0), B = Y.size(1);
   auto len = lengths_vec(lengths, B, Tn);
@@ -701,8 +882,9 @@ std::vector<at::Tensor> backward(at::Tensor Gs, at::Tensor Cs, at::Tensor Y, at:
   AT_DISPATCH_FLOATING_TYPES(Y.scalar_type(), "lstmkit_bwd", [&] {
     out = backward_impl<scalar_t>(Gs.contiguous(), Cs.contiguous(), Y.contiguous(), h0.contiguous(), c0.contiguous(),
                                   whh, len, p_i.contiguous(), p_f.contiguous(), p_o.contiguous(), wgg,
-                                  lnhh_w.contiguous(), lnc_w.contiguous(), lnc_b.contiguous(), whr, RH.contiguous(),
-                                  RS.contiguous(), dY.contiguous(), dhn.contiguous(), dcn.contiguous(), cf, nt);
+                                  lnhh_w.contiguous(), lnc_w.contiguous(), lnc_b.contiguous(), whr, lnih_w.contiguous(),
+                                  bias.contiguous(), RH.contiguous(), RS.contiguous(), AH.contiguous(), AS.contiguous(),
+                                  dY, dhn.contiguous(), dcn.contiguous(), cf, nt);
   });
   return out;
 }
