@@ -1,0 +1,59 @@
+"""Helpers shared by the corpus tasks (:mod:`lstmkit.tasks.corpora`): cache directory,
+hashing, progress lines, time masks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["cache_dir", "hash_order", "progress", "require", "sha256_hex", "time_mask"]
+
+
+def cache_dir() -> Path:
+    """The cache directory: ``$LSTMKIT_CACHE`` if set, else ``~/.cache/lstmkit`` (created)."""
+    env = os.environ.get("LSTMKIT_CACHE")
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "lstmkit"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def require(module: str, task: str) -> None:
+    """Raise an ImportError that says how to install ``module`` if it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"task {task!r} needs the optional package {module}: pip install {module}")
+
+
+def sha256_hex(data: bytes | str) -> str:
+    """SHA-256 hex digest of ``data`` (a ``str`` is hashed as UTF-8)."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_order(names: list[str], salt: str = "") -> list[str]:
+    """``names`` in a fixed pseudo-random order: sorted by SHA-256 of ``salt + name``.
+
+    Unlike a seeded RNG permutation this order does not depend on any library version,
+    and adding or removing one name does not move the others.
+    """
+    return sorted(names, key=lambda s: (sha256_hex(salt + s), s))
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (flushed)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def time_mask(lengths: Tensor | None, t: int, b: int, device: torch.device) -> Tensor | None:
+    """(T, B) bool mask of valid steps from ``lengths`` (B,), or None when all are valid."""
+    if lengths is None:
+        return None
+    steps = torch.arange(t, device=device).unsqueeze(1)
+    return steps < lengths.to(device).view(1, b)

@@ -1,0 +1,136 @@
+"""Helpers shared by the synthetic tasks (:mod:`lstmkit.tasks.synthetic`).
+
+* :func:`derive_seed` / :func:`generator_for`: the seed of a fixed evaluation set,
+  derived from a task's ``seed``, its name and the split, so that every split is fixed
+  and independent of the trainer's generator (which draws the training data).
+* :class:`SampledTask`: the train/eval plumbing of tasks whose sequences are sampled
+  i.i.d. (adding, temporal order, copy).
+* :func:`last_step`: the output at each sequence's last valid step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import abstractmethod
+from collections.abc import Iterator
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from lstmkit.tasks.base import Batch, Task
+
+__all__ = ["EVAL_SPLITS", "SampledTask", "check_batch_size", "check_split", "derive_seed",
+           "generator_for", "last_step"]
+
+#: Splits every i.i.d. generated task offers: three fixed sets drawn from the task's
+#: distribution with different derived seeds ("train" is a fixed sample of the training
+#: distribution, for reporting training-set metrics without touching the training draws).
+EVAL_SPLITS: tuple[str, ...] = ("test", "valid", "train")
+
+
+def derive_seed(seed: int, *tags: str) -> int:
+    """A 63-bit seed derived from ``seed`` and ``tags`` (stable across runs and platforms).
+
+    Example: ``derive_seed(0, "adding", "test")``. Different tags give unrelated seeds.
+    """
+    text = ":".join([str(int(seed)), *tags]).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def generator_for(seed: int, *tags: str) -> torch.Generator:
+    """A fresh CPU generator seeded with :func:`derive_seed` ``(seed, *tags)``."""
+    return torch.Generator().manual_seed(derive_seed(seed, *tags))
+
+
+def check_split(task: str, split: str, splits: tuple[str, ...]) -> None:
+    """Raise ValueError if ``split`` is not one of ``splits``."""
+    if split not in splits:
+        raise ValueError(f"task {task!r}: unknown split {split!r}; expected one of {list(splits)}")
+
+
+def check_batch_size(task: str, batch_size: int) -> None:
+    """Raise ValueError unless ``batch_size`` is a positive int."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"task {task!r}: batch_size must be a positive int, got {batch_size!r}")
+
+
+def check_positive(task: str, **options: object) -> None:
+    """Raise ValueError unless every option is a positive int."""
+    for key, v in options.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"task {task!r}: {key} must be a positive int, got {v!r}")
+
+
+def last_step(output: Tensor, lengths: Tensor | None) -> Tensor:
+    """The output at each sequence's last valid step.
+
+    Args:
+        output: (T, B, F) model outputs.
+        lengths: (B,) valid lengths, or None when every sequence has T steps.
+
+    Returns:
+        (B, F): ``output[lengths[b] - 1, b]``.
+    """
+    if lengths is None:
+        return output[-1]
+    if lengths.shape != (output.shape[1],):
+        raise ValueError(f"lengths must be ({output.shape[1]},); got {tuple(lengths.shape)}")
+    if int(lengths.min()) < 1 or int(lengths.max()) > output.shape[0]:
+        raise ValueError(f"lengths must lie in [1, {output.shape[0]}]")
+    idx = (lengths.to(output.device) - 1).long()
+    return output[idx, torch.arange(output.shape[1], device=output.device)]
+
+
+class SampledTask(Task):
+    """Base of tasks whose sequences are i.i.d. samples.
+
+    A subclass (a dataclass with fields ``seed`` and ``eval_size``) implements
+    :meth:`_sample` (raw data, batch dimension first, drawn only from the generator it is
+    given) and :meth:`_encode` (raw data -> :class:`Batch`). Training batches are fresh
+    samples from the trainer's generator, one :meth:`_sample` call per batch, so the
+    batches depend only on the generator's state (reproducible; the trainer resumes by
+    replaying the draws). Each evaluation split is one sample of ``eval_size`` sequences
+    from :func:`generator_for` ``(seed, name, split)``, made once, cached, and cut into
+    batches in order; its content does not depend on ``batch_size``.
+    """
+
+    splits: ClassVar[tuple[str, ...]] = EVAL_SPLITS
+    seed: int
+    eval_size: int
+
+    @abstractmethod
+    def _sample(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Draw ``n`` sequences; every tensor of the result has the batch dimension first."""
+
+    @abstractmethod
+    def _encode(self, raw: dict[str, Tensor]) -> Batch:
+        """Turn raw samples (as from :meth:`_sample`, possibly sliced) into a Batch."""
+
+    def eval_raw(self, split: str = "test") -> dict[str, Tensor]:
+        """The raw samples of the fixed ``split`` (batch dimension first); cached."""
+        check_split(self.name, split, self.splits)
+        cache: dict[str, dict[str, Tensor]] = self.__dict__.setdefault("_eval_cache", {})
+        if split not in cache:
+            cache[split] = self._sample(self.eval_size, generator_for(self.seed, self.name, split))
+        return cache[split]
+
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """Endless fresh batches of ``batch_size`` sequences drawn from ``generator``.
+
+        Arguments are checked at the call, not at the first ``next``.
+        """
+        check_batch_size(self.name, batch_size)
+
+        def batches() -> Iterator[Batch]:
+            while True:
+                yield self._encode(self._sample(batch_size, generator))
+
+        return batches()
+
+    def eval_batches(self, split: str = "test", batch_size: int = 256) -> Iterator[Batch]:
+        """The fixed ``eval_size`` sequences of ``split``, in batches of ``batch_size``."""
+        check_batch_size(self.name, batch_size)
+        raw = self.eval_raw(split)
+        return (self._encode({k: v[s:s + batch_size] for k, v in raw.items()})
+                for s in range(0, self.eval_size, batch_size))

@@ -1,0 +1,186 @@
+"""The one interface every built-in task implements, and the task registry.
+
+A task owns its data (generated, or read from files already on the machine), its loss,
+its metrics, the published success criterion and its baselines. The trainer
+(:mod:`lstmkit.train`) knows nothing about any particular task.
+
+Two shapes of task exist:
+
+* **sequence tasks** (``stream = False``): independent sequences; the recurrent state
+  starts at zero for every batch;
+* **stream tasks** (``stream = True``): ``batch_size`` long parallel streams cut into
+  chunks of ``bptt`` steps; the trainer carries the state from one chunk to the next
+  (truncated BPTT) and resets it only where the task says so.
+
+Everything is time-major, as ``torch.nn.LSTM``'s default: inputs ``(T, B, input_size)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["Batch", "Target", "Task", "TASKS", "register_task", "get_task", "task_names"]
+
+
+@dataclass
+class Batch:
+    """One batch of a task.
+
+    Attributes:
+        x: (T, B, input_size) inputs.
+        y: targets, in whatever form the task's ``loss``/``metrics`` expect.
+        lengths: (B,) int64 valid lengths (CPU), or None when all are T.
+        reset: stream tasks only: (B,) bool, True where a stream starts afresh at this
+            chunk (the trainer zeroes that entry's state first); None = carry all.
+        y_batch_dim: the dimension of ``y`` that indexes sequences (1 for time-major
+            targets (T, B, ·), 0 for one target per sequence (B, ·)).
+    """
+
+    x: Tensor
+    y: Tensor
+    lengths: Tensor | None = None
+    reset: Tensor | None = None
+    y_batch_dim: int = 1
+
+    @property
+    def size(self) -> int:
+        """Number of sequences (or streams) in the batch."""
+        return self.x.shape[1]
+
+    def take(self, start: int, stop: int) -> Batch:
+        """Sequences ``start:stop`` of the batch (for splitting a global batch over ranks)."""
+        sl = slice(start, stop)
+        return Batch(self.x[:, sl], self.y.narrow(self.y_batch_dim, start, stop - start),
+                     None if self.lengths is None else self.lengths[sl],
+                     None if self.reset is None else self.reset[sl], self.y_batch_dim)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A task's published success criterion.
+
+    Attributes:
+        metric: the metrics key it reads (e.g. ``"solved"``, ``"mse"``, ``"bpc"``).
+        goal: ``"max"`` if larger is better, ``"min"`` if smaller is better.
+        threshold: the value that counts as solved (None: no published threshold).
+        published: the published result, in words, with its source.
+    """
+
+    metric: str
+    goal: str
+    threshold: float | None
+    published: str
+
+    def met(self, value: float) -> bool:
+        """True when ``value`` reaches the threshold."""
+        if self.threshold is None:
+            return False
+        return value >= self.threshold if self.goal == "max" else value <= self.threshold
+
+
+class Task(ABC):
+    """A built-in task. Subclasses are dataclasses whose fields are the task's options
+    (always including ``seed``, which seeds every random draw of the task's data).
+
+    Class attributes:
+        name: registry key (``lstmkit train NAME``).
+        input_size, output_size: feature sizes of ``x`` and of the model's output (a
+            subclass whose sizes depend on its options sets them in ``__post_init__``).
+        stream: True for stream tasks (state carried across chunks).
+    """
+
+    name: ClassVar[str] = ""
+    input_size: int = 0
+    output_size: int = 0
+    stream: ClassVar[bool] = False
+    seed: int
+
+    @property
+    @abstractmethod
+    def target(self) -> Target:
+        """The published success criterion."""
+
+    @property
+    def baselines(self) -> dict[str, float]:
+        """Baseline values of the target metric, by name."""
+        return {}
+
+    def describe_data(self) -> dict[str, object]:
+        """Facts to record with a run (sizes, file lists and hashes of corpora, …)."""
+        return {}
+
+    @abstractmethod
+    def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+        """An endless (or epoch-long, then restarted) iterator of training batches.
+
+        ``generator`` is the trainer's; all randomness must come from it (or from
+        ``self.seed``) so that a run is reproducible and resumable.
+        """
+
+    @abstractmethod
+    def eval_batches(self, split: str = "test", batch_size: int = 256) -> Iterator[Batch]:
+        """The fixed evaluation set of ``split`` (``"test"``, ``"valid"``, ``"train"``)."""
+
+    @abstractmethod
+    def loss(self, output: Tensor, batch: Batch) -> Tensor:
+        """Scalar training loss from the model's output (T, B, output_size)."""
+
+    @abstractmethod
+    def metrics(self, output: Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
+        """Per-batch metric *sums and counts*: ``{name: (sum, count)}``.
+
+        The trainer adds them over batches and reports ``sum / count``, so a metric is
+        exact over an evaluation set of many batches.
+        """
+
+    def show(self, output: Tensor, batch: Batch, n: int = 3) -> str:
+        """A few predictions next to their targets, as text (``lstmkit sample``)."""
+        return ""
+
+
+TaskFactory = Callable[..., Task]
+#: name -> factory (a Task subclass) taking keyword options such as ``seed``, ``length``.
+TASKS: dict[str, TaskFactory] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator that registers a task under ``name``."""
+
+    def deco(cls: type[Task]) -> type[Task]:
+        TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+def task_names() -> list[str]:
+    """Names of the registered tasks."""
+    _load_builtin()
+    return sorted(TASKS)
+
+
+def get_task(name: str, **options: object) -> Task:
+    """Build the task ``name`` with ``options`` (e.g. ``seed=0, length=100``).
+
+    Raises:
+        ValueError: unknown task name, or an option the task does not take.
+    """
+    _load_builtin()
+    if name not in TASKS:
+        raise ValueError(f"task: unknown task {name!r}; expected one of {sorted(TASKS)}")
+    try:
+        return TASKS[name](**options)
+    except TypeError as exc:
+        raise ValueError(f"task {name!r}: {exc}") from None
+
+
+def _load_builtin() -> None:
+    # Importing the modules registers their tasks; optional corpora import their
+    # frameworks (music21, statsmodels) only when their data is first needed.
+    from lstmkit.tasks import registry  # noqa: F401

@@ -1,0 +1,37 @@
+"""The built-in synthetic tasks (generated data, no files), registered by name.
+
+=================== ======================================= ===============================
+name                source (reference/tasks.md)             target metric
+=================== ======================================= ===============================
+``reber``           H&S 1997 §5.1, embedded Reber (§1)      ``solved`` = 1 (max)
+``continual_reber`` Gers et al. 2000, continual ERG (§2)    ``symbol_accuracy`` ≥ 0.999
+``adding``          H&S 1997 §5.4 (§1); Le 2015 /            hochreiter: ``accuracy``
+                    Arjovsky 2016 (§4)                      ≥ 1 - 3/2560; le: ``mse`` ≤ 0.01
+``temporal_order``  H&S 1997 §5.6 (§1)                      ``accuracy`` ≥ 1 - 1/2560 (6a)
+``copy``            Arjovsky 2016 (§4)                      ``xent`` ≤ 0.1·10 ln 8/(T+20)
+=================== ======================================= ===============================
+
+Every task is a dataclass whose fields are its options (``seed`` always); see each
+class's docstring for the exact protocol, the published numbers and the baselines. The
+implementations live in :mod:`lstmkit.tasks._synth_grammar` (the grammar tasks) and
+:mod:`lstmkit.tasks._synth_memory` (the long-lag memory tasks); importing this module
+registers them all.
+"""
+
+from __future__ import annotations
+
+from lstmkit.tasks._synth_common import derive_seed, last_step
+from lstmkit.tasks._synth_grammar import ContinualReberTask, ReberTask, stream_baselines
+from lstmkit.tasks._synth_memory import AddingTask, CopyTask, TemporalOrderTask, hochreiter_adding_baselines
+
+__all__ = [
+    "AddingTask",
+    "ContinualReberTask",
+    "CopyTask",
+    "ReberTask",
+    "TemporalOrderTask",
+    "derive_seed",
+    "hochreiter_adding_baselines",
+    "last_step",
+    "stream_baselines",
+]

@@ -1,0 +1,177 @@
+"""Training from the command line: reproducible, resumable after a kill, clear errors,
+checkpoints that never execute code, and the same result on 2 processes as on 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lstmkit.cli import main
+from lstmkit.train import TrainConfig, Trainer, load_checkpoint, train
+
+ADDING = ["train", "adding", "-o", "length=24", "--hidden", "8", "--batch-size", "8", "--eval-every", "10",
+          "--threads", "1", "--quiet", "--no-stop-at-target"]
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(task="adding", task_options={"length": 24}, hidden_size=8, batch_size=8, steps=20,
+                eval_every=10, threads=1, stop_at_target=False, eval_batch_size=512)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_same_seed_same_loss_curve(tmp_path):
+    a = train(_cfg(), tmp_path / "a", progress=False)
+    b = train(_cfg(), tmp_path / "b", progress=False)
+    c = train(_cfg(seed=1), tmp_path / "c", progress=False)
+    assert a["final"] == {**b["final"], "time": a["final"]["time"]}
+    la = [r["train_loss"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())]
+    lb = [r["train_loss"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())]
+    assert la == lb and len(la) == 2
+    assert a["final"]["train_loss"] != c["final"]["train_loss"]
+    for k, v in _weights(tmp_path / "a").items():
+        assert torch.equal(v, _weights(tmp_path / "b")[k])
+
+
+def test_run_files_and_summary(tmp_path):
+    s = train(_cfg(model="lstm", cell="peephole"), tmp_path / "r", progress=False)
+    names = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert names == ["checkpoint.safetensors", "config.json", "metrics.jsonl", "model.safetensors",
+                     "summary.json"]
+    assert s["cell"] == "peephole" and s["steps"] == 20 and f"test_{s['metric']}" in s["final"]
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["parameters"] == s["parameters"]
+    cfg, tensors, state = load_checkpoint(tmp_path / "r")
+    assert cfg.cell == "peephole" and state["step"] == 20 and any(k.startswith("optim.") for k in tensors)
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    steps = ["--steps", "60", "--dropout", "0.0", "--layers", "2"]
+    full = tmp_path / "full"
+    assert main(ADDING + steps + ["--out", str(full)]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lstmkit", *ADDING, *steps, "--out", str(killed)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, _, state = load_checkpoint(killed)
+    assert 0 < state["step"] < 60, "the run should have been killed mid-way"
+    assert not (killed / "summary.json").exists()
+    assert main(ADDING + steps + ["--out", str(killed), "--resume"]) == 0
+    a, b = _weights(full), _weights(killed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ja = json.loads((full / "summary.json").read_text())
+    jb = json.loads((killed / "summary.json").read_text())
+    assert ja["value"] == jb["value"] and ja["steps"] == jb["steps"] == 60
+
+
+def test_stream_task_resume_carries_state(tmp_path):
+    cfg = _cfg(task="continual_reber", task_options={"bptt": 10}, steps=30, eval_every=10)
+    full = train(cfg, tmp_path / "full", progress=False)
+    part = Trainer(_cfg(task="continual_reber", task_options={"bptt": 10}, steps=10, eval_every=10),
+                   tmp_path / "part", progress=False)
+    part.run()
+    assert part.state is not None  # the carried (h, c) of the streams is in the checkpoint
+    rest = train(cfg, tmp_path / "part", resume=True, progress=False)
+    assert rest["value"] == full["value"]
+    for k, v in _weights(tmp_path / "full").items():
+        assert torch.equal(v, _weights(tmp_path / "part")[k]), k
+
+
+def test_errors_exit_2_and_overwrite_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(ADDING + ["--steps", "10", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fails(args, pattern):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert pattern in err and err.count("\n") == 1, err
+
+    fails(ADDING + ["--out", str(out)], "is not empty; nothing was overwritten")
+    fails(["train", "nosuchtask", "--out", str(tmp_path / "x")], "unknown task 'nosuchtask'")
+    fails([*ADDING, "--cell", "nfg+cifg", "--out", str(tmp_path / "y")], "cannot also be removed")
+    fails([*ADDING, "--hidden", "0", "--out", str(tmp_path / "z")], "hidden_size: expected an int >= 1")
+    fails([*ADDING, "--proj-size", "9", "--out", str(tmp_path / "w")], "proj_size")
+    fails([*ADDING, "-o", "nosuch=1", "--out", str(tmp_path / "v")], "task 'adding'")
+    fails([*ADDING, "--steps", "20", "--hidden", "16", "--out", str(out), "--resume"],
+          "trained with other settings (hidden_size)")
+    # Corrupt and foreign checkpoints.
+    ck = out / "checkpoint.safetensors"
+    good = ck.read_bytes()
+    ck.write_bytes(good[: len(good) // 2])
+    fails([*ADDING, "--steps", "20", "--out", str(out), "--resume"], "not a readable safetensors file")
+    fails(["eval", str(out)], "not a readable safetensors file")
+    save_file({"w": torch.zeros(2)}, str(ck), metadata={"format": "something-else"})
+    fails(["eval", str(ck)], "is not an lstmkit checkpoint")
+    ck.write_bytes(good)
+    fails([*ADDING, "--out", str(tmp_path / "none"), "--resume"], "--resume: no checkpoint in")
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == before  # every failure left the run directory as it was
+    if os.geteuid() != 0:  # root can write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        fails([*ADDING, "--out", str(locked / "run")], "cannot write there")
+
+
+def test_pickle_checkpoint_is_refused_without_executing(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+    bad = tmp_path / "checkpoint.safetensors"
+    bad.write_bytes(pickle.dumps(Evil()))
+    assert main(["eval", str(bad)]) == 2
+    assert not marker.exists()
+
+
+def test_eval_and_sample_commands(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(ADDING + ["--steps", "10", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["task"] == "adding" and "mse" in line
+    assert main(["sample", str(out)]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_processes_match_one_with_same_global_batch(tmp_path):
+    args = ["-m", "lstmkit", *ADDING, "--steps", "20", "--batch-size", "16"]
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, *args, "--out", str(one)], check=True)
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    "--master_port=29517", *args, "--out", str(two)], check=True, env=env)
+    a, b = _weights(one), _weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    ja = json.loads((one / "summary.json").read_text())
+    jb = json.loads((two / "summary.json").read_text())
+    assert abs(ja["value"] - jb["value"]) < 1e-5
