@@ -38,7 +38,7 @@ VARIANTS = ["peephole", "nig", "nfg", "nog", "niaf", "noaf", "cifg", "fgr", "lay
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:  # GEMM peak only
     """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs, seconds."""
     for _ in range(warmup):
         fn()
@@ -92,48 +92,61 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, train: bool) -> Callable
 
 
 def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default, with_reference):
+    """Time every row at one shape, inference then training.
+
+    Rows are interleaved: each round runs every row once (reference rows only in the
+    first ``reference_repeats`` rounds), so machine noise drifts over all rows alike;
+    each row's time is its median over rounds.
+    """
     B, T, I, H = shape
     torch.manual_seed(0)
     x = torch.randn(T, B, I)
     rows = []
     torch_lstm = torch.nn.LSTM(I, H, **kw)
-    fast_kernel = kernels.select(lstmkit.spec.resolve("vanilla"), x.device, x.dtype).name
+    layers = {}
+    for cell in ["vanilla", *variants]:
+        layers[cell] = lstmkit.LSTM(I, H, cell=cell, **kw)
+        if cell == "vanilla":
+            layers[cell].load_state_dict(torch_lstm.state_dict())
+        layers[f"ref:{cell}"] = lstmkit.LSTM(I, H, cell=cell, backend="reference", **kw)
+        layers[f"ref:{cell}"].load_state_dict(layers[cell].state_dict())
     for train in (False, True):
         mode = "train" if train else "infer"
         flops = lstm_flops(B, T, I, H, kw.get("num_layers", 1), 2 if kw.get("bidirectional") else 1, train)
-
-        def record(name, kernel, seconds, base, mode=mode, flops=flops):
-            rows.append({"shape": list(shape), "mode": mode, "row": name, "kernel": kernel,
-                         "seconds": seconds, "ratio_vs_torch": seconds / base,
-                         "gflops": flops / seconds / 1e9})
-
-        torch.set_num_threads(threads_default)
-        base = median_time(make_step(torch_lstm, x, train), repeats)
-        record("torch.nn.LSTM", "oneDNN", base, base)
-        torch.set_num_threads(1)
-        one = median_time(make_step(torch_lstm, x, train), repeats)
-        record("torch.nn.LSTM (1 thread)", "oneDNN", one, base)
-        torch.set_num_threads(threads_default)
+        # (row name, kernel, step function, threads, is a reference row)
+        plan = [("torch.nn.LSTM", "oneDNN", make_step(torch_lstm, x, train), threads_default, False),
+                ("torch.nn.LSTM (1 thread)", "oneDNN", make_step(torch_lstm, x, train), 1, False)]
         for cell in ["vanilla", *variants]:
-            layer = lstmkit.LSTM(I, H, cell=cell, **kw)
-            if cell == "vanilla":
-                layer.load_state_dict(torch_lstm.state_dict())
+            layer = layers[cell]
             kname = kernels.select(layer.spec, x.device, x.dtype).name
-            record(f"lstmkit {cell}", kname, median_time(make_step(layer, x, train), repeats), base)
+            plan.append((f"lstmkit {cell}", kname, make_step(layer, x, train), threads_default, False))
             if with_reference:
-                layer.backend = "reference"
-                ref_t = median_time(make_step(layer, x, train), reference_repeats, warmup=1)
-                record(f"reference {cell}", "reference", ref_t, base)
+                ref = make_step(layers[f"ref:{cell}"], x, train)
+                plan.append((f"reference {cell}", "reference", ref, threads_default, True))
                 if cell == "vanilla":
-                    torch.set_num_threads(1)
-                    record("reference vanilla (1 thread)", "reference",
-                           median_time(make_step(layer, x, train), reference_repeats, warmup=1), base)
-                    torch.set_num_threads(threads_default)
+                    plan.append(("reference vanilla (1 thread)", "reference", ref, 1, True))
+        times: dict[str, list[float]] = {name: [] for name, *_ in plan}
+        for _name, _, fn, threads, is_ref in plan:  # warm-up
+            torch.set_num_threads(threads)
+            for _ in range(1 if is_ref else 2):
+                fn()
+        for rnd in range(repeats):
+            for name, _, fn, threads, is_ref in plan:
+                if is_ref and rnd >= reference_repeats:
+                    continue
+                torch.set_num_threads(threads)
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        torch.set_num_threads(threads_default)
+        base = statistics.median(times["torch.nn.LSTM"])
+        for name, kname, *_ in plan:
+            sec = statistics.median(times[name])
+            rows.append({"shape": list(shape), "mode": mode, "row": name, "kernel": kname, "seconds": sec,
+                         "ratio_vs_torch": sec / base, "gflops": flops / sec / 1e9})
         print(f"  {shape} {kw or ''} {mode}: nn.LSTM {base * 1e3:.2f} ms; "
               + ", ".join(f"{r['row'].replace('lstmkit ', '')} {r['ratio_vs_torch']:.2f}"
-                          for r in rows if r["mode"] == mode and r["shape"] == list(shape)
-                          and r["row"].startswith("lstmkit")), flush=True)
-    del fast_kernel
+                          for r in rows if r["mode"] == mode and r["row"].startswith("lstmkit")), flush=True)
     return rows
 
 
