@@ -96,7 +96,8 @@ def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default
 
     Rows are interleaved: each round runs every row once (reference rows only in the
     first ``reference_repeats`` rounds), so machine noise drifts over all rows alike;
-    each row's time is its median over rounds.
+    each row's time is its median over rounds. Rows with another thread count (the
+    one-thread rows) run in their own interleaved pass.
     """
     B, T, I, H = shape
     torch.manual_seed(0)
@@ -126,18 +127,23 @@ def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default
                 if cell == "vanilla":
                     plan.append(("reference vanilla (1 thread)", "reference", ref, 1, True))
         times: dict[str, list[float]] = {name: [] for name, *_ in plan}
-        for _name, _, fn, threads, is_ref in plan:  # warm-up
+        # One interleaved pass per thread count: switching the count wakes or parks the
+        # OpenMP pool, which would tax whichever row comes right after a switch.
+        for threads in sorted({p[3] for p in plan}, reverse=True):
+            group = [p for p in plan if p[3] == threads]
             torch.set_num_threads(threads)
-            for _ in range(1 if is_ref else 2):
-                fn()
-        for rnd in range(repeats):
-            for name, _, fn, threads, is_ref in plan:
-                if is_ref and rnd >= reference_repeats:
-                    continue
-                torch.set_num_threads(threads)
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+            for _name, _, fn, _, is_ref in group:  # warm-up
+                for _ in range(1 if is_ref else 2):
+                    fn()
+            for rnd in range(repeats):
+                for name, _, fn, _, is_ref in group:
+                    if is_ref and rnd >= reference_repeats:
+                        continue
+                    if not is_ref:
+                        fn()  # untimed: caches warm with this row's data, as in a loop of it
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
         torch.set_num_threads(threads_default)
         base = statistics.median(times["torch.nn.LSTM"])
         for name, kname, *_ in plan:
