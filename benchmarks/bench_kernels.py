@@ -127,10 +127,11 @@ def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default
                 if cell == "vanilla":
                     plan.append(("reference vanilla (1 thread)", "reference", ref, 1, True))
         times: dict[str, list[float]] = {name: [] for name, *_ in plan}
-        # One interleaved pass per thread count: switching the count wakes or parks the
-        # OpenMP pool, which would tax whichever row comes right after a switch.
-        for threads in sorted({p[3] for p in plan}, reverse=True):
-            group = [p for p in plan if p[3] == threads]
+        # One interleaved pass per (thread count, reference or not): switching the count
+        # wakes or parks the OpenMP pool, and the slow reference loops churn caches and the
+        # allocator, either of which would tax the row that comes next.
+        for threads, is_reference in sorted({(p[3], p[4]) for p in plan}, key=lambda k: (-k[0], k[1])):
+            group = [p for p in plan if p[3] == threads and p[4] == is_reference]
             torch.set_num_threads(threads)
             for _name, _, fn, _, is_ref in group:  # warm-up
                 for _ in range(1 if is_ref else 2):
