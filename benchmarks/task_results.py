@@ -64,7 +64,8 @@ def markdown(results: list[dict], scale: float) -> str:
         "",
         f"Regenerate with `python benchmarks/task_results.py{'' if scale == 1 else f' --scale {scale:g}'}` "
         f"({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, seed 0). "
-        "Small budgets, one seed: a first measurement, not a tuned result.",
+        "Small budgets, one seed: a first measurement, not a tuned result. Wall times include "
+        "whatever else the shared machine ran meanwhile.",
         "",
         "| task | model | steps (sequences) | time | test metric | lstmkit | target | met | baselines |",
         "|---|---|---|---|---|---|---|---|---|",
