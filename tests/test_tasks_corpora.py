@@ -20,8 +20,6 @@ from lstmkit.tasks.corpora import CO2, CharLM, Chorales, Sunspots
 
 HAS_MUSIC21 = importlib.util.find_spec("music21") is not None
 HAS_STATSMODELS = importlib.util.find_spec("statsmodels") is not None
-needs_music21 = pytest.mark.skipif(not HAS_MUSIC21, reason="music21 not installed")
-needs_statsmodels = pytest.mark.skipif(not HAS_STATSMODELS, reason="statsmodels not installed")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -212,14 +210,12 @@ def test_sample_helper(lm: CharLM):
 
 @pytest.fixture(scope="module")
 def chor(_cache: Path) -> Chorales:
-    if not HAS_MUSIC21:
-        pytest.skip("music21 not installed")
+    assert HAS_MUSIC21, "music21 is missing: `make test` installs the 'tasks' extra"
     task = Chorales(limit=5)
     task.data  # noqa: B018 (parses into the module's cache directory)
     return task
 
 
-@needs_music21
 def test_chorale_rolls_binary_in_range_and_cached(chor: Chorales, _cache: Path):
     d = chor.data
     assert len(d.rolls) == 5 and d.paths == sorted(d.paths)
@@ -239,7 +235,6 @@ def test_chorale_rolls_binary_in_range_and_cached(chor: Chorales, _cache: Path):
     assert again.paths == d.paths and all(np.array_equal(a, b) for a, b in zip(again.rolls, d.rolls))
 
 
-@needs_music21
 def test_chorale_roll_matches_music21(chor: Chorales):
     from music21 import corpus
 
@@ -256,7 +251,6 @@ def test_chorale_roll_matches_music21(chor: Chorales):
     assert off_beat > 0  # the check covers notes that start between beats
 
 
-@needs_music21
 def test_chorale_split_fixed(chor: Chorales):
     sp = chor.splits
     assert [len(sp[s]) for s in ("train", "valid", "test")] == [3, 1, 1]
@@ -264,7 +258,6 @@ def test_chorale_split_fixed(chor: Chorales):
     assert Chorales(limit=5, seed=9).splits == sp
 
 
-@needs_music21
 def test_chorale_batches_and_metrics(chor: Chorales):
     bt = next(chor.eval_batches("train", batch_size=3))
     t, b, _ = bt.x.shape
@@ -286,7 +279,6 @@ def test_chorale_batches_and_metrics(chor: Chorales):
     assert "target" in chor.show(perfect, bt, n=1)
 
 
-@needs_music21
 def test_chorale_baselines(chor: Chorales):
     base = chor.baselines
     tr = np.concatenate([chor.data.rolls[i] for i in chor.splits["train"]]).astype(float)
@@ -299,7 +291,6 @@ def test_chorale_baselines(chor: Chorales):
     assert (tgt.metric, tgt.goal, tgt.threshold) == ("nll", "min", base["independent_bernoulli"])
 
 
-@needs_music21
 def test_chorale_train_batches_deterministic_epochs(chor: Chorales):
     a = _batches_from(chor, 11, 4, 2, global_seed=1)
     b = _batches_from(chor, 11, 4, 2, global_seed=2)
@@ -308,7 +299,6 @@ def test_chorale_train_batches_deterministic_epochs(chor: Chorales):
     assert sorted(a[0].lengths.tolist() + a[1].lengths.tolist()) == train_lengths  # one epoch
 
 
-@needs_music21
 def test_chorale_metrics_independent_of_batching(chor: Chorales):
     def run(bs: int) -> dict:
         total: dict = {}
@@ -328,8 +318,7 @@ def test_chorale_metrics_independent_of_batching(chor: Chorales):
 
 @pytest.fixture(scope="module")
 def sun() -> Sunspots:
-    if not HAS_STATSMODELS:
-        pytest.skip("statsmodels not installed")
+    assert HAS_STATSMODELS, "statsmodels is missing: `make test` installs the 'tasks' extra"
     return Sunspots()
 
 
@@ -339,7 +328,6 @@ def _raw_sunspots() -> np.ndarray:
     return sunspots.load_pandas().data["SUNACTIVITY"].to_numpy(dtype=float)
 
 
-@needs_statsmodels
 def test_series_split_chronological_and_normalised(sun: Sunspots):
     s = _raw_sunspots()
     assert (sun.ranges["train"], sun.ranges["valid"], sun.ranges["test"]) == ((0, 216), (216, 262), (262, 309))
@@ -350,7 +338,6 @@ def test_series_split_chronological_and_normalised(sun: Sunspots):
     assert abs(sun.z[262:].mean()) > 0.1  # the test part is not normalised with its own stats
 
 
-@needs_statsmodels
 def test_series_persistence_and_ar_baselines(sun: Sunspots):
     s = _raw_sunspots()
     hand = math.sqrt(sum((s[j] - s[j - 1]) ** 2 for j in range(262, 309)) / 47)
@@ -363,7 +350,6 @@ def test_series_persistence_and_ar_baselines(sun: Sunspots):
     assert "no published LSTM target" in tgt.published
 
 
-@needs_statsmodels
 def test_series_eval_batch_and_metrics(sun: Sunspots):
     (bt,) = list(sun.eval_batches("test"))
     assert bt.x.shape == (64 + 47, 1, 1) and bt.y.shape == (64 + 47, 1, 1)
@@ -385,7 +371,6 @@ def test_series_eval_batch_and_metrics(sun: Sunspots):
     assert "target" in sun.show(bt.x, bt)
 
 
-@needs_statsmodels
 def test_series_difference_mode_and_lags():
     task = Sunspots(difference=True, lags=3, window=32)
     assert task.input_size == 3
@@ -399,7 +384,6 @@ def test_series_difference_mode_and_lags():
     assert m["rmse"][0] / m["rmse"][1] == pytest.approx(task.baselines["persistence"], rel=1e-5)
 
 
-@needs_statsmodels
 def test_series_train_batches_deterministic_inside_train(sun: Sunspots):
     a = _batches_from(sun, 5, 3, 16, global_seed=1)
     b = _batches_from(sun, 5, 3, 16, global_seed=2)
@@ -411,7 +395,6 @@ def test_series_train_batches_deterministic_inside_train(sun: Sunspots):
         assert bool(torch.isin(bt.y, train_z).all())  # targets come from the train part
 
 
-@needs_statsmodels
 def test_co2_gaps_filled():
     from statsmodels.datasets import co2
 

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from lstmkit.spec import CellSpec
 
-__all__ = ["available", "recurrence_forward", "recurrence_backward", "trace_from_saved", "input_projection",
+__all__ = ["available", "recurrence_forward", "recurrence_backward", "trace_from_saved",
            "SAVED_FIELDS", "set_num_threads"]
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
@@ -252,19 +252,6 @@ def recurrence_backward(saved: tuple, dy: Tensor | None, dh_n: Tensor | None,
             else:
                 dparams["weight_gg"] = dXG.new_zeros(nS, nS)
     return dXG, dw_hh, dh0, (None if rnn else dc0), dparams
-
-
-def input_projection(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x Wᵀ + b`` over all leading dims with the kernel's packed GEMM (forward only, no autograd).
-
-    Faster than ``F.linear`` (MKL sgemm) on this AMD machine: see benchmarks/lab_recurrence.py.
-    Its backward is ``dx = dout W`` and ``dW = doutᵀ x`` (plain torch.mm), for the caller's
-    autograd.Function.
-    """
-    shape = x.shape
-    out = _ext.linear(x.reshape(-1, shape[-1]), weight.detach(),
-                      bias.detach() if bias is not None else _empty(x), _nthreads)
-    return out.view(*shape[:-1], weight.shape[0])
 
 
 def _layernorm_gates(saved: tuple, spec: CellSpec, H: int) -> Tensor:

@@ -889,55 +889,6 @@ std::vector<at::Tensor> backward(at::Tensor Gs, at::Tensor Cs, at::Tensor Y, at:
   return out;
 }
 
-// out (M, N) = x (M, K) W^T (N, K) + b: the input projection for all T*B rows at once, with
-// the same packed kernel (x copied block-wise into a padded buffer; blocks split over
-// threads). Forward only; its backward is two plain GEMMs (dx = dout W, dW = dout^T x).
-template <typename T>
-static void linear_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& out, int nt) {
-  constexpr int VL = Vectorized<T>::size();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  Packed<T> Wp;
-  Wp.init(w.data_ptr<T>(), w.stride(0), w.stride(1), (int)N, (int)K);
-  std::vector<T> bias;
-  if (b.defined() && b.numel() > 0) {
-    at::Tensor bc = b.contiguous();
-    bias.assign((size_t)Wp.npanels * Packed<T>::NR, T(0));
-    std::copy(bc.data_ptr<T>(), bc.data_ptr<T>() + N, bias.begin());
-  }
-  const T* bp = bias.empty() ? nullptr : bias.data();
-  const int64_t lda = pad_ld(K, VL);
-  int64_t MB = (256 * 1024 / (int64_t)sizeof(T)) / std::max<int64_t>(K, 1);
-  MB = std::max<int64_t>(8, std::min<int64_t>(512, MB / 8 * 8));
-  const int64_t nblocks = (M + MB - 1) / MB;
-  const T* xp = x.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  nt = (int)std::min<int64_t>(nt, std::max<int64_t>(1, nblocks));
-#pragma omp parallel num_threads(nt)
-  {
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    int64_t lo, hi;
-    split_range(Wp.npanels, tid, nth, lo, hi);
-    Wp.pack_panels((int)lo, (int)hi);
-    std::vector<T> abuf((size_t)MB * lda);
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t m0 = blk * MB, mb = std::min(MB, M - m0);
-      for (int64_t r = 0; r < mb; ++r) std::copy(xp + (m0 + r) * K, xp + (m0 + r) * K + K, abuf.data() + r * lda);
-      gemm_panels<T>(Wp, (int)mb, abuf.data(), lda, op + m0 * N, N, false, 0, Wp.npanels, bp);
-    }
-  }
-}
-
-at::Tensor linear(at::Tensor x, at::Tensor w, at::Tensor b, int64_t nthreads) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "lstmkit linear: bad shapes");
-  x = x.contiguous();
-  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-  if (x.size(0) == 0 || w.size(0) == 0) return out;
-  const int nt = std::max(1, nthreads > 0 ? (int)nthreads : at::get_num_threads());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstmkit_linear", [&] { linear_impl<scalar_t>(x, w, b, out, nt); });
-  return out;
-}
 
 // test hook: the vectorised activations on a contiguous tensor (0 exp, 1 tanh, 2 sigmoid)
 at::Tensor act_test(at::Tensor x, int64_t which) {
@@ -963,6 +914,5 @@ at::Tensor act_test(at::Tensor x, int64_t which) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &lk::forward, "lstmkit recurrence forward");
   m.def("backward", &lk::backward, "lstmkit recurrence backward");
-  m.def("linear", &lk::linear, "out = x W^T + b with the packed kernel (forward only)");
   m.def("_act_test", &lk::act_test, "test hook: vectorised exp/tanh/sigmoid");
 }
