@@ -252,3 +252,18 @@ def test_fused_activations_accuracy_and_nan(dtype):
         tol = 4e-7 if dtype == torch.float32 else 1e-15
         assert rel.max() < tol, f"{fn.__name__}: max relative error {rel.max():.2e}"
         assert torch.isnan(got[-1]), f"{fn.__name__} swallowed NaN"
+
+
+def test_record_mode_reference_and_fused_refusal():
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, cell="cifg", backend="reference")
+    x = torch.randn(5, 2, 3)
+    _, _, _, out = layer._run(x, None, record=True)
+    tr = out.traces[1][1]
+    assert set(tr) == {"i", "f", "g", "o", "c", "h"} and tr["c"].shape == (5, 2, 4)
+    torch.testing.assert_close(tr["f"], 1 - tr["i"])  # cifg
+    torch.testing.assert_close(tr["h"][0], out.y[0, :, 4:])  # reverse direction, re-aligned in time
+    if FAST:
+        layer.backend = FAST[0]
+        with pytest.raises(NotImplementedError, match="record mode"):
+            layer._run(x, None, record=True)

@@ -132,6 +132,10 @@ class FusedCPUKernel(Kernel):
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
             record: bool = False) -> KernelOut:
+        if record:
+            raise NotImplementedError(
+                "cpu_fused: record mode (per-step gate activations) is not wired yet; "
+                "run with backend='reference' to record")
         proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
         if spec.layernorm:
             # The kernel normalises the raw projection per step (in cache) and adds the bias
