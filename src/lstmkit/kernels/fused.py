@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lstmkit import cell
 from lstmkit.kernels import cpu_ext
-from lstmkit.kernels.base import Kernel, KernelOut
+from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut
 from lstmkit.spec import CellSpec
 
 __all__ = ["FusedCPUKernel", "Recurrence"]
@@ -36,21 +36,28 @@ class Recurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, sizes: tuple[CellSpec, int, int], save: bool, lengths: Tensor | None,
-                names: tuple[str, ...], xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor,
-                *extras: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, sizes: tuple[CellSpec, int, int], save: bool, record: bool,
+                lengths: Tensor | None, names: tuple[str, ...], xg: Tensor, w_hh: Tensor, h0: Tensor,
+                c0: Tensor, *extras: Tensor) -> tuple[Tensor, ...]:
         params = dict(zip(names, extras))
         y, h_n, c_n, saved = cpu_ext.recurrence_forward(
-            xg, w_hh, h0, c0 if c0.numel() else None, lengths, params, *sizes, save=save)
+            xg, w_hh, h0, c0 if c0.numel() else None, lengths, params, *sizes, save=save or record)
         ctx.sizes, ctx.names = sizes, names
         ctx.set_materialize_grads(False)
         if save:
             ctx.save_for_backward(*saved)
-        return y, h_n, (c_n if c_n is not None else h_n.new_empty(0))
+        out = (y, h_n, (c_n if c_n is not None else h_n.new_empty(0)))
+        if not record:
+            return out
+        # What the kernel computed and kept, per step: no second pass over the sequence.
+        trace = cpu_ext.trace_from_saved(saved, sizes[0], sizes[1])
+        values = tuple(trace[k] if k in trace else h_n.new_empty(0) for k in TRACE_KEYS)
+        ctx.mark_non_differentiable(*values)
+        return out + values
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None
-                 ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None,
+                 *_trace_grads: Tensor | None) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():  # create_graph=True: a higher-order gradient was asked for
             raise RuntimeError(
                 "lstmkit: the fused CPU kernel's hand-written backward is not differentiable "
@@ -61,7 +68,7 @@ class Recurrence(torch.autograd.Function):
             dc_n = None
         dxg, dw_hh, dh0, dc0, dparams = cpu_ext.recurrence_backward(saved, dy, dh_n, dc_n, *ctx.sizes)
         extras = tuple(dparams.get(n) for n in ctx.names)
-        return (None, None, None, None, dxg, dw_hh, dh0, dc0, *extras)
+        return (None, None, None, None, None, dxg, dw_hh, dh0, dc0, *extras)
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -132,10 +139,6 @@ class FusedCPUKernel(Kernel):
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
             record: bool = False) -> KernelOut:
-        if record:
-            raise NotImplementedError(
-                "cpu_fused: record mode (per-step gate activations) is not wired yet; "
-                "run with backend='reference' to record")
         proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
         if spec.layernorm:
             # The kernel normalises the raw projection per step (in cache) and adds the bias
@@ -154,5 +157,10 @@ class FusedCPUKernel(Kernel):
         # Save for backward only when a gradient can flow (needs_input_grad is True even
         # under no_grad inside Function.forward, so decide here).
         save = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        y, h_n, c_n = Recurrence.apply((spec, hidden_size, proj), save, lengths, names, *inputs)
-        return KernelOut(y, h_n, c_n if spec.is_lstm else None, None)
+        y, h_n, c_n, *rec = Recurrence.apply((spec, hidden_size, proj), save, record, lengths, names, *inputs)
+        trace = None
+        if record:
+            trace = {k: v for k, v in zip(TRACE_KEYS, rec) if v.numel()}
+            if spec.coupled:
+                trace["f"] = 1.0 - trace["i"]  # cifg: the forget gate is derived, not absent
+        return KernelOut(y, h_n, c_n if spec.is_lstm else None, trace)
