@@ -51,7 +51,8 @@ class Recurrence(torch.autograd.Function):
             return out
         # What the kernel computed and kept, per step: no second pass over the sequence.
         trace = cpu_ext.trace_from_saved(saved, sizes[0], sizes[1])
-        values = tuple(trace[k] if k in trace else h_n.new_empty(0) for k in TRACE_KEYS)
+        # h (and the RNN's g) is y itself: the caller takes it from the differentiable output.
+        values = tuple(trace[k] if k in trace and trace[k] is not y else h_n.new_empty(0) for k in TRACE_KEYS)
         ctx.mark_non_differentiable(*values)
         return out + values
 
@@ -161,6 +162,9 @@ class FusedCPUKernel(Kernel):
         trace = None
         if record:
             trace = {k: v for k, v in zip(TRACE_KEYS, rec) if v.numel()}
+            trace["h"] = y.detach()
+            if not spec.is_lstm:
+                trace["g"] = trace["h"]  # the RNN's activation is its output
             if spec.coupled:
                 trace["f"] = 1.0 - trace["i"]  # cifg: the forget gate is derived, not absent
         return KernelOut(y, h_n, c_n if spec.is_lstm else None, trace)
