@@ -1,0 +1,10 @@
+"""Converters between lstmkit's canonical layout and other frameworks' (see ``layout.py``).
+
+Every gate-order fact comes from :mod:`lstmkit.layout`; every converter asserts the
+shapes it reads and writes.
+"""
+
+from lstmkit.convert.tf import from_haste, from_tf1, to_haste, to_tf1
+from lstmkit.convert.torch import from_torch, to_torch
+
+__all__ = ["from_torch", "to_torch", "from_tf1", "to_tf1", "from_haste", "to_haste"]

@@ -1,0 +1,117 @@
+"""TensorFlow 1 (``LSTMCell`` / ``LSTMBlockCell``) and haste layouts ⇄ lstmkit.
+
+Both order the gates i, g, f, o (TF1 calls g ``j``; see :data:`lstmkit.layout.ORDERS`).
+
+* TF1: one ``kernel`` [I + H, 4H] over ``[x, h]`` and one ``bias`` [4H]; the cell adds
+  ``forget_bias`` (default 1.0) to the forget pre-activation *at run time*, so it is not in
+  the stored bias: ``bias_f(tf1) = b_f(lstmkit) − forget_bias``.
+* haste: ``kernel`` [I, 4H], ``recurrent_kernel`` [H, 4H], ``bias`` [4H]; its forget bias
+  is an initial value, already in the stored bias.
+
+Arrays are NumPy, as those frameworks save them. One layer and direction at a time; only
+the vanilla cell without projection exists in these formats.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lstmkit.layout import reorder_gates
+from lstmkit.nn import LSTM
+from lstmkit.spec import CellSpec
+
+__all__ = ["to_tf1", "from_tf1", "to_haste", "from_haste"]
+
+
+def _check_layer(layer: LSTM, what: str) -> None:
+    if not isinstance(layer, LSTM):
+        raise TypeError(f"layer: expected an lstmkit LSTM, got {type(layer).__name__}")
+    if layer.spec.replace(forget_bias=None) != CellSpec() or layer.proj_size:
+        name = layer.spec.name + (f" with proj_size={layer.proj_size}" if layer.proj_size else "")
+        raise ValueError(f"layer: the {what} layout stores only the vanilla LSTM without projection; "
+                         f"this layer is {name!r}")
+
+
+def _expect(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:
+    if tuple(a.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(a.shape)}")
+
+
+def _canonical(layer: LSTM, index: int, direction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = layer.layer_params(index, direction)
+    w_ih, w_hh = p["weight_ih"].detach(), p["weight_hh"].detach()  # (4H, I), (4H, H)
+    b = (p["bias_ih"] + p["bias_hh"]).detach() if "bias_ih" in p else torch.zeros(w_ih.shape[0], dtype=w_ih.dtype)
+    return w_ih, w_hh, b
+
+
+def _store(layer: LSTM, index: int, direction: int, w_ih: torch.Tensor, w_hh: torch.Tensor,
+           b: torch.Tensor) -> None:
+    p = layer.layer_params(index, direction)
+    with torch.no_grad():
+        p["weight_ih"].copy_(w_ih)
+        p["weight_hh"].copy_(w_hh)
+        if "bias_ih" in p:
+            p["bias_ih"].copy_(b)
+            p["bias_hh"].zero_()
+        elif bool(b.abs().max() > 0):
+            raise ValueError("bias: the arrays have a non-zero bias but the layer has bias=False")
+
+
+def to_tf1(layer: LSTM, index: int = 0, direction: int = 0, forget_bias: float = 1.0) -> dict[str, np.ndarray]:
+    """TF1 ``kernel`` [I + H, 4H] and ``bias`` [4H] (gate order i, j, f, o) of one layer-direction.
+
+    Args:
+        forget_bias: the value the TF1 cell will add at run time (its default is 1.0).
+    """
+    _check_layer(layer, "TF1")
+    w_ih, w_hh, b = _canonical(layer, index, direction)
+    H = layer.hidden_size
+    kernel = reorder_gates(torch.cat([w_ih, w_hh], dim=1), "lstmkit", "tf1").t()  # (I + H, 4H)
+    bias = reorder_gates(b, "lstmkit", "tf1").clone()
+    bias[2 * H:3 * H] -= forget_bias  # tf1 order i, j, f, o: f is the third block
+    return {"kernel": kernel.cpu().numpy().copy(), "bias": bias.cpu().numpy().copy()}
+
+
+def from_tf1(layer: LSTM, kernel: np.ndarray, bias: np.ndarray, index: int = 0, direction: int = 0,
+             forget_bias: float = 1.0) -> LSTM:
+    """Load a TF1 cell's ``kernel`` and ``bias`` into one layer-direction of ``layer`` (in place)."""
+    _check_layer(layer, "TF1")
+    H = layer.hidden_size
+    n_in = layer.layer_params(index, direction)["weight_ih"].shape[1]
+    _expect("kernel", kernel, (n_in + H, 4 * H))
+    _expect("bias", bias, (4 * H,))
+    dtype = layer.weight_ih_l0.dtype
+    w = reorder_gates(torch.as_tensor(np.asarray(kernel)).t().to(dtype), "tf1", "lstmkit")  # (4H, I + H)
+    b = torch.as_tensor(np.asarray(bias)).to(dtype).clone()
+    b[2 * H:3 * H] += forget_bias
+    _store(layer, index, direction, w[:, :n_in], w[:, n_in:], reorder_gates(b, "tf1", "lstmkit"))
+    return layer
+
+
+def to_haste(layer: LSTM, index: int = 0, direction: int = 0) -> dict[str, np.ndarray]:
+    """haste ``kernel`` [I, 4H], ``recurrent_kernel`` [H, 4H], ``bias`` [4H] (order i, g, f, o)."""
+    _check_layer(layer, "haste")
+    w_ih, w_hh, b = _canonical(layer, index, direction)
+    return {"kernel": reorder_gates(w_ih, "lstmkit", "haste").t().cpu().numpy().copy(),
+            "recurrent_kernel": reorder_gates(w_hh, "lstmkit", "haste").t().cpu().numpy().copy(),
+            "bias": reorder_gates(b, "lstmkit", "haste").cpu().numpy().copy()}
+
+
+def from_haste(layer: LSTM, kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray,
+               index: int = 0, direction: int = 0) -> LSTM:
+    """Load haste's arrays into one layer-direction of ``layer`` (in place)."""
+    _check_layer(layer, "haste")
+    H = layer.hidden_size
+    n_in = layer.layer_params(index, direction)["weight_ih"].shape[1]
+    _expect("kernel", kernel, (n_in, 4 * H))
+    _expect("recurrent_kernel", recurrent_kernel, (H, 4 * H))
+    _expect("bias", bias, (4 * H,))
+    dtype = layer.weight_ih_l0.dtype
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a)).to(dtype)
+
+    _store(layer, index, direction, reorder_gates(t(kernel).t(), "haste", "lstmkit"),
+           reorder_gates(t(recurrent_kernel).t(), "haste", "lstmkit"), reorder_gates(t(bias), "haste", "lstmkit"))
+    return layer

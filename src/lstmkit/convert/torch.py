@@ -1,0 +1,59 @@
+"""``torch.nn.LSTM`` / ``torch.nn.RNN`` ⇄ lstmkit: the same parameters, key for key."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lstmkit.nn import LSTM, RNN
+from lstmkit.spec import CellSpec
+
+__all__ = ["from_torch", "to_torch"]
+
+
+def _flags(m: nn.RNNBase) -> dict[str, object]:
+    p = next(m.parameters())
+    return dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first, dropout=m.dropout,
+                bidirectional=m.bidirectional, device=p.device, dtype=p.dtype)
+
+
+def from_torch(module: nn.LSTM | nn.RNN) -> LSTM | RNN:
+    """An lstmkit layer computing exactly what ``module`` computes (weights copied).
+
+    Raises:
+        TypeError: ``module`` is not a ``torch.nn.LSTM`` or ``torch.nn.RNN``.
+    """
+    if isinstance(module, nn.LSTM):
+        out: LSTM | RNN = LSTM(module.input_size, module.hidden_size, proj_size=module.proj_size,
+                               **_flags(module))
+    elif isinstance(module, nn.RNN):
+        out = RNN(module.input_size, module.hidden_size, nonlinearity=module.nonlinearity, **_flags(module))
+    else:
+        raise TypeError(f"module: expected torch.nn.LSTM or torch.nn.RNN, got {type(module).__name__}")
+    out.load_state_dict(module.state_dict())  # strict: every key and shape must match
+    out.train(module.training)
+    return out
+
+
+def to_torch(layer: LSTM | RNN) -> nn.LSTM | nn.RNN:
+    """The ``torch.nn`` layer computing exactly what ``layer`` computes (weights copied).
+
+    Raises:
+        ValueError: the variant has no ``torch.nn`` equivalent (only vanilla LSTMs — with
+            any initial forget bias — and plain RNNs do).
+    """
+    flags = dict(num_layers=layer.num_layers, bias=layer.bias, batch_first=layer.batch_first,
+                 dropout=layer.dropout, bidirectional=layer.bidirectional,
+                 device=layer.weight_ih_l0.device, dtype=layer.weight_ih_l0.dtype)
+    if isinstance(layer, RNN):
+        out: nn.LSTM | nn.RNN = nn.RNN(layer.input_size, layer.hidden_size, nonlinearity=layer.nonlinearity,
+                                       **flags)
+    elif isinstance(layer, LSTM):
+        if layer.spec.replace(forget_bias=None) != CellSpec():
+            raise ValueError(f"layer: torch.nn.LSTM computes only the vanilla cell; this layer is "
+                             f"{layer.spec.name!r}, which it cannot carry")
+        out = nn.LSTM(layer.input_size, layer.hidden_size, proj_size=layer.proj_size, **flags)
+    else:
+        raise TypeError(f"layer: expected an lstmkit LSTM or RNN, got {type(layer).__name__}")
+    out.load_state_dict(layer.state_dict())
+    out.train(layer.training)
+    return out
