@@ -4,7 +4,9 @@ Every gate-order fact comes from :mod:`lstmkit.layout`; every converter asserts 
 shapes it reads and writes.
 """
 
+from lstmkit.convert.keras import from_keras, from_keras_file, to_keras
 from lstmkit.convert.tf import from_haste, from_tf1, to_haste, to_tf1
 from lstmkit.convert.torch import from_torch, to_torch
 
-__all__ = ["from_torch", "to_torch", "from_tf1", "to_tf1", "from_haste", "to_haste"]
+__all__ = ["from_torch", "to_torch", "from_keras", "to_keras", "from_keras_file", "from_tf1", "to_tf1",
+           "from_haste", "to_haste"]

@@ -1,0 +1,188 @@
+"""Keras 3 (``KERAS_BACKEND=torch``) ⇄ lstmkit.
+
+Keras' LSTM uses the same gate order (i, f, c, o = lstmkit's i, f, g, o) with transposed
+matrices and one bias: ``kernel`` (I, 4H) = ``weight_ihᵀ``, ``recurrent_kernel``
+(H, 4H) = ``weight_hhᵀ``, ``bias`` (4H,) = ``bias_ih + bias_hh``. Keras is batch-first, so
+converted layers are ``batch_first=True``.
+
+Supported: ``keras.layers.LSTM``, ``keras.layers.Bidirectional(LSTM)`` with
+``merge_mode="concat"``, and ``Sequential``/functional models made only of those (all of
+one hidden size and direction count, each but the last with ``return_sequences=True``).
+A ``go_backwards=True`` LSTM reads its input reversed; its lstmkit twin is fed
+``x.flip(1)`` (a warning says so). Keras imports happen inside these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lstmkit.layout import ORDERS
+from lstmkit.nn import LSTM
+from lstmkit.spec import CellSpec
+
+__all__ = ["from_keras", "to_keras", "from_keras_file"]
+
+assert ORDERS["keras"] == ORDERS["lstmkit"]  # same gate order: only transposes below
+
+
+def _keras() -> Any:
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+
+    return keras
+
+
+def _lstm_layers(obj: Any) -> list[Any]:
+    """The LSTM / Bidirectional layers of ``obj`` in order, checked for what we can carry."""
+    keras = _keras()
+    if isinstance(obj, (keras.layers.LSTM, keras.layers.Bidirectional)):
+        layers = [obj]
+    elif isinstance(obj, keras.Model):
+        layers = [layer for layer in obj.layers if not isinstance(layer, keras.layers.InputLayer)]
+    else:
+        raise TypeError(f"keras: expected a keras LSTM, Bidirectional(LSTM) or a model of them, "
+                        f"got {type(obj).__name__}")
+    for layer in layers:
+        inner = layer.forward_layer if isinstance(layer, keras.layers.Bidirectional) else layer
+        if not isinstance(inner, keras.layers.LSTM):
+            raise ValueError(f"keras: layer {layer.name!r} ({type(layer).__name__}) is not an LSTM; convert "
+                             f"the LSTM layers one by one")
+        if isinstance(layer, keras.layers.Bidirectional) and layer.merge_mode != "concat":
+            raise ValueError(f"keras: {layer.name!r} merges directions with {layer.merge_mode!r}; only "
+                             f"'concat' matches lstmkit's bidirectional output")
+        for sub in ([layer.forward_layer, layer.backward_layer]
+                    if isinstance(layer, keras.layers.Bidirectional) else [layer]):
+            cell = sub.cell
+            acts = (keras.activations.serialize(cell.activation),
+                    keras.activations.serialize(cell.recurrent_activation))
+            if acts != ("tanh", "sigmoid"):
+                raise ValueError(f"keras: {sub.name!r} uses activations {acts}; the LSTM cell needs "
+                                 f"('tanh', 'sigmoid')")
+    sizes = {(_units(layer), isinstance(layer, keras.layers.Bidirectional), _use_bias(layer)) for layer in layers}
+    if len(sizes) != 1:
+        raise ValueError(f"keras: the stack mixes (units, bidirectional, use_bias) = {sorted(sizes)}; an lstmkit "
+                         f"LSTM has one of each: convert the layers one by one")
+    return layers
+
+
+def _units(layer: Any) -> int:
+    return (layer.forward_layer if hasattr(layer, "forward_layer") else layer).units
+
+
+def _use_bias(layer: Any) -> bool:
+    return (layer.forward_layer if hasattr(layer, "forward_layer") else layer).use_bias
+
+
+def from_keras(obj: Any) -> LSTM:
+    """An lstmkit LSTM (``batch_first=True``) computing what the Keras LSTM stack computes.
+
+    Raises:
+        TypeError / ValueError: something Keras-specific that an lstmkit LSTM cannot carry.
+    """
+    keras = _keras()
+    layers = _lstm_layers(obj)
+    first = layers[0]
+    bidir = isinstance(first, keras.layers.Bidirectional)
+    if not first.built:
+        raise ValueError(f"keras: layer {first.name!r} is not built yet (call it once or build it)")
+    H, bias = _units(first), _use_bias(first)
+    input_size = (first.forward_layer if bidir else first).cell.kernel.shape[0]
+    out = LSTM(input_size, H, num_layers=len(layers), bias=bias, batch_first=True, bidirectional=bidir,
+               dtype=torch.float32)
+    for index, layer in enumerate(layers):
+        subs = [layer.forward_layer, layer.backward_layer] if bidir else [layer]
+        for direction, sub in enumerate(subs):
+            if sub.go_backwards and not bidir:
+                warnings.warn(f"keras: {sub.name!r} has go_backwards=True; feed its lstmkit twin the "
+                              f"time-reversed input x.flip(1)", UserWarning, stacklevel=2)
+            weights = [np.asarray(keras.ops.convert_to_numpy(w)) for w in sub.cell.weights]
+            p = out.layer_params(index, direction)
+            n_in = p["weight_ih"].shape[1]
+            _expect(f"{sub.name}.kernel", weights[0], (n_in, 4 * H))
+            _expect(f"{sub.name}.recurrent_kernel", weights[1], (H, 4 * H))
+            with torch.no_grad():
+                p["weight_ih"].copy_(torch.from_numpy(weights[0].T.copy()))
+                p["weight_hh"].copy_(torch.from_numpy(weights[1].T.copy()))
+                if bias:
+                    _expect(f"{sub.name}.bias", weights[2], (4 * H,))
+                    p["bias_ih"].copy_(torch.from_numpy(weights[2].copy()))
+                    p["bias_hh"].zero_()
+    return out
+
+
+def _expect(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:
+    if tuple(a.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(a.shape)}")
+
+
+def to_keras(layer: LSTM, return_sequences: bool = True, return_state: bool = False) -> Any:
+    """A built Keras model of ``layer.num_layers`` LSTM layers, weights copied.
+
+    Inputs are batch-first (B, T, I), as Keras expects.
+
+    Raises:
+        ValueError: a variant Keras' LSTM cannot carry (anything but vanilla, or projection).
+    """
+    if not isinstance(layer, LSTM):
+        raise TypeError(f"layer: expected an lstmkit LSTM, got {type(layer).__name__}")
+    if layer.spec.replace(forget_bias=None) != CellSpec() or layer.proj_size:
+        name = layer.spec.name + (f" with proj_size={layer.proj_size}" if layer.proj_size else "")
+        raise ValueError(f"layer: keras.layers.LSTM computes only the vanilla cell without projection; this "
+                         f"layer is {name!r}")
+    keras = _keras()
+    H = layer.hidden_size
+    blocks = []
+    for index in range(layer.num_layers):
+        last = index == layer.num_layers - 1
+        kw = dict(units=H, use_bias=layer.bias, return_sequences=return_sequences or not last,
+                  return_state=return_state and last)
+        blocks.append(keras.layers.Bidirectional(keras.layers.LSTM(**kw)) if layer.bidirectional
+                      else keras.layers.LSTM(**kw))
+    x = keras.Input((None, layer.input_size))  # (B, T, I)
+    y = x
+    for block in blocks:
+        y = block(y)
+    model = keras.Model(x, y)
+    for index, block in enumerate(blocks):
+        subs = [block.forward_layer, block.backward_layer] if layer.bidirectional else [block]
+        for direction, sub in enumerate(subs):
+            p = layer.layer_params(index, direction)
+            weights = [p["weight_ih"].detach().double().numpy().T, p["weight_hh"].detach().double().numpy().T]
+            if layer.bias:
+                weights.append((p["bias_ih"] + p["bias_hh"]).detach().double().numpy())
+            sub.cell.set_weights([w.astype(np.float32) for w in weights])
+    return model
+
+
+def from_keras_file(path: str | os.PathLike[str], model: Any = None) -> LSTM:
+    """Read an LSTM from a saved ``.keras`` file, or load ``.weights.h5`` into ``model`` first.
+
+    ``.keras`` files are loaded with ``safe_mode=True`` (no code from the file runs).
+    A ``.weights.h5`` file holds weights without the architecture (its layers are keyed by
+    name, not order), so the Keras ``model`` they belong to must be given.
+
+    Raises:
+        ValueError: unknown extension, missing model for ``.weights.h5``, unreadable file.
+    """
+    keras = _keras()
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"path: no file at {p}")
+    try:
+        if p.name.endswith(".weights.h5"):
+            if model is None:
+                raise ValueError(f"path: {p.name} holds weights without the architecture; pass the Keras "
+                                 f"model it belongs to (model=...)")
+            model.load_weights(str(p))
+            return from_keras(model)
+        if p.suffix == ".keras":
+            return from_keras(keras.saving.load_model(str(p), safe_mode=True))
+    except (OSError, KeyError) as exc:
+        raise ValueError(f"path: cannot read {p} as a Keras file ({exc})") from None
+    raise ValueError(f"path: expected a .keras or .weights.h5 file, got {p.name!r}")
