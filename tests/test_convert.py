@@ -117,9 +117,9 @@ def test_haste_layout_proven_by_haste_equations():
 
 
 def test_tf_converters_refuse_what_the_format_cannot_carry():
-    with pytest.raises(ValueError, match=r"TF1 layout stores only the vanilla LSTM without projection; this layer is 'peephole'"):
+    with pytest.raises(ValueError, match=r"the TF1 layout computes only the vanilla LSTM without projection; this layer is .peephole."):
         to_tf1(lstmkit.LSTM(3, 4, cell="peephole"))
-    with pytest.raises(ValueError, match=r"haste layout .* 'vanilla with proj_size=2'"):
+    with pytest.raises(ValueError, match=r"haste layout .* .vanilla with proj_size=2."):
         to_haste(lstmkit.LSTM(3, 4, proj_size=2))
     layer = lstmkit.LSTM(3, 4)
     with pytest.raises(ValueError, match=r"kernel: expected shape \(7, 16\), got \(6, 16\)"):
@@ -128,3 +128,11 @@ def test_tf_converters_refuse_what_the_format_cannot_carry():
         from_haste(layer, np.zeros((3, 16)), np.zeros((5, 16)), np.zeros(16))
     with pytest.raises(ValueError, match="non-zero bias but the layer has bias=False"):
         from_haste(lstmkit.LSTM(3, 4, bias=False), np.zeros((3, 16)), np.zeros((4, 16)), np.ones(16))
+
+
+def test_is_vanilla_ignores_only_the_initial_forget_bias():
+    from lstmkit.spec import resolve
+
+    assert resolve("vanilla").is_vanilla and resolve("vanilla+fb=1").is_vanilla
+    for cell in ("peephole", "cifg", "layernorm", "clip=3", "nfg", "rnn"):
+        assert not resolve(cell).is_vanilla, cell

@@ -100,7 +100,7 @@ def test_keras_files(tmp_path):
 
 
 def test_refusals():
-    with pytest.raises(ValueError, match="only the vanilla cell without projection; this layer is 'peephole'"):
+    with pytest.raises(ValueError, match="keras.layers.LSTM computes only the vanilla LSTM without projection; this layer is .peephole."):
         to_keras(lstmkit.LSTM(4, 5, cell="peephole"))
     with pytest.raises(ValueError, match="mixes"):
         from_keras(keras.Sequential([keras.Input((None, 4)), keras.layers.LSTM(5, return_sequences=True),

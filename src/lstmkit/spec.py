@@ -203,6 +203,12 @@ class CellSpec:
         return self.kind == "lstm"
 
     @property
+    def is_vanilla(self) -> bool:
+        """True when the cell computes the vanilla LSTM (an initial forget bias changes only
+        the initialisation, not the equations)."""
+        return self.replace(forget_bias=None) == CellSpec()
+
+    @property
     def computed_gates(self) -> tuple[str, ...]:
         """Gates with parameters of their own, in canonical order (subset of ``i, f, g, o``)."""
         if self.kind == "rnn":

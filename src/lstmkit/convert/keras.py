@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lstmkit.convert._checks import expect_shape, require_plain_lstm
 from lstmkit.layout import ORDERS
 from lstmkit.nn import LSTM
-from lstmkit.spec import CellSpec
 
 __all__ = ["from_keras", "to_keras", "from_keras_file"]
 
@@ -104,21 +104,16 @@ def from_keras(obj: Any) -> LSTM:
             weights = [np.asarray(keras.ops.convert_to_numpy(w)) for w in sub.cell.weights]
             p = out.layer_params(index, direction)
             n_in = p["weight_ih"].shape[1]
-            _expect(f"{sub.name}.kernel", weights[0], (n_in, 4 * H))
-            _expect(f"{sub.name}.recurrent_kernel", weights[1], (H, 4 * H))
+            expect_shape(f"{sub.name}.kernel", weights[0], (n_in, 4 * H))
+            expect_shape(f"{sub.name}.recurrent_kernel", weights[1], (H, 4 * H))
             with torch.no_grad():
                 p["weight_ih"].copy_(torch.from_numpy(weights[0].T.copy()))
                 p["weight_hh"].copy_(torch.from_numpy(weights[1].T.copy()))
                 if bias:
-                    _expect(f"{sub.name}.bias", weights[2], (4 * H,))
+                    expect_shape(f"{sub.name}.bias", weights[2], (4 * H,))
                     p["bias_ih"].copy_(torch.from_numpy(weights[2].copy()))
                     p["bias_hh"].zero_()
     return out
-
-
-def _expect(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:
-    if tuple(a.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(a.shape)}")
 
 
 def to_keras(layer: LSTM, return_sequences: bool = True, return_state: bool = False) -> Any:
@@ -129,12 +124,7 @@ def to_keras(layer: LSTM, return_sequences: bool = True, return_state: bool = Fa
     Raises:
         ValueError: a variant Keras' LSTM cannot carry (anything but vanilla, or projection).
     """
-    if not isinstance(layer, LSTM):
-        raise TypeError(f"layer: expected an lstmkit LSTM, got {type(layer).__name__}")
-    if layer.spec.replace(forget_bias=None) != CellSpec() or layer.proj_size:
-        name = layer.spec.name + (f" with proj_size={layer.proj_size}" if layer.proj_size else "")
-        raise ValueError(f"layer: keras.layers.LSTM computes only the vanilla cell without projection; this "
-                         f"layer is {name!r}")
+    require_plain_lstm(layer, "keras.layers.LSTM")
     keras = _keras()
     H = layer.hidden_size
     blocks = []

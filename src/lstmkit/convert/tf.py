@@ -17,25 +17,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lstmkit.convert._checks import expect_shape, require_plain_lstm
 from lstmkit.layout import reorder_gates
 from lstmkit.nn import LSTM
-from lstmkit.spec import CellSpec
 
 __all__ = ["to_tf1", "from_tf1", "to_haste", "from_haste"]
-
-
-def _check_layer(layer: LSTM, what: str) -> None:
-    if not isinstance(layer, LSTM):
-        raise TypeError(f"layer: expected an lstmkit LSTM, got {type(layer).__name__}")
-    if layer.spec.replace(forget_bias=None) != CellSpec() or layer.proj_size:
-        name = layer.spec.name + (f" with proj_size={layer.proj_size}" if layer.proj_size else "")
-        raise ValueError(f"layer: the {what} layout stores only the vanilla LSTM without projection; "
-                         f"this layer is {name!r}")
-
-
-def _expect(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:
-    if tuple(a.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(a.shape)}")
 
 
 def _canonical(layer: LSTM, index: int, direction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,7 +50,7 @@ def to_tf1(layer: LSTM, index: int = 0, direction: int = 0, forget_bias: float =
     Args:
         forget_bias: the value the TF1 cell will add at run time (its default is 1.0).
     """
-    _check_layer(layer, "TF1")
+    require_plain_lstm(layer, "the TF1 layout")
     w_ih, w_hh, b = _canonical(layer, index, direction)
     H = layer.hidden_size
     kernel = reorder_gates(torch.cat([w_ih, w_hh], dim=1), "lstmkit", "tf1").t()  # (I + H, 4H)
@@ -76,11 +62,11 @@ def to_tf1(layer: LSTM, index: int = 0, direction: int = 0, forget_bias: float =
 def from_tf1(layer: LSTM, kernel: np.ndarray, bias: np.ndarray, index: int = 0, direction: int = 0,
              forget_bias: float = 1.0) -> LSTM:
     """Load a TF1 cell's ``kernel`` and ``bias`` into one layer-direction of ``layer`` (in place)."""
-    _check_layer(layer, "TF1")
+    require_plain_lstm(layer, "the TF1 layout")
     H = layer.hidden_size
     n_in = layer.layer_params(index, direction)["weight_ih"].shape[1]
-    _expect("kernel", kernel, (n_in + H, 4 * H))
-    _expect("bias", bias, (4 * H,))
+    expect_shape("kernel", kernel, (n_in + H, 4 * H))
+    expect_shape("bias", bias, (4 * H,))
     dtype = layer.weight_ih_l0.dtype
     w = reorder_gates(torch.as_tensor(np.asarray(kernel)).t().to(dtype), "tf1", "lstmkit")  # (4H, I + H)
     b = torch.as_tensor(np.asarray(bias)).to(dtype).clone()
@@ -91,7 +77,7 @@ def from_tf1(layer: LSTM, kernel: np.ndarray, bias: np.ndarray, index: int = 0, 
 
 def to_haste(layer: LSTM, index: int = 0, direction: int = 0) -> dict[str, np.ndarray]:
     """haste ``kernel`` [I, 4H], ``recurrent_kernel`` [H, 4H], ``bias`` [4H] (order i, g, f, o)."""
-    _check_layer(layer, "haste")
+    require_plain_lstm(layer, "the haste layout")
     w_ih, w_hh, b = _canonical(layer, index, direction)
     return {"kernel": reorder_gates(w_ih, "lstmkit", "haste").t().cpu().numpy().copy(),
             "recurrent_kernel": reorder_gates(w_hh, "lstmkit", "haste").t().cpu().numpy().copy(),
@@ -101,12 +87,12 @@ def to_haste(layer: LSTM, index: int = 0, direction: int = 0) -> dict[str, np.nd
 def from_haste(layer: LSTM, kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray,
                index: int = 0, direction: int = 0) -> LSTM:
     """Load haste's arrays into one layer-direction of ``layer`` (in place)."""
-    _check_layer(layer, "haste")
+    require_plain_lstm(layer, "the haste layout")
     H = layer.hidden_size
     n_in = layer.layer_params(index, direction)["weight_ih"].shape[1]
-    _expect("kernel", kernel, (n_in, 4 * H))
-    _expect("recurrent_kernel", recurrent_kernel, (H, 4 * H))
-    _expect("bias", bias, (4 * H,))
+    expect_shape("kernel", kernel, (n_in, 4 * H))
+    expect_shape("recurrent_kernel", recurrent_kernel, (H, 4 * H))
+    expect_shape("bias", bias, (4 * H,))
     dtype = layer.weight_ih_l0.dtype
 
     def t(a: np.ndarray) -> torch.Tensor:

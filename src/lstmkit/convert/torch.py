@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import nn
 
 from lstmkit.nn import LSTM, RNN
-from lstmkit.spec import CellSpec
 
 __all__ = ["from_torch", "to_torch"]
 
@@ -48,7 +47,7 @@ def to_torch(layer: LSTM | RNN) -> nn.LSTM | nn.RNN:
         out: nn.LSTM | nn.RNN = nn.RNN(layer.input_size, layer.hidden_size, nonlinearity=layer.nonlinearity,
                                        **flags)
     elif isinstance(layer, LSTM):
-        if layer.spec.replace(forget_bias=None) != CellSpec():
+        if not layer.spec.is_vanilla:
             raise ValueError(f"layer: torch.nn.LSTM computes only the vanilla cell; this layer is "
                              f"{layer.spec.name!r}, which it cannot carry")
         out = nn.LSTM(layer.input_size, layer.hidden_size, proj_size=layer.proj_size, **flags)
