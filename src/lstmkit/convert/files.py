@@ -1,0 +1,574 @@
+"""``lstmkit convert SRC DST``: an LSTM's weights from one file format to another.
+
+Formats, by extension (and the variants each carries):
+
+* ``.pt`` / ``.pth`` (every variant): a torch state dict (``torch.save(m.state_dict())``)
+  of an ``nn.LSTM`` / ``nn.RNN`` or an lstmkit layer, read only with
+  ``torch.load(weights_only=True)``. Sizes, layers, directions, bias and projection are
+  inferred from the keys and shapes; the variant cannot be (cifg and nfg have the same
+  shapes), so a non-vanilla one needs ``--cell``; a relu RNN needs ``--cell rnn_relu``.
+* ``.safetensors`` (every variant): an lstmkit layer's state dict with its configuration
+  in the metadata (``{"format": "lstmkit-layer-1", "config": JSON}``). Also reads a
+  training run's ``model.safetensors`` / ``checkpoint.safetensors`` (the ``rnn.*`` part;
+  the read-out ``head.*`` is dropped with a warning) and a bare state dict (as ``.pt``).
+* ``.keras`` (vanilla without projection): a Keras 3 model of LSTM or
+  Bidirectional(LSTM) layers, loaded with ``safe_mode=True``; batch-first.
+* ``.weights.h5`` (vanilla without projection): the same model's weights alone. The
+  architecture is read from the file's layer structure (h5py: group names and shapes
+  only), the model rebuilt with :func:`lstmkit.convert.to_keras` and the weights loaded
+  by Keras.
+* ``.onnx`` (every variant): ``LSTM`` / ``RNN`` nodes where they can express the variant,
+  else a ``Scan`` of the cell's equations (:mod:`lstmkit.convert.onnx`).
+
+Nothing read ever executes code from the file (no pickle). ``DST`` is written to a
+temporary file in its own directory and moved into place only when complete, so a
+failure leaves no partial file and an existing ``DST`` unchanged; an existing ``DST`` is
+refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import pickle
+import re
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lstmkit.nn import LSTM, RNN
+from lstmkit.spec import CellSpec, resolve
+
+__all__ = ["convert_file", "read_layer", "write_layer", "file_format", "atomic_path", "layer_config",
+           "layer_from_config", "add_arguments", "run", "FORMATS", "SAFETENSORS_FORMAT"]
+
+#: Extension -> format name (``.weights.h5`` is matched before ``.h5`` would be).
+FORMATS: dict[str, str] = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors", ".keras": "keras",
+                           ".weights.h5": "keras-weights", ".onnx": "onnx"}
+#: ``format`` metadata of the ``.safetensors`` files written here.
+SAFETENSORS_FORMAT = "lstmkit-layer-1"
+_TRAIN_FORMATS = {"lstmkit-weights-1": "", "lstmkit-checkpoint-1": "model."}
+_BASE_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+_KEY = re.compile(r"^(?P<base>.+)_l(?P<layer>\d+)(?P<rev>_reverse)?$")
+
+Layer = LSTM | RNN
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def file_format(path: str | os.PathLike[str], what: str = "path") -> str:
+    """The format of ``path`` by its extension (a key of :data:`FORMATS`' values).
+
+    Raises:
+        ValueError: an extension no converter reads or writes.
+    """
+    name = Path(path).name.lower()
+    for ext in sorted(FORMATS, key=len, reverse=True):
+        if name.endswith(ext) and len(name) > len(ext):
+            return FORMATS[ext]
+    raise ValueError(f"{what}: unknown extension of {Path(path).name!r}; expected one of {list(FORMATS)}")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(dst: Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``dst`` (same extension); on success it replaces ``dst``.
+
+    On any exception the temporary file is removed and ``dst`` is left as it was. With
+    ``overwrite=False`` an existing ``dst`` (even one created meanwhile) is never replaced.
+
+    Raises:
+        ValueError: ``dst``'s directory does not exist.
+        FileExistsError: ``dst`` exists and ``overwrite`` is False.
+    """
+    dst = Path(dst)
+    if not dst.parent.is_dir():
+        raise ValueError(f"DST: directory {dst.parent} does not exist")
+    if not overwrite and dst.exists():
+        raise FileExistsError(f"DST: {dst} exists; pass --overwrite (overwrite=True) to replace it")
+    ext = next((e for e in sorted(FORMATS, key=len, reverse=True) if dst.name.lower().endswith(e)), dst.suffix)
+    fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=f".tmp{ext}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give DST the mode a plain open() would
+        if overwrite:
+            os.replace(tmp, dst)
+        else:
+            try:
+                os.link(tmp, dst)  # atomic and never clobbers: FileExistsError if dst appeared
+            except FileExistsError:
+                raise FileExistsError(f"DST: {dst} exists; pass --overwrite (overwrite=True) to replace it") \
+                    from None
+            except OSError:  # a filesystem without hard links
+                if dst.exists():
+                    raise FileExistsError(f"DST: {dst} exists; pass --overwrite to replace it") from None
+                os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def layer_config(layer: Layer) -> dict[str, Any]:
+    """Everything needed to rebuild ``layer`` (JSON-ready): sizes, flags and the full CellSpec."""
+    spec = dataclasses.asdict(layer.spec)
+    spec["gate_hidden"] = [[g, list(w)] for g, w in layer.spec.gate_hidden]
+    return {"kind": "rnn" if isinstance(layer, RNN) else "lstm", "input_size": layer.input_size,
+            "hidden_size": layer.hidden_size, "num_layers": layer.num_layers, "bias": layer.bias,
+            "batch_first": layer.batch_first, "bidirectional": layer.bidirectional, "proj_size": layer.proj_size,
+            "dropout": layer.dropout, "cell": layer.spec.name, "cell_spec": spec}
+
+
+def layer_from_config(cfg: dict[str, Any], dtype: torch.dtype, where: str,
+                      shapes: dict[str, tuple[int, ...]] | None = None, extra_ok: bool = False) -> Layer:
+    """The (uninitialised) layer a :func:`layer_config` mapping describes.
+
+    Args:
+        shapes: the parameter shapes the file holds; when given they are checked against
+            the configuration *before* anything is allocated (a layer is first built on the
+            ``meta`` device), so a damaged or hostile configuration cannot ask for
+            gigabytes. ``extra_ok``: names the layer does not have are allowed.
+
+    Raises:
+        ValueError: a damaged or impossible configuration, or shapes that do not match it
+            (``where`` names the file).
+    """
+    if shapes is not None:
+        probe = _make_layer(cfg, dtype, where, "meta")
+        _check_shapes({k: tuple(v.shape) for k, v in probe.state_dict().items()}, shapes, where, _describe(probe),
+                      extra_ok)
+    return _make_layer(cfg, dtype, where, None)
+
+
+def _make_layer(cfg: dict[str, Any], dtype: torch.dtype, where: str, device: str | None) -> Layer:
+    try:
+        kw = dict(num_layers=int(cfg["num_layers"]), bias=bool(cfg["bias"]), batch_first=bool(cfg["batch_first"]),
+                  bidirectional=bool(cfg["bidirectional"]), dropout=float(cfg.get("dropout", 0.0)), dtype=dtype,
+                  device=device)
+        if cfg["kind"] == "rnn":
+            spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else CellSpec(kind="rnn")
+            return RNN(int(cfg["input_size"]), int(cfg["hidden_size"]), nonlinearity=spec.nonlinearity, **kw)
+        if cfg["kind"] != "lstm":
+            raise ValueError(f"kind: expected 'lstm' or 'rnn', got {cfg['kind']!r}")
+        spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else resolve(cfg["cell"])
+        return LSTM(int(cfg["input_size"]), int(cfg["hidden_size"]), proj_size=int(cfg.get("proj_size", 0)),
+                    cell=spec, **kw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: damaged configuration in the metadata ({_first_line(exc)})") from None
+
+
+def _check_shapes(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], where: str, what: str,
+                  extra_ok: bool = False) -> None:
+    missing = [k for k in want if k not in got]
+    unexpected = [] if extra_ok else [k for k in got if k not in want]
+    if missing or unexpected:
+        raise ValueError(f"{where}: its tensors do not match {what}: missing {missing[:4]}"
+                         f"{'…' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                         f"{'…' if len(unexpected) > 4 else ''}")
+    for k, shape in want.items():
+        if tuple(got[k]) != tuple(shape):
+            raise ValueError(f"{where}: {k}: expected shape {tuple(shape)} for {what}, got {tuple(got[k])}")
+
+
+def _load_strict(layer: Layer, tensors: dict[str, Tensor], where: str, what: str) -> Layer:
+    """Copy ``tensors`` into ``layer``, refusing missing, unexpected or misshapen keys by name."""
+    want = layer.state_dict()
+    _check_shapes({k: tuple(v.shape) for k, v in want.items()}, {k: tuple(t.shape) for k, t in tensors.items()},
+                  where, what)
+    for k in want:
+        if not tensors[k].dtype.is_floating_point:
+            raise ValueError(f"{where}: {k}: expected a floating-point tensor, got {tensors[k].dtype}")
+    with torch.no_grad():
+        for k, v in want.items():
+            v.copy_(tensors[k])
+    return layer.eval()
+
+
+def _describe(layer: Layer) -> str:
+    name = type(layer).__name__
+    return f"lstmkit.{name}({layer.extra_repr()})"
+
+
+# ---------------------------------------------------------------------------- state dicts
+
+
+def _only_layer(tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """The keys of the one recurrent layer in ``tensors``, its prefix (``rnn.`` …) removed."""
+    prefixes = sorted({k[: -len("weight_ih_l0")] for k in tensors if k.endswith("weight_ih_l0")})
+    if not prefixes:
+        raise ValueError(f"{where}: no 'weight_ih_l0' tensor: expected the state dict of an LSTM or RNN "
+                         f"(torch.nn or lstmkit); keys start {sorted(tensors)[:4]}")
+    if len(prefixes) > 1:
+        raise ValueError(f"{where}: holds {len(prefixes)} recurrent layers (prefixes {prefixes}); expected one")
+    prefix = prefixes[0]
+    dropped = sorted(k for k in tensors if not k.startswith(prefix))
+    if dropped:
+        warnings.warn(f"{where}: converting only the recurrent layer {prefix!r}; dropped {len(dropped)} other "
+                      f"tensors ({', '.join(dropped[:3])}{'…' if len(dropped) > 3 else ''})", UserWarning,
+                      stacklevel=3)
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _infer_layer(tensors: dict[str, Tensor], where: str, cell: str | None, batch_first: bool) -> Layer:
+    """Rebuild the layer of a bare state dict from its keys and shapes (and ``cell``)."""
+    sd = _only_layer(tensors, where)
+    layers, bidir, bases = set(), False, set()
+    for k in sd:
+        m = _KEY.match(k)
+        if not m:
+            raise ValueError(f"{where}: unexpected key {k!r}; expected names like weight_ih_l0(_reverse)")
+        layers.add(int(m["layer"]))
+        bidir = bidir or bool(m["rev"])
+        bases.add(m["base"])
+    L = max(layers) + 1
+    if layers != set(range(L)):
+        raise ValueError(f"{where}: layers {sorted(layers)} are not numbered 0..{L - 1}")
+    w_ih, w_hh = sd["weight_ih_l0"], sd.get("weight_hh_l0")
+    if w_hh is None or w_ih.dim() != 2 or w_hh.dim() != 2:
+        raise ValueError(f"{where}: weight_ih_l0 and weight_hh_l0 must be 2-D matrices")
+    if not w_ih.dtype.is_floating_point:
+        raise ValueError(f"{where}: weight_ih_l0: expected a floating-point tensor, got {w_ih.dtype}")
+    rows, I = w_ih.shape
+    proj = 0
+    if "weight_hr_l0" in sd:
+        proj, H = sd["weight_hr_l0"].shape
+    else:
+        H = w_hh.shape[1]
+    extra = sorted(bases - set(_BASE_KEYS))
+    if cell is not None:
+        spec = resolve(cell)
+    elif extra:
+        raise ValueError(f"{where}: holds parameters of an lstmkit variant ({extra}); a state dict does not say "
+                         f"which variant: pass --cell NAME (e.g. --cell peephole)")
+    elif rows == 4 * H:
+        spec = CellSpec()
+    elif rows == H and not proj:
+        spec = CellSpec(kind="rnn")  # nn.RNN; a relu RNN needs --cell rnn_relu
+    else:
+        raise ValueError(f"{where}: weight_ih_l0 has {rows} rows for hidden size {H}; a vanilla LSTM has {4 * H} "
+                         f"and an RNN {H}: pass --cell NAME for the variant it was saved from")
+    kw = dict(num_layers=L, bias="bias_ih" in bases, batch_first=batch_first, bidirectional=bidir,
+              dtype=w_ih.dtype)
+    try:
+        if spec.is_lstm:
+            layer: Layer = LSTM(I, H, proj_size=proj, cell=spec, **kw)
+        else:
+            layer = RNN(I, H, nonlinearity=spec.nonlinearity, **kw)
+    except ValueError as exc:
+        raise ValueError(f"{where}: inferred sizes make no layer: {exc}") from None
+    return _load_strict(layer, sd, where, _describe(layer))
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+def _read_torch(src: Path, cell: str | None, batch_first: bool | None) -> Layer:
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"SRC {src}: holds Python objects other than tensors and containers, refused unread "
+                         f"(weights_only=True); expected a state dict: torch.save(module.state_dict())") from None
+    except Exception as exc:  # UnpicklingError (refused object), RuntimeError/EOFError (corrupt)
+        raise ValueError(f"SRC {src}: not a torch state dict readable with weights_only=True "
+                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        raise ValueError(f"SRC {src}: holds a {type(obj).__name__}, expected a state dict (str -> Tensor) as "
+                         f"torch.save(module.state_dict()) writes")
+    return _infer_layer(dict(obj), f"SRC {src}", cell, bool(batch_first))
+
+
+def _read_safetensors(src: Path, cell: str | None, batch_first: bool | None) -> Layer:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(src), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"SRC {src}: not a readable safetensors file ({_first_line(exc)})") from None
+    where = f"SRC {src}"
+    fmt = meta.get("format")
+    if fmt == SAFETENSORS_FORMAT:
+        try:
+            cfg = json.loads(meta["config"])
+        except (KeyError, json.JSONDecodeError):
+            raise ValueError(f"{where}: damaged metadata (no readable 'config')") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{where}: damaged metadata ('config' is not an object)")
+        layer = layer_from_config(cfg, next(iter(tensors.values())).dtype if tensors else torch.float32, where,
+                                  {k: tuple(t.shape) for k, t in tensors.items()})
+        _check_cell(layer, cell, where)
+        if batch_first is not None:
+            layer.batch_first = batch_first
+        return _load_strict(layer, tensors, where, _describe(layer))
+    if fmt in _TRAIN_FORMATS:
+        try:
+            tc = json.loads(meta["config"])
+            prefix = _TRAIN_FORMATS[fmt] + "rnn."
+            w = tensors[prefix + "weight_ih_l0"]
+            cfg = {"kind": tc.get("model", "lstm"), "input_size": w.shape[1], "hidden_size": tc["hidden_size"],
+                   "num_layers": tc["num_layers"], "bias": True, "batch_first": bool(batch_first),
+                   "bidirectional": tc["bidirectional"], "proj_size": tc.get("proj_size", 0), "cell": tc["cell"]}
+        except (KeyError, json.JSONDecodeError, TypeError, AttributeError):
+            raise ValueError(f"{where}: a training-run file ({fmt}) with damaged metadata or no rnn weights") \
+                from None
+        layer = layer_from_config(cfg, w.dtype, where, {k[len(prefix):]: tuple(t.shape) for k, t in tensors.items()
+                                                        if k.startswith(prefix)})
+        _check_cell(layer, cell, where)
+        others = [k for k in tensors if not k.startswith(prefix)]
+        if any(k.startswith(_TRAIN_FORMATS[fmt] + "head.") for k in others):
+            warnings.warn(f"{where}: converting the recurrent layer only; the read-out layer (head.*) is dropped",
+                          UserWarning, stacklevel=3)
+        return _load_strict(layer, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                            where, _describe(layer))
+    if fmt is not None:
+        raise ValueError(f"{where}: metadata format {fmt!r} is not one lstmkit reads; expected "
+                         f"{[SAFETENSORS_FORMAT, *_TRAIN_FORMATS]} or a bare state dict")
+    return _infer_layer(tensors, where, cell, bool(batch_first))
+
+
+def _check_cell(layer: Layer, cell: str | None, where: str) -> None:
+    if cell is None:
+        return
+    spec = resolve(cell)
+    if spec.replace(forget_bias=None) != layer.spec.replace(forget_bias=None):
+        raise ValueError(f"--cell: {where} records the variant {layer.spec.name!r}, got {cell!r}; "
+                         f"leave --cell out for files that carry their variant")
+
+
+def _read_keras(src: Path, weights_only: bool) -> Layer:
+    from lstmkit.convert.keras import from_keras_file, to_keras
+
+    if not weights_only:
+        if not zipfile.is_zipfile(src):
+            raise ValueError(f"SRC {src}: not a .keras model (a .keras file is a zip archive; this is not one)")
+        try:
+            return from_keras_file(src).eval()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"SRC {src}: {_first_line(exc)}") from None
+        except Exception as exc:  # zip / h5 / deserialisation errors of a damaged or foreign file
+            raise ValueError(f"SRC {src}: not a readable .keras model of LSTM layers "
+                             f"({type(exc).__name__}: {_first_line(exc)})") from None
+    arch = _keras_weights_architecture(src)
+    layer = LSTM(arch["input_size"], arch["units"], num_layers=arch["layers"], bias=arch["bias"],
+                 bidirectional=arch["bidirectional"], batch_first=True)
+    try:
+        return from_keras_file(src, model=to_keras(layer)).eval()
+    except Exception as exc:
+        raise ValueError(f"SRC {src}: Keras could not load these weights into {_describe(layer)} "
+                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _keras_weights_architecture(src: Path) -> dict[str, Any]:
+    """Sizes of the LSTM stack whose weights a Keras 3 ``.weights.h5`` holds (shapes only)."""
+    import h5py
+
+    where = f"SRC {src}"
+    try:
+        with h5py.File(src, "r") as fh:
+            if "layers" not in fh:
+                raise ValueError(f"{where}: no 'layers' group; expected a Keras 3 .weights.h5 file")
+            names = [n for n in fh["layers"] if not n.startswith("input_layer")]
+
+            def order(n: str) -> tuple[str, int]:
+                base, _, num = n.rpartition("_")
+                return (base, int(num)) if num.isdigit() and base else (n, 0)
+
+            names.sort(key=order)
+            kinds = {order(n)[0] for n in names}
+            if not names or not kinds <= {"lstm", "bidirectional"} or len(kinds) > 1:
+                raise ValueError(f"{where}: holds layers {names}; expected only LSTM layers or only "
+                                 f"Bidirectional(LSTM) layers")
+            bidir = kinds == {"bidirectional"}
+            first = fh["layers"][names[0]]
+            cell = (first["forward_layer"] if bidir else first)["cell"]["vars"]
+            kernel, recurrent = cell["0"].shape, cell["1"].shape
+            return {"input_size": int(kernel[0]), "units": int(recurrent[0]), "layers": len(names),
+                    "bidirectional": bidir, "bias": "2" in cell}
+    except ValueError:
+        raise
+    except Exception as exc:  # OSError (not HDF5), KeyError (other structure)
+        raise ValueError(f"SRC {src}: not a readable Keras 3 .weights.h5 file of LSTM layers "
+                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _read_onnx(src: Path) -> Layer:
+    from lstmkit.convert.onnx import from_onnx
+
+    try:
+        return from_onnx(src)
+    except ValueError as exc:
+        raise ValueError(f"SRC {exc}") from None
+
+
+def read_layer(src: str | os.PathLike[str], *, cell: str | None = None, batch_first: bool | None = None) -> Layer:
+    """The lstmkit layer a weights file holds (format by extension; see the module doc).
+
+    Args:
+        cell: the variant of a bare state dict (``.pt``), which cannot say; for a file
+            that records its variant it must agree or be None.
+        batch_first: override the layout (files that do not record it default to False;
+            Keras files are batch-first).
+
+    Raises:
+        ValueError: missing, unreadable, corrupt or foreign file (the message says which).
+    """
+    p = Path(src)
+    fmt = file_format(p, "SRC")
+    if not p.is_file():
+        raise ValueError(f"SRC: no file at {p}")
+    if fmt == "torch":
+        layer = _read_torch(p, cell, batch_first)
+    elif fmt == "safetensors":
+        layer = _read_safetensors(p, cell, batch_first)
+    else:
+        if fmt == "onnx":
+            layer = _read_onnx(p)
+        else:
+            layer = _read_keras(p, weights_only=fmt == "keras-weights")
+        _check_cell(layer, cell, f"SRC {p}")
+    if batch_first is not None:
+        layer.batch_first = batch_first
+    return layer
+
+
+# ---------------------------------------------------------------------------- writers
+
+
+def _check_carries(layer: Layer, fmt: str, method: str = "auto") -> None:
+    if fmt in ("keras", "keras-weights"):
+        if isinstance(layer, RNN):
+            raise ValueError("DST: Keras files are written with keras.layers.LSTM; the plain RNN cannot be carried")
+        from lstmkit.convert._checks import require_plain_lstm
+        try:
+            require_plain_lstm(layer, "keras.layers.LSTM")
+        except ValueError as exc:
+            raise ValueError(f"DST: {str(exc).removeprefix('layer: ')}") from None
+    elif fmt == "onnx" and method == "operator":
+        from lstmkit.convert.onnx import operator_refusal
+        reason = operator_refusal(layer)
+        if reason is not None:
+            raise ValueError(f"DST: onnx: {reason}; --onnx-method scan (or auto) writes the cell's equations as a "
+                             f"Scan graph instead")
+
+
+def write_layer(layer: Layer, dst: str | os.PathLike[str], *, overwrite: bool = False,
+                **onnx_options: Any) -> Path:
+    """Write ``layer`` to ``dst`` in the format of its extension, atomically.
+
+    Args:
+        onnx_options: passed to :func:`lstmkit.convert.onnx.to_onnx` (``opset``,
+            ``initial_states``, ``sequence_lens``, ``method``) for ``.onnx``.
+
+    Raises:
+        FileExistsError: ``dst`` exists and ``overwrite`` is False.
+        ValueError: unknown extension, a variant the format cannot carry, an unwritable place.
+    """
+    if not isinstance(layer, (LSTM, RNN)):
+        raise TypeError(f"layer: expected an lstmkit LSTM or RNN, got {type(layer).__name__}")
+    p = Path(dst)
+    fmt = file_format(p, "DST")
+    if not overwrite and p.exists():
+        raise FileExistsError(f"DST: {p} exists; pass --overwrite (overwrite=True) to replace it")
+    _check_carries(layer, fmt, onnx_options.get("method", "auto"))
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in layer.state_dict().items()}
+    try:
+        with atomic_path(p, overwrite=overwrite) as tmp:
+            if fmt == "torch":
+                torch.save(state, tmp)
+            elif fmt == "safetensors":
+                from safetensors.torch import save_file
+                save_file(state, str(tmp), metadata={"format": SAFETENSORS_FORMAT,
+                                                     "config": json.dumps(layer_config(layer))})
+            elif fmt == "onnx":
+                from lstmkit.convert.onnx import to_onnx
+                tmp.write_bytes(to_onnx(layer, **onnx_options).SerializeToString())
+            else:
+                from lstmkit.convert.keras import to_keras
+                model = to_keras(layer)  # type: ignore[arg-type]
+                model.save_weights(str(tmp)) if fmt == "keras-weights" else model.save(str(tmp))
+    except FileExistsError:
+        raise
+    except OSError as exc:  # permissions, a directory in the way, a full disk: nothing was left behind
+        raise ValueError(f"DST: cannot write {p} ({exc.strerror or exc})") from None
+    return p
+
+
+def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False,
+                 cell: str | None = None, batch_first: bool | None = None, **onnx_options: Any) -> Layer:
+    """Convert the layer in ``src`` to ``dst`` (formats by extension); returns the layer.
+
+    Args:
+        overwrite: replace an existing ``dst`` (otherwise FileExistsError, ``dst`` unchanged).
+        cell: the variant of a ``.pt`` state dict (files that record theirs need none).
+        batch_first: the layout to record in ``dst`` (default: ``src``'s).
+        onnx_options: ``opset``, ``initial_states``, ``sequence_lens``, ``method`` for an ``.onnx``
+            ``dst`` (see :func:`lstmkit.convert.onnx.to_onnx`).
+
+    Raises:
+        ValueError: unreadable ``src``, unknown extension, a variant ``dst`` cannot carry.
+        FileExistsError: ``dst`` exists and ``overwrite`` is False.
+    """
+    fmt = file_format(dst, "DST")  # fail before reading anything
+    file_format(src, "SRC")
+    if not overwrite and Path(dst).exists():
+        raise FileExistsError(f"DST: {dst} exists; pass --overwrite (overwrite=True) to replace it")
+    layer = read_layer(src, cell=cell, batch_first=batch_first)
+    write_layer(layer, dst, overwrite=overwrite, **(onnx_options if fmt == "onnx" else {}))
+    return layer
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``lstmkit convert``."""
+    parser.add_argument("src", type=Path, help=f"the file to read ({', '.join(FORMATS)})")
+    parser.add_argument("dst", type=Path, help="the file to write; its extension picks the format")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--cell", default=None,
+                        help="the variant of a .pt state dict (e.g. peephole, rnn_relu); files that record "
+                             "their variant need none")
+    parser.add_argument("--batch-first", action=argparse.BooleanOptionalAction, default=None,
+                        help="layout recorded in DST (.safetensors config, .onnx X/Y); default: SRC's")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset for .onnx (default 17)")
+    parser.add_argument("--onnx-initial-states", action="store_true",
+                        help="give the .onnx graph inputs initial_h/initial_c")
+    parser.add_argument("--onnx-sequence-lens", action="store_true",
+                        help="give the .onnx graph the input sequence_lens (padded batches)")
+    parser.add_argument("--onnx-method", choices=["auto", "operator", "scan"], default="auto",
+                        help="ONNX LSTM/RNN operators, a Scan of the cell's equations, or auto: the operator "
+                             "where it can express the variant, else Scan (default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``lstmkit convert SRC DST``; returns the exit code (errors are raised, see cli.main)."""
+    onnx_options = {"opset": args.opset, "initial_states": args.onnx_initial_states,
+                    "sequence_lens": args.onnx_sequence_lens, "method": args.onnx_method}
+    layer = convert_file(args.src, args.dst, overwrite=args.overwrite, cell=args.cell, batch_first=args.batch_first,
+                         **onnx_options)
+    print(f"{args.src} ({file_format(args.src)}) -> {args.dst} ({file_format(args.dst)}): {_describe(layer)}")
+    return 0

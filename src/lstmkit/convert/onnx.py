@@ -1,0 +1,813 @@
+"""ONNX ⇄ lstmkit: export to the ONNX ``LSTM`` / ``RNN`` operators (or a ``Scan``), and read them back.
+
+Export (:func:`to_onnx`) writes one ``LSTM`` node per layer (``RNN`` for
+:class:`lstmkit.RNN`), with the gate blocks permuted to ONNX's order i, o, f, c
+(:data:`lstmkit.layout.ORDERS`). What the operator's inputs and attributes carry:
+
+=======================  ==================================================================
+lstmkit                  ONNX ``LSTM``
+=======================  ==================================================================
+``weight_ih/hh``         ``W`` [D, 4H, I], ``R`` [D, 4H, H] (i, o, f, c)
+``bias_ih/hh``           ``B`` [D, 8H] = [Wb, Rb]; omitted for ``bias=False`` (zeros)
+``peephole``             ``P`` [D, 3H] in the order i, o, f; o peeks at the new ``c_t``
+``cifg`` (f = 1 − i)     ``input_forget=1``; onnxruntime computes exactly f = 1 − i (its
+                         f rows of W, R, B and P are written as zeros and never read)
+``bidirectional``        ``direction="bidirectional"``; between layers the node's
+                         Y [T, 2, B, H] is transposed and reshaped to [T, B, 2H]
+``h_0, c_0``             optional graph inputs ``initial_h`` / ``initial_c``
+                         [L·D, B, H], sliced per layer
+lengths (PackedSequence) optional graph input ``sequence_lens`` [B] (int32)
+``batch_first``          a ``Transpose`` around the stack (onnxruntime refuses ``layout=1``)
+forget bias (``fb=b``)   nothing to do: lstmkit's forget bias is an *initial value* already
+                         stored in ``bias_ih`` (spec.py), not added at run time
+=======================  ==================================================================
+
+What the operator cannot express is written as a ``Scan`` graph instead
+(``method="auto"``, the default; ``method="operator"`` refuses it with the reason, a
+``ValueError`` naming the variant). ``clip=c``: the operator's ``clip`` attribute bounds the
+gate *pre-activations* (checked numerically against onnxruntime) while lstmkit's
+``cell_clip`` bounds ``c_t``: different functions, so the attribute is never used.
+``layernorm``, deep gates, ``fgr``, ``nig``/``nfg``/``nog``, ``niaf``/``noaf`` and
+projection (``proj_size``) have no place in the operator either.
+
+The Scan graph is docs/cell.md written in ONNX ops: per layer and direction, the input
+side ``x W_ihᵀ (LN) + b`` of all steps as one ``MatMul``, then a ``Scan`` whose body is
+one step (``Gemm`` for ``h W_hhᵀ``, ``Split`` into gates, MLPs, peepholes, ``weight_gg``,
+``Clip``, ``LayerNormalization`` — opset ≥ 17 —, projection). Lengths mask the body's
+updates with ``Where`` (state kept, output 0) and the reverse direction reads each
+sequence within its own length (``ReverseSequence``). The parameters are initializers
+under their lstmkit names. Every variant is exported; ``tests/test_convert_onnx.py`` runs
+each with onnxruntime against lstmkit. Dropout is a training-time operation and is not
+exported (the graph is the layer in ``eval()`` mode).
+
+Graph inputs: ``X`` [T, B, I] (or [B, T, I] with ``batch_first``), then optionally
+``sequence_lens`` [B] (int32) and ``initial_h`` [L·D, B, H_out] (and ``initial_c``
+[L·D, B, H] for an LSTM). Outputs: ``Y`` [T, B, D·H_out] (or [B, T, D·H_out]), ``Y_h``
+[L·D, B, H_out] and, for an LSTM, ``Y_c`` [L·D, B, H]: exactly ``output, (h_n, c_n)`` of
+the layer. ``T`` and ``B`` are dynamic axes. The model's metadata ``lstmkit.config``
+records the layer's configuration (JSON).
+
+Import (:func:`from_onnx`) reads a Scan graph written by :func:`to_onnx` from its
+metadata and its initializers (named as the state dict), and any other graph as a chain
+of ``LSTM`` (or ``RNN``) nodes: one node, or one per layer connected only by transposes
+and reshapes, as :func:`to_onnx` and ``torch.onnx.export(nn.LSTM)`` write. It returns an
+equivalent :class:`lstmkit.LSTM` / :class:`lstmkit.RNN` and refuses, with the reason,
+what lstmkit cannot compute: activations other than Sigmoid gates and Tanh (the
+identity, ``Affine`` with alpha 1 and beta 0, is read as niaf / noaf), ``clip``,
+``direction="reverse"``, a non-zero constant initial state, weights computed at run time.
+Loading parses the protobuf only (``onnx.load`` without external data); nothing from the
+file executes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lstmkit.cell import LN_EPS
+from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates, suffix
+from lstmkit.nn import LSTM, RNN
+from lstmkit.spec import CellSpec
+
+__all__ = ["to_onnx", "from_onnx", "operator_refusal", "DEFAULT_OPSET", "MIN_OPSET"]
+
+#: Opset written when none is given (LSTM-14 semantics; read by every current runtime).
+DEFAULT_OPSET = 17
+#: Oldest opset written: 14 is where ``LSTM``/``RNN`` last changed (``layout``), and
+#: ``Slice``/``Reshape`` take their arguments as inputs from 13 on.
+MIN_OPSET = 14
+#: Ops that may sit between two LSTM nodes of one stack (they only move data).
+_DATA_MOVEMENT = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Dropout")
+_METADATA_KEY = "lstmkit.config"
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("onnx: the ONNX converters need the onnx package (pip install 'lstmkit[interop]')") \
+            from None
+    return onnx
+
+
+# ---------------------------------------------------------------------------- what fits
+
+
+def operator_refusal(layer: LSTM | RNN) -> str | None:
+    """Why the ONNX ``LSTM``/``RNN`` operator cannot carry ``layer`` (None if it can; then
+    :func:`to_onnx` uses the operator, else a Scan graph)."""
+    if isinstance(layer, RNN):
+        return None
+    if not isinstance(layer, LSTM):
+        raise TypeError(f"model: expected an lstmkit LSTM or RNN, got {type(layer).__name__}")
+    spec = layer.spec
+    if layer.proj_size:
+        return (f"the LSTM operator has no projection, so proj_size={layer.proj_size} "
+                f"(h_t = W_hr (o ⊙ tanh c_t)) cannot be written with it")
+    reasons = {
+        "layernorm": (spec.layernorm, "the LSTM operator has no layer normalisation"),
+        "deep gates": (bool(spec.gate_hidden), "the LSTM operator's gates are single linear layers, not MLPs"),
+        "fgr": (spec.fgr, "the LSTM operator has no gate-to-gate recurrence (weight_gg)"),
+        "nig": (not spec.input_gate, "the LSTM operator always computes the input gate"),
+        "nfg": (not spec.forget_gate, "the LSTM operator always computes the forget gate"),
+        "nog": (not spec.output_gate, "the LSTM operator always computes the output gate"),
+        "niaf": (spec.candidate_activation != "tanh",
+                 "the LSTM operator's identity candidate would need the optional Affine activation, which "
+                 "runtimes need not implement"),
+        "noaf": (spec.output_activation != "tanh",
+                 "the LSTM operator's identity output would need the optional Affine activation, which "
+                 "runtimes need not implement"),
+        "clip": (spec.cell_clip is not None,
+                 "the LSTM operator's clip bounds the gate pre-activations, lstmkit's cell_clip bounds "
+                 "c_t: different functions"),
+    }
+    for word, (applies, why) in reasons.items():
+        if applies:
+            return f"{why}, so variant {word!r} (cell {spec.name!r}) cannot be written with it"
+    return None
+
+
+def _np_dtype(dtype: Any) -> tuple[np.dtype, int]:
+    onnx = _onnx()
+    if dtype == torch.float32:
+        return np.dtype(np.float32), onnx.TensorProto.FLOAT
+    if dtype == torch.float64:
+        return np.dtype(np.float64), onnx.TensorProto.DOUBLE
+    raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype!r}")
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def _four_gates(t: torch.Tensor, spec: CellSpec, hidden_size: int) -> torch.Tensor:
+    """(R, ...) rows of the computed gates -> (4H, ...) in lstmkit order i, f, g, o.
+
+    Only cifg drops a gate among the variants the operator carries; its f rows are zeros.
+    """
+    if not spec.coupled:
+        return t
+    i, g, o = t.split(hidden_size, dim=0)
+    return torch.cat([i, torch.zeros_like(i), g, o], dim=0)
+
+
+def _lstm_arrays(layer: LSTM, index: int, direction: int) -> dict[str, np.ndarray]:
+    """ONNX W [4H, I], R [4H, H], B [8H] (or None), P [3H] (or None) of one layer-direction."""
+    p = {k: v.detach().cpu() for k, v in layer.layer_params(index, direction).items()}
+    H, spec = layer.hidden_size, layer.spec
+
+    def onnx_rows(t: torch.Tensor) -> torch.Tensor:
+        return reorder_gates(_four_gates(t, spec, H), "lstmkit", "onnx")
+
+    out: dict[str, Any] = {"W": onnx_rows(p["weight_ih"]), "R": onnx_rows(p["weight_hh"]), "B": None, "P": None}
+    if layer.bias:
+        out["B"] = torch.cat([onnx_rows(p["bias_ih"]), onnx_rows(p["bias_hh"])])
+    if spec.peephole:
+        zeros = torch.zeros(H, dtype=p["weight_ih"].dtype)
+        out["P"] = torch.cat([p.get(f"peephole_{g}", zeros) for g in ONNX_PEEPHOLE_ORDER])
+    return {k: (v.numpy().copy() if v is not None else None) for k, v in out.items()}
+
+
+def _rnn_arrays(layer: RNN, index: int, direction: int) -> dict[str, np.ndarray | None]:
+    p = {k: v.detach().cpu() for k, v in layer.layer_params(index, direction).items()}
+    b = torch.cat([p["bias_ih"], p["bias_hh"]]).numpy().copy() if layer.bias else None
+    return {"W": p["weight_ih"].numpy().copy(), "R": p["weight_hh"].numpy().copy(), "B": b, "P": None}
+
+
+# ---------------------------------------------------------------------------- export
+
+
+class _Builder:
+    """Collects nodes (of one graph or a Scan body) and constants (always the main graph's,
+    which a body reads from the outer scope); every generated name is unique."""
+
+    def __init__(self, np_dtype: np.dtype, inits: list[Any] | None = None, counter: list[int] | None = None) -> None:
+        self.np_dtype = np_dtype
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = [] if inits is None else inits
+        self._counter = [0] if counter is None else counter
+
+    def sub(self) -> _Builder:
+        """A builder for a subgraph: own nodes, shared constants and names."""
+        return _Builder(self.np_dtype, self.inits, self._counter)
+
+    def fresh(self, hint: str) -> str:
+        self._counter[0] += 1
+        return f"{hint}_{self._counter[0]}"
+
+    def const(self, array: Any, hint: str = "const", name: str | None = None) -> str:
+        from onnx import numpy_helper
+
+        name = name or self.fresh(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def floats(self, values: Any, hint: str = "const") -> str:
+        return self.const(np.asarray(values, dtype=self.np_dtype), hint)
+
+    def ints(self, values: Any, hint: str = "shape") -> str:
+        return self.const(np.asarray(values, dtype=np.int64), hint)
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs: int | list[str] = 1,
+           **attrs: Any) -> Any:
+        from onnx import helper
+
+        names = outputs if isinstance(outputs, list) else [self.fresh(hint or op_type.lower())
+                                                          for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=self.fresh(op_type), **attrs))
+        return names[0] if len(names) == 1 else names
+
+
+def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, opset: int | None = None,
+            batch_first: bool | None = None, initial_states: bool = False, sequence_lens: bool = False,
+            dtype: torch.dtype = torch.float32, method: str = "auto") -> Any:
+    """The ONNX model computing ``model`` (in ``eval()`` mode); written to ``path`` if given.
+
+    Args:
+        model: an lstmkit ``LSTM`` (any variant) or ``RNN``.
+        path: where to write the ``.onnx`` file, atomically (a temporary file in the same
+            directory replaces ``path`` only once complete; nothing is left on error).
+        opset: the ``ai.onnx`` opset, ``MIN_OPSET`` ≤ opset ≤ onnx's newest
+            (default ``DEFAULT_OPSET``); a Scan graph with layer norm needs ≥ 17.
+        batch_first: the layout of ``X`` and ``Y``; default ``model.batch_first``.
+        initial_states: add graph inputs ``initial_h`` [L·D, B, H_out] (and ``initial_c``
+            [L·D, B, H]); without them the states start at zero.
+        sequence_lens: add the graph input ``sequence_lens`` [B] (int32): steps
+            ``t ≥ len_b`` leave the state unchanged and output zeros, as a PackedSequence.
+        dtype: the graph's float type. float32 by default, whatever the layer's dtype:
+            onnxruntime's LSTM kernel runs float32 only (it refuses double at run time).
+            ``torch.float64`` writes a valid double graph for runtimes that have one.
+        method: ``"operator"``: the ``LSTM``/``RNN`` operators, refusing variants they
+            cannot express; ``"scan"``: the cell's equations as a ``Scan`` body, for every
+            variant; ``"auto"``: the operator where it can, else the Scan.
+
+    Returns:
+        ``onnx.ModelProto`` with inputs ``X`` [T, B, I] (``[B, T, I]`` batch-first) and the
+        optional ones above; outputs ``Y`` [T, B, D·H_out], ``Y_h`` [L·D, B, H_out] and (LSTM)
+        ``Y_c`` [L·D, B, H].
+
+    Raises:
+        ValueError: ``method="operator"`` and a variant the operator cannot carry (the
+            message says which and why); an unsupported opset, dtype or method.
+        TypeError: ``model`` is not an lstmkit LSTM or RNN.
+    """
+    onnx = _onnx()
+    from onnx import TensorProto, helper
+
+    reason = operator_refusal(model)
+    if method not in ("auto", "operator", "scan"):
+        raise ValueError(f"method: expected 'auto', 'operator' or 'scan', got {method!r}")
+    if method == "operator" and reason is not None:
+        raise ValueError(f"onnx: {reason}; method='scan' (or 'auto') writes the cell's equations as a Scan "
+                         f"graph instead")
+    use_scan = method == "scan" or reason is not None
+    newest = onnx.defs.onnx_opset_version()
+    opset = DEFAULT_OPSET if opset is None else opset
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"opset: expected an int in [{MIN_OPSET}, {newest}], got {opset!r}")
+    if use_scan and model.spec.layernorm and opset < 17:
+        raise ValueError(f"opset: a layernorm cell is written with LayerNormalization, which needs opset >= 17, "
+                         f"got {opset}")
+    batch_first = model.batch_first if batch_first is None else bool(batch_first)
+    np_dtype, elem = _np_dtype(dtype)
+    is_lstm = isinstance(model, LSTM)
+    L, D, H, I = model.num_layers, model.num_directions, model.hidden_size, model.input_size
+    h_out = model.output_size
+    g = _Builder(np_dtype)
+
+    inputs = [helper.make_tensor_value_info("X", elem, ["B", "T", I] if batch_first else ["T", "B", I])]
+    state_names = ["initial_h", "initial_c"] if is_lstm else ["initial_h"]
+    if sequence_lens:
+        inputs.append(helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["B"]))
+    if initial_states:
+        inputs.append(helper.make_tensor_value_info("initial_h", elem, [L * D, "B", h_out]))
+        if is_lstm:
+            inputs.append(helper.make_tensor_value_info("initial_c", elem, [L * D, "B", H]))
+    x = g.op("Transpose", ["X"], "X_time_major", perm=[1, 0, 2]) if batch_first else "X"  # [T, B, I]
+    ctx = {"lengths": "sequence_lens" if sequence_lens else None, "states": state_names if initial_states else None}
+    if use_scan:
+        ctx.update(_scan_context(g, x, sequence_lens))
+    y_h, y_c = [], []
+    for index in range(L):
+        layer_fn = _scan_layer if use_scan else _operator_layer
+        x, hs, cs = layer_fn(g, model, index, x, ctx)  # [T, B, D·H_out], [D, B, H_out], [D, B, H]
+        y_h.append(hs)
+        y_c.append(cs)
+    g.op("Transpose", [x], outputs=["Y"], perm=[1, 0, 2]) if batch_first else g.op("Identity", [x], outputs=["Y"])
+    g.op("Concat", y_h, outputs=["Y_h"], axis=0) if L > 1 else g.op("Identity", y_h, outputs=["Y_h"])
+    outputs = [helper.make_tensor_value_info("Y", elem, ["B", "T", D * h_out] if batch_first
+                                             else ["T", "B", D * h_out]),
+               helper.make_tensor_value_info("Y_h", elem, [L * D, "B", h_out])]
+    if is_lstm:
+        g.op("Concat", y_c, outputs=["Y_c"], axis=0) if L > 1 else g.op("Identity", y_c, outputs=["Y_c"])
+        outputs.append(helper.make_tensor_value_info("Y_c", elem, [L * D, "B", H]))
+    graph = helper.make_graph(g.nodes, "lstmkit_" + ("lstm" if is_lstm else "rnn"), inputs, outputs, g.inits)
+    opsets = [helper.make_opsetid("", opset)]
+    proto = helper.make_model(graph, opset_imports=opsets, producer_name="lstmkit",
+                              ir_version=helper.find_min_ir_version_for(opsets))
+    from lstmkit.convert.files import atomic_path, layer_config
+
+    config = {**layer_config(model), "batch_first": batch_first, "onnx_method": "scan" if use_scan else "operator"}
+    helper.set_model_props(proto, {_METADATA_KEY: json.dumps(config)})
+    onnx.checker.check_model(proto, full_check=True)
+    if path is not None:
+        with atomic_path(Path(path)) as tmp:
+            tmp.write_bytes(proto.SerializeToString())
+    return proto
+
+
+def _operator_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[str, Any]
+                    ) -> tuple[str, str, str]:
+    """One layer as one ONNX ``LSTM``/``RNN`` node; returns Y [T, B, D·H], Y_h, Y_c [D, B, H]."""
+    is_lstm = isinstance(model, LSTM)
+    D, H = model.num_directions, model.hidden_size
+    arrays = [(_lstm_arrays(model, index, d) if is_lstm else _rnn_arrays(model, index, d))  # type: ignore[arg-type]
+              for d in range(D)]
+
+    def stacked(key: str) -> str:
+        return g.const(np.stack([a[key] for a in arrays]).astype(g.np_dtype), name=f"{key}_l{index}")
+
+    ins = [x, stacked("W"), stacked("R"), stacked("B") if model.bias else "", ctx["lengths"] or "", "", ""]
+    if ctx["states"] is not None:
+        if model.num_layers == 1:
+            ins[5:5 + len(ctx["states"])] = ctx["states"]
+        else:
+            start, end, axis = g.ints([index * D]), g.ints([(index + 1) * D]), g.ints([0])
+            for k, name in enumerate(ctx["states"]):
+                ins[5 + k] = g.op("Slice", [name, start, end, axis], f"{name}_l{index}")  # [D, B, H] of this layer
+    if is_lstm and model.spec.peephole:
+        ins.append(stacked("P"))
+    while ins[-1] == "":
+        ins.pop()
+    attrs: dict[str, Any] = {"hidden_size": H, "direction": "bidirectional" if D == 2 else "forward"}
+    if is_lstm and model.spec.coupled:
+        attrs["input_forget"] = 1
+    if not is_lstm:
+        attrs["activations"] = [model.nonlinearity.capitalize()] * D
+    outs = [f"Y_l{index}", f"Y_h_l{index}"] + ([f"Y_c_l{index}"] if is_lstm else [])
+    g.op("LSTM" if is_lstm else "RNN", ins, outputs=outs, **attrs)  # Y [T, D, B, H], Y_h/Y_c [D, B, H]
+    y = g.op("Transpose", [outs[0]], f"Y_l{index}_t", perm=[0, 2, 1, 3])  # [T, B, D, H]
+    y = g.op("Reshape", [y, g.ints([0, 0, -1])], f"Y_l{index}_merged")  # [T, B, D·H]
+    return y, outs[1], (outs[2] if is_lstm else "")
+
+
+# ---------------------------------------------------------------------------- Scan export
+
+
+_ACTIVATION_OPS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}
+
+
+def _act(g: _Builder, name: str, v: str) -> str:
+    return v if name == "identity" else g.op(_ACTIVATION_OPS[name], [v])
+
+
+def _scan_context(g: _Builder, x: str, sequence_lens: bool) -> dict[str, Any]:
+    """Names every layer's Scan shares: the batch size, zero states' shapes, lengths, step indices."""
+    shape = g.op("Shape", [x])  # [3]: T, B, I
+    batch = g.op("Slice", [shape, g.ints([1]), g.ints([2]), g.ints([0])], "batch")  # [1]
+    out: dict[str, Any] = {"batch": batch}
+    if sequence_lens:
+        T = g.op("Gather", [shape, g.ints(0)], "T", axis=0)  # scalar
+        out["lengths64"] = g.op("Cast", ["sequence_lens"], "lengths64", to=7)  # int64 [B]
+        out["steps"] = g.op("Range", [g.ints(0), T, g.ints(1)], "steps")  # [T]: 0 .. T-1
+    return out
+
+
+def _zeros(g: _Builder, ctx: dict[str, Any], width: int) -> str:
+    from onnx import helper
+
+    shape = g.op("Concat", [ctx["batch"], g.ints([width])], "zeros_shape", axis=0)
+    value = helper.make_tensor("zero", helper.np_dtype_to_tensor_dtype(g.np_dtype), [1], [0.0])
+    return g.op("ConstantOfShape", [shape], "zeros", value=value)  # [B, width]
+
+
+def _chunk_layernorm(g: _Builder, v: str, widths: list[int], rank: int) -> str:
+    """Layer norm without gain of each gate's chunk of the last axis (cell.chunk_layernorm)."""
+    if len(set(widths)) == 1:
+        n, G = widths[0], len(widths)
+        keep = [0] * (rank - 1)
+        v4 = g.op("Reshape", [v, g.ints(keep + [G, n])])
+        ln = g.op("LayerNormalization", [v4, g.floats(np.ones(n))], axis=-1, epsilon=LN_EPS)
+        return g.op("Reshape", [ln, g.ints(keep + [G * n])])
+    parts = g.op("Split", [v, g.ints(widths)], outputs=len(widths), axis=-1)
+    normed = [g.op("LayerNormalization", [p, g.floats(np.ones(w))], axis=-1, epsilon=LN_EPS)
+              for p, w in zip(parts, widths)]
+    return g.op("Concat", normed, axis=-1)
+
+
+def _scan_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[str, Any]) -> tuple[str, str, str]:
+    """One layer as one ``Scan`` per direction running the cell's equations (docs/cell.md)."""
+    spec, H, D = model.spec, model.hidden_size, model.num_directions
+    h_out = model.output_size
+    lengths = ctx.get("lengths64")
+    ys, hs, cs = [], [], []
+    for d in range(D):
+        p = {base: g.const(v.detach().cpu().numpy().astype(g.np_dtype), name=base + suffix(index, d))
+             for base, v in model.layer_params(index, d).items()}  # initializers named as the state dict
+        widths = [spec.first_width(k, H) for k in spec.computed_gates]
+        # The input side of every step at once (cell.input_projection): x W_ihᵀ (LN) + b.
+        a = g.op("MatMul", [x, g.op("Transpose", [p["weight_ih"]], perm=[1, 0])], "a")  # [T, B, R]
+        if spec.layernorm:
+            a = g.op("Mul", [_chunk_layernorm(g, a, widths, 3), p["ln_ih_weight"]])
+        if model.bias:
+            a = g.op("Add", [a, g.op("Add", [p["bias_ih"], p["bias_hh"]])])
+        reverse = d == 1
+        if reverse and lengths is not None:  # each sequence backwards within its own length
+            a = g.op("ReverseSequence", [a, lengths], "a_reversed", batch_axis=1, time_axis=0)
+        states = []
+        for k, width in enumerate([h_out, H] if spec.is_lstm else [h_out]):
+            if ctx["states"] is not None:
+                states.append(g.op("Gather", [ctx["states"][k], g.ints(index * D + d)], axis=0))  # [B, width]
+            else:
+                states.append(_zeros(g, ctx, width))
+        if spec.fgr:
+            states.append(_zeros(g, ctx, len(spec.sigmoid_gates) * H))
+        body = _cell_body(g, model, p, len(states), lengths)
+        scan_inputs = [a] if lengths is None else [a, ctx["steps"]]
+        direction = [1 if reverse and lengths is None else 0]
+        outs = g.op("Scan", states + scan_inputs, "scan", outputs=len(states) + 1, body=body,
+                    num_scan_inputs=len(scan_inputs), scan_input_directions=direction * len(scan_inputs),
+                    scan_output_directions=direction)
+        y = outs[-1]  # [T, B, H_out]
+        if reverse and lengths is not None:
+            y = g.op("ReverseSequence", [y, lengths], "y", batch_axis=1, time_axis=0)
+        ys.append(y)
+        hs.append(g.op("Unsqueeze", [outs[0], g.ints([0])]))
+        if spec.is_lstm:
+            cs.append(g.op("Unsqueeze", [outs[1], g.ints([0])]))
+    y = g.op("Concat", ys, "layer_y", axis=2) if D == 2 else ys[0]
+    h = g.op("Concat", hs, "layer_h", axis=0) if D == 2 else hs[0]
+    c = (g.op("Concat", cs, "layer_c", axis=0) if D == 2 else cs[0]) if spec.is_lstm else ""
+    return y, h, c
+
+
+def _cell_body(outer: _Builder, model: LSTM | RNN, p: dict[str, str], n_states: int, lengths: str | None) -> Any:
+    """The Scan body: one step of docs/cell.md. Inputs: the states (h, c[, s]), a_t [B, R]
+    [and t]; outputs: the new states and y_t [B, H_out]. Parameters are outer-scope names."""
+    from onnx import helper
+
+    spec, H = model.spec, model.hidden_size
+    h_out = model.output_size
+    elem = helper.np_dtype_to_tensor_dtype(outer.np_dtype)
+    g = outer.sub()
+    h, c, s = (g.fresh("h_prev"), g.fresh("c_prev") if spec.is_lstm else None,
+               g.fresh("s_prev") if spec.fgr else None)
+    a_t, t = g.fresh("a_t"), g.fresh("t") if lengths is not None else None
+    widths = [spec.first_width(k, H) for k in spec.computed_gates]
+    r = g.op("Gemm", [h, p["weight_hh"]], "r", transB=1)  # h W_hhᵀ [B, R]
+    if spec.layernorm:
+        r = g.op("Mul", [_chunk_layernorm(g, r, widths, 2), p["ln_hh_weight"]])
+    z = g.op("Add", [a_t, r], "z")
+    new_states: list[str]
+    if not spec.is_lstm:
+        h_new = _act(g, spec.nonlinearity, z)
+        new_states, y = [h_new], h_new
+    else:
+        parts = g.op("Split", [z, g.ints(widths)], outputs=len(widths), axis=1) if len(widths) > 1 else [z]
+        parts = parts if isinstance(parts, list) else [parts]
+        u: dict[str, str] = {}
+        for gate, zk in zip(spec.computed_gates, parts):
+            hidden = spec.hidden_widths(gate)
+            for j in range(1, len(hidden) + 1):  # a deep gate: an MLP over [x, h]
+                zk = _act(g, spec.gate_hidden_activation, zk)
+                bias = [p[f"mlp_{gate}_bias{j}"]] if f"mlp_{gate}_bias{j}" in p else []
+                zk = g.op("Gemm", [zk, p[f"mlp_{gate}_weight{j}"], *bias], f"u_{gate}", transB=1)
+            u[gate] = zk
+        if spec.peephole:
+            for gate in ("i", "f"):
+                if gate in u:
+                    u[gate] = g.op("Add", [u[gate], g.op("Mul", [p[f"peephole_{gate}"], c])])
+        if spec.fgr:
+            rec = g.op("Gemm", [s, p["weight_gg"]], "rec", transB=1)
+            n = len(spec.sigmoid_gates)
+            chunks = g.op("Split", [rec, g.ints([H] * n)], outputs=n, axis=1) if n > 1 else [rec]
+            chunks = chunks if isinstance(chunks, list) else [chunks]
+            for gate, extra in zip(spec.sigmoid_gates, chunks):
+                u[gate] = g.op("Add", [u[gate], extra])
+        i = g.op("Sigmoid", [u["i"]], "i") if "i" in u else None
+        if "f" in u:
+            f = g.op("Sigmoid", [u["f"]], "f")
+        elif spec.coupled:
+            f = g.op("Sub", [g.floats(1.0), i], "f")
+        else:
+            f = None
+        gg = _act(g, spec.candidate_activation, u["g"])
+        keep = c if f is None else g.op("Mul", [f, c])
+        c_new = g.op("Add", [keep, gg if i is None else g.op("Mul", [i, gg])], "c")
+        if spec.cell_clip is not None:
+            c_new = g.op("Clip", [c_new, g.floats(-spec.cell_clip), g.floats(spec.cell_clip)], "c_clipped")
+        o = None
+        if "o" in u:
+            uo = g.op("Add", [u["o"], g.op("Mul", [p["peephole_o"], c_new])]) if spec.peephole else u["o"]
+            o = g.op("Sigmoid", [uo], "o")
+        m = c_new
+        if spec.layernorm:
+            m = g.op("LayerNormalization", [c_new, p["ln_c_weight"], p["ln_c_bias"]], axis=-1, epsilon=LN_EPS)
+        h_new = _act(g, spec.output_activation, m)
+        if o is not None:
+            h_new = g.op("Mul", [o, h_new])
+        if "weight_hr" in p:
+            h_new = g.op("Gemm", [h_new, p["weight_hr"]], "h_projected", transB=1)
+        new_states, y = [h_new, c_new], h_new
+        if spec.fgr:
+            act = {"i": i, "f": f, "o": o}
+            new_states.append(g.op("Concat", [act[k] for k in spec.sigmoid_gates], "s", axis=1))
+    prev = [h, c, s][: n_states] if spec.is_lstm else [h]
+    if lengths is not None:  # steps t >= len_b change nothing and output zeros
+        valid = g.op("Unsqueeze", [g.op("Less", [t, lengths]), g.ints([1])], "valid")  # [B, 1]
+        new_states = [g.op("Where", [valid, n, o_], "kept") for n, o_ in zip(new_states, prev)]
+        y = g.op("Where", [valid, y, g.floats(0.0)], "y_t")
+    outs_named = [g.op("Identity", [v], "state_out") for v in new_states] + [g.op("Identity", [y], "y_out")]
+    widths_of = [h_out, H, len(spec.sigmoid_gates) * H][: n_states] if spec.is_lstm else [h_out]
+    state_in = [helper.make_tensor_value_info(n, elem, ["B", w]) for n, w in zip(prev, widths_of)]
+    a_in = [helper.make_tensor_value_info(a_t, elem, ["B", spec.gate_rows(H)])]
+    t_in = [helper.make_tensor_value_info(t, 7, [])] if t is not None else []
+    outs = [helper.make_tensor_value_info(n, elem, ["B", w]) for n, w in zip(outs_named, widths_of + [h_out])]
+    return helper.make_graph(g.nodes, g.fresh("cell_step"), state_in + a_in + t_in, outs)
+
+
+# ---------------------------------------------------------------------------- import
+
+
+def _load_proto(model_or_path: Any) -> tuple[Any, str]:
+    onnx = _onnx()
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, "the ONNX model"
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise TypeError(f"model_or_path: expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
+    p = Path(model_or_path)
+    if not p.is_file():
+        raise ValueError(f"model_or_path: no file at {p}")
+    try:
+        proto = onnx.load_model(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: the file is not ONNX
+        raise ValueError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not proto.HasField("graph"):
+        raise ValueError(f"{p}: not an ONNX model (no graph); expected a model with LSTM or RNN nodes")
+    return proto, str(p)
+
+
+def _constants(graph: Any) -> dict[str, Any]:
+    """Name -> TensorProto for initializers and ``Constant`` nodes' ``value``."""
+    out = {t.name: t for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = a.t
+    return out
+
+
+def _array(name: str, what: str, consts: dict[str, Any], where: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    if name not in consts:
+        raise ValueError(f"{where}: input {what} ({name!r}) is computed at run time; expected a constant "
+                         f"(an initializer or a Constant node)")
+    t = consts[name]
+    if t.data_location == 1:  # TensorProto.EXTERNAL
+        raise ValueError(f"{where}: input {what} ({name!r}) is stored in an external data file, which "
+                         f"from_onnx does not read; save the model with its weights inside")
+    return numpy_helper.to_array(t)
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _check_chain(nodes: list[Any], graph: Any, where: str) -> bool:
+    """Each node's X must come from the previous node's Y (the first from a graph input)
+    through data-movement ops only; otherwise the nodes are not one stack.
+
+    Returns:
+        Whether the graph input is batch-first: the first node's X is the graph input
+        transposed with ``perm=[1, 0, 2]`` (as torch's exporter writes ``batch_first``).
+    """
+    producer = {out: n for n in graph.node for out in n.output}
+    graph_inputs = {v.name for v in graph.input}
+    batch_first = False
+    for k, n in enumerate(nodes):
+        name, seen = n.input[0], []
+        while True:
+            src = producer.get(name)
+            if k == 0 and src is None and name in graph_inputs:
+                break
+            if k == 0 and src is not None and src.op_type == "Transpose":
+                perm = list(_attrs(src).get("perm", []))
+                if perm != [1, 0, 2]:
+                    raise ValueError(f"{where}: the input of {n.op_type} node 0 is transposed with perm={perm}; "
+                                     f"expected [1, 0, 2] (batch-first to time-major) or no transpose")
+                batch_first = not batch_first
+            if k > 0 and src is nodes[k - 1] and name == src.output[0]:
+                break
+            if src is None or src.op_type not in _DATA_MOVEMENT or not src.input:
+                got = "a graph input or constant" if src is None else f"a {src.op_type} node"
+                want = "a graph input" if k == 0 else f"the Y output of {nodes[k - 1].op_type} node {k - 1}"
+                raise ValueError(f"{where}: the X input of {n.op_type} node {k} ({n.name!r}) comes from {got} "
+                                 f"after {seen or 'no ops'}; expected {want} through {list(_DATA_MOVEMENT)} "
+                                 f"only, so the nodes cannot be read as one stacked layer")
+            seen.append(src.op_type)
+            name = src.input[0]
+    return batch_first
+
+
+def from_onnx(model_or_path: Any) -> LSTM | RNN:
+    """An lstmkit LSTM (or RNN) computing what the ONNX model's chain of LSTM (RNN) nodes computes.
+
+    Args:
+        model_or_path: an ``onnx.ModelProto`` or the path of an ``.onnx`` file.
+
+    Returns:
+        The layer, parameters in the model's dtype (float32 or float64); ``batch_first``
+        from the ``layout`` attribute or the metadata :func:`to_onnx` writes.
+
+    Raises:
+        ValueError: not an ONNX file, no LSTM/RNN node, or something lstmkit cannot
+            compute (the message names the node, attribute and value).
+    """
+    proto, where = _load_proto(model_or_path)
+    graph = proto.graph
+    meta = {p.key: p.value for p in proto.metadata_props}
+    config = None
+    if _METADATA_KEY in meta:
+        try:
+            config = json.loads(meta[_METADATA_KEY])
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: damaged metadata {_METADATA_KEY!r} (not JSON)") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}: damaged metadata {_METADATA_KEY!r} (not an object)")
+        if config.get("onnx_method") == "scan":
+            return _from_scan(graph, config, where)
+    rec = [n for n in graph.node if n.op_type in ("LSTM", "RNN") and n.domain in ("", "ai.onnx")]
+    if not rec:
+        ops = sorted({n.op_type for n in graph.node})
+        raise ValueError(f"{where}: expected an ONNX model with LSTM or RNN nodes, found none (ops: {ops})")
+    kinds = {n.op_type for n in rec}
+    if len(kinds) > 1:
+        raise ValueError(f"{where}: the graph mixes LSTM and RNN nodes; an lstmkit layer is one or the other")
+    op = rec[0].op_type
+    is_lstm = op == "LSTM"
+    consts = _constants(graph)
+    input_batch_first = _check_chain(rec, graph, where)
+    read = [_read_node(n, k, consts, where, is_lstm) for k, n in enumerate(rec)]
+    first = read[0]
+    for k, r in enumerate(read[1:], start=1):
+        for key in ("hidden_size", "D", "bias", "peephole", "coupled", "activations", "dtype", "layout"):
+            if r[key] != first[key]:
+                raise ValueError(f"{where}: {op} node {k} has {key}={r[key]!r} but node 0 has {first[key]!r}; "
+                                 f"an lstmkit layer has one value for all its layers")
+        want = first["D"] * first["hidden_size"]
+        if r["input_size"] != want:
+            raise ValueError(f"{where}: {op} node {k} reads inputs of size {r['input_size']}, expected "
+                             f"{want} (directions × hidden_size of the node below)")
+    H, D = first["hidden_size"], first["D"]
+    batch_first = (first["layout"] == 1) != input_batch_first
+    if config is not None:
+        batch_first = bool(config.get("batch_first", batch_first))
+    dtype = torch.float64 if first["dtype"] == np.float64 else torch.float32
+    kw = dict(num_layers=len(read), bias=first["bias"], batch_first=batch_first, bidirectional=D == 2, dtype=dtype)
+    if is_lstm:
+        cell = CellSpec(peephole=first["peephole"], coupled=first["coupled"],
+                        candidate_activation=first["activations"][1], output_activation=first["activations"][2])
+        out: LSTM | RNN = LSTM(first["input_size"], H, cell=cell, **kw)
+    else:
+        out = RNN(first["input_size"], H, nonlinearity=first["nonlinearity"], **kw)
+    with torch.no_grad():
+        for index, r in enumerate(read):
+            for d in range(D):
+                for name, value in r["params"][d].items():
+                    getattr(out, name + suffix(index, d)).copy_(torch.from_numpy(value))
+    out.eval()
+    return out
+
+
+def _from_scan(graph: Any, config: dict[str, Any], where: str) -> LSTM | RNN:
+    """A graph :func:`to_onnx` wrote with Scan: the configuration from the metadata, every
+    parameter from the initializer of the same name (the ones the Scan bodies compute with)."""
+    from onnx import numpy_helper
+
+    from lstmkit.convert.files import layer_from_config
+
+    if not any(n.op_type == "Scan" for n in graph.node):
+        raise ValueError(f"{where}: the metadata says the layer was written as Scan graphs, but there is no Scan "
+                         f"node; the file was changed after export")
+    inits = {t.name: t for t in graph.initializer}
+    first = inits.get("weight_ih_l0")
+    if first is None:
+        raise ValueError(f"{where}: no initializer 'weight_ih_l0'; expected the parameters of an lstmkit layer")
+    dtype = torch.float64 if first.data_type == 11 else torch.float32  # TensorProto.DOUBLE
+    # Shapes are checked against the metadata before the layer is allocated.
+    layer = layer_from_config(config, dtype, where, {k: tuple(t.dims) for k, t in inits.items()}, extra_ok=True)
+    with torch.no_grad():
+        for name, param in layer.state_dict().items():
+            if inits[name].data_location == 1:  # TensorProto.EXTERNAL
+                raise ValueError(f"{where}: initializer {name!r} is stored in an external data file, which "
+                                 f"from_onnx does not read")
+            param.copy_(torch.from_numpy(numpy_helper.to_array(inits[name]).copy()))
+    return layer.eval()
+
+
+def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[str, ...]:
+    """The node's activations as lstmkit names: (gates, candidate, output) for an LSTM —
+    ``Affine`` with alpha 1 and beta 0 is the identity (niaf / noaf) —, (φ,) for an RNN."""
+    names = [s.decode() if isinstance(s, bytes) else s for s in a.get("activations", [])]
+    per = 3 if is_lstm else 1
+    default = ["Sigmoid", "Tanh", "Tanh"] if is_lstm else ["Tanh"]
+    names = names or default * D
+    alphas, betas = list(a.get("activation_alpha", [])), list(a.get("activation_beta", []))
+    if len(names) != per * D:
+        raise ValueError(f"{what}: activations={names}: expected {per * D} names ({per} per direction)")
+    out = []
+    for name in names:
+        if name == "Affine":  # alpha·x + beta; consumes one alpha and one beta, in order
+            alpha = alphas.pop(0) if alphas else 1.0
+            beta = betas.pop(0) if betas else 0.0
+            if (alpha, beta) != (1.0, 0.0):
+                raise ValueError(f"{what}: Affine activation with alpha={alpha}, beta={beta}; lstmkit computes the "
+                                 f"identity (alpha=1, beta=0) only")
+            out.append("identity")
+        else:
+            out.append(name.lower())
+    if alphas or betas:
+        raise ValueError(f"{what}: activation_alpha/beta {a.get('activation_alpha')}/{a.get('activation_beta')} "
+                         f"parametrise activations lstmkit does not have ({names})")
+    if out[:per] != out[per:] and D == 2:
+        raise ValueError(f"{what}: the directions use different activations ({names}); an lstmkit layer has one cell")
+    acts = tuple(out[:per])
+    if is_lstm and (acts[0] != "sigmoid" or acts[1] not in ("tanh", "identity") or acts[2] not in ("tanh", "identity")):
+        raise ValueError(f"{what}: activations={names}; lstmkit's LSTM computes Sigmoid gates and Tanh (or the "
+                         f"identity, Affine alpha=1 beta=0) for the candidate and the output")
+    if not is_lstm and acts[0] not in ("tanh", "relu"):
+        raise ValueError(f"{what}: activations={names}; lstmkit's RNN computes Tanh or Relu")
+    return acts
+
+
+def _read_node(n: Any, k: int, consts: dict[str, Any], where: str, is_lstm: bool) -> dict[str, Any]:
+    """Parameters (lstmkit names and layout) and facts of one LSTM/RNN node."""
+    what = f"{where}: {n.op_type} node {k} ({n.name!r})"
+    a = _attrs(n)
+    direction = a.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    if direction == "reverse":
+        raise ValueError(f"{what}: direction='reverse' runs only backwards; an lstmkit layer runs forward or "
+                         f"bidirectional (feed a forward layer the time-reversed input instead)")
+    if direction not in ("forward", "bidirectional"):
+        raise ValueError(f"{what}: direction: expected 'forward' or 'bidirectional', got {direction!r}")
+    D = 2 if direction == "bidirectional" else 1
+    if "clip" in a:
+        raise ValueError(f"{what}: clip={a['clip']!r} bounds the gate pre-activations, which lstmkit does not "
+                         f"do (its cell_clip bounds c_t, a different function)")
+    acts = _activations(a, D, is_lstm, what)
+    nonlinearity = acts[0] if not is_lstm else "tanh"
+    if "hidden_size" not in a:
+        raise ValueError(f"{what}: has no hidden_size attribute")
+    H = int(a["hidden_size"])
+    layout = int(a.get("layout", 0))
+    coupled = bool(a.get("input_forget", 0)) if is_lstm else False
+    ins = list(n.input) + [""] * (8 - len(n.input))
+    G = 4 if is_lstm else 1
+    W = _array(ins[1], "W", consts, what)
+    R = _array(ins[2], "R", consts, what)
+    if W.ndim != 3 or W.shape[:2] != (D, G * H):
+        raise ValueError(f"{what}: W: expected shape ({D}, {G * H}, input_size), got {W.shape}")
+    if R.shape != (D, G * H, H):
+        raise ValueError(f"{what}: R: expected shape {(D, G * H, H)}, got {R.shape}")
+    if W.dtype not in (np.float32, np.float64) or R.dtype != W.dtype:
+        raise ValueError(f"{what}: W, R: expected float32 or float64, got {W.dtype} and {R.dtype}")
+    B = _array(ins[3], "B", consts, what) if ins[3] else None
+    if B is not None and B.shape != (D, 2 * G * H):
+        raise ValueError(f"{what}: B: expected shape {(D, 2 * G * H)}, got {B.shape}")
+    P = _array(ins[7], "P", consts, what) if is_lstm and ins[7] else None
+    if P is not None and P.shape != (D, 3 * H):
+        raise ValueError(f"{what}: P: expected shape {(D, 3 * H)}, got {P.shape}")
+    for slot, name in ((5, "initial_h"), (6, "initial_c")):
+        if ins[slot] in consts and np.any(_array(ins[slot], name, consts, what) != 0):
+            raise ValueError(f"{what}: {name} is a non-zero constant (a learned initial state), which an "
+                             f"lstmkit layer does not hold; pass it as h_0/c_0 at run time instead")
+    params = []
+    for d in range(D):
+        t = {"weight_ih": torch.from_numpy(W[d].copy()), "weight_hh": torch.from_numpy(R[d].copy())}
+        if B is not None:
+            t["bias_ih"] = torch.from_numpy(B[d, :G * H].copy())
+            t["bias_hh"] = torch.from_numpy(B[d, G * H:].copy())
+        if is_lstm:
+            for key in list(t):
+                rows = reorder_gates(t[key], "onnx", "lstmkit")  # (4H, ...) in i, f, g, o
+                if coupled:  # onnxruntime never reads the f rows under input_forget
+                    i, _, g, o = rows.split(H, dim=0)
+                    rows = torch.cat([i, g, o], dim=0)
+                t[key] = rows
+            if P is not None:
+                by_gate = dict(zip(ONNX_PEEPHOLE_ORDER, torch.from_numpy(P[d].copy()).split(H)))
+                for gate in ("i", "o") if coupled else ("i", "f", "o"):
+                    t[f"peephole_{gate}"] = by_gate[gate]
+        params.append({k: v.contiguous().numpy() for k, v in t.items()})
+    return {"hidden_size": H, "D": D, "bias": B is not None, "peephole": P is not None, "coupled": coupled,
+            "nonlinearity": nonlinearity, "activations": acts, "dtype": W.dtype, "layout": layout,
+            "input_size": W.shape[2], "params": params}

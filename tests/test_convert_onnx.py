@@ -1,0 +1,485 @@
+"""ONNX ⇄ lstmkit: every export run by onnxruntime and compared with lstmkit's forward (1e-5 float32).
+
+The reference is onnxruntime (CPUExecutionProvider) executing the exported graph; the
+round trips go through ``from_onnx`` and compare parameters exactly. Foreign graphs come
+from ``torch.onnx.export(nn.LSTM)`` and from ``onnx.helper`` by hand.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import lstmkit
+from lstmkit.convert import from_onnx, to_onnx
+from lstmkit.convert.onnx import MIN_OPSET
+from variants import LSTM_VARIANTS
+
+RTOL = ATOL = 1e-5  # float32, as the issue states
+MAX_ERR: dict[str, float] = {}  # worst error per case, printed by the last test (-s)
+
+
+def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _close(case: str, actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape, f"{case}: shape {actual.shape} != {expected.shape}"
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL, err_msg=case)
+    MAX_ERR[case] = max(MAX_ERR.get(case, 0.0), float(np.abs(actual - expected).max()))
+
+
+def _reference(layer, x, lengths, state):
+    """lstmkit's own forward: output (padded with zeros past each length) and final states."""
+    with torch.no_grad():
+        if lengths is None:
+            y, st = layer(x, state)
+        else:
+            xt = x.transpose(0, 1) if layer.batch_first else x
+            packed = pack_padded_sequence(xt, lengths, enforce_sorted=False)
+            y, st = layer(packed, state)
+            y, _ = pad_packed_sequence(y, total_length=xt.shape[0], batch_first=layer.batch_first)
+    states = list(st) if isinstance(st, tuple) else [st]
+    return [y.numpy()] + [s.numpy() for s in states]
+
+
+CASES = {
+    "single": dict(),
+    "stacked2": dict(num_layers=2),
+    "stacked3": dict(num_layers=3),
+    "bidirectional": dict(bidirectional=True),
+    "bidirectional_stacked": dict(num_layers=2, bidirectional=True),
+    "peephole": dict(cell="peephole"),
+    "peephole_bidirectional_stacked": dict(cell="peephole", num_layers=2, bidirectional=True),
+    "cifg": dict(cell="cifg"),
+    "cifg_peephole_stacked": dict(cell="cifg+peephole", num_layers=2, bidirectional=True),
+    "no_bias": dict(bias=False, num_layers=2),
+    "forget_bias": dict(cell="vanilla+fb=1"),
+    "batch_first": dict(batch_first=True, num_layers=2, bidirectional=True),
+    "odd_sizes": dict(input_size=1, hidden_size=7, num_layers=2, cell="peephole"),
+}
+
+
+@pytest.mark.parametrize("initial_states", [False, True], ids=["zero_state", "given_state"])
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_matches_onnxruntime_and_round_trips(case, with_lengths, initial_states):
+    kw = dict(CASES[case])
+    I, H = kw.pop("input_size", 3), kw.pop("hidden_size", 5)
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(I, H, **kw).eval()
+    if case == "forget_bias":
+        assert torch.equal(layer.gates()["forget"].b, torch.ones(H))
+    proto = to_onnx(layer, initial_states=initial_states, sequence_lens=with_lengths)
+    onnx.checker.check_model(proto, full_check=True)
+    sess = _session(proto)
+    for T, B in ((6, 4), (1, 1), (3, 1), (1, 3)):  # dynamic T and B; T = 1 and B = 1 included
+        gen = torch.Generator().manual_seed(T * 10 + B)
+        x = torch.randn(T, B, I, generator=gen)
+        if layer.batch_first:
+            x = x.transpose(0, 1).contiguous()
+        feeds = {"X": x.numpy()}
+        lengths, state = None, None
+        if with_lengths:
+            lengths = torch.randint(1, T + 1, (B,), generator=gen)
+            feeds["sequence_lens"] = lengths.to(torch.int32).numpy()
+        if initial_states:
+            n = layer.num_layers * layer.num_directions
+            state = (torch.randn(n, B, H, generator=gen), torch.randn(n, B, H, generator=gen))
+            feeds["initial_h"], feeds["initial_c"] = state[0].numpy(), state[1].numpy()
+        got = sess.run(["Y", "Y_h", "Y_c"], feeds)
+        want = _reference(layer, x, lengths, state)
+        for name, a, b in zip(("Y", "Y_h", "Y_c"), got, want):
+            _close(f"{case}/{name}", a, b)
+    back = from_onnx(proto)
+    assert isinstance(back, lstmkit.LSTM) and back.batch_first == layer.batch_first
+    assert back.spec == layer.spec.replace(forget_bias=None)  # fb is an initial value, not a variant
+    assert list(back.state_dict()) == list(layer.state_dict())
+    for k, v in layer.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    x = torch.randn(2, 5, I) if layer.batch_first else torch.randn(5, 2, I)
+    with torch.no_grad():
+        for a, b in zip(back(x)[0:1] + back(x)[1], layer(x)[0:1] + layer(x)[1]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_rnn_exports_to_the_rnn_operator(nonlinearity):
+    torch.manual_seed(1)
+    layer = lstmkit.RNN(4, 6, num_layers=2, bidirectional=True, nonlinearity=nonlinearity).eval()
+    proto = to_onnx(layer, sequence_lens=True, initial_states=True)
+    assert [n.op_type for n in proto.graph.node].count("RNN") == 2
+    x = torch.randn(5, 3, 4)
+    lengths = torch.tensor([5, 2, 4])
+    h0 = torch.randn(4, 3, 6)
+    y, h = _session(proto).run(None, {"X": x.numpy(), "sequence_lens": lengths.int().numpy(), "initial_h": h0.numpy()})
+    want = _reference(layer, x, lengths, h0)
+    _close(f"rnn_{nonlinearity}/Y", y, want[0])
+    _close(f"rnn_{nonlinearity}/Y_h", h, want[1])
+    back = from_onnx(proto)
+    assert isinstance(back, lstmkit.RNN) and back.nonlinearity == nonlinearity
+    for k, v in layer.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_the_graph_is_the_layer_in_eval_mode_and_states_follow_torch_indexing():
+    torch.manual_seed(2)
+    layer = lstmkit.LSTM(3, 4, num_layers=3, bidirectional=True, dropout=0.5)
+    proto = to_onnx(layer, initial_states=True)
+    layer.eval()
+    assert [n.op_type for n in proto.graph.node].count("LSTM") == 3
+    assert [n.op_type for n in proto.graph.node].count("Dropout") == 0
+    names = [i.name for i in proto.graph.input]
+    assert names == ["X", "initial_h", "initial_c"]
+    assert [o.name for o in proto.graph.output] == ["Y", "Y_h", "Y_c"]
+    # Perturb the initial state of one layer-direction only: exactly that slice must matter.
+    x = torch.randn(4, 2, 3)
+    h0, c0 = torch.zeros(6, 2, 4), torch.zeros(6, 2, 4)
+    h0[3] = 1.0  # layer 1, reverse direction
+    got = _session(proto).run(None, {"X": x.numpy(), "initial_h": h0.numpy(), "initial_c": c0.numpy()})
+    for a, b in zip(got, _reference(layer, x, None, (h0, c0))):
+        _close("state_indexing", a, b)
+    zero = _session(proto).run(None, {"X": x.numpy(), "initial_h": 0 * h0.numpy(), "initial_c": c0.numpy()})
+    assert np.abs(zero[0] - got[0]).max() > 1e-3  # the slice was used
+
+
+@pytest.mark.parametrize("opset", [MIN_OPSET, 21])
+def test_opsets(opset):
+    layer = lstmkit.LSTM(2, 3).eval()
+    proto = to_onnx(layer, opset=opset)
+    assert proto.opset_import[0].version == opset
+    x = torch.randn(3, 2, 2)
+    _close(f"opset{opset}", _session(proto).run(["Y"], {"X": x.numpy()})[0], _reference(layer, x, None, None)[0])
+
+
+def test_float64_layer_exports_float32_by_default_and_double_on_request():
+    torch.manual_seed(3)
+    layer = lstmkit.LSTM(3, 4).double().eval()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    y = _session(to_onnx(layer)).run(["Y"], {"X": x.float().numpy()})[0]
+    _close("float64_as_float32", y, _reference(layer, x, None, None)[0].astype(np.float32))
+    proto = to_onnx(layer, dtype=torch.float64)
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.graph.input[0].type.tensor_type.elem_type == TensorProto.DOUBLE
+    back = from_onnx(proto)
+    assert back.weight_ih_l0.dtype == torch.float64
+    for k, v in layer.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+REFUSED = {
+    "layernorm": ("layernorm", "no layer normalisation"),
+    "deep gates": (lstmkit.CellSpec(gate_hidden={"f": (4,)}), "not MLPs"),
+    "fgr": ("fgr", "gate-to-gate recurrence"),
+    "nig": ("nig", "always computes the input gate"),
+    "nfg": ("nfg", "always computes the forget gate"),
+    "nog": ("nog", "always computes the output gate"),
+    "niaf": ("niaf", "identity candidate"),
+    "noaf": ("noaf", "identity output"),
+    "clip": ("clip=0.5", "clip bounds the gate pre-activations"),
+}
+
+
+@pytest.mark.parametrize("variant", list(REFUSED))
+def test_the_operator_refuses_what_it_cannot_express(variant, tmp_path):
+    cell, why = REFUSED[variant]
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match=rf"onnx: .*{why}.*, so variant '{variant}' .* cannot be written with it; "
+                                         r"method='scan' \(or 'auto'\) writes the cell's equations as a Scan"):
+        to_onnx(lstmkit.LSTM(3, 4, cell=cell), path, method="operator")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
+
+
+def test_projection_and_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"onnx: the LSTM operator has no projection, so proj_size=2"):
+        to_onnx(lstmkit.LSTM(3, 4, proj_size=2), method="operator")
+    with pytest.raises(ValueError, match=rf"opset: expected an int in \[{MIN_OPSET}, \d+\], got 7"):
+        to_onnx(lstmkit.LSTM(3, 4), opset=7)
+    with pytest.raises(ValueError, match=r"opset: a layernorm cell .* needs opset >= 17, got 16"):
+        to_onnx(lstmkit.LSTM(3, 4, cell="layernorm"), opset=16)
+    with pytest.raises(ValueError, match=r"dtype: expected torch.float32 or torch.float64, got torch.float16"):
+        to_onnx(lstmkit.LSTM(3, 4), dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"method: expected 'auto', 'operator' or 'scan', got 'loop'"):
+        to_onnx(lstmkit.LSTM(3, 4), method="loop")
+    with pytest.raises(TypeError, match=r"model: expected an lstmkit LSTM or RNN, got LSTM"):
+        to_onnx(torch.nn.LSTM(3, 4))
+    with pytest.raises(ValueError, match="DST: directory .* does not exist"):
+        to_onnx(lstmkit.LSTM(3, 4), tmp_path / "missing" / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- Scan graphs
+
+
+def _truth(layer, x, lengths, state):
+    """lstmkit's forward in float64 on the same (float32) parameter values: the exact result
+    the float32 graph approximates. Two float32 implementations of layer norm each differ
+    from it by up to ~7e-6 in different directions, so the float32 graph is held to 1e-5 of
+    this rather than of lstmkit's own float32 rounding."""
+    import copy
+
+    wide = copy.deepcopy(layer).double()
+    st = None if state is None else tuple(s.double() for s in state) if isinstance(state, tuple) else state.double()
+    return _reference(wide, x.double(), lengths, st)
+
+
+SCAN_CASES = dict(LSTM_VARIANTS, projection=lstmkit.CellSpec(peephole=True, layernorm=True))
+
+
+@pytest.mark.parametrize("variant", list(SCAN_CASES))
+def test_every_variant_exports_as_a_scan_graph(variant):
+    torch.manual_seed(6)
+    proj = 2 if variant == "projection" else 0
+    layer = lstmkit.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=proj, cell=SCAN_CASES[variant]).eval()
+    expected_method = "operator" if variant in ("vanilla", "peephole", "cifg", "forget_bias") else "scan"
+    proto = to_onnx(layer, initial_states=True, sequence_lens=True)
+    assert json.loads(proto.metadata_props[0].value)["onnx_method"] == expected_method
+    assert ("Scan" in {n.op_type for n in proto.graph.node}) == (expected_method == "scan")
+    sess = _session(proto)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 4, 3, generator=gen)
+    lengths = torch.tensor([6, 2, 1, 5])
+    state = (torch.randn(4, 4, layer.output_size, generator=gen), torch.randn(4, 4, 5, generator=gen))
+    got = sess.run(None, {"X": x.numpy(), "sequence_lens": lengths.int().numpy(), "initial_h": state[0].numpy(),
+                          "initial_c": state[1].numpy()})
+    for name, a, b in zip(("Y", "Y_h", "Y_c"), got, _truth(layer, x, lengths, state)):
+        _close(f"scan/{variant}/{name}", a, b.astype(np.float32))
+    # One layer, batch-first, no lengths and no state: the reverse direction is Scan's own.
+    one = lstmkit.LSTM(3, 5, bidirectional=True, batch_first=True, proj_size=proj, cell=SCAN_CASES[variant]).eval()
+    xb = torch.randn(4, 6, 3, generator=gen)
+    got = _session(to_onnx(one)).run(None, {"X": xb.numpy()})
+    for name, a, b in zip(("Y", "Y_h", "Y_c"), got, _truth(one, xb, None, None)):
+        _close(f"scan/{variant}/{name}", a, b.astype(np.float32))
+    back = from_onnx(proto)
+    if expected_method == "scan":
+        assert back.spec == layer.spec  # the metadata carries the whole CellSpec
+    assert list(back.state_dict()) == list(layer.state_dict())
+    for k, v in layer.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_scan_and_operator_graphs_agree():
+    torch.manual_seed(8)
+    for layer in (lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, cell="peephole+cifg").eval(),
+                  lstmkit.RNN(3, 4, num_layers=2, bidirectional=True, nonlinearity="relu").eval()):
+        x = torch.randn(5, 3, 3)
+        lengths = torch.tensor([5, 1, 3])
+        feeds = {"X": x.numpy(), "sequence_lens": lengths.int().numpy()}
+        via_op = _session(to_onnx(layer, sequence_lens=True, method="operator")).run(None, feeds)
+        scan = to_onnx(layer, sequence_lens=True, method="scan")
+        via_scan = _session(scan).run(None, feeds)
+        for a, b, c in zip(via_scan, via_op, _reference(layer, x, lengths, None)):
+            _close("scan_vs_operator", a, b)
+            _close("scan_vs_operator", a, c)
+        back = from_onnx(scan)
+        assert type(back) is type(layer) and all(torch.equal(back.state_dict()[k], v)
+                                                 for k, v in layer.state_dict().items())
+
+
+def test_scan_graph_at_the_oldest_opset():
+    layer = lstmkit.LSTM(3, 4, cell="fgr+clip=0.5", proj_size=2).eval()
+    proto = to_onnx(layer, opset=MIN_OPSET)
+    x = torch.randn(5, 2, 3)
+    for a, b in zip(_session(proto).run(None, {"X": x.numpy()}), _reference(layer, x, None, None)):
+        _close("scan_opset14", a, b)
+
+
+def test_a_tampered_scan_graph_is_refused():
+    proto = to_onnx(lstmkit.LSTM(3, 4, cell="layernorm"))
+    for t in proto.graph.initializer:
+        if t.name == "ln_c_weight_l0":
+            t.CopyFrom(numpy_helper.from_array(np.ones(5, dtype=np.float32), "ln_c_weight_l0"))
+    with pytest.raises(ValueError, match=r"ln_c_weight_l0: expected shape \(4,\) for lstmkit.LSTM\(3, 4, "
+                                         r"cell='layernorm'\), got \(5,\)"):
+        from_onnx(proto)
+    config = json.loads(proto.metadata_props[0].value)
+    proto.metadata_props[0].value = json.dumps({**config, "hidden_size": 10**6})  # hostile: asks for terabytes
+    with pytest.raises(ValueError, match=r"weight_ih_l0: expected shape \(4000000, 3\) for lstmkit.LSTM\(3, "
+                                         r"1000000, .*got \(16, 3\)"):
+        from_onnx(proto)  # refused from the shapes alone, nothing allocated
+    kept = [n for n in proto.graph.node if n.op_type != "Scan"]
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    with pytest.raises(ValueError, match="the metadata says the layer was written as Scan graphs, but there is no "
+                                         "Scan node"):
+        from_onnx(proto)
+
+
+def test_clip_attribute_is_not_lstmkit_cell_clip():
+    """The reason clip is refused, shown with onnxruntime: ONNX clips pre-activations, not c_t."""
+    torch.manual_seed(4)
+    clipped = lstmkit.LSTM(3, 4, cell="clip=0.3").eval()
+    plain = lstmkit.LSTM(3, 4).eval()
+    plain.load_state_dict(clipped.state_dict())
+    proto = to_onnx(plain)
+    for n in proto.graph.node:
+        if n.op_type == "LSTM":
+            n.attribute.append(helper.make_attribute("clip", 0.3))
+    x = 3 * torch.randn(6, 2, 3)
+    y = _session(proto).run(["Y_c"], {"X": x.numpy()})[0]
+    with torch.no_grad():
+        c_kit = clipped(x)[1][1].numpy()
+    assert np.abs(y - c_kit).max() > 1e-2  # different functions
+    assert np.abs(c_kit).max() <= 0.3 + 1e-7 < np.abs(y).max()  # lstmkit bounds c_t; ONNX does not
+    with pytest.raises(ValueError, match=r"clip=0.3.* bounds the gate pre-activations"):
+        from_onnx(proto)
+
+
+# ---------------------------------------------------------------------------- foreign graphs
+
+
+def _torch_export(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), f, dynamo=False, input_names=["x"], output_names=["y", "h", "c"])
+    return onnx.load_from_string(f.getvalue())
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_layers=2, bidirectional=True), dict(batch_first=True, bias=False)],
+                         ids=["single", "stacked_bidirectional", "batch_first_no_bias"])
+def test_from_torch_onnx_export(kw):
+    torch.manual_seed(5)
+    ref = torch.nn.LSTM(3, 4, **kw).eval()
+    x = torch.randn(2, 5, 3) if kw.get("batch_first") else torch.randn(5, 2, 3)
+    proto = _torch_export(ref, x)
+    layer = from_onnx(proto)
+    assert layer.batch_first == ref.batch_first and layer.num_layers == ref.num_layers
+    for k, v in ref.state_dict().items():  # torch's exporter reorders gates; we reorder back
+        assert torch.equal(layer.state_dict()[k], v), k
+    y_ort = _session(proto).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        y, (h, c) = layer(x)
+    for name, a, b in zip(("Y", "Y_h", "Y_c"), (y, h, c), y_ort):
+        _close(f"torch_export/{name}", a.numpy(), b)
+
+
+def _hand_graph(attrs: dict, *, H=3, I=2, D=1, extra_nodes=(), x_name="X", initial_h=None, w_input=False):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((D, 4 * H, H)).astype(np.float32), "R"),
+             numpy_helper.from_array(rng.standard_normal((D, 8 * H)).astype(np.float32), "B")]
+    if not w_input:
+        inits.append(numpy_helper.from_array(rng.standard_normal((D, 4 * H, I)).astype(np.float32), "W"))
+    ins = [x_name, "W", "R", "B", "", ""]
+    if initial_h is not None:
+        inits.append(numpy_helper.from_array(initial_h.astype(np.float32), "h0"))
+        ins[5] = "h0"
+    nodes = list(extra_nodes) + [helper.make_node("LSTM", ins, ["Y", "Y_h", "Y_c"], hidden_size=H, **attrs)]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "B", I])]
+    if w_input:
+        inputs.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [D, 4 * H, I]))
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Y", "Y_h", "Y_c")]
+    g = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", 17)]
+    return helper.make_model(g, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+
+
+def test_hand_written_input_forget_ignores_the_f_rows():
+    """A foreign input_forget graph with non-zero f rows: onnxruntime ignores them, and so do we."""
+    proto = _hand_graph({"input_forget": 1, "activations": ["Sigmoid", "Tanh", "Tanh"]})
+    layer = from_onnx(proto)
+    assert layer.spec.name == "cifg" and layer.weight_ih_l0.shape == (9, 2)
+    x = torch.randn(4, 2, 2)
+    y = _session(proto).run(None, {"X": x.numpy()})
+    with torch.no_grad():
+        ours = layer(x)
+    _close("hand_input_forget/Y", ours[0].numpy(), y[0].reshape(4, 2, 3))
+    _close("hand_input_forget/Y_c", ours[1][1].numpy(), y[2])
+
+
+def test_hand_written_affine_identity_reads_as_niaf_noaf():
+    proto = _hand_graph({"activations": ["Sigmoid", "Affine", "Affine"], "activation_alpha": [1.0, 1.0],
+                         "activation_beta": [0.0, 0.0]})
+    layer = from_onnx(proto)
+    assert layer.spec.name == "niaf+noaf"
+    x = torch.randn(4, 2, 2)
+    y = _session(proto).run(None, {"X": x.numpy()})
+    with torch.no_grad():
+        ours = layer(x)
+    _close("hand_affine/Y", ours[0].numpy(), y[0].reshape(4, 2, 3))
+    _close("hand_affine/Y_c", ours[1][1].numpy(), y[2])
+
+
+@pytest.mark.parametrize("attrs,kw,match", [
+    ({"activations": ["Sigmoid", "Affine", "Tanh"], "activation_alpha": [2.0]}, {},
+     r"Affine activation with alpha=2.0, beta=0.0; lstmkit computes the identity"),
+    ({"activations": ["Sigmoid", "Tanh", "Tanh", "Sigmoid", "Affine", "Tanh"], "direction": "bidirectional"},
+     {"D": 2}, "the directions use different activations"),
+    ({"activations": ["Sigmoid", "Relu", "Tanh"]}, {}, r"activations=\['Sigmoid', 'Relu', 'Tanh'\]"),
+    ({"activation_alpha": [1.0]}, {}, "activation_alpha"),
+    ({"direction": "reverse"}, {}, "direction='reverse' runs only backwards"),
+    ({}, {"w_input": True}, r"input W \('W'\) is computed at run time"),
+    ({}, {"initial_h": np.ones((1, 1, 3))}, "initial_h is a non-zero constant"),
+    ({}, {"x_name": "X2", "extra_nodes": [helper.make_node("Relu", ["X"], ["X2"])]},
+     r"comes from a Relu node .*cannot be read as one stacked layer"),
+    ({}, {"x_name": "X2", "extra_nodes": [helper.make_node("Transpose", ["X"], ["X2"], perm=[0, 2, 1])]},
+     r"transposed with perm=\[0, 2, 1\]"),
+], ids=["affine_alpha", "mixed_directions", "activations", "alpha", "reverse", "w_runtime", "learned_state", "not_a_chain", "odd_transpose"])
+def test_foreign_graphs_lstmkit_cannot_compute_are_refused(attrs, kw, match):
+    with pytest.raises(ValueError, match=match):
+        from_onnx(_hand_graph(attrs, **kw))
+
+
+def test_an_op_between_two_lstm_nodes_is_refused():
+    proto = to_onnx(lstmkit.LSTM(3, 4, num_layers=2))
+    second = [n for n in proto.graph.node if n.op_type == "LSTM"][1]
+    proto.graph.node.insert(0, helper.make_node("Relu", [second.input[0]], ["relu_out"]))  # between the layers
+    second.input[0] = "relu_out"
+    with pytest.raises(ValueError, match=r"X input of LSTM node 1 .* comes from a Relu node"):
+        from_onnx(proto)
+
+
+def test_files_that_are_not_onnx_or_have_no_lstm(tmp_path):
+    with pytest.raises(ValueError, match="no file at"):
+        from_onnx(tmp_path / "missing.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\xff\xfe not a protobuf \x00\x01" * 10)
+    with pytest.raises(ValueError, match=rf"{bad}: not a readable ONNX model|{bad}: not an ONNX model"):
+        from_onnx(bad)
+    g = helper.make_graph([helper.make_node("Relu", ["X"], ["Y"])], "g",
+                          [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2])])
+    relu = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(g), relu)
+    with pytest.raises(ValueError, match=rf"{relu}: expected an ONNX model with LSTM or RNN nodes, found none "
+                                         r"\(ops: \['Relu'\]\)"):
+        from_onnx(relu)
+    with pytest.raises(TypeError, match="model_or_path: expected an onnx.ModelProto or a path, got int"):
+        from_onnx(3)
+
+
+def test_to_onnx_writes_atomically_and_replaces(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"old")
+    layer = lstmkit.LSTM(3, 4).eval()
+    proto = to_onnx(layer, path)
+    assert path.read_bytes() == proto.SerializeToString()
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    onnx.checker.check_model(str(path), full_check=True)
+    back = from_onnx(path)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+
+
+def test_zz_report_max_errors():
+    """Prints the worst error per case against onnxruntime (visible with -s)."""
+    if not MAX_ERR:
+        pytest.skip("no comparison ran before this test (run the whole file)")
+    worst = max(MAX_ERR.values())
+    print(f"\nmax |onnxruntime - lstmkit| over {len(MAX_ERR)} outputs: {worst:.3g}")
+    for case, err in sorted(MAX_ERR.items(), key=lambda kv: -kv[1])[:5]:
+        print(f"  {case}: {err:.3g}")
+    assert worst <= 1e-5
