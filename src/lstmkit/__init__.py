@@ -6,6 +6,10 @@ Importing this package compiles nothing; fused kernels are built on first use.
 from lstmkit.inspect import GateView, describe
 from lstmkit.nn import LSTM, RNN, LSTMCell
 from lstmkit.spec import PRESETS, CellSpec, resolve
+from lstmkit.tracing import gradient_flow, trace
 
-__all__ = ["LSTM", "RNN", "LSTMCell", "CellSpec", "PRESETS", "resolve", "describe", "GateView"]
+# The result classes: ``from lstmkit.tracing import Trace, GradientFlow``.
+
+__all__ = ["LSTM", "RNN", "LSTMCell", "CellSpec", "PRESETS", "resolve", "describe", "GateView", "trace",
+           "gradient_flow"]
 __version__ = "0.1.0"

@@ -1,0 +1,869 @@
+"""Pictures of a layer and of a run, as PNG files (matplotlib, headless), and ``lstmkit plot``.
+
+Every picture is a function that returns the matplotlib ``Figure`` and, given ``path``,
+also writes it as a PNG::
+
+    plot_gates(model, x, labels=…)      heatmaps of i, f, g, o over time (units × steps)
+    plot_cells(model, x, labels=…)      trajectories of c_t and h_t
+    plot_weights(model)                 each gate's W (H × (I + H)) with the [x | h] split
+    plot_curves(run_dirs)               training loss and test metric from metrics.jsonl
+    plot_compare(run_dirs)              the test metric per cell variant (box + strip)
+    plot_gradient_flow(flow)            ‖∂L/∂c_t‖, ‖∂L/∂h_t‖ and the forget gate of one model
+    plot_gradflow(gradflow_experiment())  RNN vs LSTM vs no-forget-gate LSTM on the adding problem
+
+Files are written atomically (a temporary file in the same directory, then renamed) and
+an existing file is never replaced unless ``overwrite=True`` (``--overwrite``).
+matplotlib is imported only when a picture is drawn (``pip install 'lstmkit[plot]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from lstmkit.layout import GATE_NAMES, GATES
+from lstmkit.tracing import GradientFlow, gradient_flow, recurrent_layer, trace
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from lstmkit.tasks.base import Task
+    from lstmkit.train import SequenceModel, TrainConfig
+
+__all__ = ["KINDS", "plot_gates", "plot_cells", "plot_weights", "plot_curves", "plot_compare",
+           "plot_gradient_flow", "plot_gradflow", "gradflow_experiment", "gradflow_table", "task_gradient_flow",
+           "load_run", "sample_input", "read_metrics", "compare_values", "figure_png", "save_png",
+           "write_file", "check_output", "add_arguments", "run"]
+
+#: The kinds of ``lstmkit plot KIND``.
+KINDS: tuple[str, ...] = ("gates", "cells", "weights", "curves", "compare", "gradflow")
+
+_DPI = 100
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _figure(**kw: Any) -> Figure:
+    """A new Figure, not registered with pyplot (no global state, no GUI)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("lstmkit's plots need matplotlib: pip install 'lstmkit[plot]'") from None
+    return Figure(layout="constrained", **kw)
+
+
+def figure_png(fig: Figure, dpi: int = _DPI) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def check_output(path: str | os.PathLike[str], overwrite: bool = False, suffix: str | None = None) -> Path:
+    """Check, before any work, that ``path`` can be written.
+
+    Raises:
+        ValueError: wrong suffix, or the directory does not exist.
+        FileExistsError: the file exists and ``overwrite`` is False.
+    """
+    p = Path(path)
+    if suffix is not None and p.suffix.lower() != suffix:
+        raise ValueError(f"output: expected a file name ending in {suffix}, got {str(p)!r}")
+    if not p.parent.is_dir():
+        raise ValueError(f"output: directory {str(p.parent)!r} does not exist (for {str(p)!r})")
+    if p.is_dir():
+        raise ValueError(f"output: {str(p)!r} is a directory, expected a file name")
+    if p.exists() and not overwrite:
+        raise FileExistsError(f"output: {p} exists; nothing was overwritten (use --overwrite to replace it)")
+    return p
+
+
+def write_file(path: str | os.PathLike[str], data: bytes, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically; never replaces a file unless ``overwrite``.
+
+    The bytes go to a temporary file in the same directory first; it is then renamed
+    over the target (``overwrite``) or hard-linked to it, which fails if the target
+    appeared meanwhile. A failure leaves every existing file as it was.
+    """
+    p = check_output(path, overwrite)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (mkstemp makes it 0600)
+        if overwrite:
+            os.replace(tmp, p)
+        else:
+            try:
+                os.link(tmp, p)
+            except FileExistsError:
+                raise FileExistsError(f"output: {p} exists; nothing was overwritten "
+                                      f"(use --overwrite to replace it)") from None
+            except OSError:  # a filesystem without hard links
+                if p.exists():
+                    raise FileExistsError(f"output: {p} exists; nothing was overwritten") from None
+                os.replace(tmp, p)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return p
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _json_safe(value: Any) -> Any:
+    """Infinite or NaN floats as None (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def save_png(fig: Figure, path: str | os.PathLike[str], overwrite: bool = False, dpi: int = _DPI) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (atomically; see :func:`write_file`)."""
+    check_output(path, overwrite, ".png")
+    return write_file(path, figure_png(fig, dpi), overwrite)
+
+
+def _finish(fig: Figure, path: str | os.PathLike[str] | None, overwrite: bool) -> Figure:
+    if path is not None:
+        save_png(fig, path, overwrite)
+    return fig
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def load_run(path: str | os.PathLike[str]) -> tuple[TrainConfig, Task, SequenceModel]:
+    """(config, task, model in eval mode) of a run directory or checkpoint file.
+
+    Raises:
+        ValueError: nothing at ``path``; lstmkit.train.CheckpointError (a ValueError) for
+            a corrupt, foreign or incompatible checkpoint.
+    """
+    from lstmkit.cli import _load_model
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"run: no run directory or checkpoint at {str(p)!r}")
+    return _load_model(p)
+
+
+def _run_dir(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"run_dirs: no run directory at {str(p)!r}")
+    return p
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl`` (one per evaluation).
+
+    Raises:
+        ValueError: no such directory or file, or a line that is not a JSON object.
+    """
+    d = _run_dir(run_dir)
+    f = d / "metrics.jsonl"
+    if not f.is_file():
+        raise ValueError(f"run_dirs: {str(d)!r} has no metrics.jsonl (not a training run, or no evaluation yet)")
+    records = []
+    for n, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"run_dirs: {f} line {n} is not JSON ({exc.msg})") from None
+        if not isinstance(rec, dict) or "step" not in rec:
+            raise ValueError(f"run_dirs: {f} line {n}: expected a JSON object with a 'step', got {line[:60]!r}")
+        records.append(rec)
+    if not records:
+        raise ValueError(f"run_dirs: {f} is empty")
+    return records
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"run_dirs: {path} is not JSON ({exc.msg})") from None
+    return value if isinstance(value, dict) else None
+
+
+def _variant_of(run_dir: Path) -> str:
+    """The cell variant's name of a run: summary.json's, else from config.json."""
+    summary = _read_json(run_dir / "summary.json")
+    if summary and "cell" in summary:
+        return str(summary["cell"])
+    cfg = _read_json(run_dir / "config.json") or {}
+    if cfg.get("model") == "rnn":
+        return "rnn"
+    from lstmkit.spec import resolve
+    return resolve(cfg.get("cell", "vanilla")).name
+
+
+def _split_of(run_dir: Path) -> str:
+    """The split a run evaluated during training (``eval_split``; "test" by default): its
+    metrics are logged as ``<split>_<metric>``."""
+    summary = _read_json(run_dir / "summary.json")
+    if summary and summary.get("split"):
+        return str(summary["split"])
+    cfg = _read_json(run_dir / "config.json") or {}
+    return str(cfg.get("eval_split") or "test")
+
+
+def _metric_of(run_dir: Path, records: list[dict[str, Any]]) -> str:
+    """The task's target metric: summary.json's, else the task's, else the first logged one."""
+    summary = _read_json(run_dir / "summary.json")
+    if summary and summary.get("metric"):
+        return str(summary["metric"])
+    cfg = _read_json(run_dir / "config.json")
+    if cfg and "task" in cfg:
+        try:
+            from lstmkit.tasks.base import get_task
+            return get_task(cfg["task"], **cfg.get("task_options", {})).target.metric
+        except (ValueError, TypeError):
+            pass
+    prefix = _split_of(run_dir) + "_"
+    keys = [k[len(prefix):] for k in records[-1] if k.startswith(prefix)]
+    if not keys:
+        raise ValueError(f"run_dirs: {run_dir} records no {prefix[:-1]} metric")
+    return keys[0]
+
+
+def _symbols(task: Task) -> str | None:
+    """The alphabet of a task's one-hot input, where it has one."""
+    if getattr(task, "name", "") == "charlm":
+        return task.vocab + "\ufffd"  # type: ignore[attr-defined]
+    if getattr(task, "name", "") in ("reber", "continual_reber"):
+        from lstmkit.tasks.reber import SYMBOLS
+        return SYMBOLS
+    return None
+
+
+def _show_char(c: str) -> str:
+    return {"\n": "\u21b5", "\t": "\u2192", " ": "\u2423", "$": r"\$"}.get(c, c)
+
+
+def sample_input(task: Task, text: str | None = None, max_steps: int | None = None
+                 ) -> tuple[Tensor, list[str] | None]:
+    """One input sequence for the pictures: ``text`` (charlm only), else the first sequence
+    of the task's test set.
+
+    Returns:
+        ``x`` (T, 1, input_size) and the symbol at each step (charlm, Reber), or None.
+    Raises:
+        ValueError: ``text`` for a task that does not read text, empty text, bad ``max_steps``.
+    """
+    import torch.nn.functional as F
+
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps: expected an int >= 1, got {max_steps}")
+    alphabet = _symbols(task)
+    if text is not None:
+        if getattr(task, "name", "") != "charlm":
+            raise ValueError(f"text: only the charlm task reads text; this run's task is {task.name!r}")
+        if not text:
+            raise ValueError("text: expected at least one character, got ''")
+        from lstmkit.tasks._charlm import _encode
+        idx = _encode(text, task.vocab).long()  # type: ignore[attr-defined]
+        x = F.one_hot(idx, task.input_size).float().unsqueeze(1)  # (T, 1, V)
+    else:
+        batch = next(iter(task.eval_batches("test", 1)))
+        n = batch.x.shape[0] if batch.lengths is None else int(batch.lengths[0])
+        x = batch.x[:n, :1]
+    if max_steps is not None:
+        x = x[:max_steps]
+    labels = None
+    if alphabet is not None and x.shape[-1] == len(alphabet):
+        labels = [_show_char(alphabet[int(i)]) for i in x[:, 0].argmax(-1)]
+    return x, labels
+
+
+# ----------------------------------------------------------------------------- gates, cells, weights
+
+
+def _direction_name(d: int) -> str:
+    return "forward" if d == 0 else "reverse"
+
+
+def _time_axis(ax: Any, T: int, labels: Sequence[str] | None) -> None:
+    if labels is None:
+        ax.set_xlabel("time step t")
+        return
+    ax.set_xlabel("input character")
+    every = max(1, math.ceil(T / 80))
+    ax.set_xticks(range(0, T, every), [labels[t] for t in range(0, T, every)], fontsize=7)
+
+
+def _one_sequence(model: nn.Module, x: Tensor, layer: int, direction: int
+                  ) -> tuple[Any, dict[str, Any], dict[str, str]]:
+    """(the recurrent layer, key -> (T, ·) NumPy array of the first sequence, absent notes)."""
+    rec = recurrent_layer(model)
+    rec._check_layer_direction(layer, direction)
+    tr = trace(model, x)
+    one = tr.layers[layer][direction]
+    pick = (lambda v: v[:, 0]) if tr.batched else (lambda v: v)
+    return rec, {k: pick(v).float().numpy() for k, v in one.items()}, one.absent
+
+
+def plot_gates(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = None, layer: int = 0,
+               direction: int = 0, title: str | None = None, path: str | os.PathLike[str] | None = None,
+               overwrite: bool = False) -> Figure:
+    """Heatmaps of every gate's activation over time, one row per gate (units × steps).
+
+    Args:
+        model: an lstmkit LSTM/RNN or a SequenceModel.
+        x: one sequence ``(T, I)``, or a batch ``(T, B, I)`` (the first sequence is drawn).
+        labels: the input symbol at each step (e.g. characters), drawn along the time axis.
+        layer, direction: which layer and direction.
+        path: also write the PNG there.
+
+    Returns:
+        The Figure: one axes per gate ``i, f, g, o`` (an absent gate's panel says why);
+        the plain RNN has one panel, its ``h_t``.
+    """
+    rec, values, absent = _one_sequence(model, x, layer, direction)
+    spec = rec.spec
+    letters = GATES if spec.is_lstm else ("g",)
+    T = next(iter(values.values())).shape[0]
+    fig = _figure(figsize=(min(max(7.0, 0.12 * T + 3.0), 22.0), 1.7 * len(letters) + 1.2))
+    axes = fig.subplots(len(letters), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, letter in zip(axes, letters):
+        name = GATE_NAMES[GATES.index(letter)]
+        if letter not in values:
+            ax.set_title(f"{name} gate {letter}_t")
+            ax.text(0.5, 0.5, absent.get(letter, "absent"), ha="center", va="center", transform=ax.transAxes)
+            ax.set_yticks([])
+            continue
+        v = values[letter].T  # (H, T)
+        if letter == "g":
+            act = spec.nonlinearity if not spec.is_lstm else spec.candidate_activation
+            lim = max(1.0, float(abs(v).max())) if act != "tanh" else 1.0
+            cmap, lo, hi = "RdBu_r", -lim, lim
+            if act == "relu":
+                cmap, lo = "viridis", 0.0
+            what = (f"hidden state h_t = {act}(W [x_t, h_(t-1)] + b) (the plain RNN has no gates)"
+                    if not spec.is_lstm else f"candidate g_t ({act})")
+        else:
+            cmap, lo, hi = "viridis", 0.0, 1.0
+            what = f"{name} gate {letter}_t (sigmoid)" + (" = 1 - i_t (cifg)" if letter == "f" and spec.coupled else "")
+        im = ax.imshow(v, aspect="auto", interpolation="nearest", origin="lower", cmap=cmap, vmin=lo, vmax=hi)
+        fig.colorbar(im, ax=ax, pad=0.01)
+        ax.set_title(what)
+        ax.set_ylabel("cell")
+    _time_axis(axes[-1], T, labels)
+    fig.suptitle(title or f"Gate activations: {spec.name if spec.is_lstm else 'rnn'}, layer {layer}, "
+                          f"{_direction_name(direction)}")
+    return _finish(fig, path, overwrite)
+
+
+def plot_cells(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = None, layer: int = 0,
+               direction: int = 0, max_units: int = 16, title: str | None = None,
+               path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Figure:
+    """Trajectories of the cell state ``c_t`` (and of ``h_t``) over time, one line per unit.
+
+    Args:
+        x: one sequence ``(T, I)`` or a batch ``(T, B, I)`` (the first sequence is drawn).
+        max_units: draw at most this many units.
+
+    Returns:
+        The Figure: axes "cell state c_t" and "hidden state h_t" (only the latter for the RNN).
+    """
+    if max_units < 1:
+        raise ValueError(f"max_units: expected an int >= 1, got {max_units}")
+    rec, values, _ = _one_sequence(model, x, layer, direction)
+    keys = ("c", "h") if "c" in values else ("h",)
+    T = values["h"].shape[0]
+    fig = _figure(figsize=(min(max(7.0, 0.1 * T + 3.0), 22.0), 2.6 * len(keys) + 0.8))
+    axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
+    steps = range(T)
+    for ax, key in zip(axes, keys):
+        v = values[key]  # (T, H)
+        n = min(max_units, v.shape[1])
+        for j in range(n):
+            ax.plot(steps, v[:, j], lw=1.0)
+        ax.axhline(0.0, color="0.6", lw=0.6)
+        ax.set_title(("cell state c_t" if key == "c" else "hidden state h_t")
+                     + f" ({n} of {v.shape[1]} units)")
+        ax.set_ylabel("c_t" if key == "c" else "h_t")
+    _time_axis(axes[-1], T, labels)
+    spec = rec.spec
+    fig.suptitle(title or f"Cell-state trajectories: {spec.name if spec.is_lstm else 'rnn'}, layer {layer}, "
+                          f"{_direction_name(direction)}")
+    return _finish(fig, path, overwrite)
+
+
+def plot_weights(model: nn.Module, *, layer: int = 0, direction: int = 0, title: str | None = None,
+                 path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Figure:
+    """Each gate's weight matrix ``W_k = [W_x | W_h]`` (``n × (I + H_out)``) as an image.
+
+    A dashed line marks the split between the input columns ``x_t`` and the recurrent
+    columns ``h_{t-1}``; each axes' title gives the shape. Absent gates say why.
+    """
+    rec = recurrent_layer(model)
+    views = rec.gates(layer, direction)  # validates layer / direction
+    spec = rec.spec
+    letters = GATES if spec.is_lstm else ("g",)
+    shown = [views[GATE_NAMES[GATES.index(k)]] for k in letters]
+    ncols = 2 if len(shown) > 1 else 1
+    nrows = math.ceil(len(shown) / ncols)
+    fig = _figure(figsize=(5.5 * ncols, 4.0 * nrows + 0.6))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, v in zip(axes, shown):
+        if not v.present:
+            ax.set_title(f"{v.name} gate: absent")
+            ax.text(0.5, 0.5, v.note, ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        W = v.W.float().numpy()
+        n, i_in = v.W_x.shape
+        h_in = v.W_h.shape[1]
+        lim = float(abs(W).max()) or 1.0
+        im = ax.imshow(W, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        fig.colorbar(im, ax=ax, pad=0.01)
+        ax.axvline(i_in - 0.5, color="black", lw=1.5, ls="--")
+        ax.set_xticks([(i_in - 1) / 2, i_in + (h_in - 1) / 2], ["x_t", "h_(t-1)"])
+        deep = " (first layer of its MLP)" if v.mlp else ""
+        if spec.is_lstm:
+            ax.set_title(f"{v.name} gate W_{v.letter}: {n} × ({i_in} + {h_in}){deep}")
+        else:
+            ax.set_title(f"W: {n} × ({i_in} + {h_in}) (the plain RNN's only layer)")
+        ax.set_xlabel(f"[x | h]: columns 0-{i_in - 1} input x_t, {i_in}-{i_in + h_in - 1} recurrent h_(t-1)")
+        ax.set_ylabel("cell" if not v.mlp else "hidden unit")
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    fig.suptitle(title or f"Gate weights W = [W_x | W_h]: {spec.name if spec.is_lstm else 'rnn'}, "
+                          f"layer {layer}, {_direction_name(direction)}")
+    return _finish(fig, path, overwrite)
+
+
+# ----------------------------------------------------------------------------- curves, compare
+
+
+def plot_curves(run_dirs: Sequence[str | os.PathLike[str]], *, title: str | None = None,
+                path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Figure:
+    """Training loss and the evaluated metric against the step, from each run's metrics.jsonl.
+
+    Returns:
+        The Figure: axes "training loss" and "<split> <metric>" (the task's target metric on
+        the split the run evaluated, "test" by default), one line per run.
+    """
+    if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
+        raise ValueError(f"run_dirs: expected a non-empty list of run directories, got {run_dirs!r}")
+    runs = [(Path(d), read_metrics(d)) for d in run_dirs]
+    metrics = [f"{_split_of(d)} {_metric_of(d, recs)}" for d, recs in runs]
+    fig = _figure(figsize=(11.0, 4.2))
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    for (d, recs), metric in zip(runs, metrics):
+        label = f"{d.name} ({_variant_of(d)})"
+        steps = [r["step"] for r in recs]
+        loss = [r.get("train_loss", float("nan")) for r in recs]
+        ax_loss.plot(steps, loss, marker="o", ms=3, label=label)
+        key = metric.replace(" ", "_", 1)
+        ax_metric.plot(steps, [r.get(key, float("nan")) for r in recs], marker="o", ms=3,
+                       label=label if len(set(metrics)) == 1 else f"{label}: {metric}")
+    if all(r.get("train_loss", 0) > 0 for _, recs in runs for r in recs):
+        ax_loss.set_yscale("log")
+    ax_loss.set_title("training loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("train loss (mean since the previous evaluation)")
+    shown = metrics[0] if len(set(metrics)) == 1 else ", ".join(sorted(set(metrics)))
+    ax_metric.set_title(shown)
+    ax_metric.set_xlabel("step")
+    ax_metric.set_ylabel(shown.split(" ", 1)[1] if len(set(metrics)) == 1 else "value")
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or ("Training curves: " + ", ".join(d.name for d, _ in runs))[:120])
+    return _finish(fig, path, overwrite)
+
+
+def compare_values(run_dirs: Sequence[str | os.PathLike[str]], metric: str | None = None
+                   ) -> tuple[str, list[tuple[str, float, str]]]:
+    """(metric, [(variant, final value, run name), …]) of a set of runs: the metric in the
+    last evaluation of metrics.jsonl, on the split each run evaluated ("test" by default).
+
+    Raises:
+        ValueError: a run without the metric, or runs of different target metrics with no
+            ``metric`` given.
+    """
+    if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
+        raise ValueError(f"run_dirs: expected a non-empty list of run directories, got {run_dirs!r}")
+    rows = []
+    chosen = metric
+    for d in map(Path, run_dirs):
+        recs = read_metrics(d)
+        m = chosen or _metric_of(d, recs)
+        if chosen is None:
+            chosen = m
+        split = _split_of(d)
+        value = recs[-1].get(f"{split}_{m}")
+        if value is None:
+            have = sorted(k[len(split) + 1:] for k in recs[-1] if k.startswith(split + "_"))
+            raise ValueError(f"metric: run {str(d)!r} has no {split} metric {m!r}; it has {have}")
+        rows.append((_variant_of(d), float(value), d.name))
+    assert chosen is not None
+    return chosen, rows
+
+
+def plot_compare(run_dirs: Sequence[str | os.PathLike[str]], *, metric: str | None = None,
+                 title: str | None = None, path: str | os.PathLike[str] | None = None,
+                 overwrite: bool = False) -> Figure:
+    """The final test metric of each run, grouped by cell variant: a box per variant and
+    every run as a point on it.
+
+    Args:
+        metric: the test metric to compare (default: the first run's task target metric).
+    """
+    metric, rows = compare_values(run_dirs, metric)
+    splits = sorted({_split_of(Path(d)) for d in run_dirs})
+    what = f"{splits[0]} {metric}" if len(splits) == 1 else f"{metric} ({'/'.join(splits)})"
+    variants = sorted({v for v, _, _ in rows})
+    fig = _figure(figsize=(max(5.0, 1.3 * len(variants) + 2.5), 4.5))
+    ax = fig.subplots()
+    groups = [[val for v, val, _ in rows if v == name] for name in variants]
+    ax.boxplot(groups, positions=range(len(variants)), widths=0.5, showfliers=False)
+    gen = torch.Generator().manual_seed(0)
+    for k, vals in enumerate(groups):
+        jitter = (torch.rand(len(vals), generator=gen) - 0.5) * 0.25
+        ax.scatter([k + float(j) for j in jitter], vals, s=22, zorder=3, alpha=0.8)
+    ax.set_xticks(range(len(variants)), variants, rotation=30 if len(variants) > 4 else 0)
+    ax.set_xlabel("cell variant")
+    ax.set_ylabel(what)
+    ax.set_title(title or f"{what} by cell variant ({len(rows)} run{'s' if len(rows) != 1 else ''})")
+    ax.grid(axis="y", alpha=0.3)
+    return _finish(fig, path, overwrite)
+
+
+# ----------------------------------------------------------------------------- gradient flow
+
+
+def _positive(values: Sequence[float]) -> list[float]:
+    """Zeros (an underflowed gradient) are not drawn on a log axis."""
+    return [v if v > 0 else float("nan") for v in values]
+
+
+def plot_gradient_flow(flow: GradientFlow, *, title: str | None = None,
+                       path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Figure:
+    """``‖∂L/∂c_t‖`` and ``‖∂L/∂h_t‖`` against t (log scale) for every layer and direction
+    of one model, and the mean forget gate per step below (LSTM)."""
+    lstm = flow.spec.is_lstm
+    fig = _figure(figsize=(9.0, 6.0 if lstm else 3.8))
+    axes = fig.subplots(2 if lstm else 1, 1, sharex=True, squeeze=False)[:, 0]
+    ax = axes[0]
+    for row in flow.layers:
+        for rec in row:
+            where = f"layer {rec.layer}, {_direction_name(rec.direction)}"
+            steps = range(1, rec.dh_norm.shape[0] + 1)
+            if rec.dc_norm is not None:
+                ax.plot(steps, _positive(rec.dc_norm.tolist()), label=f"‖∂L/∂c_t‖ {where}")
+            ax.plot(steps, _positive(rec.dh_norm.tolist()), ls="--", label=f"‖∂L/∂h_t‖ {where}")
+            if lstm and rec.f_mean is not None:
+                axes[1].plot(steps, rec.f_mean.tolist(), label=where)
+    ax.set_yscale("log")
+    ax.set_title("gradient norm per step")
+    ax.set_ylabel("‖∂L/∂c_t‖, ‖∂L/∂h_t‖")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if lstm:
+        axes[1].set_title("mean forget gate f_t (∂c_t/∂c_(t-1) in the vanilla cell)")
+        axes[1].set_ylabel("mean f_t")
+        axes[1].set_ylim(-0.02, 1.02)
+        axes[1].grid(alpha=0.3)
+    axes[-1].set_xlabel("time step t")
+    fig.suptitle(title or f"Gradient flow: {flow.spec.name if lstm else 'rnn'}, loss {flow.loss:.4g}")
+    return _finish(fig, path, overwrite)
+
+
+def task_gradient_flow(model: nn.Module, task: Task, batch: Any) -> GradientFlow:
+    """:func:`lstmkit.gradient_flow` of a training model on one of its task's batches,
+    with the task's loss, measured on a float64 copy (so that a gradient of 1e-40 is
+    measured, not underflowed to 0 as in float32); ``model`` itself is not changed."""
+    m = copy.deepcopy(model).double()
+    return gradient_flow(m, batch.x.double(), lambda out: task.loss(out, batch), lengths=batch.lengths)
+
+
+def _measure(model: nn.Module, task: Task, batch: Any) -> dict[str, Any]:
+    flow = task_gradient_flow(model, task, batch)
+    s = flow.summary()
+    rec = flow.layers[0][0]
+    s["norms"] = rec.norm().tolist()
+    s["dh_norms"] = rec.dh_norm.tolist()
+    s["loss"] = flow.loss
+    return s
+
+
+def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, length: int = 100,
+                        hidden: int = 32, batch_size: int = 32, steps: int = 3000, lr: float = 1e-2,
+                        seed: int = 0, probe_size: int = 64, threads: int | None = 1,
+                        runs: Sequence[str | os.PathLike[str]] | None = None,
+                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure ‖∂L/∂c_t‖ (‖∂L/∂h_t‖ for the RNN) on the adding problem at initialisation
+    and after training.
+
+    The task is ``adding`` in the ``le`` form (fixed length ``length``; the loss is the
+    squared error of the output at the last step). Each model is trained for ``steps``
+    steps with :class:`lstmkit.train.Trainer` (Adam, ``lr``, gradient clipping 1) in a
+    temporary directory, or taken from ``runs`` (trained run directories of the adding
+    task; "init" is then the same config's initialisation, from its seed). The gradients
+    are measured in float64 on ``probe_size`` test sequences.
+
+    Args:
+        cells: ``"rnn"`` for the plain RNN, else an LSTM variant (``"vanilla"``, ``"nfg"``, …).
+        threads: torch threads while training (1 is fastest at these sizes on shared cores).
+
+    Returns:
+        A JSON-ready dict: ``settings`` and ``models``, a list of ``{"name", "model",
+        "cell", "steps", "init": {...}, "trained": {...}}`` where each stage has
+        ``t1``, ``t_mid``, ``t_last``, ``ratio_first_last``, ``f_mean``, ``loss``,
+        ``norms`` (T values) and ``dh_norms``.
+    """
+    from lstmkit.tasks.base import get_task
+    from lstmkit.train import SequenceModel, TrainConfig, Trainer, load_checkpoint
+
+    say = log or (lambda s: None)
+    start = time.perf_counter()
+    for name, value in (("length", length), ("hidden", hidden), ("batch_size", batch_size),
+                        ("probe_size", probe_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
+    models = []
+    if runs:
+        for d in runs:
+            cfg, task, trained = load_run(d)
+            if cfg.task != "adding":
+                raise ValueError(f"runs: {str(d)!r} is a run of task {cfg.task!r}, expected 'adding'")
+            torch.manual_seed(cfg.seed)  # the Trainer's initialisation, from the run's seed
+            init = SequenceModel(cfg, task.input_size, task.output_size).eval()
+            batch = next(iter(task.eval_batches("test", probe_size)))
+            n_steps = int(load_checkpoint(d)[2]["step"])
+            label = "rnn" if cfg.model == "rnn" else cfg.cell
+            say(f"{label}: measuring {d}")
+            models.append({"name": label, "model": cfg.model, "cell": cfg.cell, "run": str(d), "steps": n_steps,
+                           "init": _measure(init, task, batch), "trained": _measure(trained, task, batch)})
+        settings = {"runs": [str(d) for d in runs], "probe_size": probe_size}
+    else:
+        if isinstance(cells, str) or not cells:
+            raise ValueError(f"cells: expected a non-empty list of variants (e.g. ['rnn', 'vanilla']), got {cells!r}")
+        options = {"length": length, "form": "le", "eval_size": max(probe_size, 1)}
+        get_task("adding", seed=seed, **options)  # bad options fail before any training
+        old_threads = torch.get_num_threads()
+        try:
+            for cell in cells:
+                model_kind = "rnn" if cell == "rnn" else "lstm"
+                cfg = TrainConfig(task="adding", task_options=options, model=model_kind,
+                                  cell="vanilla" if cell == "rnn" else cell, hidden_size=hidden,
+                                  batch_size=batch_size, steps=max(steps, 1), eval_every=max(steps, 1),
+                                  lr=lr, seed=seed, threads=threads)
+                with tempfile.TemporaryDirectory(prefix="lstmkit-gradflow-") as tmp:
+                    trainer = Trainer(cfg, Path(tmp) / "run", progress=False)
+                    batch = next(iter(trainer.task.eval_batches("test", probe_size)))
+                    t0 = time.perf_counter()
+                    init = _measure(trainer.model, trainer.task, batch)
+                    for _ in range(steps):
+                        trainer.train_step()
+                    say(f"{cell}: {steps} training steps in {time.perf_counter() - t0:.1f} s")
+                    models.append({"name": cell, "model": model_kind, "cell": cfg.cell, "steps": steps,
+                                   "init": init, "trained": _measure(trainer.model, trainer.task, batch)})
+        finally:
+            torch.set_num_threads(old_threads)
+        settings = {"task": "adding", "task_options": options, "hidden": hidden, "batch_size": batch_size,
+                    "steps": steps, "lr": lr, "seed": seed, "probe_size": probe_size}
+    return {"settings": settings, "models": models, "elapsed_s": round(time.perf_counter() - start, 2)}
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+
+
+def gradflow_table(result: dict[str, Any]) -> str:
+    """The measured table of :func:`gradflow_experiment` as text."""
+    T = result["models"][0]["init"]["T"] if result["models"] else 0
+    head = ["model", "stage", "norm of", "t=1", f"t={max(T // 2, 1)}", f"t={T}", "t=1 / t=T", "mean f", "loss"]
+    rows = []
+    for m in result["models"]:
+        for stage in ("init", "trained"):
+            s = m[stage]
+            rows.append([m["name"], "init" if stage == "init" else f"{m['steps']} steps",
+                         f"dL/d{s['quantity']}_t", _fmt(s["t1"]), _fmt(s["t_mid"]), _fmt(s["t_last"]),
+                         _fmt(s["ratio_first_last"]), _fmt(s["f_mean"]), _fmt(s["loss"])])
+    widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [line.format(*head), line.format(*("-" * w for w in widths))]
+    out += [line.format(*r) for r in rows]
+    return "\n".join(out)
+
+
+def plot_gradflow(result: dict[str, Any], *, title: str | None = None,
+                  path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Figure:
+    """The norms of :func:`gradflow_experiment`, at initialisation and after training.
+
+    Returns:
+        The Figure: axes "at initialisation" and "after N training steps", log scale.
+    """
+    if not result.get("models"):
+        raise ValueError("result: expected the dict of gradflow_experiment with at least one model")
+    fig = _figure(figsize=(12.0, 4.6))
+    axes = fig.subplots(1, 2, sharey=True)
+    steps = sorted({m["steps"] for m in result["models"]})
+    for ax, stage in zip(axes, ("init", "trained")):
+        for m in result["models"]:
+            s = m[stage]
+            ax.plot(range(1, len(s["norms"]) + 1), _positive(s["norms"]),
+                    label=f"{m['name']}: ‖∂L/∂{s['quantity']}_t‖")
+        ax.set_yscale("log")
+        ax.set_xlabel("time step t")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("at initialisation")
+    axes[1].set_title("after " + "/".join(map(str, steps)) + " training steps")
+    axes[0].set_ylabel("‖∂L/∂c_t‖ (‖∂L/∂h_t‖ for the RNN)")
+    T = len(result["models"][0]["init"]["norms"])
+    fig.suptitle(title or f"Gradient flow on the adding problem (T = {T}, loss at the last step)")
+    return _finish(fig, path, overwrite)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``lstmkit plot KIND …``: one subcommand per picture."""
+    sub = parser.add_subparsers(dest="kind", required=True, metavar="KIND",
+                                help="one of: " + ", ".join(KINDS))
+
+    def common(p: argparse.ArgumentParser, default: str) -> None:
+        p.add_argument("-o", "--output", type=Path, default=None,
+                       help=f"PNG file to write (default: {default})")
+        p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+
+    for kind, text in (("gates", "heatmaps of the gate activations over time for one input"),
+                       ("cells", "trajectories of the cell state c_t and h_t for one input")):
+        p = sub.add_parser(kind, help=text, description=text)
+        p.add_argument("run", type=Path, metavar="RUN_DIR|CHECKPOINT")
+        p.add_argument("--text", default=None, help="input text (charlm runs; default: the test set's start)")
+        p.add_argument("--max-steps", type=int, default=None, help="draw at most this many time steps")
+        p.add_argument("--layer", type=int, default=0)
+        p.add_argument("--direction", type=int, default=0, help="0 forward, 1 reverse")
+        if kind == "cells":
+            p.add_argument("--units", type=int, default=16, help="draw at most this many units (default 16)")
+        common(p, f"RUN_DIR/{kind}.png")
+    p = sub.add_parser("weights", help="each gate's W (H x (I + H)) with the [x | h] split",
+                       description="each gate's W (H x (I + H)) with the [x | h] split")
+    p.add_argument("run", type=Path, metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--direction", type=int, default=0)
+    common(p, "RUN_DIR/weights.png")
+    p = sub.add_parser("curves", help="training loss and test metric of runs (metrics.jsonl)",
+                       description="training loss and test metric of runs (metrics.jsonl)")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    common(p, "curves.png")
+    p = sub.add_parser("compare", help="final test metric per cell variant over a set of runs",
+                       description="final test metric per cell variant over a set of runs")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("--metric", default=None, help="metric to compare (default: the task's target metric)")
+    common(p, "compare.png")
+    text = ("gradient norms per step on the adding problem: plain RNN, LSTM, no-forget-gate LSTM, "
+            "at initialisation and after training; prints the table and writes it as JSON next to the PNG")
+    p = sub.add_parser("gradflow", help=text, description=text)
+    p.add_argument("--cells", default="rnn,vanilla,nfg",
+                   help="comma-separated models: 'rnn' or LSTM variants (default rnn,vanilla,nfg)")
+    p.add_argument("--length", type=int, default=100, help="sequence length T (default 100)")
+    p.add_argument("--hidden", type=int, default=32, help="cells per model (default 32)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3000, help="training steps per model (default 3000; 0 = none)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-size", type=int, default=64, help="test sequences the gradients are measured on")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
+    p.add_argument("--runs", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+                   help="use these trained adding runs instead of training")
+    common(p, "gradflow.png (and gradflow.json)")
+
+
+def _default_output(args: argparse.Namespace) -> Path:
+    if args.output is not None:
+        return Path(args.output)
+    if args.kind in ("gates", "cells", "weights"):
+        base = args.run if args.run.is_dir() else args.run.parent
+        return base / f"{args.kind}.png"
+    return Path(f"{args.kind}.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Draw the picture ``args.kind`` and write it; returns the exit code."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    kind = args.kind
+    if kind not in KINDS:
+        raise ValueError(f"kind: unknown plot kind {kind!r}; expected one of {list(KINDS)}")
+    if kind in ("gates", "cells", "weights") and not args.run.exists():
+        raise ValueError(f"run: no run directory or checkpoint at {str(args.run)!r}")
+    out = check_output(_default_output(args), args.overwrite, ".png")
+    if kind in ("gates", "cells", "weights"):
+        cfg, task, model = load_run(args.run)
+        if kind == "weights":
+            plot_weights(model, layer=args.layer, direction=args.direction, path=out, overwrite=args.overwrite)
+        else:
+            x, labels = sample_input(task, args.text, args.max_steps)
+            if kind == "gates":
+                plot_gates(model, x, labels=labels, layer=args.layer, direction=args.direction, path=out,
+                           overwrite=args.overwrite)
+            else:
+                plot_cells(model, x, labels=labels, layer=args.layer, direction=args.direction,
+                           max_units=args.units, path=out, overwrite=args.overwrite)
+    elif kind == "curves":
+        plot_curves(args.runs, path=out, overwrite=args.overwrite)
+    elif kind == "compare":
+        metric, rows = compare_values(args.runs, args.metric)
+        plot_compare(args.runs, metric=metric, path=out, overwrite=args.overwrite)
+        for variant, value, name in rows:
+            print(f"{variant:<24} {name:<32} {metric} = {value:.4g}")
+    else:
+        json_out = check_output(out.with_suffix(".json"), args.overwrite, ".json")
+        cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+        if not args.runs:
+            from lstmkit.spec import resolve
+            for c in cells:
+                if c != "rnn":
+                    resolve(c)  # an unknown variant fails before any training
+        result = gradflow_experiment(cells, length=args.length, hidden=args.hidden, batch_size=args.batch_size,
+                                     steps=args.steps, lr=args.lr, seed=args.seed, probe_size=args.probe_size,
+                                     threads=args.threads, runs=args.runs, log=print)
+        print(gradflow_table(result))
+        print(f"({result['elapsed_s']:.1f} s)")
+        plot_gradflow(result, path=out, overwrite=args.overwrite)
+        write_file(json_out, (json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n").encode(),
+                   args.overwrite)
+        print(f"wrote {json_out}")
+    print(f"wrote {out}")
+    return 0

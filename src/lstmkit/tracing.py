@@ -1,0 +1,531 @@
+"""Look inside a run: every gate at every step (:func:`trace`) and the gradient that
+flows back along the cell state (:func:`gradient_flow`).
+
+:func:`trace` asks the layer's own kernel to record what it computes (the fused CPU
+kernel keeps the per-step activations it needs for its backward anyway; no second pass
+over the sequence, no Python re-run). :func:`gradient_flow` measures ``‖∂L/∂c_t‖`` and
+``‖∂L/∂h_t‖`` for every step: the vanishing gradient of the plain RNN and the constant
+error carousel of the LSTM, as numbers.
+
+Conventions shared by both:
+
+* time-major: every per-step tensor is ``(T, B, ·)`` in natural time order, also for
+  ``batch_first`` layers and for the reverse direction (whose kernel runs backwards in
+  time; its steps are put back in the order of the input);
+* unbatched 2-D input gives ``(T, ·)`` (the batch dimension dropped, as torch does);
+* variable lengths (``lengths=`` or a ``PackedSequence``): the steps past a sequence's
+  end are not steps of that sequence. :func:`trace` reports them as **NaN** (and
+  :attr:`Trace.valid` says which steps are real); :func:`gradient_flow` gives them a
+  gradient of **zero**, so a norm at step ``t`` sums over the sequences still running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from lstmkit import cell as cell_eqs
+from lstmkit import kernels
+from lstmkit.kernels.base import TRACE_KEYS, KernelOut
+from lstmkit.kernels.reference import ReferenceKernel
+from lstmkit.layout import GATE_NAMES, GATES
+from lstmkit.loop import reverse_within_lengths
+from lstmkit.nn import _Recurrent
+from lstmkit.spec import CellSpec
+
+__all__ = ["Trace", "DirectionTrace", "trace", "GradientFlow", "DirectionFlow", "gradient_flow",
+           "recurrent_layer", "NAMES"]
+
+#: Human names of everything a trace holds, by key.
+NAMES: dict[str, str] = {**dict(zip(GATES, GATE_NAMES)), "c": "cell state", "h": "hidden state"}
+
+
+def recurrent_layer(model: nn.Module) -> _Recurrent:
+    """The lstmkit LSTM/RNN inside ``model``: the model itself, or its ``.rnn`` (the
+    training :class:`lstmkit.train.SequenceModel`).
+
+    Raises:
+        TypeError: ``model`` is neither.
+    """
+    if isinstance(model, _Recurrent):
+        return model
+    inner = getattr(model, "rnn", None)
+    if isinstance(inner, _Recurrent):
+        return inner
+    raise TypeError(
+        "model: expected an lstmkit LSTM or RNN, or a module with one as its .rnn "
+        f"(lstmkit.train.SequenceModel), got {type(model).__name__}"
+    )
+
+
+# ----------------------------------------------------------------------------- trace
+
+
+@dataclass(frozen=True, eq=False)
+class DirectionTrace(Mapping[str, Tensor]):
+    """The per-step activations of one layer and direction: a read-only mapping.
+
+    Keys are those of ``TRACE_KEYS`` (``i, f, g, o, c, h``) that this variant has; each
+    value is ``(T, B, H)`` (``h`` is ``(T, B, P)`` with a projection), or ``(T, H)`` for
+    unbatched input. A gate the variant does not have is not a key: ``absent`` maps it
+    to the reason (``"absent: f ≡ 1 (nfg)"``); asking for it raises a KeyError saying so.
+    cifg's forget gate ``f = 1 − i`` is present (it is computed, from ``i``).
+
+    Attributes:
+        layer, direction: where in the stack (direction 1 = reverse, in natural time order).
+        tensors: key -> tensor (the mapping's content).
+        absent: key -> why it is absent.
+    """
+
+    layer: int
+    direction: int
+    tensors: dict[str, Tensor]
+    absent: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key in self.tensors:
+            return self.tensors[key]
+        if key in self.absent:
+            raise KeyError(f"{key!r} ({NAMES[key]}): {self.absent[key]}")
+        raise KeyError(f"{key!r}: not a trace key; expected one of {list(TRACE_KEYS)}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def gates(self) -> tuple[str, ...]:
+        """The gate letters present, in order ``i, f, g, o``."""
+        return tuple(k for k in GATES if k in self.tensors)
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """What a layer computed at every step, for every layer and direction.
+
+    Attributes:
+        spec: the cell variant.
+        layers: ``layers[layer][direction]`` -> :class:`DirectionTrace`.
+        output: the layer's output, time-major ``(T, B, D·H_out)`` (``(T, D·H_out)`` unbatched).
+        h_n, c_n: final states as the layer returns them (``c_n`` None for the RNN).
+        valid: ``(T, B)`` bool, True where step ``t`` is a step of sequence ``b``
+            (``(T,)`` unbatched); values elsewhere are NaN.
+        kernel: the registry name of the kernel that recorded the trace.
+        batched: False for unbatched 2-D input.
+    """
+
+    spec: CellSpec
+    layers: list[list[DirectionTrace]]
+    output: Tensor
+    h_n: Tensor
+    c_n: Tensor | None
+    valid: Tensor
+    kernel: str
+    batched: bool = True
+
+    names = NAMES
+
+    @property
+    def gates(self) -> tuple[str, ...]:
+        """Gate letters present in this variant (``("g",)`` for the plain RNN)."""
+        return self.layers[0][0].gates
+
+    @property
+    def absent(self) -> dict[str, str]:
+        """Keys absent in this variant, with the reason."""
+        return dict(self.layers[0][0].absent)
+
+    @property
+    def num_steps(self) -> int:
+        """``T``."""
+        return int(self.valid.shape[0])
+
+    def __getitem__(self, layer: int) -> list[DirectionTrace]:
+        return self.layers[layer]
+
+
+def _absent_notes(layer: _Recurrent, index: int, direction: int, present: set[str]) -> dict[str, str]:
+    from lstmkit.inspect import gate_views
+
+    views = gate_views(layer, index, direction)
+    notes = {k: views[NAMES[k]].note for k in GATES if k not in present}
+    if "c" not in present:
+        notes["c"] = "absent: the plain RNN has no cell state"
+    return notes
+
+
+def _check_x(layer: _Recurrent, x: Any, lengths: Any) -> Tensor | None:
+    """Validate ``x`` and ``lengths``; returns lengths as (B,) int64 (None if not given)."""
+    if isinstance(x, PackedSequence):
+        if lengths is not None:
+            raise ValueError("lengths: a PackedSequence carries its own lengths; pass lengths=None")
+        return None
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a Tensor or a PackedSequence, got {type(x).__name__}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected a 2-D (T, {layer.input_size}) unbatched or 3-D batched tensor, "
+                         f"got {x.dim()}-D of shape {tuple(x.shape)}")
+    if x.shape[-1] != layer.input_size:
+        raise ValueError(f"x: expected input size (last dimension) {layer.input_size}, got {x.shape[-1]} "
+                         f"(shape {tuple(x.shape)})")
+    if lengths is None:
+        return None
+    if x.dim() != 3:
+        raise ValueError(f"lengths: only batched 3-D input has lengths; x has shape {tuple(x.shape)}")
+    T, B = (x.shape[1], x.shape[0]) if layer.batch_first else (x.shape[0], x.shape[1])
+    lens = torch.as_tensor(lengths)
+    if lens.dtype.is_floating_point or lens.dtype == torch.bool or lens.shape != (B,):
+        raise ValueError(f"lengths: expected {B} integer lengths (one per sequence), got "
+                         f"dtype {lens.dtype}, shape {tuple(lens.shape)}")
+    lens = lens.to("cpu", torch.int64)
+    if int(lens.min()) < 1 or int(lens.max()) > T:
+        raise ValueError(f"lengths: expected values in [1, {T}] (the sequence length), "
+                         f"got min {int(lens.min())}, max {int(lens.max())}")
+    return lens
+
+
+def _prepare(layer: _Recurrent, x: Tensor | PackedSequence, lengths: Any
+             ) -> tuple[Tensor | PackedSequence, Tensor | None, int, int, bool]:
+    """(input for the layer, lengths in caller order or None, T, B, batched)."""
+    lens = _check_x(layer, x, lengths)
+    if isinstance(x, PackedSequence):
+        lens_packed = pad_packed_sequence(x)[1]  # caller order
+        T, B = int(lens_packed.max()), int(lens_packed.shape[0])
+        return x, lens_packed, T, B, True
+    batched = x.dim() == 3
+    if not batched:
+        return x, None, x.shape[0], 1, False
+    T, B = (x.shape[1], x.shape[0]) if layer.batch_first else (x.shape[0], x.shape[1])
+    if lens is not None and bool((lens < T).any()):
+        packed = pack_padded_sequence(x, lens, batch_first=layer.batch_first, enforce_sorted=False)
+        return packed, lens, T, B, True
+    return x, None, T, B, True
+
+
+def _valid_mask(lengths: Tensor | None, T: int, B: int) -> Tensor:
+    if lengths is None:
+        return torch.ones(T, B, dtype=torch.bool)
+    return torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)  # (T, B)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Dropout off for a measurement; the module's mode is restored afterwards."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
+def trace(model: nn.Module, x: Tensor | PackedSequence, hx: Any = None,
+          lengths: Sequence[int] | Tensor | None = None) -> Trace:
+    """Run ``model`` once and return every gate, ``c`` and ``h`` at every step.
+
+    The kernel the layer runs on records what it computes (``record=True``); on the
+    fused CPU kernel that is the activations it keeps for its backward anyway. Runs
+    under ``torch.no_grad()`` with dropout off (the module's mode is restored).
+
+    Args:
+        model: an lstmkit ``LSTM`` or ``RNN``, or a ``SequenceModel`` (its ``.rnn`` is traced).
+        x: the layer's input: ``(T, B, I)``, ``(B, T, I)`` if ``batch_first``, ``(T, I)``
+            unbatched, or a ``PackedSequence``.
+        hx: initial state as the layer takes it (``(h_0, c_0)`` for the LSTM, ``h_0`` for the RNN).
+        lengths: ``(B,)`` valid lengths of a padded batch (not with a PackedSequence).
+
+    Returns:
+        A :class:`Trace`: ``trace.layers[l][d]["f"]`` is ``(T, B, H)``, time-major and in
+        natural time order for both directions; steps past a sequence's length are NaN.
+
+    Raises:
+        TypeError: ``model`` is not an lstmkit layer (or a model holding one), or ``x`` is
+            not a tensor.
+        ValueError: wrong input size or rank, bad ``lengths`` (message names the argument,
+            the expected and the actual value); ``hx`` errors come from the layer.
+    """
+    layer = recurrent_layer(model)
+    inp, lens, T, B, batched = _prepare(layer, x, lengths)
+    with torch.no_grad(), _eval_mode(layer):
+        output, h_n, c_n, stack = layer._run(inp, hx, record=True)
+    assert stack.traces is not None
+    if isinstance(output, PackedSequence):
+        output = pad_packed_sequence(output, total_length=T)[0]
+    elif batched and layer.batch_first:
+        output = output.transpose(0, 1)
+    valid = _valid_mask(lens, T, B)
+    pad = None if lens is None else ~valid.unsqueeze(-1)  # (T, B, 1)
+    layers: list[list[DirectionTrace]] = []
+    for index, directions in enumerate(stack.traces):
+        row = []
+        for d, rec in enumerate(directions):
+            values: dict[str, Tensor] = {}
+            for key in TRACE_KEYS:
+                if key not in rec:
+                    continue
+                v = rec[key].detach()
+                if pad is not None:
+                    v = v.masked_fill(pad.to(v.device), float("nan"))
+                values[key] = v if batched else v.squeeze(1)
+            row.append(DirectionTrace(index, d, values, _absent_notes(layer, index, d, set(values))))
+        layers.append(row)
+    name = kernels.select(layer.spec, layer.weight_ih_l0.device, layer.weight_ih_l0.dtype, layer.backend).name
+    return Trace(layer.spec, layers, output.detach(), h_n.detach(),
+                 None if c_n is None else c_n.detach(), valid if batched else valid[:, 0], name, batched)
+
+
+# ----------------------------------------------------------------------------- gradient flow
+
+
+@dataclass(frozen=True, eq=False)
+class DirectionFlow:
+    """The gradient of the loss along one layer and direction's states.
+
+    Attributes:
+        grad_h: ``(T, B, H_out)`` ``∂L/∂h_t``, the total derivative of the loss with respect
+            to the hidden state of step t (through the output of step t and every later step).
+        grad_c: ``(T, B, H)`` ``∂L/∂c_t`` likewise (through ``h_t`` and ``c_{t+1}``); None
+            for the plain RNN, which has no cell state.
+        dh_norm, dc_norm: ``(T,)`` their norms over batch and units (Frobenius); dc None for the RNN.
+        f_mean: ``(T,)`` mean of the forget factor ``f_t`` over batch and units
+            (``∂c_t/∂c_{t−1} = f_t`` in the vanilla cell): 1 for nfg (``f ≡ 1``),
+            ``1 − i_t`` for cifg; None for the RNN.
+    """
+
+    layer: int
+    direction: int
+    grad_h: Tensor
+    grad_c: Tensor | None
+    f_mean: Tensor | None
+
+    @property
+    def dh_norm(self) -> Tensor:
+        return self.grad_h.flatten(1).norm(dim=1)
+
+    @property
+    def dc_norm(self) -> Tensor | None:
+        return None if self.grad_c is None else self.grad_c.flatten(1).norm(dim=1)
+
+    def norm(self) -> Tensor:
+        """``dc_norm`` where there is a cell state, else ``dh_norm`` (the RNN): the
+        quantity that shows vanishing or carried gradients."""
+        n = self.dc_norm
+        return self.dh_norm if n is None else n
+
+
+@dataclass(frozen=True, eq=False)
+class GradientFlow:
+    """Per-step gradient norms of every layer and direction (see :class:`DirectionFlow`).
+
+    Attributes:
+        spec: the cell variant.
+        loss: the value of the loss.
+        layers: ``layers[layer][direction]`` -> :class:`DirectionFlow`, natural time order.
+        valid: ``(T, B)`` bool; padded steps have zero gradient.
+    """
+
+    spec: CellSpec
+    loss: float
+    layers: list[list[DirectionFlow]]
+    valid: Tensor
+
+    def __getitem__(self, layer: int) -> list[DirectionFlow]:
+        return self.layers[layer]
+
+    def summary(self, layer: int = 0, direction: int = 0) -> dict[str, Any]:
+        """``‖∂L/∂c_t‖`` (``h`` for the RNN) at t = 1, T/2, T (1-based) and first/last.
+
+        Returns:
+            ``{"quantity": "c" or "h", "T": T, "t1": …, "t_mid": …, "t_last": …,
+            "ratio_first_last": …, "f_mean": mean of f over all steps or None}``.
+        """
+        rec = self.layers[layer][direction]
+        n = rec.norm().double()
+        T = int(n.shape[0])
+        first, mid, last = float(n[0]), float(n[max(T // 2 - 1, 0)]), float(n[-1])
+        return {"quantity": "h" if rec.grad_c is None else "c", "T": T, "t1": first, "t_mid": mid,
+                "t_last": last, "ratio_first_last": first / last if last else float("inf"),
+                "f_mean": None if rec.f_mean is None else float(rec.f_mean.mean())}
+
+
+class _ProbeKernel(ReferenceKernel):
+    """The reference recurrence (:func:`lstmkit.cell.step`, step by step) that keeps every
+    step's ``h_t`` and ``c_t`` graph nodes, so ``torch.autograd.grad`` can be asked for the
+    loss's gradient with respect to each of them. Registered only for one measurement."""
+
+    name = "_gradient_probe"
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+            params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
+            record: bool = False) -> KernelOut:
+        T, B = x.shape[0], x.shape[1]
+        a = cell_eqs.input_projection(x, params, spec, hidden_size)  # (T, B, R)
+        # Leaves for the initial state: every step's state is then a node of the graph,
+        # even when neither the parameters nor the input require gradients.
+        h = h0.detach().requires_grad_()
+        c = None if c0 is None else c0.detach().requires_grad_()
+        s = h0.new_zeros(B, len(spec.sigmoid_gates) * hidden_size) if spec.fgr else None
+        valid = None
+        if lengths is not None:
+            valid = (torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)).to(x.device).unsqueeze(-1)
+        hs: list[Tensor] = []
+        cs: list[Tensor] = []
+        fs: list[Tensor] = []
+        ys: list[Tensor] = []
+        for t, a_t in enumerate(a.unbind(0)):
+            out = cell_eqs.step(a_t, h, c, s, params, spec, hidden_size)
+            hs.append(out.h)
+            if out.c is not None:
+                cs.append(out.c)
+                f = out.f if out.f is not None else torch.ones_like(out.c)  # nfg: f ≡ 1
+                fs.append(f.detach())
+            h_new, c_new, s_new = out.h, out.c, out.s
+            if valid is not None:
+                v = valid[t]  # (B, 1)
+                ys.append(torch.where(v, h_new, torch.zeros_like(h_new)))
+                h_new = torch.where(v, h_new, h)
+                c_new = torch.where(v, c_new, c) if c is not None else None
+                s_new = torch.where(v, s_new, s) if s is not None else None
+            else:
+                ys.append(h_new)
+            h, c, s = h_new, c_new, s_new
+        self.calls.append({"h": hs, "c": cs if spec.is_lstm else None, "f": fs if spec.is_lstm else None,
+                           "lengths": lengths})
+        return KernelOut(torch.stack(ys), h, c, None)
+
+
+@contextlib.contextmanager
+def _probing(layer: _Recurrent) -> Iterator[_ProbeKernel]:
+    """Run ``layer`` on a fresh probe kernel for the duration of the block; the registry
+    and the layer's ``backend`` are restored afterwards, whatever happens. The probe is
+    registered last, so no other layer selects it automatically; a layer shared with
+    another thread would run on it meanwhile (measure on a copy in that case)."""
+    probe = _ProbeKernel()
+    previous = layer.backend
+    kernels.REGISTRY[probe.name] = probe  # last: never chosen automatically
+    layer.backend = probe.name
+    try:
+        yield probe
+    finally:
+        layer.backend = previous
+        kernels.REGISTRY.pop(probe.name, None)
+
+
+def _model_output(model: nn.Module, layer: _Recurrent, x: Tensor | PackedSequence, hx: Any,
+                  lens: Tensor | None, T: int) -> Any:
+    """The model's output as ``loss_fn`` gets it (first element of what ``model`` returns)."""
+    if model is not layer:  # SequenceModel-style: forward(x, state, lengths)
+        if isinstance(x, PackedSequence):
+            raise TypeError("x: a model with a head takes a padded tensor and lengths=, not a PackedSequence")
+        out = model(x, hx, lens) if lens is not None else model(x, hx)
+    else:
+        inp: Tensor | PackedSequence = x
+        if lens is not None and not isinstance(x, PackedSequence):
+            inp = pack_padded_sequence(x, lens, batch_first=layer.batch_first, enforce_sorted=False)
+        out = model(inp, hx)
+        if isinstance(out[0], PackedSequence) and not isinstance(x, PackedSequence):
+            padded = pad_packed_sequence(out[0], batch_first=layer.batch_first, total_length=T)[0]
+            out = (padded, *out[1:])
+    return out[0] if isinstance(out, tuple) else out
+
+
+def gradient_flow(model: nn.Module, x: Tensor | PackedSequence, loss_fn: Callable[[Any], Tensor],
+                  hx: Any = None, lengths: Sequence[int] | Tensor | None = None) -> GradientFlow:
+    """``‖∂L/∂c_t‖``, ``‖∂L/∂h_t‖`` and the mean forget gate at every step.
+
+    ``∂L/∂h_t`` and ``∂L/∂c_t`` are total derivatives with respect to the state of step t
+    (through everything that depends on it: the output of step t, and every later step).
+    They are computed exactly, by autograd: the model runs its normal forward, with its
+    recurrent layer on the reference equations (:func:`lstmkit.cell.step`, step by step,
+    as ``backend="reference"``) keeping each step's ``h_t`` and ``c_t`` node, and
+    ``torch.autograd.grad(L, [h_1 … h_T, c_1 … c_T])`` gives the gradients. Nothing is
+    accumulated in the parameters' ``.grad``; dropout is off during the measurement.
+
+    Args:
+        model: an lstmkit ``LSTM``/``RNN`` (``loss_fn`` gets its ``output``), or a
+            ``SequenceModel`` (``loss_fn`` gets the head's output ``(T, B, output_size)``).
+        x: input as the model takes it (``(T, B, I)``, batch_first, unbatched, or a
+            PackedSequence for a bare layer).
+        loss_fn: ``output -> scalar tensor``, e.g. ``lambda out: task.loss(out, batch)``.
+        hx: initial state (as the model takes it).
+        lengths: ``(B,)`` valid lengths of a padded batch.
+
+    Returns:
+        A :class:`GradientFlow`; ``flow.layers[l][d].dc_norm`` is ``(T,)`` in natural time
+        order (the reverse direction included); padded steps have zero gradient.
+
+    Raises:
+        TypeError: ``model`` holds no lstmkit layer, ``loss_fn`` is not callable.
+        ValueError: bad input (named, with expected and actual), or ``loss_fn`` does not
+            return a scalar tensor.
+    """
+    layer = recurrent_layer(model)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable output -> scalar loss, got {type(loss_fn).__name__}")
+    _, lens, T, B, batched = _prepare(layer, x, lengths)
+    if isinstance(x, PackedSequence):
+        lens_run = None  # the layer unpacks it itself
+    else:
+        lens_run = lens
+    with _eval_mode(model), torch.enable_grad(), _probing(layer) as probe:
+        output = _model_output(model, layer, x, hx, lens_run, T)
+        loss = loss_fn(output)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn: expected a scalar (0-dim) tensor, got {what}")
+        if not loss.requires_grad:
+            raise ValueError("loss_fn: the loss does not depend on the model's output (no gradient)")
+        nodes = [n for call in probe.calls for n in itertools.chain(call["h"], call["c"] or [])]
+        grads = torch.autograd.grad(loss, nodes, allow_unused=True)
+    D = layer.num_directions
+    it = iter(grads)
+    layers: list[list[DirectionFlow]] = []
+    for index in range(layer.num_layers):
+        row = []
+        for d in range(D):
+            call = probe.calls[index * D + d]
+            gh = _stack(call["h"], [next(it) for _ in call["h"]])
+            gc = None if call["c"] is None else _stack(call["c"], [next(it) for _ in call["c"]])
+            fm = None
+            if call["f"] is not None:
+                f = torch.stack(call["f"])  # (T, B, H)
+                if d == 1:
+                    f = reverse_within_lengths(f, call["lengths"])
+                fm = _masked_mean(f, call["lengths"])
+            if d == 1:  # the kernel ran backwards in time: put the steps back in input order
+                gh = reverse_within_lengths(gh, call["lengths"])
+                gc = None if gc is None else reverse_within_lengths(gc, call["lengths"])
+            if not batched:
+                gh = gh.squeeze(1)
+                gc = None if gc is None else gc.squeeze(1)
+            row.append(DirectionFlow(index, d, gh, gc, fm))
+        layers.append(row)
+    valid = _valid_mask(lens, T, B)
+    return GradientFlow(layer.spec, float(loss.detach()), layers, valid if batched else valid[:, 0])
+
+
+def _stack(nodes: list[Tensor], grads: list[Tensor | None]) -> Tensor:
+    """(T, B, ·) gradients; a node the loss does not reach has gradient zero."""
+    return torch.stack([torch.zeros_like(n) if g is None else g for n, g in zip(nodes, grads)]).detach()
+
+
+def _masked_mean(v: Tensor, lengths: Tensor | None) -> Tensor:
+    """(T,) mean over batch and units of (T, B, H), over the valid steps only (NaN if none)."""
+    if lengths is None:
+        return v.mean(dim=(1, 2))
+    valid = _valid_mask(lengths, v.shape[0], v.shape[1]).to(v.device).unsqueeze(-1)  # (T, B, 1)
+    total = (v * valid).sum(dim=(1, 2))
+    count = valid.sum(dim=(1, 2)) * v.shape[2]
+    return total / count

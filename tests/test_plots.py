@@ -1,0 +1,353 @@
+"""lstmkit.plots and ``lstmkit plot``: every picture is a valid, non-empty PNG with the
+expected titles and axis labels; files are never overwritten by accident; bad input
+fails with one clear line. Runs are tiny and trained in a temporary directory."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+
+from lstmkit import plots
+from lstmkit.tracing import gradient_flow
+from lstmkit.train import TrainConfig, train
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+H = 6
+
+
+def assert_png(data: bytes | Path, min_side: int = 100) -> None:
+    """PNG signature, decodable, at least ``min_side`` pixels each way, not blank."""
+    raw = data.read_bytes() if isinstance(data, Path) else data
+    assert raw[:8] == PNG_SIGNATURE, "not a PNG"
+    img = matplotlib.image.imread(io.BytesIO(raw), format="png")
+    assert img.ndim == 3 and img.shape[0] >= min_side and img.shape[1] >= min_side, img.shape
+    assert float(img[..., :3].std()) > 0.01, "blank image"
+
+
+def titles(fig) -> list[str]:
+    return [ax.get_title() for ax in fig.axes if ax.get_title()]
+
+
+def _run(root: Path, name: str, **kw) -> Path:
+    cfg = TrainConfig(hidden_size=H, batch_size=4, steps=4, eval_every=2, eval_batch_size=16, **kw)
+    train(cfg, root / name, progress=False)
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runs")
+    adding = dict(task="adding", task_options={"length": 22, "eval_size": 16})
+    return {
+        "vanilla": _run(root, "add-vanilla", cell="vanilla", **adding),
+        "vanilla2": _run(root, "add-vanilla-s1", cell="vanilla", seed=1, **adding),
+        "nfg": _run(root, "add-nfg", cell="nfg", **adding),
+        "rnn": _run(root, "add-rnn", model="rnn", **adding),
+        "charlm": _run(root, "char", task="charlm", task_options={"max_bytes": 30000, "bptt": 16,
+                                                                   "eval_streams": 2}, cell="peephole"),
+    }
+
+
+def cli(argv: list[str], capsys=None) -> int:
+    """``lstmkit plot …`` as cli.main runs it: exit code, errors printed as one line."""
+    parser = argparse.ArgumentParser(prog="lstmkit plot")
+    plots.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return plots.run(args)
+    except (ValueError, TypeError, FileExistsError) as exc:
+        print(f"lstmkit plot: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def test_gates(runs, tmp_path):
+    cfg, task, model = plots.load_run(runs["vanilla"])
+    x, labels = plots.sample_input(task)
+    assert labels is None and x.shape[1:] == (1, 2)
+    fig = plots.plot_gates(model, x, path=tmp_path / "g.png")
+    assert titles(fig)[:4] == ["input gate i_t (sigmoid)", "forget gate f_t (sigmoid)", "candidate g_t (tanh)",
+                               "output gate o_t (sigmoid)"]
+    assert fig.get_suptitle() == "Gate activations: vanilla, layer 0, forward"
+    heat = [ax for ax in fig.axes if ax.get_images()]
+    assert len(heat) == 4 and all(ax.get_ylabel() == "cell" for ax in heat)
+    assert heat[-1].get_xlabel() == "time step t"
+    assert heat[0].get_images()[0].get_array().shape == (H, x.shape[0])  # units × steps
+    assert_png(tmp_path / "g.png")
+
+
+def test_gates_charlm_characters_along_the_axis(runs, tmp_path):
+    _, task, model = plots.load_run(runs["charlm"])
+    x, labels = plots.sample_input(task, text="def f(x):\n\treturn x")
+    assert labels is not None and labels[:4] == ["d", "e", "f", "\u2423"] and labels[9] == "\u21b5"
+    fig = plots.plot_gates(model, x, labels=labels, path=tmp_path / "c.png")
+    bottom = [ax for ax in fig.axes if ax.get_images()][-1]
+    assert bottom.get_xlabel() == "input character"
+    assert [t.get_text() for t in bottom.get_xticklabels()] == labels
+    assert_png(tmp_path / "c.png")
+    _, labels = plots.sample_input(task)  # default: the start of the test text, decoded
+    assert labels and len(labels) == 16
+
+
+def test_gates_absent_gate_and_rnn(runs):
+    _, task, model = plots.load_run(runs["nfg"])
+    fig = plots.plot_gates(model, plots.sample_input(task)[0])
+    forget = [ax for ax in fig.axes if ax.get_title() == "forget gate f_t"][0]
+    assert not forget.get_images() and [t.get_text() for t in forget.texts] == ["absent: f ≡ 1 (nfg)"]
+    _, task, rnn = plots.load_run(runs["rnn"])
+    fig = plots.plot_gates(rnn, plots.sample_input(task)[0])
+    assert len(titles(fig)) == 1 and titles(fig)[0].startswith("hidden state h_t = tanh")
+    assert_png(plots.figure_png(fig))
+
+
+def test_cells(runs, tmp_path):
+    _, task, model = plots.load_run(runs["vanilla"])
+    fig = plots.plot_cells(model, plots.sample_input(task)[0], max_units=4, path=tmp_path / "cells.png")
+    assert titles(fig) == ["cell state c_t (4 of 6 units)", "hidden state h_t (4 of 6 units)"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["c_t", "h_t"] and fig.axes[-1].get_xlabel() == "time step t"
+    assert len(fig.axes[0].get_lines()) == 4 + 1  # 4 units and the zero line
+    assert fig.get_suptitle().startswith("Cell-state trajectories")
+    assert_png(tmp_path / "cells.png")
+    _, task, rnn = plots.load_run(runs["rnn"])
+    fig = plots.plot_cells(rnn, plots.sample_input(task)[0])
+    assert titles(fig) == ["hidden state h_t (6 of 6 units)"]
+
+
+def test_weights(runs, tmp_path):
+    _, _, model = plots.load_run(runs["nfg"])
+    fig = plots.plot_weights(model, path=tmp_path / "w.png")
+    assert titles(fig) == ["input gate W_i: 6 × (2 + 6)", "forget gate: absent", "candidate gate W_g: 6 × (2 + 6)",
+                           "output gate W_o: 6 × (2 + 6)"]
+    for ax in fig.axes:
+        if ax.get_images():
+            assert ax.get_images()[0].get_array().shape == (6, 2 + 6)
+            assert ax.get_xlabel() == "[x | h]: columns 0-1 input x_t, 2-7 recurrent h_(t-1)"
+            assert [float(line.get_xdata()[0]) for line in ax.get_lines()] == [1.5]  # the [x | h] split
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["x_t", "h_(t-1)"]
+    assert_png(tmp_path / "w.png")
+    _, _, rnn = plots.load_run(runs["rnn"])
+    assert titles(plots.plot_weights(rnn)) == ["W: 6 × (2 + 6) (the plain RNN's only layer)"]
+    with pytest.raises(ValueError, match=r"layer: expected an int in \[0, 0\], got 2"):
+        plots.plot_weights(model, layer=2)
+
+
+def test_curves(runs, tmp_path):
+    dirs = [runs["vanilla"], runs["nfg"], runs["rnn"]]
+    fig = plots.plot_curves(dirs, path=tmp_path / "curves.png")
+    assert titles(fig) == ["training loss", "test accuracy"]
+    assert [ax.get_xlabel() for ax in fig.axes] == ["step", "step"]
+    assert fig.axes[1].get_ylabel() == "accuracy"
+    assert all(len(ax.get_lines()) == 3 for ax in fig.axes)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "add-vanilla (vanilla)", "add-nfg (nfg)", "add-rnn (rnn)"]
+    steps = fig.axes[0].get_lines()[0].get_xdata()
+    assert list(steps) == [r["step"] for r in plots.read_metrics(runs["vanilla"])] == [2, 4]
+    assert_png(tmp_path / "curves.png")
+
+
+def test_compare(runs, tmp_path):
+    dirs = [runs["vanilla"], runs["vanilla2"], runs["nfg"], runs["rnn"]]
+    metric, rows = plots.compare_values(dirs)
+    assert metric == "accuracy" and [r[0] for r in rows] == ["vanilla", "vanilla", "nfg", "rnn"]
+    summary = json.loads((runs["nfg"] / "summary.json").read_text())
+    assert rows[2][1] == summary["value"]
+    fig = plots.plot_compare(dirs, path=tmp_path / "compare.png")
+    ax = fig.axes[0]
+    assert ax.get_title() == "test accuracy by cell variant (4 runs)"
+    assert ax.get_xlabel() == "cell variant" and ax.get_ylabel() == "test accuracy"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["nfg", "rnn", "vanilla"]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 4  # every run is a point
+    assert_png(tmp_path / "compare.png")
+    fig = plots.plot_compare(dirs, metric="mse")
+    assert fig.axes[0].get_ylabel() == "test mse"
+    with pytest.raises(ValueError, match=r"metric: run .* has no test metric 'bpc'; it has \['accuracy', 'loss', 'mse'\]"):
+        plots.compare_values(dirs, metric="bpc")
+
+
+def test_gradient_flow_picture(runs):
+    _, task, model = plots.load_run(runs["vanilla"])
+    batch = next(iter(task.eval_batches("test", 4)))
+    flow = plots.task_gradient_flow(model, task, batch)
+    assert next(model.parameters()).dtype == torch.float32  # measured on a float64 copy
+    fig = plots.plot_gradient_flow(flow)
+    assert titles(fig) == ["gradient norm per step", "mean forget gate f_t (∂c_t/∂c_(t-1) in the vanilla cell)"]
+    assert fig.axes[0].get_yscale() == "log" and fig.axes[-1].get_xlabel() == "time step t"
+    assert_png(plots.figure_png(fig))
+
+
+# ----------------------------------------------------------------------------- gradflow
+
+
+def test_gradflow_experiment_measures_the_models(tmp_path):
+    result = plots.gradflow_experiment(("rnn", "vanilla", "nfg"), length=20, hidden=H, batch_size=4, steps=2,
+                                       probe_size=8, seed=0)
+    names = [m["name"] for m in result["models"]]
+    assert names == ["rnn", "vanilla", "nfg"]
+    for m in result["models"]:
+        for stage in ("init", "trained"):
+            s = m[stage]
+            assert s["T"] == 20 and len(s["norms"]) == 20 and s["quantity"] == ("h" if m["name"] == "rnn" else "c")
+            assert s["ratio_first_last"] == pytest.approx(s["norms"][0] / s["norms"][-1])
+            assert s["t_mid"] == s["norms"][9]
+    assert result["models"][2]["init"]["f_mean"] == 1.0 and result["models"][0]["init"]["f_mean"] is None
+    # the init numbers are gradient_flow on the same initialisation, in float64
+    from lstmkit.tasks.base import get_task
+    from lstmkit.train import SequenceModel
+
+    torch.manual_seed(0)
+    model = SequenceModel(TrainConfig(task="adding", cell="vanilla", hidden_size=H), 2, 1).double()
+    task = get_task("adding", **result["settings"]["task_options"])
+    batch = next(iter(task.eval_batches("test", 8)))
+    flow = gradient_flow(model, batch.x.double(), lambda out: task.loss(out, batch))
+    torch.testing.assert_close(torch.tensor(result["models"][1]["init"]["norms"], dtype=torch.float64),
+                               flow[0][0].dc_norm, rtol=1e-12, atol=0)
+    table = plots.gradflow_table(result)
+    assert table.splitlines()[0].split() == ["model", "stage", "norm", "of", "t=1", "t=10", "t=20", "t=1", "/",
+                                             "t=T", "mean", "f", "loss"]
+    assert len(table.splitlines()) == 2 + 6
+    fig = plots.plot_gradflow(result, path=tmp_path / "gf.png")
+    assert titles(fig) == ["at initialisation", "after 2 training steps"]
+    assert fig.axes[0].get_ylabel() == "‖∂L/∂c_t‖ (‖∂L/∂h_t‖ for the RNN)"
+    assert [ax.get_xlabel() for ax in fig.axes] == ["time step t"] * 2 and fig.axes[0].get_yscale() == "log"
+    assert all(len(ax.get_lines()) == 3 for ax in fig.axes)
+    assert_png(tmp_path / "gf.png")
+
+
+def test_gradflow_command_writes_png_and_json(runs, tmp_path, capsys):
+    out = tmp_path / "flow.png"
+    argv = ["gradflow", "--length", "20", "--hidden", "4", "--batch-size", "4", "--steps", "1",
+            "--probe-size", "4", "--cells", "rnn,nfg", "-o", str(out)]
+    assert cli(argv) == 0
+    text = capsys.readouterr().out
+    assert "dL/dh_t" in text and "dL/dc_t" in text and "t=1 / t=T" in text
+    assert_png(out)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [m["name"] for m in data["models"]] == ["rnn", "nfg"] and data["settings"]["steps"] == 1
+    # trained run directories instead of training
+    out2 = tmp_path / "runs.png"
+    assert cli(["gradflow", "--runs", str(runs["vanilla"]), str(runs["rnn"]), "--probe-size", "4",
+                "-o", str(out2)]) == 0
+    data = json.loads(out2.with_suffix(".json").read_text())
+    assert [(m["name"], m["steps"]) for m in data["models"]] == [("vanilla", 4), ("rnn", 4)]
+    assert_png(out2)
+    capsys.readouterr()
+    assert cli(["gradflow", "--runs", str(runs["charlm"]), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lstmkit plot: error: runs: ") and "is a run of task 'charlm', expected 'adding'" in err
+    with pytest.raises(ValueError, match=r"runs: .* is a run of task 'charlm', expected 'adding'"):
+        plots.gradflow_experiment(runs=[runs["charlm"]])
+    assert cli(["gradflow", "--cells", "rnn,bogus", "-o", str(tmp_path / "y.png")]) == 2
+    assert "unknown variant 'bogus'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- command line and files
+
+
+def test_command_default_outputs_and_no_overwrite(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["vanilla"], run)
+    for kind in ("gates", "cells", "weights"):
+        assert cli([kind, str(run)]) == 0
+        assert_png(run / f"{kind}.png")
+    before = (run / "gates.png").read_bytes()
+    capsys.readouterr()
+    assert cli(["gates", str(run)]) == 2  # exists: refused, file unchanged
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists; nothing was overwritten (use --overwrite" in err
+    assert (run / "gates.png").read_bytes() == before
+    assert cli(["gates", str(run), "--max-steps", "5", "--overwrite"]) == 0
+    assert (run / "gates.png").read_bytes() != before
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # no temporary files left
+    assert cli(["curves", str(run), "-o", str(tmp_path / "c.png")]) == 0
+    assert cli(["compare", str(run), str(runs["nfg"]), "-o", str(tmp_path / "cmp.png")]) == 0
+    assert "nfg" in capsys.readouterr().out
+    assert_png(tmp_path / "cmp.png")
+    # a checkpoint file works as well as its run directory
+    assert cli(["weights", str(run / "checkpoint.safetensors"), "-o", str(tmp_path / "w.png")]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gates", "{tmp}/missing"], "run: no run directory or checkpoint at '{tmp}/missing'"),
+    (["gates", "{vanilla}", "--text", "abc", "-o", "{tmp}/t.png"],
+     "text: only the charlm task reads text; this run's task is 'adding'"),
+    (["gates", "{vanilla}", "-o", "{tmp}/t.jpg"], "output: expected a file name ending in .png, got '{tmp}/t.jpg'"),
+    (["gates", "{vanilla}", "-o", "{tmp}/nodir/t.png"], "output: directory '{tmp}/nodir' does not exist"),
+    (["cells", "{vanilla}", "--layer", "1", "-o", "{tmp}/t.png"], "layer: expected an int in [0, 0], got 1"),
+    (["curves", "{tmp}", "-o", "{tmp}/t.png"], "has no metrics.jsonl"),
+    (["compare", "{tmp}/missing", "-o", "{tmp}/t.png"], "run_dirs: no run directory at '{tmp}/missing'"),
+    (["gradflow", "--length", "0", "-o", "{tmp}/t.png"], "length: expected an int >= 1, got 0"),
+])
+def test_command_errors_are_one_line(runs, tmp_path, capsys, argv, message):
+    fill = {"tmp": str(tmp_path), "vanilla": str(runs["vanilla"])}
+    assert cli([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lstmkit plot: error: ") and err.count("\n") == 1
+    assert message.format(**fill) in err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_unknown_plot_kind(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli(["heatmap", "x"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'heatmap'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"kind: unknown plot kind 'heatmap'; expected one of \['gates'"):
+        plots.run(argparse.Namespace(kind="heatmap"))
+
+
+def test_main_dispatches_plot(runs, tmp_path, capsys):
+    """Through lstmkit.cli.main, once every module it registers can be imported."""
+    from lstmkit import cli as cli_module
+
+    for module, _ in cli_module.COMMANDS.values():
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not there yet")
+    assert cli_module.main(["plot", "weights", str(runs["vanilla"]), "-o", str(tmp_path / "w.png")]) == 0
+    assert_png(tmp_path / "w.png")
+    assert cli_module.main(["plot", "weights", str(tmp_path / "missing")]) == 2
+    assert "lstmkit plot: error: run: no run directory" in capsys.readouterr().err
+
+
+def test_write_file_is_atomic_and_refuses_existing(tmp_path):
+    target = tmp_path / "a.png"
+    target.write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="a.png exists; nothing was overwritten"):
+        plots.write_file(target, b"theirs")
+    assert target.read_bytes() == b"mine"
+    plots.write_file(target, b"theirs", overwrite=True)
+    assert target.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_importing_plots_does_not_import_matplotlib():
+    """``lstmkit train`` builds the parser of every subcommand: it must work without matplotlib."""
+    code = "import sys, lstmkit.plots, lstmkit.report; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_runs_that_evaluate_another_split(tmp_path):
+    """A run with ``eval_split="valid"`` logs ``valid_<metric>``: curves and compare read that."""
+    import dataclasses
+
+    if "eval_split" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        pytest.skip("TrainConfig has no eval_split")
+    run = _run(tmp_path, "valid", task="adding", task_options={"length": 22, "eval_size": 16}, eval_split="valid")
+    fig = plots.plot_curves([run])
+    assert titles(fig) == ["training loss", "valid accuracy"]
+    assert fig.axes[1].get_ylabel() == "accuracy"
+    assert fig.axes[1].get_lines()[0].get_ydata()[-1] == plots.read_metrics(run)[-1]["valid_accuracy"]
+    fig = plots.plot_compare([run], metric="mse")
+    assert fig.axes[0].get_title() == "valid mse by cell variant (1 run)"

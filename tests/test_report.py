@@ -1,0 +1,157 @@
+"""``lstmkit report RUN_DIR``: one self-contained HTML file that embeds every picture as a
+PNG data URI, references nothing outside itself, escapes every text, and never replaces
+an existing file by accident."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import shutil
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+from lstmkit import report
+from lstmkit.train import TrainConfig, train
+from test_plots import assert_png
+
+DATA_PNG = "data:image/png;base64,"
+
+
+class _Page(HTMLParser):
+    """Collects tags, attributes and text of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.attrs: list[tuple[str, str, str]] = []
+        self.text: list[str] = []
+        self.h2: list[str] = []
+        self._in_h2 = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs.extend((tag, k, v or "") for k, v in attrs)
+        self._in_h2 = tag == "h2"
+
+    def handle_endtag(self, tag):
+        if tag == "h2":
+            self._in_h2 = False
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._in_h2:
+            self.h2.append(data)
+
+
+def parse(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    return page
+
+
+def images(page: _Page) -> list[str]:
+    return [v for tag, k, v in page.attrs if tag == "img" and k == "src"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(task="adding", task_options={"length": 22, "eval_size": 16}, cell="peephole",
+                      hidden_size=6, batch_size=4, steps=4, eval_every=2, eval_batch_size=16)
+    train(cfg, root / "run", progress=False)
+    return root / "run"
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lstmkit report")
+    report.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return report.run(args)
+    except (ValueError, TypeError, FileExistsError) as exc:
+        print(f"lstmkit report: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def test_report_is_self_contained_and_embeds_every_picture(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert cli([str(run)]) == 0
+    out = run / "report.html"
+    assert f"wrote {out}" in capsys.readouterr().out
+    page = parse(out)
+    assert page.h2 == ["Result", "Configuration", "Gates (lstmkit.describe)", "Training curves",
+                       "Gate activations", "Cell states", "Weights", "Gradient flow"]
+    srcs = images(page)
+    assert len(srcs) == 5 and all(s.startswith(DATA_PNG) for s in srcs)
+    for src in srcs:
+        assert_png(base64.b64decode(src[len(DATA_PNG):], validate=True))
+    # nothing outside the file: no script, style sheet, font or link to fetch
+    assert not {"script", "link", "iframe", "object", "embed"} & set(page.tags)
+    for tag, key, value in page.attrs:
+        if key in ("src", "href"):
+            assert value.startswith("data:"), (tag, key, value[:40])
+    raw = out.read_text(encoding="utf-8")
+    assert "http://" not in raw and "https://" not in raw and "@import" not in raw and "url(" not in raw
+    text = "".join(page.text)
+    assert "parameters:" in text and "peephole" in text  # the describe table
+    assert "eval_batch_size" in text and "adding" in text  # the configuration
+    assert "t=1" in text and "first / last" in text  # the gradient flow numbers
+
+
+def test_report_never_overwrites_unless_asked(run_dir, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    out.write_text("my notes")
+    assert cli([str(run_dir), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists; nothing was overwritten" in err
+    assert out.read_text() == "my notes"
+    assert cli([str(run_dir), "-o", str(out), "--overwrite", "--no-gradflow"]) == 0
+    page = parse(out)
+    assert len(images(page)) == 4 and "Gradient flow" not in page.h2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]  # no temporary file left
+
+
+def test_report_escapes_text(run_dir, tmp_path):
+    run = tmp_path / 'run <b>&"x"'
+    shutil.copytree(run_dir, run)
+    out = report.write_report(run, tmp_path / "r.html", gradflow=False)
+    raw = out.read_text(encoding="utf-8")
+    assert "<b>" not in raw and "run &lt;b&gt;&amp;&quot;x&quot;" in raw
+    assert 'run <b>&"x"' in "".join(parse(out).text)
+
+
+def test_report_of_an_unfinished_run_and_charlm_text(tmp_path):
+    cfg = TrainConfig(task="charlm", task_options={"max_bytes": 30000, "bptt": 12, "eval_streams": 2},
+                      hidden_size=6, batch_size=2, steps=2, eval_every=2, eval_batch_size=16)
+    train(cfg, tmp_path / "char", progress=False)
+    (tmp_path / "char" / "summary.json").unlink()
+    (tmp_path / "char" / "metrics.jsonl").unlink()
+    out = report.write_report(tmp_path / "char", text="for i in range(3):")
+    page = parse(out)
+    text = "".join(page.text)
+    assert "no summary.json" in text and "no metrics.jsonl" in text and "the given text" in text
+    assert len(images(page)) == 4  # no curves without metrics
+    for src in images(page):
+        assert_png(base64.b64decode(src[len(DATA_PNG):]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}/missing"], "run_dir: no run directory at '{tmp}/missing'"),
+    (["{tmp}"], "checkpoint: no file at {tmp}/checkpoint.safetensors"),
+    (["{run}", "-o", "{tmp}/r.txt"], "output: expected a file name ending in .html, got '{tmp}/r.txt'"),
+    (["{run}", "-o", "{tmp}/r.html", "--text", "abc"], "text: only the charlm task reads text; this run's task is 'adding'"),
+])
+def test_report_errors(run_dir, tmp_path, capsys, argv, message):
+    fill = {"tmp": str(tmp_path), "run": str(run_dir)}
+    assert cli([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lstmkit report: error: ") and err.count("\n") == 1
+    assert message.format(**fill) in err
+    assert not list(tmp_path.iterdir())

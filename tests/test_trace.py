@@ -1,0 +1,403 @@
+"""lstmkit.trace() and lstmkit.gradient_flow: the numbers.
+
+* trace: the fused kernel's record mode equals the reference kernel's, for every variant
+  the fused kernel runs, and both equal the float64 NumPy oracle's per-step activations
+  (tests/numpy_lstm.py), the reverse direction in natural time order, padded steps NaN;
+* gradient_flow: ∂L/∂h_t and ∂L/∂c_t equal autograd on a hand-written loop with
+  perturbation variables added to the state (L(c_t + δ), derivative at δ = 0), the NumPy
+  oracle's hand-written BPTT, and a split of the sequence at t for every variant.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import lstmkit
+import numpy_lstm as oracle
+from lstmkit import kernels
+from lstmkit.tracing import GradientFlow, Trace, gradient_flow, trace
+from test_oracle import oracle_variant
+from variants import LSTM_VARIANTS, RNN_VARIANTS
+
+T, B, I, H = 6, 3, 3, 4
+LENGTHS = [6, 2, 4]
+ALL = {**LSTM_VARIANTS, **{k: ("rnn", v) for k, v in RNN_VARIANTS.items()}}
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def build(cell, **kw) -> torch.nn.Module:
+    """A float64 layer with weights moved away from torch's tiny init (every path matters)."""
+    torch.manual_seed(0)
+    if isinstance(cell, tuple):
+        layer = lstmkit.RNN(I, H, nonlinearity=cell[1], **kw)
+    else:
+        layer = lstmkit.LSTM(I, H, cell=cell, **kw)
+    layer = layer.double()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if not name.startswith("ln_"):
+                p.uniform_(-0.6, 0.6)
+    return layer
+
+
+def fused_supports(layer) -> bool:
+    return kernels.REGISTRY["cpu_fused"].unsupported(layer.spec, torch.device("cpu"), torch.float64) is None
+
+
+def x_data(seed: int = 1, t: int = T, b: int = B) -> torch.Tensor:
+    return torch.randn(t, b, I, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- trace
+
+
+@pytest.mark.parametrize("cell", list(ALL.values()), ids=list(ALL))
+def test_trace_fused_equals_reference(cell):
+    ref = build(cell, num_layers=2, bidirectional=True, backend="reference")
+    x = x_data()
+    a = trace(ref, x, lengths=LENGTHS)
+    assert a.kernel == "reference"
+    if not fused_supports(ref):  # deep gates: reference only, and it still works
+        with pytest.raises(ValueError, match="deep gates"):
+            build(cell, backend="cpu_fused")(x)
+        assert all(torch.isfinite(a[0][0][k][:, 0]).all() for k in a[0][0])
+        return
+    fast = build(cell, num_layers=2, bidirectional=True, backend="cpu_fused")
+    fast.load_state_dict(ref.state_dict())
+    b = trace(fast, x, lengths=LENGTHS)
+    assert b.kernel == "cpu_fused"
+    for layer in range(2):
+        for d in range(2):
+            ta, tb = a[layer][d], b[layer][d]
+            assert list(ta) == list(tb) and ta.absent == tb.absent
+            for k in ta:
+                torch.testing.assert_close(tb[k], ta[k], equal_nan=True, msg=k, **TOL)
+    torch.testing.assert_close(b.output, a.output, **TOL)
+
+
+@pytest.mark.parametrize("cell", list(ALL.values()), ids=list(ALL))
+def test_trace_equals_numpy_oracle(cell):
+    """Every recorded activation equals the float64 oracle's, for both directions of both
+    layers (the reverse direction put back in natural time order); padding is NaN."""
+    layer = build(cell, num_layers=2, bidirectional=True)  # the fastest kernel that runs it
+    x = x_data()
+    tr = trace(layer, x, lengths=LENGTHS)
+    variant = oracle_variant(layer)
+    params = oracle.unflatten_params({k: v.detach().numpy() for k, v in layer.state_dict().items()}, 2, True)
+    lens = np.array(LENGTHS)
+    y, _, _, cache = oracle.forward(x.numpy(), params, None, None, variant, lengths=lens, bidirectional=True)
+    rev = oracle._reverse_index(lens, T, B)
+    valid = torch.tensor(np.arange(T)[:, None] < lens[None, :])
+    assert torch.equal(tr.valid, valid)
+    lstm = layer.spec.is_lstm
+    for l in range(2):
+        for d in range(2):
+            steps = cache["caches"][l][d]["steps"]  # in the order the direction ran
+            p = params[l][d]
+            want = {}
+            for key in ("i", "f", "g", "o", "c", "h"):
+                if not lstm:
+                    if key in ("g", "h"):
+                        want[key] = np.stack([s["h"] for s in steps])
+                    continue
+                if key == "h":
+                    hc = np.stack([s["h_cell"] for s in steps])
+                    want[key] = hc @ p["weight_hr"].T if "weight_hr" in p else hc
+                else:
+                    want[key] = np.stack([s[key] for s in steps])
+            got = tr[l][d]
+            gates = set(layer.spec.computed_gates) | ({"f"} if layer.spec.coupled else set())
+            expected_keys = (gates | {"c", "h"}) if lstm else {"g", "h"}
+            assert set(got) == expected_keys, (set(got), expected_keys)
+            for key in ("i", "f", "o"):
+                if lstm and key not in got:  # absent, not ones; the oracle's ones agree
+                    assert "absent" in got.absent[key]
+                    np.testing.assert_array_equal(want[key], 1.0)
+                    with pytest.raises(KeyError, match="absent"):
+                        got[key]
+            for key, v in got.items():
+                w = torch.tensor(want[key])
+                if d == 1:
+                    w = torch.tensor(oracle._permute_time(want[key], rev))
+                m = valid.unsqueeze(-1).expand_as(v)
+                torch.testing.assert_close(v[m], w[m], msg=f"layer {l} dir {d} {key}", **TOL)
+                assert torch.isnan(v[~m]).all(), f"{key}: padded steps must be NaN"
+
+
+def test_trace_conventions():
+    layer = build("cifg", num_layers=2, bidirectional=True)
+    x = x_data()
+    full = trace(layer, x)
+    assert isinstance(full, Trace) and full.valid.all() and full.num_steps == T
+    assert full.gates == ("i", "f", "g", "o") and full.names["f"] == "forget"
+    assert full[0][1]["f"].shape == (T, B, H)
+    torch.testing.assert_close(full[0][0]["f"], 1 - full[0][0]["i"])  # cifg: computed, not absent
+    assert not any(v.requires_grad for v in full[0][0].values())  # no_grad
+    # batch_first gives the same, time-major trace
+    bf = build("cifg", num_layers=2, bidirectional=True, batch_first=True)
+    tb = trace(bf, x.transpose(0, 1))
+    for k in full[1][1]:
+        torch.testing.assert_close(tb[1][1][k], full[1][1][k], **TOL)
+    torch.testing.assert_close(tb.output, full.output, **TOL)
+    # unbatched: (T, H), equal to the batch entry
+    tu = trace(layer, x[:, 1])
+    assert not tu.batched and tu[0][1]["c"].shape == (T, H) and tu.valid.shape == (T,)
+    torch.testing.assert_close(tu[0][1]["c"], full[0][1]["c"][:, 1], **TOL)
+    # a PackedSequence is the same as lengths=
+    tl = trace(layer, x, lengths=LENGTHS)
+    tp = trace(layer, pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False))
+    for k in tl[1][1]:
+        torch.testing.assert_close(tp[1][1][k], tl[1][1][k], equal_nan=True, **TOL)
+    # each sequence alone equals its row of the padded batch
+    alone = trace(layer, x[:2, 1:2])
+    for k in alone[1][1]:
+        torch.testing.assert_close(tl[1][1][k][:2, 1], alone[1][1][k][:, 0], **TOL)
+    # the module's mode is restored; a SequenceModel is traced through its .rnn
+    layer.train()
+    trace(layer, x)
+    assert layer.training
+
+
+def test_trace_absent_gates_and_rnn():
+    nfg = trace(build("nfg"), x_data())
+    assert nfg.gates == ("i", "g", "o") and "nfg" in nfg.absent["f"]
+    with pytest.raises(KeyError, match="nfg"):
+        nfg[0][0]["f"]
+    rnn = trace(build(("rnn", "tanh")), x_data())
+    assert rnn.gates == ("g",) and set(rnn.absent) == {"i", "f", "o", "c"} and rnn.c_n is None
+    torch.testing.assert_close(rnn[0][0]["g"], rnn[0][0]["h"])
+
+
+def test_trace_sequence_model():
+    from lstmkit.train import SequenceModel, TrainConfig
+
+    torch.manual_seed(0)
+    model = SequenceModel(TrainConfig(task="adding", hidden_size=H, cell="peephole"), 2, 1)
+    x = torch.randn(T, B, 2)
+    tr = trace(model, x)
+    direct = trace(model.rnn, x)
+    for k in tr[0][0]:
+        torch.testing.assert_close(tr[0][0][k], direct[0][0][k], rtol=0, atol=0)
+
+
+def test_trace_errors():
+    layer = build("vanilla")
+    with pytest.raises(ValueError, match=r"x: expected input size \(last dimension\) 3, got 5"):
+        trace(layer, torch.randn(T, B, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x: expected a 2-D .* got 4-D"):
+        trace(layer, torch.randn(1, T, B, I, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x: expected a Tensor"):
+        trace(layer, [[1.0, 2.0, 3.0]])
+    with pytest.raises(TypeError, match="model: expected an lstmkit LSTM or RNN.*got Linear"):
+        trace(torch.nn.Linear(3, 3), x_data())
+    with pytest.raises(ValueError, match=r"lengths: expected values in \[1, 6\].*max 9"):
+        trace(layer, x_data(), lengths=[9, 2, 3])
+    with pytest.raises(ValueError, match=r"lengths: expected 3 integer lengths.*shape \(2,\)"):
+        trace(layer, x_data(), lengths=[2, 3])
+    packed = pack_padded_sequence(x_data(), torch.tensor(LENGTHS), enforce_sorted=False)
+    with pytest.raises(ValueError, match="lengths: a PackedSequence carries its own lengths"):
+        trace(layer, packed, lengths=LENGTHS)
+    with pytest.raises(ValueError, match=r"hx: h_0 .* must have shape \(1, 3, 4\)"):
+        trace(layer, x_data(), hx=(torch.zeros(1, 2, H, dtype=torch.float64), torch.zeros(1, 3, H, dtype=torch.float64)))
+
+
+# ----------------------------------------------------------------------------- gradient flow
+
+
+def manual_flow(layer, x, loss_fn):
+    """∂L/∂h_t, ∂L/∂c_t by autograd on a hand-written loop (vanilla, nfg, plain RNN):
+    perturbation variables δ added to each step's state; the gradient at δ = 0."""
+    p = layer.layer_params(0, 0)
+    Tn, Bn = x.shape[0], x.shape[1]
+    lstm = layer.spec.is_lstm
+    dh = [torch.zeros(Bn, H, dtype=x.dtype, requires_grad=True) for _ in range(Tn)]
+    dc = [torch.zeros(Bn, H, dtype=x.dtype, requires_grad=True) for _ in range(Tn)]
+    h = torch.zeros(Bn, H, dtype=x.dtype)
+    c = torch.zeros(Bn, H, dtype=x.dtype)
+    ys = []
+    for t in range(Tn):
+        z = x[t] @ p["weight_ih"].T + p["bias_ih"] + h @ p["weight_hh"].T + p["bias_hh"]
+        if not lstm:
+            h = torch.tanh(z) + dh[t]
+        else:
+            if layer.spec.forget_gate:
+                i, f, g, o = z.split(H, dim=1)
+                f = torch.sigmoid(f)
+            else:  # nfg: i, g, o; f ≡ 1
+                i, g, o = z.split(H, dim=1)
+                f = 1.0
+            c = f * c + torch.sigmoid(i) * torch.tanh(g) + dc[t]
+            h = torch.sigmoid(o) * torch.tanh(c) + dh[t]
+        ys.append(h)
+    loss = loss_fn(torch.stack(ys))
+    grads = torch.autograd.grad(loss, dh + (dc if lstm else []))
+    gh = torch.stack(grads[:Tn])
+    gc = torch.stack(grads[Tn:]) if lstm else None
+    return gh, gc
+
+
+def _loss(y: torch.Tensor) -> torch.Tensor:
+    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    return (w * y).sum() + (y[-1] ** 2).sum() + 0.5 * (y[0] ** 3).sum()
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "nfg", ("rnn", "tanh")], ids=["vanilla", "nfg", "rnn"])
+@pytest.mark.parametrize("backend", ["cpu_fused", "reference"])
+def test_gradient_flow_equals_perturbation_autograd(cell, backend):
+    layer = build(cell, backend=backend)
+    x = x_data(t=9)
+    flow = gradient_flow(layer, x, _loss)
+    gh, gc = manual_flow(layer, x, _loss)
+    rec = flow[0][0]
+    torch.testing.assert_close(rec.grad_h, gh, **TOL)
+    torch.testing.assert_close(rec.dh_norm, gh.flatten(1).norm(dim=1), **TOL)
+    assert flow.loss == pytest.approx(float(_loss(layer(x)[0]).detach()), rel=1e-12)
+    if gc is None:
+        assert rec.grad_c is None and rec.dc_norm is None and rec.f_mean is None
+        torch.testing.assert_close(rec.norm(), rec.dh_norm)
+    else:
+        torch.testing.assert_close(rec.grad_c, gc, **TOL)
+        torch.testing.assert_close(rec.dc_norm, gc.flatten(1).norm(dim=1), **TOL)
+        f = trace(layer, x)[0][0].get("f")
+        if f is None:  # nfg: ∂c_t/∂c_{t-1} = 1
+            torch.testing.assert_close(rec.f_mean, torch.ones(9, dtype=torch.float64))
+        else:
+            torch.testing.assert_close(rec.f_mean, f.mean(dim=(1, 2)), **TOL)
+    assert backend == layer.backend and "_gradient_probe" not in kernels.REGISTRY  # restored
+    assert all(p.grad is None for p in layer.parameters())  # nothing accumulated
+
+
+def test_gradient_flow_equals_numpy_oracle_bptt():
+    """∂L/∂h_t and ∂L/∂c_t from the oracle's hand-written BPTT: the suffix t+1..T run from
+    the state (h_t, c_t) gives the derivative through the later steps; the output of step
+    t and the local ∂h_t/∂c_t = o_t (1 − tanh² c_t) complete it."""
+    layer = build("vanilla")
+    Tn = 8
+    x = x_data(t=Tn)
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((Tn, B, H))  # L = Σ W ⊙ y, so dL/dy = W
+    variant = oracle_variant(layer)
+    p = {k: v.detach().numpy() for k, v in layer.layer_params(0, 0).items()}
+    y, _, _, cache = oracle.layer_forward(x.numpy(), p, None, None, variant)
+    want_h, want_c = np.zeros((Tn, B, H)), np.zeros((Tn, B, H))
+    for t in range(Tn):
+        st = cache["steps"][t]
+        dh_later, dc_later = np.zeros((B, H)), np.zeros((B, H))
+        if t + 1 < Tn:
+            _, _, _, sc = oracle.layer_forward(x.numpy()[t + 1:], p, y[t], st["c"], variant)
+            _, _, dh_later, dc_later = oracle.layer_backward(sc, W[t + 1:], None, None)
+        want_h[t] = W[t] + dh_later
+        want_c[t] = dc_later + want_h[t] * st["o"] * (1 - np.tanh(st["c"]) ** 2)
+    flow = gradient_flow(layer, x, lambda out: (out * torch.tensor(W)).sum())
+    torch.testing.assert_close(flow[0][0].grad_h, torch.tensor(want_h), **TOL)
+    torch.testing.assert_close(flow[0][0].grad_c, torch.tensor(want_c), **TOL)
+
+
+@pytest.mark.parametrize("cell", [c for k, c in ALL.items() if "fgr" not in k],
+                         ids=[k for k in ALL if "fgr" not in k])
+def test_gradient_flow_dh_equals_split_sequence(cell):
+    """For every variant: ∂L/∂h_t is the derivative of L with respect to a δ added to h_t
+    where it is used: as the output of step t and as the initial state of the rest of the
+    sequence (the model's own forward, run in two parts). fgr is left out: its gate state
+    restarts at zero on every call, so a split run is a different computation."""
+    layer = build(cell)
+    Tn = 6
+    x = x_data(t=Tn)
+    flow = gradient_flow(layer, x, _loss)
+    lstm = layer.spec.is_lstm
+    for t in (0, 2, Tn - 2):
+        y1, st = layer(x[: t + 1])
+        h_t = st[0] if lstm else st
+        delta = torch.zeros_like(h_t[0], requires_grad=True)
+        y2, _ = layer(x[t + 1:], ((h_t + delta), st[1]) if lstm else h_t + delta)
+        y = torch.cat([y1[:-1], (y1[-1] + delta).unsqueeze(0), y2])
+        (g,) = torch.autograd.grad(_loss(y), delta)
+        torch.testing.assert_close(flow[0][0].grad_h[t], g, msg=f"step {t}", **TOL)
+
+
+def test_gradient_flow_reverse_direction_in_natural_order():
+    bi = build("vanilla", bidirectional=True)
+    x = x_data(t=7)
+    W = torch.randn(7, B, 2 * H, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    flow = gradient_flow(bi, x, lambda y: (W * y).sum())
+    uni = build("vanilla")  # the reverse direction alone, on the reversed input
+    uni.load_state_dict({k.replace("_reverse", ""): v for k, v in bi.state_dict().items() if "_reverse" in k})
+    ref = gradient_flow(uni, x.flip(0), lambda y: (W[..., H:].flip(0) * y).sum())
+    torch.testing.assert_close(flow[0][1].grad_c, ref[0][0].grad_c.flip(0), **TOL)
+    torch.testing.assert_close(flow[0][1].grad_h, ref[0][0].grad_h.flip(0), **TOL)
+    torch.testing.assert_close(flow[0][1].f_mean, ref[0][0].f_mean.flip(0), **TOL)
+
+
+def test_gradient_flow_lengths_each_sequence_alone():
+    """Padded steps have zero gradient; a padded batch's rows equal each sequence alone
+    (the loss is a sum over sequences), in both directions and both layers."""
+    layer = build("peephole", num_layers=2, bidirectional=True)
+    x = x_data()
+
+    def loss(y):  # y (T, B, 2H), zero past each length
+        return (y ** 2).sum() + y.sum()
+
+    flow = gradient_flow(layer, x, loss, lengths=LENGTHS)
+    packed = gradient_flow(layer, pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False),
+                           lambda out: loss(torch.nn.utils.rnn.pad_packed_sequence(out, total_length=T)[0]))
+    for b, n in enumerate(LENGTHS):
+        alone = gradient_flow(layer, x[:n, b:b + 1], loss)
+        for l in range(2):
+            for d in range(2):
+                torch.testing.assert_close(flow[l][d].grad_c[:n, b], alone[l][d].grad_c[:, 0], **TOL)
+                torch.testing.assert_close(flow[l][d].grad_h[:n, b], alone[l][d].grad_h[:, 0], **TOL)
+                torch.testing.assert_close(packed[l][d].grad_c[:, b], flow[l][d].grad_c[:, b], **TOL)
+                assert (flow[l][d].grad_c[n:, b] == 0).all() and (flow[l][d].grad_h[n:, b] == 0).all()
+
+
+def test_gradient_flow_sequence_model_and_task_loss():
+    from lstmkit.tasks.base import get_task
+    from lstmkit.train import SequenceModel, TrainConfig
+
+    task = get_task("adding", length=30, form="le", eval_size=8)
+    batch = next(iter(task.eval_batches("test", 8)))
+    for model_kind, cell in (("rnn", "vanilla"), ("lstm", "vanilla"), ("lstm", "nfg")):
+        torch.manual_seed(0)
+        model = SequenceModel(TrainConfig(task="adding", model=model_kind, cell=cell, hidden_size=8), 2, 1)
+        model.train()
+        flow = gradient_flow(model, batch.x, lambda out: task.loss(out, batch))
+        assert isinstance(flow, GradientFlow) and model.training  # mode restored
+        assert flow.loss == pytest.approx(float(task.loss(model(batch.x)[0], batch).detach()), rel=1e-6)
+        s = flow.summary()
+        assert s["T"] == 30 and s["quantity"] == ("h" if model_kind == "rnn" else "c")
+        assert s["ratio_first_last"] == pytest.approx(s["t1"] / s["t_last"])
+        if cell == "nfg":
+            assert s["f_mean"] == 1.0
+        elif model_kind == "lstm":
+            assert 0 < s["f_mean"] < 1
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradient_flow_errors_restore_state():
+    layer = build("vanilla", backend="cpu_fused")
+    with pytest.raises(ValueError, match=r"loss_fn: expected a scalar \(0-dim\) tensor, got a tensor of shape \(6, 3, 4\)"):
+        gradient_flow(layer, x_data(), lambda y: y)
+    with pytest.raises(RuntimeError, match="boom"):
+        gradient_flow(layer, x_data(), lambda y: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert layer.backend == "cpu_fused" and "_gradient_probe" not in kernels.REGISTRY
+    with pytest.raises(TypeError, match="loss_fn: expected a callable"):
+        gradient_flow(layer, x_data(), 3.0)
+    with pytest.raises(ValueError, match=r"x: expected input size \(last dimension\) 3, got 2"):
+        gradient_flow(layer, torch.randn(T, B, 2, dtype=torch.float64), _loss)
+
+
+def test_gradient_flow_batch_first_and_unbatched():
+    layer = build("layernorm", num_layers=2)
+    bf = build("layernorm", num_layers=2, batch_first=True)
+    x = x_data()
+    flow = gradient_flow(layer, x, _loss)
+    flow_bf = gradient_flow(bf, x.transpose(0, 1), lambda y: _loss(y.transpose(0, 1)))
+    for l in range(2):
+        torch.testing.assert_close(flow_bf[l][0].grad_c, flow[l][0].grad_c, **TOL)  # time-major both
+    one = gradient_flow(layer, x[:, 0], lambda y: _loss(y.unsqueeze(1)))
+    alone = gradient_flow(layer, x[:, :1], _loss)
+    assert one[1][0].grad_h.shape == (T, H) and one.valid.shape == (T,)
+    torch.testing.assert_close(one[1][0].grad_h, alone[1][0].grad_h[:, 0], **TOL)
