@@ -4,6 +4,10 @@
     lstmkit train TASK [options]          train on a built-in task (see --help)
     lstmkit eval RUN_DIR|CHECKPOINT       evaluate a checkpoint on the task's test set
     lstmkit sample RUN_DIR|CHECKPOINT     generate text (charlm) or show predictions
+    lstmkit convert SRC DST               convert weights between formats
+    lstmkit plot KIND ...                 pictures of gates, weights, gradient flow, curves
+    lstmkit report RUN_DIR                one self-contained HTML report of a run
+    lstmkit study --task T ...            the variant study (Greff et al. style)
 
 Errors (unknown task or variant, impossible sizes, unwritable output, a corrupt or
 incompatible checkpoint) print one line and exit with code 2; nothing is overwritten.
@@ -12,12 +16,23 @@ incompatible checkpoint) print one line and exit with code 2; nothing is overwri
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "COMMANDS"]
+
+#: Subcommands that live in their own modules: name -> (module, one-line help). Each module
+#: defines ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code); it raises
+#: ValueError/TypeError/FileExistsError for bad input, which ``main`` prints as one line.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("lstmkit.convert.files", "convert weights between formats (.pt .safetensors .keras .weights.h5 .onnx)"),
+    "plot": ("lstmkit.plots", "draw gate heatmaps, cell trajectories, weights, curves, gradient flow (PNG)"),
+    "report": ("lstmkit.report", "write one self-contained HTML report of a run directory"),
+    "study": ("lstmkit.study", "variant study: every variant x seed with a learning-rate search, tables and plots"),
+}
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -84,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     sa.add_argument("--prime", default="def ", help="text to start from (charlm)")
     sa.add_argument("--temperature", type=float, default=0.8)
     sa.add_argument("--seed", type=int, default=0)
+
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sp)
     return parser
 
 
@@ -112,7 +131,7 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
     thr = "" if t["threshold"] is None else f" (target {goal} {t['threshold']:g}: {'met' if t['met'] else 'not met'})"
     print(f"task {s['task']} | {s['model']} {s['cell']} | {s['parameters']:,} parameters | "
           f"{s['steps']:,} steps, {s['sequences']:,} sequences | {s['wall_time_s']:.1f} s | {s['stopped']}")
-    print(f"test {s['metric']} = {shown}{thr}")
+    print(f"{s.get('split', 'test')} {s['metric']} = {shown}{thr}")
     for name, v in (s.get("baselines") or {}).items():
         print(f"  baseline {name}: {v:.4g}")
     print(f"  published: {t['published']}")
@@ -184,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "eval":
             return _eval(args)
-        return _sample(args)
+        if args.command == "sample":
+            return _sample(args)
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args))
     except (ValueError, TypeError, FileExistsError, CheckpointError) as exc:
         print(f"lstmkit {args.command}: error: {exc}", file=sys.stderr)
         return 2

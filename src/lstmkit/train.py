@@ -77,6 +77,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batch_size: int = 256
     patience: int | None = None         # evaluations without improvement before stopping
+    eval_split: str = "test"            # split evaluated during training (target, patience, metrics log)
     stop_at_target: bool = True         # stop once the task's success criterion is met
     seed: int = 0
     backend: str | None = None
@@ -108,6 +109,8 @@ class TrainConfig:
                              f"got {self.proj_size}")
         if self.warmup < 0:
             raise ValueError(f"warmup: expected an int >= 0, got {self.warmup}")
+        if self.eval_split not in ("train", "valid", "test"):
+            raise ValueError(f"eval_split: expected 'train', 'valid' or 'test', got {self.eval_split!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience: expected an int >= 1 or None, got {self.patience}")
         if self.model == "lstm":
@@ -439,12 +442,12 @@ class Trainer:
                 window.append(self.train_step())
                 bar.update(1)
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    metrics = self.evaluate("test")
+                    metrics = self.evaluate(cfg.eval_split)
                     value = metrics[target.metric]
                     self.elapsed = time.perf_counter() - start
                     record = {"step": self.step, "train_loss": sum(window) / len(window),
                               "lr": self.opt.param_groups[0]["lr"], "time": round(self.elapsed, 3),
-                              **{f"test_{k}": v for k, v in metrics.items()}}
+                              **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()}}
                     window = []
                     self.history.append(record)
                     if self.rank == 0:
@@ -475,14 +478,14 @@ class Trainer:
         """Task, variant, size, steps, time, final metrics against target and baselines."""
         target = self.task.target
         final = self.history[-1] if self.history else {}
-        value = final.get(f"test_{target.metric}")
+        value = final.get(f"{self.cfg.eval_split}_{target.metric}")
         return {
             "task": self.cfg.task, "task_options": self.cfg.task_options,
             "model": self.cfg.model, "cell": resolve(self.cfg.cell).name if self.cfg.model == "lstm" else "rnn",
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "steps": self.step, "sequences": self.step * self.cfg.batch_size,
             "wall_time_s": round(self.elapsed, 2), "stopped": self.stopped or "step budget reached",
-            "metric": target.metric, "value": value,
+            "metric": target.metric, "split": self.cfg.eval_split, "value": value,
             "target": {"goal": target.goal, "threshold": target.threshold, "published": target.published,
                        "met": value is not None and target.met(value)},
             "baselines": self.task.baselines, "data": self.task.describe_data(),

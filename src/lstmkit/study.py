@@ -1,0 +1,573 @@
+"""The variant study: every variant × seed on one task, with a learning-rate search per variant.
+
+The design follows Greff et al. (2017, "LSTM: A Search Space Odyssey") at a size one
+machine can afford:
+
+1. **Learning-rate search.** ``lr_trials`` learning rates are drawn log-uniformly from
+   ``lr_range`` (the same draws for every variant, so that no variant is luckier in its
+   draws; seeded by the study's ``seed``). Each variant trains once (seed 0) at each of
+   them; the one with the best metric on the task's *validation* split is kept.
+2. **Seeds.** Each variant then trains with seeds ``0 … seeds-1`` at its chosen rate (the
+   seed-0 run of the search is reused: same configuration, same result). Every run has
+   the same fixed budget of optimiser steps and is scored on the *test* split.
+3. **Statistics.** Per variant: median and interquartile range of the test metric, mean
+   and standard deviation, and Welch's t-test (unequal variances) against the baseline
+   variant (``vanilla`` by default), with its p-value.
+
+A study directory holds ``study.json`` (the settings, written once), ``runs/VARIANT/
+lrK-sSEED/`` (one ordinary training run each, with ``result.json`` once it is finished),
+``results.json``, ``results.md``, ``boxplot.png`` and ``summary.md``. Runs are
+independent processes (``jobs`` at a time, one thread each), so both cores work. A killed
+study resumes where it stopped: finished runs (those with ``result.json``) are read back,
+not redone; an interrupted run continues from its last checkpoint; a run that diverged
+is recorded as diverged and not retried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lstmkit.spec import resolve
+
+__all__ = ["StudyConfig", "run_study", "summarize", "welch", "add_arguments", "run"]
+
+#: Training settings a study may set (the rest are the study's own or TrainConfig defaults).
+TRAIN_KEYS = ("task_options", "hidden_size", "num_layers", "dropout", "optimizer", "momentum", "weight_decay",
+              "clip", "schedule", "warmup", "batch_size", "steps", "eval_every", "eval_batch_size", "patience",
+              "backend")
+_SAFE = re.compile(r"^[A-Za-z0-9_.+=,-]+$")
+
+
+@dataclass
+class StudyConfig:
+    """What a study runs. Same config → same runs, same numbers (up to thread timing)."""
+
+    task: str
+    variants: list[str]
+    seeds: int = 5
+    lr_trials: int = 4
+    lr_range: tuple[float, float] = (1e-3, 3e-2)
+    seed: int = 0
+    baseline: str | None = None          # default: "vanilla" if studied, else the first variant
+    metric: str | None = None            # default: the task's target metric
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the setting, the expected and the actual value."""
+        if not self.variants:
+            raise ValueError("variants: expected at least one variant, got none")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants: expected distinct names, got {self.variants}")
+        for v in self.variants:
+            if not _SAFE.match(v):
+                raise ValueError(f"variants: {v!r} has characters that cannot name a directory")
+            if v != "rnn":
+                resolve(v)  # raises with the reason for an unknown or impossible variant
+        for name in ("seeds", "lr_trials"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        lo, hi = self.lr_range
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise ValueError(f"lr_range: expected 0 < low <= high, got {self.lr_range}")
+        unknown = sorted(set(self.train) - set(TRAIN_KEYS))
+        if unknown:
+            raise ValueError(f"train: unknown settings {unknown}; a study may set {list(TRAIN_KEYS)}")
+        if self.baseline is not None and self.baseline not in self.variants:
+            raise ValueError(f"baseline: expected one of the studied variants {self.variants}, "
+                             f"got {self.baseline!r}")
+
+    @property
+    def baseline_variant(self) -> str:
+        """The variant every other one is tested against."""
+        if self.baseline:
+            return self.baseline
+        return "vanilla" if "vanilla" in self.variants else self.variants[0]
+
+    def learning_rates(self) -> list[float]:
+        """The ``lr_trials`` log-uniform draws from ``lr_range``, ascending (same for every variant)."""
+        rng = random.Random(f"lstmkit-study-{self.seed}")
+        lo, hi = (math.log(v) for v in self.lr_range)
+        return sorted(float(f"{math.exp(rng.uniform(lo, hi)):.3g}") for _ in range(self.lr_trials))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
+        """Build from ``study.json``'s mapping, refusing unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"study.json: unknown keys {unknown}; not an lstmkit study")
+        d = dict(d)
+        d["lr_range"] = tuple(d.get("lr_range", (1e-3, 3e-2)))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of a study."""
+
+    variant: str
+    lr_index: int
+    lr: float
+    seed: int
+
+    def directory(self, out: Path) -> Path:
+        return out / "runs" / self.variant / f"lr{self.lr_index}-s{self.seed}"
+
+
+def _train_config(cfg: StudyConfig, run: Run, split: str) -> dict[str, Any]:
+    d = {"task": cfg.task, **cfg.train, "lr": run.lr, "seed": run.seed, "eval_split": split,
+         "stop_at_target": False, "threads": 1}
+    if run.variant == "rnn":
+        d.update(model="rnn", cell="vanilla")
+    else:
+        d.update(model="lstm", cell=run.variant)
+    return d
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, Any]:
+    """Train (or resume, or read back) one run and return its result (also ``result.json``).
+
+    Runs in a worker process; the result records the selection-split value of ``metric``
+    (``valid``), every test-split metric, the budget and the time. A run whose loss
+    diverges is recorded as diverged, not retried.
+    """
+    import torch
+
+    from lstmkit.train import TrainConfig
+
+    path = Path(run_dir)
+    done = path / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    threads = torch.get_num_threads()
+    try:
+        return _train_one(path, TrainConfig.from_dict(config), config, metric)
+    finally:
+        torch.set_num_threads(threads)  # the run sets one thread; in-process (jobs=1) callers get theirs back
+
+
+def _train_one(path: Path, cfg: Any, config: dict[str, Any], metric: str) -> dict[str, Any]:
+    from lstmkit.train import Trainer
+
+    done = path / "result.json"
+    resume = (path / "checkpoint.safetensors").is_file()
+    if path.exists() and not resume:
+        shutil.rmtree(path)  # killed before its first checkpoint: the study's own scratch
+    result: dict[str, Any] = {"config": config}
+    try:
+        trainer = Trainer(cfg, path, resume=resume, progress=False)
+        summary = trainer.run()
+    except FloatingPointError as exc:
+        result.update(diverged=True, error=str(exc), select=None, test={})
+    else:
+        history = trainer.history
+        key = f"{cfg.eval_split}_{metric}"
+        met_at = next((r["step"] for r in history if key in r and trainer.task.target.met(r[key])), None)
+        result.update(diverged=False, select=summary["final"].get(key), test=trainer.evaluate("test"),
+                      steps=summary["steps"], wall_time_s=summary["wall_time_s"],
+                      parameters=summary["parameters"], target_step=met_at)
+    _atomic_json(done, result)
+    return result
+
+
+def _selection_split(task: Any) -> str:
+    try:
+        next(iter(task.eval_batches("valid", 1)))
+        return "valid"
+    except ValueError:
+        return "train"
+
+
+def _prepare(cfg: StudyConfig, out: Path) -> None:
+    settings = out / "study.json"
+    mine = asdict(cfg)
+    mine["lr_range"] = list(cfg.lr_range)
+    if settings.is_file():
+        try:
+            theirs = json.loads(settings.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{settings}: not valid JSON ({exc.msg}); not an lstmkit study") from None
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            detail = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff)
+            raise ValueError(f"--out {out}: holds a study with other settings ({detail}); "
+                             f"choose another directory or repeat the original settings")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out}: exists, is not empty and holds no study.json; nothing was "
+                              f"touched (choose another directory)")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_json(settings, mine)
+
+
+def _better(goal: str) -> Callable[[float | None], float]:
+    """Sort key: smaller is better; a missing (diverged) value is worst."""
+    def key(v: float | None) -> float:
+        if v is None or not math.isfinite(v):
+            return math.inf
+        return -v if goal == "max" else v
+    return key
+
+
+def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the study in ``out``; returns the aggregated results (see module doc)."""
+    from tqdm import tqdm
+
+    from lstmkit.tasks.base import get_task
+
+    cfg.validate()
+    out = Path(out)
+    jobs = jobs or os.cpu_count() or 1
+    if jobs < 1:
+        raise ValueError(f"jobs: expected an int >= 1, got {jobs}")
+    task = get_task(cfg.task, seed=0, **cfg.train.get("task_options", {}))
+    metric = cfg.metric or task.target.metric
+    split = _selection_split(task)
+    names = _metric_names(task)
+    if metric not in names:
+        raise ValueError(f"metric: expected one of task {cfg.task!r}'s metrics {names}, got {metric!r}")
+    from lstmkit.train import TrainConfig
+    TrainConfig.from_dict(_train_config(cfg, Run(cfg.variants[0], 0, 1e-3, 0), split)).validate()
+    _prepare(cfg, out)
+    lrs = cfg.learning_rates()
+    goal = task.target.goal
+    results: dict[Run, dict[str, Any]] = {}
+    total = len(cfg.variants) * (len(lrs) + cfg.seeds - 1)
+    bar = tqdm(total=total, disable=not progress, unit="run", dynamic_ncols=True)
+    start = time.perf_counter()
+
+    def submit_all(pool: Any, runs: Iterable[Run], pending: dict[Future[Any], Run]) -> None:
+        for r in runs:
+            args = (str(r.directory(out)), _train_config(cfg, r, split), metric)
+            if pool is None:
+                pending_done(r, train_one(*args))
+            else:
+                pending[pool.submit(train_one, *args)] = r
+
+    def pending_done(r: Run, res: dict[str, Any]) -> None:
+        results[r] = res
+        bar.update(1)
+        value = res["test"].get(metric)
+        bar.set_postfix_str(f"{r.variant} lr={r.lr:g} seed={r.seed}: "
+                            f"{'diverged' if res['diverged'] else f'{metric}={value:.4g}'}")
+        tuning = [x for x in results if x.variant == r.variant and x.seed == 0]
+        if r.seed == 0 and len(tuning) == len(lrs):
+            best = min(tuning, key=lambda x: (_better(goal)(results[x]["select"]), x.lr_index))
+            finals.extend(Run(r.variant, best.lr_index, best.lr, s) for s in range(1, cfg.seeds))
+
+    finals: list[Run] = []
+    tuning_runs = [Run(v, k, lr, 0) for v in cfg.variants for k, lr in enumerate(lrs)]
+    try:
+        if jobs == 1:
+            submit_all(None, tuning_runs, {})
+            while finals:
+                batch, finals[:] = list(finals), []
+                submit_all(None, batch, {})
+        else:
+            import multiprocessing
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                pending: dict[Future[Any], Run] = {}
+                submit_all(pool, tuning_runs, pending)
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        pending_done(pending.pop(fut), fut.result())
+                    batch, finals[:] = list(finals), []
+                    submit_all(pool, batch, pending)
+    finally:
+        bar.close()
+    summary = summarize(cfg, results, metric, goal, split, task.target, time.perf_counter() - start)
+    write_outputs(summary, out)
+    return summary
+
+
+def _metric_names(task: Any) -> list[str]:
+    """The task's metric names (from a zero output of the model's shape, (T, B, output_size))."""
+    import torch
+    batch = next(iter(task.eval_batches("test", 1)))
+    return list(task.metrics(torch.zeros(*batch.x.shape[:2], task.output_size), batch))
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Welch's t statistic and two-sided p-value of ``mean(a) - mean(b)`` (NaN if undefined)."""
+    from scipy import stats
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan
+    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
+        return (math.nan, math.nan) if statistics.mean(a) != statistics.mean(b) else (0.0, 1.0)
+    t, p = stats.ttest_ind(a, b, equal_var=False)
+    return float(t), float(p)
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[1], q[2]
+
+
+def summarize(cfg: StudyConfig, results: dict[Run, dict[str, Any]], metric: str, goal: str, split: str,
+              target: Any, wall_time: float) -> dict[str, Any]:
+    """Per-variant statistics and per-run rows, as written to ``results.json``."""
+    rows = [{"variant": r.variant, "lr": r.lr, "lr_index": r.lr_index, "seed": r.seed,
+             "diverged": res["diverged"], "select": res.get("select"), "test": res["test"].get(metric),
+             "target_step": res.get("target_step"), "wall_time_s": res.get("wall_time_s"),
+             "parameters": res.get("parameters")}
+            for r, res in sorted(results.items(), key=lambda kv: (cfg.variants.index(kv[0].variant),
+                                                                  kv[0].lr_index, kv[0].seed))]
+    chosen: dict[str, float] = {}
+    for v in cfg.variants:
+        finals = [r for r in results if r.variant == v and r.seed > 0]
+        tuning = [r for r in results if r.variant == v and r.seed == 0]
+        if finals:
+            chosen[v] = finals[0].lr
+        elif tuning:  # seeds == 1: the best of the search
+            best = min(tuning, key=lambda x: (_better(goal)(results[x]["select"]), x.lr_index))
+            chosen[v] = best.lr
+
+    def final_values(v: str) -> tuple[list[float], int]:
+        runs = [r for r in results if r.variant == v and r.lr == chosen.get(v)]
+        vals = [results[r]["test"][metric] for r in runs if not results[r]["diverged"]]
+        return [x for x in vals if x is not None and math.isfinite(x)], len(runs) - len(vals)
+
+    base = cfg.baseline_variant
+    base_vals, _ = final_values(base)
+    variants = []
+    for v in cfg.variants:
+        vals, diverged = final_values(v)
+        runs = [r for r in results if r.variant == v and r.lr == chosen.get(v)]
+        entry: dict[str, Any] = {"variant": v, "lr": chosen.get(v), "n": len(vals), "diverged": diverged,
+                                 "parameters": next((results[r].get("parameters") for r in runs
+                                                     if results[r].get("parameters")), None),
+                                 "values": vals}
+        if vals:
+            q1, med, q3 = _quartiles(vals)
+            entry.update(median=med, q1=q1, q3=q3, mean=statistics.mean(vals),
+                         std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                         met=sum(bool(target.met(x)) for x in vals),
+                         time_s=statistics.mean(results[r].get("wall_time_s") or 0.0 for r in runs))
+        if v != base and vals and base_vals:
+            t, p = welch(vals, base_vals)
+            entry.update(t=t, p=p, delta=entry["median"] - statistics.median(base_vals))
+        variants.append(entry)
+    return {"task": cfg.task, "task_options": cfg.train.get("task_options", {}), "metric": metric, "goal": goal,
+            "selection_split": split, "baseline": base, "learning_rates": cfg.learning_rates(),
+            "settings": {**asdict(cfg), "lr_range": list(cfg.lr_range)},
+            "target": {"threshold": target.threshold, "published": target.published},
+            "runs": len(results), "cpu_time_s": round(sum(r.get("wall_time_s") or 0 for r in rows), 1),
+            "wall_time_s": round(wall_time, 1), "variants": variants, "rows": rows}
+
+
+def _fmt(v: Any, spec: str = ".4g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return format(v, spec)
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """The markdown table of per-variant statistics."""
+    goal = summary["goal"]
+    lines = [f"| variant | lr | n | median {summary['metric']} | IQR | mean ± sd | Δ median vs {summary['baseline']} "
+             f"| Welch t | p | target met | parameters |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in summary["variants"]:
+        if not e["n"]:
+            lines.append(f"| {e['variant']} | {_fmt(e['lr'], 'g')} | 0 ({e['diverged']} diverged) "
+                         f"| — | — | — | — | — | — | — | — |")
+            continue
+        p = e.get("p")
+        sig = ""
+        if p is not None and p < 0.05 and e.get("delta"):
+            worse = (e["delta"] < 0) == (goal == "max")
+            sig = " (worse)" if worse else " (better)"
+        n = f"{e['n']}" + (f" (+{e['diverged']} diverged)" if e["diverged"] else "")
+        lines.append(
+            f"| {e['variant']} | {_fmt(e['lr'], 'g')} | {n} | {_fmt(e['median'])} | {_fmt(e['q1'])}–{_fmt(e['q3'])} "
+            f"| {_fmt(e['mean'])} ± {_fmt(e['std'], '.2g')} | {_fmt(e.get('delta'), '+.3g')} "
+            f"| {_fmt(e.get('t'), '.2f')} "
+            f"| {_fmt(p, '.2g')}{sig} | {e['met']}/{e['n']} | {_fmt(e['parameters'], ',')} |")
+    return "\n".join(lines)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The study's markdown summary: settings, budget, the table and the significant differences."""
+    s = summary["settings"]
+    train = s["train"]
+    goal = "higher" if summary["goal"] == "max" else "lower"
+    opts = json.dumps(summary["task_options"]) if summary["task_options"] else "defaults"
+    lines = [
+        f"# Variant study: {summary['task']} ({opts})", "",
+        f"Metric: test `{summary['metric']}` ({goal} is better), after a fixed budget of "
+        f"{train.get('steps', 1000)} steps × batch {train.get('batch_size', 32)}; "
+        f"H = {train.get('hidden_size', 64)}, {train.get('num_layers', 1)} layer(s). "
+        f"Learning rate: best of {s['lr_trials']} log-uniform draws from "
+        f"[{s['lr_range'][0]:g}, {s['lr_range'][1]:g}] ({', '.join(f'{x:g}' for x in summary['learning_rates'])}; "
+        f"the same for every variant), chosen on the `{summary['selection_split']}` split with seed 0; "
+        f"then {s['seeds']} seeds at that rate. Welch's t-test against `{summary['baseline']}`.", "",
+        f"Budget: {summary['runs']} runs, {summary['cpu_time_s'] / 60:.1f} CPU-minutes of training "
+        f"(one thread per run).", "",
+        results_table(summary), "",
+    ]
+    worse, better, same = [], [], []
+    for e in summary["variants"]:
+        if e["variant"] == summary["baseline"] or e.get("p") is None or not e["n"]:
+            continue
+        if e["p"] < 0.05 and e.get("delta"):
+            (worse if (e["delta"] < 0) == (summary["goal"] == "max") else better).append(e["variant"])
+        else:
+            same.append(e["variant"])
+    lines.append(f"Significantly worse than {summary['baseline']} (p < 0.05): {', '.join(worse) or 'none'}. "
+                 f"Significantly better: {', '.join(better) or 'none'}. "
+                 f"No significant difference: {', '.join(same) or 'none'}.")
+    lines.append("")
+    lines.append(f"Regenerate: `{command_line(summary['settings'])}`")
+    return "\n".join(lines) + "\n"
+
+
+def command_line(settings: dict[str, Any]) -> str:
+    """The ``lstmkit study`` command that reproduces ``settings``."""
+    t = settings["train"]
+    parts = ["lstmkit study", f"--task {settings['task']}", f"--variants {','.join(settings['variants'])}",
+             f"--seeds {settings['seeds']}", f"--lr-trials {settings['lr_trials']}",
+             f"--lr-range {settings['lr_range'][0]:g} {settings['lr_range'][1]:g}"]
+    if settings["seed"]:
+        parts.append(f"--study-seed {settings['seed']}")
+    if settings.get("baseline"):
+        parts.append(f"--baseline {settings['baseline']}")
+    if settings.get("metric"):
+        parts.append(f"--metric {settings['metric']}")
+    for k, v in sorted(t.get("task_options", {}).items()):
+        parts.append(f"-o {k}={json.dumps(v)}")
+    for k in TRAIN_KEYS[1:]:
+        if k in t:
+            parts.append(f"--{k.replace('_', '-')} {'0' if k == 'clip' and t[k] is None else t[k]}")
+    return " ".join(parts)
+
+
+def boxplot(summary: dict[str, Any]) -> Any:
+    """A box plot (with the points) of the test metric per variant; returns the Figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in summary["variants"] if e["n"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(entries) + 2), 4.5))
+    if entries:
+        ax.boxplot([e["values"] for e in entries], tick_labels=[e["variant"] for e in entries], showfliers=False)
+        for k, e in enumerate(entries, start=1):
+            jitter = [k + 0.08 * ((j % 5) - 2) for j in range(len(e["values"]))]
+            p = e.get("p")
+            color = "tab:red" if p is not None and p < 0.05 else "tab:blue"
+            ax.scatter(jitter, e["values"], s=14, color=color, alpha=0.8, zorder=3)
+        base = next((e for e in entries if e["variant"] == summary["baseline"]), None)
+        if base:
+            ax.axhline(base["median"], color="gray", lw=0.8, ls="--", label=f"{summary['baseline']} median")
+            ax.legend(loc="best", fontsize=8)
+    ax.tick_params(axis="x", labelrotation=45)
+    ax.set_xlabel("variant")
+    ax.set_ylabel(f"test {summary['metric']}")
+    ax.set_title(f"{summary['task']}: test {summary['metric']} per variant (red: p < 0.05 vs {summary['baseline']})")
+    fig.tight_layout()
+    return fig
+
+
+def write_outputs(summary: dict[str, Any], out: Path) -> None:
+    """``results.json``, ``results.md``, ``boxplot.png`` and ``summary.md`` in ``out`` (each atomically)."""
+    import matplotlib.pyplot as plt
+
+    _atomic_json(out / "results.json", summary)
+    for name, text in (("results.md", results_table(summary) + "\n"), ("summary.md", summary_markdown(summary))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    fig = boxplot(summary)
+    tmp = out / ".boxplot.png.tmp"
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out / "boxplot.png")
+
+
+# ---------------------------------------------------------------------------- command line
+
+def _option(text: str) -> tuple[str, Any]:
+    from lstmkit.cli import _option as parse
+    return parse(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``lstmkit study``."""
+    parser.add_argument("--task", required=True, help="task name (e.g. chorales, continual_reber, adding)")
+    parser.add_argument("--variants", required=True,
+                        help="comma-separated variants, e.g. vanilla,peephole,nfg,cifg,vanilla+fb=1 ('rnn': plain RNN)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per variant at its chosen rate (default 5)")
+    parser.add_argument("--lr-trials", type=int, default=4, help="learning rates tried per variant (default 4)")
+    parser.add_argument("--lr-range", type=float, nargs=2, default=(1e-3, 3e-2), metavar=("LOW", "HIGH"),
+                        help="log-uniform learning-rate range (default 1e-3 3e-2)")
+    parser.add_argument("--study-seed", type=int, default=0, help="seed of the learning-rate draws")
+    parser.add_argument("--baseline", default=None, help="variant to test against (default vanilla)")
+    parser.add_argument("--metric", default=None, help="test metric (default: the task's target metric)")
+    parser.add_argument("--out", type=Path, default=None, help="study directory (default studies/TASK)")
+    parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: one per core)")
+    parser.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="task option, e.g. -o length=100 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    t = parser.add_argument_group("training (every run)")
+    t.add_argument("--hidden-size", "--hidden", type=int, default=None)
+    t.add_argument("--num-layers", "--layers", type=int, default=None)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--eval-every", type=int, default=None)
+    t.add_argument("--eval-batch-size", type=int, default=None)
+    t.add_argument("--clip", type=float, default=None, help="max gradient norm (0 = no clipping)")
+    t.add_argument("--optimizer", choices=["adam", "sgd"], default=None)
+    t.add_argument("--schedule", choices=["constant", "cosine", "step"], default=None)
+    t.add_argument("--patience", type=int, default=None)
+    t.add_argument("--dropout", type=float, default=None)
+    t.add_argument("--backend", default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> StudyConfig:
+    """The StudyConfig the command line describes."""
+    train: dict[str, Any] = {}
+    if args.option:
+        train["task_options"] = dict(args.option)
+    for k in TRAIN_KEYS[1:]:
+        v = getattr(args, k, None)
+        if v is not None:
+            train[k] = (None if v == 0 else v) if k == "clip" else v
+    return StudyConfig(task=args.task, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+                       seeds=args.seeds, lr_trials=args.lr_trials, lr_range=tuple(args.lr_range),
+                       seed=args.study_seed, baseline=args.baseline, metric=args.metric, train=train)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``lstmkit study``: run or resume, then print the summary."""
+    cfg = config_from_args(args)
+    out = args.out or Path("studies") / cfg.task
+    summary = run_study(cfg, out, jobs=args.jobs, progress=not args.quiet)
+    print(summary_markdown(summary))
+    print(f"study directory: {out} (results.json, results.md, boxplot.png, summary.md)", file=sys.stderr)
+    return 0

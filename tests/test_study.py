@@ -1,0 +1,157 @@
+"""The variant study: settings checked, learning rates drawn as documented, statistics equal
+to an independent implementation, outputs complete, reproducible from seeds, and a killed
+study resumes without redoing (or losing) finished runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from statsmodels.stats.weightstats import ttest_ind as sm_ttest_ind
+
+from lstmkit.study import StudyConfig, run_study, welch
+
+TRAIN = {"task_options": {"length": 24, "eval_size": 128}, "hidden_size": 6, "batch_size": 8, "steps": 12,
+         "eval_every": 6, "eval_batch_size": 128}
+
+
+def _cfg(**kw) -> StudyConfig:
+    base = dict(task="adding", variants=["vanilla", "nfg"], seeds=2, lr_trials=2, lr_range=(1e-3, 1e-2),
+                train=dict(TRAIN))
+    base.update(kw)
+    return StudyConfig(**base)
+
+
+def _values(summary: dict) -> dict:
+    return {e["variant"]: (e["lr"], e["values"]) for e in summary["variants"]}
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(variants=[]), "variants: expected at least one"),
+    (dict(variants=["vanilla", "vanilla"]), "distinct"),
+    (dict(variants=["vanilla", "nosuch"]), "nosuch"),
+    (dict(variants=["vanilla", "a/b"]), "cannot name a directory"),
+    (dict(variants=["nfg+cifg"]), "cannot also be removed"),
+    (dict(seeds=0), "seeds: expected an int >= 1, got 0"),
+    (dict(lr_trials=1.5), "lr_trials: expected an int >= 1"),
+    (dict(lr_range=(1e-2, 1e-3)), "lr_range: expected 0 < low <= high"),
+    (dict(train={"lr": 0.1}), "unknown settings ['lr']"),
+    (dict(baseline="peephole"), "baseline: expected one of the studied variants"),
+])
+def test_settings_are_checked(kw, pattern):
+    with pytest.raises(ValueError) as exc:
+        _cfg(**kw).validate()
+    assert pattern in str(exc.value)
+
+
+def test_learning_rates_log_uniform_same_for_every_variant():
+    cfg = _cfg(lr_trials=200, lr_range=(1e-4, 1e-1))
+    lrs = cfg.learning_rates()
+    assert lrs == sorted(lrs) and lrs == _cfg(lr_trials=200, lr_range=(1e-4, 1e-1), variants=["cifg"]).learning_rates()
+    assert all(1e-4 <= x <= 1e-1 for x in lrs)
+    logs = [math.log10(x) for x in lrs]  # log-uniform: each decade holds about a third of the draws
+    for lo in (-4, -3, -2):
+        share = sum(lo <= v < lo + 1 for v in logs) / len(logs)
+        assert 0.2 < share < 0.47, (lo, share)
+    assert _cfg(seed=1).learning_rates() != _cfg().learning_rates()
+
+
+@pytest.mark.parametrize("a, b", [
+    ([1.0, 2.0, 3.0, 4.5], [2.0, 2.5, 4.0, 5.0, 6.5]),
+    ([0.91, 0.93, 0.92], [0.80, 0.95, 0.70, 0.99]),
+])
+def test_welch_equals_statsmodels(a, b):
+    t, p = welch(a, b)
+    t_ref, p_ref, _ = sm_ttest_ind(a, b, usevar="unequal")
+    assert t == pytest.approx(t_ref, rel=1e-12) and p == pytest.approx(p_ref, rel=1e-9)
+
+
+def test_welch_degenerate_cases():
+    assert math.isnan(welch([1.0], [1.0, 2.0])[1])
+    assert welch([1.0, 1.0], [1.0, 1.0]) == (0.0, 1.0)
+    assert math.isnan(welch([1.0, 1.0], [2.0, 2.0])[1])
+
+
+def test_study_outputs_and_reproducible(tmp_path):
+    a = run_study(_cfg(), tmp_path / "a", jobs=1, progress=False)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["boxplot.png", "results.json", "results.md", "runs", "study.json", "summary.md"]
+    # 2 variants x (2 learning rates + 1 more seed at the chosen one)
+    assert a["runs"] == 6 and len(a["rows"]) == 6
+    for e in a["variants"]:
+        assert e["n"] == 2 and e["lr"] in a["learning_rates"]
+        tuning = {r["lr"]: r["select"] for r in a["rows"] if r["variant"] == e["variant"] and r["seed"] == 0}
+        sign = -1 if a["goal"] == "max" else 1  # adding: accuracy, higher is better
+        assert e["lr"] == min(tuning, key=lambda lr: (sign * tuning[lr], lr))
+        assert e["median"] == pytest.approx(sorted(e["values"])[0] / 2 + sorted(e["values"])[1] / 2)
+    nfg = next(e for e in a["variants"] if e["variant"] == "nfg")
+    base = next(e for e in a["variants"] if e["variant"] == "vanilla")
+    t, p = welch(nfg["values"], base["values"])
+    assert (nfg["t"], nfg["p"]) == (t, p)
+    png = (tmp_path / "a" / "boxplot.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    md = (tmp_path / "a" / "summary.md").read_text()
+    assert "| nfg |" in md and "Welch" in md and "lstmkit study --task adding --variants vanilla,nfg" in md
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["variants"][0]["variant"] == "vanilla"
+    # Same settings, new directory, both cores: the same numbers.
+    b = run_study(_cfg(), tmp_path / "b", jobs=2, progress=False)
+    assert _values(a) == _values(b)
+
+
+def test_refuses_foreign_or_different_directory(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no study.json"):
+        run_study(_cfg(), tmp_path / "x", jobs=1, progress=False)
+    assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
+    run_study(_cfg(seeds=1, lr_trials=1, variants=["vanilla"]), tmp_path / "s", jobs=1, progress=False)
+    with pytest.raises(ValueError, match="other settings .*seeds: 1 there, 2 now"):
+        run_study(_cfg(seeds=2, lr_trials=1, variants=["vanilla"]), tmp_path / "s", jobs=1, progress=False)
+    with pytest.raises(ValueError, match="metric: expected one of task 'adding'"):
+        run_study(_cfg(metric="bpc"), tmp_path / "m", jobs=1, progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_killed_study_resumes_without_redoing_runs(tmp_path):
+    out = tmp_path / "killed"
+    cfg = _cfg(train={**TRAIN, "steps": 24})
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({**cfg.__dict__, "lr_range": list(cfg.lr_range)}))
+    code = ("import json, sys; from lstmkit.study import StudyConfig, run_study; "
+            "run_study(StudyConfig.from_dict(json.load(open(sys.argv[1]))), sys.argv[2], jobs=1, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(settings), str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("runs/*/*/result.json"))) < 2:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")}
+    assert 2 <= len(finished) < 6, "the study should have been killed mid-way"
+    assert not (out / "results.json").exists()
+    resumed = run_study(cfg, out, jobs=1, progress=False)
+    for p, mtime in finished.items():
+        assert p.stat().st_mtime_ns == mtime, f"{p} was redone"
+    full = run_study(cfg, tmp_path / "full", jobs=1, progress=False)
+    assert _values(resumed) == _values(full) and resumed["runs"] == 6
+
+
+def test_cli(tmp_path, capsys):
+    from lstmkit.cli import main
+    args = ["study", "--task", "adding", "--variants", "vanilla", "--seeds", "1", "--lr-trials", "1",
+            "-o", "length=24", "-o", "eval_size=64", "--hidden", "4", "--steps", "4", "--eval-every", "2",
+            "--jobs", "1", "--quiet", "--out", str(tmp_path / "c")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "# Variant study: adding" in out and "| vanilla |" in out
+    settings = json.loads((tmp_path / "c" / "study.json").read_text())
+    assert settings["train"]["task_options"] == {"length": 24, "eval_size": 64}
+    assert main(args[:-1] + [str(tmp_path / "c2"), "--seeds", "0"]) == 2
+    assert "seeds: expected an int >= 1, got 0" in capsys.readouterr().err
+    assert not Path(tmp_path / "c2").exists()
