@@ -360,7 +360,8 @@ class GradientFlow:
 class _ProbeKernel(ReferenceKernel):
     """The reference recurrence (:func:`lstmkit.cell.step`, step by step) that keeps every
     step's ``h_t`` and ``c_t`` graph nodes, so ``torch.autograd.grad`` can be asked for the
-    loss's gradient with respect to each of them. Registered only for one measurement."""
+    loss's gradient with respect to each of them. Never registered: the layer is pointed at
+    an instance for one measurement."""
 
     name = "_gradient_probe"
 
@@ -408,19 +409,16 @@ class _ProbeKernel(ReferenceKernel):
 
 @contextlib.contextmanager
 def _probing(layer: _Recurrent) -> Iterator[_ProbeKernel]:
-    """Run ``layer`` on a fresh probe kernel for the duration of the block; the registry
-    and the layer's ``backend`` are restored afterwards, whatever happens. The probe is
-    registered last, so no other layer selects it automatically; a layer shared with
-    another thread would run on it meanwhile (measure on a copy in that case)."""
+    """Run ``layer`` on a fresh, unregistered probe kernel for the duration of the block;
+    the layer's ``backend`` is restored afterwards, whatever happens. (A layer shared with
+    another thread would run on the probe meanwhile: measure on a copy in that case.)"""
     probe = _ProbeKernel()
     previous = layer.backend
-    kernels.REGISTRY[probe.name] = probe  # last: never chosen automatically
-    layer.backend = probe.name
+    layer.backend = probe  # type: ignore[assignment]  # kernels.select takes a Kernel instance as it is
     try:
         yield probe
     finally:
         layer.backend = previous
-        kernels.REGISTRY.pop(probe.name, None)
 
 
 def _model_output(model: nn.Module, layer: _Recurrent, x: Tensor | PackedSequence, hx: Any,

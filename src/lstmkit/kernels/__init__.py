@@ -34,14 +34,21 @@ register(FusedCPUKernel(), first=True)
 
 
 def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
-           backend: str | None = None) -> Kernel:
+           backend: str | Kernel | None = None) -> Kernel:
     """The kernel to run ``spec`` on ``device`` in ``dtype``.
 
     Args:
-        backend: a registry name to force, or None for the fastest that supports it.
+        backend: a registry name to force, a Kernel instance (used as it is, unregistered:
+            instrumented kernels such as gradient_flow's probe), or None for the fastest
+            registered kernel that supports it.
     Raises:
         ValueError: ``backend`` is unknown or cannot run this spec/device/dtype.
     """
+    if isinstance(backend, Kernel):
+        why = _why_not(backend, spec, device, dtype)
+        if why:
+            raise ValueError(f"backend: kernel {backend.name!r} cannot run this layer: {why}")
+        return backend
     if backend is not None:
         if backend not in REGISTRY:
             raise ValueError(f"backend: unknown kernel {backend!r}; expected one of {list(REGISTRY)}")
