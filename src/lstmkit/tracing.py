@@ -31,7 +31,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from lstmkit import cell as cell_eqs
 from lstmkit import kernels
 from lstmkit.kernels.base import TRACE_KEYS, KernelOut
 from lstmkit.kernels.reference import ReferenceKernel
@@ -371,40 +370,16 @@ class _ProbeKernel(ReferenceKernel):
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
             record: bool = False) -> KernelOut:
-        T, B = x.shape[0], x.shape[1]
-        a = cell_eqs.input_projection(x, params, spec, hidden_size)  # (T, B, R)
         # Leaves for the initial state: every step's state is then a node of the graph,
         # even when neither the parameters nor the input require gradients.
-        h = h0.detach().requires_grad_()
-        c = None if c0 is None else c0.detach().requires_grad_()
-        s = h0.new_zeros(B, len(spec.sigmoid_gates) * hidden_size) if spec.fgr else None
-        valid = None
-        if lengths is not None:
-            valid = (torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)).to(x.device).unsqueeze(-1)
-        hs: list[Tensor] = []
-        cs: list[Tensor] = []
-        fs: list[Tensor] = []
-        ys: list[Tensor] = []
-        for t, a_t in enumerate(a.unbind(0)):
-            out = cell_eqs.step(a_t, h, c, s, params, spec, hidden_size)
-            hs.append(out.h)
-            if out.c is not None:
-                cs.append(out.c)
-                f = out.f if out.f is not None else torch.ones_like(out.c)  # nfg: f ≡ 1
-                fs.append(f.detach())
-            h_new, c_new, s_new = out.h, out.c, out.s
-            if valid is not None:
-                v = valid[t]  # (B, 1)
-                ys.append(torch.where(v, h_new, torch.zeros_like(h_new)))
-                h_new = torch.where(v, h_new, h)
-                c_new = torch.where(v, c_new, c) if c is not None else None
-                s_new = torch.where(v, s_new, s) if s is not None else None
-            else:
-                ys.append(h_new)
-            h, c, s = h_new, c_new, s_new
-        self.calls.append({"h": hs, "c": cs if spec.is_lstm else None, "f": fs if spec.is_lstm else None,
-                           "lengths": lengths})
-        return KernelOut(torch.stack(ys), h, c, None)
+        h0 = h0.detach().requires_grad_()
+        c0 = None if c0 is None else c0.detach().requires_grad_()
+        y, h, c, rec = self.loop(x, lengths, h0, c0, params, spec, hidden_size, record=True)
+        fs = None
+        if spec.is_lstm:  # nfg: f ≡ 1
+            fs = [f.detach() for f in rec["f"]] if rec["f"] else [torch.ones_like(c_t) for c_t in rec["c"]]
+        self.calls.append({"h": rec["h"], "c": rec["c"] if spec.is_lstm else None, "f": fs, "lengths": lengths})
+        return KernelOut(y, h, c, None)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,15 @@ class ReferenceKernel(Kernel):
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
             record: bool = False) -> KernelOut:
+        y, h, c, rec = self.loop(x, lengths, h0, c0, params, spec, hidden_size, record)
+        trace = {k: torch.stack(v) for k, v in rec.items() if v} if record else None
+        return KernelOut(y, h, c, trace)
+
+    def loop(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
+             record: bool = False) -> tuple[Tensor, Tensor, Tensor | None, dict[str, list[Tensor]]]:
+        """The time loop: ``(y, h_n, c_n, per-step values)``; with ``record`` the lists of
+        ``i, f, g, o, c, h`` hold each step's graph nodes (h and c before padding is masked)."""
         T, B = x.shape[0], x.shape[1]
         a = cell.input_projection(x, params, spec, hidden_size)  # (T, B, R)
         h, c = h0, c0
@@ -61,5 +70,4 @@ class ReferenceKernel(Kernel):
                 rec["h"].append(out.h)
             h, c, s = h_new, c_new, s_new
         y = torch.stack(ys) if ys else x.new_zeros(0, B, h0.shape[-1])  # (T, B, H_out)
-        trace = {k: torch.stack(v) for k, v in rec.items() if v} if record else None
-        return KernelOut(y, h, c, trace)
+        return y, h, c, rec
