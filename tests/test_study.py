@@ -113,6 +113,13 @@ def test_refuses_foreign_or_different_directory(tmp_path):
     run_study(_cfg(seeds=1, lr_trials=1, variants=["vanilla"]), tmp_path / "s", jobs=1, progress=False)
     with pytest.raises(ValueError, match="other settings .*seeds: 1 there, 2 now"):
         run_study(_cfg(seeds=2, lr_trials=1, variants=["vanilla"]), tmp_path / "s", jobs=1, progress=False)
+    # A finished run whose settings are not the study's is never silently reused.
+    result = next((tmp_path / "s").glob("runs/*/*/result.json"))
+    data = json.loads(result.read_text())
+    data["config"]["lr"] *= 2
+    result.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="holds a finished run with other settings"):
+        run_study(_cfg(seeds=1, lr_trials=1, variants=["vanilla"]), tmp_path / "s", jobs=1, progress=False)
     with pytest.raises(ValueError, match="metric: expected one of task 'adding'"):
         run_study(_cfg(metric="bpc"), tmp_path / "m", jobs=1, progress=False)
     assert not (tmp_path / "m").exists()

@@ -100,19 +100,25 @@ class StudyConfig:
         return "vanilla" if "vanilla" in self.variants else self.variants[0]
 
     def learning_rates(self) -> list[float]:
-        """The ``lr_trials`` log-uniform draws from ``lr_range``, ascending (same for every variant)."""
+        """``lr_trials`` log-uniform draws from ``lr_range``, ascending, the same for every variant.
+
+        Stratified: draw k is uniform in the k-th of ``lr_trials`` equal slices of the
+        log-range, so each draw is still log-uniform over the whole range, but a handful of
+        draws cannot cluster in one corner of it (five plain draws often do).
+        """
         rng = random.Random(f"lstmkit-study-{self.seed}")
         lo, hi = (math.log(v) for v in self.lr_range)
-        return sorted(float(f"{math.exp(rng.uniform(lo, hi)):.3g}") for _ in range(self.lr_trials))
+        width = (hi - lo) / self.lr_trials
+        return [float(f"{math.exp(lo + width * (k + rng.random())):.3g}") for k in range(self.lr_trials)]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StudyConfig:
         """Build from ``study.json``'s mapping, refusing unknown keys."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names - {"learning_rates"})
         if unknown:
             raise ValueError(f"study.json: unknown keys {unknown}; not an lstmkit study")
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k != "learning_rates"}  # study.json records the draws too
         d["lr_range"] = tuple(d.get("lr_range", (1e-3, 3e-2)))
         return cls(**d)
 
@@ -160,7 +166,11 @@ def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, An
     path = Path(run_dir)
     done = path / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if result.get("config") != config:
+            raise ValueError(f"{path}: holds a finished run with other settings than this study's; "
+                             f"nothing was touched (use another --out)")
+        return result
     threads = torch.get_num_threads()
     try:
         return _train_one(path, TrainConfig.from_dict(config), config, metric)
@@ -204,6 +214,7 @@ def _prepare(cfg: StudyConfig, out: Path) -> None:
     settings = out / "study.json"
     mine = asdict(cfg)
     mine["lr_range"] = list(cfg.lr_range)
+    mine["learning_rates"] = cfg.learning_rates()
     if settings.is_file():
         try:
             theirs = json.loads(settings.read_text())
