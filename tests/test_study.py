@@ -162,3 +162,34 @@ def test_cli(tmp_path, capsys):
     assert main(args[:-1] + [str(tmp_path / "c2"), "--seeds", "0"]) == 2
     assert "seeds: expected an int >= 1, got 0" in capsys.readouterr().err
     assert not Path(tmp_path / "c2").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has exited
+
+
+def test_workers_end_with_a_killed_study(tmp_path):
+    settings = tmp_path / "settings.json"
+    cfg = _cfg(train={**TRAIN, "steps": 400})
+    settings.write_text(json.dumps({**cfg.__dict__, "lr_range": list(cfg.lr_range)}))
+    code = ("import json, sys; from lstmkit.study import StudyConfig, run_study; "
+            "run_study(StudyConfig.from_dict(json.load(open(sys.argv[1]))), sys.argv[2], jobs=2, progress=False)")
+    out = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(settings), str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("runs/*/*/metrics.jsonl")):
+        time.sleep(0.05)  # a worker is training
+    children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]
+    assert children
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(c) for c in children):
+        time.sleep(0.1)
+    assert not any(_alive(c) for c in children), "workers outlived the killed study"

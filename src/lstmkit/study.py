@@ -202,6 +202,19 @@ def _train_one(path: Path, cfg: Any, config: dict[str, Any], metric: str) -> dic
     return result
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end the worker when the study process is gone (killed), instead of
+    finishing its run and idling as an orphan; the interrupted run resumes from its checkpoint."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _selection_split(task: Any) -> str:
     try:
         next(iter(task.eval_batches("valid", 1)))
@@ -299,7 +312,8 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
                 submit_all(None, batch, {})
         else:
             import multiprocessing
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
                 pending: dict[Future[Any], Run] = {}
                 submit_all(pool, tuning_runs, pending)
                 while pending:
