@@ -347,6 +347,12 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(t), float(p)
 
 
+def _median_or_none(values: list[Any]) -> float | None:
+    """Median of the values that are not None (None if there are none)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) == 1:
         return values[0], values[0], values[0]
@@ -393,6 +399,7 @@ def summarize(cfg: StudyConfig, results: dict[Run, dict[str, Any]], metric: str,
             entry.update(median=med, q1=q1, q3=q3, mean=statistics.mean(vals),
                          std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
                          met=sum(bool(target.met(x)) for x in vals),
+                         target_step=_median_or_none([results[r].get("target_step") for r in runs]),
                          time_s=statistics.mean(results[r].get("wall_time_s") or 0.0 for r in runs))
         if v != base and vals and base_vals:
             t, p = welch(vals, base_vals)
@@ -416,12 +423,12 @@ def results_table(summary: dict[str, Any]) -> str:
     """The markdown table of per-variant statistics."""
     goal = summary["goal"]
     lines = [f"| variant | lr | n | median {summary['metric']} | IQR | mean ± sd | Δ median vs {summary['baseline']} "
-             f"| Welch t | p | target met | parameters |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| Welch t | p | target met | steps to target | parameters |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary["variants"]:
         if not e["n"]:
             lines.append(f"| {e['variant']} | {_fmt(e['lr'], 'g')} | 0 ({e['diverged']} diverged) "
-                         f"| — | — | — | — | — | — | — | — |")
+                         f"| — | — | — | — | — | — | — | — | — |")
             continue
         p = e.get("p")
         sig = ""
@@ -433,7 +440,8 @@ def results_table(summary: dict[str, Any]) -> str:
             f"| {e['variant']} | {_fmt(e['lr'], 'g')} | {n} | {_fmt(e['median'])} | {_fmt(e['q1'])}–{_fmt(e['q3'])} "
             f"| {_fmt(e['mean'])} ± {_fmt(e['std'], '.2g')} | {_fmt(e.get('delta'), '+.3g')} "
             f"| {_fmt(e.get('t'), '.2f')} "
-            f"| {_fmt(p, '.2g')}{sig} | {e['met']}/{e['n']} | {_fmt(e['parameters'], ',')} |")
+            f"| {_fmt(p, '.2g')}{sig} | {e['met']}/{e['n']} | {_fmt(e['target_step'], 'g')} "
+            f"| {_fmt(e['parameters'], ',')} |")
     return "\n".join(lines)
 
 
@@ -451,7 +459,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"Learning rate: best of {s['lr_trials']} log-uniform draws from "
         f"[{s['lr_range'][0]:g}, {s['lr_range'][1]:g}] ({', '.join(f'{x:g}' for x in summary['learning_rates'])}; "
         f"the same for every variant), chosen on the `{summary['selection_split']}` split with seed 0; "
-        f"then {s['seeds']} seeds at that rate. Welch's t-test against `{summary['baseline']}`.", "",
+        f"then {s['seeds']} seeds at that rate. Welch's t-test against `{summary['baseline']}`. "
+        f"Target: the task's criterion ({'≥' if summary['goal'] == 'max' else '≤'} "
+        f"{_fmt(summary['target']['threshold'])}); steps to target: the median, over the runs that met it, of "
+        f"the first evaluation (every {train.get('eval_every', 100)} steps) on the `{summary['selection_split']}` "
+        f"split that met it.", "",
         f"Budget: {summary['runs']} runs, {summary['cpu_time_s'] / 60:.1f} CPU-minutes of training "
         f"(one thread per run).", "",
         results_table(summary), "",
