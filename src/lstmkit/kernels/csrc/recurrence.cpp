@@ -912,7 +912,9 @@ at::Tensor act_test(at::Tensor x, int64_t which) {
 }  // namespace lk
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &lk::forward, "lstmkit recurrence forward");
-  m.def("backward", &lk::backward, "lstmkit recurrence backward");
+  // Pure C++ on at::Tensors: the GIL is released, so other Python threads (data loading,
+  // a second direction or model) run while the recurrence does.
+  m.def("forward", &lk::forward, "lstmkit recurrence forward", py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &lk::backward, "lstmkit recurrence backward", py::call_guard<py::gil_scoped_release>());
   m.def("_act_test", &lk::act_test, "test hook: vectorised exp/tanh/sigmoid");
 }
