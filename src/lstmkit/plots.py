@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from lstmkit import _atomic
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.tracing import GradientFlow, gradient_flow, recurrent_layer, trace
 
@@ -99,34 +100,8 @@ def write_file(path: str | os.PathLike[str], data: bytes, overwrite: bool = Fals
     appeared meanwhile. A failure leaves every existing file as it was.
     """
     p = check_output(path, overwrite)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (mkstemp makes it 0600)
-        if overwrite:
-            os.replace(tmp, p)
-        else:
-            try:
-                os.link(tmp, p)
-            except FileExistsError:
-                raise FileExistsError(f"output: {p} exists; nothing was overwritten "
-                                      f"(use --overwrite to replace it)") from None
-            except OSError:  # a filesystem without hard links
-                if p.exists():
-                    raise FileExistsError(f"output: {p} exists; nothing was overwritten") from None
-                os.replace(tmp, p)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return p
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    exists = f"output: {p} exists; nothing was overwritten (use --overwrite to replace it)"
+    return _atomic.write_bytes(p, data, overwrite=overwrite, exists_error=exists)
 
 
 def _json_safe(value: Any) -> Any:

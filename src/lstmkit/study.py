@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lstmkit._atomic import atomic_path, write_text
 from lstmkit.spec import resolve
 
 __all__ = ["StudyConfig", "run_study", "summarize", "welch", "add_arguments", "run"]
@@ -147,9 +148,7 @@ def _train_config(cfg: StudyConfig, run: Run, split: str) -> dict[str, Any]:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, Any]:
@@ -536,15 +535,12 @@ def write_outputs(summary: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     _atomic_json(out / "results.json", summary)
-    for name, text in (("results.md", results_table(summary) + "\n"), ("summary.md", summary_markdown(summary))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_text(out / "results.md", results_table(summary) + "\n")
+    write_text(out / "summary.md", summary_markdown(summary))
     fig = boxplot(summary)
-    tmp = out / ".boxplot.png.tmp"
-    fig.savefig(tmp, format="png", dpi=110)
+    with atomic_path(out / "boxplot.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, out / "boxplot.png")
 
 
 # ---------------------------------------------------------------------------- command line

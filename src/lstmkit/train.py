@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from lstmkit._atomic import atomic_path, write_text
 from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import resolve
 from lstmkit.tasks.base import Batch, Task, get_task
@@ -189,28 +189,9 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[TrainConfig, dict[str, Tensor], dict[str, Any]]:
@@ -318,7 +299,7 @@ class Trainer:
             probe.unlink()
         except OSError as exc:
             raise ValueError(f"output directory {self.run_dir}: cannot write there ({exc.strerror})") from None
-        _atomic_write_text(self.run_dir / "config.json", json.dumps(asdict(self.cfg), indent=1))
+        write_text(self.run_dir / "config.json", json.dumps(asdict(self.cfg), indent=1))
 
     def _tensors(self) -> dict[str, Tensor]:
         t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -468,7 +449,7 @@ class Trainer:
         self.elapsed = time.perf_counter() - start
         summary = self.summary()
         if self.rank == 0:
-            _atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
+            write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
             save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
                       str(self.run_dir / "model.safetensors"),
                       metadata={"format": "lstmkit-weights-1", "config": json.dumps(asdict(cfg))})

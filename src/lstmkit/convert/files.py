@@ -35,7 +35,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lstmkit import _atomic
 from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import CellSpec, resolve
 
@@ -82,11 +82,6 @@ def file_format(path: str | os.PathLike[str], what: str = "path") -> str:
     raise ValueError(f"{what}: unknown extension of {Path(path).name!r}; expected one of {list(FORMATS)}")
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
 
 @contextlib.contextmanager
 def atomic_path(dst: Path, overwrite: bool = True) -> Iterator[Path]:
@@ -102,29 +97,10 @@ def atomic_path(dst: Path, overwrite: bool = True) -> Iterator[Path]:
     dst = Path(dst)
     if not dst.parent.is_dir():
         raise ValueError(f"DST: directory {dst.parent} does not exist")
-    if not overwrite and dst.exists():
-        raise FileExistsError(f"DST: {dst} exists; pass --overwrite (overwrite=True) to replace it")
     ext = next((e for e in sorted(FORMATS, key=len, reverse=True) if dst.name.lower().endswith(e)), dst.suffix)
-    fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=f".tmp{ext}")
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with _atomic.atomic_path(dst, overwrite=overwrite, suffix=ext,
+                             exists_error=f"DST: {dst} exists; pass --overwrite (overwrite=True) to replace it") as tmp:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give DST the mode a plain open() would
-        if overwrite:
-            os.replace(tmp, dst)
-        else:
-            try:
-                os.link(tmp, dst)  # atomic and never clobbers: FileExistsError if dst appeared
-            except FileExistsError:
-                raise FileExistsError(f"DST: {dst} exists; pass --overwrite (overwrite=True) to replace it") \
-                    from None
-            except OSError:  # a filesystem without hard links
-                if dst.exists():
-                    raise FileExistsError(f"DST: {dst} exists; pass --overwrite to replace it") from None
-                os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- configs
