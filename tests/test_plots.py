@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from lstmkit import plots
+from lstmkit.cli import main
 from lstmkit.tracing import gradient_flow
 from lstmkit.train import TrainConfig, train
 
@@ -59,15 +60,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def cli(argv: list[str], capsys=None) -> int:
-    """``lstmkit plot …`` as cli.main runs it: exit code, errors printed as one line."""
-    parser = argparse.ArgumentParser(prog="lstmkit plot")
-    plots.add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return plots.run(args)
-    except (ValueError, TypeError, FileExistsError) as exc:
-        print(f"lstmkit plot: error: {exc}", file=sys.stderr)
-        return 2
+    """``lstmkit plot …`` through lstmkit.cli.main: exit code, errors printed as one line."""
+    return main(["plot", *argv])
 
 
 # ----------------------------------------------------------------------------- pictures

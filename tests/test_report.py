@@ -4,10 +4,8 @@ an existing file by accident."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import shutil
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 import torch
 
 from lstmkit import report
+from lstmkit.cli import main
 from lstmkit.train import TrainConfig, train
 from test_plots import assert_png
 
@@ -69,14 +68,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="lstmkit report")
-    report.add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return report.run(args)
-    except (ValueError, TypeError, FileExistsError) as exc:
-        print(f"lstmkit report: error: {exc}", file=sys.stderr)
-        return 2
+    """``lstmkit report …`` through lstmkit.cli.main: exit code, errors printed as one line."""
+    return main(["report", *argv])
 
 
 def test_report_is_self_contained_and_embeds_every_picture(run_dir, tmp_path, capsys):

@@ -545,13 +545,9 @@ def write_outputs(summary: dict[str, Any], out: Path) -> None:
 
 # ---------------------------------------------------------------------------- command line
 
-def _option(text: str) -> tuple[str, Any]:
-    from lstmkit.cli import _option as parse
-    return parse(text)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``lstmkit study``."""
+    from lstmkit.cli import _option
     parser.add_argument("--task", required=True, help="task name (e.g. chorales, continual_reber, adding)")
     parser.add_argument("--variants", required=True,
                         help="comma-separated variants, e.g. vanilla,peephole,nfg,cifg,vanilla+fb=1 ('rnn': plain RNN)")
