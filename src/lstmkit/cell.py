@@ -54,10 +54,8 @@ def chunk_layernorm(v: Tensor, spec: CellSpec, hidden_size: int) -> Tensor:
         v: (..., R) pre-activations.
     """
     widths = [s.stop - s.start for s in gate_slices(spec, hidden_size).values()]
-    if len(set(widths)) == 1:  # all gates equally wide: one batched norm
-        n = widths[0]
-        shape = v.shape
-        return F.layer_norm(v.reshape(*shape[:-1], len(widths), n), (n,), eps=LN_EPS).reshape(shape)
+    # split, not a reshape to (..., G, n): no view of symbolic sizes, which a Scan body
+    # exported to ONNX (torch's scan of cell.step) cannot carry
     parts = [F.layer_norm(p, (p.shape[-1],), eps=LN_EPS) for p in v.split(widths, dim=-1)]
     return torch.cat(parts, dim=-1)
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from lstmkit import cell as cell_eqs
+from lstmkit.kernels.onnx_export import exporting
 from lstmkit.layout import gate_slices, layer_param_shapes, suffix
 from lstmkit.loop import StackOut, run_stack
 from lstmkit.spec import CellSpec, resolve
@@ -38,10 +39,42 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _all_finite(t: Tensor) -> bool:
-    """No NaN or inf in ``t``. One reduction: a NaN or inf makes the sum NaN or inf; only
-    then (or on overflow of finite values) is every element checked."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+def _check_finite(t: Tensor, message: str) -> None:
+    """Raise ValueError(message) if ``t`` holds a NaN or inf.
+
+    Eager: one reduction (a NaN or inf makes the sum NaN or inf; only then, or on overflow
+    of finite values, is every element checked). Under ``torch.compile`` and
+    ``torch.export`` a Python ``if`` on tensor data cannot be traced, so the check becomes
+    an assertion node in the graph (``torch._assert_async``: the compiled or exported
+    program raises a RuntimeError with this message). Under ``vmap`` the check is skipped
+    (a batched tensor has no single truth value), as it is during ONNX export (the ONNX
+    graph has no assertions).
+    """
+    if exporting():
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(t).all(), message)
+        return
+    if _vmapped(t):
+        return
+    if not (bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())):
+        raise ValueError(message)
+
+
+_NO_TORCHSCRIPT = (
+    "lstmkit: {what} is not supported: TorchScript cannot follow the cell variants or the fused "
+    "operator. Use torch.export.export(model, args), torch.compile(model), or "
+    "torch.onnx.export(model, args) (the default, dynamo-based exporter), which all trace lstmkit layers")
+
+
+def _vmapped(t: Tensor) -> bool:
+    """True if ``t`` is batched by ``torch.func.vmap`` at any level of functorch wrapping."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 class _Recurrent(nn.Module):
@@ -172,6 +205,16 @@ class _Recurrent(nn.Module):
         """A no-op kept for ``torch.nn.LSTM`` compatibility (lstmkit has no cuDNN flat buffer)."""
 
     @property
+    def _flat_weights_names(self) -> list[str]:
+        """Every parameter's name, layer by layer and direction by direction, as ``torch.nn.LSTM``'s."""
+        return [full for layer in self._param_names for names in layer for full in names.values()]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """The parameters in the order of :attr:`_flat_weights_names`, as ``torch.nn.LSTM``'s."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
     def all_weights(self) -> list[list[Tensor]]:
         """Parameters per layer-direction, in registration order, as ``torch.nn.LSTM``'s."""
         return [[getattr(self, full) for full in names.values()]
@@ -206,9 +249,9 @@ class _Recurrent(nn.Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional:
             s += ", bidirectional=True"
-        if self.spec.is_lstm:
+        if self.spec.is_lstm and self.spec != CellSpec():  # torch's repr for a vanilla layer, extras when set
             s += f", cell={self.spec.name!r}"
-        elif self.spec.nonlinearity != "tanh":
+        elif not self.spec.is_lstm and self.spec.nonlinearity != "tanh":
             s += f", nonlinearity={self.spec.nonlinearity!r}"
         if self.backend:
             s += f", backend={self.backend!r}"
@@ -219,6 +262,8 @@ class _Recurrent(nn.Module):
     def _run(self, input: Tensor | PackedSequence, hx: Any, record: bool = False
              ) -> tuple[Tensor | PackedSequence, Tensor, Tensor | None, StackOut]:
         """Validate, pack/unpack and run. Returns output, h_n, c_n and the raw stack result."""
+        if torch.jit.is_tracing():
+            raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.trace (and torch.onnx.export(dynamo=False))"))
         packed = isinstance(input, PackedSequence)
         lengths = None
         if packed:
@@ -247,11 +292,9 @@ class _Recurrent(nn.Module):
             raise ValueError(f"input: expected a sequence length L >= 1, got L = 0 (shape {_shape(x)})")
         if B == 0:
             raise ValueError(f"input: expected a batch size >= 1, got 0 (shape {_shape(x)})")
-        if self.check_finite and not _all_finite(x):
-            raise ValueError(
-                "input: contains NaN or inf; lstmkit checks this so that bad data fails here and "
-                "not as NaN weights later (pass check_finite=False to skip the check)"
-            )
+        if self.check_finite:
+            _check_finite(x, "input: contains NaN or inf; lstmkit checks this so that bad data fails here and "
+                             "not as NaN weights later (pass check_finite=False to skip the check)")
         h0, c0 = self._initial_state(hx, x, batched)
         if lengths is not None and bool((lengths == T).all()):
             lengths = None
@@ -272,6 +315,9 @@ class _Recurrent(nn.Module):
             h_n = h_n.squeeze(1)
             c_n = None if c_n is None else c_n.squeeze(1)
         return result, h_n, c_n, out
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.script"))
 
     def _check_input_tensor(self, x: Tensor, what: str) -> None:
         if not x.dtype.is_floating_point:
@@ -336,8 +382,8 @@ class _Recurrent(nn.Module):
                     f"(num_layers*num_directions, {'batch, ' if batched else ''}size), "
                     f"got {_shape(t)}{hint}"
                 )
-            if self.check_finite and not _all_finite(t):
-                raise ValueError(f"hx: {name} contains NaN or inf")
+            if self.check_finite:
+                _check_finite(t, f"hx: {name} contains NaN or inf")
             out.append(t if batched else t.unsqueeze(1))
         return out[0], (out[1] if len(out) > 1 else None)
 

@@ -70,6 +70,7 @@ import numpy as np
 import torch
 
 from lstmkit.cell import LN_EPS
+from lstmkit.kernels import onnx_export
 from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates, suffix
 from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import CellSpec
@@ -101,35 +102,9 @@ def _onnx() -> Any:
 def operator_refusal(layer: LSTM | RNN) -> str | None:
     """Why the ONNX ``LSTM``/``RNN`` operator cannot carry ``layer`` (None if it can; then
     :func:`to_onnx` uses the operator, else a Scan graph)."""
-    if isinstance(layer, RNN):
-        return None
-    if not isinstance(layer, LSTM):
+    if not isinstance(layer, (LSTM, RNN)):
         raise TypeError(f"model: expected an lstmkit LSTM or RNN, got {type(layer).__name__}")
-    spec = layer.spec
-    if layer.proj_size:
-        return (f"the LSTM operator has no projection, so proj_size={layer.proj_size} "
-                f"(h_t = W_hr (o ⊙ tanh c_t)) cannot be written with it")
-    reasons = {
-        "layernorm": (spec.layernorm, "the LSTM operator has no layer normalisation"),
-        "deep gates": (bool(spec.gate_hidden), "the LSTM operator's gates are single linear layers, not MLPs"),
-        "fgr": (spec.fgr, "the LSTM operator has no gate-to-gate recurrence (weight_gg)"),
-        "nig": (not spec.input_gate, "the LSTM operator always computes the input gate"),
-        "nfg": (not spec.forget_gate, "the LSTM operator always computes the forget gate"),
-        "nog": (not spec.output_gate, "the LSTM operator always computes the output gate"),
-        "niaf": (spec.candidate_activation != "tanh",
-                 "the LSTM operator's identity candidate would need the optional Affine activation, which "
-                 "runtimes need not implement"),
-        "noaf": (spec.output_activation != "tanh",
-                 "the LSTM operator's identity output would need the optional Affine activation, which "
-                 "runtimes need not implement"),
-        "clip": (spec.cell_clip is not None,
-                 "the LSTM operator's clip bounds the gate pre-activations, lstmkit's cell_clip bounds "
-                 "c_t: different functions"),
-    }
-    for word, (applies, why) in reasons.items():
-        if applies:
-            return f"{why}, so variant {word!r} (cell {spec.name!r}) cannot be written with it"
-    return None
+    return onnx_export.operator_refusal(layer.spec, layer.proj_size)
 
 
 def _np_dtype(dtype: Any) -> tuple[np.dtype, int]:
@@ -144,38 +119,12 @@ def _np_dtype(dtype: Any) -> tuple[np.dtype, int]:
 # ---------------------------------------------------------------------------- weights
 
 
-def _four_gates(t: torch.Tensor, spec: CellSpec, hidden_size: int) -> torch.Tensor:
-    """(R, ...) rows of the computed gates -> (4H, ...) in lstmkit order i, f, g, o.
-
-    Only cifg drops a gate among the variants the operator carries; its f rows are zeros.
-    """
-    if not spec.coupled:
-        return t
-    i, g, o = t.split(hidden_size, dim=0)
-    return torch.cat([i, torch.zeros_like(i), g, o], dim=0)
-
-
-def _lstm_arrays(layer: LSTM, index: int, direction: int) -> dict[str, np.ndarray]:
-    """ONNX W [4H, I], R [4H, H], B [8H] (or None), P [3H] (or None) of one layer-direction."""
+def _operator_arrays(layer: LSTM | RNN, index: int, direction: int) -> dict[str, np.ndarray | None]:
+    """ONNX W, R, B (or None), P (or None) of one layer-direction, as arrays (the permutation
+    is :func:`lstmkit.kernels.onnx_export.operator_weights`, shared with ``torch.onnx.export``)."""
     p = {k: v.detach().cpu() for k, v in layer.layer_params(index, direction).items()}
-    H, spec = layer.hidden_size, layer.spec
-
-    def onnx_rows(t: torch.Tensor) -> torch.Tensor:
-        return reorder_gates(_four_gates(t, spec, H), "lstmkit", "onnx")
-
-    out: dict[str, Any] = {"W": onnx_rows(p["weight_ih"]), "R": onnx_rows(p["weight_hh"]), "B": None, "P": None}
-    if layer.bias:
-        out["B"] = torch.cat([onnx_rows(p["bias_ih"]), onnx_rows(p["bias_hh"])])
-    if spec.peephole:
-        zeros = torch.zeros(H, dtype=p["weight_ih"].dtype)
-        out["P"] = torch.cat([p.get(f"peephole_{g}", zeros) for g in ONNX_PEEPHOLE_ORDER])
+    out = onnx_export.operator_weights(p, layer.spec, layer.hidden_size)
     return {k: (v.numpy().copy() if v is not None else None) for k, v in out.items()}
-
-
-def _rnn_arrays(layer: RNN, index: int, direction: int) -> dict[str, np.ndarray | None]:
-    p = {k: v.detach().cpu() for k, v in layer.layer_params(index, direction).items()}
-    b = torch.cat([p["bias_ih"], p["bias_hh"]]).numpy().copy() if layer.bias else None
-    return {"W": p["weight_ih"].numpy().copy(), "R": p["weight_hh"].numpy().copy(), "B": b, "P": None}
 
 
 # ---------------------------------------------------------------------------- export
@@ -325,8 +274,7 @@ def _operator_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dic
     """One layer as one ONNX ``LSTM``/``RNN`` node; returns Y [T, B, D·H], Y_h, Y_c [D, B, H]."""
     is_lstm = isinstance(model, LSTM)
     D, H = model.num_directions, model.hidden_size
-    arrays = [(_lstm_arrays(model, index, d) if is_lstm else _rnn_arrays(model, index, d))  # type: ignore[arg-type]
-              for d in range(D)]
+    arrays = [_operator_arrays(model, index, d) for d in range(D)]
 
     def stacked(key: str) -> str:
         return g.const(np.stack([a[key] for a in arrays]).astype(g.np_dtype), name=f"{key}_l{index}")

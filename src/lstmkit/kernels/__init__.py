@@ -11,6 +11,7 @@ import torch
 
 from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut
 from lstmkit.kernels.fused import FusedCPUKernel
+from lstmkit.kernels.onnx_export import OnnxExportKernel, exporting
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.spec import CellSpec
 
@@ -31,6 +32,7 @@ def register(kernel: Kernel, first: bool = False) -> None:
 
 register(ReferenceKernel())
 register(FusedCPUKernel(), first=True)
+register(OnnxExportKernel(), first=True)  # chosen during torch.onnx.export only (see select)
 
 
 def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
@@ -41,9 +43,14 @@ def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
         backend: a registry name to force, a Kernel instance (used as it is, unregistered:
             instrumented kernels such as gradient_flow's probe), or None for the fastest
             registered kernel that supports it.
+    During ``torch.onnx.export`` every layer is written as ONNX operators
+    (:class:`~lstmkit.kernels.onnx_export.OnnxExportKernel`), whatever ``backend`` says.
+
     Raises:
         ValueError: ``backend`` is unknown or cannot run this spec/device/dtype.
     """
+    if exporting() and not isinstance(backend, Kernel):
+        return REGISTRY[OnnxExportKernel.name]
     if isinstance(backend, Kernel):
         why = _why_not(backend, spec, device, dtype)
         if why:

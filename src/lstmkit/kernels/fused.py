@@ -1,10 +1,11 @@
-"""The fused CPU kernel row: the C++ recurrence (``cpu_ext``) adapted to autograd.
+"""The fused kernel rows: the ``lstmkit::recurrence`` operator behind the Kernel interface.
 
 The input side ``x W_ihᵀ (+LN) + b`` for every step is one GEMM in plain torch ops
 (:func:`lstmkit.cell.input_projection`), so autograd turns its gradient into the large
 GEMMs ``dW_ih = dAᵀ X`` and ``dX = dA W_ih`` after the loop. The recurrence — per step
-one GEMM and one fused pointwise pass, forward and hand-written BPTT backward — runs in
-C++ through :class:`Recurrence`, one ``torch.autograd.Function``.
+one GEMM and one fused pointwise pass, forward and hand-written BPTT backward — is the
+operator (:mod:`lstmkit.kernels.ops`), run by the device's implementation: the compiled
+C++ kernel on the CPU (:class:`FusedCPUKernel`), Triton kernels on the GPU.
 """
 
 from __future__ import annotations
@@ -15,62 +16,11 @@ import torch
 from torch import Tensor
 
 from lstmkit import cell
-from lstmkit.kernels import cpu_ext
-from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut
+from lstmkit.kernels import abi, cpu_ext, ops
+from lstmkit.kernels.base import Kernel, KernelOut
 from lstmkit.spec import CellSpec
 
-__all__ = ["FusedCPUKernel", "Recurrence"]
-
-# Extra parameters the C++ recurrence takes, besides weight_hh (names as in docs/cell.md).
-_EXTRAS = ("peephole_i", "peephole_f", "peephole_o", "weight_gg", "ln_hh_weight",
-           "ln_c_weight", "ln_c_bias", "weight_hr", "ln_ih_weight", "bias")
-
-
-class Recurrence(torch.autograd.Function):
-    """``(y, h_n, c_n) = recurrence(xg, W_hh, h_0, c_0, *extras)`` with hand-written BPTT.
-
-    Shapes: xg (T, B, R), W_hh (R, H_out), h_0 (B, H_out), c_0 (B, H) (empty for the RNN);
-    y (T, B, H_out), h_n (B, H_out), c_n (B, H). Double backward is not supported: a
-    backward with ``create_graph=True`` raises (torch's ``once_differentiable`` alone would
-    silently drop the recurrence's second-order terms when the grad outputs are constants).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, sizes: tuple[CellSpec, int, int], save: bool, record: bool,
-                lengths: Tensor | None, names: tuple[str, ...], xg: Tensor, w_hh: Tensor, h0: Tensor,
-                c0: Tensor, *extras: Tensor) -> tuple[Tensor, ...]:
-        params = dict(zip(names, extras))
-        y, h_n, c_n, saved = cpu_ext.recurrence_forward(
-            xg, w_hh, h0, c0 if c0.numel() else None, lengths, params, *sizes, save=save or record)
-        ctx.sizes, ctx.names = sizes, names
-        ctx.set_materialize_grads(False)
-        if save:
-            ctx.save_for_backward(*saved)
-        out = (y, h_n, (c_n if c_n is not None else h_n.new_empty(0)))
-        if not record:
-            return out
-        # What the kernel computed and kept, per step: no second pass over the sequence.
-        trace = cpu_ext.trace_from_saved(saved, sizes[0], sizes[1])
-        # h (and the RNN's g) is y itself: the caller takes it from the differentiable output.
-        values = tuple(trace[k] if k in trace and trace[k] is not y else h_n.new_empty(0) for k in TRACE_KEYS)
-        ctx.mark_non_differentiable(*values)
-        return out + values
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None,
-                 *_trace_grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():  # create_graph=True: a higher-order gradient was asked for
-            raise RuntimeError(
-                "lstmkit: the fused CPU kernel's hand-written backward is not differentiable "
-                "(double backward / create_graph=True); build the layer with backend='reference' "
-                "for higher-order gradients")
-        saved = ctx.saved_tensors
-        if dc_n is not None and dc_n.numel() == 0:
-            dc_n = None
-        dxg, dw_hh, dh0, dc0, dparams = cpu_ext.recurrence_backward(saved, dy, dh_n, dc_n, *ctx.sizes)
-        extras = tuple(dparams.get(n) for n in ctx.names)
-        return (None, None, None, None, None, dxg, dw_hh, dh0, dc0, *extras)
-
+__all__ = ["FusedKernel", "FusedCPUKernel", "trace_from_buffers"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -117,25 +67,22 @@ class _Linear(torch.autograd.Function):
 
 def input_linear(x2d: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """``x2d wᵀ + b`` for the input projection: oneDNN's GEMM where measured faster, else MKL's."""
-    if _use_onednn(x2d.shape[0], w):
+    if _use_onednn(x2d.shape[0], w) and ops.plain_eager((x2d, w)):  # transforms: F.linear, which they know
         return _Linear.apply(x2d.contiguous(), w, b)
     return torch.nn.functional.linear(x2d, w, b)
 
 
-class FusedCPUKernel(Kernel):
-    """The C++ recurrence on the CPU, float32 and float64, every variant but deep gates."""
+class FusedKernel(Kernel):
+    """A row that runs the recurrence operator: the input projection, the operator, the trace.
 
-    name = "cpu_fused"
-    devices = ("cpu",)
+    Subclasses say where it runs (``devices``, :meth:`unsupported`) and may pass an explicit
+    implementation (:attr:`impl`) instead of dispatching on the device.
+    """
 
-    def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
-        if dtype not in (torch.float32, torch.float64):
-            return f"it runs float32 and float64, not {dtype}"
-        if spec.gate_hidden:
-            return "deep gates (gate_hidden) run on the 'reference' kernel"
-        if not cpu_ext.available():
-            return "the C++ extension could not be built (see the warning above)"
-        return None
+    #: Call this implementation directly (None: the operator dispatches on the device).
+    impl: ops.Impl | None = None
+    #: The input projection's GEMM (``linear(x2d, W, b)``); None is ``F.linear``.
+    linear: Any = None
 
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
@@ -146,25 +93,81 @@ class FusedCPUKernel(Kernel):
             # after the norm: xg is x W_ihᵀ alone, and the summed bias is a parameter.
             T, B = x.shape[0], x.shape[1]
             w = params["weight_ih"]
-            xg = input_linear(x.reshape(T * B, x.shape[-1]), w, None).view(T, B, w.shape[0])
+            linear = self.linear or torch.nn.functional.linear
+            xg = linear(x.reshape(T * B, x.shape[-1]), w, None).view(T, B, w.shape[0])  # (T, B, R)
             params = dict(params)
             if "bias_ih" in params:
                 params["bias"] = params["bias_ih"] + params["bias_hh"]  # (R,)
         else:
-            xg = cell.input_projection(x, params, spec, hidden_size, linear=input_linear)  # (T, B, R)
-        names = tuple(n for n in _EXTRAS if n in params)
-        c0_t = c0 if c0 is not None else h0.new_empty(0)
-        inputs = (xg, params["weight_hh"], h0, c0_t, *(params[n] for n in names))
-        # Save for backward only when a gradient can flow (needs_input_grad is True even
-        # under no_grad inside Function.forward, so decide here).
-        save = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        y, h_n, c_n, *rec = Recurrence.apply((spec, hidden_size, proj), save, record, lengths, names, *inputs)
+            xg = cell.input_projection(x, params, spec, hidden_size, linear=self.linear)  # (T, B, R)
+        empty = xg.new_empty(0)
+        plist = [params.get(name, empty) for name in abi.PARAMS]
+        c0_t = c0 if c0 is not None else empty
+        lens = lengths if lengths is not None else torch.empty(0, dtype=torch.long)
+        w_hh = params["weight_hh"]
+        # Keep buffers only when a gradient can flow or the trace is asked for.
+        save = record or (torch.is_grad_enabled() and any(t.requires_grad for t in (xg, w_hh, h0, c0_t, *plist)))
+        y, h_n, c_n, buffers = ops.recurrence(xg, w_hh, h0, c0_t, lens, plist, abi.flags(spec),
+                                              float(spec.cell_clip or 0.0), hidden_size, proj, save, impl=self.impl)
         trace = None
         if record:
-            trace = {k: v for k, v in zip(TRACE_KEYS, rec) if v.numel()}
-            trace["h"] = y.detach()
-            if not spec.is_lstm:
-                trace["g"] = trace["h"]  # the RNN's activation is its output
-            if spec.coupled:
-                trace["f"] = 1.0 - trace["i"]  # cifg: the forget gate is derived, not absent
+            trace = trace_from_buffers(buffers, y, h0, c0_t, lens, params, spec, hidden_size)
         return KernelOut(y, h_n, c_n if spec.is_lstm else None, trace)
+
+
+def trace_from_buffers(buffers: list[Tensor], y: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
+                       params: dict[str, Tensor], spec: CellSpec, hidden_size: int) -> dict[str, Tensor]:
+    """Per-step activations (T, B, ·) from what the forward kept (``save=True``): views of
+    its buffers, no second pass — except layernorm without fgr, which keeps the normalised
+    pre-activations instead of the gates: its gates are recomputed by :func:`lstmkit.cell.step`
+    on all steps at once. Absent gates are absent; cifg's f is 1 − i."""
+    b = dict(zip(abi.BUFFERS, (t.detach() for t in buffers)))
+    H = hidden_size
+    out: dict[str, Tensor] = {"h": y.detach()}
+    if not spec.is_lstm:
+        out["g"] = out["h"]  # the RNN's activation is its output
+        return out
+    G = b["G"] if b["G"].numel() else _layernorm_gates(b, y.detach(), h0, c0, lengths, params, spec, H)
+    for n, k in enumerate(spec.computed_gates):
+        out[k] = G[:, :, n * H:(n + 1) * H]
+    if spec.coupled:
+        out["f"] = 1.0 - out["i"]
+    out["c"] = b["C"]
+    return out
+
+
+def _layernorm_gates(b: dict[str, Tensor], y: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
+                     params: dict[str, Tensor], spec: CellSpec, H: int) -> Tensor:
+    """The gate activations (T, B, R) of a layernorm run, by ``cell.step`` on every step at once:
+    its input side is the kept â·γ_ih (+ bias), its previous states y_{t-1} and C_{t-1}."""
+    AH, C = b["AH"], b["C"]
+    T, B, R = AH.shape
+    dt = AH.dtype  # float32 for low-precision layers: the kernel's compute dtype
+    p = {k: v.detach().to(dt) for k, v in params.items()}
+    a = AH * p["ln_ih_weight"] + p["bias"] if "bias" in p else AH * p["ln_ih_weight"]  # (T, B, R)
+    h_prev = torch.cat([h0.detach().to(dt).unsqueeze(0), y[:-1].to(dt)])  # (T, B, H_out)
+    c_prev = torch.cat([c0.detach().to(dt).unsqueeze(0), C[:-1]])  # (T, B, H)
+    out = cell.step(a.reshape(T * B, R), h_prev.reshape(T * B, -1), c_prev.reshape(T * B, H), None, p, spec, H)
+    G = torch.cat([getattr(out, k) for k in spec.computed_gates], -1).view(T, B, R)
+    if lengths.numel():
+        valid = torch.arange(T).unsqueeze(1) < lengths.clamp(max=T).unsqueeze(0)  # (T, B)
+        G = G * valid.to(G.device).unsqueeze(-1).to(G.dtype)
+    return G
+
+
+class FusedCPUKernel(FusedKernel):
+    """The compiled recurrence on the CPU: float32, float64, bfloat16 and float16 (the last
+    two compute in float32), every variant but deep gates."""
+
+    name = "cpu_fused"
+    devices = ("cpu",)
+    linear = staticmethod(input_linear)
+
+    def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            return f"it runs float32, float64, bfloat16 and float16, not {dtype}"
+        if spec.gate_hidden:
+            return "deep gates (gate_hidden) run on the 'reference' kernel"
+        if not cpu_ext.available():
+            return "the C++ extension could not be built (see the warning above)"
+        return None

@@ -72,8 +72,15 @@ static inline void micro(int K, const T* __restrict A, int lda, const T* __restr
 // Packed right operand: B(n, k) = src[n*sn + k*sk]; panels of NR columns, [panel][k][NR].
 template <typename T>
 struct Packed {
-  static constexpr int NV = 2;  // NV=2, MR=8 measured best or equal-best at every size here
+  // Register tile MR x (NV vectors): MR*NV accumulators + NV weight vectors + 1 broadcast
+  // must fit the register file. AVX-512 (32 zmm): 8 x 2 measured best or equal-best at every
+  // size on Zen 4. AVX2 (16 ymm): 8 x 2 would need 19 and spill; 6 x 2 needs 15.
+  static constexpr int NV = 2;
+#if defined(CPU_CAPABILITY_AVX512)
   static constexpr int MR = 8;
+#else
+  static constexpr int MR = 6;
+#endif
   static constexpr int VL = Vectorized<T>::size();
   static constexpr int NR = NV * VL;
   int N = 0, K = 0, npanels = 0;

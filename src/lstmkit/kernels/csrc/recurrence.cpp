@@ -1,32 +1,35 @@
-// lstmkit fused CPU recurrence: forward and hand-written BPTT for ONE layer, ONE direction.
+// lstmkit fused CPU recurrence: forward and hand-written BPTT for ONE layer, ONE direction —
+// the CPU kernel of the lstmkit::recurrence operators (schemas, fake shapes and autograd:
+// lstmkit/kernels/ops.py; the order of flags, parameters and buffers: lstmkit_abi.h, generated
+// from lstmkit/kernels/abi.py).
 //
 // The input projection is computed outside (PyTorch autograd): xg = x W_ih^T + b_ih + b_hh,
 // (T, B, R), for every variant except layernorm, where xg is the RAW a = x W_ih^T (no bias,
 // no LN) and the kernel applies the input LN, its gain ln_ih_weight and bias = b_ih + b_hh
-// (optional) itself. This file runs the whole time loop in C++ inside ONE OpenMP parallel
-// region (layernorm backward: one region per chunk of steps, see backward_impl); per step:
+// (optional) itself. This file runs the whole time loop in C++ inside ONE parallel region
+// (parallel.h; layernorm backward: one region per chunk of steps, see backward_impl); per step:
 //   forward : phase A  GEMMs   r = h_{t-1} W_hh^T            (B, R)   [+ fgr: s_{t-1} W_gg^T]
 //             phase B  pointwise, rows split over threads (layernorm: z = LN(a) g_ih +
 //                      LN(r) g_hh + bias, both LNs' stats in one fused pass; gates, c, LN of c, h)
 //             [projection: phase C GEMM y_t = m_t W_hr^T, phase D state copy / masking]
 //   backward: [projection: dh -> dm = dh W_hr]
 //             phase B  pointwise (rows), phase A GEMMs dh_{t-1} = dr W_hh [+ ds = du_S W_gg]
-// separated by OpenMP barriers. The GEMMs are the packed AVX-512 kernel of gemm.h (W packed
-// once per call); the pointwise pass uses at::vec::Vectorized (Sleef exp/tanh, the same
-// functions torch's CPU sigmoid/tanh use). No allocation inside the time loop.
-// Large after-loop reductions (dW_hh, dW_hr, dW_gg) are done by the Python wrapper with
-// torch.mm on the saved tensors; layernorm's dW_hh is accumulated here chunk by chunk (its
-// dr_t differs from dXG and is not kept for all T steps).
+// separated by barriers (parallel.h: spin briefly, then sleep). The GEMMs are the packed
+// kernel of gemm.h (W packed once per call; register tile per CPU capability); the pointwise
+// pass uses at::vec::Vectorized (Sleef exp/tanh, the same functions torch's CPU sigmoid/tanh
+// use). No allocation inside the time loop. The after-loop reductions (dW_hh, dW_hr, dW_gg)
+// are large GEMMs (at::mm) in recurrence_backward; layernorm's dW_hh is accumulated chunk by
+// chunk inside the loop (its dr_t differs from dXG and is not kept for all T steps).
+// bfloat16 / float16 layers compute in float32 (recurrence_forward / recurrence_backward).
 //
 // What is saved for backward (forward with save=true), all (T, B, .):
 //   every LSTM variant : G (T,B,R) gate activations of the computed gates, in order i,f,g,o
 //                        (these are the "trace" i, f, g, o), C (T,B,H) the (clipped) c_t,
-//                        y (T,B,H_out) the output (returned anyway; = h_t on valid steps),
-//                        plus h0, c0, the weights and lengths (references, no copies).
+//                        (the caller keeps y, h0, c0, the weights and lengths for backward).
 //   layernorm          : G is NOT saved (without fgr); instead
 //                        AH (T,B,R) the normalised a-hat of the input LN, AS (T,B,G) its 1/std
 //                        per gate chunk, RH (T,B,R) the normalised r-hat of the recurrent LN,
-//                        RS (T,B,G) its 1/std; plus references to ln_ih_weight and bias.
+//                        RS (T,B,G) its 1/std.
 //                        Backward recomputes the gate activations from a-hat, r-hat (the same
 //                        instructions on the same stored values: bit-identical), and the LN of
 //                        c from C. The raw a is not kept (the caller may free it).
@@ -36,17 +39,15 @@
 //   rnn                : y only.
 // Steps t >= len_b: h, c, s carry over, y = 0, G/AH/RH/AS/RS rows = 0, C row = carried c.
 #include <torch/extension.h>
-#include <omp.h>
 #include <cmath>
 #include <vector>
 #include "gemm.h"
+#include "lstmkit_abi.h"  // generated from lstmkit/kernels/abi.py: flags, parameter and buffer order
+#include "parallel.h"
 
 namespace lk {
 
-enum Flags : int64_t {
-  F_RNN = 1, F_RELU = 2, F_NIG = 4, F_NFG = 8, F_NOG = 16, F_CIFG = 32, F_PEEP = 64,
-  F_FGR = 128, F_LN = 256, F_NIAF = 512, F_NOAF = 1024, F_CLIP = 2048
-};
+using namespace lk::abi;
 
 constexpr double LN_EPS = 1e-5;
 
@@ -62,8 +63,8 @@ struct Cfg {
     cifg = !rnn && (flags & F_CIFG);
     has_f = !rnn && !(flags & F_NFG) && !cifg;
     has_o = !rnn && !(flags & F_NOG);
-    peep = !rnn && (flags & F_PEEP); fgr = !rnn && (flags & F_FGR);
-    ln = flags & F_LN; niaf = flags & F_NIAF; noaf = flags & F_NOAF;
+    peep = !rnn && (flags & F_PEEPHOLE); fgr = !rnn && (flags & F_FGR);
+    ln = flags & F_LAYERNORM; niaf = flags & F_NIAF; noaf = flags & F_NOAF;
     clip = !rnn && (flags & F_CLIP); clipv = clip_;
     H = H_; P = rnn ? 0 : P_; Hout = P > 0 ? P : H;
     int64_t k = 0;
@@ -236,7 +237,6 @@ static inline void split_range(int64_t n, int tid, int nth, int64_t& lo, int64_t
   lo = n * tid / nth; hi = n * (tid + 1) / nth;
 }
 
-#define LK_BARRIER() do { if (nth > 1) { _Pragma("omp barrier") } } while (0)
 
 // ----------------------------------------------------------------------------------------
 // forward
@@ -309,9 +309,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   phaseA[nA++] = GemmTask<T>{&Wp, (int)B, hsp, ldh, rwp, ldr, false};
   if (cf.fgr) phaseA[nA++] = GemmTask<T>{&Wgg, (int)B, ssp, lds, fwp, lds, false};
 
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+  parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
     { // pack the weights (panels split across threads)
       int64_t lo, hi;
       split_range(Wp.npanels, tid, nth, lo, hi); Wp.pack_panels((int)lo, (int)hi);
@@ -320,10 +318,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
     }
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
-    LK_BARRIER();
+    bar.wait();
     for (int64_t t = 0; t < Tn; ++t) {
       run_tasks<T>(phaseA, nA, tid, nth);
-      LK_BARRIER();
+      bar.wait();
       for (int64_t b = b0; b < b1; ++b) {
         const bool valid = t < len[b];
         const int64_t tb = t * B + b;
@@ -435,25 +433,26 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           if (P == 0) stv(h, yr + j, n);
         }
       }
-      LK_BARRIER();
+      bar.wait();
       if (P > 0) {
         GemmTask<T> pc{&Whr, (int)B, mwp, ldm, Yp + t * B * P, P, false};
         run_tasks<T>(&pc, 1, tid, nth);
-        LK_BARRIER();
+        bar.wait();
         for (int64_t b = b0; b < b1; ++b) {
           T* yr = Yp + (t * B + b) * P;
           if (t < len[b]) std::copy(yr, yr + P, hsp + b * ldh);
           else std::fill(yr, yr + P, T(0));
         }
-        LK_BARRIER();
+        bar.wait();
       }
     }
-  }
+  });
   at::Tensor hn = hs.narrow(1, 0, Hout).contiguous();
   at::Tensor cn = lstm ? cs : at::Tensor();
-  auto e = at::empty({0}, opt);
-  return {Y, hn, cn.defined() ? cn : e, saveG ? Gs : e, saveC ? Cs : e, RH.defined() ? RH : e,
-          RS.defined() ? RS : e, AH.defined() ? AH : e, AS.defined() ? AS : e};
+  // a separate empty tensor per absent output: outputs of an operator must not alias each other
+  auto e = [&] { return at::empty({0}, opt); };
+  return {Y, hn, cn.defined() ? cn : e(), saveG ? Gs : e(), saveC ? Cs : e(), RH.defined() ? RH : e(),
+          RS.defined() ? RS : e(), AH.defined() ? AH : e(), AS.defined() ? AS : e()};
 }
 
 // ----------------------------------------------------------------------------------------
@@ -555,9 +554,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
   bool packed = false;
   for (int64_t t1 = Tn; t1 > 0 || (Tn == 0 && !packed); t1 -= Tc) {
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc);
-#pragma omp parallel num_threads(nthreads)
-  {
-    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+  parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
     if (!packed) {
       int64_t lo, hi;
       split_range(Wt.npanels, tid, nth, lo, hi); Wt.pack_panels((int)lo, (int)hi);
@@ -583,7 +580,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
       for (int64_t j = 0; j < Hout; ++j) dybuf[j] = p[j * dys2];
       return dybuf;
     };
-    LK_BARRIER();
+    bar.wait();
     for (int64_t t = t1 - 1; t >= t0; --t) {
       if (P > 0) {  // dh_total = dy + carried dh  ->  dm = dh_total W_hr
         for (int64_t b = b0; b < b1; ++b) {
@@ -598,10 +595,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
             std::fill(w, w + P, T(0)); std::fill(d, d + P, T(0));
           }
         }
-        LK_BARRIER();
+        bar.wait();
         GemmTask<T> pc{&Whrt, (int)B, dHPwp, ldp, dMop, H, false};
         run_tasks<T>(&pc, 1, tid, nth);
-        LK_BARRIER();
+        bar.wait();
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t tb = t * B + b;
@@ -795,13 +792,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
           std::copy(dxr, dxr + R, dwr);
         }
       }
-      LK_BARRIER();
+      bar.wait();
       GemmTask<T> tasks[2] = {phaseA[0], phaseA[1]};
       if (dRcp) tasks[0].A = dRcp + (t - t0) * B * ldr;  // layernorm: this step's chunk rows
       run_tasks<T>(tasks, nA, tid, nth);
-      LK_BARRIER();
+      bar.wait();
     }
-  }
+  });
     packed = true;
     if (cf.ln && t1 > t0) {  // dW_hh += dr_t^T h_{t-1} over this chunk (h_{-1} = h0, then y)
       at::Tensor d = dRc.narrow(0, 0, (t1 - t0) * B).narrow(1, 0, R);
@@ -820,9 +817,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
     std::copy(src, src + Hout, dh0.data_ptr<T>() + b * Hout);
   }
   at::Tensor accs = acc.sum(0);
-  auto e = at::empty({0}, opt);
-  return {dXG, cf.ln ? dWhh : e, P > 0 ? dHP : e, P > 0 ? Mo : e, dh0, lstm ? dcs : e, accs,
-          dZS.defined() ? dZS : e};
+  auto e = [&] { return at::empty({0}, opt); };
+  return {dXG, cf.ln ? dWhh : e(), P > 0 ? dHP : e(), P > 0 ? Mo : e(), dh0, lstm ? dcs : e(), accs,
+          dZS.defined() ? dZS : e()};
 }
 
 static std::vector<int64_t> lengths_vec(const at::Tensor& lengths, int64_t B, int64_t Tn) {
@@ -836,59 +833,159 @@ static std::vector<int64_t> lengths_vec(const at::Tensor& lengths, int64_t B, in
   return len;
 }
 
-static int choose_threads(int64_t B, int64_t R, int64_t K, int64_t requested) {
-  int nt = requested > 0 ? (int)requested : at::get_num_threads();
-  nt = std::max(1, nt);
-  // ~ FMAs per step per thread; below this a barrier costs more than it saves
-  const int64_t work = B * R * K;
-  if (work < (int64_t)1 << 14) nt = 1;
-  return std::max(1, std::min<int>(nt, (int)std::max<int64_t>(B, 1) * 64));
+// bfloat16 / float16 layers: parameters, inputs and outputs stay in their dtype; the recurrence
+// computes in float32 (GEMM accumulation, gates, cell state) and keeps its buffers in float32.
+static at::ScalarType compute_type(at::ScalarType t) {
+  return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
+}
+static at::Tensor to_compute(const at::Tensor& t, at::ScalarType ct) {
+  return (t.defined() && t.numel() > 0 && t.is_floating_point() && t.scalar_type() != ct) ? t.to(ct) : t;
+}
+static at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dt) {
+  return (t.defined() && t.numel() > 0 && t.scalar_type() != dt) ? t.to(dt) : t;
+}
+static std::vector<at::Tensor> to_compute(const std::vector<at::Tensor>& ts, at::ScalarType ct) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(to_compute(t, ct).contiguous());
+  return out;
 }
 
-std::vector<at::Tensor> forward(at::Tensor xg, at::Tensor whh, at::Tensor h0, at::Tensor c0, at::Tensor lengths,
-                                at::Tensor p_i, at::Tensor p_f, at::Tensor p_o, at::Tensor wgg, at::Tensor lnhh_w,
-                                at::Tensor lnc_w, at::Tensor lnc_b, at::Tensor whr, at::Tensor lnih_w, at::Tensor bias,
-                                int64_t flags, double clip, int64_t H, int64_t P, bool save, int64_t nthreads) {
+// lstmkit::recurrence (CPU): see lstmkit/kernels/ops.py for the schema and the contract.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurrence_forward(
+    const at::Tensor& xg_in, const at::Tensor& whh_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
+    const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags, double clip, int64_t H,
+    int64_t P, bool save) {
   Cfg cf(flags, clip, H, P);
-  TORCH_CHECK(xg.dim() == 3 && xg.size(2) == cf.R, "lstmkit recurrence: xg must be (T, B, R=", cf.R, ")");
+  TORCH_CHECK((int64_t)params_in.size() == N_PARAMS, "lstmkit::recurrence: expected ", (int)N_PARAMS,
+              " params, got ", params_in.size());
+  TORCH_CHECK(xg_in.dim() == 3 && xg_in.size(2) == cf.R, "lstmkit::recurrence: xg must be (T, B, R=", cf.R, ")");
+  const at::ScalarType io = xg_in.scalar_type(), ct = compute_type(io);
+  const auto params = to_compute(params_in, ct);
   if (cf.ln) {
-    TORCH_CHECK(lnih_w.numel() == cf.R, "lstmkit recurrence: layernorm needs ln_ih_weight (R=", cf.R, ")");
-    TORCH_CHECK(bias.numel() == 0 || bias.numel() == cf.R, "lstmkit recurrence: bias must be (R=", cf.R, ") or empty");
+    TORCH_CHECK(params[P_LN_IH_WEIGHT].numel() == cf.R, "lstmkit::recurrence: layernorm needs ln_ih_weight (R=", cf.R, ")");
+    TORCH_CHECK(params[P_BIAS].numel() == 0 || params[P_BIAS].numel() == cf.R,
+                "lstmkit::recurrence: bias must be (R=", cf.R, ") or empty");
   }
-  xg = xg.contiguous(); h0 = h0.contiguous();
+  const at::Tensor xg = to_compute(xg_in, ct).contiguous(), whh = to_compute(whh_in, ct);
+  const at::Tensor h0 = to_compute(h0_in, ct).contiguous();
+  at::Tensor c0 = to_compute(c0_in, ct);
   const int64_t Tn = xg.size(0), B = xg.size(1);
-  auto len = lengths_vec(lengths, B, Tn);
-  int nt = choose_threads(B, cf.R, cf.Hout, nthreads);
+  if (!cf.rnn && c0.numel() == 0) c0 = at::zeros({B, H}, xg.options());
+  const auto len = lengths_vec(lengths, B, Tn);
+  const int nt = choose_threads(B * cf.R * cf.Hout, B);
+  const bool ln = cf.ln;
+  auto param = [&](int k) { return (ln || (k != P_LN_IH_WEIGHT && k != P_BIAS)) ? params[k] : at::Tensor(); };
   std::vector<at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(xg.scalar_type(), "lstmkit_fwd", [&] {
-    out = forward_impl<scalar_t>(xg, whh, h0, c0, len, p_i.contiguous(), p_f.contiguous(), p_o.contiguous(), wgg,
-                                 lnhh_w.contiguous(), lnc_w.contiguous(), lnc_b.contiguous(), whr, lnih_w.contiguous(),
-                                 bias.contiguous(), cf, save, nt);
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_fwd", [&] {
+    out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params[P_PEEPHOLE_I], params[P_PEEPHOLE_F],
+                                 params[P_PEEPHOLE_O], params[P_WEIGHT_GG], params[P_LN_HH_WEIGHT],
+                                 params[P_LN_C_WEIGHT], params[P_LN_C_BIAS], params[P_WEIGHT_HR],
+                                 param(P_LN_IH_WEIGHT), param(P_BIAS), cf, save, nt);
   });
-  return out;
+  // out = {Y, h_n, c_n, G, C, RH, RS, AH, AS}
+  std::vector<at::Tensor> buffers(N_BUFFERS);
+  buffers[B_G] = out[3]; buffers[B_C] = out[4]; buffers[B_RH] = out[5];
+  buffers[B_RS] = out[6]; buffers[B_AH] = out[7]; buffers[B_AS] = out[8];
+  return {to_dtype(out[0], io), to_dtype(out[1], io), to_dtype(out[2], io), buffers};
 }
 
-std::vector<at::Tensor> backward(at::Tensor Gs, at::Tensor Cs, at::Tensor Y, at::Tensor h0, at::Tensor c0,
-                                 at::Tensor whh, at::Tensor lengths, at::Tensor p_i, at::Tensor p_f, at::Tensor p_o,
-                                 at::Tensor wgg, at::Tensor lnhh_w, at::Tensor lnc_w, at::Tensor lnc_b, at::Tensor whr,
-                                 at::Tensor lnih_w, at::Tensor bias, at::Tensor RH, at::Tensor RS, at::Tensor AH,
-                                 at::Tensor AS, at::Tensor dY, at::Tensor dhn, at::Tensor dcn, int64_t flags, double clip,
-                                 int64_t H, int64_t P, int64_t nthreads) {
+// lstmkit::recurrence_backward (CPU). Empty dy / dh_n / dc_n mean zero.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurrence_backward(
+    const at::Tensor& dy_in, const at::Tensor& dhn_in, const at::Tensor& dcn_in, const at::Tensor& y_in,
+    const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
+    const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags, double clip,
+    int64_t H, int64_t P) {
   Cfg cf(flags, clip, H, P);
-  const int64_t Tn = Y.size(0), B = Y.size(1);
-  auto len = lengths_vec(lengths, B, Tn);
-  int nt = choose_threads(B, cf.R, cf.Hout, nthreads);
+  TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
+              "lstmkit::recurrence_backward: expected ", (int)N_PARAMS, " params and ", (int)N_BUFFERS, " buffers");
+  const at::ScalarType io = y_in.scalar_type(), ct = compute_type(io);
+  const auto params = to_compute(params_in, ct);
+  const at::Tensor y = to_compute(y_in, ct).contiguous(), h0 = to_compute(h0_in, ct).contiguous();
+  const at::Tensor whh = to_compute(whh_in, ct);
+  const int64_t Tn = y.size(0), B = y.size(1), R = cf.R, Hout = cf.Hout;
+  const bool lstm = !cf.rnn;
+  const auto opt = y.options();
+  at::Tensor c0 = to_compute(c0_in, ct);
+  if (lstm && c0.numel() == 0) c0 = at::zeros({B, H}, opt);
+  at::Tensor dy = dy_in.numel() ? to_compute(dy_in, ct) : at::zeros({1}, opt).expand({Tn, B, Hout});
+  at::Tensor dhn = dhn_in.numel() ? to_compute(dhn_in, ct) : at::zeros({B, Hout}, opt);
+  at::Tensor dcn = !lstm ? at::empty({0}, opt) : dcn_in.numel() ? to_compute(dcn_in, ct) : at::zeros({B, H}, opt);
+  const auto len = lengths_vec(lengths, B, Tn);
+  const int nt = choose_threads(B * R * Hout, B);
+  auto param = [&](int k) { return (cf.ln || (k != P_LN_IH_WEIGHT && k != P_BIAS)) ? params[k] : at::empty({0}, opt); };
   std::vector<at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(Y.scalar_type(), "lstmkit_bwd", [&] {
-    out = backward_impl<scalar_t>(Gs.contiguous(), Cs.contiguous(), Y.contiguous(), h0.contiguous(), c0.contiguous(),
-                                  whh, len, p_i.contiguous(), p_f.contiguous(), p_o.contiguous(), wgg,
-                                  lnhh_w.contiguous(), lnc_w.contiguous(), lnc_b.contiguous(), whr, lnih_w.contiguous(),
-                                  bias.contiguous(), RH.contiguous(), RS.contiguous(), AH.contiguous(), AS.contiguous(),
-                                  dY, dhn.contiguous(), dcn.contiguous(), cf, nt);
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_bwd", [&] {
+    out = backward_impl<scalar_t>(buffers[B_G].contiguous(), buffers[B_C].contiguous(), y, h0, c0.contiguous(), whh,
+                                  len, params[P_PEEPHOLE_I], params[P_PEEPHOLE_F], params[P_PEEPHOLE_O],
+                                  params[P_WEIGHT_GG], params[P_LN_HH_WEIGHT], params[P_LN_C_WEIGHT],
+                                  params[P_LN_C_BIAS], params[P_WEIGHT_HR], param(P_LN_IH_WEIGHT), param(P_BIAS),
+                                  buffers[B_RH].contiguous(), buffers[B_RS].contiguous(), buffers[B_AH].contiguous(),
+                                  buffers[B_AS].contiguous(), dy, dhn.contiguous(), dcn.contiguous(), cf, nt);
   });
-  return out;
+  // out = {dXG, dWhh (layernorm), dHP, Mo, dh0, dc0, acc, dZS}
+  const at::Tensor& dXG = out[0];
+  at::Tensor dwhh;
+  if (cf.ln) {  // accumulated in the kernel from the gradient w.r.t. r_t = h_{t-1} W_hh^T
+    dwhh = out[1];
+  } else {  // dW_hh = sum_t dxg_t^T h_{t-1}; h_{t-1} = h0 at t = 0, else y_{t-1} (0 on padded steps)
+    dwhh = at::mm(dXG[0].t(), h0);
+    if (Tn > 1) dwhh.addmm_(dXG.narrow(0, 1, Tn - 1).reshape({-1, R}).t(), y.narrow(0, 0, Tn - 1).reshape({-1, Hout}));
+  }
+  std::vector<at::Tensor> dparams(N_PARAMS);
+  for (auto& d : dparams) d = at::empty({0}, opt);
+  if (lstm) {
+    // acc layout (backward_impl): dp_i, dp_f, dp_o, dln_c_w, dln_c_b (H each); dln_hh_w, dln_ih_w, dbias (R each)
+    const at::Tensor& acc = out[6];
+    if (cf.peep) {
+      if (cf.has_i) dparams[P_PEEPHOLE_I] = acc.narrow(0, 0, H).clone();
+      if (cf.has_f) dparams[P_PEEPHOLE_F] = acc.narrow(0, H, H).clone();
+      if (cf.has_o) dparams[P_PEEPHOLE_O] = acc.narrow(0, 2 * H, H).clone();
+    }
+    if (cf.ln) {
+      dparams[P_LN_C_WEIGHT] = acc.narrow(0, 3 * H, H).clone();
+      dparams[P_LN_C_BIAS] = acc.narrow(0, 4 * H, H).clone();
+      dparams[P_LN_HH_WEIGHT] = acc.narrow(0, 5 * H, R).clone();
+      dparams[P_LN_IH_WEIGHT] = acc.narrow(0, 5 * H + R, R).clone();
+      if (params[P_BIAS].numel()) dparams[P_BIAS] = acc.narrow(0, 5 * H + 2 * R, R).clone();
+    }
+    if (P > 0) dparams[P_WEIGHT_HR] = at::mm(out[2].reshape({-1, P}).t(), out[3].reshape({-1, H}));
+    if (cf.fgr) {  // dW_gg = sum_t du_S,t^T s_{t-1}, the sigmoid gates i, f, o in order
+      const int64_t nS = cf.nS * H;
+      if (Tn > 1) {
+        std::vector<int64_t> cols;
+        for (int64_t c : {cf.oi, cf.of, cf.oo}) if (c >= 0) cols.push_back(c);
+        auto gather = [&](const at::Tensor& t, int64_t t0) {  // (T-1, B, nS) from column blocks of t
+          std::vector<at::Tensor> parts;
+          for (int64_t c : cols) parts.push_back(t.narrow(0, t0, Tn - 1).narrow(2, c, H));
+          return at::cat(parts, -1).reshape({-1, nS});
+        };
+        const at::Tensor dus = cf.ln ? out[7].narrow(0, 1, Tn - 1).reshape({-1, nS}) : gather(dXG, 1);
+        dparams[P_WEIGHT_GG] = at::mm(dus.t(), gather(buffers[B_G], 0));
+      } else {
+        dparams[P_WEIGHT_GG] = at::zeros({nS, nS}, opt);
+      }
+    }
+  }
+  for (int k = 0; k < N_PARAMS; ++k) dparams[k] = to_dtype(dparams[k], params_in[k].scalar_type());
+  at::Tensor dc0 = lstm ? to_dtype(out[5], c0_in.numel() ? c0_in.scalar_type() : io) : at::empty({0}, y_in.options());
+  return {to_dtype(dXG, io), to_dtype(dwhh, whh_in.scalar_type()), to_dtype(out[4], h0_in.scalar_type()), dc0,
+          dparams};
 }
 
+// The ABI this extension was compiled with (a test compares it with lstmkit/kernels/abi.py).
+py::dict compiled_abi() {
+  py::dict d;
+  py::list flags, params, buffers;
+  for (const char* n : FLAG_NAMES) flags.append(n);
+  for (const char* n : PARAM_NAMES) params.append(n);
+  for (const char* n : BUFFER_NAMES) buffers.append(n);
+  d["flags"] = flags; d["params"] = params; d["buffers"] = buffers;
+  d["flag_bits"] = py::make_tuple(F_RNN, F_RELU, F_NIG, F_NFG, F_NOG, F_CIFG, F_PEEPHOLE, F_FGR, F_LAYERNORM,
+                                  F_NIAF, F_NOAF, F_CLIP);
+  d["gemm_tile"] = py::make_tuple(Packed<float>::MR, Packed<float>::NV * Packed<float>::VL);
+  return d;
+}
 
 // test hook: the vectorised activations on a contiguous tensor (0 exp, 1 tanh, 2 sigmoid)
 at::Tensor act_test(at::Tensor x, int64_t which) {
@@ -914,7 +1011,10 @@ at::Tensor act_test(at::Tensor x, int64_t which) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Pure C++ on at::Tensors: the GIL is released, so other Python threads (data loading,
   // a second direction or model) run while the recurrence does.
-  m.def("forward", &lk::forward, "lstmkit recurrence forward", py::call_guard<py::gil_scoped_release>());
-  m.def("backward", &lk::backward, "lstmkit recurrence backward", py::call_guard<py::gil_scoped_release>());
+  m.def("forward", &lk::recurrence_forward, "lstmkit::recurrence on the CPU",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &lk::recurrence_backward, "lstmkit::recurrence_backward on the CPU",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("abi", &lk::compiled_abi, "the variant ABI compiled in (flags, parameter and buffer order)");
   m.def("_act_test", &lk::act_test, "test hook: vectorised exp/tanh/sigmoid");
 }

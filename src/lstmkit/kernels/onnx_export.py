@@ -1,0 +1,175 @@
+"""The kernel row that writes a layer as ONNX operators during ``torch.onnx.export``.
+
+The fused operator ``lstmkit::recurrence`` is a compiled kernel that ONNX cannot run. While
+``torch.onnx.export`` (the default, dynamo-based exporter) traces a user's model,
+:func:`lstmkit.kernels.select` picks this row instead, and each layer-direction becomes:
+
+* the ONNX ``LSTM`` / ``RNN`` operator where the variant fits it (:func:`operator_refusal`
+  says why not otherwise), via ``torch.onnx.ops.symbolic_multi_out``, with the weights
+  permuted to ONNX's gate order by :func:`operator_weights` — the same function
+  :func:`lstmkit.convert.to_onnx` writes its files with;
+* otherwise a ``Scan`` whose body is :func:`lstmkit.cell.step` itself: the step is traced
+  with ``torch``'s ``scan`` higher-order operator, which the exporter writes as an ONNX
+  ``Scan`` (the equations are written once, in :mod:`lstmkit.cell`).
+
+Sequence lengths become the operator's ``sequence_lens`` (or, in a Scan, a mask that keeps
+the state and outputs zeros past each length); T and B stay dynamic. The reverse direction
+is the forward one on reversed sequences (:mod:`lstmkit.loop`), so nodes run forward only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lstmkit import cell
+from lstmkit.kernels.base import Kernel, KernelOut
+from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates
+from lstmkit.spec import CellSpec
+
+__all__ = ["OnnxExportKernel", "operator_refusal", "operator_weights", "exporting"]
+
+
+@torch.compiler.assume_constant_result
+def exporting() -> bool:
+    """True while ``torch.onnx.export`` traces (also under its dynamo-strict capture, which
+    would otherwise trace ``torch.onnx.is_in_onnx_export()`` as False)."""
+    return torch.onnx.is_in_onnx_export()
+
+
+def operator_refusal(spec: CellSpec, proj_size: int = 0) -> str | None:
+    """Why the ONNX ``LSTM``/``RNN`` operator cannot compute this cell (None if it can)."""
+    if not spec.is_lstm:
+        return None
+    if proj_size:
+        return (f"the LSTM operator has no projection, so proj_size={proj_size} "
+                f"(h_t = W_hr (o ⊙ tanh c_t)) cannot be written with it")
+    reasons = {
+        "layernorm": (spec.layernorm, "the LSTM operator has no layer normalisation"),
+        "deep gates": (bool(spec.gate_hidden), "the LSTM operator's gates are single linear layers, not MLPs"),
+        "fgr": (spec.fgr, "the LSTM operator has no gate-to-gate recurrence (weight_gg)"),
+        "nig": (not spec.input_gate, "the LSTM operator always computes the input gate"),
+        "nfg": (not spec.forget_gate, "the LSTM operator always computes the forget gate"),
+        "nog": (not spec.output_gate, "the LSTM operator always computes the output gate"),
+        "niaf": (spec.candidate_activation != "tanh",
+                 "the LSTM operator's identity candidate would need the optional Affine activation, which "
+                 "runtimes need not implement"),
+        "noaf": (spec.output_activation != "tanh",
+                 "the LSTM operator's identity output would need the optional Affine activation, which "
+                 "runtimes need not implement"),
+        "clip": (spec.cell_clip is not None,
+                 "the LSTM operator's clip bounds the gate pre-activations, lstmkit's cell_clip bounds "
+                 "c_t: different functions"),
+    }
+    for word, (applies, why) in reasons.items():
+        if applies:
+            return f"{why}, so variant {word!r} (cell {spec.name!r}) cannot be written with it"
+    return None
+
+
+def operator_weights(params: dict[str, Tensor], spec: CellSpec, hidden_size: int) -> dict[str, Tensor | None]:
+    """One layer-direction's ONNX operator inputs: ``W`` (G'H, I), ``R`` (G'H, H), ``B``
+    (2G'H,) or None, ``P`` (3H,) or None, in ONNX's gate order (i, o, f, c; peepholes i, o, f).
+
+    The LSTM has G' = 4 gates (cifg's absent f rows are zeros: the operator's
+    ``input_forget=1`` computes f = 1 − i and never reads them); the RNN has one. Torch ops
+    only: traceable, and :func:`lstmkit.convert.to_onnx` turns the result into arrays.
+    """
+    def rows(t: Tensor) -> Tensor:
+        if not spec.is_lstm:
+            return t
+        if spec.coupled:  # (3H, …) i, g, o -> (4H, …) i, f = 0, g, o
+            i, g, o = t.split(hidden_size, dim=0)
+            t = torch.cat([i, torch.zeros_like(i), g, o], dim=0)
+        return reorder_gates(t, "lstmkit", "onnx")
+
+    out: dict[str, Tensor | None] = {"W": rows(params["weight_ih"]), "R": rows(params["weight_hh"]),
+                                     "B": None, "P": None}
+    if "bias_ih" in params:
+        out["B"] = torch.cat([rows(params["bias_ih"]), rows(params["bias_hh"])])
+    if spec.is_lstm and spec.peephole:
+        zeros = params["weight_ih"].new_zeros(hidden_size)
+        out["P"] = torch.cat([params.get(f"peephole_{g}", zeros) for g in ONNX_PEEPHOLE_ORDER])
+    return out
+
+
+class OnnxExportKernel(Kernel):
+    """Writes each layer-direction as ONNX operators while ``torch.onnx.export`` traces
+    (:func:`lstmkit.kernels.select` picks it then, and only then)."""
+
+    name = "onnx_export"
+    devices = ("cpu", "cuda", "meta")
+
+    def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+        if not exporting():
+            return "it writes ONNX operators, during torch.onnx.export only"
+        return None
+
+    def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+            params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
+            record: bool = False) -> KernelOut:
+        if record:
+            raise ValueError("record: the ONNX export records no trace")
+        proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
+        if operator_refusal(spec, proj) is None and x.dtype == torch.float32:
+            return self._operator(x, lengths, h0, c0, params, spec, hidden_size)
+        return self._scan(x, lengths, h0, c0, params, spec, hidden_size)
+
+    @staticmethod
+    def _operator(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None, params: dict[str, Tensor],
+                  spec: CellSpec, H: int) -> KernelOut:
+        """One ``LSTM`` / ``RNN`` node, direction forward."""
+        T, B = x.shape[0], x.shape[1]
+        w = operator_weights(params, spec, H)
+        seq = lengths.to(device=x.device, dtype=torch.int32) if lengths is not None else None
+        inputs: list[Tensor | None] = [x, w["W"].unsqueeze(0), w["R"].unsqueeze(0),
+                                       None if w["B"] is None else w["B"].unsqueeze(0), seq, h0.unsqueeze(0)]
+        attrs: dict[str, Any] = {"hidden_size": H, "direction": "forward"}
+        if spec.is_lstm:
+            inputs += [c0.unsqueeze(0) if c0 is not None else None, w["P"]]
+            if w["P"] is not None:
+                inputs[-1] = w["P"].unsqueeze(0)
+            if spec.coupled:
+                attrs["input_forget"] = 1
+            op, n_out = "LSTM", 3
+        else:
+            attrs["activations"] = [spec.nonlinearity.capitalize()]
+            op, n_out = "RNN", 2
+        while inputs[-1] is None:
+            inputs.pop()
+        shapes = [(T, 1, B, H), (1, B, H), (1, B, H)][:n_out]  # Y [T, D, B, H], Y_h, Y_c [D, B, H]
+        outs = torch.onnx.ops.symbolic_multi_out(op, inputs, attrs, dtypes=[x.dtype] * n_out, shapes=shapes,
+                                                 version=17)
+        return KernelOut(outs[0].squeeze(1), outs[1].squeeze(0), outs[2].squeeze(0) if spec.is_lstm else None,
+                         None)
+
+    @staticmethod
+    def _scan(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None, params: dict[str, Tensor],
+              spec: CellSpec, H: int) -> KernelOut:
+        """A ``Scan`` over :func:`lstmkit.cell.step` (what the reference kernel loops over)."""
+        from torch._higher_order_ops.scan import scan
+
+        T, B = x.shape[0], x.shape[1]
+        # Inference only: nothing entering the Scan carries autograd (the exporter's passes
+        # would otherwise trace scan's backward, which fails on symbolic sizes).
+        params = {k: v.detach() for k, v in params.items()}
+        x, h0 = x.detach(), h0.detach()
+        c0 = None if c0 is None else c0.detach()
+        a = cell.input_projection(x, params, spec, H).clone()  # (T, B, R)
+        valid = (torch.ones(T, B, 1, dtype=torch.bool, device=x.device) if lengths is None else
+                 (torch.arange(T, device=x.device).unsqueeze(1) < lengths.to(x.device).unsqueeze(0)).unsqueeze(-1))
+        states = [h0] + ([c0] if spec.is_lstm else [])
+        if spec.fgr:
+            states.append(h0.new_zeros(B, len(spec.sigmoid_gates) * H))
+
+        def step(carry: list[Tensor], xs: tuple[Tensor, Tensor]) -> tuple[list[Tensor], Tensor]:
+            a_t, v = xs  # (B, R), (B, 1)
+            h, c, s = carry[0], (carry[1] if spec.is_lstm else None), (carry[-1] if spec.fgr else None)
+            out = cell.step(a_t, h, c, s, params, spec, H)
+            new = [out.h] + ([out.c] if spec.is_lstm else []) + ([out.s] if spec.fgr else [])
+            kept = [torch.where(v, n, o) for n, o in zip(new, carry)]  # past its length: unchanged
+            return kept, torch.where(v, out.h, torch.zeros_like(out.h))  # output 0 past its length
+        final, y = scan(step, states, (a, valid))
+        return KernelOut(y, final[0], final[1] if spec.is_lstm else None, None)

@@ -1,0 +1,344 @@
+"""The fused recurrence as PyTorch operators: ``lstmkit::recurrence`` and its backward.
+
+One layer-direction's time loop, forward and hand-written BPTT, as two ``torch.library``
+operators, so that everything PyTorch does with an operator works on it: ``torch.compile``
+(no graph break), ``torch.export``, ``torch.func`` (``grad``, ``vmap``), autocast, FakeTensor
+and meta shapes. Shapes (T steps, B batch, R = G·H rows of the G computed gates, H cells,
+H_out = proj_size or H; ``(0,)`` is an empty tensor meaning "none")::
+
+    lstmkit::recurrence(xg (T, B, R), w_hh (R, H_out), h0 (B, H_out), c0 (B, H) | (0,),
+                        lengths (B,) int64 | (0,), params: Tensor[len(abi.PARAMS)],
+                        flags: int, clip: float, hidden_size: int, proj_size: int, save: bool)
+        -> y (T, B, H_out), h_n (B, H_out), c_n (B, H) | (0,), buffers: Tensor[len(abi.BUFFERS)]
+
+    lstmkit::recurrence_backward(dy (T, B, H_out) | (0,), dh_n | (0,), dc_n | (0,), y, h0, c0,
+                                 w_hh, lengths, params, buffers, flags, clip, hidden_size,
+                                 proj_size)
+        -> dxg (T, B, R), dw_hh, dh0, dc0 | (0,), dparams: Tensor[len(abi.PARAMS)]
+
+``xg`` is the input side of every step, ``x W_ihᵀ + b_ih + b_hh`` (layernorm: the raw
+``x W_ihᵀ``; the kernel then normalises it and adds ``params["bias"]`` itself). ``params``
+and ``dparams`` follow :data:`lstmkit.kernels.abi.PARAMS`, ``buffers`` (kept for backward
+and for the trace when ``save``) :data:`~lstmkit.kernels.abi.BUFFERS`. Empty ``dy``, ``dh_n``,
+``dc_n`` mean zero. Steps ``t ≥ lengths[b]`` keep the state and output zeros.
+
+Registered here: the schemas, the fake (meta) implementation of every output shape, the
+gradient (:func:`torch.library.register_autograd`, a functorch-compatible setup_context),
+autocast (CPU and CUDA: the floating inputs are cast to the autocast dtype) and vmap rules.
+Device implementations register themselves per dispatch key with :func:`register_device`:
+the compiled CPU kernel (:mod:`lstmkit.kernels.cpu_ext`) and the Triton GPU kernels.
+
+bfloat16 and float16: parameters, inputs and outputs keep their dtype; the kernels compute
+in float32 (GEMM accumulation, gates, cell state) and keep their buffers in float32.
+
+Eager calls take a shorter road to the same implementation (:func:`recurrence`): the
+operator's Python autograd wrapper costs tens of microseconds per call, more than a whole
+small layer. Plain tensors outside any transform go through :class:`_Eager`, an
+``autograd.Function`` with the same gradient (:func:`_grads`); everything else — compile,
+export, functorch transforms, autocast, FakeTensors, tensor subclasses — calls the operator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from lstmkit.kernels import abi
+
+__all__ = ["Impl", "register_device", "recurrence", "plain_eager", "recurrence_op", "recurrence_backward_op"]
+
+NP, NB = len(abi.PARAMS), len(abi.BUFFERS)
+
+def _schemas() -> tuple[str, str]:
+    """Both schemas, from :mod:`~lstmkit.kernels.abi`'s lists: one named tensor argument per
+    parameter and buffer (a ``Tensor[]`` argument would keep the operator's autograd out of
+    functorch transforms in this torch version)."""
+    params = ", ".join(f"Tensor {n}" for n in abi.PARAMS)
+    buffers = ", ".join(f"Tensor {n}" for n in abi.BUFFERS)
+    grads = ", ".join(f"Tensor d_{n}" for n in abi.PARAMS)
+    forward = (f"recurrence(Tensor xg, Tensor w_hh, Tensor h0, Tensor c0, Tensor lengths, {params}, int flags, "
+               f"float clip, int hidden_size, int proj_size, bool save) "
+               f"-> (Tensor y, Tensor h_n, Tensor c_n, {buffers})")
+    backward = (f"recurrence_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor y, Tensor h0, Tensor c0, "
+                f"Tensor w_hh, Tensor lengths, {params}, {buffers}, int flags, float clip, int hidden_size, "
+                f"int proj_size) -> (Tensor dxg, Tensor dw_hh, Tensor dh0, Tensor dc0, {grads})")
+    return forward, backward
+
+
+_lib = torch.library.Library("lstmkit", "DEF")
+for _schema in _schemas():
+    _lib.define(_schema)
+
+#: The operators (OpOverloads), for users and translation tables.
+recurrence_op = torch.ops.lstmkit.recurrence.default
+recurrence_backward_op = torch.ops.lstmkit.recurrence_backward.default
+
+
+class Impl(Protocol):
+    """A device implementation of the two operators: the same positional arguments, flat
+    (``*params`` in :data:`~lstmkit.kernels.abi.PARAMS` order, ``*buffers`` in
+    :data:`~lstmkit.kernels.abi.BUFFERS` order), the same flat results."""
+
+    def forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
+                *params_and_meta: Any) -> tuple[Tensor, ...]: ...
+
+    def backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor,
+                 w_hh: Tensor, lengths: Tensor, *params_buffers_and_meta: Any) -> tuple[Tensor, ...]: ...
+
+
+#: dispatch key -> implementation registered for it.
+_DEVICES: dict[str, Impl] = {}
+
+
+def register_device(dispatch_key: str, impl: Impl) -> None:
+    """Register ``impl`` as both operators' kernel for ``dispatch_key`` ("CPU", "CUDA")."""
+    _lib.impl("recurrence", impl.forward, dispatch_key)
+    _lib.impl("recurrence_backward", impl.backward, dispatch_key)
+    _DEVICES[dispatch_key] = impl
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+# ---------------------------------------------------------------------------- fake shapes
+
+
+@torch.library.register_fake("lstmkit::recurrence")
+def _recurrence_fake(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, *rest: Any
+                     ) -> tuple[Tensor, ...]:
+    flags, _clip, hidden_size, proj_size, save = rest[NP:]
+    T, B, R = xg.shape
+    h_out = proj_size if proj_size > 0 else hidden_size
+    lstm = not flags & abi.flag("rnn")
+    buffers = [xg.new_empty(s, dtype=_compute_dtype(xg.dtype))
+               for s in abi.buffer_shapes(flags, T, B, R, hidden_size, save)]
+    c_n = xg.new_empty((B, hidden_size)) if lstm else xg.new_empty((0,))
+    return (xg.new_empty((T, B, h_out)), xg.new_empty((B, h_out)), c_n, *buffers)
+
+
+@torch.library.register_fake("lstmkit::recurrence_backward")
+def _recurrence_backward_fake(dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor,
+                              w_hh: Tensor, lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
+    params, (flags, _clip, hidden_size, _proj_size) = rest[:NP], rest[NP + NB:]
+    T, B = y.shape[0], y.shape[1]
+    if flags & abi.flag("rnn"):
+        dc0 = y.new_empty((0,))
+    else:
+        dc0 = torch.empty_like(c0) if c0.numel() else y.new_empty((B, hidden_size))
+    dparams = [torch.empty_like(p) if p.numel() else y.new_empty((0,)) for p in params]
+    return (y.new_empty((T, B, w_hh.shape[0])), torch.empty_like(w_hh), torch.empty_like(h0), dc0, *dparams)
+
+
+# ---------------------------------------------------------------------------- gradient
+
+
+def _grads(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None,
+           backward: Callable[..., tuple[Tensor, ...]]) -> tuple[Tensor | None, ...]:
+    """The gradient of one call, ``(dxg, dw_hh, dh0, dc0, *dparams)``, from what it saved
+    (``y, h0, c0, w_hh, lengths, *params, *buffers``) and ``ctx.meta = (flags, clip,
+    hidden_size, proj_size)``; absent parameters (and the RNN's c0) get None."""
+    saved = ctx.saved_tensors
+    y, h0, c0, w_hh, lengths, *rest = saved
+    # create_graph=True (also every torch.func.grad): the hand-written backward has no graph of
+    # its own, so its results carry an error node that raises if a second-order gradient is
+    # ever taken through them (like torch's once_differentiable, but also when the incoming
+    # gradients are constants and only the saved tensors require grad).
+    upstream = [t for t in (dy, dh_n, dc_n, *saved) if t is not None and t.requires_grad]
+    higher = torch.is_grad_enabled() and bool(upstream)
+    if higher and _functorch_active() and _differentiation_levels() > 1:  # nested torch.func.grad
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
+    empty = y.new_empty((0,))
+    with torch.no_grad():
+        dxg, dw_hh, dh0, dc0, *dparams = backward(
+            empty if dy is None else dy, empty if dh_n is None else dh_n, empty if dc_n is None else dc_n,
+            y, h0, c0, w_hh, lengths, *rest, *ctx.meta)
+    grads = (dxg, dw_hh, dh0, dc0 if c0.numel() else None,
+             *(d if p.numel() else None for d, p in zip(dparams, rest[:NP])))
+    if not higher:
+        return grads
+    # The error node's extra input, an empty tensor computed from every saved tensor that
+    # requires grad, connects it to the graph a second-order gradient would traverse.
+    anchor = torch.cat([t.reshape(-1)[:0] for t in upstream])
+    present = [g for g in grads if g is not None]
+    delayed = iter(torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(present) + 1)(*present, anchor))
+    return tuple(None if g is None else next(delayed) for g in grads)
+
+
+_NO_DOUBLE_BACKWARD = (
+    "lstmkit: the fused kernels' hand-written backward is not differentiable (double backward, "
+    "create_graph=True, nested torch.func.grad); build the layer with backend='reference' for "
+    "higher-order gradients")
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+    xg, w_hh, h0, c0, lengths, *rest = inputs
+    params, (flags, clip, hidden_size, proj_size, _save) = rest[:NP], rest[NP:]
+    y, _h_n, _c_n, *buffers = output
+    ctx.save_for_backward(y, h0, c0, w_hh, lengths, *params, *buffers)
+    ctx.meta = (flags, clip, hidden_size, proj_size)
+
+
+def _backward(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None,
+              *_dbuffers: Any) -> tuple[Any, ...]:
+    dxg, dw_hh, dh0, dc0, *dparams = _grads(ctx, dy, dh_n, dc_n, recurrence_backward_op)
+    return (dxg, dw_hh, dh0, dc0, None, *dparams, None, None, None, None, None)
+
+
+torch.library.register_autograd("lstmkit::recurrence", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------- autocast
+
+
+def _autocast(device_type: str) -> Callable[..., Any]:
+    """Autocast kernel: cast the floating inputs to the autocast dtype of ``device_type``, run."""
+    key = torch._C.DispatchKey.AutocastCPU if device_type == "cpu" else torch._C.DispatchKey.AutocastCUDA
+
+    def kernel(*args: Any) -> Any:
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(a: Any) -> Any:
+            return a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.numel() else a
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return recurrence_op(*(cast(a) for a in args))
+    return kernel
+
+
+_lib.impl("recurrence", _autocast("cpu"), "AutocastCPU")
+_lib.impl("recurrence", _autocast("cuda"), "AutocastCUDA")
+
+
+# ---------------------------------------------------------------------------- vmap
+
+
+def _loop(op: Callable[..., Any], batch_size: int, in_dims: Sequence[Any], args: Sequence[Any]) -> tuple[Any, Any]:
+    """vmap by a loop over the batch: call ``op`` on each slice and stack the results (an
+    empty result stays unbatched)."""
+    def pick(arg: Any, dim: int | None, v: int) -> Any:
+        return arg.select(dim, v) if isinstance(arg, Tensor) and dim is not None else arg
+    results = [op(*(pick(a, d, v) for a, d in zip(args, in_dims))) for v in range(batch_size)]
+    outs, dims = [], []
+    for values in zip(*results):
+        empty = values[0].numel() == 0
+        outs.append(values[0] if empty else torch.stack(values))
+        dims.append(None if empty else 0)
+    return tuple(outs), tuple(dims)
+
+
+@torch.library.register_vmap("lstmkit::recurrence")
+def _recurrence_vmap(info: Any, in_dims: Sequence[Any], xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor,
+                     lengths: Tensor, *rest: Any) -> tuple[Any, Any]:
+    """Batched inputs with shared weights fold the vmap dimension into the batch: one call of
+    V·B sequences. Batched weights or lengths (e.g. an ensemble of stacked parameters) loop."""
+    xg_d, w_d, h_d, c_d, len_d, *p_d = in_dims[:5 + NP]
+    V = info.batch_size
+    if w_d is not None or len_d is not None or any(d is not None for d in p_d):
+        return _loop(recurrence_op, V, in_dims, (xg, w_hh, h0, c0, lengths, *rest))
+
+    def fold(t: Tensor, dim: int | None, at: int) -> Tensor:  # (…, V, B, …) -> (…, V·B, …) at `at`
+        if t.numel() == 0:
+            return t
+        t = t.unsqueeze(at).expand(*t.shape[:at], V, *t.shape[at:]) if dim is None else t.movedim(dim, at)
+        return t.reshape(*t.shape[:at], V * t.shape[at + 1], *t.shape[at + 2:])
+    xg = fold(xg, xg_d, 1)                                              # (T, V·B, R)
+    T, B = xg.shape[0], xg.shape[1] // V
+    reps = lengths.repeat(V) if lengths.numel() else lengths
+    y, h_n, c_n, *buffers = recurrence_op(xg, w_hh, fold(h0, h_d, 0), fold(c0, c_d, 0), reps, *rest)
+    outs = [y.view(T, V, B, -1), h_n.view(V, B, -1), c_n.view(V, B, -1) if c_n.numel() else c_n]
+    outs += [b.view(T, V, B, -1) if b.numel() else b for b in buffers]   # (T, V, B, ·)
+    dims = [1, 0, 0 if c_n.numel() else None] + [1 if b.numel() else None for b in buffers]
+    return tuple(outs), tuple(dims)
+
+
+@torch.library.register_vmap("lstmkit::recurrence_backward")
+def _recurrence_backward_vmap(info: Any, in_dims: Sequence[Any], *args: Any) -> tuple[Any, Any]:
+    """Per-sample gradients: a loop (weight gradients must not be summed over the vmap batch)."""
+    return _loop(recurrence_backward_op, info.batch_size, in_dims, args)
+
+
+# ---------------------------------------------------------------------------- eager road
+
+
+class _Recurrence(torch.autograd.Function):
+    """The operator's forward and gradient as an ``autograd.Function`` (see the module
+    docstring): for plain eager tensors it calls the device implementation directly, without
+    the operator's Python autograd wrapper; under functorch transforms it calls the operator
+    (whose vmap rules then apply: ``generate_vmap_rule``) — torch's ``register_autograd``
+    wrapper is an autograd.Function without setup_context, which functorch refuses. Same
+    gradient as the operator's: :func:`_grads`."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(impl: Impl | None, meta: tuple[int, float, int, int, bool], lengths: Tensor, xg: Tensor,
+                w_hh: Tensor, h0: Tensor, c0: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
+        if impl is None:
+            return tuple(recurrence_op(xg, w_hh, h0, c0, lengths, *params, *meta))
+        return tuple(impl.forward(xg, w_hh, h0, c0, lengths, *params, *meta))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        impl, meta, lengths, _xg, w_hh, h0, c0, *params = inputs
+        ctx.set_materialize_grads(False)
+        if meta[-1]:  # save
+            ctx.save_for_backward(output[0], h0, c0, w_hh, lengths, *params, *output[3:])
+            ctx.meta = meta[:4]
+            ctx.backward_fn = recurrence_backward_op if impl is None else impl.backward
+        ctx.mark_non_differentiable(*output[3:])
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None,
+                 *_dbuffers: Any) -> tuple[Any, ...]:
+        return (None, None, None, *_grads(ctx, dy, dh_n, dc_n, ctx.backward_fn))
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def plain_eager(tensors: Sequence[Tensor]) -> bool:
+    """True for plain tensors in eager mode: no compile/export tracing, functorch transform,
+    autocast, FakeTensor or tensor subclass."""
+    if torch.compiler.is_compiling() or _functorch_active():
+        return False
+    if torch.is_autocast_enabled(tensors[0].device.type):
+        return False
+    return all(type(t) in _PLAIN for t in tensors)
+
+
+def _functorch_active() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _differentiation_levels() -> int:
+    """Active functorch grad/jvp transforms (two or more: a higher-order derivative)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return sum(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
+
+
+def recurrence(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, params: Sequence[Tensor],
+               flags: int, clip: float, hidden_size: int, proj_size: int, save: bool, impl: Impl | None = None
+               ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Run ``lstmkit::recurrence`` (arguments and shapes as in the module docstring); returns
+    ``(y, h_n, c_n, buffers)``.
+
+    Args:
+        params: :data:`~lstmkit.kernels.abi.PARAMS` in order (empty tensors where absent).
+        impl: call this implementation directly instead of dispatching on the device (the
+            Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``, which the dispatcher
+            would send to the CPU kernel); eager tensors only.
+    """
+    meta = (flags, clip, hidden_size, proj_size, save)
+    if impl is not None or plain_eager((xg, w_hh, h0, c0, *params)):
+        impl = impl or _DEVICES["CUDA" if xg.is_cuda else "CPU"]
+        out = _Recurrence.apply(impl, meta, lengths, xg, w_hh, h0, c0, *params)
+    elif _functorch_active() and not torch.compiler.is_compiling():
+        out = _Recurrence.apply(None, meta, lengths, xg, w_hh, h0, c0, *params)
+    else:  # compile, export, autocast, FakeTensors, subclasses: the operator itself
+        out = recurrence_op(xg, w_hh, h0, c0, lengths, *params, *meta)
+    return out[0], out[1], out[2], list(out[3:])
