@@ -8,6 +8,7 @@
     lstmkit plot KIND ...                 pictures of gates, weights, gradient flow, curves
     lstmkit report RUN_DIR                one self-contained HTML report of a run
     lstmkit study --task T ...            the variant study (Greff et al. style)
+    lstmkit build                         compile the fused CPU kernel ahead of time
 
 Errors (unknown task or variant, impossible sizes, unwritable output, a corrupt or
 incompatible checkpoint) print one line and exit with code 2; nothing is overwritten.
@@ -32,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("lstmkit.plots", "draw gate heatmaps, cell trajectories, weights, curves, gradient flow (PNG)"),
     "report": ("lstmkit.report", "write one self-contained HTML report of a run directory"),
     "study": ("lstmkit.study", "variant study: every variant x seed with a learning-rate search, tables and plots"),
+    "build": ("lstmkit.kernels.prebuild", "compile the fused CPU kernel ahead of time (else the first use does)"),
 }
 
 

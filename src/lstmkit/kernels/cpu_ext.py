@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lstmkit.kernels import abi, ops
 
-__all__ = ["available", "load", "capability", "build_dir", "forward", "backward", "IMPL"]
+__all__ = ["available", "load", "build", "capability", "build_dir", "forward", "backward", "IMPL"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = ("recurrence.cpp", "gemm.h", "parallel.h")
@@ -45,7 +45,7 @@ _NP, _NB = len(abi.PARAMS), len(abi.BUFFERS)
 
 #: Compiler flags per CPU capability: the instruction set (not -march=native, so a build
 #: runs on every machine of its capability) and ATen's matching Vectorized<T> width.
-_ISA_FLAGS: dict[str, list[str]] = {
+ISA_FLAGS: dict[str, list[str]] = {
     "AVX512": ["-march=x86-64-v4", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
     "AVX2": ["-march=x86-64-v3", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT"],
@@ -56,7 +56,7 @@ _COMMON_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
 def capability() -> str:
     """The CPU capability the kernel is built for: torch's, or ``DEFAULT`` if unknown."""
     cap = torch.backends.cpu.get_cpu_capability()
-    return cap if cap in _ISA_FLAGS else "DEFAULT"
+    return cap if cap in ISA_FLAGS else "DEFAULT"
 
 
 def _cache_root() -> Path:
@@ -68,7 +68,7 @@ def _cache_root() -> Path:
 
 
 def _flags(cap: str) -> list[str]:
-    return _COMMON_FLAGS + _ISA_FLAGS[cap]
+    return _COMMON_FLAGS + ISA_FLAGS[cap]
 
 
 def _key(cap: str) -> str:
@@ -111,6 +111,16 @@ def _build(cap: str, verbose: bool = False) -> Any:
     if not built:
         print(f"lstmkit: kernel compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return ext
+
+
+def build(cap: str | None = None, verbose: bool = False) -> Path:
+    """Compile (or find) the kernel for ``cap`` (default: this CPU's capability) ahead of
+    time; returns its build directory. Raises on a failed build."""
+    cap = cap or capability()
+    if cap not in ISA_FLAGS:
+        raise ValueError(f"capability: expected one of {list(ISA_FLAGS)}, got {cap!r}")
+    _build(cap, verbose=verbose)
+    return build_dir(cap)
 
 
 def load(verbose: bool = False) -> Any:

@@ -1,0 +1,20 @@
+"""``lstmkit build``: compile the fused CPU kernel ahead of time (otherwise the first layer
+that needs it compiles it, once per machine and version; see :mod:`lstmkit.kernels.cpu_ext`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from lstmkit.kernels import cpu_ext
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--capability", default=None, choices=sorted(cpu_ext.ISA_FLAGS),
+                        help=f"instruction set to build for (default: this CPU's, now {cpu_ext.capability()})")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
+
+
+def run(args: argparse.Namespace) -> int:
+    where = cpu_ext.build(args.capability, verbose=args.verbose)
+    print(f"lstmkit: fused CPU kernel for {args.capability or cpu_ext.capability()} ready in {where}")
+    return 0

@@ -1,0 +1,101 @@
+"""Builds of the compiled CPU kernel: keyed so that nothing rebuilds another's, the AVX2
+build tested on whatever CPU runs the tests (AVX-512 machines too), and threads that never
+hang a forked DataLoader worker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from lstmkit.kernels import abi, cpu_ext
+
+
+def _python(code: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **env})
+
+
+def test_build_directory_is_keyed_by_capability_abi_and_sources(monkeypatch, tmp_path):
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    avx2, avx512 = cpu_ext.build_dir("AVX2"), cpu_ext.build_dir("AVX512")
+    assert avx2.parent == avx512.parent == tmp_path
+    assert avx2.name.startswith("lstmkit_cpu_avx2_") and avx512.name.startswith("lstmkit_cpu_avx512_")
+    assert avx2.name.split("_")[-1] != avx512.name.split("_")[-1]
+    monkeypatch.setattr(abi, "header", lambda: "// another ABI\n")
+    assert cpu_ext.build_dir("AVX2") != avx2  # a changed ABI is a new build, not an overwrite
+    with pytest.raises(ValueError, match="capability: expected one of"):
+        cpu_ext.build("SSE9")
+
+
+def test_avx2_build_runs_every_variant_like_the_reference():
+    """ATEN_CPU_CAPABILITY=avx2 makes torch (and so lstmkit) use AVX2 on any x86 CPU: the
+    kernel is built with -march=x86-64-v3 and its 6 x 16 register tile, and must agree with
+    the reference kernel (values and gradients, float32 and float64)."""
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.fail(f"this x86 test machine reports capability {torch.backends.cpu.get_cpu_capability()}")
+    result = _python("""
+        import torch, lstmkit
+        from lstmkit.kernels import cpu_ext
+        from variants import LSTM_VARIANTS
+        assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+        assert cpu_ext.load().abi()["gemm_tile"] == (6, 16), cpu_ext.load().abi()
+        torch.manual_seed(0)
+        worst = 0.0
+        for name, cell in list(LSTM_VARIANTS.items()) + [("rnn", None)]:
+            if name.startswith("deep") or name == "layernorm+deep_g":
+                continue
+            for dtype in (torch.float32, torch.float64):
+                kw = dict(num_layers=2, bidirectional=True)
+                make = (lambda b: lstmkit.RNN(5, 19, backend=b, **kw)) if cell is None else \\
+                       (lambda b: lstmkit.LSTM(5, 19, cell=cell, backend=b, **kw))
+                fast, ref = make("cpu_fused").to(dtype), make("reference").to(dtype)
+                ref.load_state_dict(fast.state_dict())
+                x = torch.randn(7, 13, 5, dtype=dtype)
+                outs = []
+                for m in (fast, ref):
+                    xx = x.clone().requires_grad_()
+                    y = m(xx)[0]
+                    (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)).sum().backward()
+                    outs.append([y.detach(), xx.grad] + [p.grad for p in m.parameters()])
+                for a, b in zip(*outs):
+                    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-3)).item()
+                    tol = 1e-4 if dtype == torch.float32 else 1e-10
+                    assert err < tol, (name, dtype, err)
+                    worst = max(worst, err if dtype == torch.float64 else 0.0)
+        print("ok", worst)
+    """, timeout=900, ATEN_CPU_CAPABILITY="avx2", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_forked_dataloader_workers_never_hang():
+    """The parent runs the kernel on two threads, then DataLoader workers (fork) run it: the
+    thread count comes from torch at call time (a worker sets 1), so no forked child waits
+    for the parent's thread pool. A hang fails by the timeout."""
+    result = _python("""
+        import torch, lstmkit
+        torch.set_num_threads(2)
+        layer = lstmkit.LSTM(64, 128)
+        x = torch.randn(20, 32, 64)
+        with torch.no_grad():
+            expected = layer(x)[0].sum().item()   # large enough to use both threads
+
+        class Data(torch.utils.data.Dataset):
+            def __len__(self): return 4
+            def __getitem__(self, i):
+                with torch.no_grad():
+                    return layer(x)[0].sum()
+
+        loader = torch.utils.data.DataLoader(Data(), batch_size=1, num_workers=2,
+                                             multiprocessing_context="fork")
+        got = [float(v) for v in loader]
+        assert all(abs(g - expected) < 1e-3 * max(1.0, abs(expected)) for g in got), (got, expected)
+        print("ok")
+    """, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
