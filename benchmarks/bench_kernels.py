@@ -3,11 +3,18 @@
     python benchmarks/bench_kernels.py                 # the full grid (~10-15 min on 2 cores)
     python benchmarks/bench_kernels.py --quick         # two shapes, fewer variants
     python benchmarks/bench_kernels.py --memory-only   # training peak memory, fresh processes
+    python benchmarks/bench_kernels.py --neighbour     # also with another process spinning on one core
 
 Every row is timed in this process with torch's default threads (plus one-thread rows
 for nn.LSTM and the reference loop): warm-up, then the median of ``--repeats`` runs.
 Ratios are reported, not absolute times (the machines are shared and noisy); GFLOP/s of
-each row sit next to the machine's GEMM peak measured in the same run.
+each row sit next to the machine's GEMM peak measured in the same run, and the CPU model and
+capability (torch's: AVX512, AVX2) are recorded with every result.
+
+bfloat16 rows: ``torch.nn.LSTM`` and lstmkit's vanilla layer converted with ``.to(torch.bfloat16)``,
+timed like the others, with their error against float32 (max |Δ| of the output ÷ its max).
+Neighbour rows (``--neighbour``): the same steps while another process spins on one core, as
+on a shared machine; their ratios are to the quiet ``torch.nn.LSTM`` row.
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, train: bool) -> Callable
     return step
 
 
-def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default, with_reference):
+def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default, with_reference, neighbour=False):
     """Time every row at one shape, inference then training.
 
     Rows are interleaved: each round runs every row once (reference rows only in the
@@ -111,12 +118,24 @@ def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default
             layers[cell].load_state_dict(torch_lstm.state_dict())
         layers[f"ref:{cell}"] = lstmkit.LSTM(I, H, cell=cell, backend="reference", **kw)
         layers[f"ref:{cell}"].load_state_dict(layers[cell].state_dict())
+    low = {"torch": torch.nn.LSTM(I, H, **kw), "lstmkit": lstmkit.LSTM(I, H, **kw)}
+    for m in low.values():
+        m.load_state_dict(torch_lstm.state_dict())
+        m.to(torch.bfloat16)
+    with torch.no_grad():
+        exact = torch_lstm(x)[0]
+        bf16_error = {name: ((m(x.bfloat16())[0].float() - exact).abs().max() / exact.abs().max()).item()
+                      for name, m in (("torch.nn.LSTM bf16", low["torch"]), ("lstmkit vanilla bf16", low["lstmkit"]))}
     for train in (False, True):
         mode = "train" if train else "infer"
         flops = lstm_flops(B, T, I, H, kw.get("num_layers", 1), 2 if kw.get("bidirectional") else 1, train)
         # (row name, kernel, step function, threads, is a reference row)
         plan = [("torch.nn.LSTM", "oneDNN", make_step(torch_lstm, x, train), threads_default, False),
                 ("torch.nn.LSTM (1 thread)", "oneDNN", make_step(torch_lstm, x, train), 1, False)]
+        plan += [("torch.nn.LSTM bf16", "oneDNN", make_step(low["torch"], x.bfloat16(), train), threads_default,
+                  False),
+                 ("lstmkit vanilla bf16", kernels.select(low["lstmkit"].spec, x.device, torch.bfloat16).name,
+                  make_step(low["lstmkit"], x.bfloat16(), train), threads_default, False)]
         for cell in ["vanilla", *variants]:
             layer = layers[cell]
             kname = kernels.select(layer.spec, x.device, x.dtype).name
@@ -151,10 +170,51 @@ def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default
             sec = statistics.median(times[name])
             rows.append({"shape": list(shape), "mode": mode, "row": name, "kernel": kname, "seconds": sec,
                          "ratio_vs_torch": sec / base, "gflops": flops / sec / 1e9})
+            if name in bf16_error:
+                rows[-1]["error_vs_float32"] = bf16_error[name]
+        if neighbour:
+            rows += neighbour_rows(shape, mode, base, flops, [
+                ("torch.nn.LSTM (neighbour)", make_step(torch_lstm, x, train)),
+                ("lstmkit vanilla (neighbour)", make_step(layers["vanilla"], x, train))], repeats)
         print(f"  {shape} {kw or ''} {mode}: nn.LSTM {base * 1e3:.2f} ms; "
               + ", ".join(f"{r['row'].replace('lstmkit ', '')} {r['ratio_vs_torch']:.2f}"
                           for r in rows if r["mode"] == mode and r["row"].startswith("lstmkit")), flush=True)
     return rows
+
+
+def neighbour_rows(shape, mode: str, base: float, flops: float, plan: list, repeats: int) -> list[dict]:
+    """Time ``plan``'s steps, interleaved, while another process spins on one core."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)
+        times: dict[str, list[float]] = {name: [] for name, _ in plan}
+        for _name, fn in plan:
+            fn()
+        for _ in range(repeats):
+            for name, fn in plan:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    rows = []
+    for name, _ in plan:
+        sec = statistics.median(times[name])
+        rows.append({"shape": list(shape), "mode": mode, "row": name, "kernel": "", "seconds": sec,
+                     "ratio_vs_torch": sec / base, "gflops": flops / sec / 1e9})
+    return rows
+
+
+def machine() -> dict[str, str]:
+    """The CPU this run measured: model name, torch's capability, cores."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(), "cores": str(os.cpu_count())}
 
 
 def _status_kib(key: str) -> int:
@@ -200,9 +260,10 @@ def measure_memory(variants: list[str], shape=(32, 200, 512, 512)) -> list[dict]
 
 
 def markdown(result: dict) -> str:
+    m = result["machine"]
     lines = ["# Kernel benchmark", "",
-             f"Machine: {result['machine']}; torch {result['torch']}; {result['threads']} threads "
-             f"(default); median of {result['repeats']} repeats after warm-up.", "",
+             f"Machine: {m['cpu']}, capability {m['capability']}, {m['cores']} cores; torch {result['torch']}; "
+             f"{result['threads']} threads (default); median of {result['repeats']} repeats after warm-up.", "",
              "GEMM peak measured in this run: " + ", ".join(
                  f"{k} {v:.0f} GFLOP/s" for k, v in result["gemm_peak"].items()), "",
              "Ratios are time ÷ torch.nn.LSTM's time (vanilla, default threads) at the same "
@@ -226,7 +287,8 @@ def markdown(result: dict) -> str:
             for s, e in shapes:
                 r = next((r for r in rows if r["row"] == name and tuple(r["shape"]) == s
                           and r.get("extra", "") == e), None)
-                cells.append("" if r is None else f"{r['ratio_vs_torch']:.2f} ({r['gflops']:.0f} GF/s)")
+                err = "" if r is None or "error_vs_float32" not in r else f", err {r['error_vs_float32']:.1e}"
+                cells.append("" if r is None else f"{r['ratio_vs_torch']:.2f} ({r['gflops']:.0f} GF/s{err})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     ratios = [r["ratio_vs_torch"] for r in result["rows"]
@@ -250,6 +312,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two shapes and three variants")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference-loop rows")
     ap.add_argument("--memory-only", action="store_true")
+    ap.add_argument("--neighbour", action="store_true", help="also time with a process spinning on one core")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--memory-shape", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=OUT)
@@ -261,7 +324,7 @@ def main() -> None:
     grid, extra, variants = GRID, EXTRA, VARIANTS
     if args.quick:
         grid, extra, variants = [GRID[0], GRID[3]], [], ["peephole", "layernorm", "cifg"]
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+    result = {"machine": machine(),
               "torch": torch.__version__, "threads": threads, "repeats": args.repeats,
               "gemm_peak": {}, "rows": [], "memory": []}
     if not args.memory_only:
@@ -269,7 +332,7 @@ def main() -> None:
         print("GEMM peak:", {k: round(v) for k, v in result["gemm_peak"].items()}, flush=True)
         for shape in grid:
             result["rows"] += bench_shape(shape, {}, variants, args.repeats, args.reference_repeats,
-                                          threads, not args.no_reference)
+                                          threads, not args.no_reference, args.neighbour)
         for name, shape, kw in extra:
             rows = bench_shape(shape, kw, [], args.repeats, args.reference_repeats, threads,
                                not args.no_reference)
