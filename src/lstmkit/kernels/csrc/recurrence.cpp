@@ -81,6 +81,20 @@ struct Cfg {
   }
 };
 
+// The per-parameter reductions of the backward (summed over steps and rows), one vector per
+// thread: where each parameter's gradient sits in it. Written here once; backward_impl
+// accumulates into these slices and recurrence_backward reads them out.
+struct AccLayout {
+  int64_t H, R;
+  int64_t peephole(int k) const { return k * H; }  // k = 0, 1, 2: i, f, o (H each)
+  int64_t ln_c_weight() const { return 3 * H; }
+  int64_t ln_c_bias() const { return 4 * H; }
+  int64_t ln_hh_weight() const { return 5 * H; }  // R each from here on
+  int64_t ln_ih_weight() const { return 5 * H + R; }
+  int64_t bias() const { return 5 * H + 2 * R; }
+  int64_t size() const { return 5 * H + 3 * R; }
+};
+
 static inline int64_t pad_ld(int64_t K, int VL) {
   // round up to whole vectors, then one more vector: breaks 4 KiB aliasing of row starts
   return (K + VL - 1) / VL * VL + VL;
@@ -461,8 +475,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
 // Returns dXG (T,B,R) (layernorm: the gradient w.r.t. the RAW a = x W_ih^T, through the
 // input LN), dWhh (R,H_out) (layernorm only; other variants: empty, the wrapper computes it
 // from dXG), dHP (T,B,P) and M (T,B,H) (projection: gradient w.r.t. y_t before masking, and
-// o*tanh(LN(c)) for dW_hr), dh0, dc0, acc (vector of per-parameter reductions:
-// [dp_i, dp_f, dp_o, dln_c_w, dln_c_b] each H, then dln_hh_w, dln_ih_w, dbias each R),
+// o*tanh(LN(c)) for dW_hr), dh0, dc0, acc (the per-parameter reductions, AccLayout),
 // dZS (T,B,nS*H) (layernorm + fgr only: the gradient w.r.t. the sigmoid gates' u, for dW_gg).
 // layernorm: dr_t (the gradient w.r.t. the raw r_t) is kept for a chunk of Tc steps only;
 // after each chunk dW_hh += dr_chunk^T h_prev_chunk (at::addmm_, outside the OpenMP region).
@@ -500,7 +513,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
   at::Tensor dS, dUS, dHPw, dMo;
   if (cf.fgr) { dS = at::zeros({B, cf.nS * H}, opt); dUS = at::zeros({B, lds}, opt); }
   if (P > 0) { dHPw = at::zeros({B, ldp}, opt); dMo = at::zeros({B, H}, opt); }
-  const int64_t NACC = 5 * H + 3 * R;
+  const AccLayout al{H, R};
+  const int64_t NACC = al.size();
   at::Tensor acc = at::zeros({nthreads, NACC}, opt);
   // per thread: LN-c row temp (H), gathered dy row (H_out), recomputed gate row (R)
   const int64_t ldtmp = pad_ld(H, VL) + pad_ld(Hout, VL) + (regate ? pad_ld(R, VL) : 0);
@@ -563,14 +577,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
     }
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
-    T* A_pi = accp + tid * NACC;  // per-thread accumulators
-    T* A_pf = A_pi + H;
-    T* A_po = A_pf + H;
-    T* A_cw = A_po + H;
-    T* A_cb = A_cw + H;
-    T* A_hh = A_cb + H;
-    T* A_ih = A_hh + R;
-    T* A_bi = A_ih + R;
+    T* A = accp + tid * NACC;  // this thread's accumulators (AccLayout)
+    T* A_pi = A + al.peephole(0);
+    T* A_pf = A + al.peephole(1);
+    T* A_po = A + al.peephole(2);
+    T* A_cw = A + al.ln_c_weight();
+    T* A_cb = A + al.ln_c_bias();
+    T* A_hh = A + al.ln_hh_weight();
+    T* A_ih = A + al.ln_ih_weight();
+    T* A_bi = A + al.bias();
     T* dchat = rowtmpp + tid * ldtmp;
     T* dybuf = dchat + pad_ld(H, VL);
     T* gbuf = regate ? dybuf + pad_ld(Hout, VL) : nullptr;
@@ -935,19 +950,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   std::vector<at::Tensor> dparams(N_PARAMS);
   for (auto& d : dparams) d = at::empty({0}, opt);
   if (lstm) {
-    // acc layout (backward_impl): dp_i, dp_f, dp_o, dln_c_w, dln_c_b (H each); dln_hh_w, dln_ih_w, dbias (R each)
-    const at::Tensor& acc = out[6];
+    const at::Tensor& acc = out[6];  // AccLayout, summed over threads
+    const AccLayout al{H, R};
     if (cf.peep) {
-      if (cf.has_i) dparams[P_PEEPHOLE_I] = acc.narrow(0, 0, H).clone();
-      if (cf.has_f) dparams[P_PEEPHOLE_F] = acc.narrow(0, H, H).clone();
-      if (cf.has_o) dparams[P_PEEPHOLE_O] = acc.narrow(0, 2 * H, H).clone();
+      if (cf.has_i) dparams[P_PEEPHOLE_I] = acc.narrow(0, al.peephole(0), H).clone();
+      if (cf.has_f) dparams[P_PEEPHOLE_F] = acc.narrow(0, al.peephole(1), H).clone();
+      if (cf.has_o) dparams[P_PEEPHOLE_O] = acc.narrow(0, al.peephole(2), H).clone();
     }
     if (cf.ln) {
-      dparams[P_LN_C_WEIGHT] = acc.narrow(0, 3 * H, H).clone();
-      dparams[P_LN_C_BIAS] = acc.narrow(0, 4 * H, H).clone();
-      dparams[P_LN_HH_WEIGHT] = acc.narrow(0, 5 * H, R).clone();
-      dparams[P_LN_IH_WEIGHT] = acc.narrow(0, 5 * H + R, R).clone();
-      if (params[P_BIAS].numel()) dparams[P_BIAS] = acc.narrow(0, 5 * H + 2 * R, R).clone();
+      dparams[P_LN_C_WEIGHT] = acc.narrow(0, al.ln_c_weight(), H).clone();
+      dparams[P_LN_C_BIAS] = acc.narrow(0, al.ln_c_bias(), H).clone();
+      dparams[P_LN_HH_WEIGHT] = acc.narrow(0, al.ln_hh_weight(), R).clone();
+      dparams[P_LN_IH_WEIGHT] = acc.narrow(0, al.ln_ih_weight(), R).clone();
+      if (params[P_BIAS].numel()) dparams[P_BIAS] = acc.narrow(0, al.bias(), R).clone();
     }
     if (P > 0) dparams[P_WEIGHT_HR] = at::mm(out[2].reshape({-1, P}).t(), out[3].reshape({-1, H}));
     if (cf.fgr) {  // dW_gg = sum_t du_S,t^T s_{t-1}, the sigmoid gates i, f, o in order
