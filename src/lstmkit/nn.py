@@ -273,6 +273,20 @@ class _Recurrent(nn.Module):
             c_n = None if c_n is None else c_n.squeeze(1)
         return result, h_n, c_n, out
 
+    def forward_recorded(self, input: Tensor | PackedSequence, hx: Any = None
+                         ) -> tuple[Tensor | PackedSequence, Tensor, Tensor | None, list[list[dict[str, Tensor]]]]:
+        """Run once in record mode (what :func:`lstmkit.trace` uses): the kernel keeps each
+        step's activations.
+
+        Returns:
+            ``output, h_n, c_n`` as :meth:`forward` (``c_n`` None for the RNN), and the
+            records: ``records[layer][direction][key]`` is ``(T, B, ·)`` for the keys of
+            :data:`lstmkit.kernels.TRACE_KEYS` the variant has.
+        """
+        output, h_n, c_n, out = self._run(input, hx, record=True)
+        assert out.traces is not None
+        return output, h_n, c_n, out.traces
+
     def _check_input_tensor(self, x: Tensor, what: str) -> None:
         if not x.dtype.is_floating_point:
             raise TypeError(f"{what}: expected a floating-point tensor, got dtype {x.dtype}")

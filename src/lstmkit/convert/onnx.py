@@ -309,14 +309,15 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
     opsets = [helper.make_opsetid("", opset)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="lstmkit",
                               ir_version=helper.find_min_ir_version_for(opsets))
-    from lstmkit.convert.files import atomic_path, layer_config
+    from lstmkit._atomic import check_writable, write_bytes
+    from lstmkit.convert.files import layer_config
 
     config = {**layer_config(model), "batch_first": batch_first, "onnx_method": "scan" if use_scan else "operator"}
     helper.set_model_props(proto, {_METADATA_KEY: json.dumps(config)})
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
-        with atomic_path(Path(path)) as tmp:
-            tmp.write_bytes(proto.SerializeToString())
+        check_writable(path, overwrite=True, what="DST")
+        write_bytes(path, proto.SerializeToString(), what="DST")
     return proto
 
 

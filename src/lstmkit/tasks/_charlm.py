@@ -374,6 +374,10 @@ class CharLM(Task):
         total, n = float(nll.sum()), float(nll.numel())
         return {"loss": (total, n), "bpc": (total / math.log(2), n), "accuracy": (float(correct.sum()), n)}
 
+    def encode(self, text: str) -> Tensor:
+        """(N,) int64 vocabulary indices of ``text`` (characters outside it -> "other")."""
+        return _encode(text, self.vocab).long()
+
     def decode(self, indices: Sequence[int] | Tensor) -> str:
         """Characters of vocabulary ``indices`` ("other" shown as U+FFFD)."""
         table = self.vocab + OTHER_CHAR
