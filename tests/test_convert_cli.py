@@ -239,6 +239,30 @@ def test_keras_files_both_ways(main, capsys, tmp_path):
     _fails(main, capsys, [tmp_path / "rnn.safetensors", tmp_path / "rnn.keras"], "the plain RNN cannot be carried")
 
 
+def test_keras_settings_no_lstmkit_file_records(main, capsys, tmp_path):
+    """go_backwards is refused (the converted file would compute something else); a .weights.h5
+    file cannot say its activations, so the conversion says what it assumed."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    gb = keras.Sequential([keras.Input((None, 3)), keras.layers.LSTM(4, return_sequences=True, go_backwards=True)])
+    gb.save(tmp_path / "gb.keras")
+    before = _snapshot(tmp_path)
+    _fails(main, capsys, [tmp_path / "gb.keras", tmp_path / "gb.safetensors"],
+           "has go_backwards=True (it reads its input reversed); an lstmkit layer does not record that")
+    assert _snapshot(tmp_path) == before
+    hard = keras.Sequential([keras.Input((None, 3)), keras.layers.LSTM(4, recurrent_activation="hard_sigmoid")])
+    hard.save(tmp_path / "hard.keras")
+    hard.save_weights(tmp_path / "hard.weights.h5")
+    _fails(main, capsys, [tmp_path / "hard.keras", tmp_path / "h.pt"], "uses activations ('tanh', 'hard_sigmoid')")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "hard.weights.h5"), str(tmp_path / "h.pt")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lstmkit convert: warning: "), err
+    assert "read as the standard Keras LSTM (sigmoid gates, tanh, go_backwards=False)" in err
+    assert "hard_sigmoid" in err and "convert its .keras file instead" in err
+
+
 def test_training_run_model_safetensors(main, capsys, tmp_path):
     from lstmkit.train import TrainConfig, train
 

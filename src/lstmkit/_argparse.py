@@ -25,7 +25,17 @@ _CHOICE = re.compile(r"invalid choice: '(?P<word>[^']*)' \(choose from (?P<choic
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage block) with a suggestion
-    for a mistyped option or choice; exit code 2 as argparse's."""
+    for a mistyped option or choice; exit code 2 as argparse's. Unrecognised arguments
+    are reported by the subcommand they were given to (its options are the suggestions).
+    """
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = _innermost(self, ns)
+            hint = getattr(sub, "hint", None)
+            sub.error(f"unrecognized arguments: {' '.join(extras)}" + (hint(extras, ns) if hint else ""))
+        return ns
 
     def error(self, message: str) -> NoReturn:
         m = _CHOICE.search(message)
@@ -35,9 +45,17 @@ class Parser(argparse.ArgumentParser):
         elif message.startswith("unrecognized arguments:"):
             words = message.split(":", 1)[1].split()
             flag = next((w.split("=")[0] for w in words if w.startswith("-")), None)
-            if flag:
+            if flag and "did you mean" not in message:
                 message += did_you_mean(flag, _all_flags(self))
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _innermost(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the subcommand that ``ns`` chose."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(ns, action.dest, None) in action.choices:
+            return _innermost(action.choices[getattr(ns, action.dest)], ns)
+    return parser
 
 
 def _all_flags(parser: argparse.ArgumentParser) -> list[str]:

@@ -52,6 +52,23 @@ def _tasks_epilog() -> str:
     return "\n".join(lines)
 
 
+def _task_option_hint(extras: list[str], ns: argparse.Namespace) -> str:
+    """``--length 3`` given to train: the task's options are ``-o KEY=VALUE``."""
+    from lstmkit._suggest import did_you_mean
+    from lstmkit.tasks.base import task_options
+
+    flag = next((w for w in extras if w.startswith("--")), None)
+    try:
+        names = list(task_options(ns.task))
+    except ValueError:
+        return ""
+    if flag is None:
+        return ""
+    key = flag[2:].split("=")[0].replace("-", "_")
+    close = key if key in names else did_you_mean(key, names).partition("'")[2].partition("'")[0]
+    return f" (task options are given as -o KEY=VALUE: did you mean -o {close}=...?)" if close else ""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="lstmkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -77,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="continue the run in --out from its checkpoint (or start it, if it has none yet)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_options(tr.add_argument_group("model and training (TrainConfig; default: the field's default)"))
+    tr.hint = _task_option_hint  # type: ignore[attr-defined]
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its task")
     ev.add_argument("checkpoint", type=Path, metavar="RUN_DIR|CHECKPOINT")
@@ -203,8 +221,11 @@ def _one_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _one_line_warnings(command: str) -> Iterator[None]:
-    """Warnings as one line each (``lstmkit CMD: warning: …``), not Python's two."""
+    """Warnings as one line each (``lstmkit CMD: warning: …``), not Python's two; libraries'
+    deprecation notices (meant for their callers' developers) are not shown."""
     with warnings.catch_warnings():
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
         def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
             print(f"lstmkit {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 

@@ -235,10 +235,12 @@ def _check_tensors(p: Path, shapes: dict[str, tuple[tuple[int, ...], str]], cfg:
     if missing or unexpected:
         raise CheckpointError(f"checkpoint: {p} does not match its own config (missing {missing[:4]}, unexpected "
                               f"{unexpected[:4]})")
-    for k, got in shapes.items():
+    for k in want:  # in the model's order: the first layer's mismatch is the one reported
+        got = shapes.get(k, want[k])
         if got != want[k]:
             raise CheckpointError(f"checkpoint: {p}: {k} is {got[1]} {list(got[0])}, expected {want[k][1]} "
-                                  f"{list(want[k][0])} for its config")
+                                  f"{list(want[k][0])} for its config ({cfg.model} {cfg.cell_name}, hidden_size="
+                                  f"{cfg.hidden_size}, num_layers={cfg.num_layers}, task {cfg.task!r})")
     params = {k.split(".")[1] for k in shapes if k.startswith("optim.")}
     for idx in params:  # a parameter's optimiser state is all there or absent
         have = sorted(k for k in shapes if k.startswith(f"optim.{idx}."))

@@ -36,7 +36,7 @@ from lstmkit.kernels.base import TRACE_KEYS, KernelOut
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.loop import reverse_within_lengths
-from lstmkit.nn import LSTM, RNN
+from lstmkit.nn import LSTM, RNN, check_packed_sequence
 from lstmkit.spec import CellSpec
 
 __all__ = ["Trace", "DirectionTrace", "trace", "GradientFlow", "DirectionFlow", "gradient_flow",
@@ -167,6 +167,7 @@ def _check_x(layer: LSTM | RNN, x: Any, lengths: Any) -> Tensor | None:
     if isinstance(x, PackedSequence):
         if lengths is not None:
             raise ValueError("lengths: a PackedSequence carries its own lengths; pass lengths=None")
+        check_packed_sequence(x, "x")
         return None
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a Tensor or a PackedSequence, got {type(x).__name__}")

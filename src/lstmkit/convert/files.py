@@ -322,7 +322,7 @@ def _read_keras(src: Path, weights_only: bool) -> Layer:
         if not zipfile.is_zipfile(src):
             raise ValueError(f"SRC {src}: not a .keras model (a .keras file is a zip archive; this is not one)")
         try:
-            return from_keras_file(src).eval()
+            return from_keras_file(src, allow_go_backwards=False).eval()
         except (ValueError, TypeError) as exc:
             raise ValueError(f"SRC {src}: {_first_line(exc)}") from None
         except Exception as exc:  # zip / h5 / deserialisation errors of a damaged or foreign file
@@ -331,6 +331,10 @@ def _read_keras(src: Path, weights_only: bool) -> Layer:
     arch = _keras_weights_architecture(src)
     layer = LSTM(arch["input_size"], arch["units"], num_layers=arch["layers"], bias=arch["bias"],
                  bidirectional=arch["bidirectional"], batch_first=True)
+    warnings.warn(f"SRC {src}: a .weights.h5 file holds weights only, not the layers' settings; read as the "
+                  f"standard Keras LSTM (sigmoid gates, tanh, go_backwards=False). If the model used other "
+                  f"activations (e.g. hard_sigmoid) or go_backwards, the converted layer computes something else: "
+                  f"convert its .keras file instead, which records them", UserWarning, stacklevel=3)
     try:
         return from_keras_file(src, model=to_keras(layer)).eval()
     except Exception as exc:

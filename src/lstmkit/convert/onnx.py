@@ -55,8 +55,11 @@ equivalent :class:`lstmkit.LSTM` / :class:`lstmkit.RNN` and refuses, with the re
 what lstmkit cannot compute: activations other than Sigmoid gates and Tanh (the
 identity, ``Affine`` with alpha 1 and beta 0, is read as niaf / noaf), ``clip``,
 ``direction="reverse"``, a non-zero constant initial state, weights computed at run time.
-Loading parses the protobuf only (``onnx.load`` without external data); nothing from the
-file executes.
+Loading parses the protobuf only (``onnx.load`` without external data); weights in an
+external data file (``torch.onnx.export``'s default ``model.onnx.data``) are read by
+lstmkit itself, only from a regular file inside the model's own directory (absolute
+locations, ``..`` and links that lead outside are refused). Constant initial states must
+have the node's sizes (and be zero). Nothing from the file executes.
 """
 
 from __future__ import annotations
@@ -534,10 +537,11 @@ def _cell_body(outer: _Builder, model: LSTM | RNN, p: dict[str, str], n_states: 
 # ---------------------------------------------------------------------------- import
 
 
-def _load_proto(model_or_path: Any) -> tuple[Any, str]:
+def _load_proto(model_or_path: Any) -> tuple[Any, str, Path | None]:
+    """(model, its name for messages, the directory its external data may be read from)."""
     onnx = _onnx()
     if isinstance(model_or_path, onnx.ModelProto):
-        return model_or_path, "the ONNX model"
+        return model_or_path, "the ONNX model", None
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise TypeError(f"model_or_path: expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
     p = Path(model_or_path)
@@ -549,7 +553,60 @@ def _load_proto(model_or_path: Any) -> tuple[Any, str]:
         raise ValueError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not proto.HasField("graph"):
         raise ValueError(f"{p}: not an ONNX model (no graph); expected a model with LSTM or RNN nodes")
-    return proto, str(p)
+    return proto, str(p), p.parent
+
+
+def _external(t: Any, base: Path | None, where: str) -> np.ndarray:
+    """The array of a tensor stored in an external data file (``torch.onnx.export`` writes
+    ``model.onnx.data`` next to the model).
+
+    Only a regular file inside the model's own directory is read: a location that is
+    absolute, contains ``..``, or resolves (through links) outside that directory is
+    refused, and so is a range that does not fit in the file or does not match the
+    tensor's shape.
+    """
+    from onnx import helper
+
+    info = {e.key: e.value for e in t.external_data}
+    loc = info.get("location", "")
+    what = f"{where}: tensor {t.name!r} is stored in the external data file {loc!r}"
+    if base is None:
+        raise ValueError(f"{what}; pass the model's path (not a ModelProto) so that it can be read next to the model")
+    rel = Path(loc)
+    if not loc or rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{what}, outside the model's directory (an absolute path or '..'); refused")
+    root = base.resolve()
+    target = (base / rel).resolve()
+    if not target.is_relative_to(root):
+        raise ValueError(f"{what}, which leads outside the model's directory (a link to {target}); refused")
+    if not target.is_file():
+        raise ValueError(f"{what}, which does not exist next to the model")
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    count = 1
+    for d in t.dims:
+        count *= int(d)
+    nbytes = count * dtype.itemsize
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", nbytes))
+    except ValueError:
+        raise ValueError(f"{what}, with a damaged offset or length ({info})") from None
+    size = target.stat().st_size
+    if length != nbytes or offset < 0 or offset + nbytes > size:
+        raise ValueError(f"{what}: {nbytes:,} bytes for its shape {list(t.dims)} at offset {offset:,} (length "
+                         f"{length:,}) do not fit in the file's {size:,} bytes")
+    with open(target, "rb") as fh:
+        fh.seek(offset)
+        raw = fh.read(nbytes)
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(int(d) for d in t.dims)).astype(dtype.newbyteorder("="))
+
+
+def _tensor(t: Any, base: Path | None, where: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    if t.data_location == 1:  # TensorProto.EXTERNAL
+        return _external(t, base, where)
+    return numpy_helper.to_array(t)
 
 
 def _constants(graph: Any) -> dict[str, Any]:
@@ -563,17 +620,11 @@ def _constants(graph: Any) -> dict[str, Any]:
     return out
 
 
-def _array(name: str, what: str, consts: dict[str, Any], where: str) -> np.ndarray:
-    from onnx import numpy_helper
-
+def _array(name: str, what: str, consts: dict[str, Any], where: str, base: Path | None) -> np.ndarray:
     if name not in consts:
         raise ValueError(f"{where}: input {what} ({name!r}) is computed at run time; expected a constant "
                          f"(an initializer or a Constant node)")
-    t = consts[name]
-    if t.data_location == 1:  # TensorProto.EXTERNAL
-        raise ValueError(f"{where}: input {what} ({name!r}) is stored in an external data file, which "
-                         f"from_onnx does not read; save the model with its weights inside")
-    return numpy_helper.to_array(t)
+    return _tensor(consts[name], base, f"{where}: input {what}")
 
 
 def _attrs(node: Any) -> dict[str, Any]:
@@ -632,7 +683,7 @@ def from_onnx(model_or_path: Any) -> LSTM | RNN:
         ValueError: not an ONNX file, no LSTM/RNN node, or something lstmkit cannot
             compute (the message names the node, attribute and value).
     """
-    proto, where = _load_proto(model_or_path)
+    proto, where, base = _load_proto(model_or_path)
     graph = proto.graph
     meta = {p.key: p.value for p in proto.metadata_props}
     config = None
@@ -644,7 +695,7 @@ def from_onnx(model_or_path: Any) -> LSTM | RNN:
         if not isinstance(config, dict):
             raise ValueError(f"{where}: damaged metadata {_METADATA_KEY!r} (not an object)")
         if config.get("onnx_method") == "scan":
-            return _from_scan(graph, config, where)
+            return _from_scan(graph, config, where, base)
     rec = [n for n in graph.node if n.op_type in ("LSTM", "RNN") and n.domain in ("", "ai.onnx")]
     if not rec:
         ops = sorted({n.op_type for n in graph.node})
@@ -656,7 +707,7 @@ def from_onnx(model_or_path: Any) -> LSTM | RNN:
     is_lstm = op == "LSTM"
     consts = _constants(graph)
     input_batch_first = _check_chain(rec, graph, where)
-    read = [_read_node(n, k, consts, where, is_lstm) for k, n in enumerate(rec)]
+    read = [_read_node(n, k, consts, where, is_lstm, base) for k, n in enumerate(rec)]
     first = read[0]
     for k, r in enumerate(read[1:], start=1):
         for key in ("hidden_size", "D", "bias", "peephole", "coupled", "activations", "dtype", "layout"):
@@ -688,10 +739,9 @@ def from_onnx(model_or_path: Any) -> LSTM | RNN:
     return out
 
 
-def _from_scan(graph: Any, config: dict[str, Any], where: str) -> LSTM | RNN:
+def _from_scan(graph: Any, config: dict[str, Any], where: str, base: Path | None) -> LSTM | RNN:
     """A graph :func:`to_onnx` wrote with Scan: the configuration from the metadata, every
     parameter from the initializer of the same name (the ones the Scan bodies compute with)."""
-    from onnx import numpy_helper
 
     from lstmkit.convert.files import layer_from_config
 
@@ -707,10 +757,7 @@ def _from_scan(graph: Any, config: dict[str, Any], where: str) -> LSTM | RNN:
     layer = layer_from_config(config, dtype, where, {k: tuple(t.dims) for k, t in inits.items()}, extra_ok=True)
     with torch.no_grad():
         for name, param in layer.state_dict().items():
-            if inits[name].data_location == 1:  # TensorProto.EXTERNAL
-                raise ValueError(f"{where}: initializer {name!r} is stored in an external data file, which "
-                                 f"from_onnx does not read")
-            param.copy_(torch.from_numpy(numpy_helper.to_array(inits[name]).copy()))
+            param.copy_(torch.from_numpy(_tensor(inits[name], base, where).copy()))
     return layer.eval()
 
 
@@ -749,7 +796,8 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
     return acts
 
 
-def _read_node(n: Any, k: int, consts: dict[str, Any], where: str, is_lstm: bool) -> dict[str, Any]:
+def _read_node(n: Any, k: int, consts: dict[str, Any], where: str, is_lstm: bool, base: Path | None
+               ) -> dict[str, Any]:
     """Parameters (lstmkit names and layout) and facts of one LSTM/RNN node."""
     what = f"{where}: {n.op_type} node {k} ({n.name!r})"
     a = _attrs(n)
@@ -773,22 +821,28 @@ def _read_node(n: Any, k: int, consts: dict[str, Any], where: str, is_lstm: bool
     coupled = bool(a.get("input_forget", 0)) if is_lstm else False
     ins = list(n.input) + [""] * (8 - len(n.input))
     G = 4 if is_lstm else 1
-    W = _array(ins[1], "W", consts, what)
-    R = _array(ins[2], "R", consts, what)
+    W = _array(ins[1], "W", consts, what, base)
+    R = _array(ins[2], "R", consts, what, base)
     if W.ndim != 3 or W.shape[:2] != (D, G * H):
         raise ValueError(f"{what}: W: expected shape ({D}, {G * H}, input_size), got {W.shape}")
     if R.shape != (D, G * H, H):
         raise ValueError(f"{what}: R: expected shape {(D, G * H, H)}, got {R.shape}")
     if W.dtype not in (np.float32, np.float64) or R.dtype != W.dtype:
         raise ValueError(f"{what}: W, R: expected float32 or float64, got {W.dtype} and {R.dtype}")
-    B = _array(ins[3], "B", consts, what) if ins[3] else None
+    B = _array(ins[3], "B", consts, what, base) if ins[3] else None
     if B is not None and B.shape != (D, 2 * G * H):
         raise ValueError(f"{what}: B: expected shape {(D, 2 * G * H)}, got {B.shape}")
-    P = _array(ins[7], "P", consts, what) if is_lstm and ins[7] else None
+    P = _array(ins[7], "P", consts, what, base) if is_lstm and ins[7] else None
     if P is not None and P.shape != (D, 3 * H):
         raise ValueError(f"{what}: P: expected shape {(D, 3 * H)}, got {P.shape}")
     for slot, name in ((5, "initial_h"), (6, "initial_c")):
-        if ins[slot] in consts and np.any(_array(ins[slot], name, consts, what) != 0):
+        if ins[slot] not in consts:
+            continue  # a graph input: given at run time
+        state = _array(ins[slot], name, consts, what, base)
+        if state.ndim != 3 or state.shape[0] != D or state.shape[2] != H or state.shape[1] < 1:
+            raise ValueError(f"{what}: {name} is a constant of shape {list(state.shape)}, expected [num_directions="
+                             f"{D}, batch, hidden_size={H}]: the graph does not compute what its attributes say")
+        if np.any(state != 0):
             raise ValueError(f"{what}: {name} is a non-zero constant (a learned initial state), which an "
                              f"lstmkit layer does not hold; pass it as h_0/c_0 at run time instead")
     params = []
