@@ -114,8 +114,8 @@ def _check_creatable(d: Path) -> None:
     if not existing.is_dir():
         raise ValueError(f"--out {d}: {existing} is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise _atomic.WriteError(13, f"--out {d}: cannot write there ({existing}: "
-                                     f"{'read-only file system' if _read_only(existing) else 'permission denied'})")
+        raise _atomic.WriteError(13, f"--out {d}: cannot write in {existing} "
+                                     f"({'read-only file system' if _read_only(existing) else 'permission denied'})")
 
 
 def _read_only(p: Path) -> bool:

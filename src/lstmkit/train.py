@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from lstmkit import runs
+from lstmkit import _atomic, runs
 from lstmkit.config import MAX_ACTIVATIONS, SequenceModel, TrainConfig, parameter_count
 from lstmkit.runs import CheckpointError
 from lstmkit.tasks.base import Batch, Task, get_task
@@ -298,44 +298,55 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train until ``steps``, the target or early stopping; returns the summary."""
         from tqdm import tqdm
-        cfg, target = self.cfg, self.task.target
+        cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, mininterval=0.5)
         start = time.perf_counter() - self.elapsed
-        window: list[float] = []
         try:
-            while self.step < cfg.steps and not self.stopped:
-                window.append(self.train_step())
-                bar.update(1)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    metrics = self.evaluate(cfg.eval_split)
-                    value = metrics[target.metric]
-                    self.elapsed = time.perf_counter() - start
-                    record = {"step": self.step, "train_loss": sum(window) / len(window),
-                              "lr": self.opt.param_groups[0]["lr"], "time": round(self.elapsed, 3),
-                              **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()}}
-                    window = []
-                    self.history.append(record)
-                    if self.rank == 0:
-                        runs.append_metrics(self.run_dir, record)
-                    bar.set_postfix(loss=f"{record['train_loss']:.4f}", **{target.metric: f"{value:.4g}"})
-                    if self._improved(value):
-                        self.bad_evals = 0
-                    else:
-                        self.bad_evals += 1
-                    if cfg.stop_at_target and target.met(value):
-                        self.stopped = f"target met at step {self.step}"
-                    elif cfg.patience and self.bad_evals >= cfg.patience:
-                        self.stopped = f"no improvement in {cfg.patience} evaluations"
-                    self.save()
+            self._loop(bar, start)
+        except _atomic.WriteError as exc:
+            raise _atomic.WriteError(exc.errno, f"{exc}; once there is space, the same command with --resume "
+                                                f"continues from the last checkpoint") from None
         finally:
             bar.close()
         self.elapsed = time.perf_counter() - start
         summary = self.summary()
         if self.rank == 0:
-            runs.write_model(self.run_dir, cfg, self.model)
-            runs.write_summary(self.run_dir, summary)
+            try:
+                runs.write_model(self.run_dir, cfg, self.model)
+                runs.write_summary(self.run_dir, summary)
+            except _atomic.WriteError as exc:
+                raise _atomic.WriteError(exc.errno, f"{exc}; once there is space, the same command with --resume "
+                                                    f"writes it") from None
         return summary
+
+    def _loop(self, bar: Any, start: float) -> None:
+        cfg, target = self.cfg, self.task.target
+        window: list[float] = []
+        while self.step < cfg.steps and not self.stopped:
+            window.append(self.train_step())
+            bar.update(1)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                metrics = self.evaluate(cfg.eval_split)
+                value = metrics[target.metric]
+                self.elapsed = time.perf_counter() - start
+                record = {"step": self.step, "train_loss": sum(window) / len(window),
+                          "lr": self.opt.param_groups[0]["lr"], "time": round(self.elapsed, 3),
+                          **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()}}
+                window = []
+                self.history.append(record)
+                if self.rank == 0:
+                    runs.append_metrics(self.run_dir, record)
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}", **{target.metric: f"{value:.4g}"})
+                if self._improved(value):
+                    self.bad_evals = 0
+                else:
+                    self.bad_evals += 1
+                if cfg.stop_at_target and target.met(value):
+                    self.stopped = f"target met at step {self.step}"
+                elif cfg.patience and self.bad_evals >= cfg.patience:
+                    self.stopped = f"no improvement in {cfg.patience} evaluations"
+                self.save()
 
     def summary(self) -> dict[str, Any]:
         """Task, variant, size, steps, time, final metrics against target and baselines."""

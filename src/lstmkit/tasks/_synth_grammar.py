@@ -203,7 +203,7 @@ def _chain() -> _Chain:
     rows: list[list[tuple[int, tuple[str, str]]]] = []
     k = 0
     while k < len(order):
-        options = reber._embedded_options(order[k])  # the grammar, written once in reber.py
+        options = reber.embedded_options(order[k])  # the grammar, written once in reber.py
         row = []
         for symbol, state in options.items():
             state = start if state[0] == "done" else state  # continual: E is followed by B
