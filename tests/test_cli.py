@@ -268,7 +268,7 @@ def test_a_run_without_a_checkpoint_restarts_with_the_same_command(good_run, tmp
         d.mkdir()
         (d / "config.json").write_text(json.dumps({"task": "adding", "hidden_size": 99}))
         (d / "metrics.jsonl").write_text('{"step": 10, "test_mse": 1.0}\n')
-        (d / ".checkpoint.safetensors.999999999-abcd1234.tmp").write_bytes(b"half")  # its writer is dead
+        (d / ".checkpoint.safetensors.otherhost-123-abcd1234.tmp").write_bytes(b"half")  # another machine's
         (d / ".checkpoint.safetensors.k2j4h5l6.tmp").write_bytes(b"half")  # an older version's name
         capsys.readouterr()
         assert run(ADDING + ["--out", d, *resume]) == 0

@@ -6,8 +6,9 @@ target in one step. A failure at any point (a full disk, a read-only file system
 permission) raises :class:`WriteError` with one line that names the file, and leaves every
 existing file as it was and no partial file behind.
 
-The temporary files are named ``.NAME.PID-XXXXXXXX.tmp[.ext]``: a process killed while
-writing leaves one behind, and :func:`clean_stale` removes those whose process is gone.
+The temporary files are named ``.NAME.HOST-PID-XXXXXXXX.tmp[.ext]``: a process killed
+while writing leaves one behind, and :func:`clean_stale` removes those whose process (on
+this machine) is gone; every write first removes those in its directory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import errno
 import json
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,8 @@ from typing import Any
 __all__ = ["WriteError", "check_writable", "atomic_path", "write_bytes", "write_text", "write_json",
            "clean_stale", "is_temporary"]
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp(\..*)?$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9]*)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp(\..*)?$")
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16]
 # Names of an older version (no process id): ``.NAME.XXXXXXXX.tmp[.ext]``.
 _OLD_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(\..*)?$")
 
@@ -114,9 +117,10 @@ def atomic_path(dst: str | os.PathLike[str], *, overwrite: bool = True, exists_e
     message = exists_error or f"{dst} exists; nothing was overwritten"
     if not overwrite and dst.exists():
         raise FileExistsError(message)
-    clean_stale(dst.parent, dst.name)  # what killed writers of the same file left behind
+    clean_stale(dst.parent)  # what killed writers left behind
     try:
-        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.{os.getpid()}-", suffix=f".tmp{suffix}")
+        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.{_HOST}-{os.getpid()}-",
+                                    suffix=f".tmp{suffix}")
         os.close(fd)
     except OSError as exc:
         raise _fail(dst, exc, what) from None
@@ -211,7 +215,8 @@ def clean_stale(directory: str | os.PathLike[str], name: str | None = None, *, e
     Args:
         name: only the temporary files of this target name (e.g. ``"lstm.onnx"``).
         exclusive: the caller owns the directory (a run directory): also remove the
-            temporary files an older version wrote, which do not record their process.
+            temporary files of other machines and of an older version (which does not
+            record the process).
     """
     d = Path(directory)
     removed: list[Path] = []
@@ -219,10 +224,11 @@ def clean_stale(directory: str | os.PathLike[str], name: str | None = None, *, e
         return removed
     for p in d.iterdir():
         m = _TEMP.match(p.name)
-        stale = m is not None and not _alive(int(m["pid"]))
-        if m is None and exclusive:
+        if m is not None:  # this machine's: stale when its writer is gone; another's: in an owned directory
+            stale = not _alive(int(m["pid"])) if m["host"] == _HOST else exclusive
+        else:
             m = _OLD_TEMP.match(p.name)
-            stale = m is not None
+            stale = exclusive and m is not None
         if not stale or m is None or (name is not None and m["name"] != name) or not p.is_file():
             continue
         with contextlib.suppress(OSError):

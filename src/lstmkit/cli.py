@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import json
 import sys
 import warnings
@@ -73,11 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="lstmkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from lstmkit.demo import main as demo_main
+
+    d = {k: v.default for k, v in inspect.signature(demo_main).parameters.items()}
     demo = sub.add_parser("demo", help="train LSTMs and RNNs on the embedded Reber grammar",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--seeds", type=int, default=5, help="trials per model")
-    demo.add_argument("--hidden", type=int, default=16, help="cells per layer")
-    demo.add_argument("--max-sequences", type=int, default=40_000, help="training strings per trial at most")
+    demo.add_argument("--seeds", type=int, default=d["seeds"], help="trials per model")
+    demo.add_argument("--hidden", type=int, default=d["hidden"], help="cells per layer")
+    demo.add_argument("--max-sequences", type=int, default=d["max_sequences"],
+                      help="training strings per trial at most")
 
     ta = sub.add_parser("tasks", help="list the built-in tasks and their options",
                         description="list the built-in tasks and their options")

@@ -500,16 +500,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     text = ("gradient norms per step on the adding problem: plain RNN, LSTM, no-forget-gate LSTM, "
             "at initialisation and after training; prints the table and writes it as JSON next to the PNG")
     p = sub.add_parser("gradflow", help=text, description=text)
-    p.add_argument("--cells", default="rnn,vanilla,nfg",
-                   help="comma-separated models: 'rnn' or LSTM variants (default rnn,vanilla,nfg)")
-    p.add_argument("--length", type=int, default=100, help="sequence length T (default 100)")
-    p.add_argument("--hidden", type=int, default=32, help="cells per model (default 32)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3000, help="training steps per model (default 3000; 0 = none)")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--probe-size", type=int, default=64, help="test sequences the gradients are measured on")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
+    import inspect
+
+    from lstmkit.gradflow import gradflow_experiment
+
+    d = {k: v.default for k, v in inspect.signature(gradflow_experiment).parameters.items()}
+    p.add_argument("--cells", default=",".join(d["cells"]),
+                   help=f"comma-separated models: 'rnn' or LSTM variants (default {','.join(d['cells'])})")
+    p.add_argument("--length", type=int, default=d["length"], help=f"sequence length T (default {d['length']})")
+    p.add_argument("--hidden", type=int, default=d["hidden"], help=f"cells per model (default {d['hidden']})")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"(default {d['batch_size']})")
+    p.add_argument("--steps", type=int, default=d["steps"],
+                   help=f"training steps per model (default {d['steps']}; 0 = none)")
+    p.add_argument("--lr", type=float, default=d["lr"], help=f"Adam learning rate (default {d['lr']:g})")
+    p.add_argument("--seed", type=int, default=d["seed"], help=f"(default {d['seed']})")
+    p.add_argument("--probe-size", type=int, default=d["probe_size"],
+                   help=f"test sequences the gradients are measured on (default {d['probe_size']})")
+    p.add_argument("--threads", type=int, default=d["threads"],
+                   help=f"torch threads for training (default {d['threads']})")
     p.add_argument("--runs", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                    help="use these trained adding runs instead of training")
     common(p, "gradflow.png (and gradflow.json)")

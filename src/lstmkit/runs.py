@@ -207,8 +207,9 @@ _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", tor
            torch.uint8: "U8", torch.int64: "I64"}
 
 
-def _expected(cfg: TrainConfig, task: Task, world: int) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``name -> (shape, dtype)`` of every tensor a checkpoint of ``cfg`` may hold."""
+def _expected(cfg: TrainConfig, task: Task, world: int | None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``name -> (shape, dtype)`` of every tensor a checkpoint of ``cfg`` may hold (the carried
+    state's batch is ``batch_size / world``; any divisor of ``batch_size`` if ``world`` is None)."""
     model = SequenceModel(cfg, task.input_size, task.output_size, device="meta")
     want = {f"model.{k}": (tuple(v.shape), _DTYPES[v.dtype]) for k, v in model.state_dict().items()}
     keys = ("step", "exp_avg", "exp_avg_sq") if cfg.optimizer == "adam" else \
@@ -219,7 +220,7 @@ def _expected(cfg: TrainConfig, task: Task, world: int) -> dict[str, tuple[tuple
     want["rng.torch"] = (tuple(torch.get_rng_state().shape), "U8")
     if task.stream:
         rnn = model.rnn
-        lead, batch = rnn.num_layers * rnn.num_directions, cfg.batch_size // world
+        lead, batch = rnn.num_layers * rnn.num_directions, cfg.batch_size // (world or 1)
         want["carry.0"] = ((lead, batch, rnn.output_size), "F32")
         if cfg.model == "lstm":
             want["carry.1"] = ((lead, batch, rnn.hidden_size), "F32")
@@ -227,8 +228,13 @@ def _expected(cfg: TrainConfig, task: Task, world: int) -> dict[str, tuple[tuple
 
 
 def _check_tensors(p: Path, shapes: dict[str, tuple[tuple[int, ...], str]], cfg: TrainConfig, task: Task,
-                   world: int) -> None:
+                   world: int | None) -> None:
     want = _expected(cfg, task, world)
+    if world is None:  # reading, not resuming: the carried state of any number of processes
+        for k in [k for k in want if k.startswith("carry.") and k in shapes]:
+            shape = shapes[k][0]
+            if len(shape) == 3 and shape[1] >= 1 and cfg.batch_size % shape[1] == 0:
+                want[k] = ((want[k][0][0], shape[1], want[k][0][2]), want[k][1])
     optional = {k for k in want if k.startswith(("optim.", "carry."))}
     missing = sorted(k for k in want if k not in shapes and k not in optional)
     unexpected = sorted(k for k in shapes if k not in want)
@@ -302,14 +308,15 @@ def _check_state(p: Path, st: Any, cfg: TrainConfig) -> None:
             raise bad(f"param_groups[0].{key}: expected a finite number >= 0, got {v!r}")
 
 
-def read_checkpoint(path: str | os.PathLike[str], *, world: int = 1) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike[str], *, world: int | None = None) -> Checkpoint:
     """Read and validate a checkpoint (the file or its run directory). Never executes code.
 
     The config, the trainer state and every tensor's name, shape and dtype are checked
     against the model the config defines before any tensor is read.
 
     Args:
-        world: processes the run trains on (the carried state is split over them).
+        world: processes the run resumes on (the carried state is split over them);
+            None to read it whatever the number of processes it was trained on.
 
     Raises:
         CheckpointError: missing, unreadable, corrupt, foreign or inconsistent; the
