@@ -85,6 +85,10 @@ class StudyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+            if value > 1000:
+                raise ValueError(f"{name}: expected an int <= 1000 (a sane bound), got {value!r}")
+        if len(self.variants) > 1000:
+            raise ValueError(f"variants: expected at most 1000 variants, got {len(self.variants)}")
         lo, hi = self.lr_range
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"lr_range: expected 0 < low <= high, got {self.lr_range}")
@@ -280,8 +284,8 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
     cfg.validate()
     out = Path(out)
     jobs = jobs or os.cpu_count() or 1
-    if jobs < 1:
-        raise ValueError(f"jobs: expected an int >= 1, got {jobs}")
+    if not 1 <= jobs <= 256:
+        raise ValueError(f"jobs: expected an int in [1, 256], got {jobs}")
     task = get_task(cfg.task, seed=0, **cfg.train.get("task_options", {}))
     metric = cfg.metric or task.target.metric
     split = _selection_split(task)
