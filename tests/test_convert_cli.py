@@ -239,6 +239,30 @@ def test_keras_files_both_ways(main, capsys, tmp_path):
     _fails(main, capsys, [tmp_path / "rnn.safetensors", tmp_path / "rnn.keras"], "the plain RNN cannot be carried")
 
 
+def test_keras_settings_no_lstmkit_file_records(main, capsys, tmp_path):
+    """go_backwards is refused (the converted file would compute something else); a .weights.h5
+    file cannot say its activations, so the conversion says what it assumed."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    gb = keras.Sequential([keras.Input((None, 3)), keras.layers.LSTM(4, return_sequences=True, go_backwards=True)])
+    gb.save(tmp_path / "gb.keras")
+    before = _snapshot(tmp_path)
+    _fails(main, capsys, [tmp_path / "gb.keras", tmp_path / "gb.safetensors"],
+           "has go_backwards=True (it reads its input reversed); an lstmkit layer does not record that")
+    assert _snapshot(tmp_path) == before
+    hard = keras.Sequential([keras.Input((None, 3)), keras.layers.LSTM(4, recurrent_activation="hard_sigmoid")])
+    hard.save(tmp_path / "hard.keras")
+    hard.save_weights(tmp_path / "hard.weights.h5")
+    _fails(main, capsys, [tmp_path / "hard.keras", tmp_path / "h.pt"], "uses activations ('tanh', 'hard_sigmoid')")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "hard.weights.h5"), str(tmp_path / "h.pt")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lstmkit convert: warning: "), err
+    assert "read as the standard Keras LSTM (sigmoid gates, tanh, go_backwards=False)" in err
+    assert "hard_sigmoid" in err and "convert its .keras file instead" in err
+
+
 def test_training_run_model_safetensors(main, capsys, tmp_path):
     from lstmkit.train import TrainConfig, train
 
@@ -247,8 +271,10 @@ def test_training_run_model_safetensors(main, capsys, tmp_path):
                       eval_batch_size=64)
     train(cfg, tmp_path / "run", progress=False)
     weights = load_file(str(tmp_path / "run" / "model.safetensors"))
-    with pytest.warns(UserWarning, match=r"head\.\*\) is dropped"):
-        assert main(["convert", str(tmp_path / "run" / "model.safetensors"), str(tmp_path / "rnn.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "run" / "model.safetensors"), str(tmp_path / "rnn.onnx")]) == 0
+    err = capsys.readouterr().err  # the warning, as one line
+    assert err.startswith("lstmkit convert: warning: ") and err.count("\n") == 1 and "head.*) is dropped" in err
     layer = read_layer(tmp_path / "rnn.onnx")
     assert layer.spec.name == "peephole" and layer.num_layers == 2 and layer.bidirectional
     for k, v in layer.state_dict().items():
@@ -318,7 +344,7 @@ def test_unwritable_destination_leaves_nothing(main, capsys, tmp_path):
     torch.save(torch.nn.LSTM(3, 4).state_dict(), tmp_path / "a.pt")
     _fails(main, capsys, [tmp_path / "a.pt", tmp_path / "nodir" / "x.onnx"], "DST: directory")
     (tmp_path / "adir.onnx").mkdir()
-    _fails(main, capsys, [tmp_path / "a.pt", tmp_path / "adir.onnx", "--overwrite"], "DST: cannot write")
+    _fails(main, capsys, [tmp_path / "a.pt", tmp_path / "adir.onnx", "--overwrite"], "adir.onnx' is a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "adir.onnx"]
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
@@ -331,13 +357,21 @@ def test_failure_while_writing_removes_the_temporary(tmp_path, monkeypatch):
     torch.save(torch.nn.LSTM(3, 4).state_dict(), tmp_path / "a.pt")
     (tmp_path / "out.safetensors").write_bytes(b"old")
 
-    def boom(*args, **kwargs):
-        Path(args[1]).write_bytes(b"partial")  # a writer that dies half way
-        raise RuntimeError("disk full")
+    real_open = open
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
+    def failing_open(path, mode="r", *args, **kwargs):  # the disk fills up half way through the write
+        fh = real_open(path, mode, *args, **kwargs)
+        if "w" in mode and Path(path).name.startswith(".out.safetensors."):
+            fh.write(b"partial")
+            fh.close()
+            raise OSError(28, "No space left on device")
+        return fh
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(OSError, match=r"DST: cannot write .*out.safetensors \(no space left on the device\); "
+                                      r"nothing was changed"):
         convert_file(tmp_path / "a.pt", tmp_path / "out.safetensors", overwrite=True)
+    monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "out.safetensors"]
     assert (tmp_path / "out.safetensors").read_bytes() == b"old"
 

@@ -51,6 +51,27 @@ def test_go_backwards_is_the_time_reversed_input():
     _close(out.detach(), _np(y))
 
 
+def test_go_backwards_first_layer_of_a_stack_is_the_reversed_input():
+    keras.utils.set_random_seed(2)
+    seq = keras.Sequential([keras.Input((None, 4)), keras.layers.LSTM(5, return_sequences=True, go_backwards=True),
+                            keras.layers.LSTM(5, return_sequences=True)])
+    with pytest.warns(UserWarning, match="feed its lstmkit twin the time-reversed input"):
+        m = from_keras(seq)
+    _close(m(torch.from_numpy(X).flip(1))[0].detach(), _np(seq(X)))
+    with pytest.raises(ValueError, match=r"has go_backwards=True \(it reads its input reversed\); an lstmkit layer "
+                                         r"does not record that"):
+        from_keras(seq, allow_go_backwards=False)
+
+
+def test_go_backwards_after_the_first_layer_is_refused():
+    """Keras reverses time between the layers: no input makes one lstmkit LSTM compute that."""
+    seq = keras.Sequential([keras.Input((None, 4)), keras.layers.LSTM(5, return_sequences=True),
+                            keras.layers.LSTM(5, return_sequences=True, go_backwards=True)])
+    with pytest.raises(ValueError, match=r"\(layer 1 of the stack\) has go_backwards=True: it reverses time between "
+                                         r"layers"):
+        from_keras(seq)
+
+
 def test_stacked_sequential_and_bidirectional():
     keras.utils.set_random_seed(1)
     seq = keras.Sequential([keras.Input((None, 4)), keras.layers.LSTM(6, return_sequences=True),

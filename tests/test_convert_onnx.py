@@ -365,7 +365,8 @@ def test_from_torch_onnx_export(kw):
         _close(f"torch_export/{name}", a.numpy(), b)
 
 
-def _hand_graph(attrs: dict, *, H=3, I=2, D=1, extra_nodes=(), x_name="X", initial_h=None, w_input=False):
+def _hand_graph(attrs: dict, *, H=3, I=2, D=1, extra_nodes=(), x_name="X", initial_h=None, initial_c=None,
+                w_input=False):
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((D, 4 * H, H)).astype(np.float32), "R"),
              numpy_helper.from_array(rng.standard_normal((D, 8 * H)).astype(np.float32), "B")]
@@ -375,6 +376,9 @@ def _hand_graph(attrs: dict, *, H=3, I=2, D=1, extra_nodes=(), x_name="X", initi
     if initial_h is not None:
         inits.append(numpy_helper.from_array(initial_h.astype(np.float32), "h0"))
         ins[5] = "h0"
+    if initial_c is not None:
+        inits.append(numpy_helper.from_array(initial_c.astype(np.float32), "c0"))
+        ins.append("c0")
     nodes = list(extra_nodes) + [helper.make_node("LSTM", ins, ["Y", "Y_h", "Y_c"], hidden_size=H, **attrs)]
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "B", I])]
     if w_input:
@@ -421,11 +425,15 @@ def test_hand_written_affine_identity_reads_as_niaf_noaf():
     ({"direction": "reverse"}, {}, "direction='reverse' runs only backwards"),
     ({}, {"w_input": True}, r"input W \('W'\) is computed at run time"),
     ({}, {"initial_h": np.ones((1, 1, 3))}, "initial_h is a non-zero constant"),
+    ({}, {"initial_c": np.zeros((1, 1, 5))},
+     r"initial_c is a constant of shape \[1, 1, 5\], expected \[num_directions=1, batch, hidden_size=3\]"),
+    ({}, {"initial_h": np.zeros((2, 1, 3))}, r"initial_h is a constant of shape \[2, 1, 3\]"),
     ({}, {"x_name": "X2", "extra_nodes": [helper.make_node("Relu", ["X"], ["X2"])]},
      r"comes from a Relu node .*cannot be read as one stacked layer"),
     ({}, {"x_name": "X2", "extra_nodes": [helper.make_node("Transpose", ["X"], ["X2"], perm=[0, 2, 1])]},
      r"transposed with perm=\[0, 2, 1\]"),
-], ids=["affine_alpha", "mixed_directions", "activations", "alpha", "reverse", "w_runtime", "learned_state", "not_a_chain", "odd_transpose"])
+], ids=["affine_alpha", "mixed_directions", "activations", "alpha", "reverse", "w_runtime", "learned_state", "state_size", "state_directions", "not_a_chain",
+          "odd_transpose"])
 def test_foreign_graphs_lstmkit_cannot_compute_are_refused(attrs, kw, match):
     with pytest.raises(ValueError, match=match):
         from_onnx(_hand_graph(attrs, **kw))
@@ -470,3 +478,62 @@ def test_to_onnx_writes_atomically_and_replaces(tmp_path):
     back = from_onnx(path)
     for k, v in layer.state_dict().items():
         assert torch.equal(back.state_dict()[k], v)
+
+
+# ----------------------------------------------------------------------------- external data
+
+
+def _external(tmp_path, layer, name="m.onnx", location="m.onnx.data"):
+    """``layer`` exported and saved as torch.onnx.export saves by default: weights in ``location``."""
+    path = tmp_path / name
+    onnx.save_model(to_onnx(layer), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return path
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "layernorm+cifg"], ids=["operator", "scan"])
+def test_external_data_next_to_the_model_is_read(tmp_path, cell):
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, num_layers=2, cell=cell).eval()
+    path = _external(tmp_path, layer)
+    proto = onnx.load_model(str(path), load_external_data=False)
+    assert any(t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer)
+    back = from_onnx(path)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with pytest.raises(ValueError, match=r"stored in the external data file 'm.onnx.data'; pass the model's path"):
+        from_onnx(proto)  # a ModelProto has no directory to read it from
+
+
+def _relocate(path, location):
+    proto = onnx.load_model(str(path), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    path.write_bytes(proto.SerializeToString())
+
+
+def test_external_data_outside_the_model_directory_is_refused(tmp_path):
+    layer = lstmkit.LSTM(3, 4).eval()
+    inner = tmp_path / "model"
+    inner.mkdir()
+    path = _external(inner, layer)
+    data = (inner / "m.onnx.data").read_bytes()
+    (tmp_path / "secret.data").write_bytes(data)  # the same bytes, outside the model's directory
+    for location in ("../secret.data", str(tmp_path / "secret.data")):
+        _relocate(path, location)
+        with pytest.raises(ValueError, match=r"outside the model's directory \(an absolute path or '..'\); refused"):
+            from_onnx(path)
+    _relocate(path, "m.onnx.data")
+    (inner / "m.onnx.data").unlink()
+    (inner / "m.onnx.data").symlink_to(tmp_path / "secret.data")  # a link that leads out
+    with pytest.raises(ValueError, match=r"leads outside the model's directory \(a link to .*secret.data\); refused"):
+        from_onnx(path)
+    (inner / "m.onnx.data").unlink()
+    (inner / "m.onnx.data").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"do not fit in the file's"):
+        from_onnx(path)
+    (inner / "m.onnx.data").unlink()
+    with pytest.raises(ValueError, match=r"which does not exist next to the model"):
+        from_onnx(path)

@@ -31,6 +31,27 @@ def test_build_directory_is_keyed_by_capability_abi_and_sources(monkeypatch, tmp
         cpu_ext.build("SSE9")
 
 
+def test_a_first_build_announces_itself_once(monkeypatch, tmp_path, capsys):
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_load(name, build_directory, **kw):
+        calls.append(name)
+        (tmp_path / name / f"{name}.so").write_bytes(b"")
+        return object()
+    monkeypatch.setattr(cpp, "load", fake_load)
+    cpu_ext.build("AVX2")
+    err = capsys.readouterr().err
+    assert "compiling the fused CPU kernel for AVX2" in err and "usually 30-60 s" in err
+    cpu_ext.build("AVX2")  # built: nothing to say
+    assert capsys.readouterr().err == "" and len(calls) == 2
+    monkeypatch.setenv("RANK", "1")
+    cpu_ext.build("AVX512")  # torchrun's other ranks stay quiet
+    assert capsys.readouterr().err == ""
+
+
 def test_avx2_build_runs_every_variant_like_the_reference():
     """ATEN_CPU_CAPABILITY=avx2 makes torch (and so lstmkit) use AVX2 on any x86 CPU: the
     kernel is built with -march=x86-64-v3 and its 6 x 16 register tile, and must agree with

@@ -188,3 +188,80 @@ def test_forced_backend_that_cannot_run():
             m(torch.randn(2, 1, I))
     finally:
         del kernels.REGISTRY["picky"]
+
+
+def test_scalar_input_gets_the_rank_message():
+    """As LSTMCell: a 0-D tensor is a wrong rank, not an IndexError."""
+    with pytest.raises(ValueError, match=r"input: expected a 2-D \(L, 3\) unbatched or 3-D batched tensor, got 0-D"):
+        lstmkit.LSTM(3, 4)(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"input: expected a 1-D \(3,\) or 2-D"):
+        lstmkit.LSTMCell(3, 4)(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("kwargs,exc,expected", [
+    (dict(dtype=torch.int32), TypeError, r"dtype: expected a floating-point torch.dtype .* got torch.int32"),
+    (dict(dtype="float32"), TypeError, r"dtype: expected a floating-point torch.dtype .* got 'float32'"),
+    (dict(device="nowhere"), ValueError, r"device: 'nowhere' is not a device"),
+    (dict(cell="deep=2147483648"), ValueError,
+     r"gate_hidden\['i'\]: expected positive integer widths of at most 1,048,576 \(a sane bound\), got \(2147483648,\)"),
+    (dict(hidden_size=100_000, num_layers=100), ValueError,
+     r"input_size, hidden_size, num_layers, cell: the parameters would take [\d,.]+ GiB .* more than this machine's"),
+])
+def test_constructor_arguments_are_named(kwargs, exc, expected):
+    args = dict(input_size=I, hidden_size=H)
+    args.update(kwargs)
+    with pytest.raises(exc, match=expected):
+        lstmkit.LSTM(**args)
+    if "dtype" in kwargs:
+        with pytest.raises(exc, match=expected):
+            lstmkit.LSTMCell(I, H, dtype=kwargs["dtype"])
+
+
+def test_cuda_without_cuda_names_the_argument():
+    if torch.cuda.is_available():  # the message is for machines without CUDA; here the layer is made
+        assert lstmkit.LSTM(I, H, device="cuda").weight_ih_l0.is_cuda
+        return
+    with pytest.raises(ValueError, match=r"device: 'cuda' asks for CUDA, but this torch sees no CUDA device"):
+        lstmkit.LSTM(I, H, device="cuda")
+
+
+def test_gate_hidden_widths_must_be_ints():
+    for bad in (16.5, "16", (4, 2.0), True):
+        with pytest.raises(ValueError, match=r"gate_hidden\['f'\]: expected positive integer widths"):
+            lstmkit.CellSpec(gate_hidden={"f": bad})
+    assert lstmkit.CellSpec(gate_hidden={"f": 16}).gate_hidden == (("f", (16,)),)
+
+
+def test_lstmcell_checks_nan_and_inf_like_lstm():
+    c = lstmkit.LSTMCell(I, H)
+    x = torch.randn(2, I)
+    x[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="input: contains NaN or inf"):
+        c(x)
+    h = torch.zeros(2, H)
+    h[0, 1] = float("inf")
+    with pytest.raises(ValueError, match="hx: h contains NaN or inf"):
+        c(torch.randn(2, I), (h, torch.zeros(2, H)))
+    assert torch.isnan(lstmkit.LSTMCell(I, H, check_finite=False)(x)[0]).any()  # opted out
+
+
+def test_inconsistent_packed_sequence_is_named(lstm):
+    packed = pack_padded_sequence(torch.randn(3, 2, I), torch.tensor([3, 1]))  # 4 rows, batch_sizes [2, 1, 1]
+    cases = [
+        (PackedSequence(torch.randn(5, I), packed.batch_sizes, None, None),
+         r"PackedSequence.data has 5 rows but its batch_sizes add up to 4"),
+        (PackedSequence(packed.data, torch.tensor([1, 2, 1]), None, None),
+         r"batch_sizes must be positive and non-increasing, got \[1, 2, 1\]"),
+        (PackedSequence(packed.data, torch.tensor([2.0, 1.0, 1.0]), None, None),
+         r"batch_sizes must be a non-empty 1-D int64 CPU tensor"),
+        (PackedSequence(packed.data, packed.batch_sizes, torch.tensor([0, 0]), torch.tensor([0, 1])),
+         r"sorted_indices must be a permutation of 0..1"),
+        (PackedSequence(packed.data, packed.batch_sizes, torch.tensor([1, 0]), torch.tensor([0, 1])),
+         r"unsorted_indices must be the inverse of sorted_indices"),
+        (PackedSequence(packed.data[:, 0], packed.batch_sizes, None, None), r"PackedSequence.data must be a 2-D"),
+    ]
+    for bad, expected in cases:
+        with pytest.raises(ValueError, match=expected):
+            lstm(bad)
+        with pytest.raises(ValueError, match=expected.replace("input", "x")):
+            lstmkit.trace(lstm, bad)

@@ -16,7 +16,8 @@ import matplotlib.image
 import pytest
 import torch
 
-from lstmkit import plots
+import lstmkit.runs as rundir
+from lstmkit import gradflow, plots
 from lstmkit.cli import main
 from lstmkit.tracing import gradient_flow
 from lstmkit.train import TrainConfig, train
@@ -68,7 +69,7 @@ def cli(argv: list[str], capsys=None) -> int:
 
 
 def test_gates(runs, tmp_path):
-    cfg, task, model = plots.load_run(runs["vanilla"])
+    cfg, task, model = rundir.load_run(runs["vanilla"])
     x, labels = plots.sample_input(task)
     assert labels is None and x.shape[1:] == (1, 2)
     fig = plots.plot_gates(model, x, path=tmp_path / "g.png")
@@ -83,7 +84,7 @@ def test_gates(runs, tmp_path):
 
 
 def test_gates_charlm_characters_along_the_axis(runs, tmp_path):
-    _, task, model = plots.load_run(runs["charlm"])
+    _, task, model = rundir.load_run(runs["charlm"])
     x, labels = plots.sample_input(task, text="def f(x):\n\treturn x")
     assert labels is not None and labels[:4] == ["d", "e", "f", "\u2423"] and labels[9] == "\u21b5"
     fig = plots.plot_gates(model, x, labels=labels, path=tmp_path / "c.png")
@@ -96,31 +97,31 @@ def test_gates_charlm_characters_along_the_axis(runs, tmp_path):
 
 
 def test_gates_absent_gate_and_rnn(runs):
-    _, task, model = plots.load_run(runs["nfg"])
+    _, task, model = rundir.load_run(runs["nfg"])
     fig = plots.plot_gates(model, plots.sample_input(task)[0])
     forget = [ax for ax in fig.axes if ax.get_title() == "forget gate f_t"][0]
     assert not forget.get_images() and [t.get_text() for t in forget.texts] == ["absent: f ≡ 1 (nfg)"]
-    _, task, rnn = plots.load_run(runs["rnn"])
+    _, task, rnn = rundir.load_run(runs["rnn"])
     fig = plots.plot_gates(rnn, plots.sample_input(task)[0])
     assert len(titles(fig)) == 1 and titles(fig)[0].startswith("hidden state h_t = tanh")
     assert_png(plots.figure_png(fig))
 
 
 def test_cells(runs, tmp_path):
-    _, task, model = plots.load_run(runs["vanilla"])
+    _, task, model = rundir.load_run(runs["vanilla"])
     fig = plots.plot_cells(model, plots.sample_input(task)[0], max_units=4, path=tmp_path / "cells.png")
     assert titles(fig) == ["cell state c_t (4 of 6 units)", "hidden state h_t (4 of 6 units)"]
     assert [ax.get_ylabel() for ax in fig.axes] == ["c_t", "h_t"] and fig.axes[-1].get_xlabel() == "time step t"
     assert len(fig.axes[0].get_lines()) == 4 + 1  # 4 units and the zero line
     assert fig.get_suptitle().startswith("Cell-state trajectories")
     assert_png(tmp_path / "cells.png")
-    _, task, rnn = plots.load_run(runs["rnn"])
+    _, task, rnn = rundir.load_run(runs["rnn"])
     fig = plots.plot_cells(rnn, plots.sample_input(task)[0])
     assert titles(fig) == ["hidden state h_t (6 of 6 units)"]
 
 
 def test_weights(runs, tmp_path):
-    _, _, model = plots.load_run(runs["nfg"])
+    _, _, model = rundir.load_run(runs["nfg"])
     fig = plots.plot_weights(model, path=tmp_path / "w.png")
     assert titles(fig) == ["input gate W_i: 6 × (2 + 6)", "forget gate: absent", "candidate gate W_g: 6 × (2 + 6)",
                            "output gate W_o: 6 × (2 + 6)"]
@@ -131,7 +132,7 @@ def test_weights(runs, tmp_path):
             assert [float(line.get_xdata()[0]) for line in ax.get_lines()] == [1.5]  # the [x | h] split
             assert [t.get_text() for t in ax.get_xticklabels()] == ["x_t", "h_(t-1)"]
     assert_png(tmp_path / "w.png")
-    _, _, rnn = plots.load_run(runs["rnn"])
+    _, _, rnn = rundir.load_run(runs["rnn"])
     assert titles(plots.plot_weights(rnn)) == ["W: 6 × (2 + 6) (the plain RNN's only layer)"]
     with pytest.raises(ValueError, match=r"layer: expected an int in \[0, 0\], got 2"):
         plots.plot_weights(model, layer=2)
@@ -147,13 +148,13 @@ def test_curves(runs, tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
         "add-vanilla (vanilla)", "add-nfg (nfg)", "add-rnn (rnn)"]
     steps = fig.axes[0].get_lines()[0].get_xdata()
-    assert list(steps) == [r["step"] for r in plots.read_metrics(runs["vanilla"])] == [2, 4]
+    assert list(steps) == [r["step"] for r in rundir.read_metrics(runs["vanilla"])] == [2, 4]
     assert_png(tmp_path / "curves.png")
 
 
 def test_compare(runs, tmp_path):
     dirs = [runs["vanilla"], runs["vanilla2"], runs["nfg"], runs["rnn"]]
-    metric, rows = plots.compare_values(dirs)
+    metric, rows = rundir.final_values(dirs)
     assert metric == "accuracy" and [r[0] for r in rows] == ["vanilla", "vanilla", "nfg", "rnn"]
     summary = json.loads((runs["nfg"] / "summary.json").read_text())
     assert rows[2][1] == summary["value"]
@@ -167,13 +168,13 @@ def test_compare(runs, tmp_path):
     fig = plots.plot_compare(dirs, metric="mse")
     assert fig.axes[0].get_ylabel() == "test mse"
     with pytest.raises(ValueError, match=r"metric: run .* has no test metric 'bpc'; it has \['accuracy', 'loss', 'mse'\]"):
-        plots.compare_values(dirs, metric="bpc")
+        rundir.final_values(dirs, metric="bpc")
 
 
 def test_gradient_flow_picture(runs):
-    _, task, model = plots.load_run(runs["vanilla"])
+    _, task, model = rundir.load_run(runs["vanilla"])
     batch = next(iter(task.eval_batches("test", 4)))
-    flow = plots.task_gradient_flow(model, task, batch)
+    flow = gradflow.task_gradient_flow(model, task, batch)
     assert next(model.parameters()).dtype == torch.float32  # measured on a float64 copy
     fig = plots.plot_gradient_flow(flow)
     assert titles(fig) == ["gradient norm per step", "mean forget gate f_t (∂c_t/∂c_(t-1) in the vanilla cell)"]
@@ -185,7 +186,7 @@ def test_gradient_flow_picture(runs):
 
 
 def test_gradflow_experiment_measures_the_models(tmp_path):
-    result = plots.gradflow_experiment(("rnn", "vanilla", "nfg"), length=20, hidden=H, batch_size=4, steps=2,
+    result = gradflow.gradflow_experiment(("rnn", "vanilla", "nfg"), length=20, hidden=H, batch_size=4, steps=2,
                                        probe_size=8, seed=0)
     names = [m["name"] for m in result["models"]]
     assert names == ["rnn", "vanilla", "nfg"]
@@ -207,7 +208,7 @@ def test_gradflow_experiment_measures_the_models(tmp_path):
     flow = gradient_flow(model, batch.x.double(), lambda out: task.loss(out, batch))
     torch.testing.assert_close(torch.tensor(result["models"][1]["init"]["norms"], dtype=torch.float64),
                                flow[0][0].dc_norm, rtol=1e-12, atol=0)
-    table = plots.gradflow_table(result)
+    table = gradflow.gradflow_table(result)
     assert table.splitlines()[0].split() == ["model", "stage", "norm", "of", "t=1", "t=10", "t=20", "t=1", "/",
                                              "t=T", "mean", "f", "loss"]
     assert len(table.splitlines()) == 2 + 6
@@ -241,7 +242,7 @@ def test_gradflow_command_writes_png_and_json(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lstmkit plot: error: runs: ") and "is a run of task 'charlm', expected 'adding'" in err
     with pytest.raises(ValueError, match=r"runs: .* is a run of task 'charlm', expected 'adding'"):
-        plots.gradflow_experiment(runs=[runs["charlm"]])
+        gradflow.gradflow_experiment(runs=[runs["charlm"]])
     assert cli(["gradflow", "--cells", "rnn,bogus", "-o", str(tmp_path / "y.png")]) == 2
     assert "unknown variant 'bogus'" in capsys.readouterr().err
 
@@ -311,14 +312,18 @@ def test_main_dispatches_plot(runs, tmp_path, capsys):
     assert "lstmkit plot: error: run: no run directory" in capsys.readouterr().err
 
 
-def test_write_file_is_atomic_and_refuses_existing(tmp_path):
+def test_save_png_is_atomic_and_refuses_existing(tmp_path):
     target = tmp_path / "a.png"
     target.write_bytes(b"mine")
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    fig.subplots().plot([0, 1], [1, 0])
     with pytest.raises(FileExistsError, match="a.png exists; nothing was overwritten"):
-        plots.write_file(target, b"theirs")
+        plots.save_png(fig, target)
     assert target.read_bytes() == b"mine"
-    plots.write_file(target, b"theirs", overwrite=True)
-    assert target.read_bytes() == b"theirs"
+    plots.save_png(fig, target, overwrite=True)
+    assert_png(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
 
@@ -334,6 +339,6 @@ def test_runs_that_evaluate_another_split(tmp_path):
     fig = plots.plot_curves([run])
     assert titles(fig) == ["training loss", "valid accuracy"]
     assert fig.axes[1].get_ylabel() == "accuracy"
-    assert fig.axes[1].get_lines()[0].get_ydata()[-1] == plots.read_metrics(run)[-1]["valid_accuracy"]
+    assert fig.axes[1].get_lines()[0].get_ydata()[-1] == rundir.read_metrics(run)[-1]["valid_accuracy"]
     fig = plots.plot_compare([run], metric="mse")
     assert fig.axes[0].get_title() == "valid mse by cell variant (1 run)"

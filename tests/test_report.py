@@ -137,7 +137,7 @@ def test_report_of_an_unfinished_run_and_charlm_text(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["{tmp}/missing"], "run_dir: no run directory at '{tmp}/missing'"),
-    (["{tmp}"], "checkpoint: no file at {tmp}/checkpoint.safetensors"),
+    (["{tmp}"], "checkpoint: no checkpoint.safetensors in {tmp} (not a training run"),
     (["{run}", "-o", "{tmp}/r.txt"], "output: expected a file name ending in .html, got '{tmp}/r.txt'"),
     (["{run}", "-o", "{tmp}/r.html", "--text", "abc"], "text: only the charlm task reads text; this run's task is 'adding'"),
 ])

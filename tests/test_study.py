@@ -40,6 +40,7 @@ def _values(summary: dict) -> dict:
     (dict(variants=["nfg+cifg"]), "cannot also be removed"),
     (dict(seeds=0), "seeds: expected an int >= 1, got 0"),
     (dict(lr_trials=1.5), "lr_trials: expected an int >= 1"),
+    (dict(seeds=10**9), "seeds: expected an int <= 1000 (a sane bound)"),
     (dict(lr_range=(1e-2, 1e-3)), "lr_range: expected 0 < low <= high"),
     (dict(train={"lr": 0.1}), "unknown settings ['lr']"),
     (dict(baseline="peephole"), "baseline: expected one of the studied variants"),

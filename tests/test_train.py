@@ -1,14 +1,12 @@
-"""Training from the command line: reproducible, resumable after a kill, clear errors,
+"""Training from the command line: reproducible, resumable (kills: test_kill.py), clear errors,
 checkpoints that never execute code, and the same result on 2 processes as on 1."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -55,34 +53,6 @@ def test_run_files_and_summary(tmp_path):
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["parameters"] == s["parameters"]
     cfg, tensors, state = load_checkpoint(tmp_path / "r")
     assert cfg.cell == "peephole" and state["step"] == 20 and any(k.startswith("optim.") for k in tensors)
-
-
-def test_resume_after_kill_matches_uninterrupted(tmp_path):
-    steps = ["--steps", "60", "--dropout", "0.0", "--layers", "2"]
-    full = tmp_path / "full"
-    assert main(ADDING + steps + ["--out", str(full)]) == 0
-    killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lstmkit", *ADDING, *steps, "--out", str(killed)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    _, _, state = load_checkpoint(killed)
-    assert 0 < state["step"] < 60, "the run should have been killed mid-way"
-    assert not (killed / "summary.json").exists()
-    assert main(ADDING + steps + ["--out", str(killed), "--resume"]) == 0
-    a, b = _weights(full), _weights(killed)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ja = json.loads((full / "summary.json").read_text())
-    jb = json.loads((killed / "summary.json").read_text())
-    assert ja["value"] == jb["value"] and ja["steps"] == jb["steps"] == 60
 
 
 def test_stream_task_resume_carries_state(tmp_path):
@@ -132,7 +102,7 @@ def test_errors_exit_2_and_overwrite_nothing(tmp_path, capsys):
     if os.geteuid() != 0:  # root can write anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        fails([*ADDING, "--out", str(locked / "run")], "cannot write there")
+        fails([*ADDING, "--out", str(locked / "run")], "cannot write in")
 
 
 def test_pickle_checkpoint_is_refused_without_executing(tmp_path, capsys):
@@ -167,8 +137,10 @@ def test_two_processes_match_one_with_same_global_batch(tmp_path):
     subprocess.run([sys.executable, *args, "--out", str(one)], check=True)
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                    "--master_port=29517", *args, "--out", str(two)], check=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29517", *args, "--out", str(two)], check=True, env=env,
+                          capture_output=True, text=True)
+    assert done.stdout.count("run directory:") == 1, done.stdout  # only rank 0 prints
     a, b = _weights(one), _weights(two)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

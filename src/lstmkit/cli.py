@@ -1,7 +1,8 @@
 """The ``lstmkit`` command line: thin wrappers over the library's functions.
 
     lstmkit demo                          the embedded Reber experiment (make demo)
-    lstmkit train TASK [options]          train on a built-in task (see --help)
+    lstmkit tasks [TASK]                  the built-in tasks and their options
+    lstmkit train TASK [options]          train on a built-in task (see train --help)
     lstmkit eval RUN_DIR|CHECKPOINT       evaluate a checkpoint on the task's test set
     lstmkit sample RUN_DIR|CHECKPOINT     generate text (charlm) or show predictions
     lstmkit convert SRC DST               convert weights between formats
@@ -10,24 +11,31 @@
     lstmkit study --task T ...            the variant study (Greff et al. style)
     lstmkit build                         compile the fused CPU kernel ahead of time
 
-Errors (unknown task or variant, impossible sizes, unwritable output, a corrupt or
-incompatible checkpoint) print one line and exit with code 2; nothing is overwritten.
+Errors (unknown task, option or variant, impossible sizes, an unwritable output or a full
+disk, a corrupt or incompatible checkpoint) print one line and exit with code 2; no
+existing file is changed. Under torchrun only rank 0 prints results.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import inspect
 import json
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lstmkit._argparse import Parser, add_config_options, config_values, key_value
 
 __all__ = ["main", "COMMANDS"]
 
 #: Subcommands that live in their own modules: name -> (module, one-line help). Each module
 #: defines ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code); it raises
-#: ValueError/TypeError/FileExistsError for bad input, which ``main`` prints as one line.
+#: ValueError/TypeError/OSError for bad input, which ``main`` prints as one line.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("lstmkit.convert.files", "convert weights between formats (.pt .safetensors .keras .weights.h5 .onnx)"),
     "plot": ("lstmkit.plots", "draw gate heatmaps, cell trajectories, weights, curves, gradient flow (PNG)"),
@@ -37,70 +45,75 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+def _tasks_epilog() -> str:
+    from lstmkit.tasks.base import task_names, task_options
+
+    lines = ["tasks and their options (-o KEY=VALUE; lstmkit tasks TASK describes one):"]
+    for name in task_names():
+        opts = ", ".join(f"{k}={v!r}" for k, v in task_options(name).items() if k != "seed")
+        lines.append(f"  {name:<16} {opts or '-'}")
+    return "\n".join(lines)
+
+
+def _task_option_hint(extras: list[str], ns: argparse.Namespace) -> str:
+    """``--length 3`` given to train: the task's options are ``-o KEY=VALUE``."""
+    from lstmkit._suggest import did_you_mean
+    from lstmkit.tasks.base import task_options
+
+    flag = next((w for w in extras if w.startswith("--")), None)
     try:
-        return key.replace("-", "_"), json.loads(value)
-    except json.JSONDecodeError:
-        return key.replace("-", "_"), value
+        names = list(task_options(ns.task))
+    except ValueError:
+        return ""
+    if flag is None:
+        return ""
+    key = flag[2:].split("=")[0].replace("-", "_")
+    close = key if key in names else did_you_mean(key, names).partition("'")[2].partition("'")[0]
+    return f" (task options are given as -o KEY=VALUE: did you mean -o {close}=...?)" if close else ""
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lstmkit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="lstmkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="train LSTMs and RNNs on the embedded Reber grammar")
-    demo.add_argument("--seeds", type=int, default=5, help="trials per model (default 5)")
-    demo.add_argument("--hidden", type=int, default=16, help="cells per layer (default 16)")
-    demo.add_argument("--max-sequences", type=int, default=40_000,
-                      help="training strings per trial at most (default 40,000)")
+    from lstmkit.demo import main as demo_main
 
-    tr = sub.add_parser("train", help="train a model on a built-in task")
-    tr.add_argument("task", help="task name (e.g. reber, adding, copy, charlm)")
-    tr.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                    help="task option, e.g. -o length=200 (repeatable)")
-    tr.add_argument("--out", type=Path, help="run directory (default runs/TASK-CELL-sSEED)")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    m = tr.add_argument_group("model")
-    m.add_argument("--model", choices=["lstm", "rnn"], default="lstm")
-    m.add_argument("--cell", default="vanilla", help="variant: a preset name or names joined with '+'")
-    m.add_argument("--hidden", type=int, default=64, dest="hidden_size")
-    m.add_argument("--layers", type=int, default=1, dest="num_layers")
-    m.add_argument("--bidirectional", action="store_true")
-    m.add_argument("--dropout", type=float, default=0.0)
-    m.add_argument("--proj-size", type=int, default=0)
-    m.add_argument("--backend", default=None, help="force a kernel (reference, cpu_fused)")
-    o = tr.add_argument_group("optimisation")
-    o.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
-    o.add_argument("--schedule", choices=["constant", "cosine", "step"], default="constant")
-    o.add_argument("--warmup", type=int, default=0)
-    o.add_argument("--batch-size", type=int, default=32)
-    o.add_argument("--steps", type=int, default=1000)
-    o.add_argument("--eval-every", type=int, default=100)
-    o.add_argument("--patience", type=int, default=None, help="stop after N evaluations without improvement")
-    o.add_argument("--no-stop-at-target", dest="stop_at_target", action="store_false",
-                   help="keep training after the task's success criterion is met")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--threads", type=int, default=None)
+    d = {k: v.default for k, v in inspect.signature(demo_main).parameters.items()}
+    demo = sub.add_parser("demo", help="train LSTMs and RNNs on the embedded Reber grammar",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--seeds", type=int, default=d["seeds"], help="trials per model")
+    demo.add_argument("--hidden", type=int, default=d["hidden"], help="cells per layer")
+    demo.add_argument("--max-sequences", type=int, default=d["max_sequences"],
+                      help="training strings per trial at most")
+
+    ta = sub.add_parser("tasks", help="list the built-in tasks and their options",
+                        description="list the built-in tasks and their options")
+    ta.add_argument("task", nargs="?", default=None, help="describe this task (its options and criterion)")
+
+    tr = sub.add_parser("train", help="train a model on a built-in task", description="train a model on a built-in "
+                        "task; the run directory can be resumed after a kill (--resume)",
+                        epilog=_tasks_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("task", help="task name (see below)")
+    tr.add_argument("-o", "--option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                    help="task option, e.g. -o length=200 (repeatable; see below)")
+    tr.add_argument("--out", type=Path, help="run directory (default: runs/TASK-CELL-sSEED)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its checkpoint (or start it, if it has none yet)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_options(tr.add_argument_group("model and training (TrainConfig; default: the field's default)"))
+    tr.hint = _task_option_hint  # type: ignore[attr-defined]
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its task")
-    ev.add_argument("checkpoint", type=Path)
-    ev.add_argument("--split", default="test")
+    ev.add_argument("checkpoint", type=Path, metavar="RUN_DIR|CHECKPOINT")
+    ev.add_argument("--split", default="test", choices=("train", "valid", "test"), help="split (default: test)")
 
-    sa = sub.add_parser("sample", help="generate text (charlm) or show predictions")
-    sa.add_argument("checkpoint", type=Path)
+    sa = sub.add_parser("sample", help="generate text (charlm) or show predictions",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sa.add_argument("checkpoint", type=Path, metavar="RUN_DIR|CHECKPOINT")
     sa.add_argument("-n", type=int, default=400, help="characters to generate (charlm)")
     sa.add_argument("--prime", default="def ", help="text to start from (charlm)")
-    sa.add_argument("--temperature", type=float, default=0.8)
-    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (> 0)")
+    sa.add_argument("--seed", type=int, default=0, help="seed of the sampling")
 
     for name, (module, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -109,19 +122,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lstmkit.train import TrainConfig, train
+    from lstmkit.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(
-        task=args.task, task_options=dict(args.option), model=args.model, cell=args.cell,
-        hidden_size=args.hidden_size, num_layers=args.num_layers, bidirectional=args.bidirectional,
-        dropout=args.dropout, proj_size=args.proj_size, optimizer=args.optimizer, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, clip=args.clip or None,
-        schedule=args.schedule, warmup=args.warmup, batch_size=args.batch_size, steps=args.steps,
-        eval_every=args.eval_every, patience=args.patience, stop_at_target=args.stop_at_target,
-        seed=args.seed, backend=args.backend, threads=args.threads)
-    out = args.out or Path("runs") / f"{args.task}-{args.cell if args.model == 'lstm' else 'rnn'}-s{args.seed}"
-    summary = train(cfg, out, resume=args.resume, progress=not args.quiet)
-    _print_summary(summary, out)
+    cfg = TrainConfig.for_task(args.task, dict(args.option), **config_values(args))
+    out = args.out or Path("runs") / f"{cfg.task}-{cfg.cell if cfg.model == 'lstm' else 'rnn'}-s{cfg.seed}"
+    trainer = Trainer(cfg, out, resume=args.resume, progress=not args.quiet)
+    summary = trainer.run()
+    if trainer.rank == 0:
+        _print_summary(summary, out)
     return 0
 
 
@@ -140,25 +148,29 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
     print(f"run directory: {out}")
 
 
-def _load_model(path: Path):  # type: ignore[no-untyped-def]
-    from lstmkit.tasks.base import get_task
-    from lstmkit.train import SequenceModel, load_checkpoint
+def _tasks(args: argparse.Namespace) -> int:
+    from lstmkit.tasks.base import task_description, task_names, task_options
 
-    cfg, tensors, _ = load_checkpoint(path)
-    task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
-    model = SequenceModel(cfg, task.input_size, task.output_size)
-    try:
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    except RuntimeError as exc:
-        from lstmkit.train import CheckpointError
-        raise CheckpointError(f"checkpoint: {path} does not match its own config ({exc})") from None
-    return cfg, task, model.eval()
+    if args.task is not None:
+        opts = task_options(args.task)  # raises for an unknown name, with a suggestion
+        print(f"{args.task}: {task_description(args.task)}\n")
+        print("options (-o KEY=VALUE):")
+        for k, v in opts.items():
+            print(f"  {k} = {v!r}")
+        return 0
+    for name in task_names():
+        first = task_description(name).splitlines()[0] if task_description(name) else ""
+        opts = ", ".join(f"{k}={v!r}" for k, v in task_options(name).items() if k != "seed")
+        print(f"{name:<16} {first}")
+        print(f"{'':<16} options: {opts or '-'}")
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from lstmkit.runs import load_run
     from lstmkit.train import evaluate
 
-    cfg, task, model = _load_model(args.checkpoint)
+    cfg, task, model = load_run(args.checkpoint)
     metrics = evaluate(model, task, args.split, cfg.eval_batch_size)
     print(json.dumps({"task": cfg.task, "split": args.split, **metrics}))
     target = task.target
@@ -172,9 +184,14 @@ def _eval(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
+    from lstmkit.runs import load_run
     from lstmkit.tasks.corpora import CharLM
 
-    cfg, task, model = _load_model(args.checkpoint)
+    if args.n < 1 or args.n > 10**7:
+        raise ValueError(f"-n: expected an int in [1, 10000000], got {args.n}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature: expected a number > 0, got {args.temperature}")
+    cfg, task, model = load_run(args.checkpoint)
     if isinstance(task, CharLM):
         gen = torch.Generator().manual_seed(args.seed)
         text = task.sample(lambda x, state: model(x, state), args.prime, args.n, args.temperature, gen)
@@ -187,33 +204,64 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    for name, hi in (("seeds", 1000), ("hidden", 4096), ("max_sequences", 10**9)):
+        value = getattr(args, name)
+        if not 1 <= value <= hi:
+            raise ValueError(f"--{name.replace('_', '-')}: expected an int in [1, {hi}], got {value}")
+    from lstmkit.demo import main as demo_main
+
+    demo_main(seeds=args.seeds, hidden=args.hidden, max_sequences=args.max_sequences)
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not str(exc).strip().startswith(("[Errno", "(")) and str(exc).strip():
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        text = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
+    else:
+        text = str(exc) or type(exc).__name__
+    line = " ".join(text.split())
+    return line if len(line) <= 400 else line[:397] + "..."
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Warnings as one line each (``lstmkit CMD: warning: …``), not Python's two; libraries'
+    deprecation notices (meant for their callers' developers) are not shown."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
+        def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+            print(f"lstmkit {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+        warnings.showwarning = show
+        yield
+
+
+_RUN = {"demo": _demo, "tasks": _tasks, "train": _train, "eval": _eval, "sample": _sample}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lstmkit``; returns the process exit code."""
+    from lstmkit.train import process_rank
+
     parser = _parser()
     args = parser.parse_args(argv)
-    from lstmkit.train import CheckpointError
-
-    try:
-        if args.command == "demo":
-            for name in ("seeds", "hidden", "max_sequences"):
-                if getattr(args, name) < 1:
-                    parser.error(f"--{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
-            from lstmkit.demo import main as demo_main
-            demo_main(seeds=args.seeds, hidden=args.hidden, max_sequences=args.max_sequences)
-            return 0
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "sample":
-            return _sample(args)
-        return int(importlib.import_module(COMMANDS[args.command][0]).run(args))
-    except (ValueError, TypeError, FileExistsError, CheckpointError) as exc:
-        print(f"lstmkit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:
-        print(f"lstmkit {args.command}: {exc}", file=sys.stderr)
-        return 1
+    rank = process_rank()
+    with _one_line_warnings(args.command):
+        try:
+            if args.command in _RUN:
+                return _RUN[args.command](args)
+            return int(importlib.import_module(COMMANDS[args.command][0]).run(args))
+        except (ValueError, TypeError, OSError, ImportError) as exc:
+            where = f" (rank {rank})" if rank else ""
+            print(f"lstmkit {args.command}{where}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        except FloatingPointError as exc:
+            print(f"lstmkit {args.command}: {exc}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

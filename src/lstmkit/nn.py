@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 from typing import Any
 
@@ -23,7 +24,7 @@ from lstmkit.layout import gate_slices, layer_param_shapes, suffix
 from lstmkit.loop import StackOut, run_stack
 from lstmkit.spec import CellSpec, resolve
 
-__all__ = ["LSTM", "RNN", "LSTMCell"]
+__all__ = ["LSTM", "RNN", "LSTMCell", "check_packed_sequence"]
 
 State = tuple[Tensor, Tensor]
 
@@ -75,6 +76,88 @@ def _vmapped(t: Tensor) -> bool:
             return True
         t = functorch.get_unwrapped(t)
     return False
+
+
+def _check_device(device: Any) -> Any:
+    """The ``device`` argument, refused with its name if it cannot hold the parameters."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device: {device!r} is not a device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(device)!r} asks for CUDA, but this torch sees no CUDA device "
+                         f"(torch.cuda.is_available() is False); use device='cpu'")
+    return device
+
+
+def _check_dtype(dtype: Any) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating-point torch.dtype such as torch.float32 or torch.float64, "
+                        f"got {dtype!r}")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(spec: CellSpec, input_size: int, hidden_size: int, num_layers: int, bidirectional: bool,
+                  proj_size: int, bias: bool, device: Any, dtype: Any) -> None:
+    """Refuse, naming the sizes, parameters that would not fit in this machine's memory
+    (before allocating them: a typo such as ``deep=2147483648`` must not reach the allocator)."""
+    dev = torch.device(device) if device is not None else torch.empty(0).device
+    if dev.type != "cpu":
+        return
+    memory = _physical_memory()
+    if memory is None:
+        return
+    out = proj_size or hidden_size
+    dirs = 2 if bidirectional else 1
+    per = [sum(math.prod(s) for s in layer_param_shapes(spec, n_in, hidden_size, proj_size, bias).values())
+           for n_in in (input_size, out * dirs)]
+    values = dirs * (per[0] + (num_layers - 1) * per[1])
+    size = values * (torch.finfo(dtype).bits // 8 if dtype is not None else torch.get_default_dtype().itemsize)
+    if size > memory:
+        raise ValueError(
+            f"input_size, hidden_size, num_layers, cell: the parameters would take {size / 2**30:,.1f} GiB "
+            f"({values:,} values), more than this machine's {memory / 2**30:,.1f} GiB of memory "
+            f"(input_size={input_size}, hidden_size={hidden_size}, num_layers={num_layers}, cell={spec.name!r})")
+
+
+def check_packed_sequence(packed: PackedSequence, what: str = "input") -> None:
+    """Raise ValueError naming what is inconsistent in a (hand-built) PackedSequence:
+    ``batch_sizes`` must be a positive, non-increasing 1-D int64 CPU tensor adding up to
+    the rows of ``data``; the index tensors permutations of the batch, inverse to each other."""
+    data, bs = packed.data, packed.batch_sizes
+    if not isinstance(data, Tensor) or data.dim() != 2:
+        raise ValueError(f"{what}: PackedSequence.data must be a 2-D (sum of lengths, input_size) tensor, got "
+                         f"{type(data).__name__ if not isinstance(data, Tensor) else f'shape {_shape(data)}'}")
+    if not isinstance(bs, Tensor) or bs.dim() != 1 or bs.numel() == 0 or bs.dtype != torch.int64 \
+            or bs.device.type != "cpu":
+        raise ValueError(f"{what}: PackedSequence.batch_sizes must be a non-empty 1-D int64 CPU tensor, got "
+                         f"{bs!r}"[:200])
+    if bool((bs < 1).any()) or bool((bs[1:] > bs[:-1]).any()):
+        raise ValueError(f"{what}: PackedSequence.batch_sizes must be positive and non-increasing, got "
+                         f"{bs.tolist()[:12]}")
+    if int(bs.sum()) != data.shape[0]:
+        raise ValueError(f"{what}: PackedSequence.data has {data.shape[0]} rows but its batch_sizes add up to "
+                         f"{int(bs.sum())}")
+    B = int(bs[0])
+    ident = torch.arange(B)
+    for name, idx in (("sorted_indices", packed.sorted_indices), ("unsorted_indices", packed.unsorted_indices)):
+        if idx is None:
+            continue
+        if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.numel() != B or idx.dtype != torch.int64 \
+                or not torch.equal(idx.cpu().sort().values, ident):
+            raise ValueError(f"{what}: PackedSequence.{name} must be a permutation of 0..{B - 1} (int64), got "
+                             f"{idx!r}"[:200])
+    s, u = packed.sorted_indices, packed.unsorted_indices
+    if (s is None) != (u is None) or (s is not None and not torch.equal(s.cpu()[u.cpu()], ident)):
+        raise ValueError(f"{what}: PackedSequence.unsorted_indices must be the inverse of sorted_indices")
 
 
 class _Recurrent(nn.Module):
@@ -129,6 +212,9 @@ class _Recurrent(nn.Module):
                 raise ValueError(
                     f"backend: unknown kernel {backend!r}; expected one of {list(kernels.REGISTRY)}"
                 )
+        device = _check_device(device)
+        _check_dtype(dtype)
+        _check_memory(spec, input_size, hidden_size, num_layers, bidirectional, proj_size, bias, device, dtype)
         factory = {"device": device, "dtype": dtype}
         num_dirs = 2 if bidirectional else 1
         self._param_names: list[list[dict[str, str]]] = []
@@ -267,6 +353,7 @@ class _Recurrent(nn.Module):
         packed = isinstance(input, PackedSequence)
         lengths = None
         if packed:
+            check_packed_sequence(input)
             x, lengths = pad_packed_sequence(input)  # (T, B, I) in the caller's batch order
             self._check_input_tensor(x, "input (PackedSequence data)")
             if bool((lengths == 0).any()):
@@ -319,7 +406,26 @@ class _Recurrent(nn.Module):
     def __prepare_scriptable__(self) -> nn.Module:
         raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.script"))
 
+    def forward_recorded(self, input: Tensor | PackedSequence, hx: Any = None
+                         ) -> tuple[Tensor | PackedSequence, Tensor, Tensor | None, list[list[dict[str, Tensor]]]]:
+        """Run once in record mode (what :func:`lstmkit.trace` uses): the kernel keeps each
+        step's activations.
+
+        Returns:
+            ``output, h_n, c_n`` as :meth:`forward` (``c_n`` None for the RNN), and the
+            records: ``records[layer][direction][key]`` is ``(T, B, ·)`` for the keys of
+            :data:`lstmkit.kernels.TRACE_KEYS` the variant has.
+        """
+        output, h_n, c_n, out = self._run(input, hx, record=True)
+        assert out.traces is not None
+        return output, h_n, c_n, out.traces
+
     def _check_input_tensor(self, x: Tensor, what: str) -> None:
+        if x.dim() not in (2, 3):
+            raise ValueError(
+                f"{what}: expected a 2-D (L, {self.input_size}) unbatched or 3-D batched tensor, "
+                f"got {x.dim()}-D of shape {_shape(x)}"
+            )
         if not x.dtype.is_floating_point:
             raise TypeError(f"{what}: expected a floating-point tensor, got dtype {x.dtype}")
         w = self.weight_ih_l0
@@ -462,11 +568,14 @@ class LSTMCell(nn.Module):
     Parameters are named as torch's (``weight_ih``, ``weight_hh``, ``bias_ih``,
     ``bias_hh``) plus the variant's extras without a layer suffix.
 
+    Args:
+        check_finite: raise on NaN/inf in the input or the state (one cheap pass), as LSTM.
+
     Shapes: input (N, I) or (I,); hx (h, c) each (N, H) or (H,); returns (h', c').
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device: Any = None,
-                 dtype: Any = None, *, cell: str | CellSpec = "vanilla") -> None:
+                 dtype: Any = None, *, cell: str | CellSpec = "vanilla", check_finite: bool = True) -> None:
         super().__init__()
         spec = resolve(cell)
         if not spec.is_lstm:
@@ -486,6 +595,7 @@ class LSTMCell(nn.Module):
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
+        self.check_finite = check_finite
 
     def forward(self, input: Tensor, hx: State | None = None) -> State:
         """One step: ``(h', c') = cell(x, (h, c))``."""
@@ -508,6 +618,9 @@ class LSTMCell(nn.Module):
             raise ValueError(
                 f"input: expected input size {self.input_size}, got {input.shape[-1]} (shape {_shape(input)})"
             )
+        if self.check_finite:
+            _check_finite(input, "input: contains NaN or inf; lstmkit checks this so that bad data fails here "
+                                 "and not as NaN weights later (pass check_finite=False to skip the check)")
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         shape = (x.shape[0], self.hidden_size)
@@ -526,6 +639,8 @@ class LSTMCell(nn.Module):
                     raise TypeError(
                         f"hx: {name} has dtype {t.dtype} on {t.device}, expected {x.dtype} on {x.device}"
                     )
+                if self.check_finite:
+                    _check_finite(t, f"hx: {name} contains NaN or inf")
             if not batched:
                 h, c = h.unsqueeze(0), c.unsqueeze(0)
         p = dict(self.named_parameters())

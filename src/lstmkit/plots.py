@@ -9,44 +9,40 @@ also writes it as a PNG::
     plot_curves(run_dirs)               training loss and test metric from metrics.jsonl
     plot_compare(run_dirs)              the test metric per cell variant (box + strip)
     plot_gradient_flow(flow)            ‖∂L/∂c_t‖, ‖∂L/∂h_t‖ and the forget gate of one model
-    plot_gradflow(gradflow_experiment())  RNN vs LSTM vs no-forget-gate LSTM on the adding problem
+    plot_gradflow(result)               RNN vs LSTM vs no-forget-gate LSTM on the adding problem
+                                        (the experiment: :mod:`lstmkit.gradflow`)
 
-Files are written atomically (a temporary file in the same directory, then renamed) and
-an existing file is never replaced unless ``overwrite=True`` (``--overwrite``).
-matplotlib is imported only when a picture is drawn (``pip install 'lstmkit[plot]'``).
+Runs are read through :mod:`lstmkit.runs`. Files are written through
+:mod:`lstmkit._atomic` (in memory, then a temporary file renamed into place) and an
+existing file is never replaced unless ``overwrite=True`` (``--overwrite``). matplotlib is
+imported only when a picture is drawn (``pip install 'lstmkit[plot]'``).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import math
 import os
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from lstmkit import _atomic
+from lstmkit import _atomic, runs
 from lstmkit.layout import GATE_NAMES, GATES
-from lstmkit.tracing import GradientFlow, gradient_flow, recurrent_layer, trace
+from lstmkit.tracing import GradientFlow, recurrent_layer, trace
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from lstmkit.tasks.base import Task
-    from lstmkit.train import SequenceModel, TrainConfig
 
 __all__ = ["KINDS", "plot_gates", "plot_cells", "plot_weights", "plot_curves", "plot_compare",
-           "plot_gradient_flow", "plot_gradflow", "gradflow_experiment", "gradflow_table", "task_gradient_flow",
-           "load_run", "sample_input", "read_metrics", "compare_values", "figure_png", "save_png",
-           "write_file", "check_output", "add_arguments", "run"]
+           "plot_gradient_flow", "plot_gradflow", "sample_input", "figure_png", "save_png", "add_arguments", "run"]
 
 #: The kinds of ``lstmkit plot KIND``.
 KINDS: tuple[str, ...] = ("gates", "cells", "weights", "curves", "compare", "gradflow")
@@ -73,35 +69,31 @@ def figure_png(fig: Figure, dpi: int = _DPI) -> bytes:
     return buf.getvalue()
 
 
-def check_output(path: str | os.PathLike[str], overwrite: bool = False, suffix: str | None = None) -> Path:
-    """Check, before any work, that ``path`` can be written.
+def _exists(p: Path) -> str:
+    return f"output: {p} exists; nothing was overwritten (use --overwrite to replace it)"
+
+
+def _check_output(path: str | os.PathLike[str], overwrite: bool, suffix: str) -> Path:
+    p = Path(path)
+    return _atomic.check_writable(p, overwrite=overwrite, what="output", suffix=suffix, exists_error=_exists(p))
+
+
+def save_png(fig: Figure, path: str | os.PathLike[str], overwrite: bool = False, dpi: int = _DPI) -> Path:
+    """Write ``fig`` as a PNG at ``path``, atomically; an existing file is replaced only
+    with ``overwrite``.
 
     Raises:
-        ValueError: wrong suffix, or the directory does not exist.
-        FileExistsError: the file exists and ``overwrite`` is False.
+        ValueError: not a ``.png`` name, no such directory; FileExistsError;
+            lstmkit._atomic.WriteError (full disk, read-only): nothing was changed.
     """
-    p = Path(path)
-    if suffix is not None and p.suffix.lower() != suffix:
-        raise ValueError(f"output: expected a file name ending in {suffix}, got {str(p)!r}")
-    if not p.parent.is_dir():
-        raise ValueError(f"output: directory {str(p.parent)!r} does not exist (for {str(p)!r})")
-    if p.is_dir():
-        raise ValueError(f"output: {str(p)!r} is a directory, expected a file name")
-    if p.exists() and not overwrite:
-        raise FileExistsError(f"output: {p} exists; nothing was overwritten (use --overwrite to replace it)")
-    return p
+    p = _check_output(path, overwrite, ".png")
+    return _atomic.write_bytes(p, figure_png(fig, dpi), overwrite=overwrite, exists_error=_exists(p))
 
 
-def write_file(path: str | os.PathLike[str], data: bytes, overwrite: bool = False) -> Path:
-    """Write ``data`` to ``path`` atomically; never replaces a file unless ``overwrite``.
-
-    The bytes go to a temporary file in the same directory first; it is then renamed
-    over the target (``overwrite``) or hard-linked to it, which fails if the target
-    appeared meanwhile. A failure leaves every existing file as it was.
-    """
-    p = check_output(path, overwrite)
-    exists = f"output: {p} exists; nothing was overwritten (use --overwrite to replace it)"
-    return _atomic.write_bytes(p, data, overwrite=overwrite, exists_error=exists)
+def _finish(fig: Figure, path: str | os.PathLike[str] | None, overwrite: bool) -> Figure:
+    if path is not None:
+        save_png(fig, path, overwrite)
+    return fig
 
 
 def _json_safe(value: Any) -> Any:
@@ -115,118 +107,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def save_png(fig: Figure, path: str | os.PathLike[str], overwrite: bool = False, dpi: int = _DPI) -> Path:
-    """Write ``fig`` as a PNG at ``path`` (atomically; see :func:`write_file`)."""
-    check_output(path, overwrite, ".png")
-    return write_file(path, figure_png(fig, dpi), overwrite)
-
-
-def _finish(fig: Figure, path: str | os.PathLike[str] | None, overwrite: bool) -> Figure:
-    if path is not None:
-        save_png(fig, path, overwrite)
-    return fig
-
-
-# ----------------------------------------------------------------------------- runs
-
-
-def load_run(path: str | os.PathLike[str]) -> tuple[TrainConfig, Task, SequenceModel]:
-    """(config, task, model in eval mode) of a run directory or checkpoint file.
-
-    Raises:
-        ValueError: nothing at ``path``; lstmkit.train.CheckpointError (a ValueError) for
-            a corrupt, foreign or incompatible checkpoint.
-    """
-    from lstmkit.cli import _load_model
-
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"run: no run directory or checkpoint at {str(p)!r}")
-    return _load_model(p)
-
-
-def _run_dir(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        raise ValueError(f"run_dirs: no run directory at {str(p)!r}")
-    return p
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of ``run_dir/metrics.jsonl`` (one per evaluation).
-
-    Raises:
-        ValueError: no such directory or file, or a line that is not a JSON object.
-    """
-    d = _run_dir(run_dir)
-    f = d / "metrics.jsonl"
-    if not f.is_file():
-        raise ValueError(f"run_dirs: {str(d)!r} has no metrics.jsonl (not a training run, or no evaluation yet)")
-    records = []
-    for n, line in enumerate(f.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"run_dirs: {f} line {n} is not JSON ({exc.msg})") from None
-        if not isinstance(rec, dict) or "step" not in rec:
-            raise ValueError(f"run_dirs: {f} line {n}: expected a JSON object with a 'step', got {line[:60]!r}")
-        records.append(rec)
-    if not records:
-        raise ValueError(f"run_dirs: {f} is empty")
-    return records
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"run_dirs: {path} is not JSON ({exc.msg})") from None
-    return value if isinstance(value, dict) else None
-
-
-def _variant_of(run_dir: Path) -> str:
-    """The cell variant's name of a run: summary.json's, else from config.json."""
-    summary = _read_json(run_dir / "summary.json")
-    if summary and "cell" in summary:
-        return str(summary["cell"])
-    cfg = _read_json(run_dir / "config.json") or {}
-    if cfg.get("model") == "rnn":
-        return "rnn"
-    from lstmkit.spec import resolve
-    return resolve(cfg.get("cell", "vanilla")).name
-
-
-def _split_of(run_dir: Path) -> str:
-    """The split a run evaluated during training (``eval_split``; "test" by default): its
-    metrics are logged as ``<split>_<metric>``."""
-    summary = _read_json(run_dir / "summary.json")
-    if summary and summary.get("split"):
-        return str(summary["split"])
-    cfg = _read_json(run_dir / "config.json") or {}
-    return str(cfg.get("eval_split") or "test")
-
-
-def _metric_of(run_dir: Path, records: list[dict[str, Any]]) -> str:
-    """The task's target metric: summary.json's, else the task's, else the first logged one."""
-    summary = _read_json(run_dir / "summary.json")
-    if summary and summary.get("metric"):
-        return str(summary["metric"])
-    cfg = _read_json(run_dir / "config.json")
-    if cfg and "task" in cfg:
-        try:
-            from lstmkit.tasks.base import get_task
-            return get_task(cfg["task"], **cfg.get("task_options", {})).target.metric
-        except (ValueError, TypeError):
-            pass
-    prefix = _split_of(run_dir) + "_"
-    keys = [k[len(prefix):] for k in records[-1] if k.startswith(prefix)]
-    if not keys:
-        raise ValueError(f"run_dirs: {run_dir} records no {prefix[:-1]} metric")
-    return keys[0]
+# ----------------------------------------------------------------------------- inputs
 
 
 def _symbols(task: Task) -> str | None:
@@ -263,8 +144,7 @@ def sample_input(task: Task, text: str | None = None, max_steps: int | None = No
             raise ValueError(f"text: only the charlm task reads text; this run's task is {task.name!r}")
         if not text:
             raise ValueError("text: expected at least one character, got ''")
-        from lstmkit.tasks._charlm import _encode
-        idx = _encode(text, task.vocab).long()  # type: ignore[attr-defined]
+        idx = task.encode(text)  # type: ignore[attr-defined]
         x = F.one_hot(idx, task.input_size).float().unsqueeze(1)  # (T, 1, V)
     else:
         batch = next(iter(task.eval_batches("test", 1)))
@@ -298,7 +178,7 @@ def _one_sequence(model: nn.Module, x: Tensor, layer: int, direction: int
                   ) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """(the recurrent layer, key -> (T, ·) NumPy array of the first sequence, absent notes)."""
     rec = recurrent_layer(model)
-    rec._check_layer_direction(layer, direction)
+    rec.layer_params(layer, direction)  # validates layer and direction
     tr = trace(model, x)
     one = tr.layers[layer][direction]
     pick = (lambda v: v[:, 0]) if tr.batched else (lambda v: v)
@@ -450,19 +330,19 @@ def plot_curves(run_dirs: Sequence[str | os.PathLike[str]], *, title: str | None
     """
     if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
         raise ValueError(f"run_dirs: expected a non-empty list of run directories, got {run_dirs!r}")
-    runs = [(Path(d), read_metrics(d)) for d in run_dirs]
-    metrics = [f"{_split_of(d)} {_metric_of(d, recs)}" for d, recs in runs]
+    loaded = [(Path(d), runs.read_metrics(d)) for d in run_dirs]
+    metrics = [f"{runs.eval_split_of(d)} {runs.metric_of(d, recs)}" for d, recs in loaded]
     fig = _figure(figsize=(11.0, 4.2))
     ax_loss, ax_metric = fig.subplots(1, 2)
-    for (d, recs), metric in zip(runs, metrics):
-        label = f"{d.name} ({_variant_of(d)})"
+    for (d, recs), metric in zip(loaded, metrics):
+        label = f"{d.name} ({runs.variant_of(d)})"
         steps = [r["step"] for r in recs]
         loss = [r.get("train_loss", float("nan")) for r in recs]
         ax_loss.plot(steps, loss, marker="o", ms=3, label=label)
         key = metric.replace(" ", "_", 1)
         ax_metric.plot(steps, [r.get(key, float("nan")) for r in recs], marker="o", ms=3,
                        label=label if len(set(metrics)) == 1 else f"{label}: {metric}")
-    if all(r.get("train_loss", 0) > 0 for _, recs in runs for r in recs):
+    if all(r.get("train_loss", 0) > 0 for _, recs in loaded for r in recs):
         ax_loss.set_yscale("log")
     ax_loss.set_title("training loss")
     ax_loss.set_xlabel("step")
@@ -474,36 +354,8 @@ def plot_curves(run_dirs: Sequence[str | os.PathLike[str]], *, title: str | None
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title or ("Training curves: " + ", ".join(d.name for d, _ in runs))[:120])
+    fig.suptitle(title or ("Training curves: " + ", ".join(d.name for d, _ in loaded))[:120])
     return _finish(fig, path, overwrite)
-
-
-def compare_values(run_dirs: Sequence[str | os.PathLike[str]], metric: str | None = None
-                   ) -> tuple[str, list[tuple[str, float, str]]]:
-    """(metric, [(variant, final value, run name), …]) of a set of runs: the metric in the
-    last evaluation of metrics.jsonl, on the split each run evaluated ("test" by default).
-
-    Raises:
-        ValueError: a run without the metric, or runs of different target metrics with no
-            ``metric`` given.
-    """
-    if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
-        raise ValueError(f"run_dirs: expected a non-empty list of run directories, got {run_dirs!r}")
-    rows = []
-    chosen = metric
-    for d in map(Path, run_dirs):
-        recs = read_metrics(d)
-        m = chosen or _metric_of(d, recs)
-        if chosen is None:
-            chosen = m
-        split = _split_of(d)
-        value = recs[-1].get(f"{split}_{m}")
-        if value is None:
-            have = sorted(k[len(split) + 1:] for k in recs[-1] if k.startswith(split + "_"))
-            raise ValueError(f"metric: run {str(d)!r} has no {split} metric {m!r}; it has {have}")
-        rows.append((_variant_of(d), float(value), d.name))
-    assert chosen is not None
-    return chosen, rows
 
 
 def plot_compare(run_dirs: Sequence[str | os.PathLike[str]], *, metric: str | None = None,
@@ -515,8 +367,10 @@ def plot_compare(run_dirs: Sequence[str | os.PathLike[str]], *, metric: str | No
     Args:
         metric: the test metric to compare (default: the first run's task target metric).
     """
-    metric, rows = compare_values(run_dirs, metric)
-    splits = sorted({_split_of(Path(d)) for d in run_dirs})
+    if isinstance(run_dirs, (str, os.PathLike)):
+        raise ValueError(f"run_dirs: expected a non-empty list of run directories, got {run_dirs!r}")
+    metric, rows = runs.final_values(list(run_dirs), metric)
+    splits = sorted({runs.eval_split_of(Path(d)) for d in run_dirs})
     what = f"{splits[0]} {metric}" if len(splits) == 1 else f"{metric} ({'/'.join(splits)})"
     variants = sorted({v for v, _, _ in rows})
     fig = _figure(figsize=(max(5.0, 1.3 * len(variants) + 2.5), 4.5))
@@ -575,132 +429,9 @@ def plot_gradient_flow(flow: GradientFlow, *, title: str | None = None,
     return _finish(fig, path, overwrite)
 
 
-def task_gradient_flow(model: nn.Module, task: Task, batch: Any) -> GradientFlow:
-    """:func:`lstmkit.gradient_flow` of a training model on one of its task's batches,
-    with the task's loss, measured on a float64 copy (so that a gradient of 1e-40 is
-    measured, not underflowed to 0 as in float32); ``model`` itself is not changed."""
-    m = copy.deepcopy(model).double()
-    return gradient_flow(m, batch.x.double(), lambda out: task.loss(out, batch), lengths=batch.lengths)
-
-
-def _measure(model: nn.Module, task: Task, batch: Any) -> dict[str, Any]:
-    flow = task_gradient_flow(model, task, batch)
-    s = flow.summary()
-    rec = flow.layers[0][0]
-    s["norms"] = rec.norm().tolist()
-    s["dh_norms"] = rec.dh_norm.tolist()
-    s["loss"] = flow.loss
-    return s
-
-
-def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, length: int = 100,
-                        hidden: int = 32, batch_size: int = 32, steps: int = 3000, lr: float = 1e-2,
-                        seed: int = 0, probe_size: int = 64, threads: int | None = 1,
-                        runs: Sequence[str | os.PathLike[str]] | None = None,
-                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure ‖∂L/∂c_t‖ (‖∂L/∂h_t‖ for the RNN) on the adding problem at initialisation
-    and after training.
-
-    The task is ``adding`` in the ``le`` form (fixed length ``length``; the loss is the
-    squared error of the output at the last step). Each model is trained for ``steps``
-    steps with :class:`lstmkit.train.Trainer` (Adam, ``lr``, gradient clipping 1) in a
-    temporary directory, or taken from ``runs`` (trained run directories of the adding
-    task; "init" is then the same config's initialisation, from its seed). The gradients
-    are measured in float64 on ``probe_size`` test sequences.
-
-    Args:
-        cells: ``"rnn"`` for the plain RNN, else an LSTM variant (``"vanilla"``, ``"nfg"``, …).
-        threads: torch threads while training (1 is fastest at these sizes on shared cores).
-
-    Returns:
-        A JSON-ready dict: ``settings`` and ``models``, a list of ``{"name", "model",
-        "cell", "steps", "init": {...}, "trained": {...}}`` where each stage has
-        ``t1``, ``t_mid``, ``t_last``, ``ratio_first_last``, ``f_mean``, ``loss``,
-        ``norms`` (T values) and ``dh_norms``.
-    """
-    from lstmkit.tasks.base import get_task
-    from lstmkit.train import SequenceModel, TrainConfig, Trainer, load_checkpoint
-
-    say = log or (lambda s: None)
-    start = time.perf_counter()
-    for name, value in (("length", length), ("hidden", hidden), ("batch_size", batch_size),
-                        ("probe_size", probe_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
-    models = []
-    if runs:
-        for d in runs:
-            cfg, task, trained = load_run(d)
-            if cfg.task != "adding":
-                raise ValueError(f"runs: {str(d)!r} is a run of task {cfg.task!r}, expected 'adding'")
-            torch.manual_seed(cfg.seed)  # the Trainer's initialisation, from the run's seed
-            init = SequenceModel(cfg, task.input_size, task.output_size).eval()
-            batch = next(iter(task.eval_batches("test", probe_size)))
-            n_steps = int(load_checkpoint(d)[2]["step"])
-            label = "rnn" if cfg.model == "rnn" else cfg.cell
-            say(f"{label}: measuring {d}")
-            models.append({"name": label, "model": cfg.model, "cell": cfg.cell, "run": str(d), "steps": n_steps,
-                           "init": _measure(init, task, batch), "trained": _measure(trained, task, batch)})
-        settings = {"runs": [str(d) for d in runs], "probe_size": probe_size}
-    else:
-        if isinstance(cells, str) or not cells:
-            raise ValueError(f"cells: expected a non-empty list of variants (e.g. ['rnn', 'vanilla']), got {cells!r}")
-        options = {"length": length, "form": "le", "eval_size": max(probe_size, 1)}
-        get_task("adding", seed=seed, **options)  # bad options fail before any training
-        old_threads = torch.get_num_threads()
-        try:
-            for cell in cells:
-                model_kind = "rnn" if cell == "rnn" else "lstm"
-                cfg = TrainConfig(task="adding", task_options=options, model=model_kind,
-                                  cell="vanilla" if cell == "rnn" else cell, hidden_size=hidden,
-                                  batch_size=batch_size, steps=max(steps, 1), eval_every=max(steps, 1),
-                                  lr=lr, seed=seed, threads=threads)
-                with tempfile.TemporaryDirectory(prefix="lstmkit-gradflow-") as tmp:
-                    trainer = Trainer(cfg, Path(tmp) / "run", progress=False)
-                    batch = next(iter(trainer.task.eval_batches("test", probe_size)))
-                    t0 = time.perf_counter()
-                    init = _measure(trainer.model, trainer.task, batch)
-                    for _ in range(steps):
-                        trainer.train_step()
-                    say(f"{cell}: {steps} training steps in {time.perf_counter() - t0:.1f} s")
-                    models.append({"name": cell, "model": model_kind, "cell": cfg.cell, "steps": steps,
-                                   "init": init, "trained": _measure(trainer.model, trainer.task, batch)})
-        finally:
-            torch.set_num_threads(old_threads)
-        settings = {"task": "adding", "task_options": options, "hidden": hidden, "batch_size": batch_size,
-                    "steps": steps, "lr": lr, "seed": seed, "probe_size": probe_size}
-    return {"settings": settings, "models": models, "elapsed_s": round(time.perf_counter() - start, 2)}
-
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3g}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
-
-
-def gradflow_table(result: dict[str, Any]) -> str:
-    """The measured table of :func:`gradflow_experiment` as text."""
-    T = result["models"][0]["init"]["T"] if result["models"] else 0
-    head = ["model", "stage", "norm of", "t=1", f"t={max(T // 2, 1)}", f"t={T}", "t=1 / t=T", "mean f", "loss"]
-    rows = []
-    for m in result["models"]:
-        for stage in ("init", "trained"):
-            s = m[stage]
-            rows.append([m["name"], "init" if stage == "init" else f"{m['steps']} steps",
-                         f"dL/d{s['quantity']}_t", _fmt(s["t1"]), _fmt(s["t_mid"]), _fmt(s["t_last"]),
-                         _fmt(s["ratio_first_last"]), _fmt(s["f_mean"]), _fmt(s["loss"])])
-    widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
-    line = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [line.format(*head), line.format(*("-" * w for w in widths))]
-    out += [line.format(*r) for r in rows]
-    return "\n".join(out)
-
-
 def plot_gradflow(result: dict[str, Any], *, title: str | None = None,
                   path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Figure:
-    """The norms of :func:`gradflow_experiment`, at initialisation and after training.
+    """The norms of :func:`lstmkit.gradflow.gradflow_experiment`, at initialisation and after training.
 
     Returns:
         The Figure: axes "at initialisation" and "after N training steps", log scale.
@@ -769,16 +500,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     text = ("gradient norms per step on the adding problem: plain RNN, LSTM, no-forget-gate LSTM, "
             "at initialisation and after training; prints the table and writes it as JSON next to the PNG")
     p = sub.add_parser("gradflow", help=text, description=text)
-    p.add_argument("--cells", default="rnn,vanilla,nfg",
-                   help="comma-separated models: 'rnn' or LSTM variants (default rnn,vanilla,nfg)")
-    p.add_argument("--length", type=int, default=100, help="sequence length T (default 100)")
-    p.add_argument("--hidden", type=int, default=32, help="cells per model (default 32)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3000, help="training steps per model (default 3000; 0 = none)")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--probe-size", type=int, default=64, help="test sequences the gradients are measured on")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
+    import inspect
+
+    from lstmkit.gradflow import gradflow_experiment
+
+    d = {k: v.default for k, v in inspect.signature(gradflow_experiment).parameters.items()}
+    p.add_argument("--cells", default=",".join(d["cells"]),
+                   help=f"comma-separated models: 'rnn' or LSTM variants (default {','.join(d['cells'])})")
+    p.add_argument("--length", type=int, default=d["length"], help=f"sequence length T (default {d['length']})")
+    p.add_argument("--hidden", type=int, default=d["hidden"], help=f"cells per model (default {d['hidden']})")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"(default {d['batch_size']})")
+    p.add_argument("--steps", type=int, default=d["steps"],
+                   help=f"training steps per model (default {d['steps']}; 0 = none)")
+    p.add_argument("--lr", type=float, default=d["lr"], help=f"Adam learning rate (default {d['lr']:g})")
+    p.add_argument("--seed", type=int, default=d["seed"], help=f"(default {d['seed']})")
+    p.add_argument("--probe-size", type=int, default=d["probe_size"],
+                   help=f"test sequences the gradients are measured on (default {d['probe_size']})")
+    p.add_argument("--threads", type=int, default=d["threads"],
+                   help=f"torch threads for training (default {d['threads']})")
     p.add_argument("--runs", type=Path, nargs="+", default=None, metavar="RUN_DIR",
                    help="use these trained adding runs instead of training")
     common(p, "gradflow.png (and gradflow.json)")
@@ -803,9 +542,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"kind: unknown plot kind {kind!r}; expected one of {list(KINDS)}")
     if kind in ("gates", "cells", "weights") and not args.run.exists():
         raise ValueError(f"run: no run directory or checkpoint at {str(args.run)!r}")
-    out = check_output(_default_output(args), args.overwrite, ".png")
+    out = _check_output(_default_output(args), args.overwrite, ".png")
     if kind in ("gates", "cells", "weights"):
-        cfg, task, model = load_run(args.run)
+        cfg, task, model = runs.load_run(args.run)
         if kind == "weights":
             plot_weights(model, layer=args.layer, direction=args.direction, path=out, overwrite=args.overwrite)
         else:
@@ -819,12 +558,14 @@ def run(args: argparse.Namespace) -> int:
     elif kind == "curves":
         plot_curves(args.runs, path=out, overwrite=args.overwrite)
     elif kind == "compare":
-        metric, rows = compare_values(args.runs, args.metric)
+        metric, rows = runs.final_values(args.runs, args.metric)
         plot_compare(args.runs, metric=metric, path=out, overwrite=args.overwrite)
         for variant, value, name in rows:
             print(f"{variant:<24} {name:<32} {metric} = {value:.4g}")
     else:
-        json_out = check_output(out.with_suffix(".json"), args.overwrite, ".json")
+        from lstmkit.gradflow import gradflow_experiment, gradflow_table
+
+        json_out = _check_output(out.with_suffix(".json"), args.overwrite, ".json")
         cells = [c.strip() for c in args.cells.split(",") if c.strip()]
         if not args.runs:
             from lstmkit.spec import resolve
@@ -837,8 +578,8 @@ def run(args: argparse.Namespace) -> int:
         print(gradflow_table(result))
         print(f"({result['elapsed_s']:.1f} s)")
         plot_gradflow(result, path=out, overwrite=args.overwrite)
-        write_file(json_out, (json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n").encode(),
-                   args.overwrite)
+        _atomic.write_bytes(json_out, (json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n").encode(),
+                            overwrite=args.overwrite, exists_error=_exists(json_out))
         print(f"wrote {json_out}")
     print(f"wrote {out}")
     return 0

@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lstmkit import plots
+from lstmkit import _atomic, plots, runs
+from lstmkit.gradflow import task_gradient_flow
 
 __all__ = ["build_report", "write_report", "add_arguments", "run"]
 
@@ -85,6 +86,16 @@ def _summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
     return rows
 
 
+def _run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    d = Path(run_dir)
+    if d.is_file():
+        raise ValueError(f"run_dir: {str(d)!r} is a file; lstmkit report reads a training run's directory (the "
+                         f"--out of lstmkit train), which holds its {runs.CHECKPOINT}")
+    if not d.is_dir():
+        raise ValueError(f"run_dir: no run directory at {str(d)!r}")
+    return d
+
+
 def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gradflow: bool = True,
                  max_steps: int | None = None, batch_size: int = 16) -> str:
     """The HTML of the report of ``run_dir`` (see the module docstring).
@@ -99,16 +110,14 @@ def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gr
     Raises:
         ValueError: no such directory, or no loadable checkpoint in it.
     """
-    d = Path(run_dir)
-    if not d.is_dir():
-        raise ValueError(f"run_dir: no run directory at {str(d)!r}")
-    cfg, task, model = plots.load_run(d)
+    d = _run_dir(run_dir)
+    cfg, task, model = runs.load_run(d)
     from dataclasses import asdict
 
     from lstmkit.inspect import describe
 
     name = d.resolve().name
-    summary = plots._read_json(d / "summary.json")
+    summary = runs.read_summary(d)
     parts = [f"<h1>lstmkit report: {_e(name)}</h1>",
              f'<p class="note">{_e(str(d.resolve()))}</p>']
     if summary:
@@ -123,7 +132,7 @@ def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gr
     table = describe(model, file=io.StringIO())
     parts.append(_section("Gates (lstmkit.describe)", f"<pre>{_e(table)}</pre>"))
 
-    if (d / "metrics.jsonl").is_file():
+    if (d / runs.METRICS).is_file():
         body = _image(plots.plot_curves([d]), "training curves",
                       "Training loss (mean over the steps since the previous evaluation) and the task's "
                       "target metric on the test set, from metrics.jsonl.")
@@ -148,7 +157,7 @@ def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gr
         batch = next(iter(task.eval_batches("test", batch_size)))
         if batch.size > batch_size:
             batch = batch.take(0, batch_size)
-        flow = plots.task_gradient_flow(model, task, batch)
+        flow = task_gradient_flow(model, task, batch)
         s = flow.summary()
         q = s["quantity"]
         rows = [("loss", f"{flow.loss:.6g}"), ("sequences", batch.size), ("steps T", s["T"]),
@@ -178,11 +187,11 @@ def write_report(run_dir: str | os.PathLike[str], output: str | os.PathLike[str]
         FileExistsError: the output exists and ``overwrite`` is False (checked before any work).
         ValueError: see :func:`build_report`; an output directory that does not exist.
     """
-    d = Path(run_dir)
-    if not d.is_dir():
-        raise ValueError(f"run_dir: no run directory at {str(d)!r}")
-    out = plots.check_output(Path(output) if output is not None else d / "report.html", overwrite, ".html")
-    return plots.write_file(out, build_report(d, **kw).encode("utf-8"), overwrite)
+    d = _run_dir(run_dir)
+    out = Path(output) if output is not None else d / "report.html"
+    exists = f"output: {out} exists; nothing was overwritten (use --overwrite to replace it)"
+    _atomic.check_writable(out, overwrite=overwrite, what="output", suffix=".html", exists_error=exists)
+    return _atomic.write_bytes(out, build_report(d, **kw).encode("utf-8"), overwrite=overwrite, exists_error=exists)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,10 @@ from typing import Any
 
 from lstmkit.layout import GATE_NAMES, GATES
 
-__all__ = ["CellSpec", "PRESETS", "resolve", "preset_names"]
+__all__ = ["CellSpec", "PRESETS", "resolve", "preset_names", "MAX_GATE_WIDTH"]
+
+#: The widest hidden layer a deep gate may have.
+MAX_GATE_WIDTH = 2**20
 
 _ACTIVATIONS = ("tanh", "identity")
 _NONLINEARITIES = ("tanh", "relu")
@@ -52,12 +55,13 @@ def _freeze_gate_hidden(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     out: dict[str, tuple[int, ...]] = {}
     for key, widths in items:
         letter = _gate_letter(key, "gate_hidden")
-        if isinstance(widths, int):
+        if not isinstance(widths, (tuple, list)):
             widths = (widths,)
         widths = tuple(widths)
-        if not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+        if not all(isinstance(w, int) and not isinstance(w, bool) and 0 < w <= MAX_GATE_WIDTH for w in widths):
             raise ValueError(
-                f"gate_hidden[{key!r}]: expected positive integer widths, got {widths!r}"
+                f"gate_hidden[{key!r}]: expected positive integer widths of at most {MAX_GATE_WIDTH:,} "
+                f"(a sane bound), got {widths!r}"
             )
         if widths:
             out[letter] = widths

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import os
 import random
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -42,7 +42,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lstmkit._atomic import atomic_path, write_text
+from lstmkit import _atomic
+from lstmkit._argparse import add_config_options, config_values, key_value
+from lstmkit.config import TrainConfig, option_of
 from lstmkit.spec import resolve
 
 __all__ = ["StudyConfig", "run_study", "summarize", "welch", "add_arguments", "run"]
@@ -83,6 +85,10 @@ class StudyConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+            if value > 1000:
+                raise ValueError(f"{name}: expected an int <= 1000 (a sane bound), got {value!r}")
+        if len(self.variants) > 1000:
+            raise ValueError(f"variants: expected at most 1000 variants, got {len(self.variants)}")
         lo, hi = self.lr_range
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"lr_range: expected 0 < low <= high, got {self.lr_range}")
@@ -147,8 +153,11 @@ def _train_config(cfg: StudyConfig, run: Run, split: str) -> dict[str, Any]:
     return d
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=1))
+def _setting(train: dict[str, Any], key: str) -> Any:
+    """A training setting of the study: its own, else TrainConfig's default."""
+    if key in train:
+        return train[key]
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == key)
 
 
 def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, Any]:
@@ -159,8 +168,6 @@ def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, An
     diverges is recorded as diverged, not retried.
     """
     import torch
-
-    from lstmkit.train import TrainConfig
 
     path = Path(run_dir)
     done = path / "result.json"
@@ -181,12 +188,9 @@ def _train_one(path: Path, cfg: Any, config: dict[str, Any], metric: str) -> dic
     from lstmkit.train import Trainer
 
     done = path / "result.json"
-    resume = (path / "checkpoint.safetensors").is_file()
-    if path.exists() and not resume:
-        shutil.rmtree(path)  # killed before its first checkpoint: the study's own scratch
     result: dict[str, Any] = {"config": config}
-    try:
-        trainer = Trainer(cfg, path, resume=resume, progress=False)
+    try:  # a run killed before its first checkpoint starts afresh (lstmkit.runs)
+        trainer = Trainer(cfg, path, resume=path.exists(), progress=False)
         summary = trainer.run()
     except FloatingPointError as exc:
         result.update(diverged=True, error=str(exc), select=None, test={})
@@ -197,7 +201,7 @@ def _train_one(path: Path, cfg: Any, config: dict[str, Any], metric: str) -> dic
         result.update(diverged=False, select=summary["final"].get(key), test=trainer.evaluate("test"),
                       steps=summary["steps"], wall_time_s=summary["wall_time_s"],
                       parameters=summary["parameters"], target_step=met_at)
-    _atomic_json(done, result)
+    _atomic.write_json(done, result, what="study")
     return result
 
 
@@ -241,8 +245,24 @@ def _prepare(cfg: StudyConfig, out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out}: exists, is not empty and holds no study.json; nothing was "
                               f"touched (choose another directory)")
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(settings, mine)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _atomic.WriteError(exc.errno or 5, f"--out {out}: cannot create the directory "
+                                                 f"({exc.strerror or exc})") from None
+    _atomic.write_json(settings, mine, what="--out")
+
+
+def _check_out(out: Path) -> None:
+    """Before any work: ``out`` is (or can become) a writable directory."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, expected a study directory (new, empty, or a study to resume)")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a directory")
+    _atomic.check_writable(existing / ".lstmkit-study-probe", overwrite=True, what="--out")
 
 
 def _better(goal: str) -> Callable[[float | None], float]:
@@ -264,16 +284,16 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
     cfg.validate()
     out = Path(out)
     jobs = jobs or os.cpu_count() or 1
-    if jobs < 1:
-        raise ValueError(f"jobs: expected an int >= 1, got {jobs}")
+    if not 1 <= jobs <= 256:
+        raise ValueError(f"jobs: expected an int in [1, 256], got {jobs}")
     task = get_task(cfg.task, seed=0, **cfg.train.get("task_options", {}))
     metric = cfg.metric or task.target.metric
     split = _selection_split(task)
     names = _metric_names(task)
     if metric not in names:
         raise ValueError(f"metric: expected one of task {cfg.task!r}'s metrics {names}, got {metric!r}")
-    from lstmkit.train import TrainConfig
-    TrainConfig.from_dict(_train_config(cfg, Run(cfg.variants[0], 0, 1e-3, 0), split)).validate()
+    TrainConfig.from_dict(_train_config(cfg, Run(cfg.variants[0], 0, 1e-3, 0), split))
+    _check_out(out)
     _prepare(cfg, out)
     lrs = cfg.learning_rates()
     goal = task.target.goal
@@ -453,15 +473,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# Variant study: {summary['task']} ({opts})", "",
         f"Metric: test `{summary['metric']}` ({goal} is better), after a fixed budget of "
-        f"{train.get('steps', 1000)} steps × batch {train.get('batch_size', 32)}; "
-        f"H = {train.get('hidden_size', 64)}, {train.get('num_layers', 1)} layer(s). "
+        f"{_setting(train, 'steps')} steps × batch {_setting(train, 'batch_size')}; "
+        f"H = {_setting(train, 'hidden_size')}, {_setting(train, 'num_layers')} layer(s). "
         f"Learning rate: best of {s['lr_trials']} log-uniform draws from "
         f"[{s['lr_range'][0]:g}, {s['lr_range'][1]:g}] ({', '.join(f'{x:g}' for x in summary['learning_rates'])}; "
         f"the same for every variant), chosen on the `{summary['selection_split']}` split with seed 0; "
         f"then {s['seeds']} seeds at that rate. Welch's t-test against `{summary['baseline']}`. "
         f"Target: the task's criterion ({'≥' if summary['goal'] == 'max' else '≤'} "
         f"{_fmt(summary['target']['threshold'])}); steps to target: the median, over the runs that met it, of "
-        f"the first evaluation (every {train.get('eval_every', 100)} steps) on the `{summary['selection_split']}` "
+        f"the first evaluation (every {_setting(train, 'eval_every')} steps) on the `{summary['selection_split']}` "
         f"split that met it.", "",
         f"Budget: {summary['runs']} runs, {summary['cpu_time_s'] / 60:.1f} CPU-minutes of training "
         f"(one thread per run).", "",
@@ -497,9 +517,10 @@ def command_line(settings: dict[str, Any]) -> str:
         parts.append(f"--metric {settings['metric']}")
     for k, v in sorted(t.get("task_options", {}).items()):
         parts.append(f"-o {k}={json.dumps(v)}")
+    options = {f.name: option_of(f) for f in dataclasses.fields(TrainConfig)}
     for k in TRAIN_KEYS[1:]:
         if k in t:
-            parts.append(f"--{k.replace('_', '-')} {'0' if k == 'clip' and t[k] is None else t[k]}")
+            parts.append(f"--{k.replace('_', '-')} {options[k].none_word if t[k] is None else t[k]}")
     return " ".join(parts)
 
 
@@ -534,59 +555,48 @@ def write_outputs(summary: dict[str, Any], out: Path) -> None:
     """``results.json``, ``results.md``, ``boxplot.png`` and ``summary.md`` in ``out`` (each atomically)."""
     import matplotlib.pyplot as plt
 
-    _atomic_json(out / "results.json", summary)
-    write_text(out / "results.md", results_table(summary) + "\n")
-    write_text(out / "summary.md", summary_markdown(summary))
+    _atomic.write_json(out / "results.json", summary, what="study")
+    _atomic.write_text(out / "results.md", results_table(summary) + "\n", what="study")
+    _atomic.write_text(out / "summary.md", summary_markdown(summary), what="study")
     fig = boxplot(summary)
-    with atomic_path(out / "boxplot.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    _atomic.write_bytes(out / "boxplot.png", buf.getvalue(), what="study")
 
 
 # ---------------------------------------------------------------------------- command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``lstmkit study``."""
-    from lstmkit.cli import _option
-    parser.add_argument("--task", required=True, help="task name (e.g. chorales, continual_reber, adding)")
+    """Arguments of ``lstmkit study``; the training settings are TrainConfig's fields."""
+    d = {f.name: f.default for f in dataclasses.fields(StudyConfig) if f.default is not dataclasses.MISSING}
+    parser.add_argument("--task", required=True, help="task name (e.g. chorales, continual_reber, adding; see "
+                                                       "lstmkit tasks)")
     parser.add_argument("--variants", required=True,
                         help="comma-separated variants, e.g. vanilla,peephole,nfg,cifg,vanilla+fb=1 ('rnn': plain RNN)")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds per variant at its chosen rate (default 5)")
-    parser.add_argument("--lr-trials", type=int, default=4, help="learning rates tried per variant (default 4)")
-    parser.add_argument("--lr-range", type=float, nargs=2, default=(1e-3, 3e-2), metavar=("LOW", "HIGH"),
-                        help="log-uniform learning-rate range (default 1e-3 3e-2)")
-    parser.add_argument("--study-seed", type=int, default=0, help="seed of the learning-rate draws")
+    parser.add_argument("--seeds", type=int, default=d["seeds"],
+                        help=f"seeds per variant at its chosen rate (default {d['seeds']})")
+    parser.add_argument("--lr-trials", type=int, default=d["lr_trials"],
+                        help=f"learning rates tried per variant (default {d['lr_trials']})")
+    parser.add_argument("--lr-range", type=float, nargs=2, default=d["lr_range"], metavar=("LOW", "HIGH"),
+                        help=f"log-uniform learning-rate range (default {d['lr_range'][0]:g} {d['lr_range'][1]:g})")
+    parser.add_argument("--study-seed", type=int, default=d["seed"], help="seed of the learning-rate draws")
     parser.add_argument("--baseline", default=None, help="variant to test against (default vanilla)")
     parser.add_argument("--metric", default=None, help="test metric (default: the task's target metric)")
     parser.add_argument("--out", type=Path, default=None, help="study directory (default studies/TASK)")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: one per core)")
-    parser.add_argument("-o", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                        help="task option, e.g. -o length=100 (repeatable)")
+    parser.add_argument("-o", "--option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="task option, e.g. -o length=100 (repeatable; see lstmkit tasks TASK)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    t = parser.add_argument_group("training (every run)")
-    t.add_argument("--hidden-size", "--hidden", type=int, default=None)
-    t.add_argument("--num-layers", "--layers", type=int, default=None)
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--eval-every", type=int, default=None)
-    t.add_argument("--eval-batch-size", type=int, default=None)
-    t.add_argument("--clip", type=float, default=None, help="max gradient norm (0 = no clipping)")
-    t.add_argument("--optimizer", choices=["adam", "sgd"], default=None)
-    t.add_argument("--schedule", choices=["constant", "cosine", "step"], default=None)
-    t.add_argument("--patience", type=int, default=None)
-    t.add_argument("--dropout", type=float, default=None)
-    t.add_argument("--backend", default=None)
+    add_config_options(parser.add_argument_group("training (every run; default: TrainConfig's)"),
+                       only=TRAIN_KEYS[1:])
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
-    """The StudyConfig the command line describes."""
-    train: dict[str, Any] = {}
+    """The StudyConfig the command line describes (training settings: only those given)."""
+    train: dict[str, Any] = config_values(args)
     if args.option:
         train["task_options"] = dict(args.option)
-    for k in TRAIN_KEYS[1:]:
-        v = getattr(args, k, None)
-        if v is not None:
-            train[k] = (None if v == 0 else v) if k == "clip" else v
     return StudyConfig(task=args.task, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
                        seeds=args.seeds, lr_trials=args.lr_trials, lr_range=tuple(args.lr_range),
                        seed=args.study_seed, baseline=args.baseline, metric=args.metric, train=train)

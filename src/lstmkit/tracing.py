@@ -36,7 +36,7 @@ from lstmkit.kernels.base import TRACE_KEYS, KernelOut
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.loop import reverse_within_lengths
-from lstmkit.nn import _Recurrent
+from lstmkit.nn import LSTM, RNN, check_packed_sequence
 from lstmkit.spec import CellSpec
 
 __all__ = ["Trace", "DirectionTrace", "trace", "GradientFlow", "DirectionFlow", "gradient_flow",
@@ -46,17 +46,17 @@ __all__ = ["Trace", "DirectionTrace", "trace", "GradientFlow", "DirectionFlow", 
 NAMES: dict[str, str] = {**dict(zip(GATES, GATE_NAMES)), "c": "cell state", "h": "hidden state"}
 
 
-def recurrent_layer(model: nn.Module) -> _Recurrent:
+def recurrent_layer(model: nn.Module) -> LSTM | RNN:
     """The lstmkit LSTM/RNN inside ``model``: the model itself, or its ``.rnn`` (the
     training :class:`lstmkit.train.SequenceModel`).
 
     Raises:
         TypeError: ``model`` is neither.
     """
-    if isinstance(model, _Recurrent):
+    if isinstance(model, (LSTM, RNN)):
         return model
     inner = getattr(model, "rnn", None)
-    if isinstance(inner, _Recurrent):
+    if isinstance(inner, (LSTM, RNN)):
         return inner
     raise TypeError(
         "model: expected an lstmkit LSTM or RNN, or a module with one as its .rnn "
@@ -152,7 +152,7 @@ class Trace:
         return self.layers[layer]
 
 
-def _absent_notes(layer: _Recurrent, index: int, direction: int, present: set[str]) -> dict[str, str]:
+def _absent_notes(layer: LSTM | RNN, index: int, direction: int, present: set[str]) -> dict[str, str]:
     from lstmkit.inspect import gate_views
 
     views = gate_views(layer, index, direction)
@@ -162,11 +162,12 @@ def _absent_notes(layer: _Recurrent, index: int, direction: int, present: set[st
     return notes
 
 
-def _check_x(layer: _Recurrent, x: Any, lengths: Any) -> Tensor | None:
+def _check_x(layer: LSTM | RNN, x: Any, lengths: Any) -> Tensor | None:
     """Validate ``x`` and ``lengths``; returns lengths as (B,) int64 (None if not given)."""
     if isinstance(x, PackedSequence):
         if lengths is not None:
             raise ValueError("lengths: a PackedSequence carries its own lengths; pass lengths=None")
+        check_packed_sequence(x, "x")
         return None
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a Tensor or a PackedSequence, got {type(x).__name__}")
@@ -192,7 +193,7 @@ def _check_x(layer: _Recurrent, x: Any, lengths: Any) -> Tensor | None:
     return lens
 
 
-def _prepare(layer: _Recurrent, x: Tensor | PackedSequence, lengths: Any
+def _prepare(layer: LSTM | RNN, x: Tensor | PackedSequence, lengths: Any
              ) -> tuple[Tensor | PackedSequence, Tensor | None, int, int, bool]:
     """(input for the layer, lengths in caller order or None, T, B, batched)."""
     lens = _check_x(layer, x, lengths)
@@ -255,8 +256,7 @@ def trace(model: nn.Module, x: Tensor | PackedSequence, hx: Any = None,
     layer = recurrent_layer(model)
     inp, lens, T, B, batched = _prepare(layer, x, lengths)
     with torch.no_grad(), _eval_mode(layer):
-        output, h_n, c_n, stack = layer._run(inp, hx, record=True)
-    assert stack.traces is not None
+        output, h_n, c_n, records = layer.forward_recorded(inp, hx)
     if isinstance(output, PackedSequence):
         output = pad_packed_sequence(output, total_length=T)[0]
     elif batched and layer.batch_first:
@@ -264,7 +264,7 @@ def trace(model: nn.Module, x: Tensor | PackedSequence, hx: Any = None,
     valid = _valid_mask(lens, T, B)
     pad = None if lens is None else ~valid.unsqueeze(-1)  # (T, B, 1)
     layers: list[list[DirectionTrace]] = []
-    for index, directions in enumerate(stack.traces):
+    for index, directions in enumerate(records):
         row = []
         for d, rec in enumerate(directions):
             values: dict[str, Tensor] = {}
@@ -383,7 +383,7 @@ class _ProbeKernel(ReferenceKernel):
 
 
 @contextlib.contextmanager
-def _probing(layer: _Recurrent) -> Iterator[_ProbeKernel]:
+def _probing(layer: LSTM | RNN) -> Iterator[_ProbeKernel]:
     """Run ``layer`` on a fresh, unregistered probe kernel for the duration of the block;
     the layer's ``backend`` is restored afterwards, whatever happens. (A layer shared with
     another thread would run on the probe meanwhile: measure on a copy in that case.)"""
@@ -396,7 +396,7 @@ def _probing(layer: _Recurrent) -> Iterator[_ProbeKernel]:
         layer.backend = previous
 
 
-def _model_output(model: nn.Module, layer: _Recurrent, x: Tensor | PackedSequence, hx: Any,
+def _model_output(model: nn.Module, layer: LSTM | RNN, x: Tensor | PackedSequence, hx: Any,
                   lens: Tensor | None, T: int) -> Any:
     """The model's output as ``loss_fn`` gets it (first element of what ``model`` returns)."""
     if model is not layer:  # SequenceModel-style: forward(x, state, lengths)

@@ -4,153 +4,63 @@ The loop knows nothing of the command line or of any particular task: a task sup
 batches, a loss and metrics (:mod:`lstmkit.tasks.base`); this module supplies the model,
 optimiser, learning-rate schedule, gradient clipping, truncated BPTT with the state
 carried across chunks of a stream, evaluation, early stopping on the task's published
-criterion, JSON-lines metrics, and checkpoints.
+criterion and the checkpoints' contents. The run directory — config, metrics,
+checkpoints, summary and final model — is read and written by :mod:`lstmkit.runs`.
 
-A run directory holds::
-
-    config.json               the run's configuration (written once, atomically)
-    checkpoint.safetensors    model + optimiser + RNG + carried state; trainer state
-                              and config in its JSON metadata (one file, replaced atomically)
-    metrics.jsonl             one JSON object per evaluation
-    summary.json              the final result, against the target and the baselines
-    model.safetensors         the final weights alone
-
-Loading never executes code from a file: safetensors and JSON only.
+Everything is checked before anything is created: the config (:meth:`TrainConfig.validate`),
+the task and its options, the model's size and a batch's activations against sane
+bounds, that the chosen kernel runs the variant, and the run directory; a checkpoint to
+resume from is validated against the model before it is read. A failed start leaves no
+file behind, and a run killed before its first checkpoint starts afresh with the same
+command.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lstmkit._atomic import atomic_path, write_text
-from lstmkit.nn import LSTM, RNN
-from lstmkit.spec import resolve
+from lstmkit import _atomic, runs
+from lstmkit.config import MAX_ACTIVATIONS, SequenceModel, TrainConfig, parameter_count
+from lstmkit.runs import CheckpointError
 from lstmkit.tasks.base import Batch, Task, get_task
 
-__all__ = ["TrainConfig", "SequenceModel", "Trainer", "train", "load_checkpoint", "evaluate",
-           "CheckpointError", "FORMAT"]
+__all__ = ["TrainConfig", "SequenceModel", "Trainer", "train", "evaluate", "load_checkpoint", "CheckpointError",
+           "FORMAT", "process_rank"]
 
-#: Identifies lstmkit checkpoints (metadata key "format").
-FORMAT = "lstmkit-checkpoint-1"
+#: Identifies lstmkit checkpoints (metadata key "format"); see :mod:`lstmkit.runs`.
+FORMAT = runs.FORMAT
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, foreign or incompatible."""
+T = TypeVar("T")
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a run. Same config and seed → same loss curve."""
-
-    task: str
-    task_options: dict[str, Any] = field(default_factory=dict)
-    model: str = "lstm"                 # "lstm" or "rnn"
-    cell: str = "vanilla"               # any lstmkit variant (ignored for "rnn")
-    hidden_size: int = 64
-    num_layers: int = 1
-    bidirectional: bool = False
-    dropout: float = 0.0
-    proj_size: int = 0
-    optimizer: str = "adam"             # "adam" or "sgd"
-    lr: float = 1e-3
-    momentum: float = 0.9               # sgd only
-    weight_decay: float = 0.0
-    clip: float | None = 1.0            # max gradient norm; None = no clipping
-    schedule: str = "constant"          # "constant", "cosine" or "step" (×0.1 at 50 % and 75 %)
-    warmup: int = 0                     # linear warm-up steps
-    batch_size: int = 32
-    steps: int = 1000
-    eval_every: int = 100
-    eval_batch_size: int = 256
-    patience: int | None = None         # evaluations without improvement before stopping
-    eval_split: str = "test"            # split evaluated during training (target, patience, metrics log)
-    stop_at_target: bool = True         # stop once the task's success criterion is met
-    seed: int = 0
-    backend: str | None = None
-    threads: int | None = None
-
-    def validate(self) -> None:
-        """Raise ValueError with a clear message for impossible settings."""
-        def positive(name: str) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        for name in ("hidden_size", "num_layers", "batch_size", "steps", "eval_every",
-                     "eval_batch_size"):
-            positive(name)
-        if self.model not in ("lstm", "rnn"):
-            raise ValueError(f"model: expected 'lstm' or 'rnn', got {self.model!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer: expected 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.schedule not in ("constant", "cosine", "step"):
-            raise ValueError(f"schedule: expected 'constant', 'cosine' or 'step', got {self.schedule!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr: expected a finite number > 0, got {self.lr!r}")
-        if self.clip is not None and not self.clip > 0:
-            raise ValueError(f"clip: expected a number > 0 or None, got {self.clip!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
-        if self.proj_size < 0 or (self.proj_size and self.proj_size >= self.hidden_size):
-            raise ValueError(f"proj_size: expected 0 <= proj_size < hidden_size ({self.hidden_size}), "
-                             f"got {self.proj_size}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup: expected an int >= 0, got {self.warmup}")
-        if self.eval_split not in ("train", "valid", "test"):
-            raise ValueError(f"eval_split: expected 'train', 'valid' or 'test', got {self.eval_split!r}")
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"patience: expected an int >= 1 or None, got {self.patience}")
-        if self.model == "lstm":
-            resolve(self.cell)  # raises with the reason for an unknown or impossible variant
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build from a mapping, refusing unknown keys (a foreign or newer config)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise CheckpointError(f"config: unknown keys {unknown}; not an lstmkit training config")
-        return cls(**d)
+def process_rank() -> int:
+    """This process's rank under ``torchrun`` (0 otherwise): only rank 0 prints and writes."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
-class SequenceModel(nn.Module):
-    """A recurrent stack (lstmkit LSTM or RNN) and a linear read-out per time step.
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[TrainConfig, dict[str, Tensor], dict[str, Any]]:
+    """Read and validate a checkpoint: (config, tensors, trainer state). Never executes code.
 
-    Shapes: x (T, B, input_size) -> output (T, B, output_size); state as the layer's.
+    Accepts the checkpoint file or its run directory (see :func:`lstmkit.runs.read_checkpoint`).
+
+    Raises:
+        CheckpointError: missing, unreadable, corrupt, foreign or inconsistent file.
     """
-
-    def __init__(self, cfg: TrainConfig, input_size: int, output_size: int) -> None:
-        super().__init__()
-        kw = dict(num_layers=cfg.num_layers, dropout=cfg.dropout, bidirectional=cfg.bidirectional)
-        if cfg.model == "lstm":
-            self.rnn: LSTM | RNN = LSTM(input_size, cfg.hidden_size, proj_size=cfg.proj_size,
-                                        cell=cfg.cell, backend=cfg.backend, **kw)
-        else:
-            self.rnn = RNN(input_size, cfg.hidden_size, backend=cfg.backend, **kw)
-        self.head = nn.Linear(self.rnn.output_size * self.rnn.num_directions, output_size)
-
-    def forward(self, x: Tensor, state: Any = None, lengths: Tensor | None = None) -> tuple[Tensor, Any]:
-        """Run the stack; ``lengths`` (B,) packs the batch so padding never enters the state."""
-        if lengths is not None and bool((lengths < x.shape[0]).any()):
-            packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
-            y, state = self.rnn(packed, state)
-            y, _ = pad_packed_sequence(y, total_length=x.shape[0])
-        else:
-            y, state = self.rnn(x, state)
-        return self.head(y), state
+    ck = runs.read_checkpoint(path)
+    return ck.config, ck.tensors, ck.state
 
 
 def _lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -189,41 +99,39 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+def _check_same_settings(cfg: TrainConfig, theirs: TrainConfig, run_dir: Path) -> None:
+    mine, other = asdict(cfg), asdict(theirs)
+    mine.pop("steps")
+    other.pop("steps")
+    if mine != other:
+        diff = sorted(k for k in mine if mine[k] != other.get(k))
+        raise CheckpointError(f"--resume: the checkpoint in {run_dir} was trained with other "
+                              f"settings ({', '.join(diff)}); resume with the same settings")
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> tuple[TrainConfig, dict[str, Tensor], dict[str, Any]]:
-    """Read a checkpoint: (config, tensors, trainer state). Never executes code.
-
-    Accepts the checkpoint file or its run directory.
-
-    Raises:
-        CheckpointError: missing, unreadable, corrupt or foreign file.
-    """
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoint.safetensors"
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint: no file at {p}")
+def _check_budget(cfg: TrainConfig, task: Task) -> None:
+    """Sizes against sane bounds, and the kernel against the variant, before anything is
+    allocated: the model's parameters (counted on the meta device), the values a batch
+    keeps for backward (from the length of the task's sequences or chunks), and whether
+    the forced ``backend`` runs this variant (which builds the fused kernel on first use)."""
+    parameter_count(cfg, task.input_size, task.output_size)
     try:
-        tensors = load_file(str(p))
-        from safetensors import safe_open
-        with safe_open(str(p), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint: {p} is not a readable safetensors file ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"checkpoint: {p} is not an lstmkit checkpoint (format {meta.get('format')!r}, "
-            f"expected {FORMAT!r})")
-    try:
-        cfg = TrainConfig.from_dict(json.loads(meta["config"]))
-        state = json.loads(meta["trainer"])
-    except (KeyError, json.JSONDecodeError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint: {p} has damaged metadata ({exc})") from None
-    return cfg, tensors, state
+        first = next(iter(task.eval_batches(cfg.eval_split, 1)))
+    except StopIteration:
+        raise ValueError(f"eval_split: task {cfg.task!r} has no {cfg.eval_split!r} sequences") from None
+    T = first.x.shape[0]
+    rows = 4 * cfg.hidden_size if cfg.model == "lstm" else cfg.hidden_size
+    per_step = task.input_size + cfg.num_layers * (2 if cfg.bidirectional else 1) * (rows + 3 * cfg.hidden_size)
+    batch = max(cfg.batch_size, cfg.eval_batch_size)
+    if batch * T * per_step > MAX_ACTIVATIONS:
+        raise ValueError(f"batch_size, hidden_size: a batch of {batch} sequences of {T} steps keeps about "
+                         f"{batch * T * per_step * 4 / 2**30:.0f} GiB of activations, more than the bound of "
+                         f"{MAX_ACTIVATIONS * 4 / 2**30:.0f} GiB; use a smaller batch, model or task length")
+    from lstmkit import kernels
+    from lstmkit.spec import CellSpec, resolve
+
+    spec = resolve(cfg.cell) if cfg.model == "lstm" else CellSpec(kind="rnn")
+    kernels.select(spec, torch.device("cpu"), torch.float32, cfg.backend)  # a first build says so itself
 
 
 class Trainer:
@@ -233,8 +141,13 @@ class Trainer:
         cfg: the run's configuration.
         run_dir: where config, metrics, checkpoints and the summary go.
         resume: continue from ``run_dir``'s checkpoint (its config must match ``cfg``
-            except for ``steps``).
+            except for ``steps``); a run directory without a checkpoint yet (killed
+            before its first one) starts afresh.
         progress: show a progress bar (rank 0 only).
+
+    Raises:
+        ValueError (CheckpointError, FileExistsError): before anything is created, for
+            any bad setting, an impossible size, an unusable run directory or checkpoint.
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = False,
@@ -247,13 +160,17 @@ class Trainer:
             raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by the {self.world} "
                              f"processes; use a multiple of {self.world}")
         self.progress = progress and self.rank == 0
+        self.resumed = runs.plan(self.run_dir, resume)  # touches nothing yet
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.task: Task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
         if self.task.stream and cfg.bidirectional:
             raise ValueError(f"bidirectional: task {cfg.task!r} is a stream predicted left to "
                              f"right; a backward direction would read the future")
-        self._prepare_dir(resume)
+        _check_budget(cfg, self.task)
+        checkpoint = runs.read_checkpoint(self.run_dir, world=self.world) if self.resumed else None
+        if checkpoint is not None:
+            _check_same_settings(cfg, checkpoint.config, self.run_dir)
         torch.manual_seed(cfg.seed)
         self.model = SequenceModel(cfg, self.task.input_size, self.task.output_size)
         self.ddp: nn.Module = self.model
@@ -274,43 +191,19 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.elapsed = 0.0
         self.stopped = ""
-        if resume:
-            self._load()
+        if checkpoint is not None:
+            self.state = runs.restore(checkpoint, self.model, self.opt)
+            st = checkpoint.state
+            self.step, self.best, self.bad_evals = st["step"], st["best"], st["bad_evals"]
+            self.elapsed, self.history, self.stopped = st["elapsed"], st["history"], st.get("stopped", "")
+        if self.rank == 0:
+            if resume and not self.resumed:
+                print(f"lstmkit: {self.run_dir} has no checkpoint yet (the run stopped before its first one); "
+                      f"starting it afresh", file=sys.stderr)
+            runs.start(self.run_dir, cfg, self.resumed, self.history)
         self._batches = self._batch_iter()
 
     # ------------------------------------------------------------------ files
-
-    def _prepare_dir(self, resume: bool) -> None:
-        ckpt = self.run_dir / "checkpoint.safetensors"
-        if self.rank != 0:
-            return
-        if resume:
-            if not ckpt.is_file():
-                raise CheckpointError(f"--resume: no checkpoint in {self.run_dir}")
-            return
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise FileExistsError(
-                f"output directory {self.run_dir} is not empty; nothing was overwritten "
-                f"(use --resume to continue that run, or choose another directory)")
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise ValueError(f"output directory {self.run_dir}: cannot write there ({exc.strerror})") from None
-        write_text(self.run_dir / "config.json", json.dumps(asdict(self.cfg), indent=1))
-
-    def _tensors(self) -> dict[str, Tensor]:
-        t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        for idx, st in self.opt.state_dict()["state"].items():
-            for key, v in st.items():
-                t[f"optim.{idx}.{key}"] = v if isinstance(v, Tensor) else torch.tensor(v)
-        t["rng.torch"] = torch.get_rng_state()  # dropout masks
-        if self.state is not None:
-            for i, s in enumerate(self.state if isinstance(self.state, tuple) else (self.state,)):
-                t[f"carry.{i}"] = s
-        return t
 
     def save(self) -> None:
         """Write the checkpoint (rank 0), replacing the previous one atomically."""
@@ -320,37 +213,8 @@ class Trainer:
         trainer = {"step": self.step, "best": self.best, "bad_evals": self.bad_evals,
                    "elapsed": self.elapsed, "param_groups": groups, "history": self.history,
                    "stopped": self.stopped}
-        meta = {"format": FORMAT, "config": json.dumps(asdict(self.cfg)), "trainer": json.dumps(trainer)}
-        _atomic_save_tensors(self.run_dir / "checkpoint.safetensors", self._tensors(), meta)
-
-    def _load(self) -> None:
-        cfg, tensors, st = load_checkpoint(self.run_dir)
-        mine, theirs = asdict(self.cfg), asdict(cfg)
-        mine.pop("steps")
-        theirs.pop("steps")
-        if mine != theirs:
-            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
-            raise CheckpointError(f"--resume: the checkpoint in {self.run_dir} was trained with other "
-                                  f"settings ({', '.join(diff)}); resume with the same settings")
-        try:
-            model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-            self.model.load_state_dict(model)
-            opt_state: dict[int, dict[str, Tensor]] = {}
-            for k, v in tensors.items():
-                if k.startswith("optim."):
-                    _, idx, key = k.split(".", 2)
-                    opt_state.setdefault(int(idx), {})[key] = v
-            groups = self.opt.state_dict()["param_groups"]
-            for g, saved in zip(groups, st["param_groups"]):
-                g.update(saved)
-            self.opt.load_state_dict({"state": opt_state, "param_groups": groups})
-            torch.set_rng_state(tensors["rng.torch"])
-            carry = [tensors[f"carry.{i}"] for i in range(2) if f"carry.{i}" in tensors]
-            self.state = None if not carry else (carry[0] if len(carry) == 1 else tuple(carry))
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"--resume: checkpoint in {self.run_dir} does not fit this model ({exc})") from None
-        self.step, self.best, self.bad_evals = st["step"], st["best"], st["bad_evals"]
-        self.elapsed, self.history, self.stopped = st["elapsed"], st["history"], st.get("stopped", "")
+        runs.write_checkpoint(self.run_dir, self.cfg, runs.checkpoint_tensors(self.model, self.opt, self.state),
+                              trainer)
 
     # ------------------------------------------------------------------ loop
 
@@ -413,47 +277,55 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train until ``steps``, the target or early stopping; returns the summary."""
         from tqdm import tqdm
-        cfg, target = self.cfg, self.task.target
+        cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, mininterval=0.5)
         start = time.perf_counter() - self.elapsed
-        window: list[float] = []
         try:
-            while self.step < cfg.steps and not self.stopped:
-                window.append(self.train_step())
-                bar.update(1)
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    metrics = self.evaluate(cfg.eval_split)
-                    value = metrics[target.metric]
-                    self.elapsed = time.perf_counter() - start
-                    record = {"step": self.step, "train_loss": sum(window) / len(window),
-                              "lr": self.opt.param_groups[0]["lr"], "time": round(self.elapsed, 3),
-                              **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()}}
-                    window = []
-                    self.history.append(record)
-                    if self.rank == 0:
-                        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                            fh.write(json.dumps(record) + "\n")
-                    bar.set_postfix(loss=f"{record['train_loss']:.4f}", **{target.metric: f"{value:.4g}"})
-                    if self._improved(value):
-                        self.bad_evals = 0
-                    else:
-                        self.bad_evals += 1
-                    if cfg.stop_at_target and target.met(value):
-                        self.stopped = f"target met at step {self.step}"
-                    elif cfg.patience and self.bad_evals >= cfg.patience:
-                        self.stopped = f"no improvement in {cfg.patience} evaluations"
-                    self.save()
+            self._loop(bar, start)
+        except _atomic.WriteError as exc:
+            raise _atomic.WriteError(exc.errno, f"{exc}; once there is space, the same command with --resume "
+                                                f"continues from the last checkpoint") from None
         finally:
             bar.close()
         self.elapsed = time.perf_counter() - start
         summary = self.summary()
         if self.rank == 0:
-            write_text(self.run_dir / "summary.json", json.dumps(summary, indent=1))
-            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()},
-                      str(self.run_dir / "model.safetensors"),
-                      metadata={"format": "lstmkit-weights-1", "config": json.dumps(asdict(cfg))})
+            try:
+                runs.write_model(self.run_dir, cfg, self.model)
+                runs.write_summary(self.run_dir, summary)
+            except _atomic.WriteError as exc:
+                raise _atomic.WriteError(exc.errno, f"{exc}; once there is space, the same command with --resume "
+                                                    f"writes it") from None
         return summary
+
+    def _loop(self, bar: Any, start: float) -> None:
+        cfg, target = self.cfg, self.task.target
+        window: list[float] = []
+        while self.step < cfg.steps and not self.stopped:
+            window.append(self.train_step())
+            bar.update(1)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                metrics = self.evaluate(cfg.eval_split)
+                value = metrics[target.metric]
+                self.elapsed = time.perf_counter() - start
+                record = {"step": self.step, "train_loss": sum(window) / len(window),
+                          "lr": self.opt.param_groups[0]["lr"], "time": round(self.elapsed, 3),
+                          **{f"{cfg.eval_split}_{k}": v for k, v in metrics.items()}}
+                window = []
+                self.history.append(record)
+                if self.rank == 0:
+                    runs.append_metrics(self.run_dir, record)
+                bar.set_postfix(loss=f"{record['train_loss']:.4f}", **{target.metric: f"{value:.4g}"})
+                if self._improved(value):
+                    self.bad_evals = 0
+                else:
+                    self.bad_evals += 1
+                if cfg.stop_at_target and target.met(value):
+                    self.stopped = f"target met at step {self.step}"
+                elif cfg.patience and self.bad_evals >= cfg.patience:
+                    self.stopped = f"no improvement in {cfg.patience} evaluations"
+                self.save()
 
     def summary(self) -> dict[str, Any]:
         """Task, variant, size, steps, time, final metrics against target and baselines."""
@@ -462,7 +334,7 @@ class Trainer:
         value = final.get(f"{self.cfg.eval_split}_{target.metric}")
         return {
             "task": self.cfg.task, "task_options": self.cfg.task_options,
-            "model": self.cfg.model, "cell": resolve(self.cfg.cell).name if self.cfg.model == "lstm" else "rnn",
+            "model": self.cfg.model, "cell": self.cfg.cell_name,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "steps": self.step, "sequences": self.step * self.cfg.batch_size,
             "wall_time_s": round(self.elapsed, 2), "stopped": self.stopped or "step budget reached",

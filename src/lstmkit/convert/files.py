@@ -29,15 +29,15 @@ refused unless ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import io
 import json
 import os
 import pickle
 import re
+import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from lstmkit import _atomic
 from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import CellSpec, resolve
 
-__all__ = ["convert_file", "read_layer", "write_layer", "file_format", "atomic_path", "layer_config",
+__all__ = ["convert_file", "read_layer", "write_layer", "file_format", "layer_config",
            "layer_from_config", "add_arguments", "run", "FORMATS", "SAFETENSORS_FORMAT"]
 
 #: Extension -> format name (``.weights.h5`` is matched before ``.h5`` would be).
@@ -81,26 +81,6 @@ def file_format(path: str | os.PathLike[str], what: str = "path") -> str:
             return FORMATS[ext]
     raise ValueError(f"{what}: unknown extension of {Path(path).name!r}; expected one of {list(FORMATS)}")
 
-
-
-@contextlib.contextmanager
-def atomic_path(dst: Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary path next to ``dst`` (same extension); on success it replaces ``dst``.
-
-    On any exception the temporary file is removed and ``dst`` is left as it was. With
-    ``overwrite=False`` an existing ``dst`` (even one created meanwhile) is never replaced.
-
-    Raises:
-        ValueError: ``dst``'s directory does not exist.
-        FileExistsError: ``dst`` exists and ``overwrite`` is False.
-    """
-    dst = Path(dst)
-    if not dst.parent.is_dir():
-        raise ValueError(f"DST: directory {dst.parent} does not exist")
-    ext = next((e for e in sorted(FORMATS, key=len, reverse=True) if dst.name.lower().endswith(e)), dst.suffix)
-    with _atomic.atomic_path(dst, overwrite=overwrite, suffix=ext,
-                             exists_error=f"DST: {dst} exists; pass --overwrite (overwrite=True) to replace it") as tmp:
-        yield tmp
 
 
 # ---------------------------------------------------------------------------- configs
@@ -342,7 +322,7 @@ def _read_keras(src: Path, weights_only: bool) -> Layer:
         if not zipfile.is_zipfile(src):
             raise ValueError(f"SRC {src}: not a .keras model (a .keras file is a zip archive; this is not one)")
         try:
-            return from_keras_file(src).eval()
+            return from_keras_file(src, allow_go_backwards=False).eval()
         except (ValueError, TypeError) as exc:
             raise ValueError(f"SRC {src}: {_first_line(exc)}") from None
         except Exception as exc:  # zip / h5 / deserialisation errors of a damaged or foreign file
@@ -351,6 +331,10 @@ def _read_keras(src: Path, weights_only: bool) -> Layer:
     arch = _keras_weights_architecture(src)
     layer = LSTM(arch["input_size"], arch["units"], num_layers=arch["layers"], bias=arch["bias"],
                  bidirectional=arch["bidirectional"], batch_first=True)
+    warnings.warn(f"SRC {src}: a .weights.h5 file holds weights only, not the layers' settings; read as the "
+                  f"standard Keras LSTM (sigmoid gates, tanh, go_backwards=False). If the model used other "
+                  f"activations (e.g. hard_sigmoid) or go_backwards, the converted layer computes something else: "
+                  f"convert its .keras file instead, which records them", UserWarning, stacklevel=3)
     try:
         return from_keras_file(src, model=to_keras(layer)).eval()
     except Exception as exc:
@@ -451,9 +435,85 @@ def _check_carries(layer: Layer, fmt: str, method: str = "auto") -> None:
                              f"Scan graph instead")
 
 
+def _serialize(layer: Layer, fmt: str, onnx_options: dict[str, Any]) -> bytes:
+    """The file's bytes, made in memory (so a full disk can only fail the final write,
+    which :mod:`lstmkit._atomic` handles, and never a library's own file handling)."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in layer.state_dict().items()}
+    if fmt == "torch":
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return buf.getvalue()
+    if fmt == "safetensors":
+        from safetensors.torch import save
+        return save(state, metadata={"format": SAFETENSORS_FORMAT, "config": json.dumps(layer_config(layer))})
+    if fmt == "onnx":
+        from lstmkit.convert.onnx import to_onnx
+        return to_onnx(layer, **onnx_options).SerializeToString()
+    from lstmkit.convert.keras import to_keras
+    archive = _in_memory(to_keras(layer).save, ".keras")  # type: ignore[arg-type]
+    if fmt == "keras":
+        return archive
+    # A .keras archive holds the weights as "model.weights.h5", the same HDF5 file that
+    # model.save_weights writes (same groups, names and shapes). Taken from the archive it
+    # is made in memory: h5py writing to a file crashes the process (a segmentation fault
+    # in its cleanup) when the disk fills up during the write.
+    with zipfile.ZipFile(io.BytesIO(archive)) as z:
+        return z.read("model.weights.h5")
+
+
+def _in_memory(save: Any, ext: str) -> bytes:
+    """What ``save(path)`` writes, made in memory where the system allows: on Linux the
+    path is a link to an anonymous in-memory file (``memfd_create``); elsewhere a
+    temporary directory holds it."""
+    with tempfile.TemporaryDirectory(prefix="lstmkit-") as d:
+        link = Path(d) / f"model{ext}"
+        memfd = getattr(os, "memfd_create", None)
+        if memfd is None or not Path("/proc/self/fd").is_dir():
+            save(str(link))
+            return link.read_bytes()
+        fd = memfd("lstmkit-convert")
+        try:
+            os.symlink(f"/proc/self/fd/{fd}", link)
+            save(str(link))
+            return os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            os.close(fd)
+
+
+def _check_bytes(data: bytes, fmt: str, where: str) -> None:
+    """Read the serialised file back before it replaces anything (a writer that produced
+    a truncated or empty file fails here, not when the user next opens it)."""
+    try:
+        if fmt == "torch":
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            ok = isinstance(obj, dict)
+        elif fmt == "safetensors":
+            from safetensors.torch import load
+            ok = isinstance(load(data), dict)
+        elif fmt == "onnx":
+            import onnx
+            ok = onnx.load_model_from_string(data).HasField("graph")
+        elif fmt == "keras":
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                ok = z.testzip() is None
+        else:
+            import h5py
+            with h5py.File(io.BytesIO(data), "r") as fh:
+                ok = "layers" in fh
+    except Exception as exc:  # any parse error of our own output
+        raise ValueError(f"{where}: the {fmt} writer produced an unreadable file ({_first_line(exc)}); "
+                         f"nothing was written") from None
+    if not ok:
+        raise ValueError(f"{where}: the {fmt} writer produced an unexpected file; nothing was written")
+
+
 def write_layer(layer: Layer, dst: str | os.PathLike[str], *, overwrite: bool = False,
                 **onnx_options: Any) -> Path:
     """Write ``layer`` to ``dst`` in the format of its extension, atomically.
+
+    The file is made in memory, read back, and only then written next to ``dst`` and
+    renamed over it (:mod:`lstmkit._atomic`, which first removes the temporary files that
+    killed conversions to ``dst`` left behind).
 
     Args:
         onnx_options: passed to :func:`lstmkit.convert.onnx.to_onnx` (``opset``,
@@ -461,36 +521,22 @@ def write_layer(layer: Layer, dst: str | os.PathLike[str], *, overwrite: bool = 
 
     Raises:
         FileExistsError: ``dst`` exists and ``overwrite`` is False.
-        ValueError: unknown extension, a variant the format cannot carry, an unwritable place.
+        ValueError: unknown extension, a variant the format cannot carry, no such directory.
+        lstmkit._atomic.WriteError: the file system refused (full, read-only); nothing changed.
     """
     if not isinstance(layer, (LSTM, RNN)):
         raise TypeError(f"layer: expected an lstmkit LSTM or RNN, got {type(layer).__name__}")
     p = Path(dst)
     fmt = file_format(p, "DST")
-    if not overwrite and p.exists():
-        raise FileExistsError(f"DST: {p} exists; pass --overwrite (overwrite=True) to replace it")
+    exists = f"DST: {p} exists; pass --overwrite (overwrite=True) to replace it"
+    _atomic.check_writable(p, overwrite=overwrite, what="DST", exists_error=exists)
     _check_carries(layer, fmt, onnx_options.get("method", "auto"))
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in layer.state_dict().items()}
     try:
-        with atomic_path(p, overwrite=overwrite) as tmp:
-            if fmt == "torch":
-                torch.save(state, tmp)
-            elif fmt == "safetensors":
-                from safetensors.torch import save_file
-                save_file(state, str(tmp), metadata={"format": SAFETENSORS_FORMAT,
-                                                     "config": json.dumps(layer_config(layer))})
-            elif fmt == "onnx":
-                from lstmkit.convert.onnx import to_onnx
-                tmp.write_bytes(to_onnx(layer, **onnx_options).SerializeToString())
-            else:
-                from lstmkit.convert.keras import to_keras
-                model = to_keras(layer)  # type: ignore[arg-type]
-                model.save_weights(str(tmp)) if fmt == "keras-weights" else model.save(str(tmp))
-    except FileExistsError:
-        raise
-    except OSError as exc:  # permissions, a directory in the way, a full disk: nothing was left behind
-        raise ValueError(f"DST: cannot write {p} ({exc.strerror or exc})") from None
-    return p
+        data = _serialize(layer, fmt, onnx_options)
+    except OSError as exc:  # the temporary directory Keras writes through could not be made
+        raise _atomic.WriteError(exc.errno or 5, f"DST: cannot write {p} ({exc.strerror or exc})") from None
+    _check_bytes(data, fmt, f"DST {p}")
+    return _atomic.write_bytes(p, data, overwrite=overwrite, what="DST", exists_error=exists)
 
 
 def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False,
@@ -510,8 +556,8 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ov
     """
     fmt = file_format(dst, "DST")  # fail before reading anything
     file_format(src, "SRC")
-    if not overwrite and Path(dst).exists():
-        raise FileExistsError(f"DST: {dst} exists; pass --overwrite (overwrite=True) to replace it")
+    _atomic.check_writable(dst, overwrite=overwrite, what="DST",
+                           exists_error=f"DST: {dst} exists; pass --overwrite (overwrite=True) to replace it")
     layer = read_layer(src, cell=cell, batch_first=batch_first)
     write_layer(layer, dst, overwrite=overwrite, **(onnx_options if fmt == "onnx" else {}))
     return layer

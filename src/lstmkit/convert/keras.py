@@ -8,8 +8,12 @@ converted layers are ``batch_first=True``.
 Supported: ``keras.layers.LSTM``, ``keras.layers.Bidirectional(LSTM)`` with
 ``merge_mode="concat"``, and ``Sequential``/functional models made only of those (all of
 one hidden size and direction count, each but the last with ``return_sequences=True``).
-A ``go_backwards=True`` LSTM reads its input reversed; its lstmkit twin is fed
-``x.flip(1)`` (a warning says so). Keras imports happen inside these functions.
+A ``go_backwards=True`` LSTM reads its input reversed and returns the reversed sequence;
+when it is the first (or only) layer, the lstmkit twin of the whole stack is fed
+``x.flip(1)`` (a warning says so; ``allow_go_backwards=False`` refuses it, as files do,
+since no lstmkit file records the reversal). A later layer with ``go_backwards=True``
+reverses time between layers, which one lstmkit LSTM cannot compute: refused. Keras
+imports happen inside these functions.
 """
 
 from __future__ import annotations
@@ -79,8 +83,12 @@ def _use_bias(layer: Any) -> bool:
     return (layer.forward_layer if hasattr(layer, "forward_layer") else layer).use_bias
 
 
-def from_keras(obj: Any) -> LSTM:
+def from_keras(obj: Any, *, allow_go_backwards: bool = True) -> LSTM:
     """An lstmkit LSTM (``batch_first=True``) computing what the Keras LSTM stack computes.
+
+    Args:
+        allow_go_backwards: accept a first layer with ``go_backwards=True`` (the returned
+            layer must then be fed ``x.flip(1)``; a warning says so).
 
     Raises:
         TypeError / ValueError: something Keras-specific that an lstmkit LSTM cannot carry.
@@ -99,6 +107,15 @@ def from_keras(obj: Any) -> LSTM:
         subs = [layer.forward_layer, layer.backward_layer] if bidir else [layer]
         for direction, sub in enumerate(subs):
             if sub.go_backwards and not bidir:
+                if index > 0:
+                    raise ValueError(f"keras: {sub.name!r} (layer {index} of the stack) has go_backwards=True: it "
+                                     f"reverses time between layers, which one lstmkit LSTM cannot compute; convert "
+                                     f"the layers one by one")
+                if not allow_go_backwards:
+                    raise ValueError(f"keras: {sub.name!r} has go_backwards=True (it reads its input reversed); an "
+                                     f"lstmkit layer does not record that, so the converted file would compute "
+                                     f"something else. Use lstmkit.convert.from_keras in Python and feed the layer "
+                                     f"x.flip(1), or save the Keras model without go_backwards")
                 warnings.warn(f"keras: {sub.name!r} has go_backwards=True; feed its lstmkit twin the "
                               f"time-reversed input x.flip(1)", UserWarning, stacklevel=2)
             weights = [np.asarray(keras.ops.convert_to_numpy(w)) for w in sub.cell.weights]
@@ -150,7 +167,7 @@ def to_keras(layer: LSTM, return_sequences: bool = True, return_state: bool = Fa
     return model
 
 
-def from_keras_file(path: str | os.PathLike[str], model: Any = None) -> LSTM:
+def from_keras_file(path: str | os.PathLike[str], model: Any = None, *, allow_go_backwards: bool = True) -> LSTM:
     """Read an LSTM from a saved ``.keras`` file, or load ``.weights.h5`` into ``model`` first.
 
     ``.keras`` files are loaded with ``safe_mode=True`` (no code from the file runs).
@@ -170,9 +187,9 @@ def from_keras_file(path: str | os.PathLike[str], model: Any = None) -> LSTM:
                 raise ValueError(f"path: {p.name} holds weights without the architecture; pass the Keras "
                                  f"model it belongs to (model=...)")
             model.load_weights(str(p))
-            return from_keras(model)
+            return from_keras(model, allow_go_backwards=allow_go_backwards)
         if p.suffix == ".keras":
-            return from_keras(keras.saving.load_model(str(p), safe_mode=True))
+            return from_keras(keras.saving.load_model(str(p), safe_mode=True), allow_go_backwards=allow_go_backwards)
     except (OSError, KeyError) as exc:
         raise ValueError(f"path: cannot read {p} as a Keras file ({exc})") from None
     raise ValueError(f"path: expected a .keras or .weights.h5 file, got {p.name!r}")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lstmkit import _atomic
 from lstmkit.kernels import abi, ops
 
 __all__ = ["available", "load", "build", "capability", "build_dir", "forward", "backward", "IMPL"]
@@ -97,18 +98,17 @@ def _build(cap: str, verbose: bool = False) -> Any:
     header = include / "lstmkit_abi.h"
     text = abi.header()
     if not header.exists() or header.read_text() != text:
-        tmp = include / f".lstmkit_abi.h.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, header)
+        _atomic.write_text(header, text, what="kernel ABI header")
     built = any(where.glob(f"{name}*.so"))
-    if not built:
+    announce = not built and os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks
+    if announce:
         print(f"lstmkit: compiling the fused CPU kernel for {cap} (once per machine and version; "
               f"usually 30-60 s) into {where}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     ext = cpp_load(name=name, sources=[str(_CSRC / "recurrence.cpp")],
                    extra_include_paths=[str(_CSRC), str(include)], extra_cflags=_flags(cap),
                    extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
-    if not built:
+    if announce:
         print(f"lstmkit: kernel compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return ext
 

@@ -27,8 +27,8 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 
 def _onednn_linear(x2d: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """``x2d wᵀ + b`` through oneDNN with the weight reordered (prepacked) for this call."""
-    ops = torch.ops.mkldnn
-    return ops._linear_pointwise(x2d, ops._reorder_linear_weight(w, x2d.shape[0]), b, "none", [], "")
+    mkldnn = torch.ops.mkldnn
+    return mkldnn._linear_pointwise(x2d, mkldnn._reorder_linear_weight(w, x2d.shape[0]), b, "none", [], "")
 
 
 def _use_onednn(rows: int, w: Tensor) -> bool:

@@ -70,7 +70,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lstmkit import _atomic
 from lstmkit.tasks._corpus_util import cache_dir, hash_order, sha256_hex, time_mask
+from lstmkit.tasks._synth_common import MAX_LENGTH, check_positive, check_values
 from lstmkit.tasks.base import Batch, Target, Task, register_task
 
 __all__ = ["CharLM", "EXCLUDED_DIRS", "StepFn", "sample", "stdlib_files", "xz_bpc", "xz_given_bpc"]
@@ -197,11 +199,9 @@ def _cached_xz(text: str, context: str = "") -> float:
         return float(table[key])
     value = xz_given_bpc(context, text) if context else xz_bpc(text)
     table[key] = value
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache is not an error
+        _atomic.write_text(path, json.dumps(table, indent=1, sort_keys=True), what="cache")
+    except OSError:  # a read-only or full cache is not an error
         pass
     return value
 
@@ -247,10 +247,12 @@ class CharLM(Task):
     stream = True
 
     def __post_init__(self) -> None:
-        if self.max_bytes is not None and self.max_bytes <= 0:
-            raise ValueError(f"charlm: max_bytes must be positive or None, got {self.max_bytes}")
-        if self.bptt < 1 or self.eval_streams < 1:
-            raise ValueError(f"charlm: bptt and eval_streams must be ≥ 1, got {self.bptt}, {self.eval_streams}")
+        if self.max_bytes is not None:
+            check_positive(self.name, 2**62, max_bytes=self.max_bytes)
+        check_positive(self.name, MAX_LENGTH, bptt=self.bptt)
+        check_positive(self.name, eval_streams=self.eval_streams)
+        check_values(self.name, f"an evaluation batch of eval_streams={self.eval_streams} chunks of bptt={self.bptt}",
+                     self.eval_streams * self.bptt * 98)
         self._corpus = _load_corpus(str(stdlib_root()), self.max_bytes)
         self.vocab: str = self._corpus.vocab
         self.input_size = self.output_size = len(self.vocab) + 1
@@ -373,6 +375,10 @@ class CharLM(Task):
             nll, correct = nll[mask], correct[mask]
         total, n = float(nll.sum()), float(nll.numel())
         return {"loss": (total, n), "bpc": (total / math.log(2), n), "accuracy": (float(correct.sum()), n)}
+
+    def encode(self, text: str) -> Tensor:
+        """(N,) int64 vocabulary indices of ``text`` (characters outside it -> "other")."""
+        return _encode(text, self.vocab).long()
 
     def decode(self, indices: Sequence[int] | Tensor) -> str:
         """Characters of vocabulary ``indices`` ("other" shown as U+FFFD)."""

@@ -44,8 +44,8 @@ training frequency) and ``repeat_previous`` (``p = (1 - a)·previous frame + a·
 from __future__ import annotations
 
 import functools
+import io
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lstmkit import _atomic
 from lstmkit.tasks._corpus_util import cache_dir, hash_order, progress, require, sha256_hex, time_mask
 from lstmkit.tasks.base import Batch, Target, Task, register_task
 
@@ -176,6 +177,9 @@ def _load_cached(cache_root: str, limit: int | None) -> ChoraleData:
         path, z = own, _read_cache(own)
     if z is None:
         path = own
+        which = "all of music21's Bach scores" if limit is None else f"music21's Bach scores until {limit} chorales"
+        progress(f"chorales: parsing {which} once (all of them usually take 5-10 minutes; progress every 25 files); "
+                 f"cached afterwards in {path}")
         paths, rolls, scanned, _, seconds = _parse(limit)
         flat = np.concatenate(rolls, axis=0) if rolls else np.zeros((0, 128), np.uint8)
         z = {
@@ -185,9 +189,12 @@ def _load_cached(cache_root: str, limit: int | None) -> ChoraleData:
             "parse_seconds": np.array(seconds),
             "files_scanned": np.array(scanned),
         }
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez_compressed(tmp, **z)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **z)
+        try:
+            _atomic.write_bytes(path, buf.getvalue(), what="cache")
+        except OSError as exc:  # a read-only or full cache: parse again next time
+            progress(f"chorales: could not cache the parse ({exc})")
     paths = [str(p) for p in z["paths"]]
     lengths = z["lengths"]
     flat = np.unpackbits(z["rolls"], axis=1, count=128)
@@ -254,8 +261,9 @@ class Chorales(Task):
     output_size = N_PITCHES
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 3:
-            raise ValueError(f"chorales: limit must be ≥ 3 (train/valid/test) or None, got {self.limit}")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 3):
+            raise ValueError(f"chorales: limit must be an int ≥ 3 (train/valid/test) or None, got {self.limit!r}")
 
     # ------------------------------------------------------------------ data
 

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from lstmkit.tasks._corpus_util import require, sha256_hex
+from lstmkit.tasks._synth_common import check_positive
 from lstmkit.tasks.base import Batch, Target, Task, register_task
 
 __all__ = ["CO2", "SeriesData", "Sunspots", "load_series"]
@@ -136,11 +137,15 @@ class _SeriesTask(Task):
     output_size = 1
 
     def __post_init__(self) -> None:
-        if self.window < 1 or self.lags < 1:
-            raise ValueError(f"{self.name}: window and lags must be ≥ 1, got {self.window}, {self.lags}")
+        check_positive(self.name, window=self.window, lags=self.lags)
+        if not isinstance(self.difference, bool):
+            raise ValueError(f"task {self.name!r}: difference must be true or false, got {self.difference!r}")
         self.input_size = self.lags
         d = self.raw
         n = len(d.values)
+        if self.lags >= n or self.window >= n:
+            raise ValueError(f"task {self.name!r}: window={self.window} and lags={self.lags} must be smaller than the "
+                             f"series' {n} values")
         n_train, n_valid = round(_FRACTIONS[0] * n), round(_FRACTIONS[1] * n)
         #: target index ranges [lo, hi) of the splits
         self.ranges = {"train": (0, n_train), "valid": (n_train, n_train + n_valid),

@@ -20,8 +20,14 @@ from torch import Tensor
 
 from lstmkit.tasks.base import Batch, Task
 
-__all__ = ["EVAL_SPLITS", "SampledTask", "check_batch_size", "check_split", "derive_seed",
-           "generator_for", "last_step"]
+__all__ = ["EVAL_SPLITS", "SampledTask", "check_batch_size", "check_split", "check_positive", "check_values",
+           "derive_seed", "generator_for", "last_step", "MAX_LENGTH", "MAX_VALUES"]
+
+#: Sane upper bounds of a task's sizes, checked when the task is made (before any data is):
+#: time steps of a sequence or chunk, and values one set of data (an evaluation split, a
+#: batch of streams) holds (2**28 float32 = 1 GiB).
+MAX_LENGTH = 100_000
+MAX_VALUES = 2**28
 
 #: Splits every i.i.d. generated task offers: three fixed sets drawn from the task's
 #: distribution with different derived seeds ("train" is a fixed sample of the training
@@ -55,11 +61,20 @@ def check_batch_size(task: str, batch_size: int) -> None:
         raise ValueError(f"task {task!r}: batch_size must be a positive int, got {batch_size!r}")
 
 
-def check_positive(task: str, **options: object) -> None:
-    """Raise ValueError unless every option is a positive int."""
+def check_positive(task: str, maximum: int = MAX_VALUES, **options: object) -> None:
+    """Raise ValueError unless every option is a positive int of at most ``maximum``."""
     for key, v in options.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"task {task!r}: {key} must be a positive int, got {v!r}")
+        if v > maximum:
+            raise ValueError(f"task {task!r}: {key} must be at most {maximum:,} (a sane bound), got {v:,}")
+
+
+def check_values(task: str, what: str, values: int) -> None:
+    """Raise ValueError if one set of the task's data would hold more than :data:`MAX_VALUES`."""
+    if values > MAX_VALUES:
+        raise ValueError(f"task {task!r}: {what} would hold {values:,} values, more than the bound of "
+                         f"{MAX_VALUES:,} (1 GiB of float32); use smaller options")
 
 
 def last_step(output: Tensor, lengths: Tensor | None) -> Tensor:

@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 
 from lstmkit.tasks import reber
-from lstmkit.tasks._synth_common import check_batch_size, check_positive, check_split, generator_for
+from lstmkit.tasks._synth_common import (
+    MAX_LENGTH,
+    check_batch_size,
+    check_positive,
+    check_split,
+    check_values,
+    generator_for,
+)
 from lstmkit.tasks.base import Batch, Target, Task, register_task
 
 __all__ = ["ReberTask", "ContinualReberTask", "stream_baselines"]
@@ -196,7 +203,7 @@ def _chain() -> _Chain:
     rows: list[list[tuple[int, tuple[str, str]]]] = []
     k = 0
     while k < len(order):
-        options = reber._embedded_options(order[k])  # the grammar, written once in reber.py
+        options = reber.embedded_options(order[k])  # the grammar, written once in reber.py
         row = []
         for symbol, state in options.items():
             state = start if state[0] == "done" else state  # continual: E is followed by B
@@ -342,8 +349,10 @@ class ContinualReberTask(Task):
     output_size = reber.N_SYMBOLS
 
     def __post_init__(self) -> None:
-        check_positive(self.name, bptt=self.bptt, eval_streams=self.eval_streams,
-                       eval_symbols=self.eval_symbols)
+        check_positive(self.name, MAX_LENGTH, bptt=self.bptt)
+        check_positive(self.name, eval_streams=self.eval_streams, eval_symbols=self.eval_symbols)
+        check_values(self.name, f"an evaluation stream of eval_symbols={self.eval_symbols}",
+                     (self.eval_symbols + self.eval_streams * self.bptt) * self.input_size)
 
     @property
     def target(self) -> Target:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmkit.tasks._synth_common import SampledTask, check_positive, last_step
+from lstmkit.tasks._synth_common import MAX_LENGTH, SampledTask, check_positive, check_values, last_step
 from lstmkit.tasks.base import Batch, Target, register_task
 
 __all__ = ["AddingTask", "TemporalOrderTask", "CopyTask", "hochreiter_adding_baselines"]
@@ -96,7 +96,10 @@ class AddingTask(SampledTask):
     output_size = 1
 
     def __post_init__(self) -> None:
-        check_positive(self.name, length=self.length, eval_size=self.eval_size)
+        check_positive(self.name, MAX_LENGTH, length=self.length)
+        check_positive(self.name, eval_size=self.eval_size)
+        check_values(self.name, f"an evaluation set of eval_size={self.eval_size} sequences of length="
+                     f"{self.length}", self.eval_size * (self.length + self.length // 10) * self.input_size)
         if self.form not in ("hochreiter", "le"):
             raise ValueError(f"task 'adding': form must be 'hochreiter' or 'le', got {self.form!r}")
         if self.form == "hochreiter" and self.length < 22:
@@ -242,6 +245,8 @@ class TemporalOrderTask(SampledTask):
 
     def __post_init__(self) -> None:
         check_positive(self.name, eval_size=self.eval_size)
+        check_values(self.name, f"an evaluation set of eval_size={self.eval_size} sequences",
+                     self.eval_size * 110 * self.input_size)
         if self.variant not in ORDER_WINDOWS:
             raise ValueError(f"task 'temporal_order': variant must be '6a' or '6b', got {self.variant!r}")
         self.output_size = 2 ** len(ORDER_WINDOWS[self.variant])
@@ -354,7 +359,10 @@ class CopyTask(SampledTask):
     output_size = COPY_CLASSES
 
     def __post_init__(self) -> None:
-        check_positive(self.name, length=self.length, eval_size=self.eval_size)
+        check_positive(self.name, MAX_LENGTH, length=self.length)
+        check_positive(self.name, eval_size=self.eval_size)
+        check_values(self.name, f"an evaluation set of eval_size={self.eval_size} sequences of length="
+                     f"{self.length}", self.eval_size * (self.length + 20) * self.input_size)
 
     @property
     def baseline(self) -> float:

@@ -17,15 +17,19 @@ Everything is time-major, as ``torch.nn.LSTM``'s default: inputs ``(T, B, input_
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "Target", "Task", "TASKS", "register_task", "get_task", "task_names"]
+from lstmkit._suggest import did_you_mean
+
+__all__ = ["Batch", "Target", "Task", "TASKS", "register_task", "get_task", "task_names", "task_options",
+           "task_description"]
 
 
 @dataclass
@@ -165,15 +169,44 @@ def task_names() -> list[str]:
     return sorted(TASKS)
 
 
+def _known(name: str) -> type[Task]:
+    _load_builtin()
+    if not isinstance(name, str) or name not in TASKS:
+        raise ValueError(f"task: unknown task {name!r}{did_you_mean(str(name), sorted(TASKS))}; expected one of "
+                         f"{sorted(TASKS)} (lstmkit tasks lists them with their options)")
+    return TASKS[name]  # type: ignore[return-value]
+
+
+def task_options(name: str) -> dict[str, Any]:
+    """The options of task ``name`` and their defaults (``-o KEY=VALUE`` on the command line).
+
+    Raises:
+        ValueError: unknown task name.
+    """
+    cls = _known(name)
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
+
+
+def task_description(name: str) -> str:
+    """Task ``name``'s docstring (its first line says what it is)."""
+    return (_known(name).__doc__ or "").strip()
+
+
 def get_task(name: str, **options: object) -> Task:
     """Build the task ``name`` with ``options`` (e.g. ``seed=0, length=100``).
 
     Raises:
-        ValueError: unknown task name, or an option the task does not take.
+        ValueError: unknown task name, or an option the task does not take (the message
+            lists the task's options), or a bad option value.
     """
-    _load_builtin()
-    if name not in TASKS:
-        raise ValueError(f"task: unknown task {name!r}; expected one of {sorted(TASKS)}")
+    known = task_options(name)
+    for key in options:
+        if key not in known:
+            listed = ", ".join(f"{k}={v!r}" for k, v in known.items())
+            raise ValueError(f"task {name!r}: unknown option {key!r}{did_you_mean(key, list(known))}; its options "
+                             f"(with defaults) are {listed}")
     try:
         return TASKS[name](**options)
     except TypeError as exc:

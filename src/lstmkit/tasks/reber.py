@@ -95,7 +95,7 @@ def embedded_reber_string(rng: random.Random) -> str:
     return "B" + branch + reber_string(rng) + branch + "E"
 
 
-def _embedded_options(state: tuple[str, str]) -> dict[str, tuple[str, str]]:
+def embedded_options(state: tuple[str, str]) -> dict[str, tuple[str, str]]:
     """Transitions of the embedded automaton from ``(phase, info)``.
 
     Phases: ``outer0`` (expects B), ``outer1`` (expects T|P), ``outer2`` (expects the
@@ -141,7 +141,7 @@ def legal_next(s: str) -> list[set[str]]:
     state: tuple[str, str] = ("outer0", "")
     sets: list[set[str]] = []
     for t, symbol in enumerate(s):
-        options = _embedded_options(state)
+        options = embedded_options(state)
         if symbol not in options:
             raise ValueError(
                 f"not an embedded Reber string: {s!r} (symbol {symbol!r} at "
@@ -149,7 +149,7 @@ def legal_next(s: str) -> list[set[str]]:
             )
         state = options[symbol]
         if t < len(s) - 1:
-            sets.append(set(_embedded_options(state)))
+            sets.append(set(embedded_options(state)))
     if state[0] != "done":
         raise ValueError(f"not a complete embedded Reber string: {s!r}")
     return sets

@@ -1,0 +1,139 @@
+"""Command-line plumbing the subcommands share: a parser whose errors are one line with a
+"did you mean", options derived from :class:`lstmkit.config.TrainConfig`'s fields (help
+and defaults from the field, given values only), and ``KEY=VALUE`` task options.
+
+This is not the command line itself (:mod:`lstmkit.cli`); subcommand modules use it to
+declare their arguments without importing the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from collections.abc import Iterable
+from typing import Any, NoReturn
+
+from lstmkit._suggest import did_you_mean
+from lstmkit.config import Option, TrainConfig, option_of
+
+__all__ = ["Parser", "add_config_options", "config_values", "key_value", "default_text"]
+
+_CHOICE = re.compile(r"invalid choice: '(?P<word>[^']*)' \(choose from (?P<choices>.*)\)")
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block) with a suggestion
+    for a mistyped option or choice; exit code 2 as argparse's. Unrecognised arguments
+    are reported by the subcommand they were given to (its options are the suggestions).
+    """
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            sub = _innermost(self, ns)
+            hint = getattr(sub, "hint", None)
+            sub.error(f"unrecognized arguments: {' '.join(extras)}" + (hint(extras, ns) if hint else ""))
+        return ns
+
+    def error(self, message: str) -> NoReturn:
+        m = _CHOICE.search(message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m["choices"])
+            message += did_you_mean(m["word"], choices)
+        elif message.startswith("unrecognized arguments:"):
+            words = message.split(":", 1)[1].split()
+            flag = next((w.split("=")[0] for w in words if w.startswith("-")), None)
+            if flag and "did you mean" not in message:
+                message += did_you_mean(flag, _all_flags(self))
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _innermost(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the subcommand that ``ns`` chose."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(ns, action.dest, None) in action.choices:
+            return _innermost(action.choices[getattr(ns, action.dest)], ns)
+    return parser
+
+
+def _all_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Every option string of ``parser`` and of its subcommands."""
+    out = list(parser._option_string_actions)  # argparse offers no public way to list them
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += _all_flags(sub)
+    return out
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` → ``(key, value)``; the value is read as JSON if it is JSON (``100``,
+    ``1e-3``, ``true``, ``null``), else kept as text; dashes in the key become underscores."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
+def default_text(f: dataclasses.Field[Any]) -> str:
+    """A field's default as the command line writes it."""
+    opt = option_of(f)
+    value = f.default
+    if value is None:
+        return opt.none_word if opt.optional else "-"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _parser_of(name: str, opt: Option) -> Any:
+    def parse(text: str) -> Any:
+        if opt.optional and text.lower() in ("none", opt.none_word):
+            return None
+        try:
+            return opt.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an int' if opt.kind is int else 'a number'}, got {text!r}") from None
+
+    parse.__name__ = name
+    return parse
+
+
+def add_config_options(parser: Any, *, only: Iterable[str] | None = None,
+                       exclude: Iterable[str] = ("task", "task_options")) -> None:
+    """One option per :class:`TrainConfig` field, with its help and default in ``--help``.
+
+    Nothing is stored for an option that is not given (``default=SUPPRESS``): the
+    namespace holds exactly the settings the user typed, for
+    :meth:`TrainConfig.for_task`.
+
+    Args:
+        only: these fields (default: all but ``exclude``).
+    """
+    names = set(only) if only is not None else None
+    skip = set(exclude)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip or (names is not None and f.name not in names):
+            continue
+        opt = option_of(f)
+        flags = opt.flags or (f"--{f.name.replace('_', '-')}",)
+        help_text = f"{opt.help} (default: {default_text(f)})"
+        if opt.kind is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+            continue
+        metavar = None if opt.choices else {int: "N", float: "X"}.get(opt.kind, "NAME")
+        parser.add_argument(*flags, dest=f.name, type=_parser_of(f.name, opt) if opt.kind is not str else str,
+                            choices=opt.choices or None, metavar=metavar, default=argparse.SUPPRESS, help=help_text)
+
+
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`TrainConfig` settings given on the command line (and only those)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "task_options"}
+    return {k: v for k, v in vars(args).items() if k in names}

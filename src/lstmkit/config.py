@@ -1,0 +1,274 @@
+"""What defines a training run: :class:`TrainConfig` and the model it describes.
+
+Every setting is a field of :class:`TrainConfig` with its default, its bounds and its help
+text in one place (the field's :class:`Option`); the command line (``lstmkit train``,
+``lstmkit study``) derives its options from these fields, and :meth:`TrainConfig.validate`
+checks every value against them — types, ranges and sane upper bounds — before anything
+is created or allocated. A config read back from a file (``config.json``, a checkpoint's
+metadata) goes through the same checks.
+
+:class:`SequenceModel` is the network a config defines: a recurrent stack and a linear
+read-out per time step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from lstmkit._suggest import did_you_mean
+from lstmkit.nn import LSTM, RNN
+from lstmkit.spec import preset_names, resolve
+
+__all__ = ["TrainConfig", "SequenceModel", "Option", "option_of", "parameter_count", "MAX_PARAMETERS",
+           "MAX_ACTIVATIONS"]
+
+#: Sane upper bounds: a config (typed, or read from a file) beyond them is refused before
+#: anything is allocated. Parameters of the whole model (2**28 float32 = 1 GiB, 4 GiB with
+#: Adam's state and the gradients).
+MAX_PARAMETERS = 2**28
+#: Values one training or evaluation batch keeps for the backward pass (inputs and the
+#: per-step activations of every layer), 2**31 float32 = 8 GiB.
+MAX_ACTIVATIONS = 2**31
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one :class:`TrainConfig` field is checked and offered on the command line.
+
+    Attributes:
+        help: one line for ``--help``.
+        kind: the value's type (``int``, ``float``, ``str``, ``bool``, ``dict``).
+        lo, hi: inclusive bounds (``lo_open``/``hi_open``: exclusive).
+        choices: the allowed values of a ``str`` field.
+        optional: None is allowed (it means "off"; ``none_word`` names it on the command line).
+        flags: the command-line spellings (default ``--field-name``).
+    """
+
+    help: str
+    kind: type
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+    none_word: str = "none"
+    flags: tuple[str, ...] = ()
+
+
+def _f(default: Any, help: str, kind: type, **kw: Any) -> Any:
+    meta = {"option": Option(help, kind, **kw)}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def option_of(f: dataclasses.Field[Any]) -> Option:
+    """The :class:`Option` of a :class:`TrainConfig` field."""
+    return f.metadata["option"]
+
+
+def _check(name: str, value: Any, opt: Option) -> None:
+    """Raise ValueError naming ``name``, what it expects and what it got."""
+    if value is None:
+        if opt.optional:
+            return
+        raise ValueError(f"{name}: expected a value, got None")
+    if opt.kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+        return
+    if opt.kind is str:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name}: expected a name, got {value!r}")
+        if opt.choices and value not in opt.choices:
+            raise ValueError(f"{name}: expected one of {list(opt.choices)}, got {value!r}"
+                             f"{did_you_mean(value, opt.choices)}")
+        return
+    if opt.kind is dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{name}: expected a mapping of option names to values, got {value!r}")
+        return
+    if opt.kind is int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name}: expected an int, got {value!r}")
+        what = "an int"
+    else:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        what = "a number"
+    none = f" or {opt.none_word}" if opt.optional else ""
+    if opt.lo is not None and (value <= opt.lo if opt.lo_open else value < opt.lo):
+        raise ValueError(f"{name}: expected {what} {'>' if opt.lo_open else '>='} {opt.lo:g}{none}, got {value!r}")
+    if opt.hi is not None and (value >= opt.hi if opt.hi_open else value > opt.hi):
+        raise ValueError(f"{name}: expected {what} {'<' if opt.hi_open else '<='} {opt.hi:g}{none}, got {value!r}"
+                         + ("" if opt.hi_open else " (a sane upper bound)"))
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Same config and seed → same loss curve."""
+
+    task: str = field(metadata={"option": Option("task name (see lstmkit tasks)", str)})
+    task_options: dict[str, Any] = _f({}, "task options (-o KEY=VALUE; see lstmkit tasks TASK)", dict)
+    model: str = _f("lstm", "recurrent layer: an lstmkit LSTM or the plain tanh RNN", str, choices=("lstm", "rnn"))
+    cell: str = _f("vanilla", "LSTM variant: a preset or names joined with '+', e.g. peephole, cifg+layernorm, "
+                   "vanilla+fb=1, deep=16 (ignored for --model rnn)", str)
+    hidden_size: int = _f(64, "cells per layer and direction (H)", int, lo=1, hi=65536,
+                          flags=("--hidden", "--hidden-size"))
+    num_layers: int = _f(1, "stacked recurrent layers", int, lo=1, hi=1024, flags=("--layers", "--num-layers"))
+    bidirectional: bool = _f(False, "a forward and a backward direction per layer", bool)
+    dropout: float = _f(0.0, "dropout between stacked layers", float, lo=0, hi=1, hi_open=True)
+    proj_size: int = _f(0, "LSTMP: project h_t to this size (0 = no projection; < hidden size)", int, lo=0,
+                        hi=65535)
+    optimizer: str = _f("adam", "optimiser", str, choices=("adam", "sgd"))
+    lr: float = _f(1e-3, "learning rate", float, lo=0, lo_open=True)
+    momentum: float = _f(0.9, "momentum (sgd only)", float, lo=0, hi=1, hi_open=True)
+    weight_decay: float = _f(0.0, "L2 weight decay", float, lo=0)
+    clip: float | None = _f(1.0, "max gradient norm (0 or none: no clipping)", float, lo=0, lo_open=True,
+                            optional=True, none_word="0")
+    schedule: str = _f("constant", "learning-rate schedule (step: x0.1 at half and at three quarters of the "
+                       "steps)", str, choices=("constant", "cosine", "step"))
+    warmup: int = _f(0, "linear learning-rate warm-up steps", int, lo=0, hi=10**9)
+    batch_size: int = _f(32, "sequences (or streams) per training batch", int, lo=1, hi=2**20)
+    steps: int = _f(1000, "optimiser steps", int, lo=1, hi=10**9)
+    eval_every: int = _f(100, "evaluate (and checkpoint) every this many steps", int, lo=1, hi=10**9)
+    eval_batch_size: int = _f(256, "sequences per evaluation batch", int, lo=1, hi=2**20)
+    patience: int | None = _f(None, "stop after this many evaluations without improvement (none: never)", int,
+                              lo=1, hi=10**9, optional=True)
+    eval_split: str = _f("test", "split evaluated during training (target, patience, metrics.jsonl)", str,
+                         choices=("train", "valid", "test"))
+    stop_at_target: bool = _f(True, "stop once the task's published success criterion is met", bool)
+    seed: int = _f(0, "seed of the initialisation and of the training data", int, lo=0, hi=2**63 - 1)
+    backend: str | None = _f(None, "force a kernel, reference or cpu_fused (none: the fastest that runs the "
+                             "variant)", str, optional=True)
+    threads: int | None = _f(None, "torch threads (none: torch's choice)", int, lo=1, hi=4096, optional=True)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the setting, what it expects and what it got, for any
+        value of the wrong type, out of its bounds, or an impossible combination."""
+        for f in dataclasses.fields(self):
+            _check(f.name, getattr(self, f.name), option_of(f))
+        if self.proj_size and self.proj_size >= self.hidden_size:
+            raise ValueError(f"proj_size: expected 0 <= proj_size < hidden_size ({self.hidden_size}), "
+                             f"got {self.proj_size}")
+        if self.model == "lstm":
+            _check_cell(self.cell)
+        elif self.proj_size:
+            raise ValueError("proj_size: only the LSTM has a projection, not the plain RNN (--model rnn)")
+        if self.backend is not None:
+            from lstmkit import kernels  # the registry; importing it builds nothing
+            if self.backend not in kernels.REGISTRY:
+                raise ValueError(f"backend: unknown kernel {self.backend!r}"
+                                 f"{did_you_mean(self.backend, kernels.REGISTRY)}; expected one of "
+                                 f"{list(kernels.REGISTRY)}")
+
+    @classmethod
+    def for_task(cls, task: str, task_options: Mapping[str, Any] | None = None, **given: Any) -> TrainConfig:
+        """The validated config of a run of ``task``: the field defaults, then ``given``.
+
+        ``given`` holds only the settings someone chose explicitly (the command line
+        passes only the options that were typed). A layer of per-task recommended
+        settings slots in between: ``for_task(task, opts, **{**recommended, **given})``.
+
+        Raises:
+            ValueError: an unknown setting (with the closest name), or a bad value.
+        """
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("task", "task_options")]
+        for key in given:
+            if key not in names:
+                raise ValueError(f"{key}: not a training setting{did_you_mean(key, names)}; the settings are "
+                                 f"{names}")
+        cfg = cls(task=task, task_options=dict(task_options or {}), **given)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TrainConfig:
+        """Build and validate from a mapping (a ``config.json`` or a checkpoint's metadata),
+        refusing unknown or missing keys (a foreign or newer config).
+
+        Raises:
+            ValueError: not a mapping, unknown keys, no task, or a bad value.
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; not an lstmkit training config")
+        if "task" not in d:
+            raise ValueError("config: no 'task'; not an lstmkit training config")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    @property
+    def cell_name(self) -> str:
+        """The variant's name (``"rnn"`` for the plain RNN)."""
+        return resolve(self.cell).name if self.model == "lstm" else "rnn"
+
+
+def _check_cell(cell: Any) -> None:
+    if not isinstance(cell, str):
+        raise ValueError(f"cell: expected a variant name, got {cell!r}")
+    words = [n for n in preset_names() if "<" not in n]
+    for word in (w.strip() for w in cell.lower().split("+")):
+        if word not in words and not word.startswith(("clip=", "fb=", "forget_bias=", "deep=")):
+            raise ValueError(f"cell: unknown variant {word!r} in {cell!r}{did_you_mean(word, words)}; expected "
+                             f"names from {preset_names()} joined with '+'")
+    spec = resolve(cell)  # an impossible combination raises with the reason
+    if not spec.is_lstm:
+        raise ValueError(f"cell: {cell!r} is the plain RNN; use --model rnn instead")
+
+
+class SequenceModel(nn.Module):
+    """A recurrent stack (lstmkit LSTM or RNN) and a linear read-out per time step.
+
+    Args:
+        device: where the parameters live; ``"meta"`` builds the model without memory
+            (to count parameters or check a file's shapes before allocating anything).
+
+    Shapes: x (T, B, input_size) -> output (T, B, output_size); state as the layer's.
+    """
+
+    def __init__(self, cfg: TrainConfig, input_size: int, output_size: int, device: Any = None) -> None:
+        super().__init__()
+        kw = dict(num_layers=cfg.num_layers, dropout=cfg.dropout, bidirectional=cfg.bidirectional, device=device)
+        if cfg.model == "lstm":
+            self.rnn: LSTM | RNN = LSTM(input_size, cfg.hidden_size, proj_size=cfg.proj_size,
+                                        cell=cfg.cell, backend=cfg.backend, **kw)
+        else:
+            self.rnn = RNN(input_size, cfg.hidden_size, backend=cfg.backend, **kw)
+        self.head = nn.Linear(self.rnn.output_size * self.rnn.num_directions, output_size, device=device)
+
+    def forward(self, x: Tensor, state: Any = None, lengths: Tensor | None = None) -> tuple[Tensor, Any]:
+        """Run the stack; ``lengths`` (B,) packs the batch so padding never enters the state."""
+        if lengths is not None and bool((lengths < x.shape[0]).any()):
+            packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            y, state = self.rnn(packed, state)
+            y, _ = pad_packed_sequence(y, total_length=x.shape[0])
+        else:
+            y, state = self.rnn(x, state)
+        return self.head(y), state
+
+
+def parameter_count(cfg: TrainConfig, input_size: int, output_size: int) -> int:
+    """Parameters of the model ``cfg`` defines (counted on the ``meta`` device: no memory).
+
+    Raises:
+        ValueError: more than :data:`MAX_PARAMETERS`.
+    """
+    n = sum(p.numel() for p in SequenceModel(cfg, input_size, output_size, device="meta").parameters())
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"hidden_size, num_layers: the model would have {n:,} parameters, more than the bound of "
+                         f"{MAX_PARAMETERS:,} (1 GiB of float32); use a smaller hidden_size or fewer layers")
+    return n

@@ -1,0 +1,378 @@
+"""ONNX → lstmkit: :func:`from_onnx`, the import side of :mod:`lstmkit.convert.onnx`.
+
+Import (:func:`from_onnx`) reads a Scan graph written by :func:`to_onnx` from its
+metadata and its initializers (named as the state dict), and any other graph as a chain
+of ``LSTM`` (or ``RNN``) nodes: one node, or one per layer connected only by transposes
+and reshapes, as :func:`to_onnx` and ``torch.onnx.export(nn.LSTM)`` write. It returns an
+equivalent :class:`lstmkit.LSTM` / :class:`lstmkit.RNN` and refuses, with the reason,
+what lstmkit cannot compute: activations other than Sigmoid gates and Tanh (the
+identity, ``Affine`` with alpha 1 and beta 0, is read as niaf / noaf), ``clip``,
+``direction="reverse"``, a non-zero constant initial state, weights computed at run time.
+Loading parses the protobuf only (``onnx.load`` without external data); weights in an
+external data file (``torch.onnx.export``'s default ``model.onnx.data``) are read by
+lstmkit itself, only from a regular file inside the model's own directory (absolute
+locations, ``..`` and links that lead outside are refused). Constant initial states must
+have the node's sizes (and be zero). Nothing from the file executes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates, suffix
+from lstmkit.nn import LSTM, RNN
+from lstmkit.spec import CellSpec
+
+__all__ = ["from_onnx", "onnx_module", "METADATA_KEY"]
+
+#: The model metadata key under which :func:`lstmkit.convert.to_onnx` records the layer's configuration.
+METADATA_KEY = "lstmkit.config"
+#: Ops that may sit between two LSTM nodes of one stack (they only move data).
+_DATA_MOVEMENT = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Dropout")
+
+
+def onnx_module() -> Any:
+    """The ``onnx`` package, or an ImportError that says how to install it."""
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("onnx: the ONNX converters need the onnx package (pip install 'lstmkit[interop]')") \
+            from None
+    return onnx
+
+
+def _load_proto(model_or_path: Any) -> tuple[Any, str, Path | None]:
+    """(model, its name for messages, the directory its external data may be read from)."""
+    onnx = onnx_module()
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path, "the ONNX model", None
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise TypeError(f"model_or_path: expected an onnx.ModelProto or a path, got {type(model_or_path).__name__}")
+    p = Path(model_or_path)
+    if not p.is_file():
+        raise ValueError(f"model_or_path: no file at {p}")
+    try:
+        proto = onnx.load_model(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: the file is not ONNX
+        raise ValueError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not proto.HasField("graph"):
+        raise ValueError(f"{p}: not an ONNX model (no graph); expected a model with LSTM or RNN nodes")
+    return proto, str(p), p.parent
+
+
+def _external(t: Any, base: Path | None, where: str) -> np.ndarray:
+    """The array of a tensor stored in an external data file (``torch.onnx.export`` writes
+    ``model.onnx.data`` next to the model).
+
+    Only a regular file inside the model's own directory is read: a location that is
+    absolute, contains ``..``, or resolves (through links) outside that directory is
+    refused, and so is a range that does not fit in the file or does not match the
+    tensor's shape.
+    """
+    from onnx import helper
+
+    info = {e.key: e.value for e in t.external_data}
+    loc = info.get("location", "")
+    what = f"{where}: tensor {t.name!r} is stored in the external data file {loc!r}"
+    if base is None:
+        raise ValueError(f"{what}; pass the model's path (not a ModelProto) so that it can be read next to the model")
+    rel = Path(loc)
+    if not loc or rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{what}, outside the model's directory (an absolute path or '..'); refused")
+    root = base.resolve()
+    target = (base / rel).resolve()
+    if not target.is_relative_to(root):
+        raise ValueError(f"{what}, which leads outside the model's directory (a link to {target}); refused")
+    if not target.is_file():
+        raise ValueError(f"{what}, which does not exist next to the model")
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+    count = 1
+    for d in t.dims:
+        count *= int(d)
+    nbytes = count * dtype.itemsize
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", nbytes))
+    except ValueError:
+        raise ValueError(f"{what}, with a damaged offset or length ({info})") from None
+    size = target.stat().st_size
+    if length != nbytes or offset < 0 or offset + nbytes > size:
+        raise ValueError(f"{what}: {nbytes:,} bytes for its shape {list(t.dims)} at offset {offset:,} (length "
+                         f"{length:,}) do not fit in the file's {size:,} bytes")
+    with open(target, "rb") as fh:
+        fh.seek(offset)
+        raw = fh.read(nbytes)
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(int(d) for d in t.dims)).astype(dtype.newbyteorder("="))
+
+
+def _tensor(t: Any, base: Path | None, where: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    if t.data_location == 1:  # TensorProto.EXTERNAL
+        return _external(t, base, where)
+    return numpy_helper.to_array(t)
+
+
+def _constants(graph: Any) -> dict[str, Any]:
+    """Name -> TensorProto for initializers and ``Constant`` nodes' ``value``."""
+    out = {t.name: t for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = a.t
+    return out
+
+
+def _array(name: str, what: str, consts: dict[str, Any], where: str, base: Path | None) -> np.ndarray:
+    if name not in consts:
+        raise ValueError(f"{where}: input {what} ({name!r}) is computed at run time; expected a constant "
+                         f"(an initializer or a Constant node)")
+    return _tensor(consts[name], base, f"{where}: input {what}")
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _check_chain(nodes: list[Any], graph: Any, where: str) -> bool:
+    """Each node's X must come from the previous node's Y (the first from a graph input)
+    through data-movement ops only; otherwise the nodes are not one stack.
+
+    Returns:
+        Whether the graph input is batch-first: the first node's X is the graph input
+        transposed with ``perm=[1, 0, 2]`` (as torch's exporter writes ``batch_first``).
+    """
+    producer = {out: n for n in graph.node for out in n.output}
+    graph_inputs = {v.name for v in graph.input}
+    batch_first = False
+    for k, n in enumerate(nodes):
+        name, seen = n.input[0], []
+        while True:
+            src = producer.get(name)
+            if k == 0 and src is None and name in graph_inputs:
+                break
+            if k == 0 and src is not None and src.op_type == "Transpose":
+                perm = list(_attrs(src).get("perm", []))
+                if perm != [1, 0, 2]:
+                    raise ValueError(f"{where}: the input of {n.op_type} node 0 is transposed with perm={perm}; "
+                                     f"expected [1, 0, 2] (batch-first to time-major) or no transpose")
+                batch_first = not batch_first
+            if k > 0 and src is nodes[k - 1] and name == src.output[0]:
+                break
+            if src is None or src.op_type not in _DATA_MOVEMENT or not src.input:
+                got = "a graph input or constant" if src is None else f"a {src.op_type} node"
+                want = "a graph input" if k == 0 else f"the Y output of {nodes[k - 1].op_type} node {k - 1}"
+                raise ValueError(f"{where}: the X input of {n.op_type} node {k} ({n.name!r}) comes from {got} "
+                                 f"after {seen or 'no ops'}; expected {want} through {list(_DATA_MOVEMENT)} "
+                                 f"only, so the nodes cannot be read as one stacked layer")
+            seen.append(src.op_type)
+            name = src.input[0]
+    return batch_first
+
+
+def from_onnx(model_or_path: Any) -> LSTM | RNN:
+    """An lstmkit LSTM (or RNN) computing what the ONNX model's chain of LSTM (RNN) nodes computes.
+
+    Args:
+        model_or_path: an ``onnx.ModelProto`` or the path of an ``.onnx`` file.
+
+    Returns:
+        The layer, parameters in the model's dtype (float32 or float64); ``batch_first``
+        from the ``layout`` attribute or the metadata :func:`to_onnx` writes.
+
+    Raises:
+        ValueError: not an ONNX file, no LSTM/RNN node, or something lstmkit cannot
+            compute (the message names the node, attribute and value).
+    """
+    proto, where, base = _load_proto(model_or_path)
+    graph = proto.graph
+    meta = {p.key: p.value for p in proto.metadata_props}
+    config = None
+    if METADATA_KEY in meta:
+        try:
+            config = json.loads(meta[METADATA_KEY])
+        except json.JSONDecodeError:
+            raise ValueError(f"{where}: damaged metadata {METADATA_KEY!r} (not JSON)") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}: damaged metadata {METADATA_KEY!r} (not an object)")
+        if config.get("onnx_method") == "scan":
+            return _from_scan(graph, config, where, base)
+    rec = [n for n in graph.node if n.op_type in ("LSTM", "RNN") and n.domain in ("", "ai.onnx")]
+    if not rec:
+        ops = sorted({n.op_type for n in graph.node})
+        raise ValueError(f"{where}: expected an ONNX model with LSTM or RNN nodes, found none (ops: {ops})")
+    kinds = {n.op_type for n in rec}
+    if len(kinds) > 1:
+        raise ValueError(f"{where}: the graph mixes LSTM and RNN nodes; an lstmkit layer is one or the other")
+    op = rec[0].op_type
+    is_lstm = op == "LSTM"
+    consts = _constants(graph)
+    input_batch_first = _check_chain(rec, graph, where)
+    read = [_read_node(n, k, consts, where, is_lstm, base) for k, n in enumerate(rec)]
+    first = read[0]
+    for k, r in enumerate(read[1:], start=1):
+        for key in ("hidden_size", "D", "bias", "peephole", "coupled", "activations", "dtype", "layout"):
+            if r[key] != first[key]:
+                raise ValueError(f"{where}: {op} node {k} has {key}={r[key]!r} but node 0 has {first[key]!r}; "
+                                 f"an lstmkit layer has one value for all its layers")
+        want = first["D"] * first["hidden_size"]
+        if r["input_size"] != want:
+            raise ValueError(f"{where}: {op} node {k} reads inputs of size {r['input_size']}, expected "
+                             f"{want} (directions × hidden_size of the node below)")
+    H, D = first["hidden_size"], first["D"]
+    batch_first = (first["layout"] == 1) != input_batch_first
+    if config is not None:
+        batch_first = bool(config.get("batch_first", batch_first))
+    dtype = torch.float64 if first["dtype"] == np.float64 else torch.float32
+    kw = dict(num_layers=len(read), bias=first["bias"], batch_first=batch_first, bidirectional=D == 2, dtype=dtype)
+    if is_lstm:
+        cell = CellSpec(peephole=first["peephole"], coupled=first["coupled"],
+                        candidate_activation=first["activations"][1], output_activation=first["activations"][2])
+        out: LSTM | RNN = LSTM(first["input_size"], H, cell=cell, **kw)
+    else:
+        out = RNN(first["input_size"], H, nonlinearity=first["nonlinearity"], **kw)
+    with torch.no_grad():
+        for index, r in enumerate(read):
+            for d in range(D):
+                for name, value in r["params"][d].items():
+                    getattr(out, name + suffix(index, d)).copy_(torch.from_numpy(value))
+    out.eval()
+    return out
+
+
+def _from_scan(graph: Any, config: dict[str, Any], where: str, base: Path | None) -> LSTM | RNN:
+    """A graph :func:`to_onnx` wrote with Scan: the configuration from the metadata, every
+    parameter from the initializer of the same name (the ones the Scan bodies compute with)."""
+
+    from lstmkit.convert.files import layer_from_config
+
+    if not any(n.op_type == "Scan" for n in graph.node):
+        raise ValueError(f"{where}: the metadata says the layer was written as Scan graphs, but there is no Scan "
+                         f"node; the file was changed after export")
+    inits = {t.name: t for t in graph.initializer}
+    first = inits.get("weight_ih_l0")
+    if first is None:
+        raise ValueError(f"{where}: no initializer 'weight_ih_l0'; expected the parameters of an lstmkit layer")
+    dtype = torch.float64 if first.data_type == 11 else torch.float32  # TensorProto.DOUBLE
+    # Shapes are checked against the metadata before the layer is allocated.
+    layer = layer_from_config(config, dtype, where, {k: tuple(t.dims) for k, t in inits.items()}, extra_ok=True)
+    with torch.no_grad():
+        for name, param in layer.state_dict().items():
+            param.copy_(torch.from_numpy(_tensor(inits[name], base, where).copy()))
+    return layer.eval()
+
+
+def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[str, ...]:
+    """The node's activations as lstmkit names: (gates, candidate, output) for an LSTM —
+    ``Affine`` with alpha 1 and beta 0 is the identity (niaf / noaf) —, (φ,) for an RNN."""
+    names = [s.decode() if isinstance(s, bytes) else s for s in a.get("activations", [])]
+    per = 3 if is_lstm else 1
+    default = ["Sigmoid", "Tanh", "Tanh"] if is_lstm else ["Tanh"]
+    names = names or default * D
+    alphas, betas = list(a.get("activation_alpha", [])), list(a.get("activation_beta", []))
+    if len(names) != per * D:
+        raise ValueError(f"{what}: activations={names}: expected {per * D} names ({per} per direction)")
+    out = []
+    for name in names:
+        if name == "Affine":  # alpha·x + beta; consumes one alpha and one beta, in order
+            alpha = alphas.pop(0) if alphas else 1.0
+            beta = betas.pop(0) if betas else 0.0
+            if (alpha, beta) != (1.0, 0.0):
+                raise ValueError(f"{what}: Affine activation with alpha={alpha}, beta={beta}; lstmkit computes the "
+                                 f"identity (alpha=1, beta=0) only")
+            out.append("identity")
+        else:
+            out.append(name.lower())
+    if alphas or betas:
+        raise ValueError(f"{what}: activation_alpha/beta {a.get('activation_alpha')}/{a.get('activation_beta')} "
+                         f"parametrise activations lstmkit does not have ({names})")
+    if out[:per] != out[per:] and D == 2:
+        raise ValueError(f"{what}: the directions use different activations ({names}); an lstmkit layer has one cell")
+    acts = tuple(out[:per])
+    if is_lstm and (acts[0] != "sigmoid" or acts[1] not in ("tanh", "identity") or acts[2] not in ("tanh", "identity")):
+        raise ValueError(f"{what}: activations={names}; lstmkit's LSTM computes Sigmoid gates and Tanh (or the "
+                         f"identity, Affine alpha=1 beta=0) for the candidate and the output")
+    if not is_lstm and acts[0] not in ("tanh", "relu"):
+        raise ValueError(f"{what}: activations={names}; lstmkit's RNN computes Tanh or Relu")
+    return acts
+
+
+def _read_node(n: Any, k: int, consts: dict[str, Any], where: str, is_lstm: bool, base: Path | None
+               ) -> dict[str, Any]:
+    """Parameters (lstmkit names and layout) and facts of one LSTM/RNN node."""
+    what = f"{where}: {n.op_type} node {k} ({n.name!r})"
+    a = _attrs(n)
+    direction = a.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    if direction == "reverse":
+        raise ValueError(f"{what}: direction='reverse' runs only backwards; an lstmkit layer runs forward or "
+                         f"bidirectional (feed a forward layer the time-reversed input instead)")
+    if direction not in ("forward", "bidirectional"):
+        raise ValueError(f"{what}: direction: expected 'forward' or 'bidirectional', got {direction!r}")
+    D = 2 if direction == "bidirectional" else 1
+    if "clip" in a:
+        raise ValueError(f"{what}: clip={a['clip']!r} bounds the gate pre-activations, which lstmkit does not "
+                         f"do (its cell_clip bounds c_t, a different function)")
+    acts = _activations(a, D, is_lstm, what)
+    nonlinearity = acts[0] if not is_lstm else "tanh"
+    if "hidden_size" not in a:
+        raise ValueError(f"{what}: has no hidden_size attribute")
+    H = int(a["hidden_size"])
+    layout = int(a.get("layout", 0))
+    coupled = bool(a.get("input_forget", 0)) if is_lstm else False
+    ins = list(n.input) + [""] * (8 - len(n.input))
+    G = 4 if is_lstm else 1
+    W = _array(ins[1], "W", consts, what, base)
+    R = _array(ins[2], "R", consts, what, base)
+    if W.ndim != 3 or W.shape[:2] != (D, G * H):
+        raise ValueError(f"{what}: W: expected shape ({D}, {G * H}, input_size), got {W.shape}")
+    if R.shape != (D, G * H, H):
+        raise ValueError(f"{what}: R: expected shape {(D, G * H, H)}, got {R.shape}")
+    if W.dtype not in (np.float32, np.float64) or R.dtype != W.dtype:
+        raise ValueError(f"{what}: W, R: expected float32 or float64, got {W.dtype} and {R.dtype}")
+    B = _array(ins[3], "B", consts, what, base) if ins[3] else None
+    if B is not None and B.shape != (D, 2 * G * H):
+        raise ValueError(f"{what}: B: expected shape {(D, 2 * G * H)}, got {B.shape}")
+    P = _array(ins[7], "P", consts, what, base) if is_lstm and ins[7] else None
+    if P is not None and P.shape != (D, 3 * H):
+        raise ValueError(f"{what}: P: expected shape {(D, 3 * H)}, got {P.shape}")
+    for slot, name in ((5, "initial_h"), (6, "initial_c")):
+        if ins[slot] not in consts:
+            continue  # a graph input: given at run time
+        state = _array(ins[slot], name, consts, what, base)
+        if state.ndim != 3 or state.shape[0] != D or state.shape[2] != H or state.shape[1] < 1:
+            raise ValueError(f"{what}: {name} is a constant of shape {list(state.shape)}, expected [num_directions="
+                             f"{D}, batch, hidden_size={H}]: the graph does not compute what its attributes say")
+        if np.any(state != 0):
+            raise ValueError(f"{what}: {name} is a non-zero constant (a learned initial state), which an "
+                             f"lstmkit layer does not hold; pass it as h_0/c_0 at run time instead")
+    params = []
+    for d in range(D):
+        t = {"weight_ih": torch.from_numpy(W[d].copy()), "weight_hh": torch.from_numpy(R[d].copy())}
+        if B is not None:
+            t["bias_ih"] = torch.from_numpy(B[d, :G * H].copy())
+            t["bias_hh"] = torch.from_numpy(B[d, G * H:].copy())
+        if is_lstm:
+            for key in list(t):
+                rows = reorder_gates(t[key], "onnx", "lstmkit")  # (4H, ...) in i, f, g, o
+                if coupled:  # onnxruntime never reads the f rows under input_forget
+                    i, _, g, o = rows.split(H, dim=0)
+                    rows = torch.cat([i, g, o], dim=0)
+                t[key] = rows
+            if P is not None:
+                by_gate = dict(zip(ONNX_PEEPHOLE_ORDER, torch.from_numpy(P[d].copy()).split(H)))
+                for gate in ("i", "o") if coupled else ("i", "f", "o"):
+                    t[f"peephole_{gate}"] = by_gate[gate]
+        params.append({k: v.contiguous().numpy() for k, v in t.items()})
+    return {"hidden_size": H, "D": D, "bias": B is not None, "peephole": P is not None, "coupled": coupled,
+            "nonlinearity": nonlinearity, "activations": acts, "dtype": W.dtype, "layout": layout,
+            "input_size": W.shape[2], "params": params}

@@ -1,0 +1,550 @@
+"""Run directories: the one module that reads and writes them.
+
+A run directory holds::
+
+    config.json               the run's TrainConfig (written when the run starts)
+    metrics.jsonl             one JSON object per evaluation, exactly one per evaluation
+    checkpoint.safetensors    model + optimiser + RNG + carried state; the trainer's state
+                              and the config in its JSON metadata (one file, replaced atomically)
+    summary.json              the final result, against the target and the baselines
+    model.safetensors         the final weights alone
+
+Everything here is validated before it is used: a checkpoint's config goes through
+:meth:`TrainConfig.validate` (types, bounds), its tensors' names, shapes and dtypes are
+checked against the model and optimiser the config describes (built on the ``meta``
+device, so a hostile or damaged file cannot make lstmkit allocate anything) and its
+trainer state against the config — all before a tensor is read. Every file is written
+through :mod:`lstmkit._atomic`. Nothing is ever read with pickle.
+
+A run directory is never stuck: one that holds only what a run writes before its first
+checkpoint (``config.json``, ``metrics.jsonl``, temporary files) is an *unstarted* run,
+and ``train`` — with or without ``--resume`` — starts it afresh.
+
+The commands (:mod:`lstmkit.cli`, plots, report, study, eval) and the trainer read and
+write runs only through this module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lstmkit import _atomic
+from lstmkit.config import SequenceModel, TrainConfig
+from lstmkit.tasks.base import Task, get_task
+
+__all__ = ["CheckpointError", "Checkpoint", "FORMAT", "WEIGHTS_FORMAT", "CHECKPOINT", "CONFIG", "METRICS",
+           "SUMMARY", "MODEL", "plan", "start", "read_checkpoint", "write_checkpoint", "checkpoint_tensors",
+           "restore", "append_metrics", "write_metrics", "read_metrics", "write_summary", "read_summary",
+           "read_config", "write_model", "load_run", "variant_of", "eval_split_of", "metric_of", "final_values"]
+
+#: Identifies lstmkit checkpoints (metadata key "format").
+FORMAT = "lstmkit-checkpoint-1"
+#: Identifies a run's final ``model.safetensors``.
+WEIGHTS_FORMAT = "lstmkit-weights-1"
+CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL = (
+    "config.json", "metrics.jsonl", "checkpoint.safetensors", "summary.json", "model.safetensors")
+_BEFORE_FIRST_CHECKPOINT = {CONFIG, METRICS}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, foreign or incompatible."""
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint: its config, its task, its tensors and the trainer's state."""
+
+    path: Path
+    config: TrainConfig
+    task: Task
+    tensors: dict[str, Tensor]
+    state: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- the directory
+
+
+def _unstarted(d: Path) -> bool:
+    """Holds only what a run writes before its first checkpoint (or nothing)."""
+    return all(p.name in _BEFORE_FIRST_CHECKPOINT or _atomic.is_temporary(p.name) for p in d.iterdir())
+
+
+def plan(run_dir: str | os.PathLike[str], resume: bool) -> bool:
+    """Check ``run_dir`` for a run and decide, touching nothing: True to resume from its
+    checkpoint, False to start afresh (a new or empty directory, or an unstarted run).
+
+    Raises:
+        ValueError: ``run_dir`` is a file, or cannot be written.
+        FileExistsError: not empty (a run, or other files) and not ``resume``.
+        CheckpointError: ``resume`` of a directory that does not exist or holds other files.
+    """
+    d = Path(run_dir)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"--out {d}: is a file, expected a run directory (a new or empty directory, or a run "
+                         f"to --resume)")
+    if d.is_dir():
+        if (d / CHECKPOINT).is_file():
+            if resume:
+                return True
+            raise FileExistsError(f"output directory {d} is not empty; nothing was overwritten (it holds a run: use "
+                                  f"--resume to continue it, or choose another directory)")
+        if not _unstarted(d):
+            raise (CheckpointError if resume else FileExistsError)(
+                f"{'--resume: no checkpoint in' if resume else 'output directory'} {d}"
+                f"{', and it' if resume else ''} is not empty; nothing was overwritten (choose another directory)")
+    elif resume:
+        raise CheckpointError(f"--resume: no checkpoint in {d} (no such directory)")
+    _check_creatable(d)
+    return False
+
+
+def _check_creatable(d: Path) -> None:
+    existing = d
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {d}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _atomic.WriteError(13, f"--out {d}: cannot write in {existing} "
+                                     f"({'read-only file system' if _read_only(existing) else 'permission denied'})")
+
+
+def _read_only(p: Path) -> bool:
+    try:
+        return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def start(run_dir: str | os.PathLike[str], cfg: TrainConfig, resumed: bool,
+          history: list[dict[str, Any]] | None = None) -> None:
+    """Set the directory up for the run :func:`plan` decided on (call after every check).
+
+    Removes temporary files of killed writers; a fresh run replaces an unstarted run's
+    files and writes ``config.json``; a resumed run rewrites ``metrics.jsonl`` from the
+    checkpoint's ``history``, so that it holds exactly one line per evaluation however
+    the previous process ended.
+    """
+    d = Path(run_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _atomic.WriteError(exc.errno or 5, f"--out {d}: cannot create the directory "
+                                                 f"({exc.strerror or exc})") from None
+    _atomic.clean_stale(d, exclusive=True)
+    if resumed:
+        write_metrics(d, history or [])
+        return
+    (d / METRICS).unlink(missing_ok=True)
+    _atomic.write_json(d / CONFIG, asdict(cfg), what="config")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, carry: Any) -> dict[str, Tensor]:
+    """The tensors of a checkpoint: ``model.*``, ``optim.<param index>.<key>``, ``rng.torch``
+    (the global generator: dropout masks) and ``carry.<i>`` (a stream's state)."""
+    t = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for idx, st in optimizer.state_dict()["state"].items():
+        for key, v in st.items():
+            t[f"optim.{idx}.{key}"] = v if isinstance(v, Tensor) else torch.tensor(v)
+    t["rng.torch"] = torch.get_rng_state()
+    if carry is not None:
+        for i, s in enumerate(carry if isinstance(carry, tuple) else (carry,)):
+            t[f"carry.{i}"] = s
+    return t
+
+
+def write_checkpoint(run_dir: str | os.PathLike[str], cfg: TrainConfig, tensors: dict[str, Tensor],
+                     trainer: dict[str, Any]) -> None:
+    """Replace ``run_dir``'s checkpoint atomically (made in memory, then one rename)."""
+    from safetensors.torch import save
+
+    meta = {"format": FORMAT, "config": json.dumps(asdict(cfg)), "trainer": json.dumps(trainer)}
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
+    _atomic.write_bytes(Path(run_dir) / CHECKPOINT, data, what="checkpoint")
+
+
+def _checkpoint_file(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint: no {CHECKPOINT} in {p.parent} (not a training run, or killed before "
+                                  f"its first checkpoint)")
+    elif not p.is_file():
+        raise CheckpointError(f"checkpoint: no file at {p}")
+    return p
+
+
+def _header(p: Path) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
+    """The metadata and ``name -> (shape, dtype)`` of a safetensors file, reading no tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            shapes = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint: {p} is not a readable safetensors file ({text}); lstmkit reads a "
+                              f"training run directory or its {CHECKPOINT} (a layer's weights file, .pt or "
+                              f".onnx, converts with lstmkit convert)") from None
+    return meta, shapes
+
+
+_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.uint8: "U8", torch.int64: "I64"}
+
+
+def _expected(cfg: TrainConfig, task: Task, world: int | None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``name -> (shape, dtype)`` of every tensor a checkpoint of ``cfg`` may hold (the carried
+    state's batch is ``batch_size / world``; any divisor of ``batch_size`` if ``world`` is None)."""
+    model = SequenceModel(cfg, task.input_size, task.output_size, device="meta")
+    want = {f"model.{k}": (tuple(v.shape), _DTYPES[v.dtype]) for k, v in model.state_dict().items()}
+    keys = ("step", "exp_avg", "exp_avg_sq") if cfg.optimizer == "adam" else \
+        (("momentum_buffer",) if cfg.momentum else ())
+    for idx, p in enumerate(model.parameters()):
+        for key in keys:
+            want[f"optim.{idx}.{key}"] = ((), "F32") if key == "step" else (tuple(p.shape), _DTYPES[p.dtype])
+    want["rng.torch"] = (tuple(torch.get_rng_state().shape), "U8")
+    if task.stream:
+        rnn = model.rnn
+        lead, batch = rnn.num_layers * rnn.num_directions, cfg.batch_size // (world or 1)
+        want["carry.0"] = ((lead, batch, rnn.output_size), "F32")
+        if cfg.model == "lstm":
+            want["carry.1"] = ((lead, batch, rnn.hidden_size), "F32")
+    return want
+
+
+def _check_tensors(p: Path, shapes: dict[str, tuple[tuple[int, ...], str]], cfg: TrainConfig, task: Task,
+                   world: int | None) -> None:
+    want = _expected(cfg, task, world)
+    if world is None:  # reading, not resuming: the carried state of any number of processes
+        for k in [k for k in want if k.startswith("carry.") and k in shapes]:
+            shape = shapes[k][0]
+            if len(shape) == 3 and shape[1] >= 1 and cfg.batch_size % shape[1] == 0:
+                want[k] = ((want[k][0][0], shape[1], want[k][0][2]), want[k][1])
+    optional = {k for k in want if k.startswith(("optim.", "carry."))}
+    missing = sorted(k for k in want if k not in shapes and k not in optional)
+    unexpected = sorted(k for k in shapes if k not in want)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint: {p} does not match its own config (missing {missing[:4]}, unexpected "
+                              f"{unexpected[:4]})")
+    for k in want:  # in the model's order: the first layer's mismatch is the one reported
+        got = shapes.get(k, want[k])
+        if got != want[k]:
+            raise CheckpointError(f"checkpoint: {p}: {k} is {got[1]} {list(got[0])}, expected {want[k][1]} "
+                                  f"{list(want[k][0])} for its config ({cfg.model} {cfg.cell_name}, hidden_size="
+                                  f"{cfg.hidden_size}, num_layers={cfg.num_layers}, task {cfg.task!r})")
+    params = {k.split(".")[1] for k in shapes if k.startswith("optim.")}
+    for idx in params:  # a parameter's optimiser state is all there or absent
+        have = sorted(k for k in shapes if k.startswith(f"optim.{idx}."))
+        full = sorted(k for k in want if k.startswith(f"optim.{idx}."))
+        if have != full:
+            raise CheckpointError(f"checkpoint: {p}: optimiser state of parameter {idx} is incomplete ({have})")
+    carry = sorted(k for k in shapes if k.startswith("carry."))
+    if carry and carry != sorted(k for k in want if k.startswith("carry.")):
+        raise CheckpointError(f"checkpoint: {p}: incomplete carried state ({carry})")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_state(p: Path, st: Any, cfg: TrainConfig) -> None:
+    """The trainer's state against the checkpoint's own config (it is written right after
+    an evaluation: ``history[-1]["step"] == step <= steps``)."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint: {p}: trainer state: {what}")
+
+    if not isinstance(st, dict):
+        raise bad(f"expected a JSON object, got {type(st).__name__}")
+    for key in ("step", "best", "bad_evals", "elapsed", "param_groups", "history"):
+        if key not in st:
+            raise bad(f"no {key!r}")
+    step, history = st["step"], st["history"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= cfg.steps:
+        raise bad(f"step: expected an int in [1, {cfg.steps}] (its config's steps), got {step!r}")
+    if not isinstance(history, list) or not history or len(history) > step:
+        raise bad(f"history: expected a list of 1 to {step} evaluations, got {type(history).__name__} "
+                  f"of length {len(history) if isinstance(history, list) else '-'}")
+    last = 0
+    for n, rec in enumerate(history):
+        if not isinstance(rec, dict) or isinstance(rec.get("step"), bool) or not isinstance(rec.get("step"), int) \
+                or not last < rec["step"] <= step:
+            raise bad(f"history[{n}]: expected an evaluation record with a step in ({last}, {step}], got "
+                      f"{str(rec)[:60]}")
+        if not all(_number(v) or v is None for k, v in rec.items()):
+            raise bad(f"history[{n}]: expected numbers, got {str(rec)[:60]}")
+        last = rec["step"]
+    if last != step:
+        raise bad(f"history ends at step {last}, but the checkpoint is of step {step}")
+    if st["best"] is not None and not _number(st["best"]):
+        raise bad(f"best: expected a number or null, got {st['best']!r}")
+    if isinstance(st["bad_evals"], bool) or not isinstance(st["bad_evals"], int) \
+            or not 0 <= st["bad_evals"] <= len(history):
+        raise bad(f"bad_evals: expected an int in [0, {len(history)}], got {st['bad_evals']!r}")
+    if not _number(st["elapsed"]) or not math.isfinite(st["elapsed"]) or st["elapsed"] < 0:
+        raise bad(f"elapsed: expected seconds >= 0, got {st['elapsed']!r}")
+    if not isinstance(st.get("stopped", ""), str):
+        raise bad(f"stopped: expected a string, got {st['stopped']!r}")
+    groups = st["param_groups"]
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict):
+        raise bad(f"param_groups: expected a list of one group, got {str(groups)[:60]}")
+    for key in ("lr", "weight_decay"):
+        v = groups[0].get(key)
+        if not _number(v) or not math.isfinite(v) or v < 0:
+            raise bad(f"param_groups[0].{key}: expected a finite number >= 0, got {v!r}")
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, world: int | None = None) -> Checkpoint:
+    """Read and validate a checkpoint (the file or its run directory). Never executes code.
+
+    The config, the trainer state and every tensor's name, shape and dtype are checked
+    against the model the config defines before any tensor is read.
+
+    Args:
+        world: processes the run resumes on (the carried state is split over them);
+            None to read it whatever the number of processes it was trained on.
+
+    Raises:
+        CheckpointError: missing, unreadable, corrupt, foreign or inconsistent; the
+            message names the file and what is wrong.
+    """
+    p = _checkpoint_file(path)
+    meta, shapes = _header(p)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint: {p} is not an lstmkit checkpoint (format {meta.get('format')!r}, "
+                              f"expected {FORMAT!r})")
+    try:
+        cfg = TrainConfig.from_dict(json.loads(meta["config"]))
+        state = json.loads(meta["trainer"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint: {p} has damaged metadata (no readable {exc})") from None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint: {p}: its config is damaged ({exc})") from None
+    _check_state(p, state, cfg)
+    try:
+        task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint: {p}: its task cannot be made ({exc})") from None
+    _check_tensors(p, shapes, cfg, task, world)
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint: {p} is damaged ({str(exc).strip()[:120]})") from None
+    return Checkpoint(p, cfg, task, tensors, state)
+
+
+def restore(ck: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Any:
+    """Load a validated checkpoint into ``model`` (and ``optimizer`` and the global RNG);
+    returns the carried stream state (None, a tensor, or a tuple)."""
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in ck.tensors.items() if k.startswith(prefix)})
+    if optimizer is None:
+        return None
+    state: dict[int, dict[str, Tensor]] = {}
+    for k, v in ck.tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    groups = optimizer.state_dict()["param_groups"]
+    for g, saved in zip(groups, ck.state["param_groups"]):
+        g.update({k: v for k, v in saved.items() if k in g and k != "params"})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(ck.tensors["rng.torch"])
+    carry = [ck.tensors[f"carry.{i}"] for i in range(2) if f"carry.{i}" in ck.tensors]
+    return None if not carry else (carry[0] if len(carry) == 1 else tuple(carry))
+
+
+# ---------------------------------------------------------------------------- metrics, summary, model
+
+
+def append_metrics(run_dir: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Add one evaluation's record to ``metrics.jsonl`` (flushed to disk)."""
+    f = Path(run_dir) / METRICS
+    try:
+        with open(f, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise _atomic.WriteError(exc.errno or 5, f"metrics: cannot write {f} ({exc.strerror or exc})") from None
+
+
+def write_metrics(run_dir: str | os.PathLike[str], records: list[dict[str, Any]]) -> None:
+    """Replace ``metrics.jsonl`` with ``records`` (one line each), atomically."""
+    _atomic.write_text(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in records), what="metrics")
+
+
+def _run_dir(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"run_dirs: {str(p)!r} is a file, expected a run directory")
+    if not p.is_dir():
+        raise ValueError(f"run_dirs: no run directory at {str(p)!r}")
+    return p
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl`` (one per evaluation).
+
+    Raises:
+        ValueError: no such directory or file, or a line that is not a JSON object.
+    """
+    d = _run_dir(run_dir)
+    f = d / METRICS
+    if not f.is_file():
+        raise ValueError(f"run_dirs: {str(d)!r} has no {METRICS} (not a training run, or no evaluation yet)")
+    records = []
+    for n, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"run_dirs: {f} line {n} is not JSON ({exc.msg})") from None
+        if not isinstance(rec, dict) or "step" not in rec:
+            raise ValueError(f"run_dirs: {f} line {n}: expected a JSON object with a 'step', got {line[:60]!r}")
+        records.append(rec)
+    if not records:
+        raise ValueError(f"run_dirs: {f} is empty")
+    return records
+
+
+def write_summary(run_dir: str | os.PathLike[str], summary: dict[str, Any]) -> None:
+    """Write ``summary.json`` atomically."""
+    _atomic.write_json(Path(run_dir) / SUMMARY, summary, what="summary")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"run_dirs: {path} is not JSON ({exc})") from None
+    return value if isinstance(value, dict) else None
+
+
+def read_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``summary.json`` of a finished run (None while the run has not finished)."""
+    return _read_json(Path(run_dir) / SUMMARY)
+
+
+def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """``config.json`` as written (a mapping), or None if there is none."""
+    return _read_json(Path(run_dir) / CONFIG)
+
+
+def write_model(run_dir: str | os.PathLike[str], cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Write the final ``model.safetensors`` (weights and the config in its metadata), atomically."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                metadata={"format": WEIGHTS_FORMAT, "config": json.dumps(asdict(cfg))})
+    _atomic.write_bytes(Path(run_dir) / MODEL, data, what="model")
+
+
+def load_run(path: str | os.PathLike[str]) -> tuple[TrainConfig, Task, SequenceModel]:
+    """(config, task, model in eval mode) of a run directory or its checkpoint file.
+
+    Raises:
+        ValueError: nothing at ``path``; CheckpointError (a ValueError) for a corrupt,
+            foreign or incompatible checkpoint.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"run: no run directory or checkpoint at {str(p)!r}")
+    ck = read_checkpoint(p)
+    model = SequenceModel(ck.config, ck.task.input_size, ck.task.output_size)
+    restore(ck, model)
+    return ck.config, ck.task, model.eval()
+
+
+# ---------------------------------------------------------------------------- facts of a run
+
+
+def variant_of(run_dir: str | os.PathLike[str]) -> str:
+    """The cell variant's name of a run: summary.json's, else from config.json."""
+    d = Path(run_dir)
+    summary = read_summary(d)
+    if summary and "cell" in summary:
+        return str(summary["cell"])
+    cfg = read_config(d) or {}
+    if cfg.get("model") == "rnn":
+        return "rnn"
+    from lstmkit.spec import resolve
+    try:
+        return resolve(cfg.get("cell", "vanilla")).name
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"run_dirs: {d / CONFIG}: {exc}") from None
+
+
+def eval_split_of(run_dir: str | os.PathLike[str]) -> str:
+    """The split a run evaluated during training (``eval_split``, "test" by default): its
+    metrics are logged as ``<split>_<metric>``."""
+    d = Path(run_dir)
+    summary = read_summary(d)
+    if summary and summary.get("split"):
+        return str(summary["split"])
+    cfg = read_config(d) or {}
+    return str(cfg.get("eval_split") or "test")
+
+
+def metric_of(run_dir: str | os.PathLike[str], records: list[dict[str, Any]]) -> str:
+    """The task's target metric: summary.json's, else the task's, else the first logged one."""
+    d = Path(run_dir)
+    summary = read_summary(d)
+    if summary and summary.get("metric"):
+        return str(summary["metric"])
+    cfg = read_config(d)
+    if cfg and isinstance(cfg.get("task"), str) and isinstance(cfg.get("task_options", {}), dict):
+        try:
+            return get_task(cfg["task"], **cfg.get("task_options", {})).target.metric
+        except (ValueError, TypeError):
+            pass
+    prefix = eval_split_of(d) + "_"
+    keys = [k[len(prefix):] for k in records[-1] if k.startswith(prefix)]
+    if not keys:
+        raise ValueError(f"run_dirs: {d} records no {prefix[:-1]} metric")
+    return keys[0]
+
+
+def final_values(run_dirs: list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
+                 metric: str | None = None) -> tuple[str, list[tuple[str, float, str]]]:
+    """(metric, [(variant, final value, run name), …]) of a set of runs: the metric in the
+    last evaluation of metrics.jsonl, on the split each run evaluated ("test" by default).
+
+    Raises:
+        ValueError: a run without the metric, or no runs.
+    """
+    if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
+        raise ValueError(f"run_dirs: expected a non-empty list of run directories, got {run_dirs!r}")
+    rows = []
+    chosen = metric
+    for d in map(Path, run_dirs):
+        recs = read_metrics(d)
+        m = chosen or metric_of(d, recs)
+        chosen = chosen or m
+        split = eval_split_of(d)
+        value = recs[-1].get(f"{split}_{m}")
+        if value is None:
+            have = sorted(k[len(split) + 1:] for k in recs[-1] if k.startswith(split + "_"))
+            raise ValueError(f"metric: run {str(d)!r} has no {split} metric {m!r}; it has {have}")
+        rows.append((variant_of(d), float(value), d.name))
+    assert chosen is not None
+    return chosen, rows

@@ -1,0 +1,44 @@
+"""lstmkit._atomic, the one way files are written: all or nothing, never an existing file
+replaced by accident, and the leftovers of killed writers (and only theirs) removed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lstmkit import _atomic
+
+
+def test_write_is_all_or_nothing_and_refuses_existing(tmp_path):
+    target = tmp_path / "a.bin"
+    _atomic.write_bytes(target, b"one")
+    with pytest.raises(FileExistsError, match="exists; nothing was overwritten"):
+        _atomic.write_bytes(target, b"two", overwrite=False)
+    with pytest.raises(RuntimeError, match="writer died"):
+        with _atomic.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer died")
+    assert target.read_bytes() == b"one" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+    _atomic.write_json(target, {"x": 1})
+    assert target.read_text() == '{\n "x": 1\n}\n'
+
+
+def test_leftovers_of_dead_writers_go_and_live_ones_stay(tmp_path):
+    with _atomic.atomic_path(tmp_path / "live.bin") as live:  # a writer at work (this process)
+        name = live.name
+        assert _atomic.is_temporary(name)
+        dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+        host, pid = re.match(r"^\.live\.bin\.([A-Za-z0-9]*)-(\d+)-", name).groups()  # .live.bin.HOST-PID-X.tmp
+        dead = tmp_path / name.replace(f"{host}-{pid}-", f"{host}-{dead_pid}-")
+        dead.write_bytes(b"left by a killed writer")
+        foreign = tmp_path / ".x.bin.elsewhere-1-abcdefgh.tmp"
+        foreign.write_bytes(b"another machine's")
+        _atomic.write_bytes(tmp_path / "other.bin", b"data")  # any write cleans its directory
+        assert live.exists() and not dead.exists() and foreign.exists()
+        assert _atomic.clean_stale(tmp_path, exclusive=True) == [foreign]  # an owned directory: all but live ones
+        live.write_bytes(b"done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.bin", "other.bin"]

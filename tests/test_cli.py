@@ -1,0 +1,288 @@
+"""The command line explains itself and never fails badly: every mistake a newcomer or an
+adversary makes is one line naming what is wrong, exit code 2, and no file created or
+changed; checkpoints are checked against the model they describe before anything is read
+or allocated; a run directory is never stuck. Everything goes through ``lstmkit.cli.main``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lstmkit.cli import main
+from lstmkit.config import TrainConfig, option_of
+from lstmkit.tasks.base import task_names
+
+ADDING = ["train", "adding", "-o", "length=24", "--hidden", "8", "--batch-size", "8", "--eval-every", "10",
+          "--threads", "1", "--quiet", "--no-stop-at-target", "--steps", "20"]
+
+
+def run(argv: list[str]) -> int:
+    """``main(argv)``'s exit code, also when argparse exits."""
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(root.rglob("*"))}
+
+
+def fails(capsys, argv: list, *messages: str) -> str:
+    """Exit code 2 and one line on stderr holding every message."""
+    capsys.readouterr()
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err, err
+    for m in messages:
+        assert m in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("good") / "run"
+    assert run(ADDING + ["--out", out]) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- explains itself
+
+
+def test_train_help_shows_every_setting_with_its_default_and_the_tasks(capsys):
+    assert run(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("task", "task_options"):
+            continue
+        flag = (option_of(f).flags or (f"--{f.name.replace('_', '-')}",))[0]
+        assert flag in text, f.name
+    assert "cells per layer and direction (H) (default: 64)" in text
+    assert "--stop-at-target, --no-stop-at-target" in text and "(default: on)" in text
+    for name in task_names():
+        assert name in text
+    assert "length=100, form='hochreiter', eval_size=2560" in text
+
+
+def test_tasks_command_lists_tasks_and_options(capsys):
+    assert run(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for name in task_names():
+        assert f"\n{name} " in "\n" + out
+    assert run(["tasks", "copy"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("copy: Copy memory") and "  length = 100" in out
+    fails(capsys, ["tasks", "addng"], "unknown task 'addng' (did you mean 'adding'?)")
+
+
+def test_the_cli_passes_only_the_settings_given(monkeypatch, capsys):
+    """``TrainConfig.for_task`` receives exactly what was typed (a recipe layer slots in there)."""
+    seen = {}
+
+    def capture(task, task_options, **given):
+        seen.update(task=task, task_options=task_options, given=given)
+        raise ValueError("captured")
+
+    monkeypatch.setattr(TrainConfig, "for_task", staticmethod(capture))
+    fails(capsys, ["train", "copy", "-o", "length=5", "--hidden", "8", "--clip", "0", "--no-bidirectional"], "captured")
+    assert seen == {"task": "copy", "task_options": {"length": 5},
+                    "given": {"hidden_size": 8, "clip": None, "bidirectional": False}}
+
+
+def test_for_task_defaults_then_given():
+    cfg = TrainConfig.for_task("adding", {"length": 30}, hidden_size=8, lr=0.01)
+    assert (cfg.task, cfg.task_options, cfg.hidden_size, cfg.lr) == ("adding", {"length": 30}, 8, 0.01)
+    assert cfg.num_layers == TrainConfig.__dataclass_fields__["num_layers"].default
+    with pytest.raises(ValueError, match=r"hiden_size: not a training setting \(did you mean 'hidden_size'\?\)"):
+        TrainConfig.for_task("adding", {}, hiden_size=8)
+    with pytest.raises(ValueError, match=r"lr: expected a number > 0, got -1"):
+        TrainConfig.for_task("adding", {}, lr=-1)
+
+
+def test_the_chorales_parse_announces_itself(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("music21")
+    from lstmkit.tasks import _chorales
+
+    monkeypatch.setenv("LSTMKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(_chorales, "_parse", lambda limit: (["a"], [torch.zeros(2, 128).numpy().astype("uint8")],
+                                                            1, "x", 0.1))
+    _chorales._load_cached.cache_clear()
+    try:
+        _chorales._load_cached(str(tmp_path), 3)
+    finally:
+        _chorales._load_cached.cache_clear()
+    assert "chorales: parsing music21's Bach scores until 3 chorales once (all of them usually take 5-10 minutes" \
+        in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- mistakes
+
+
+MISTAKES = [
+    (["--out", "{file}"], "--out {file}: is a file, expected a run directory"),
+    (["--threads", "-1"], "threads: expected an int >= 1 or none, got -1"),
+    (["--backend", "bogus"], "backend: unknown kernel 'bogus'"),
+    (["--backend", "fused"], "backend: unknown kernel 'fused' (did you mean 'cpu_fused'?)"),
+    (["--backend", "cpu_fused", "--cell", "deep=4"], "backend: kernel 'cpu_fused' cannot run this layer"),
+    (["--weight-decay", "-1"], "weight_decay: expected a number >= 0, got -1.0"),
+    (["--momentum", "nan"], "momentum: expected a finite number, got nan"),
+    (["--cell", "peepole"], "cell: unknown variant 'peepole' in 'peepole' (did you mean 'peephole'?)"),
+    (["--cell", "nfg+cifg"], "cannot also be removed"),
+    (["--hidden", "0"], "hidden_size: expected an int >= 1, got 0"),
+    (["--hidden", "100000"], "hidden_size: expected an int <= 65536, got 100000 (a sane upper bound)"),
+    (["--layers", "1000000"], "num_layers: expected an int <= 1024"),
+    (["--hidden", "4096", "--layers", "8"], "hidden_size, num_layers: the model would have ",
+     "parameters, more than the bound of 268,435,456"),
+    (["--batch-size", "1048576", "--hidden", "512"], "GiB of activations, more than the bound of 8 GiB"),
+    (["-o", "lenght=100"], "task 'adding': unknown option 'lenght' (did you mean 'length'?); its options (with "
+                           "defaults) are seed=0, length=100, form='hochreiter', eval_size=2560"),
+    (["-o", "length=1e9"], "task 'adding': length must be a positive int, got 1000000000.0"),
+    (["-o", "length=1000000000"], "task 'adding': length must be at most 100,000 (a sane bound)"),
+    (["-o", "eval_size=10000000", "-o", "length=100000"], "an evaluation set of eval_size=10000000 sequences"),
+    (["--length", "100"], "unrecognized arguments: --length 100 (task options are given as -o KEY=VALUE: did you "
+                          "mean -o length=...?)"),
+    (["--optimizer", "adm"], "invalid choice: 'adm'", "(did you mean 'adam'?)"),
+    (["--hiden", "3"], "unrecognized arguments: --hiden 3 (did you mean '--hidden'?)"),
+    (["--eval-split", "valid", "-o", "eval_size=0"], "eval_size must be a positive int, got 0"),
+]
+
+
+@pytest.mark.parametrize("case", MISTAKES, ids=[" ".join(m[0])[:40] for m in MISTAKES])
+def test_train_mistakes_are_one_line_and_create_nothing(tmp_path, capsys, case):
+    extra, messages = case[0], case[1:]
+    (tmp_path / "README.md").write_text("mine")
+    before = snapshot(tmp_path)
+    fill = {"file": str(tmp_path / "README.md")}
+    argv = ADDING + [a.format(**fill) for a in extra]
+    if "--out" not in extra:
+        argv += ["--out", tmp_path / "run"]
+    fails(capsys, argv, *[m.format(**fill) for m in messages])
+    assert snapshot(tmp_path) == before
+
+
+def test_other_commands_mistakes(tmp_path, capsys, good_run):
+    (tmp_path / "file").write_text("mine")
+    torch.save(torch.nn.LSTM(3, 4).state_dict(), tmp_path / "lstm.pt")
+    before = snapshot(tmp_path)
+    fails(capsys, ["train", "reberr"], "unknown task 'reberr' (did you mean 'reber'?)")
+    fails(capsys, ["study", "--task", "adding", "--variants", "vanilla", "--out", tmp_path / "file"],
+          "is a file, expected a study directory")
+    fails(capsys, ["study", "--task", "adding", "--variants", "vanilla", "--hidden", "-3", "--out", tmp_path / "s"],
+          "hidden_size: expected an int >= 1, got -3")
+    fails(capsys, ["eval", tmp_path / "lstm.pt"], "lstm.pt is not a readable safetensors file",
+          "lstmkit reads a training run directory or its checkpoint.safetensors",
+          "converts with lstmkit convert")
+    fails(capsys, ["report", tmp_path / "lstm.pt"], "lstm.pt' is a file; lstmkit report reads a training run's "
+                                                    "directory")
+    fails(capsys, ["sample", good_run, "-n", "0"], "-n: expected an int in [1, 10000000], got 0")
+    fails(capsys, ["trian"], "invalid choice: 'trian'", "(did you mean 'train'?)")
+    fails(capsys, ["plot", "gates", good_run, "--layr", "1"], "(did you mean '--layer'?)")
+    fails(capsys, ["demo", "--seeds", "0"], "--seeds: expected an int in [1, 1000], got 0")
+    assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _tamper(src: Path, dst: Path, config=None, state=None, tensors=None) -> Path:
+    shutil.copytree(src, dst)
+    ck = dst / "checkpoint.safetensors"
+    with safe_open(str(ck), "pt") as fh:
+        meta = fh.metadata()
+    t = load_file(str(ck))
+    cfg, st = json.loads(meta["config"]), json.loads(meta["trainer"])
+    for change, obj in ((config, cfg), (state, st), (tensors, t)):
+        if change:
+            change(obj)
+    meta.update(config=json.dumps(cfg), trainer=json.dumps(st))
+    save_file(t, str(ck), metadata=meta)
+    return dst
+
+
+CHECKPOINTS = {
+    "hidden_size": (dict(config=lambda c: c.update(hidden_size=30000)),
+                    "model.rnn.weight_ih_l0 is F32 [32, 2], expected F32 [120000, 2] for its config (lstm vanilla, "
+                    "hidden_size=30000"),
+    "length": (dict(config=lambda c: c["task_options"].update(length=10**9)),
+               "its task cannot be made (task 'adding': length must be at most 100,000"),
+    "length_float": (dict(config=lambda c: c["task_options"].update(length=1e9)),
+                     "length must be a positive int, got 1000000000.0"),
+    "num_layers": (dict(config=lambda c: c.update(num_layers=10**6)),
+                   "its config is damaged (num_layers: expected an int <= 1024, got 1000000"),
+    "unknown_key": (dict(config=lambda c: c.update(colour="red")), "unknown keys ['colour']"),
+    "step_huge": (dict(state=lambda s: s.update(step=10**12)),
+                  "trainer state: step: expected an int in [1, 20] (its config's steps), got 1000000000000"),
+    "step_negative": (dict(state=lambda s: s.update(step=-5)), "step: expected an int in [1, 20]"),
+    "no_best": (dict(state=lambda s: s.pop("best")), "trainer state: no 'best'"),
+    "no_history": (dict(state=lambda s: s.pop("history")), "trainer state: no 'history'"),
+    "history_steps": (dict(state=lambda s: s["history"].reverse()), "history[1]: expected an evaluation record with a step in (20, 20]"),
+    "groups": (dict(state=lambda s: s.update(param_groups={"lr": 1})), "param_groups: expected a list of one group"),
+    "optimiser_shape": (dict(tensors=lambda t: t.update({"optim.0.exp_avg": torch.zeros(3, 3)})),
+                        "optim.0.exp_avg is F32 [3, 3], expected F32 [32, 2]"),
+    "int64_weights": (dict(tensors=lambda t: t.update({"model.rnn.weight_ih_l0": t["model.rnn.weight_ih_l0"].long()})),
+                      "model.rnn.weight_ih_l0 is I64 [32, 2], expected F32 [32, 2]"),
+    "rng": (dict(tensors=lambda t: t.update({"rng.torch": torch.zeros(10)})), "rng.torch is F32 [10], expected U8"),
+    "missing_tensor": (dict(tensors=lambda t: t.pop("model.head.bias")), "missing ['model.head.bias']"),
+    "partial_optimiser": (dict(tensors=lambda t: t.pop("optim.1.exp_avg_sq")),
+                          "optimiser state of parameter 1 is incomplete"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINTS))
+def test_checkpoint_metadata_is_checked_before_it_is_trusted(good_run, tmp_path, capsys, case):
+    changes, message = CHECKPOINTS[case]
+    d = _tamper(good_run, tmp_path / case, **changes)
+    before = snapshot(tmp_path)
+    fails(capsys, ["eval", d], message)
+    fails(capsys, ADDING + ["--steps", "30", "--out", d, "--resume"], message)
+    fails(capsys, ["plot", "weights", d, "-o", tmp_path / "w.png"], message)
+    assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- never stuck
+
+
+def test_a_run_without_a_checkpoint_restarts_with_the_same_command(good_run, tmp_path, capsys):
+    """What a run leaves when it fails or is killed before its first checkpoint: the same
+    command (with or without --resume) starts it afresh; leftovers of killed writers go."""
+    for resume in ([], ["--resume"]):
+        d = tmp_path / f"run{len(resume)}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"task": "adding", "hidden_size": 99}))
+        (d / "metrics.jsonl").write_text('{"step": 10, "test_mse": 1.0}\n')
+        (d / ".checkpoint.safetensors.otherhost-123-abcd1234.tmp").write_bytes(b"half")  # another machine's
+        (d / ".checkpoint.safetensors.k2j4h5l6.tmp").write_bytes(b"half")  # an older version's name
+        capsys.readouterr()
+        assert run(ADDING + ["--out", d, *resume]) == 0
+        if resume:
+            assert "has no checkpoint yet" in capsys.readouterr().err
+        assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in good_run.iterdir())
+        assert json.loads((d / "config.json").read_text())["hidden_size"] == 8
+        assert [json.loads(r)["step"] for r in (d / "metrics.jsonl").read_text().splitlines()] == [10, 20]
+        a, b = load_file(str(good_run / "model.safetensors")), load_file(str(d / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    fails(capsys, ADDING + ["--out", other], "is not empty; nothing was overwritten")
+    fails(capsys, ADDING + ["--out", other, "--resume"], "--resume: no checkpoint in", "is not empty")
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    fails(capsys, ADDING + ["--out", good_run], "is not empty; nothing was overwritten (it holds a run: use --resume")
+
+
+def test_python_entry_point_has_no_traceback(tmp_path):
+    """In a fresh process: exit code 2 and one line, the path a user sees."""
+    import subprocess
+
+    (tmp_path / "README.md").write_text("x")
+    p = subprocess.run([sys.executable, "-m", "lstmkit", "train", "reber", "--out", str(tmp_path / "README.md")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
