@@ -134,5 +134,6 @@ def test_is_vanilla_ignores_only_the_initial_forget_bias():
     from lstmkit.spec import resolve
 
     assert resolve("vanilla").is_vanilla and resolve("vanilla+fb=1").is_vanilla
+    assert resolve("ib=-3+ob=-1").is_vanilla and resolve("chrono=100").is_vanilla
     for cell in ("peephole", "cifg", "layernorm", "clip=3", "nfg", "rnn"):
         assert not resolve(cell).is_vanilla, cell

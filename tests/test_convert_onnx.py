@@ -66,6 +66,7 @@ CASES = {
     "cifg_peephole_stacked": dict(cell="cifg+peephole", num_layers=2, bidirectional=True),
     "no_bias": dict(bias=False, num_layers=2),
     "forget_bias": dict(cell="vanilla+fb=1"),
+    "chrono_output_bias": dict(cell="peephole+chrono=20+ob=-1"),
     "batch_first": dict(batch_first=True, num_layers=2, bidirectional=True),
     "odd_sizes": dict(input_size=1, hidden_size=7, num_layers=2, cell="peephole"),
 }
@@ -104,7 +105,7 @@ def test_export_matches_onnxruntime_and_round_trips(case, with_lengths, initial_
             _close(f"{case}/{name}", a, b)
     back = from_onnx(proto)
     assert isinstance(back, lstmkit.LSTM) and back.batch_first == layer.batch_first
-    assert back.spec == layer.spec.replace(forget_bias=None)  # fb is an initial value, not a variant
+    assert back.spec == layer.spec.without_init()  # fb=, chrono=, … are initial values, not variants
     assert list(back.state_dict()) == list(layer.state_dict())
     for k, v in layer.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k

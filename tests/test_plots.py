@@ -141,7 +141,7 @@ def test_weights(runs, tmp_path):
 def test_curves(runs, tmp_path):
     dirs = [runs["vanilla"], runs["nfg"], runs["rnn"]]
     fig = plots.plot_curves(dirs, path=tmp_path / "curves.png")
-    assert titles(fig) == ["training loss", "test accuracy"]
+    assert titles(fig) == ["training loss", "valid accuracy"]  # the split evaluated during training
     assert [ax.get_xlabel() for ax in fig.axes] == ["step", "step"]
     assert fig.axes[1].get_ylabel() == "accuracy"
     assert all(len(ax.get_lines()) == 3 for ax in fig.axes)
@@ -157,7 +157,7 @@ def test_compare(runs, tmp_path):
     metric, rows = rundir.final_values(dirs)
     assert metric == "accuracy" and [r[0] for r in rows] == ["vanilla", "vanilla", "nfg", "rnn"]
     summary = json.loads((runs["nfg"] / "summary.json").read_text())
-    assert rows[2][1] == summary["value"]
+    assert rows[2][1] == summary["test"]["value"] and rows[2][3] == "test"  # the kept weights' one test value
     fig = plots.plot_compare(dirs, path=tmp_path / "compare.png")
     ax = fig.axes[0]
     assert ax.get_title() == "test accuracy by cell variant (4 runs)"
@@ -167,7 +167,7 @@ def test_compare(runs, tmp_path):
     assert_png(tmp_path / "compare.png")
     fig = plots.plot_compare(dirs, metric="mse")
     assert fig.axes[0].get_ylabel() == "test mse"
-    with pytest.raises(ValueError, match=r"metric: run .* has no test metric 'bpc'; it has \['accuracy', 'loss', 'mse'\]"):
+    with pytest.raises(ValueError, match=r"metric: run .* has no valid metric 'bpc'; it has \['accuracy', 'loss', 'mse'\]"):
         rundir.final_values(dirs, metric="bpc")
 
 
@@ -334,11 +334,15 @@ def test_importing_plots_does_not_import_matplotlib():
 
 
 def test_runs_that_evaluate_another_split(tmp_path):
-    """A run with ``eval_split="valid"`` logs ``valid_<metric>``: curves and compare read that."""
-    run = _run(tmp_path, "valid", task="adding", task_options={"length": 22, "eval_size": 16}, eval_split="valid")
+    """A run with ``eval_split="train"`` logs ``train_<metric>``: curves read that; compare reads
+    a finished run's test value, and an unfinished run's last evaluation."""
+    run = _run(tmp_path, "train", task="adding", task_options={"length": 22, "eval_size": 16}, eval_split="train")
     fig = plots.plot_curves([run])
-    assert titles(fig) == ["training loss", "valid accuracy"]
+    assert titles(fig) == ["training loss", "train accuracy"]
     assert fig.axes[1].get_ylabel() == "accuracy"
-    assert fig.axes[1].get_lines()[0].get_ydata()[-1] == rundir.read_metrics(run)[-1]["valid_accuracy"]
+    assert fig.axes[1].get_lines()[0].get_ydata()[-1] == rundir.read_metrics(run)[-1]["train_accuracy"]
     fig = plots.plot_compare([run], metric="mse")
-    assert fig.axes[0].get_title() == "valid mse by cell variant (1 run)"
+    assert fig.axes[0].get_title() == "test mse by cell variant (1 run)"
+    (run / "summary.json").unlink()  # as if the run were still going
+    fig = plots.plot_compare([run], metric="mse")
+    assert fig.axes[0].get_title() == "train mse by cell variant (1 run)"

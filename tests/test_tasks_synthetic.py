@@ -207,6 +207,17 @@ def test_reber_splits_are_the_published_256_plus_256():
         assert all(decode(b.x[:, i], int(b.lengths[i])) + "E" in train for i in range(8))
 
 
+def test_reber_validation_split_is_disjoint_and_fixed():
+    task = make("reber", seed=2)
+    train, test, valid = (set(task.strings(s)) for s in ("train", "test", "valid"))
+    assert len(valid) == 256 and not valid & (train | test)
+    assert task.strings("valid") == make("reber", seed=2).strings("valid")
+    assert set(make("reber", seed=3).strings("valid")) != valid
+    assert all(reber.legal_next(s) for s in valid)  # complete, legal embedded Reber strings
+    n = sum(int(b.lengths.numel()) for b in task.eval_batches("valid", 100))
+    assert n == 256
+
+
 def test_reber_training_batches_cover_the_training_set_uniformly():
     task = make("reber")
     index = {s: i for i, s in enumerate(task.strings("train"))}

@@ -49,7 +49,9 @@ def test_run_files_and_summary(tmp_path):
     names = sorted(p.name for p in (tmp_path / "r").iterdir())
     assert names == ["checkpoint.safetensors", "config.json", "metrics.jsonl", "model.safetensors",
                      "summary.json"]
-    assert s["cell"] == "peephole" and s["steps"] == 20 and f"test_{s['metric']}" in s["final"]
+    assert s["cell"] == "peephole" and s["steps"] == 20 and f"valid_{s['metric']}" in s["final"]
+    assert s["split"] == "valid" and s["test"]["value"] == s["test"]["metrics"][s["metric"]]
+    assert s["solved"] == s["test"]["met"] and s["selected_step"] in (10, 20)
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["parameters"] == s["parameters"]
     cfg, tensors, state = load_checkpoint(tmp_path / "r")
     assert cfg.cell == "peephole" and state["step"] == 20 and any(k.startswith("optim.") for k in tensors)

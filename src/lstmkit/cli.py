@@ -27,9 +27,12 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lstmkit._argparse import Parser, add_config_options, config_values, key_value
+
+if TYPE_CHECKING:
+    from lstmkit.config import TrainConfig
 
 __all__ = ["main", "COMMANDS"]
 
@@ -96,7 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("task", help="task name (see below)")
     tr.add_argument("-o", "--option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                     help="task option, e.g. -o length=200 (repeatable; see below)")
-    tr.add_argument("--out", type=Path, help="run directory (default: runs/TASK-CELL-sSEED)")
+    tr.add_argument("--out", type=Path, help="run directory (default: runs/TASK[-OPTIONS]-MODEL-sSEED, e.g. "
+                    "runs/adding-length100-lstm-s0; MODEL is lstm, rnn, or the --cell given)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its checkpoint (or start it, if it has none yet)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -124,8 +128,9 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from lstmkit.train import TrainConfig, Trainer
 
-    cfg = TrainConfig.for_task(args.task, dict(args.option), **config_values(args))
-    out = args.out or Path("runs") / f"{cfg.task}-{cfg.cell if cfg.model == 'lstm' else 'rnn'}-s{cfg.seed}"
+    given = config_values(args)
+    cfg = TrainConfig.for_task(args.task, dict(args.option), **given)
+    out = args.out or default_run_dir(cfg, "cell" in given)
     trainer = Trainer(cfg, out, resume=args.resume, progress=not args.quiet)
     summary = trainer.run()
     if trainer.rank == 0:
@@ -133,17 +138,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_run_dir(cfg: TrainConfig, cell_given: bool) -> Path:
+    """``runs/TASK[-OPTIONS]-MODEL-sSEED``: the task options as written (``length100``),
+    MODEL ``lstm`` (the task's recipe cell), ``rnn``, or the ``--cell`` given."""
+    label = "rnn" if cfg.model == "rnn" else cfg.cell if cell_given else "lstm"
+    opts = [f"{k}{v}" for k, v in cfg.task_options.items()]
+    return Path("runs") / "-".join([cfg.task, *opts, label, f"s{cfg.seed}"])
+
+
 def _print_summary(s: dict[str, Any], out: Path) -> None:
     t = s["target"]
-    value = s["value"]
-    shown = "n/a" if value is None else f"{value:.4g}"
     goal = "≥" if t["goal"] == "max" else "≤"
-    thr = "" if t["threshold"] is None else f" (target {goal} {t['threshold']:g}: {'met' if t['met'] else 'not met'})"
+    criterion = "no published threshold" if t["threshold"] is None else f"target {goal} {t['threshold']:.4g}"
+
+    def shown(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4g}"
+
     print(f"task {s['task']} | {s['model']} {s['cell']} | {s['parameters']:,} parameters | "
           f"{s['steps']:,} steps, {s['sequences']:,} sequences | {s['wall_time_s']:.1f} s | {s['stopped']}")
-    print(f"{s.get('split', 'test')} {s['metric']} = {shown}{thr}")
+    first = "" if t["first_met_step"] is None else \
+        f"; first met the target at step {t['first_met_step']:,} ({t['sequences_to_target']:,} sequences)"
+    print(f"{s['split']} {s['metric']} = {shown(s['value'])} (step {s['selected_step']}, the weights kept){first}")
+    test = s["test"]
+    verdict = "" if t["threshold"] is None else (": solved" if test["met"] else ": NOT solved")
+    print(f"test {s['metric']} = {shown(test['value'])} ({criterion}{verdict})")
     for name, v in (s.get("baselines") or {}).items():
-        print(f"  baseline {name}: {v:.4g}")
+        worse = test["value"] is not None and (test["value"] < v if t["goal"] == "max" else test["value"] > v)
+        print(f"  baseline {name}: {v:.4g}{' (the result is worse than this baseline)' if worse else ''}")
     print(f"  published: {t['published']}")
     print(f"run directory: {out}")
 

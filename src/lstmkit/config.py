@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lstmkit._suggest import did_you_mean
 from lstmkit.nn import LSTM, RNN
-from lstmkit.spec import preset_names, resolve
+from lstmkit.spec import INIT_FIELDS, preset_names, resolve
 
 __all__ = ["TrainConfig", "SequenceModel", "Option", "option_of", "parameter_count", "MAX_PARAMETERS",
            "MAX_ACTIVATIONS"]
@@ -121,7 +121,8 @@ class TrainConfig:
     task_options: dict[str, Any] = _f({}, "task options (-o KEY=VALUE; see lstmkit tasks TASK)", dict)
     model: str = _f("lstm", "recurrent layer: an lstmkit LSTM or the plain tanh RNN", str, choices=("lstm", "rnn"))
     cell: str = _f("vanilla", "LSTM variant: a preset or names joined with '+', e.g. peephole, cifg+layernorm, "
-                   "vanilla+fb=1, deep=16 (ignored for --model rnn)", str)
+                   "deep=16, and initial biases: fb=5 (forget gate), ib=-2, ob=-1, chrono=T (ignored for --model "
+                   "rnn; default: the task's recipe, else vanilla)", str)
     hidden_size: int = _f(64, "cells per layer and direction (H)", int, lo=1, hi=65536,
                           flags=("--hidden", "--hidden-size"))
     num_layers: int = _f(1, "stacked recurrent layers", int, lo=1, hi=1024, flags=("--layers", "--num-layers"))
@@ -144,8 +145,9 @@ class TrainConfig:
     eval_batch_size: int = _f(256, "sequences per evaluation batch", int, lo=1, hi=2**20)
     patience: int | None = _f(None, "stop after this many evaluations without improvement (none: never)", int,
                               lo=1, hi=10**9, optional=True)
-    eval_split: str = _f("test", "split evaluated during training (target, patience, metrics.jsonl)", str,
-                         choices=("train", "valid", "test"))
+    eval_split: str = _f("valid", "split evaluated during training: stopping at the target, patience, the "
+                         "choice of the weights kept, metrics.jsonl (the test split is evaluated once, at the "
+                         "end, on the weights kept)", str, choices=("train", "valid", "test"))
     stop_at_target: bool = _f(True, "stop once the task's published success criterion is met", bool)
     seed: int = _f(0, "seed of the initialisation and of the training data", int, lo=0, hi=2**63 - 1)
     backend: str | None = _f(None, "force a kernel, reference or cpu_fused (none: the fastest that runs the "
@@ -173,21 +175,33 @@ class TrainConfig:
 
     @classmethod
     def for_task(cls, task: str, task_options: Mapping[str, Any] | None = None, **given: Any) -> TrainConfig:
-        """The validated config of a run of ``task``: the field defaults, then ``given``.
+        """The validated config of a run of ``task``: the field defaults, then the task's
+        recipe (the settings it recommends for ``task_options``, :meth:`Task.recipe`), then
+        ``given``.
 
         ``given`` holds only the settings someone chose explicitly (the command line
-        passes only the options that were typed). A layer of per-task recommended
-        settings slots in between: ``for_task(task, opts, **{**recommended, **given})``.
+        passes only the options that were typed), so a recipe value is replaced only by a
+        value someone asked for.
 
         Raises:
-            ValueError: an unknown setting (with the closest name), or a bad value.
+            ValueError: an unknown task or setting (with the closest name), or a bad value.
         """
+        from lstmkit.tasks.base import task_recipe
+
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("task", "task_options")]
         for key in given:
             if key not in names:
                 raise ValueError(f"{key}: not a training setting{did_you_mean(key, names)}; the settings are "
                                  f"{names}")
-        cfg = cls(task=task, task_options=dict(task_options or {}), **given)
+        options = dict(task_options or {})
+        try:
+            recipe = task_recipe(task, options)
+        except (TypeError, KeyError, ArithmeticError):  # a bad option value: the task reports it when made
+            recipe = {}
+        bad = sorted(set(recipe) - set(names))
+        if bad:  # the task's own mistake, not the user's
+            raise ValueError(f"task {task!r}: its recipe sets unknown settings {bad}")
+        cfg = cls(task=task, task_options=options, **{**recipe, **given})
         cfg.validate()
         return cfg
 
@@ -220,11 +234,13 @@ class TrainConfig:
 def _check_cell(cell: Any) -> None:
     if not isinstance(cell, str):
         raise ValueError(f"cell: expected a variant name, got {cell!r}")
-    words = [n for n in preset_names() if "<" not in n]
+    names = preset_names()
+    words = [n for n in names if "<" not in n]
+    valued = {n.partition("=")[0] for n in names if "=" in n} | {*INIT_FIELDS, "forget_bias", "cell_clip"}
     for word in (w.strip() for w in cell.lower().split("+")):
-        if word not in words and not word.startswith(("clip=", "fb=", "forget_bias=", "deep=")):
+        if word not in words and not ("=" in word and word.partition("=")[0] in valued):
             raise ValueError(f"cell: unknown variant {word!r} in {cell!r}{did_you_mean(word, words)}; expected "
-                             f"names from {preset_names()} joined with '+'")
+                             f"names from {names} joined with '+'")
     spec = resolve(cell)  # an impossible combination raises with the reason
     if not spec.is_lstm:
         raise ValueError(f"cell: {cell!r} is the plain RNN; use --model rnn instead")

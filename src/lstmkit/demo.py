@@ -52,7 +52,7 @@ def reber_trial(kind: str, seed: int, run_dir: Path, hidden: int = 16, lr: float
     start = time.perf_counter()
     trainer = Trainer(cfg, run_dir, progress=progress)
     summary = trainer.run()
-    test = summary["value"]
+    test = summary["test"]["value"]
     train = trainer.evaluate("train")["solved"]
     return Trial(kind, seed, test == 1.0 and train == 1.0, summary["sequences"], train, test,
                  time.perf_counter() - start)

@@ -22,7 +22,7 @@ from lstmkit import cell as cell_eqs
 from lstmkit.kernels.onnx_export import exporting
 from lstmkit.layout import gate_slices, layer_param_shapes, suffix
 from lstmkit.loop import StackOut, run_stack
-from lstmkit.spec import CellSpec, resolve
+from lstmkit.spec import INIT_FIELDS, CellSpec, resolve
 
 __all__ = ["LSTM", "RNN", "LSTMCell", "check_packed_sequence"]
 
@@ -186,9 +186,11 @@ class _Recurrent(nn.Module):
             )
         if proj_size and not spec.is_lstm:
             raise ValueError("proj_size: only LSTM layers have a projection, not the plain RNN")
-        if spec.forget_bias is not None and not bias:
+        init = [f"{name}={getattr(spec, name)}" for name in INIT_FIELDS if getattr(spec, name) is not None]
+        if init and not bias:
             raise ValueError(
-                f"cell: forget_bias={spec.forget_bias} needs biases, but the layer has bias=False"
+                f"cell: {', '.join(init)} {'needs' if len(init) == 1 else 'need'} biases, but the "
+                f"layer has bias=False"
             )
         if dropout > 0 and num_layers == 1:
             warnings.warn(
@@ -260,19 +262,31 @@ class _Recurrent(nn.Module):
                             w.uniform_(-bound, bound)
                         else:
                             w.uniform_(-stdv, stdv)
-                    self._init_forget_bias(names)
+                    self._init_gate_biases(names)
 
-    def _init_forget_bias(self, names: dict[str, str]) -> None:
-        fb = self.spec.forget_bias
-        if fb is None:
-            return
-        deep = self.spec.hidden_widths("f")
-        if deep:
-            getattr(self, names[f"mlp_f_bias{len(deep)}"]).fill_(fb)
-            return
-        rows = gate_slices(self.spec, self.hidden_size)["f"]
-        getattr(self, names["bias_ih"])[rows] = fb
-        getattr(self, names["bias_hh"])[rows] = 0.0
+    def _init_gate_biases(self, names: dict[str, str]) -> None:
+        """The spec's initial gate biases (``ib=``, ``fb=``, ``ob=``, ``chrono=``).
+
+        The value goes where it adds directly to the gate's pre-activation ``u_k``:
+        ``bias_ih``'s rows of gate k (``bias_hh``'s rows set to 0), or the last bias of a
+        deep gate's MLP. Chrono (Tallec & Ollivier 2018) draws ``b_f = log u``,
+        ``u ~ U[1, T_max − 1]`` per cell from torch's generator, and sets ``b_i = −b_f``.
+        """
+        values: dict[str, float | Tensor] = dict(self.spec.init_biases)
+        if self.spec.chrono is not None:
+            w = getattr(self, names["weight_ih"])
+            b_f = torch.empty(self.hidden_size, dtype=w.dtype, device=w.device)
+            b_f.uniform_(1.0, self.spec.chrono - 1.0).log_()
+            values.update(f=b_f, i=-b_f)
+        rows = gate_slices(self.spec, self.hidden_size)
+        for gate, value in values.items():
+            deep = self.spec.hidden_widths(gate)
+            if deep:
+                getattr(self, names[f"mlp_{gate}_bias{len(deep)}"]).copy_(
+                    torch.as_tensor(value).expand(self.hidden_size))
+                continue
+            getattr(self, names["bias_ih"])[rows[gate]] = value
+            getattr(self, names["bias_hh"])[rows[gate]] = 0.0
 
     def layer_params(self, layer: int = 0, direction: int = 0) -> dict[str, Tensor]:
         """The parameters of one layer and direction, keyed by name without suffix."""

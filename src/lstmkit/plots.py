@@ -370,12 +370,12 @@ def plot_compare(run_dirs: Sequence[str | os.PathLike[str]], *, metric: str | No
     if isinstance(run_dirs, (str, os.PathLike)):
         raise ValueError(f"run_dirs: expected a non-empty list of run directories, got {run_dirs!r}")
     metric, rows = runs.final_values(list(run_dirs), metric)
-    splits = sorted({runs.eval_split_of(Path(d)) for d in run_dirs})
+    splits = sorted({split for *_, split in rows})
     what = f"{splits[0]} {metric}" if len(splits) == 1 else f"{metric} ({'/'.join(splits)})"
-    variants = sorted({v for v, _, _ in rows})
+    variants = sorted({v for v, *_ in rows})
     fig = _figure(figsize=(max(5.0, 1.3 * len(variants) + 2.5), 4.5))
     ax = fig.subplots()
-    groups = [[val for v, val, _ in rows if v == name] for name in variants]
+    groups = [[val for v, val, *_ in rows if v == name] for name in variants]
     ax.boxplot(groups, positions=range(len(variants)), widths=0.5, showfliers=False)
     gen = torch.Generator().manual_seed(0)
     for k, vals in enumerate(groups):
@@ -560,8 +560,8 @@ def run(args: argparse.Namespace) -> int:
     elif kind == "compare":
         metric, rows = runs.final_values(args.runs, args.metric)
         plot_compare(args.runs, metric=metric, path=out, overwrite=args.overwrite)
-        for variant, value, name in rows:
-            print(f"{variant:<24} {name:<32} {metric} = {value:.4g}")
+        for variant, value, name, split in rows:
+            print(f"{variant:<24} {name:<32} {split} {metric} = {value:.4g}")
     else:
         from lstmkit.gradflow import gradflow_experiment, gradflow_table
 

@@ -43,8 +43,9 @@ from lstmkit.tasks.base import Task, get_task
 
 __all__ = ["CheckpointError", "Checkpoint", "FORMAT", "WEIGHTS_FORMAT", "CHECKPOINT", "CONFIG", "METRICS",
            "SUMMARY", "MODEL", "plan", "start", "read_checkpoint", "write_checkpoint", "checkpoint_tensors",
-           "restore", "append_metrics", "write_metrics", "read_metrics", "write_summary", "read_summary",
-           "read_config", "write_model", "load_run", "variant_of", "eval_split_of", "metric_of", "final_values"]
+           "restore", "selected_weights", "append_metrics", "write_metrics", "read_metrics", "write_summary",
+           "read_summary", "read_config", "write_model", "load_run", "variant_of", "eval_split_of", "metric_of",
+           "final_values"]
 
 #: Identifies lstmkit checkpoints (metadata key "format").
 FORMAT = "lstmkit-checkpoint-1"
@@ -151,10 +152,14 @@ def start(run_dir: str | os.PathLike[str], cfg: TrainConfig, resumed: bool,
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, carry: Any) -> dict[str, Tensor]:
+def checkpoint_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, carry: Any,
+                       selected: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The tensors of a checkpoint: ``model.*``, ``optim.<param index>.<key>``, ``rng.torch``
-    (the global generator: dropout masks) and ``carry.<i>`` (a stream's state)."""
+    (the global generator: dropout masks), ``carry.<i>`` (a stream's state) and
+    ``selected.*`` (the weights of the best evaluation so far, a state dict of ``model``)."""
     t = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if selected is not None:
+        t.update({f"selected.{k}": v for k, v in selected.items()})
     for idx, st in optimizer.state_dict()["state"].items():
         for key, v in st.items():
             t[f"optim.{idx}.{key}"] = v if isinstance(v, Tensor) else torch.tensor(v)
@@ -212,6 +217,7 @@ def _expected(cfg: TrainConfig, task: Task, world: int | None) -> dict[str, tupl
     state's batch is ``batch_size / world``; any divisor of ``batch_size`` if ``world`` is None)."""
     model = SequenceModel(cfg, task.input_size, task.output_size, device="meta")
     want = {f"model.{k}": (tuple(v.shape), _DTYPES[v.dtype]) for k, v in model.state_dict().items()}
+    want.update({f"selected.{k[len('model.'):]}": v for k, v in want.items()})
     keys = ("step", "exp_avg", "exp_avg_sq") if cfg.optimizer == "adam" else \
         (("momentum_buffer",) if cfg.momentum else ())
     for idx, p in enumerate(model.parameters()):
@@ -235,7 +241,7 @@ def _check_tensors(p: Path, shapes: dict[str, tuple[tuple[int, ...], str]], cfg:
             shape = shapes[k][0]
             if len(shape) == 3 and shape[1] >= 1 and cfg.batch_size % shape[1] == 0:
                 want[k] = ((want[k][0][0], shape[1], want[k][0][2]), want[k][1])
-    optional = {k for k in want if k.startswith(("optim.", "carry."))}
+    optional = {k for k in want if k.startswith(("optim.", "carry.", "selected."))}
     missing = sorted(k for k in want if k not in shapes and k not in optional)
     unexpected = sorted(k for k in shapes if k not in want)
     if missing or unexpected:
@@ -256,6 +262,9 @@ def _check_tensors(p: Path, shapes: dict[str, tuple[tuple[int, ...], str]], cfg:
     carry = sorted(k for k in shapes if k.startswith("carry."))
     if carry and carry != sorted(k for k in want if k.startswith("carry.")):
         raise CheckpointError(f"checkpoint: {p}: incomplete carried state ({carry})")
+    selected = sorted(k for k in shapes if k.startswith("selected."))
+    if selected and selected != sorted(k for k in want if k.startswith("selected.")):
+        raise CheckpointError(f"checkpoint: {p}: incomplete selected weights ({selected[:4]})")
 
 
 def _number(v: Any) -> bool:
@@ -299,6 +308,9 @@ def _check_state(p: Path, st: Any, cfg: TrainConfig) -> None:
         raise bad(f"elapsed: expected seconds >= 0, got {st['elapsed']!r}")
     if not isinstance(st.get("stopped", ""), str):
         raise bad(f"stopped: expected a string, got {st['stopped']!r}")
+    best_step = st.get("best_step")
+    if best_step is not None and best_step not in {rec["step"] for rec in history}:
+        raise bad(f"best_step: expected the step of an evaluation in its history or null, got {best_step!r}")
     groups = st["param_groups"]
     if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict):
         raise bad(f"param_groups: expected a list of one group, got {str(groups)[:60]}")
@@ -340,6 +352,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, world: int | None = None) -
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint: {p}: its task cannot be made ({exc})") from None
     _check_tensors(p, shapes, cfg, task, world)
+    if (state.get("best_step") is None) != (not any(k.startswith("selected.") for k in shapes)):
+        raise CheckpointError(f"checkpoint: {p}: trainer state: best_step {state.get('best_step')!r} does not match "
+                              f"the selected weights it holds")
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(p), framework="pt") as fh:
@@ -368,6 +383,14 @@ def restore(ck: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optim
     torch.set_rng_state(ck.tensors["rng.torch"])
     carry = [ck.tensors[f"carry.{i}"] for i in range(2) if f"carry.{i}" in ck.tensors]
     return None if not carry else (carry[0] if len(carry) == 1 else tuple(carry))
+
+
+def selected_weights(ck: Checkpoint) -> dict[str, Tensor] | None:
+    """The weights of the best evaluation so far (model selection), a state dict, or None
+    (no evaluation has improved yet, or a checkpoint written before lstmkit kept them)."""
+    prefix = "selected."
+    weights = {k[len(prefix):]: v for k, v in ck.tensors.items() if k.startswith(prefix)}
+    return weights or None
 
 
 # ---------------------------------------------------------------------------- metrics, summary, model
@@ -451,7 +474,8 @@ def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def write_model(run_dir: str | os.PathLike[str], cfg: TrainConfig, model: torch.nn.Module) -> None:
-    """Write the final ``model.safetensors`` (weights and the config in its metadata), atomically."""
+    """Write the final ``model.safetensors`` (``model``'s weights — the trainer passes the
+    selected ones — and the config in its metadata), atomically."""
     from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
@@ -459,8 +483,13 @@ def write_model(run_dir: str | os.PathLike[str], cfg: TrainConfig, model: torch.
     _atomic.write_bytes(Path(run_dir) / MODEL, data, what="model")
 
 
-def load_run(path: str | os.PathLike[str]) -> tuple[TrainConfig, Task, SequenceModel]:
+def load_run(path: str | os.PathLike[str], weights: str = "selected") -> tuple[TrainConfig, Task, SequenceModel]:
     """(config, task, model in eval mode) of a run directory or its checkpoint file.
+
+    Args:
+        weights: ``"selected"``: those of the best evaluation so far (what a finished run
+            keeps in ``model.safetensors``; the last ones if no evaluation improved yet);
+            ``"last"``: the weights training continues from.
 
     Raises:
         ValueError: nothing at ``path``; CheckpointError (a ValueError) for a corrupt,
@@ -469,9 +498,14 @@ def load_run(path: str | os.PathLike[str]) -> tuple[TrainConfig, Task, SequenceM
     p = Path(path)
     if not p.exists():
         raise ValueError(f"run: no run directory or checkpoint at {str(p)!r}")
+    if weights not in ("selected", "last"):
+        raise ValueError(f"weights: expected 'selected' or 'last', got {weights!r}")
     ck = read_checkpoint(p)
     model = SequenceModel(ck.config, ck.task.input_size, ck.task.output_size)
     restore(ck, model)
+    best = selected_weights(ck) if weights == "selected" else None
+    if best is not None:
+        model.load_state_dict(best)
     return ck.config, ck.task, model.eval()
 
 
@@ -495,14 +529,14 @@ def variant_of(run_dir: str | os.PathLike[str]) -> str:
 
 
 def eval_split_of(run_dir: str | os.PathLike[str]) -> str:
-    """The split a run evaluated during training (``eval_split``, "test" by default): its
-    metrics are logged as ``<split>_<metric>``."""
+    """The split a run evaluated during training (``eval_split``): its metrics are logged
+    as ``<split>_<metric>``."""
     d = Path(run_dir)
     summary = read_summary(d)
     if summary and summary.get("split"):
         return str(summary["split"])
     cfg = read_config(d) or {}
-    return str(cfg.get("eval_split") or "test")
+    return str(cfg.get("eval_split") or TrainConfig.__dataclass_fields__["eval_split"].default)
 
 
 def metric_of(run_dir: str | os.PathLike[str], records: list[dict[str, Any]]) -> str:
@@ -525,9 +559,11 @@ def metric_of(run_dir: str | os.PathLike[str], records: list[dict[str, Any]]) ->
 
 
 def final_values(run_dirs: list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],
-                 metric: str | None = None) -> tuple[str, list[tuple[str, float, str]]]:
-    """(metric, [(variant, final value, run name), …]) of a set of runs: the metric in the
-    last evaluation of metrics.jsonl, on the split each run evaluated ("test" by default).
+                 metric: str | None = None) -> tuple[str, list[tuple[str, float, str, str]]]:
+    """(metric, [(variant, value, run name, split), …]) of a set of runs: a finished run's
+    test-split value of its kept weights (summary.json), else — a run still going, or a
+    metric the summary does not hold — the metric in the last evaluation of metrics.jsonl,
+    on the split the run evaluated during training.
 
     Raises:
         ValueError: a run without the metric, or no runs.
@@ -540,11 +576,15 @@ def final_values(run_dirs: list[str | os.PathLike[str]] | tuple[str | os.PathLik
         recs = read_metrics(d)
         m = chosen or metric_of(d, recs)
         chosen = chosen or m
+        tested = ((read_summary(d) or {}).get("test") or {}).get("metrics") or {}
+        if _number(tested.get(m)):
+            rows.append((variant_of(d), float(tested[m]), d.name, "test"))
+            continue
         split = eval_split_of(d)
         value = recs[-1].get(f"{split}_{m}")
         if value is None:
             have = sorted(k[len(split) + 1:] for k in recs[-1] if k.startswith(split + "_"))
             raise ValueError(f"metric: run {str(d)!r} has no {split} metric {m!r}; it has {have}")
-        rows.append((variant_of(d), float(value), d.name))
+        rows.append((variant_of(d), float(value), d.name, split))
     assert chosen is not None
     return chosen, rows

@@ -21,10 +21,13 @@ from typing import Any
 
 from lstmkit.layout import GATE_NAMES, GATES
 
-__all__ = ["CellSpec", "PRESETS", "resolve", "preset_names", "MAX_GATE_WIDTH"]
+__all__ = ["CellSpec", "PRESETS", "INIT_FIELDS", "resolve", "preset_names", "MAX_GATE_WIDTH"]
 
 #: The widest hidden layer a deep gate may have.
 MAX_GATE_WIDTH = 2**20
+#: Fields that only set initial parameter values: they change no equation, so two specs
+#: that differ only in them compute the same function of the same parameters.
+INIT_FIELDS: tuple[str, ...] = ("input_bias", "forget_bias", "output_bias", "chrono")
 
 _ACTIVATIONS = ("tanh", "identity")
 _NONLINEARITIES = ("tanh", "relu")
@@ -101,8 +104,21 @@ class CellSpec:
             ``{gate: widths}``; each such gate is an MLP over ``[x_t, h_{t-1}]``.
         gate_hidden_activation: the activation between a deep gate's layers.
         cell_clip: clip ``c_t`` to ``[-cell_clip, cell_clip]`` (``None`` = no clip).
-        forget_bias: initial value of the forget gate's bias (``None`` keeps torch's
-            uniform initialisation; Jozefowicz et al. 2015 recommend 1.0).
+
+    Initialisation only (they change no equation; see :data:`INIT_FIELDS` and
+    docs/cell.md, "Initialisation options"). ``None`` keeps torch's uniform
+    initialisation of that bias:
+
+        input_bias: initial value of the input gate's bias ``b_i`` (Hochreiter &
+            Schmidhuber 1997 start input gates negative, e.g. −3 and −6 on the adding
+            problem, so that the cell ignores inputs until it learns to open).
+        forget_bias: initial value of the forget gate's bias ``b_f`` (Gers et al. 2000
+            start it positive; Jozefowicz et al. 2015 recommend 1.0; long lags need more).
+        output_bias: initial value of the output gate's bias ``b_o`` (Hochreiter &
+            Schmidhuber 1997 use −1, −2, …).
+        chrono: chrono initialisation for dependencies up to ``T_max = chrono`` steps
+            (Tallec & Ollivier 2018): ``b_f = log u`` with ``u ~ U[1, T_max − 1]`` drawn
+            per cell, and ``b_i = −b_f``.
     """
 
     kind: str = "lstm"
@@ -120,6 +136,9 @@ class CellSpec:
     gate_hidden_activation: str = "tanh"
     cell_clip: float | None = None
     forget_bias: float | None = None
+    input_bias: float | None = None
+    output_bias: float | None = None
+    chrono: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gate_hidden", _freeze_gate_hidden(self.gate_hidden))
@@ -142,13 +161,18 @@ class CellSpec:
                     f"CellSpec.cell_clip: expected a finite number > 0, got {self.cell_clip!r}"
                 )
             object.__setattr__(self, "cell_clip", float(self.cell_clip))
-        if self.forget_bias is not None:
-            if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
-                    or not math.isfinite(self.forget_bias):
-                raise ValueError(
-                    f"CellSpec.forget_bias: expected a finite number or None, got {self.forget_bias!r}"
-                )
-            object.__setattr__(self, "forget_bias", float(self.forget_bias))
+        for name in INIT_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"CellSpec.{name}: expected a finite number or None, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.chrono is not None and not self.chrono > 2:
+            raise ValueError(
+                f"CellSpec.chrono: expected T_max > 2 (the forget bias is log U[1, T_max − 1]), "
+                f"got {self.chrono!r}"
+            )
         self._validate_combination()
 
     def _validate_combination(self) -> None:
@@ -187,17 +211,52 @@ class CellSpec:
                 "CellSpec: peephole connections feed c into the sigmoid gates i, f, o, but this "
                 "variant computes none of them"
             )
-        if self.forget_bias is not None and "f" not in self.computed_gates:
-            why = "cifg derives f = 1 − i" if self.coupled else "nfg removes the forget gate"
-            raise ValueError(
-                f"CellSpec.forget_bias: the forget gate has no bias of its own here ({why})"
-            )
+        self._validate_init()
         for letter, _ in self.gate_hidden:
             if letter not in self.computed_gates:
                 raise ValueError(
                     f"CellSpec.gate_hidden: gate {letter!r} ({GATE_NAMES[GATES.index(letter)]}) "
                     f"is not computed in this variant, so it cannot be deep"
                 )
+
+    def _validate_init(self) -> None:
+        """Each initial bias needs its gate computed; chrono sets b_f and b_i itself."""
+        no_f = "cifg derives f = 1 − i" if self.coupled else "nfg removes the forget gate"
+        for name, gate, why in (("input_bias", "i", "nig removes the input gate"),
+                                ("forget_bias", "f", no_f),
+                                ("output_bias", "o", "nog removes the output gate")):
+            if getattr(self, name) is not None and gate not in self.computed_gates:
+                raise ValueError(f"CellSpec.{name}: the {GATE_NAMES[GATES.index(gate)]} gate has no "
+                                 f"bias of its own here ({why})")
+        if self.chrono is None:
+            return
+        if self.coupled:
+            raise ValueError(
+                "CellSpec.chrono: chrono initialisation sets b_f and b_i = −b_f separately, but cifg "
+                "has no forget-gate bias (f = 1 − σ(u_i)); for a chrono-like start set the input "
+                "bias alone, e.g. ib=-3"
+            )
+        if "f" not in self.computed_gates or "i" not in self.computed_gates:
+            why = "nfg removes the forget gate" if "f" not in self.computed_gates else \
+                "nig removes the input gate"
+            raise ValueError(f"CellSpec.chrono: chrono initialisation sets the forget and the input "
+                             f"gate's biases, but {why}")
+        given = [w for w, v in (("fb", self.forget_bias), ("ib", self.input_bias)) if v is not None]
+        if given:
+            raise ValueError(
+                f"CellSpec.chrono: chrono initialisation sets b_f = log U[1, T_max − 1] and "
+                f"b_i = −b_f itself; drop {' and '.join(given)}= or drop chrono="
+            )
+
+    def without_init(self) -> CellSpec:
+        """The same equations with every initialisation-only option cleared."""
+        return self.replace(**dict.fromkeys(INIT_FIELDS))
+
+    @property
+    def init_biases(self) -> dict[str, float]:
+        """The constant initial gate biases this spec sets, by gate letter (chrono excluded)."""
+        return {gate: v for gate, v in (("i", self.input_bias), ("f", self.forget_bias),
+                                        ("o", self.output_bias)) if v is not None}
 
     # ---- derived facts (the kernels and the loop read these, never the raw flags) ----
 
@@ -208,9 +267,9 @@ class CellSpec:
 
     @property
     def is_vanilla(self) -> bool:
-        """True when the cell computes the vanilla LSTM (an initial forget bias changes only
-        the initialisation, not the equations)."""
-        return self.replace(forget_bias=None) == CellSpec()
+        """True when the cell computes the vanilla LSTM (initial biases and chrono change
+        only the initialisation, not the equations)."""
+        return self.without_init() == CellSpec()
 
     @property
     def computed_gates(self) -> tuple[str, ...]:
@@ -269,14 +328,30 @@ class CellSpec:
             parts.append("deep(" + ",".join(f"{g}={'x'.join(map(str, w))}"
                                            for g, w in self.gate_hidden) + ")")
         if self.cell_clip is not None:
-            parts.append(f"clip={self.cell_clip:g}")
-        if self.forget_bias is not None:
-            parts.append(f"fb={self.forget_bias:g}")
+            parts.append(f"clip={_number(self.cell_clip)}")
+        for name, word in _INIT_WORDS:
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{word}={_number(value)}")
         return "+".join(parts) or "vanilla"
 
     def replace(self, **changes: Any) -> CellSpec:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _number(value: float) -> str:
+    """Shortest text that reads back as exactly ``value`` (``3``, ``-0.5``, ``0.1``)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+#: (field, preset word) of the initialisation options, in the order ``name`` writes them.
+_INIT_WORDS: tuple[tuple[str, str], ...] = (("chrono", "chrono"), ("input_bias", "ib"),
+                                            ("forget_bias", "fb"), ("output_bias", "ob"))
+#: Words with a value (``word=value``) -> the field they set; long field names work too.
+_VALUE_WORDS: dict[str, str] = {"clip": "cell_clip", "cell_clip": "cell_clip",
+                                **{w: f for f, w in _INIT_WORDS}, **{f: f for f, _ in _INIT_WORDS}}
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -319,14 +394,17 @@ _WORDS: dict[str, dict[str, Any]] = {
 
 def preset_names() -> list[str]:
     """Names accepted by :func:`resolve` (combine flag words with ``+``)."""
-    return sorted(_WORDS) + ["clip=<float>", "fb=<float>", "deep=<width>[x<width>…]"]
+    return sorted(_WORDS) + ["clip=<float>", "ib=<float>", "fb=<float>", "ob=<float>",
+                             "chrono=<T_max>", "deep=<width>[x<width>…]"]
 
 
 def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overrides: Any) -> CellSpec:
     """Turn a preset name, a mapping of fields or a :class:`CellSpec` into a validated spec.
 
     Names combine with ``+``: ``"peephole+cifg+layernorm"``, ``"vanilla+fb=1"``,
-    ``"deep=16"`` (every gate an MLP with one hidden layer of 16), ``"clip=3"``.
+    ``"deep=16"`` (every gate an MLP with one hidden layer of 16), ``"clip=3"``; the
+    initialisation words ``ib=``, ``fb=``, ``ob=`` (initial input, forget, output gate
+    bias) and ``chrono=T_max`` (chrono initialisation).
     Keyword ``overrides`` replace fields afterwards.
 
     Raises:
@@ -344,15 +422,13 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
         for word in (w.strip() for w in cell.lower().split("+")):
             if word in _WORDS:
                 fields.update(_WORDS[word])
-            elif word.startswith(("clip=", "fb=", "forget_bias=", "deep=")):
+            elif word.partition("=")[0] in ("deep", *_VALUE_WORDS) and "=" in word:
                 key, _, value = word.partition("=")
                 try:
                     if key == "deep":
                         fields["gate_hidden"] = tuple(int(v) for v in value.split("x"))
-                    elif key == "clip":
-                        fields["cell_clip"] = float(value)
                     else:
-                        fields["forget_bias"] = float(value)
+                        fields[_VALUE_WORDS[key]] = float(value)
                 except ValueError:
                     raise ValueError(f"cell: cannot read {word!r}: {value!r} is not a number") from None
             else:

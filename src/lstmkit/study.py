@@ -198,7 +198,8 @@ def _train_one(path: Path, cfg: Any, config: dict[str, Any], metric: str) -> dic
         history = trainer.history
         key = f"{cfg.eval_split}_{metric}"
         met_at = next((r["step"] for r in history if key in r and trainer.task.target.met(r[key])), None)
-        result.update(diverged=False, select=summary["final"].get(key), test=trainer.evaluate("test"),
+        kept = next((r for r in history if r["step"] == summary["selected_step"]), history[-1])
+        result.update(diverged=False, select=kept.get(key), test=summary["test"]["metrics"],
                       steps=summary["steps"], wall_time_s=summary["wall_time_s"],
                       parameters=summary["parameters"], target_step=met_at)
     _atomic.write_json(done, result, what="study")
@@ -472,7 +473,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     opts = json.dumps(summary["task_options"]) if summary["task_options"] else "defaults"
     lines = [
         f"# Variant study: {summary['task']} ({opts})", "",
-        f"Metric: test `{summary['metric']}` ({goal} is better), after a fixed budget of "
+        f"Metric: test `{summary['metric']}` ({goal} is better) of the weights of each run's best "
+        f"`{summary['selection_split']}` evaluation within a fixed budget of "
         f"{_setting(train, 'steps')} steps × batch {_setting(train, 'batch_size')}; "
         f"H = {_setting(train, 'hidden_size')}, {_setting(train, 'num_layers')} layer(s). "
         f"Learning rate: best of {s['lr_trials']} log-uniform draws from "

@@ -7,6 +7,13 @@ carried across chunks of a stream, evaluation, early stopping on the task's publ
 criterion and the checkpoints' contents. The run directory — config, metrics,
 checkpoints, summary and final model — is read and written by :mod:`lstmkit.runs`.
 
+Evaluation during training reads the *validation* split (``eval_split``): it decides when
+to stop (the target met, or ``patience`` evaluations without improvement) and which
+weights are kept (those of the best evaluation: model selection; the checkpoint carries
+them, so a resumed run selects the same). The test split is evaluated once, at the end,
+on the kept weights; the summary reports both, and the final ``model.safetensors`` holds
+the kept weights.
+
 Everything is checked before anything is created: the config (:meth:`TrainConfig.validate`),
 the task and its options, the model's size and a batch's activations against sane
 bounds, that the chosen kernel runs the variant, and the run directory; a checkpoint to
@@ -191,11 +198,16 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.elapsed = 0.0
         self.stopped = ""
+        self.best_step: int | None = None  # the evaluation whose weights are kept (model selection)
+        self.best_weights: dict[str, Tensor] | None = None  # its weights
+        self.test_metrics: dict[str, float] | None = None  # the one test-split evaluation, at the end
         if checkpoint is not None:
             self.state = runs.restore(checkpoint, self.model, self.opt)
             st = checkpoint.state
             self.step, self.best, self.bad_evals = st["step"], st["best"], st["bad_evals"]
             self.elapsed, self.history, self.stopped = st["elapsed"], st["history"], st.get("stopped", "")
+            self.best_step = st.get("best_step")
+            self.best_weights = runs.selected_weights(checkpoint)
         if self.rank == 0:
             if resume and not self.resumed:
                 print(f"lstmkit: {self.run_dir} has no checkpoint yet (the run stopped before its first one); "
@@ -212,9 +224,9 @@ class Trainer:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.state_dict()["param_groups"]]
         trainer = {"step": self.step, "best": self.best, "bad_evals": self.bad_evals,
                    "elapsed": self.elapsed, "param_groups": groups, "history": self.history,
-                   "stopped": self.stopped}
-        runs.write_checkpoint(self.run_dir, self.cfg, runs.checkpoint_tensors(self.model, self.opt, self.state),
-                              trainer)
+                   "stopped": self.stopped, "best_step": self.best_step}
+        runs.write_checkpoint(self.run_dir, self.cfg, runs.checkpoint_tensors(self.model, self.opt, self.state,
+                                                                              selected=self.best_weights), trainer)
 
     # ------------------------------------------------------------------ loop
 
@@ -268,6 +280,8 @@ class Trainer:
         return evaluate(self.model, self.task, split, self.cfg.eval_batch_size)
 
     def _improved(self, value: float) -> bool:
+        if value != value:  # NaN is never an improvement (nor a best to compare with)
+            return False
         goal = self.task.target.goal
         better = self.best is None or (value > self.best if goal == "max" else value < self.best)
         if better:
@@ -281,14 +295,21 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, mininterval=0.5)
         start = time.perf_counter() - self.elapsed
+        # Vanishing gradients on long lags become denormal floats (below ~1e-38), which x86 CPUs
+        # compute up to 4x slower (adding, T = 500); during training they are flushed to zero.
+        torch.set_flush_denormal(True)
         try:
             self._loop(bar, start)
         except _atomic.WriteError as exc:
             raise _atomic.WriteError(exc.errno, f"{exc}; once there is space, the same command with --resume "
                                                 f"continues from the last checkpoint") from None
         finally:
+            torch.set_flush_denormal(False)
             bar.close()
         self.elapsed = time.perf_counter() - start
+        if self.best_weights is not None and self.best_step != self.step:
+            self.model.load_state_dict(self.best_weights)  # model selection: the best evaluation's weights
+        self.test_metrics = self.evaluate("test")  # the one look at the test split
         summary = self.summary()
         if self.rank == 0:
             try:
@@ -319,6 +340,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['train_loss']:.4f}", **{target.metric: f"{value:.4g}"})
                 if self._improved(value):
                     self.bad_evals = 0
+                    self.best_step = self.step
+                    self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
                 else:
                     self.bad_evals += 1
                 if cfg.stop_at_target and target.met(value):
@@ -328,19 +351,32 @@ class Trainer:
                 self.save()
 
     def summary(self) -> dict[str, Any]:
-        """Task, variant, size, steps, time, final metrics against target and baselines."""
-        target = self.task.target
+        """The run's result: task, variant, size, steps, time; the evaluation that selected
+        the kept weights (``split`` = ``eval_split``, ``value``, ``selected_step``;
+        ``target.met``: that value meets the criterion; ``target.first_met_step``: the first
+        evaluation that met it) and, under ``test``, the one test-split evaluation of the kept
+        weights (``solved``: it meets the criterion), next to the baselines."""
+        target, cfg = self.task.target, self.cfg
+        key = f"{cfg.eval_split}_{target.metric}"
         final = self.history[-1] if self.history else {}
-        value = final.get(f"{self.cfg.eval_split}_{target.metric}")
+        selected = next((r for r in self.history if r["step"] == self.best_step), final)
+        value = selected.get(key)
+        first_met = next((r["step"] for r in self.history if r.get(key) is not None and target.met(r[key])), None)
+        test = None if self.test_metrics is None else self.test_metrics.get(target.metric)
+        solved = test is not None and target.met(test)
         return {
-            "task": self.cfg.task, "task_options": self.cfg.task_options,
-            "model": self.cfg.model, "cell": self.cfg.cell_name,
+            "task": cfg.task, "task_options": cfg.task_options,
+            "model": cfg.model, "cell": cfg.cell_name, "seed": cfg.seed,
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "steps": self.step, "sequences": self.step * self.cfg.batch_size,
+            "steps": self.step, "sequences": self.step * cfg.batch_size,
             "wall_time_s": round(self.elapsed, 2), "stopped": self.stopped or "step budget reached",
-            "metric": target.metric, "split": self.cfg.eval_split, "value": value,
+            "metric": target.metric, "split": cfg.eval_split, "value": value,
+            "selected_step": selected.get("step"),
             "target": {"goal": target.goal, "threshold": target.threshold, "published": target.published,
-                       "met": value is not None and target.met(value)},
+                       "met": value is not None and target.met(value), "first_met_step": first_met,
+                       "sequences_to_target": None if first_met is None else first_met * cfg.batch_size},
+            "test": {"value": test, "met": solved, "metrics": self.test_metrics or {}},
+            "solved": solved,
             "baselines": self.task.baselines, "data": self.task.describe_data(),
             "final": final,
         }

@@ -310,7 +310,7 @@ def _check_cell(layer: Layer, cell: str | None, where: str) -> None:
     if cell is None:
         return
     spec = resolve(cell)
-    if spec.replace(forget_bias=None) != layer.spec.replace(forget_bias=None):
+    if spec.without_init() != layer.spec.without_init():
         raise ValueError(f"--cell: {where} records the variant {layer.spec.name!r}, got {cell!r}; "
                          f"leave --cell out for files that carry their variant")
 

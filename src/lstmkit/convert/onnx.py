@@ -18,8 +18,9 @@ lstmkit                  ONNX ``LSTM``
                          [L·D, B, H], sliced per layer
 lengths (PackedSequence) optional graph input ``sequence_lens`` [B] (int32)
 ``batch_first``          a ``Transpose`` around the stack (onnxruntime refuses ``layout=1``)
-forget bias (``fb=b``)   nothing to do: lstmkit's forget bias is an *initial value* already
-                         stored in ``bias_ih`` (spec.py), not added at run time
+initial biases (``fb=``,  nothing to do: they are *initial values* already stored in
+``ib=``, ``ob=``,        ``bias_ih`` (spec.py, ``INIT_FIELDS``), not added at run time; a
+``chrono=``)             model read back has them cleared from its spec
 =======================  ==================================================================
 
 What the operator cannot express is written as a ``Scan`` graph instead

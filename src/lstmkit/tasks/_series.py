@@ -42,9 +42,9 @@ must extrapolate; ``difference=True`` avoids that.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -135,6 +135,13 @@ class _SeriesTask(Task):
 
     series: ClassVar[str] = ""
     output_size = 1
+
+    @classmethod
+    def recipe(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """H = 32, Adam 3e-3, 16 windows per batch, up to 1,000 steps, stopping after 4
+        evaluations without improvement (these series are short: a few hundred values)."""
+        return {"hidden_size": 32, "lr": 3e-3, "batch_size": 16, "steps": 1000, "eval_every": 100,
+                "patience": 4}
 
     def __post_init__(self) -> None:
         check_positive(self.name, window=self.window, lags=self.lags)

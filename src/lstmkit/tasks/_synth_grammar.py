@@ -9,9 +9,9 @@ step criterion of ``reber`` are those of :mod:`lstmkit.tasks.reber`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from lstmkit.tasks._synth_common import (
     check_positive,
     check_split,
     check_values,
+    derive_seed,
     generator_for,
 )
 from lstmkit.tasks.base import Batch, Target, Task, register_task
@@ -60,7 +61,11 @@ class ReberTask(Task):
       the 256 training strings, one ``torch.randint`` per batch from the trainer's
       generator (so a resumed run continues the same batch stream).
     * Eval splits: ``"test"`` = the 256 test strings, ``"train"`` = the 256 training
-      strings, in their fixed order.
+      strings, in their fixed order; ``"valid"`` = 256 further distinct strings, in none
+      of the other two (:func:`reber.draw_new` with a seed derived from ``seed``), for
+      stopping and model selection without looking at the test strings. Being disjoint
+      from the 512 most frequent strings, they are rarer and longer on average: a
+      stricter check than the test set.
     * Loss: :func:`reber.multi_hot_loss` (per-unit BCE with logits, summed over the 7
       units, averaged over valid steps).
     * Metrics: ``solved`` = fraction of strings whose every step is correct, a step
@@ -80,7 +85,7 @@ class ReberTask(Task):
     seed: int = 0
 
     name: ClassVar[str] = "reber"
-    splits: ClassVar[tuple[str, ...]] = ("test", "train")
+    splits: ClassVar[tuple[str, ...]] = ("test", "valid", "train")
     input_size = reber.N_SYMBOLS
     output_size = reber.N_SYMBOLS
 
@@ -94,6 +99,13 @@ class ReberTask(Task):
                       "Elman 0 %, RCC 50 %.",
         )
 
+    @classmethod
+    def recipe(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """H = 16 (1,719 parameters), Adam 5e-3, 4 strings per batch, no clipping,
+        evaluated every 64 steps (256 strings), up to 10,000 steps (40,000 strings)."""
+        return {"hidden_size": 16, "lr": 5e-3, "batch_size": 4, "clip": None, "steps": 10_000,
+                "eval_every": 64}
+
     @property
     def baselines(self) -> dict[str, float]:
         return {"no_long_memory": 0.5}
@@ -106,10 +118,14 @@ class ReberTask(Task):
             train, test = reber.make_split(256, 256, seed=self.seed)
             cache["train"] = (train, *reber.encode(train))
             cache["test"] = (test, *reber.encode(test))
+        if split == "valid" and "valid" not in cache:
+            valid = reber.draw_new(256, frozenset(cache["train"][0] + cache["test"][0]),
+                                   derive_seed(self.seed, self.name, "valid"))
+            cache["valid"] = (valid, *reber.encode(valid))
         return cache[split]
 
     def strings(self, split: str = "test") -> list[str]:
-        """The 256 strings of ``split`` (``"test"`` or ``"train"``)."""
+        """The 256 strings of ``split`` (``"test"``, ``"valid"`` or ``"train"``)."""
         return list(self._split(split)[0])
 
     def describe_data(self) -> dict[str, object]:
@@ -353,6 +369,11 @@ class ContinualReberTask(Task):
         check_positive(self.name, eval_streams=self.eval_streams, eval_symbols=self.eval_symbols)
         check_values(self.name, f"an evaluation stream of eval_symbols={self.eval_symbols}",
                      (self.eval_symbols + self.eval_streams * self.bptt) * self.input_size)
+
+    @classmethod
+    def recipe(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """H = 32, Adam 1e-2, 16 streams, up to 1,500 chunks of ``bptt`` symbols."""
+        return {"hidden_size": 32, "lr": 1e-2, "batch_size": 16, "steps": 1500, "eval_every": 250}
 
     @property
     def target(self) -> Target:

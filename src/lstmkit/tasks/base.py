@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,7 +29,7 @@ from torch import Tensor
 from lstmkit._suggest import did_you_mean
 
 __all__ = ["Batch", "Target", "Task", "TASKS", "register_task", "get_task", "task_names", "task_options",
-           "task_description"]
+           "task_description", "task_recipe"]
 
 
 @dataclass
@@ -104,6 +104,26 @@ class Task(ABC):
     output_size: int = 0
     stream: ClassVar[bool] = False
     seed: int
+
+    @classmethod
+    def recipe(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The training settings this task recommends with ``options`` (the task options
+        given, before their defaults): ``TrainConfig`` field values, measured to meet the
+        task's criterion (each subclass documents its measurements; docs/results.md has the
+        seeds). :meth:`TrainConfig.for_task` applies them between the fields' defaults and
+        the settings given explicitly. The default: no recommendation.
+        """
+        return {}
+
+    @classmethod
+    def option(cls, options: Mapping[str, Any], name: str) -> Any:
+        """The value of task option ``name`` in ``options``, else the class's default."""
+        if name in options:
+            return options[name]
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name == name and f.default is not dataclasses.MISSING:
+                return f.default
+        raise KeyError(f"task {cls.name!r} has no option {name!r} with a default")
 
     @property
     @abstractmethod
@@ -192,6 +212,15 @@ def task_options(name: str) -> dict[str, Any]:
 def task_description(name: str) -> str:
     """Task ``name``'s docstring (its first line says what it is)."""
     return (_known(name).__doc__ or "").strip()
+
+
+def task_recipe(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The training settings task ``name`` recommends with ``options`` (:meth:`Task.recipe`).
+
+    Raises:
+        ValueError: unknown task name.
+    """
+    return dict(_known(name).recipe(dict(options or {})))
 
 
 def get_task(name: str, **options: object) -> Task:

@@ -43,6 +43,7 @@ __all__ = [
     "encode",
     "legal_next",
     "make_split",
+    "draw_new",
     "multi_hot_loss",
     "reber_string",
     "solved_fraction",
@@ -184,6 +185,27 @@ def make_split(
     strings = list(seen)
     rng.shuffle(strings)
     return strings[:n_train], strings[n_train:need]
+
+
+def draw_new(n: int, exclude: set[str] | frozenset[str], seed: int) -> list[str]:
+    """Draw ``n`` distinct embedded Reber strings that are not in ``exclude``.
+
+    Strings are sampled i.i.d. from ``random.Random(seed)``; the first ``n`` distinct ones
+    outside ``exclude`` are kept, in the order drawn. Deterministic in ``seed``. With
+    ``exclude`` the training and test strings of :func:`make_split`, this is a validation
+    set disjoint from both (its strings are, on average, rarer, hence longer, than theirs).
+    """
+    if n < 0:
+        raise ValueError("n must be non-negative")
+    rng = random.Random(seed)
+    seen: dict[str, None] = {}
+    for _ in range(1000 * n + 1000):
+        if len(seen) >= n:
+            return list(seen)
+        s = embedded_reber_string(rng)
+        if s not in exclude:
+            seen.setdefault(s, None)
+    raise RuntimeError(f"could not draw {n} new distinct strings")
 
 
 def encode(
