@@ -209,8 +209,8 @@ def _tamper(src: Path, dst: Path, config=None, state=None, tensors=None) -> Path
 
 CHECKPOINTS = {
     "hidden_size": (dict(config=lambda c: c.update(hidden_size=30000)),
-                    "model.rnn.weight_ih_l0 is F32 [32, 2], expected F32 [120000, 2] for its config (lstm vanilla, "
-                    "hidden_size=30000"),
+                    "model.rnn.weight_ih_l0 is F32 [32, 2], expected F32 [120000, 2] for its config (lstm chrono=36, "
+                    "hidden_size=30000"),  # adding's recipe: chrono initialisation for lags up to 1.5 T
     "length": (dict(config=lambda c: c["task_options"].update(length=10**9)),
                "its task cannot be made (task 'adding': length must be at most 100,000"),
     "length_float": (dict(config=lambda c: c["task_options"].update(length=1e9)),
@@ -233,6 +233,12 @@ CHECKPOINTS = {
     "missing_tensor": (dict(tensors=lambda t: t.pop("model.head.bias")), "missing ['model.head.bias']"),
     "partial_optimiser": (dict(tensors=lambda t: t.pop("optim.1.exp_avg_sq")),
                           "optimiser state of parameter 1 is incomplete"),
+    "partial_selection": (dict(tensors=lambda t: t.pop("selected.head.bias")), "incomplete selected weights"),
+    "selection_shape": (dict(tensors=lambda t: t.update({"selected.head.bias": torch.zeros(5)})),
+                        "selected.head.bias is F32 [5], expected F32 [1]"),
+    "best_step": (dict(state=lambda s: s.update(best_step=7)), "best_step: expected the step of an evaluation"),
+    "no_selection": (dict(tensors=lambda t: [t.pop(k) for k in [k for k in t if k.startswith("selected.")]]),
+                     "does not match the selected weights it holds"),
 }
 
 

@@ -83,6 +83,30 @@ def test_gates(runs, tmp_path):
     assert_png(tmp_path / "g.png")
 
 
+def _vlines(ax) -> list[float]:
+    """x positions of the vertical lines of an axes."""
+    return sorted(float(line.get_xdata()[0]) for line in ax.get_lines()
+                  if len(set(line.get_xdata())) == 1 and line.get_transform() != ax.transData)
+
+
+def test_gate_and_cell_pictures_mark_the_adding_problems_flagged_inputs(runs):
+    _, task, model = rundir.load_run(runs["vanilla"])
+    x, _ = plots.sample_input(task)
+    flagged = [t for t in range(x.shape[0]) if float(x[t, 0, 1]) == 1.0]  # the marker input is 1 there
+    assert len(flagged) == 2
+    marks = plots.input_marks(task, x)
+    assert [t for t, _ in marks] == flagged
+    assert [label for _, label in marks] == [f"X{k + 1} = {float(x[t, 0, 0]):+.2f}" for k, t in enumerate(flagged)]
+    for fig in (plots.plot_gates(model, x, marks=marks), plots.plot_cells(model, x, marks=marks)):
+        panels = [a for a in fig.axes if a.get_images() or a.get_ylabel() in ("c_t", "h_t")]
+        assert len(panels) in (4, 2)  # every gate's heatmap; c_t and h_t
+        for ax in panels:
+            assert _vlines(ax) == [float(t) for t in flagged], ax.get_title()
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert all(label in texts for _, label in marks)
+    assert plots.input_marks(rundir.load_run(runs["charlm"])[1], x[:, :, :1]) == []  # nothing to mark there
+
+
 def test_gates_charlm_characters_along_the_axis(runs, tmp_path):
     _, task, model = rundir.load_run(runs["charlm"])
     x, labels = plots.sample_input(task, text="def f(x):\n\treturn x")
@@ -144,12 +168,27 @@ def test_curves(runs, tmp_path):
     assert titles(fig) == ["training loss", "valid accuracy"]  # the split evaluated during training
     assert [ax.get_xlabel() for ax in fig.axes] == ["step", "step"]
     assert fig.axes[1].get_ylabel() == "accuracy"
-    assert all(len(ax.get_lines()) == 3 for ax in fig.axes)
+    assert len(fig.axes[0].get_lines()) == 3 and len(fig.axes[1].get_lines()) == 3 + 2  # + criterion, baseline
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
         "add-vanilla (vanilla)", "add-nfg (nfg)", "add-rnn (rnn)"]
     steps = fig.axes[0].get_lines()[0].get_xdata()
     assert list(steps) == [r["step"] for r in rundir.read_metrics(runs["vanilla"])] == [2, 4]
     assert_png(tmp_path / "curves.png")
+    _assert_target_and_baseline(fig.axes[1])
+
+
+def _assert_target_and_baseline(ax) -> None:
+    """The adding task's criterion (≥ 1 - 3/2560) and its constant-0.5 baseline are labelled
+    horizontal lines, and the y axis spans both (no zoom that hides how far the runs are)."""
+    from lstmkit.tasks.synthetic import hochreiter_adding_baselines
+
+    threshold, baseline = 1 - 3 / 2560, hochreiter_adding_baselines(22)["accuracy"]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    target = lines[f"target ≥ {threshold:.4g}"]
+    base = lines[f"baseline constant_0.5: {baseline:.4g}"]
+    assert list(target.get_ydata()) == [threshold, threshold] and list(base.get_ydata()) == [baseline, baseline]
+    lo, hi = ax.get_ylim()
+    assert lo < baseline and hi > threshold
 
 
 def test_compare(runs, tmp_path):
@@ -165,6 +204,7 @@ def test_compare(runs, tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["nfg", "rnn", "vanilla"]
     assert sum(len(c.get_offsets()) for c in ax.collections) == 4  # every run is a point
     assert_png(tmp_path / "compare.png")
+    _assert_target_and_baseline(ax)
     fig = plots.plot_compare(dirs, metric="mse")
     assert fig.axes[0].get_ylabel() == "test mse"
     with pytest.raises(ValueError, match=r"metric: run .* has no valid metric 'bpc'; it has \['accuracy', 'loss', 'mse'\]"):

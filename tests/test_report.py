@@ -5,6 +5,8 @@ an existing file by accident."""
 from __future__ import annotations
 
 import base64
+import datetime
+import json
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -14,10 +16,14 @@ import torch
 
 from lstmkit import report
 from lstmkit.cli import main
+from lstmkit.tasks.base import get_task
 from lstmkit.train import TrainConfig, train
 from test_plots import assert_png
 
 DATA_PNG = "data:image/png;base64,"
+SECTIONS = ["Contents", "Result", "What solved means", "Examples", "Training curves", "Gate activations",
+            "Cell states", "Weights", "Gradient flow", "Configuration", "Gates (lstmkit.describe)",
+            "Versions, kernel, machine and date"]
 
 
 class _Page(HTMLParser):
@@ -79,8 +85,7 @@ def test_report_is_self_contained_and_embeds_every_picture(run_dir, tmp_path, ca
     out = run / "report.html"
     assert f"wrote {out}" in capsys.readouterr().out
     page = parse(out)
-    assert page.h2 == ["Result", "Configuration", "Gates (lstmkit.describe)", "Training curves",
-                       "Gate activations", "Cell states", "Weights", "Gradient flow"]
+    assert page.h2 == SECTIONS
     srcs = images(page)
     assert len(srcs) == 5 and all(s.startswith(DATA_PNG) for s in srcs)
     for src in srcs:
@@ -89,13 +94,53 @@ def test_report_is_self_contained_and_embeds_every_picture(run_dir, tmp_path, ca
     assert not {"script", "link", "iframe", "object", "embed"} & set(page.tags)
     for tag, key, value in page.attrs:
         if key in ("src", "href"):
-            assert value.startswith("data:"), (tag, key, value[:40])
+            assert value.startswith(("data:", "#")), (tag, key, value[:40])  # embedded, or within the page
     raw = out.read_text(encoding="utf-8")
     assert "http://" not in raw and "https://" not in raw and "@import" not in raw and "url(" not in raw
     text = "".join(page.text)
     assert "parameters:" in text and "peephole" in text  # the describe table
     assert "eval_batch_size" in text and "adding" in text  # the configuration
     assert "t=1" in text and "first / last" in text  # the gradient flow numbers
+    # a table of contents: one link per section, each to the id of its heading
+    links = [v for tag, k, v in page.attrs if tag == "a" and k == "href"]
+    ids = [v for tag, k, v in page.attrs if tag == "h2" and k == "id"]
+    assert links == ["#" + i for i in ids[1:]] and len(links) == len(SECTIONS) - 1
+
+
+def test_report_says_what_the_numbers_mean(run_dir, tmp_path):
+    """The verdict against the criterion, each baseline with its meaning, a warning when the
+    result is worse than a trivial baseline, example predictions, versions, kernel and date."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    summary = json.loads((run / "summary.json").read_text())
+    base = summary["baselines"]["constant_0.5"]
+    task = get_task("adding", length=22, eval_size=16)
+    for value, worse in ((base / 2, True), (min(1.0, base + 0.2), False)):
+        summary["test"]["value"] = value
+        summary["test"]["met"] = False
+        (run / "summary.json").write_text(json.dumps(summary))
+        text = " ".join("".join(parse(report.write_report(run, overwrite=True, gradflow=False)).text).split())
+        assert f"Not solved: the test split's accuracy of the kept weights is {value:.6g}" in text
+        assert ("Worse than the trivial baseline constant_0.5" in text) is worse
+        assert "always answering 0.5, the mean target" in text  # what the baseline is
+        assert ("WORSE" in text) is worse
+    assert "Solved means that the test split's accuracy" in text and "|err| < 0.04" in text
+    # examples: the first test sequences, with their true targets (independently read from the task)
+    first = next(iter(task.eval_batches("test", 3)))
+    for b in range(3):
+        assert f"target {float(first.y[b]):.4f}, output" in text
+    assert torch.__version__ in text and "cpu_fused" in text
+    assert datetime.date.today().isoformat() in text
+
+
+def test_report_of_a_directory_of_runs(run_dir, tmp_path, capsys):
+    for name in ("a", "b"):
+        shutil.copytree(run_dir, tmp_path / "demo" / name)
+    assert cli([str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert all(f"wrote {tmp_path / 'demo' / n / 'report.html'}" in out for n in ("a", "b"))
+    assert cli([str(tmp_path / "demo")]) == 2  # each exists now: nothing replaced without --overwrite
+    assert "exist; nothing was overwritten" in capsys.readouterr().err
 
 
 def test_report_never_overwrites_unless_asked(run_dir, tmp_path, capsys):
@@ -107,7 +152,7 @@ def test_report_never_overwrites_unless_asked(run_dir, tmp_path, capsys):
     assert out.read_text() == "my notes"
     assert cli([str(run_dir), "-o", str(out), "--overwrite", "--no-gradflow"]) == 0
     page = parse(out)
-    assert len(images(page)) == 4 and "Gradient flow" not in page.h2
+    assert len(images(page)) == 4 and "Gradient flow" not in page.h2 and "Result" in page.h2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]  # no temporary file left
 
 
@@ -116,7 +161,7 @@ def test_report_escapes_text(run_dir, tmp_path):
     shutil.copytree(run_dir, run)
     out = report.write_report(run, tmp_path / "r.html", gradflow=False)
     raw = out.read_text(encoding="utf-8")
-    assert "<b>" not in raw and "run &lt;b&gt;&amp;&quot;x&quot;" in raw
+    assert '<b>&"x"' not in raw and "run &lt;b&gt;&amp;&quot;x&quot;" in raw
     assert 'run <b>&"x"' in "".join(parse(out).text)
 
 

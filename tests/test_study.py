@@ -97,6 +97,17 @@ def test_study_outputs_and_reproducible(tmp_path):
     assert (nfg["t"], nfg["p"]) == (t, p)
     png = (tmp_path / "a" / "boxplot.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    # the box plot carries the task's criterion and baseline, and its y axis spans them
+    from lstmkit.study import boxplot
+    from lstmkit.tasks.synthetic import hochreiter_adding_baselines
+
+    threshold, baseline = 1 - 3 / 2560, hochreiter_adding_baselines(24)["accuracy"]
+    assert a["target"]["threshold"] == threshold and a["baselines"] == {"constant_0.5": baseline}
+    ax = boxplot(a).axes[0]
+    labels = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    assert labels[f"target ≥ {threshold:.4g}"] == [threshold] * 2
+    assert labels[f"baseline constant_0.5: {baseline:.4g}"] == [baseline] * 2
+    assert ax.get_ylim()[0] < baseline and ax.get_ylim()[1] > threshold
     md = (tmp_path / "a" / "summary.md").read_text()
     assert "| nfg |" in md and "Welch" in md and "lstmkit study --task adding --variants vanilla,nfg" in md
     assert json.loads((tmp_path / "a" / "results.json").read_text())["variants"][0]["variant"] == "vanilla"

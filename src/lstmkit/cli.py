@@ -1,6 +1,6 @@
 """The ``lstmkit`` command line: thin wrappers over the library's functions.
 
-    lstmkit demo                          the embedded Reber experiment (make demo)
+    lstmkit demo                          LSTM vs plain RNN: Reber grammar, adding problem (make demo)
     lstmkit tasks [TASK]                  the built-in tasks and their options
     lstmkit train TASK [options]          train on a built-in task (see train --help)
     lstmkit eval RUN_DIR|CHECKPOINT       evaluate a checkpoint on the task's test set
@@ -82,12 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     from lstmkit.demo import main as demo_main
 
     d = {k: v.default for k, v in inspect.signature(demo_main).parameters.items()}
-    demo = sub.add_parser("demo", help="train LSTMs and RNNs on the embedded Reber grammar",
+    demo = sub.add_parser("demo", help="LSTM against the plain RNN: embedded Reber grammar and the adding problem",
+                          description="the constant error carousel: LSTMs and plain RNNs on the embedded Reber grammar "
+                          "and the adding problem (T = 100), several seeds each, next to the published results",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--seeds", type=int, default=d["seeds"], help="trials per model")
-    demo.add_argument("--hidden", type=int, default=d["hidden"], help="cells per layer")
-    demo.add_argument("--max-sequences", type=int, default=d["max_sequences"],
-                      help="training strings per trial at most")
+    demo.add_argument("--seeds", type=int, default=d["seeds"], help="trials per model and task")
+    demo.add_argument("--jobs", type=int, default=d["jobs"], help="trials run in parallel (one thread each)")
+    demo.add_argument("--out", type=Path, default=None, help="directory of the runs (default: runs/demo-DATE-TIME)")
 
     ta = sub.add_parser("tasks", help="list the built-in tasks and their options",
                         description="list the built-in tasks and their options")
@@ -226,13 +227,17 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    for name, hi in (("seeds", 1000), ("hidden", 4096), ("max_sequences", 10**9)):
+    for name, hi in (("seeds", 1000), ("jobs", 256)):
         value = getattr(args, name)
         if not 1 <= value <= hi:
-            raise ValueError(f"--{name.replace('_', '-')}: expected an int in [1, {hi}], got {value}")
+            raise ValueError(f"--{name}: expected an int in [1, {hi}], got {value}")
     from lstmkit.demo import main as demo_main
 
-    demo_main(seeds=args.seeds, hidden=args.hidden, max_sequences=args.max_sequences)
+    if args.out is not None:
+        from lstmkit.runs import plan
+
+        plan(args.out, resume=False)  # an existing, non-empty directory is refused before any work
+    demo_main(seeds=args.seeds, jobs=args.jobs, out=args.out)
     return 0
 
 

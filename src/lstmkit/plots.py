@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from lstmkit.tasks.base import Task
 
 __all__ = ["KINDS", "plot_gates", "plot_cells", "plot_weights", "plot_curves", "plot_compare",
-           "plot_gradient_flow", "plot_gradflow", "sample_input", "figure_png", "save_png", "add_arguments", "run"]
+           "plot_gradient_flow", "plot_gradflow", "sample_input", "input_marks", "reference_lines", "figure_png",
+           "save_png", "add_arguments", "run"]
 
 #: The kinds of ``lstmkit plot KIND``.
 KINDS: tuple[str, ...] = ("gates", "cells", "weights", "curves", "compare", "gradflow")
@@ -158,6 +159,50 @@ def sample_input(task: Task, text: str | None = None, max_steps: int | None = No
     return x, labels
 
 
+def input_marks(task: Task, x: Tensor) -> list[tuple[int, str]]:
+    """The steps of the first sequence of ``x`` (T, B, I) or ``x`` (T, I) that carry what
+    must be remembered (:meth:`Task.marked_steps`: the adding problem's two flagged
+    values, the temporal order's X/Y, the copy task's symbols), as ``(step, label)``."""
+    return task.marked_steps(x[:, 0] if x.dim() == 3 else x)
+
+
+def _mark(axes: Sequence[Any], marks: Sequence[tuple[int, str]] | None) -> None:
+    """A vertical line through every axes at each marked step, labelled above the first."""
+    for t, label in marks or ():
+        for ax in axes:
+            ax.axvline(t, color="red", lw=1.2, ls=":", alpha=0.9)
+        axes[0].annotate(label, (t, 1.0), xycoords=("data", "axes fraction"), xytext=(2, 2),
+                         textcoords="offset points", color="red", fontsize=8, rotation=30, ha="left", va="bottom")
+
+
+def reference_lines(ax: Any, target: dict[str, Any] | None, baselines: dict[str, float],
+                     values: Sequence[float]) -> None:
+    """The target's threshold (dashed, green) and each baseline (dotted, grey) as labelled
+    horizontal lines; the y axis spans them and the data, so that noise next to one of them
+    is drawn at its true size, not zoomed into a gap."""
+    ys = [float(v) for v in values if math.isfinite(v)]
+    thr = (target or {}).get("threshold")
+    if thr is not None:
+        goal = "≥" if target and target.get("goal") == "max" else "≤"
+        ax.axhline(thr, color="tab:green", ls="--", lw=1.3, label=f"target {goal} {thr:.4g}", zorder=1)
+        ys.append(thr)
+    for i, (name, v) in enumerate(baselines.items()):
+        ax.axhline(v, color="0.4", ls=(0, (1, 1 + i)), lw=1.1, label=f"baseline {name}: {v:.4g}", zorder=1)
+        ys.append(v)
+    if ys:
+        lo, hi = min(ys), max(ys)
+        pad = 0.06 * (hi - lo) if hi > lo else 0.06 * abs(hi) or 0.06
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def _common_criterion(run_dirs: Sequence[Path], metric: str) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """The target and baselines the runs share for ``metric`` (none if they differ)."""
+    found = [runs.criterion_of(d) for d in run_dirs]
+    if any(t["metric"] != metric for t, _ in found) or any(f != found[0] for f in found):
+        return None, {}
+    return found[0]
+
+
 # ----------------------------------------------------------------------------- gates, cells, weights
 
 
@@ -187,7 +232,7 @@ def _one_sequence(model: nn.Module, x: Tensor, layer: int, direction: int
 
 def plot_gates(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = None, layer: int = 0,
                direction: int = 0, title: str | None = None, path: str | os.PathLike[str] | None = None,
-               overwrite: bool = False) -> Figure:
+               overwrite: bool = False, marks: Sequence[tuple[int, str]] | None = None) -> Figure:
     """Heatmaps of every gate's activation over time, one row per gate (units × steps).
 
     Args:
@@ -196,6 +241,7 @@ def plot_gates(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
         labels: the input symbol at each step (e.g. characters), drawn along the time axis.
         layer, direction: which layer and direction.
         path: also write the PNG there.
+        marks: ``(step, label)`` of inputs to mark with a vertical line (:func:`input_marks`).
 
     Returns:
         The Figure: one axes per gate ``i, f, g, o`` (an absent gate's panel says why);
@@ -231,6 +277,7 @@ def plot_gates(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
         ax.set_title(what)
         ax.set_ylabel("cell")
     _time_axis(axes[-1], T, labels)
+    _mark(list(axes), marks)
     fig.suptitle(title or f"Gate activations: {spec.name if spec.is_lstm else 'rnn'}, layer {layer}, "
                           f"{_direction_name(direction)}")
     return _finish(fig, path, overwrite)
@@ -238,12 +285,14 @@ def plot_gates(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
 
 def plot_cells(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = None, layer: int = 0,
                direction: int = 0, max_units: int = 16, title: str | None = None,
-               path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Figure:
+               path: str | os.PathLike[str] | None = None, overwrite: bool = False,
+               marks: Sequence[tuple[int, str]] | None = None) -> Figure:
     """Trajectories of the cell state ``c_t`` (and of ``h_t``) over time, one line per unit.
 
     Args:
         x: one sequence ``(T, I)`` or a batch ``(T, B, I)`` (the first sequence is drawn).
         max_units: draw at most this many units.
+        marks: ``(step, label)`` of inputs to mark with a vertical line (:func:`input_marks`).
 
     Returns:
         The Figure: axes "cell state c_t" and "hidden state h_t" (only the latter for the RNN).
@@ -266,6 +315,7 @@ def plot_cells(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
                      + f" ({n} of {v.shape[1]} units)")
         ax.set_ylabel("c_t" if key == "c" else "h_t")
     _time_axis(axes[-1], T, labels)
+    _mark(list(axes), marks)
     spec = rec.spec
     fig.suptitle(title or f"Cell-state trajectories: {spec.name if spec.is_lstm else 'rnn'}, layer {layer}, "
                           f"{_direction_name(direction)}")
@@ -326,7 +376,8 @@ def plot_curves(run_dirs: Sequence[str | os.PathLike[str]], *, title: str | None
 
     Returns:
         The Figure: axes "training loss" and "<split> <metric>" (the task's target metric on
-        the split the run evaluated, "test" by default), one line per run.
+        the split the run evaluated during training, one line per run, with the task's
+        target and baselines as horizontal lines when the runs share them).
     """
     if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
         raise ValueError(f"run_dirs: expected a non-empty list of run directories, got {run_dirs!r}")
@@ -348,6 +399,10 @@ def plot_curves(run_dirs: Sequence[str | os.PathLike[str]], *, title: str | None
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("train loss (mean since the previous evaluation)")
     shown = metrics[0] if len(set(metrics)) == 1 else ", ".join(sorted(set(metrics)))
+    if len({m.split(" ", 1)[1] for m in metrics}) == 1:
+        target, baselines = _common_criterion([d for d, _ in loaded], metrics[0].split(" ", 1)[1])
+        drawn = [y for line in ax_metric.get_lines() for y in line.get_ydata()]
+        reference_lines(ax_metric, target, baselines, drawn)
     ax_metric.set_title(shown)
     ax_metric.set_xlabel("step")
     ax_metric.set_ylabel(shown.split(" ", 1)[1] if len(set(metrics)) == 1 else "value")
@@ -362,7 +417,7 @@ def plot_compare(run_dirs: Sequence[str | os.PathLike[str]], *, metric: str | No
                  title: str | None = None, path: str | os.PathLike[str] | None = None,
                  overwrite: bool = False) -> Figure:
     """The final test metric of each run, grouped by cell variant: a box per variant and
-    every run as a point on it.
+    every run as a point on it, with the task's target and baselines as horizontal lines.
 
     Args:
         metric: the test metric to compare (default: the first run's task target metric).
@@ -381,6 +436,10 @@ def plot_compare(run_dirs: Sequence[str | os.PathLike[str]], *, metric: str | No
     for k, vals in enumerate(groups):
         jitter = (torch.rand(len(vals), generator=gen) - 0.5) * 0.25
         ax.scatter([k + float(j) for j in jitter], vals, s=22, zorder=3, alpha=0.8)
+    target, baselines = _common_criterion([Path(d) for d in run_dirs], metric)
+    reference_lines(ax, target, baselines, [val for _, val, *_ in rows])
+    if target is not None:
+        ax.legend(fontsize=8, loc="best")
     ax.set_xticks(range(len(variants)), variants, rotation=30 if len(variants) > 4 else 0)
     ax.set_xlabel("cell variant")
     ax.set_ylabel(what)
@@ -549,12 +608,13 @@ def run(args: argparse.Namespace) -> int:
             plot_weights(model, layer=args.layer, direction=args.direction, path=out, overwrite=args.overwrite)
         else:
             x, labels = sample_input(task, args.text, args.max_steps)
+            marks = input_marks(task, x)
             if kind == "gates":
                 plot_gates(model, x, labels=labels, layer=args.layer, direction=args.direction, path=out,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, marks=marks)
             else:
                 plot_cells(model, x, labels=labels, layer=args.layer, direction=args.direction,
-                           max_units=args.units, path=out, overwrite=args.overwrite)
+                           max_units=args.units, path=out, overwrite=args.overwrite, marks=marks)
     elif kind == "curves":
         plot_curves(args.runs, path=out, overwrite=args.overwrite)
     elif kind == "compare":

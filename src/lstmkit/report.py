@@ -1,11 +1,19 @@
 """``lstmkit report RUN_DIR``: one self-contained HTML page about a training run.
 
-The page holds the run's result and configuration, the table of every gate
-(:func:`lstmkit.inspect.describe`), the training curves, the gate activations and cell
-states on a test input, each gate's weights and the gradient flow on a test batch. The
-pictures are embedded as ``data:image/png;base64`` URIs and the style sheet is inline:
-the file opens from disk in any browser, with no server and nothing fetched from the
-network. Every text is escaped with :func:`html.escape`.
+The page opens with a table of contents, then: the result (solved or not, against the
+task's criterion; the validation value that selected the kept weights; every baseline,
+what it is, and whether the run is worse than it), what "solved" means for the task, a
+few test inputs with the predicted and the true output, the training curves (with the
+criterion and the baselines as lines), the gate activations and cell states on a test
+input (the inputs to remember marked), each gate's weights, the gradient flow on a test
+batch, the configuration, the table of every gate (:func:`lstmkit.inspect.describe`) and
+the versions, kernel, machine and date of the run and of the report. The pictures are
+embedded as ``data:image/png;base64`` URIs and the style sheet is inline: the file opens
+from disk in any browser, with no server and nothing fetched from the network. Every text
+is escaped with :func:`html.escape`.
+
+``lstmkit report DIR`` on a directory of runs (``lstmkit demo``'s, a study's) writes a
+report into each of them.
 """
 
 from __future__ import annotations
@@ -61,29 +69,126 @@ def _image(fig: Any, alt: str, caption: str) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
-def _section(title: str, body: str) -> str:
-    return f"<h2>{_e(title)}</h2>\n{body}"
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.6g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _better(goal: str | None, a: float, b: float) -> bool:
+    """``a`` strictly better than ``b`` for a metric whose goal is ``goal``."""
+    return a > b if goal == "max" else a < b
+
+
+def _verdict(summary: dict[str, Any]) -> str:
+    """The result in one paragraph: solved or not, against the criterion and the baselines."""
+    t = summary.get("target") or {}
+    test = (summary.get("test") or {}).get("value")
+    metric, goal, thr = summary.get("metric"), t.get("goal"), t.get("threshold")
+    value, split = (test, "test") if test is not None else (summary.get("value"), summary.get("split", "test"))
+    if value is None:
+        return '<p class="unmet">No evaluation was recorded.</p>'
+    sign = "≥" if goal == "max" else "≤"
+    if thr is None:
+        head = f'<p>{_e(split)} {_e(metric)} = <b>{value:.6g}</b>; this task has no published threshold.</p>'
+    elif t.get("met") is not None and test is not None:
+        ok = bool((summary.get("test") or {}).get("met"))
+        head = (f'<p class="{"met" if ok else "unmet"}">{"Solved" if ok else "Not solved"}: the test split\'s '
+                f'{_e(metric)} of the kept weights is {value:.6g}; the criterion is {sign} {thr:.6g}.</p>')
+    else:
+        head = f'<p>{_e(split)} {_e(metric)} = {value:.6g} (criterion {sign} {thr:.6g}); the run has not finished.</p>'
+    worse = [name for name, b in (summary.get("baselines") or {}).items()
+             if isinstance(b, (int, float)) and _better(goal, b, value)]
+    if worse:
+        head += (f'<p class="unmet">Worse than the trivial baseline{"s" if len(worse) > 1 else ""} '
+                 f'{", ".join(_e(w) for w in worse)}: the model has not learned what the task asks for.</p>')
+    return head
 
 
 def _summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
     t = summary.get("target") or {}
-    value = summary.get("value")
+    test = summary.get("test") or {}
+    goal = "≥" if t.get("goal") == "max" else "≤"
+    thr = t.get("threshold")
     rows: list[tuple[str, Any]] = [
-        ("task", summary.get("task")), ("model", summary.get("model")), ("cell", summary.get("cell")),
-        ("parameters", f"{summary.get('parameters', 0):,}"), ("steps", summary.get("steps")),
-        ("sequences", summary.get("sequences")), ("wall time (s)", summary.get("wall_time_s")),
+        ("task", f"{summary.get('task')} {json.dumps(summary.get('task_options') or {})}"),
+        ("model", f"{summary.get('model')} {summary.get('cell')}"),
+        ("parameters", _fmt(summary.get("parameters"))), ("steps", _fmt(summary.get("steps"))),
+        ("training sequences", _fmt(summary.get("sequences"))), ("wall time (s)", summary.get("wall_time_s")),
         ("stopped", summary.get("stopped")),
-        (f"test {summary.get('metric')}", "n/a" if value is None else f"{value:.6g}"),
+        (f"test {summary.get('metric')} (kept weights)", _fmt(test.get("value"))),
+        (f"{summary.get('split')} {summary.get('metric')} that selected them",
+         f"{_fmt(summary.get('value'))} at step {_fmt(summary.get('selected_step'))}"),
+        ("criterion", "none published" if thr is None else f"{goal} {thr:.6g}"),
+        ("solved", "n/a" if thr is None or not test else "yes" if test.get("met") else "no"),
     ]
-    if t:
-        goal = "≥" if t.get("goal") == "max" else "≤"
-        thr = t.get("threshold")
-        rows.append(("target", "none published" if thr is None else
-                     f"{goal} {thr:g}: {'met' if t.get('met') else 'not met'}"))
-        rows.append(("published", t.get("published")))
-    for name, v in (summary.get("baselines") or {}).items():
-        rows.append((f"baseline {name}", f"{v:.6g}" if isinstance(v, (int, float)) else v))
+    if t.get("first_met_step") is not None:
+        rows.append(("first met on the validation split", f"step {t['first_met_step']:,} "
+                                                          f"({t['sequences_to_target']:,} sequences)"))
     return rows
+
+
+def _baseline_table(summary: dict[str, Any], notes: dict[str, str]) -> str:
+    t = summary.get("target") or {}
+    value = (summary.get("test") or {}).get("value")
+    if value is None:
+        value = summary.get("value")
+    rows = ["<table>", "<tr><th>baseline</th><th>value</th><th>what it is</th><th>this run</th></tr>"]
+    for name, b in (summary.get("baselines") or {}).items():
+        if not isinstance(b, (int, float)):
+            continue
+        cmp = "n/a" if value is None else ("better" if _better(t.get("goal"), value, b) else
+                                          "WORSE" if _better(t.get("goal"), b, value) else "equal")
+        rows.append(f"<tr><th>{_e(name)}</th><td>{b:.6g}</td><td>{_e(notes.get(name, ''))}</td>"
+                    f'<td class="{"unmet" if cmp == "WORSE" else ""}">{cmp}</td></tr>')
+    rows.append("</table>")
+    return "\n".join(rows) if len(rows) > 3 else '<p class="note">This task has no baselines.</p>'
+
+
+def _solved_text(summary: dict[str, Any] | None, task: Any) -> str:
+    target = task.target
+    sign = "≥" if target.goal == "max" else "≤"
+    crit = ("it has no published threshold" if target.threshold is None else
+            f"{target.metric} {sign} {target.threshold:.6g}")
+    split = (summary or {}).get("split", "valid")
+    return (f"<p><b>Solved</b> means that the test split's {_e(target.metric)} of the weights the run kept meets the "
+            f"task's criterion: {_e(crit)}. The criterion and what was published: {_e(target.published)}</p>"
+            f"<p>The run evaluated its <b>{_e(split)}</b> split during training: that decided when to stop (the "
+            f"criterion met there) and which weights to keep (those of the best evaluation). The test split was "
+            f"evaluated once, at the end, on the kept weights. <i>Sequences to the criterion</i> counts the "
+            f"training sequences seen before the first {_e(split)} evaluation that met it.</p>")
+
+
+def _examples(task: Any, model: Any, n: int = 3) -> str:
+    import torch
+
+    batch = next(iter(task.eval_batches("test", 16)))
+    with torch.no_grad():
+        out, _ = model(batch.x, None, batch.lengths)
+    text = task.show(out, batch, n=n)
+    if not text:
+        return '<p class="note">This task shows no examples.</p>'
+    return (f'<p class="note">The first {n} test inputs, what the kept weights predicted, and the true output '
+            f"(lstmkit sample prints the same).</p><pre>{_e(text)}</pre>")
+
+
+def _environment(summary: dict[str, Any] | None, model: Any) -> str:
+    import torch
+
+    from lstmkit import kernels
+    from lstmkit.train import environment
+
+    now = environment()
+    run = (summary or {}).get("environment") or {}
+    rec = model.rnn
+    kernel = kernels.select(rec.spec, torch.device("cpu"), torch.float32, rec.backend).name
+    keys = ["lstmkit", "torch", "python", "kernel", "cpu", "cores", "cpu_capability", "threads", "platform", "date"]
+    rows = ["<table>", "<tr><th></th><th>the run (training)</th><th>this report</th></tr>"]
+    for k in keys:
+        mine = now.get(k, "")
+        if k == "kernel":
+            mine = kernel or ""
+        rows.append(f"<tr><th>{_e(k)}</th><td>{_e(run.get(k, '—'))}</td><td>{_e(mine)}</td></tr>")
+    rows.append("</table>")
+    return "\n".join(rows)
 
 
 def _run_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -94,6 +199,10 @@ def _run_dir(run_dir: str | os.PathLike[str]) -> Path:
     if not d.is_dir():
         raise ValueError(f"run_dir: no run directory at {str(d)!r}")
     return d
+
+
+def _slug(title: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
 
 
 def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gradflow: bool = True,
@@ -118,38 +227,38 @@ def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gr
 
     name = d.resolve().name
     summary = runs.read_summary(d)
-    parts = [f"<h1>lstmkit report: {_e(name)}</h1>",
-             f'<p class="note">{_e(str(d.resolve()))}</p>']
+    sections: list[tuple[str, str]] = []
     if summary:
-        met = (summary.get("target") or {}).get("met")
-        badge = "" if met is None else (f' <span class="{"met" if met else "unmet"}">'
-                                        f'{"target met" if met else "target not met"}</span>')
-        parts.append(_section("Result", _table(_summary_rows(summary)) + badge))
+        body = _verdict(summary) + _table(_summary_rows(summary)) + "<h3>Baselines</h3>" + \
+            _baseline_table(summary, task.baseline_notes)
     else:
-        parts.append(_section("Result", '<p class="note">no summary.json: the run has not finished '
-                                        "(the pictures below use its last checkpoint)</p>"))
-    parts.append(_section("Configuration", _table(list(asdict(cfg).items()), ("setting", "value"))))
-    table = describe(model, file=io.StringIO())
-    parts.append(_section("Gates (lstmkit.describe)", f"<pre>{_e(table)}</pre>"))
-
+        body = ('<p class="note">no summary.json: the run has not finished (the pictures below use the best '
+                "weights of its last checkpoint)</p>")
+    sections.append(("Result", body))
+    sections.append(("What solved means", _solved_text(summary, task)))
+    sections.append(("Examples", _examples(task, model)))
     if (d / runs.METRICS).is_file():
+        split = runs.eval_split_of(d)
         body = _image(plots.plot_curves([d]), "training curves",
-                      "Training loss (mean over the steps since the previous evaluation) and the task's "
-                      "target metric on the test set, from metrics.jsonl.")
+                      f"Training loss (mean over the steps since the previous evaluation) and the task's target "
+                      f"metric on the {split} split, from metrics.jsonl; the dashed line is the criterion, the "
+                      f"dotted ones the baselines.")
     else:
         body = '<p class="note">no metrics.jsonl: no evaluation was recorded</p>'
-    parts.append(_section("Training curves", body))
+    sections.append(("Training curves", body))
 
     x, labels = plots.sample_input(task, text, max_steps)
+    marks = plots.input_marks(task, x)
     what = "the given text" if text is not None else "the first sequence of the test set"
-    parts.append(_section("Gate activations", _image(
-        plots.plot_gates(model, x, labels=labels), "gate activation heatmaps",
+    marked = f"; red dotted lines mark the inputs to remember ({', '.join(m for _, m in marks)})" if marks else ""
+    sections.append(("Gate activations", _image(
+        plots.plot_gates(model, x, labels=labels, marks=marks), "gate activation heatmaps",
         f"Every gate of layer 0 (forward) at every step of {what} ({x.shape[0]} steps); "
-        "recorded by the layer's kernel (lstmkit.trace).")))
-    parts.append(_section("Cell states", _image(
-        plots.plot_cells(model, x, labels=labels), "cell-state trajectories",
-        f"c_t and h_t of layer 0 (forward) over {what}.")))
-    parts.append(_section("Weights", _image(
+        f"recorded by the layer's kernel (lstmkit.trace){marked}.")))
+    sections.append(("Cell states", _image(
+        plots.plot_cells(model, x, labels=labels, marks=marks), "cell-state trajectories",
+        f"c_t and h_t of layer 0 (forward) over {what}{marked}.")))
+    sections.append(("Weights", _image(
         plots.plot_weights(model), "gate weight matrices",
         "Each gate's W = [W_x | W_h] over [x_t, h_(t-1)], layer 0 (forward); the dashed line is the split.")))
 
@@ -170,8 +279,16 @@ def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gr
         body = _image(plots.plot_gradient_flow(flow), "gradient flow",
                       "Norms of the loss's gradient with respect to each step's state (lstmkit.gradient_flow, "
                       "float64) on test sequences, with the task's loss.") + _table(rows)
-        parts.append(_section("Gradient flow", body))
+        sections.append(("Gradient flow", body))
+    sections.append(("Configuration", _table(list(asdict(cfg).items()), ("setting", "value"))))
+    table = describe(model, file=io.StringIO())
+    sections.append(("Gates (lstmkit.describe)", f"<pre>{_e(table)}</pre>"))
+    sections.append(("Versions, kernel, machine and date", _environment(summary, model)))
 
+    toc = "".join(f'<li><a href="#{_slug(t)}">{_e(t)}</a></li>' for t, _ in sections)
+    parts = [f"<h1>lstmkit report: {_e(name)}</h1>", f'<p class="note">{_e(str(d.resolve()))}</p>',
+             f'<nav><h2 id="contents">Contents</h2><ol>{toc}</ol></nav>']
+    parts += [f'<h2 id="{_slug(t)}">{_e(t)}</h2>\n{body}' for t, body in sections]
     doc = "\n".join(parts)
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>lstmkit report: {_e(name)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
@@ -206,12 +323,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave out the gradient flow section")
 
 
+def _runs_below(d: Path) -> list[Path]:
+    """The run directories (with a checkpoint) directly inside ``d``, sorted."""
+    if not d.is_dir() or (d / runs.CHECKPOINT).is_file():
+        return []
+    return sorted(p for p in d.iterdir() if p.is_dir() and (p / runs.CHECKPOINT).is_file())
+
+
 def run(args: argparse.Namespace) -> int:
-    """Write the report; returns the exit code."""
+    """Write the report (one per run for a directory of runs); returns the exit code."""
     import matplotlib
 
     matplotlib.use("Agg")
-    out = write_report(args.run_dir, args.output, overwrite=args.overwrite, text=args.text,
-                       gradflow=args.gradflow, max_steps=args.max_steps)
-    print(f"wrote {out}")
+    below = _runs_below(Path(args.run_dir))
+    if below and args.output is not None:
+        raise ValueError(f"--output: {args.run_dir} holds {len(below)} runs; each gets its own report.html "
+                         f"(leave --output out)")
+    taken = [str(d / "report.html") for d in below if (d / "report.html").exists()]
+    if taken and not args.overwrite:
+        raise FileExistsError(f"output: {', '.join(taken[:3])} exist{'s' if len(taken) == 1 else ''}; nothing was "
+                              f"overwritten (use --overwrite to replace them)")
+    for d in below or [args.run_dir]:
+        out = write_report(d, args.output, overwrite=args.overwrite, text=args.text, gradflow=args.gradflow,
+                           max_steps=args.max_steps)
+        print(f"wrote {out}")
     return 0

@@ -45,7 +45,7 @@ __all__ = ["CheckpointError", "Checkpoint", "FORMAT", "WEIGHTS_FORMAT", "CHECKPO
            "SUMMARY", "MODEL", "plan", "start", "read_checkpoint", "write_checkpoint", "checkpoint_tensors",
            "restore", "selected_weights", "append_metrics", "write_metrics", "read_metrics", "write_summary",
            "read_summary", "read_config", "write_model", "load_run", "variant_of", "eval_split_of", "metric_of",
-           "final_values"]
+           "final_values", "criterion_of"]
 
 #: Identifies lstmkit checkpoints (metadata key "format").
 FORMAT = "lstmkit-checkpoint-1"
@@ -556,6 +556,30 @@ def metric_of(run_dir: str | os.PathLike[str], records: list[dict[str, Any]]) ->
     if not keys:
         raise ValueError(f"run_dirs: {d} records no {prefix[:-1]} metric")
     return keys[0]
+
+
+def criterion_of(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """(target, baselines) of a run: ``target`` has ``metric``, ``goal`` ("max"/"min"),
+    ``threshold`` (None: none published) and ``published``; ``baselines`` maps names to
+    values of the target metric. From summary.json, else from the task config.json names.
+
+    Raises:
+        ValueError: neither file says which task the run trained.
+    """
+    d = Path(run_dir)
+    summary = read_summary(d)
+    if summary and isinstance(summary.get("target"), dict) and summary.get("metric"):
+        t = summary["target"]
+        return ({"metric": summary["metric"], "goal": t.get("goal"), "threshold": t.get("threshold"),
+                 "published": t.get("published", "")},
+                {k: float(v) for k, v in (summary.get("baselines") or {}).items() if _number(v)})
+    cfg = read_config(d)
+    if not cfg or not isinstance(cfg.get("task"), str) or not isinstance(cfg.get("task_options", {}), dict):
+        raise ValueError(f"run_dirs: {d} has neither a summary.json nor a config.json naming its task")
+    task = get_task(cfg["task"], **cfg.get("task_options", {}))
+    t = task.target
+    return ({"metric": t.metric, "goal": t.goal, "threshold": t.threshold, "published": t.published},
+            dict(task.baselines))
 
 
 def final_values(run_dirs: list[str | os.PathLike[str]] | tuple[str | os.PathLike[str], ...],

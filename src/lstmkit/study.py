@@ -344,7 +344,8 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
                     submit_all(pool, batch, pending)
     finally:
         bar.close()
-    summary = summarize(cfg, results, metric, goal, split, task.target, time.perf_counter() - start)
+    summary = summarize(cfg, results, metric, goal, split, task.target, time.perf_counter() - start,
+                        baselines=task.baselines if metric == task.target.metric else {})
     write_outputs(summary, out)
     return summary
 
@@ -381,8 +382,9 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def summarize(cfg: StudyConfig, results: dict[Run, dict[str, Any]], metric: str, goal: str, split: str,
-              target: Any, wall_time: float) -> dict[str, Any]:
-    """Per-variant statistics and per-run rows, as written to ``results.json``."""
+              target: Any, wall_time: float, baselines: dict[str, float] | None = None) -> dict[str, Any]:
+    """Per-variant statistics and per-run rows, as written to ``results.json`` (``baselines``:
+    the task's baselines of ``metric``, drawn with the target in the box plot)."""
     rows = [{"variant": r.variant, "lr": r.lr, "lr_index": r.lr_index, "seed": r.seed,
              "diverged": res["diverged"], "select": res.get("select"), "test": res["test"].get(metric),
              "target_step": res.get("target_step"), "wall_time_s": res.get("wall_time_s"),
@@ -428,7 +430,9 @@ def summarize(cfg: StudyConfig, results: dict[Run, dict[str, Any]], metric: str,
     return {"task": cfg.task, "task_options": cfg.train.get("task_options", {}), "metric": metric, "goal": goal,
             "selection_split": split, "baseline": base, "learning_rates": cfg.learning_rates(),
             "settings": {**asdict(cfg), "lr_range": list(cfg.lr_range)},
-            "target": {"threshold": target.threshold, "published": target.published},
+            "target": {"threshold": target.threshold if metric == target.metric else None,
+                       "published": target.published},
+            "baselines": dict(baselines or {}),
             "runs": len(results), "cpu_time_s": round(sum(r.get("wall_time_s") or 0 for r in rows), 1),
             "wall_time_s": round(wall_time, 1), "variants": variants, "rows": rows}
 
@@ -543,8 +547,14 @@ def boxplot(summary: dict[str, Any]) -> Any:
             ax.scatter(jitter, e["values"], s=14, color=color, alpha=0.8, zorder=3)
         base = next((e for e in entries if e["variant"] == summary["baseline"]), None)
         if base:
-            ax.axhline(base["median"], color="gray", lw=0.8, ls="--", label=f"{summary['baseline']} median")
-            ax.legend(loc="best", fontsize=8)
+            ax.axhline(base["median"], color="tab:blue", lw=0.8, ls="-.", label=f"{summary['baseline']} median")
+    # the task's target and trivial baselines, and a y axis that spans them (no zoom into noise)
+    from lstmkit.plots import reference_lines
+
+    reference_lines(ax, {**summary["target"], "goal": summary["goal"]}, summary.get("baselines") or {},
+                    [v for e in entries for v in e["values"]])
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
     ax.tick_params(axis="x", labelrotation=45)
     ax.set_xlabel("variant")
     ax.set_ylabel(f"test {summary['metric']}")

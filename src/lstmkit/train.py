@@ -42,7 +42,7 @@ from lstmkit.runs import CheckpointError
 from lstmkit.tasks.base import Batch, Task, get_task
 
 __all__ = ["TrainConfig", "SequenceModel", "Trainer", "train", "evaluate", "load_checkpoint", "CheckpointError",
-           "FORMAT", "process_rank"]
+           "FORMAT", "process_rank", "environment"]
 
 #: Identifies lstmkit checkpoints (metadata key "format"); see :mod:`lstmkit.runs`.
 FORMAT = runs.FORMAT
@@ -68,6 +68,25 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[TrainConfig, dict[str
     """
     ck = runs.read_checkpoint(path)
     return ck.config, ck.tensors, ck.state
+
+
+def environment() -> dict[str, Any]:
+    """Versions, machine and date of this process: what a result was measured with."""
+    import datetime
+    import platform
+
+    import lstmkit
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"lstmkit": lstmkit.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": cpu, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 def _lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -116,11 +135,12 @@ def _check_same_settings(cfg: TrainConfig, theirs: TrainConfig, run_dir: Path) -
                               f"settings ({', '.join(diff)}); resume with the same settings")
 
 
-def _check_budget(cfg: TrainConfig, task: Task) -> None:
+def _check_budget(cfg: TrainConfig, task: Task) -> str:
     """Sizes against sane bounds, and the kernel against the variant, before anything is
     allocated: the model's parameters (counted on the meta device), the values a batch
     keeps for backward (from the length of the task's sequences or chunks), and whether
-    the forced ``backend`` runs this variant (which builds the fused kernel on first use)."""
+    the forced ``backend`` runs this variant (which builds the fused kernel on first use).
+    Returns the name of the kernel the model will run on."""
     parameter_count(cfg, task.input_size, task.output_size)
     try:
         first = next(iter(task.eval_batches(cfg.eval_split, 1)))
@@ -138,7 +158,7 @@ def _check_budget(cfg: TrainConfig, task: Task) -> None:
     from lstmkit.spec import CellSpec, resolve
 
     spec = resolve(cfg.cell) if cfg.model == "lstm" else CellSpec(kind="rnn")
-    kernels.select(spec, torch.device("cpu"), torch.float32, cfg.backend)  # a first build says so itself
+    return kernels.select(spec, torch.device("cpu"), torch.float32, cfg.backend).name  # a first build says so
 
 
 class Trainer:
@@ -151,6 +171,8 @@ class Trainer:
             except for ``steps``); a run directory without a checkpoint yet (killed
             before its first one) starts afresh.
         progress: show a progress bar (rank 0 only).
+        label: the progress bar's name (default ``TASK MODEL sSEED``, e.g. ``adding fb=5 s0``).
+        position: the bar's line, counted from the cursor (several runs side by side).
 
     Raises:
         ValueError (CheckpointError, FileExistsError): before anything is created, for
@@ -158,7 +180,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, label: str | None = None, position: int | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -167,6 +189,8 @@ class Trainer:
             raise ValueError(f"batch_size: {cfg.batch_size} is not divisible by the {self.world} "
                              f"processes; use a multiple of {self.world}")
         self.progress = progress and self.rank == 0
+        self.label = label if label is not None else f"{cfg.task} {cfg.cell_name} s{cfg.seed}"
+        self.position = position
         self.resumed = runs.plan(self.run_dir, resume)  # touches nothing yet
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -174,7 +198,7 @@ class Trainer:
         if self.task.stream and cfg.bidirectional:
             raise ValueError(f"bidirectional: task {cfg.task!r} is a stream predicted left to "
                              f"right; a backward direction would read the future")
-        _check_budget(cfg, self.task)
+        self.kernel = _check_budget(cfg, self.task)
         checkpoint = runs.read_checkpoint(self.run_dir, world=self.world) if self.resumed else None
         if checkpoint is not None:
             _check_same_settings(cfg, checkpoint.config, self.run_dir)
@@ -292,7 +316,8 @@ class Trainer:
         """Train until ``steps``, the target or early stopping; returns the summary."""
         from tqdm import tqdm
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step",
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", desc=self.label,
+                   position=self.position, leave=self.position is None,
                    dynamic_ncols=True, mininterval=0.5)
         start = time.perf_counter() - self.elapsed
         # Vanishing gradients on long lags become denormal floats (below ~1e-38), which x86 CPUs
@@ -378,7 +403,7 @@ class Trainer:
             "test": {"value": test, "met": solved, "metrics": self.test_metrics or {}},
             "solved": solved,
             "baselines": self.task.baselines, "data": self.task.describe_data(),
-            "final": final,
+            "final": final, "environment": {**environment(), "kernel": self.kernel},
         }
 
 

@@ -307,6 +307,13 @@ class CharLM(Task):
         return dict(self._baselines)
 
     @property
+    def baseline_notes(self) -> dict[str, str]:
+        return {"xz": "xz -9e (lzma preset 9, extreme) on the test text alone: the threshold",
+                "xz_given_train": "the bits xz -9e adds for the test text after compressing the training text "
+                                  "(xz allowed to learn from the training text, as the model does)",
+                "unigram": "each character from its training-text frequency: no context at all"}
+
+    @property
     def target(self) -> Target:
         """bpc on the test text ≤ xz -9e's bpc on the same text."""
         return Target(

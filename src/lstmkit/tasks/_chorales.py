@@ -337,6 +337,13 @@ class Chorales(Task):
         return dict(self._baselines[0])
 
     @property
+    def baseline_notes(self) -> dict[str, str]:
+        return {"independent_bernoulli": "each pitch on with its training frequency, ignoring the music so far: "
+                                         "the threshold",
+                "repeat_previous": "mostly the previous frame again, mixed with the pitch frequencies (fitted on "
+                                   "the training frames): the stronger baseline"}
+
+    @property
     def target(self) -> Target:
         """nll (min); threshold = the independent-Bernoulli baseline on this test split."""
         return Target(

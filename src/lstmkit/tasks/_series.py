@@ -223,6 +223,12 @@ class _SeriesTask(Task):
         return dict(self._baselines[0])
 
     @property
+    def baseline_notes(self) -> dict[str, str]:
+        return {"persistence": "next value = the last one",
+                "ar": f"a linear autoregression AR({self._baselines[1]}) fitted on the training part (statsmodels "
+                      f"AutoReg, order by AIC): the threshold"}
+
+    @property
     def target(self) -> Target:
         """rmse (min) ≤ the AR baseline's test RMSE."""
         return Target(

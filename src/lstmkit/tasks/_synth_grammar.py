@@ -110,6 +110,11 @@ class ReberTask(Task):
     def baselines(self) -> dict[str, float]:
         return {"no_long_memory": 0.5}
 
+    @property
+    def baseline_notes(self) -> dict[str, str]:
+        return {"no_long_memory": "knows the grammar but not the first T/P: guesses the second T/P and so "
+                                  "solves half of the strings"}
+
     def _split(self, split: str) -> tuple[list[str], Tensor, Tensor, Tensor]:
         """Strings and their encoding (x, y, lengths) of ``split``; cached."""
         check_split(self.name, split, self.splits)
@@ -388,6 +393,12 @@ class ContinualReberTask(Task):
     @property
     def baselines(self) -> dict[str, float]:
         return dict(stream_baselines())
+
+    @property
+    def baseline_notes(self) -> dict[str, str]:
+        return {"memoryless": "predicts from the current symbol alone",
+                "no_long_memory": "knows the grammar state but not the embedded string's first T/P: guesses the "
+                                  "second T/P"}
 
     def describe_data(self) -> dict[str, object]:
         return {"bptt": self.bptt, "eval_streams": self.eval_streams, "eval_symbols": self.eval_symbols}

@@ -149,8 +149,20 @@ class AddingTask(SampledTask):
             return {"constant_0.5": hochreiter_adding_baselines(self.length)["accuracy"]}
         return {"constant_1": 1 / 6, "le2015_printed": 0.1767}
 
+    @property
+    def baseline_notes(self) -> dict[str, str]:
+        return {"constant_0.5": "always answering 0.5, the mean target: needs no memory at all",
+                "constant_1": "always answering 1, the mean target (the best constant): needs no memory at all",
+                "le2015_printed": "the MSE Le, Jaitly & Hinton (2015) print for always answering 1 (the exact "
+                                  "value is 1/6)"}
+
     def describe_data(self) -> dict[str, object]:
         return {"form": self.form, "length": self.length, "eval_size": self.eval_size}
+
+    def marked_steps(self, x: Tensor) -> list[tuple[int, str]]:
+        """The two flagged pairs (marker 1), labelled with their values."""
+        flagged = (x[:, 1] == 1).nonzero().flatten().tolist()
+        return [(t, f"X{k + 1} = {float(x[t, 0]):+.2f}") for k, t in enumerate(flagged)]
 
     def _sample(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
         t, g = self.length, generator
@@ -296,8 +308,19 @@ class TemporalOrderTask(SampledTask):
     def baselines(self) -> dict[str, float]:
         return {"chance": 1 / self.output_size}
 
+    @property
+    def baseline_notes(self) -> dict[str, str]:
+        return {"chance": f"a confident guess among the {self.output_size} classes: the class is decided by the "
+                          f"X/Y symbols far back, so without them nothing better is possible"}
+
     def describe_data(self) -> dict[str, object]:
         return {"variant": self.variant, "classes": self.output_size, "eval_size": self.eval_size}
+
+    def marked_steps(self, x: Tensor) -> list[tuple[int, str]]:
+        """The X/Y symbols that decide the class."""
+        sym = x.argmax(-1)
+        return [(t, ORDER_SYMBOLS[int(sym[t])]) for t in range(x.shape[0])
+                if float(x[t].sum()) > 0 and int(sym[t]) >= 6]
 
     def _sample(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
         g, rows = generator, torch.arange(n)
@@ -425,8 +448,19 @@ class CopyTask(SampledTask):
     def baselines(self) -> dict[str, float]:
         return {"uniform_recall": self.baseline}
 
+    @property
+    def baseline_notes(self) -> dict[str, str]:
+        return {"uniform_recall": "blank until the recall starts, then each of the 8 symbols with probability 1/8: "
+                                  "knows the format of the task but remembers nothing"}
+
     def describe_data(self) -> dict[str, object]:
         return {"length": self.length, "steps": self.length + 20, "eval_size": self.eval_size}
+
+    def marked_steps(self, x: Tensor) -> list[tuple[int, str]]:
+        """The 10 symbols to remember and the delimiter that asks for them."""
+        sym = x.argmax(-1)
+        return [(t, str(int(sym[t]))) for t in range(COPY_SYMBOLS)] + \
+            [(t, "recall") for t in range(x.shape[0]) if int(sym[t]) == COPY_CLASSES - 1]
 
     def _sample(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
         return {"digits": 1 + torch.randint(0, 8, (n, COPY_SYMBOLS), generator=generator)}

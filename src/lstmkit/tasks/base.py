@@ -135,9 +135,20 @@ class Task(ABC):
         """Baseline values of the target metric, by name."""
         return {}
 
+    @property
+    def baseline_notes(self) -> dict[str, str]:
+        """What each baseline of :attr:`baselines` is, in one sentence, by name."""
+        return {}
+
     def describe_data(self) -> dict[str, object]:
         """Facts to record with a run (sizes, file lists and hashes of corpora, …)."""
         return {}
+
+    def marked_steps(self, x: Tensor) -> list[tuple[int, str]]:
+        """The steps of one input sequence ``x`` (T, input_size) that carry what must be
+        remembered, as ``(step, label)`` (the adding problem's two flagged values; none by
+        default). Pictures of gates and cells mark them."""
+        return []
 
     @abstractmethod
     def train_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
