@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut
-from lstmkit.kernels.fused import FusedCPUKernel
+from lstmkit.kernels.fused import FusedCPUKernel, TritonKernel
 from lstmkit.kernels.onnx_export import OnnxExportKernel, exporting
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.spec import CellSpec
@@ -31,7 +31,8 @@ def register(kernel: Kernel, first: bool = False) -> None:
 
 
 register(ReferenceKernel())
-register(FusedCPUKernel(), first=True)
+register(TritonKernel(), first=True)  # CUDA (and CPU tensors under TRITON_INTERPRET=1, for tests)
+register(FusedCPUKernel(), first=True)  # before triton: CPU layers keep the C++ kernel
 register(OnnxExportKernel(), first=True)  # chosen during torch.onnx.export only (see select)
 
 
