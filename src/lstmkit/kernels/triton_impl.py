@@ -120,7 +120,7 @@ def persistent_tiles(v: Variant, H: int, H_out: int, projection: bool) -> tuple[
     """``(BB, BH, BO, num_warps)`` of the persistent kernels: 16 batch rows (tl.dot's least
     M), the whole state of a row (BH ≥ H, BO ≥ H_out, at least 16: tl.dot's least K, N)."""
     BH, BO = _pow2(H, 16), _pow2(H_out, 16)
-    return 16, BH, BO, 4 if _on_chip_weights(v, BH, BO, projection) <= 8192 else 8
+    return 16, BH, BO, 8
 
 
 def _on_chip_weights(v: Variant, BH: int, BO: int, projection: bool) -> int:
@@ -150,11 +150,15 @@ def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, proj
 
 
 def step_tiles(v: Variant, B: int, H: int) -> tuple[int, int, int]:
-    """``(BB, BH, num_warps)`` of the per-step kernels: cell blocks of up to 128 (layernorm:
-    the whole row, its statistics are per row), about 2048 elements per program."""
-    BH = _pow2(H) if v.ln else min(_pow2(H), 128)
-    BB = max(1, min(_pow2(B), 2048 // BH))
-    return BB, BH, 4 if BB * BH <= 2048 else 8
+    """``(BB, BH, num_warps)`` of the per-step kernels: about 512 elements per program (four
+    per thread of each tile: a step keeps some twenty tiles live) in cell blocks of up to 64;
+    layernorm needs the whole row in one program (its statistics are per row), so BH ≥ H
+    and more warps for wide rows."""
+    if v.ln:
+        BH = _pow2(H)
+        return max(1, min(_pow2(B), 512 // BH)), BH, min(16, max(4, BH // 128))
+    BH = min(_pow2(H), 64)
+    return max(1, min(_pow2(B), 512 // BH)), BH, 4
 
 
 # ---------------------------------------------------------------------------- launching

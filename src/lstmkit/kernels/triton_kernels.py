@@ -293,9 +293,10 @@ def step_forward(
     cm = ch < H
     m2 = rm[:, None] & cm[None, :]
     if HAS_LEN:
-        valid = rm & (t < tl.load(lengths + rb, mask=rm, other=0))
+        lens = tl.load(lengths + rb, mask=rm, other=0)
     else:
-        valid = rm & (t < T)
+        lens = tl.zeros((BB,), tl.int32) + T
+    valid = rm & (t < lens)
     v2 = valid[:, None]
     vm2 = v2 & cm[None, :]
     row = rb64 + t * B
@@ -341,9 +342,10 @@ def step_project(yp, h_s, y, lengths, t, T, B, HO, HAS_LEN: tl.constexpr, BB: tl
     co = tl.program_id(1) * BO + tl.arange(0, BO)
     om = co < HO
     if HAS_LEN:
-        valid = rm & (t < tl.load(lengths + rb, mask=rm, other=0))
+        lens = tl.load(lengths + rb, mask=rm, other=0)
     else:
-        valid = rm & (t < T)
+        lens = tl.zeros((BB,), tl.int32) + T
+    valid = rm & (t < lens)
     m2 = rm[:, None] & om[None, :]
     v = tl.load(yp + rb64[:, None] * HO + co[None, :], mask=m2, other=0.0)
     _st(h_s, rb64, HO, 0, co, valid[:, None] & om[None, :], v, True)
