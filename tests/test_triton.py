@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -320,6 +321,25 @@ def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     for r in rows:
         assert r["shared"] <= SHARED_LIMIT[r["arch"]], r
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    """benchmarks/bench_gpu.py runs every code path on tiny shapes (here: the interpreter)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    result = bench_gpu.main(["--dry-run", "--jobs", "1", "--out", str(tmp_path)])
+    rows = {(r["row"], r["mode"]) for r in result["rows"]}
+    for v in bench_gpu.VARIANTS:
+        for mode in ("infer", "train"):
+            assert (f"triton:{v}", mode) in rows and (f"reference:{v}", mode) in rows
+    assert all(r["kernel"] == "triton" for r in result["rows"] if r["row"].startswith("triton:"))
+    assert {r["row"] for r in result["paths"]} == {"persistent", "per_step", "cudnn"}
+    assert all(math.isfinite(r["seconds"]) for r in result["paths"])
+    md = (tmp_path / "bench_gpu_dry_run.md").read_text()
+    assert "Dry run" in md and "Persistent vs per step" in md
 
 
 # ---------------------------------------------------------------------------- CUDA only

@@ -119,8 +119,8 @@ class Variant:
 def persistent_tiles(v: Variant, H: int, H_out: int, projection: bool) -> tuple[int, int, int, int]:
     """``(BB, BH, BO, num_warps)`` of the persistent kernels: 16 batch rows (tl.dot's least
     M), the whole state of a row (BH ≥ H, BO ≥ H_out, at least 16: tl.dot's least K, N)."""
-    BH, BO = _pow2(H, 16), _pow2(H_out, 16)
-    return 16, BH, BO, 8
+    BH = _pow2(H, 16)
+    return 16, BH, BH, 8
 
 
 def _on_chip_weights(v: Variant, BH: int, BO: int, projection: bool) -> int:
