@@ -182,7 +182,7 @@ def test_every_variant_low_precision(cell, dtype, path_name, monkeypatch):
 @pytest.mark.parametrize("shape", ["T1_B1_H1", "odd", "B1_long", "wide"])
 def test_awkward_shapes(shape, path):
     """H = 1 (tiles of 16 with 15 masked cells), odd sizes, a long single sequence, and
-    H = 70: several cell blocks per step, and a persistent tile of 128 cells."""
+    H = 70: several cell blocks per step (persistent declines a float64 tile that wide)."""
     T, B, I, H = {"T1_B1_H1": (1, 1, 1, 1), "odd": (7, 3, 5, 11), "B1_long": (23, 1, 2, 3),
                   "wide": (3, 5, 4, 70)}[shape]
     check(make("peephole" if shape == "odd" else "vanilla", I, H), torch.float64, T=T, B=B)
@@ -287,14 +287,21 @@ def test_the_path_rule_and_its_override(monkeypatch):
     from lstmkit.kernels.triton_impl import Variant, choose_path
 
     monkeypatch.delenv(PATH_ENV, raising=False)
-    v = Variant.from_flags(abi.flags(resolve("vanilla")))
-    assert choose_path(v, 8, 32, 32, torch.float32, False) == "persistent"
-    assert choose_path(v, 8, 1024, 1024, torch.float32, False) == "per_step"
+    vanilla, ln = (Variant.from_flags(abi.flags(resolve(c))) for c in ("vanilla", "layernorm"))
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert choose_path(vanilla, 8, 32, 32, f32, False) == "persistent"   # 16 KiB of weights
+    assert choose_path(vanilla, 8, 64, 64, f32, False) == "per_step"     # 64 KiB
+    assert choose_path(vanilla, 8, 64, 64, bf16, False) == "persistent"  # 32 KiB
+    assert choose_path(ln, 8, 64, 64, bf16, False) == "per_step"         # layernorm: half the budget
+    assert choose_path(vanilla, 8, 1024, 1024, bf16, False) == "per_step"
     monkeypatch.setenv(PATH_ENV, "per_step")
-    assert choose_path(v, 8, 32, 32, torch.float32, False) == "per_step"
+    assert choose_path(vanilla, 8, 32, 32, f32, False) == "per_step"
+    monkeypatch.setenv(PATH_ENV, "persistent")
+    assert choose_path(vanilla, 8, 64, 64, f32, False) == "persistent"   # forced, up to 64 KiB
+    assert choose_path(vanilla, 8, 1024, 1024, f32, False) == "per_step"  # cannot fit one SM
     monkeypatch.setenv(PATH_ENV, "fastest")
     with pytest.raises(ValueError, match="LSTMKIT_TRITON_PATH"):
-        choose_path(v, 8, 32, 32, torch.float32, False)
+        choose_path(vanilla, 8, 32, 32, f32, False)
 
 
 # ---------------------------------------------------------------------------- AOT

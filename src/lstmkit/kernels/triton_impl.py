@@ -43,11 +43,15 @@ PATHS = ("persistent", "per_step")
 #: Environment variable that forces one path (benchmarks and tests; unset: the rule decides).
 PATH_ENV = "LSTMKIT_TRITON_PATH"
 
-#: Persistent kernels keep every recurrent weight of a layer-direction in one program's
-#: registers: at most this many elements (after padding each gate block to powers of two).
-#: The limit keeps the AOT builds for sm_80 and sm_90 free of spills (see
-#: benchmarks/results/gpu_kernels_aot.md); to be tuned by measurement on a GPU.
-PERSISTENT_MAX_WEIGHTS = 16384
+#: Persistent kernels keep every recurrent weight of a layer-direction on one SM: at most
+#: this many bytes of them (GEMM operand dtype, each gate block padded to powers of two;
+#: layernorm: half, its backward holds more state per cell). Chosen from the AOT builds
+#: (benchmarks/results/gpu_kernels_aot.md): within it, the builds for sm_80 and sm_90 do
+#: not spill beyond a few bytes and fit both GPUs' shared memory. To be tuned on a GPU.
+PERSISTENT_MAX_WEIGHT_BYTES = 32 * 1024
+#: A forced persistent path (LSTMKIT_TRITON_PATH) is honoured up to this size: beyond it the
+#: tiles do not fit one SM at all.
+PERSISTENT_FORCE_LIMIT_BYTES = 64 * 1024
 
 
 def _kernels() -> Any:
@@ -118,7 +122,9 @@ class Variant:
 
 def persistent_tiles(v: Variant, H: int, H_out: int, projection: bool) -> tuple[int, int, int, int]:
     """``(BB, BH, BO, num_warps)`` of the persistent kernels: 16 batch rows (tl.dot's least
-    M), the whole state of a row (BH ≥ H, BO ≥ H_out, at least 16: tl.dot's least K, N)."""
+    M), the whole state of a row (BH ≥ H, at least 16: tl.dot's least K and N), and the
+    same block for H_out ≤ H (BO = BH: other layouts for the projection spilled registers);
+    8 warps, the whole register file of an SM for one program."""
     BH = _pow2(H, 16)
     return 16, BH, BH, 8
 
@@ -133,20 +139,24 @@ def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, proj
     """How to run the time loop of one layer-direction: ``"persistent"`` or ``"per_step"``.
 
     The rule: persistent (one launch for all T steps, the weights on chip, no per-step
-    launch overhead — FlashRNN's fused approach) when every recurrent weight fits the
-    on-chip budget :data:`PERSISTENT_MAX_WEIGHTS` (vanilla: H ≤ 64); otherwise per step
-    (one cuBLAS GEMM plus one fused pointwise kernel per step — haste's approach), whose
-    GEMMs use the whole GPU. Batch size and dtype do not enter yet: the crossover is to be
-    measured on a GPU (``benchmarks/bench_gpu.py`` times both paths) and this rule tuned.
-    ``LSTMKIT_TRITON_PATH=persistent|per_step`` forces one path.
+    launch overhead — FlashRNN's fused approach) when the recurrent weights fit
+    :data:`PERSISTENT_MAX_WEIGHT_BYTES` (float32: H ≤ 32; bfloat16: H ≤ 64 for vanilla);
+    otherwise per step (one cuBLAS GEMM plus one fused pointwise kernel per step — haste's
+    approach), whose GEMMs spread over the whole GPU. The batch size does not enter yet:
+    the crossover is to be measured on a GPU (``benchmarks/bench_gpu.py`` times both paths)
+    and this rule tuned. ``LSTMKIT_TRITON_PATH=persistent|per_step`` forces a path (a
+    persistent one only up to :data:`PERSISTENT_FORCE_LIMIT_BYTES`).
     """
+    size = torch.empty((), dtype=dtype).element_size()
+    BH = _pow2(H, 16)
+    weights = _on_chip_weights(v, BH, BH, projection) * size
     forced = os.environ.get(PATH_ENV)
     if forced:
         if forced not in PATHS:
             raise ValueError(f"{PATH_ENV}: expected one of {PATHS}, got {forced!r}")
-        return forced
-    n = _on_chip_weights(v, _pow2(H, 16), _pow2(H_out, 16), projection)
-    return "persistent" if n <= PERSISTENT_MAX_WEIGHTS else "per_step"
+        return forced if forced == "per_step" or weights <= PERSISTENT_FORCE_LIMIT_BYTES else "per_step"
+    budget = PERSISTENT_MAX_WEIGHT_BYTES // (2 if v.ln else 1)
+    return "persistent" if weights <= budget else "per_step"
 
 
 def step_tiles(v: Variant, B: int, H: int) -> tuple[int, int, int]:
