@@ -192,17 +192,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--classes", default=",".join(SHAPE_CLASSES), help="names from SHAPE_CLASSES")
     ap.add_argument("--archs", default=",".join(map(str, ARCHS)))
+    ap.add_argument("--plan", help="instead of the product above: 'cell/dtype/class' entries joined by ';'")
     args = ap.parse_args(argv)
-    cells = {}
-    for c in args.cells.split(","):
+
+    def flags_of(c: str) -> int:
         if c.startswith("rnn_"):
-            cells[c] = abi.flag("rnn") | (abi.flag("relu") if c == "rnn_relu" else 0)
-        else:
-            cells[c] = abi.flags(resolve(c))
-    dtypes = tuple(getattr(torch, d) for d in args.dtypes.split(","))
-    classes = {k: SHAPE_CLASSES[k] for k in args.classes.split(",")}
+            return abi.flag("rnn") | (abi.flag("relu") if c == "rnn_relu" else 0)
+        return abi.flags(resolve(c))
+    if args.plan:
+        builds = []
+        for entry in args.plan.split(";"):
+            c, d, k = entry.split("/")
+            builds += list(iter_builds({c: flags_of(c)}, (getattr(torch, d),), {k: SHAPE_CLASSES[k]}))
+    else:
+        cells = {c: flags_of(c) for c in args.cells.split(",")}
+        dtypes = tuple(getattr(torch, d) for d in args.dtypes.split(","))
+        builds = list(iter_builds(cells, dtypes, {k: SHAPE_CLASSES[k] for k in args.classes.split(",")}))
     failed = 0
-    for cell_name, dtype, cls, launch in iter_builds(cells, dtypes, classes):
+    for cell_name, dtype, cls, launch in builds:
         for cc in (int(a) for a in args.archs.split(",")):
             row = {"cell": cell_name, "dtype": str(dtype).removeprefix("torch."), "class": cls,
                    "kernel": launch.describe(), "arch": f"sm_{cc}"}
