@@ -11,9 +11,9 @@ through :mod:`lstmkit.cell`) and the float64 NumPy oracle. Tolerances:
 * float64: 1e-10 relative to each tensor's scale (conftest's ``assert_rel``);
 * float32: at most ``max(1e-5, 2 ×)`` the error of the float32 reference loop, both
   measured against float64 (the rule of test_kernels.py);
-* bfloat16: at most ``max(2**-5, 1 ×)`` the error of the bfloat16 reference loop (torch's
-  own bfloat16 arithmetic on the same equations), both against float64 run on the same
-  bfloat16-rounded parameters and inputs. Measured in the interpreter (2 layers,
+* bfloat16 (and float16): at most ``max(2**-5, 1 ×)`` the error of the reference loop in
+  that dtype (torch's own 16-bit arithmetic on the same equations), both against float64
+  run on the same rounded parameters and inputs. Measured in the interpreter (2 layers,
   bidirectional, lengths): 0.6-1.5e-2 for every variant without layernorm or clip,
   2.7-9.7e-2 with them (the bfloat16 reference loop: 1.1-86e-2; the CPU kernel, which
   does not round GEMM operands: 0.5-8.7e-2) — the outputs of every layer are rounded to
@@ -140,9 +140,9 @@ def check(base, dtype: torch.dtype, T: int, B: int, lengths=None, device=DEVICE)
         for name, t in truth.items():
             assert_rel(fast[name], t, torch.float64, name)
         return
-    if dtype == torch.bfloat16:  # the truth runs on the bfloat16-rounded parameters and inputs
-        base = copy.deepcopy(base).to(torch.bfloat16).double()
-        d = {k: None if v is None else v.to(torch.bfloat16).double() for k, v in d.items()}
+    if dtype in (torch.bfloat16, torch.float16):  # the truth runs on the rounded parameters and inputs
+        base = copy.deepcopy(base).to(dtype).double()
+        d = {k: None if v is None else v.to(dtype).double() for k, v in d.items()}
     truth = run(base, "reference", torch.float64, d, lengths, device)
     fast = run(base, "triton", dtype, d, lengths, device)
     ref = run(base, "reference", dtype, d, lengths, device)
@@ -177,6 +177,12 @@ def test_every_variant_low_precision(cell, dtype, path_name, monkeypatch):
     """float32 and bfloat16 (float32 compute and cell state) against float64."""
     monkeypatch.setenv(PATH_ENV, path_name)
     check(make(cell, 3, 6), dtype, T=5, B=3, lengths=[5, 1, 4])
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "peephole+cifg+layernorm"])
+def test_float16(cell, path):
+    """float16 layers take the bfloat16 road (16-bit GEMM operands, float32 compute)."""
+    check(make(cell, 3, 6), torch.float16, T=5, B=3, lengths=[5, 1, 4])
 
 
 @pytest.mark.parametrize("shape", ["T1_B1_H1", "odd", "B1_long", "wide"])
