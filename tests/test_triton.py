@@ -289,6 +289,13 @@ def test_without_triton_cuda_layers_fall_back_to_reference_with_one_warning(monk
         kernels.select(resolve("vanilla"), cuda, torch.float32, backend="triton")
 
 
+def test_importing_lstmkit_builds_no_triton_kernel():
+    """The kernel modules load when a Triton row first runs, not at ``import lstmkit``."""
+    code = ("import sys, lstmkit, lstmkit.kernels; "
+            "assert not {'lstmkit.kernels.triton_kernels', 'lstmkit.kernels.triton_cell'} & set(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_the_path_rule_and_its_override(monkeypatch):
     from lstmkit.kernels.triton_impl import Variant, choose_path
 
