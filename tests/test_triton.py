@@ -268,6 +268,9 @@ def test_selection_cuda_layers_choose_triton_cpu_layers_keep_the_cpu_kernel():
     assert kernels.select(lstmkit.CellSpec(gate_hidden=(3,)), cuda, torch.float32).name == "reference"
     assert kernels.select(resolve("vanilla"), cuda, torch.complex64).name == "reference"
     assert kernels.select(resolve("vanilla"), torch.device("cpu"), torch.float32).name == "cpu_fused"
+    # CPU tensors reach the interpreter only when asked for by name, never as a fallback
+    cpu_rows = [k.name for k in kernels.REGISTRY.values() if k.automatic(torch.device("cpu"))]
+    assert "triton" not in cpu_rows and "cpu_fused" in cpu_rows
     with pytest.raises(ValueError, match="deep gates"):
         kernels.select(lstmkit.CellSpec(gate_hidden=(3,)), cuda, torch.float32, backend="triton")
 

@@ -38,7 +38,8 @@ register(OnnxExportKernel(), first=True)  # chosen during torch.onnx.export only
 
 def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
            backend: str | Kernel | None = None) -> Kernel:
-    """The kernel to run ``spec`` on ``device`` in ``dtype``.
+    """The kernel to run ``spec`` on ``device`` in ``dtype``: the first registered row that
+    supports it and may be chosen automatically there (:meth:`Kernel.automatic`).
 
     Args:
         backend: a registry name to force, a Kernel instance (used as it is, unregistered:
@@ -66,7 +67,7 @@ def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
             raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
         return kernel
     for kernel in REGISTRY.values():
-        if _why_not(kernel, spec, device, dtype) is None:
+        if kernel.automatic(device) and _why_not(kernel, spec, device, dtype) is None:
             return kernel
     raise RuntimeError("no kernel supports this layer, not even 'reference'")  # unreachable
 

@@ -200,9 +200,10 @@ def _interpreting() -> bool:
 class TritonKernel(FusedKernel):
     """The recurrence as Triton kernels (:mod:`lstmkit.kernels.triton_impl`) on CUDA tensors:
     float32, float64, bfloat16 and float16 (the last two compute in float32), every variant
-    but deep gates. With ``TRITON_INTERPRET=1`` it also runs on CPU tensors, through Triton's
-    interpreter (slow; for tests without a GPU): then it calls its implementation directly,
-    since the dispatcher sends CPU tensors to the C++ kernel."""
+    but deep gates. With ``TRITON_INTERPRET=1`` it also runs CPU tensors, through Triton's
+    interpreter (slow; for tests without a GPU), when ``backend="triton"`` asks for it: then
+    it calls its implementation directly, since the dispatcher sends CPU tensors to the C++
+    kernel."""
 
     name = "triton"
 
@@ -213,6 +214,9 @@ class TritonKernel(FusedKernel):
     @property
     def impl(self) -> ops.Impl | None:  # type: ignore[override]
         return _triton_impl() if _interpreting() else None
+
+    def automatic(self, device: torch.device) -> bool:
+        return device.type == "cuda"  # the interpreter runs CPU tensors only when asked for by name
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):

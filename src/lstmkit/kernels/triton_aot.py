@@ -135,7 +135,7 @@ def compile_launch(launch: Launch, cc: int) -> dict[str, Any]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("AOT builds need Triton imported without TRITON_INTERPRET=1 (its own library is "
                            "interpreted then): run `python -m lstmkit.kernels.triton_aot` in a clean process")
-    fn = getattr(triton_impl._kernels(), launch.kernel)
+    fn = getattr(triton_impl.kernels_module(), launch.kernel)
     consts = dict(launch.constexprs)
     sig = dict(launch.signature)
     sig.update({k: "constexpr" for k in consts})

@@ -2,10 +2,11 @@
 
 The ``@triton.jit`` helpers that the kernels of :mod:`lstmkit.kernels.triton_kernels`
 (persistent and per step) share: the activations, the layer norms, loads and stores of
-tiles, and one LSTM step forwards (:func:`_fwd_core`, :func:`_cell`) and backwards
-(:func:`_bwd_core`) on a (BB batch rows, BH cells) tile — :mod:`lstmkit.cell`'s step and
+tiles, and one LSTM step forwards (:func:`fwd_core`, :func:`_cell`) and backwards
+(:func:`bwd_core`) on a (BB batch rows, BH cells) tile — :mod:`lstmkit.cell`'s step and
 the CPU kernel's BPTT, written once for the GPU. Constexpr arguments are described in
-:mod:`lstmkit.kernels.triton_kernels`. Imported only when a Triton row runs.
+:mod:`lstmkit.kernels.triton_kernels`. Imported only when a Triton row runs. The names
+without a leading underscore are the ones the kernels call.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _tanh(x):
+def tanh(x):
     # 1 - 2/(e^{2|x|} + 1) through e^{-2|x|} (no overflow); NaN stays NaN
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
@@ -30,7 +31,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _dot(a, b, OP: tl.constexpr, MMA: tl.constexpr):
+def dot(a, b, OP: tl.constexpr, MMA: tl.constexpr):
     """``a @ b`` with both operands rounded to OP, accumulated in float32 (float64 for
     float64). float32 runs as 3xTF32 on tensor cores (about float32's accuracy; the plain
     float32 FMA path also crashes Triton 3.9's LLVM on sm_90), float64 in IEEE."""
@@ -83,7 +84,7 @@ def _ln_z(ah, rh, g_ih, g_hh, bias, SLOT: tl.constexpr, H, ch, cm, HAS_BIAS: tl.
 
 
 @triton.jit
-def _ld(ptr, rows, ld, col0, ch, m, CT: tl.constexpr, ON: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+def ld(ptr, rows, ld, col0, ch, m, CT: tl.constexpr, ON: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """Tile ``ptr[rows, col0 + ch]`` (row stride ``ld``) as CT; zeros where masked or not ON."""
     if ON:
         v = tl.load(ptr + rows[:, None] * ld + col0 + ch[None, :], mask=m, other=0.0).to(CT)
@@ -93,7 +94,7 @@ def _ld(ptr, rows, ld, col0, ch, m, CT: tl.constexpr, ON: tl.constexpr, BB: tl.c
 
 
 @triton.jit
-def _st(ptr, rows, ld, col0, ch, m, v, ON: tl.constexpr):
+def st(ptr, rows, ld, col0, ch, m, v, ON: tl.constexpr):
     if ON:
         tl.store(ptr + rows[:, None] * ld + col0 + ch[None, :], v.to(ptr.dtype.element_ty), mask=m)
 
@@ -117,7 +118,7 @@ def _acc(ptr, col0, ch, cm, v, ON: tl.constexpr):
 
 
 @triton.jit
-def _wT(w, SLOT: tl.constexpr, H, ld, ko, ch, m, OP: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
+def whh_tile(w, SLOT: tl.constexpr, H, ld, ko, ch, m, OP: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
     """The tile (BK, BH) ``w[SLOT·H + ch, ko]ᵀ`` of a (rows, ld) weight: one gate's block,
     transposed for ``state @ tile``; zeros for an absent gate."""
     if SLOT >= 0:
@@ -128,7 +129,7 @@ def _wT(w, SLOT: tl.constexpr, H, ld, ko, ch, m, OP: tl.constexpr, BK: tl.conste
 
 
 @triton.jit
-def _ggT(w, SK: tl.constexpr, SJ: tl.constexpr, H, NSH, ch, m, OP: tl.constexpr, BH: tl.constexpr):
+def gg_tile(w, SK: tl.constexpr, SJ: tl.constexpr, H, NSH, ch, m, OP: tl.constexpr, BH: tl.constexpr):
     """fgr: the block of W_gg from source gate SJ to target gate SK, as the (BH, BH) tile
     ``[cj, ck] = W_gg[SK·H + ck, SJ·H + cj]``; zeros if either gate is absent."""
     if SK >= 0 and SJ >= 0:
@@ -139,16 +140,16 @@ def _ggT(w, SK: tl.constexpr, SJ: tl.constexpr, H, NSH, ch, m, OP: tl.constexpr,
 
 
 @triton.jit
-def _fgr_in(s_i, s_f, s_o, w_i, w_f, w_o, SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr,
+def fgr_in(s_i, s_f, s_o, w_i, w_f, w_o, SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr,
             OP: tl.constexpr, MMA: tl.constexpr):
     """One target gate's ``Σ_j s_j W_gg[k, j]ᵀ`` (BB, BH) from the sources' tiles ``w_j``."""
     acc = tl.zeros(s_i.shape, s_i.dtype)
     if SI >= 0:
-        acc += _dot(s_i, w_i, OP, MMA).to(s_i.dtype)
+        acc += dot(s_i, w_i, OP, MMA).to(s_i.dtype)
     if SF >= 0:
-        acc += _dot(s_f, w_f, OP, MMA).to(s_i.dtype)
+        acc += dot(s_f, w_f, OP, MMA).to(s_i.dtype)
     if SO >= 0:
-        acc += _dot(s_o, w_o, OP, MMA).to(s_i.dtype)
+        acc += dot(s_o, w_o, OP, MMA).to(s_i.dtype)
     return acc
 
 
@@ -156,7 +157,7 @@ def _fgr_in(s_i, s_f, s_o, w_i, w_f, w_o, SI: tl.constexpr, SF: tl.constexpr, SO
 
 
 @triton.jit
-def _fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip,
+def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip,
               p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias,
               G, C, RH, RS, AH, AS, R, NG,
               GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
@@ -171,10 +172,10 @@ def _fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm,
     that are not ``valid``, and h̃ = o ⊙ act(LN(c_t)) (zero outside the H cells)."""
     v2 = valid[:, None]
     m2 = rm[:, None] & cm[None, :]
-    x_i = _ld(xg, row, R, GI * H, ch, m2, CT, GI >= 0, BB, BH)
-    x_f = _ld(xg, row, R, GF * H, ch, m2, CT, GF >= 0, BB, BH)
-    x_g = _ld(xg, row, R, GG * H, ch, m2, CT, True, BB, BH)
-    x_o = _ld(xg, row, R, GO * H, ch, m2, CT, GO >= 0, BB, BH)
+    x_i = ld(xg, row, R, GI * H, ch, m2, CT, GI >= 0, BB, BH)
+    x_f = ld(xg, row, R, GF * H, ch, m2, CT, GF >= 0, BB, BH)
+    x_g = ld(xg, row, R, GG * H, ch, m2, CT, True, BB, BH)
+    x_o = ld(xg, row, R, GO * H, ch, m2, CT, GO >= 0, BB, BH)
     if LN:  # z = LN(a) g_ih + LN(r) g_hh + bias, per gate; â, r̂ and their 1/std kept
         a_i, ra_i = _ln_rows(x_i, cm, H, EPS)
         a_f, ra_f = _ln_rows(x_f, cm, H, EPS)
@@ -189,14 +190,14 @@ def _fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm,
         z_g = _ln_z(a_g, q_g, g_ih, g_hh, bias, GG, H, ch, cm, HAS_BIAS, CT, BH)
         z_o = _ln_z(a_o, q_o, g_ih, g_hh, bias, GO, H, ch, cm, HAS_BIAS, CT, BH)
         if SAVE_LN:
-            _st(AH, row, R, GI * H, ch, m2, tl.where(v2, a_i, 0.0), GI >= 0)
-            _st(AH, row, R, GF * H, ch, m2, tl.where(v2, a_f, 0.0), GF >= 0)
-            _st(AH, row, R, GG * H, ch, m2, tl.where(v2, a_g, 0.0), True)
-            _st(AH, row, R, GO * H, ch, m2, tl.where(v2, a_o, 0.0), GO >= 0)
-            _st(RH, row, R, GI * H, ch, m2, tl.where(v2, q_i, 0.0), GI >= 0)
-            _st(RH, row, R, GF * H, ch, m2, tl.where(v2, q_f, 0.0), GF >= 0)
-            _st(RH, row, R, GG * H, ch, m2, tl.where(v2, q_g, 0.0), True)
-            _st(RH, row, R, GO * H, ch, m2, tl.where(v2, q_o, 0.0), GO >= 0)
+            st(AH, row, R, GI * H, ch, m2, tl.where(v2, a_i, 0.0), GI >= 0)
+            st(AH, row, R, GF * H, ch, m2, tl.where(v2, a_f, 0.0), GF >= 0)
+            st(AH, row, R, GG * H, ch, m2, tl.where(v2, a_g, 0.0), True)
+            st(AH, row, R, GO * H, ch, m2, tl.where(v2, a_o, 0.0), GO >= 0)
+            st(RH, row, R, GI * H, ch, m2, tl.where(v2, q_i, 0.0), GI >= 0)
+            st(RH, row, R, GF * H, ch, m2, tl.where(v2, q_f, 0.0), GF >= 0)
+            st(RH, row, R, GG * H, ch, m2, tl.where(v2, q_g, 0.0), True)
+            st(RH, row, R, GO * H, ch, m2, tl.where(v2, q_o, 0.0), GO >= 0)
             if GI >= 0:
                 tl.store(AS + row * NG + GI, tl.where(valid, ra_i, 0.0), mask=rm)
                 tl.store(RS + row * NG + GI, tl.where(valid, rs_i, 0.0), mask=rm)
@@ -219,12 +220,12 @@ def _fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm,
         z_o += f_o
     i, f, g, o, c, hm = _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
                               GI, GF, GO, CIFG, PEEP, LN, NIAF, NOAF, CLIP, CT, EPS, BH)
-    _st(G, row, R, GI * H, ch, m2, tl.where(v2, i, 0.0), SAVE_G and GI >= 0)
-    _st(G, row, R, GF * H, ch, m2, tl.where(v2, f, 0.0), SAVE_G and GF >= 0)
-    _st(G, row, R, GG * H, ch, m2, tl.where(v2, g, 0.0), SAVE_G)
-    _st(G, row, R, GO * H, ch, m2, tl.where(v2, o, 0.0), SAVE_G and GO >= 0)
+    st(G, row, R, GI * H, ch, m2, tl.where(v2, i, 0.0), SAVE_G and GI >= 0)
+    st(G, row, R, GF * H, ch, m2, tl.where(v2, f, 0.0), SAVE_G and GF >= 0)
+    st(G, row, R, GG * H, ch, m2, tl.where(v2, g, 0.0), SAVE_G)
+    st(G, row, R, GO * H, ch, m2, tl.where(v2, o, 0.0), SAVE_G and GO >= 0)
     c = tl.where(v2, c, cp)
-    _st(C, row, H, 0, ch, m2, c, SAVE_C)
+    st(C, row, H, 0, ch, m2, c, SAVE_C)
     return i, f, o, c, tl.where(cm[None, :], hm, 0.0)
 
 
@@ -251,7 +252,7 @@ def _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
     if NIAF:
         g = z_g
     else:
-        g = _tanh(z_g)
+        g = tanh(z_g)
     c = f * cp + i * g
     if CLIP:  # comparisons are false for NaN: it stays
         c = tl.where(c > clip, clip, tl.where(c < -clip, -clip, c))
@@ -267,7 +268,7 @@ def _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
     if NOAF:
         hm = o * m
     else:
-        hm = o * _tanh(m)
+        hm = o * tanh(m)
     return i, f, g, o, c, hm
 
 
@@ -275,13 +276,13 @@ def _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
 def _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, SLOT: tl.constexpr, H, ch, m2, cm, HAS_BIAS: tl.constexpr,
                CT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """layernorm: one gate's z from the kept â, r̂ of a step (rows ``row``)."""
-    ah = _ld(AH, row, R, SLOT * H, ch, m2, CT, SLOT >= 0, BB, BH)
-    rh = _ld(RH, row, R, SLOT * H, ch, m2, CT, SLOT >= 0, BB, BH)
+    ah = ld(AH, row, R, SLOT * H, ch, m2, CT, SLOT >= 0, BB, BH)
+    rh = ld(RH, row, R, SLOT * H, ch, m2, CT, SLOT >= 0, BB, BH)
     return _ln_z(ah, rh, g_ih, g_hh, bias, SLOT, H, ch, cm, HAS_BIAS, CT, BH)
 
 
 @triton.jit
-def _gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, bias,
+def step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, bias,
            GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr, CIFG: tl.constexpr,
            PEEP: tl.constexpr, FGR: tl.constexpr, LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr,
            CLIP: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr,
@@ -301,21 +302,21 @@ def _gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, 
         one = tl.zeros((BB, BH), CT) + 1.0
         i = one
         if GI >= 0:
-            i = _ld(G, row, R, GI * H, ch, m2, CT, True, BB, BH)
+            i = ld(G, row, R, GI * H, ch, m2, CT, True, BB, BH)
         f = one
         if GF >= 0:
-            f = _ld(G, row, R, GF * H, ch, m2, CT, True, BB, BH)
+            f = ld(G, row, R, GF * H, ch, m2, CT, True, BB, BH)
         elif CIFG:
             f = 1.0 - i
-        g = _ld(G, row, R, GG * H, ch, m2, CT, True, BB, BH)
+        g = ld(G, row, R, GG * H, ch, m2, CT, True, BB, BH)
         o = one
         if GO >= 0:
-            o = _ld(G, row, R, GO * H, ch, m2, CT, True, BB, BH)
+            o = ld(G, row, R, GO * H, ch, m2, CT, True, BB, BH)
     return i, f, g, o
 
 
 @triton.jit
-def _bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip,
+def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip,
               p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, AH, AS, RH, RS, DXG, DR, DZS, MO, acc, row, R, NG, NSH,
               GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
               SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr,
@@ -345,7 +346,7 @@ def _bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H,
     if NOAF:
         tm = m
     else:
-        tm = _tanh(m)
+        tm = tanh(m)
     du_o = zero
     if GO >= 0:
         d_o = dh * tm
@@ -353,7 +354,7 @@ def _bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H,
             d_o += ds_o
         du_o = d_o * o * (1.0 - o)
     if PROJ:
-        _st(MO, row, H, 0, ch, m2, tl.where(v2, o * tm, 0.0), True)
+        st(MO, row, H, 0, ch, m2, tl.where(v2, o * tm, 0.0), True)
     dm = dh * o
     if not NOAF:
         dm = dm * (1.0 - tm * tm)
@@ -408,18 +409,18 @@ def _bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H,
         din_o = _ln_gate_bwd(du_o, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_ih, g_hh,
                              GO, HAS_BIAS, CT, BB, BH)
         if FGR:
-            _st(DZS, row, NSH, SI * H, ch, m2, du_i, SI >= 0)
-            _st(DZS, row, NSH, SF * H, ch, m2, du_f, SF >= 0)
-            _st(DZS, row, NSH, SO * H, ch, m2, du_o, SO >= 0)
+            st(DZS, row, NSH, SI * H, ch, m2, du_i, SI >= 0)
+            st(DZS, row, NSH, SF * H, ch, m2, du_f, SF >= 0)
+            st(DZS, row, NSH, SO * H, ch, m2, du_o, SO >= 0)
     else:
         din_i = du_i
         din_f = du_f
         din_g = du_g
         din_o = du_o
-        _st(DXG, row, R, GI * H, ch, m2, du_i, GI >= 0)
-        _st(DXG, row, R, GF * H, ch, m2, du_f, GF >= 0)
-        _st(DXG, row, R, GG * H, ch, m2, du_g, True)
-        _st(DXG, row, R, GO * H, ch, m2, du_o, GO >= 0)
+        st(DXG, row, R, GI * H, ch, m2, du_i, GI >= 0)
+        st(DXG, row, R, GF * H, ch, m2, du_f, GF >= 0)
+        st(DXG, row, R, GG * H, ch, m2, du_g, True)
+        st(DXG, row, R, GO * H, ch, m2, du_o, GO >= 0)
     return din_i, din_f, din_g, din_o, du_i, du_f, du_o, dcp
 
 
@@ -431,8 +432,8 @@ def _ln_gate_bwd(dz, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_
     dr = tl.zeros((BB, BH), CT)
     if SLOT >= 0:
         m2 = rm[:, None] & cm[None, :]
-        ah = _ld(AH, row, R, SLOT * H, ch, m2, CT, True, BB, BH)
-        rh = _ld(RH, row, R, SLOT * H, ch, m2, CT, True, BB, BH)
+        ah = ld(AH, row, R, SLOT * H, ch, m2, CT, True, BB, BH)
+        rh = ld(RH, row, R, SLOT * H, ch, m2, CT, True, BB, BH)
         ra = tl.load(AS + row * NG + SLOT, mask=rm, other=0.0).to(CT)
         rs = tl.load(RS + row * NG + SLOT, mask=rm, other=0.0).to(CT)
         da, dr = _ln_bwd(dz, ah, ra, rh, rs, _vec(g_ih, SLOT * H, ch, cm, CT, True, BH),
@@ -440,13 +441,13 @@ def _ln_gate_bwd(dz, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_
         _acc(acc, 5 * H + SLOT * H, ch, cm, dz * rh, True)
         _acc(acc, 5 * H + R + SLOT * H, ch, cm, dz * ah, True)
         _acc(acc, 5 * H + 2 * R + SLOT * H, ch, cm, dz, HAS_BIAS)
-        _st(DXG, row, R, SLOT * H, ch, m2, da, True)
-        _st(DR, row, R, SLOT * H, ch, m2, dr, True)
+        st(DXG, row, R, SLOT * H, ch, m2, da, True)
+        st(DR, row, R, SLOT * H, ch, m2, dr, True)
     return dr
 
 
 @triton.jit
-def _ld_dy(dy, t, rb64, co, m, s0, s1, s2, CT: tl.constexpr, ON: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
+def ld_dy(dy, t, rb64, co, m, s0, s1, s2, CT: tl.constexpr, ON: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
     """Step t of the output's gradient (any strides: an expanded gradient is not copied);
     zeros if there is none."""
     if ON:

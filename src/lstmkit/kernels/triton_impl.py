@@ -54,8 +54,9 @@ PERSISTENT_MAX_WEIGHT_BYTES = 32 * 1024
 PERSISTENT_FORCE_LIMIT_BYTES = 64 * 1024
 
 
-def _kernels() -> Any:
-    from lstmkit.kernels import triton_kernels  # imports triton: only when a Triton row runs
+def kernels_module() -> Any:
+    """The kernel module (importing it imports triton: only when a Triton row runs)."""
+    from lstmkit.kernels import triton_kernels
 
     return triton_kernels
 
@@ -250,7 +251,7 @@ class TritonImpl:
                       SAVE_LN=buffers[_B["AH"]].numel() > 0)
         bufs = [b if b.numel() else a.nothing for b in buffers]
         sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, clip=float(clip))
-        k = _kernels()
+        k = kernels_module()
         if choose_path(v, B, H, HO, io, P > 0) == "persistent":
             BB, BH, BO, nw = persistent_tiles(v, H, HO, P > 0)
             args = dict(xg=a.xg, w_hh=a.w_hh, h0=a.h0, c0=a.c0, lengths=a.lens, **a.named_params(with_weights=True),
@@ -267,7 +268,7 @@ class TritonImpl:
     def _forward_per_step(self, a: _Args, y: Tensor, bufs: list[Tensor], consts: dict[str, Any],
                           sizes: dict[str, Any], proj: bool) -> None:
         """The time loop in Python: per step the GEMMs in torch, then one pointwise kernel."""
-        k, v = _kernels(), a.v
+        k, v = kernels_module(), a.v
         T, B, H, HO = sizes["T"], sizes["B"], sizes["H"], sizes["HO"]
         BB, BH, nw = step_tiles(v, B, H)
         grid = (triton_cdiv(B, BB), triton_cdiv(H, BH))
@@ -342,7 +343,7 @@ class TritonImpl:
                 args = dict(common, dc_n=dc_n if not v.rnn else a.nothing, w_hh=a.w_hh,
                             w_gg=a.params[_P["weight_gg"]] if v.fgr else a.nothing,
                             w_hr=a.params[_P["weight_hr"]] if P > 0 else a.nothing, dhp=dHP, dh0=dh0, dc0=dc0)
-                _launch(_kernels().persistent_backward, (triton_cdiv(B, BB),), args,
+                _launch(kernels_module().persistent_backward, (triton_cdiv(B, BB),), args,
                         dict(consts, OP=a.op_tl, MMA=a.mma_tl, BB=BB, BH=BH, BO=BO), nw)
             else:
                 self._backward_per_step(a, common, consts, dHP, dh0, dc0, dc_n, P > 0)
@@ -351,7 +352,7 @@ class TritonImpl:
 
     def _backward_per_step(self, a: _Args, common: dict[str, Any], consts: dict[str, Any], dHP: Tensor,
                            dh0: Tensor, dc0: Tensor, dc_n: Tensor, proj: bool) -> None:
-        k, v = _kernels(), a.v
+        k, v = kernels_module(), a.v
         T, B, H, HO, R = (common[n] for n in ("T", "B", "H", "HO", "R"))
         BB, BH, nw = step_tiles(v, B, H)
         grid = (triton_cdiv(B, BB), triton_cdiv(H, BH))

@@ -35,17 +35,17 @@ import triton
 import triton.language as tl
 
 from lstmkit.kernels.triton_cell import (
-    _bwd_core,
-    _dot,
-    _fgr_in,
-    _fwd_core,
-    _gates,
-    _ggT,
-    _ld,
-    _ld_dy,
-    _st,
-    _tanh,
-    _wT,
+    bwd_core,
+    dot,
+    fgr_in,
+    fwd_core,
+    gg_tile,
+    ld,
+    ld_dy,
+    st,
+    step_gates,
+    tanh,
+    whh_tile,
 )
 
 # ----------------------------------------------------------------------------- persistent
@@ -81,26 +81,26 @@ def persistent_forward(
     else:
         lens = tl.zeros((BB,), tl.int32) + T
     wm = om[:, None] & cm[None, :]
-    w_i = _wT(w_hh, GI, H, HO, co, ch, wm, OP, BO, BH)  # (BO, BH) each
-    w_f = _wT(w_hh, GF, H, HO, co, ch, wm, OP, BO, BH)
-    w_g = _wT(w_hh, GG, H, HO, co, ch, wm, OP, BO, BH)
-    w_o = _wT(w_hh, GO, H, HO, co, ch, wm, OP, BO, BH)
+    w_i = whh_tile(w_hh, GI, H, HO, co, ch, wm, OP, BO, BH)  # (BO, BH) each
+    w_f = whh_tile(w_hh, GF, H, HO, co, ch, wm, OP, BO, BH)
+    w_g = whh_tile(w_hh, GG, H, HO, co, ch, wm, OP, BO, BH)
+    w_o = whh_tile(w_hh, GO, H, HO, co, ch, wm, OP, BO, BH)
     gm = cm[:, None] & cm[None, :]
-    q_ii = _ggT(w_gg, SI, SI, H, NSH, ch, gm, OP, BH)  # fgr: q_kj, source j -> target k, (BH, BH)
-    q_if = _ggT(w_gg, SI, SF, H, NSH, ch, gm, OP, BH)
-    q_io = _ggT(w_gg, SI, SO, H, NSH, ch, gm, OP, BH)
-    q_fi = _ggT(w_gg, SF, SI, H, NSH, ch, gm, OP, BH)
-    q_ff = _ggT(w_gg, SF, SF, H, NSH, ch, gm, OP, BH)
-    q_fo = _ggT(w_gg, SF, SO, H, NSH, ch, gm, OP, BH)
-    q_oi = _ggT(w_gg, SO, SI, H, NSH, ch, gm, OP, BH)
-    q_of = _ggT(w_gg, SO, SF, H, NSH, ch, gm, OP, BH)
-    q_oo = _ggT(w_gg, SO, SO, H, NSH, ch, gm, OP, BH)
+    q_ii = gg_tile(w_gg, SI, SI, H, NSH, ch, gm, OP, BH)  # fgr: q_kj, source j -> target k, (BH, BH)
+    q_if = gg_tile(w_gg, SI, SF, H, NSH, ch, gm, OP, BH)
+    q_io = gg_tile(w_gg, SI, SO, H, NSH, ch, gm, OP, BH)
+    q_fi = gg_tile(w_gg, SF, SI, H, NSH, ch, gm, OP, BH)
+    q_ff = gg_tile(w_gg, SF, SF, H, NSH, ch, gm, OP, BH)
+    q_fo = gg_tile(w_gg, SF, SO, H, NSH, ch, gm, OP, BH)
+    q_oi = gg_tile(w_gg, SO, SI, H, NSH, ch, gm, OP, BH)
+    q_of = gg_tile(w_gg, SO, SF, H, NSH, ch, gm, OP, BH)
+    q_oo = gg_tile(w_gg, SO, SO, H, NSH, ch, gm, OP, BH)
     if PROJ:  # (BH, BO): [c, p] = W_hr[p, c]
         w_r = tl.load(w_hr + co[None, :] * H + ch[:, None], mask=cm[:, None] & om[None, :], other=0.0).to(OP)
     else:
         w_r = tl.zeros((BH, BO), OP)
     h = tl.load(h0 + rb64[:, None] * HO + co[None, :], mask=mo2, other=0.0).to(CT)  # (BB, BO)
-    c = _ld(c0, rb64, H, 0, ch, m2, CT, not RNN, BB, BH)  # (BB, BH)
+    c = ld(c0, rb64, H, 0, ch, m2, CT, not RNN, BB, BH)  # (BB, BH)
     s_i = tl.zeros((BB, BH), CT)
     s_f = tl.zeros((BB, BH), CT)
     s_o = tl.zeros((BB, BH), CT)
@@ -109,36 +109,36 @@ def persistent_forward(
         v2 = valid[:, None]
         row = rb64 + t * B
         if RNN:
-            u = _ld(xg, row, R, 0, ch, m2, CT, True, BB, BH) + _dot(h, w_g, OP, MMA).to(CT)
+            u = ld(xg, row, R, 0, ch, m2, CT, True, BB, BH) + dot(h, w_g, OP, MMA).to(CT)
             if RELU:
                 hn = tl.where(u < 0, 0.0, u)
             else:
-                hn = _tanh(u)
+                hn = tanh(u)
             hn = tl.where(cm[None, :], hn, 0.0)
             h = tl.where(v2, hn, h)
-            _st(y, row, HO, 0, ch, m2, tl.where(v2, hn, 0.0), True)
+            st(y, row, HO, 0, ch, m2, tl.where(v2, hn, 0.0), True)
         else:
             zero = tl.zeros((BB, BH), CT)
             r_i = zero
             r_f = zero
             r_o = zero
             if GI >= 0:
-                r_i = _dot(h, w_i, OP, MMA).to(CT)
+                r_i = dot(h, w_i, OP, MMA).to(CT)
             if GF >= 0:
-                r_f = _dot(h, w_f, OP, MMA).to(CT)
-            r_g = _dot(h, w_g, OP, MMA).to(CT)
+                r_f = dot(h, w_f, OP, MMA).to(CT)
+            r_g = dot(h, w_g, OP, MMA).to(CT)
             if GO >= 0:
-                r_o = _dot(h, w_o, OP, MMA).to(CT)
+                r_o = dot(h, w_o, OP, MMA).to(CT)
             f_i = zero
             f_f = zero
             f_o = zero
             if FGR and SI >= 0:
-                f_i = _fgr_in(s_i, s_f, s_o, q_ii, q_if, q_io, SI, SF, SO, OP, MMA)
+                f_i = fgr_in(s_i, s_f, s_o, q_ii, q_if, q_io, SI, SF, SO, OP, MMA)
             if FGR and SF >= 0:
-                f_f = _fgr_in(s_i, s_f, s_o, q_fi, q_ff, q_fo, SI, SF, SO, OP, MMA)
+                f_f = fgr_in(s_i, s_f, s_o, q_fi, q_ff, q_fo, SI, SF, SO, OP, MMA)
             if FGR and SO >= 0:
-                f_o = _fgr_in(s_i, s_f, s_o, q_oi, q_of, q_oo, SI, SF, SO, OP, MMA)
-            i, f, o, c, hm = _fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, c, valid, rm, ch, cm, H, clip,
+                f_o = fgr_in(s_i, s_f, s_o, q_oi, q_of, q_oo, SI, SF, SO, OP, MMA)
+            i, f, o, c, hm = fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, c, valid, rm, ch, cm, H, clip,
                                        p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS, R, NG,
                                        GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS,
                                        SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
@@ -147,13 +147,13 @@ def persistent_forward(
                 s_f = tl.where(v2, f, s_f)
                 s_o = tl.where(v2, o, s_o)
             if PROJ:
-                yv = _dot(hm, w_r, OP, MMA).to(CT)  # (BB, BO)
+                yv = dot(hm, w_r, OP, MMA).to(CT)  # (BB, BO)
             else:
                 yv = hm
             h = tl.where(v2, yv, h)
-            _st(y, row, HO, 0, co, mo2, tl.where(v2, yv, 0.0), True)
-    _st(h_n, rb64, HO, 0, co, mo2, h, True)
-    _st(c_n, rb64, H, 0, ch, m2, c, not RNN)
+            st(y, row, HO, 0, co, mo2, tl.where(v2, yv, 0.0), True)
+    st(h_n, rb64, HO, 0, co, mo2, h, True)
+    st(c_n, rb64, H, 0, ch, m2, c, not RNN)
 
 
 @triton.jit
@@ -188,27 +188,27 @@ def persistent_backward(
     else:
         lens = tl.zeros((BB,), tl.int32) + T
     wm = om[:, None] & cm[None, :]
-    w_i = _wT(w_hh, GI, H, HO, co, ch, wm, OP, BO, BH)  # (BO, BH) each; dh = Σ_k dz_k w_kᵀ
-    w_f = _wT(w_hh, GF, H, HO, co, ch, wm, OP, BO, BH)
-    w_g = _wT(w_hh, GG, H, HO, co, ch, wm, OP, BO, BH)
-    w_o = _wT(w_hh, GO, H, HO, co, ch, wm, OP, BO, BH)
+    w_i = whh_tile(w_hh, GI, H, HO, co, ch, wm, OP, BO, BH)  # (BO, BH) each; dh = Σ_k dz_k w_kᵀ
+    w_f = whh_tile(w_hh, GF, H, HO, co, ch, wm, OP, BO, BH)
+    w_g = whh_tile(w_hh, GG, H, HO, co, ch, wm, OP, BO, BH)
+    w_o = whh_tile(w_hh, GO, H, HO, co, ch, wm, OP, BO, BH)
     gm = cm[:, None] & cm[None, :]
-    q_ii = _ggT(w_gg, SI, SI, H, NSH, ch, gm, OP, BH)
-    q_if = _ggT(w_gg, SI, SF, H, NSH, ch, gm, OP, BH)
-    q_io = _ggT(w_gg, SI, SO, H, NSH, ch, gm, OP, BH)
-    q_fi = _ggT(w_gg, SF, SI, H, NSH, ch, gm, OP, BH)
-    q_ff = _ggT(w_gg, SF, SF, H, NSH, ch, gm, OP, BH)
-    q_fo = _ggT(w_gg, SF, SO, H, NSH, ch, gm, OP, BH)
-    q_oi = _ggT(w_gg, SO, SI, H, NSH, ch, gm, OP, BH)
-    q_of = _ggT(w_gg, SO, SF, H, NSH, ch, gm, OP, BH)
-    q_oo = _ggT(w_gg, SO, SO, H, NSH, ch, gm, OP, BH)
+    q_ii = gg_tile(w_gg, SI, SI, H, NSH, ch, gm, OP, BH)
+    q_if = gg_tile(w_gg, SI, SF, H, NSH, ch, gm, OP, BH)
+    q_io = gg_tile(w_gg, SI, SO, H, NSH, ch, gm, OP, BH)
+    q_fi = gg_tile(w_gg, SF, SI, H, NSH, ch, gm, OP, BH)
+    q_ff = gg_tile(w_gg, SF, SF, H, NSH, ch, gm, OP, BH)
+    q_fo = gg_tile(w_gg, SF, SO, H, NSH, ch, gm, OP, BH)
+    q_oi = gg_tile(w_gg, SO, SI, H, NSH, ch, gm, OP, BH)
+    q_of = gg_tile(w_gg, SO, SF, H, NSH, ch, gm, OP, BH)
+    q_oo = gg_tile(w_gg, SO, SO, H, NSH, ch, gm, OP, BH)
     if PROJ:  # (BO, BH): W_hr itself, dh̃ = dy W_hr
         w_r = tl.load(w_hr + co[:, None] * H + ch[None, :], mask=om[:, None] & cm[None, :], other=0.0).to(OP)
     else:
         w_r = tl.zeros((BO, BH), OP)
     acc_row = acc + pid * NACC
     dh = tl.load(dh_n + rb64[:, None] * HO + co[None, :], mask=mo2, other=0.0).to(CT)  # carried, (BB, BO)
-    dc = _ld(dc_n, rb64, H, 0, ch, m2, CT, not RNN, BB, BH)
+    dc = ld(dc_n, rb64, H, 0, ch, m2, CT, not RNN, BB, BH)
     ds_i = tl.zeros((BB, BH), CT)
     ds_f = tl.zeros((BB, BH), CT)
     ds_o = tl.zeros((BB, BH), CT)
@@ -217,55 +217,55 @@ def persistent_backward(
         valid = rm & (t < lens)
         v2 = valid[:, None]
         row = rb64 + t * B
-        dht = tl.where(v2, _ld_dy(dy, t, rb64, co, mo2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BO) + dh, 0.0)
+        dht = tl.where(v2, ld_dy(dy, t, rb64, co, mo2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BO) + dh, 0.0)
         if RNN:
-            yt = _ld(y, row, HO, 0, ch, m2, CT, True, BB, BH)
+            yt = ld(y, row, HO, 0, ch, m2, CT, True, BB, BH)
             if RELU:
                 du = tl.where(yt > 0, dht, 0.0)
             else:
                 du = dht * (1.0 - yt * yt)
-            _st(dxg, row, R, 0, ch, m2, du, True)
-            dh = tl.where(v2, _dot(du, tl.trans(w_g), OP, MMA).to(CT), dh)
+            st(dxg, row, R, 0, ch, m2, du, True)
+            dh = tl.where(v2, dot(du, tl.trans(w_g), OP, MMA).to(CT), dh)
         else:
             if PROJ:
-                _st(dhp, row, HO, 0, co, mo2, dht, True)
-                dhm = _dot(dht, w_r, OP, MMA).to(CT)  # (BB, BH)
+                st(dhp, row, HO, 0, co, mo2, dht, True)
+                dhm = dot(dht, w_r, OP, MMA).to(CT)  # (BB, BH)
             else:
                 dhm = dht
-            cc = _ld(C, row, H, 0, ch, m2, CT, True, BB, BH)
+            cc = ld(C, row, H, 0, ch, m2, CT, True, BB, BH)
             if t > 0:
-                cp = _ld(C, row - B, H, 0, ch, m2, CT, True, BB, BH)
+                cp = ld(C, row - B, H, 0, ch, m2, CT, True, BB, BH)
             else:
-                cp = _ld(c0, rb64, H, 0, ch, m2, CT, True, BB, BH)
-            i, f, g, o = _gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
+                cp = ld(c0, rb64, H, 0, ch, m2, CT, True, BB, BH)
+            i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
                                 bias, GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS, CT, EPS,
                                 BB, BH)
-            d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = _bwd_core(
+            d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = bwd_core(
                 i, f, g, o, cc, cp, dhm, tl.where(v2, dc, 0.0), tl.where(v2, ds_i, 0.0), tl.where(v2, ds_f, 0.0),
                 tl.where(v2, ds_o, 0.0), valid, rm, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
                 AH, AS, RH, RS, dxg, dr, dzs, mo, acc_row, row, R, NG, NSH,
                 GI, GF, GG, GO, SI, SF, SO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, PROJ, HAS_BIAS, CT, EPS, BB, BH)
-            dn = _dot(d_g, tl.trans(w_g), OP, MMA).to(CT)  # (BB, BO)
+            dn = dot(d_g, tl.trans(w_g), OP, MMA).to(CT)  # (BB, BO)
             if GI >= 0:
-                dn += _dot(d_i, tl.trans(w_i), OP, MMA).to(CT)
+                dn += dot(d_i, tl.trans(w_i), OP, MMA).to(CT)
             if GF >= 0:
-                dn += _dot(d_f, tl.trans(w_f), OP, MMA).to(CT)
+                dn += dot(d_f, tl.trans(w_f), OP, MMA).to(CT)
             if GO >= 0:
-                dn += _dot(d_o, tl.trans(w_o), OP, MMA).to(CT)
+                dn += dot(d_o, tl.trans(w_o), OP, MMA).to(CT)
             dh = tl.where(v2, dn, dh)
             dc = tl.where(v2, dcp, dc)
             # fgr: ds_j = Σ_k du_k W_gg[k, j]
             if FGR and SI >= 0:
-                ds_i = tl.where(v2, _fgr_in(u_i, u_f, u_o, tl.trans(q_ii), tl.trans(q_fi), tl.trans(q_oi),
+                ds_i = tl.where(v2, fgr_in(u_i, u_f, u_o, tl.trans(q_ii), tl.trans(q_fi), tl.trans(q_oi),
                                             SI, SF, SO, OP, MMA), ds_i)
             if FGR and SF >= 0:
-                ds_f = tl.where(v2, _fgr_in(u_i, u_f, u_o, tl.trans(q_if), tl.trans(q_ff), tl.trans(q_of),
+                ds_f = tl.where(v2, fgr_in(u_i, u_f, u_o, tl.trans(q_if), tl.trans(q_ff), tl.trans(q_of),
                                             SI, SF, SO, OP, MMA), ds_f)
             if FGR and SO >= 0:
-                ds_o = tl.where(v2, _fgr_in(u_i, u_f, u_o, tl.trans(q_io), tl.trans(q_fo), tl.trans(q_oo),
+                ds_o = tl.where(v2, fgr_in(u_i, u_f, u_o, tl.trans(q_io), tl.trans(q_fo), tl.trans(q_oo),
                                             SI, SF, SO, OP, MMA), ds_o)
-    _st(dh0, rb64, HO, 0, co, mo2, dh, True)
-    _st(dc0, rb64, H, 0, ch, m2, dc, not RNN)
+    st(dh0, rb64, HO, 0, co, mo2, dh, True)
+    st(dc0, rb64, H, 0, ch, m2, dc, not RNN)
 
 
 # ----------------------------------------------------------------------------- per step
@@ -301,35 +301,35 @@ def step_forward(
     vm2 = v2 & cm[None, :]
     row = rb64 + t * B
     if RNN:
-        u = _ld(xg, row, R, 0, ch, m2, CT, True, BB, BH) + _ld(r, rb64, R, 0, ch, m2, CT, True, BB, BH)
+        u = ld(xg, row, R, 0, ch, m2, CT, True, BB, BH) + ld(r, rb64, R, 0, ch, m2, CT, True, BB, BH)
         if RELU:
             hn = tl.where(u < 0, 0.0, u)
         else:
-            hn = _tanh(u)
-        _st(h_s, rb64, HO, 0, ch, vm2, hn, True)
-        _st(y, row, HO, 0, ch, m2, tl.where(v2, hn, 0.0), True)
+            hn = tanh(u)
+        st(h_s, rb64, HO, 0, ch, vm2, hn, True)
+        st(y, row, HO, 0, ch, m2, tl.where(v2, hn, 0.0), True)
     else:
-        r_i = _ld(r, rb64, R, GI * H, ch, m2, CT, GI >= 0, BB, BH)
-        r_f = _ld(r, rb64, R, GF * H, ch, m2, CT, GF >= 0, BB, BH)
-        r_g = _ld(r, rb64, R, GG * H, ch, m2, CT, True, BB, BH)
-        r_o = _ld(r, rb64, R, GO * H, ch, m2, CT, GO >= 0, BB, BH)
-        f_i = _ld(fw, rb64, NSH, SI * H, ch, m2, CT, FGR and SI >= 0, BB, BH)
-        f_f = _ld(fw, rb64, NSH, SF * H, ch, m2, CT, FGR and SF >= 0, BB, BH)
-        f_o = _ld(fw, rb64, NSH, SO * H, ch, m2, CT, FGR and SO >= 0, BB, BH)
-        cp = _ld(c_s, rb64, H, 0, ch, m2, CT, True, BB, BH)
-        i, f, o, c, hm = _fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip,
+        r_i = ld(r, rb64, R, GI * H, ch, m2, CT, GI >= 0, BB, BH)
+        r_f = ld(r, rb64, R, GF * H, ch, m2, CT, GF >= 0, BB, BH)
+        r_g = ld(r, rb64, R, GG * H, ch, m2, CT, True, BB, BH)
+        r_o = ld(r, rb64, R, GO * H, ch, m2, CT, GO >= 0, BB, BH)
+        f_i = ld(fw, rb64, NSH, SI * H, ch, m2, CT, FGR and SI >= 0, BB, BH)
+        f_f = ld(fw, rb64, NSH, SF * H, ch, m2, CT, FGR and SF >= 0, BB, BH)
+        f_o = ld(fw, rb64, NSH, SO * H, ch, m2, CT, FGR and SO >= 0, BB, BH)
+        cp = ld(c_s, rb64, H, 0, ch, m2, CT, True, BB, BH)
+        i, f, o, c, hm = fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip,
                                    p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS, R, NG,
                                    GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS,
                                    SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
-        _st(c_s, rb64, H, 0, ch, m2, c, True)
-        _st(s_s, rb64, NSH, SI * H, ch, vm2, i, FGR and SI >= 0)
-        _st(s_s, rb64, NSH, SF * H, ch, vm2, f, FGR and SF >= 0)
-        _st(s_s, rb64, NSH, SO * H, ch, vm2, o, FGR and SO >= 0)
+        st(c_s, rb64, H, 0, ch, m2, c, True)
+        st(s_s, rb64, NSH, SI * H, ch, vm2, i, FGR and SI >= 0)
+        st(s_s, rb64, NSH, SF * H, ch, vm2, f, FGR and SF >= 0)
+        st(s_s, rb64, NSH, SO * H, ch, vm2, o, FGR and SO >= 0)
         if PROJ:
-            _st(m_s, rb64, H, 0, ch, m2, hm, True)
+            st(m_s, rb64, H, 0, ch, m2, hm, True)
         else:
-            _st(h_s, rb64, HO, 0, ch, vm2, hm, True)
-            _st(y, row, HO, 0, ch, m2, tl.where(v2, hm, 0.0), True)
+            st(h_s, rb64, HO, 0, ch, vm2, hm, True)
+            st(y, row, HO, 0, ch, m2, tl.where(v2, hm, 0.0), True)
 
 
 @triton.jit(do_not_specialize=["t"])
@@ -348,8 +348,8 @@ def step_project(yp, h_s, y, lengths, t, T, B, HO, HAS_LEN: tl.constexpr, BB: tl
     valid = rm & (t < lens)
     m2 = rm[:, None] & om[None, :]
     v = tl.load(yp + rb64[:, None] * HO + co[None, :], mask=m2, other=0.0)
-    _st(h_s, rb64, HO, 0, co, valid[:, None] & om[None, :], v, True)
-    _st(y, rb64 + t * B, HO, 0, co, m2, tl.where(valid[:, None], v, 0.0), True)
+    st(h_s, rb64, HO, 0, co, valid[:, None] & om[None, :], v, True)
+    st(y, rb64 + t * B, HO, 0, co, m2, tl.where(valid[:, None], v, 0.0), True)
 
 
 @triton.jit(do_not_specialize=["t"])
@@ -368,13 +368,13 @@ def step_dh(dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, out, out_op, lengths, t, T, B, 
         lens = tl.load(lengths + rb, mask=rm, other=0)
     else:
         lens = tl.zeros((BB,), tl.int32) + T
-    carry = _ld(dh_n, rb64, HO, 0, co, m2, CT, True, BB, BO)
+    carry = ld(dh_n, rb64, HO, 0, co, m2, CT, True, BB, BO)
     if HAS_NEXT:
-        carry = tl.where(((t + 1) < lens)[:, None], _ld(dh_g, rb64, HO, 0, co, m2, CT, True, BB, BO), carry)
-    d = _ld_dy(dy, t, rb64, co, m2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BO) + carry
+        carry = tl.where(((t + 1) < lens)[:, None], ld(dh_g, rb64, HO, 0, co, m2, CT, True, BB, BO), carry)
+    d = ld_dy(dy, t, rb64, co, m2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BO) + carry
     d = tl.where((rm & (t < lens))[:, None], d, 0.0)
-    _st(out, rb64 + t * B, HO, 0, co, m2, d, True)
-    _st(out_op, rb64, HO, 0, co, m2, d, SEP_OP)
+    st(out, rb64 + t * B, HO, 0, co, m2, d, True)
+    st(out_op, rb64, HO, 0, co, m2, d, SEP_OP)
 
 
 @triton.jit(do_not_specialize=["t"])
@@ -393,7 +393,7 @@ def step_backward(
     The carried gradients: dh_g = dz_{t+1} W_hh (B, HO) and ds_g = du_S,t+1 W_gg (B, NSH) on
     rows valid at t+1 (else dh_n and 0; HAS_NEXT: t+1 < T), dc_s (B, H) in place (valid rows);
     projection: dm = dHP_t W_hr (B, H) instead of dy + dh. Writes dxg[t] etc. (see
-    :func:`_bwd_core`), the next GEMMs' operands dop (B, R) if SEP_OP (else dxg[t] or dR[t]
+    :func:`bwd_core`), the next GEMMs' operands dop (B, R) if SEP_OP (else dxg[t] or dR[t]
     is the operand) and fgr's dus (B, NSH), and adds to acc's row of this batch block."""
     pid_b = tl.program_id(0)
     rb = pid_b * BB + tl.arange(0, BB)
@@ -411,42 +411,42 @@ def step_backward(
     v2 = valid[:, None]
     row = rb64 + t * B
     if PROJ:
-        dhm = tl.where(v2, _ld(dm, rb64, H, 0, ch, m2, CT, True, BB, BH), 0.0)
+        dhm = tl.where(v2, ld(dm, rb64, H, 0, ch, m2, CT, True, BB, BH), 0.0)
     else:
-        carry = _ld(dh_n, rb64, HO, 0, ch, m2, CT, True, BB, BH)
+        carry = ld(dh_n, rb64, HO, 0, ch, m2, CT, True, BB, BH)
         if HAS_NEXT:
-            carry = tl.where(nxt[:, None], _ld(dh_g, rb64, HO, 0, ch, m2, CT, True, BB, BH), carry)
-        dhm = tl.where(v2, _ld_dy(dy, t, rb64, ch, m2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BH) + carry, 0.0)
+            carry = tl.where(nxt[:, None], ld(dh_g, rb64, HO, 0, ch, m2, CT, True, BB, BH), carry)
+        dhm = tl.where(v2, ld_dy(dy, t, rb64, ch, m2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BH) + carry, 0.0)
     if RNN:
-        yt = _ld(y, row, HO, 0, ch, m2, CT, True, BB, BH)
+        yt = ld(y, row, HO, 0, ch, m2, CT, True, BB, BH)
         if RELU:
             du = tl.where(yt > 0, dhm, 0.0)
         else:
             du = dhm * (1.0 - yt * yt)
-        _st(dxg, row, R, 0, ch, m2, du, True)
-        _st(dop, rb64, R, 0, ch, m2, du, SEP_OP)
+        st(dxg, row, R, 0, ch, m2, du, True)
+        st(dop, rb64, R, 0, ch, m2, du, SEP_OP)
     else:
-        cc = _ld(C, row, H, 0, ch, m2, CT, True, BB, BH)
+        cc = ld(C, row, H, 0, ch, m2, CT, True, BB, BH)
         if t > 0:
-            cp = _ld(C, row - B, H, 0, ch, m2, CT, True, BB, BH)
+            cp = ld(C, row - B, H, 0, ch, m2, CT, True, BB, BH)
         else:
-            cp = _ld(c0, rb64, H, 0, ch, m2, CT, True, BB, BH)
-        i, f, g, o = _gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
+            cp = ld(c0, rb64, H, 0, ch, m2, CT, True, BB, BH)
+        i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
                             bias, GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS, CT, EPS, BB, BH)
-        dc = tl.where(v2, _ld(dc_s, rb64, H, 0, ch, m2, CT, True, BB, BH), 0.0)
+        dc = tl.where(v2, ld(dc_s, rb64, H, 0, ch, m2, CT, True, BB, BH), 0.0)
         nx2 = nxt[:, None]
-        ds_i = tl.where(nx2, _ld(ds_g, rb64, NSH, SI * H, ch, m2, CT, FGR and HAS_NEXT and SI >= 0, BB, BH), 0.0)
-        ds_f = tl.where(nx2, _ld(ds_g, rb64, NSH, SF * H, ch, m2, CT, FGR and HAS_NEXT and SF >= 0, BB, BH), 0.0)
-        ds_o = tl.where(nx2, _ld(ds_g, rb64, NSH, SO * H, ch, m2, CT, FGR and HAS_NEXT and SO >= 0, BB, BH), 0.0)
-        d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = _bwd_core(
+        ds_i = tl.where(nx2, ld(ds_g, rb64, NSH, SI * H, ch, m2, CT, FGR and HAS_NEXT and SI >= 0, BB, BH), 0.0)
+        ds_f = tl.where(nx2, ld(ds_g, rb64, NSH, SF * H, ch, m2, CT, FGR and HAS_NEXT and SF >= 0, BB, BH), 0.0)
+        ds_o = tl.where(nx2, ld(ds_g, rb64, NSH, SO * H, ch, m2, CT, FGR and HAS_NEXT and SO >= 0, BB, BH), 0.0)
+        d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = bwd_core(
             i, f, g, o, cc, cp, dhm, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
             g_ih, g_hh, AH, AS, RH, RS, dxg, dr, dzs, mo, acc + pid_b * NACC, row, R, NG, NSH,
             GI, GF, GG, GO, SI, SF, SO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, PROJ, HAS_BIAS, CT, EPS, BB, BH)
-        _st(dc_s, rb64, H, 0, ch, v2 & cm[None, :], dcp, True)
-        _st(dop, rb64, R, GI * H, ch, m2, d_i, SEP_OP and GI >= 0)
-        _st(dop, rb64, R, GF * H, ch, m2, d_f, SEP_OP and GF >= 0)
-        _st(dop, rb64, R, GG * H, ch, m2, d_g, SEP_OP)
-        _st(dop, rb64, R, GO * H, ch, m2, d_o, SEP_OP and GO >= 0)
-        _st(dus, rb64, NSH, SI * H, ch, m2, u_i, FGR and SI >= 0)
-        _st(dus, rb64, NSH, SF * H, ch, m2, u_f, FGR and SF >= 0)
-        _st(dus, rb64, NSH, SO * H, ch, m2, u_o, FGR and SO >= 0)
+        st(dc_s, rb64, H, 0, ch, v2 & cm[None, :], dcp, True)
+        st(dop, rb64, R, GI * H, ch, m2, d_i, SEP_OP and GI >= 0)
+        st(dop, rb64, R, GF * H, ch, m2, d_f, SEP_OP and GF >= 0)
+        st(dop, rb64, R, GG * H, ch, m2, d_g, SEP_OP)
+        st(dop, rb64, R, GO * H, ch, m2, d_o, SEP_OP and GO >= 0)
+        st(dus, rb64, NSH, SI * H, ch, m2, u_i, FGR and SI >= 0)
+        st(dus, rb64, NSH, SF * H, ch, m2, u_f, FGR and SF >= 0)
+        st(dus, rb64, NSH, SO * H, ch, m2, u_o, FGR and SO >= 0)
