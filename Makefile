@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,plot,build,tasks,interop]"
+	$(PY) -m pip install -q -e ".[test,plot,build,tasks,interop,gpu]"
 	touch $(STAMP)
 
 demo: $(STAMP)

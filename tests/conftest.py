@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Without a GPU, Triton's interpreter runs the GPU kernels on CPU tensors (tests/test_triton.py);
+# it must be set before triton decorates them. On a GPU machine the compiled kernels run.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # Test shapes are tiny: one thread is faster, and immune to OpenMP spin-wait slowdowns when
 # the two cores are shared. Tests that exercise threading set the count themselves.

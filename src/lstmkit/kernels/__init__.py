@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut
-from lstmkit.kernels.fused import FusedCPUKernel
+from lstmkit.kernels.fused import FusedCPUKernel, TritonKernel
 from lstmkit.kernels.onnx_export import OnnxExportKernel, exporting
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.spec import CellSpec
@@ -31,13 +31,15 @@ def register(kernel: Kernel, first: bool = False) -> None:
 
 
 register(ReferenceKernel())
-register(FusedCPUKernel(), first=True)
+register(TritonKernel(), first=True)  # CUDA (and CPU tensors under TRITON_INTERPRET=1, for tests)
+register(FusedCPUKernel(), first=True)  # before triton: CPU layers keep the C++ kernel
 register(OnnxExportKernel(), first=True)  # chosen during torch.onnx.export only (see select)
 
 
 def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
            backend: str | Kernel | None = None) -> Kernel:
-    """The kernel to run ``spec`` on ``device`` in ``dtype``.
+    """The kernel to run ``spec`` on ``device`` in ``dtype``: the first registered row that
+    supports it and may be chosen automatically there (:meth:`Kernel.automatic`).
 
     Args:
         backend: a registry name to force, a Kernel instance (used as it is, unregistered:
@@ -65,7 +67,7 @@ def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
             raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
         return kernel
     for kernel in REGISTRY.values():
-        if _why_not(kernel, spec, device, dtype) is None:
+        if kernel.automatic(device) and _why_not(kernel, spec, device, dtype) is None:
             return kernel
     raise RuntimeError("no kernel supports this layer, not even 'reference'")  # unreachable
 

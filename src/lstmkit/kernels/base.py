@@ -45,6 +45,11 @@ class Kernel(ABC):
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this kernel cannot run ``spec`` on ``device``/``dtype``, or None if it can."""
 
+    def automatic(self, device: torch.device) -> bool:
+        """Whether :func:`lstmkit.kernels.select` may choose this row by itself on ``device``
+        (False: only when ``backend=`` names it)."""
+        return True
+
     @abstractmethod
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,

@@ -5,11 +5,15 @@ The input side ``x W_ihᵀ (+LN) + b`` for every step is one GEMM in plain torch
 GEMMs ``dW_ih = dAᵀ X`` and ``dX = dA W_ih`` after the loop. The recurrence — per step
 one GEMM and one fused pointwise pass, forward and hand-written BPTT backward — is the
 operator (:mod:`lstmkit.kernels.ops`), run by the device's implementation: the compiled
-C++ kernel on the CPU (:class:`FusedCPUKernel`), Triton kernels on the GPU.
+C++ kernel on the CPU (:class:`FusedCPUKernel`), Triton kernels on the GPU
+(:class:`TritonKernel`).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
 from typing import Any
 
 import torch
@@ -20,7 +24,7 @@ from lstmkit.kernels import abi, cpu_ext, ops
 from lstmkit.kernels.base import Kernel, KernelOut
 from lstmkit.spec import CellSpec
 
-__all__ = ["FusedKernel", "FusedCPUKernel", "trace_from_buffers"]
+__all__ = ["FusedKernel", "FusedCPUKernel", "TritonKernel", "trace_from_buffers", "triton_available"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -171,3 +175,71 @@ class FusedCPUKernel(FusedKernel):
         if not cpu_ext.available():
             return "the C++ extension could not be built (see the warning above)"
         return None
+
+
+_TRITON_MISSING_WARNED = False
+
+
+def triton_available() -> bool:
+    """True if Triton can be imported (without importing it). Never raises: without it, the
+    first CUDA layer that asks gets one warning and the 'reference' kernel."""
+    global _TRITON_MISSING_WARNED
+    if importlib.util.find_spec("triton") is not None:
+        return True
+    if not _TRITON_MISSING_WARNED:
+        _TRITON_MISSING_WARNED = True
+        warnings.warn("lstmkit: Triton is not installed; CUDA layers run the 'reference' kernel "
+                      "(pip install 'lstmkit[gpu]' for the fused GPU kernels)", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonKernel(FusedKernel):
+    """The recurrence as Triton kernels (:mod:`lstmkit.kernels.triton_impl`) on CUDA tensors:
+    float32, float64, bfloat16 and float16 (the last two compute in float32), every variant
+    but deep gates. With ``TRITON_INTERPRET=1`` it also runs CPU tensors, through Triton's
+    interpreter (slow; for tests without a GPU), when ``backend="triton"`` asks for it: then
+    it calls its implementation directly, since the dispatcher sends CPU tensors to the C++
+    kernel."""
+
+    name = "triton"
+
+    @property
+    def devices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("cuda", "cpu") if _interpreting() else ("cuda",)
+
+    @property
+    def impl(self) -> ops.Impl | None:  # type: ignore[override]
+        return _triton_impl() if _interpreting() else None
+
+    def automatic(self, device: torch.device) -> bool:
+        return device.type == "cuda"  # the interpreter runs CPU tensors only when asked for by name
+
+    def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            return f"it runs float32, float64, bfloat16 and float16, not {dtype}"
+        if spec.gate_hidden:
+            return "deep gates (gate_hidden) run on the 'reference' kernel"
+        if not triton_available():
+            return "Triton is not installed (pip install 'lstmkit[gpu]')"
+        return None
+
+
+_TRITON_IMPL: Any = None
+
+
+def _triton_impl() -> ops.Impl:
+    """The Triton implementation (one instance; importing its module does not import triton)."""
+    global _TRITON_IMPL
+    if _TRITON_IMPL is None:
+        from lstmkit.kernels.triton_impl import TritonImpl
+
+        _TRITON_IMPL = TritonImpl()
+    return _TRITON_IMPL
+
+
+if importlib.util.find_spec("triton") is not None:  # the operators' CUDA kernels
+    ops.register_device("CUDA", _triton_impl())

@@ -1,0 +1,388 @@
+"""Time lstmkit's Triton kernels on one GPU against torch.nn.LSTM (cuDNN) and the reference loop.
+
+    python benchmarks/bench_gpu.py               # the full run on one GPU (planned: < 8 min on an H100)
+    python benchmarks/bench_gpu.py --dry-run     # tiny shapes, every code path; CPU: Triton's interpreter
+    python benchmarks/bench_gpu.py --aot         # no GPU needed: registers / spills / shared memory of
+                                                 # every kernel build -> results/gpu_kernels_aot.md
+
+Every variant (float32) against ``torch.nn.LSTM`` (cuDNN, vanilla) and against the
+reference loop of the same variant, inference (no_grad forward) and a training step
+(forward + backward), at the issue's (B, T, I, H) shapes; CUDA events, median of
+``--repeats`` after warm-up, interleaved rounds (noise drifts over all rows alike); peak
+memory of one training step (``torch.cuda.max_memory_allocated`` above what was allocated
+before it). A second section times vanilla on both ways of running the time loop
+(persistent, per step; float32 and bfloat16) at small H, the data :func:`choose_path`
+is to be tuned from. Triton builds are warmed first in ``--jobs`` processes (they share
+Triton's cache), so compile time stays out of the timings and the wall clock. JSON and
+markdown go to ``benchmarks/results/bench_gpu.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if not torch.cuda.is_available():  # the dry run on a CPU: Triton's interpreter (before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import lstmkit  # noqa: E402
+from lstmkit import kernels  # noqa: E402
+
+SHAPES = [(1, 100, 32, 32), (32, 100, 128, 128), (64, 100, 256, 256), (64, 200, 512, 512),
+          (32, 100, 1024, 1024), (256, 50, 256, 256)]
+VARIANTS = ["vanilla", "peephole", "nig", "nfg", "nog", "niaf", "noaf", "cifg", "fgr", "layernorm", "clip=3",
+            "peephole+cifg+layernorm", "projection"]
+PATH_SHAPES = [(1, 100, 32, 32), (64, 100, 32, 32), (64, 100, 64, 64), (256, 100, 64, 64)]
+DRY_SHAPES = [(2, 4, 3, 8)]
+DRY_PATH_SHAPES = [(2, 3, 3, 8)]
+OUT = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def make_layer(row: str, I: int, H: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Any:
+    """The module of one row: ``cudnn`` (torch.nn.LSTM), ``cudnn projection``, or
+    ``<backend>:<variant>`` (variant "projection" = vanilla with proj_size H/2)."""
+    torch.manual_seed(0)
+    if row.startswith("cudnn"):
+        m = torch.nn.LSTM(I, H, proj_size=H // 2 if row.endswith("projection") else 0)
+    else:
+        backend, cell = row.split(":")
+        proj = H // 2 if cell == "projection" else 0
+        m = lstmkit.LSTM(I, H, cell="vanilla" if cell == "projection" else cell, proj_size=proj, backend=backend)
+    return m.to(device=device, dtype=dtype)
+
+
+def step_fn(module: Any, x: torch.Tensor, train: bool) -> Callable[[], object]:
+    if not train:
+        def infer() -> object:
+            with torch.no_grad():
+                return module(x)
+        return infer
+    params = list(module.parameters())
+
+    def step() -> object:
+        for p in params:
+            p.grad = None
+        out, _ = module(x)
+        out.float().sum().backward()
+        return out
+    return step
+
+
+class Timer:
+    """Seconds of one call: CUDA events on a GPU, perf_counter on a CPU (the dry run)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if not self.cuda:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> float | None:
+    """MiB allocated at the peak of one call above what was allocated before it (CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+
+def lstm_flops(B: int, T: int, I: int, H: int, train: bool) -> float:
+    """GEMM FLOPs of a vanilla LSTM layer (training ≈ 3× forward)."""
+    return 2 * T * B * 4 * H * (I + H) * (3 if train else 1)
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def time_rows(rows: list[tuple[str, Callable[[], object]]], timer: Timer, repeats: int,
+              slow: set[str], slow_repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per row: warm-up, then interleaved rounds (slow rows: fewer)."""
+    for name, fn in rows:
+        for _ in range(min(warmup, 1) if name in slow else warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name, _ in rows}
+    for rnd in range(repeats):
+        for name, fn in rows:
+            if name in slow and rnd >= slow_repeats:
+                continue
+            times[name].append(timer(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_shape(shape: tuple[int, int, int, int], variants: list[str], device: torch.device, repeats: int,
+                slow_repeats: int, with_reference: bool, warmup: int) -> list[dict[str, Any]]:
+    B, T, I, H = shape
+    timer = Timer(device)
+    x = torch.randn(T, B, I, device=device)
+    out = []
+    names = ["cudnn", "cudnn projection"] + [f"triton:{v}" for v in variants]
+    if with_reference:
+        names += [f"reference:{v}" for v in variants]
+    layers = {n: make_layer(n, I, H, device) for n in names}
+    for train in (False, True):
+        mode = "train" if train else "infer"
+        rows = [(n, step_fn(layers[n], x, train)) for n in names]
+        slow = {n for n in names if n.startswith("reference:")}
+        secs = time_rows(rows, timer, repeats, slow, slow_repeats, warmup)
+        base = secs["cudnn"]
+        for n, fn in rows:
+            cell = n.split(":")[-1]
+            rec = {"shape": list(shape), "mode": mode, "row": n, "seconds": secs[n], "ratio_vs_cudnn": secs[n] / base,
+                   "gflops": lstm_flops(B, T, I, H, train) / secs[n] / 1e9}
+            if n.startswith("triton:"):
+                ref = secs.get(f"reference:{cell}")
+                rec["speedup_vs_reference"] = ref / secs[n] if ref else None
+                rec["kernel"] = kernels.select(layers[n].spec, device, torch.float32, layers[n].backend).name
+            if train:
+                rec["peak_mib"] = peak_memory(fn, device)
+            out.append(rec)
+        print(f"  {shape} {mode}: cuDNN {base * 1e3:.3f} ms; "
+              + ", ".join(f"{r['row'].split(':')[1]} {r['ratio_vs_cudnn']:.2f}" for r in out
+                          if r["mode"] == mode and r["row"].startswith("triton:")), flush=True)
+    return out
+
+
+def bench_paths(shape: tuple[int, int, int, int], device: torch.device, repeats: int,
+                warmup: int) -> list[dict[str, Any]]:
+    """Vanilla on each way of running the time loop, float32 and bfloat16."""
+    from lstmkit.kernels.triton_impl import PATH_ENV, PATHS
+
+    B, T, I, H = shape
+    timer = Timer(device)
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(T, B, I, device=device, dtype=dtype)
+        cudnn = make_layer("cudnn", I, H, device, dtype)
+        layer = make_layer("triton:vanilla", I, H, device, dtype)
+        for train in (False, True):
+            rows: list[tuple[str, Callable[[], object]]] = [("cudnn", step_fn(cudnn, x, train))]
+            secs: dict[str, float] = {}
+            for path in PATHS:
+                os.environ[PATH_ENV] = path
+                try:
+                    secs[path] = time_rows([(path, step_fn(layer, x, train))], timer, repeats, set(), 0, warmup)[path]
+                except Exception as exc:  # noqa: BLE001 - a path that cannot run this shape is a result too
+                    secs[path] = float("nan")
+                    print(f"  {shape} {dtype} {path}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                finally:
+                    del os.environ[PATH_ENV]
+            secs["cudnn"] = time_rows(rows, timer, repeats, set(), 0, warmup)["cudnn"]
+            for name, sec in secs.items():
+                out.append({"shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
+                            "mode": "train" if train else "infer", "row": name, "seconds": sec,
+                            "ratio_vs_cudnn": sec / secs["cudnn"]})
+            print(f"  paths {shape} {dtype} {'train' if train else 'infer'}: "
+                  + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in secs.items()), flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------- warm-up
+
+
+def _warm(job: tuple[str, tuple[int, int, int, int], str, str | None]) -> str:
+    """In a worker: run one layer briefly (T = 3) so its Triton builds land in the cache."""
+    row, (B, _T, I, H), dtype_name, path = job
+    from lstmkit.kernels.triton_impl import PATH_ENV
+
+    if path:
+        os.environ[PATH_ENV] = path
+    device = torch.device("cuda")
+    dtype = getattr(torch, dtype_name)
+    try:
+        layer = make_layer(row, I, H, device, dtype)
+        x = torch.randn(3, B, I, device=device, dtype=dtype)
+        step_fn(layer, x, False)()
+        step_fn(layer, x, True)()
+        torch.cuda.synchronize()
+        return f"{row} {B, I, H} {dtype_name} {path or ''}: ok"
+    except Exception as exc:  # noqa: BLE001 - reported; the timing run will show it again
+        return f"{row} {B, I, H} {dtype_name} {path or ''}: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def warm_up(shapes: list, variants: list[str], path_shapes: list, jobs: int) -> None:
+    work = [(f"triton:{v}", s, "float32", None) for s in shapes for v in variants]
+    work += [("triton:vanilla", s, d, p) for s in path_shapes for d in ("float32", "bfloat16")
+             for p in ("persistent", "per_step")]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        for msg in pool.map(_warm, work):
+            if not msg.endswith(": ok"):
+                print("  warm-up:", msg, flush=True)
+    print(f"warm-up: {len(work)} layers built in {time.perf_counter() - t0:.0f} s ({jobs} processes)", flush=True)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["# GPU benchmark: Triton kernels vs cuDNN and the reference loop", "",
+             f"Device: {result['device']}; torch {result['torch']}, triton {result['triton']}; median of "
+             f"{result['repeats']} repeats after warm-up (reference loop: {result['slow_repeats']}), CUDA events.", "",
+             "Ratios are time ÷ torch.nn.LSTM's (cuDNN, vanilla, float32) at the same shape and mode; "
+             "below 1 is faster. `×ref` is the reference loop's time ÷ the Triton row's.", ""]
+    if result.get("dry_run"):
+        lines[2:2] = ["**Dry run** (tiny shapes, no warm-up, one repeat; on a CPU through Triton's interpreter): "
+                      "it checks the code paths and measures nothing.", ""]
+    rows = result["rows"]
+    shapes = sorted({tuple(r["shape"]) for r in rows}, key=lambda s: SHAPES.index(s) if s in SHAPES else 99)
+    for mode in ("infer", "train"):
+        lines += [f"## {'Inference' if mode == 'infer' else 'Training step (forward + backward)'}", "",
+                  "| row | " + " | ".join(str(s) for s in shapes) + " |", "|" + "---|" * (len(shapes) + 1)]
+        names = []
+        for r in rows:
+            if r["mode"] == mode and r["row"] not in names and not r["row"].startswith("reference:"):
+                names.append(r["row"])
+        for name in names:
+            cells = []
+            for s in shapes:
+                r = next((r for r in rows if r["row"] == name and tuple(r["shape"]) == s and r["mode"] == mode), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                text = f"{r['ratio_vs_cudnn']:.2f}"
+                if r.get("speedup_vs_reference"):
+                    text += f" ({r['speedup_vs_reference']:.0f}×ref)"
+                if mode == "train" and r.get("peak_mib") is not None:
+                    text += f" {r['peak_mib']:.0f} MiB"
+                cells.append(text)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    van = [r["ratio_vs_cudnn"] for r in rows if r["row"] == "triton:vanilla"]
+    if van:
+        lines.append(f"Vanilla Triton ÷ cuDNN over the grid (both modes): geometric mean "
+                     f"{math.exp(sum(map(math.log, van)) / len(van)):.2f}, worst {max(van):.2f}.")
+        lines.append("")
+    if result.get("paths"):
+        lines += ["## Persistent vs per step (vanilla)", "", "| shape | dtype | mode | persistent | per step | cuDNN |",
+                  "|---|---|---|---|---|---|"]
+        keys = []
+        for r in result["paths"]:
+            k = (tuple(r["shape"]), r["dtype"], r["mode"])
+            if k not in keys:
+                keys.append(k)
+        for k in keys:
+            sec = {r["row"]: r["seconds"] for r in result["paths"] if (tuple(r["shape"]), r["dtype"], r["mode"]) == k}
+            lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {sec.get('persistent', float('nan')) * 1e3:.3f} ms | "
+                         f"{sec.get('per_step', float('nan')) * 1e3:.3f} ms | {sec['cudnn'] * 1e3:.3f} ms |")
+    return "\n".join(lines) + "\n"
+
+
+def aot_report(out: Path, cells: list[str], dtypes: list[str]) -> None:
+    """Build every kernel of the launch plan for sm_80 and sm_90 (no GPU needed) and write the
+    worst registers / stack (spill) bytes / shared memory per kernel, shape class and dtype."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-W", "ignore", "-m", "lstmkit.kernels.triton_aot", "--cells", ",".join(cells),
+           "--dtypes", ",".join(dtypes)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    from lstmkit.kernels import triton_aot
+
+    (out / "gpu_kernels_aot.json").write_text(json.dumps(rows, indent=1))
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["class"], r["dtype"], r["kernel"], r["arch"]), []).append(r)
+    import triton
+
+    lines = ["# Triton kernels built ahead of time (no GPU)", "",
+             f"`python benchmarks/bench_gpu.py --aot` with triton {triton.__version__}: every launch of the "
+             f"launch plan (`lstmkit.kernels.triton_aot.launches`: forward with and without buffers, backward) "
+             f"of {len(cells)} variants × {len(dtypes)} dtypes × {len(triton_aot.SHAPE_CLASSES)} shape classes, "
+             f"built with `triton.compile(..., target=GPUTarget('cuda', cc, 32))` for sm_80 (A100) and sm_90 "
+             f"(H100); {len(rows)} builds, {sum(not r['ok'] for r in rows)} failed, "
+             f"{time.perf_counter() - t0:.0f} s. Registers per thread (255 is the most), stack bytes (spills; "
+             f"0 = none) and shared memory per block (limits: 163 KiB sm_80, 227 KiB sm_90), each the worst over "
+             f"the variants; the variant that gave the most registers is named.", "",
+             "Shape classes (B, H, P): " + "; ".join(f"{k} = {v}" for k, v in triton_aot.SHAPE_CLASSES.items())
+             + ". Kernels: `name [BB×BH(×BO)] wN` = block of batch rows × cells (× output cells), N warps.", "",
+             "| shape class | dtype | kernel | arch | registers | stack (spill) bytes | shared KiB | most registers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (cls, dtype, kernel, arch), rs in groups.items():
+        ok = [r for r in rs if r["ok"]]
+        if not ok:
+            lines.append(f"| {cls} | {dtype} | {kernel} | {arch} | FAILED | | | {rs[0].get('error', '')[:80]} |")
+            continue
+        top = max(ok, key=lambda r: r["registers"] or 0)
+        stack, shared = max(r["stack"] or 0 for r in ok), max(r["shared"] for r in ok) / 1024
+        lines.append(f"| {cls} | {dtype} | {kernel} | {arch} | {top['registers']} | {stack} | {shared:.1f} | "
+                     f"{top['cell']} |")
+    (out / "gpu_kernels_aot.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--slow-repeats", type=int, default=3, help="repeats of the reference-loop rows")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes, one repeat: every code path")
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--no-paths", action="store_true", help="skip the persistent-vs-per-step section")
+    ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="warm-up processes")
+    ap.add_argument("--aot", action="store_true", help="write results/gpu_kernels_aot.md (no GPU needed)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.aot:
+        cells = VARIANTS[:-1] + ["fgr+peephole+nog+clip=0.4", "fgr+cifg+noaf", "nig+niaf+noaf",
+                                 "nfg+peephole+layernorm", "fgr+layernorm", "rnn_tanh", "rnn_relu"]
+        aot_report(args.out, cells, ["float32", "bfloat16"])
+        return None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes, path_shapes = (DRY_SHAPES, DRY_PATH_SHAPES) if args.dry_run else (SHAPES, PATH_SHAPES)
+    repeats, slow_repeats, warmup = (1, 1, 0) if args.dry_run else (args.repeats, args.slow_repeats, 2)
+    import triton
+
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({platform.machine()}), Triton interpreter"
+    result: dict[str, Any] = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+                              "repeats": repeats, "slow_repeats": slow_repeats, "dry_run": args.dry_run,
+                              "rows": [], "paths": []}
+    t0 = time.perf_counter()
+    if device.type == "cuda" and args.jobs > 1:
+        warm_up(shapes, VARIANTS, [] if args.no_paths else path_shapes, args.jobs)
+    for shape in shapes:
+        result["rows"] += bench_shape(shape, VARIANTS, device, repeats, slow_repeats, not args.no_reference, warmup)
+    if not args.no_paths:
+        for shape in path_shapes:
+            result["paths"] += bench_paths(shape, device, repeats, warmup)
+    result["seconds"] = time.perf_counter() - t0
+    stem = "bench_gpu_dry_run" if args.dry_run else "bench_gpu"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"total {result['seconds']:.0f} s", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,458 @@
+"""One step of the recurrence as Triton helper functions, forward and backward.
+
+The ``@triton.jit`` helpers that the kernels of :mod:`lstmkit.kernels.triton_kernels`
+(persistent and per step) share: the activations, the layer norms, loads and stores of
+tiles, and one LSTM step forwards (:func:`fwd_core`, :func:`_cell`) and backwards
+(:func:`bwd_core`) on a (BB batch rows, BH cells) tile — :mod:`lstmkit.cell`'s step and
+the CPU kernel's BPTT, written once for the GPU. Constexpr arguments are described in
+:mod:`lstmkit.kernels.triton_kernels`. Imported only when a Triton row runs. The names
+without a leading underscore are the ones the kernels call.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- math
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    # 1 - 2/(e^{2|x|} + 1) through e^{-2|x|} (no overflow); NaN stays NaN
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def dot(a, b, OP: tl.constexpr, MMA: tl.constexpr):
+    """``a @ b`` with both operands rounded to OP, accumulated in float32 (float64 for
+    float64). float32 runs as 3xTF32 on tensor cores (about float32's accuracy; the plain
+    float32 FMA path also crashes Triton 3.9's LLVM on sm_90), float64 in IEEE."""
+    if OP == tl.float32:
+        out = tl.dot(a.to(OP).to(MMA), b.to(OP).to(MMA), input_precision="tf32x3")
+    else:
+        out = tl.dot(a.to(OP).to(MMA), b.to(OP).to(MMA), input_precision="ieee")
+    return out
+
+
+@triton.jit
+def _ln_rows(x, cm, H, EPS: tl.constexpr):
+    """Layer norm without gain of each row of ``x`` (BB, BH) over its H valid columns
+    ``cm`` (BH,): (x̂ (BB, BH), 1/std (BB,)); two-pass, biased variance (as the CPU kernel)."""
+    xm = tl.where(cm[None, :], x, 0.0)
+    mean = tl.sum(xm, 1) / H
+    d = tl.where(cm[None, :], xm - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / H + EPS)
+    return d * rstd[:, None], rstd
+
+
+@triton.jit
+def _ln_bwd(dz, ah, ra, rh, rs, gih, ghh, H):
+    """Both layer norms of one gate backwards, from dz (BB, BH), the gradient of
+    z = â·g_ih + r̂·g_hh + b: (da, dr), the gradients of the raw a and r."""
+    dai = dz * gih[None, :]
+    drh = dz * ghh[None, :]
+    ma1 = tl.sum(dai, 1) / H
+    ma2 = tl.sum(dai * ah, 1) / H
+    mr1 = tl.sum(drh, 1) / H
+    mr2 = tl.sum(drh * rh, 1) / H
+    da = ra[:, None] * (dai - ma1[:, None] - ah * ma2[:, None])
+    dr = rs[:, None] * (drh - mr1[:, None] - rh * mr2[:, None])
+    return da, dr
+
+
+@triton.jit
+def _ln_z(ah, rh, g_ih, g_hh, bias, SLOT: tl.constexpr, H, ch, cm, HAS_BIAS: tl.constexpr, CT: tl.constexpr,
+          BH: tl.constexpr):
+    """layernorm: one gate's z = â·g_ih + r̂·g_hh (+ bias), from the normalised â, r̂ (BB, BH).
+    Forward and backward both call it on the same values (the backward recomputes gates)."""
+    z = ah * _vec(g_ih, SLOT * H, ch, cm, CT, SLOT >= 0, BH)[None, :]
+    z += rh * _vec(g_hh, SLOT * H, ch, cm, CT, SLOT >= 0, BH)[None, :]
+    if HAS_BIAS:
+        z += _vec(bias, SLOT * H, ch, cm, CT, SLOT >= 0, BH)[None, :]
+    return z
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@triton.jit
+def ld(ptr, rows, ld, col0, ch, m, CT: tl.constexpr, ON: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """Tile ``ptr[rows, col0 + ch]`` (row stride ``ld``) as CT; zeros where masked or not ON."""
+    if ON:
+        v = tl.load(ptr + rows[:, None] * ld + col0 + ch[None, :], mask=m, other=0.0).to(CT)
+    else:
+        v = tl.zeros((BB, BH), CT)
+    return v
+
+
+@triton.jit
+def st(ptr, rows, ld, col0, ch, m, v, ON: tl.constexpr):
+    if ON:
+        tl.store(ptr + rows[:, None] * ld + col0 + ch[None, :], v.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _vec(ptr, col0, ch, cm, CT: tl.constexpr, ON: tl.constexpr, BH: tl.constexpr):
+    """Vector ``ptr[col0 + ch]`` (BH,) as CT; zeros if not ON."""
+    if ON:
+        v = tl.load(ptr + col0 + ch, mask=cm, other=0.0).to(CT)
+    else:
+        v = tl.zeros((BH,), CT)
+    return v
+
+
+@triton.jit
+def _acc(ptr, col0, ch, cm, v, ON: tl.constexpr):
+    """``ptr[col0 + ch] += Σ_rows v`` (a parameter gradient; the row is this program's own)."""
+    if ON:
+        p = ptr + col0 + ch
+        tl.store(p, tl.load(p, mask=cm, other=0.0) + tl.sum(v, 0), mask=cm)
+
+
+@triton.jit
+def whh_tile(w, SLOT: tl.constexpr, H, ld, ko, ch, m, OP: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
+    """The tile (BK, BH) ``w[SLOT·H + ch, ko]ᵀ`` of a (rows, ld) weight: one gate's block,
+    transposed for ``state @ tile``; zeros for an absent gate."""
+    if SLOT >= 0:
+        v = tl.load(w + (SLOT * H + ch[None, :]) * ld + ko[:, None], mask=m, other=0.0).to(OP)
+    else:
+        v = tl.zeros((BK, BH), OP)
+    return v
+
+
+@triton.jit
+def gg_tile(w, SK: tl.constexpr, SJ: tl.constexpr, H, NSH, ch, m, OP: tl.constexpr, BH: tl.constexpr):
+    """fgr: the block of W_gg from source gate SJ to target gate SK, as the (BH, BH) tile
+    ``[cj, ck] = W_gg[SK·H + ck, SJ·H + cj]``; zeros if either gate is absent."""
+    if SK >= 0 and SJ >= 0:
+        v = tl.load(w + (SK * H + ch[None, :]) * NSH + SJ * H + ch[:, None], mask=m, other=0.0).to(OP)
+    else:
+        v = tl.zeros((BH, BH), OP)
+    return v
+
+
+@triton.jit
+def fgr_in(s_i, s_f, s_o, w_i, w_f, w_o, SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr,
+            OP: tl.constexpr, MMA: tl.constexpr):
+    """One target gate's ``Σ_j s_j W_gg[k, j]ᵀ`` (BB, BH) from the sources' tiles ``w_j``."""
+    acc = tl.zeros(s_i.shape, s_i.dtype)
+    if SI >= 0:
+        acc += dot(s_i, w_i, OP, MMA).to(s_i.dtype)
+    if SF >= 0:
+        acc += dot(s_f, w_f, OP, MMA).to(s_i.dtype)
+    if SO >= 0:
+        acc += dot(s_o, w_o, OP, MMA).to(s_i.dtype)
+    return acc
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+@triton.jit
+def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip,
+              p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias,
+              G, C, RH, RS, AH, AS, R, NG,
+              GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
+              CIFG: tl.constexpr, PEEP: tl.constexpr, FGR: tl.constexpr, LN: tl.constexpr,
+              NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
+              CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """One LSTM step on a (BB, BH) tile, from the recurrent pre-activations ``r_k`` (layernorm:
+    raw) and fgr's ``f_k = s_{t-1} W_ggᵀ``: loads ``xg`` at ``row`` = t·B + b (rows that
+    exist: ``rm``), writes the buffers of this step (zeros on invalid rows, C carried), and
+    returns ``(i, f, o, c_t, h̃)``: the gates (1 where absent), c_t already carried on rows
+    that are not ``valid``, and h̃ = o ⊙ act(LN(c_t)) (zero outside the H cells)."""
+    v2 = valid[:, None]
+    m2 = rm[:, None] & cm[None, :]
+    x_i = ld(xg, row, R, GI * H, ch, m2, CT, GI >= 0, BB, BH)
+    x_f = ld(xg, row, R, GF * H, ch, m2, CT, GF >= 0, BB, BH)
+    x_g = ld(xg, row, R, GG * H, ch, m2, CT, True, BB, BH)
+    x_o = ld(xg, row, R, GO * H, ch, m2, CT, GO >= 0, BB, BH)
+    if LN:  # z = LN(a) g_ih + LN(r) g_hh + bias, per gate; â, r̂ and their 1/std kept
+        a_i, ra_i = _ln_rows(x_i, cm, H, EPS)
+        a_f, ra_f = _ln_rows(x_f, cm, H, EPS)
+        a_g, ra_g = _ln_rows(x_g, cm, H, EPS)
+        a_o, ra_o = _ln_rows(x_o, cm, H, EPS)
+        q_i, rs_i = _ln_rows(r_i, cm, H, EPS)
+        q_f, rs_f = _ln_rows(r_f, cm, H, EPS)
+        q_g, rs_g = _ln_rows(r_g, cm, H, EPS)
+        q_o, rs_o = _ln_rows(r_o, cm, H, EPS)
+        z_i = _ln_z(a_i, q_i, g_ih, g_hh, bias, GI, H, ch, cm, HAS_BIAS, CT, BH)
+        z_f = _ln_z(a_f, q_f, g_ih, g_hh, bias, GF, H, ch, cm, HAS_BIAS, CT, BH)
+        z_g = _ln_z(a_g, q_g, g_ih, g_hh, bias, GG, H, ch, cm, HAS_BIAS, CT, BH)
+        z_o = _ln_z(a_o, q_o, g_ih, g_hh, bias, GO, H, ch, cm, HAS_BIAS, CT, BH)
+        if SAVE_LN:
+            st(AH, row, R, GI * H, ch, m2, tl.where(v2, a_i, 0.0), GI >= 0)
+            st(AH, row, R, GF * H, ch, m2, tl.where(v2, a_f, 0.0), GF >= 0)
+            st(AH, row, R, GG * H, ch, m2, tl.where(v2, a_g, 0.0), True)
+            st(AH, row, R, GO * H, ch, m2, tl.where(v2, a_o, 0.0), GO >= 0)
+            st(RH, row, R, GI * H, ch, m2, tl.where(v2, q_i, 0.0), GI >= 0)
+            st(RH, row, R, GF * H, ch, m2, tl.where(v2, q_f, 0.0), GF >= 0)
+            st(RH, row, R, GG * H, ch, m2, tl.where(v2, q_g, 0.0), True)
+            st(RH, row, R, GO * H, ch, m2, tl.where(v2, q_o, 0.0), GO >= 0)
+            if GI >= 0:
+                tl.store(AS + row * NG + GI, tl.where(valid, ra_i, 0.0), mask=rm)
+                tl.store(RS + row * NG + GI, tl.where(valid, rs_i, 0.0), mask=rm)
+            if GF >= 0:
+                tl.store(AS + row * NG + GF, tl.where(valid, ra_f, 0.0), mask=rm)
+                tl.store(RS + row * NG + GF, tl.where(valid, rs_f, 0.0), mask=rm)
+            tl.store(AS + row * NG + GG, tl.where(valid, ra_g, 0.0), mask=rm)
+            tl.store(RS + row * NG + GG, tl.where(valid, rs_g, 0.0), mask=rm)
+            if GO >= 0:
+                tl.store(AS + row * NG + GO, tl.where(valid, ra_o, 0.0), mask=rm)
+                tl.store(RS + row * NG + GO, tl.where(valid, rs_o, 0.0), mask=rm)
+    else:
+        z_i = x_i + r_i
+        z_f = x_f + r_f
+        z_g = x_g + r_g
+        z_o = x_o + r_o
+    if FGR:
+        z_i += f_i
+        z_f += f_f
+        z_o += f_o
+    i, f, g, o, c, hm = _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
+                              GI, GF, GO, CIFG, PEEP, LN, NIAF, NOAF, CLIP, CT, EPS, BH)
+    st(G, row, R, GI * H, ch, m2, tl.where(v2, i, 0.0), SAVE_G and GI >= 0)
+    st(G, row, R, GF * H, ch, m2, tl.where(v2, f, 0.0), SAVE_G and GF >= 0)
+    st(G, row, R, GG * H, ch, m2, tl.where(v2, g, 0.0), SAVE_G)
+    st(G, row, R, GO * H, ch, m2, tl.where(v2, o, 0.0), SAVE_G and GO >= 0)
+    c = tl.where(v2, c, cp)
+    st(C, row, H, 0, ch, m2, c, SAVE_C)
+    return i, f, o, c, tl.where(cm[None, :], hm, 0.0)
+
+
+@triton.jit
+def _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
+          GI: tl.constexpr, GF: tl.constexpr, GO: tl.constexpr, CIFG: tl.constexpr, PEEP: tl.constexpr,
+          LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr,
+          CT: tl.constexpr, EPS: tl.constexpr, BH: tl.constexpr):
+    """The gates and states from the pre-activations (cell.step after ``z``):
+    ``(i, f, g, o, c_t, o ⊙ act(LN(c_t)))``, absent gates as 1 (cifg: f = 1 - i)."""
+    one = tl.zeros_like(z_g) + 1.0
+    i = one
+    if GI >= 0:
+        if PEEP:
+            z_i += _vec(p_i, 0, ch, cm, CT, True, BH)[None, :] * cp
+        i = _sigmoid(z_i)
+    f = one
+    if GF >= 0:
+        if PEEP:
+            z_f += _vec(p_f, 0, ch, cm, CT, True, BH)[None, :] * cp
+        f = _sigmoid(z_f)
+    elif CIFG:
+        f = 1.0 - i
+    if NIAF:
+        g = z_g
+    else:
+        g = tanh(z_g)
+    c = f * cp + i * g
+    if CLIP:  # comparisons are false for NaN: it stays
+        c = tl.where(c > clip, clip, tl.where(c < -clip, -clip, c))
+    o = one
+    if GO >= 0:
+        if PEEP:
+            z_o += _vec(p_o, 0, ch, cm, CT, True, BH)[None, :] * c
+        o = _sigmoid(z_o)
+    m = c
+    if LN:
+        chat, _ = _ln_rows(c, cm, H, EPS)
+        m = chat * _vec(c_w, 0, ch, cm, CT, True, BH)[None, :] + _vec(c_b, 0, ch, cm, CT, True, BH)[None, :]
+    if NOAF:
+        hm = o * m
+    else:
+        hm = o * tanh(m)
+    return i, f, g, o, c, hm
+
+
+@triton.jit
+def _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, SLOT: tl.constexpr, H, ch, m2, cm, HAS_BIAS: tl.constexpr,
+               CT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """layernorm: one gate's z from the kept â, r̂ of a step (rows ``row``)."""
+    ah = ld(AH, row, R, SLOT * H, ch, m2, CT, SLOT >= 0, BB, BH)
+    rh = ld(RH, row, R, SLOT * H, ch, m2, CT, SLOT >= 0, BB, BH)
+    return _ln_z(ah, rh, g_ih, g_hh, bias, SLOT, H, ch, cm, HAS_BIAS, CT, BH)
+
+
+@triton.jit
+def step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, bias,
+           GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr, CIFG: tl.constexpr,
+           PEEP: tl.constexpr, FGR: tl.constexpr, LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr,
+           CLIP: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr,
+           BB: tl.constexpr, BH: tl.constexpr):
+    """The forward's gate activations of step ``row`` for backward: read from G, or (layernorm
+    without fgr, which keeps â and r̂ instead) recomputed by the forward's own code. Absent
+    gates are 1, cifg's f is 1 - i."""
+    m2 = rm[:, None] & cm[None, :]
+    if LN and not FGR:
+        z_i = _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, GI, H, ch, m2, cm, HAS_BIAS, CT, BB, BH)
+        z_f = _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, GF, H, ch, m2, cm, HAS_BIAS, CT, BB, BH)
+        z_g = _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, GG, H, ch, m2, cm, HAS_BIAS, CT, BB, BH)
+        z_o = _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, GO, H, ch, m2, cm, HAS_BIAS, CT, BB, BH)
+        i, f, g, o, _c, _h = _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
+                                   GI, GF, GO, CIFG, PEEP, LN, NIAF, NOAF, CLIP, CT, EPS, BH)
+    else:
+        one = tl.zeros((BB, BH), CT) + 1.0
+        i = one
+        if GI >= 0:
+            i = ld(G, row, R, GI * H, ch, m2, CT, True, BB, BH)
+        f = one
+        if GF >= 0:
+            f = ld(G, row, R, GF * H, ch, m2, CT, True, BB, BH)
+        elif CIFG:
+            f = 1.0 - i
+        g = ld(G, row, R, GG * H, ch, m2, CT, True, BB, BH)
+        o = one
+        if GO >= 0:
+            o = ld(G, row, R, GO * H, ch, m2, CT, True, BB, BH)
+    return i, f, g, o
+
+
+@triton.jit
+def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip,
+              p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, AH, AS, RH, RS, DXG, DR, DZS, MO, acc, row, R, NG, NSH,
+              GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
+              SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr,
+              CIFG: tl.constexpr, PEEP: tl.constexpr, FGR: tl.constexpr, LN: tl.constexpr,
+              NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr, PROJ: tl.constexpr,
+              HAS_BIAS: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """One LSTM step backwards on a (BB, BH) tile (the CPU kernel's loops 2' and 1').
+
+    Takes the gates, c_t, c_{t-1} and the incoming gradients — dh of h̃ = o ⊙ act(LN(c_t)),
+    dc of c_t (carried), fgr's ds of s_t — all zero on rows that are not ``valid``. Writes
+    dXG (the gradient of xg: of z, or through the input layer norm), layernorm's dR (of the
+    raw r) and fgr's dZS, the projection's MO (h̃), and adds this tile's parameter
+    gradients to ``acc`` (peepholes and LN gains; layout as the CPU kernel's: p_i, p_f,
+    p_o, ln_c w, ln_c b (H each), ln_hh, ln_ih, bias (R each)). Returns the next GEMM's
+    inputs per gate ``(din_i, din_f, din_g, din_o)`` (dz, layernorm: dr), fgr's
+    ``(du_i, du_f, du_o)`` and dc_{t-1}."""
+    m2 = rm[:, None] & cm[None, :]
+    v2 = valid[:, None]
+    zero = tl.zeros((BB, BH), CT)
+    # h̃ = o ⊙ act(m), m = LN(c_t) or c_t
+    m = c
+    chat = c
+    crs = tl.zeros((BB,), CT)
+    if LN:
+        chat, crs = _ln_rows(c, cm, H, EPS)
+        m = chat * _vec(c_w, 0, ch, cm, CT, True, BH)[None, :] + _vec(c_b, 0, ch, cm, CT, True, BH)[None, :]
+    if NOAF:
+        tm = m
+    else:
+        tm = tanh(m)
+    du_o = zero
+    if GO >= 0:
+        d_o = dh * tm
+        if FGR:
+            d_o += ds_o
+        du_o = d_o * o * (1.0 - o)
+    if PROJ:
+        st(MO, row, H, 0, ch, m2, tl.where(v2, o * tm, 0.0), True)
+    dm = dh * o
+    if not NOAF:
+        dm = dm * (1.0 - tm * tm)
+    if LN:
+        _acc(acc, 3 * H, ch, cm, dm * chat, True)
+        _acc(acc, 4 * H, ch, cm, dm, True)
+        dch = dm * _vec(c_w, 0, ch, cm, CT, True, BH)[None, :]
+        s1 = tl.sum(dch, 1) / H
+        s2 = tl.sum(dch * chat, 1) / H
+        dc = dc + crs[:, None] * (dch - s1[:, None] - chat * s2[:, None])
+    else:
+        dc = dc + dm
+    if PEEP and GO >= 0:
+        dc += du_o * _vec(p_o, 0, ch, cm, CT, True, BH)[None, :]
+        _acc(acc, 2 * H, ch, cm, du_o * c, True)
+    if CLIP:
+        dc = tl.where(tl.abs(c) < clip, dc, 0.0)
+    # dc -> g, f, i, c_{t-1}
+    if NIAF:
+        du_g = dc * i
+    else:
+        du_g = dc * i * (1.0 - g * g)
+    df = dc * cp
+    dcp = dc * f
+    du_f = zero
+    if GF >= 0:
+        d_f = df
+        if FGR:
+            d_f += ds_f
+        du_f = d_f * f * (1.0 - f)
+        if PEEP:
+            dcp += du_f * _vec(p_f, 0, ch, cm, CT, True, BH)[None, :]
+            _acc(acc, H, ch, cm, du_f * cp, True)
+    du_i = zero
+    if GI >= 0:
+        d_i = dc * g
+        if CIFG:
+            d_i -= df
+        if FGR:
+            d_i += ds_i
+        du_i = d_i * i * (1.0 - i)
+        if PEEP:
+            dcp += du_i * _vec(p_i, 0, ch, cm, CT, True, BH)[None, :]
+            _acc(acc, 0, ch, cm, du_i * cp, True)
+    if LN:  # both layer norms of each gate backwards; dz -> da (dXG), dr (next GEMM, dW_hh)
+        din_i = _ln_gate_bwd(du_i, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_ih, g_hh,
+                             GI, HAS_BIAS, CT, BB, BH)
+        din_f = _ln_gate_bwd(du_f, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_ih, g_hh,
+                             GF, HAS_BIAS, CT, BB, BH)
+        din_g = _ln_gate_bwd(du_g, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_ih, g_hh,
+                             GG, HAS_BIAS, CT, BB, BH)
+        din_o = _ln_gate_bwd(du_o, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_ih, g_hh,
+                             GO, HAS_BIAS, CT, BB, BH)
+        if FGR:
+            st(DZS, row, NSH, SI * H, ch, m2, du_i, SI >= 0)
+            st(DZS, row, NSH, SF * H, ch, m2, du_f, SF >= 0)
+            st(DZS, row, NSH, SO * H, ch, m2, du_o, SO >= 0)
+    else:
+        din_i = du_i
+        din_f = du_f
+        din_g = du_g
+        din_o = du_o
+        st(DXG, row, R, GI * H, ch, m2, du_i, GI >= 0)
+        st(DXG, row, R, GF * H, ch, m2, du_f, GF >= 0)
+        st(DXG, row, R, GG * H, ch, m2, du_g, True)
+        st(DXG, row, R, GO * H, ch, m2, du_o, GO >= 0)
+    return din_i, din_f, din_g, din_o, du_i, du_f, du_o, dcp
+
+
+@triton.jit
+def _ln_gate_bwd(dz, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_ih, g_hh,
+                 SLOT: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """One gate's layer norms backwards (layernorm): writes da to dXG and dr to dR, adds the
+    gains' and the bias' gradients to ``acc``; returns dr (zeros for an absent gate)."""
+    dr = tl.zeros((BB, BH), CT)
+    if SLOT >= 0:
+        m2 = rm[:, None] & cm[None, :]
+        ah = ld(AH, row, R, SLOT * H, ch, m2, CT, True, BB, BH)
+        rh = ld(RH, row, R, SLOT * H, ch, m2, CT, True, BB, BH)
+        ra = tl.load(AS + row * NG + SLOT, mask=rm, other=0.0).to(CT)
+        rs = tl.load(RS + row * NG + SLOT, mask=rm, other=0.0).to(CT)
+        da, dr = _ln_bwd(dz, ah, ra, rh, rs, _vec(g_ih, SLOT * H, ch, cm, CT, True, BH),
+                         _vec(g_hh, SLOT * H, ch, cm, CT, True, BH), H)
+        _acc(acc, 5 * H + SLOT * H, ch, cm, dz * rh, True)
+        _acc(acc, 5 * H + R + SLOT * H, ch, cm, dz * ah, True)
+        _acc(acc, 5 * H + 2 * R + SLOT * H, ch, cm, dz, HAS_BIAS)
+        st(DXG, row, R, SLOT * H, ch, m2, da, True)
+        st(DR, row, R, SLOT * H, ch, m2, dr, True)
+    return dr
+
+
+@triton.jit
+def ld_dy(dy, t, rb64, co, m, s0, s1, s2, CT: tl.constexpr, ON: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
+    """Step t of the output's gradient (any strides: an expanded gradient is not copied);
+    zeros if there is none."""
+    if ON:
+        v = tl.load(dy + (rb64 * 0 + t)[:, None] * s0 + rb64[:, None] * s1 + co[None, :] * s2,
+                    mask=m, other=0.0).to(CT)
+    else:
+        v = tl.zeros((BB, BO), CT)
+    return v

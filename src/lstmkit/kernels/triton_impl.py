@@ -1,0 +1,475 @@
+"""The Triton implementation of ``lstmkit::recurrence`` and its backward (the GPU's Impl).
+
+What it computes is the CPU kernel's forward and BPTT (``csrc/recurrence.cpp``), with the
+same buffers (:data:`lstmkit.kernels.abi.BUFFERS`, shapes :func:`~lstmkit.kernels.abi.buffer_shapes`)
+and the same meaning, so :func:`lstmkit.kernels.fused.trace_from_buffers` reads either.
+The kernels are in :mod:`lstmkit.kernels.triton_kernels`; this module decodes the variant,
+chooses how to run the time loop (:func:`choose_path`), allocates, launches, and does the
+after-loop reductions as large GEMMs in torch (cuBLAS):
+
+    dW_hh = Σ_t dzᵀ_t h_{t-1}   (layernorm: dr_t, the gradient of the raw r_t)
+    dW_hr = Σ_t dHPᵀ_t h̃_t      dW_gg = Σ_t du_S,tᵀ s_{t-1}
+
+Dtypes: float32 and float64 compute in their own precision; bfloat16 and float16 layers
+round the GEMM operands (weights, h, s, h̃, and in backward dz) to their dtype, accumulate
+in float32, and keep gates, cell state, buffers and gradients in float32 — parameters,
+inputs and outputs keep their dtype (the operator's contract).
+
+Under ``TRITON_INTERPRET=1`` the same code runs on CPU tensors (Triton's interpreter, for
+tests); ``torch.mm`` then stands in for cuBLAS.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lstmkit import cell, layout
+from lstmkit.kernels import abi
+
+__all__ = ["Variant", "TritonImpl", "choose_path", "persistent_tiles", "step_tiles", "PATHS", "PATH_ENV"]
+
+NP, NB = len(abi.PARAMS), len(abi.BUFFERS)
+_P = {name: k for k, name in enumerate(abi.PARAMS)}
+_B = {name: k for k, name in enumerate(abi.BUFFERS)}
+
+#: The two ways to run the time loop (see :func:`choose_path`).
+PATHS = ("persistent", "per_step")
+#: Environment variable that forces one path (benchmarks and tests; unset: the rule decides).
+PATH_ENV = "LSTMKIT_TRITON_PATH"
+
+#: Persistent kernels keep every recurrent weight of a layer-direction on one SM: at most
+#: this many bytes of them (GEMM operand dtype, each gate block padded to powers of two;
+#: layernorm: half, its backward holds more state per cell). Chosen from the AOT builds
+#: (benchmarks/results/gpu_kernels_aot.md): within it, the builds for sm_80 and sm_90 do
+#: not spill beyond a few bytes and fit both GPUs' shared memory. To be tuned on a GPU.
+PERSISTENT_MAX_WEIGHT_BYTES = 32 * 1024
+#: A forced persistent path (LSTMKIT_TRITON_PATH) is honoured up to this size: beyond it the
+#: tiles do not fit one SM at all.
+PERSISTENT_FORCE_LIMIT_BYTES = 64 * 1024
+
+
+def kernels_module() -> Any:
+    """The kernel module (importing it imports triton: only when a Triton row runs)."""
+    from lstmkit.kernels import triton_kernels
+
+    return triton_kernels
+
+
+def _pow2(n: int, least: int = 1) -> int:
+    return max(least, 1 << max(0, int(n) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The variant flags decoded for the kernels (the CPU kernel's ``Cfg``): gate slots in
+    R (``gi, gf, gg, go``; -1 absent) in :data:`lstmkit.layout.GATES` order, fgr's slots in
+    the sigmoid-gate state s (``si, sf, so``), and the switches."""
+
+    rnn: bool
+    relu: bool
+    cifg: bool
+    peep: bool
+    fgr: bool
+    ln: bool
+    niaf: bool
+    noaf: bool
+    clip: bool
+    gi: int
+    gf: int
+    gg: int
+    go: int
+    si: int
+    sf: int
+    so: int
+
+    @classmethod
+    def from_flags(cls, flags: int) -> Variant:
+        on = {name: bool(flags & abi.flag(name)) for name in abi.FLAGS}
+        rnn = on["rnn"]
+        present = {"i": not rnn and not on["nig"], "f": not rnn and not on["nfg"] and not on["cifg"],
+                   "g": True, "o": not rnn and not on["nog"]}
+        computed = [k for k in layout.GATES if present[k]]
+        sigmoid = [k for k in computed if k != "g"]
+        slot = {k: computed.index(k) if k in computed else -1 for k in layout.GATES}
+        sslot = {k: sigmoid.index(k) if k in sigmoid and on["fgr"] else -1 for k in ("i", "f", "o")}
+        return cls(rnn=rnn, relu=on["relu"], cifg=not rnn and on["cifg"], peep=not rnn and on["peephole"],
+                   fgr=not rnn and on["fgr"], ln=not rnn and on["layernorm"], niaf=on["niaf"], noaf=on["noaf"],
+                   clip=not rnn and on["clip"], gi=slot["i"], gf=slot["f"], gg=slot["g"], go=slot["o"],
+                   si=sslot["i"], sf=sslot["f"], so=sslot["o"])
+
+    @property
+    def n_gates(self) -> int:
+        return sum(s >= 0 for s in (self.gi, self.gf, self.gg, self.go))
+
+    @property
+    def n_sigmoid(self) -> int:
+        return sum(s >= 0 for s in (self.si, self.sf, self.so))
+
+    def constexprs(self) -> dict[str, Any]:
+        """The kernels' variant constexprs."""
+        return {"GI": self.gi, "GF": self.gf, "GG": self.gg, "GO": self.go, "SI": self.si, "SF": self.sf,
+                "SO": self.so, "CIFG": self.cifg, "PEEP": self.peep, "FGR": self.fgr, "LN": self.ln,
+                "NIAF": self.niaf, "NOAF": self.noaf, "CLIP": self.clip, "RNN": self.rnn, "RELU": self.relu}
+
+
+# ---------------------------------------------------------------------------- the rule
+
+
+def persistent_tiles(v: Variant, H: int, H_out: int, projection: bool) -> tuple[int, int, int, int]:
+    """``(BB, BH, BO, num_warps)`` of the persistent kernels: 16 batch rows (tl.dot's least
+    M), the whole state of a row (BH ≥ H, at least 16: tl.dot's least K and N), and the
+    same block for H_out ≤ H (BO = BH: other layouts for the projection spilled registers);
+    8 warps, the whole register file of an SM for one program."""
+    BH = _pow2(H, 16)
+    return 16, BH, BH, 8
+
+
+def _on_chip_weights(v: Variant, BH: int, BO: int, projection: bool) -> int:
+    """Elements of the persistent kernels' weight tiles: W_hh's gate blocks (BO, BH), W_gg's
+    blocks (BH, BH), W_hr (BH, BO)."""
+    return v.n_gates * BO * BH + v.n_sigmoid ** 2 * BH * BH + (BH * BO if projection else 0)
+
+
+def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, projection: bool) -> str:
+    """How to run the time loop of one layer-direction: ``"persistent"`` or ``"per_step"``.
+
+    The rule: persistent (one launch for all T steps, the weights on chip, no per-step
+    launch overhead — FlashRNN's fused approach) when the recurrent weights fit
+    :data:`PERSISTENT_MAX_WEIGHT_BYTES` (float32: H ≤ 32; bfloat16: H ≤ 64 for vanilla);
+    otherwise per step (one cuBLAS GEMM plus one fused pointwise kernel per step — haste's
+    approach), whose GEMMs spread over the whole GPU. The batch size does not enter yet:
+    the crossover is to be measured on a GPU (``benchmarks/bench_gpu.py`` times both paths)
+    and this rule tuned. ``LSTMKIT_TRITON_PATH=persistent|per_step`` forces a path (a
+    persistent one only up to :data:`PERSISTENT_FORCE_LIMIT_BYTES`).
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    BH = _pow2(H, 16)
+    weights = _on_chip_weights(v, BH, BH, projection) * size
+    forced = os.environ.get(PATH_ENV)
+    if forced:
+        if forced not in PATHS:
+            raise ValueError(f"{PATH_ENV}: expected one of {PATHS}, got {forced!r}")
+        return forced if forced == "per_step" or weights <= PERSISTENT_FORCE_LIMIT_BYTES else "per_step"
+    budget = PERSISTENT_MAX_WEIGHT_BYTES // (2 if v.ln else 1)
+    return "persistent" if weights <= budget else "per_step"
+
+
+def step_tiles(v: Variant, B: int, H: int) -> tuple[int, int, int]:
+    """``(BB, BH, num_warps)`` of the per-step kernels: about 512 elements per program (four
+    per thread of each tile: a step keeps some twenty tiles live) in cell blocks of up to 64;
+    layernorm needs the whole row in one program (its statistics are per row), so BH ≥ H
+    and more warps for wide rows."""
+    if v.ln:
+        BH = _pow2(H)
+        return max(1, min(_pow2(B), 512 // BH)), BH, min(16, max(4, BH // 128))
+    BH = min(_pow2(H), 64)
+    return max(1, min(_pow2(B), 512 // BH)), BH, 4
+
+
+# ---------------------------------------------------------------------------- launching
+
+#: Set by the AOT tooling (lstmkit.kernels.triton_aot): called instead of launching.
+RECORDER: Callable[[Any, tuple[int, ...], dict[str, Any], dict[str, Any], int], None] | None = None
+
+
+def _launch(kernel: Any, grid: tuple[int, ...], args: dict[str, Any], consts: dict[str, Any], num_warps: int) -> None:
+    if RECORDER is not None:
+        RECORDER(kernel, grid, args, consts, num_warps)
+        return
+    kernel[grid](**args, **consts, num_warps=num_warps)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tl_dtype(dtype: torch.dtype) -> Any:
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
+            torch.float16: tl.float16}[dtype]
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=) for 16-bit CUDA GEMMs (torch >= 2.8)
+
+
+def _mm(a: Tensor, b: Tensor, ct: torch.dtype) -> Tensor:
+    """``a @ b`` in the compute dtype ``ct``: 16-bit operands accumulate in float32 (cuBLAS
+    with a float32 result; on the CPU, the interpreter's stand-in, exact float32 products)."""
+    global _MM_OUT_DTYPE
+    if a.dtype == ct:
+        return torch.mm(a, b)
+    if a.is_cuda and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=ct)
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE = False
+    return torch.mm(a.to(ct), b.to(ct))
+
+
+def _slots(v: Variant, H: int, which: tuple[int, ...]) -> list[slice]:
+    return [slice(s * H, (s + 1) * H) for s in which if s >= 0]
+
+
+class TritonImpl:
+    """``lstmkit::recurrence`` / ``recurrence_backward`` with Triton kernels (see the module
+    docstring); register with ``ops.register_device("CUDA", TritonImpl())``."""
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
+                *rest: Any) -> tuple[Tensor, ...]:
+        params, (flags, clip, H, P, save) = list(rest[:NP]), rest[NP:]
+        v = Variant.from_flags(flags)
+        T, B, R = xg.shape
+        HO = P if P > 0 and not v.rnn else H
+        io, ct, dev = xg.dtype, _compute(xg.dtype), xg.device
+        y = torch.empty((T, B, HO), dtype=io, device=dev)
+        h_n = torch.empty((B, HO), dtype=io, device=dev)
+        c_n = torch.empty((B, H) if not v.rnn else (0,), dtype=io, device=dev)
+        buffers = [torch.empty(s, dtype=ct, device=dev) for s in abi.buffer_shapes(flags, T, B, R, H, save)]
+        if not v.rnn and c0.numel() == 0:
+            c0 = torch.zeros((B, H), dtype=ct, device=dev)
+        if T == 0 or B == 0:
+            h_n.copy_(h0)
+            if not v.rnn:
+                c_n.copy_(c0)
+            return (y, h_n, c_n, *buffers)
+        a = _Args(xg, w_hh, h0, c0, lengths, params, v, H, HO, io, ct)
+        consts = dict(v.constexprs(), HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, CT=_tl_dtype(ct),
+                      EPS=cell.LN_EPS, SAVE_G=buffers[_B["G"]].numel() > 0, SAVE_C=buffers[_B["C"]].numel() > 0,
+                      SAVE_LN=buffers[_B["AH"]].numel() > 0)
+        bufs = [b if b.numel() else a.nothing for b in buffers]
+        sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, clip=float(clip))
+        k = kernels_module()
+        if choose_path(v, B, H, HO, io, P > 0) == "persistent":
+            BB, BH, BO, nw = persistent_tiles(v, H, HO, P > 0)
+            args = dict(xg=a.xg, w_hh=a.w_hh, h0=a.h0, c0=a.c0, lengths=a.lens, **a.named_params(with_weights=True),
+                        y=y, h_n=h_n, c_n=c_n if not v.rnn else a.nothing, **dict(zip(abi.BUFFERS, bufs)), **sizes)
+            _launch(k.persistent_forward, (triton_cdiv(B, BB),), args,
+                    dict(consts, PROJ=P > 0, OP=a.op_tl, MMA=a.mma_tl, BB=BB, BH=BH, BO=BO), nw)
+            return (y, h_n, c_n, *buffers)
+        self._forward_per_step(a, y, bufs, consts, sizes, P > 0)
+        h_n.copy_(a.h_state)
+        if not v.rnn:
+            c_n.copy_(a.c_state)
+        return (y, h_n, c_n, *buffers)
+
+    def _forward_per_step(self, a: _Args, y: Tensor, bufs: list[Tensor], consts: dict[str, Any],
+                          sizes: dict[str, Any], proj: bool) -> None:
+        """The time loop in Python: per step the GEMMs in torch, then one pointwise kernel."""
+        k, v = kernels_module(), a.v
+        T, B, H, HO = sizes["T"], sizes["B"], sizes["H"], sizes["HO"]
+        BB, BH, nw = step_tiles(v, B, H)
+        grid = (triton_cdiv(B, BB), triton_cdiv(H, BH))
+        a.h_state = a.h0.to(a.op).clone()                                     # (B, HO) GEMM operand
+        a.c_state = a.c0.to(a.ct).clone() if not v.rnn else a.nothing         # (B, H)
+        s_state = torch.zeros((B, a.nsh), dtype=a.op, device=a.dev) if v.fgr else a.nothing
+        m_state = torch.empty((B, H), dtype=a.op, device=a.dev) if proj else a.nothing
+        w_t = a.w_hh.t()                                                      # (HO, R)
+        w_gg_t = a.params[_P["weight_gg"]].t() if v.fgr else None
+        w_hr_t = a.params[_P["weight_hr"]].t() if proj else None
+        fw = a.nothing
+        consts = dict(consts, PROJ=proj, BB=BB, BH=BH)
+        args = dict(xg=a.xg, c_s=a.c_state, s_s=s_state, h_s=a.h_state, m_s=m_state, y=y, lengths=a.lens,
+                    **a.named_params(with_weights=False), **dict(zip(abi.BUFFERS, bufs)), **sizes)
+        BO = min(_pow2(HO), 128)
+        pgrid = (triton_cdiv(B, 16), triton_cdiv(HO, BO))
+        for t in range(T):
+            r = _mm(a.h_state, w_t, a.ct)                                     # (B, R)
+            if v.fgr:
+                fw = _mm(s_state, w_gg_t, a.ct)                               # (B, NSH)
+            _launch(k.step_forward, grid, dict(args, r=r, fw=fw, t=t), consts, nw)
+            if proj:
+                yp = _mm(m_state, w_hr_t, a.ct)                               # (B, P)
+                _launch(k.step_project, pgrid, dict(yp=yp, h_s=a.h_state, y=y, lengths=a.lens, t=t, T=T, B=B, HO=HO),
+                        dict(HAS_LEN=a.has_len, BB=16, BO=BO), 4)
+
+    # ------------------------------------------------------------------ backward
+
+    def backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
+                 lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
+        params, buffers = list(rest[:NP]), list(rest[NP:NP + NB])
+        flags, clip, H, P = rest[NP + NB:]
+        v = Variant.from_flags(flags)
+        T, B = y.shape[0], y.shape[1]
+        R = w_hh.shape[0]
+        HO = P if P > 0 and not v.rnn else H
+        io, ct, dev = y.dtype, _compute(y.dtype), y.device
+        if not v.rnn and c0.numel() == 0:
+            c0 = torch.zeros((B, H), dtype=ct, device=dev)
+        dh_n = dh_n.to(ct).contiguous() if dh_n.numel() else torch.zeros((B, HO), dtype=ct, device=dev)
+        dc_n = dc_n.to(ct).contiguous() if dc_n.numel() or v.rnn else torch.zeros((B, H), dtype=ct, device=dev)
+        a = _Args(torch.empty((0,), dtype=io, device=dev), w_hh, h0, c0, lengths, params, v, H, HO, io, ct)
+        dxg = torch.empty((T, B, R), dtype=ct, device=dev)
+        dR = torch.empty((T, B, R), dtype=ct, device=dev) if v.ln else a.nothing
+        dZS = torch.empty((T, B, a.nsh), dtype=ct, device=dev) if v.ln and v.fgr else a.nothing
+        dHP = torch.empty((T, B, HO), dtype=ct, device=dev) if P > 0 else a.nothing
+        MO = torch.empty((T, B, H), dtype=ct, device=dev) if P > 0 else a.nothing
+        dh0 = torch.empty((B, HO), dtype=ct, device=dev)
+        dc0 = torch.empty((B, H), dtype=ct, device=dev) if not v.rnn else a.nothing
+        n_acc = 5 * H + 3 * R
+        persistent = T > 0 and B > 0 and choose_path(v, B, H, HO, io, P > 0) == "persistent"
+        BB = persistent_tiles(v, H, HO, P > 0)[0] if persistent else step_tiles(v, B, H)[0]
+        acc = torch.zeros((triton_cdiv(B, BB), n_acc) if (v.peep or v.ln) else (0,), dtype=ct, device=dev)
+        if T == 0 or B == 0:
+            dh0.copy_(dh_n)
+            if not v.rnn:
+                dc0.copy_(dc_n)
+        else:
+            has_dy = dy.numel() > 0
+            dy_t = dy if has_dy else a.nothing
+            strides = dict(dy_s0=dy.stride(0), dy_s1=dy.stride(1), dy_s2=dy.stride(2)) if has_dy else \
+                dict(dy_s0=0, dy_s1=0, dy_s2=0)
+            consts = dict(v.constexprs(), PROJ=P > 0, HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, HAS_DY=has_dy,
+                          CT=_tl_dtype(ct), EPS=cell.LN_EPS)
+            bufs = {name: (b.contiguous() if b.numel() else a.nothing) for name, b in zip(abi.BUFFERS, buffers)}
+            sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, NACC=n_acc, clip=float(clip))
+            common = dict(dy=dy_t, **strides, dh_n=dh_n, y=y.contiguous(), c0=a.c0, lengths=a.lens,
+                          **a.named_params(with_weights=False), **bufs, dxg=dxg, dr=dR, dzs=dZS, mo=MO, acc=acc,
+                          **sizes)
+            if persistent:
+                BB, BH, BO, nw = persistent_tiles(v, H, HO, P > 0)
+                args = dict(common, dc_n=dc_n if not v.rnn else a.nothing, w_hh=a.w_hh,
+                            w_gg=a.params[_P["weight_gg"]] if v.fgr else a.nothing,
+                            w_hr=a.params[_P["weight_hr"]] if P > 0 else a.nothing, dhp=dHP, dh0=dh0, dc0=dc0)
+                _launch(kernels_module().persistent_backward, (triton_cdiv(B, BB),), args,
+                        dict(consts, OP=a.op_tl, MMA=a.mma_tl, BB=BB, BH=BH, BO=BO), nw)
+            else:
+                self._backward_per_step(a, common, consts, dHP, dh0, dc0, dc_n, P > 0)
+        return self._reductions(a, v, T, B, H, HO, R, P, y, h0, c0, params, buffers, dxg, dR, dZS, dHP, MO, dh0,
+                                dc0, acc, w_hh)
+
+    def _backward_per_step(self, a: _Args, common: dict[str, Any], consts: dict[str, Any], dHP: Tensor,
+                           dh0: Tensor, dc0: Tensor, dc_n: Tensor, proj: bool) -> None:
+        k, v = kernels_module(), a.v
+        T, B, H, HO, R = (common[n] for n in ("T", "B", "H", "HO", "R"))
+        BB, BH, nw = step_tiles(v, B, H)
+        grid = (triton_cdiv(B, BB), triton_cdiv(H, BH))
+        sep = a.op != a.ct  # 16-bit: the next GEMM's operands are rounded copies
+        dc_s = dc_n.clone() if not v.rnn else a.nothing                       # (B, H), in place
+        dop = torch.empty((B, R), dtype=a.op, device=a.dev) if sep else a.nothing
+        dus = torch.empty((B, a.nsh), dtype=a.op, device=a.dev) if v.fgr else a.nothing
+        dhp_op = torch.empty((B, HO), dtype=a.op, device=a.dev) if sep and proj else a.nothing
+        w_gg = a.params[_P["weight_gg"]] if v.fgr else None
+        w_hr = a.params[_P["weight_hr"]] if proj else None
+        BO = min(_pow2(HO), 128)
+        pgrid = (triton_cdiv(B, 16), triton_cdiv(HO, BO))
+        dh_g, ds_g, dm = a.nothing, a.nothing, a.nothing
+        for t in reversed(range(T)):
+            has_next = t + 1 < T
+            if proj:
+                _launch(k.step_dh, pgrid, dict(dy=common["dy"], dy_s0=common["dy_s0"], dy_s1=common["dy_s1"],
+                                               dy_s2=common["dy_s2"], dh_g=dh_g, dh_n=common["dh_n"], out=dHP,
+                                               out_op=dhp_op, lengths=a.lens, t=t, T=T, B=B, HO=HO),
+                        dict(HAS_LEN=a.has_len, HAS_DY=consts["HAS_DY"], HAS_NEXT=has_next, SEP_OP=sep,
+                             CT=consts["CT"], BB=16, BO=BO), 4)
+                dm = _mm(dhp_op if sep else dHP[t], w_hr, a.ct)               # (B, H)
+            _launch(k.step_backward, grid, dict(common, dh_g=dh_g, dm=dm, dc_s=dc_s, ds_g=ds_g, dop=dop, dus=dus,
+                                                t=t), dict(consts, HAS_NEXT=has_next, SEP_OP=sep, BB=BB, BH=BH), nw)
+            src = dop if sep else (common["dr"][t] if v.ln else common["dxg"][t])
+            dh_g = _mm(src, a.w_hh, a.ct)                                     # (B, HO): dz_t W_hh
+            if v.fgr and t > 0:
+                ds_g = _mm(dus, w_gg, a.ct)                                   # (B, NSH): du_S,t W_gg
+        dh0.copy_(torch.where(a.lens_valid0[:, None], dh_g, common["dh_n"]))
+        if not v.rnn:
+            dc0.copy_(dc_s)
+
+    def _reductions(self, a: _Args, v: Variant, T: int, B: int, H: int, HO: int, R: int, P: int, y: Tensor,
+                    h0: Tensor, c0: Tensor, params: list[Tensor], buffers: list[Tensor], dxg: Tensor, dR: Tensor,
+                    dZS: Tensor, dHP: Tensor, MO: Tensor, dh0: Tensor, dc0: Tensor, acc: Tensor,
+                    w_hh: Tensor) -> tuple[Tensor, ...]:
+        """The weight gradients after the loop (large GEMMs) and the dtypes of the results."""
+        ct, io = a.ct, a.io
+        d = (dR if v.ln else dxg).reshape(T * B, R)                          # (T·B, R)
+        dw_hh = torch.zeros((R, HO), dtype=ct, device=a.dev)
+        if T > 0:
+            dw_hh = torch.mm(d[:B].t(), h0.to(ct))
+            if T > 1:
+                dw_hh.addmm_(d[B:].t(), y[:-1].reshape(-1, HO).to(ct))
+        dparams = [torch.empty((0,), dtype=p.dtype, device=a.dev) for p in params]
+        if not v.rnn:
+            tot = acc.sum(0) if acc.numel() else acc
+            if v.peep:
+                for name, slot, off in (("peephole_i", v.gi, 0), ("peephole_f", v.gf, H), ("peephole_o", v.go, 2 * H)):
+                    if slot >= 0:
+                        dparams[_P[name]] = tot[off:off + H].clone()
+            if v.ln:
+                dparams[_P["ln_c_weight"]] = tot[3 * H:4 * H].clone()
+                dparams[_P["ln_c_bias"]] = tot[4 * H:5 * H].clone()
+                dparams[_P["ln_hh_weight"]] = tot[5 * H:5 * H + R].clone()
+                dparams[_P["ln_ih_weight"]] = tot[5 * H + R:5 * H + 2 * R].clone()
+                if params[_P["bias"]].numel():
+                    dparams[_P["bias"]] = tot[5 * H + 2 * R:].clone()
+            if P > 0:
+                dparams[_P["weight_hr"]] = torch.mm(dHP.reshape(-1, HO).t(), MO.reshape(-1, H))
+            if v.fgr:
+                nsh = a.nsh
+                if T > 1:
+                    sig = _slots(v, H, (v.gi, v.gf, v.go))
+                    if v.ln:
+                        dus = dZS[1:].reshape(-1, nsh)                        # ((T-1)·B, NSH)
+                    else:
+                        dus = torch.cat([dxg[1:, :, s] for s in sig], -1).reshape(-1, nsh)
+                    G = buffers[_B["G"]]
+                    s_prev = torch.cat([G[:-1, :, s] for s in sig], -1).reshape(-1, nsh)
+                    dparams[_P["weight_gg"]] = torch.mm(dus.t(), s_prev)
+                else:
+                    dparams[_P["weight_gg"]] = torch.zeros((nsh, nsh), dtype=ct, device=a.dev)
+        dparams = [dp.to(p.dtype) if dp.numel() else dp for dp, p in zip(dparams, params)]
+        dc0_out = dc0.to(c0.dtype if c0.numel() else io) if not v.rnn else torch.empty((0,), dtype=io, device=a.dev)
+        return (dxg.to(io), dw_hh.to(w_hh.dtype), dh0.to(h0.dtype), dc0_out, *dparams)
+
+
+def triton_cdiv(n: int, d: int) -> int:
+    return (n + d - 1) // d
+
+
+class _Args:
+    """One call's inputs, made contiguous, in the dtypes the kernels read (parameters
+    keep theirs: the kernels convert on load), and the dtypes of the call."""
+
+    def __init__(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, params: list[Tensor],
+                 v: Variant, H: int, HO: int, io: torch.dtype, ct: torch.dtype) -> None:
+        self.v, self.io, self.ct, self.dev = v, io, ct, w_hh.device
+        self.op = io if io in (torch.bfloat16, torch.float16) else ct         # GEMM operand dtype
+        self.op_tl = _tl_dtype(self.op)
+        self.mma_tl = _tl_dtype(torch.float32 if self.op != ct and _interpreting() else self.op)
+        self.nothing = torch.empty((0,), dtype=ct, device=self.dev)
+        self.xg = xg.contiguous()
+        self.w_hh = w_hh.to(self.op).contiguous()                             # (R, HO)
+        self.h0 = h0.contiguous()
+        self.c0 = c0.contiguous() if c0.numel() else self.nothing
+        self.params = [p.to(self.op).contiguous() if p.numel() and n in ("weight_gg", "weight_hr") else p.contiguous()
+                       for n, p in zip(abi.PARAMS, params)]
+        self.has_len = lengths.numel() > 0
+        self.lens = (lengths.to(device=self.dev, dtype=torch.int32) if self.has_len
+                     else torch.empty((0,), dtype=torch.int32, device=self.dev))
+        self.has_bias = v.ln and params[_P["bias"]].numel() > 0
+        self.nsh = v.n_sigmoid * H
+        self.h_state = self.c_state = self.nothing
+
+    @property
+    def lens_valid0(self) -> Tensor:
+        """(B,) bool: rows with at least one valid step."""
+        if self.has_len:
+            return self.lens > 0
+        return torch.ones(self.h0.shape[0], dtype=torch.bool, device=self.dev)
+
+    def named_params(self, with_weights: bool) -> dict[str, Tensor]:
+        """The parameter pointers by kernel argument name (absent: an empty tensor)."""
+        names = [n for n in abi.PARAMS if with_weights or n not in ("weight_gg", "weight_hr")]
+        rename = {"peephole_i": "p_i", "peephole_f": "p_f", "peephole_o": "p_o", "ln_hh_weight": "g_hh",
+                  "ln_c_weight": "c_w", "ln_c_bias": "c_b", "ln_ih_weight": "g_ih", "weight_gg": "w_gg",
+                  "weight_hr": "w_hr", "bias": "bias"}
+        return {rename[n]: (p if p.numel() else self.nothing) for n, p in zip(abi.PARAMS, self.params) if n in names}

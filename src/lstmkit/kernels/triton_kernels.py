@@ -1,0 +1,452 @@
+"""The recurrence as Triton kernels: one step's math once, two ways to run the time loop.
+
+Imported only when a Triton row runs (``import lstmkit`` never imports triton). The
+launches, buffers and after-loop reductions are in :mod:`lstmkit.kernels.triton_impl`;
+what is computed is :mod:`lstmkit.cell`'s step, the CPU kernel's forward and BPTT.
+
+Shapes (T steps, B batch, H cells, H_out = P or H, R = G·H rows of the G computed gates,
+NSH = |S|·H for the sigmoid gates S of fgr). Every tile is (BB rows of the batch, BH cells)
+or (BB, BO) for H_out; one gate's columns in an (·, R) matrix are ``slot·H + cell``.
+
+* **persistent** (:func:`persistent_forward`, :func:`persistent_backward`): one program per
+  BB batch rows runs the whole time loop; ``W_hh`` (and ``W_gg``, ``W_hr``) are loaded once,
+  before the loop, and stay on chip; the recurrent GEMM of a step is ``tl.dot`` on the
+  state tile. Needs the whole state of a row in one program (BH ≥ H, BO ≥ H_out).
+* **per step** (:func:`step_forward`, :func:`step_backward`): the caller runs the time loop,
+  one cuBLAS GEMM per step for ``h W_hhᵀ`` (and ``s W_ggᵀ``, ``m W_hrᵀ``), then one of these
+  pointwise kernels over a (batch block, cell block) grid; layernorm needs a whole row
+  per program (one cell block).
+
+Both call the same step helpers (:mod:`lstmkit.kernels.triton_cell`), which also write
+the buffers (:data:`lstmkit.kernels.abi.BUFFERS`: G, C, RH, RS, AH, AS) with the CPU
+kernel's meaning: rows past a sequence's length hold zeros (C: the carried c).
+
+Constexpr arguments (from ``triton_impl.Variant`` and the launch plan): gate slots GI, GF,
+GG, GO (-1: absent) and sigmoid-gate slots SI, SF, SO of fgr; CIFG, PEEP, FGR, LN, NIAF,
+NOAF, CLIP, PROJ, RNN, RELU; CT (compute dtype: float32, or float64), OP (dtype of a GEMM
+operand: the layer's), MMA (the dtype ``tl.dot`` sees: OP, except float32 for 16-bit OP in
+the interpreter, whose dot cannot take bfloat16; the products are exact in float32 either
+way); EPS (layer-norm epsilon); block sizes BB, BH, BO.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lstmkit.kernels.triton_cell import (
+    bwd_core,
+    dot,
+    fgr_in,
+    fwd_core,
+    gg_tile,
+    ld,
+    ld_dy,
+    st,
+    step_gates,
+    tanh,
+    whh_tile,
+)
+
+# ----------------------------------------------------------------------------- persistent
+
+
+@triton.jit
+def persistent_forward(
+        xg, w_hh, h0, c0, lengths, p_i, p_f, p_o, w_gg, g_hh, c_w, c_b, w_hr, g_ih, bias,
+        y, h_n, c_n, G, C, RH, RS, AH, AS,
+        T, B, H, HO, R, NG, NSH, clip,
+        GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
+        SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr, CIFG: tl.constexpr, PEEP: tl.constexpr,
+        FGR: tl.constexpr, LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr,
+        PROJ: tl.constexpr, RNN: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_LEN: tl.constexpr, SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
+        CT: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr, EPS: tl.constexpr,
+        BB: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr):
+    """The whole forward of BB sequences (grid: cdiv(B, BB)). xg (T, B, R), w_hh (R, HO),
+    h0 (B, HO), c0 (B, H), lengths (B,) int32; y (T, B, HO), h_n (B, HO), c_n (B, H);
+    buffers (T, B, ·). The weights are read once, into (BO, BH) tiles per gate."""
+    pid = tl.program_id(0)
+    rb = pid * BB + tl.arange(0, BB)
+    rm = rb < B
+    rb64 = rb.to(tl.int64)
+    ch = tl.arange(0, BH)
+    cm = ch < H
+    co = tl.arange(0, BO)
+    om = co < HO
+    m2 = rm[:, None] & cm[None, :]
+    mo2 = rm[:, None] & om[None, :]
+    if HAS_LEN:
+        lens = tl.load(lengths + rb, mask=rm, other=0)
+    else:
+        lens = tl.zeros((BB,), tl.int32) + T
+    wm = om[:, None] & cm[None, :]
+    w_i = whh_tile(w_hh, GI, H, HO, co, ch, wm, OP, BO, BH)  # (BO, BH) each
+    w_f = whh_tile(w_hh, GF, H, HO, co, ch, wm, OP, BO, BH)
+    w_g = whh_tile(w_hh, GG, H, HO, co, ch, wm, OP, BO, BH)
+    w_o = whh_tile(w_hh, GO, H, HO, co, ch, wm, OP, BO, BH)
+    gm = cm[:, None] & cm[None, :]
+    q_ii = gg_tile(w_gg, SI, SI, H, NSH, ch, gm, OP, BH)  # fgr: q_kj, source j -> target k, (BH, BH)
+    q_if = gg_tile(w_gg, SI, SF, H, NSH, ch, gm, OP, BH)
+    q_io = gg_tile(w_gg, SI, SO, H, NSH, ch, gm, OP, BH)
+    q_fi = gg_tile(w_gg, SF, SI, H, NSH, ch, gm, OP, BH)
+    q_ff = gg_tile(w_gg, SF, SF, H, NSH, ch, gm, OP, BH)
+    q_fo = gg_tile(w_gg, SF, SO, H, NSH, ch, gm, OP, BH)
+    q_oi = gg_tile(w_gg, SO, SI, H, NSH, ch, gm, OP, BH)
+    q_of = gg_tile(w_gg, SO, SF, H, NSH, ch, gm, OP, BH)
+    q_oo = gg_tile(w_gg, SO, SO, H, NSH, ch, gm, OP, BH)
+    if PROJ:  # (BH, BO): [c, p] = W_hr[p, c]
+        w_r = tl.load(w_hr + co[None, :] * H + ch[:, None], mask=cm[:, None] & om[None, :], other=0.0).to(OP)
+    else:
+        w_r = tl.zeros((BH, BO), OP)
+    h = tl.load(h0 + rb64[:, None] * HO + co[None, :], mask=mo2, other=0.0).to(CT)  # (BB, BO)
+    c = ld(c0, rb64, H, 0, ch, m2, CT, not RNN, BB, BH)  # (BB, BH)
+    s_i = tl.zeros((BB, BH), CT)
+    s_f = tl.zeros((BB, BH), CT)
+    s_o = tl.zeros((BB, BH), CT)
+    for t in range(T):
+        valid = rm & (t < lens)
+        v2 = valid[:, None]
+        row = rb64 + t * B
+        if RNN:
+            u = ld(xg, row, R, 0, ch, m2, CT, True, BB, BH) + dot(h, w_g, OP, MMA).to(CT)
+            if RELU:
+                hn = tl.where(u < 0, 0.0, u)
+            else:
+                hn = tanh(u)
+            hn = tl.where(cm[None, :], hn, 0.0)
+            h = tl.where(v2, hn, h)
+            st(y, row, HO, 0, ch, m2, tl.where(v2, hn, 0.0), True)
+        else:
+            zero = tl.zeros((BB, BH), CT)
+            r_i = zero
+            r_f = zero
+            r_o = zero
+            if GI >= 0:
+                r_i = dot(h, w_i, OP, MMA).to(CT)
+            if GF >= 0:
+                r_f = dot(h, w_f, OP, MMA).to(CT)
+            r_g = dot(h, w_g, OP, MMA).to(CT)
+            if GO >= 0:
+                r_o = dot(h, w_o, OP, MMA).to(CT)
+            f_i = zero
+            f_f = zero
+            f_o = zero
+            if FGR and SI >= 0:
+                f_i = fgr_in(s_i, s_f, s_o, q_ii, q_if, q_io, SI, SF, SO, OP, MMA)
+            if FGR and SF >= 0:
+                f_f = fgr_in(s_i, s_f, s_o, q_fi, q_ff, q_fo, SI, SF, SO, OP, MMA)
+            if FGR and SO >= 0:
+                f_o = fgr_in(s_i, s_f, s_o, q_oi, q_of, q_oo, SI, SF, SO, OP, MMA)
+            i, f, o, c, hm = fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, c, valid, rm, ch, cm, H, clip,
+                                       p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS, R, NG,
+                                       GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS,
+                                       SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
+            if FGR:
+                s_i = tl.where(v2, i, s_i)
+                s_f = tl.where(v2, f, s_f)
+                s_o = tl.where(v2, o, s_o)
+            if PROJ:
+                yv = dot(hm, w_r, OP, MMA).to(CT)  # (BB, BO)
+            else:
+                yv = hm
+            h = tl.where(v2, yv, h)
+            st(y, row, HO, 0, co, mo2, tl.where(v2, yv, 0.0), True)
+    st(h_n, rb64, HO, 0, co, mo2, h, True)
+    st(c_n, rb64, H, 0, ch, m2, c, not RNN)
+
+
+@triton.jit
+def persistent_backward(
+        dy, dy_s0, dy_s1, dy_s2, dh_n, dc_n, y, c0, w_hh, w_gg, w_hr, lengths,
+        p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS,
+        dxg, dr, dzs, dhp, mo, dh0, dc0, acc,
+        T, B, H, HO, R, NG, NSH, NACC, clip,
+        GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
+        SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr, CIFG: tl.constexpr, PEEP: tl.constexpr,
+        FGR: tl.constexpr, LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr,
+        PROJ: tl.constexpr, RNN: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr,
+        CT: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr, EPS: tl.constexpr,
+        BB: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr):
+    """BPTT of BB sequences (grid: cdiv(B, BB)), steps T-1 … 0, the weights on chip.
+    Writes dxg (T, B, R), dR (layernorm), dZS (layernorm + fgr), dHP and MO (projection:
+    the gradient of y_t before masking, and h̃_t), dh0 (B, HO), dc0 (B, H) and this
+    program's row of ``acc`` (cdiv(B, BB), NACC)."""
+    pid = tl.program_id(0)
+    rb = pid * BB + tl.arange(0, BB)
+    rm = rb < B
+    rb64 = rb.to(tl.int64)
+    ch = tl.arange(0, BH)
+    cm = ch < H
+    co = tl.arange(0, BO)
+    om = co < HO
+    m2 = rm[:, None] & cm[None, :]
+    mo2 = rm[:, None] & om[None, :]
+    if HAS_LEN:
+        lens = tl.load(lengths + rb, mask=rm, other=0)
+    else:
+        lens = tl.zeros((BB,), tl.int32) + T
+    wm = om[:, None] & cm[None, :]
+    w_i = whh_tile(w_hh, GI, H, HO, co, ch, wm, OP, BO, BH)  # (BO, BH) each; dh = Σ_k dz_k w_kᵀ
+    w_f = whh_tile(w_hh, GF, H, HO, co, ch, wm, OP, BO, BH)
+    w_g = whh_tile(w_hh, GG, H, HO, co, ch, wm, OP, BO, BH)
+    w_o = whh_tile(w_hh, GO, H, HO, co, ch, wm, OP, BO, BH)
+    gm = cm[:, None] & cm[None, :]
+    q_ii = gg_tile(w_gg, SI, SI, H, NSH, ch, gm, OP, BH)
+    q_if = gg_tile(w_gg, SI, SF, H, NSH, ch, gm, OP, BH)
+    q_io = gg_tile(w_gg, SI, SO, H, NSH, ch, gm, OP, BH)
+    q_fi = gg_tile(w_gg, SF, SI, H, NSH, ch, gm, OP, BH)
+    q_ff = gg_tile(w_gg, SF, SF, H, NSH, ch, gm, OP, BH)
+    q_fo = gg_tile(w_gg, SF, SO, H, NSH, ch, gm, OP, BH)
+    q_oi = gg_tile(w_gg, SO, SI, H, NSH, ch, gm, OP, BH)
+    q_of = gg_tile(w_gg, SO, SF, H, NSH, ch, gm, OP, BH)
+    q_oo = gg_tile(w_gg, SO, SO, H, NSH, ch, gm, OP, BH)
+    if PROJ:  # (BO, BH): W_hr itself, dh̃ = dy W_hr
+        w_r = tl.load(w_hr + co[:, None] * H + ch[None, :], mask=om[:, None] & cm[None, :], other=0.0).to(OP)
+    else:
+        w_r = tl.zeros((BO, BH), OP)
+    acc_row = acc + pid * NACC
+    dh = tl.load(dh_n + rb64[:, None] * HO + co[None, :], mask=mo2, other=0.0).to(CT)  # carried, (BB, BO)
+    dc = ld(dc_n, rb64, H, 0, ch, m2, CT, not RNN, BB, BH)
+    ds_i = tl.zeros((BB, BH), CT)
+    ds_f = tl.zeros((BB, BH), CT)
+    ds_o = tl.zeros((BB, BH), CT)
+    for k in range(T):
+        t = T - 1 - k
+        valid = rm & (t < lens)
+        v2 = valid[:, None]
+        row = rb64 + t * B
+        dht = tl.where(v2, ld_dy(dy, t, rb64, co, mo2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BO) + dh, 0.0)
+        if RNN:
+            yt = ld(y, row, HO, 0, ch, m2, CT, True, BB, BH)
+            if RELU:
+                du = tl.where(yt > 0, dht, 0.0)
+            else:
+                du = dht * (1.0 - yt * yt)
+            st(dxg, row, R, 0, ch, m2, du, True)
+            dh = tl.where(v2, dot(du, tl.trans(w_g), OP, MMA).to(CT), dh)
+        else:
+            if PROJ:
+                st(dhp, row, HO, 0, co, mo2, dht, True)
+                dhm = dot(dht, w_r, OP, MMA).to(CT)  # (BB, BH)
+            else:
+                dhm = dht
+            cc = ld(C, row, H, 0, ch, m2, CT, True, BB, BH)
+            if t > 0:
+                cp = ld(C, row - B, H, 0, ch, m2, CT, True, BB, BH)
+            else:
+                cp = ld(c0, rb64, H, 0, ch, m2, CT, True, BB, BH)
+            i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
+                                bias, GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS, CT, EPS,
+                                BB, BH)
+            d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = bwd_core(
+                i, f, g, o, cc, cp, dhm, tl.where(v2, dc, 0.0), tl.where(v2, ds_i, 0.0), tl.where(v2, ds_f, 0.0),
+                tl.where(v2, ds_o, 0.0), valid, rm, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
+                AH, AS, RH, RS, dxg, dr, dzs, mo, acc_row, row, R, NG, NSH,
+                GI, GF, GG, GO, SI, SF, SO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, PROJ, HAS_BIAS, CT, EPS, BB, BH)
+            dn = dot(d_g, tl.trans(w_g), OP, MMA).to(CT)  # (BB, BO)
+            if GI >= 0:
+                dn += dot(d_i, tl.trans(w_i), OP, MMA).to(CT)
+            if GF >= 0:
+                dn += dot(d_f, tl.trans(w_f), OP, MMA).to(CT)
+            if GO >= 0:
+                dn += dot(d_o, tl.trans(w_o), OP, MMA).to(CT)
+            dh = tl.where(v2, dn, dh)
+            dc = tl.where(v2, dcp, dc)
+            # fgr: ds_j = Σ_k du_k W_gg[k, j]
+            if FGR and SI >= 0:
+                ds_i = tl.where(v2, fgr_in(u_i, u_f, u_o, tl.trans(q_ii), tl.trans(q_fi), tl.trans(q_oi),
+                                            SI, SF, SO, OP, MMA), ds_i)
+            if FGR and SF >= 0:
+                ds_f = tl.where(v2, fgr_in(u_i, u_f, u_o, tl.trans(q_if), tl.trans(q_ff), tl.trans(q_of),
+                                            SI, SF, SO, OP, MMA), ds_f)
+            if FGR and SO >= 0:
+                ds_o = tl.where(v2, fgr_in(u_i, u_f, u_o, tl.trans(q_io), tl.trans(q_fo), tl.trans(q_oo),
+                                            SI, SF, SO, OP, MMA), ds_o)
+    st(dh0, rb64, HO, 0, co, mo2, dh, True)
+    st(dc0, rb64, H, 0, ch, m2, dc, not RNN)
+
+
+# ----------------------------------------------------------------------------- per step
+
+
+@triton.jit(do_not_specialize=["t"])
+def step_forward(
+        xg, r, fw, c_s, s_s, h_s, m_s, y, lengths, p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias,
+        G, C, RH, RS, AH, AS,
+        t, T, B, H, HO, R, NG, NSH, clip,
+        GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
+        SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr, CIFG: tl.constexpr, PEEP: tl.constexpr,
+        FGR: tl.constexpr, LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr,
+        PROJ: tl.constexpr, RNN: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_LEN: tl.constexpr, SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
+        CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """Step t after its GEMMs (grid: cdiv(B, BB) × cdiv(H, BH); layernorm: BH ≥ H).
+    r = h_{t-1} W_hhᵀ (B, R) and fw = s_{t-1} W_ggᵀ (B, NSH) in CT; updates the states in
+    place — c_s (B, H) CT, s_s (B, NSH) and h_s (B, HO) as GEMM operands — on valid rows;
+    writes y[t] (projection: h̃ into m_s (B, H) for the next GEMM) and the buffers at t."""
+    rb = tl.program_id(0) * BB + tl.arange(0, BB)
+    rm = rb < B
+    rb64 = rb.to(tl.int64)
+    ch = tl.program_id(1) * BH + tl.arange(0, BH)
+    cm = ch < H
+    m2 = rm[:, None] & cm[None, :]
+    if HAS_LEN:
+        lens = tl.load(lengths + rb, mask=rm, other=0)
+    else:
+        lens = tl.zeros((BB,), tl.int32) + T
+    valid = rm & (t < lens)
+    v2 = valid[:, None]
+    vm2 = v2 & cm[None, :]
+    row = rb64 + t * B
+    if RNN:
+        u = ld(xg, row, R, 0, ch, m2, CT, True, BB, BH) + ld(r, rb64, R, 0, ch, m2, CT, True, BB, BH)
+        if RELU:
+            hn = tl.where(u < 0, 0.0, u)
+        else:
+            hn = tanh(u)
+        st(h_s, rb64, HO, 0, ch, vm2, hn, True)
+        st(y, row, HO, 0, ch, m2, tl.where(v2, hn, 0.0), True)
+    else:
+        r_i = ld(r, rb64, R, GI * H, ch, m2, CT, GI >= 0, BB, BH)
+        r_f = ld(r, rb64, R, GF * H, ch, m2, CT, GF >= 0, BB, BH)
+        r_g = ld(r, rb64, R, GG * H, ch, m2, CT, True, BB, BH)
+        r_o = ld(r, rb64, R, GO * H, ch, m2, CT, GO >= 0, BB, BH)
+        f_i = ld(fw, rb64, NSH, SI * H, ch, m2, CT, FGR and SI >= 0, BB, BH)
+        f_f = ld(fw, rb64, NSH, SF * H, ch, m2, CT, FGR and SF >= 0, BB, BH)
+        f_o = ld(fw, rb64, NSH, SO * H, ch, m2, CT, FGR and SO >= 0, BB, BH)
+        cp = ld(c_s, rb64, H, 0, ch, m2, CT, True, BB, BH)
+        i, f, o, c, hm = fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip,
+                                   p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS, R, NG,
+                                   GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS,
+                                   SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
+        st(c_s, rb64, H, 0, ch, m2, c, True)
+        st(s_s, rb64, NSH, SI * H, ch, vm2, i, FGR and SI >= 0)
+        st(s_s, rb64, NSH, SF * H, ch, vm2, f, FGR and SF >= 0)
+        st(s_s, rb64, NSH, SO * H, ch, vm2, o, FGR and SO >= 0)
+        if PROJ:
+            st(m_s, rb64, H, 0, ch, m2, hm, True)
+        else:
+            st(h_s, rb64, HO, 0, ch, vm2, hm, True)
+            st(y, row, HO, 0, ch, m2, tl.where(v2, hm, 0.0), True)
+
+
+@triton.jit(do_not_specialize=["t"])
+def step_project(yp, h_s, y, lengths, t, T, B, HO, HAS_LEN: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
+    """Projection, after the GEMM y_t = h̃ W_hrᵀ (yp (B, HO)): h_s ← y_t on valid rows;
+    y[t] = y_t there, 0 elsewhere (grid: cdiv(B, BB) × cdiv(HO, BO))."""
+    rb = tl.program_id(0) * BB + tl.arange(0, BB)
+    rm = rb < B
+    rb64 = rb.to(tl.int64)
+    co = tl.program_id(1) * BO + tl.arange(0, BO)
+    om = co < HO
+    if HAS_LEN:
+        lens = tl.load(lengths + rb, mask=rm, other=0)
+    else:
+        lens = tl.zeros((BB,), tl.int32) + T
+    valid = rm & (t < lens)
+    m2 = rm[:, None] & om[None, :]
+    v = tl.load(yp + rb64[:, None] * HO + co[None, :], mask=m2, other=0.0)
+    st(h_s, rb64, HO, 0, co, valid[:, None] & om[None, :], v, True)
+    st(y, rb64 + t * B, HO, 0, co, m2, tl.where(valid[:, None], v, 0.0), True)
+
+
+@triton.jit(do_not_specialize=["t"])
+def step_dh(dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, out, out_op, lengths, t, T, B, HO,
+            HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr, HAS_NEXT: tl.constexpr, SEP_OP: tl.constexpr,
+            CT: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
+    """The gradient of y_t before masking, dy_t + the carried dh (dh_g = dh_{t+1}'s GEMM
+    result on rows valid at t+1, else dh_n), zero on invalid rows: into ``out`` at row t·B + b
+    (projection: dHP (T, B, P)) and, as the next GEMM's operand, ``out_op`` (B, HO) if SEP_OP."""
+    rb = tl.program_id(0) * BB + tl.arange(0, BB)
+    rm = rb < B
+    rb64 = rb.to(tl.int64)
+    co = tl.program_id(1) * BO + tl.arange(0, BO)
+    m2 = rm[:, None] & (co < HO)[None, :]
+    if HAS_LEN:
+        lens = tl.load(lengths + rb, mask=rm, other=0)
+    else:
+        lens = tl.zeros((BB,), tl.int32) + T
+    carry = ld(dh_n, rb64, HO, 0, co, m2, CT, True, BB, BO)
+    if HAS_NEXT:
+        carry = tl.where(((t + 1) < lens)[:, None], ld(dh_g, rb64, HO, 0, co, m2, CT, True, BB, BO), carry)
+    d = ld_dy(dy, t, rb64, co, m2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BO) + carry
+    d = tl.where((rm & (t < lens))[:, None], d, 0.0)
+    st(out, rb64 + t * B, HO, 0, co, m2, d, True)
+    st(out_op, rb64, HO, 0, co, m2, d, SEP_OP)
+
+
+@triton.jit(do_not_specialize=["t"])
+def step_backward(
+        dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, dm, dc_s, ds_g, y, c0, lengths,
+        p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS,
+        dxg, dr, dzs, mo, dop, dus, acc,
+        t, T, B, H, HO, R, NG, NSH, NACC, clip,
+        GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
+        SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr, CIFG: tl.constexpr, PEEP: tl.constexpr,
+        FGR: tl.constexpr, LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr,
+        PROJ: tl.constexpr, RNN: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr, HAS_NEXT: tl.constexpr, SEP_OP: tl.constexpr,
+        CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """Step t of BPTT before its GEMMs (grid: cdiv(B, BB) × cdiv(H, BH); layernorm: BH ≥ H).
+    The carried gradients: dh_g = dz_{t+1} W_hh (B, HO) and ds_g = du_S,t+1 W_gg (B, NSH) on
+    rows valid at t+1 (else dh_n and 0; HAS_NEXT: t+1 < T), dc_s (B, H) in place (valid rows);
+    projection: dm = dHP_t W_hr (B, H) instead of dy + dh. Writes dxg[t] etc. (see
+    :func:`bwd_core`), the next GEMMs' operands dop (B, R) if SEP_OP (else dxg[t] or dR[t]
+    is the operand) and fgr's dus (B, NSH), and adds to acc's row of this batch block."""
+    pid_b = tl.program_id(0)
+    rb = pid_b * BB + tl.arange(0, BB)
+    rm = rb < B
+    rb64 = rb.to(tl.int64)
+    ch = tl.program_id(1) * BH + tl.arange(0, BH)
+    cm = ch < H
+    m2 = rm[:, None] & cm[None, :]
+    if HAS_LEN:
+        lens = tl.load(lengths + rb, mask=rm, other=0)
+    else:
+        lens = tl.zeros((BB,), tl.int32) + T
+    valid = rm & (t < lens)
+    nxt = rm & ((t + 1) < lens)
+    v2 = valid[:, None]
+    row = rb64 + t * B
+    if PROJ:
+        dhm = tl.where(v2, ld(dm, rb64, H, 0, ch, m2, CT, True, BB, BH), 0.0)
+    else:
+        carry = ld(dh_n, rb64, HO, 0, ch, m2, CT, True, BB, BH)
+        if HAS_NEXT:
+            carry = tl.where(nxt[:, None], ld(dh_g, rb64, HO, 0, ch, m2, CT, True, BB, BH), carry)
+        dhm = tl.where(v2, ld_dy(dy, t, rb64, ch, m2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BH) + carry, 0.0)
+    if RNN:
+        yt = ld(y, row, HO, 0, ch, m2, CT, True, BB, BH)
+        if RELU:
+            du = tl.where(yt > 0, dhm, 0.0)
+        else:
+            du = dhm * (1.0 - yt * yt)
+        st(dxg, row, R, 0, ch, m2, du, True)
+        st(dop, rb64, R, 0, ch, m2, du, SEP_OP)
+    else:
+        cc = ld(C, row, H, 0, ch, m2, CT, True, BB, BH)
+        if t > 0:
+            cp = ld(C, row - B, H, 0, ch, m2, CT, True, BB, BH)
+        else:
+            cp = ld(c0, rb64, H, 0, ch, m2, CT, True, BB, BH)
+        i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
+                            bias, GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS, CT, EPS, BB, BH)
+        dc = tl.where(v2, ld(dc_s, rb64, H, 0, ch, m2, CT, True, BB, BH), 0.0)
+        nx2 = nxt[:, None]
+        ds_i = tl.where(nx2, ld(ds_g, rb64, NSH, SI * H, ch, m2, CT, FGR and HAS_NEXT and SI >= 0, BB, BH), 0.0)
+        ds_f = tl.where(nx2, ld(ds_g, rb64, NSH, SF * H, ch, m2, CT, FGR and HAS_NEXT and SF >= 0, BB, BH), 0.0)
+        ds_o = tl.where(nx2, ld(ds_g, rb64, NSH, SO * H, ch, m2, CT, FGR and HAS_NEXT and SO >= 0, BB, BH), 0.0)
+        d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = bwd_core(
+            i, f, g, o, cc, cp, dhm, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
+            g_ih, g_hh, AH, AS, RH, RS, dxg, dr, dzs, mo, acc + pid_b * NACC, row, R, NG, NSH,
+            GI, GF, GG, GO, SI, SF, SO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, PROJ, HAS_BIAS, CT, EPS, BB, BH)
+        st(dc_s, rb64, H, 0, ch, v2 & cm[None, :], dcp, True)
+        st(dop, rb64, R, GI * H, ch, m2, d_i, SEP_OP and GI >= 0)
+        st(dop, rb64, R, GF * H, ch, m2, d_f, SEP_OP and GF >= 0)
+        st(dop, rb64, R, GG * H, ch, m2, d_g, SEP_OP)
+        st(dop, rb64, R, GO * H, ch, m2, d_o, SEP_OP and GO >= 0)
+        st(dus, rb64, NSH, SI * H, ch, m2, u_i, FGR and SI >= 0)
+        st(dus, rb64, NSH, SF * H, ch, m2, u_f, FGR and SF >= 0)
+        st(dus, rb64, NSH, SO * H, ch, m2, u_o, FGR and SO >= 0)

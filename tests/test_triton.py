@@ -1,0 +1,401 @@
+"""The Triton kernels (``backend="triton"``) against independent references.
+
+Without a GPU these run Triton's interpreter on CPU tensors (conftest sets
+``TRITON_INTERPRET=1`` when no CUDA device is present); on a GPU machine the same tests
+run the compiled kernels on CUDA tensors. Every variant the kernels claim, both ways of
+running the time loop (persistent and per step, forced through ``LSTMKIT_TRITON_PATH``),
+float64 / float32 / bfloat16, lengths, stacked and bidirectional layers and projection:
+outputs, final states and every gradient against the float64 reference loop (autograd
+through :mod:`lstmkit.cell`) and the float64 NumPy oracle. Tolerances:
+
+* float64: 1e-10 relative to each tensor's scale (conftest's ``assert_rel``);
+* float32: at most ``max(1e-5, 2 ×)`` the error of the float32 reference loop, both
+  measured against float64 (the rule of test_kernels.py);
+* bfloat16 (and float16): at most ``max(2**-5, 1 ×)`` the error of the reference loop in
+  that dtype (torch's own 16-bit arithmetic on the same equations), both against float64
+  run on the same rounded parameters and inputs. Measured in the interpreter (2 layers,
+  bidirectional, lengths): 0.6-1.5e-2 for every variant without layernorm or clip,
+  2.7-9.7e-2 with them (the bfloat16 reference loop: 1.1-86e-2; the CPU kernel, which
+  does not round GEMM operands: 0.5-8.7e-2) — the outputs of every layer are rounded to
+  bfloat16, and rounding moves c across the clip boundary and through the layer norms.
+
+AOT: every kernel of the launch plan compiles for sm_80 and sm_90 (a clean subprocess:
+Triton's own library is interpreted once TRITON_INTERPRET=1 is set in this one).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import lstmkit
+import numpy_lstm as oracle
+from conftest import assert_rel
+from lstmkit import kernels
+from lstmkit.kernels import abi
+from lstmkit.kernels.triton_impl import PATH_ENV, PATHS
+from lstmkit.spec import resolve
+from test_oracle import oracle_variant
+from variants import LSTM_VARIANTS, RNN_VARIANTS
+
+pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+#: CPU tensors run Triton's interpreter (conftest); a GPU machine runs the compiled kernels.
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the interpreter runs the CPU tests)")
+
+#: Every variant the Triton row claims (deep gates run on the reference row), and the RNN.
+CELLS = {vid: cell for vid, cell in LSTM_VARIANTS.items()
+         if kernels.REGISTRY["triton"].unsupported(resolve(cell), DEVICE, torch.float32) is None}
+CELLS.update({vid: f"rnn_{nl}" for vid, nl in RNN_VARIANTS.items()})
+COMBOS = ["vanilla", "peephole+cifg+layernorm", "fgr+peephole+nog+clip=0.4", "nig+niaf+noaf",
+          "nfg+peephole+layernorm", "rnn_tanh"]
+BF16_FLOOR = 2 ** -5
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Run the test once per way of running the time loop."""
+    monkeypatch.setenv(PATH_ENV, request.param)
+    return request.param
+
+
+def make(cell: str, I: int, H: int, L: int = 1, bidirectional: bool = False, P: int = 0, seed: int = 0):
+    """A float64 layer with weights away from torch's tiny init (every path matters)."""
+    torch.manual_seed(seed)
+    if cell.startswith("rnn_"):
+        layer = lstmkit.RNN(I, H, L, bidirectional=bidirectional, nonlinearity=cell[4:])
+    else:
+        layer = lstmkit.LSTM(I, H, L, bidirectional=bidirectional, proj_size=P, cell=cell)
+    layer = layer.double()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.startswith("ln_"):
+                p.add_(torch.empty_like(p).uniform_(-0.3, 0.3))
+            else:
+                p.uniform_(-0.5, 0.5)
+    return layer
+
+
+def data(layer, T: int, B: int, seed: int = 1) -> dict[str, torch.Tensor | None]:
+    """Inputs and incoming gradients, float64 on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    lead, lstm = layer.num_layers * layer.num_directions, layer.spec.is_lstm
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+    return {"x": r(T, B, layer.input_size), "h0": r(lead, B, layer.output_size) * 0.5,
+            "c0": r(lead, B, layer.hidden_size) * 0.5 if lstm else None,
+            "dy": r(T, B, layer.num_directions * layer.output_size), "dhn": r(lead, B, layer.output_size),
+            "dcn": r(lead, B, layer.hidden_size) if lstm else None}
+
+
+def run(base, backend: str, dtype: torch.dtype, d: dict, lengths=None, device=DEVICE) -> dict[str, torch.Tensor]:
+    """Outputs, final states and the gradients of input, initial states and every
+    parameter, as float64 CPU tensors, of ``base`` converted to ``dtype`` on ``device``."""
+    layer = copy.deepcopy(base).to(device=device, dtype=dtype)
+    layer.backend = backend
+    lstm = layer.spec.is_lstm
+    x, h0 = (d[k].to(device, dtype).clone().requires_grad_(True) for k in ("x", "h0"))
+    c0 = d["c0"].to(device, dtype).clone().requires_grad_(True) if lstm else None
+    inp = x if lengths is None else pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+    out, st = layer(inp, (h0, c0) if lstm else h0)
+    if lengths is not None:
+        out, _ = pad_packed_sequence(out, total_length=x.shape[0])
+    h_n, c_n = st if lstm else (st, None)
+    loss = (out.double() * d["dy"].to(device)).sum() + (h_n.double() * d["dhn"].to(device)).sum()
+    if lstm:
+        loss = loss + (c_n.double() * d["dcn"].to(device)).sum()
+    names = ["output", "h_n"] + (["c_n"] if lstm else []) + ["grad of input", "grad of h_0"]
+    names += (["grad of c_0"] if lstm else []) + [f"grad of {n}" for n, _ in layer.named_parameters()]
+    wrt = [x, h0] + ([c0] if lstm else []) + list(layer.parameters())
+    values = [out, h_n] + ([c_n] if lstm else []) + list(torch.autograd.grad(loss, wrt))
+    return {n: v.detach().double().cpu() for n, v in zip(names, values)}
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| relative to b's scale (at least 1e-3)."""
+    if not b.numel():
+        return 0.0
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-3)
+
+
+def check(base, dtype: torch.dtype, T: int, B: int, lengths=None, device=DEVICE) -> None:
+    """The Triton layer in ``dtype`` against the float64 reference (rules: module docstring)."""
+    d = data(base, T, B)
+    if dtype == torch.float64:
+        truth = run(base, "reference", torch.float64, d, lengths, device)
+        fast = run(base, "triton", torch.float64, d, lengths, device)
+        for name, t in truth.items():
+            assert_rel(fast[name], t, torch.float64, name)
+        return
+    if dtype in (torch.bfloat16, torch.float16):  # the truth runs on the rounded parameters and inputs
+        base = copy.deepcopy(base).to(dtype).double()
+        d = {k: None if v is None else v.to(dtype).double() for k, v in d.items()}
+    truth = run(base, "reference", torch.float64, d, lengths, device)
+    fast = run(base, "triton", dtype, d, lengths, device)
+    ref = run(base, "reference", dtype, d, lengths, device)
+    for name, t in truth.items():
+        e_fast, e_ref = _err(fast[name], t), _err(ref[name], t)
+        bound = max(1e-5, 2 * e_ref) if dtype == torch.float32 else max(BF16_FLOOR, e_ref)
+        assert e_fast <= bound, f"{name}: {dtype} Triton error {e_fast:.2e} > {bound:.2e} (reference loop: {e_ref:.2e})"
+
+
+# ---------------------------------------------------------------------------- every variant
+
+
+@pytest.mark.parametrize("cell", list(CELLS.values()), ids=list(CELLS))
+def test_every_variant_float64(cell, path):
+    """Each variant, both paths, lengths (one sequence of length 1), to 1e-10."""
+    check(make(cell, 3, 5), torch.float64, T=6, B=4, lengths=[6, 2, 5, 1])
+
+
+def _low_precision_cases() -> list:
+    """Each variant in float32 and in bfloat16, on alternating paths (each dtype meets each
+    path on half the variants; the pointwise code is the same on both paths)."""
+    cases = []
+    for k, (vid, cell) in enumerate(CELLS.items()):
+        for j, (dtype, name) in enumerate(((torch.float32, "f32"), (torch.bfloat16, "bf16"))):
+            path = PATHS[(k + j) % 2]
+            cases.append(pytest.param(cell, dtype, path, id=f"{vid}-{name}-{path}"))
+    return cases
+
+
+@pytest.mark.parametrize(("cell", "dtype", "path_name"), _low_precision_cases())
+def test_every_variant_low_precision(cell, dtype, path_name, monkeypatch):
+    """float32 and bfloat16 (float32 compute and cell state) against float64."""
+    monkeypatch.setenv(PATH_ENV, path_name)
+    check(make(cell, 3, 6), dtype, T=5, B=3, lengths=[5, 1, 4])
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "peephole+cifg+layernorm"])
+def test_float16(cell, path):
+    """float16 layers take the bfloat16 road (16-bit GEMM operands, float32 compute)."""
+    check(make(cell, 3, 6), torch.float16, T=5, B=3, lengths=[5, 1, 4])
+
+
+@pytest.mark.parametrize("shape", ["T1_B1_H1", "odd", "B1_long", "wide"])
+def test_awkward_shapes(shape, path):
+    """H = 1 (tiles of 16 with 15 masked cells), odd sizes, a long single sequence, and
+    H = 70: several cell blocks per step (persistent declines a float64 tile that wide)."""
+    T, B, I, H = {"T1_B1_H1": (1, 1, 1, 1), "odd": (7, 3, 5, 11), "B1_long": (23, 1, 2, 3),
+                  "wide": (3, 5, 4, 70)}[shape]
+    check(make("peephole" if shape == "odd" else "vanilla", I, H), torch.float64, T=T, B=B)
+
+
+@pytest.mark.parametrize("cell", COMBOS)
+def test_stacked_bidirectional_projection_vs_numpy_oracle(cell, path):
+    """Two bidirectional layers with a projection (not for the RNN) and lengths, float64,
+    against the independent NumPy LSTM with hand-written BPTT."""
+    T, B, I, H = 5, 3, 3, 4
+    lengths = [2, 5, 3]
+    base = make(cell, I, H, L=2, bidirectional=True, P=0 if cell.startswith("rnn") else 2)
+    d = data(base, T, B)
+    got = run(base, "triton", torch.float64, d, lengths)
+    variant = oracle_variant(base)
+    layers = oracle.unflatten_params({k: v.detach().numpy() for k, v in base.state_dict().items()},
+                                     base.num_layers, base.bidirectional)
+    npa = {k: None if v is None else v.numpy() for k, v in d.items()}
+    y, hn, cn, cache = oracle.forward(npa["x"], layers, npa["h0"], npa["c0"], variant, lengths=np.array(lengths),
+                                      bidirectional=True)
+    valid = (np.arange(T)[:, None] < np.array(lengths)[None, :])[..., None]
+    dy = npa["dy"] * valid  # the padded steps of y are not outputs
+    dx, dlayers, dh0, dc0 = oracle.backward(cache, dy, npa["dhn"], npa["dcn"])
+    want = {"output": y * valid, "h_n": hn, "grad of input": dx, "grad of h_0": dh0}
+    if cn is not None:
+        want.update({"c_n": cn, "grad of c_0": dc0})
+    want.update({f"grad of {k}": v for k, v in oracle.flatten_params(dlayers).items()})
+    assert set(want) == set(got)
+    for name, w in want.items():
+        assert_rel(got[name], torch.from_numpy(np.asarray(w)), torch.float64, name)
+
+
+# ---------------------------------------------------------------------------- record mode
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "cifg", "nig+nog", "layernorm", "fgr+peephole", "rnn_tanh"])
+def test_record_mode_matches_reference(cell, path):
+    """The trace is what the kernel computed (its buffers), equal to the reference's on
+    every valid step; absent gates are absent; recording changes no output."""
+    base = make(cell, 3, 4, bidirectional=True)
+    ref, fast = copy.deepcopy(base), copy.deepcopy(base).to(DEVICE)
+    ref.backend, fast.backend = "reference", "triton"
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    lengths = torch.tensor([6, 2, 4])
+    _, _, _, a = ref._run(pack_padded_sequence(x, lengths, enforce_sorted=False), None, record=True)
+    _, _, _, b = fast._run(pack_padded_sequence(x.to(DEVICE), lengths, enforce_sorted=False), None, record=True)
+    valid = (torch.arange(6)[:, None] < lengths[None, :]).unsqueeze(-1)  # (T, B, 1)
+    for direction in range(2):
+        ta, tb = a.traces[0][direction], b.traces[0][direction]
+        assert set(ta) == set(tb), (set(ta), set(tb))
+        for k in ta:
+            torch.testing.assert_close(tb[k].cpu() * valid, ta[k] * valid, rtol=1e-10, atol=1e-10, msg=k)
+    if cell == "nig+nog":
+        assert "i" not in tb and "o" not in tb
+    out_rec = fast._run(x.to(DEVICE), None, record=True)[0]
+    torch.testing.assert_close(out_rec, fast(x.to(DEVICE))[0], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- behaviour
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "layernorm", "clip=1", "nig+niaf+noaf"])
+def test_nan_stays_in_its_sequence(cell):
+    layer = lstmkit.LSTM(3, 40, cell=cell, backend="triton", check_finite=False).to(DEVICE)
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    x[1, 0, 0] = float("nan")
+    out, (h, c) = layer(x)
+    assert torch.isnan(out[1:, 0]).all() and torch.isnan(c[:, 0]).all()  # NaN spreads through batch 0
+    assert torch.isfinite(out[:, 1]).all()                                # batch 1 is untouched
+
+
+def test_selection_cuda_layers_choose_triton_cpu_layers_keep_the_cpu_kernel():
+    names = list(kernels.REGISTRY)
+    assert names.index("cpu_fused") < names.index("triton") < names.index("reference")
+    cuda = torch.device("cuda")
+    assert kernels.select(resolve("peephole+layernorm"), cuda, torch.bfloat16).name == "triton"
+    assert kernels.select(lstmkit.CellSpec(gate_hidden=(3,)), cuda, torch.float32).name == "reference"
+    assert kernels.select(resolve("vanilla"), cuda, torch.complex64).name == "reference"
+    assert kernels.select(resolve("vanilla"), torch.device("cpu"), torch.float32).name == "cpu_fused"
+    # CPU tensors reach the interpreter only when asked for by name, never as a fallback
+    cpu_rows = [k.name for k in kernels.REGISTRY.values() if k.automatic(torch.device("cpu"))]
+    assert "triton" not in cpu_rows and "cpu_fused" in cpu_rows
+    with pytest.raises(ValueError, match="deep gates"):
+        kernels.select(lstmkit.CellSpec(gate_hidden=(3,)), cuda, torch.float32, backend="triton")
+
+
+def test_without_triton_cuda_layers_fall_back_to_reference_with_one_warning(monkeypatch):
+    import importlib.util
+
+    from lstmkit.kernels import fused
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
+    monkeypatch.setattr(fused, "_TRITON_MISSING_WARNED", False)
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="Triton is not installed") as rec:
+        assert kernels.select(resolve("vanilla"), cuda, torch.float32).name == "reference"
+        assert kernels.select(resolve("peephole"), cuda, torch.float32).name == "reference"
+    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
+    with pytest.raises(ValueError, match="Triton is not installed"):
+        kernels.select(resolve("vanilla"), cuda, torch.float32, backend="triton")
+
+
+def test_importing_lstmkit_builds_no_triton_kernel():
+    """The kernel modules load when a Triton row first runs, not at ``import lstmkit``."""
+    code = ("import sys, lstmkit, lstmkit.kernels; "
+            "assert not {'lstmkit.kernels.triton_kernels', 'lstmkit.kernels.triton_cell'} & set(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_path_rule_and_its_override(monkeypatch):
+    from lstmkit.kernels.triton_impl import Variant, choose_path
+
+    monkeypatch.delenv(PATH_ENV, raising=False)
+    vanilla, ln = (Variant.from_flags(abi.flags(resolve(c))) for c in ("vanilla", "layernorm"))
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert choose_path(vanilla, 8, 32, 32, f32, False) == "persistent"   # 16 KiB of weights
+    assert choose_path(vanilla, 8, 64, 64, f32, False) == "per_step"     # 64 KiB
+    assert choose_path(vanilla, 8, 64, 64, bf16, False) == "persistent"  # 32 KiB
+    assert choose_path(ln, 8, 64, 64, bf16, False) == "per_step"         # layernorm: half the budget
+    assert choose_path(vanilla, 8, 1024, 1024, bf16, False) == "per_step"
+    monkeypatch.setenv(PATH_ENV, "per_step")
+    assert choose_path(vanilla, 8, 32, 32, f32, False) == "per_step"
+    monkeypatch.setenv(PATH_ENV, "persistent")
+    assert choose_path(vanilla, 8, 64, 64, f32, False) == "persistent"   # forced, up to 64 KiB
+    assert choose_path(vanilla, 8, 1024, 1024, f32, False) == "per_step"  # cannot fit one SM
+    monkeypatch.setenv(PATH_ENV, "fastest")
+    with pytest.raises(ValueError, match="LSTMKIT_TRITON_PATH"):
+        choose_path(vanilla, 8, 32, 32, f32, False)
+
+
+# ---------------------------------------------------------------------------- AOT
+
+
+#: Sizes of one block's shared memory (opt-in maximum) per compute capability.
+SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+
+
+def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
+    """Each kernel of the launch plan (persistent and per step, projection, layernorm, fgr)
+    builds for A100 and H100 and fits their shared memory. (Every variant × dtype × shape
+    class: ``python benchmarks/bench_gpu.py --aot``, results/gpu_kernels_aot.md.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    plan = ["peephole+cifg+layernorm/bfloat16/per-step H=256 P=128",  # every per-step kernel
+            "fgr+peephole+nog+clip=0.4/float32/persistent H=32 P=16",  # persistent: fgr, projection
+            "peephole+cifg+layernorm/bfloat16/persistent H=32"]        # persistent: layernorm
+    cmd = [sys.executable, "-W", "ignore", "-m", "lstmkit.kernels.triton_aot", "--plan", ";".join(plan),
+           "--archs", "80,90"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent, timeout=900)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    failed = [f"{r['cell']} {r['dtype']} {r['kernel']} {r['arch']}: {r.get('error')}" for r in rows if not r["ok"]]
+    assert proc.returncode == 0 and not failed, "\n".join(failed) or proc.stderr[-3000:]
+    kernels_built = {r["kernel"].split()[0] for r in rows}
+    assert kernels_built == {"persistent_forward", "persistent_backward", "step_forward", "step_project",
+                             "step_dh", "step_backward"}, kernels_built
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    for r in rows:
+        assert r["shared"] <= SHARED_LIMIT[r["arch"]], r
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    """benchmarks/bench_gpu.py runs every code path on tiny shapes (here: the interpreter)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    result = bench_gpu.main(["--dry-run", "--jobs", "1", "--out", str(tmp_path)])
+    rows = {(r["row"], r["mode"]) for r in result["rows"]}
+    for v in bench_gpu.VARIANTS:
+        for mode in ("infer", "train"):
+            assert (f"triton:{v}", mode) in rows and (f"reference:{v}", mode) in rows
+    assert all(r["kernel"] == "triton" for r in result["rows"] if r["row"].startswith("triton:"))
+    assert {r["row"] for r in result["paths"]} == {"persistent", "per_step", "cudnn"}
+    assert all(math.isfinite(r["seconds"]) for r in result["paths"])
+    md = (tmp_path / "bench_gpu_dry_run.md").read_text()
+    assert "Dry run" in md and "Persistent vs per step" in md
+
+
+# ---------------------------------------------------------------------------- CUDA only
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("cell", list(CELLS.values()), ids=list(CELLS))
+@pytest.mark.parametrize("size", ["persistent", "per_step"])
+def test_cuda_every_variant_realistic_sizes(cell, dtype, size):
+    """On the GPU, sizes the interpreter cannot afford: several batch programs of the
+    persistent kernel (H = 32, B = 37) and several cell blocks per step (H = 136)."""
+    T, B, I, H = (20, 37, 24, 32) if size == "persistent" else (12, 19, 40, 136)
+    lengths = [T] + [int(v) for v in torch.randint(1, T + 1, (B - 1,), generator=torch.Generator().manual_seed(0))]
+    check(make(cell, I, H, bidirectional=True), dtype, T=T, B=B, lengths=lengths, device=torch.device("cuda"))
+
+
+@needs_cuda
+def test_cuda_operator_dispatch_compile_and_default_selection():
+    """CUDA tensors reach the Triton kernels through the operator (no explicit impl):
+    the default selection, torch.compile(fullgraph=True) and autocast."""
+    layer = lstmkit.LSTM(8, 32, cell="peephole+layernorm").cuda()
+    assert kernels.select(layer.spec, torch.device("cuda"), torch.float32).name == "triton"
+    x = torch.randn(9, 4, 8, device="cuda")
+    ref = lstmkit.LSTM(8, 32, cell="peephole+layernorm", backend="reference").cuda()
+    ref.load_state_dict(layer.state_dict())
+    want = ref(x)[0]
+    torch.testing.assert_close(layer(x)[0], want, rtol=1e-4, atol=1e-4)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(x)[0], want, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer(x)[0]
+    assert out.dtype == torch.bfloat16 and _err(out.double().cpu(), want.double().cpu()) < BF16_FLOOR
