@@ -1,11 +1,18 @@
-"""The README's Python blocks run as written."""
+"""The README's Python blocks run as written; its shell commands train what they say and
+point at the directories they write."""
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
+
+from lstmkit.cli import train_plan
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
@@ -19,3 +26,50 @@ def test_readme_has_python_blocks():
 def test_readme_block_runs(index, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks may write files, as a user's would, in the current directory
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "__readme__"})
+
+
+# ----------------------------------------------------------------------------- shell commands
+
+RESULTS = json.loads((README.parent / "docs" / "results.json").read_text(encoding="utf-8"))
+
+
+def _lstmkit_lines() -> list[tuple[list[str], str]]:
+    """(argv after ``lstmkit``, comment) of every ``.venv/bin/lstmkit`` line of the README's bash blocks."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S):
+        for line in block.splitlines():
+            command, _, comment = line.partition("#")
+            words = shlex.split(command)
+            if words[:1] == [".venv/bin/lstmkit"]:
+                lines.append((words[1:], comment.strip()))
+    return lines
+
+
+TRAIN = [(argv[1:], comment) for argv, comment in _lstmkit_lines() if argv[:1] == ["train"] and "--help" not in argv]
+
+
+def test_readme_train_commands_solve_what_they_say():
+    """A train line whose comment says it solves its task is a configuration that
+    docs/results.json (benchmarks/task_results.py) recorded as solved on every seed; every
+    other train line says in its comment what it shows."""
+    assert len(TRAIN) >= 5
+    for argv, comment in TRAIN:
+        cfg, _ = train_plan(argv)
+        assert comment, f"README: `lstmkit train {' '.join(argv)}` says nothing of what it shows"
+        if comment.startswith("solves"):
+            runs = [r for r in RESULTS if r["config"] == dataclasses.asdict(dataclasses.replace(cfg, seed=r["seed"]))]
+            assert len(runs) >= 3 and all(r["solved"] for r in runs), \
+                f"README: `lstmkit train {' '.join(argv)}` claims to solve its task; docs/results.json: " \
+                f"{[(r['seed'], r['solved']) for r in runs]}"
+
+
+def test_readme_run_directories_are_those_its_train_commands_write():
+    """Every ``runs/…`` path given to eval, sample, plot or report is (or matches, for a
+    glob) a run directory that one of the README's train lines writes."""
+    written = {str(train_plan(argv)[1]) for argv, _ in TRAIN}
+    used = [word for argv, _ in _lstmkit_lines() if argv[:1] != ["train"] for word in argv
+            if word.startswith("runs/")]
+    assert used
+    for path in used:
+        assert any(fnmatch.fnmatch(w, path) for w in written), \
+            f"README: {path} is not written by any of its train commands ({sorted(written)})"

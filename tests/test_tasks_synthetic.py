@@ -14,6 +14,7 @@ import torch
 from lstmkit.tasks import reber
 from lstmkit.tasks import synthetic as S
 from lstmkit.tasks.base import TASKS, Batch
+from lstmkit.tasks.synthetic import VALID_STRINGS
 
 SYM = {c: i for i, c in enumerate(reber.SYMBOLS)}
 NAMES = ["reber", "continual_reber", "adding", "temporal_order", "copy"]
@@ -210,12 +211,12 @@ def test_reber_splits_are_the_published_256_plus_256():
 def test_reber_validation_split_is_disjoint_and_fixed():
     task = make("reber", seed=2)
     train, test, valid = (set(task.strings(s)) for s in ("train", "test", "valid"))
-    assert len(valid) == 256 and not valid & (train | test)
+    assert len(valid) == VALID_STRINGS == 1024 and not valid & (train | test)
     assert task.strings("valid") == make("reber", seed=2).strings("valid")
     assert set(make("reber", seed=3).strings("valid")) != valid
     assert all(reber.legal_next(s) for s in valid)  # complete, legal embedded Reber strings
     n = sum(int(b.lengths.numel()) for b in task.eval_batches("valid", 100))
-    assert n == 256
+    assert n == 1024
 
 
 def test_reber_training_batches_cover_the_training_set_uniformly():

@@ -34,7 +34,7 @@ from lstmkit._argparse import Parser, add_config_options, config_values, key_val
 if TYPE_CHECKING:
     from lstmkit.config import TrainConfig
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "default_run_dir", "train_plan"]
 
 #: Subcommands that live in their own modules: name -> (module, one-line help). Each module
 #: defines ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code); it raises
@@ -126,12 +126,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
-    from lstmkit.train import TrainConfig, Trainer
+def train_plan(argv: list[str]) -> tuple[TrainConfig, Path]:
+    """The configuration and the run directory that ``lstmkit train ARGV…`` would use;
+    nothing is created. ``argv`` starts after ``train``."""
+    return _plan(_parser().parse_args(["train", *argv]))
+
+
+def _plan(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
+    from lstmkit.config import TrainConfig
 
     given = config_values(args)
     cfg = TrainConfig.for_task(args.task, dict(args.option), **given)
-    out = args.out or default_run_dir(cfg, "cell" in given)
+    return cfg, args.out or default_run_dir(cfg, "cell" in given)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lstmkit.train import Trainer
+
+    cfg, out = _plan(args)
     trainer = Trainer(cfg, out, resume=args.resume, progress=not args.quiet)
     summary = trainer.run()
     if trainer.rank == 0:

@@ -21,7 +21,7 @@ registers them all.
 from __future__ import annotations
 
 from lstmkit.tasks._synth_common import derive_seed, last_step
-from lstmkit.tasks._synth_grammar import ContinualReberTask, ReberTask, stream_baselines
+from lstmkit.tasks._synth_grammar import VALID_STRINGS, ContinualReberTask, ReberTask, stream_baselines
 from lstmkit.tasks._synth_memory import AddingTask, CopyTask, TemporalOrderTask, hochreiter_adding_baselines
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "CopyTask",
     "ReberTask",
     "TemporalOrderTask",
+    "VALID_STRINGS",
     "derive_seed",
     "hochreiter_adding_baselines",
     "last_step",
