@@ -216,7 +216,8 @@ def test_legal_next_matches_brute_force():
 
 # --- split --------------------------------------------------------------------
 def test_make_split_disjoint_distinct_valid():
-    train, test = make_split()
+    train, test, valid = make_split()
+    assert valid == []
     assert len(train) == 256 and len(test) == 256
     assert len(set(train)) == 256 and len(set(test)) == 256
     assert not set(train) & set(test)
@@ -228,16 +229,28 @@ def test_make_split_disjoint_distinct_valid():
 def test_make_split_deterministic():
     assert make_split(seed=5) == make_split(seed=5)
     assert make_split(seed=5) != make_split(seed=6)
-    train, test = make_split(n_train=10, n_test=20, seed=1)
+    train, test, _ = make_split(n_train=10, n_test=20, seed=1)
     assert len(train) == 10 and len(test) == 20 and not set(train) & set(test)
 
 
 def test_make_split_same_distribution():
     # train and test are exchangeable: mean lengths are close
-    train, test = make_split(seed=0)
+    train, test, _ = make_split(seed=0)
     mean_train = sum(map(len, train)) / len(train)
     mean_test = sum(map(len, test)) / len(test)
     assert abs(mean_train - mean_test) < 2.0
+
+
+def test_make_split_validation_strings_like_the_test_strings():
+    """Three disjoint sets from one draw: the validation set holds short strings too (a set
+    drawn after the other two, disjoint from them, held none shorter than 16 symbols, while
+    the test set has strings of 9)."""
+    train, test, valid = make_split(256, 256, seed=1, n_valid=256)
+    assert len(train) == len(test) == len(valid) == 256
+    assert not set(train) & set(test) and not set(valid) & (set(train) | set(test))
+    assert all(is_embedded_reber(s) for s in valid)
+    assert min(map(len, valid)) <= 10 and min(map(len, test)) <= 10
+    assert abs(sum(map(len, valid)) / 256 - sum(map(len, test)) / 256) < 2.0
 
 
 # --- encode -------------------------------------------------------------------
@@ -277,7 +290,7 @@ def _oracle(targets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def test_solved_fraction_oracle_and_perturbation():
-    train, _ = make_split(n_train=32, n_test=0, seed=0)
+    train, _, _ = make_split(n_train=32, n_test=0, seed=0)
     _, targets, lengths = encode(train)
     assert (lengths < lengths.max()).any()  # there is padding to ignore
     scores = _oracle(targets, lengths)

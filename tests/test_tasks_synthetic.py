@@ -194,7 +194,7 @@ def decode(x: torch.Tensor, steps: int) -> str:
 
 def test_reber_splits_are_the_published_256_plus_256():
     task = make("reber", seed=2)
-    train, test = reber.make_split(256, 256, seed=2)
+    train, test, _ = reber.make_split(256, 256, seed=2, n_valid=VALID_STRINGS)
     assert task.strings("train") == train and task.strings("test") == test
     for split, strings in (("train", train), ("test", test)):
         got = []
@@ -211,12 +211,12 @@ def test_reber_splits_are_the_published_256_plus_256():
 def test_reber_validation_split_is_disjoint_and_fixed():
     task = make("reber", seed=2)
     train, test, valid = (set(task.strings(s)) for s in ("train", "test", "valid"))
-    assert len(valid) == VALID_STRINGS == 1024 and not valid & (train | test)
+    assert len(valid) == VALID_STRINGS == 256 and not valid & (train | test)
     assert task.strings("valid") == make("reber", seed=2).strings("valid")
     assert set(make("reber", seed=3).strings("valid")) != valid
     assert all(reber.legal_next(s) for s in valid)  # complete, legal embedded Reber strings
     n = sum(int(b.lengths.numel()) for b in task.eval_batches("valid", 100))
-    assert n == 1024
+    assert n == 256
 
 
 def test_reber_training_batches_cover_the_training_set_uniformly():

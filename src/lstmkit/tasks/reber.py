@@ -43,7 +43,6 @@ __all__ = [
     "encode",
     "legal_next",
     "make_split",
-    "draw_new",
     "multi_hot_loss",
     "reber_string",
     "solved_fraction",
@@ -157,23 +156,29 @@ def legal_next(s: str) -> list[set[str]]:
 
 
 def make_split(
-    n_train: int = 256, n_test: int = 256, seed: int = 0
-) -> tuple[list[str], list[str]]:
-    """Draw disjoint training and test sets of distinct embedded Reber strings.
+    n_train: int = 256, n_test: int = 256, seed: int = 0, n_valid: int = 0
+) -> tuple[list[str], list[str], list[str]]:
+    """Draw disjoint training, test and validation sets of distinct embedded Reber strings.
 
-    Strings are sampled i.i.d. from ``random.Random(seed)`` until ``n_train + n_test``
-    distinct ones have been seen; these are shuffled (so that both sets have the same
-    distribution; the first distinct draws are biased towards short, frequent strings)
-    and split. No string occurs twice in a set or in both sets. Deterministic in
-    ``seed``.
+    Strings are sampled i.i.d. from ``random.Random(seed)`` until ``n_train + n_test +
+    n_valid`` distinct ones have been seen; these are shuffled (so that the sets have the
+    same distribution; the first distinct draws are biased towards short, frequent
+    strings) and split in that order. No string occurs twice in a set or in two sets.
+    Deterministic in ``seed``; with ``n_valid=0`` the training and test sets are those of
+    the two-way split.
+
+    A validation set drawn *after* the other two instead, disjoint from them, would hold
+    none of the short frequent strings (they are all taken): a net that gets it right can
+    still miss a short test string it never saw (measured: 2 of 5 seeds, each on one
+    string of length 9).
 
     Returns:
-        ``(train, test)``, lists of ``n_train`` and ``n_test`` strings.
+        ``(train, test, valid)``, lists of ``n_train``, ``n_test`` and ``n_valid`` strings.
     """
-    if n_train < 0 or n_test < 0:
-        raise ValueError("n_train and n_test must be non-negative")
+    if n_train < 0 or n_test < 0 or n_valid < 0:
+        raise ValueError("n_train, n_test and n_valid must be non-negative")
     rng = random.Random(seed)
-    need = n_train + n_test
+    need = n_train + n_test + n_valid
     seen: dict[str, None] = {}
     max_draws = 1000 * need + 1000
     for _ in range(max_draws):
@@ -184,28 +189,7 @@ def make_split(
         raise RuntimeError(f"could not draw {need} distinct strings")
     strings = list(seen)
     rng.shuffle(strings)
-    return strings[:n_train], strings[n_train:need]
-
-
-def draw_new(n: int, exclude: set[str] | frozenset[str], seed: int) -> list[str]:
-    """Draw ``n`` distinct embedded Reber strings that are not in ``exclude``.
-
-    Strings are sampled i.i.d. from ``random.Random(seed)``; the first ``n`` distinct ones
-    outside ``exclude`` are kept, in the order drawn. Deterministic in ``seed``. With
-    ``exclude`` the training and test strings of :func:`make_split`, this is a validation
-    set disjoint from both (its strings are, on average, rarer, hence longer, than theirs).
-    """
-    if n < 0:
-        raise ValueError("n must be non-negative")
-    rng = random.Random(seed)
-    seen: dict[str, None] = {}
-    for _ in range(1000 * n + 1000):
-        if len(seen) >= n:
-            return list(seen)
-        s = embedded_reber_string(rng)
-        if s not in exclude:
-            seen.setdefault(s, None)
-    raise RuntimeError(f"could not draw {n} new distinct strings")
+    return strings[:n_train], strings[n_train : n_train + n_test], strings[n_train + n_test : need]
 
 
 def encode(
