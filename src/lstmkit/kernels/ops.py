@@ -296,6 +296,22 @@ class _Recurrence(torch.autograd.Function):
         return (None, None, None, *_grads(ctx, dy, dh_n, dc_n, ctx.backward_fn))
 
 
+class _EagerRecurrence(torch.autograd.Function):
+    """:class:`_Recurrence` for plain eager tensors, with the old-style ``forward(ctx, …)``:
+    ``autograd.Function.apply`` binds a setup_context-style Function's arguments through
+    ``inspect.signature`` on every call (measured: ~150 µs of a 0.3 ms call at the tiny
+    shape); this one saves the same context in its forward and shares the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, impl: Impl, meta: tuple[int, float, int, int, bool], lengths: Tensor, xg: Tensor,
+                w_hh: Tensor, h0: Tensor, c0: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
+        out = tuple(impl.forward(xg, w_hh, h0, c0, lengths, *params, *meta))
+        _Recurrence.setup_context(ctx, (impl, meta, lengths, xg, w_hh, h0, c0, *params), out)
+        return out
+
+    backward = _Recurrence.backward
+
+
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
@@ -336,7 +352,10 @@ def recurrence(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor
     meta = (flags, clip, hidden_size, proj_size, save)
     if impl is not None or plain_eager((xg, w_hh, h0, c0, *params)):
         impl = impl or _DEVICES["CUDA" if xg.is_cuda else "CPU"]
-        out = _Recurrence.apply(impl, meta, lengths, xg, w_hh, h0, c0, *params)
+        if save:
+            out = _EagerRecurrence.apply(impl, meta, lengths, xg, w_hh, h0, c0, *params)
+        else:  # no gradient wanted: nothing for autograd to record
+            out = tuple(impl.forward(xg, w_hh, h0, c0, lengths, *params, *meta))
     elif _functorch_active() and not torch.compiler.is_compiling():
         out = _Recurrence.apply(None, meta, lengths, xg, w_hh, h0, c0, *params)
     else:  # compile, export, autocast, FakeTensors, subclasses: the operator itself
