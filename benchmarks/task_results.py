@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -135,13 +137,16 @@ def read_records() -> list[dict[str, Any]]:
 
 
 def write_record(record: dict[str, Any]) -> None:
-    """Add ``record``, replacing any earlier record of the same row, model and seed."""
+    """Add ``record``, replacing any earlier record of the same row, model and seed (under a
+    lock: several invocations may run at once, e.g. one per seed)."""
     key = (record["row"], record["model"], record["seed"])
-    kept = [r for r in read_records() if (r["row"], r["model"], r["seed"]) != key]
     RECORDS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RECORDS.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in [*kept, record]))
-    tmp.replace(RECORDS)
+    with open(RECORDS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = [r for r in read_records() if (r["row"], r["model"], r["seed"]) != key]
+        tmp = RECORDS.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in [*kept, record]))
+        tmp.replace(RECORDS)
 
 
 def run_one(row: str, model: str, seed: int, workdir: Path, progress: bool = True) -> dict[str, Any]:
