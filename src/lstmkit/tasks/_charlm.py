@@ -6,8 +6,8 @@ interpreter, skipping every directory named ``test``, ``tests``, ``idlelib``,
 ``test/``). The text differs between Python versions, so :meth:`CharLM.describe_data`
 records the file count, the byte count, a SHA-256 of the concatenated text and one of
 the file list; compare those before comparing runs. (On CPython 3.11.7: 601 files,
-11,065,582 bytes. The reference notes, ``tasks.md`` §8, count 703 files / 12.26 MB
-because they keep nested ``test`` packages such as ``ctypes/test``.)
+11,065,582 bytes; keeping nested ``test`` packages such as ``ctypes/test`` would give
+703 files / 12.26 MB.)
 
 Subset and split (no randomness, independent of ``seed``): the files are put in *hash
 order* (sorted by SHA-256 of their relative path). ``max_bytes`` keeps whole files in
@@ -45,7 +45,7 @@ Measured on CPython 3.11.7 (test bpc): ``max_bytes=2_000_000`` (101 files, test 
 100,279 characters): xz 1.88, xz_given_train 1.60, unigram 4.53; ``max_bytes=None``
 (test 569,343 characters): xz 1.56, xz_given_train 1.19, unigram 4.82.
 
-Published anchors (``tasks.md`` §7, §8): xz -9e gets 1.27 bpc on the whole stdlib and
+Published anchors: xz -9e gets 1.27 bpc on the whole stdlib and
 1.47 on its first MB; Karpathy, Johnson & Fei-Fei 2015 report 0.84 nats/char ≈ 1.21 bpc
 for an LSTM on the Linux kernel source (6.2M chars), the closest published analogue.
 """
@@ -335,7 +335,7 @@ class CharLM(Task):
             threshold=self._baselines["xz"],
             published=(
                 "no published result on this corpus; threshold = xz -9e (lzma preset 9|extreme) "
-                "bpc on the same test text. Anchors (tasks.md §7-8): xz -9e 1.27 bpc on the whole "
+                "bpc on the same test text. Anchors: xz -9e 1.27 bpc on the whole "
                 "stdlib, 1.47 on its first MB; LSTM on Linux kernel source 0.84 nats/char "
                 "= 1.21 bpc (Karpathy, Johnson & Fei-Fei 2015, 'Visualizing and Understanding "
                 "Recurrent Networks'); Graves 2013 enwik8 LSTM 1.67 bpc (val)."

@@ -1,7 +1,7 @@
 """``chorales``: next-frame prediction on Bach chorale piano rolls (JSB-like).
 
 Data: the four-part Bach chorales of the corpus bundled with music21 (``music21/corpus/
-bach``), following the recipe of ``tasks.md`` §8: take ``corpus.getComposer("bach")``,
+bach``): take ``corpus.getComposer("bach")``,
 keep the MusicXML files (``.mxl``/``.xml``; the three ``.krn`` files duplicate ``.mxl``
 ones and the ``.rntxt`` files are analyses), sorted by their path inside the corpus,
 parse each with ``music21.corpus.parse`` and keep the scores with exactly 4 parts
@@ -354,7 +354,7 @@ class Chorales(Task):
                 "order of magnitude only: LSTM NLL ≈ 8.4-8.7 nats/frame on JSB Chorales "
                 "(Boulanger-Lewandowski et al. 2012 data: 382 chorales, quarter-note frames, 88 "
                 "pitches, split 229/76/77; Greff et al. 2017 best vanilla ≈ 8.4, Chung et al. 2014 "
-                "LSTM 8.67 / GRU 8.54; tasks.md §5). This corpus differs (music21's four-part "
+                "LSTM 8.67 / GRU 8.54). This corpus differs (music21's four-part "
                 "chorales, untransposed, 46 pitches, own 70/15/15 split), so those numbers are "
                 "not a threshold; the threshold is this split's independent-Bernoulli baseline "
                 "(a sanity floor; repeat_previous is the stronger baseline)."

@@ -1,6 +1,6 @@
 """``sunspots`` and ``co2``: one-step-ahead forecasting of statsmodels' bundled series.
 
-Data (no network; the CSV files inside the statsmodels wheel, ``tasks.md`` §8):
+Data (no network; the CSV files inside the statsmodels wheel):
 
 * ``sunspots``: ``statsmodels.datasets.sunspots``, yearly mean sunspot activity
   (``SUNACTIVITY``) 1700-2008, 309 values.
@@ -238,7 +238,7 @@ class _SeriesTask(Task):
             published=(
                 "no published LSTM target; compared with persistence and AR baselines "
                 f"(threshold: statsmodels AutoReg AR({self._baselines[1]}), order by AIC ≤ "
-                f"{_MAX_AR_LAG}, fitted on the train part; tasks.md §8)"
+                f"{_MAX_AR_LAG}, fitted on the train part)"
             ),
         )
 

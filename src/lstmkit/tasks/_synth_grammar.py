@@ -50,8 +50,7 @@ def _fmt(bits: Tensor) -> str:
 @register_task("reber")
 @dataclass
 class ReberTask(Task):
-    """Embedded Reber grammar, Hochreiter & Schmidhuber 1997 §5.1 (Experiment 1);
-    reference/tasks.md §1.
+    """Embedded Reber grammar, Hochreiter & Schmidhuber 1997 §5.1 (Experiment 1).
 
     Data: :func:`reber.make_split`: 256 training and 256 disjoint test strings (and the
     validation strings). At every step the model reads one symbol and predicts the set of legal
@@ -318,7 +317,7 @@ def stream_step_correct(output: Tensor, y: Tensor) -> Tensor:
 @dataclass
 class ContinualReberTask(Task):
     """Continual embedded Reber grammar, Gers, Schmidhuber & Cummins 2000 ("Learning to
-    forget", §4); reference/tasks.md §2.
+    forget", §4).
 
     A stream task: ``B`` parallel streams, each an endless concatenation of embedded Reber
     strings (``…BT<reber>TEBP<reber>PE…``) with no reset at string boundaries; the
@@ -340,7 +339,7 @@ class ContinualReberTask(Task):
     * Loss: :func:`reber.multi_hot_loss` over all steps (per-unit BCE with logits).
     * Step criterion: correct when *every* output, after a sigmoid, has absolute error
       < 0.49 against its 0/1 target, i.e. the legal symbols are exactly the outputs above
-      0.5 (with a 0.01 margin). tasks.md (secondary source) words it as "squared error
+      0.5 (with a 0.01 margin). Secondary accounts word it as "squared error
       < 0.49"; read literally (|err| < 0.7) a memoryless output of 0.5 on both T and P
       would pass the step that needs the memory, so we use the absolute reading.
     * Metrics: ``symbol_accuracy`` (fraction of correct steps); ``stream_perfect_steps``

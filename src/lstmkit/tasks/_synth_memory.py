@@ -50,7 +50,8 @@ def hochreiter_adding_baselines(length: int) -> dict[str, float]:
 @register_task("adding")
 @dataclass
 class AddingTask(SampledTask):
-    """The adding problem, in two forms (``form``); tasks.md §1 (Exp. 4) and §4.
+    """The adding problem, in two forms (``form``): Hochreiter & Schmidhuber 1997 §5.4
+    (Experiment 4) and Le, Jaitly & Hinton 2015 / Arjovsky, Shah & Bengio 2016.
 
     ``x`` (T, B, 2): per step a (value, marker) pair; ``y`` (B,) the target; the model's
     single output (output_size 1) at each sequence's last valid step is the answer.
@@ -71,7 +72,7 @@ class AddingTask(SampledTask):
 
     Targets:
     * hochreiter: ``accuracy`` ≥ 1 - 3/2560 (at most 3 of the 2,560 test sequences
-      wrong, tasks.md §0). Published, Table 7: T=100: 1/2560 wrong after 74,000
+      wrong). Published, Table 7: T=100: 1/2560 wrong after 74,000
       training sequences; T=500: 0 after 209,000; T=1000: 1 after 853,000.
     * le: ``mse`` ≤ 0.01, our operational threshold (6 % of the constant predictor's
       1/6, i.e. 94 % of the target's variance explained): the papers give curves only.
@@ -241,7 +242,7 @@ ORDER_TOLERANCE = 0.3
 @register_task("temporal_order")
 @dataclass
 class TemporalOrderTask(SampledTask):
-    """Temporal order, Hochreiter & Schmidhuber 1997 §5.6 (Experiment 6); tasks.md §1.
+    """Temporal order, Hochreiter & Schmidhuber 1997 §5.6 (Experiment 6).
 
     A sequence of length uniform in [100, 110] starts with E and ends with the trigger B;
     the other symbols are uniform from {a, b, c, d}, except X or Y (p = 1/2 each) at
@@ -383,8 +384,7 @@ COPY_SYMBOLS = 10  # symbols to remember
 @register_task("copy")
 @dataclass
 class CopyTask(SampledTask):
-    """Copy memory, Arjovsky, Shah & Bengio 2016 (protocol from reproduction code);
-    tasks.md §4.
+    """Copy memory, Arjovsky, Shah & Bengio 2016 (protocol from reproduction code).
 
     A sequence of ``T + 20`` steps (``T = length``): 10 symbols uniform from {1..8},
     ``T - 1`` blanks (0), the delimiter (9), 10 blanks. The target is blank at every step

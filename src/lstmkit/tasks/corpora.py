@@ -12,7 +12,7 @@ Importing this module registers:
 The optional frameworks (music21, statsmodels) are imported only when a task first needs
 its data, never at import time. Sources and protocols: the module docstrings of
 :mod:`lstmkit.tasks._charlm`, :mod:`lstmkit.tasks._chorales` and
-:mod:`lstmkit.tasks._series`, and ``tasks.md`` §5-8 of the project reference notes.
+:mod:`lstmkit.tasks._series`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """The built-in synthetic tasks (generated data, no files), registered by name.
 
 =================== ======================================= ===============================
-name                source (reference/tasks.md)             target metric
+name                source                                  target metric
 =================== ======================================= ===============================
-``reber``           H&S 1997 §5.1, embedded Reber (§1)      ``solved`` = 1 (max)
-``continual_reber`` Gers et al. 2000, continual ERG (§2)    ``symbol_accuracy`` ≥ 0.999
-``adding``          H&S 1997 §5.4 (§1); Le 2015 /            hochreiter: ``accuracy``
-                    Arjovsky 2016 (§4)                      ≥ 1 - 3/2560; le: ``mse`` ≤ 0.01
-``temporal_order``  H&S 1997 §5.6 (§1)                      ``accuracy`` ≥ 1 - 1/2560 (6a)
-``copy``            Arjovsky 2016 (§4)                      ``xent`` ≤ 0.1·10 ln 8/(T+20)
+``reber``           H&S 1997 §5.1, embedded Reber           ``solved`` = 1 (max)
+``continual_reber`` Gers et al. 2000, continual ERG         ``symbol_accuracy`` ≥ 0.999
+``adding``          H&S 1997 §5.4; Le 2015 /                 hochreiter: ``accuracy``
+                    Arjovsky 2016                           ≥ 1 - 3/2560; le: ``mse`` ≤ 0.01
+``temporal_order``  H&S 1997 §5.6                           ``accuracy`` ≥ 1 - 1/2560 (6a)
+``copy``            Arjovsky 2016                           ``xent`` ≤ 0.1·10 ln 8/(T+20)
 =================== ======================================= ===============================
 
 Every task is a dataclass whose fields are its options (``seed`` always); see each
