@@ -254,7 +254,11 @@ class CharLM(Task):
         on the *test* text, and the validation text compresses differently (a run stopped
         when the validation bpc passed it was at 1.82 on validation and 1.96 on test).
 
-        Measured (docs/results.md): CHARLM_MEASURED.
+        Measured (docs/results.md): 3 of 3 seeds below the threshold, test 1.840-1.847 bpc
+        against xz -9e's 1.882. Time: 0.365 s per step on one thread of a 2-core Xeon
+        (about 30 minutes per run); 45 minutes each with three runs sharing the 2 cores.
+        Stopping early fell short: a 2,400-step run stopped at step 1,750, when its
+        validation bpc (1.82) passed the threshold, was at 1.96 on test.
         """
         return {"hidden_size": 512, "lr": 2e-3, "schedule": "cosine", "batch_size": 32, "steps": 4800,
                 "eval_every": 400, "stop_at_target": False}
