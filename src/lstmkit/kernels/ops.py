@@ -309,7 +309,7 @@ class _EagerRecurrence(torch.autograd.Function):
         _Recurrence.setup_context(ctx, (impl, meta, lengths, xg, w_hh, h0, c0, *params), out)
         return out
 
-    backward = _Recurrence.backward
+    backward = staticmethod(_Recurrence.backward)
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
