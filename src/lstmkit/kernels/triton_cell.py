@@ -140,6 +140,48 @@ def gg_tile(w, SK: tl.constexpr, SJ: tl.constexpr, H, NSH, ch, m, OP: tl.constex
 
 
 @triton.jit
+def persistent_block(pid, B, H, HO, BB: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr):
+    """The indices of persistent program ``pid``: batch rows rb (BB,), their mask rm and
+    int64 copy rb64, cells ch (BH,) and outputs co (BO,) with masks cm, om, and the tile
+    masks m2 (BB, BH) and mo2 (BB, BO)."""
+    rb = pid * BB + tl.arange(0, BB)
+    rm = rb < B
+    ch = tl.arange(0, BH)
+    cm = ch < H
+    co = tl.arange(0, BO)
+    om = co < HO
+    return rb, rm, rb.to(tl.int64), ch, cm, co, om, rm[:, None] & cm[None, :], rm[:, None] & om[None, :]
+
+
+@triton.jit
+def recurrent_tiles(w_hh, w_gg, H, HO, NSH, co, ch, cm, om, GI: tl.constexpr, GF: tl.constexpr,
+                    GG: tl.constexpr, GO: tl.constexpr, SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr,
+                    OP: tl.constexpr, BO: tl.constexpr, BH: tl.constexpr):
+    """The recurrent weights of a persistent program, read once: the (BO, BH) tiles
+    w_i, w_f, w_g, w_o of ``W_hh`` (for ``h @ w_k``; the backward uses ``tl.trans``) and
+    fgr's nine (BH, BH) tiles q_kj of ``W_gg`` (source j → target k), zeros where absent."""
+    wm = om[:, None] & cm[None, :]
+    gm = cm[:, None] & cm[None, :]
+    return (whh_tile(w_hh, GI, H, HO, co, ch, wm, OP, BO, BH), whh_tile(w_hh, GF, H, HO, co, ch, wm, OP, BO, BH),
+            whh_tile(w_hh, GG, H, HO, co, ch, wm, OP, BO, BH), whh_tile(w_hh, GO, H, HO, co, ch, wm, OP, BO, BH),
+            gg_tile(w_gg, SI, SI, H, NSH, ch, gm, OP, BH), gg_tile(w_gg, SI, SF, H, NSH, ch, gm, OP, BH),
+            gg_tile(w_gg, SI, SO, H, NSH, ch, gm, OP, BH), gg_tile(w_gg, SF, SI, H, NSH, ch, gm, OP, BH),
+            gg_tile(w_gg, SF, SF, H, NSH, ch, gm, OP, BH), gg_tile(w_gg, SF, SO, H, NSH, ch, gm, OP, BH),
+            gg_tile(w_gg, SO, SI, H, NSH, ch, gm, OP, BH), gg_tile(w_gg, SO, SF, H, NSH, ch, gm, OP, BH),
+            gg_tile(w_gg, SO, SO, H, NSH, ch, gm, OP, BH))
+
+
+@triton.jit
+def seq_lengths(lengths, rb, rm, T, HAS_LEN: tl.constexpr, BB: tl.constexpr):
+    """(BB,) int32: the lengths of batch rows ``rb`` (T for every row without ``lengths``)."""
+    if HAS_LEN:
+        lens = tl.load(lengths + rb, mask=rm, other=0)
+    else:
+        lens = tl.zeros((BB,), tl.int32) + T
+    return lens
+
+
+@triton.jit
 def fgr_in(s_i, s_f, s_o, w_i, w_f, w_o, SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr,
             OP: tl.constexpr, MMA: tl.constexpr):
     """One target gate's ``Σ_j s_j W_gg[k, j]ᵀ`` (BB, BH) from the sources' tiles ``w_j``."""

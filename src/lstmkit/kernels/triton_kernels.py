@@ -39,13 +39,14 @@ from lstmkit.kernels.triton_cell import (
     dot,
     fgr_in,
     fwd_core,
-    gg_tile,
     ld,
     ld_dy,
+    persistent_block,
+    recurrent_tiles,
+    seq_lengths,
     st,
     step_gates,
     tanh,
-    whh_tile,
 )
 
 # ----------------------------------------------------------------------------- persistent
@@ -67,34 +68,10 @@ def persistent_forward(
     h0 (B, HO), c0 (B, H), lengths (B,) int32; y (T, B, HO), h_n (B, HO), c_n (B, H);
     buffers (T, B, ·). The weights are read once, into (BO, BH) tiles per gate."""
     pid = tl.program_id(0)
-    rb = pid * BB + tl.arange(0, BB)
-    rm = rb < B
-    rb64 = rb.to(tl.int64)
-    ch = tl.arange(0, BH)
-    cm = ch < H
-    co = tl.arange(0, BO)
-    om = co < HO
-    m2 = rm[:, None] & cm[None, :]
-    mo2 = rm[:, None] & om[None, :]
-    if HAS_LEN:
-        lens = tl.load(lengths + rb, mask=rm, other=0)
-    else:
-        lens = tl.zeros((BB,), tl.int32) + T
-    wm = om[:, None] & cm[None, :]
-    w_i = whh_tile(w_hh, GI, H, HO, co, ch, wm, OP, BO, BH)  # (BO, BH) each
-    w_f = whh_tile(w_hh, GF, H, HO, co, ch, wm, OP, BO, BH)
-    w_g = whh_tile(w_hh, GG, H, HO, co, ch, wm, OP, BO, BH)
-    w_o = whh_tile(w_hh, GO, H, HO, co, ch, wm, OP, BO, BH)
-    gm = cm[:, None] & cm[None, :]
-    q_ii = gg_tile(w_gg, SI, SI, H, NSH, ch, gm, OP, BH)  # fgr: q_kj, source j -> target k, (BH, BH)
-    q_if = gg_tile(w_gg, SI, SF, H, NSH, ch, gm, OP, BH)
-    q_io = gg_tile(w_gg, SI, SO, H, NSH, ch, gm, OP, BH)
-    q_fi = gg_tile(w_gg, SF, SI, H, NSH, ch, gm, OP, BH)
-    q_ff = gg_tile(w_gg, SF, SF, H, NSH, ch, gm, OP, BH)
-    q_fo = gg_tile(w_gg, SF, SO, H, NSH, ch, gm, OP, BH)
-    q_oi = gg_tile(w_gg, SO, SI, H, NSH, ch, gm, OP, BH)
-    q_of = gg_tile(w_gg, SO, SF, H, NSH, ch, gm, OP, BH)
-    q_oo = gg_tile(w_gg, SO, SO, H, NSH, ch, gm, OP, BH)
+    rb, rm, rb64, ch, cm, co, om, m2, mo2 = persistent_block(pid, B, H, HO, BB, BH, BO)
+    lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
+    w_i, w_f, w_g, w_o, q_ii, q_if, q_io, q_fi, q_ff, q_fo, q_oi, q_of, q_oo = recurrent_tiles(
+        w_hh, w_gg, H, HO, NSH, co, ch, cm, om, GI, GF, GG, GO, SI, SF, SO, OP, BO, BH)  # (BO, BH); fgr: (BH, BH)
     if PROJ:  # (BH, BO): [c, p] = W_hr[p, c]
         w_r = tl.load(w_hr + co[None, :] * H + ch[:, None], mask=cm[:, None] & om[None, :], other=0.0).to(OP)
     else:
@@ -174,34 +151,10 @@ def persistent_backward(
     the gradient of y_t before masking, and h̃_t), dh0 (B, HO), dc0 (B, H) and this
     program's row of ``acc`` (cdiv(B, BB), NACC)."""
     pid = tl.program_id(0)
-    rb = pid * BB + tl.arange(0, BB)
-    rm = rb < B
-    rb64 = rb.to(tl.int64)
-    ch = tl.arange(0, BH)
-    cm = ch < H
-    co = tl.arange(0, BO)
-    om = co < HO
-    m2 = rm[:, None] & cm[None, :]
-    mo2 = rm[:, None] & om[None, :]
-    if HAS_LEN:
-        lens = tl.load(lengths + rb, mask=rm, other=0)
-    else:
-        lens = tl.zeros((BB,), tl.int32) + T
-    wm = om[:, None] & cm[None, :]
-    w_i = whh_tile(w_hh, GI, H, HO, co, ch, wm, OP, BO, BH)  # (BO, BH) each; dh = Σ_k dz_k w_kᵀ
-    w_f = whh_tile(w_hh, GF, H, HO, co, ch, wm, OP, BO, BH)
-    w_g = whh_tile(w_hh, GG, H, HO, co, ch, wm, OP, BO, BH)
-    w_o = whh_tile(w_hh, GO, H, HO, co, ch, wm, OP, BO, BH)
-    gm = cm[:, None] & cm[None, :]
-    q_ii = gg_tile(w_gg, SI, SI, H, NSH, ch, gm, OP, BH)
-    q_if = gg_tile(w_gg, SI, SF, H, NSH, ch, gm, OP, BH)
-    q_io = gg_tile(w_gg, SI, SO, H, NSH, ch, gm, OP, BH)
-    q_fi = gg_tile(w_gg, SF, SI, H, NSH, ch, gm, OP, BH)
-    q_ff = gg_tile(w_gg, SF, SF, H, NSH, ch, gm, OP, BH)
-    q_fo = gg_tile(w_gg, SF, SO, H, NSH, ch, gm, OP, BH)
-    q_oi = gg_tile(w_gg, SO, SI, H, NSH, ch, gm, OP, BH)
-    q_of = gg_tile(w_gg, SO, SF, H, NSH, ch, gm, OP, BH)
-    q_oo = gg_tile(w_gg, SO, SO, H, NSH, ch, gm, OP, BH)
+    rb, rm, rb64, ch, cm, co, om, m2, mo2 = persistent_block(pid, B, H, HO, BB, BH, BO)
+    lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
+    w_i, w_f, w_g, w_o, q_ii, q_if, q_io, q_fi, q_ff, q_fo, q_oi, q_of, q_oo = recurrent_tiles(
+        w_hh, w_gg, H, HO, NSH, co, ch, cm, om, GI, GF, GG, GO, SI, SF, SO, OP, BO, BH)  # dh = Σ_k dz_k w_kᵀ
     if PROJ:  # (BO, BH): W_hr itself, dh̃ = dy W_hr
         w_r = tl.load(w_hr + co[:, None] * H + ch[None, :], mask=om[:, None] & cm[None, :], other=0.0).to(OP)
     else:
@@ -292,10 +245,7 @@ def step_forward(
     ch = tl.program_id(1) * BH + tl.arange(0, BH)
     cm = ch < H
     m2 = rm[:, None] & cm[None, :]
-    if HAS_LEN:
-        lens = tl.load(lengths + rb, mask=rm, other=0)
-    else:
-        lens = tl.zeros((BB,), tl.int32) + T
+    lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     valid = rm & (t < lens)
     v2 = valid[:, None]
     vm2 = v2 & cm[None, :]
@@ -341,10 +291,7 @@ def step_project(yp, h_s, y, lengths, t, T, B, HO, HAS_LEN: tl.constexpr, BB: tl
     rb64 = rb.to(tl.int64)
     co = tl.program_id(1) * BO + tl.arange(0, BO)
     om = co < HO
-    if HAS_LEN:
-        lens = tl.load(lengths + rb, mask=rm, other=0)
-    else:
-        lens = tl.zeros((BB,), tl.int32) + T
+    lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     valid = rm & (t < lens)
     m2 = rm[:, None] & om[None, :]
     v = tl.load(yp + rb64[:, None] * HO + co[None, :], mask=m2, other=0.0)
@@ -364,10 +311,7 @@ def step_dh(dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, out, out_op, lengths, t, T, B, 
     rb64 = rb.to(tl.int64)
     co = tl.program_id(1) * BO + tl.arange(0, BO)
     m2 = rm[:, None] & (co < HO)[None, :]
-    if HAS_LEN:
-        lens = tl.load(lengths + rb, mask=rm, other=0)
-    else:
-        lens = tl.zeros((BB,), tl.int32) + T
+    lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     carry = ld(dh_n, rb64, HO, 0, co, m2, CT, True, BB, BO)
     if HAS_NEXT:
         carry = tl.where(((t + 1) < lens)[:, None], ld(dh_g, rb64, HO, 0, co, m2, CT, True, BB, BO), carry)
@@ -402,10 +346,7 @@ def step_backward(
     ch = tl.program_id(1) * BH + tl.arange(0, BH)
     cm = ch < H
     m2 = rm[:, None] & cm[None, :]
-    if HAS_LEN:
-        lens = tl.load(lengths + rb, mask=rm, other=0)
-    else:
-        lens = tl.zeros((BB,), tl.int32) + T
+    lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     valid = rm & (t < lens)
     nxt = rm & ((t + 1) < lens)
     v2 = valid[:, None]

@@ -95,6 +95,30 @@ struct AccLayout {
   int64_t size() const { return 5 * H + 3 * R; }
 };
 
+// The cell's own parameters as raw pointers, nullptr where the variant has none; read the
+// same way by forward_impl and backward_impl.
+template <typename T>
+struct CellParams {
+  const T *pi, *pf, *po;  // peephole weights (H each)
+  const T *gln, *glnih;   // layernorm gains of r = h W_hh^T and of a = x W_ih^T (R each)
+  const T* biasp;         // layernorm: the bias added after both norms (R)
+  const T *cw, *cb;       // layernorm of c: gain and bias (H each)
+  T clipv;                // clip: |c| bound
+  CellParams(const Cfg& cf, const at::Tensor& p_i, const at::Tensor& p_f, const at::Tensor& p_o,
+             const at::Tensor& lnhh_w, const at::Tensor& lnih_w, const at::Tensor& bias,
+             const at::Tensor& lnc_w, const at::Tensor& lnc_b) {
+    pi = cf.peep && cf.has_i ? p_i.data_ptr<T>() : nullptr;
+    pf = cf.peep && cf.has_f ? p_f.data_ptr<T>() : nullptr;
+    po = cf.peep && cf.has_o ? p_o.data_ptr<T>() : nullptr;
+    gln = cf.ln ? lnhh_w.data_ptr<T>() : nullptr;
+    glnih = cf.ln ? lnih_w.data_ptr<T>() : nullptr;
+    biasp = (cf.ln && bias.defined() && bias.numel() > 0) ? bias.data_ptr<T>() : nullptr;
+    cw = (cf.ln && !cf.rnn) ? lnc_w.data_ptr<T>() : nullptr;
+    cb = (cf.ln && !cf.rnn) ? lnc_b.data_ptr<T>() : nullptr;
+    clipv = (T)cf.clipv;
+  }
+};
+
 static inline int64_t pad_ld(int64_t K, int VL) {
   // round up to whole vectors, then one more vector: breaks 4 KiB aliasing of row starts
   return (K + VL - 1) / VL * VL + VL;
@@ -308,15 +332,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   T* ssp = cf.fgr ? ss.data_ptr<T>() : nullptr;
   T* fwp = cf.fgr ? fws.data_ptr<T>() : nullptr;
   T* mwp = P > 0 ? mws.data_ptr<T>() : nullptr;
-  const T* pi = cf.peep && cf.has_i ? p_i.data_ptr<T>() : nullptr;
-  const T* pf = cf.peep && cf.has_f ? p_f.data_ptr<T>() : nullptr;
-  const T* po = cf.peep && cf.has_o ? p_o.data_ptr<T>() : nullptr;
-  const T* gln = cf.ln ? lnhh_w.data_ptr<T>() : nullptr;
-  const T* glnih = cf.ln ? lnih_w.data_ptr<T>() : nullptr;
-  const T* biasp = (cf.ln && bias.defined() && bias.numel() > 0) ? bias.data_ptr<T>() : nullptr;
-  const T* cw = (cf.ln && lstm) ? lnc_w.data_ptr<T>() : nullptr;
-  const T* cb = (cf.ln && lstm) ? lnc_b.data_ptr<T>() : nullptr;
-  const T clipv = (T)cf.clipv;
+  const CellParams<T> prm(cf, p_i, p_f, p_o, lnhh_w, lnih_w, bias, lnc_w, lnc_b);
 
   GemmTask<T> phaseA[2];
   int nA = 0;
@@ -380,7 +396,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
               const V ahat = (ldv(ach + j, n) - vma) * vra;
               const V rhat = (ldv(rch + j, n) - vmr) * vrs;
               if (ah) { stv(ahat, ah + j, n); stv(rhat, rh + j, n); }
-              stv(ln_z(ahat, rhat, glnih, gln, biasp, k * H + j, n), rch + j, n);
+              stv(ln_z(ahat, rhat, prm.glnih, prm.gln, prm.biasp, k * H + j, n), rch + j, n);
             }
           }
         }
@@ -398,7 +414,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           V i = one, f = one, g;
           if (cf.has_i) {
             V u = pre(cf.oi, j, n);
-            if (pi) u = at::vec::fmadd(ldv(pi + j, n), cp, u);
+            if (prm.pi) u = at::vec::fmadd(ldv(prm.pi + j, n), cp, u);
             if (fr) u = u + ldv(fr + cf.si + j, n);
             i = sigm(u);
             if (gr) stv(i, gr + cf.oi + j, n);
@@ -406,7 +422,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           }
           if (cf.has_f) {
             V u = pre(cf.of, j, n);
-            if (pf) u = at::vec::fmadd(ldv(pf + j, n), cp, u);
+            if (prm.pf) u = at::vec::fmadd(ldv(prm.pf + j, n), cp, u);
             if (fr) u = u + ldv(fr + cf.sf + j, n);
             f = sigm(u);
             if (gr) stv(f, gr + cf.of + j, n);
@@ -420,12 +436,12 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
             if (gr) stv(g, gr + cf.og + j, n);
           }
           V c = at::vec::fmadd(f, cp, i * g);
-          if (cf.clip) c = at::vec::clamp(c, V(-clipv), V(clipv));
+          if (cf.clip) c = at::vec::clamp(c, V(-prm.clipv), V(prm.clipv));
           stv(c, cr + j, n);
         }
         if (saveC) std::copy(cr, cr + H, Cp + tb * H);
         T cmean = 0, crstd = 1;
-        if (cw) row_stats(cr, H, cmean, crstd);
+        if (prm.cw) row_stats(cr, H, cmean, crstd);
         T* hout = P > 0 ? mwp + b * ldm : hsp + b * ldh;
         // loop 2: o, h
         for (int64_t j = 0; j < H; j += VL) {
@@ -434,14 +450,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           V o = one;
           if (cf.has_o) {
             V u = pre(cf.oo, j, n);
-            if (po) u = at::vec::fmadd(ldv(po + j, n), c, u);
+            if (prm.po) u = at::vec::fmadd(ldv(prm.po + j, n), c, u);
             if (fr) u = u + ldv(fr + cf.so + j, n);
             o = sigm(u);
             if (gr) stv(o, gr + cf.oo + j, n);
             if (sr) stv(o, sr + cf.so + j, n);
           }
           V m = c;
-          if (cw) m = at::vec::fmadd((c - V(cmean)) * V(crstd), ldv(cw + j, n), ldv(cb + j, n));
+          if (prm.cw) m = at::vec::fmadd((c - V(cmean)) * V(crstd), ldv(prm.cw + j, n), ldv(prm.cb + j, n));
           V h = o * (cf.noaf ? m : vtanh<T>(m));
           stv(h, hout + j, n);
           if (P == 0) stv(h, yr + j, n);
@@ -548,15 +564,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
   const T* RSp = cf.ln ? RS.data_ptr<T>() : nullptr;
   const T* AHp = cf.ln ? AH.data_ptr<T>() : nullptr;
   const T* ASp = cf.ln ? AS.data_ptr<T>() : nullptr;
-  const T* pi = cf.peep && cf.has_i ? p_i.data_ptr<T>() : nullptr;
-  const T* pf = cf.peep && cf.has_f ? p_f.data_ptr<T>() : nullptr;
-  const T* po = cf.peep && cf.has_o ? p_o.data_ptr<T>() : nullptr;
-  const T* gln = cf.ln ? lnhh_w.data_ptr<T>() : nullptr;
-  const T* glnih = cf.ln ? lnih_w.data_ptr<T>() : nullptr;
-  const T* biasp = (cf.ln && bias.defined() && bias.numel() > 0) ? bias.data_ptr<T>() : nullptr;
-  const T* cw = (cf.ln && lstm) ? lnc_w.data_ptr<T>() : nullptr;
-  const T* cb = (cf.ln && lstm) ? lnc_b.data_ptr<T>() : nullptr;
-  const T clipv = (T)cf.clipv;
+  const CellParams<T> prm(cf, p_i, p_f, p_o, lnhh_w, lnih_w, bias, lnc_w, lnc_b);
   T* accp = acc.data_ptr<T>();
   T* rowtmpp = rowtmp.data_ptr<T>();
 
@@ -655,25 +663,25 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
             const V cp = ldv(cpr + j, n);
             if (cf.has_i) {
               const int64_t o = cf.oi + j;
-              V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), glnih, gln, biasp, o, n);
-              if (pi) u = at::vec::fmadd(ldv(pi + j, n), cp, u);
+              V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), prm.glnih, prm.gln, prm.biasp, o, n);
+              if (prm.pi) u = at::vec::fmadd(ldv(prm.pi + j, n), cp, u);
               stv(sigm(u), gbuf + o, n);
             }
             if (cf.has_f) {
               const int64_t o = cf.of + j;
-              V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), glnih, gln, biasp, o, n);
-              if (pf) u = at::vec::fmadd(ldv(pf + j, n), cp, u);
+              V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), prm.glnih, prm.gln, prm.biasp, o, n);
+              if (prm.pf) u = at::vec::fmadd(ldv(prm.pf + j, n), cp, u);
               stv(sigm(u), gbuf + o, n);
             }
             {
               const int64_t o = cf.og + j;
-              const V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), glnih, gln, biasp, o, n);
+              const V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), prm.glnih, prm.gln, prm.biasp, o, n);
               stv(cf.niaf ? u : vtanh<T>(u), gbuf + o, n);
             }
             if (cf.has_o) {
               const int64_t o = cf.oo + j;
-              V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), glnih, gln, biasp, o, n);
-              if (po) u = at::vec::fmadd(ldv(po + j, n), ldv(cr + j, n), u);
+              V u = ln_z(ldv(ah + o, n), ldv(rh + o, n), prm.glnih, prm.gln, prm.biasp, o, n);
+              if (prm.po) u = at::vec::fmadd(ldv(prm.po + j, n), ldv(cr + j, n), u);
               stv(sigm(u), gbuf + o, n);
             }
           }
@@ -682,7 +690,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
         const T* dsr = (cf.fgr && carry_in) ? dSp + b * cf.nS * H : nullptr;
         T* dus = cf.fgr ? dUSp + b * lds : nullptr;
         T cmean = 0, crstd = 1;
-        if (cw) row_stats(cr, H, cmean, crstd);
+        if (prm.cw) row_stats(cr, H, cmean, crstd);
         T s1 = 0, s2 = 0;  // LN-c backward sums: sum(dchat), sum(dchat*chat)
         // loop 2': o, dm
         {
@@ -692,7 +700,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
             const V c = ldv(cr + j, n);
             const V dh = P > 0 ? ldv(dMop + b * H + j, n) : ldv(dy + j, n) + ldv(dhc + j, n);
             V chat, m = c;
-            if (cw) { chat = (c - V(cmean)) * V(crstd); m = at::vec::fmadd(chat, ldv(cw + j, n), ldv(cb + j, n)); }
+            if (prm.cw) { chat = (c - V(cmean)) * V(crstd); m = at::vec::fmadd(chat, ldv(prm.cw + j, n), ldv(prm.cb + j, n)); }
             const V tm = cf.noaf ? m : vtanh<T>(m);
             V o = one;
             if (cf.has_o) {
@@ -702,15 +710,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
               const V du = dO * o * (one - o);
               stv(du, dxr + cf.oo + j, n);
               if (dus) stv(du, dus + cf.so + j, n);
-              if (po) stv(at::vec::fmadd(du, c, ldv(A_po + j, n)), A_po + j, n);
+              if (prm.po) stv(at::vec::fmadd(du, c, ldv(A_po + j, n)), A_po + j, n);
             }
             if (Mop) stv(o * tm, Mop + tb * H + j, n);
             V dm = dh * o;
             if (!cf.noaf) dm = dm * (one - tm * tm);
-            if (cw) {
+            if (prm.cw) {
               stv(at::vec::fmadd(dm, chat, ldv(A_cw + j, n)), A_cw + j, n);
               stv(ldv(A_cb + j, n) + dm, A_cb + j, n);
-              V dch = dm * ldv(cw + j, n);
+              V dch = dm * ldv(prm.cw + j, n);
               if (n < VL) { dch = V::set(zero, dch, n); chat = V::set(zero, chat, n); }
               a1 = a1 + dch; a2 = at::vec::fmadd(dch, chat, a2);
               stv(dch, dchat + j, n);
@@ -718,21 +726,21 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
               stv(dm, dchat + j, n);
             }
           }
-          if (cw) { s1 = hsum(a1) / T(H); s2 = hsum(a2) / T(H); }
+          if (prm.cw) { s1 = hsum(a1) / T(H); s2 = hsum(a2) / T(H); }
         }
         // loop 1': dc -> i, f, g, c_prev
         for (int64_t j = 0; j < H; j += VL) {
           const int n = (int)std::min<int64_t>(VL, H - j);
           const V c = ldv(cr + j, n), cp = ldv(cpr + j, n);
           V dc = ldv(dcr + j, n);
-          if (cw) {
+          if (prm.cw) {
             const V chat = (c - V(cmean)) * V(crstd);
             dc = dc + V(crstd) * (ldv(dchat + j, n) - V(s1) - chat * V(s2));
           } else {
             dc = dc + ldv(dchat + j, n);
           }
-          if (po) dc = at::vec::fmadd(ldv(dxr + cf.oo + j, n), ldv(po + j, n), dc);
-          if (cf.clip) dc = V::blendv(zero, dc, c.abs() < V(clipv));
+          if (prm.po) dc = at::vec::fmadd(ldv(dxr + cf.oo + j, n), ldv(prm.po + j, n), dc);
+          if (cf.clip) dc = V::blendv(zero, dc, c.abs() < V(prm.clipv));
           const V i = cf.has_i ? ldv(gr + cf.oi + j, n) : one;
           const V g = ldv(gr + cf.og + j, n);
           V f = one;
@@ -752,7 +760,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
             const V du = d * f * (one - f);
             stv(du, dxr + cf.of + j, n);
             if (dus) stv(du, dus + cf.sf + j, n);
-            if (pf) { dcp = at::vec::fmadd(du, ldv(pf + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pf + j, n)), A_pf + j, n); }
+            if (prm.pf) { dcp = at::vec::fmadd(du, ldv(prm.pf + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pf + j, n)), A_pf + j, n); }
           }
           if (cf.has_i) {
             V d = dc * g;
@@ -761,7 +769,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
             const V du = d * i * (one - i);
             stv(du, dxr + cf.oi + j, n);
             if (dus) stv(du, dus + cf.si + j, n);
-            if (pi) { dcp = at::vec::fmadd(du, ldv(pi + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pi + j, n)), A_pi + j, n); }
+            if (prm.pi) { dcp = at::vec::fmadd(du, ldv(prm.pi + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pi + j, n)), A_pi + j, n); }
           }
           stv(dcp, dcr + j, n);
         }
@@ -774,8 +782,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
             T* dz = dxr + k * H;
             const T* ah = AHp + tb * R + k * H;
             const T* rh = RHp + tb * R + k * H;
-            const T* gi = glnih + k * H;
-            const T* gh = gln + k * H;
+            const T* gi = prm.glnih + k * H;
+            const T* gh = prm.gln + k * H;
             T* aih = A_ih + k * H;
             T* ahh = A_hh + k * H;
             T* abi = A_bi + k * H;
@@ -786,7 +794,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
               const V d = ldv(dz + j, n), av = ldv(ah + j, n), rv = ldv(rh + j, n);
               stv(at::vec::fmadd(d, av, ldv(aih + j, n)), aih + j, n);
               stv(at::vec::fmadd(d, rv, ldv(ahh + j, n)), ahh + j, n);
-              if (biasp) stv(ldv(abi + j, n) + d, abi + j, n);
+              if (prm.biasp) stv(ldv(abi + j, n) + d, abi + j, n);
               const V dai = d * ldv(gi + j, n), drh = d * ldv(gh + j, n);
               sa1 = sa1 + dai; sa2 = at::vec::fmadd(dai, av, sa2);
               sr1 = sr1 + drh; sr2 = at::vec::fmadd(drh, rv, sr2);
