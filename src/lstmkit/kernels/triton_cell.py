@@ -140,17 +140,59 @@ def gg_tile(w, SK: tl.constexpr, SJ: tl.constexpr, H, NSH, ch, m, OP: tl.constex
 
 
 @triton.jit
-def persistent_block(pid, B, H, HO, BB: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr):
-    """The indices of persistent program ``pid``: batch rows rb (BB,), their mask rm and
-    int64 copy rb64, cells ch (BH,) and outputs co (BO,) with masks cm, om, and the tile
-    masks m2 (BB, BH) and mo2 (BB, BO)."""
-    rb = pid * BB + tl.arange(0, BB)
+def rnn_act(u, RELU: tl.constexpr):
+    """The plain RNN's h = act(u): relu or tanh."""
+    if RELU:
+        h = tl.where(u < 0, 0.0, u)
+    else:
+        h = tanh(u)
+    return h
+
+
+@triton.jit
+def rnn_act_bwd(y, row, HO, ch, m2, dh, RELU: tl.constexpr, CT: tl.constexpr, BB: tl.constexpr,
+                BH: tl.constexpr):
+    """The plain RNN's du from dh and the saved output h = y[row]: dh·[h > 0] (relu) or
+    dh·(1 − h²) (tanh); (BB, BH)."""
+    yt = ld(y, row, HO, 0, ch, m2, CT, True, BB, BH)
+    if RELU:
+        du = tl.where(yt > 0, dh, 0.0)
+    else:
+        du = dh * (1.0 - yt * yt)
+    return du
+
+
+@triton.jit
+def saved_cells(C, c0, row, rb64, t, B, H, ch, m2, CT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """(c_t, c_{t-1}) of the rows at step t from the saved C (T, B, H), c0 (B, H) at t = 0;
+    (BB, BH) each."""
+    cc = ld(C, row, H, 0, ch, m2, CT, True, BB, BH)
+    if t > 0:
+        cp = ld(C, row - B, H, 0, ch, m2, CT, True, BB, BH)
+    else:
+        cp = ld(c0, rb64, H, 0, ch, m2, CT, True, BB, BH)
+    return cc, cp
+
+
+@triton.jit
+def tile_block(pid_b, pid_c, B, N, BB: tl.constexpr, BN: tl.constexpr):
+    """The indices of tile (pid_b, pid_c) of a (B, N) grid: batch rows rb (BB,), their mask
+    rm and int64 copy rb64, columns ch (BN,) with mask cm, and the tile mask m2 (BB, BN)."""
+    rb = pid_b * BB + tl.arange(0, BB)
     rm = rb < B
-    ch = tl.arange(0, BH)
-    cm = ch < H
+    ch = pid_c * BN + tl.arange(0, BN)
+    cm = ch < N
+    return rb, rm, rb.to(tl.int64), ch, cm, rm[:, None] & cm[None, :]
+
+
+@triton.jit
+def persistent_block(pid, B, H, HO, BB: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr):
+    """The indices of persistent program ``pid``: those of :func:`tile_block` over all H
+    cells, and the outputs co (BO,) with mask om and the tile mask mo2 (BB, BO)."""
+    rb, rm, rb64, ch, cm, m2 = tile_block(pid, 0, B, H, BB, BH)
     co = tl.arange(0, BO)
     om = co < HO
-    return rb, rm, rb.to(tl.int64), ch, cm, co, om, rm[:, None] & cm[None, :], rm[:, None] & om[None, :]
+    return rb, rm, rb64, ch, cm, co, om, m2, rm[:, None] & om[None, :]
 
 
 @triton.jit

@@ -43,10 +43,13 @@ from lstmkit.kernels.triton_cell import (
     ld_dy,
     persistent_block,
     recurrent_tiles,
+    rnn_act,
+    rnn_act_bwd,
+    saved_cells,
     seq_lengths,
     st,
     step_gates,
-    tanh,
+    tile_block,
 )
 
 # ----------------------------------------------------------------------------- persistent
@@ -87,10 +90,7 @@ def persistent_forward(
         row = rb64 + t * B
         if RNN:
             u = ld(xg, row, R, 0, ch, m2, CT, True, BB, BH) + dot(h, w_g, OP, MMA).to(CT)
-            if RELU:
-                hn = tl.where(u < 0, 0.0, u)
-            else:
-                hn = tanh(u)
+            hn = rnn_act(u, RELU)
             hn = tl.where(cm[None, :], hn, 0.0)
             h = tl.where(v2, hn, h)
             st(y, row, HO, 0, ch, m2, tl.where(v2, hn, 0.0), True)
@@ -172,11 +172,7 @@ def persistent_backward(
         row = rb64 + t * B
         dht = tl.where(v2, ld_dy(dy, t, rb64, co, mo2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BO) + dh, 0.0)
         if RNN:
-            yt = ld(y, row, HO, 0, ch, m2, CT, True, BB, BH)
-            if RELU:
-                du = tl.where(yt > 0, dht, 0.0)
-            else:
-                du = dht * (1.0 - yt * yt)
+            du = rnn_act_bwd(y, row, HO, ch, m2, dht, RELU, CT, BB, BH)
             st(dxg, row, R, 0, ch, m2, du, True)
             dh = tl.where(v2, dot(du, tl.trans(w_g), OP, MMA).to(CT), dh)
         else:
@@ -185,11 +181,7 @@ def persistent_backward(
                 dhm = dot(dht, w_r, OP, MMA).to(CT)  # (BB, BH)
             else:
                 dhm = dht
-            cc = ld(C, row, H, 0, ch, m2, CT, True, BB, BH)
-            if t > 0:
-                cp = ld(C, row - B, H, 0, ch, m2, CT, True, BB, BH)
-            else:
-                cp = ld(c0, rb64, H, 0, ch, m2, CT, True, BB, BH)
+            cc, cp = saved_cells(C, c0, row, rb64, t, B, H, ch, m2, CT, BB, BH)
             i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
                                 bias, GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS, CT, EPS,
                                 BB, BH)
@@ -239,12 +231,7 @@ def step_forward(
     r = h_{t-1} W_hhᵀ (B, R) and fw = s_{t-1} W_ggᵀ (B, NSH) in CT; updates the states in
     place — c_s (B, H) CT, s_s (B, NSH) and h_s (B, HO) as GEMM operands — on valid rows;
     writes y[t] (projection: h̃ into m_s (B, H) for the next GEMM) and the buffers at t."""
-    rb = tl.program_id(0) * BB + tl.arange(0, BB)
-    rm = rb < B
-    rb64 = rb.to(tl.int64)
-    ch = tl.program_id(1) * BH + tl.arange(0, BH)
-    cm = ch < H
-    m2 = rm[:, None] & cm[None, :]
+    rb, rm, rb64, ch, cm, m2 = tile_block(tl.program_id(0), tl.program_id(1), B, H, BB, BH)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     valid = rm & (t < lens)
     v2 = valid[:, None]
@@ -252,10 +239,7 @@ def step_forward(
     row = rb64 + t * B
     if RNN:
         u = ld(xg, row, R, 0, ch, m2, CT, True, BB, BH) + ld(r, rb64, R, 0, ch, m2, CT, True, BB, BH)
-        if RELU:
-            hn = tl.where(u < 0, 0.0, u)
-        else:
-            hn = tanh(u)
+        hn = rnn_act(u, RELU)
         st(h_s, rb64, HO, 0, ch, vm2, hn, True)
         st(y, row, HO, 0, ch, m2, tl.where(v2, hn, 0.0), True)
     else:
@@ -286,14 +270,9 @@ def step_forward(
 def step_project(yp, h_s, y, lengths, t, T, B, HO, HAS_LEN: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
     """Projection, after the GEMM y_t = h̃ W_hrᵀ (yp (B, HO)): h_s ← y_t on valid rows;
     y[t] = y_t there, 0 elsewhere (grid: cdiv(B, BB) × cdiv(HO, BO))."""
-    rb = tl.program_id(0) * BB + tl.arange(0, BB)
-    rm = rb < B
-    rb64 = rb.to(tl.int64)
-    co = tl.program_id(1) * BO + tl.arange(0, BO)
-    om = co < HO
+    rb, rm, rb64, co, om, m2 = tile_block(tl.program_id(0), tl.program_id(1), B, HO, BB, BO)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     valid = rm & (t < lens)
-    m2 = rm[:, None] & om[None, :]
     v = tl.load(yp + rb64[:, None] * HO + co[None, :], mask=m2, other=0.0)
     st(h_s, rb64, HO, 0, co, valid[:, None] & om[None, :], v, True)
     st(y, rb64 + t * B, HO, 0, co, m2, tl.where(valid[:, None], v, 0.0), True)
@@ -306,11 +285,7 @@ def step_dh(dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, out, out_op, lengths, t, T, B, 
     """The gradient of y_t before masking, dy_t + the carried dh (dh_g = dh_{t+1}'s GEMM
     result on rows valid at t+1, else dh_n), zero on invalid rows: into ``out`` at row t·B + b
     (projection: dHP (T, B, P)) and, as the next GEMM's operand, ``out_op`` (B, HO) if SEP_OP."""
-    rb = tl.program_id(0) * BB + tl.arange(0, BB)
-    rm = rb < B
-    rb64 = rb.to(tl.int64)
-    co = tl.program_id(1) * BO + tl.arange(0, BO)
-    m2 = rm[:, None] & (co < HO)[None, :]
+    rb, rm, rb64, co, _, m2 = tile_block(tl.program_id(0), tl.program_id(1), B, HO, BB, BO)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     carry = ld(dh_n, rb64, HO, 0, co, m2, CT, True, BB, BO)
     if HAS_NEXT:
@@ -340,12 +315,7 @@ def step_backward(
     :func:`bwd_core`), the next GEMMs' operands dop (B, R) if SEP_OP (else dxg[t] or dR[t]
     is the operand) and fgr's dus (B, NSH), and adds to acc's row of this batch block."""
     pid_b = tl.program_id(0)
-    rb = pid_b * BB + tl.arange(0, BB)
-    rm = rb < B
-    rb64 = rb.to(tl.int64)
-    ch = tl.program_id(1) * BH + tl.arange(0, BH)
-    cm = ch < H
-    m2 = rm[:, None] & cm[None, :]
+    rb, rm, rb64, ch, cm, m2 = tile_block(pid_b, tl.program_id(1), B, H, BB, BH)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     valid = rm & (t < lens)
     nxt = rm & ((t + 1) < lens)
@@ -359,19 +329,11 @@ def step_backward(
             carry = tl.where(nxt[:, None], ld(dh_g, rb64, HO, 0, ch, m2, CT, True, BB, BH), carry)
         dhm = tl.where(v2, ld_dy(dy, t, rb64, ch, m2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BH) + carry, 0.0)
     if RNN:
-        yt = ld(y, row, HO, 0, ch, m2, CT, True, BB, BH)
-        if RELU:
-            du = tl.where(yt > 0, dhm, 0.0)
-        else:
-            du = dhm * (1.0 - yt * yt)
+        du = rnn_act_bwd(y, row, HO, ch, m2, dhm, RELU, CT, BB, BH)
         st(dxg, row, R, 0, ch, m2, du, True)
         st(dop, rb64, R, 0, ch, m2, du, SEP_OP)
     else:
-        cc = ld(C, row, H, 0, ch, m2, CT, True, BB, BH)
-        if t > 0:
-            cp = ld(C, row - B, H, 0, ch, m2, CT, True, BB, BH)
-        else:
-            cp = ld(c0, rb64, H, 0, ch, m2, CT, True, BB, BH)
+        cc, cp = saved_cells(C, c0, row, rb64, t, B, H, ch, m2, CT, BB, BH)
         i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
                             bias, GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS, CT, EPS, BB, BH)
         dc = tl.where(v2, ld(dc_s, rb64, H, 0, ch, m2, CT, True, BB, BH), 0.0)
