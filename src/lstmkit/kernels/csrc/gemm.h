@@ -92,6 +92,10 @@ struct Packed {
     npanels = (N + NR - 1) / NR;
     buf.resize((size_t)npanels * K * NR);
   }
+  // Thread tid of nth fills its contiguous share of the panels (a weight never init'ed has none).
+  void pack_share(int tid, int nth) {
+    pack_panels((int)((int64_t)npanels * tid / nth), (int)((int64_t)npanels * (tid + 1) / nth));
+  }
   // Fill panels [p0, p1) (callable from several threads on disjoint ranges).
   void pack_panels(int p0, int p1) {
     for (int p = p0; p < p1; ++p) {

@@ -340,12 +340,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   if (cf.fgr) phaseA[nA++] = GemmTask<T>{&Wgg, (int)B, ssp, lds, fwp, lds, false};
 
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
-    { // pack the weights (panels split across threads)
-      int64_t lo, hi;
-      split_range(Wp.npanels, tid, nth, lo, hi); Wp.pack_panels((int)lo, (int)hi);
-      if (cf.fgr) { split_range(Wgg.npanels, tid, nth, lo, hi); Wgg.pack_panels((int)lo, (int)hi); }
-      if (P > 0) { split_range(Whr.npanels, tid, nth, lo, hi); Whr.pack_panels((int)lo, (int)hi); }
-    }
+    Wp.pack_share(tid, nth); Wgg.pack_share(tid, nth); Whr.pack_share(tid, nth);  // absent ones: no panels
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
     bar.wait();
@@ -406,27 +401,26 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           if (cf.ln) return ldv(rr + off + j, n);
           return ldv(xr + off + j, n) + ldv(rr + off + j, n);
         };
+        // a sigmoid gate at column offset off (s offset soff): sigma(z [+ p * c] [+ fgr's input]),
+        // saved to G and to fgr's s
+        auto sig_gate = [&](int64_t off, int64_t soff, const T* peep, const V& c, int64_t j, int n) -> V {
+          V u = pre(off, j, n);
+          if (peep) u = at::vec::fmadd(ldv(peep + j, n), c, u);
+          if (fr) u = u + ldv(fr + soff + j, n);
+          const V a = sigm(u);
+          if (gr) stv(a, gr + off + j, n);
+          if (sr) stv(a, sr + soff + j, n);
+          return a;
+        };
         const V one(T(1));
         // loop 1: i, f, g -> c
         for (int64_t j = 0; j < H; j += VL) {
           const int n = (int)std::min<int64_t>(VL, H - j);
           const V cp = ldv(cr + j, n);
           V i = one, f = one, g;
-          if (cf.has_i) {
-            V u = pre(cf.oi, j, n);
-            if (prm.pi) u = at::vec::fmadd(ldv(prm.pi + j, n), cp, u);
-            if (fr) u = u + ldv(fr + cf.si + j, n);
-            i = sigm(u);
-            if (gr) stv(i, gr + cf.oi + j, n);
-            if (sr) stv(i, sr + cf.si + j, n);
-          }
+          if (cf.has_i) i = sig_gate(cf.oi, cf.si, prm.pi, cp, j, n);
           if (cf.has_f) {
-            V u = pre(cf.of, j, n);
-            if (prm.pf) u = at::vec::fmadd(ldv(prm.pf + j, n), cp, u);
-            if (fr) u = u + ldv(fr + cf.sf + j, n);
-            f = sigm(u);
-            if (gr) stv(f, gr + cf.of + j, n);
-            if (sr) stv(f, sr + cf.sf + j, n);
+            f = sig_gate(cf.of, cf.sf, prm.pf, cp, j, n);
           } else if (cf.cifg) {
             f = one - i;
           }
@@ -448,14 +442,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           const int n = (int)std::min<int64_t>(VL, H - j);
           const V c = ldv(cr + j, n);
           V o = one;
-          if (cf.has_o) {
-            V u = pre(cf.oo, j, n);
-            if (prm.po) u = at::vec::fmadd(ldv(prm.po + j, n), c, u);
-            if (fr) u = u + ldv(fr + cf.so + j, n);
-            o = sigm(u);
-            if (gr) stv(o, gr + cf.oo + j, n);
-            if (sr) stv(o, sr + cf.so + j, n);
-          }
+          if (cf.has_o) o = sig_gate(cf.oo, cf.so, prm.po, c, j, n);
           V m = c;
           if (prm.cw) m = at::vec::fmadd((c - V(cmean)) * V(crstd), ldv(prm.cw + j, n), ldv(prm.cb + j, n));
           V h = o * (cf.noaf ? m : vtanh<T>(m));
@@ -577,12 +564,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& Gs, const at::Tensor& Cs
   for (int64_t t1 = Tn; t1 > 0 || (Tn == 0 && !packed); t1 -= Tc) {
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc);
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
-    if (!packed) {
-      int64_t lo, hi;
-      split_range(Wt.npanels, tid, nth, lo, hi); Wt.pack_panels((int)lo, (int)hi);
-      if (cf.fgr) { split_range(Wggt.npanels, tid, nth, lo, hi); Wggt.pack_panels((int)lo, (int)hi); }
-      if (P > 0) { split_range(Whrt.npanels, tid, nth, lo, hi); Whrt.pack_panels((int)lo, (int)hi); }
-    }
+    if (!packed) { Wt.pack_share(tid, nth); Wggt.pack_share(tid, nth); Whrt.pack_share(tid, nth); }
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
     T* A = accp + tid * NACC;  // this thread's accumulators (AccLayout)
