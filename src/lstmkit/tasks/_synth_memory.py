@@ -421,14 +421,19 @@ class CopyTask(SampledTask):
     @classmethod
     def recipe(cls, options: Mapping[str, Any]) -> dict[str, Any]:
         """Chrono initialisation for lags up to 1.25 (T + 20), H = 128, Adam 3e-3, batch 32,
-        clip 1, up to 25,000 steps, evaluated every 200.
+        clip 1, 20,000 steps evaluated every 200, the weights of the best validation
+        cross-entropy kept; **no early stop** (``stop_at_target=False``).
 
-        Measured at T = 100 (docs/results.md): see there; lr 1e-3 is about 3x slower, and
-        a constant forget bias (``fb=5``) had not left the plateau after 350,000 sequences.
+        The cross-entropy falls smoothly through the threshold, so weights kept at the first
+        validation evaluation that crosses it sit on the threshold and their test value
+        lands on either side (seed 2 of a stop-at-target recipe: validation 0.01730, test
+        0.01772, threshold 0.01733); training on to the budget leaves a margin. Measured at
+        T = 100 (docs/results.md): see there; lr 1e-3 is about 3x slower, and a constant
+        forget bias (``fb=5``) had not left the plateau after 350,000 sequences.
         """
         length = cls.option(options, "length")
         return {"cell": f"chrono={round(1.25 * (length + 20))}", "hidden_size": 128, "lr": 3e-3,
-                "batch_size": 32, "steps": 25_000, "eval_every": 200}
+                "batch_size": 32, "steps": 20_000, "eval_every": 200, "stop_at_target": False}
 
     @property
     def baseline(self) -> float:
