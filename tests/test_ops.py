@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lstmkit
-from lstmkit import kernels
+from lstmkit import cell, kernels
 from lstmkit.kernels import abi, cpu_ext, ops
 from lstmkit.spec import resolve
 
@@ -71,6 +71,7 @@ def test_compiled_abi_equals_abi_module():
     assert tuple(compiled["flag_bits"]) == tuple(abi.flag(n) for n in abi.FLAGS)
     assert tuple(compiled["params"]) == abi.PARAMS
     assert tuple(compiled["buffers"]) == abi.BUFFERS
+    assert compiled["ln_eps"] == cell.LN_EPS
 
 
 def test_schema_names_every_parameter_and_buffer_in_abi_order():

@@ -10,14 +10,16 @@ Three ordered lists define how a layer-direction crosses into a kernel:
 * :data:`BUFFERS` — what the forward keeps for backward (and for the trace), in the order of
   the operator's ``buffers`` output, with their shapes given by :func:`buffer_shapes`.
 
-The C++ kernel does not restate them: :func:`header` writes them as a C++ header that the
-build compiles in (``lstmkit_abi.h``), and the built extension reports the constants it was
-compiled with (``abi()``), which a test compares with this module. The Triton kernels read
+The C++ kernel does not restate them, nor layer norm's epsilon (:data:`lstmkit.cell.LN_EPS`):
+:func:`header` writes them as a C++ header that the build compiles in (``lstmkit_abi.h``),
+and the built extension reports the constants it was compiled with (``abi()``), which a test
+compares with this module. The Triton kernels read
 this module directly.
 """
 
 from __future__ import annotations
 
+from lstmkit.cell import LN_EPS
 from lstmkit.spec import CellSpec
 
 __all__ = ["FLAGS", "PARAMS", "BUFFERS", "flags", "flag", "buffer_shapes", "header"]
@@ -89,5 +91,6 @@ def header() -> str:
                   f"constexpr const char* {enum.upper()}_NAMES[] = {{"
                   + ", ".join(f'"{n}"' for n in names) + "};"]
     lines.append("constexpr const char* FLAG_NAMES[] = {" + ", ".join(f'"{n}"' for n in FLAGS) + "};")
+    lines += ["", "// layer norm's epsilon (lstmkit.cell.LN_EPS)", f"constexpr double LN_EPS = {LN_EPS!r};"]
     lines += ["", "}  // namespace lk::abi", ""]
     return "\n".join(lines)

@@ -38,7 +38,8 @@ from lstmkit.kernels import abi, ops
 __all__ = ["available", "load", "build", "capability", "build_dir", "forward", "backward", "IMPL"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("recurrence.cpp", "gemm.h", "parallel.h")
+#: Every source file of the extension (recurrence.cpp includes the headers): the build key hashes them all.
+_SOURCES = tuple(sorted(p.name for p in _CSRC.iterdir() if p.suffix in (".cpp", ".h")))
 _lock = threading.Lock()
 _ext: Any = None
 _failed: str | None = None
