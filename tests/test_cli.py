@@ -80,6 +80,9 @@ def test_tasks_command_lists_tasks_and_options(capsys):
     assert run(["tasks", "copy"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("copy: Copy memory") and "  length = 100" in out
+    cfg = TrainConfig.for_task("copy", {})  # what `lstmkit train copy` runs: the recipe is printed
+    assert f"  cell={cfg.cell}, hidden_size={cfg.hidden_size}, lr={cfg.lr}," in out
+    assert f"steps={cfg.steps}," in out and "stop_at_target=False" in out
     fails(capsys, ["tasks", "addng"], "unknown task 'addng' (did you mean 'adding'?)")
 
 

@@ -182,6 +182,13 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
     print(f"run directory: {out}")
 
 
+def _recipe_text(task: str) -> str:
+    """The settings ``lstmkit train TASK`` takes from the task's recipe at its default options."""
+    from lstmkit.tasks.base import task_recipe
+
+    return ", ".join(f"{k}={v}" for k, v in task_recipe(task).items()) or "-"
+
+
 def _tasks(args: argparse.Namespace) -> int:
     from lstmkit.tasks.base import task_description, task_names, task_options
 
@@ -191,12 +198,15 @@ def _tasks(args: argparse.Namespace) -> int:
         print("options (-o KEY=VALUE):")
         for k, v in opts.items():
             print(f"  {k} = {v!r}")
+        print(f"recipe (what `lstmkit train {args.task}` uses at these options; a setting given on the command "
+              f"line replaces it):\n  {_recipe_text(args.task)}")
         return 0
     for name in task_names():
         first = task_description(name).splitlines()[0] if task_description(name) else ""
         opts = ", ".join(f"{k}={v!r}" for k, v in task_options(name).items() if k != "seed")
         print(f"{name:<16} {first}")
         print(f"{'':<16} options: {opts or '-'}")
+        print(f"{'':<16} recipe: {_recipe_text(name)}")
     return 0
 
 
