@@ -197,6 +197,10 @@ def _recipe_text(cfg: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in keep.items()) or "defaults"
 
 
+def _capability(cap: str) -> str:
+    return "CPU capability not recorded" if cap == "?" else cap
+
+
 def _label(row: Row) -> str:
     opts = " ".join(f"{k}={v}" for k, v in row.options.items())
     return f"`{row.task}`" + (f" {opts}" if opts else "")
@@ -206,7 +210,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
     """docs/results.md from the recorded runs of today's recipes."""
     runs = current(records)
     machines = sorted({f"{r['environment']['cpu']} ({r['environment']['cores']} cores, "
-                       f"{r['environment']['cpu_capability']}), {r['environment']['threads']} thread per run, "
+                       f"{_capability(r['environment']['cpu_capability'])}), {r['environment']['threads']} thread "
+                       f"per run, "
                        f"torch {r['environment']['torch']}" for r in runs.values()})
     dates = sorted(r["environment"]["date"][:10] for r in runs.values())
     total = sum(r["wall_s"] for r in runs.values())
