@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lstmkit._suggest import did_you_mean
 from lstmkit.nn import LSTM, RNN
-from lstmkit.spec import INIT_FIELDS, preset_names, resolve
+from lstmkit.spec import resolve
 
 __all__ = ["TrainConfig", "SequenceModel", "Option", "option_of", "parameter_count", "MAX_PARAMETERS",
            "MAX_ACTIVATIONS"]
@@ -234,14 +234,7 @@ class TrainConfig:
 def _check_cell(cell: Any) -> None:
     if not isinstance(cell, str):
         raise ValueError(f"cell: expected a variant name, got {cell!r}")
-    names = preset_names()
-    words = [n for n in names if "<" not in n]
-    valued = {n.partition("=")[0] for n in names if "=" in n} | {*INIT_FIELDS, "forget_bias", "cell_clip"}
-    for word in (w.strip() for w in cell.lower().split("+")):
-        if word not in words and not ("=" in word and word.partition("=")[0] in valued):
-            raise ValueError(f"cell: unknown variant {word!r} in {cell!r}{did_you_mean(word, words)}; expected "
-                             f"names from {names} joined with '+'")
-    spec = resolve(cell)  # an impossible combination raises with the reason
+    spec = resolve(cell)  # an unknown word or an impossible combination raises with the reason
     if not spec.is_lstm:
         raise ValueError(f"cell: {cell!r} is the plain RNN; use --model rnn instead")
 

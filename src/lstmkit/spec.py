@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lstmkit._suggest import did_you_mean
 from lstmkit.layout import GATE_NAMES, GATES
 
 __all__ = ["CellSpec", "PRESETS", "INIT_FIELDS", "resolve", "preset_names", "MAX_GATE_WIDTH"]
@@ -432,9 +433,10 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
                 except ValueError:
                     raise ValueError(f"cell: cannot read {word!r}: {value!r} is not a number") from None
             else:
+                words = [n for n in preset_names() if "<" not in n]
                 raise ValueError(
-                    f"cell: unknown variant {word!r} in {cell!r}; expected names from "
-                    f"{preset_names()} joined with '+', or a CellSpec"
+                    f"cell: unknown variant {word!r} in {cell!r}{did_you_mean(word, words)}; expected "
+                    f"names from {preset_names()} joined with '+', or a CellSpec"
                 )
         spec = CellSpec(**fields)
     else:
