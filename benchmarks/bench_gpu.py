@@ -41,7 +41,9 @@ if not torch.cuda.is_available():  # the dry run on a CPU: Triton's interpreter 
 import lstmkit  # noqa: E402
 from lstmkit import kernels  # noqa: E402
 
-SHAPES = [(1, 100, 32, 32), (32, 100, 128, 128), (64, 100, 256, 256), (64, 200, 512, 512),
+#: (B, T, I, H), in the order they are run: the most telling first, so that a run cut short by
+#: ``--budget`` (a GPU lent for minutes) still answers the main questions.
+SHAPES = [(64, 100, 256, 256), (1, 100, 32, 32), (32, 100, 128, 128), (64, 200, 512, 512),
           (32, 100, 1024, 1024), (256, 50, 256, 256)]
 VARIANTS = ["vanilla", "peephole", "nig", "nfg", "nog", "niaf", "noaf", "cifg", "fgr", "layernorm", "clip=3",
             "peephole+cifg+layernorm", "projection"]
@@ -249,6 +251,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['repeats']} repeats after warm-up (reference loop: {result['slow_repeats']}), CUDA events.", "",
              "Ratios are time ÷ torch.nn.LSTM's (cuDNN, vanilla, float32) at the same shape and mode; "
              "below 1 is faster. `×ref` is the reference loop's time ÷ the Triton row's.", ""]
+    if not result.get("complete", True):
+        lines[2:2] = ["**Incomplete**: the run stopped (time budget or limit) before every shape was measured.", ""]
     if result.get("dry_run"):
         lines[2:2] = ["**Dry run** (tiny shapes, no warm-up, one repeat; on a CPU through Triton's interpreter): "
                       "it checks the code paths and measures nothing.", ""]
@@ -350,6 +354,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--no-paths", action="store_true", help="skip the persistent-vs-per-step section")
     ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="warm-up processes")
     ap.add_argument("--aot", action="store_true", help="write results/gpu_kernels_aot.md (no GPU needed)")
+    ap.add_argument("--budget", type=float, default=math.inf,
+                    help="seconds: start no new shape after this (results are written after every shape)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -368,17 +374,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                               "repeats": repeats, "slow_repeats": slow_repeats, "dry_run": args.dry_run,
                               "rows": [], "paths": []}
     t0 = time.perf_counter()
+    stem = "bench_gpu_dry_run" if args.dry_run else "bench_gpu"
+
+    def write(final: bool) -> None:
+        """JSON and markdown of what is measured so far (a run killed later keeps them)."""
+        result["seconds"] = time.perf_counter() - t0
+        result["complete"] = final
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (args.out / f"{stem}.md").write_text(markdown(result))
+
     if device.type == "cuda" and args.jobs > 1:
         warm_up(shapes, VARIANTS, [] if args.no_paths else path_shapes, args.jobs)
-    for shape in shapes:
-        result["rows"] += bench_shape(shape, VARIANTS, device, repeats, slow_repeats, not args.no_reference, warmup)
-    if not args.no_paths:
-        for shape in path_shapes:
+    # The first shape, then the (quick) path section, then the other shapes.
+    work = [("rows", s) for s in shapes[:1]] + ([] if args.no_paths else [("paths", s) for s in path_shapes])
+    work += [("rows", s) for s in shapes[1:]]
+    complete = True
+    for k, (section, shape) in enumerate(work):
+        if time.perf_counter() - t0 > args.budget:
+            print(f"budget of {args.budget:.0f} s spent: skipped {[s for _, s in work[k:]]}", flush=True)
+            complete = False
+            break
+        if section == "rows":
+            result["rows"] += bench_shape(shape, VARIANTS, device, repeats, slow_repeats, not args.no_reference,
+                                          warmup)
+        else:
             result["paths"] += bench_paths(shape, device, repeats, warmup)
-    result["seconds"] = time.perf_counter() - t0
-    stem = "bench_gpu_dry_run" if args.dry_run else "bench_gpu"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(result))
+        write(final=False)
+    write(final=complete)
     print(markdown(result))
     print(f"total {result['seconds']:.0f} s", flush=True)
     return result

@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
-# One prepared GPU session (planned for about 15 minutes of one H100): the GPU benchmark,
-# then the CUDA tests of the Triton kernels; results and logs land in benchmarks/results/.
+# One prepared GPU session (sized for a lease of about 15 minutes of one H100/H200, start-up
+# included): the CUDA tests of the Triton kernels, then the GPU benchmark under a time budget;
+# results and logs land in benchmarks/results/ (the benchmark writes after every shape, so a
+# run cut short keeps what it measured).
 #
 #   bash benchmarks/gpu_session.sh            # from the repository root, on the GPU machine
+#   TESTS_S=150 BENCH_S=240 bash benchmarks/gpu_session.sh   # the two parts' time limits
 #
 # Needs torch with CUDA, triton >= 3.6, numpy and tqdm (lstmkit's imports), pytest for the
-# tests; lstmkit itself runs from src/ (no install). Each part has its own time limit so
-# that a slow part cannot eat the other's budget.
+# tests (pytest-xdist, if present, spreads the Triton builds over the cores); lstmkit itself
+# runs from src/ (no install). Each part has its own limit so a slow part cannot eat the other's.
 set -u
 cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
-export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
-python - <<'EOF' | tee "$out/gpu_session_env.txt"
-import importlib.util, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
-for m in ("triton", "numpy", "tqdm", "pytest"):
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+TESTS_S=${TESTS_S:-150}
+BENCH_S=${BENCH_S:-240}
+python - <<'PY' 2>&1 | tee "$out/gpu_session_env.txt"
+import importlib.util, os, platform, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
+      torch.cuda.get_device_name(0), "python", platform.python_version(), "cpus", os.cpu_count())
+for m in ("triton", "numpy", "tqdm", "pytest", "xdist"):
     spec = importlib.util.find_spec(m)
-    print(m, "missing" if spec is None else __import__(m).__version__ if hasattr(__import__(m), "__version__") else "ok")
-EOF
-# 1. The benchmark (< 8 min planned; its Triton builds are warmed in parallel first).
-timeout 540 python benchmarks/bench_gpu.py 2>&1 | tee "$out/bench_gpu.log"
-# 2. The CUDA tests: the CUDA-only matrix and the float64 tests of every variant on both paths.
-timeout 300 python -m pytest tests/test_triton.py -q -x -p no:cacheprovider \
+    print(m, "missing" if spec is None else getattr(__import__(m), "__version__", "ok"))
+PY
+# 1. The CUDA tests: the CUDA-only matrix and the float64 tests of every variant on both paths.
+par=$(python -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
+timeout "$TESTS_S" python -m pytest tests/test_triton.py -q -p no:cacheprovider $par --tb=short -rf \
     -k "cuda or every_variant_float64 or record_mode or nan" 2>&1 | tee "$out/test_triton_cuda.log"
+# 2. The benchmark (its Triton builds are warmed in parallel first; no shape starts after the budget).
+timeout $((BENCH_S + 60)) python benchmarks/bench_gpu.py --budget "$BENCH_S" 2>&1 | tee "$out/bench_gpu.log"
