@@ -6,6 +6,7 @@ curves and the criterion — not a blank page or the browser's error page."""
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -56,20 +57,30 @@ def page(tmp_path_factory) -> Path:
     return report.write_report(root / "run", gradflow=False)
 
 
+def _shows_pictures(img: np.ndarray) -> bool:
+    """The embedded PNGs are decoded and drawn: the curve and the criterion line of the
+    training-curves picture are on screen (an error page or a broken image has neither)."""
+    return _pixels(img, TAB_BLUE) > 200 and _pixels(img, TAB_GREEN) > 100
+
+
 def test_the_report_renders_in_a_headless_browser(page, tmp_path):
     img = _screenshot(page, tmp_path / "shot.png", tmp_path / "profile")
     assert img.shape == (HEIGHT, WIDTH, 3)
     white = (img >= 250).all(-1).mean()
     assert 0.3 < white < 0.97, white  # a page with content, neither blank nor all ink
-    # the embedded PNGs are decoded and drawn: the curve and the criterion line of the
-    # training-curves picture are on screen (an error page or a broken image has neither)
-    assert _pixels(img, TAB_BLUE) > 200
-    assert _pixels(img, TAB_GREEN) > 100
+    assert _shows_pictures(img)
     # the heading is drawn as text at the top left (dark pixels), the contents below it
     assert (img[:80, :600] < 80).all(-1).sum() > 300
 
 
-def test_the_browser_shows_its_error_page_for_a_missing_file(tmp_path):
-    """The checks above can fail: the page of a missing file has none of the pictures."""
-    img = _screenshot(tmp_path / "missing.html", tmp_path / "shot.png", tmp_path / "profile")
-    assert _pixels(img, TAB_BLUE) < 50 and _pixels(img, TAB_GREEN) < 50
+def test_the_picture_check_fails_on_the_report_without_its_pictures(page, tmp_path):
+    """The checks above can fail: the same report with its embedded images emptied renders
+    its text (the browser ran and drew the page) but none of the pictures."""
+    html = page.read_text(encoding="utf-8")
+    stripped, n = re.subn(r'src="data:image/png;base64,[^"]*"', 'src=""', html)
+    assert n >= 1, "the report embeds no PNG: the test below would prove nothing"
+    bare = tmp_path / "bare.html"
+    bare.write_text(stripped, encoding="utf-8")
+    img = _screenshot(bare, tmp_path / "shot.png", tmp_path / "profile")
+    assert (img[:80, :600] < 80).all(-1).sum() > 300  # the heading is there: a real page
+    assert not _shows_pictures(img)
