@@ -336,7 +336,7 @@ def test_unreadable_sources_fail_cleanly(main, capsys, tmp_path):
     _fails(main, capsys, [tmp_path / "two.pt", out], "holds 2 recurrent layers")
     _fails(main, capsys, [tmp_path / "huge.safetensors", out],
            "weight_ih_l0: expected shape (4000000, 3) for lstmkit.LSTM(3, 1000000), got (16, 3)")
-    _fails(main, capsys, [tmp_path / "damaged.safetensors", out], "damaged metadata (no readable 'config')")
+    _fails(main, capsys, [tmp_path / "damaged.safetensors", out], "damaged metadata (no readable 'config'")
     assert _snapshot(tmp_path) == before  # no output, no temporary, inputs untouched
 
 

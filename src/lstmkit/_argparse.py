@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from lstmkit._suggest import did_you_mean
+from lstmkit._validate import loads_json
 from lstmkit.config import Option, TrainConfig, option_of
 
 __all__ = ["Parser", "add_config_options", "config_values", "key_value", "default_text"]
@@ -75,9 +76,13 @@ def key_value(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key.replace("-", "_"), json.loads(value)
+        json.loads(value)
     except json.JSONDecodeError:
         return key.replace("-", "_"), value
+    try:
+        return key.replace("-", "_"), loads_json(value, key)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def default_text(f: dataclasses.Field[Any]) -> str:

@@ -14,6 +14,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor, nn
 
+from lstmkit._validate import check_bool
 from lstmkit.layout import GATE_NAMES, GATES, gate_slices
 
 __all__ = ["GateView", "gate_views", "describe"]
@@ -49,7 +50,7 @@ class GateView:
                  mlp: list[tuple[Tensor, Tensor | None]] | None = None) -> None:
         self.letter = letter
         self.name = GATE_NAMES[GATES.index(letter)]
-        self.present = present
+        self.present = check_bool("present", present)
         self.note = note
         self.activation = activation
         self.W_x, self.W_h, self.b_x, self.b_h = W_x, W_h, b_x, b_h

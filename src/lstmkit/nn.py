@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from lstmkit import cell as cell_eqs
+from lstmkit._validate import check_bool, check_int
 from lstmkit.kernels.onnx_export import exporting
 from lstmkit.layout import gate_slices, layer_param_shapes, suffix
 from lstmkit.loop import StackOut, run_stack
@@ -27,13 +28,6 @@ from lstmkit.spec import INIT_FIELDS, CellSpec, resolve
 __all__ = ["LSTM", "RNN", "LSTMCell", "check_packed_sequence"]
 
 State = tuple[Tensor, Tensor]
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -173,10 +167,13 @@ class _Recurrent(nn.Module):
                  proj_size: int, device: Any, dtype: Any, backend: str | None,
                  check_finite: bool) -> None:
         super().__init__()
-        _check_int("input_size", input_size, 1)
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("num_layers", num_layers, 1)
-        _check_int("proj_size", proj_size, 0)
+        check_int("input_size", input_size, 1)
+        check_int("hidden_size", hidden_size, 1)
+        check_int("num_layers", num_layers, 1)
+        check_int("proj_size", proj_size, 0)
+        for name, flag in (("bias", bias), ("batch_first", batch_first), ("bidirectional", bidirectional),
+                           ("check_finite", check_finite)):
+            check_bool(name, flag)
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
                 or not 0.0 <= float(dropout) <= 1.0:
             raise ValueError(f"dropout: expected a number in [0, 1], got {dropout!r}")
@@ -210,10 +207,13 @@ class _Recurrent(nn.Module):
         self.check_finite = check_finite
         if backend is not None:
             from lstmkit import kernels
-            if backend not in kernels.REGISTRY:
+            if not isinstance(backend, str) or backend not in kernels.REGISTRY:
                 raise ValueError(
                     f"backend: unknown kernel {backend!r}; expected one of {list(kernels.REGISTRY)}"
                 )
+            why = kernels.REGISTRY[backend].refuses(spec)
+            if why:
+                raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
         device = _check_device(device)
         _check_dtype(dtype)
         _check_memory(spec, input_size, hidden_size, num_layers, bidirectional, proj_size, bias, device, dtype)
@@ -294,12 +294,8 @@ class _Recurrent(nn.Module):
         return {base: getattr(self, full) for base, full in self._param_names[layer][direction].items()}
 
     def _check_layer_direction(self, layer: int, direction: int) -> None:
-        if not (isinstance(layer, int) and 0 <= layer < self.num_layers):
-            raise ValueError(f"layer: expected an int in [0, {self.num_layers - 1}], got {layer!r}")
-        if not (isinstance(direction, int) and 0 <= direction < self.num_directions):
-            raise ValueError(
-                f"direction: expected an int in [0, {self.num_directions - 1}], got {direction!r}"
-            )
+        check_int("layer", layer, 0, self.num_layers - 1)
+        check_int("direction", direction, 0, self.num_directions - 1)
 
     def flatten_parameters(self) -> None:
         """A no-op kept for ``torch.nn.LSTM`` compatibility (lstmkit has no cuDNN flat buffer)."""
@@ -591,6 +587,7 @@ class LSTMCell(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device: Any = None,
                  dtype: Any = None, *, cell: str | CellSpec = "vanilla", check_finite: bool = True) -> None:
         super().__init__()
+        check_bool("check_finite", check_finite)
         spec = resolve(cell)
         if not spec.is_lstm:
             raise ValueError("cell: LSTMCell takes LSTM variants, not the plain RNN")

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import _atomic
+from lstmkit._validate import loads_json
 from lstmkit.config import SequenceModel, TrainConfig
 from lstmkit.tasks.base import Task, get_task
 
@@ -340,9 +341,9 @@ def read_checkpoint(path: str | os.PathLike[str], *, world: int | None = None) -
         raise CheckpointError(f"checkpoint: {p} is not an lstmkit checkpoint (format {meta.get('format')!r}, "
                               f"expected {FORMAT!r})")
     try:
-        cfg = TrainConfig.from_dict(json.loads(meta["config"]))
-        state = json.loads(meta["trainer"])
-    except (KeyError, json.JSONDecodeError) as exc:
+        cfg = TrainConfig.from_dict(loads_json(meta["config"], "config"))
+        state = loads_json(meta["trainer"], "trainer")
+    except KeyError as exc:
         raise CheckpointError(f"checkpoint: {p} has damaged metadata (no readable {exc})") from None
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint: {p}: its config is damaged ({exc})") from None
@@ -457,8 +458,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        value = loads_json(path.read_text(), "JSON")
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"run_dirs: {path} is not JSON ({exc})") from None
     return value if isinstance(value, dict) else None
 

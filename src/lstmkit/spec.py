@@ -57,8 +57,13 @@ def _freeze_gate_hidden(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
             f"to widths, e.g. {{'f': (16,)}}; got {value!r}"
         )
     out: dict[str, tuple[int, ...]] = {}
+    given: dict[str, str] = {}
     for key, widths in items:
         letter = _gate_letter(key, "gate_hidden")
+        if letter in given:
+            raise ValueError(f"gate_hidden: gate {letter!r} is given twice (as {given[letter]!r} and {key!r}); "
+                             f"give each gate's widths once")
+        given[letter] = key
         if not isinstance(widths, (tuple, list)):
             widths = (widths,)
         widths = tuple(widths)
@@ -420,18 +425,39 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
         spec = CellSpec(**cell)
     elif isinstance(cell, str):
         fields: dict[str, Any] = {}
+        set_by: dict[str, str] = {}  # field -> the word that set it
+        words: set[str] = set()
+
+        def put(word: str, changes: Mapping[str, Any]) -> None:
+            if word in words:
+                raise ValueError(f"cell: {word!r} is given twice in {cell!r}; give each option once")
+            words.add(word)
+            for name, value in changes.items():
+                if name in set_by:
+                    same = "is given twice" if set_by[name].partition("=")[0] == word.partition("=")[0] \
+                        else f"and {set_by[name]!r} both set {name}"
+                    raise ValueError(f"cell: {word!r} {same} in {cell!r}; give each option once")
+                set_by[name] = word
+                fields[name] = value
+
         for word in (w.strip() for w in cell.lower().split("+")):
             if word in _WORDS:
-                fields.update(_WORDS[word])
+                put(word, _WORDS[word])
             elif word.partition("=")[0] in ("deep", *_VALUE_WORDS) and "=" in word:
                 key, _, value = word.partition("=")
-                try:
-                    if key == "deep":
-                        fields["gate_hidden"] = tuple(int(v) for v in value.split("x"))
-                    else:
-                        fields[_VALUE_WORDS[key]] = float(value)
-                except ValueError:
-                    raise ValueError(f"cell: cannot read {word!r}: {value!r} is not a number") from None
+                if key == "deep":
+                    try:
+                        widths = tuple(int(v) for v in value.split("x"))
+                    except ValueError:
+                        raise ValueError(f"cell: cannot read {word!r}: {value!r} is not a whole number "
+                                         f"(or widths joined by 'x', e.g. deep=16x8)") from None
+                    put(word, {"gate_hidden": widths})
+                else:
+                    try:
+                        number = float(value)
+                    except ValueError:
+                        raise ValueError(f"cell: cannot read {word!r}: {value!r} is not a number") from None
+                    put(word, {_VALUE_WORDS[key]: number})
             else:
                 words = [n for n in preset_names() if "<" not in n]
                 raise ValueError(

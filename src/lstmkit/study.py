@@ -44,6 +44,7 @@ from typing import Any
 
 from lstmkit import _atomic
 from lstmkit._argparse import add_config_options, config_values, key_value
+from lstmkit._validate import check_int, loads_json
 from lstmkit.config import TrainConfig, option_of
 from lstmkit.spec import resolve
 
@@ -172,7 +173,7 @@ def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, An
     path = Path(run_dir)
     done = path / "result.json"
     if done.is_file():
-        result = json.loads(done.read_text())
+        result = loads_json(done.read_text(), str(done))
         if result.get("config") != config:
             raise ValueError(f"{path}: holds a finished run with other settings than this study's; "
                              f"nothing was touched (use another --out)")
@@ -234,9 +235,9 @@ def _prepare(cfg: StudyConfig, out: Path) -> None:
     mine["learning_rates"] = cfg.learning_rates()
     if settings.is_file():
         try:
-            theirs = json.loads(settings.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{settings}: not valid JSON ({exc.msg}); not an lstmkit study") from None
+            theirs = loads_json(settings.read_text(), "not valid JSON")
+        except ValueError as exc:
+            raise ValueError(f"{settings}: {exc}; not an lstmkit study") from None
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             detail = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff)
@@ -284,9 +285,7 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
 
     cfg.validate()
     out = Path(out)
-    jobs = jobs or os.cpu_count() or 1
-    if not 1 <= jobs <= 256:
-        raise ValueError(f"jobs: expected an int in [1, 256], got {jobs}")
+    jobs = (os.cpu_count() or 1) if jobs is None else check_int("jobs", jobs, 1, 256)
     task = get_task(cfg.task, seed=0, **cfg.train.get("task_options", {}))
     metric = cfg.metric or task.target.metric
     split = _selection_split(task)

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import _atomic
+from lstmkit._validate import check_bool, check_optional_bool, loads_json
 from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import CellSpec, resolve
 
@@ -269,9 +270,11 @@ def _read_safetensors(src: Path, cell: str | None, batch_first: bool | None) -> 
     fmt = meta.get("format")
     if fmt == SAFETENSORS_FORMAT:
         try:
-            cfg = json.loads(meta["config"])
-        except (KeyError, json.JSONDecodeError):
+            cfg = loads_json(meta["config"], "config")
+        except KeyError:
             raise ValueError(f"{where}: damaged metadata (no readable 'config')") from None
+        except ValueError as exc:  # not JSON, or a key given twice
+            raise ValueError(f"{where}: damaged metadata (no readable 'config': {exc})") from None
         if not isinstance(cfg, dict):
             raise ValueError(f"{where}: damaged metadata ('config' is not an object)")
         layer = layer_from_config(cfg, next(iter(tensors.values())).dtype if tensors else torch.float32, where,
@@ -282,13 +285,13 @@ def _read_safetensors(src: Path, cell: str | None, batch_first: bool | None) -> 
         return _load_strict(layer, tensors, where, _describe(layer))
     if fmt in _TRAIN_FORMATS:
         try:
-            tc = json.loads(meta["config"])
+            tc = loads_json(meta["config"], "config")
             prefix = _TRAIN_FORMATS[fmt] + "rnn."
             w = tensors[prefix + "weight_ih_l0"]
             cfg = {"kind": tc.get("model", "lstm"), "input_size": w.shape[1], "hidden_size": tc["hidden_size"],
                    "num_layers": tc["num_layers"], "bias": True, "batch_first": bool(batch_first),
                    "bidirectional": tc["bidirectional"], "proj_size": tc.get("proj_size", 0), "cell": tc["cell"]}
-        except (KeyError, json.JSONDecodeError, TypeError, AttributeError):
+        except (KeyError, ValueError, TypeError, AttributeError):
             raise ValueError(f"{where}: a training-run file ({fmt}) with damaged metadata or no rnn weights") \
                 from None
         layer = layer_from_config(cfg, w.dtype, where, {k[len(prefix):]: tuple(t.shape) for k, t in tensors.items()
@@ -396,6 +399,7 @@ def read_layer(src: str | os.PathLike[str], *, cell: str | None = None, batch_fi
     Raises:
         ValueError: missing, unreadable, corrupt or foreign file (the message says which).
     """
+    check_optional_bool("batch_first", batch_first)
     p = Path(src)
     fmt = file_format(p, "SRC")
     if not p.is_file():
@@ -526,6 +530,7 @@ def write_layer(layer: Layer, dst: str | os.PathLike[str], *, overwrite: bool = 
     """
     if not isinstance(layer, (LSTM, RNN)):
         raise TypeError(f"layer: expected an lstmkit LSTM or RNN, got {type(layer).__name__}")
+    check_bool("overwrite", overwrite)
     p = Path(dst)
     fmt = file_format(p, "DST")
     exists = f"DST: {p} exists; pass --overwrite (overwrite=True) to replace it"
@@ -554,6 +559,8 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ov
         ValueError: unreadable ``src``, unknown extension, a variant ``dst`` cannot carry.
         FileExistsError: ``dst`` exists and ``overwrite`` is False.
     """
+    check_bool("overwrite", overwrite)
+    check_optional_bool("batch_first", batch_first)
     fmt = file_format(dst, "DST")  # fail before reading anything
     file_format(src, "SRC")
     _atomic.check_writable(dst, overwrite=overwrite, what="DST",

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lstmkit._validate import check_bool
 from lstmkit.convert._checks import expect_shape, require_plain_lstm
 from lstmkit.layout import ORDERS
 from lstmkit.nn import LSTM
@@ -93,6 +94,7 @@ def from_keras(obj: Any, *, allow_go_backwards: bool = True) -> LSTM:
     Raises:
         TypeError / ValueError: something Keras-specific that an lstmkit LSTM cannot carry.
     """
+    check_bool("allow_go_backwards", allow_go_backwards)
     keras = _keras()
     layers = _lstm_layers(obj)
     first = layers[0]
@@ -141,6 +143,8 @@ def to_keras(layer: LSTM, return_sequences: bool = True, return_state: bool = Fa
     Raises:
         ValueError: a variant Keras' LSTM cannot carry (anything but vanilla, or projection).
     """
+    check_bool("return_sequences", return_sequences)
+    check_bool("return_state", return_state)
     require_plain_lstm(layer, "keras.layers.LSTM")
     keras = _keras()
     H = layer.hidden_size
@@ -177,6 +181,7 @@ def from_keras_file(path: str | os.PathLike[str], model: Any = None, *, allow_go
     Raises:
         ValueError: unknown extension, missing model for ``.weights.h5``, unreadable file.
     """
+    check_bool("allow_go_backwards", allow_go_backwards)
     keras = _keras()
     p = Path(path)
     if not p.is_file():

@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lstmkit._validate import check_bool, check_optional_bool
 from lstmkit.cell import LN_EPS
 from lstmkit.convert.onnx_import import METADATA_KEY, from_onnx, onnx_module
 from lstmkit.kernels import onnx_export
@@ -185,6 +186,9 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
             message says which and why); an unsupported opset, dtype or method.
         TypeError: ``model`` is not an lstmkit LSTM or RNN.
     """
+    check_optional_bool("batch_first", batch_first)
+    check_bool("initial_states", initial_states)
+    check_bool("sequence_lens", sequence_lens)
     onnx = _onnx()
     from onnx import TensorProto, helper
 

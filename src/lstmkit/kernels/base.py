@@ -41,9 +41,15 @@ class Kernel(ABC):
     name: str
     devices: tuple[str, ...]
 
+    def refuses(self, spec: CellSpec) -> str | None:
+        """Why this kernel can never run ``spec``, on any device and in any dtype, or None.
+        A layer built with ``backend=`` naming this kernel is refused at construction for it."""
+        return None
+
     @abstractmethod
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
-        """Why this kernel cannot run ``spec`` on ``device``/``dtype``, or None if it can."""
+        """Why this kernel cannot run ``spec`` on ``device``/``dtype`` (including
+        :meth:`refuses`), or None if it can."""
 
     def automatic(self, device: torch.device) -> bool:
         """Whether :func:`lstmkit.kernels.select` may choose this row by itself on ``device``

@@ -85,6 +85,11 @@ class FusedKernel(Kernel):
 
     #: Call this implementation directly (None: the operator dispatches on the device).
     impl: ops.Impl | None = None
+
+    def refuses(self, spec: CellSpec) -> str | None:
+        if spec.gate_hidden:
+            return "deep gates (gate_hidden) run on the 'reference' kernel"
+        return None
     #: The input projection's GEMM (``linear(x2d, W, b)``); None is ``F.linear``.
     linear: Any = None
 
@@ -168,10 +173,11 @@ class FusedCPUKernel(FusedKernel):
     linear = staticmethod(input_linear)
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+        why = self.refuses(spec)
+        if why:
+            return why
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             return f"it runs float32, float64, bfloat16 and float16, not {dtype}"
-        if spec.gate_hidden:
-            return "deep gates (gate_hidden) run on the 'reference' kernel"
         if not cpu_ext.available():
             return "the C++ extension could not be built (see the warning above)"
         return None
@@ -219,10 +225,11 @@ class TritonKernel(FusedKernel):
         return device.type == "cuda"  # the interpreter runs CPU tensors only when asked for by name
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+        why = self.refuses(spec)
+        if why:
+            return why
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             return f"it runs float32, float64, bfloat16 and float16, not {dtype}"
-        if spec.gate_hidden:
-            return "deep gates (gate_hidden) run on the 'reference' kernel"
         if not triton_available():
             return "Triton is not installed (pip install 'lstmkit[gpu]')"
         return None
