@@ -7,7 +7,7 @@ docs/results.md (and docs/results.json).
     python benchmarks/task_results.py --skip-recorded    # only the runs not recorded yet
     python benchmarks/task_results.py --markdown-only    # rebuild the page from the recorded runs
 
-A run is ``lstmkit.train.train`` of ``TrainConfig.for_task(task, options, seed=…)``: the
+A run is ``lstmkit.app.train.train`` of ``TrainConfig.for_task(task, options, seed=…)``: the
 task's recipe (``Task.recipe``) and nothing else, so each LSTM row is exactly what
 ``lstmkit train TASK -o …`` does. The comparison models change only the model and keep the
 recipe's budget: ``nfg`` is the recipe with the cell ``nfg`` (no forget gate, so no
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from lstmkit.train import TrainConfig, environment, train
+from lstmkit.app.train import TrainConfig, environment, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "benchmarks" / "results" / "task_runs.jsonl"

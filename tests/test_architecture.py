@@ -20,13 +20,13 @@ def _name(path: Path) -> str:
 
 def test_nothing_below_the_command_line_imports_it():
     for path in MODULES:
-        if _name(path) in ("lstmkit.cli", "lstmkit.__main__"):
+        if _name(path) in ("lstmkit.app.cli", "lstmkit.__main__"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                assert node.module != "lstmkit.cli", f"{_name(path)} imports the command line"
+                assert node.module != "lstmkit.app.cli", f"{_name(path)} imports the command line"
             elif isinstance(node, ast.Import):
-                assert all(a.name != "lstmkit.cli" for a in node.names), f"{_name(path)} imports the command line"
+                assert all(a.name != "lstmkit.app.cli" for a in node.names), f"{_name(path)} imports the command line"
 
 
 def test_no_module_uses_another_modules_private_names():
@@ -65,7 +65,7 @@ def test_every_file_is_written_through_atomic():
             code = line.split("#")[0]
             if WRITES.search(code) and not code.strip().startswith(("\"", "'", "*", ":")) \
                     and not re.search(r"_atomic\.write_(bytes|text|json)\(", code):
-                if _name(path) == "lstmkit.runs" and 'open(f, "a")' in code:  # one metrics line per evaluation
+                if _name(path) == "lstmkit.app.runs" and 'open(f, "a")' in code:  # one metrics line per evaluation
                     continue
                 if "(buf" in code:  # serialised into memory, then written through _atomic
                     continue

@@ -1,7 +1,7 @@
 """The command line explains itself and never fails badly: every mistake a newcomer or an
 adversary makes is one line naming what is wrong, exit code 2, and no file created or
 changed; checkpoints are checked against the model they describe before anything is read
-or allocated; a run directory is never stuck. Everything goes through ``lstmkit.cli.main``."""
+or allocated; a run directory is never stuck. Everything goes through ``lstmkit.app.cli.main``."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lstmkit.cli import main
-from lstmkit.config import TrainConfig, option_of
-from lstmkit.tasks.base import task_names
+from lstmkit.app.cli import main
+from lstmkit.app.config import TrainConfig, option_of
+from lstmkit.app.tasks.registry import task_names
 
 ADDING = ["train", "adding", "-o", "length=24", "--hidden", "8", "--batch-size", "8", "--eval-every", "10",
           "--threads", "1", "--quiet", "--no-stop-at-target", "--steps", "20"]
@@ -112,7 +112,7 @@ def test_for_task_defaults_then_given():
 
 def test_the_chorales_parse_announces_itself(monkeypatch, tmp_path, capsys):
     pytest.importorskip("music21")
-    from lstmkit.tasks import _chorales
+    from lstmkit.app.tasks import _chorales
 
     monkeypatch.setenv("LSTMKIT_CACHE", str(tmp_path))
     monkeypatch.setattr(_chorales, "_parse", lambda limit: (["a"], [torch.zeros(2, 128).numpy().astype("uint8")],

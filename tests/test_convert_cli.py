@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 import lstmkit  # noqa: E402
-from lstmkit import cli  # noqa: E402
+from lstmkit.app import cli  # noqa: E402
 from lstmkit.convert import convert_file, read_layer, write_layer  # noqa: E402
 
 RTOL = ATOL = 1e-5
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not sup
 
 @pytest.fixture
 def main():
-    """``lstmkit.cli.main``: returns the exit code."""
+    """``lstmkit.app.cli.main``: returns the exit code."""
     return cli.main
 
 
@@ -264,7 +264,7 @@ def test_keras_settings_no_lstmkit_file_records(main, capsys, tmp_path):
 
 
 def test_training_run_model_safetensors(main, capsys, tmp_path):
-    from lstmkit.train import TrainConfig, train
+    from lstmkit.app.train import TrainConfig, train
 
     cfg = TrainConfig(task="adding", task_options={"length": 24}, hidden_size=6, num_layers=2, bidirectional=True,
                       cell="peephole", batch_size=4, steps=2, eval_every=2, threads=1, stop_at_target=False,

@@ -3,8 +3,8 @@ report`` reads, and the printed table says what solved means and what was publis
 
 from __future__ import annotations
 
-from lstmkit import demo
-from lstmkit.cli import main
+from lstmkit.app import demo
+from lstmkit.app.cli import main
 
 
 def test_demo_trials_are_reported_and_compared_with_the_paper(tmp_path, capsys):

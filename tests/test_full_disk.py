@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 import lstmkit
-from lstmkit.cli import main
-from lstmkit.train import load_checkpoint
+from lstmkit.app.cli import main
+from lstmkit.app.train import load_checkpoint
 
 TRAIN = ["train", "adding", "-o", "length=24", "--hidden", "8", "--batch-size", "8", "--threads", "1", "--quiet",
          "--no-stop-at-target"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lstmkit.cli import main
+from lstmkit.app.cli import main
 
 ARGS = ["train", "adding", "-o", "length=24", "--hidden", "8", "--layers", "2", "--batch-size", "8",
         "--eval-every", "10", "--steps", "60", "--threads", "1", "--quiet", "--no-stop-at-target"]
@@ -27,8 +27,8 @@ CHILD = r"""
 import os, sys, time
 from pathlib import Path
 import lstmkit._atomic as atomic
-import lstmkit.runs as runs
-from lstmkit.cli import main
+import lstmkit.app.runs as runs
+from lstmkit.app.cli import main
 
 mode, marker, nth = os.environ["KILL_AT"], Path(os.environ["KILL_MARKER"]), int(os.environ.get("KILL_NTH", "1"))
 calls = [0]

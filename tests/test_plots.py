@@ -1,4 +1,4 @@
-"""lstmkit.plots and ``lstmkit plot``: every picture is a valid, non-empty PNG with the
+"""lstmkit.app.plots and ``lstmkit plot``: every picture is a valid, non-empty PNG with the
 expected titles and axis labels; files are never overwritten by accident; bad input
 fails with one clear line. Runs are tiny and trained in a temporary directory."""
 
@@ -16,11 +16,11 @@ import matplotlib.image
 import pytest
 import torch
 
-import lstmkit.runs as rundir
-from lstmkit import gradflow, plots
-from lstmkit.cli import main
+import lstmkit.app.runs as rundir
+from lstmkit.app import gradflow, plots
+from lstmkit.app.cli import main
+from lstmkit.app.train import TrainConfig, train
 from lstmkit.tracing import gradient_flow
-from lstmkit.train import TrainConfig, train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 H = 6
@@ -61,7 +61,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def cli(argv: list[str], capsys=None) -> int:
-    """``lstmkit plot …`` through lstmkit.cli.main: exit code, errors printed as one line."""
+    """``lstmkit plot …`` through lstmkit.app.cli.main: exit code, errors printed as one line."""
     return main(["plot", *argv])
 
 
@@ -180,7 +180,7 @@ def test_curves(runs, tmp_path):
 def _assert_target_and_baseline(ax) -> None:
     """The adding task's criterion (≥ 1 - 3/2560) and its constant-0.5 baseline are labelled
     horizontal lines, and the y axis spans both (no zoom that hides how far the runs are)."""
-    from lstmkit.tasks.synthetic import hochreiter_adding_baselines
+    from lstmkit.app.tasks.synthetic import hochreiter_adding_baselines
 
     threshold, baseline = 1 - 3 / 2560, hochreiter_adding_baselines(22)["accuracy"]
     lines = {line.get_label(): line for line in ax.get_lines()}
@@ -238,8 +238,8 @@ def test_gradflow_experiment_measures_the_models(tmp_path):
             assert s["t_mid"] == s["norms"][9]
     assert result["models"][2]["init"]["f_mean"] == 1.0 and result["models"][0]["init"]["f_mean"] is None
     # the init numbers are gradient_flow on the same initialisation, in float64
-    from lstmkit.tasks.base import get_task
-    from lstmkit.train import SequenceModel
+    from lstmkit.app.model import SequenceModel
+    from lstmkit.app.tasks.registry import get_task
 
     torch.manual_seed(0)
     model = SequenceModel(TrainConfig(task="adding", cell="vanilla", hidden_size=H), 2, 1).double()
@@ -343,8 +343,8 @@ def test_unknown_plot_kind(capsys):
 
 
 def test_main_dispatches_plot(runs, tmp_path, capsys):
-    """Through lstmkit.cli.main (whose parser imports every subcommand module)."""
-    from lstmkit import cli as cli_module
+    """Through lstmkit.app.cli.main (whose parser imports every subcommand module)."""
+    from lstmkit.app import cli as cli_module
 
     assert cli_module.main(["plot", "weights", str(runs["vanilla"]), "-o", str(tmp_path / "w.png")]) == 0
     assert_png(tmp_path / "w.png")
@@ -369,7 +369,7 @@ def test_save_png_is_atomic_and_refuses_existing(tmp_path):
 
 def test_importing_plots_does_not_import_matplotlib():
     """``lstmkit train`` builds the parser of every subcommand: it must work without matplotlib."""
-    code = "import sys, lstmkit.plots, lstmkit.report; assert 'matplotlib' not in sys.modules"
+    code = "import sys, lstmkit.app.plots, lstmkit.app.report; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lstmkit.cli import train_plan
+from lstmkit.app.cli import train_plan
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)

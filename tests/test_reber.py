@@ -1,7 +1,7 @@
 """Tests for the embedded Reber grammar task (Hochreiter & Schmidhuber 1997, §5.1).
 
 The acceptor and the enumerator below are written independently of
-``lstmkit.tasks.reber`` from the grammar graph:
+``lstmkit.app.tasks.reber`` from the grammar graph:
 
     B -> s1;  s1: T->s2, P->s3;  s2: S->s2, X->s4;  s3: T->s3, V->s5;
     s4: X->s3, S->end;  s5: P->s4, V->end;  end: E.
@@ -17,7 +17,7 @@ import re
 import pytest
 import torch
 
-from lstmkit.tasks.reber import (
+from lstmkit.app.tasks.reber import (
     SYMBOLS,
     embedded_reber_string,
     encode,

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lstmkit import report
-from lstmkit.cli import main
-from lstmkit.tasks.base import get_task
-from lstmkit.train import TrainConfig, train
+from lstmkit.app import report
+from lstmkit.app.cli import main
+from lstmkit.app.tasks.registry import get_task
+from lstmkit.app.train import TrainConfig, train
 from test_plots import assert_png
 
 DATA_PNG = "data:image/png;base64,"
@@ -74,7 +74,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def cli(argv: list[str]) -> int:
-    """``lstmkit report …`` through lstmkit.cli.main: exit code, errors printed as one line."""
+    """``lstmkit report …`` through lstmkit.app.cli.main: exit code, errors printed as one line."""
     return main(["report", *argv])
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from lstmkit import report
-from lstmkit.train import TrainConfig, train
+from lstmkit.app import report
+from lstmkit.app.train import TrainConfig, train
 
 WIDTH, HEIGHT = 1200, 2600
 #: matplotlib's first line colour (the run's curve) and the criterion line's (both anti-aliased on screen)

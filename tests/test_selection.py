@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lstmkit import runs
-from lstmkit.tasks.base import TASKS, task_names
-from lstmkit.tasks.synthetic import AddingTask
-from lstmkit.train import CheckpointError, TrainConfig, Trainer, evaluate, train
+from lstmkit.app import runs
+from lstmkit.app.tasks.registry import TASKS, task_names
+from lstmkit.app.tasks.synthetic import AddingTask
+from lstmkit.app.train import CheckpointError, TrainConfig, Trainer, evaluate, train
 
 #: Scripted validation accuracy by step (adding: goal "max", target 1 - 3/2560).
 SCRIPT = {10: 0.2, 20: 0.6, 30: 0.4, 40: 0.5, 50: 0.6, 60: 0.3}

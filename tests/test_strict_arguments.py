@@ -169,7 +169,7 @@ def test_a_backend_that_cannot_run_the_variant_is_refused_at_construction():
 
 
 def _tiny_run(root: Path) -> Path:
-    from lstmkit.train import TrainConfig, train
+    from lstmkit.app.train import TrainConfig, train
 
     cfg = TrainConfig(task="adding", task_options={"length": 22, "eval_size": 8}, hidden_size=4, batch_size=4,
                       steps=2, eval_every=2, eval_batch_size=8)
@@ -183,7 +183,7 @@ def test_a_repeated_key_in_a_run_config_or_checkpoint_is_refused(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from lstmkit import runs
+    from lstmkit.app import runs
 
     run = _tiny_run(tmp_path)
     config = (run / runs.CONFIG).read_text()

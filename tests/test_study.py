@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from statsmodels.stats.weightstats import ttest_ind as sm_ttest_ind
 
-from lstmkit.study import StudyConfig, run_study, welch
+from lstmkit.app.study import StudyConfig, run_study, welch
 
 TRAIN = {"task_options": {"length": 24, "eval_size": 128}, "hidden_size": 6, "batch_size": 8, "steps": 12,
          "eval_every": 6, "eval_batch_size": 128}
@@ -98,8 +98,8 @@ def test_study_outputs_and_reproducible(tmp_path):
     png = (tmp_path / "a" / "boxplot.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
     # the box plot carries the task's criterion and baseline, and its y axis spans them
-    from lstmkit.study import boxplot
-    from lstmkit.tasks.synthetic import hochreiter_adding_baselines
+    from lstmkit.app.study import boxplot
+    from lstmkit.app.tasks.synthetic import hochreiter_adding_baselines
 
     threshold, baseline = 1 - 3 / 2560, hochreiter_adding_baselines(24)["accuracy"]
     assert a["target"]["threshold"] == threshold and a["baselines"] == {"constant_0.5": baseline}
@@ -142,7 +142,7 @@ def test_killed_study_resumes_without_redoing_runs(tmp_path):
     cfg = _cfg(train={**TRAIN, "steps": 24})
     settings = tmp_path / "settings.json"
     settings.write_text(json.dumps({**cfg.__dict__, "lr_range": list(cfg.lr_range)}))
-    code = ("import json, sys; from lstmkit.study import StudyConfig, run_study; "
+    code = ("import json, sys; from lstmkit.app.study import StudyConfig, run_study; "
             "run_study(StudyConfig.from_dict(json.load(open(sys.argv[1]))), sys.argv[2], jobs=1, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(settings), str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -162,7 +162,7 @@ def test_killed_study_resumes_without_redoing_runs(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    from lstmkit.cli import main
+    from lstmkit.app.cli import main
     args = ["study", "--task", "adding", "--variants", "vanilla", "--seeds", "1", "--lr-trials", "1",
             "-o", "length=24", "-o", "eval_size=64", "--hidden", "4", "--steps", "4", "--eval-every", "2",
             "--jobs", "1", "--quiet", "--out", str(tmp_path / "c")]
@@ -188,7 +188,7 @@ def test_workers_end_with_a_killed_study(tmp_path):
     settings = tmp_path / "settings.json"
     cfg = _cfg(train={**TRAIN, "steps": 400})
     settings.write_text(json.dumps({**cfg.__dict__, "lr_range": list(cfg.lr_range)}))
-    code = ("import json, sys; from lstmkit.study import StudyConfig, run_study; "
+    code = ("import json, sys; from lstmkit.app.study import StudyConfig, run_study; "
             "run_study(StudyConfig.from_dict(json.load(open(sys.argv[1]))), sys.argv[2], jobs=2, progress=False)")
     out = tmp_path / "s"
     proc = subprocess.Popen([sys.executable, "-c", code, str(settings), str(out)], stdout=subprocess.DEVNULL,

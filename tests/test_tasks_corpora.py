@@ -1,4 +1,4 @@
-"""Tests of the corpus tasks (lstmkit.tasks.corpora): data facts, loss/metrics on
+"""Tests of the corpus tasks (lstmkit.app.tasks.corpora): data facts, loss/metrics on
 hand-made outputs, baselines, determinism of the training batches, exact aggregation."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lstmkit.tasks import corpora
-from lstmkit.tasks.base import TASKS, Batch
-from lstmkit.tasks.corpora import CO2, CharLM, Chorales, Sunspots
+from lstmkit.app.tasks import corpora
+from lstmkit.app.tasks.base import Batch
+from lstmkit.app.tasks.corpora import CO2, CharLM, Chorales, Sunspots
+from lstmkit.app.tasks.registry import TASKS
 
 HAS_MUSIC21 = importlib.util.find_spec("music21") is not None
 HAS_STATSMODELS = importlib.util.find_spec("statsmodels") is not None
@@ -228,7 +229,7 @@ def test_chorale_rolls_binary_in_range_and_cached(chor: Chorales, _cache: Path):
     assert d.dropped_notes == 0
     cache_file = Path(d.cache_file)
     assert cache_file.parent == _cache and cache_file.is_file()
-    from lstmkit.tasks import _chorales
+    from lstmkit.app.tasks import _chorales
 
     _chorales._load_cached.cache_clear()
     again = corpora.load_chorales(5)  # read back from the .npz
@@ -413,7 +414,7 @@ def test_frameworks_imported_lazily():
     import subprocess
     import sys
 
-    code = ("import sys; from lstmkit.tasks.corpora import Chorales, Sunspots; Chorales(limit=3); "
+    code = ("import sys; from lstmkit.app.tasks.corpora import Chorales, Sunspots; Chorales(limit=3); "
             "bad = [m for m in ('music21', 'statsmodels', 'pandas') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

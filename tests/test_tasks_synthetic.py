@@ -11,10 +11,11 @@ from dataclasses import fields
 import pytest
 import torch
 
-from lstmkit.tasks import reber
-from lstmkit.tasks import synthetic as S
-from lstmkit.tasks.base import TASKS, Batch
-from lstmkit.tasks.synthetic import VALID_STRINGS
+from lstmkit.app.tasks import reber
+from lstmkit.app.tasks import synthetic as S
+from lstmkit.app.tasks.base import Batch
+from lstmkit.app.tasks.registry import TASKS
+from lstmkit.app.tasks.synthetic import VALID_STRINGS
 
 SYM = {c: i for i, c in enumerate(reber.SYMBOLS)}
 NAMES = ["reber", "continual_reber", "adding", "temporal_order", "copy"]
@@ -230,8 +231,8 @@ def test_reber_training_batches_cover_the_training_set_uniformly():
 
 
 def test_get_task_builds_every_synthetic_task_with_options():
-    pytest.importorskip("lstmkit.tasks.corpora")
-    from lstmkit.tasks.base import get_task, task_names
+    pytest.importorskip("lstmkit.app.tasks.corpora")
+    from lstmkit.app.tasks.registry import get_task, task_names
     assert set(NAMES) <= set(task_names())
     assert get_task("adding", seed=3, form="le", length=200).length == 200
     assert get_task("temporal_order", variant="6b").output_size == 8

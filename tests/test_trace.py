@@ -172,7 +172,8 @@ def test_trace_absent_gates_and_rnn():
 
 
 def test_trace_sequence_model():
-    from lstmkit.train import SequenceModel, TrainConfig
+    from lstmkit.app.model import SequenceModel
+    from lstmkit.app.train import TrainConfig
 
     torch.manual_seed(0)
     model = SequenceModel(TrainConfig(task="adding", hidden_size=H, cell="peephole"), 2, 1)
@@ -354,8 +355,9 @@ def test_gradient_flow_lengths_each_sequence_alone():
 
 
 def test_gradient_flow_sequence_model_and_task_loss():
-    from lstmkit.tasks.base import get_task
-    from lstmkit.train import SequenceModel, TrainConfig
+    from lstmkit.app.model import SequenceModel
+    from lstmkit.app.tasks.registry import get_task
+    from lstmkit.app.train import TrainConfig
 
     task = get_task("adding", length=30, form="le", eval_size=8)
     batch = next(iter(task.eval_batches("test", 8)))

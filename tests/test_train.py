@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lstmkit.cli import main
-from lstmkit.train import TrainConfig, Trainer, load_checkpoint, train
+from lstmkit.app.cli import main
+from lstmkit.app.train import TrainConfig, Trainer, load_checkpoint, train
 
 ADDING = ["train", "adding", "-o", "length=24", "--hidden", "8", "--batch-size", "8", "--eval-every", "10",
           "--threads", "1", "--quiet", "--no-stop-at-target"]

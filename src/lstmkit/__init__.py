@@ -3,7 +3,8 @@
 Importing this package compiles nothing; fused kernels are built on first use.
 """
 
-from lstmkit.inspect import GateView, describe
+from lstmkit.gates import GateView
+from lstmkit.inspect import describe
 from lstmkit.nn import LSTM, RNN, LSTMCell
 from lstmkit.spec import PRESETS, CellSpec, resolve
 from lstmkit.tracing import gradient_flow, trace

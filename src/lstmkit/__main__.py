@@ -1,5 +1,5 @@
 import sys
 
-from lstmkit.cli import main
+from lstmkit.app.cli import main
 
 sys.exit(main())

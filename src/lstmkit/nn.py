@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from lstmkit import cell as cell_eqs
 from lstmkit._validate import check_bool, check_int
+from lstmkit.gates import gate_views
 from lstmkit.kernels.onnx_export import exporting
 from lstmkit.layout import gate_slices, layer_param_shapes, suffix
 from lstmkit.loop import StackOut, run_stack
@@ -325,9 +326,8 @@ class _Recurrent(nn.Module):
 
         Returns:
             ``{"input": GateView, "forget": …, "candidate": …, "output": …}``; see
-            :class:`lstmkit.inspect.GateView` (absent gates say so and why).
+            :class:`lstmkit.gates.GateView` (absent gates say so and why).
         """
-        from lstmkit.inspect import gate_views
         self._check_layer_direction(layer, direction)
         return gate_views(self, layer, direction)
 

@@ -48,7 +48,7 @@ NAMES: dict[str, str] = {**dict(zip(GATES, GATE_NAMES)), "c": "cell state", "h":
 
 def recurrent_layer(model: nn.Module) -> LSTM | RNN:
     """The lstmkit LSTM/RNN inside ``model``: the model itself, or its ``.rnn`` (the
-    training :class:`lstmkit.train.SequenceModel`).
+    training :class:`lstmkit.app.train.SequenceModel`).
 
     Raises:
         TypeError: ``model`` is neither.
@@ -60,7 +60,7 @@ def recurrent_layer(model: nn.Module) -> LSTM | RNN:
         return inner
     raise TypeError(
         "model: expected an lstmkit LSTM or RNN, or a module with one as its .rnn "
-        f"(lstmkit.train.SequenceModel), got {type(model).__name__}"
+        f"(lstmkit.app.train.SequenceModel), got {type(model).__name__}"
     )
 
 
@@ -153,7 +153,7 @@ class Trace:
 
 
 def _absent_notes(layer: LSTM | RNN, index: int, direction: int, present: set[str]) -> dict[str, str]:
-    from lstmkit.inspect import gate_views
+    from lstmkit.gates import gate_views
 
     views = gate_views(layer, index, direction)
     notes = {k: views[NAMES[k]].note for k in GATES if k not in present}

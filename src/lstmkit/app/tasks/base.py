@@ -1,8 +1,9 @@
-"""The one interface every built-in task implements, and the task registry.
+"""The one interface every built-in task implements (the registry of built-in tasks is
+:mod:`lstmkit.app.tasks.registry`).
 
 A task owns its data (generated, or read from files already on the machine), its loss,
 its metrics, the published success criterion and its baselines. The trainer
-(:mod:`lstmkit.train`) knows nothing about any particular task.
+(:mod:`lstmkit.app.train`) knows nothing about any particular task.
 
 Two shapes of task exist:
 
@@ -19,17 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from lstmkit._suggest import did_you_mean
-
-__all__ = ["Batch", "Target", "Task", "TASKS", "register_task", "get_task", "task_names", "task_options",
-           "task_description", "task_recipe"]
+__all__ = ["Batch", "Target", "Task"]
 
 
 @dataclass
@@ -177,83 +175,3 @@ class Task(ABC):
     def show(self, output: Tensor, batch: Batch, n: int = 3) -> str:
         """A few predictions next to their targets, as text (``lstmkit sample``)."""
         return ""
-
-
-TaskFactory = Callable[..., Task]
-#: name -> factory (a Task subclass) taking keyword options such as ``seed``, ``length``.
-TASKS: dict[str, TaskFactory] = {}
-
-
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    """Class decorator that registers a task under ``name``."""
-
-    def deco(cls: type[Task]) -> type[Task]:
-        TASKS[name] = cls
-        return cls
-
-    return deco
-
-
-def task_names() -> list[str]:
-    """Names of the registered tasks."""
-    _load_builtin()
-    return sorted(TASKS)
-
-
-def _known(name: str) -> type[Task]:
-    _load_builtin()
-    if not isinstance(name, str) or name not in TASKS:
-        raise ValueError(f"task: unknown task {name!r}{did_you_mean(str(name), sorted(TASKS))}; expected one of "
-                         f"{sorted(TASKS)} (lstmkit tasks lists them with their options)")
-    return TASKS[name]  # type: ignore[return-value]
-
-
-def task_options(name: str) -> dict[str, Any]:
-    """The options of task ``name`` and their defaults (``-o KEY=VALUE`` on the command line).
-
-    Raises:
-        ValueError: unknown task name.
-    """
-    cls = _known(name)
-    if not dataclasses.is_dataclass(cls):
-        return {}
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
-
-
-def task_description(name: str) -> str:
-    """Task ``name``'s docstring (its first line says what it is)."""
-    return (_known(name).__doc__ or "").strip()
-
-
-def task_recipe(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The training settings task ``name`` recommends with ``options`` (:meth:`Task.recipe`).
-
-    Raises:
-        ValueError: unknown task name.
-    """
-    return dict(_known(name).recipe(dict(options or {})))
-
-
-def get_task(name: str, **options: object) -> Task:
-    """Build the task ``name`` with ``options`` (e.g. ``seed=0, length=100``).
-
-    Raises:
-        ValueError: unknown task name, or an option the task does not take (the message
-            lists the task's options), or a bad option value.
-    """
-    known = task_options(name)
-    for key in options:
-        if key not in known:
-            listed = ", ".join(f"{k}={v!r}" for k, v in known.items())
-            raise ValueError(f"task {name!r}: unknown option {key!r}{did_you_mean(key, list(known))}; its options "
-                             f"(with defaults) are {listed}")
-    try:
-        return TASKS[name](**options)
-    except TypeError as exc:
-        raise ValueError(f"task {name!r}: {exc}") from None
-
-
-def _load_builtin() -> None:
-    # Importing the modules registers their tasks; optional corpora import their
-    # frameworks (music21, statsmodels) only when their data is first needed.
-    from lstmkit.tasks import registry  # noqa: F401

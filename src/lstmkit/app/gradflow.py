@@ -1,7 +1,7 @@
 """The gradient-flow experiment: how ‖∂L/∂c_t‖ (‖∂L/∂h_t‖ for the RNN) decays over time in a
 plain RNN, a vanilla LSTM and an LSTM without forget gate, at initialisation and after
 training, on the adding problem (``lstmkit plot gradflow`` draws it with
-:func:`lstmkit.plots.plot_gradflow`).
+:func:`lstmkit.app.plots.plot_gradflow`).
 
     result = gradflow_experiment(("rnn", "vanilla", "nfg"), length=100, steps=3000)
     print(gradflow_table(result))
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lstmkit.runs import load_run, read_checkpoint
-from lstmkit.tasks.base import Task
+from lstmkit.app.runs import load_run, read_checkpoint
+from lstmkit.app.tasks.base import Task
 from lstmkit.tracing import GradientFlow, gradient_flow
 
 __all__ = ["gradflow_experiment", "gradflow_table", "task_gradient_flow"]
@@ -55,7 +55,7 @@ def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, len
 
     The task is ``adding`` in the ``le`` form (fixed length ``length``; the loss is the
     squared error of the output at the last step). Each model is trained for ``steps``
-    steps with :class:`lstmkit.train.Trainer` (Adam, ``lr``, gradient clipping 1) in a
+    steps with :class:`lstmkit.app.train.Trainer` (Adam, ``lr``, gradient clipping 1) in a
     temporary directory, or taken from ``runs`` (trained run directories of the adding
     task; "init" is then the same config's initialisation, from its seed). The gradients
     are measured in float64 on ``probe_size`` test sequences.
@@ -70,8 +70,9 @@ def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, len
         ``t1``, ``t_mid``, ``t_last``, ``ratio_first_last``, ``f_mean``, ``loss``,
         ``norms`` (T values) and ``dh_norms``.
     """
-    from lstmkit.tasks.base import get_task
-    from lstmkit.train import SequenceModel, TrainConfig, Trainer
+    from lstmkit.app.model import SequenceModel
+    from lstmkit.app.tasks.registry import get_task
+    from lstmkit.app.train import TrainConfig, Trainer
 
     say = log or (lambda s: None)
     start = time.perf_counter()

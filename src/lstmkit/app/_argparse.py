@@ -1,8 +1,8 @@
 """Command-line plumbing the subcommands share: a parser whose errors are one line with a
-"did you mean", options derived from :class:`lstmkit.config.TrainConfig`'s fields (help
+"did you mean", options derived from :class:`lstmkit.app.config.TrainConfig`'s fields (help
 and defaults from the field, given values only), and ``KEY=VALUE`` task options.
 
-This is not the command line itself (:mod:`lstmkit.cli`); subcommand modules use it to
+This is not the command line itself (:mod:`lstmkit.app.cli`); subcommand modules use it to
 declare their arguments without importing the CLI.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from lstmkit._suggest import did_you_mean
 from lstmkit._validate import loads_json
-from lstmkit.config import Option, TrainConfig, option_of
+from lstmkit.app.config import Option, TrainConfig, option_of
 
 __all__ = ["Parser", "add_config_options", "config_values", "key_value", "default_text"]
 

@@ -13,16 +13,16 @@ name                source                                  target metric
 
 Every task is a dataclass whose fields are its options (``seed`` always); see each
 class's docstring for the exact protocol, the published numbers and the baselines. The
-implementations live in :mod:`lstmkit.tasks._synth_grammar` (the grammar tasks) and
-:mod:`lstmkit.tasks._synth_memory` (the long-lag memory tasks); importing this module
+implementations live in :mod:`lstmkit.app.tasks._synth_grammar` (the grammar tasks) and
+:mod:`lstmkit.app.tasks._synth_memory` (the long-lag memory tasks); importing this module
 registers them all.
 """
 
 from __future__ import annotations
 
-from lstmkit.tasks._synth_common import derive_seed, last_step
-from lstmkit.tasks._synth_grammar import VALID_STRINGS, ContinualReberTask, ReberTask, stream_baselines
-from lstmkit.tasks._synth_memory import AddingTask, CopyTask, TemporalOrderTask, hochreiter_adding_baselines
+from lstmkit.app.tasks._synth_common import derive_seed, last_step
+from lstmkit.app.tasks._synth_grammar import VALID_STRINGS, ContinualReberTask, ReberTask, stream_baselines
+from lstmkit.app.tasks._synth_memory import AddingTask, CopyTask, TemporalOrderTask, hochreiter_adding_baselines
 
 __all__ = [
     "AddingTask",

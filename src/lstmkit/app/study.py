@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from lstmkit import _atomic
-from lstmkit._argparse import add_config_options, config_values, key_value
 from lstmkit._validate import check_int, loads_json
-from lstmkit.config import TrainConfig, option_of
+from lstmkit.app._argparse import add_config_options, config_values, key_value
+from lstmkit.app.config import TrainConfig, option_of
 from lstmkit.spec import resolve
 
 __all__ = ["StudyConfig", "run_study", "summarize", "welch", "add_arguments", "run"]
@@ -186,11 +186,11 @@ def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, An
 
 
 def _train_one(path: Path, cfg: Any, config: dict[str, Any], metric: str) -> dict[str, Any]:
-    from lstmkit.train import Trainer
+    from lstmkit.app.train import Trainer
 
     done = path / "result.json"
     result: dict[str, Any] = {"config": config}
-    try:  # a run killed before its first checkpoint starts afresh (lstmkit.runs)
+    try:  # a run killed before its first checkpoint starts afresh (lstmkit.app.runs)
         trainer = Trainer(cfg, path, resume=path.exists(), progress=False)
         summary = trainer.run()
     except FloatingPointError as exc:
@@ -281,7 +281,7 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
     """Run (or resume) the study in ``out``; returns the aggregated results (see module doc)."""
     from tqdm import tqdm
 
-    from lstmkit.tasks.base import get_task
+    from lstmkit.app.tasks.registry import get_task
 
     cfg.validate()
     out = Path(out)
@@ -548,7 +548,7 @@ def boxplot(summary: dict[str, Any]) -> Any:
         if base:
             ax.axhline(base["median"], color="tab:blue", lw=0.8, ls="-.", label=f"{summary['baseline']} median")
     # the task's target and trivial baselines, and a y axis that spans them (no zoom into noise)
-    from lstmkit.plots import reference_lines
+    from lstmkit.app.plots import reference_lines
 
     reference_lines(ax, {**summary["target"], "goal": summary["goal"]}, summary.get("baselines") or {},
                     [v for e in entries for v in e["values"]])

@@ -5,10 +5,7 @@ text in one place (the field's :class:`Option`); the command line (``lstmkit tra
 ``lstmkit study``) derives its options from these fields, and :meth:`TrainConfig.validate`
 checks every value against them — types, ranges and sane upper bounds — before anything
 is created or allocated. A config read back from a file (``config.json``, a checkpoint's
-metadata) goes through the same checks.
-
-:class:`SequenceModel` is the network a config defines: a recurrent stack and a linear
-read-out per time step.
+metadata) goes through the same checks. The network it defines is :class:`lstmkit.app.model.SequenceModel`.
 """
 
 from __future__ import annotations
@@ -20,14 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
 from lstmkit._suggest import did_you_mean
-from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import resolve
 
-__all__ = ["TrainConfig", "SequenceModel", "Option", "option_of", "parameter_count", "MAX_PARAMETERS",
+__all__ = ["TrainConfig", "Option", "option_of", "MAX_PARAMETERS",
            "MAX_ACTIVATIONS"]
 
 #: Sane upper bounds: a config (typed, or read from a file) beyond them is refused before
@@ -186,7 +179,7 @@ class TrainConfig:
         Raises:
             ValueError: an unknown task or setting (with the closest name), or a bad value.
         """
-        from lstmkit.tasks.base import task_recipe
+        from lstmkit.app.tasks.registry import task_recipe
 
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("task", "task_options")]
         for key in given:
@@ -237,47 +230,3 @@ def _check_cell(cell: Any) -> None:
     spec = resolve(cell)  # an unknown word or an impossible combination raises with the reason
     if not spec.is_lstm:
         raise ValueError(f"cell: {cell!r} is the plain RNN; use --model rnn instead")
-
-
-class SequenceModel(nn.Module):
-    """A recurrent stack (lstmkit LSTM or RNN) and a linear read-out per time step.
-
-    Args:
-        device: where the parameters live; ``"meta"`` builds the model without memory
-            (to count parameters or check a file's shapes before allocating anything).
-
-    Shapes: x (T, B, input_size) -> output (T, B, output_size); state as the layer's.
-    """
-
-    def __init__(self, cfg: TrainConfig, input_size: int, output_size: int, device: Any = None) -> None:
-        super().__init__()
-        kw = dict(num_layers=cfg.num_layers, dropout=cfg.dropout, bidirectional=cfg.bidirectional, device=device)
-        if cfg.model == "lstm":
-            self.rnn: LSTM | RNN = LSTM(input_size, cfg.hidden_size, proj_size=cfg.proj_size,
-                                        cell=cfg.cell, backend=cfg.backend, **kw)
-        else:
-            self.rnn = RNN(input_size, cfg.hidden_size, backend=cfg.backend, **kw)
-        self.head = nn.Linear(self.rnn.output_size * self.rnn.num_directions, output_size, device=device)
-
-    def forward(self, x: Tensor, state: Any = None, lengths: Tensor | None = None) -> tuple[Tensor, Any]:
-        """Run the stack; ``lengths`` (B,) packs the batch so padding never enters the state."""
-        if lengths is not None and bool((lengths < x.shape[0]).any()):
-            packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
-            y, state = self.rnn(packed, state)
-            y, _ = pad_packed_sequence(y, total_length=x.shape[0])
-        else:
-            y, state = self.rnn(x, state)
-        return self.head(y), state
-
-
-def parameter_count(cfg: TrainConfig, input_size: int, output_size: int) -> int:
-    """Parameters of the model ``cfg`` defines (counted on the ``meta`` device: no memory).
-
-    Raises:
-        ValueError: more than :data:`MAX_PARAMETERS`.
-    """
-    n = sum(p.numel() for p in SequenceModel(cfg, input_size, output_size, device="meta").parameters())
-    if n > MAX_PARAMETERS:
-        raise ValueError(f"hidden_size, num_layers: the model would have {n:,} parameters, more than the bound of "
-                         f"{MAX_PARAMETERS:,} (1 GiB of float32); use a smaller hidden_size or fewer layers")
-    return n

@@ -27,8 +27,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lstmkit import _atomic, plots, runs
-from lstmkit.gradflow import task_gradient_flow
+from lstmkit import _atomic
+from lstmkit.app import plots, runs
+from lstmkit.app.gradflow import task_gradient_flow
 
 __all__ = ["build_report", "write_report", "add_arguments", "run"]
 
@@ -174,7 +175,7 @@ def _environment(summary: dict[str, Any] | None, model: Any) -> str:
     import torch
 
     from lstmkit import kernels
-    from lstmkit.train import environment
+    from lstmkit.app.train import environment
 
     now = environment()
     run = (summary or {}).get("environment") or {}

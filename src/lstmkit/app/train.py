@@ -1,11 +1,11 @@
 """Training: any lstmkit model on any built-in task, reproducible and resumable.
 
 The loop knows nothing of the command line or of any particular task: a task supplies
-batches, a loss and metrics (:mod:`lstmkit.tasks.base`); this module supplies the model,
+batches, a loss and metrics (:mod:`lstmkit.app.tasks.base`); this module supplies the model,
 optimiser, learning-rate schedule, gradient clipping, truncated BPTT with the state
 carried across chunks of a stream, evaluation, early stopping on the task's published
 criterion and the checkpoints' contents. The run directory — config, metrics,
-checkpoints, summary and final model — is read and written by :mod:`lstmkit.runs`.
+checkpoints, summary and final model — is read and written by :mod:`lstmkit.app.runs`.
 
 Evaluation during training reads the *validation* split (``eval_split``): it decides when
 to stop (the target met, or ``patience`` evaluations without improvement) and which
@@ -36,15 +36,18 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from lstmkit import _atomic, runs
-from lstmkit.config import MAX_ACTIVATIONS, SequenceModel, TrainConfig, parameter_count
-from lstmkit.runs import CheckpointError
-from lstmkit.tasks.base import Batch, Task, get_task
+from lstmkit import _atomic
+from lstmkit.app import runs
+from lstmkit.app.config import MAX_ACTIVATIONS, TrainConfig
+from lstmkit.app.model import SequenceModel, parameter_count
+from lstmkit.app.runs import CheckpointError
+from lstmkit.app.tasks.base import Batch, Task
+from lstmkit.app.tasks.registry import get_task
 
 __all__ = ["TrainConfig", "SequenceModel", "Trainer", "train", "evaluate", "load_checkpoint", "CheckpointError",
            "FORMAT", "process_rank", "environment"]
 
-#: Identifies lstmkit checkpoints (metadata key "format"); see :mod:`lstmkit.runs`.
+#: Identifies lstmkit checkpoints (metadata key "format"); see :mod:`lstmkit.app.runs`.
 FORMAT = runs.FORMAT
 
 T = TypeVar("T")
@@ -61,7 +64,7 @@ def process_rank() -> int:
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[TrainConfig, dict[str, Tensor], dict[str, Any]]:
     """Read and validate a checkpoint: (config, tensors, trainer state). Never executes code.
 
-    Accepts the checkpoint file or its run directory (see :func:`lstmkit.runs.read_checkpoint`).
+    Accepts the checkpoint file or its run directory (see :func:`lstmkit.app.runs.read_checkpoint`).
 
     Raises:
         CheckpointError: missing, unreadable, corrupt, foreign or inconsistent file.

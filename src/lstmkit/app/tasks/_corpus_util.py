@@ -1,4 +1,4 @@
-"""Helpers shared by the corpus tasks (:mod:`lstmkit.tasks.corpora`): cache directory,
+"""Helpers shared by the corpus tasks (:mod:`lstmkit.app.tasks.corpora`): cache directory,
 hashing, progress lines, time masks."""
 
 from __future__ import annotations

@@ -29,10 +29,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lstmkit._argparse import Parser, add_config_options, config_values, key_value
+from lstmkit.app._argparse import Parser, add_config_options, config_values, key_value
 
 if TYPE_CHECKING:
-    from lstmkit.config import TrainConfig
+    from lstmkit.app.config import TrainConfig
 
 __all__ = ["main", "COMMANDS", "default_run_dir", "train_plan"]
 
@@ -41,15 +41,15 @@ __all__ = ["main", "COMMANDS", "default_run_dir", "train_plan"]
 #: ValueError/TypeError/OSError for bad input, which ``main`` prints as one line.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("lstmkit.convert.files", "convert weights between formats (.pt .safetensors .keras .weights.h5 .onnx)"),
-    "plot": ("lstmkit.plots", "draw gate heatmaps, cell trajectories, weights, curves, gradient flow (PNG)"),
-    "report": ("lstmkit.report", "write one self-contained HTML report of a run directory"),
-    "study": ("lstmkit.study", "variant study: every variant x seed with a learning-rate search, tables and plots"),
+    "plot": ("lstmkit.app.plots", "draw gate heatmaps, cell trajectories, weights, curves, gradient flow (PNG)"),
+    "report": ("lstmkit.app.report", "write one self-contained HTML report of a run directory"),
+    "study": ("lstmkit.app.study", "variant study: every variant x seed with a learning-rate search, tables and plots"),
     "build": ("lstmkit.kernels.prebuild", "compile the fused CPU kernel ahead of time (else the first use does)"),
 }
 
 
 def _tasks_epilog() -> str:
-    from lstmkit.tasks.base import task_names, task_options
+    from lstmkit.app.tasks.registry import task_names, task_options
 
     lines = ["tasks and their options (-o KEY=VALUE; lstmkit tasks TASK describes one):"]
     for name in task_names():
@@ -61,7 +61,7 @@ def _tasks_epilog() -> str:
 def _task_option_hint(extras: list[str], ns: argparse.Namespace) -> str:
     """``--length 3`` given to train: the task's options are ``-o KEY=VALUE``."""
     from lstmkit._suggest import did_you_mean
-    from lstmkit.tasks.base import task_options
+    from lstmkit.app.tasks.registry import task_options
 
     flag = next((w for w in extras if w.startswith("--")), None)
     try:
@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = Parser(prog="lstmkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from lstmkit.demo import main as demo_main
+    from lstmkit.app.demo import main as demo_main
 
     d = {k: v.default for k, v in inspect.signature(demo_main).parameters.items()}
     demo = sub.add_parser("demo", help="LSTM against the plain RNN: embedded Reber grammar and the adding problem",
@@ -133,7 +133,7 @@ def train_plan(argv: list[str]) -> tuple[TrainConfig, Path]:
 
 
 def _plan(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
-    from lstmkit.config import TrainConfig
+    from lstmkit.app.config import TrainConfig
 
     given = config_values(args)
     cfg = TrainConfig.for_task(args.task, dict(args.option), **given)
@@ -141,7 +141,7 @@ def _plan(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lstmkit.train import Trainer
+    from lstmkit.app.train import Trainer
 
     cfg, out = _plan(args)
     trainer = Trainer(cfg, out, resume=args.resume, progress=not args.quiet)
@@ -184,13 +184,13 @@ def _print_summary(s: dict[str, Any], out: Path) -> None:
 
 def _recipe_text(task: str) -> str:
     """The settings ``lstmkit train TASK`` takes from the task's recipe at its default options."""
-    from lstmkit.tasks.base import task_recipe
+    from lstmkit.app.tasks.registry import task_recipe
 
     return ", ".join(f"{k}={v}" for k, v in task_recipe(task).items()) or "-"
 
 
 def _tasks(args: argparse.Namespace) -> int:
-    from lstmkit.tasks.base import task_description, task_names, task_options
+    from lstmkit.app.tasks.registry import task_description, task_names, task_options
 
     if args.task is not None:
         opts = task_options(args.task)  # raises for an unknown name, with a suggestion
@@ -211,8 +211,8 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from lstmkit.runs import load_run
-    from lstmkit.train import evaluate
+    from lstmkit.app.runs import load_run
+    from lstmkit.app.train import evaluate
 
     cfg, task, model = load_run(args.checkpoint)
     metrics = evaluate(model, task, args.split, cfg.eval_batch_size)
@@ -228,8 +228,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from lstmkit.runs import load_run
-    from lstmkit.tasks.corpora import CharLM
+    from lstmkit.app.runs import load_run
+    from lstmkit.app.tasks.corpora import CharLM
 
     if args.n < 1 or args.n > 10**7:
         raise ValueError(f"-n: expected an int in [1, 10000000], got {args.n}")
@@ -253,10 +253,10 @@ def _demo(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if not 1 <= value <= hi:
             raise ValueError(f"--{name}: expected an int in [1, {hi}], got {value}")
-    from lstmkit.demo import main as demo_main
+    from lstmkit.app.demo import main as demo_main
 
     if args.out is not None:
-        from lstmkit.runs import plan
+        from lstmkit.app.runs import plan
 
         plan(args.out, resume=False)  # an existing, non-empty directory is refused before any work
     demo_main(seeds=args.seeds, jobs=args.jobs, out=args.out)
@@ -293,7 +293,7 @@ _RUN = {"demo": _demo, "tasks": _tasks, "train": _train, "eval": _eval, "sample"
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lstmkit``; returns the process exit code."""
-    from lstmkit.train import process_rank
+    from lstmkit.app.train import process_rank
 
     parser = _parser()
     args = parser.parse_args(argv)

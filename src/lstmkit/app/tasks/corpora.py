@@ -11,15 +11,15 @@ Importing this module registers:
 
 The optional frameworks (music21, statsmodels) are imported only when a task first needs
 its data, never at import time. Sources and protocols: the module docstrings of
-:mod:`lstmkit.tasks._charlm`, :mod:`lstmkit.tasks._chorales` and
-:mod:`lstmkit.tasks._series`.
+:mod:`lstmkit.app.tasks._charlm`, :mod:`lstmkit.app.tasks._chorales` and
+:mod:`lstmkit.app.tasks._series`.
 """
 
 from __future__ import annotations
 
-from lstmkit.tasks._charlm import EXCLUDED_DIRS, CharLM, StepFn, sample, stdlib_files, xz_bpc, xz_given_bpc
-from lstmkit.tasks._chorales import PITCH_HIGH, PITCH_LOW, ChoraleData, Chorales, load_chorales
-from lstmkit.tasks._series import CO2, SeriesData, Sunspots, load_series
+from lstmkit.app.tasks._charlm import EXCLUDED_DIRS, CharLM, StepFn, sample, stdlib_files, xz_bpc, xz_given_bpc
+from lstmkit.app.tasks._chorales import PITCH_HIGH, PITCH_LOW, ChoraleData, Chorales, load_chorales
+from lstmkit.app.tasks._series import CO2, SeriesData, Sunspots, load_series
 
 __all__ = [
     "CO2",

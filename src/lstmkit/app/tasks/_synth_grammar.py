@@ -1,9 +1,9 @@
 """Grammar tasks: ``reber`` (embedded Reber grammar) and ``continual_reber``.
 
-Both read one-hot symbols over :data:`lstmkit.tasks.reber.SYMBOLS` (``BTPSXVE``, 7 units)
+Both read one-hot symbols over :data:`lstmkit.app.tasks.reber.SYMBOLS` (``BTPSXVE``, 7 units)
 and predict, at every step, the *set* of legal next symbols (7 independent sigmoid
 outputs; the model's raw outputs are logits). The grammar, the string generator and the
-step criterion of ``reber`` are those of :mod:`lstmkit.tasks.reber`.
+step criterion of ``reber`` are those of :mod:`lstmkit.app.tasks.reber`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lstmkit.tasks import reber
-from lstmkit.tasks._synth_common import (
+from lstmkit.app.tasks import reber
+from lstmkit.app.tasks._synth_common import (
     MAX_LENGTH,
     check_batch_size,
     check_positive,
@@ -26,7 +26,7 @@ from lstmkit.tasks._synth_common import (
     check_values,
     generator_for,
 )
-from lstmkit.tasks.base import Batch, Target, Task, register_task
+from lstmkit.app.tasks.base import Batch, Target, Task
 
 __all__ = ["ReberTask", "ContinualReberTask", "VALID_STRINGS", "stream_baselines"]
 
@@ -47,7 +47,6 @@ def _fmt(bits: Tensor) -> str:
     return "{" + ",".join(c for c, b in zip(reber.SYMBOLS, bits.tolist()) if b) + "}"
 
 
-@register_task("reber")
 @dataclass
 class ReberTask(Task):
     """Embedded Reber grammar, Hochreiter & Schmidhuber 1997 §5.1 (Experiment 1).
@@ -313,7 +312,6 @@ def stream_step_correct(output: Tensor, y: Tensor) -> Tensor:
     return ((torch.sigmoid(output.detach()) - y).abs() < STREAM_TOLERANCE).all(-1)
 
 
-@register_task("continual_reber")
 @dataclass
 class ContinualReberTask(Task):
     """Continual embedded Reber grammar, Gers, Schmidhuber & Cummins 2000 ("Learning to

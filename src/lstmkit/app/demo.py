@@ -94,7 +94,7 @@ def run_trial(key: str, model: str, seed: int, run_dir: str | os.PathLike[str], 
               progress: bool = True) -> Trial:
     """Train one trial of experiment ``key`` (``"reber"`` or ``"adding"``) with ``model``
     (``"lstm"``: the task's recipe; ``"rnn"``: the plain tanh RNN on the same recipe)."""
-    from lstmkit.train import TrainConfig, Trainer
+    from lstmkit.app.train import TrainConfig, Trainer
 
     exp = EXPERIMENTS[key]
     probe = TrainConfig.for_task(exp.task, exp.options)

@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lstmkit import _atomic
-from lstmkit.tasks._corpus_util import cache_dir, hash_order, progress, require, sha256_hex, time_mask
-from lstmkit.tasks.base import Batch, Target, Task, register_task
+from lstmkit.app.tasks._corpus_util import cache_dir, hash_order, progress, require, sha256_hex, time_mask
+from lstmkit.app.tasks.base import Batch, Target, Task
 
 __all__ = ["Chorales", "PITCH_HIGH", "PITCH_LOW", "load_chorales"]
 
@@ -240,7 +240,6 @@ def _repeat_probs(rolls: list[np.ndarray], q: np.ndarray, a: float) -> np.ndarra
     return np.concatenate(parts, axis=0)
 
 
-@register_task("chorales")
 @dataclass
 class Chorales(Task):
     """Bach chorales piano-roll next-frame prediction (see the module docstring).

@@ -10,9 +10,9 @@ also writes it as a PNG::
     plot_compare(run_dirs)              the test metric per cell variant (box + strip)
     plot_gradient_flow(flow)            ‖∂L/∂c_t‖, ‖∂L/∂h_t‖ and the forget gate of one model
     plot_gradflow(result)               RNN vs LSTM vs no-forget-gate LSTM on the adding problem
-                                        (the experiment: :mod:`lstmkit.gradflow`)
+                                        (the experiment: :mod:`lstmkit.app.gradflow`)
 
-Runs are read through :mod:`lstmkit.runs`. Files are written through
+Runs are read through :mod:`lstmkit.app.runs`. Files are written through
 :mod:`lstmkit._atomic` (in memory, then a temporary file renamed into place) and an
 existing file is never replaced unless ``overwrite=True`` (``--overwrite``). matplotlib is
 imported only when a picture is drawn (``pip install 'lstmkit[plot]'``).
@@ -32,14 +32,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from lstmkit import _atomic, runs
+from lstmkit import _atomic
+from lstmkit.app import runs
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.tracing import GradientFlow, recurrent_layer, trace
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from lstmkit.tasks.base import Task
+    from lstmkit.app.tasks.base import Task
 
 __all__ = ["KINDS", "plot_gates", "plot_cells", "plot_weights", "plot_curves", "plot_compare",
            "plot_gradient_flow", "plot_gradflow", "sample_input", "input_marks", "reference_lines", "figure_png",
@@ -116,7 +117,7 @@ def _symbols(task: Task) -> str | None:
     if getattr(task, "name", "") == "charlm":
         return task.vocab + "\ufffd"  # type: ignore[attr-defined]
     if getattr(task, "name", "") in ("reber", "continual_reber"):
-        from lstmkit.tasks.reber import SYMBOLS
+        from lstmkit.app.tasks.reber import SYMBOLS
         return SYMBOLS
     return None
 
@@ -490,7 +491,7 @@ def plot_gradient_flow(flow: GradientFlow, *, title: str | None = None,
 
 def plot_gradflow(result: dict[str, Any], *, title: str | None = None,
                   path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Figure:
-    """The norms of :func:`lstmkit.gradflow.gradflow_experiment`, at initialisation and after training.
+    """The norms of :func:`lstmkit.app.gradflow.gradflow_experiment`, at initialisation and after training.
 
     Returns:
         The Figure: axes "at initialisation" and "after N training steps", log scale.
@@ -561,7 +562,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("gradflow", help=text, description=text)
     import inspect
 
-    from lstmkit.gradflow import gradflow_experiment
+    from lstmkit.app.gradflow import gradflow_experiment
 
     d = {k: v.default for k, v in inspect.signature(gradflow_experiment).parameters.items()}
     p.add_argument("--cells", default=",".join(d["cells"]),
@@ -623,7 +624,7 @@ def run(args: argparse.Namespace) -> int:
         for variant, value, name, split in rows:
             print(f"{variant:<24} {name:<32} {split} {metric} = {value:.4g}")
     else:
-        from lstmkit.gradflow import gradflow_experiment, gradflow_table
+        from lstmkit.app.gradflow import gradflow_experiment, gradflow_table
 
         json_out = _check_output(out.with_suffix(".json"), args.overwrite, ".json")
         cells = [c.strip() for c in args.cells.split(",") if c.strip()]

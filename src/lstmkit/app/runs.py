@@ -20,7 +20,7 @@ A run directory is never stuck: one that holds only what a run writes before its
 checkpoint (``config.json``, ``metrics.jsonl``, temporary files) is an *unstarted* run,
 and ``train`` — with or without ``--resume`` — starts it afresh.
 
-The commands (:mod:`lstmkit.cli`, plots, report, study, eval) and the trainer read and
+The commands (:mod:`lstmkit.app.cli`, plots, report, study, eval) and the trainer read and
 write runs only through this module.
 """
 
@@ -39,8 +39,10 @@ from torch import Tensor
 
 from lstmkit import _atomic
 from lstmkit._validate import loads_json
-from lstmkit.config import SequenceModel, TrainConfig
-from lstmkit.tasks.base import Task, get_task
+from lstmkit.app.config import TrainConfig
+from lstmkit.app.model import SequenceModel
+from lstmkit.app.tasks.base import Task
+from lstmkit.app.tasks.registry import get_task
 
 __all__ = ["CheckpointError", "Checkpoint", "FORMAT", "WEIGHTS_FORMAT", "CHECKPOINT", "CONFIG", "METRICS",
            "SUMMARY", "MODEL", "plan", "start", "read_checkpoint", "write_checkpoint", "checkpoint_tensors",

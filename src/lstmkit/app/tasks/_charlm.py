@@ -71,9 +71,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lstmkit import _atomic
-from lstmkit.tasks._corpus_util import cache_dir, hash_order, sha256_hex, time_mask
-from lstmkit.tasks._synth_common import MAX_LENGTH, check_positive, check_values
-from lstmkit.tasks.base import Batch, Target, Task, register_task
+from lstmkit.app.tasks._corpus_util import cache_dir, hash_order, sha256_hex, time_mask
+from lstmkit.app.tasks._synth_common import MAX_LENGTH, check_positive, check_values
+from lstmkit.app.tasks.base import Batch, Target, Task
 
 __all__ = ["CharLM", "EXCLUDED_DIRS", "StepFn", "sample", "stdlib_files", "xz_bpc", "xz_given_bpc"]
 
@@ -221,7 +221,6 @@ def _escape(s: str) -> str:
     return s.replace("\n", "\u21b5").replace("\t", "\u2192")
 
 
-@register_task("charlm")
 @dataclass
 class CharLM(Task):
     """Character-level LM on the Python stdlib source (see the module docstring).

@@ -50,9 +50,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lstmkit.tasks._corpus_util import require, sha256_hex
-from lstmkit.tasks._synth_common import check_positive
-from lstmkit.tasks.base import Batch, Target, Task, register_task
+from lstmkit.app.tasks._corpus_util import require, sha256_hex
+from lstmkit.app.tasks._synth_common import check_positive
+from lstmkit.app.tasks.base import Batch, Target, Task
 
 __all__ = ["CO2", "SeriesData", "Sunspots", "load_series"]
 
@@ -309,7 +309,6 @@ class _SeriesTask(Task):
         return "\n".join(lines)
 
 
-@register_task("sunspots")
 @dataclass
 class Sunspots(_SeriesTask):
     """Yearly sunspot activity 1700-2008 (statsmodels), one-step-ahead forecasting."""
@@ -318,7 +317,6 @@ class Sunspots(_SeriesTask):
     series = "sunspots"
 
 
-@register_task("co2")
 @dataclass
 class CO2(_SeriesTask):
     """Weekly Mauna Loa CO2 1958-2001 (statsmodels; 59 gaps interpolated), one-step-ahead."""

@@ -1,6 +1,6 @@
 """Long-lag memory tasks: ``adding``, ``temporal_order`` and ``copy``.
 
-Each sequence is an i.i.d. sample (:class:`~lstmkit.tasks._synth_common.SampledTask`):
+Each sequence is an i.i.d. sample (:class:`~lstmkit.app.tasks._synth_common.SampledTask`):
 training batches are fresh draws from the trainer's generator, evaluation splits are
 fixed samples of ``eval_size`` sequences seeded by the task's ``seed`` and the split.
 Tasks with one answer per sequence read the model's output at the sequence's last valid
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmkit.tasks._synth_common import MAX_LENGTH, SampledTask, check_positive, check_values, last_step
-from lstmkit.tasks.base import Batch, Target, register_task
+from lstmkit.app.tasks._synth_common import MAX_LENGTH, SampledTask, check_positive, check_values, last_step
+from lstmkit.app.tasks.base import Batch, Target
 
 __all__ = ["AddingTask", "TemporalOrderTask", "CopyTask", "hochreiter_adding_baselines"]
 
@@ -47,7 +47,6 @@ def hochreiter_adding_baselines(length: int) -> dict[str, float]:
             "mse": q / 48 + (1 - q) / 24}
 
 
-@register_task("adding")
 @dataclass
 class AddingTask(SampledTask):
     """The adding problem, in two forms (``form``): Hochreiter & Schmidhuber 1997 §5.4
@@ -239,7 +238,6 @@ ORDER_WINDOWS = {"6a": ((10, 20), (50, 60)), "6b": ((10, 20), (33, 43), (66, 76)
 ORDER_TOLERANCE = 0.3
 
 
-@register_task("temporal_order")
 @dataclass
 class TemporalOrderTask(SampledTask):
     """Temporal order, Hochreiter & Schmidhuber 1997 §5.6 (Experiment 6).
@@ -381,7 +379,6 @@ COPY_CLASSES = 10
 COPY_SYMBOLS = 10  # symbols to remember
 
 
-@register_task("copy")
 @dataclass
 class CopyTask(SampledTask):
     """Copy memory, Arjovsky, Shah & Bengio 2016 (protocol from reproduction code).

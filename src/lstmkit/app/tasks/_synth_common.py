@@ -1,4 +1,4 @@
-"""Helpers shared by the synthetic tasks (:mod:`lstmkit.tasks.synthetic`).
+"""Helpers shared by the synthetic tasks (:mod:`lstmkit.app.tasks.synthetic`).
 
 * :func:`derive_seed` / :func:`generator_for`: the seed of a fixed evaluation set,
   derived from a task's ``seed``, its name and the split, so that every split is fixed
@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lstmkit.tasks.base import Batch, Task
+from lstmkit.app.tasks.base import Batch, Task
 
 __all__ = ["EVAL_SPLITS", "SampledTask", "check_batch_size", "check_split", "check_positive", "check_values",
            "derive_seed", "generator_for", "last_step", "MAX_LENGTH", "MAX_VALUES"]

@@ -1,0 +1,139 @@
+"""Each gate as the textbook writes it: a small fully connected layer over ``[x_t, h_{t-1}]``.
+
+``W_k`` has shape ``H × (I + H)``. lstmkit stores the four of them fused, as torch does
+(``weight_ih`` is 4H × I, ``weight_hh`` is 4H × H, gate order i, f, g, o); a
+:class:`GateView` shows one gate's slice and writes back into that storage. Layers return
+them from ``layer.gates()``; :func:`lstmkit.inspect.describe` tabulates them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lstmkit._validate import check_bool
+from lstmkit.layout import GATE_NAMES, GATES, gate_slices
+
+__all__ = ["GateView", "gate_views"]
+
+_ABSENT_NOTE = {
+    "i": "absent: i ≡ 1 (nig)",
+    "f": "absent: f ≡ 1 (nfg)",
+    "o": "absent: o ≡ 1 (nog)",
+}
+
+
+class GateView:
+    """One gate of one layer and direction.
+
+    Attributes:
+        name: ``"input"``, ``"forget"``, ``"candidate"`` or ``"output"``.
+        letter: ``"i"``, ``"f"``, ``"g"`` or ``"o"``.
+        present: False when the variant has no such gate (then ``note`` says why and
+            every tensor attribute is None).
+        activation: ``"sigmoid"``, ``"tanh"`` or ``"identity"``.
+        W_x: (n, I) view of the gate's rows of ``weight_ih`` (n = H, or the first hidden
+            width of a deep gate). Editing it in place edits the layer.
+        W_h: (n, H_out) view of the gate's rows of ``weight_hh``.
+        b_x, b_h: (n,) views of ``bias_ih`` / ``bias_hh`` (None without bias).
+        peephole: (H,) diagonal peephole weight, or None.
+        mlp: the deep gate's further layers ``[(weight, bias), …]`` (empty if not deep).
+    """
+
+    def __init__(self, letter: str, present: bool, note: str, activation: str,
+                 W_x: Tensor | None = None, W_h: Tensor | None = None,
+                 b_x: Tensor | None = None, b_h: Tensor | None = None,
+                 peephole: Tensor | None = None,
+                 mlp: list[tuple[Tensor, Tensor | None]] | None = None) -> None:
+        self.letter = letter
+        self.name = GATE_NAMES[GATES.index(letter)]
+        self.present = check_bool("present", present)
+        self.note = note
+        self.activation = activation
+        self.W_x, self.W_h, self.b_x, self.b_h = W_x, W_h, b_x, b_h
+        self.peephole = peephole
+        self.mlp = mlp or []
+
+    @property
+    def W(self) -> Tensor | None:
+        """The textbook matrix ``[W_x | W_h]``, shape (n, I + H_out): a copy.
+
+        Assign to it (``view.W = new``) to write both halves back into the layer.
+        """
+        if not self.present:
+            return None
+        return torch.cat([self.W_x.detach(), self.W_h.detach()], dim=1)
+
+    @W.setter
+    def W(self, value: Tensor) -> None:
+        if not self.present:
+            raise ValueError(f"W: the {self.name} gate is absent in this variant ({self.note})")
+        want = (self.W_x.shape[0], self.W_x.shape[1] + self.W_h.shape[1])
+        if tuple(value.shape) != want:
+            raise ValueError(f"W: expected shape {want} for the {self.name} gate, got {tuple(value.shape)}")
+        with torch.no_grad():
+            self.W_x.copy_(value[:, : self.W_x.shape[1]])
+            self.W_h.copy_(value[:, self.W_x.shape[1]:])
+
+    @property
+    def b(self) -> Tensor | None:
+        """The gate's total bias ``b_x + b_h`` (n,): a copy; None without bias."""
+        if self.b_x is None:
+            return None
+        return (self.b_x + self.b_h).detach()
+
+    @b.setter
+    def b(self, value: Tensor) -> None:
+        if self.b_x is None:
+            raise ValueError(f"b: the {self.name} gate has no bias (absent gate or bias=False)")
+        if tuple(value.shape) != tuple(self.b_x.shape):
+            raise ValueError(f"b: expected shape {tuple(self.b_x.shape)}, got {tuple(value.shape)}")
+        with torch.no_grad():
+            self.b_x.copy_(value)
+            self.b_h.zero_()
+
+    def __repr__(self) -> str:
+        if not self.present:
+            return f"GateView({self.name}: {self.note})"
+        n, i = self.W_x.shape
+        deep = f", mlp={[tuple(w.shape) for w, _ in self.mlp]}" if self.mlp else ""
+        return (f"GateView({self.name}: {self.activation}, W {n} × ({i} + {self.W_h.shape[1]})"
+                f"{', peephole' if self.peephole is not None else ''}{deep})")
+
+
+def gate_views(layer: Any, index: int = 0, direction: int = 0) -> dict[str, GateView]:
+    """Views of the four gates of ``layer`` (an lstmkit LSTM/RNN) at one layer/direction."""
+    spec = layer.spec
+    p = layer.layer_params(index, direction)
+    rows = gate_slices(spec, layer.hidden_size)
+    views: dict[str, GateView] = {}
+    for letter in GATES:
+        name = GATE_NAMES[GATES.index(letter)]
+        if not spec.is_lstm and letter != "g":
+            views[name] = GateView(letter, False, "absent: the plain RNN has no gates", "")
+            continue
+        if letter not in rows:
+            coupled = letter == "f" and spec.coupled
+            note = "f = 1 − i (cifg), no parameters" if coupled else _ABSENT_NOTE[letter]
+            views[name] = GateView(letter, False, note, "sigmoid")
+            continue
+        sl = rows[letter]
+        if letter == "g":
+            act = spec.nonlinearity if not spec.is_lstm else spec.candidate_activation
+        else:
+            act = "sigmoid"
+        mlp = []
+        for j in range(1, len(spec.hidden_widths(letter)) + 1):
+            mlp.append((p[f"mlp_{letter}_weight{j}"], p.get(f"mlp_{letter}_bias{j}")))
+        note = "deep gate: an MLP over [x, h]" if mlp else ""
+        views[name] = GateView(
+            letter, True, note, act,
+            W_x=p["weight_ih"].data[sl], W_h=p["weight_hh"].data[sl],
+            b_x=p["bias_ih"].data[sl] if "bias_ih" in p else None,
+            b_h=p["bias_hh"].data[sl] if "bias_hh" in p else None,
+            peephole=p[f"peephole_{letter}"].data if f"peephole_{letter}" in p else None,
+            mlp=mlp,
+        )
+    return views
