@@ -137,3 +137,115 @@ def test_is_vanilla_ignores_only_the_initial_forget_bias():
     assert resolve("ib=-3+ob=-1").is_vanilla and resolve("chrono=100").is_vanilla
     for cell in ("peephole", "cifg", "layernorm", "clip=3", "nfg", "rnn"):
         assert not resolve(cell).is_vanilla, cell
+
+
+# ------------------------------------------------- issue 19: arrays checked as torch checks them
+
+
+def _tf1_arrays(I=3, H=4, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    return {"kernel": rng.standard_normal((I + H, 4 * H)).astype(dtype),
+            "bias": rng.standard_normal(4 * H).astype(dtype)}
+
+
+def _haste_arrays(I=3, H=4, dtype=np.float32):
+    rng = np.random.default_rng(1)
+    return {"kernel": rng.standard_normal((I, 4 * H)).astype(dtype),
+            "recurrent_kernel": rng.standard_normal((H, 4 * H)).astype(dtype),
+            "bias": rng.standard_normal(4 * H).astype(dtype)}
+
+
+def _unchanged(layer, before):
+    return all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
+LOADERS = {"tf1": (from_tf1, _tf1_arrays), "haste": (from_haste, _haste_arrays)}
+
+
+@pytest.mark.parametrize("fmt", list(LOADERS))
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_nan_or_inf_array_is_refused_naming_it(fmt, bad):
+    load, make = LOADERS[fmt]
+    for name in make():
+        layer = lstmkit.LSTM(3, 4)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        arrays = make()
+        arrays[name].flat[5] = bad
+        with pytest.raises(ValueError, match=rf"^{name}: contains NaN or inf \(1 of \d+ values, first at \("):
+            load(layer, **arrays)
+        assert _unchanged(layer, before), f"{fmt}/{name}: the layer was changed before the refusal"
+
+
+@pytest.mark.parametrize("fmt", list(LOADERS))
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.bool_, object, np.complex64])
+def test_a_non_floating_array_is_refused_not_cast(fmt, dtype):
+    load, make = LOADERS[fmt]
+    for name in make():
+        layer = lstmkit.LSTM(3, 4)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        arrays = make()
+        arrays[name] = np.ones(arrays[name].shape, dtype=dtype)
+        with pytest.raises(TypeError, match=rf"^{name}: expected a floating array \(float16, float32 or float64\), "
+                                            rf"got {np.dtype(dtype)}"):
+            load(layer, **arrays)
+        assert _unchanged(layer, before)
+
+
+def test_a_list_or_a_tensor_that_requires_grad_is_refused():
+    layer = lstmkit.LSTM(3, 4)
+    arrays = _tf1_arrays()
+    with pytest.raises(TypeError, match=r"^kernel: expected a floating array .* got int64"):
+        from_tf1(layer, [[1] * 16] * 7, arrays["bias"])
+    with pytest.raises(TypeError, match=r"^bias: expected a NumPy array, got Tensor"):
+        from_tf1(layer, arrays["kernel"], torch.zeros(16, requires_grad=True))
+    from_tf1(layer, torch.from_numpy(arrays["kernel"]), arrays["bias"])  # a plain CPU tensor reads as an array
+
+
+@pytest.mark.parametrize("fmt", list(LOADERS))
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_float16_and_float64_arrays_are_converted(fmt, dtype):
+    load, make = LOADERS[fmt]
+    arrays = {k: v.astype(dtype) for k, v in make().items()}
+    got, want = lstmkit.LSTM(3, 4), lstmkit.LSTM(3, 4)
+    load(got, **arrays)
+    load(want, **{k: v.astype(np.float32) for k, v in arrays.items()})
+    for k, v in want.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v), k
+
+
+def test_a_value_beyond_the_layer_dtype_is_refused():
+    arrays = _tf1_arrays(dtype=np.float64)
+    arrays["kernel"][0, 0] = 1e300  # finite in float64, inf in the float32 layer
+    layer = lstmkit.LSTM(3, 4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^kernel: values beyond the range of the layer's float32 \(largest "
+                                         r"magnitude 1e\+300\) would be stored as inf"):
+        from_tf1(layer, **arrays)
+    assert _unchanged(layer, before)
+    from_tf1(layer.double(), **arrays)  # a float64 layer holds it
+
+
+def test_a_bias_for_a_layer_without_bias_leaves_the_layer_untouched():
+    layer = lstmkit.LSTM(3, 4, bias=False)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="non-zero bias but the layer has bias=False"):
+        from_haste(layer, **_haste_arrays())
+    assert _unchanged(layer, before)
+
+
+def test_scalar_arguments_are_checked_naming_themselves():
+    arrays = _tf1_arrays()
+    layer = lstmkit.LSTM(3, 4, num_layers=2)
+    with pytest.raises(ValueError, match=r"^forget_bias: expected a finite float, got nan"):
+        from_tf1(layer, **arrays, forget_bias=float("nan"))
+    with pytest.raises(TypeError, match=r"^forget_bias: expected a float, got str"):
+        to_tf1(layer, forget_bias="1")
+    with pytest.raises(TypeError, match=r"^forget_bias: expected a float, got bool"):
+        from_tf1(layer, **arrays, forget_bias=True)
+    with pytest.raises(TypeError, match=r"^index: expected an int, got bool"):
+        from_haste(layer, **_haste_arrays(), index=True)
+    with pytest.raises(ValueError, match=r"^index: expected an int in \[0, 1\], got 2"):
+        to_haste(layer, index=2)
+    with pytest.raises(ValueError, match=r"^direction: expected an int in \[0, 0\], got 1"):
+        to_tf1(layer, direction=1)
+    from_tf1(layer, **arrays, forget_bias=0)  # an int is a real number

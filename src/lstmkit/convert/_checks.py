@@ -1,12 +1,17 @@
-"""Checks every converter shares: what a plain-LSTM format can carry, and array shapes."""
+"""Checks every converter shares: what a plain-LSTM format can carry, and the arrays it reads."""
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Any
+
 import numpy as np
 
+from lstmkit._validate import check_int
 from lstmkit.nn import LSTM
 
-__all__ = ["require_plain_lstm", "expect_shape"]
+__all__ = ["require_plain_lstm", "expect_shape", "expect_weights", "expect_finite_float", "layer_slot"]
 
 
 def require_plain_lstm(layer: object, fmt: str) -> None:
@@ -26,3 +31,50 @@ def expect_shape(name: str, a: np.ndarray, shape: tuple[int, ...]) -> None:
     """Raise a ValueError naming ``name`` unless ``a`` has ``shape``."""
     if tuple(a.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(a.shape)}")
+
+
+def expect_weights(name: str, a: Any, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """``a`` as a NumPy array after checking that it can be weights.
+
+    Checked in this order, each message naming ``name``: ``a`` is an array (a NumPy array,
+    or what ``np.asarray`` reads: a list, a CPU tensor that does not require grad) of a
+    floating dtype (float16, float32, float64; integers, bools and objects are not
+    weights, and are not cast); it has ``shape`` when given; every value is finite.
+
+    Raises:
+        TypeError: not an array, or not floating ("kernel: expected a floating array (float16, float32 or
+            float64), got int64; ...").
+        ValueError: the wrong shape, or a NaN/inf ("kernel: contains NaN or inf (2 of 48 values, first at
+            (0, 3))").
+    """
+    try:
+        arr = np.asarray(a)
+    except Exception as exc:  # a tensor that requires grad, a tensor on a GPU, ...
+        raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__} ({type(exc).__name__}: "
+                        f"{exc})"[:300]) from None
+    if arr.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"{name}: expected a floating array (float16, float32 or float64), got {arr.dtype}; "
+                        f"integers and bools are not weights, and are not cast")
+    if shape is not None:
+        expect_shape(name, arr, shape)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        raise ValueError(f"{name}: contains NaN or inf ({len(bad)} of {arr.size} values, first at "
+                         f"{tuple(int(i) for i in bad[0])})")
+    return arr
+
+
+def expect_finite_float(name: str, value: Any) -> float:
+    """``value`` as a float if it is a finite real number (not a bool), else TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__} ({value!r})"[:300])
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name}: expected a finite float, got {value!r}")
+    return float(value)
+
+
+def layer_slot(layer: LSTM, index: Any, direction: Any) -> tuple[int, int]:
+    """(index, direction) checked against ``layer``, the messages naming the converters' arguments."""
+    return (check_int("index", index, 0, layer.num_layers - 1),
+            check_int("direction", direction, 0, layer.num_directions - 1))

@@ -13,18 +13,27 @@ external data file (``torch.onnx.export``'s default ``model.onnx.data``) are rea
 lstmkit itself, only from a regular file inside the model's own directory (absolute
 locations, ``..`` and links that lead outside are refused). Constant initial states must
 have the node's sizes (and be zero). Nothing from the file executes.
+
+Graphs that take their weights as graph inputs (ONNX's own ``LSTM`` / ``RNN`` node tests
+do) are read when the values are given: ``from_onnx(model, inputs={"W": w, "R": r})``.
+A given value is used exactly where an initializer of that name would be, and checked as
+one is: floating (float32/float64 for W; R, B, P of W's dtype), finite, of the node's
+shape. Every weight, given or stored, is checked before the layer is built (a Scan graph's: before
+the first parameter is filled).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from lstmkit.convert._checks import expect_weights
 from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates, suffix
 from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import CellSpec
@@ -33,6 +42,10 @@ __all__ = ["from_onnx", "onnx_module", "METADATA_KEY"]
 
 #: The model metadata key under which :func:`lstmkit.convert.to_onnx` records the layer's configuration.
 METADATA_KEY = "lstmkit.config"
+#: The inputs of an LSTM / RNN node by position, as the operator names them.
+_SLOTS = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")
+#: The slots whose value ``inputs=`` may give: those an initializer would give (weights, constant states).
+_GIVABLE = ("W", "R", "B", "initial_h", "initial_c", "P")
 #: Ops that may sit between two LSTM nodes of one stack (they only move data).
 _DATA_MOVEMENT = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Dropout")
 
@@ -114,6 +127,8 @@ def _external(t: Any, base: Path | None, where: str) -> np.ndarray:
 def _tensor(t: Any, base: Path | None, where: str) -> np.ndarray:
     from onnx import numpy_helper
 
+    if isinstance(t, np.ndarray):  # a value given through from_onnx(..., inputs=)
+        return t
     if t.data_location == 1:  # TensorProto.EXTERNAL
         return _external(t, base, where)
     return numpy_helper.to_array(t)
@@ -130,11 +145,72 @@ def _constants(graph: Any) -> dict[str, Any]:
     return out
 
 
-def _array(name: str, what: str, consts: dict[str, Any], where: str, base: Path | None) -> np.ndarray:
+def _given(inputs: Any, graph: Any, where: str) -> dict[str, np.ndarray]:
+    """``from_onnx``'s ``inputs=``: checked to be a mapping from graph input names to arrays.
+
+    Raises:
+        TypeError: not a mapping, a key that is not a string, a value that is not an array.
+        ValueError: names that are not graph inputs (all of them named).
+    """
+    if inputs is None:
+        return {}
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs: expected a mapping from graph input names to NumPy arrays, got "
+                        f"{type(inputs).__name__}")
+    for key in inputs:
+        if not isinstance(key, str):
+            raise TypeError(f"inputs: expected graph input names (str) as keys, got {type(key).__name__} ({key!r})")
+    graph_inputs = [v.name for v in graph.input]
+    unknown = [k for k in inputs if k not in graph_inputs]
+    if unknown:
+        raise ValueError(f"inputs: {unknown} {'is not a graph input' if len(unknown) == 1 else 'are not graph inputs'}"
+                         f" of {where} (its graph inputs: {graph_inputs})")
+    out = {}
+    for key, value in inputs.items():
+        try:
+            out[key] = np.asarray(value)
+        except Exception as exc:  # a tensor that requires grad, a tensor on a GPU, ...
+            raise TypeError(f"inputs[{key!r}]: expected a NumPy array, got {type(value).__name__} "
+                            f"({type(exc).__name__}: {exc})"[:300]) from None
+    return out
+
+
+def _refuse_runtime_inputs(given: dict[str, np.ndarray], rec: list[Any], where: str) -> None:
+    """Refuse an ``inputs=`` name that no LSTM/RNN node reads where an initializer would be read (its X,
+    sequence_lens, or a graph input read by another op): the value would change nothing."""
+    roles: dict[str, list[tuple[str, str]]] = {}  # name -> (slot, where it is read)
+    for k, n in enumerate(rec):
+        for slot, name in zip(_SLOTS, n.input):
+            if name:
+                roles.setdefault(name, []).append((slot, f"the {slot} input of {n.op_type} node {k} ({n.name!r})"))
+    for name in given:
+        got = roles.get(name, [])
+        if not any(slot in _GIVABLE for slot, _ in got):
+            what = " and ".join(d for _, d in got) or "a graph input that no LSTM or RNN node reads directly"
+            raise ValueError(f"inputs: {name!r} is {what}; inputs= gives values only where an initializer would "
+                             f"be read ({', '.join(_GIVABLE)}): the layer takes X, sequence_lens (a PackedSequence) "
+                             f"and its state at run time")
+
+
+def _array(name: str, what: str, consts: dict[str, Any], where: str, base: Path | None,
+           graph_inputs: frozenset[str] = frozenset()) -> np.ndarray:
     if name not in consts:
+        if name in graph_inputs:
+            raise ValueError(f"{where}: input {what} ({name!r}) is computed at run time (a graph input); expected "
+                             f"a constant (an initializer or a Constant node), or its value given as "
+                             f"from_onnx(..., inputs={{{name!r}: array}})")
         raise ValueError(f"{where}: input {what} ({name!r}) is computed at run time; expected a constant "
                          f"(an initializer or a Constant node)")
-    return _tensor(consts[name], base, f"{where}: input {what}")
+    label = f"{where}: input {what}" + (f" (inputs[{name!r}])" if isinstance(consts[name], np.ndarray) else "")
+    return _tensor(consts[name], base, label)
+
+
+def _weights(name: str, what: str, consts: dict[str, Any], where: str, base: Path | None,
+             graph_inputs: frozenset[str]) -> np.ndarray:
+    """A weight input of a node (W, R, B, P), checked floating and finite (:func:`expect_weights`)."""
+    given = isinstance(consts.get(name), np.ndarray)
+    label = f"{where}: {what}" + (f" (inputs[{name!r}])" if given else "")
+    return expect_weights(label, _array(name, what, consts, where, base, graph_inputs))
 
 
 def _attrs(node: Any) -> dict[str, Any]:
@@ -179,22 +255,30 @@ def _check_chain(nodes: list[Any], graph: Any, where: str) -> bool:
     return batch_first
 
 
-def from_onnx(model_or_path: Any) -> LSTM | RNN:
+def from_onnx(model_or_path: Any, *, inputs: Mapping[str, np.ndarray] | None = None) -> LSTM | RNN:
     """An lstmkit LSTM (or RNN) computing what the ONNX model's chain of LSTM (RNN) nodes computes.
 
     Args:
         model_or_path: an ``onnx.ModelProto`` or the path of an ``.onnx`` file.
+        inputs: values for graph inputs by name, used exactly where an initializer of that
+            name would be: a node's weights W [D, G·H, I], R [D, G·H, H], B [D, 2·G·H],
+            P [D, 3H] (G = 4 for LSTM, 1 for RNN) and constant (zero) initial_h / initial_c.
+            Checked as initializers are (floating, finite, the node's shapes). A name that is
+            not a graph input, or one the layer takes at run time (X, sequence_lens), is refused.
 
     Returns:
         The layer, parameters in the model's dtype (float32 or float64); ``batch_first``
         from the ``layout`` attribute or the metadata :func:`to_onnx` writes.
 
     Raises:
+        TypeError: ``inputs`` is not a mapping of names to arrays; a weight is not floating.
         ValueError: not an ONNX file, no LSTM/RNN node, or something lstmkit cannot
-            compute (the message names the node, attribute and value).
+            compute (the message names the node, attribute and value); a weight that is a
+            graph input without a value in ``inputs``; a NaN or inf in a weight.
     """
     proto, where, base = _load_proto(model_or_path)
     graph = proto.graph
+    given = _given(inputs, graph, where)
     meta = {p.key: p.value for p in proto.metadata_props}
     config = None
     if METADATA_KEY in meta:
@@ -205,6 +289,9 @@ def from_onnx(model_or_path: Any) -> LSTM | RNN:
         if not isinstance(config, dict):
             raise ValueError(f"{where}: damaged metadata {METADATA_KEY!r} (not an object)")
         if config.get("onnx_method") == "scan":
+            if given:
+                raise ValueError(f"inputs: {sorted(given)}: {where} is a Scan graph written by to_onnx, which "
+                                 f"holds every parameter as an initializer; inputs= gives weights to LSTM/RNN nodes")
             return _from_scan(graph, config, where, base)
     rec = [n for n in graph.node if n.op_type in ("LSTM", "RNN") and n.domain in ("", "ai.onnx")]
     if not rec:
@@ -215,9 +302,11 @@ def from_onnx(model_or_path: Any) -> LSTM | RNN:
         raise ValueError(f"{where}: the graph mixes LSTM and RNN nodes; an lstmkit layer is one or the other")
     op = rec[0].op_type
     is_lstm = op == "LSTM"
-    consts = _constants(graph)
+    _refuse_runtime_inputs(given, rec, where)
+    consts = {**_constants(graph), **given}  # a given value overrides an initializer's default, as at run time
+    graph_inputs = frozenset(v.name for v in graph.input)
     input_batch_first = _check_chain(rec, graph, where)
-    read = [_read_node(n, k, consts, where, is_lstm, base) for k, n in enumerate(rec)]
+    read = [_read_node(n, k, consts, where, is_lstm, base, graph_inputs) for k, n in enumerate(rec)]
     first = read[0]
     for k, r in enumerate(read[1:], start=1):
         for key in ("hidden_size", "D", "bias", "peephole", "coupled", "activations", "dtype", "layout"):
@@ -265,9 +354,12 @@ def _from_scan(graph: Any, config: dict[str, Any], where: str, base: Path | None
     dtype = torch.float64 if first.data_type == 11 else torch.float32  # TensorProto.DOUBLE
     # Shapes are checked against the metadata before the layer is allocated.
     layer = layer_from_config(config, dtype, where, {k: tuple(t.dims) for k, t in inits.items()}, extra_ok=True)
+    # Every parameter is read and checked before the first copy.
+    arrays = {name: expect_weights(f"{where}: initializer {name!r}", _tensor(inits[name], base, where))
+              for name in layer.state_dict()}
     with torch.no_grad():
         for name, param in layer.state_dict().items():
-            param.copy_(torch.from_numpy(_tensor(inits[name], base, where).copy()))
+            param.copy_(torch.from_numpy(arrays[name].copy()))
     return layer.eval()
 
 
@@ -306,8 +398,8 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
     return acts
 
 
-def _read_node(n: Any, k: int, consts: dict[str, Any], where: str, is_lstm: bool, base: Path | None
-               ) -> dict[str, Any]:
+def _read_node(n: Any, k: int, consts: dict[str, Any], where: str, is_lstm: bool, base: Path | None,
+               graph_inputs: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Parameters (lstmkit names and layout) and facts of one LSTM/RNN node."""
     what = f"{where}: {n.op_type} node {k} ({n.name!r})"
     a = _attrs(n)
@@ -331,24 +423,27 @@ def _read_node(n: Any, k: int, consts: dict[str, Any], where: str, is_lstm: bool
     coupled = bool(a.get("input_forget", 0)) if is_lstm else False
     ins = list(n.input) + [""] * (8 - len(n.input))
     G = 4 if is_lstm else 1
-    W = _array(ins[1], "W", consts, what, base)
-    R = _array(ins[2], "R", consts, what, base)
+    W = _weights(ins[1], "W", consts, what, base, graph_inputs)
+    R = _weights(ins[2], "R", consts, what, base, graph_inputs)
     if W.ndim != 3 or W.shape[:2] != (D, G * H):
         raise ValueError(f"{what}: W: expected shape ({D}, {G * H}, input_size), got {W.shape}")
     if R.shape != (D, G * H, H):
         raise ValueError(f"{what}: R: expected shape {(D, G * H, H)}, got {R.shape}")
     if W.dtype not in (np.float32, np.float64) or R.dtype != W.dtype:
         raise ValueError(f"{what}: W, R: expected float32 or float64, got {W.dtype} and {R.dtype}")
-    B = _array(ins[3], "B", consts, what, base) if ins[3] else None
+    B = _weights(ins[3], "B", consts, what, base, graph_inputs) if ins[3] else None
     if B is not None and B.shape != (D, 2 * G * H):
         raise ValueError(f"{what}: B: expected shape {(D, 2 * G * H)}, got {B.shape}")
-    P = _array(ins[7], "P", consts, what, base) if is_lstm and ins[7] else None
+    P = _weights(ins[7], "P", consts, what, base, graph_inputs) if is_lstm and ins[7] else None
     if P is not None and P.shape != (D, 3 * H):
         raise ValueError(f"{what}: P: expected shape {(D, 3 * H)}, got {P.shape}")
+    for slot, extra in (("B", B), ("P", P)):
+        if extra is not None and extra.dtype != W.dtype:
+            raise ValueError(f"{what}: W, {slot}: expected one dtype, got {W.dtype} and {extra.dtype}")
     for slot, name in ((5, "initial_h"), (6, "initial_c")):
         if ins[slot] not in consts:
             continue  # a graph input: given at run time
-        state = _array(ins[slot], name, consts, what, base)
+        state = _array(ins[slot], name, consts, what, base, graph_inputs)
         if state.ndim != 3 or state.shape[0] != D or state.shape[2] != H or state.shape[1] < 1:
             raise ValueError(f"{what}: {name} is a constant of shape {list(state.shape)}, expected [num_directions="
                              f"{D}, batch, hidden_size={H}]: the graph does not compute what its attributes say")

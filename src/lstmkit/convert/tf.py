@@ -8,8 +8,9 @@ Both order the gates i, g, f, o (TF1 calls g ``j``; see :data:`lstmkit.layout.OR
 * haste: ``kernel`` [I, 4H], ``recurrent_kernel`` [H, 4H], ``bias`` [4H]; its forget bias
   is an initial value, already in the stored bias.
 
-Arrays are NumPy, as those frameworks save them. One layer and direction at a time; only
-the vanilla cell without projection exists in these formats.
+Arrays are NumPy, as those frameworks save them: floating (float16/32/64) and finite, checked
+before the layer is touched (see :func:`lstmkit.convert._checks.expect_weights`). One layer
+and direction at a time; only the vanilla cell without projection exists in these formats.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lstmkit.convert._checks import expect_shape, require_plain_lstm
+from lstmkit.convert._checks import expect_finite_float, expect_weights, layer_slot, require_plain_lstm
 from lstmkit.layout import reorder_gates
 from lstmkit.nn import LSTM
 
@@ -31,17 +32,28 @@ def _canonical(layer: LSTM, index: int, direction: int) -> tuple[torch.Tensor, t
     return w_ih, w_hh, b
 
 
+def _as_layer_dtype(name: str, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """``a`` (checked by :func:`expect_weights`) in the layer's dtype; a value beyond that dtype's range is refused
+    rather than stored as inf."""
+    t = torch.as_tensor(a).to(dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: values beyond the range of the layer's {str(dtype).removeprefix('torch.')} "
+                         f"(largest magnitude {float(np.abs(a).max()):.3g}) would be stored as inf")
+    return t
+
+
 def _store(layer: LSTM, index: int, direction: int, w_ih: torch.Tensor, w_hh: torch.Tensor,
            b: torch.Tensor) -> None:
+    """Copy one layer-direction's canonical weights into ``layer``; everything is checked before the first copy."""
     p = layer.layer_params(index, direction)
+    if "bias_ih" not in p and bool(b.abs().max() > 0):
+        raise ValueError("bias: the arrays have a non-zero bias but the layer has bias=False")
     with torch.no_grad():
         p["weight_ih"].copy_(w_ih)
         p["weight_hh"].copy_(w_hh)
         if "bias_ih" in p:
             p["bias_ih"].copy_(b)
             p["bias_hh"].zero_()
-        elif bool(b.abs().max() > 0):
-            raise ValueError("bias: the arrays have a non-zero bias but the layer has bias=False")
 
 
 def to_tf1(layer: LSTM, index: int = 0, direction: int = 0, forget_bias: float = 1.0) -> dict[str, np.ndarray]:
@@ -51,6 +63,8 @@ def to_tf1(layer: LSTM, index: int = 0, direction: int = 0, forget_bias: float =
         forget_bias: the value the TF1 cell will add at run time (its default is 1.0).
     """
     require_plain_lstm(layer, "the TF1 layout")
+    index, direction = layer_slot(layer, index, direction)
+    forget_bias = expect_finite_float("forget_bias", forget_bias)
     w_ih, w_hh, b = _canonical(layer, index, direction)
     H = layer.hidden_size
     kernel = reorder_gates(torch.cat([w_ih, w_hh], dim=1), "lstmkit", "tf1").t()  # (I + H, 4H)
@@ -61,16 +75,30 @@ def to_tf1(layer: LSTM, index: int = 0, direction: int = 0, forget_bias: float =
 
 def from_tf1(layer: LSTM, kernel: np.ndarray, bias: np.ndarray, index: int = 0, direction: int = 0,
              forget_bias: float = 1.0) -> LSTM:
-    """Load a TF1 cell's ``kernel`` and ``bias`` into one layer-direction of ``layer`` (in place)."""
+    """Load a TF1 cell's ``kernel`` [I + H, 4H] and ``bias`` [4H] into one layer-direction of ``layer`` (in place).
+
+    The arrays must be floating (float16/32/64, converted to the layer's dtype) and finite;
+    all of them are checked before the layer is touched.
+
+    Raises:
+        TypeError: an array is not floating (integers, bools, objects are not cast), or a wrong argument type.
+        ValueError: a wrong shape, a NaN/inf, a value beyond the layer dtype's range, a non-zero bias for a
+            layer with ``bias=False``; the message names the array.
+    """
     require_plain_lstm(layer, "the TF1 layout")
+    index, direction = layer_slot(layer, index, direction)
+    forget_bias = expect_finite_float("forget_bias", forget_bias)
     H = layer.hidden_size
     n_in = layer.layer_params(index, direction)["weight_ih"].shape[1]
-    expect_shape("kernel", kernel, (n_in + H, 4 * H))
-    expect_shape("bias", bias, (4 * H,))
+    kernel = expect_weights("kernel", kernel, (n_in + H, 4 * H))
+    bias = expect_weights("bias", bias, (4 * H,))
     dtype = layer.weight_ih_l0.dtype
-    w = reorder_gates(torch.as_tensor(np.asarray(kernel)).t().to(dtype), "tf1", "lstmkit")  # (4H, I + H)
-    b = torch.as_tensor(np.asarray(bias)).to(dtype).clone()
+    w = reorder_gates(_as_layer_dtype("kernel", kernel, dtype).t(), "tf1", "lstmkit")  # (4H, I + H)
+    b = _as_layer_dtype("bias", bias, dtype).clone()
     b[2 * H:3 * H] += forget_bias
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError(f"bias: its forget block plus forget_bias={forget_bias} is beyond the range of the "
+                         f"layer's {str(dtype).removeprefix('torch.')}")
     _store(layer, index, direction, w[:, :n_in], w[:, n_in:], reorder_gates(b, "tf1", "lstmkit"))
     return layer
 
@@ -78,6 +106,7 @@ def from_tf1(layer: LSTM, kernel: np.ndarray, bias: np.ndarray, index: int = 0, 
 def to_haste(layer: LSTM, index: int = 0, direction: int = 0) -> dict[str, np.ndarray]:
     """haste ``kernel`` [I, 4H], ``recurrent_kernel`` [H, 4H], ``bias`` [4H] (order i, g, f, o)."""
     require_plain_lstm(layer, "the haste layout")
+    index, direction = layer_slot(layer, index, direction)
     w_ih, w_hh, b = _canonical(layer, index, direction)
     return {"kernel": reorder_gates(w_ih, "lstmkit", "haste").t().cpu().numpy().copy(),
             "recurrent_kernel": reorder_gates(w_hh, "lstmkit", "haste").t().cpu().numpy().copy(),
@@ -86,18 +115,17 @@ def to_haste(layer: LSTM, index: int = 0, direction: int = 0) -> dict[str, np.nd
 
 def from_haste(layer: LSTM, kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray,
                index: int = 0, direction: int = 0) -> LSTM:
-    """Load haste's arrays into one layer-direction of ``layer`` (in place)."""
+    """Load haste's ``kernel`` [I, 4H], ``recurrent_kernel`` [H, 4H] and ``bias`` [4H] into one
+    layer-direction of ``layer`` (in place), checked as :func:`from_tf1` checks its arrays."""
     require_plain_lstm(layer, "the haste layout")
+    index, direction = layer_slot(layer, index, direction)
     H = layer.hidden_size
     n_in = layer.layer_params(index, direction)["weight_ih"].shape[1]
-    expect_shape("kernel", kernel, (n_in, 4 * H))
-    expect_shape("recurrent_kernel", recurrent_kernel, (H, 4 * H))
-    expect_shape("bias", bias, (4 * H,))
+    kernel = expect_weights("kernel", kernel, (n_in, 4 * H))
+    recurrent_kernel = expect_weights("recurrent_kernel", recurrent_kernel, (H, 4 * H))
+    bias = expect_weights("bias", bias, (4 * H,))
     dtype = layer.weight_ih_l0.dtype
-
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a)).to(dtype)
-
-    _store(layer, index, direction, reorder_gates(t(kernel).t(), "haste", "lstmkit"),
-           reorder_gates(t(recurrent_kernel).t(), "haste", "lstmkit"), reorder_gates(t(bias), "haste", "lstmkit"))
+    w_ih = reorder_gates(_as_layer_dtype("kernel", kernel, dtype).t(), "haste", "lstmkit")
+    w_hh = reorder_gates(_as_layer_dtype("recurrent_kernel", recurrent_kernel, dtype).t(), "haste", "lstmkit")
+    _store(layer, index, direction, w_ih, w_hh, reorder_gates(_as_layer_dtype("bias", bias, dtype), "haste", "lstmkit"))
     return layer
