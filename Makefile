@@ -30,7 +30,7 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py

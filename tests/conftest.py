@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 # Without a GPU, Triton's interpreter runs the GPU kernels on CPU tensors (tests/test_triton.py);
@@ -36,3 +37,37 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
     err = (actual - expected).abs().max().item() if actual.numel() else 0.0
     scale = expected.abs().max().item() if expected.numel() else 0.0
     assert err <= rtol * max(scale, 1e-3), f"{what}: max abs error {err:.3g} > {rtol:g} × scale {scale:.3g}"
+
+
+def fixed_zoneout_masks(spec, c_shape, h_shape, like):
+    """Zoneout's masks as a function of their shapes alone (a generator seeded by them): every
+    call with the same shapes draws the same masks, so repeated runs of a layer in training
+    mode (gradcheck, kernel against kernel) compute the same function, and the NumPy oracle
+    can be given exactly the masks lstmkit used (:func:`zoneout_keep`)."""
+    g = torch.Generator().manual_seed(1000 + 31 * sum(c_shape) + sum(h_shape))
+    z_c, z_h = spec.zoneout
+    d_c = (torch.rand(c_shape, generator=g, dtype=torch.float64) < z_c).to(like.dtype).to(like.device)
+    d_h = (torch.rand(h_shape, generator=g, dtype=torch.float64) < z_h).to(like.dtype).to(like.device)
+    return d_c, d_h
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_zoneout(monkeypatch):
+    """Every test sees :func:`fixed_zoneout_masks` in place of torch's generator (tests of the
+    generator itself restore it with ``monkeypatch.undo`` or call ``lstmkit.cell`` directly)."""
+    import lstmkit.cell
+
+    monkeypatch.setattr(lstmkit.cell, "zoneout_masks", fixed_zoneout_masks)
+
+
+def zoneout_keep(layer, T, B):
+    """The masks a layer's every layer-direction gets in training (:func:`fixed_zoneout_masks`),
+    as the NumPy oracle takes them: ``keep[l][d] = (d_c, d_h)`` arrays; None without zoneout
+    or in eval mode."""
+    spec = layer.spec
+    if not layer.training or spec.zoneout == (0.0, 0.0):
+        return None
+    d_c, d_h = fixed_zoneout_masks(spec, (T, B, layer.hidden_size), (T, B, layer.output_size),
+                                   torch.empty(0, dtype=torch.float64))
+    pair = (d_c.numpy(), d_h.numpy())
+    return [[pair] * layer.num_directions for _ in range(layer.num_layers)]

@@ -35,9 +35,12 @@ Variant keys (all optional except ``hidden_size``)::
     peephole              bool
     fgr                   bool, full gate recurrence
     layernorm             bool
-    candidate_activation  "tanh" (default) | "identity" (= niaf)
-    output_activation     "tanh" (default) | "identity" (= noaf)
+    candidate_activation  "tanh" (default) | "identity" (= niaf) | "relu"
+    output_activation     "tanh" (default) | "identity" (= noaf) | "relu"
+    gate_activation       "sigmoid" (default) | "hard_sigmoid" (clamp(0.2u + 0.5, 0, 1))
+                          | "hardsigmoid" (clamp(u/6 + 0.5, 0, 1)); for i, f and o
     cell_clip             float or None
+    zoneout               (z_c, z_h), default (0, 0); the masks are given to forward()
     gate_hidden           {gate letter: tuple of MLP hidden widths}, e.g. {"f": (8,), "g": (5, 3)}
 """
 
@@ -61,7 +64,7 @@ SIGMOID_ORDER = ("i", "f", "o")  # order of the sigmoid gates S
 _LSTM_KEYS = {
     "kind", "hidden_size", "proj_size", "bias", "input_gate", "forget_gate", "output_gate",
     "coupled", "peephole", "fgr", "layernorm", "candidate_activation", "output_activation",
-    "cell_clip", "gate_hidden",
+    "cell_clip", "gate_hidden", "gate_activation", "zoneout",
 }
 _RNN_KEYS = {"kind", "hidden_size", "bias", "nonlinearity"}
 
@@ -89,9 +92,11 @@ class _Cfg:
     peephole: bool
     fgr: bool
     layernorm: bool
-    cand_tanh: bool  # g = tanh(u_g) (else identity: niaf)
-    out_tanh: bool  # h = o * tanh(m) (else o * m: noaf)
+    cand: str  # g = cand(u_g): "tanh" | "identity" (niaf) | "relu"
+    out: str  # h = o * out(m): "tanh" | "identity" (noaf) | "relu"
     clip: float | None
+    gate_slope: float | None  # None: σ gates; else clamp(slope · u + 0.5, 0, 1)
+    zoneout: tuple[float, float]  # (z_c, z_h)
 
 
 def _config(variant: Variant) -> _Cfg:
@@ -114,7 +119,7 @@ def _config(variant: Variant) -> _Cfg:
         if nl not in ("tanh", "relu"):
             raise ValueError(f"unknown nonlinearity {nl!r}")
         return _Cfg(kind, H, 0, H, bias, nl, (), (), "one", {}, {}, {}, H,
-                    False, False, False, True, True, None)
+                    False, False, False, "tanh", "tanh", None, None, (0.0, 0.0))
 
     P = int(v.get("proj_size", 0) or 0)
     if P < 0:
@@ -149,8 +154,13 @@ def _config(variant: Variant) -> _Cfg:
 
     cand = v.get("candidate_activation", "tanh")
     out = v.get("output_activation", "tanh")
-    if cand not in ("tanh", "identity") or out not in ("tanh", "identity"):
-        raise ValueError("activations must be 'tanh' or 'identity'")
+    if cand not in ("tanh", "identity", "relu") or out not in ("tanh", "identity", "relu"):
+        raise ValueError("activations must be 'tanh', 'identity' or 'relu'")
+    slopes = {"sigmoid": None, "hard_sigmoid": 0.2, "hardsigmoid": 1.0 / 6.0}
+    gate_act = v.get("gate_activation", "sigmoid")
+    if gate_act not in slopes:
+        raise ValueError(f"unknown gate activation {gate_act!r}")
+    zc, zh = (float(z) for z in v.get("zoneout", (0.0, 0.0)))
     clip = v.get("cell_clip", None)
     if clip is not None:
         clip = float(clip)
@@ -161,7 +171,7 @@ def _config(variant: Variant) -> _Cfg:
         C=C, S=S, f_mode=f_mode, hidden=hidden, width=width, slices=slices, R=start,
         peephole=bool(v.get("peephole", False)), fgr=bool(v.get("fgr", False)),
         layernorm=bool(v.get("layernorm", False)),
-        cand_tanh=cand == "tanh", out_tanh=out == "tanh", clip=clip,
+        cand=cand, out=out, clip=clip, gate_slope=slopes[gate_act], zoneout=(zc, zh),
     )
 
 
@@ -270,6 +280,33 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free σ
 
 
+def _act(name: str, v: np.ndarray) -> np.ndarray:
+    """tanh, identity or relu."""
+    return np.tanh(v) if name == "tanh" else np.maximum(v, 0.0) if name == "relu" else v
+
+
+def _act_backward(name: str, dout: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Gradient through :func:`_act`, from its output: 1 − out² (tanh), 1 where out > 0 (relu)."""
+    if name == "tanh":
+        return dout * (1.0 - out**2)
+    return dout * (out > 0) if name == "relu" else dout
+
+
+def _gate(cfg: _Cfg, u: np.ndarray) -> np.ndarray:
+    """A gate i, f or o: σ(u), or the hard sigmoid clamp(slope · u + 0.5, 0, 1)."""
+    if cfg.gate_slope is None:
+        return _sigmoid(u)
+    return np.clip(cfg.gate_slope * u + 0.5, 0.0, 1.0)
+
+
+def _gate_backward(cfg: _Cfg, da: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """dL/du from dL/da and the gate's value a: a(1 − a) for σ; the slope strictly inside
+    (0, 1) for a hard sigmoid (0 on the flat parts and at the kinks)."""
+    if cfg.gate_slope is None:
+        return da * a * (1.0 - a)
+    return da * cfg.gate_slope * ((a > 0.0) & (a < 1.0))
+
+
 def _ln_forward(v: np.ndarray, gamma: np.ndarray, beta: np.ndarray | None = None):
     """LN over the last axis: γ ⊙ (v − mean) / sqrt(var + 1e-5) (+ β), biased variance.
     v (B, n), γ (n,), β (n,) -> (B, n)."""
@@ -341,8 +378,9 @@ def _mlp_backward(du: np.ndarray, acts, p: Params, k: str, cfg: _Cfg, grads: Par
 # --------------------------------------------------------------------------------------
 
 
-def _lstm_step(cfg: _Cfg, p: Params, x_t, h_prev, c_prev, s_prev):
-    """x_t (B, I), h_prev (B, H_out), c_prev (B, H), s_prev (B, nS·H) or None.
+def _lstm_step(cfg: _Cfg, p: Params, x_t, h_prev, c_prev, s_prev, keep=None):
+    """x_t (B, I), h_prev (B, H_out), c_prev (B, H), s_prev (B, nS·H) or None; keep: zoneout's
+    masks (d_c (B, H), d_h (B, H_out)) of this step, or None for the expectation (z_c, z_h).
     Returns h_t (B, H_out), c_t (B, H), s_t (B, nS·H) or None, cache."""
     H = cfg.H
     ones = np.ones_like(c_prev)  # (B, H)
@@ -378,37 +416,40 @@ def _lstm_step(cfg: _Cfg, p: Params, x_t, h_prev, c_prev, s_prev):
         for j, k in enumerate(cfg.S):
             u[k] = u[k] + rec[:, j * H:(j + 1) * H]
 
-    i = _sigmoid(u["i"]) if "i" in cfg.C else ones  # (B, H)
+    i = _gate(cfg, u["i"]) if "i" in cfg.C else ones  # (B, H)
     if cfg.f_mode == "sigmoid":
-        f = _sigmoid(u["f"])
+        f = _gate(cfg, u["f"])
     elif cfg.f_mode == "cifg":
         f = 1.0 - i
     else:  # nfg
         f = ones
-    g = np.tanh(u["g"]) if cfg.cand_tanh else u["g"]  # (B, H)
+    g = _act(cfg.cand, u["g"])  # (B, H)
 
     c_pre = f * c_prev + i * g  # (B, H)
     c = c_pre if cfg.clip is None else np.clip(c_pre, -cfg.clip, cfg.clip)
 
     if cfg.peephole and "o" in cfg.C:  # the output gate peeks at the new c_t
         u["o"] = u["o"] + p["peephole_o"] * c
-    o = _sigmoid(u["o"]) if "o" in cfg.C else ones  # (B, H)
+    o = _gate(cfg, u["o"]) if "o" in cfg.C else ones  # (B, H)
 
     ln_c = None
     if cfg.layernorm:
         m, ln_c = _ln_forward(c, p["ln_c_weight"], p["ln_c_bias"])  # (B, H)
     else:
         m = c
-    act = np.tanh(m) if cfg.out_tanh else m  # (B, H)
+    act = _act(cfg.out, m)  # (B, H)
     h_cell = o * act  # (B, H)
     h = h_cell @ p["weight_hr"].T if cfg.P else h_cell  # (B, H_out)
 
     gate_val = {"i": i, "f": f, "o": o}
     s = np.concatenate([gate_val[k] for k in cfg.S], axis=1) if cfg.fgr else None  # (B, nS·H)
+    d_c, d_h = keep if keep is not None else cfg.zoneout  # zoneout: keep the previous state
+    c_z = d_c * c_prev + (1.0 - d_c) * c  # (B, H)
+    h_z = d_h * h_prev + (1.0 - d_h) * h  # (B, H_out)
     cache = dict(x=x_t, h_prev=h_prev, c_prev=c_prev, s_prev=s_prev, ln_a=ln_a, ln_r=ln_r,
                  mlp=mlp, i=i, f=f, g=g, c_pre=c_pre, c=c, o=o, ln_c=ln_c, act=act,
-                 h_cell=h_cell)
-    return h, c, s, cache
+                 h_cell=h_cell, d_c=d_c, d_h=d_h, c_state=c_z, h_state=h_z)
+    return h_z, c_z, s, cache
 
 
 def _lstm_step_backward(cfg: _Cfg, p: Params, sc, dh, dc, ds, grads: Params):
@@ -419,6 +460,9 @@ def _lstm_step_backward(cfg: _Cfg, p: Params, sc, dh, dc, ds, grads: Params):
     i, f, g, o, c, act = sc["i"], sc["f"], sc["g"], sc["o"], sc["c"], sc["act"]
     c_prev = sc["c_prev"]
     zeros = np.zeros_like(c)
+    # Zoneout: h_z = d_h h_prev + (1 − d_h) h, c_z likewise; dh, dc arrive at h_z, c_z.
+    dh_prev_kept, dc_prev_kept = sc["d_h"] * dh, sc["d_c"] * dc
+    dh, dc = (1.0 - sc["d_h"]) * dh, (1.0 - sc["d_c"]) * dc
 
     # Projection.
     if cfg.P:
@@ -436,7 +480,7 @@ def _lstm_step_backward(cfg: _Cfg, p: Params, sc, dh, dc, ds, grads: Params):
     # h_cell = o ⊙ act(m)
     do = dh_cell * act + dgate["o"]
     dact = dh_cell * o
-    dm = dact * (1.0 - act**2) if cfg.out_tanh else dact
+    dm = _act_backward(cfg.out, dact, act)
     if cfg.layernorm:
         dm_c, dgc, dbc = _ln_backward(dm, sc["ln_c"])
         grads["ln_c_weight"] += dgc
@@ -447,7 +491,7 @@ def _lstm_step_backward(cfg: _Cfg, p: Params, sc, dh, dc, ds, grads: Params):
 
     du = {}
     if "o" in cfg.C:
-        du["o"] = do * o * (1.0 - o)
+        du["o"] = _gate_backward(cfg, do, o)
         if cfg.peephole:
             grads["peephole_o"] += (du["o"] * c).sum(axis=0)
             dc = dc + du["o"] * p["peephole_o"]
@@ -464,10 +508,10 @@ def _lstm_step_backward(cfg: _Cfg, p: Params, sc, dh, dc, ds, grads: Params):
     if cfg.f_mode == "cifg":  # f = 1 - i
         di = di - df
     if "i" in cfg.C:
-        du["i"] = di * i * (1.0 - i)
+        du["i"] = _gate_backward(cfg, di, i)
     if cfg.f_mode == "sigmoid":
-        du["f"] = df * f * (1.0 - f)
-    du["g"] = dg * (1.0 - g**2) if cfg.cand_tanh else dg
+        du["f"] = _gate_backward(cfg, df, f)
+    du["g"] = _act_backward(cfg.cand, dg, g)
 
     ds_prev = None
     if cfg.fgr:
@@ -500,8 +544,8 @@ def _lstm_step_backward(cfg: _Cfg, p: Params, sc, dh, dc, ds, grads: Params):
     grads["weight_ih"] += da.T @ sc["x"]
     grads["weight_hh"] += dr.T @ sc["h_prev"]
     dx = da @ p["weight_ih"]  # (B, I)
-    dh_prev = dr @ p["weight_hh"]  # (B, H_out)
-    return dx, dh_prev, dc_prev, ds_prev
+    dh_prev = dr @ p["weight_hh"] + dh_prev_kept  # (B, H_out)
+    return dx, dh_prev, dc_prev + dc_prev_kept, ds_prev
 
 
 # --------------------------------------------------------------------------------------
@@ -548,11 +592,13 @@ def _valid_mask(lengths: Lengths, T: int, B: int) -> np.ndarray:
 
 def layer_forward(
     x: np.ndarray, params: Params, h0: np.ndarray | None, c0: np.ndarray | None,
-    variant: Variant, lengths: Lengths = None,
+    variant: Variant, lengths: Lengths = None, keep=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Cache]:
     """One layer, one forward-in-time direction.
 
-    x (T, B, I); h0 (B, H_out); c0 (B, H) (None for rnn); lengths (B,) ints or None.
+    x (T, B, I); h0 (B, H_out); c0 (B, H) (None for rnn); lengths (B,) ints or None;
+    keep: zoneout's masks (d_c (T, B, H), d_h (T, B, H_out)) indexed by step, or None (the
+    expectation; no effect without zoneout).
     Returns y (T, B, H_out) (zero at t >= len_b), h_n (B, H_out), c_n (B, H) (None for
     rnn), cache. Steps t >= len_b change nothing (h, c and the fgr state carry over).
     """
@@ -577,7 +623,8 @@ def layer_forward(
         if cfg.kind == "rnn":
             h_new, sc = _rnn_step(cfg, p, x[t], h)
         else:
-            h_new, c_new, s_new, sc = _lstm_step(cfg, p, x[t], h, c, s)
+            step_keep = None if keep is None else (keep[0][t], keep[1][t])
+            h_new, c_new, s_new, sc = _lstm_step(cfg, p, x[t], h, c, s, step_keep)
             c = np.where(mk, c_new, c)
             if cfg.fgr:
                 s = np.where(mk, s_new, s)
@@ -645,11 +692,13 @@ def _permute_time(a: np.ndarray, rev: np.ndarray) -> np.ndarray:
 
 def forward(
     x: np.ndarray, layers: list[list[Params]], h0: np.ndarray | None, c0: np.ndarray | None,
-    variant: Variant, lengths: Lengths = None, bidirectional: bool = False,
+    variant: Variant, lengths: Lengths = None, bidirectional: bool = False, keep=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, Cache]:
     """Full stack. x (T, B, I); layers[l][d] params; h0 (D·L, B, H_out); c0 (D·L, B, H)
     (None for rnn; h0/c0 None = zeros). Returns y (T, B, D·H_out), h_n (D·L, B, H_out),
-    c_n (D·L, B, H) or None, cache. No dropout."""
+    c_n (D·L, B, H) or None, cache. No dropout. keep: zoneout's masks ``keep[l][d]`` =
+    (d_c, d_h) in each direction's own step order (the reverse direction's step t reads
+    x_{len_b − 1 − t}), or None for the expectation."""
     cfg = _config(variant)
     x = np.asarray(x, dtype=np.float64)
     T, B, _ = x.shape
@@ -673,7 +722,8 @@ def forward(
             idx = l * D + d
             x_dir = inp if d == 0 else _permute_time(inp, rev)  # reverse: read backwards
             y_dir, h_n[idx], c_dir, lc = layer_forward(
-                x_dir, layers[l][d], h0[idx], c0[idx] if is_lstm else None, variant, lengths)
+                x_dir, layers[l][d], h0[idx], c0[idx] if is_lstm else None, variant, lengths,
+                None if keep is None else keep[l][d])
             if is_lstm:
                 c_n[idx] = c_dir
             outs.append(y_dir if d == 0 else _permute_time(y_dir, rev))  # flip output back

@@ -68,17 +68,17 @@ def _setup(variant, *, I=2, T=3, B=2, L=1, bidirectional=False, seed=0):
 
 
 def check_stack_grads(variant, *, I=2, T=3, B=2, L=1, bidirectional=False, lengths=None,
-                      seed=0):
+                      seed=0, keep=None):
     """FD-check nl.backward for a whole stack; loss = <wy, y> + <wh, h_n> + <wc, c_n>."""
     layers, x, h0, c0, wy, wh, wc = _setup(variant, I=I, T=T, B=B, L=L,
                                            bidirectional=bidirectional, seed=seed)
 
     def loss():
-        y, hn, cn, _ = nl.forward(x, layers, h0, c0, variant, lengths, bidirectional)
+        y, hn, cn, _ = nl.forward(x, layers, h0, c0, variant, lengths, bidirectional, keep)
         out = np.sum(wy * y) + np.sum(wh * hn)
         return out + np.sum(wc * cn) if cn is not None else out
 
-    _, _, _, cache = nl.forward(x, layers, h0, c0, variant, lengths, bidirectional)
+    _, _, _, cache = nl.forward(x, layers, h0, c0, variant, lengths, bidirectional, keep)
     dx, dlayers, dh0, dc0 = nl.backward(cache, wy, wh, wc)
 
     # Padding steps of x (t >= len_b) are never read: their gradient must be exactly 0.
@@ -143,6 +143,11 @@ SINGLE = {
     "deep_g": {"gate_hidden": {"g": (4, 2)}},
     "deep_o": {"gate_hidden": {"o": (2,)}},
     "deep_all": {"gate_hidden": {"i": (2,), "f": (4,), "g": (3, 2), "o": (2, 4)}},
+    "cand_relu": {"candidate_activation": "relu"},
+    "out_relu": {"output_activation": "relu"},
+    "hard_sigmoid": {"gate_activation": "hard_sigmoid"},
+    "hardsigmoid": {"gate_activation": "hardsigmoid"},
+    "zoneout_expectation": {"zoneout": (0.3, 0.2)},
 }
 
 
@@ -192,6 +197,40 @@ COMBOS = {
     "fgr_deep_all_proj": {"fgr": True, "proj_size": 1,
                           "gate_hidden": {"i": (2,), "f": (4,), "g": (2,), "o": (3,)}},
 }
+
+
+def _masks(rng, L, D, T, B, H, H_out, z=(0.5, 0.5)):
+    """Zoneout masks keep[l][d] = (d_c (T, B, H), d_h (T, B, H_out)) of 0s and 1s."""
+    return [[((rng.random((T, B, H)) < z[0]).astype(float), (rng.random((T, B, H_out)) < z[1]).astype(float))
+             for _ in range(D)] for _ in range(L)]
+
+
+def test_zoneout_masks_grads_stacked_bidirectional_projection():
+    variant = {"hidden_size": H, "zoneout": (0.5, 0.5), "proj_size": 2, "peephole": True,
+               "gate_activation": "hard_sigmoid", "candidate_activation": "relu"}
+    keep = _masks(np.random.default_rng(3), 2, 2, 4, 3, H, 2)
+    check_stack_grads(variant, T=4, B=3, L=2, bidirectional=True, lengths=np.array([3, 4, 2]), keep=keep)
+
+
+def test_zoneout_all_kept_freezes_the_state_and_none_kept_is_no_zoneout():
+    layers, x, h0, c0, *_ = _setup({"hidden_size": H}, T=4, B=2)
+    zo = {"hidden_size": H, "zoneout": (0.5, 0.5)}
+    ones = [[(np.ones((4, 2, H)), np.ones((4, 2, H)))]]
+    y, hn, cn, _ = nl.forward(x, layers, h0, c0, zo, keep=ones)
+    np.testing.assert_array_equal(hn, h0)
+    np.testing.assert_array_equal(cn, c0)
+    zeros = [[(np.zeros((4, 2, H)), np.zeros((4, 2, H)))]]
+    want = nl.forward(x, layers, h0, c0, {"hidden_size": H})
+    got = nl.forward(x, layers, h0, c0, zo, keep=zeros)
+    for a, b in zip(got[:3], want[:3]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_hard_sigmoid_gates_are_flat_outside_their_ramp():
+    cfg = nl._config({"hidden_size": 1, "gate_activation": "hard_sigmoid"})
+    u = np.array([-3.0, -2.5, 0.0, 1.0, 2.5, 3.0])
+    np.testing.assert_allclose(nl._gate(cfg, u), [0.0, 0.0, 0.5, 0.7, 1.0, 1.0])
+    np.testing.assert_allclose(nl._gate_backward(cfg, np.ones(6), nl._gate(cfg, u)), [0, 0, 0.2, 0.2, 0, 0])
 
 
 @pytest.mark.parametrize("name", list(COMBOS))

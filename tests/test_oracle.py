@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstmkit
 import numpy_lstm as oracle
-from conftest import assert_close
+from conftest import assert_close, zoneout_keep
 from variants import LSTM_VARIANTS, RNN_VARIANTS
 
 T, B, I, H = 5, 3, 3, 4
@@ -44,7 +44,7 @@ def oracle_variant(layer) -> dict:
              output_gate=s.output_gate, coupled=s.coupled, peephole=s.peephole, fgr=s.fgr,
              layernorm=s.layernorm, candidate_activation=s.candidate_activation,
              output_activation=s.output_activation, cell_clip=s.cell_clip,
-             gate_hidden=dict(s.gate_hidden))
+             gate_hidden=dict(s.gate_hidden), gate_activation=s.gate_activation, zoneout=s.zoneout)
     return v
 
 
@@ -70,7 +70,8 @@ def compare(layer, dtype, lengths=None, seed=0):
         layer.num_layers, layer.bidirectional)
     lengths_np = None if lengths is None else np.array(lengths)
     y_np, hn_np, cn_np, cache = oracle.forward(x_np, layers_np, h0_np, c0_np, variant,
-                                               lengths=lengths_np, bidirectional=layer.bidirectional)
+                                               lengths=lengths_np, bidirectional=layer.bidirectional,
+                                               keep=zoneout_keep(layer, T, B))
     dy = rng.standard_normal(y_np.shape)
     dhn = rng.standard_normal(hn_np.shape)
     dcn = rng.standard_normal(cn_np.shape) if lstm else None

@@ -26,6 +26,13 @@ LSTM_VARIANTS: dict[str, object] = {
     "layernorm+deep_g": CellSpec(layernorm=True, gate_hidden={"g": (5,)}),
     "nig+niaf+noaf": "nig+niaf+noaf",
     "nfg+peephole+layernorm": "nfg+peephole+layernorm",
+    "cand_relu": "cand_act=relu",
+    "out_relu": "out_act=relu",
+    "hard_sigmoid": "gate_act=hard_sigmoid",
+    "hardsigmoid": "gate_act=hardsigmoid",
+    "zoneout": "zoneout=0.3/0.2",
+    "zoneout+peephole+layernorm": "zoneout=0.25+peephole+layernorm",
+    "hard_sigmoid+cifg+out_relu+clip": "gate_act=hard_sigmoid+cifg+out_act=relu+clip=0.5",
 }
 
 RNN_VARIANTS: dict[str, str] = {"rnn_tanh": "tanh", "rnn_relu": "relu"}

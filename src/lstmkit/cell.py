@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmkit.layout import gate_slices
-from lstmkit.spec import CellSpec
+from lstmkit.spec import CellSpec, gate_slices
+from lstmkit.variants import HARD_SIGMOID_SLOPES
 
-__all__ = ["input_projection", "step", "StepOut", "LN_EPS", "activation"]
+__all__ = ["input_projection", "step", "StepOut", "LN_EPS", "activation", "gate_activation", "zoneout_masks"]
 
 #: Epsilon of every layer norm in the cell.
 LN_EPS = 1e-5
@@ -45,6 +45,26 @@ def activation(name: str, v: Tensor) -> Tensor:
     if name == "relu":
         return torch.relu(v)
     return v
+
+
+def gate_activation(spec: CellSpec, u: Tensor) -> Tensor:
+    """The activation of the gates i, f, o: σ, or a hard sigmoid ``clamp(slope · u + 1/2, 0, 1)``."""
+    if spec.gate_activation == "sigmoid":
+        return torch.sigmoid(u)
+    v = HARD_SIGMOID_SLOPES[spec.gate_activation] * u + 0.5
+    inside = (v > 0.0) & (v < 1.0)  # the ramp; the derivative is 0 on the flat parts and at the kinks
+    return torch.where(inside, v, (v >= 1.0).to(v.dtype))
+
+
+def zoneout_masks(spec: CellSpec, c_shape: tuple[int, ...], h_shape: tuple[int, ...], like: Tensor
+                  ) -> tuple[Tensor, Tensor]:
+    """Training masks of zoneout, drawn from torch's generator: ``d_c`` (shape ``c_shape``) is
+    1 where a unit keeps its previous ``c`` (probability ``z_c``), ``d_h`` likewise for ``h``;
+    dtype and device of ``like``."""
+    z_c, z_h = spec.zoneout
+    d_c = torch.bernoulli(torch.full(c_shape, z_c, dtype=like.dtype, device=like.device))
+    d_h = torch.bernoulli(torch.full(h_shape, z_h, dtype=like.dtype, device=like.device))
+    return d_c, d_h
 
 
 def chunk_layernorm(v: Tensor, spec: CellSpec, hidden_size: int) -> Tensor:
@@ -100,7 +120,7 @@ class StepOut(NamedTuple):
 
 
 def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
-         spec: CellSpec, hidden_size: int) -> StepOut:
+         spec: CellSpec, hidden_size: int, keep: tuple[Tensor, Tensor] | None = None) -> StepOut:
     """One step of the recurrence.
 
     Args:
@@ -108,6 +128,9 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
         h: (B, H_out) previous hidden state; c: (B, H) previous cell state (None for RNN).
         s: (B, |S|·H) previous sigmoid-gate activations (fgr only, else None).
         p: parameters of the layer-direction (names without suffix).
+        keep: zoneout's masks of this step, ``d_c`` (B, H) and ``d_h`` (B, H_out): 1 where a
+            unit keeps its previous state (training); None: the expectation ``(z_c, z_h)``
+            (evaluation). Ignored without zoneout.
     """
     r = torch.matmul(h, p["weight_hh"].t())  # (B, R)
     if spec.layernorm:
@@ -135,22 +158,22 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
         for gate, extra in zip(sig, rec):
             u[gate] = u[gate] + extra
 
-    i = torch.sigmoid(u["i"]) if "i" in u else None
+    i = gate_activation(spec, u["i"]) if "i" in u else None
     if "f" in u:
-        f = torch.sigmoid(u["f"])
+        f = gate_activation(spec, u["f"])
     elif spec.coupled:
         f = 1.0 - i
     else:
         f = None  # nfg: f ≡ 1
     g = activation(spec.candidate_activation, u["g"])
-    keep = c if f is None else f * c
-    c_new = keep + (g if i is None else i * g)
+    kept = c if f is None else f * c  # what the forget gate keeps of c_{t-1}
+    c_new = kept + (g if i is None else i * g)
     if spec.cell_clip is not None:
         c_new = c_new.clamp(-spec.cell_clip, spec.cell_clip)
     o = None
     if "o" in u:
         uo = u["o"] + p["peephole_o"] * c_new if spec.peephole else u["o"]
-        o = torch.sigmoid(uo)
+        o = gate_activation(spec, uo)
     m = c_new
     if spec.layernorm:
         m = F.layer_norm(c_new, (hidden_size,), p["ln_c_weight"], p["ln_c_bias"], eps=LN_EPS)
@@ -162,4 +185,8 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
     s_new = None
     if spec.fgr:
         s_new = torch.cat([{"i": i, "f": f, "o": o}[k] for k in spec.sigmoid_gates], dim=-1)
+    if spec.zoneout != (0.0, 0.0):  # each unit keeps its previous state with probability z
+        d_c, d_h = keep if keep is not None else spec.zoneout
+        c_new = c_new + d_c * (c - c_new)  # d_c c_{t-1} + (1 − d_c) c̃_t
+        h_new = h_new + d_h * (h - h_new)  # (B, H_out)
     return StepOut(h_new, c_new, s_new, i, f, g, o)

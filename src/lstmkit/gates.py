@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from lstmkit._validate import check_bool
-from lstmkit.layout import GATE_NAMES, GATES, gate_slices
+from lstmkit.layout import GATE_NAMES, GATES
+from lstmkit.spec import gate_slices
 
 __all__ = ["GateView", "gate_views"]
 

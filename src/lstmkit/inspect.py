@@ -11,8 +11,8 @@ from typing import IO, Any
 from torch import nn
 
 from lstmkit.gates import gate_views
-from lstmkit.layout import gate_slices
 from lstmkit.nn import LSTM, RNN
+from lstmkit.spec import gate_slices
 
 __all__ = ["describe"]
 

@@ -1,4 +1,5 @@
-"""THE gate order, every framework's permutation, and the parameter schema.
+"""THE gate order and every framework's permutation (the parameter schema built on it is
+:func:`lstmkit.spec.layer_param_shapes`).
 
 Every fact about how gates are laid out in memory lives here and nowhere else.
 
@@ -17,16 +18,10 @@ tf1 / haste   i, g, f, o     TF1 ``kernel [I+H, 4H]``; forget bias added at run 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:
-    from lstmkit.spec import CellSpec
 
 __all__ = [
     "GATES", "GATE_NAMES", "ORDERS", "permutation", "reorder_gates", "suffix",
-    "layer_param_shapes", "gate_slices",
 ]
 
 #: Canonical gate letters, in storage order.
@@ -72,49 +67,3 @@ def reorder_gates(t: torch.Tensor, src: str, dst: str, dim: int = 0) -> torch.Te
 def suffix(layer: int, direction: int) -> str:
     """Parameter-name suffix as torch writes it: ``_l0``, ``_l1_reverse``."""
     return f"_l{layer}" + ("_reverse" if direction == 1 else "")
-
-
-def gate_slices(spec: CellSpec, hidden_size: int) -> dict[str, slice]:
-    """Rows of ``weight_ih`` / ``weight_hh`` / biases that each computed gate occupies."""
-    out, start = {}, 0
-    for g in spec.computed_gates:
-        n = spec.first_width(g, hidden_size)
-        out[g] = slice(start, start + n)
-        start += n
-    return out
-
-
-def layer_param_shapes(spec: CellSpec, input_size: int, hidden_size: int, proj_size: int = 0,
-                       bias: bool = True) -> dict[str, tuple[int, ...]]:
-    """Names (without suffix) and shapes of one layer-direction's parameters, in order.
-
-    The order is the registration order: torch's four (plus ``weight_hr``) first, so a
-    vanilla layer's ``state_dict`` matches ``torch.nn.LSTM``'s key for key.
-    """
-    H, I = hidden_size, input_size
-    h_out = proj_size if proj_size > 0 else H
-    R = spec.gate_rows(H)
-    shapes: dict[str, tuple[int, ...]] = {"weight_ih": (R, I), "weight_hh": (R, h_out)}
-    if bias:
-        shapes["bias_ih"] = (R,)
-        shapes["bias_hh"] = (R,)
-    if proj_size > 0:
-        shapes["weight_hr"] = (proj_size, H)
-    if spec.peephole:
-        for g in spec.sigmoid_gates:
-            shapes[f"peephole_{g}"] = (H,)
-    if spec.fgr:
-        n = len(spec.sigmoid_gates) * H
-        shapes["weight_gg"] = (n, n)
-    if spec.layernorm:
-        shapes["ln_ih_weight"] = (R,)
-        shapes["ln_hh_weight"] = (R,)
-        shapes["ln_c_weight"] = (H,)
-        shapes["ln_c_bias"] = (H,)
-    for g, widths in spec.gate_hidden:
-        sizes = list(widths) + [H]
-        for j in range(1, len(sizes)):
-            shapes[f"mlp_{g}_weight{j}"] = (sizes[j], sizes[j - 1])
-            if bias:
-                shapes[f"mlp_{g}_bias{j}"] = (sizes[j],)
-    return shapes

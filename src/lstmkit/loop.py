@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmkit import kernels
+from lstmkit import cell, kernels
 from lstmkit.spec import CellSpec
 
 __all__ = ["StackOut", "run_stack", "reverse_within_lengths"]
@@ -68,8 +68,12 @@ def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
         for direction, p in enumerate(directions):
             k = layer * num_dirs + direction
             inp = layer_in if direction == 0 else reverse_within_lengths(layer_in, lengths)
+            keep = None
+            if training and spec.zoneout != (0.0, 0.0):  # (T, B, H), (T, B, H_out)
+                T, B = inp.shape[0], inp.shape[1]
+                keep = cell.zoneout_masks(spec, (T, B, hidden_size), (T, B, h0.shape[-1]), inp)
             out = kernel.run(inp, lengths, h0[k], None if c0 is None else c0[k], p, spec,
-                             hidden_size, record=record)
+                             hidden_size, record=record, keep=keep)
             y = out.y if direction == 0 else reverse_within_lengths(out.y, lengths)
             ys.append(y)
             h_out.append(out.h_n)

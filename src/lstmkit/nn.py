@@ -22,9 +22,9 @@ from lstmkit import cell as cell_eqs
 from lstmkit._validate import check_bool, check_int
 from lstmkit.gates import gate_views
 from lstmkit.kernels.onnx_export import exporting
-from lstmkit.layout import gate_slices, layer_param_shapes, suffix
+from lstmkit.layout import suffix
 from lstmkit.loop import StackOut, run_stack
-from lstmkit.spec import INIT_FIELDS, CellSpec, resolve
+from lstmkit.spec import INIT_FIELDS, CellSpec, gate_slices, layer_param_shapes, resolve
 
 __all__ = ["LSTM", "RNN", "LSTMCell", "check_packed_sequence"]
 
@@ -656,7 +656,10 @@ class LSTMCell(nn.Module):
                 h, c = h.unsqueeze(0), c.unsqueeze(0)
         p = dict(self.named_parameters())
         a = cell_eqs.input_projection(x.unsqueeze(0), p, self.spec, self.hidden_size)[0]
-        out = cell_eqs.step(a, h, c, None, p, self.spec, self.hidden_size)
+        keep = None
+        if self.training and self.spec.zoneout != (0.0, 0.0):  # this step's masks, (N, H) each
+            keep = cell_eqs.zoneout_masks(self.spec, tuple(c.shape), tuple(h.shape), x)
+        out = cell_eqs.step(a, h, c, None, p, self.spec, self.hidden_size, keep)
         h_new, c_new = out.h, out.c
         if not batched:
             h_new, c_new = h_new.squeeze(0), c_new.squeeze(0)

@@ -3,8 +3,10 @@
 A variant is data, not a subclass. :class:`CellSpec` says which gates exist, which
 activations they use and which extras (peepholes, layer norm, deep gates, …) the cell
 has; :func:`resolve` turns a preset name such as ``"peephole+cifg"`` or a spec into a
-validated :class:`CellSpec`. The equations live in :mod:`lstmkit.cell` and are written
-out in ``docs/cell.md``.
+validated :class:`CellSpec`. What each word means — the fields it sets, its parameters,
+the gates it removes — is the variant table, :mod:`lstmkit.variants`; this module derives
+the presets, the parser, :attr:`CellSpec.name` and the parameter schema from it. The
+equations live in :mod:`lstmkit.cell` and are written out in ``docs/cell.md``.
 
 Combinations that make no sense are refused at construction with a message that says
 why (for example ``nfg`` with ``cifg``: the coupled forget gate *is* ``1 − i``, so it
@@ -15,23 +17,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lstmkit import variants
 from lstmkit._suggest import did_you_mean
 from lstmkit.layout import GATE_NAMES, GATES
 
-__all__ = ["CellSpec", "PRESETS", "INIT_FIELDS", "resolve", "preset_names", "MAX_GATE_WIDTH"]
+__all__ = ["CellSpec", "PRESETS", "INIT_FIELDS", "resolve", "preset_names", "MAX_GATE_WIDTH", "gate_slices",
+           "layer_param_shapes", "markdown_table", "spec_choices"]
 
 #: The widest hidden layer a deep gate may have.
 MAX_GATE_WIDTH = 2**20
-#: Fields that only set initial parameter values: they change no equation, so two specs
-#: that differ only in them compute the same function of the same parameters.
-INIT_FIELDS: tuple[str, ...] = ("input_bias", "forget_bias", "output_bias", "chrono")
+#: Fields that only set initial parameter values (the table's ``init`` rows): they change no
+#: equation, so two specs that differ only in them compute the same function of the same parameters.
+INIT_FIELDS: tuple[str, ...] = variants.init_fields()
 
-_ACTIVATIONS = ("tanh", "identity")
-_NONLINEARITIES = ("tanh", "relu")
+#: Activations between a deep gate's layers (no table word: ``CellSpec(gate_hidden_activation=…)``).
 _HIDDEN_ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity")
 
 
@@ -99,8 +103,11 @@ class CellSpec:
         forget_gate: ``False`` is NFG: ``f ≡ 1``.
         output_gate: ``False`` is NOG: ``o ≡ 1``.
         coupled: CIFG, ``f = 1 − i`` (no forget-gate parameters).
-        candidate_activation: ``"tanh"``, or ``"identity"`` (NIAF).
-        output_activation: ``"tanh"``, or ``"identity"`` (NOAF).
+        candidate_activation: ``"tanh"``, ``"identity"`` (NIAF) or ``"relu"``.
+        output_activation: ``"tanh"``, ``"identity"`` (NOAF) or ``"relu"``.
+        gate_activation: the activation of the gates i, f, o: ``"sigmoid"``, ``"hard_sigmoid"``
+            (``clamp(0.2 u + 0.5, 0, 1)``, Keras 2 and ONNX) or ``"hardsigmoid"``
+            (``clamp(u / 6 + 0.5, 0, 1)``, torch and Keras 3).
         peephole: diagonal peephole weights: i and f see ``c_{t-1}``, o sees ``c_t``.
         fgr: full gate recurrence: the sigmoid gates also see the previous step's
             sigmoid-gate activations through ``weight_gg``.
@@ -110,6 +117,9 @@ class CellSpec:
             ``{gate: widths}``; each such gate is an MLP over ``[x_t, h_{t-1}]``.
         gate_hidden_activation: the activation between a deep gate's layers.
         cell_clip: clip ``c_t`` to ``[-cell_clip, cell_clip]`` (``None`` = no clip).
+        zoneout: ``(z_c, z_h)``: in training each unit keeps its previous ``c`` with
+            probability ``z_c`` and its previous ``h`` with probability ``z_h`` (masks from
+            torch's generator); at evaluation the expectation (Krueger et al. 2016).
 
     Initialisation only (they change no equation; see :data:`INIT_FIELDS` and
     docs/cell.md, "Initialisation options"). ``None`` keeps torch's uniform
@@ -135,12 +145,14 @@ class CellSpec:
     coupled: bool = False
     candidate_activation: str = "tanh"
     output_activation: str = "tanh"
+    gate_activation: str = "sigmoid"
     peephole: bool = False
     fgr: bool = False
     layernorm: bool = False
     gate_hidden: Any = field(default=())
     gate_hidden_activation: str = "tanh"
     cell_clip: float | None = None
+    zoneout: tuple[float, float] = (0.0, 0.0)
     forget_bias: float | None = None
     input_bias: float | None = None
     output_bias: float | None = None
@@ -155,10 +167,10 @@ class CellSpec:
                 raise TypeError(f"CellSpec.{name}: expected a bool, got {value!r}")
         if self.kind not in ("lstm", "rnn"):
             raise ValueError(f"CellSpec.kind: expected 'lstm' or 'rnn', got {self.kind!r}")
-        _check_choice("nonlinearity", self.nonlinearity, _NONLINEARITIES)
-        _check_choice("candidate_activation", self.candidate_activation, _ACTIVATIONS)
-        _check_choice("output_activation", self.output_activation, _ACTIVATIONS)
+        for name in ("nonlinearity", "candidate_activation", "output_activation", "gate_activation"):
+            _check_choice(name, getattr(self, name), spec_choices(name))
         _check_choice("gate_hidden_activation", self.gate_hidden_activation, _HIDDEN_ACTIVATIONS)
+        object.__setattr__(self, "zoneout", _check_zoneout(self.zoneout))
         if self.cell_clip is not None:
             if isinstance(self.cell_clip, bool) or not isinstance(self.cell_clip, (int, float)):
                 raise TypeError(f"CellSpec.cell_clip: expected a number or None, got {self.cell_clip!r}")
@@ -211,6 +223,11 @@ class CellSpec:
             raise ValueError(
                 "CellSpec: fgr (full gate recurrence) connects the sigmoid gates i, f, o to each "
                 "other, but this variant computes none of them"
+            )
+        if self.gate_activation != "sigmoid" and not self.sigmoid_gates:
+            raise ValueError(
+                f"CellSpec: gate_activation={self.gate_activation!r} sets the activation of the gates i, f, o, but "
+                f"this variant computes none of them"
             )
         if self.peephole and not self.sigmoid_gates:
             raise ValueError(
@@ -279,23 +296,14 @@ class CellSpec:
 
     @property
     def computed_gates(self) -> tuple[str, ...]:
-        """Gates with parameters of their own, in canonical order (subset of ``i, f, g, o``)."""
-        if self.kind == "rnn":
-            return ("g",)
-        out = []
-        if self.input_gate:
-            out.append("i")
-        if self.forget_gate and not self.coupled:
-            out.append("f")
-        out.append("g")
-        if self.output_gate:
-            out.append("o")
-        return tuple(out)
+        """Gates with parameters of their own, in canonical order (subset of ``i, f, g, o``):
+        those no row of the variant table removes or couples."""
+        return variants.computed_gates(self)
 
     @property
     def sigmoid_gates(self) -> tuple[str, ...]:
-        """Computed gates that are sigmoids (``S`` in docs/cell.md): those of ``i, f, o``."""
-        return tuple(g for g in self.computed_gates if g != "g") if self.is_lstm else ()
+        """Computed gates among ``i, f, o`` (``S`` in docs/cell.md; σ or a hard sigmoid)."""
+        return variants.sigmoid_gates(self)
 
     def hidden_widths(self, gate: str) -> tuple[int, ...]:
         """Hidden widths of a deep gate's MLP (``()`` for an ordinary gate)."""
@@ -312,52 +320,57 @@ class CellSpec:
 
     @property
     def name(self) -> str:
-        """A short, stable name: the preset it equals, or the flags that differ."""
+        """A short, stable name: the preset it equals, or its words of the variant table
+        joined with ``+``, which :func:`resolve` reads back — except deep gates that differ per
+        gate, written ``deep(f=16x8)``."""
         for key, spec in PRESETS.items():
             if spec == self:
                 return key
-        parts = []
         if self.kind == "rnn":
             return f"rnn({self.nonlinearity})"
-        for flag, word in (("peephole", "peephole"), ("coupled", "cifg"), ("fgr", "fgr"),
-                           ("layernorm", "layernorm")):
-            if getattr(self, flag):
-                parts.append(word)
-        for flag, word in (("input_gate", "nig"), ("forget_gate", "nfg"), ("output_gate", "nog")):
-            if not getattr(self, flag):
-                parts.append(word)
-        if self.candidate_activation == "identity":
-            parts.append("niaf")
-        if self.output_activation == "identity":
-            parts.append("noaf")
-        if self.gate_hidden:
-            parts.append("deep(" + ",".join(f"{g}={'x'.join(map(str, w))}"
-                                           for g, w in self.gate_hidden) + ")")
-        if self.cell_clip is not None:
-            parts.append(f"clip={_number(self.cell_clip)}")
-        for name, word in _INIT_WORDS:
-            value = getattr(self, name)
-            if value is not None:
-                parts.append(f"{word}={_number(value)}")
+        parts = []
+        for row in variants.active_rows(self):
+            if row.word == "deep" and self._deep_word() is None:  # per gate: no word says it
+                parts.append(f"deep({','.join(f'{g}={_widths(w)}' for g, w in self.gate_hidden)})")
+            elif row.word == "deep":
+                parts.append(f"deep={self._deep_word()}")
+            else:
+                parts.append(row.typed(self))
         return "+".join(parts) or "vanilla"
+
+    def _deep_word(self) -> str | None:
+        """The ``deep=`` value when every computed gate is an MLP of the same widths, else None."""
+        widths = {w for _, w in self.gate_hidden}
+        if len(widths) == 1 and len(self.gate_hidden) == len(self.computed_gates):
+            return _widths(next(iter(widths)))
+        return None
 
     def replace(self, **changes: Any) -> CellSpec:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
 
-def _number(value: float) -> str:
-    """Shortest text that reads back as exactly ``value`` (``3``, ``-0.5``, ``0.1``)."""
-    short = f"{value:g}"
-    return short if float(short) == value else repr(value)
+def _widths(widths: tuple[int, ...]) -> str:
+    return "x".join(map(str, widths))
 
 
-#: (field, preset word) of the initialisation options, in the order ``name`` writes them.
-_INIT_WORDS: tuple[tuple[str, str], ...] = (("chrono", "chrono"), ("input_bias", "ib"),
-                                            ("forget_bias", "fb"), ("output_bias", "ob"))
-#: Words with a value (``word=value``) -> the field they set; long field names work too.
-_VALUE_WORDS: dict[str, str] = {"clip": "cell_clip", "cell_clip": "cell_clip",
-                                **{w: f for f, w in _INIT_WORDS}, **{f: f for f, _ in _INIT_WORDS}}
+def spec_choices(name: str) -> tuple[str, ...]:
+    """The values field ``name`` takes: its default and those the table's words set."""
+    default = CellSpec.__dataclass_fields__[name].default
+    return (default, *dict.fromkeys(v for r in variants.ROWS for k, v in r.sets.items()
+                                    if k == name and v is not variants.VALUE and v != default))
+
+
+def _check_zoneout(value: Any) -> tuple[float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = (value, value)
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise TypeError(f"CellSpec.zoneout: expected (z_c, z_h) or one number, got {value!r}")
+    for z in value:
+        if isinstance(z, bool) or not isinstance(z, (int, float)) or not 0.0 <= z < 1.0:
+            raise ValueError(f"CellSpec.zoneout: expected probabilities in [0, 1), got {value!r} (with z = 1 a "
+                             f"unit would never change)")
+    return (float(value[0]), float(value[1]))
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -365,43 +378,14 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"CellSpec.{name}: expected one of {list(choices)}, got {value!r}")
 
 
-#: Named presets: the rows of the variant table (Greff et al. 2017 names where they exist).
-PRESETS: dict[str, CellSpec] = {
-    "vanilla": CellSpec(),
-    "peephole": CellSpec(peephole=True),
-    "nig": CellSpec(input_gate=False),
-    "nfg": CellSpec(forget_gate=False),
-    "nog": CellSpec(output_gate=False),
-    "niaf": CellSpec(candidate_activation="identity"),
-    "noaf": CellSpec(output_activation="identity"),
-    "cifg": CellSpec(coupled=True),
-    "fgr": CellSpec(fgr=True),
-    "layernorm": CellSpec(layernorm=True),
-    "rnn": CellSpec(kind="rnn"),
-}
-
-# Preset words that are flags (combinable with "+"), with the fields they set.
-_WORDS: dict[str, dict[str, Any]] = {
-    "vanilla": {},
-    "peephole": {"peephole": True},
-    "nig": {"input_gate": False},
-    "nfg": {"forget_gate": False},
-    "nog": {"output_gate": False},
-    "niaf": {"candidate_activation": "identity"},
-    "noaf": {"output_activation": "identity"},
-    "cifg": {"coupled": True},
-    "fgr": {"fgr": True},
-    "layernorm": {"layernorm": True},
-    "ln": {"layernorm": True},
-    "rnn": {"kind": "rnn"},
-    "rnn_relu": {"kind": "rnn", "nonlinearity": "relu"},
-}
+#: Named presets: the table's words that take no value (Greff et al. 2017 names where they exist).
+PRESETS: dict[str, CellSpec] = {r.word: CellSpec(**r.sets) for r in variants.ROWS if not r.takes_value}
 
 
 def preset_names() -> list[str]:
-    """Names accepted by :func:`resolve` (combine flag words with ``+``)."""
-    return sorted(_WORDS) + ["clip=<float>", "ib=<float>", "fb=<float>", "ob=<float>",
-                             "chrono=<T_max>", "deep=<width>[x<width>…]"]
+    """Names accepted by :func:`resolve` (combine them with ``+``)."""
+    return [w if not (r := variants.row(w)) or not r.takes_value else f"{w}={r.placeholder}"
+            for w in variants.words()]
 
 
 def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overrides: Any) -> CellSpec:
@@ -441,30 +425,99 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
                 fields[name] = value
 
         for word in (w.strip() for w in cell.lower().split("+")):
-            if word in _WORDS:
-                put(word, _WORDS[word])
-            elif word.partition("=")[0] in ("deep", *_VALUE_WORDS) and "=" in word:
-                key, _, value = word.partition("=")
-                if key == "deep":
-                    try:
-                        widths = tuple(int(v) for v in value.split("x"))
-                    except ValueError:
-                        raise ValueError(f"cell: cannot read {word!r}: {value!r} is not a whole number "
-                                         f"(or widths joined by 'x', e.g. deep=16x8)") from None
-                    put(word, {"gate_hidden": widths})
-                else:
-                    try:
-                        number = float(value)
-                    except ValueError:
-                        raise ValueError(f"cell: cannot read {word!r}: {value!r} is not a number") from None
-                    put(word, {_VALUE_WORDS[key]: number})
+            exact = variants.row(word)  # a word without value (choice words such as gate_act=… too)
+            if exact is not None and not exact.takes_value:
+                put(word, exact.sets)
+                continue
+            key, eq, text = word.partition("=")
+            row = variants.row(key) if eq else exact
+            if row is not None and row.takes_value and eq:
+                assert row.parse is not None
+                try:
+                    value = row.parse(text)
+                except ValueError as exc:
+                    raise ValueError(f"cell: cannot read {word!r}: {exc}") from None
+                put(word, {k: value if v is variants.VALUE else v for k, v in row.sets.items()})
             else:
-                words = [n for n in preset_names() if "<" not in n]
+                known = [n for n in preset_names() if "<" not in n]
+                hint = f" (it takes a value: {key}=...)" if row is not None and row.takes_value else \
+                    did_you_mean(word, known)
                 raise ValueError(
-                    f"cell: unknown variant {word!r} in {cell!r}{did_you_mean(word, words)}; expected "
-                    f"names from {preset_names()} joined with '+', or a CellSpec"
+                    f"cell: unknown variant {word!r} in {cell!r}{hint}; expected names from {preset_names()} "
+                    f"joined with '+', or a CellSpec"
                 )
         spec = CellSpec(**fields)
     else:
         raise TypeError(f"cell: expected a preset name, a mapping or a CellSpec, got {type(cell).__name__}")
     return spec.replace(**overrides) if overrides else spec
+
+
+# ---------------------------------------------------------------------------- the parameter schema
+
+
+def gate_slices(spec: CellSpec, hidden_size: int) -> dict[str, slice]:
+    """Rows of ``weight_ih`` / ``weight_hh`` / biases that each computed gate occupies."""
+    out, start = {}, 0
+    for g in spec.computed_gates:
+        n = spec.first_width(g, hidden_size)
+        out[g] = slice(start, start + n)
+        start += n
+    return out
+
+
+def layer_param_shapes(spec: CellSpec, input_size: int, hidden_size: int, proj_size: int = 0,
+                       bias: bool = True) -> dict[str, tuple[int, ...]]:
+    """Names (without suffix) and shapes of one layer-direction's parameters, in order.
+
+    The order is the registration order: torch's four (plus ``weight_hr``) first, so a
+    vanilla layer's ``state_dict`` matches ``torch.nn.LSTM``'s key for key; then what the
+    variant table's rows add, in table order.
+    """
+    H, I = hidden_size, input_size
+    h_out = proj_size if proj_size > 0 else H
+    R = spec.gate_rows(H)
+    shapes: dict[str, tuple[int, ...]] = {"weight_ih": (R, I), "weight_hh": (R, h_out)}
+    if bias:
+        shapes["bias_ih"] = (R,)
+        shapes["bias_hh"] = (R,)
+    if proj_size > 0:
+        shapes["weight_hr"] = (proj_size, H)
+    shapes.update(variants.param_shapes(spec, variants.Dims(H=H, R=R, bias=bias)))
+    return shapes
+
+
+# ---------------------------------------------------------------------------- the docs' table
+
+
+def markdown_table() -> str:
+    """The variant table as the docs show it (generated; ``tests/test_variants.py`` checks
+    that ``docs/cell.md`` and the README hold exactly this)."""
+    lines = ["| word | change to the cell | gates | parameters it adds | ONNX operator | source |",
+             "|---|---|---|---|---|---|"]
+    for r in variants.ROWS:
+        typed = f"`{r.word}={r.placeholder}`" if r.takes_value else f"`{r.word}`"
+        if r.aliases:
+            typed += " (" + ", ".join(f"`{a}`" for a in r.aliases) + ")"
+        gates = "; ".join([f"removes {', '.join(r.removes)}"] * bool(r.removes)
+                          + [f"{g} derived from the others" for g in r.couples])
+        params = ", ".join(f"`{p}`" for p in _param_names(r)) or "—"
+        onnx = "carried" if r.onnx is None else "Scan"
+        lines.append(f"| {typed} | {r.doc} | {gates} | {params} | {onnx} | {r.source} |")
+    return "\n".join(lines)
+
+
+def _param_names(r: variants.Row) -> list[str]:
+    """The names of the parameters a row adds, as the docs list them: those of a vanilla
+    spec with the row's setting (its example value), gate letters and layer numbers of deep
+    gates' MLPs written ``{k}`` and ``{j}``."""
+    if r.params is None:
+        return []
+    spec = resolve(f"{r.word}={r.example}") if r.takes_value else resolve(r.word) if r.word != "vanilla" \
+        else CellSpec()
+    names = r.params(spec, variants.Dims(H=2, R=2 * len(spec.computed_gates), bias=True))
+    out: list[str] = []
+    for n in names:
+        n = re.sub(r"^mlp_[ifgo]_(weight|bias)\d+$", r"mlp_{k}_\1{j}", n)
+        if n not in out:
+            out.append(n)
+    return out

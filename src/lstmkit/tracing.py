@@ -369,12 +369,12 @@ class _ProbeKernel(ReferenceKernel):
 
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
-            record: bool = False) -> KernelOut:
+            record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
         # Leaves for the initial state: every step's state is then a node of the graph,
         # even when neither the parameters nor the input require gradients.
         h0 = h0.detach().requires_grad_()
         c0 = None if c0 is None else c0.detach().requires_grad_()
-        y, h, c, rec = self.loop(x, lengths, h0, c0, params, spec, hidden_size, record=True)
+        y, h, c, rec = self.loop(x, lengths, h0, c0, params, spec, hidden_size, record=True, keep=keep)
         fs = None
         if spec.is_lstm:  # nfg: f ≡ 1
             fs = [f.detach() for f in rec["f"]] if rec["f"] else [torch.ones_like(c_t) for c_t in rec["c"]]

@@ -66,6 +66,7 @@ from lstmkit.convert.onnx_import import METADATA_KEY, from_onnx, onnx_module
 from lstmkit.kernels import onnx_export
 from lstmkit.layout import suffix
 from lstmkit.nn import LSTM, RNN
+from lstmkit.variants import HARD_SIGMOID_SLOPES
 
 __all__ = ["to_onnx", "from_onnx", "operator_refusal", "DEFAULT_OPSET", "MIN_OPSET"]
 
@@ -280,8 +281,7 @@ def _operator_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dic
     attrs: dict[str, Any] = {"hidden_size": H, "direction": "bidirectional" if D == 2 else "forward"}
     if is_lstm and model.spec.coupled:
         attrs["input_forget"] = 1
-    if not is_lstm:
-        attrs["activations"] = [model.nonlinearity.capitalize()] * D
+    attrs.update(onnx_export.operator_activations(model.spec, D))
     outs = [f"Y_l{index}", f"Y_h_l{index}"] + ([f"Y_c_l{index}"] if is_lstm else [])
     g.op("LSTM" if is_lstm else "RNN", ins, outputs=outs, **attrs)  # Y [T, D, B, H], Y_h/Y_c [D, B, H]
     y = g.op("Transpose", [outs[0]], f"Y_l{index}_t", perm=[0, 2, 1, 3])  # [T, B, D, H]
@@ -292,11 +292,13 @@ def _operator_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dic
 # ---------------------------------------------------------------------------- Scan export
 
 
-_ACTIVATION_OPS = {"tanh": "Tanh", "sigmoid": "Sigmoid", "relu": "Relu"}
-
-
 def _act(g: _Builder, name: str, v: str) -> str:
-    return v if name == "identity" else g.op(_ACTIVATION_OPS[name], [v])
+    """``name`` applied to ``v`` (hard sigmoids: ``HardSigmoid`` with alpha = their slope)."""
+    if name == "identity":
+        return v
+    if name in HARD_SIGMOID_SLOPES:
+        return g.op("HardSigmoid", [v], alpha=HARD_SIGMOID_SLOPES[name], beta=0.5)
+    return g.op(onnx_export.ONNX_ACTIVATIONS[name], [v])
 
 
 def _scan_context(g: _Builder, x: str, sequence_lens: bool) -> dict[str, Any]:
@@ -422,9 +424,9 @@ def _cell_body(outer: _Builder, model: LSTM | RNN, p: dict[str, str], n_states: 
             chunks = chunks if isinstance(chunks, list) else [chunks]
             for gate, extra in zip(spec.sigmoid_gates, chunks):
                 u[gate] = g.op("Add", [u[gate], extra])
-        i = g.op("Sigmoid", [u["i"]], "i") if "i" in u else None
+        i = _act(g, spec.gate_activation, u["i"]) if "i" in u else None
         if "f" in u:
-            f = g.op("Sigmoid", [u["f"]], "f")
+            f = _act(g, spec.gate_activation, u["f"])
         elif spec.coupled:
             f = g.op("Sub", [g.floats(1.0), i], "f")
         else:
@@ -437,7 +439,7 @@ def _cell_body(outer: _Builder, model: LSTM | RNN, p: dict[str, str], n_states: 
         o = None
         if "o" in u:
             uo = g.op("Add", [u["o"], g.op("Mul", [p["peephole_o"], c_new])]) if spec.peephole else u["o"]
-            o = g.op("Sigmoid", [uo], "o")
+            o = _act(g, spec.gate_activation, uo)
         m = c_new
         if spec.layernorm:
             m = g.op("LayerNormalization", [c_new, p["ln_c_weight"], p["ln_c_bias"]], axis=-1, epsilon=LN_EPS)
@@ -446,6 +448,10 @@ def _cell_body(outer: _Builder, model: LSTM | RNN, p: dict[str, str], n_states: 
             h_new = g.op("Mul", [o, h_new])
         if "weight_hr" in p:
             h_new = g.op("Gemm", [h_new, p["weight_hr"]], "h_projected", transB=1)
+        if spec.zoneout != (0.0, 0.0):  # evaluation: the expectation d = z
+            z_c, z_h = spec.zoneout
+            c_new = g.op("Add", [c_new, g.op("Mul", [g.floats(z_c), g.op("Sub", [c, c_new])])], "c_zoned")
+            h_new = g.op("Add", [h_new, g.op("Mul", [g.floats(z_h), g.op("Sub", [h, h_new])])], "h_zoned")
         new_states, y = [h_new, c_new], h_new
         if spec.fgr:
             act = {"i": i, "f": f, "o": o}

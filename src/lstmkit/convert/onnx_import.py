@@ -5,8 +5,9 @@ metadata and its initializers (named as the state dict), and any other graph as 
 of ``LSTM`` (or ``RNN``) nodes: one node, or one per layer connected only by transposes
 and reshapes, as :func:`to_onnx` and ``torch.onnx.export(nn.LSTM)`` write. It returns an
 equivalent :class:`lstmkit.LSTM` / :class:`lstmkit.RNN` and refuses, with the reason,
-what lstmkit cannot compute: activations other than Sigmoid gates and Tanh (the
-identity, ``Affine`` with alpha 1 and beta 0, is read as niaf / noaf), ``clip``,
+what lstmkit cannot compute: activations other than lstmkit's (Sigmoid or ``HardSigmoid``
+gates with alpha 0.2 or 1/6 and beta 0.5; Tanh, Relu or the identity — ``Affine`` with alpha 1
+and beta 0, read as niaf / noaf — for the candidate and the output), ``clip``,
 ``direction="reverse"``, a non-zero constant initial state, weights computed at run time.
 Loading parses the protobuf only (``onnx.load`` without external data); weights in an
 external data file (``torch.onnx.export``'s default ``model.onnx.data``) are read by
@@ -36,7 +37,8 @@ import torch
 from lstmkit.convert._checks import expect_weights
 from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates, suffix
 from lstmkit.nn import LSTM, RNN
-from lstmkit.spec import CellSpec
+from lstmkit.spec import CellSpec, spec_choices
+from lstmkit.variants import HARD_SIGMOID_SLOPES
 
 __all__ = ["from_onnx", "onnx_module", "METADATA_KEY"]
 
@@ -324,8 +326,9 @@ def from_onnx(model_or_path: Any, *, inputs: Mapping[str, np.ndarray] | None = N
     dtype = torch.float64 if first["dtype"] == np.float64 else torch.float32
     kw = dict(num_layers=len(read), bias=first["bias"], batch_first=batch_first, bidirectional=D == 2, dtype=dtype)
     if is_lstm:
-        cell = CellSpec(peephole=first["peephole"], coupled=first["coupled"],
-                        candidate_activation=first["activations"][1], output_activation=first["activations"][2])
+        gate, candidate, output = first["activations"]
+        cell = CellSpec(peephole=first["peephole"], coupled=first["coupled"], gate_activation=gate,
+                        candidate_activation=candidate, output_activation=output)
         out: LSTM | RNN = LSTM(first["input_size"], H, cell=cell, **kw)
     else:
         out = RNN(first["input_size"], H, nonlinearity=first["nonlinearity"], **kw)
@@ -365,7 +368,9 @@ def _from_scan(graph: Any, config: dict[str, Any], where: str, base: Path | None
 
 def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[str, ...]:
     """The node's activations as lstmkit names: (gates, candidate, output) for an LSTM —
-    ``Affine`` with alpha 1 and beta 0 is the identity (niaf / noaf) —, (φ,) for an RNN."""
+    ``Affine`` with alpha 1 and beta 0 is the identity (niaf / noaf), ``HardSigmoid`` with
+    beta 0.5 and a slope lstmkit has is a hard-sigmoid gate —, (φ,) for an RNN. Alphas and
+    betas are consumed in order by the activations that take them, as runtimes do."""
     names = [s.decode() if isinstance(s, bytes) else s for s in a.get("activations", [])]
     per = 3 if is_lstm else 1
     default = ["Sigmoid", "Tanh", "Tanh"] if is_lstm else ["Tanh"]
@@ -373,6 +378,7 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
     alphas, betas = list(a.get("activation_alpha", [])), list(a.get("activation_beta", []))
     if len(names) != per * D:
         raise ValueError(f"{what}: activations={names}: expected {per * D} names ({per} per direction)")
+    slopes = {round(v, 6): k for k, v in HARD_SIGMOID_SLOPES.items()}
     out = []
     for name in names:
         if name == "Affine":  # alpha·x + beta; consumes one alpha and one beta, in order
@@ -382,6 +388,13 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
                 raise ValueError(f"{what}: Affine activation with alpha={alpha}, beta={beta}; lstmkit computes the "
                                  f"identity (alpha=1, beta=0) only")
             out.append("identity")
+        elif name == "HardSigmoid":  # clamp(alpha·x + beta, 0, 1); defaults 0.2, 0.5
+            alpha = alphas.pop(0) if alphas else 0.2
+            beta = betas.pop(0) if betas else 0.5
+            if beta != 0.5 or round(alpha, 6) not in slopes:
+                raise ValueError(f"{what}: HardSigmoid with alpha={alpha}, beta={beta}; lstmkit's hard sigmoids are "
+                                 f"clamp(a·x + 0.5, 0, 1) with a = 0.2 (hard_sigmoid) or 1/6 (hardsigmoid)")
+            out.append(slopes[round(alpha, 6)])
         else:
             out.append(name.lower())
     if alphas or betas:
@@ -390,11 +403,13 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
     if out[:per] != out[per:] and D == 2:
         raise ValueError(f"{what}: the directions use different activations ({names}); an lstmkit layer has one cell")
     acts = tuple(out[:per])
-    if is_lstm and (acts[0] != "sigmoid" or acts[1] not in ("tanh", "identity") or acts[2] not in ("tanh", "identity")):
-        raise ValueError(f"{what}: activations={names}; lstmkit's LSTM computes Sigmoid gates and Tanh (or the "
-                         f"identity, Affine alpha=1 beta=0) for the candidate and the output")
-    if not is_lstm and acts[0] not in ("tanh", "relu"):
-        raise ValueError(f"{what}: activations={names}; lstmkit's RNN computes Tanh or Relu")
+    fields = ("gate_activation", "candidate_activation", "output_activation") if is_lstm else ("nonlinearity",)
+    for field, act in zip(fields, acts):
+        if act not in spec_choices(field):
+            kinds = {"gate_activation": "gates", "candidate_activation": "candidate", "output_activation": "output",
+                     "nonlinearity": "RNN"}
+            raise ValueError(f"{what}: activations={names}; lstmkit's {kinds[field]} activation is one of "
+                             f"{list(spec_choices(field))}, not {act!r}")
     return acts
 
 

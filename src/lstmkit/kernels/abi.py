@@ -3,7 +3,9 @@
 Three ordered lists define how a layer-direction crosses into a kernel:
 
 * :data:`FLAGS` — the variant as bit flags (bit ``k`` is ``1 << k``), from a
-  :class:`~lstmkit.spec.CellSpec` by :func:`flags`;
+  :class:`~lstmkit.spec.CellSpec` by :func:`flags`: one bit per row of the variant table
+  (:mod:`lstmkit.variants`) that changes an equation, and per gate the bits that remove it
+  (:data:`GATE_REMOVED`), from which the kernels derive which gates they compute and where;
 * :data:`PARAMS` — the parameters the recurrence takes besides ``weight_hh``, in the order of
   the ``params`` list of the ``lstmkit::recurrence`` operator (an empty tensor where the
   variant has none) and of its gradient list;
@@ -19,14 +21,18 @@ this module directly.
 
 from __future__ import annotations
 
+from lstmkit import variants
 from lstmkit.cell import LN_EPS
+from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 
-__all__ = ["FLAGS", "PARAMS", "BUFFERS", "flags", "flag", "buffer_shapes", "header"]
+__all__ = ["FLAGS", "PARAMS", "BUFFERS", "GATE_REMOVED", "flags", "flag", "gate_slots", "buffer_shapes", "header"]
 
-#: Variant flags; bit k of the ``flags`` integer is ``FLAGS[k]``.
-FLAGS: tuple[str, ...] = ("rnn", "relu", "nig", "nfg", "nog", "cifg", "peephole", "fgr", "layernorm",
-                          "niaf", "noaf", "clip")
+#: Variant flags; bit k of the ``flags`` integer is ``FLAGS[k]`` (the variant table's rows).
+FLAGS: tuple[str, ...] = variants.FLAGS
+#: Per gate of :data:`lstmkit.layout.GATES`, the flag bits that remove it (or derive it from
+#: another gate): a gate is computed — has rows in ``weight_hh`` — when none of them is set.
+GATE_REMOVED: dict[str, int] = variants.gate_removal_masks()
 
 #: Parameters of the recurrence besides ``weight_hh`` (names as in docs/cell.md, no suffix).
 #: ``ln_ih_weight`` and ``bias`` (= b_ih + b_hh) are read by the kernel for layernorm only:
@@ -44,15 +50,18 @@ def flag(name: str) -> int:
 
 
 def flags(spec: CellSpec) -> int:
-    """The variant as the kernels' bit flags (deep gates have no flag: no kernel but the
-    reference runs them)."""
-    if not spec.is_lstm:
-        return flag("rnn") | (flag("relu") if spec.nonlinearity == "relu" else 0)
-    on = {"nig": not spec.input_gate, "nfg": not spec.forget_gate, "nog": not spec.output_gate,
-          "cifg": spec.coupled, "peephole": spec.peephole, "fgr": spec.fgr, "layernorm": spec.layernorm,
-          "niaf": spec.candidate_activation == "identity", "noaf": spec.output_activation == "identity",
-          "clip": spec.cell_clip is not None}
-    return sum(flag(name) for name, value in on.items() if value)
+    """The variant as the kernels' bit flags (:func:`lstmkit.variants.flag_word`)."""
+    return variants.flag_word(spec)
+
+
+def gate_slots(flag_bits: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Where each gate sits, decoded from the flags as the C++ kernel decodes them: its slot
+    among the computed gates (``weight_hh``'s row blocks; -1 if absent), and its slot among the
+    computed sigmoid gates i, f, o (fgr's state ``s``; -1 if absent)."""
+    computed = [g for g in GATES if not flag_bits & GATE_REMOVED[g]]
+    sigmoid = [g for g in computed if g != "g"]
+    return ({g: computed.index(g) if g in computed else -1 for g in GATES},
+            {g: sigmoid.index(g) if g in sigmoid else -1 for g in GATES if g != "g"})
 
 
 def buffer_shapes(flag_bits: int, T: int, B: int, R: int, H: int, save: bool) -> list[tuple[int, ...]]:
@@ -85,6 +94,10 @@ def header() -> str:
              "#pragma once", "#include <cstdint>", "", "namespace lk::abi {", ""]
     for k, name in enumerate(FLAGS):
         lines.append(f"constexpr int64_t F_{name.upper()} = int64_t(1) << {k};")
+    lines += ["", "// per gate i, f, g, o: the flags that remove it (a gate is computed when none is set)",
+              "constexpr int64_t GATE_REMOVED[4] = {" + ", ".join(str(GATE_REMOVED[g]) for g in GATES) + "};",
+              "constexpr int N_FLAGS = " + str(len(FLAGS)) + ";",
+              "constexpr int64_t FLAG_BITS[] = {" + ", ".join(f"F_{n.upper()}" for n in FLAGS) + "};"]
     for enum, prefix, names in (("Param", "P", PARAMS), ("Buffer", "B", BUFFERS)):
         members = ", ".join(f"{prefix}_{n.upper()} = {k}" for k, n in enumerate(names))
         lines += ["", f"enum {enum} : int {{ {members}, N_{enum.upper()}S = {len(names)} }};",

@@ -59,7 +59,7 @@ class Kernel(ABC):
     @abstractmethod
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
-            record: bool = False) -> KernelOut:
+            record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
         """Run one layer-direction forward in time; autograd gives the gradients.
 
         Args:
@@ -68,4 +68,7 @@ class Kernel(ABC):
             h0: (B, H_out); c0: (B, H) or None for the RNN.
             params: the layer-direction's parameters, names without suffix.
             record: also return the per-step activations (``TRACE_KEYS``).
+            keep: zoneout's training masks ``d_c`` (T, B, H) and ``d_h`` (T, B, H_out), 1 where
+                a unit keeps its previous state (:func:`lstmkit.cell.zoneout_masks`); None:
+                evaluation, the expectation. Only for a spec with zoneout.
         """

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lstmkit import cell
+from lstmkit import cell, variants
 from lstmkit.kernels import abi, cpu_ext, ops
 from lstmkit.kernels.base import Kernel, KernelOut
 from lstmkit.spec import CellSpec
@@ -86,16 +86,23 @@ class FusedKernel(Kernel):
     #: Call this implementation directly (None: the operator dispatches on the device).
     impl: ops.Impl | None = None
 
+    #: The variant table's flags (:data:`lstmkit.kernels.abi.FLAGS`) this row's kernels compute.
+    implements: frozenset[str] = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf",
+                                            "noaf", "clip", "rnn", "rnn_relu"})
+
     def refuses(self, spec: CellSpec) -> str | None:
         if spec.gate_hidden:
             return "deep gates (gate_hidden) run on the 'reference' kernel"
+        missing = [name for name in variants.flag_names(spec) if name not in self.implements]
+        if missing:
+            return f"{', '.join(missing)} run{'s' if len(missing) == 1 else ''} on the 'reference' kernel"
         return None
     #: The input projection's GEMM (``linear(x2d, W, b)``); None is ``F.linear``.
     linear: Any = None
 
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
-            record: bool = False) -> KernelOut:
+            record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
         proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
         if spec.layernorm:
             # The kernel normalises the raw projection per step (in cache) and adds the bias

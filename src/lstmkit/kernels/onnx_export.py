@@ -24,12 +24,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lstmkit import cell
+from lstmkit import cell, variants
 from lstmkit.kernels.base import Kernel, KernelOut
 from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates
 from lstmkit.spec import CellSpec
 
-__all__ = ["OnnxExportKernel", "operator_refusal", "operator_weights", "exporting"]
+__all__ = ["OnnxExportKernel", "operator_refusal", "operator_weights", "operator_activations", "exporting"]
+
+#: lstmkit's activations as ONNX's activation names (hard sigmoids: ``HardSigmoid`` with alpha = slope).
+ONNX_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "hard_sigmoid": "HardSigmoid",
+                    "hardsigmoid": "HardSigmoid"}
 
 
 @torch.compiler.assume_constant_result
@@ -40,33 +44,30 @@ def exporting() -> bool:
 
 
 def operator_refusal(spec: CellSpec, proj_size: int = 0) -> str | None:
-    """Why the ONNX ``LSTM``/``RNN`` operator cannot compute this cell (None if it can)."""
-    if not spec.is_lstm:
-        return None
-    if proj_size:
+    """Why the ONNX ``LSTM``/``RNN`` operator cannot compute this cell (None if it can): the
+    variant table's reasons (:func:`lstmkit.variants.onnx_refusal`), or the projection."""
+    if spec.is_lstm and proj_size:
         return (f"the LSTM operator has no projection, so proj_size={proj_size} "
                 f"(h_t = W_hr (o ⊙ tanh c_t)) cannot be written with it")
-    reasons = {
-        "layernorm": (spec.layernorm, "the LSTM operator has no layer normalisation"),
-        "deep gates": (bool(spec.gate_hidden), "the LSTM operator's gates are single linear layers, not MLPs"),
-        "fgr": (spec.fgr, "the LSTM operator has no gate-to-gate recurrence (weight_gg)"),
-        "nig": (not spec.input_gate, "the LSTM operator always computes the input gate"),
-        "nfg": (not spec.forget_gate, "the LSTM operator always computes the forget gate"),
-        "nog": (not spec.output_gate, "the LSTM operator always computes the output gate"),
-        "niaf": (spec.candidate_activation != "tanh",
-                 "the LSTM operator's identity candidate would need the optional Affine activation, which "
-                 "runtimes need not implement"),
-        "noaf": (spec.output_activation != "tanh",
-                 "the LSTM operator's identity output would need the optional Affine activation, which "
-                 "runtimes need not implement"),
-        "clip": (spec.cell_clip is not None,
-                 "the LSTM operator's clip bounds the gate pre-activations, lstmkit's cell_clip bounds "
-                 "c_t: different functions"),
-    }
-    for word, (applies, why) in reasons.items():
-        if applies:
-            return f"{why}, so variant {word!r} (cell {spec.name!r}) cannot be written with it"
-    return None
+    return variants.onnx_refusal(spec)
+
+
+def operator_activations(spec: CellSpec, directions: int) -> dict[str, Any]:
+    """The ``activations`` (and ``activation_alpha``/``_beta``) attributes of the operator
+    computing ``spec``: per direction (f, g, h) = (gates, candidate, output) for the LSTM,
+    φ for the RNN; empty for the operator's defaults. A hard sigmoid is ``HardSigmoid`` with
+    alpha = its slope and beta = 0.5; the runtime consumes the alphas of the activations that
+    take one, in order."""
+    if not spec.is_lstm:
+        return {"activations": [spec.nonlinearity.capitalize()] * directions}
+    names = [ONNX_ACTIVATIONS[a] for a in (spec.gate_activation, spec.candidate_activation, spec.output_activation)]
+    if names == ["Sigmoid", "Tanh", "Tanh"]:
+        return {}
+    attrs: dict[str, Any] = {"activations": names * directions}
+    if spec.gate_activation in variants.HARD_SIGMOID_SLOPES:
+        attrs["activation_alpha"] = [variants.HARD_SIGMOID_SLOPES[spec.gate_activation]] * directions
+        attrs["activation_beta"] = [0.5] * directions
+    return attrs
 
 
 def operator_weights(params: dict[str, Tensor], spec: CellSpec, hidden_size: int) -> dict[str, Tensor | None]:
@@ -109,9 +110,12 @@ class OnnxExportKernel(Kernel):
 
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
-            record: bool = False) -> KernelOut:
+            record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
         if record:
             raise ValueError("record: the ONNX export records no trace")
+        if keep is not None:
+            raise ValueError("zoneout: the model is in training mode; export it in eval() mode (ONNX graphs "
+                             "compute zoneout's expectation)")
         proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
         if operator_refusal(spec, proj) is None and x.dtype == torch.float32:
             return self._operator(x, lengths, h0, c0, params, spec, hidden_size)
@@ -135,8 +139,8 @@ class OnnxExportKernel(Kernel):
                 attrs["input_forget"] = 1
             op, n_out = "LSTM", 3
         else:
-            attrs["activations"] = [spec.nonlinearity.capitalize()]
             op, n_out = "RNN", 2
+        attrs.update(operator_activations(spec, 1))
         while inputs[-1] is None:
             inputs.pop()
         shapes = [(T, 1, B, H), (1, B, H), (1, B, H)][:n_out]  # Y [T, D, B, H], Y_h, Y_c [D, B, H]

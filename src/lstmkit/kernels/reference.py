@@ -27,14 +27,15 @@ class ReferenceKernel(Kernel):
 
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
-            record: bool = False) -> KernelOut:
-        y, h, c, rec = self.loop(x, lengths, h0, c0, params, spec, hidden_size, record)
+            record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
+        y, h, c, rec = self.loop(x, lengths, h0, c0, params, spec, hidden_size, record, keep)
         trace = {k: torch.stack(v) for k, v in rec.items() if v} if record else None
         return KernelOut(y, h, c, trace)
 
     def loop(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
              params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
-             record: bool = False) -> tuple[Tensor, Tensor, Tensor | None, dict[str, list[Tensor]]]:
+             record: bool = False, keep: tuple[Tensor, Tensor] | None = None
+             ) -> tuple[Tensor, Tensor, Tensor | None, dict[str, list[Tensor]]]:
         """The time loop: ``(y, h_n, c_n, per-step values)``; with ``record`` the lists of
         ``i, f, g, o, c, h`` hold each step's graph nodes (h and c before padding is masked)."""
         T, B = x.shape[0], x.shape[1]
@@ -49,8 +50,9 @@ class ReferenceKernel(Kernel):
             valid = (steps < lengths.unsqueeze(0)).to(x.device).unsqueeze(-1)  # (T, B, 1)
         ys: list[Tensor] = []
         rec: dict[str, list[Tensor]] = {k: [] for k in TRACE_KEYS}
+        keeps = list(zip(*(m.unbind(0) for m in keep))) if keep is not None else None  # T × ((B, H), (B, H_out))
         for t, a_t in enumerate(a.unbind(0)):  # unbind once: indexing inside makes BPTT O(T²)
-            out = cell.step(a_t, h, c, s, params, spec, hidden_size)
+            out = cell.step(a_t, h, c, s, params, spec, hidden_size, keeps[t] if keeps else None)
             h_new, c_new, s_new = out.h, out.c, out.s
             if valid is not None:
                 v = valid[t]  # (B, 1)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lstmkit import cell, layout
+from lstmkit import cell
 from lstmkit.kernels import abi
 
 __all__ = ["Variant", "TritonImpl", "choose_path", "persistent_tiles", "step_tiles", "PATHS", "PATH_ENV"]
@@ -91,17 +91,12 @@ class Variant:
     @classmethod
     def from_flags(cls, flags: int) -> Variant:
         on = {name: bool(flags & abi.flag(name)) for name in abi.FLAGS}
-        rnn = on["rnn"]
-        present = {"i": not rnn and not on["nig"], "f": not rnn and not on["nfg"] and not on["cifg"],
-                   "g": True, "o": not rnn and not on["nog"]}
-        computed = [k for k in layout.GATES if present[k]]
-        sigmoid = [k for k in computed if k != "g"]
-        slot = {k: computed.index(k) if k in computed else -1 for k in layout.GATES}
-        sslot = {k: sigmoid.index(k) if k in sigmoid and on["fgr"] else -1 for k in ("i", "f", "o")}
-        return cls(rnn=rnn, relu=on["relu"], cifg=not rnn and on["cifg"], peep=not rnn and on["peephole"],
-                   fgr=not rnn and on["fgr"], ln=not rnn and on["layernorm"], niaf=on["niaf"], noaf=on["noaf"],
-                   clip=not rnn and on["clip"], gi=slot["i"], gf=slot["f"], gg=slot["g"], go=slot["o"],
-                   si=sslot["i"], sf=sslot["f"], so=sslot["o"])
+        slot, sslot = abi.gate_slots(flags)
+        if not on["fgr"]:
+            sslot = dict.fromkeys(sslot, -1)
+        return cls(rnn=on["rnn"], relu=on["rnn_relu"], cifg=on["cifg"], peep=on["peephole"], fgr=on["fgr"],
+                   ln=on["layernorm"], niaf=on["niaf"], noaf=on["noaf"], clip=on["clip"], gi=slot["i"],
+                   gf=slot["f"], gg=slot["g"], go=slot["o"], si=sslot["i"], sf=sslot["f"], so=sslot["o"])
 
     @property
     def n_gates(self) -> int:

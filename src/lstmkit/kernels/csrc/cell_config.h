@@ -17,26 +17,24 @@ struct Cfg {
   int64_t oi, of, og, oo;  // column offsets in R (-1 absent)
   int64_t si, sf, so;      // column offsets in s (nS*H) (-1 absent)
   Cfg(int64_t flags, double clip_, int64_t H_, int64_t P_) {
-    rnn = flags & F_RNN; relu = flags & F_RELU;
-    has_i = !rnn && !(flags & F_NIG);
-    cifg = !rnn && (flags & F_CIFG);
-    has_f = !rnn && !(flags & F_NFG) && !cifg;
-    has_o = !rnn && !(flags & F_NOG);
-    peep = !rnn && (flags & F_PEEPHOLE); fgr = !rnn && (flags & F_FGR);
+    rnn = flags & F_RNN; relu = flags & F_RNN_RELU;
+    // which gates are computed, and where: the variant table's removal masks (lstmkit_abi.h)
+    const bool present[4] = {!(flags & GATE_REMOVED[0]), !(flags & GATE_REMOVED[1]), !(flags & GATE_REMOVED[2]),
+                             !(flags & GATE_REMOVED[3])};
+    has_i = present[0]; has_f = present[1]; has_o = present[3];
+    cifg = flags & F_CIFG;
+    peep = flags & F_PEEPHOLE; fgr = flags & F_FGR;
     ln = flags & F_LAYERNORM; niaf = flags & F_NIAF; noaf = flags & F_NOAF;
-    clip = !rnn && (flags & F_CLIP); clipv = clip_;
+    clip = flags & F_CLIP; clipv = clip_;
     H = H_; P = rnn ? 0 : P_; Hout = P > 0 ? P : H;
-    int64_t k = 0;
-    oi = has_i ? H * k++ : -1;
-    of = has_f ? H * k++ : -1;
-    og = H * k++;
-    oo = has_o ? H * k++ : -1;
-    G = k; R = G * H;
-    int64_t s = 0;
-    si = has_i ? H * s++ : -1;
-    sf = has_f ? H * s++ : -1;
-    so = has_o ? H * s++ : -1;
-    nS = s;
+    int64_t off[4], soff[4], k = 0, s = 0;
+    for (int g = 0; g < 4; ++g) {
+      off[g] = present[g] ? H * k++ : -1;
+      soff[g] = (present[g] && g != 2 && !rnn) ? H * s++ : -1;  // the sigmoid gates i, f, o (fgr's s)
+    }
+    oi = off[0]; of = off[1]; og = off[2]; oo = off[3];
+    si = soff[0]; sf = soff[1]; so = soff[3];
+    G = k; R = G * H; nS = s;
   }
 };
 

@@ -216,8 +216,11 @@ py::dict compiled_abi() {
   for (const char* n : PARAM_NAMES) params.append(n);
   for (const char* n : BUFFER_NAMES) buffers.append(n);
   d["flags"] = flags; d["params"] = params; d["buffers"] = buffers;
-  d["flag_bits"] = py::make_tuple(F_RNN, F_RELU, F_NIG, F_NFG, F_NOG, F_CIFG, F_PEEPHOLE, F_FGR, F_LAYERNORM,
-                                  F_NIAF, F_NOAF, F_CLIP);
+  py::list bits, removed;
+  for (int k = 0; k < N_FLAGS; ++k) bits.append(FLAG_BITS[k]);
+  for (int g = 0; g < 4; ++g) removed.append(GATE_REMOVED[g]);
+  d["flag_bits"] = bits;
+  d["gate_removed"] = removed;
   d["ln_eps"] = LN_EPS;
   d["gemm_tile"] = py::make_tuple(Packed<float>::MR, Packed<float>::NV * Packed<float>::VL);
   return d;

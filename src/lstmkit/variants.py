@@ -1,0 +1,356 @@
+"""The variant table: one row per word a user can type, and everything derived from it.
+
+A row says what a word (``peephole``, ``nig``, ``clip=<c>``, …) means: the
+:class:`~lstmkit.spec.CellSpec` fields it sets, the parameters it adds (with their shapes),
+the gates it removes or couples, whether the ONNX ``LSTM``/``RNN`` operator can carry it, the
+kernels' flag bit, and where it comes from in the literature. Derived from :data:`ROWS`,
+nowhere written again:
+
+* the presets (:data:`lstmkit.spec.PRESETS`), the parser of ``cell=`` strings and its
+  "did you mean", :attr:`CellSpec.name <lstmkit.spec.CellSpec.name>`;
+* which gates a spec computes (:func:`computed_gates`) — the kernels' gate offsets come
+  from the masks :func:`gate_removal_masks` gives them (``lstmkit.kernels.abi``);
+* the kernels' flag bits (:data:`FLAGS`) and a spec's flag word (:func:`flag_word`);
+* the parameter schema of a layer-direction (:func:`param_shapes`);
+* the ONNX exporter's choice between the operator and a ``Scan`` (:func:`onnx_refusal`);
+* the variant tables of ``docs/cell.md`` and the README
+  (:func:`lstmkit.spec.markdown_table`, checked by ``tests/test_variants.py``), and the test
+  matrix (the same test fails when a row has no case against the NumPy oracle).
+
+Adding a variant: its row here, its field in :class:`~lstmkit.spec.CellSpec`, its equations
+in :mod:`lstmkit.cell`, its cell step (and BPTT) in each kernel, its oracle case.
+
+This module imports nothing of lstmkit but the gate order (:mod:`lstmkit.layout`): rows read
+a spec's fields by name, so :mod:`lstmkit.spec` can build on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from lstmkit.layout import GATES
+
+__all__ = ["Row", "ROWS", "VALUE", "FLAGS", "Dims", "row", "words", "active_rows", "flag_word", "flag_names",
+           "computed_gates", "gate_removal_masks", "param_shapes", "onnx_refusal",
+           "HARD_SIGMOID_SLOPES", "init_fields"]
+
+
+class _Value:
+    """Placeholder in :attr:`Row.sets`: the value typed after ``word=``."""
+
+    def __repr__(self) -> str:
+        return "VALUE"
+
+
+#: In :attr:`Row.sets`, the value the user types after ``word=``.
+VALUE: Any = _Value()
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes a row's parameters are shaped by: ``H`` cells, ``R`` rows of ``weight_ih``
+    (the computed gates' first layers), whether the layer has biases."""
+
+    H: int
+    R: int
+    bias: bool
+
+
+ParamFn = Callable[[Any, Dims], dict[str, tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One word of the variant table.
+
+    Attributes:
+        word: what users type (``"peephole"``); a value word is typed ``word=<value>``.
+        sets: the :class:`~lstmkit.spec.CellSpec` fields the word sets; :data:`VALUE` where
+            the typed value goes.
+        doc: the change to the cell, one line (the docs' table).
+        source: where it comes from.
+        aliases: other spellings of the same word.
+        placeholder: how a value word's value is written in the docs (``<c>``).
+        parse: text -> value for a value word (raises ValueError with the reason).
+        removes: gates it removes (they are ≡ 1, or absent for the RNN).
+        couples: gates it derives from others instead of computing (cifg: ``f = 1 − i``).
+        params: its parameters ``name -> shape`` for a spec and sizes (registration order).
+        onnx: why the ONNX ``LSTM``/``RNN`` operator cannot carry it (None: it can).
+        flag: whether the kernels get a bit for it (False: the word changes no equation the
+            kernels compute — an initialisation, or a structure they see in the parameters).
+        init: the word sets an initial value only (no equation changes).
+        kind: the cell kind it belongs to (``"lstm"``, or ``"rnn"`` for the plain RNN's rows).
+        example: a value of a value word for the docs and the tests (None: not needed).
+    """
+
+    word: str
+    sets: Mapping[str, Any]
+    doc: str
+    source: str
+    aliases: tuple[str, ...] = ()
+    placeholder: str = ""
+    parse: Callable[[str], Any] | None = None
+    removes: str = ""
+    couples: str = ""
+    params: ParamFn | None = None
+    onnx: str | None = None
+    flag: bool = True
+    init: bool = False
+    kind: str = "lstm"
+    example: str | None = None
+
+    @property
+    def takes_value(self) -> bool:
+        """True for ``word=<value>`` rows."""
+        return any(v is VALUE for v in self.sets.values())
+
+    @property
+    def flag_name(self) -> str:
+        """The kernels' name for this row's bit (the word, ``=`` as ``_``)."""
+        return self.word.replace("=", "_")
+
+    def active(self, spec: Any) -> bool:
+        """Whether ``spec`` has this row's setting (a value row: its field is set)."""
+        for name, value in self.sets.items():
+            current = getattr(spec, name)
+            if value is VALUE:
+                if current == _default(spec, name):
+                    return False
+            elif current != value:
+                return False
+        return True
+
+    def typed(self, spec: Any) -> str:
+        """The word as :attr:`CellSpec.name` writes it for ``spec`` (``clip=3``)."""
+        if not self.takes_value:
+            return self.word
+        (name,) = [k for k, v in self.sets.items() if v is VALUE]
+        return f"{self.word}={_FORMAT.get(self.word, _number)(getattr(spec, name))}"
+
+
+def _default(spec: Any, name: str) -> Any:
+    """The default of field ``name`` of the spec's dataclass (the one place defaults are written)."""
+    return spec.__dataclass_fields__[name].default
+
+
+def _number(value: float) -> str:
+    """Shortest text that reads back as exactly ``value`` (``3``, ``-0.5``, ``0.1``)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+
+
+def _parse_widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split("x"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number (or widths joined by 'x', e.g. deep=16x8)") from None
+
+
+def _parse_zoneout(text: str) -> tuple[float, float]:
+    parts = text.split("/")
+    if len(parts) > 2:
+        raise ValueError(f"{text!r} is not <z> or <z_c>/<z_h>")
+    values = tuple(_parse_float(p) for p in parts)
+    return (values[0], values[-1])
+
+
+def _format_widths(widths: Any) -> str:
+    return "x".join(str(w) for w in widths)
+
+
+def _format_zoneout(z: tuple[float, float]) -> str:
+    return _number(z[0]) if z[0] == z[1] else f"{_number(z[0])}/{_number(z[1])}"
+
+
+def _format_deep(gate_hidden: Any) -> str:
+    return ",".join(f"{g}={_format_widths(w)}" for g, w in gate_hidden)
+
+
+_FORMAT: dict[str, Callable[[Any], str]] = {"zoneout": _format_zoneout}
+
+
+# ---------------------------------------------------------------------------- parameters
+
+
+def _peephole(spec: Any, d: Dims) -> dict[str, tuple[int, ...]]:
+    return {f"peephole_{g}": (d.H,) for g in sigmoid_gates(spec)}
+
+
+def _fgr(spec: Any, d: Dims) -> dict[str, tuple[int, ...]]:
+    n = len(sigmoid_gates(spec)) * d.H
+    return {"weight_gg": (n, n)}
+
+
+def _layernorm(spec: Any, d: Dims) -> dict[str, tuple[int, ...]]:
+    return {"ln_ih_weight": (d.R,), "ln_hh_weight": (d.R,), "ln_c_weight": (d.H,), "ln_c_bias": (d.H,)}
+
+
+def _deep(spec: Any, d: Dims) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for g, widths in spec.gate_hidden:
+        sizes = [*widths, d.H]
+        for j in range(1, len(sizes)):
+            out[f"mlp_{g}_weight{j}"] = (sizes[j], sizes[j - 1])
+            if d.bias:
+                out[f"mlp_{g}_bias{j}"] = (sizes[j],)
+    return out
+
+
+#: Slopes of the hard sigmoids, ``clamp(slope · x + 1/2, 0, 1)``.
+HARD_SIGMOID_SLOPES: Mapping[str, float] = MappingProxyType({"hard_sigmoid": 0.2, "hardsigmoid": 1.0 / 6.0})
+
+_AFFINE = "would need the optional Affine activation, which runtimes need not implement"
+_GREFF = "Greff et al. 2017, LSTM: A Search Space Odyssey"
+
+# ---------------------------------------------------------------------------- the table
+
+#: The variant table, in the order :attr:`CellSpec.name` writes words and the docs list them.
+ROWS: tuple[Row, ...] = (
+    Row("vanilla", {}, "the equations of `docs/cell.md`, as `torch.nn.LSTM`",
+        "Hochreiter & Schmidhuber 1997; Gers, Schmidhuber & Cummins 2000", flag=False),
+    Row("peephole", {"peephole": True}, "i, f see `c_{t-1}`; o sees `c_t` (diagonal weights `peephole_i/f/o`)",
+        "Gers & Schmidhuber 2000", params=_peephole),
+    Row("cifg", {"coupled": True}, "coupled input and forget gates: `f = 1 − i`", _GREFF, couples="f"),
+    Row("fgr", {"fgr": True}, "full gate recurrence: i, f, o also see i, f, o of t−1 (`weight_gg`)", _GREFF,
+        params=_fgr, onnx="the LSTM operator has no gate-to-gate recurrence (weight_gg)"),
+    Row("layernorm", {"layernorm": True},
+        "layer norm on the input and recurrent pre-activations (per gate) and on `c_t`",
+        "Ba, Kiros & Hinton 2016", aliases=("ln",), params=_layernorm,
+        onnx="the LSTM operator has no layer normalisation"),
+    Row("nig", {"input_gate": False}, "no input gate: i ≡ 1", _GREFF, removes="i",
+        onnx="the LSTM operator always computes the input gate"),
+    Row("nfg", {"forget_gate": False}, "no forget gate: f ≡ 1 (the 1997 LSTM)", _GREFF, removes="f",
+        onnx="the LSTM operator always computes the forget gate"),
+    Row("nog", {"output_gate": False}, "no output gate: o ≡ 1", _GREFF, removes="o",
+        onnx="the LSTM operator always computes the output gate"),
+    Row("niaf", {"candidate_activation": "identity"}, "identity instead of tanh on the candidate g", _GREFF,
+        aliases=("cand_act=identity",), onnx=f"the LSTM operator's identity candidate {_AFFINE}"),
+    Row("cand_act=relu", {"candidate_activation": "relu"}, "ReLU instead of tanh on the candidate g",
+        "Keras' and ONNX's `activation`"),
+    Row("noaf", {"output_activation": "identity"}, "identity instead of tanh on the cell output", _GREFF,
+        aliases=("out_act=identity",), onnx=f"the LSTM operator's identity output {_AFFINE}"),
+    Row("out_act=relu", {"output_activation": "relu"}, "ReLU instead of tanh on the cell output",
+        "Keras' and ONNX's `activation`"),
+    Row("gate_act=hard_sigmoid", {"gate_activation": "hard_sigmoid"},
+        "the gates i, f, o use `clamp(0.2 u + 0.5, 0, 1)` instead of σ",
+        "Keras 2's `recurrent_activation` default; ONNX `HardSigmoid`'s defaults"),
+    Row("gate_act=hardsigmoid", {"gate_activation": "hardsigmoid"},
+        "the gates i, f, o use `clamp(u / 6 + 0.5, 0, 1)` instead of σ",
+        "`torch.nn.Hardsigmoid`; Keras 3's `hard_sigmoid`"),
+    Row("deep", {"gate_hidden": VALUE}, "every gate an MLP over `[x, h]` with these hidden widths "
+        "(`CellSpec(gate_hidden={\"f\": (32,)})` for one gate)", "the gates as fully connected layers, made deeper",
+        placeholder="<w>[x<w>…]", parse=_parse_widths, params=_deep, flag=False, example="3",
+        onnx="the LSTM operator's gates are single linear layers, not MLPs"),
+    Row("clip", {"cell_clip": VALUE}, "`c_t` clipped to ±c", "TF's `cell_clip`; ONNX's clip bounds the gates",
+        aliases=("cell_clip",), placeholder="<c>", parse=_parse_float,
+        onnx="the LSTM operator's clip bounds the gate pre-activations, lstmkit's cell_clip bounds c_t: "
+             "different functions"),
+    Row("zoneout", {"zoneout": VALUE},
+        "in training each unit keeps its previous `c` (prob. z_c) and `h` (prob. z_h); at evaluation the "
+        "expectation", "Krueger et al. 2016, Zoneout", placeholder="<z>[/<z_h>]", parse=_parse_zoneout,
+        onnx="the LSTM operator has no zoneout (at evaluation c_t and h_t mix in the previous state)"),
+    Row("chrono", {"chrono": VALUE}, "initial `b_f = log U[1, T_max − 1]` per cell, `b_i = −b_f`",
+        "Tallec & Ollivier 2018", placeholder="<T_max>", parse=_parse_float, init=True, flag=False),
+    Row("ib", {"input_bias": VALUE}, "initial input-gate bias", "Hochreiter & Schmidhuber 1997, §5.4",
+        aliases=("input_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False),
+    Row("fb", {"forget_bias": VALUE}, "initial forget-gate bias (1 recommended)", "Jozefowicz et al. 2015",
+        aliases=("forget_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False),
+    Row("ob", {"output_bias": VALUE}, "initial output-gate bias", "Hochreiter & Schmidhuber 1997, §5.1",
+        aliases=("output_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False),
+    Row("rnn", {"kind": "rnn"}, "the plain tanh RNN, `h_t = tanh(W_ih x_t + W_hh h_{t-1} + b)` (`lstmkit.RNN`)",
+        "Elman 1990", removes="ifo", kind="rnn"),
+    Row("rnn_relu", {"kind": "rnn", "nonlinearity": "relu"}, "the plain RNN with ReLU (`nonlinearity='relu'`)",
+        "Le, Jaitly & Hinton 2015", kind="rnn"),
+)
+
+_BY_WORD: dict[str, Row] = {}
+for _row in ROWS:
+    for _w in (_row.word, *_row.aliases):
+        assert _w not in _BY_WORD, f"variant table: word {_w!r} twice"
+        _BY_WORD[_w] = _row
+
+#: The kernels' flag bits: bit ``k`` of a flag word is ``FLAGS[k]``.
+FLAGS: tuple[str, ...] = tuple(r.flag_name for r in ROWS if r.flag)
+
+
+def row(word: str) -> Row | None:
+    """The row a word (or alias) names, or None."""
+    return _BY_WORD.get(word)
+
+
+def words() -> list[str]:
+    """Every word and alias (value words without their value)."""
+    return sorted(_BY_WORD)
+
+
+def init_fields() -> tuple[str, ...]:
+    """The CellSpec fields that only set initial values."""
+    return tuple(name for r in ROWS if r.init for name in r.sets)
+
+
+def active_rows(spec: Any) -> list[Row]:
+    """The rows ``spec`` has, without those another active row contains (``rnn`` under
+    ``rnn_relu``) and without ``vanilla`` unless nothing else is active."""
+    rows = [r for r in ROWS if r.active(spec) and r.sets]
+    rows = [r for r in rows if not any(o is not r and set(r.sets.items()) < set(o.sets.items()) for o in rows)]
+    return rows
+
+
+def flag_names(spec: Any) -> list[str]:
+    """The flags of the rows ``spec`` has (every active row, ``rnn`` included under ``rnn_relu``)."""
+    return [r.flag_name for r in ROWS if r.flag and r.sets and r.active(spec)]
+
+
+def flag_word(spec: Any) -> int:
+    """``spec`` as the kernels' flag word (bit ``k`` set if ``FLAGS[k]`` applies)."""
+    return sum(1 << FLAGS.index(name) for name in flag_names(spec))
+
+
+def computed_gates(spec: Any) -> tuple[str, ...]:
+    """Gates with parameters of their own, in :data:`lstmkit.layout.GATES` order: those no
+    active row removes or couples."""
+    gone = {g for r in ROWS if r.active(spec) and r.sets for g in r.removes + r.couples}
+    return tuple(g for g in GATES if g not in gone)
+
+
+def sigmoid_gates(spec: Any) -> tuple[str, ...]:
+    """Computed gates among ``i, f, o`` (the LSTM's sigmoid gates)."""
+    return tuple(g for g in computed_gates(spec) if g != "g") if spec.kind == "lstm" else ()
+
+
+def gate_removal_masks() -> dict[str, int]:
+    """Per gate, the flag bits that remove it from the computed gates (absent or coupled):
+    what the kernels decode their gate offsets from."""
+    out = {}
+    for g in GATES:
+        bits = [r for r in ROWS if g in r.removes + r.couples]
+        assert all(r.flag for r in bits), f"variant table: a row removing gate {g} needs a kernel flag"
+        out[g] = sum(1 << FLAGS.index(r.flag_name) for r in bits)
+    return out
+
+
+def param_shapes(spec: Any, dims: Dims) -> dict[str, tuple[int, ...]]:
+    """The parameters the spec's rows add, ``name -> shape``, in table order."""
+    out: dict[str, tuple[int, ...]] = {}
+    for r in ROWS:
+        if r.params is not None and r.active(spec):
+            out.update(r.params(spec, dims))
+    return out
+
+
+def onnx_refusal(spec: Any) -> str | None:
+    """Why the ONNX ``LSTM``/``RNN`` operator cannot compute ``spec`` (None if it can)."""
+    for r in ROWS:
+        if r.onnx is not None and r.sets and r.active(spec):
+            return f"{r.onnx}, so variant {r.word!r} (cell {spec.name!r}) cannot be written with it"
+    return None

@@ -1,0 +1,111 @@
+"""The variant table (lstmkit.variants.ROWS) is the one place each variant is written:
+everything derived from it agrees with it, the docs hold its current copy, and every row
+that changes an equation has a case in the test matrix (tests/variants.py), which every
+kernel and the NumPy oracle run."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lstmkit
+from lstmkit import spec as spec_module
+from lstmkit import variants
+from lstmkit.kernels import abi
+from lstmkit.spec import CellSpec, resolve
+from variants import LSTM_VARIANTS, RNN_VARIANTS
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Every case of the test matrix as a spec.
+MATRIX = [resolve(c) for c in LSTM_VARIANTS.values()] + [CellSpec(kind="rnn", nonlinearity=n)
+                                                          for n in RNN_VARIANTS.values()]
+
+
+def test_the_docs_hold_the_current_table():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "sync_variant_table.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr + " (run python tools/sync_variant_table.py)"
+    for path in (ROOT / "README.md", ROOT / "docs" / "cell.md"):
+        assert spec_module.markdown_table() in path.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("row", [r for r in variants.ROWS if not r.init and r.sets], ids=lambda r: r.word)
+def test_every_row_that_changes_an_equation_has_a_case_in_the_matrix(row):
+    assert any(row.active(s) for s in MATRIX), (
+        f"variant table row {row.word!r} has no case in tests/variants.py: add one, so that the oracle, "
+        f"gradcheck and every kernel that claims it run it")
+
+
+def test_every_field_of_cellspec_is_set_by_a_row():
+    by_rows = {name for r in variants.ROWS for name in r.sets}
+    fields = {f.name for f in dataclasses.fields(CellSpec)}
+    assert fields - by_rows == {"gate_hidden_activation"}  # set through CellSpec only (no word)
+    assert by_rows <= fields
+
+
+@pytest.mark.parametrize("cell", list(LSTM_VARIANTS.values()), ids=list(LSTM_VARIANTS))
+def test_name_reads_back_as_the_same_spec(cell):
+    spec = resolve(cell)
+    if "deep(" in spec.name:
+        assert spec.gate_hidden and spec._deep_word() is None  # per-gate widths: no word says them
+        return
+    assert resolve(spec.name) == spec
+
+
+def test_presets_words_and_flags_come_from_the_rows():
+    assert set(lstmkit.PRESETS) == {r.word for r in variants.ROWS if not r.takes_value}
+    for r in variants.ROWS:
+        for w in (r.word, *r.aliases):
+            assert variants.row(w) is r
+        if not r.takes_value:
+            assert lstmkit.PRESETS[r.word] == CellSpec(**r.sets)
+    assert abi.FLAGS == tuple(r.flag_name for r in variants.ROWS if r.flag)
+    assert len(set(abi.FLAGS)) == len(abi.FLAGS)
+    for spec in MATRIX:
+        on = {name for name in abi.FLAGS if abi.flags(spec) & abi.flag(name)}
+        assert on == {r.flag_name for r in variants.ROWS if r.flag and r.sets and r.active(spec)}
+
+
+def test_gates_and_their_offsets_come_from_the_rows():
+    for spec in MATRIX:
+        removed = {g for r in variants.ROWS if r.sets and r.active(spec) for g in r.removes + r.couples}
+        assert spec.computed_gates == tuple(g for g in "ifgo" if g not in removed)
+        slots, sigmoid_slots = abi.gate_slots(abi.flags(spec))
+        assert [g for g in "ifgo" if slots[g] >= 0] == list(spec.computed_gates)
+        assert [g for g in "ifo" if sigmoid_slots[g] >= 0] == list(spec.sigmoid_gates)
+
+
+def test_parameters_come_from_the_rows():
+    spec = resolve("peephole+fgr+layernorm+cifg")
+    shapes = spec_module.layer_param_shapes(spec, 3, 4, 0, True)
+    assert list(shapes) == ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "peephole_i", "peephole_o",
+                            "weight_gg", "ln_ih_weight", "ln_hh_weight", "ln_c_weight", "ln_c_bias"]
+    assert shapes["weight_gg"] == (8, 8) and shapes["ln_ih_weight"] == (12,)
+
+
+def test_the_onnx_choice_comes_from_the_rows():
+    for spec in MATRIX:
+        refusing = [r for r in variants.ROWS if r.onnx and r.sets and r.active(spec)]
+        reason = variants.onnx_refusal(spec)
+        assert (reason is None) == (not refusing)
+        if refusing:
+            assert refusing[0].onnx in reason and repr(refusing[0].word) in reason
+
+
+def test_unknown_and_valueless_words_explain_themselves():
+    with pytest.raises(ValueError, match=r"unknown variant 'peepole'.*did you mean 'peephole'"):
+        resolve("peepole")
+    with pytest.raises(ValueError, match=r"'clip' .*it takes a value: clip=\.\.\."):
+        resolve("clip")
+    with pytest.raises(ValueError, match=r"cannot read 'zoneout=0.1/0.2/0.3'"):
+        resolve("zoneout=0.1/0.2/0.3")
+    with pytest.raises(ValueError, match=r"zoneout: expected probabilities in \[0, 1\)"):
+        resolve("zoneout=1")
+    assert resolve("zoneout=0.1").zoneout == (0.1, 0.1)
+    assert resolve("gate_act=hardsigmoid+cand_act=relu").name == "cand_act=relu+gate_act=hardsigmoid"
+    with pytest.raises(ValueError, match="computes none of them"):
+        resolve("nig+nfg+nog+gate_act=hard_sigmoid")
