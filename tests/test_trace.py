@@ -96,7 +96,6 @@ def test_trace_equals_numpy_oracle(cell):
     for l in range(2):
         for d in range(2):
             steps = cache["caches"][l][d]["steps"]  # in the order the direction ran
-            p = params[l][d]
             want = {}
             for key in ("i", "f", "g", "o", "c", "h"):
                 if not lstm:

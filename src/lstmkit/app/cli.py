@@ -40,11 +40,12 @@ __all__ = ["main", "COMMANDS", "default_run_dir", "train_plan"]
 #: defines ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code); it raises
 #: ValueError/TypeError/OSError for bad input, which ``main`` prints as one line.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("lstmkit.convert.files", "convert weights between formats (.pt .safetensors .keras .weights.h5 .onnx)"),
+    "convert": ("lstmkit.app.convert_cmd",
+                "convert weights between formats (.pt .safetensors .keras .weights.h5 .onnx)"),
     "plot": ("lstmkit.app.plots", "draw gate heatmaps, cell trajectories, weights, curves, gradient flow (PNG)"),
     "report": ("lstmkit.app.report", "write one self-contained HTML report of a run directory"),
     "study": ("lstmkit.app.study", "variant study: every variant x seed with a learning-rate search, tables and plots"),
-    "build": ("lstmkit.kernels.prebuild", "compile the fused CPU kernel ahead of time (else the first use does)"),
+    "build": ("lstmkit.app.build_cmd", "compile the fused CPU kernel ahead of time (else the first use does)"),
 }
 
 

@@ -28,8 +28,6 @@ refused unless ``--overwrite``.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import io
 import json
 import os
@@ -46,11 +44,18 @@ from torch import Tensor
 
 from lstmkit import _atomic
 from lstmkit._validate import check_bool, check_optional_bool, loads_json
+from lstmkit.convert.layer_config import (
+    Layer,
+    check_shapes,
+    describe_layer,
+    first_line,
+    layer_config,
+    layer_from_config,
+)
 from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import CellSpec, resolve
 
-__all__ = ["convert_file", "read_layer", "write_layer", "file_format", "layer_config",
-           "layer_from_config", "add_arguments", "run", "FORMATS", "SAFETENSORS_FORMAT"]
+__all__ = ["convert_file", "read_layer", "write_layer", "file_format", "FORMATS", "SAFETENSORS_FORMAT"]
 
 #: Extension -> format name (``.weights.h5`` is matched before ``.h5`` would be).
 FORMATS: dict[str, str] = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors", ".keras": "keras",
@@ -61,13 +66,6 @@ _TRAIN_FORMATS = {"lstmkit-weights-1": "", "lstmkit-checkpoint-1": "model."}
 _BASE_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _KEY = re.compile(r"^(?P<base>.+)_l(?P<layer>\d+)(?P<rev>_reverse)?$")
 
-Layer = LSTM | RNN
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def file_format(path: str | os.PathLike[str], what: str = "path") -> str:
@@ -84,74 +82,10 @@ def file_format(path: str | os.PathLike[str], what: str = "path") -> str:
 
 
 
-# ---------------------------------------------------------------------------- configs
-
-
-def layer_config(layer: Layer) -> dict[str, Any]:
-    """Everything needed to rebuild ``layer`` (JSON-ready): sizes, flags and the full CellSpec."""
-    spec = dataclasses.asdict(layer.spec)
-    spec["gate_hidden"] = [[g, list(w)] for g, w in layer.spec.gate_hidden]
-    return {"kind": "rnn" if isinstance(layer, RNN) else "lstm", "input_size": layer.input_size,
-            "hidden_size": layer.hidden_size, "num_layers": layer.num_layers, "bias": layer.bias,
-            "batch_first": layer.batch_first, "bidirectional": layer.bidirectional, "proj_size": layer.proj_size,
-            "dropout": layer.dropout, "cell": layer.spec.name, "cell_spec": spec}
-
-
-def layer_from_config(cfg: dict[str, Any], dtype: torch.dtype, where: str,
-                      shapes: dict[str, tuple[int, ...]] | None = None, extra_ok: bool = False) -> Layer:
-    """The (uninitialised) layer a :func:`layer_config` mapping describes.
-
-    Args:
-        shapes: the parameter shapes the file holds; when given they are checked against
-            the configuration *before* anything is allocated (a layer is first built on the
-            ``meta`` device), so a damaged or hostile configuration cannot ask for
-            gigabytes. ``extra_ok``: names the layer does not have are allowed.
-
-    Raises:
-        ValueError: a damaged or impossible configuration, or shapes that do not match it
-            (``where`` names the file).
-    """
-    if shapes is not None:
-        probe = _make_layer(cfg, dtype, where, "meta")
-        _check_shapes({k: tuple(v.shape) for k, v in probe.state_dict().items()}, shapes, where, _describe(probe),
-                      extra_ok)
-    return _make_layer(cfg, dtype, where, None)
-
-
-def _make_layer(cfg: dict[str, Any], dtype: torch.dtype, where: str, device: str | None) -> Layer:
-    try:
-        kw = dict(num_layers=int(cfg["num_layers"]), bias=bool(cfg["bias"]), batch_first=bool(cfg["batch_first"]),
-                  bidirectional=bool(cfg["bidirectional"]), dropout=float(cfg.get("dropout", 0.0)), dtype=dtype,
-                  device=device)
-        if cfg["kind"] == "rnn":
-            spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else CellSpec(kind="rnn")
-            return RNN(int(cfg["input_size"]), int(cfg["hidden_size"]), nonlinearity=spec.nonlinearity, **kw)
-        if cfg["kind"] != "lstm":
-            raise ValueError(f"kind: expected 'lstm' or 'rnn', got {cfg['kind']!r}")
-        spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else resolve(cfg["cell"])
-        return LSTM(int(cfg["input_size"]), int(cfg["hidden_size"]), proj_size=int(cfg.get("proj_size", 0)),
-                    cell=spec, **kw)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: damaged configuration in the metadata ({_first_line(exc)})") from None
-
-
-def _check_shapes(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], where: str, what: str,
-                  extra_ok: bool = False) -> None:
-    missing = [k for k in want if k not in got]
-    unexpected = [] if extra_ok else [k for k in got if k not in want]
-    if missing or unexpected:
-        raise ValueError(f"{where}: its tensors do not match {what}: missing {missing[:4]}"
-                         f"{'…' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-                         f"{'…' if len(unexpected) > 4 else ''}")
-    for k, shape in want.items():
-        if tuple(got[k]) != tuple(shape):
-            raise ValueError(f"{where}: {k}: expected shape {tuple(shape)} for {what}, got {tuple(got[k])}")
-
-
 def _load_strict(layer: Layer, tensors: dict[str, Tensor], where: str, what: str) -> Layer:
     """Copy ``tensors`` into ``layer``, refusing missing, unexpected or misshapen keys by name."""
     want = layer.state_dict()
-    _check_shapes({k: tuple(v.shape) for k, v in want.items()}, {k: tuple(t.shape) for k, t in tensors.items()},
+    check_shapes({k: tuple(v.shape) for k, v in want.items()}, {k: tuple(t.shape) for k, t in tensors.items()},
                   where, what)
     for k in want:
         if not tensors[k].dtype.is_floating_point:
@@ -160,11 +94,6 @@ def _load_strict(layer: Layer, tensors: dict[str, Tensor], where: str, what: str
         for k, v in want.items():
             v.copy_(tensors[k])
     return layer.eval()
-
-
-def _describe(layer: Layer) -> str:
-    name = type(layer).__name__
-    return f"lstmkit.{name}({layer.extra_repr()})"
 
 
 # ---------------------------------------------------------------------------- state dicts
@@ -234,7 +163,7 @@ def _infer_layer(tensors: dict[str, Tensor], where: str, cell: str | None, batch
             layer = RNN(I, H, nonlinearity=spec.nonlinearity, **kw)
     except ValueError as exc:
         raise ValueError(f"{where}: inferred sizes make no layer: {exc}") from None
-    return _load_strict(layer, sd, where, _describe(layer))
+    return _load_strict(layer, sd, where, describe_layer(layer))
 
 
 # ---------------------------------------------------------------------------- readers
@@ -250,7 +179,7 @@ def _read_torch(src: Path, cell: str | None, batch_first: bool | None) -> Layer:
                          f"(weights_only=True); expected a state dict: torch.save(module.state_dict())") from None
     except Exception as exc:  # UnpicklingError (refused object), RuntimeError/EOFError (corrupt)
         raise ValueError(f"SRC {src}: not a torch state dict readable with weights_only=True "
-                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+                         f"({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise ValueError(f"SRC {src}: holds a {type(obj).__name__}, expected a state dict (str -> Tensor) as "
                          f"torch.save(module.state_dict()) writes")
@@ -265,7 +194,7 @@ def _read_safetensors(src: Path, cell: str | None, batch_first: bool | None) -> 
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"SRC {src}: not a readable safetensors file ({_first_line(exc)})") from None
+        raise ValueError(f"SRC {src}: not a readable safetensors file ({first_line(exc)})") from None
     where = f"SRC {src}"
     fmt = meta.get("format")
     if fmt == SAFETENSORS_FORMAT:
@@ -282,7 +211,7 @@ def _read_safetensors(src: Path, cell: str | None, batch_first: bool | None) -> 
         _check_cell(layer, cell, where)
         if batch_first is not None:
             layer.batch_first = batch_first
-        return _load_strict(layer, tensors, where, _describe(layer))
+        return _load_strict(layer, tensors, where, describe_layer(layer))
     if fmt in _TRAIN_FORMATS:
         try:
             tc = loads_json(meta["config"], "config")
@@ -302,7 +231,7 @@ def _read_safetensors(src: Path, cell: str | None, batch_first: bool | None) -> 
             warnings.warn(f"{where}: converting the recurrent layer only; the read-out layer (head.*) is dropped",
                           UserWarning, stacklevel=3)
         return _load_strict(layer, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                            where, _describe(layer))
+                            where, describe_layer(layer))
     if fmt is not None:
         raise ValueError(f"{where}: metadata format {fmt!r} is not one lstmkit reads; expected "
                          f"{[SAFETENSORS_FORMAT, *_TRAIN_FORMATS]} or a bare state dict")
@@ -327,10 +256,10 @@ def _read_keras(src: Path, weights_only: bool) -> Layer:
         try:
             return from_keras_file(src, allow_go_backwards=False).eval()
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"SRC {src}: {_first_line(exc)}") from None
+            raise ValueError(f"SRC {src}: {first_line(exc)}") from None
         except Exception as exc:  # zip / h5 / deserialisation errors of a damaged or foreign file
             raise ValueError(f"SRC {src}: not a readable .keras model of LSTM layers "
-                             f"({type(exc).__name__}: {_first_line(exc)})") from None
+                             f"({type(exc).__name__}: {first_line(exc)})") from None
     arch = _keras_weights_architecture(src)
     layer = LSTM(arch["input_size"], arch["units"], num_layers=arch["layers"], bias=arch["bias"],
                  bidirectional=arch["bidirectional"], batch_first=True)
@@ -341,8 +270,8 @@ def _read_keras(src: Path, weights_only: bool) -> Layer:
     try:
         return from_keras_file(src, model=to_keras(layer)).eval()
     except Exception as exc:
-        raise ValueError(f"SRC {src}: Keras could not load these weights into {_describe(layer)} "
-                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+        raise ValueError(f"SRC {src}: Keras could not load these weights into {describe_layer(layer)} "
+                         f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _keras_weights_architecture(src: Path) -> dict[str, Any]:
@@ -375,7 +304,7 @@ def _keras_weights_architecture(src: Path) -> dict[str, Any]:
         raise
     except Exception as exc:  # OSError (not HDF5), KeyError (other structure)
         raise ValueError(f"SRC {src}: not a readable Keras 3 .weights.h5 file of LSTM layers "
-                         f"({type(exc).__name__}: {_first_line(exc)})") from None
+                         f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _read_onnx(src: Path) -> Layer:
@@ -505,7 +434,7 @@ def _check_bytes(data: bytes, fmt: str, where: str) -> None:
             with h5py.File(io.BytesIO(data), "r") as fh:
                 ok = "layers" in fh
     except Exception as exc:  # any parse error of our own output
-        raise ValueError(f"{where}: the {fmt} writer produced an unreadable file ({_first_line(exc)}); "
+        raise ValueError(f"{where}: the {fmt} writer produced an unreadable file ({first_line(exc)}); "
                          f"nothing was written") from None
     if not ok:
         raise ValueError(f"{where}: the {fmt} writer produced an unexpected file; nothing was written")
@@ -568,36 +497,3 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ov
     layer = read_layer(src, cell=cell, batch_first=batch_first)
     write_layer(layer, dst, overwrite=overwrite, **(onnx_options if fmt == "onnx" else {}))
     return layer
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``lstmkit convert``."""
-    parser.add_argument("src", type=Path, help=f"the file to read ({', '.join(FORMATS)})")
-    parser.add_argument("dst", type=Path, help="the file to write; its extension picks the format")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    parser.add_argument("--cell", default=None,
-                        help="the variant of a .pt state dict (e.g. peephole, rnn_relu); files that record "
-                             "their variant need none")
-    parser.add_argument("--batch-first", action=argparse.BooleanOptionalAction, default=None,
-                        help="layout recorded in DST (.safetensors config, .onnx X/Y); default: SRC's")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset for .onnx (default 17)")
-    parser.add_argument("--onnx-initial-states", action="store_true",
-                        help="give the .onnx graph inputs initial_h/initial_c")
-    parser.add_argument("--onnx-sequence-lens", action="store_true",
-                        help="give the .onnx graph the input sequence_lens (padded batches)")
-    parser.add_argument("--onnx-method", choices=["auto", "operator", "scan"], default="auto",
-                        help="ONNX LSTM/RNN operators, a Scan of the cell's equations, or auto: the operator "
-                             "where it can express the variant, else Scan (default)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``lstmkit convert SRC DST``; returns the exit code (errors are raised, see cli.main)."""
-    onnx_options = {"opset": args.opset, "initial_states": args.onnx_initial_states,
-                    "sequence_lens": args.onnx_sequence_lens, "method": args.onnx_method}
-    layer = convert_file(args.src, args.dst, overwrite=args.overwrite, cell=args.cell, batch_first=args.batch_first,
-                         **onnx_options)
-    print(f"{args.src} ({file_format(args.src)}) -> {args.dst} ({file_format(args.dst)}): {_describe(layer)}")
-    return 0

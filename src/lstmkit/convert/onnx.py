@@ -245,7 +245,7 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="lstmkit",
                               ir_version=helper.find_min_ir_version_for(opsets))
     from lstmkit._atomic import check_writable, write_bytes
-    from lstmkit.convert.files import layer_config
+    from lstmkit.convert.layer_config import layer_config
 
     config = {**layer_config(model), "batch_first": batch_first, "onnx_method": "scan" if use_scan else "operator"}
     helper.set_model_props(proto, {_METADATA_KEY: json.dumps(config)})

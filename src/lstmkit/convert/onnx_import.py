@@ -345,7 +345,7 @@ def _from_scan(graph: Any, config: dict[str, Any], where: str, base: Path | None
     """A graph :func:`to_onnx` wrote with Scan: the configuration from the metadata, every
     parameter from the initializer of the same name (the ones the Scan bodies compute with)."""
 
-    from lstmkit.convert.files import layer_from_config
+    from lstmkit.convert.layer_config import layer_from_config
 
     if not any(n.op_type == "Scan" for n in graph.node):
         raise ValueError(f"{where}: the metadata says the layer was written as Scan graphs, but there is no Scan "

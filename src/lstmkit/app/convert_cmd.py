@@ -1,0 +1,42 @@
+"""``lstmkit convert SRC DST``: convert a layer's weights between file formats
+(:mod:`lstmkit.convert.files` does the work)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lstmkit.convert.files import FORMATS, convert_file, file_format
+from lstmkit.convert.layer_config import describe_layer
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``lstmkit convert``."""
+    parser.add_argument("src", type=Path, help=f"the file to read ({', '.join(FORMATS)})")
+    parser.add_argument("dst", type=Path, help="the file to write; its extension picks the format")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--cell", default=None,
+                        help="the variant of a .pt state dict (e.g. peephole, rnn_relu); files that record "
+                             "their variant need none")
+    parser.add_argument("--batch-first", action=argparse.BooleanOptionalAction, default=None,
+                        help="layout recorded in DST (.safetensors config, .onnx X/Y); default: SRC's")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset for .onnx (default 17)")
+    parser.add_argument("--onnx-initial-states", action="store_true",
+                        help="give the .onnx graph inputs initial_h/initial_c")
+    parser.add_argument("--onnx-sequence-lens", action="store_true",
+                        help="give the .onnx graph the input sequence_lens (padded batches)")
+    parser.add_argument("--onnx-method", choices=["auto", "operator", "scan"], default="auto",
+                        help="ONNX LSTM/RNN operators, a Scan of the cell's equations, or auto: the operator "
+                             "where it can express the variant, else Scan (default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``lstmkit convert SRC DST``; returns the exit code (errors are raised, see cli.main)."""
+    onnx_options = {"opset": args.opset, "initial_states": args.onnx_initial_states,
+                    "sequence_lens": args.onnx_sequence_lens, "method": args.onnx_method}
+    layer = convert_file(args.src, args.dst, overwrite=args.overwrite, cell=args.cell, batch_first=args.batch_first,
+                         **onnx_options)
+    print(f"{args.src} ({file_format(args.src)}) -> {args.dst} ({file_format(args.dst)}): {describe_layer(layer)}")
+    return 0

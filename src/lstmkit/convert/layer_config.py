@@ -1,0 +1,90 @@
+"""A layer's configuration as JSON and back: what the file formats (safetensors metadata, the
+ONNX Scan graph's metadata) record so that a layer can be rebuilt exactly, and the checks
+that come with rebuilding one from a file (shapes before allocation)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from lstmkit.nn import LSTM, RNN
+from lstmkit.spec import CellSpec, resolve
+
+__all__ = ["Layer", "layer_config", "layer_from_config", "check_shapes", "describe_layer", "first_line"]
+
+Layer = LSTM | RNN
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def layer_config(layer: Layer) -> dict[str, Any]:
+    """Everything needed to rebuild ``layer`` (JSON-ready): sizes, flags and the full CellSpec."""
+    spec = dataclasses.asdict(layer.spec)
+    spec["gate_hidden"] = [[g, list(w)] for g, w in layer.spec.gate_hidden]
+    return {"kind": "rnn" if isinstance(layer, RNN) else "lstm", "input_size": layer.input_size,
+            "hidden_size": layer.hidden_size, "num_layers": layer.num_layers, "bias": layer.bias,
+            "batch_first": layer.batch_first, "bidirectional": layer.bidirectional, "proj_size": layer.proj_size,
+            "dropout": layer.dropout, "cell": layer.spec.name, "cell_spec": spec}
+
+
+def layer_from_config(cfg: dict[str, Any], dtype: torch.dtype, where: str,
+                      shapes: dict[str, tuple[int, ...]] | None = None, extra_ok: bool = False) -> Layer:
+    """The (uninitialised) layer a :func:`layer_config` mapping describes.
+
+    Args:
+        shapes: the parameter shapes the file holds; when given they are checked against
+            the configuration *before* anything is allocated (a layer is first built on the
+            ``meta`` device), so a damaged or hostile configuration cannot ask for
+            gigabytes. ``extra_ok``: names the layer does not have are allowed.
+
+    Raises:
+        ValueError: a damaged or impossible configuration, or shapes that do not match it
+            (``where`` names the file).
+    """
+    if shapes is not None:
+        probe = _make_layer(cfg, dtype, where, "meta")
+        check_shapes({k: tuple(v.shape) for k, v in probe.state_dict().items()}, shapes, where, describe_layer(probe),
+                      extra_ok)
+    return _make_layer(cfg, dtype, where, None)
+
+
+def _make_layer(cfg: dict[str, Any], dtype: torch.dtype, where: str, device: str | None) -> Layer:
+    try:
+        kw = dict(num_layers=int(cfg["num_layers"]), bias=bool(cfg["bias"]), batch_first=bool(cfg["batch_first"]),
+                  bidirectional=bool(cfg["bidirectional"]), dropout=float(cfg.get("dropout", 0.0)), dtype=dtype,
+                  device=device)
+        if cfg["kind"] == "rnn":
+            spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else CellSpec(kind="rnn")
+            return RNN(int(cfg["input_size"]), int(cfg["hidden_size"]), nonlinearity=spec.nonlinearity, **kw)
+        if cfg["kind"] != "lstm":
+            raise ValueError(f"kind: expected 'lstm' or 'rnn', got {cfg['kind']!r}")
+        spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else resolve(cfg["cell"])
+        return LSTM(int(cfg["input_size"]), int(cfg["hidden_size"]), proj_size=int(cfg.get("proj_size", 0)),
+                    cell=spec, **kw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: damaged configuration in the metadata ({first_line(exc)})") from None
+
+
+def check_shapes(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], where: str, what: str,
+                  extra_ok: bool = False) -> None:
+    missing = [k for k in want if k not in got]
+    unexpected = [] if extra_ok else [k for k in got if k not in want]
+    if missing or unexpected:
+        raise ValueError(f"{where}: its tensors do not match {what}: missing {missing[:4]}"
+                         f"{'…' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                         f"{'…' if len(unexpected) > 4 else ''}")
+    for k, shape in want.items():
+        if tuple(got[k]) != tuple(shape):
+            raise ValueError(f"{where}: {k}: expected shape {tuple(shape)} for {what}, got {tuple(got[k])}")
+
+
+def describe_layer(layer: Layer) -> str:
+    """``lstmkit.LSTM(3, 4, …)``: the layer as its messages name it."""
+    name = type(layer).__name__
+    return f"lstmkit.{name}({layer.extra_repr()})"
