@@ -335,7 +335,8 @@ def test_fused_kernel_releases_the_gil():
         idle = rate_while(lambda: time.sleep(0.3))  # the counter's speed with the GIL free
         nothing = [torch.empty(0)] * len(abi.PARAMS)
         busy = rate_while(lambda: cpu_ext.forward(xg, w, h0, c0, torch.empty(0, dtype=torch.long), *nothing,
-                                                  abi.flags(resolve("vanilla")), 0.0, 256, 0, True))
+                                                  abi.flags(resolve("vanilla")), *abi.scalars(resolve("vanilla")),
+                                                  256, 0, True))
     finally:
         done.set()
         worker.join()

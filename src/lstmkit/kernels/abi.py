@@ -8,7 +8,10 @@ Three ordered lists define how a layer-direction crosses into a kernel:
   (:data:`GATE_REMOVED`), from which the kernels derive which gates they compute and where;
 * :data:`PARAMS` — the parameters the recurrence takes besides ``weight_hh``, in the order of
   the ``params`` list of the ``lstmkit::recurrence`` operator (an empty tensor where the
-  variant has none) and of its gradient list;
+  variant has none) and of its gradient list; the last two are not parameters but zoneout's
+  training masks (no gradient);
+* :data:`SCALARS` — the variant's numbers (the operator's float arguments), from a spec by
+  :func:`scalars`;
 * :data:`BUFFERS` — what the forward keeps for backward (and for the trace), in the order of
   the operator's ``buffers`` output, with their shapes given by :func:`buffer_shapes`.
 
@@ -26,7 +29,8 @@ from lstmkit.cell import LN_EPS
 from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 
-__all__ = ["FLAGS", "PARAMS", "BUFFERS", "GATE_REMOVED", "flags", "flag", "gate_slots", "buffer_shapes", "header"]
+__all__ = ["FLAGS", "PARAMS", "BUFFERS", "SCALARS", "GATE_REMOVED", "flags", "flag", "scalars", "gate_slots",
+           "buffer_shapes", "header"]
 
 #: Variant flags; bit k of the ``flags`` integer is ``FLAGS[k]`` (the variant table's rows).
 FLAGS: tuple[str, ...] = variants.FLAGS
@@ -37,11 +41,16 @@ GATE_REMOVED: dict[str, int] = variants.gate_removal_masks()
 #: Parameters of the recurrence besides ``weight_hh`` (names as in docs/cell.md, no suffix).
 #: ``ln_ih_weight`` and ``bias`` (= b_ih + b_hh) are read by the kernel for layernorm only:
 #: every other variant has them folded into its input pre-activations.
+#: ``keep_c`` (T, B, H) and ``keep_h`` (T, B, H_out): zoneout's masks in training (1 where a unit
+#: keeps its previous state), empty at evaluation (the kernels use the scalars ``zoneout_c/h``).
 PARAMS: tuple[str, ...] = ("peephole_i", "peephole_f", "peephole_o", "weight_gg", "ln_hh_weight",
-                           "ln_c_weight", "ln_c_bias", "weight_hr", "ln_ih_weight", "bias")
+                           "ln_c_weight", "ln_c_bias", "weight_hr", "ln_ih_weight", "bias", "keep_c", "keep_h")
+
+#: The operator's float arguments: the cell clip's bound and zoneout's probabilities.
+SCALARS: tuple[str, ...] = ("clip", "zoneout_c", "zoneout_h")
 
 #: Buffers the forward keeps for backward, each (T, B, ·) or empty (see :func:`buffer_shapes`).
-BUFFERS: tuple[str, ...] = ("G", "C", "RH", "RS", "AH", "AS")
+BUFFERS: tuple[str, ...] = ("G", "C", "RH", "RS", "AH", "AS", "CN")
 
 
 def flag(name: str) -> int:
@@ -52,6 +61,12 @@ def flag(name: str) -> int:
 def flags(spec: CellSpec) -> int:
     """The variant as the kernels' bit flags (:func:`lstmkit.variants.flag_word`)."""
     return variants.flag_word(spec)
+
+
+def scalars(spec: CellSpec) -> tuple[float, ...]:
+    """The values of :data:`SCALARS` for ``spec`` (0 where the variant has none)."""
+    values = {"clip": float(spec.cell_clip or 0.0), "zoneout_c": spec.zoneout[0], "zoneout_h": spec.zoneout[1]}
+    return tuple(values[name] for name in SCALARS)
 
 
 def gate_slots(flag_bits: int) -> tuple[dict[str, int], dict[str, int]]:
@@ -75,14 +90,17 @@ def buffer_shapes(flag_bits: int, T: int, B: int, R: int, H: int, save: bool) ->
     Every LSTM variant keeps ``C`` (T, B, H), the cell states; ``G`` (T, B, R), the gate
     activations, unless layernorm (without fgr) keeps the normalised pre-activations ``AH``,
     ``RH`` (T, B, R) and their 1/std per gate ``AS``, ``RS`` (T, B, R/H) instead and
-    recomputes the gates. The RNN keeps nothing but its output.
+    recomputes the gates. With zoneout, ``CN`` (T, B, H) is the cell's new state before
+    zoneout mixed the previous one in (``C`` holds the state after). The RNN keeps nothing
+    but its output.
     """
     empty = (0,)
     if not save or flag_bits & flag("rnn"):
         return [empty] * len(BUFFERS)
     ln = bool(flag_bits & flag("layernorm"))
     keep_g = not ln or bool(flag_bits & flag("fgr"))
-    shapes = {"G": (T, B, R) if keep_g else empty, "C": (T, B, H)}
+    shapes = {"G": (T, B, R) if keep_g else empty, "C": (T, B, H),
+              "CN": (T, B, H) if flag_bits & flag("zoneout") else empty}
     for name, width in (("RH", R), ("RS", R // H), ("AH", R), ("AS", R // H)):
         shapes[name] = (T, B, width) if ln else empty
     return [shapes[name] for name in BUFFERS]
@@ -105,5 +123,10 @@ def header() -> str:
                   + ", ".join(f'"{n}"' for n in names) + "};"]
     lines.append("constexpr const char* FLAG_NAMES[] = {" + ", ".join(f'"{n}"' for n in FLAGS) + "};")
     lines += ["", "// layer norm's epsilon (lstmkit.cell.LN_EPS)", f"constexpr double LN_EPS = {LN_EPS!r};"]
+    lines += ["", "// the slope of each hard sigmoid gate activation (lstmkit.variants.HARD_SIGMOID_SLOPES)"]
+    lines += [f"constexpr double SLOPE_{name.upper()} = {value!r};"
+              for name, value in variants.HARD_SIGMOID_SLOPES.items()]
+    lines += ["constexpr const char* SCALAR_NAMES[] = {" + ", ".join(f'"{n}"' for n in SCALARS) + "};",
+              "constexpr int N_SCALARS = " + str(len(SCALARS)) + ";"]
     lines += ["", "}  // namespace lk::abi", ""]
     return "\n".join(lines)

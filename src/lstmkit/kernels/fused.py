@@ -117,14 +117,16 @@ class FusedKernel(Kernel):
         else:
             xg = cell.input_projection(x, params, spec, hidden_size, linear=self.linear)  # (T, B, R)
         empty = xg.new_empty(0)
+        if keep is not None:  # zoneout's training masks, (T, B, H) and (T, B, H_out)
+            params = {**params, "keep_c": keep[0], "keep_h": keep[1]}
         plist = [params.get(name, empty) for name in abi.PARAMS]
         c0_t = c0 if c0 is not None else empty
         lens = lengths if lengths is not None else torch.empty(0, dtype=torch.long)
         w_hh = params["weight_hh"]
         # Keep buffers only when a gradient can flow or the trace is asked for.
         save = record or (torch.is_grad_enabled() and any(t.requires_grad for t in (xg, w_hh, h0, c0_t, *plist)))
-        y, h_n, c_n, buffers = ops.recurrence(xg, w_hh, h0, c0_t, lens, plist, abi.flags(spec),
-                                              float(spec.cell_clip or 0.0), hidden_size, proj, save, impl=self.impl)
+        y, h_n, c_n, buffers = ops.recurrence(xg, w_hh, h0, c0_t, lens, plist, abi.flags(spec), abi.scalars(spec),
+                                              hidden_size, proj, save, impl=self.impl)
         trace = None
         if record:
             trace = trace_from_buffers(buffers, y, h0, c0_t, lens, params, spec, hidden_size)

@@ -8,13 +8,16 @@ H_out = proj_size or H; ``(0,)`` is an empty tensor meaning "none")::
 
     lstmkit::recurrence(xg (T, B, R), w_hh (R, H_out), h0 (B, H_out), c0 (B, H) | (0,),
                         lengths (B,) int64 | (0,), params: Tensor[len(abi.PARAMS)],
-                        flags: int, clip: float, hidden_size: int, proj_size: int, save: bool)
+                        flags: int, scalars: float[len(abi.SCALARS)], hidden_size: int,
+                        proj_size: int, save: bool)
         -> y (T, B, H_out), h_n (B, H_out), c_n (B, H) | (0,), buffers: Tensor[len(abi.BUFFERS)]
 
     lstmkit::recurrence_backward(dy (T, B, H_out) | (0,), dh_n | (0,), dc_n | (0,), y, h0, c0,
-                                 w_hh, lengths, params, buffers, flags, clip, hidden_size,
+                                 w_hh, lengths, params, buffers, flags, scalars, hidden_size,
                                  proj_size)
         -> dxg (T, B, R), dw_hh, dh0, dc0 | (0,), dparams: Tensor[len(abi.PARAMS)]
+
+(each tensor list and the scalars are separate named arguments of the schema, in the ABI's order)
 
 ``xg`` is the input side of every step, ``x W_ihᵀ + b_ih + b_hh`` (layernorm: the raw
 ``x W_ihᵀ``; the kernel then normalises it and adds ``params["bias"]`` itself). ``params``
@@ -50,7 +53,7 @@ from lstmkit.kernels import abi
 
 __all__ = ["Impl", "register_device", "recurrence", "plain_eager", "recurrence_op", "recurrence_backward_op"]
 
-NP, NB = len(abi.PARAMS), len(abi.BUFFERS)
+NP, NB, NS = len(abi.PARAMS), len(abi.BUFFERS), len(abi.SCALARS)
 
 def _schemas() -> tuple[str, str]:
     """Both schemas, from :mod:`~lstmkit.kernels.abi`'s lists: one named tensor argument per
@@ -59,11 +62,12 @@ def _schemas() -> tuple[str, str]:
     params = ", ".join(f"Tensor {n}" for n in abi.PARAMS)
     buffers = ", ".join(f"Tensor {n}" for n in abi.BUFFERS)
     grads = ", ".join(f"Tensor d_{n}" for n in abi.PARAMS)
+    scalars = ", ".join(f"float {n}" for n in abi.SCALARS)
     forward = (f"recurrence(Tensor xg, Tensor w_hh, Tensor h0, Tensor c0, Tensor lengths, {params}, int flags, "
-               f"float clip, int hidden_size, int proj_size, bool save) "
+               f"{scalars}, int hidden_size, int proj_size, bool save) "
                f"-> (Tensor y, Tensor h_n, Tensor c_n, {buffers})")
     backward = (f"recurrence_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor y, Tensor h0, Tensor c0, "
-                f"Tensor w_hh, Tensor lengths, {params}, {buffers}, int flags, float clip, int hidden_size, "
+                f"Tensor w_hh, Tensor lengths, {params}, {buffers}, int flags, {scalars}, int hidden_size, "
                 f"int proj_size) -> (Tensor dxg, Tensor dw_hh, Tensor dh0, Tensor dc0, {grads})")
     return forward, backward
 
@@ -110,7 +114,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("lstmkit::recurrence")
 def _recurrence_fake(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, *rest: Any
                      ) -> tuple[Tensor, ...]:
-    flags, _clip, hidden_size, proj_size, save = rest[NP:]
+    flags, *_scalars, hidden_size, proj_size, save = rest[NP:]
     T, B, R = xg.shape
     h_out = proj_size if proj_size > 0 else hidden_size
     lstm = not flags & abi.flag("rnn")
@@ -123,7 +127,7 @@ def _recurrence_fake(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: 
 @torch.library.register_fake("lstmkit::recurrence_backward")
 def _recurrence_backward_fake(dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor,
                               w_hh: Tensor, lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
-    params, (flags, _clip, hidden_size, _proj_size) = rest[:NP], rest[NP + NB:]
+    params, (flags, *_scalars, hidden_size, _proj_size) = rest[:NP], rest[NP + NB:]
     T, B = y.shape[0], y.shape[1]
     if flags & abi.flag("rnn"):
         dc0 = y.new_empty((0,))
@@ -139,8 +143,9 @@ def _recurrence_backward_fake(dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor,
 def _grads(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None,
            backward: Callable[..., tuple[Tensor, ...]]) -> tuple[Tensor | None, ...]:
     """The gradient of one call, ``(dxg, dw_hh, dh0, dc0, *dparams)``, from what it saved
-    (``y, h0, c0, w_hh, lengths, *params, *buffers``) and ``ctx.meta = (flags, clip,
-    hidden_size, proj_size)``; absent parameters (and the RNN's c0) get None."""
+    (``y, h0, c0, w_hh, lengths, *params, *buffers``) and ``ctx.meta = (flags, *scalars,
+    hidden_size, proj_size)``; absent parameters (and the RNN's c0) get None, and so do
+    zoneout's masks (no gradient)."""
     saved = ctx.saved_tensors
     y, h0, c0, w_hh, lengths, *rest = saved
     # create_graph=True (also every torch.func.grad): the hand-written backward has no graph of
@@ -157,7 +162,7 @@ def _grads(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None
             empty if dy is None else dy, empty if dh_n is None else dh_n, empty if dc_n is None else dc_n,
             y, h0, c0, w_hh, lengths, *rest, *ctx.meta)
     grads = (dxg, dw_hh, dh0, dc0 if c0.numel() else None,
-             *(d if p.numel() else None for d, p in zip(dparams, rest[:NP])))
+             *(d if p.numel() and name not in _NO_GRAD else None for d, p, name in zip(dparams, rest[:NP], abi.PARAMS)))
     if not higher:
         return grads
     # The error node's extra input, an empty tensor computed from every saved tensor that
@@ -168,6 +173,9 @@ def _grads(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None
     return tuple(None if g is None else next(delayed) for g in grads)
 
 
+#: Entries of the params list that are inputs without a gradient (zoneout's masks).
+_NO_GRAD = frozenset({"keep_c", "keep_h"})
+
 _NO_DOUBLE_BACKWARD = (
     "lstmkit: the fused kernels' hand-written backward is not differentiable (double backward, "
     "create_graph=True, nested torch.func.grad); build the layer with backend='reference' for "
@@ -176,16 +184,16 @@ _NO_DOUBLE_BACKWARD = (
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
     xg, w_hh, h0, c0, lengths, *rest = inputs
-    params, (flags, clip, hidden_size, proj_size, _save) = rest[:NP], rest[NP:]
+    params, meta = rest[:NP], rest[NP:]
     y, _h_n, _c_n, *buffers = output
     ctx.save_for_backward(y, h0, c0, w_hh, lengths, *params, *buffers)
-    ctx.meta = (flags, clip, hidden_size, proj_size)
+    ctx.meta = tuple(meta[:-1])  # (flags, *scalars, hidden_size, proj_size): all but save
 
 
 def _backward(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None,
               *_dbuffers: Any) -> tuple[Any, ...]:
     dxg, dw_hh, dh0, dc0, *dparams = _grads(ctx, dy, dh_n, dc_n, recurrence_backward_op)
-    return (dxg, dw_hh, dh0, dc0, None, *dparams, None, None, None, None, None)
+    return (dxg, dw_hh, dh0, dc0, None, *dparams, *[None] * (NS + 4))  # lengths; flags, scalars, sizes, save
 
 
 torch.library.register_autograd("lstmkit::recurrence", _backward, setup_context=_setup_context)
@@ -274,7 +282,7 @@ class _Recurrence(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(impl: Impl | None, meta: tuple[int, float, int, int, bool], lengths: Tensor, xg: Tensor,
+    def forward(impl: Impl | None, meta: tuple[Any, ...], lengths: Tensor, xg: Tensor,
                 w_hh: Tensor, h0: Tensor, c0: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
         if impl is None:
             return tuple(recurrence_op(xg, w_hh, h0, c0, lengths, *params, *meta))
@@ -286,7 +294,7 @@ class _Recurrence(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if meta[-1]:  # save
             ctx.save_for_backward(output[0], h0, c0, w_hh, lengths, *params, *output[3:])
-            ctx.meta = meta[:4]
+            ctx.meta = meta[:-1]  # (flags, *scalars, hidden_size, proj_size)
             ctx.backward_fn = recurrence_backward_op if impl is None else impl.backward
         ctx.mark_non_differentiable(*output[3:])
 
@@ -303,7 +311,7 @@ class _EagerRecurrence(torch.autograd.Function):
     shape); this one saves the same context in its forward and shares the backward."""
 
     @staticmethod
-    def forward(ctx: Any, impl: Impl, meta: tuple[int, float, int, int, bool], lengths: Tensor, xg: Tensor,
+    def forward(ctx: Any, impl: Impl, meta: tuple[Any, ...], lengths: Tensor, xg: Tensor,
                 w_hh: Tensor, h0: Tensor, c0: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
         out = tuple(impl.forward(xg, w_hh, h0, c0, lengths, *params, *meta))
         _Recurrence.setup_context(ctx, (impl, meta, lengths, xg, w_hh, h0, c0, *params), out)
@@ -338,18 +346,19 @@ def _differentiation_levels() -> int:
 
 
 def recurrence(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, params: Sequence[Tensor],
-               flags: int, clip: float, hidden_size: int, proj_size: int, save: bool, impl: Impl | None = None
-               ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+               flags: int, scalars: Sequence[float], hidden_size: int, proj_size: int, save: bool,
+               impl: Impl | None = None) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Run ``lstmkit::recurrence`` (arguments and shapes as in the module docstring); returns
     ``(y, h_n, c_n, buffers)``.
 
     Args:
         params: :data:`~lstmkit.kernels.abi.PARAMS` in order (empty tensors where absent).
+        scalars: :data:`~lstmkit.kernels.abi.SCALARS` in order (:func:`~lstmkit.kernels.abi.scalars`).
         impl: call this implementation directly instead of dispatching on the device (the
             Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``, which the dispatcher
             would send to the CPU kernel); eager tensors only.
     """
-    meta = (flags, clip, hidden_size, proj_size, save)
+    meta = (flags, *scalars, hidden_size, proj_size, save)
     if impl is not None or plain_eager((xg, w_hh, h0, c0, *params)):
         impl = impl or _DEVICES["CUDA" if xg.is_cuda else "CPU"]
         if save:

@@ -103,10 +103,10 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
     old = triton_impl.RECORDER
     triton_impl.RECORDER = record
     try:
-        impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, 0.5, H, P, False)
-        y, h_n, c_n, *buffers = impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, 0.5, H, P, True)
+        impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, 0.5, 0.0, 0.0, H, P, False)
+        y, h_n, c_n, *buffers = impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, 0.5, 0.0, 0.0, H, P, True)
         impl.backward(torch.empty_like(y), torch.empty_like(h_n), c_n.new_empty(c_n.shape), y, h0, c0, w_hh, lens,
-                      *spec, *buffers, cell_flags, 0.5, H, P)
+                      *spec, *buffers, cell_flags, 0.5, 0.0, 0.0, H, P)
     finally:
         triton_impl.RECORDER = old
     return list(seen)
@@ -121,7 +121,8 @@ def _spec_params(v: triton_impl.Variant, H: int, P: int, R: int, HO: int, dtype:
               "peephole_o": (H,) if v.peep and v.go >= 0 else None, "weight_gg": (nsh, nsh) if v.fgr else None,
               "ln_hh_weight": (R,) if v.ln else None, "ln_c_weight": (H,) if v.ln else None,
               "ln_c_bias": (H,) if v.ln else None, "weight_hr": (P, H) if P > 0 and not v.rnn else None,
-              "ln_ih_weight": (R,) if v.ln else None, "bias": (R,) if v.ln else None}
+              "ln_ih_weight": (R,) if v.ln else None, "bias": (R,) if v.ln else None, "keep_c": None,
+              "keep_h": None}
     assert len(shapes) == NP and NB == len(abi.BUFFERS) and ops.NP == NP
     return [torch.empty(s if s else (0,), dtype=dtype, device=dev) for s in (shapes[n] for n in abi.PARAMS)]
 

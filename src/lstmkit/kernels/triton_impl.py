@@ -54,6 +54,11 @@ PERSISTENT_MAX_WEIGHT_BYTES = 32 * 1024
 PERSISTENT_FORCE_LIMIT_BYTES = 64 * 1024
 
 
+def _kernel_buffers(bufs: list[Tensor]) -> dict[str, Tensor]:
+    """The buffers by kernel argument name (zoneout's ``CN`` is not in the Triton kernels yet)."""
+    return {name: b for name, b in zip(abi.BUFFERS, bufs) if name != "CN"}
+
+
 def kernels_module() -> Any:
     """The kernel module (importing it imports triton: only when a Triton row runs)."""
     from lstmkit.kernels import triton_kernels
@@ -224,7 +229,7 @@ class TritonImpl:
 
     def forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                 *rest: Any) -> tuple[Tensor, ...]:
-        params, (flags, clip, H, P, save) = list(rest[:NP]), rest[NP:]
+        params, (flags, clip, _zc, _zh, H, P, save) = list(rest[:NP]), rest[NP:]
         v = Variant.from_flags(flags)
         T, B, R = xg.shape
         HO = P if P > 0 and not v.rnn else H
@@ -250,7 +255,7 @@ class TritonImpl:
         if choose_path(v, B, H, HO, io, P > 0) == "persistent":
             BB, BH, BO, nw = persistent_tiles(v, H, HO, P > 0)
             args = dict(xg=a.xg, w_hh=a.w_hh, h0=a.h0, c0=a.c0, lengths=a.lens, **a.named_params(with_weights=True),
-                        y=y, h_n=h_n, c_n=c_n if not v.rnn else a.nothing, **dict(zip(abi.BUFFERS, bufs)), **sizes)
+                        y=y, h_n=h_n, c_n=c_n if not v.rnn else a.nothing, **_kernel_buffers(bufs), **sizes)
             _launch(k.persistent_forward, (triton_cdiv(B, BB),), args,
                     dict(consts, PROJ=P > 0, OP=a.op_tl, MMA=a.mma_tl, BB=BB, BH=BH, BO=BO), nw)
             return (y, h_n, c_n, *buffers)
@@ -277,7 +282,7 @@ class TritonImpl:
         fw = a.nothing
         consts = dict(consts, PROJ=proj, BB=BB, BH=BH)
         args = dict(xg=a.xg, c_s=a.c_state, s_s=s_state, h_s=a.h_state, m_s=m_state, y=y, lengths=a.lens,
-                    **a.named_params(with_weights=False), **dict(zip(abi.BUFFERS, bufs)), **sizes)
+                    **a.named_params(with_weights=False), **_kernel_buffers(bufs), **sizes)
         BO = min(_pow2(HO), 128)
         pgrid = (triton_cdiv(B, 16), triton_cdiv(HO, BO))
         for t in range(T):
@@ -295,7 +300,7 @@ class TritonImpl:
     def backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                  lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
         params, buffers = list(rest[:NP]), list(rest[NP:NP + NB])
-        flags, clip, H, P = rest[NP + NB:]
+        flags, clip, _zc, _zh, H, P = rest[NP + NB:]
         v = Variant.from_flags(flags)
         T, B = y.shape[0], y.shape[1]
         R = w_hh.shape[0]
@@ -328,7 +333,7 @@ class TritonImpl:
                 dict(dy_s0=0, dy_s1=0, dy_s2=0)
             consts = dict(v.constexprs(), PROJ=P > 0, HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, HAS_DY=has_dy,
                           CT=_tl_dtype(ct), EPS=cell.LN_EPS)
-            bufs = {name: (b.contiguous() if b.numel() else a.nothing) for name, b in zip(abi.BUFFERS, buffers)}
+            bufs = _kernel_buffers([b.contiguous() if b.numel() else a.nothing for b in buffers])
             sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, NACC=n_acc, clip=float(clip))
             common = dict(dy=dy_t, **strides, dh_n=dh_n, y=y.contiguous(), c0=a.c0, lengths=a.lens,
                           **a.named_params(with_weights=False), **bufs, dxg=dxg, dr=dR, dzs=dZS, mo=MO, acc=acc,
@@ -463,7 +468,8 @@ class _Args:
 
     def named_params(self, with_weights: bool) -> dict[str, Tensor]:
         """The parameter pointers by kernel argument name (absent: an empty tensor)."""
-        names = [n for n in abi.PARAMS if with_weights or n not in ("weight_gg", "weight_hr")]
+        names = [n for n in abi.PARAMS if (with_weights or n not in ("weight_gg", "weight_hr"))
+                 and n not in ("keep_c", "keep_h")]  # zoneout: not in the Triton kernels yet
         rename = {"peephole_i": "p_i", "peephole_f": "p_f", "peephole_o": "p_o", "ln_hh_weight": "g_hh",
                   "ln_c_weight": "c_w", "ln_c_bias": "c_b", "ln_ih_weight": "g_ih", "weight_gg": "w_gg",
                   "weight_hr": "w_hr", "bias": "bias"}

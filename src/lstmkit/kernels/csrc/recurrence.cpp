@@ -89,8 +89,8 @@ static std::vector<at::Tensor> to_compute(const std::vector<at::Tensor>& ts, at:
 // lstmkit::recurrence (CPU): see lstmkit/kernels/ops.py for the schema and the contract.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurrence_forward(
     const at::Tensor& xg_in, const at::Tensor& whh_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
-    const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags, double clip, int64_t H,
-    int64_t P, bool save) {
+    const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags, double clip, double zoneout_c,
+    double zoneout_h, int64_t H, int64_t P, bool save) {
   Cfg cf(flags, clip, H, P);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS, "lstmkit::recurrence: expected ", (int)N_PARAMS,
               " params, got ", params_in.size());
@@ -122,6 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurren
   std::vector<at::Tensor> buffers(N_BUFFERS);
   buffers[B_G] = out[3]; buffers[B_C] = out[4]; buffers[B_RH] = out[5];
   buffers[B_RS] = out[6]; buffers[B_AH] = out[7]; buffers[B_AS] = out[8];
+  buffers[B_CN] = at::empty({0}, xg.options());
   return {to_dtype(out[0], io), to_dtype(out[1], io), to_dtype(out[2], io), buffers};
 }
 
@@ -130,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     const at::Tensor& dy_in, const at::Tensor& dhn_in, const at::Tensor& dcn_in, const at::Tensor& y_in,
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
     const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags, double clip,
-    int64_t H, int64_t P) {
+    double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
   Cfg cf(flags, clip, H, P);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
               "lstmkit::recurrence_backward: expected ", (int)N_PARAMS, " params and ", (int)N_BUFFERS, " buffers");
