@@ -86,9 +86,9 @@ class FusedKernel(Kernel):
     #: Call this implementation directly (None: the operator dispatches on the device).
     impl: ops.Impl | None = None
 
-    #: The variant table's flags (:data:`lstmkit.kernels.abi.FLAGS`) this row's kernels compute.
-    implements: frozenset[str] = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf",
-                                            "noaf", "clip", "rnn", "rnn_relu"})
+    #: The variant table's flags (:data:`lstmkit.kernels.abi.FLAGS`) this row's kernels compute
+    #: (each subclass says its own; a spec with any other flag is refused, with the reason).
+    implements: frozenset[str] = frozenset()
 
     def refuses(self, spec: CellSpec) -> str | None:
         if spec.gate_hidden:
@@ -179,6 +179,8 @@ class FusedCPUKernel(FusedKernel):
 
     name = "cpu_fused"
     devices = ("cpu",)
+    implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
+                            "rnn", "rnn_relu"})
     linear = staticmethod(input_linear)
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -221,6 +223,8 @@ class TritonKernel(FusedKernel):
     kernel."""
 
     name = "triton"
+    implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
+                            "rnn", "rnn_relu"})
 
     @property
     def devices(self) -> tuple[str, ...]:  # type: ignore[override]
