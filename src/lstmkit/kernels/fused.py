@@ -180,7 +180,8 @@ class FusedCPUKernel(FusedKernel):
     name = "cpu_fused"
     devices = ("cpu",)
     implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
-                            "rnn", "rnn_relu"})
+                            "rnn", "rnn_relu", "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "cand_act_relu",
+                            "out_act_relu", "zoneout"})
     linear = staticmethod(input_linear)
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:

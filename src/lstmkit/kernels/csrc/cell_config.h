@@ -1,9 +1,11 @@
-// The variant as the kernel sees it: Cfg (flags decoded, column offsets), AccLayout (where
-// each parameter's gradient sits in the backward's per-thread accumulators) and CellParams
-// (the cell's own parameters as raw pointers).
+// The variant as the kernel sees it: Cfg (the flag word decoded, gate column offsets),
+// CellParams (the cell's own parameters and zoneout's masks as raw pointers, read from the
+// operator's params list by the generated ABI's indices) and AccLayout (where each
+// parameter's gradient sits in the backward's per-thread accumulators).
 #pragma once
 #include <torch/extension.h>
 #include <cstdint>
+#include <vector>
 #include "lstmkit_abi.h"  // generated from lstmkit/kernels/abi.py
 
 namespace lk {
@@ -11,21 +13,30 @@ namespace lk {
 using namespace lk::abi;
 
 struct Cfg {
-  bool rnn, relu, has_i, has_f, has_o, cifg, peep, fgr, ln, niaf, noaf, clip;
-  double clipv;
+  bool rnn, relu, has_i, has_f, has_o, cifg, peep, fgr, ln, clip, zoneout;
+  bool gate_hard;                 // the gates use clamp(slope u + 1/2, 0, 1) instead of sigma
+  double gate_slope;
+  int cand_act, out_act;          // ACT_TANH, ACT_IDENTITY or ACT_RELU
+  double clipv, zc, zh;           // the operator's scalars (abi.SCALARS)
   int64_t H, P, Hout, R, G, nS;
   int64_t oi, of, og, oo;  // column offsets in R (-1 absent)
   int64_t si, sf, so;      // column offsets in s (nS*H) (-1 absent)
-  Cfg(int64_t flags, double clip_, int64_t H_, int64_t P_) {
+  static constexpr int ACT_TANH = 0, ACT_IDENTITY = 1, ACT_RELU = 2;
+
+  Cfg(int64_t flags, double clip_, double zc_, double zh_, int64_t H_, int64_t P_) {
     rnn = flags & F_RNN; relu = flags & F_RNN_RELU;
     // which gates are computed, and where: the variant table's removal masks (lstmkit_abi.h)
-    const bool present[4] = {!(flags & GATE_REMOVED[0]), !(flags & GATE_REMOVED[1]), !(flags & GATE_REMOVED[2]),
-                             !(flags & GATE_REMOVED[3])};
+    bool present[4];
+    for (int g = 0; g < 4; ++g) present[g] = !(flags & GATE_REMOVED[g]);
     has_i = present[0]; has_f = present[1]; has_o = present[3];
     cifg = flags & F_CIFG;
-    peep = flags & F_PEEPHOLE; fgr = flags & F_FGR;
-    ln = flags & F_LAYERNORM; niaf = flags & F_NIAF; noaf = flags & F_NOAF;
-    clip = flags & F_CLIP; clipv = clip_;
+    peep = flags & F_PEEPHOLE; fgr = flags & F_FGR; ln = flags & F_LAYERNORM;
+    clip = flags & F_CLIP; zoneout = flags & F_ZONEOUT;
+    gate_hard = flags & (F_GATE_ACT_HARD_SIGMOID | F_GATE_ACT_HARDSIGMOID);
+    gate_slope = (flags & F_GATE_ACT_HARDSIGMOID) ? SLOPE_HARDSIGMOID : SLOPE_HARD_SIGMOID;
+    cand_act = (flags & F_NIAF) ? ACT_IDENTITY : (flags & F_CAND_ACT_RELU) ? ACT_RELU : ACT_TANH;
+    out_act = (flags & F_NOAF) ? ACT_IDENTITY : (flags & F_OUT_ACT_RELU) ? ACT_RELU : ACT_TANH;
+    clipv = clip_; zc = zc_; zh = zh_;
     H = H_; P = rnn ? 0 : P_; Hout = P > 0 ? P : H;
     int64_t off[4], soff[4], k = 0, s = 0;
     for (int g = 0; g < 4; ++g) {
@@ -39,7 +50,7 @@ struct Cfg {
 };
 
 // The per-parameter reductions of the backward (summed over steps and rows), one vector per
-// thread: where each parameter's gradient sits in it. Written here once; backward_impl
+// thread: where each parameter's gradient sits in it. Written here once; the cell's backward
 // accumulates into these slices and recurrence_backward reads them out.
 struct AccLayout {
   int64_t H, R;
@@ -52,27 +63,34 @@ struct AccLayout {
   int64_t size() const { return 5 * H + 3 * R; }
 };
 
-// The cell's own parameters as raw pointers, nullptr where the variant has none; read the
-// same way by forward_impl and backward_impl.
+// The cell's own parameters, as raw pointers read from the operator's params list by the ABI's
+// indices (P_*), nullptr where the variant has none; the same for forward and backward.
 template <typename T>
 struct CellParams {
   const T *pi, *pf, *po;  // peephole weights (H each)
   const T *gln, *glnih;   // layernorm gains of r = h W_hh^T and of a = x W_ih^T (R each)
   const T* biasp;         // layernorm: the bias added after both norms (R)
   const T *cw, *cb;       // layernorm of c: gain and bias (H each)
+  const T *keep_c, *keep_h;  // zoneout's training masks (T, B, H) and (T, B, H_out); nullptr: evaluation
   T clipv;                // clip: |c| bound
-  CellParams(const Cfg& cf, const at::Tensor& p_i, const at::Tensor& p_f, const at::Tensor& p_o,
-             const at::Tensor& lnhh_w, const at::Tensor& lnih_w, const at::Tensor& bias,
-             const at::Tensor& lnc_w, const at::Tensor& lnc_b) {
-    pi = cf.peep && cf.has_i ? p_i.data_ptr<T>() : nullptr;
-    pf = cf.peep && cf.has_f ? p_f.data_ptr<T>() : nullptr;
-    po = cf.peep && cf.has_o ? p_o.data_ptr<T>() : nullptr;
-    gln = cf.ln ? lnhh_w.data_ptr<T>() : nullptr;
-    glnih = cf.ln ? lnih_w.data_ptr<T>() : nullptr;
-    biasp = (cf.ln && bias.defined() && bias.numel() > 0) ? bias.data_ptr<T>() : nullptr;
-    cw = (cf.ln && !cf.rnn) ? lnc_w.data_ptr<T>() : nullptr;
-    cb = (cf.ln && !cf.rnn) ? lnc_b.data_ptr<T>() : nullptr;
-    clipv = (T)cf.clipv;
+  T zc, zh;               // zoneout at evaluation: the probabilities (the masks' expectation)
+  T slope;                // the hard sigmoid's slope
+
+  CellParams(const Cfg& cf, const std::vector<at::Tensor>& p) {
+    auto ptr = [&](int k, bool wanted) -> const T* {
+      return (wanted && p[k].defined() && p[k].numel() > 0) ? p[k].data_ptr<T>() : nullptr;
+    };
+    pi = ptr(P_PEEPHOLE_I, cf.peep && cf.has_i);
+    pf = ptr(P_PEEPHOLE_F, cf.peep && cf.has_f);
+    po = ptr(P_PEEPHOLE_O, cf.peep && cf.has_o);
+    gln = ptr(P_LN_HH_WEIGHT, cf.ln);
+    glnih = ptr(P_LN_IH_WEIGHT, cf.ln);
+    biasp = ptr(P_BIAS, cf.ln);
+    cw = ptr(P_LN_C_WEIGHT, cf.ln && !cf.rnn);
+    cb = ptr(P_LN_C_BIAS, cf.ln && !cf.rnn);
+    keep_c = ptr(P_KEEP_C, cf.zoneout);
+    keep_h = ptr(P_KEEP_H, cf.zoneout);
+    clipv = (T)cf.clipv; zc = (T)cf.zc; zh = (T)cf.zh; slope = (T)cf.gate_slope;
   }
 };
 

@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurren
     const at::Tensor& xg_in, const at::Tensor& whh_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
     const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags, double clip, double zoneout_c,
     double zoneout_h, int64_t H, int64_t P, bool save) {
-  Cfg cf(flags, clip, H, P);
+  Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS, "lstmkit::recurrence: expected ", (int)N_PARAMS,
               " params, got ", params_in.size());
   TORCH_CHECK(xg_in.dim() == 3 && xg_in.size(2) == cf.R, "lstmkit::recurrence: xg must be (T, B, R=", cf.R, ")");
@@ -109,20 +109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurren
   if (!cf.rnn && c0.numel() == 0) c0 = at::zeros({B, H}, xg.options());
   const auto len = lengths_vec(lengths, B, Tn);
   const int nt = choose_threads(B * cf.R * cf.Hout, B);
-  const bool ln = cf.ln;
-  auto param = [&](int k) { return (ln || (k != P_LN_IH_WEIGHT && k != P_BIAS)) ? params[k] : at::Tensor(); };
   std::vector<at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_fwd", [&] {
-    out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params[P_PEEPHOLE_I], params[P_PEEPHOLE_F],
-                                 params[P_PEEPHOLE_O], params[P_WEIGHT_GG], params[P_LN_HH_WEIGHT],
-                                 params[P_LN_C_WEIGHT], params[P_LN_C_BIAS], params[P_WEIGHT_HR],
-                                 param(P_LN_IH_WEIGHT), param(P_BIAS), cf, save, nt);
-  });
-  // out = {Y, h_n, c_n, G, C, RH, RS, AH, AS}
-  std::vector<at::Tensor> buffers(N_BUFFERS);
-  buffers[B_G] = out[3]; buffers[B_C] = out[4]; buffers[B_RH] = out[5];
-  buffers[B_RS] = out[6]; buffers[B_AH] = out[7]; buffers[B_AS] = out[8];
-  buffers[B_CN] = at::empty({0}, xg.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_fwd", [&] { out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, save, nt); });
+  // out = {Y, h_n, c_n, then the buffers in abi.BUFFERS order}
+  std::vector<at::Tensor> buffers(out.begin() + 3, out.end());
   return {to_dtype(out[0], io), to_dtype(out[1], io), to_dtype(out[2], io), buffers};
 }
 
@@ -132,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
     const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags, double clip,
     double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
-  Cfg cf(flags, clip, H, P);
+  Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
               "lstmkit::recurrence_backward: expected ", (int)N_PARAMS, " params and ", (int)N_BUFFERS, " buffers");
   const at::ScalarType io = y_in.scalar_type(), ct = compute_type(io);
@@ -149,15 +139,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   at::Tensor dcn = !lstm ? at::empty({0}, opt) : dcn_in.numel() ? to_compute(dcn_in, ct) : at::zeros({B, H}, opt);
   const auto len = lengths_vec(lengths, B, Tn);
   const int nt = choose_threads(B * R * Hout, B);
-  auto param = [&](int k) { return (cf.ln || (k != P_LN_IH_WEIGHT && k != P_BIAS)) ? params[k] : at::empty({0}, opt); };
+  std::vector<at::Tensor> bufs;
+  for (const auto& b : buffers) bufs.push_back(b.contiguous());
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_bwd", [&] {
-    out = backward_impl<scalar_t>(buffers[B_G].contiguous(), buffers[B_C].contiguous(), y, h0, c0.contiguous(), whh,
-                                  len, params[P_PEEPHOLE_I], params[P_PEEPHOLE_F], params[P_PEEPHOLE_O],
-                                  params[P_WEIGHT_GG], params[P_LN_HH_WEIGHT], params[P_LN_C_WEIGHT],
-                                  params[P_LN_C_BIAS], params[P_WEIGHT_HR], param(P_LN_IH_WEIGHT), param(P_BIAS),
-                                  buffers[B_RH].contiguous(), buffers[B_RS].contiguous(), buffers[B_AH].contiguous(),
-                                  buffers[B_AS].contiguous(), dy, dhn.contiguous(), dcn.contiguous(), cf, nt);
+    out = backward_impl<scalar_t>(bufs, y, h0, c0.contiguous(), whh, len, params, dy, dhn.contiguous(),
+                                  dcn.contiguous(), cf, nt);
   });
   // out = {dXG, dWhh (layernorm), dHP, Mo, dh0, dc0, acc, dZS}
   const at::Tensor& dXG = out[0];

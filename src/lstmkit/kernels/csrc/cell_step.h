@@ -1,0 +1,430 @@
+// The cell of one step, for one batch row: the pointwise part of docs/cell.md's "One step",
+// forward (StepForward) and backward (StepBackward). The time loops (forward.h, backward.h)
+// own the GEMMs, the barriers, the projection and the chunking; they call these between their
+// GEMM phases, each thread on its own rows. Shapes: R = G·H gate columns, H cells, H_out
+// outputs; a "row" is one batch entry b of one step t (tb = t·B + b).
+#pragma once
+#include <torch/extension.h>
+#include <algorithm>
+#include "cell_config.h"
+#include "vec_math.h"
+
+namespace lk {
+
+// ---------------------------------------------------------------------------- activations
+
+// tanh, identity or relu (Cfg::ACT_*), and its derivative from its output a.
+template <typename T>
+static inline Vectorized<T> act(int kind, const Vectorized<T>& u) {
+  if (kind == Cfg::ACT_TANH) return vtanh<T>(u);
+  if (kind == Cfg::ACT_RELU) return at::vec::maximum(u, Vectorized<T>(T(0)));
+  return u;
+}
+template <typename T>
+static inline Vectorized<T> act_grad(int kind, const Vectorized<T>& d, const Vectorized<T>& a) {
+  using V = Vectorized<T>;
+  if (kind == Cfg::ACT_TANH) return d * (V(T(1)) - a * a);
+  if (kind == Cfg::ACT_RELU) return V::blendv(V(T(0)), d, a > V(T(0)));
+  return d;
+}
+
+// A gate i, f or o: sigma(u), or the hard sigmoid clamp(slope u + 1/2, 0, 1); and dL/du from
+// dL/da and the gate's value a (the hard sigmoid's slope strictly inside (0, 1), else 0).
+template <typename T>
+static inline Vectorized<T> gate_act(const Cfg& cf, const CellParams<T>& prm, const Vectorized<T>& u) {
+  using V = Vectorized<T>;
+  if (!cf.gate_hard) return sigm(u);
+  return at::vec::clamp(at::vec::fmadd(V(prm.slope), u, V(T(0.5))), V(T(0)), V(T(1)));
+}
+template <typename T>
+static inline Vectorized<T> gate_grad(const Cfg& cf, const CellParams<T>& prm, const Vectorized<T>& d,
+                                      const Vectorized<T>& a) {
+  using V = Vectorized<T>;
+  const V one(T(1)), zero(T(0));
+  if (!cf.gate_hard) return d * a * (one - a);
+  return V::blendv(zero, d * V(prm.slope), (a > zero) & (a < one));
+}
+
+// zoneout's keep probability of one row's entries j..j+n: the training mask, or z at evaluation
+template <typename T>
+static inline Vectorized<T> keep_of(const T* mask_row, T z, int64_t j, int n) {
+  return mask_row ? ldv(mask_row + j, n) : Vectorized<T>(z);
+}
+
+// ---------------------------------------------------------------------------- forward
+
+template <typename T>
+struct StepForward {
+  const Cfg& cf;
+  const CellParams<T>& prm;
+  int64_t B;
+  const T* xg;               // (T, B, R) input pre-activations (layernorm: the raw x W_ih^T)
+  T* r; int64_t ldr;         // (B, ldr) r = h_{t-1} W_hh^T (layernorm: replaced by z here)
+  const T* fw; int64_t lds;  // fgr: (B, lds) s_{t-1} W_gg^T
+  T* s;                      // fgr: (B, lds) the sigmoid gates' state
+  T* c;                      // (B, H) the cell state, updated in place
+  T* h; int64_t ldh;         // (B, ldh) the hidden state (no projection: written here)
+  T* m; int64_t ldm;         // projection: (B, ldm) o ⊙ act(c), the W_hr GEMM's input
+  T* Y;                      // (T, B, H_out) outputs
+  T *G, *C, *CN, *RH, *RS, *AH, *AS;  // kept buffers, nullptr when not kept
+  T* scratch; int64_t ldscratch;      // per thread: zoneout's copy of c_{t-1} (H)
+
+  // One valid step of one row of the LSTM.
+  void lstm_row(int64_t t, int64_t b, int tid) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    const int64_t R = cf.R, H = cf.H, Hout = cf.Hout, tb = t * B + b;
+    T* yr = Y + tb * Hout;
+    T* rr = r + b * ldr;
+    const T* xr = xg + tb * R;
+    T* gr = G ? G + tb * R : nullptr;  // gate activations are stored only when kept
+    T* cr = c + b * H;
+    if (cf.ln) {  // r <- z = LN(a) g_ih + LN(r) g_hh (+ bias), per gate chunk; a_hat, r_hat, 1/std kept
+      for (int64_t k = 0; k < cf.G; ++k) {
+        const T* ach = xr + k * H;
+        T* rch = rr + k * H;
+        T ma, ra, mr, rs;
+        row_stats2(ach, rch, H, ma, ra, mr, rs);
+        T* ah = AH ? AH + tb * R + k * H : nullptr;
+        T* rh = RH ? RH + tb * R + k * H : nullptr;
+        if (AH) { AS[tb * cf.G + k] = ra; RS[tb * cf.G + k] = rs; }
+        const V vma(ma), vra(ra), vmr(mr), vrs(rs);
+        for (int64_t j = 0; j < H; j += VL) {
+          const int n = (int)std::min<int64_t>(VL, H - j);
+          const V ahat = (ldv(ach + j, n) - vma) * vra;
+          const V rhat = (ldv(rch + j, n) - vmr) * vrs;
+          if (ah) { stv(ahat, ah + j, n); stv(rhat, rh + j, n); }
+          stv(ln_z(ahat, rhat, prm.glnih, prm.gln, prm.biasp, k * H + j, n), rch + j, n);
+        }
+      }
+    }
+    const T* fr = cf.fgr ? fw + b * lds : nullptr;
+    T* sr = cf.fgr ? s + b * lds : nullptr;
+    T* cprev = cf.zoneout ? scratch + tid * ldscratch : nullptr;
+    if (cprev) std::copy(cr, cr + H, cprev);
+    auto pre = [&](int64_t off, int64_t j, int n) -> V {  // z = xg + r, or the LN z from above
+      if (cf.ln) return ldv(rr + off + j, n);
+      return ldv(xr + off + j, n) + ldv(rr + off + j, n);
+    };
+    // a gate i, f or o at column offset off (s offset soff): act(z [+ p ⊙ c] [+ fgr's input]),
+    // kept in G and in fgr's s
+    auto gate = [&](int64_t off, int64_t soff, const T* peep, const V& cv, int64_t j, int n) -> V {
+      V u = pre(off, j, n);
+      if (peep) u = at::vec::fmadd(ldv(peep + j, n), cv, u);
+      if (fr) u = u + ldv(fr + soff + j, n);
+      const V a = gate_act(cf, prm, u);
+      if (gr) stv(a, gr + off + j, n);
+      if (sr) stv(a, sr + soff + j, n);
+      return a;
+    };
+    const V one(T(1));
+    // i, f, g -> the new cell state c~ (in place)
+    for (int64_t j = 0; j < H; j += VL) {
+      const int n = (int)std::min<int64_t>(VL, H - j);
+      const V cp = ldv(cr + j, n);
+      V i = one, f = one;
+      if (cf.has_i) i = gate(cf.oi, cf.si, prm.pi, cp, j, n);
+      if (cf.has_f) f = gate(cf.of, cf.sf, prm.pf, cp, j, n);
+      else if (cf.cifg) f = one - i;
+      const V g = act(cf.cand_act, pre(cf.og, j, n));
+      if (gr) stv(g, gr + cf.og + j, n);
+      V cn = at::vec::fmadd(f, cp, i * g);
+      if (cf.clip) cn = at::vec::clamp(cn, V(-prm.clipv), V(prm.clipv));
+      stv(cn, cr + j, n);
+    }
+    if (CN) std::copy(cr, cr + H, CN + tb * H);
+    T cmean = 0, crstd = 1;
+    if (prm.cw) row_stats(cr, H, cmean, crstd);
+    T* hout = cf.P > 0 ? m + b * ldm : h + b * ldh;
+    const T* kh = prm.keep_h ? prm.keep_h + tb * Hout : nullptr;
+    // o, h~ (no projection: zoneout mixes in h_{t-1}, still in hout, here)
+    for (int64_t j = 0; j < H; j += VL) {
+      const int n = (int)std::min<int64_t>(VL, H - j);
+      const V cv = ldv(cr + j, n);
+      V o = one;
+      if (cf.has_o) o = gate(cf.oo, cf.so, prm.po, cv, j, n);
+      V mv = cv;
+      if (prm.cw) mv = at::vec::fmadd((cv - V(cmean)) * V(crstd), ldv(prm.cw + j, n), ldv(prm.cb + j, n));
+      V hv = o * act(cf.out_act, mv);
+      if (cf.zoneout && cf.P == 0) hv = at::vec::fmadd(keep_of(kh, prm.zh, j, n), ldv(hout + j, n) - hv, hv);
+      stv(hv, hout + j, n);
+      if (cf.P == 0) stv(hv, yr + j, n);
+    }
+    if (cf.zoneout) {  // c_t = c~ + d_c (c_{t-1} − c~)
+      const T* kc = prm.keep_c ? prm.keep_c + tb * H : nullptr;
+      for (int64_t j = 0; j < H; j += VL) {
+        const int n = (int)std::min<int64_t>(VL, H - j);
+        const V cn = ldv(cr + j, n);
+        stv(at::vec::fmadd(keep_of(kc, prm.zc, j, n), ldv(cprev + j, n) - cn, cn), cr + j, n);
+      }
+    }
+    if (C) std::copy(cr, cr + H, C + tb * H);
+  }
+
+  // One valid step of one row of the plain RNN.
+  void rnn_row(int64_t t, int64_t b) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    const int64_t H = cf.H, tb = t * B + b;
+    T* hr = h + b * ldh;
+    T* yr = Y + tb * H;
+    const T* xr = xg + tb * H;
+    const T* rr = r + b * ldr;
+    for (int64_t j = 0; j < H; j += VL) {
+      const int n = (int)std::min<int64_t>(VL, H - j);
+      const V u = ldv(xr + j, n) + ldv(rr + j, n);
+      const V hv = cf.relu ? at::vec::maximum(u, V(T(0))) : vtanh<T>(u);
+      stv(hv, hr + j, n); stv(hv, yr + j, n);
+    }
+  }
+
+  // A step past the row's length: the state carries over, the output is 0, kept rows are 0
+  // (the cell state rows hold the carried c).
+  void padded_row(int64_t t, int64_t b) const {
+    const int64_t R = cf.R, H = cf.H, tb = t * B + b;
+    if (cf.P == 0) std::fill(Y + tb * cf.Hout, Y + (tb + 1) * cf.Hout, T(0));
+    if (cf.rnn) return;
+    const T* cr = c + b * H;
+    if (G) std::fill(G + tb * R, G + tb * R + R, T(0));
+    if (C) std::copy(cr, cr + H, C + tb * H);
+    if (CN) std::copy(cr, cr + H, CN + tb * H);
+    if (RH) {
+      std::fill(RH + tb * R, RH + tb * R + R, T(0)); std::fill(RS + tb * cf.G, RS + tb * cf.G + cf.G, T(0));
+      std::fill(AH + tb * R, AH + tb * R + R, T(0)); std::fill(AS + tb * cf.G, AS + tb * cf.G + cf.G, T(0));
+    }
+  }
+
+  // Projection, after the W_hr GEMM wrote h~ = m W_hr^T into Y's row: zoneout, then the state.
+  void project_row(int64_t t, int64_t b, bool valid) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    const int64_t P = cf.P, tb = t * B + b;
+    T* yr = Y + tb * P;
+    T* hr = h + b * ldh;
+    if (!valid) { std::fill(yr, yr + P, T(0)); return; }
+    if (cf.zoneout) {
+      const T* kh = prm.keep_h ? prm.keep_h + tb * P : nullptr;
+      for (int64_t j = 0; j < P; j += VL) {
+        const int n = (int)std::min<int64_t>(VL, P - j);
+        const V hv = ldv(yr + j, n);
+        stv(at::vec::fmadd(keep_of(kh, prm.zh, j, n), ldv(hr + j, n) - hv, hv), yr + j, n);
+      }
+    }
+    std::copy(yr, yr + P, hr);
+  }
+};
+
+// ---------------------------------------------------------------------------- backward
+
+template <typename T>
+struct StepBackward {
+  const Cfg& cf;
+  const CellParams<T>& prm;
+  AccLayout al;
+  int64_t B;
+  const T *G, *C, *CN, *Y, *c0;        // kept buffers, outputs, c_0
+  const T *RH, *RS, *AH, *AS;          // layernorm's kept statistics
+  T* dXG;                              // (T, B, R) dL/dxg (layernorm: dL/d raw a, after the LN backward)
+  T* dc; T* dS; T* dUS; int64_t lds;   // (B, H) carried dL/dc_t; fgr: carried dL/ds_t, this step's dL/du_S
+  T* dZS;                              // layernorm + fgr: (T, B, nS·H) dL/du_S of every step
+  T* Mo;                               // projection: (T, B, H) o ⊙ act(m), for dW_hr
+
+  // The gate activations of row (t, b) recomputed from layernorm's a_hat, r_hat (G not kept),
+  // into gbuf: the same instructions on the same values as the forward (bit-identical).
+  void regate(int64_t tb, const T* cpr, const T* cr, T* gbuf) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    const int64_t R = cf.R, H = cf.H;
+    const T* ah = AH + tb * R;
+    const T* rh = RH + tb * R;
+    auto z = [&](int64_t o, int n) { return ln_z(ldv(ah + o, n), ldv(rh + o, n), prm.glnih, prm.gln, prm.biasp, o, n); };
+    for (int64_t j = 0; j < H; j += VL) {
+      const int n = (int)std::min<int64_t>(VL, H - j);
+      const V cp = ldv(cpr + j, n);
+      if (cf.has_i) {
+        V u = z(cf.oi + j, n);
+        if (prm.pi) u = at::vec::fmadd(ldv(prm.pi + j, n), cp, u);
+        stv(gate_act(cf, prm, u), gbuf + cf.oi + j, n);
+      }
+      if (cf.has_f) {
+        V u = z(cf.of + j, n);
+        if (prm.pf) u = at::vec::fmadd(ldv(prm.pf + j, n), cp, u);
+        stv(gate_act(cf, prm, u), gbuf + cf.of + j, n);
+      }
+      stv(act(cf.cand_act, z(cf.og + j, n)), gbuf + cf.og + j, n);
+      if (cf.has_o) {
+        V u = z(cf.oo + j, n);
+        if (prm.po) u = at::vec::fmadd(ldv(prm.po + j, n), ldv(cr + j, n), u);
+        stv(gate_act(cf, prm, u), gbuf + cf.oo + j, n);
+      }
+    }
+  }
+
+  // One valid step of one row of the LSTM. dh (+ dh2 if given): (H) dL/dh~, the gradient at the
+  // cell's own output (after zoneout's split; with projection: dL/dm); dsr: fgr's carried
+  // dL/ds_t or nullptr.
+  // Writes dL/du of every gate to dXG's row (and fgr's dUS row), updates the carried dc to
+  // dL/dc_{t-1}, accumulates the cell's parameter gradients into A (AccLayout). tmp: H + R
+  // scratch of this thread (the LN-c backward's row, the regated gates).
+  void lstm_row(int64_t t, int64_t b, const T* dh, const T* dh2, const T* dsr, T* A, T* tmp, T* gbuf) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    const int64_t R = cf.R, H = cf.H, tb = t * B + b;
+    T* dxr = dXG + tb * R;
+    const T* cr = CN ? CN + tb * H : C + tb * H;  // the cell's c~ (before zoneout)
+    const T* cpr = t > 0 ? C + (tb - B) * H : c0 + b * H;  // the state it read
+    const V one(T(1)), zero(T(0));
+    const T* gr = G ? G + tb * R : gbuf;
+    if (!G) regate(tb, cpr, cr, gbuf);
+    T* dcr = dc + b * H;
+    T* dus = cf.fgr ? dUS + b * lds : nullptr;
+    T* dchat = tmp;
+    T* A_pi = A + al.peephole(0); T* A_pf = A + al.peephole(1); T* A_po = A + al.peephole(2);
+    T* A_cw = A + al.ln_c_weight(); T* A_cb = A + al.ln_c_bias();
+    T cmean = 0, crstd = 1;
+    if (prm.cw) row_stats(cr, H, cmean, crstd);
+    T s1 = 0, s2 = 0;  // LN-c backward sums: mean(dchat), mean(dchat·chat)
+    // o, dm  (h~ = o ⊙ act(m), m = c~ or LN(c~))
+    {
+      V a1(T(0)), a2(T(0));
+      for (int64_t j = 0; j < H; j += VL) {
+        const int n = (int)std::min<int64_t>(VL, H - j);
+        const V cv = ldv(cr + j, n);
+        const V dhv = dh2 ? ldv(dh + j, n) + ldv(dh2 + j, n) : ldv(dh + j, n);
+        V chat, mv = cv;
+        if (prm.cw) { chat = (cv - V(cmean)) * V(crstd); mv = at::vec::fmadd(chat, ldv(prm.cw + j, n), ldv(prm.cb + j, n)); }
+        const V tm = act(cf.out_act, mv);
+        V o = one;
+        if (cf.has_o) {
+          o = ldv(gr + cf.oo + j, n);
+          V dO = dhv * tm;
+          if (dsr) dO = dO + ldv(dsr + cf.so + j, n);
+          const V du = gate_grad(cf, prm, dO, o);
+          stv(du, dxr + cf.oo + j, n);
+          if (dus) stv(du, dus + cf.so + j, n);
+          if (prm.po) stv(at::vec::fmadd(du, cv, ldv(A_po + j, n)), A_po + j, n);
+        }
+        if (Mo) stv(o * tm, Mo + tb * H + j, n);
+        const V dm = act_grad(cf.out_act, dhv * o, tm);
+        if (prm.cw) {
+          stv(at::vec::fmadd(dm, chat, ldv(A_cw + j, n)), A_cw + j, n);
+          stv(ldv(A_cb + j, n) + dm, A_cb + j, n);
+          V dch = dm * ldv(prm.cw + j, n);
+          if (n < VL) { dch = V::set(zero, dch, n); chat = V::set(zero, chat, n); }
+          a1 = a1 + dch; a2 = at::vec::fmadd(dch, chat, a2);
+          stv(dch, dchat + j, n);
+        } else {
+          stv(dm, dchat + j, n);
+        }
+      }
+      if (prm.cw) { s1 = hsum(a1) / T(H); s2 = hsum(a2) / T(H); }
+    }
+    // dc~ -> i, f, g, c_{t-1}  (zoneout: dL/dc_t splits into (1 − d_c) to c~ and d_c to c_{t-1})
+    const T* kc = prm.keep_c ? prm.keep_c + tb * H : nullptr;
+    for (int64_t j = 0; j < H; j += VL) {
+      const int n = (int)std::min<int64_t>(VL, H - j);
+      const V cv = ldv(cr + j, n), cp = ldv(cpr + j, n);
+      const V dcarried = ldv(dcr + j, n);
+      V dcp(T(0));
+      V dcn = dcarried;
+      if (cf.zoneout) {
+        const V d = keep_of(kc, prm.zc, j, n);
+        dcp = d * dcarried;
+        dcn = dcarried - dcp;
+      }
+      if (prm.cw) {
+        const V chat = (cv - V(cmean)) * V(crstd);
+        dcn = dcn + V(crstd) * (ldv(dchat + j, n) - V(s1) - chat * V(s2));
+      } else {
+        dcn = dcn + ldv(dchat + j, n);
+      }
+      if (prm.po) dcn = at::vec::fmadd(ldv(dxr + cf.oo + j, n), ldv(prm.po + j, n), dcn);
+      if (cf.clip) dcn = V::blendv(zero, dcn, cv.abs() < V(prm.clipv));
+      const V i = cf.has_i ? ldv(gr + cf.oi + j, n) : one;
+      const V g = ldv(gr + cf.og + j, n);
+      V f = one;
+      if (cf.has_f) f = ldv(gr + cf.of + j, n);
+      else if (cf.cifg) f = one - i;
+      dcp = at::vec::fmadd(dcn, f, dcp);
+      stv(act_grad(cf.cand_act, dcn * i, g), dxr + cf.og + j, n);
+      const V df = dcn * cp;
+      if (cf.has_f) {
+        V d = df;
+        if (dsr) d = d + ldv(dsr + cf.sf + j, n);
+        const V du = gate_grad(cf, prm, d, f);
+        stv(du, dxr + cf.of + j, n);
+        if (dus) stv(du, dus + cf.sf + j, n);
+        if (prm.pf) { dcp = at::vec::fmadd(du, ldv(prm.pf + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pf + j, n)), A_pf + j, n); }
+      }
+      if (cf.has_i) {
+        V d = dcn * g;
+        if (cf.cifg) d = d - df;
+        if (dsr) d = d + ldv(dsr + cf.si + j, n);
+        const V du = gate_grad(cf, prm, d, i);
+        stv(du, dxr + cf.oi + j, n);
+        if (dus) stv(du, dus + cf.si + j, n);
+        if (prm.pi) { dcp = at::vec::fmadd(du, ldv(prm.pi + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pi + j, n)), A_pi + j, n); }
+      }
+      stv(dcp, dcr + j, n);
+    }
+    if (dZS) std::copy(dus, dus + cf.nS * H, dZS + tb * cf.nS * H);
+  }
+
+  // layernorm: dz (in dXG's row) -> both LN backwards, per gate chunk:
+  //   dr = rs (g_hh dz − mean(g_hh dz) − r_hat mean(g_hh dz r_hat))  -> dwr (the dh GEMM's input)
+  //   da = ra (g_ih dz − mean(g_ih dz) − a_hat mean(g_ih dz a_hat))  -> dXG's row (over dz)
+  void layernorm_row(int64_t tb, T* dwr, T* A) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    const int64_t R = cf.R, H = cf.H;
+    T* dxr = dXG + tb * R;
+    for (int64_t k = 0; k < cf.G; ++k) {
+      T* dz = dxr + k * H;
+      const T* ah = AH + tb * R + k * H;
+      const T* rh = RH + tb * R + k * H;
+      const T* gi = prm.glnih + k * H;
+      const T* gh = prm.gln + k * H;
+      T* aih = A + al.ln_ih_weight() + k * H;
+      T* ahh = A + al.ln_hh_weight() + k * H;
+      T* abi = A + al.bias() + k * H;
+      const T ra = AS[tb * cf.G + k], rs = RS[tb * cf.G + k];
+      V sa1(T(0)), sa2(T(0)), sr1(T(0)), sr2(T(0));
+      for (int64_t j = 0; j < H; j += VL) {  // tails: the loads zero-fill, so the sums stay exact
+        const int n = (int)std::min<int64_t>(VL, H - j);
+        const V d = ldv(dz + j, n), av = ldv(ah + j, n), rv = ldv(rh + j, n);
+        stv(at::vec::fmadd(d, av, ldv(aih + j, n)), aih + j, n);
+        stv(at::vec::fmadd(d, rv, ldv(ahh + j, n)), ahh + j, n);
+        if (prm.biasp) stv(ldv(abi + j, n) + d, abi + j, n);
+        const V dai = d * ldv(gi + j, n), drh = d * ldv(gh + j, n);
+        sa1 = sa1 + dai; sa2 = at::vec::fmadd(dai, av, sa2);
+        sr1 = sr1 + drh; sr2 = at::vec::fmadd(drh, rv, sr2);
+      }
+      const V ma1(hsum(sa1) / T(H)), ma2(hsum(sa2) / T(H)), mr1(hsum(sr1) / T(H)), mr2(hsum(sr2) / T(H));
+      const V vra(ra), vrs(rs);
+      T* dwk = dwr + k * H;
+      for (int64_t j = 0; j < H; j += VL) {
+        const int n = (int)std::min<int64_t>(VL, H - j);
+        const V d = ldv(dz + j, n);
+        stv(vrs * (d * ldv(gh + j, n) - mr1 - ldv(rh + j, n) * mr2), dwk + j, n);
+        stv(vra * (d * ldv(gi + j, n) - ma1 - ldv(ah + j, n) * ma2), dz + j, n);
+      }
+    }
+  }
+
+  // One valid step of one row of the plain RNN: dL/du = (dh + dh2) φ'(u), from the output y.
+  void rnn_row(int64_t tb, const T* dh, const T* dh2, T* dwr) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    const int64_t H = cf.H;
+    T* dxr = dXG + tb * H;
+    const T* y = Y + tb * H;
+    for (int64_t j = 0; j < H; j += VL) {
+      const int n = (int)std::min<int64_t>(VL, H - j);
+      const V dhv = ldv(dh + j, n) + ldv(dh2 + j, n), yv = ldv(y + j, n);
+      const V du = cf.relu ? V::blendv(V(T(0)), dhv, yv > V(T(0))) : dhv * (V(T(1)) - yv * yv);
+      stv(du, dxr + j, n); stv(du, dwr + j, n);
+    }
+  }
+};
+
+}  // namespace lk
