@@ -5,14 +5,48 @@ The ``@triton.jit`` helpers that the kernels of :mod:`lstmkit.kernels.triton_ker
 tiles, and one LSTM step forwards (:func:`fwd_core`, :func:`_cell`) and backwards
 (:func:`bwd_core`) on a (BB batch rows, BH cells) tile — :mod:`lstmkit.cell`'s step and
 the CPU kernel's BPTT, written once for the GPU. Constexpr arguments are described in
-:mod:`lstmkit.kernels.triton_kernels`. Imported only when a Triton row runs. The names
-without a leading underscore are the ones the kernels call.
+:mod:`lstmkit.kernels.triton_kernels`; the variant reaches every helper as one of them,
+``FLAGS``, the variant's flag word (:func:`lstmkit.kernels.abi.flags`), which the
+compile-time decoders below read (:func:`has`, :func:`slot`, :func:`fgr_slot`): the bits and
+the gate slots come from :mod:`lstmkit.kernels.abi`, and every test on them folds when a
+kernel is built. Imported only when a Triton row runs. The names without a leading
+underscore are the ones the kernels call.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from lstmkit.kernels import abi
+
+# ----------------------------------------------------------------------------- the variant word
+
+#: The bit of each flag of the variant word (:func:`lstmkit.kernels.abi.flag`).
+_BITS: dict[str, int] = {name: abi.flag(name) for name in abi.FLAGS}
+#: :func:`lstmkit.kernels.abi.gate_slots` itself, callable while a kernel is built (Triton
+#: hashes its source and the ABI tables it reads into the kernels' cache keys).
+_gate_slots = triton.constexpr_function(abi.gate_slots)
+
+
+@triton.constexpr_function
+def has(flags: int, name: str) -> bool:
+    """Whether the variant word ``flags`` has the flag ``name`` (of :data:`lstmkit.kernels.abi.FLAGS`)."""
+    return bool(flags & _BITS[name])
+
+
+@triton.constexpr_function
+def slot(flags: int, gate: str) -> int:
+    """Gate ``gate``'s slot among the computed gates (its row block of ``W_hh``, its columns
+    ``slot·H + cell`` of an (·, R) matrix); -1 if the variant does not compute it."""
+    return _gate_slots(flags)[0][gate]
+
+
+@triton.constexpr_function
+def fgr_slot(flags: int, gate: str) -> int:
+    """fgr: gate ``gate``'s (i, f or o) slot in the sigmoid-gate state s (|S|·H wide) and in
+    ``W_gg``; -1 if absent, and for every gate without fgr."""
+    return _gate_slots(flags)[1][gate] if flags & _BITS["fgr"] else -1
 
 # ----------------------------------------------------------------------------- math
 
@@ -140,9 +174,9 @@ def gg_tile(w, SK: tl.constexpr, SJ: tl.constexpr, H, NSH, ch, m, OP: tl.constex
 
 
 @triton.jit
-def rnn_act(u, RELU: tl.constexpr):
+def rnn_act(u, FLAGS: tl.constexpr):
     """The plain RNN's h = act(u): relu or tanh."""
-    if RELU:
+    if has(FLAGS, "rnn_relu"):
         h = tl.where(u < 0, 0.0, u)
     else:
         h = tanh(u)
@@ -150,12 +184,12 @@ def rnn_act(u, RELU: tl.constexpr):
 
 
 @triton.jit
-def rnn_act_bwd(y, row, HO, ch, m2, dh, RELU: tl.constexpr, CT: tl.constexpr, BB: tl.constexpr,
+def rnn_act_bwd(y, row, HO, ch, m2, dh, FLAGS: tl.constexpr, CT: tl.constexpr, BB: tl.constexpr,
                 BH: tl.constexpr):
     """The plain RNN's du from dh and the saved output h = y[row]: dh·[h > 0] (relu) or
     dh·(1 − h²) (tanh); (BB, BH)."""
     yt = ld(y, row, HO, 0, ch, m2, CT, True, BB, BH)
-    if RELU:
+    if has(FLAGS, "rnn_relu"):
         du = tl.where(yt > 0, dh, 0.0)
     else:
         du = dh * (1.0 - yt * yt)
@@ -196,12 +230,18 @@ def persistent_block(pid, B, H, HO, BB: tl.constexpr, BH: tl.constexpr, BO: tl.c
 
 
 @triton.jit
-def recurrent_tiles(w_hh, w_gg, H, HO, NSH, co, ch, cm, om, GI: tl.constexpr, GF: tl.constexpr,
-                    GG: tl.constexpr, GO: tl.constexpr, SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr,
-                    OP: tl.constexpr, BO: tl.constexpr, BH: tl.constexpr):
+def recurrent_tiles(w_hh, w_gg, H, HO, NSH, co, ch, cm, om, FLAGS: tl.constexpr, OP: tl.constexpr,
+                    BO: tl.constexpr, BH: tl.constexpr):
     """The recurrent weights of a persistent program, read once: the (BO, BH) tiles
     w_i, w_f, w_g, w_o of ``W_hh`` (for ``h @ w_k``; the backward uses ``tl.trans``) and
     fgr's nine (BH, BH) tiles q_kj of ``W_gg`` (source j → target k), zeros where absent."""
+    GI: tl.constexpr = slot(FLAGS, "i")
+    GF: tl.constexpr = slot(FLAGS, "f")
+    GG: tl.constexpr = slot(FLAGS, "g")
+    GO: tl.constexpr = slot(FLAGS, "o")
+    SI: tl.constexpr = fgr_slot(FLAGS, "i")
+    SF: tl.constexpr = fgr_slot(FLAGS, "f")
+    SO: tl.constexpr = fgr_slot(FLAGS, "o")
     wm = om[:, None] & cm[None, :]
     gm = cm[:, None] & cm[None, :]
     return (whh_tile(w_hh, GI, H, HO, co, ch, wm, OP, BO, BH), whh_tile(w_hh, GF, H, HO, co, ch, wm, OP, BO, BH),
@@ -224,15 +264,14 @@ def seq_lengths(lengths, rb, rm, T, HAS_LEN: tl.constexpr, BB: tl.constexpr):
 
 
 @triton.jit
-def fgr_in(s_i, s_f, s_o, w_i, w_f, w_o, SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr,
-            OP: tl.constexpr, MMA: tl.constexpr):
+def fgr_in(s_i, s_f, s_o, w_i, w_f, w_o, FLAGS: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr):
     """One target gate's ``Σ_j s_j W_gg[k, j]ᵀ`` (BB, BH) from the sources' tiles ``w_j``."""
     acc = tl.zeros(s_i.shape, s_i.dtype)
-    if SI >= 0:
+    if fgr_slot(FLAGS, "i") >= 0:
         acc += dot(s_i, w_i, OP, MMA).to(s_i.dtype)
-    if SF >= 0:
+    if fgr_slot(FLAGS, "f") >= 0:
         acc += dot(s_f, w_f, OP, MMA).to(s_i.dtype)
-    if SO >= 0:
+    if fgr_slot(FLAGS, "o") >= 0:
         acc += dot(s_o, w_o, OP, MMA).to(s_i.dtype)
     return acc
 
@@ -243,10 +282,7 @@ def fgr_in(s_i, s_f, s_o, w_i, w_f, w_o, SI: tl.constexpr, SF: tl.constexpr, SO:
 @triton.jit
 def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip,
               p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias,
-              G, C, RH, RS, AH, AS, R, NG,
-              GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
-              CIFG: tl.constexpr, PEEP: tl.constexpr, FGR: tl.constexpr, LN: tl.constexpr,
-              NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
+              G, C, RH, RS, AH, AS, R, NG, FLAGS: tl.constexpr, HAS_BIAS: tl.constexpr,
               SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
               CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """One LSTM step on a (BB, BH) tile, from the recurrent pre-activations ``r_k`` (layernorm:
@@ -254,13 +290,17 @@ def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, 
     exist: ``rm``), writes the buffers of this step (zeros on invalid rows, C carried), and
     returns ``(i, f, o, c_t, h̃)``: the gates (1 where absent), c_t already carried on rows
     that are not ``valid``, and h̃ = o ⊙ act(LN(c_t)) (zero outside the H cells)."""
+    GI: tl.constexpr = slot(FLAGS, "i")
+    GF: tl.constexpr = slot(FLAGS, "f")
+    GG: tl.constexpr = slot(FLAGS, "g")
+    GO: tl.constexpr = slot(FLAGS, "o")
     v2 = valid[:, None]
     m2 = rm[:, None] & cm[None, :]
     x_i = ld(xg, row, R, GI * H, ch, m2, CT, GI >= 0, BB, BH)
     x_f = ld(xg, row, R, GF * H, ch, m2, CT, GF >= 0, BB, BH)
     x_g = ld(xg, row, R, GG * H, ch, m2, CT, True, BB, BH)
     x_o = ld(xg, row, R, GO * H, ch, m2, CT, GO >= 0, BB, BH)
-    if LN:  # z = LN(a) g_ih + LN(r) g_hh + bias, per gate; â, r̂ and their 1/std kept
+    if has(FLAGS, "layernorm"):  # z = LN(a) g_ih + LN(r) g_hh + bias, per gate; â, r̂ and their 1/std kept
         a_i, ra_i = _ln_rows(x_i, cm, H, EPS)
         a_f, ra_f = _ln_rows(x_f, cm, H, EPS)
         a_g, ra_g = _ln_rows(x_g, cm, H, EPS)
@@ -298,12 +338,11 @@ def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, 
         z_f = x_f + r_f
         z_g = x_g + r_g
         z_o = x_o + r_o
-    if FGR:
+    if has(FLAGS, "fgr"):
         z_i += f_i
         z_f += f_f
         z_o += f_o
-    i, f, g, o, c, hm = _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
-                              GI, GF, GO, CIFG, PEEP, LN, NIAF, NOAF, CLIP, CT, EPS, BH)
+    i, f, g, o, c, hm = _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b, FLAGS, CT, EPS, BH)
     st(G, row, R, GI * H, ch, m2, tl.where(v2, i, 0.0), SAVE_G and GI >= 0)
     st(G, row, R, GF * H, ch, m2, tl.where(v2, f, 0.0), SAVE_G and GF >= 0)
     st(G, row, R, GG * H, ch, m2, tl.where(v2, g, 0.0), SAVE_G)
@@ -314,42 +353,41 @@ def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, 
 
 
 @triton.jit
-def _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
-          GI: tl.constexpr, GF: tl.constexpr, GO: tl.constexpr, CIFG: tl.constexpr, PEEP: tl.constexpr,
-          LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr,
+def _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b, FLAGS: tl.constexpr,
           CT: tl.constexpr, EPS: tl.constexpr, BH: tl.constexpr):
     """The gates and states from the pre-activations (cell.step after ``z``):
     ``(i, f, g, o, c_t, o ⊙ act(LN(c_t)))``, absent gates as 1 (cifg: f = 1 - i)."""
+    PEEP: tl.constexpr = has(FLAGS, "peephole")
     one = tl.zeros_like(z_g) + 1.0
     i = one
-    if GI >= 0:
+    if slot(FLAGS, "i") >= 0:
         if PEEP:
             z_i += _vec(p_i, 0, ch, cm, CT, True, BH)[None, :] * cp
         i = _sigmoid(z_i)
     f = one
-    if GF >= 0:
+    if slot(FLAGS, "f") >= 0:
         if PEEP:
             z_f += _vec(p_f, 0, ch, cm, CT, True, BH)[None, :] * cp
         f = _sigmoid(z_f)
-    elif CIFG:
+    elif has(FLAGS, "cifg"):
         f = 1.0 - i
-    if NIAF:
+    if has(FLAGS, "niaf"):
         g = z_g
     else:
         g = tanh(z_g)
     c = f * cp + i * g
-    if CLIP:  # comparisons are false for NaN: it stays
+    if has(FLAGS, "clip"):  # comparisons are false for NaN: it stays
         c = tl.where(c > clip, clip, tl.where(c < -clip, -clip, c))
     o = one
-    if GO >= 0:
+    if slot(FLAGS, "o") >= 0:
         if PEEP:
             z_o += _vec(p_o, 0, ch, cm, CT, True, BH)[None, :] * c
         o = _sigmoid(z_o)
     m = c
-    if LN:
+    if has(FLAGS, "layernorm"):
         chat, _ = _ln_rows(c, cm, H, EPS)
         m = chat * _vec(c_w, 0, ch, cm, CT, True, BH)[None, :] + _vec(c_b, 0, ch, cm, CT, True, BH)[None, :]
-    if NOAF:
+    if has(FLAGS, "noaf"):
         hm = o * m
     else:
         hm = o * tanh(m)
@@ -367,21 +405,23 @@ def _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, SLOT: tl.constexpr, H, ch, m2, 
 
 @triton.jit
 def step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, bias,
-           GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr, CIFG: tl.constexpr,
-           PEEP: tl.constexpr, FGR: tl.constexpr, LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr,
-           CLIP: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr,
-           BB: tl.constexpr, BH: tl.constexpr):
+               FLAGS: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr,
+               BB: tl.constexpr, BH: tl.constexpr):
     """The forward's gate activations of step ``row`` for backward: read from G, or (layernorm
     without fgr, which keeps â and r̂ instead) recomputed by the forward's own code. Absent
     gates are 1, cifg's f is 1 - i."""
+    GI: tl.constexpr = slot(FLAGS, "i")
+    GF: tl.constexpr = slot(FLAGS, "f")
+    GG: tl.constexpr = slot(FLAGS, "g")
+    GO: tl.constexpr = slot(FLAGS, "o")
     m2 = rm[:, None] & cm[None, :]
-    if LN and not FGR:
+    if has(FLAGS, "layernorm") and not has(FLAGS, "fgr"):
         z_i = _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, GI, H, ch, m2, cm, HAS_BIAS, CT, BB, BH)
         z_f = _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, GF, H, ch, m2, cm, HAS_BIAS, CT, BB, BH)
         z_g = _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, GG, H, ch, m2, cm, HAS_BIAS, CT, BB, BH)
         z_o = _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, GO, H, ch, m2, cm, HAS_BIAS, CT, BB, BH)
-        i, f, g, o, _c, _h = _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
-                                   GI, GF, GO, CIFG, PEEP, LN, NIAF, NOAF, CLIP, CT, EPS, BH)
+        i, f, g, o, _c, _h = _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b, FLAGS, CT,
+                                   EPS, BH)
     else:
         one = tl.zeros((BB, BH), CT) + 1.0
         i = one
@@ -390,7 +430,7 @@ def step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c
         f = one
         if GF >= 0:
             f = ld(G, row, R, GF * H, ch, m2, CT, True, BB, BH)
-        elif CIFG:
+        elif has(FLAGS, "cifg"):
             f = 1.0 - i
         g = ld(G, row, R, GG * H, ch, m2, CT, True, BB, BH)
         o = one
@@ -402,11 +442,8 @@ def step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c
 @triton.jit
 def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip,
               p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, AH, AS, RH, RS, DXG, DR, DZS, MO, acc, row, R, NG, NSH,
-              GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
-              SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr,
-              CIFG: tl.constexpr, PEEP: tl.constexpr, FGR: tl.constexpr, LN: tl.constexpr,
-              NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr, PROJ: tl.constexpr,
-              HAS_BIAS: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+              FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr,
+              BB: tl.constexpr, BH: tl.constexpr):
     """One LSTM step backwards on a (BB, BH) tile (the CPU kernel's loops 2' and 1').
 
     Takes the gates, c_t, c_{t-1} and the incoming gradients — dh of h̃ = o ⊙ act(LN(c_t)),
@@ -417,6 +454,17 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
     p_o, ln_c w, ln_c b (H each), ln_hh, ln_ih, bias (R each)). Returns the next GEMM's
     inputs per gate ``(din_i, din_f, din_g, din_o)`` (dz, layernorm: dr), fgr's
     ``(du_i, du_f, du_o)`` and dc_{t-1}."""
+    GI: tl.constexpr = slot(FLAGS, "i")
+    GF: tl.constexpr = slot(FLAGS, "f")
+    GG: tl.constexpr = slot(FLAGS, "g")
+    GO: tl.constexpr = slot(FLAGS, "o")
+    SI: tl.constexpr = fgr_slot(FLAGS, "i")
+    SF: tl.constexpr = fgr_slot(FLAGS, "f")
+    SO: tl.constexpr = fgr_slot(FLAGS, "o")
+    PEEP: tl.constexpr = has(FLAGS, "peephole")
+    FGR: tl.constexpr = has(FLAGS, "fgr")
+    LN: tl.constexpr = has(FLAGS, "layernorm")
+    NOAF: tl.constexpr = has(FLAGS, "noaf")
     m2 = rm[:, None] & cm[None, :]
     v2 = valid[:, None]
     zero = tl.zeros((BB, BH), CT)
@@ -454,10 +502,10 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
     if PEEP and GO >= 0:
         dc += du_o * _vec(p_o, 0, ch, cm, CT, True, BH)[None, :]
         _acc(acc, 2 * H, ch, cm, du_o * c, True)
-    if CLIP:
+    if has(FLAGS, "clip"):
         dc = tl.where(tl.abs(c) < clip, dc, 0.0)
     # dc -> g, f, i, c_{t-1}
-    if NIAF:
+    if has(FLAGS, "niaf"):
         du_g = dc * i
     else:
         du_g = dc * i * (1.0 - g * g)
@@ -475,7 +523,7 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
     du_i = zero
     if GI >= 0:
         d_i = dc * g
-        if CIFG:
+        if has(FLAGS, "cifg"):
             d_i -= df
         if FGR:
             d_i += ds_i

@@ -72,10 +72,12 @@ def _pow2(n: int, least: int = 1) -> int:
 
 @dataclass(frozen=True)
 class Variant:
-    """The variant flags decoded for the kernels (the CPU kernel's ``Cfg``): gate slots in
+    """The variant flag word and, for the launch plan and the after-loop reductions, what it
+    says decoded (the kernels decode ``flags`` themselves while they are built): gate slots in
     R (``gi, gf, gg, go``; -1 absent) in :data:`lstmkit.layout.GATES` order, fgr's slots in
     the sigmoid-gate state s (``si, sf, so``), and the switches."""
 
+    flags: int
     rnn: bool
     relu: bool
     cifg: bool
@@ -99,7 +101,7 @@ class Variant:
         slot, sslot = abi.gate_slots(flags)
         if not on["fgr"]:
             sslot = dict.fromkeys(sslot, -1)
-        return cls(rnn=on["rnn"], relu=on["rnn_relu"], cifg=on["cifg"], peep=on["peephole"], fgr=on["fgr"],
+        return cls(flags=flags, rnn=on["rnn"], relu=on["rnn_relu"], cifg=on["cifg"], peep=on["peephole"], fgr=on["fgr"],
                    ln=on["layernorm"], niaf=on["niaf"], noaf=on["noaf"], clip=on["clip"], gi=slot["i"],
                    gf=slot["f"], gg=slot["g"], go=slot["o"], si=sslot["i"], sf=sslot["f"], so=sslot["o"])
 
@@ -110,12 +112,6 @@ class Variant:
     @property
     def n_sigmoid(self) -> int:
         return sum(s >= 0 for s in (self.si, self.sf, self.so))
-
-    def constexprs(self) -> dict[str, Any]:
-        """The kernels' variant constexprs."""
-        return {"GI": self.gi, "GF": self.gf, "GG": self.gg, "GO": self.go, "SI": self.si, "SF": self.sf,
-                "SO": self.so, "CIFG": self.cifg, "PEEP": self.peep, "FGR": self.fgr, "LN": self.ln,
-                "NIAF": self.niaf, "NOAF": self.noaf, "CLIP": self.clip, "RNN": self.rnn, "RELU": self.relu}
 
 
 # ---------------------------------------------------------------------------- the rule
@@ -246,7 +242,7 @@ class TritonImpl:
                 c_n.copy_(c0)
             return (y, h_n, c_n, *buffers)
         a = _Args(xg, w_hh, h0, c0, lengths, params, v, H, HO, io, ct)
-        consts = dict(v.constexprs(), HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, CT=_tl_dtype(ct),
+        consts = dict(FLAGS=flags, HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, CT=_tl_dtype(ct),
                       EPS=cell.LN_EPS, SAVE_G=buffers[_B["G"]].numel() > 0, SAVE_C=buffers[_B["C"]].numel() > 0,
                       SAVE_LN=buffers[_B["AH"]].numel() > 0)
         bufs = [b if b.numel() else a.nothing for b in buffers]
@@ -331,7 +327,7 @@ class TritonImpl:
             dy_t = dy if has_dy else a.nothing
             strides = dict(dy_s0=dy.stride(0), dy_s1=dy.stride(1), dy_s2=dy.stride(2)) if has_dy else \
                 dict(dy_s0=0, dy_s1=0, dy_s2=0)
-            consts = dict(v.constexprs(), PROJ=P > 0, HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, HAS_DY=has_dy,
+            consts = dict(FLAGS=flags, PROJ=P > 0, HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, HAS_DY=has_dy,
                           CT=_tl_dtype(ct), EPS=cell.LN_EPS)
             bufs = _kernel_buffers([b.contiguous() if b.numel() else a.nothing for b in buffers])
             sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, NACC=n_acc, clip=float(clip))

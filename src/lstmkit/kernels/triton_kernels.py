@@ -21,9 +21,11 @@ Both call the same step helpers (:mod:`lstmkit.kernels.triton_cell`), which also
 the buffers (:data:`lstmkit.kernels.abi.BUFFERS`: G, C, RH, RS, AH, AS) with the CPU
 kernel's meaning: rows past a sequence's length hold zeros (C: the carried c).
 
-Constexpr arguments (from ``triton_impl.Variant`` and the launch plan): gate slots GI, GF,
-GG, GO (-1: absent) and sigmoid-gate slots SI, SF, SO of fgr; CIFG, PEEP, FGR, LN, NIAF,
-NOAF, CLIP, PROJ, RNN, RELU; CT (compute dtype: float32, or float64), OP (dtype of a GEMM
+Constexpr arguments (from the launch plan of ``triton_impl``): FLAGS, the variant's flag word
+(:func:`lstmkit.kernels.abi.flags`; the kernels decode it while they are built, through
+:func:`~lstmkit.kernels.triton_cell.has`, :func:`~lstmkit.kernels.triton_cell.slot` — a gate's
+slot in R, -1 absent — and :func:`~lstmkit.kernels.triton_cell.fgr_slot`); PROJ (a
+projection); CT (compute dtype: float32, or float64), OP (dtype of a GEMM
 operand: the layer's), MMA (the dtype ``tl.dot`` sees: OP, except float32 for 16-bit OP in
 the interpreter, whose dot cannot take bfloat16; the products are exact in float32 either
 way); EPS (layer-norm epsilon); block sizes BB, BH, BO.
@@ -38,7 +40,9 @@ from lstmkit.kernels.triton_cell import (
     bwd_core,
     dot,
     fgr_in,
+    fgr_slot,
     fwd_core,
+    has,
     ld,
     ld_dy,
     persistent_block,
@@ -47,6 +51,7 @@ from lstmkit.kernels.triton_cell import (
     rnn_act_bwd,
     saved_cells,
     seq_lengths,
+    slot,
     st,
     step_gates,
     tile_block,
@@ -60,21 +65,20 @@ def persistent_forward(
         xg, w_hh, h0, c0, lengths, p_i, p_f, p_o, w_gg, g_hh, c_w, c_b, w_hr, g_ih, bias,
         y, h_n, c_n, G, C, RH, RS, AH, AS,
         T, B, H, HO, R, NG, NSH, clip,
-        GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
-        SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr, CIFG: tl.constexpr, PEEP: tl.constexpr,
-        FGR: tl.constexpr, LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr,
-        PROJ: tl.constexpr, RNN: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+        FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_LEN: tl.constexpr, SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
         CT: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr, EPS: tl.constexpr,
         BB: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr):
     """The whole forward of BB sequences (grid: cdiv(B, BB)). xg (T, B, R), w_hh (R, HO),
     h0 (B, HO), c0 (B, H), lengths (B,) int32; y (T, B, HO), h_n (B, HO), c_n (B, H);
     buffers (T, B, ·). The weights are read once, into (BO, BH) tiles per gate."""
+    RNN: tl.constexpr = has(FLAGS, "rnn")
+    FGR: tl.constexpr = has(FLAGS, "fgr")
     pid = tl.program_id(0)
     rb, rm, rb64, ch, cm, co, om, m2, mo2 = persistent_block(pid, B, H, HO, BB, BH, BO)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     w_i, w_f, w_g, w_o, q_ii, q_if, q_io, q_fi, q_ff, q_fo, q_oi, q_of, q_oo = recurrent_tiles(
-        w_hh, w_gg, H, HO, NSH, co, ch, cm, om, GI, GF, GG, GO, SI, SF, SO, OP, BO, BH)  # (BO, BH); fgr: (BH, BH)
+        w_hh, w_gg, H, HO, NSH, co, ch, cm, om, FLAGS, OP, BO, BH)  # (BO, BH); fgr: (BH, BH)
     if PROJ:  # (BH, BO): [c, p] = W_hr[p, c]
         w_r = tl.load(w_hr + co[None, :] * H + ch[:, None], mask=cm[:, None] & om[None, :], other=0.0).to(OP)
     else:
@@ -90,7 +94,7 @@ def persistent_forward(
         row = rb64 + t * B
         if RNN:
             u = ld(xg, row, R, 0, ch, m2, CT, True, BB, BH) + dot(h, w_g, OP, MMA).to(CT)
-            hn = rnn_act(u, RELU)
+            hn = rnn_act(u, FLAGS)
             hn = tl.where(cm[None, :], hn, 0.0)
             h = tl.where(v2, hn, h)
             st(y, row, HO, 0, ch, m2, tl.where(v2, hn, 0.0), True)
@@ -99,26 +103,25 @@ def persistent_forward(
             r_i = zero
             r_f = zero
             r_o = zero
-            if GI >= 0:
+            if slot(FLAGS, "i") >= 0:
                 r_i = dot(h, w_i, OP, MMA).to(CT)
-            if GF >= 0:
+            if slot(FLAGS, "f") >= 0:
                 r_f = dot(h, w_f, OP, MMA).to(CT)
             r_g = dot(h, w_g, OP, MMA).to(CT)
-            if GO >= 0:
+            if slot(FLAGS, "o") >= 0:
                 r_o = dot(h, w_o, OP, MMA).to(CT)
             f_i = zero
             f_f = zero
             f_o = zero
-            if FGR and SI >= 0:
-                f_i = fgr_in(s_i, s_f, s_o, q_ii, q_if, q_io, SI, SF, SO, OP, MMA)
-            if FGR and SF >= 0:
-                f_f = fgr_in(s_i, s_f, s_o, q_fi, q_ff, q_fo, SI, SF, SO, OP, MMA)
-            if FGR and SO >= 0:
-                f_o = fgr_in(s_i, s_f, s_o, q_oi, q_of, q_oo, SI, SF, SO, OP, MMA)
+            if fgr_slot(FLAGS, "i") >= 0:
+                f_i = fgr_in(s_i, s_f, s_o, q_ii, q_if, q_io, FLAGS, OP, MMA)
+            if fgr_slot(FLAGS, "f") >= 0:
+                f_f = fgr_in(s_i, s_f, s_o, q_fi, q_ff, q_fo, FLAGS, OP, MMA)
+            if fgr_slot(FLAGS, "o") >= 0:
+                f_o = fgr_in(s_i, s_f, s_o, q_oi, q_of, q_oo, FLAGS, OP, MMA)
             i, f, o, c, hm = fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, c, valid, rm, ch, cm, H, clip,
                                        p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS, R, NG,
-                                       GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS,
-                                       SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
+                                       FLAGS, HAS_BIAS, SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
             if FGR:
                 s_i = tl.where(v2, i, s_i)
                 s_f = tl.where(v2, f, s_f)
@@ -139,10 +142,7 @@ def persistent_backward(
         p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS,
         dxg, dr, dzs, dhp, mo, dh0, dc0, acc,
         T, B, H, HO, R, NG, NSH, NACC, clip,
-        GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
-        SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr, CIFG: tl.constexpr, PEEP: tl.constexpr,
-        FGR: tl.constexpr, LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr,
-        PROJ: tl.constexpr, RNN: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+        FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr,
         CT: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr, EPS: tl.constexpr,
         BB: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr):
@@ -150,11 +150,12 @@ def persistent_backward(
     Writes dxg (T, B, R), dR (layernorm), dZS (layernorm + fgr), dHP and MO (projection:
     the gradient of y_t before masking, and h̃_t), dh0 (B, HO), dc0 (B, H) and this
     program's row of ``acc`` (cdiv(B, BB), NACC)."""
+    RNN: tl.constexpr = has(FLAGS, "rnn")
     pid = tl.program_id(0)
     rb, rm, rb64, ch, cm, co, om, m2, mo2 = persistent_block(pid, B, H, HO, BB, BH, BO)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     w_i, w_f, w_g, w_o, q_ii, q_if, q_io, q_fi, q_ff, q_fo, q_oi, q_of, q_oo = recurrent_tiles(
-        w_hh, w_gg, H, HO, NSH, co, ch, cm, om, GI, GF, GG, GO, SI, SF, SO, OP, BO, BH)  # dh = Σ_k dz_k w_kᵀ
+        w_hh, w_gg, H, HO, NSH, co, ch, cm, om, FLAGS, OP, BO, BH)  # dh = Σ_k dz_k w_kᵀ
     if PROJ:  # (BO, BH): W_hr itself, dh̃ = dy W_hr
         w_r = tl.load(w_hr + co[:, None] * H + ch[None, :], mask=om[:, None] & cm[None, :], other=0.0).to(OP)
     else:
@@ -172,7 +173,7 @@ def persistent_backward(
         row = rb64 + t * B
         dht = tl.where(v2, ld_dy(dy, t, rb64, co, mo2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BO) + dh, 0.0)
         if RNN:
-            du = rnn_act_bwd(y, row, HO, ch, m2, dht, RELU, CT, BB, BH)
+            du = rnn_act_bwd(y, row, HO, ch, m2, dht, FLAGS, CT, BB, BH)
             st(dxg, row, R, 0, ch, m2, du, True)
             dh = tl.where(v2, dot(du, tl.trans(w_g), OP, MMA).to(CT), dh)
         else:
@@ -183,32 +184,30 @@ def persistent_backward(
                 dhm = dht
             cc, cp = saved_cells(C, c0, row, rb64, t, B, H, ch, m2, CT, BB, BH)
             i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
-                                bias, GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS, CT, EPS,
-                                BB, BH)
+                                    bias, FLAGS, HAS_BIAS, CT, EPS, BB, BH)
             d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = bwd_core(
                 i, f, g, o, cc, cp, dhm, tl.where(v2, dc, 0.0), tl.where(v2, ds_i, 0.0), tl.where(v2, ds_f, 0.0),
                 tl.where(v2, ds_o, 0.0), valid, rm, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
-                AH, AS, RH, RS, dxg, dr, dzs, mo, acc_row, row, R, NG, NSH,
-                GI, GF, GG, GO, SI, SF, SO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, PROJ, HAS_BIAS, CT, EPS, BB, BH)
+                AH, AS, RH, RS, dxg, dr, dzs, mo, acc_row, row, R, NG, NSH, FLAGS, PROJ, HAS_BIAS, CT, EPS, BB, BH)
             dn = dot(d_g, tl.trans(w_g), OP, MMA).to(CT)  # (BB, BO)
-            if GI >= 0:
+            if slot(FLAGS, "i") >= 0:
                 dn += dot(d_i, tl.trans(w_i), OP, MMA).to(CT)
-            if GF >= 0:
+            if slot(FLAGS, "f") >= 0:
                 dn += dot(d_f, tl.trans(w_f), OP, MMA).to(CT)
-            if GO >= 0:
+            if slot(FLAGS, "o") >= 0:
                 dn += dot(d_o, tl.trans(w_o), OP, MMA).to(CT)
             dh = tl.where(v2, dn, dh)
             dc = tl.where(v2, dcp, dc)
             # fgr: ds_j = Σ_k du_k W_gg[k, j]
-            if FGR and SI >= 0:
+            if fgr_slot(FLAGS, "i") >= 0:
                 ds_i = tl.where(v2, fgr_in(u_i, u_f, u_o, tl.trans(q_ii), tl.trans(q_fi), tl.trans(q_oi),
-                                            SI, SF, SO, OP, MMA), ds_i)
-            if FGR and SF >= 0:
+                                           FLAGS, OP, MMA), ds_i)
+            if fgr_slot(FLAGS, "f") >= 0:
                 ds_f = tl.where(v2, fgr_in(u_i, u_f, u_o, tl.trans(q_if), tl.trans(q_ff), tl.trans(q_of),
-                                            SI, SF, SO, OP, MMA), ds_f)
-            if FGR and SO >= 0:
+                                           FLAGS, OP, MMA), ds_f)
+            if fgr_slot(FLAGS, "o") >= 0:
                 ds_o = tl.where(v2, fgr_in(u_i, u_f, u_o, tl.trans(q_io), tl.trans(q_fo), tl.trans(q_oo),
-                                            SI, SF, SO, OP, MMA), ds_o)
+                                           FLAGS, OP, MMA), ds_o)
     st(dh0, rb64, HO, 0, co, mo2, dh, True)
     st(dc0, rb64, H, 0, ch, m2, dc, not RNN)
 
@@ -221,25 +220,29 @@ def step_forward(
         xg, r, fw, c_s, s_s, h_s, m_s, y, lengths, p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias,
         G, C, RH, RS, AH, AS,
         t, T, B, H, HO, R, NG, NSH, clip,
-        GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
-        SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr, CIFG: tl.constexpr, PEEP: tl.constexpr,
-        FGR: tl.constexpr, LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr,
-        PROJ: tl.constexpr, RNN: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+        FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_LEN: tl.constexpr, SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
         CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """Step t after its GEMMs (grid: cdiv(B, BB) × cdiv(H, BH); layernorm: BH ≥ H).
     r = h_{t-1} W_hhᵀ (B, R) and fw = s_{t-1} W_ggᵀ (B, NSH) in CT; updates the states in
     place — c_s (B, H) CT, s_s (B, NSH) and h_s (B, HO) as GEMM operands — on valid rows;
     writes y[t] (projection: h̃ into m_s (B, H) for the next GEMM) and the buffers at t."""
+    GI: tl.constexpr = slot(FLAGS, "i")
+    GF: tl.constexpr = slot(FLAGS, "f")
+    GG: tl.constexpr = slot(FLAGS, "g")
+    GO: tl.constexpr = slot(FLAGS, "o")
+    SI: tl.constexpr = fgr_slot(FLAGS, "i")
+    SF: tl.constexpr = fgr_slot(FLAGS, "f")
+    SO: tl.constexpr = fgr_slot(FLAGS, "o")
     rb, rm, rb64, ch, cm, m2 = tile_block(tl.program_id(0), tl.program_id(1), B, H, BB, BH)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     valid = rm & (t < lens)
     v2 = valid[:, None]
     vm2 = v2 & cm[None, :]
     row = rb64 + t * B
-    if RNN:
+    if has(FLAGS, "rnn"):
         u = ld(xg, row, R, 0, ch, m2, CT, True, BB, BH) + ld(r, rb64, R, 0, ch, m2, CT, True, BB, BH)
-        hn = rnn_act(u, RELU)
+        hn = rnn_act(u, FLAGS)
         st(h_s, rb64, HO, 0, ch, vm2, hn, True)
         st(y, row, HO, 0, ch, m2, tl.where(v2, hn, 0.0), True)
     else:
@@ -247,18 +250,17 @@ def step_forward(
         r_f = ld(r, rb64, R, GF * H, ch, m2, CT, GF >= 0, BB, BH)
         r_g = ld(r, rb64, R, GG * H, ch, m2, CT, True, BB, BH)
         r_o = ld(r, rb64, R, GO * H, ch, m2, CT, GO >= 0, BB, BH)
-        f_i = ld(fw, rb64, NSH, SI * H, ch, m2, CT, FGR and SI >= 0, BB, BH)
-        f_f = ld(fw, rb64, NSH, SF * H, ch, m2, CT, FGR and SF >= 0, BB, BH)
-        f_o = ld(fw, rb64, NSH, SO * H, ch, m2, CT, FGR and SO >= 0, BB, BH)
+        f_i = ld(fw, rb64, NSH, SI * H, ch, m2, CT, SI >= 0, BB, BH)
+        f_f = ld(fw, rb64, NSH, SF * H, ch, m2, CT, SF >= 0, BB, BH)
+        f_o = ld(fw, rb64, NSH, SO * H, ch, m2, CT, SO >= 0, BB, BH)
         cp = ld(c_s, rb64, H, 0, ch, m2, CT, True, BB, BH)
         i, f, o, c, hm = fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip,
                                    p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS, R, NG,
-                                   GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS,
-                                   SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
+                                   FLAGS, HAS_BIAS, SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
         st(c_s, rb64, H, 0, ch, m2, c, True)
-        st(s_s, rb64, NSH, SI * H, ch, vm2, i, FGR and SI >= 0)
-        st(s_s, rb64, NSH, SF * H, ch, vm2, f, FGR and SF >= 0)
-        st(s_s, rb64, NSH, SO * H, ch, vm2, o, FGR and SO >= 0)
+        st(s_s, rb64, NSH, SI * H, ch, vm2, i, SI >= 0)
+        st(s_s, rb64, NSH, SF * H, ch, vm2, f, SF >= 0)
+        st(s_s, rb64, NSH, SO * H, ch, vm2, o, SO >= 0)
         if PROJ:
             st(m_s, rb64, H, 0, ch, m2, hm, True)
         else:
@@ -302,10 +304,7 @@ def step_backward(
         p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS,
         dxg, dr, dzs, mo, dop, dus, acc,
         t, T, B, H, HO, R, NG, NSH, NACC, clip,
-        GI: tl.constexpr, GF: tl.constexpr, GG: tl.constexpr, GO: tl.constexpr,
-        SI: tl.constexpr, SF: tl.constexpr, SO: tl.constexpr, CIFG: tl.constexpr, PEEP: tl.constexpr,
-        FGR: tl.constexpr, LN: tl.constexpr, NIAF: tl.constexpr, NOAF: tl.constexpr, CLIP: tl.constexpr,
-        PROJ: tl.constexpr, RNN: tl.constexpr, RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+        FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr, HAS_NEXT: tl.constexpr, SEP_OP: tl.constexpr,
         CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """Step t of BPTT before its GEMMs (grid: cdiv(B, BB) × cdiv(H, BH); layernorm: BH ≥ H).
@@ -314,6 +313,13 @@ def step_backward(
     projection: dm = dHP_t W_hr (B, H) instead of dy + dh. Writes dxg[t] etc. (see
     :func:`bwd_core`), the next GEMMs' operands dop (B, R) if SEP_OP (else dxg[t] or dR[t]
     is the operand) and fgr's dus (B, NSH), and adds to acc's row of this batch block."""
+    GI: tl.constexpr = slot(FLAGS, "i")
+    GF: tl.constexpr = slot(FLAGS, "f")
+    GG: tl.constexpr = slot(FLAGS, "g")
+    GO: tl.constexpr = slot(FLAGS, "o")
+    SI: tl.constexpr = fgr_slot(FLAGS, "i")
+    SF: tl.constexpr = fgr_slot(FLAGS, "f")
+    SO: tl.constexpr = fgr_slot(FLAGS, "o")
     pid_b = tl.program_id(0)
     rb, rm, rb64, ch, cm, m2 = tile_block(pid_b, tl.program_id(1), B, H, BB, BH)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
@@ -328,28 +334,28 @@ def step_backward(
         if HAS_NEXT:
             carry = tl.where(nxt[:, None], ld(dh_g, rb64, HO, 0, ch, m2, CT, True, BB, BH), carry)
         dhm = tl.where(v2, ld_dy(dy, t, rb64, ch, m2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BH) + carry, 0.0)
-    if RNN:
-        du = rnn_act_bwd(y, row, HO, ch, m2, dhm, RELU, CT, BB, BH)
+    if has(FLAGS, "rnn"):
+        du = rnn_act_bwd(y, row, HO, ch, m2, dhm, FLAGS, CT, BB, BH)
         st(dxg, row, R, 0, ch, m2, du, True)
         st(dop, rb64, R, 0, ch, m2, du, SEP_OP)
     else:
         cc, cp = saved_cells(C, c0, row, rb64, t, B, H, ch, m2, CT, BB, BH)
         i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
-                            bias, GI, GF, GG, GO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, HAS_BIAS, CT, EPS, BB, BH)
+                                bias, FLAGS, HAS_BIAS, CT, EPS, BB, BH)
         dc = tl.where(v2, ld(dc_s, rb64, H, 0, ch, m2, CT, True, BB, BH), 0.0)
         nx2 = nxt[:, None]
-        ds_i = tl.where(nx2, ld(ds_g, rb64, NSH, SI * H, ch, m2, CT, FGR and HAS_NEXT and SI >= 0, BB, BH), 0.0)
-        ds_f = tl.where(nx2, ld(ds_g, rb64, NSH, SF * H, ch, m2, CT, FGR and HAS_NEXT and SF >= 0, BB, BH), 0.0)
-        ds_o = tl.where(nx2, ld(ds_g, rb64, NSH, SO * H, ch, m2, CT, FGR and HAS_NEXT and SO >= 0, BB, BH), 0.0)
+        ds_i = tl.where(nx2, ld(ds_g, rb64, NSH, SI * H, ch, m2, CT, HAS_NEXT and SI >= 0, BB, BH), 0.0)
+        ds_f = tl.where(nx2, ld(ds_g, rb64, NSH, SF * H, ch, m2, CT, HAS_NEXT and SF >= 0, BB, BH), 0.0)
+        ds_o = tl.where(nx2, ld(ds_g, rb64, NSH, SO * H, ch, m2, CT, HAS_NEXT and SO >= 0, BB, BH), 0.0)
         d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = bwd_core(
             i, f, g, o, cc, cp, dhm, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
             g_ih, g_hh, AH, AS, RH, RS, dxg, dr, dzs, mo, acc + pid_b * NACC, row, R, NG, NSH,
-            GI, GF, GG, GO, SI, SF, SO, CIFG, PEEP, FGR, LN, NIAF, NOAF, CLIP, PROJ, HAS_BIAS, CT, EPS, BB, BH)
+            FLAGS, PROJ, HAS_BIAS, CT, EPS, BB, BH)
         st(dc_s, rb64, H, 0, ch, v2 & cm[None, :], dcp, True)
         st(dop, rb64, R, GI * H, ch, m2, d_i, SEP_OP and GI >= 0)
         st(dop, rb64, R, GF * H, ch, m2, d_f, SEP_OP and GF >= 0)
         st(dop, rb64, R, GG * H, ch, m2, d_g, SEP_OP)
         st(dop, rb64, R, GO * H, ch, m2, d_o, SEP_OP and GO >= 0)
-        st(dus, rb64, NSH, SI * H, ch, m2, u_i, FGR and SI >= 0)
-        st(dus, rb64, NSH, SF * H, ch, m2, u_f, FGR and SF >= 0)
-        st(dus, rb64, NSH, SO * H, ch, m2, u_o, FGR and SO >= 0)
+        st(dus, rb64, NSH, SI * H, ch, m2, u_i, SI >= 0)
+        st(dus, rb64, NSH, SF * H, ch, m2, u_f, SF >= 0)
+        st(dus, rb64, NSH, SO * H, ch, m2, u_o, SO >= 0)
