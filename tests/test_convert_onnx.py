@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstmkit
 from lstmkit.convert import from_onnx, to_onnx
-from lstmkit.convert.onnx import MIN_OPSET, operator_refusal
+from lstmkit.convert.onnx import MIN_OPSET, SCAN_MIN_OPSET, operator_refusal
 from variants import LSTM_VARIANTS
 
 RTOL = ATOL = 1e-5  # float32, as the issue states
@@ -294,7 +294,10 @@ def test_scan_and_operator_graphs_agree():
 
 def test_scan_graph_at_the_oldest_opset():
     layer = lstmkit.LSTM(3, 4, cell="fgr+clip=0.5", proj_size=2).eval()
-    proto = to_onnx(layer, opset=MIN_OPSET)
+    with pytest.raises(ValueError, match=rf"written as a Scan graph, which needs opset >= {SCAN_MIN_OPSET}, got "
+                                         rf"{MIN_OPSET} \(the LSTM/RNN operator alone needs {MIN_OPSET}\)"):
+        to_onnx(layer, opset=MIN_OPSET)
+    proto = to_onnx(layer, opset=SCAN_MIN_OPSET)
     x = torch.randn(5, 2, 3)
     for a, b in zip(_session(proto).run(None, {"X": x.numpy()}), _reference(layer, x, None, None)):
         _close("scan_opset14", a, b)

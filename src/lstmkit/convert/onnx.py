@@ -31,15 +31,16 @@ gate *pre-activations* (checked numerically against onnxruntime) while lstmkit's
 ``layernorm``, deep gates, ``fgr``, ``nig``/``nfg``/``nog``, ``niaf``/``noaf`` and
 projection (``proj_size``) have no place in the operator either.
 
-The Scan graph is docs/cell.md written in ONNX ops: per layer and direction, the input
-side ``x W_ihᵀ (LN) + b`` of all steps as one ``MatMul``, then a ``Scan`` whose body is
-one step (``Gemm`` for ``h W_hhᵀ``, ``Split`` into gates, MLPs, peepholes, ``weight_gg``,
-``Clip``, ``LayerNormalization`` — opset ≥ 17 —, projection). Lengths mask the body's
-updates with ``Where`` (state kept, output 0) and the reverse direction reads each
-sequence within its own length (``ReverseSequence``). The parameters are initializers
-under their lstmkit names. Every variant is exported; ``tests/test_convert_onnx.py`` runs
-each with onnxruntime against lstmkit. Dropout is a training-time operation and is not
-exported (the graph is the layer in ``eval()`` mode).
+The Scan graph is :mod:`lstmkit.cell` traced, not rewritten (:mod:`lstmkit.convert.onnx_trace`):
+per layer and direction, the input side ``x W_ihᵀ (LN) + b`` of all steps (the trace of
+``cell.input_projection``), then a ``Scan`` whose body is the trace of one step (``cell.step``
+with the length mask, the function ``torch.onnx.export``'s own Scan runs). Lengths mask the
+body's updates (state kept, output 0) and the reverse direction reads each sequence within
+its own length (``ReverseSequence``). The parameters are initializers under their lstmkit
+names, which the traced graphs read. A Scan graph needs opset ≥ 15 (``SCAN_MIN_OPSET``; 17
+with layer norm). Every variant is exported; ``tests/test_convert_onnx.py`` runs each with
+onnxruntime against lstmkit. Dropout is a training-time operation and is not exported, and
+zoneout is its expectation (the graph is the layer in ``eval()`` mode).
 
 Graph inputs: ``X`` [T, B, I] (or [B, T, I] with ``batch_first``), then optionally
 ``sequence_lens`` [B] (int32) and ``initial_h`` [L·D, B, H_out] (and ``initial_c``
@@ -61,20 +62,21 @@ import numpy as np
 import torch
 
 from lstmkit._validate import check_bool, check_optional_bool
-from lstmkit.cell import LN_EPS
+from lstmkit.convert import onnx_trace
 from lstmkit.convert.onnx_import import METADATA_KEY, from_onnx, onnx_module
 from lstmkit.kernels import onnx_export
 from lstmkit.layout import suffix
 from lstmkit.nn import LSTM, RNN
-from lstmkit.variants import HARD_SIGMOID_SLOPES
 
-__all__ = ["to_onnx", "from_onnx", "operator_refusal", "DEFAULT_OPSET", "MIN_OPSET"]
+__all__ = ["to_onnx", "from_onnx", "operator_refusal", "DEFAULT_OPSET", "MIN_OPSET", "SCAN_MIN_OPSET"]
 
 #: Opset written when none is given (LSTM-14 semantics; read by every current runtime).
 DEFAULT_OPSET = 17
 #: Oldest opset written: 14 is where ``LSTM``/``RNN`` last changed (``layout``), and
 #: ``Slice``/``Reshape`` take their arguments as inputs from 13 on.
 MIN_OPSET = 14
+#: Oldest opset of a Scan graph: the traced cell reads sizes with ``Shape``'s start/end (15).
+SCAN_MIN_OPSET = 15
 _METADATA_KEY = METADATA_KEY
 _onnx = onnx_module
 
@@ -117,15 +119,17 @@ class _Builder:
     """Collects nodes (of one graph or a Scan body) and constants (always the main graph's,
     which a body reads from the outer scope); every generated name is unique."""
 
-    def __init__(self, np_dtype: np.dtype, inits: list[Any] | None = None, counter: list[int] | None = None) -> None:
+    def __init__(self, np_dtype: np.dtype, inits: list[Any] | None = None, counter: list[int] | None = None,
+                 opset: int = 0) -> None:
         self.np_dtype = np_dtype
+        self.opset = opset
         self.nodes: list[Any] = []
         self.inits: list[Any] = [] if inits is None else inits
         self._counter = [0] if counter is None else counter
 
     def sub(self) -> _Builder:
         """A builder for a subgraph: own nodes, shared constants and names."""
-        return _Builder(self.np_dtype, self.inits, self._counter)
+        return _Builder(self.np_dtype, self.inits, self._counter, self.opset)
 
     def fresh(self, hint: str) -> str:
         self._counter[0] += 1
@@ -204,6 +208,9 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
     opset = DEFAULT_OPSET if opset is None else opset
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
         raise ValueError(f"opset: expected an int in [{MIN_OPSET}, {newest}], got {opset!r}")
+    if use_scan and opset < SCAN_MIN_OPSET:
+        raise ValueError(f"opset: cell {model.spec.name!r} is written as a Scan graph, which needs opset >= "
+                         f"{SCAN_MIN_OPSET}, got {opset} (the LSTM/RNN operator alone needs {MIN_OPSET})")
     if use_scan and model.spec.layernorm and opset < 17:
         raise ValueError(f"opset: a layernorm cell is written with LayerNormalization, which needs opset >= 17, "
                          f"got {opset}")
@@ -212,7 +219,7 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
     is_lstm = isinstance(model, LSTM)
     L, D, H, I = model.num_layers, model.num_directions, model.hidden_size, model.input_size
     h_out = model.output_size
-    g = _Builder(np_dtype)
+    g = _Builder(np_dtype, opset=opset)
 
     inputs = [helper.make_tensor_value_info("X", elem, ["B", "T", I] if batch_first else ["T", "B", I])]
     state_names = ["initial_h", "initial_c"] if is_lstm else ["initial_h"]
@@ -292,15 +299,6 @@ def _operator_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dic
 # ---------------------------------------------------------------------------- Scan export
 
 
-def _act(g: _Builder, name: str, v: str) -> str:
-    """``name`` applied to ``v`` (hard sigmoids: ``HardSigmoid`` with alpha = their slope)."""
-    if name == "identity":
-        return v
-    if name in HARD_SIGMOID_SLOPES:
-        return g.op("HardSigmoid", [v], alpha=HARD_SIGMOID_SLOPES[name], beta=0.5)
-    return g.op(onnx_export.ONNX_ACTIVATIONS[name], [v])
-
-
 def _scan_context(g: _Builder, x: str, sequence_lens: bool) -> dict[str, Any]:
     """Names every layer's Scan shares: the batch size, zero states' shapes, lengths, step indices."""
     shape = g.op("Shape", [x])  # [3]: T, B, I
@@ -321,36 +319,25 @@ def _zeros(g: _Builder, ctx: dict[str, Any], width: int) -> str:
     return g.op("ConstantOfShape", [shape], "zeros", value=value)  # [B, width]
 
 
-def _chunk_layernorm(g: _Builder, v: str, widths: list[int], rank: int) -> str:
-    """Layer norm without gain of each gate's chunk of the last axis (cell.chunk_layernorm)."""
-    if len(set(widths)) == 1:
-        n, G = widths[0], len(widths)
-        keep = [0] * (rank - 1)
-        v4 = g.op("Reshape", [v, g.ints(keep + [G, n])])
-        ln = g.op("LayerNormalization", [v4, g.floats(np.ones(n))], axis=-1, epsilon=LN_EPS)
-        return g.op("Reshape", [ln, g.ints(keep + [G * n])])
-    parts = g.op("Split", [v, g.ints(widths)], outputs=len(widths), axis=-1)
-    normed = [g.op("LayerNormalization", [p, g.floats(np.ones(w))], axis=-1, epsilon=LN_EPS)
-              for p, w in zip(parts, widths)]
-    return g.op("Concat", normed, axis=-1)
-
-
 def _scan_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[str, Any]) -> tuple[str, str, str]:
-    """One layer as one ``Scan`` per direction running the cell's equations (docs/cell.md)."""
+    """One layer as one ``Scan`` per direction: the input side and the body traced from
+    :mod:`lstmkit.cell` (:mod:`lstmkit.convert.onnx_trace`), reading the layer-direction's
+    parameters from initializers named as the state dict."""
+    from onnx import helper
+
     spec, H, D = model.spec, model.hidden_size, model.num_directions
     h_out = model.output_size
     lengths = ctx.get("lengths64")
+    dtype = torch.float64 if g.np_dtype == np.float64 else torch.float32
     ys, hs, cs = [], [], []
     for d in range(D):
-        p = {base: g.const(v.detach().cpu().numpy().astype(g.np_dtype), name=base + suffix(index, d))
-             for base, v in model.layer_params(index, d).items()}  # initializers named as the state dict
-        widths = [spec.first_width(k, H) for k in spec.computed_gates]
-        # The input side of every step at once (cell.input_projection): x W_ihᵀ (LN) + b.
-        a = g.op("MatMul", [x, g.op("Transpose", [p["weight_ih"]], perm=[1, 0])], "a")  # [T, B, R]
-        if spec.layernorm:
-            a = g.op("Mul", [_chunk_layernorm(g, a, widths, 3), p["ln_ih_weight"]])
-        if model.bias:
-            a = g.op("Add", [a, g.op("Add", [p["bias_ih"], p["bias_hh"]])])
+        tensors = {base: v.detach().cpu().to(dtype) for base, v in model.layer_params(index, d).items()}
+        names = {base: g.const(v.numpy(), name=base + suffix(index, d)) for base, v in tensors.items()}
+        # The input side of every step at once: x W_ihᵀ (LN) + b, [T, B, R].
+        traced = onnx_trace.input_projection(spec, tensors, H, g.opset)
+        nodes, inits, (a,) = onnx_trace.graft(traced, g.fresh, {"in_x": x}, names)
+        g.nodes.extend(nodes)
+        g.inits.extend(inits)
         reverse = d == 1
         if reverse and lengths is not None:  # each sequence backwards within its own length
             a = g.op("ReverseSequence", [a, lengths], "a_reversed", batch_axis=1, time_axis=0)
@@ -362,7 +349,22 @@ def _scan_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[st
                 states.append(_zeros(g, ctx, width))
         if spec.fgr:
             states.append(_zeros(g, ctx, len(spec.sigmoid_gates) * H))
-        body = _cell_body(g, model, p, len(states), lengths)
+        # The body: one step; its t and lengths inputs: the scanned step index and the outer lengths.
+        step = onnx_trace.step_body(spec, tensors, H, lengths is not None, g.opset)
+        body_inputs = [v.name for v in step.input]
+        bound = {"in_lengths": lengths} if lengths is not None else {}
+        inner = {n: g.fresh(n) for n in body_inputs if n not in bound}
+        nodes, inits, outs = onnx_trace.graft(step, g.fresh, {**inner, **bound}, names)
+        g.inits.extend(inits)
+        elem = helper.np_dtype_to_tensor_dtype(g.np_dtype)
+        widths = [h_out, H, len(spec.sigmoid_gates) * H][: len(states)] if spec.is_lstm else [h_out]
+        state_in = [helper.make_tensor_value_info(inner[n], elem, ["B", w])
+                    for n, w in zip(body_inputs[: len(states)], widths)]
+        scan_in = [helper.make_tensor_value_info(inner["in_a_t"], elem, ["B", spec.gate_rows(H)])]
+        if lengths is not None:
+            scan_in.append(helper.make_tensor_value_info(inner["in_t"], 7, []))
+        out_info = [helper.make_tensor_value_info(o, elem, ["B", w]) for o, w in zip(outs, widths + [h_out])]
+        body = helper.make_graph(nodes, g.fresh("cell_step"), state_in + scan_in, out_info)
         scan_inputs = [a] if lengths is None else [a, ctx["steps"]]
         direction = [1 if reverse and lengths is None else 0]
         outs = g.op("Scan", states + scan_inputs, "scan", outputs=len(states) + 1, body=body,
@@ -379,92 +381,3 @@ def _scan_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[st
     h = g.op("Concat", hs, "layer_h", axis=0) if D == 2 else hs[0]
     c = (g.op("Concat", cs, "layer_c", axis=0) if D == 2 else cs[0]) if spec.is_lstm else ""
     return y, h, c
-
-
-def _cell_body(outer: _Builder, model: LSTM | RNN, p: dict[str, str], n_states: int, lengths: str | None) -> Any:
-    """The Scan body: one step of docs/cell.md. Inputs: the states (h, c[, s]), a_t [B, R]
-    [and t]; outputs: the new states and y_t [B, H_out]. Parameters are outer-scope names."""
-    from onnx import helper
-
-    spec, H = model.spec, model.hidden_size
-    h_out = model.output_size
-    elem = helper.np_dtype_to_tensor_dtype(outer.np_dtype)
-    g = outer.sub()
-    h, c, s = (g.fresh("h_prev"), g.fresh("c_prev") if spec.is_lstm else None,
-               g.fresh("s_prev") if spec.fgr else None)
-    a_t, t = g.fresh("a_t"), g.fresh("t") if lengths is not None else None
-    widths = [spec.first_width(k, H) for k in spec.computed_gates]
-    r = g.op("Gemm", [h, p["weight_hh"]], "r", transB=1)  # h W_hhᵀ [B, R]
-    if spec.layernorm:
-        r = g.op("Mul", [_chunk_layernorm(g, r, widths, 2), p["ln_hh_weight"]])
-    z = g.op("Add", [a_t, r], "z")
-    new_states: list[str]
-    if not spec.is_lstm:
-        h_new = _act(g, spec.nonlinearity, z)
-        new_states, y = [h_new], h_new
-    else:
-        parts = g.op("Split", [z, g.ints(widths)], outputs=len(widths), axis=1) if len(widths) > 1 else [z]
-        parts = parts if isinstance(parts, list) else [parts]
-        u: dict[str, str] = {}
-        for gate, zk in zip(spec.computed_gates, parts):
-            hidden = spec.hidden_widths(gate)
-            for j in range(1, len(hidden) + 1):  # a deep gate: an MLP over [x, h]
-                zk = _act(g, spec.gate_hidden_activation, zk)
-                bias = [p[f"mlp_{gate}_bias{j}"]] if f"mlp_{gate}_bias{j}" in p else []
-                zk = g.op("Gemm", [zk, p[f"mlp_{gate}_weight{j}"], *bias], f"u_{gate}", transB=1)
-            u[gate] = zk
-        if spec.peephole:
-            for gate in ("i", "f"):
-                if gate in u:
-                    u[gate] = g.op("Add", [u[gate], g.op("Mul", [p[f"peephole_{gate}"], c])])
-        if spec.fgr:
-            rec = g.op("Gemm", [s, p["weight_gg"]], "rec", transB=1)
-            n = len(spec.sigmoid_gates)
-            chunks = g.op("Split", [rec, g.ints([H] * n)], outputs=n, axis=1) if n > 1 else [rec]
-            chunks = chunks if isinstance(chunks, list) else [chunks]
-            for gate, extra in zip(spec.sigmoid_gates, chunks):
-                u[gate] = g.op("Add", [u[gate], extra])
-        i = _act(g, spec.gate_activation, u["i"]) if "i" in u else None
-        if "f" in u:
-            f = _act(g, spec.gate_activation, u["f"])
-        elif spec.coupled:
-            f = g.op("Sub", [g.floats(1.0), i], "f")
-        else:
-            f = None
-        gg = _act(g, spec.candidate_activation, u["g"])
-        keep = c if f is None else g.op("Mul", [f, c])
-        c_new = g.op("Add", [keep, gg if i is None else g.op("Mul", [i, gg])], "c")
-        if spec.cell_clip is not None:
-            c_new = g.op("Clip", [c_new, g.floats(-spec.cell_clip), g.floats(spec.cell_clip)], "c_clipped")
-        o = None
-        if "o" in u:
-            uo = g.op("Add", [u["o"], g.op("Mul", [p["peephole_o"], c_new])]) if spec.peephole else u["o"]
-            o = _act(g, spec.gate_activation, uo)
-        m = c_new
-        if spec.layernorm:
-            m = g.op("LayerNormalization", [c_new, p["ln_c_weight"], p["ln_c_bias"]], axis=-1, epsilon=LN_EPS)
-        h_new = _act(g, spec.output_activation, m)
-        if o is not None:
-            h_new = g.op("Mul", [o, h_new])
-        if "weight_hr" in p:
-            h_new = g.op("Gemm", [h_new, p["weight_hr"]], "h_projected", transB=1)
-        if spec.zoneout != (0.0, 0.0):  # evaluation: the expectation d = z
-            z_c, z_h = spec.zoneout
-            c_new = g.op("Add", [c_new, g.op("Mul", [g.floats(z_c), g.op("Sub", [c, c_new])])], "c_zoned")
-            h_new = g.op("Add", [h_new, g.op("Mul", [g.floats(z_h), g.op("Sub", [h, h_new])])], "h_zoned")
-        new_states, y = [h_new, c_new], h_new
-        if spec.fgr:
-            act = {"i": i, "f": f, "o": o}
-            new_states.append(g.op("Concat", [act[k] for k in spec.sigmoid_gates], "s", axis=1))
-    prev = [h, c, s][: n_states] if spec.is_lstm else [h]
-    if lengths is not None:  # steps t >= len_b change nothing and output zeros
-        valid = g.op("Unsqueeze", [g.op("Less", [t, lengths]), g.ints([1])], "valid")  # [B, 1]
-        new_states = [g.op("Where", [valid, n, o_], "kept") for n, o_ in zip(new_states, prev)]
-        y = g.op("Where", [valid, y, g.floats(0.0)], "y_t")
-    outs_named = [g.op("Identity", [v], "state_out") for v in new_states] + [g.op("Identity", [y], "y_out")]
-    widths_of = [h_out, H, len(spec.sigmoid_gates) * H][: n_states] if spec.is_lstm else [h_out]
-    state_in = [helper.make_tensor_value_info(n, elem, ["B", w]) for n, w in zip(prev, widths_of)]
-    a_in = [helper.make_tensor_value_info(a_t, elem, ["B", spec.gate_rows(H)])]
-    t_in = [helper.make_tensor_value_info(t, 7, [])] if t is not None else []
-    outs = [helper.make_tensor_value_info(n, elem, ["B", w]) for n, w in zip(outs_named, widths_of + [h_out])]
-    return helper.make_graph(g.nodes, g.fresh("cell_step"), state_in + a_in + t_in, outs)

@@ -29,7 +29,8 @@ from lstmkit.kernels.base import Kernel, KernelOut
 from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates
 from lstmkit.spec import CellSpec
 
-__all__ = ["OnnxExportKernel", "operator_refusal", "operator_weights", "operator_activations", "exporting"]
+__all__ = ["OnnxExportKernel", "operator_refusal", "operator_weights", "operator_activations", "masked_step",
+           "exporting"]
 
 #: lstmkit's activations as ONNX's activation names (hard sigmoids: ``HardSigmoid`` with alpha = slope).
 ONNX_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "hard_sigmoid": "HardSigmoid",
@@ -41,6 +42,22 @@ def exporting() -> bool:
     """True while ``torch.onnx.export`` traces (also under its dynamo-strict capture, which
     would otherwise trace ``torch.onnx.is_in_onnx_export()`` as False)."""
     return torch.onnx.is_in_onnx_export()
+
+
+def masked_step(spec: CellSpec, H: int, params: dict[str, Tensor], states: list[Tensor], a_t: Tensor,
+                valid: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    """One step of a Scan: :func:`lstmkit.cell.step` on ``states`` = ``[h, c, s]`` (c for the
+    LSTM, s for fgr) and ``a_t`` (B, R); rows where ``valid`` (B, 1) is False keep their state
+    and output 0 (None: every row is valid). Returns the new states and ``y_t`` (B, H_out).
+    ``torch.onnx.export``'s Scan and :func:`lstmkit.convert.to_onnx`'s Scan body both run this."""
+    h, c = states[0], (states[1] if spec.is_lstm else None)
+    s = states[-1] if spec.fgr else None
+    out = cell.step(a_t, h, c, s, params, spec, H)
+    new = [out.h] + ([out.c] if spec.is_lstm else []) + ([out.s] if spec.fgr else [])
+    if valid is None:
+        return new, out.h
+    kept = [torch.where(valid, n, o) for n, o in zip(new, states)]  # past its length: unchanged
+    return kept, torch.where(valid, out.h, torch.zeros_like(out.h))  # output 0 past its length
 
 
 def operator_refusal(spec: CellSpec, proj_size: int = 0) -> str | None:
@@ -170,10 +187,6 @@ class OnnxExportKernel(Kernel):
 
         def step(carry: list[Tensor], xs: tuple[Tensor, Tensor]) -> tuple[list[Tensor], Tensor]:
             a_t, v = xs  # (B, R), (B, 1)
-            h, c, s = carry[0], (carry[1] if spec.is_lstm else None), (carry[-1] if spec.fgr else None)
-            out = cell.step(a_t, h, c, s, params, spec, H)
-            new = [out.h] + ([out.c] if spec.is_lstm else []) + ([out.s] if spec.fgr else [])
-            kept = [torch.where(v, n, o) for n, o in zip(new, carry)]  # past its length: unchanged
-            return kept, torch.where(v, out.h, torch.zeros_like(out.h))  # output 0 past its length
+            return masked_step(spec, H, params, carry, a_t, v)
         final, y = scan(step, states, (a, valid))
         return KernelOut(y, final[0], final[1] if spec.is_lstm else None, None)

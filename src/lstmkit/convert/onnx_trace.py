@@ -1,0 +1,163 @@
+"""The cell's equations as ONNX, traced from :mod:`lstmkit.cell` — never written node by node.
+
+:func:`lstmkit.convert.to_onnx` writes a variant the ``LSTM``/``RNN`` operator cannot carry as
+a ``Scan`` per layer and direction. Its two pieces come from ``torch.onnx.export`` of the
+same functions every kernel is tested against:
+
+* the input side of every step, :func:`lstmkit.cell.input_projection` (``x W_ihᵀ (LN) + b``),
+  traced with dynamic T and B and grafted into the main graph (:func:`input_projection`);
+* one step, :func:`lstmkit.kernels.onnx_export.masked_step` — :func:`lstmkit.cell.step` with
+  the length mask, the function ``torch.onnx.export``'s own Scan runs — traced with a dynamic
+  batch and used as the Scan's body (:func:`step_body`).
+
+A traced graph reads the layer-direction's parameters as initializers named by the parameter
+(``weight_hh``, …); grafting renames them to the main graph's initializers (``weight_hh_l0``,
+…, named as the state dict) and every other value to a fresh name, so the same trace serves
+every layer and direction. Traces are cached per cell, sizes, dtype and opset.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lstmkit import cell
+from lstmkit.kernels.onnx_export import masked_step
+from lstmkit.spec import CellSpec
+
+__all__ = ["input_projection", "step_body", "graft"]
+
+_CACHE: dict[tuple[Any, ...], Any] = {}
+
+
+class _Traced(torch.nn.Module):
+    """``fn(*inputs, params)`` with the parameters registered under their own names, so the
+    exported graph's initializers are named by them."""
+
+    def __init__(self, fn: Any, params: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.names = list(params)
+        for name, value in params.items():
+            self.register_parameter(name, torch.nn.Parameter(value.detach().clone(), requires_grad=False))
+
+    def forward(self, *inputs: Tensor) -> Any:
+        return self.fn(*inputs, {n: getattr(self, n) for n in self.names})
+
+
+def _export(fn: Any, params: dict[str, Tensor], inputs: list[tuple[str, Tensor, dict[int, Any]]],
+            outputs: list[str], opset: int) -> Any:
+    """The ONNX graph of ``fn`` traced on ``inputs`` (name, example, dynamic dims) — checked
+    to be at ``opset`` (the exporter converts down from its own; a cell that needs a newer
+    opset is refused with the one it needs)."""
+    module = _Traced(fn, params)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, tuple(t for _, t, _ in inputs),
+                                    dynamic_shapes=(tuple(d for _, _, d in inputs),),  # forward(*inputs)
+                                    input_names=[n for n, _, _ in inputs], output_names=outputs,
+                                    opset_version=opset, optimize=False, verbose=False)
+    proto = program.model_proto
+    got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if got != opset:
+        raise ValueError(f"opset: the cell's equations as ONNX need opset >= {got}, got {opset}")
+    return proto.graph
+
+
+def input_projection(spec: CellSpec, params: dict[str, Tensor], hidden_size: int, opset: int) -> Any:
+    """The graph ``in_x [T, B, I] -> out_a [T, B, R]`` of :func:`lstmkit.cell.input_projection`."""
+    names = [n for n in ("weight_ih", "bias_ih", "bias_hh", "ln_ih_weight") if n in params]
+    p = {n: params[n] for n in names}
+    w = p["weight_ih"]
+    key = ("input", spec, hidden_size, tuple(w.shape), tuple(names), w.dtype, opset)
+    if key not in _CACHE:
+        T, B = torch.export.Dim("T", min=2), torch.export.Dim("B", min=2)
+        x = torch.zeros(3, 2, w.shape[1], dtype=w.dtype)
+
+        def project(xx: Tensor, pp: dict[str, Tensor]) -> Tensor:
+            return cell.input_projection(xx, pp, spec, hidden_size)
+        _CACHE[key] = _export(project, p, [("in_x", x, {0: T, 1: B})], ["out_a"], opset)
+    return _CACHE[key]
+
+
+def step_body(spec: CellSpec, params: dict[str, Tensor], hidden_size: int, lengths: bool, opset: int) -> Any:
+    """The graph of one step, the Scan's body: inputs the states ``in_h`` [B, H_out] (``in_c``
+    [B, H], ``in_s`` [B, |S|·H] for fgr), the scanned ``in_a_t`` [B, R] (and, with lengths, the
+    step ``in_t`` and ``in_lengths`` [B], which the caller binds to the outer scope); outputs
+    the new states and the step's output (``out_h``, …, ``out_y`` [B, H_out])."""
+    p = {n: v for n, v in params.items() if n not in ("weight_ih", "bias_ih", "bias_hh", "ln_ih_weight")}
+    H = hidden_size
+    R = params["weight_hh"].shape[0]
+    h_out = params["weight_hr"].shape[0] if "weight_hr" in params else params["weight_hh"].shape[1]
+    dtype = params["weight_hh"].dtype
+    key = ("step", spec, H, R, h_out, tuple(sorted(p)), dtype, lengths, opset)
+    if key not in _CACHE:
+        B = torch.export.Dim("B", min=2)
+        widths = [("in_h", h_out)] + ([("in_c", H)] if spec.is_lstm else []) + \
+            ([("in_s", len(spec.sigmoid_gates) * H)] if spec.fgr else [])
+        inputs: list[tuple[str, Tensor, dict[int, Any]]] = [(n, torch.zeros(2, w, dtype=dtype), {0: B})
+                                                            for n, w in widths]
+        inputs.append(("in_a_t", torch.zeros(2, R, dtype=dtype), {0: B}))
+        if lengths:
+            inputs += [("in_t", torch.tensor(0), {}), ("in_lengths", torch.ones(2, dtype=torch.int64), {0: B})]
+        n_states = len(widths)
+
+        def one_step(*args: Any) -> tuple[Tensor, ...]:
+            *ins, pp = args
+            states, a_t = list(ins[:n_states]), ins[n_states]
+            valid = (ins[n_states + 1] < ins[n_states + 2]).unsqueeze(1) if lengths else None  # (B, 1)
+            new, y = masked_step(spec, H, pp, states, a_t, valid)
+            return (*new, y)
+        outputs = [f"out_{n[3:]}" for n, _ in widths] + ["out_y"]
+        _CACHE[key] = _export(one_step, p, inputs, outputs, opset)
+    return _CACHE[key]
+
+
+def graft(graph: Any, fresh: Any, inputs: dict[str, str], params: dict[str, str]) -> tuple[list[Any], list[Any],
+                                                                                          list[str]]:
+    """A traced graph's nodes with its inputs and parameters bound to outer names.
+
+    Args:
+        fresh: ``fresh(hint) -> str``, unique names of the graph the nodes go into.
+        inputs: the traced graph's input names -> the names they take.
+        params: parameter initializer names -> the outer initializers' names.
+
+    Returns:
+        ``(nodes, initializers, outputs)``: the renamed nodes (in order), the traced graph's
+        other initializers (constants, renamed) and the names of its outputs.
+    """
+    from onnx import helper, numpy_helper
+
+    rename = {**inputs, **params}
+    initializers = []
+    for t in graph.initializer:
+        if t.name in params:
+            continue
+        new = fresh("c")
+        rename[t.name] = new
+        arr = numpy_helper.to_array(t)
+        initializers.append(numpy_helper.from_array(arr, new))
+
+    def name(v: str) -> str:
+        if v == "":
+            return v
+        if v not in rename:
+            rename[v] = fresh("v")
+        return rename[v]
+    nodes = []
+    for node in graph.node:
+        copy = helper.make_node(node.op_type, [name(v) for v in node.input], [name(v) for v in node.output],
+                                name=fresh(node.op_type), domain=node.domain)
+        copy.attribute.extend(node.attribute)
+        nodes.append(copy)
+    outputs: list[str] = []
+    for o in graph.output:  # one value given as two outputs (a step's h and y): a graph output is named once
+        out = name(o.name)
+        if out in outputs:
+            nodes.append(helper.make_node("Identity", [out], [dup := fresh("v")], name=fresh("Identity")))
+            out = dup
+        outputs.append(out)
+    return nodes, initializers, outputs
