@@ -40,8 +40,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstmkit
 import numpy_lstm as oracle
-from conftest import assert_rel
-from lstmkit import kernels
+from conftest import assert_rel, zoneout_keep
+from lstmkit import kernels, variants
 from lstmkit.kernels import abi
 from lstmkit.kernels.triton_impl import PATH_ENV, PATHS
 from lstmkit.spec import resolve
@@ -60,7 +60,7 @@ CELLS = {vid: cell for vid, cell in LSTM_VARIANTS.items()
          if kernels.REGISTRY["triton"].unsupported(resolve(cell), DEVICE, torch.float32) is None}
 CELLS.update({vid: f"rnn_{nl}" for vid, nl in RNN_VARIANTS.items()})
 COMBOS = ["vanilla", "peephole+cifg+layernorm", "fgr+peephole+nog+clip=0.4", "nig+niaf+noaf",
-          "nfg+peephole+layernorm", "rnn_tanh"]
+          "nfg+peephole+layernorm", "zoneout=0.3/0.2+peephole+gate_act=hardsigmoid+out_act=relu", "rnn_tanh"]
 BF16_FLOOR = 2 ** -5
 
 
@@ -208,7 +208,7 @@ def test_stacked_bidirectional_projection_vs_numpy_oracle(cell, path):
                                      base.num_layers, base.bidirectional)
     npa = {k: None if v is None else v.numpy() for k, v in d.items()}
     y, hn, cn, cache = oracle.forward(npa["x"], layers, npa["h0"], npa["c0"], variant, lengths=np.array(lengths),
-                                      bidirectional=True)
+                                      bidirectional=True, keep=zoneout_keep(base, T, B))
     valid = (np.arange(T)[:, None] < np.array(lengths)[None, :])[..., None]
     dy = npa["dy"] * valid  # the padded steps of y are not outputs
     dx, dlayers, dh0, dc0 = oracle.backward(cache, dy, npa["dhn"], npa["dcn"])
@@ -221,10 +221,61 @@ def test_stacked_bidirectional_projection_vs_numpy_oracle(cell, path):
         assert_rel(got[name], torch.from_numpy(np.asarray(w)), torch.float64, name)
 
 
+# ---------------------------------------------------------------------------- new rows
+
+
+@pytest.mark.parametrize(("mode", "dtype"), [("train", torch.float64), ("eval", torch.float64),
+                                             ("eval", torch.bfloat16)], ids=["train-f64", "eval-f64", "eval-bf16"])
+def test_zoneout_with_projection_and_lengths(mode, dtype, path):
+    """Zoneout with a projection (h_t mixes in h_{t-1} after W_hr: the projection's own kernels
+    on the per-step path) and lengths: the training masks, and at evaluation (no masks) the
+    scalars z_c, z_h."""
+    base = make("zoneout=0.3/0.2+peephole", 3, 5, P=3)
+    check(base if mode == "train" else base.eval(), dtype, T=6, B=4, lengths=[6, 2, 5, 1])
+
+
+@pytest.mark.parametrize("cell", ["gate_act=hard_sigmoid", "gate_act=hardsigmoid+cifg+peephole"])
+def test_hard_sigmoid_gates_on_both_flat_parts(cell, path):
+    """Input weights scaled ×4 put every gate on the ramp and on both flat parts (derivative 0)
+    at some steps (checked on the reference's trace), float64 against the reference."""
+    base = make(cell, 3, 5)
+    with torch.no_grad():
+        base.weight_ih_l0.mul_(4.0)
+    ref = copy.deepcopy(base)
+    ref.backend = "reference"
+    trace = ref._run(data(base, 6, 4)["x"], None, record=True)[3].traces[0][0]
+    for k in ("i", "f", "o"):
+        a = trace[k]
+        assert (a == 0).any() and (a == 1).any() and ((a > 0) & (a < 1)).any(), k
+    check(base, torch.float64, T=6, B=4, lengths=[6, 2, 5, 1])
+
+
+def test_variant_word_decoders_match_the_abi():
+    """The kernels' compile-time decoders of the flag word (triton_cell.has, slot, fgr_slot,
+    hard_slope) say what lstmkit.kernels.abi says, for every combination of the bits that
+    remove gates, with and without fgr, and a hard sigmoid."""
+    from lstmkit.kernels import triton_cell
+
+    removal = [b for b in (1 << k for k in range(len(abi.FLAGS))) if any(b & m for m in abi.GATE_REMOVED.values())]
+    for n in range(1 << len(removal)):
+        word = sum(b for j, b in enumerate(removal) if n >> j & 1)
+        for extra in (0, abi.flag("fgr"), abi.flag("fgr") | abi.flag("gate_act_hardsigmoid")):
+            flags = word | extra
+            slots, sslots = abi.gate_slots(flags)
+            assert {g: triton_cell.slot(flags, g) for g in slots} == slots
+            fgr = bool(flags & abi.flag("fgr"))
+            assert {g: triton_cell.fgr_slot(flags, g) for g in sslots} == (sslots if fgr else dict.fromkeys(sslots, -1))
+            assert [triton_cell.has(flags, name) for name in abi.FLAGS] == [bool(flags & abi.flag(f)) for f in abi.FLAGS]
+    for name, slope in variants.HARD_SIGMOID_SLOPES.items():
+        assert triton_cell.hard_slope(abi.flags(resolve(f"gate_act={name}"))) == slope
+    assert triton_cell.hard_slope(abi.flags(resolve("vanilla"))) == 0.0
+
+
 # ---------------------------------------------------------------------------- record mode
 
 
-@pytest.mark.parametrize("cell", ["vanilla", "cifg", "nig+nog", "layernorm", "fgr+peephole", "rnn_tanh"])
+@pytest.mark.parametrize("cell", ["vanilla", "cifg", "nig+nog", "layernorm", "fgr+peephole",
+                                  "zoneout=0.3/0.2+gate_act=hard_sigmoid", "rnn_tanh"])
 def test_record_mode_matches_reference(cell, path):
     """The trace is what the kernel computed (its buffers), equal to the reference's on
     every valid step; absent gates are absent; recording changes no output."""
@@ -334,7 +385,10 @@ def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     plan = ["peephole+cifg+layernorm/bfloat16/per-step H=256 P=128",  # every per-step kernel
             "fgr+peephole+nog+clip=0.4/float32/persistent H=32 P=16",  # persistent: fgr, projection
-            "peephole+cifg+layernorm/bfloat16/persistent H=32"]        # persistent: layernorm
+            "peephole+cifg+layernorm/bfloat16/persistent H=32",        # persistent: layernorm
+            # the new rows, zoneout's masks and scalars: per step with a projection, and persistent
+            "zoneout=0.3/0.2+gate_act=hard_sigmoid+cand_act=relu+out_act=relu/bfloat16/per-step H=256 P=128",
+            "zoneout=0.3/0.2+gate_act=hardsigmoid+peephole/float32/persistent H=32 P=16"]
     cmd = [sys.executable, "-W", "ignore", "-m", "lstmkit.kernels.triton_aot", "--plan", ";".join(plan),
            "--archs", "80,90"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent, timeout=900)

@@ -225,7 +225,8 @@ class TritonKernel(FusedKernel):
 
     name = "triton"
     implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
-                            "rnn", "rnn_relu"})
+                            "rnn", "rnn_relu", "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "cand_act_relu",
+                            "out_act_relu", "zoneout"})
 
     @property
     def devices(self) -> tuple[str, ...]:  # type: ignore[override]

@@ -76,8 +76,9 @@ def _type(value: Any) -> str:
 
 def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int = 2,
              lengths: bool = True) -> list[Launch]:
-    """The distinct launches of one layer-direction (forward with and without buffers, and
-    backward) with these flags, dtype and sizes, as on a GPU (the dot sees the layer's dtype)."""
+    """The distinct launches of one layer-direction (forward without buffers, as at evaluation;
+    forward with buffers and backward, as in training: with zoneout's masks) with these flags,
+    dtype and sizes, as on a GPU (the dot sees the layer's dtype)."""
     v = triton_impl.Variant.from_flags(cell_flags)
     R = v.n_gates * H
     HO = P if P > 0 and not v.rnn else H
@@ -93,7 +94,8 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
         seen[Launch(name, sig, tuple(consts.items()), num_warps)] = None
 
     meta = torch.device("meta")
-    spec = _spec_params(v, H, P, R, HO, dtype, meta)
+    spec = _spec_params(v, T, B, H, P, R, HO, dtype, meta, masks=False)
+    train = _spec_params(v, T, B, H, P, R, HO, dtype, meta, masks=True)
     xg = torch.empty((T, B, R), dtype=dtype, device=meta)
     w_hh = torch.empty((R, HO), dtype=dtype, device=meta)
     h0 = torch.empty((B, HO), dtype=dtype, device=meta)
@@ -104,25 +106,27 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
     triton_impl.RECORDER = record
     try:
         impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, 0.5, 0.0, 0.0, H, P, False)
-        y, h_n, c_n, *buffers = impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, 0.5, 0.0, 0.0, H, P, True)
+        y, h_n, c_n, *buffers = impl.forward(xg, w_hh, h0, c0, lens, *train, cell_flags, 0.5, 0.0, 0.0, H, P, True)
         impl.backward(torch.empty_like(y), torch.empty_like(h_n), c_n.new_empty(c_n.shape), y, h0, c0, w_hh, lens,
-                      *spec, *buffers, cell_flags, 0.5, 0.0, 0.0, H, P)
+                      *train, *buffers, cell_flags, 0.5, 0.0, 0.0, H, P)
     finally:
         triton_impl.RECORDER = old
     return list(seen)
 
 
-def _spec_params(v: triton_impl.Variant, H: int, P: int, R: int, HO: int, dtype: torch.dtype,
-                 dev: torch.device) -> list[torch.Tensor]:
-    """Meta parameters in :data:`~lstmkit.kernels.abi.PARAMS` order, present as the variant has them."""
+def _spec_params(v: triton_impl.Variant, T: int, B: int, H: int, P: int, R: int, HO: int, dtype: torch.dtype,
+                 dev: torch.device, masks: bool) -> list[torch.Tensor]:
+    """Meta parameters in :data:`~lstmkit.kernels.abi.PARAMS` order, present as the variant has them
+    (zoneout's masks keep_c (T, B, H), keep_h (T, B, HO) if ``masks``: training)."""
     nsh = v.n_sigmoid * H
     shapes = {"peephole_i": (H,) if v.peep and v.gi >= 0 else None,
               "peephole_f": (H,) if v.peep and v.gf >= 0 else None,
               "peephole_o": (H,) if v.peep and v.go >= 0 else None, "weight_gg": (nsh, nsh) if v.fgr else None,
               "ln_hh_weight": (R,) if v.ln else None, "ln_c_weight": (H,) if v.ln else None,
               "ln_c_bias": (H,) if v.ln else None, "weight_hr": (P, H) if P > 0 and not v.rnn else None,
-              "ln_ih_weight": (R,) if v.ln else None, "bias": (R,) if v.ln else None, "keep_c": None,
-              "keep_h": None}
+              "ln_ih_weight": (R,) if v.ln else None, "bias": (R,) if v.ln else None,
+              "keep_c": (T, B, H) if v.zoneout and masks else None,
+              "keep_h": (T, B, HO) if v.zoneout and masks else None}
     assert len(shapes) == NP and NB == len(abi.BUFFERS) and ops.NP == NP
     return [torch.empty(s if s else (0,), dtype=dtype, device=dev) for s in (shapes[n] for n in abi.PARAMS)]
 
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def flags_of(c: str) -> int:
         if c.startswith("rnn_"):
-            return abi.flag("rnn") | (abi.flag("relu") if c == "rnn_relu" else 0)
+            return abi.flag("rnn") | (abi.flag("rnn_relu") if c == "rnn_relu" else 0)
         return abi.flags(resolve(c))
     if args.plan:
         builds = []

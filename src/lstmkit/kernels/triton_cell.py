@@ -18,6 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lstmkit import variants
 from lstmkit.kernels import abi
 
 # ----------------------------------------------------------------------------- the variant word
@@ -48,6 +49,21 @@ def fgr_slot(flags: int, gate: str) -> int:
     ``W_gg``; -1 if absent, and for every gate without fgr."""
     return _gate_slots(flags)[1][gate] if flags & _BITS["fgr"] else -1
 
+
+#: The bit of each hard-sigmoid row of the variant table -> its slope (``HARD_SIGMOID_SLOPES``).
+_SLOPE_OF_BIT: dict[int, float] = {abi.flag(r.flag_name): variants.HARD_SIGMOID_SLOPES[r.sets["gate_activation"]]
+                                   for r in variants.ROWS if "gate_activation" in r.sets}
+
+
+@triton.constexpr_function
+def hard_slope(flags: int) -> float:
+    """The slope of the gates' hard sigmoid ``clamp(slope·u + 1/2, 0, 1)``; 0.0: they use σ."""
+    for bit in _SLOPE_OF_BIT:
+        if flags & bit:
+            return _SLOPE_OF_BIT[bit]
+    return 0.0
+
+
 # ----------------------------------------------------------------------------- math
 
 
@@ -62,6 +78,56 @@ def tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def gate_act(u, FLAGS: tl.constexpr):
+    """A gate's activation (i, f, o): σ(u), or the hard sigmoid ``clamp(slope·u + 1/2, 0, 1)``
+    (as :func:`lstmkit.cell.gate_activation`: NaN gives 0)."""
+    SLOPE: tl.constexpr = hard_slope(FLAGS)
+    if SLOPE > 0:
+        v = SLOPE * u + 0.5
+        a = tl.where((v > 0.0) & (v < 1.0), v, tl.where(v >= 1.0, 1.0, 0.0))
+    else:
+        a = _sigmoid(u)
+    return a
+
+
+@triton.jit
+def gate_grad(d, a, FLAGS: tl.constexpr):
+    """dL/du of a gate from d = dL/da and its activation a: d·a(1 − a) for σ; for the hard
+    sigmoid d·slope where 0 < a < 1 (the ramp), 0 on the flat parts and at the kinks."""
+    SLOPE: tl.constexpr = hard_slope(FLAGS)
+    if SLOPE > 0:
+        du = tl.where((a > 0.0) & (a < 1.0), d * SLOPE, 0.0)
+    else:
+        du = d * a * (1.0 - a)
+    return du
+
+
+@triton.jit
+def act(u, IDENTITY: tl.constexpr, RELU: tl.constexpr):
+    """The candidate's or the cell output's activation: tanh(u), u (IDENTITY) or max(u, 0)
+    (RELU; NaN stays NaN, as torch.relu)."""
+    if IDENTITY:
+        a = u
+    elif RELU:
+        a = tl.where(u < 0, 0.0, u)
+    else:
+        a = tanh(u)
+    return a
+
+
+@triton.jit
+def act_grad(d, a, IDENTITY: tl.constexpr, RELU: tl.constexpr):
+    """dL/du of :func:`act` from d = dL/da and its output a: d, d·[a > 0] or d·(1 − a²)."""
+    if IDENTITY:
+        du = d
+    elif RELU:
+        du = tl.where(a > 0, d, 0.0)
+    else:
+        du = d * (1.0 - a * a)
+    return du
 
 
 @triton.jit
@@ -134,6 +200,19 @@ def st(ptr, rows, ld, col0, ch, m, v, ON: tl.constexpr):
 
 
 @triton.jit
+def keep_tile(keep, row, ld, cols, m, z, HAS_KEEP: tl.constexpr, CT: tl.constexpr, BB: tl.constexpr,
+              BN: tl.constexpr):
+    """zoneout's d (BB, BN) for the rows ``row`` (t·B + b): the training mask ``keep[row, cols]``
+    (row stride ``ld``; 1 where a unit keeps its previous state), or at evaluation, without
+    masks, the probability ``z`` everywhere (the mask's expectation)."""
+    if HAS_KEEP:
+        d = tl.load(keep + row[:, None] * ld + cols[None, :], mask=m, other=0.0).to(CT)
+    else:
+        d = tl.zeros((BB, BN), CT) + z
+    return d
+
+
+@triton.jit
 def _vec(ptr, col0, ch, cm, CT: tl.constexpr, ON: tl.constexpr, BH: tl.constexpr):
     """Vector ``ptr[col0 + ch]`` (BH,) as CT; zeros if not ON."""
     if ON:
@@ -197,10 +276,15 @@ def rnn_act_bwd(y, row, HO, ch, m2, dh, FLAGS: tl.constexpr, CT: tl.constexpr, B
 
 
 @triton.jit
-def saved_cells(C, c0, row, rb64, t, B, H, ch, m2, CT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
-    """(c_t, c_{t-1}) of the rows at step t from the saved C (T, B, H), c0 (B, H) at t = 0;
-    (BB, BH) each."""
-    cc = ld(C, row, H, 0, ch, m2, CT, True, BB, BH)
+def saved_cells(C, CN, c0, row, rb64, t, B, H, ch, m2, FLAGS: tl.constexpr, CT: tl.constexpr, BB: tl.constexpr,
+                BH: tl.constexpr):
+    """(c̃_t, c_{t-1}) of the rows at step t, (BB, BH) each: the cell's new state (zoneout: before
+    it mixed in c_{t-1}, CN (T, B, H); else C (T, B, H)) and the previous state (C at t − 1,
+    c0 (B, H) at t = 0)."""
+    if has(FLAGS, "zoneout"):
+        cc = ld(CN, row, H, 0, ch, m2, CT, True, BB, BH)
+    else:
+        cc = ld(C, row, H, 0, ch, m2, CT, True, BB, BH)
     if t > 0:
         cp = ld(C, row - B, H, 0, ch, m2, CT, True, BB, BH)
     else:
@@ -280,16 +364,17 @@ def fgr_in(s_i, s_f, s_o, w_i, w_f, w_o, FLAGS: tl.constexpr, OP: tl.constexpr, 
 
 
 @triton.jit
-def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip,
-              p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias,
-              G, C, RH, RS, AH, AS, R, NG, FLAGS: tl.constexpr, HAS_BIAS: tl.constexpr,
+def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip, zc,
+              p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c,
+              G, C, CN, RH, RS, AH, AS, R, NG, FLAGS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
               SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
               CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """One LSTM step on a (BB, BH) tile, from the recurrent pre-activations ``r_k`` (layernorm:
     raw) and fgr's ``f_k = s_{t-1} W_ggᵀ``: loads ``xg`` at ``row`` = t·B + b (rows that
-    exist: ``rm``), writes the buffers of this step (zeros on invalid rows, C carried), and
-    returns ``(i, f, o, c_t, h̃)``: the gates (1 where absent), c_t already carried on rows
-    that are not ``valid``, and h̃ = o ⊙ act(LN(c_t)) (zero outside the H cells)."""
+    exist: ``rm``), writes the buffers of this step (zeros on invalid rows, C and CN carried),
+    and returns ``(i, f, o, c_t, h̃)``: the gates (1 where absent), c_t already carried on rows
+    that are not ``valid`` (zoneout: c_t = c̃ + d_c (c_{t-1} − c̃), with d_c from ``keep_c``
+    (T, B, H) or ``zc``; CN keeps c̃), and h̃ = o ⊙ act(LN(c̃)) (zero outside the H cells)."""
     GI: tl.constexpr = slot(FLAGS, "i")
     GF: tl.constexpr = slot(FLAGS, "f")
     GG: tl.constexpr = slot(FLAGS, "g")
@@ -348,6 +433,9 @@ def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, 
     st(G, row, R, GG * H, ch, m2, tl.where(v2, g, 0.0), SAVE_G)
     st(G, row, R, GO * H, ch, m2, tl.where(v2, o, 0.0), SAVE_G and GO >= 0)
     c = tl.where(v2, c, cp)
+    if has(FLAGS, "zoneout"):  # c_t = c̃ + d_c (c_{t-1} − c̃): c_{t-1} on the rows that are not valid
+        st(CN, row, H, 0, ch, m2, c, SAVE_C)
+        c += keep_tile(keep_c, row, H, ch, m2, zc, HAS_KEEP, CT, BB, BH) * (cp - c)
     st(C, row, H, 0, ch, m2, c, SAVE_C)
     return i, f, o, c, tl.where(cm[None, :], hm, 0.0)
 
@@ -363,18 +451,15 @@ def _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b, FLAG
     if slot(FLAGS, "i") >= 0:
         if PEEP:
             z_i += _vec(p_i, 0, ch, cm, CT, True, BH)[None, :] * cp
-        i = _sigmoid(z_i)
+        i = gate_act(z_i, FLAGS)
     f = one
     if slot(FLAGS, "f") >= 0:
         if PEEP:
             z_f += _vec(p_f, 0, ch, cm, CT, True, BH)[None, :] * cp
-        f = _sigmoid(z_f)
+        f = gate_act(z_f, FLAGS)
     elif has(FLAGS, "cifg"):
         f = 1.0 - i
-    if has(FLAGS, "niaf"):
-        g = z_g
-    else:
-        g = tanh(z_g)
+    g = act(z_g, has(FLAGS, "niaf"), has(FLAGS, "cand_act_relu"))
     c = f * cp + i * g
     if has(FLAGS, "clip"):  # comparisons are false for NaN: it stays
         c = tl.where(c > clip, clip, tl.where(c < -clip, -clip, c))
@@ -382,15 +467,12 @@ def _cell(z_i, z_f, z_g, z_o, cp, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b, FLAG
     if slot(FLAGS, "o") >= 0:
         if PEEP:
             z_o += _vec(p_o, 0, ch, cm, CT, True, BH)[None, :] * c
-        o = _sigmoid(z_o)
+        o = gate_act(z_o, FLAGS)
     m = c
     if has(FLAGS, "layernorm"):
         chat, _ = _ln_rows(c, cm, H, EPS)
         m = chat * _vec(c_w, 0, ch, cm, CT, True, BH)[None, :] + _vec(c_b, 0, ch, cm, CT, True, BH)[None, :]
-    if has(FLAGS, "noaf"):
-        hm = o * m
-    else:
-        hm = o * tanh(m)
+    hm = o * act(m, has(FLAGS, "noaf"), has(FLAGS, "out_act_relu"))
     return i, f, g, o, c, hm
 
 
@@ -440,14 +522,16 @@ def step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c
 
 
 @triton.jit
-def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip,
-              p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, AH, AS, RH, RS, DXG, DR, DZS, MO, acc, row, R, NG, NSH,
-              FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr,
-              BB: tl.constexpr, BH: tl.constexpr):
+def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip, zc,
+              p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, keep_c, AH, AS, RH, RS, DXG, DR, DZS, MO, acc, row, R, NG, NSH,
+              FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
+              CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """One LSTM step backwards on a (BB, BH) tile (the CPU kernel's loops 2' and 1').
 
-    Takes the gates, c_t, c_{t-1} and the incoming gradients — dh of h̃ = o ⊙ act(LN(c_t)),
-    dc of c_t (carried), fgr's ds of s_t — all zero on rows that are not ``valid``. Writes
+    Takes the gates, c̃_t (the cell's new state, before zoneout), c_{t-1} and the incoming
+    gradients — dh of h̃ = o ⊙ act(LN(c̃_t)), dc of c_t (carried; zoneout: of the zoned c_t,
+    of which d_c·dc goes straight to c_{t-1} and the rest to c̃_t), fgr's ds of s_t — all
+    zero on rows that are not ``valid``. Writes
     dXG (the gradient of xg: of z, or through the input layer norm), layernorm's dR (of the
     raw r) and fgr's dZS, the projection's MO (h̃), and adds this tile's parameter
     gradients to ``acc`` (peepholes and LN gains; layout as the CPU kernel's: p_i, p_f,
@@ -465,31 +549,30 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
     FGR: tl.constexpr = has(FLAGS, "fgr")
     LN: tl.constexpr = has(FLAGS, "layernorm")
     NOAF: tl.constexpr = has(FLAGS, "noaf")
+    OUT_RELU: tl.constexpr = has(FLAGS, "out_act_relu")
     m2 = rm[:, None] & cm[None, :]
     v2 = valid[:, None]
     zero = tl.zeros((BB, BH), CT)
-    # h̃ = o ⊙ act(m), m = LN(c_t) or c_t
+    if has(FLAGS, "zoneout"):  # c_t = c̃ + d_c (c_{t-1} − c̃): dc_{t-1} gets d_c·dc, c̃ the rest
+        dcz = keep_tile(keep_c, row, H, ch, m2, zc, HAS_KEEP, CT, BB, BH) * dc
+        dc = dc - dcz
+    # h̃ = o ⊙ act(m), m = LN(c̃) or c̃
     m = c
     chat = c
     crs = tl.zeros((BB,), CT)
     if LN:
         chat, crs = _ln_rows(c, cm, H, EPS)
         m = chat * _vec(c_w, 0, ch, cm, CT, True, BH)[None, :] + _vec(c_b, 0, ch, cm, CT, True, BH)[None, :]
-    if NOAF:
-        tm = m
-    else:
-        tm = tanh(m)
+    tm = act(m, NOAF, OUT_RELU)
     du_o = zero
     if GO >= 0:
         d_o = dh * tm
         if FGR:
             d_o += ds_o
-        du_o = d_o * o * (1.0 - o)
+        du_o = gate_grad(d_o, o, FLAGS)
     if PROJ:
         st(MO, row, H, 0, ch, m2, tl.where(v2, o * tm, 0.0), True)
-    dm = dh * o
-    if not NOAF:
-        dm = dm * (1.0 - tm * tm)
+    dm = act_grad(dh * o, tm, NOAF, OUT_RELU)
     if LN:
         _acc(acc, 3 * H, ch, cm, dm * chat, True)
         _acc(acc, 4 * H, ch, cm, dm, True)
@@ -505,18 +588,17 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
     if has(FLAGS, "clip"):
         dc = tl.where(tl.abs(c) < clip, dc, 0.0)
     # dc -> g, f, i, c_{t-1}
-    if has(FLAGS, "niaf"):
-        du_g = dc * i
-    else:
-        du_g = dc * i * (1.0 - g * g)
+    du_g = act_grad(dc * i, g, has(FLAGS, "niaf"), has(FLAGS, "cand_act_relu"))
     df = dc * cp
     dcp = dc * f
+    if has(FLAGS, "zoneout"):
+        dcp += dcz
     du_f = zero
     if GF >= 0:
         d_f = df
         if FGR:
             d_f += ds_f
-        du_f = d_f * f * (1.0 - f)
+        du_f = gate_grad(d_f, f, FLAGS)
         if PEEP:
             dcp += du_f * _vec(p_f, 0, ch, cm, CT, True, BH)[None, :]
             _acc(acc, H, ch, cm, du_f * cp, True)
@@ -527,7 +609,7 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
             d_i -= df
         if FGR:
             d_i += ds_i
-        du_i = d_i * i * (1.0 - i)
+        du_i = gate_grad(d_i, i, FLAGS)
         if PEEP:
             dcp += du_i * _vec(p_i, 0, ch, cm, CT, True, BH)[None, :]
             _acc(acc, 0, ch, cm, du_i * cp, True)

@@ -55,8 +55,14 @@ PERSISTENT_FORCE_LIMIT_BYTES = 64 * 1024
 
 
 def _kernel_buffers(bufs: list[Tensor]) -> dict[str, Tensor]:
-    """The buffers by kernel argument name (zoneout's ``CN`` is not in the Triton kernels yet)."""
-    return {name: b for name, b in zip(abi.BUFFERS, bufs) if name != "CN"}
+    """The buffers by kernel argument name (:data:`lstmkit.kernels.abi.BUFFERS`' names)."""
+    return dict(zip(abi.BUFFERS, bufs))
+
+
+def _zoneout_bit(v: Variant) -> int:
+    """The variant word of the projection's small kernels: its zoneout bit, the only one they
+    read (so one build of each serves every variant)."""
+    return v.flags & abi.flag("zoneout")
 
 
 def kernels_module() -> Any:
@@ -87,6 +93,7 @@ class Variant:
     niaf: bool
     noaf: bool
     clip: bool
+    zoneout: bool
     gi: int
     gf: int
     gg: int
@@ -101,9 +108,10 @@ class Variant:
         slot, sslot = abi.gate_slots(flags)
         if not on["fgr"]:
             sslot = dict.fromkeys(sslot, -1)
-        return cls(flags=flags, rnn=on["rnn"], relu=on["rnn_relu"], cifg=on["cifg"], peep=on["peephole"], fgr=on["fgr"],
-                   ln=on["layernorm"], niaf=on["niaf"], noaf=on["noaf"], clip=on["clip"], gi=slot["i"],
-                   gf=slot["f"], gg=slot["g"], go=slot["o"], si=sslot["i"], sf=sslot["f"], so=sslot["o"])
+        return cls(flags=flags, rnn=on["rnn"], relu=on["rnn_relu"], cifg=on["cifg"], peep=on["peephole"],
+                   fgr=on["fgr"], ln=on["layernorm"], niaf=on["niaf"], noaf=on["noaf"], clip=on["clip"],
+                   zoneout=on["zoneout"], gi=slot["i"], gf=slot["f"], gg=slot["g"], go=slot["o"], si=sslot["i"],
+                   sf=sslot["f"], so=sslot["o"])
 
     @property
     def n_gates(self) -> int:
@@ -225,7 +233,7 @@ class TritonImpl:
 
     def forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                 *rest: Any) -> tuple[Tensor, ...]:
-        params, (flags, clip, _zc, _zh, H, P, save) = list(rest[:NP]), rest[NP:]
+        params, (flags, clip, zc, zh, H, P, save) = list(rest[:NP]), rest[NP:]
         v = Variant.from_flags(flags)
         T, B, R = xg.shape
         HO = P if P > 0 and not v.rnn else H
@@ -242,11 +250,12 @@ class TritonImpl:
                 c_n.copy_(c0)
             return (y, h_n, c_n, *buffers)
         a = _Args(xg, w_hh, h0, c0, lengths, params, v, H, HO, io, ct)
-        consts = dict(FLAGS=flags, HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, CT=_tl_dtype(ct),
+        consts = dict(FLAGS=flags, HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, HAS_KEEP=a.has_keep, CT=_tl_dtype(ct),
                       EPS=cell.LN_EPS, SAVE_G=buffers[_B["G"]].numel() > 0, SAVE_C=buffers[_B["C"]].numel() > 0,
                       SAVE_LN=buffers[_B["AH"]].numel() > 0)
         bufs = [b if b.numel() else a.nothing for b in buffers]
-        sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, clip=float(clip))
+        sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, clip=float(clip), zc=float(zc),
+                     zh=float(zh))
         k = kernels_module()
         if choose_path(v, B, H, HO, io, P > 0) == "persistent":
             BB, BH, BO, nw = persistent_tiles(v, H, HO, P > 0)
@@ -288,15 +297,17 @@ class TritonImpl:
             _launch(k.step_forward, grid, dict(args, r=r, fw=fw, t=t), consts, nw)
             if proj:
                 yp = _mm(m_state, w_hr_t, a.ct)                               # (B, P)
-                _launch(k.step_project, pgrid, dict(yp=yp, h_s=a.h_state, y=y, lengths=a.lens, t=t, T=T, B=B, HO=HO),
-                        dict(HAS_LEN=a.has_len, BB=16, BO=BO), 4)
+                _launch(k.step_project, pgrid, dict(yp=yp, h_s=a.h_state, y=y, lengths=a.lens, keep_h=a.keep_h, t=t,
+                                                    T=T, B=B, HO=HO, zh=sizes["zh"]),
+                        dict(FLAGS=_zoneout_bit(v), HAS_LEN=a.has_len, HAS_KEEP=a.has_keep, CT=consts["CT"], BB=16,
+                             BO=BO), 4)
 
     # ------------------------------------------------------------------ backward
 
     def backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                  lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
         params, buffers = list(rest[:NP]), list(rest[NP:NP + NB])
-        flags, clip, _zc, _zh, H, P = rest[NP + NB:]
+        flags, clip, zc, zh, H, P = rest[NP + NB:]
         v = Variant.from_flags(flags)
         T, B = y.shape[0], y.shape[1]
         R = w_hh.shape[0]
@@ -328,9 +339,10 @@ class TritonImpl:
             strides = dict(dy_s0=dy.stride(0), dy_s1=dy.stride(1), dy_s2=dy.stride(2)) if has_dy else \
                 dict(dy_s0=0, dy_s1=0, dy_s2=0)
             consts = dict(FLAGS=flags, PROJ=P > 0, HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, HAS_DY=has_dy,
-                          CT=_tl_dtype(ct), EPS=cell.LN_EPS)
+                          HAS_KEEP=a.has_keep, CT=_tl_dtype(ct), EPS=cell.LN_EPS)
             bufs = _kernel_buffers([b.contiguous() if b.numel() else a.nothing for b in buffers])
-            sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, NACC=n_acc, clip=float(clip))
+            sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, NACC=n_acc, clip=float(clip),
+                         zc=float(zc), zh=float(zh))
             common = dict(dy=dy_t, **strides, dh_n=dh_n, y=y.contiguous(), c0=a.c0, lengths=a.lens,
                           **a.named_params(with_weights=False), **bufs, dxg=dxg, dr=dR, dzs=dZS, mo=MO, acc=acc,
                           **sizes)
@@ -357,6 +369,7 @@ class TritonImpl:
         dop = torch.empty((B, R), dtype=a.op, device=a.dev) if sep else a.nothing
         dus = torch.empty((B, a.nsh), dtype=a.op, device=a.dev) if v.fgr else a.nothing
         dhp_op = torch.empty((B, HO), dtype=a.op, device=a.dev) if sep and proj else a.nothing
+        dhz = torch.zeros((B, HO), dtype=a.ct, device=a.dev) if v.zoneout else a.nothing  # d_h·dh_t, in place
         w_gg = a.params[_P["weight_gg"]] if v.fgr else None
         w_hr = a.params[_P["weight_hr"]] if proj else None
         BO = min(_pow2(HO), 128)
@@ -366,17 +379,20 @@ class TritonImpl:
             has_next = t + 1 < T
             if proj:
                 _launch(k.step_dh, pgrid, dict(dy=common["dy"], dy_s0=common["dy_s0"], dy_s1=common["dy_s1"],
-                                               dy_s2=common["dy_s2"], dh_g=dh_g, dh_n=common["dh_n"], out=dHP,
-                                               out_op=dhp_op, lengths=a.lens, t=t, T=T, B=B, HO=HO),
-                        dict(HAS_LEN=a.has_len, HAS_DY=consts["HAS_DY"], HAS_NEXT=has_next, SEP_OP=sep,
-                             CT=consts["CT"], BB=16, BO=BO), 4)
+                                               dy_s2=common["dy_s2"], dh_g=dh_g, dh_n=common["dh_n"], dhz=dhz, out=dHP,
+                                               out_op=dhp_op, lengths=a.lens, keep_h=a.keep_h, t=t, T=T, B=B, HO=HO,
+                                               zh=common["zh"]),
+                        dict(FLAGS=_zoneout_bit(v), HAS_LEN=a.has_len, HAS_DY=consts["HAS_DY"], HAS_NEXT=has_next,
+                             SEP_OP=sep, HAS_KEEP=a.has_keep, CT=consts["CT"], BB=16, BO=BO), 4)
                 dm = _mm(dhp_op if sep else dHP[t], w_hr, a.ct)               # (B, H)
-            _launch(k.step_backward, grid, dict(common, dh_g=dh_g, dm=dm, dc_s=dc_s, ds_g=ds_g, dop=dop, dus=dus,
-                                                t=t), dict(consts, HAS_NEXT=has_next, SEP_OP=sep, BB=BB, BH=BH), nw)
+            _launch(k.step_backward, grid,
+                    dict(common, dh_g=dh_g, dhz=dhz, dm=dm, dc_s=dc_s, ds_g=ds_g, dop=dop, dus=dus, t=t),
+                    dict(consts, HAS_NEXT=has_next, SEP_OP=sep, BB=BB, BH=BH), nw)
             src = dop if sep else (common["dr"][t] if v.ln else common["dxg"][t])
             dh_g = _mm(src, a.w_hh, a.ct)                                     # (B, HO): dz_t W_hh
             if v.fgr and t > 0:
                 ds_g = _mm(dus, w_gg, a.ct)                                   # (B, NSH): du_S,t W_gg
+        dh_g = dh_g + dhz if v.zoneout else dh_g                              # (B, HO): all of dL/dh_0
         dh0.copy_(torch.where(a.lens_valid0[:, None], dh_g, common["dh_n"]))
         if not v.rnn:
             dc0.copy_(dc_s)
@@ -452,6 +468,8 @@ class _Args:
         self.lens = (lengths.to(device=self.dev, dtype=torch.int32) if self.has_len
                      else torch.empty((0,), dtype=torch.int32, device=self.dev))
         self.has_bias = v.ln and params[_P["bias"]].numel() > 0
+        self.has_keep = v.zoneout and params[_P["keep_c"]].numel() > 0       # zoneout in training: masks
+        self.keep_h = self.params[_P["keep_h"]] if self.has_keep else self.nothing  # (T, B, HO)
         self.nsh = v.n_sigmoid * H
         self.h_state = self.c_state = self.nothing
 
@@ -464,9 +482,8 @@ class _Args:
 
     def named_params(self, with_weights: bool) -> dict[str, Tensor]:
         """The parameter pointers by kernel argument name (absent: an empty tensor)."""
-        names = [n for n in abi.PARAMS if (with_weights or n not in ("weight_gg", "weight_hr"))
-                 and n not in ("keep_c", "keep_h")]  # zoneout: not in the Triton kernels yet
+        names = [n for n in abi.PARAMS if with_weights or n not in ("weight_gg", "weight_hr")]
         rename = {"peephole_i": "p_i", "peephole_f": "p_f", "peephole_o": "p_o", "ln_hh_weight": "g_hh",
                   "ln_c_weight": "c_w", "ln_c_bias": "c_b", "ln_ih_weight": "g_ih", "weight_gg": "w_gg",
-                  "weight_hr": "w_hr", "bias": "bias"}
+                  "weight_hr": "w_hr", "bias": "bias", "keep_c": "keep_c", "keep_h": "keep_h"}
         return {rename[n]: (p if p.numel() else self.nothing) for n, p in zip(abi.PARAMS, self.params) if n in names}

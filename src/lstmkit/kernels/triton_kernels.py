@@ -18,14 +18,21 @@ or (BB, BO) for H_out; one gate's columns in an (·, R) matrix are ``slot·H + c
   per program (one cell block).
 
 Both call the same step helpers (:mod:`lstmkit.kernels.triton_cell`), which also write
-the buffers (:data:`lstmkit.kernels.abi.BUFFERS`: G, C, RH, RS, AH, AS) with the CPU
-kernel's meaning: rows past a sequence's length hold zeros (C: the carried c).
+the buffers (:data:`lstmkit.kernels.abi.BUFFERS`: G, C, RH, RS, AH, AS, CN) with the CPU
+kernel's meaning: rows past a sequence's length hold zeros (C and CN: the carried c).
+
+Zoneout: the cell computes c̃_t and h̃_t as without it (h̃ from c̃, projection included), then
+``c_t = c̃ + d_c (c_{t-1} − c̃)``, ``h_t = h̃ + d_h (h_{t-1} − h̃)`` with d the training masks
+``keep_c`` (T, B, H), ``keep_h`` (T, B, H_out) (HAS_KEEP) or, at evaluation, the scalars
+``zc``, ``zh``; CN keeps c̃. Backward, with dh, dc the gradients of the zoned states: d_h·dh
+goes straight to h_{t-1}, d_c·dc to c_{t-1}, the rest to the cell (c̃ read from CN).
 
 Constexpr arguments (from the launch plan of ``triton_impl``): FLAGS, the variant's flag word
 (:func:`lstmkit.kernels.abi.flags`; the kernels decode it while they are built, through
 :func:`~lstmkit.kernels.triton_cell.has`, :func:`~lstmkit.kernels.triton_cell.slot` — a gate's
 slot in R, -1 absent — and :func:`~lstmkit.kernels.triton_cell.fgr_slot`); PROJ (a
-projection); CT (compute dtype: float32, or float64), OP (dtype of a GEMM
+projection); HAS_BIAS, HAS_LEN, HAS_KEEP, HAS_DY (the call has layernorm's bias, lengths,
+zoneout's masks, an output gradient); CT (compute dtype: float32, or float64), OP (dtype of a GEMM
 operand: the layer's), MMA (the dtype ``tl.dot`` sees: OP, except float32 for 16-bit OP in
 the interpreter, whose dot cannot take bfloat16; the products are exact in float32 either
 way); EPS (layer-norm epsilon); block sizes BB, BH, BO.
@@ -43,6 +50,7 @@ from lstmkit.kernels.triton_cell import (
     fgr_slot,
     fwd_core,
     has,
+    keep_tile,
     ld,
     ld_dy,
     persistent_block,
@@ -62,15 +70,16 @@ from lstmkit.kernels.triton_cell import (
 
 @triton.jit
 def persistent_forward(
-        xg, w_hh, h0, c0, lengths, p_i, p_f, p_o, w_gg, g_hh, c_w, c_b, w_hr, g_ih, bias,
-        y, h_n, c_n, G, C, RH, RS, AH, AS,
-        T, B, H, HO, R, NG, NSH, clip,
-        FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_LEN: tl.constexpr, SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
+        xg, w_hh, h0, c0, lengths, p_i, p_f, p_o, w_gg, g_hh, c_w, c_b, w_hr, g_ih, bias, keep_c, keep_h,
+        y, h_n, c_n, G, C, RH, RS, AH, AS, CN,
+        T, B, H, HO, R, NG, NSH, clip, zc, zh,
+        FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
+        HAS_KEEP: tl.constexpr, SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
         CT: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr, EPS: tl.constexpr,
         BB: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr):
     """The whole forward of BB sequences (grid: cdiv(B, BB)). xg (T, B, R), w_hh (R, HO),
-    h0 (B, HO), c0 (B, H), lengths (B,) int32; y (T, B, HO), h_n (B, HO), c_n (B, H);
+    h0 (B, HO), c0 (B, H), lengths (B,) int32, zoneout's masks keep_c (T, B, H) and keep_h
+    (T, B, HO) (HAS_KEEP; else the scalars zc, zh); y (T, B, HO), h_n (B, HO), c_n (B, H);
     buffers (T, B, ·). The weights are read once, into (BO, BH) tiles per gate."""
     RNN: tl.constexpr = has(FLAGS, "rnn")
     FGR: tl.constexpr = has(FLAGS, "fgr")
@@ -120,8 +129,8 @@ def persistent_forward(
             if fgr_slot(FLAGS, "o") >= 0:
                 f_o = fgr_in(s_i, s_f, s_o, q_oi, q_of, q_oo, FLAGS, OP, MMA)
             i, f, o, c, hm = fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, c, valid, rm, ch, cm, H, clip,
-                                       p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS, R, NG,
-                                       FLAGS, HAS_BIAS, SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
+                                       zc, p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c, G, C, CN, RH, RS, AH,
+                                       AS, R, NG, FLAGS, HAS_BIAS, HAS_KEEP, SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
             if FGR:
                 s_i = tl.where(v2, i, s_i)
                 s_f = tl.where(v2, f, s_f)
@@ -130,6 +139,8 @@ def persistent_forward(
                 yv = dot(hm, w_r, OP, MMA).to(CT)  # (BB, BO)
             else:
                 yv = hm
+            if has(FLAGS, "zoneout"):  # h_t = h̃ + d_h (h_{t-1} − h̃), after the projection
+                yv += keep_tile(keep_h, row, HO, co, mo2, zh, HAS_KEEP, CT, BB, BO) * (h - yv)
             h = tl.where(v2, yv, h)
             st(y, row, HO, 0, co, mo2, tl.where(v2, yv, 0.0), True)
     st(h_n, rb64, HO, 0, co, mo2, h, True)
@@ -139,17 +150,19 @@ def persistent_forward(
 @triton.jit
 def persistent_backward(
         dy, dy_s0, dy_s1, dy_s2, dh_n, dc_n, y, c0, w_hh, w_gg, w_hr, lengths,
-        p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS,
+        p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c, keep_h, G, C, RH, RS, AH, AS, CN,
         dxg, dr, dzs, dhp, mo, dh0, dc0, acc,
-        T, B, H, HO, R, NG, NSH, NACC, clip,
+        T, B, H, HO, R, NG, NSH, NACC, clip, zc, zh,
         FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr,
+        HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr, HAS_KEEP: tl.constexpr,
         CT: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr, EPS: tl.constexpr,
         BB: tl.constexpr, BH: tl.constexpr, BO: tl.constexpr):
     """BPTT of BB sequences (grid: cdiv(B, BB)), steps T-1 … 0, the weights on chip.
     Writes dxg (T, B, R), dR (layernorm), dZS (layernorm + fgr), dHP and MO (projection:
-    the gradient of y_t before masking, and h̃_t), dh0 (B, HO), dc0 (B, H) and this
-    program's row of ``acc`` (cdiv(B, BB), NACC)."""
+    the gradient of the projected h̃_t W_hrᵀ, zero on invalid rows, and h̃_t), dh0 (B, HO),
+    dc0 (B, H) and this program's row of ``acc`` (cdiv(B, BB), NACC). The carried dh, dc
+    are the gradients of the states h_t, c_t (zoneout: of the zoned states; d_h·dh goes
+    straight to h_{t-1})."""
     RNN: tl.constexpr = has(FLAGS, "rnn")
     pid = tl.program_id(0)
     rb, rm, rb64, ch, cm, co, om, m2, mo2 = persistent_block(pid, B, H, HO, BB, BH, BO)
@@ -177,18 +190,22 @@ def persistent_backward(
             st(dxg, row, R, 0, ch, m2, du, True)
             dh = tl.where(v2, dot(du, tl.trans(w_g), OP, MMA).to(CT), dh)
         else:
+            if has(FLAGS, "zoneout"):  # h_t = h̃ + d_h (h_{t-1} − h̃): h_{t-1} gets d_h·dh, h̃ the rest
+                dhz = keep_tile(keep_h, row, HO, co, mo2, zh, HAS_KEEP, CT, BB, BO) * dht  # (BB, BO)
+                dht -= dhz
             if PROJ:
                 st(dhp, row, HO, 0, co, mo2, dht, True)
                 dhm = dot(dht, w_r, OP, MMA).to(CT)  # (BB, BH)
             else:
                 dhm = dht
-            cc, cp = saved_cells(C, c0, row, rb64, t, B, H, ch, m2, CT, BB, BH)
+            cc, cp = saved_cells(C, CN, c0, row, rb64, t, B, H, ch, m2, FLAGS, CT, BB, BH)
             i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
                                     bias, FLAGS, HAS_BIAS, CT, EPS, BB, BH)
             d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = bwd_core(
                 i, f, g, o, cc, cp, dhm, tl.where(v2, dc, 0.0), tl.where(v2, ds_i, 0.0), tl.where(v2, ds_f, 0.0),
-                tl.where(v2, ds_o, 0.0), valid, rm, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
-                AH, AS, RH, RS, dxg, dr, dzs, mo, acc_row, row, R, NG, NSH, FLAGS, PROJ, HAS_BIAS, CT, EPS, BB, BH)
+                tl.where(v2, ds_o, 0.0), valid, rm, ch, cm, H, clip, zc, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, keep_c,
+                AH, AS, RH, RS, dxg, dr, dzs, mo, acc_row, row, R, NG, NSH, FLAGS, PROJ, HAS_BIAS, HAS_KEEP, CT, EPS,
+                BB, BH)
             dn = dot(d_g, tl.trans(w_g), OP, MMA).to(CT)  # (BB, BO)
             if slot(FLAGS, "i") >= 0:
                 dn += dot(d_i, tl.trans(w_i), OP, MMA).to(CT)
@@ -196,6 +213,8 @@ def persistent_backward(
                 dn += dot(d_f, tl.trans(w_f), OP, MMA).to(CT)
             if slot(FLAGS, "o") >= 0:
                 dn += dot(d_o, tl.trans(w_o), OP, MMA).to(CT)
+            if has(FLAGS, "zoneout"):
+                dn += dhz
             dh = tl.where(v2, dn, dh)
             dc = tl.where(v2, dcp, dc)
             # fgr: ds_j = Σ_k du_k W_gg[k, j]
@@ -217,16 +236,18 @@ def persistent_backward(
 
 @triton.jit(do_not_specialize=["t"])
 def step_forward(
-        xg, r, fw, c_s, s_s, h_s, m_s, y, lengths, p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias,
-        G, C, RH, RS, AH, AS,
-        t, T, B, H, HO, R, NG, NSH, clip,
-        FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_LEN: tl.constexpr, SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
+        xg, r, fw, c_s, s_s, h_s, m_s, y, lengths, p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c, keep_h,
+        G, C, RH, RS, AH, AS, CN,
+        t, T, B, H, HO, R, NG, NSH, clip, zc, zh,
+        FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
+        HAS_KEEP: tl.constexpr, SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
         CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """Step t after its GEMMs (grid: cdiv(B, BB) × cdiv(H, BH); layernorm: BH ≥ H).
     r = h_{t-1} W_hhᵀ (B, R) and fw = s_{t-1} W_ggᵀ (B, NSH) in CT; updates the states in
     place — c_s (B, H) CT, s_s (B, NSH) and h_s (B, HO) as GEMM operands — on valid rows;
-    writes y[t] (projection: h̃ into m_s (B, H) for the next GEMM) and the buffers at t."""
+    writes y[t] (projection: h̃ into m_s (B, H) for the next GEMM, and :func:`step_project`
+    finishes the step) and the buffers at t. Zoneout: masks keep_c (T, B, H), keep_h
+    (T, B, HO) if HAS_KEEP, else the scalars zc, zh."""
     GI: tl.constexpr = slot(FLAGS, "i")
     GF: tl.constexpr = slot(FLAGS, "f")
     GG: tl.constexpr = slot(FLAGS, "g")
@@ -254,9 +275,9 @@ def step_forward(
         f_f = ld(fw, rb64, NSH, SF * H, ch, m2, CT, SF >= 0, BB, BH)
         f_o = ld(fw, rb64, NSH, SO * H, ch, m2, CT, SO >= 0, BB, BH)
         cp = ld(c_s, rb64, H, 0, ch, m2, CT, True, BB, BH)
-        i, f, o, c, hm = fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip,
-                                   p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS, R, NG,
-                                   FLAGS, HAS_BIAS, SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
+        i, f, o, c, hm = fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip, zc,
+                                   p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c, G, C, CN, RH, RS, AH, AS, R,
+                                   NG, FLAGS, HAS_BIAS, HAS_KEEP, SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
         st(c_s, rb64, H, 0, ch, m2, c, True)
         st(s_s, rb64, NSH, SI * H, ch, vm2, i, SI >= 0)
         st(s_s, rb64, NSH, SF * H, ch, vm2, f, SF >= 0)
@@ -264,53 +285,73 @@ def step_forward(
         if PROJ:
             st(m_s, rb64, H, 0, ch, m2, hm, True)
         else:
+            if has(FLAGS, "zoneout"):  # h_t = h̃ + d_h (h_{t-1} − h̃)
+                hp = ld(h_s, rb64, HO, 0, ch, m2, CT, True, BB, BH)
+                hm += keep_tile(keep_h, row, HO, ch, m2, zh, HAS_KEEP, CT, BB, BH) * (hp - hm)
             st(h_s, rb64, HO, 0, ch, vm2, hm, True)
             st(y, row, HO, 0, ch, m2, tl.where(v2, hm, 0.0), True)
 
 
 @triton.jit(do_not_specialize=["t"])
-def step_project(yp, h_s, y, lengths, t, T, B, HO, HAS_LEN: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
-    """Projection, after the GEMM y_t = h̃ W_hrᵀ (yp (B, HO)): h_s ← y_t on valid rows;
-    y[t] = y_t there, 0 elsewhere (grid: cdiv(B, BB) × cdiv(HO, BO))."""
+def step_project(yp, h_s, y, lengths, keep_h, t, T, B, HO, zh, FLAGS: tl.constexpr, HAS_LEN: tl.constexpr,
+                 HAS_KEEP: tl.constexpr, CT: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
+    """Projection, after the GEMM y_t = h̃ W_hrᵀ (yp (B, HO), CT): zoneout (y_t += d_h (h_{t-1} − y_t),
+    d_h from keep_h (T, B, HO) or zh), then h_s ← y_t on valid rows; y[t] = y_t there, 0
+    elsewhere (grid: cdiv(B, BB) × cdiv(HO, BO)). FLAGS: the variant word's zoneout bit (the
+    only one it reads)."""
     rb, rm, rb64, co, om, m2 = tile_block(tl.program_id(0), tl.program_id(1), B, HO, BB, BO)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     valid = rm & (t < lens)
     v = tl.load(yp + rb64[:, None] * HO + co[None, :], mask=m2, other=0.0)
+    if has(FLAGS, "zoneout"):
+        hp = ld(h_s, rb64, HO, 0, co, m2, CT, True, BB, BO)
+        v += keep_tile(keep_h, rb64 + t * B, HO, co, m2, zh, HAS_KEEP, CT, BB, BO) * (hp - v)
     st(h_s, rb64, HO, 0, co, valid[:, None] & om[None, :], v, True)
     st(y, rb64 + t * B, HO, 0, co, m2, tl.where(valid[:, None], v, 0.0), True)
 
 
 @triton.jit(do_not_specialize=["t"])
-def step_dh(dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, out, out_op, lengths, t, T, B, HO,
-            HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr, HAS_NEXT: tl.constexpr, SEP_OP: tl.constexpr,
-            CT: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
-    """The gradient of y_t before masking, dy_t + the carried dh (dh_g = dh_{t+1}'s GEMM
-    result on rows valid at t+1, else dh_n), zero on invalid rows: into ``out`` at row t·B + b
-    (projection: dHP (T, B, P)) and, as the next GEMM's operand, ``out_op`` (B, HO) if SEP_OP."""
+def step_dh(dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, dhz, out, out_op, lengths, keep_h, t, T, B, HO, zh,
+            FLAGS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr, HAS_NEXT: tl.constexpr,
+            SEP_OP: tl.constexpr, HAS_KEEP: tl.constexpr, CT: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
+    """The gradient of the state h_t, dy_t + the carried dh (dh_g = dh_{t+1}'s GEMM result on
+    rows valid at t+1, else dh_n), zero on invalid rows; zoneout (FLAGS: the word's zoneout
+    bit, the only one it reads) sends d_h of it straight to h_{t-1} (dhz (B, HO) in place:
+    added to the carry at t+1, written for t) and keeps the rest, the gradient of the cell's
+    projected output. That goes into ``out`` at row t·B + b (projection: dHP (T, B, P)) and,
+    as the next GEMM's operand, ``out_op`` (B, HO) if SEP_OP."""
     rb, rm, rb64, co, _, m2 = tile_block(tl.program_id(0), tl.program_id(1), B, HO, BB, BO)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     carry = ld(dh_n, rb64, HO, 0, co, m2, CT, True, BB, BO)
     if HAS_NEXT:
-        carry = tl.where(((t + 1) < lens)[:, None], ld(dh_g, rb64, HO, 0, co, m2, CT, True, BB, BO), carry)
+        nxt = ld(dh_g, rb64, HO, 0, co, m2, CT, True, BB, BO)
+        if has(FLAGS, "zoneout"):
+            nxt += ld(dhz, rb64, HO, 0, co, m2, CT, True, BB, BO)
+        carry = tl.where(((t + 1) < lens)[:, None], nxt, carry)
     d = ld_dy(dy, t, rb64, co, m2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BO) + carry
     d = tl.where((rm & (t < lens))[:, None], d, 0.0)
+    if has(FLAGS, "zoneout"):
+        dz = keep_tile(keep_h, rb64 + t * B, HO, co, m2, zh, HAS_KEEP, CT, BB, BO) * d
+        st(dhz, rb64, HO, 0, co, m2, dz, True)
+        d -= dz
     st(out, rb64 + t * B, HO, 0, co, m2, d, True)
     st(out_op, rb64, HO, 0, co, m2, d, SEP_OP)
 
 
 @triton.jit(do_not_specialize=["t"])
 def step_backward(
-        dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, dm, dc_s, ds_g, y, c0, lengths,
-        p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, G, C, RH, RS, AH, AS,
+        dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, dhz, dm, dc_s, ds_g, y, c0, lengths,
+        p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c, keep_h, G, C, RH, RS, AH, AS, CN,
         dxg, dr, dzs, mo, dop, dus, acc,
-        t, T, B, H, HO, R, NG, NSH, NACC, clip,
+        t, T, B, H, HO, R, NG, NSH, NACC, clip, zc, zh,
         FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr, HAS_NEXT: tl.constexpr, SEP_OP: tl.constexpr,
-        CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+        HAS_KEEP: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """Step t of BPTT before its GEMMs (grid: cdiv(B, BB) × cdiv(H, BH); layernorm: BH ≥ H).
-    The carried gradients: dh_g = dz_{t+1} W_hh (B, HO) and ds_g = du_S,t+1 W_gg (B, NSH) on
-    rows valid at t+1 (else dh_n and 0; HAS_NEXT: t+1 < T), dc_s (B, H) in place (valid rows);
-    projection: dm = dHP_t W_hr (B, H) instead of dy + dh. Writes dxg[t] etc. (see
+    The carried gradients: dh_g = dz_{t+1} W_hh (B, HO) (zoneout: plus dhz, d_h·dh_{t+1},
+    in place (B, HO)) and ds_g = du_S,t+1 W_gg (B, NSH) on rows valid at t+1 (else dh_n and 0;
+    HAS_NEXT: t+1 < T), dc_s (B, H) in place (valid rows); projection: dm = dHP_t W_hr (B, H)
+    instead of dy + dh (:func:`step_dh` did zoneout's split). Writes dxg[t] etc. (see
     :func:`bwd_core`), the next GEMMs' operands dop (B, R) if SEP_OP (else dxg[t] or dR[t]
     is the operand) and fgr's dus (B, NSH), and adds to acc's row of this batch block."""
     GI: tl.constexpr = slot(FLAGS, "i")
@@ -332,14 +373,21 @@ def step_backward(
     else:
         carry = ld(dh_n, rb64, HO, 0, ch, m2, CT, True, BB, BH)
         if HAS_NEXT:
-            carry = tl.where(nxt[:, None], ld(dh_g, rb64, HO, 0, ch, m2, CT, True, BB, BH), carry)
+            dn = ld(dh_g, rb64, HO, 0, ch, m2, CT, True, BB, BH)
+            if has(FLAGS, "zoneout"):
+                dn += ld(dhz, rb64, HO, 0, ch, m2, CT, True, BB, BH)
+            carry = tl.where(nxt[:, None], dn, carry)
         dhm = tl.where(v2, ld_dy(dy, t, rb64, ch, m2, dy_s0, dy_s1, dy_s2, CT, HAS_DY, BB, BH) + carry, 0.0)
+        if has(FLAGS, "zoneout"):  # h_t = h̃ + d_h (h_{t-1} − h̃): h_{t-1} gets d_h·dh, h̃ the rest
+            dz = keep_tile(keep_h, row, HO, ch, m2, zh, HAS_KEEP, CT, BB, BH) * dhm
+            st(dhz, rb64, HO, 0, ch, m2, dz, True)
+            dhm -= dz
     if has(FLAGS, "rnn"):
         du = rnn_act_bwd(y, row, HO, ch, m2, dhm, FLAGS, CT, BB, BH)
         st(dxg, row, R, 0, ch, m2, du, True)
         st(dop, rb64, R, 0, ch, m2, du, SEP_OP)
     else:
-        cc, cp = saved_cells(C, c0, row, rb64, t, B, H, ch, m2, CT, BB, BH)
+        cc, cp = saved_cells(C, CN, c0, row, rb64, t, B, H, ch, m2, FLAGS, CT, BB, BH)
         i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
                                 bias, FLAGS, HAS_BIAS, CT, EPS, BB, BH)
         dc = tl.where(v2, ld(dc_s, rb64, H, 0, ch, m2, CT, True, BB, BH), 0.0)
@@ -348,9 +396,9 @@ def step_backward(
         ds_f = tl.where(nx2, ld(ds_g, rb64, NSH, SF * H, ch, m2, CT, HAS_NEXT and SF >= 0, BB, BH), 0.0)
         ds_o = tl.where(nx2, ld(ds_g, rb64, NSH, SO * H, ch, m2, CT, HAS_NEXT and SO >= 0, BB, BH), 0.0)
         d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = bwd_core(
-            i, f, g, o, cc, cp, dhm, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip, p_i, p_f, p_o, c_w, c_b,
-            g_ih, g_hh, AH, AS, RH, RS, dxg, dr, dzs, mo, acc + pid_b * NACC, row, R, NG, NSH,
-            FLAGS, PROJ, HAS_BIAS, CT, EPS, BB, BH)
+            i, f, g, o, cc, cp, dhm, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip, zc, p_i, p_f, p_o, c_w,
+            c_b, g_ih, g_hh, keep_c, AH, AS, RH, RS, dxg, dr, dzs, mo, acc + pid_b * NACC, row, R, NG, NSH,
+            FLAGS, PROJ, HAS_BIAS, HAS_KEEP, CT, EPS, BB, BH)
         st(dc_s, rb64, H, 0, ch, v2 & cm[None, :], dcp, True)
         st(dop, rb64, R, GI * H, ch, m2, d_i, SEP_OP and GI >= 0)
         st(dop, rb64, R, GF * H, ch, m2, d_f, SEP_OP and GF >= 0)
