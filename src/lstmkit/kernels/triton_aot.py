@@ -105,10 +105,10 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
     old = triton_impl.RECORDER
     triton_impl.RECORDER = record
     try:
-        impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, 0.5, 0.0, 0.0, H, P, False)
-        y, h_n, c_n, *buffers = impl.forward(xg, w_hh, h0, c0, lens, *train, cell_flags, 0.5, 0.0, 0.0, H, P, True)
+        impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, [], 0.5, 0.0, 0.0, H, P, False)
+        y, h_n, c_n, *buffers = impl.forward(xg, w_hh, h0, c0, lens, *train, cell_flags, [], 0.5, 0.0, 0.0, H, P, True)
         impl.backward(torch.empty_like(y), torch.empty_like(h_n), c_n.new_empty(c_n.shape), y, h0, c0, w_hh, lens,
-                      *train, *buffers, cell_flags, 0.5, 0.0, 0.0, H, P)
+                      *train, *buffers, cell_flags, [], 0.5, 0.0, 0.0, H, P)
     finally:
         triton_impl.RECORDER = old
     return list(seen)
@@ -125,7 +125,7 @@ def _spec_params(v: triton_impl.Variant, T: int, B: int, H: int, P: int, R: int,
               "ln_hh_weight": (R,) if v.ln else None, "ln_c_weight": (H,) if v.ln else None,
               "ln_c_bias": (H,) if v.ln else None, "weight_hr": (P, H) if P > 0 and not v.rnn else None,
               "ln_ih_weight": (R,) if v.ln else None, "bias": (R,) if v.ln else None,
-              "keep_c": (T, B, H) if v.zoneout and masks else None,
+              "mlp": None, "keep_c": (T, B, H) if v.zoneout and masks else None,
               "keep_h": (T, B, HO) if v.zoneout and masks else None}
     assert len(shapes) == NP and NB == len(abi.BUFFERS) and ops.NP == NP
     return [torch.empty(s if s else (0,), dtype=dtype, device=dev) for s in (shapes[n] for n in abi.PARAMS)]
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         builds = []
         for entry in args.plan.split(";"):
-            c, d, k = entry.split("/")
+            c, d, k = entry.rsplit("/", 2)  # a cell may hold "/" (zoneout=0.3/0.2)
             builds += list(iter_builds({c: flags_of(c)}, (getattr(torch, d),), {k: SHAPE_CLASSES[k]}))
     else:
         cells = {c: flags_of(c) for c in args.cells.split(",")}
