@@ -89,7 +89,8 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
         consts = dict(consts)
         if "MMA" in consts:
             consts["MMA"] = consts["OP"]  # the interpreter's float32 stand-in is not what a GPU runs
-        sig = tuple((name, _type(value)) for name, value in args.items())
+        declared = {p.name: p.annotation_type for p in kernel.params}  # e.g. the float64 scalars
+        sig = tuple((name, declared.get(name) or _type(value)) for name, value in args.items())
         name = getattr(kernel, "__name__", None) or kernel.fn.__name__
         seen[Launch(name, sig, tuple(consts.items()), num_warps)] = None
 

@@ -131,6 +131,13 @@ def act_grad(d, a, IDENTITY: tl.constexpr, RELU: tl.constexpr):
 
 
 @triton.jit
+def scalar(x, CT: tl.constexpr):
+    """A float argument (the operator's scalars arrive as float64, exact for a float64 layer)
+    in the compute dtype CT, once per kernel."""
+    return tl.full((), x, CT)
+
+
+@triton.jit
 def dot(a, b, OP: tl.constexpr, MMA: tl.constexpr):
     """``a @ b`` with both operands rounded to OP, accumulated in float32 (float64 for
     float64). float32 runs as 3xTF32 on tensor cores (about float32's accuracy; the plain

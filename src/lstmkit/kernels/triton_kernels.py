@@ -58,6 +58,7 @@ from lstmkit.kernels.triton_cell import (
     rnn_act,
     rnn_act_bwd,
     saved_cells,
+    scalar,
     seq_lengths,
     slot,
     st,
@@ -72,7 +73,7 @@ from lstmkit.kernels.triton_cell import (
 def persistent_forward(
         xg, w_hh, h0, c0, lengths, p_i, p_f, p_o, w_gg, g_hh, c_w, c_b, w_hr, g_ih, bias, keep_c, keep_h,
         y, h_n, c_n, G, C, RH, RS, AH, AS, CN,
-        T, B, H, HO, R, NG, NSH, clip, zc, zh,
+        T, B, H, HO, R, NG, NSH, clip: tl.float64, zc: tl.float64, zh: tl.float64,
         FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
         HAS_KEEP: tl.constexpr, SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
         CT: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr, EPS: tl.constexpr,
@@ -81,6 +82,7 @@ def persistent_forward(
     h0 (B, HO), c0 (B, H), lengths (B,) int32, zoneout's masks keep_c (T, B, H) and keep_h
     (T, B, HO) (HAS_KEEP; else the scalars zc, zh); y (T, B, HO), h_n (B, HO), c_n (B, H);
     buffers (T, B, ·). The weights are read once, into (BO, BH) tiles per gate."""
+    clip, zc, zh = scalar(clip, CT), scalar(zc, CT), scalar(zh, CT)
     RNN: tl.constexpr = has(FLAGS, "rnn")
     FGR: tl.constexpr = has(FLAGS, "fgr")
     pid = tl.program_id(0)
@@ -152,7 +154,7 @@ def persistent_backward(
         dy, dy_s0, dy_s1, dy_s2, dh_n, dc_n, y, c0, w_hh, w_gg, w_hr, lengths,
         p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c, keep_h, G, C, RH, RS, AH, AS, CN,
         dxg, dr, dzs, dhp, mo, dh0, dc0, acc,
-        T, B, H, HO, R, NG, NSH, NACC, clip, zc, zh,
+        T, B, H, HO, R, NG, NSH, NACC, clip: tl.float64, zc: tl.float64, zh: tl.float64,
         FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr, HAS_KEEP: tl.constexpr,
         CT: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr, EPS: tl.constexpr,
@@ -163,6 +165,7 @@ def persistent_backward(
     dc0 (B, H) and this program's row of ``acc`` (cdiv(B, BB), NACC). The carried dh, dc
     are the gradients of the states h_t, c_t (zoneout: of the zoned states; d_h·dh goes
     straight to h_{t-1})."""
+    clip, zc, zh = scalar(clip, CT), scalar(zc, CT), scalar(zh, CT)
     RNN: tl.constexpr = has(FLAGS, "rnn")
     pid = tl.program_id(0)
     rb, rm, rb64, ch, cm, co, om, m2, mo2 = persistent_block(pid, B, H, HO, BB, BH, BO)
@@ -238,7 +241,7 @@ def persistent_backward(
 def step_forward(
         xg, r, fw, c_s, s_s, h_s, m_s, y, lengths, p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c, keep_h,
         G, C, RH, RS, AH, AS, CN,
-        t, T, B, H, HO, R, NG, NSH, clip, zc, zh,
+        t, T, B, H, HO, R, NG, NSH, clip: tl.float64, zc: tl.float64, zh: tl.float64,
         FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
         HAS_KEEP: tl.constexpr, SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
         CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
@@ -248,6 +251,7 @@ def step_forward(
     writes y[t] (projection: h̃ into m_s (B, H) for the next GEMM, and :func:`step_project`
     finishes the step) and the buffers at t. Zoneout: masks keep_c (T, B, H), keep_h
     (T, B, HO) if HAS_KEEP, else the scalars zc, zh."""
+    clip, zc, zh = scalar(clip, CT), scalar(zc, CT), scalar(zh, CT)
     GI: tl.constexpr = slot(FLAGS, "i")
     GF: tl.constexpr = slot(FLAGS, "f")
     GG: tl.constexpr = slot(FLAGS, "g")
@@ -293,12 +297,13 @@ def step_forward(
 
 
 @triton.jit(do_not_specialize=["t"])
-def step_project(yp, h_s, y, lengths, keep_h, t, T, B, HO, zh, FLAGS: tl.constexpr, HAS_LEN: tl.constexpr,
+def step_project(yp, h_s, y, lengths, keep_h, t, T, B, HO, zh: tl.float64, FLAGS: tl.constexpr, HAS_LEN: tl.constexpr,
                  HAS_KEEP: tl.constexpr, CT: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
     """Projection, after the GEMM y_t = h̃ W_hrᵀ (yp (B, HO), CT): zoneout (y_t += d_h (h_{t-1} − y_t),
     d_h from keep_h (T, B, HO) or zh), then h_s ← y_t on valid rows; y[t] = y_t there, 0
     elsewhere (grid: cdiv(B, BB) × cdiv(HO, BO)). FLAGS: the variant word's zoneout bit (the
     only one it reads)."""
+    zh = scalar(zh, CT)
     rb, rm, rb64, co, om, m2 = tile_block(tl.program_id(0), tl.program_id(1), B, HO, BB, BO)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     valid = rm & (t < lens)
@@ -311,7 +316,7 @@ def step_project(yp, h_s, y, lengths, keep_h, t, T, B, HO, zh, FLAGS: tl.constex
 
 
 @triton.jit(do_not_specialize=["t"])
-def step_dh(dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, dhz, out, out_op, lengths, keep_h, t, T, B, HO, zh,
+def step_dh(dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, dhz, out, out_op, lengths, keep_h, t, T, B, HO, zh: tl.float64,
             FLAGS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr, HAS_NEXT: tl.constexpr,
             SEP_OP: tl.constexpr, HAS_KEEP: tl.constexpr, CT: tl.constexpr, BB: tl.constexpr, BO: tl.constexpr):
     """The gradient of the state h_t, dy_t + the carried dh (dh_g = dh_{t+1}'s GEMM result on
@@ -320,6 +325,7 @@ def step_dh(dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, dhz, out, out_op, lengths, keep
     added to the carry at t+1, written for t) and keeps the rest, the gradient of the cell's
     projected output. That goes into ``out`` at row t·B + b (projection: dHP (T, B, P)) and,
     as the next GEMM's operand, ``out_op`` (B, HO) if SEP_OP."""
+    zh = scalar(zh, CT)
     rb, rm, rb64, co, _, m2 = tile_block(tl.program_id(0), tl.program_id(1), B, HO, BB, BO)
     lens = seq_lengths(lengths, rb, rm, T, HAS_LEN, BB)
     carry = ld(dh_n, rb64, HO, 0, co, m2, CT, True, BB, BO)
@@ -343,7 +349,7 @@ def step_backward(
         dy, dy_s0, dy_s1, dy_s2, dh_g, dh_n, dhz, dm, dc_s, ds_g, y, c0, lengths,
         p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c, keep_h, G, C, RH, RS, AH, AS, CN,
         dxg, dr, dzs, mo, dop, dus, acc,
-        t, T, B, H, HO, R, NG, NSH, NACC, clip, zc, zh,
+        t, T, B, H, HO, R, NG, NSH, NACC, clip: tl.float64, zc: tl.float64, zh: tl.float64,
         FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr, HAS_NEXT: tl.constexpr, SEP_OP: tl.constexpr,
         HAS_KEEP: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
@@ -354,6 +360,7 @@ def step_backward(
     instead of dy + dh (:func:`step_dh` did zoneout's split). Writes dxg[t] etc. (see
     :func:`bwd_core`), the next GEMMs' operands dop (B, R) if SEP_OP (else dxg[t] or dR[t]
     is the operand) and fgr's dus (B, NSH), and adds to acc's row of this batch block."""
+    clip, zc, zh = scalar(clip, CT), scalar(zc, CT), scalar(zh, CT)
     GI: tl.constexpr = slot(FLAGS, "i")
     GF: tl.constexpr = slot(FLAGS, "f")
     GG: tl.constexpr = slot(FLAGS, "g")
