@@ -118,7 +118,8 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
 def _spec_params(v: triton_impl.Variant, T: int, B: int, H: int, P: int, R: int, HO: int, dtype: torch.dtype,
                  dev: torch.device, masks: bool) -> list[torch.Tensor]:
     """Meta parameters in :data:`~lstmkit.kernels.abi.PARAMS` order, present as the variant has them
-    (zoneout's masks keep_c (T, B, H), keep_h (T, B, HO) if ``masks``: training)."""
+    (zoneout's masks keep_c (T, B, H), keep_h (T, B, HO) if ``masks``: training); empty for the
+    params no Triton variant has (the deep gates' layers: deep gates run on the reference)."""
     nsh = v.n_sigmoid * H
     shapes = {"peephole_i": (H,) if v.peep and v.gi >= 0 else None,
               "peephole_f": (H,) if v.peep and v.gf >= 0 else None,
@@ -126,10 +127,10 @@ def _spec_params(v: triton_impl.Variant, T: int, B: int, H: int, P: int, R: int,
               "ln_hh_weight": (R,) if v.ln else None, "ln_c_weight": (H,) if v.ln else None,
               "ln_c_bias": (H,) if v.ln else None, "weight_hr": (P, H) if P > 0 and not v.rnn else None,
               "ln_ih_weight": (R,) if v.ln else None, "bias": (R,) if v.ln else None,
-              "mlp": None, "keep_c": (T, B, H) if v.zoneout and masks else None,
+              "keep_c": (T, B, H) if v.zoneout and masks else None,
               "keep_h": (T, B, HO) if v.zoneout and masks else None}
-    assert len(shapes) == NP and NB == len(abi.BUFFERS) and ops.NP == NP
-    return [torch.empty(s if s else (0,), dtype=dtype, device=dev) for s in (shapes[n] for n in abi.PARAMS)]
+    assert set(shapes) <= set(abi.PARAMS) and NB == len(abi.BUFFERS) and ops.NP == NP
+    return [torch.empty(shapes.get(n) or (0,), dtype=dtype, device=dev) for n in abi.PARAMS]
 
 
 def compile_launch(launch: Launch, cc: int) -> dict[str, Any]:
