@@ -316,6 +316,8 @@ def aot_report(out: Path, cells: list[str], dtypes: list[str]) -> None:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not rows:  # the build plan itself failed: say why instead of writing an empty table
+        raise SystemExit(f"{' '.join(cmd)} built nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     from lstmkit.kernels import triton_aot
 
     (out / "gpu_kernels_aot.json").write_text(json.dumps(rows, indent=1))
