@@ -134,7 +134,9 @@ def _spec_params(v: triton_impl.Variant, T: int, B: int, H: int, P: int, R: int,
 
 
 def compile_launch(launch: Launch, cc: int) -> dict[str, Any]:
-    """Build one launch for ``sm_{cc}``; returns registers, stack (spill) bytes, shared bytes."""
+    """Build one launch for ``sm_{cc}``; returns registers, stack (spill) bytes, shared bytes and
+    ``ptx``, a digest of the PTX without its debug lines (equal digests: the same machine code
+    from two versions of the source)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -150,7 +152,16 @@ def compile_launch(launch: Launch, cc: int) -> dict[str, Any]:
     kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": launch.num_warps})
     usage = _resource_usage(kernel.asm["cubin"])
     return {"registers": usage.get("REG"), "stack": usage.get("STACK"), "local": usage.get("LOCAL"),
-            "shared": kernel.metadata.shared}
+            "shared": kernel.metadata.shared, "ptx": _ptx_digest(kernel.asm["ptx"])}
+
+
+def _ptx_digest(ptx: str) -> str:
+    """sha256 (16 hex digits) of the PTX without line information, file names and comments."""
+    import hashlib
+
+    body = "\n".join(line for line in ptx.splitlines() if not line.lstrip().startswith((".loc", ".file", "//")))
+    body = re.sub(r"\.section\s+\.debug.*", "", body, flags=re.S)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
