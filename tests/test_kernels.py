@@ -168,13 +168,14 @@ def test_registry_rows_and_selection():
     assert "reference" in kernels.REGISTRY
     cpu = torch.device("cpu")
     deep = lstmkit.CellSpec(gate_hidden=(3,))
-    assert kernels.select(deep, cpu, torch.float32).name == "reference"
     assert kernels.select(resolve("vanilla"), torch.device("meta"), torch.float32).name == "reference"
     assert kernels.select(resolve("vanilla"), cpu, torch.complex64).name == "reference"
     if FAST:
         assert kernels.select(resolve("peephole"), cpu, torch.float32).name == FAST[0]
-        with pytest.raises(ValueError, match=r"cannot run this layer: deep gates"):
-            kernels.select(deep, cpu, torch.float32, backend=FAST[0])
+        assert kernels.select(deep, cpu, torch.float32).name == FAST[0]
+        with pytest.raises(ValueError, match=r"cannot run this layer: it runs float32, float64"):
+            kernels.select(deep, cpu, torch.complex64, backend=FAST[0])
+    assert "deep gates" in kernels.REGISTRY["triton"].refuses(deep)  # the Triton kernels: not yet
 
 
 def test_cuda_layers_select_triton_or_the_reference_row():
@@ -335,7 +336,7 @@ def test_fused_kernel_releases_the_gil():
         idle = rate_while(lambda: time.sleep(0.3))  # the counter's speed with the GIL free
         nothing = [torch.empty(0)] * len(abi.PARAMS)
         busy = rate_while(lambda: cpu_ext.forward(xg, w, h0, c0, torch.empty(0, dtype=torch.long), *nothing,
-                                                  abi.flags(resolve("vanilla")), *abi.scalars(resolve("vanilla")),
+                                                  abi.flags(resolve("vanilla")), [], *abi.scalars(resolve("vanilla")),
                                                   256, 0, True))
     finally:
         done.set()

@@ -101,7 +101,7 @@ def test_fake_shapes_equal_real_ones(variant, save):
     R = p["weight_hh"].shape[0]
     args = (torch.randn(T, B, R), p["weight_hh"].detach(), torch.randn(B, layer.output_size),
             torch.randn(B, H) if spec.is_lstm else torch.empty(0), torch.tensor([6, 2, 4]), *plist,
-            abi.flags(spec), *abi.scalars(spec), H, layer.proj_size, save)
+            abi.flags(spec), abi.mlp_layout(spec, layer.bias), *abi.scalars(spec), H, layer.proj_size, save)
     real = ops.recurrence_op(*args)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = ops.recurrence_op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
@@ -111,7 +111,7 @@ def test_fake_shapes_equal_real_ones(variant, save):
         return
     y, _, _, *buffers = real
     w_hh, h0, c0, lengths = args[1:5]
-    meta = (abi.flags(spec), *abi.scalars(spec), H, layer.proj_size)
+    meta = (abi.flags(spec), abi.mlp_layout(spec, layer.bias), *abi.scalars(spec), H, layer.proj_size)
     bargs = (torch.randn_like(y), torch.empty(0), torch.empty(0), y, h0, c0, w_hh, lengths, *plist, *buffers, *meta)
     real_b = ops.recurrence_backward_op(*bargs)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:

@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import lstmkit
 import numpy_lstm as oracle
 from lstmkit import kernels
+from lstmkit.kernels.base import hidden_keys
 from lstmkit.tracing import GradientFlow, Trace, gradient_flow, trace
 from test_oracle import oracle_variant
 from variants import LSTM_VARIANTS, RNN_VARIANTS
@@ -106,9 +107,12 @@ def test_trace_equals_numpy_oracle(cell):
                     want[key] = np.stack([s[f"{key}_state"] for s in steps])
                 else:
                     want[key] = np.stack([s[key] for s in steps])
+            for g, widths in layer.spec.gate_hidden:  # deep gates: their MLPs' hidden activations
+                for j in range(1, len(widths) + 1):
+                    want[f"{g}.{j}"] = np.stack([s["mlp"][g][j - 1] for s in steps])
             got = tr[l][d]
             gates = set(layer.spec.computed_gates) | ({"f"} if layer.spec.coupled else set())
-            expected_keys = (gates | {"c", "h"}) if lstm else {"g", "h"}
+            expected_keys = (gates | {"c", "h"} | set(hidden_keys(layer.spec))) if lstm else {"g", "h"}
             assert set(got) == expected_keys, (set(got), expected_keys)
             for key in ("i", "f", "o"):
                 if lstm and key not in got:  # absent, not ones; the oracle's ones agree

@@ -117,6 +117,7 @@ class StepOut(NamedTuple):
     f: Tensor | None
     g: Tensor
     o: Tensor | None
+    hidden: dict[str, Tensor] | None = None  # deep gates: "f.1" -> (B, n_1), the MLPs' hidden activations
 
 
 def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
@@ -141,12 +142,14 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
         return StepOut(h_new, None, None, None, None, h_new, None)
 
     u: dict[str, Tensor] = {}
+    hidden: dict[str, Tensor] = {}
     for gate, rows in gate_slices(spec, hidden_size).items():
         zk = z[:, rows]  # (B, n_k)
         widths = spec.hidden_widths(gate)
         for j in range(1, len(widths) + 1):  # deep gate: an MLP over [x, h]
-            zk = activation(spec.gate_hidden_activation, zk)
-            zk = F.linear(zk, p[f"mlp_{gate}_weight{j}"], p.get(f"mlp_{gate}_bias{j}"))
+            zk = activation(spec.gate_hidden_activation, zk)  # (B, n_j)
+            hidden[f"{gate}.{j}"] = zk
+            zk = F.linear(zk, p[f"mlp_{gate}_weight{j}"], p.get(f"mlp_{gate}_bias{j}"))  # (B, n_{j+1})
         u[gate] = zk  # (B, H)
     if spec.peephole:
         for gate in ("i", "f"):
@@ -189,4 +192,4 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
         d_c, d_h = keep if keep is not None else spec.zoneout
         c_new = c_new + d_c * (c - c_new)  # d_c c_{t-1} + (1 − d_c) c̃_t
         h_new = h_new + d_h * (h - h_new)  # (B, H_out)
-    return StepOut(h_new, c_new, s_new, i, f, g, o)
+    return StepOut(h_new, c_new, s_new, i, f, g, o, hidden or None)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from lstmkit import kernels
-from lstmkit.kernels.base import TRACE_KEYS, KernelOut
+from lstmkit.kernels.base import TRACE_KEYS, KernelOut, hidden_keys
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.loop import reverse_within_lengths
@@ -73,8 +73,10 @@ class DirectionTrace(Mapping[str, Tensor]):
 
     Keys are those of ``TRACE_KEYS`` (``i, f, g, o, c, h``) that this variant has; each
     value is ``(T, B, H)`` (``h`` is ``(T, B, P)`` with a projection), or ``(T, H)`` for
-    unbatched input. A gate the variant does not have is not a key: ``absent`` maps it
-    to the reason (``"absent: f ≡ 1 (nfg)"``); asking for it raises a KeyError saying so.
+    unbatched input. Deep gates add their MLPs' hidden activations, ``"f.1"`` ``(T, B, n_1)``
+    for the forget gate's first hidden layer and so on. A gate the variant does not have is
+    not a key: ``absent`` maps it to the reason (``"absent: f ≡ 1 (nfg)"``); asking for it
+    raises a KeyError saying so.
     cifg's forget gate ``f = 1 − i`` is present (it is computed, from ``i``).
 
     Attributes:
@@ -268,7 +270,7 @@ def trace(model: nn.Module, x: Tensor | PackedSequence, hx: Any = None,
         row = []
         for d, rec in enumerate(directions):
             values: dict[str, Tensor] = {}
-            for key in TRACE_KEYS:
+            for key in (*TRACE_KEYS, *hidden_keys(layer.spec)):
                 if key not in rec:
                     continue
                 v = rec[key].detach()

@@ -29,8 +29,8 @@ from lstmkit.cell import LN_EPS
 from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 
-__all__ = ["FLAGS", "PARAMS", "BUFFERS", "SCALARS", "GATE_REMOVED", "flags", "flag", "scalars", "gate_slots",
-           "buffer_shapes", "header"]
+__all__ = ["FLAGS", "PARAMS", "BUFFERS", "SCALARS", "PHIS", "GATE_REMOVED", "flags", "flag", "scalars",
+           "gate_slots", "mlp_layout", "mlp_width", "mlp_names", "buffer_shapes", "header"]
 
 #: Variant flags; bit k of the ``flags`` integer is ``FLAGS[k]`` (the variant table's rows).
 FLAGS: tuple[str, ...] = variants.FLAGS
@@ -43,14 +43,19 @@ GATE_REMOVED: dict[str, int] = variants.gate_removal_masks()
 #: every other variant has them folded into its input pre-activations.
 #: ``keep_c`` (T, B, H) and ``keep_h`` (T, B, H_out): zoneout's masks in training (1 where a unit
 #: keeps its previous state), empty at evaluation (the kernels use the scalars ``zoneout_c/h``).
+#: ``mlp``: the deep gates' further layers, one flat tensor (:func:`mlp_layout` says what is where).
 PARAMS: tuple[str, ...] = ("peephole_i", "peephole_f", "peephole_o", "weight_gg", "ln_hh_weight",
-                           "ln_c_weight", "ln_c_bias", "weight_hr", "ln_ih_weight", "bias", "keep_c", "keep_h")
+                           "ln_c_weight", "ln_c_bias", "weight_hr", "ln_ih_weight", "bias", "keep_c", "keep_h",
+                           "mlp")
 
 #: The operator's float arguments: the cell clip's bound and zoneout's probabilities.
 SCALARS: tuple[str, ...] = ("clip", "zoneout_c", "zoneout_h")
 
 #: Buffers the forward keeps for backward, each (T, B, ·) or empty (see :func:`buffer_shapes`).
-BUFFERS: tuple[str, ...] = ("G", "C", "RH", "RS", "AH", "AS", "CN")
+BUFFERS: tuple[str, ...] = ("G", "C", "RH", "RS", "AH", "AS", "CN", "MLP")
+
+#: The activations between a deep gate's layers, by their code in :func:`mlp_layout`.
+PHIS: tuple[str, ...] = ("tanh", "relu", "sigmoid", "identity")
 
 
 def flag(name: str) -> int:
@@ -79,29 +84,65 @@ def gate_slots(flag_bits: int) -> tuple[dict[str, int], dict[str, int]]:
             {g: sigmoid.index(g) if g in sigmoid else -1 for g in GATES if g != "g"})
 
 
-def buffer_shapes(flag_bits: int, T: int, B: int, R: int, H: int, save: bool) -> list[tuple[int, ...]]:
+def mlp_layout(spec: CellSpec, bias: bool) -> list[int]:
+    """The deep gates as the operator's ``mlp_layout`` list: ``[phi, has_bias, n_deep]`` then per
+    deep gate ``[gate (its index in i, f, g, o), m, n_1, …, n_m]`` (``[]`` without deep gates).
+    The ``mlp`` param holds their further layers flat, gate by gate (this order), layer by layer:
+    ``W_j`` (n_{j+1} × n_j, n_{m+1} = H) then ``b_j`` (:func:`mlp_names`)."""
+    if not spec.gate_hidden:
+        return []
+    out = [PHIS.index(spec.gate_hidden_activation), int(bias), len(spec.gate_hidden)]
+    for g, widths in spec.gate_hidden:
+        out += [GATES.index(g), len(widths), *widths]
+    return out
+
+
+def mlp_names(spec: CellSpec, bias: bool) -> list[str]:
+    """The parameters that make up the flat ``mlp`` param, in its order."""
+    return [name for g, widths in spec.gate_hidden for j in range(1, len(widths) + 1)
+            for name in (f"mlp_{g}_weight{j}", *([f"mlp_{g}_bias{j}"] if bias else []))]
+
+
+def mlp_width(layout: list[int] | tuple[int, ...]) -> int:
+    """Columns of the ``MLP`` buffer: every deep gate's hidden activations a_1 … a_m."""
+    if not layout:
+        return 0
+    total, pos = 0, 3
+    for _ in range(layout[2]):
+        m = layout[pos + 1]
+        total += sum(layout[pos + 2:pos + 2 + m])
+        pos += 2 + m
+    return total
+
+
+def buffer_shapes(flag_bits: int, T: int, B: int, R: int, H: int, save: bool,
+                  mlp: list[int] | tuple[int, ...] = ()) -> list[tuple[int, ...]]:
     """Shapes of :data:`BUFFERS` as the forward returns them (``(0,)`` = not kept).
 
     Args:
         flag_bits: :func:`flags` of the variant. T, B: steps and batch. R: rows of
-            ``weight_hh`` (``G·H`` for ``G`` computed gates). H: cells.
+            ``weight_hh`` (``G·H`` for ``G`` computed gates; deep gates: their first widths). H: cells.
         save: whether the forward keeps anything (training or record mode).
+        mlp: :func:`mlp_layout` of the deep gates.
 
-    Every LSTM variant keeps ``C`` (T, B, H), the cell states; ``G`` (T, B, R), the gate
-    activations, unless layernorm (without fgr) keeps the normalised pre-activations ``AH``,
-    ``RH`` (T, B, R) and their 1/std per gate ``AS``, ``RS`` (T, B, R/H) instead and
-    recomputes the gates. With zoneout, ``CN`` (T, B, H) is the cell's new state before
-    zoneout mixed the previous one in (``C`` holds the state after). The RNN keeps nothing
-    but its output.
+    Every LSTM variant keeps ``C`` (T, B, H), the cell states; ``G`` (T, B, G·H), the gate
+    activations, unless layernorm (without fgr or deep gates) keeps the normalised
+    pre-activations ``AH``, ``RH`` (T, B, R) and their 1/std per gate ``AS``, ``RS`` (T, B, G)
+    instead and recomputes the gates. With zoneout, ``CN`` (T, B, H) is the cell's new state
+    before zoneout mixed the previous one in (``C`` holds the state after). Deep gates keep
+    ``MLP`` (T, B, Σ widths), every hidden activation of their MLPs. The RNN keeps nothing but
+    its output.
     """
     empty = (0,)
     if not save or flag_bits & flag("rnn"):
         return [empty] * len(BUFFERS)
+    G = sum(s >= 0 for s in gate_slots(flag_bits)[0].values())
     ln = bool(flag_bits & flag("layernorm"))
-    keep_g = not ln or bool(flag_bits & flag("fgr"))
-    shapes = {"G": (T, B, R) if keep_g else empty, "C": (T, B, H),
-              "CN": (T, B, H) if flag_bits & flag("zoneout") else empty}
-    for name, width in (("RH", R), ("RS", R // H), ("AH", R), ("AS", R // H)):
+    keep_g = not ln or bool(flag_bits & flag("fgr")) or bool(mlp)
+    shapes = {"G": (T, B, G * H) if keep_g else empty, "C": (T, B, H),
+              "CN": (T, B, H) if flag_bits & flag("zoneout") else empty,
+              "MLP": (T, B, mlp_width(mlp)) if mlp else empty}
+    for name, width in (("RH", R), ("RS", G), ("AH", R), ("AS", G)):
         shapes[name] = (T, B, width) if ln else empty
     return [shapes[name] for name in BUFFERS]
 
@@ -128,5 +169,7 @@ def header() -> str:
               for name, value in variants.HARD_SIGMOID_SLOPES.items()]
     lines += ["constexpr const char* SCALAR_NAMES[] = {" + ", ".join(f'"{n}"' for n in SCALARS) + "};",
               "constexpr int N_SCALARS = " + str(len(SCALARS)) + ";"]
+    lines += ["", "// the activation between a deep gate's layers, by its code in the mlp layout"]
+    lines += [f"constexpr int PHI_{name.upper()} = {k};" for k, name in enumerate(PHIS)]
     lines += ["", "}  // namespace lk::abi", ""]
     return "\n".join(lines)

@@ -15,10 +15,16 @@ from torch import Tensor
 
 from lstmkit.spec import CellSpec
 
-__all__ = ["Kernel", "KernelOut", "TRACE_KEYS"]
+__all__ = ["Kernel", "KernelOut", "TRACE_KEYS", "hidden_keys"]
 
-#: What a recording kernel returns per step, each (T, B, ·); absent gates are missing.
+#: What a recording kernel returns per step, each (T, B, ·); absent gates are missing. Deep
+#: gates add their MLPs' hidden activations under ``"<gate>.<layer>"`` (``"f.1"``, (T, B, n_1)).
 TRACE_KEYS: tuple[str, ...] = ("i", "f", "g", "o", "c", "h")
+
+
+def hidden_keys(spec: CellSpec) -> list[str]:
+    """The trace keys of a spec's deep gates' hidden activations, in order (``"f.1"``, …)."""
+    return [f"{g}.{j}" for g, widths in spec.gate_hidden for j in range(1, len(widths) + 1)]
 
 
 class KernelOut(NamedTuple):

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lstmkit import cell, variants
 from lstmkit.kernels import abi, cpu_ext, ops
-from lstmkit.kernels.base import Kernel, KernelOut
+from lstmkit.kernels.base import Kernel, KernelOut, hidden_keys
 from lstmkit.spec import CellSpec
 
 __all__ = ["FusedKernel", "FusedCPUKernel", "TritonKernel", "trace_from_buffers", "triton_available"]
@@ -90,8 +90,11 @@ class FusedKernel(Kernel):
     #: (each subclass says its own; a spec with any other flag is refused, with the reason).
     implements: frozenset[str] = frozenset()
 
+    #: Whether this row's kernels compute deep gates (gate_hidden).
+    deep_gates: bool = False
+
     def refuses(self, spec: CellSpec) -> str | None:
-        if spec.gate_hidden:
+        if spec.gate_hidden and not self.deep_gates:
             return "deep gates (gate_hidden) run on the 'reference' kernel"
         missing = [name for name in variants.flag_names(spec) if name not in self.implements]
         if missing:
@@ -119,14 +122,18 @@ class FusedKernel(Kernel):
         empty = xg.new_empty(0)
         if keep is not None:  # zoneout's training masks, (T, B, H) and (T, B, H_out)
             params = {**params, "keep_c": keep[0], "keep_h": keep[1]}
+        bias = "bias_ih" in params
+        mlp = abi.mlp_layout(spec, bias)
+        if mlp:  # the deep gates' further layers, flat (autograd hands each its part of the gradient)
+            params = {**params, "mlp": torch.cat([params[n].reshape(-1) for n in abi.mlp_names(spec, bias)])}
         plist = [params.get(name, empty) for name in abi.PARAMS]
         c0_t = c0 if c0 is not None else empty
         lens = lengths if lengths is not None else torch.empty(0, dtype=torch.long)
         w_hh = params["weight_hh"]
         # Keep buffers only when a gradient can flow or the trace is asked for.
         save = record or (torch.is_grad_enabled() and any(t.requires_grad for t in (xg, w_hh, h0, c0_t, *plist)))
-        y, h_n, c_n, buffers = ops.recurrence(xg, w_hh, h0, c0_t, lens, plist, abi.flags(spec), abi.scalars(spec),
-                                              hidden_size, proj, save, impl=self.impl)
+        y, h_n, c_n, buffers = ops.recurrence(xg, w_hh, h0, c0_t, lens, plist, abi.flags(spec), mlp,
+                                              abi.scalars(spec), hidden_size, proj, save, impl=self.impl)
         trace = None
         if record:
             trace = trace_from_buffers(buffers, y, h0, c0_t, lens, params, spec, hidden_size)
@@ -151,6 +158,10 @@ def trace_from_buffers(buffers: list[Tensor], y: Tensor, h0: Tensor, c0: Tensor,
     if spec.coupled:
         out["f"] = 1.0 - out["i"]
     out["c"] = b["C"]
+    col = 0
+    for key, width in zip(hidden_keys(spec), (w for _, ws in spec.gate_hidden for w in ws)):  # deep gates
+        out[key] = b["MLP"][:, :, col:col + width]
+        col += width
     return out
 
 
@@ -179,6 +190,7 @@ class FusedCPUKernel(FusedKernel):
 
     name = "cpu_fused"
     devices = ("cpu",)
+    deep_gates = True
     implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
                             "rnn", "rnn_relu", "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "cand_act_relu",
                             "out_act_relu", "zoneout"})

@@ -8,16 +8,17 @@ H_out = proj_size or H; ``(0,)`` is an empty tensor meaning "none")::
 
     lstmkit::recurrence(xg (T, B, R), w_hh (R, H_out), h0 (B, H_out), c0 (B, H) | (0,),
                         lengths (B,) int64 | (0,), params: Tensor[len(abi.PARAMS)],
-                        flags: int, scalars: float[len(abi.SCALARS)], hidden_size: int,
-                        proj_size: int, save: bool)
+                        flags: int, mlp_layout: int[], scalars: float[len(abi.SCALARS)],
+                        hidden_size: int, proj_size: int, save: bool)
         -> y (T, B, H_out), h_n (B, H_out), c_n (B, H) | (0,), buffers: Tensor[len(abi.BUFFERS)]
 
     lstmkit::recurrence_backward(dy (T, B, H_out) | (0,), dh_n | (0,), dc_n | (0,), y, h0, c0,
-                                 w_hh, lengths, params, buffers, flags, scalars, hidden_size,
-                                 proj_size)
+                                 w_hh, lengths, params, buffers, flags, mlp_layout, scalars,
+                                 hidden_size, proj_size)
         -> dxg (T, B, R), dw_hh, dh0, dc0 | (0,), dparams: Tensor[len(abi.PARAMS)]
 
-(each tensor list and the scalars are separate named arguments of the schema, in the ABI's order)
+(each tensor list and the scalars are separate named arguments of the schema, in the ABI's order;
+``mlp_layout`` is :func:`lstmkit.kernels.abi.mlp_layout`, ``[]`` without deep gates)
 
 ``xg`` is the input side of every step, ``x W_ihᵀ + b_ih + b_hh`` (layernorm: the raw
 ``x W_ihᵀ``; the kernel then normalises it and adds ``params["bias"]`` itself). ``params``
@@ -64,10 +65,11 @@ def _schemas() -> tuple[str, str]:
     grads = ", ".join(f"Tensor d_{n}" for n in abi.PARAMS)
     scalars = ", ".join(f"float {n}" for n in abi.SCALARS)
     forward = (f"recurrence(Tensor xg, Tensor w_hh, Tensor h0, Tensor c0, Tensor lengths, {params}, int flags, "
-               f"{scalars}, int hidden_size, int proj_size, bool save) "
+               f"int[] mlp_layout, {scalars}, int hidden_size, int proj_size, bool save) "
                f"-> (Tensor y, Tensor h_n, Tensor c_n, {buffers})")
     backward = (f"recurrence_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor y, Tensor h0, Tensor c0, "
-                f"Tensor w_hh, Tensor lengths, {params}, {buffers}, int flags, {scalars}, int hidden_size, "
+                f"Tensor w_hh, Tensor lengths, {params}, {buffers}, int flags, int[] mlp_layout, {scalars}, "
+                f"int hidden_size, "
                 f"int proj_size) -> (Tensor dxg, Tensor dw_hh, Tensor dh0, Tensor dc0, {grads})")
     return forward, backward
 
@@ -114,12 +116,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("lstmkit::recurrence")
 def _recurrence_fake(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, *rest: Any
                      ) -> tuple[Tensor, ...]:
-    flags, *_scalars, hidden_size, proj_size, save = rest[NP:]
+    flags, mlp_layout, *_scalars, hidden_size, proj_size, save = rest[NP:]
     T, B, R = xg.shape
     h_out = proj_size if proj_size > 0 else hidden_size
     lstm = not flags & abi.flag("rnn")
     buffers = [xg.new_empty(s, dtype=_compute_dtype(xg.dtype))
-               for s in abi.buffer_shapes(flags, T, B, R, hidden_size, save)]
+               for s in abi.buffer_shapes(flags, T, B, R, hidden_size, save, mlp_layout)]
     c_n = xg.new_empty((B, hidden_size)) if lstm else xg.new_empty((0,))
     return (xg.new_empty((T, B, h_out)), xg.new_empty((B, h_out)), c_n, *buffers)
 
@@ -127,7 +129,7 @@ def _recurrence_fake(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: 
 @torch.library.register_fake("lstmkit::recurrence_backward")
 def _recurrence_backward_fake(dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor,
                               w_hh: Tensor, lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
-    params, (flags, *_scalars, hidden_size, _proj_size) = rest[:NP], rest[NP + NB:]
+    params, (flags, _mlp, *_scalars, hidden_size, _proj_size) = rest[:NP], rest[NP + NB:]
     T, B = y.shape[0], y.shape[1]
     if flags & abi.flag("rnn"):
         dc0 = y.new_empty((0,))
@@ -143,8 +145,8 @@ def _recurrence_backward_fake(dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor,
 def _grads(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None,
            backward: Callable[..., tuple[Tensor, ...]]) -> tuple[Tensor | None, ...]:
     """The gradient of one call, ``(dxg, dw_hh, dh0, dc0, *dparams)``, from what it saved
-    (``y, h0, c0, w_hh, lengths, *params, *buffers``) and ``ctx.meta = (flags, *scalars,
-    hidden_size, proj_size)``; absent parameters (and the RNN's c0) get None, and so do
+    (``y, h0, c0, w_hh, lengths, *params, *buffers``) and ``ctx.meta = (flags, mlp_layout,
+    *scalars, hidden_size, proj_size)``; absent parameters (and the RNN's c0) get None, and so do
     zoneout's masks (no gradient)."""
     saved = ctx.saved_tensors
     y, h0, c0, w_hh, lengths, *rest = saved
@@ -187,13 +189,13 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -
     params, meta = rest[:NP], rest[NP:]
     y, _h_n, _c_n, *buffers = output
     ctx.save_for_backward(y, h0, c0, w_hh, lengths, *params, *buffers)
-    ctx.meta = tuple(meta[:-1])  # (flags, *scalars, hidden_size, proj_size): all but save
+    ctx.meta = tuple(meta[:-1])  # (flags, mlp_layout, *scalars, hidden_size, proj_size): all but save
 
 
 def _backward(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None,
               *_dbuffers: Any) -> tuple[Any, ...]:
     dxg, dw_hh, dh0, dc0, *dparams = _grads(ctx, dy, dh_n, dc_n, recurrence_backward_op)
-    return (dxg, dw_hh, dh0, dc0, None, *dparams, *[None] * (NS + 4))  # lengths; flags, scalars, sizes, save
+    return (dxg, dw_hh, dh0, dc0, None, *dparams, *[None] * (NS + 5))  # lengths; flags, mlp, scalars, sizes, save
 
 
 torch.library.register_autograd("lstmkit::recurrence", _backward, setup_context=_setup_context)
@@ -294,7 +296,7 @@ class _Recurrence(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if meta[-1]:  # save
             ctx.save_for_backward(output[0], h0, c0, w_hh, lengths, *params, *output[3:])
-            ctx.meta = meta[:-1]  # (flags, *scalars, hidden_size, proj_size)
+            ctx.meta = meta[:-1]  # (flags, mlp_layout, *scalars, hidden_size, proj_size)
             ctx.backward_fn = recurrence_backward_op if impl is None else impl.backward
         ctx.mark_non_differentiable(*output[3:])
 
@@ -346,19 +348,20 @@ def _differentiation_levels() -> int:
 
 
 def recurrence(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, params: Sequence[Tensor],
-               flags: int, scalars: Sequence[float], hidden_size: int, proj_size: int, save: bool,
-               impl: Impl | None = None) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+               flags: int, mlp_layout: Sequence[int], scalars: Sequence[float], hidden_size: int, proj_size: int,
+               save: bool, impl: Impl | None = None) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Run ``lstmkit::recurrence`` (arguments and shapes as in the module docstring); returns
     ``(y, h_n, c_n, buffers)``.
 
     Args:
         params: :data:`~lstmkit.kernels.abi.PARAMS` in order (empty tensors where absent).
+        mlp_layout: the deep gates (:func:`~lstmkit.kernels.abi.mlp_layout`; ``[]`` without).
         scalars: :data:`~lstmkit.kernels.abi.SCALARS` in order (:func:`~lstmkit.kernels.abi.scalars`).
         impl: call this implementation directly instead of dispatching on the device (the
             Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``, which the dispatcher
             would send to the CPU kernel); eager tensors only.
     """
-    meta = (flags, *scalars, hidden_size, proj_size, save)
+    meta = (flags, list(mlp_layout), *scalars, hidden_size, proj_size, save)
     if impl is not None or plain_eager((xg, w_hh, h0, c0, *params)):
         impl = impl or _DEVICES["CUDA" if xg.is_cuda else "CPU"]
         if save:

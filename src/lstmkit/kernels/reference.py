@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import cell
-from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut
+from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut, hidden_keys
 from lstmkit.spec import CellSpec
 
 __all__ = ["ReferenceKernel"]
@@ -49,7 +49,7 @@ class ReferenceKernel(Kernel):
             steps = torch.arange(T).unsqueeze(1)  # (T, 1)
             valid = (steps < lengths.unsqueeze(0)).to(x.device).unsqueeze(-1)  # (T, B, 1)
         ys: list[Tensor] = []
-        rec: dict[str, list[Tensor]] = {k: [] for k in TRACE_KEYS}
+        rec: dict[str, list[Tensor]] = {k: [] for k in (*TRACE_KEYS, *hidden_keys(spec))}
         keeps = list(zip(*(m.unbind(0) for m in keep))) if keep is not None else None  # T × ((B, H), (B, H_out))
         for t, a_t in enumerate(a.unbind(0)):  # unbind once: indexing inside makes BPTT O(T²)
             out = cell.step(a_t, h, c, s, params, spec, hidden_size, keeps[t] if keeps else None)
@@ -70,6 +70,8 @@ class ReferenceKernel(Kernel):
                 if out.c is not None:
                     rec["c"].append(out.c)
                 rec["h"].append(out.h)
+                for k, value in (out.hidden or {}).items():
+                    rec[k].append(value)
             h, c, s = h_new, c_new, s_new
         y = torch.stack(ys) if ys else x.new_zeros(0, B, h0.shape[-1])  # (T, B, H_out)
         return y, h, c, rec

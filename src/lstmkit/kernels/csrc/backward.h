@@ -16,7 +16,9 @@ namespace lk {
 // input LN), dWhh (R,H_out) (layernorm only; other variants: empty, the wrapper computes it
 // from dXG), dHP (T,B,P) and M (T,B,H) (projection: the gradient w.r.t. the projected h~_t,
 // and o*act(LN(c)) for dW_hr), dh0, dc0, acc (the per-parameter reductions, AccLayout),
-// dZS (T,B,nS*H) (layernorm + fgr only: the gradient w.r.t. the sigmoid gates' u, for dW_gg).
+// dZS (T,B,nS*H) (fgr with layernorm or deep gates: the gradient w.r.t. the sigmoid gates' u, for dW_gg),
+// dMLP (the deep gates' flat weights' gradient: dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j, as large
+// GEMMs after the loop over the kept a_j and every step's dv_j).
 // layernorm: dr_t (the gradient w.r.t. the raw r_t) is kept for a chunk of Tc steps only;
 // after each chunk dW_hh += dr_chunk^T h_prev_chunk (at::addmm_, outside the OpenMP region).
 // Zoneout: the carried dL/dh_t, dL/dc_t are w.r.t. the zoned states; d_h·dL/dh_t goes straight
@@ -27,17 +29,17 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& whh,
                                       const std::vector<int64_t>& len, const std::vector<at::Tensor>& params,
                                       const at::Tensor& dY, const at::Tensor& dhn, const at::Tensor& dcn,
-                                      const Cfg& cf, int nthreads) {
+                                      const Cfg& cf, const MlpLayout& mlp, int nthreads) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t Tn = Y.size(0), B = Y.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
   const bool lstm = !cf.rnn;
-  const bool regate = cf.ln && !cf.fgr;  // gates recomputed from a_hat, r_hat (G not kept)
+  const bool regate = cf.ln && !cf.fgr && !mlp.any();  // gates recomputed from a_hat, r_hat (G not kept)
   auto opt = Y.options();
   at::Tensor dXG = at::empty({Tn, B, R}, opt);
   at::Tensor dHP = P > 0 ? at::empty({Tn, B, P}, opt) : at::Tensor();
   at::Tensor Mo = P > 0 ? at::empty({Tn, B, H}, opt) : at::Tensor();
-  at::Tensor dZS = (cf.ln && cf.fgr) ? at::empty({Tn, B, cf.nS * H}, opt) : at::Tensor();
+  at::Tensor dZS = ((cf.ln || mlp.any()) && cf.fgr) ? at::empty({Tn, B, cf.nS * H}, opt) : at::Tensor();
   const int64_t ldr = pad_ld(R, VL), lds = pad_ld(std::max<int64_t>(cf.nS * H, 1), VL),
                 ldp = pad_ld(std::max<int64_t>(P, 1), VL);
   // layernorm: dW_hh accumulated chunk by chunk (about 512 rows of dr at a time)
@@ -50,7 +52,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   at::Tensor dHZ = cf.zoneout ? at::zeros({B, Hout}, opt) : at::Tensor();  // zoneout: d_h dL/dh_t
   at::Tensor dRw = at::zeros({cf.ln ? 0 : B, ldr}, opt);   // GEMM input (padded; layernorm: dRc rows)
   at::Tensor dcs = lstm ? dcn.clone() : at::Tensor();
-  at::Tensor dS, dUS, dHPw, dMo;
+  at::Tensor dS, dUS, dHPw, dMo, dV, dA;
+  if (mlp.any()) { dV = at::empty({Tn, B, mlp.vtot}, opt); dA = at::zeros({B, mlp.atot}, opt); }
   if (cf.fgr) { dS = at::zeros({B, cf.nS * H}, opt); dUS = at::zeros({B, lds}, opt); }
   if (P > 0) { dHPw = at::zeros({B, ldp}, opt); dMo = at::zeros({B, H}, opt); }
   const AccLayout al{H, R};
@@ -72,6 +75,14 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   }
   auto ptr = [](const at::Tensor& t) -> T* { return (t.defined() && t.numel() > 0) ? t.data_ptr<T>() : nullptr; };
   const CellParams<T> prm(cf, params);
+  // deep gates: W_j of every MLP layer, packed once per call for dA = dV W_j
+  const T* mlpw = mlp.any() ? params[P_MLP].data_ptr<T>() : nullptr;
+  std::vector<Packed<T>> Wmt(mlp.gates.size() * std::max(mlp.depth, 1));
+  for (size_t k = 0; k < mlp.gates.size(); ++k)
+    for (int j = 0; j < mlp.gates[k].m; ++j) {
+      const MlpGate& mg = mlp.gates[k];
+      Wmt[k * mlp.depth + j].init(mlpw + mg.woff[j], 1, mg.w[j], (int)mg.w[j], (int)mg.w[j + 1]);
+    }
   const T* dYp = dY.data_ptr<T>();
   const int64_t dys0 = dY.stride(0), dys1 = dY.stride(1), dys2 = dY.stride(2);
   const T* dhnp = dhn.data_ptr<T>();
@@ -90,7 +101,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                              ptr(buffers[B_CN]), Y.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr,
                              ptr(buffers[B_RH]), ptr(buffers[B_RS]), ptr(buffers[B_AH]), ptr(buffers[B_AS]),
                              dXG.data_ptr<T>(), lstm ? dcs.data_ptr<T>() : nullptr, dSp, dUSp, lds, ptr(dZS),
-                             ptr(Mo)};
+                             ptr(Mo), mlp, mlpw, ptr(buffers[B_MLP]), ptr(dV), ptr(dA)};
 
   GemmTask<T> phaseA[2];
   int nA = 0;
@@ -101,7 +112,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   for (int64_t t1 = Tn; t1 > 0 || (Tn == 0 && !packed); t1 -= Tc) {
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc);
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
-    if (!packed) { Wt.pack_share(tid, nth); Wggt.pack_share(tid, nth); Whrt.pack_share(tid, nth); }
+    if (!packed) {
+      Wt.pack_share(tid, nth); Wggt.pack_share(tid, nth); Whrt.pack_share(tid, nth);
+      for (auto& w : Wmt) w.pack_share(tid, nth);
+    }
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
     T* A = accp + tid * NACC;  // this thread's accumulators (AccLayout)
@@ -164,6 +178,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
           if (step.dZS) std::fill(step.dZS + tb * cf.nS * H, step.dZS + (tb + 1) * cf.nS * H, T(0));
           if (dUSp) std::fill(dUSp + b * lds, dUSp + b * lds + cf.nS * H, T(0));
           if (step.Mo) std::fill(step.Mo + tb * H, step.Mo + tb * H + H, T(0));
+          if (step.dV) std::fill(step.dV + tb * mlp.vtot, step.dV + (tb + 1) * mlp.vtot, T(0));
           continue;
         }
         const bool carry_in = t + 1 < len[b];
@@ -178,10 +193,37 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         else { dh = dy_row(t, b); dh2 = dhc; }
         const T* dsr = (cf.fgr && carry_in) ? dSp + b * cf.nS * H : nullptr;
         step.lstm_row(t, b, dh, dh2, dsr, A, tmp, gbuf);
+        if (mlp.any()) continue;  // first the MLPs' backward, below
         if (cf.ln) step.layernorm_row(tb, dwr, A);
         else std::copy(dxr, dxr + R, dwr);
       }
       bar.wait();
+      if (mlp.any() && lstm) {  // deep gates: from each gate's dL/du back through its MLP to dL/dz_k
+        for (int d = mlp.depth; d >= 1; --d) {
+          GemmTask<T> tasks[4];  // dA_d = dV_d W_d, one per deep gate this deep
+          int nt = 0;
+          for (size_t k = 0; k < mlp.gates.size(); ++k) {
+            const MlpGate& mg = mlp.gates[k];
+            if (mg.m >= d)
+              tasks[nt++] = GemmTask<T>{&Wmt[k * mlp.depth + d - 1], (int)B, step.dV + t * B * mlp.vtot + mg.voff[d - 1],
+                                        mlp.vtot, step.dA + mg.aoff[d - 1], mlp.atot, false};
+          }
+          run_tasks<T>(tasks, nt, tid, nth);
+          bar.wait();
+          for (int64_t b = b0; b < b1; ++b)
+            if (t < len[b]) step.mlp_back_row(t, b, d);
+          bar.wait();
+        }
+        for (int64_t b = b0; b < b1; ++b) {
+          if (t >= len[b]) continue;
+          const int64_t tb = t * B + b;
+          T* dxr = step.dXG + tb * R;
+          T* dwr = dRcp ? dRcp + ((t - t0) * B + b) * ldr : dRwp + b * ldr;
+          if (cf.ln) step.layernorm_row(tb, dwr, A);
+          else std::copy(dxr, dxr + R, dwr);
+        }
+        bar.wait();
+      }
       GemmTask<T> tasks[2] = {phaseA[0], phaseA[1]};
       if (dRcp) tasks[0].A = dRcp + (t - t0) * B * ldr;  // layernorm: this step's chunk rows
       run_tasks<T>(tasks, nA, tid, nth);
@@ -210,8 +252,20 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   }
   at::Tensor accs = acc.sum(0);
   auto e = [&] { return at::empty({0}, opt); };
+  at::Tensor dmlp = e();
+  if (mlp.any()) {  // dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j over every (t, b) row
+    dmlp = at::zeros({mlp.wtot}, opt);
+    const at::Tensor dv2 = dV.view({Tn * B, mlp.vtot}), a2 = buffers[B_MLP].view({Tn * B, mlp.atot});
+    for (const MlpGate& mg : mlp.gates)
+      for (int j = 0; j < mg.m; ++j) {
+        const at::Tensor dvj = dv2.narrow(1, mg.voff[j], mg.w[j + 1]);
+        dmlp.narrow(0, mg.woff[j], mg.w[j + 1] * mg.w[j]).view({mg.w[j + 1], mg.w[j]})
+            .copy_(at::mm(dvj.t(), a2.narrow(1, mg.aoff[j], mg.w[j])));
+        if (mg.boff[j] >= 0) dmlp.narrow(0, mg.boff[j], mg.w[j + 1]).copy_(dvj.sum(0));
+      }
+  }
   return {dXG, cf.ln ? dWhh : e(), P > 0 ? dHP : e(), P > 0 ? Mo : e(), dh0, lstm ? dcs : e(), accs,
-          dZS.defined() ? dZS : e()};
+          dZS.defined() ? dZS : e(), dmlp};
 }
 
 }  // namespace lk

@@ -12,6 +12,55 @@ namespace lk {
 
 using namespace lk::abi;
 
+// Deep gates: each is an MLP over [x, h] whose first layer is the gate's rows of W_ih/W_hh
+// (width n_1) and whose further layers are W_j (n_{j+1} x n_j) with biases, phi between layers
+// (never after the last, whose width is H). Decoded from the operator's int list `mlp`
+// (lstmkit.kernels.abi.mlp_layout): [phi, has_bias, n_deep, then per deep gate: gate (0..3 in
+// i, f, g, o order), m, n_1 .. n_m]. The weights come in one flat tensor, gate by gate and
+// layer by layer: W_j then b_j.
+struct MlpGate {
+  int g = -1, m = 0;
+  std::vector<int64_t> w;     // n_1 .. n_m, H (m + 1 widths)
+  std::vector<int64_t> woff;  // flat offset of W_j (n_{j+1} x n_j), j = 1..m
+  std::vector<int64_t> boff;  // flat offset of b_j (n_{j+1}), -1 without biases
+  std::vector<int64_t> aoff;  // column of a_j = phi(input of layer j) (width n_j) in a step's activations row
+  std::vector<int64_t> voff;  // column of layer j's output (width n_{j+1}) in a step's outputs row
+};
+struct MlpLayout {
+  int phi = PHI_TANH, depth = 0;  // phi: PHI_* (lstmkit_abi.h)
+  bool bias = false;
+  std::vector<MlpGate> gates;
+  int of_gate[4] = {-1, -1, -1, -1};  // index into gates, by gate i, f, g, o
+  int64_t atot = 0, vtot = 0, wtot = 0;  // widths of the activations and outputs rows; flat weights
+  MlpLayout(const std::vector<int64_t>& code, int64_t H) {
+    if (code.empty()) return;
+    TORCH_CHECK(code.size() >= 3, "lstmkit::recurrence: a damaged mlp layout");
+    phi = (int)code[0]; bias = code[1] != 0;
+    const int n = (int)code[2];
+    size_t pos = 3;
+    for (int k = 0; k < n; ++k) {
+      TORCH_CHECK(pos + 2 <= code.size(), "lstmkit::recurrence: a damaged mlp layout");
+      MlpGate mg;
+      mg.g = (int)code[pos]; mg.m = (int)code[pos + 1]; pos += 2;
+      TORCH_CHECK(mg.g >= 0 && mg.g < 4 && mg.m >= 1 && pos + mg.m <= code.size(),
+                  "lstmkit::recurrence: a damaged mlp layout");
+      for (int j = 0; j < mg.m; ++j) mg.w.push_back(code[pos + j]);
+      pos += mg.m;
+      mg.w.push_back(H);
+      for (int j = 0; j < mg.m; ++j) {
+        mg.woff.push_back(wtot); wtot += mg.w[j + 1] * mg.w[j];
+        mg.boff.push_back(bias ? wtot : -1); if (bias) wtot += mg.w[j + 1];
+        mg.aoff.push_back(atot); atot += mg.w[j];
+        mg.voff.push_back(vtot); vtot += mg.w[j + 1];
+      }
+      depth = std::max(depth, mg.m);
+      of_gate[mg.g] = (int)gates.size();
+      gates.push_back(mg);
+    }
+  }
+  bool any() const { return !gates.empty(); }
+};
+
 struct Cfg {
   bool rnn, relu, has_i, has_f, has_o, cifg, peep, fgr, ln, clip, zoneout;
   bool gate_hard;                 // the gates use clamp(slope u + 1/2, 0, 1) instead of sigma
@@ -21,9 +70,12 @@ struct Cfg {
   int64_t H, P, Hout, R, G, nS;
   int64_t oi, of, og, oo;  // column offsets in R (-1 absent)
   int64_t si, sf, so;      // column offsets in s (nS*H) (-1 absent)
+  int64_t cw[4], co[4];    // width and offset in R of the k-th computed gate's columns (deep: n_1)
+  int64_t zoff[4], aoff[4];  // per gate i, f, g, o: its columns in R (-1 absent), and in the gate
+                             // activations G (T, B, G·H): slot·H (deep gates' u is H wide too)
   static constexpr int ACT_TANH = 0, ACT_IDENTITY = 1, ACT_RELU = 2;
 
-  Cfg(int64_t flags, double clip_, double zc_, double zh_, int64_t H_, int64_t P_) {
+  Cfg(int64_t flags, double clip_, double zc_, double zh_, int64_t H_, int64_t P_, const MlpLayout& mlp) {
     rnn = flags & F_RNN; relu = flags & F_RNN_RELU;
     // which gates are computed, and where: the variant table's removal masks (lstmkit_abi.h)
     bool present[4];
@@ -38,14 +90,20 @@ struct Cfg {
     out_act = (flags & F_NOAF) ? ACT_IDENTITY : (flags & F_OUT_ACT_RELU) ? ACT_RELU : ACT_TANH;
     clipv = clip_; zc = zc_; zh = zh_;
     H = H_; P = rnn ? 0 : P_; Hout = P > 0 ? P : H;
-    int64_t off[4], soff[4], k = 0, s = 0;
+    int64_t off[4], soff[4], k = 0, s = 0, col = 0;
     for (int g = 0; g < 4; ++g) {
-      off[g] = present[g] ? H * k++ : -1;
       soff[g] = (present[g] && g != 2 && !rnn) ? H * s++ : -1;  // the sigmoid gates i, f, o (fgr's s)
+      off[g] = -1;
+      if (!present[g]) continue;
+      const int d = mlp.of_gate[g];
+      off[g] = col;
+      co[k] = col; cw[k] = d >= 0 ? mlp.gates[d].w[0] : H;
+      col += cw[k++];
     }
     oi = off[0]; of = off[1]; og = off[2]; oo = off[3];
+    for (int g = 0, slot = 0; g < 4; ++g) { zoff[g] = off[g]; aoff[g] = present[g] ? H * slot++ : -1; }
     si = soff[0]; sf = soff[1]; so = soff[3];
-    G = k; R = G * H; nS = s;
+    G = k; R = col; nS = s;
   }
 };
 

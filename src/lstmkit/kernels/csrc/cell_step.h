@@ -45,6 +45,23 @@ static inline Vectorized<T> gate_grad(const Cfg& cf, const CellParams<T>& prm, c
   return V::blendv(zero, d * V(prm.slope), (a > zero) & (a < one));
 }
 
+// A deep gate's activation between layers (PHI_*, lstmkit_abi.h), and its derivative from its output.
+template <typename T>
+static inline Vectorized<T> phi(int kind, const Vectorized<T>& v) {
+  if (kind == PHI_TANH) return vtanh<T>(v);
+  if (kind == PHI_RELU) return at::vec::maximum(v, Vectorized<T>(T(0)));
+  if (kind == PHI_SIGMOID) return sigm(v);
+  return v;
+}
+template <typename T>
+static inline Vectorized<T> phi_grad(int kind, const Vectorized<T>& d, const Vectorized<T>& a) {
+  using V = Vectorized<T>;
+  if (kind == PHI_TANH) return d * (V(T(1)) - a * a);
+  if (kind == PHI_RELU) return V::blendv(V(T(0)), d, a > V(T(0)));
+  if (kind == PHI_SIGMOID) return d * a * (V(T(1)) - a);
+  return d;
+}
+
 // zoneout's keep probability of one row's entries j..j+n: the training mask, or z at evaluation
 template <typename T>
 static inline Vectorized<T> keep_of(const T* mask_row, T z, int64_t j, int n) {
@@ -68,52 +85,110 @@ struct StepForward {
   T* Y;                      // (T, B, H_out) outputs
   T *G, *C, *CN, *RH, *RS, *AH, *AS;  // kept buffers, nullptr when not kept
   T* scratch; int64_t ldscratch;      // per thread: zoneout's copy of c_{t-1} (H)
+  const MlpLayout& mlp;               // deep gates (none: mlp.any() is false)
+  const T* mlpw;                      // their flat weights
+  T* acts; bool acts_per_step;        // a_j of every deep gate: (T, B, atot) kept, or (B, atot) per step
+  T* vout;                            // (B, vtot) each layer's output; the last one is the gate's u (H)
 
-  // One valid step of one row of the LSTM.
+  T* act_row(int64_t t, int64_t b) const { return acts + ((acts_per_step ? 0 : t * B) + b) * mlp.atot; }
+
+  // Before any deep gate's MLP: layernorm's z = LN(a) g_ih + LN(r) g_hh (+ bias) per gate chunk
+  // (written over r; a_hat, r_hat, 1/std kept), and each deep gate's a_1 = phi(z_k).
+  void pre_row(int64_t t, int64_t b) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    const int64_t R = cf.R, tb = t * B + b;
+    T* rr = r + b * ldr;
+    const T* xr = xg + tb * R;
+    if (cf.ln) {
+      for (int64_t k = 0; k < cf.G; ++k) {
+        const int64_t o = cf.co[k], w = cf.cw[k];
+        const T* ach = xr + o;
+        T* rch = rr + o;
+        T ma, ra, mr, rs;
+        row_stats2(ach, rch, w, ma, ra, mr, rs);
+        T* ah = AH ? AH + tb * R + o : nullptr;
+        T* rh = RH ? RH + tb * R + o : nullptr;
+        if (AH) { AS[tb * cf.G + k] = ra; RS[tb * cf.G + k] = rs; }
+        const V vma(ma), vra(ra), vmr(mr), vrs(rs);
+        for (int64_t j = 0; j < w; j += VL) {
+          const int n = (int)std::min<int64_t>(VL, w - j);
+          const V ahat = (ldv(ach + j, n) - vma) * vra;
+          const V rhat = (ldv(rch + j, n) - vmr) * vrs;
+          if (ah) { stv(ahat, ah + j, n); stv(rhat, rh + j, n); }
+          stv(ln_z(ahat, rhat, prm.glnih, prm.gln, prm.biasp, o + j, n), rch + j, n);
+        }
+      }
+    }
+    if (!mlp.any()) return;
+    const int64_t gcol[4] = {cf.oi, cf.of, cf.og, cf.oo};
+    T* ar = act_row(t, b);
+    for (const MlpGate& mg : mlp.gates) {  // a_1 = phi(z_k), z_k the gate's n_1 columns
+      const int64_t o = gcol[mg.g], w = mg.w[0];
+      for (int64_t j = 0; j < w; j += VL) {
+        const int n = (int)std::min<int64_t>(VL, w - j);
+        const V zv = cf.ln ? ldv(rr + o + j, n) : ldv(xr + o + j, n) + ldv(rr + o + j, n);
+        stv(phi<T>(mlp.phi, zv), ar + mg.aoff[0] + j, n);
+      }
+    }
+  }
+
+  // After the GEMMs of MLP layer `depth` (1-based): its output plus bias becomes the next
+  // layer's input a = phi(·), or, for a gate's last layer, the gate's u (left in vout).
+  void mlp_row(int64_t t, int64_t b, int depth) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    T* vr = vout + b * mlp.vtot;
+    T* ar = act_row(t, b);
+    for (const MlpGate& mg : mlp.gates) {
+      if (mg.m < depth) continue;
+      const int j0 = depth - 1;
+      const int64_t w = mg.w[depth];
+      T* v = vr + mg.voff[j0];
+      const T* bias = mg.boff[j0] >= 0 ? mlpw + mg.boff[j0] : nullptr;
+      const bool last = depth == mg.m;
+      for (int64_t j = 0; j < w; j += VL) {
+        const int n = (int)std::min<int64_t>(VL, w - j);
+        V x = ldv(v + j, n);
+        if (bias) x = x + ldv(bias + j, n);
+        if (last) stv(x, v + j, n);
+        else stv(phi<T>(mlp.phi, x), ar + mg.aoff[depth] + j, n);
+      }
+    }
+  }
+
+  // One valid step of one row of the LSTM (after pre_row and, with deep gates, the MLPs).
   void lstm_row(int64_t t, int64_t b, int tid) const {
     using V = Vectorized<T>;
     constexpr int VL = V::size();
     const int64_t R = cf.R, H = cf.H, Hout = cf.Hout, tb = t * B + b;
     T* yr = Y + tb * Hout;
-    T* rr = r + b * ldr;
+    const T* rr = r + b * ldr;
     const T* xr = xg + tb * R;
-    T* gr = G ? G + tb * R : nullptr;  // gate activations are stored only when kept
+    T* gr = G ? G + tb * cf.G * H : nullptr;  // gate activations (G·H), kept only when asked for
     T* cr = c + b * H;
-    if (cf.ln) {  // r <- z = LN(a) g_ih + LN(r) g_hh (+ bias), per gate chunk; a_hat, r_hat, 1/std kept
-      for (int64_t k = 0; k < cf.G; ++k) {
-        const T* ach = xr + k * H;
-        T* rch = rr + k * H;
-        T ma, ra, mr, rs;
-        row_stats2(ach, rch, H, ma, ra, mr, rs);
-        T* ah = AH ? AH + tb * R + k * H : nullptr;
-        T* rh = RH ? RH + tb * R + k * H : nullptr;
-        if (AH) { AS[tb * cf.G + k] = ra; RS[tb * cf.G + k] = rs; }
-        const V vma(ma), vra(ra), vmr(mr), vrs(rs);
-        for (int64_t j = 0; j < H; j += VL) {
-          const int n = (int)std::min<int64_t>(VL, H - j);
-          const V ahat = (ldv(ach + j, n) - vma) * vra;
-          const V rhat = (ldv(rch + j, n) - vmr) * vrs;
-          if (ah) { stv(ahat, ah + j, n); stv(rhat, rh + j, n); }
-          stv(ln_z(ahat, rhat, prm.glnih, prm.gln, prm.biasp, k * H + j, n), rch + j, n);
-        }
-      }
-    }
+    // where gate g's pre-activation u comes from: z = xg + r at its columns, the LN z (in r),
+    // or, for a deep gate, its MLP's last output
+    const T* u_deep[4] = {nullptr, nullptr, nullptr, nullptr};
+    for (const MlpGate& mg : mlp.gates) u_deep[mg.g] = vout + b * mlp.vtot + mg.voff[mg.m - 1];
+    auto pre = [&](int g, int64_t j, int n) -> V {
+      if (u_deep[g]) return ldv(u_deep[g] + j, n);
+      const int64_t off = cf.zoff[g];
+      if (cf.ln) return ldv(rr + off + j, n);
+      return ldv(xr + off + j, n) + ldv(rr + off + j, n);
+    };
     const T* fr = cf.fgr ? fw + b * lds : nullptr;
     T* sr = cf.fgr ? s + b * lds : nullptr;
     T* cprev = cf.zoneout ? scratch + tid * ldscratch : nullptr;
     if (cprev) std::copy(cr, cr + H, cprev);
-    auto pre = [&](int64_t off, int64_t j, int n) -> V {  // z = xg + r, or the LN z from above
-      if (cf.ln) return ldv(rr + off + j, n);
-      return ldv(xr + off + j, n) + ldv(rr + off + j, n);
-    };
-    // a gate i, f or o at column offset off (s offset soff): act(z [+ p ⊙ c] [+ fgr's input]),
+    // a gate i, f or o (g = 0, 1, 3; soff its place in fgr's s): act(u [+ p ⊙ c] [+ fgr's input]),
     // kept in G and in fgr's s
-    auto gate = [&](int64_t off, int64_t soff, const T* peep, const V& cv, int64_t j, int n) -> V {
-      V u = pre(off, j, n);
+    auto gate = [&](int g, int64_t soff, const T* peep, const V& cv, int64_t j, int n) -> V {
+      V u = pre(g, j, n);
       if (peep) u = at::vec::fmadd(ldv(peep + j, n), cv, u);
       if (fr) u = u + ldv(fr + soff + j, n);
       const V a = gate_act(cf, prm, u);
-      if (gr) stv(a, gr + off + j, n);
+      if (gr) stv(a, gr + cf.aoff[g] + j, n);
       if (sr) stv(a, sr + soff + j, n);
       return a;
     };
@@ -123,11 +198,11 @@ struct StepForward {
       const int n = (int)std::min<int64_t>(VL, H - j);
       const V cp = ldv(cr + j, n);
       V i = one, f = one;
-      if (cf.has_i) i = gate(cf.oi, cf.si, prm.pi, cp, j, n);
-      if (cf.has_f) f = gate(cf.of, cf.sf, prm.pf, cp, j, n);
+      if (cf.has_i) i = gate(0, cf.si, prm.pi, cp, j, n);
+      if (cf.has_f) f = gate(1, cf.sf, prm.pf, cp, j, n);
       else if (cf.cifg) f = one - i;
-      const V g = act(cf.cand_act, pre(cf.og, j, n));
-      if (gr) stv(g, gr + cf.og + j, n);
+      const V g = act(cf.cand_act, pre(2, j, n));
+      if (gr) stv(g, gr + cf.aoff[2] + j, n);
       V cn = at::vec::fmadd(f, cp, i * g);
       if (cf.clip) cn = at::vec::clamp(cn, V(-prm.clipv), V(prm.clipv));
       stv(cn, cr + j, n);
@@ -142,7 +217,7 @@ struct StepForward {
       const int n = (int)std::min<int64_t>(VL, H - j);
       const V cv = ldv(cr + j, n);
       V o = one;
-      if (cf.has_o) o = gate(cf.oo, cf.so, prm.po, cv, j, n);
+      if (cf.has_o) o = gate(3, cf.so, prm.po, cv, j, n);
       V mv = cv;
       if (prm.cw) mv = at::vec::fmadd((cv - V(cmean)) * V(crstd), ldv(prm.cw + j, n), ldv(prm.cb + j, n));
       V hv = o * act(cf.out_act, mv);
@@ -185,7 +260,8 @@ struct StepForward {
     if (cf.P == 0) std::fill(Y + tb * cf.Hout, Y + (tb + 1) * cf.Hout, T(0));
     if (cf.rnn) return;
     const T* cr = c + b * H;
-    if (G) std::fill(G + tb * R, G + tb * R + R, T(0));
+    if (G) std::fill(G + tb * cf.G * H, G + (tb + 1) * cf.G * H, T(0));
+    if (mlp.any() && !acts_per_step) std::fill(act_row(t, b), act_row(t, b) + mlp.atot, T(0));
     if (C) std::copy(cr, cr + H, C + tb * H);
     if (CN) std::copy(cr, cr + H, CN + tb * H);
     if (RH) {
@@ -228,6 +304,11 @@ struct StepBackward {
   T* dc; T* dS; T* dUS; int64_t lds;   // (B, H) carried dL/dc_t; fgr: carried dL/ds_t, this step's dL/du_S
   T* dZS;                              // layernorm + fgr: (T, B, nS·H) dL/du_S of every step
   T* Mo;                               // projection: (T, B, H) o ⊙ act(m), for dW_hr
+  const MlpLayout& mlp;                // deep gates (none: mlp.any() is false)
+  const T* mlpw;                       // their flat weights
+  const T* acts;                       // (T, B, atot) the forward's a_j of every deep gate
+  T* dV;                               // (T, B, vtot) dL/d(each layer's output); the last: dL/du
+  T* dA;                               // (B, atot) the GEMMs' dL/da_j of this step
 
   // The gate activations of row (t, b) recomputed from layernorm's a_hat, r_hat (G not kept),
   // into gbuf: the same instructions on the same values as the forward (bit-identical).
@@ -244,28 +325,28 @@ struct StepBackward {
       if (cf.has_i) {
         V u = z(cf.oi + j, n);
         if (prm.pi) u = at::vec::fmadd(ldv(prm.pi + j, n), cp, u);
-        stv(gate_act(cf, prm, u), gbuf + cf.oi + j, n);
+        stv(gate_act(cf, prm, u), gbuf + cf.aoff[0] + j, n);
       }
       if (cf.has_f) {
         V u = z(cf.of + j, n);
         if (prm.pf) u = at::vec::fmadd(ldv(prm.pf + j, n), cp, u);
-        stv(gate_act(cf, prm, u), gbuf + cf.of + j, n);
+        stv(gate_act(cf, prm, u), gbuf + cf.aoff[1] + j, n);
       }
-      stv(act(cf.cand_act, z(cf.og + j, n)), gbuf + cf.og + j, n);
+      stv(act(cf.cand_act, z(cf.og + j, n)), gbuf + cf.aoff[2] + j, n);
       if (cf.has_o) {
         V u = z(cf.oo + j, n);
         if (prm.po) u = at::vec::fmadd(ldv(prm.po + j, n), ldv(cr + j, n), u);
-        stv(gate_act(cf, prm, u), gbuf + cf.oo + j, n);
+        stv(gate_act(cf, prm, u), gbuf + cf.aoff[3] + j, n);
       }
     }
   }
 
   // One valid step of one row of the LSTM. dh (+ dh2 if given): (H) dL/dh~, the gradient at the
   // cell's own output (after zoneout's split; with projection: dL/dm); dsr: fgr's carried
-  // dL/ds_t or nullptr.
-  // Writes dL/du of every gate to dXG's row (and fgr's dUS row), updates the carried dc to
-  // dL/dc_{t-1}, accumulates the cell's parameter gradients into A (AccLayout). tmp: H + R
-  // scratch of this thread (the LN-c backward's row, the regated gates).
+  // dL/ds_t or nullptr. Writes each gate's dL/du to dXG's row (a deep gate's: to dV, for its
+  // MLP's backward), fgr's to the dUS row; updates the carried dc to dL/dc_{t-1}; accumulates the
+  // cell's parameter gradients into A (AccLayout). tmp: H scratch of this thread (the LN-c
+  // backward's row); gbuf: the regated gates' row (layernorm without G).
   void lstm_row(int64_t t, int64_t b, const T* dh, const T* dh2, const T* dsr, T* A, T* tmp, T* gbuf) const {
     using V = Vectorized<T>;
     constexpr int VL = V::size();
@@ -274,8 +355,12 @@ struct StepBackward {
     const T* cr = CN ? CN + tb * H : C + tb * H;  // the cell's c~ (before zoneout)
     const T* cpr = t > 0 ? C + (tb - B) * H : c0 + b * H;  // the state it read
     const V one(T(1)), zero(T(0));
-    const T* gr = G ? G + tb * R : gbuf;
+    const T* gr = G ? G + tb * cf.G * H : gbuf;
     if (!G) regate(tb, cpr, cr, gbuf);
+    // where gate g's dL/du goes: its columns of dXG, or a deep gate's MLP output gradient
+    T* du_to[4];
+    for (int g = 0; g < 4; ++g) du_to[g] = cf.zoff[g] >= 0 ? dxr + cf.zoff[g] : nullptr;
+    for (const MlpGate& mg : mlp.gates) du_to[mg.g] = dV + tb * mlp.vtot + mg.voff[mg.m - 1];
     T* dcr = dc + b * H;
     T* dus = cf.fgr ? dUS + b * lds : nullptr;
     T* dchat = tmp;
@@ -296,11 +381,11 @@ struct StepBackward {
         const V tm = act(cf.out_act, mv);
         V o = one;
         if (cf.has_o) {
-          o = ldv(gr + cf.oo + j, n);
+          o = ldv(gr + cf.aoff[3] + j, n);
           V dO = dhv * tm;
           if (dsr) dO = dO + ldv(dsr + cf.so + j, n);
           const V du = gate_grad(cf, prm, dO, o);
-          stv(du, dxr + cf.oo + j, n);
+          stv(du, du_to[3] + j, n);
           if (dus) stv(du, dus + cf.so + j, n);
           if (prm.po) stv(at::vec::fmadd(du, cv, ldv(A_po + j, n)), A_po + j, n);
         }
@@ -338,21 +423,21 @@ struct StepBackward {
       } else {
         dcn = dcn + ldv(dchat + j, n);
       }
-      if (prm.po) dcn = at::vec::fmadd(ldv(dxr + cf.oo + j, n), ldv(prm.po + j, n), dcn);
+      if (prm.po) dcn = at::vec::fmadd(ldv(du_to[3] + j, n), ldv(prm.po + j, n), dcn);
       if (cf.clip) dcn = V::blendv(zero, dcn, cv.abs() < V(prm.clipv));
-      const V i = cf.has_i ? ldv(gr + cf.oi + j, n) : one;
-      const V g = ldv(gr + cf.og + j, n);
+      const V i = cf.has_i ? ldv(gr + cf.aoff[0] + j, n) : one;
+      const V g = ldv(gr + cf.aoff[2] + j, n);
       V f = one;
-      if (cf.has_f) f = ldv(gr + cf.of + j, n);
+      if (cf.has_f) f = ldv(gr + cf.aoff[1] + j, n);
       else if (cf.cifg) f = one - i;
       dcp = at::vec::fmadd(dcn, f, dcp);
-      stv(act_grad(cf.cand_act, dcn * i, g), dxr + cf.og + j, n);
+      stv(act_grad(cf.cand_act, dcn * i, g), du_to[2] + j, n);
       const V df = dcn * cp;
       if (cf.has_f) {
         V d = df;
         if (dsr) d = d + ldv(dsr + cf.sf + j, n);
         const V du = gate_grad(cf, prm, d, f);
-        stv(du, dxr + cf.of + j, n);
+        stv(du, du_to[1] + j, n);
         if (dus) stv(du, dus + cf.sf + j, n);
         if (prm.pf) { dcp = at::vec::fmadd(du, ldv(prm.pf + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pf + j, n)), A_pf + j, n); }
       }
@@ -361,7 +446,7 @@ struct StepBackward {
         if (cf.cifg) d = d - df;
         if (dsr) d = d + ldv(dsr + cf.si + j, n);
         const V du = gate_grad(cf, prm, d, i);
-        stv(du, dxr + cf.oi + j, n);
+        stv(du, du_to[0] + j, n);
         if (dus) stv(du, dus + cf.si + j, n);
         if (prm.pi) { dcp = at::vec::fmadd(du, ldv(prm.pi + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pi + j, n)), A_pi + j, n); }
       }
@@ -370,27 +455,49 @@ struct StepBackward {
     if (dZS) std::copy(dus, dus + cf.nS * H, dZS + tb * cf.nS * H);
   }
 
+  // After the GEMMs dA = dV_depth W_depth of MLP layer `depth` (1-based, from the last down):
+  // dL/d(its input's pre-activation) = dA ⊙ phi'(a_depth): the previous layer's output gradient
+  // (into dV), or, at depth 1, the gate's dL/dz_k (into its n_1 columns of dXG).
+  void mlp_back_row(int64_t t, int64_t b, int depth) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    const int64_t tb = t * B + b;
+    const T* ar = acts + tb * mlp.atot;
+    const T* da = dA + b * mlp.atot;
+    for (const MlpGate& mg : mlp.gates) {
+      if (mg.m < depth) continue;
+      const int j0 = depth - 1;
+      const int64_t w = mg.w[j0];
+      T* out = depth > 1 ? dV + tb * mlp.vtot + mg.voff[j0 - 1] : dXG + tb * cf.R + cf.zoff[mg.g];
+      for (int64_t j = 0; j < w; j += VL) {
+        const int n = (int)std::min<int64_t>(VL, w - j);
+        stv(phi_grad<T>(mlp.phi, ldv(da + mg.aoff[j0] + j, n), ldv(ar + mg.aoff[j0] + j, n)), out + j, n);
+      }
+    }
+  }
+
   // layernorm: dz (in dXG's row) -> both LN backwards, per gate chunk:
   //   dr = rs (g_hh dz − mean(g_hh dz) − r_hat mean(g_hh dz r_hat))  -> dwr (the dh GEMM's input)
   //   da = ra (g_ih dz − mean(g_ih dz) − a_hat mean(g_ih dz a_hat))  -> dXG's row (over dz)
   void layernorm_row(int64_t tb, T* dwr, T* A) const {
     using V = Vectorized<T>;
     constexpr int VL = V::size();
-    const int64_t R = cf.R, H = cf.H;
+    const int64_t R = cf.R;
     T* dxr = dXG + tb * R;
     for (int64_t k = 0; k < cf.G; ++k) {
-      T* dz = dxr + k * H;
-      const T* ah = AH + tb * R + k * H;
-      const T* rh = RH + tb * R + k * H;
-      const T* gi = prm.glnih + k * H;
-      const T* gh = prm.gln + k * H;
-      T* aih = A + al.ln_ih_weight() + k * H;
-      T* ahh = A + al.ln_hh_weight() + k * H;
-      T* abi = A + al.bias() + k * H;
+      const int64_t o = cf.co[k], w = cf.cw[k];
+      T* dz = dxr + o;
+      const T* ah = AH + tb * R + o;
+      const T* rh = RH + tb * R + o;
+      const T* gi = prm.glnih + o;
+      const T* gh = prm.gln + o;
+      T* aih = A + al.ln_ih_weight() + o;
+      T* ahh = A + al.ln_hh_weight() + o;
+      T* abi = A + al.bias() + o;
       const T ra = AS[tb * cf.G + k], rs = RS[tb * cf.G + k];
       V sa1(T(0)), sa2(T(0)), sr1(T(0)), sr2(T(0));
-      for (int64_t j = 0; j < H; j += VL) {  // tails: the loads zero-fill, so the sums stay exact
-        const int n = (int)std::min<int64_t>(VL, H - j);
+      for (int64_t j = 0; j < w; j += VL) {  // tails: the loads zero-fill, so the sums stay exact
+        const int n = (int)std::min<int64_t>(VL, w - j);
         const V d = ldv(dz + j, n), av = ldv(ah + j, n), rv = ldv(rh + j, n);
         stv(at::vec::fmadd(d, av, ldv(aih + j, n)), aih + j, n);
         stv(at::vec::fmadd(d, rv, ldv(ahh + j, n)), ahh + j, n);
@@ -399,11 +506,11 @@ struct StepBackward {
         sa1 = sa1 + dai; sa2 = at::vec::fmadd(dai, av, sa2);
         sr1 = sr1 + drh; sr2 = at::vec::fmadd(drh, rv, sr2);
       }
-      const V ma1(hsum(sa1) / T(H)), ma2(hsum(sa2) / T(H)), mr1(hsum(sr1) / T(H)), mr2(hsum(sr2) / T(H));
+      const V ma1(hsum(sa1) / T(w)), ma2(hsum(sa2) / T(w)), mr1(hsum(sr1) / T(w)), mr2(hsum(sr2) / T(w));
       const V vra(ra), vrs(rs);
-      T* dwk = dwr + k * H;
-      for (int64_t j = 0; j < H; j += VL) {
-        const int n = (int)std::min<int64_t>(VL, H - j);
+      T* dwk = dwr + o;
+      for (int64_t j = 0; j < w; j += VL) {
+        const int n = (int)std::min<int64_t>(VL, w - j);
         const V d = ldv(dz + j, n);
         stv(vrs * (d * ldv(gh + j, n) - mr1 - ldv(rh + j, n) * mr2), dwk + j, n);
         stv(vra * (d * ldv(gi + j, n) - ma1 - ldv(ah + j, n) * ma2), dz + j, n);

@@ -17,7 +17,8 @@ namespace lk {
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh, const at::Tensor& h0,
                                      const at::Tensor& c0, const std::vector<int64_t>& len,
-                                     const std::vector<at::Tensor>& params, const Cfg& cf, bool save, int nthreads) {
+                                     const std::vector<at::Tensor>& params, const Cfg& cf, const MlpLayout& mlp,
+                                     bool save, int nthreads) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t Tn = xg.size(0), B = xg.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
@@ -25,9 +26,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   auto opt = xg.options();
   at::Tensor Y = at::empty({Tn, B, Hout}, opt);
   std::vector<at::Tensor> buf(N_BUFFERS);
-  // layernorm (without fgr) keeps a_hat and r_hat instead of G: backward recomputes the gates
+  // layernorm (without fgr or deep gates) keeps a_hat and r_hat instead of G: backward recomputes the gates
   const bool saveC = save && lstm;
-  if (saveC && (!cf.ln || cf.fgr)) buf[B_G] = at::empty({Tn, B, R}, opt);
+  if (saveC && (!cf.ln || cf.fgr || mlp.any())) buf[B_G] = at::empty({Tn, B, cf.G * H}, opt);
+  if (saveC && mlp.any()) buf[B_MLP] = at::empty({Tn, B, mlp.atot}, opt);
   if (saveC) buf[B_C] = at::empty({Tn, B, H}, opt);
   if (saveC && cf.zoneout) buf[B_CN] = at::empty({Tn, B, H}, opt);
   if (save && cf.ln) {
@@ -40,7 +42,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
                 ldm = pad_ld(H, VL), ldscratch = pad_ld(H, VL);
   at::Tensor hs = at::zeros({B, ldh}, opt), rws = at::zeros({B, ldr}, opt);  // (B, H_out) h, (B, R) r
   at::Tensor cs = lstm ? c0.contiguous().clone() : at::Tensor();                // (B, H) c
-  at::Tensor ss, fws, mws, scratch;
+  at::Tensor ss, fws, mws, scratch, acts_ws, vout;
+  if (mlp.any()) {  // deep gates: each layer's output (B, vtot); a_j per step when not kept
+    vout = at::zeros({B, mlp.vtot}, opt);
+    if (!buf[B_MLP].defined()) acts_ws = at::zeros({B, mlp.atot}, opt);
+  }
   if (cf.fgr) { ss = at::zeros({B, lds}, opt); fws = at::zeros({B, lds}, opt); }  // fgr: s, s W_gg^T
   if (P > 0) mws = at::zeros({B, ldm}, opt);                                       // o ⊙ act(c), (B, H)
   if (cf.zoneout) scratch = at::zeros({nthreads, ldscratch}, opt);
@@ -57,6 +63,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
     Whr.init(whr.data_ptr<T>(), whr.stride(0), whr.stride(1), (int)P, (int)H);
   }
   const CellParams<T> prm(cf, params);
+  // deep gates: W_j of every MLP layer, packed once per call (v = a W_j^T)
+  const T* mlpw = mlp.any() ? params[P_MLP].data_ptr<T>() : nullptr;
+  std::vector<Packed<T>> Wm(mlp.gates.size() * std::max(mlp.depth, 1));
+  for (size_t k = 0; k < mlp.gates.size(); ++k)
+    for (int j = 0; j < mlp.gates[k].m; ++j) {
+      const MlpGate& mg = mlp.gates[k];
+      Wm[k * mlp.depth + j].init(mlpw + mg.woff[j], mg.w[j], 1, (int)mg.w[j + 1], (int)mg.w[j]);
+    }
   T* hsp = hs.data_ptr<T>();
   T* rwp = rws.data_ptr<T>();
   T* ssp = cf.fgr ? ss.data_ptr<T>() : nullptr;
@@ -65,7 +79,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   const StepForward<T> step{cf, prm, B, xg.data_ptr<T>(), rwp, ldr, fwp, lds, ssp,
                             lstm ? cs.data_ptr<T>() : nullptr, hsp, ldh, mwp, ldm, Y.data_ptr<T>(),
                             kept(B_G), kept(B_C), kept(B_CN), kept(B_RH), kept(B_RS), kept(B_AH), kept(B_AS),
-                            cf.zoneout ? scratch.data_ptr<T>() : nullptr, ldscratch};
+                            cf.zoneout ? scratch.data_ptr<T>() : nullptr, ldscratch, mlp, mlpw,
+                            mlp.any() ? (acts_ws.defined() ? acts_ws.data_ptr<T>() : kept(B_MLP)) : nullptr,
+                            acts_ws.defined(), mlp.any() ? vout.data_ptr<T>() : nullptr};
 
   GemmTask<T> phaseA[2];
   int nA = 0;
@@ -74,6 +90,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
 
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
     Wp.pack_share(tid, nth); Wgg.pack_share(tid, nth); Whr.pack_share(tid, nth);  // absent ones: no panels
+    for (auto& w : Wm) w.pack_share(tid, nth);
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
     bar.wait();
@@ -82,10 +99,33 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
       bar.wait();
       for (int64_t b = b0; b < b1; ++b) {  // phase B: the cell, row by row
         if (t >= len[b]) step.padded_row(t, b);
-        else if (lstm) step.lstm_row(t, b, tid);
-        else step.rnn_row(t, b);
+        else if (!lstm) step.rnn_row(t, b);
+        else {
+          step.pre_row(t, b);
+          if (!mlp.any()) step.lstm_row(t, b, tid);
+        }
       }
       bar.wait();
+      if (mlp.any()) {  // deep gates: their MLP layers, a GEMM phase and a pointwise pass per depth
+        for (int d = 1; d <= mlp.depth; ++d) {
+          GemmTask<T> tasks[4];  // one per deep gate this deep (v_d = a_d W_d^T, all rows)
+          int nt = 0;
+          for (size_t k = 0; k < mlp.gates.size(); ++k) {
+            const MlpGate& mg = mlp.gates[k];
+            if (mg.m >= d)
+              tasks[nt++] = GemmTask<T>{&Wm[k * mlp.depth + d - 1], (int)B, step.act_row(t, 0) + mg.aoff[d - 1],
+                                        mlp.atot, step.vout + mg.voff[d - 1], mlp.vtot, false};
+          }
+          run_tasks<T>(tasks, nt, tid, nth);
+          bar.wait();
+          for (int64_t b = b0; b < b1; ++b)
+            if (t < len[b]) step.mlp_row(t, b, d);
+          bar.wait();
+        }
+        for (int64_t b = b0; b < b1; ++b)
+          if (t < len[b]) step.lstm_row(t, b, tid);
+        bar.wait();
+      }
       if (P > 0) {  // phase C: y_t = m W_hr^T; phase D: zoneout, the state (padded rows: 0)
         GemmTask<T> pc{&Whr, (int)B, mwp, ldm, step.Y + t * B * P, P, false};
         run_tasks<T>(&pc, 1, tid, nth);

@@ -89,9 +89,11 @@ static std::vector<at::Tensor> to_compute(const std::vector<at::Tensor>& ts, at:
 // lstmkit::recurrence (CPU): see lstmkit/kernels/ops.py for the schema and the contract.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurrence_forward(
     const at::Tensor& xg_in, const at::Tensor& whh_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
-    const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags, double clip, double zoneout_c,
-    double zoneout_h, int64_t H, int64_t P, bool save) {
-  Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P);
+    const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags,
+    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
+    bool save) {
+  const MlpLayout mlp(mlp_layout, H);
+  Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS, "lstmkit::recurrence: expected ", (int)N_PARAMS,
               " params, got ", params_in.size());
   TORCH_CHECK(xg_in.dim() == 3 && xg_in.size(2) == cf.R, "lstmkit::recurrence: xg must be (T, B, R=", cf.R, ")");
@@ -110,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurren
   const auto len = lengths_vec(lengths, B, Tn);
   const int nt = choose_threads(B * cf.R * cf.Hout, B);
   std::vector<at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_fwd", [&] { out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, save, nt); });
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_fwd", [&] { out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, save, nt); });
   // out = {Y, h_n, c_n, then the buffers in abi.BUFFERS order}
   std::vector<at::Tensor> buffers(out.begin() + 3, out.end());
   return {to_dtype(out[0], io), to_dtype(out[1], io), to_dtype(out[2], io), buffers};
@@ -120,9 +122,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurren
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurrence_backward(
     const at::Tensor& dy_in, const at::Tensor& dhn_in, const at::Tensor& dcn_in, const at::Tensor& y_in,
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
-    const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags, double clip,
-    double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
-  Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P);
+    const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags,
+    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+  const MlpLayout mlp(mlp_layout, H);
+  Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
               "lstmkit::recurrence_backward: expected ", (int)N_PARAMS, " params and ", (int)N_BUFFERS, " buffers");
   const at::ScalarType io = y_in.scalar_type(), ct = compute_type(io);
@@ -144,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_bwd", [&] {
     out = backward_impl<scalar_t>(bufs, y, h0, c0.contiguous(), whh, len, params, dy, dhn.contiguous(),
-                                  dcn.contiguous(), cf, nt);
+                                  dcn.contiguous(), cf, mlp, nt);
   });
   // out = {dXG, dWhh (layernorm), dHP, Mo, dh0, dc0, acc, dZS}
   const at::Tensor& dXG = out[0];
@@ -158,6 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   std::vector<at::Tensor> dparams(N_PARAMS);
   for (auto& d : dparams) d = at::empty({0}, opt);
   if (lstm) {
+    if (mlp.any()) dparams[P_MLP] = out[8];  // the deep gates' flat weights
     const at::Tensor& acc = out[6];  // AccLayout, summed over threads
     const AccLayout al{H, R};
     if (cf.peep) {
@@ -176,15 +180,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     if (cf.fgr) {  // dW_gg = sum_t du_S,t^T s_{t-1}, the sigmoid gates i, f, o in order
       const int64_t nS = cf.nS * H;
       if (Tn > 1) {
-        std::vector<int64_t> cols;
-        for (int64_t c : {cf.oi, cf.of, cf.oo}) if (c >= 0) cols.push_back(c);
-        auto gather = [&](const at::Tensor& t, int64_t t0) {  // (T-1, B, nS) from column blocks of t
+        auto gather = [&](const at::Tensor& t, int64_t t0, const int64_t* off) {  // (T-1, B, nS) from column blocks
           std::vector<at::Tensor> parts;
-          for (int64_t c : cols) parts.push_back(t.narrow(0, t0, Tn - 1).narrow(2, c, H));
+          for (int g : {0, 1, 3}) if (off[g] >= 0) parts.push_back(t.narrow(0, t0, Tn - 1).narrow(2, off[g], H));
           return at::cat(parts, -1).reshape({-1, nS});
         };
-        const at::Tensor dus = cf.ln ? out[7].narrow(0, 1, Tn - 1).reshape({-1, nS}) : gather(dXG, 1);
-        dparams[P_WEIGHT_GG] = at::mm(dus.t(), gather(buffers[B_G], 0));
+        const at::Tensor dus = out[7].numel() ? out[7].narrow(0, 1, Tn - 1).reshape({-1, nS}) : gather(dXG, 1, cf.zoff);
+        dparams[P_WEIGHT_GG] = at::mm(dus.t(), gather(buffers[B_G], 0, cf.aoff));
       } else {
         dparams[P_WEIGHT_GG] = at::zeros({nS, nS}, opt);
       }
