@@ -4,7 +4,8 @@ Every picture is a function that returns the matplotlib ``Figure`` and, given ``
 also writes it as a PNG::
 
     plot_gates(model, x, labels=…)      heatmaps of i, f, g, o over time (units × steps)
-    plot_cells(model, x, labels=…)      trajectories of c_t and h_t
+    plot_cells(model, x, labels=…)      trajectories of c_t and h_t (``highlight=``: the cells
+                                        that hold what must be remembered, :func:`memory_units`)
     plot_weights(model)                 each gate's W (H × (I + H)) with the [x | h] split
     plot_curves(run_dirs)               training loss and test metric from metrics.jsonl
     plot_compare(run_dirs)              the test metric per cell variant (box + strip)
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
     from lstmkit.app.tasks.base import Task
 
 __all__ = ["KINDS", "plot_gates", "plot_cells", "plot_weights", "plot_curves", "plot_compare",
-           "plot_gradient_flow", "plot_gradflow", "sample_input", "input_marks", "reference_lines", "figure_png",
-           "save_png", "add_arguments", "run"]
+           "plot_gradient_flow", "plot_gradflow", "sample_input", "input_marks", "memory_units", "memory_highlight",
+           "reference_lines", "figure_png", "save_png", "add_arguments", "run"]
 
 #: The kinds of ``lstmkit plot KIND``.
 KINDS: tuple[str, ...] = ("gates", "cells", "weights", "curves", "compare", "gradflow")
@@ -167,6 +168,59 @@ def input_marks(task: Task, x: Tensor) -> list[tuple[int, str]]:
     return task.marked_steps(x[:, 0] if x.dim() == 3 else x)
 
 
+def memory_units(model: nn.Module, task: Task, x: Tensor, lengths: Tensor | None = None, *, layer: int = 0,
+                 direction: int = 0) -> tuple[list[tuple[int, float]], str]:
+    """The cells of one layer ranked by how closely their state follows what the task says
+    must be remembered or counted.
+
+    A task that defines ``memory_signal(x) -> (signal, what)`` (``signal`` (T, B), NaN
+    where nothing is held; e.g. +1/-1 for the relevant symbol of the 1997 long-lag tasks,
+    the steps since the last spike of the timing tasks, the count of a^n b^n) is traced on
+    ``x`` (T, B, I) and each cell's ``c_t`` (``h_t`` for the plain RNN) is correlated with
+    the signal over every step where both are defined.
+
+    Returns:
+        ``([(cell, r), …], what)``, by decreasing |r| (Pearson's r; 0 for a cell that never
+        moves), or ``([], "")`` for a task without a memory signal.
+    """
+    signal_of = getattr(task, "memory_signal", None)
+    if signal_of is None:
+        return [], ""
+    signal, what = signal_of(x)
+    tr = trace(model, x, lengths=lengths)
+    one = tr.layers[layer][direction]
+    v = one["c" if "c" in one else "h"].float()  # (T, B, H)
+    keep = torch.isfinite(signal) & torch.isfinite(v).all(-1)
+    s, u = signal[keep].double(), v[keep].double()  # (N,), (N, H)
+    if s.numel() < 2:
+        return [], what
+    s = s - s.mean()
+    u = u - u.mean(0)
+    den = (s.norm() * u.norm(dim=0)).clamp(min=1e-30)
+    r = (s @ u) / den
+    r = torch.where(u.norm(dim=0) > 0, r, torch.zeros_like(r))
+    order = torch.argsort(r.abs(), descending=True)
+    return [(int(j), float(r[j])) for j in order], what
+
+
+def memory_highlight(model: nn.Module, task: Task, *, sequences: int = 64, layer: int = 0, direction: int = 0,
+                     min_r: float = 0.5) -> list[tuple[int, str]]:
+    """The cell that holds the task's memory signal best, as ``[(cell, label)]`` for
+    :func:`plot_cells`'s ``highlight`` (measured on the first ``sequences`` test
+    sequences with :func:`memory_units`); empty when the task has no signal or no cell
+    follows it with |r| ≥ ``min_r``."""
+    if getattr(task, "memory_signal", None) is None:
+        return []
+    batch = next(iter(task.eval_batches("test", sequences)))
+    if batch.size > sequences:
+        batch = batch.take(0, sequences)
+    ranked, what = memory_units(model, task, batch.x, batch.lengths, layer=layer, direction=direction)
+    if not ranked or abs(ranked[0][1]) < min_r:
+        return []
+    cell, r = ranked[0]
+    return [(cell, f"cell {cell}: r = {r:+.2f} with {what} ({batch.size} test sequences)")]
+
+
 def _mark(axes: Sequence[Any], marks: Sequence[tuple[int, str]] | None) -> None:
     """A vertical line through every axes at each marked step, labelled above the first."""
     for t, label in marks or ():
@@ -287,13 +341,16 @@ def plot_gates(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
 def plot_cells(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = None, layer: int = 0,
                direction: int = 0, max_units: int = 16, title: str | None = None,
                path: str | os.PathLike[str] | None = None, overwrite: bool = False,
-               marks: Sequence[tuple[int, str]] | None = None) -> Figure:
+               marks: Sequence[tuple[int, str]] | None = None,
+               highlight: Sequence[tuple[int, str]] | None = None) -> Figure:
     """Trajectories of the cell state ``c_t`` (and of ``h_t``) over time, one line per unit.
 
     Args:
         x: one sequence ``(T, I)`` or a batch ``(T, B, I)`` (the first sequence is drawn).
         max_units: draw at most this many units.
         marks: ``(step, label)`` of inputs to mark with a vertical line (:func:`input_marks`).
+        highlight: ``(unit, label)`` of units to draw thick, labelled, in front (drawn even
+            beyond ``max_units``; the others then in grey): :func:`memory_highlight`.
 
     Returns:
         The Figure: axes "cell state c_t" and "hidden state h_t" (only the latter for the RNN).
@@ -303,6 +360,12 @@ def plot_cells(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
     rec, values, _ = _one_sequence(model, x, layer, direction)
     keys = ("c", "h") if "c" in values else ("h",)
     T = values["h"].shape[0]
+    H = values["h"].shape[1]
+    chosen = list(highlight or ())
+    for unit, _ in chosen:
+        if not 0 <= unit < H:
+            raise ValueError(f"highlight: unit {unit} is not one of the layer's {H} units")
+    bold = {unit for unit, _ in chosen}
     fig = _figure(figsize=(min(max(7.0, 0.1 * T + 3.0), 22.0), 2.6 * len(keys) + 0.8))
     axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
     steps = range(T)
@@ -310,11 +373,17 @@ def plot_cells(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
         v = values[key]  # (T, H)
         n = min(max_units, v.shape[1])
         for j in range(n):
-            ax.plot(steps, v[:, j], lw=1.0)
+            if j not in bold:
+                ax.plot(steps, v[:, j], lw=1.0, **({"color": "0.7", "alpha": 0.8} if bold else {}))
+        for k, (unit, label) in enumerate(chosen):
+            ax.plot(steps, v[:, unit], lw=2.4, color=f"C{k}", label=label, zorder=3)
         ax.axhline(0.0, color="0.6", lw=0.6)
         ax.set_title(("cell state c_t" if key == "c" else "hidden state h_t")
-                     + f" ({n} of {v.shape[1]} units)")
+                     + f" ({len(set(range(n)) | bold)} of {v.shape[1]} units"
+                     + (", the highlighted one in colour)" if bold else ")"))
         ax.set_ylabel("c_t" if key == "c" else "h_t")
+        if bold:
+            ax.legend(fontsize=8, loc="best")
     _time_axis(axes[-1], T, labels)
     _mark(list(axes), marks)
     spec = rec.spec
@@ -614,8 +683,12 @@ def run(args: argparse.Namespace) -> int:
                 plot_gates(model, x, labels=labels, layer=args.layer, direction=args.direction, path=out,
                            overwrite=args.overwrite, marks=marks)
             else:
+                highlight = memory_highlight(model, task, layer=args.layer, direction=args.direction)
                 plot_cells(model, x, labels=labels, layer=args.layer, direction=args.direction,
-                           max_units=args.units, path=out, overwrite=args.overwrite, marks=marks)
+                           max_units=args.units, path=out, overwrite=args.overwrite, marks=marks,
+                           highlight=highlight)
+                for _, label in highlight:
+                    print(f"holds the memory: {label}")
     elif kind == "curves":
         plot_curves(args.runs, path=out, overwrite=args.overwrite)
     elif kind == "compare":

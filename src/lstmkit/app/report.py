@@ -5,9 +5,11 @@ task's criterion; the validation value that selected the kept weights; every bas
 what it is, and whether the run is worse than it), what "solved" means for the task, a
 few test inputs with the predicted and the true output, the training curves (with the
 criterion and the baselines as lines), the gate activations and cell states on a test
-input (the inputs to remember marked), each gate's weights, the gradient flow on a test
-batch, the configuration, the table of every gate (:func:`lstmkit.inspect.describe`) and
-the versions, kernel, machine and date of the run and of the report. The pictures are
+input (the inputs to remember marked; for a task that says what must be held, the cell
+that holds it drawn thick, :func:`lstmkit.app.plots.memory_highlight`), each gate's
+weights, the gradient flow on a test batch, the configuration, the table of every gate
+(:func:`lstmkit.inspect.describe`) and the versions, kernel, machine and date of the run
+and of the report. The pictures are
 embedded as ``data:image/png;base64`` URIs and the style sheet is inline: the file opens
 from disk in any browser, with no server and nothing fetched from the network. Every text
 is escaped with :func:`html.escape`.
@@ -256,9 +258,12 @@ def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gr
         plots.plot_gates(model, x, labels=labels, marks=marks), "gate activation heatmaps",
         f"Every gate of layer 0 (forward) at every step of {what} ({x.shape[0]} steps); "
         f"recorded by the layer's kernel (lstmkit.trace){marked}.")))
+    highlight = plots.memory_highlight(model, task)
+    held = (f" The thick line is the cell whose state follows what must be held most closely ("
+            f"{highlight[0][1]}), measured by lstmkit.app.plots.memory_units." if highlight else "")
     sections.append(("Cell states", _image(
-        plots.plot_cells(model, x, labels=labels, marks=marks), "cell-state trajectories",
-        f"c_t and h_t of layer 0 (forward) over {what}{marked}.")))
+        plots.plot_cells(model, x, labels=labels, marks=marks, highlight=highlight), "cell-state trajectories",
+        f"c_t and h_t of layer 0 (forward) over {what}{marked}.{held}")))
     sections.append(("Weights", _image(
         plots.plot_weights(model), "gate weight matrices",
         "Each gate's W = [W_x | W_h] over [x_t, h_(t-1)], layer 0 (forward); the dashed line is the split.")))

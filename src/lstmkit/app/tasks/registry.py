@@ -15,13 +15,26 @@ from typing import Any
 from lstmkit._suggest import did_you_mean
 from lstmkit.app.tasks.base import Task
 from lstmkit.app.tasks.corpora import CO2, CharLM, Chorales, Sunspots
-from lstmkit.app.tasks.synthetic import AddingTask, ContinualReberTask, CopyTask, ReberTask, TemporalOrderTask
+from lstmkit.app.tasks.synthetic import (
+    AddingTask,
+    ContinualReberTask,
+    CopyTask,
+    CountingTask,
+    LongLagTask,
+    MultiplicationTask,
+    PeriodicTask,
+    ReberTask,
+    SpikeDelaysTask,
+    TemporalOrderTask,
+    TimedSpikesTask,
+)
 
 __all__ = ["TASKS", "task_names", "task_options", "task_description", "task_recipe", "get_task"]
 
 #: name -> the task's class (keyword options such as ``seed``, ``length``), one row per task.
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (
     ReberTask, ContinualReberTask, AddingTask, TemporalOrderTask, CopyTask,
+    LongLagTask, MultiplicationTask, SpikeDelaysTask, TimedSpikesTask, PeriodicTask, CountingTask,
     CharLM, Chorales, Sunspots, CO2,
 )}
 
