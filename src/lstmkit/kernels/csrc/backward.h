@@ -210,19 +210,19 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
           }
           run_tasks<T>(tasks, nt, tid, nth);
           bar.wait();
-          for (int64_t b = b0; b < b1; ++b)
-            if (t < len[b]) step.mlp_back_row(t, b, d);
+          for (int64_t b = b0; b < b1; ++b) {
+            if (t >= len[b]) continue;
+            step.mlp_back_row(t, b, d);
+            if (d > 1) continue;
+            // depth 1 done: dz complete in this row, on to the dh GEMM's input (through the LN backward)
+            const int64_t tb = t * B + b;
+            T* dxr = step.dXG + tb * R;
+            T* dwr = dRcp ? dRcp + ((t - t0) * B + b) * ldr : dRwp + b * ldr;
+            if (cf.ln) step.layernorm_row(tb, dwr, A);
+            else std::copy(dxr, dxr + R, dwr);
+          }
           bar.wait();
         }
-        for (int64_t b = b0; b < b1; ++b) {
-          if (t >= len[b]) continue;
-          const int64_t tb = t * B + b;
-          T* dxr = step.dXG + tb * R;
-          T* dwr = dRcp ? dRcp + ((t - t0) * B + b) * ldr : dRwp + b * ldr;
-          if (cf.ln) step.layernorm_row(tb, dwr, A);
-          else std::copy(dxr, dxr + R, dwr);
-        }
-        bar.wait();
       }
       GemmTask<T> tasks[2] = {phaseA[0], phaseA[1]};
       if (dRcp) tasks[0].A = dRcp + (t - t0) * B * ldr;  // layernorm: this step's chunk rows

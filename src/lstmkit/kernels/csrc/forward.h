@@ -118,13 +118,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           }
           run_tasks<T>(tasks, nt, tid, nth);
           bar.wait();
-          for (int64_t b = b0; b < b1; ++b)
-            if (t < len[b]) step.mlp_row(t, b, d);
+          for (int64_t b = b0; b < b1; ++b) {  // the last depth's rows go straight on into the cell
+            if (t >= len[b]) continue;
+            step.mlp_row(t, b, d);
+            if (d == mlp.depth) step.lstm_row(t, b, tid);
+          }
           bar.wait();
         }
-        for (int64_t b = b0; b < b1; ++b)
-          if (t < len[b]) step.lstm_row(t, b, tid);
-        bar.wait();
       }
       if (P > 0) {  // phase C: y_t = m W_hr^T; phase D: zoneout, the state (padded rows: 0)
         GemmTask<T> pc{&Whr, (int)B, mwp, ldm, step.Y + t * B * P, P, false};

@@ -1,0 +1,109 @@
+"""Deep gates on the fused CPU kernel: time per FLOP against the vanilla fused kernel, and
+speed against the reference loop, in one process.
+
+    python benchmarks/bench_deep.py            # writes results/bench_deep.{json,md}
+
+At (B, T, I, H) = (32, 100, 64, 64) and (64, 100, 256, 256), for ``gate_hidden=(32,)`` and
+``(H,)`` (every gate an MLP with one hidden layer): inference (no_grad forward) and a training
+step (forward + backward), interleaved rounds, median of ``--repeats`` (reference rows: fewer).
+FLOPs are the GEMM FLOPs of the forward (input projection, recurrent product, the MLP layers;
+a training step counts 3×), so "time per FLOP ÷ vanilla's" says how efficiently the deep cell
+runs its larger or smaller work. The CPU model and torch's capability are recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lstmkit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import OUT, machine, make_step  # noqa: E402
+
+SHAPES = [(32, 100, 64, 64), (64, 100, 256, 256)]
+
+
+def flops(spec: lstmkit.CellSpec, B: int, T: int, I: int, H: int, train: bool) -> float:
+    """GEMM FLOPs of one layer: x W_ihᵀ, h W_hhᵀ (R rows each) and every deep gate's layers."""
+    R = spec.gate_rows(H)
+    total = 2 * T * B * R * (I + H)
+    for _, widths in spec.gate_hidden:
+        sizes = [*widths, H]
+        total += sum(2 * T * B * sizes[j] * sizes[j + 1] for j in range(len(sizes) - 1))
+    return total * (3 if train else 1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--reference-repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    rows = []
+    for B, T, I, H in SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(T, B, I)
+        cells = {"vanilla": lstmkit.CellSpec(), "deep=32": lstmkit.CellSpec(gate_hidden=(32,)),
+                 f"deep={H}": lstmkit.CellSpec(gate_hidden=(H,))}
+        for train in (False, True):
+            mode = "train" if train else "infer"
+            plan = []
+            for name, spec in cells.items():
+                fused = lstmkit.LSTM(I, H, cell=spec)
+                ref = lstmkit.LSTM(I, H, cell=spec, backend="reference")
+                ref.load_state_dict(fused.state_dict())
+                plan += [(name, "fused", make_step(fused, x, train)), (name, "reference", make_step(ref, x, train))]
+            for _, _, fn in plan:
+                fn()
+            times: dict[tuple[str, str], list[float]] = {(n, k): [] for n, k, _ in plan}
+            for rnd in range(args.repeats):
+                for name, kind, fn in plan:
+                    if kind == "reference" and rnd >= args.reference_repeats:
+                        continue
+                    t0 = time.perf_counter()
+                    fn()
+                    times[(name, kind)].append(time.perf_counter() - t0)
+            sec = {key: statistics.median(v) for key, v in times.items()}
+            per_flop_vanilla = sec[("vanilla", "fused")] / flops(cells["vanilla"], B, T, I, H, train)
+            for name, spec in cells.items():
+                f = flops(spec, B, T, I, H, train)
+                rows.append({"shape": [B, T, I, H], "mode": mode, "cell": name, "seconds": sec[(name, "fused")],
+                             "reference_seconds": sec[(name, "reference")], "flops": f,
+                             "flop_ratio_vs_vanilla": f / flops(cells["vanilla"], B, T, I, H, train),
+                             "time_per_flop_vs_vanilla": sec[(name, "fused")] / f / per_flop_vanilla,
+                             "speedup_vs_reference": sec[(name, "reference")] / sec[(name, "fused")]})
+            print(f"  {(B, T, I, H)} {mode}: " + ", ".join(
+                f"{r['cell']} {r['seconds'] * 1e3:.2f} ms ({r['time_per_flop_vs_vanilla']:.2f}x/FLOP, "
+                f"{r['speedup_vs_reference']:.1f}x ref)" for r in rows[-3:]), flush=True)
+    result = {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "repeats": args.repeats, "reference_repeats": args.reference_repeats, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_deep.json").write_text(json.dumps(result, indent=1))
+    (args.out / "bench_deep.md").write_text(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = ["# Deep gates on the fused CPU kernel", "",
+             f"Machine: {m['cpu']}, capability {m['capability']}, {m['cores']} cores; torch {result['torch']}; "
+             f"{result['threads']} threads; median of {result['repeats']} interleaved rounds "
+             f"(reference loop: {result['reference_repeats']}). `python benchmarks/bench_deep.py`.", "",
+             "| shape (B, T, I, H) | mode | cell | fused ms | FLOPs ÷ vanilla's | time per FLOP ÷ vanilla's "
+             "| reference ms | fused speed-up over the reference |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {tuple(r['shape'])} | {r['mode']} | `{r['cell']}` | {r['seconds'] * 1e3:.2f} | "
+                     f"{r['flop_ratio_vs_vanilla']:.2f} | {r['time_per_flop_vs_vanilla']:.2f} | "
+                     f"{r['reference_seconds'] * 1e3:.2f} | {r['speedup_vs_reference']:.1f}× |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
