@@ -121,14 +121,38 @@ def test_keras_files(tmp_path):
 
 
 def test_refusals():
-    with pytest.raises(ValueError, match="keras.layers.LSTM computes only the vanilla LSTM without projection; this layer is .peephole."):
+    with pytest.raises(ValueError, match="keras.layers.LSTM cannot carry 'peephole': it computes the vanilla LSTM"):
         to_keras(lstmkit.LSTM(4, 5, cell="peephole"))
+    with pytest.raises(ValueError, match="one activation to the candidate and the output"):
+        to_keras(lstmkit.LSTM(4, 5, cell="cand_act=relu"))
+    with pytest.raises(ValueError, match=r"hard_sigmoid is clamp\(x/6 \+ 1/2\) \(lstmkit's hardsigmoid\)"):
+        to_keras(lstmkit.LSTM(4, 5, cell="gate_act=hard_sigmoid"))
     with pytest.raises(ValueError, match="mixes"):
         from_keras(keras.Sequential([keras.Input((None, 4)), keras.layers.LSTM(5, return_sequences=True),
                                      keras.layers.LSTM(6)]))
-    with pytest.raises(ValueError, match="activations"):
-        k = keras.layers.LSTM(5, activation="relu")
+    with pytest.raises(ValueError, match=r"\('softsign', 'sigmoid'\); lstmkit computes activation in"):
+        k = keras.layers.LSTM(5, activation="softsign")
         k(X)
         from_keras(k)
     with pytest.raises(ValueError, match="is not an LSTM"):
         from_keras(keras.Sequential([keras.Input((None, 4)), keras.layers.GRU(5)]))
+
+
+@pytest.mark.parametrize(("activation", "recurrent", "name"), [
+    ("relu", "hard_sigmoid", "cand_act=relu+out_act=relu+gate_act=hardsigmoid"),
+    ("linear", "sigmoid", "niaf+noaf"),
+    ("tanh", "hard_sigmoid", "gate_act=hardsigmoid"),
+])
+def test_keras_activations_both_ways_against_keras_own_runtime(activation, recurrent, name):
+    """Keras' activation (candidate and output) and recurrent_activation (gates) become lstmkit's
+    cell words; Keras itself computes the reference, and to_keras gives Keras the same layer back."""
+    keras.utils.set_random_seed(5)
+    k = keras.layers.LSTM(5, activation=activation, recurrent_activation=recurrent, return_sequences=True)
+    want = np.asarray(keras.ops.convert_to_numpy(k(X)))
+    layer = from_keras(k)
+    assert layer.spec.name == name
+    with torch.no_grad():
+        got = layer(torch.from_numpy(X))[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    back = to_keras(layer)
+    np.testing.assert_allclose(np.asarray(keras.ops.convert_to_numpy(back(X))), want, rtol=1e-5, atol=1e-5)

@@ -355,9 +355,9 @@ def _check_carries(layer: Layer, fmt: str, method: str = "auto") -> None:
     if fmt in ("keras", "keras-weights"):
         if isinstance(layer, RNN):
             raise ValueError("DST: Keras files are written with keras.layers.LSTM; the plain RNN cannot be carried")
-        from lstmkit.convert._checks import require_plain_lstm
+        from lstmkit.convert.keras import require_keras_lstm
         try:
-            require_plain_lstm(layer, "keras.layers.LSTM")
+            require_keras_lstm(layer)
         except ValueError as exc:
             raise ValueError(f"DST: {str(exc).removeprefix('layer: ')}") from None
     elif fmt == "onnx" and method == "operator":

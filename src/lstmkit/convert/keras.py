@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from lstmkit._validate import check_bool
-from lstmkit.convert._checks import expect_shape, require_plain_lstm
+from lstmkit.convert._checks import expect_shape
 from lstmkit.layout import ORDERS
 from lstmkit.nn import LSTM
+from lstmkit.spec import CellSpec
 
-__all__ = ["from_keras", "to_keras", "from_keras_file"]
+__all__ = ["keras_activations", "require_keras_lstm", "from_keras", "to_keras", "from_keras_file"]
 
 assert ORDERS["keras"] == ORDERS["lstmkit"]  # same gate order: only transposes below
 
@@ -41,6 +42,32 @@ def _keras() -> Any:
     import keras
 
     return keras
+
+
+#: Keras' activation names -> lstmkit's: ``activation`` (the candidate's and the output's, one
+#: function in Keras) and ``recurrent_activation`` (the gates'). Keras 3's ``hard_sigmoid`` is
+#: ``clamp(x / 6 + 1/2, 0, 1)``: lstmkit's ``hardsigmoid``.
+_FROM_KERAS = {"activation": {"tanh": "tanh", "relu": "relu", "linear": "identity"},
+               "recurrent_activation": {"sigmoid": "sigmoid", "hard_sigmoid": "hardsigmoid"}}
+
+
+def keras_activations(spec: CellSpec) -> tuple[str, str] | str:
+    """Keras' ``(activation, recurrent_activation)`` computing ``spec``'s activations, or why none
+    can (Keras has one function for the candidate and the output)."""
+    act = {v: k for k, v in _FROM_KERAS["activation"].items()}
+    rec = {v: k for k, v in _FROM_KERAS["recurrent_activation"].items()}
+    if spec.candidate_activation != spec.output_activation:
+        return (f"keras.layers.LSTM applies one activation to the candidate and the output, this cell has "
+                f"{spec.candidate_activation!r} and {spec.output_activation!r}")
+    if spec.gate_activation not in rec:
+        return (f"keras.layers.LSTM's hard_sigmoid is clamp(x/6 + 1/2) (lstmkit's hardsigmoid), not "
+                f"{spec.gate_activation!r}")
+    return act[spec.candidate_activation], rec[spec.gate_activation]
+
+
+def _activation_fields(spec: CellSpec) -> dict[str, str]:
+    return {"candidate_activation": spec.candidate_activation, "output_activation": spec.output_activation,
+            "gate_activation": spec.gate_activation}
 
 
 def _lstm_layers(obj: Any) -> list[Any]:
@@ -61,19 +88,34 @@ def _lstm_layers(obj: Any) -> list[Any]:
         if isinstance(layer, keras.layers.Bidirectional) and layer.merge_mode != "concat":
             raise ValueError(f"keras: {layer.name!r} merges directions with {layer.merge_mode!r}; only "
                              f"'concat' matches lstmkit's bidirectional output")
-        for sub in ([layer.forward_layer, layer.backward_layer]
-                    if isinstance(layer, keras.layers.Bidirectional) else [layer]):
-            cell = sub.cell
-            acts = (keras.activations.serialize(cell.activation),
-                    keras.activations.serialize(cell.recurrent_activation))
-            if acts != ("tanh", "sigmoid"):
-                raise ValueError(f"keras: {sub.name!r} uses activations {acts}; the LSTM cell needs "
-                                 f"('tanh', 'sigmoid')")
     sizes = {(_units(layer), isinstance(layer, keras.layers.Bidirectional), _use_bias(layer)) for layer in layers}
     if len(sizes) != 1:
         raise ValueError(f"keras: the stack mixes (units, bidirectional, use_bias) = {sorted(sizes)}; an lstmkit "
                          f"LSTM has one of each: convert the layers one by one")
     return layers
+
+
+def _cell_of(layers: list[Any]) -> CellSpec:
+    """The lstmkit cell computing every LSTM of ``layers`` (their activations; they must agree)."""
+    keras = _keras()
+    seen: dict[tuple[str, str], str] = {}
+    for layer in layers:
+        for sub in ([layer.forward_layer, layer.backward_layer]
+                    if isinstance(layer, keras.layers.Bidirectional) else [layer]):
+            acts = (keras.activations.serialize(sub.cell.activation),
+                    keras.activations.serialize(sub.cell.recurrent_activation))
+            if acts[0] not in _FROM_KERAS["activation"] or acts[1] not in _FROM_KERAS["recurrent_activation"]:
+                raise ValueError(f"keras: {sub.name!r} uses (activation, recurrent_activation) = {acts}; lstmkit "
+                                 f"computes activation in {sorted(_FROM_KERAS['activation'])} and "
+                                 f"recurrent_activation in {sorted(_FROM_KERAS['recurrent_activation'])}")
+            seen.setdefault(acts, sub.name)
+    if len(seen) > 1:
+        raise ValueError(f"keras: the layers use different activations {sorted(seen)}; an lstmkit LSTM has one cell: "
+                         f"convert the layers one by one")
+    (act, rec), = seen
+    cand = _FROM_KERAS["activation"][act]
+    return CellSpec(candidate_activation=cand, output_activation=cand,
+                    gate_activation=_FROM_KERAS["recurrent_activation"][rec])
 
 
 def _units(layer: Any) -> int:
@@ -104,7 +146,7 @@ def from_keras(obj: Any, *, allow_go_backwards: bool = True) -> LSTM:
     H, bias = _units(first), _use_bias(first)
     input_size = (first.forward_layer if bidir else first).cell.kernel.shape[0]
     out = LSTM(input_size, H, num_layers=len(layers), bias=bias, batch_first=True, bidirectional=bidir,
-               dtype=torch.float32)
+               dtype=torch.float32, cell=_cell_of(layers))
     for index, layer in enumerate(layers):
         subs = [layer.forward_layer, layer.backward_layer] if bidir else [layer]
         for direction, sub in enumerate(subs):
@@ -135,24 +177,41 @@ def from_keras(obj: Any, *, allow_go_backwards: bool = True) -> LSTM:
     return out
 
 
+def require_keras_lstm(layer: object) -> None:
+    """Raise ValueError (TypeError for another kind of object) unless keras.layers.LSTM can carry
+    ``layer``: the vanilla cell, up to the activations Keras has, without projection."""
+    if not isinstance(layer, LSTM):
+        raise TypeError(f"layer: expected an lstmkit LSTM, got {type(layer).__name__}")
+    plain = layer.spec.replace(**dict.fromkeys(("candidate_activation", "output_activation"), "tanh"),
+                               gate_activation="sigmoid")
+    why = keras_activations(layer.spec)
+    if not plain.is_vanilla or layer.proj_size or isinstance(why, str):
+        name = layer.spec.name + (f" with proj_size={layer.proj_size}" if layer.proj_size else "")
+        detail = why if isinstance(why, str) else "it computes the vanilla LSTM (with its activations) only"
+        raise ValueError(f"layer: keras.layers.LSTM cannot carry {name!r}: {detail}")
+
+
 def to_keras(layer: LSTM, return_sequences: bool = True, return_state: bool = False) -> Any:
     """A built Keras model of ``layer.num_layers`` LSTM layers, weights copied.
 
     Inputs are batch-first (B, T, I), as Keras expects.
 
     Raises:
-        ValueError: a variant Keras' LSTM cannot carry (anything but vanilla, or projection).
+        ValueError: a variant Keras' LSTM cannot carry (anything but the vanilla cell with the
+            activations Keras has, :func:`keras_activations`; projection).
     """
     check_bool("return_sequences", return_sequences)
     check_bool("return_state", return_state)
-    require_plain_lstm(layer, "keras.layers.LSTM")
+    require_keras_lstm(layer)
+    activation, recurrent_activation = keras_activations(layer.spec)  # type: ignore[misc]
     keras = _keras()
     H = layer.hidden_size
     blocks = []
     for index in range(layer.num_layers):
         last = index == layer.num_layers - 1
         kw = dict(units=H, use_bias=layer.bias, return_sequences=return_sequences or not last,
-                  return_state=return_state and last)
+                  return_state=return_state and last, activation=activation,
+                  recurrent_activation=recurrent_activation)
         blocks.append(keras.layers.Bidirectional(keras.layers.LSTM(**kw)) if layer.bidirectional
                       else keras.layers.LSTM(**kw))
     x = keras.Input((None, layer.input_size))  # (B, T, I)
