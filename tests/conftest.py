@@ -11,6 +11,9 @@ import torch
 # it must be set before triton decorates them. On a GPU machine the compiled kernels run.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# The tests compare every Triton build with the references themselves: the first-use self-check
+# would run each build twice (tests/test_selfcheck.py turns it on).
+os.environ.setdefault("LSTMKIT_TRITON_SELFCHECK", "0")
 
 # Test shapes are tiny: one thread is faster, and immune to OpenMP spin-wait slowdowns when
 # the two cores are shared. Tests that exercise threading set the count themselves.

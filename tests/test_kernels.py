@@ -12,12 +12,15 @@ import lstmkit
 from conftest import assert_rel
 from lstmkit import kernels
 from lstmkit.kernels import abi
-from lstmkit.spec import resolve
+from lstmkit.kernels.fused import FusedKernel
+from lstmkit.spec import CellSpec, resolve
 from variants import LSTM_VARIANTS, RNN_VARIANTS
 
 # Rows that run layers on CPU tensors (onnx_export only writes ONNX during torch.onnx.export:
-# tests/test_ops.py; triton runs CPU tensors only through Triton's interpreter: test_triton.py).
-FAST = [name for name in kernels.REGISTRY if name not in ("reference", "onnx_export", "triton")]
+# tests/test_ops.py; triton runs CPU tensors only through Triton's interpreter: test_triton.py):
+# the fused rows (hand-written BPTT, record mode) and torch's own operators (the cells torch has).
+FUSED = [name for name, k in kernels.REGISTRY.items() if isinstance(k, FusedKernel) and name != "triton"]
+FAST = FUSED + ["torch"]
 DTYPES = [torch.float32, torch.float64]
 
 # (T, B, I, H, proj, layers, bidirectional, lengths)
@@ -131,7 +134,7 @@ def test_kernel_rnn(kernel_name, dtype, nonlinearity):
             I, H, L, bidirectional=bd, nonlinearity=nonlinearity), SHAPES[shape], dtype, lstm=False)
 
 
-@pytest.mark.parametrize("kernel_name", FAST)
+@pytest.mark.parametrize("kernel_name", FUSED)
 @pytest.mark.parametrize("cell", ["vanilla", "peephole+layernorm+cifg", "fgr+nog+clip=0.4", "nig+noaf"])
 def test_kernel_gradcheck(kernel_name, cell):
     torch.manual_seed(0)
@@ -151,7 +154,7 @@ def test_kernel_gradcheck(kernel_name, cell):
     assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel_name", FAST)
+@pytest.mark.parametrize("kernel_name", FUSED)
 def test_kernel_double_backward_raises_clearly(kernel_name):
     layer = lstmkit.LSTM(2, 3, backend=kernel_name).double()
     x = torch.randn(3, 1, 2, dtype=torch.float64, requires_grad=True)
@@ -170,20 +173,27 @@ def test_registry_rows_and_selection():
     deep = lstmkit.CellSpec(gate_hidden=(3,))
     assert kernels.select(resolve("vanilla"), torch.device("meta"), torch.float32).name == "reference"
     assert kernels.select(resolve("vanilla"), cpu, torch.complex64).name == "reference"
-    if FAST:
-        assert kernels.select(resolve("peephole"), cpu, torch.float32).name == FAST[0]
-        assert kernels.select(deep, cpu, torch.float32).name == FAST[0]
+    if FUSED:
+        assert kernels.select(resolve("peephole"), cpu, torch.float32).name == FUSED[0]
+        assert kernels.select(deep, cpu, torch.float32).name == FUSED[0]
         with pytest.raises(ValueError, match=r"cannot run this layer: it runs float32, float64"):
-            kernels.select(deep, cpu, torch.complex64, backend=FAST[0])
+            kernels.select(deep, cpu, torch.complex64, backend=FUSED[0])
     assert "deep gates" in kernels.REGISTRY["triton"].refuses(deep)  # the Triton kernels: not yet
 
 
-def test_cuda_layers_select_triton_or_the_reference_row():
+def test_cuda_layers_select_cudnn_then_triton_or_the_reference_row():
+    """On CUDA: torch's own operator (cuDNN) for the cells it computes, Triton for the rest,
+    and for a trace (record mode) the first row that records."""
     import importlib.util
 
+    cuda = torch.device("cuda")
     fast = "triton" if importlib.util.find_spec("triton") else "reference"
-    for cell in ("vanilla", "peephole+layernorm"):
-        assert kernels.select(resolve(cell), torch.device("cuda"), torch.float32).name == fast
+    for cell in ("vanilla", "vanilla+fb=1", CellSpec(kind="rnn", nonlinearity="relu")):
+        assert kernels.select(resolve(cell), cuda, torch.float32).name == "torch"
+        assert kernels.select(resolve(cell), cuda, torch.float32, record=True).name == fast
+    assert kernels.select(resolve("vanilla"), cuda, torch.float32, backend="triton").name == fast
+    for cell in ("peephole+layernorm", "zoneout=0.1", "cand_act=relu"):
+        assert kernels.select(resolve(cell), cuda, torch.float32).name == fast
 
 
 def test_build_failure_falls_back_to_reference_with_one_warning(monkeypatch):
@@ -207,7 +217,7 @@ def test_build_failure_falls_back_to_reference_with_one_warning(monkeypatch):
     assert kernels.select(layer.spec, x.device, x.dtype).name == "reference"
 
 
-@pytest.mark.parametrize("kernel_name", FAST)
+@pytest.mark.parametrize("kernel_name", FUSED)
 @pytest.mark.parametrize("cell", ["vanilla", "layernorm", "clip=1", "nig+niaf+noaf"])
 def test_kernel_propagates_nan_like_torch(kernel_name, cell):
     layer = lstmkit.LSTM(3, 40, cell=cell, backend=kernel_name, check_finite=False)
@@ -262,7 +272,7 @@ def test_fused_activations_accuracy_and_nan(dtype):
         assert torch.isnan(got[-1]), f"{fn.__name__} swallowed NaN"
 
 
-@pytest.mark.parametrize("kernel_name", FAST)
+@pytest.mark.parametrize("kernel_name", FUSED)
 @pytest.mark.parametrize("cell", ["vanilla", "cifg", "nig+nog", "layernorm", "fgr+peephole", "rnn"])
 def test_record_mode_matches_reference(kernel_name, cell):
     """The fused kernel's record mode returns what it computed, equal to the reference's

@@ -406,3 +406,19 @@ def test_gradient_flow_batch_first_and_unbatched():
     alone = gradient_flow(layer, x[:, :1], _loss)
     assert one[1][0].grad_h.shape == (T, H) and one.valid.shape == (T,)
     torch.testing.assert_close(one[1][0].grad_h, alone[1][0].grad_h[:, 0], **TOL)
+
+
+def test_a_layer_on_torchs_own_lstm_is_traced_on_a_recording_kernel_which_the_trace_names():
+    """torch's LSTM operator (cuDNN on a GPU) keeps no per-step gates: a trace runs the next row
+    that records, says so, and its output is the layer's (to the kernels' rounding)."""
+    layer = build("vanilla", num_layers=2, bidirectional=True, backend="torch").eval()
+    x = x_data()
+    tr = trace(layer, x, lengths=LENGTHS)
+    assert tr.runs_on == "torch" and tr.kernel == "cpu_fused"
+    assert "recorded on the 'cpu_fused' kernel: the layer runs on 'torch'" in tr.note
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False)
+    with torch.no_grad():
+        want = torch.nn.utils.rnn.pad_packed_sequence(layer(packed)[0], total_length=T)[0]
+    valid = tr.valid.unsqueeze(-1)
+    torch.testing.assert_close(tr.output * valid, want * valid, **TOL)
+    assert trace(build("vanilla"), x).note == ""

@@ -58,7 +58,7 @@ def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
         record: collect per-step activations from the kernels.
     """
     num_dirs = len(params[0])
-    kernel = kernels.select(spec, x.device, x.dtype, backend)
+    kernel = kernels.select(spec, x.device, x.dtype, backend, record)
     h_out, c_out, traces = [], [], []
     layer_in = x
     for layer, directions in enumerate(params):

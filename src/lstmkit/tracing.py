@@ -122,6 +122,9 @@ class Trace:
             (``(T,)`` unbatched); values elsewhere are NaN.
         kernel: the registry name of the kernel that recorded the trace.
         batched: False for unbatched 2-D input.
+        runs_on: the kernel the layer runs on outside a trace; it differs from ``kernel``
+            where that one keeps no per-step gates (torch's own LSTM: cuDNN on a GPU), and then
+            ``note`` says so.
     """
 
     spec: CellSpec
@@ -132,8 +135,17 @@ class Trace:
     valid: Tensor
     kernel: str
     batched: bool = True
+    runs_on: str = ""
 
     names = NAMES
+
+    @property
+    def note(self) -> str:
+        """Where the trace was recorded, if not on the kernel the layer runs on."""
+        if not self.runs_on or self.runs_on == self.kernel:
+            return ""
+        return (f"recorded on the {self.kernel!r} kernel: the layer runs on {self.runs_on!r}, which keeps no "
+                f"per-step gates (the same equations; values agree to the kernels' rounding)")
 
     @property
     def gates(self) -> tuple[str, ...]:
@@ -279,9 +291,10 @@ def trace(model: nn.Module, x: Tensor | PackedSequence, hx: Any = None,
                 values[key] = v if batched else v.squeeze(1)
             row.append(DirectionTrace(index, d, values, _absent_notes(layer, index, d, set(values))))
         layers.append(row)
-    name = kernels.select(layer.spec, layer.weight_ih_l0.device, layer.weight_ih_l0.dtype, layer.backend).name
+    where = (layer.spec, layer.weight_ih_l0.device, layer.weight_ih_l0.dtype, layer.backend)
+    name, runs_on = kernels.select(*where, record=True).name, kernels.select(*where).name
     return Trace(layer.spec, layers, output.detach(), h_n.detach(),
-                 None if c_n is None else c_n.detach(), valid if batched else valid[:, 0], name, batched)
+                 None if c_n is None else c_n.detach(), valid if batched else valid[:, 0], name, batched, runs_on)
 
 
 # ----------------------------------------------------------------------------- gradient flow

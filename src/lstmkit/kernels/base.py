@@ -46,6 +46,8 @@ class Kernel(ABC):
 
     name: str
     devices: tuple[str, ...]
+    #: Whether the row can record each step's activations (``record=True``, what a trace asks).
+    records: bool = True
 
     def refuses(self, spec: CellSpec) -> str | None:
         """Why this kernel can never run ``spec``, on any device and in any dtype, or None.

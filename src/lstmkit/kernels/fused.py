@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from lstmkit import cell, variants
-from lstmkit.kernels import abi, cpu_ext, ops
+from lstmkit.kernels import abi, cpu_ext, ops, selfcheck
 from lstmkit.kernels.base import Kernel, KernelOut, hidden_keys
+from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.spec import CellSpec
 
 __all__ = ["FusedKernel", "FusedCPUKernel", "TritonKernel", "trace_from_buffers", "triton_available"]
@@ -261,7 +262,19 @@ class TritonKernel(FusedKernel):
             return "Triton is not installed (pip install 'lstmkit[gpu]')"
         return None
 
+    def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+            params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
+            record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
+        """The fused run, on a build that passed its self-check (:mod:`lstmkit.kernels.selfcheck`;
+        checked the first time it is used in eager mode); a failed build's layers run on the
+        reference kernel instead."""
+        if selfcheck.enabled() and not torch.compiler.is_compiling() \
+                and selfcheck.verdict(super().run, spec, x, h0, c0, params, hidden_size) is not None:
+            return _REFERENCE.run(x, lengths, h0, c0, params, spec, hidden_size, record, keep)
+        return super().run(x, lengths, h0, c0, params, spec, hidden_size, record, keep)
 
+
+_REFERENCE = ReferenceKernel()
 _TRITON_IMPL: Any = None
 
 

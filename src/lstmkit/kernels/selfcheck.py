@@ -1,0 +1,109 @@
+"""Triton builds checked before first use: a user's first CUDA layer must not be their kernels'
+first test.
+
+The first time a Triton build runs in a process — a variant (its flag word), a dtype and a
+way of running the time loop (persistent or per step) — the layer's own sizes run two steps
+on it and on the reference kernel (float64), forward and every gradient. A build that raises,
+or disagrees beyond its dtype's tolerance, is remembered: lstmkit warns once, naming the build
+and the error, and layers with that build run on the reference kernel (slower, not wrong).
+``LSTMKIT_TRITON_SELFCHECK=0`` turns the check off.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lstmkit.kernels import abi
+from lstmkit.kernels.base import KernelOut
+from lstmkit.kernels.reference import ReferenceKernel
+from lstmkit.spec import CellSpec
+
+__all__ = ["ENV", "enabled", "verdict", "build_key", "TOLERANCE"]
+
+#: The environment variable that turns the check off ("0").
+ENV = "LSTMKIT_TRITON_SELFCHECK"
+#: Largest error of a build against the float64 reference, relative to each tensor's scale.
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 6e-2}
+
+_VERDICTS: dict[tuple[Any, ...], str | None] = {}  # build -> None (passed) or why it failed
+_REFERENCE = ReferenceKernel()
+
+Run = Callable[..., KernelOut]
+
+
+def enabled() -> bool:
+    """Whether builds are checked (``LSTMKIT_TRITON_SELFCHECK`` is not "0")."""
+    return os.environ.get(ENV, "1") != "0"
+
+
+def build_key(spec: CellSpec, dtype: torch.dtype, B: int, H: int, H_out: int, projection: bool) -> tuple[Any, ...]:
+    """A Triton build: the variant's flag word, the dtype and the way the time loop runs."""
+    from lstmkit.kernels.triton_impl import Variant, choose_path
+
+    flags = abi.flags(spec)
+    return (flags, dtype, choose_path(Variant.from_flags(flags), B, H, H_out, dtype, projection))
+
+
+def _describe(spec: CellSpec, key: tuple[Any, ...]) -> str:
+    return f"cell {spec.name!r}, {str(key[1]).removeprefix('torch.')}, {key[2]} path"
+
+
+def verdict(run: Run, spec: CellSpec, x: Tensor, h0: Tensor, c0: Tensor | None, params: dict[str, Tensor],
+            hidden_size: int) -> str | None:
+    """None if the build this call uses is good (checked now, the first time); else why not,
+    after one warning. ``run`` is the Triton row's own run (without the check)."""
+    proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
+    key = build_key(spec, x.dtype, x.shape[1], hidden_size, h0.shape[-1], proj > 0)
+    if key not in _VERDICTS:
+        why = _check(run, spec, x, h0, c0, params, hidden_size)
+        _VERDICTS[key] = why
+        if why is not None:
+            warnings.warn(f"lstmkit: the Triton build for {_describe(spec, key)} failed its self-check against the "
+                          f"reference kernel ({why}); layers that need it run on the 'reference' kernel (slower, not "
+                          f"wrong). {ENV}=0 skips the check", RuntimeWarning, stacklevel=4)
+    return _VERDICTS[key]
+
+
+def _check(run: Run, spec: CellSpec, x: Tensor, h0: Tensor, c0: Tensor | None, params: dict[str, Tensor],
+           H: int) -> str | None:
+    """Two steps of the layer's sizes on the build and on the float64 reference: outputs,
+    states and the gradients of the input, the states and every parameter."""
+    g = torch.Generator().manual_seed(0)
+    T, B = 2, x.shape[1]
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5
+
+    data = {"x": rand(T, B, x.shape[-1]), "h0": rand(B, h0.shape[-1]), "c0": None if c0 is None else rand(B, H)}
+    weights = {k: v.detach().double().cpu() for k, v in params.items()}
+    outs: list[dict[str, Tensor]] = []
+    try:
+        for kernel_run, device, dtype in ((run, x.device, x.dtype), (_REFERENCE.run, torch.device("cpu"),
+                                                                        torch.float64)):
+            p = {k: v.to(device, dtype).requires_grad_(True) for k, v in weights.items()}
+            ins = {k: None if v is None else v.to(device, dtype).requires_grad_(True) for k, v in data.items()}
+            out = kernel_run(ins["x"], None, ins["h0"], ins["c0"], p, spec, H)
+            got = {"y": out.y, "h_n": out.h_n} | ({"c_n": out.c_n} if out.c_n is not None else {})
+            loss = sum((t.double() * torch.linspace(-1, 1, t.numel(), dtype=torch.float64, device=device)
+                        .view_as(t)).sum() for t in got.values())
+            wrt = {k: v for k, v in ins.items() if v is not None} | {f"d_{k}": v for k, v in p.items()}
+            grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True)
+            got |= {f"grad {k}": (gr if gr is not None else torch.zeros_like(v)) for (k, v), gr in
+                    zip(wrt.items(), grads)}
+            outs.append({k: v.detach().double().cpu() for k, v in got.items()})
+    except Exception as exc:  # noqa: BLE001 - a build that fails to compile or launch is a verdict too
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    tol = TOLERANCE.get(x.dtype, 1e-4)
+    for name, want in outs[1].items():
+        have = outs[0][name]
+        scale = max(want.abs().max().item(), 1e-3) if want.numel() else 1.0
+        err = (have - want).abs().max().item() / scale if want.numel() else 0.0
+        if not err <= tol:  # NaN included
+            return f"{name} differs by {err:.2g} of its scale (tolerance {tol:g})"
+    return None

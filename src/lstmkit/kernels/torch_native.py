@@ -1,0 +1,82 @@
+"""The ``torch`` kernel row: torch's own recurrent operators (``aten::lstm``, ``aten::rnn_tanh``,
+``aten::rnn_relu``) for the cells torch computes — cuDNN on a GPU, oneDNN on the CPU.
+
+For the vanilla LSTM (any initial biases: they are stored values), its projection and the
+plain RNN, torch's fused kernels are the speed to beat: on CUDA this row is chosen by default
+(:func:`lstmkit.kernels.select`); elsewhere only when ``backend="torch"`` asks for it. It is an
+aten operator, so ``torch.compile``, ``torch.export`` and autocast see what they see for
+``torch.nn.LSTM``; autograd differentiates it (cuDNN's own backward). Variable lengths go
+through a ``PackedSequence``, as ``nn.LSTM`` takes them. It cannot record per-step gates: a
+trace of such a layer runs the next row that can (:attr:`Kernel.records`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from lstmkit.kernels.base import Kernel, KernelOut
+from lstmkit.spec import CellSpec
+
+__all__ = ["TorchKernel"]
+
+
+class TorchKernel(Kernel):
+    """torch's LSTM / RNN operator for one layer-direction (cuDNN on CUDA, oneDNN on the CPU)."""
+
+    name = "torch"
+    devices = ("cpu", "cuda")
+    records = False
+
+    def refuses(self, spec: CellSpec) -> str | None:
+        if spec.is_lstm and not spec.is_vanilla:
+            return (f"torch's LSTM computes the vanilla cell (with projection) only, not {spec.name!r}; the "
+                    f"'cpu_fused' and 'triton' rows compute every variant")
+        return None
+
+    def automatic(self, device: torch.device) -> bool:
+        return device.type == "cuda"  # cuDNN; on the CPU the fused kernel is the default
+
+    def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+        why = self.refuses(spec)
+        if why:
+            return why
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            return f"it runs float32, float64, bfloat16 and float16, not {dtype}"
+        return None
+
+    def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+            params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
+            record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
+        if record:
+            raise ValueError("record: torch's LSTM operator keeps no per-step gates (a trace runs another kernel)")
+        weights = [params["weight_ih"], params["weight_hh"]]
+        bias = "bias_ih" in params
+        if bias:
+            weights += [params["bias_ih"], params["bias_hh"]]
+        if "weight_hr" in params:
+            weights.append(params["weight_hr"])
+        packed = None
+        if lengths is not None:  # x (T, B, I) -> the PackedSequence nn.LSTM takes; states in its order
+            packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            order = packed.sorted_indices.to(x.device)
+            h0 = h0.index_select(0, order)
+            c0 = None if c0 is None else c0.index_select(0, order)
+        hx = (h0.unsqueeze(0), c0.unsqueeze(0)) if spec.is_lstm else h0.unsqueeze(0)  # (1, B, ·)
+        op = torch._VF.lstm if spec.is_lstm else (torch._VF.rnn_tanh if spec.nonlinearity == "tanh"
+                                                  else torch._VF.rnn_relu)
+        if packed is None:
+            out = op(x, hx, weights, bias, 1, 0.0, False, False, False)  # (input, hx, params, ...)
+        else:
+            out = op(packed.data, packed.batch_sizes, hx, weights, bias, 1, 0.0, False, False)
+        y = out[0]
+        h_n = out[1].squeeze(0)
+        c_n = out[2].squeeze(0) if spec.is_lstm else None
+        if packed is not None:
+            unsort = packed.unsorted_indices.to(x.device)
+            y, _ = pad_packed_sequence(type(packed)(y, packed.batch_sizes, packed.sorted_indices,
+                                                    packed.unsorted_indices), total_length=x.shape[0])
+            h_n = h_n.index_select(0, unsort)
+            c_n = None if c_n is None else c_n.index_select(0, unsort)
+        return KernelOut(y, h_n, c_n, None)

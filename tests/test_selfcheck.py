@@ -1,0 +1,76 @@
+"""Triton builds are checked against the reference before their first use (under Triton's
+interpreter here; on a GPU the same code checks the compiled kernels): a good build runs, a
+build that computes something else is caught, warned about once and replaced by the reference
+kernel; LSTMKIT_TRITON_SELFCHECK=0 turns the check off."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import lstmkit
+from lstmkit.kernels import fused, selfcheck
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def checked(monkeypatch):
+    """The check on, with no verdicts from earlier tests."""
+    monkeypatch.setenv(selfcheck.ENV, "1")
+    monkeypatch.setattr(selfcheck, "_VERDICTS", {})
+
+
+def _layers(cell: str = "peephole"):
+    torch.manual_seed(0)
+    tri = lstmkit.LSTM(3, 8, cell=cell, backend="triton")
+    ref = lstmkit.LSTM(3, 8, cell=cell, backend="reference")
+    ref.load_state_dict(tri.state_dict())
+    return tri, ref
+
+
+def test_a_good_build_passes_and_runs(checked):
+    tri, ref = _layers()
+    x = torch.randn(5, 2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all
+        y = tri(x)[0]
+    torch.testing.assert_close(y, ref(x)[0], rtol=1e-5, atol=1e-5)
+    assert list(selfcheck._VERDICTS.values()) == [None]
+
+
+def test_a_wrong_build_is_caught_warned_once_and_replaced_by_the_reference(checked, monkeypatch):
+    impl = fused._triton_impl()
+    real = impl.forward
+
+    def wrong(*args):  # a build whose forward computes something else (an off-by-0.5 output)
+        y, *rest = real(*args)
+        return (y + 0.5, *rest)
+    monkeypatch.setattr(impl, "forward", wrong)
+    tri, ref = _layers()
+    x = torch.randn(5, 2, 3)
+    with pytest.warns(RuntimeWarning, match=r"Triton build for cell 'peephole', float32, \w+ path failed its "
+                                            r"self-check .*y differs by .* run on the 'reference' kernel") as rec:
+        y = tri(x)[0]
+    assert len(rec) == 1
+    torch.testing.assert_close(y, ref(x)[0], rtol=0, atol=0)  # the reference ran: right, not wrong
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per build: no second warning
+        tri(x)
+    monkeypatch.setenv(selfcheck.ENV, "0")  # unchecked, the wrong build would have been used
+    assert (tri(x)[0] - ref(x)[0]).abs().max() > 0.4
+
+
+def test_a_build_that_raises_is_caught(checked, monkeypatch):
+    impl = fused._triton_impl()
+
+    def broken(*args):
+        raise RuntimeError("simulated launch failure")
+    monkeypatch.setattr(impl, "forward", broken)
+    tri, ref = _layers("vanilla")
+    x = torch.randn(4, 3, 3)
+    with pytest.warns(RuntimeWarning, match="RuntimeError: simulated launch failure"):
+        y = tri(x)[0]
+    torch.testing.assert_close(y, ref(x)[0], rtol=0, atol=0)
