@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session (sized for a lease of about 15 minutes of one H100/H200, start-up
-# included): the CUDA tests of the Triton kernels, then the GPU benchmark under a time budget;
+# included): lstmkit doctor, the CUDA tests of the Triton kernels, then the GPU benchmark under a
+# time budget;
 # results and logs land in benchmarks/results/ (the benchmark writes after every shape, so a
 # run cut short keeps what it measured).
 #
@@ -25,6 +26,8 @@ for m in ("triton", "numpy", "tqdm", "pytest", "xdist"):
     spec = importlib.util.find_spec(m)
     print(m, "missing" if spec is None else getattr(__import__(m), "__version__", "ok"))
 PY
+# 0. lstmkit doctor: every kernel row on every variant, on the CPU and the GPU, against the reference.
+timeout 120 python -m lstmkit doctor 2>&1 | tee "$out/doctor.log"
 # 1. The CUDA tests: the CUDA-only matrix and the float64 tests of every variant on both paths.
 par=$(python -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
 timeout "$TESTS_S" python -m pytest tests/test_triton.py -q -p no:cacheprovider $par --tb=short -rf \

@@ -33,8 +33,8 @@ from typing import Any
 
 from lstmkit.layout import GATES
 
-__all__ = ["Row", "ROWS", "VALUE", "FLAGS", "Dims", "row", "words", "active_rows", "flag_word", "flag_names",
-           "computed_gates", "gate_removal_masks", "param_shapes", "onnx_refusal",
+__all__ = ["Row", "ROWS", "VALUE", "FLAGS", "Dims", "row", "words", "example_cells", "active_rows", "flag_word",
+           "flag_names", "computed_gates", "gate_removal_masks", "param_shapes", "onnx_refusal",
            "HARD_SIGMOID_SLOPES", "init_fields"]
 
 
@@ -83,7 +83,7 @@ class Row:
             kernels compute — an initialisation, or a structure they see in the parameters).
         init: the word sets an initial value only (no equation changes).
         kind: the cell kind it belongs to (``"lstm"``, or ``"rnn"`` for the plain RNN's rows).
-        example: a value of a value word for the docs and the tests (None: not needed).
+        example: a value of a value word, for the docs, ``lstmkit doctor`` and the tests.
     """
 
     word: str
@@ -252,21 +252,22 @@ ROWS: tuple[Row, ...] = (
         placeholder="<w>[x<w>…]", parse=_parse_widths, params=_deep, flag=False, example="3",
         onnx="the LSTM operator's gates are single linear layers, not MLPs"),
     Row("clip", {"cell_clip": VALUE}, "`c_t` clipped to ±c", "TF's `cell_clip`; ONNX's clip bounds the gates",
-        aliases=("cell_clip",), placeholder="<c>", parse=_parse_float,
+        aliases=("cell_clip",), placeholder="<c>", parse=_parse_float, example="0.5",
         onnx="the LSTM operator's clip bounds the gate pre-activations, lstmkit's cell_clip bounds c_t: "
              "different functions"),
     Row("zoneout", {"zoneout": VALUE},
         "in training each unit keeps its previous `c` (prob. z_c) and `h` (prob. z_h); at evaluation the "
         "expectation", "Krueger et al. 2016, Zoneout", placeholder="<z>[/<z_h>]", parse=_parse_zoneout,
+        example="0.2/0.1",
         onnx="the LSTM operator has no zoneout (at evaluation c_t and h_t mix in the previous state)"),
     Row("chrono", {"chrono": VALUE}, "initial `b_f = log U[1, T_max − 1]` per cell, `b_i = −b_f`",
-        "Tallec & Ollivier 2018", placeholder="<T_max>", parse=_parse_float, init=True, flag=False),
+        "Tallec & Ollivier 2018", placeholder="<T_max>", parse=_parse_float, init=True, flag=False, example="50"),
     Row("ib", {"input_bias": VALUE}, "initial input-gate bias", "Hochreiter & Schmidhuber 1997, §5.4",
-        aliases=("input_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False),
+        aliases=("input_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False, example="-1"),
     Row("fb", {"forget_bias": VALUE}, "initial forget-gate bias (1 recommended)", "Jozefowicz et al. 2015",
-        aliases=("forget_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False),
+        aliases=("forget_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False, example="1"),
     Row("ob", {"output_bias": VALUE}, "initial output-gate bias", "Hochreiter & Schmidhuber 1997, §5.1",
-        aliases=("output_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False),
+        aliases=("output_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False, example="-1"),
     Row("rnn", {"kind": "rnn"}, "the plain tanh RNN, `h_t = tanh(W_ih x_t + W_hh h_{t-1} + b)` (`lstmkit.RNN`)",
         "Elman 1990", removes="ifo", kind="rnn"),
     Row("rnn_relu", {"kind": "rnn", "nonlinearity": "relu"}, "the plain RNN with ReLU (`nonlinearity='relu'`)",
@@ -281,6 +282,12 @@ for _row in ROWS:
 
 #: The kernels' flag bits: bit ``k`` of a flag word is ``FLAGS[k]``.
 FLAGS: tuple[str, ...] = tuple(r.flag_name for r in ROWS if r.flag)
+
+
+def example_cells() -> list[str]:
+    """One cell per row of the table (a value word with its example value): what a check of
+    every variant runs (``lstmkit doctor``)."""
+    return [f"{r.word}={r.example}" if r.takes_value else r.word for r in ROWS if r.kind == "lstm"]
 
 
 def row(word: str) -> Row | None:

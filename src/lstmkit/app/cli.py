@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("lstmkit.app.report", "write one self-contained HTML report of a run directory"),
     "study": ("lstmkit.app.study", "variant study: every variant x seed with a learning-rate search, tables and plots"),
     "build": ("lstmkit.app.build_cmd", "compile the fused CPU kernel ahead of time (else the first use does)"),
+    "doctor": ("lstmkit.app.doctor", "what this machine gets: every kernel on every variant checked and timed"),
 }
 
 

@@ -1,0 +1,33 @@
+"""``lstmkit doctor``: every kernel row on every variant checked against the reference; a wrong
+kernel is reported and the exit code says so."""
+
+from __future__ import annotations
+
+import argparse
+
+from lstmkit import kernels
+from lstmkit.app import doctor
+from lstmkit.app.cli import main
+
+
+def test_doctor_checks_every_variant_and_passes(capsys):
+    assert main(["doctor", "--no-timing"]) == 0
+    out = capsys.readouterr().out
+    assert "torch " in out and "capability" in out and "fused CPU kernel: ready" in out
+    for cell in ("vanilla", "zoneout=0.2/0.1", "deep=3", "gate_act=hardsigmoid", "rnn_relu"):
+        assert f"  {cell} " in out
+    assert "cpu float64: cpu_fused, torch" in out and "every check passed" in out
+    assert "torch refused (torch's LSTM computes the vanilla cell" in out
+
+
+def test_a_wrong_kernel_fails_the_doctor(capsys, monkeypatch):
+    row = kernels.REGISTRY["cpu_fused"]
+    real = type(row).run
+
+    def wrong(self, *args, **kw):
+        out = real(self, *args, **kw)
+        return out._replace(y=out.y * 1.01)
+    monkeypatch.setattr(type(row), "run", wrong)
+    assert doctor.run(argparse.Namespace(quick=True, no_timing=True)) == 1
+    out = capsys.readouterr().out
+    assert "cpu_fused FAILED: error" in out and "check(s) FAILED" in out
