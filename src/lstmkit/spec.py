@@ -16,6 +16,7 @@ cannot also be removed).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -191,7 +192,20 @@ class CellSpec:
                 f"CellSpec.chrono: expected T_max > 2 (the forget bias is log U[1, T_max − 1]), "
                 f"got {self.chrono!r}"
             )
+        # the kernels look a spec up on every call (lstmkit.variants' caches): hash it once
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self))))
         self._validate_combination()
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined, no-any-return]
+
+    def __getstate__(self) -> dict[str, Any]:  # the hash of strings differs between processes: not pickled
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self))))
 
     def _validate_combination(self) -> None:
         if self.kind == "rnn":
@@ -457,12 +471,17 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
 
 def gate_slices(spec: CellSpec, hidden_size: int) -> dict[str, slice]:
     """Rows of ``weight_ih`` / ``weight_hh`` / biases that each computed gate occupies."""
-    out, start = {}, 0
+    return dict(_gate_slices(spec, hidden_size))
+
+
+@functools.lru_cache(maxsize=1024)
+def _gate_slices(spec: CellSpec, hidden_size: int) -> tuple[tuple[str, slice], ...]:
+    out, start = [], 0
     for g in spec.computed_gates:
         n = spec.first_width(g, hidden_size)
-        out[g] = slice(start, start + n)
+        out.append((g, slice(start, start + n)))
         start += n
-    return out
+    return tuple(out)
 
 
 def layer_param_shapes(spec: CellSpec, input_size: int, hidden_size: int, proj_size: int = 0,

@@ -26,6 +26,7 @@ a spec's fields by name, so :mod:`lstmkit.spec` can build on it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -305,24 +306,31 @@ def init_fields() -> tuple[str, ...]:
     return tuple(name for r in ROWS if r.init for name in r.sets)
 
 
-def active_rows(spec: Any) -> list[Row]:
+# The derivations below run on every layer call: each is cached per spec (a CellSpec is frozen
+# and hashable), and returns what cannot be changed in place.
+
+
+@functools.lru_cache(maxsize=1024)
+def active_rows(spec: Any) -> tuple[Row, ...]:
     """The rows ``spec`` has, without those another active row contains (``rnn`` under
     ``rnn_relu``) and without ``vanilla`` unless nothing else is active."""
     rows = [r for r in ROWS if r.active(spec) and r.sets]
-    rows = [r for r in rows if not any(o is not r and set(r.sets.items()) < set(o.sets.items()) for o in rows)]
-    return rows
+    return tuple(r for r in rows if not any(o is not r and set(r.sets.items()) < set(o.sets.items()) for o in rows))
 
 
-def flag_names(spec: Any) -> list[str]:
+@functools.lru_cache(maxsize=1024)
+def flag_names(spec: Any) -> tuple[str, ...]:
     """The flags of the rows ``spec`` has (every active row, ``rnn`` included under ``rnn_relu``)."""
-    return [r.flag_name for r in ROWS if r.flag and r.sets and r.active(spec)]
+    return tuple(r.flag_name for r in ROWS if r.flag and r.sets and r.active(spec))
 
 
+@functools.lru_cache(maxsize=1024)
 def flag_word(spec: Any) -> int:
     """``spec`` as the kernels' flag word (bit ``k`` set if ``FLAGS[k]`` applies)."""
     return sum(1 << FLAGS.index(name) for name in flag_names(spec))
 
 
+@functools.lru_cache(maxsize=1024)
 def computed_gates(spec: Any) -> tuple[str, ...]:
     """Gates with parameters of their own, in :data:`lstmkit.layout.GATES` order: those no
     active row removes or couples."""
@@ -330,6 +338,7 @@ def computed_gates(spec: Any) -> tuple[str, ...]:
     return tuple(g for g in GATES if g not in gone)
 
 
+@functools.lru_cache(maxsize=1024)
 def sigmoid_gates(spec: Any) -> tuple[str, ...]:
     """Computed gates among ``i, f, o`` (the LSTM's sigmoid gates)."""
     return tuple(g for g in computed_gates(spec) if g != "g") if spec.kind == "lstm" else ()
@@ -355,6 +364,7 @@ def param_shapes(spec: Any, dims: Dims) -> dict[str, tuple[int, ...]]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)
 def onnx_refusal(spec: Any) -> str | None:
     """Why the ONNX ``LSTM``/``RNN`` operator cannot compute ``spec`` (None if it can)."""
     for r in ROWS:

@@ -24,6 +24,8 @@ this module directly.
 
 from __future__ import annotations
 
+import functools
+
 from lstmkit import variants
 from lstmkit.cell import LN_EPS
 from lstmkit.layout import GATES
@@ -68,6 +70,7 @@ def flags(spec: CellSpec) -> int:
     return variants.flag_word(spec)
 
 
+@functools.lru_cache(maxsize=1024)
 def scalars(spec: CellSpec) -> tuple[float, ...]:
     """The values of :data:`SCALARS` for ``spec`` (0 where the variant has none)."""
     values = {"clip": float(spec.cell_clip or 0.0), "zoneout_c": spec.zoneout[0], "zoneout_h": spec.zoneout[1]}
@@ -89,12 +92,17 @@ def mlp_layout(spec: CellSpec, bias: bool) -> list[int]:
     deep gate ``[gate (its index in i, f, g, o), m, n_1, …, n_m]`` (``[]`` without deep gates).
     The ``mlp`` param holds their further layers flat, gate by gate (this order), layer by layer:
     ``W_j`` (n_{j+1} × n_j, n_{m+1} = H) then ``b_j`` (:func:`mlp_names`)."""
+    return list(_mlp_layout(spec, bias))
+
+
+@functools.lru_cache(maxsize=1024)
+def _mlp_layout(spec: CellSpec, bias: bool) -> tuple[int, ...]:
     if not spec.gate_hidden:
-        return []
+        return ()
     out = [PHIS.index(spec.gate_hidden_activation), int(bias), len(spec.gate_hidden)]
     for g, widths in spec.gate_hidden:
         out += [GATES.index(g), len(widths), *widths]
-    return out
+    return tuple(out)
 
 
 def mlp_names(spec: CellSpec, bias: bool) -> list[str]:
