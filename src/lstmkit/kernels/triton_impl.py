@@ -56,7 +56,7 @@ PERSISTENT_FORCE_LIMIT_BYTES = 64 * 1024
 
 def _kernel_buffers(bufs: list[Tensor]) -> dict[str, Tensor]:
     """The buffers by kernel argument name (:data:`lstmkit.kernels.abi.BUFFERS`' names)."""
-    return dict(zip(abi.BUFFERS, bufs))
+    return {name: b for name, b in zip(abi.BUFFERS, bufs) if name != "MLP"}  # deep gates: not in Triton
 
 
 def _zoneout_bit(v: Variant) -> int:
@@ -233,7 +233,7 @@ class TritonImpl:
 
     def forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                 *rest: Any) -> tuple[Tensor, ...]:
-        params, (flags, clip, zc, zh, H, P, save) = list(rest[:NP]), rest[NP:]
+        params, (flags, _mlp, clip, zc, zh, H, P, save) = list(rest[:NP]), rest[NP:]  # deep gates: not here
         v = Variant.from_flags(flags)
         T, B, R = xg.shape
         HO = P if P > 0 and not v.rnn else H
@@ -307,7 +307,7 @@ class TritonImpl:
     def backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                  lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
         params, buffers = list(rest[:NP]), list(rest[NP:NP + NB])
-        flags, clip, zc, zh, H, P = rest[NP + NB:]
+        flags, _mlp, clip, zc, zh, H, P = rest[NP + NB:]
         v = Variant.from_flags(flags)
         T, B = y.shape[0], y.shape[1]
         R = w_hh.shape[0]
@@ -482,7 +482,7 @@ class _Args:
 
     def named_params(self, with_weights: bool) -> dict[str, Tensor]:
         """The parameter pointers by kernel argument name (absent: an empty tensor)."""
-        names = [n for n in abi.PARAMS if with_weights or n not in ("weight_gg", "weight_hr")]
+        names = [n for n in abi.PARAMS if (with_weights or n not in ("weight_gg", "weight_hr")) and n != "mlp"]
         rename = {"peephole_i": "p_i", "peephole_f": "p_f", "peephole_o": "p_o", "ln_hh_weight": "g_hh",
                   "ln_c_weight": "c_w", "ln_c_bias": "c_b", "ln_ih_weight": "g_ih", "weight_gg": "w_gg",
                   "weight_hr": "w_hr", "bias": "bias", "keep_c": "keep_c", "keep_h": "keep_h"}
