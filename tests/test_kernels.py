@@ -32,6 +32,7 @@ SHAPES = {
     "stacked_bidir": (5, 3, 4, 6, 0, 2, True, [5, 3, 1]),
     "projection": (5, 2, 3, 6, 4, 2, False, None),
     "big": (4, 9, 33, 70, 0, 1, True, None),
+    "one_step": (1, 5, 3, 7, 4, 2, True, None),  # T = 1: the weights are read in place (BLAS), not packed
     "onednn_projection": (3, 90, 256, 256, 0, 1, True, None),  # T·B >= 256, I·R >= 256·1024
 }
 
@@ -117,7 +118,7 @@ def test_kernel_vanilla_shapes(kernel_name, shape, dtype):
 
 @pytest.mark.parametrize("kernel_name", FAST)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("shape", ["odd", "lengths", "stacked_bidir", "projection"])
+@pytest.mark.parametrize("shape", ["odd", "lengths", "stacked_bidir", "projection", "one_step"])
 def test_kernel_every_claimed_variant(kernel_name, dtype, shape, request):
     for param in _variants(kernel_name):
         cell = param.values[0]

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from lstmkit import cell as cell_eqs
+from lstmkit import kernels
 from lstmkit._validate import check_bool, check_int
 from lstmkit.gates import gate_views
 from lstmkit.kernels.onnx_export import exporting
@@ -46,6 +47,11 @@ def _check_finite(t: Tensor, message: str) -> None:
     (a batched tensor has no single truth value), as it is during ONNX export (the ONNX
     graph has no assertions).
     """
+    if type(t) in _PLAIN and not torch.compiler.is_compiling() and not _functorch.is_functorch_wrapped_tensor(t):
+        # plain eager data (the common case, first): one reduction and one read of its value
+        if not (math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())):
+            raise ValueError(message)
+        return
     if exporting():
         return
     if torch.compiler.is_compiling():
@@ -56,6 +62,9 @@ def _check_finite(t: Tensor, message: str) -> None:
     if not (bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())):
         raise ValueError(message)
 
+
+_PLAIN = (Tensor, nn.Parameter)
+_functorch = torch._C._functorch
 
 _NO_TORCHSCRIPT = (
     "lstmkit: {what} is not supported: TorchScript cannot follow the cell variants or the fused "
@@ -85,6 +94,23 @@ def _check_device(device: Any) -> Any:
         raise ValueError(f"device: {str(device)!r} asks for CUDA, but this torch sees no CUDA device "
                          f"(torch.cuda.is_available() is False); use device='cpu'")
     return device
+
+
+def _check_backend(backend: Any, spec: CellSpec) -> str | None:
+    """The ``backend`` argument: None or a registered kernel that can run ``spec``."""
+    if backend is not None:
+        if not isinstance(backend, str) or backend not in kernels.REGISTRY:
+            raise ValueError(f"backend: unknown kernel {backend!r}; expected one of {list(kernels.REGISTRY)}")
+        why = kernels.REGISTRY[backend].refuses(spec)
+        if why:
+            raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
+    return backend
+
+
+#: Why one step at a time cannot run fgr (its previous gate activations are state that
+#: ``(h, c)`` does not carry; a whole-sequence call starts them at 0).
+_FGR_STEP = ("fgr keeps the previous gate activations as extra state, which (h, c) cannot carry; "
+             "run lstmkit.LSTM over the whole sequence instead")
 
 
 def _check_dtype(dtype: Any) -> None:
@@ -204,17 +230,8 @@ class _Recurrent(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bool(bidirectional)
         self.proj_size = proj_size
-        self.backend = backend
+        self.backend = _check_backend(backend, spec)
         self.check_finite = check_finite
-        if backend is not None:
-            from lstmkit import kernels
-            if not isinstance(backend, str) or backend not in kernels.REGISTRY:
-                raise ValueError(
-                    f"backend: unknown kernel {backend!r}; expected one of {list(kernels.REGISTRY)}"
-                )
-            why = kernels.REGISTRY[backend].refuses(spec)
-            if why:
-                raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
         device = _check_device(device)
         _check_dtype(dtype)
         _check_memory(spec, input_size, hidden_size, num_layers, bidirectional, proj_size, bias, device, dtype)
@@ -318,8 +335,10 @@ class _Recurrent(nn.Module):
                 for layer in self._param_names for names in layer]
 
     def _all_params(self) -> list[list[dict[str, Tensor]]]:
-        return [[self.layer_params(layer, d) for d in range(self.num_directions)]
-                for layer in range(self.num_layers)]
+        """``[layer][direction]`` -> the parameters by name without suffix (read from
+        ``_parameters`` directly: ``torch.func.functional_call`` swaps tensors there too)."""
+        p = self._parameters
+        return [[{base: p[full] for base, full in names.items()} for names in layer] for layer in self._param_names]
 
     def gates(self, layer: int = 0, direction: int = 0) -> dict[str, Any]:
         """Each gate as the textbook writes it: ``W`` (H × (I + H)) over ``[x_t, h_{t-1}]``.
@@ -429,6 +448,25 @@ class _Recurrent(nn.Module):
         output, h_n, c_n, out = self._run(input, hx, record=True)
         assert out.traces is not None
         return output, h_n, c_n, out.traces
+
+    def _step(self, input: Tensor, hx: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One time step of the whole stack (what :meth:`LSTM.step` and :meth:`RNN.step` run):
+        ``input`` (N, I) or unbatched (I,); returns output (N, H_out) or (H_out,), h_n, c_n."""
+        if self.bidirectional:
+            raise ValueError("step: a bidirectional layer reads each sequence from its end too, so it cannot "
+                             "run one step at a time; call the layer on the whole sequence")
+        if self.spec.fgr:
+            raise ValueError(f"step: {_FGR_STEP}")
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"input: step takes one time step, a 2-D (N, {self.input_size}) batched or 1-D "
+                             f"({self.input_size},) unbatched tensor, got {input.dim()}-D of shape {_shape(input)}")
+        batched = input.dim() == 2
+        x = input.unsqueeze(1 if batched and self.batch_first else 0)  # one step: (1, N, I), (N, 1, I) or (1, I)
+        output, h_n, c_n, _ = self._run(x, hx)
+        assert isinstance(output, Tensor)
+        return output.squeeze(1 if batched and self.batch_first else 0), h_n, c_n
 
     def _check_input_tensor(self, x: Tensor, what: str) -> None:
         if x.dim() not in (2, 3):
@@ -547,6 +585,19 @@ class LSTM(_Recurrent):
         output, h_n, c_n, _ = self._run(input, hx)
         return output, (h_n, c_n)  # type: ignore[return-value]
 
+    def step(self, input: Tensor, hx: State | None = None) -> tuple[Tensor, State]:
+        """One time step of the whole stack, for decoders, policies and streams:
+        ``output, (h_n, c_n) = layer.step(x_t, (h, c))`` is ``layer(x_t[None], (h, c))`` without
+        the time axis, on the same kernel (any variant but fgr, every layer, projection, dropout).
+
+        Shapes: ``input`` (N, I) (also with ``batch_first``) or unbatched (I,); ``hx`` as
+        :meth:`forward`'s, (L, N, H_out) and (L, N, H) (unbatched: (L, H_out), (L, H)), None for
+        zeros; returns ``output`` (N, H_out) (unbatched: (H_out,)) and the new state, shaped as ``hx``.
+        A bidirectional layer cannot step (it reads each sequence from its end too).
+        """
+        output, h_n, c_n = self._step(input, hx)
+        return output, (h_n, c_n)  # type: ignore[return-value]
+
 
 class RNN(_Recurrent):
     """The plain Elman RNN, ``h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh)``.
@@ -571,34 +622,42 @@ class RNN(_Recurrent):
         output, h_n, _, _ = self._run(input, hx)
         return output, h_n
 
+    def step(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One time step of the whole stack, as :meth:`LSTM.step` (the state is ``h`` alone):
+        ``input`` (N, I) or (I,), ``hx`` (L, N, H) or (L, H); returns output (N, H) and h_n."""
+        output, h_n, _ = self._step(input, hx)
+        return output, h_n
+
 
 class LSTMCell(nn.Module):
     """One LSTM step with ``torch.nn.LSTMCell``'s signature, plus ``cell=``.
 
     Parameters are named as torch's (``weight_ih``, ``weight_hh``, ``bias_ih``,
-    ``bias_hh``) plus the variant's extras without a layer suffix.
+    ``bias_hh``) plus the variant's extras without a layer suffix. A step runs on the same
+    kernel rows as :class:`LSTM` (a sequence of length 1: the fused kernel for every variant
+    but fgr, whose extra state ``(h, c)`` cannot carry).
 
     Args:
+        backend: force a kernel by registry name (``"reference"``, …), as :class:`LSTM`.
         check_finite: raise on NaN/inf in the input or the state (one cheap pass), as LSTM.
 
     Shapes: input (N, I) or (I,); hx (h, c) each (N, H) or (H,); returns (h', c').
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device: Any = None,
-                 dtype: Any = None, *, cell: str | CellSpec = "vanilla", check_finite: bool = True) -> None:
+                 dtype: Any = None, *, cell: str | CellSpec = "vanilla", backend: str | None = None,
+                 check_finite: bool = True) -> None:
         super().__init__()
         check_bool("check_finite", check_finite)
         spec = resolve(cell)
         if not spec.is_lstm:
             raise ValueError("cell: LSTMCell takes LSTM variants, not the plain RNN")
         if spec.fgr:
-            raise ValueError(
-                "cell: fgr keeps the previous gate activations as extra state, which LSTMCell's "
-                "(h, c) cannot carry; use lstmkit.LSTM over the whole sequence instead"
-            )
+            raise ValueError(f"cell: {_FGR_STEP}")
+        backend = _check_backend(backend, spec)
         # One layer, one direction: reuse the layer's parameter machinery and checks.
         self._layer = _Recurrent(spec, input_size, hidden_size, 1, bias, False, 0.0, False, 0,
-                                 device, dtype, "reference", True)
+                                 device, dtype, None, True)
         for base, full in self._layer._param_names[0][0].items():
             self.register_parameter(base, getattr(self._layer, full))
         del self._layer
@@ -606,10 +665,10 @@ class LSTMCell(nn.Module):
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
+        self.backend = backend
         self.check_finite = check_finite
 
-    def forward(self, input: Tensor, hx: State | None = None) -> State:
-        """One step: ``(h', c') = cell(x, (h, c))``."""
+    def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
@@ -619,12 +678,11 @@ class LSTMCell(nn.Module):
             )
         if not input.dtype.is_floating_point:
             raise TypeError(f"input: expected a floating-point tensor, got dtype {input.dtype}")
-        if input.dtype != self.weight_ih.dtype:
-            raise TypeError(
-                f"input: dtype {input.dtype} does not match the cell's parameters ({self.weight_ih.dtype})"
-            )
-        if input.device != self.weight_ih.device:
-            raise ValueError(f"input: on device {input.device}, but the cell is on {self.weight_ih.device}")
+        w = self.weight_ih
+        if input.dtype != w.dtype:
+            raise TypeError(f"input: dtype {input.dtype} does not match the cell's parameters ({w.dtype})")
+        if input.device != w.device:
+            raise ValueError(f"input: on device {input.device}, but the cell is on {w.device}")
         if input.shape[-1] != self.input_size:
             raise ValueError(
                 f"input: expected input size {self.input_size}, got {input.shape[-1]} (shape {_shape(input)})"
@@ -632,35 +690,39 @@ class LSTMCell(nn.Module):
         if self.check_finite:
             _check_finite(input, "input: contains NaN or inf; lstmkit checks this so that bad data fails here "
                                  "and not as NaN weights later (pass check_finite=False to skip the check)")
-        batched = input.dim() == 2
-        x = input if batched else input.unsqueeze(0)
+
+    def _check_state(self, hx: Any, x: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
+        """``(h, c)`` as (N, H) each (zeros for None), checked against the input ``x`` (N, I)."""
         shape = (x.shape[0], self.hidden_size)
         if hx is None:
-            h, c = x.new_zeros(shape), x.new_zeros(shape)
-        else:
-            if not (isinstance(hx, (tuple, list)) and len(hx) == 2
-                    and all(isinstance(t, Tensor) for t in hx)):
-                raise TypeError("hx: expected a tuple (h, c) of two tensors")
-            h, c = hx
-            for name, t in (("h", h), ("c", c)):
-                want = shape if batched else (self.hidden_size,)
-                if _shape(t) != want:
-                    raise ValueError(f"hx: {name} must have shape {want}, got {_shape(t)}")
-                if t.dtype != x.dtype or t.device != x.device:
-                    raise TypeError(
-                        f"hx: {name} has dtype {t.dtype} on {t.device}, expected {x.dtype} on {x.device}"
-                    )
-                if self.check_finite:
-                    _check_finite(t, f"hx: {name} contains NaN or inf")
-            if not batched:
-                h, c = h.unsqueeze(0), c.unsqueeze(0)
-        p = dict(self.named_parameters())
-        a = cell_eqs.input_projection(x.unsqueeze(0), p, self.spec, self.hidden_size)[0]
+            return x.new_zeros(shape), x.new_zeros(shape)
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(t, Tensor) for t in hx)):
+            raise TypeError("hx: expected a tuple (h, c) of two tensors")
+        want = shape if batched else (self.hidden_size,)
+        for name, t in zip("hc", hx):
+            if _shape(t) != want:
+                raise ValueError(f"hx: {name} must have shape {want}, got {_shape(t)}")
+            if t.dtype != x.dtype or t.device != x.device:
+                raise TypeError(f"hx: {name} has dtype {t.dtype} on {t.device}, expected {x.dtype} on {x.device}")
+            if self.check_finite:
+                _check_finite(t, f"hx: {name} contains NaN or inf")
+        h, c = hx
+        return (h, c) if batched else (h.unsqueeze(0), c.unsqueeze(0))
+
+    def forward(self, input: Tensor, hx: State | None = None) -> State:
+        """One step: ``(h', c') = cell(x, (h, c))``."""
+        self._check_input(input)
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)  # (N, I)
+        h, c = self._check_state(hx, x, batched)  # (N, H) each
         keep = None
-        if self.training and self.spec.zoneout != (0.0, 0.0):  # this step's masks, (N, H) each
-            keep = cell_eqs.zoneout_masks(self.spec, tuple(c.shape), tuple(h.shape), x)
-        out = cell_eqs.step(a, h, c, None, p, self.spec, self.hidden_size, keep)
-        h_new, c_new = out.h, out.c
+        if self.training and self.spec.zoneout != (0.0, 0.0):  # this step's masks, (1, N, H) each
+            keep = cell_eqs.zoneout_masks(self.spec, (1, *c.shape), (1, *h.shape), x)
+        kernel = kernels.select(self.spec, x.device, x.dtype, self.backend)
+        out = kernel.run(x.unsqueeze(0), None, h, c, dict(self._parameters), self.spec,  # type: ignore[arg-type]
+                         self.hidden_size, keep=keep)
+        h_new, c_new = out.h_n, out.c_n
+        assert c_new is not None
         if not batched:
             h_new, c_new = h_new.squeeze(0), c_new.squeeze(0)
-        return h_new, c_new  # type: ignore[return-value]
+        return h_new, c_new

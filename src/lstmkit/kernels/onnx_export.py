@@ -120,6 +120,9 @@ class OnnxExportKernel(Kernel):
     name = "onnx_export"
     devices = ("cpu", "cuda", "meta")
 
+    def automatic(self, device: torch.device) -> bool:
+        return False  # select() picks it first while exporting, and never otherwise
+
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
         if not exporting():
             return "it writes ONNX operators, during torch.onnx.export only"

@@ -64,14 +64,14 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   at::Tensor rowtmp = at::zeros({nthreads, ldtmp}, opt);
 
   Packed<T> Wt, Wggt, Whrt;
-  Wt.init(whh.data_ptr<T>(), whh.stride(1), whh.stride(0), (int)Hout, (int)R);
+  Wt.init(whh.data_ptr<T>(), whh.stride(1), whh.stride(0), (int)Hout, (int)R, Tn);
   if (cf.fgr) {
     const at::Tensor& wgg = params[P_WEIGHT_GG];
-    Wggt.init(wgg.data_ptr<T>(), wgg.stride(1), wgg.stride(0), (int)(cf.nS * H), (int)(cf.nS * H));
+    Wggt.init(wgg.data_ptr<T>(), wgg.stride(1), wgg.stride(0), (int)(cf.nS * H), (int)(cf.nS * H), Tn);
   }
   if (P > 0) {
     const at::Tensor& whr = params[P_WEIGHT_HR];
-    Whrt.init(whr.data_ptr<T>(), whr.stride(1), whr.stride(0), (int)H, (int)P);
+    Whrt.init(whr.data_ptr<T>(), whr.stride(1), whr.stride(0), (int)H, (int)P, Tn);
   }
   auto ptr = [](const at::Tensor& t) -> T* { return (t.defined() && t.numel() > 0) ? t.data_ptr<T>() : nullptr; };
   const CellParams<T> prm(cf, params);
@@ -81,7 +81,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   for (size_t k = 0; k < mlp.gates.size(); ++k)
     for (int j = 0; j < mlp.gates[k].m; ++j) {
       const MlpGate& mg = mlp.gates[k];
-      Wmt[k * mlp.depth + j].init(mlpw + mg.woff[j], 1, mg.w[j], (int)mg.w[j], (int)mg.w[j + 1]);
+      Wmt[k * mlp.depth + j].init(mlpw + mg.woff[j], 1, mg.w[j], (int)mg.w[j], (int)mg.w[j + 1], Tn);
     }
   const T* dYp = dY.data_ptr<T>();
   const int64_t dys0 = dY.stride(0), dys1 = dY.stride(1), dys2 = dY.stride(2);

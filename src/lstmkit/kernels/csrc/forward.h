@@ -53,14 +53,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   hs.narrow(1, 0, Hout).copy_(h0);
 
   Packed<T> Wp, Wgg, Whr;
-  Wp.init(whh.data_ptr<T>(), whh.stride(0), whh.stride(1), (int)R, (int)Hout);
+  Wp.init(whh.data_ptr<T>(), whh.stride(0), whh.stride(1), (int)R, (int)Hout, Tn);
   if (cf.fgr) {
     const at::Tensor& wgg = params[P_WEIGHT_GG];
-    Wgg.init(wgg.data_ptr<T>(), wgg.stride(0), wgg.stride(1), (int)(cf.nS * H), (int)(cf.nS * H));
+    Wgg.init(wgg.data_ptr<T>(), wgg.stride(0), wgg.stride(1), (int)(cf.nS * H), (int)(cf.nS * H), Tn);
   }
   if (P > 0) {
     const at::Tensor& whr = params[P_WEIGHT_HR];
-    Whr.init(whr.data_ptr<T>(), whr.stride(0), whr.stride(1), (int)P, (int)H);
+    Whr.init(whr.data_ptr<T>(), whr.stride(0), whr.stride(1), (int)P, (int)H, Tn);
   }
   const CellParams<T> prm(cf, params);
   // deep gates: W_j of every MLP layer, packed once per call (v = a W_j^T)
@@ -69,7 +69,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   for (size_t k = 0; k < mlp.gates.size(); ++k)
     for (int j = 0; j < mlp.gates[k].m; ++j) {
       const MlpGate& mg = mlp.gates[k];
-      Wm[k * mlp.depth + j].init(mlpw + mg.woff[j], mg.w[j], 1, (int)mg.w[j + 1], (int)mg.w[j]);
+      Wm[k * mlp.depth + j].init(mlpw + mg.woff[j], mg.w[j], 1, (int)mg.w[j + 1], (int)mg.w[j], Tn);
     }
   T* hsp = hs.data_ptr<T>();
   T* rwp = rws.data_ptr<T>();

@@ -7,15 +7,53 @@
 // Measured on the 2-core Zen 4 here (B=32, H=512, 4H x H): 293 us/step on 2 threads
 // (229 GFLOP/s) vs 313 us for oneDNN's prepacked _linear_pointwise and 471 us for
 // torch.mm; at B=32, H=64: 5.2 us vs 20 us (oneDNN) and 11 us (mm). No per-call overhead.
+//
+// A weight used by one step only (a call with T = 1: LSTMCell, layer.step, streaming) is not
+// packed: packing reads and writes the whole weight once more than the GEMM itself does, which
+// at T = 1 costs more than the product (B = 1, H = 256: W_hh is 1 MiB). Such a Packed is
+// "direct": each thread's share of the columns is one BLAS call (the sgemm_/dgemm_ that
+// torch's CPU build carries; declared weak, so a torch without them keeps packing).
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>
 #include <vector>
 #include <cstring>
 #include <algorithm>
+#include <type_traits>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
 
 namespace lk {
 using at::vec::Vectorized;
+
+// Column-major BLAS gemm, C = op(A) op(B) (+ C): false where this torch carries none.
+inline bool blas_gemm(char ta, char tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                      bool acc, float* c, int ldc) {
+  if (!sgemm_) return false;
+  const float one = 1.f, beta = acc ? 1.f : 0.f;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+  return true;
+}
+inline bool blas_gemm(char ta, char tb, int m, int n, int k, const double* a, int lda, const double* b, int ldb,
+                      bool acc, double* c, int ldc) {
+  if (!dgemm_) return false;
+  const double one = 1., beta = acc ? 1. : 0.;
+  dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+  return true;
+}
+template <typename T>
+inline bool blas_available() {
+  if constexpr (std::is_same_v<T, float>) return sgemm_ != nullptr;
+  else if constexpr (std::is_same_v<T, double>) return dgemm_ != nullptr;
+  else return false;
+}
 
 template <typename T, int MR, int NV>
 static inline void micro(int K, const T* __restrict A, int lda, const T* __restrict Wp,
@@ -87,13 +125,27 @@ struct Packed {
   const T* src = nullptr;
   int64_t sn = 0, sk = 0;
   std::vector<T> buf;
-  void init(const T* b, int64_t sn_, int64_t sk_, int N_, int K_) {
+  bool direct = false;  // read src in place through BLAS (a weight used once per call)
+  bool rows = false;    // direct: B row-major (B(n, k) = src[n*ld + k]), else column-major (src[n + k*ld])
+  int64_t ld = 0;       // direct: BLAS leading dimension
+  // uses: how many GEMMs of this call read the weight (one: direct, where BLAS is at hand and
+  // the strides make a BLAS matrix; a stride of a dimension of size 1 is arbitrary).
+  void init(const T* b, int64_t sn_, int64_t sk_, int N_, int K_, int64_t uses) {
     src = b; sn = sn_; sk = sk_; N = N_; K = K_;
     npanels = (N + NR - 1) / NR;
-    buf.resize((size_t)npanels * K * NR);
+    direct = false;
+    if (uses <= 1 && blas_available<T>() && N > 0 && K > 0) {
+      if ((sk == 1 || K == 1) && (sn >= K || N == 1)) {
+        direct = true; rows = true; ld = N == 1 ? K : sn;
+      } else if ((sn == 1 || N == 1) && (sk >= N || K == 1)) {
+        direct = true; rows = false; ld = K == 1 ? N : sk;
+      }
+    }
+    if (!direct) buf.resize((size_t)npanels * K * NR);
   }
   // Thread tid of nth fills its contiguous share of the panels (a weight never init'ed has none).
   void pack_share(int tid, int nth) {
+    if (direct) return;
     pack_panels((int)((int64_t)npanels * tid / nth), (int)((int64_t)npanels * (tid + 1) / nth));
   }
   // Fill panels [p0, p1) (callable from several threads on disjoint ranges).
@@ -124,6 +176,18 @@ void gemm_panels(const Packed<T>& W, int M, const T* A, int64_t lda, T* C, int64
                  const T* bias = nullptr) {
   constexpr int NV = Packed<T>::NV, MR = Packed<T>::MR, NR = Packed<T>::NR;
   const int K = W.K;
+  if (W.direct) {  // columns [n0, n1): C^T (n x M) = B[n0:n1] (n x K) A^T, column-major
+    const int n0 = p0 * NR, n1 = std::min(W.N, p1 * NR);
+    if (n1 <= n0 || M <= 0) return;
+    if (W.rows)  // B row-major (N x K)
+      blas_gemm('t', 'n', n1 - n0, M, K, W.src + (int64_t)n0 * W.ld, (int)W.ld, A, (int)lda, acc, C + n0, (int)ldc);
+    else  // B column-major (N x K)
+      blas_gemm('n', 'n', n1 - n0, M, K, W.src + n0, (int)W.ld, A, (int)lda, acc, C + n0, (int)ldc);
+    if (bias)
+      for (int m = 0; m < M; ++m)
+        for (int n = n0; n < n1; ++n) C[(int64_t)m * ldc + n] += bias[n];
+    return;
+  }
   for (int p = p0; p < p1; ++p) {
     const T* wp = W.buf.data() + (size_t)p * K * NR;
     const int ncols = std::min(NR, W.N - p * NR);

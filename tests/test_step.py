@@ -1,0 +1,152 @@
+"""One step per call: ``LSTMCell`` on every kernel row and ``LSTM.step`` / ``RNN.step``.
+
+A loop of single steps is checked against the float64 NumPy oracle run over the whole
+sequence (outputs, final states, and every gradient that flows back through the loop of
+calls), and ``layer.step`` against the same layer called on the sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lstmkit
+import numpy_lstm as oracle
+from conftest import assert_close, fixed_zoneout_masks
+from lstmkit import kernels
+from lstmkit.spec import resolve
+from test_oracle import oracle_variant
+from variants import LSTM_VARIANTS
+
+T, B, I, H = 4, 3, 3, 5
+STEP_CELLS = {k: v for k, v in LSTM_VARIANTS.items() if not resolve(v).fgr}  # fgr: a step cannot carry s
+
+
+def _rows_for(cell: object) -> list[str]:
+    """The kernel rows that run ``cell`` on float64 CPU tensors (a sequence of length 1)."""
+    spec = resolve(cell)
+    return [name for name, k in kernels.REGISTRY.items()
+            if name not in ("onnx_export", "triton") and "cpu" in k.devices
+            and k.unsupported(spec, torch.device("cpu"), torch.float64) is None]
+
+
+CASES = [pytest.param(row, cell, id=f"{row}-{vid}") for vid, cell in STEP_CELLS.items() for row in _rows_for(cell)]
+
+
+@pytest.mark.parametrize("row, cell", CASES)
+def test_lstmcell_loop_matches_oracle(row, cell):
+    """T calls of LSTMCell (training mode: zoneout's masks apply) = the oracle over T steps."""
+    torch.manual_seed(0)
+    step = lstmkit.LSTMCell(I, H, cell=cell, backend=row).double()
+    with torch.no_grad():
+        for name, p in step.named_parameters():
+            p.uniform_(-0.6, 0.6) if not name.startswith("ln_") else p.add_(torch.empty_like(p).uniform_(-0.3, 0.3))
+    rng = np.random.default_rng(1)
+    x_np = rng.standard_normal((T, B, I))
+    h0_np, c0_np = rng.standard_normal((1, B, H)) * 0.5, rng.standard_normal((1, B, H)) * 0.5
+    keep = None
+    if step.spec.zoneout != (0.0, 0.0):  # every call draws the masks of shape (1, B, H)
+        d_c, d_h = fixed_zoneout_masks(step.spec, (1, B, H), (1, B, H), torch.empty(0, dtype=torch.float64))
+        keep = [[(np.repeat(d_c.numpy(), T, 0), np.repeat(d_h.numpy(), T, 0))]]
+    layer_like = type("L", (), {"spec": step.spec, "hidden_size": H, "bias": step.bias, "proj_size": 0})()
+    variant = oracle_variant(layer_like)
+    params = oracle.unflatten_params({f"{k}_l0": v.detach().numpy() for k, v in step.state_dict().items()}, 1, False)
+    y_np, hn_np, cn_np, cache = oracle.forward(x_np, params, h0_np, c0_np, variant, keep=keep)
+    dy, dcn = rng.standard_normal(y_np.shape), rng.standard_normal(cn_np.shape)
+    dx_np, dparams_np, dh0_np, dc0_np = oracle.backward(cache, dy, np.zeros_like(hn_np), dcn)
+
+    x = torch.tensor(x_np, requires_grad=True)
+    h0, c0 = torch.tensor(h0_np[0], requires_grad=True), torch.tensor(c0_np[0], requires_grad=True)
+    h, c, ys = h0, c0, []
+    for t in range(T):
+        h, c = step(x[t], (h, c))
+        ys.append(h)
+    y = torch.stack(ys)
+    assert_close(y, torch.tensor(y_np), torch.float64, "outputs")
+    assert_close(c, torch.tensor(cn_np[0]), torch.float64, "c_n")
+    loss = (y * torch.tensor(dy)).sum() + (c * torch.tensor(dcn[0])).sum()
+    names = [n for n, _ in step.named_parameters()]
+    grads = torch.autograd.grad(loss, [x, h0, c0, *step.parameters()])
+    expected = [dx_np, dh0_np[0], dc0_np[0]] + [oracle.flatten_params(dparams_np)[f"{n}_l0"] for n in names]
+    for name, g, e in zip(["input", "h_0", "c_0", *names], grads, expected):
+        assert_close(g, torch.tensor(e), torch.float64, f"grad of {name}")
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "peephole+layernorm", "zoneout=0.3/0.2", LSTM_VARIANTS["deep_f"],
+                                  "gate_act=hardsigmoid+cifg+clip=0.5"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_step_matches_the_sequence(cell, batch_first):
+    """layer.step, step by step, = the layer over the sequence: stacked, projection, values and
+    gradients (eval mode: zoneout's expectation)."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(I, H, num_layers=2, proj_size=2, batch_first=batch_first, cell=cell).double().eval()
+    x = torch.randn(B, T, I, dtype=torch.float64) if batch_first else torch.randn(T, B, I, dtype=torch.float64)
+    h0, c0 = torch.randn(2, B, 2, dtype=torch.float64), torch.randn(2, B, H, dtype=torch.float64)
+    y, (h_n, c_n) = layer(x, (h0, c0))
+    loss = y.square().sum() + h_n.sum() + c_n.sum()
+    g_seq = torch.autograd.grad(loss, list(layer.parameters()))
+    state, ys = (h0, c0), []
+    for t in range(T):
+        out, state = layer.step(x[:, t] if batch_first else x[t], state)
+        ys.append(out)
+    y_step = torch.stack(ys, 1 if batch_first else 0)
+    torch.testing.assert_close(y_step, y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state[0], h_n, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state[1], c_n, rtol=1e-12, atol=1e-12)
+    g_step = torch.autograd.grad(y_step.square().sum() + state[0].sum() + state[1].sum(), list(layer.parameters()))
+    for (name, _), a, b in zip(layer.named_parameters(), g_step, g_seq):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"grad of {name}")
+
+
+def test_layer_step_unbatched_and_default_state():
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(I, H, num_layers=2).double()
+    x = torch.randn(I, dtype=torch.float64)
+    out, (h, c) = layer.step(x)
+    y, (h_seq, c_seq) = layer(x[None])  # unbatched sequence of one step
+    assert out.shape == (H,) and h.shape == (2, H) and c.shape == (2, H)
+    torch.testing.assert_close(out, y[0], rtol=0, atol=0)
+    torch.testing.assert_close(h, h_seq, rtol=0, atol=0)
+
+
+def test_rnn_step_matches_the_sequence():
+    torch.manual_seed(0)
+    layer = lstmkit.RNN(I, H, num_layers=2, nonlinearity="relu").double()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    y, h_n = layer(x)
+    h, ys = None, []
+    for t in range(T):
+        out, h = layer.step(x[t], h)
+        ys.append(out)
+    torch.testing.assert_close(torch.stack(ys), y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, h_n, rtol=1e-12, atol=1e-12)
+
+
+def test_step_refusals():
+    with pytest.raises(ValueError, match="bidirectional"):
+        lstmkit.LSTM(I, H, bidirectional=True).step(torch.randn(B, I))
+    with pytest.raises(ValueError, match="fgr"):
+        lstmkit.LSTM(I, H, cell="fgr").step(torch.randn(B, I))
+    with pytest.raises(ValueError, match="one time step"):
+        lstmkit.LSTM(I, H).step(torch.randn(T, B, I))
+    with pytest.raises(TypeError, match="Tensor"):
+        lstmkit.LSTM(I, H).step([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="h_0"):
+        lstmkit.LSTM(I, H).step(torch.randn(B, I), (torch.zeros(1, B + 1, H), torch.zeros(1, B, H)))
+    with pytest.raises(ValueError, match="NaN"):
+        lstmkit.LSTM(I, H).step(torch.full((B, I), float("nan")))
+    with pytest.raises(ValueError, match="backend: unknown kernel"):
+        lstmkit.LSTMCell(I, H, backend="nope")
+    with pytest.raises(ValueError, match="cannot run this layer: torch.s LSTM computes the vanilla"):
+        lstmkit.LSTMCell(I, H, cell="deep=3", backend="torch")
+
+
+def test_lstmcell_exports():
+    """A non-vanilla LSTMCell (the fused operator) exports with torch.export and runs."""
+    torch.manual_seed(0)
+    step = lstmkit.LSTMCell(I, H, cell="peephole+cifg").eval()
+    x, h, c = torch.randn(B, I), torch.randn(B, H), torch.randn(B, H)
+    ep = torch.export.export(step, (x, (h, c)))
+    for a, b in zip(ep.module()(x, (h, c)), step(x, (h, c))):
+        torch.testing.assert_close(a, b)
