@@ -150,3 +150,68 @@ def test_lstmcell_exports():
     ep = torch.export.export(step, (x, (h, c)))
     for a, b in zip(ep.module()(x, (h, c)), step(x, (h, c))):
         torch.testing.assert_close(a, b)
+
+
+INFER_CASES = [pytest.param(cell, id=vid) for vid, cell in STEP_CELLS.items()]
+
+
+@pytest.mark.parametrize("cell", INFER_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+def test_inference_step_matches_the_reference(cell, dtype, monkeypatch):
+    """Without gradients a step is one call of the compiled kernel (projection included): every
+    variant, a stacked layer with a projection and a cell, against the reference kernel in float64."""
+    from lstmkit.kernels import cpu_ext
+
+    real, calls = cpu_ext.load(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def one_step(self, *args):
+            calls.append(1)
+            return real.one_step(*args)
+    monkeypatch.setattr(cpu_ext, "load", lambda verbose=False: Spy())
+    torch.manual_seed(0)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    layer = lstmkit.LSTM(I, H, num_layers=2, proj_size=2, cell=cell).eval()
+    ref = lstmkit.LSTM(I, H, num_layers=2, proj_size=2, cell=cell, backend="reference").double().eval()
+    ref.load_state_dict(layer.state_dict())
+    layer = layer.to(dtype)
+    x, h0, c0 = torch.randn(B, I), torch.randn(2, B, 2), torch.randn(2, B, H)
+    with torch.no_grad():
+        out, (h, c) = layer.step(x.to(dtype), (h0.to(dtype), c0.to(dtype)))
+        y_ref, (h_ref, c_ref) = ref(x[None].double(), (h0.double(), c0.double()))
+    for a, b, what in ((out, y_ref[0], "output"), (h, h_ref, "h_n"), (c, c_ref, "c_n")):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=what)
+    assert len(calls) == 2  # one per layer
+
+    step = lstmkit.LSTMCell(I, H, cell=cell).eval()
+    step_ref = lstmkit.LSTMCell(I, H, cell=cell, backend="reference").double().eval()
+    step_ref.load_state_dict(step.state_dict())
+    step = step.to(dtype)
+    with torch.no_grad():
+        hc = torch.randn(B, H)  # c' from a non-contiguous c
+        got = step(x.to(dtype), (hc.to(dtype), c0[0].to(dtype).t().contiguous().t()))
+        want = step_ref(x.double(), (hc.double(), c0[0].double()))
+    for a, b, what in zip(got, want, ("h'", "c'")):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=what)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("where", ["input", "h", "c"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_step_finite_checks(dtype, where, value):
+    """A NaN or an infinity anywhere in a step's input or state is refused, named (the compiled
+    check, also on a non-contiguous tensor and past the vector width)."""
+    step = lstmkit.LSTMCell(I, 37).to(dtype)
+    x, h, c = torch.randn(B, I, dtype=dtype), torch.zeros(37, B, dtype=dtype).t(), torch.zeros(B, 37, dtype=dtype)
+    target = {"input": x, "h": h, "c": c}[where]
+    target[-1, -1] = value
+    with pytest.raises(ValueError, match=f"{'input:' if where == 'input' else 'hx: ' + where} contains NaN or inf"):
+        with torch.no_grad():
+            step(x, (h, c))
+    layer = lstmkit.LSTM(I, 37).to(dtype)
+    with pytest.raises(ValueError, match=f"{'input:' if where == 'input' else 'hx: ' + where + '_0'} contains NaN"):
+        layer.step(x, (h[None], c[None]))

@@ -22,6 +22,7 @@ from lstmkit import cell as cell_eqs
 from lstmkit import kernels
 from lstmkit._validate import check_bool, check_int
 from lstmkit.gates import gate_views
+from lstmkit.kernels import cpu_ext
 from lstmkit.kernels.onnx_export import exporting
 from lstmkit.layout import suffix
 from lstmkit.loop import StackOut, run_stack
@@ -61,6 +62,23 @@ def _check_finite(t: Tensor, message: str) -> None:
         return
     if not (bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())):
         raise ValueError(message)
+
+
+def _check_finite_all(checks: list[tuple[Tensor, str]]) -> None:
+    """:func:`_check_finite` on each ``(tensor, message)``: plain eager CPU tensors in one call
+    of the compiled kernel once it is loaded (a step's input and state: one call, not three
+    reductions and reads)."""
+    tensors = [t for t, _ in checks]
+    if not torch.compiler.is_compiling() and all(
+            type(t) in _PLAIN and t.device.type == "cpu" and not _functorch.is_functorch_wrapped_tensor(t)
+            for t in tensors):
+        bad = cpu_ext.first_nonfinite(tensors)
+        if bad is not None:
+            if bad >= 0:
+                raise ValueError(checks[bad][1])
+            return
+    for t, message in checks:
+        _check_finite(t, message)
 
 
 _PLAIN = (Tensor, nn.Parameter)
@@ -106,6 +124,9 @@ def _check_backend(backend: Any, spec: CellSpec) -> str | None:
             raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
     return backend
 
+
+_NONFINITE_INPUT = ("input: contains NaN or inf; lstmkit checks this so that bad data fails here and not as "
+                    "NaN weights later (pass check_finite=False to skip the check)")
 
 #: Why one step at a time cannot run fgr (its previous gate activations are state that
 #: ``(h, c)`` does not carry; a whole-sequence call starts them at 0).
@@ -408,10 +429,14 @@ class _Recurrent(nn.Module):
             raise ValueError(f"input: expected a sequence length L >= 1, got L = 0 (shape {_shape(x)})")
         if B == 0:
             raise ValueError(f"input: expected a batch size >= 1, got 0 (shape {_shape(x)})")
-        if self.check_finite:
-            _check_finite(x, "input: contains NaN or inf; lstmkit checks this so that bad data fails here and "
-                             "not as NaN weights later (pass check_finite=False to skip the check)")
         h0, c0 = self._initial_state(hx, x, batched)
+        if self.check_finite:
+            checks = [(x, _NONFINITE_INPUT)]
+            if hx is not None:
+                checks.append((h0, "hx: h_0 contains NaN or inf"))
+                if c0 is not None:
+                    checks.append((c0, "hx: c_0 contains NaN or inf"))
+            _check_finite_all(checks)
         if lengths is not None and bool((lengths == T).all()):
             lengths = None
         out = run_stack(x, lengths, h0, c0, self._all_params(), self.spec, self.hidden_size,
@@ -536,8 +561,6 @@ class _Recurrent(nn.Module):
                     f"(num_layers*num_directions, {'batch, ' if batched else ''}size), "
                     f"got {_shape(t)}{hint}"
                 )
-            if self.check_finite:
-                _check_finite(t, f"hx: {name} contains NaN or inf")
             out.append(t if batched else t.unsqueeze(1))
         return out[0], (out[1] if len(out) > 1 else None)
 
@@ -687,9 +710,6 @@ class LSTMCell(nn.Module):
             raise ValueError(
                 f"input: expected input size {self.input_size}, got {input.shape[-1]} (shape {_shape(input)})"
             )
-        if self.check_finite:
-            _check_finite(input, "input: contains NaN or inf; lstmkit checks this so that bad data fails here "
-                                 "and not as NaN weights later (pass check_finite=False to skip the check)")
 
     def _check_state(self, hx: Any, x: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
         """``(h, c)`` as (N, H) each (zeros for None), checked against the input ``x`` (N, I)."""
@@ -704,8 +724,6 @@ class LSTMCell(nn.Module):
                 raise ValueError(f"hx: {name} must have shape {want}, got {_shape(t)}")
             if t.dtype != x.dtype or t.device != x.device:
                 raise TypeError(f"hx: {name} has dtype {t.dtype} on {t.device}, expected {x.dtype} on {x.device}")
-            if self.check_finite:
-                _check_finite(t, f"hx: {name} contains NaN or inf")
         h, c = hx
         return (h, c) if batched else (h.unsqueeze(0), c.unsqueeze(0))
 
@@ -715,6 +733,11 @@ class LSTMCell(nn.Module):
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)  # (N, I)
         h, c = self._check_state(hx, x, batched)  # (N, H) each
+        if self.check_finite:
+            checks = [(x, _NONFINITE_INPUT)]
+            if hx is not None:
+                checks += [(h, "hx: h contains NaN or inf"), (c, "hx: c contains NaN or inf")]
+            _check_finite_all(checks)
         keep = None
         if self.training and self.spec.zoneout != (0.0, 0.0):  # this step's masks, (1, N, H) each
             keep = cell_eqs.zoneout_masks(self.spec, (1, *c.shape), (1, *h.shape), x)

@@ -158,6 +158,13 @@ def available() -> bool:
     return True
 
 
+def first_nonfinite(tensors: list[Tensor]) -> int | None:
+    """The index of the first of these floating CPU tensors that holds a NaN or inf (-1: none),
+    in one call of the compiled kernel; None while the extension is not loaded (nothing is
+    built for a check)."""
+    return None if _ext is None else int(_ext.first_nonfinite(tensors))
+
+
 def forward(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
     """``lstmkit::recurrence`` on the CPU (arguments and results in :mod:`lstmkit.kernels.ops`)."""
     params, meta = rest[:_NP], rest[_NP:]

@@ -123,11 +123,7 @@ class FusedKernel(Kernel):
         empty = xg.new_empty(0)
         if keep is not None:  # zoneout's training masks, (T, B, H) and (T, B, H_out)
             params = {**params, "keep_c": keep[0], "keep_h": keep[1]}
-        bias = "bias_ih" in params
-        mlp = abi.mlp_layout(spec, bias)
-        if mlp:  # the deep gates' further layers, flat (autograd hands each its part of the gradient)
-            params = {**params, "mlp": torch.cat([params[n].reshape(-1) for n in abi.mlp_names(spec, bias)])}
-        plist = [params.get(name, empty) for name in abi.PARAMS]
+        plist, mlp = operator_params(params, spec, empty)
         c0_t = c0 if c0 is not None else empty
         lens = lengths if lengths is not None else torch.empty(0, dtype=torch.long)
         w_hh = params["weight_hh"]
@@ -139,6 +135,17 @@ class FusedKernel(Kernel):
         if record:
             trace = trace_from_buffers(buffers, y, h0, c0_t, lens, params, spec, hidden_size)
         return KernelOut(y, h_n, c_n if spec.is_lstm else None, trace)
+
+
+def operator_params(params: dict[str, Tensor], spec: CellSpec, empty: Tensor) -> tuple[list[Tensor], list[int]]:
+    """The operator's ``params`` list (:data:`~lstmkit.kernels.abi.PARAMS` order, ``empty`` where
+    absent) and ``mlp_layout``: the deep gates' further layers go in flat (autograd hands each
+    its part of the gradient)."""
+    bias = "bias_ih" in params
+    mlp = abi.mlp_layout(spec, bias)
+    if mlp:
+        params = {**params, "mlp": torch.cat([params[n].reshape(-1) for n in abi.mlp_names(spec, bias)])}
+    return [params.get(name, empty) for name in abi.PARAMS], mlp
 
 
 def trace_from_buffers(buffers: list[Tensor], y: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
@@ -197,6 +204,23 @@ class FusedCPUKernel(FusedKernel):
                             "out_act_relu", "zoneout"})
     linear = staticmethod(input_linear)
 
+    def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+            params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
+            record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
+        """The fused run; one step without gradients (T = 1: LSTMCell, layer.step, streaming)
+        is one call of the compiled kernel, projection included (``one_step``)."""
+        if x.shape[0] == 1 and keep is None and not record and _no_gradient(x, h0, c0, params) \
+                and ops.plain_eager((x, h0, *params.values())):
+            empty = x.new_empty(0)
+            plist, mlp = operator_params(params, spec, empty)
+            proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
+            b_ih, b_hh = params.get("bias_ih", empty), params.get("bias_hh", empty)
+            h_n, c_n = cpu_ext.load().one_step(x[0], params["weight_ih"], b_ih, b_hh, params["weight_hh"], h0,
+                                               empty if c0 is None else c0, plist, abi.flags(spec), mlp,
+                                               *abi.scalars(spec), hidden_size, proj)
+            return KernelOut(h_n.unsqueeze(0), h_n, c_n if spec.is_lstm else None, None)  # y (1, B, H_out)
+        return super().run(x, lengths, h0, c0, params, spec, hidden_size, record, keep)
+
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
         why = self.refuses(spec)
         if why:
@@ -206,6 +230,14 @@ class FusedCPUKernel(FusedKernel):
         if not cpu_ext.available():
             return "the C++ extension could not be built (see the warning above)"
         return None
+
+
+def _no_gradient(x: Tensor, h0: Tensor, c0: Tensor | None, params: dict[str, Tensor]) -> bool:
+    """True when no result of this run can need a gradient."""
+    if not torch.is_grad_enabled():
+        return True
+    return not (x.requires_grad or h0.requires_grad or (c0 is not None and c0.requires_grad)
+                or any(p.requires_grad for p in params.values()))
 
 
 _TRITON_MISSING_WARNED = False

@@ -13,12 +13,12 @@
 namespace lk {
 
 // Returns {Y, h_n, c_n, then the buffers in abi.BUFFERS order} (an empty tensor for each one
-// not kept). params: the operator's params list (abi.PARAMS order, compute dtype).
+// not kept; without buffers_out, Y, h_n and c_n alone). params: the operator's params list (abi.PARAMS order, compute dtype).
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh, const at::Tensor& h0,
                                      const at::Tensor& c0, const std::vector<int64_t>& len,
                                      const std::vector<at::Tensor>& params, const Cfg& cf, const MlpLayout& mlp,
-                                     bool save, int nthreads) {
+                                     bool save, int nthreads, bool buffers_out = true) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t Tn = xg.size(0), B = xg.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
@@ -139,6 +139,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   // a separate empty tensor per absent output: outputs of an operator must not alias each other
   auto e = [&] { return at::empty({0}, opt); };
   std::vector<at::Tensor> out = {Y, hn, lstm ? cs : e()};
+  if (!buffers_out) return out;  // one_step: nothing kept, nothing to return
   for (auto& b : buf) out.push_back(b.defined() ? b : e());
   return out;
 }

@@ -45,6 +45,7 @@
 // Steps t >= len_b: h, c, s carry over, y = 0, G/AH/RH/AS/RS rows = 0, C row = carried c.
 #include <torch/extension.h>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 #include "backward.h"  // backward_impl
 #include "cell_config.h"  // Cfg, AccLayout
@@ -86,12 +87,12 @@ static std::vector<at::Tensor> to_compute(const std::vector<at::Tensor>& ts, at:
   return out;
 }
 
-// lstmkit::recurrence (CPU): see lstmkit/kernels/ops.py for the schema and the contract.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurrence_forward(
+// The forward; without buffers_out it returns no buffers (one_step keeps nothing).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_call(
     const at::Tensor& xg_in, const at::Tensor& whh_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
     const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
-    bool save) {
+    bool save, bool buffers_out) {
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS, "lstmkit::recurrence: expected ", (int)N_PARAMS,
@@ -112,10 +113,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurren
   const auto len = lengths_vec(lengths, B, Tn);
   const int nt = choose_threads(B * cf.R * cf.Hout, B);
   std::vector<at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_fwd", [&] { out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, save, nt); });
+  AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_fwd", [&] {
+    out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, save, nt, buffers_out);
+  });
   // out = {Y, h_n, c_n, then the buffers in abi.BUFFERS order}
   std::vector<at::Tensor> buffers(out.begin() + 3, out.end());
   return {to_dtype(out[0], io), to_dtype(out[1], io), to_dtype(out[2], io), buffers};
+}
+
+// lstmkit::recurrence (CPU): see lstmkit/kernels/ops.py for the schema and the contract.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurrence_forward(
+    const at::Tensor& xg, const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& lengths, const std::vector<at::Tensor>& params, int64_t flags,
+    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
+    bool save) {
+  return forward_call(xg, whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P, save,
+                      true);
 }
 
 // lstmkit::recurrence_backward (CPU). Empty dy / dh_n / dc_n mean zero.
@@ -216,6 +229,37 @@ py::dict compiled_abi() {
   return d;
 }
 
+// The index of the first tensor that holds a NaN or an infinity (-1: none): the finite checks of
+// a call's input and state in one call (lstmkit/nn.py), floating CPU tensors of any layout.
+// v - v is 0 for a finite v and NaN otherwise; the lanes' sums stay 0 until one is not.
+int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor t = tensors[i].contiguous();
+    const int64_t n = t.numel();
+    bool bad = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "lstmkit_finite", [&] {
+      const scalar_t* p = t.data_ptr<scalar_t>();
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+        using V = Vectorized<scalar_t>;
+        V acc(scalar_t(0));
+        int64_t j = 0;
+        for (; j + V::size() <= n; j += V::size()) {
+          const V v = V::loadu(p + j);
+          acc = acc + (v - v);
+        }
+        scalar_t lanes[V::size()];
+        acc.store(lanes);
+        for (int k = 0; k < V::size(); ++k) bad = bad || !std::isfinite(lanes[k]);
+        for (; j < n; ++j) bad = bad || !std::isfinite(p[j]);
+      } else {
+        for (int64_t j = 0; j < n && !bad; ++j) bad = !std::isfinite(static_cast<float>(p[j]));
+      }
+    });
+    if (bad) return (int64_t)i;
+  }
+  return -1;
+}
+
 // test hook: the vectorised activations on a contiguous tensor (0 exp, 1 tanh, 2 sigmoid)
 at::Tensor act_test(at::Tensor x, int64_t which) {
   x = x.contiguous();
@@ -235,6 +279,33 @@ at::Tensor act_test(at::Tensor x, int64_t which) {
   return y;
 }
 
+// One step without gradients (T = 1, inference: LSTMCell, layer.step, streaming): the input
+// projection and the recurrence in one call, without the per-op dispatch of the eager road
+// (FusedCPUKernel.run in lstmkit/kernels/fused.py takes it when nothing needs a gradient). The
+// projection is the operator's contract for xg (lstmkit/kernels/ops.py): x W_ih^T + b_ih + b_hh,
+// or for layernorm the raw x W_ih^T with the summed bias as params[P_BIAS]; tests/test_step.py
+// checks every variant against the reference kernel. x (B, I), h0 (B, H_out), c0 (B, H) | (0,);
+// returns h_1 (B, H_out) and c_1 (B, H) | (0,).
+std::tuple<at::Tensor, at::Tensor> one_step(
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
+    const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, std::vector<at::Tensor> params,
+    int64_t flags, const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h,
+    int64_t H, int64_t P) {
+  TORCH_CHECK(x.dim() == 2 && (int64_t)params.size() == N_PARAMS, "lstmkit one_step: x must be (B, I)");
+  const bool ln = Cfg(flags, clip, zoneout_c, zoneout_h, H, P, MlpLayout(mlp_layout, H)).ln;
+  const at::Tensor bias = b_ih.numel() ? b_ih + b_hh : at::Tensor();  // (R,)
+  at::Tensor xg;  // (B, R)
+  if (ln) {
+    xg = at::mm(x, w_ih.t());
+    if (bias.defined()) params[P_BIAS] = bias;
+  } else {
+    xg = bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
+  }
+  auto out = forward_call(xg.unsqueeze(0), whh, h0, c0, at::Tensor(), params, flags, mlp_layout, clip, zoneout_c,
+                          zoneout_h, H, P, false, false);
+  return {std::get<1>(out), std::get<2>(out)};
+}
+
 }  // namespace lk
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -243,6 +314,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &lk::recurrence_forward, "lstmkit::recurrence on the CPU",
         py::call_guard<py::gil_scoped_release>());
   m.def("backward", &lk::recurrence_backward, "lstmkit::recurrence_backward on the CPU",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("one_step", &lk::one_step, "one step without gradients: input projection and recurrence",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("first_nonfinite", &lk::first_nonfinite, "index of the first tensor with a NaN or inf, -1 if none",
         py::call_guard<py::gil_scoped_release>());
   m.def("abi", &lk::compiled_abi, "the variant ABI compiled in (flags, parameter and buffer order)");
   m.def("_act_test", &lk::act_test, "test hook: vectorised exp/tanh/sigmoid");
