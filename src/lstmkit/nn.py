@@ -395,13 +395,14 @@ class _Recurrent(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
-    def _run(self, input: Tensor | PackedSequence, hx: Any, record: bool = False
+    def _run(self, input: Tensor | PackedSequence, hx: Any, record: bool = False, lengths: Any = None
              ) -> tuple[Tensor | PackedSequence, Tensor, Tensor | None, StackOut]:
         """Validate, pack/unpack and run. Returns output, h_n, c_n and the raw stack result."""
         if torch.jit.is_tracing():
             raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.trace (and torch.onnx.export(dynamo=False))"))
         packed = isinstance(input, PackedSequence)
-        lengths = None
+        if lengths is not None:
+            lengths = self._check_lengths(lengths, input)
         if packed:
             check_packed_sequence(input)
             x, lengths = pad_packed_sequence(input)  # (T, B, I) in the caller's batch order
@@ -473,6 +474,31 @@ class _Recurrent(nn.Module):
         output, h_n, c_n, out = self._run(input, hx, record=True)
         assert out.traces is not None
         return output, h_n, c_n, out.traces
+
+    def _check_lengths(self, lengths: Any, input: Any) -> Tensor:
+        """``lengths=`` as a (N,) int64 CPU tensor, checked against the padded ``input``."""
+        if isinstance(input, PackedSequence):
+            raise ValueError("lengths: a PackedSequence carries its own lengths; pass a padded tensor with lengths=")
+        if not isinstance(input, Tensor) or input.dim() != 3:
+            raise ValueError("lengths: needs a batched 3-D padded input (a 2-D input is one unbatched sequence)")
+        T, N = (input.shape[1], input.shape[0]) if self.batch_first else (input.shape[0], input.shape[1])
+        if isinstance(lengths, Tensor):
+            if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool \
+                    or lengths.dim() != 1:
+                raise TypeError(f"lengths: expected a 1-D integer tensor or a sequence of ints, got a "
+                                f"{lengths.dim()}-D {lengths.dtype} tensor")
+            lens = lengths.to(device="cpu", dtype=torch.int64)
+        elif isinstance(lengths, (list, tuple)) and all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
+                                                         for n in lengths):
+            lens = torch.tensor([int(n) for n in lengths], dtype=torch.int64)
+        else:
+            raise TypeError(f"lengths: expected a 1-D integer tensor or a sequence of ints, got "
+                            f"{type(lengths).__name__}")
+        if lens.numel() != N:
+            raise ValueError(f"lengths: expected one length per sequence ({N}), got {lens.numel()}")
+        if N and not (bool((lens >= 1).all()) and bool((lens <= T).all())):
+            raise ValueError(f"lengths: each must be in [1, L = {T}], got min {int(lens.min())}, max {int(lens.max())}")
+        return lens
 
     def _step(self, input: Tensor, hx: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         """One time step of the whole stack (what :meth:`LSTM.step` and :meth:`RNN.step` run):
@@ -602,10 +628,16 @@ class LSTM(_Recurrent):
         super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype, backend, check_finite)
 
-    def forward(self, input: Tensor | PackedSequence, hx: State | None = None
-                ) -> tuple[Tensor | PackedSequence, State]:
-        """Run the LSTM; returns ``output, (h_n, c_n)`` exactly as ``torch.nn.LSTM``."""
-        output, h_n, c_n, _ = self._run(input, hx)
+    def forward(self, input: Tensor | PackedSequence, hx: State | None = None, *,
+                lengths: Tensor | list[int] | None = None) -> tuple[Tensor | PackedSequence, State]:
+        """Run the LSTM; returns ``output, (h_n, c_n)`` exactly as ``torch.nn.LSTM``.
+
+        ``lengths`` (N,) with a padded batched ``input`` runs variable lengths without packing:
+        as a PackedSequence of those lengths would (each sequence's h_n, c_n at its own last
+        step; reversed within its length for the backward direction), with ``output`` padded
+        with zeros past each length, shaped as the input.
+        """
+        output, h_n, c_n, _ = self._run(input, hx, lengths=lengths)
         return output, (h_n, c_n)  # type: ignore[return-value]
 
     def step(self, input: Tensor, hx: State | None = None) -> tuple[Tensor, State]:
@@ -639,10 +671,11 @@ class RNN(_Recurrent):
         super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend, check_finite)
 
-    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None
-                ) -> tuple[Tensor | PackedSequence, Tensor]:
-        """Run the RNN; returns ``output, h_n`` exactly as ``torch.nn.RNN``."""
-        output, h_n, _, _ = self._run(input, hx)
+    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None, *,
+                lengths: Tensor | list[int] | None = None) -> tuple[Tensor | PackedSequence, Tensor]:
+        """Run the RNN; returns ``output, h_n`` exactly as ``torch.nn.RNN`` (``lengths`` as
+        :meth:`LSTM.forward`)."""
+        output, h_n, _, _ = self._run(input, hx, lengths=lengths)
         return output, h_n
 
     def step(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,73 @@
+"""``lengths=``: variable lengths on a padded batch, without packing, = a PackedSequence of those
+lengths (lstmkit's and ``torch.nn.LSTM``'s), values and gradients; bad lengths refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import lstmkit
+
+T, B, I, H = 6, 4, 3, 5
+LENGTHS = [6, 2, 5, 1]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("cell", ["vanilla", "peephole+layernorm"])
+def test_lengths_equal_a_packed_sequence(cell, batch_first):
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=batch_first, cell=cell).double()
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64, requires_grad=True)
+    y, (h, c) = layer(x, lengths=torch.tensor(LENGTHS))
+    packed = pack_padded_sequence(x, torch.tensor(LENGTHS), batch_first=batch_first, enforce_sorted=False)
+    yp, (hp, cp) = layer(packed)
+    yp, _ = pad_packed_sequence(yp, batch_first=batch_first, total_length=T)
+    for a, b, what in ((y, yp, "output"), (h, hp, "h_n"), (c, cp, "c_n")):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=what)
+    g = torch.autograd.grad((y.square().sum() + h.sum() + c.sum()), [x, *layer.parameters()])
+    gp = torch.autograd.grad((yp.square().sum() + hp.sum() + cp.sum()), [x, *layer.parameters()])
+    for a, b in zip(g, gp):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if cell == "vanilla":  # and torch's own packed LSTM on the same weights
+        ref = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=batch_first).double()
+        ref.load_state_dict(layer.state_dict())
+        yr, (hr, cr) = ref(packed)
+        yr, _ = pad_packed_sequence(yr, batch_first=batch_first, total_length=T)
+        for a, b in ((y, yr), (h, hr), (c, cr)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_rnn_lengths_as_list():
+    torch.manual_seed(0)
+    layer = lstmkit.RNN(I, H).double()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    y, h = layer(x, lengths=LENGTHS)
+    ref = torch.nn.RNN(I, H).double()
+    ref.load_state_dict(layer.state_dict())
+    yr, hr = ref(pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False))
+    torch.testing.assert_close(y, pad_packed_sequence(yr, total_length=T)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, hr, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("lengths, error, match", [
+    ([6, 2, 5], ValueError, "one length per sequence"),
+    ([6, 2, 0, 1], ValueError, r"in \[1, L = 6\]"),
+    ([7, 2, 5, 1], ValueError, r"in \[1, L = 6\]"),
+    (torch.tensor([6.0, 2, 5, 1]), TypeError, "integer tensor"),
+    ([6, 2, True, 1], TypeError, "sequence of ints"),
+    ("6251", TypeError, "sequence of ints"),
+    (torch.tensor([[6, 2, 5, 1]]), TypeError, "1-D"),
+])
+def test_bad_lengths_are_refused(lengths, error, match):
+    with pytest.raises(error, match=f"lengths: .*{match}"):
+        lstmkit.LSTM(I, H)(torch.randn(T, B, I), lengths=lengths)
+
+
+def test_lengths_need_a_padded_batch():
+    layer = lstmkit.LSTM(I, H)
+    x = torch.randn(T, B, I)
+    with pytest.raises(ValueError, match="PackedSequence carries its own lengths"):
+        layer(pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False), lengths=LENGTHS)
+    with pytest.raises(ValueError, match="batched 3-D"):
+        layer(x[:, 0], lengths=[3])
