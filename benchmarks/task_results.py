@@ -11,7 +11,9 @@ A run is ``lstmkit.app.train.train`` of ``TrainConfig.for_task(task, options, se
 task's recipe (``Task.recipe``) and nothing else, so each LSTM row is exactly what
 ``lstmkit train TASK -o …`` does. The comparison models change only the model and keep the
 recipe's budget: ``nfg`` is the recipe with the cell ``nfg`` (no forget gate, so no
-forget-gate initialisation either), ``rnn`` the plain tanh RNN (``--model rnn``). Every run
+forget-gate initialisation either), ``rnn`` the plain tanh RNN (``--model rnn``), ``vanilla``
+the recipe's cell without peephole connections and ``peephole`` with them (the timing and
+counting tasks of Gers et al. compare the two). Every run
 stops when its *validation* split meets the task's criterion (or at the recipe's step
 budget; recipes with ``stop_at_target=False``, whose metric falls smoothly through the
 criterion, train the whole budget and keep the best validation weights); *solved* means
@@ -43,7 +45,7 @@ from lstmkit.app.train import TrainConfig, environment, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "benchmarks" / "results" / "task_runs.jsonl"
-MODELS = ("lstm", "nfg", "rnn")
+MODELS = ("lstm", "nfg", "rnn", "vanilla", "peephole")
 NO_RNN_RESULT = "not reported"
 
 
@@ -83,6 +85,34 @@ ROWS: dict[str, Row] = {
     "copy100": Row("copy", {"length": 100}, LONG_LAG,
                    {"lstm": "curves only: the LSTM stalls at the baseline (Arjovsky et al. 2016)",
                     "nfg": NO_RNN_RESULT, "rnn": NO_RNN_RESULT}),
+    "long_lag_2a": Row("long_lag", {"variant": "2a"}, ("lstm", "rnn"),
+                       {"lstm": "5,040 (100 % of trials)", "rnn": "RTRL and BPTT: 0 % (> 5,000,000)"}),
+    "long_lag_2b": Row("long_lag", {"variant": "2b"}, ("lstm", "rnn"),
+                       {"lstm": "5,680 (100 % of trials)", "rnn": NO_RNN_RESULT}),
+    "long_lag_2c_100": Row("long_lag", {"variant": "2c", "q": 100, "p": 100}, ("lstm", "rnn"),
+                           {"lstm": "31,000", "rnn": NO_RNN_RESULT}),
+    "long_lag_2c_1000": Row("long_lag", {"variant": "2c", "q": 1000, "p": 1000}, ("lstm", "rnn"),
+                            {"lstm": "49,000", "rnn": NO_RNN_RESULT}),
+    "long_lag_2c_1000_100": Row("long_lag", {"variant": "2c", "q": 1000, "p": 100}, ("lstm", "rnn"),
+                                {"lstm": "135,000", "rnn": NO_RNN_RESULT}),
+    "multiplication": Row("multiplication", {"length": 100}, ("lstm", "rnn"),
+                          {"lstm": "1,273,000 (14 of 2,560 wrong); 482,000 (139 wrong)", "rnn": NO_RNN_RESULT}),
+    "adding1000": Row("adding", {"length": 1000}, ("lstm",), {"lstm": "853,000 (1 of 2,560 wrong)"}),
+    "spike_delays_10": Row("spike_delays", {"interval": 10, "jitter": 1}, ("lstm", "vanilla"),
+                           {"lstm": "learned (MSD, figures)", "vanilla": "learned without peepholes too"}),
+    "spike_delays_49": Row("spike_delays", {"interval": 49, "jitter": 1}, ("lstm", "vanilla"),
+                           {"lstm": "50 vs 49 told apart (the abstract)", "vanilla": NO_RNN_RESULT}),
+    "timed_spikes_49": Row("timed_spikes", {"interval": 49}, ("lstm", "vanilla"),
+                           {"lstm": "stable timed spikes (the abstract)", "vanilla": NO_RNN_RESULT}),
+    **{f"periodic_{shape}_{f}": Row("periodic", {"shape": shape, "period": f}, ("lstm", "vanilla"),
+                                    {"lstm": "learned with peepholes",
+                                     "vanilla": "learned" if (shape, f) == ("cos", 10) else "not learned"})
+       for shape in ("cos", "triangle", "rectangle") for f in (10, 25)},
+    "counting_anbn": Row("counting", {"language": "anbn"}, ("lstm", "vanilla", "rnn"),
+                         {"lstm": "n ≤ 10 generalised far beyond", "vanilla": NO_RNN_RESULT, "rnn": NO_RNN_RESULT}),
+    "counting_anbncn": Row("counting", {"language": "anbncn"}, ("lstm", "vanilla", "rnn"),
+                           {"lstm": "first RNN to learn it; Kalman-filter LSTM: every n ≤ 1,000",
+                            "vanilla": NO_RNN_RESULT, "rnn": NO_RNN_RESULT}),
     "charlm": Row("charlm", {}, ("lstm",), {"lstm": "no result on this corpus; threshold xz -9e"}),
     "chorales": Row("chorales", {}, ("lstm",), {"lstm": "JSB Chorales: LSTM 8.4-8.7 nats/frame (other data)"}),
     "sunspots": Row("sunspots", {}, ("lstm",), {"lstm": "no LSTM result; AR baseline"}),
@@ -127,7 +157,19 @@ def config_for(row: str, model: str, seed: int) -> TrainConfig:
         return TrainConfig.for_task(r.task, r.options, seed=seed, cell="nfg")
     if model == "rnn":
         return TrainConfig.for_task(r.task, r.options, seed=seed, model="rnn", cell="vanilla")
+    if model in ("vanilla", "peephole"):
+        words = [w for w in TrainConfig.for_task(r.task, r.options).cell.split("+") if w not in ("vanilla", "peephole")]
+        cell = "+".join(([model] if model == "peephole" or not words else []) + words)
+        return TrainConfig.for_task(r.task, r.options, seed=seed, cell=cell)
     raise ValueError(f"model: expected one of {MODELS}, got {model!r}")
+
+
+def model_label(row: Row, model: str) -> str:
+    """The model column: the recipe's cell where the row compares peepholes, else the model."""
+    if model == "lstm" and ("vanilla" in row.models or "peephole" in row.models):
+        words = TrainConfig.for_task(row.task, row.options).cell.split("+")
+        return "lstm (peephole)" if "peephole" in words else "lstm (vanilla)"
+    return model
 
 
 def read_records() -> list[dict[str, Any]]:
@@ -246,7 +288,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
         for model in row.models:
             rs = sorted((r for (rw, m, _), r in runs.items() if rw == name and m == model), key=lambda r: r["seed"])
             if not rs:
-                lines.append(f"| {_label(row)} | {model} | not run | | {row.published.get(model, '')} | | |")
+                lines.append(f"| {_label(row)} | {model_label(row, model)} | not run yet | | "
+                             f"{row.published.get(model, '')} | | |")
                 continue
             goal = "≥" if rs[0]["goal"] == "max" else "≤"
             solved = [r for r in rs if r["solved"]]
@@ -258,7 +301,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
             unsolved = "" if len(solved) == len(rs) else f" (budget {budget:,})"
             per_seed = ", ".join(_fmt(r["test"]) for r in rs)
             lines.append(
-                f"| {_label(row)} | {model} | **{len(solved)}/{len(rs)}**{unsolved} | {seq_text} | "
+                f"| {_label(row)} | {model_label(row, model)} | **{len(solved)}/{len(rs)}**{unsolved} | {seq_text} | "
                 f"{row.published.get(model, '')} | {rs[0]['metric']} {per_seed} ({goal} {_fmt(rs[0]['threshold'])}) | "
                 f"{statistics.median(walls):.0f} s (max {max(walls):.0f} s) |")
             if model == "lstm":

@@ -135,20 +135,23 @@ class LongLagTask(SampledTask):
 
     @classmethod
     def recipe(cls, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Chrono initialisation for lags up to 1.5 times the longest lag, H = 32, Adam 3e-3,
-        batch 32, clip 1; 2a/2b: up to 3,000 steps evaluated every 10; 2c: up to 4,000 steps
-        evaluated every 50 (q ≤ 200) or 100, 64 sequences per evaluation batch.
+        """Chrono initialisation for lags up to 1.5 times the longest lag, H = 32, Adam 1e-2,
+        batch 32, clip 1; 2a/2b: up to 2,000 steps, 2c: up to 1,500 (48,000 sequences, about
+        the paper's count at q = p = 1,000), evaluated every 25 steps (2c with q > 200: every
+        100, 64 sequences per evaluation batch).
 
-        Measured: docs/results.md (3 seeds each, stopped on the validation split).
+        With Adam 3e-3, 2b at p = 100 was still at the guess after 3,000 steps (96,000
+        sequences); 1e-2 solved it at 5,120. Measured: docs/results.md (3 seeds each,
+        stopped on the validation split).
         """
         variant = cls.option(options, "variant")
         if variant == "2c":
             lag = cls.option(options, "q") + 14
-            return {"cell": f"chrono={round(1.5 * lag)}", "hidden_size": 32, "lr": 3e-3, "batch_size": 32,
-                    "steps": 4000, "eval_every": 50 if lag <= 214 else 100, "eval_batch_size": 64}
+            return {"cell": f"chrono={round(1.5 * lag)}", "hidden_size": 32, "lr": 1e-2, "batch_size": 32,
+                    "steps": 1500, "eval_every": 25 if lag <= 214 else 100, "eval_batch_size": 64}
         lag = cls.option(options, "p")
-        return {"cell": f"chrono={round(1.5 * lag)}", "hidden_size": 32, "lr": 3e-3, "batch_size": 32,
-                "steps": 3000, "eval_every": 10}
+        return {"cell": f"chrono={round(1.5 * lag)}", "hidden_size": 32, "lr": 1e-2, "batch_size": 32,
+                "steps": 2000, "eval_every": 25}
 
     @property
     def target(self) -> Target:
@@ -361,13 +364,17 @@ class MultiplicationTask(SampledTask):
     @classmethod
     def recipe(cls, options: Mapping[str, Any]) -> dict[str, Any]:
         """Chrono initialisation for lags up to 1.5 T, H = 64, Adam 3e-3, batch 32, clip 1,
-        up to 20,000 steps evaluated every 200.
+        10,000 steps (320,000 sequences) evaluated every 200, the weights of the best
+        validation accuracy kept; **no early stop** (``stop_at_target=False``).
 
-        Measured: docs/results.md (3 seeds, stopped on the validation split).
+        The accuracy creeps through the threshold: stopped at the first validation
+        evaluation that met it (seed 0: 83,200 sequences, validation 0.9953), the test
+        split had 16 wrong, two too many; trained on to the budget, 0 of 2,560 (seed 0).
+        Measured: docs/results.md (3 seeds).
         """
         length = cls.option(options, "length")
         return {"cell": f"chrono={round(1.5 * length)}", "hidden_size": 64, "lr": 3e-3, "batch_size": 32,
-                "steps": 20_000, "eval_every": 200}
+                "steps": 10_000, "eval_every": 200, "stop_at_target": False}
 
     @property
     def target(self) -> Target:

@@ -379,9 +379,10 @@ class PeriodicTask(Task):
     generate a periodic function of period ``F = period`` (:func:`periodic_target`:
     ``shape`` cos, triangle or rectangle, values in [0, 1], 0 at t = 0) for as long as it
     runs. There is nothing random: every training sequence is the same ``periods``
-    periods long; the validation split runs ``eval_periods`` periods and the test split
-    twice as many, so the test asks for the pattern longer than anything trained or
-    validated (a generator that drifts or decays fails it).
+    periods long (3 by default); the validation split runs ``eval_periods`` periods and
+    the test split twice as many, so the test asks for the pattern far longer than
+    anything trained and longer than anything validated (a generator that drifts or
+    decays fails it).
 
     * ``x`` (T, 1, 1) zeros; ``y`` (T, 1) the target; ``lengths`` None.
     * Loss and ``mse``: squared error over all steps; ``max_error``: the largest
@@ -400,7 +401,7 @@ class PeriodicTask(Task):
     seed: int = 0
     shape: str = "cos"
     period: int = 10
-    periods: int = 20
+    periods: int = 3
     eval_periods: int = 50
 
     name: ClassVar[str] = "periodic"
@@ -420,15 +421,18 @@ class PeriodicTask(Task):
 
     @classmethod
     def recipe(cls, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Peepholes and forget-gate bias 2 (``peephole+fb=2``), H = 16, Adam 1e-2, one
-        sequence per batch (they are all the same), clip 1, up to 3,000 steps evaluated
-        every 25.
+        """Peepholes (``peephole``), H = 16, Adam 1e-2, one sequence per batch (they are all
+        the same), clip 1, 1,500 steps evaluated every 25, the weights of the smallest
+        validation ``max_error`` kept; **no early stop** (``stop_at_target=False``).
 
-        Measured: docs/results.md (3 seeds, stopped on the validation split; the same
-        recipe without peepholes beside it).
+        The largest error falls through 0.3 and back while training; weights kept at the
+        first validation evaluation below it generated the 50 validation periods but not
+        the 100 test periods (seed 0: cos F = 10, 25 and triangle F = 10, validation
+        0.24-0.30, test 0.33-0.61); trained to the budget they keep a margin. Measured:
+        docs/results.md (3 seeds; the same recipe without peepholes beside it).
         """
-        return {"cell": "peephole+fb=2", "hidden_size": 16, "lr": 1e-2, "batch_size": 1, "steps": 3000,
-                "eval_every": 25}
+        return {"cell": "peephole", "hidden_size": 16, "lr": 1e-2, "batch_size": 1, "steps": 1500,
+                "eval_every": 25, "stop_at_target": False}
 
     @property
     def target(self) -> Target:
