@@ -370,3 +370,58 @@ def test_fused_kernel_releases_the_gil():
         t.join()
     for e, g in zip(expected, got):
         assert torch.equal(e, g)
+
+
+INFERENCE_SHAPES = {  # (T, B, I, H, proj, layers, bidirectional, lengths): B >= 8 (the projection in the loop)
+    "in_loop": (6, 10, 5, 7, 4, 2, True, [6, 2, 5, 1, 6, 3, 4, 6, 1, 2]),
+    "in_loop_wide": (3, 8, 40, 33, 0, 1, False, None),
+    "one_step_B1": (1, 1, 3, 4, 0, 2, False, None),
+}
+
+
+@pytest.mark.parametrize("kernel_name", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("shape", list(INFERENCE_SHAPES), ids=list(INFERENCE_SHAPES))
+def test_inference_every_claimed_variant(kernel_name, dtype, shape, monkeypatch):
+    """Without gradients (the input projection inside the compiled loop, forward_infer) every variant
+    matches the float64 reference: outputs and final states, lengths, stacked, bidirectional,
+    projection; the in-loop path is checked to have run."""
+    from lstmkit.kernels import cpu_ext, fused
+
+    T, B, I, H, P, L, bidir, lengths = INFERENCE_SHAPES[shape]
+    real, calls = cpu_ext.load(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def forward_infer(self, *args):
+            calls.append(args[0].shape)
+            return real.forward_infer(*args)
+    monkeypatch.setattr(cpu_ext, "load", lambda verbose=False: Spy())
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 4e-2}[dtype]
+    for param in _variants(kernel_name):
+        cell = param.values[0]
+        torch.manual_seed(0)
+        ref = lstmkit.LSTM(I, H, L, bidirectional=bidir, proj_size=P, cell=cell, backend="reference").double().eval()
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if not name.startswith("ln_"):
+                    p.uniform_(-0.5, 0.5)
+        layer = lstmkit.LSTM(I, H, L, bidirectional=bidir, proj_size=P, cell=cell, backend=kernel_name)
+        layer = layer.to(dtype).eval()
+        layer.load_state_dict(ref.state_dict())
+        ref.load_state_dict(layer.state_dict())  # the same (rounded) weights on both sides
+        D = 2 if bidir else 1
+        x, h0, c0 = (torch.randn(s, dtype=torch.float64).to(dtype).double()
+                     for s in ((T, B, I), (L * D, B, P or H), (L * D, B, H)))
+        kw = {} if lengths is None else {"lengths": lengths}
+        before = len(calls)
+        with torch.no_grad():
+            want = ref(x, (h0, c0), **kw)
+            got = layer(x.to(dtype), (h0.to(dtype), c0.to(dtype)), **kw)
+        assert len(calls) - before == L * D, f"{cell}: the in-loop inference path did not run"
+        for a, b, what in ((got[0], want[0], "output"), (got[1][0], want[1][0], "h_n"), (got[1][1], want[1][1], "c_n")):
+            err = (a.double() - b).abs().max().item()
+            assert err <= tol * max(b.abs().max().item(), 1.0), f"{cell}: {what} error {err:.3g}"
+    assert fused.in_loop_projection(torch.empty(T, B, I), torch.empty(4 * H, I))

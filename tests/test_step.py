@@ -168,9 +168,9 @@ def test_inference_step_matches_the_reference(cell, dtype, monkeypatch):
         def __getattr__(self, name):
             return getattr(real, name)
 
-        def one_step(self, *args):
+        def forward_infer(self, *args):
             calls.append(1)
-            return real.one_step(*args)
+            return real.forward_infer(*args)
     monkeypatch.setattr(cpu_ext, "load", lambda verbose=False: Spy())
     torch.manual_seed(0)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]

@@ -628,7 +628,7 @@ class LSTM(_Recurrent):
         super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype, backend, check_finite)
 
-    def forward(self, input: Tensor | PackedSequence, hx: State | None = None, *,
+    def forward(self, input: Tensor | PackedSequence, hx: State | None = None,
                 lengths: Tensor | list[int] | None = None) -> tuple[Tensor | PackedSequence, State]:
         """Run the LSTM; returns ``output, (h_n, c_n)`` exactly as ``torch.nn.LSTM``.
 
@@ -671,7 +671,7 @@ class RNN(_Recurrent):
         super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend, check_finite)
 
-    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None, *,
+    def forward(self, input: Tensor | PackedSequence, hx: Tensor | None = None,
                 lengths: Tensor | list[int] | None = None) -> tuple[Tensor | PackedSequence, Tensor]:
         """Run the RNN; returns ``output, h_n`` exactly as ``torch.nn.RNN`` (``lengths`` as
         :meth:`LSTM.forward`)."""

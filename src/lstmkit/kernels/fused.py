@@ -207,18 +207,21 @@ class FusedCPUKernel(FusedKernel):
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
             record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
-        """The fused run; one step without gradients (T = 1: LSTMCell, layer.step, streaming)
-        is one call of the compiled kernel, projection included (``one_step``)."""
-        if x.shape[0] == 1 and keep is None and not record and _no_gradient(x, h0, c0, params) \
-                and ops.plain_eager((x, h0, *params.values())):
+        """The fused run. Inference (nothing needs a gradient) where :func:`in_loop_projection`
+        says so — every single step (LSTMCell, layer.step) — is one call of the compiled kernel
+        with the input projection inside the loop (``forward_infer``): no (T, B, R) xg."""
+        # plain eager first: under compile or export, sizes are symbolic and must not be branched on
+        if keep is None and not record and ops.plain_eager((x, h0, *params.values())) \
+                and _no_gradient(x, h0, c0, params) and in_loop_projection(x, params["weight_ih"]):
             empty = x.new_empty(0)
             plist, mlp = operator_params(params, spec, empty)
             proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
-            b_ih, b_hh = params.get("bias_ih", empty), params.get("bias_hh", empty)
-            h_n, c_n = cpu_ext.load().one_step(x[0], params["weight_ih"], b_ih, b_hh, params["weight_hh"], h0,
-                                               empty if c0 is None else c0, plist, abi.flags(spec), mlp,
-                                               *abi.scalars(spec), hidden_size, proj)
-            return KernelOut(h_n.unsqueeze(0), h_n, c_n if spec.is_lstm else None, None)  # y (1, B, H_out)
+            y, h_n, c_n = cpu_ext.load().forward_infer(
+                x, params["weight_ih"], params.get("bias_ih", empty), params.get("bias_hh", empty),
+                params["weight_hh"], h0, empty if c0 is None else c0,
+                lengths if lengths is not None else torch.empty(0, dtype=torch.long), plist, abi.flags(spec), mlp,
+                *abi.scalars(spec), hidden_size, proj)
+            return KernelOut(y, h_n, c_n if spec.is_lstm else None, None)
         return super().run(x, lengths, h0, c0, params, spec, hidden_size, record, keep)
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -230,6 +233,26 @@ class FusedCPUKernel(FusedKernel):
         if not cpu_ext.available():
             return "the C++ extension could not be built (see the warning above)"
         return None
+
+
+def in_loop_projection(x: Tensor, w_ih: Tensor) -> bool:
+    """Whether inference computes the input projection step by step inside the compiled loop
+    (``x_t W_ihᵀ`` per step, W_ih packed once and read from cache every step) rather than as
+    one (T·B, I) × (I, R) GEMM whose (T, B, R) result is written out and read back.
+
+    Always for one step (the GEMM is the same; one call instead of three). For a sequence,
+    where W_ih stays in cache and a step has rows enough for the register tile:
+    """
+    T, B = x.shape[0], x.shape[1]
+    if T == 1:
+        return True
+    return B >= IN_LOOP_MIN_ROWS and w_ih.numel() * w_ih.element_size() <= IN_LOOP_MAX_WEIGHT_BYTES
+
+
+#: :func:`in_loop_projection` for sequences: a step fills the 8-row register tile, W_ih fits in L2
+#: (benchmarks/bench_in_loop.py times both paths against nn.LSTM per shape).
+IN_LOOP_MIN_ROWS = 8
+IN_LOOP_MAX_WEIGHT_BYTES = 1 << 20
 
 
 def _no_gradient(x: Tensor, h0: Tensor, c0: Tensor | None, params: dict[str, Tensor]) -> bool:

@@ -90,7 +90,12 @@ struct StepForward {
   T* acts; bool acts_per_step;        // a_j of every deep gate: (T, B, atot) kept, or (B, atot) per step
   T* vout;                            // (B, vtot) each layer's output; the last one is the gate's u (H)
 
+  // xg's strides: (B·R, R) for a (T, B, R) xg; (0, ldr) when the projection runs in the loop
+  // (forward_impl with an InputProjection: one (B, ldr) row block, rewritten every step)
+  int64_t xg_ts = 0, xg_bs = 0;
+
   T* act_row(int64_t t, int64_t b) const { return acts + ((acts_per_step ? 0 : t * B) + b) * mlp.atot; }
+  const T* xg_row(int64_t t, int64_t b) const { return xg + t * xg_ts + b * xg_bs; }
 
   // Before any deep gate's MLP: layernorm's z = LN(a) g_ih + LN(r) g_hh (+ bias) per gate chunk
   // (written over r; a_hat, r_hat, 1/std kept), and each deep gate's a_1 = phi(z_k).
@@ -99,7 +104,7 @@ struct StepForward {
     constexpr int VL = V::size();
     const int64_t R = cf.R, tb = t * B + b;
     T* rr = r + b * ldr;
-    const T* xr = xg + tb * R;
+    const T* xr = xg_row(t, b);
     if (cf.ln) {
       for (int64_t k = 0; k < cf.G; ++k) {
         const int64_t o = cf.co[k], w = cf.cw[k];
@@ -164,7 +169,7 @@ struct StepForward {
     const int64_t R = cf.R, H = cf.H, Hout = cf.Hout, tb = t * B + b;
     T* yr = Y + tb * Hout;
     const T* rr = r + b * ldr;
-    const T* xr = xg + tb * R;
+    const T* xr = xg_row(t, b);
     T* gr = G ? G + tb * cf.G * H : nullptr;  // gate activations (G·H), kept only when asked for
     T* cr = c + b * H;
     // where gate g's pre-activation u comes from: z = xg + r at its columns, the LN z (in r),
@@ -243,7 +248,7 @@ struct StepForward {
     const int64_t H = cf.H, tb = t * B + b;
     T* hr = h + b * ldh;
     T* yr = Y + tb * H;
-    const T* xr = xg + tb * H;
+    const T* xr = xg_row(t, b);
     const T* rr = r + b * ldr;
     for (int64_t j = 0; j < H; j += VL) {
       const int n = (int)std::min<int64_t>(VL, H - j);

@@ -12,13 +12,26 @@
 
 namespace lk {
 
+// Inference without a (T, B, R) xg: per step, phase A also computes xg_t = x_t W_ih^T (+ bias)
+// into one (B, ldr) block that the pointwise pass reads (the operator's xg contract, ops.py:
+// layernorm takes the raw product, its summed bias is params[P_BIAS]). The (T, B, R) xg of a
+// long sequence is written and read once more than the GEMM needs, and fresh memory of that
+// size is page-faulted in on every call (one_step and forward_infer in recurrence.cpp).
+template <typename T>
+struct InputProjection {
+  const T* x; int64_t I;          // (T, B, I) contiguous
+  const T* w; int64_t sw0, sw1;   // W_ih (R, I) and its strides
+  const T* bias;                  // (R,) x W_ih^T's bias, or nullptr
+};
+
 // Returns {Y, h_n, c_n, then the buffers in abi.BUFFERS order} (an empty tensor for each one
 // not kept; without buffers_out, Y, h_n and c_n alone). params: the operator's params list (abi.PARAMS order, compute dtype).
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh, const at::Tensor& h0,
                                      const at::Tensor& c0, const std::vector<int64_t>& len,
                                      const std::vector<at::Tensor>& params, const Cfg& cf, const MlpLayout& mlp,
-                                     bool save, int nthreads, bool buffers_out = true) {
+                                     bool save, int nthreads, bool buffers_out = true,
+                                     const InputProjection<T>* proj_in = nullptr) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t Tn = xg.size(0), B = xg.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
@@ -63,6 +76,17 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
     Whr.init(whr.data_ptr<T>(), whr.stride(0), whr.stride(1), (int)P, (int)H, Tn);
   }
   const CellParams<T> prm(cf, params);
+  // inference: the input projection in the loop (xg_t into xws), W_ih packed like W_hh
+  Packed<T> Wih;
+  at::Tensor xws, biasp;
+  if (proj_in) {
+    Wih.init(proj_in->w, proj_in->sw0, proj_in->sw1, (int)R, (int)proj_in->I, Tn);
+    xws = at::zeros({B, ldr}, opt);
+    if (proj_in->bias) {  // padded to whole panels (the micro-kernel reads NR columns at a time)
+      biasp = at::zeros({(int64_t)Wih.npanels * Packed<T>::NR}, opt);
+      std::copy(proj_in->bias, proj_in->bias + R, biasp.data_ptr<T>());
+    }
+  }
   // deep gates: W_j of every MLP layer, packed once per call (v = a W_j^T)
   const T* mlpw = mlp.any() ? params[P_MLP].data_ptr<T>() : nullptr;
   std::vector<Packed<T>> Wm(mlp.gates.size() * std::max(mlp.depth, 1));
@@ -76,26 +100,36 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   T* ssp = cf.fgr ? ss.data_ptr<T>() : nullptr;
   T* fwp = cf.fgr ? fws.data_ptr<T>() : nullptr;
   T* mwp = P > 0 ? mws.data_ptr<T>() : nullptr;
-  const StepForward<T> step{cf, prm, B, xg.data_ptr<T>(), rwp, ldr, fwp, lds, ssp,
+  StepForward<T> step{cf, prm, B, proj_in ? xws.data_ptr<T>() : xg.data_ptr<T>(), rwp, ldr, fwp, lds, ssp,
                             lstm ? cs.data_ptr<T>() : nullptr, hsp, ldh, mwp, ldm, Y.data_ptr<T>(),
                             kept(B_G), kept(B_C), kept(B_CN), kept(B_RH), kept(B_RS), kept(B_AH), kept(B_AS),
                             cf.zoneout ? scratch.data_ptr<T>() : nullptr, ldscratch, mlp, mlpw,
                             mlp.any() ? (acts_ws.defined() ? acts_ws.data_ptr<T>() : kept(B_MLP)) : nullptr,
                             acts_ws.defined(), mlp.any() ? vout.data_ptr<T>() : nullptr};
 
-  GemmTask<T> phaseA[2];
+  step.xg_ts = proj_in ? 0 : B * R;
+  step.xg_bs = proj_in ? ldr : R;
+
+  GemmTask<T> phaseA[3];
   int nA = 0;
   phaseA[nA++] = GemmTask<T>{&Wp, (int)B, hsp, ldh, rwp, ldr, false};
   if (cf.fgr) phaseA[nA++] = GemmTask<T>{&Wgg, (int)B, ssp, lds, fwp, lds, false};
+  const int iA = nA;  // the input projection's task (its A moves with t)
+  if (proj_in)
+    phaseA[nA++] = GemmTask<T>{&Wih, (int)B, proj_in->x, proj_in->I, xws.data_ptr<T>(), ldr, false,
+                               biasp.defined() ? biasp.data_ptr<T>() : nullptr};
 
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
     Wp.pack_share(tid, nth); Wgg.pack_share(tid, nth); Whr.pack_share(tid, nth);  // absent ones: no panels
+    Wih.pack_share(tid, nth);
     for (auto& w : Wm) w.pack_share(tid, nth);
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
     bar.wait();
     for (int64_t t = 0; t < Tn; ++t) {
-      run_tasks<T>(phaseA, nA, tid, nth);  // phase A: r = h_{t-1} W_hh^T [, s_{t-1} W_gg^T]
+      GemmTask<T> tasks[3] = {phaseA[0], phaseA[1], phaseA[2]};
+      if (proj_in) tasks[iA].A = proj_in->x + t * B * proj_in->I;
+      run_tasks<T>(tasks, nA, tid, nth);  // phase A: r = h_{t-1} W_hh^T [, s_{t-1} W_gg^T] [, xg_t]
       bar.wait();
       for (int64_t b = b0; b < b1; ++b) {  // phase B: the cell, row by row
         if (t >= len[b]) step.padded_row(t, b);

@@ -217,6 +217,7 @@ struct GemmTask {
   const T* A; int64_t lda;
   T* C; int64_t ldc;
   bool acc;
+  const T* bias = nullptr;  // added to every row (padded to whole panels), or none
 };
 
 // Run a phase of independent GEMMs; thread tid of nth takes an equal share of the
@@ -237,7 +238,7 @@ void run_tasks(const GemmTask<T>* tasks, int ntasks, int tid, int nth) {
     int64_t p1 = hi <= base ? 0 : (hi - base + K - 1) / K;
     p0 = std::min<int64_t>(p0, g.W->npanels);
     p1 = std::min<int64_t>(p1, g.W->npanels);
-    if (p1 > p0 && g.M > 0) gemm_panels<T>(*g.W, g.M, g.A, g.lda, g.C, g.ldc, g.acc, (int)p0, (int)p1);
+    if (p1 > p0 && g.M > 0) gemm_panels<T>(*g.W, g.M, g.A, g.lda, g.C, g.ldc, g.acc, (int)p0, (int)p1, g.bias);
     base += cost;
   }
 }

@@ -87,34 +87,56 @@ static std::vector<at::Tensor> to_compute(const std::vector<at::Tensor>& ts, at:
   return out;
 }
 
-// The forward; without buffers_out it returns no buffers (one_step keeps nothing).
+// The forward. x_in defined: inference with the input projection in the loop (forward_impl's
+// InputProjection; xg_in is ignored, w_ih and bias give xg_t = x_t W_ih^T + bias); without
+// buffers_out it returns no buffers.
 static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_call(
     const at::Tensor& xg_in, const at::Tensor& whh_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
     const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
-    bool save, bool buffers_out) {
+    bool save, bool buffers_out, const at::Tensor& x_in = {}, const at::Tensor& w_ih_in = {},
+    const at::Tensor& bias_in = {}) {
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS, "lstmkit::recurrence: expected ", (int)N_PARAMS,
               " params, got ", params_in.size());
-  TORCH_CHECK(xg_in.dim() == 3 && xg_in.size(2) == cf.R, "lstmkit::recurrence: xg must be (T, B, R=", cf.R, ")");
-  const at::ScalarType io = xg_in.scalar_type(), ct = compute_type(io);
+  const bool in_loop = x_in.defined();
+  TORCH_CHECK(in_loop || (xg_in.dim() == 3 && xg_in.size(2) == cf.R),
+              "lstmkit::recurrence: xg must be (T, B, R=", cf.R, ")");
+  TORCH_CHECK(!in_loop || (x_in.dim() == 3 && w_ih_in.dim() == 2 && w_ih_in.size(0) == cf.R &&
+                           w_ih_in.size(1) == x_in.size(2)), "lstmkit forward_infer: x (T, B, I), W_ih (R=", cf.R,
+              ", I)");
+  const at::ScalarType io = (in_loop ? x_in : xg_in).scalar_type(), ct = compute_type(io);
   const auto params = to_compute(params_in, ct);
   if (cf.ln) {
     TORCH_CHECK(params[P_LN_IH_WEIGHT].numel() == cf.R, "lstmkit::recurrence: layernorm needs ln_ih_weight (R=", cf.R, ")");
     TORCH_CHECK(params[P_BIAS].numel() == 0 || params[P_BIAS].numel() == cf.R,
                 "lstmkit::recurrence: bias must be (R=", cf.R, ") or empty");
   }
-  const at::Tensor xg = to_compute(xg_in, ct).contiguous(), whh = to_compute(whh_in, ct);
+  const at::Tensor x = in_loop ? to_compute(x_in, ct).contiguous() : at::Tensor();
+  const at::Tensor w_ih = in_loop ? to_compute(w_ih_in, ct) : at::Tensor();
+  const at::Tensor bias = in_loop && bias_in.defined() && bias_in.numel() ? to_compute(bias_in, ct).contiguous()
+                                                                           : at::Tensor();
+  // with the projection in the loop, xg is an empty (T, B, 0) tensor carrying the sizes and options
+  const at::Tensor xg = in_loop ? at::empty({x.size(0), x.size(1), 0}, x.options())
+                                : to_compute(xg_in, ct).contiguous();
+  const at::Tensor whh = to_compute(whh_in, ct);
   const at::Tensor h0 = to_compute(h0_in, ct).contiguous();
   at::Tensor c0 = to_compute(c0_in, ct);
   const int64_t Tn = xg.size(0), B = xg.size(1);
   if (!cf.rnn && c0.numel() == 0) c0 = at::zeros({B, H}, xg.options());
   const auto len = lengths_vec(lengths, B, Tn);
-  const int nt = choose_threads(B * cf.R * cf.Hout, B);
+  const int64_t work = B * cf.R * (cf.Hout + (in_loop ? x.size(2) : 0));  // per step
+  const int nt = choose_threads(work, B);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_fwd", [&] {
-    out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, save, nt, buffers_out);
+    if (in_loop) {
+      const InputProjection<scalar_t> pin{x.data_ptr<scalar_t>(), x.size(2), w_ih.data_ptr<scalar_t>(), w_ih.stride(0),
+                                          w_ih.stride(1), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr};
+      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, save, nt, buffers_out, &pin);
+    } else {
+      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, save, nt, buffers_out);
+    }
   });
   // out = {Y, h_n, c_n, then the buffers in abi.BUFFERS order}
   std::vector<at::Tensor> buffers(out.begin() + 3, out.end());
@@ -279,31 +301,28 @@ at::Tensor act_test(at::Tensor x, int64_t which) {
   return y;
 }
 
-// One step without gradients (T = 1, inference: LSTMCell, layer.step, streaming): the input
-// projection and the recurrence in one call, without the per-op dispatch of the eager road
-// (FusedCPUKernel.run in lstmkit/kernels/fused.py takes it when nothing needs a gradient). The
+// Inference (nothing needs a gradient): the input projection and the recurrence in one call, the
+// projection inside the loop (forward_impl's InputProjection), for a whole sequence or one step
+// (LSTMCell, layer.step, streaming). Taken by FusedCPUKernel.run (lstmkit/kernels/fused.py); the
 // projection is the operator's contract for xg (lstmkit/kernels/ops.py): x W_ih^T + b_ih + b_hh,
 // or for layernorm the raw x W_ih^T with the summed bias as params[P_BIAS]; tests/test_step.py
-// checks every variant against the reference kernel. x (B, I), h0 (B, H_out), c0 (B, H) | (0,);
-// returns h_1 (B, H_out) and c_1 (B, H) | (0,).
-std::tuple<at::Tensor, at::Tensor> one_step(
+// and tests/test_kernels.py check every variant against the reference kernel. x (T, B, I),
+// h0 (B, H_out), c0 (B, H) | (0,); returns y (T, B, H_out), h_n and c_n (B, H) | (0,).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_infer(
     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
-    const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, std::vector<at::Tensor> params,
-    int64_t flags, const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h,
-    int64_t H, int64_t P) {
-  TORCH_CHECK(x.dim() == 2 && (int64_t)params.size() == N_PARAMS, "lstmkit one_step: x must be (B, I)");
+    const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& lengths,
+    std::vector<at::Tensor> params, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
+    double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+  TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_infer: expected ", (int)N_PARAMS, " params");
   const bool ln = Cfg(flags, clip, zoneout_c, zoneout_h, H, P, MlpLayout(mlp_layout, H)).ln;
-  const at::Tensor bias = b_ih.numel() ? b_ih + b_hh : at::Tensor();  // (R,)
-  at::Tensor xg;  // (B, R)
-  if (ln) {
-    xg = at::mm(x, w_ih.t());
-    if (bias.defined()) params[P_BIAS] = bias;
-  } else {
-    xg = bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
+  at::Tensor bias = b_ih.numel() ? b_ih + b_hh : at::Tensor();  // (R,)
+  if (ln && bias.defined()) {
+    params[P_BIAS] = bias;  // layernorm: added after the norm, by the kernel
+    bias = at::Tensor();
   }
-  auto out = forward_call(xg.unsqueeze(0), whh, h0, c0, at::Tensor(), params, flags, mlp_layout, clip, zoneout_c,
-                          zoneout_h, H, P, false, false);
-  return {std::get<1>(out), std::get<2>(out)};
+  auto out = forward_call(at::Tensor(), whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c,
+                          zoneout_h, H, P, false, false, x, w_ih, bias);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
 }  // namespace lk
@@ -315,7 +334,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("backward", &lk::recurrence_backward, "lstmkit::recurrence_backward on the CPU",
         py::call_guard<py::gil_scoped_release>());
-  m.def("one_step", &lk::one_step, "one step without gradients: input projection and recurrence",
+  m.def("forward_infer", &lk::forward_infer, "the forward without gradients, the input projection in the loop",
         py::call_guard<py::gil_scoped_release>());
   m.def("first_nonfinite", &lk::first_nonfinite, "index of the first tensor with a NaN or inf, -1 if none",
         py::call_guard<py::gil_scoped_release>());
