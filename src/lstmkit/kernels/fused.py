@@ -264,12 +264,15 @@ def _no_gradient(x: Tensor, h0: Tensor, c0: Tensor | None, params: dict[str, Ten
 
 
 _TRITON_MISSING_WARNED = False
+_TRITON_AT_IMPORT = importlib.util.find_spec("triton") is not None
 
 
 def triton_available() -> bool:
     """True if Triton can be imported (without importing it). Never raises: without it, the
     first CUDA layer that asks gets one warning and the 'reference' kernel."""
     global _TRITON_MISSING_WARNED
+    if torch.compiler.is_compiling():  # dynamo cannot trace find_spec: the answer at import time
+        return _TRITON_AT_IMPORT
     if importlib.util.find_spec("triton") is not None:
         return True
     if not _TRITON_MISSING_WARNED:
