@@ -41,6 +41,24 @@ def test_a_good_build_passes_and_runs(checked):
     assert list(selfcheck._VERDICTS.values()) == [None]
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast"])
+def test_the_first_call_in_any_context_checks_with_gradients(checked, context):
+    """The first use may come under no_grad or inference_mode (a benchmark, a server) or autocast:
+    the check still differentiates, in the build's own dtype, and passes a good build (on an H200
+    every build once failed here: 'element 0 of tensors does not require grad')."""
+    tri, ref = _layers()
+    x = torch.randn(5, 2, 3)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[context]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ctx():
+            y = tri(x)[0]
+    assert list(selfcheck._VERDICTS.values()) == [None]
+    if context != "autocast":
+        torch.testing.assert_close(y, ref(x)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_wrong_build_is_caught_warned_once_and_replaced_by_the_reference(checked, monkeypatch):
     impl = fused._triton_impl()
     real = impl.forward

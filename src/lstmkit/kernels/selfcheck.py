@@ -11,6 +11,7 @@ and the error, and layers with that build run on the reference kernel (slower, n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable
@@ -83,20 +84,16 @@ def _check(run: Run, spec: CellSpec, x: Tensor, h0: Tensor, c0: Tensor | None, p
     data = {"x": rand(T, B, x.shape[-1]), "h0": rand(B, h0.shape[-1]), "c0": None if c0 is None else rand(B, H)}
     weights = {k: v.detach().double().cpu() for k, v in params.items()}
     outs: list[dict[str, Tensor]] = []
+    # whatever context the first call comes in (no_grad, inference_mode, autocast), the check
+    # differentiates in the build's own dtype
+    context = contextlib.ExitStack()
+    context.enter_context(torch.inference_mode(False))
+    context.enter_context(torch.enable_grad())
+    for device_type in {x.device.type, "cpu"}:
+        context.enter_context(torch.autocast(device_type, enabled=False))
     try:
-        for kernel_run, device, dtype in ((run, x.device, x.dtype), (_REFERENCE.run, torch.device("cpu"),
-                                                                        torch.float64)):
-            p = {k: v.to(device, dtype).requires_grad_(True) for k, v in weights.items()}
-            ins = {k: None if v is None else v.to(device, dtype).requires_grad_(True) for k, v in data.items()}
-            out = kernel_run(ins["x"], None, ins["h0"], ins["c0"], p, spec, H)
-            got = {"y": out.y, "h_n": out.h_n} | ({"c_n": out.c_n} if out.c_n is not None else {})
-            loss = sum((t.double() * torch.linspace(-1, 1, t.numel(), dtype=torch.float64, device=device)
-                        .view_as(t)).sum() for t in got.values())
-            wrt = {k: v for k, v in ins.items() if v is not None} | {f"d_{k}": v for k, v in p.items()}
-            grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True)
-            got |= {f"grad {k}": (gr if gr is not None else torch.zeros_like(v)) for (k, v), gr in
-                    zip(wrt.items(), grads)}
-            outs.append({k: v.detach().double().cpu() for k, v in got.items()})
+        with context:
+            outs = _results(run, spec, x, H, data, weights)
     except Exception as exc:  # noqa: BLE001 - a build that fails to compile or launch is a verdict too
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
     tol = TOLERANCE.get(x.dtype, 1e-4)
@@ -107,3 +104,24 @@ def _check(run: Run, spec: CellSpec, x: Tensor, h0: Tensor, c0: Tensor | None, p
         if not err <= tol:  # NaN included
             return f"{name} differs by {err:.2g} of its scale (tolerance {tol:g})"
     return None
+
+
+def _results(run: Run, spec: CellSpec, x: Tensor, H: int, data: dict[str, Tensor | None],
+             weights: dict[str, Tensor]) -> list[dict[str, Tensor]]:
+    """The build's and the float64 reference's outputs, states and gradients, as float64 CPU tensors."""
+    outs = []
+    for kernel_run, device, dtype in ((run, x.device, x.dtype), (_REFERENCE.run, torch.device("cpu"),
+                                                                    torch.float64)):
+        # copies (clone): the originals may be inference tensors of the caller's inference_mode
+        p = {k: v.to(device, dtype).clone().requires_grad_(True) for k, v in weights.items()}
+        ins = {k: None if v is None else v.to(device, dtype).clone().requires_grad_(True) for k, v in data.items()}
+        out = kernel_run(ins["x"], None, ins["h0"], ins["c0"], p, spec, H)
+        got = {"y": out.y, "h_n": out.h_n} | ({"c_n": out.c_n} if out.c_n is not None else {})
+        loss = sum((t.double() * torch.linspace(-1, 1, t.numel(), dtype=torch.float64, device=device)
+                    .view_as(t)).sum() for t in got.values())
+        wrt = {k: v for k, v in ins.items() if v is not None} | {f"d_{k}": v for k, v in p.items()}
+        grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True)
+        got |= {f"grad {k}": (gr if gr is not None else torch.zeros_like(v)) for (k, v), gr in
+                zip(wrt.items(), grads)}
+        outs.append({k: v.detach().double().cpu() for k, v in got.items()})
+    return outs

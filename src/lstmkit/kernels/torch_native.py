@@ -66,10 +66,14 @@ class TorchKernel(Kernel):
         hx = (h0.unsqueeze(0), c0.unsqueeze(0)) if spec.is_lstm else h0.unsqueeze(0)  # (1, B, ·)
         op = torch._VF.lstm if spec.is_lstm else (torch._VF.rnn_tanh if spec.nonlinearity == "tanh"
                                                   else torch._VF.rnn_relu)
+        # train: cuDNN keeps what its backward needs only in training mode (dropout is 0 here, so
+        # the flag changes nothing else): on whenever a gradient can flow, whatever module.training says
+        train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, *weights, *([c0] if c0 is not None
+                                                                                              else [])))
         if packed is None:
-            out = op(x, hx, weights, bias, 1, 0.0, False, False, False)  # (input, hx, params, ...)
+            out = op(x, hx, weights, bias, 1, 0.0, train, False, False)  # (input, hx, params, ...)
         else:
-            out = op(packed.data, packed.batch_sizes, hx, weights, bias, 1, 0.0, False, False)
+            out = op(packed.data, packed.batch_sizes, hx, weights, bias, 1, 0.0, train, False)
         y = out[0]
         h_n = out[1].squeeze(0)
         c_n = out[2].squeeze(0) if spec.is_lstm else None
