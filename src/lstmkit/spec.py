@@ -16,7 +16,6 @@ cannot also be removed).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from collections.abc import Mapping
@@ -474,7 +473,7 @@ def gate_slices(spec: CellSpec, hidden_size: int) -> dict[str, slice]:
     return dict(_gate_slices(spec, hidden_size))
 
 
-@functools.lru_cache(maxsize=1024)
+@variants.per_spec_cache
 def _gate_slices(spec: CellSpec, hidden_size: int) -> tuple[tuple[str, slice], ...]:
     out, start = [], 0
     for g in spec.computed_gates:

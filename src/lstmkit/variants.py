@@ -309,8 +309,25 @@ def init_fields() -> tuple[str, ...]:
 # The derivations below run on every layer call: each is cached per spec (a CellSpec is frozen
 # and hashable), and returns what cannot be changed in place.
 
+_F = Callable[..., Any]
 
-@functools.lru_cache(maxsize=1024)
+
+def per_spec_cache(fn: _F) -> _F:
+    """``fn`` cached on its (hashable) arguments, except while ``torch.compile`` traces: dynamo
+    cannot trace the cache's ``hash`` of the argument tuple (torch 2.11 broke the graph there), and
+    the traced program need not look anything up again."""
+    import torch
+
+    cached = functools.lru_cache(maxsize=1024)(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+    call.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return call
+
+
+@per_spec_cache
 def active_rows(spec: Any) -> tuple[Row, ...]:
     """The rows ``spec`` has, without those another active row contains (``rnn`` under
     ``rnn_relu``) and without ``vanilla`` unless nothing else is active."""
@@ -318,19 +335,19 @@ def active_rows(spec: Any) -> tuple[Row, ...]:
     return tuple(r for r in rows if not any(o is not r and set(r.sets.items()) < set(o.sets.items()) for o in rows))
 
 
-@functools.lru_cache(maxsize=1024)
+@per_spec_cache
 def flag_names(spec: Any) -> tuple[str, ...]:
     """The flags of the rows ``spec`` has (every active row, ``rnn`` included under ``rnn_relu``)."""
     return tuple(r.flag_name for r in ROWS if r.flag and r.sets and r.active(spec))
 
 
-@functools.lru_cache(maxsize=1024)
+@per_spec_cache
 def flag_word(spec: Any) -> int:
     """``spec`` as the kernels' flag word (bit ``k`` set if ``FLAGS[k]`` applies)."""
     return sum(1 << FLAGS.index(name) for name in flag_names(spec))
 
 
-@functools.lru_cache(maxsize=1024)
+@per_spec_cache
 def computed_gates(spec: Any) -> tuple[str, ...]:
     """Gates with parameters of their own, in :data:`lstmkit.layout.GATES` order: those no
     active row removes or couples."""
@@ -338,7 +355,7 @@ def computed_gates(spec: Any) -> tuple[str, ...]:
     return tuple(g for g in GATES if g not in gone)
 
 
-@functools.lru_cache(maxsize=1024)
+@per_spec_cache
 def sigmoid_gates(spec: Any) -> tuple[str, ...]:
     """Computed gates among ``i, f, o`` (the LSTM's sigmoid gates)."""
     return tuple(g for g in computed_gates(spec) if g != "g") if spec.kind == "lstm" else ()
@@ -364,7 +381,7 @@ def param_shapes(spec: Any, dims: Dims) -> dict[str, tuple[int, ...]]:
     return out
 
 
-@functools.lru_cache(maxsize=1024)
+@per_spec_cache
 def onnx_refusal(spec: Any) -> str | None:
     """Why the ONNX ``LSTM``/``RNN`` operator cannot compute ``spec`` (None if it can)."""
     for r in ROWS:

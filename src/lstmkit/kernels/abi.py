@@ -24,8 +24,6 @@ this module directly.
 
 from __future__ import annotations
 
-import functools
-
 from lstmkit import variants
 from lstmkit.cell import LN_EPS
 from lstmkit.layout import GATES
@@ -70,7 +68,7 @@ def flags(spec: CellSpec) -> int:
     return variants.flag_word(spec)
 
 
-@functools.lru_cache(maxsize=1024)
+@variants.per_spec_cache
 def scalars(spec: CellSpec) -> tuple[float, ...]:
     """The values of :data:`SCALARS` for ``spec`` (0 where the variant has none)."""
     values = {"clip": float(spec.cell_clip or 0.0), "zoneout_c": spec.zoneout[0], "zoneout_h": spec.zoneout[1]}
@@ -95,7 +93,7 @@ def mlp_layout(spec: CellSpec, bias: bool) -> list[int]:
     return list(_mlp_layout(spec, bias))
 
 
-@functools.lru_cache(maxsize=1024)
+@variants.per_spec_cache
 def _mlp_layout(spec: CellSpec, bias: bool) -> tuple[int, ...]:
     if not spec.gate_hidden:
         return ()
