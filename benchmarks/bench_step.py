@@ -86,11 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
             ref = torch.nn.LSTMCell(H, H)
             plan.append(("vanilla", "nn.LSTMCell", make_call(ref, x, state, train, args.steps)))
             for name, cell in cells(args.quick).items():
-                ours = lstmkit.LSTMCell(H, H, cell=cell)
+                ours = lstmkit.LSTMCell(H, H, cell=cell).train(train)  # inference: eval (zoneout's expectation)
                 if name == "vanilla":
                     ours.load_state_dict(ref.state_dict())
                 plan.append((name, "lstmkit.LSTMCell", make_call(ours, x, state, train, args.steps)))
-            layer = lstmkit.LSTM(H, H)
+            layer = lstmkit.LSTM(H, H).train(train)
             layer_state = (state[0][None], state[1][None])
 
             def layer_step(xt: torch.Tensor, s: tuple, layer: lstmkit.LSTM = layer) -> tuple:
