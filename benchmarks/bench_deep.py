@@ -14,7 +14,6 @@ runs its larger or smaller work. The CPU model and torch's capability are record
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 import lstmkit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import OUT, machine, make_step  # noqa: E402
+from bench_kernels import OUT, machine, make_step, save  # noqa: E402
 
 SHAPES = [(32, 100, 64, 64), (64, 100, 256, 256)]
 
@@ -84,9 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['speedup_vs_reference']:.1f}x ref)" for r in rows[-3:]), flush=True)
     result = {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "repeats": args.repeats, "reference_repeats": args.reference_repeats, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_deep.json").write_text(json.dumps(result, indent=1))
-    (args.out / "bench_deep.md").write_text(markdown(result))
+    save(args.out, "bench_deep", result, markdown)
     return result
 
 

@@ -13,7 +13,6 @@ the two from these numbers. The CPU model, torch's capability and the thread cou
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import lstmkit
 from lstmkit.kernels import fused
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import GRID, OUT, machine  # noqa: E402
+from bench_kernels import GRID, OUT, machine, save  # noqa: E402
 
 SHAPES = [*GRID, (32, 1000, 64, 128), (8, 100, 128, 128), (4, 100, 128, 128)]
 
@@ -74,9 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"rule: {'in the loop' if chosen else 'GEMM before'}", flush=True)
     result = {"machine": {**machine(), "threads": str(torch.get_num_threads())}, "torch": torch.__version__,
               "repeats": args.repeats, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_in_loop.json").write_text(json.dumps(result, indent=1))
-    (args.out / "bench_in_loop.md").write_text(markdown(result))
+    save(args.out, "bench_in_loop", result, markdown)
     return result
 
 

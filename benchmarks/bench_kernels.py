@@ -217,6 +217,13 @@ def machine() -> dict[str, str]:
     return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(), "cores": str(os.cpu_count())}
 
 
+def save(out: Path, stem: str, result: dict, markdown: Callable[[dict], str]) -> None:
+    """Write ``result`` as ``out/stem.json`` and its table as ``out/stem.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(markdown(result))
+
+
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:

@@ -17,7 +17,6 @@ The CPU model, torch's capability and the thread count are recorded.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import lstmkit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import OUT, machine  # noqa: E402
+from bench_kernels import OUT, machine, save  # noqa: E402
 
 B, I, H = 32, 64, 128
 
@@ -101,9 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"({len(ts)} rounds)", flush=True)
     result = {"machine": {**machine(), "threads": str(torch.get_num_threads())}, "torch": torch.__version__,
               "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_lengths.json").write_text(json.dumps(result, indent=1))
-    (args.out / "bench_lengths.md").write_text(markdown(result))
+    save(args.out, "bench_lengths", result, markdown)
     return result
 
 

@@ -16,7 +16,6 @@ torch's capability and the thread count are recorded.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import lstmkit
 from lstmkit import variants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import OUT, machine  # noqa: E402
+from bench_kernels import OUT, machine, save  # noqa: E402
 
 SHAPES = [(1, 32), (1, 256), (32, 32), (32, 256)]
 
@@ -119,9 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{sec * 1e6:8.1f} us  {sec / base:5.2f}x", flush=True)
     result = {"machine": {**machine(), "threads": str(torch.get_num_threads())}, "torch": torch.__version__,
               "repeats": args.repeats, "calls": args.calls, "steps": args.steps, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_step.json").write_text(json.dumps(result, indent=1))
-    (args.out / "bench_step.md").write_text(markdown(result))
+    save(args.out, "bench_step", result, markdown)
     return result
 
 

@@ -34,19 +34,20 @@ namespace lk {
 using at::vec::Vectorized;
 
 // Column-major BLAS gemm, C = op(A) op(B) (+ C): false where this torch carries none.
-inline bool blas_gemm(char ta, char tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
-                      bool acc, float* c, int ldc) {
-  if (!sgemm_) return false;
-  const float one = 1.f, beta = acc ? 1.f : 0.f;
-  sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
-  return true;
-}
-inline bool blas_gemm(char ta, char tb, int m, int n, int k, const double* a, int lda, const double* b, int ldb,
-                      bool acc, double* c, int ldc) {
-  if (!dgemm_) return false;
-  const double one = 1., beta = acc ? 1. : 0.;
-  dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
-  return true;
+template <typename T>
+inline bool blas_gemm(char ta, char tb, int m, int n, int k, const T* a, int lda, const T* b, int ldb, bool acc,
+                      T* c, int ldc) {
+  const T one = T(1), beta = acc ? T(1) : T(0);
+  if constexpr (std::is_same_v<T, float>) {
+    if (!sgemm_) return false;
+    sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+    return true;
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (!dgemm_) return false;
+    dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+    return true;
+  }
+  return false;
 }
 template <typename T>
 inline bool blas_available() {
