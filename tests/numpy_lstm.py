@@ -42,6 +42,10 @@ Variant keys (all optional except ``hidden_size``)::
     cell_clip             float or None
     zoneout               (z_c, z_h), default (0, 0); the masks are given to forward()
     gate_hidden           {gate letter: tuple of MLP hidden widths}, e.g. {"f": (8,), "g": (5, 3)}
+    heads                 k, default 1: block-diagonal recurrent weights (lstm and rnn); each
+                          computed gate's n_k rows of W_hh split in k blocks, block j reading the
+                          j-th H_out/k entries of h; stored as weight_hh (R, H_out/k), row r holding
+                          the H_out/k weights of its block
 """
 
 from __future__ import annotations
@@ -64,9 +68,9 @@ SIGMOID_ORDER = ("i", "f", "o")  # order of the sigmoid gates S
 _LSTM_KEYS = {
     "kind", "hidden_size", "proj_size", "bias", "input_gate", "forget_gate", "output_gate",
     "coupled", "peephole", "fgr", "layernorm", "candidate_activation", "output_activation",
-    "cell_clip", "gate_hidden", "gate_activation", "zoneout",
+    "cell_clip", "gate_hidden", "gate_activation", "zoneout", "heads",
 }
-_RNN_KEYS = {"kind", "hidden_size", "bias", "nonlinearity"}
+_RNN_KEYS = {"kind", "hidden_size", "bias", "nonlinearity", "heads"}
 
 
 # --------------------------------------------------------------------------------------
@@ -97,6 +101,7 @@ class _Cfg:
     clip: float | None
     gate_slope: float | None  # None: σ gates; else clamp(slope · u + 0.5, 0, 1)
     zoneout: tuple[float, float]  # (z_c, z_h)
+    heads: int = 1  # k: W_hh block-diagonal per gate
 
 
 def _config(variant: Variant) -> _Cfg:
@@ -118,8 +123,9 @@ def _config(variant: Variant) -> _Cfg:
         nl = v.get("nonlinearity", "tanh")
         if nl not in ("tanh", "relu"):
             raise ValueError(f"unknown nonlinearity {nl!r}")
-        return _Cfg(kind, H, 0, H, bias, nl, (), (), "one", {}, {}, {}, H,
-                    False, False, False, "tanh", "tanh", None, None, (0.0, 0.0))
+        heads = _heads(v, H, H, [H])
+        return _Cfg(kind, H, 0, H, bias, nl, (), (), "one", {}, {}, {"g": slice(0, H)}, H,
+                    False, False, False, "tanh", "tanh", None, None, (0.0, 0.0), heads)
 
     P = int(v.get("proj_size", 0) or 0)
     if P < 0:
@@ -172,7 +178,46 @@ def _config(variant: Variant) -> _Cfg:
         peephole=bool(v.get("peephole", False)), fgr=bool(v.get("fgr", False)),
         layernorm=bool(v.get("layernorm", False)),
         cand=cand, out=out, clip=clip, gate_slope=slopes[gate_act], zoneout=(zc, zh),
+        heads=_heads(v, H, P if P > 0 else H, list(width.values())),
     )
+
+
+def _heads(v: Variant, H: int, H_out: int, widths: list[int]) -> int:
+    k = int(v.get("heads", 1))
+    if k < 1 or H_out % k or any(w % k for w in widths):
+        raise ValueError(f"heads={k} must divide H_out={H_out} and every gate width {widths}")
+    return k
+
+
+def _full_recurrent(cfg: _Cfg, w: np.ndarray) -> np.ndarray:
+    """The full W_hh (R, H_out) from the stored (R, H_out/k): per gate, block j (rows
+    j·n/k … (j+1)·n/k of the gate) sits in columns j·H_out/k … (j+1)·H_out/k, zeros elsewhere."""
+    k = cfg.heads
+    if k == 1:
+        return w
+    d = cfg.H_out // k
+    full = np.zeros((w.shape[0], cfg.H_out))
+    for sl in cfg.slices.values():
+        n = (sl.stop - sl.start) // k
+        for j in range(k):
+            rows = slice(sl.start + j * n, sl.start + (j + 1) * n)
+            full[rows, j * d:(j + 1) * d] = w[rows]
+    return full
+
+
+def _stored_recurrent_grad(cfg: _Cfg, dfull: np.ndarray) -> np.ndarray:
+    """dL/dW_hh (R, H_out) -> the gradient of the stored blocks (R, H_out/k)."""
+    k = cfg.heads
+    if k == 1:
+        return dfull
+    d = cfg.H_out // k
+    out = np.zeros((dfull.shape[0], d))
+    for sl in cfg.slices.values():
+        n = (sl.stop - sl.start) // k
+        for j in range(k):
+            rows = slice(sl.start + j * n, sl.start + (j + 1) * n)
+            out[rows] = dfull[rows, j * d:(j + 1) * d]
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -185,12 +230,12 @@ def param_shapes(variant: Variant, input_size: int) -> dict[str, tuple[int, ...]
     cfg = _config(variant)
     I, H = int(input_size), cfg.H
     if cfg.kind == "rnn":
-        shapes = {"weight_ih": (H, I), "weight_hh": (H, H)}
+        shapes = {"weight_ih": (H, I), "weight_hh": (H, H // cfg.heads)}
         if cfg.bias:
             shapes |= {"bias_ih": (H,), "bias_hh": (H,)}
         return shapes
     R, nS = cfg.R, len(cfg.S)
-    shapes = {"weight_ih": (R, I), "weight_hh": (R, cfg.H_out)}
+    shapes = {"weight_ih": (R, I), "weight_hh": (R, cfg.H_out // cfg.heads)}
     if cfg.bias:
         shapes |= {"bias_ih": (R,), "bias_hh": (R,)}
     if cfg.P:
@@ -387,7 +432,7 @@ def _lstm_step(cfg: _Cfg, p: Params, x_t, h_prev, c_prev, s_prev, keep=None):
 
     # Input and recurrent contributions to the gate pre-activations.
     a_raw = x_t @ p["weight_ih"].T  # (B, R)
-    r_raw = h_prev @ p["weight_hh"].T  # (B, R)
+    r_raw = h_prev @ _full_recurrent(cfg, p["weight_hh"]).T  # (B, R)
     ln_a = ln_r = None
     if cfg.layernorm:  # per gate chunk, gains only
         a, ln_a = _ln_chunks_forward(a_raw, p["ln_ih_weight"], cfg)  # (B, R)
@@ -542,9 +587,9 @@ def _lstm_step_backward(cfg: _Cfg, p: Params, sc, dh, dc, ds, grads: Params):
     else:
         da = dr = dz
     grads["weight_ih"] += da.T @ sc["x"]
-    grads["weight_hh"] += dr.T @ sc["h_prev"]
+    grads["weight_hh"] += _stored_recurrent_grad(cfg, dr.T @ sc["h_prev"])
     dx = da @ p["weight_ih"]  # (B, I)
-    dh_prev = dr @ p["weight_hh"] + dh_prev_kept  # (B, H_out)
+    dh_prev = dr @ _full_recurrent(cfg, p["weight_hh"]) + dh_prev_kept  # (B, H_out)
     return dx, dh_prev, dc_prev + dc_prev_kept, ds_prev
 
 
@@ -555,7 +600,7 @@ def _lstm_step_backward(cfg: _Cfg, p: Params, sc, dh, dc, ds, grads: Params):
 
 def _rnn_step(cfg: _Cfg, p: Params, x_t, h_prev):
     """h_t = φ(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh). x_t (B, I), h_prev (B, H)."""
-    pre = x_t @ p["weight_ih"].T + h_prev @ p["weight_hh"].T  # (B, H)
+    pre = x_t @ p["weight_ih"].T + h_prev @ _full_recurrent(cfg, p["weight_hh"]).T  # (B, H)
     if cfg.bias:
         pre = pre + p["bias_ih"] + p["bias_hh"]
     h = np.tanh(pre) if cfg.nonlinearity == "tanh" else np.maximum(pre, 0.0)
@@ -571,8 +616,8 @@ def _rnn_step_backward(cfg: _Cfg, p: Params, sc, dh, grads: Params):
         grads["bias_ih"] += dpre.sum(axis=0)
         grads["bias_hh"] += dpre.sum(axis=0)
     grads["weight_ih"] += dpre.T @ sc["x"]
-    grads["weight_hh"] += dpre.T @ sc["h_prev"]
-    return dpre @ p["weight_ih"], dpre @ p["weight_hh"]
+    grads["weight_hh"] += _stored_recurrent_grad(cfg, dpre.T @ sc["h_prev"])
+    return dpre @ p["weight_ih"], dpre @ _full_recurrent(cfg, p["weight_hh"])
 
 
 # --------------------------------------------------------------------------------------

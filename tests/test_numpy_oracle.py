@@ -148,6 +148,7 @@ SINGLE = {
     "hard_sigmoid": {"gate_activation": "hard_sigmoid"},
     "hardsigmoid": {"gate_activation": "hardsigmoid"},
     "zoneout_expectation": {"zoneout": (0.3, 0.2)},
+    "heads": {"heads": 3},
 }
 
 
@@ -196,6 +197,8 @@ COMBOS = {
                           "output_activation": "identity"},
     "fgr_deep_all_proj": {"fgr": True, "proj_size": 1,
                           "gate_hidden": {"i": (2,), "f": (4,), "g": (2,), "o": (3,)}},
+    "heads_proj_peep_ln_deep_g": {"hidden_size": 4, "heads": 2, "proj_size": 2, "peephole": True,
+                                  "layernorm": True, "gate_hidden": {"g": (4,)}},
 }
 
 
@@ -265,6 +268,29 @@ def test_rnn_grads(nonlinearity):
     variant = {"kind": "rnn", "hidden_size": 3, "nonlinearity": nonlinearity}
     check_layer_grads(variant, T=4, B=2, seed=2)
     check_stack_grads(variant, T=4, B=3, L=2, bidirectional=True, lengths=[4, 2, 3], seed=2)
+
+
+def test_rnn_heads_grads():
+    check_stack_grads({"kind": "rnn", "hidden_size": 4, "heads": 2}, T=4, B=3, L=2, bidirectional=True,
+                      lengths=[4, 2, 3], seed=2)
+
+
+def test_heads_zero_blocks_equal_a_dense_matrix_with_zeros():
+    """heads=k is the plain cell whose W_hh is zero outside the gates' diagonal blocks."""
+    rng = np.random.default_rng(0)
+    variant = {"hidden_size": 4, "heads": 2, "peephole": True}
+    params = nl.init_params(variant, 3, rng)
+    dense = dict(params)
+    full = np.zeros((16, 4))
+    for g in range(4):
+        for j in range(2):
+            rows = slice(4 * g + 2 * j, 4 * g + 2 * j + 2)
+            full[rows, 2 * j:2 * j + 2] = params["weight_hh"][rows]
+    dense["weight_hh"] = full
+    x = rng.standard_normal((5, 2, 3))
+    a = nl.layer_forward(x, params, None, None, variant)[0]
+    b = nl.layer_forward(x, dense, None, None, {"hidden_size": 4, "peephole": True})[0]
+    np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
 
 
 def test_rnn_no_bias_grads():

@@ -31,12 +31,14 @@ FUSED = {
     "layernorm": dict(cell="layernorm"),
     "clip": dict(cell="clip=0.5"),
     "projection": dict(cell="vanilla", proj_size=3),
+    "heads": dict(cell="peephole+cifg", heads=2, H=6),
     "rnn": dict(rnn=True),
 }
 
 
 def make(variant: str, I: int = 4, H: int = 5, **extra) -> torch.nn.Module:
     kw = dict(FUSED[variant])
+    H = kw.pop("H", H)  # a size the variant's heads divide
     if kw.pop("rnn", False):
         return lstmkit.RNN(I, H, **extra)
     return lstmkit.LSTM(I, H, **kw, **extra)

@@ -35,7 +35,7 @@ def assert_vs_oracle(actual, expected, dtype, what):
 def oracle_variant(layer) -> dict:
     """The oracle's description of an lstmkit layer (written from the spec's fields)."""
     s = layer.spec
-    v = {"kind": s.kind, "hidden_size": layer.hidden_size, "bias": layer.bias}
+    v = {"kind": s.kind, "hidden_size": layer.hidden_size, "bias": layer.bias, "heads": s.heads}
     if s.kind == "rnn":
         v["nonlinearity"] = s.nonlinearity
         return v

@@ -17,12 +17,12 @@ from lstmkit import spec as spec_module
 from lstmkit import variants
 from lstmkit.kernels import abi
 from lstmkit.spec import CellSpec, resolve
-from variants import LSTM_VARIANTS, RNN_VARIANTS
+from variants import HEADS_VARIANTS, LSTM_VARIANTS, RNN_VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Every case of the test matrix as a spec.
-MATRIX = [resolve(c) for c in LSTM_VARIANTS.values()] + [CellSpec(kind="rnn", nonlinearity=n)
-                                                          for n in RNN_VARIANTS.values()]
+MATRIX = [resolve(c) for c in (*LSTM_VARIANTS.values(), *HEADS_VARIANTS.values())] + \
+    [CellSpec(kind="rnn", nonlinearity=n) for n in RNN_VARIANTS.values()]
 
 
 def test_the_docs_hold_the_current_table():

@@ -36,3 +36,12 @@ LSTM_VARIANTS: dict[str, object] = {
 }
 
 RNN_VARIANTS: dict[str, str] = {"rnn_tanh": "tanh", "rnn_relu": "relu"}
+
+#: Block-diagonal recurrence (``heads=k``): the layer's sizes must divide by k, so the tests that
+#: run these pick their sizes (tests/test_heads.py runs every case of LSTM_VARIANTS with heads too).
+HEADS_VARIANTS: dict[str, object] = {
+    "heads": "heads=2",
+    "heads+peephole+layernorm": "heads=2+peephole+layernorm",
+    "heads+fgr+cifg+zoneout": "heads=2+fgr+cifg+zoneout=0.2",
+    "heads+deep_f": CellSpec(heads=2, gate_hidden={"f": (4, 2)}),
+}

@@ -28,7 +28,8 @@ from torch import Tensor
 from lstmkit.spec import CellSpec, gate_slices
 from lstmkit.variants import HARD_SIGMOID_SLOPES
 
-__all__ = ["input_projection", "step", "StepOut", "LN_EPS", "activation", "gate_activation", "zoneout_masks"]
+__all__ = ["input_projection", "step", "StepOut", "LN_EPS", "activation", "gate_activation", "zoneout_masks",
+           "block_diagonal", "recurrent"]
 
 #: Epsilon of every layer norm in the cell.
 LN_EPS = 1e-5
@@ -78,6 +79,37 @@ def chunk_layernorm(v: Tensor, spec: CellSpec, hidden_size: int) -> Tensor:
     # exported to ONNX (torch's scan of cell.step) cannot carry
     parts = [F.layer_norm(p, (p.shape[-1],), eps=LN_EPS) for p in v.split(widths, dim=-1)]
     return torch.cat(parts, dim=-1)
+
+
+def block_diagonal(w_hh: Tensor, spec: CellSpec, hidden_size: int) -> Tensor:
+    """The full recurrent matrix ``W_hh`` (R, H_out) from its stored form.
+
+    Without heads that is ``weight_hh`` itself. With ``k = spec.heads`` each gate's ``n`` rows
+    are k blocks of ``n/k`` rows, and block j reads only the j-th ``H_out/k`` entries of
+    ``h_{t-1}``: the stored ``weight_hh`` (R, H_out/k) holds each row's block, and the full
+    matrix has them on the diagonal of each gate's rows, zeros elsewhere::
+
+        W_g = [[W_g^0, 0, …], [0, W_g^1, …], …]        W_g^j: (n/k, H_out/k)
+
+    Args:
+        w_hh: (R, H_out/k) stored recurrent weights.
+    Returns:
+        (R, H_out) the textbook matrix (differentiable: its gradient lands on the blocks).
+    """
+    k = spec.heads
+    if k == 1:
+        return w_hh
+    return torch.cat([torch.block_diag(*w_hh[rows].chunk(k, dim=0))  # (n, H_out) per gate
+                      for rows in gate_slices(spec, hidden_size).values()], dim=0)
+
+
+def recurrent(h: Tensor, w_hh: Tensor, spec: CellSpec, hidden_size: int) -> Tensor:
+    """``r = h_{t-1} W_hhᵀ`` (B, R) with the full (block-diagonal, with heads) ``W_hh``.
+
+    Args:
+        h: (B, H_out) previous hidden state; w_hh: (R, H_out/k) stored weights.
+    """
+    return torch.matmul(h, block_diagonal(w_hh, spec, hidden_size).t())
 
 
 Linear = Callable[[Tensor, Tensor, Tensor | None], Tensor]
@@ -133,7 +165,7 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
             unit keeps its previous state (training); None: the expectation ``(z_c, z_h)``
             (evaluation). Ignored without zoneout.
     """
-    r = torch.matmul(h, p["weight_hh"].t())  # (B, R)
+    r = recurrent(h, p["weight_hh"], spec, hidden_size)  # (B, R)
     if spec.layernorm:
         r = chunk_layernorm(r, spec, hidden_size) * p["ln_hh_weight"]
     z = a_t + r  # (B, R)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lstmkit._validate import check_bool
+from lstmkit._validate import check_bool, check_int
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.spec import gate_slices
 
@@ -37,7 +37,10 @@ class GateView:
         activation: ``"sigmoid"``, ``"tanh"`` or ``"identity"``.
         W_x: (n, I) view of the gate's rows of ``weight_ih`` (n = H, or the first hidden
             width of a deep gate). Editing it in place edits the layer.
-        W_h: (n, H_out) view of the gate's rows of ``weight_hh``.
+        W_h: (n, H_out) view of the gate's rows of ``weight_hh``; with ``heads = k`` the stored
+            blocks, (n, H_out/k): row r holds the ``H_out/k`` weights of its head's block
+            (:attr:`blocks`; :attr:`W` shows them in place, zeros between).
+        heads: k, the blocks of ``W_h`` (1: a dense ``W_h``).
         b_x, b_h: (n,) views of ``bias_ih`` / ``bias_hh`` (None without bias).
         peephole: (H,) diagonal peephole weight, or None.
         mlp: the deep gate's further layers ``[(weight, bias), …]`` (empty if not deep).
@@ -47,7 +50,7 @@ class GateView:
                  W_x: Tensor | None = None, W_h: Tensor | None = None,
                  b_x: Tensor | None = None, b_h: Tensor | None = None,
                  peephole: Tensor | None = None,
-                 mlp: list[tuple[Tensor, Tensor | None]] | None = None) -> None:
+                 mlp: list[tuple[Tensor, Tensor | None]] | None = None, heads: int = 1) -> None:
         self.letter = letter
         self.name = GATE_NAMES[GATES.index(letter)]
         self.present = check_bool("present", present)
@@ -56,27 +59,43 @@ class GateView:
         self.W_x, self.W_h, self.b_x, self.b_h = W_x, W_h, b_x, b_h
         self.peephole = peephole
         self.mlp = mlp or []
+        self.heads = check_int("heads", heads, 1)
+
+    @property
+    def blocks(self) -> list[Tensor]:
+        """The k diagonal blocks of ``W_h``, each (n/k, H_out/k): views (editing one edits the layer)."""
+        if not self.present:
+            return []
+        return list(self.W_h.chunk(self.heads, dim=0))
 
     @property
     def W(self) -> Tensor | None:
-        """The textbook matrix ``[W_x | W_h]``, shape (n, I + H_out): a copy.
+        """The textbook matrix ``[W_x | W_h]``, shape (n, I + H_out): a copy (with heads, ``W_h``
+        block-diagonal: the blocks on the diagonal, zeros elsewhere).
 
         Assign to it (``view.W = new``) to write both halves back into the layer.
         """
         if not self.present:
             return None
-        return torch.cat([self.W_x.detach(), self.W_h.detach()], dim=1)
+        return torch.cat([self.W_x.detach(), torch.block_diag(*self.blocks).detach()], dim=1)
 
     @W.setter
     def W(self, value: Tensor) -> None:
         if not self.present:
             raise ValueError(f"W: the {self.name} gate is absent in this variant ({self.note})")
-        want = (self.W_x.shape[0], self.W_x.shape[1] + self.W_h.shape[1])
+        n, i = self.W_x.shape
+        want = (n, i + self.W_h.shape[1] * self.heads)
         if tuple(value.shape) != want:
             raise ValueError(f"W: expected shape {want} for the {self.name} gate, got {tuple(value.shape)}")
+        w_h = value[:, i:]
+        blocks = [b.chunk(self.heads, dim=1)[j] for j, b in enumerate(w_h.chunk(self.heads, dim=0))]
+        if self.heads > 1 and not torch.equal(torch.block_diag(*blocks), w_h):
+            raise ValueError(f"W: with heads={self.heads} the {self.name} gate's W_h is block-diagonal "
+                             f"({self.heads} blocks of {n // self.heads} × {w_h.shape[1] // self.heads}); the "
+                             f"entries outside the blocks must be 0")
         with torch.no_grad():
-            self.W_x.copy_(value[:, : self.W_x.shape[1]])
-            self.W_h.copy_(value[:, self.W_x.shape[1]:])
+            self.W_x.copy_(value[:, :i])
+            self.W_h.copy_(torch.cat(blocks, dim=0))
 
     @property
     def b(self) -> Tensor | None:
@@ -100,7 +119,9 @@ class GateView:
             return f"GateView({self.name}: {self.note})"
         n, i = self.W_x.shape
         deep = f", mlp={[tuple(w.shape) for w, _ in self.mlp]}" if self.mlp else ""
-        return (f"GateView({self.name}: {self.activation}, W {n} × ({i} + {self.W_h.shape[1]})"
+        k = self.heads
+        heads = f", W_h {k} blocks of {n // k} × {self.W_h.shape[1]}" if k > 1 else ""
+        return (f"GateView({self.name}: {self.activation}, W {n} × ({i} + {self.W_h.shape[1] * k}){heads}"
                 f"{', peephole' if self.peephole is not None else ''}{deep})")
 
 
@@ -135,6 +156,6 @@ def gate_views(layer: Any, index: int = 0, direction: int = 0) -> dict[str, Gate
             b_x=p["bias_ih"].data[sl] if "bias_ih" in p else None,
             b_h=p["bias_hh"].data[sl] if "bias_hh" in p else None,
             peephole=p[f"peephole_{letter}"].data if f"peephole_{letter}" in p else None,
-            mlp=mlp,
+            mlp=mlp, heads=spec.heads,
         )
     return views

@@ -32,8 +32,10 @@ def _rows_of(layer: Any) -> list[list[str]]:
                         table.append([str(index), dname, name, "—", v.note, "", "", "0"])
                     continue
                 n = v.W_x.shape[0]
-                count = n * (I + h_out) + (2 * n if v.b_x is not None else 0)
+                count = n * (I + h_out // v.heads) + (2 * n if v.b_x is not None else 0)
                 extras = []
+                if v.heads > 1:  # the textbook W_h is block-diagonal: only the blocks are parameters
+                    extras.append(f"W_h {v.heads} blocks of {n // v.heads} × {h_out // v.heads}")
                 if v.peephole is not None:
                     extras.append(f"peephole ({H})")
                     count += H

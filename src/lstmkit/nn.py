@@ -26,7 +26,7 @@ from lstmkit.kernels import cpu_ext
 from lstmkit.kernels.onnx_export import exporting
 from lstmkit.layout import suffix
 from lstmkit.loop import StackOut, run_stack
-from lstmkit.spec import INIT_FIELDS, CellSpec, gate_slices, layer_param_shapes, resolve
+from lstmkit.spec import INIT_FIELDS, CellSpec, check_heads, gate_slices, layer_param_shapes, resolve
 
 __all__ = ["LSTM", "RNN", "LSTMCell", "check_packed_sequence"]
 
@@ -231,6 +231,7 @@ class _Recurrent(nn.Module):
             )
         if proj_size and not spec.is_lstm:
             raise ValueError("proj_size: only LSTM layers have a projection, not the plain RNN")
+        check_heads(spec, hidden_size, proj_size)
         init = [f"{name}={getattr(spec, name)}" for name in INIT_FIELDS if getattr(spec, name) is not None]
         if init and not bias:
             raise ValueError(
@@ -389,6 +390,8 @@ class _Recurrent(nn.Module):
             s += f", cell={self.spec.name!r}"
         elif not self.spec.is_lstm and self.spec.nonlinearity != "tanh":
             s += f", nonlinearity={self.spec.nonlinearity!r}"
+        if not self.spec.is_lstm and self.spec.heads != 1:
+            s += f", heads={self.spec.heads}"
         if self.backend:
             s += f", backend={self.backend!r}"
         return s
@@ -591,6 +594,16 @@ class _Recurrent(nn.Module):
         return out[0], (out[1] if len(out) > 1 else None)
 
 
+def _with_heads(spec: CellSpec, heads: Any) -> CellSpec:
+    """``spec`` with the layer's ``heads=`` argument (None: the spec's own)."""
+    if heads is None:
+        return spec
+    check_int("heads", heads, 1)
+    if spec.heads not in (1, heads):
+        raise ValueError(f"heads: the cell says heads={spec.heads} and the layer heads={heads}; give it once")
+    return spec.replace(heads=int(heads))
+
+
 def lengths_for_pack(packed: PackedSequence) -> Tensor:
     """Sequence lengths of a PackedSequence in its sorted (packing) order, (B,) int64."""
     bs = packed.batch_sizes  # (T,) number of sequences still running at each step
@@ -607,6 +620,8 @@ class LSTM(_Recurrent):
         num_layers, bias, batch_first, dropout, bidirectional, proj_size, device, dtype:
             as ``torch.nn.LSTM``.
         cell: a preset name (``"peephole"``, ``"cifg+layernorm"``, …) or a :class:`CellSpec`.
+        heads: ``k`` heads: block-diagonal recurrent weights, each gate's ``W_hh`` k blocks of
+            ``H/k × H_out/k`` (the same as ``cell="…+heads=k"``); None keeps the cell's (1).
         backend: force a kernel by registry name (``"reference"``, …); None picks the
             fastest that supports the variant.
         check_finite: raise on NaN/inf in the input or initial state (one cheap pass).
@@ -620,9 +635,9 @@ class LSTM(_Recurrent):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device: Any = None, dtype: Any = None, *,
-                 cell: str | CellSpec = "vanilla", backend: str | None = None,
+                 cell: str | CellSpec = "vanilla", heads: int | None = None, backend: str | None = None,
                  check_finite: bool = True) -> None:
-        spec = resolve(cell)
+        spec = _with_heads(resolve(cell), heads)
         if not spec.is_lstm:
             raise ValueError("cell: lstmkit.LSTM takes LSTM variants; use lstmkit.RNN for the plain RNN")
         super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout,
@@ -663,10 +678,11 @@ class RNN(_Recurrent):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device: Any = None,
-                 dtype: Any = None, *, backend: str | None = None, check_finite: bool = True) -> None:
+                 dtype: Any = None, *, heads: int | None = None, backend: str | None = None,
+                 check_finite: bool = True) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
-        spec = CellSpec(kind="rnn", nonlinearity=nonlinearity)
+        spec = _with_heads(CellSpec(kind="rnn", nonlinearity=nonlinearity), heads)
         self.nonlinearity = nonlinearity
         super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype, backend, check_finite)

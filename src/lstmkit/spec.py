@@ -27,7 +27,7 @@ from lstmkit._suggest import did_you_mean
 from lstmkit.layout import GATE_NAMES, GATES
 
 __all__ = ["CellSpec", "PRESETS", "INIT_FIELDS", "resolve", "preset_names", "MAX_GATE_WIDTH", "gate_slices",
-           "layer_param_shapes", "markdown_table", "spec_choices"]
+           "layer_param_shapes", "check_heads", "markdown_table", "spec_choices"]
 
 #: The widest hidden layer a deep gate may have.
 MAX_GATE_WIDTH = 2**20
@@ -120,6 +120,10 @@ class CellSpec:
         zoneout: ``(z_c, z_h)``: in training each unit keeps its previous ``c`` with
             probability ``z_c`` and its previous ``h`` with probability ``z_h`` (masks from
             torch's generator); at evaluation the expectation (Krueger et al. 2016).
+        heads: ``k`` heads: the recurrent weights are block-diagonal, each gate's ``W_hh``
+            k blocks of ``n_k/k × H_out/k`` (head j of a gate reads only head j of
+            ``h_{t-1}``), stored compact as ``weight_hh`` ``(R, H_out/k)`` (Beck et al. 2024;
+            Pöppel et al. 2025). The layer's sizes must divide by k.
 
     Initialisation only (they change no equation; see :data:`INIT_FIELDS` and
     docs/cell.md, "Initialisation options"). ``None`` keeps torch's uniform
@@ -153,6 +157,7 @@ class CellSpec:
     gate_hidden_activation: str = "tanh"
     cell_clip: float | None = None
     zoneout: tuple[float, float] = (0.0, 0.0)
+    heads: int = 1
     forget_bias: float | None = None
     input_bias: float | None = None
     output_bias: float | None = None
@@ -171,6 +176,8 @@ class CellSpec:
             _check_choice(name, getattr(self, name), spec_choices(name))
         _check_choice("gate_hidden_activation", self.gate_hidden_activation, _HIDDEN_ACTIVATIONS)
         object.__setattr__(self, "zoneout", _check_zoneout(self.zoneout))
+        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or not 1 <= self.heads <= MAX_GATE_WIDTH:
+            raise ValueError(f"CellSpec.heads: expected a whole number >= 1, got {self.heads!r}")
         if self.cell_clip is not None:
             if isinstance(self.cell_clip, bool) or not isinstance(self.cell_clip, (int, float)):
                 raise TypeError(f"CellSpec.cell_clip: expected a number or None, got {self.cell_clip!r}")
@@ -209,7 +216,7 @@ class CellSpec:
     def _validate_combination(self) -> None:
         if self.kind == "rnn":
             changed = [f.name for f in dataclasses.fields(self)
-                       if f.name not in ("kind", "nonlinearity")
+                       if f.name not in ("kind", "nonlinearity", "heads")
                        and getattr(self, f.name) != f.default]
             if changed:
                 raise ValueError(
@@ -248,12 +255,16 @@ class CellSpec:
                 "variant computes none of them"
             )
         self._validate_init()
-        for letter, _ in self.gate_hidden:
+        for letter, widths in self.gate_hidden:
             if letter not in self.computed_gates:
                 raise ValueError(
                     f"CellSpec.gate_hidden: gate {letter!r} ({GATE_NAMES[GATES.index(letter)]}) "
                     f"is not computed in this variant, so it cannot be deep"
                 )
+            if widths[0] % self.heads:
+                raise ValueError(
+                    f"CellSpec: heads={self.heads} splits each gate's rows of W_hh into {self.heads} blocks, but "
+                    f"the deep gate {letter!r}'s first width {widths[0]} is not divisible by {self.heads}")
 
     def _validate_init(self) -> None:
         """Each initial bias needs its gate computed; chrono sets b_f and b_i itself."""
@@ -483,18 +494,41 @@ def _gate_slices(spec: CellSpec, hidden_size: int) -> tuple[tuple[str, slice], .
     return tuple(out)
 
 
+def check_heads(spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
+    """Raise a ValueError, naming the sizes, unless ``spec.heads`` divides them: ``H_out`` (the
+    recurrent input's heads) and every gate's first width (its rows' blocks)."""
+    k = spec.heads
+    if k == 1:
+        return
+    h_out = proj_size if proj_size > 0 else hidden_size
+    what = f"proj_size={proj_size}" if proj_size > 0 else f"hidden_size={hidden_size}"
+    if h_out % k:
+        raise ValueError(f"heads: {k} heads split h_(t-1) into {k} equal parts, but {what} is not divisible "
+                         f"by {k}")
+    for g in spec.computed_gates:
+        n = spec.first_width(g, hidden_size)
+        if n % k:
+            raise ValueError(f"heads: {k} heads split each gate's {n} rows of W_hh into {k} blocks, but "
+                             f"hidden_size={hidden_size} is not divisible by {k}")
+
+
 def layer_param_shapes(spec: CellSpec, input_size: int, hidden_size: int, proj_size: int = 0,
                        bias: bool = True) -> dict[str, tuple[int, ...]]:
     """Names (without suffix) and shapes of one layer-direction's parameters, in order.
 
     The order is the registration order: torch's four (plus ``weight_hr``) first, so a
     vanilla layer's ``state_dict`` matches ``torch.nn.LSTM``'s key for key; then what the
-    variant table's rows add, in table order.
+    variant table's rows add, in table order. With ``heads=k``, ``weight_hh`` holds each
+    row's block only: ``(R, H_out/k)`` (:func:`lstmkit.cell.block_diagonal` makes the full matrix).
+
+    Raises:
+        ValueError: ``heads`` does not divide the sizes (:func:`check_heads`).
     """
     H, I = hidden_size, input_size
     h_out = proj_size if proj_size > 0 else H
+    check_heads(spec, H, proj_size)
     R = spec.gate_rows(H)
-    shapes: dict[str, tuple[int, ...]] = {"weight_ih": (R, I), "weight_hh": (R, h_out)}
+    shapes: dict[str, tuple[int, ...]] = {"weight_ih": (R, I), "weight_hh": (R, h_out // spec.heads)}
     if bias:
         shapes["bias_ih"] = (R,)
         shapes["bias_hh"] = (R,)

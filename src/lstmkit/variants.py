@@ -150,6 +150,13 @@ def _parse_float(text: str) -> float:
         raise ValueError(f"{text!r} is not a number") from None
 
 
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
 def _parse_widths(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split("x"))
@@ -261,6 +268,12 @@ ROWS: tuple[Row, ...] = (
         "expectation", "Krueger et al. 2016, Zoneout", placeholder="<z>[/<z_h>]", parse=_parse_zoneout,
         example="0.2/0.1",
         onnx="the LSTM operator has no zoneout (at evaluation c_t and h_t mix in the previous state)"),
+    Row("heads", {"heads": VALUE},
+        "the recurrent weights block-diagonal: each gate's `W_hh` is k blocks of `H/k × H_out/k` on the diagonal "
+        "(head j of the gate reads head j of `h_{t-1}`); `weight_hh` is stored `(R, H_out/k)`",
+        "Beck et al. 2024, xLSTM (sLSTM heads); Pöppel et al. 2025, FlashRNN", placeholder="<k>", parse=_parse_int,
+        flag=False, example="2",
+        onnx="the LSTM operator's R is one dense matrix per gate, not k blocks"),
     Row("chrono", {"chrono": VALUE}, "initial `b_f = log U[1, T_max − 1]` per cell, `b_i = −b_f`",
         "Tallec & Ollivier 2018", placeholder="<T_max>", parse=_parse_float, init=True, flag=False, example="50"),
     Row("ib", {"input_bias": VALUE}, "initial input-gate bias", "Hochreiter & Schmidhuber 1997, §5.4",

@@ -91,7 +91,7 @@ def step_body(spec: CellSpec, params: dict[str, Tensor], hidden_size: int, lengt
     p = {n: v for n, v in params.items() if n not in ("weight_ih", "bias_ih", "bias_hh", "ln_ih_weight")}
     H = hidden_size
     R = params["weight_hh"].shape[0]
-    h_out = params["weight_hr"].shape[0] if "weight_hr" in params else params["weight_hh"].shape[1]
+    h_out = params["weight_hr"].shape[0] if "weight_hr" in params else H
     dtype = params["weight_hh"].dtype
     key = ("step", spec, H, R, h_out, tuple(sorted(p)), dtype, lengths, opset)
     if key not in _CACHE:

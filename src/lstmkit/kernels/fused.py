@@ -93,10 +93,15 @@ class FusedKernel(Kernel):
 
     #: Whether this row's kernels compute deep gates (gate_hidden).
     deep_gates: bool = False
+    #: Whether this row's kernels compute block-diagonal recurrent weights (heads > 1).
+    heads: bool = False
 
     def refuses(self, spec: CellSpec) -> str | None:
         if spec.gate_hidden and not self.deep_gates:
             return "deep gates (gate_hidden) run on the 'reference' kernel"
+        if spec.heads != 1 and not self.heads:
+            return (f"heads={spec.heads} (block-diagonal recurrent weights) runs on the 'reference' kernel "
+                    f"({'cpu_fused' if self.name != 'cpu_fused' else 'not yet'} computes it)")
         missing = [name for name in variants.flag_names(spec) if name not in self.implements]
         if missing:
             return f"{', '.join(missing)} run{'s' if len(missing) == 1 else ''} on the 'reference' kernel"
@@ -199,6 +204,7 @@ class FusedCPUKernel(FusedKernel):
     name = "cpu_fused"
     devices = ("cpu",)
     deep_gates = True
+    heads = True
     implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
                             "rnn", "rnn_relu", "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "cand_act_relu",
                             "out_act_relu", "zoneout"})

@@ -47,7 +47,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                            : std::max<int64_t>(Tn, 1);
   // rows padded to ldr: the chunk rows of step t are also that step's GEMM input (dh = dr W_hh)
   at::Tensor dRc = cf.ln ? at::zeros({Tc * B, ldr}, opt) : at::Tensor();
-  at::Tensor dWhh = cf.ln ? at::zeros({R, Hout}, opt) : at::Tensor();
+  at::Tensor dWhh = cf.ln ? at::zeros({R, cf.heads == 1 ? Hout : cf.Dh}, opt) : at::Tensor();  // accumulate_dwhh's
   at::Tensor dH = at::zeros({B, Hout}, opt);               // GEMM output: dr_t W_hh
   at::Tensor dHZ = cf.zoneout ? at::zeros({B, Hout}, opt) : at::Tensor();  // zoneout: d_h dL/dh_t
   at::Tensor dRw = at::zeros({cf.ln ? 0 : B, ldr}, opt);   // GEMM input (padded; layernorm: dRc rows)
@@ -64,7 +64,25 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   at::Tensor rowtmp = at::zeros({nthreads, ldtmp}, opt);
 
   Packed<T> Wt, Wggt, Whrt;
-  Wt.init(whh.data_ptr<T>(), whh.stride(1), whh.stride(0), (int)Hout, (int)R, Tn);
+  // heads: per head, dh's Dh columns = (its rows of dr, head-major) times its block rows of W_hh
+  std::vector<Packed<T>> Wth;
+  at::Tensor perm, whm, dRhm;
+  const int64_t nh = R / cf.heads;
+  if (cf.heads == 1) {
+    Wt.init(whh.data_ptr<T>(), whh.stride(1), whh.stride(0), (int)Hout, (int)R, Tn);
+  } else {
+    perm = head_perm(cf, opt);
+    whm = whh.index_select(0, perm).contiguous();  // (R, Dh), rows head-major
+    dRhm = at::zeros({B, ldr}, opt);                // this step's dr, head-major: the GEMM's input
+    Wth.resize(cf.heads);
+    for (int64_t j = 0; j < cf.heads; ++j)
+      Wth[j].init(whm.data_ptr<T>() + j * nh * cf.Dh, 1, cf.Dh, (int)cf.Dh, (int)nh, Tn);
+  }
+  T* dRhmp = cf.heads > 1 ? dRhm.data_ptr<T>() : nullptr;
+  auto to_heads = [&](const T* dwr, int64_t b) {  // heads: a row of dr, canonical -> head-major
+    if (dRhmp)
+      for (const HeadSeg& sg : cf.hseg) std::copy(dwr + sg.canon, dwr + sg.canon + sg.len, dRhmp + b * ldr + sg.hm);
+  };
   if (cf.fgr) {
     const at::Tensor& wgg = params[P_WEIGHT_GG];
     Wggt.init(wgg.data_ptr<T>(), wgg.stride(1), wgg.stride(0), (int)(cf.nS * H), (int)(cf.nS * H), Tn);
@@ -103,10 +121,12 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                              dXG.data_ptr<T>(), lstm ? dcs.data_ptr<T>() : nullptr, dSp, dUSp, lds, ptr(dZS),
                              ptr(Mo), mlp, mlpw, ptr(buffers[B_MLP]), ptr(dV), ptr(dA)};
 
-  GemmTask<T> phaseA[2];
-  int nA = 0;
-  phaseA[nA++] = GemmTask<T>{&Wt, (int)B, dRwp, ldr, dHp, Hout, false};
-  if (cf.fgr) phaseA[nA++] = GemmTask<T>{&Wggt, (int)B, dUSp, lds, dSp, cf.nS * H, false};
+  std::vector<GemmTask<T>> phaseA;  // dh = dr W_hh (heads: per head, from dRhm) [, ds = du_S W_gg]
+  if (cf.heads == 1) phaseA.push_back(GemmTask<T>{&Wt, (int)B, dRwp, ldr, dHp, Hout, false});
+  for (int64_t j = 0; j < (int64_t)Wth.size(); ++j)
+    phaseA.push_back(GemmTask<T>{&Wth[j], (int)B, dRhmp + j * nh, ldr, dHp + j * cf.Dh, Hout, false});
+  if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wggt, (int)B, dUSp, lds, dSp, cf.nS * H, false});
+  const int nA = (int)phaseA.size();
 
   bool packed = false;
   for (int64_t t1 = Tn; t1 > 0 || (Tn == 0 && !packed); t1 -= Tc) {
@@ -115,7 +135,9 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
     if (!packed) {
       Wt.pack_share(tid, nth); Wggt.pack_share(tid, nth); Whrt.pack_share(tid, nth);
       for (auto& w : Wmt) w.pack_share(tid, nth);
+      for (auto& w : Wth) w.pack_share(tid, nth);
     }
+    std::vector<GemmTask<T>> tasks(phaseA);  // this thread's copy (layernorm's A moves with t)
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
     T* A = accp + tid * NACC;  // this thread's accumulators (AccLayout)
@@ -175,6 +197,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         if (t >= len[b]) {
           std::fill(dxr, dxr + R, T(0));
           std::fill(dwr, dwr + R, T(0));
+          if (dRhmp) std::fill(dRhmp + b * ldr, dRhmp + b * ldr + R, T(0));
           if (step.dZS) std::fill(step.dZS + tb * cf.nS * H, step.dZS + (tb + 1) * cf.nS * H, T(0));
           if (dUSp) std::fill(dUSp + b * lds, dUSp + b * lds + cf.nS * H, T(0));
           if (step.Mo) std::fill(step.Mo + tb * H, step.Mo + tb * H + H, T(0));
@@ -185,6 +208,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         const T* dhc = carry_in ? dHp + b * Hout : dhnp + b * Hout;
         if (!lstm) {
           step.rnn_row(tb, dy_row(t, b), dhc, dwr);
+          to_heads(dwr, b);
           continue;
         }
         const T *dh = dhbuf, *dh2 = nullptr;
@@ -196,6 +220,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         if (mlp.any()) continue;  // first the MLPs' backward, below
         if (cf.ln) step.layernorm_row(tb, dwr, A);
         else std::copy(dxr, dxr + R, dwr);
+        to_heads(dwr, b);
       }
       bar.wait();
       if (mlp.any() && lstm) {  // deep gates: from each gate's dL/du back through its MLP to dL/dz_k
@@ -220,13 +245,13 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
             T* dwr = dRcp ? dRcp + ((t - t0) * B + b) * ldr : dRwp + b * ldr;
             if (cf.ln) step.layernorm_row(tb, dwr, A);
             else std::copy(dxr, dxr + R, dwr);
+            to_heads(dwr, b);
           }
           bar.wait();
         }
       }
-      GemmTask<T> tasks[2] = {phaseA[0], phaseA[1]};
-      if (dRcp) tasks[0].A = dRcp + (t - t0) * B * ldr;  // layernorm: this step's chunk rows
-      run_tasks<T>(tasks, nA, tid, nth);
+      if (dRcp && cf.heads == 1) tasks[0].A = dRcp + (t - t0) * B * ldr;  // layernorm: this step's chunk rows
+      run_tasks<T>(tasks.data(), nA, tid, nth);
       bar.wait();
     }
   });
@@ -234,10 +259,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
     if (cf.ln && t1 > t0) {  // dW_hh += dr_t^T h_{t-1} over this chunk (h_{-1} = h0, then y)
       at::Tensor d = dRc.narrow(0, 0, (t1 - t0) * B).narrow(1, 0, R);
       if (t0 == 0) {
-        dWhh.addmm_(d.narrow(0, 0, B).t(), h0);
-        if (t1 > 1) dWhh.addmm_(d.narrow(0, B, (t1 - 1) * B).t(), Y.narrow(0, 0, t1 - 1).reshape({-1, Hout}));
+        accumulate_dwhh(dWhh, d.narrow(0, 0, B), h0, cf, perm);
+        if (t1 > 1) accumulate_dwhh(dWhh, d.narrow(0, B, (t1 - 1) * B), Y.narrow(0, 0, t1 - 1).reshape({-1, Hout}), cf, perm);
       } else {
-        dWhh.addmm_(d.t(), Y.narrow(0, t0 - 1, t1 - t0).reshape({-1, Hout}));
+        accumulate_dwhh(dWhh, d, Y.narrow(0, t0 - 1, t1 - t0).reshape({-1, Hout}), cf, perm);
       }
     }
     if (Tn == 0) break;
@@ -264,7 +289,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         if (mg.boff[j] >= 0) dmlp.narrow(0, mg.boff[j], mg.w[j + 1]).copy_(dvj.sum(0));
       }
   }
-  return {dXG, cf.ln ? dWhh : e(), P > 0 ? dHP : e(), P > 0 ? Mo : e(), dh0, lstm ? dcs : e(), accs,
+  return {dXG, cf.ln ? finish_dwhh(dWhh, cf, perm) : e(), P > 0 ? dHP : e(), P > 0 ? Mo : e(), dh0, lstm ? dcs : e(), accs,
           dZS.defined() ? dZS : e(), dmlp};
 }
 

@@ -61,6 +61,15 @@ struct MlpLayout {
   bool any() const { return !gates.empty(); }
 };
 
+// Heads (block-diagonal recurrent weights): each gate's rows of W_hh are k blocks, block j reading
+// only the j-th H_out/k entries of h. The kernel runs one GEMM per head on the rows of all gates in
+// head-major order (head j: gate by gate, its n_g/k rows), so that every head's rows and the
+// K dimension of the backward's dh GEMM are contiguous; these segments map the head-major columns
+// to the canonical ones (gate by gate, its heads in order).
+struct HeadSeg {
+  int64_t canon, hm, len;  // canonical column, head-major column, width
+};
+
 struct Cfg {
   bool rnn, relu, has_i, has_f, has_o, cifg, peep, fgr, ln, clip, zoneout;
   bool gate_hard;                 // the gates use clamp(slope u + 1/2, 0, 1) instead of sigma
@@ -105,7 +114,55 @@ struct Cfg {
     si = soff[0]; sf = soff[1]; so = soff[3];
     G = k; R = col; nS = s;
   }
+
+  int64_t heads = 1, Dh = 0;  // heads: k; Dh = H_out / k, the width of a head of h
+  std::vector<HeadSeg> hseg;  // heads > 1: canonical <-> head-major columns of r (see HeadSeg)
+  // The heads of a call, from the stored recurrent weights' width (R, H_out/k).
+  void set_heads(int64_t whh_cols) {
+    TORCH_CHECK(whh_cols > 0 && Hout % whh_cols == 0, "lstmkit::recurrence: w_hh has ", whh_cols,
+                " columns, which is not H_out/k for any number of heads k (H_out = ", Hout, ")");
+    heads = Hout / whh_cols; Dh = whh_cols;
+    hseg.clear();
+    if (heads == 1) return;
+    int64_t hm = 0;
+    for (int64_t j = 0; j < heads; ++j)
+      for (int64_t q = 0; q < G; ++q) {
+        TORCH_CHECK(cw[q] % heads == 0, "lstmkit::recurrence: a gate's ", cw[q], " rows do not split into ",
+                    heads, " heads");
+        const int64_t n = cw[q] / heads;
+        hseg.push_back({co[q] + j * n, hm, n});
+        hm += n;
+      }
+  }
+  // The canonical row of each head-major row (heads > 1): what permutes W_hh's rows.
+  std::vector<int64_t> head_rows() const {
+    std::vector<int64_t> rows;
+    for (const HeadSeg& s : hseg)
+      for (int64_t i = 0; i < s.len; ++i) rows.push_back(s.canon + i);
+    return rows;
+  }
 };
+
+// dW_hh, accumulated over parts of the sequence: acc += d^T hprev for d (N, R) the gradients of r
+// (canonical columns) and hprev (N, H_out) the h_{t-1} they multiplied. Without heads acc is the
+// full (R, H_out); with heads it is (R, Dh), the blocks in head-major row order (head j: rows
+// j·R/k … of d's head-major columns times h's j-th Dh columns), finished by finish_dwhh.
+inline at::Tensor head_perm(const Cfg& cf, const at::TensorOptions& opt) {
+  const auto rows = cf.head_rows();
+  return at::tensor(rows, opt.dtype(at::kLong));
+}
+inline void accumulate_dwhh(at::Tensor& acc, const at::Tensor& d, const at::Tensor& hprev, const Cfg& cf,
+                            const at::Tensor& perm) {
+  if (cf.heads == 1) { acc.addmm_(d.t(), hprev); return; }
+  const at::Tensor dhm = d.index_select(1, perm);  // (N, R) head-major columns
+  const int64_t n = cf.R / cf.heads;
+  for (int64_t j = 0; j < cf.heads; ++j)
+    acc.narrow(0, j * n, n).addmm_(dhm.narrow(1, j * n, n).t(), hprev.narrow(1, j * cf.Dh, cf.Dh));
+}
+inline at::Tensor finish_dwhh(const at::Tensor& acc, const Cfg& cf, const at::Tensor& perm) {
+  if (cf.heads == 1) return acc;
+  return at::zeros_like(acc).index_copy_(0, perm, acc);  // head-major rows -> canonical
+}
 
 // The per-parameter reductions of the backward (summed over steps and rows), one vector per
 // thread: where each parameter's gradient sits in it. Written here once; the cell's backward

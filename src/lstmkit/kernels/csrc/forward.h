@@ -66,7 +66,20 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   hs.narrow(1, 0, Hout).copy_(h0);
 
   Packed<T> Wp, Wgg, Whr;
-  Wp.init(whh.data_ptr<T>(), whh.stride(0), whh.stride(1), (int)R, (int)Hout, Tn);
+  // heads: W_hh's rows head-major (R, Dh), one packed block per head; r of a step head-major (B, ldr)
+  std::vector<Packed<T>> Wh;
+  at::Tensor whm, rhm;
+  const int64_t nh = R / cf.heads;  // rows of a head (all gates)
+  if (cf.heads == 1) {
+    Wp.init(whh.data_ptr<T>(), whh.stride(0), whh.stride(1), (int)R, (int)Hout, Tn);
+  } else {
+    whm = whh.index_select(0, head_perm(cf, opt)).contiguous();
+    rhm = at::zeros({B, ldr}, opt);
+    Wh.resize(cf.heads);
+    for (int64_t j = 0; j < cf.heads; ++j)
+      Wh[j].init(whm.data_ptr<T>() + j * nh * cf.Dh, cf.Dh, 1, (int)nh, (int)cf.Dh, Tn);
+  }
+  T* rhp = cf.heads > 1 ? rhm.data_ptr<T>() : nullptr;
   if (cf.fgr) {
     const at::Tensor& wgg = params[P_WEIGHT_GG];
     Wgg.init(wgg.data_ptr<T>(), wgg.stride(0), wgg.stride(1), (int)(cf.nS * H), (int)(cf.nS * H), Tn);
@@ -110,28 +123,33 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   step.xg_ts = proj_in ? 0 : B * R;
   step.xg_bs = proj_in ? ldr : R;
 
-  GemmTask<T> phaseA[3];
-  int nA = 0;
-  phaseA[nA++] = GemmTask<T>{&Wp, (int)B, hsp, ldh, rwp, ldr, false};
-  if (cf.fgr) phaseA[nA++] = GemmTask<T>{&Wgg, (int)B, ssp, lds, fwp, lds, false};
-  const int iA = nA;  // the input projection's task (its A moves with t)
+  std::vector<GemmTask<T>> phaseA;  // r = h W_hh^T (heads: one GEMM per head, into rhm) [, s W_gg^T] [, xg_t]
+  if (cf.heads == 1) phaseA.push_back(GemmTask<T>{&Wp, (int)B, hsp, ldh, rwp, ldr, false});
+  for (int64_t j = 0; j < (int64_t)Wh.size(); ++j)
+    phaseA.push_back(GemmTask<T>{&Wh[j], (int)B, hsp + j * cf.Dh, ldh, rhp + j * nh, ldr, false});
+  if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wgg, (int)B, ssp, lds, fwp, lds, false});
+  const int iA = (int)phaseA.size();  // the input projection's task (its A moves with t)
   if (proj_in)
-    phaseA[nA++] = GemmTask<T>{&Wih, (int)B, proj_in->x, proj_in->I, xws.data_ptr<T>(), ldr, false,
-                               biasp.defined() ? biasp.data_ptr<T>() : nullptr};
+    phaseA.push_back(GemmTask<T>{&Wih, (int)B, proj_in->x, proj_in->I, xws.data_ptr<T>(), ldr, false,
+                                 biasp.defined() ? biasp.data_ptr<T>() : nullptr});
+  const int nA = (int)phaseA.size();
 
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
     Wp.pack_share(tid, nth); Wgg.pack_share(tid, nth); Whr.pack_share(tid, nth);  // absent ones: no panels
     Wih.pack_share(tid, nth);
     for (auto& w : Wm) w.pack_share(tid, nth);
+    for (auto& w : Wh) w.pack_share(tid, nth);
+    std::vector<GemmTask<T>> tasks(phaseA);  // this thread's copy (the input projection's A moves with t)
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
     bar.wait();
     for (int64_t t = 0; t < Tn; ++t) {
-      GemmTask<T> tasks[3] = {phaseA[0], phaseA[1], phaseA[2]};
       if (proj_in) tasks[iA].A = proj_in->x + t * B * proj_in->I;
-      run_tasks<T>(tasks, nA, tid, nth);  // phase A: r = h_{t-1} W_hh^T [, s_{t-1} W_gg^T] [, xg_t]
+      run_tasks<T>(tasks.data(), nA, tid, nth);  // phase A: r = h_{t-1} W_hh^T [, s_{t-1} W_gg^T] [, xg_t]
       bar.wait();
       for (int64_t b = b0; b < b1; ++b) {  // phase B: the cell, row by row
+        if (rhp && t < len[b])  // heads: r's head-major columns back to the canonical ones
+          for (const HeadSeg& sg : cf.hseg) std::copy(rhp + b * ldr + sg.hm, rhp + b * ldr + sg.hm + sg.len, rwp + b * ldr + sg.canon);
         if (t >= len[b]) step.padded_row(t, b);
         else if (!lstm) step.rnn_row(t, b);
         else {

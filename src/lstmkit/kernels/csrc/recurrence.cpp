@@ -124,9 +124,10 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
   const at::Tensor h0 = to_compute(h0_in, ct).contiguous();
   at::Tensor c0 = to_compute(c0_in, ct);
   const int64_t Tn = xg.size(0), B = xg.size(1);
+  cf.set_heads(whh.size(1));
   if (!cf.rnn && c0.numel() == 0) c0 = at::zeros({B, H}, xg.options());
   const auto len = lengths_vec(lengths, B, Tn);
-  const int64_t work = B * cf.R * (cf.Hout + (in_loop ? x.size(2) : 0));  // per step
+  const int64_t work = B * cf.R * (cf.Dh + (in_loop ? x.size(2) : 0));  // per step (heads: Dh = H_out/k)
   const int nt = choose_threads(work, B);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_fwd", [&] {
@@ -168,6 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   const at::Tensor y = to_compute(y_in, ct).contiguous(), h0 = to_compute(h0_in, ct).contiguous();
   const at::Tensor whh = to_compute(whh_in, ct);
   const int64_t Tn = y.size(0), B = y.size(1), R = cf.R, Hout = cf.Hout;
+  cf.set_heads(whh.size(1));
   const bool lstm = !cf.rnn;
   const auto opt = y.options();
   at::Tensor c0 = to_compute(c0_in, ct);
@@ -176,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   at::Tensor dhn = dhn_in.numel() ? to_compute(dhn_in, ct) : at::zeros({B, Hout}, opt);
   at::Tensor dcn = !lstm ? at::empty({0}, opt) : dcn_in.numel() ? to_compute(dcn_in, ct) : at::zeros({B, H}, opt);
   const auto len = lengths_vec(lengths, B, Tn);
-  const int nt = choose_threads(B * R * Hout, B);
+  const int nt = choose_threads(B * R * cf.Dh, B);
   std::vector<at::Tensor> bufs;
   for (const auto& b : buffers) bufs.push_back(b.contiguous());
   std::vector<at::Tensor> out;
@@ -190,8 +192,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   if (cf.ln) {  // accumulated in the kernel from the gradient w.r.t. r_t = h_{t-1} W_hh^T
     dwhh = out[1];
   } else {  // dW_hh = sum_t dxg_t^T h_{t-1}; h_{t-1} = h0 at t = 0, else y_{t-1} (0 on padded steps)
-    dwhh = at::mm(dXG[0].t(), h0);
-    if (Tn > 1) dwhh.addmm_(dXG.narrow(0, 1, Tn - 1).reshape({-1, R}).t(), y.narrow(0, 0, Tn - 1).reshape({-1, Hout}));
+    const at::Tensor perm = cf.heads > 1 ? head_perm(cf, opt) : at::Tensor();
+    dwhh = at::zeros({R, cf.Dh}, opt);
+    accumulate_dwhh(dwhh, dXG[0], h0, cf, perm);
+    if (Tn > 1) accumulate_dwhh(dwhh, dXG.narrow(0, 1, Tn - 1).reshape({-1, R}), y.narrow(0, 0, Tn - 1).reshape({-1, Hout}), cf, perm);
+    dwhh = finish_dwhh(dwhh, cf, perm);
   }
   std::vector<at::Tensor> dparams(N_PARAMS);
   for (auto& d : dparams) d = at::empty({0}, opt);

@@ -1,0 +1,239 @@
+"""Block-diagonal recurrence (``heads=k``) on every variant: against the float64 NumPy oracle,
+the fused kernel against the reference (lengths, stacked, bidirectional, projection, record
+mode), gradcheck, the textbook matrices of ``gates()`` / ``describe()``, ONNX, and the refusals."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import lstmkit
+import test_kernels
+import test_oracle
+from conftest import assert_rel
+from lstmkit import kernels
+from lstmkit.spec import resolve
+from test_gradcheck import _check
+from variants import HEADS_VARIANTS, LSTM_VARIANTS
+
+
+def _with_heads(cell, k: int):
+    """``cell`` with k heads, or None where its deep gates' widths do not divide by k."""
+    try:
+        return resolve(cell).replace(heads=k)
+    except ValueError:
+        return None
+
+
+EVERY = {vid: spec for vid, c in LSTM_VARIANTS.items() if (spec := _with_heads(c, 2)) is not None}
+EVERY.update({vid: resolve(c) for vid, c in HEADS_VARIANTS.items()})
+
+
+def test_every_variant_but_odd_deep_widths_takes_heads():
+    skipped = set(LSTM_VARIANTS) - set(EVERY)
+    assert skipped == {"deep_all", "layernorm+deep_g"}  # first widths 3 and 5: no 2 blocks
+    with pytest.raises(ValueError, match=r"deep gate 'i''s first width 3 is not divisible by 2"):
+        resolve(LSTM_VARIANTS["deep_all"]).replace(heads=2)
+
+
+# ----------------------------------------------------------------------------- the oracle
+
+
+@pytest.mark.parametrize("cell", list(EVERY.values()), ids=list(EVERY))
+def test_oracle_single_layer(cell):
+    test_oracle.compare(lstmkit.LSTM(test_oracle.I, test_oracle.H, cell=cell), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cell", list(HEADS_VARIANTS.values()), ids=list(HEADS_VARIANTS))
+def test_oracle_stacked_bidirectional_projection_lengths(cell, dtype):
+    layer = lstmkit.LSTM(test_oracle.I, test_oracle.H, num_layers=2, bidirectional=True, proj_size=2, cell=cell)
+    test_oracle.compare(layer, dtype, lengths=[2, 5, 3])
+
+
+@pytest.mark.parametrize("heads", [2, 4])
+def test_oracle_rnn(heads):
+    test_oracle.compare(lstmkit.RNN(test_oracle.I, test_oracle.H, num_layers=2, bidirectional=True, heads=heads),
+                        torch.float64, lengths=[3, 5, 1])
+
+
+# ----------------------------------------------------------------------------- the fused kernel
+
+# (T, B, I, H, proj, layers, bidirectional, lengths, heads)
+SHAPES = {
+    "odd_k3": (7, 3, 5, 12, 0, 1, False, None, 3),
+    "lengths_k2": (6, 4, 3, 6, 0, 1, False, [6, 2, 5, 1], 2),
+    "stacked_bidir_k3": (5, 3, 4, 6, 0, 2, True, [5, 3, 1], 3),
+    "projection_k2": (5, 2, 3, 6, 4, 2, False, None, 2),
+    "big_k8": (4, 9, 33, 64, 0, 1, True, None, 8),
+}
+
+
+def _claimed(k: int) -> list[object]:
+    out = []
+    for cell in [*LSTM_VARIANTS.values(), *HEADS_VARIANTS.values()]:
+        spec = _with_heads(resolve(cell).replace(heads=1), k)
+        if spec is not None and kernels.REGISTRY["cpu_fused"].unsupported(spec, torch.device("cpu"),
+                                                                          torch.float64) is None:
+            out.append(spec)
+    return list(dict.fromkeys(out))
+
+
+@pytest.mark.parametrize("dtype", test_kernels.DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_fused_kernel_every_claimed_variant(shape, dtype):
+    *dims, k = SHAPES[shape]
+    cells = _claimed(k) if shape != "big_k8" else [resolve("heads=8"), resolve("heads=8+layernorm")]
+    for spec in cells:
+        test_kernels.compare("cpu_fused", lambda I, H, L, bd, P, spec=spec: lstmkit.LSTM(
+            I, H, L, bidirectional=bd, proj_size=P, cell=spec), tuple(dims), dtype)
+
+
+@pytest.mark.parametrize("dtype", test_kernels.DTYPES, ids=["f32", "f64"])
+def test_fused_kernel_rnn(dtype):
+    for shape in ("odd_k3", "stacked_bidir_k3"):
+        *dims, k = SHAPES[shape]
+        test_kernels.compare("cpu_fused", lambda I, H, L, bd, P, k=k: lstmkit.RNN(
+            I, H, L, bidirectional=bd, heads=k), tuple(dims), dtype, lstm=False)
+
+
+def test_fused_kernel_threads_and_chunks():
+    """Two threads, a batch that splits across them and layernorm's chunked dW_hh: against the reference."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for cell in ("heads=4", "heads=8+layernorm", "heads=4+deep=8"):
+            ref = lstmkit.LSTM(16, 64, cell=cell, proj_size=32, backend="reference").double()
+            fast = lstmkit.LSTM(16, 64, cell=cell, proj_size=32, backend="cpu_fused").double()
+            fast.load_state_dict(ref.state_dict())
+            x = torch.randn(30, 40, 16, dtype=torch.float64, requires_grad=True)
+            outs = []
+            for m in (ref, fast):
+                y, (h, c) = m(x)
+                loss = (y * y).sum() + (c * 0.5).sum()
+                outs.append([y] + list(torch.autograd.grad(loss, [x, *m.parameters()])))
+            for a, b in zip(*outs):
+                assert_rel(b, a, torch.float64, cell)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kernel_name", ["reference", "cpu_fused"])
+@pytest.mark.parametrize("cell", ["heads=2", "heads=2+peephole+layernorm+cifg", "heads=2+fgr+nog+clip=0.4"])
+def test_gradcheck(kernel_name, cell):
+    _check(lstmkit.LSTM(2, 4, cell=cell, backend=kernel_name), lstm=True)
+
+
+def test_gradcheck_stacked_bidirectional_projection_lengths():
+    m = lstmkit.LSTM(2, 4, num_layers=2, bidirectional=True, proj_size=2, cell="heads=2+peephole+layernorm")
+    _check(m, lstm=True, lengths=torch.tensor([2, 4, 1]), T=4, B=3)
+    _check(lstmkit.RNN(2, 4, num_layers=2, bidirectional=True, heads=2), lstm=False)
+
+
+def test_record_mode_matches_reference():
+    torch.manual_seed(0)
+    ref = lstmkit.LSTM(3, 6, num_layers=2, bidirectional=True, heads=3, cell="layernorm", backend="reference")
+    fast = lstmkit.LSTM(3, 6, num_layers=2, bidirectional=True, heads=3, cell="layernorm", backend="cpu_fused")
+    ref, fast = ref.double(), fast.double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    tr_ref = lstmkit.trace(ref, x, lengths=[6, 2, 4])
+    tr_fast = lstmkit.trace(fast, x, lengths=[6, 2, 4])
+    assert tr_fast.kernel == "cpu_fused"
+    for layer in range(2):
+        for d in range(2):
+            for key in tr_ref[layer][d]:
+                torch.testing.assert_close(tr_fast[layer][d][key], tr_ref[layer][d][key], equal_nan=True,
+                                           rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- the textbook matrices
+
+
+def test_gates_and_describe_show_the_blocks():
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, heads=2, cell="peephole", num_layers=2, proj_size=2)
+    assert layer.weight_hh_l0.shape == (16, 1) and layer.weight_hh_l1.shape == (16, 1)
+    g = layer.gates(layer=0)["forget"]
+    W = g.W  # (H, I + H_out): [W_x | block-diagonal W_h]
+    assert W.shape == (4, 5)
+    assert torch.equal(W[:, 3:], torch.block_diag(*g.blocks).detach())
+    assert torch.equal(W[:2, 4:], torch.zeros(2, 1)) and torch.equal(W[2:, 3:4], torch.zeros(2, 1))
+    W[0, 3] = 5.0
+    g.W = W
+    assert layer.weight_hh_l0[4, 0].item() == 5.0  # the forget gate's rows come second
+    W[0, 4] = 1.0
+    with pytest.raises(ValueError, match="block-diagonal .* entries outside the blocks must be 0"):
+        g.W = W
+    text = lstmkit.describe(layer, file=io.StringIO())
+    assert "W_h 2 blocks of 2 × 1" in text and "4 × (3 + 2)" in text
+    assert f"parameters: {sum(p.numel() for p in layer.parameters()):,}" in text
+    assert "heads=2" in repr(layer)
+    assert "heads=2" in repr(lstmkit.RNN(3, 4, heads=2))
+
+
+def test_a_full_block_diagonal_matrix_computes_the_same_as_a_plain_layer():
+    """heads=k is the plain layer whose W_hh is zero outside the blocks: the two agree."""
+    torch.manual_seed(0)
+    heads = lstmkit.LSTM(3, 6, heads=3, cell="peephole").double()
+    plain = lstmkit.LSTM(3, 6, cell="peephole").double()
+    state = dict(heads.state_dict())
+    state["weight_hh_l0"] = lstmkit.cell.block_diagonal(state["weight_hh_l0"], heads.spec, 6)
+    plain.load_state_dict(state)
+    x = torch.randn(7, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(heads(x)[0], plain(x)[0], rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_sizes_that_do_not_divide_are_refused_before_allocating():
+    with pytest.raises(ValueError, match=r"heads: 4 heads split h_\(t-1\) into 4 equal parts, but hidden_size=6"):
+        lstmkit.LSTM(3, 6, heads=4)
+    with pytest.raises(ValueError, match=r"proj_size=3 is not divisible by 2"):
+        lstmkit.LSTM(3, 6, heads=2, proj_size=3)
+    with pytest.raises(ValueError, match=r"the cell says heads=2 and the layer heads=3"):
+        lstmkit.LSTM(3, 6, cell="heads=2", heads=3)
+    with pytest.raises(TypeError, match=r"heads: expected an int"):
+        lstmkit.LSTM(3, 6, heads=2.0)
+    with pytest.raises(ValueError, match=r"CellSpec.heads: expected a whole number >= 1"):
+        resolve("heads=0")
+    assert lstmkit.LSTM(3, 6, cell="heads=2", heads=2).spec.heads == 2
+
+
+def test_converters_and_triton_refuse_heads_with_the_reason():
+    from lstmkit.convert import to_keras, to_torch
+
+    layer = lstmkit.LSTM(3, 4, heads=2)
+    with pytest.raises(ValueError, match="vanilla"):
+        to_torch(layer)
+    with pytest.raises(ValueError, match="vanilla"):
+        to_keras(layer)
+    assert "heads=2" in kernels.REGISTRY["triton"].refuses(layer.spec)
+    assert "heads=2" in kernels.REGISTRY["torch"].refuses(layer.spec)
+
+
+def test_onnx_scan_export_and_back():
+    from lstmkit.convert import from_onnx, to_onnx
+
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, heads=2, cell="peephole").eval()
+    proto = to_onnx(layer, sequence_lens=True)
+    assert "Scan" in {n.op_type for n in proto.graph.node}
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 2, 3)
+    lengths = torch.tensor([5, 3])
+    got = sess.run(None, {"X": x.numpy(), "sequence_lens": lengths.int().numpy()})
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths)
+    y, (h, c) = layer(packed)
+    y = torch.nn.utils.rnn.pad_packed_sequence(y, total_length=5)[0]
+    for a, b in zip(got, (y, h, c)):
+        np.testing.assert_allclose(a, b.detach().numpy(), rtol=1e-5, atol=1e-5)
+    back = from_onnx(proto)
+    assert back.spec == layer.spec
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in layer.state_dict().items())
