@@ -42,6 +42,11 @@ Variant keys (all optional except ``hidden_size``)::
     cell_clip             float or None
     zoneout               (z_c, z_h), default (0, 0); the masks are given to forward()
     gate_hidden           {gate letter: tuple of MLP hidden widths}, e.g. {"f": (8,), "g": (5, 3)}
+    slstm                 True = the sLSTM (Beck et al. 2024): exponential input gate, forget gate
+                          exp(log σ(f̃) + m_prev − m), normaliser n, stabiliser m, h = o c / n; its
+                          "c" state is c, n, m side by side (B, 3H) wherever c appears below
+    forget_activation     "sigmoid" (default) | "exp": the sLSTM's log f = log σ(f̃) or f̃
+    n_clamp               True = the sLSTM's n_t = max(f n + i, 1) (FlashRNN)
     heads                 k, default 1: block-diagonal recurrent weights (lstm and rnn); each
                           computed gate's n_k rows of W_hh split in k blocks, block j reading the
                           j-th H_out/k entries of h; stored as weight_hh (R, H_out/k), row r holding
@@ -68,7 +73,7 @@ SIGMOID_ORDER = ("i", "f", "o")  # order of the sigmoid gates S
 _LSTM_KEYS = {
     "kind", "hidden_size", "proj_size", "bias", "input_gate", "forget_gate", "output_gate",
     "coupled", "peephole", "fgr", "layernorm", "candidate_activation", "output_activation",
-    "cell_clip", "gate_hidden", "gate_activation", "zoneout", "heads",
+    "cell_clip", "gate_hidden", "gate_activation", "zoneout", "heads", "slstm", "forget_activation", "n_clamp",
 }
 _RNN_KEYS = {"kind", "hidden_size", "bias", "nonlinearity", "heads"}
 
@@ -102,6 +107,14 @@ class _Cfg:
     gate_slope: float | None  # None: σ gates; else clamp(slope · u + 0.5, 0, 1)
     zoneout: tuple[float, float]  # (z_c, z_h)
     heads: int = 1  # k: W_hh block-diagonal per gate
+    slstm: bool = False  # the sLSTM; its cell state is c, n, m side by side
+    fexp: bool = False  # sLSTM: exponential forget gate (log f = f̃)
+    nclamp: bool = False  # sLSTM: n_t = max(·, 1)
+
+    @property
+    def SH(self) -> int:
+        """Width of the carried cell state: H, or 3H for the sLSTM (c, n, m)."""
+        return 3 * self.H if self.slstm else self.H
 
 
 def _config(variant: Variant) -> _Cfg:
@@ -179,7 +192,21 @@ def _config(variant: Variant) -> _Cfg:
         layernorm=bool(v.get("layernorm", False)),
         cand=cand, out=out, clip=clip, gate_slope=slopes[gate_act], zoneout=(zc, zh),
         heads=_heads(v, H, P if P > 0 else H, list(width.values())),
+        slstm=_slstm(v, P, C, hidden), fexp=v.get("forget_activation", "sigmoid") == "exp",
+        nclamp=bool(v.get("n_clamp", False)),
     )
+
+
+def _slstm(v: Variant, P: int, C: tuple[str, ...], hidden: dict) -> bool:
+    on = bool(v.get("slstm", False))
+    if not on and (v.get("forget_activation", "sigmoid") != "sigmoid" or v.get("n_clamp", False)):
+        raise ValueError("forget_activation / n_clamp are options of the sLSTM")
+    plain = ("peephole", "fgr", "layernorm", "coupled", "cell_clip")
+    if on and (P or C != GATE_ORDER or hidden or any(v.get(k) for k in plain)
+               or v.get("candidate_activation", "tanh") != "tanh" or v.get("output_activation", "tanh") != "tanh"
+               or v.get("gate_activation", "sigmoid") != "sigmoid" or any(v.get("zoneout", (0, 0)))):
+        raise ValueError("the sLSTM takes heads, forget_activation and n_clamp only")
+    return on
 
 
 def _heads(v: Variant, H: int, H_out: int, widths: list[int]) -> int:
@@ -594,6 +621,82 @@ def _lstm_step_backward(cfg: _Cfg, p: Params, sc, dh, dc, ds, grads: Params):
 
 
 # --------------------------------------------------------------------------------------
+# One sLSTM step (cell.md "The sLSTM") and its backward
+# --------------------------------------------------------------------------------------
+
+
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    """log σ(x) = min(x, 0) − log(1 + e^{−|x|}), without overflow."""
+    return np.minimum(x, 0.0) - np.log1p(np.exp(-np.abs(x)))
+
+
+def _slstm_step(cfg: _Cfg, p: Params, x_t, h_prev, state, s_prev=None, keep=None):
+    """x_t (B, I), h_prev (B, H), state (B, 3H) = c, n, m. Returns h_t, the new state (B, 3H),
+    None (no fgr state), cache."""
+    H = cfg.H
+    pre = x_t @ p["weight_ih"].T + h_prev @ _full_recurrent(cfg, p["weight_hh"]).T  # (B, 4H)
+    if cfg.bias:
+        pre = pre + p["bias_ih"] + p["bias_hh"]
+    ui, uf, uz, uo = (pre[:, k * H:(k + 1) * H] for k in range(4))  # ĩ, f̃, z̃, õ
+    c, n, m = state[:, :H], state[:, H:2 * H], state[:, 2 * H:]
+    log_f = uf if cfg.fexp else _log_sigmoid(uf)
+    kept = log_f + m  # (B, H)
+    empty = n == 0.0  # nothing kept: the stabiliser is ĩ
+    m_new = np.where(empty, ui, np.maximum(kept, ui))
+    i = np.exp(ui - m_new)
+    f = np.exp(kept - m_new)
+    g = np.tanh(uz)
+    o = _sigmoid(uo)
+    c_new = f * c + i * g
+    n_raw = f * n + i
+    n_new = np.maximum(n_raw, 1.0) if cfg.nclamp else n_raw
+    h = o * (c_new / n_new)
+    cache = dict(x=x_t, h_prev=h_prev, c=c, n=n, ui=ui, uf=uf, kept=kept, empty=empty, i=i, f=f, g=g, o=o,
+                 c_new=c_new, n_raw=n_raw, n_new=n_new)
+    return h, np.concatenate([c_new, n_new, m_new], axis=1), None, cache
+
+
+def _slstm_step_backward(cfg: _Cfg, p: Params, sc, dh, dstate, ds=None, grads=None):
+    """dh (B, H) = dL/dh_t, dstate (B, 3H) = dL/d(c_t, n_t, m_t) through the carried state.
+    The stabiliser's max is differentiated as it is computed: its gradient goes to the larger
+    of ĩ and log f + m_prev (half to each at a tie), and all of it to ĩ where the cell was empty.
+    Returns dx_t, dh_prev, dstate_prev, None."""
+    H = cfg.H
+    dc, dn, dm = dstate[:, :H], dstate[:, H:2 * H], dstate[:, 2 * H:]
+    i, f, g, o, c_new, n_new = sc["i"], sc["f"], sc["g"], sc["o"], sc["c_new"], sc["n_new"]
+    dc = dc + dh * o / n_new
+    dn = dn - dh * o * c_new / n_new**2
+    do = dh * c_new / n_new
+    if cfg.nclamp:  # n_new = max(n_raw, 1): the floor's derivative is 0 (1 at the tie, as torch.clamp_min)
+        dn = dn * (sc["n_raw"] >= 1.0)
+    di = dc * g + dn  # through c_t = f c + i g and n_t = f n + i
+    df = dc * sc["c"] + dn * sc["n"]
+    dg = dc * i
+    dc_prev, dn_prev = dc * f, dn * f
+    # i = exp(ĩ − m_t), f = exp(kept − m_t)
+    dui = di * i
+    dkept = df * f
+    dm_new = dm - di * i - df * f
+    ui, kept = sc["ui"], sc["kept"]
+    to_i = np.where(sc["empty"], 1.0, np.where(ui > kept, 1.0, np.where(ui == kept, 0.5, 0.0)))
+    dui = dui + dm_new * to_i
+    dkept = dkept + dm_new * (1.0 - to_i)
+    dm_prev = dkept  # kept = log f + m_prev
+    duf = dkept if cfg.fexp else dkept * (1.0 - _sigmoid(sc["uf"]))
+    duz = dg * (1.0 - g**2)
+    duo = do * o * (1.0 - o)
+    dz = np.concatenate([dui, duf, duz, duo], axis=1)  # (B, 4H)
+    if cfg.bias:
+        grads["bias_ih"] += dz.sum(axis=0)
+        grads["bias_hh"] += dz.sum(axis=0)
+    grads["weight_ih"] += dz.T @ sc["x"]
+    grads["weight_hh"] += _stored_recurrent_grad(cfg, dz.T @ sc["h_prev"])
+    dx = dz @ p["weight_ih"]
+    dh_prev = dz @ _full_recurrent(cfg, p["weight_hh"])
+    return dx, dh_prev, np.concatenate([dc_prev, dn_prev, dm_prev], axis=1), None
+
+
+# --------------------------------------------------------------------------------------
 # One plain-RNN step
 # --------------------------------------------------------------------------------------
 
@@ -657,9 +760,9 @@ def layer_forward(
     if h.shape != (B, cfg.H_out):
         raise ValueError(f"h0 shape {h.shape} != {(B, cfg.H_out)}")
     if cfg.kind == "lstm":
-        c = np.zeros((B, cfg.H)) if c0 is None else np.array(c0, dtype=np.float64)  # (B, H)
-        if c.shape != (B, cfg.H):
-            raise ValueError(f"c0 shape {c.shape} != {(B, cfg.H)}")
+        c = np.zeros((B, cfg.SH)) if c0 is None else np.array(c0, dtype=np.float64)  # (B, H) (sLSTM: c, n, m)
+        if c.shape != (B, cfg.SH):
+            raise ValueError(f"c0 shape {c.shape} != {(B, cfg.SH)}")
         s = np.zeros((B, len(cfg.S) * cfg.H)) if cfg.fgr else None  # fgr state restarts at 0
     y = np.zeros((T, B, cfg.H_out))
     steps = []
@@ -669,7 +772,8 @@ def layer_forward(
             h_new, sc = _rnn_step(cfg, p, x[t], h)
         else:
             step_keep = None if keep is None else (keep[0][t], keep[1][t])
-            h_new, c_new, s_new, sc = _lstm_step(cfg, p, x[t], h, c, s, step_keep)
+            step_fn = _slstm_step if cfg.slstm else _lstm_step
+            h_new, c_new, s_new, sc = step_fn(cfg, p, x[t], h, c, s, step_keep)
             c = np.where(mk, c_new, c)
             if cfg.fgr:
                 s = np.where(mk, s_new, s)
@@ -695,7 +799,7 @@ def layer_backward(
     dy = np.zeros((T, B, cfg.H_out)) if dy is None else np.asarray(dy, dtype=np.float64)
     dh = np.zeros((B, cfg.H_out)) if dh_n is None else np.array(dh_n, dtype=np.float64)
     if cfg.kind == "lstm":
-        dc = np.zeros((B, cfg.H)) if dc_n is None else np.array(dc_n, dtype=np.float64)
+        dc = np.zeros((B, cfg.SH)) if dc_n is None else np.array(dc_n, dtype=np.float64)
         ds = np.zeros((B, len(cfg.S) * cfg.H)) if cfg.fgr else None
     dx = np.zeros((T, B, I))
     for t in range(T - 1, -1, -1):
@@ -708,8 +812,8 @@ def layer_backward(
         else:
             dc_new = np.where(mk, dc, 0.0)
             ds_new = np.where(mk, ds, 0.0) if cfg.fgr else None
-            dx[t], dh_prev, dc_prev, ds_prev = _lstm_step_backward(
-                cfg, p, sc, dh_new, dc_new, ds_new, grads)
+            back = _slstm_step_backward if cfg.slstm else _lstm_step_backward
+            dx[t], dh_prev, dc_prev, ds_prev = back(cfg, p, sc, dh_new, dc_new, ds_new, grads)
             dc = np.where(mk, dc_prev, dc)
             if cfg.fgr:
                 ds = np.where(mk, ds_prev, ds)
@@ -753,12 +857,12 @@ def forward(
     h0 = np.zeros((D * L, B, cfg.H_out)) if h0 is None else np.asarray(h0, dtype=np.float64)
     is_lstm = cfg.kind == "lstm"
     if is_lstm:
-        c0 = np.zeros((D * L, B, cfg.H)) if c0 is None else np.asarray(c0, dtype=np.float64)
+        c0 = np.zeros((D * L, B, cfg.SH)) if c0 is None else np.asarray(c0, dtype=np.float64)
     _valid_mask(lengths, T, B)  # validates lengths
     rev = _reverse_index(lengths, T, B)  # (T, B)
 
     h_n = np.zeros((D * L, B, cfg.H_out))
-    c_n = np.zeros((D * L, B, cfg.H)) if is_lstm else None
+    c_n = np.zeros((D * L, B, cfg.SH)) if is_lstm else None
     inp = x  # (T, B, I) for layer 0, (T, B, D·H_out) above
     caches = []
     for l in range(L):
@@ -791,9 +895,9 @@ def backward(
     dy = np.zeros((T, B, D * Ho)) if dy is None else np.asarray(dy, dtype=np.float64)
     dh_n = np.zeros((D * L, B, Ho)) if dh_n is None else np.asarray(dh_n, dtype=np.float64)
     if is_lstm and dc_n is None:
-        dc_n = np.zeros((D * L, B, cfg.H))
+        dc_n = np.zeros((D * L, B, cfg.SH))
     dh0 = np.zeros((D * L, B, Ho))
-    dc0 = np.zeros((D * L, B, cfg.H)) if is_lstm else None
+    dc0 = np.zeros((D * L, B, cfg.SH)) if is_lstm else None
     dlayers: list[list[Params]] = [[{} for _ in range(D)] for _ in range(L)]
     d_out = dy  # gradient w.r.t. the current layer's output (T, B, D·H_out)
     for l in range(L - 1, -1, -1):

@@ -61,9 +61,11 @@ def _setup(variant, *, I=2, T=3, B=2, L=1, bidirectional=False, seed=0):
     h0 = 0.5 * rng.normal(size=(D * L, B, H_out))
     lstm = variant.get("kind", "lstm") == "lstm"
     c0 = rng.normal(size=(D * L, B, cfg_H)) if lstm else None
+    if variant.get("slstm"):  # c, n > 0, m side by side
+        c0 = np.concatenate([c0, rng.uniform(0.1, 1.5, size=c0.shape), rng.normal(size=c0.shape)], axis=-1)
     wy = rng.normal(size=(T, B, D * H_out))
     wh = rng.normal(size=(D * L, B, H_out))
-    wc = rng.normal(size=(D * L, B, cfg_H)) if lstm else None
+    wc = rng.normal(size=c0.shape) if lstm else None
     return layers, x, h0, c0, wy, wh, wc
 
 
@@ -268,6 +270,79 @@ def test_rnn_grads(nonlinearity):
     variant = {"kind": "rnn", "hidden_size": 3, "nonlinearity": nonlinearity}
     check_layer_grads(variant, T=4, B=2, seed=2)
     check_stack_grads(variant, T=4, B=3, L=2, bidirectional=True, lengths=[4, 2, 3], seed=2)
+
+
+SLSTM = {
+    "slstm": {"slstm": True},
+    "slstm_exp": {"slstm": True, "forget_activation": "exp"},
+    "slstm_n_clamp": {"slstm": True, "n_clamp": True},
+    "slstm_heads_exp_clamp": {"slstm": True, "heads": 3, "forget_activation": "exp", "n_clamp": True},
+}
+
+
+@pytest.mark.parametrize("name", list(SLSTM))
+def test_slstm_grads(name):
+    """Every gradient, through all of c_n, n_n and m_n too (the loss weighs each): the
+    stabiliser's max differentiated as computed."""
+    variant = {"hidden_size": H, **SLSTM[name]}
+    check_layer_grads(variant, T=4, B=2, seed=4)
+    check_stack_grads(variant, T=4, B=3, L=2, bidirectional=True, lengths=np.array([2, 4, 1]), seed=4)
+
+
+def test_slstm_n_clamp_where_it_holds_n():
+    """n_t < 1 needs a kept state with n < 1 and a large m (f' = 1, i' small): there the floor
+    holds n at 1, and every gradient still matches finite differences."""
+    variant = {"hidden_size": H, "slstm": True, "n_clamp": True}
+    layers, x, h0, c0, wy, wh, wc = _setup(variant, T=4, B=2, seed=4)
+    c0[0, :, H:2 * H] = [[0.2, 0.5, 1.3], [0.3, 0.9, 0.1]]  # n_0
+    c0[0, :, 2 * H:] = 4.0  # m_0: the forget branch is the max
+    params = layers[0][0]
+    _, _, _, cache = nl.layer_forward(x, params, h0[0], c0[0], variant)
+    n_raw = np.stack([s["n_raw"] for s in cache["steps"]])
+    assert (n_raw < 1).any() and (n_raw > 1).any()
+
+    def loss():
+        y, hn, cn, _ = nl.layer_forward(x, params, h0[0], c0[0], variant)
+        return np.sum(wy * y) + np.sum(wh[0] * hn) + np.sum(wc[0] * cn)
+
+    dx, dparams, _, _ = nl.layer_backward(cache, wy, wh[0], wc[0])
+    _assert_grad("x", dx, _numgrad(loss, x))
+    for name, arr in params.items():
+        _assert_grad(name, dparams[name], _numgrad(loss, arr))
+
+
+def test_slstm_from_the_zero_state():
+    """From c = n = m = 0 (every cell empty) the first stabiliser is ĩ: i' = 1, n_1 = 1, and the
+    gradients of x and every parameter hold (the state's own gradients there are one-sided)."""
+    rng = np.random.default_rng(5)
+    variant = {"hidden_size": H, "slstm": True}
+    params = nl.init_params(variant, 2, rng)
+    x = rng.normal(size=(4, 2, 2))
+    wy = rng.normal(size=(4, 2, H))
+
+    def loss():
+        return np.sum(wy * nl.layer_forward(x, params, None, None, variant)[0])
+
+    y, hn, cn, cache = nl.layer_forward(x, params, None, None, variant)
+    np.testing.assert_allclose(cache["steps"][0]["i"], 1.0)
+    np.testing.assert_allclose(cn[:, H:2 * H] >= 1.0, True)
+    dx, dparams, _, _ = nl.layer_backward(cache, wy, None, None)
+    _assert_grad("x", dx, _numgrad(loss, x))
+    for name, arr in params.items():
+        _assert_grad(name, dparams[name], _numgrad(loss, arr))
+
+
+def test_slstm_output_does_not_depend_on_the_stabiliser():
+    """(c, n, m) and (c e^δ, n e^δ, m − δ) are the same state: h is equal, and so is every later h."""
+    rng = np.random.default_rng(6)
+    variant = {"hidden_size": H, "slstm": True}
+    params = nl.init_params(variant, 2, rng)
+    x = rng.normal(size=(5, 2, 2))
+    c, n, m = rng.normal(size=(2, H)), rng.uniform(0.5, 2, size=(2, H)), rng.normal(size=(2, H))
+    d = rng.normal(size=(2, H))
+    a = nl.layer_forward(x, params, None, np.concatenate([c, n, m], 1), variant)[0]
+    b = nl.layer_forward(x, params, None, np.concatenate([c * np.exp(d), n * np.exp(d), m - d], 1), variant)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_rnn_heads_grads():

@@ -32,6 +32,7 @@ FUSED = {
     "clip": dict(cell="clip=0.5"),
     "projection": dict(cell="vanilla", proj_size=3),
     "heads": dict(cell="peephole+cifg", heads=2, H=6),
+    "slstm": dict(cell="slstm+forget_act=exp", heads=2, H=6),
     "rnn": dict(rnn=True),
 }
 
@@ -102,7 +103,8 @@ def test_fake_shapes_equal_real_ones(variant, save):
     plist = [t.detach() for t in plist]
     R = p["weight_hh"].shape[0]
     args = (torch.randn(T, B, R), p["weight_hh"].detach(), torch.randn(B, layer.output_size),
-            torch.randn(B, H) if spec.is_lstm else torch.empty(0), torch.tensor([6, 2, 4]), *plist,
+            torch.rand(B, abi.cell_state_count(abi.flags(spec)) * H) if spec.is_lstm else torch.empty(0),
+            torch.tensor([6, 2, 4]), *plist,
             abi.flags(spec), abi.mlp_layout(spec, layer.bias), *abi.scalars(spec), H, layer.proj_size, save)
     real = ops.recurrence_op(*args)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:

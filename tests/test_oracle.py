@@ -44,7 +44,8 @@ def oracle_variant(layer) -> dict:
              output_gate=s.output_gate, coupled=s.coupled, peephole=s.peephole, fgr=s.fgr,
              layernorm=s.layernorm, candidate_activation=s.candidate_activation,
              output_activation=s.output_activation, cell_clip=s.cell_clip,
-             gate_hidden=dict(s.gate_hidden), gate_activation=s.gate_activation, zoneout=s.zoneout)
+             gate_hidden=dict(s.gate_hidden), gate_activation=s.gate_activation, zoneout=s.zoneout,
+             slstm=s.slstm, forget_activation=s.forget_activation, n_clamp=s.n_clamp)
     return v
 
 

@@ -61,6 +61,10 @@ CALLS: dict[str, Callable[[dict[str, Any], Path], Any]] = {
     "convert_file": lambda kw, tmp: convert.convert_file(tmp / "missing.pt", tmp / "out.onnx", **kw),
     "read_layer": lambda kw, tmp: convert.read_layer(tmp / "missing.pt", **kw),
     "write_layer": lambda kw, tmp: convert.write_layer(convert.read_layer(_saved(tmp)), tmp / "out.pt", **kw),
+    "from_flashrnn": lambda kw, _: convert.from_flashrnn(torch.zeros(4, 2, 2, 2), torch.zeros(4, 2, 2), **kw),
+    "to_flashrnn": lambda kw, _: convert.to_flashrnn(_layer(), **kw),
+    "from_xlstm_slstm": lambda kw, _: convert.from_xlstm_slstm(
+        {"_recurrent_kernel_": torch.zeros(2, 8, 2), "_bias_": torch.zeros(16)}, **kw),
 }
 #: Wrong values per annotated type: each must be refused.
 WRONG = {bool: ["no", 1, None, 1.0], int: ["3", 2.5, True, None]}

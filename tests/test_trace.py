@@ -169,7 +169,7 @@ def test_trace_absent_gates_and_rnn():
     with pytest.raises(KeyError, match="nfg"):
         nfg[0][0]["f"]
     rnn = trace(build(("rnn", "tanh")), x_data())
-    assert rnn.gates == ("g",) and set(rnn.absent) == {"i", "f", "o", "c"} and rnn.c_n is None
+    assert rnn.gates == ("g",) and set(rnn.absent) == {"i", "f", "o", "c", "n", "m"} and rnn.c_n is None
     torch.testing.assert_close(rnn[0][0]["g"], rnn[0][0]["h"])
 
 

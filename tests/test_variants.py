@@ -17,11 +17,11 @@ from lstmkit import spec as spec_module
 from lstmkit import variants
 from lstmkit.kernels import abi
 from lstmkit.spec import CellSpec, resolve
-from variants import HEADS_VARIANTS, LSTM_VARIANTS, RNN_VARIANTS
+from variants import HEADS_VARIANTS, LSTM_VARIANTS, RNN_VARIANTS, SLSTM_VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Every case of the test matrix as a spec.
-MATRIX = [resolve(c) for c in (*LSTM_VARIANTS.values(), *HEADS_VARIANTS.values())] + \
+MATRIX = [resolve(c) for c in (*LSTM_VARIANTS.values(), *HEADS_VARIANTS.values(), *SLSTM_VARIANTS.values())] + \
     [CellSpec(kind="rnn", nonlinearity=n) for n in RNN_VARIANTS.values()]
 
 
@@ -57,12 +57,13 @@ def test_name_reads_back_as_the_same_spec(cell):
 
 
 def test_presets_words_and_flags_come_from_the_rows():
-    assert set(lstmkit.PRESETS) == {r.word for r in variants.ROWS if not r.takes_value}
+    assert set(lstmkit.PRESETS) == {r.word for r in variants.ROWS if not r.takes_value and r.example is None}
     for r in variants.ROWS:
         for w in (r.word, *r.aliases):
             assert variants.row(w) is r
-        if not r.takes_value:
+        if not r.takes_value and r.example is None:
             assert lstmkit.PRESETS[r.word] == CellSpec(**r.sets)
+        assert r.active(resolve(variants.example_cell(r))), r.word  # an option's example cell has it
     assert abi.FLAGS == tuple(r.flag_name for r in variants.ROWS if r.flag)
     assert len(set(abi.FLAGS)) == len(abi.FLAGS)
     for spec in MATRIX:

@@ -45,3 +45,12 @@ HEADS_VARIANTS: dict[str, object] = {
     "heads+fgr+cifg+zoneout": "heads=2+fgr+cifg+zoneout=0.2",
     "heads+deep_f": CellSpec(heads=2, gate_hidden={"f": (4, 2)}),
 }
+
+#: The sLSTM (``cell="slstm"``): its state is (h, c, n, m), so the tests that run these give and
+#: check four states (tests/test_slstm.py).
+SLSTM_VARIANTS: dict[str, str] = {
+    "slstm": "slstm",
+    "slstm_exp": "slstm+forget_act=exp",
+    "slstm_n_clamp": "slstm+n_clamp",
+    "slstm_heads_exp_clamp": "slstm+heads=2+forget_act=exp+n_clamp",
+}

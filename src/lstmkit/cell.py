@@ -143,9 +143,9 @@ class StepOut(NamedTuple):
     """Everything one step computes. Absent gates are ``None`` (not tensors of ones)."""
 
     h: Tensor                  # (B, H_out) new hidden state / output
-    c: Tensor | None           # (B, H) new cell state (None for the RNN)
+    c: Tensor | None           # (B, H) new cell state (None for the RNN); the sLSTM's c, n, m side by side (B, 3H)
     s: Tensor | None           # (B, |S|·H) sigmoid-gate activations for fgr, else None
-    i: Tensor | None           # (B, H) gate activations, None when absent
+    i: Tensor | None           # (B, H) gate activations, None when absent (sLSTM: i' and f', the stabilised ones)
     f: Tensor | None
     g: Tensor
     o: Tensor | None
@@ -158,7 +158,8 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
 
     Args:
         a_t: (B, R) this step's input pre-activations from :func:`input_projection`.
-        h: (B, H_out) previous hidden state; c: (B, H) previous cell state (None for RNN).
+        h: (B, H_out) previous hidden state; c: (B, H) previous cell state (None for RNN); the
+            sLSTM's c, n, m side by side, (B, 3H) (:func:`lstmkit.variants.cell_states`).
         s: (B, |S|·H) previous sigmoid-gate activations (fgr only, else None).
         p: parameters of the layer-direction (names without suffix).
         keep: zoneout's masks of this step, ``d_c`` (B, H) and ``d_h`` (B, H_out): 1 where a
@@ -172,6 +173,8 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
     if not spec.is_lstm:
         h_new = activation(spec.nonlinearity, z)
         return StepOut(h_new, None, None, None, None, h_new, None)
+    if spec.slstm:
+        return slstm_step(z, c, spec, hidden_size)
 
     u: dict[str, Tensor] = {}
     hidden: dict[str, Tensor] = {}
@@ -225,3 +228,37 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
         c_new = c_new + d_c * (c - c_new)  # d_c c_{t-1} + (1 − d_c) c̃_t
         h_new = h_new + d_h * (h - h_new)  # (B, H_out)
     return StepOut(h_new, c_new, s_new, i, f, g, o, hidden or None)
+
+
+def slstm_step(z: Tensor, state: Tensor, spec: CellSpec, hidden_size: int) -> StepOut:
+    """One step of the sLSTM (Beck et al. 2024) from its pre-activations (docs/cell.md, "The sLSTM").
+
+    The input and forget gates are exponential. ``exp`` overflows, so the cell keeps its state
+    scaled by ``exp(−m_t)``, the stabiliser ``m_t`` being the largest log-weight of the step: the
+    stabilised gates ``i', f'`` are at most 1, and ``h = o ⊙ c / n`` does not depend on ``m``
+    (``c`` and ``n`` are scaled alike). An empty cell (``n_{t−1} = 0``, e.g. the zero initial
+    state) has nothing to keep: there ``m_t = ĩ``.
+
+    Args:
+        z: (B, 4H) pre-activations ``ĩ, f̃, z̃, õ`` (``x W_ihᵀ + h W_hhᵀ + b``).
+        state: (B, 3H) the previous ``c, n, m`` side by side.
+    Returns:
+        ``StepOut`` with ``c`` the new ``c, n, m`` (B, 3H), ``i``, ``f`` the stabilised gates
+        ``i', f'``, ``g = tanh(z̃)`` and ``o = σ(õ)``.
+    """
+    c, n, m = state.split(hidden_size, dim=-1)  # (B, H) each
+    u_i, u_f, u_z, u_o = z.split(hidden_size, dim=-1)  # ĩ, f̃, z̃, õ (B, H) each
+    log_f = u_f if spec.forget_activation == "exp" else F.logsigmoid(u_f)  # log of the forget gate
+    kept = log_f + m  # log-weight of what is kept, on the previous step's scale
+    m_new = torch.where(n == 0, u_i, torch.maximum(kept, u_i))  # the stabiliser (B, H)
+    i = torch.exp(u_i - m_new)  # i' ≤ 1
+    f = torch.exp(kept - m_new)  # f' ≤ 1
+    g = torch.tanh(u_z)
+    o = torch.sigmoid(u_o)
+    c_new = f * c + i * g
+    n_new = f * n + i  # the normaliser: the same sum of weights, without the values
+    if spec.n_clamp:  # FlashRNN: n_t ≥ 1 (gradient 0 where the floor holds n)
+        n_new = torch.clamp_min(n_new, 1.0)
+    h_new = o * (c_new / n_new)
+    return StepOut(h_new, torch.cat([c_new, n_new, m_new], dim=-1), None, i, f, g, o)
+

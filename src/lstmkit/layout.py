@@ -13,6 +13,8 @@ torch         i, f, g, o     ``weight_ih (4H, I)``, two biases
 keras         i, f, c, o     ``kernel (I, 4H)``: transposed, one bias
 onnx          i, o, f, c     ``W [D, 4H, I]``, ``B [D, 8H]``, ``P [D, 3H]`` (i, o, f)
 tf1 / haste   i, g, f, o     TF1 ``kernel [I+H, 4H]``; forget bias added at run time
+flashrnn      i, f, z, o     ``R [4, NH, D, D]``, ``b [4, NH, D]``; heads after gates
+xlstm         i, f, z, o     sLSTM cell: layouts per backend (convert/xlstm.py)
 ============  =============  ==============================================
 """
 
@@ -37,6 +39,8 @@ ORDERS: dict[str, tuple[str, ...]] = {
     "onnx": ("i", "o", "f", "g"),
     "tf1": ("i", "g", "f", "o"),
     "haste": ("i", "g", "f", "o"),
+    "flashrnn": ("i", "f", "g", "o"),
+    "xlstm": ("i", "f", "g", "o"),
 }
 
 #: ONNX stores the peephole weights in this order.

@@ -24,7 +24,7 @@ class StackOut(NamedTuple):
 
     y: Tensor              # (T, B, D·H_out) output of the last layer
     h_n: Tensor            # (L·D, B, H_out)
-    c_n: Tensor | None     # (L·D, B, H), None for the RNN
+    c_n: Tensor | None     # (L·D, B, S·H) the cell states side by side (LSTM: c; sLSTM: c, n, m), None for the RNN
     traces: list[list[dict[str, Tensor]]] | None  # [layer][direction] -> per-step activations
 
 
@@ -51,7 +51,8 @@ def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
     Args:
         x: (T, B, I) time-major, zero-padded input.
         lengths: (B,) int64 on the CPU, or None (all sequences have length T).
-        h0: (L·D, B, H_out); c0: (L·D, B, H), or None for the RNN.
+        h0: (L·D, B, H_out); c0: (L·D, B, S·H), the cell states side by side
+            (:func:`lstmkit.variants.cell_states`), or None for the RNN.
         params: ``params[layer][direction]`` maps names without suffix to tensors.
         dropout: probability of dropout on the input of every layer but the first.
         backend: force a kernel by registry name.

@@ -27,10 +27,12 @@ from lstmkit.kernels.onnx_export import exporting
 from lstmkit.layout import suffix
 from lstmkit.loop import StackOut, run_stack
 from lstmkit.spec import INIT_FIELDS, CellSpec, check_heads, gate_slices, layer_param_shapes, resolve
+from lstmkit.variants import cell_states
 
 __all__ = ["LSTM", "RNN", "LSTMCell", "check_packed_sequence"]
 
-State = tuple[Tensor, Tensor]
+#: ``(h, c)``; the sLSTM's ``(h, c, n, m)`` (:func:`lstmkit.variants.cell_states`).
+State = tuple[Tensor, ...]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -231,6 +233,8 @@ class _Recurrent(nn.Module):
             )
         if proj_size and not spec.is_lstm:
             raise ValueError("proj_size: only LSTM layers have a projection, not the plain RNN")
+        if proj_size and spec.slstm:
+            raise ValueError("proj_size: the sLSTM has no projection in lstmkit (h_t = o ⊙ c_t / n_t is its output)")
         check_heads(spec, hidden_size, proj_size)
         init = [f"{name}={getattr(spec, name)}" for name in INIT_FIELDS if getattr(spec, name) is not None]
         if init and not bias:
@@ -438,8 +442,9 @@ class _Recurrent(nn.Module):
             checks = [(x, _NONFINITE_INPUT)]
             if hx is not None:
                 checks.append((h0, "hx: h_0 contains NaN or inf"))
-                if c0 is not None:
-                    checks.append((c0, "hx: c_0 contains NaN or inf"))
+                if c0 is not None:  # the cell states side by side (the sLSTM: c_0, n_0, m_0)
+                    names = " or ".join(f"{k}_0" for k in cell_states(self.spec))
+                    checks.append((c0, f"hx: {names} contains NaN or inf"))
             _check_finite_all(checks)
         if lengths is not None and bool((lengths == T).all()):
             lengths = None
@@ -470,13 +475,13 @@ class _Recurrent(nn.Module):
         step's activations.
 
         Returns:
-            ``output, h_n, c_n`` as :meth:`forward` (``c_n`` None for the RNN), and the
-            records: ``records[layer][direction][key]`` is ``(T, B, ·)`` for the keys of
-            :data:`lstmkit.kernels.TRACE_KEYS` the variant has.
+            ``output, h_n, c_n`` as :meth:`forward` (``c_n`` None for the RNN; the sLSTM's ``n``
+            and ``m`` are in its records), and the records: ``records[layer][direction][key]`` is
+            ``(T, B, ·)`` for the keys of :data:`lstmkit.kernels.TRACE_KEYS` the variant has.
         """
         output, h_n, c_n, out = self._run(input, hx, record=True)
         assert out.traces is not None
-        return output, h_n, c_n, out.traces
+        return output, h_n, None if c_n is None else self._cell_states(c_n)[0], out.traces
 
     def _check_lengths(self, lengths: Any, input: Any) -> Tensor:
         """``lengths=`` as a (N,) int64 CPU tensor, checked against the padded ``input``."""
@@ -549,22 +554,24 @@ class _Recurrent(nn.Module):
     def _state_shapes(self, batch: int, batched: bool) -> list[tuple[str, tuple[int, ...]]]:
         lead = self.num_layers * self.num_directions
         shapes = [("h_0", (lead, batch, self.output_size))]
-        if self.spec.is_lstm:
-            shapes.append(("c_0", (lead, batch, self.hidden_size)))
+        shapes += [(f"{name}_0", (lead, batch, self.hidden_size)) for name in cell_states(self.spec)]
         if not batched:
             shapes = [(n, (s[0], s[2])) for n, s in shapes]
         return shapes
 
     def _initial_state(self, hx: Any, x: Tensor, batched: bool) -> tuple[Tensor, Tensor | None]:
+        """``h_0`` (L·D, B, H_out) and the cell states side by side (L·D, B, S·H) (None for the RNN),
+        checked; zeros where ``hx`` is None."""
         B = x.shape[1]
         shapes = self._state_shapes(B, batched)
         if hx is None:
             zeros = [x.new_zeros(s if batched else (s[0], 1, s[1])) for _, s in shapes]
-            return zeros[0], (zeros[1] if len(zeros) > 1 else None)
+            return zeros[0], (torch.cat(zeros[1:], dim=-1) if len(zeros) > 1 else None)
         if self.spec.is_lstm:
-            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            if not (isinstance(hx, (tuple, list)) and len(hx) == len(shapes)):
+                names = ", ".join(n for n, _ in shapes)
                 raise TypeError(
-                    f"hx: expected a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}"
+                    f"hx: expected a tuple ({names}) of {len(shapes)} tensors, got {type(hx).__name__}"
                     + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else "")
                 )
             states = list(hx)
@@ -591,7 +598,11 @@ class _Recurrent(nn.Module):
                     f"got {_shape(t)}{hint}"
                 )
             out.append(t if batched else t.unsqueeze(1))
-        return out[0], (out[1] if len(out) > 1 else None)
+        return out[0], (torch.cat(out[1:], dim=-1) if len(out) > 1 else None)
+
+    def _cell_states(self, cells: Tensor) -> tuple[Tensor, ...]:
+        """The cell states side by side (…, S·H) as a tuple ``(c, n, m)`` (``(c,)`` for the LSTM)."""
+        return tuple(cells.split(self.hidden_size, dim=-1))
 
 
 def _with_heads(spec: CellSpec, heads: Any) -> CellSpec:
@@ -630,6 +641,9 @@ class LSTM(_Recurrent):
         input (L, N, I), (N, L, I) with batch_first, (L, I) unbatched, or a PackedSequence;
         h_0 (D·num_layers, N, H_out), c_0 (D·num_layers, N, H);
         output (L, N, D·H_out) and (h_n, c_n) shaped like (h_0, c_0).
+        The sLSTM (``cell="slstm"``) has two more cell states, its normaliser ``n`` and
+        stabiliser ``m``, each (D·num_layers, N, H): ``hx = (h_0, c_0, n_0, m_0)`` (zeros when
+        None) and ``output, (h_n, c_n, n_n, m_n)``.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
@@ -645,7 +659,8 @@ class LSTM(_Recurrent):
 
     def forward(self, input: Tensor | PackedSequence, hx: State | None = None,
                 lengths: Tensor | list[int] | None = None) -> tuple[Tensor | PackedSequence, State]:
-        """Run the LSTM; returns ``output, (h_n, c_n)`` exactly as ``torch.nn.LSTM``.
+        """Run the LSTM; returns ``output, (h_n, c_n)`` exactly as ``torch.nn.LSTM`` (the sLSTM:
+        ``output, (h_n, c_n, n_n, m_n)``).
 
         ``lengths`` (N,) with a padded batched ``input`` runs variable lengths without packing:
         as a PackedSequence of those lengths would (each sequence's h_n, c_n at its own last
@@ -653,12 +668,14 @@ class LSTM(_Recurrent):
         with zeros past each length, shaped as the input.
         """
         output, h_n, c_n, _ = self._run(input, hx, lengths=lengths)
-        return output, (h_n, c_n)  # type: ignore[return-value]
+        assert c_n is not None
+        return output, (h_n, *self._cell_states(c_n))
 
     def step(self, input: Tensor, hx: State | None = None) -> tuple[Tensor, State]:
         """One time step of the whole stack, for decoders, policies and streams:
         ``output, (h_n, c_n) = layer.step(x_t, (h, c))`` is ``layer(x_t[None], (h, c))`` without
-        the time axis, on the same kernel (any variant but fgr, every layer, projection, dropout).
+        the time axis, on the same kernel (any variant but fgr, every layer, projection, dropout;
+        the sLSTM steps ``(h, c, n, m)``).
 
         Shapes: ``input`` (N, I) (also with ``batch_first``) or unbatched (I,); ``hx`` as
         :meth:`forward`'s, (L, N, H_out) and (L, N, H) (unbatched: (L, H_out), (L, H)), None for
@@ -666,7 +683,8 @@ class LSTM(_Recurrent):
         A bidirectional layer cannot step (it reads each sequence from its end too).
         """
         output, h_n, c_n = self._step(input, hx)
-        return output, (h_n, c_n)  # type: ignore[return-value]
+        assert c_n is not None
+        return output, (h_n, *self._cell_states(c_n))
 
 
 class RNN(_Recurrent):
@@ -713,7 +731,8 @@ class LSTMCell(nn.Module):
         backend: force a kernel by registry name (``"reference"``, …), as :class:`LSTM`.
         check_finite: raise on NaN/inf in the input or the state (one cheap pass), as LSTM.
 
-    Shapes: input (N, I) or (I,); hx (h, c) each (N, H) or (H,); returns (h', c').
+    Shapes: input (N, I) or (I,); hx (h, c) each (N, H) or (H,); returns (h', c'). The sLSTM
+    (``cell="slstm"``): hx (h, c, n, m), returns (h', c', n', m').
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device: Any = None,
@@ -761,31 +780,34 @@ class LSTMCell(nn.Module):
             )
 
     def _check_state(self, hx: Any, x: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
-        """``(h, c)`` as (N, H) each (zeros for None), checked against the input ``x`` (N, I)."""
+        """``h`` (N, H) and the cell states side by side (N, S·H) (zeros for None), checked against the
+        input ``x`` (N, I)."""
         shape = (x.shape[0], self.hidden_size)
+        names = ("h", *cell_states(self.spec))
         if hx is None:
-            return x.new_zeros(shape), x.new_zeros(shape)
-        if not (isinstance(hx, (tuple, list)) and len(hx) == 2 and all(isinstance(t, Tensor) for t in hx)):
-            raise TypeError("hx: expected a tuple (h, c) of two tensors")
+            return x.new_zeros(shape), x.new_zeros((x.shape[0], (len(names) - 1) * self.hidden_size))
+        if not (isinstance(hx, (tuple, list)) and len(hx) == len(names) and all(isinstance(t, Tensor) for t in hx)):
+            raise TypeError(f"hx: expected a tuple ({', '.join(names)}) of {len(names)} tensors")
         want = shape if batched else (self.hidden_size,)
-        for name, t in zip("hc", hx):
+        for name, t in zip(names, hx):
             if _shape(t) != want:
                 raise ValueError(f"hx: {name} must have shape {want}, got {_shape(t)}")
             if t.dtype != x.dtype or t.device != x.device:
                 raise TypeError(f"hx: {name} has dtype {t.dtype} on {t.device}, expected {x.dtype} on {x.device}")
-        h, c = hx
-        return (h, c) if batched else (h.unsqueeze(0), c.unsqueeze(0))
+        states = list(hx) if batched else [t.unsqueeze(0) for t in hx]
+        return states[0], torch.cat(states[1:], dim=-1)
 
     def forward(self, input: Tensor, hx: State | None = None) -> State:
-        """One step: ``(h', c') = cell(x, (h, c))``."""
+        """One step: ``(h', c') = cell(x, (h, c))`` (the sLSTM: ``(h', c', n', m')``)."""
         self._check_input(input)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)  # (N, I)
-        h, c = self._check_state(hx, x, batched)  # (N, H) each
+        h, c = self._check_state(hx, x, batched)  # (N, H), the cell states side by side (N, S·H)
         if self.check_finite:
             checks = [(x, _NONFINITE_INPUT)]
             if hx is not None:
-                checks += [(h, "hx: h contains NaN or inf"), (c, "hx: c contains NaN or inf")]
+                checks += [(t, f"hx: {name} contains NaN or inf")
+                           for name, t in zip(("h", *cell_states(self.spec)), hx)]
             _check_finite_all(checks)
         keep = None
         if self.training and self.spec.zoneout != (0.0, 0.0):  # this step's masks, (1, N, H) each
@@ -793,8 +815,8 @@ class LSTMCell(nn.Module):
         kernel = kernels.select(self.spec, x.device, x.dtype, self.backend)
         out = kernel.run(x.unsqueeze(0), None, h, c, dict(self._parameters), self.spec,  # type: ignore[arg-type]
                          self.hidden_size, keep=keep)
-        h_new, c_new = out.h_n, out.c_n
-        assert c_new is not None
+        assert out.c_n is not None
+        new = [out.h_n, *out.c_n.split(self.hidden_size, dim=-1)]
         if not batched:
-            h_new, c_new = h_new.squeeze(0), c_new.squeeze(0)
-        return h_new, c_new
+            new = [t.squeeze(0) for t in new]
+        return tuple(new)

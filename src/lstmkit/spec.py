@@ -120,6 +120,13 @@ class CellSpec:
         zoneout: ``(z_c, z_h)``: in training each unit keeps its previous ``c`` with
             probability ``z_c`` and its previous ``h`` with probability ``z_h`` (masks from
             torch's generator); at evaluation the expectation (Krueger et al. 2016).
+        slstm: the sLSTM (Beck et al. 2024): exponential input gate, forget gate
+            ``exp(log σ(f̃) + m_{t−1} − m_t)``, normaliser ``n`` and stabiliser ``m`` (cell
+            states after ``c``), ``h = o ⊙ c / n`` (docs/cell.md, "The sLSTM").
+        forget_activation: the sLSTM's forget gate: ``"sigmoid"`` (``log f = log σ(f̃)``) or
+            ``"exp"`` (``log f = f̃``).
+        n_clamp: the sLSTM's normaliser kept ``≥ 1`` (``n_t = max(f' n_{t−1} + i', 1)``), as
+            FlashRNN computes it.
         heads: ``k`` heads: the recurrent weights are block-diagonal, each gate's ``W_hh``
             k blocks of ``n_k/k × H_out/k`` (head j of a gate reads only head j of
             ``h_{t-1}``), stored compact as ``weight_hh`` ``(R, H_out/k)`` (Beck et al. 2024;
@@ -157,6 +164,9 @@ class CellSpec:
     gate_hidden_activation: str = "tanh"
     cell_clip: float | None = None
     zoneout: tuple[float, float] = (0.0, 0.0)
+    slstm: bool = False
+    forget_activation: str = "sigmoid"
+    n_clamp: bool = False
     heads: int = 1
     forget_bias: float | None = None
     input_bias: float | None = None
@@ -166,13 +176,14 @@ class CellSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "gate_hidden", _freeze_gate_hidden(self.gate_hidden))
         for name in ("input_gate", "forget_gate", "output_gate", "coupled", "peephole", "fgr",
-                     "layernorm"):
+                     "layernorm", "slstm", "n_clamp"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"CellSpec.{name}: expected a bool, got {value!r}")
         if self.kind not in ("lstm", "rnn"):
             raise ValueError(f"CellSpec.kind: expected 'lstm' or 'rnn', got {self.kind!r}")
-        for name in ("nonlinearity", "candidate_activation", "output_activation", "gate_activation"):
+        for name in ("nonlinearity", "candidate_activation", "output_activation", "gate_activation",
+                     "forget_activation"):
             _check_choice(name, getattr(self, name), spec_choices(name))
         _check_choice("gate_hidden_activation", self.gate_hidden_activation, _HIDDEN_ACTIVATIONS)
         object.__setattr__(self, "zoneout", _check_zoneout(self.zoneout))
@@ -254,6 +265,7 @@ class CellSpec:
                 "CellSpec: peephole connections feed c into the sigmoid gates i, f, o, but this "
                 "variant computes none of them"
             )
+        self._validate_slstm()
         self._validate_init()
         for letter, widths in self.gate_hidden:
             if letter not in self.computed_gates:
@@ -265,6 +277,34 @@ class CellSpec:
                 raise ValueError(
                     f"CellSpec: heads={self.heads} splits each gate's rows of W_hh into {self.heads} blocks, but "
                     f"the deep gate {letter!r}'s first width {widths[0]} is not divisible by {self.heads}")
+
+    def _validate_slstm(self) -> None:
+        """The sLSTM's own options need it; the LSTM's rows that it cannot take are refused, saying why."""
+        if not self.slstm:
+            for name, word in (("forget_activation", "forget_act=exp"), ("n_clamp", "n_clamp")):
+                if getattr(self, name) != CellSpec.__dataclass_fields__[name].default:
+                    raise ValueError(f"CellSpec: {word} is an option of the sLSTM's exponential gating "
+                                     f"(its stabiliser m keeps exp finite); use 'slstm+{word}'")
+            return
+        why = {
+            "peephole": "its gates read c_{t-1} and c_t, which the sLSTM keeps scaled by exp(-m_t)",
+            "coupled": "f = 1 − i couples two sigmoids; the sLSTM's input gate is exponential",
+            "fgr": "fgr feeds the sigmoid gates' activations back; the sLSTM's i and f are exp(· − m_t)",
+            "layernorm": "xLSTM normalises the sLSTM's output outside the cell (a group norm per head)",
+            "input_gate": "nig: the sLSTM's exponential input gate is what it adds",
+            "forget_gate": "nfg: the sLSTM's forget gate enters its stabiliser m",
+            "output_gate": "nog: not part of the sLSTM",
+            "candidate_activation": "the sLSTM's candidate is tanh(z̃)",
+            "output_activation": "the sLSTM's output is o ⊙ c / n, normalised by n, not squashed",
+            "gate_activation": "the sLSTM's output gate is σ and its i, f are exponential",
+            "gate_hidden": "deep gates: not part of the sLSTM",
+            "cell_clip": "the sLSTM's c is scaled by exp(-m_t); a clip would change its meaning with m",
+            "zoneout": "zoneout would mix c and n across different stabilisers m",
+            "chrono": "chrono initialisation is derived for sigmoid gates",
+        }
+        for name, reason in why.items():
+            if getattr(self, name) != CellSpec.__dataclass_fields__[name].default:
+                raise ValueError(f"CellSpec: the sLSTM (slstm) does not take {name}: {reason}")
 
     def _validate_init(self) -> None:
         """Each initial bias needs its gate computed; chrono sets b_f and b_i itself."""
@@ -402,8 +442,10 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"CellSpec.{name}: expected one of {list(choices)}, got {value!r}")
 
 
-#: Named presets: the table's words that take no value (Greff et al. 2017 names where they exist).
-PRESETS: dict[str, CellSpec] = {r.word: CellSpec(**r.sets) for r in variants.ROWS if not r.takes_value}
+#: Named presets: the table's words that take no value and are a cell by themselves (Greff et al.
+#: 2017 names where they exist); an option of another word (``n_clamp`` of ``slstm``) is not one.
+PRESETS: dict[str, CellSpec] = {r.word: CellSpec(**r.sets) for r in variants.ROWS
+                                if not r.takes_value and r.example is None}
 
 
 def preset_names() -> list[str]:
@@ -564,8 +606,7 @@ def _param_names(r: variants.Row) -> list[str]:
     gates' MLPs written ``{k}`` and ``{j}``."""
     if r.params is None:
         return []
-    spec = resolve(f"{r.word}={r.example}") if r.takes_value else resolve(r.word) if r.word != "vanilla" \
-        else CellSpec()
+    spec = resolve(variants.example_cell(r)) if r.word != "vanilla" else CellSpec()
     names = r.params(spec, variants.Dims(H=2, R=2 * len(spec.computed_gates), bias=True))
     out: list[str] = []
     for n in names:

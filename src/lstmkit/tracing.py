@@ -43,7 +43,8 @@ __all__ = ["Trace", "DirectionTrace", "trace", "GradientFlow", "DirectionFlow", 
            "recurrent_layer", "NAMES"]
 
 #: Human names of everything a trace holds, by key.
-NAMES: dict[str, str] = {**dict(zip(GATES, GATE_NAMES)), "c": "cell state", "h": "hidden state"}
+NAMES: dict[str, str] = {**dict(zip(GATES, GATE_NAMES)), "c": "cell state", "n": "normaliser", "m": "stabiliser",
+                         "h": "hidden state"}
 
 
 def recurrent_layer(model: nn.Module) -> LSTM | RNN:
@@ -173,6 +174,9 @@ def _absent_notes(layer: LSTM | RNN, index: int, direction: int, present: set[st
     notes = {k: views[NAMES[k]].note for k in GATES if k not in present}
     if "c" not in present:
         notes["c"] = "absent: the plain RNN has no cell state"
+    for k in ("n", "m"):
+        if k not in present:
+            notes[k] = f"absent: only the sLSTM (cell='slstm') has a {NAMES[k]} ({k})"
     return notes
 
 
@@ -486,6 +490,8 @@ def gradient_flow(model: nn.Module, x: Tensor | PackedSequence, loss_fn: Callabl
             call = probe.calls[index * D + d]
             gh = _stack(call["h"], [next(it) for _ in call["h"]])
             gc = None if call["c"] is None else _stack(call["c"], [next(it) for _ in call["c"]])
+            if gc is not None:  # the cell states side by side (the sLSTM's c, n, m): ∂L/∂c_t
+                gc = gc[..., :layer.hidden_size]
             fm = None
             if call["f"] is not None:
                 f = torch.stack(call["f"])  # (T, B, H)

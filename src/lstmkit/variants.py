@@ -35,6 +35,7 @@ from typing import Any
 from lstmkit.layout import GATES
 
 __all__ = ["Row", "ROWS", "VALUE", "FLAGS", "Dims", "row", "words", "example_cells", "active_rows", "flag_word",
+           "cell_states", "example_cell",
            "flag_names", "computed_gates", "gate_removal_masks", "param_shapes", "onnx_refusal",
            "HARD_SIGMOID_SLOPES", "init_fields"]
 
@@ -84,7 +85,11 @@ class Row:
             kernels compute — an initialisation, or a structure they see in the parameters).
         init: the word sets an initial value only (no equation changes).
         kind: the cell kind it belongs to (``"lstm"``, or ``"rnn"`` for the plain RNN's rows).
-        example: a value of a value word, for the docs, ``lstmkit doctor`` and the tests.
+        example: a value of a value word, for the docs, ``lstmkit doctor`` and the tests; for a
+            word that needs another (``n_clamp`` needs ``slstm``), a whole cell that has it.
+        states: the cell states it adds after ``c`` (the sLSTM's normaliser and stabiliser,
+            ``("n", "m")``): returned and accepted after ``(h, c)``, kept by the kernels next to
+            ``c`` (:func:`cell_states`).
     """
 
     word: str
@@ -102,6 +107,7 @@ class Row:
     init: bool = False
     kind: str = "lstm"
     example: str | None = None
+    states: tuple[str, ...] = ()
 
     @property
     def takes_value(self) -> bool:
@@ -268,6 +274,17 @@ ROWS: tuple[Row, ...] = (
         "expectation", "Krueger et al. 2016, Zoneout", placeholder="<z>[/<z_h>]", parse=_parse_zoneout,
         example="0.2/0.1",
         onnx="the LSTM operator has no zoneout (at evaluation c_t and h_t mix in the previous state)"),
+    Row("slstm", {"slstm": True},
+        "the sLSTM: exponential input gate `i' = exp(ĩ − m_t)`, forget gate `f' = exp(log σ(f̃) + m_{t−1} − m_t)`, "
+        "normaliser `n_t = f' n_{t−1} + i'`, stabiliser `m_t = max(log σ(f̃) + m_{t−1}, ĩ)`, `h_t = o ⊙ c_t / n_t`; "
+        "state `(h, c, n, m)`", "Beck et al. 2024, xLSTM: Extended Long Short-Term Memory", states=("n", "m"),
+        onnx="the LSTM operator has no exponential gates, normaliser or stabiliser"),
+    Row("forget_act=exp", {"forget_activation": "exp"},
+        "sLSTM with an exponential forget gate: `f' = exp(f̃ + m_{t−1} − m_t)`, `m_t = max(f̃ + m_{t−1}, ĩ)`",
+        "Beck et al. 2024, §2.2", example="slstm+forget_act=exp", onnx="the LSTM operator has no exponential gates"),
+    Row("n_clamp", {"n_clamp": True}, "sLSTM with the normaliser kept ≥ 1: `n_t = max(f' n_{t−1} + i', 1)`, as "
+        "FlashRNN computes it", "Pöppel et al. 2025, FlashRNN", example="slstm+n_clamp",
+        onnx="the LSTM operator has no normaliser"),
     Row("heads", {"heads": VALUE},
         "the recurrent weights block-diagonal: each gate's `W_hh` is k blocks of `H/k × H_out/k` on the diagonal "
         "(head j of the gate reads head j of `h_{t-1}`); `weight_hh` is stored `(R, H_out/k)`",
@@ -301,7 +318,14 @@ FLAGS: tuple[str, ...] = tuple(r.flag_name for r in ROWS if r.flag)
 def example_cells() -> list[str]:
     """One cell per row of the table (a value word with its example value): what a check of
     every variant runs (``lstmkit doctor``)."""
-    return [f"{r.word}={r.example}" if r.takes_value else r.word for r in ROWS if r.kind == "lstm"]
+    return [example_cell(r) for r in ROWS if r.kind == "lstm"]
+
+
+def example_cell(r: Row) -> str:
+    """A cell (a ``cell=`` string) that has row ``r``: the word with its example value, or its example cell."""
+    if r.takes_value:
+        return f"{r.word}={r.example}"
+    return r.example or r.word
 
 
 def row(word: str) -> Row | None:
@@ -312,6 +336,16 @@ def row(word: str) -> Row | None:
 def words() -> list[str]:
     """Every word and alias (value words without their value)."""
     return sorted(_BY_WORD)
+
+
+@functools.lru_cache(maxsize=1024)
+def cell_states(spec: Any) -> tuple[str, ...]:
+    """The cell's states after ``h``, in order: ``("c",)`` for the LSTM, then those the active
+    rows add (the sLSTM: ``("c", "n", "m")``); ``()`` for the plain RNN. A layer returns and
+    accepts ``(h, *cell_states)``; the kernels keep them side by side, (B, len · H)."""
+    if spec.kind != "lstm":
+        return ()
+    return ("c", *(name for r in ROWS if r.states and r.sets and r.active(spec) for name in r.states))
 
 
 def init_fields() -> tuple[str, ...]:

@@ -67,6 +67,7 @@ from lstmkit.convert.onnx_import import METADATA_KEY, from_onnx, onnx_module
 from lstmkit.kernels import onnx_export
 from lstmkit.layout import suffix
 from lstmkit.nn import LSTM, RNN
+from lstmkit.variants import cell_states
 
 __all__ = ["to_onnx", "from_onnx", "operator_refusal", "DEFAULT_OPSET", "MIN_OPSET", "SCAN_MIN_OPSET"]
 
@@ -171,7 +172,8 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
             (default ``DEFAULT_OPSET``); a Scan graph with layer norm needs ≥ 17.
         batch_first: the layout of ``X`` and ``Y``; default ``model.batch_first``.
         initial_states: add graph inputs ``initial_h`` [L·D, B, H_out] (and ``initial_c``
-            [L·D, B, H]); without them the states start at zero.
+            [L·D, B, H]; the sLSTM also ``initial_n``, ``initial_m``); without them the states
+            start at zero.
         sequence_lens: add the graph input ``sequence_lens`` [B] (int32): steps
             ``t ≥ len_b`` leave the state unchanged and output zeros, as a PackedSequence.
         dtype: the graph's float type. float32 by default, whatever the layer's dtype:
@@ -184,7 +186,7 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
     Returns:
         ``onnx.ModelProto`` with inputs ``X`` [T, B, I] (``[B, T, I]`` batch-first) and the
         optional ones above; outputs ``Y`` [T, B, D·H_out], ``Y_h`` [L·D, B, H_out] and (LSTM)
-        ``Y_c`` [L·D, B, H].
+        ``Y_c`` [L·D, B, H] (the sLSTM: ``Y_c``, ``Y_n``, ``Y_m``).
 
     Raises:
         ValueError: ``method="operator"`` and a variant the operator cannot carry (the
@@ -219,34 +221,37 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
     is_lstm = isinstance(model, LSTM)
     L, D, H, I = model.num_layers, model.num_directions, model.hidden_size, model.input_size
     h_out = model.output_size
+    cells = cell_states(model.spec)  # c (the sLSTM: c, n, m); none for the RNN
     g = _Builder(np_dtype, opset=opset)
 
     inputs = [helper.make_tensor_value_info("X", elem, ["B", "T", I] if batch_first else ["T", "B", I])]
-    state_names = ["initial_h", "initial_c"] if is_lstm else ["initial_h"]
+    state_names = ["initial_h"] + [f"initial_{k}" for k in cells]
     if sequence_lens:
         inputs.append(helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["B"]))
     if initial_states:
         inputs.append(helper.make_tensor_value_info("initial_h", elem, [L * D, "B", h_out]))
-        if is_lstm:
-            inputs.append(helper.make_tensor_value_info("initial_c", elem, [L * D, "B", H]))
+        for k in cells:
+            inputs.append(helper.make_tensor_value_info(f"initial_{k}", elem, [L * D, "B", H]))
     x = g.op("Transpose", ["X"], "X_time_major", perm=[1, 0, 2]) if batch_first else "X"  # [T, B, I]
     ctx = {"lengths": "sequence_lens" if sequence_lens else None, "states": state_names if initial_states else None}
     if use_scan:
         ctx.update(_scan_context(g, x, sequence_lens))
-    y_h, y_c = [], []
+    y_h: list[str] = []
+    y_c: list[list[str]] = [[] for _ in cells]
     for index in range(L):
         layer_fn = _scan_layer if use_scan else _operator_layer
-        x, hs, cs = layer_fn(g, model, index, x, ctx)  # [T, B, D·H_out], [D, B, H_out], [D, B, H]
+        x, hs, cs = layer_fn(g, model, index, x, ctx)  # [T, B, D·H_out], [D, B, H_out], per cell state [D, B, H]
         y_h.append(hs)
-        y_c.append(cs)
+        for k, c in enumerate(cs):
+            y_c[k].append(c)
     g.op("Transpose", [x], outputs=["Y"], perm=[1, 0, 2]) if batch_first else g.op("Identity", [x], outputs=["Y"])
     g.op("Concat", y_h, outputs=["Y_h"], axis=0) if L > 1 else g.op("Identity", y_h, outputs=["Y_h"])
     outputs = [helper.make_tensor_value_info("Y", elem, ["B", "T", D * h_out] if batch_first
                                              else ["T", "B", D * h_out]),
                helper.make_tensor_value_info("Y_h", elem, [L * D, "B", h_out])]
-    if is_lstm:
-        g.op("Concat", y_c, outputs=["Y_c"], axis=0) if L > 1 else g.op("Identity", y_c, outputs=["Y_c"])
-        outputs.append(helper.make_tensor_value_info("Y_c", elem, [L * D, "B", H]))
+    for k, parts in zip(cells, y_c):  # Y_c (the sLSTM: Y_c, Y_n, Y_m)
+        g.op("Concat", parts, outputs=[f"Y_{k}"], axis=0) if L > 1 else g.op("Identity", parts, outputs=[f"Y_{k}"])
+        outputs.append(helper.make_tensor_value_info(f"Y_{k}", elem, [L * D, "B", H]))
     graph = helper.make_graph(g.nodes, "lstmkit_" + ("lstm" if is_lstm else "rnn"), inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", opset)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="lstmkit",
@@ -264,8 +269,8 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
 
 
 def _operator_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[str, Any]
-                    ) -> tuple[str, str, str]:
-    """One layer as one ONNX ``LSTM``/``RNN`` node; returns Y [T, B, D·H], Y_h, Y_c [D, B, H]."""
+                    ) -> tuple[str, str, list[str]]:
+    """One layer as one ONNX ``LSTM``/``RNN`` node; returns Y [T, B, D·H], Y_h and [Y_c] [D, B, H]."""
     is_lstm = isinstance(model, LSTM)
     D, H = model.num_directions, model.hidden_size
     arrays = [_operator_arrays(model, index, d) for d in range(D)]
@@ -293,7 +298,7 @@ def _operator_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dic
     g.op("LSTM" if is_lstm else "RNN", ins, outputs=outs, **attrs)  # Y [T, D, B, H], Y_h/Y_c [D, B, H]
     y = g.op("Transpose", [outs[0]], f"Y_l{index}_t", perm=[0, 2, 1, 3])  # [T, B, D, H]
     y = g.op("Reshape", [y, g.ints([0, 0, -1])], f"Y_l{index}_merged")  # [T, B, D·H]
-    return y, outs[1], (outs[2] if is_lstm else "")
+    return y, outs[1], ([outs[2]] if is_lstm else [])
 
 
 # ---------------------------------------------------------------------------- Scan export
@@ -319,17 +324,24 @@ def _zeros(g: _Builder, ctx: dict[str, Any], width: int) -> str:
     return g.op("ConstantOfShape", [shape], "zeros", value=value)  # [B, width]
 
 
-def _scan_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[str, Any]) -> tuple[str, str, str]:
+def _scan_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[str, Any]
+                ) -> tuple[str, str, list[str]]:
     """One layer as one ``Scan`` per direction: the input side and the body traced from
     :mod:`lstmkit.cell` (:mod:`lstmkit.convert.onnx_trace`), reading the layer-direction's
-    parameters from initializers named as the state dict."""
+    parameters from initializers named as the state dict. The body carries ``h``, the cell
+    states side by side [B, S·H] (the sLSTM's c, n, m) and fgr's ``s``. Returns ``y``, ``h``
+    [D, B, H_out] and each cell state [D, B, H]."""
     from onnx import helper
 
     spec, H, D = model.spec, model.hidden_size, model.num_directions
     h_out = model.output_size
+    cells = cell_states(spec)
+    S = len(cells)
     lengths = ctx.get("lengths64")
     dtype = torch.float64 if g.np_dtype == np.float64 else torch.float32
-    ys, hs, cs = [], [], []
+    ys: list[str] = []
+    hs: list[str] = []
+    cs: list[list[str]] = [[] for _ in cells]
     for d in range(D):
         tensors = {base: v.detach().cpu().to(dtype) for base, v in model.layer_params(index, d).items()}
         names = {base: g.const(v.numpy(), name=base + suffix(index, d)) for base, v in tensors.items()}
@@ -341,12 +353,15 @@ def _scan_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[st
         reverse = d == 1
         if reverse and lengths is not None:  # each sequence backwards within its own length
             a = g.op("ReverseSequence", [a, lengths], "a_reversed", batch_axis=1, time_axis=0)
-        states = []
-        for k, width in enumerate([h_out, H] if spec.is_lstm else [h_out]):
+        parts = []
+        for k, width in enumerate([h_out] + [H] * S):
             if ctx["states"] is not None:
-                states.append(g.op("Gather", [ctx["states"][k], g.ints(index * D + d)], axis=0))  # [B, width]
+                parts.append(g.op("Gather", [ctx["states"][k], g.ints(index * D + d)], axis=0))  # [B, width]
             else:
-                states.append(_zeros(g, ctx, width))
+                parts.append(_zeros(g, ctx, width))
+        states = parts[:1]
+        if S:  # the cell states side by side, [B, S·H], as cell.step carries them
+            states.append(g.op("Concat", parts[1:], "cells", axis=1) if S > 1 else parts[1])
         if spec.fgr:
             states.append(_zeros(g, ctx, len(spec.sigmoid_gates) * H))
         # The body: one step; its t and lengths inputs: the scanned step index and the outer lengths.
@@ -357,7 +372,7 @@ def _scan_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[st
         nodes, inits, outs = onnx_trace.graft(step, g.fresh, {**inner, **bound}, names)
         g.inits.extend(inits)
         elem = helper.np_dtype_to_tensor_dtype(g.np_dtype)
-        widths = [h_out, H, len(spec.sigmoid_gates) * H][: len(states)] if spec.is_lstm else [h_out]
+        widths = [h_out, S * H, len(spec.sigmoid_gates) * H][: len(states)] if spec.is_lstm else [h_out]
         state_in = [helper.make_tensor_value_info(inner[n], elem, ["B", w])
                     for n, w in zip(body_inputs[: len(states)], widths)]
         scan_in = [helper.make_tensor_value_info(inner["in_a_t"], elem, ["B", spec.gate_rows(H)])]
@@ -375,9 +390,10 @@ def _scan_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[st
             y = g.op("ReverseSequence", [y, lengths], "y", batch_axis=1, time_axis=0)
         ys.append(y)
         hs.append(g.op("Unsqueeze", [outs[0], g.ints([0])]))
-        if spec.is_lstm:
-            cs.append(g.op("Unsqueeze", [outs[1], g.ints([0])]))
+        if S:
+            split = g.op("Split", [outs[1], g.ints([H] * S)], "cell_split", outputs=S, axis=1) if S > 1 else outs[1]
+            for k, c in enumerate([split] if S == 1 else split):
+                cs[k].append(g.op("Unsqueeze", [c, g.ints([0])]))
     y = g.op("Concat", ys, "layer_y", axis=2) if D == 2 else ys[0]
     h = g.op("Concat", hs, "layer_h", axis=0) if D == 2 else hs[0]
-    c = (g.op("Concat", cs, "layer_c", axis=0) if D == 2 else cs[0]) if spec.is_lstm else ""
-    return y, h, c
+    return y, h, [g.op("Concat", c, "layer_c", axis=0) if D == 2 else c[0] for c in cs]

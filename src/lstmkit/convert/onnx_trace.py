@@ -27,6 +27,7 @@ from torch import Tensor
 from lstmkit import cell
 from lstmkit.kernels.onnx_export import masked_step
 from lstmkit.spec import CellSpec
+from lstmkit.variants import cell_states
 
 __all__ = ["input_projection", "step_body", "graft"]
 
@@ -85,8 +86,9 @@ def input_projection(spec: CellSpec, params: dict[str, Tensor], hidden_size: int
 
 def step_body(spec: CellSpec, params: dict[str, Tensor], hidden_size: int, lengths: bool, opset: int) -> Any:
     """The graph of one step, the Scan's body: inputs the states ``in_h`` [B, H_out] (``in_c``
-    [B, H], ``in_s`` [B, |S|·H] for fgr), the scanned ``in_a_t`` [B, R] (and, with lengths, the
-    step ``in_t`` and ``in_lengths`` [B], which the caller binds to the outer scope); outputs
+    [B, H] — the sLSTM's c, n, m side by side, [B, 3H] —, ``in_s`` [B, |S|·H] for fgr), the
+    scanned ``in_a_t`` [B, R] (and, with lengths, the step ``in_t`` and ``in_lengths`` [B],
+    which the caller binds to the outer scope); outputs
     the new states and the step's output (``out_h``, …, ``out_y`` [B, H_out])."""
     p = {n: v for n, v in params.items() if n not in ("weight_ih", "bias_ih", "bias_hh", "ln_ih_weight")}
     H = hidden_size
@@ -96,7 +98,7 @@ def step_body(spec: CellSpec, params: dict[str, Tensor], hidden_size: int, lengt
     key = ("step", spec, H, R, h_out, tuple(sorted(p)), dtype, lengths, opset)
     if key not in _CACHE:
         B = torch.export.Dim("B", min=2)
-        widths = [("in_h", h_out)] + ([("in_c", H)] if spec.is_lstm else []) + \
+        widths = [("in_h", h_out)] + ([("in_c", len(cell_states(spec)) * H)] if spec.is_lstm else []) + \
             ([("in_s", len(spec.sigmoid_gates) * H)] if spec.fgr else [])
         inputs: list[tuple[str, Tensor, dict[int, Any]]] = [(n, torch.zeros(2, w, dtype=dtype), {0: B})
                                                             for n, w in widths]

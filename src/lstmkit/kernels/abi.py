@@ -30,7 +30,7 @@ from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 
 __all__ = ["FLAGS", "PARAMS", "BUFFERS", "SCALARS", "PHIS", "GATE_REMOVED", "flags", "flag", "scalars",
-           "gate_slots", "mlp_layout", "mlp_width", "mlp_names", "buffer_shapes", "header"]
+           "gate_slots", "mlp_layout", "mlp_width", "mlp_names", "buffer_shapes", "cell_state_count", "header"]
 
 #: Variant flags; bit k of the ``flags`` integer is ``FLAGS[k]`` (the variant table's rows).
 FLAGS: tuple[str, ...] = variants.FLAGS
@@ -121,6 +121,15 @@ def mlp_width(layout: list[int] | tuple[int, ...]) -> int:
     return total
 
 
+def cell_state_count(flag_bits: int) -> int:
+    """``S``, the cell states a row carries side by side (``c0``, ``c_n``, the ``C`` buffer are
+    (…, S·H)): 1 for the LSTM (c), 3 for the sLSTM (c, n, m), 0 for the RNN — as
+    :func:`lstmkit.variants.cell_states` says of a spec."""
+    if flag_bits & flag("rnn"):
+        return 0
+    return 1 + sum(len(r.states) for r in variants.ROWS if r.flag and r.states and flag_bits & flag(r.flag_name))
+
+
 def buffer_shapes(flag_bits: int, T: int, B: int, R: int, H: int, save: bool,
                   mlp: list[int] | tuple[int, ...] = ()) -> list[tuple[int, ...]]:
     """Shapes of :data:`BUFFERS` as the forward returns them (``(0,)`` = not kept).
@@ -131,8 +140,9 @@ def buffer_shapes(flag_bits: int, T: int, B: int, R: int, H: int, save: bool,
         save: whether the forward keeps anything (training or record mode).
         mlp: :func:`mlp_layout` of the deep gates.
 
-    Every LSTM variant keeps ``C`` (T, B, H), the cell states; ``G`` (T, B, G·H), the gate
-    activations, unless layernorm (without fgr or deep gates) keeps the normalised
+    Every LSTM variant keeps ``C`` (T, B, S·H), the cell states (S = :func:`cell_state_count`);
+    ``G`` (T, B, G·H), the gate activations (the sLSTM: (T, B, 6H), ``i', f', z, o`` and the
+    pre-activations ``ĩ, f̃``), unless layernorm (without fgr or deep gates) keeps the normalised
     pre-activations ``AH``, ``RH`` (T, B, R) and their 1/std per gate ``AS``, ``RS`` (T, B, G)
     instead and recomputes the gates. With zoneout, ``CN`` (T, B, H) is the cell's new state
     before zoneout mixed the previous one in (``C`` holds the state after). Deep gates keep
@@ -145,7 +155,8 @@ def buffer_shapes(flag_bits: int, T: int, B: int, R: int, H: int, save: bool,
     G = sum(s >= 0 for s in gate_slots(flag_bits)[0].values())
     ln = bool(flag_bits & flag("layernorm"))
     keep_g = not ln or bool(flag_bits & flag("fgr")) or bool(mlp)
-    shapes = {"G": (T, B, G * H) if keep_g else empty, "C": (T, B, H),
+    slstm = bool(flag_bits & flag("slstm"))
+    shapes = {"G": (T, B, (6 if slstm else G) * H) if keep_g else empty, "C": (T, B, cell_state_count(flag_bits) * H),
               "CN": (T, B, H) if flag_bits & flag("zoneout") else empty,
               "MLP": (T, B, mlp_width(mlp)) if mlp else empty}
     for name, width in (("RH", R), ("RS", G), ("AH", R), ("AS", G)):

@@ -19,7 +19,9 @@ __all__ = ["Kernel", "KernelOut", "TRACE_KEYS", "hidden_keys"]
 
 #: What a recording kernel returns per step, each (T, B, ·); absent gates are missing. Deep
 #: gates add their MLPs' hidden activations under ``"<gate>.<layer>"`` (``"f.1"``, (T, B, n_1)).
-TRACE_KEYS: tuple[str, ...] = ("i", "f", "g", "o", "c", "h")
+#: The sLSTM's ``i`` and ``f`` are its stabilised gates ``i'``, ``f'``; it adds its normaliser
+#: ``n`` and stabiliser ``m``.
+TRACE_KEYS: tuple[str, ...] = ("i", "f", "g", "o", "c", "n", "m", "h")
 
 
 def hidden_keys(spec: CellSpec) -> list[str]:
@@ -32,7 +34,7 @@ class KernelOut(NamedTuple):
 
     y: Tensor                 # (T, B, H_out), zeros past each sequence's length
     h_n: Tensor               # (B, H_out) state after each sequence's last valid step
-    c_n: Tensor | None        # (B, H), None for the RNN
+    c_n: Tensor | None        # (B, S·H) the cell states side by side ((B, H): c; sLSTM: c, n, m), None for the RNN
     trace: dict[str, Tensor] | None  # record=True: per-step activations, (T, B, H) each
 
 
@@ -73,7 +75,8 @@ class Kernel(ABC):
         Args:
             x: (T, B, I) layer input, time-major, zero-padded.
             lengths: (B,) int64 on the CPU, or None when every sequence has length T.
-            h0: (B, H_out); c0: (B, H) or None for the RNN.
+            h0: (B, H_out); c0: (B, S·H) the cell states side by side (the LSTM's c (B, H); the
+                sLSTM's c, n, m (B, 3H): :func:`lstmkit.variants.cell_states`), None for the RNN.
             params: the layer-direction's parameters, names without suffix.
             record: also return the per-step activations (``TRACE_KEYS``).
             keep: zoneout's training masks ``d_c`` (T, B, H) and ``d_h`` (T, B, H_out), 1 where

@@ -97,15 +97,21 @@ class FusedKernel(Kernel):
     heads: bool = False
 
     def refuses(self, spec: CellSpec) -> str | None:
-        if spec.gate_hidden and not self.deep_gates:
-            return "deep gates (gate_hidden) run on the 'reference' kernel"
-        if spec.heads != 1 and not self.heads:
-            return (f"heads={spec.heads} (block-diagonal recurrent weights) runs on the 'reference' kernel "
-                    f"({'cpu_fused' if self.name != 'cpu_fused' else 'not yet'} computes it)")
+        """Every part of ``spec`` this row's kernels do not compute, joined (None: it computes all)."""
         missing = [name for name in variants.flag_names(spec) if name not in self.implements]
-        if missing:
-            return f"{', '.join(missing)} run{'s' if len(missing) == 1 else ''} on the 'reference' kernel"
-        return None
+        if spec.gate_hidden and not self.deep_gates:
+            missing.insert(0, "deep gates (gate_hidden)")
+        if spec.heads != 1 and not self.heads:
+            missing.append(f"heads={spec.heads} (block-diagonal recurrent weights)")
+        if not missing:
+            return None
+        return (f"its kernels do not compute {', '.join(missing)}: such layers run on the 'reference' kernel"
+                + ("" if self.name == "cpu_fused" else " (on the CPU, 'cpu_fused' computes them)"
+                   if all(self._cpu_computes(m) for m in missing) else ""))
+
+    @staticmethod
+    def _cpu_computes(part: str) -> bool:
+        return part.split(" ")[0].split("=")[0] in FusedCPUKernel.implements | {"deep", "heads"}
     #: The input projection's GEMM (``linear(x2d, W, b)``); None is ``F.linear``.
     linear: Any = None
 
@@ -166,11 +172,11 @@ def trace_from_buffers(buffers: list[Tensor], y: Tensor, h0: Tensor, c0: Tensor,
         out["g"] = out["h"]  # the RNN's activation is its output
         return out
     G = b["G"] if b["G"].numel() else _layernorm_gates(b, y.detach(), h0, c0, lengths, params, spec, H)
-    for n, k in enumerate(spec.computed_gates):
+    for n, k in enumerate(spec.computed_gates):  # the sLSTM's i, f: its stabilised i', f'
         out[k] = G[:, :, n * H:(n + 1) * H]
     if spec.coupled:
         out["f"] = 1.0 - out["i"]
-    out["c"] = b["C"]
+    out.update(zip(variants.cell_states(spec), b["C"].split(H, dim=-1)))  # c (the sLSTM: c, n, m)
     col = 0
     for key, width in zip(hidden_keys(spec), (w for _, ws in spec.gate_hidden for w in ws)):  # deep gates
         out[key] = b["MLP"][:, :, col:col + width]
@@ -207,7 +213,7 @@ class FusedCPUKernel(FusedKernel):
     heads = True
     implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
                             "rnn", "rnn_relu", "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "cand_act_relu",
-                            "out_act_relu", "zoneout"})
+                            "out_act_relu", "zoneout", "slstm", "forget_act_exp", "n_clamp"})
     linear = staticmethod(input_linear)
 
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,

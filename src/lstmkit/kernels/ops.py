@@ -6,11 +6,11 @@ operators, so that everything PyTorch does with an operator works on it: ``torch
 and meta shapes. Shapes (T steps, B batch, R = G·H rows of the G computed gates, H cells,
 H_out = proj_size or H; ``(0,)`` is an empty tensor meaning "none")::
 
-    lstmkit::recurrence(xg (T, B, R), w_hh (R, H_out), h0 (B, H_out), c0 (B, H) | (0,),
+    lstmkit::recurrence(xg (T, B, R), w_hh (R, H_out/k), h0 (B, H_out), c0 (B, S·H) | (0,),
                         lengths (B,) int64 | (0,), params: Tensor[len(abi.PARAMS)],
                         flags: int, mlp_layout: int[], scalars: float[len(abi.SCALARS)],
                         hidden_size: int, proj_size: int, save: bool)
-        -> y (T, B, H_out), h_n (B, H_out), c_n (B, H) | (0,), buffers: Tensor[len(abi.BUFFERS)]
+        -> y (T, B, H_out), h_n (B, H_out), c_n (B, S·H) | (0,), buffers: Tensor[len(abi.BUFFERS)]
 
     lstmkit::recurrence_backward(dy (T, B, H_out) | (0,), dh_n | (0,), dc_n | (0,), y, h0, c0,
                                  w_hh, lengths, params, buffers, flags, mlp_layout, scalars,
@@ -20,7 +20,10 @@ H_out = proj_size or H; ``(0,)`` is an empty tensor meaning "none")::
 (each tensor list and the scalars are separate named arguments of the schema, in the ABI's order;
 ``mlp_layout`` is :func:`lstmkit.kernels.abi.mlp_layout`, ``[]`` without deep gates)
 
-``xg`` is the input side of every step, ``x W_ihᵀ + b_ih + b_hh`` (layernorm: the raw
+``c0``/``c_n`` hold the cell's S states side by side (:func:`lstmkit.kernels.abi.cell_state_count`:
+the LSTM's c, the sLSTM's c, n, m). ``w_hh`` is the stored recurrent weight: with k heads
+(block-diagonal, ``heads=k``) its H_out/k columns are each row's block, and the kernels read k
+from that width. ``xg`` is the input side of every step, ``x W_ihᵀ + b_ih + b_hh`` (layernorm: the raw
 ``x W_ihᵀ``; the kernel then normalises it and adds ``params["bias"]`` itself). ``params``
 and ``dparams`` follow :data:`lstmkit.kernels.abi.PARAMS`, ``buffers`` (kept for backward
 and for the trace when ``save``) :data:`~lstmkit.kernels.abi.BUFFERS`. Empty ``dy``, ``dh_n``,
@@ -122,7 +125,7 @@ def _recurrence_fake(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: 
     lstm = not flags & abi.flag("rnn")
     buffers = [xg.new_empty(s, dtype=_compute_dtype(xg.dtype))
                for s in abi.buffer_shapes(flags, T, B, R, hidden_size, save, mlp_layout)]
-    c_n = xg.new_empty((B, hidden_size)) if lstm else xg.new_empty((0,))
+    c_n = xg.new_empty((B, abi.cell_state_count(flags) * hidden_size)) if lstm else xg.new_empty((0,))
     return (xg.new_empty((T, B, h_out)), xg.new_empty((B, h_out)), c_n, *buffers)
 
 
@@ -134,7 +137,7 @@ def _recurrence_backward_fake(dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor,
     if flags & abi.flag("rnn"):
         dc0 = y.new_empty((0,))
     else:
-        dc0 = torch.empty_like(c0) if c0.numel() else y.new_empty((B, hidden_size))
+        dc0 = torch.empty_like(c0) if c0.numel() else y.new_empty((B, abi.cell_state_count(flags) * hidden_size))
     dparams = [torch.empty_like(p) if p.numel() else y.new_empty((0,)) for p in params]
     return (y.new_empty((T, B, w_hh.shape[0])), torch.empty_like(w_hh), torch.empty_like(h0), dc0, *dparams)
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from lstmkit import cell
 from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut, hidden_keys
 from lstmkit.spec import CellSpec
+from lstmkit.variants import cell_states
 
 __all__ = ["ReferenceKernel"]
 
@@ -29,7 +30,11 @@ class ReferenceKernel(Kernel):
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
             record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
         y, h, c, rec = self.loop(x, lengths, h0, c0, params, spec, hidden_size, record, keep)
-        trace = {k: torch.stack(v) for k, v in rec.items() if v} if record else None
+        trace = None
+        if record:
+            trace = {k: torch.stack(v) for k, v in rec.items() if v}
+            if "c" in trace:  # the cell states side by side: one key each (the sLSTM: c, n, m)
+                trace.update(zip(cell_states(spec), trace["c"].split(hidden_size, dim=-1)))
         return KernelOut(y, h, c, trace)
 
     def loop(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
@@ -37,7 +42,8 @@ class ReferenceKernel(Kernel):
              record: bool = False, keep: tuple[Tensor, Tensor] | None = None
              ) -> tuple[Tensor, Tensor, Tensor | None, dict[str, list[Tensor]]]:
         """The time loop: ``(y, h_n, c_n, per-step values)``; with ``record`` the lists of
-        ``i, f, g, o, c, h`` hold each step's graph nodes (h and c before padding is masked)."""
+        ``i, f, g, o, c, h`` hold each step's graph nodes (h and c before padding is masked; ``c``
+        the cell states side by side, (B, S·H))."""
         T, B = x.shape[0], x.shape[1]
         a = cell.input_projection(x, params, spec, hidden_size)  # (T, B, R)
         h, c = h0, c0

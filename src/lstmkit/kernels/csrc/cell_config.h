@@ -73,6 +73,9 @@ struct HeadSeg {
 struct Cfg {
   bool rnn, relu, has_i, has_f, has_o, cifg, peep, fgr, ln, clip, zoneout;
   bool gate_hard;                 // the gates use clamp(slope u + 1/2, 0, 1) instead of sigma
+  bool slstm, fexp, nclamp;       // the sLSTM; its exponential forget gate; its normaliser floor n >= 1
+  int64_t S, SH, GW;              // cell states per row (1: c; sLSTM 3: c, n, m; RNN 0), their width S·H,
+                                  // the width of a row of the gate buffer G (G·H; sLSTM 6H: i', f', z, o, ĩ, f̃)
   double gate_slope;
   int cand_act, out_act;          // ACT_TANH, ACT_IDENTITY or ACT_RELU
   double clipv, zc, zh;           // the operator's scalars (abi.SCALARS)
@@ -113,6 +116,10 @@ struct Cfg {
     for (int g = 0, slot = 0; g < 4; ++g) { zoff[g] = off[g]; aoff[g] = present[g] ? H * slot++ : -1; }
     si = soff[0]; sf = soff[1]; so = soff[3];
     G = k; R = col; nS = s;
+    slstm = flags & F_SLSTM; fexp = flags & F_FORGET_ACT_EXP; nclamp = flags & F_N_CLAMP;
+    S = rnn ? 0 : slstm ? 3 : 1;
+    SH = S * H;
+    GW = slstm ? 6 * H : G * H;
   }
 
   int64_t heads = 1, Dh = 0;  // heads: k; Dh = H_out / k, the width of a head of h

@@ -68,6 +68,37 @@ static inline Vectorized<T> keep_of(const T* mask_row, T z, int64_t j, int n) {
   return mask_row ? ldv(mask_row + j, n) : Vectorized<T>(z);
 }
 
+// The sLSTM's pieces, shared by forward and backward (the backward recomputes the stabiliser's
+// comparison and the normaliser's floor with the same instructions on the same stored values).
+// log sigma(x) = min(x, 0) - log1p(exp(-|x|)).
+template <typename T>
+static inline Vectorized<T> log_sigmoid(const Vectorized<T>& x) {
+  using V = Vectorized<T>;
+  return at::vec::minimum(x, V(T(0))) - (vexp<T>(V(T(0)) - x.abs())).log1p();
+}
+// kept = log f + m_{t-1}: what the forget gate keeps, on the previous step's scale (log f = f~ or log sigma(f~)).
+template <typename T>
+static inline Vectorized<T> slstm_kept(const Cfg& cf, const Vectorized<T>& uf, const Vectorized<T>& mp) {
+  return (cf.fexp ? uf : log_sigmoid<T>(uf)) + mp;
+}
+// m_t = max(kept, i~), or i~ where the cell was empty (n_{t-1} = 0).
+template <typename T>
+static inline Vectorized<T> slstm_stabiliser(const Vectorized<T>& ui, const Vectorized<T>& kept, const Vectorized<T>& np) {
+  using V = Vectorized<T>;
+  return V::blendv(at::vec::maximum(kept, ui), ui, np == V(T(0)));
+}
+// n_t before its floor: f' n_{t-1} + i'; with n_clamp, max(that, 1).
+template <typename T>
+static inline Vectorized<T> slstm_n_raw(const Vectorized<T>& fv, const Vectorized<T>& np, const Vectorized<T>& iv) {
+  return fv * np + iv;
+}
+template <typename T>
+static inline Vectorized<T> slstm_normaliser(const Cfg& cf, const Vectorized<T>& fv, const Vectorized<T>& np,
+                                             const Vectorized<T>& iv) {
+  const Vectorized<T> raw = slstm_n_raw<T>(fv, np, iv);
+  return cf.nclamp ? at::vec::maximum(raw, Vectorized<T>(T(1))) : raw;
+}
+
 // ---------------------------------------------------------------------------- forward
 
 template <typename T>
@@ -162,8 +193,44 @@ struct StepForward {
     }
   }
 
+  // One valid step of one row of the sLSTM (docs/cell.md, "The sLSTM"): the state c, n, m of the
+  // row updated in place; G keeps i', f', z = tanh(z~), o, and the pre-activations i~, f~ (the
+  // backward recomputes the stabiliser's comparison from them, bit for bit); C the new c, n, m.
+  void slstm_row(int64_t t, int64_t b) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    const int64_t H = cf.H, tb = t * B + b;
+    const T* rr = r + b * ldr;
+    const T* xr = xg_row(t, b);
+    T* st = c + b * cf.SH;  // c | n | m
+    T* gr = G ? G + tb * cf.GW : nullptr;
+    T* hr = h + b * ldh;
+    T* yr = Y + tb * H;
+    for (int64_t j = 0; j < H; j += VL) {
+      const int n = (int)std::min<int64_t>(VL, H - j);
+      auto u = [&](int g) { return ldv(xr + cf.zoff[g] + j, n) + ldv(rr + cf.zoff[g] + j, n); };
+      const V ui = u(0), uf = u(1), uz = u(2), uo = u(3);
+      const V cp = ldv(st + j, n), np = ldv(st + H + j, n), mp = ldv(st + 2 * H + j, n);
+      const V kept = slstm_kept(cf, uf, mp);
+      const V m = slstm_stabiliser(ui, kept, np);
+      const V iv = vexp<T>(ui - m), fv = vexp<T>(kept - m);
+      const V z = vtanh<T>(uz), o = sigm<T>(uo);
+      const V cn = fv * cp + iv * z;
+      const V nn = slstm_normaliser(cf, fv, np, iv);
+      const V hv = o * (cn / nn);
+      stv(cn, st + j, n); stv(nn, st + H + j, n); stv(m, st + 2 * H + j, n);
+      stv(hv, hr + j, n); stv(hv, yr + j, n);
+      if (gr) {
+        stv(iv, gr + j, n); stv(fv, gr + H + j, n); stv(z, gr + 2 * H + j, n); stv(o, gr + 3 * H + j, n);
+        stv(ui, gr + 4 * H + j, n); stv(uf, gr + 5 * H + j, n);
+      }
+    }
+    if (C) std::copy(st, st + cf.SH, C + tb * cf.SH);
+  }
+
   // One valid step of one row of the LSTM (after pre_row and, with deep gates, the MLPs).
   void lstm_row(int64_t t, int64_t b, int tid) const {
+    if (cf.slstm) { slstm_row(t, b); return; }
     using V = Vectorized<T>;
     constexpr int VL = V::size();
     const int64_t R = cf.R, H = cf.H, Hout = cf.Hout, tb = t * B + b;
@@ -264,10 +331,10 @@ struct StepForward {
     const int64_t R = cf.R, H = cf.H, tb = t * B + b;
     if (cf.P == 0) std::fill(Y + tb * cf.Hout, Y + (tb + 1) * cf.Hout, T(0));
     if (cf.rnn) return;
-    const T* cr = c + b * H;
-    if (G) std::fill(G + tb * cf.G * H, G + (tb + 1) * cf.G * H, T(0));
+    const T* cr = c + b * cf.SH;
+    if (G) std::fill(G + tb * cf.GW, G + (tb + 1) * cf.GW, T(0));
     if (mlp.any() && !acts_per_step) std::fill(act_row(t, b), act_row(t, b) + mlp.atot, T(0));
-    if (C) std::copy(cr, cr + H, C + tb * H);
+    if (C) std::copy(cr, cr + cf.SH, C + tb * cf.SH);
     if (CN) std::copy(cr, cr + H, CN + tb * H);
     if (RH) {
       std::fill(RH + tb * R, RH + tb * R + R, T(0)); std::fill(RS + tb * cf.G, RS + tb * cf.G + cf.G, T(0));
@@ -352,7 +419,53 @@ struct StepBackward {
   // MLP's backward), fgr's to the dUS row; updates the carried dc to dL/dc_{t-1}; accumulates the
   // cell's parameter gradients into A (AccLayout). tmp: H scratch of this thread (the LN-c
   // backward's row); gbuf: the regated gates' row (layernorm without G).
+  // One valid step of one row of the sLSTM's BPTT. dh (+ dh2): dL/dh_t; the carried dc row holds
+  // dL/d(c_t, n_t, m_t) and becomes dL/d(c_{t-1}, n_{t-1}, m_{t-1}). The stabiliser's max is
+  // differentiated as it is computed (as autograd does in xLSTM's and FlashRNN's PyTorch cells):
+  // dL/dm_t goes to the larger of i~ and kept (half to each at a tie; all to i~ where the cell was
+  // empty), besides what m_t gets from i' = exp(i~ - m_t) and f' = exp(kept - m_t).
+  void slstm_row(int64_t t, int64_t b, const T* dh, const T* dh2) const {
+    using V = Vectorized<T>;
+    constexpr int VL = V::size();
+    const int64_t R = cf.R, H = cf.H, SH = cf.SH, tb = t * B + b;
+    T* dxr = dXG + tb * R;
+    const T* gr = G + tb * cf.GW;                            // i', f', z, o, i~, f~
+    const T* sr = C + tb * SH;                               // c_t, n_t, m_t
+    const T* sp = t > 0 ? C + (tb - B) * SH : c0 + b * SH;  // c_{t-1}, n_{t-1}, m_{t-1}
+    T* ds = dc + b * SH;
+    const V one(T(1)), zero(T(0)), half(T(0.5));
+    for (int64_t j = 0; j < H; j += VL) {
+      const int n = (int)std::min<int64_t>(VL, H - j);
+      const V dhv = dh2 ? ldv(dh + j, n) + ldv(dh2 + j, n) : ldv(dh + j, n);
+      const V iv = ldv(gr + j, n), fv = ldv(gr + H + j, n), z = ldv(gr + 2 * H + j, n), o = ldv(gr + 3 * H + j, n);
+      const V ui = ldv(gr + 4 * H + j, n), uf = ldv(gr + 5 * H + j, n);
+      const V cn = ldv(sr + j, n), nn = ldv(sr + H + j, n);
+      const V cp = ldv(sp + j, n), np = ldv(sp + H + j, n), mp = ldv(sp + 2 * H + j, n);
+      // h = o (c / n)
+      const V ratio = cn / nn;
+      V dcv = ldv(ds + j, n) + dhv * o / nn;
+      V dnv = ldv(ds + H + j, n) - dhv * o * ratio / nn;
+      const V duo = dhv * ratio * o * (one - o);
+      if (cf.nclamp) dnv = V::blendv(zero, dnv, slstm_n_raw<T>(fv, np, iv) >= one);  // the floor holds n: 0
+      // c_t = f' c + i' z, n_t = f' n + i'
+      const V di = dcv * z + dnv, df = dcv * cp + dnv * np;
+      const V duz = dcv * iv * (one - z * z);
+      // i' = exp(i~ - m_t), f' = exp(kept - m_t), m_t = max(kept, i~) (i~ where empty)
+      const V dm = ldv(ds + 2 * H + j, n) - di * iv - df * fv;
+      const V kept = slstm_kept<T>(cf, uf, mp);
+      V to_i = V::blendv(V::blendv(zero, half, ui == kept), one, ui > kept);
+      to_i = V::blendv(to_i, one, np == zero);
+      const V dui = di * iv + dm * to_i;
+      const V dkept = df * fv + dm * (one - to_i);
+      const V duf = cf.fexp ? dkept : dkept * (one - sigm<T>(uf));
+      stv(dui, dxr + cf.zoff[0] + j, n); stv(duf, dxr + cf.zoff[1] + j, n);
+      stv(duz, dxr + cf.zoff[2] + j, n); stv(duo, dxr + cf.zoff[3] + j, n);
+      stv(dcv * fv, ds + j, n); stv(dnv * fv, ds + H + j, n); stv(dkept, ds + 2 * H + j, n);
+    }
+  }
+
   void lstm_row(int64_t t, int64_t b, const T* dh, const T* dh2, const T* dsr, T* A, T* tmp, T* gbuf) const {
+    if (cf.slstm) { slstm_row(t, b, dh, dh2); return; }
     using V = Vectorized<T>;
     constexpr int VL = V::size();
     const int64_t R = cf.R, H = cf.H, tb = t * B + b;

@@ -41,9 +41,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   std::vector<at::Tensor> buf(N_BUFFERS);
   // layernorm (without fgr or deep gates) keeps a_hat and r_hat instead of G: backward recomputes the gates
   const bool saveC = save && lstm;
-  if (saveC && (!cf.ln || cf.fgr || mlp.any())) buf[B_G] = at::empty({Tn, B, cf.G * H}, opt);
+  if (saveC && (!cf.ln || cf.fgr || mlp.any())) buf[B_G] = at::empty({Tn, B, cf.GW}, opt);
   if (saveC && mlp.any()) buf[B_MLP] = at::empty({Tn, B, mlp.atot}, opt);
-  if (saveC) buf[B_C] = at::empty({Tn, B, H}, opt);
+  if (saveC) buf[B_C] = at::empty({Tn, B, cf.SH}, opt);
   if (saveC && cf.zoneout) buf[B_CN] = at::empty({Tn, B, H}, opt);
   if (save && cf.ln) {
     buf[B_RH] = at::empty({Tn, B, R}, opt); buf[B_RS] = at::empty({Tn, B, cf.G}, opt);
@@ -54,7 +54,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   const int64_t ldh = pad_ld(Hout, VL), ldr = pad_ld(R, VL), lds = pad_ld(std::max<int64_t>(cf.nS * H, 1), VL),
                 ldm = pad_ld(H, VL), ldscratch = pad_ld(H, VL);
   at::Tensor hs = at::zeros({B, ldh}, opt), rws = at::zeros({B, ldr}, opt);  // (B, H_out) h, (B, R) r
-  at::Tensor cs = lstm ? c0.contiguous().clone() : at::Tensor();                // (B, H) c
+  at::Tensor cs = lstm ? c0.contiguous().clone() : at::Tensor();                // (B, S·H) c [, n, m]
   at::Tensor ss, fws, mws, scratch, acts_ws, vout;
   if (mlp.any()) {  // deep gates: each layer's output (B, vtot); a_j per step when not kept
     vout = at::zeros({B, mlp.vtot}, opt);

@@ -125,7 +125,9 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
   at::Tensor c0 = to_compute(c0_in, ct);
   const int64_t Tn = xg.size(0), B = xg.size(1);
   cf.set_heads(whh.size(1));
-  if (!cf.rnn && c0.numel() == 0) c0 = at::zeros({B, H}, xg.options());
+  if (!cf.rnn && c0.numel() == 0) c0 = at::zeros({B, cf.SH}, xg.options());
+  TORCH_CHECK(cf.rnn || (c0.dim() == 2 && c0.size(0) == B && c0.size(1) == cf.SH),
+              "lstmkit::recurrence: c0 must be (B, ", cf.SH, "): the cell's ", cf.S, " states side by side");
   const auto len = lengths_vec(lengths, B, Tn);
   const int64_t work = B * cf.R * (cf.Dh + (in_loop ? x.size(2) : 0));  // per step (heads: Dh = H_out/k)
   const int nt = choose_threads(work, B);
@@ -173,10 +175,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   const bool lstm = !cf.rnn;
   const auto opt = y.options();
   at::Tensor c0 = to_compute(c0_in, ct);
-  if (lstm && c0.numel() == 0) c0 = at::zeros({B, H}, opt);
+  if (lstm && c0.numel() == 0) c0 = at::zeros({B, cf.SH}, opt);
   at::Tensor dy = dy_in.numel() ? to_compute(dy_in, ct) : at::zeros({1}, opt).expand({Tn, B, Hout});
   at::Tensor dhn = dhn_in.numel() ? to_compute(dhn_in, ct) : at::zeros({B, Hout}, opt);
-  at::Tensor dcn = !lstm ? at::empty({0}, opt) : dcn_in.numel() ? to_compute(dcn_in, ct) : at::zeros({B, H}, opt);
+  at::Tensor dcn = !lstm ? at::empty({0}, opt) : dcn_in.numel() ? to_compute(dcn_in, ct) : at::zeros({B, cf.SH}, opt);
   const auto len = lengths_vec(lengths, B, Tn);
   const int nt = choose_threads(B * R * cf.Dh, B);
   std::vector<at::Tensor> bufs;
