@@ -77,7 +77,8 @@ def from_flashrnn(R: Any, b: Any, W: Any = None, function: str = "lstm", *, batc
     R = _tensor("R", R, 4)
     G, NH, D, P = R.shape
     if G != 4 or D != P:
-        raise ValueError(f"R: expected (4, NH, D, D) (gates, heads, units, units: FlashRNN's GHDP), got {tuple(R.shape)}")
+        raise ValueError(f"R: expected (4, NH, D, D) (gates, heads, units, units: FlashRNN's GHDP), "
+                         f"got {tuple(R.shape)}")
     b = _tensor("b", b, 3)
     if tuple(b.shape) != (4, NH, D):
         raise ValueError(f"b: expected (4, NH, D) = {(4, NH, D)} like R, got {tuple(b.shape)}")
