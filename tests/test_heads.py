@@ -237,3 +237,42 @@ def test_onnx_scan_export_and_back():
     back = from_onnx(proto)
     assert back.spec == layer.spec
     assert all(torch.equal(back.state_dict()[k], v) for k, v in layer.state_dict().items())
+
+
+def test_inference_in_the_loop(monkeypatch):
+    """Without gradients, B >= 8: the input projection inside the fused loop (forward_infer) with
+    heads, against the reference; and a single step."""
+    from lstmkit.kernels import cpu_ext
+
+    real, calls = cpu_ext.load(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def forward_infer(self, *args):
+            calls.append(args[0].shape)
+            return real.forward_infer(*args)
+    monkeypatch.setattr(cpu_ext, "load", lambda verbose=False: Spy())
+    torch.manual_seed(0)
+    for cell in ("heads=3", "heads=3+layernorm+peephole"):
+        ref = lstmkit.LSTM(5, 12, 2, bidirectional=True, proj_size=6, cell=cell, backend="reference").double().eval()
+        fast = lstmkit.LSTM(5, 12, 2, bidirectional=True, proj_size=6, cell=cell, backend="cpu_fused").double().eval()
+        fast.load_state_dict(ref.state_dict())
+        x = torch.randn(6, 10, 5, dtype=torch.float64)
+        before = len(calls)
+        with torch.no_grad():
+            want, got = ref(x, lengths=[6, 2, 5, 1, 6, 3, 4, 6, 1, 2]), fast(x, lengths=[6, 2, 5, 1, 6, 3, 4, 6, 1, 2])
+        assert len(calls) - before == 4, cell
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(got[1], want[1]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    one = lstmkit.LSTM(5, 12, heads=4, backend="cpu_fused").double().eval()
+    ref1 = lstmkit.LSTM(5, 12, heads=4, backend="reference").double().eval()
+    ref1.load_state_dict(one.state_dict())
+    x1 = torch.randn(3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        y, (h, c) = one.step(x1)
+        yr, (hr, cr) = ref1.step(x1)
+    torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c, cr, rtol=1e-12, atol=1e-12)

@@ -269,3 +269,49 @@ def test_onnx_scan_with_the_four_states_and_back():
     back = from_onnx(proto)
     assert back.spec == layer.spec
     assert all(torch.equal(back.state_dict()[k], v) for k, v in layer.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- inference and steps
+
+
+@pytest.mark.parametrize("B_", [10, 1])
+def test_inference_in_the_loop_and_one_step_per_call(B_, monkeypatch):
+    """Without gradients the fused kernel runs the input projection inside its loop
+    (forward_infer: B >= 8, and every single step): the sLSTM there equals the reference, and
+    layer.step / LSTMCell step the four states."""
+    from lstmkit.kernels import cpu_ext
+
+    real, calls = cpu_ext.load(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def forward_infer(self, *args):
+            calls.append(args[0].shape)
+            return real.forward_infer(*args)
+    monkeypatch.setattr(cpu_ext, "load", lambda verbose=False: Spy())
+    torch.manual_seed(0)
+    ref = lstmkit.LSTM(I, 6, 2, cell="slstm+heads=3", backend="reference").double().eval()
+    fast = lstmkit.LSTM(I, 6, 2, cell="slstm+heads=3", backend="cpu_fused").double().eval()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B_, I, dtype=torch.float64)
+    st = (torch.randn(2, B_, 6, dtype=torch.float64), torch.randn(2, B_, 6, dtype=torch.float64),
+          torch.rand(2, B_, 6, dtype=torch.float64) + 0.5, torch.randn(2, B_, 6, dtype=torch.float64))
+    with torch.no_grad():
+        want = ref(x, st)
+        if B_ >= 8:
+            got = fast(x, st)
+            assert calls, "the in-loop inference path did not run"
+            torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+            for a, b in zip(got[1], want[1]):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        state, ys = st, []
+        for t in range(T):  # one step per call, the whole stack
+            y, state = fast.step(x[t], state)
+            ys.append(y)
+        torch.testing.assert_close(torch.stack(ys), want[0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(state, want[1]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if B_ == 1:
+        assert calls, "a single step runs forward_infer"
