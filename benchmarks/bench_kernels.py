@@ -4,6 +4,7 @@
     python benchmarks/bench_kernels.py --quick         # two shapes, fewer variants
     python benchmarks/bench_kernels.py --memory-only   # training peak memory, fresh processes
     python benchmarks/bench_kernels.py --neighbour     # also with another process spinning on one core
+    python benchmarks/bench_kernels.py --heads-slstm   # heads 1/4/8 and the sLSTM vs the reference, FlashRNN, nn.LSTM
 
 Every row is timed in this process with torch's default threads (plus one-thread rows
 for nn.LSTM and the reference loop): warm-up, then the median of ``--repeats`` runs.
@@ -206,6 +207,151 @@ def neighbour_rows(shape, mode: str, base: float, flops: float, plan: list, repe
     return rows
 
 
+# ---------------------------------------------------------------------------- heads and the sLSTM
+
+HEADS_SHAPE = (32, 100, 512, 512)
+
+
+def heads_flops(B: int, T: int, I: int, H: int, heads: int, train: bool) -> float:
+    """GEMM FLOPs of one layer with ``heads`` block-diagonal recurrent blocks (the sLSTM's are the same)."""
+    fwd = 2 * T * B * 4 * H * (I + H // heads)
+    return 3 * fwd if train else fwd
+
+
+def _flashrnn_step(x: torch.Tensor, W: torch.Tensor, R: torch.Tensor, b: torch.Tensor, function: str,
+                   train: bool) -> Callable[[], object]:
+    """FlashRNN's PyTorch path (backend "vanilla") on Wx = x Wᵀ, as a layer would run it."""
+    from flashrnn import flashrnn
+
+    B, T, _ = x.shape
+    NH, D = R.shape[1], R.shape[2]
+    params = [W, R, b]
+
+    def run():
+        Wx = (x @ W.t()).view(B, T, 4, NH, D)
+        return flashrnn(Wx, R, b, function=function, backend="vanilla", dtype="float32")[0][0]
+
+    if not train:
+        def infer():
+            with torch.no_grad():
+                return run()
+        return infer
+
+    def step():
+        for p in params:
+            p.grad = None
+        run().sum().backward()
+    return step
+
+
+def bench_heads_slstm(repeats: int, reference_repeats: int, threads: int, with_reference: bool,
+                      shape: tuple[int, int, int, int] = HEADS_SHAPE) -> dict:
+    """heads = 1, 4, 8 and the sLSTM with 4 heads at one shape: lstmkit's fused kernel against its
+    reference loop, FlashRNN's PyTorch path on the same weights and torch.nn.LSTM (vanilla), plus
+    heads = 4 run as one GEMM over the dense block-diagonal matrix (the alternative the kernel's
+    per-head GEMMs were chosen over). Rows interleaved, medians; ratios within this run only."""
+    from lstmkit.cell import block_diagonal
+    from lstmkit.convert import to_flashrnn
+
+    B, T, I, H = shape
+    torch.manual_seed(0)
+    x = torch.randn(T, B, I)
+    xb = x.transpose(0, 1).contiguous()  # (B, T, I): FlashRNN's layout
+    configs = [("vanilla", "heads=1", 1), ("vanilla", "heads=4", 4), ("vanilla", "heads=8", 8),
+               ("slstm", "slstm heads=4", 4)]
+    try:
+        import flashrnn  # noqa: F401
+        peers = True
+    except ImportError:
+        peers = False
+    layers = {}
+    for cell, label, k in configs:
+        layer = lstmkit.LSTM(I, H, cell=cell, heads=k)
+        ref = lstmkit.LSTM(I, H, cell=cell, heads=k, backend="reference")
+        ref.load_state_dict(layer.state_dict())
+        layers[label] = (layer, ref, k)
+    dense = lstmkit.LSTM(I, H)  # heads=4 as one GEMM over its dense block-diagonal matrix
+    sd = dict(layers["heads=4"][0].state_dict())
+    sd["weight_hh_l0"] = block_diagonal(sd["weight_hh_l0"], layers["heads=4"][0].spec, H).detach().clone()
+    dense.load_state_dict(sd)
+    torch_lstm = torch.nn.LSTM(I, H)
+    rows = []
+    for train in (False, True):
+        mode = "train" if train else "infer"
+        plan = [("torch.nn.LSTM", "oneDNN", make_step(torch_lstm, x, train), 1, False)]
+        for label, (layer, ref, k) in layers.items():
+            plan.append((f"lstmkit {label}", kernels.select(layer.spec, x.device, x.dtype).name,
+                         make_step(layer, x, train), k, False))
+            if with_reference:
+                plan.append((f"reference {label}", "reference", make_step(ref, x, train), k, True))
+            if peers:
+                fr = {n: v.requires_grad_(train) for n, v in to_flashrnn(layer).items() if n != "function"}
+                plan.append((f"FlashRNN {label}", "flashrnn vanilla",
+                             _flashrnn_step(xb, fr["W"], fr["R"], fr["b"], "slstm" if "slstm" in label else "lstm",
+                                            train), k, True))
+        plan.append(("lstmkit heads=4 as a dense block-diagonal GEMM", "cpu_fused", make_step(dense, x, train), 1,
+                     False))
+        times: dict[str, list[float]] = {name: [] for name, *_ in plan}
+        torch.set_num_threads(threads)
+        for slow in (False, True):  # the slow rows in their own pass (they churn caches and the allocator)
+            group = [p for p in plan if p[4] == slow]
+            for _name, _, fn, _, _ in group:
+                fn()
+            for _ in range(reference_repeats if slow else repeats):
+                for name, _, fn, _, _ in group:
+                    if not slow:
+                        fn()  # untimed: caches warm with this row's data
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+        base = statistics.median(times["torch.nn.LSTM"])
+        for name, kname, _, k, _ in plan:
+            sec = statistics.median(times[name])
+            rows.append({"shape": list(shape), "mode": mode, "row": name, "kernel": kname, "heads": k,
+                         "seconds": sec, "ratio_vs_torch": sec / base,
+                         "gflops": heads_flops(B, T, I, H, k, train) / sec / 1e9})
+        print(f"  heads/sLSTM {shape} {mode}: " + ", ".join(
+            f"{r['row']} {r['seconds'] * 1e3:.1f} ms" for r in rows if r["mode"] == mode), flush=True)
+    return {"machine": machine(), "torch": torch.__version__, "threads": threads, "repeats": repeats,
+            "reference_repeats": reference_repeats, "rows": rows}
+
+
+def markdown_heads_slstm(result: dict) -> str:
+    """The heads/sLSTM rows as a table, and the issue's two targets computed from this run."""
+    m = result["machine"]
+    shape = tuple(result["rows"][0]["shape"])
+    lines = ["# Heads and the sLSTM", "",
+             f"Machine: {m['cpu']}, capability {m['capability']}, {m['cores']} cores; torch {result['torch']}; "
+             f"{result['threads']} threads; median of {result['repeats']} rounds ({result['reference_repeats']} for "
+             f"the reference loop and FlashRNN); (B, T, I, H) = {shape}, float32. Every ratio is within this "
+             f"run (the machine is shared).", ""]
+    for mode in ("infer", "train"):
+        rows = {r["row"]: r for r in result["rows"] if r["mode"] == mode}
+        lines += [f"## {'Inference' if mode == 'infer' else 'Training step (forward + backward)'}", "",
+                  "| row | ms | ÷ nn.LSTM | GFLOP/s | ÷ lstmkit's fused row |", "|---|---|---|---|---|"]
+        for name, r in rows.items():
+            label = name.split(" ", 1)[1] if name.split(" ", 1)[0] in ("reference", "FlashRNN") else None
+            fused = rows.get(f"lstmkit {label}") if label else None
+            vs = f"{r['seconds'] / fused['seconds']:.1f}" if fused else ""
+            lines.append(f"| {name} | {r['seconds'] * 1e3:.1f} | {r['ratio_vs_torch']:.2f} | {r['gflops']:.0f} | "
+                         f"{vs} |")
+        one = rows["lstmkit heads=1"]
+        lines.append("")
+        for k in (4, 8):
+            rk = rows[f"lstmkit heads={k}"]
+            flop_ratio = heads_flops(*shape, 1, mode == "train") / heads_flops(*shape, k, mode == "train")
+            speed = one["seconds"] / rk["seconds"]
+            lines.append(f"- heads={k}: {speed:.2f}× faster than heads=1 (FLOP ratio {flop_ratio:.2f}; target ≥ "
+                         f"{flop_ratio / 2:.2f}: {'met' if speed >= flop_ratio / 2 else 'NOT met'})")
+        s4 = rows["lstmkit slstm heads=4"]["seconds"] / rows["lstmkit heads=4"]["seconds"]
+        lines.append(f"- sLSTM ÷ vanilla LSTM, both 4 heads (equal FLOPs): {s4:.2f} (target ≤ 1.3: "
+                     f"{'met' if s4 <= 1.3 else 'NOT met'})")
+        dense = rows["lstmkit heads=4 as a dense block-diagonal GEMM"]["seconds"] / rows["lstmkit heads=4"]["seconds"]
+        lines.append(f"- heads=4 as one GEMM over the dense block-diagonal matrix ÷ per-head GEMMs: {dense:.2f}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def machine() -> dict[str, str]:
     """The CPU this run measured: model name, torch's capability, cores."""
     model = platform.processor() or platform.machine()
@@ -322,10 +468,18 @@ def main() -> None:
     ap.add_argument("--neighbour", action="store_true", help="also time with a process spinning on one core")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--memory-shape", help=argparse.SUPPRESS)
+    ap.add_argument("--heads-slstm", action="store_true",
+                    help="only the heads / sLSTM rows (heads 1, 4, 8 and the sLSTM with 4 heads at (32, 100, 512, 512) "
+                         "against the reference loop, FlashRNN's PyTorch path and nn.LSTM)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, tuple(int(v) for v in args.memory_shape.split(",")))
+        return
+    if args.heads_slstm:
+        res = bench_heads_slstm(args.repeats, args.reference_repeats, torch.get_num_threads(), not args.no_reference)
+        save(args.out, "bench_heads_slstm", res, markdown_heads_slstm)
+        print(markdown_heads_slstm(res))
         return
     threads = torch.get_num_threads()
     grid, extra, variants = GRID, EXTRA, VARIANTS

@@ -104,12 +104,18 @@ def block_diagonal(w_hh: Tensor, spec: CellSpec, hidden_size: int) -> Tensor:
 
 
 def recurrent(h: Tensor, w_hh: Tensor, spec: CellSpec, hidden_size: int) -> Tensor:
-    """``r = h_{t-1} W_hhᵀ`` (B, R) with the full (block-diagonal, with heads) ``W_hh``.
+    """``r = h_{t-1} W_hhᵀ`` (B, R) with the full (block-diagonal, with heads) ``W_hh``: with k
+    heads, block j of each gate times the j-th part of ``h`` (the zeros are not multiplied).
 
     Args:
         h: (B, H_out) previous hidden state; w_hh: (R, H_out/k) stored weights.
     """
-    return torch.matmul(h, block_diagonal(w_hh, spec, hidden_size).t())
+    k = spec.heads
+    if k == 1:
+        return torch.matmul(h, w_hh.t())
+    hk = h.unflatten(-1, (k, -1))  # (B, k, H_out/k)
+    return torch.cat([torch.einsum("bkd,kod->bko", hk, w_hh[rows].unflatten(0, (k, -1))).flatten(-2)  # (B, n)
+                      for rows in gate_slices(spec, hidden_size).values()], dim=-1)
 
 
 Linear = Callable[[Tensor, Tensor, Tensor | None], Tensor]
