@@ -88,7 +88,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lstmkit.spec",),
     ("lstmkit.cell",),
     ("lstmkit.kernels",),
-    ("lstmkit.loop",),
+    ("lstmkit.loop", "lstmkit.checks"),
     ("lstmkit.gates",),
     ("lstmkit.nn",),
     ("lstmkit.inspect", "lstmkit.tracing"),

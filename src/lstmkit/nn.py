@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import warnings
 from typing import Any
 
@@ -21,15 +20,22 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from lstmkit import cell as cell_eqs
 from lstmkit import kernels
 from lstmkit._validate import check_bool, check_int
+from lstmkit.checks import (
+    NONFINITE_INPUT,
+    check_backend,
+    check_device,
+    check_dtype,
+    check_finite_all,
+    check_memory,
+    check_packed_sequence,
+)
 from lstmkit.gates import gate_views
-from lstmkit.kernels import cpu_ext
-from lstmkit.kernels.onnx_export import exporting
 from lstmkit.layout import suffix
 from lstmkit.loop import StackOut, run_stack
 from lstmkit.spec import INIT_FIELDS, CellSpec, check_heads, gate_slices, layer_param_shapes, resolve
 from lstmkit.variants import cell_states
 
-__all__ = ["LSTM", "RNN", "LSTMCell", "check_packed_sequence"]
+__all__ = ["LSTM", "RNN", "LSTMCell"]
 
 #: ``(h, c)``; the sLSTM's ``(h, c, n, m)`` (:func:`lstmkit.variants.cell_states`).
 State = tuple[Tensor, ...]
@@ -39,169 +45,15 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _check_finite(t: Tensor, message: str) -> None:
-    """Raise ValueError(message) if ``t`` holds a NaN or inf.
-
-    Eager: one reduction (a NaN or inf makes the sum NaN or inf; only then, or on overflow
-    of finite values, is every element checked). Under ``torch.compile`` and
-    ``torch.export`` a Python ``if`` on tensor data cannot be traced, so the check becomes
-    an assertion node in the graph (``torch._assert_async``: the compiled or exported
-    program raises a RuntimeError with this message). Under ``vmap`` the check is skipped
-    (a batched tensor has no single truth value), as it is during ONNX export (the ONNX
-    graph has no assertions).
-    """
-    if type(t) in _PLAIN and not torch.compiler.is_compiling() and not _functorch.is_functorch_wrapped_tensor(t):
-        # plain eager data (the common case, first): one reduction and one read of its value
-        if not (math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())):
-            raise ValueError(message)
-        return
-    if exporting():
-        return
-    if torch.compiler.is_compiling():
-        torch._assert_async(torch.isfinite(t).all(), message)
-        return
-    if _vmapped(t):
-        return
-    if not (bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())):
-        raise ValueError(message)
-
-
-def _check_finite_all(checks: list[tuple[Tensor, str]]) -> None:
-    """:func:`_check_finite` on each ``(tensor, message)``: plain eager CPU tensors in one call
-    of the compiled kernel once it is loaded (a step's input and state: one call, not three
-    reductions and reads)."""
-    tensors = [t for t, _ in checks]
-    if not torch.compiler.is_compiling() and all(
-            type(t) in _PLAIN and t.device.type == "cpu" and not _functorch.is_functorch_wrapped_tensor(t)
-            for t in tensors):
-        bad = cpu_ext.first_nonfinite(tensors)
-        if bad is not None:
-            if bad >= 0:
-                raise ValueError(checks[bad][1])
-            return
-    for t, message in checks:
-        _check_finite(t, message)
-
-
-_PLAIN = (Tensor, nn.Parameter)
-_functorch = torch._C._functorch
-
 _NO_TORCHSCRIPT = (
     "lstmkit: {what} is not supported: TorchScript cannot follow the cell variants or the fused "
     "operator. Use torch.export.export(model, args), torch.compile(model), or "
     "torch.onnx.export(model, args) (the default, dynamo-based exporter), which all trace lstmkit layers")
 
-
-def _vmapped(t: Tensor) -> bool:
-    """True if ``t`` is batched by ``torch.func.vmap`` at any level of functorch wrapping."""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t):
-        if functorch.is_batchedtensor(t):
-            return True
-        t = functorch.get_unwrapped(t)
-    return False
-
-
-def _check_device(device: Any) -> Any:
-    """The ``device`` argument, refused with its name if it cannot hold the parameters."""
-    if device is None:
-        return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"device: {device!r} is not a device ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {str(device)!r} asks for CUDA, but this torch sees no CUDA device "
-                         f"(torch.cuda.is_available() is False); use device='cpu'")
-    return device
-
-
-def _check_backend(backend: Any, spec: CellSpec) -> str | None:
-    """The ``backend`` argument: None or a registered kernel that can run ``spec``."""
-    if backend is not None:
-        if not isinstance(backend, str) or backend not in kernels.REGISTRY:
-            raise ValueError(f"backend: unknown kernel {backend!r}; expected one of {list(kernels.REGISTRY)}")
-        why = kernels.REGISTRY[backend].refuses(spec)
-        if why:
-            raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
-    return backend
-
-
-_NONFINITE_INPUT = ("input: contains NaN or inf; lstmkit checks this so that bad data fails here and not as "
-                    "NaN weights later (pass check_finite=False to skip the check)")
-
 #: Why one step at a time cannot run fgr (its previous gate activations are state that
 #: ``(h, c)`` does not carry; a whole-sequence call starts them at 0).
 _FGR_STEP = ("fgr keeps the previous gate activations as extra state, which (h, c) cannot carry; "
              "run lstmkit.LSTM over the whole sequence instead")
-
-
-def _check_dtype(dtype: Any) -> None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected a floating-point torch.dtype such as torch.float32 or torch.float64, "
-                        f"got {dtype!r}")
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _check_memory(spec: CellSpec, input_size: int, hidden_size: int, num_layers: int, bidirectional: bool,
-                  proj_size: int, bias: bool, device: Any, dtype: Any) -> None:
-    """Refuse, naming the sizes, parameters that would not fit in this machine's memory
-    (before allocating them: a typo such as ``deep=2147483648`` must not reach the allocator)."""
-    dev = torch.device(device) if device is not None else torch.empty(0).device
-    if dev.type != "cpu":
-        return
-    memory = _physical_memory()
-    if memory is None:
-        return
-    out = proj_size or hidden_size
-    dirs = 2 if bidirectional else 1
-    per = [sum(math.prod(s) for s in layer_param_shapes(spec, n_in, hidden_size, proj_size, bias).values())
-           for n_in in (input_size, out * dirs)]
-    values = dirs * (per[0] + (num_layers - 1) * per[1])
-    size = values * (torch.finfo(dtype).bits // 8 if dtype is not None else torch.get_default_dtype().itemsize)
-    if size > memory:
-        raise ValueError(
-            f"input_size, hidden_size, num_layers, cell: the parameters would take {size / 2**30:,.1f} GiB "
-            f"({values:,} values), more than this machine's {memory / 2**30:,.1f} GiB of memory "
-            f"(input_size={input_size}, hidden_size={hidden_size}, num_layers={num_layers}, cell={spec.name!r})")
-
-
-def check_packed_sequence(packed: PackedSequence, what: str = "input") -> None:
-    """Raise ValueError naming what is inconsistent in a (hand-built) PackedSequence:
-    ``batch_sizes`` must be a positive, non-increasing 1-D int64 CPU tensor adding up to
-    the rows of ``data``; the index tensors permutations of the batch, inverse to each other."""
-    data, bs = packed.data, packed.batch_sizes
-    if not isinstance(data, Tensor) or data.dim() != 2:
-        raise ValueError(f"{what}: PackedSequence.data must be a 2-D (sum of lengths, input_size) tensor, got "
-                         f"{type(data).__name__ if not isinstance(data, Tensor) else f'shape {_shape(data)}'}")
-    if not isinstance(bs, Tensor) or bs.dim() != 1 or bs.numel() == 0 or bs.dtype != torch.int64 \
-            or bs.device.type != "cpu":
-        raise ValueError(f"{what}: PackedSequence.batch_sizes must be a non-empty 1-D int64 CPU tensor, got "
-                         f"{bs!r}"[:200])
-    if bool((bs < 1).any()) or bool((bs[1:] > bs[:-1]).any()):
-        raise ValueError(f"{what}: PackedSequence.batch_sizes must be positive and non-increasing, got "
-                         f"{bs.tolist()[:12]}")
-    if int(bs.sum()) != data.shape[0]:
-        raise ValueError(f"{what}: PackedSequence.data has {data.shape[0]} rows but its batch_sizes add up to "
-                         f"{int(bs.sum())}")
-    B = int(bs[0])
-    ident = torch.arange(B)
-    for name, idx in (("sorted_indices", packed.sorted_indices), ("unsorted_indices", packed.unsorted_indices)):
-        if idx is None:
-            continue
-        if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.numel() != B or idx.dtype != torch.int64 \
-                or not torch.equal(idx.cpu().sort().values, ident):
-            raise ValueError(f"{what}: PackedSequence.{name} must be a permutation of 0..{B - 1} (int64), got "
-                             f"{idx!r}"[:200])
-    s, u = packed.sorted_indices, packed.unsorted_indices
-    if (s is None) != (u is None) or (s is not None and not torch.equal(s.cpu()[u.cpu()], ident)):
-        raise ValueError(f"{what}: PackedSequence.unsorted_indices must be the inverse of sorted_indices")
 
 
 class _Recurrent(nn.Module):
@@ -256,11 +108,11 @@ class _Recurrent(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bool(bidirectional)
         self.proj_size = proj_size
-        self.backend = _check_backend(backend, spec)
+        self.backend = check_backend(backend, spec)
         self.check_finite = check_finite
-        device = _check_device(device)
-        _check_dtype(dtype)
-        _check_memory(spec, input_size, hidden_size, num_layers, bidirectional, proj_size, bias, device, dtype)
+        device = check_device(device)
+        check_dtype(dtype)
+        check_memory(spec, input_size, hidden_size, num_layers, bidirectional, proj_size, bias, device, dtype)
         factory = {"device": device, "dtype": dtype}
         num_dirs = 2 if bidirectional else 1
         self._param_names: list[list[dict[str, str]]] = []
@@ -439,13 +291,13 @@ class _Recurrent(nn.Module):
             raise ValueError(f"input: expected a batch size >= 1, got 0 (shape {_shape(x)})")
         h0, c0 = self._initial_state(hx, x, batched)
         if self.check_finite:
-            checks = [(x, _NONFINITE_INPUT)]
+            checks = [(x, NONFINITE_INPUT)]
             if hx is not None:
                 checks.append((h0, "hx: h_0 contains NaN or inf"))
                 if c0 is not None:  # the cell states side by side (the sLSTM: c_0, n_0, m_0)
                     names = " or ".join(f"{k}_0" for k in cell_states(self.spec))
                     checks.append((c0, f"hx: {names} contains NaN or inf"))
-            _check_finite_all(checks)
+            check_finite_all(checks)
         if lengths is not None and bool((lengths == T).all()):
             lengths = None
         out = run_stack(x, lengths, h0, c0, self._all_params(), self.spec, self.hidden_size,
@@ -745,7 +597,7 @@ class LSTMCell(nn.Module):
             raise ValueError("cell: LSTMCell takes LSTM variants, not the plain RNN")
         if spec.fgr:
             raise ValueError(f"cell: {_FGR_STEP}")
-        backend = _check_backend(backend, spec)
+        backend = check_backend(backend, spec)
         # One layer, one direction: reuse the layer's parameter machinery and checks.
         self._layer = _Recurrent(spec, input_size, hidden_size, 1, bias, False, 0.0, False, 0,
                                  device, dtype, None, True)
@@ -804,11 +656,11 @@ class LSTMCell(nn.Module):
         x = input if batched else input.unsqueeze(0)  # (N, I)
         h, c = self._check_state(hx, x, batched)  # (N, H), the cell states side by side (N, S·H)
         if self.check_finite:
-            checks = [(x, _NONFINITE_INPUT)]
+            checks = [(x, NONFINITE_INPUT)]
             if hx is not None:
                 checks += [(t, f"hx: {name} contains NaN or inf")
                            for name, t in zip(("h", *cell_states(self.spec)), hx)]
-            _check_finite_all(checks)
+            check_finite_all(checks)
         keep = None
         if self.training and self.spec.zoneout != (0.0, 0.0):  # this step's masks, (1, N, H) each
             keep = cell_eqs.zoneout_masks(self.spec, (1, *c.shape), (1, *h.shape), x)

@@ -32,11 +32,12 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from lstmkit import kernels
+from lstmkit.checks import check_packed_sequence
 from lstmkit.kernels.base import TRACE_KEYS, KernelOut, hidden_keys
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.loop import reverse_within_lengths
-from lstmkit.nn import LSTM, RNN, check_packed_sequence
+from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import CellSpec
 
 __all__ = ["Trace", "DirectionTrace", "trace", "GradientFlow", "DirectionFlow", "gradient_flow",

@@ -1,0 +1,182 @@
+"""Checks of what a user passes to lstmkit's modules: constructor arguments (device, dtype,
+backend, sizes that must fit in memory) and call inputs (finite values, hand-built packed
+sequences). Each raises one ValueError or TypeError that names the argument and the fix."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from lstmkit import kernels
+from lstmkit.kernels import cpu_ext
+from lstmkit.kernels.onnx_export import exporting
+from lstmkit.spec import CellSpec, layer_param_shapes
+
+__all__ = ["check_finite", "check_finite_all", "check_device", "check_backend", "check_dtype", "check_memory",
+           "check_packed_sequence", "vmapped", "NONFINITE_INPUT"]
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_finite(t: Tensor, message: str) -> None:
+    """Raise ValueError(message) if ``t`` holds a NaN or inf.
+
+    Eager: one reduction (a NaN or inf makes the sum NaN or inf; only then, or on overflow
+    of finite values, is every element checked). Under ``torch.compile`` and
+    ``torch.export`` a Python ``if`` on tensor data cannot be traced, so the check becomes
+    an assertion node in the graph (``torch._assert_async``: the compiled or exported
+    program raises a RuntimeError with this message), as it does while a CUDA graph is
+    captured (a host read would end the capture). Under ``vmap`` the check is skipped
+    (a batched tensor has no single truth value), as it is during ONNX export (the ONNX
+    graph has no assertions).
+    """
+    if type(t) in _PLAIN and not torch.compiler.is_compiling() and not _functorch.is_functorch_wrapped_tensor(t):
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            torch._assert_async(torch.isfinite(t).all(), message)  # a CUDA graph cannot read a value back
+            return
+        # plain eager data (the common case, first): one reduction and one read of its value
+        if not (math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())):
+            raise ValueError(message)
+        return
+    if exporting():
+        return
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.isfinite(t).all(), message)
+        return
+    if vmapped(t):
+        return
+    if not (bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())):
+        raise ValueError(message)
+
+
+def check_finite_all(checks: list[tuple[Tensor, str]]) -> None:
+    """:func:`check_finite` on each ``(tensor, message)``: plain eager CPU tensors in one call
+    of the compiled kernel once it is loaded (a step's input and state: one call, not three
+    reductions and reads)."""
+    tensors = [t for t, _ in checks]
+    if not torch.compiler.is_compiling() and all(
+            type(t) in _PLAIN and t.device.type == "cpu" and not _functorch.is_functorch_wrapped_tensor(t)
+            for t in tensors):
+        bad = cpu_ext.first_nonfinite(tensors)
+        if bad is not None:
+            if bad >= 0:
+                raise ValueError(checks[bad][1])
+            return
+    for t, message in checks:
+        check_finite(t, message)
+
+
+_PLAIN = (Tensor, nn.Parameter)
+_functorch = torch._C._functorch
+
+def vmapped(t: Tensor) -> bool:
+    """True if ``t`` is batched by ``torch.func.vmap`` at any level of functorch wrapping."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def check_device(device: Any) -> Any:
+    """The ``device`` argument, refused with its name if it cannot hold the parameters."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device: {device!r} is not a device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(device)!r} asks for CUDA, but this torch sees no CUDA device "
+                         f"(torch.cuda.is_available() is False); use device='cpu'")
+    return device
+
+
+def check_backend(backend: Any, spec: CellSpec) -> str | None:
+    """The ``backend`` argument: None or a registered kernel that can run ``spec``."""
+    if backend is not None:
+        if not isinstance(backend, str) or backend not in kernels.REGISTRY:
+            raise ValueError(f"backend: unknown kernel {backend!r}; expected one of {list(kernels.REGISTRY)}")
+        why = kernels.REGISTRY[backend].refuses(spec)
+        if why:
+            raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
+    return backend
+
+
+NONFINITE_INPUT = ("input: contains NaN or inf; lstmkit checks this so that bad data fails here and not as "
+                    "NaN weights later (pass check_finite=False to skip the check)")
+
+def check_dtype(dtype: Any) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating-point torch.dtype such as torch.float32 or torch.float64, "
+                        f"got {dtype!r}")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(spec: CellSpec, input_size: int, hidden_size: int, num_layers: int, bidirectional: bool,
+                  proj_size: int, bias: bool, device: Any, dtype: Any) -> None:
+    """Refuse, naming the sizes, parameters that would not fit in this machine's memory
+    (before allocating them: a typo such as ``deep=2147483648`` must not reach the allocator)."""
+    dev = torch.device(device) if device is not None else torch.empty(0).device
+    if dev.type != "cpu":
+        return
+    memory = _physical_memory()
+    if memory is None:
+        return
+    out = proj_size or hidden_size
+    dirs = 2 if bidirectional else 1
+    per = [sum(math.prod(s) for s in layer_param_shapes(spec, n_in, hidden_size, proj_size, bias).values())
+           for n_in in (input_size, out * dirs)]
+    values = dirs * (per[0] + (num_layers - 1) * per[1])
+    size = values * (torch.finfo(dtype).bits // 8 if dtype is not None else torch.get_default_dtype().itemsize)
+    if size > memory:
+        raise ValueError(
+            f"input_size, hidden_size, num_layers, cell: the parameters would take {size / 2**30:,.1f} GiB "
+            f"({values:,} values), more than this machine's {memory / 2**30:,.1f} GiB of memory "
+            f"(input_size={input_size}, hidden_size={hidden_size}, num_layers={num_layers}, cell={spec.name!r})")
+
+
+def check_packed_sequence(packed: PackedSequence, what: str = "input") -> None:
+    """Raise ValueError naming what is inconsistent in a (hand-built) PackedSequence:
+    ``batch_sizes`` must be a positive, non-increasing 1-D int64 CPU tensor adding up to
+    the rows of ``data``; the index tensors permutations of the batch, inverse to each other."""
+    data, bs = packed.data, packed.batch_sizes
+    if not isinstance(data, Tensor) or data.dim() != 2:
+        raise ValueError(f"{what}: PackedSequence.data must be a 2-D (sum of lengths, input_size) tensor, got "
+                         f"{type(data).__name__ if not isinstance(data, Tensor) else f'shape {_shape(data)}'}")
+    if not isinstance(bs, Tensor) or bs.dim() != 1 or bs.numel() == 0 or bs.dtype != torch.int64 \
+            or bs.device.type != "cpu":
+        raise ValueError(f"{what}: PackedSequence.batch_sizes must be a non-empty 1-D int64 CPU tensor, got "
+                         f"{bs!r}"[:200])
+    if bool((bs < 1).any()) or bool((bs[1:] > bs[:-1]).any()):
+        raise ValueError(f"{what}: PackedSequence.batch_sizes must be positive and non-increasing, got "
+                         f"{bs.tolist()[:12]}")
+    if int(bs.sum()) != data.shape[0]:
+        raise ValueError(f"{what}: PackedSequence.data has {data.shape[0]} rows but its batch_sizes add up to "
+                         f"{int(bs.sum())}")
+    B = int(bs[0])
+    ident = torch.arange(B)
+    for name, idx in (("sorted_indices", packed.sorted_indices), ("unsorted_indices", packed.unsorted_indices)):
+        if idx is None:
+            continue
+        if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.numel() != B or idx.dtype != torch.int64 \
+                or not torch.equal(idx.cpu().sort().values, ident):
+            raise ValueError(f"{what}: PackedSequence.{name} must be a permutation of 0..{B - 1} (int64), got "
+                             f"{idx!r}"[:200])
+    s, u = packed.sorted_indices, packed.unsorted_indices
+    if (s is None) != (u is None) or (s is not None and not torch.equal(s.cpu()[u.cpu()], ident)):
+        raise ValueError(f"{what}: PackedSequence.unsorted_indices must be the inverse of sorted_indices")
