@@ -172,6 +172,16 @@ def bench_shape(shape: tuple[int, int, int, int], variants: list[str], device: t
             if train:
                 rec["peak_mib"] = peak_memory(fn, device)
             out.append(rec)
+        if device.type == "cuda":  # the memory the cached CUDA graphs of this mode's Triton rows hold
+            from lstmkit.kernels import cuda_graphs
+
+            n_graphs = len(cuda_graphs._GRAPHS)
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated()
+            cuda_graphs.clear()
+            torch.cuda.synchronize()
+            out.append({"shape": list(shape), "mode": mode, "row": "cuda graphs", "graphs": n_graphs,
+                        "held_mib": (held - torch.cuda.memory_allocated()) / 2 ** 20})
         print(f"  {shape} {mode}: cuDNN {base * 1e3:.3f} ms; "
               + ", ".join(f"{r['row'].split(':')[1]} {r['ratio_vs_cudnn']:.2f}" for r in out
                           if r["mode"] == mode and r["row"].startswith("triton:")), flush=True)
@@ -268,7 +278,7 @@ def markdown(result: dict[str, Any]) -> str:
                   "| row | " + " | ".join(str(s) for s in shapes) + " |", "|" + "---|" * (len(shapes) + 1)]
         names = []
         for r in rows:
-            if r["mode"] == mode and r["row"] not in names and not r["row"].startswith("reference:"):
+            if r["mode"] == mode and r["row"] not in names and not r["row"].startswith(("reference:", "cuda graphs")):
                 names.append(r["row"])
         for name in names:
             cells = []
@@ -285,6 +295,12 @@ def markdown(result: dict[str, Any]) -> str:
                 cells.append(text)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    held = [r for r in rows if r["row"] == "cuda graphs"]
+    if held:
+        lines += ["Memory held by the cached CUDA graphs of the per-step Triton rows (one call's inputs, outputs "
+                  "and work space each; not in the peaks above, which count what one call allocates): "
+                  + "; ".join(f"{tuple(r['shape'])} {r['mode']} {r['graphs']} graphs {r['held_mib']:.0f} MiB"
+                              for r in held) + ".", ""]
     van = [r["ratio_vs_cudnn"] for r in rows if r["row"] == "triton:vanilla"]
     if van:
         lines.append(f"Vanilla Triton ÷ cuDNN over the grid (both modes): geometric mean "
@@ -363,6 +379,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--aot", action="store_true", help="write results/gpu_kernels_aot.md (no GPU needed)")
     ap.add_argument("--budget", type=float, default=math.inf,
                     help="seconds: start no new shape after this (results are written after every shape)")
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated indexes into SHAPES of the rows section (default: all; 'none': no rows)")
+    ap.add_argument("--variants", default=None, help="comma-separated variants of the rows section (default: all)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -373,6 +392,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes, path_shapes = (DRY_SHAPES, DRY_PATH_SHAPES) if args.dry_run else (SHAPES, PATH_SHAPES)
+    if args.shapes is not None:
+        shapes = [] if args.shapes == "none" else [shapes[int(k)] for k in args.shapes.split(",")]
+    variants = VARIANTS if args.variants is None else args.variants.split(",")
     repeats, slow_repeats, warmup = (1, 1, 0) if args.dry_run else (args.repeats, args.slow_repeats, 2)
     import triton
 
@@ -391,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         (args.out / f"{stem}.md").write_text(markdown(result))
 
     if device.type == "cuda" and args.jobs > 1:
-        warm_up(shapes, VARIANTS, [] if args.no_paths else path_shapes, args.jobs)
+        warm_up(shapes, variants, [] if args.no_paths else path_shapes, args.jobs)
     # The first shape, then the (quick) path section, then the other shapes.
     work = [("rows", s) for s in shapes[:1]] + ([] if args.no_paths else [("paths", s) for s in path_shapes])
     work += [("rows", s) for s in shapes[1:]]
@@ -402,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             complete = False
             break
         if section == "rows":
-            result["rows"] += bench_shape(shape, VARIANTS, device, repeats, slow_repeats, not args.no_reference,
+            result["rows"] += bench_shape(shape, variants, device, repeats, slow_repeats, not args.no_reference,
                                           warmup)
         else:
             result["paths"] += bench_paths(shape, device, repeats, warmup)

@@ -209,12 +209,16 @@ class CellSpec:
                 f"CellSpec.chrono: expected T_max > 2 (the forget bias is log U[1, T_max − 1]), "
                 f"got {self.chrono!r}"
             )
-        # the kernels look a spec up on every call (lstmkit.variants' caches): hash it once
-        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self))))
         self._validate_combination()
 
     def __hash__(self) -> int:
-        return self._hash  # type: ignore[attr-defined, no-any-return]
+        # the kernels look a spec up on every call (lstmkit.variants' caches): hashed once, on first
+        # use, not while constructing (torch.compile in torch 2.11 cannot trace hash() of a tuple)
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+            object.__setattr__(self, "_hash", h)
+        return h  # type: ignore[no-any-return]
 
     def __getstate__(self) -> dict[str, Any]:  # the hash of strings differs between processes: not pickled
         return {k: v for k, v in self.__dict__.items() if k != "_hash"}
@@ -222,7 +226,6 @@ class CellSpec:
     def __setstate__(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             object.__setattr__(self, k, v)
-        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self))))
 
     def _validate_combination(self) -> None:
         if self.kind == "rnn":

@@ -43,12 +43,13 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
 
 
-def build_key(spec: CellSpec, dtype: torch.dtype, B: int, H: int, H_out: int, projection: bool) -> tuple[Any, ...]:
+def build_key(spec: CellSpec, dtype: torch.dtype, B: int, H: int, H_out: int, projection: bool,
+              device: torch.device | None = None) -> tuple[Any, ...]:
     """A Triton build: the variant's flag word, the dtype and the way the time loop runs."""
     from lstmkit.kernels.triton_impl import Variant, choose_path
 
     flags = abi.flags(spec)
-    return (flags, dtype, choose_path(Variant.from_flags(flags), B, H, H_out, dtype, projection))
+    return (flags, dtype, choose_path(Variant.from_flags(flags), B, H, H_out, dtype, projection, device))
 
 
 def _describe(spec: CellSpec, key: tuple[Any, ...]) -> str:
@@ -60,7 +61,7 @@ def verdict(run: Run, spec: CellSpec, x: Tensor, h0: Tensor, c0: Tensor | None, 
     """None if the build this call uses is good (checked now, the first time); else why not,
     after one warning. ``run`` is the Triton row's own run (without the check)."""
     proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
-    key = build_key(spec, x.dtype, x.shape[1], hidden_size, h0.shape[-1], proj > 0)
+    key = build_key(spec, x.dtype, x.shape[1], hidden_size, h0.shape[-1], proj > 0, x.device)
     if key not in _VERDICTS:
         why = _check(run, spec, x, h0, c0, params, hidden_size)
         _VERDICTS[key] = why

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import cell
-from lstmkit.kernels import abi
+from lstmkit.kernels import abi, cuda_graphs
 
 __all__ = ["Variant", "TritonImpl", "choose_path", "persistent_tiles", "step_tiles", "PATHS", "PATH_ENV"]
 
@@ -49,6 +49,15 @@ PATH_ENV = "LSTMKIT_TRITON_PATH"
 #: (benchmarks/results/gpu_kernels_aot.md): within it, the builds for sm_80 and sm_90 do
 #: not spill beyond a few bytes and fit both GPUs' shared memory. To be tuned on a GPU.
 PERSISTENT_MAX_WEIGHT_BYTES = 32 * 1024
+#: The budget on GPUs with at least :data:`LARGE_SHARED_MEMORY` bytes of shared memory per
+#: block (H100, H200: 227 KiB), where float32 vanilla at H = 64 (184 KiB of shared memory)
+#: fits. Measured on an H200 (benchmarks/results/gpu_session_h200_2/bench_gpu.md): at
+#: H = 64, float32, T = 100 the persistent path took 0.64-0.69 ms per inference call and
+#: 1.7-1.9 ms per training step against 5.9-6.1 ms and 14.0-14.7 ms per step-by-step (B = 64
+#: and 256), so every layer that fits runs persistent.
+PERSISTENT_MAX_WEIGHT_BYTES_LARGE_SMEM = 64 * 1024
+#: Shared memory per block (opt-in) from which the larger budget applies (A100: 163 KiB).
+LARGE_SHARED_MEMORY = 200 * 1024
 #: A forced persistent path (LSTMKIT_TRITON_PATH) is honoured up to this size: beyond it the
 #: tiles do not fit one SM at all.
 PERSISTENT_FORCE_LIMIT_BYTES = 64 * 1024
@@ -140,17 +149,30 @@ def _on_chip_weights(v: Variant, BH: int, BO: int, projection: bool) -> int:
     return v.n_gates * BO * BH + v.n_sigmoid ** 2 * BH * BH + (BH * BO if projection else 0)
 
 
-def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, projection: bool) -> str:
+def _weight_budget(device: torch.device | None) -> int:
+    """Bytes of recurrent weights the persistent path takes on ``device`` (None: the
+    smallest GPU budget, the one the AOT builds were sized for)."""
+    if device is None or device.type != "cuda":
+        return PERSISTENT_MAX_WEIGHT_BYTES
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    return PERSISTENT_MAX_WEIGHT_BYTES_LARGE_SMEM if smem >= LARGE_SHARED_MEMORY else PERSISTENT_MAX_WEIGHT_BYTES
+
+
+def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, projection: bool,
+                device: torch.device | None = None) -> str:
     """How to run the time loop of one layer-direction: ``"persistent"`` or ``"per_step"``.
 
     The rule: persistent (one launch for all T steps, the weights on chip, no per-step
     launch overhead — FlashRNN's fused approach) when the recurrent weights fit
-    :data:`PERSISTENT_MAX_WEIGHT_BYTES` (float32: H ≤ 32; bfloat16: H ≤ 64 for vanilla);
-    otherwise per step (one cuBLAS GEMM plus one fused pointwise kernel per step — haste's
-    approach), whose GEMMs spread over the whole GPU. The batch size does not enter yet:
-    the crossover is to be measured on a GPU (``benchmarks/bench_gpu.py`` times both paths)
-    and this rule tuned. ``LSTMKIT_TRITON_PATH=persistent|per_step`` forces a path (a
-    persistent one only up to :data:`PERSISTENT_FORCE_LIMIT_BYTES`).
+    :data:`PERSISTENT_MAX_WEIGHT_BYTES` (float32: H ≤ 32; bfloat16: H ≤ 64 for vanilla), or
+    :data:`PERSISTENT_MAX_WEIGHT_BYTES_LARGE_SMEM` on a ``device`` with that much shared
+    memory (float32 vanilla: H ≤ 64); otherwise per step (one cuBLAS GEMM plus one fused
+    pointwise kernel per step — haste's approach, its calls replayed from CUDA graphs),
+    whose GEMMs spread over the whole GPU. The batch size does not enter: on an H200 the
+    persistent path was 8-9x faster than per step at every batch measured (1-256) where it
+    fits. ``LSTMKIT_TRITON_PATH=persistent|per_step`` forces a path (a persistent one only
+    up to :data:`PERSISTENT_FORCE_LIMIT_BYTES`).
     """
     size = torch.empty((), dtype=dtype).element_size()
     BH = _pow2(H, 16)
@@ -160,7 +182,7 @@ def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, proj
         if forced not in PATHS:
             raise ValueError(f"{PATH_ENV}: expected one of {PATHS}, got {forced!r}")
         return forced if forced == "per_step" or weights <= PERSISTENT_FORCE_LIMIT_BYTES else "per_step"
-    budget = PERSISTENT_MAX_WEIGHT_BYTES // (2 if v.ln else 1)
+    budget = _weight_budget(device) // (2 if v.ln else 1)
     return "persistent" if weights <= budget else "per_step"
 
 
@@ -233,6 +255,24 @@ class TritonImpl:
 
     def forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                 *rest: Any) -> tuple[Tensor, ...]:
+        flags, H, P = rest[NP], rest[NP + 5], rest[NP + 6]
+        if self._graphed(xg, flags, xg.shape[1], H, P):
+            return cuda_graphs.call("triton forward", self._forward, xg, w_hh, h0, c0, lengths, *rest)
+        return self._forward(xg, w_hh, h0, c0, lengths, *rest)
+
+    @staticmethod
+    def _graphed(t: Tensor, flags: int, B: int, H: int, P: int) -> bool:
+        """Whether a call runs through :mod:`~lstmkit.kernels.cuda_graphs`: the per-step path on a
+        GPU (its Python loop and launches are what a graph removes; the persistent path is one
+        launch), not while the AOT tooling records launches."""
+        if not t.is_cuda or RECORDER is not None or B == 0:
+            return False
+        v = Variant.from_flags(flags)
+        HO = P if P > 0 and not v.rnn else H
+        return choose_path(v, B, H, HO, t.dtype, P > 0, t.device) == "per_step"
+
+    def _forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
+                 *rest: Any) -> tuple[Tensor, ...]:
         params, (flags, _mlp, clip, zc, zh, H, P, save) = list(rest[:NP]), rest[NP:]  # deep gates: not here
         v = Variant.from_flags(flags)
         T, B, R = xg.shape
@@ -257,7 +297,7 @@ class TritonImpl:
         sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, clip=float(clip), zc=float(zc),
                      zh=float(zh))
         k = kernels_module()
-        if choose_path(v, B, H, HO, io, P > 0) == "persistent":
+        if choose_path(v, B, H, HO, io, P > 0, dev) == "persistent":
             BB, BH, BO, nw = persistent_tiles(v, H, HO, P > 0)
             args = dict(xg=a.xg, w_hh=a.w_hh, h0=a.h0, c0=a.c0, lengths=a.lens, **a.named_params(with_weights=True),
                         y=y, h_n=h_n, c_n=c_n if not v.rnn else a.nothing, **_kernel_buffers(bufs), **sizes)
@@ -306,6 +346,14 @@ class TritonImpl:
 
     def backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                  lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
+        flags, H, P = rest[NP + NB], rest[NP + NB + 5], rest[NP + NB + 6]
+        if self._graphed(y, flags, y.shape[1], H, P):
+            return cuda_graphs.call("triton backward", self._backward, dy, dh_n, dc_n, y, h0, c0, w_hh, lengths,
+                                    *rest)
+        return self._backward(dy, dh_n, dc_n, y, h0, c0, w_hh, lengths, *rest)
+
+    def _backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
+                  lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
         params, buffers = list(rest[:NP]), list(rest[NP:NP + NB])
         flags, _mlp, clip, zc, zh, H, P = rest[NP + NB:]
         v = Variant.from_flags(flags)
@@ -326,7 +374,7 @@ class TritonImpl:
         dh0 = torch.empty((B, HO), dtype=ct, device=dev)
         dc0 = torch.empty((B, H), dtype=ct, device=dev) if not v.rnn else a.nothing
         n_acc = 5 * H + 3 * R
-        persistent = T > 0 and B > 0 and choose_path(v, B, H, HO, io, P > 0) == "persistent"
+        persistent = T > 0 and B > 0 and choose_path(v, B, H, HO, io, P > 0, dev) == "persistent"
         BB = persistent_tiles(v, H, HO, P > 0)[0] if persistent else step_tiles(v, B, H)[0]
         acc = torch.zeros((triton_cdiv(B, BB), n_acc) if (v.peep or v.ln) else (0,), dtype=ct, device=dev)
         if T == 0 or B == 0:

@@ -1,0 +1,122 @@
+"""Where a Triton layer's time goes on a GPU: kernel time against wall time, launches per call,
+and the same call replayed from a CUDA graph (no Python, no launch overhead).
+
+    python benchmarks/gpu_profile.py            # on a GPU machine; writes results/gpu_profile.{json,md}
+
+For each (B, T, I, H) and path (persistent where it fits, per step), vanilla float32, inference
+and a training step, against torch.nn.LSTM (cuDNN): wall time per call (CUDA events, median of
+repeats), the sum of the GPU kernels' own times in one call (torch.profiler), the number of
+kernel launches, and inference replayed from a captured CUDA graph when the call can be
+captured (a call that synchronises with the host cannot; the error is recorded). If kernel
+time is far below wall time, the loop is bound by launches and Python, not by the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpu import Timer, make_layer, step_fn  # noqa: E402
+from bench_kernels import save  # noqa: E402
+
+SHAPES = [(64, 100, 256, 256), (32, 100, 128, 128), (64, 100, 32, 32), (32, 100, 1024, 1024)]
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def kernel_profile(fn: Any) -> tuple[float, int]:
+    """Seconds of GPU kernels and number of kernel launches in one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in events) / 1e6  # device_time: microseconds
+    return busy, len(events)
+
+
+def graph_replay(fn: Any, timer: Timer, repeats: int) -> float | str:
+    """Median seconds of ``fn`` replayed from a CUDA graph, or why it could not be captured."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        torch.cuda.synchronize()
+        return statistics.median(timer(g.replay) for _ in range(repeats))
+    except Exception as exc:  # noqa: BLE001 - the failure is the result
+        return f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+def main() -> None:
+    from lstmkit.kernels.triton_impl import PATH_ENV
+
+    device = torch.device("cuda")
+    timer = Timer(device)
+    repeats = 7
+    rows: list[dict[str, Any]] = []
+    for B, T, I, H in SHAPES:
+        x = torch.randn(T, B, I, device=device)
+        for row, path in (("cudnn", None), ("triton:vanilla", "per_step"), ("triton:vanilla", "persistent")):
+            if path:
+                os.environ[PATH_ENV] = path
+            try:
+                layer = make_layer(row, I, H, device)
+                for train in (False, True):
+                    fn = step_fn(layer, x, train)
+                    for _ in range(2):
+                        fn()
+                    wall = statistics.median(timer(fn) for _ in range(repeats))
+                    busy, launches = kernel_profile(fn)
+                    rec = {"shape": [B, T, I, H], "row": row, "path": path, "mode": "train" if train else "infer",
+                           "wall_ms": wall * 1e3, "kernel_ms": busy * 1e3, "launches": launches}
+                    if not train:
+                        g = graph_replay(fn, timer, repeats)
+                        rec["graph_ms"] = g * 1e3 if isinstance(g, float) else g
+                    rows.append(rec)
+                    print(rec, flush=True)
+            except Exception as exc:  # noqa: BLE001 - a path that cannot run a shape is a result too
+                rows.append({"shape": [B, T, I, H], "row": row, "path": path,
+                             "error": f"{type(exc).__name__}: {exc}"[:300]})
+                print(rows[-1], flush=True)
+            finally:
+                os.environ.pop(PATH_ENV, None)
+        save(OUT, "gpu_profile", {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                                   "repeats": repeats, "rows": rows}, markdown)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The table of :func:`main`'s rows."""
+    rows, repeats = result["rows"], result["repeats"]
+    lines = ["# Where the GPU time goes (vanilla, float32)", "",
+             f"Device: {result['device']}; torch {result['torch']}. Wall: CUDA events, median of "
+             f"{repeats}; kernels: the sum of the GPU kernels' times in one call (torch.profiler); graph: "
+             "inference replayed from a captured CUDA graph.", "",
+             "| shape | row | path | mode | wall ms | kernels ms | launches | graph ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {tuple(r['shape'])} | {r['row']} | {r['path']} | | {r['error'][:100]} | | | |")
+            continue
+        g = r.get("graph_ms", "")
+        g = f"{g:.3f}" if isinstance(g, float) else str(g)[:100]
+        lines.append(f"| {tuple(r['shape'])} | {r['row']} | {r['path'] or ''} | {r['mode']} | {r['wall_ms']:.3f} | "
+                     f"{r['kernel_ms']:.3f} | {r['launches']} | {g} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
