@@ -74,3 +74,25 @@ def zoneout_keep(layer, T, B):
                                    torch.empty(0, dtype=torch.float64))
     pair = (d_c.numpy(), d_h.numpy())
     return [[pair] * layer.num_directions for _ in range(layer.num_layers)]
+
+
+@pytest.fixture
+def forward_infer_calls(monkeypatch) -> list:
+    """The shape of ``x`` in every call of the compiled kernel's ``forward_infer`` (inference with
+    the input projection inside the loop, and one step per call) during the test: a spy on the
+    loaded extension, so a test can check that path ran."""
+    from lstmkit.kernels import cpu_ext
+
+    real, calls = cpu_ext.load(), []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def forward_infer(self, *args):
+            calls.append(args[0].shape)
+            return real.forward_infer(*args)
+
+    monkeypatch.setattr(cpu_ext, "load", lambda verbose=False: Spy())
+    return calls
+

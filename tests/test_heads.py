@@ -239,21 +239,11 @@ def test_onnx_scan_export_and_back():
     assert all(torch.equal(back.state_dict()[k], v) for k, v in layer.state_dict().items())
 
 
-def test_inference_in_the_loop(monkeypatch):
+def test_inference_in_the_loop(forward_infer_calls):
     """Without gradients, B >= 8: the input projection inside the fused loop (forward_infer) with
     heads, against the reference; and a single step."""
-    from lstmkit.kernels import cpu_ext
 
-    real, calls = cpu_ext.load(), []
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def forward_infer(self, *args):
-            calls.append(args[0].shape)
-            return real.forward_infer(*args)
-    monkeypatch.setattr(cpu_ext, "load", lambda verbose=False: Spy())
+    calls = forward_infer_calls
     torch.manual_seed(0)
     for cell in ("heads=3", "heads=3+layernorm+peephole"):
         ref = lstmkit.LSTM(5, 12, 2, bidirectional=True, proj_size=6, cell=cell, backend="reference").double().eval()

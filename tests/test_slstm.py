@@ -275,22 +275,12 @@ def test_onnx_scan_with_the_four_states_and_back():
 
 
 @pytest.mark.parametrize("B_", [10, 1])
-def test_inference_in_the_loop_and_one_step_per_call(B_, monkeypatch):
+def test_inference_in_the_loop_and_one_step_per_call(B_, forward_infer_calls):
     """Without gradients the fused kernel runs the input projection inside its loop
     (forward_infer: B >= 8, and every single step): the sLSTM there equals the reference, and
     layer.step / LSTMCell step the four states."""
-    from lstmkit.kernels import cpu_ext
 
-    real, calls = cpu_ext.load(), []
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def forward_infer(self, *args):
-            calls.append(args[0].shape)
-            return real.forward_infer(*args)
-    monkeypatch.setattr(cpu_ext, "load", lambda verbose=False: Spy())
+    calls = forward_infer_calls
     torch.manual_seed(0)
     ref = lstmkit.LSTM(I, 6, 2, cell="slstm+heads=3", backend="reference").double().eval()
     fast = lstmkit.LSTM(I, 6, 2, cell="slstm+heads=3", backend="cpu_fused").double().eval()

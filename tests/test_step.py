@@ -157,21 +157,11 @@ INFER_CASES = [pytest.param(cell, id=vid) for vid, cell in STEP_CELLS.items()]
 
 @pytest.mark.parametrize("cell", INFER_CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
-def test_inference_step_matches_the_reference(cell, dtype, monkeypatch):
+def test_inference_step_matches_the_reference(cell, dtype, forward_infer_calls):
     """Without gradients a step is one call of the compiled kernel (projection included): every
     variant, a stacked layer with a projection and a cell, against the reference kernel in float64."""
-    from lstmkit.kernels import cpu_ext
 
-    real, calls = cpu_ext.load(), []
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def forward_infer(self, *args):
-            calls.append(1)
-            return real.forward_infer(*args)
-    monkeypatch.setattr(cpu_ext, "load", lambda verbose=False: Spy())
+    calls = forward_infer_calls
     torch.manual_seed(0)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
     layer = lstmkit.LSTM(I, H, num_layers=2, proj_size=2, cell=cell).eval()
