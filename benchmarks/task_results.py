@@ -13,7 +13,9 @@ task's recipe (``Task.recipe``) and nothing else, so each LSTM row is exactly wh
 recipe's budget: ``nfg`` is the recipe with the cell ``nfg`` (no forget gate, so no
 forget-gate initialisation either), ``rnn`` the plain tanh RNN (``--model rnn``), ``vanilla``
 the recipe's cell without peephole connections and ``peephole`` with them (the timing and
-counting tasks of Gers et al. compare the two). Every run
+counting tasks of Gers et al. compare the two), ``slstm`` the recipe with ``cell="slstm"``
+(Beck et al. 2024's exponential gating, one head, in place of the recipe's cell and its
+initialisation options). Every run
 stops when its *validation* split meets the task's criterion (or at the recipe's step
 budget; recipes with ``stop_at_target=False``, whose metric falls smoothly through the
 criterion, train the whole budget and keep the best validation weights); *solved* means
@@ -45,7 +47,7 @@ from lstmkit.app.train import TrainConfig, environment, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = ROOT / "benchmarks" / "results" / "task_runs.jsonl"
-MODELS = ("lstm", "nfg", "rnn", "vanilla", "peephole")
+MODELS = ("lstm", "nfg", "rnn", "vanilla", "peephole", "slstm")
 NO_RNN_RESULT = "not reported"
 
 
@@ -60,6 +62,9 @@ class Row:
 
 
 LONG_LAG = ("lstm", "nfg", "rnn")
+#: The rows where the sLSTM (Beck et al. 2024) runs beside the LSTM (its paper reports none of them).
+WITH_SLSTM = LONG_LAG + ("slstm",)
+SLSTM_RESULT = "not reported (xLSTM's tasks are others)"
 #: The rows of the page, in order.
 ROWS: dict[str, Row] = {
     "reber": Row("reber", {}, ("lstm", "rnn"),
@@ -67,18 +72,18 @@ ROWS: dict[str, Row] = {
     "continual_reber": Row("continual_reber", {}, ("lstm", "nfg"),
                            {"lstm": "forget gate: 18 % of nets perfect (62 % with lr decay)",
                             "nfg": "no forget gate, no resets: fails"}),
-    "adding100": Row("adding", {"length": 100}, LONG_LAG,
+    "adding100": Row("adding", {"length": 100}, WITH_SLSTM,
                      {"lstm": "74,000 (1 of 2,560 wrong)", "nfg": "the 1997 LSTM had none: 74,000",
-                      "rnn": NO_RNN_RESULT}),
-    "adding500": Row("adding", {"length": 500}, LONG_LAG,
+                      "rnn": NO_RNN_RESULT, "slstm": SLSTM_RESULT}),
+    "adding500": Row("adding", {"length": 500}, WITH_SLSTM,
                      {"lstm": "209,000 (0 of 2,560 wrong)", "nfg": "the 1997 LSTM had none: 209,000",
-                      "rnn": NO_RNN_RESULT}),
+                      "rnn": NO_RNN_RESULT, "slstm": SLSTM_RESULT}),
     "adding_le100": Row("adding", {"length": 100, "form": "le"}, LONG_LAG,
                         {"lstm": "curves only: beats the 0.167 baseline (Arjovsky et al. 2016)",
                          "nfg": NO_RNN_RESULT, "rnn": "tanh RNN fails (Le et al. 2015, curves)"}),
-    "temporal_order_6a": Row("temporal_order", {"variant": "6a"}, LONG_LAG,
+    "temporal_order_6a": Row("temporal_order", {"variant": "6a"}, WITH_SLSTM,
                              {"lstm": "31,390 (1 of 2,560 wrong)", "nfg": "the 1997 LSTM had none: 31,390",
-                              "rnn": NO_RNN_RESULT}),
+                              "rnn": NO_RNN_RESULT, "slstm": SLSTM_RESULT}),
     "temporal_order_6b": Row("temporal_order", {"variant": "6b"}, LONG_LAG,
                              {"lstm": "571,100 (2 of 2,560 wrong)", "nfg": "the 1997 LSTM had none: 571,100",
                               "rnn": NO_RNN_RESULT}),
@@ -157,6 +162,8 @@ def config_for(row: str, model: str, seed: int) -> TrainConfig:
         return TrainConfig.for_task(r.task, r.options, seed=seed, cell="nfg")
     if model == "rnn":
         return TrainConfig.for_task(r.task, r.options, seed=seed, model="rnn", cell="vanilla")
+    if model == "slstm":
+        return TrainConfig.for_task(r.task, r.options, seed=seed, cell="slstm")
     if model in ("vanilla", "peephole"):
         words = [w for w in TrainConfig.for_task(r.task, r.options).cell.split("+") if w not in ("vanilla", "peephole")]
         cell = "+".join(([model] if model == "peephole" or not words else []) + words)
