@@ -47,7 +47,7 @@ from lstmkit.kernels import abi
 from lstmkit.kernels.triton_impl import PATH_ENV, PATHS
 from lstmkit.spec import resolve
 from test_oracle import oracle_variant
-from variants import LSTM_VARIANTS, RNN_VARIANTS
+from variants import HEADS_VARIANTS, LSTM_VARIANTS, RNN_VARIANTS
 
 pytest.importorskip("triton")
 
@@ -164,6 +164,19 @@ def check(base, dtype: torch.dtype, T: int, B: int, lengths=None, device=DEVICE,
 def test_every_variant_float64(cell, path):
     """Each variant, both paths, lengths (one sequence of length 1), to 1e-10."""
     check(make(cell, 3, 5), torch.float64, T=6, B=4, lengths=[6, 2, 5, 1])
+
+
+HEADS_CELLS = {vid: cell for vid, cell in HEADS_VARIANTS.items()
+               if kernels.REGISTRY["triton"].unsupported(resolve(cell), DEVICE, torch.float32) is None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("cell", list(HEADS_CELLS.values()), ids=list(HEADS_CELLS))
+def test_heads_every_variant(cell, dtype):
+    """Block-diagonal recurrent weights (heads=k: the per-step path, its GEMMs batched over the
+    heads): stacked, bidirectional, lengths, and with a projection (H_out/k columns per block)."""
+    check(make(cell, 3, 6, L=2, bidirectional=True), dtype, T=5, B=3, lengths=[5, 2, 4])
+    check(make(cell, 3, 8, P=4), dtype, T=4, B=2)
 
 
 def _low_precision_cases() -> list:
@@ -460,6 +473,15 @@ def test_cuda_every_variant_realistic_sizes(cell, dtype, size):
     unbounded = cell in (CELLS.get("out_relu"), CELLS.get("rnn_relu"))
     check(make(cell, I, H, bidirectional=True), dtype, T=T, B=B, lengths=lengths, device=torch.device("cuda"),
           factor16=5.0 if unbounded else 2.5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("cell", list(HEADS_CELLS.values()), ids=list(HEADS_CELLS))
+def test_cuda_heads_realistic_sizes(cell, dtype):
+    """Heads on the GPU at sizes the interpreter cannot afford (4 heads of 32 cells)."""
+    cell = cell.replace("heads=2", "heads=4")
+    check(make(cell, 24, 128, bidirectional=True), dtype, T=12, B=19, device=torch.device("cuda"))
 
 
 @needs_cuda

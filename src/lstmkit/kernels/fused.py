@@ -301,12 +301,13 @@ def _interpreting() -> bool:
 class TritonKernel(FusedKernel):
     """The recurrence as Triton kernels (:mod:`lstmkit.kernels.triton_impl`) on CUDA tensors:
     float32, float64, bfloat16 and float16 (the last two compute in float32), every variant
-    but deep gates. With ``TRITON_INTERPRET=1`` it also runs CPU tensors, through Triton's
+    but deep gates and the sLSTM, with heads. With ``TRITON_INTERPRET=1`` it also runs CPU tensors, through Triton's
     interpreter (slow; for tests without a GPU), when ``backend="triton"`` asks for it: then
     it calls its implementation directly, since the dispatcher sends CPU tensors to the C++
     kernel."""
 
     name = "triton"
+    heads = True  # per step: the recurrent GEMM batched over the heads (triton_impl._recurrent)
     implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
                             "rnn", "rnn_relu", "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "cand_act_relu",
                             "out_act_relu", "zoneout"})

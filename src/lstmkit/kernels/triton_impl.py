@@ -160,7 +160,7 @@ def _weight_budget(device: torch.device | None) -> int:
 
 
 def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, projection: bool,
-                device: torch.device | None = None) -> str:
+                device: torch.device | None = None, heads: int = 1) -> str:
     """How to run the time loop of one layer-direction: ``"persistent"`` or ``"per_step"``.
 
     The rule: persistent (one launch for all T steps, the weights on chip, no per-step
@@ -172,8 +172,11 @@ def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, proj
     whose GEMMs spread over the whole GPU. The batch size does not enter: on an H200 the
     persistent path was 8-9x faster than per step at every batch measured (1-256) where it
     fits. ``LSTMKIT_TRITON_PATH=persistent|per_step`` forces a path (a persistent one only
-    up to :data:`PERSISTENT_FORCE_LIMIT_BYTES`).
+    up to :data:`PERSISTENT_FORCE_LIMIT_BYTES`). Block-diagonal recurrent weights
+    (``heads`` > 1) run per step: the persistent kernels hold dense ones.
     """
+    if heads > 1:
+        return "per_step"
     size = torch.empty((), dtype=dtype).element_size()
     BH = _pow2(H, 16)
     weights = _on_chip_weights(v, BH, BH, projection) * size
@@ -243,6 +246,44 @@ def _mm(a: Tensor, b: Tensor, ct: torch.dtype) -> Tensor:
     return torch.mm(a.to(ct), b.to(ct))
 
 
+def _heads(w_hh: Tensor, HO: int) -> int:
+    """k of a block-diagonal recurrent weight (``heads=k``): ``w_hh`` (R, HO/k) stores each row's block."""
+    return HO // w_hh.shape[1] if w_hh.shape[1] else 1
+
+
+def _blocks(w_hh: Tensor, k: int, H: int, ct: torch.dtype) -> Tensor:
+    """The stored (R, HO/k) recurrent weight as its blocks (NG, k, H/k, HO/k): gate g, head j."""
+    return w_hh.to(ct).view(w_hh.shape[0] // H, k, H // k, w_hh.shape[1])
+
+
+def _recurrent(h: Tensor, w_hh: Tensor, k: int, H: int, ct: torch.dtype) -> Tensor:
+    """``r = h W_hhᵀ`` (B, R) in ``ct``: with k heads block j of each gate reads head j of ``h``
+    (B, HO) (a batched GEMM over the heads; the zeros off the diagonal are not multiplied)."""
+    if k == 1:
+        return _mm(h, w_hh.t(), ct)
+    hk = h.to(ct).view(h.shape[0], k, -1)                                     # (B, k, HO/k)
+    return torch.einsum("bje,gjde->bgjd", hk, _blocks(w_hh, k, H, ct)).reshape(h.shape[0], -1)
+
+
+def _recurrent_grad_h(dz: Tensor, w_hh: Tensor, k: int, H: int, ct: torch.dtype) -> Tensor:
+    """``dz W_hh`` (B, HO) in ``ct`` for ``dz`` (B, R): the gradient that reaches ``h_{t-1}``."""
+    if k == 1:
+        return _mm(dz, w_hh, ct)
+    w = _blocks(w_hh, k, H, ct)
+    dzk = dz.to(ct).view(dz.shape[0], w.shape[0], k, w.shape[2])              # (B, NG, k, H/k)
+    return torch.einsum("bgjd,gjde->bje", dzk, w).reshape(dz.shape[0], -1)
+
+
+def _recurrent_grad_w(dz: Tensor, h_prev: Tensor, k: int, H: int) -> Tensor:
+    """``Σ dzᵀ h_{t-1}`` over the rows of ``dz`` (N, R) and ``h_prev`` (N, HO), stored as ``w_hh``
+    is: (R, HO) for one head, each row's block (R, HO/k) for k."""
+    if k == 1:
+        return torch.mm(dz.t(), h_prev)
+    N, R, HO = dz.shape[0], dz.shape[1], h_prev.shape[1]
+    dzk = dz.view(N, R // H, k, H // k)                                       # (N, NG, k, H/k)
+    return torch.einsum("ngjd,nje->gjde", dzk, h_prev.view(N, k, HO // k)).reshape(R, HO // k)
+
+
 def _slots(v: Variant, H: int, which: tuple[int, ...]) -> list[slice]:
     return [slice(s * H, (s + 1) * H) for s in which if s >= 0]
 
@@ -256,12 +297,12 @@ class TritonImpl:
     def forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                 *rest: Any) -> tuple[Tensor, ...]:
         flags, H, P = rest[NP], rest[NP + 5], rest[NP + 6]
-        if self._graphed(xg, flags, xg.shape[1], H, P):
+        if self._graphed(xg, w_hh, flags, xg.shape[1], H, P):
             return cuda_graphs.call("triton forward", self._forward, xg, w_hh, h0, c0, lengths, *rest)
         return self._forward(xg, w_hh, h0, c0, lengths, *rest)
 
     @staticmethod
-    def _graphed(t: Tensor, flags: int, B: int, H: int, P: int) -> bool:
+    def _graphed(t: Tensor, w_hh: Tensor, flags: int, B: int, H: int, P: int) -> bool:
         """Whether a call runs through :mod:`~lstmkit.kernels.cuda_graphs`: the per-step path on a
         GPU (its Python loop and launches are what a graph removes; the persistent path is one
         launch), not while the AOT tooling records launches."""
@@ -269,7 +310,7 @@ class TritonImpl:
             return False
         v = Variant.from_flags(flags)
         HO = P if P > 0 and not v.rnn else H
-        return choose_path(v, B, H, HO, t.dtype, P > 0, t.device) == "per_step"
+        return choose_path(v, B, H, HO, t.dtype, P > 0, t.device, _heads(w_hh, HO)) == "per_step"
 
     def _forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                  *rest: Any) -> tuple[Tensor, ...]:
@@ -297,7 +338,7 @@ class TritonImpl:
         sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, clip=float(clip), zc=float(zc),
                      zh=float(zh))
         k = kernels_module()
-        if choose_path(v, B, H, HO, io, P > 0, dev) == "persistent":
+        if choose_path(v, B, H, HO, io, P > 0, dev, a.heads) == "persistent":
             BB, BH, BO, nw = persistent_tiles(v, H, HO, P > 0)
             args = dict(xg=a.xg, w_hh=a.w_hh, h0=a.h0, c0=a.c0, lengths=a.lens, **a.named_params(with_weights=True),
                         y=y, h_n=h_n, c_n=c_n if not v.rnn else a.nothing, **_kernel_buffers(bufs), **sizes)
@@ -321,7 +362,6 @@ class TritonImpl:
         a.c_state = a.c0.to(a.ct).clone() if not v.rnn else a.nothing         # (B, H)
         s_state = torch.zeros((B, a.nsh), dtype=a.op, device=a.dev) if v.fgr else a.nothing
         m_state = torch.empty((B, H), dtype=a.op, device=a.dev) if proj else a.nothing
-        w_t = a.w_hh.t()                                                      # (HO, R)
         w_gg_t = a.params[_P["weight_gg"]].t() if v.fgr else None
         w_hr_t = a.params[_P["weight_hr"]].t() if proj else None
         fw = a.nothing
@@ -331,7 +371,7 @@ class TritonImpl:
         BO = min(_pow2(HO), 128)
         pgrid = (triton_cdiv(B, 16), triton_cdiv(HO, BO))
         for t in range(T):
-            r = _mm(a.h_state, w_t, a.ct)                                     # (B, R)
+            r = _recurrent(a.h_state, a.w_hh, a.heads, H, a.ct)               # (B, R)
             if v.fgr:
                 fw = _mm(s_state, w_gg_t, a.ct)                               # (B, NSH)
             _launch(k.step_forward, grid, dict(args, r=r, fw=fw, t=t), consts, nw)
@@ -347,7 +387,7 @@ class TritonImpl:
     def backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                  lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
         flags, H, P = rest[NP + NB], rest[NP + NB + 5], rest[NP + NB + 6]
-        if self._graphed(y, flags, y.shape[1], H, P):
+        if self._graphed(y, w_hh, flags, y.shape[1], H, P):
             return cuda_graphs.call("triton backward", self._backward, dy, dh_n, dc_n, y, h0, c0, w_hh, lengths,
                                     *rest)
         return self._backward(dy, dh_n, dc_n, y, h0, c0, w_hh, lengths, *rest)
@@ -374,7 +414,7 @@ class TritonImpl:
         dh0 = torch.empty((B, HO), dtype=ct, device=dev)
         dc0 = torch.empty((B, H), dtype=ct, device=dev) if not v.rnn else a.nothing
         n_acc = 5 * H + 3 * R
-        persistent = T > 0 and B > 0 and choose_path(v, B, H, HO, io, P > 0, dev) == "persistent"
+        persistent = T > 0 and B > 0 and choose_path(v, B, H, HO, io, P > 0, dev, a.heads) == "persistent"
         BB = persistent_tiles(v, H, HO, P > 0)[0] if persistent else step_tiles(v, B, H)[0]
         acc = torch.zeros((triton_cdiv(B, BB), n_acc) if (v.peep or v.ln) else (0,), dtype=ct, device=dev)
         if T == 0 or B == 0:
@@ -437,7 +477,7 @@ class TritonImpl:
                     dict(common, dh_g=dh_g, dhz=dhz, dm=dm, dc_s=dc_s, ds_g=ds_g, dop=dop, dus=dus, t=t),
                     dict(consts, HAS_NEXT=has_next, SEP_OP=sep, BB=BB, BH=BH), nw)
             src = dop if sep else (common["dr"][t] if v.ln else common["dxg"][t])
-            dh_g = _mm(src, a.w_hh, a.ct)                                     # (B, HO): dz_t W_hh
+            dh_g = _recurrent_grad_h(src, a.w_hh, a.heads, H, a.ct)           # (B, HO): dz_t W_hh
             if v.fgr and t > 0:
                 ds_g = _mm(dus, w_gg, a.ct)                                   # (B, NSH): du_S,t W_gg
         dh_g = dh_g + dhz if v.zoneout else dh_g                              # (B, HO): all of dL/dh_0
@@ -452,8 +492,11 @@ class TritonImpl:
         """The weight gradients after the loop (large GEMMs) and the dtypes of the results."""
         ct, io = a.ct, a.io
         d = (dR if v.ln else dxg).reshape(T * B, R)                          # (T·B, R)
-        dw_hh = torch.zeros((R, HO), dtype=ct, device=a.dev)
-        if T > 0:
+        dw_hh = torch.zeros((R, HO // a.heads), dtype=ct, device=a.dev)
+        if T > 0 and a.heads > 1:  # h_{t-1}: h0, then the outputs (0 on padded steps, where dz is 0 too)
+            h_prev = torch.cat([h0.to(ct), y[:-1].reshape(-1, HO).to(ct)])     # (T·B, HO)
+            dw_hh = _recurrent_grad_w(d, h_prev, a.heads, H)
+        elif T > 0:
             dw_hh = torch.mm(d[:B].t(), h0.to(ct))
             if T > 1:
                 dw_hh.addmm_(d[B:].t(), y[:-1].reshape(-1, HO).to(ct))
@@ -520,7 +563,7 @@ class _Args:
         self.keep_h = self.params[_P["keep_h"]] if self.has_keep else self.nothing  # (T, B, HO)
         self.nsh = v.n_sigmoid * H
         self.h_state = self.c_state = self.nothing
-
+        self.heads = _heads(w_hh, HO)                                         # block-diagonal W_hh: k
     @property
     def lens_valid0(self) -> Tensor:
         """(B,) bool: rows with at least one valid step."""
