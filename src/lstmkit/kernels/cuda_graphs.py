@@ -50,8 +50,9 @@ MAX_GRAPH_BYTES = 256 * 2 ** 20
 class _Graph:
     """One captured call: the static inputs it reads, the outputs it writes."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[Tensor | None], outputs: Sequence[Tensor]) -> None:
-        self.graph, self.inputs, self.outputs = graph, inputs, outputs
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[Tensor | None], outputs: Sequence[Tensor],
+                 device: torch.device) -> None:
+        self.graph, self.inputs, self.outputs, self.device = graph, inputs, outputs, device
 
 
 _GRAPHS: OrderedDict[tuple, _Graph] = OrderedDict()
@@ -121,7 +122,8 @@ def call(name: str, fn: Callable[..., Sequence[Tensor]], *args: Any) -> tuple[Te
     for static, a in zip(entry.inputs, args):
         if static is not None:
             static.copy_(a)
-    entry.graph.replay()
+    with torch.cuda.device(entry.device):
+        entry.graph.replay()
     return tuple(o.clone() for o in entry.outputs)
 
 
@@ -129,21 +131,23 @@ def _capture(key: tuple, fn: Callable[..., Sequence[Tensor]], args: Sequence[Any
     """Capture ``fn`` on copies of ``args`` (after one warm-up run on the capture's stream)."""
     statics = [a.clone() if isinstance(a, Tensor) else None for a in args]
     call_args = [s if s is not None else a for s, a in zip(statics, args)]
+    device = next(s.device for s in statics if s is not None and s.numel() > 0)
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn(*call_args)  # warm-up: every lazy initialisation (cuBLAS workspaces, builds) outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = tuple(fn(*call_args))
+        with torch.cuda.device(device):  # the tensors' GPU, whichever is current
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn(*call_args)  # warm-up: every lazy initialisation (cuBLAS workspaces, builds) outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = tuple(fn(*call_args))
     except Exception as exc:  # noqa: BLE001 - reported once; the call itself already ran eagerly
         _EAGER.add(key)
         torch.cuda.synchronize()
         warnings.warn(f"lstmkit: a CUDA graph of {key[0]} could not be captured ({type(exc).__name__}: "
                       f"{str(exc)[:200]}); calls of this shape run without one", RuntimeWarning, stacklevel=3)
         return
-    _GRAPHS[key] = _Graph(graph, statics, outputs)
+    _GRAPHS[key] = _Graph(graph, statics, outputs, device)
     while len(_GRAPHS) > MAX_GRAPHS:
         _EAGER.add(_GRAPHS.popitem(last=False)[0])
