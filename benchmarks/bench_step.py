@@ -45,6 +45,14 @@ def cells(quick: bool) -> dict[str, str]:
     return out
 
 
+def cell_state(cell: str, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """``state`` (h, c) extended by the cell's further states (the sLSTM's normaliser n = 1 and
+    stabiliser m = 0: a cell that has seen nothing yet)."""
+    h, c = state
+    extra = {"n": torch.ones_like(c), "m": torch.zeros_like(c)}
+    return (h, c, *(extra[name] for name in variants.cell_states(lstmkit.resolve(cell))[1:]))
+
+
 def make_call(step: Callable, x: torch.Tensor, state: tuple, train: bool, steps: int) -> Callable[[], int]:
     """A closure running one timed unit; returns how many steps it ran."""
     if not train:
@@ -88,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
                 ours = lstmkit.LSTMCell(H, H, cell=cell).train(train)  # inference: eval (zoneout's expectation)
                 if name == "vanilla":
                     ours.load_state_dict(ref.state_dict())
-                plan.append((name, "lstmkit.LSTMCell", make_call(ours, x, state, train, args.steps)))
+                plan.append((name, "lstmkit.LSTMCell", make_call(ours, x, cell_state(cell, state), train,
+                                                                   args.steps)))
             layer = lstmkit.LSTM(H, H).train(train)
             layer_state = (state[0][None], state[1][None])
 

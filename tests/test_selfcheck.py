@@ -31,11 +31,19 @@ def _layers(cell: str = "peephole"):
     return tri, ref
 
 
+def _no_warning_but_triton_interpreters() -> None:
+    """Every warning an error, but those Triton's own interpreter raises about numpy (Triton
+    3.6: 'Conversion of an array with ndim > 0 to a scalar is deprecated', from its handling
+    of scalar kernel arguments; fixed in 3.7): not lstmkit's, and not what these tests count."""
+    warnings.simplefilter("error")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"triton\.")
+
+
 def test_a_good_build_passes_and_runs(checked):
     tri, ref = _layers()
     x = torch.randn(5, 2, 3)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning at all
+        _no_warning_but_triton_interpreters()  # no warning at all
         y = tri(x)[0]
     torch.testing.assert_close(y, ref(x)[0], rtol=1e-5, atol=1e-5)
     assert list(selfcheck._VERDICTS.values()) == [None]
@@ -51,7 +59,7 @@ def test_the_first_call_in_any_context_checks_with_gradients(checked, context):
     ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
            "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[context]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        _no_warning_but_triton_interpreters()
         with ctx():
             y = tri(x)[0]
     assert list(selfcheck._VERDICTS.values()) == [None]
@@ -72,10 +80,10 @@ def test_a_wrong_build_is_caught_warned_once_and_replaced_by_the_reference(check
     with pytest.warns(RuntimeWarning, match=r"Triton build for cell 'peephole', float32, \w+ path failed its "
                                             r"self-check .*y differs by .* run on the 'reference' kernel") as rec:
         y = tri(x)[0]
-    assert len(rec) == 1
+    assert len([w for w in rec if str(w.message).startswith("lstmkit:")]) == 1  # (Triton 3.6's interpreter adds its own)
     torch.testing.assert_close(y, ref(x)[0], rtol=0, atol=0)  # the reference ran: right, not wrong
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per build: no second warning
+        _no_warning_but_triton_interpreters()  # once per build: no second warning
         tri(x)
     monkeypatch.setenv(selfcheck.ENV, "0")  # unchecked, the wrong build would have been used
     assert (tri(x)[0] - ref(x)[0]).abs().max() > 0.4
