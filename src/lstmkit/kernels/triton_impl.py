@@ -51,9 +51,9 @@ PATH_ENV = "LSTMKIT_TRITON_PATH"
 PERSISTENT_MAX_WEIGHT_BYTES = 32 * 1024
 #: The budget on GPUs with at least :data:`LARGE_SHARED_MEMORY` bytes of shared memory per
 #: block (H100, H200: 227 KiB), where float32 vanilla at H = 64 (184 KiB of shared memory)
-#: fits. Measured on an H200 (benchmarks/results/gpu_session_h200_2/bench_gpu.md): at
+#: fits. Measured on an H200 (benchmarks/results/gpu_session_h200_2/paths_bench_gpu.md): at
 #: H = 64, float32, T = 100 the persistent path took 0.64-0.69 ms per inference call and
-#: 1.7-1.9 ms per training step against 5.9-6.1 ms and 14.0-14.7 ms per step-by-step (B = 64
+#: 1.66-1.93 ms per training step against 5.9-6.1 ms and 14.0-14.7 ms per step-by-step (B = 64
 #: and 256), so every layer that fits runs persistent.
 PERSISTENT_MAX_WEIGHT_BYTES_LARGE_SMEM = 64 * 1024
 #: Shared memory per block (opt-in) from which the larger budget applies (A100: 163 KiB).
@@ -296,7 +296,7 @@ class TritonImpl:
 
     def forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                 *rest: Any) -> tuple[Tensor, ...]:
-        flags, H, P = rest[NP], rest[NP + 5], rest[NP + 6]
+        flags, _mlp, *_scalars, H, P, _save = rest[NP:]
         if self._graphed(xg, w_hh, flags, xg.shape[1], H, P):
             return cuda_graphs.call("triton forward", self._forward, xg, w_hh, h0, c0, lengths, *rest)
         return self._forward(xg, w_hh, h0, c0, lengths, *rest)
@@ -386,7 +386,7 @@ class TritonImpl:
 
     def backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                  lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
-        flags, H, P = rest[NP + NB], rest[NP + NB + 5], rest[NP + NB + 6]
+        flags, _mlp, *_scalars, H, P = rest[NP + NB:]
         if self._graphed(y, w_hh, flags, y.shape[1], H, P):
             return cuda_graphs.call("triton backward", self._backward, dy, dh_n, dc_n, y, h0, c0, w_hh, lengths,
                                     *rest)
