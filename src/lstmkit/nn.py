@@ -647,7 +647,7 @@ class LSTMCell(nn.Module):
             if t.dtype != x.dtype or t.device != x.device:
                 raise TypeError(f"hx: {name} has dtype {t.dtype} on {t.device}, expected {x.dtype} on {x.device}")
         states = list(hx) if batched else [t.unsqueeze(0) for t in hx]
-        return states[0], torch.cat(states[1:], dim=-1)
+        return states[0], states[1] if len(states) == 2 else torch.cat(states[1:], dim=-1)
 
     def forward(self, input: Tensor, hx: State | None = None) -> State:
         """One step: ``(h', c') = cell(x, (h, c))`` (the sLSTM: ``(h', c', n', m')``)."""
@@ -668,7 +668,8 @@ class LSTMCell(nn.Module):
         out = kernel.run(x.unsqueeze(0), None, h, c, dict(self._parameters), self.spec,  # type: ignore[arg-type]
                          self.hidden_size, keep=keep)
         assert out.c_n is not None
-        new = [out.h_n, *out.c_n.split(self.hidden_size, dim=-1)]
+        new = [out.h_n, out.c_n] if out.c_n.shape[-1] == self.hidden_size else \
+            [out.h_n, *out.c_n.split(self.hidden_size, dim=-1)]
         if not batched:
             new = [t.squeeze(0) for t in new]
         return tuple(new)
