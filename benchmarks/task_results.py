@@ -13,9 +13,9 @@ task's recipe (``Task.recipe``) and nothing else, so each LSTM row is exactly wh
 recipe's budget: ``nfg`` is the recipe with the cell ``nfg`` (no forget gate, so no
 forget-gate initialisation either), ``rnn`` the plain tanh RNN (``--model rnn``), ``vanilla``
 the recipe's cell without peephole connections and ``peephole`` with them (the timing and
-counting tasks of Gers et al. compare the two), ``slstm`` the recipe with ``cell="slstm"``
-(Beck et al. 2024's exponential gating, one head, in place of the recipe's cell and its
-initialisation options). Every run
+counting tasks of Gers et al. compare the two), ``slstm`` the recipe with ``cell="slstm+fb=3"``
+(Beck et al. 2024's exponential gating, one head, with a forget-gate bias of 3 in place of the
+recipe's cell and its initialisation options). Every run
 stops when its *validation* split meets the task's criterion (or at the recipe's step
 budget; recipes with ``stop_at_target=False``, whose metric falls smoothly through the
 criterion, train the whole budget and keep the best validation weights); *solved* means
@@ -65,6 +65,10 @@ LONG_LAG = ("lstm", "nfg", "rnn")
 #: The rows where the sLSTM (Beck et al. 2024) runs beside the LSTM (its paper reports none of them).
 WITH_SLSTM = LONG_LAG + ("slstm",)
 SLSTM_RESULT = "not reported (xLSTM's tasks are others)"
+#: The sLSTM's cell in these rows: a forget-gate bias of 3 (temporal order's recipe uses the same on the
+#: LSTM) in place of chrono initialisation, which the sLSTM does not take. Without it (plain
+#: ``cell="slstm"``) it solved none of the three rows on any seed (accuracy at the guess level).
+SLSTM_CELL = "slstm+fb=3"
 #: The rows of the page, in order.
 ROWS: dict[str, Row] = {
     "reber": Row("reber", {}, ("lstm", "rnn"),
@@ -163,7 +167,7 @@ def config_for(row: str, model: str, seed: int) -> TrainConfig:
     if model == "rnn":
         return TrainConfig.for_task(r.task, r.options, seed=seed, model="rnn", cell="vanilla")
     if model == "slstm":
-        return TrainConfig.for_task(r.task, r.options, seed=seed, cell="slstm")
+        return TrainConfig.for_task(r.task, r.options, seed=seed, cell=SLSTM_CELL)
     if model in ("vanilla", "peephole"):
         words = [w for w in TrainConfig.for_task(r.task, r.options).cell.split("+") if w not in ("vanilla", "peephole")]
         cell = "+".join(([model] if model == "peephole" or not words else []) + words)
