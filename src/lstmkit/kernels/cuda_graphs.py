@@ -45,6 +45,8 @@ MAX_GRAPHS = 32
 #: Calls whose tensors (inputs plus outputs) exceed this many bytes run eagerly: their
 #: launches are few against their GEMMs, and a graph would double their memory.
 MAX_GRAPH_BYTES = 256 * 2 ** 20
+#: Signatures remembered (seen once, or run eagerly for good) before the lists start over.
+MAX_SIGNATURES = 4096
 
 
 class _Graph:
@@ -108,8 +110,9 @@ def call(name: str, fn: Callable[..., Sequence[Tensor]], *args: Any) -> tuple[Te
     if entry is None:
         out = tuple(fn(*args))
         if key not in _SEEN:  # the first time: only remember it (shapes that never repeat cost nothing)
-            if len(_SEEN) >= 4096:
+            if len(_SEEN) >= MAX_SIGNATURES:
                 _SEEN.clear()
+                _EAGER.clear()
             _SEEN.add(key)
             return out
         tensors = [a for a in args if isinstance(a, Tensor)]
