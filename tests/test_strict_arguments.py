@@ -163,13 +163,15 @@ def test_deep_width_must_be_a_whole_number():
 
 
 def test_a_backend_that_cannot_run_the_variant_is_refused_at_construction():
-    from lstmkit import kernels
-
-    why = kernels.REGISTRY["cpu_fused"].refuses(lstmkit.resolve("deep=8"))
-    if why is None:
-        pytest.skip("the fused CPU kernel runs deep gates")
-    with pytest.raises(ValueError, match="backend: kernel 'cpu_fused' cannot run this layer: deep gates"):
-        lstmkit.LSTM(I, H, cell="deep=8", backend="cpu_fused")
+    """Deep gates: the fused CPU kernel runs them, the Triton kernels do not (refused when the
+    layer is built, not at its first forward); the sLSTM likewise."""
+    assert lstmkit.LSTM(I, H, cell="deep=8", backend="cpu_fused").backend == "cpu_fused"
+    with pytest.raises(ValueError, match="backend: kernel 'triton' cannot run this layer: its kernels do not "
+                                         "compute deep gates"):
+        lstmkit.LSTM(I, H, cell="deep=8", backend="triton")
+    with pytest.raises(ValueError, match="backend: kernel 'triton' cannot run this layer: its kernels do not "
+                                         "compute slstm"):
+        lstmkit.LSTM(I, H, cell="slstm", backend="triton")
 
 
 def _tiny_run(root: Path) -> Path:

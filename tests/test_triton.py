@@ -454,18 +454,19 @@ def test_gpu_benchmark_dry_run(tmp_path):
 # ---------------------------------------------------------------------------- CUDA only
 
 
+# nig+niaf+noaf (no input gate, input or output activation) bounds nothing: c and h grow to ~1e8 at
+# the realistic sizes below, so every rounding difference is amplified past any fixed bound (H200,
+# float64: 2e-9 of the scale against 1e-10); the small shapes above check it.
+REALISTIC_CELLS = {vid: cell for vid, cell in CELLS.items() if vid != "nig+niaf+noaf"}
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
-@pytest.mark.parametrize("cell", list(CELLS.values()), ids=list(CELLS))
+@pytest.mark.parametrize("cell", list(REALISTIC_CELLS.values()), ids=list(REALISTIC_CELLS))
 @pytest.mark.parametrize("size", ["persistent", "per_step"])
 def test_cuda_every_variant_realistic_sizes(cell, dtype, size):
     """On the GPU, sizes the interpreter cannot afford: several batch programs of the
     persistent kernel (H = 32, B = 37) and several cell blocks per step (H = 136)."""
-    if cell == CELLS.get("nig+niaf+noaf"):
-        # no input gate, input or output activation: nothing bounds c or h, which grow to ~1e8 over
-        # these sizes, so every rounding difference is amplified past any fixed bound (H200, float64:
-        # 2e-9 of the scale against 1e-10); the small shapes above check it
-        pytest.skip("an unbounded cell at realistic sizes (checked at small sizes)")
     T, B, I, H = (20, 37, 24, 32) if size == "persistent" else (12, 19, 40, 136)
     lengths = [T] + [int(v) for v in torch.randint(1, T + 1, (B - 1,), generator=torch.Generator().manual_seed(0))]
     # a relu output (h = o·relu(c), the relu RNN) bounds nothing: 16-bit rounding differences grow through
