@@ -15,13 +15,17 @@ from torch import Tensor
 
 from lstmkit.spec import CellSpec
 
-__all__ = ["Kernel", "KernelOut", "TRACE_KEYS", "hidden_keys"]
+__all__ = ["Kernel", "KernelOut", "TRACE_KEYS", "FLOAT_DTYPES", "hidden_keys"]
 
 #: What a recording kernel returns per step, each (T, B, ·); absent gates are missing. Deep
 #: gates add their MLPs' hidden activations under ``"<gate>.<layer>"`` (``"f.1"``, (T, B, n_1)).
 #: The sLSTM's ``i`` and ``f`` are its stabilised gates ``i'``, ``f'``; it adds its normaliser
 #: ``n`` and stabiliser ``m``.
 TRACE_KEYS: tuple[str, ...] = ("i", "f", "g", "o", "c", "n", "m", "h")
+
+
+#: The dtypes the compiled rows run (bfloat16 and float16 compute in float32).
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def hidden_keys(spec: CellSpec) -> list[str]:
@@ -60,6 +64,16 @@ class Kernel(ABC):
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this kernel cannot run ``spec`` on ``device``/``dtype`` (including
         :meth:`refuses`), or None if it can."""
+
+    def refuses_or_dtype(self, spec: CellSpec, dtype: torch.dtype) -> str | None:
+        """:meth:`refuses`, then whether ``dtype`` is one of :data:`FLOAT_DTYPES` (the compiled
+        rows' shared first checks in :meth:`unsupported`)."""
+        why = self.refuses(spec)
+        if why:
+            return why
+        if dtype not in FLOAT_DTYPES:
+            return f"it runs float32, float64, bfloat16 and float16, not {dtype}"
+        return None
 
     def automatic(self, device: torch.device) -> bool:
         """Whether :func:`lstmkit.kernels.select` may choose this row by itself on ``device``

@@ -237,11 +237,9 @@ class FusedCPUKernel(FusedKernel):
         return super().run(x, lengths, h0, c0, params, spec, hidden_size, record, keep)
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
-        why = self.refuses(spec)
+        why = self.refuses_or_dtype(spec, dtype)
         if why:
             return why
-        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            return f"it runs float32, float64, bfloat16 and float16, not {dtype}"
         if not cpu_ext.available():
             return "the C++ extension could not be built (see the warning above)"
         return None
@@ -324,11 +322,9 @@ class TritonKernel(FusedKernel):
         return device.type == "cuda"  # the interpreter runs CPU tensors only when asked for by name
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
-        why = self.refuses(spec)
+        why = self.refuses_or_dtype(spec, dtype)
         if why:
             return why
-        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            return f"it runs float32, float64, bfloat16 and float16, not {dtype}"
         if not triton_available():
             return "Triton is not installed (pip install 'lstmkit[gpu]')"
         return None

@@ -39,12 +39,7 @@ class TorchKernel(Kernel):
         return device.type == "cuda"  # cuDNN; on the CPU the fused kernel is the default
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
-        why = self.refuses(spec)
-        if why:
-            return why
-        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            return f"it runs float32, float64, bfloat16 and float16, not {dtype}"
-        return None
+        return self.refuses_or_dtype(spec, dtype)
 
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
