@@ -24,7 +24,7 @@ import lstmkit
 from lstmkit.kernels import fused
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import GRID, OUT, machine, save  # noqa: E402
+from bench_kernels import GRID, OUT, environment, save, title  # noqa: E402
 
 SHAPES = [*GRID, (32, 1000, 64, 128), (8, 100, 128, 128), (4, 100, 128, 128)]
 
@@ -71,16 +71,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"(B,T,I,H)={(B, T, I, H)}: nn {sec['nn.LSTM'] * 1e3:8.2f} ms; in the loop "
               f"{rows[-1]['in_loop_vs_nn']:.2f}x, GEMM before {rows[-1]['gemm_before_vs_nn']:.2f}x; "
               f"rule: {'in the loop' if chosen else 'GEMM before'}", flush=True)
-    result = {"machine": {**machine(), "threads": str(torch.get_num_threads())}, "torch": torch.__version__,
-              "repeats": args.repeats, "rows": rows}
+    result = {**environment(), "repeats": args.repeats, "rows": rows}
     save(args.out, "bench_in_loop", result, markdown)
     return result
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"# Inference: the input projection in the loop or before it ({m['cpu']}, capability "
-             f"{m['capability']}, {m['threads']} threads, torch {result['torch']})", "",
+    lines = [title("Inference: the input projection in the loop or before it", result), "",
              "Vanilla layer under no_grad, time ÷ `nn.LSTM`'s in the same process (below 1 is faster); "
              f"median of {result['repeats']} alternating rounds.", "",
              "| (B, T, I, H) | nn.LSTM ms | in the loop | GEMM before the loop | the rule picks |",

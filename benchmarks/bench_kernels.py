@@ -363,6 +363,18 @@ def machine() -> dict[str, str]:
     return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(), "cores": str(os.cpu_count())}
 
 
+def environment() -> dict:
+    """What every result records of the run: the machine (with torch's thread count) and torch."""
+    return {"machine": {**machine(), "threads": str(torch.get_num_threads())}, "torch": torch.__version__}
+
+
+def title(what: str, result: dict) -> str:
+    """A results page's first line: ``what`` and the run's machine, threads and torch."""
+    m = result["machine"]
+    return (f"# {what} ({m['cpu']}, capability {m['capability']}, {m['threads']} threads, "
+            f"torch {result['torch']})")
+
+
 def save(out: Path, stem: str, result: dict, markdown: Callable[[dict], str]) -> None:
     """Write ``result`` as ``out/stem.json`` and its table as ``out/stem.md``."""
     out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import lstmkit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import OUT, machine, save  # noqa: E402
+from bench_kernels import OUT, environment, save, title  # noqa: E402
 
 B, I, H = 32, 64, 128
 
@@ -98,16 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
                              "rounds": len(ts), "speedup_vs_nn_packed": base / sec})
                 print(f"T={T:5d} {mode} {name:44s} {sec * 1e3:10.1f} ms  {base / sec:7.1f}x vs nn packed "
                       f"({len(ts)} rounds)", flush=True)
-    result = {"machine": {**machine(), "threads": str(torch.get_num_threads())}, "torch": torch.__version__,
-              "rows": rows}
+    result = {**environment(), "rows": rows}
     save(args.out, "bench_lengths", result, markdown)
     return result
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"# Variable lengths ({m['cpu']}, capability {m['capability']}, {m['threads']} threads, "
-             f"torch {result['torch']})", "",
+    lines = [title("Variable lengths", result), "",
              f"B = {B}, I = {I}, H = {H}, lengths uniform in [T/4, T]; median seconds per call (packing included); "
              "speed-up over `nn.LSTM` on the PackedSequence, same process.", "",
              "| T | mode | implementation | seconds | × faster than nn.LSTM packed | rounds |",

@@ -28,7 +28,7 @@ import lstmkit
 from lstmkit import variants
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import OUT, machine, save  # noqa: E402
+from bench_kernels import OUT, environment, save, title  # noqa: E402
 
 SHAPES = [(1, 32), (1, 256), (32, 32), (32, 256)]
 
@@ -125,16 +125,13 @@ def main(argv: list[str] | None = None) -> dict:
                              "us_per_step": sec * 1e6, "ratio_vs_nn_lstmcell": sec / base})
                 print(f"B={B:3d} H={H:4d} {'train' if train else 'infer'} {kind:18s} {cell:22s} "
                       f"{sec * 1e6:8.1f} us  {sec / base:5.2f}x", flush=True)
-    result = {"machine": {**machine(), "threads": str(torch.get_num_threads())}, "torch": torch.__version__,
-              "repeats": args.repeats, "calls": args.calls, "steps": args.steps, "rows": rows}
+    result = {**environment(), "repeats": args.repeats, "calls": args.calls, "steps": args.steps, "rows": rows}
     save(args.out, "bench_step", result, markdown)
     return result
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"# One step per call ({m['cpu']}, capability {m['capability']}, {m['threads']} threads, "
-             f"torch {result['torch']})", "",
+    lines = [title("One step per call", result), "",
              "Time per step (µs) and ratio to `nn.LSTMCell` (vanilla) in the same process; inference: one call "
              f"under no_grad; training: {result['steps']} steps with gradients, then backward, per step.", "",
              "| B | H | mode | implementation | cell | µs per step | × nn.LSTMCell |", "|---|---|---|---|---|---|---|"]
