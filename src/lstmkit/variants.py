@@ -178,16 +178,8 @@ def _parse_zoneout(text: str) -> tuple[float, float]:
     return (values[0], values[-1])
 
 
-def _format_widths(widths: Any) -> str:
-    return "x".join(str(w) for w in widths)
-
-
 def _format_zoneout(z: tuple[float, float]) -> str:
     return _number(z[0]) if z[0] == z[1] else f"{_number(z[0])}/{_number(z[1])}"
-
-
-def _format_deep(gate_hidden: Any) -> str:
-    return ",".join(f"{g}={_format_widths(w)}" for g, w in gate_hidden)
 
 
 _FORMAT: dict[str, Callable[[Any], str]] = {"zoneout": _format_zoneout}

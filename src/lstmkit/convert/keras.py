@@ -65,11 +65,6 @@ def keras_activations(spec: CellSpec) -> tuple[str, str] | str:
     return act[spec.candidate_activation], rec[spec.gate_activation]
 
 
-def _activation_fields(spec: CellSpec) -> dict[str, str]:
-    return {"candidate_activation": spec.candidate_activation, "output_activation": spec.output_activation,
-            "gate_activation": spec.gate_activation}
-
-
 def _lstm_layers(obj: Any) -> list[Any]:
     """The LSTM / Bidirectional layers of ``obj`` in order, checked for what we can carry."""
     keras = _keras()
