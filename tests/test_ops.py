@@ -269,6 +269,60 @@ def test_bf16_autocast_and_bf16_layers_on_the_fused_kernel(variant):
         assert _bf16_error(p.grad, q) <= 3 * bound, name
 
 
+def test_bf16_products_run_on_the_matrix_unit_where_the_cpu_has_one():
+    """bfloat16 layers' per-step products run in bfloat16 on AMX tiles wherever torch reports
+    the unit (else the recurrence computes them in float32, as before)."""
+    assert cpu_ext.bf16_unit() == ("amx" if torch.cpu._is_amx_tile_supported() else "float32")
+
+
+BF16_SHAPES = {  # (I, H, layer options): odd K (padded to even), widths that leave a narrow last panel
+    "odd": (5, 33, {}),
+    "wide": (64, 70, {"bidirectional": True}),
+    "heads": (8, 32, {"heads": 2}),
+    "proj": (6, 33, {"proj_size": 20}),
+    "fgr": (6, 24, {"cell": "fgr"}),
+    "layernorm": (6, 24, {"cell": "layernorm"}),
+    "deep": (6, 24, {"cell": lstmkit.CellSpec(gate_hidden=(9,))}),
+    "slstm": (6, 32, {"cell": "slstm", "heads": 2}),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", list(BF16_SHAPES))
+def test_bf16_training_on_every_product_shape(shape, threads):
+    """The bfloat16 products (AMX panels where present) on shapes that exercise their edges — odd
+    K, a last panel narrower than 16 columns, heads' blocks, the projection, fgr's, layer norm's
+    and deep gates' own products, the sLSTM — on one and two threads, with lengths: outputs and
+    every gradient against float64 on the same rounded weights, as accurate as the reference
+    loop computing in bfloat16 (or within 2 % of the scale)."""
+    I, H, kw = BF16_SHAPES[shape]
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(I, H, **kw).bfloat16()
+    exact = lstmkit.LSTM(I, H, **kw, backend="reference").double()
+    exact.load_state_dict(layer.state_dict())
+    bf16_ref = lstmkit.LSTM(I, H, **kw, backend="reference").bfloat16()
+    bf16_ref.load_state_dict(layer.state_dict())
+    x = torch.randn(9, 11, I).bfloat16()
+    lengths = torch.tensor([9, 3, 9, 1, 7, 9, 2, 8, 9, 5, 6])
+    xr = x.double().requires_grad_()
+    want = exact(xr, lengths=lengths)[0]
+    want.sum().backward()
+    with torch.no_grad():
+        bound = max(0.02, _bf16_error(bf16_ref(x, lengths=lengths)[0], want))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        xb = x.clone().requires_grad_()
+        got = layer(xb, lengths=lengths)[0]
+        got.float().sum().backward()
+    finally:
+        torch.set_num_threads(old)
+    assert _bf16_error(got, want) <= bound
+    assert _bf16_error(xb.grad, xr.grad) <= 2 * bound
+    for (name, p), q in zip(layer.named_parameters(), exact.parameters()):
+        assert _bf16_error(p.grad, q.grad) <= 3 * bound, name
+
+
 def test_float16_runs_on_the_cpu():
     torch.manual_seed(0)
     layer = lstmkit.LSTM(8, 16)

@@ -158,6 +158,13 @@ def available() -> bool:
     return True
 
 
+def bf16_unit() -> str:
+    """Where a bfloat16 layer's per-step products run: ``"amx"`` (bfloat16 operands on the AMX
+    tiles through torch's oneDNN micro-kernels, float32 accumulation) or ``"float32"`` (the
+    products in float32, on CPUs without the unit). Builds the extension on first use."""
+    return "amx" if load().bf16_gemm() else "float32"
+
+
 def first_nonfinite(tensors: list[Tensor]) -> int | None:
     """The index of the first of these floating CPU tensors that holds a NaN or inf (-1: none),
     in one call of the compiled kernel; None while the extension is not loaded (nothing is

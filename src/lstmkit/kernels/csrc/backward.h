@@ -69,14 +69,14 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   at::Tensor perm, whm, dRhm;
   const int64_t nh = R / cf.heads;
   if (cf.heads == 1) {
-    Wt.init(whh.data_ptr<T>(), whh.stride(1), whh.stride(0), (int)Hout, (int)R, Tn);
+    Wt.init(whh.data_ptr<T>(), whh.stride(1), whh.stride(0), (int)Hout, (int)R, Tn, cf.bf16_gemm);
   } else {
     perm = head_perm(cf, opt);
     whm = whh.index_select(0, perm).contiguous();  // (R, Dh), rows head-major
     dRhm = at::zeros({B, ldr}, opt);                // this step's dr, head-major: the GEMM's input
     Wth.resize(cf.heads);
     for (int64_t j = 0; j < cf.heads; ++j)
-      Wth[j].init(whm.data_ptr<T>() + j * nh * cf.Dh, 1, cf.Dh, (int)cf.Dh, (int)nh, Tn);
+      Wth[j].init(whm.data_ptr<T>() + j * nh * cf.Dh, 1, cf.Dh, (int)cf.Dh, (int)nh, Tn, cf.bf16_gemm);
   }
   T* dRhmp = cf.heads > 1 ? dRhm.data_ptr<T>() : nullptr;
   auto to_heads = [&](const T* dwr, int64_t b) {  // heads: a row of dr, canonical -> head-major
@@ -85,11 +85,11 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   };
   if (cf.fgr) {
     const at::Tensor& wgg = params[P_WEIGHT_GG];
-    Wggt.init(wgg.data_ptr<T>(), wgg.stride(1), wgg.stride(0), (int)(cf.nS * H), (int)(cf.nS * H), Tn);
+    Wggt.init(wgg.data_ptr<T>(), wgg.stride(1), wgg.stride(0), (int)(cf.nS * H), (int)(cf.nS * H), Tn, cf.bf16_gemm);
   }
   if (P > 0) {
     const at::Tensor& whr = params[P_WEIGHT_HR];
-    Whrt.init(whr.data_ptr<T>(), whr.stride(1), whr.stride(0), (int)H, (int)P, Tn);
+    Whrt.init(whr.data_ptr<T>(), whr.stride(1), whr.stride(0), (int)H, (int)P, Tn, cf.bf16_gemm);
   }
   auto ptr = [](const at::Tensor& t) -> T* { return (t.defined() && t.numel() > 0) ? t.data_ptr<T>() : nullptr; };
   const CellParams<T> prm(cf, params);
@@ -99,7 +99,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   for (size_t k = 0; k < mlp.gates.size(); ++k)
     for (int j = 0; j < mlp.gates[k].m; ++j) {
       const MlpGate& mg = mlp.gates[k];
-      Wmt[k * mlp.depth + j].init(mlpw + mg.woff[j], 1, mg.w[j], (int)mg.w[j], (int)mg.w[j + 1], Tn);
+      Wmt[k * mlp.depth + j].init(mlpw + mg.woff[j], 1, mg.w[j], (int)mg.w[j], (int)mg.w[j + 1], Tn, cf.bf16_gemm);
     }
   const T* dYp = dY.data_ptr<T>();
   const int64_t dys0 = dY.stride(0), dys1 = dY.stride(1), dys2 = dY.stride(2);

@@ -122,6 +122,8 @@ struct Cfg {
     GW = slstm ? 6 * H : G * H;
   }
 
+  // the per-step products in bfloat16 on AMX (gemm.h): a bfloat16 layer where the CPU has the unit
+  bool bf16_gemm = false;
   int64_t heads = 1, Dh = 0;  // heads: k; Dh = H_out / k, the width of a head of h
   std::vector<HeadSeg> hseg;  // heads > 1: canonical <-> head-major columns of r (see HeadSeg)
   // The heads of a call, from the stored recurrent weights' width (R, H_out/k).
@@ -158,13 +160,19 @@ inline at::Tensor head_perm(const Cfg& cf, const at::TensorOptions& opt) {
   const auto rows = cf.head_rows();
   return at::tensor(rows, opt.dtype(at::kLong));
 }
+// A reduction over steps and rows, a^T b (float32 or float64 result): on a bfloat16 layer with the
+// AMX unit (cf.bf16_gemm) its operands are rounded to bfloat16, as the per-step products' are.
+inline at::Tensor reduce_mm(const at::Tensor& at_, const at::Tensor& b, const Cfg& cf) {
+  if (!cf.bf16_gemm) return at::mm(at_, b);
+  return at::mm(at_.to(at::kBFloat16), b.to(at::kBFloat16)).to(at::kFloat);
+}
 inline void accumulate_dwhh(at::Tensor& acc, const at::Tensor& d, const at::Tensor& hprev, const Cfg& cf,
                             const at::Tensor& perm) {
-  if (cf.heads == 1) { acc.addmm_(d.t(), hprev); return; }
+  if (cf.heads == 1) { acc.add_(reduce_mm(d.t(), hprev, cf)); return; }
   const at::Tensor dhm = d.index_select(1, perm);  // (N, R) head-major columns
   const int64_t n = cf.R / cf.heads;
   for (int64_t j = 0; j < cf.heads; ++j)
-    acc.narrow(0, j * n, n).addmm_(dhm.narrow(1, j * n, n).t(), hprev.narrow(1, j * cf.Dh, cf.Dh));
+    acc.narrow(0, j * n, n).add_(reduce_mm(dhm.narrow(1, j * n, n).t(), hprev.narrow(1, j * cf.Dh, cf.Dh), cf));
 }
 inline at::Tensor finish_dwhh(const at::Tensor& acc, const Cfg& cf, const at::Tensor& perm) {
   if (cf.heads == 1) return acc;

@@ -71,32 +71,32 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   at::Tensor whm, rhm;
   const int64_t nh = R / cf.heads;  // rows of a head (all gates)
   if (cf.heads == 1) {
-    Wp.init(whh.data_ptr<T>(), whh.stride(0), whh.stride(1), (int)R, (int)Hout, Tn);
+    Wp.init(whh.data_ptr<T>(), whh.stride(0), whh.stride(1), (int)R, (int)Hout, Tn, cf.bf16_gemm);
   } else {
     whm = whh.index_select(0, head_perm(cf, opt)).contiguous();
     rhm = at::zeros({B, ldr}, opt);
     Wh.resize(cf.heads);
     for (int64_t j = 0; j < cf.heads; ++j)
-      Wh[j].init(whm.data_ptr<T>() + j * nh * cf.Dh, cf.Dh, 1, (int)nh, (int)cf.Dh, Tn);
+      Wh[j].init(whm.data_ptr<T>() + j * nh * cf.Dh, cf.Dh, 1, (int)nh, (int)cf.Dh, Tn, cf.bf16_gemm);
   }
   T* rhp = cf.heads > 1 ? rhm.data_ptr<T>() : nullptr;
   if (cf.fgr) {
     const at::Tensor& wgg = params[P_WEIGHT_GG];
-    Wgg.init(wgg.data_ptr<T>(), wgg.stride(0), wgg.stride(1), (int)(cf.nS * H), (int)(cf.nS * H), Tn);
+    Wgg.init(wgg.data_ptr<T>(), wgg.stride(0), wgg.stride(1), (int)(cf.nS * H), (int)(cf.nS * H), Tn, cf.bf16_gemm);
   }
   if (P > 0) {
     const at::Tensor& whr = params[P_WEIGHT_HR];
-    Whr.init(whr.data_ptr<T>(), whr.stride(0), whr.stride(1), (int)P, (int)H, Tn);
+    Whr.init(whr.data_ptr<T>(), whr.stride(0), whr.stride(1), (int)P, (int)H, Tn, cf.bf16_gemm);
   }
   const CellParams<T> prm(cf, params);
   // inference: the input projection in the loop (xg_t into xws), W_ih packed like W_hh
   Packed<T> Wih;
   at::Tensor xws, biasp;
   if (proj_in) {
-    Wih.init(proj_in->w, proj_in->sw0, proj_in->sw1, (int)R, (int)proj_in->I, Tn);
+    Wih.init(proj_in->w, proj_in->sw0, proj_in->sw1, (int)R, (int)proj_in->I, Tn, cf.bf16_gemm);
     xws = at::zeros({B, ldr}, opt);
     if (proj_in->bias) {  // padded to whole panels (the micro-kernel reads NR columns at a time)
-      biasp = at::zeros({(int64_t)Wih.npanels * Packed<T>::NR}, opt);
+      biasp = at::zeros({std::max<int64_t>((int64_t)Wih.npanels * Packed<T>::NR, R)}, opt);
       std::copy(proj_in->bias, proj_in->bias + R, biasp.data_ptr<T>());
     }
   }
@@ -106,7 +106,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   for (size_t k = 0; k < mlp.gates.size(); ++k)
     for (int j = 0; j < mlp.gates[k].m; ++j) {
       const MlpGate& mg = mlp.gates[k];
-      Wm[k * mlp.depth + j].init(mlpw + mg.woff[j], mg.w[j], 1, (int)mg.w[j + 1], (int)mg.w[j], Tn);
+      Wm[k * mlp.depth + j].init(mlpw + mg.woff[j], mg.w[j], 1, (int)mg.w[j + 1], (int)mg.w[j], Tn, cf.bf16_gemm);
     }
   T* hsp = hs.data_ptr<T>();
   T* rwp = rws.data_ptr<T>();

@@ -13,7 +13,16 @@
 // at T = 1 costs more than the product (B = 1, H = 256: W_hh is 1 MiB). Such a Packed is
 // "direct": each thread's share of the columns is one BLAS call (the sgemm_/dgemm_ that
 // torch's CPU build carries; declared weak, so a torch without them keeps packing).
+//
+// bfloat16 layers on a CPU with AMX (Packed::init's `bf16`): the weight is converted to bfloat16 once
+// per call and packed into oneDNN's VNNI panels (at::native::cpublas::pack, 64 columns a panel,
+// K padded to even), the left operand is converted per GEMM into a per-thread bfloat16 copy, and
+// each panel is one cpublas::brgemm call (AMX tiles, float32 accumulation, float32 C): the
+// recurrence keeps h, c and the gates in float32 and only the products' operands are rounded,
+// as bfloat16 nn.LSTM's oneDNN path rounds them. Where torch's oneDNN has no such kernel
+// (cpublas::could_pack false: no AMX) the float32 path below runs.
 #pragma once
+#include <ATen/native/CPUBlas.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>
 #include <vector>
@@ -49,6 +58,12 @@ inline bool blas_gemm(char ta, char tb, int m, int n, int k, const T* a, int lda
   }
   return false;
 }
+// bfloat16 products on AMX tiles through torch's oneDNN micro-kernels (see the top of this file).
+inline bool bf16_gemm_available() {
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+}
+
 template <typename T>
 inline bool blas_available() {
   if constexpr (std::is_same_v<T, float>) return sgemm_ != nullptr;
@@ -129,12 +144,28 @@ struct Packed {
   bool direct = false;  // read src in place through BLAS (a weight used once per call)
   bool rows = false;    // direct: B row-major (B(n, k) = src[n*ld + k]), else column-major (src[n + k*ld])
   int64_t ld = 0;       // direct: BLAS leading dimension
+  // bfloat16 mode: panels of NB16 columns (a multiple of 16, oneDNN's packing block), K padded to
+  // Kp (even: VNNI pairs); panel p is [Kp/2][nbp][2] at bbuf + p * Kp * NB16, nbp = its width
+  // rounded up to 16 (zero columns).
+  static constexpr int NB16 = 64;
+  bool bf16 = false;
+  int Kp = 0;
+  std::vector<at::BFloat16> bbuf;
   // uses: how many GEMMs of this call read the weight (one: direct, where BLAS is at hand and
   // the strides make a BLAS matrix; a stride of a dimension of size 1 is arbitrary).
-  void init(const T* b, int64_t sn_, int64_t sk_, int N_, int K_, int64_t uses) {
+  // bf16_: products in bfloat16 on AMX where bf16_gemm_available() (float32 T only; a weight used
+  // once goes through BLAS as before: packing would cost more than the product).
+  void init(const T* b, int64_t sn_, int64_t sk_, int N_, int K_, int64_t uses, bool bf16_ = false) {
     src = b; sn = sn_; sk = sk_; N = N_; K = K_;
     npanels = (N + NR - 1) / NR;
     direct = false;
+    bf16 = std::is_same_v<T, float> && bf16_ && uses > 1 && N > 0 && K > 0 && bf16_gemm_available();
+    if (bf16) {
+      Kp = K + (K & 1);
+      npanels = (N + NB16 - 1) / NB16;
+      bbuf.resize((size_t)npanels * Kp * NB16);
+      return;
+    }
     if (uses <= 1 && blas_available<T>() && N > 0 && K > 0) {
       if ((sk == 1 || K == 1) && (sn >= K || N == 1)) {
         direct = true; rows = true; ld = N == 1 ? K : sn;
@@ -151,6 +182,7 @@ struct Packed {
   }
   // Fill panels [p0, p1) (callable from several threads on disjoint ranges).
   void pack_panels(int p0, int p1) {
+    if (bf16) return pack_panels_bf16(p0, p1);
     for (int p = p0; p < p1; ++p) {
       T* dst = buf.data() + (size_t)p * K * NR;
       const int nc = std::min(NR, N - p * NR);
@@ -169,7 +201,66 @@ struct Packed {
       }
     }
   }
+  void pack_panels_bf16(int p0, int p1) {
+    thread_local std::vector<T> col;                 // one column of B, (K,)
+    thread_local std::vector<at::BFloat16> nk, kn;   // a panel (nbp, Kp), then (Kp, nbp) row-major
+    col.resize(K);
+    nk.resize((size_t)NB16 * Kp);
+    kn.resize((size_t)NB16 * Kp);
+    for (int p = p0; p < p1; ++p) {
+      const int nc = std::min(NB16, N - p * NB16), nbp = (nc + 15) / 16 * 16;
+      std::fill(nk.begin(), nk.end(), at::BFloat16(0.f));
+      for (int j = 0; j < nc; ++j) {  // column j of the panel, converted with torch's vector rounding
+        const T* s = src + (int64_t)(p * NB16 + j) * sn;
+        const T* c = s;
+        if (sk != 1) { for (int k = 0; k < K; ++k) col[k] = s[(int64_t)k * sk]; c = col.data(); }
+        at::vec::convert(c, nk.data() + (size_t)j * Kp, K);
+      }
+      for (int k = 0; k < Kp; ++k)
+        for (int j = 0; j < nbp; ++j) kn[(size_t)k * nbp + j] = nk[(size_t)j * Kp + k];
+      at::native::cpublas::pack(Kp, nbp, nbp, nbp, at::kBFloat16, at::kBFloat16, kn.data(),
+                                bbuf.data() + (size_t)p * Kp * NB16);
+    }
+  }
 };
+
+// C[M x N] (=|+=) A[M x K] * B^T over the bfloat16 panels [p0, p1) of W (W.bf16).
+template <typename T>
+void gemm_panels_bf16(const Packed<T>& W, int M, const T* A, int64_t lda, T* C, int64_t ldc, bool acc, int p0,
+                      int p1, const T* bias) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int NB = Packed<T>::NB16;
+    const int K = W.K, Kp = W.Kp;
+    thread_local std::vector<at::BFloat16> a16;  // A in bfloat16, (M, Kp), the padding column 0
+    thread_local std::vector<float> c32;         // a narrow last panel's product, (M, nbp)
+    a16.resize((size_t)M * Kp);
+    for (int m = 0; m < M; ++m) {
+      at::BFloat16* d = a16.data() + (size_t)m * Kp;
+      at::vec::convert(A + (int64_t)m * lda, d, K);
+      if (Kp > K) d[K] = at::BFloat16(0.f);
+    }
+    for (int p = p0; p < p1; ++p) {
+      const int nc = std::min(NB, W.N - p * NB), nbp = (nc + 15) / 16 * 16;
+      const at::BFloat16* bp = W.bbuf.data() + (size_t)p * Kp * NB;
+      T* cp = C + (int64_t)p * NB;
+      if (nbp == nc) {
+        at::native::cpublas::brgemm(M, nbp, Kp, Kp, nbp, ldc, acc, a16.data(), bp, cp, true);
+      } else {  // the padding columns must not reach C (another panel's, another thread's)
+        c32.resize((size_t)M * nbp);
+        at::native::cpublas::brgemm(M, nbp, Kp, Kp, nbp, nbp, false, a16.data(), bp, c32.data(), true);
+        for (int m = 0; m < M; ++m)
+          for (int j = 0; j < nc; ++j) {
+            T& c = cp[(int64_t)m * ldc + j];
+            c = acc ? c + c32[(size_t)m * nbp + j] : c32[(size_t)m * nbp + j];
+          }
+      }
+      if (bias)
+        for (int m = 0; m < M; ++m)
+          for (int j = 0; j < nc; ++j) cp[(int64_t)m * ldc + j] += bias[p * NB + j];
+    }
+    at::native::cpublas::brgemm_release(true);
+  }
+}
 
 // C[M x N] (=|+=) A[M x K] * B^T over panels [p0, p1)
 template <typename T>
@@ -177,6 +268,7 @@ void gemm_panels(const Packed<T>& W, int M, const T* A, int64_t lda, T* C, int64
                  const T* bias = nullptr) {
   constexpr int NV = Packed<T>::NV, MR = Packed<T>::MR, NR = Packed<T>::NR;
   const int K = W.K;
+  if (W.bf16) return gemm_panels_bf16<T>(W, M, A, lda, C, ldc, acc, p0, p1, bias);
   if (W.direct) {  // columns [n0, n1): C^T (n x M) = B[n0:n1] (n x K) A^T, column-major
     const int n0 = p0 * NR, n1 = std::min(W.N, p1 * NR);
     if (n1 <= n0 || M <= 0) return;

@@ -25,7 +25,9 @@
 // use). No allocation inside the time loop. The after-loop reductions (dW_hh, dW_hr, dW_gg)
 // are large GEMMs (at::mm) in recurrence_backward; layernorm's dW_hh is accumulated chunk by
 // chunk inside the loop (its dr_t differs from dXG and is not kept for all T steps).
-// bfloat16 / float16 layers compute in float32 (recurrence_forward / recurrence_backward).
+// bfloat16 / float16 layers compute in float32 (recurrence_forward / recurrence_backward); a
+// bfloat16 layer's products take bfloat16 operands on AMX tiles where the CPU has them
+// (Cfg::bf16_gemm; gemm.h for the per-step products, reduce_mm for the after-loop ones).
 //
 // What is saved for backward (forward with save=true), all (T, B, .):
 //   every LSTM variant : G (T,B,R) gate activations of the computed gates, in order i,f,g,o
@@ -128,6 +130,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
   if (!cf.rnn && c0.numel() == 0) c0 = at::zeros({B, cf.SH}, xg.options());
   TORCH_CHECK(cf.rnn || (c0.dim() == 2 && c0.size(0) == B && c0.size(1) == cf.SH),
               "lstmkit::recurrence: c0 must be (B, ", cf.SH, "): the cell's ", cf.S, " states side by side");
+  cf.bf16_gemm = io == at::kBFloat16 && bf16_gemm_available();
   const auto len = lengths_vec(lengths, B, Tn);
   const int64_t work = B * cf.R * (cf.Dh + (in_loop ? x.size(2) : 0));  // per step (heads: Dh = H_out/k)
   const int nt = choose_threads(work, B);
@@ -172,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   const at::Tensor whh = to_compute(whh_in, ct);
   const int64_t Tn = y.size(0), B = y.size(1), R = cf.R, Hout = cf.Hout;
   cf.set_heads(whh.size(1));
+  cf.bf16_gemm = io == at::kBFloat16 && bf16_gemm_available();
   const bool lstm = !cf.rnn;
   const auto opt = y.options();
   at::Tensor c0 = to_compute(c0_in, ct);
@@ -190,6 +194,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   });
   // out = {dXG, dWhh (layernorm), dHP, Mo, dh0, dc0, acc, dZS}
   const at::Tensor& dXG = out[0];
+  // the returned dxg, and on the AMX path also the dW_hh product's operand: rounded once
+  const at::Tensor dxg_io = to_dtype(dXG, io);
+  const at::Tensor dXGr = cf.bf16_gemm ? dxg_io : dXG;
+  const at::Tensor yr = cf.bf16_gemm ? y_in.contiguous() : y;
   at::Tensor dwhh;
   if (cf.ln) {  // accumulated in the kernel from the gradient w.r.t. r_t = h_{t-1} W_hh^T
     dwhh = out[1];
@@ -197,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     const at::Tensor perm = cf.heads > 1 ? head_perm(cf, opt) : at::Tensor();
     dwhh = at::zeros({R, cf.Dh}, opt);
     accumulate_dwhh(dwhh, dXG[0], h0, cf, perm);
-    if (Tn > 1) accumulate_dwhh(dwhh, dXG.narrow(0, 1, Tn - 1).reshape({-1, R}), y.narrow(0, 0, Tn - 1).reshape({-1, Hout}), cf, perm);
+    if (Tn > 1) accumulate_dwhh(dwhh, dXGr.narrow(0, 1, Tn - 1).reshape({-1, R}), yr.narrow(0, 0, Tn - 1).reshape({-1, Hout}), cf, perm);
     dwhh = finish_dwhh(dwhh, cf, perm);
   }
   std::vector<at::Tensor> dparams(N_PARAMS);
@@ -218,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
       dparams[P_LN_IH_WEIGHT] = acc.narrow(0, al.ln_ih_weight(), R).clone();
       if (params[P_BIAS].numel()) dparams[P_BIAS] = acc.narrow(0, al.bias(), R).clone();
     }
-    if (P > 0) dparams[P_WEIGHT_HR] = at::mm(out[2].reshape({-1, P}).t(), out[3].reshape({-1, H}));
+    if (P > 0) dparams[P_WEIGHT_HR] = reduce_mm(out[2].reshape({-1, P}).t(), out[3].reshape({-1, H}), cf);
     if (cf.fgr) {  // dW_gg = sum_t du_S,t^T s_{t-1}, the sigmoid gates i, f, o in order
       const int64_t nS = cf.nS * H;
       if (Tn > 1) {
@@ -228,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
           return at::cat(parts, -1).reshape({-1, nS});
         };
         const at::Tensor dus = out[7].numel() ? out[7].narrow(0, 1, Tn - 1).reshape({-1, nS}) : gather(dXG, 1, cf.zoff);
-        dparams[P_WEIGHT_GG] = at::mm(dus.t(), gather(buffers[B_G], 0, cf.aoff));
+        dparams[P_WEIGHT_GG] = reduce_mm(dus.t(), gather(buffers[B_G], 0, cf.aoff), cf);
       } else {
         dparams[P_WEIGHT_GG] = at::zeros({nS, nS}, opt);
       }
@@ -236,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   }
   for (int k = 0; k < N_PARAMS; ++k) dparams[k] = to_dtype(dparams[k], params_in[k].scalar_type());
   at::Tensor dc0 = lstm ? to_dtype(out[5], c0_in.numel() ? c0_in.scalar_type() : io) : at::empty({0}, y_in.options());
-  return {to_dtype(dXG, io), to_dtype(dwhh, whh_in.scalar_type()), to_dtype(out[4], h0_in.scalar_type()), dc0,
+  return {dxg_io, to_dtype(dwhh, whh_in.scalar_type()), to_dtype(out[4], h0_in.scalar_type()), dc0,
           dparams};
 }
 
@@ -280,8 +288,15 @@ int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
         acc.store(lanes);
         for (int k = 0; k < V::size(); ++k) bad = bad || !std::isfinite(lanes[k]);
         for (; j < n; ++j) bad = bad || !std::isfinite(p[j]);
-      } else {
-        for (int64_t j = 0; j < n && !bad; ++j) bad = !std::isfinite(static_cast<float>(p[j]));
+      } else {  // bfloat16 / float16: non-finite iff every exponent bit is set (a loop that vectorises)
+        constexpr uint16_t e = std::is_same_v<scalar_t, at::BFloat16> ? 0x7F80 : 0x7C00;
+        const uint16_t* u = reinterpret_cast<const uint16_t*>(p);
+        for (int64_t j0 = 0; j0 < n && !bad; j0 += 4096) {
+          uint16_t any = 0;
+          const int64_t j1 = std::min<int64_t>(n, j0 + 4096);
+          for (int64_t j = j0; j < j1; ++j) any |= (uint16_t)(((u[j] & e) == e) ? 1 : 0);
+          bad = any != 0;
+        }
       }
     });
     if (bad) return (int64_t)i;
@@ -345,6 +360,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("first_nonfinite", &lk::first_nonfinite, "index of the first tensor with a NaN or inf, -1 if none",
         py::call_guard<py::gil_scoped_release>());
+  m.def("bf16_gemm", &lk::bf16_gemm_available,
+        "whether bfloat16 layers' per-step products run in bfloat16 on AMX tiles (else in float32)");
   m.def("abi", &lk::compiled_abi, "the variant ABI compiled in (flags, parameter and buffer order)");
   m.def("_act_test", &lk::act_test, "test hook: vectorised exp/tanh/sigmoid");
 }
