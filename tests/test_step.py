@@ -147,6 +147,8 @@ def test_lstmcell_exports():
     torch.manual_seed(0)
     step = lstmkit.LSTMCell(I, H, cell="peephole+cifg").eval()
     x, h, c = torch.randn(B, I), torch.randn(B, H), torch.randn(B, H)
+    with torch.no_grad():
+        step(x, (h, c))  # a signature seen before: export must trace the operator all the same
     ep = torch.export.export(step, (x, (h, c)))
     for a, b in zip(ep.module()(x, (h, c)), step(x, (h, c))):
         torch.testing.assert_close(a, b)
@@ -187,6 +189,60 @@ def test_inference_step_matches_the_reference(cell, dtype, forward_infer_calls):
     for a, b, what in zip(got, want, ("h'", "c'")):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=what)
     assert len(calls) == 3
+    with torch.no_grad():  # the signature seen: the prepared step, the same kernel call and result
+        again = step(x.to(dtype), (hc.to(dtype), c0[0].to(dtype).t().contiguous().t()))
+    for a, b in zip(again, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(calls) == 4
+
+
+def test_prepared_step_rechecks_whatever_changed(monkeypatch):
+    """The no-gradient step a signature's first call prepares is not taken where the general path
+    must decide: new shapes or dtypes (checked and refused as always), a NaN (named), a parameter
+    replaced (the new one used), an optimizer's in-place update (seen), gradients enabled
+    (autograd works), a kernel registered since (chosen again)."""
+    torch.manual_seed(0)
+    step, ref = lstmkit.LSTMCell(I, H).eval(), lstmkit.LSTMCell(I, H, backend="reference").eval()
+    ref.load_state_dict(step.state_dict())
+    x, h, c = torch.randn(B, I), torch.randn(B, H), torch.randn(B, H)
+    selected = []
+    real_select = kernels.select
+    monkeypatch.setattr(kernels, "select",  # the fused cell's choices (the reference cell forces its own)
+                        lambda *a, **k: (a[3] is None and selected.append(a)) or real_select(*a, **k))
+
+    def check(*args):
+        with torch.no_grad():
+            for a, b in zip(step(*args), ref(*args)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    check(x, (h, c))
+    check(x, (h, c))
+    assert len(selected) == 1  # the second call: prepared
+    with torch.no_grad(), pytest.raises(ValueError, match="expected input size"):
+        step(torch.randn(B, I + 1), (h, c))
+    with torch.no_grad(), pytest.raises(ValueError, match="hx: h must have shape"):
+        step(x, (torch.randn(B + 1, H), c))
+    with torch.no_grad(), pytest.raises(TypeError, match="dtype"):
+        step(x.double(), (h, c))
+    bad = x.clone()
+    bad[1, 2] = float("nan")
+    with torch.no_grad(), pytest.raises(ValueError, match="input: contains NaN"):
+        step(bad, (h, c))
+    with torch.no_grad():
+        step.weight_hh.mul_(0.5)
+        ref.weight_hh.mul_(0.5)
+    check(x, (h, c))
+    step.bias_ih = torch.nn.Parameter(torch.randn(4 * H))
+    ref.bias_ih = torch.nn.Parameter(step.bias_ih.detach().clone())
+    check(x, (h, c))
+    check(x, None)
+    n = len(selected)
+    kernels.register(kernels.REGISTRY["cpu_fused"], first=True)  # the registry changed: choose again
+    check(x, (h, c))
+    assert len(selected) == n + 1
+    xg = x.clone().requires_grad_()
+    step(xg, (h, c))[0].sum().backward()
+    assert xg.grad is not None and step.weight_ih.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -197,6 +253,8 @@ def test_step_finite_checks(dtype, where, value):
     check, also on a non-contiguous tensor and past the vector width)."""
     step = lstmkit.LSTMCell(I, 37).to(dtype)
     x, h, c = torch.randn(B, I, dtype=dtype), torch.zeros(37, B, dtype=dtype).t(), torch.zeros(B, 37, dtype=dtype)
+    with torch.no_grad():  # the signature seen once: the check still runs on the prepared step
+        step(x, (h, c))
     target = {"input": x, "h": h, "c": c}[where]
     target[-1, -1] = value
     with pytest.raises(ValueError, match=f"{'input:' if where == 'input' else 'hx: ' + where} contains NaN or inf"):

@@ -30,6 +30,7 @@ from lstmkit.checks import (
     check_packed_sequence,
 )
 from lstmkit.gates import gate_views
+from lstmkit.kernels.fused import FusedCPUKernel, PreparedStep
 from lstmkit.layout import suffix
 from lstmkit.loop import StackOut, run_stack
 from lstmkit.spec import INIT_FIELDS, CellSpec, check_heads, gate_slices, layer_param_shapes, resolve
@@ -110,6 +111,7 @@ class _Recurrent(nn.Module):
         self.proj_size = proj_size
         self.backend = check_backend(backend, spec)
         self.check_finite = check_finite
+        self._prepared = PreparedStep(spec, hidden_size, proj_size)  # the no-gradient step of a signature seen before
         device = check_device(device)
         check_dtype(dtype)
         check_memory(spec, input_size, hidden_size, num_layers, bidirectional, proj_size, bias, device, dtype)
@@ -534,8 +536,20 @@ class LSTM(_Recurrent):
         zeros; returns ``output`` (N, H_out) (unbatched: (H_out,)) and the new state, shaped as ``hx``.
         A bidirectional layer cannot step (it reads each sequence from its end too).
         """
+        version = kernels.registry_version()
+        fast = self._prepared.run(input, hx, self._parameters, version, self.check_finite, True)  # type: ignore[arg-type]
+        if fast is not None:
+            output, hs, cs = fast  # per layer (N, H_out), (N, S·H)
+            h_n, c_n = (hs[0][None], cs[0][None]) if len(hs) == 1 else (torch.stack(hs), torch.stack(cs))
+            return output, (h_n, *self._cell_states(c_n))
         output, h_n, c_n = self._step(input, hx)
         assert c_n is not None
+        if not torch.is_grad_enabled() and input.dim() == 2 and not self.bidirectional \
+                and isinstance(kernels.select(self.spec, input.device, input.dtype, self.backend), FusedCPUKernel):
+            draws = self.training and (self.dropout > 0 or self.spec.zoneout != (0.0, 0.0))
+            self._prepared.remember(self._prepared.signature(input, hx, version),
+                                    [self.layer_params(layer) for layer in range(self.num_layers)],
+                                    self._parameters, draws)  # type: ignore[arg-type]
         return output, (h_n, *self._cell_states(c_n))
 
 
@@ -610,6 +624,7 @@ class LSTMCell(nn.Module):
         self.bias = bias
         self.backend = backend
         self.check_finite = check_finite
+        self._prepared = PreparedStep(spec, hidden_size)  # the no-gradient step of a signature seen before
 
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
@@ -651,6 +666,11 @@ class LSTMCell(nn.Module):
 
     def forward(self, input: Tensor, hx: State | None = None) -> State:
         """One step: ``(h', c') = cell(x, (h, c))`` (the sLSTM: ``(h', c', n', m')``)."""
+        version = kernels.registry_version()
+        fast = self._prepared.run(input, hx, self._parameters, version, self.check_finite, False)  # type: ignore[arg-type]
+        if fast is not None:
+            _, (h_n,), (c_n,) = fast
+            return (h_n, c_n) if c_n.shape[-1] == self.hidden_size else (h_n, *c_n.split(self.hidden_size, dim=-1))
         self._check_input(input)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)  # (N, I)
@@ -667,6 +687,10 @@ class LSTMCell(nn.Module):
         kernel = kernels.select(self.spec, x.device, x.dtype, self.backend)
         out = kernel.run(x.unsqueeze(0), None, h, c, dict(self._parameters), self.spec,  # type: ignore[arg-type]
                          self.hidden_size, keep=keep)
+        if isinstance(kernel, FusedCPUKernel) and not torch.is_grad_enabled():
+            params = dict(self._parameters)
+            self._prepared.remember(self._prepared.signature(input, hx, version), [params], params,  # type: ignore[arg-type]
+                                    keep is not None)
         assert out.c_n is not None
         new = [out.h_n, out.c_n] if out.c_n.shape[-1] == self.hidden_size else \
             [out.h_n, *out.c_n.split(self.hidden_size, dim=-1)]

@@ -16,15 +16,22 @@ from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.kernels.torch_native import TorchKernel
 from lstmkit.spec import CellSpec
 
-__all__ = ["Kernel", "KernelOut", "TRACE_KEYS", "REGISTRY", "select", "register"]
+__all__ = ["Kernel", "KernelOut", "TRACE_KEYS", "REGISTRY", "select", "register", "registry_version"]
 
 #: name -> kernel, fastest first.
 REGISTRY: dict[str, Kernel] = {}
+_version = 0
+
+
+def registry_version() -> int:
+    """A number that changes with every :func:`register`: a choice kept from before is stale."""
+    return _version
 
 
 def register(kernel: Kernel, first: bool = False) -> None:
     """Add a kernel row (``first=True`` puts it before the others)."""
-    global REGISTRY
+    global REGISTRY, _version
+    _version += 1
     if first:
         REGISTRY = {kernel.name: kernel, **{k: v for k, v in REGISTRY.items() if k != kernel.name}}
     else:

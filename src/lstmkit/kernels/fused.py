@@ -25,7 +25,8 @@ from lstmkit.kernels.base import Kernel, KernelOut, hidden_keys
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.spec import CellSpec
 
-__all__ = ["FusedKernel", "FusedCPUKernel", "TritonKernel", "trace_from_buffers", "triton_available"]
+__all__ = ["FusedKernel", "FusedCPUKernel", "PreparedStep", "TritonKernel", "trace_from_buffers",
+           "triton_available"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -243,6 +244,83 @@ class FusedCPUKernel(FusedKernel):
         if not cpu_ext.available():
             return "the C++ extension could not be built (see the warning above)"
         return None
+
+
+class PreparedStep:
+    """One step without gradients on the compiled CPU kernel — of a cell or of a whole stack of
+    layers — for a call signature whose checks the general path has passed: what that path
+    derives on every call (the kernel's choice, each layer's operator parameter list, flags and
+    scalars) kept per signature; a one-step-per-call decoder or policy otherwise spends more in
+    Python than in the kernel.
+
+    :meth:`run` returns None wherever the general path must decide: a new signature (input and
+    state shapes, dtypes, devices, tensor types; the kernel registry's version), gradients
+    enabled, compile / export / functorch / autocast, parameters replaced since, zoneout masks
+    or dropout to draw, a NaN or inf to report. The caller then takes the general path, which
+    checks and raises as always, and calls :meth:`remember` when it ran this kernel.
+    """
+
+    def __init__(self, spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
+        self.spec, self.hidden_size, self.proj_size = spec, hidden_size, proj_size
+        self._key: tuple | None = None
+        self._params: tuple[Tensor, ...] = ()
+        self._layers: list[tuple[Any, ...]] = []
+
+    @staticmethod
+    def signature(x: Tensor, hx: Any, version: int) -> tuple:
+        """What a call's checks depend on besides values: types, shapes, dtypes, devices."""
+        states = None if hx is None else tuple((type(t), t.shape, t.dtype, t.device) for t in hx)
+        return type(x), x.shape, x.dtype, x.device, states, version
+
+    def remember(self, key: tuple, layers: list[dict[str, Tensor]], parameters: dict[str, Tensor],
+                 draws: bool) -> None:
+        """After the general path ran this kernel without gradients for signature ``key``:
+        ``layers`` each layer's parameters, ``parameters`` the module's own (whose identity later
+        calls compare), ``draws`` whether a call draws masks (zoneout, dropout in training)."""
+        if key[0] is not Tensor or len(key[1]) != 2 or key[3].type != "cpu" or draws or not self.spec.is_lstm:
+            return
+        self._layers = []
+        for params in layers:
+            empty = params["weight_ih"].new_empty(0)
+            plist, mlp = operator_params(params, self.spec, empty)
+            self._layers.append((params["weight_ih"], params.get("bias_ih", empty), params.get("bias_hh", empty),
+                                 params["weight_hh"], plist, abi.flags(self.spec), mlp, *abi.scalars(self.spec)))
+        self._key, self._params = key, tuple(parameters.values())
+
+    def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], version: int, check_finite: bool,
+            stacked: bool) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+        """The step for input ``x`` (N, I) and ``hx`` — a cell's ``(h, c)`` (the sLSTM's ``(h, c, n, m)``)
+        each (N, H), or with ``stacked`` a stack's, each (L, N, ·) — or None (see above). Returns the
+        output (N, H_out) and per layer ``h'`` (N, H_out) and the cell states side by side (N, S·H)."""
+        if self._key is None or torch.is_grad_enabled() or self.signature(x, hx, version) != self._key:
+            return None
+        # compile and export trace under is_compiling, the TorchScript-based ONNX export under is_tracing
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() \
+                or torch._C._functorch.peek_interpreter_stack() is not None or torch.is_autocast_enabled("cpu"):
+            return None
+        current = tuple(parameters.values())
+        if len(current) != len(self._params) or any(a is not b for a, b in zip(current, self._params)):
+            return None
+        if check_finite and cpu_ext.first_nonfinite([x] if hx is None else [x, *hx]) != -1:
+            return None
+        H, P, ext = self.hidden_size, self.proj_size, cpu_ext.load()
+        S, N = len(variants.cell_states(self.spec)), x.shape[0]
+        hs, cs = [], []
+        for layer, (w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars) in enumerate(self._layers):
+            if hx is None:
+                h, c = x.new_zeros(N, P or H), x.new_zeros(N, S * H)
+            else:
+                states = [t[layer] for t in hx] if stacked else hx  # (N, H_out), then (N, H) each
+                h, c = states[0], states[1] if S == 1 else torch.cat(states[1:], dim=-1)  # c: (N, S·H)
+            y, h_n, c_n = ext.forward_infer(x.unsqueeze(0), w_ih, b_ih, b_hh, w_hh, h, c, _NO_LENGTHS,
+                                            plist, flags, mlp, *scalars, H, P)
+            x = y[0]  # (N, H_out): the next layer's input
+            hs.append(h_n)
+            cs.append(c_n)
+        return x, hs, cs
+
+
+_NO_LENGTHS = torch.empty(0, dtype=torch.long)
 
 
 def in_loop_projection(x: Tensor, w_ih: Tensor) -> bool:

@@ -22,6 +22,7 @@ struct InputProjection {
   const T* x; int64_t I;          // (T, B, I) contiguous
   const T* w; int64_t sw0, sw1;   // W_ih (R, I) and its strides
   const T* bias;                  // (R,) x W_ih^T's bias, or nullptr
+  const T* bias2;                 // (R,) a second bias added to it (b_hh), or nullptr
 };
 
 // Returns {Y, h_n, c_n, then the buffers in abi.BUFFERS order} (an empty tensor for each one
@@ -97,7 +98,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
     xws = at::zeros({B, ldr}, opt);
     if (proj_in->bias) {  // padded to whole panels (the micro-kernel reads NR columns at a time)
       biasp = at::zeros({std::max<int64_t>((int64_t)Wih.npanels * Packed<T>::NR, R)}, opt);
-      std::copy(proj_in->bias, proj_in->bias + R, biasp.data_ptr<T>());
+      T* bp = biasp.data_ptr<T>();
+      for (int64_t n = 0; n < R; ++n) bp[n] = proj_in->bias[n] + (proj_in->bias2 ? proj_in->bias2[n] : T(0));
     }
   }
   // deep gates: W_j of every MLP layer, packed once per call (v = a W_j^T)

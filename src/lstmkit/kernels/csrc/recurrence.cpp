@@ -97,7 +97,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
     const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
     bool save, bool buffers_out, const at::Tensor& x_in = {}, const at::Tensor& w_ih_in = {},
-    const at::Tensor& bias_in = {}) {
+    const at::Tensor& bias_in = {}, const at::Tensor& bias2_in = {}) {
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS, "lstmkit::recurrence: expected ", (int)N_PARAMS,
@@ -119,6 +119,8 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
   const at::Tensor w_ih = in_loop ? to_compute(w_ih_in, ct) : at::Tensor();
   const at::Tensor bias = in_loop && bias_in.defined() && bias_in.numel() ? to_compute(bias_in, ct).contiguous()
                                                                            : at::Tensor();
+  const at::Tensor bias2 = in_loop && bias2_in.defined() && bias2_in.numel() ? to_compute(bias2_in, ct).contiguous()
+                                                                              : at::Tensor();
   // with the projection in the loop, xg is an empty (T, B, 0) tensor carrying the sizes and options
   const at::Tensor xg = in_loop ? at::empty({x.size(0), x.size(1), 0}, x.options())
                                 : to_compute(xg_in, ct).contiguous();
@@ -138,7 +140,8 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_fwd", [&] {
     if (in_loop) {
       const InputProjection<scalar_t> pin{x.data_ptr<scalar_t>(), x.size(2), w_ih.data_ptr<scalar_t>(), w_ih.stride(0),
-                                          w_ih.stride(1), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr};
+                                          w_ih.stride(1), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+                                          bias2.defined() ? bias2.data_ptr<scalar_t>() : nullptr};
       out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, save, nt, buffers_out, &pin);
     } else {
       out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, save, nt, buffers_out);
@@ -336,14 +339,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_infer(
     std::vector<at::Tensor> params, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
     double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_infer: expected ", (int)N_PARAMS, " params");
-  const bool ln = Cfg(flags, clip, zoneout_c, zoneout_h, H, P, MlpLayout(mlp_layout, H)).ln;
-  at::Tensor bias = b_ih.numel() ? b_ih + b_hh : at::Tensor();  // (R,)
+  // the projection's bias b_ih + b_hh is summed by the kernel (no extra op per call); layernorm adds
+  // the summed bias after the norm (params[P_BIAS])
+  const bool ln = flags & F_LAYERNORM;
+  at::Tensor bias = b_ih.numel() ? b_ih : at::Tensor(), bias2 = b_hh.numel() ? b_hh : at::Tensor();
   if (ln && bias.defined()) {
-    params[P_BIAS] = bias;  // layernorm: added after the norm, by the kernel
-    bias = at::Tensor();
+    params[P_BIAS] = b_ih + b_hh;  // (R,)
+    bias = bias2 = at::Tensor();
   }
   auto out = forward_call(at::Tensor(), whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c,
-                          zoneout_h, H, P, false, false, x, w_ih, bias);
+                          zoneout_h, H, P, false, false, x, w_ih, bias, bias2);
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
