@@ -324,6 +324,24 @@ def markdown(records: list[dict[str, Any]]) -> str:
         lines += ["## What the table does not say by itself", ""]
         lines += [f"- **{name}**: {text}" for name, text in NOTES.items()]
         lines.append("")
+    lines += ["## Seeing the memory", "",
+              "`python benchmarks/memory_figures.py` trains one run of each with `lstmkit train` and draws it "
+              "with `lstmkit plot cells` (the first test sequence; red lines: the inputs that carry what must be "
+              "remembered; in colour, on its own axis when the others would flatten it: the cell whose state "
+              "follows the task's memory signal best over 64 test sequences). `lstmkit report` shows the same cell.",
+              "",
+              "Task 2c (q = p = 100): the relevant symbol (x) arrives at step 1, then 100 distractors; cell 26's "
+              "c_t climbs steadily through the lag (r = +0.82 with +1 for x, -1 for y) while other cells count "
+              "the distractors; at the recall step its sign is the answer.",
+              "",
+              "![cell states of a 2c run](figures/long_lag_2c_cells.png)",
+              "",
+              "Measuring spike delays (interval 10, peephole LSTM): cell 1 is reset by every input spike and runs "
+              "down until the next — an internal clock (r = -0.99 with the steps since the last spike), the "
+              "behaviour Gers, Schraudolph & Schmidhuber (2002) describe for their timing cells.",
+              "",
+              "![cell states of a spike-delay run](figures/spike_delays_cells.png)",
+              ""]
     lines += ["## Recipes and baselines", "",
               "The settings each task's recipe changes from `TrainConfig`'s defaults (`lstmkit train --help`), "
               "and the task's trivial baselines on its metric:", "", *details, ""]

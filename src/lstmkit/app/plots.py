@@ -375,15 +375,23 @@ def plot_cells(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
         for j in range(n):
             if j not in bold:
                 ax.plot(steps, v[:, j], lw=1.0, **({"color": "0.7", "alpha": 0.8} if bold else {}))
+        # the highlighted units on an axis of their own (right) when the others' range would flatten
+        # them (a cell holding a sign for 1,000 steps beside cells that count distractors)
+        spread = float(abs(v).max()) or 1.0
+        own = float(abs(v[:, sorted(bold)]).max()) if bold else spread
+        hax = ax.twinx() if bold and own < 0.25 * spread else ax
         for k, (unit, label) in enumerate(chosen):
-            ax.plot(steps, v[:, unit], lw=2.4, color=f"C{k}", label=label, zorder=3)
+            hax.plot(steps, v[:, unit], lw=2.4, color=f"C{k}", label=label, zorder=3)
+        if hax is not ax:
+            hax.set_ylabel(f"highlighted {'c_t' if key == 'c' else 'h_t'} (right axis)", color="C0")
+            hax.axhline(0.0, color="C0", lw=0.4, ls="--")
         ax.axhline(0.0, color="0.6", lw=0.6)
         ax.set_title(("cell state c_t" if key == "c" else "hidden state h_t")
                      + f" ({len(set(range(n)) | bold)} of {v.shape[1]} units"
                      + (", the highlighted one in colour)" if bold else ")"))
         ax.set_ylabel("c_t" if key == "c" else "h_t")
         if bold:
-            ax.legend(fontsize=8, loc="best")
+            hax.legend(fontsize=8, loc="best")
     _time_axis(axes[-1], T, labels)
     _mark(list(axes), marks)
     spec = rec.spec
