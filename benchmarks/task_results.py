@@ -122,7 +122,7 @@ ROWS: dict[str, Row] = {
     "counting_anbncn": Row("counting", {"language": "anbncn"}, ("lstm", "vanilla", "rnn"),
                            {"lstm": "first RNN to learn it; Kalman-filter LSTM: every n ≤ 1,000",
                             "vanilla": NO_RNN_RESULT, "rnn": NO_RNN_RESULT}),
-    "charlm": Row("charlm", {}, ("lstm",), {"lstm": "no result on this corpus; threshold xz -9e"}),
+    "charlm": Row("charlm", {}, ("lstm", "slstm"), {"lstm": "no result on this corpus; threshold xz -9e"}),
     "chorales": Row("chorales", {}, ("lstm",), {"lstm": "JSB Chorales: LSTM 8.4-8.7 nats/frame (other data)"}),
     "sunspots": Row("sunspots", {}, ("lstm",), {"lstm": "no LSTM result; AR baseline"}),
     "co2": Row("co2", {"difference": True}, ("lstm",), {"lstm": "no LSTM result; AR baseline"}),

@@ -245,6 +245,27 @@ def test_prepared_step_rechecks_whatever_changed(monkeypatch):
     assert xg.grad is not None and step.weight_ih.grad is not None
 
 
+def test_prepared_step_draws_in_training_mode():
+    """A step prepared in eval mode is not reused after ``.train()``: zoneout's and dropout's
+    masks are drawn there (without gradients too), as on the general path."""
+    torch.manual_seed(0)
+    x, h, c = torch.randn(B, I), torch.randn(B, H), torch.randn(B, H)
+    step = lstmkit.LSTMCell(I, H, cell="zoneout=0.5/0.5").eval()
+    layer = lstmkit.LSTM(I, H, num_layers=2, dropout=0.5).eval()
+    with torch.no_grad():
+        cell_eval = [step(x, (h, c)) for _ in range(2)]  # the second: prepared
+        layer_eval = [layer.step(x, (h.expand(2, B, H), c.expand(2, B, H))) for _ in range(2)]
+        step.train()
+        layer.train()
+        torch.manual_seed(1)
+        cell_train = step(x, (h, c))
+        layer_train = layer.step(x, (h.expand(2, B, H), c.expand(2, B, H)))
+    torch.testing.assert_close(cell_eval[1], cell_eval[0], rtol=0, atol=0)
+    torch.testing.assert_close(layer_eval[1], layer_eval[0], rtol=0, atol=0)
+    assert not torch.equal(cell_train[1], cell_eval[0][1])  # some units kept their previous c
+    assert not torch.equal(layer_train[0], layer_eval[0][0])  # dropout between the layers
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("where", ["input", "h", "c"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])

@@ -537,7 +537,8 @@ class LSTM(_Recurrent):
         A bidirectional layer cannot step (it reads each sequence from its end too).
         """
         version = kernels.registry_version()
-        fast = self._prepared.run(input, hx, self._parameters, version, self.check_finite, True)  # type: ignore[arg-type]
+        fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
+                                  self.check_finite, True)
         if fast is not None:
             output, hs, cs = fast  # per layer (N, H_out), (N, S·H)
             h_n, c_n = (hs[0][None], cs[0][None]) if len(hs) == 1 else (torch.stack(hs), torch.stack(cs))
@@ -547,7 +548,7 @@ class LSTM(_Recurrent):
         if not torch.is_grad_enabled() and input.dim() == 2 and not self.bidirectional \
                 and isinstance(kernels.select(self.spec, input.device, input.dtype, self.backend), FusedCPUKernel):
             draws = self.training and (self.dropout > 0 or self.spec.zoneout != (0.0, 0.0))
-            self._prepared.remember(self._prepared.signature(input, hx, version),
+            self._prepared.remember(self._prepared.signature(input, hx, self.training, version),
                                     [self.layer_params(layer) for layer in range(self.num_layers)],
                                     self._parameters, draws)  # type: ignore[arg-type]
         return output, (h_n, *self._cell_states(c_n))
@@ -667,7 +668,8 @@ class LSTMCell(nn.Module):
     def forward(self, input: Tensor, hx: State | None = None) -> State:
         """One step: ``(h', c') = cell(x, (h, c))`` (the sLSTM: ``(h', c', n', m')``)."""
         version = kernels.registry_version()
-        fast = self._prepared.run(input, hx, self._parameters, version, self.check_finite, False)  # type: ignore[arg-type]
+        fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
+                                  self.check_finite, False)
         if fast is not None:
             _, (h_n,), (c_n,) = fast
             return (h_n, c_n) if c_n.shape[-1] == self.hidden_size else (h_n, *c_n.split(self.hidden_size, dim=-1))
@@ -689,8 +691,8 @@ class LSTMCell(nn.Module):
                          self.hidden_size, keep=keep)
         if isinstance(kernel, FusedCPUKernel) and not torch.is_grad_enabled():
             params = dict(self._parameters)
-            self._prepared.remember(self._prepared.signature(input, hx, version), [params], params,  # type: ignore[arg-type]
-                                    keep is not None)
+            self._prepared.remember(self._prepared.signature(input, hx, self.training, version), [params],
+                                    params, keep is not None)  # type: ignore[arg-type]
         assert out.c_n is not None
         new = [out.h_n, out.c_n] if out.c_n.shape[-1] == self.hidden_size else \
             [out.h_n, *out.c_n.split(self.hidden_size, dim=-1)]

@@ -254,23 +254,24 @@ class PreparedStep:
     Python than in the kernel.
 
     :meth:`run` returns None wherever the general path must decide: a new signature (input and
-    state shapes, dtypes, devices, tensor types; the kernel registry's version), gradients
-    enabled, compile / export / functorch / autocast, parameters replaced since, zoneout masks
-    or dropout to draw, a NaN or inf to report. The caller then takes the general path, which
+    state shapes, dtypes, devices, tensor types; train or eval mode; the kernel registry's
+    version), gradients enabled, compile / export / functorch / autocast, parameters replaced
+    since, zoneout masks or dropout to draw, a NaN or inf to report. The caller then takes the general path, which
     checks and raises as always, and calls :meth:`remember` when it ran this kernel.
     """
 
     def __init__(self, spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
         self.spec, self.hidden_size, self.proj_size = spec, hidden_size, proj_size
-        self._key: tuple | None = None
-        self._params: tuple[Tensor, ...] = ()
-        self._layers: list[tuple[Any, ...]] = []
+        # (signature, the module's parameters, per layer the operator's arguments): one attribute,
+        # replaced whole, so that a call never sees one signature's key with another's arguments
+        self._kept: tuple[tuple, tuple[Tensor, ...], list[tuple[Any, ...]]] | None = None
 
     @staticmethod
-    def signature(x: Tensor, hx: Any, version: int) -> tuple:
-        """What a call's checks depend on besides values: types, shapes, dtypes, devices."""
+    def signature(x: Tensor, hx: Any, training: bool, version: int) -> tuple:
+        """What a call's checks and choices depend on besides values: types, shapes, dtypes,
+        devices, the module's mode, the kernel registry's version."""
         states = None if hx is None else tuple((type(t), t.shape, t.dtype, t.device) for t in hx)
-        return type(x), x.shape, x.dtype, x.device, states, version
+        return type(x), x.shape, x.dtype, x.device, states, training, version
 
     def remember(self, key: tuple, layers: list[dict[str, Tensor]], parameters: dict[str, Tensor],
                  draws: bool) -> None:
@@ -279,34 +280,36 @@ class PreparedStep:
         calls compare), ``draws`` whether a call draws masks (zoneout, dropout in training)."""
         if key[0] is not Tensor or len(key[1]) != 2 or key[3].type != "cpu" or draws or not self.spec.is_lstm:
             return
-        self._layers = []
+        args = []
         for params in layers:
             empty = params["weight_ih"].new_empty(0)
             plist, mlp = operator_params(params, self.spec, empty)
-            self._layers.append((params["weight_ih"], params.get("bias_ih", empty), params.get("bias_hh", empty),
-                                 params["weight_hh"], plist, abi.flags(self.spec), mlp, *abi.scalars(self.spec)))
-        self._key, self._params = key, tuple(parameters.values())
+            args.append((params["weight_ih"], params.get("bias_ih", empty), params.get("bias_hh", empty),
+                         params["weight_hh"], plist, abi.flags(self.spec), mlp, *abi.scalars(self.spec)))
+        self._kept = (key, tuple(parameters.values()), args)
 
-    def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], version: int, check_finite: bool,
-            stacked: bool) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+    def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: int,
+            check_finite: bool, stacked: bool) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
         """The step for input ``x`` (N, I) and ``hx`` — a cell's ``(h, c)`` (the sLSTM's ``(h, c, n, m)``)
         each (N, H), or with ``stacked`` a stack's, each (L, N, ·) — or None (see above). Returns the
         output (N, H_out) and per layer ``h'`` (N, H_out) and the cell states side by side (N, S·H)."""
-        if self._key is None or torch.is_grad_enabled() or self.signature(x, hx, version) != self._key:
+        kept = self._kept
+        if kept is None or torch.is_grad_enabled() or self.signature(x, hx, training, version) != kept[0]:
             return None
+        _, params, layers = kept
         # compile and export trace under is_compiling, the TorchScript-based ONNX export under is_tracing
         if torch.compiler.is_compiling() or torch.jit.is_tracing() \
                 or torch._C._functorch.peek_interpreter_stack() is not None or torch.is_autocast_enabled("cpu"):
             return None
         current = tuple(parameters.values())
-        if len(current) != len(self._params) or any(a is not b for a, b in zip(current, self._params)):
+        if len(current) != len(params) or any(a is not b for a, b in zip(current, params)):
             return None
         if check_finite and cpu_ext.first_nonfinite([x] if hx is None else [x, *hx]) != -1:
             return None
         H, P, ext = self.hidden_size, self.proj_size, cpu_ext.load()
         S, N = len(variants.cell_states(self.spec)), x.shape[0]
         hs, cs = [], []
-        for layer, (w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars) in enumerate(self._layers):
+        for layer, (w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars) in enumerate(layers):
             if hx is None:
                 h, c = x.new_zeros(N, P or H), x.new_zeros(N, S * H)
             else:
