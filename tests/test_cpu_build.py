@@ -52,6 +52,23 @@ def test_a_first_build_announces_itself_once(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_killed_build_does_not_hang_the_next(monkeypatch, tmp_path):
+    """torch's build lock left behind by a killed build (torch waits on it forever) is removed
+    under lstmkit's own lock, which the OS releases when its holder dies."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    where = cpu_ext.build_dir("AVX2")
+    where.mkdir(parents=True)
+    (where / "lock").write_text("")  # what a build killed mid-compile leaves
+
+    def fake_load(name, build_directory, **kw):
+        assert not (tmp_path / name / "lock").exists(), "torch would wait on this lock forever"
+        return object()
+    monkeypatch.setattr(cpp, "load", fake_load)
+    cpu_ext.build("AVX2")
+
+
 def test_avx2_build_runs_every_variant_like_the_reference():
     """ATEN_CPU_CAPABILITY=avx2 makes torch (and so lstmkit) use AVX2 on any x86 CPU: the
     kernel is built with -march=x86-64-v3 and its 6 x 16 register tile, and must agree with

@@ -20,6 +20,7 @@ and :mod:`lstmkit.kernels.ops`.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sys
@@ -106,9 +107,15 @@ def _build(cap: str, verbose: bool = False) -> Any:
         print(f"lstmkit: compiling the fused CPU kernel for {cap} (once per machine and version; "
               f"usually 30-60 s) into {where}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    ext = cpp_load(name=name, sources=[str(_CSRC / "recurrence.cpp")],
-                   extra_include_paths=[str(_CSRC), str(include)], extra_cflags=_flags(cap),
-                   extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
+    # torch's build lock is a file that a killed build leaves behind, and every later build then
+    # waits on it forever; ours is an flock, which the OS releases when its holder dies. Holding
+    # it, no other lstmkit build of this directory runs, so a torch lock found there is stale.
+    with open(where / "build.lock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (where / "lock").unlink(missing_ok=True)
+        ext = cpp_load(name=name, sources=[str(_CSRC / "recurrence.cpp")],
+                       extra_include_paths=[str(_CSRC), str(include)], extra_cflags=_flags(cap),
+                       extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
     if announce:
         print(f"lstmkit: kernel compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return ext
