@@ -42,3 +42,27 @@ def test_leftovers_of_dead_writers_go_and_live_ones_stay(tmp_path):
         assert _atomic.clean_stale(tmp_path, exclusive=True) == [foreign]  # an owned directory: all but live ones
         live.write_bytes(b"done")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.bin", "other.bin"]
+
+
+def test_exclusive_lock_is_released_when_its_holder_is_killed(tmp_path):
+    """A process killed while holding :func:`_atomic.exclusive` leaves nothing that blocks the
+    next holder (the OS drops an flock with its process); while it lives, the lock is held."""
+    import fcntl
+    import os
+
+    lock = tmp_path / "build.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom lstmkit import _atomic\n"
+        f"with _atomic.exclusive({str(lock)!r}):\n    print('held', flush=True)\n    time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        fd = os.open(lock, os.O_RDWR)
+        with pytest.raises(BlockingIOError):  # held by the live process
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+    finally:
+        holder.kill()
+        holder.wait()
+    with _atomic.exclusive(lock):  # the killed holder's lock is gone
+        pass

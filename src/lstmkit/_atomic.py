@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["WriteError", "check_writable", "atomic_path", "write_bytes", "write_text", "write_json",
-           "clean_stale", "is_temporary"]
+           "clean_stale", "is_temporary", "exclusive"]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9]*)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp(\..*)?$")
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16]
@@ -235,3 +236,20 @@ def clean_stale(directory: str | os.PathLike[str], name: str | None = None, *, e
             p.unlink()
             removed.append(p)
     return removed
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike[str], what: str = "lock") -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the (empty) file ``lock`` for the ``with`` block: one holder
+    at a time across processes, and the OS releases it when its holder dies, so no lock is ever
+    left behind by a killed process."""
+    path = Path(lock)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _fail(path, exc, what) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -20,7 +20,6 @@ and :mod:`lstmkit.kernels.ops`.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import sys
@@ -110,8 +109,7 @@ def _build(cap: str, verbose: bool = False) -> Any:
     # torch's build lock is a file that a killed build leaves behind, and every later build then
     # waits on it forever; ours is an flock, which the OS releases when its holder dies. Holding
     # it, no other lstmkit build of this directory runs, so a torch lock found there is stale.
-    with open(where / "build.lock", "a") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
+    with _atomic.exclusive(where / "build.lock", what="kernel build lock"):
         (where / "lock").unlink(missing_ok=True)
         ext = cpp_load(name=name, sources=[str(_CSRC / "recurrence.cpp")],
                        extra_include_paths=[str(_CSRC), str(include)], extra_cflags=_flags(cap),
