@@ -177,6 +177,11 @@ def test_inference_step_matches_the_reference(cell, dtype, forward_infer_calls):
     for a, b, what in ((out, y_ref[0], "output"), (h, h_ref, "h_n"), (c, c_ref, "c_n")):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=what)
     assert len(calls) == 2  # one per layer
+    with torch.no_grad():  # the signature seen: the prepared stack, the same results
+        again = layer.step(x.to(dtype), (h0.to(dtype), c0.to(dtype)))
+    for a, b in zip((again[0], *again[1]), (out, h, c)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert len(calls) == 4
 
     step = lstmkit.LSTMCell(I, H, cell=cell).eval()
     step_ref = lstmkit.LSTMCell(I, H, cell=cell, backend="reference").double().eval()
@@ -188,12 +193,12 @@ def test_inference_step_matches_the_reference(cell, dtype, forward_infer_calls):
         want = step_ref(x.double(), (hc.double(), c0[0].double()))
     for a, b, what in zip(got, want, ("h'", "c'")):
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol, msg=what)
-    assert len(calls) == 3
+    assert len(calls) == 5
     with torch.no_grad():  # the signature seen: the prepared step, the same kernel call and result
         again = step(x.to(dtype), (hc.to(dtype), c0[0].to(dtype).t().contiguous().t()))
     for a, b in zip(again, got):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert len(calls) == 4
+    assert len(calls) == 6
 
 
 def test_prepared_step_rechecks_whatever_changed(monkeypatch):
