@@ -545,9 +545,9 @@ class LSTM(_Recurrent):
             return output, (h_n, *self._cell_states(c_n))
         output, h_n, c_n = self._step(input, hx)
         assert c_n is not None
-        if not torch.is_grad_enabled() and input.dim() == 2 and not self.bidirectional \
+        draws = self.training and (self.dropout > 0 or self.spec.zoneout != (0.0, 0.0))  # masks every call
+        if not torch.is_grad_enabled() and not draws and input.dim() == 2 and not self.bidirectional \
                 and isinstance(kernels.select(self.spec, input.device, input.dtype, self.backend), FusedCPUKernel):
-            draws = self.training and (self.dropout > 0 or self.spec.zoneout != (0.0, 0.0))
             self._prepared.remember(self._prepared.signature(input, hx, self.training, version),
                                     [self.layer_params(layer) for layer in range(self.num_layers)],
                                     self._parameters, draws)  # type: ignore[arg-type]
@@ -672,7 +672,7 @@ class LSTMCell(nn.Module):
                                   self.check_finite, False)
         if fast is not None:
             _, (h_n,), (c_n,) = fast
-            return (h_n, c_n) if c_n.shape[-1] == self.hidden_size else (h_n, *c_n.split(self.hidden_size, dim=-1))
+            return self._new_state(h_n, c_n)
         self._check_input(input)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)  # (N, I)
@@ -694,8 +694,10 @@ class LSTMCell(nn.Module):
             self._prepared.remember(self._prepared.signature(input, hx, self.training, version), [params],
                                     params, keep is not None)  # type: ignore[arg-type]
         assert out.c_n is not None
-        new = [out.h_n, out.c_n] if out.c_n.shape[-1] == self.hidden_size else \
-            [out.h_n, *out.c_n.split(self.hidden_size, dim=-1)]
-        if not batched:
-            new = [t.squeeze(0) for t in new]
-        return tuple(new)
+        new = self._new_state(out.h_n, out.c_n)
+        return new if batched else tuple(t.squeeze(0) for t in new)
+
+    def _new_state(self, h: Tensor, cells: Tensor) -> State:
+        """``(h', c')`` (the sLSTM: ``(h', c', n', m')``) from ``h'`` and the cell states side by side
+        (N, S·H)."""
+        return (h, cells) if cells.shape[-1] == self.hidden_size else (h, *cells.split(self.hidden_size, dim=-1))

@@ -25,8 +25,8 @@ from lstmkit.kernels.base import Kernel, KernelOut, hidden_keys
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.spec import CellSpec
 
-__all__ = ["FusedKernel", "FusedCPUKernel", "PreparedStep", "TritonKernel", "trace_from_buffers",
-           "triton_available"]
+__all__ = ["FusedKernel", "FusedCPUKernel", "PreparedStep", "TritonKernel", "forward_infer", "infer_args",
+           "trace_from_buffers", "triton_available"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -226,14 +226,7 @@ class FusedCPUKernel(FusedKernel):
         # plain eager first: under compile or export, sizes are symbolic and must not be branched on
         if keep is None and not record and ops.plain_eager((x, h0, *params.values())) \
                 and _no_gradient(x, h0, c0, params) and in_loop_projection(x, params["weight_ih"]):
-            empty = x.new_empty(0)
-            plist, mlp = operator_params(params, spec, empty)
-            proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
-            y, h_n, c_n = cpu_ext.load().forward_infer(
-                x, params["weight_ih"], params.get("bias_ih", empty), params.get("bias_hh", empty),
-                params["weight_hh"], h0, empty if c0 is None else c0,
-                lengths if lengths is not None else torch.empty(0, dtype=torch.long), plist, abi.flags(spec), mlp,
-                *abi.scalars(spec), hidden_size, proj)
+            y, h_n, c_n = forward_infer(infer_args(params, spec), x, h0, c0, lengths, hidden_size)
             return KernelOut(y, h_n, c_n if spec.is_lstm else None, None)
         return super().run(x, lengths, h0, c0, params, spec, hidden_size, record, keep)
 
@@ -244,6 +237,31 @@ class FusedCPUKernel(FusedKernel):
         if not cpu_ext.available():
             return "the C++ extension could not be built (see the warning above)"
         return None
+
+
+_NO_LENGTHS = torch.empty(0, dtype=torch.long)  # every sequence runs all T steps
+
+
+def infer_args(params: dict[str, Tensor], spec: CellSpec) -> tuple[Any, ...]:
+    """A layer's arguments of the compiled ``forward_infer`` that do not change from call to call
+    while its parameters stay the same tensors: ``(W_ih, b_ih, b_hh, W_hh, the operator's params
+    list, flags, mlp_layout, *scalars, proj_size)`` (empty tensors for absent biases)."""
+    empty = params["weight_ih"].new_empty(0)
+    plist, mlp = operator_params(params, spec, empty)
+    proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
+    return (params["weight_ih"], params.get("bias_ih", empty), params.get("bias_hh", empty), params["weight_hh"],
+            plist, abi.flags(spec), mlp, *abi.scalars(spec), proj)
+
+
+def forward_infer(args: tuple[Any, ...], x: Tensor, h0: Tensor, c0: Tensor | None, lengths: Tensor | None,
+                  hidden_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One no-gradient run of the compiled kernel with the input projection in the loop: ``x``
+    (T, B, I), ``h0`` (B, H_out), ``c0`` (B, S·H) or None, ``args`` from :func:`infer_args`;
+    returns ``y`` (T, B, H_out), ``h_n``, ``c_n``."""
+    w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = args
+    return cpu_ext.load().forward_infer(x, w_ih, b_ih, b_hh, w_hh, h0, b_ih.new_empty(0) if c0 is None else c0,
+                                        _NO_LENGTHS if lengths is None else lengths, plist, flags, mlp, *scalars,
+                                        hidden_size, proj)
 
 
 class PreparedStep:
@@ -261,7 +279,7 @@ class PreparedStep:
     """
 
     def __init__(self, spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
-        self.spec, self.hidden_size, self.proj_size = spec, hidden_size, proj_size
+        self.spec, self.hidden_size, self.H_out = spec, hidden_size, proj_size or hidden_size
         # (signature, the module's parameters, per layer the operator's arguments): one attribute,
         # replaced whole, so that a call never sees one signature's key with another's arguments
         self._kept: tuple[tuple, tuple[Tensor, ...], list[tuple[Any, ...]]] | None = None
@@ -280,13 +298,7 @@ class PreparedStep:
         calls compare), ``draws`` whether a call draws masks (zoneout, dropout in training)."""
         if key[0] is not Tensor or len(key[1]) != 2 or key[3].type != "cpu" or draws or not self.spec.is_lstm:
             return
-        args = []
-        for params in layers:
-            empty = params["weight_ih"].new_empty(0)
-            plist, mlp = operator_params(params, self.spec, empty)
-            args.append((params["weight_ih"], params.get("bias_ih", empty), params.get("bias_hh", empty),
-                         params["weight_hh"], plist, abi.flags(self.spec), mlp, *abi.scalars(self.spec)))
-        self._kept = (key, tuple(parameters.values()), args)
+        self._kept = (key, tuple(parameters.values()), [infer_args(params, self.spec) for params in layers])
 
     def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: int,
             check_finite: bool, stacked: bool) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
@@ -297,33 +309,28 @@ class PreparedStep:
         if kept is None or torch.is_grad_enabled() or self.signature(x, hx, training, version) != kept[0]:
             return None
         _, params, layers = kept
-        # compile and export trace under is_compiling, the TorchScript-based ONNX export under is_tracing
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() \
-                or torch._C._functorch.peek_interpreter_stack() is not None or torch.is_autocast_enabled("cpu"):
+        # compile, export, functorch and autocast (the tensors' types are in the signature); the
+        # TorchScript-based ONNX export traces
+        if not ops.eager_mode("cpu") or torch.jit.is_tracing():
             return None
         current = tuple(parameters.values())
         if len(current) != len(params) or any(a is not b for a, b in zip(current, params)):
             return None
         if check_finite and cpu_ext.first_nonfinite([x] if hx is None else [x, *hx]) != -1:
             return None
-        H, P, ext = self.hidden_size, self.proj_size, cpu_ext.load()
-        S, N = len(variants.cell_states(self.spec)), x.shape[0]
+        H, S, N = self.hidden_size, len(variants.cell_states(self.spec)), x.shape[0]
         hs, cs = [], []
-        for layer, (w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars) in enumerate(layers):
+        for layer, args in enumerate(layers):
             if hx is None:
-                h, c = x.new_zeros(N, P or H), x.new_zeros(N, S * H)
+                h, c = x.new_zeros(N, self.H_out), x.new_zeros(N, S * H)
             else:
                 states = [t[layer] for t in hx] if stacked else hx  # (N, H_out), then (N, H) each
                 h, c = states[0], states[1] if S == 1 else torch.cat(states[1:], dim=-1)  # c: (N, S·H)
-            y, h_n, c_n = ext.forward_infer(x.unsqueeze(0), w_ih, b_ih, b_hh, w_hh, h, c, _NO_LENGTHS,
-                                            plist, flags, mlp, *scalars, H, P)
+            y, h_n, c_n = forward_infer(args, x.unsqueeze(0), h, c, None, H)
             x = y[0]  # (N, H_out): the next layer's input
             hs.append(h_n)
             cs.append(c_n)
         return x, hs, cs
-
-
-_NO_LENGTHS = torch.empty(0, dtype=torch.long)
 
 
 def in_loop_projection(x: Tensor, w_ih: Tensor) -> bool:

@@ -55,7 +55,8 @@ from torch import Tensor
 
 from lstmkit.kernels import abi
 
-__all__ = ["Impl", "register_device", "recurrence", "plain_eager", "recurrence_op", "recurrence_backward_op"]
+__all__ = ["Impl", "register_device", "recurrence", "plain_eager", "eager_mode", "recurrence_op",
+           "recurrence_backward_op"]
 
 NP, NB, NS = len(abi.PARAMS), len(abi.BUFFERS), len(abi.SCALARS)
 
@@ -331,11 +332,13 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 def plain_eager(tensors: Sequence[Tensor]) -> bool:
     """True for plain tensors in eager mode: no compile/export tracing, functorch transform,
     autocast, FakeTensor or tensor subclass."""
-    if torch.compiler.is_compiling() or _functorch_active():
-        return False
-    if torch.is_autocast_enabled(tensors[0].device.type):
-        return False
-    return all(type(t) in _PLAIN for t in tensors)
+    return eager_mode(tensors[0].device.type) and all(type(t) in _PLAIN for t in tensors)
+
+
+def eager_mode(device_type: str) -> bool:
+    """:func:`plain_eager` without the tensors: no compile/export tracing, functorch transform or
+    autocast on ``device_type`` (for a caller that has checked its tensors' types already)."""
+    return not (torch.compiler.is_compiling() or _functorch_active() or torch.is_autocast_enabled(device_type))
 
 
 def _functorch_active() -> bool:

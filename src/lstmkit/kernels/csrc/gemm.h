@@ -63,6 +63,8 @@ inline bool bf16_gemm_available() {
   static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
   return ok;
 }
+// Whether a layer whose inputs and outputs are `io` takes that path (Cfg::bf16_gemm).
+inline bool bf16_products(at::ScalarType io) { return io == at::kBFloat16 && bf16_gemm_available(); }
 
 template <typename T>
 inline bool blas_available() {

@@ -132,7 +132,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
   if (!cf.rnn && c0.numel() == 0) c0 = at::zeros({B, cf.SH}, xg.options());
   TORCH_CHECK(cf.rnn || (c0.dim() == 2 && c0.size(0) == B && c0.size(1) == cf.SH),
               "lstmkit::recurrence: c0 must be (B, ", cf.SH, "): the cell's ", cf.S, " states side by side");
-  cf.bf16_gemm = io == at::kBFloat16 && bf16_gemm_available();
+  cf.bf16_gemm = bf16_products(io);
   const auto len = lengths_vec(lengths, B, Tn);
   const int64_t work = B * cf.R * (cf.Dh + (in_loop ? x.size(2) : 0));  // per step (heads: Dh = H_out/k)
   const int nt = choose_threads(work, B);
@@ -178,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   const at::Tensor whh = to_compute(whh_in, ct);
   const int64_t Tn = y.size(0), B = y.size(1), R = cf.R, Hout = cf.Hout;
   cf.set_heads(whh.size(1));
-  cf.bf16_gemm = io == at::kBFloat16 && bf16_gemm_available();
+  cf.bf16_gemm = bf16_products(io);
   const bool lstm = !cf.rnn;
   const auto opt = y.options();
   at::Tensor c0 = to_compute(c0_in, ct);
