@@ -179,7 +179,9 @@ def test_registry_rows_and_selection():
         assert kernels.select(deep, cpu, torch.float32).name == FUSED[0]
         with pytest.raises(ValueError, match=r"cannot run this layer: it runs float32, float64"):
             kernels.select(deep, cpu, torch.complex64, backend=FUSED[0])
-    assert "deep gates" in kernels.REGISTRY["triton"].refuses(deep)  # the Triton kernels: not yet
+    assert kernels.REGISTRY["triton"].refuses(deep) is None
+    assert "together with layernorm" in kernels.REGISTRY["triton"].refuses(lstmkit.CellSpec(gate_hidden=(3,),
+                                                                                             layernorm=True))
 
 
 def test_cuda_layers_select_cudnn_then_triton_or_the_reference_row():

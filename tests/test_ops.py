@@ -15,6 +15,7 @@ import torch
 import lstmkit
 from lstmkit import cell, kernels
 from lstmkit.kernels import abi, cpu_ext, ops
+from lstmkit.layout import GATES
 from lstmkit.spec import resolve
 
 #: Every variant the fused kernel runs (id -> layer factory arguments).
@@ -75,6 +76,22 @@ def test_compiled_abi_equals_abi_module():
     assert tuple(compiled["params"]) == abi.PARAMS
     assert tuple(compiled["buffers"]) == abi.BUFFERS
     assert compiled["ln_eps"] == cell.LN_EPS
+
+
+@pytest.mark.parametrize("gate_hidden", [(3,), {"f": (4, 2)}, {"i": (2,), "o": (5, 3, 2)}])
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_mlp_decoder_equals_abi_module(gate_hidden, bias):
+    """Where the deep gates' weights, biases and hidden activations sit: C++'s MlpLayout and
+    abi.decode_mlp read the same layout list alike."""
+    spec = lstmkit.CellSpec(gate_hidden=gate_hidden, gate_hidden_activation="relu")
+    layout, H = abi.mlp_layout(spec, bias), 7
+    phi, has_bias, atot, wtot, gates = cpu_ext.load()._mlp_layout_test(layout, H)
+    py = abi.decode_mlp(layout, H)
+    assert (abi.PHIS[phi], has_bias, atot, wtot) == (py.phi, py.bias, py.atot, py.wtot)
+    assert [(GATES[g], tuple(w), tuple(wo), tuple(bo), tuple(ao)) for g, w, wo, bo, ao in gates] == \
+        [(g.gate, g.widths, g.woff, g.boff, g.aoff) for g in py.gates]
+    params = {n: p for n, p in lstmkit.LSTM(3, H, cell=spec, bias=bias).named_parameters()}
+    assert py.wtot == sum(params[f"{n}_l0"].numel() for n in abi.mlp_names(spec, bias))
 
 
 def test_schema_names_every_parameter_and_buffer_in_abi_order():

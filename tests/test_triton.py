@@ -56,12 +56,13 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the interpreter runs the CPU tests)")
 
-#: Every variant the Triton row claims (deep gates run on the reference row), and the RNN.
+#: Every variant the Triton row claims (all but the sLSTM and deep gates with layernorm), and the RNN.
 CELLS = {vid: cell for vid, cell in LSTM_VARIANTS.items()
          if kernels.REGISTRY["triton"].unsupported(resolve(cell), DEVICE, torch.float32) is None}
 CELLS.update({vid: f"rnn_{nl}" for vid, nl in RNN_VARIANTS.items()})
 COMBOS = ["vanilla", "peephole+cifg+layernorm", "fgr+peephole+nog+clip=0.4", "nig+niaf+noaf",
-          "nfg+peephole+layernorm", "zoneout=0.3/0.2+peephole+gate_act=hardsigmoid+out_act=relu", "rnn_tanh"]
+          "nfg+peephole+layernorm", "zoneout=0.3/0.2+peephole+gate_act=hardsigmoid+out_act=relu", "rnn_tanh",
+          "deep=4x3+fgr+peephole+zoneout=0.2"]
 BF16_FLOOR = 2 ** -5
 
 
@@ -75,7 +76,7 @@ def path(request, monkeypatch):
 def make(cell: str, I: int, H: int, L: int = 1, bidirectional: bool = False, P: int = 0, seed: int = 0):
     """A float64 layer with weights away from torch's tiny init (every path matters)."""
     torch.manual_seed(seed)
-    if cell.startswith("rnn_"):
+    if isinstance(cell, str) and cell.startswith("rnn_"):
         layer = lstmkit.RNN(I, H, L, bidirectional=bidirectional, nonlinearity=cell[4:])
     else:
         layer = lstmkit.LSTM(I, H, L, bidirectional=bidirectional, proj_size=P, cell=cell)
@@ -293,10 +294,13 @@ def test_variant_word_decoders_match_the_abi():
 
 
 @pytest.mark.parametrize("cell", ["vanilla", "cifg", "nig+nog", "layernorm", "fgr+peephole",
-                                  "zoneout=0.3/0.2+gate_act=hard_sigmoid", "rnn_tanh"])
+                                  "zoneout=0.3/0.2+gate_act=hard_sigmoid", "rnn_tanh",
+                                  lstmkit.CellSpec(gate_hidden={"f": (4, 2), "g": (3,)}, peephole=True)],
+                         ids=lambda c: c if isinstance(c, str) else c.name)
 def test_record_mode_matches_reference(cell, path):
     """The trace is what the kernel computed (its buffers), equal to the reference's on
-    every valid step; absent gates are absent; recording changes no output."""
+    every valid step — deep gates' hidden activations too; absent gates are absent;
+    recording changes no output."""
     base = make(cell, 3, 4, bidirectional=True)
     ref, fast = copy.deepcopy(base), copy.deepcopy(base).to(DEVICE)
     ref.backend, fast.backend = "reference", "triton"
@@ -312,6 +316,8 @@ def test_record_mode_matches_reference(cell, path):
             torch.testing.assert_close(tb[k].cpu() * valid, ta[k] * valid, rtol=1e-10, atol=1e-10, msg=k)
     if cell == "nig+nog":
         assert "i" not in tb and "o" not in tb
+    if not isinstance(cell, str):
+        assert {"f.1", "f.2", "g.1"} <= set(tb)
     out_rec = fast._run(x.to(DEVICE), None, record=True)[0]
     torch.testing.assert_close(out_rec, fast(x.to(DEVICE))[0], rtol=0, atol=0)
 
@@ -334,14 +340,16 @@ def test_selection_cuda_layers_choose_triton_cpu_layers_keep_the_cpu_kernel():
     assert names.index("cpu_fused") < names.index("triton") < names.index("reference")
     cuda = torch.device("cuda")
     assert kernels.select(resolve("peephole+layernorm"), cuda, torch.bfloat16).name == "triton"
-    assert kernels.select(lstmkit.CellSpec(gate_hidden=(3,)), cuda, torch.float32).name == "reference"
+    assert kernels.select(lstmkit.CellSpec(gate_hidden=(3,)), cuda, torch.float32).name == "triton"
+    deep_ln = lstmkit.CellSpec(gate_hidden=(3,), layernorm=True)
+    assert kernels.select(deep_ln, cuda, torch.float32).name == "reference"
     assert kernels.select(resolve("vanilla"), cuda, torch.complex64).name == "reference"
     assert kernels.select(resolve("vanilla"), torch.device("cpu"), torch.float32).name == "cpu_fused"
     # CPU tensors reach the interpreter only when asked for by name, never as a fallback
     cpu_rows = [k.name for k in kernels.REGISTRY.values() if k.automatic(torch.device("cpu"))]
     assert "triton" not in cpu_rows and "cpu_fused" in cpu_rows
-    with pytest.raises(ValueError, match="deep gates"):
-        kernels.select(lstmkit.CellSpec(gate_hidden=(3,)), cuda, torch.float32, backend="triton")
+    with pytest.raises(ValueError, match="deep gates .* together with layernorm"):
+        kernels.select(deep_ln, cuda, torch.float32, backend="triton")
 
 
 def test_without_triton_cuda_layers_fall_back_to_reference_with_one_warning(monkeypatch):

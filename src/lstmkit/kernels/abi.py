@@ -24,13 +24,16 @@ this module directly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from lstmkit import variants
 from lstmkit.cell import LN_EPS
 from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 
 __all__ = ["FLAGS", "PARAMS", "BUFFERS", "SCALARS", "PHIS", "GATE_REMOVED", "flags", "flag", "scalars",
-           "gate_slots", "mlp_layout", "mlp_width", "mlp_names", "buffer_shapes", "cell_state_count", "header"]
+           "gate_slots", "mlp_layout", "decode_mlp", "Mlp", "MlpGate", "mlp_width", "mlp_names",
+           "buffer_shapes", "cell_state_count", "header"]
 
 #: Variant flags; bit k of the ``flags`` integer is ``FLAGS[k]`` (the variant table's rows).
 FLAGS: tuple[str, ...] = variants.FLAGS
@@ -109,16 +112,54 @@ def mlp_names(spec: CellSpec, bias: bool) -> list[str]:
             for name in (f"mlp_{g}_weight{j}", *([f"mlp_{g}_bias{j}"] if bias else []))]
 
 
-def mlp_width(layout: list[int] | tuple[int, ...]) -> int:
-    """Columns of the ``MLP`` buffer: every deep gate's hidden activations a_1 … a_m."""
+@dataclass(frozen=True)
+class MlpGate:
+    """One deep gate of an ``mlp_layout``, where its parts sit (C++: ``MlpGate``, cell_config.h)."""
+
+    gate: str                   #: its letter in :data:`lstmkit.layout.GATES`
+    widths: tuple[int, ...]     #: n_1 … n_m, then H: layer j maps n_j to n_{j+1}
+    woff: tuple[int, ...]       #: flat offset in ``mlp`` of W_j (n_{j+1} × n_j), j = 1 … m
+    boff: tuple[int, ...]       #: flat offset of b_j (n_{j+1}); -1 without biases
+    aoff: tuple[int, ...]       #: column of a_j = φ(layer j's input) (n_j wide) in the ``MLP`` buffer
+
+
+@dataclass(frozen=True)
+class Mlp:
+    """An ``mlp_layout`` decoded (:func:`decode_mlp`): the deep gates in layout order."""
+
+    phi: str                    #: the activation between layers (:data:`PHIS`)
+    bias: bool
+    gates: tuple[MlpGate, ...]
+    atot: int                   #: columns of the ``MLP`` buffer
+    wtot: int                   #: elements of the flat ``mlp`` param
+
+
+def decode_mlp(layout: list[int] | tuple[int, ...], H: int) -> Mlp:
+    """:func:`mlp_layout`'s list read back, as the C++ kernel reads it (``MlpLayout``; a test
+    compares the two): per deep gate its widths and the offsets of its weights, biases and
+    hidden activations."""
     if not layout:
-        return 0
-    total, pos = 0, 3
+        return Mlp("tanh", False, (), 0, 0)
+    bias, pos, gates, atot, wtot = bool(layout[1]), 3, [], 0, 0
     for _ in range(layout[2]):
         m = layout[pos + 1]
-        total += sum(layout[pos + 2:pos + 2 + m])
+        widths = (*layout[pos + 2:pos + 2 + m], H)
+        woff, boff, aoff = [], [], []
+        for j in range(m):
+            woff.append(wtot)
+            wtot += widths[j + 1] * widths[j]
+            boff.append(wtot if bias else -1)
+            wtot += widths[j + 1] if bias else 0
+            aoff.append(atot)
+            atot += widths[j]
+        gates.append(MlpGate(GATES[layout[pos]], widths, tuple(woff), tuple(boff), tuple(aoff)))
         pos += 2 + m
-    return total
+    return Mlp(PHIS[layout[0]], bias, tuple(gates), atot, wtot)
+
+
+def mlp_width(layout: list[int] | tuple[int, ...]) -> int:
+    """Columns of the ``MLP`` buffer: every deep gate's hidden activations a_1 … a_m."""
+    return decode_mlp(layout, 0).atot
 
 
 def cell_state_count(flag_bits: int) -> int:

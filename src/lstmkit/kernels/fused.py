@@ -387,16 +387,25 @@ def _interpreting() -> bool:
 class TritonKernel(FusedKernel):
     """The recurrence as Triton kernels (:mod:`lstmkit.kernels.triton_impl`) on CUDA tensors:
     float32, float64, bfloat16 and float16 (the last two compute in float32), every variant
-    but deep gates and the sLSTM, with heads. With ``TRITON_INTERPRET=1`` it also runs CPU tensors, through Triton's
-    interpreter (slow; for tests without a GPU), when ``backend="triton"`` asks for it: then
-    it calls its implementation directly, since the dispatcher sends CPU tensors to the C++
-    kernel."""
+    but the sLSTM, with heads and deep gates (not both deep gates and layernorm). With
+    ``TRITON_INTERPRET=1`` it also runs CPU tensors, through Triton's interpreter (slow; for
+    tests without a GPU), when ``backend="triton"`` asks for it: then it calls its
+    implementation directly, since the dispatcher sends CPU tensors to the C++ kernel."""
 
     name = "triton"
     heads = True  # per step: the recurrent GEMM batched over the heads (triton_impl._recurrent)
+    deep_gates = True  # per step: the gate MLPs' layers as cuBLAS GEMMs (triton_impl._DeepGates)
     implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
                             "rnn", "rnn_relu", "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "cand_act_relu",
                             "out_act_relu", "zoneout"})
+
+    def refuses(self, spec: CellSpec) -> str | None:
+        why = super().refuses(spec)
+        if why is None and spec.gate_hidden and spec.layernorm:
+            return ("its kernels do not compute deep gates (gate_hidden) together with layernorm (which normalises "
+                    "each deep gate's first layer): such layers run on the 'reference' kernel (on the CPU, "
+                    "'cpu_fused' computes them)")
+        return why
 
     @property
     def devices(self) -> tuple[str, ...]:  # type: ignore[override]

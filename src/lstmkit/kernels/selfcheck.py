@@ -49,7 +49,8 @@ def build_key(spec: CellSpec, dtype: torch.dtype, B: int, H: int, H_out: int, pr
     from lstmkit.kernels.triton_impl import Variant, choose_path
 
     flags = abi.flags(spec)
-    return (flags, dtype, choose_path(Variant.from_flags(flags), B, H, H_out, dtype, projection, device, spec.heads))
+    return (flags, dtype, choose_path(Variant.from_flags(flags), B, H, H_out, dtype, projection, device, spec.heads,
+                                       bool(spec.gate_hidden)))
 
 
 def _describe(spec: CellSpec, key: tuple[Any, ...]) -> str:

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from lstmkit import cell
 from lstmkit.kernels import abi, cuda_graphs
+from lstmkit.layout import GATES
 
 __all__ = ["Variant", "TritonImpl", "choose_path", "persistent_tiles", "step_tiles", "PATHS", "PATH_ENV"]
 
@@ -65,7 +66,7 @@ PERSISTENT_FORCE_LIMIT_BYTES = 64 * 1024
 
 def _kernel_buffers(bufs: list[Tensor]) -> dict[str, Tensor]:
     """The buffers by kernel argument name (:data:`lstmkit.kernels.abi.BUFFERS`' names)."""
-    return {name: b for name, b in zip(abi.BUFFERS, bufs) if name != "MLP"}  # deep gates: not in Triton
+    return {name: b for name, b in zip(abi.BUFFERS, bufs) if name != "MLP"}  # deep gates: _DeepGates fills it
 
 
 def _zoneout_bit(v: Variant) -> int:
@@ -160,7 +161,7 @@ def _weight_budget(device: torch.device | None) -> int:
 
 
 def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, projection: bool,
-                device: torch.device | None = None, heads: int = 1) -> str:
+                device: torch.device | None = None, heads: int = 1, deep: bool = False) -> str:
     """How to run the time loop of one layer-direction: ``"persistent"`` or ``"per_step"``.
 
     The rule: persistent (one launch for all T steps, the weights on chip, no per-step
@@ -173,9 +174,10 @@ def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, proj
     persistent path was 8-9x faster than per step at every batch measured (1-256) where it
     fits. ``LSTMKIT_TRITON_PATH=persistent|per_step`` forces a path (a persistent one only
     up to :data:`PERSISTENT_FORCE_LIMIT_BYTES`). Block-diagonal recurrent weights
-    (``heads`` > 1) run per step: the persistent kernels hold dense ones.
+    (``heads`` > 1) run per step: the persistent kernels hold dense ones; so do ``deep`` gates,
+    whose MLP layers are per-step cuBLAS GEMMs between the recurrent GEMM and the cell's kernel.
     """
-    if heads > 1:
+    if heads > 1 or deep:
         return "per_step"
     size = torch.empty((), dtype=dtype).element_size()
     BH = _pow2(H, 16)
@@ -251,37 +253,59 @@ def _heads(w_hh: Tensor, HO: int) -> int:
     return HO // w_hh.shape[1] if w_hh.shape[1] else 1
 
 
-def _blocks(w_hh: Tensor, k: int, H: int, ct: torch.dtype) -> Tensor:
-    """The stored (R, HO/k) recurrent weight as its blocks (NG, k, H/k, HO/k): gate g, head j."""
-    return w_hh.to(ct).view(w_hh.shape[0] // H, k, H // k, w_hh.shape[1])
+def _blocks(w_hh: Tensor, k: int, n: int, ct: torch.dtype) -> Tensor:
+    """Stored (n_G·n, HO/k) recurrent rows of gates each n rows wide as their blocks
+    (n_G, k, n/k, HO/k): gate g, head j."""
+    return w_hh.to(ct).view(w_hh.shape[0] // n, k, n // k, w_hh.shape[1])
 
 
-def _recurrent(h: Tensor, w_hh: Tensor, k: int, H: int, ct: torch.dtype) -> Tensor:
-    """``r = h W_hhᵀ`` (B, R) in ``ct``: with k heads block j of each gate reads head j of ``h``
-    (B, HO) (a batched GEMM over the heads; the zeros off the diagonal are not multiplied)."""
+def _runs(widths: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """The gates' row blocks of ``W_hh`` grouped into runs of equal width: ``(first row, rows,
+    width)`` — one run when every gate is H rows wide, more with deep gates (n_1 rows each)."""
+    out: list[tuple[int, int, int]] = []
+    row = 0
+    for w in widths:
+        if out and out[-1][2] == w:
+            out[-1] = (out[-1][0], out[-1][1] + w, w)
+        else:
+            out.append((row, w, w))
+        row += w
+    return out
+
+
+def _recurrent(h: Tensor, w_hh: Tensor, k: int, widths: tuple[int, ...], ct: torch.dtype) -> Tensor:
+    """``r = h W_hhᵀ`` (B, R) in ``ct``: with k heads block j of each gate (``widths``: the gates'
+    rows) reads head j of ``h`` (B, HO) (a batched GEMM over the heads; the zeros off the
+    diagonal are not multiplied)."""
     if k == 1:
         return _mm(h, w_hh.t(), ct)
     hk = h.to(ct).view(h.shape[0], k, -1)                                     # (B, k, HO/k)
-    return torch.einsum("bje,gjde->bgjd", hk, _blocks(w_hh, k, H, ct)).reshape(h.shape[0], -1)
+    return torch.cat([torch.einsum("bje,gjde->bgjd", hk, _blocks(w_hh[r0:r0 + n], k, w, ct)).reshape(h.shape[0], -1)
+                      for r0, n, w in _runs(widths)], -1)
 
 
-def _recurrent_grad_h(dz: Tensor, w_hh: Tensor, k: int, H: int, ct: torch.dtype) -> Tensor:
+def _recurrent_grad_h(dz: Tensor, w_hh: Tensor, k: int, widths: tuple[int, ...], ct: torch.dtype) -> Tensor:
     """``dz W_hh`` (B, HO) in ``ct`` for ``dz`` (B, R): the gradient that reaches ``h_{t-1}``."""
     if k == 1:
         return _mm(dz, w_hh, ct)
-    w = _blocks(w_hh, k, H, ct)
-    dzk = dz.to(ct).view(dz.shape[0], w.shape[0], k, w.shape[2])              # (B, NG, k, H/k)
-    return torch.einsum("bgjd,gjde->bje", dzk, w).reshape(dz.shape[0], -1)
+    out = None
+    for r0, n, w in _runs(widths):
+        blocks = _blocks(w_hh[r0:r0 + n], k, w, ct)
+        dzk = dz[:, r0:r0 + n].to(ct).reshape(dz.shape[0], blocks.shape[0], k, w // k)  # (B, n_G, k, w/k)
+        part = torch.einsum("bgjd,gjde->bje", dzk, blocks).reshape(dz.shape[0], -1)
+        out = part if out is None else out + part
+    return out
 
 
-def _recurrent_grad_w(dz: Tensor, h_prev: Tensor, k: int, H: int) -> Tensor:
+def _recurrent_grad_w(dz: Tensor, h_prev: Tensor, k: int, widths: tuple[int, ...]) -> Tensor:
     """``Σ dzᵀ h_{t-1}`` over the rows of ``dz`` (N, R) and ``h_prev`` (N, HO), stored as ``w_hh``
     is: (R, HO) for one head, each row's block (R, HO/k) for k."""
     if k == 1:
         return torch.mm(dz.t(), h_prev)
-    N, R, HO = dz.shape[0], dz.shape[1], h_prev.shape[1]
-    dzk = dz.view(N, R // H, k, H // k)                                       # (N, NG, k, H/k)
-    return torch.einsum("ngjd,nje->gjde", dzk, h_prev.view(N, k, HO // k)).reshape(R, HO // k)
+    N, HO = dz.shape[0], h_prev.shape[1]
+    hk = h_prev.view(N, k, HO // k)
+    return torch.cat([torch.einsum("ngjd,nje->gjde", dz[:, r0:r0 + n].reshape(N, n // w, k, w // k), hk)
+                      .reshape(n, HO // k) for r0, n, w in _runs(widths)])
 
 
 def _slots(v: Variant, H: int, which: tuple[int, ...]) -> list[slice]:
@@ -296,13 +320,13 @@ class TritonImpl:
 
     def forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                 *rest: Any) -> tuple[Tensor, ...]:
-        flags, _mlp, *_scalars, H, P, _save = rest[NP:]
-        if self._graphed(xg, w_hh, flags, xg.shape[1], H, P):
+        flags, mlp, *_scalars, H, P, _save = rest[NP:]
+        if self._graphed(xg, w_hh, flags, xg.shape[1], H, P, bool(mlp)):
             return cuda_graphs.call("triton forward", self._forward, xg, w_hh, h0, c0, lengths, *rest)
         return self._forward(xg, w_hh, h0, c0, lengths, *rest)
 
     @staticmethod
-    def _graphed(t: Tensor, w_hh: Tensor, flags: int, B: int, H: int, P: int) -> bool:
+    def _graphed(t: Tensor, w_hh: Tensor, flags: int, B: int, H: int, P: int, deep: bool) -> bool:
         """Whether a call runs through :mod:`~lstmkit.kernels.cuda_graphs`: the per-step path on a
         GPU (its Python loop and launches are what a graph removes; the persistent path is one
         launch), not while the AOT tooling records launches."""
@@ -310,11 +334,11 @@ class TritonImpl:
             return False
         v = Variant.from_flags(flags)
         HO = P if P > 0 and not v.rnn else H
-        return choose_path(v, B, H, HO, t.dtype, P > 0, t.device, _heads(w_hh, HO)) == "per_step"
+        return choose_path(v, B, H, HO, t.dtype, P > 0, t.device, _heads(w_hh, HO), deep) == "per_step"
 
     def _forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                  *rest: Any) -> tuple[Tensor, ...]:
-        params, (flags, _mlp, clip, zc, zh, H, P, save) = list(rest[:NP]), rest[NP:]  # deep gates: not here
+        params, (flags, mlp, clip, zc, zh, H, P, save) = list(rest[:NP]), rest[NP:]
         v = Variant.from_flags(flags)
         T, B, R = xg.shape
         HO = P if P > 0 and not v.rnn else H
@@ -322,7 +346,7 @@ class TritonImpl:
         y = torch.empty((T, B, HO), dtype=io, device=dev)
         h_n = torch.empty((B, HO), dtype=io, device=dev)
         c_n = torch.empty((B, H) if not v.rnn else (0,), dtype=io, device=dev)
-        buffers = [torch.empty(s, dtype=ct, device=dev) for s in abi.buffer_shapes(flags, T, B, R, H, save)]
+        buffers = [torch.empty(s, dtype=ct, device=dev) for s in abi.buffer_shapes(flags, T, B, R, H, save, mlp)]
         if not v.rnn and c0.numel() == 0:
             c0 = torch.zeros((B, H), dtype=ct, device=dev)
         if T == 0 or B == 0:
@@ -330,30 +354,32 @@ class TritonImpl:
             if not v.rnn:
                 c_n.copy_(c0)
             return (y, h_n, c_n, *buffers)
-        a = _Args(xg, w_hh, h0, c0, lengths, params, v, H, HO, io, ct)
+        a = _Args(xg, w_hh, h0, c0, lengths, params, v, H, HO, io, ct, mlp)
         consts = dict(FLAGS=flags, HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, HAS_KEEP=a.has_keep, CT=_tl_dtype(ct),
                       EPS=cell.LN_EPS, SAVE_G=buffers[_B["G"]].numel() > 0, SAVE_C=buffers[_B["C"]].numel() > 0,
                       SAVE_LN=buffers[_B["AH"]].numel() > 0)
         bufs = [b if b.numel() else a.nothing for b in buffers]
-        sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, clip=float(clip), zc=float(zc),
+        sizes = dict(T=T, B=B, H=H, HO=HO, R=a.RK, NG=v.n_gates, NSH=a.nsh, clip=float(clip), zc=float(zc),
                      zh=float(zh))
         k = kernels_module()
-        if choose_path(v, B, H, HO, io, P > 0, dev, a.heads) == "persistent":
+        if choose_path(v, B, H, HO, io, P > 0, dev, a.heads, a.deep is not None) == "persistent":
             BB, BH, BO, nw = persistent_tiles(v, H, HO, P > 0)
             args = dict(xg=a.xg, w_hh=a.w_hh, h0=a.h0, c0=a.c0, lengths=a.lens, **a.named_params(with_weights=True),
                         y=y, h_n=h_n, c_n=c_n if not v.rnn else a.nothing, **_kernel_buffers(bufs), **sizes)
             _launch(k.persistent_forward, (triton_cdiv(B, BB),), args,
                     dict(consts, PROJ=P > 0, OP=a.op_tl, MMA=a.mma_tl, BB=BB, BH=BH, BO=BO), nw)
             return (y, h_n, c_n, *buffers)
-        self._forward_per_step(a, y, bufs, consts, sizes, P > 0)
+        self._forward_per_step(a, y, bufs, consts, sizes, P > 0, buffers[_B["MLP"]])
         h_n.copy_(a.h_state)
         if not v.rnn:
             c_n.copy_(a.c_state)
         return (y, h_n, c_n, *buffers)
 
     def _forward_per_step(self, a: _Args, y: Tensor, bufs: list[Tensor], consts: dict[str, Any],
-                          sizes: dict[str, Any], proj: bool) -> None:
-        """The time loop in Python: per step the GEMMs in torch, then one pointwise kernel."""
+                          sizes: dict[str, Any], proj: bool, acts: Tensor) -> None:
+        """The time loop in Python: per step the GEMMs in torch (deep gates: their MLPs, which
+        keep their activations in ``acts`` (T, B, atot) if it is not empty), then one pointwise
+        kernel."""
         k, v = kernels_module(), a.v
         T, B, H, HO = sizes["T"], sizes["B"], sizes["H"], sizes["HO"]
         BB, BH, nw = step_tiles(v, B, H)
@@ -366,12 +392,15 @@ class TritonImpl:
         w_hr_t = a.params[_P["weight_hr"]].t() if proj else None
         fw = a.nothing
         consts = dict(consts, PROJ=proj, BB=BB, BH=BH)
-        args = dict(xg=a.xg, c_s=a.c_state, s_s=s_state, h_s=a.h_state, m_s=m_state, y=y, lengths=a.lens,
+        xz = a.deep.input_side(a.xg) if a.deep else a.xg                    # (T, B, RK)
+        args = dict(xg=xz, c_s=a.c_state, s_s=s_state, h_s=a.h_state, m_s=m_state, y=y, lengths=a.lens,
                     **a.named_params(with_weights=False), **_kernel_buffers(bufs), **sizes)
         BO = min(_pow2(HO), 128)
         pgrid = (triton_cdiv(B, 16), triton_cdiv(HO, BO))
         for t in range(T):
-            r = _recurrent(a.h_state, a.w_hh, a.heads, H, a.ct)               # (B, R)
+            r = _recurrent(a.h_state, a.w_hh, a.heads, a.widths, a.ct)        # (B, R)
+            if a.deep:                                                        # (B, G·H)
+                r = a.deep.forward(a.xg[t], r, acts[t] if acts.numel() else None, a.lens > t if a.has_len else None)
             if v.fgr:
                 fw = _mm(s_state, w_gg_t, a.ct)                               # (B, NSH)
             _launch(k.step_forward, grid, dict(args, r=r, fw=fw, t=t), consts, nw)
@@ -386,8 +415,8 @@ class TritonImpl:
 
     def backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                  lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
-        flags, _mlp, *_scalars, H, P = rest[NP + NB:]
-        if self._graphed(y, w_hh, flags, y.shape[1], H, P):
+        flags, mlp, *_scalars, H, P = rest[NP + NB:]
+        if self._graphed(y, w_hh, flags, y.shape[1], H, P, bool(mlp)):
             return cuda_graphs.call("triton backward", self._backward, dy, dh_n, dc_n, y, h0, c0, w_hh, lengths,
                                     *rest)
         return self._backward(dy, dh_n, dc_n, y, h0, c0, w_hh, lengths, *rest)
@@ -395,7 +424,7 @@ class TritonImpl:
     def _backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                   lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
         params, buffers = list(rest[:NP]), list(rest[NP:NP + NB])
-        flags, _mlp, clip, zc, zh, H, P = rest[NP + NB:]
+        flags, mlp, clip, zc, zh, H, P = rest[NP + NB:]
         v = Variant.from_flags(flags)
         T, B = y.shape[0], y.shape[1]
         R = w_hh.shape[0]
@@ -405,16 +434,20 @@ class TritonImpl:
             c0 = torch.zeros((B, H), dtype=ct, device=dev)
         dh_n = dh_n.to(ct).contiguous() if dh_n.numel() else torch.zeros((B, HO), dtype=ct, device=dev)
         dc_n = dc_n.to(ct).contiguous() if dc_n.numel() or v.rnn else torch.zeros((B, H), dtype=ct, device=dev)
-        a = _Args(torch.empty((0,), dtype=io, device=dev), w_hh, h0, c0, lengths, params, v, H, HO, io, ct)
+        a = _Args(torch.empty((0,), dtype=io, device=dev), w_hh, h0, c0, lengths, params, v, H, HO, io, ct, mlp)
+        RK = a.RK
         dxg = torch.empty((T, B, R), dtype=ct, device=dev)
+        du = torch.empty((T, B, RK), dtype=ct, device=dev) if a.deep else dxg  # the cell kernel's gradient of z
+        dv = a.deep.new_grads(T, B, dev) if a.deep else {}
         dR = torch.empty((T, B, R), dtype=ct, device=dev) if v.ln else a.nothing
         dZS = torch.empty((T, B, a.nsh), dtype=ct, device=dev) if v.ln and v.fgr else a.nothing
         dHP = torch.empty((T, B, HO), dtype=ct, device=dev) if P > 0 else a.nothing
         MO = torch.empty((T, B, H), dtype=ct, device=dev) if P > 0 else a.nothing
         dh0 = torch.empty((B, HO), dtype=ct, device=dev)
         dc0 = torch.empty((B, H), dtype=ct, device=dev) if not v.rnn else a.nothing
-        n_acc = 5 * H + 3 * R
-        persistent = T > 0 and B > 0 and choose_path(v, B, H, HO, io, P > 0, dev, a.heads) == "persistent"
+        n_acc = 5 * H + 3 * RK
+        persistent = T > 0 and B > 0 and choose_path(v, B, H, HO, io, P > 0, dev, a.heads, a.deep is not None) \
+            == "persistent"
         BB = persistent_tiles(v, H, HO, P > 0)[0] if persistent else step_tiles(v, B, H)[0]
         acc = torch.zeros((triton_cdiv(B, BB), n_acc) if (v.peep or v.ln) else (0,), dtype=ct, device=dev)
         if T == 0 or B == 0:
@@ -429,10 +462,10 @@ class TritonImpl:
             consts = dict(FLAGS=flags, PROJ=P > 0, HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, HAS_DY=has_dy,
                           HAS_KEEP=a.has_keep, CT=_tl_dtype(ct), EPS=cell.LN_EPS)
             bufs = _kernel_buffers([b.contiguous() if b.numel() else a.nothing for b in buffers])
-            sizes = dict(T=T, B=B, H=H, HO=HO, R=R, NG=v.n_gates, NSH=a.nsh, NACC=n_acc, clip=float(clip),
+            sizes = dict(T=T, B=B, H=H, HO=HO, R=RK, NG=v.n_gates, NSH=a.nsh, NACC=n_acc, clip=float(clip),
                          zc=float(zc), zh=float(zh))
             common = dict(dy=dy_t, **strides, dh_n=dh_n, y=y.contiguous(), c0=a.c0, lengths=a.lens,
-                          **a.named_params(with_weights=False), **bufs, dxg=dxg, dr=dR, dzs=dZS, mo=MO, acc=acc,
+                          **a.named_params(with_weights=False), **bufs, dxg=du, dr=dR, dzs=dZS, mo=MO, acc=acc,
                           **sizes)
             if persistent:
                 BB, BH, BO, nw = persistent_tiles(v, H, HO, P > 0)
@@ -442,12 +475,19 @@ class TritonImpl:
                 _launch(kernels_module().persistent_backward, (triton_cdiv(B, BB),), args,
                         dict(consts, OP=a.op_tl, MMA=a.mma_tl, BB=BB, BH=BH, BO=BO), nw)
             else:
-                self._backward_per_step(a, common, consts, dHP, dh0, dc0, dc_n, P > 0)
-        return self._reductions(a, v, T, B, H, HO, R, P, y, h0, c0, params, buffers, dxg, dR, dZS, dHP, MO, dh0,
-                                dc0, acc, w_hh)
+                self._backward_per_step(a, common, consts, dHP, dh0, dc0, dc_n, P > 0, dxg, buffers[_B["MLP"]], dv)
+        out = self._reductions(a, v, T, B, H, HO, R, P, y, h0, c0, params, buffers, dxg, du, dR, dZS, dHP, MO, dh0,
+                               dc0, acc, w_hh)
+        if a.deep:
+            out[4 + _P["mlp"]] = a.deep.weight_grads(dv, buffers[_B["MLP"]]).to(params[_P["mlp"]].dtype)
+        return tuple(out)
 
     def _backward_per_step(self, a: _Args, common: dict[str, Any], consts: dict[str, Any], dHP: Tensor,
-                           dh0: Tensor, dc0: Tensor, dc_n: Tensor, proj: bool) -> None:
+                           dh0: Tensor, dc0: Tensor, dc_n: Tensor, proj: bool, dxg: Tensor, acts: Tensor,
+                           dv: dict[str, list[Tensor]]) -> None:
+        """BPTT's time loop in Python: per step one pointwise kernel, then the GEMMs in torch
+        (deep gates first their MLPs backwards, from the kernel's du to ``dxg`` (T, B, R), with
+        the forward's activations ``acts`` (T, B, atot); dL/d(each layer's output) into ``dv``)."""
         k, v = kernels_module(), a.v
         T, B, H, HO, R = (common[n] for n in ("T", "B", "H", "HO", "R"))
         BB, BH, nw = step_tiles(v, B, H)
@@ -475,9 +515,13 @@ class TritonImpl:
                 dm = _mm(dhp_op if sep else dHP[t], w_hr, a.ct)               # (B, H)
             _launch(k.step_backward, grid,
                     dict(common, dh_g=dh_g, dhz=dhz, dm=dm, dc_s=dc_s, ds_g=ds_g, dop=dop, dus=dus, t=t),
-                    dict(consts, HAS_NEXT=has_next, SEP_OP=sep, BB=BB, BH=BH), nw)
-            src = dop if sep else (common["dr"][t] if v.ln else common["dxg"][t])
-            dh_g = _recurrent_grad_h(src, a.w_hh, a.heads, H, a.ct)           # (B, HO): dz_t W_hh
+                    dict(consts, HAS_NEXT=has_next, SEP_OP=sep and not a.deep, BB=BB, BH=BH), nw)
+            if a.deep:  # the kernel's du (B, G·H) through the MLPs to dz_t = dxg[t] (B, R)
+                a.deep.backward(common["dxg"][t], acts[t], dxg[t], dv, t)
+                src = dxg[t].to(a.op) if sep else dxg[t]
+            else:
+                src = dop if sep else (common["dr"][t] if v.ln else common["dxg"][t])
+            dh_g = _recurrent_grad_h(src, a.w_hh, a.heads, a.widths, a.ct)    # (B, HO): dz_t W_hh
             if v.fgr and t > 0:
                 ds_g = _mm(dus, w_gg, a.ct)                                   # (B, NSH): du_S,t W_gg
         dh_g = dh_g + dhz if v.zoneout else dh_g                              # (B, HO): all of dL/dh_0
@@ -486,16 +530,17 @@ class TritonImpl:
             dc0.copy_(dc_s)
 
     def _reductions(self, a: _Args, v: Variant, T: int, B: int, H: int, HO: int, R: int, P: int, y: Tensor,
-                    h0: Tensor, c0: Tensor, params: list[Tensor], buffers: list[Tensor], dxg: Tensor, dR: Tensor,
-                    dZS: Tensor, dHP: Tensor, MO: Tensor, dh0: Tensor, dc0: Tensor, acc: Tensor,
-                    w_hh: Tensor) -> tuple[Tensor, ...]:
-        """The weight gradients after the loop (large GEMMs) and the dtypes of the results."""
+                    h0: Tensor, c0: Tensor, params: list[Tensor], buffers: list[Tensor], dxg: Tensor, du: Tensor,
+                    dR: Tensor, dZS: Tensor, dHP: Tensor, MO: Tensor, dh0: Tensor, dc0: Tensor, acc: Tensor,
+                    w_hh: Tensor) -> list[Tensor]:
+        """The weight gradients after the loop (large GEMMs) and the dtypes of the results
+        (``du``: the gates' dL/du in slots of H, (T, B, G·H); ``dxg`` itself without deep gates)."""
         ct, io = a.ct, a.io
         d = (dR if v.ln else dxg).reshape(T * B, R)                          # (T·B, R)
         dw_hh = torch.zeros((R, HO // a.heads), dtype=ct, device=a.dev)
         if T > 0 and a.heads > 1:  # h_{t-1}: h0, then the outputs (0 on padded steps, where dz is 0 too)
             h_prev = torch.cat([h0.to(ct), y[:-1].reshape(-1, HO).to(ct)])     # (T·B, HO)
-            dw_hh = _recurrent_grad_w(d, h_prev, a.heads, H)
+            dw_hh = _recurrent_grad_w(d, h_prev, a.heads, a.widths)
         elif T > 0:
             dw_hh = torch.mm(d[:B].t(), h0.to(ct))
             if T > 1:
@@ -523,7 +568,7 @@ class TritonImpl:
                     if v.ln:
                         dus = dZS[1:].reshape(-1, nsh)                        # ((T-1)·B, NSH)
                     else:
-                        dus = torch.cat([dxg[1:, :, s] for s in sig], -1).reshape(-1, nsh)
+                        dus = torch.cat([du[1:, :, s] for s in sig], -1).reshape(-1, nsh)
                     G = buffers[_B["G"]]
                     s_prev = torch.cat([G[:-1, :, s] for s in sig], -1).reshape(-1, nsh)
                     dparams[_P["weight_gg"]] = torch.mm(dus.t(), s_prev)
@@ -531,11 +576,126 @@ class TritonImpl:
                     dparams[_P["weight_gg"]] = torch.zeros((nsh, nsh), dtype=ct, device=a.dev)
         dparams = [dp.to(p.dtype) if dp.numel() else dp for dp, p in zip(dparams, params)]
         dc0_out = dc0.to(c0.dtype if c0.numel() else io) if not v.rnn else torch.empty((0,), dtype=io, device=a.dev)
-        return (dxg.to(io), dw_hh.to(w_hh.dtype), dh0.to(h0.dtype), dc0_out, *dparams)
+        return [dxg.to(io), dw_hh.to(w_hh.dtype), dh0.to(h0.dtype), dc0_out, *dparams]
 
 
 def triton_cdiv(n: int, d: int) -> int:
     return (n + d - 1) // d
+
+
+def _phi_grad(phi: str, d: Tensor, a: Tensor) -> Tensor:
+    """dL/du of a deep gate's hidden activation a = φ(u) from d = dL/da and a itself."""
+    if phi == "tanh":
+        return d * (1.0 - a * a)
+    if phi == "sigmoid":
+        return d * a * (1.0 - a)
+    if phi == "relu":
+        return torch.where(a > 0, d, 0.0)
+    return d
+
+
+class _DeepGates:
+    """The deep gates of a call on the per-step path: per step, between the recurrent GEMM and
+    the cell's kernel, each deep gate's MLP — a_1 = φ(z_k) of its n_1 columns of
+    ``z = xg_t + r`` (B, R), then ``u = a_j W_jᵀ + b_j`` layer by layer (cuBLAS GEMMs in the
+    compute dtype, 16-bit operands rounded as the recurrent GEMM's), a_{j+1} = φ(u) between
+    them (the ``MLP`` buffer keeps every a_j). The cell's kernel then runs as for shallow gates
+    on (B, G·H) pre-activations: a deep gate's slot holds its MLP's output, a shallow gate's
+    its columns of xg and r; in backward, what it returns for a deep gate's slot goes back
+    through the MLP to the gate's columns of dxg, which the recurrent GEMM reads."""
+
+    def __init__(self, layout: list[int], v: Variant, H: int, flat: Tensor, op: torch.dtype,
+                 ct: torch.dtype) -> None:
+        self.mlp = abi.decode_mlp(layout, H)
+        self.H, self.op, self.ct = H, op, ct
+        deep = {g.gate: g for g in self.mlp.gates}
+        #: per computed gate, in slot order: (its MlpGate or None, slot, first column in R, width)
+        self.gates: list[tuple[abi.MlpGate | None, int, int, int]] = []
+        col = 0
+        for gate, slot in zip(GATES, (v.gi, v.gf, v.gg, v.go)):
+            if slot >= 0:
+                mg = deep.get(gate)
+                width = mg.widths[0] if mg else H
+                self.gates.append((mg, slot, col, width))
+                col += width
+        self.R, self.RZ = col, len(self.gates) * H                            # columns of xg; of the cell's z
+        self.layers: dict[str, list[tuple[Tensor, Tensor | None]]] = {}      # per deep gate: (W_j, b_j)
+        for mg in self.mlp.gates:
+            self.layers[mg.gate] = [
+                (flat[mg.woff[j]:mg.woff[j] + mg.widths[j + 1] * mg.widths[j]].view(mg.widths[j + 1], mg.widths[j])
+                 .to(op), flat[mg.boff[j]:mg.boff[j] + mg.widths[j + 1]].to(ct) if mg.boff[j] >= 0 else None)
+                for j in range(len(mg.widths) - 1)]
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Rows of each computed gate's block of ``W_hh``."""
+        return tuple(w for _, _, _, w in self.gates)
+
+    def input_side(self, xg: Tensor) -> Tensor:
+        """(T, B, G·H) what the cell's kernel reads as xg: a shallow gate's H columns of ``xg``
+        (T, B, R), zeros in a deep gate's slot (its MLP's output arrives with r)."""
+        xz = xg.new_zeros((*xg.shape[:2], self.RZ))
+        for mg, slot, col, width in self.gates:
+            if mg is None:
+                xz[..., slot * self.H:(slot + 1) * self.H] = xg[..., col:col + width]
+        return xz
+
+    def forward(self, xg_t: Tensor, r: Tensor, acts: Tensor | None, valid: Tensor | None) -> Tensor:
+        """Step t: from xg_t (B, R) and r = h_{t-1} W_hhᵀ (B, R), the cell's recurrent side
+        (B, G·H); the hidden activations go to ``acts`` (B, atot) if given, zero on rows not
+        ``valid`` (B,) (None: all)."""
+        H = self.H
+        rz = r.new_empty((r.shape[0], self.RZ))
+        for mg, slot, col, width in self.gates:
+            if mg is None:
+                rz[:, slot * H:(slot + 1) * H] = r[:, col:col + H]
+                continue
+            u = xg_t[:, col:col + width].to(self.ct) + r[:, col:col + width]  # (B, n_1)
+            for j, (w, b) in enumerate(self.layers[mg.gate]):
+                a = cell.activation(self.mlp.phi, u)                         # (B, n_j)
+                if acts is not None:
+                    acts[:, mg.aoff[j]:mg.aoff[j] + mg.widths[j]] = a if valid is None else \
+                        torch.where(valid[:, None], a, 0.0)
+                u = _mm(a.to(self.op), w.t(), self.ct)                         # (B, n_{j+1})
+                if b is not None:
+                    u += b
+            rz[:, slot * H:(slot + 1) * H] = u
+        return rz
+
+    def backward(self, du: Tensor, acts: Tensor, dz: Tensor, dv: dict[str, list[Tensor]], t: int) -> None:
+        """Step t backwards: from the cell kernel's du (B, G·H), each gate's columns of dz (B, R)
+        (a deep gate's through its MLP); ``dv[gate][j][t]`` keeps dL/d(layer j's output)."""
+        H = self.H
+        for mg, slot, col, width in self.gates:
+            d = du[:, slot * H:(slot + 1) * H]                                # (B, H)
+            if mg is not None:
+                for j in reversed(range(len(mg.widths) - 1)):
+                    dv[mg.gate][j][t] = d
+                    da = _mm(d.to(self.op), self.layers[mg.gate][j][0], self.ct)  # (B, n_j)
+                    d = _phi_grad(self.mlp.phi, da, acts[:, mg.aoff[j]:mg.aoff[j] + mg.widths[j]])
+            dz[:, col:col + width] = d
+
+    def new_grads(self, T: int, B: int, dev: torch.device) -> dict[str, list[Tensor]]:
+        """dv: per deep gate and layer j, (T, B, n_{j+1})."""
+        return {mg.gate: [torch.empty((T, B, n), dtype=self.ct, device=dev) for n in mg.widths[1:]]
+                for mg in self.mlp.gates}
+
+    def weight_grads(self, dv: dict[str, list[Tensor]], acts: Tensor) -> Tensor:
+        """The flat ``mlp`` param's gradient: dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j (large GEMMs
+        over all T·B rows; ``acts`` (T, B, atot))."""
+        out = torch.zeros((self.mlp.wtot,), dtype=self.ct, device=acts.device)
+        if not acts.numel():                                                 # no step or no row
+            return out
+        a2 = acts.reshape(-1, acts.shape[-1])                                # (T·B, atot)
+        for mg in self.mlp.gates:
+            for j, n_out in enumerate(mg.widths[1:]):
+                d2 = dv[mg.gate][j].reshape(-1, n_out)                       # (T·B, n_{j+1})
+                n_in = mg.widths[j]
+                out[mg.woff[j]:mg.woff[j] + n_out * n_in] = torch.mm(d2.t(), a2[:, mg.aoff[j]:mg.aoff[j] + n_in]) \
+                    .reshape(-1)
+                if mg.boff[j] >= 0:
+                    out[mg.boff[j]:mg.boff[j] + n_out] = d2.sum(0)
+        return out
 
 
 class _Args:
@@ -543,7 +703,7 @@ class _Args:
     keep theirs: the kernels convert on load), and the dtypes of the call."""
 
     def __init__(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, params: list[Tensor],
-                 v: Variant, H: int, HO: int, io: torch.dtype, ct: torch.dtype) -> None:
+                 v: Variant, H: int, HO: int, io: torch.dtype, ct: torch.dtype, mlp: list[int]) -> None:
         self.v, self.io, self.ct, self.dev = v, io, ct, w_hh.device
         self.op = io if io in (torch.bfloat16, torch.float16) else ct         # GEMM operand dtype
         self.op_tl = _tl_dtype(self.op)
@@ -564,6 +724,11 @@ class _Args:
         self.nsh = v.n_sigmoid * H
         self.h_state = self.c_state = self.nothing
         self.heads = _heads(w_hh, HO)                                         # block-diagonal W_hh: k
+        self.deep = _DeepGates(mlp, v, H, params[_P["mlp"]], self.op, ct) if mlp else None
+        self.widths = self.deep.widths if self.deep else (H,) * v.n_gates     # each gate's rows of W_hh
+        #: the row width of what the cell's kernels read and write (xg, r, G, dxg): R, or G·H with deep gates
+        self.RK = self.deep.RZ if self.deep else w_hh.shape[0]
+
     @property
     def lens_valid0(self) -> Tensor:
         """(B,) bool: rows with at least one valid step."""
@@ -572,7 +737,8 @@ class _Args:
         return torch.ones(self.h0.shape[0], dtype=torch.bool, device=self.dev)
 
     def named_params(self, with_weights: bool) -> dict[str, Tensor]:
-        """The parameter pointers by kernel argument name (absent: an empty tensor)."""
+        """The parameter pointers by kernel argument name (absent: an empty tensor; the deep
+        gates' ``mlp``: :class:`_DeepGates`)."""
         names = [n for n in abi.PARAMS if (with_weights or n not in ("weight_gg", "weight_hr")) and n != "mlp"]
         rename = {"peephole_i": "p_i", "peephole_f": "p_f", "peephole_o": "p_o", "ln_hh_weight": "g_hh",
                   "ln_c_weight": "c_w", "ln_c_bias": "c_b", "ln_ih_weight": "g_ih", "weight_gg": "w_gg",

@@ -326,6 +326,16 @@ at::Tensor act_test(at::Tensor x, int64_t which) {
   return y;
 }
 
+// test hook: an mlp layout as the kernel decodes it (MlpLayout), to compare with abi.decode_mlp:
+// (phi, bias, atot, wtot, [(gate, widths, woff, boff, aoff) per deep gate])
+py::tuple mlp_layout_test(const std::vector<int64_t>& code, int64_t H) {
+  const MlpLayout mlp(code, H);
+  py::list gates;
+  for (const MlpGate& mg : mlp.gates)
+    gates.append(py::make_tuple(mg.g, mg.w, mg.woff, mg.boff, mg.aoff));
+  return py::make_tuple(mlp.phi, mlp.bias, mlp.atot, mlp.wtot, gates);
+}
+
 // Inference (nothing needs a gradient): the input projection and the recurrence in one call, the
 // projection inside the loop (forward_impl's InputProjection), for a whole sequence or one step
 // (LSTMCell, layer.step, streaming). Taken by FusedCPUKernel.run (lstmkit/kernels/fused.py); the
@@ -369,4 +379,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether bfloat16 layers' per-step products run in bfloat16 on AMX tiles (else in float32)");
   m.def("abi", &lk::compiled_abi, "the variant ABI compiled in (flags, parameter and buffer order)");
   m.def("_act_test", &lk::act_test, "test hook: vectorised exp/tanh/sigmoid");
+  m.def("_mlp_layout_test", &lk::mlp_layout_test, "test hook: an mlp layout as the kernel decodes it");
 }
