@@ -387,7 +387,7 @@ def _interpreting() -> bool:
 class TritonKernel(FusedKernel):
     """The recurrence as Triton kernels (:mod:`lstmkit.kernels.triton_impl`) on CUDA tensors:
     float32, float64, bfloat16 and float16 (the last two compute in float32), every variant
-    but the sLSTM, with heads and deep gates (not both deep gates and layernorm). With
+    (deep gates not together with layernorm), with heads. With
     ``TRITON_INTERPRET=1`` it also runs CPU tensors, through Triton's interpreter (slow; for
     tests without a GPU), when ``backend="triton"`` asks for it: then it calls its
     implementation directly, since the dispatcher sends CPU tensors to the C++ kernel."""
@@ -397,7 +397,7 @@ class TritonKernel(FusedKernel):
     deep_gates = True  # per step: the gate MLPs' layers as cuBLAS GEMMs (triton_impl._DeepGates)
     implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
                             "rnn", "rnn_relu", "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "cand_act_relu",
-                            "out_act_relu", "zoneout"})
+                            "out_act_relu", "zoneout", "slstm", "forget_act_exp", "n_clamp"})
 
     def refuses(self, spec: CellSpec) -> str | None:
         why = super().refuses(spec)

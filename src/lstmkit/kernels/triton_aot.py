@@ -100,7 +100,7 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
     xg = torch.empty((T, B, R), dtype=dtype, device=meta)
     w_hh = torch.empty((R, HO), dtype=dtype, device=meta)
     h0 = torch.empty((B, HO), dtype=dtype, device=meta)
-    c0 = torch.empty((B, H) if not v.rnn else (0,), dtype=dtype, device=meta)
+    c0 = torch.empty((B, abi.cell_state_count(cell_flags) * H) if not v.rnn else (0,), dtype=dtype, device=meta)
     lens = torch.full((B,), T, dtype=torch.int64) if lengths else torch.empty((0,), dtype=torch.int64)
     impl = TritonImpl()
     old = triton_impl.RECORDER

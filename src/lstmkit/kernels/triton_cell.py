@@ -68,7 +68,7 @@ def hard_slope(flags: int) -> float:
 
 
 @triton.jit
-def _sigmoid(x):
+def sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
 
@@ -89,7 +89,7 @@ def gate_act(u, FLAGS: tl.constexpr):
         v = SLOPE * u + 0.5
         a = tl.where((v > 0.0) & (v < 1.0), v, tl.where(v >= 1.0, 1.0, 0.0))
     else:
-        a = _sigmoid(u)
+        a = sigmoid(u)
     return a
 
 

@@ -104,6 +104,7 @@ class Variant:
     noaf: bool
     clip: bool
     zoneout: bool
+    slstm: bool
     gi: int
     gf: int
     gg: int
@@ -120,7 +121,8 @@ class Variant:
             sslot = dict.fromkeys(sslot, -1)
         return cls(flags=flags, rnn=on["rnn"], relu=on["rnn_relu"], cifg=on["cifg"], peep=on["peephole"],
                    fgr=on["fgr"], ln=on["layernorm"], niaf=on["niaf"], noaf=on["noaf"], clip=on["clip"],
-                   zoneout=on["zoneout"], gi=slot["i"], gf=slot["f"], gg=slot["g"], go=slot["o"], si=sslot["i"],
+                   zoneout=on["zoneout"], slstm=on["slstm"], gi=slot["i"], gf=slot["f"], gg=slot["g"], go=slot["o"],
+                   si=sslot["i"],
                    sf=sslot["f"], so=sslot["o"])
 
     @property
@@ -175,9 +177,10 @@ def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, proj
     fits. ``LSTMKIT_TRITON_PATH=persistent|per_step`` forces a path (a persistent one only
     up to :data:`PERSISTENT_FORCE_LIMIT_BYTES`). Block-diagonal recurrent weights
     (``heads`` > 1) run per step: the persistent kernels hold dense ones; so do ``deep`` gates,
-    whose MLP layers are per-step cuBLAS GEMMs between the recurrent GEMM and the cell's kernel.
+    whose MLP layers are per-step cuBLAS GEMMs between the recurrent GEMM and the cell's kernel,
+    and the sLSTM (its cell is in the per-step kernels only).
     """
-    if heads > 1 or deep:
+    if heads > 1 or deep or v.slstm:
         return "per_step"
     size = torch.empty((), dtype=dtype).element_size()
     BH = _pow2(H, 16)
@@ -345,10 +348,11 @@ class TritonImpl:
         io, ct, dev = xg.dtype, _compute(xg.dtype), xg.device
         y = torch.empty((T, B, HO), dtype=io, device=dev)
         h_n = torch.empty((B, HO), dtype=io, device=dev)
-        c_n = torch.empty((B, H) if not v.rnn else (0,), dtype=io, device=dev)
+        SH = abi.cell_state_count(flags) * H                                  # the cell states' width
+        c_n = torch.empty((B, SH) if not v.rnn else (0,), dtype=io, device=dev)
         buffers = [torch.empty(s, dtype=ct, device=dev) for s in abi.buffer_shapes(flags, T, B, R, H, save, mlp)]
         if not v.rnn and c0.numel() == 0:
-            c0 = torch.zeros((B, H), dtype=ct, device=dev)
+            c0 = torch.zeros((B, SH), dtype=ct, device=dev)
         if T == 0 or B == 0:
             h_n.copy_(h0)
             if not v.rnn:
@@ -385,7 +389,7 @@ class TritonImpl:
         BB, BH, nw = step_tiles(v, B, H)
         grid = (triton_cdiv(B, BB), triton_cdiv(H, BH))
         a.h_state = a.h0.to(a.op).clone()                                     # (B, HO) GEMM operand
-        a.c_state = a.c0.to(a.ct).clone() if not v.rnn else a.nothing         # (B, H)
+        a.c_state = a.c0.to(a.ct).clone() if not v.rnn else a.nothing         # (B, S·H)
         s_state = torch.zeros((B, a.nsh), dtype=a.op, device=a.dev) if v.fgr else a.nothing
         m_state = torch.empty((B, H), dtype=a.op, device=a.dev) if proj else a.nothing
         w_gg_t = a.params[_P["weight_gg"]].t() if v.fgr else None
@@ -430,10 +434,11 @@ class TritonImpl:
         R = w_hh.shape[0]
         HO = P if P > 0 and not v.rnn else H
         io, ct, dev = y.dtype, _compute(y.dtype), y.device
+        SH = abi.cell_state_count(flags) * H                                  # the cell states' width
         if not v.rnn and c0.numel() == 0:
-            c0 = torch.zeros((B, H), dtype=ct, device=dev)
+            c0 = torch.zeros((B, SH), dtype=ct, device=dev)
         dh_n = dh_n.to(ct).contiguous() if dh_n.numel() else torch.zeros((B, HO), dtype=ct, device=dev)
-        dc_n = dc_n.to(ct).contiguous() if dc_n.numel() or v.rnn else torch.zeros((B, H), dtype=ct, device=dev)
+        dc_n = dc_n.to(ct).contiguous() if dc_n.numel() or v.rnn else torch.zeros((B, SH), dtype=ct, device=dev)
         a = _Args(torch.empty((0,), dtype=io, device=dev), w_hh, h0, c0, lengths, params, v, H, HO, io, ct, mlp)
         RK = a.RK
         dxg = torch.empty((T, B, R), dtype=ct, device=dev)
@@ -444,7 +449,7 @@ class TritonImpl:
         dHP = torch.empty((T, B, HO), dtype=ct, device=dev) if P > 0 else a.nothing
         MO = torch.empty((T, B, H), dtype=ct, device=dev) if P > 0 else a.nothing
         dh0 = torch.empty((B, HO), dtype=ct, device=dev)
-        dc0 = torch.empty((B, H), dtype=ct, device=dev) if not v.rnn else a.nothing
+        dc0 = torch.empty((B, SH), dtype=ct, device=dev) if not v.rnn else a.nothing
         n_acc = 5 * H + 3 * RK
         persistent = T > 0 and B > 0 and choose_path(v, B, H, HO, io, P > 0, dev, a.heads, a.deep is not None) \
             == "persistent"
@@ -493,7 +498,7 @@ class TritonImpl:
         BB, BH, nw = step_tiles(v, B, H)
         grid = (triton_cdiv(B, BB), triton_cdiv(H, BH))
         sep = a.op != a.ct  # 16-bit: the next GEMM's operands are rounded copies
-        dc_s = dc_n.clone() if not v.rnn else a.nothing                       # (B, H), in place
+        dc_s = dc_n.clone() if not v.rnn else a.nothing                       # (B, S·H), in place
         dop = torch.empty((B, R), dtype=a.op, device=a.dev) if sep else a.nothing
         dus = torch.empty((B, a.nsh), dtype=a.op, device=a.dev) if v.fgr else a.nothing
         dhp_op = torch.empty((B, HO), dtype=a.op, device=a.dev) if sep and proj else a.nothing

@@ -65,6 +65,7 @@ from lstmkit.kernels.triton_cell import (
     step_gates,
     tile_block,
 )
+from lstmkit.kernels.triton_slstm import slstm_bwd, slstm_fwd
 
 # ----------------------------------------------------------------------------- persistent
 
@@ -270,6 +271,8 @@ def step_forward(
         hn = rnn_act(u, FLAGS)
         st(h_s, rb64, HO, 0, ch, vm2, hn, True)
         st(y, row, HO, 0, ch, m2, tl.where(v2, hn, 0.0), True)
+    elif has(FLAGS, "slstm"):  # c_s (B, 3H): c | n | m
+        slstm_fwd(xg, r, c_s, h_s, y, G, C, row, rb64, valid, m2, ch, H, R, FLAGS, SAVE_G, SAVE_C, CT, BB, BH)
     else:
         r_i = ld(r, rb64, R, GI * H, ch, m2, CT, GI >= 0, BB, BH)
         r_f = ld(r, rb64, R, GF * H, ch, m2, CT, GF >= 0, BB, BH)
@@ -393,6 +396,8 @@ def step_backward(
         du = rnn_act_bwd(y, row, HO, ch, m2, dhm, FLAGS, CT, BB, BH)
         st(dxg, row, R, 0, ch, m2, du, True)
         st(dop, rb64, R, 0, ch, m2, du, SEP_OP)
+    elif has(FLAGS, "slstm"):  # dc_s (B, 3H): dL/d(c, n, m)
+        slstm_bwd(G, C, c0, dc_s, dxg, dop, dhm, row, rb64, t, B, valid, m2, ch, H, R, FLAGS, SEP_OP, CT, BB, BH)
     else:
         cc, cp = saved_cells(C, CN, c0, row, rb64, t, B, H, ch, m2, FLAGS, CT, BB, BH)
         i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
