@@ -46,7 +46,14 @@ from lstmkit import kernels  # noqa: E402
 SHAPES = [(64, 100, 256, 256), (1, 100, 32, 32), (32, 100, 128, 128), (64, 200, 512, 512),
           (32, 100, 1024, 1024), (256, 50, 256, 256)]
 VARIANTS = ["vanilla", "peephole", "nig", "nfg", "nog", "niaf", "noaf", "cifg", "fgr", "layernorm", "clip=3",
-            "peephole+cifg+layernorm", "projection", "heads=4"]
+            "peephole+cifg+layernorm", "projection", "heads=4", "deep=32", "slstm+heads=4"]
+#: The sLSTM against FlashRNN's (same equations: its normaliser floor, block-diagonal heads): (B, T, I, H),
+#: heads, FlashRNN's backends timed by default (its "cuda"/"cuda_fused" compile CUDA code first: --peer-backends).
+PEER_SHAPES = [(64, 100, 256, 256), (16, 256, 768, 768)]
+PEER_HEADS = 4
+PEER_BACKENDS = ("triton_fused",)
+PEER_CELL = "slstm+n_clamp+heads=4"
+DRY_PEER_SHAPES = [(2, 3, 4, 8)]
 PATH_SHAPES = [(1, 100, 32, 32), (64, 100, 32, 32), (64, 100, 64, 64), (256, 100, 64, 64)]
 #: The newer rows of the variant table, built by --aot after the variants above (their launches with
 #: zoneout's masks in training); not timed yet.
@@ -222,6 +229,66 @@ def bench_paths(shape: tuple[int, int, int, int], device: torch.device, repeats:
     return out
 
 
+def flashrnn_fn(backend: str, shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype,
+                train: bool) -> Callable[[], object]:
+    """FlashRNN's sLSTM (``flashrnn.flashrnn(..., function="slstm")``) with the input projection
+    ``x Wᵀ`` in torch before it, as lstmkit's layer has it inside: one inference call or one
+    training step (forward, backward to W, R, b)."""
+    import flashrnn
+
+    B, T, I, H = shape
+    NH, D = PEER_HEADS, H // PEER_HEADS
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(4 * H, I, generator=g) * I ** -0.5).to(device, dtype).requires_grad_(train)
+    R = (torch.randn(4, NH, D, D, generator=g) * D ** -0.5).to(device, dtype).requires_grad_(train)
+    b = torch.zeros(4, NH, D, device=device, dtype=dtype).requires_grad_(train)
+    x = torch.randn(B, T, I, generator=g).to(device, dtype)
+    kernel_dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+
+    def run() -> object:
+        with torch.set_grad_enabled(train):
+            Wx = (x @ W.t()).view(B, T, 4, NH, D)
+            states, _ = flashrnn.flashrnn(Wx, R, b, function="slstm", backend=backend, dtype=kernel_dtype)
+            if train:
+                for p in (W, R, b):
+                    p.grad = None
+                states[0].float().sum().backward()  # states[0]: h (B, T, NH, D)
+        return states
+    return run
+
+
+def bench_peers(shape: tuple[int, int, int, int], device: torch.device, repeats: int, warmup: int,
+                backends: tuple[str, ...]) -> list[dict[str, Any]]:
+    """lstmkit's Triton sLSTM (:data:`PEER_CELL`) against FlashRNN's backends, float32 and bfloat16,
+    inference and a training step; a backend that cannot run is a row with its error."""
+    B, T, I, H = shape
+    timer = Timer(device)
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(T, B, I, device=device, dtype=dtype)
+        layer = make_layer(f"triton:{PEER_CELL}", I, H, device, dtype)
+        for train in (False, True):
+            rows: list[tuple[str, Callable[[], object]]] = [("lstmkit triton", step_fn(layer, x, train))]
+            errors: dict[str, str] = {}
+            for backend in backends:
+                fn = flashrnn_fn(backend, shape, device, dtype, train)
+                try:
+                    fn()
+                    rows.append((f"flashrnn {backend}", fn))
+                except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is a result too
+                    errors[f"flashrnn {backend}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            secs = time_rows(rows, timer, repeats, set(), 0, warmup)
+            mode, dt = "train" if train else "infer", str(dtype).removeprefix("torch.")
+            for name, sec in secs.items():
+                out.append({"shape": list(shape), "dtype": dt, "mode": mode, "row": name, "seconds": sec,
+                            "ratio_vs_lstmkit": sec / secs["lstmkit triton"]})
+            out += [{"shape": list(shape), "dtype": dt, "mode": mode, "row": name, "error": e}
+                    for name, e in errors.items()]
+            print(f"  sLSTM {shape} {dt} {mode}: " + ", ".join(f"{n} {sec * 1e3:.3f} ms" for n, sec in secs.items())
+                  + "".join(f"; {n}: {e}" for n, e in errors.items()), flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------- warm-up
 
 
@@ -318,6 +385,17 @@ def markdown(result: dict[str, Any]) -> str:
             sec = {r["row"]: r["seconds"] for r in result["paths"] if (tuple(r["shape"]), r["dtype"], r["mode"]) == k}
             lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {sec.get('persistent', float('nan')) * 1e3:.3f} ms | "
                          f"{sec.get('per_step', float('nan')) * 1e3:.3f} ms | {sec['cudnn'] * 1e3:.3f} ms |")
+        lines.append("")
+    if result.get("peers"):
+        lines += [f"## The sLSTM: lstmkit's Triton kernels vs FlashRNN (`{PEER_CELL}`, {PEER_HEADS} heads)", "",
+                  "Both with the input projection; ratio = time ÷ lstmkit's at the same shape, dtype and mode.", "",
+                  "| shape | dtype | mode | row | time | ratio |", "|---|---|---|---|---|---|"]
+        for r in result["peers"]:
+            if "error" in r:
+                lines.append(f"| {tuple(r['shape'])} | {r['dtype']} | {r['mode']} | {r['row']} | {r['error']} | |")
+            else:
+                lines.append(f"| {tuple(r['shape'])} | {r['dtype']} | {r['mode']} | {r['row']} | "
+                             f"{r['seconds'] * 1e3:.3f} ms | {r['ratio_vs_lstmkit']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -382,6 +460,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--shapes", default=None,
                     help="comma-separated indexes into SHAPES of the rows section (default: all; 'none': no rows)")
     ap.add_argument("--variants", default=None, help="comma-separated variants of the rows section (default: all)")
+    ap.add_argument("--peer-backends", default=",".join(PEER_BACKENDS),
+                    help="FlashRNN backends of the sLSTM section ('none': skip it; needs flashrnn importable)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -394,6 +474,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes, path_shapes = (DRY_SHAPES, DRY_PATH_SHAPES) if args.dry_run else (SHAPES, PATH_SHAPES)
+    peer_shapes = DRY_PEER_SHAPES if args.dry_run else PEER_SHAPES
+    import importlib.util
+
+    backends = () if args.peer_backends == "none" else tuple(args.peer_backends.split(","))
+    if args.dry_run and backends:
+        backends = ("vanilla",)  # FlashRNN's PyTorch loop: the one backend that runs on a CPU
+    if backends and importlib.util.find_spec("flashrnn") is None:
+        print("flashrnn is not importable: the sLSTM section is skipped", flush=True)
+        backends = ()
     if args.shapes is not None:
         shapes = [] if args.shapes == "none" else [shapes[int(k)] for k in args.shapes.split(",")]
     variants = VARIANTS if args.variants is None else args.variants.split(",")
@@ -403,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({platform.machine()}), Triton interpreter"
     result: dict[str, Any] = {"device": name, "torch": torch.__version__, "triton": triton.__version__,
                               "repeats": repeats, "slow_repeats": slow_repeats, "dry_run": args.dry_run,
-                              "rows": [], "paths": []}
+                              "rows": [], "paths": [], "peers": []}
     t0 = time.perf_counter()
     stem = "bench_gpu_dry_run" if args.dry_run else "bench_gpu"
 
@@ -418,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         warm_up(shapes, variants, [] if args.no_paths else path_shapes, args.jobs)
     # The first shape, then the (quick) path section, then the other shapes.
     work = [("rows", s) for s in shapes[:1]] + ([] if args.no_paths else [("paths", s) for s in path_shapes])
-    work += [("rows", s) for s in shapes[1:]]
+    work += [("peers", s) for s in peer_shapes if backends] + [("rows", s) for s in shapes[1:]]
     complete = True
     for k, (section, shape) in enumerate(work):
         if time.perf_counter() - t0 > args.budget:
@@ -428,6 +517,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         if section == "rows":
             result["rows"] += bench_shape(shape, variants, device, repeats, slow_repeats, not args.no_reference,
                                           warmup)
+        elif section == "peers":
+            result["peers"] += bench_peers(shape, device, repeats, warmup, backends)
         else:
             result["paths"] += bench_paths(shape, device, repeats, warmup)
         write(final=False)

@@ -11,18 +11,25 @@
 # Needs torch with CUDA, triton >= 3.6, numpy and tqdm (lstmkit's imports), pytest for the
 # tests (pytest-xdist, if present, spreads the Triton builds over the cores); lstmkit itself
 # runs from src/ (no install). Each part has its own limit so a slow part cannot eat the other's.
+# The benchmark's sLSTM section times FlashRNN too when it is importable: carry its package
+# (pure Python and Triton; `make test` installs it) as .venv/lib/python3.11/site-packages/flashrnn.
 set -u
 cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+peers=.venv/lib/python3.11/site-packages
+if [ -d "$peers/flashrnn" ] && ! python -c "import flashrnn" 2>/dev/null; then
+    mkdir -p /tmp/lstmkit_peers && ln -sfn "$PWD/$peers/flashrnn" /tmp/lstmkit_peers/flashrnn
+    export PYTHONPATH="$PYTHONPATH:/tmp/lstmkit_peers"   # flashrnn alone, not the rest of a site-packages
+fi
 TESTS_S=${TESTS_S:-150}
 BENCH_S=${BENCH_S:-240}
 python - <<'PY' 2>&1 | tee "$out/gpu_session_env.txt"
 import importlib.util, os, platform, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
       torch.cuda.get_device_name(0), "python", platform.python_version(), "cpus", os.cpu_count())
-for m in ("triton", "numpy", "tqdm", "pytest", "xdist"):
+for m in ("triton", "numpy", "tqdm", "pytest", "xdist", "flashrnn"):
     spec = importlib.util.find_spec(m)
     print(m, "missing" if spec is None else getattr(__import__(m), "__version__", "ok"))
 PY

@@ -49,6 +49,27 @@ def test_a_good_build_passes_and_runs(checked):
     assert list(selfcheck._VERDICTS.values()) == [None]
 
 
+@pytest.mark.parametrize("cell", ["slstm+heads=2", "deep=4x3+fgr"])
+def test_the_sLSTM_and_deep_gates_pass_with_given_states(checked, cell):
+    """The check draws states of the cell's own width (the sLSTM: c, n > 0, m side by side) and
+    passes good sLSTM and deep-gate builds; a state of the wrong width is refused before any
+    launch, as the C++ kernel refuses it."""
+    tri, ref = _layers(cell)
+    x = torch.randn(5, 2, 3)
+    states = tuple(torch.rand(1, 2, 8) + 0.2 for _ in range(4 if cell.startswith("slstm") else 2))
+    with warnings.catch_warnings():
+        _no_warning_but_triton_interpreters()
+        y = tri(x, states)[0]
+    torch.testing.assert_close(y, ref(x, states)[0], rtol=1e-5, atol=1e-5)
+    assert list(selfcheck._VERDICTS.values()) == [None]
+    if cell.startswith("slstm"):
+        impl, c0 = fused._triton_impl(), torch.zeros(2, 8)  # (B, H), not (B, 3H)
+        plist = [torch.empty(0)] * len(lstmkit.kernels.abi.PARAMS)
+        with pytest.raises(RuntimeError, match=r"c0 must be \(B, S·H\) = \(2, 24\): the cell's 3 states"):
+            impl.forward(torch.zeros(5, 2, 32), torch.zeros(32, 4), torch.zeros(2, 8), c0, torch.empty(0),
+                         *plist, lstmkit.kernels.abi.flags(tri.spec), [], 0.0, 0.0, 0.0, 8, 0, False)
+
+
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast"])
 def test_the_first_call_in_any_context_checks_with_gradients(checked, context):
     """The first use may come under no_grad or inference_mode (a benchmark, a server) or autocast:

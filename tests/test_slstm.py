@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -21,8 +22,10 @@ from test_oracle import assert_vs_oracle, oracle_variant
 from variants import SLSTM_VARIANTS
 
 T, B, I, H = 5, 3, 3, 4
-#: The rows that compute the sLSTM; Triton's through its interpreter on CPU tensors (conftest), when installed.
-BACKENDS = ["reference", "cpu_fused"] + (["triton"] if importlib.util.find_spec("triton") else [])
+#: The rows that compute the sLSTM; Triton's through its interpreter on these CPU tensors (conftest sets it
+#: without a GPU; on a GPU machine tests/test_triton.py runs the sLSTM on CUDA tensors).
+BACKENDS = ["reference", "cpu_fused"] + (["triton"] if importlib.util.find_spec("triton")
+                                         and os.environ.get("TRITON_INTERPRET") == "1" else [])
 
 
 def _states(rng: np.random.Generator, lead: int, H_: int = H) -> list[np.ndarray]:

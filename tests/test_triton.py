@@ -26,6 +26,8 @@ Triton's own library is interpreted once TRITON_INTERPRET=1 is set in this one).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -456,6 +458,9 @@ def test_gpu_benchmark_dry_run(tmp_path):
             assert (f"triton:{v}", mode) in rows and (f"reference:{v}", mode) in rows
     assert all(r["kernel"] == "triton" for r in result["rows"] if r["row"].startswith("triton:"))
     assert {r["row"] for r in result["paths"]} == {"persistent", "per_step", "cudnn"}
+    if importlib.util.find_spec("flashrnn"):  # the sLSTM against FlashRNN's (on a CPU: its PyTorch loop)
+        assert {r["row"] for r in result["peers"]} == {"lstmkit triton", "flashrnn vanilla"}
+        assert all(math.isfinite(r["seconds"]) for r in result["peers"])
     assert all(math.isfinite(r["seconds"]) for r in result["paths"])
     md = (tmp_path / "bench_gpu_dry_run.md").read_text()
     assert "Dry run" in md and "Persistent vs per step" in md
@@ -491,8 +496,37 @@ def test_cuda_every_variant_realistic_sizes(cell, dtype, size):
 @pytest.mark.parametrize("cell", list(HEADS_CELLS.values()), ids=list(HEADS_CELLS))
 def test_cuda_heads_realistic_sizes(cell, dtype):
     """Heads on the GPU at sizes the interpreter cannot afford (4 heads of 32 cells)."""
-    cell = cell.replace("heads=2", "heads=4")
+    cell = cell.replace("heads=2", "heads=4") if isinstance(cell, str) else dataclasses.replace(cell, heads=4)
     check(make(cell, 24, 128, bidirectional=True), dtype, T=12, B=19, device=torch.device("cuda"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cell", ["slstm+heads=4", "slstm+forget_act=exp+n_clamp"])
+def test_cuda_slstm_realistic_sizes(cell, dtype):
+    """The sLSTM on the GPU (several cell blocks per step, lengths, given states c, n > 0, m):
+    outputs, the four final states and every gradient against the float64 reference loop."""
+    torch.manual_seed(0)
+    T, B, I, H, cuda = 12, 19, 24, 136, torch.device("cuda")
+    base = lstmkit.LSTM(I, H, num_layers=2, bidirectional=True, cell=cell).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    states = [torch.randn(4, B, H, generator=g, dtype=torch.float64) * 0.5 for _ in range(4)]
+    states[2] = states[2].abs() + 0.2                                       # n > 0
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    got = []
+    for backend, dev, dt in (("reference", torch.device("cpu"), torch.float64), ("triton", cuda, dtype)):
+        layer = copy.deepcopy(base).to(dev, dt)
+        layer.backend = backend
+        xs, st = x.to(dev, dt).requires_grad_(True), [s.to(dev, dt).requires_grad_(True) for s in states]
+        y, out = layer(pack_padded_sequence(xs, lengths, enforce_sorted=False), tuple(st))
+        y = pad_packed_sequence(y, total_length=T)[0]
+        loss = sum((t.double() * torch.linspace(-1, 1, t.numel(), dtype=torch.float64, device=dev).view_as(t)).sum()
+                   for t in (y, *out))
+        got.append([t.detach().double().cpu() for t in (y, *out, *torch.autograd.grad(loss, [xs, *st,
+                                                                                               *layer.parameters()]))])
+    for k, (a, b) in enumerate(zip(*got)):
+        assert _err(b, a) <= (1e-10 if dtype == torch.float64 else 1e-4), k
 
 
 @needs_cuda

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lstmkit import variants
 from lstmkit.kernels import abi
 from lstmkit.kernels.base import KernelOut
 from lstmkit.kernels.reference import ReferenceKernel
@@ -83,7 +84,12 @@ def _check(run: Run, spec: CellSpec, x: Tensor, h0: Tensor, c0: Tensor | None, p
     def rand(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5
 
-    data = {"x": rand(T, B, x.shape[-1]), "h0": rand(B, h0.shape[-1]), "c0": None if c0 is None else rand(B, H)}
+    c0_check = None
+    if c0 is not None:  # the cell's S states side by side (the sLSTM: c, n > 0, m)
+        c0_check = rand(B, c0.shape[-1])
+        if variants.cell_states(spec)[1:2] == ("n",):
+            c0_check[:, H:2 * H] = c0_check[:, H:2 * H].abs() + 0.2
+    data = {"x": rand(T, B, x.shape[-1]), "h0": rand(B, h0.shape[-1]), "c0": c0_check}
     weights = {k: v.detach().double().cpu() for k, v in params.items()}
     outs: list[dict[str, Tensor]] = []
     # whatever context the first call comes in (no_grad, inference_mode, autocast), the check

@@ -349,6 +349,7 @@ class TritonImpl:
         y = torch.empty((T, B, HO), dtype=io, device=dev)
         h_n = torch.empty((B, HO), dtype=io, device=dev)
         SH = abi.cell_state_count(flags) * H                                  # the cell states' width
+        _check_cell_state(c0, B, SH, v)
         c_n = torch.empty((B, SH) if not v.rnn else (0,), dtype=io, device=dev)
         buffers = [torch.empty(s, dtype=ct, device=dev) for s in abi.buffer_shapes(flags, T, B, R, H, save, mlp)]
         if not v.rnn and c0.numel() == 0:
@@ -435,6 +436,7 @@ class TritonImpl:
         HO = P if P > 0 and not v.rnn else H
         io, ct, dev = y.dtype, _compute(y.dtype), y.device
         SH = abi.cell_state_count(flags) * H                                  # the cell states' width
+        _check_cell_state(c0, B, SH, v)
         if not v.rnn and c0.numel() == 0:
             c0 = torch.zeros((B, SH), dtype=ct, device=dev)
         dh_n = dh_n.to(ct).contiguous() if dh_n.numel() else torch.zeros((B, HO), dtype=ct, device=dev)
@@ -582,6 +584,14 @@ class TritonImpl:
         dparams = [dp.to(p.dtype) if dp.numel() else dp for dp, p in zip(dparams, params)]
         dc0_out = dc0.to(c0.dtype if c0.numel() else io) if not v.rnn else torch.empty((0,), dtype=io, device=a.dev)
         return [dxg.to(io), dw_hh.to(w_hh.dtype), dh0.to(h0.dtype), dc0_out, *dparams]
+
+
+def _check_cell_state(c0: Tensor, B: int, SH: int, v: Variant) -> None:
+    """The kernels index c0 as (B, S·H): any other shape is refused before a launch (as the C++
+    kernel refuses it), never read or written out of bounds."""
+    if not v.rnn and c0.numel() and tuple(c0.shape) != (B, SH):
+        raise RuntimeError(f"lstmkit::recurrence: c0 must be (B, S·H) = ({B}, {SH}): the cell's "
+                           f"{abi.cell_state_count(v.flags)} states side by side; got {tuple(c0.shape)}")
 
 
 def triton_cdiv(n: int, d: int) -> int:
