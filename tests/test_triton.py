@@ -58,13 +58,13 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the interpreter runs the CPU tests)")
 
-#: Every variant the Triton row claims (all but the sLSTM and deep gates with layernorm), and the RNN.
+#: Every variant the Triton row claims (the sLSTM's own tests: tests/test_slstm.py), and the RNN.
 CELLS = {vid: cell for vid, cell in LSTM_VARIANTS.items()
          if kernels.REGISTRY["triton"].unsupported(resolve(cell), DEVICE, torch.float32) is None}
 CELLS.update({vid: f"rnn_{nl}" for vid, nl in RNN_VARIANTS.items()})
 COMBOS = ["vanilla", "peephole+cifg+layernorm", "fgr+peephole+nog+clip=0.4", "nig+niaf+noaf",
           "nfg+peephole+layernorm", "zoneout=0.3/0.2+peephole+gate_act=hardsigmoid+out_act=relu", "rnn_tanh",
-          "deep=4x3+fgr+peephole+zoneout=0.2"]
+          "deep=4x3+fgr+peephole+zoneout=0.2", "deep=3+layernorm+fgr+peephole"]
 BF16_FLOOR = 2 ** -5
 
 
@@ -297,7 +297,8 @@ def test_variant_word_decoders_match_the_abi():
 
 @pytest.mark.parametrize("cell", ["vanilla", "cifg", "nig+nog", "layernorm", "fgr+peephole",
                                   "zoneout=0.3/0.2+gate_act=hard_sigmoid", "rnn_tanh",
-                                  lstmkit.CellSpec(gate_hidden={"f": (4, 2), "g": (3,)}, peephole=True)],
+                                  lstmkit.CellSpec(gate_hidden={"f": (4, 2), "g": (3,)}, peephole=True),
+                                  lstmkit.CellSpec(gate_hidden={"f": (4, 2)}, layernorm=True)],
                          ids=lambda c: c if isinstance(c, str) else c.name)
 def test_record_mode_matches_reference(cell, path):
     """The trace is what the kernel computed (its buffers), equal to the reference's on
@@ -319,7 +320,7 @@ def test_record_mode_matches_reference(cell, path):
     if cell == "nig+nog":
         assert "i" not in tb and "o" not in tb
     if not isinstance(cell, str):
-        assert {"f.1", "f.2", "g.1"} <= set(tb)
+        assert {"f.1", "f.2"} <= set(tb)
     out_rec = fast._run(x.to(DEVICE), None, record=True)[0]
     torch.testing.assert_close(out_rec, fast(x.to(DEVICE))[0], rtol=0, atol=0)
 
@@ -342,16 +343,14 @@ def test_selection_cuda_layers_choose_triton_cpu_layers_keep_the_cpu_kernel():
     assert names.index("cpu_fused") < names.index("triton") < names.index("reference")
     cuda = torch.device("cuda")
     assert kernels.select(resolve("peephole+layernorm"), cuda, torch.bfloat16).name == "triton"
-    assert kernels.select(lstmkit.CellSpec(gate_hidden=(3,)), cuda, torch.float32).name == "triton"
-    deep_ln = lstmkit.CellSpec(gate_hidden=(3,), layernorm=True)
-    assert kernels.select(deep_ln, cuda, torch.float32).name == "reference"
+    assert kernels.select(lstmkit.CellSpec(gate_hidden=(3,), layernorm=True), cuda, torch.float32).name == "triton"
     assert kernels.select(resolve("vanilla"), cuda, torch.complex64).name == "reference"
     assert kernels.select(resolve("vanilla"), torch.device("cpu"), torch.float32).name == "cpu_fused"
     # CPU tensors reach the interpreter only when asked for by name, never as a fallback
     cpu_rows = [k.name for k in kernels.REGISTRY.values() if k.automatic(torch.device("cpu"))]
     assert "triton" not in cpu_rows and "cpu_fused" in cpu_rows
-    with pytest.raises(ValueError, match="deep gates .* together with layernorm"):
-        kernels.select(deep_ln, cuda, torch.float32, backend="triton")
+    with pytest.raises(ValueError, match="slstm"):
+        kernels.select(resolve("slstm"), cuda, torch.float32, backend="torch")
 
 
 def test_without_triton_cuda_layers_fall_back_to_reference_with_one_warning(monkeypatch):

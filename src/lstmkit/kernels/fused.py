@@ -386,26 +386,18 @@ def _interpreting() -> bool:
 
 class TritonKernel(FusedKernel):
     """The recurrence as Triton kernels (:mod:`lstmkit.kernels.triton_impl`) on CUDA tensors:
-    float32, float64, bfloat16 and float16 (the last two compute in float32), every variant
-    (deep gates not together with layernorm), with heads. With
+    float32, float64, bfloat16 and float16 (the last two compute in float32), every variant,
+    with heads and deep gates. With
     ``TRITON_INTERPRET=1`` it also runs CPU tensors, through Triton's interpreter (slow; for
     tests without a GPU), when ``backend="triton"`` asks for it: then it calls its
     implementation directly, since the dispatcher sends CPU tensors to the C++ kernel."""
 
     name = "triton"
-    heads = True  # per step: the recurrent GEMM batched over the heads (triton_impl._recurrent)
-    deep_gates = True  # per step: the gate MLPs' layers as cuBLAS GEMMs (triton_impl._DeepGates)
+    heads = True  # per step: the recurrent GEMM batched over the heads (triton_gemm.recurrent)
+    deep_gates = True  # per step: the gate MLPs' layers as cuBLAS GEMMs (triton_deep.DeepGates)
     implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
                             "rnn", "rnn_relu", "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "cand_act_relu",
                             "out_act_relu", "zoneout", "slstm", "forget_act_exp", "n_clamp"})
-
-    def refuses(self, spec: CellSpec) -> str | None:
-        why = super().refuses(spec)
-        if why is None and spec.gate_hidden and spec.layernorm:
-            return ("its kernels do not compute deep gates (gate_hidden) together with layernorm (which normalises "
-                    "each deep gate's first layer): such layers run on the 'reference' kernel (on the CPU, "
-                    "'cpu_fused' computes them)")
-        return why
 
     @property
     def devices(self) -> tuple[str, ...]:  # type: ignore[override]

@@ -120,7 +120,7 @@ def _spec_params(v: triton_impl.Variant, T: int, B: int, H: int, P: int, R: int,
     """Meta parameters in :data:`~lstmkit.kernels.abi.PARAMS` order, present as the variant has them
     (zoneout's masks keep_c (T, B, H), keep_h (T, B, HO) if ``masks``: training); empty for the
     deep gates' layers, which add no kernel build: their MLPs run as torch GEMMs around the
-    variant's own per-step kernels (:class:`lstmkit.kernels.triton_impl._DeepGates`)."""
+    variant's own per-step kernels (:class:`lstmkit.kernels.triton_deep.DeepGates`)."""
     nsh = v.n_sigmoid * H
     shapes = {"peephole_i": (H,) if v.peep and v.gi >= 0 else None,
               "peephole_f": (H,) if v.peep and v.gf >= 0 else None,

@@ -374,14 +374,16 @@ def fgr_in(s_i, s_f, s_o, w_i, w_f, w_o, FLAGS: tl.constexpr, OP: tl.constexpr, 
 def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip, zc,
               p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c,
               G, C, CN, RH, RS, AH, AS, R, NG, FLAGS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
-              SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
+              SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr, READY: tl.constexpr,
               CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """One LSTM step on a (BB, BH) tile, from the recurrent pre-activations ``r_k`` (layernorm:
     raw) and fgr's ``f_k = s_{t-1} W_ggᵀ``: loads ``xg`` at ``row`` = t·B + b (rows that
     exist: ``rm``), writes the buffers of this step (zeros on invalid rows, C and CN carried),
     and returns ``(i, f, o, c_t, h̃)``: the gates (1 where absent), c_t already carried on rows
     that are not ``valid`` (zoneout: c_t = c̃ + d_c (c_{t-1} − c̃), with d_c from ``keep_c``
-    (T, B, H) or ``zc``; CN keeps c̃), and h̃ = o ⊙ act(LN(c̃)) (zero outside the H cells)."""
+    (T, B, H) or ``zc``; CN keeps c̃), and h̃ = o ⊙ act(LN(c̃)) (zero outside the H cells).
+    READY: ``xg + r`` are the gates' pre-activations already, layer norms included (layernorm
+    with deep gates: the caller normalised each gate's first layer and ran the MLPs)."""
     GI: tl.constexpr = slot(FLAGS, "i")
     GF: tl.constexpr = slot(FLAGS, "f")
     GG: tl.constexpr = slot(FLAGS, "g")
@@ -392,7 +394,7 @@ def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, 
     x_f = ld(xg, row, R, GF * H, ch, m2, CT, GF >= 0, BB, BH)
     x_g = ld(xg, row, R, GG * H, ch, m2, CT, True, BB, BH)
     x_o = ld(xg, row, R, GO * H, ch, m2, CT, GO >= 0, BB, BH)
-    if has(FLAGS, "layernorm"):  # z = LN(a) g_ih + LN(r) g_hh + bias, per gate; â, r̂ and their 1/std kept
+    if has(FLAGS, "layernorm") and not READY:  # z = LN(a) g_ih + LN(r) g_hh + bias, per gate; â, r̂, 1/std kept
         a_i, ra_i = _ln_rows(x_i, cm, H, EPS)
         a_f, ra_f = _ln_rows(x_f, cm, H, EPS)
         a_g, ra_g = _ln_rows(x_g, cm, H, EPS)
@@ -494,17 +496,17 @@ def _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, SLOT: tl.constexpr, H, ch, m2, 
 
 @triton.jit
 def step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, bias,
-               FLAGS: tl.constexpr, HAS_BIAS: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr,
-               BB: tl.constexpr, BH: tl.constexpr):
+               FLAGS: tl.constexpr, HAS_BIAS: tl.constexpr, READY: tl.constexpr, CT: tl.constexpr,
+               EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """The forward's gate activations of step ``row`` for backward: read from G, or (layernorm
-    without fgr, which keeps â and r̂ instead) recomputed by the forward's own code. Absent
-    gates are 1, cifg's f is 1 - i."""
+    without fgr or deep gates, which keeps â and r̂ instead) recomputed by the forward's own
+    code. Absent gates are 1, cifg's f is 1 - i."""
     GI: tl.constexpr = slot(FLAGS, "i")
     GF: tl.constexpr = slot(FLAGS, "f")
     GG: tl.constexpr = slot(FLAGS, "g")
     GO: tl.constexpr = slot(FLAGS, "o")
     m2 = rm[:, None] & cm[None, :]
-    if has(FLAGS, "layernorm") and not has(FLAGS, "fgr"):
+    if has(FLAGS, "layernorm") and not has(FLAGS, "fgr") and not READY:
         z_i = _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, GI, H, ch, m2, cm, HAS_BIAS, CT, BB, BH)
         z_f = _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, GF, H, ch, m2, cm, HAS_BIAS, CT, BB, BH)
         z_g = _ln_z_kept(AH, RH, row, R, g_ih, g_hh, bias, GG, H, ch, m2, cm, HAS_BIAS, CT, BB, BH)
@@ -532,7 +534,7 @@ def step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c
 def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip, zc,
               p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, keep_c, AH, AS, RH, RS, DXG, DR, DZS, MO, acc, row, R, NG, NSH,
               FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr,
-              CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+              READY: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """One LSTM step backwards on a (BB, BH) tile (the CPU kernel's loops 2' and 1').
 
     Takes the gates, c̃_t (the cell's new state, before zoneout), c_{t-1} and the incoming
@@ -544,7 +546,8 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
     gradients to ``acc`` (peepholes and LN gains; layout as the CPU kernel's: p_i, p_f,
     p_o, ln_c w, ln_c b (H each), ln_hh, ln_ih, bias (R each)). Returns the next GEMM's
     inputs per gate ``(din_i, din_f, din_g, din_o)`` (dz, layernorm: dr), fgr's
-    ``(du_i, du_f, du_o)`` and dc_{t-1}."""
+    ``(du_i, du_f, du_o)`` and dc_{t-1}. READY (see :func:`fwd_core`): dXG gets the gates' dL/du
+    and the caller takes them back through the gates' layer norms."""
     GI: tl.constexpr = slot(FLAGS, "i")
     GF: tl.constexpr = slot(FLAGS, "f")
     GG: tl.constexpr = slot(FLAGS, "g")
@@ -620,7 +623,7 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
         if PEEP:
             dcp += du_i * _vec(p_i, 0, ch, cm, CT, True, BH)[None, :]
             _acc(acc, 0, ch, cm, du_i * cp, True)
-    if LN:  # both layer norms of each gate backwards; dz -> da (dXG), dr (next GEMM, dW_hh)
+    if LN and not READY:  # both layer norms of each gate backwards; dz -> da (dXG), dr (next GEMM, dW_hh)
         din_i = _ln_gate_bwd(du_i, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_ih, g_hh,
                              GI, HAS_BIAS, CT, BB, BH)
         din_f = _ln_gate_bwd(du_f, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_ih, g_hh,

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from lstmkit import cell
 from lstmkit.kernels import abi, cuda_graphs
-from lstmkit.layout import GATES
+from lstmkit.kernels.triton_deep import DeepGates
+from lstmkit.kernels.triton_gemm import mm, recurrent, recurrent_grad_h, recurrent_grad_w
 
 __all__ = ["Variant", "TritonImpl", "choose_path", "persistent_tiles", "step_tiles", "PATHS", "PATH_ENV"]
 
@@ -66,7 +67,7 @@ PERSISTENT_FORCE_LIMIT_BYTES = 64 * 1024
 
 def _kernel_buffers(bufs: list[Tensor]) -> dict[str, Tensor]:
     """The buffers by kernel argument name (:data:`lstmkit.kernels.abi.BUFFERS`' names)."""
-    return {name: b for name, b in zip(abi.BUFFERS, bufs) if name != "MLP"}  # deep gates: _DeepGates fills it
+    return {name: b for name, b in zip(abi.BUFFERS, bufs) if name != "MLP"}  # deep gates: DeepGates fills it
 
 
 def _zoneout_bit(v: Variant) -> int:
@@ -234,81 +235,9 @@ def _compute(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=) for 16-bit CUDA GEMMs (torch >= 2.8)
-
-
-def _mm(a: Tensor, b: Tensor, ct: torch.dtype) -> Tensor:
-    """``a @ b`` in the compute dtype ``ct``: 16-bit operands accumulate in float32 (cuBLAS
-    with a float32 result; on the CPU, the interpreter's stand-in, exact float32 products)."""
-    global _MM_OUT_DTYPE
-    if a.dtype == ct:
-        return torch.mm(a, b)
-    if a.is_cuda and _MM_OUT_DTYPE:
-        try:
-            return torch.mm(a, b, out_dtype=ct)
-        except (TypeError, RuntimeError):
-            _MM_OUT_DTYPE = False
-    return torch.mm(a.to(ct), b.to(ct))
-
-
 def _heads(w_hh: Tensor, HO: int) -> int:
     """k of a block-diagonal recurrent weight (``heads=k``): ``w_hh`` (R, HO/k) stores each row's block."""
     return HO // w_hh.shape[1] if w_hh.shape[1] else 1
-
-
-def _blocks(w_hh: Tensor, k: int, n: int, ct: torch.dtype) -> Tensor:
-    """Stored (n_G·n, HO/k) recurrent rows of gates each n rows wide as their blocks
-    (n_G, k, n/k, HO/k): gate g, head j."""
-    return w_hh.to(ct).view(w_hh.shape[0] // n, k, n // k, w_hh.shape[1])
-
-
-def _runs(widths: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """The gates' row blocks of ``W_hh`` grouped into runs of equal width: ``(first row, rows,
-    width)`` — one run when every gate is H rows wide, more with deep gates (n_1 rows each)."""
-    out: list[tuple[int, int, int]] = []
-    row = 0
-    for w in widths:
-        if out and out[-1][2] == w:
-            out[-1] = (out[-1][0], out[-1][1] + w, w)
-        else:
-            out.append((row, w, w))
-        row += w
-    return out
-
-
-def _recurrent(h: Tensor, w_hh: Tensor, k: int, widths: tuple[int, ...], ct: torch.dtype) -> Tensor:
-    """``r = h W_hhᵀ`` (B, R) in ``ct``: with k heads block j of each gate (``widths``: the gates'
-    rows) reads head j of ``h`` (B, HO) (a batched GEMM over the heads; the zeros off the
-    diagonal are not multiplied)."""
-    if k == 1:
-        return _mm(h, w_hh.t(), ct)
-    hk = h.to(ct).view(h.shape[0], k, -1)                                     # (B, k, HO/k)
-    return torch.cat([torch.einsum("bje,gjde->bgjd", hk, _blocks(w_hh[r0:r0 + n], k, w, ct)).reshape(h.shape[0], -1)
-                      for r0, n, w in _runs(widths)], -1)
-
-
-def _recurrent_grad_h(dz: Tensor, w_hh: Tensor, k: int, widths: tuple[int, ...], ct: torch.dtype) -> Tensor:
-    """``dz W_hh`` (B, HO) in ``ct`` for ``dz`` (B, R): the gradient that reaches ``h_{t-1}``."""
-    if k == 1:
-        return _mm(dz, w_hh, ct)
-    out = None
-    for r0, n, w in _runs(widths):
-        blocks = _blocks(w_hh[r0:r0 + n], k, w, ct)
-        dzk = dz[:, r0:r0 + n].to(ct).reshape(dz.shape[0], blocks.shape[0], k, w // k)  # (B, n_G, k, w/k)
-        part = torch.einsum("bgjd,gjde->bje", dzk, blocks).reshape(dz.shape[0], -1)
-        out = part if out is None else out + part
-    return out
-
-
-def _recurrent_grad_w(dz: Tensor, h_prev: Tensor, k: int, widths: tuple[int, ...]) -> Tensor:
-    """``Σ dzᵀ h_{t-1}`` over the rows of ``dz`` (N, R) and ``h_prev`` (N, HO), stored as ``w_hh``
-    is: (R, HO) for one head, each row's block (R, HO/k) for k."""
-    if k == 1:
-        return torch.mm(dz.t(), h_prev)
-    N, HO = dz.shape[0], h_prev.shape[1]
-    hk = h_prev.view(N, k, HO // k)
-    return torch.cat([torch.einsum("ngjd,nje->gjde", dz[:, r0:r0 + n].reshape(N, n // w, k, w // k), hk)
-                      .reshape(n, HO // k) for r0, n, w in _runs(widths)])
 
 
 def _slots(v: Variant, H: int, which: tuple[int, ...]) -> list[slice]:
@@ -374,17 +303,16 @@ class TritonImpl:
             _launch(k.persistent_forward, (triton_cdiv(B, BB),), args,
                     dict(consts, PROJ=P > 0, OP=a.op_tl, MMA=a.mma_tl, BB=BB, BH=BH, BO=BO), nw)
             return (y, h_n, c_n, *buffers)
-        self._forward_per_step(a, y, bufs, consts, sizes, P > 0, buffers[_B["MLP"]])
+        self._forward_per_step(a, y, bufs, consts, sizes, P > 0, _deep_kept(buffers))
         h_n.copy_(a.h_state)
         if not v.rnn:
             c_n.copy_(a.c_state)
         return (y, h_n, c_n, *buffers)
 
     def _forward_per_step(self, a: _Args, y: Tensor, bufs: list[Tensor], consts: dict[str, Any],
-                          sizes: dict[str, Any], proj: bool, acts: Tensor) -> None:
+                          sizes: dict[str, Any], proj: bool, kept: dict[str, Tensor]) -> None:
         """The time loop in Python: per step the GEMMs in torch (deep gates: their MLPs, which
-        keep their activations in ``acts`` (T, B, atot) if it is not empty), then one pointwise
-        kernel."""
+        fill the buffers ``kept`` (T, B, ·) by name), then one pointwise kernel."""
         k, v = kernels_module(), a.v
         T, B, H, HO = sizes["T"], sizes["B"], sizes["H"], sizes["HO"]
         BB, BH, nw = step_tiles(v, B, H)
@@ -396,21 +324,21 @@ class TritonImpl:
         w_gg_t = a.params[_P["weight_gg"]].t() if v.fgr else None
         w_hr_t = a.params[_P["weight_hr"]].t() if proj else None
         fw = a.nothing
-        consts = dict(consts, PROJ=proj, BB=BB, BH=BH)
+        consts = dict(consts, PROJ=proj, READY=a.ready, BB=BB, BH=BH)
         xz = a.deep.input_side(a.xg) if a.deep else a.xg                    # (T, B, RK)
         args = dict(xg=xz, c_s=a.c_state, s_s=s_state, h_s=a.h_state, m_s=m_state, y=y, lengths=a.lens,
                     **a.named_params(with_weights=False), **_kernel_buffers(bufs), **sizes)
         BO = min(_pow2(HO), 128)
         pgrid = (triton_cdiv(B, 16), triton_cdiv(HO, BO))
         for t in range(T):
-            r = _recurrent(a.h_state, a.w_hh, a.heads, a.widths, a.ct)        # (B, R)
+            r = recurrent(a.h_state, a.w_hh, a.heads, a.widths, a.ct)        # (B, R)
             if a.deep:                                                        # (B, G·H)
-                r = a.deep.forward(a.xg[t], r, acts[t] if acts.numel() else None, a.lens > t if a.has_len else None)
+                r = a.deep.forward(a.xg[t], r, {k: b[t] for k, b in kept.items()}, a.lens > t if a.has_len else None)
             if v.fgr:
-                fw = _mm(s_state, w_gg_t, a.ct)                               # (B, NSH)
+                fw = mm(s_state, w_gg_t, a.ct)                               # (B, NSH)
             _launch(k.step_forward, grid, dict(args, r=r, fw=fw, t=t), consts, nw)
             if proj:
-                yp = _mm(m_state, w_hr_t, a.ct)                               # (B, P)
+                yp = mm(m_state, w_hr_t, a.ct)                               # (B, P)
                 _launch(k.step_project, pgrid, dict(yp=yp, h_s=a.h_state, y=y, lengths=a.lens, keep_h=a.keep_h, t=t,
                                                     T=T, B=B, HO=HO, zh=sizes["zh"]),
                         dict(FLAGS=_zoneout_bit(v), HAS_LEN=a.has_len, HAS_KEEP=a.has_keep, CT=consts["CT"], BB=16,
@@ -446,6 +374,7 @@ class TritonImpl:
         dxg = torch.empty((T, B, R), dtype=ct, device=dev)
         du = torch.empty((T, B, RK), dtype=ct, device=dev) if a.deep else dxg  # the cell kernel's gradient of z
         dv = a.deep.new_grads(T, B, dev) if a.deep else {}
+        dZ = torch.empty((T, B, R), dtype=ct, device=dev) if a.ready else a.nothing  # layernorm's dz (deep gates)
         dR = torch.empty((T, B, R), dtype=ct, device=dev) if v.ln else a.nothing
         dZS = torch.empty((T, B, a.nsh), dtype=ct, device=dev) if v.ln and v.fgr else a.nothing
         dHP = torch.empty((T, B, HO), dtype=ct, device=dev) if P > 0 else a.nothing
@@ -482,19 +411,27 @@ class TritonImpl:
                 _launch(kernels_module().persistent_backward, (triton_cdiv(B, BB),), args,
                         dict(consts, OP=a.op_tl, MMA=a.mma_tl, BB=BB, BH=BH, BO=BO), nw)
             else:
-                self._backward_per_step(a, common, consts, dHP, dh0, dc0, dc_n, P > 0, dxg, buffers[_B["MLP"]], dv)
+                self._backward_per_step(a, common, consts, dHP, dh0, dc0, dc_n, P > 0, dxg, dR, dZ,
+                                        _deep_kept(buffers), dv)
         out = self._reductions(a, v, T, B, H, HO, R, P, y, h0, c0, params, buffers, dxg, du, dR, dZS, dHP, MO, dh0,
                                dc0, acc, w_hh)
         if a.deep:
             out[4 + _P["mlp"]] = a.deep.weight_grads(dv, buffers[_B["MLP"]]).to(params[_P["mlp"]].dtype)
+        if a.ready:  # layernorm's gains and bias, from the dz, â, r̂ of every step
+            grads = a.deep.layer_norm_grads(dZ, buffers[_B["AH"]], buffers[_B["RH"]]) if T and B else \
+                [torch.zeros((R,), dtype=ct, device=dev)] * 3
+            for name, g in zip(("ln_ih_weight", "ln_hh_weight", "bias"), grads):
+                if params[_P[name]].numel():
+                    out[4 + _P[name]] = g.to(params[_P[name]].dtype)
         return tuple(out)
 
     def _backward_per_step(self, a: _Args, common: dict[str, Any], consts: dict[str, Any], dHP: Tensor,
-                           dh0: Tensor, dc0: Tensor, dc_n: Tensor, proj: bool, dxg: Tensor, acts: Tensor,
-                           dv: dict[str, list[Tensor]]) -> None:
+                           dh0: Tensor, dc0: Tensor, dc_n: Tensor, proj: bool, dxg: Tensor, dR: Tensor, dZ: Tensor,
+                           kept: dict[str, Tensor], dv: dict[str, list[Tensor]]) -> None:
         """BPTT's time loop in Python: per step one pointwise kernel, then the GEMMs in torch
-        (deep gates first their MLPs backwards, from the kernel's du to ``dxg`` (T, B, R), with
-        the forward's activations ``acts`` (T, B, atot); dL/d(each layer's output) into ``dv``)."""
+        (deep gates first their MLPs backwards — and layernorm's norms —, from the kernel's du to
+        ``dxg`` (and ``dR``, ``dZ``) (T, B, R), with the forward's buffers ``kept`` (T, B, ·);
+        dL/d(each layer's output) into ``dv``)."""
         k, v = kernels_module(), a.v
         T, B, H, HO, R = (common[n] for n in ("T", "B", "H", "HO", "R"))
         BB, BH, nw = step_tiles(v, B, H)
@@ -519,18 +456,20 @@ class TritonImpl:
                                                zh=common["zh"]),
                         dict(FLAGS=_zoneout_bit(v), HAS_LEN=a.has_len, HAS_DY=consts["HAS_DY"], HAS_NEXT=has_next,
                              SEP_OP=sep, HAS_KEEP=a.has_keep, CT=consts["CT"], BB=16, BO=BO), 4)
-                dm = _mm(dhp_op if sep else dHP[t], w_hr, a.ct)               # (B, H)
+                dm = mm(dhp_op if sep else dHP[t], w_hr, a.ct)               # (B, H)
             _launch(k.step_backward, grid,
                     dict(common, dh_g=dh_g, dhz=dhz, dm=dm, dc_s=dc_s, ds_g=ds_g, dop=dop, dus=dus, t=t),
-                    dict(consts, HAS_NEXT=has_next, SEP_OP=sep and not a.deep, BB=BB, BH=BH), nw)
-            if a.deep:  # the kernel's du (B, G·H) through the MLPs to dz_t = dxg[t] (B, R)
-                a.deep.backward(common["dxg"][t], acts[t], dxg[t], dv, t)
-                src = dxg[t].to(a.op) if sep else dxg[t]
+                    dict(consts, HAS_NEXT=has_next, SEP_OP=sep and not a.deep, READY=a.ready, BB=BB, BH=BH), nw)
+            if a.deep:  # the kernel's du (B, G·H) through the MLPs (and norms) to dxg[t] (and dR[t]) (B, R)
+                a.deep.backward(common["dxg"][t], {k: b[t] for k, b in kept.items()}, dxg[t],
+                                dR[t] if v.ln else a.nothing, dZ[t] if v.ln else a.nothing, dv, t)
+                src = dR[t] if v.ln else dxg[t]
+                src = src.to(a.op) if sep else src
             else:
                 src = dop if sep else (common["dr"][t] if v.ln else common["dxg"][t])
-            dh_g = _recurrent_grad_h(src, a.w_hh, a.heads, a.widths, a.ct)    # (B, HO): dz_t W_hh
+            dh_g = recurrent_grad_h(src, a.w_hh, a.heads, a.widths, a.ct)    # (B, HO): dz_t W_hh
             if v.fgr and t > 0:
-                ds_g = _mm(dus, w_gg, a.ct)                                   # (B, NSH): du_S,t W_gg
+                ds_g = mm(dus, w_gg, a.ct)                                   # (B, NSH): du_S,t W_gg
         dh_g = dh_g + dhz if v.zoneout else dh_g                              # (B, HO): all of dL/dh_0
         dh0.copy_(torch.where(a.lens_valid0[:, None], dh_g, common["dh_n"]))
         if not v.rnn:
@@ -547,7 +486,7 @@ class TritonImpl:
         dw_hh = torch.zeros((R, HO // a.heads), dtype=ct, device=a.dev)
         if T > 0 and a.heads > 1:  # h_{t-1}: h0, then the outputs (0 on padded steps, where dz is 0 too)
             h_prev = torch.cat([h0.to(ct), y[:-1].reshape(-1, HO).to(ct)])     # (T·B, HO)
-            dw_hh = _recurrent_grad_w(d, h_prev, a.heads, a.widths)
+            dw_hh = recurrent_grad_w(d, h_prev, a.heads, a.widths)
         elif T > 0:
             dw_hh = torch.mm(d[:B].t(), h0.to(ct))
             if T > 1:
@@ -562,6 +501,7 @@ class TritonImpl:
             if v.ln:
                 dparams[_P["ln_c_weight"]] = tot[3 * H:4 * H].clone()
                 dparams[_P["ln_c_bias"]] = tot[4 * H:5 * H].clone()
+            if v.ln and not a.ready:  # (with deep gates: DeepGates.layer_norm_grads)
                 dparams[_P["ln_hh_weight"]] = tot[5 * H:5 * H + R].clone()
                 dparams[_P["ln_ih_weight"]] = tot[5 * H + R:5 * H + 2 * R].clone()
                 if params[_P["bias"]].numel():
@@ -572,7 +512,7 @@ class TritonImpl:
                 nsh = a.nsh
                 if T > 1:
                     sig = _slots(v, H, (v.gi, v.gf, v.go))
-                    if v.ln:
+                    if v.ln and not a.ready:
                         dus = dZS[1:].reshape(-1, nsh)                        # ((T-1)·B, NSH)
                     else:
                         dus = torch.cat([du[1:, :, s] for s in sig], -1).reshape(-1, nsh)
@@ -586,6 +526,12 @@ class TritonImpl:
         return [dxg.to(io), dw_hh.to(w_hh.dtype), dh0.to(h0.dtype), dc0_out, *dparams]
 
 
+def _deep_kept(buffers: list[Tensor]) -> dict[str, Tensor]:
+    """The buffers :class:`~lstmkit.kernels.triton_deep.DeepGates` fills and reads, by name
+    (those the forward keeps)."""
+    return {n: buffers[_B[n]] for n in ("MLP", "AH", "RH", "AS", "RS") if buffers[_B[n]].numel()}
+
+
 def _check_cell_state(c0: Tensor, B: int, SH: int, v: Variant) -> None:
     """The kernels index c0 as (B, S·H): any other shape is refused before a launch (as the C++
     kernel refuses it), never read or written out of bounds."""
@@ -596,121 +542,6 @@ def _check_cell_state(c0: Tensor, B: int, SH: int, v: Variant) -> None:
 
 def triton_cdiv(n: int, d: int) -> int:
     return (n + d - 1) // d
-
-
-def _phi_grad(phi: str, d: Tensor, a: Tensor) -> Tensor:
-    """dL/du of a deep gate's hidden activation a = φ(u) from d = dL/da and a itself."""
-    if phi == "tanh":
-        return d * (1.0 - a * a)
-    if phi == "sigmoid":
-        return d * a * (1.0 - a)
-    if phi == "relu":
-        return torch.where(a > 0, d, 0.0)
-    return d
-
-
-class _DeepGates:
-    """The deep gates of a call on the per-step path: per step, between the recurrent GEMM and
-    the cell's kernel, each deep gate's MLP — a_1 = φ(z_k) of its n_1 columns of
-    ``z = xg_t + r`` (B, R), then ``u = a_j W_jᵀ + b_j`` layer by layer (cuBLAS GEMMs in the
-    compute dtype, 16-bit operands rounded as the recurrent GEMM's), a_{j+1} = φ(u) between
-    them (the ``MLP`` buffer keeps every a_j). The cell's kernel then runs as for shallow gates
-    on (B, G·H) pre-activations: a deep gate's slot holds its MLP's output, a shallow gate's
-    its columns of xg and r; in backward, what it returns for a deep gate's slot goes back
-    through the MLP to the gate's columns of dxg, which the recurrent GEMM reads."""
-
-    def __init__(self, layout: list[int], v: Variant, H: int, flat: Tensor, op: torch.dtype,
-                 ct: torch.dtype) -> None:
-        self.mlp = abi.decode_mlp(layout, H)
-        self.H, self.op, self.ct = H, op, ct
-        deep = {g.gate: g for g in self.mlp.gates}
-        #: per computed gate, in slot order: (its MlpGate or None, slot, first column in R, width)
-        self.gates: list[tuple[abi.MlpGate | None, int, int, int]] = []
-        col = 0
-        for gate, slot in zip(GATES, (v.gi, v.gf, v.gg, v.go)):
-            if slot >= 0:
-                mg = deep.get(gate)
-                width = mg.widths[0] if mg else H
-                self.gates.append((mg, slot, col, width))
-                col += width
-        self.R, self.RZ = col, len(self.gates) * H                            # columns of xg; of the cell's z
-        self.layers: dict[str, list[tuple[Tensor, Tensor | None]]] = {}      # per deep gate: (W_j, b_j)
-        for mg in self.mlp.gates:
-            self.layers[mg.gate] = [
-                (flat[mg.woff[j]:mg.woff[j] + mg.widths[j + 1] * mg.widths[j]].view(mg.widths[j + 1], mg.widths[j])
-                 .to(op), flat[mg.boff[j]:mg.boff[j] + mg.widths[j + 1]].to(ct) if mg.boff[j] >= 0 else None)
-                for j in range(len(mg.widths) - 1)]
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """Rows of each computed gate's block of ``W_hh``."""
-        return tuple(w for _, _, _, w in self.gates)
-
-    def input_side(self, xg: Tensor) -> Tensor:
-        """(T, B, G·H) what the cell's kernel reads as xg: a shallow gate's H columns of ``xg``
-        (T, B, R), zeros in a deep gate's slot (its MLP's output arrives with r)."""
-        xz = xg.new_zeros((*xg.shape[:2], self.RZ))
-        for mg, slot, col, width in self.gates:
-            if mg is None:
-                xz[..., slot * self.H:(slot + 1) * self.H] = xg[..., col:col + width]
-        return xz
-
-    def forward(self, xg_t: Tensor, r: Tensor, acts: Tensor | None, valid: Tensor | None) -> Tensor:
-        """Step t: from xg_t (B, R) and r = h_{t-1} W_hhᵀ (B, R), the cell's recurrent side
-        (B, G·H); the hidden activations go to ``acts`` (B, atot) if given, zero on rows not
-        ``valid`` (B,) (None: all)."""
-        H = self.H
-        rz = r.new_empty((r.shape[0], self.RZ))
-        for mg, slot, col, width in self.gates:
-            if mg is None:
-                rz[:, slot * H:(slot + 1) * H] = r[:, col:col + H]
-                continue
-            u = xg_t[:, col:col + width].to(self.ct) + r[:, col:col + width]  # (B, n_1)
-            for j, (w, b) in enumerate(self.layers[mg.gate]):
-                a = cell.activation(self.mlp.phi, u)                         # (B, n_j)
-                if acts is not None:
-                    acts[:, mg.aoff[j]:mg.aoff[j] + mg.widths[j]] = a if valid is None else \
-                        torch.where(valid[:, None], a, 0.0)
-                u = _mm(a.to(self.op), w.t(), self.ct)                         # (B, n_{j+1})
-                if b is not None:
-                    u += b
-            rz[:, slot * H:(slot + 1) * H] = u
-        return rz
-
-    def backward(self, du: Tensor, acts: Tensor, dz: Tensor, dv: dict[str, list[Tensor]], t: int) -> None:
-        """Step t backwards: from the cell kernel's du (B, G·H), each gate's columns of dz (B, R)
-        (a deep gate's through its MLP); ``dv[gate][j][t]`` keeps dL/d(layer j's output)."""
-        H = self.H
-        for mg, slot, col, width in self.gates:
-            d = du[:, slot * H:(slot + 1) * H]                                # (B, H)
-            if mg is not None:
-                for j in reversed(range(len(mg.widths) - 1)):
-                    dv[mg.gate][j][t] = d
-                    da = _mm(d.to(self.op), self.layers[mg.gate][j][0], self.ct)  # (B, n_j)
-                    d = _phi_grad(self.mlp.phi, da, acts[:, mg.aoff[j]:mg.aoff[j] + mg.widths[j]])
-            dz[:, col:col + width] = d
-
-    def new_grads(self, T: int, B: int, dev: torch.device) -> dict[str, list[Tensor]]:
-        """dv: per deep gate and layer j, (T, B, n_{j+1})."""
-        return {mg.gate: [torch.empty((T, B, n), dtype=self.ct, device=dev) for n in mg.widths[1:]]
-                for mg in self.mlp.gates}
-
-    def weight_grads(self, dv: dict[str, list[Tensor]], acts: Tensor) -> Tensor:
-        """The flat ``mlp`` param's gradient: dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j (large GEMMs
-        over all T·B rows; ``acts`` (T, B, atot))."""
-        out = torch.zeros((self.mlp.wtot,), dtype=self.ct, device=acts.device)
-        if not acts.numel():                                                 # no step or no row
-            return out
-        a2 = acts.reshape(-1, acts.shape[-1])                                # (T·B, atot)
-        for mg in self.mlp.gates:
-            for j, n_out in enumerate(mg.widths[1:]):
-                d2 = dv[mg.gate][j].reshape(-1, n_out)                       # (T·B, n_{j+1})
-                n_in = mg.widths[j]
-                out[mg.woff[j]:mg.woff[j] + n_out * n_in] = torch.mm(d2.t(), a2[:, mg.aoff[j]:mg.aoff[j] + n_in]) \
-                    .reshape(-1)
-                if mg.boff[j] >= 0:
-                    out[mg.boff[j]:mg.boff[j] + n_out] = d2.sum(0)
-        return out
 
 
 class _Args:
@@ -739,8 +570,10 @@ class _Args:
         self.nsh = v.n_sigmoid * H
         self.h_state = self.c_state = self.nothing
         self.heads = _heads(w_hh, HO)                                         # block-diagonal W_hh: k
-        self.deep = _DeepGates(mlp, v, H, params[_P["mlp"]], self.op, ct) if mlp else None
+        self.deep = DeepGates(mlp, v.flags, H, dict(zip(abi.PARAMS, params)), self.op, ct) if mlp else None
         self.widths = self.deep.widths if self.deep else (H,) * v.n_gates     # each gate's rows of W_hh
+        #: the per-step kernels read ready pre-activations (layernorm with deep gates: READY)
+        self.ready = self.deep is not None and v.ln
         #: the row width of what the cell's kernels read and write (xg, r, G, dxg): R, or G·H with deep gates
         self.RK = self.deep.RZ if self.deep else w_hh.shape[0]
 
@@ -753,7 +586,7 @@ class _Args:
 
     def named_params(self, with_weights: bool) -> dict[str, Tensor]:
         """The parameter pointers by kernel argument name (absent: an empty tensor; the deep
-        gates' ``mlp``: :class:`_DeepGates`)."""
+        gates' ``mlp``: :class:`DeepGates`)."""
         names = [n for n in abi.PARAMS if (with_weights or n not in ("weight_gg", "weight_hr")) and n != "mlp"]
         rename = {"peephole_i": "p_i", "peephole_f": "p_f", "peephole_o": "p_o", "ln_hh_weight": "g_hh",
                   "ln_c_weight": "c_w", "ln_c_bias": "c_b", "ln_ih_weight": "g_ih", "weight_gg": "w_gg",

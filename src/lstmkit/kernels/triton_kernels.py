@@ -32,7 +32,9 @@ Constexpr arguments (from the launch plan of ``triton_impl``): FLAGS, the varian
 :func:`~lstmkit.kernels.triton_cell.has`, :func:`~lstmkit.kernels.triton_cell.slot` — a gate's
 slot in R, -1 absent — and :func:`~lstmkit.kernels.triton_cell.fgr_slot`); PROJ (a
 projection); HAS_BIAS, HAS_LEN, HAS_KEEP, HAS_DY (the call has layernorm's bias, lengths,
-zoneout's masks, an output gradient); CT (compute dtype: float32, or float64), OP (dtype of a GEMM
+zoneout's masks, an output gradient); READY (per step: ``xg + r`` are the gates' pre-activations,
+layer norms included — layernorm with deep gates, normalised by the caller); CT (compute dtype:
+float32, or float64), OP (dtype of a GEMM
 operand: the layer's), MMA (the dtype ``tl.dot`` sees: OP, except float32 for 16-bit OP in
 the interpreter, whose dot cannot take bfloat16; the products are exact in float32 either
 way); EPS (layer-norm epsilon); block sizes BB, BH, BO.
@@ -133,7 +135,8 @@ def persistent_forward(
                 f_o = fgr_in(s_i, s_f, s_o, q_oi, q_of, q_oo, FLAGS, OP, MMA)
             i, f, o, c, hm = fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, c, valid, rm, ch, cm, H, clip,
                                        zc, p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c, G, C, CN, RH, RS, AH,
-                                       AS, R, NG, FLAGS, HAS_BIAS, HAS_KEEP, SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
+                                       AS, R, NG, FLAGS, HAS_BIAS, HAS_KEEP, SAVE_G, SAVE_C, SAVE_LN, False, CT, EPS,
+                                       BB, BH)
             if FGR:
                 s_i = tl.where(v2, i, s_i)
                 s_f = tl.where(v2, f, s_f)
@@ -204,12 +207,12 @@ def persistent_backward(
                 dhm = dht
             cc, cp = saved_cells(C, CN, c0, row, rb64, t, B, H, ch, m2, FLAGS, CT, BB, BH)
             i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
-                                    bias, FLAGS, HAS_BIAS, CT, EPS, BB, BH)
+                                    bias, FLAGS, HAS_BIAS, False, CT, EPS, BB, BH)
             d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = bwd_core(
                 i, f, g, o, cc, cp, dhm, tl.where(v2, dc, 0.0), tl.where(v2, ds_i, 0.0), tl.where(v2, ds_f, 0.0),
                 tl.where(v2, ds_o, 0.0), valid, rm, ch, cm, H, clip, zc, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh, keep_c,
-                AH, AS, RH, RS, dxg, dr, dzs, mo, acc_row, row, R, NG, NSH, FLAGS, PROJ, HAS_BIAS, HAS_KEEP, CT, EPS,
-                BB, BH)
+                AH, AS, RH, RS, dxg, dr, dzs, mo, acc_row, row, R, NG, NSH, FLAGS, PROJ, HAS_BIAS, HAS_KEEP, False, CT,
+                EPS, BB, BH)
             dn = dot(d_g, tl.trans(w_g), OP, MMA).to(CT)  # (BB, BO)
             if slot(FLAGS, "i") >= 0:
                 dn += dot(d_i, tl.trans(w_i), OP, MMA).to(CT)
@@ -245,7 +248,7 @@ def step_forward(
         t, T, B, H, HO, R, NG, NSH, clip: tl.float64, zc: tl.float64, zh: tl.float64,
         FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LEN: tl.constexpr,
         HAS_KEEP: tl.constexpr, SAVE_G: tl.constexpr, SAVE_C: tl.constexpr, SAVE_LN: tl.constexpr,
-        CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+        READY: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """Step t after its GEMMs (grid: cdiv(B, BB) × cdiv(H, BH); layernorm: BH ≥ H).
     r = h_{t-1} W_hhᵀ (B, R) and fw = s_{t-1} W_ggᵀ (B, NSH) in CT; updates the states in
     place — c_s (B, H) CT, s_s (B, NSH) and h_s (B, HO) as GEMM operands — on valid rows;
@@ -284,7 +287,7 @@ def step_forward(
         cp = ld(c_s, rb64, H, 0, ch, m2, CT, True, BB, BH)
         i, f, o, c, hm = fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, H, clip, zc,
                                    p_i, p_f, p_o, g_hh, c_w, c_b, g_ih, bias, keep_c, G, C, CN, RH, RS, AH, AS, R,
-                                   NG, FLAGS, HAS_BIAS, HAS_KEEP, SAVE_G, SAVE_C, SAVE_LN, CT, EPS, BB, BH)
+                                   NG, FLAGS, HAS_BIAS, HAS_KEEP, SAVE_G, SAVE_C, SAVE_LN, READY, CT, EPS, BB, BH)
         st(c_s, rb64, H, 0, ch, m2, c, True)
         st(s_s, rb64, NSH, SI * H, ch, vm2, i, SI >= 0)
         st(s_s, rb64, NSH, SF * H, ch, vm2, f, SF >= 0)
@@ -355,7 +358,8 @@ def step_backward(
         t, T, B, H, HO, R, NG, NSH, NACC, clip: tl.float64, zc: tl.float64, zh: tl.float64,
         FLAGS: tl.constexpr, PROJ: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_LEN: tl.constexpr, HAS_DY: tl.constexpr, HAS_NEXT: tl.constexpr, SEP_OP: tl.constexpr,
-        HAS_KEEP: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+        HAS_KEEP: tl.constexpr, READY: tl.constexpr, CT: tl.constexpr, EPS: tl.constexpr, BB: tl.constexpr,
+        BH: tl.constexpr):
     """Step t of BPTT before its GEMMs (grid: cdiv(B, BB) × cdiv(H, BH); layernorm: BH ≥ H).
     The carried gradients: dh_g = dz_{t+1} W_hh (B, HO) (zoneout: plus dhz, d_h·dh_{t+1},
     in place (B, HO)) and ds_g = du_S,t+1 W_gg (B, NSH) on rows valid at t+1 (else dh_n and 0;
@@ -401,7 +405,7 @@ def step_backward(
     else:
         cc, cp = saved_cells(C, CN, c0, row, rb64, t, B, H, ch, m2, FLAGS, CT, BB, BH)
         i, f, g, o = step_gates(G, AH, RH, row, R, rm, ch, cm, H, cp, clip, p_i, p_f, p_o, c_w, c_b, g_ih, g_hh,
-                                bias, FLAGS, HAS_BIAS, CT, EPS, BB, BH)
+                                bias, FLAGS, HAS_BIAS, READY, CT, EPS, BB, BH)
         dc = tl.where(v2, ld(dc_s, rb64, H, 0, ch, m2, CT, True, BB, BH), 0.0)
         nx2 = nxt[:, None]
         ds_i = tl.where(nx2, ld(ds_g, rb64, NSH, SI * H, ch, m2, CT, HAS_NEXT and SI >= 0, BB, BH), 0.0)
@@ -410,7 +414,7 @@ def step_backward(
         d_i, d_f, d_g, d_o, u_i, u_f, u_o, dcp = bwd_core(
             i, f, g, o, cc, cp, dhm, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, clip, zc, p_i, p_f, p_o, c_w,
             c_b, g_ih, g_hh, keep_c, AH, AS, RH, RS, dxg, dr, dzs, mo, acc + pid_b * NACC, row, R, NG, NSH,
-            FLAGS, PROJ, HAS_BIAS, HAS_KEEP, CT, EPS, BB, BH)
+            FLAGS, PROJ, HAS_BIAS, HAS_KEEP, READY, CT, EPS, BB, BH)
         st(dc_s, rb64, H, 0, ch, v2 & cm[None, :], dcp, True)
         st(dop, rb64, R, GI * H, ch, m2, d_i, SEP_OP and GI >= 0)
         st(dop, rb64, R, GF * H, ch, m2, d_f, SEP_OP and GF >= 0)

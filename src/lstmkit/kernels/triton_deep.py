@@ -1,0 +1,192 @@
+"""Deep gates on the Triton rows' per-step path: each deep gate's MLP between the recurrent GEMM
+and the cell's pointwise kernel, forwards and backwards, in torch (cuBLAS GEMMs on a GPU).
+
+A deep gate k is an MLP over ``[x, h]`` (:func:`lstmkit.cell.step`): its first layer is its n_1
+rows of ``W_ih`` / ``W_hh`` (so ``z_k = xg_t + h W_hhᵀ`` on its columns, or with layernorm
+``LN(a) g_ih + LN(r) g_hh + b`` on them), then ``a_1 = φ(z_k)``, ``u = a_j W_jᵀ + b_j`` layer by
+layer with ``a_{j+1} = φ(u)`` between them; its last output (H wide) is the gate's
+pre-activation. :class:`DeepGates` computes the (B, G·H) pre-activations of every gate — a deep
+gate's MLP output, a shallow gate's ``z`` — which the variant's own pointwise kernel reads as
+``xg + r`` with ``xg`` zero (:meth:`DeepGates.input_side`; with layernorm the kernels are told the
+gates are normalised already: ``READY``), keeps what backward needs in the operator's buffers
+(``MLP``: every a_j; layernorm: ``AH``, ``RH``, ``AS``, ``RS`` per gate's columns, as the CPU
+kernel keeps them), and takes the kernel's dL/du back to the first layers' dL/dz (the input side's
+gradient, and through the recurrent GEMM to ``h_{t-1}``) and to the parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lstmkit import cell
+from lstmkit.kernels import abi
+from lstmkit.kernels.triton_gemm import mm
+from lstmkit.layout import GATES
+
+__all__ = ["DeepGates"]
+
+
+def _phi_grad(phi: str, d: Tensor, a: Tensor) -> Tensor:
+    """dL/du of a deep gate's hidden activation a = φ(u) from d = dL/da and a itself."""
+    if phi == "tanh":
+        return d * (1.0 - a * a)
+    if phi == "sigmoid":
+        return d * a * (1.0 - a)
+    if phi == "relu":
+        return torch.where(a > 0, d, 0.0)
+    return d
+
+
+def _layer_norm(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Layer norm without gain over the last dim, as the kernels compute it (two passes, biased
+    variance): (x̂, 1/std (…, 1))."""
+    d = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((d * d).mean(-1, keepdim=True) + cell.LN_EPS)
+    return d * rstd, rstd
+
+
+def _layer_norm_grad(dxhat: Tensor, xhat: Tensor, rstd: Tensor) -> Tensor:
+    """dL/dx of :func:`_layer_norm` from dL/dx̂."""
+    return rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+
+
+class DeepGates:
+    """The deep gates of one call (see the module docstring).
+
+    Args:
+        layout: the operator's ``mlp_layout`` (:func:`lstmkit.kernels.abi.mlp_layout`).
+        flags: the variant word; H: cells.
+        params: the operator's params by :data:`~lstmkit.kernels.abi.PARAMS` name (``mlp``, and
+            with layernorm ``ln_ih_weight``, ``ln_hh_weight``, ``bias``).
+        op, ct: the GEMM operand dtype and the compute dtype.
+    """
+
+    def __init__(self, layout: list[int], flags: int, H: int, params: dict[str, Tensor], op: torch.dtype,
+                 ct: torch.dtype) -> None:
+        self.mlp = abi.decode_mlp(layout, H)
+        self.H, self.op, self.ct = H, op, ct
+        deep = {g.gate: g for g in self.mlp.gates}
+        slots = abi.gate_slots(flags)[0]
+        #: per computed gate, in slot order: (its MlpGate or None, slot, first column in R, width)
+        self.gates: list[tuple[abi.MlpGate | None, int, int, int]] = []
+        col = 0
+        for gate in GATES:
+            if slots[gate] >= 0:
+                mg = deep.get(gate)
+                width = mg.widths[0] if mg else H
+                self.gates.append((mg, slots[gate], col, width))
+                col += width
+        self.R, self.RZ = col, len(self.gates) * H                            # columns of xg; of the cell's u
+        flat = params["mlp"]
+        self.layers: dict[str, list[tuple[Tensor, Tensor | None]]] = {}      # per deep gate: (W_j, b_j)
+        for mg in self.mlp.gates:
+            self.layers[mg.gate] = [
+                (flat[mg.woff[j]:mg.woff[j] + mg.widths[j + 1] * mg.widths[j]].view(mg.widths[j + 1], mg.widths[j])
+                 .to(op), flat[mg.boff[j]:mg.boff[j] + mg.widths[j + 1]].to(ct) if mg.boff[j] >= 0 else None)
+                for j in range(len(mg.widths) - 1)]
+        #: layernorm: the gains g_ih, g_hh and the bias (R,) (None without a bias); None without layernorm
+        self.ln: tuple[Tensor, Tensor, Tensor | None] | None = None
+        if flags & abi.flag("layernorm"):
+            bias = params["bias"]
+            self.ln = (params["ln_ih_weight"].to(ct), params["ln_hh_weight"].to(ct),
+                       bias.to(ct) if bias.numel() else None)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Rows of each computed gate's block of ``W_hh``."""
+        return tuple(w for _, _, _, w in self.gates)
+
+    def input_side(self, xg: Tensor) -> Tensor:
+        """(T, B, G·H) zeros: what the cell's kernel reads as xg (every gate's whole
+        pre-activation arrives with r, from :meth:`forward`)."""
+        return xg.new_zeros((*xg.shape[:2], self.RZ))
+
+    def forward(self, xg_t: Tensor, r: Tensor, kept: dict[str, Tensor], valid: Tensor | None) -> Tensor:
+        """Step t: from xg_t (B, R) and r = h_{t-1} W_hhᵀ (B, R), the gates' pre-activations
+        (B, G·H). ``kept``: this step's rows of the buffers to fill (``MLP`` (B, atot); layernorm
+        ``AH``, ``RH`` (B, R), ``AS``, ``RS`` (B, G)), zero on rows not ``valid`` (B,) (None: all
+        valid); empty when nothing is kept."""
+        H = self.H
+
+        def keep(name: str, cols: slice, value: Tensor) -> None:
+            if name in kept:
+                kept[name][:, cols] = value if valid is None else torch.where(valid[:, None], value, 0.0)
+
+        rz = r.new_empty((r.shape[0], self.RZ))
+        for mg, slot, col, width in self.gates:
+            cols = slice(col, col + width)
+            x_k, r_k = xg_t[:, cols].to(self.ct), r[:, cols]                    # (B, n_1) each
+            if self.ln is not None:  # z = LN(a) g_ih + LN(r) g_hh (+ b) on the gate's own columns
+                g_ih, g_hh, bias = self.ln
+                ah, ars = _layer_norm(x_k)
+                rh, rrs = _layer_norm(r_k)
+                u = ah * g_ih[cols] + rh * g_hh[cols]
+                if bias is not None:
+                    u = u + bias[cols]
+                keep("AH", cols, ah)
+                keep("RH", cols, rh)
+                keep("AS", slice(slot, slot + 1), ars)
+                keep("RS", slice(slot, slot + 1), rrs)
+            else:
+                u = x_k + r_k
+            if mg is not None:
+                for j, (w, b) in enumerate(self.layers[mg.gate]):
+                    a = cell.activation(self.mlp.phi, u)                     # (B, n_j)
+                    keep("MLP", slice(mg.aoff[j], mg.aoff[j] + mg.widths[j]), a)
+                    u = mm(a.to(self.op), w.t(), self.ct)                      # (B, n_{j+1})
+                    if b is not None:
+                        u += b
+            rz[:, slot * H:(slot + 1) * H] = u                                # (B, H)
+        return rz
+
+    def backward(self, du: Tensor, kept: dict[str, Tensor], dxg: Tensor, dr: Tensor, dz: Tensor,
+                 dv: dict[str, list[Tensor]], t: int) -> None:
+        """Step t backwards, from the cell kernel's dL/du (B, G·H): each gate's columns of dxg
+        (B, R) (the input side's gradient) and, with layernorm, of dr (the raw r's, which the
+        recurrent GEMM's backward reads) and dz (of the normalised z, for the gains); a deep
+        gate's through its MLP, keeping dL/d(layer j's output) in ``dv[gate][j][t]``. ``kept``:
+        this step's rows of the forward's buffers."""
+        H = self.H
+        for mg, slot, col, width in self.gates:
+            d = du[:, slot * H:(slot + 1) * H]                                # (B, H)
+            if mg is not None:
+                for j in reversed(range(len(mg.widths) - 1)):
+                    dv[mg.gate][j][t] = d
+                    da = mm(d.to(self.op), self.layers[mg.gate][j][0], self.ct)  # (B, n_j)
+                    d = _phi_grad(self.mlp.phi, da, kept["MLP"][:, mg.aoff[j]:mg.aoff[j] + mg.widths[j]])
+            cols = slice(col, col + width)
+            if self.ln is None:
+                dxg[:, cols] = d
+                continue
+            g_ih, g_hh, _ = self.ln
+            dz[:, cols] = d
+            dxg[:, cols] = _layer_norm_grad(d * g_ih[cols], kept["AH"][:, cols], kept["AS"][:, slot:slot + 1])
+            dr[:, cols] = _layer_norm_grad(d * g_hh[cols], kept["RH"][:, cols], kept["RS"][:, slot:slot + 1])
+
+    def new_grads(self, T: int, B: int, dev: torch.device) -> dict[str, list[Tensor]]:
+        """dv: per deep gate and layer j, (T, B, n_{j+1})."""
+        return {mg.gate: [torch.empty((T, B, n), dtype=self.ct, device=dev) for n in mg.widths[1:]]
+                for mg in self.mlp.gates}
+
+    def weight_grads(self, dv: dict[str, list[Tensor]], acts: Tensor) -> Tensor:
+        """The flat ``mlp`` param's gradient: dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j (large GEMMs
+        over all T·B rows; ``acts`` (T, B, atot), the ``MLP`` buffer)."""
+        out = torch.zeros((self.mlp.wtot,), dtype=self.ct, device=acts.device)
+        if not acts.numel():                                                 # no step or no row
+            return out
+        a2 = acts.reshape(-1, acts.shape[-1])                                # (T·B, atot)
+        for mg in self.mlp.gates:
+            for j, n_out in enumerate(mg.widths[1:]):
+                d2 = dv[mg.gate][j].reshape(-1, n_out)                       # (T·B, n_{j+1})
+                n_in = mg.widths[j]
+                out[mg.woff[j]:mg.woff[j] + n_out * n_in] = torch.mm(d2.t(), a2[:, mg.aoff[j]:mg.aoff[j] + n_in]) \
+                    .reshape(-1)
+                if mg.boff[j] >= 0:
+                    out[mg.boff[j]:mg.boff[j] + n_out] = d2.sum(0)
+        return out
+
+    @staticmethod
+    def layer_norm_grads(dz: Tensor, ah: Tensor, rh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Layernorm: the gradients of g_ih, g_hh and the bias (R,) from dz, â, r̂ (T, B, R)."""
+        return (dz * ah).sum((0, 1)), (dz * rh).sum((0, 1)), dz.sum((0, 1))
