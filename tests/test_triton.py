@@ -428,7 +428,9 @@ def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
             "zoneout=0.3/0.2+gate_act=hard_sigmoid+cand_act=relu+out_act=relu/bfloat16/per-step H=256 P=128",
             "zoneout=0.3/0.2+gate_act=hardsigmoid+peephole/float32/persistent H=32 P=16",
             # the sLSTM (per step only): both forget activations, the normaliser's floor, heads
-            "slstm+heads=4/bfloat16/per-step H=128", "slstm+forget_act=exp+n_clamp/float32/per-step H=1024"]
+            "slstm+heads=4/bfloat16/per-step H=128", "slstm+forget_act=exp+n_clamp/float32/per-step H=1024",
+            # deep gates: their MLPs in torch; with layernorm the kernels take ready pre-activations (READY)
+            "deep=32+layernorm+peephole/bfloat16/per-step H=256 P=128"]
     cmd = [sys.executable, "-W", "ignore", "-m", "lstmkit.kernels.triton_aot", "--plan", ";".join(plan),
            "--archs", "80,90"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent, timeout=900)

@@ -75,12 +75,14 @@ def _type(value: Any) -> str:
 
 
 def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int = 2,
-             lengths: bool = True) -> list[Launch]:
+             lengths: bool = True, mlp: tuple[int, ...] = ()) -> list[Launch]:
     """The distinct launches of one layer-direction (forward without buffers, as at evaluation;
     forward with buffers and backward, as in training: with zoneout's masks) with these flags,
-    dtype and sizes, as on a GPU (the dot sees the layer's dtype)."""
+    dtype and sizes, as on a GPU (the dot sees the layer's dtype); ``mlp``: the deep gates'
+    layout (:func:`lstmkit.kernels.abi.mlp_layout`), whose MLPs run in torch around the kernels."""
     v = triton_impl.Variant.from_flags(cell_flags)
-    R = v.n_gates * H
+    deep = abi.decode_mlp(list(mlp), H)
+    R = sum(deep_gate.widths[0] - H for deep_gate in deep.gates) + v.n_gates * H
     HO = P if P > 0 and not v.rnn else H
     seen: dict[Launch, None] = {}
 
@@ -95,8 +97,8 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
         seen[Launch(name, sig, tuple(consts.items()), num_warps)] = None
 
     meta = torch.device("meta")
-    spec = _spec_params(v, T, B, H, P, R, HO, dtype, meta, masks=False)
-    train = _spec_params(v, T, B, H, P, R, HO, dtype, meta, masks=True)
+    spec = _spec_params(v, T, B, H, P, R, HO, dtype, meta, masks=False, mlp_size=deep.wtot)
+    train = _spec_params(v, T, B, H, P, R, HO, dtype, meta, masks=True, mlp_size=deep.wtot)
     xg = torch.empty((T, B, R), dtype=dtype, device=meta)
     w_hh = torch.empty((R, HO), dtype=dtype, device=meta)
     h0 = torch.empty((B, HO), dtype=dtype, device=meta)
@@ -106,21 +108,21 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
     old = triton_impl.RECORDER
     triton_impl.RECORDER = record
     try:
-        impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, [], 0.5, 0.0, 0.0, H, P, False)
-        y, h_n, c_n, *buffers = impl.forward(xg, w_hh, h0, c0, lens, *train, cell_flags, [], 0.5, 0.0, 0.0, H, P, True)
+        impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, list(mlp), 0.5, 0.0, 0.0, H, P, False)
+        y, h_n, c_n, *buffers = impl.forward(xg, w_hh, h0, c0, lens, *train, cell_flags, list(mlp), 0.5, 0.0, 0.0, H,
+                                             P, True)
         impl.backward(torch.empty_like(y), torch.empty_like(h_n), c_n.new_empty(c_n.shape), y, h0, c0, w_hh, lens,
-                      *train, *buffers, cell_flags, [], 0.5, 0.0, 0.0, H, P)
+                      *train, *buffers, cell_flags, list(mlp), 0.5, 0.0, 0.0, H, P)
     finally:
         triton_impl.RECORDER = old
     return list(seen)
 
 
 def _spec_params(v: triton_impl.Variant, T: int, B: int, H: int, P: int, R: int, HO: int, dtype: torch.dtype,
-                 dev: torch.device, masks: bool) -> list[torch.Tensor]:
+                 dev: torch.device, masks: bool, mlp_size: int = 0) -> list[torch.Tensor]:
     """Meta parameters in :data:`~lstmkit.kernels.abi.PARAMS` order, present as the variant has them
-    (zoneout's masks keep_c (T, B, H), keep_h (T, B, HO) if ``masks``: training); empty for the
-    deep gates' layers, which add no kernel build: their MLPs run as torch GEMMs around the
-    variant's own per-step kernels (:class:`lstmkit.kernels.triton_deep.DeepGates`)."""
+    (zoneout's masks keep_c (T, B, H), keep_h (T, B, HO) if ``masks``: training; the deep gates'
+    flat layers, ``mlp_size`` elements)."""
     nsh = v.n_sigmoid * H
     shapes = {"peephole_i": (H,) if v.peep and v.gi >= 0 else None,
               "peephole_f": (H,) if v.peep and v.gf >= 0 else None,
@@ -129,7 +131,7 @@ def _spec_params(v: triton_impl.Variant, T: int, B: int, H: int, P: int, R: int,
               "ln_c_bias": (H,) if v.ln else None, "weight_hr": (P, H) if P > 0 and not v.rnn else None,
               "ln_ih_weight": (R,) if v.ln else None, "bias": (R,) if v.ln else None,
               "keep_c": (T, B, H) if v.zoneout and masks else None,
-              "keep_h": (T, B, HO) if v.zoneout and masks else None}
+              "keep_h": (T, B, HO) if v.zoneout and masks else None, "mlp": (mlp_size,) if mlp_size else None}
     assert set(shapes) <= set(abi.PARAMS) and NB == len(abi.BUFFERS) and ops.NP == NP
     return [torch.empty(shapes.get(n) or (0,), dtype=dtype, device=dev) for n in abi.PARAMS]
 
@@ -181,17 +183,18 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
 
 
-def iter_builds(cells: dict[str, int], dtypes: tuple[torch.dtype, ...],
+def iter_builds(cells: dict[str, tuple[int, tuple[int, ...]]], dtypes: tuple[torch.dtype, ...],
                 classes: dict[str, tuple[int, int, int]]) -> Iterator[tuple[str, torch.dtype, str, Launch]]:
-    """Every distinct launch of these variants × dtypes × shape classes (the RNN has no P)."""
+    """Every distinct launch of these variants (name -> flag word and deep gates' layout) ×
+    dtypes × shape classes (the RNN has no P)."""
     seen: set[Launch] = set()
-    for cell_name, flags in cells.items():
+    for cell_name, (flags, mlp) in cells.items():
         rnn = bool(flags & abi.flag("rnn"))
         for dtype in dtypes:
             for cls, (B, H, P) in classes.items():
                 if rnn and P:
                     continue
-                for launch in launches(flags, dtype, B, H, P):
+                for launch in launches(flags, dtype, B, H, P, mlp=mlp):
                     if launch not in seen:
                         seen.add(launch)
                         yield cell_name, dtype, cls, launch
@@ -214,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", help="instead of the product above: 'cell/dtype/class' entries joined by ';'")
     args = ap.parse_args(argv)
 
-    def flags_of(c: str) -> int:
+    def flags_of(c: str) -> tuple[int, tuple[int, ...]]:
         if c.startswith("rnn_"):
-            return abi.flag("rnn") | (abi.flag("rnn_relu") if c == "rnn_relu" else 0)
-        return abi.flags(resolve(c))
+            return abi.flag("rnn") | (abi.flag("rnn_relu") if c == "rnn_relu" else 0), ()
+        return abi.flags(resolve(c)), tuple(abi.mlp_layout(resolve(c), True))
     if args.plan:
         builds = []
         for entry in args.plan.split(";"):
