@@ -134,7 +134,7 @@ MISTAKES = [
     (["--threads", "-1"], "threads: expected an int >= 1 or none, got -1"),
     (["--backend", "bogus"], "backend: unknown kernel 'bogus'"),
     (["--backend", "fused"], "backend: unknown kernel 'fused' (did you mean 'cpu_fused'?)"),
-    (["--backend", "triton", "--cell", "deep=4"], "backend: kernel 'triton' cannot run this layer: its kernels do not compute deep gates"),
+    (["--backend", "torch", "--cell", "deep=4"], "backend: kernel 'torch' cannot run this layer: torch's LSTM computes the vanilla cell"),
     (["--weight-decay", "-1"], "weight_decay: expected a number >= 0, got -1.0"),
     (["--momentum", "nan"], "momentum: expected a finite number, got nan"),
     (["--cell", "peepole"], "cell: unknown variant 'peepole' in 'peepole' (did you mean 'peephole'?)"),

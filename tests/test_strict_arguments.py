@@ -163,15 +163,14 @@ def test_deep_width_must_be_a_whole_number():
 
 
 def test_a_backend_that_cannot_run_the_variant_is_refused_at_construction():
-    """Deep gates: the fused CPU kernel runs them, the Triton kernels do not (refused when the
-    layer is built, not at its first forward); the sLSTM likewise."""
-    assert lstmkit.LSTM(I, H, cell="deep=8", backend="cpu_fused").backend == "cpu_fused"
-    with pytest.raises(ValueError, match="backend: kernel 'triton' cannot run this layer: its kernels do not "
-                                         "compute deep gates"):
-        lstmkit.LSTM(I, H, cell="deep=8", backend="triton")
-    with pytest.raises(ValueError, match="backend: kernel 'triton' cannot run this layer: its kernels do not "
-                                         "compute slstm"):
-        lstmkit.LSTM(I, H, cell="slstm", backend="triton")
+    """Deep gates and the sLSTM: the fused CPU kernel and the Triton kernels run them, torch's
+    own LSTM does not (refused when the layer is built, not at its first forward)."""
+    for cell in ("deep=8", "slstm"):
+        for backend in ("cpu_fused", "triton"):
+            assert lstmkit.LSTM(I, H, cell=cell, backend=backend).backend == backend
+        with pytest.raises(ValueError, match=f"backend: kernel 'torch' cannot run this layer: torch's LSTM computes "
+                                             f"the vanilla cell \\(with projection\\) only, not '{cell}'"):
+            lstmkit.LSTM(I, H, cell=cell, backend="torch")
 
 
 def _tiny_run(root: Path) -> Path:
