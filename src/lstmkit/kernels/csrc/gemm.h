@@ -22,6 +22,7 @@
 // as bfloat16 nn.LSTM's oneDNN path rounds them. Where torch's oneDNN has no such kernel
 // (cpublas::could_pack false: no AMX) the float32 path below runs.
 #pragma once
+#include <memory>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>
@@ -142,7 +143,7 @@ struct Packed {
   int N = 0, K = 0, npanels = 0;
   const T* src = nullptr;
   int64_t sn = 0, sk = 0;
-  std::vector<T> buf;
+  std::unique_ptr<T[]> buf;  // the panels, not zeroed first: pack_panels writes every element
   bool direct = false;  // read src in place through BLAS (a weight used once per call)
   bool rows = false;    // direct: B row-major (B(n, k) = src[n*ld + k]), else column-major (src[n + k*ld])
   int64_t ld = 0;       // direct: BLAS leading dimension
@@ -175,7 +176,7 @@ struct Packed {
         direct = true; rows = false; ld = K == 1 ? N : sk;
       }
     }
-    if (!direct) buf.resize((size_t)npanels * K * NR);
+    if (!direct) buf.reset(new T[(size_t)npanels * K * NR]);
   }
   // Thread tid of nth fills its contiguous share of the panels (a weight never init'ed has none).
   void pack_share(int tid, int nth) {
@@ -186,13 +187,11 @@ struct Packed {
   void pack_panels(int p0, int p1) {
     if (bf16) return pack_panels_bf16(p0, p1);
     for (int p = p0; p < p1; ++p) {
-      T* dst = buf.data() + (size_t)p * K * NR;
+      T* dst = buf.get() + (size_t)p * K * NR;
       const int nc = std::min(NR, N - p * NR);
-      if (sk == 1) {
-        for (int j = 0; j < nc; ++j) {
-          const T* s = src + (int64_t)(p * NR + j) * sn;
-          for (int k = 0; k < K; ++k) dst[(size_t)k * NR + j] = s[k];
-        }
+      if (sk == 1) {  // the panel's nc rows of W, K long each, transposed into [k][NR] (torch's
+                      // 16 x 16 register transposes for float on AVX-512, else element by element)
+        at::vec::transpose_mxn<T>(src + (int64_t)p * NR * sn, sn, dst, NR, nc, K);
         for (int j = nc; j < NR; ++j)
           for (int k = 0; k < K; ++k) dst[(size_t)k * NR + j] = T(0);
       } else {
@@ -284,7 +283,7 @@ void gemm_panels(const Packed<T>& W, int M, const T* A, int64_t lda, T* C, int64
     return;
   }
   for (int p = p0; p < p1; ++p) {
-    const T* wp = W.buf.data() + (size_t)p * K * NR;
+    const T* wp = W.buf.get() + (size_t)p * K * NR;
     const int ncols = std::min(NR, W.N - p * NR);
     T* cp = C + (int64_t)p * NR;
     const T* bp = bias ? bias + (int64_t)p * NR : nullptr;
