@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import lstmkit
 from conftest import assert_rel
 from lstmkit import kernels
-from lstmkit.kernels import abi
+from lstmkit.kernels import abi, fused
 from lstmkit.kernels.fused import FusedKernel
 from lstmkit.spec import CellSpec, resolve
 from variants import LSTM_VARIANTS, RNN_VARIANTS
@@ -231,8 +231,6 @@ def test_kernel_propagates_nan_like_torch(kernel_name, cell):
 
 
 def test_onednn_input_projection_matches_linear():
-    from lstmkit.kernels import fused
-
     torch.manual_seed(0)
     x = torch.randn(300, 256, dtype=torch.float64)
     w = torch.randn(1024, 256, dtype=torch.float64) * 0.05
@@ -417,3 +415,14 @@ def test_inference_every_claimed_variant(kernel_name, dtype, shape, forward_infe
             err = (a.double() - b).abs().max().item()
             assert err <= tol * max(b.abs().max().item(), 1.0), f"{cell}: {what} error {err:.3g}"
     assert fused.in_loop_projection(torch.empty(T, B, I), torch.empty(4 * H, I))
+
+
+def test_in_loop_projection_rule():
+    """The input projection runs inside the loop for one step always; for a sequence with rows
+    enough for the register tile while W_ih fits L2, with fewer rows only while it fits L1."""
+    rule = fused.in_loop_projection
+    assert rule(torch.empty(1, 1, 512), torch.empty(2048, 512))          # one step
+    assert rule(torch.empty(100, 32, 128), torch.empty(512, 128))        # 256 KiB, 32 rows
+    assert not rule(torch.empty(100, 32, 512), torch.empty(2048, 512))   # 4 MiB
+    assert rule(torch.empty(100, 1, 32), torch.empty(128, 32))           # 16 KiB, one row
+    assert not rule(torch.empty(100, 4, 64), torch.empty(256, 64))       # 64 KiB, four rows

@@ -339,18 +339,25 @@ def in_loop_projection(x: Tensor, w_ih: Tensor) -> bool:
     one (T·B, I) × (I, R) GEMM whose (T, B, R) result is written out and read back.
 
     Always for one step (the GEMM is the same; one call instead of three). For a sequence,
-    where W_ih stays in cache and a step has rows enough for the register tile:
+    where W_ih stays in cache and a step has rows enough for the register tile, or with fewer
+    rows where W_ih stays in L1 (read again every step, it then costs less than the separate
+    GEMM's own call):
     """
     T, B = x.shape[0], x.shape[1]
     if T == 1:
         return True
-    return B >= IN_LOOP_MIN_ROWS and w_ih.numel() * w_ih.element_size() <= IN_LOOP_MAX_WEIGHT_BYTES
+    weight = w_ih.numel() * w_ih.element_size()
+    return weight <= (IN_LOOP_MAX_WEIGHT_BYTES if B >= IN_LOOP_MIN_ROWS else IN_LOOP_L1_WEIGHT_BYTES)
 
 
 #: :func:`in_loop_projection` for sequences: a step fills the 8-row register tile, W_ih fits in L2
 #: (benchmarks/bench_in_loop.py times both paths against nn.LSTM per shape).
 IN_LOOP_MIN_ROWS = 8
 IN_LOOP_MAX_WEIGHT_BYTES = 1 << 20
+#: With fewer rows (B < 8), W_ih up to this size. Measured (one thread, T = 100, time ÷ nn.LSTM's,
+#: projection before the loop -> in it): W_ih of 4-16 KiB (I = H = 16, 32; B = 1, 2, 4) 1.00-1.33 ->
+#: 0.80-1.04; of 36 and 64 KiB (I = H = 48, 64; B = 1) 0.95-1.02 -> 1.12-1.20.
+IN_LOOP_L1_WEIGHT_BYTES = 16 << 10
 
 
 def _no_gradient(x: Tensor, h0: Tensor, c0: Tensor | None, params: dict[str, Tensor]) -> bool:
