@@ -206,7 +206,7 @@ def _layernorm_gates(b: dict[str, Tensor], y: Tensor, h0: Tensor, c0: Tensor, le
 
 class FusedCPUKernel(FusedKernel):
     """The compiled recurrence on the CPU: float32, float64, bfloat16 and float16 (the last
-    two compute in float32), every variant but deep gates."""
+    two compute in float32), every variant, deep gates and heads included."""
 
     name = "cpu_fused"
     devices = ("cpu",)
