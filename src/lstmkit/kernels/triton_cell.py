@@ -382,18 +382,18 @@ def fwd_core(xg, row, r_i, r_f, r_g, r_o, f_i, f_f, f_o, cp, valid, rm, ch, cm, 
     and returns ``(i, f, o, c_t, h̃)``: the gates (1 where absent), c_t already carried on rows
     that are not ``valid`` (zoneout: c_t = c̃ + d_c (c_{t-1} − c̃), with d_c from ``keep_c``
     (T, B, H) or ``zc``; CN keeps c̃), and h̃ = o ⊙ act(LN(c̃)) (zero outside the H cells).
-    READY: ``xg + r`` are the gates' pre-activations already, layer norms included (layernorm
-    with deep gates: the caller normalised each gate's first layer and ran the MLPs)."""
+    READY: ``r`` holds the gates' whole pre-activations, layer norms included, and ``xg`` is
+    not read (deep gates: the caller ran the MLPs and, with layernorm, each gate's norms)."""
     GI: tl.constexpr = slot(FLAGS, "i")
     GF: tl.constexpr = slot(FLAGS, "f")
     GG: tl.constexpr = slot(FLAGS, "g")
     GO: tl.constexpr = slot(FLAGS, "o")
     v2 = valid[:, None]
     m2 = rm[:, None] & cm[None, :]
-    x_i = ld(xg, row, R, GI * H, ch, m2, CT, GI >= 0, BB, BH)
-    x_f = ld(xg, row, R, GF * H, ch, m2, CT, GF >= 0, BB, BH)
-    x_g = ld(xg, row, R, GG * H, ch, m2, CT, True, BB, BH)
-    x_o = ld(xg, row, R, GO * H, ch, m2, CT, GO >= 0, BB, BH)
+    x_i = ld(xg, row, R, GI * H, ch, m2, CT, GI >= 0 and not READY, BB, BH)
+    x_f = ld(xg, row, R, GF * H, ch, m2, CT, GF >= 0 and not READY, BB, BH)
+    x_g = ld(xg, row, R, GG * H, ch, m2, CT, not READY, BB, BH)
+    x_o = ld(xg, row, R, GO * H, ch, m2, CT, GO >= 0 and not READY, BB, BH)
     if has(FLAGS, "layernorm") and not READY:  # z = LN(a) g_ih + LN(r) g_hh + bias, per gate; â, r̂, 1/std kept
         a_i, ra_i = _ln_rows(x_i, cm, H, EPS)
         a_f, ra_f = _ln_rows(x_f, cm, H, EPS)

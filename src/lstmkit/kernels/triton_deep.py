@@ -6,12 +6,12 @@ rows of ``W_ih`` / ``W_hh`` (so ``z_k = xg_t + h W_hhᵀ`` on its columns, or wi
 ``LN(a) g_ih + LN(r) g_hh + b`` on them), then ``a_1 = φ(z_k)``, ``u = a_j W_jᵀ + b_j`` layer by
 layer with ``a_{j+1} = φ(u)`` between them; its last output (H wide) is the gate's
 pre-activation. :class:`DeepGates` computes the (B, G·H) pre-activations of every gate — a deep
-gate's MLP output, a shallow gate's ``z`` — which the variant's own pointwise kernel reads as
-``xg + r`` with ``xg`` zero (:meth:`DeepGates.input_side`; with layernorm the kernels are told the
-gates are normalised already: ``READY``), keeps what backward needs in the operator's buffers
-(``MLP``: every a_j; layernorm: ``AH``, ``RH``, ``AS``, ``RS`` per gate's columns, as the CPU
-kernel keeps them), and takes the kernel's dL/du back to the first layers' dL/dz (the input side's
-gradient, and through the recurrent GEMM to ``h_{t-1}``) and to the parameters.
+gate's MLP output, a shallow gate's ``z`` — which the variant's own pointwise kernel reads in
+place of ``xg + r`` (its ``READY``: with layernorm, already normalised), keeps what backward
+needs in the operator's buffers (``MLP``: every a_j; layernorm: ``AH``, ``RH``, ``AS``, ``RS`` per
+gate's columns, as the CPU kernel keeps them), and takes the kernel's dL/du back to the first
+layers' dL/dz (the input side's gradient, and through the recurrent GEMM to ``h_{t-1}``) and to
+the parameters.
 """
 
 from __future__ import annotations
@@ -39,11 +39,10 @@ def _phi_grad(phi: str, d: Tensor, a: Tensor) -> Tensor:
 
 
 def _layer_norm(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Layer norm without gain over the last dim, as the kernels compute it (two passes, biased
-    variance): (x̂, 1/std (…, 1))."""
-    d = x - x.mean(-1, keepdim=True)
-    rstd = torch.rsqrt((d * d).mean(-1, keepdim=True) + cell.LN_EPS)
-    return d * rstd, rstd
+    """Layer norm without gain over the last dim (torch's, as :func:`lstmkit.cell.chunk_layernorm`):
+    (x̂, 1/std (…, 1)), the two that backward reads."""
+    xhat, _, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, cell.LN_EPS)
+    return xhat, rstd
 
 
 def _layer_norm_grad(dxhat: Tensor, xhat: Tensor, rstd: Tensor) -> Tensor:
@@ -77,7 +76,7 @@ class DeepGates:
                 width = mg.widths[0] if mg else H
                 self.gates.append((mg, slots[gate], col, width))
                 col += width
-        self.R, self.RZ = col, len(self.gates) * H                            # columns of xg; of the cell's u
+        self.RZ = len(self.gates) * H                                        # columns of the cell's u
         flat = params["mlp"]
         self.layers: dict[str, list[tuple[Tensor, Tensor | None]]] = {}      # per deep gate: (W_j, b_j)
         for mg in self.mlp.gates:
@@ -96,11 +95,6 @@ class DeepGates:
     def widths(self) -> tuple[int, ...]:
         """Rows of each computed gate's block of ``W_hh``."""
         return tuple(w for _, _, _, w in self.gates)
-
-    def input_side(self, xg: Tensor) -> Tensor:
-        """(T, B, G·H) zeros: what the cell's kernel reads as xg (every gate's whole
-        pre-activation arrives with r, from :meth:`forward`)."""
-        return xg.new_zeros((*xg.shape[:2], self.RZ))
 
     def forward(self, xg_t: Tensor, r: Tensor, kept: dict[str, Tensor], valid: Tensor | None) -> Tensor:
         """Step t: from xg_t (B, R) and r = h_{t-1} W_hhᵀ (B, R), the gates' pre-activations

@@ -325,9 +325,8 @@ class TritonImpl:
         w_hr_t = a.params[_P["weight_hr"]].t() if proj else None
         fw = a.nothing
         consts = dict(consts, PROJ=proj, READY=a.ready, BB=BB, BH=BH)
-        xz = a.deep.input_side(a.xg) if a.deep else a.xg                    # (T, B, RK)
-        args = dict(xg=xz, c_s=a.c_state, s_s=s_state, h_s=a.h_state, m_s=m_state, y=y, lengths=a.lens,
-                    **a.named_params(with_weights=False), **_kernel_buffers(bufs), **sizes)
+        args = dict(xg=a.nothing if a.ready else a.xg, c_s=a.c_state, s_s=s_state, h_s=a.h_state, m_s=m_state,
+                    y=y, lengths=a.lens, **a.named_params(with_weights=False), **_kernel_buffers(bufs), **sizes)
         BO = min(_pow2(HO), 128)
         pgrid = (triton_cdiv(B, 16), triton_cdiv(HO, BO))
         for t in range(T):
@@ -374,7 +373,7 @@ class TritonImpl:
         dxg = torch.empty((T, B, R), dtype=ct, device=dev)
         du = torch.empty((T, B, RK), dtype=ct, device=dev) if a.deep else dxg  # the cell kernel's gradient of z
         dv = a.deep.new_grads(T, B, dev) if a.deep else {}
-        dZ = torch.empty((T, B, R), dtype=ct, device=dev) if a.ready else a.nothing  # layernorm's dz (deep gates)
+        dZ = torch.empty((T, B, R), dtype=ct, device=dev) if a.ready and v.ln else a.nothing  # layernorm's dz
         dR = torch.empty((T, B, R), dtype=ct, device=dev) if v.ln else a.nothing
         dZS = torch.empty((T, B, a.nsh), dtype=ct, device=dev) if v.ln and v.fgr else a.nothing
         dHP = torch.empty((T, B, HO), dtype=ct, device=dev) if P > 0 else a.nothing
@@ -417,7 +416,7 @@ class TritonImpl:
                                dc0, acc, w_hh)
         if a.deep:
             out[4 + _P["mlp"]] = a.deep.weight_grads(dv, buffers[_B["MLP"]]).to(params[_P["mlp"]].dtype)
-        if a.ready:  # layernorm's gains and bias, from the dz, â, r̂ of every step
+        if a.ready and v.ln:  # layernorm's gains and bias (deep gates), from the dz, â, r̂ of every step
             grads = a.deep.layer_norm_grads(dZ, buffers[_B["AH"]], buffers[_B["RH"]]) if T and B else \
                 [torch.zeros((R,), dtype=ct, device=dev)] * 3
             for name, g in zip(("ln_ih_weight", "ln_hh_weight", "bias"), grads):
@@ -459,7 +458,7 @@ class TritonImpl:
                 dm = mm(dhp_op if sep else dHP[t], w_hr, a.ct)               # (B, H)
             _launch(k.step_backward, grid,
                     dict(common, dh_g=dh_g, dhz=dhz, dm=dm, dc_s=dc_s, ds_g=ds_g, dop=dop, dus=dus, t=t),
-                    dict(consts, HAS_NEXT=has_next, SEP_OP=sep and not a.deep, READY=a.ready, BB=BB, BH=BH), nw)
+                    dict(consts, HAS_NEXT=has_next, SEP_OP=sep and not a.ready, READY=a.ready, BB=BB, BH=BH), nw)
             if a.deep:  # the kernel's du (B, G·H) through the MLPs (and norms) to dxg[t] (and dR[t]) (B, R)
                 a.deep.backward(common["dxg"][t], {k: b[t] for k, b in kept.items()}, dxg[t],
                                 dR[t] if v.ln else a.nothing, dZ[t] if v.ln else a.nothing, dv, t)
@@ -572,8 +571,9 @@ class _Args:
         self.heads = _heads(w_hh, HO)                                         # block-diagonal W_hh: k
         self.deep = DeepGates(mlp, v.flags, H, dict(zip(abi.PARAMS, params)), self.op, ct) if mlp else None
         self.widths = self.deep.widths if self.deep else (H,) * v.n_gates     # each gate's rows of W_hh
-        #: the per-step kernels read ready pre-activations (layernorm with deep gates: READY)
-        self.ready = self.deep is not None and v.ln
+        #: deep gates: the per-step kernels read every gate's whole pre-activation from r, normalised
+        #: with layernorm (READY), not xg
+        self.ready = self.deep is not None
         #: the row width of what the cell's kernels read and write (xg, r, G, dxg): R, or G·H with deep gates
         self.RK = self.deep.RZ if self.deep else w_hh.shape[0]
 

@@ -32,8 +32,8 @@ Constexpr arguments (from the launch plan of ``triton_impl``): FLAGS, the varian
 :func:`~lstmkit.kernels.triton_cell.has`, :func:`~lstmkit.kernels.triton_cell.slot` — a gate's
 slot in R, -1 absent — and :func:`~lstmkit.kernels.triton_cell.fgr_slot`); PROJ (a
 projection); HAS_BIAS, HAS_LEN, HAS_KEEP, HAS_DY (the call has layernorm's bias, lengths,
-zoneout's masks, an output gradient); READY (per step: ``xg + r`` are the gates' pre-activations,
-layer norms included — layernorm with deep gates, normalised by the caller); CT (compute dtype:
+zoneout's masks, an output gradient); READY (per step: ``r`` holds the gates' whole pre-activations,
+layer norms included, and ``xg`` is not read — deep gates, whose MLPs the caller runs); CT (compute dtype:
 float32, or float64), OP (dtype of a GEMM
 operand: the layer's), MMA (the dtype ``tl.dot`` sees: OP, except float32 for 16-bit OP in
 the interpreter, whose dot cannot take bfloat16; the products are exact in float32 either
