@@ -75,6 +75,7 @@ def test_compiled_abi_equals_abi_module():
     assert tuple(compiled["flag_bits"]) == tuple(abi.flag(n) for n in abi.FLAGS)
     assert tuple(compiled["params"]) == abi.PARAMS
     assert tuple(compiled["buffers"]) == abi.BUFFERS
+    assert {n for n, off in zip(abi.PARAMS, compiled["param_no_grad"]) if off} == abi.NO_GRAD
     assert compiled["ln_eps"] == cell.LN_EPS
 
 

@@ -63,6 +63,8 @@ def test_lstmcell_loop_matches_oracle(row, cell):
         h, c = step(x[t], (h, c))
         ys.append(h)
     y = torch.stack(ys)
+    if row == "cpu_fused" and keep is None:  # calls after the first: the prepared step's compiled autograd node
+        assert h.grad_fn.name() == "torch::autograd::CppNode<lk::ProjectedRun>"
     assert_close(y, torch.tensor(y_np), torch.float64, "outputs")
     assert_close(c, torch.tensor(cn_np[0]), torch.float64, "c_n")
     loss = (y * torch.tensor(dy)).sum() + (c * torch.tensor(dcn[0])).sum()
@@ -249,6 +251,39 @@ def test_prepared_step_rechecks_whatever_changed(monkeypatch):
     xg = x.clone().requires_grad_()
     step(xg, (h, c))[0].sum().backward()
     assert xg.grad is not None and step.weight_ih.grad is not None
+
+
+def test_prepared_step_sees_deep_gates_updated_in_place():
+    """The deep gates' weights reach the kernel as one flat copy: a prepared step makes it anew
+    each call, so an optimizer's in-place update is seen (with and without gradients)."""
+    torch.manual_seed(0)
+    step = lstmkit.LSTMCell(I, H, cell="deep=3")
+    ref = lstmkit.LSTMCell(I, H, cell="deep=3", backend="reference")
+    x = torch.randn(B, I)
+    with torch.no_grad():
+        step(x)
+        step(x)  # prepared
+        for name, p in step.named_parameters():
+            if name.startswith("mlp_"):
+                p.mul_(2.0)
+    ref.load_state_dict(step.state_dict())
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            for a, b in zip(step(x), ref(x)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_prepared_training_step_double_backward_raises_clearly():
+    """The prepared step's compiled node, like the operator: a first-order gradient with
+    create_graph=True works, a second-order one raises the operator's message."""
+    step = lstmkit.LSTMCell(2, 3).double()
+    x = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    step(x)
+    h, _ = step(x)  # prepared: the compiled node
+    assert h.grad_fn.name() == "torch::autograd::CppNode<lk::ProjectedRun>"
+    (g,) = torch.autograd.grad(h.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"not differentiable .* backend='reference'"):
+        torch.autograd.grad(g.sum(), x)
 
 
 def test_prepared_step_draws_in_training_mode():

@@ -111,7 +111,7 @@ class _Recurrent(nn.Module):
         self.proj_size = proj_size
         self.backend = check_backend(backend, spec)
         self.check_finite = check_finite
-        self._prepared = PreparedStep(spec, hidden_size, proj_size)  # the no-gradient step of a signature seen before
+        self._prepared = PreparedStep(spec, hidden_size, proj_size)  # the step of a signature seen before
         device = check_device(device)
         check_dtype(dtype)
         check_memory(spec, input_size, hidden_size, num_layers, bidirectional, proj_size, bias, device, dtype)
@@ -546,7 +546,7 @@ class LSTM(_Recurrent):
         output, h_n, c_n = self._step(input, hx)
         assert c_n is not None
         draws = self.training and (self.dropout > 0 or self.spec.zoneout != (0.0, 0.0))  # masks every call
-        if not torch.is_grad_enabled() and not draws and input.dim() == 2 and not self.bidirectional \
+        if not draws and input.dim() == 2 and not self.bidirectional \
                 and isinstance(kernels.select(self.spec, input.device, input.dtype, self.backend), FusedCPUKernel):
             self._prepared.remember(self._prepared.signature(input, hx, self.training, version),
                                     [self.layer_params(layer) for layer in range(self.num_layers)],
@@ -625,7 +625,7 @@ class LSTMCell(nn.Module):
         self.bias = bias
         self.backend = backend
         self.check_finite = check_finite
-        self._prepared = PreparedStep(spec, hidden_size)  # the no-gradient step of a signature seen before
+        self._prepared = PreparedStep(spec, hidden_size)  # the step of a signature seen before
 
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
@@ -689,7 +689,7 @@ class LSTMCell(nn.Module):
         kernel = kernels.select(self.spec, x.device, x.dtype, self.backend)
         out = kernel.run(x.unsqueeze(0), None, h, c, dict(self._parameters), self.spec,  # type: ignore[arg-type]
                          self.hidden_size, keep=keep)
-        if isinstance(kernel, FusedCPUKernel) and not torch.is_grad_enabled():
+        if isinstance(kernel, FusedCPUKernel):
             params = dict(self._parameters)
             self._prepared.remember(self._prepared.signature(input, hx, self.training, version), [params],
                                     params, keep is not None)  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ from lstmkit.cell import LN_EPS
 from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 
-__all__ = ["FLAGS", "PARAMS", "BUFFERS", "SCALARS", "PHIS", "GATE_REMOVED", "flags", "flag", "scalars",
+__all__ = ["FLAGS", "PARAMS", "NO_GRAD", "BUFFERS", "SCALARS", "PHIS", "GATE_REMOVED", "flags", "flag", "scalars",
            "gate_slots", "mlp_layout", "decode_mlp", "Mlp", "MlpGate", "mlp_width", "mlp_names",
            "buffer_shapes", "cell_state_count", "header"]
 
@@ -50,6 +50,9 @@ GATE_REMOVED: dict[str, int] = variants.gate_removal_masks()
 PARAMS: tuple[str, ...] = ("peephole_i", "peephole_f", "peephole_o", "weight_gg", "ln_hh_weight",
                            "ln_c_weight", "ln_c_bias", "weight_hr", "ln_ih_weight", "bias", "keep_c", "keep_h",
                            "mlp")
+
+#: The entries of :data:`PARAMS` that are inputs without a gradient (zoneout's masks).
+NO_GRAD: frozenset[str] = frozenset({"keep_c", "keep_h"})
 
 #: The operator's float arguments: the cell clip's bound and zoneout's probabilities.
 SCALARS: tuple[str, ...] = ("clip", "zoneout_c", "zoneout_h")
@@ -220,6 +223,8 @@ def header() -> str:
         lines += ["", f"enum {enum} : int {{ {members}, N_{enum.upper()}S = {len(names)} }};",
                   f"constexpr const char* {enum.upper()}_NAMES[] = {{"
                   + ", ".join(f'"{n}"' for n in names) + "};"]
+    lines.append("// per parameter: 1 where it takes no gradient (zoneout's masks)")
+    lines.append("constexpr bool PARAM_NO_GRAD[] = {" + ", ".join(str(n in NO_GRAD).lower() for n in PARAMS) + "};")
     lines.append("constexpr const char* FLAG_NAMES[] = {" + ", ".join(f'"{n}"' for n in FLAGS) + "};")
     lines += ["", "// layer norm's epsilon (lstmkit.cell.LN_EPS)", f"constexpr double LN_EPS = {LN_EPS!r};"]
     lines += ["", "// the slope of each hard sigmoid gate activation (lstmkit.variants.HARD_SIGMOID_SLOPES)"]

@@ -135,7 +135,9 @@ def load(verbose: bool = False) -> Any:
     if _ext is None:
         with _lock:
             if _ext is None:
-                _ext = _build(capability(), verbose=verbose)
+                ext = _build(capability(), verbose=verbose)
+                ext.set_no_double_backward(ops.NO_DOUBLE_BACKWARD)
+                _ext = ext
     return _ext
 
 

@@ -265,24 +265,27 @@ def forward_infer(args: tuple[Any, ...], x: Tensor, h0: Tensor, c0: Tensor | Non
 
 
 class PreparedStep:
-    """One step without gradients on the compiled CPU kernel — of a cell or of a whole stack of
-    layers — for a call signature whose checks the general path has passed: what that path
-    derives on every call (the kernel's choice, each layer's operator parameter list, flags and
-    scalars) kept per signature; a one-step-per-call decoder or policy otherwise spends more in
-    Python than in the kernel.
+    """One step on the compiled CPU kernel — of a cell or of a whole stack of layers — for a
+    call signature whose checks the general path has passed: what that path derives on every
+    call (the kernel's choice, each layer's operator parameter list, flags and scalars) kept per
+    signature; a one-step-per-call decoder, policy or truncated-BPTT loop otherwise spends more in
+    Python than in the kernel. Without gradients a step is ``forward_infer``; with them, one
+    autograd node built in C++ (``forward_step``: the projection and the recurrence, the same
+    gradient as the operator's).
 
     :meth:`run` returns None wherever the general path must decide: a new signature (input and
     state shapes, dtypes, devices, tensor types; train or eval mode; the kernel registry's
-    version), gradients enabled, compile / export / functorch / autocast, parameters replaced
-    since, zoneout masks or dropout to draw, a NaN or inf to report. The caller then takes the general path, which
+    version), compile / export / functorch / autocast, parameters replaced since, zoneout masks
+    or dropout to draw, a NaN or inf to report. The caller then takes the general path, which
     checks and raises as always, and calls :meth:`remember` when it ran this kernel.
     """
 
     def __init__(self, spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
         self.spec, self.hidden_size, self.H_out = spec, hidden_size, proj_size or hidden_size
-        # (signature, the module's parameters, per layer the operator's arguments): one attribute,
-        # replaced whole, so that a call never sees one signature's key with another's arguments
-        self._kept: tuple[tuple, tuple[Tensor, ...], list[tuple[Any, ...]]] | None = None
+        # (signature, the module's parameters, per layer its parameters and the operator's
+        # arguments): one attribute, replaced whole, so that a call never sees one signature's key
+        # with another's arguments
+        self._kept: tuple[tuple, tuple[Tensor, ...], list[tuple[dict[str, Tensor], tuple[Any, ...]]]] | None = None
 
     @staticmethod
     def signature(x: Tensor, hx: Any, training: bool, version: int) -> tuple:
@@ -293,12 +296,12 @@ class PreparedStep:
 
     def remember(self, key: tuple, layers: list[dict[str, Tensor]], parameters: dict[str, Tensor],
                  draws: bool) -> None:
-        """After the general path ran this kernel without gradients for signature ``key``:
-        ``layers`` each layer's parameters, ``parameters`` the module's own (whose identity later
-        calls compare), ``draws`` whether a call draws masks (zoneout, dropout in training)."""
+        """After the general path ran this kernel for signature ``key``: ``layers`` each layer's
+        parameters, ``parameters`` the module's own (whose identity later calls compare),
+        ``draws`` whether a call draws masks (zoneout, dropout in training)."""
         if key[0] is not Tensor or len(key[1]) != 2 or key[3].type != "cpu" or draws or not self.spec.is_lstm:
             return
-        self._kept = (key, tuple(parameters.values()), [infer_args(params, self.spec) for params in layers])
+        self._kept = (key, tuple(parameters.values()), [(params, infer_args(params, self.spec)) for params in layers])
 
     def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: int,
             check_finite: bool, stacked: bool) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
@@ -306,7 +309,7 @@ class PreparedStep:
         each (N, H), or with ``stacked`` a stack's, each (L, N, ·) — or None (see above). Returns the
         output (N, H_out) and per layer ``h'`` (N, H_out) and the cell states side by side (N, S·H)."""
         kept = self._kept
-        if kept is None or torch.is_grad_enabled() or self.signature(x, hx, training, version) != kept[0]:
+        if kept is None or self.signature(x, hx, training, version) != kept[0]:
             return None
         _, params, layers = kept
         # compile, export, functorch and autocast (the tensors' types are in the signature); the
@@ -319,14 +322,18 @@ class PreparedStep:
         if check_finite and cpu_ext.first_nonfinite([x] if hx is None else [x, *hx]) != -1:
             return None
         H, S, N = self.hidden_size, len(variants.cell_states(self.spec)), x.shape[0]
+        step = cpu_ext.load().forward_step
         hs, cs = [], []
-        for layer, args in enumerate(layers):
+        for layer, (layer_params, args) in enumerate(layers):
+            if self.spec.gate_hidden:  # the deep gates' flat weights: a copy, so made anew (current values, autograd)
+                args = infer_args(layer_params, self.spec)
             if hx is None:
                 h, c = x.new_zeros(N, self.H_out), x.new_zeros(N, S * H)
             else:
                 states = [t[layer] for t in hx] if stacked else hx  # (N, H_out), then (N, H) each
                 h, c = states[0], states[1] if S == 1 else torch.cat(states[1:], dim=-1)  # c: (N, S·H)
-            y, h_n, c_n = forward_infer(args, x.unsqueeze(0), h, c, None, H)
+            w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = args
+            y, h_n, c_n = step(x.unsqueeze(0), w_ih, b_ih, b_hh, w_hh, h, c, plist, flags, mlp, *scalars, H, proj)
             x = y[0]  # (N, H_out): the next layer's input
             hs.append(h_n)
             cs.append(c_n)

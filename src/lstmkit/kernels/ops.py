@@ -55,7 +55,7 @@ from torch import Tensor
 
 from lstmkit.kernels import abi
 
-__all__ = ["Impl", "register_device", "recurrence", "plain_eager", "eager_mode", "recurrence_op",
+__all__ = ["NO_DOUBLE_BACKWARD", "Impl", "register_device", "recurrence", "plain_eager", "eager_mode", "recurrence_op",
            "recurrence_backward_op"]
 
 NP, NB, NS = len(abi.PARAMS), len(abi.BUFFERS), len(abi.SCALARS)
@@ -161,28 +161,27 @@ def _grads(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None
     upstream = [t for t in (dy, dh_n, dc_n, *saved) if t is not None and t.requires_grad]
     higher = torch.is_grad_enabled() and bool(upstream)
     if higher and _functorch_active() and _differentiation_levels() > 1:  # nested torch.func.grad
-        raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        raise RuntimeError(NO_DOUBLE_BACKWARD)
     empty = y.new_empty((0,))
     with torch.no_grad():
         dxg, dw_hh, dh0, dc0, *dparams = backward(
             empty if dy is None else dy, empty if dh_n is None else dh_n, empty if dc_n is None else dc_n,
             y, h0, c0, w_hh, lengths, *rest, *ctx.meta)
     grads = (dxg, dw_hh, dh0, dc0 if c0.numel() else None,
-             *(d if p.numel() and name not in _NO_GRAD else None for d, p, name in zip(dparams, rest[:NP], abi.PARAMS)))
+             *(d if p.numel() and name not in abi.NO_GRAD else None
+               for d, p, name in zip(dparams, rest[:NP], abi.PARAMS)))
     if not higher:
         return grads
     # The error node's extra input, an empty tensor computed from every saved tensor that
     # requires grad, connects it to the graph a second-order gradient would traverse.
     anchor = torch.cat([t.reshape(-1)[:0] for t in upstream])
     present = [g for g in grads if g is not None]
-    delayed = iter(torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, len(present) + 1)(*present, anchor))
+    delayed = iter(torch._C._functions.DelayedError(NO_DOUBLE_BACKWARD, len(present) + 1)(*present, anchor))
     return tuple(None if g is None else next(delayed) for g in grads)
 
 
-#: Entries of the params list that are inputs without a gradient (zoneout's masks).
-_NO_GRAD = frozenset({"keep_c", "keep_h"})
-
-_NO_DOUBLE_BACKWARD = (
+#: What a second-order gradient through a fused kernel raises (the compiled step's node too).
+NO_DOUBLE_BACKWARD = (
     "lstmkit: the fused kernels' hand-written backward is not differentiable (double backward, "
     "create_graph=True, nested torch.func.grad); build the layer with backend='reference' for "
     "higher-order gradients")

@@ -263,6 +263,9 @@ py::dict compiled_abi() {
   for (int k = 0; k < N_FLAGS; ++k) bits.append(FLAG_BITS[k]);
   for (int g = 0; g < 4; ++g) removed.append(GATE_REMOVED[g]);
   d["flag_bits"] = bits;
+  py::list no_grad;
+  for (int k = 0; k < N_PARAMS; ++k) no_grad.append(PARAM_NO_GRAD[k]);
+  d["param_no_grad"] = no_grad;
   d["gate_removed"] = removed;
   d["ln_eps"] = LN_EPS;
   d["gemm_tile"] = py::make_tuple(Packed<float>::MR, Packed<float>::NV * Packed<float>::VL);
@@ -362,6 +365,135 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_infer(
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
+// ------------------------------------------------------------------ one step with gradients
+// A step (or a short run) with gradients, for LSTMCell and layer.step in training: the input
+// projection and the recurrence as ONE autograd node built here, so a step costs one Python
+// call, not the operator road's Python autograd.Function and its Python backward (about 70 us
+// a step at B = 1, H = 32; the whole step takes less). Taken by PreparedStep
+// (lstmkit/kernels/fused.py) for plain eager tensors only; compile, export, functorch and
+// autocast take the operator. Same gradient: dxg from recurrence_backward, then the
+// projection's dx = dxg W_ih, dW_ih = dxg^T x, db_ih = db_hh = sum dxg (layernorm: the summed
+// bias's gradient from the kernel).
+
+static std::string no_double_backward = "lstmkit: the fused kernels' backward is not differentiable";
+
+// Set once at load from lstmkit/kernels/ops.py (the message the operator road raises).
+void set_no_double_backward(const std::string& message) { no_double_backward = message; }
+
+// Gradients computed under create_graph=True pass through this node: identity forward, and a
+// second-order gradient through it raises (the operator road's DelayedError). `anchors` are the
+// saved inputs that require grad, connecting it to the graph such a gradient would traverse.
+struct NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDifferentiable> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext*, at::TensorList grads,
+                                                at::TensorList anchors) {
+    return torch::autograd::variable_list(grads.begin(), grads.end());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list) {
+    TORCH_CHECK(false, no_double_backward);
+  }
+};
+
+struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
+  // x (T, B, I), w_ih (R, I), b_ih / b_hh (R,) | (0,), whh, h0 (B, H_out), c0 (B, S*H) | (0,),
+  // params in abi.PARAMS order -> y (T, B, H_out), h_n (B, H_out), c_n (B, S*H) | (0,)
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih,
+      const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0,
+      at::TensorList params_in, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
+      double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+    std::vector<at::Tensor> params(params_in.begin(), params_in.end());
+    const bool ln = flags & F_LAYERNORM;
+    at::Tensor bias = b_ih.numel() ? b_ih : at::Tensor(), bias2 = b_hh.numel() ? b_hh : at::Tensor();
+    if (ln && bias.defined()) {  // as forward_infer: layernorm adds the summed bias after the norm
+      params[P_BIAS] = b_ih + b_hh;  // (R,)
+      bias = bias2 = at::Tensor();
+    }
+    auto [y, h_n, c_n, buffers] = forward_call(at::Tensor(), whh, h0, c0, at::Tensor(), params, flags, mlp_layout,
+                                               clip, zoneout_c, zoneout_h, H, P, true, true, x, w_ih, bias, bias2);
+    std::vector<at::Tensor> saved{x, w_ih, b_ih, whh, h0, c0, y};
+    saved.insert(saved.end(), params.begin(), params.end());
+    saved.insert(saved.end(), buffers.begin(), buffers.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["flags"] = flags;
+    ctx->saved_data["mlp"] = mlp_layout;
+    ctx->saved_data["scalars"] = std::vector<double>{clip, zoneout_c, zoneout_h};
+    ctx->saved_data["sizes"] = std::vector<int64_t>{H, P};
+    ctx->set_materialize_grads(false);
+    return {y, h_n, c_n};
+  }
+
+  // grads: dy, dh_n, dc_n (undefined: zero) -> one gradient per forward argument
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w_ih = saved[1], &b_ih = saved[2], &whh = saved[3], &h0 = saved[4],
+                     &c0 = saved[5], &y = saved[6];
+    const std::vector<at::Tensor> params(saved.begin() + 7, saved.begin() + 7 + N_PARAMS);
+    const std::vector<at::Tensor> buffers(saved.begin() + 7 + N_PARAMS, saved.end());
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const auto mlp = ctx->saved_data["mlp"].toIntVector();
+    const auto sc = ctx->saved_data["scalars"].toDoubleVector();
+    const auto sizes = ctx->saved_data["sizes"].toIntVector();
+    const bool ln = flags & F_LAYERNORM;
+    const bool higher = at::GradMode::is_enabled();  // create_graph=True
+    auto given = [&](size_t k) { return grads[k].defined() ? grads[k] : at::empty({0}, y.options()); };
+    torch::autograd::variable_list out(7 + N_PARAMS + 7);  // the last 7: non-tensor arguments
+    {
+      at::NoGradGuard no_grad;
+      auto [dxg, dwhh, dh0, dc0, dparams] = recurrence_backward(
+          given(0), given(1), given(2), y, h0, c0, whh, at::Tensor(), params, buffers, flags, mlp, sc[0], sc[1],
+          sc[2], sizes[0], sizes[1]);
+      const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+      const at::Tensor dxg2 = dxg.reshape({T * B, dxg.size(2)});  // (T*B, R)
+      if (ctx->needs_input_grad(0)) out[0] = dxg2.mm(w_ih).view({T, B, I});
+      if (ctx->needs_input_grad(1)) out[1] = dxg2.t().mm(x.reshape({T * B, I}));
+      if (b_ih.numel()) {
+        const at::Tensor db = ln ? dparams[P_BIAS] : dxg2.sum(0);  // (R,)
+        out[2] = db;
+        out[3] = db;
+      }
+      out[4] = dwhh;
+      out[5] = dh0;
+      if (c0.numel()) out[6] = dc0;
+      for (int k = 0; k < N_PARAMS; ++k)
+        if (params[k].numel() && !PARAM_NO_GRAD[k] && !(ln && k == P_BIAS)) out[7 + k] = dparams[k];
+    }
+    if (!higher) return out;
+    std::vector<at::Tensor> defined, anchors;
+    for (const auto& g : out) if (g.defined()) defined.push_back(g);
+    for (const auto& t : saved) if (t.defined() && t.requires_grad()) anchors.push_back(t);
+    for (const auto& g : grads) if (g.defined() && g.requires_grad()) anchors.push_back(g);
+    if (anchors.empty()) return out;
+    // (autograd counts a list's tensors as inputs only when passed as at::TensorList)
+    auto wrapped = NotTwiceDifferentiable::apply(at::TensorList(defined), at::TensorList(anchors));
+    size_t j = 0;
+    for (auto& g : out) if (g.defined()) g = wrapped[j++];
+    return out;
+  }
+};
+
+// One step (or run) for PreparedStep: with gradients wanted (grad mode on and any input requires
+// grad) the autograd node above, else forward_infer. Arguments and results as forward_infer's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_step(
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
+    const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, std::vector<at::Tensor> params,
+    int64_t flags, const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h,
+    int64_t H, int64_t P) {
+  bool grad = false;
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor* t : {&x, &w_ih, &b_ih, &b_hh, &whh, &h0, &c0}) grad = grad || t->requires_grad();
+    for (const auto& t : params) grad = grad || t.requires_grad();
+  }
+  if (!grad)
+    return forward_infer(x, w_ih, b_ih, b_hh, whh, h0, c0, at::Tensor(), std::move(params), flags, mlp_layout, clip,
+                         zoneout_c, zoneout_h, H, P);
+  TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_step: expected ", (int)N_PARAMS, " params");
+  auto out = ProjectedRun::apply(x, w_ih, b_ih, b_hh, whh, h0, c0, at::TensorList(params), flags, mlp_layout, clip,
+                                 zoneout_c, zoneout_h, H, P);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace lk
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -373,6 +505,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("forward_infer", &lk::forward_infer, "the forward without gradients, the input projection in the loop",
         py::call_guard<py::gil_scoped_release>());
+  m.def("forward_step", &lk::forward_step,
+        "one step (or run) of forward_infer's arguments; with gradients wanted, one C++ autograd node",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("set_no_double_backward", &lk::set_no_double_backward, "the error a second-order gradient raises");
   m.def("first_nonfinite", &lk::first_nonfinite, "index of the first tensor with a NaN or inf, -1 if none",
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_gemm", &lk::bf16_gemm_available,
