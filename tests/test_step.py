@@ -63,7 +63,7 @@ def test_lstmcell_loop_matches_oracle(row, cell):
         h, c = step(x[t], (h, c))
         ys.append(h)
     y = torch.stack(ys)
-    if row == "cpu_fused" and keep is None:  # calls after the first: the prepared step's compiled autograd node
+    if row == "cpu_fused":  # calls after the first: the prepared step's compiled autograd node
         assert h.grad_fn.name() == "torch::autograd::CppNode<lk::ProjectedRun>"
     assert_close(y, torch.tensor(y_np), torch.float64, "outputs")
     assert_close(c, torch.tensor(cn_np[0]), torch.float64, "c_n")
@@ -305,6 +305,34 @@ def test_prepared_step_draws_in_training_mode():
     torch.testing.assert_close(layer_eval[1], layer_eval[0], rtol=0, atol=0)
     assert not torch.equal(cell_train[1], cell_eval[0][1])  # some units kept their previous c
     assert not torch.equal(layer_train[0], layer_eval[0][0])  # dropout between the layers
+
+
+def test_prepared_step_draws_as_the_general_path(monkeypatch):
+    """In training mode a prepared step draws zoneout's and dropout's masks as the general path
+    does, in the same order from torch's generator: a seed gives the same step on either path."""
+    monkeypatch.undo()  # torch's generator, not the tests' fixed masks
+    torch.manual_seed(0)
+    x, h, c = torch.randn(B, I, requires_grad=True), torch.randn(B, H), torch.randn(B, H)
+    cases = [(lambda: lstmkit.LSTMCell(I, H, cell="zoneout=0.5/0.5"), lambda m: m(x, (h, c))),
+             (lambda: lstmkit.LSTM(I, H, num_layers=2, dropout=0.5, cell="zoneout=0.3/0.4"),
+              lambda m: (lambda out, state: (out, *state))(*m.step(x, (h.expand(2, B, H), c.expand(2, B, H)))))]
+    for make, call in cases:
+        prepared, general = make(), make()
+        general.load_state_dict(prepared.state_dict())
+        taken = []
+        run = prepared._prepared.run
+        prepared._prepared.run = lambda *args, run=run, taken=taken: taken.append(r := run(*args)) or r
+        call(prepared)  # the general path, which prepares the step
+        for seed in (5, 6):
+            torch.manual_seed(seed)
+            got = call(prepared)
+            torch.manual_seed(seed)
+            want = call(general)  # each call of `general` is its first for this seed's masks
+            general._prepared._kept = None
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert [r is not None for r in taken] == [False, True, True]
+        assert not torch.equal(call(prepared)[1], got[1])  # fresh masks every call
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])

@@ -538,19 +538,18 @@ class LSTM(_Recurrent):
         """
         version = kernels.registry_version()
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
-                                  self.check_finite, True)
+                                  self.check_finite, True, self.dropout)
         if fast is not None:
             output, hs, cs = fast  # per layer (N, H_out), (N, S·H)
             h_n, c_n = (hs[0][None], cs[0][None]) if len(hs) == 1 else (torch.stack(hs), torch.stack(cs))
             return output, (h_n, *self._cell_states(c_n))
         output, h_n, c_n = self._step(input, hx)
         assert c_n is not None
-        draws = self.training and (self.dropout > 0 or self.spec.zoneout != (0.0, 0.0))  # masks every call
-        if not draws and input.dim() == 2 and not self.bidirectional \
+        if input.dim() == 2 and not self.bidirectional \
                 and isinstance(kernels.select(self.spec, input.device, input.dtype, self.backend), FusedCPUKernel):
             self._prepared.remember(self._prepared.signature(input, hx, self.training, version),
                                     [self.layer_params(layer) for layer in range(self.num_layers)],
-                                    self._parameters, draws)  # type: ignore[arg-type]
+                                    self._parameters)  # type: ignore[arg-type]
         return output, (h_n, *self._cell_states(c_n))
 
 
@@ -692,7 +691,7 @@ class LSTMCell(nn.Module):
         if isinstance(kernel, FusedCPUKernel):
             params = dict(self._parameters)
             self._prepared.remember(self._prepared.signature(input, hx, self.training, version), [params],
-                                    params, keep is not None)  # type: ignore[arg-type]
+                                    params)  # type: ignore[arg-type]
         assert out.c_n is not None
         new = self._new_state(out.h_n, out.c_n)
         return new if batched else tuple(t.squeeze(0) for t in new)

@@ -273,11 +273,15 @@ class PreparedStep:
     autograd node built in C++ (``forward_step``: the projection and the recurrence, the same
     gradient as the operator's).
 
+    In training mode it draws what the general path draws, in the same order from torch's
+    generator (per layer: dropout on its input but the first's, then zoneout's masks), so a seed
+    gives the same masks on either path.
+
     :meth:`run` returns None wherever the general path must decide: a new signature (input and
     state shapes, dtypes, devices, tensor types; train or eval mode; the kernel registry's
-    version), compile / export / functorch / autocast, parameters replaced since, zoneout masks
-    or dropout to draw, a NaN or inf to report. The caller then takes the general path, which
-    checks and raises as always, and calls :meth:`remember` when it ran this kernel.
+    version), compile / export / functorch / autocast, parameters replaced since, a NaN or inf
+    to report. The caller then takes the general path, which checks and raises as always, and
+    calls :meth:`remember` when it ran this kernel.
     """
 
     def __init__(self, spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
@@ -294,20 +298,20 @@ class PreparedStep:
         states = None if hx is None else tuple((type(t), t.shape, t.dtype, t.device) for t in hx)
         return type(x), x.shape, x.dtype, x.device, states, training, version
 
-    def remember(self, key: tuple, layers: list[dict[str, Tensor]], parameters: dict[str, Tensor],
-                 draws: bool) -> None:
+    def remember(self, key: tuple, layers: list[dict[str, Tensor]], parameters: dict[str, Tensor]) -> None:
         """After the general path ran this kernel for signature ``key``: ``layers`` each layer's
-        parameters, ``parameters`` the module's own (whose identity later calls compare),
-        ``draws`` whether a call draws masks (zoneout, dropout in training)."""
-        if key[0] is not Tensor or len(key[1]) != 2 or key[3].type != "cpu" or draws or not self.spec.is_lstm:
+        parameters, ``parameters`` the module's own (whose identity later calls compare)."""
+        if key[0] is not Tensor or len(key[1]) != 2 or key[3].type != "cpu" or not self.spec.is_lstm:
             return
         self._kept = (key, tuple(parameters.values()), [(params, infer_args(params, self.spec)) for params in layers])
 
     def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: int,
-            check_finite: bool, stacked: bool) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+            check_finite: bool, stacked: bool, dropout: float = 0.0
+            ) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
         """The step for input ``x`` (N, I) and ``hx`` — a cell's ``(h, c)`` (the sLSTM's ``(h, c, n, m)``)
-        each (N, H), or with ``stacked`` a stack's, each (L, N, ·) — or None (see above). Returns the
-        output (N, H_out) and per layer ``h'`` (N, H_out) and the cell states side by side (N, S·H)."""
+        each (N, H), or with ``stacked`` a stack's, each (L, N, ·) — or None (see above); ``dropout``
+        on each layer's input but the first's in training. Returns the output (N, H_out) and per
+        layer ``h'`` (N, H_out) and the cell states side by side (N, S·H)."""
         kept = self._kept
         if kept is None or self.signature(x, hx, training, version) != kept[0]:
             return None
@@ -323,10 +327,17 @@ class PreparedStep:
             return None
         H, S, N = self.hidden_size, len(variants.cell_states(self.spec)), x.shape[0]
         step = cpu_ext.load().forward_step
+        zoneout = training and self.spec.zoneout != (0.0, 0.0)
         hs, cs = [], []
         for layer, (layer_params, args) in enumerate(layers):
             if self.spec.gate_hidden:  # the deep gates' flat weights: a copy, so made anew (current values, autograd)
                 args = infer_args(layer_params, self.spec)
+            if layer > 0 and dropout > 0.0 and training:
+                x = torch.nn.functional.dropout(x, p=dropout, training=True)
+            if zoneout:  # this step's masks (1, N, H) and (1, N, H_out), in the params list
+                plist = list(args[4])
+                plist[_KEEP_C], plist[_KEEP_H] = cell.zoneout_masks(self.spec, (1, N, H), (1, N, self.H_out), x)
+                args = (*args[:4], plist, *args[5:])
             if hx is None:
                 h, c = x.new_zeros(N, self.H_out), x.new_zeros(N, S * H)
             else:
@@ -338,6 +349,9 @@ class PreparedStep:
             hs.append(h_n)
             cs.append(c_n)
         return x, hs, cs
+
+
+_KEEP_C, _KEEP_H = abi.PARAMS.index("keep_c"), abi.PARAMS.index("keep_h")
 
 
 def in_loop_projection(x: Tensor, w_ih: Tensor) -> bool:

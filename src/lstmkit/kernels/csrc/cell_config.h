@@ -166,9 +166,17 @@ inline at::Tensor reduce_mm(const at::Tensor& at_, const at::Tensor& b, const Cf
   if (!cf.bf16_gemm) return at::mm(at_, b);
   return at::mm(at_.to(at::kBFloat16), b.to(at::kBFloat16)).to(at::kFloat);
 }
+// acc += d^T hprev over each head's block (acc undefined: the first term; allocated here, so a
+// weight-sized buffer is neither zero-filled nor added to when one product is the whole sum)
 inline void accumulate_dwhh(at::Tensor& acc, const at::Tensor& d, const at::Tensor& hprev, const Cfg& cf,
                             const at::Tensor& perm) {
-  if (cf.heads == 1) { acc.add_(reduce_mm(d.t(), hprev, cf)); return; }
+  if (cf.heads == 1) {
+    if (!acc.defined()) acc = reduce_mm(d.t(), hprev, cf);
+    else if (!cf.bf16_gemm) acc.addmm_(d.t(), hprev);  // one GEMM with beta = 1
+    else acc.add_(reduce_mm(d.t(), hprev, cf));
+    return;
+  }
+  if (!acc.defined()) acc = at::zeros({cf.R, cf.Dh}, hprev.options());
   const at::Tensor dhm = d.index_select(1, perm);  // (N, R) head-major columns
   const int64_t n = cf.R / cf.heads;
   for (int64_t j = 0; j < cf.heads; ++j)

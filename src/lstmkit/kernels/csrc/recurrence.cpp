@@ -206,8 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
     dwhh = out[1];
   } else {  // dW_hh = sum_t dxg_t^T h_{t-1}; h_{t-1} = h0 at t = 0, else y_{t-1} (0 on padded steps)
     const at::Tensor perm = cf.heads > 1 ? head_perm(cf, opt) : at::Tensor();
-    dwhh = at::zeros({R, cf.Dh}, opt);
-    accumulate_dwhh(dwhh, dXG[0], h0, cf, perm);
+    accumulate_dwhh(dwhh, dXG[0], h0, cf, perm);  // dwhh undefined: the first term allocates it
     if (Tn > 1) accumulate_dwhh(dwhh, dXGr.narrow(0, 1, Tn - 1).reshape({-1, R}), yr.narrow(0, 0, Tn - 1).reshape({-1, Hout}), cf, perm);
     dwhh = finish_dwhh(dwhh, cf, perm);
   }
