@@ -16,7 +16,7 @@ def test_doctor_checks_every_variant_and_passes(capsys):
     assert "torch " in out and "capability" in out and "fused CPU kernel: ready" in out
     for cell in ("vanilla", "zoneout=0.2/0.1", "deep=3", "gate_act=hardsigmoid", "rnn_relu"):
         assert f"  {cell} " in out
-    assert "cpu float64: cpu_fused, torch" in out and "every check passed" in out
+    assert "cpu float64: torch, cpu_fused" in out and "every check passed" in out
     assert "torch refused (torch's LSTM computes the vanilla cell" in out
 
 

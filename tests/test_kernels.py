@@ -183,6 +183,62 @@ def test_registry_rows_and_selection():
     assert kernels.REGISTRY["triton"].refuses(lstmkit.CellSpec(gate_hidden=(3,), layernorm=True)) is None
 
 
+def _workload(**kw):
+    base = dict(kind="lstm", steps=100, batch=32, hidden=128, dtype=torch.float32, gradient=False, lengths=False,
+                projection=False)
+    return kernels.Workload(**{**base, **kw})
+
+
+def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
+    """On the CPU the vanilla LSTM's calls go to torch's operator (oneDNN) where the table says it
+    is faster, every other call and cell to the fused kernel; a forced backend is kept."""
+    from lstmkit.kernels import torch_native
+
+    cpu, vanilla = torch.device("cpu"), resolve("vanilla")
+
+    def chosen(spec=vanilla, **kw):
+        return kernels.select(spec, cpu, kw.get("dtype", torch.float32), workload=_workload(**kw)).name
+
+    if not FUSED:
+        pytest.skip("the C++ extension is not built")
+    assert chosen() == "torch"
+    assert chosen(gradient=True) == "torch" and chosen(gradient=True, hidden=256) == FUSED[0]
+    assert chosen(batch=4) == FUSED[0] and chosen(hidden=32) == FUSED[0] and chosen(steps=10) == FUSED[0]
+    assert chosen(lengths=True) == FUSED[0] and chosen(projection=True) == FUSED[0]
+    assert chosen(dtype=torch.float64) == FUSED[0] and chosen(kind="rnn") == FUSED[0]
+    assert chosen(resolve("peephole")) == FUSED[0] and chosen(resolve("vanilla+fb=1")) == "torch"
+    assert kernels.select(vanilla, cpu, torch.float32).name == FUSED[0]  # a call not described
+    assert kernels.select(vanilla, cpu, torch.float32, record=True, workload=_workload()).name == FUSED[0]
+    assert kernels.select(vanilla, cpu, torch.float32, backend=FUSED[0], workload=_workload()).name == FUSED[0]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert chosen(dtype=torch.bfloat16) == "torch" and chosen(dtype=torch.bfloat16, hidden=1024) == FUSED[0]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert chosen(dtype=torch.bfloat16) == FUSED[0]
+
+    # A layer's call: oneDNN where chosen (the same values and gradients as the fused kernel),
+    # the fused kernel under autocast, in a trace and for lengths.
+    ran = []
+    real = torch_native.TorchKernel.run
+    monkeypatch.setattr(torch_native.TorchKernel, "run", lambda self, *a, **k: ran.append(1) or real(self, *a, **k))
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(64, 64)
+    fused = lstmkit.LSTM(64, 64, backend=FUSED[0])
+    fused.load_state_dict(layer.state_dict())
+    x = torch.randn(60, 16, 64, requires_grad=True)
+    (y, _), (y_fused, _) = layer(x), fused(x)
+    assert len(ran) == 1
+    torch.testing.assert_close(y, y_fused, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, [x, *layer.parameters()], g),
+                    torch.autograd.grad(y_fused, [x, *fused.parameters()], g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    lstmkit.trace(layer, x)
+    layer(x, lengths=torch.full((16,), 59))
+    assert len(ran) == 1
+
+
 def test_cuda_layers_select_cudnn_then_triton_or_the_reference_row():
     """On CUDA: torch's own operator (cuDNN) for the cells it computes, Triton for the rest,
     and for a trace (record mode) the first row that records."""

@@ -328,7 +328,7 @@ def test_prepared_step_draws_as_the_general_path(monkeypatch):
             got = call(prepared)
             torch.manual_seed(seed)
             want = call(general)  # each call of `general` is its first for this seed's masks
-            general._prepared._kept = None
+            general._prepared.clear()
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert [r is not None for r in taken] == [False, True, True]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lstmkit import cell, kernels
+from lstmkit.kernels import ops
 from lstmkit.spec import CellSpec
 
 __all__ = ["StackOut", "run_stack", "reverse_within_lengths"]
@@ -42,6 +43,18 @@ def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
     return x.gather(0, src.unsqueeze(-1).expand(T, B, x.shape[-1]))
 
 
+def _workload(spec: CellSpec, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+              params: list[list[dict[str, Tensor]]], hidden_size: int) -> kernels.Workload | None:
+    """The call as :func:`lstmkit.kernels.select` weighs it; None unless plain eager tensors (under
+    compile, export, functorch or autocast every row keeps its device default)."""
+    tensors = [x, h0, *([] if c0 is None else [c0]), *(t for layer in params for p in layer for t in p.values())]
+    if not ops.plain_eager(tensors):
+        return None
+    gradient = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return kernels.Workload(kind=spec.kind, steps=x.shape[0], batch=x.shape[1], hidden=hidden_size, dtype=x.dtype,
+                            gradient=gradient, lengths=lengths is not None, projection="weight_hr" in params[0][0])
+
+
 def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
               params: list[list[dict[str, Tensor]]], spec: CellSpec, hidden_size: int,
               dropout: float = 0.0, training: bool = False, backend: str | None = None,
@@ -59,7 +72,8 @@ def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
         record: collect per-step activations from the kernels.
     """
     num_dirs = len(params[0])
-    kernel = kernels.select(spec, x.device, x.dtype, backend, record)
+    kernel = kernels.select(spec, x.device, x.dtype, backend, record,
+                            _workload(spec, x, lengths, h0, c0, params, hidden_size))
     h_out, c_out, traces = [], [], []
     layer_in = x
     for layer, directions in enumerate(params):

@@ -456,6 +456,8 @@ class _Recurrent(nn.Module):
 
     def _cell_states(self, cells: Tensor) -> tuple[Tensor, ...]:
         """The cell states side by side (…, S·H) as a tuple ``(c, n, m)`` (``(c,)`` for the LSTM)."""
+        if cells.shape[-1] == self.hidden_size:  # one state: the tensor itself (a split is a view and an autograd node)
+            return (cells,)
         return tuple(cells.split(self.hidden_size, dim=-1))
 
 

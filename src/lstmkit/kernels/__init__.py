@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut
+from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut, Workload
 from lstmkit.kernels.fused import FusedCPUKernel, TritonKernel
 from lstmkit.kernels.onnx_export import OnnxExportKernel, exporting
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.kernels.torch_native import TorchKernel
 from lstmkit.spec import CellSpec
 
-__all__ = ["Kernel", "KernelOut", "TRACE_KEYS", "REGISTRY", "select", "register", "registry_version"]
+__all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "REGISTRY", "select", "register", "registry_version"]
 
 #: name -> kernel, fastest first.
 REGISTRY: dict[str, Kernel] = {}
@@ -40,17 +40,17 @@ def register(kernel: Kernel, first: bool = False) -> None:
 
 register(ReferenceKernel())
 register(TritonKernel(), first=True)  # CUDA (and CPU tensors under TRITON_INTERPRET=1, for tests)
-register(TorchKernel(), first=True)  # before triton: on CUDA, cuDNN for the cells it computes
 register(FusedCPUKernel(), first=True)  # before triton: CPU layers keep the C++ kernel
+register(TorchKernel(), first=True)  # cuDNN on CUDA for the cells it computes; oneDNN on the CPU where measured faster
 register(OnnxExportKernel(), first=True)  # chosen during torch.onnx.export only (see select)
 
 
 def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
-           backend: str | Kernel | None = None, record: bool = False) -> Kernel:
+           backend: str | Kernel | None = None, record: bool = False, workload: Workload | None = None) -> Kernel:
     """The kernel to run ``spec`` on ``device`` in ``dtype``: the first registered row that
-    supports it and may be chosen automatically there (:meth:`Kernel.automatic`); with
-    ``record`` (a trace), the first such row that can record — a forced ``backend`` that
-    cannot gives way to it.
+    supports it and may be chosen automatically there for ``workload`` (:meth:`Kernel.automatic`;
+    None: a call not described); with ``record`` (a trace), the first such row that can record —
+    a forced ``backend`` that cannot gives way to it.
 
     Args:
         backend: a registry name to force, a Kernel instance (used as it is, unregistered:
@@ -79,7 +79,7 @@ def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
         if kernel.records or not record:
             return kernel
     for kernel in REGISTRY.values():
-        if kernel.automatic(device) and (kernel.records or not record) \
+        if kernel.automatic(device, workload) and (kernel.records or not record) \
                 and _why_not(kernel, spec, device, dtype) is None:
             return kernel
     raise RuntimeError("no kernel supports this layer, not even 'reference'")  # unreachable

@@ -8,6 +8,7 @@ direction), dropout and packing, and asks the registry for a kernel per layer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from lstmkit.spec import CellSpec
 
-__all__ = ["Kernel", "KernelOut", "TRACE_KEYS", "FLOAT_DTYPES", "hidden_keys"]
+__all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "FLOAT_DTYPES", "hidden_keys"]
 
 #: What a recording kernel returns per step, each (T, B, ·); absent gates are missing. Deep
 #: gates add their MLPs' hidden activations under ``"<gate>.<layer>"`` (``"f.1"``, (T, B, n_1)).
@@ -31,6 +32,22 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 def hidden_keys(spec: CellSpec) -> list[str]:
     """The trace keys of a spec's deep gates' hidden activations, in order (``"f.1"``, …)."""
     return [f"{g}.{j}" for g, widths in spec.gate_hidden for j in range(1, len(widths) + 1)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One layer call's size and mode, for a row whose speed against the others depends on them
+    (:meth:`Kernel.automatic`). Given only for plain eager tensors (no compile or export tracing,
+    functorch transform or autocast)."""
+
+    kind: str  # CellSpec.kind: "lstm" or "rnn"
+    steps: int  # T
+    batch: int  # B
+    hidden: int  # H
+    dtype: torch.dtype
+    gradient: bool  # a gradient can flow back through the call
+    lengths: bool  # variable lengths were given
+    projection: bool  # proj_size > 0
 
 
 class KernelOut(NamedTuple):
@@ -75,9 +92,9 @@ class Kernel(ABC):
             return f"it runs float32, float64, bfloat16 and float16, not {dtype}"
         return None
 
-    def automatic(self, device: torch.device) -> bool:
+    def automatic(self, device: torch.device, workload: Workload | None = None) -> bool:
         """Whether :func:`lstmkit.kernels.select` may choose this row by itself on ``device``
-        (False: only when ``backend=`` names it)."""
+        for ``workload`` (None: a call not described) (False: only when ``backend=`` names it)."""
         return True
 
     @abstractmethod

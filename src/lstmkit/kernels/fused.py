@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lstmkit import cell, variants
 from lstmkit.kernels import abi, cpu_ext, ops, selfcheck
-from lstmkit.kernels.base import Kernel, KernelOut, hidden_keys
+from lstmkit.kernels.base import Kernel, KernelOut, Workload, hidden_keys
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.spec import CellSpec
 
@@ -286,10 +286,10 @@ class PreparedStep:
 
     def __init__(self, spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
         self.spec, self.hidden_size, self.H_out = spec, hidden_size, proj_size or hidden_size
-        # (signature, the module's parameters, per layer its parameters and the operator's
-        # arguments): one attribute, replaced whole, so that a call never sees one signature's key
-        # with another's arguments
-        self._kept: tuple[tuple, tuple[Tensor, ...], list[tuple[dict[str, Tensor], tuple[Any, ...]]]] | None = None
+        # signature -> (the module's parameters, per layer its parameters and the operator's
+        # arguments), for the last few signatures (a loop's first step with hx=None, then its
+        # others): a dict replaced whole on every change, so a call never sees a half-made entry
+        self._kept: dict[tuple, tuple[tuple[Tensor, ...], list[tuple[dict[str, Tensor], tuple[Any, ...]]]]] = {}
 
     @staticmethod
     def signature(x: Tensor, hx: Any, training: bool, version: int) -> tuple:
@@ -303,7 +303,13 @@ class PreparedStep:
         parameters, ``parameters`` the module's own (whose identity later calls compare)."""
         if key[0] is not Tensor or len(key[1]) != 2 or key[3].type != "cpu" or not self.spec.is_lstm:
             return
-        self._kept = (key, tuple(parameters.values()), [(params, infer_args(params, self.spec)) for params in layers])
+        kept = self._kept if len(self._kept) < _KEPT_SIGNATURES else {}
+        entry = (tuple(parameters.values()), [(params, infer_args(params, self.spec)) for params in layers])
+        self._kept = {**kept, key: entry}
+
+    def clear(self) -> None:
+        """Forget every kept signature (the next call of each takes the general path)."""
+        self._kept = {}
 
     def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: int,
             check_finite: bool, stacked: bool, dropout: float = 0.0
@@ -312,10 +318,13 @@ class PreparedStep:
         each (N, H), or with ``stacked`` a stack's, each (L, N, ·) — or None (see above); ``dropout``
         on each layer's input but the first's in training. Returns the output (N, H_out) and per
         layer ``h'`` (N, H_out) and the cell states side by side (N, S·H)."""
-        kept = self._kept
-        if kept is None or self.signature(x, hx, training, version) != kept[0]:
+        if not self._kept or not isinstance(x, Tensor) or not (
+                hx is None or isinstance(hx, (tuple, list)) and all(isinstance(t, Tensor) for t in hx)):
+            return None  # nothing kept, or arguments the general path will name
+        kept = self._kept.get(self.signature(x, hx, training, version))
+        if kept is None:
             return None
-        _, params, layers = kept
+        params, layers = kept
         # compile, export, functorch and autocast (the tensors' types are in the signature); the
         # TorchScript-based ONNX export traces
         if not ops.eager_mode("cpu") or torch.jit.is_tracing():
@@ -352,6 +361,8 @@ class PreparedStep:
 
 
 _KEEP_C, _KEEP_H = abi.PARAMS.index("keep_c"), abi.PARAMS.index("keep_h")
+#: How many call signatures a PreparedStep keeps (all are dropped when one more comes).
+_KEPT_SIGNATURES = 8
 
 
 def in_loop_projection(x: Tensor, w_ih: Tensor) -> bool:
@@ -435,7 +446,7 @@ class TritonKernel(FusedKernel):
     def impl(self) -> ops.Impl | None:  # type: ignore[override]
         return _triton_impl() if _interpreting() else None
 
-    def automatic(self, device: torch.device) -> bool:
+    def automatic(self, device: torch.device, workload: Workload | None = None) -> bool:
         return device.type == "cuda"  # the interpreter runs CPU tensors only when asked for by name
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import cell, variants
-from lstmkit.kernels.base import Kernel, KernelOut
+from lstmkit.kernels.base import Kernel, KernelOut, Workload
 from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates
 from lstmkit.spec import CellSpec
 
@@ -120,7 +120,7 @@ class OnnxExportKernel(Kernel):
     name = "onnx_export"
     devices = ("cpu", "cuda", "meta")
 
-    def automatic(self, device: torch.device) -> bool:
+    def automatic(self, device: torch.device, workload: Workload | None = None) -> bool:
         return False  # select() picks it first while exporting, and never otherwise
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -3,7 +3,9 @@
 
 For the vanilla LSTM (any initial biases: they are stored values), its projection and the
 plain RNN, torch's fused kernels are the speed to beat: on CUDA this row is chosen by default
-(:func:`lstmkit.kernels.select`); elsewhere only when ``backend="torch"`` asks for it. It is an
+(:func:`lstmkit.kernels.select`); on the CPU for the vanilla LSTM's calls where oneDNN measured
+faster than the fused kernel (:data:`ONEDNN_FASTER`); elsewhere only when ``backend="torch"``
+asks for it. It is an
 aten operator, so ``torch.compile``, ``torch.export`` and autocast see what they see for
 ``torch.nn.LSTM``; autograd differentiates it (cuDNN's own backward). Variable lengths go
 through a ``PackedSequence``, as ``nn.LSTM`` takes them. It cannot record per-step gates: a
@@ -16,10 +18,40 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from lstmkit.kernels.base import Kernel, KernelOut
+from lstmkit.kernels.base import Kernel, KernelOut, Workload
 from lstmkit.spec import CellSpec
 
-__all__ = ["TorchKernel"]
+__all__ = ["TorchKernel", "ONEDNN_FASTER", "onednn_faster"]
+
+#: Where torch's LSTM operator (oneDNN) runs a vanilla CPU layer faster than the fused kernel:
+#: (dtype, with gradient) -> (least batch, least hidden size, greatest hidden size), for
+#: sequences of at least :data:`ONEDNN_MIN_STEPS` steps without lengths or projection; bfloat16
+#: only where the CPU has AMX tiles. Measured (benchmarks/bench_onednn_choice.py): one process, the two
+#: alternating, 1 and 2 threads, an AVX-512 Xeon with AMX, T = 50-200, B = 1-64, H = 32-1024.
+#: float32 inference: oneDNN 1.02-1.38x faster from B = 16, H = 64 (the fused kernel 1.2-3.8x
+#: faster at B <= 4); float32 training: oneDNN 1.08-1.16x faster at B = 32, H = 64-128, the fused
+#: kernel as fast or faster from H = 256; bfloat16 inference: oneDNN 1.05-2.6x faster from B = 8
+#: up to H = 512 (the fused kernel 1.09-1.15x faster at H = 1024); bfloat16 training: oneDNN up
+#: to 1.7x faster at B >= 16, H <= 256 on one thread (0.96-1.14 on two), the fused kernel 1.5-2.8x
+#: faster at B <= 4 and at H = 1024.
+ONEDNN_FASTER: dict[tuple[torch.dtype, bool], tuple[int, int, int]] = {
+    (torch.float32, False): (16, 64, 1 << 30),
+    (torch.float32, True): (16, 64, 128),
+    (torch.bfloat16, False): (8, 64, 512),
+    (torch.bfloat16, True): (16, 64, 256),
+}
+ONEDNN_MIN_STEPS = 50
+
+
+def onednn_faster(workload: Workload) -> bool:
+    """Whether :data:`ONEDNN_FASTER` says oneDNN runs this vanilla LSTM call on the CPU faster."""
+    if workload.kind != "lstm" or workload.lengths or workload.projection or workload.steps < ONEDNN_MIN_STEPS:
+        return False  # packed input leaves oneDNN's fast path; the RNN, projection, short runs: not measured faster
+    bounds = ONEDNN_FASTER.get((workload.dtype, workload.gradient))
+    if bounds is None or (workload.dtype == torch.bfloat16 and not torch.cpu._is_amx_tile_supported()):
+        return False
+    least_batch, least_hidden, most_hidden = bounds
+    return workload.batch >= least_batch and least_hidden <= workload.hidden <= most_hidden
 
 
 class TorchKernel(Kernel):
@@ -35,8 +67,12 @@ class TorchKernel(Kernel):
                     f"'cpu_fused' and 'triton' rows compute every variant")
         return None
 
-    def automatic(self, device: torch.device) -> bool:
-        return device.type == "cuda"  # cuDNN; on the CPU the fused kernel is the default
+    def automatic(self, device: torch.device, workload: Workload | None = None) -> bool:
+        if device.type == "cuda":
+            return True  # cuDNN
+        # on the CPU the fused kernel is the default, oneDNN where measured faster (select asks
+        # this row only for specs it computes: the vanilla LSTM, the plain RNN)
+        return device.type == "cpu" and workload is not None and onednn_faster(workload)
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
         return self.refuses_or_dtype(spec, dtype)
