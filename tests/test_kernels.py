@@ -203,7 +203,8 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
         pytest.skip("the C++ extension is not built")
     assert chosen() == "torch"
     assert chosen(gradient=True) == "torch" and chosen(gradient=True, hidden=256) == FUSED[0]
-    assert chosen(batch=4) == FUSED[0] and chosen(hidden=32) == FUSED[0] and chosen(steps=10) == FUSED[0]
+    assert chosen(batch=4) == FUSED[0] and chosen(batch=8) == FUSED[0] and chosen(batch=16) == "torch"
+    assert chosen(hidden=32) == FUSED[0] and chosen(steps=10) == FUSED[0]
     assert chosen(lengths=True) == FUSED[0] and chosen(projection=True) == FUSED[0]
     assert chosen(dtype=torch.float64) == FUSED[0] and chosen(kind="rnn") == FUSED[0]
     assert chosen(resolve("peephole")) == FUSED[0] and chosen(resolve("vanilla+fb=1")) == "torch"
@@ -212,6 +213,8 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
     assert kernels.select(vanilla, cpu, torch.float32, backend=FUSED[0], workload=_workload()).name == FUSED[0]
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert chosen(dtype=torch.bfloat16) == "torch" and chosen(dtype=torch.bfloat16, hidden=1024) == FUSED[0]
+    assert chosen(dtype=torch.bfloat16, gradient=True) == "torch"
+    assert chosen(dtype=torch.bfloat16, gradient=True, batch=16) == FUSED[0]
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert chosen(dtype=torch.bfloat16) == FUSED[0]
 
@@ -224,7 +227,7 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
     layer = lstmkit.LSTM(64, 64)
     fused = lstmkit.LSTM(64, 64, backend=FUSED[0])
     fused.load_state_dict(layer.state_dict())
-    x = torch.randn(60, 16, 64, requires_grad=True)
+    x = torch.randn(60, 32, 64, requires_grad=True)
     (y, _), (y_fused, _) = layer(x), fused(x)
     assert len(ran) == 1
     torch.testing.assert_close(y, y_fused, rtol=1e-5, atol=1e-5)
@@ -235,7 +238,7 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(x)
     lstmkit.trace(layer, x)
-    layer(x, lengths=torch.full((16,), 59))
+    layer(x, lengths=torch.full((32,), 59))
     assert len(ran) == 1
 
 

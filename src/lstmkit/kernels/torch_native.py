@@ -24,21 +24,21 @@ from lstmkit.spec import CellSpec
 __all__ = ["TorchKernel", "ONEDNN_FASTER", "onednn_faster"]
 
 #: Where torch's LSTM operator (oneDNN) runs a vanilla CPU layer faster than the fused kernel:
-#: (dtype, with gradient) -> (least batch, least hidden size, greatest hidden size), for
+#: (dtype, with gradient) -> (least batch B, least B·H, least hidden size H, greatest H), for
 #: sequences of at least :data:`ONEDNN_MIN_STEPS` steps without lengths or projection; bfloat16
-#: only where the CPU has AMX tiles. Measured (benchmarks/bench_onednn_choice.py): one process, the two
-#: alternating, 1 and 2 threads, an AVX-512 Xeon with AMX, T = 50-200, B = 1-64, H = 32-1024.
-#: float32 inference: oneDNN 1.02-1.38x faster from B = 16, H = 64 (the fused kernel 1.2-3.8x
-#: faster at B <= 4); float32 training: oneDNN 1.08-1.16x faster at B = 32, H = 64-128, the fused
-#: kernel as fast or faster from H = 256; bfloat16 inference: oneDNN 1.05-2.6x faster from B = 8
-#: up to H = 512 (the fused kernel 1.09-1.15x faster at H = 1024); bfloat16 training: oneDNN up
-#: to 1.7x faster at B >= 16, H <= 256 on one thread (0.96-1.14 on two), the fused kernel 1.5-2.8x
-#: faster at B <= 4 and at H = 1024.
-ONEDNN_FASTER: dict[tuple[torch.dtype, bool], tuple[int, int, int]] = {
-    (torch.float32, False): (16, 64, 1 << 30),
-    (torch.float32, True): (16, 64, 128),
-    (torch.bfloat16, False): (8, 64, 512),
-    (torch.bfloat16, True): (16, 64, 256),
+#: only where the CPU has AMX tiles. From ``benchmarks/bench_onednn_choice.py`` (fused ÷ oneDNN,
+#: one process, the two alternating, 1 and 2 threads, an AVX-512 Xeon with AMX, T = 20-200):
+#: float32 inference 1.02-1.36 from B·H = 2048 (B = 32, H = 64 and up; B·H = 1024: 0.94-1.05),
+#: the fused kernel 0.38-0.54 at B = 1; float32 training 1.03-1.11 at B = 32, H = 64-128 (B·H =
+#: 1024: 0.93-1.01), the fused kernel 0.85-0.99 from H = 256; bfloat16 inference 1.03-2.09 from
+#: B·H = 1024 up to H = 512, 0.92-1.00 at H = 1024; bfloat16 training 1.08-1.65 at B = 32,
+#: H = 64-128 (and 1.09-1.12 at H = 512, but 0.87-1.03 at B = 64, H = 256), the fused kernel
+#: 0.49-0.77 at B <= 8.
+ONEDNN_FASTER: dict[tuple[torch.dtype, bool], tuple[int, int, int, int]] = {
+    (torch.float32, False): (8, 2048, 64, 1 << 30),
+    (torch.float32, True): (8, 2048, 64, 128),
+    (torch.bfloat16, False): (4, 1024, 64, 512),
+    (torch.bfloat16, True): (32, 0, 64, 128),
 }
 ONEDNN_MIN_STEPS = 50
 
@@ -50,8 +50,9 @@ def onednn_faster(workload: Workload) -> bool:
     bounds = ONEDNN_FASTER.get((workload.dtype, workload.gradient))
     if bounds is None or (workload.dtype == torch.bfloat16 and not torch.cpu._is_amx_tile_supported()):
         return False
-    least_batch, least_hidden, most_hidden = bounds
-    return workload.batch >= least_batch and least_hidden <= workload.hidden <= most_hidden
+    least_batch, least_work, least_hidden, most_hidden = bounds
+    return (workload.batch >= least_batch and workload.batch * workload.hidden >= least_work
+            and least_hidden <= workload.hidden <= most_hidden)
 
 
 class TorchKernel(Kernel):
