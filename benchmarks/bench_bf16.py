@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import OUT, environment, make_step, save, title  # noqa: E402
 
 SHAPES = [(32, 100, 128, 128), (32, 100, 256, 256), (64, 100, 256, 256), (32, 100, 512, 512)]
-ROWS = ("nn.LSTM bf16", "lstmkit bf16", "nn.LSTM fp32", "lstmkit fp32")
+ROWS = ("nn.LSTM bf16", "lstmkit bf16", "lstmkit bf16 (cpu_fused)", "nn.LSTM fp32", "lstmkit fp32")
 
 
 def modules(I: int, H: int) -> dict[str, torch.nn.Module]:
-    """The four timed modules on one set of weights (rounded to bfloat16 for all of them)."""
+    """The timed modules on one set of weights (rounded to bfloat16 for all of them)."""
     torch.manual_seed(0)
     ref = torch.nn.LSTM(I, H).to(torch.bfloat16).float()
     ours = lstmkit.LSTM(I, H)
@@ -44,8 +44,10 @@ def modules(I: int, H: int) -> dict[str, torch.nn.Module]:
     low_ref.load_state_dict(ref.state_dict())
     low_ours = lstmkit.LSTM(I, H)
     low_ours.load_state_dict(ref.state_dict())
+    low_fused = lstmkit.LSTM(I, H, backend="cpu_fused")  # the default runs oneDNN where measured faster
+    low_fused.load_state_dict(ref.state_dict())
     return {"nn.LSTM bf16": low_ref.to(torch.bfloat16), "lstmkit bf16": low_ours.to(torch.bfloat16),
-            "nn.LSTM fp32": ref, "lstmkit fp32": ours}
+            "lstmkit bf16 (cpu_fused)": low_fused.to(torch.bfloat16), "nn.LSTM fp32": ref, "lstmkit fp32": ours}
 
 
 def error(module: torch.nn.Module, exact: torch.Tensor, x: torch.Tensor) -> float:
@@ -90,18 +92,23 @@ def markdown(result: dict) -> str:
              f"(AMX tiles reported by torch: {result['amx']}). Median of {result['repeats']} alternating rounds; "
              "error: max |y - y64| / max |y64| of the inference output against float64 on the same "
              "rounded weights.", "",
-             "| (B, T, I, H) | mode | nn.LSTM bf16 ms | lstmkit bf16 ms | **bf16 ratio** | nn.LSTM fp32 ms | "
-             "lstmkit fp32 ms | fp32 ratio | error nn.LSTM bf16 | error lstmkit bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "'lstmkit bf16' is the default layer (oneDNN where measured faster, the fused kernel elsewhere); "
+             "'fused' forces the fused kernel.", "",
+             "| (B, T, I, H) | mode | nn.LSTM bf16 ms | lstmkit bf16 ms | **bf16 ratio** | fused bf16 ms | "
+             "fused ratio | nn.LSTM fp32 ms | lstmkit fp32 ms | fp32 ratio | error nn.LSTM bf16 | error lstmkit bf16 | "
+             "error fused bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(tuple(r["shape"]), r["mode"], r["row"]): r for r in result["rows"]}
     for shape in dict.fromkeys(tuple(r["shape"]) for r in result["rows"]):
         for mode in ("inference", "training"):
             t = {name: by[(shape, mode, name)]["seconds"] * 1e3 for name in ROWS}
             e = {name: by[(shape, mode, name)]["error_vs_float64"] for name in ROWS}
+            fused = t["lstmkit bf16 (cpu_fused)"]
             lines.append(f"| {shape} | {mode} | {t['nn.LSTM bf16']:.2f} | {t['lstmkit bf16']:.2f} | "
-                         f"**{t['lstmkit bf16'] / t['nn.LSTM bf16']:.2f}** | {t['nn.LSTM fp32']:.2f} | "
+                         f"**{t['lstmkit bf16'] / t['nn.LSTM bf16']:.2f}** | {fused:.2f} | "
+                         f"{fused / t['nn.LSTM bf16']:.2f} | {t['nn.LSTM fp32']:.2f} | "
                          f"{t['lstmkit fp32']:.2f} | {t['lstmkit fp32'] / t['nn.LSTM fp32']:.2f} | "
-                         f"{e['nn.LSTM bf16']:.1e} | {e['lstmkit bf16']:.1e} |")
+                         f"{e['nn.LSTM bf16']:.1e} | {e['lstmkit bf16']:.1e} | {e['lstmkit bf16 (cpu_fused)']:.1e} |")
     return "\n".join(lines) + "\n"
 
 

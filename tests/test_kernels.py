@@ -202,7 +202,7 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
     if not FUSED:
         pytest.skip("the C++ extension is not built")
     assert chosen() == "torch"
-    assert chosen(gradient=True) == "torch" and chosen(gradient=True, hidden=256) == FUSED[0]
+    assert chosen(gradient=True) == FUSED[0]  # float32 training: the fused kernel's backward
     assert chosen(batch=4) == FUSED[0] and chosen(batch=8) == FUSED[0] and chosen(batch=16) == "torch"
     assert chosen(hidden=32) == FUSED[0] and chosen(steps=10) == FUSED[0]
     assert chosen(lengths=True) == FUSED[0] and chosen(projection=True) == FUSED[0]
@@ -218,8 +218,9 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert chosen(dtype=torch.bfloat16) == FUSED[0]
 
-    # A layer's call: oneDNN where chosen (the same values and gradients as the fused kernel),
-    # the fused kernel under autocast, in a trace and for lengths.
+    # A layer's call: oneDNN where chosen (the same values as the fused kernel; the torch row's
+    # gradients are tested with its other rows), the fused kernel in training, under autocast, in a
+    # trace and for lengths.
     ran = []
     real = torch_native.TorchKernel.run
     monkeypatch.setattr(torch_native.TorchKernel, "run", lambda self, *a, **k: ran.append(1) or real(self, *a, **k))
@@ -227,18 +228,17 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
     layer = lstmkit.LSTM(64, 64)
     fused = lstmkit.LSTM(64, 64, backend=FUSED[0])
     fused.load_state_dict(layer.state_dict())
-    x = torch.randn(60, 32, 64, requires_grad=True)
-    (y, _), (y_fused, _) = layer(x), fused(x)
+    x = torch.randn(60, 32, 64)
+    with torch.no_grad():
+        (y, _), (y_fused, _) = layer(x), fused(x)
     assert len(ran) == 1
     torch.testing.assert_close(y, y_fused, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, [x, *layer.parameters()], g),
-                    torch.autograd.grad(y_fused, [x, *fused.parameters()], g)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        layer(x)
-    lstmkit.trace(layer, x)
-    layer(x, lengths=torch.full((32,), 59))
+    layer(x.requires_grad_())  # float32 training: the fused kernel
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+        lstmkit.trace(layer, x)
+        layer(x, lengths=torch.full((32,), 59))
     assert len(ran) == 1
 
 
