@@ -3,6 +3,8 @@ one process, for the table in ``lstmkit.kernels.torch_native.ONEDNN_FASTER``.
 
     python benchmarks/bench_onednn_choice.py --threads 1    # writes results/onednn_choice_1t.{json,md}
     python benchmarks/bench_onednn_choice.py --threads 2
+    OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python benchmarks/bench_onednn_choice.py --threads 1 --float32-only --out benchmarks/results/avx2
 
 For each shape (B, T, I, H) and dtype (float32; bfloat16 where the CPU has AMX tiles) the vanilla
 layer with ``backend="cpu_fused"`` and with ``backend="torch"`` (the same weights): inference
@@ -78,11 +80,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--float32-only", action="store_true",
+                    help="no bfloat16 rows (e.g. with oneDNN held to AVX2, where its bfloat16 is emulated and slow)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtypes = [torch.float32] + ([torch.bfloat16] if torch.cpu._is_amx_tile_supported() else [])
+    amx = torch.cpu._is_amx_tile_supported()
+    dtypes = [torch.float32] + ([torch.bfloat16] if amx and not args.float32_only else [])
     result = {**environment(), "amx": torch.cpu._is_amx_tile_supported(), "repeats": args.repeats, "rows": []}
     for dtype in dtypes:
         for shape in SHAPES:

@@ -211,11 +211,11 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
     assert kernels.select(vanilla, cpu, torch.float32).name == FUSED[0]  # a call not described
     assert kernels.select(vanilla, cpu, torch.float32, record=True, workload=_workload()).name == FUSED[0]
     assert kernels.select(vanilla, cpu, torch.float32, backend=FUSED[0], workload=_workload()).name == FUSED[0]
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch_native, "_onednn_amx", lambda: True)
     assert chosen(dtype=torch.bfloat16) == "torch" and chosen(dtype=torch.bfloat16, hidden=1024) == FUSED[0]
     assert chosen(dtype=torch.bfloat16, gradient=True) == "torch"
     assert chosen(dtype=torch.bfloat16, gradient=True, batch=16) == FUSED[0]
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch_native, "_onednn_amx", lambda: False)
     assert chosen(dtype=torch.bfloat16) == FUSED[0]
 
     # A layer's call: oneDNN where chosen (the same values as the fused kernel; the torch row's

@@ -26,7 +26,7 @@ __all__ = ["TorchKernel", "ONEDNN_FASTER", "onednn_faster"]
 #: Where torch's LSTM operator (oneDNN) runs a vanilla CPU layer faster than the fused kernel:
 #: (dtype, with gradient) -> (least batch B, least B·H, least hidden size H, greatest H), for
 #: sequences of at least :data:`ONEDNN_MIN_STEPS` steps without lengths or projection; bfloat16
-#: only where the CPU has AMX tiles. From ``benchmarks/bench_onednn_choice.py`` (fused ÷ oneDNN,
+#: only where oneDNN runs it on AMX tiles. From ``benchmarks/bench_onednn_choice.py`` (fused ÷ oneDNN,
 #: one process, the two alternating, 1 and 2 threads, an AVX-512 Xeon with AMX, T = 20-200):
 #: float32 inference 1.02-1.36 from B·H = 2048 (B = 32, H = 64 and up; B·H = 1024: 0.94-1.05),
 #: the fused kernel 0.38-0.54 at B = 1; float32 training: no row (1.03-1.11 at B = 32, H = 64-128
@@ -43,12 +43,19 @@ ONEDNN_FASTER: dict[tuple[torch.dtype, bool], tuple[int, int, int, int]] = {
 ONEDNN_MIN_STEPS = 50
 
 
+def _onednn_amx() -> bool:
+    """Whether oneDNN may run bfloat16 on AMX tiles here: the CPU has them and oneDNN's ISA
+    (``ONEDNN_MAX_CPU_ISA`` lowers it) includes bfloat16 (held to AVX2, its bfloat16 RNN measured
+    1.4-7.7x slower than the fused kernel)."""
+    return torch.cpu._is_amx_tile_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def onednn_faster(workload: Workload) -> bool:
     """Whether :data:`ONEDNN_FASTER` says oneDNN runs this vanilla LSTM call on the CPU faster."""
     if workload.kind != "lstm" or workload.lengths or workload.projection or workload.steps < ONEDNN_MIN_STEPS:
         return False  # packed input leaves oneDNN's fast path; the RNN, projection, short runs: not measured faster
     bounds = ONEDNN_FASTER.get((workload.dtype, workload.gradient))
-    if bounds is None or (workload.dtype == torch.bfloat16 and not torch.cpu._is_amx_tile_supported()):
+    if bounds is None or (workload.dtype == torch.bfloat16 and not _onednn_amx()):
         return False
     least_batch, least_work, least_hidden, most_hidden = bounds
     return (workload.batch >= least_batch and workload.batch * workload.hidden >= least_work
