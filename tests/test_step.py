@@ -231,6 +231,8 @@ def test_prepared_step_rechecks_whatever_changed(monkeypatch):
         step(x, (torch.randn(B + 1, H), c))
     with torch.no_grad(), pytest.raises(TypeError, match="dtype"):
         step(x.double(), (h, c))
+    with torch.no_grad(), pytest.raises(TypeError, match="hx: expected a tuple"):
+        step(x, torch.stack([h, c]))  # iterates as two (B, H) tensors: not the tuple's signature
     bad = x.clone()
     bad[1, 2] = float("nan")
     with torch.no_grad(), pytest.raises(ValueError, match="input: contains NaN"):

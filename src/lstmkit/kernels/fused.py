@@ -295,7 +295,7 @@ class PreparedStep:
     def signature(x: Tensor, hx: Any, training: bool, version: int) -> tuple:
         """What a call's checks and choices depend on besides values: types, shapes, dtypes,
         devices, the module's mode, the kernel registry's version."""
-        states = None if hx is None else tuple((type(t), t.shape, t.dtype, t.device) for t in hx)
+        states = None if hx is None else (type(hx), *((type(t), t.shape, t.dtype, t.device) for t in hx))
         return type(x), x.shape, x.dtype, x.device, states, training, version
 
     def remember(self, key: tuple, layers: list[dict[str, Tensor]], parameters: dict[str, Tensor]) -> None:
@@ -318,10 +318,12 @@ class PreparedStep:
         each (N, H), or with ``stacked`` a stack's, each (L, N, ·) — or None (see above); ``dropout``
         on each layer's input but the first's in training. Returns the output (N, H_out) and per
         layer ``h'`` (N, H_out) and the cell states side by side (N, S·H)."""
-        if not self._kept or not isinstance(x, Tensor) or not (
-                hx is None or isinstance(hx, (tuple, list)) and all(isinstance(t, Tensor) for t in hx)):
-            return None  # nothing kept, or arguments the general path will name
-        kept = self._kept.get(self.signature(x, hx, training, version))
+        if not self._kept:
+            return None
+        try:
+            kept = self._kept.get(self.signature(x, hx, training, version))
+        except (AttributeError, TypeError):
+            return None  # arguments that are not tensors: the general path names them
         if kept is None:
             return None
         params, layers = kept
