@@ -149,13 +149,14 @@ class FusedKernel(Kernel):
         return KernelOut(y, h_n, c_n if spec.is_lstm else None, trace)
 
 
-def operator_params(params: dict[str, Tensor], spec: CellSpec, empty: Tensor) -> tuple[list[Tensor], list[int]]:
+def operator_params(params: dict[str, Tensor], spec: CellSpec, empty: Tensor, flat_mlp: bool = True
+                    ) -> tuple[list[Tensor], list[int]]:
     """The operator's ``params`` list (:data:`~lstmkit.kernels.abi.PARAMS` order, ``empty`` where
     absent) and ``mlp_layout``: the deep gates' further layers go in flat (autograd hands each
-    its part of the gradient)."""
+    its part of the gradient), unless ``flat_mlp`` is False (their slot stays empty)."""
     bias = "bias_ih" in params
     mlp = abi.mlp_layout(spec, bias)
-    if mlp:
+    if mlp and flat_mlp:
         params = {**params, "mlp": torch.cat([params[n].reshape(-1) for n in abi.mlp_names(spec, bias)])}
     return [params.get(name, empty) for name in abi.PARAMS], mlp
 
@@ -242,12 +243,13 @@ class FusedCPUKernel(FusedKernel):
 _NO_LENGTHS = torch.empty(0, dtype=torch.long)  # every sequence runs all T steps
 
 
-def infer_args(params: dict[str, Tensor], spec: CellSpec) -> tuple[Any, ...]:
+def infer_args(params: dict[str, Tensor], spec: CellSpec, flat_mlp: bool = True) -> tuple[Any, ...]:
     """A layer's arguments of the compiled ``forward_infer`` that do not change from call to call
     while its parameters stay the same tensors: ``(W_ih, b_ih, b_hh, W_hh, the operator's params
-    list, flags, mlp_layout, *scalars, proj_size)`` (empty tensors for absent biases)."""
+    list, flags, mlp_layout, *scalars, proj_size)`` (empty tensors for absent biases; with
+    ``flat_mlp`` False the deep gates' slot of the params list stays empty)."""
     empty = params["weight_ih"].new_empty(0)
-    plist, mlp = operator_params(params, spec, empty)
+    plist, mlp = operator_params(params, spec, empty, flat_mlp)
     proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
     return (params["weight_ih"], params.get("bias_ih", empty), params.get("bias_hh", empty), params["weight_hh"],
             plist, abi.flags(spec), mlp, *abi.scalars(spec), proj)
@@ -286,10 +288,10 @@ class PreparedStep:
 
     def __init__(self, spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
         self.spec, self.hidden_size, self.H_out = spec, hidden_size, proj_size or hidden_size
-        # signature -> (the module's parameters, per layer its parameters and the operator's
-        # arguments), for the last few signatures (a loop's first step with hx=None, then its
+        # signature -> (the module's parameters, per layer the operator's arguments and the deep
+        # gates' tensors), for the last few signatures (a loop's first step with hx=None, then its
         # others): a dict replaced whole on every change, so a call never sees a half-made entry
-        self._kept: dict[tuple, tuple[tuple[Tensor, ...], list[tuple[dict[str, Tensor], tuple[Any, ...]]]]] = {}
+        self._kept: dict[tuple, tuple[tuple[Tensor, ...], list[tuple[tuple[Any, ...], list[Tensor]]]]] = {}
 
     @staticmethod
     def signature(x: Tensor, hx: Any, training: bool, version: int) -> tuple:
@@ -304,8 +306,9 @@ class PreparedStep:
         if key[0] is not Tensor or len(key[1]) != 2 or key[3].type != "cpu" or not self.spec.is_lstm:
             return
         kept = self._kept if len(self._kept) < _KEPT_SIGNATURES else {}
-        entry = (tuple(parameters.values()), [(params, infer_args(params, self.spec)) for params in layers])
-        self._kept = {**kept, key: entry}
+        layer_args = [(infer_args(params, self.spec, flat_mlp=False), _mlp_tensors(params, self.spec))
+                      for params in layers]
+        self._kept = {**kept, key: (tuple(parameters.values()), layer_args)}
 
     def clear(self) -> None:
         """Forget every kept signature (the next call of each takes the general path)."""
@@ -340,9 +343,7 @@ class PreparedStep:
         step = cpu_ext.load().forward_step
         zoneout = training and self.spec.zoneout != (0.0, 0.0)
         hs, cs = [], []
-        for layer, (layer_params, args) in enumerate(layers):
-            if self.spec.gate_hidden:  # the deep gates' flat weights: a copy, so made anew (current values, autograd)
-                args = infer_args(layer_params, self.spec)
+        for layer, (args, mlp_tensors) in enumerate(layers):
             if layer > 0 and dropout > 0.0 and training:
                 x = torch.nn.functional.dropout(x, p=dropout, training=True)
             if zoneout:  # this step's masks (1, N, H) and (1, N, H_out), in the params list
@@ -355,11 +356,18 @@ class PreparedStep:
                 states = [t[layer] for t in hx] if stacked else hx  # (N, H_out), then (N, H) each
                 h, c = states[0], states[1] if S == 1 else torch.cat(states[1:], dim=-1)  # c: (N, S·H)
             w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = args
-            y, h_n, c_n = step(x.unsqueeze(0), w_ih, b_ih, b_hh, w_hh, h, c, plist, flags, mlp, *scalars, H, proj)
+            y, h_n, c_n = step(x.unsqueeze(0), w_ih, b_ih, b_hh, w_hh, h, c, plist, mlp_tensors, flags, mlp, *scalars,
+                               H, proj)
             x = y[0]  # (N, H_out): the next layer's input
             hs.append(h_n)
             cs.append(c_n)
         return x, hs, cs
+
+
+def _mlp_tensors(params: dict[str, Tensor], spec: CellSpec) -> list[Tensor]:
+    """The deep gates' tensors in the flat ``mlp`` param's order (the compiled step makes them flat
+    on every call, so it reads their current values and hands each its gradient); [] without."""
+    return [params[name] for name in abi.mlp_names(spec, "bias_ih" in params)] if spec.gate_hidden else []
 
 
 _KEEP_C, _KEEP_H = abi.PARAMS.index("keep_c"), abi.PARAMS.index("keep_h")

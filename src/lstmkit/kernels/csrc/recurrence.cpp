@@ -393,15 +393,25 @@ struct NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDiffere
   }
 };
 
+// The deep gates' tensors (abi.mlp_names order) as the flat mlp param (their current values).
+static at::Tensor flat_mlp(at::TensorList mlp) {
+  std::vector<at::Tensor> flat;
+  flat.reserve(mlp.size());
+  for (const auto& t : mlp) flat.push_back(t.reshape({-1}));
+  return at::cat(flat);
+}
+
 struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
   // x (T, B, I), w_ih (R, I), b_ih / b_hh (R,) | (0,), whh, h0 (B, H_out), c0 (B, S*H) | (0,),
-  // params in abi.PARAMS order -> y (T, B, H_out), h_n (B, H_out), c_n (B, S*H) | (0,)
+  // params in abi.PARAMS order (mlp's slot empty when mlp_in, the deep gates' tensors, is given: made
+  // flat here, and the flat gradient handed back to each) -> y (T, B, H_out), h_n (B, H_out), c_n (B, S*H) | (0,)
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih,
       const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0,
-      at::TensorList params_in, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
-      double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+      at::TensorList params_in, at::TensorList mlp_in, int64_t flags, const std::vector<int64_t>& mlp_layout,
+      double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
     std::vector<at::Tensor> params(params_in.begin(), params_in.end());
+    if (!mlp_in.empty()) params[P_MLP] = flat_mlp(mlp_in);  // the deep gates' layers, flat (abi.mlp_names order)
     const bool ln = flags & F_LAYERNORM;
     at::Tensor bias = b_ih.numel() ? b_ih : at::Tensor(), bias2 = b_hh.numel() ? b_hh : at::Tensor();
     if (ln && bias.defined()) {  // as forward_infer: layernorm adds the summed bias after the norm
@@ -418,6 +428,15 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     ctx->saved_data["mlp"] = mlp_layout;
     ctx->saved_data["scalars"] = std::vector<double>{clip, zoneout_c, zoneout_h};
     ctx->saved_data["sizes"] = std::vector<int64_t>{H, P};
+    std::vector<int64_t> mlp_numels;  // each deep-gate tensor's share of the flat gradient
+    for (const auto& t : mlp_in) mlp_numels.push_back(t.numel());
+    ctx->saved_data["mlp_numels"] = mlp_numels;
+    std::vector<int64_t> mlp_shapes;  // per tensor: its rank, then its sizes
+    for (const auto& t : mlp_in) {
+      mlp_shapes.push_back(t.dim());
+      for (int64_t d : t.sizes()) mlp_shapes.push_back(d);
+    }
+    ctx->saved_data["mlp_shapes"] = mlp_shapes;
     ctx->set_materialize_grads(false);
     return {y, h_n, c_n};
   }
@@ -437,7 +456,11 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     const bool ln = flags & F_LAYERNORM;
     const bool higher = at::GradMode::is_enabled();  // create_graph=True
     auto given = [&](size_t k) { return grads[k].defined() ? grads[k] : at::empty({0}, y.options()); };
-    torch::autograd::variable_list out(7 + N_PARAMS + 7);  // the last 7: non-tensor arguments
+    const auto mlp_numels = ctx->saved_data["mlp_numels"].toIntVector();
+    const auto mlp_shapes = ctx->saved_data["mlp_shapes"].toIntVector();
+    const size_t M = mlp_numels.size();
+    // x, w_ih, b_ih, b_hh, whh, h0, c0, params, the deep gates' tensors, then 7 non-tensor arguments
+    torch::autograd::variable_list out(7 + N_PARAMS + M + 7);
     {
       at::NoGradGuard no_grad;
       auto [dxg, dwhh, dh0, dc0, dparams] = recurrence_backward(
@@ -456,7 +479,16 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       out[5] = dh0;
       if (c0.numel()) out[6] = dc0;
       for (int k = 0; k < N_PARAMS; ++k)
-        if (params[k].numel() && !PARAM_NO_GRAD[k] && !(ln && k == P_BIAS)) out[7 + k] = dparams[k];
+        if (params[k].numel() && !PARAM_NO_GRAD[k] && !(ln && k == P_BIAS) && !(M && k == P_MLP))
+          out[7 + k] = dparams[k];
+      int64_t off = 0;  // the flat gradient back to each deep-gate tensor, in order, in its shape
+      for (size_t j = 0, k = 0; j < M; ++j) {
+        const int64_t rank = mlp_shapes[k];
+        const at::IntArrayRef shape(mlp_shapes.data() + k + 1, rank);
+        out[7 + N_PARAMS + j] = dparams[P_MLP].narrow(0, off, mlp_numels[j]).view(shape);
+        off += mlp_numels[j];
+        k += 1 + rank;
+      }
     }
     if (!higher) return out;
     std::vector<at::Tensor> defined, anchors;
@@ -473,23 +505,27 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
 };
 
 // One step (or run) for PreparedStep: with gradients wanted (grad mode on and any input requires
-// grad) the autograd node above, else forward_infer. Arguments and results as forward_infer's.
+// grad) the autograd node above, else forward_infer. Arguments and results as forward_infer's, but
+// for `mlp`: the deep gates' tensors in abi.mlp_names order (empty without), params[P_MLP] empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_step(
     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
     const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, std::vector<at::Tensor> params,
-    int64_t flags, const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h,
-    int64_t H, int64_t P) {
+    const std::vector<at::Tensor>& mlp, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
+    double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+  TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_step: expected ", (int)N_PARAMS, " params");
   bool grad = false;
   if (at::GradMode::is_enabled()) {
     for (const at::Tensor* t : {&x, &w_ih, &b_ih, &b_hh, &whh, &h0, &c0}) grad = grad || t->requires_grad();
     for (const auto& t : params) grad = grad || t.requires_grad();
+    for (const auto& t : mlp) grad = grad || t.requires_grad();
   }
-  if (!grad)
+  if (!grad) {
+    if (!mlp.empty()) params[P_MLP] = flat_mlp(mlp);
     return forward_infer(x, w_ih, b_ih, b_hh, whh, h0, c0, at::Tensor(), std::move(params), flags, mlp_layout, clip,
                          zoneout_c, zoneout_h, H, P);
-  TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_step: expected ", (int)N_PARAMS, " params");
-  auto out = ProjectedRun::apply(x, w_ih, b_ih, b_hh, whh, h0, c0, at::TensorList(params), flags, mlp_layout, clip,
-                                 zoneout_c, zoneout_h, H, P);
+  }
+  auto out = ProjectedRun::apply(x, w_ih, b_ih, b_hh, whh, h0, c0, at::TensorList(params), at::TensorList(mlp), flags,
+                                 mlp_layout, clip, zoneout_c, zoneout_h, H, P);
   return {out[0], out[1], out[2]};
 }
 
