@@ -12,6 +12,7 @@ C++ kernel on the CPU (:class:`FusedCPUKernel`), Triton kernels on the GPU
 from __future__ import annotations
 
 import importlib.util
+import operator
 import os
 import warnings
 from typing import Any
@@ -288,6 +289,7 @@ class PreparedStep:
 
     def __init__(self, spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
         self.spec, self.hidden_size, self.H_out = spec, hidden_size, proj_size or hidden_size
+        self._states = len(variants.cell_states(spec))  # S: the cell states side by side
         # signature -> (the module's parameters, per layer the operator's arguments and the deep
         # gates' tensors), for the last few signatures (a loop's first step with hx=None, then its
         # others): a dict replaced whole on every change, so a call never sees a half-made entry
@@ -335,11 +337,11 @@ class PreparedStep:
         if not ops.eager_mode("cpu") or torch.jit.is_tracing():
             return None
         current = tuple(parameters.values())
-        if len(current) != len(params) or any(a is not b for a, b in zip(current, params)):
+        if len(current) != len(params) or not all(map(operator.is_, current, params)):
             return None
         if check_finite and cpu_ext.first_nonfinite([x] if hx is None else [x, *hx]) != -1:
             return None
-        H, S, N = self.hidden_size, len(variants.cell_states(self.spec)), x.shape[0]
+        H, S, N = self.hidden_size, self._states, x.shape[0]
         step = cpu_ext.load().forward_step
         zoneout = training and self.spec.zoneout != (0.0, 0.0)
         hs, cs = [], []
