@@ -209,6 +209,9 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
     assert chosen(dtype=torch.float64) == FUSED[0] and chosen(kind="rnn") == FUSED[0]
     assert chosen(resolve("peephole")) == FUSED[0] and chosen(resolve("vanilla+fb=1")) == "torch"
     assert kernels.select(vanilla, cpu, torch.float32).name == FUSED[0]  # a call not described
+    with monkeypatch.context() as m:  # oneDNN switched off (torch.backends.mkldnn.flags): aten's own loop, slower
+        m.setattr(torch._C, "_get_mkldnn_enabled", lambda: False)
+        assert chosen() == FUSED[0]
     assert kernels.select(vanilla, cpu, torch.float32, record=True, workload=_workload()).name == FUSED[0]
     assert kernels.select(vanilla, cpu, torch.float32, backend=FUSED[0], workload=_workload()).name == FUSED[0]
     monkeypatch.setattr(torch_native, "_onednn_amx", lambda: True)

@@ -3,8 +3,9 @@
 // lstmkit/kernels/ops.py; the order of flags, parameters and buffers: lstmkit_abi.h, generated
 // from lstmkit/kernels/abi.py).
 //
-// Files: this one holds the entry points (dtype handling, lengths, the after-loop reductions)
-// and the Python bindings; forward.h forward_impl, backward.h backward_impl, cell_config.h
+// Files: this one holds the entry points (dtype handling, lengths, the after-loop reductions),
+// the autograd node of a prepared step (ProjectedRun: projection and recurrence, at its end) and
+// the Python bindings; forward.h forward_impl, backward.h backward_impl, cell_config.h
 // the decoded variant and the gradient accumulators' layout, vec_math.h the pointwise pass's
 // vector helpers, gemm.h the packed recurrent GEMM, parallel.h the thread region and barrier.
 //
