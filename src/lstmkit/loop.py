@@ -47,7 +47,9 @@ def _workload(spec: CellSpec, x: Tensor, lengths: Tensor | None, h0: Tensor, c0:
               params: list[list[dict[str, Tensor]]], hidden_size: int) -> kernels.Workload | None:
     """The call as :func:`lstmkit.kernels.select` weighs it; None unless plain eager tensors (under
     compile, export, functorch or autocast every row keeps its device default)."""
-    tensors = [x, h0, *([] if c0 is None else [c0]), *(t for layer in params for p in layer for t in p.values())]
+    tensors = [x, h0, *(t for layer in params for p in layer for t in p.values())]
+    if c0 is not None:
+        tensors.append(c0)
     if not ops.plain_eager(tensors):
         return None
     gradient = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -8,7 +8,6 @@ direction), dropout and packing, and asks the registry for a kernel per layer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -34,8 +33,7 @@ def hidden_keys(spec: CellSpec) -> list[str]:
     return [f"{g}.{j}" for g, widths in spec.gate_hidden for j in range(1, len(widths) + 1)]
 
 
-@dataclass(frozen=True)
-class Workload:
+class Workload(NamedTuple):
     """One layer call's size and mode, for a row whose speed against the others depends on them
     (:meth:`Kernel.automatic`). Given only for plain eager tensors (no compile or export tracing,
     functorch transform or autocast)."""

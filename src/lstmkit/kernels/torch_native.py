@@ -55,13 +55,15 @@ def onednn_faster(workload: Workload) -> bool:
     if workload.kind != "lstm" or workload.lengths or workload.projection or workload.steps < ONEDNN_MIN_STEPS:
         return False  # packed input leaves oneDNN's fast path; the RNN, projection, short runs: not measured faster
     bounds = ONEDNN_FASTER.get((workload.dtype, workload.gradient))
-    if bounds is None or not torch._C._get_mkldnn_enabled():  # torch.backends.mkldnn.flags(enabled=False): aten's loop
-        return False
-    if workload.dtype == torch.bfloat16 and not _onednn_amx():
+    if bounds is None:
         return False
     least_batch, least_work, least_hidden, most_hidden = bounds
-    return (workload.batch >= least_batch and workload.batch * workload.hidden >= least_work
-            and least_hidden <= workload.hidden <= most_hidden)
+    if not (workload.batch >= least_batch and workload.batch * workload.hidden >= least_work
+            and least_hidden <= workload.hidden <= most_hidden):
+        return False
+    if not torch._C._get_mkldnn_enabled():  # torch.backends.mkldnn.flags(enabled=False): aten's own loop
+        return False
+    return workload.dtype != torch.bfloat16 or _onednn_amx()
 
 
 class TorchKernel(Kernel):
