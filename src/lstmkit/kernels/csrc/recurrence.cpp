@@ -429,10 +429,8 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     ctx->saved_data["mlp"] = mlp_layout;
     ctx->saved_data["scalars"] = std::vector<double>{clip, zoneout_c, zoneout_h};
     ctx->saved_data["sizes"] = std::vector<int64_t>{H, P};
-    std::vector<int64_t> mlp_numels;  // each deep-gate tensor's share of the flat gradient
-    for (const auto& t : mlp_in) mlp_numels.push_back(t.numel());
-    ctx->saved_data["mlp_numels"] = mlp_numels;
-    std::vector<int64_t> mlp_shapes;  // per tensor: its rank, then its sizes
+    ctx->saved_data["mlp_count"] = (int64_t)mlp_in.size();
+    std::vector<int64_t> mlp_shapes;  // per deep-gate tensor: its rank, then its sizes
     for (const auto& t : mlp_in) {
       mlp_shapes.push_back(t.dim());
       for (int64_t d : t.sizes()) mlp_shapes.push_back(d);
@@ -457,9 +455,8 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     const bool ln = flags & F_LAYERNORM;
     const bool higher = at::GradMode::is_enabled();  // create_graph=True
     auto given = [&](size_t k) { return grads[k].defined() ? grads[k] : at::empty({0}, y.options()); };
-    const auto mlp_numels = ctx->saved_data["mlp_numels"].toIntVector();
     const auto mlp_shapes = ctx->saved_data["mlp_shapes"].toIntVector();
-    const size_t M = mlp_numels.size();
+    const size_t M = ctx->saved_data["mlp_count"].toInt();
     // x, w_ih, b_ih, b_hh, whh, h0, c0, params, the deep gates' tensors, then 7 non-tensor arguments
     torch::autograd::variable_list out(7 + N_PARAMS + M + 7);
     {
@@ -486,8 +483,9 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       for (size_t j = 0, k = 0; j < M; ++j) {
         const int64_t rank = mlp_shapes[k];
         const at::IntArrayRef shape(mlp_shapes.data() + k + 1, rank);
-        out[7 + N_PARAMS + j] = dparams[P_MLP].narrow(0, off, mlp_numels[j]).view(shape);
-        off += mlp_numels[j];
+        const int64_t numel = c10::multiply_integers(shape);
+        out[7 + N_PARAMS + j] = dparams[P_MLP].narrow(0, off, numel).view(shape);
+        off += numel;
         k += 1 + rank;
       }
     }
