@@ -339,6 +339,24 @@ py::tuple mlp_layout_test(const std::vector<int64_t>& code, int64_t H) {
   return py::make_tuple(mlp.phi, mlp.bias, mlp.atot, mlp.wtot, gates);
 }
 
+// The forward with the input projection in the loop, for forward_infer and ProjectedRun (with
+// `save`: the buffers too). The projection's bias b_ih + b_hh is summed by the kernel (no extra op
+// per call); layernorm adds the summed bias after the norm: set here as params[P_BIAS].
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> projected_forward(
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
+    const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& lengths,
+    std::vector<at::Tensor>& params, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
+    double zoneout_c, double zoneout_h, int64_t H, int64_t P, bool save) {
+  TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit: expected ", (int)N_PARAMS, " params");
+  at::Tensor bias = b_ih.numel() ? b_ih : at::Tensor(), bias2 = b_hh.numel() ? b_hh : at::Tensor();
+  if ((flags & F_LAYERNORM) && bias.defined()) {
+    params[P_BIAS] = b_ih + b_hh;  // (R,)
+    bias = bias2 = at::Tensor();
+  }
+  return forward_call(at::Tensor(), whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H,
+                      P, save, save, x, w_ih, bias, bias2);
+}
+
 // Inference (nothing needs a gradient): the input projection and the recurrence in one call, the
 // projection inside the loop (forward_impl's InputProjection), for a whole sequence or one step
 // (LSTMCell, layer.step, streaming). Taken by FusedCPUKernel.run (lstmkit/kernels/fused.py); the
@@ -351,17 +369,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_infer(
     const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& lengths,
     std::vector<at::Tensor> params, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
     double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
-  TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_infer: expected ", (int)N_PARAMS, " params");
-  // the projection's bias b_ih + b_hh is summed by the kernel (no extra op per call); layernorm adds
-  // the summed bias after the norm (params[P_BIAS])
-  const bool ln = flags & F_LAYERNORM;
-  at::Tensor bias = b_ih.numel() ? b_ih : at::Tensor(), bias2 = b_hh.numel() ? b_hh : at::Tensor();
-  if (ln && bias.defined()) {
-    params[P_BIAS] = b_ih + b_hh;  // (R,)
-    bias = bias2 = at::Tensor();
-  }
-  auto out = forward_call(at::Tensor(), whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c,
-                          zoneout_h, H, P, false, false, x, w_ih, bias, bias2);
+  auto out = projected_forward(x, w_ih, b_ih, b_hh, whh, h0, c0, lengths, params, flags, mlp_layout, clip,
+                               zoneout_c, zoneout_h, H, P, false);
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
@@ -413,14 +422,8 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
     std::vector<at::Tensor> params(params_in.begin(), params_in.end());
     if (!mlp_in.empty()) params[P_MLP] = flat_mlp(mlp_in);  // the deep gates' layers, flat (abi.mlp_names order)
-    const bool ln = flags & F_LAYERNORM;
-    at::Tensor bias = b_ih.numel() ? b_ih : at::Tensor(), bias2 = b_hh.numel() ? b_hh : at::Tensor();
-    if (ln && bias.defined()) {  // as forward_infer: layernorm adds the summed bias after the norm
-      params[P_BIAS] = b_ih + b_hh;  // (R,)
-      bias = bias2 = at::Tensor();
-    }
-    auto [y, h_n, c_n, buffers] = forward_call(at::Tensor(), whh, h0, c0, at::Tensor(), params, flags, mlp_layout,
-                                               clip, zoneout_c, zoneout_h, H, P, true, true, x, w_ih, bias, bias2);
+    auto [y, h_n, c_n, buffers] = projected_forward(x, w_ih, b_ih, b_hh, whh, h0, c0, at::Tensor(), params, flags,
+                                                    mlp_layout, clip, zoneout_c, zoneout_h, H, P, true);
     std::vector<at::Tensor> saved{x, w_ih, b_ih, whh, h0, c0, y};
     saved.insert(saved.end(), params.begin(), params.end());
     saved.insert(saved.end(), buffers.begin(), buffers.end());
