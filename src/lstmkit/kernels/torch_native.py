@@ -26,15 +26,14 @@ __all__ = ["TorchKernel", "ONEDNN_FASTER", "onednn_faster"]
 #: Where torch's LSTM operator (oneDNN) runs a vanilla CPU layer faster than the fused kernel:
 #: (dtype, with gradient) -> (least batch B, least B·H, least hidden size H, greatest H), for
 #: sequences of at least :data:`ONEDNN_MIN_STEPS` steps without lengths or projection; bfloat16
-#: only where oneDNN runs it on AMX tiles. From ``benchmarks/bench_onednn_choice.py`` (fused ÷ oneDNN,
-#: one process, the two alternating, 1 and 2 threads, an AVX-512 Xeon with AMX, T = 20-200):
-#: float32 inference 1.02-1.36 from B·H = 2048 (B = 32, H = 64 and up; B·H = 1024: 0.94-1.05),
-#: the fused kernel 0.38-0.54 at B = 1; float32 training: no row (1.03-1.11 at B = 32, H = 64-128
-#: there, but 0.95-1.0 in bench_kernels.py's run: within the noise, so the fused kernel's own
-#: backward keeps it; 0.84-0.99 from H = 256); bfloat16 inference 1.03-2.09 from
-#: B·H = 1024 up to H = 512, 0.92-1.00 at H = 1024; bfloat16 training 1.08-1.65 at B = 32,
-#: H = 64-128 (and 1.09-1.12 at H = 512, but 0.87-1.03 at B = 64, H = 256), the fused kernel
-#: 0.49-0.77 at B <= 8.
+#: only where oneDNN runs it on AMX tiles. From ``benchmarks/results/onednn_choice_{1t,2t}.md``
+#: (fused ÷ oneDNN, one process, the two alternating, an AVX-512 Xeon with AMX, T = 20-200):
+#: float32 inference 1.03-1.25 from B·H = 2048, a tie at B·H = 1024 (0.89-1.14), the fused kernel
+#: 0.36-0.52 at B = 1; float32 training: no row (1.04-1.09 at B = 32, H = 64-128, within the noise of
+#: bench_kernels.py's run, 0.86-0.98 from H = 256: the fused kernel's backward keeps it); bfloat16
+#: inference 1.01-2.7 from B·H = 1024 up to H = 512, 0.85-0.91 at H = 1024; bfloat16 training
+#: 1.08-1.67 at B = 32, H = 64-128 (1.06-1.10 at H = 512 and 0.99-1.04 at B = 64, H = 256: ties),
+#: the fused kernel 0.68-0.72 at B = 4 and 0.70-0.81 at H = 1024.
 ONEDNN_FASTER: dict[tuple[torch.dtype, bool], tuple[int, int, int, int]] = {
     (torch.float32, False): (8, 2048, 64, 1 << 30),
     (torch.bfloat16, False): (4, 1024, 64, 512),
