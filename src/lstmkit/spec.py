@@ -37,6 +37,8 @@ INIT_FIELDS: tuple[str, ...] = variants.init_fields()
 
 #: Activations between a deep gate's layers (no table word: ``CellSpec(gate_hidden_activation=…)``).
 _HIDDEN_ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity")
+_CHOICE_FIELDS = ("nonlinearity", "candidate_activation", "output_activation", "gate_activation", "forget_activation")
+_CHOICES: dict[str, tuple[str, ...]] = {}
 
 
 def _freeze_gate_hidden(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -182,9 +184,8 @@ class CellSpec:
                 raise TypeError(f"CellSpec.{name}: expected a bool, got {value!r}")
         if self.kind not in ("lstm", "rnn"):
             raise ValueError(f"CellSpec.kind: expected 'lstm' or 'rnn', got {self.kind!r}")
-        for name in ("nonlinearity", "candidate_activation", "output_activation", "gate_activation",
-                     "forget_activation"):
-            _check_choice(name, getattr(self, name), spec_choices(name))
+        for name in _CHOICE_FIELDS:
+            _check_choice(name, getattr(self, name), _CHOICES[name] if _CHOICES else spec_choices(name))
         _check_choice("gate_hidden_activation", self.gate_hidden_activation, _HIDDEN_ACTIVATIONS)
         object.__setattr__(self, "zoneout", _check_zoneout(self.zoneout))
         if isinstance(self.heads, bool) or not isinstance(self.heads, int) or not 1 <= self.heads <= MAX_GATE_WIDTH:
@@ -359,7 +360,7 @@ class CellSpec:
     def is_vanilla(self) -> bool:
         """True when the cell computes the vanilla LSTM (initial biases and chrono change
         only the initialisation, not the equations)."""
-        return self.without_init() == CellSpec()
+        return all(getattr(self, name) == value for name, value in _VANILLA_EQUATIONS)
 
     @property
     def computed_gates(self) -> tuple[str, ...]:
@@ -617,3 +618,12 @@ def _param_names(r: variants.Row) -> list[str]:
         if n not in out:
             out.append(n)
     return out
+
+
+#: The fields that shape the equations, with their default (vanilla) values: what
+#: :attr:`CellSpec.is_vanilla` compares (without building a spec per call).
+_VANILLA_EQUATIONS: tuple[tuple[str, Any], ...] = tuple(
+    (f.name, getattr(CellSpec(), f.name)) for f in dataclasses.fields(CellSpec) if f.name not in INIT_FIELDS)
+#: :func:`spec_choices` of each field with choices, computed once (the table is constant);
+#: empty while the first spec above is built.
+_CHOICES.update({name: spec_choices(name) for name in _CHOICE_FIELDS})
