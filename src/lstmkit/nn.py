@@ -542,8 +542,7 @@ class LSTM(_Recurrent):
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
                                   self.check_finite, True, self.dropout)
         if fast is not None:
-            output, hs, cs = fast  # per layer (N, H_out), (N, S·H)
-            h_n, c_n = (hs[0][None], cs[0][None]) if len(hs) == 1 else (torch.stack(hs), torch.stack(cs))
+            output, h_n, c_n = fast  # (N, H_out), (L, N, H_out), (L, N, S·H)
             return output, (h_n, *self._cell_states(c_n))
         output, h_n, c_n = self._step(input, hx)
         assert c_n is not None
@@ -672,7 +671,7 @@ class LSTMCell(nn.Module):
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
                                   self.check_finite, False)
         if fast is not None:
-            _, (h_n,), (c_n,) = fast
+            _, h_n, c_n = fast  # (N, H_out), (N, S·H)
             return self._new_state(h_n, c_n)
         self._check_input(input)
         batched = input.dim() == 2

@@ -293,7 +293,8 @@ class PreparedStep:
         # signature -> (the module's parameters, per layer the operator's arguments and the deep
         # gates' tensors), for the last few signatures (a loop's first step with hx=None, then its
         # others): a dict replaced whole on every change, so a call never sees a half-made entry
-        self._kept: dict[tuple, tuple[tuple[Tensor, ...], list[tuple[tuple[Any, ...], list[Tensor]]]]] = {}
+        self._kept: dict[tuple, tuple[tuple[Tensor, ...], list[_LayerArgs]]] = {}
+        self._ext: Any = None  # the compiled extension, once a call has run it
 
     @staticmethod
     def signature(x: Tensor, hx: Any, training: bool, version: int) -> tuple:
@@ -308,8 +309,12 @@ class PreparedStep:
         if key[0] is not Tensor or len(key[1]) != 2 or key[3].type != "cpu" or not self.spec.is_lstm:
             return
         kept = self._kept if len(self._kept) < _KEPT_SIGNATURES else {}
-        layer_args = [(infer_args(params, self.spec, flat_mlp=False), _mlp_tensors(params, self.spec))
-                      for params in layers]
+        layer_args = []
+        for params in layers:  # forward_step's arguments around (x, ..., h, c, plist, ...): kept in call order
+            w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = infer_args(params, self.spec, flat_mlp=False)
+            layer_args.append(((w_ih, b_ih, b_hh, w_hh), plist,
+                               (_mlp_tensors(params, self.spec), flags, mlp, *scalars, self.hidden_size, proj)))
+        self._ext = cpu_ext.load()
         self._kept = {**kept, key: (tuple(parameters.values()), layer_args)}
 
     def clear(self) -> None:
@@ -318,11 +323,12 @@ class PreparedStep:
 
     def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: int,
             check_finite: bool, stacked: bool, dropout: float = 0.0
-            ) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+            ) -> tuple[Tensor, Tensor, Tensor] | None:
         """The step for input ``x`` (N, I) and ``hx`` — a cell's ``(h, c)`` (the sLSTM's ``(h, c, n, m)``)
         each (N, H), or with ``stacked`` a stack's, each (L, N, ·) — or None (see above); ``dropout``
-        on each layer's input but the first's in training. Returns the output (N, H_out) and per
-        layer ``h'`` (N, H_out) and the cell states side by side (N, S·H)."""
+        on each layer's input but the first's in training. Returns the output (N, H_out), ``h'`` and
+        the cell states side by side: a cell's (N, H_out) and (N, S·H), a stack's (L, N, H_out) and
+        (L, N, S·H)."""
         if not self._kept:
             return None
         try:
@@ -339,31 +345,38 @@ class PreparedStep:
         current = tuple(parameters.values())
         if len(current) != len(params) or not all(map(operator.is_, current, params)):
             return None
-        if check_finite and cpu_ext.first_nonfinite([x] if hx is None else [x, *hx]) != -1:
+        ext = self._ext
+        if check_finite and ext.first_nonfinite([x] if hx is None else [x, *hx]) != -1:
             return None
         H, S, N = self.hidden_size, self._states, x.shape[0]
-        step = cpu_ext.load().forward_step
         zoneout = training and self.spec.zoneout != (0.0, 0.0)
+        if stacked and len(layers) == 1 and S == 1:  # one layer: its (1, N, ·) state in and out as it is
+            head, plist, tail = layers[0]
+            if zoneout:
+                plist = list(plist)
+                plist[_KEEP_C], plist[_KEEP_H] = cell.zoneout_masks(self.spec, (1, N, H), (1, N, self.H_out), x)
+            h, c = (x.new_zeros(1, N, self.H_out), x.new_zeros(1, N, H)) if hx is None else hx
+            return ext.forward_step(x, *head, h, c, plist, *tail)
         hs, cs = [], []
-        for layer, (args, mlp_tensors) in enumerate(layers):
+        for layer, (head, plist, tail) in enumerate(layers):
             if layer > 0 and dropout > 0.0 and training:
                 x = torch.nn.functional.dropout(x, p=dropout, training=True)
             if zoneout:  # this step's masks (1, N, H) and (1, N, H_out), in the params list
-                plist = list(args[4])
+                plist = list(plist)
                 plist[_KEEP_C], plist[_KEEP_H] = cell.zoneout_masks(self.spec, (1, N, H), (1, N, self.H_out), x)
-                args = (*args[:4], plist, *args[5:])
             if hx is None:
                 h, c = x.new_zeros(N, self.H_out), x.new_zeros(N, S * H)
+            elif not stacked and S == 1:
+                h, c = hx
             else:
                 states = [t[layer] for t in hx] if stacked else hx  # (N, H_out), then (N, H) each
                 h, c = states[0], states[1] if S == 1 else torch.cat(states[1:], dim=-1)  # c: (N, S·H)
-            w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = args
-            y, h_n, c_n = step(x.unsqueeze(0), w_ih, b_ih, b_hh, w_hh, h, c, plist, mlp_tensors, flags, mlp, *scalars,
-                               H, proj)
-            x = y[0]  # (N, H_out): the next layer's input
+            x, h_n, c_n = ext.forward_step(x, *head, h, c, plist, *tail)  # x (N, I) -> (N, H_out): the next input
             hs.append(h_n)
             cs.append(c_n)
-        return x, hs, cs
+        if not stacked:
+            return x, hs[0], cs[0]
+        return x, torch.stack(hs), torch.stack(cs)
 
 
 def _mlp_tensors(params: dict[str, Tensor], spec: CellSpec) -> list[Tensor]:
@@ -373,6 +386,9 @@ def _mlp_tensors(params: dict[str, Tensor], spec: CellSpec) -> list[Tensor]:
 
 
 _KEEP_C, _KEEP_H = abi.PARAMS.index("keep_c"), abi.PARAMS.index("keep_h")
+#: A prepared layer's forward_step arguments around (x, ..., h, c, params, ...): the four before
+#: h (w_ih, b_ih, b_hh, w_hh), the params list, the rest (deep gates, flags, layout, scalars, H, P).
+_LayerArgs = tuple[tuple[Tensor, ...], list[Any], tuple[Any, ...]]
 #: How many call signatures a PreparedStep keeps (all are dropped when one more comes).
 _KEPT_SIGNATURES = 8
 

@@ -508,13 +508,23 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
 
 // One step (or run) for PreparedStep: with gradients wanted (grad mode on and any input requires
 // grad) the autograd node above, else forward_infer. Arguments and results as forward_infer's, but
-// for `mlp`: the deep gates' tensors in abi.mlp_names order (empty without), params[P_MLP] empty.
+// for `mlp`: the deep gates' tensors in abi.mlp_names order (empty without), params[P_MLP] empty;
+// x may be one step's (N, I), then y is (N, H_out); and the state a one-layer stack's (1, N, ·),
+// then h_n and c_n are too (the axes added and dropped here, not by Python calls around it).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_step(
-    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
-    const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, std::vector<at::Tensor> params,
+    const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
+    const at::Tensor& whh, const at::Tensor& h0_in, const at::Tensor& c0_in, std::vector<at::Tensor> params,
     const std::vector<at::Tensor>& mlp, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
     double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_step: expected ", (int)N_PARAMS, " params");
+  const bool one_step = x_in.dim() == 2, layered = h0_in.dim() == 3;
+  const at::Tensor x = one_step ? x_in.unsqueeze(0) : x_in;  // (T, N, I)
+  const at::Tensor h0 = layered ? h0_in.select(0, 0) : h0_in, c0 = layered ? c0_in.select(0, 0) : c0_in;  // (N, ·)
+  auto result = [one_step, layered](const at::Tensor& y, const at::Tensor& h_n, const at::Tensor& c_n) {
+    return std::tuple<at::Tensor, at::Tensor, at::Tensor>{one_step ? y.select(0, 0) : y,
+                                                          layered ? h_n.unsqueeze(0) : h_n,
+                                                          layered ? c_n.unsqueeze(0) : c_n};
+  };
   bool grad = false;
   if (at::GradMode::is_enabled()) {
     for (const at::Tensor* t : {&x, &w_ih, &b_ih, &b_hh, &whh, &h0, &c0}) grad = grad || t->requires_grad();
@@ -523,12 +533,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_step(
   }
   if (!grad) {
     if (!mlp.empty()) params[P_MLP] = flat_mlp(mlp);
-    return forward_infer(x, w_ih, b_ih, b_hh, whh, h0, c0, at::Tensor(), std::move(params), flags, mlp_layout, clip,
-                         zoneout_c, zoneout_h, H, P);
+    auto [y, h_n, c_n] = forward_infer(x, w_ih, b_ih, b_hh, whh, h0, c0, at::Tensor(), std::move(params), flags,
+                                       mlp_layout, clip, zoneout_c, zoneout_h, H, P);
+    return result(y, h_n, c_n);
   }
   auto out = ProjectedRun::apply(x, w_ih, b_ih, b_hh, whh, h0, c0, at::TensorList(params), at::TensorList(mlp), flags,
                                  mlp_layout, clip, zoneout_c, zoneout_h, H, P);
-  return {out[0], out[1], out[2]};
+  return result(out[0], out[1], out[2]);
 }
 
 }  // namespace lk
