@@ -181,6 +181,12 @@ NOTES: dict[str, str] = {
                     "steps, and H = 32 with 3e-3 solved seed 0 only (7,150 steps) in 16,000. Without peepholes no seed "
                     "was solved (nor seed 0 with H = 32 in 16,000 steps: 20 % of the spikes right), as the paper "
                     "reports GTS for the peephole LSTM only.",
+    "periodic": "unlike the paper (without peepholes only the cosine at F = 10 was learned), the LSTM without "
+                "peepholes learned every function at F = 10 and 25 on every seed here, in about as many sequences "
+                "as with them. The setting differs: the paper trained one memory block online (lr 1e-5) on a "
+                "continual stream that ended at the first error; here 16 cells, Adam 1e-2, and sequences of "
+                "several periods with the state reset between them. 1,500 steps solved the rectangle at F = 25 "
+                "with peepholes on 2 of 3 seeds, 3,000 (the recipe) on 3.",
     "counting": "how far a^n b^n generalises varies from seed to seed; the learning rate (7e-3) was chosen on the "
                 "table's seeds 0-2 (generalisation per seed): 1e-2 101, 65, 106 (with a cosine schedule 102, 69, "
                 "104); 7e-3 101, 102, 120; 5e-3 100, 101, 22; 3e-3 100, 100, 20. a^n b^n c^n keeps 1e-2.",
