@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
             mode = "train" if train else "infer"
             plan = []
             for name, spec in cells.items():
-                fused = lstmkit.LSTM(I, H, cell=spec)
+                # the fused kernel forced: the default runs vanilla inference on oneDNN from B·H = 2048
+                fused = lstmkit.LSTM(I, H, cell=spec, backend="cpu_fused")
                 ref = lstmkit.LSTM(I, H, cell=spec, backend="reference")
                 ref.load_state_dict(fused.state_dict())
                 plan += [(name, "fused", make_step(fused, x, train)), (name, "reference", make_step(ref, x, train))]
