@@ -7,6 +7,9 @@ calls), and ``layer.step`` against the same layer called on the sequence.
 
 from __future__ import annotations
 
+import copy
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -273,6 +276,26 @@ def test_prepared_step_sees_deep_gates_updated_in_place():
         with torch.set_grad_enabled(grad):
             for a, b in zip(step(x), ref(x)):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_prepared_modules_copy_and_pickle():
+    """A prepared step is a cache: a deep copy or a saved and loaded module (after prepared
+    steps) starts without it and steps like the original, on its own parameters."""
+    torch.manual_seed(0)
+    x = torch.randn(B, I)
+    for module, step in ((lstmkit.LSTMCell(I, H), lambda m, s: m(x, s)),
+                         (lstmkit.LSTM(I, H), lambda m, s: m.step(x, s)[1])):
+        state = step(module, None)
+        state = step(module, state)  # prepared
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        buffer.seek(0)
+        for other in (copy.deepcopy(module), torch.load(buffer, weights_only=False)):
+            for a, b in zip(step(other, state), step(module, state)):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            with torch.no_grad():  # its own parameters: changing the copy's leaves the original's
+                next(other.parameters()).add_(1.0)
+            assert not torch.equal(step(other, state)[0], step(module, state)[0])
 
 
 def test_prepared_training_step_double_backward_raises_clearly():

@@ -321,6 +321,11 @@ class PreparedStep:
         """Forget every kept signature (the next call of each takes the general path)."""
         self._kept = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A cache: a copy or a pickle starts empty (its module's parameters are other tensors,
+        and the loaded extension is no picklable value); each signature is prepared again."""
+        return {**self.__dict__, "_kept": {}, "_ext": None}
+
     def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: int,
             check_finite: bool, stacked: bool, dropout: float = 0.0
             ) -> tuple[Tensor, Tensor, Tensor] | None:
