@@ -74,8 +74,9 @@ def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
         record: collect per-step activations from the kernels.
     """
     num_dirs = len(params[0])
-    kernel = kernels.select(spec, x.device, x.dtype, backend, record,
-                            _workload(spec, x, lengths, h0, c0, params, hidden_size))
+    forced = backend is not None and not record  # select then returns the named row: no workload to weigh
+    workload = None if forced else _workload(spec, x, lengths, h0, c0, params, hidden_size)
+    kernel = kernels.select(spec, x.device, x.dtype, backend, record, workload)
     h_out, c_out, traces = [], [], []
     layer_in = x
     for layer, directions in enumerate(params):

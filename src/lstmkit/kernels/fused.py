@@ -355,20 +355,24 @@ class PreparedStep:
             return None
         H, S, N = self.hidden_size, self._states, x.shape[0]
         zoneout = training and self.spec.zoneout != (0.0, 0.0)
+
+        def with_masks(plist: list[Any], x: Tensor) -> list[Any]:
+            """The params list with this step's zoneout masks (1, N, H) and (1, N, H_out) in training."""
+            if not zoneout:
+                return plist
+            plist = list(plist)
+            plist[_KEEP_C], plist[_KEEP_H] = cell.zoneout_masks(self.spec, (1, N, H), (1, N, self.H_out), x)
+            return plist
+
         if stacked and len(layers) == 1 and S == 1:  # one layer: its (1, N, ·) state in and out as it is
             head, plist, tail = layers[0]
-            if zoneout:
-                plist = list(plist)
-                plist[_KEEP_C], plist[_KEEP_H] = cell.zoneout_masks(self.spec, (1, N, H), (1, N, self.H_out), x)
             h, c = (x.new_zeros(1, N, self.H_out), x.new_zeros(1, N, H)) if hx is None else hx
-            return ext.forward_step(x, *head, h, c, plist, *tail)
+            return ext.forward_step(x, *head, h, c, with_masks(plist, x), *tail)
         hs, cs = [], []
         for layer, (head, plist, tail) in enumerate(layers):
             if layer > 0 and dropout > 0.0 and training:
                 x = torch.nn.functional.dropout(x, p=dropout, training=True)
-            if zoneout:  # this step's masks (1, N, H) and (1, N, H_out), in the params list
-                plist = list(plist)
-                plist[_KEEP_C], plist[_KEEP_H] = cell.zoneout_masks(self.spec, (1, N, H), (1, N, self.H_out), x)
+            plist = with_masks(plist, x)
             if hx is None:
                 h, c = x.new_zeros(N, self.H_out), x.new_zeros(N, S * H)
             elif not stacked and S == 1:
