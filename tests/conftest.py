@@ -55,6 +55,15 @@ def fixed_zoneout_masks(spec, c_shape, h_shape, like):
 
 
 @pytest.fixture(autouse=True)
+def _no_remembered_kernel_choice():
+    """Tests fake facts the kernel rows read (the CPU's units, a failed build, oneDNN's switch):
+    each starts without the choices :func:`lstmkit.kernels.select` remembered for earlier calls."""
+    import lstmkit.kernels
+
+    lstmkit.kernels.forget_choices()
+
+
+@pytest.fixture(autouse=True)
 def _deterministic_zoneout(monkeypatch):
     """Every test sees :func:`fixed_zoneout_masks` in place of torch's generator (tests of the
     generator itself restore it with ``monkeypatch.undo`` or call ``lstmkit.cell`` directly)."""

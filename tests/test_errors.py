@@ -265,3 +265,33 @@ def test_inconsistent_packed_sequence_is_named(lstm):
             lstm(bad)
         with pytest.raises(ValueError, match=expected.replace("input", "x")):
             lstmkit.trace(lstm, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_finite_check_of_a_large_input_split_among_threads(dtype):
+    """The compiled check splits a large tensor among torch's threads: a NaN or inf anywhere (the
+    first element, the middle, the last, a lane past the vector loop) is found, in every dtype,
+    whatever the thread count; a finite one passes."""
+    from lstmkit.kernels import cpu_ext
+
+    if not cpu_ext.available():
+        pytest.skip("the fused CPU kernel could not be built")
+    n = (1 << 19) + 7  # several grains, and a tail past the vectors
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            clean = torch.randn(n).to(dtype)
+            assert cpu_ext.first_nonfinite([clean]) == -1
+            for at in (0, n // 2, n - 8, n - 1):
+                for bad in (float("nan"), float("inf"), -float("inf")):
+                    x = clean.clone()
+                    x[at] = bad
+                    assert cpu_ext.first_nonfinite([clean, x]) == 1, (t, at, bad)
+    finally:
+        torch.set_num_threads(threads)
+    layer = lstmkit.LSTM(8, 4).to(dtype)
+    x = torch.randn(n // 8 // 16, 16, 8).to(dtype)
+    x[-1, -1, -1] = float("nan")
+    with pytest.raises(ValueError, match="input: contains NaN or inf"):
+        layer(x)

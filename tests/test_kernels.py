@@ -213,18 +213,20 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
     assert kernels.select(vanilla, cpu, torch.float32, record=True, workload=_workload()).name == FUSED[0]
     assert kernels.select(vanilla, cpu, torch.float32, backend=FUSED[0], workload=_workload()).name == FUSED[0]
     monkeypatch.setattr(torch_native, "_onednn_amx", lambda: True)
+    kernels.forget_choices()  # (a fact that does not change in a process: the choices made stand)
     assert chosen(dtype=torch.bfloat16) == "torch" and chosen(dtype=torch.bfloat16, hidden=1024) == FUSED[0]
     assert chosen(dtype=torch.bfloat16, gradient=True) == "torch"
     assert chosen(dtype=torch.bfloat16, gradient=True, batch=16) == FUSED[0]
     monkeypatch.setattr(torch_native, "_onednn_amx", lambda: False)
+    kernels.forget_choices()  # (a fact that does not change in a process: the choices made stand)
     assert chosen(dtype=torch.bfloat16) == FUSED[0]
 
     # A layer's call: oneDNN where chosen (the same values as the fused kernel; the torch row's
     # gradients are tested with its other rows), the fused kernel in training, under autocast, in a
     # trace and for lengths.
     ran = []
-    real = torch_native.TorchKernel.run
-    monkeypatch.setattr(torch_native.TorchKernel, "run", lambda self, *a, **k: ran.append(1) or real(self, *a, **k))
+    real = torch_native.TorchKernel._call
+    monkeypatch.setattr(torch_native.TorchKernel, "_call", lambda self, *a, **k: ran.append(1) or real(self, *a, **k))
     torch.manual_seed(0)
     layer = lstmkit.LSTM(64, 64)
     fused = lstmkit.LSTM(64, 64, backend=FUSED[0])
@@ -486,3 +488,33 @@ def test_in_loop_projection_rule():
     assert not rule(torch.empty(100, 32, 512), torch.empty(2048, 512))   # 4 MiB
     assert rule(torch.empty(100, 1, 32), torch.empty(128, 32))           # 16 KiB, one row
     assert not rule(torch.empty(100, 4, 64), torch.empty(256, 64))       # 64 KiB, four rows
+
+
+def test_torch_row_runs_the_whole_stack_in_one_call_but_dropout_layer_by_layer(monkeypatch):
+    """torch's operator runs every layer and direction at once (:meth:`Kernel.run_layers`); with
+    dropout in training the loop runs it layer by layer, drawing the masks every row draws, so the
+    torch row and the fused kernel agree under one seed."""
+    from lstmkit.kernels import torch_native
+
+    calls = []
+    real = torch_native.TorchKernel._call
+    monkeypatch.setattr(torch_native.TorchKernel, "_call", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(5, 7, num_layers=3, bidirectional=True, dropout=0.5, backend="torch").double()
+    fused = lstmkit.LSTM(5, 7, num_layers=3, bidirectional=True, dropout=0.5, backend=FUSED[0]).double()
+    fused.load_state_dict(layer.state_dict())
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    layer.eval(), fused.eval()
+    (y, (h, c)), (y_f, (h_f, c_f)) = layer(x), fused(x)
+    assert len(calls) == 1
+    for a, b in ((y, y_f), (h, h_f), (c, c_f)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    layer.train(), fused.train()
+    torch.manual_seed(1)
+    y, (h, c) = layer(x)
+    torch.manual_seed(1)
+    y_f, (h_f, c_f) = fused(x)
+    assert len(calls) == 1 + 3 * 2  # one call per layer-direction
+    for a, b in ((y, y_f), (h, h_f), (c, c_f)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(y, layer.eval()(x)[0])  # dropout did act

@@ -1,8 +1,10 @@
 """The only loop over layers and directions: stacking, reversal, dropout, state carry.
 
 Each layer-direction is handed to a kernel (:mod:`lstmkit.kernels`), which runs the
-time loop. Inputs here are already time-major, padded and validated (:mod:`lstmkit.nn`
-does that); ``lengths`` is None when every sequence has the full length.
+time loop — or the whole stack, to a row whose operator runs every layer and direction in
+one call (:meth:`lstmkit.kernels.Kernel.run_layers`: torch's). Inputs here are already
+time-major, padded and validated (:mod:`lstmkit.nn` does that); ``lengths`` is None when every
+sequence has the full length.
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
     forced = backend is not None and not record  # select then returns the named row: no workload to weigh
     workload = None if forced else _workload(spec, x, lengths, h0, c0, params, hidden_size)
     kernel = kernels.select(spec, x.device, x.dtype, backend, record, workload)
+    if not record and spec.zoneout == (0.0, 0.0):
+        whole = kernel.run_layers(x, lengths, h0, c0, params, spec, hidden_size, dropout, training)
+        if whole is not None:  # the row ran every layer and direction in one call
+            return StackOut(*whole, None)
     h_out, c_out, traces = [], [], []
     layer_in = x
     for layer, directions in enumerate(params):

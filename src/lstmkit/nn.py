@@ -416,11 +416,12 @@ class _Recurrent(nn.Module):
     def _initial_state(self, hx: Any, x: Tensor, batched: bool) -> tuple[Tensor, Tensor | None]:
         """``h_0`` (L·D, B, H_out) and the cell states side by side (L·D, B, S·H) (None for the RNN),
         checked; zeros where ``hx`` is None."""
-        B = x.shape[1]
+        B = x.shape[1]  # 1 for an unbatched input (x is (T, 1, I) here)
+        if hx is None:  # (L·D, B, H_out) and (L·D, B, S·H)
+            lead, cells = self.num_layers * self.num_directions, len(cell_states(self.spec))
+            h0 = x.new_zeros((lead, B, self.output_size))
+            return h0, (x.new_zeros((lead, B, cells * self.hidden_size)) if cells else None)
         shapes = self._state_shapes(B, batched)
-        if hx is None:
-            zeros = [x.new_zeros(s if batched else (s[0], 1, s[1])) for _, s in shapes]
-            return zeros[0], (torch.cat(zeros[1:], dim=-1) if len(zeros) > 1 else None)
         if self.spec.is_lstm:
             if not (isinstance(hx, (tuple, list)) and len(hx) == len(shapes)):
                 names = ", ".join(n for n, _ in shapes)

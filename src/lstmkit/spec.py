@@ -222,7 +222,7 @@ class CellSpec:
         return h  # type: ignore[no-any-return]
 
     def __getstate__(self) -> dict[str, Any]:  # the hash of strings differs between processes: not pickled
-        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_hash", "_vanilla")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
@@ -360,7 +360,11 @@ class CellSpec:
     def is_vanilla(self) -> bool:
         """True when the cell computes the vanilla LSTM (initial biases and chrono change
         only the initialisation, not the equations)."""
-        return all(getattr(self, name) == value for name, value in _VANILLA_EQUATIONS)
+        vanilla = self.__dict__.get("_vanilla")  # every call asks (the kernel choice): compared once
+        if vanilla is None:
+            vanilla = all(getattr(self, name) == value for name, value in _VANILLA_EQUATIONS)
+            object.__setattr__(self, "_vanilla", vanilla)
+        return vanilla  # type: ignore[no-any-return]
 
     @property
     def computed_gates(self) -> tuple[str, ...]:

@@ -16,7 +16,8 @@ from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.kernels.torch_native import TorchKernel
 from lstmkit.spec import CellSpec
 
-__all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "REGISTRY", "select", "register", "registry_version"]
+__all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "REGISTRY", "select", "register", "registry_version",
+           "forget_choices"]
 
 #: name -> kernel, fastest first.
 REGISTRY: dict[str, Kernel] = {}
@@ -64,7 +65,7 @@ def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
     """
     if exporting() and not isinstance(backend, Kernel):
         return REGISTRY[OnnxExportKernel.name]
-    if isinstance(backend, Kernel):
+    if backend is not None and isinstance(backend, Kernel):  # (an ABC's isinstance is slow: not for None)
         why = _why_not(backend, spec, device, dtype)
         if why:
             raise ValueError(f"backend: kernel {backend.name!r} cannot run this layer: {why}")
@@ -78,6 +79,31 @@ def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
             raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
         if kernel.records or not record:
             return kernel
+    if workload is None:
+        return _first_automatic(spec, device, dtype, record, None)
+    # a plain eager call (every call of a training loop): the row found before for the same call.
+    # The rows' answers depend on the call and on the registry and oneDNN's switch, all in the key
+    # (the rows' other facts — the CPU, whether an extension built — do not change in a process)
+    key = (spec, device, dtype, record, workload, _version, torch._C._get_mkldnn_enabled())
+    kernel = _chosen.get(key)
+    if kernel is None:
+        if len(_chosen) >= 1024:  # e.g. every sequence length once: start over
+            _chosen.clear()
+        kernel = _chosen[key] = _first_automatic(spec, device, dtype, record, workload)
+    return kernel
+
+
+_chosen: dict[tuple[object, ...], Kernel] = {}
+
+
+def forget_choices() -> None:
+    """Forget the rows :func:`select` found for plain eager calls (for a test that fakes a fact a
+    row reads, such as the CPU's units or a failed build: in a process they do not change)."""
+    _chosen.clear()
+
+
+def _first_automatic(spec: CellSpec, device: torch.device, dtype: torch.dtype, record: bool,
+                     workload: Workload | None) -> Kernel:
     for kernel in REGISTRY.values():
         if kernel.automatic(device, workload) and (kernel.records or not record) \
                 and _why_not(kernel, spec, device, dtype) is None:

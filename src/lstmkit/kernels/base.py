@@ -95,6 +95,23 @@ class Kernel(ABC):
         for ``workload`` (None: a call not described) (False: only when ``backend=`` names it)."""
         return True
 
+    def run_layers(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+                   params: list[list[dict[str, Tensor]]], spec: CellSpec, hidden_size: int,
+                   dropout: float, training: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """A whole stack of layers and directions in one call, for a row whose operator runs
+        them so (torch's: one oneDNN or cuDNN call, no Python per layer); None: this call runs
+        layer by layer through :meth:`run` (the default). Never asked to record or for zoneout.
+
+        Args:
+            x, lengths: as :meth:`run`.
+            h0: (L·D, B, H_out); c0: (L·D, B, S·H) or None, as :func:`lstmkit.loop.run_stack`.
+            params: ``params[layer][direction]``, names without suffix.
+            dropout, training: dropout on the input of every layer but the first, in training.
+        Returns:
+            ``y`` (T, B, D·H_out), ``h_n`` (L·D, B, H_out), ``c_n`` (L·D, B, S·H) or None.
+        """
+        return None
+
     @abstractmethod
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,

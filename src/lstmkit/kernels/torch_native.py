@@ -93,36 +93,54 @@ class TorchKernel(Kernel):
             record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
         if record:
             raise ValueError("record: torch's LSTM operator keeps no per-step gates (a trace runs another kernel)")
-        weights = [params["weight_ih"], params["weight_hh"]]
-        bias = "bias_ih" in params
-        if bias:
-            weights += [params["bias_ih"], params["bias_hh"]]
-        if "weight_hr" in params:
-            weights.append(params["weight_hr"])
+        y, h_n, c_n = self._call(x, lengths, h0.unsqueeze(0), None if c0 is None else c0.unsqueeze(0),
+                                 [[params]], spec)
+        return KernelOut(y, h_n.squeeze(0), None if c_n is None else c_n.squeeze(0), None)
+
+    def run_layers(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+                   params: list[list[dict[str, Tensor]]], spec: CellSpec, hidden_size: int,
+                   dropout: float, training: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        if dropout > 0.0 and training:
+            return None  # the operator's dropout draws its own masks: layer by layer, as every row
+        return self._call(x, lengths, h0, c0, params, spec)
+
+    def _call(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
+              params: list[list[dict[str, Tensor]]], spec: CellSpec) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One operator call over ``params[layer][direction]``: x (T, B, I), h0 (L·D, B, H_out),
+        c0 (L·D, B, H) or None -> y (T, B, D·H_out), h_n, c_n shaped as h0, c0."""
+        bias = "bias_ih" in params[0][0]
+        weights = []  # the operator's order: per layer, per direction, w_ih, w_hh[, b_ih, b_hh][, w_hr]
+        for layer in params:
+            for p in layer:
+                weights += [p["weight_ih"], p["weight_hh"]]
+                if bias:
+                    weights += [p["bias_ih"], p["bias_hh"]]
+                if "weight_hr" in p:
+                    weights.append(p["weight_hr"])
         packed = None
         if lengths is not None:  # x (T, B, I) -> the PackedSequence nn.LSTM takes; states in its order
             packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
             order = packed.sorted_indices.to(x.device)
-            h0 = h0.index_select(0, order)
-            c0 = None if c0 is None else c0.index_select(0, order)
-        hx = (h0.unsqueeze(0), c0.unsqueeze(0)) if spec.is_lstm else h0.unsqueeze(0)  # (1, B, ·)
+            h0 = h0.index_select(1, order)
+            c0 = None if c0 is None else c0.index_select(1, order)
+        hx = (h0, c0) if spec.is_lstm else h0
         op = torch._VF.lstm if spec.is_lstm else (torch._VF.rnn_tanh if spec.nonlinearity == "tanh"
                                                   else torch._VF.rnn_relu)
         # train: cuDNN keeps what its backward needs only in training mode (dropout is 0 here, so
         # the flag changes nothing else): on whenever a gradient can flow, whatever module.training says
-        train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, *weights, *([c0] if c0 is not None
-                                                                                              else [])))
+        states = (h0,) if c0 is None else (h0, c0)
+        train = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states, *weights))
+        layers, bidirectional = len(params), len(params[0]) == 2
         if packed is None:
-            out = op(x, hx, weights, bias, 1, 0.0, train, False, False)  # (input, hx, params, ...)
+            out = op(x, hx, weights, bias, layers, 0.0, train, bidirectional, False)  # (input, hx, params, ...)
         else:
-            out = op(packed.data, packed.batch_sizes, hx, weights, bias, 1, 0.0, train, False)
-        y = out[0]
-        h_n = out[1].squeeze(0)
-        c_n = out[2].squeeze(0) if spec.is_lstm else None
+            out = op(packed.data, packed.batch_sizes, hx, weights, bias, layers, 0.0, train, bidirectional)
+        y, h_n = out[0], out[1]
+        c_n = out[2] if spec.is_lstm else None
         if packed is not None:
             unsort = packed.unsorted_indices.to(x.device)
             y, _ = pad_packed_sequence(type(packed)(y, packed.batch_sizes, packed.sorted_indices,
                                                     packed.unsorted_indices), total_length=x.shape[0])
-            h_n = h_n.index_select(0, unsort)
-            c_n = None if c_n is None else c_n.index_select(0, unsort)
-        return KernelOut(y, h_n, c_n, None)
+            h_n = h_n.index_select(1, unsort)
+            c_n = None if c_n is None else c_n.index_select(1, unsort)
+        return y, h_n, c_n
