@@ -222,19 +222,18 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         else std::copy(dxr, dxr + R, dwr);
         to_heads(dwr, b);
       }
-      bar.wait();
-      if (mlp.any() && lstm) {  // deep gates: from each gate's dL/du back through its MLP to dL/dz_k
-        for (int d = mlp.depth; d >= 1; --d) {
-          GemmTask<T> tasks[4];  // dA_d = dV_d W_d, one per deep gate this deep
+      if (mlp.any() && lstm && b1 > b0) {  // deep gates: from each gate's dL/du back through its MLP to
+        for (int d = mlp.depth; d >= 1; --d) {  // dL/dz_k, this thread's rows (a row reads only itself)
+          GemmTask<T> tasks[4];  // dA_d = dV_d W_d, one per deep gate this deep (rows b0..b1)
           int nt = 0;
           for (size_t k = 0; k < mlp.gates.size(); ++k) {
             const MlpGate& mg = mlp.gates[k];
             if (mg.m >= d)
-              tasks[nt++] = GemmTask<T>{&Wmt[k * mlp.depth + d - 1], (int)B, step.dV + t * B * mlp.vtot + mg.voff[d - 1],
-                                        mlp.vtot, step.dA + mg.aoff[d - 1], mlp.atot, false};
+              tasks[nt++] = GemmTask<T>{&Wmt[k * mlp.depth + d - 1], (int)(b1 - b0),
+                                        step.dV + (t * B + b0) * mlp.vtot + mg.voff[d - 1], mlp.vtot,
+                                        step.dA + b0 * mlp.atot + mg.aoff[d - 1], mlp.atot, false};
           }
-          run_tasks<T>(tasks, nt, tid, nth);
-          bar.wait();
+          run_tasks<T>(tasks, nt, 0, 1);  // every panel, this thread's rows
           for (int64_t b = b0; b < b1; ++b) {
             if (t >= len[b]) continue;
             step.mlp_back_row(t, b, d);
@@ -247,9 +246,9 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
             else std::copy(dxr, dxr + R, dwr);
             to_heads(dwr, b);
           }
-          bar.wait();
         }
       }
+      bar.wait();
       if (dRcp && cf.heads == 1) tasks[0].A = dRcp + (t - t0) * B * ldr;  // layernorm: this step's chunk rows
       run_tasks<T>(tasks.data(), nA, tid, nth);
       bar.wait();

@@ -159,27 +159,25 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           if (!mlp.any()) step.lstm_row(t, b, tid);
         }
       }
-      bar.wait();
-      if (mlp.any()) {  // deep gates: their MLP layers, a GEMM phase and a pointwise pass per depth
-        for (int d = 1; d <= mlp.depth; ++d) {
-          GemmTask<T> tasks[4];  // one per deep gate this deep (v_d = a_d W_d^T, all rows)
+      if (mlp.any() && b1 > b0) {  // deep gates: this thread's rows through their MLP layers — a row's
+        for (int d = 1; d <= mlp.depth; ++d) {  // layers read that row only, so no thread waits here
+          GemmTask<T> tasks[4];  // one per deep gate this deep (v_d = a_d W_d^T, rows b0..b1)
           int nt = 0;
           for (size_t k = 0; k < mlp.gates.size(); ++k) {
             const MlpGate& mg = mlp.gates[k];
             if (mg.m >= d)
-              tasks[nt++] = GemmTask<T>{&Wm[k * mlp.depth + d - 1], (int)B, step.act_row(t, 0) + mg.aoff[d - 1],
-                                        mlp.atot, step.vout + mg.voff[d - 1], mlp.vtot, false};
+              tasks[nt++] = GemmTask<T>{&Wm[k * mlp.depth + d - 1], (int)(b1 - b0), step.act_row(t, b0) + mg.aoff[d - 1],
+                                        mlp.atot, step.vout + b0 * mlp.vtot + mg.voff[d - 1], mlp.vtot, false};
           }
-          run_tasks<T>(tasks, nt, tid, nth);
-          bar.wait();
+          run_tasks<T>(tasks, nt, 0, 1);  // every panel, this thread's rows
           for (int64_t b = b0; b < b1; ++b) {  // the last depth's rows go straight on into the cell
             if (t >= len[b]) continue;
             step.mlp_row(t, b, d);
             if (d == mlp.depth) step.lstm_row(t, b, tid);
           }
-          bar.wait();
         }
       }
+      bar.wait();
       if (P > 0) {  // phase C: y_t = m W_hr^T; phase D: zoneout, the state (padded rows: 0)
         GemmTask<T> pc{&Whr, (int)B, mwp, ldm, step.Y + t * B * P, P, false};
         run_tasks<T>(&pc, 1, tid, nth);
