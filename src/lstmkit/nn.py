@@ -459,7 +459,8 @@ class _Recurrent(nn.Module):
         """The cell states side by side (…, S·H) as a tuple ``(c, n, m)`` (``(c,)`` for the LSTM)."""
         if cells.shape[-1] == self.hidden_size:  # one state: the tensor itself (a split is a view and an autograd node)
             return (cells,)
-        return tuple(cells.split(self.hidden_size, dim=-1))
+        H = self.hidden_size
+        return tuple(cells.split_with_sizes([H] * (cells.shape[-1] // H), -1))
 
 
 def _with_heads(spec: CellSpec, heads: Any) -> CellSpec:
@@ -701,4 +702,5 @@ class LSTMCell(nn.Module):
     def _new_state(self, h: Tensor, cells: Tensor) -> State:
         """``(h', c')`` (the sLSTM: ``(h', c', n', m')``) from ``h'`` and the cell states side by side
         (N, S·H)."""
-        return (h, cells) if cells.shape[-1] == self.hidden_size else (h, *cells.split(self.hidden_size, dim=-1))
+        H = self.hidden_size  # (split_with_sizes: the operator itself, without Tensor.split's Python)
+        return (h, cells) if cells.shape[-1] == H else (h, *cells.split_with_sizes([H] * (cells.shape[-1] // H), -1))
