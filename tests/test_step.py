@@ -378,3 +378,78 @@ def test_step_finite_checks(dtype, where, value):
     layer = lstmkit.LSTM(I, 37).to(dtype)
     with pytest.raises(ValueError, match=f"{'input:' if where == 'input' else 'hx: ' + where + '_0'} contains NaN"):
         layer.step(x, (h[None], c[None]))
+
+
+@pytest.mark.parametrize("cell", [pytest.param(LSTM_VARIANTS[k], id=k) for k in
+                                  ("vanilla", "peephole", "layernorm", "deep_all", "zoneout")]
+                         + [pytest.param("slstm", id="slstm")])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_inference_sequence_prepared_like_a_step(cell, batch_first, forward_infer_calls):
+    """Whole-sequence inference on the fused kernel is prepared per call signature too (the
+    projection in the loop, as the general path runs it): the second call of a signature gives
+    bit-identical results without the general path, for a stacked layer with a projection, with
+    and without a state, batch_first or not, in eval and in training mode (dropout between layers,
+    the same masks from the same seed); the reference kernel agrees in float64."""
+    calls = forward_infer_calls
+    proj = 0 if resolve(cell).slstm else 2  # (the sLSTM has no projection)
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(I, H, num_layers=2, proj_size=proj, cell=cell, batch_first=batch_first,
+                         dropout=0.5).double()
+    ref = lstmkit.LSTM(I, H, num_layers=2, proj_size=proj, cell=cell, batch_first=batch_first,
+                       backend="reference").double().eval()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(B, T, I, dtype=torch.float64) if batch_first else torch.randn(T, B, I, dtype=torch.float64)
+    states = lstmkit.LSTM(I, H, num_layers=2, proj_size=proj, cell=cell, batch_first=batch_first)(x.float())[1]
+    hx = tuple(torch.randn_like(s, dtype=torch.float64) for s in states)
+    general = []
+    real_run = type(layer)._run
+    layer._run = lambda *a, **k: general.append(1) or real_run(layer, *a, **k)  # type: ignore[method-assign]
+    for state in (None, hx):
+        layer.eval()
+        with torch.no_grad():
+            first = layer(x, state)
+            second = layer(x, state)
+            want = ref(x, state)
+        assert len(general) == 1, "the second call of a signature takes the prepared path"
+        general.clear()
+        for a, b, w in zip((first[0], *first[1]), (second[0], *second[1]), (want[0], *want[1])):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-10)
+        layer.train()
+        with torch.no_grad():
+            torch.manual_seed(1)
+            first = layer(x, state)
+            torch.manual_seed(1)
+            second = layer(x, state)
+        zoneout = resolve(cell).zoneout != (0.0, 0.0)  # a sequence's zoneout masks: the general path
+        assert len(general) == (2 if zoneout else 1)
+        general.clear()
+        for a, b in zip((first[0], *first[1]), (second[0], *second[1])):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert calls, "the fused kernel's forward_infer ran"
+
+
+def test_prepared_sequence_rechecks_what_changed():
+    """A prepared sequence signature gives way to the general path where it must decide: gradients
+    wanted, a NaN (named), a module converted in place to another dtype (the mismatch named), a
+    new length."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(I, H).eval()
+    x = torch.randn(T, B, I)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    assert layer._prepared._kept
+    y, _ = layer(x.requires_grad_())
+    y.sum().backward()
+    assert x.grad is not None and layer.weight_hh_l0.grad is not None
+    bad = x.detach().clone()
+    bad[2, 1, 0] = float("inf")
+    with torch.no_grad(), pytest.raises(ValueError, match="input: contains NaN or inf"):
+        layer(bad)
+    layer.double()  # the same Parameter objects, float64 data
+    with torch.no_grad(), pytest.raises(TypeError, match="does not match the layer's parameters"):
+        layer(x.detach())
+    with torch.no_grad():
+        y1, _ = layer(torch.randn(T + 2, B, I, dtype=torch.float64))
+    assert y1.shape == (T + 2, B, H)

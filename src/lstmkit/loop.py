@@ -29,6 +29,7 @@ class StackOut(NamedTuple):
     h_n: Tensor            # (L·D, B, H_out)
     c_n: Tensor | None     # (L·D, B, S·H) the cell states side by side (LSTM: c; sLSTM: c, n, m), None for the RNN
     traces: list[list[dict[str, Tensor]]] | None  # [layer][direction] -> per-step activations
+    kernel: kernels.Kernel | None = None  # the row that ran the layers
 
 
 def reverse_within_lengths(x: Tensor, lengths: Tensor | None) -> Tensor:
@@ -82,7 +83,7 @@ def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
     if not record and spec.zoneout == (0.0, 0.0):
         whole = kernel.run_layers(x, lengths, h0, c0, params, spec, hidden_size, dropout, training)
         if whole is not None:  # the row ran every layer and direction in one call
-            return StackOut(*whole, None)
+            return StackOut(*whole, None, kernel)
     h_out, c_out, traces = [], [], []
     layer_in = x
     for layer, directions in enumerate(params):
@@ -113,4 +114,4 @@ def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
         h_n, c_n = h_out[0].unsqueeze(0), None if c0 is None else c_out[0].unsqueeze(0)
     else:
         h_n, c_n = torch.stack(h_out), None if c0 is None else torch.stack(c_out)
-    return StackOut(layer_in, h_n, c_n, traces if record else None)
+    return StackOut(layer_in, h_n, c_n, traces if record else None, kernel)

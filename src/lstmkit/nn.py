@@ -30,7 +30,7 @@ from lstmkit.checks import (
     check_packed_sequence,
 )
 from lstmkit.gates import gate_views
-from lstmkit.kernels.fused import FusedCPUKernel, PreparedStep
+from lstmkit.kernels.fused import FusedCPUKernel, PreparedStep, in_loop_projection
 from lstmkit.layout import suffix
 from lstmkit.loop import StackOut, run_stack
 from lstmkit.spec import INIT_FIELDS, CellSpec, check_heads, gate_slices, layer_param_shapes, resolve
@@ -525,8 +525,23 @@ class LSTM(_Recurrent):
         step; reversed within its length for the backward direction), with ``output`` padded
         with zeros past each length, shaped as the input.
         """
-        output, h_n, c_n, _ = self._run(input, hx, lengths=lengths)
+        run = lengths is None and not self.bidirectional and type(input) is Tensor and input.dim() == 3 \
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()  # eager inference over a
+        if run:  # padded batch: what the general path derives, kept per call signature (PreparedStep)
+            x = input.transpose(0, 1) if self.batch_first else input  # (T, N, I)
+            version = kernels.registry_version()
+            fast = self._prepared.run(x, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
+                                      self.check_finite, True, self.dropout)
+            if fast is not None:
+                y, h_n, c_n = fast  # (T, N, H_out), (L, N, H_out), (L, N, S·H)
+                return (y.transpose(0, 1) if self.batch_first else y), (h_n, *self._cell_states(c_n))
+        output, h_n, c_n, out = self._run(input, hx, lengths=lengths)
         assert c_n is not None
+        if run and isinstance(out.kernel, FusedCPUKernel) and not (self.training and self.spec.zoneout != (0.0, 0.0)):
+            layers = [self.layer_params(layer) for layer in range(self.num_layers)]
+            if all(in_loop_projection(x, p["weight_ih"]) for p in layers):  # every layer ran forward_infer
+                self._prepared.remember(self._prepared.signature(x, hx, self.training, version), layers,
+                                        self._parameters)  # type: ignore[arg-type]
         return output, (h_n, *self._cell_states(c_n))
 
     def step(self, input: Tensor, hx: State | None = None) -> tuple[Tensor, State]:

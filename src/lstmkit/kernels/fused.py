@@ -268,11 +268,12 @@ def forward_infer(args: tuple[Any, ...], x: Tensor, h0: Tensor, c0: Tensor | Non
 
 
 class PreparedStep:
-    """One step on the compiled CPU kernel — of a cell or of a whole stack of layers — for a
-    call signature whose checks the general path has passed: what that path derives on every
-    call (the kernel's choice, each layer's operator parameter list, flags and scalars) kept per
-    signature; a one-step-per-call decoder, policy or truncated-BPTT loop otherwise spends more in
-    Python than in the kernel. Without gradients a step is ``forward_infer``; with them, one
+    """One step on the compiled CPU kernel — of a cell or of a whole stack of layers — or a whole
+    sequence's inference (``LSTM.forward`` without gradients), for a call signature whose checks
+    the general path has passed: what that path derives on every call (the kernel's choice, each
+    layer's operator parameter list, flags and scalars) kept per signature; a one-step-per-call
+    decoder, policy or truncated-BPTT loop, or a short sequence, otherwise spends more in Python
+    than in the kernel. Without gradients a step is ``forward_infer``; with them, one
     autograd node built in C++ (``forward_step``: the projection and the recurrence, the same
     gradient as the operator's).
 
@@ -282,9 +283,9 @@ class PreparedStep:
 
     :meth:`run` returns None wherever the general path must decide: a new signature (input and
     state shapes, dtypes, devices, tensor types; train or eval mode; the kernel registry's
-    version), compile / export / functorch / autocast, parameters replaced since, a NaN or inf
-    to report. The caller then takes the general path, which checks and raises as always, and
-    calls :meth:`remember` when it ran this kernel.
+    version), compile / export / functorch / autocast, parameters replaced or converted since, a
+    NaN or inf to report, a sequence's zoneout in training. The caller then takes the general
+    path, which checks and raises as always, and calls :meth:`remember` when it ran this kernel.
     """
 
     def __init__(self, spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
@@ -306,7 +307,7 @@ class PreparedStep:
     def remember(self, key: tuple, layers: list[dict[str, Tensor]], parameters: dict[str, Tensor]) -> None:
         """After the general path ran this kernel for signature ``key``: ``layers`` each layer's
         parameters, ``parameters`` the module's own (whose identity later calls compare)."""
-        if key[0] is not Tensor or len(key[1]) != 2 or key[3].type != "cpu" or not self.spec.is_lstm:
+        if key[0] is not Tensor or len(key[1]) not in (2, 3) or key[3].type != "cpu" or not self.spec.is_lstm:
             return
         kept = self._kept if len(self._kept) < _KEPT_SIGNATURES else {}
         layer_args = []
@@ -333,7 +334,8 @@ class PreparedStep:
         each (N, H), or with ``stacked`` a stack's, each (L, N, ·) — or None (see above); ``dropout``
         on each layer's input but the first's in training. Returns the output (N, H_out), ``h'`` and
         the cell states side by side: a cell's (N, H_out) and (N, S·H), a stack's (L, N, H_out) and
-        (L, N, S·H)."""
+        (L, N, S·H). With ``stacked``, ``x`` may also be a whole time-major run (T, N, I), kept by
+        :meth:`LSTM.forward <lstmkit.LSTM.forward>` for inference; the output is then (T, N, H_out)."""
         if not self._kept:
             return None
         try:
@@ -350,11 +352,15 @@ class PreparedStep:
         current = tuple(parameters.values())
         if len(current) != len(params) or not all(map(operator.is_, current, params)):
             return None
+        if current[0].dtype != x.dtype or current[0].device != x.device:
+            return None  # converted in place since (module.double()): the general path names the mismatch
+        zoneout = training and self.spec.zoneout != (0.0, 0.0)
+        if zoneout and x.dim() == 3:
+            return None  # a run's zoneout: per-step masks of the whole sequence, on the general path
         ext = self._ext
         if check_finite and ext.first_nonfinite([x] if hx is None else [x, *hx]) != -1:
             return None
-        H, S, N = self.hidden_size, self._states, x.shape[0]
-        zoneout = training and self.spec.zoneout != (0.0, 0.0)
+        H, S, N = self.hidden_size, self._states, x.shape[-2]  # x: a step's (N, I) or a run's (T, N, I)
 
         def with_masks(plist: list[Any], x: Tensor) -> list[Any]:
             """The params list with this step's zoneout masks (1, N, H) and (1, N, H_out) in training."""
