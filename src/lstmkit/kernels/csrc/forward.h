@@ -67,20 +67,18 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   hs.narrow(1, 0, Hout).copy_(h0);
 
   Packed<T> Wp, Wgg, Whr;
-  // heads: W_hh's rows head-major (R, Dh), one packed block per head; r of a step head-major (B, ldr)
+  // heads: one block of W_hh (R, Dh) per head and gate (cf.hseg), read in its canonical rows: head
+  // j's rows of a gate times h's j-th Dh columns, straight into r's canonical columns
   std::vector<Packed<T>> Wh;
-  at::Tensor whm, rhm;
-  const int64_t nh = R / cf.heads;  // rows of a head (all gates)
+  const int64_t nh = R / cf.heads;  // rows of a head (all gates), what a segment's head-major start divides
   if (cf.heads == 1) {
     Wp.init(whh.data_ptr<T>(), whh.stride(0), whh.stride(1), (int)R, (int)Hout, Tn, cf.bf16_gemm);
   } else {
-    whm = whh.index_select(0, head_perm(cf, opt)).contiguous();
-    rhm = at::zeros({B, ldr}, opt);
-    Wh.resize(cf.heads);
-    for (int64_t j = 0; j < cf.heads; ++j)
-      Wh[j].init(whm.data_ptr<T>() + j * nh * cf.Dh, cf.Dh, 1, (int)nh, (int)cf.Dh, Tn, cf.bf16_gemm);
+    Wh.resize(cf.hseg.size());
+    for (size_t s = 0; s < cf.hseg.size(); ++s)
+      Wh[s].init(whh.data_ptr<T>() + cf.hseg[s].canon * whh.stride(0), whh.stride(0), whh.stride(1),
+                 (int)cf.hseg[s].len, (int)cf.Dh, Tn, cf.bf16_gemm);
   }
-  T* rhp = cf.heads > 1 ? rhm.data_ptr<T>() : nullptr;
   if (cf.fgr) {
     const at::Tensor& wgg = params[P_WEIGHT_GG];
     Wgg.init(wgg.data_ptr<T>(), wgg.stride(0), wgg.stride(1), (int)(cf.nS * H), (int)(cf.nS * H), Tn, cf.bf16_gemm);
@@ -125,10 +123,12 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   step.xg_ts = proj_in ? 0 : B * R;
   step.xg_bs = proj_in ? ldr : R;
 
-  std::vector<GemmTask<T>> phaseA;  // r = h W_hh^T (heads: one GEMM per head, into rhm) [, s W_gg^T] [, xg_t]
+  std::vector<GemmTask<T>> phaseA;  // r = h W_hh^T (heads: one GEMM per head and gate) [, s W_gg^T] [, xg_t]
   if (cf.heads == 1) phaseA.push_back(GemmTask<T>{&Wp, (int)B, hsp, ldh, rwp, ldr, false});
-  for (int64_t j = 0; j < (int64_t)Wh.size(); ++j)
-    phaseA.push_back(GemmTask<T>{&Wh[j], (int)B, hsp + j * cf.Dh, ldh, rhp + j * nh, ldr, false});
+  for (size_t s = 0; s < Wh.size(); ++s) {
+    const HeadSeg& sg = cf.hseg[s];
+    phaseA.push_back(GemmTask<T>{&Wh[s], (int)B, hsp + sg.hm / nh * cf.Dh, ldh, rwp + sg.canon, ldr, false});
+  }
   if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wgg, (int)B, ssp, lds, fwp, lds, false});
   const int iA = (int)phaseA.size();  // the input projection's task (its A moves with t)
   if (proj_in)
@@ -150,8 +150,6 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
       run_tasks<T>(tasks.data(), nA, tid, nth);  // phase A: r = h_{t-1} W_hh^T [, s_{t-1} W_gg^T] [, xg_t]
       bar.wait();
       for (int64_t b = b0; b < b1; ++b) {  // phase B: the cell, row by row
-        if (rhp && t < len[b])  // heads: r's head-major columns back to the canonical ones
-          for (const HeadSeg& sg : cf.hseg) std::copy(rhp + b * ldr + sg.hm, rhp + b * ldr + sg.hm + sg.len, rwp + b * ldr + sg.canon);
         if (t >= len[b]) step.padded_row(t, b);
         else if (!lstm) step.rnn_row(t, b);
         else {
