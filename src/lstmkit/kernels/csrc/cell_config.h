@@ -62,10 +62,11 @@ struct MlpLayout {
 };
 
 // Heads (block-diagonal recurrent weights): each gate's rows of W_hh are k blocks, block j reading
-// only the j-th H_out/k entries of h. The kernel runs one GEMM per head on the rows of all gates in
-// head-major order (head j: gate by gate, its n_g/k rows), so that every head's rows and the
-// K dimension of the backward's dh GEMM are contiguous; these segments map the head-major columns
-// to the canonical ones (gate by gate, its heads in order).
+// only the j-th H_out/k entries of h. One segment per head and gate: the forward runs a GEMM per
+// segment on W_hh's canonical rows (gate by gate, its heads in order); the backward one per head
+// on the rows of all gates in head-major order (head j: gate by gate, its n_g/k rows), so that the
+// K dimension of its dh GEMM is contiguous. A segment maps its head-major columns to the canonical
+// ones.
 struct HeadSeg {
   int64_t canon, hm, len;  // canonical column, head-major column, width
 };
