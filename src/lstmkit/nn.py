@@ -525,9 +525,11 @@ class LSTM(_Recurrent):
         step; reversed within its length for the backward direction), with ``output`` padded
         with zeros past each length, shaped as the input.
         """
+        # eager inference over a padded batch: what the general path derives, kept per call
+        # signature (PreparedStep), where that path ran forward_infer on every layer
         run = lengths is None and not self.bidirectional and type(input) is Tensor and input.dim() == 3 \
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()  # eager inference over a
-        if run:  # padded batch: what the general path derives, kept per call signature (PreparedStep)
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if run:
             x = input.transpose(0, 1) if self.batch_first else input  # (T, N, I)
             version = kernels.registry_version()
             fast = self._prepared.run(x, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
@@ -539,7 +541,7 @@ class LSTM(_Recurrent):
         assert c_n is not None
         if run and isinstance(out.kernel, FusedCPUKernel) and not (self.training and self.spec.zoneout != (0.0, 0.0)):
             layers = [self.layer_params(layer) for layer in range(self.num_layers)]
-            if all(in_loop_projection(x, p["weight_ih"]) for p in layers):  # every layer ran forward_infer
+            if all(in_loop_projection(x, p["weight_ih"]) for p in layers):  # (T, N) decide it for every layer
                 self._prepared.remember(self._prepared.signature(x, hx, self.training, version), layers,
                                         self._parameters)  # type: ignore[arg-type]
         return output, (h_n, *self._cell_states(c_n))
