@@ -321,6 +321,10 @@ int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
     std::atomic<bool> bad{false};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "lstmkit_finite", [&] {
       const scalar_t* p = t.data_ptr<scalar_t>();
+      if (n <= kGrain) {  // a step's input and state: no thread pool to ask
+        if (!all_finite(p, n)) bad.store(true, std::memory_order_relaxed);
+        return;
+      }
       at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
         if (!all_finite(p + begin, end - begin)) bad.store(true, std::memory_order_relaxed);
       });
