@@ -539,7 +539,7 @@ class LSTM(_Recurrent):
                 return (y.transpose(0, 1) if self.batch_first else y), (h_n, *self._cell_states(c_n))
         output, h_n, c_n, out = self._run(input, hx, lengths=lengths)
         assert c_n is not None
-        if run and isinstance(out.kernel, FusedCPUKernel) and not (self.training and self.spec.zoneout != (0.0, 0.0)):
+        if run and isinstance(out.kernel, FusedCPUKernel):
             layers = [self.layer_params(layer) for layer in range(self.num_layers)]
             if all(in_loop_projection(x, p["weight_ih"]) for p in layers):  # (T, N) decide it for every layer
                 self._prepared.remember(self._prepared.signature(x, hx, self.training, version), layers,

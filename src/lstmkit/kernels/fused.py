@@ -284,8 +284,9 @@ class PreparedStep:
     :meth:`run` returns None wherever the general path must decide: a new signature (input and
     state shapes, dtypes, devices, tensor types; train or eval mode; the kernel registry's
     version), compile / export / functorch / autocast, parameters replaced or converted since, a
-    NaN or inf to report, a sequence's zoneout in training. The caller then takes the general
-    path, which checks and raises as always, and calls :meth:`remember` when it ran this kernel.
+    NaN or inf to report. The caller then takes the general path, which checks and raises as
+    always, and calls :meth:`remember` when it ran this kernel (a run with zoneout in training is
+    not kept: its masks cover the whole sequence).
     """
 
     def __init__(self, spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
@@ -309,6 +310,8 @@ class PreparedStep:
         parameters, ``parameters`` the module's own (whose identity later calls compare)."""
         if key[0] is not Tensor or len(key[1]) not in (2, 3) or key[3].type != "cpu" or not self.spec.is_lstm:
             return
+        if len(key[1]) == 3 and key[5] and self.spec.zoneout != (0.0, 0.0):
+            return  # a run's zoneout in training: the whole sequence's masks, drawn by the general path
         kept = self._kept if len(self._kept) < _KEPT_SIGNATURES else {}
         layer_args = []
         for params in layers:  # forward_step's arguments around (x, ..., h, c, plist, ...): kept in call order
@@ -354,9 +357,7 @@ class PreparedStep:
             return None
         if current[0].dtype != x.dtype or current[0].device != x.device:
             return None  # converted in place since (module.double()): the general path names the mismatch
-        zoneout = training and self.spec.zoneout != (0.0, 0.0)
-        if zoneout and x.dim() == 3:
-            return None  # a run's zoneout: per-step masks of the whole sequence, on the general path
+        zoneout = training and self.spec.zoneout != (0.0, 0.0)  # (a step's: a run's is never kept)
         ext = self._ext
         if check_finite and ext.first_nonfinite([x] if hx is None else [x, *hx]) != -1:
             return None
