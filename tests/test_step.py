@@ -259,8 +259,9 @@ def test_prepared_step_rechecks_whatever_changed(monkeypatch):
 
 
 def test_prepared_step_sees_deep_gates_updated_in_place():
-    """The deep gates' weights reach the kernel as one flat copy: a prepared step makes it anew
-    each call, so an optimizer's in-place update is seen (with and without gradients)."""
+    """The deep gates' weights reach the compiled step as the tensors themselves (no flat copy is
+    kept): an optimizer's in-place update is seen (with and without gradients), and one made
+    between a step and its backward is refused as autograd refuses it for any saved tensor."""
     torch.manual_seed(0)
     step = lstmkit.LSTMCell(I, H, cell="deep=3")
     ref = lstmkit.LSTMCell(I, H, cell="deep=3", backend="reference")
@@ -276,6 +277,11 @@ def test_prepared_step_sees_deep_gates_updated_in_place():
         with torch.set_grad_enabled(grad):
             for a, b in zip(step(x), ref(x)):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    h, c = step(x)
+    with torch.no_grad():
+        step.mlp_f_weight1.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (h.sum() + c.sum()).backward()
 
 
 def test_prepared_modules_copy_and_pickle():

@@ -396,8 +396,8 @@ class PreparedStep:
 
 
 def _mlp_tensors(params: dict[str, Tensor], spec: CellSpec) -> list[Tensor]:
-    """The deep gates' tensors in the flat ``mlp`` param's order (the compiled step makes them flat
-    on every call, so it reads their current values and hands each its gradient); [] without."""
+    """The deep gates' tensors in the flat ``mlp`` param's order (the compiled step reads them in
+    place — their current values, no flat copy — and hands each its gradient); [] without."""
     return [params[name] for name in abi.mlp_names(spec, "bias_ih" in params)] if spec.gate_hidden else []
 
 

@@ -29,7 +29,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& whh,
                                       const std::vector<int64_t>& len, const std::vector<at::Tensor>& params,
                                       const at::Tensor& dY, const at::Tensor& dhn, const at::Tensor& dcn,
-                                      const Cfg& cf, const MlpLayout& mlp, int nthreads) {
+                                      const Cfg& cf, const MlpLayout& mlp, const MlpWeights<T>& mw,
+                                      int nthreads) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t Tn = Y.size(0), B = Y.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
@@ -94,12 +95,12 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   auto ptr = [](const at::Tensor& t) -> T* { return (t.defined() && t.numel() > 0) ? t.data_ptr<T>() : nullptr; };
   const CellParams<T> prm(cf, params);
   // deep gates: W_j of every MLP layer, packed once per call for dA = dV W_j
-  const T* mlpw = mlp.any() ? params[P_MLP].data_ptr<T>() : nullptr;
   std::vector<Packed<T>> Wmt(mlp.gates.size() * std::max(mlp.depth, 1));
   for (size_t k = 0; k < mlp.gates.size(); ++k)
     for (int j = 0; j < mlp.gates[k].m; ++j) {
       const MlpGate& mg = mlp.gates[k];
-      Wmt[k * mlp.depth + j].init(mlpw + mg.woff[j], 1, mg.w[j], (int)mg.w[j], (int)mg.w[j + 1], Tn, cf.bf16_gemm);
+      Wmt[k * mlp.depth + j].init(mw.w[k * mlp.depth + j], 1, mg.w[j], (int)mg.w[j], (int)mg.w[j + 1], Tn,
+                                  cf.bf16_gemm);
     }
   const T* dYp = dY.data_ptr<T>();
   const int64_t dys0 = dY.stride(0), dys1 = dY.stride(1), dys2 = dY.stride(2);
@@ -119,7 +120,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                              ptr(buffers[B_CN]), Y.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr,
                              ptr(buffers[B_RH]), ptr(buffers[B_RS]), ptr(buffers[B_AH]), ptr(buffers[B_AS]),
                              dXG.data_ptr<T>(), lstm ? dcs.data_ptr<T>() : nullptr, dSp, dUSp, lds, ptr(dZS),
-                             ptr(Mo), mlp, mlpw, ptr(buffers[B_MLP]), ptr(dV), ptr(dA)};
+                             ptr(Mo), mlp, ptr(buffers[B_MLP]), ptr(dV), ptr(dA)};
 
   std::vector<GemmTask<T>> phaseA;  // dh = dr W_hh (heads: per head, from dRhm) [, ds = du_S W_gg]
   if (cf.heads == 1) phaseA.push_back(GemmTask<T>{&Wt, (int)B, dRwp, ldr, dHp, Hout, false});

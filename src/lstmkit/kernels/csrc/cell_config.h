@@ -16,8 +16,8 @@ using namespace lk::abi;
 // (width n_1) and whose further layers are W_j (n_{j+1} x n_j) with biases, phi between layers
 // (never after the last, whose width is H). Decoded from the operator's int list `mlp`
 // (lstmkit.kernels.abi.mlp_layout): [phi, has_bias, n_deep, then per deep gate: gate (0..3 in
-// i, f, g, o order), m, n_1 .. n_m]. The weights come in one flat tensor, gate by gate and
-// layer by layer: W_j then b_j.
+// i, f, g, o order), m, n_1 .. n_m]. The weights: one flat tensor, gate by gate and layer by
+// layer, W_j then b_j, or those tensors themselves (MlpWeights).
 struct MlpGate {
   int g = -1, m = 0;
   std::vector<int64_t> w;     // n_1 .. n_m, H (m + 1 widths)
@@ -59,6 +59,44 @@ struct MlpLayout {
     }
   }
   bool any() const { return !gates.empty(); }
+};
+
+// Where the deep gates' W_j (n_{j+1} x n_j, row-major) and b_j are, per gate k (MlpLayout::gates'
+// order) and layer j at [k * depth + j]: in the operator's flat mlp param (`flat`, at MlpLayout's
+// offsets), or in each layer's own tensors (`each`, contiguous, in the flat param's order: W_j then
+// b_j, gate by gate) — a prepared step's, so that no flat copy is made per call. b: nullptr
+// without biases. Both in the compute dtype T.
+template <typename T>
+struct MlpWeights {
+  std::vector<const T*> w, b;
+  MlpWeights(const MlpLayout& mlp, const at::Tensor& flat, const std::vector<at::Tensor>& each) {
+    if (!mlp.any()) return;
+    w.assign(mlp.gates.size() * mlp.depth, nullptr);
+    b.assign(mlp.gates.size() * mlp.depth, nullptr);
+    const bool from_flat = each.empty();
+    TORCH_CHECK(!from_flat || flat.numel() == mlp.wtot, "lstmkit::recurrence: the mlp param must have ", mlp.wtot,
+                " entries (the deep gates' layers, flat)");
+    size_t i = 0;  // the next of `each`
+    auto next = [&](int64_t numel) -> const T* {
+      TORCH_CHECK(i < each.size() && each[i].numel() == numel && each[i].is_contiguous(),
+                  "lstmkit::recurrence: the deep gates' tensors do not match the mlp layout");
+      return each[i++].data_ptr<T>();
+    };
+    for (size_t k = 0; k < mlp.gates.size(); ++k) {
+      const MlpGate& mg = mlp.gates[k];
+      for (int j = 0; j < mg.m; ++j) {
+        const size_t at = k * mlp.depth + j;
+        if (from_flat) {
+          w[at] = flat.data_ptr<T>() + mg.woff[j];
+          if (mg.boff[j] >= 0) b[at] = flat.data_ptr<T>() + mg.boff[j];
+        } else {
+          w[at] = next(mg.w[j + 1] * mg.w[j]);
+          if (mlp.bias) b[at] = next(mg.w[j + 1]);
+        }
+      }
+    }
+    TORCH_CHECK(from_flat || i == each.size(), "lstmkit::recurrence: more deep-gate tensors than the mlp layout has");
+  }
 };
 
 // Heads (block-diagonal recurrent weights): each gate's rows of W_hh are k blocks, block j reading

@@ -117,7 +117,7 @@ struct StepForward {
   T *G, *C, *CN, *RH, *RS, *AH, *AS;  // kept buffers, nullptr when not kept
   T* scratch; int64_t ldscratch;      // per thread: zoneout's copy of c_{t-1} (H)
   const MlpLayout& mlp;               // deep gates (none: mlp.any() is false)
-  const T* mlpw;                      // their flat weights
+  const MlpWeights<T>& mw;            // their layers' weights and biases
   T* acts; bool acts_per_step;        // a_j of every deep gate: (T, B, atot) kept, or (B, atot) per step
   T* vout;                            // (B, vtot) each layer's output; the last one is the gate's u (H)
 
@@ -176,12 +176,13 @@ struct StepForward {
     constexpr int VL = V::size();
     T* vr = vout + b * mlp.vtot;
     T* ar = act_row(t, b);
-    for (const MlpGate& mg : mlp.gates) {
+    for (size_t k = 0; k < mlp.gates.size(); ++k) {
+      const MlpGate& mg = mlp.gates[k];
       if (mg.m < depth) continue;
       const int j0 = depth - 1;
       const int64_t w = mg.w[depth];
       T* v = vr + mg.voff[j0];
-      const T* bias = mg.boff[j0] >= 0 ? mlpw + mg.boff[j0] : nullptr;
+      const T* bias = mw.b[k * mlp.depth + j0];
       const bool last = depth == mg.m;
       for (int64_t j = 0; j < w; j += VL) {
         const int n = (int)std::min<int64_t>(VL, w - j);
@@ -377,7 +378,6 @@ struct StepBackward {
   T* dZS;                              // layernorm + fgr: (T, B, nS·H) dL/du_S of every step
   T* Mo;                               // projection: (T, B, H) o ⊙ act(m), for dW_hr
   const MlpLayout& mlp;                // deep gates (none: mlp.any() is false)
-  const T* mlpw;                       // their flat weights
   const T* acts;                       // (T, B, atot) the forward's a_j of every deep gate
   T* dV;                               // (T, B, vtot) dL/d(each layer's output); the last: dL/du
   T* dA;                               // (B, atot) the GEMMs' dL/da_j of this step

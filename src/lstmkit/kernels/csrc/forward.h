@@ -31,7 +31,7 @@ template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh, const at::Tensor& h0,
                                      const at::Tensor& c0, const std::vector<int64_t>& len,
                                      const std::vector<at::Tensor>& params, const Cfg& cf, const MlpLayout& mlp,
-                                     bool save, int nthreads, bool buffers_out = true,
+                                     const MlpWeights<T>& mw, bool save, int nthreads, bool buffers_out = true,
                                      const InputProjection<T>* proj_in = nullptr) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
@@ -101,12 +101,12 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
     }
   }
   // deep gates: W_j of every MLP layer, packed once per call (v = a W_j^T)
-  const T* mlpw = mlp.any() ? params[P_MLP].data_ptr<T>() : nullptr;
   std::vector<Packed<T>> Wm(mlp.gates.size() * std::max(mlp.depth, 1));
   for (size_t k = 0; k < mlp.gates.size(); ++k)
     for (int j = 0; j < mlp.gates[k].m; ++j) {
       const MlpGate& mg = mlp.gates[k];
-      Wm[k * mlp.depth + j].init(mlpw + mg.woff[j], mg.w[j], 1, (int)mg.w[j + 1], (int)mg.w[j], Tn, cf.bf16_gemm);
+      Wm[k * mlp.depth + j].init(mw.w[k * mlp.depth + j], mg.w[j], 1, (int)mg.w[j + 1], (int)mg.w[j], Tn,
+                                 cf.bf16_gemm);
     }
   T* hsp = hs.data_ptr<T>();
   T* rwp = rws.data_ptr<T>();
@@ -116,7 +116,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   StepForward<T> step{cf, prm, B, proj_in ? xws.data_ptr<T>() : xg.data_ptr<T>(), rwp, ldr, fwp, lds, ssp,
                             lstm ? cs.data_ptr<T>() : nullptr, hsp, ldh, mwp, ldm, Y.data_ptr<T>(),
                             kept(B_G), kept(B_C), kept(B_CN), kept(B_RH), kept(B_RS), kept(B_AH), kept(B_AS),
-                            cf.zoneout ? scratch.data_ptr<T>() : nullptr, ldscratch, mlp, mlpw,
+                            cf.zoneout ? scratch.data_ptr<T>() : nullptr, ldscratch, mlp, mw,
                             mlp.any() ? (acts_ws.defined() ? acts_ws.data_ptr<T>() : kept(B_MLP)) : nullptr,
                             acts_ws.defined(), mlp.any() ? vout.data_ptr<T>() : nullptr};
 

@@ -99,7 +99,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
     const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
     bool save, bool buffers_out, const at::Tensor& x_in = {}, const at::Tensor& w_ih_in = {},
-    const at::Tensor& bias_in = {}, const at::Tensor& bias2_in = {}) {
+    const at::Tensor& bias_in = {}, const at::Tensor& bias2_in = {}, const std::vector<at::Tensor>& mlp_each = {}) {
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS, "lstmkit::recurrence: expected ", (int)N_PARAMS,
@@ -112,6 +112,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
               ", I)");
   const at::ScalarType io = (in_loop ? x_in : xg_in).scalar_type(), ct = compute_type(io);
   const auto params = to_compute(params_in, ct);
+  const auto mlp_own = to_compute(mlp_each, ct);  // the deep gates' own tensors (else params[P_MLP], flat)
   if (cf.ln) {
     TORCH_CHECK(params[P_LN_IH_WEIGHT].numel() == cf.R, "lstmkit::recurrence: layernorm needs ln_ih_weight (R=", cf.R, ")");
     TORCH_CHECK(params[P_BIAS].numel() == 0 || params[P_BIAS].numel() == cf.R,
@@ -140,13 +141,14 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
   const int nt = choose_threads(work, B);
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_fwd", [&] {
+    const MlpWeights<scalar_t> mw(mlp, params[P_MLP], mlp_own);
     if (in_loop) {
       const InputProjection<scalar_t> pin{x.data_ptr<scalar_t>(), x.size(2), w_ih.data_ptr<scalar_t>(), w_ih.stride(0),
                                           w_ih.stride(1), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
                                           bias2.defined() ? bias2.data_ptr<scalar_t>() : nullptr};
-      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, save, nt, buffers_out, &pin);
+      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out, &pin);
     } else {
-      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, save, nt, buffers_out);
+      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out);
     }
   });
   // out = {Y, h_n, c_n, then the buffers in abi.BUFFERS order}
@@ -164,18 +166,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurren
                       true);
 }
 
-// lstmkit::recurrence_backward (CPU). Empty dy / dh_n / dc_n mean zero.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurrence_backward(
+// The backward; mlp_each as forward_call's (the deep gates' own tensors, params[P_MLP] then empty).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_call(
     const at::Tensor& dy_in, const at::Tensor& dhn_in, const at::Tensor& dcn_in, const at::Tensor& y_in,
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
     const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags,
-    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
+    const std::vector<at::Tensor>& mlp_each) {
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
               "lstmkit::recurrence_backward: expected ", (int)N_PARAMS, " params and ", (int)N_BUFFERS, " buffers");
   const at::ScalarType io = y_in.scalar_type(), ct = compute_type(io);
   const auto params = to_compute(params_in, ct);
+  const auto mlp_own = to_compute(mlp_each, ct);
   const at::Tensor y = to_compute(y_in, ct).contiguous(), h0 = to_compute(h0_in, ct).contiguous();
   const at::Tensor whh = to_compute(whh_in, ct);
   const int64_t Tn = y.size(0), B = y.size(1), R = cf.R, Hout = cf.Hout;
@@ -194,8 +198,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   for (const auto& b : buffers) bufs.push_back(b.contiguous());
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_bwd", [&] {
+    const MlpWeights<scalar_t> mw(mlp, params[P_MLP], mlp_own);
     out = backward_impl<scalar_t>(bufs, y, h0, c0.contiguous(), whh, len, params, dy, dhn.contiguous(),
-                                  dcn.contiguous(), cf, mlp, nt);
+                                  dcn.contiguous(), cf, mlp, mw, nt);
   });
   // out = {dXG, dWhh (layernorm), dHP, Mo, dh0, dc0, acc, dZS}
   const at::Tensor& dXG = out[0];
@@ -250,6 +255,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tenso
   at::Tensor dc0 = lstm ? to_dtype(out[5], c0_in.numel() ? c0_in.scalar_type() : io) : at::empty({0}, y_in.options());
   return {dxg_io, to_dtype(dwhh, whh_in.scalar_type()), to_dtype(out[4], h0_in.scalar_type()), dc0,
           dparams};
+}
+
+// lstmkit::recurrence_backward (CPU). Empty dy / dh_n / dc_n mean zero.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurrence_backward(
+    const at::Tensor& dy_in, const at::Tensor& dhn_in, const at::Tensor& dcn_in, const at::Tensor& y_in,
+    const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
+    const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags,
+    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+  return backward_call(dy_in, dhn_in, dcn_in, y_in, h0_in, c0_in, whh_in, lengths, params_in, buffers, flags,
+                       mlp_layout, clip, zoneout_c, zoneout_h, H, P, {});
 }
 
 // The ABI this extension was compiled with (a test compares it with lstmkit/kernels/abi.py).
@@ -370,7 +385,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> p
     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
     const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& lengths,
     std::vector<at::Tensor>& params, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
-    double zoneout_c, double zoneout_h, int64_t H, int64_t P, bool save) {
+    double zoneout_c, double zoneout_h, int64_t H, int64_t P, bool save, const std::vector<at::Tensor>& mlp_each = {}) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit: expected ", (int)N_PARAMS, " params");
   at::Tensor bias = b_ih.numel() ? b_ih : at::Tensor(), bias2 = b_hh.numel() ? b_hh : at::Tensor();
   if ((flags & F_LAYERNORM) && bias.defined()) {
@@ -378,7 +393,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> p
     bias = bias2 = at::Tensor();
   }
   return forward_call(at::Tensor(), whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H,
-                      P, save, save, x, w_ih, bias, bias2);
+                      P, save, save, x, w_ih, bias, bias2, mlp_each);
 }
 
 // Inference (nothing needs a gradient): the input projection and the recurrence in one call, the
@@ -427,42 +442,30 @@ struct NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDiffere
   }
 };
 
-// The deep gates' tensors (abi.mlp_names order) as the flat mlp param (their current values).
-static at::Tensor flat_mlp(at::TensorList mlp) {
-  std::vector<at::Tensor> flat;
-  flat.reserve(mlp.size());
-  for (const auto& t : mlp) flat.push_back(t.reshape({-1}));
-  return at::cat(flat);
-}
-
 struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
   // x (T, B, I), w_ih (R, I), b_ih / b_hh (R,) | (0,), whh, h0 (B, H_out), c0 (B, S*H) | (0,),
-  // params in abi.PARAMS order (mlp's slot empty when mlp_in, the deep gates' tensors, is given: made
-  // flat here, and the flat gradient handed back to each) -> y (T, B, H_out), h_n (B, H_out), c_n (B, S*H) | (0,)
+  // params in abi.PARAMS order (mlp's slot empty when mlp_in, the deep gates' tensors, is given: read
+  // in place, and the kernel's flat gradient handed back to each) -> y (T, B, H_out), h_n (B, H_out),
+  // c_n (B, S*H) | (0,)
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih,
       const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0,
       at::TensorList params_in, at::TensorList mlp_in, int64_t flags, const std::vector<int64_t>& mlp_layout,
       double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
     std::vector<at::Tensor> params(params_in.begin(), params_in.end());
-    if (!mlp_in.empty()) params[P_MLP] = flat_mlp(mlp_in);  // the deep gates' layers, flat (abi.mlp_names order)
+    const std::vector<at::Tensor> mlp(mlp_in.begin(), mlp_in.end());
     auto [y, h_n, c_n, buffers] = projected_forward(x, w_ih, b_ih, b_hh, whh, h0, c0, at::Tensor(), params, flags,
-                                                    mlp_layout, clip, zoneout_c, zoneout_h, H, P, true);
-    std::vector<at::Tensor> saved{x, w_ih, b_ih, whh, h0, c0, y};
+                                                    mlp_layout, clip, zoneout_c, zoneout_h, H, P, true, mlp);
+    TORCH_CHECK((int64_t)buffers.size() == N_BUFFERS, "lstmkit forward_step: expected ", (int)N_BUFFERS, " buffers");
+    std::vector<at::Tensor> saved{x, w_ih, b_ih, whh, h0, c0, y};  // then params, buffers, the deep gates' tensors
     saved.insert(saved.end(), params.begin(), params.end());
     saved.insert(saved.end(), buffers.begin(), buffers.end());
+    saved.insert(saved.end(), mlp.begin(), mlp.end());
     ctx->save_for_backward(saved);
     ctx->saved_data["flags"] = flags;
     ctx->saved_data["mlp"] = mlp_layout;
     ctx->saved_data["scalars"] = std::vector<double>{clip, zoneout_c, zoneout_h};
     ctx->saved_data["sizes"] = std::vector<int64_t>{H, P};
-    ctx->saved_data["mlp_count"] = (int64_t)mlp_in.size();
-    std::vector<int64_t> mlp_shapes;  // per deep-gate tensor: its rank, then its sizes
-    for (const auto& t : mlp_in) {
-      mlp_shapes.push_back(t.dim());
-      for (int64_t d : t.sizes()) mlp_shapes.push_back(d);
-    }
-    ctx->saved_data["mlp_shapes"] = mlp_shapes;
     ctx->set_materialize_grads(false);
     return {y, h_n, c_n};
   }
@@ -474,7 +477,8 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     const at::Tensor &x = saved[0], &w_ih = saved[1], &b_ih = saved[2], &whh = saved[3], &h0 = saved[4],
                      &c0 = saved[5], &y = saved[6];
     const std::vector<at::Tensor> params(saved.begin() + 7, saved.begin() + 7 + N_PARAMS);
-    const std::vector<at::Tensor> buffers(saved.begin() + 7 + N_PARAMS, saved.end());
+    const std::vector<at::Tensor> buffers(saved.begin() + 7 + N_PARAMS, saved.begin() + 7 + N_PARAMS + N_BUFFERS);
+    const std::vector<at::Tensor> mlp_own(saved.begin() + 7 + N_PARAMS + N_BUFFERS, saved.end());
     const int64_t flags = ctx->saved_data["flags"].toInt();
     const auto mlp = ctx->saved_data["mlp"].toIntVector();
     const auto sc = ctx->saved_data["scalars"].toDoubleVector();
@@ -482,15 +486,14 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     const bool ln = flags & F_LAYERNORM;
     const bool higher = at::GradMode::is_enabled();  // create_graph=True
     auto given = [&](size_t k) { return grads[k].defined() ? grads[k] : at::empty({0}, y.options()); };
-    const auto mlp_shapes = ctx->saved_data["mlp_shapes"].toIntVector();
-    const size_t M = ctx->saved_data["mlp_count"].toInt();
+    const size_t M = mlp_own.size();
     // x, w_ih, b_ih, b_hh, whh, h0, c0, params, the deep gates' tensors, then 7 non-tensor arguments
     torch::autograd::variable_list out(7 + N_PARAMS + M + 7);
     {
       at::NoGradGuard no_grad;
-      auto [dxg, dwhh, dh0, dc0, dparams] = recurrence_backward(
+      auto [dxg, dwhh, dh0, dc0, dparams] = backward_call(
           given(0), given(1), given(2), y, h0, c0, whh, at::Tensor(), params, buffers, flags, mlp, sc[0], sc[1],
-          sc[2], sizes[0], sizes[1]);
+          sc[2], sizes[0], sizes[1], mlp_own);
       const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
       const at::Tensor dxg2 = dxg.reshape({T * B, dxg.size(2)});  // (T*B, R)
       if (ctx->needs_input_grad(0)) out[0] = dxg2.mm(w_ih).view({T, B, I});
@@ -507,13 +510,10 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
         if (params[k].numel() && !PARAM_NO_GRAD[k] && !(ln && k == P_BIAS) && !(M && k == P_MLP))
           out[7 + k] = dparams[k];
       int64_t off = 0;  // the flat gradient back to each deep-gate tensor, in order, in its shape
-      for (size_t j = 0, k = 0; j < M; ++j) {
-        const int64_t rank = mlp_shapes[k];
-        const at::IntArrayRef shape(mlp_shapes.data() + k + 1, rank);
-        const int64_t numel = c10::multiply_integers(shape);
-        out[7 + N_PARAMS + j] = dparams[P_MLP].narrow(0, off, numel).view(shape);
+      for (size_t j = 0; j < M; ++j) {
+        const int64_t numel = mlp_own[j].numel();
+        out[7 + N_PARAMS + j] = dparams[P_MLP].narrow(0, off, numel).view(mlp_own[j].sizes());
         off += numel;
-        k += 1 + rank;
       }
     }
     if (!higher) return out;
@@ -556,10 +556,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_step(
     for (const auto& t : mlp) grad = grad || t.requires_grad();
   }
   if (!grad) {
-    if (!mlp.empty()) params[P_MLP] = flat_mlp(mlp);
-    auto [y, h_n, c_n] = forward_infer(x, w_ih, b_ih, b_hh, whh, h0, c0, at::Tensor(), std::move(params), flags,
-                                       mlp_layout, clip, zoneout_c, zoneout_h, H, P);
-    return result(y, h_n, c_n);
+    auto out = projected_forward(x, w_ih, b_ih, b_hh, whh, h0, c0, at::Tensor(), params, flags, mlp_layout, clip,
+                                 zoneout_c, zoneout_h, H, P, false, mlp);
+    return result(std::get<0>(out), std::get<1>(out), std::get<2>(out));
   }
   auto out = ProjectedRun::apply(x, w_ih, b_ih, b_hh, whh, h0, c0, at::TensorList(params), at::TensorList(mlp), flags,
                                  mlp_layout, clip, zoneout_c, zoneout_h, H, P);
