@@ -32,8 +32,11 @@ browser:
 	    $(SUDO) apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; CI's 2 cores): its tests are single-threaded.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 	$(VENV)/bin/ruff check src tests benchmarks tools
 
 bench: $(STAMP)

@@ -380,11 +380,16 @@ def test_default_onnx_export_of_a_whole_model(variant):
         torch.testing.assert_close(torch.from_numpy(got), model(tokens).detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_torchscript_paths_refuse_with_the_supported_ones():
-    layer = lstmkit.LSTM(3, 4)
-    x = torch.randn(5, 2, 3)
-    for attempt in (lambda: torch.jit.trace(layer, (x,)), lambda: torch.jit.script(layer),
-                    lambda: torch.onnx.export(layer, (x,), dynamo=False)):
+@pytest.mark.parametrize("module, x", [(lstmkit.LSTM(3, 4), torch.randn(5, 2, 3)),
+                                       (lstmkit.LSTMCell(3, 4), torch.randn(2, 3))], ids=["LSTM", "LSTMCell"])
+def test_torchscript_paths_refuse_with_the_supported_ones(module, x):
+    """Also a cell whose call signature is prepared (TorchScript's trace would record neither
+    road: the compiled step is called around the dispatcher)."""
+    with torch.no_grad():
+        module(x)
+        module(x)
+    for attempt in (lambda: torch.jit.trace(module, (x,)), lambda: torch.jit.script(module),
+                    lambda: torch.onnx.export(module, (x,), dynamo=False)):
         with pytest.raises(RuntimeError, match=r"not supported.*torch\.export\.export.*torch\.onnx\.export"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

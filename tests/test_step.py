@@ -304,6 +304,23 @@ def test_prepared_modules_copy_and_pickle():
             assert not torch.equal(step(other, state)[0], step(module, state)[0])
 
 
+def test_prepared_step_gives_way_to_vmap_autocast_and_traces(forward_infer_calls):
+    """A prepared step (a call signature seen before) leaves to the general path what it cannot
+    run itself: a vmap's batched tensors (the same signature from Python) and autocast (bfloat16
+    results; TorchScript's trace: tests/test_ops.py)."""
+    torch.manual_seed(0)
+    cell = lstmkit.LSTMCell(I, H).eval()
+    x, xs = torch.randn(B, I), torch.randn(2, B, I)
+    with torch.no_grad():
+        cell(x)
+        cell(x)
+        assert forward_infer_calls.count(torch.Size([B, I])) == 1  # the second call: prepared
+        batched = torch.func.vmap(lambda xi: cell(xi)[0])(xs)
+        torch.testing.assert_close(batched, torch.stack([cell(xi)[0] for xi in xs]), rtol=1e-6, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert cell(x)[0].dtype == torch.bfloat16
+
+
 def test_prepared_training_step_double_backward_raises_clearly():
     """The prepared step's compiled node, like the operator: a first-order gradient with
     create_graph=True works, a second-order one raises the operator's message."""

@@ -692,6 +692,8 @@ class LSTMCell(nn.Module):
         if fast is not None:
             _, h_n, c_n = fast  # (N, H_out), (N, S·H)
             return self._new_state(h_n, c_n)
+        if torch.jit.is_tracing():
+            raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.trace (and torch.onnx.export(dynamo=False))"))
         self._check_input(input)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)  # (N, I)
@@ -715,6 +717,9 @@ class LSTMCell(nn.Module):
         assert out.c_n is not None
         new = self._new_state(out.h_n, out.c_n)
         return new if batched else tuple(t.squeeze(0) for t in new)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.script"))
 
     def _new_state(self, h: Tensor, cells: Tensor) -> State:
         """``(h', c')`` (the sLSTM: ``(h', c', n', m')``) from ``h'`` and the cell states side by side

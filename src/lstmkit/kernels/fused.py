@@ -302,7 +302,7 @@ class PreparedStep:
     def signature(x: Tensor, hx: Any, training: bool, version: int) -> tuple:
         """What a call's checks and choices depend on besides values: types, shapes, dtypes,
         devices, the module's mode, the kernel registry's version."""
-        states = None if hx is None else (type(hx), *((type(t), t.shape, t.dtype, t.device) for t in hx))
+        states = None if hx is None else (type(hx), *[(type(t), t.shape, t.dtype, t.device) for t in hx])
         return type(x), x.shape, x.dtype, x.device, states, training, version
 
     def remember(self, key: tuple, layers: list[dict[str, Tensor]], parameters: dict[str, Tensor]) -> None:
@@ -348,19 +348,18 @@ class PreparedStep:
         if kept is None:
             return None
         params, layers = kept
-        # compile, export, functorch and autocast (the tensors' types are in the signature); the
-        # TorchScript-based ONNX export traces
-        if not ops.eager_mode("cpu") or torch.jit.is_tracing():
+        if torch.compiler.is_compiling():  # compile and export (the tensors' types are in the signature)
             return None
         current = tuple(parameters.values())
         if len(current) != len(params) or not all(map(operator.is_, current, params)):
             return None
         if current[0].dtype != x.dtype or current[0].device != x.device:
             return None  # converted in place since (module.double()): the general path names the mismatch
-        zoneout = training and self.spec.zoneout != (0.0, 0.0)  # (a step's: a run's is never kept)
         ext = self._ext
-        if check_finite and ext.first_nonfinite([x] if hx is None else [x, *hx]) != -1:
+        # functorch, autocast, the TorchScript-based ONNX export's trace; a NaN or inf (one call)
+        if not ext.step_ready([x] if hx is None else [x, *hx], check_finite):
             return None
+        zoneout = training and self.spec.zoneout != (0.0, 0.0)  # (a step's: a run's is never kept)
         H, S, N = self.hidden_size, self._states, x.shape[-2]  # x: a step's (N, I) or a run's (T, N, I)
 
         def with_masks(plist: list[Any], x: Tensor) -> list[Any]:

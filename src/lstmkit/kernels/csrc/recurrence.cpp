@@ -47,6 +47,9 @@
 //   rnn                : y only.
 // Steps t >= len_b: h, c, s carry over, y = 0, G/AH/RH/AS/RS rows = 0, C row = carried c.
 #include <torch/extension.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <atomic>
 #include <cmath>
 #include <type_traits>
@@ -349,6 +352,21 @@ int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
   return -1;
 }
 
+// A prepared step's checks in one call (lstmkit/kernels/fused.py, PreparedStep.run): true when
+// this thread runs plain eager CPU code — no autocast on the CPU, no functorch transform, no
+// TorchScript trace (torch.is_autocast_enabled("cpu"), torch._C._functorch.peek_interpreter_stack(),
+// torch.jit.is_tracing(): each would make the operator road behave otherwise) — and, with
+// check_finite, no NaN or inf in `tensors` (first_nonfinite). Dynamo's tracing is Python's to see.
+// A functorch transform is active exactly while its front dispatch key is in this thread's
+// included set (functorch adds it with the first interpreter it pushes, removes it with the last).
+bool step_ready(const std::vector<at::Tensor>& tensors, bool check_finite) {
+  if (at::autocast::is_autocast_enabled(at::kCPU) ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      torch::jit::tracer::isTracing())
+    return false;
+  return !check_finite || first_nonfinite(tensors) == -1;
+}
+
 // test hook: the vectorised activations on a contiguous tensor (0 exp, 1 tanh, 2 sigmoid)
 at::Tensor act_test(at::Tensor x, int64_t which) {
   x = x.contiguous();
@@ -581,6 +599,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("set_no_double_backward", &lk::set_no_double_backward, "the error a second-order gradient raises");
   m.def("first_nonfinite", &lk::first_nonfinite, "index of the first tensor with a NaN or inf, -1 if none",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("step_ready", &lk::step_ready,
+        "plain eager CPU mode (no autocast, functorch transform or trace) and, if asked, every tensor finite",
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_gemm", &lk::bf16_gemm_available,
         "whether bfloat16 layers' per-step products run in bfloat16 on AMX tiles (else in float32)");
