@@ -88,9 +88,9 @@ def zoneout_keep(layer, T, B):
 @pytest.fixture
 def forward_infer_calls(monkeypatch) -> list:
     """The shape of ``x`` in every call of the compiled kernel's ``forward_infer`` (inference with
-    the input projection inside the loop, and one step per call) or ``forward_step`` (a prepared
-    step, without gradients forward_infer) during the test: a spy on the loaded extension, so a
-    test can check that path ran."""
+    the input projection inside the loop, and one step per call) or of a ``PreparedLayer`` (a
+    prepared step, without gradients forward_infer) during the test: a spy on the loaded
+    extension, so a test can check that path ran."""
     from lstmkit.kernels import cpu_ext
 
     real, calls = cpu_ext.load(), []
@@ -103,9 +103,13 @@ def forward_infer_calls(monkeypatch) -> list:
             calls.append(args[0].shape)
             return real.forward_infer(*args)
 
-        def forward_step(self, *args):
-            calls.append(args[0].shape)
-            return real.forward_step(*args)
+        def PreparedLayer(self, *args):  # noqa: N802 - the extension's class
+            layer = real.PreparedLayer(*args)
+
+            def call(x, *rest):
+                calls.append(x.shape)
+                return layer(x, *rest)
+            return call
 
     monkeypatch.setattr(cpu_ext, "load", lambda verbose=False: Spy())
     return calls

@@ -535,8 +535,8 @@ class LSTM(_Recurrent):
             fast = self._prepared.run(x, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
                                       self.check_finite, True, self.dropout)
             if fast is not None:
-                y, h_n, c_n = fast  # (T, N, H_out), (L, N, H_out), (L, N, S·H)
-                return (y.transpose(0, 1) if self.batch_first else y), (h_n, *self._cell_states(c_n))
+                y, h_n, cells = fast  # (T, N, H_out), (L, N, H_out), S × (L, N, H)
+                return (y.transpose(0, 1) if self.batch_first else y), (h_n, *cells)
         output, h_n, c_n, out = self._run(input, hx, lengths=lengths)
         assert c_n is not None
         if run and isinstance(out.kernel, FusedCPUKernel):
@@ -561,8 +561,8 @@ class LSTM(_Recurrent):
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
                                   self.check_finite, True, self.dropout)
         if fast is not None:
-            output, h_n, c_n = fast  # (N, H_out), (L, N, H_out), (L, N, S·H)
-            return output, (h_n, *self._cell_states(c_n))
+            output, h_n, cells = fast  # (N, H_out), (L, N, H_out), S × (L, N, H)
+            return output, (h_n, *cells)
         output, h_n, c_n = self._step(input, hx)
         assert c_n is not None
         if input.dim() == 2 and not self.bidirectional \
@@ -690,8 +690,8 @@ class LSTMCell(nn.Module):
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
                                   self.check_finite, False)
         if fast is not None:
-            _, h_n, c_n = fast  # (N, H_out), (N, S·H)
-            return self._new_state(h_n, c_n)
+            _, h_n, cells = fast  # (N, H_out), S × (N, H)
+            return (h_n, *cells)
         if torch.jit.is_tracing():
             raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.trace (and torch.onnx.export(dynamo=False))"))
         self._check_input(input)

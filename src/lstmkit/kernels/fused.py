@@ -292,10 +292,11 @@ class PreparedStep:
     def __init__(self, spec: CellSpec, hidden_size: int, proj_size: int = 0) -> None:
         self.spec, self.hidden_size, self.H_out = spec, hidden_size, proj_size or hidden_size
         self._states = len(variants.cell_states(spec))  # S: the cell states side by side
-        # signature -> (the module's parameters, per layer the operator's arguments and the deep
-        # gates' tensors), for the last few signatures (a loop's first step with hx=None, then its
-        # others): a dict replaced whole on every change, so a call never sees a half-made entry
-        self._kept: dict[tuple, tuple[tuple[Tensor, ...], list[_LayerArgs]]] = {}
+        # signature -> (the module's parameters, per layer the compiled extension's PreparedLayer:
+        # forward_step's arguments but x and the states), for the last few signatures (a loop's first
+        # step with hx=None, then its others): a dict replaced whole on every change, so a call never
+        # sees a half-made entry
+        self._kept: dict[tuple, tuple[tuple[Tensor, ...], list[Any]]] = {}
         self._ext: Any = None  # the compiled extension, once a call has run it
 
     @staticmethod
@@ -313,13 +314,14 @@ class PreparedStep:
         if len(key[1]) == 3 and key[5] and self.spec.zoneout != (0.0, 0.0):
             return  # a run's zoneout in training: the whole sequence's masks, drawn by the general path
         kept = self._kept if len(self._kept) < _KEPT_SIGNATURES else {}
-        layer_args = []
-        for params in layers:  # forward_step's arguments around (x, ..., h, c, plist, ...): kept in call order
+        ext = cpu_ext.load()
+        prepared = []
+        for params in layers:
             w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = infer_args(params, self.spec, flat_mlp=False)
-            layer_args.append(((w_ih, b_ih, b_hh, w_hh), plist,
-                               (_mlp_tensors(params, self.spec), flags, mlp, *scalars, self.hidden_size, proj)))
-        self._ext = cpu_ext.load()
-        self._kept = {**kept, key: (tuple(parameters.values()), layer_args)}
+            prepared.append(ext.PreparedLayer(w_ih, b_ih, b_hh, w_hh, plist, _mlp_tensors(params, self.spec), flags,
+                                              mlp, *scalars, self.hidden_size, proj))
+        self._ext = ext
+        self._kept = {**kept, key: (tuple(parameters.values()), prepared)}
 
     def clear(self) -> None:
         """Forget every kept signature (the next call of each takes the general path)."""
@@ -332,12 +334,12 @@ class PreparedStep:
 
     def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: int,
             check_finite: bool, stacked: bool, dropout: float = 0.0
-            ) -> tuple[Tensor, Tensor, Tensor] | None:
+            ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]] | None:
         """The step for input ``x`` (N, I) and ``hx`` — a cell's ``(h, c)`` (the sLSTM's ``(h, c, n, m)``)
         each (N, H), or with ``stacked`` a stack's, each (L, N, ·) — or None (see above); ``dropout``
         on each layer's input but the first's in training. Returns the output (N, H_out), ``h'`` and
-        the cell states side by side: a cell's (N, H_out) and (N, S·H), a stack's (L, N, H_out) and
-        (L, N, S·H). With ``stacked``, ``x`` may also be a whole time-major run (T, N, I), kept by
+        the S cell states: a cell's (N, H_out) and (N, H) each, a stack's (L, N, H_out) and (L, N, H)
+        each. With ``stacked``, ``x`` may also be a whole time-major run (T, N, I), kept by
         :meth:`LSTM.forward <lstmkit.LSTM.forward>` for inference; the output is then (T, N, H_out)."""
         if not self._kept:
             return None
@@ -355,43 +357,38 @@ class PreparedStep:
             return None
         if current[0].dtype != x.dtype or current[0].device != x.device:
             return None  # converted in place since (module.double()): the general path names the mismatch
-        ext = self._ext
         # functorch, autocast, the TorchScript-based ONNX export's trace; a NaN or inf (one call)
-        if not ext.step_ready([x] if hx is None else [x, *hx], check_finite):
+        if not self._ext.step_ready([x] if hx is None else [x, *hx], check_finite):
             return None
         zoneout = training and self.spec.zoneout != (0.0, 0.0)  # (a step's: a run's is never kept)
-        H, S, N = self.hidden_size, self._states, x.shape[-2]  # x: a step's (N, I) or a run's (T, N, I)
-
-        def with_masks(plist: list[Any], x: Tensor) -> list[Any]:
-            """The params list with this step's zoneout masks (1, N, H) and (1, N, H_out) in training."""
-            if not zoneout:
-                return plist
-            plist = list(plist)
-            plist[_KEEP_C], plist[_KEEP_H] = cell.zoneout_masks(self.spec, (1, N, H), (1, N, self.H_out), x)
-            return plist
-
-        if stacked and len(layers) == 1 and S == 1:  # one layer: its (1, N, ·) state in and out as it is
-            head, plist, tail = layers[0]
-            h, c = (x.new_zeros(1, N, self.H_out), x.new_zeros(1, N, H)) if hx is None else hx
-            return ext.forward_step(x, *head, h, c, with_masks(plist, x), *tail)
+        if not stacked:  # a cell: (N, H_out) and the S states (N, H) each, in and out
+            h, *cells = self._zeros(x, x.shape[0]) if hx is None else hx
+            y, h_n, *c_n = layers[0](x, h, cells, *(self._masks(x) if zoneout else ()))
+            return y, h_n, tuple(c_n)
+        N = x.shape[-2]  # x: a step's (N, I) or a run's (T, N, I)
+        if len(layers) == 1 and self._states == 1:  # one layer: its (1, N, ·) state in and out as it is
+            h, c = (x.new_zeros(1, N, self.H_out), x.new_zeros(1, N, self.hidden_size)) if hx is None else hx
+            y, h_n, c_n = layers[0](x, h, [c], *(self._masks(x) if zoneout else ()))
+            return y, h_n, (c_n,)
         hs, cs = [], []
-        for layer, (head, plist, tail) in enumerate(layers):
+        for layer, prepared in enumerate(layers):
             if layer > 0 and dropout > 0.0 and training:
                 x = torch.nn.functional.dropout(x, p=dropout, training=True)
-            plist = with_masks(plist, x)
-            if hx is None:
-                h, c = x.new_zeros(N, self.H_out), x.new_zeros(N, S * H)
-            elif not stacked and S == 1:
-                h, c = hx
-            else:
-                states = [t[layer] for t in hx] if stacked else hx  # (N, H_out), then (N, H) each
-                h, c = states[0], states[1] if S == 1 else torch.cat(states[1:], dim=-1)  # c: (N, S·H)
-            x, h_n, c_n = ext.forward_step(x, *head, h, c, plist, *tail)  # x (N, I) -> (N, H_out): the next input
+            h, *cells = self._zeros(x, N) if hx is None else [t[layer] for t in hx]  # (N, H_out), (N, H) each
+            x, h_n, *c_n = prepared(x, h, cells, *(self._masks(x) if zoneout else ()))  # x (.., N, I) -> (.., N, H_out)
             hs.append(h_n)
             cs.append(c_n)
-        if not stacked:
-            return x, hs[0], cs[0]
-        return x, torch.stack(hs), torch.stack(cs)
+        return x, torch.stack(hs), tuple(torch.stack(c) for c in zip(*cs))
+
+    def _zeros(self, x: Tensor, N: int) -> list[Tensor]:
+        """A state of zeros: h (N, H_out), then the S cell states (N, H) each."""
+        return [x.new_zeros(N, self.H_out), *(x.new_zeros(N, self.hidden_size) for _ in range(self._states))]
+
+    def _masks(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """This step's zoneout masks (1, N, H) and (1, N, H_out), for training, drawn as the general
+        path draws them (x: the layer's input, (N, I))."""
+        N = x.shape[-2]
+        return cell.zoneout_masks(self.spec, (1, N, self.hidden_size), (1, N, self.H_out), x)
 
 
 def _mlp_tensors(params: dict[str, Tensor], spec: CellSpec) -> list[Tensor]:
@@ -400,10 +397,6 @@ def _mlp_tensors(params: dict[str, Tensor], spec: CellSpec) -> list[Tensor]:
     return [params[name] for name in abi.mlp_names(spec, "bias_ih" in params)] if spec.gate_hidden else []
 
 
-_KEEP_C, _KEEP_H = abi.PARAMS.index("keep_c"), abi.PARAMS.index("keep_h")
-#: A prepared layer's forward_step arguments around (x, ..., h, c, params, ...): the four before
-#: h (w_ih, b_ih, b_hh, w_hh), the params list, the rest (deep gates, flags, layout, scalars, H, P).
-_LayerArgs = tuple[tuple[Tensor, ...], list[Any], tuple[Any, ...]]
 #: How many call signatures a PreparedStep keeps (all are dropped when one more comes).
 _KEPT_SIGNATURES = 8
 

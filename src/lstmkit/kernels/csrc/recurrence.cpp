@@ -583,6 +583,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_step(
   return result(out[0], out[1], out[2]);
 }
 
+// A prepared layer (PreparedStep, lstmkit/kernels/fused.py): forward_step's arguments that stay the
+// same from call to call — the layer's parameters (the module's own tensors, read in place on every
+// call, so that in-place updates are seen), flags, mlp layout, scalars — held here once per call
+// signature, so that a call converts its few tensors rather than some thirty arguments.
+struct PreparedLayer {
+  at::Tensor w_ih, b_ih, b_hh, whh;
+  std::vector<at::Tensor> params, mlp;  // params: abi.PARAMS order, zoneout's slots empty; mlp: forward_step's
+  int64_t flags;
+  std::vector<int64_t> mlp_layout;
+  double clip, zoneout_c, zoneout_h;
+  int64_t H, P;
+
+  // x (N, I) or (T, N, I); h (N, H_out) or a one-layer stack's (1, N, H_out); cells: the cell states
+  // side by side, one (N, S·H) tensor (or (1, N, S·H)), or the S states, (N, H) each; keep_c /
+  // keep_h: zoneout's masks of this call (training), or None. Returns y, h_n, then the cell states
+  // as they came: one tensor, or S (views of one).
+  std::vector<at::Tensor> call(const at::Tensor& x, const at::Tensor& h, const std::vector<at::Tensor>& cells,
+                               const std::optional<at::Tensor>& keep_c,
+                               const std::optional<at::Tensor>& keep_h) const {
+    TORCH_CHECK(!cells.empty(), "lstmkit prepared step: no cell state");
+    const bool parts = cells.size() > 1;
+    std::vector<at::Tensor> p = params;
+    if (keep_c.has_value()) p[P_KEEP_C] = *keep_c;
+    if (keep_h.has_value()) p[P_KEEP_H] = *keep_h;
+    auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, parts ? at::cat(cells, -1) : cells[0], std::move(p),
+                                      mlp, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P);
+    std::vector<at::Tensor> out{y, h_n};
+    if (!parts) {
+      out.push_back(c_n);
+    } else {
+      for (const auto& c : c_n.split(H, -1)) out.push_back(c);
+    }
+    return out;
+  }
+};
+
 }  // namespace lk
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -594,9 +630,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("forward_infer", &lk::forward_infer, "the forward without gradients, the input projection in the loop",
         py::call_guard<py::gil_scoped_release>());
-  m.def("forward_step", &lk::forward_step,
-        "one step (or run) of forward_infer's arguments; with gradients wanted, one C++ autograd node",
-        py::call_guard<py::gil_scoped_release>());
+  py::class_<lk::PreparedLayer>(m, "PreparedLayer",
+                                "forward_step's arguments kept for a call signature; call(x, h, cells, keep_c, keep_h)")
+      .def(py::init([](at::Tensor w_ih, at::Tensor b_ih, at::Tensor b_hh, at::Tensor whh,
+                       std::vector<at::Tensor> params, std::vector<at::Tensor> mlp, int64_t flags,
+                       std::vector<int64_t> mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H,
+                       int64_t P) {
+        TORCH_CHECK((int64_t)params.size() == lk::N_PARAMS, "lstmkit PreparedLayer: expected ", (int)lk::N_PARAMS,
+                    " params");
+        return lk::PreparedLayer{w_ih, b_ih, b_hh, whh, std::move(params), std::move(mlp), flags,
+                                 std::move(mlp_layout), clip, zoneout_c, zoneout_h, H, P};
+      }))
+      .def("__call__", &lk::PreparedLayer::call, py::arg("x"), py::arg("h"), py::arg("cells"),
+           py::arg("keep_c") = py::none(), py::arg("keep_h") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("set_no_double_backward", &lk::set_no_double_backward, "the error a second-order gradient raises");
   m.def("first_nonfinite", &lk::first_nonfinite, "index of the first tensor with a NaN or inf, -1 if none",
         py::call_guard<py::gil_scoped_release>());
