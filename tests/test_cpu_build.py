@@ -84,6 +84,9 @@ def test_avx2_build_runs_every_variant_like_the_reference():
         from variants import LSTM_VARIANTS
         assert torch.backends.cpu.get_cpu_capability() == "AVX2"
         assert cpu_ext.load().abi()["gemm_tile"] == (6, 16), cpu_ext.load().abi()
+        # the parent's build (its capability) loads beside this one: each keeps its own classes
+        other = cpu_ext._build("PARENT_CAP")
+        assert other.PreparedLayer is not cpu_ext.load().PreparedLayer or "PARENT_CAP" == "AVX2"
         torch.manual_seed(0)
         worst = 0.0
         for name, cell in list(LSTM_VARIANTS.items()) + [("rnn", None)]:
@@ -110,7 +113,7 @@ def test_avx2_build_runs_every_variant_like_the_reference():
                     assert err < tol, (name, dtype, err)
                     worst = max(worst, err if dtype == torch.float64 else 0.0)
         print("ok", worst)
-    """, timeout=900, ATEN_CPU_CAPABILITY="avx2", PYTHONPATH=os.pathsep.join(
+    """.replace("PARENT_CAP", cpu_ext.capability()), timeout=900, ATEN_CPU_CAPABILITY="avx2", PYTHONPATH=os.pathsep.join(
         [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 

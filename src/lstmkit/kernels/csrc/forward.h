@@ -27,12 +27,15 @@ struct InputProjection {
 
 // Returns {Y, h_n, c_n, then the buffers in abi.BUFFERS order} (an empty tensor for each one
 // not kept; without buffers_out, Y, h_n and c_n alone). params: the operator's params list (abi.PARAMS order, compute dtype).
+// xg_low: a bfloat16 / float16 layer's (T, B, R) xg in its own dtype (xg then an empty (T, B, 0)
+// tensor giving the sizes): each thread widens its rows of step t into a (B, ldr) block just before
+// the cell reads them, instead of a float32 copy of the whole (T, B, R) written and read back.
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh, const at::Tensor& h0,
                                      const at::Tensor& c0, const std::vector<int64_t>& len,
                                      const std::vector<at::Tensor>& params, const Cfg& cf, const MlpLayout& mlp,
                                      const MlpWeights<T>& mw, bool save, int nthreads, bool buffers_out = true,
-                                     const InputProjection<T>* proj_in = nullptr) {
+                                     const InputProjection<T>* proj_in = nullptr, const at::Tensor& xg_low = {}) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t Tn = xg.size(0), B = xg.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
@@ -100,6 +103,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
       for (int64_t n = 0; n < R; ++n) bp[n] = proj_in->bias[n] + (proj_in->bias2 ? proj_in->bias2[n] : T(0));
     }
   }
+  const bool widen = xg_low.defined() && !proj_in;  // xg_t's rows widened into xws, step by step
+  if (widen) xws = at::zeros({B, ldr}, opt);
   // deep gates: W_j of every MLP layer, packed once per call (v = a W_j^T)
   std::vector<Packed<T>> Wm(mlp.gates.size() * std::max(mlp.depth, 1));
   for (size_t k = 0; k < mlp.gates.size(); ++k)
@@ -113,15 +118,23 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   T* ssp = cf.fgr ? ss.data_ptr<T>() : nullptr;
   T* fwp = cf.fgr ? fws.data_ptr<T>() : nullptr;
   T* mwp = P > 0 ? mws.data_ptr<T>() : nullptr;
-  StepForward<T> step{cf, prm, B, proj_in ? xws.data_ptr<T>() : xg.data_ptr<T>(), rwp, ldr, fwp, lds, ssp,
+  StepForward<T> step{cf, prm, B, xws.defined() ? xws.data_ptr<T>() : xg.data_ptr<T>(), rwp, ldr, fwp, lds, ssp,
                             lstm ? cs.data_ptr<T>() : nullptr, hsp, ldh, mwp, ldm, Y.data_ptr<T>(),
                             kept(B_G), kept(B_C), kept(B_CN), kept(B_RH), kept(B_RS), kept(B_AH), kept(B_AS),
                             cf.zoneout ? scratch.data_ptr<T>() : nullptr, ldscratch, mlp, mw,
                             mlp.any() ? (acts_ws.defined() ? acts_ws.data_ptr<T>() : kept(B_MLP)) : nullptr,
                             acts_ws.defined(), mlp.any() ? vout.data_ptr<T>() : nullptr};
 
-  step.xg_ts = proj_in ? 0 : B * R;
-  step.xg_bs = proj_in ? ldr : R;
+  step.xg_ts = xws.defined() ? 0 : B * R;
+  step.xg_bs = xws.defined() ? ldr : R;
+  // widen row (t, b) of xg_low into row b of xws (the caller's thread owns row b in phase B)
+  auto widen_row = [&](int64_t t, int64_t b) {
+    T* dst = xws.data_ptr<T>() + b * ldr;
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(xg_low.scalar_type(), "lstmkit_widen", [&] {
+      const scalar_t* src = xg_low.data_ptr<scalar_t>() + (t * B + b) * R;
+      for (int64_t j = 0; j < R; ++j) dst[j] = static_cast<T>(src[j]);
+    });
+  };
 
   std::vector<GemmTask<T>> phaseA;  // r = h W_hh^T (heads: one GEMM per head and gate) [, s W_gg^T] [, xg_t]
   if (cf.heads == 1) phaseA.push_back(GemmTask<T>{&Wp, (int)B, hsp, ldh, rwp, ldr, false});
@@ -150,6 +163,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
       run_tasks<T>(tasks.data(), nA, tid, nth);  // phase A: r = h_{t-1} W_hh^T [, s_{t-1} W_gg^T] [, xg_t]
       bar.wait();
       for (int64_t b = b0; b < b1; ++b) {  // phase B: the cell, row by row
+        if (widen && t < len[b]) widen_row(t, b);
         if (t >= len[b]) step.padded_row(t, b);
         else if (!lstm) step.rnn_row(t, b);
         else {

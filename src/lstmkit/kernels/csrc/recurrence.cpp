@@ -127,9 +127,12 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
                                                                            : at::Tensor();
   const at::Tensor bias2 = in_loop && bias2_in.defined() && bias2_in.numel() ? to_compute(bias2_in, ct).contiguous()
                                                                               : at::Tensor();
-  // with the projection in the loop, xg is an empty (T, B, 0) tensor carrying the sizes and options
+  // with the projection in the loop, or a 16-bit xg (widened row by row in the loop: xg_low), xg is
+  // an empty (T, B, 0) tensor carrying the sizes and options
+  const at::Tensor xg_low = !in_loop && ct != io ? xg_in.contiguous() : at::Tensor();
   const at::Tensor xg = in_loop ? at::empty({x.size(0), x.size(1), 0}, x.options())
-                                : to_compute(xg_in, ct).contiguous();
+                        : xg_low.defined() ? at::empty({xg_in.size(0), xg_in.size(1), 0}, xg_in.options().dtype(ct))
+                                           : to_compute(xg_in, ct).contiguous();
   const at::Tensor whh = to_compute(whh_in, ct);
   const at::Tensor h0 = to_compute(h0_in, ct).contiguous();
   at::Tensor c0 = to_compute(c0_in, ct);
@@ -151,7 +154,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
                                           bias2.defined() ? bias2.data_ptr<scalar_t>() : nullptr};
       out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out, &pin);
     } else {
-      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out);
+      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out, nullptr, xg_low);
     }
   });
   // out = {Y, h_n, c_n, then the buffers in abi.BUFFERS order}
@@ -630,8 +633,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("forward_infer", &lk::forward_infer, "the forward without gradients, the input projection in the loop",
         py::call_guard<py::gil_scoped_release>());
+  // module_local: builds for other capabilities (or versions) may be loaded in the same process
   py::class_<lk::PreparedLayer>(m, "PreparedLayer",
-                                "forward_step's arguments kept for a call signature; call(x, h, cells, keep_c, keep_h)")
+                                "forward_step's arguments kept for a call signature; call(x, h, cells, keep_c, keep_h)",
+                                py::module_local())
       .def(py::init([](at::Tensor w_ih, at::Tensor b_ih, at::Tensor b_hh, at::Tensor whh,
                        std::vector<at::Tensor> params, std::vector<at::Tensor> mlp, int64_t flags,
                        std::vector<int64_t> mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H,
