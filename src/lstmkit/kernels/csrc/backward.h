@@ -18,7 +18,8 @@ namespace lk {
 // and o*act(LN(c)) for dW_hr), dh0, dc0, acc (the per-parameter reductions, AccLayout),
 // dZS (T,B,nS*H) (fgr with layernorm or deep gates: the gradient w.r.t. the sigmoid gates' u, for dW_gg),
 // dMLP (the deep gates' flat weights' gradient: dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j, as large
-// GEMMs after the loop over the kept a_j and every step's dv_j).
+// GEMMs after the loop over the kept a_j and every step's dv_j), and for a 16-bit layer (`low`)
+// dXG again in that dtype (else empty).
 // layernorm: dr_t (the gradient w.r.t. the raw r_t) is kept for a chunk of Tc steps only;
 // after each chunk dW_hh += dr_chunk^T h_prev_chunk (at::addmm_, outside the OpenMP region).
 // Zoneout: the carried dL/dh_t, dL/dc_t are w.r.t. the zoned states; d_h·dL/dh_t goes straight
@@ -30,7 +31,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                                       const std::vector<int64_t>& len, const std::vector<at::Tensor>& params,
                                       const at::Tensor& dY, const at::Tensor& dhn, const at::Tensor& dcn,
                                       const Cfg& cf, const MlpLayout& mlp, const MlpWeights<T>& mw,
-                                      int nthreads) {
+                                      int nthreads, at::ScalarType low = at::ScalarType::Undefined) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t Tn = Y.size(0), B = Y.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
@@ -38,6 +39,9 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   const bool regate = cf.ln && !cf.fgr && !mlp.any();  // gates recomputed from a_hat, r_hat (G not kept)
   auto opt = Y.options();
   at::Tensor dXG = at::empty({Tn, B, R}, opt);
+  // a 16-bit layer's dxg in its own dtype, each step's rows narrowed by the thread that made them
+  // (while they are in its cache) rather than the whole (T, B, R) converted after the loop
+  at::Tensor dXGlow = low != at::ScalarType::Undefined ? at::empty({Tn, B, R}, opt.dtype(low)) : at::Tensor();
   at::Tensor dHP = P > 0 ? at::empty({Tn, B, P}, opt) : at::Tensor();
   at::Tensor Mo = P > 0 ? at::empty({Tn, B, H}, opt) : at::Tensor();
   at::Tensor dZS = ((cf.ln || mlp.any()) && cf.fgr) ? at::empty({Tn, B, cf.nS * H}, opt) : at::Tensor();
@@ -249,6 +253,13 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
           }
         }
       }
+      if (dXGlow.defined()) {  // this thread's rows of step t are final: narrowed to the layer's dtype
+        AT_DISPATCH_REDUCED_FLOATING_TYPES(low, "lstmkit_narrow", [&] {
+          scalar_t* lo = dXGlow.data_ptr<scalar_t>() + (t * B + b0) * R;
+          const T* hi = step.dXG + (t * B + b0) * R;
+          for (int64_t j = 0; j < (b1 - b0) * R; ++j) lo[j] = static_cast<scalar_t>(hi[j]);
+        });
+      }
       bar.wait();
       if (dRcp && cf.heads == 1) tasks[0].A = dRcp + (t - t0) * B * ldr;  // layernorm: this step's chunk rows
       run_tasks<T>(tasks.data(), nA, tid, nth);
@@ -290,7 +301,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
       }
   }
   return {dXG, cf.ln ? finish_dwhh(dWhh, cf, perm) : e(), P > 0 ? dHP : e(), P > 0 ? Mo : e(), dh0, lstm ? dcs : e(), accs,
-          dZS.defined() ? dZS : e(), dmlp};
+          dZS.defined() ? dZS : e(), dmlp, dXGlow.defined() ? dXGlow : e()};
 }
 
 }  // namespace lk

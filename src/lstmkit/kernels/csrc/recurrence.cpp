@@ -206,12 +206,12 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_bwd", [&] {
     const MlpWeights<scalar_t> mw(mlp, params[P_MLP], mlp_own);
     out = backward_impl<scalar_t>(bufs, y, h0, c0.contiguous(), whh, len, params, dy, dhn.contiguous(),
-                                  dcn.contiguous(), cf, mlp, mw, nt);
+                                  dcn.contiguous(), cf, mlp, mw, nt, io != ct ? io : at::ScalarType::Undefined);
   });
-  // out = {dXG, dWhh (layernorm), dHP, Mo, dh0, dc0, acc, dZS}
+  // out = {dXG, dWhh (layernorm), dHP, Mo, dh0, dc0, acc, dZS, dmlp, dXG in a 16-bit layer's dtype}
   const at::Tensor& dXG = out[0];
   // the returned dxg, and on the AMX path also the dW_hh product's operand: rounded once
-  const at::Tensor dxg_io = to_dtype(dXG, io);
+  const at::Tensor dxg_io = io != ct ? out[9] : dXG;
   const at::Tensor dXGr = cf.bf16_gemm ? dxg_io : dXG;
   const at::Tensor yr = cf.bf16_gemm ? y_in.contiguous() : y;
   at::Tensor dwhh;
