@@ -215,6 +215,39 @@ def test_lstmcell_is_one_step_of_the_layer():
         torch.testing.assert_close(a, b[0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cell", list(SLSTM_VARIANTS.values()))
+def test_lstmcell_steps_train_like_the_sequence(cell, forward_infer_calls):
+    """A loop of LSTMCell steps with gradients (every call after the first: the prepared step,
+    which takes the four states as they come and gives them back split) = the reference layer
+    over the sequence: outputs, final states, and the gradients of the parameters and of all
+    four initial states."""
+    torch.manual_seed(0)
+    H_ = 4
+    layer = lstmkit.LSTM(I, H_, cell=cell, backend="reference").double()
+    step = lstmkit.LSTMCell(I, H_, cell=cell).double()
+    step.load_state_dict({k[: -len("_l0")]: v for k, v in layer.state_dict().items()})
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    st0 = [torch.randn(B, H_, dtype=torch.float64), torch.randn(B, H_, dtype=torch.float64),
+           torch.rand(B, H_, dtype=torch.float64) + 0.5, torch.randn(B, H_, dtype=torch.float64)]
+    st0 = [s.requires_grad_() for s in st0]
+    y_seq, end_seq = layer(x, tuple(s[None] for s in st0))
+    state, ys = tuple(st0), []
+    for t in range(T):
+        state = step(x[t], state)
+        ys.append(state[0])
+    assert forward_infer_calls.count(torch.Size([B, I])) == T - 1  # all but the first: prepared
+    torch.testing.assert_close(torch.stack(ys), y_seq, rtol=1e-12, atol=1e-12)
+    for a, b in zip(state, end_seq):
+        torch.testing.assert_close(a, b[0], rtol=1e-12, atol=1e-12)
+    weight = torch.linspace(-1, 1, B * H_, dtype=torch.float64).view(B, H_)
+    loss_step = sum((s * weight * (k + 1)).sum() for k, s in enumerate(state)) + torch.stack(ys).square().sum()
+    loss_seq = sum((s[0] * weight * (k + 1)).sum() for k, s in enumerate(end_seq)) + y_seq.square().sum()
+    g_step = torch.autograd.grad(loss_step, [*st0, *step.parameters()])
+    g_seq = torch.autograd.grad(loss_seq, [*st0, *layer.parameters()])
+    for k, (a, b) in enumerate(zip(g_step, g_seq)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"gradient {k}")
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
