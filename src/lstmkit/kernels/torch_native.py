@@ -28,15 +28,16 @@ __all__ = ["TorchKernel", "ONEDNN_FASTER", "onednn_faster"]
 #: sequences of at least :data:`ONEDNN_MIN_STEPS` steps without lengths or projection; bfloat16
 #: only where oneDNN runs it on AMX tiles. From ``benchmarks/results/onednn_choice_{1t,2t}.md``
 #: (fused ÷ oneDNN, one process, the two alternating, an AVX-512 Xeon with AMX, T = 20-200):
-#: float32 inference 1.03-1.25 from B·H = 2048, a tie at B·H = 1024 (0.89-1.14), the fused kernel
-#: 0.36-0.52 at B = 1; float32 training 1.04-1.13 at B = 32, H = 64-128 in all four runs (one and two
+#: float32 inference 1.03-1.25 from B·H = 2048 up to H = 512, a tie at B·H = 1024 (0.89-1.14), the
+#: fused kernel 0.36-0.52 at B = 1 and at H = 1024 a tie with AVX-512 (1.02-1.03) but faster with
+#: AVX2 (0.97 in onednn_choice, 0.92 against oneDNN's 1.04 in the AVX2 full grid); float32 training 1.04-1.13 at B = 32, H = 64-128 in all four runs (one and two
 #: threads, AVX2, and a rerun: 1.08 / 1.12), ties at B = 8-16 (0.97-1.02 with AVX-512), the fused
 #: kernel's backward 0.86-0.98 from H = 256 and 0.80-0.89 at B = 1; bfloat16
 #: inference 1.01-2.7 from B·H = 1024 up to H = 512, 0.85-0.91 at H = 1024; bfloat16 training
 #: 1.08-1.67 at B = 32, H = 64-128 (1.06-1.10 at H = 512 and 0.99-1.04 at B = 64, H = 256: ties),
 #: the fused kernel 0.68-0.72 at B = 4 and 0.70-0.81 at H = 1024.
 ONEDNN_FASTER: dict[tuple[torch.dtype, bool], tuple[int, int, int, int]] = {
-    (torch.float32, False): (8, 2048, 64, 1 << 30),
+    (torch.float32, False): (8, 2048, 64, 512),
     (torch.float32, True): (32, 0, 64, 128),
     (torch.bfloat16, False): (4, 1024, 64, 512),
     (torch.bfloat16, True): (32, 0, 64, 128),
