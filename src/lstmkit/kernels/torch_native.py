@@ -30,8 +30,9 @@ __all__ = ["TorchKernel", "ONEDNN_FASTER", "onednn_faster"]
 #: (fused ÷ oneDNN, one process, the two alternating, an AVX-512 Xeon with AMX, T = 20-200):
 #: float32 inference 1.03-1.25 from B·H = 2048 up to H = 512, a tie at B·H = 1024 (0.89-1.14), the
 #: fused kernel 0.36-0.52 at B = 1 and at H = 1024 a tie with AVX-512 (1.02-1.03) but faster with
-#: AVX2 (0.97 in onednn_choice, 0.92 against oneDNN's 1.04 in the AVX2 full grid); float32 training 1.04-1.13 at B = 32, H = 64-128 in all four runs (one and two
-#: threads, AVX2, and a rerun: 1.08 / 1.12), ties at B = 8-16 (0.97-1.02 with AVX-512), the fused
+#: AVX2 (0.97 in onednn_choice, 0.92 against oneDNN's 1.04 in the AVX2 full grid); float32 training
+#: 1.04-1.13 at B = 32, H = 64-128 in all four runs (one and two threads, AVX2, and a rerun:
+#: 1.08 / 1.12), ties at B = 8-16 (0.97-1.02 with AVX-512), the fused
 #: kernel's backward 0.86-0.98 from H = 256 and 0.80-0.89 at B = 1; bfloat16
 #: inference 1.01-2.7 from B·H = 1024 up to H = 512, 0.85-0.91 at H = 1024; bfloat16 training
 #: 1.08-1.67 at B = 32, H = 64-128 (1.06-1.10 at H = 512 and 0.99-1.04 at B = 64, H = 256: ties),
