@@ -438,8 +438,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_infer(
 // A step (or a short run) with gradients, for LSTMCell and layer.step in training: the input
 // projection and the recurrence as ONE autograd node built here, so a step costs one Python
 // call, not the operator road's Python autograd.Function and its Python backward (about 70 us
-// a step at B = 1, H = 32; the whole step takes less). Taken by PreparedStep
-// (lstmkit/kernels/fused.py) for plain eager tensors only; compile, export, functorch and
+// a step at B = 1, H = 32; the whole step takes less). Taken by PreparedStep's layers
+// (PreparedLayer; lstmkit/kernels/fused.py) for plain eager tensors only; compile, export, functorch and
 // autocast take the operator. Same gradient: dxg from recurrence_backward, then the
 // projection's dx = dxg W_ih, dW_ih = dxg^T x, db_ih = db_hh = sum dxg (layernorm: the summed
 // bias's gradient from the kernel).
@@ -551,7 +551,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
   }
 };
 
-// One step (or run) for PreparedStep: with gradients wanted (grad mode on and any input requires
+// One step (or run) for PreparedLayer below: with gradients wanted (grad mode on and any input requires
 // grad) the autograd node above, else forward_infer. Arguments and results as forward_infer's, but
 // for `mlp`: the deep gates' tensors in abi.mlp_names order (empty without), params[P_MLP] empty;
 // x may be one step's (N, I), then y is (N, H_out); and the state a one-layer stack's (1, N, ·),
