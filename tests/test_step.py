@@ -304,7 +304,7 @@ def test_prepared_modules_copy_and_pickle():
             assert not torch.equal(step(other, state)[0], step(module, state)[0])
 
 
-def test_prepared_step_gives_way_to_vmap_autocast_and_traces(forward_infer_calls):
+def test_prepared_step_gives_way_to_vmap_and_autocast(forward_infer_calls):
     """A prepared step (a call signature seen before) leaves to the general path what it cannot
     run itself: a vmap's batched tensors (the same signature from Python) and autocast (bfloat16
     results; TorchScript's trace: tests/test_ops.py)."""

@@ -598,10 +598,10 @@ struct PreparedLayer {
   double clip, zoneout_c, zoneout_h;
   int64_t H, P;
 
-  // x (N, I) or (T, N, I); h (N, H_out) or a one-layer stack's (1, N, H_out); cells: the cell states
-  // side by side, one (N, S·H) tensor (or (1, N, S·H)), or the S states, (N, H) each; keep_c /
-  // keep_h: zoneout's masks of this call (training), or None. Returns y, h_n, then the cell states
-  // as they came: one tensor, or S (views of one).
+  // x (N, I) or (T, N, I); h (N, H_out) or a one-layer stack's (1, N, H_out); cells: the S cell
+  // states, (N, H) each (one state: also a one-layer stack's (1, N, H)), joined here for the kernel;
+  // keep_c / keep_h: zoneout's masks of this call (training), or None. Returns y, h_n, then the S
+  // cell states (views of one (N, S·H) tensor).
   std::vector<at::Tensor> call(const at::Tensor& x, const at::Tensor& h, const std::vector<at::Tensor>& cells,
                                const std::optional<at::Tensor>& keep_c,
                                const std::optional<at::Tensor>& keep_h) const {
