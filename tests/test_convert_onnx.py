@@ -292,6 +292,25 @@ def test_scan_and_operator_graphs_agree():
                                                  for k, v in layer.state_dict().items())
 
 
+def test_scan_traces_with_the_kept_translation_table_equal_the_public_exporter(monkeypatch):
+    # onnx_trace keeps torch.onnx.export's translation table per opset and calls the exporter's
+    # core with it; a torch without that entry point takes the public torch.onnx.export. Both
+    # must write the same graph, node for node.
+    from lstmkit.convert import onnx_trace
+    layer = lstmkit.LSTM(3, 4, cell="layernorm+clip=0.5").eval()
+    monkeypatch.setattr(onnx_trace, "_CACHE", {})
+    assert onnx_trace._exporter(17) is not None  # this torch has the entry point: the kept table runs
+    kept = to_onnx(layer, sequence_lens=True)
+    monkeypatch.setattr(onnx_trace, "_CACHE", {})
+    monkeypatch.setattr(onnx_trace, "_exporter", lambda opset: None)
+    public = to_onnx(layer, sequence_lens=True)
+    assert kept.graph == public.graph
+    x = torch.randn(5, 3, 3)
+    got = _session(kept).run(None, {"X": x.numpy(), "sequence_lens": np.array([5, 2, 4], np.int32)})
+    for a, b in zip(got, _reference(layer, x, torch.tensor([5, 2, 4]), None)):
+        _close("kept_table", a, b)
+
+
 def test_scan_graph_at_the_oldest_opset():
     layer = lstmkit.LSTM(3, 4, cell="fgr+clip=0.5", proj_size=2).eval()
     with pytest.raises(ValueError, match=rf"written as a Scan graph, which needs opset >= {SCAN_MIN_OPSET}, got "

@@ -14,10 +14,19 @@ A traced graph reads the layer-direction's parameters as initializers named by t
 (``weight_hh``, …); grafting renames them to the main graph's initializers (``weight_hh_l0``,
 …, named as the state dict) and every other value to a fresh name, so the same trace serves
 every layer and direction. Traces are cached per cell, sizes, dtype and opset.
+
+``torch.onnx.export`` builds its table of ONNX translations (torchlib's, some thousand
+functions) anew on every call: 0.5-1.6 s a call on the machines here, more than tracing one
+step takes, and a two-layer bidirectional Scan export makes three or four calls. The traces
+here use one table per opset, kept for the process, through the exporter's own entry point
+that takes a table (:func:`_exporter`); where this torch has no such entry point, the public
+``torch.onnx.export`` runs as it is.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 from typing import Any
 
@@ -49,18 +58,38 @@ class _Traced(torch.nn.Module):
         return self.fn(*inputs, {n: getattr(self, n) for n in self.names})
 
 
+@functools.cache
+def _exporter(opset: int) -> Any:
+    """``torch.onnx.export`` for ``opset`` with its translation table built once: the exporter's
+    core ``export`` with the table ``torch.onnx.export`` would build (torchlib's at
+    ``max(opset, the opset torchlib is written for)``: older opsets are converted down after),
+    or None where this torch's exporter has no such entry point (the caller then runs
+    ``torch.onnx.export``, which builds the table per call)."""
+    try:
+        from torch.onnx._internal.exporter import _constants, _core, _registration
+        if "registry" not in inspect.signature(_core.export).parameters:
+            return None
+        registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, _constants.TORCHLIB_OPSET))
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+    return functools.partial(_core.export, registry=registry)
+
+
 def _export(fn: Any, params: dict[str, Tensor], inputs: list[tuple[str, Tensor, dict[int, Any]]],
             outputs: list[str], opset: int) -> Any:
     """The ONNX graph of ``fn`` traced on ``inputs`` (name, example, dynamic dims) — checked
     to be at ``opset`` (the exporter converts down from its own; a cell that needs a newer
     opset is refused with the one it needs)."""
     module = _Traced(fn, params)
+    examples = tuple(t for _, t, _ in inputs)
+    options = dict(dynamic_shapes=(tuple(d for _, _, d in inputs),),  # forward(*inputs)
+                   input_names=[n for n, _, _ in inputs], output_names=outputs, opset_version=opset,
+                   optimize=False, verbose=False)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, tuple(t for _, t, _ in inputs),
-                                    dynamic_shapes=(tuple(d for _, _, d in inputs),),  # forward(*inputs)
-                                    input_names=[n for n, _, _ in inputs], output_names=outputs,
-                                    opset_version=opset, optimize=False, verbose=False)
+        export = _exporter(opset)
+        program = (export(module, examples, None, **options) if export is not None
+                   else torch.onnx.export(module, examples, **options))
     proto = program.model_proto
     got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if got != opset:
