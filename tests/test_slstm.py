@@ -143,7 +143,11 @@ def test_gradcheck(cell, backend):
         out, st = torch.func.functional_call(layer, dict(zip(names, ps)), (packed, (h0, c0, n0, m0)))
         return out.data, *st
 
-    assert torch.autograd.gradcheck(fn, (x, h0, c0, n0, m0, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+    # The reference is autograd through cell.py's equations: a random projection of its Jacobian
+    # (fast_mode) checks them against finite differences in 1-2 s instead of 26-46 s; the fused
+    # kernel's hand-written BPTT is checked entry by entry.
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, n0, m0, *params), eps=1e-6, atol=1e-7, rtol=1e-5,
+                                    fast_mode=backend == "reference")
 
 
 # ----------------------------------------------------------------------------- the trace
