@@ -74,18 +74,25 @@ inline bool blas_available() {
   else return false;
 }
 
-template <typename T, int MR, int NV>
+// KU: independent accumulator sets over k (k = u mod KU into set u, summed at the end). A tile
+// of few rows (B = 1: one row) has only MR*NV FMA chains, each waiting for its previous FMA's
+// latency (4-5 cycles) every k; KU sets give the core MR*NV*KU chains to interleave.
+template <typename T, int MR, int NV, int KU = 1>
 static inline void micro(int K, const T* __restrict A, int lda, const T* __restrict Wp,
                          T* __restrict C, int ldc, bool acc_in, int ncols, const T* bias = nullptr) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   constexpr int NR = NV * VL;
-  V acc[MR][NV];
+  V acc[MR][NV], part[KU > 1 ? KU - 1 : 1][MR][NV];  // part[u - 1]: the set of k = u mod KU, u >= 1
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[m][v] = V(T(0));
-  for (int k = 0; k < K; ++k) {
+    for (int v = 0; v < NV; ++v) {
+      acc[m][v] = V(T(0));
+#pragma GCC unroll 4
+      for (int u = 0; u + 1 < KU; ++u) part[u][m][v] = V(T(0));
+    }
+  auto fma_k = [&](int k, V(&into)[MR][NV]) {
     V w[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) w[v] = V::loadu(Wp + (size_t)k * NR + v * VL);
@@ -93,8 +100,25 @@ static inline void micro(int K, const T* __restrict A, int lda, const T* __restr
     for (int m = 0; m < MR; ++m) {
       V a(A[(size_t)m * lda + k]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[m][v] = at::vec::fmadd(a, w[v], acc[m][v]);
+      for (int v = 0; v < NV; ++v) into[m][v] = at::vec::fmadd(a, w[v], into[m][v]);
     }
+  };
+  int k = 0;
+  if constexpr (KU > 1) {
+    for (; k + KU <= K; k += KU) {
+      fma_k(k, acc);
+#pragma GCC unroll 4
+      for (int u = 1; u < KU; ++u) fma_k(k + u, part[u - 1]);
+    }
+  }
+  for (; k < K; ++k) fma_k(k, acc);
+  if constexpr (KU > 1) {
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 4
+        for (int u = 0; u + 1 < KU; ++u) acc[m][v] = acc[m][v] + part[u][m][v];
   }
   if (bias) {  // bias is padded to whole panels by the caller
 #pragma GCC unroll 8
@@ -263,6 +287,12 @@ void gemm_panels_bf16(const Packed<T>& W, int M, const T* A, int64_t lda, T* C, 
   }
 }
 
+// The accumulator sets (micro's KU) for a tile of r rows: 8 FMA chains at least where NV = 2
+// (r = 1: 4 sets, r = 2, 3: 2), within the 16 registers of AVX2 (r = 3: 12 accumulators, 2
+// weights, 1 broadcast). Measured at B = 1 (T = 1000, I = H = 32, one thread, AVX2 Zen):
+// see the commit that added it.
+constexpr int narrow_unroll(int r) { return r == 1 ? 4 : r <= 3 ? 2 : 1; }
+
 // C[M x N] (=|+=) A[M x K] * B^T over panels [p0, p1)
 template <typename T>
 void gemm_panels(const Packed<T>& W, int M, const T* A, int64_t lda, T* C, int64_t ldc, bool acc, int p0, int p1,
@@ -295,7 +325,7 @@ void gemm_panels(const Packed<T>& W, int M, const T* A, int64_t lda, T* C, int64
     T* c = cp + (int64_t)m * ldc;
     switch (rem) {
       case 0: break;
-#define LKC(r) case r: if constexpr (r < MR) micro<T, r, NV>(K, a, (int)lda, wp, c, (int)ldc, acc, ncols, bp); break;
+#define LKC(r) case r: if constexpr (r < MR) micro<T, r, NV, narrow_unroll(r)>(K, a, (int)lda, wp, c, (int)ldc, acc, ncols, bp); break;
       LKC(1) LKC(2) LKC(3) LKC(4) LKC(5) LKC(6) LKC(7)
 #undef LKC
       default: break;
