@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py                 # the full grid (~10-15 min on 2 cores)
     python benchmarks/bench_kernels.py --quick         # two shapes, fewer variants
+    python benchmarks/bench_kernels.py --vanilla       # the whole grid, float32 vanilla rows only
     python benchmarks/bench_kernels.py --memory-only   # training peak memory, fresh processes
     python benchmarks/bench_kernels.py --neighbour     # also with another process spinning on one core
     python benchmarks/bench_kernels.py --heads-slstm   # heads 1/4/8 and the sLSTM vs the reference, FlashRNN, nn.LSTM
@@ -99,8 +100,9 @@ def make_step(module: torch.nn.Module, x: torch.Tensor, train: bool) -> Callable
     return step
 
 
-def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default, with_reference, neighbour=False):
-    """Time every row at one shape, inference then training.
+def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default, with_reference, neighbour=False,
+                bf16=True):
+    """Time every row at one shape, inference then training (``bf16``: with the bfloat16 rows).
 
     Rows are interleaved: each round runs every row once (reference rows only in the
     first ``reference_repeats`` rounds), so machine noise drifts over all rows alike;
@@ -123,26 +125,27 @@ def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default
     layers["vanilla (cpu_fused)"] = lstmkit.LSTM(I, H, backend="cpu_fused", **kw)
     layers["vanilla (cpu_fused)"].load_state_dict(torch_lstm.state_dict())
     low = {"torch": torch.nn.LSTM(I, H, **kw), "lstmkit": lstmkit.LSTM(I, H, **kw),
-           "lstmkit (cpu_fused)": lstmkit.LSTM(I, H, backend="cpu_fused", **kw)}
+           "lstmkit (cpu_fused)": lstmkit.LSTM(I, H, backend="cpu_fused", **kw)} if bf16 else {}
     for m in low.values():
         m.load_state_dict(torch_lstm.state_dict())
         m.to(torch.bfloat16)
     with torch.no_grad():
         exact = torch_lstm(x)[0]
-        bf16_error = {name: ((m(x.bfloat16())[0].float() - exact).abs().max() / exact.abs().max()).item()
-                      for name, m in (("torch.nn.LSTM bf16", low["torch"]), ("lstmkit vanilla bf16", low["lstmkit"]))}
+        bf16_error = {name: ((low[m](x.bfloat16())[0].float() - exact).abs().max() / exact.abs().max()).item()
+                      for name, m in (("torch.nn.LSTM bf16", "torch"), ("lstmkit vanilla bf16", "lstmkit")) if low}
     for train in (False, True):
         mode = "train" if train else "infer"
         flops = lstm_flops(B, T, I, H, kw.get("num_layers", 1), 2 if kw.get("bidirectional") else 1, train)
         # (row name, kernel, step function, threads, is a reference row)
         plan = [("torch.nn.LSTM", "oneDNN", make_step(torch_lstm, x, train), threads_default, False),
                 ("torch.nn.LSTM (1 thread)", "oneDNN", make_step(torch_lstm, x, train), 1, False)]
-        plan += [("torch.nn.LSTM bf16", "oneDNN", make_step(low["torch"], x.bfloat16(), train), threads_default,
-                  False),
-                 ("lstmkit vanilla bf16", chosen(low["lstmkit"], x, torch.bfloat16, train),
-                  make_step(low["lstmkit"], x.bfloat16(), train), threads_default, False),
-                 ("lstmkit vanilla bf16 (cpu_fused)", "cpu_fused", make_step(low["lstmkit (cpu_fused)"], x.bfloat16(),
-                                                                             train), threads_default, False)]
+        if low:
+            plan += [("torch.nn.LSTM bf16", "oneDNN", make_step(low["torch"], x.bfloat16(), train), threads_default,
+                      False),
+                     ("lstmkit vanilla bf16", chosen(low["lstmkit"], x, torch.bfloat16, train),
+                      make_step(low["lstmkit"], x.bfloat16(), train), threads_default, False),
+                     ("lstmkit vanilla bf16 (cpu_fused)", "cpu_fused",
+                      make_step(low["lstmkit (cpu_fused)"], x.bfloat16(), train), threads_default, False)]
         for cell in ["vanilla", "vanilla (cpu_fused)", *variants]:
             layer = layers[cell]
             kname = chosen(layer, x, x.dtype, train)
@@ -491,6 +494,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--reference-repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="two shapes and three variants")
+    ap.add_argument("--vanilla", action="store_true",
+                    help="the whole grid, float32 vanilla rows only (nn.LSTM, lstmkit's default and fused kernel)")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference-loop rows")
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--neighbour", action="store_true", help="also time with a process spinning on one core")
@@ -513,6 +518,8 @@ def main() -> None:
     grid, extra, variants = GRID, EXTRA, VARIANTS
     if args.quick:
         grid, extra, variants = [GRID[0], GRID[3]], [], ["peephole", "layernorm", "cifg"]
+    if args.vanilla:
+        grid, extra, variants = GRID, [], []
     result = {"machine": machine(),
               "torch": torch.__version__, "threads": threads, "repeats": args.repeats,
               "gemm_peak": {}, "rows": [], "memory": []}
@@ -521,16 +528,17 @@ def main() -> None:
         print("GEMM peak:", {k: round(v) for k, v in result["gemm_peak"].items()}, flush=True)
         for shape in grid:
             result["rows"] += bench_shape(shape, {}, variants, args.repeats, args.reference_repeats,
-                                          threads, not args.no_reference, args.neighbour)
+                                          threads, not args.no_reference, args.neighbour, bf16=not args.vanilla)
         for name, shape, kw in extra:
             rows = bench_shape(shape, kw, [], args.repeats, args.reference_repeats, threads,
                                not args.no_reference)
             for r in rows:
                 r["extra"] = name
             result["rows"] += rows
-    result["memory"] = measure_memory(variants if not args.quick else [])
+    result["memory"] = measure_memory(variants if not (args.quick or args.vanilla) else [])
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_kernels_quick" if args.quick else ("memory" if args.memory_only else "bench_kernels")
+    stem = ("bench_kernels_quick" if args.quick else "bench_kernels_vanilla" if args.vanilla
+            else "memory" if args.memory_only else "bench_kernels")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
