@@ -42,6 +42,7 @@ def test_a_first_build_announces_itself_once(monkeypatch, tmp_path, capsys):
         (tmp_path / name / f"{name}.so").write_bytes(b"")
         return object()
     monkeypatch.setattr(cpp, "load", fake_load)
+    monkeypatch.setattr(cpu_ext, "runs_here", lambda cap: True)  # every build loads here (see below)
     cpu_ext.build("AVX2")
     err = capsys.readouterr().err
     assert "compiling the fused CPU kernel for AVX2" in err and "usually 30-60 s" in err
@@ -50,6 +51,34 @@ def test_a_first_build_announces_itself_once(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("RANK", "1")
     cpu_ext.build("AVX512")  # torchrun's other ranks stay quiet
     assert capsys.readouterr().err == ""
+
+
+def test_a_build_this_cpu_cannot_run_is_compiled_not_loaded(monkeypatch, tmp_path):
+    """``lstmkit build --capability AVX512`` on an AVX2 machine: importing that build would die
+    of an illegal instruction, so it is compiled only, through torch's own build step (whose
+    signature this torch must accept); a torch without that step gives one clear error."""
+    import inspect
+
+    import torch.utils.cpp_extension as cpp
+
+    real = cpp._write_ninja_file_and_build_library
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_ext, "runs_here", lambda cap: cap != "AVX512")
+    monkeypatch.setattr(cpp, "load", lambda **kw: pytest.fail("loaded a build this CPU cannot run"))
+    compiled = []
+    monkeypatch.setattr(cpp, "_write_ninja_file_and_build_library", lambda **kw: compiled.append(kw))
+    assert cpu_ext.build("AVX512") == cpu_ext.build_dir("AVX512")
+    (options,) = compiled
+    assert "-DCPU_CAPABILITY_AVX512" in options["extra_cflags"] and options["build_directory"] == str(
+        cpu_ext.build_dir("AVX512"))
+    inspect.signature(real).bind(**options)  # the arguments this torch's build step takes
+    monkeypatch.delattr(cpp, "_write_ninja_file_and_build_library")
+    with pytest.raises(RuntimeError, match="this CPU cannot run AVX512 code, so the build would have to be compiled "
+                                           "without loading it"):
+        cpu_ext.build("AVX512")
+    # what this machine runs: its own capability (and DEFAULT) always
+    monkeypatch.undo()
+    assert cpu_ext.runs_here(cpu_ext.capability()) and cpu_ext.runs_here("DEFAULT")
 
 
 def test_a_killed_build_does_not_hang_the_next(monkeypatch, tmp_path):

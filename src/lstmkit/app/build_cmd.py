@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    where = cpu_ext.build(args.capability, verbose=args.verbose)
-    print(f"lstmkit: fused CPU kernel for {args.capability or cpu_ext.capability()} ready in {where}")
+    cap = args.capability or cpu_ext.capability()
+    where = cpu_ext.build(cap, verbose=args.verbose)
+    unloaded = "" if cpu_ext.runs_here(cap) else f" (compiled only: this CPU cannot run {cap} code)"
+    print(f"lstmkit: fused CPU kernel for {cap} ready in {where}{unloaded}")
     return 0

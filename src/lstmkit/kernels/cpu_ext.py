@@ -35,7 +35,7 @@ from torch import Tensor
 from lstmkit import _atomic
 from lstmkit.kernels import abi, ops
 
-__all__ = ["available", "load", "build", "capability", "build_dir", "forward", "backward", "IMPL"]
+__all__ = ["available", "load", "build", "capability", "runs_here", "build_dir", "forward", "backward", "IMPL"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 #: Every source file of the extension (recurrence.cpp includes the headers): the build key hashes them all.
@@ -46,7 +46,7 @@ _failed: str | None = None
 _NP, _NB = len(abi.PARAMS), len(abi.BUFFERS)
 
 #: Compiler flags per CPU capability: the instruction set (not -march=native, so a build
-#: runs on every machine of its capability) and ATen's matching Vectorized<T> width.
+#: runs on every machine of its capability) and ATen's matching Vectorized<T> width; widest first.
 ISA_FLAGS: dict[str, list[str]] = {
     "AVX512": ["-march=x86-64-v4", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
     "AVX2": ["-march=x86-64-v3", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
@@ -89,7 +89,8 @@ def build_dir(cap: str | None = None) -> Path:
     return _cache_root() / f"lstmkit_cpu_{cap.lower()}_{_key(cap)}"
 
 
-def _build(cap: str, verbose: bool = False) -> Any:
+def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:
+    """Compile (or find) the build for ``cap`` and, with ``load``, import it (returned)."""
     from torch.utils.cpp_extension import load as cpp_load
 
     where = build_dir(cap)
@@ -109,23 +110,51 @@ def _build(cap: str, verbose: bool = False) -> Any:
     # torch's build lock is a file that a killed build leaves behind, and every later build then
     # waits on it forever; ours is an flock, which the OS releases when its holder dies. Holding
     # it, no other lstmkit build of this directory runs, so a torch lock found there is stale.
+    options = dict(name=name, sources=[str(_CSRC / "recurrence.cpp")], extra_include_paths=[str(_CSRC), str(include)],
+                   extra_cflags=_flags(cap), extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
     with _atomic.exclusive(where / "build.lock", what="kernel build lock"):
         (where / "lock").unlink(missing_ok=True)
-        ext = cpp_load(name=name, sources=[str(_CSRC / "recurrence.cpp")],
-                       extra_include_paths=[str(_CSRC), str(include)], extra_cflags=_flags(cap),
-                       extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
+        ext = cpp_load(**options) if load else _compile_only(cap, options)
     if announce:
         print(f"lstmkit: kernel compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return ext
 
 
+def runs_here(cap: str) -> bool:
+    """Whether this CPU can run a build for ``cap`` — its instruction set, whatever capability
+    torch was told to use (``ATEN_CPU_CAPABILITY`` lowers torch's, not the CPU's)."""
+    order = list(ISA_FLAGS)[::-1]  # DEFAULT, AVX2, AVX512
+    probe = {"AVX512": "_is_avx512_supported", "AVX2": "_is_avx2_supported"}.get(cap)
+    supported = getattr(torch.cpu, probe, None) if probe else None
+    if supported is None:  # DEFAULT, or a torch without the probe: what torch uses runs
+        return order.index(cap) <= order.index(capability())
+    return bool(supported())
+
+
+def _compile_only(cap: str, options: dict[str, Any]) -> None:
+    """Compile the extension without loading it: a build for an instruction set this CPU lacks
+    (``lstmkit build --capability AVX512`` on an AVX2 machine, for a cache shared with one)
+    would die of an illegal instruction on import. torch offers no public build-only step; its
+    builder's own is used, and where this torch's differs, one clear error."""
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension._write_ninja_file_and_build_library(
+            **options, extra_cuda_cflags=None, extra_sycl_cflags=None, with_cuda=False, with_sycl=False)
+    except (AttributeError, TypeError) as e:
+        raise RuntimeError(f"capability: this CPU cannot run {cap} code, so the build would have to be compiled "
+                           f"without loading it, which this torch's extension builder does not offer ({e}); build "
+                           f"it on a machine with {cap}") from e
+
+
 def build(cap: str | None = None, verbose: bool = False) -> Path:
     """Compile (or find) the kernel for ``cap`` (default: this CPU's capability) ahead of
-    time; returns its build directory. Raises on a failed build."""
+    time — loaded once to check it where this CPU can run it (:func:`runs_here`), compiled
+    only where it cannot; returns its build directory. Raises on a failed build."""
     cap = cap or capability()
     if cap not in ISA_FLAGS:
         raise ValueError(f"capability: expected one of {list(ISA_FLAGS)}, got {cap!r}")
-    _build(cap, verbose=verbose)
+    _build(cap, verbose=verbose, load=runs_here(cap))
     return build_dir(cap)
 
 
