@@ -354,6 +354,24 @@ def test_float16_runs_on_the_cpu():
 # ---------------------------------------------------------------------------- ONNX
 
 
+def test_exporting_is_marked_constant_as_torch_marks_it_without_importing_dynamo():
+    """``exporting()`` must read as a constant under the exporter's dynamo capture; lstmkit marks
+    it as ``torch.compiler.assume_constant_result`` does, without importing ``torch._dynamo`` at
+    ``import lstmkit`` (most of its import time): the two markings agree, and a fresh interpreter
+    imports lstmkit without dynamo."""
+    import subprocess
+    import sys
+
+    from lstmkit.kernels import onnx_export
+
+    def probe() -> bool:
+        return False
+    assert vars(torch.compiler.assume_constant_result(probe)) == vars(onnx_export.exporting) != {}
+    code = "import sys, lstmkit; assert 'torch._dynamo' not in sys.modules, 'import lstmkit loaded torch._dynamo'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("variant", list(FUSED))
 def test_default_onnx_export_of_a_whole_model(variant):
     """``torch.onnx.export(model, (x,))`` (dynamo) of embedding -> lstmkit stack -> Linear:

@@ -37,7 +37,21 @@ ONNX_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "hard_
                     "hardsigmoid": "HardSigmoid"}
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn: Any) -> Any:
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` first:
+    that import is most of ``import lstmkit``'s time (3.7 of 7.2 s on a slow 2-core machine
+    here) and every eager call, every CLI command and every subprocess would pay it. The
+    decorator only marks ``fn`` (tests/test_ops.py checks that this torch's decorator marks
+    exactly so); where dynamo is loaded already, its own decorator runs."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def exporting() -> bool:
     """True while ``torch.onnx.export`` traces (also under its dynamo-strict capture, which
     would otherwise trace ``torch.onnx.is_in_onnx_export()`` as False)."""
