@@ -107,11 +107,11 @@ def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:
         print(f"lstmkit: compiling the fused CPU kernel for {cap} (once per machine and version; "
               f"usually 30-60 s) into {where}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    options = dict(name=name, sources=[str(_CSRC / "recurrence.cpp")], extra_include_paths=[str(_CSRC), str(include)],
+                   extra_cflags=_flags(cap), extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
     # torch's build lock is a file that a killed build leaves behind, and every later build then
     # waits on it forever; ours is an flock, which the OS releases when its holder dies. Holding
     # it, no other lstmkit build of this directory runs, so a torch lock found there is stale.
-    options = dict(name=name, sources=[str(_CSRC / "recurrence.cpp")], extra_include_paths=[str(_CSRC), str(include)],
-                   extra_cflags=_flags(cap), extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
     with _atomic.exclusive(where / "build.lock", what="kernel build lock"):
         (where / "lock").unlink(missing_ok=True)
         ext = cpp_load(**options) if load else _compile_only(cap, options)

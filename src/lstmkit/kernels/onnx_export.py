@@ -19,6 +19,7 @@ is the forward one on reversed sequences (:mod:`lstmkit.loop`), so nodes run for
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -43,8 +44,6 @@ def _assume_constant_result(fn: Any) -> Any:
     here) and every eager call, every CLI command and every subprocess would pay it. The
     decorator only marks ``fn`` (tests/test_ops.py checks that this torch's decorator marks
     exactly so); where dynamo is loaded already, its own decorator runs."""
-    import sys
-
     if "torch._dynamo" in sys.modules:
         return torch.compiler.assume_constant_result(fn)
     fn._dynamo_marked_constant = True
