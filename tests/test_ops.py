@@ -398,6 +398,32 @@ def test_default_onnx_export_of_a_whole_model(variant):
         torch.testing.assert_close(torch.from_numpy(got), model(tokens).detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_onnx_export_captures_scan_stacks_without_falling_back_to_strict(monkeypatch):
+    """torch.onnx.export first captures the model with torch.export's non-strict mode and, when
+    that fails, again in strict mode (about twice the time). A stacked or bidirectional layer's
+    initial state is a view into the (L·D, B, H) state at an offset symbolic in B, which the
+    non-strict capture could not hand to scan's body: every such Scan export took the slow road.
+    Here the capture the exporter tries first, with its exporting flag set, must succeed."""
+    from torch.export import Dim
+    from torch.onnx._internal.exporter import _flags
+
+    class Model2(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 4)
+            self.rnn = lstmkit.LSTM(4, 5, num_layers=2, bidirectional=True, cell="layernorm")
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.rnn(self.emb(tokens))[0]  # (T, B, 2·5)
+
+    monkeypatch.setattr(_flags, "_is_onnx_exporting", True)  # what torch.onnx.export sets
+    assert kernels.onnx_export.exporting()
+    program = torch.export.export(Model2().eval(), (torch.randint(0, 11, (5, 3)),), strict=False,
+                                  dynamic_shapes=({0: Dim("T", min=2), 1: Dim("B", min=2)},))
+    scans = [n for n in program.graph.nodes if n.op == "call_function" and "scan" in str(n.target)]
+    assert len(scans) == 4, [str(n.target) for n in program.graph.nodes]
+
+
 @pytest.mark.parametrize("module, x", [(lstmkit.LSTM(3, 4), torch.randn(5, 2, 3)),
                                        (lstmkit.LSTMCell(3, 4), torch.randn(2, 3))], ids=["LSTM", "LSTMCell"])
 def test_torchscript_paths_refuse_with_the_supported_ones(module, x):

@@ -192,8 +192,13 @@ class OnnxExportKernel(Kernel):
         # Inference only: nothing entering the Scan carries autograd (the exporter's passes
         # would otherwise trace scan's backward, which fails on symbolic sizes).
         params = {k: v.detach() for k, v in params.items()}
-        x, h0 = x.detach(), h0.detach()
-        c0 = None if c0 is None else c0.detach()
+        # The states are fresh tensors: a layer's h0 / c0 is often a view into the stack's
+        # (L·D, B, H) state at a storage offset of k·B·H, symbolic in B, which torch.export's
+        # non-strict capture cannot give to scan's body (it fails, and torch.onnx.export then
+        # retries the whole capture in strict mode at twice the time; two such layers in one
+        # model failed in both modes).
+        x, h0 = x.detach(), h0.detach().clone()
+        c0 = None if c0 is None else c0.detach().clone()
         a = cell.input_projection(x, params, spec, H).clone()  # (T, B, R)
         valid = (torch.ones(T, B, 1, dtype=torch.bool, device=x.device) if lengths is None else
                  (torch.arange(T, device=x.device).unsqueeze(1) < lengths.to(x.device).unsqueeze(0)).unsqueeze(-1))
