@@ -199,6 +199,11 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
     def chosen(spec=vanilla, **kw):
         return kernels.select(spec, cpu, kw.get("dtype", torch.float32), workload=_workload(**kw)).name
 
+    # the table was measured on Intel's CPUs; on another vendor's (AMD's) the fused kernel keeps every call
+    for vendor, cell_row in (("AuthenticAMD", FUSED[0]), (None, "torch"), ("GenuineIntel", "torch")):
+        monkeypatch.setattr(torch_native, "cpu_vendor", lambda v=vendor: v)
+        kernels.forget_choices()
+        assert chosen() == cell_row and chosen(gradient=True) == cell_row, vendor
     assert chosen() == "torch"
     assert chosen(gradient=True) == "torch"  # float32 training at B = 32, H = 64-128: oneDNN's backward
     assert chosen(gradient=True, hidden=256) == FUSED[0] and chosen(gradient=True, batch=16) == FUSED[0]
@@ -245,6 +250,18 @@ def test_cpu_vanilla_selects_onednn_where_measured_faster(monkeypatch):
         lstmkit.trace(layer, x)
         layer(x, lengths=torch.full((32,), 59))
     assert len(ran) == 1
+
+
+def test_cpu_vendor_is_the_one_proc_cpuinfo_names():
+    """The oneDNN table's vendor check reads the first processor's vendor_id (None without one)."""
+    from pathlib import Path
+
+    from lstmkit.kernels import torch_native
+
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text(errors="replace").split("\n\n")[0].splitlines() if info.exists() else []
+    named = [line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == "vendor_id"]
+    assert torch_native.cpu_vendor() == (named[0] if named else None)
 
 
 def test_cuda_layers_select_cudnn_then_triton_or_the_reference_row():

@@ -14,6 +14,9 @@ trace of such a layer runs the next row that can (:attr:`Kernel.records`).
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -21,7 +24,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from lstmkit.kernels.base import Kernel, KernelOut, Workload
 from lstmkit.spec import CellSpec
 
-__all__ = ["TorchKernel", "ONEDNN_FASTER", "onednn_faster"]
+__all__ = ["TorchKernel", "ONEDNN_FASTER", "ONEDNN_MEASURED_ON", "cpu_vendor", "onednn_faster"]
 
 #: Where torch's LSTM operator (oneDNN) runs a vanilla CPU layer faster than the fused kernel:
 #: (dtype, with gradient) -> (least batch B, least B·H, least hidden size H, greatest H), for
@@ -44,6 +47,29 @@ ONEDNN_FASTER: dict[tuple[torch.dtype, bool], tuple[int, int, int, int]] = {
     (torch.bfloat16, True): (32, 0, 64, 128),
 }
 ONEDNN_MIN_STEPS = 50
+#: The CPU vendor :data:`ONEDNN_FASTER` was measured on (Intel Xeons, with AVX-512 and held to
+#: AVX2). On an AMD EPYC (Zen, AVX2; ``benchmarks/results/avx2_epyc/onednn_choice_{1t,2t}.md``)
+#: the fused kernel measured as fast or faster at every one of the table's cells — float32
+#: inference 0.84-0.99, training 0.99-1.05 (ties) — so on a CPU of another vendor it keeps them.
+#: A CPU whose vendor is not known (no ``/proc/cpuinfo``) follows the table.
+ONEDNN_MEASURED_ON = "GenuineIntel"
+
+
+@functools.cache
+def cpu_vendor() -> str | None:
+    """The x86 CPU vendor /proc/cpuinfo names ('GenuineIntel', 'AuthenticAMD'); None where
+    unknown (another system or architecture)."""
+    try:
+        with Path("/proc/cpuinfo").open(encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == "vendor_id":
+                    return value.strip()
+                if not line.strip():  # the first processor's block ends: no vendor_id line
+                    return None
+    except OSError:
+        return None
+    return None
 
 
 def _onednn_amx() -> bool:
@@ -54,11 +80,14 @@ def _onednn_amx() -> bool:
 
 
 def onednn_faster(workload: Workload) -> bool:
-    """Whether :data:`ONEDNN_FASTER` says oneDNN runs this vanilla LSTM call on the CPU faster."""
+    """Whether :data:`ONEDNN_FASTER` says oneDNN runs this vanilla LSTM call on the CPU faster
+    (on a CPU of the vendor it was measured on, :data:`ONEDNN_MEASURED_ON`)."""
     if workload.kind != "lstm" or workload.lengths or workload.projection or workload.steps < ONEDNN_MIN_STEPS:
         return False  # packed input leaves oneDNN's fast path; the RNN, projection, short runs: not measured faster
     bounds = ONEDNN_FASTER.get((workload.dtype, workload.gradient))
     if bounds is None:
+        return False
+    if cpu_vendor() not in (None, ONEDNN_MEASURED_ON):  # measured on Intel's CPUs only
         return False
     least_batch, least_work, least_hidden, most_hidden = bounds
     if not (workload.batch >= least_batch and workload.batch * workload.hidden >= least_work
