@@ -367,7 +367,8 @@ def test_exporting_is_marked_constant_as_torch_marks_it_without_importing_dynamo
     def probe() -> bool:
         return False
     assert vars(torch.compiler.assume_constant_result(probe)) == vars(onnx_export.exporting) != {}
-    code = "import sys, lstmkit; assert 'torch._dynamo' not in sys.modules, 'import lstmkit loaded torch._dynamo'"
+    code = ("import sys, lstmkit; assert 'torch._dynamo' not in sys.modules, 'import lstmkit loaded torch._dynamo'; "
+            "assert callable(lstmkit.convert.to_onnx), 'import lstmkit gave no lstmkit.convert'")  # as the README writes it
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
