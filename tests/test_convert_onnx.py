@@ -240,6 +240,11 @@ def _truth(layer, x, lengths, state):
 
 
 SCAN_CASES = dict(LSTM_VARIANTS, projection=lstmkit.CellSpec(peephole=True, layernorm=True))
+#: The Scan variants whose graph is also checked as one layer, batch-first, without lengths or
+#: state, where the reverse direction is Scan's own: that wrapper is the same for every body, so a
+#: few bodies whose states or outputs differ (fgr's third state, a projection's H_out, deep gates,
+#: layernorm with peephole and cifg) stand for all; every variant's body runs in the first check.
+SCAN_WRAPPER_CASES = ("fgr", "projection", "deep_all", "peephole+cifg+layernorm")
 
 
 @pytest.mark.parametrize("variant", list(SCAN_CASES))
@@ -261,18 +266,20 @@ def test_every_variant_exports_as_a_scan_graph(variant):
                           "initial_c": state[1].numpy()})
     for name, a, b in zip(("Y", "Y_h", "Y_c"), got, _truth(layer, x, lengths, state)):
         _close(f"scan/{variant}/{name}", a, b.astype(np.float32))
-    # One layer, batch-first, no lengths and no state: the reverse direction is Scan's own.
-    one = lstmkit.LSTM(3, 5, bidirectional=True, batch_first=True, proj_size=proj, cell=SCAN_CASES[variant]).eval()
-    xb = torch.randn(4, 6, 3, generator=gen)
-    got = _session(to_onnx(one)).run(None, {"X": xb.numpy()})
-    for name, a, b in zip(("Y", "Y_h", "Y_c"), got, _truth(one, xb, None, None)):
-        _close(f"scan/{variant}/{name}", a, b.astype(np.float32))
     back = from_onnx(proto)
     if expected_method == "scan":
         assert back.spec == layer.spec  # the metadata carries the whole CellSpec
     assert list(back.state_dict()) == list(layer.state_dict())
     for k, v in layer.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+    if expected_method == "scan" and variant not in SCAN_WRAPPER_CASES:
+        return
+    # One layer, batch-first, no lengths and no state: the reverse direction is Scan's own.
+    one = lstmkit.LSTM(3, 5, bidirectional=True, batch_first=True, proj_size=proj, cell=SCAN_CASES[variant]).eval()
+    xb = torch.randn(4, 6, 3, generator=gen)
+    got = _session(to_onnx(one)).run(None, {"X": xb.numpy()})
+    for name, a, b in zip(("Y", "Y_h", "Y_c"), got, _truth(one, xb, None, None)):
+        _close(f"scan/{variant}/{name}", a, b.astype(np.float32))
 
 
 def test_scan_and_operator_graphs_agree():
