@@ -195,8 +195,8 @@ class OnnxExportKernel(Kernel):
         # The states are fresh tensors: a layer's h0 / c0 is often a view into the stack's
         # (L·D, B, H) state at a storage offset of k·B·H, symbolic in B, which torch.export's
         # non-strict capture cannot give to scan's body (it fails, and torch.onnx.export then
-        # retries the whole capture in strict mode at twice the time; two such layers in one
-        # model failed in both modes).
+        # retries the whole capture in strict mode at twice the time; a model of four stacks,
+        # one of them bidirectional, failed in both modes).
         x, h0 = x.detach(), h0.detach().clone()
         c0 = None if c0 is None else c0.detach().clone()
         a = cell.input_projection(x, params, spec, H).clone()  # (T, B, R)

@@ -51,7 +51,7 @@ ONEDNN_MIN_STEPS = 50
 #: AVX2). On an AMD EPYC (Zen, AVX2; ``benchmarks/results/avx2_epyc/onednn_choice_{1t,2t}.md``)
 #: the fused kernel measured as fast or faster at every one of the table's cells — float32
 #: inference 0.84-0.99, training 0.99-1.05 (ties) — so on a CPU of another vendor it keeps them.
-#: A CPU whose vendor is not known (no ``/proc/cpuinfo``) follows the table.
+#: A CPU whose vendor is not known (no ``vendor_id`` in ``/proc/cpuinfo``) follows the table.
 ONEDNN_MEASURED_ON = "GenuineIntel"
 
 

@@ -40,7 +40,7 @@ static inline void stv(const Vectorized<T>& v, T* p, int n) {
 // sigmoid is 1 / (1 + e^-x)), measured ~2x faster for the whole pointwise pass than the
 // out-of-line Sleef u10 calls on AVX-512 and, on AVX2 (a 2 GHz Zen), whole steps 1.09-1.14x
 // faster at B = 1-32, H = 32-64 (1.04x at H = 256); and tanh as one rational function
-// x P(x^2) / Q(x^2), clamped at |x| = 9 (max rel. err. 2.8e-7, worst near +-1): no exp, 13
+// x P(x^2) / Q(x^2), clamped at |x| = 9 (max rel. err. 2.8e-7, worst near +-1): no exp, 14
 // vector operations, written once for both instruction sets. double: Sleef (1 ulp).
 template <typename T>
 static inline Vectorized<T> vexp(const Vectorized<T>& x) { return x.exp(); }
