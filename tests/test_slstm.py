@@ -219,6 +219,29 @@ def test_lstmcell_is_one_step_of_the_layer():
         torch.testing.assert_close(a, b[0], rtol=1e-12, atol=1e-12)
 
 
+def test_prepared_steps_take_states_of_any_layout():
+    """A prepared sLSTM step joins its three cell states for the kernel (contiguous ones copied
+    straight in, other layouts through cat) and hands them back as views of one block: strided
+    states and contiguous ones give the layer's one step, call after call."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(I, H, cell="slstm").double()
+    step = lstmkit.LSTMCell(I, H, cell="slstm").double()
+    step.load_state_dict({k[: -len("_l0")]: v for k, v in layer.state_dict().items()})
+    x = torch.randn(1, B, I, dtype=torch.float64)
+    wide = torch.rand(4, B, 2 * H, dtype=torch.float64) + 0.5
+    strided = tuple(wide[k, :, :H] for k in range(4))  # (B, H) each, rows 2H apart
+    assert not any(s.is_contiguous() for s in strided)
+    plain = tuple(s.contiguous() for s in strided)
+    _, full = layer(x, tuple(s[None] for s in plain))
+    with torch.no_grad():
+        for _ in range(3):  # the first call prepares the step, the later ones take it
+            for states in (strided, plain):
+                one = step(x[0], states)
+                for a, b in zip(one, full):
+                    torch.testing.assert_close(a, b[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(wide[:, :, :H], torch.stack(strided))  # the caller's states untouched
+
+
 @pytest.mark.parametrize("cell", list(SLSTM_VARIANTS.values()))
 def test_lstmcell_steps_train_like_the_sequence(cell, forward_infer_calls):
     """A loop of LSTMCell steps with gradients (every call after the first: the prepared step,

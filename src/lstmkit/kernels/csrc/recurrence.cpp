@@ -52,6 +52,7 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 #include "backward.h"  // backward_impl
@@ -610,15 +611,40 @@ struct PreparedLayer {
     std::vector<at::Tensor> p = params;
     if (keep_c.has_value()) p[P_KEEP_C] = *keep_c;
     if (keep_h.has_value()) p[P_KEEP_H] = *keep_h;
-    auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, parts ? at::cat(cells, -1) : cells[0], std::move(p),
+    auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, parts ? join(cells) : cells[0], std::move(p),
                                       mlp, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P);
     std::vector<at::Tensor> out{y, h_n};
     if (!parts) {
       out.push_back(c_n);
-    } else {
-      for (const auto& c : c_n.split(H, -1)) out.push_back(c);
+    } else if (c_n.requires_grad()) {
+      for (const auto& c : c_n.split(H, -1)) out.push_back(c);  // split's backward: one cat of the parts
+    } else {  // inference: S views made directly (split goes through narrow and slice for each)
+      std::vector<int64_t> sizes = c_n.sizes().vec();
+      sizes.back() = H;
+      for (int64_t k = 0; k < (int64_t)cells.size(); ++k)
+        out.push_back(c_n.as_strided(sizes, c_n.strides(), c_n.storage_offset() + k * H * c_n.stride(-1)));
     }
     return out;
+  }
+
+  // The S cell states (N, H) each, side by side as the kernel reads them: (N, S·H). Contiguous
+  // parts of one dtype are copied row block by row block into one allocation (at::cat's dispatch
+  // and checks cost more than these copies at a step's sizes); anything else goes through cat.
+  static at::Tensor join(const std::vector<at::Tensor>& cells) {
+    const at::Tensor& first = cells[0];
+    bool plain = first.dim() == 2 && !first.requires_grad();
+    for (const auto& c : cells)
+      plain = plain && c.is_contiguous() && c.sizes() == first.sizes() && c.scalar_type() == first.scalar_type() &&
+              c.device().is_cpu() && !c.requires_grad();
+    if (!plain) return at::cat(cells, -1);
+    const int64_t N = first.size(0), Hc = first.size(1), S = (int64_t)cells.size();
+    at::Tensor joined = at::empty({N, S * Hc}, first.options());
+    const size_t row = (size_t)Hc * first.element_size();
+    char* dst = static_cast<char*>(joined.data_ptr());
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < S; ++k)
+        std::memcpy(dst + (n * S + k) * row, static_cast<const char*>(cells[k].data_ptr()) + n * row, row);
+    return joined;
   }
 };
 
