@@ -71,44 +71,36 @@ inline Vectorized<float> vtanh<float>(const Vectorized<float>& xv) {
   for (int i = 1; i < 4; ++i) q = at::vec::fmadd(q, x2, V(TANH_Q[i]));
   return p * x / q;
 }
-#endif
+
+// p 2^n for exp below (n integral, within [-150, 129] after its clamp): scalef on AVX-512; on
+// AVX2 two normal powers of two 2^n1 2^n2 (n = n1 + n2), so that overflow gives inf and underflow
+// rounds gradually through subnormals.
+static inline Vectorized<float> times_pow2(const Vectorized<float>& p, const Vectorized<float>& n) {
 #if defined(CPU_CAPABILITY_AVX512)
-template <>
-inline Vectorized<float> vexp<float>(const Vectorized<float>& xv) {
-  __m512 x = xv;
-  // max/min return their SECOND operand when either is NaN: x goes second so NaN propagates
-  // (as torch's own activations do) instead of being clamped into a finite value.
-  x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), _mm512_max_ps(_mm512_set1_ps(EXP_LO), x));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-  __m512 p = _mm512_set1_ps(EXP_P[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_P[i]));
-  __m512 r2 = _mm512_mul_ps(r, r);
-  p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);  // p * 2^n, with correct overflow / underflow
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-template <>
-inline Vectorized<float> vexp<float>(const Vectorized<float>& xv) {
-  __m256 x = xv;
-  // NaN propagates as in the AVX-512 version: x is max's and min's second operand
-  x = _mm256_min_ps(_mm256_set1_ps(EXP_HI), _mm256_max_ps(_mm256_set1_ps(EXP_LO), x));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
-  __m256 p = _mm256_set1_ps(EXP_P[0]);
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(EXP_P[i]));
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  // p * 2^n without scalef: n in [-150, 129] is two halves, each a normal power of two
-  // (2^n1 * 2^n2), so overflow gives inf and underflow rounds gradually through subnormals
+  return _mm512_scalef_ps(p, n);
+#else
   const __m256i ni = _mm256_cvtps_epi32(n);
   const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
   const __m256i bias = _mm256_set1_epi32(127);
   const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
   const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
   return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+#endif
+}
+
+template <>
+inline Vectorized<float> vexp<float>(const Vectorized<float>& xv) {
+  using V = Vectorized<float>;
+  // clamp's max and min take x as their second operand, which they return when it is NaN: NaN
+  // propagates (as torch's own activations do) instead of being clamped into a finite value
+  const V x = at::vec::clamp(xv, V(EXP_LO), V(EXP_HI));
+  const V n = (x * V(LOG2E)).round();  // to the nearest integer
+  V r = at::vec::fmadd(n, V(-LN2_HI), x);  // x - n ln2, in two parts
+  r = at::vec::fmadd(n, V(-LN2_LO), r);
+  V p(EXP_P[0]);
+  for (int i = 1; i < 6; ++i) p = at::vec::fmadd(p, r, V(EXP_P[i]));
+  p = at::vec::fmadd(p, r * r, r + V(1.f));
+  return times_pow2(p, n);
 }
 #endif
 template <typename T>
