@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("KERAS_BACKEND", "torch")
+import numpy as np
+import pytest
+import torch
 
-import keras  # noqa: E402  (installed by make test; the backend must be chosen first)
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import lstmkit
+from lstmkit.convert import from_keras, from_keras_file, to_keras
 
-import lstmkit  # noqa: E402
-from lstmkit.convert import from_keras, from_keras_file, to_keras  # noqa: E402
+os.environ.setdefault("KERAS_BACKEND", "torch")  # before Keras is imported
+
+
+class _Keras:
+    """The ``keras`` module (installed by make test), imported by the first test that uses it:
+    its import takes ~7 s on a slow machine, which every test process paid at collection."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # what pytest's collection probes on every module attribute
+            raise AttributeError(name)
+        import keras
+
+        return getattr(keras, name)
+
+
+keras = _Keras()
 
 X = np.random.default_rng(0).standard_normal((3, 7, 4)).astype("float32")  # (B, T, I)
 

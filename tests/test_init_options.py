@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from scipy import stats
 
 import lstmkit
 from lstmkit.spec import INIT_FIELDS, CellSpec, resolve
@@ -59,6 +58,8 @@ def test_constant_biases_land_in_their_gates_everywhere():
 
 
 def test_chrono_distribution_and_input_bias():
+    from scipy import stats  # here, not at collection: its import takes seconds
+
     torch.manual_seed(1)
     T_max, H = 40.0, 4000
     layer = lstmkit.LSTM(2, H, cell=f"chrono={T_max:g}", bidirectional=True)

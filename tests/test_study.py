@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from statsmodels.stats.weightstats import ttest_ind as sm_ttest_ind
 
 from lstmkit.app.study import StudyConfig, run_study, welch
 
@@ -68,6 +67,8 @@ def test_learning_rates_log_uniform_same_for_every_variant():
     ([0.91, 0.93, 0.92], [0.80, 0.95, 0.70, 0.99]),
 ])
 def test_welch_equals_statsmodels(a, b):
+    from statsmodels.stats.weightstats import ttest_ind as sm_ttest_ind  # here: seconds to import
+
     t, p = welch(a, b)
     t_ref, p_ref, _ = sm_ttest_ind(a, b, usevar="unequal")
     assert t == pytest.approx(t_ref, rel=1e-12) and p == pytest.approx(p_ref, rel=1e-9)

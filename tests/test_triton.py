@@ -163,9 +163,20 @@ def check(base, dtype: torch.dtype, T: int, B: int, lengths=None, device=DEVICE,
 # ---------------------------------------------------------------------------- every variant
 
 
-@pytest.mark.parametrize("cell", list(CELLS.values()), ids=list(CELLS))
-def test_every_variant_float64(cell, path):
-    """Each variant, both paths, lengths (one sequence of length 1), to 1e-10."""
+def _by_turns(cells: list, ids: list[str], offset: int = 0) -> list:
+    """Each cell on one of the two paths, the paths by turns: every path meets half the cells.
+    The paths share the pointwise step (``_fwd_core`` / ``_bwd_core``) and differ in the loop
+    around it, which each variant meets in another test on the other path (float64 here, and
+    float32 or bfloat16 in :func:`test_every_variant_low_precision`, whose paths alternate the
+    other way round): every variant runs on both paths against the references."""
+    return [pytest.param(cell, PATHS[(k + offset) % 2], id=f"{PATHS[(k + offset) % 2]}-{vid}")
+            for k, (vid, cell) in enumerate(zip(ids, cells))]
+
+
+@pytest.mark.parametrize(("cell", "path_name"), _by_turns(list(CELLS.values()), list(CELLS), offset=1))
+def test_every_variant_float64(cell, path_name, monkeypatch):
+    """Each variant, lengths (one sequence of length 1), to 1e-10; the paths by turns."""
+    monkeypatch.setenv(PATH_ENV, path_name)
     check(make(cell, 3, 5), torch.float64, T=6, B=4, lengths=[6, 2, 5, 1])
 
 
@@ -194,7 +205,8 @@ def test_heads_every_variant(cell, dtype):
 
 def _low_precision_cases() -> list:
     """Each variant in float32 and in bfloat16, on alternating paths (each dtype meets each
-    path on half the variants; the pointwise code is the same on both paths)."""
+    path on half the variants; the pointwise code is the same on both paths). The float32
+    case of variant k runs on the path its float64 case does not (:func:`_by_turns`)."""
     cases = []
     for k, (vid, cell) in enumerate(CELLS.items()):
         for j, (dtype, name) in enumerate(((torch.float32, "f32"), (torch.bfloat16, "bf16"))):
@@ -225,10 +237,12 @@ def test_awkward_shapes(shape, path):
     check(make("peephole" if shape == "odd" else "vanilla", I, H), torch.float64, T=T, B=B)
 
 
-@pytest.mark.parametrize("cell", COMBOS)
-def test_stacked_bidirectional_projection_vs_numpy_oracle(cell, path):
+@pytest.mark.parametrize(("cell", "path_name"), _by_turns(COMBOS, COMBOS))
+def test_stacked_bidirectional_projection_vs_numpy_oracle(cell, path_name, monkeypatch):
     """Two bidirectional layers with a projection (not for the RNN) and lengths, float64,
-    against the independent NumPy LSTM with hand-written BPTT."""
+    against the independent NumPy LSTM with hand-written BPTT. The combinations by turns on
+    the two paths: each path stacks layer norm, fgr, peepholes and deep gates in some of them."""
+    monkeypatch.setenv(PATH_ENV, path_name)
     T, B, I, H = 5, 3, 3, 4
     lengths = [2, 5, 3]
     base = make(cell, I, H, L=2, bidirectional=True, P=0 if cell.startswith("rnn") else 2)
@@ -305,15 +319,20 @@ def test_variant_word_decoders_match_the_abi():
 # ---------------------------------------------------------------------------- record mode
 
 
-@pytest.mark.parametrize("cell", ["vanilla", "cifg", "nig+nog", "layernorm", "fgr+peephole",
-                                  "zoneout=0.3/0.2+gate_act=hard_sigmoid", "rnn_tanh",
-                                  lstmkit.CellSpec(gate_hidden={"f": (4, 2), "g": (3,)}, peephole=True),
-                                  lstmkit.CellSpec(gate_hidden={"f": (4, 2)}, layernorm=True)],
-                         ids=lambda c: c if isinstance(c, str) else c.name)
-def test_record_mode_matches_reference(cell, path):
+RECORDED = ["vanilla", "cifg", "nig+nog", "layernorm", "fgr+peephole", "zoneout=0.3/0.2+gate_act=hard_sigmoid",
+            "rnn_tanh", lstmkit.CellSpec(gate_hidden={"f": (4, 2), "g": (3,)}, peephole=True),
+            lstmkit.CellSpec(gate_hidden={"f": (4, 2)}, layernorm=True)]
+
+
+@pytest.mark.parametrize(("cell", "path_name"),
+                         _by_turns(RECORDED, [c if isinstance(c, str) else c.name for c in RECORDED])
+                         + _by_turns(RECORDED[-2:], [c.name for c in RECORDED[-2:]]))  # the other path each
+def test_record_mode_matches_reference(cell, path_name, monkeypatch):
     """The trace is what the kernel computed (its buffers), equal to the reference's on
     every valid step — deep gates' hidden activations too; absent gates are absent;
-    recording changes no output."""
+    recording changes no output. The cells by turns on the two paths, the deep gates (whose
+    hidden activations each path writes on its own) on both."""
+    monkeypatch.setenv(PATH_ENV, path_name)
     base = make(cell, 3, 4, bidirectional=True)
     ref, fast = copy.deepcopy(base), copy.deepcopy(base).to(DEVICE)
     ref.backend, fast.backend = "reference", "triton"
@@ -462,9 +481,13 @@ def test_gpu_benchmark_dry_run(tmp_path):
         import bench_gpu
     finally:
         sys.path.pop(0)
-    result = bench_gpu.main(["--dry-run", "--jobs", "1", "--out", str(tmp_path)])
+    # the variants whose rows the script builds in its own way (a projection, heads, the sLSTM), and
+    # vanilla: every other variant's row is the same code with another cell word
+    variants = ["vanilla", "projection", "heads=4", "slstm+heads=4"]
+    assert set(variants) <= set(bench_gpu.VARIANTS)
+    result = bench_gpu.main(["--dry-run", "--jobs", "1", "--out", str(tmp_path), "--variants", ",".join(variants)])
     rows = {(r["row"], r["mode"]) for r in result["rows"]}
-    for v in bench_gpu.VARIANTS:
+    for v in variants:
         for mode in ("infer", "train"):
             assert (f"triton:{v}", mode) in rows and (f"reference:{v}", mode) in rows
     assert all(r["kernel"] == "triton" for r in result["rows"] if r["row"].startswith("triton:"))
