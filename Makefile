@@ -33,10 +33,12 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist; CI's 2 cores): its tests are single-threaded.
+# worksteal: a worker that runs out of tests takes half of another's queue, so the two end together
+# (the tests take from milliseconds to half a minute each).
 TEST_WORKERS ?= 2
 
 test: $(STAMP) browser
-	$(PY) -m pytest -n $(TEST_WORKERS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 	$(VENV)/bin/ruff check src tests benchmarks tools
 
 bench: $(STAMP)
