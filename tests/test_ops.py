@@ -167,10 +167,12 @@ def _grads(run, model, x):
 @pytest.mark.parametrize("variant", list(FUSED))
 def test_compile_fullgraph_training_and_inference(variant):
     """``fullgraph=True`` fails on any graph break; AOTAutograd traces the operator's
-    fake implementation and its registered gradient (``aot_eager``: no code generation)."""
+    fake implementation and its registered gradient (``aot_eager``: no code generation). One
+    layer per variant (the operator's buffers are the variant's), two for vanilla: the loop over
+    layers is the same for every variant."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = Model(variant)
+    model = Model(variant, num_layers=2 if variant == "vanilla" else 1)
     tokens = torch.randint(0, 11, (5, 3))
     eager_out, eager_grads = _grads(model, model, tokens)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
