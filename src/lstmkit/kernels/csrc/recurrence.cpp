@@ -632,7 +632,7 @@ struct PreparedLayer {
   // and checks cost more than these copies at a step's sizes); anything else goes through cat.
   static at::Tensor join(const std::vector<at::Tensor>& cells) {
     const at::Tensor& first = cells[0];
-    bool plain = first.dim() == 2 && !first.requires_grad();
+    bool plain = first.dim() == 2;
     for (const auto& c : cells)
       plain = plain && c.is_contiguous() && c.sizes() == first.sizes() && c.scalar_type() == first.scalar_type() &&
               c.device().is_cpu() && !c.requires_grad();
