@@ -388,7 +388,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     if result.get("peers"):
         lines += [f"## The sLSTM: lstmkit's Triton kernels vs FlashRNN (`{PEER_CELL}`, {PEER_HEADS} heads)", "",
-                  "Both with the input projection; ratio = time ÷ lstmkit's at the same shape, dtype and mode.", "",
+                  "Both with the input projection; ratio = time ÷ lstmkit's at the same shape, dtype and mode."
+                  + (f" From {result['peers_note']}." if result.get("peers_note") else ""), "",
                   "| shape | dtype | mode | row | time | ratio |", "|---|---|---|---|---|---|"]
         for r in result["peers"]:
             if "error" in r:

@@ -2,20 +2,24 @@
 and the same call replayed from a CUDA graph (no Python, no launch overhead).
 
     python benchmarks/gpu_profile.py            # on a GPU machine; writes results/gpu_profile.{json,md}
+    python benchmarks/gpu_profile.py --cells deep=32,slstm+heads=4 --shapes 0 --stem gpu_profile_cells
 
-For each (B, T, I, H) and path (persistent where it fits, per step), vanilla float32, inference
-and a training step, against torch.nn.LSTM (cuDNN): wall time per call (CUDA events, median of
-repeats), the sum of the GPU kernels' own times in one call (torch.profiler), the number of
-kernel launches, and inference replayed from a captured CUDA graph when the call can be
-captured (a call that synchronises with the host cannot; the error is recorded). If kernel
-time is far below wall time, the loop is bound by launches and Python, not by the kernels.
+For each (B, T, I, H), cell (default vanilla) and path (persistent where it fits, per step),
+float32, inference and a training step, against torch.nn.LSTM (cuDNN): wall time per call (CUDA
+events, median of repeats), the sum of the GPU kernels' own times in one call (torch.profiler),
+the number of kernel launches, the kernels that took most of that time, and inference replayed
+from a captured CUDA graph when the call can be captured (a call that synchronises with the host
+cannot; the error is recorded). If kernel time is far below wall time, the loop is bound by
+launches and Python, not by the kernels.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +33,9 @@ SHAPES = [(64, 100, 256, 256), (32, 100, 128, 128), (64, 100, 32, 32), (32, 100,
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def kernel_profile(fn: Any) -> tuple[float, int]:
-    """Seconds of GPU kernels and number of kernel launches in one call of ``fn``."""
+def kernel_profile(fn: Any) -> tuple[float, int, list[tuple[str, float, int]]]:
+    """Seconds of GPU kernels and number of kernel launches in one call of ``fn``, and the five
+    kernels that took most of that time: (name, milliseconds, launches)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -39,7 +44,12 @@ def kernel_profile(fn: Any) -> tuple[float, int]:
         torch.cuda.synchronize()
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in events) / 1e6  # device_time: microseconds
-    return busy, len(events)
+    per_name: Counter[str] = Counter()
+    launches: Counter[str] = Counter()
+    for e in events:
+        per_name[e.name[:60]] += e.device_time / 1e3
+        launches[e.name[:60]] += 1
+    return busy, len(events), [(n, ms, launches[n]) for n, ms in per_name.most_common(5)]
 
 
 def graph_replay(fn: Any, timer: Timer, repeats: int) -> float | str:
@@ -61,16 +71,24 @@ def graph_replay(fn: Any, timer: Timer, repeats: int) -> float | str:
         return f"{type(exc).__name__}: {str(exc)[:160]}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from lstmkit.kernels.triton_impl import PATH_ENV
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default="vanilla", help="comma-separated cells of the Triton rows")
+    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES (default: all)")
+    ap.add_argument("--stem", default="gpu_profile", help="results/<stem>.{json,md}")
+    args = ap.parse_args(argv)
+    shapes = SHAPES if args.shapes is None else [SHAPES[int(k)] for k in args.shapes.split(",")]
     device = torch.device("cuda")
     timer = Timer(device)
     repeats = 7
     rows: list[dict[str, Any]] = []
-    for B, T, I, H in SHAPES:
+    for B, T, I, H in shapes:
         x = torch.randn(T, B, I, device=device)
-        for row, path in (("cudnn", None), ("triton:vanilla", "per_step"), ("triton:vanilla", "persistent")):
+        runs = [("cudnn", None)] + [(f"triton:{cell}", path) for cell in args.cells.split(",")
+                                    for path in ("per_step", "persistent")]
+        for row, path in runs:
             if path:
                 os.environ[PATH_ENV] = path
             try:
@@ -80,9 +98,9 @@ def main() -> None:
                     for _ in range(2):
                         fn()
                     wall = statistics.median(timer(fn) for _ in range(repeats))
-                    busy, launches = kernel_profile(fn)
+                    busy, launches, top = kernel_profile(fn)
                     rec = {"shape": [B, T, I, H], "row": row, "path": path, "mode": "train" if train else "infer",
-                           "wall_ms": wall * 1e3, "kernel_ms": busy * 1e3, "launches": launches}
+                           "wall_ms": wall * 1e3, "kernel_ms": busy * 1e3, "launches": launches, "top": top}
                     if not train:
                         g = graph_replay(fn, timer, repeats)
                         rec["graph_ms"] = g * 1e3 if isinstance(g, float) else g
@@ -94,14 +112,14 @@ def main() -> None:
                 print(rows[-1], flush=True)
             finally:
                 os.environ.pop(PATH_ENV, None)
-        save(OUT, "gpu_profile", {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        save(OUT, args.stem, {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                                    "repeats": repeats, "rows": rows}, markdown)
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The table of :func:`main`'s rows."""
     rows, repeats = result["rows"], result["repeats"]
-    lines = ["# Where the GPU time goes (vanilla, float32)", "",
+    lines = ["# Where the GPU time goes (float32)", "",
              f"Device: {result['device']}; torch {result['torch']}. Wall: CUDA events, median of "
              f"{repeats}; kernels: the sum of the GPU kernels' times in one call (torch.profiler); graph: "
              "inference replayed from a captured CUDA graph.", "",
@@ -115,6 +133,9 @@ def markdown(result: dict[str, Any]) -> str:
         g = f"{g:.3f}" if isinstance(g, float) else str(g)[:100]
         lines.append(f"| {tuple(r['shape'])} | {r['row']} | {r['path'] or ''} | {r['mode']} | {r['wall_ms']:.3f} | "
                      f"{r['kernel_ms']:.3f} | {r['launches']} | {g} |")
+    lines += ["", "The kernels that took most of each call's kernel time (name: ms over launches):", ""]
+    lines += [f"- {tuple(r['shape'])} {r['row']} {r['path'] or ''} {r['mode']}: "
+              + "; ".join(f"`{n}` {ms:.3f} ms / {k}" for n, ms, k in r["top"]) for r in rows if r.get("top")]
     return "\n".join(lines) + "\n"
 
 

@@ -121,3 +121,30 @@ def test_a_build_that_raises_is_caught(checked, monkeypatch):
     with pytest.warns(RuntimeWarning, match="RuntimeError: simulated launch failure"):
         y = tri(x)[0]
     torch.testing.assert_close(y, ref(x)[0], rtol=0, atol=0)
+
+
+def test_16_bit_builds_are_held_to_the_reference_kernels_own_error_in_their_dtype(checked, monkeypatch):
+    """In 16 bits a cell's sensitivity sets the error (the sLSTM's exponential gates once failed a
+    fixed 6e-2 on an H100, and its layers silently ran the reference loop, 20x slower): a build
+    passes within FACTOR16 times the 16-bit reference kernel's own error, and a wrong one is still
+    caught. A fixed tolerance too tight for any 16-bit run makes the second rule the one that decides."""
+    monkeypatch.setitem(selfcheck.TOLERANCE, torch.bfloat16, 1e-9)
+    tri, _ = _layers("slstm+heads=2")
+    tri = tri.to(torch.bfloat16)
+    x = torch.randn(5, 2, 3, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        _no_warning_but_triton_interpreters()
+        tri(x)
+    assert list(selfcheck._VERDICTS.values()) == [None]
+
+    monkeypatch.setattr(selfcheck, "_VERDICTS", {})
+    impl = fused._triton_impl()
+    real = impl.forward
+
+    def wrong(*args):  # off by 0.05 of the scale: past 2.5x the loop's error (about 0.005 here)
+        y, *rest = real(*args)
+        return (y + 0.05 * y.abs().max(), *rest)
+    monkeypatch.setattr(impl, "forward", wrong)
+    tri = _layers("peephole")[0].to(torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match=r"cell 'peephole', bfloat16, \w+ path failed its self-check .*y differs"):
+        tri(x)
