@@ -297,6 +297,46 @@ def test_hard_sigmoid_gates_on_both_flat_parts(cell, path):
     check(base, torch.float64, T=6, B=4, lengths=[6, 2, 5, 1])
 
 
+class _CountingKernel:
+    """A Triton kernel whose launches (``kernel[grid](...)``) are counted."""
+
+    def __init__(self, kernel, counts: dict, name: str) -> None:
+        self.kernel, self.counts, self.name = kernel, counts, name
+
+    def __getitem__(self, grid):
+        self.counts[self.name] = self.counts.get(self.name, 0) + 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize(("phi", "cell", "bias"), [("tanh", "vanilla", True), ("relu", "cifg+peephole", True),
+                                                   ("sigmoid", "fgr", False), ("identity", "nog", True)])
+def test_deep_gates_of_the_common_shape_run_the_fused_kernels(phi, cell, bias, monkeypatch):
+    """Every computed gate deep, one hidden layer each of one width (``deep=n``): one fused launch
+    per step each way (triton_deep_kernels), float64 against the reference, with lengths, both
+    directions, each hidden activation, with and without biases; a width that is no power of two
+    (the kernels pad it to 16). Other deep shapes stay in torch (no fused launch)."""
+    from lstmkit.kernels import triton_deep_kernels
+
+    counts: dict[str, int] = {}
+    for name in ("deep_forward", "deep_backward"):
+        monkeypatch.setattr(triton_deep_kernels, name, _CountingKernel(getattr(triton_deep_kernels, name), counts, name))
+    computed = [g for g, k in abi.gate_slots(abi.flags(resolve(cell)))[0].items() if k >= 0]
+    spec = dataclasses.replace(resolve(cell), gate_hidden=dict.fromkeys(computed, (6,)), gate_hidden_activation=phi)
+    torch.manual_seed(0)
+    base = lstmkit.LSTM(3, 5, bidirectional=True, bias=bias, cell=spec).double()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.uniform_(-0.5, 0.5)
+    T = 6
+    check(base, torch.float64, T=T, B=4, lengths=[6, 2, 5, 1])
+    # both directions, on the reference run and the Triton run's forward (training keeps a) and backward
+    assert counts == {"deep_forward": 2 * T, "deep_backward": 2 * T}
+    counts.clear()
+    check(make("layernorm+deep=4", 3, 5), torch.float64, T=3, B=2)
+    check(make(LSTM_VARIANTS["deep_f"], 3, 5), torch.float64, T=3, B=2)
+    assert counts == {}
+
+
 def test_variant_word_decoders_match_the_abi():
     """The kernels' compile-time decoders of the flag word (triton_cell.has, slot, fgr_slot,
     hard_slope) say what lstmkit.kernels.abi says, for every combination of the bits that

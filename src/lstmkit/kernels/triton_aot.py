@@ -14,6 +14,7 @@ constexprs, argument types and warp counts that a layer of that shape would laun
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -48,13 +49,14 @@ _PTR = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", to
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel build: its name, argument types (Triton signature strings), constexprs
-    and warps."""
+    """One kernel build: its name, argument types (Triton signature strings), constexprs,
+    warps and the module that defines it."""
 
     kernel: str
     signature: tuple[tuple[str, str], ...]
     constexprs: tuple[tuple[str, Any], ...]
     num_warps: int
+    module: str = "lstmkit.kernels.triton_kernels"
 
     def describe(self) -> str:
         c = dict(self.constexprs)
@@ -93,8 +95,8 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
             consts["MMA"] = consts["OP"]  # the interpreter's float32 stand-in is not what a GPU runs
         declared = {p.name: p.annotation_type for p in kernel.params}  # e.g. the float64 scalars
         sig = tuple((name, declared.get(name) or _type(value)) for name, value in args.items())
-        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
-        seen[Launch(name, sig, tuple(consts.items()), num_warps)] = None
+        fn = getattr(kernel, "fn", kernel)  # a JITFunction's Python function
+        seen[Launch(fn.__name__, sig, tuple(consts.items()), num_warps, fn.__module__)] = None
 
     meta = torch.device("meta")
     spec = _spec_params(v, T, B, H, P, R, HO, dtype, meta, masks=False, mlp_size=deep.wtot)
@@ -147,7 +149,7 @@ def compile_launch(launch: Launch, cc: int) -> dict[str, Any]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("AOT builds need Triton imported without TRITON_INTERPRET=1 (its own library is "
                            "interpreted then): run `python -m lstmkit.kernels.triton_aot` in a clean process")
-    fn = getattr(triton_impl.kernels_module(), launch.kernel)
+    fn = getattr(importlib.import_module(launch.module), launch.kernel)
     consts = dict(launch.constexprs)
     sig = dict(launch.signature)
     sig.update({k: "constexpr" for k in consts})

@@ -12,9 +12,18 @@ needs in the operator's buffers (``MLP``: every a_j; layernorm: ``AH``, ``RH``, 
 gate's columns, as the CPU kernel keeps them), and takes the kernel's dL/du back to the first
 layers' dL/dz (the input side's gradient, and through the recurrent GEMM to ``h_{t-1}``) and to
 the parameters.
+
+The common shape — every computed gate deep, one hidden layer each of one width n_1 ≤
+:data:`FUSED_MAX_WIDTH`, no layer norm (``deep=32``) — runs as one Triton launch per step each
+way (:mod:`lstmkit.kernels.triton_deep_kernels`) instead of some five torch operations per
+gate and step (an H100 at (B, T, I, H) = (64, 100, 256, 256): 12 elementwise launches per
+step, 1.8 of a call's 4.3 ms of kernel time).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,7 +33,13 @@ from lstmkit.kernels import abi
 from lstmkit.kernels.triton_gemm import mm
 from lstmkit.layout import GATES
 
-__all__ = ["DeepGates"]
+__all__ = ["DeepGates", "FUSED_MAX_WIDTH"]
+
+#: The widest first layer n_1 the fused kernels take (their (rows, n_1) tiles live in registers).
+FUSED_MAX_WIDTH = 128
+
+#: A launcher: (kernel, grid, arguments, constexpr arguments, num_warps) -> None.
+Launch = Callable[[Any, tuple[int, ...], dict[str, Any], dict[str, Any], int], None]
 
 
 def _phi_grad(phi: str, d: Tensor, a: Tensor) -> Tensor:
@@ -50,6 +65,18 @@ def _layer_norm_grad(dxhat: Tensor, xhat: Tensor, rstd: Tensor) -> Tensor:
     return rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
 
 
+def _tiles(B: int, H: int, N1P: int, backward: bool = False) -> tuple[int, int, int]:
+    """``(BB, BH, num_warps)`` of the fused kernels. Their (BB, n_1) and (n_1, BH) tiles and the
+    float32 products (3xTF32) take registers: wide first layers (n_1 > 32) get at most 32 rows,
+    32-cell chunks backwards and 8 warps, the backward kernel (which loops over the cells) at
+    most 32 rows always; wider tiles spilled when built for sm_90 (n_1 = 128, 64 rows: 255
+    registers and 264-528 bytes of stack)."""
+    wide = N1P > 32
+    BB = max(16, min(1 << (B - 1).bit_length(), 32 if wide or backward else 64))
+    BH = max(16, min(1 << (H - 1).bit_length(), 32 if wide and backward else 64))
+    return BB, BH, 8 if wide else 4
+
+
 class DeepGates:
     """The deep gates of one call (see the module docstring).
 
@@ -59,10 +86,12 @@ class DeepGates:
         params: the operator's params by :data:`~lstmkit.kernels.abi.PARAMS` name (``mlp``, and
             with layernorm ``ln_ih_weight``, ``ln_hh_weight``, ``bias``).
         op, ct: the GEMM operand dtype and the compute dtype.
+        launch, tl_dtypes: the caller's Triton launcher and the kernels' OP, MMA and CT (Triton
+            dtypes); with them, the common shape runs fused (the module docstring).
     """
 
     def __init__(self, layout: list[int], flags: int, H: int, params: dict[str, Tensor], op: torch.dtype,
-                 ct: torch.dtype) -> None:
+                 ct: torch.dtype, launch: Launch | None = None, tl_dtypes: tuple[Any, Any, Any] | None = None) -> None:
         self.mlp = abi.decode_mlp(layout, H)
         self.H, self.op, self.ct = H, op, ct
         deep = {g.gate: g for g in self.mlp.gates}
@@ -90,18 +119,40 @@ class DeepGates:
             bias = params["bias"]
             self.ln = (params["ln_ih_weight"].to(ct), params["ln_hh_weight"].to(ct),
                        bias.to(ct) if bias.numel() else None)
+        #: the fused kernels' launcher, constexprs and flat weights; None: torch runs every gate
+        self.fused: tuple[Launch, dict[str, Any], Tensor] | None = None
+        if launch is not None and tl_dtypes is not None and self._fusable():
+            n1 = self.gates[0][3]
+            OP, MMA, CT = tl_dtypes
+            consts = dict(N1=n1, N1P=max(16, 1 << (n1 - 1).bit_length()), PHI=abi.PHIS.index(self.mlp.phi),
+                          OP=OP, MMA=MMA, CT=CT)
+            self.fused = (launch, consts, flat.contiguous())
+
+    def _fusable(self) -> bool:
+        """Whether this call has the fused kernels' shape: every computed gate deep with one hidden
+        layer of one width n_1 ≤ FUSED_MAX_WIDTH, no layer norm, gate k's parts at k times a stride."""
+        if self.ln is not None or any(mg is None or len(mg.widths) != 2 for mg, *_ in self.gates):
+            return False
+        n1 = self.gates[0][3]
+        stride = self.H * n1 + (self.H if self.mlp.bias else 0)
+        return n1 <= FUSED_MAX_WIDTH and all(
+            width == n1 and slot == k and col == k * n1 and mg.woff[0] == k * stride and mg.aoff[0] == k * n1
+            for k, (mg, slot, col, width) in enumerate(self.gates))
 
     @property
     def widths(self) -> tuple[int, ...]:
         """Rows of each computed gate's block of ``W_hh``."""
         return tuple(w for _, _, _, w in self.gates)
 
-    def forward(self, xg_t: Tensor, r: Tensor, kept: dict[str, Tensor], valid: Tensor | None) -> Tensor:
+    def forward(self, t: int, xg_t: Tensor, r: Tensor, kept: dict[str, Tensor], lengths: Tensor | None) -> Tensor:
         """Step t: from xg_t (B, R) and r = h_{t-1} W_hhᵀ (B, R), the gates' pre-activations
         (B, G·H). ``kept``: this step's rows of the buffers to fill (``MLP`` (B, atot); layernorm
-        ``AH``, ``RH`` (B, R), ``AS``, ``RS`` (B, G)), zero on rows not ``valid`` (B,) (None: all
-        valid); empty when nothing is kept."""
+        ``AH``, ``RH`` (B, R), ``AS``, ``RS`` (B, G)), zero on rows whose ``lengths`` (B,) int32
+        end before t (None: all valid); empty when nothing is kept."""
         H = self.H
+        if self.fused is not None:
+            return self._forward_fused(t, xg_t, r, kept, lengths)
+        valid = lengths > t if lengths is not None else None
 
         def keep(name: str, cols: slice, value: Tensor) -> None:
             if name in kept:
@@ -134,19 +185,44 @@ class DeepGates:
             rz[:, slot * H:(slot + 1) * H] = u                                # (B, H)
         return rz
 
+    def _forward_fused(self, t: int, xg_t: Tensor, r: Tensor, kept: dict[str, Tensor],
+                       lengths: Tensor | None) -> Tensor:
+        """:meth:`forward` as one launch (:func:`~lstmkit.kernels.triton_deep_kernels.deep_forward`)."""
+        from lstmkit.kernels.triton_deep_kernels import deep_forward
+
+        launch, consts, flat = self.fused
+        B, G, H = r.shape[0], len(self.gates), self.H
+        rz = r.new_empty((B, G * H))                                          # (B, G·H)
+        BB, BH, warps = _tiles(B, H, consts["N1P"])
+        a_kept = kept.get("MLP")
+        none = r.new_empty((0,))
+        args = dict(xg=xg_t, xg_ld=xg_t.stride(0), r=r.contiguous(), w=flat,
+                    a_kept=a_kept if a_kept is not None else none, rz=rz,
+                    lengths=lengths if lengths is not None else none, t=t, B=B, H=H,
+                    WSTRIDE=H * consts["N1"] + (H if self.mlp.bias else 0))
+        launch(deep_forward, (-(-B // BB), -(-H // BH), G), args,
+               dict(consts, HAS_BIAS=self.mlp.bias, KEEP=a_kept is not None, HAS_LEN=lengths is not None, BB=BB,
+                    BH=BH), warps)
+        return rz
+
     def backward(self, du: Tensor, kept: dict[str, Tensor], dxg: Tensor, dr: Tensor, dz: Tensor,
                  dv: dict[str, list[Tensor]], t: int) -> None:
         """Step t backwards, from the cell kernel's dL/du (B, G·H): each gate's columns of dxg
         (B, R) (the input side's gradient) and, with layernorm, of dr (the raw r's, which the
         recurrent GEMM's backward reads) and dz (of the normalised z, for the gains); a deep
-        gate's through its MLP, keeping dL/d(layer j's output) in ``dv[gate][j][t]``. ``kept``:
-        this step's rows of the forward's buffers."""
+        gate's through its MLP, keeping dL/d(layer j's output) in ``dv[gate][j][t]`` (the last
+        layer's is ``du``'s: :meth:`new_grads` made it a view). ``kept``: this step's rows of the
+        forward's buffers."""
         H = self.H
+        if self.fused is not None:
+            self._backward_fused(du, kept["MLP"], dxg)
+            return
         for mg, slot, col, width in self.gates:
             d = du[:, slot * H:(slot + 1) * H]                                # (B, H)
             if mg is not None:
                 for j in reversed(range(len(mg.widths) - 1)):
-                    dv[mg.gate][j][t] = d
+                    if j < len(mg.widths) - 2:
+                        dv[mg.gate][j][t] = d
                     da = mm(d.to(self.op), self.layers[mg.gate][j][0], self.ct)  # (B, n_j)
                     d = _phi_grad(self.mlp.phi, da, kept["MLP"][:, mg.aoff[j]:mg.aoff[j] + mg.widths[j]])
             cols = slice(col, col + width)
@@ -158,10 +234,24 @@ class DeepGates:
             dxg[:, cols] = _layer_norm_grad(d * g_ih[cols], kept["AH"][:, cols], kept["AS"][:, slot:slot + 1])
             dr[:, cols] = _layer_norm_grad(d * g_hh[cols], kept["RH"][:, cols], kept["RS"][:, slot:slot + 1])
 
-    def new_grads(self, T: int, B: int, dev: torch.device) -> dict[str, list[Tensor]]:
-        """dv: per deep gate and layer j, (T, B, n_{j+1})."""
-        return {mg.gate: [torch.empty((T, B, n), dtype=self.ct, device=dev) for n in mg.widths[1:]]
-                for mg in self.mlp.gates}
+    def _backward_fused(self, du: Tensor, a_kept: Tensor, dxg: Tensor) -> None:
+        """:meth:`backward` as one launch (:func:`~lstmkit.kernels.triton_deep_kernels.deep_backward`)."""
+        from lstmkit.kernels.triton_deep_kernels import deep_backward
+
+        launch, consts, flat = self.fused
+        B, G, H = du.shape[0], len(self.gates), self.H
+        BB, BH, warps = _tiles(B, H, consts["N1P"], backward=True)
+        args = dict(du=du, w=flat, a_kept=a_kept, dxg=dxg, B=B, H=H,
+                    WSTRIDE=H * consts["N1"] + (H if self.mlp.bias else 0))
+        launch(deep_backward, (-(-B // BB), G), args, dict(consts, BB=BB, BH=BH), warps)
+
+    def new_grads(self, du: Tensor) -> dict[str, list[Tensor]]:
+        """dv: per deep gate and layer j, (T, B, n_{j+1}); the last layer's is a view of the cell
+        kernel's gradient ``du`` (T, B, G·H), which the kernel writes."""
+        T, B = du.shape[:2]
+        slot = {mg.gate: s for mg, s, _, _ in self.gates if mg is not None}
+        return {mg.gate: [torch.empty((T, B, n), dtype=self.ct, device=du.device) for n in mg.widths[1:-1]]
+                + [du[:, :, slot[mg.gate] * self.H:(slot[mg.gate] + 1) * self.H]] for mg in self.mlp.gates}
 
     def weight_grads(self, dv: dict[str, list[Tensor]], acts: Tensor) -> Tensor:
         """The flat ``mlp`` param's gradient: dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j (large GEMMs

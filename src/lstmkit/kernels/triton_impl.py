@@ -332,7 +332,7 @@ class TritonImpl:
         for t in range(T):
             r = recurrent(a.h_state, a.w_hh, a.heads, a.widths, a.ct)        # (B, R)
             if a.deep:                                                        # (B, G·H)
-                r = a.deep.forward(a.xg[t], r, {k: b[t] for k, b in kept.items()}, a.lens > t if a.has_len else None)
+                r = a.deep.forward(t, a.xg[t], r, {k: b[t] for k, b in kept.items()}, a.lens if a.has_len else None)
             if v.fgr:
                 fw = mm(s_state, w_gg_t, a.ct)                               # (B, NSH)
             _launch(k.step_forward, grid, dict(args, r=r, fw=fw, t=t), consts, nw)
@@ -372,7 +372,7 @@ class TritonImpl:
         RK = a.RK
         dxg = torch.empty((T, B, R), dtype=ct, device=dev)
         du = torch.empty((T, B, RK), dtype=ct, device=dev) if a.deep else dxg  # the cell kernel's gradient of z
-        dv = a.deep.new_grads(T, B, dev) if a.deep else {}
+        dv = a.deep.new_grads(du) if a.deep else {}
         dZ = torch.empty((T, B, R), dtype=ct, device=dev) if a.ready and v.ln else a.nothing  # layernorm's dz
         dR = torch.empty((T, B, R), dtype=ct, device=dev) if v.ln else a.nothing
         dZS = torch.empty((T, B, a.nsh), dtype=ct, device=dev) if v.ln and v.fgr else a.nothing
@@ -569,7 +569,8 @@ class _Args:
         self.nsh = v.n_sigmoid * H
         self.h_state = self.c_state = self.nothing
         self.heads = _heads(w_hh, HO)                                         # block-diagonal W_hh: k
-        self.deep = DeepGates(mlp, v.flags, H, dict(zip(abi.PARAMS, params)), self.op, ct) if mlp else None
+        self.deep = DeepGates(mlp, v.flags, H, dict(zip(abi.PARAMS, params)), self.op, ct, _launch,
+                              (self.op_tl, self.mma_tl, _tl_dtype(ct))) if mlp else None
         self.widths = self.deep.widths if self.deep else (H,) * v.n_gates     # each gate's rows of W_hh
         #: deep gates: the per-step kernels read every gate's whole pre-activation from r, normalised
         #: with layernorm (READY), not xg
