@@ -157,6 +157,20 @@ def test_a_gate_given_twice_in_gate_hidden_is_refused():
         lstmkit.CellSpec(gate_hidden={"f": (4,), "forget": (8,)})
 
 
+def test_deep_widths_for_every_gate_deepen_the_gates_the_variant_computes():
+    """``deep=n`` (gate_hidden=(n,)) is every computed gate's MLP: with cifg, nog, nig+nfg it
+    skips the removed gates (once it named the removed gate and refused), and the name reads
+    back; a removed gate named explicitly is still refused."""
+    for cell, gates in (("cifg+deep=8", "igo"), ("nog+deep=4x3", "ifg"), ("nig+nfg+deep=8", "go")):
+        spec = lstmkit.resolve(cell)
+        assert [g for g, _ in spec.gate_hidden] == list(gates) and spec.name == cell
+        assert lstmkit.resolve(spec.name) == spec
+        layer = lstmkit.LSTM(3, 4, cell=cell)
+        assert {n.split("_")[1] for n, _ in layer.named_parameters() if n.startswith("mlp_")} == set(gates)
+    with pytest.raises(ValueError, match="gate 'f' \\(forget\\) is not computed in this variant, so it cannot be deep"):
+        lstmkit.CellSpec(coupled=True, gate_hidden={"f": (4,)})
+
+
 def test_deep_width_must_be_a_whole_number():
     with pytest.raises(ValueError, match="'1.5' is not a whole number"):
         lstmkit.resolve("deep=1.5")

@@ -320,8 +320,7 @@ def test_deep_gates_of_the_common_shape_run_the_fused_kernels(phi, cell, bias, m
     counts: dict[str, int] = {}
     for name in ("deep_forward", "deep_backward"):
         monkeypatch.setattr(triton_deep_kernels, name, _CountingKernel(getattr(triton_deep_kernels, name), counts, name))
-    computed = [g for g, k in abi.gate_slots(abi.flags(resolve(cell)))[0].items() if k >= 0]
-    spec = dataclasses.replace(resolve(cell), gate_hidden=dict.fromkeys(computed, (6,)), gate_hidden_activation=phi)
+    spec = resolve(f"{cell}+deep=6").replace(gate_hidden_activation=phi)
     torch.manual_seed(0)
     base = lstmkit.LSTM(3, 5, bidirectional=True, bias=bias, cell=spec).double()
     with torch.no_grad():

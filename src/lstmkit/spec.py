@@ -41,6 +41,12 @@ _CHOICE_FIELDS = ("nonlinearity", "candidate_activation", "output_activation", "
 _CHOICES: dict[str, tuple[str, ...]] = {}
 
 
+def _widths_for_every_gate(value: Any) -> bool:
+    """Whether ``gate_hidden`` is one tuple of widths for every computed gate (``deep=n``)."""
+    return isinstance(value, (tuple, list)) and bool(value) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
 def _freeze_gate_hidden(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """Normalise ``gate_hidden`` to a sorted tuple of ``(gate letter, widths)`` pairs.
 
@@ -51,7 +57,7 @@ def _freeze_gate_hidden(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
         return ()
     if isinstance(value, Mapping):
         items = list(value.items())
-    elif isinstance(value, (tuple, list)) and value and all(isinstance(v, int) for v in value):
+    elif _widths_for_every_gate(value):  # the caller keeps the computed gates' (CellSpec.__post_init__)
         items = [(g, tuple(value)) for g in GATES]
     elif isinstance(value, (tuple, list)) and all(
         isinstance(v, (tuple, list)) and len(v) == 2 and isinstance(v[0], str) for v in value
@@ -176,6 +182,7 @@ class CellSpec:
     chrono: float | None = None
 
     def __post_init__(self) -> None:
+        every_gate = _widths_for_every_gate(self.gate_hidden)
         object.__setattr__(self, "gate_hidden", _freeze_gate_hidden(self.gate_hidden))
         for name in ("input_gate", "forget_gate", "output_gate", "coupled", "peephole", "fgr",
                      "layernorm", "slstm", "n_clamp"):
@@ -187,6 +194,9 @@ class CellSpec:
         for name in _CHOICE_FIELDS:
             _check_choice(name, getattr(self, name), _CHOICES[name] if _CHOICES else spec_choices(name))
         _check_choice("gate_hidden_activation", self.gate_hidden_activation, _HIDDEN_ACTIVATIONS)
+        if every_gate and self.kind == "lstm":  # widths for every gate: the gates this variant computes
+            object.__setattr__(self, "gate_hidden", tuple(
+                (g, w) for g, w in self.gate_hidden if g in variants.computed_gates(self)))
         object.__setattr__(self, "zoneout", _check_zoneout(self.zoneout))
         if isinstance(self.heads, bool) or not isinstance(self.heads, int) or not 1 <= self.heads <= MAX_GATE_WIDTH:
             raise ValueError(f"CellSpec.heads: expected a whole number >= 1, got {self.heads!r}")
@@ -466,7 +476,7 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
     """Turn a preset name, a mapping of fields or a :class:`CellSpec` into a validated spec.
 
     Names combine with ``+``: ``"peephole+cifg+layernorm"``, ``"vanilla+fb=1"``,
-    ``"deep=16"`` (every gate an MLP with one hidden layer of 16), ``"clip=3"``; the
+    ``"deep=16"`` (every computed gate an MLP with one hidden layer of 16), ``"clip=3"``; the
     initialisation words ``ib=``, ``fb=``, ``ob=`` (initial input, forget, output gate
     bias) and ``chrono=T_max`` (chrono initialisation).
     Keyword ``overrides`` replace fields afterwards.

@@ -253,7 +253,7 @@ ROWS: tuple[Row, ...] = (
     Row("gate_act=hardsigmoid", {"gate_activation": "hardsigmoid"},
         "the gates i, f, o use `clamp(u / 6 + 0.5, 0, 1)` instead of σ",
         "`torch.nn.Hardsigmoid`; Keras 3's `hard_sigmoid`"),
-    Row("deep", {"gate_hidden": VALUE}, "every gate an MLP over `[x, h]` with these hidden widths "
+    Row("deep", {"gate_hidden": VALUE}, "every computed gate an MLP over `[x, h]` with these hidden widths "
         "(`CellSpec(gate_hidden={\"f\": (32,)})` for one gate)", "the gates as fully connected layers, made deeper",
         placeholder="<w>[x<w>…]", parse=_parse_widths, params=_deep, flag=False, example="3",
         onnx="the LSTM operator's gates are single linear layers, not MLPs"),
