@@ -266,3 +266,27 @@ def test_inference_in_the_loop(forward_infer_calls):
         yr, (hr, cr) = ref1.step(x1)
     torch.testing.assert_close(y, yr, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(c, cr, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("k", "widths", "dense"), [(4, (8, 8, 8, 8), True), (2, (6, 6, 6), True),
+                                                    (2, (8, 4, 8, 8), False)])
+def test_the_triton_rows_recurrent_products_expanded_or_batched_are_the_same(k, widths, dense):
+    """The Triton rows' per-step ``h W_hhᵀ`` and ``dz W_hh`` with heads: the block-diagonal weights
+    expanded once to a dense matrix (every gate the same rows) and the GEMM batched over the heads
+    (a deep gate of another width) agree with the block-diagonal matrix multiplied out in float64."""
+    from lstmkit.kernels.triton_gemm import Recurrent
+
+    R, HO, B = sum(widths), 8, 3
+    w_hh = torch.randn(R, HO // k, dtype=torch.float64)                     # each row's block
+    full = torch.zeros(R, HO, dtype=torch.float64)                         # the block-diagonal matrix
+    row = 0
+    for w in widths:
+        for q in range(w):
+            j = q // (w // k)
+            full[row, j * (HO // k):(j + 1) * (HO // k)] = w_hh[row]
+            row += 1
+    rec = Recurrent(w_hh, k, widths, torch.float64)
+    assert (rec.dense is not None) == dense
+    h, dz = torch.randn(B, HO, dtype=torch.float64), torch.randn(B, R, dtype=torch.float64)
+    torch.testing.assert_close(rec.forward(h), h @ full.t(), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(rec.grad_h(dz), dz @ full, rtol=1e-13, atol=1e-13)

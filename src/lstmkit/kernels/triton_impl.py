@@ -32,7 +32,7 @@ from torch import Tensor
 from lstmkit import cell
 from lstmkit.kernels import abi, cuda_graphs
 from lstmkit.kernels.triton_deep import DeepGates
-from lstmkit.kernels.triton_gemm import mm, recurrent, recurrent_grad_h, recurrent_grad_w
+from lstmkit.kernels.triton_gemm import Recurrent, mm, recurrent_grad_w
 
 __all__ = ["Variant", "TritonImpl", "choose_path", "persistent_tiles", "step_tiles", "PATHS", "PATH_ENV"]
 
@@ -330,7 +330,7 @@ class TritonImpl:
         BO = min(_pow2(HO), 128)
         pgrid = (triton_cdiv(B, 16), triton_cdiv(HO, BO))
         for t in range(T):
-            r = recurrent(a.h_state, a.w_hh, a.heads, a.widths, a.ct)        # (B, R)
+            r = a.recurrent.forward(a.h_state)                               # (B, R)
             if a.deep:                                                        # (B, G·H)
                 r = a.deep.forward(t, a.xg[t], r, {k: b[t] for k, b in kept.items()}, a.lens if a.has_len else None)
             if v.fgr:
@@ -466,7 +466,7 @@ class TritonImpl:
                 src = src.to(a.op) if sep else src
             else:
                 src = dop if sep else (common["dr"][t] if v.ln else common["dxg"][t])
-            dh_g = recurrent_grad_h(src, a.w_hh, a.heads, a.widths, a.ct)    # (B, HO): dz_t W_hh
+            dh_g = a.recurrent.grad_h(src)                                   # (B, HO): dz_t W_hh
             if v.fgr and t > 0:
                 ds_g = mm(dus, w_gg, a.ct)                                   # (B, NSH): du_S,t W_gg
         dh_g = dh_g + dhz if v.zoneout else dh_g                              # (B, HO): all of dL/dh_0
@@ -572,6 +572,7 @@ class _Args:
         self.deep = DeepGates(mlp, v.flags, H, dict(zip(abi.PARAMS, params)), self.op, ct, _launch,
                               (self.op_tl, self.mma_tl, _tl_dtype(ct))) if mlp else None
         self.widths = self.deep.widths if self.deep else (H,) * v.n_gates     # each gate's rows of W_hh
+        self.recurrent = Recurrent(self.w_hh, self.heads, self.widths, ct)    # the per-step h W_hhᵀ, dz W_hh
         #: deep gates: the per-step kernels read every gate's whole pre-activation from r, normalised
         #: with layernorm (READY), not xg
         self.ready = self.deep is not None
