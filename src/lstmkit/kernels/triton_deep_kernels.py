@@ -56,6 +56,15 @@ def _phi_grad(d, a, PHI: tl.constexpr):
     return dz
 
 
+@triton.jit
+def _block(B, N1: tl.constexpr, BB: tl.constexpr, N1P: tl.constexpr):
+    """This program's BB batch rows (index, in range, as int64) and the N1P first-layer columns
+    (index, real: < N1)."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    k = tl.arange(0, N1P)
+    return rows, rows < B, rows.to(tl.int64), k, k < N1
+
+
 @triton.jit(do_not_specialize=["t"])
 def deep_forward(xg, xg_ld, r, w, a_kept, rz, lengths, t, B, H, WSTRIDE,
                  N1: tl.constexpr, N1P: tl.constexpr, PHI: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -65,11 +74,7 @@ def deep_forward(xg, xg_ld, r, w, a_kept, rz, lengths, t, B, H, WSTRIDE,
     ``r`` (B, R) CT; ``w`` the flat ``mlp`` param; ``a_kept`` this step's (B, G·n_1) rows of the
     ``MLP`` buffer (KEEP; written by the first cell block); ``rz`` (B, G·H) CT, written."""
     g = tl.program_id(2)
-    rows = tl.program_id(0) * BB + tl.arange(0, BB)
-    rm = rows < B
-    r64 = rows.to(tl.int64)
-    k = tl.arange(0, N1P)
-    km = k < N1
+    rows, rm, r64, k, km = _block(B, N1, BB, N1P)
     m = rm[:, None] & km[None, :]
     R = tl.num_programs(2) * N1
     col = g * N1 + k[None, :]
@@ -99,11 +104,7 @@ def deep_backward(du, w, a_kept, dxg, B, H, WSTRIDE,
     """Step t backwards (grid: cdiv(B, BB) × G): from the cell kernel's ``du`` (B, G·H) CT and the
     kept ``a`` (B, G·n_1), ``dxg`` (B, G·n_1) CT = φ'(du_k W_k, a) per gate k."""
     g = tl.program_id(1)
-    rows = tl.program_id(0) * BB + tl.arange(0, BB)
-    rm = rows < B
-    r64 = rows.to(tl.int64)
-    k = tl.arange(0, N1P)
-    km = k < N1
+    rows, rm, r64, k, km = _block(B, N1, BB, N1P)
     GH = tl.num_programs(1) * H
     da = tl.zeros((BB, N1P), dtype=CT)
     for h0 in range(0, H, BH):
