@@ -400,7 +400,8 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def aot_report(out: Path, cells: list[str], dtypes: list[str]) -> None:
+def aot_report(out: Path, cells: list[str], dtypes: list[str], stem: str = "gpu_kernels_aot",
+               command: str = "python benchmarks/bench_gpu.py --aot") -> None:
     """Build every kernel of the launch plan for sm_80 and sm_90 (no GPU needed) and write the
     worst registers / stack (spill) bytes / shared memory per kernel, shape class and dtype."""
     import subprocess
@@ -415,14 +416,14 @@ def aot_report(out: Path, cells: list[str], dtypes: list[str]) -> None:
         raise SystemExit(f"{' '.join(cmd)} built nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     from lstmkit.kernels import triton_aot
 
-    (out / "gpu_kernels_aot.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["class"], r["dtype"], r["kernel"], r["arch"]), []).append(r)
     import triton
 
     lines = ["# Triton kernels built ahead of time (no GPU)", "",
-             f"`python benchmarks/bench_gpu.py --aot` with triton {triton.__version__}: every launch of the "
+             f"`{command}` with triton {triton.__version__}: every launch of the "
              f"launch plan (`lstmkit.kernels.triton_aot.launches`: forward with and without buffers, backward) "
              f"of {len(cells)} variants × {len(dtypes)} dtypes × {len(triton_aot.SHAPE_CLASSES)} shape classes, "
              f"built with `triton.compile(..., target=GPUTarget('cuda', cc, 32))` for sm_80 (A100) and sm_90 "
@@ -443,7 +444,7 @@ def aot_report(out: Path, cells: list[str], dtypes: list[str]) -> None:
         stack, shared = max(r["stack"] or 0 for r in ok), max(r["shared"] for r in ok) / 1024
         lines.append(f"| {cls} | {dtype} | {kernel} | {arch} | {top['registers']} | {stack} | {shared:.1f} | "
                      f"{top['cell']} |")
-    (out / "gpu_kernels_aot.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -456,6 +457,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--no-paths", action="store_true", help="skip the persistent-vs-per-step section")
     ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="warm-up processes")
     ap.add_argument("--aot", action="store_true", help="write results/gpu_kernels_aot.md (no GPU needed)")
+    ap.add_argument("--aot-cells", default=None,
+                    help="--aot: these comma-separated cells only, into results/gpu_kernels_aot_cells.md")
     ap.add_argument("--budget", type=float, default=math.inf,
                     help="seconds: start no new shape after this (results are written after every shape)")
     ap.add_argument("--shapes", default=None,
@@ -466,6 +469,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.aot and args.aot_cells:
+        aot_report(args.out, args.aot_cells.split(","), ["float32", "bfloat16"], "gpu_kernels_aot_cells",
+                   f"python benchmarks/bench_gpu.py --aot --aot-cells {args.aot_cells}")
+        return None
     if args.aot:
         # the variant flag words (the projection and heads change launch sizes, not the kernels' code)
         cells = [v for v in VARIANTS if v not in ("projection", "heads=4")]
