@@ -309,12 +309,14 @@ class _CountingKernel:
 
 
 @pytest.mark.parametrize(("phi", "cell", "bias"), [("tanh", "vanilla", True), ("relu", "cifg+peephole", True),
-                                                   ("sigmoid", "fgr", False), ("identity", "nog", True)])
+                                                   ("sigmoid", "fgr", False), ("identity", "nog", True),
+                                                   ("tanh", "heads=2", True)])
 def test_deep_gates_of_the_common_shape_run_the_fused_kernels(phi, cell, bias, monkeypatch):
     """Every computed gate deep, one hidden layer each of one width (``deep=n``): one fused launch
     per step each way (triton_deep_kernels), float64 against the reference, with lengths, both
-    directions, each hidden activation, with and without biases; a width that is no power of two
-    (the kernels pad it to 16). Other deep shapes stay in torch (no fused launch)."""
+    directions, each hidden activation, with and without biases, with heads (the recurrent weights
+    expanded); a width that is no power of two (the kernels pad it to 16). Other deep shapes stay
+    in torch (no fused launch)."""
     from lstmkit.kernels import triton_deep_kernels
 
     counts: dict[str, int] = {}
@@ -322,7 +324,7 @@ def test_deep_gates_of_the_common_shape_run_the_fused_kernels(phi, cell, bias, m
         monkeypatch.setattr(triton_deep_kernels, name, _CountingKernel(getattr(triton_deep_kernels, name), counts, name))
     spec = resolve(f"{cell}+deep=6").replace(gate_hidden_activation=phi)
     torch.manual_seed(0)
-    base = lstmkit.LSTM(3, 5, bidirectional=True, bias=bias, cell=spec).double()
+    base = lstmkit.LSTM(3, 6, bidirectional=True, bias=bias, cell=spec).double()
     with torch.no_grad():
         for p in base.parameters():
             p.uniform_(-0.5, 0.5)
