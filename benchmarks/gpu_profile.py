@@ -47,8 +47,8 @@ def kernel_profile(fn: Any) -> tuple[float, int, list[tuple[str, float, int]]]:
     per_name: Counter[str] = Counter()
     launches: Counter[str] = Counter()
     for e in events:
-        per_name[e.name[:60]] += e.device_time / 1e3
-        launches[e.name[:60]] += 1
+        per_name[e.name[:160]] += e.device_time / 1e3
+        launches[e.name[:160]] += 1
     return busy, len(events), [(n, ms, launches[n]) for n, ms in per_name.most_common(5)]
 
 
