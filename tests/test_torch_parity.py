@@ -174,3 +174,48 @@ def test_flatten_parameters_and_all_weights_like_torch():
     for ws_k, ws_r in zip(kit.all_weights, ref.all_weights):
         for a, b in zip(ws_k, ws_r):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw", [dict(num_layers=2, bidirectional=True, proj_size=2), dict(bias=False),
+                                dict(nonlinearity="relu", num_layers=2)], ids=["lstm-proj", "lstm-nobias", "rnn"])
+def test_the_operator_and_cudnns_flat_buffer_see_the_weights_in_torchs_order(kw):
+    """The order in which the ``torch`` row hands the weights to torch's operator — and in which
+    flatten_parameters lays them out for cuDNN on CUDA — is torch.nn.LSTM's ``_flat_weights`` order."""
+    from lstmkit.kernels.torch_native import operator_weights
+
+    rnn = "nonlinearity" in kw
+    kit = (lstmkit.RNN if rnn else lstmkit.LSTM)(I, H, **kw)
+    ref = (torch.nn.RNN if rnn else torch.nn.LSTM)(I, H, **kw)
+    name_of = {id(p): n for n, p in kit.named_parameters()}
+    assert [name_of[id(w)] for w in operator_weights(kit._all_params())] == ref._flat_weights_names
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuDNN)")
+@pytest.mark.parametrize("cell", ["vanilla", "peephole"])
+def test_cuda_the_torch_rows_weights_are_one_cudnn_buffer(cell):
+    """On CUDA the parameters of the cells cuDNN computes are views into one buffer, as
+    torch.nn.LSTM's, so cuDNN neither copies them every call nor warns; results and gradients
+    match torch.nn.LSTM's. Other cells keep their own parameters."""
+    import warnings
+
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, num_layers=2, bidirectional=True).cuda()
+    kit = lstmkit.LSTM(I, H, num_layers=2, bidirectional=True, cell=cell)
+    if cell == "vanilla":
+        kit.load_state_dict(ref.state_dict())
+    kit = kit.cuda()
+    storages = {p.untyped_storage().data_ptr() for p in kit.parameters()}
+    assert len(storages) == (1 if cell == "vanilla" else len(list(kit.parameters())))
+    if cell != "vanilla":
+        return
+    x = torch.randn(5, 3, I, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = kit(x)[0]
+        y.sum().backward()
+    assert not [w for w in caught if "contiguous chunk" in str(w.message)]
+    ref(x)[0].sum().backward()
+    torch.testing.assert_close(y, ref(x)[0], rtol=1e-5, atol=1e-5)
+    theirs = dict(ref.named_parameters())
+    for n, a in kit.named_parameters():
+        torch.testing.assert_close(a.grad, theirs[n].grad, rtol=1e-4, atol=1e-5, msg=n)

@@ -31,6 +31,7 @@ from lstmkit.checks import (
 )
 from lstmkit.gates import gate_views
 from lstmkit.kernels.fused import FusedCPUKernel, PreparedStep, in_loop_projection
+from lstmkit.kernels.torch_native import TorchKernel, operator_weights
 from lstmkit.layout import suffix
 from lstmkit.loop import StackOut, run_stack
 from lstmkit.spec import INIT_FIELDS, CellSpec, check_heads, gate_slices, layer_param_shapes, resolve
@@ -131,6 +132,7 @@ class _Recurrent(nn.Module):
                 names.append(mapping)
             self._param_names.append(names)
         self.reset_parameters()
+        self.flatten_parameters()
 
     # ---------------------------------------------------------------- parameters
 
@@ -196,7 +198,34 @@ class _Recurrent(nn.Module):
         check_int("direction", direction, 0, self.num_directions - 1)
 
     def flatten_parameters(self) -> None:
-        """A no-op kept for ``torch.nn.LSTM`` compatibility (lstmkit has no cuDNN flat buffer)."""
+        """On CUDA, for the cells torch's own operator computes (the ``torch`` kernel row, cuDNN:
+        vanilla, with or without projection, and the plain RNN), the parameters become views into
+        one buffer in cuDNN's layout, as ``torch.nn.LSTM``'s do, so that cuDNN need not copy them into
+        one on every call (and torch does not warn that it must); elsewhere a no-op. Runs when the
+        module is built or moved (``.to``, ``.cuda``, ``.half``); call it after replacing a parameter."""
+        if TorchKernel().refuses(self.spec) is not None or not torch._use_cudnn_rnn_flatten_weight():
+            return
+        weights = operator_weights(self._all_params())
+        first = weights[0]
+        if any(not isinstance(w, Tensor) or w.dtype != first.dtype or not w.is_cuda
+               or not torch.backends.cudnn.is_acceptable(w) for w in weights):
+            return
+        if len({w.data_ptr() for w in weights}) != len(weights):  # aliased parameters: cuDNN copies
+            return
+        import torch.backends.cudnn.rnn as cudnn_rnn
+
+        mode = "LSTM" if self.spec.is_lstm else f"RNN_{self.spec.nonlinearity.upper()}"
+        per_layer_direction = len(weights) // (self.num_layers * self.num_directions)  # w_ih, w_hh[, b][, w_hr]
+        with torch.cuda.device_of(first), torch.no_grad():
+            torch._cudnn_rnn_flatten_weight(weights, per_layer_direction, self.input_size,
+                                            cudnn_rnn.get_cudnn_mode(mode), self.hidden_size, self.proj_size,
+                                            self.num_layers, False, self.bidirectional)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``nn.Module._apply`` (``.to``, ``.cuda``, ``.half`` …), then :meth:`flatten_parameters`."""
+        out = super()._apply(fn, recurse)
+        self.flatten_parameters()
+        return out
 
     @property
     def _flat_weights_names(self) -> list[str]:

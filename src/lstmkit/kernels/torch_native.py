@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from lstmkit.kernels.base import Kernel, KernelOut, Workload
 from lstmkit.spec import CellSpec
 
-__all__ = ["TorchKernel", "ONEDNN_FASTER", "ONEDNN_MEASURED_ON", "cpu_vendor", "onednn_faster"]
+__all__ = ["TorchKernel", "ONEDNN_FASTER", "ONEDNN_MEASURED_ON", "cpu_vendor", "onednn_faster", "operator_weights"]
 
 #: Where torch's LSTM operator (oneDNN) runs a vanilla CPU layer faster than the fused kernel:
 #: (dtype, with gradient) -> (least batch B, least B·H, least hidden size H, greatest H), for
@@ -98,6 +98,20 @@ def onednn_faster(workload: Workload) -> bool:
     return workload.dtype != torch.bfloat16 or _onednn_amx()
 
 
+def operator_weights(params: list[list[dict[str, Tensor]]]) -> list[Tensor]:
+    """``params[layer][direction]`` in the order torch's LSTM / RNN operator takes them (and cuDNN's
+    flat weight buffer holds them): per layer, per direction, w_ih, w_hh[, b_ih, b_hh][, w_hr]."""
+    weights = []
+    for layer in params:
+        for p in layer:
+            weights += [p["weight_ih"], p["weight_hh"]]
+            if "bias_ih" in p:
+                weights += [p["bias_ih"], p["bias_hh"]]
+            if "weight_hr" in p:
+                weights.append(p["weight_hr"])
+    return weights
+
+
 class TorchKernel(Kernel):
     """torch's LSTM / RNN operator for one layer-direction (cuDNN on CUDA, oneDNN on the CPU)."""
 
@@ -142,14 +156,7 @@ class TorchKernel(Kernel):
         """One operator call over ``params[layer][direction]``: x (T, B, I), h0 (L·D, B, H_out),
         c0 (L·D, B, H) or None -> y (T, B, D·H_out), h_n, c_n shaped as h0, c0."""
         bias = "bias_ih" in params[0][0]
-        weights = []  # the operator's order: per layer, per direction, w_ih, w_hh[, b_ih, b_hh][, w_hr]
-        for layer in params:
-            for p in layer:
-                weights += [p["weight_ih"], p["weight_hh"]]
-                if bias:
-                    weights += [p["bias_ih"], p["bias_hh"]]
-                if "weight_hr" in p:
-                    weights.append(p["weight_hr"])
+        weights = operator_weights(params)
         packed = None
         if lengths is not None:  # x (T, B, I) -> the PackedSequence nn.LSTM takes; states in its order
             packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
