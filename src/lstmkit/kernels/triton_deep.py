@@ -119,25 +119,29 @@ class DeepGates:
             bias = params["bias"]
             self.ln = (params["ln_ih_weight"].to(ct), params["ln_hh_weight"].to(ct),
                        bias.to(ct) if bias.numel() else None)
-        #: the fused kernels' launcher, constexprs and flat weights; None: torch runs every gate
-        self.fused: tuple[Launch, dict[str, Any], Tensor] | None = None
-        if launch is not None and tl_dtypes is not None and self._fusable():
+        #: the fused kernels' launcher, constexprs, flat weights and the elements from one gate's
+        #: W_k to the next's; None: torch runs every gate
+        self.fused: tuple[Launch, dict[str, Any], Tensor, int] | None = None
+        stride = self._fused_stride()
+        if launch is not None and tl_dtypes is not None and stride is not None:
             n1 = self.gates[0][3]
             OP, MMA, CT = tl_dtypes
             consts = dict(N1=n1, N1P=max(16, 1 << (n1 - 1).bit_length()), PHI=abi.PHIS.index(self.mlp.phi),
                           OP=OP, MMA=MMA, CT=CT)
-            self.fused = (launch, consts, flat.contiguous())
+            self.fused = (launch, consts, flat.contiguous(), stride)
 
-    def _fusable(self) -> bool:
-        """Whether this call has the fused kernels' shape: every computed gate deep with one hidden
-        layer of one width n_1 ≤ FUSED_MAX_WIDTH, no layer norm, gate k's parts at k times a stride."""
+    def _fused_stride(self) -> int | None:
+        """The flat ``mlp`` elements from gate k's W_k to gate k+1's (W_k (H, n_1), then b_k) if this
+        call has the fused kernels' shape — every computed gate deep with one hidden layer of one
+        width n_1 ≤ FUSED_MAX_WIDTH, no layer norm, gate k's parts at k times that stride — else None."""
         if self.ln is not None or any(mg is None or len(mg.widths) != 2 for mg, *_ in self.gates):
-            return False
+            return None
         n1 = self.gates[0][3]
         stride = self.H * n1 + (self.H if self.mlp.bias else 0)
-        return n1 <= FUSED_MAX_WIDTH and all(
+        fits = n1 <= FUSED_MAX_WIDTH and all(
             width == n1 and slot == k and col == k * n1 and mg.woff[0] == k * stride and mg.aoff[0] == k * n1
             for k, (mg, slot, col, width) in enumerate(self.gates))
+        return stride if fits else None
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -190,7 +194,7 @@ class DeepGates:
         """:meth:`forward` as one launch (:func:`~lstmkit.kernels.triton_deep_kernels.deep_forward`)."""
         from lstmkit.kernels.triton_deep_kernels import deep_forward
 
-        launch, consts, flat = self.fused
+        launch, consts, flat, stride = self.fused
         B, G, H = r.shape[0], len(self.gates), self.H
         rz = r.new_empty((B, G * H))                                          # (B, G·H)
         BB, BH, warps = _tiles(B, H, consts["N1P"])
@@ -198,8 +202,7 @@ class DeepGates:
         none = r.new_empty((0,))
         args = dict(xg=xg_t, xg_ld=xg_t.stride(0), r=r.contiguous(), w=flat,
                     a_kept=a_kept if a_kept is not None else none, rz=rz,
-                    lengths=lengths if lengths is not None else none, t=t, B=B, H=H,
-                    WSTRIDE=H * consts["N1"] + (H if self.mlp.bias else 0))
+                    lengths=lengths if lengths is not None else none, t=t, B=B, H=H, WSTRIDE=stride)
         launch(deep_forward, (-(-B // BB), -(-H // BH), G), args,
                dict(consts, HAS_BIAS=self.mlp.bias, KEEP=a_kept is not None, HAS_LEN=lengths is not None, BB=BB,
                     BH=BH), warps)
@@ -238,11 +241,10 @@ class DeepGates:
         """:meth:`backward` as one launch (:func:`~lstmkit.kernels.triton_deep_kernels.deep_backward`)."""
         from lstmkit.kernels.triton_deep_kernels import deep_backward
 
-        launch, consts, flat = self.fused
+        launch, consts, flat, stride = self.fused
         B, G, H = du.shape[0], len(self.gates), self.H
         BB, BH, warps = _tiles(B, H, consts["N1P"], backward=True)
-        args = dict(du=du, w=flat, a_kept=a_kept, dxg=dxg, B=B, H=H,
-                    WSTRIDE=H * consts["N1"] + (H if self.mlp.bias else 0))
+        args = dict(du=du, w=flat, a_kept=a_kept, dxg=dxg, B=B, H=H, WSTRIDE=stride)
         launch(deep_backward, (-(-B // BB), G), args, dict(consts, BB=BB, BH=BH), warps)
 
     def new_grads(self, du: Tensor) -> dict[str, list[Tensor]]:
