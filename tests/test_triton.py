@@ -582,11 +582,12 @@ def test_cuda_heads_realistic_sizes(cell, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
 @pytest.mark.parametrize("cell", ["slstm+heads=4", "slstm+forget_act=exp+n_clamp"])
 def test_cuda_slstm_realistic_sizes(cell, dtype):
     """The sLSTM on the GPU (several cell blocks per step, lengths, given states c, n > 0, m):
-    outputs, the four final states and every gradient against the float64 reference loop."""
+    outputs, the four final states and every gradient against the float64 reference loop
+    (bfloat16: on the rounded inputs and weights, within 2.5x the bfloat16 loop's own error)."""
     torch.manual_seed(0)
     T, B, I, H, cuda = 12, 19, 24, 136, torch.device("cuda")
     base = lstmkit.LSTM(I, H, num_layers=2, bidirectional=True, cell=cell).double()
@@ -595,8 +596,13 @@ def test_cuda_slstm_realistic_sizes(cell, dtype):
     states = [torch.randn(4, B, H, generator=g, dtype=torch.float64) * 0.5 for _ in range(4)]
     states[2] = states[2].abs() + 0.2                                       # n > 0
     lengths = torch.randint(1, T + 1, (B,), generator=g)
+    sixteen = dtype == torch.bfloat16
+    if sixteen:  # what bfloat16 holds exactly, so that the float64 truth sees the same inputs
+        base = copy.deepcopy(base).to(dtype).double()
+        x, states = x.to(dtype).double(), [s.to(dtype).double() for s in states]
+    runs = [("reference", torch.device("cpu"), torch.float64), ("triton", cuda, dtype)]
     got = []
-    for backend, dev, dt in (("reference", torch.device("cpu"), torch.float64), ("triton", cuda, dtype)):
+    for backend, dev, dt in runs + ([("reference", cuda, dtype)] if sixteen else []):
         layer = copy.deepcopy(base).to(dev, dt)
         layer.backend = backend
         xs, st = x.to(dev, dt).requires_grad_(True), [s.to(dev, dt).requires_grad_(True) for s in states]
@@ -606,8 +612,9 @@ def test_cuda_slstm_realistic_sizes(cell, dtype):
                    for t in (y, *out))
         got.append([t.detach().double().cpu() for t in (y, *out, *torch.autograd.grad(loss, [xs, *st,
                                                                                                *layer.parameters()]))])
-    for k, (a, b) in enumerate(zip(*got)):
-        assert _err(b, a) <= (1e-10 if dtype == torch.float64 else 1e-4), k
+    for k, (a, b, *loop) in enumerate(zip(*got)):
+        bound = max(BF16_FLOOR, 2.5 * _err(loop[0], a)) if sixteen else 1e-10 if dtype == torch.float64 else 1e-4
+        assert _err(b, a) <= bound, (k, _err(b, a), bound)
 
 
 @needs_cuda
