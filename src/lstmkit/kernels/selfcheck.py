@@ -6,10 +6,11 @@ way of running the time loop (persistent or per step) — the layer's own sizes 
 on it and on the reference kernel (float64), forward and every gradient, on inputs and weights
 that the build's dtype holds exactly. A build that raises, or disagrees beyond its dtype's
 tolerance, is remembered: lstmkit warns once, naming the build and the error, and layers with
-that build run on the reference kernel (slower, not wrong). In 16 bits a cell's own sensitivity
-sets the error (the sLSTM's exponential gates: 0.08 of the scale in one gradient on an H100), so
-there a build also passes if it errs no more than ``FACTOR16`` times the reference kernel run in
-the same dtype on the same device. ``LSTMKIT_TRITON_SELFCHECK=0`` turns the check off.
+that build run on the reference kernel (slower, not wrong). In 16 bits much of the error is the
+dtype's own (an H100's bfloat16 sLSTM build failed a fixed 6e-2 by 0.08 of the scale in one
+gradient, and passes this rule), so there a build also passes if it errs no more than
+``FACTOR16`` times the reference kernel run in the same dtype on the same device.
+``LSTMKIT_TRITON_SELFCHECK=0`` turns the check off.
 """
 
 from __future__ import annotations
