@@ -126,8 +126,9 @@ class DeepGates:
         if launch is not None and tl_dtypes is not None and stride is not None:
             n1 = self.gates[0][3]
             OP, MMA, CT = tl_dtypes
-            consts = dict(N1=n1, N1P=max(16, 1 << (n1 - 1).bit_length()), PHI=abi.PHIS.index(self.mlp.phi),
-                          OP=OP, MMA=MMA, CT=CT)
+            phi = self.mlp.phi
+            consts = dict(N1=n1, N1P=max(16, 1 << (n1 - 1).bit_length()), SIGMOID=phi == "sigmoid",
+                          IDENTITY=phi == "identity", RELU=phi == "relu", OP=OP, MMA=MMA, CT=CT)
             self.fused = (launch, consts, flat.contiguous(), stride)
 
     def _fused_stride(self) -> int | None:

@@ -12,7 +12,7 @@ pre-activations (B, G·H). ``W_k`` (H × n_1) then ``b_k`` (H) sit gate after ga
 into ``dxg``'s columns ``k·n_1 …``; the weights' gradients are large GEMMs after the loop.
 
 Constexpr arguments: N1 (n_1) and N1P (n_1 padded to a power of two, at least 16: ``tl.dot``'s
-least size), PHI (the hidden activation's index in :data:`lstmkit.kernels.abi.PHIS`), HAS_BIAS,
+least size), SIGMOID / IDENTITY / RELU (the hidden activation; none: tanh), HAS_BIAS,
 KEEP (the forward keeps ``a`` for backward), HAS_LEN (rows past their length keep zeros, as the
 CPU kernel's buffer), OP / MMA / CT (the GEMM operand dtype, what ``tl.dot`` sees, the compute
 dtype: as :mod:`lstmkit.kernels.triton_kernels`), block sizes BB (batch rows) and BH (cells).
@@ -23,36 +23,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lstmkit.kernels.triton_cell import dot, sigmoid, tanh
+from lstmkit.kernels.triton_cell import act, act_grad, dot, sigmoid
 
 __all__ = ["deep_forward", "deep_backward"]
 
 
 @triton.jit
-def _phi(z, PHI: tl.constexpr):
-    """The hidden activation, :data:`lstmkit.kernels.abi.PHIS` = (tanh, relu, sigmoid, identity)."""
-    if PHI == 0:
-        a = tanh(z)
-    elif PHI == 1:
-        a = tl.where(z < 0, 0.0, z)
-    elif PHI == 2:
+def _phi(z, SIGMOID: tl.constexpr, IDENTITY: tl.constexpr, RELU: tl.constexpr):
+    """The hidden activation: σ, or the cell's own tanh / identity / relu (``triton_cell.act``)."""
+    if SIGMOID:
         a = sigmoid(z)
     else:
-        a = z
+        a = act(z, IDENTITY, RELU)
     return a
 
 
 @triton.jit
-def _phi_grad(d, a, PHI: tl.constexpr):
+def _phi_grad(d, a, SIGMOID: tl.constexpr, IDENTITY: tl.constexpr, RELU: tl.constexpr):
     """dL/dz of :func:`_phi` from d = dL/da and a = φ(z)."""
-    if PHI == 0:
-        dz = d * (1.0 - a * a)
-    elif PHI == 1:
-        dz = tl.where(a > 0, d, 0.0)
-    elif PHI == 2:
+    if SIGMOID:
         dz = d * a * (1.0 - a)
     else:
-        dz = d
+        dz = act_grad(d, a, IDENTITY, RELU)
     return dz
 
 
@@ -67,7 +59,8 @@ def _block(B, N1: tl.constexpr, BB: tl.constexpr, N1P: tl.constexpr):
 
 @triton.jit(do_not_specialize=["t"])
 def deep_forward(xg, xg_ld, r, w, a_kept, rz, lengths, t, B, H, WSTRIDE,
-                 N1: tl.constexpr, N1P: tl.constexpr, PHI: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 N1: tl.constexpr, N1P: tl.constexpr, SIGMOID: tl.constexpr, IDENTITY: tl.constexpr,
+                 RELU: tl.constexpr, HAS_BIAS: tl.constexpr,
                  KEEP: tl.constexpr, HAS_LEN: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr,
                  CT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """Step t (grid: cdiv(B, BB) × cdiv(H, BH) × G): ``xg`` this step's (B, R) rows, xg_ld apart;
@@ -80,7 +73,7 @@ def deep_forward(xg, xg_ld, r, w, a_kept, rz, lengths, t, B, H, WSTRIDE,
     col = g * N1 + k[None, :]
     z = tl.load(xg + r64[:, None] * xg_ld + col, mask=m, other=0.0).to(CT) \
         + tl.load(r + r64[:, None] * R + col, mask=m, other=0.0).to(CT)
-    a = tl.where(m, _phi(z, PHI), 0.0)                                        # (BB, N1P); padding 0
+    a = tl.where(m, _phi(z, SIGMOID, IDENTITY, RELU), 0.0)                                        # (BB, N1P); padding 0
     if KEEP:
         if tl.program_id(1) == 0:
             kept = a
@@ -99,7 +92,8 @@ def deep_forward(xg, xg_ld, r, w, a_kept, rz, lengths, t, B, H, WSTRIDE,
 
 @triton.jit
 def deep_backward(du, w, a_kept, dxg, B, H, WSTRIDE,
-                  N1: tl.constexpr, N1P: tl.constexpr, PHI: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr,
+                  N1: tl.constexpr, N1P: tl.constexpr, SIGMOID: tl.constexpr, IDENTITY: tl.constexpr,
+                  RELU: tl.constexpr, OP: tl.constexpr, MMA: tl.constexpr,
                   CT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
     """Step t backwards (grid: cdiv(B, BB) × G): from the cell kernel's ``du`` (B, G·H) CT and the
     kept ``a`` (B, G·n_1), ``dxg`` (B, G·n_1) CT = φ'(du_k W_k, a) per gate k."""
@@ -116,4 +110,4 @@ def deep_backward(du, w, a_kept, dxg, B, H, WSTRIDE,
     R = tl.num_programs(1) * N1
     m = rm[:, None] & km[None, :]
     a = tl.load(a_kept + r64[:, None] * R + g * N1 + k[None, :], mask=m, other=0.0).to(CT)
-    tl.store(dxg + r64[:, None] * R + g * N1 + k[None, :], _phi_grad(da, a, PHI), mask=m)
+    tl.store(dxg + r64[:, None] * R + g * N1 + k[None, :], _phi_grad(da, a, SIGMOID, IDENTITY, RELU), mask=m)
