@@ -102,14 +102,17 @@ def test_fused_kernel_rnn(dtype):
 
 
 def test_fused_kernel_threads_and_chunks():
-    """Two threads, a batch that splits across them and layernorm's chunked dW_hh: against the reference."""
+    """Two threads, a batch that splits across them and layernorm's chunked dW_hh: against the reference.
+    Without a projection a head is 32 wide, several panels of the backward's dh GEMM, which sums
+    the head's gate blocks (a GEMM split over K): the two threads share its panels."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for cell in ("heads=4", "heads=8+layernorm", "heads=4+deep=8"):
-            ref = lstmkit.LSTM(16, 64, cell=cell, proj_size=32, backend="reference").double()
-            fast = lstmkit.LSTM(16, 64, cell=cell, proj_size=32, backend="cpu_fused").double()
+        for cell, proj in (("heads=4", 32), ("heads=8+layernorm", 32), ("heads=4+deep=8", 32), ("heads=2", 0),
+                           ("heads=2+fgr+layernorm", 0)):
+            ref = lstmkit.LSTM(16, 64, cell=cell, proj_size=proj, backend="reference").double()
+            fast = lstmkit.LSTM(16, 64, cell=cell, proj_size=proj, backend="cpu_fused").double()
             fast.load_state_dict(ref.state_dict())
             x = torch.randn(30, 40, 16, dtype=torch.float64, requires_grad=True)
             outs = []

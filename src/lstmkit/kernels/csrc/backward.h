@@ -69,25 +69,17 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   at::Tensor rowtmp = at::zeros({nthreads, ldtmp}, opt);
 
   Packed<T> Wt, Wggt, Whrt;
-  // heads: per head, dh's Dh columns = (its rows of dr, head-major) times its block rows of W_hh
+  // heads: one block of W_hh per head and gate (cf.hseg), read in its canonical rows: a head's dh
+  // columns = the sum over its gates of dr's segment columns times the block (one K-split group)
   std::vector<Packed<T>> Wth;
-  at::Tensor perm, whm, dRhm;
-  const int64_t nh = R / cf.heads;
   if (cf.heads == 1) {
     Wt.init(whh.data_ptr<T>(), whh.stride(1), whh.stride(0), (int)Hout, (int)R, Tn, cf.bf16_gemm);
   } else {
-    perm = head_perm(cf, opt);
-    whm = whh.index_select(0, perm).contiguous();  // (R, Dh), rows head-major
-    dRhm = at::zeros({B, ldr}, opt);                // this step's dr, head-major: the GEMM's input
-    Wth.resize(cf.heads);
-    for (int64_t j = 0; j < cf.heads; ++j)
-      Wth[j].init(whm.data_ptr<T>() + j * nh * cf.Dh, 1, cf.Dh, (int)cf.Dh, (int)nh, Tn, cf.bf16_gemm);
+    Wth.resize(cf.hseg.size());
+    for (size_t s = 0; s < cf.hseg.size(); ++s)
+      Wth[s].init(whh.data_ptr<T>() + cf.hseg[s].canon * whh.stride(0), whh.stride(1), whh.stride(0),
+                  (int)cf.Dh, (int)cf.hseg[s].len, Tn, cf.bf16_gemm);
   }
-  T* dRhmp = cf.heads > 1 ? dRhm.data_ptr<T>() : nullptr;
-  auto to_heads = [&](const T* dwr, int64_t b) {  // heads: a row of dr, canonical -> head-major
-    if (dRhmp)
-      for (const HeadSeg& sg : cf.hseg) std::copy(dwr + sg.canon, dwr + sg.canon + sg.len, dRhmp + b * ldr + sg.hm);
-  };
   if (cf.fgr) {
     const at::Tensor& wgg = params[P_WEIGHT_GG];
     Wggt.init(wgg.data_ptr<T>(), wgg.stride(1), wgg.stride(0), (int)(cf.nS * H), (int)(cf.nS * H), Tn, cf.bf16_gemm);
@@ -126,10 +118,21 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                              dXG.data_ptr<T>(), lstm ? dcs.data_ptr<T>() : nullptr, dSp, dUSp, lds, ptr(dZS),
                              ptr(Mo), mlp, ptr(buffers[B_MLP]), ptr(dV), ptr(dA)};
 
-  std::vector<GemmTask<T>> phaseA;  // dh = dr W_hh (heads: per head, from dRhm) [, ds = du_S W_gg]
-  if (cf.heads == 1) phaseA.push_back(GemmTask<T>{&Wt, (int)B, dRwp, ldr, dHp, Hout, false});
-  for (int64_t j = 0; j < (int64_t)Wth.size(); ++j)
-    phaseA.push_back(GemmTask<T>{&Wth[j], (int)B, dRhmp + j * nh, ldr, dHp + j * cf.Dh, Hout, false});
+  std::vector<GemmTask<T>> phaseA;  // dh = dr W_hh (heads: per head, its gates' segments) [, ds = du_S W_gg]
+  std::vector<int64_t> dr_col;       // the dh tasks' first column of dr (their A moves with t under layernorm)
+  if (cf.heads == 1) {
+    phaseA.push_back(GemmTask<T>{&Wt, (int)B, dRwp, ldr, dHp, Hout, false});
+    dr_col.push_back(0);
+  }
+  for (size_t s = 0; s < Wth.size(); ++s) {
+    const HeadSeg& sg = cf.hseg[s];
+    const bool head_begins = s == 0 || cf.hseg[s - 1].head != sg.head;
+    const bool head_goes_on = s + 1 < Wth.size() && cf.hseg[s + 1].head == sg.head;
+    GemmTask<T> task{&Wth[s], (int)B, dRwp + sg.canon, ldr, dHp + sg.head * cf.Dh, Hout, !head_begins};
+    task.more = head_goes_on;
+    phaseA.push_back(task);
+    dr_col.push_back(sg.canon);
+  }
   if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wggt, (int)B, dUSp, lds, dSp, cf.nS * H, false});
   const int nA = (int)phaseA.size();
 
@@ -202,7 +205,6 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         if (t >= len[b]) {
           std::fill(dxr, dxr + R, T(0));
           std::fill(dwr, dwr + R, T(0));
-          if (dRhmp) std::fill(dRhmp + b * ldr, dRhmp + b * ldr + R, T(0));
           if (step.dZS) std::fill(step.dZS + tb * cf.nS * H, step.dZS + (tb + 1) * cf.nS * H, T(0));
           if (dUSp) std::fill(dUSp + b * lds, dUSp + b * lds + cf.nS * H, T(0));
           if (step.Mo) std::fill(step.Mo + tb * H, step.Mo + tb * H + H, T(0));
@@ -213,7 +215,6 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         const T* dhc = carry_in ? dHp + b * Hout : dhnp + b * Hout;
         if (!lstm) {
           step.rnn_row(tb, dy_row(t, b), dhc, dwr);
-          to_heads(dwr, b);
           continue;
         }
         const T *dh = dhbuf, *dh2 = nullptr;
@@ -225,7 +226,6 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         if (mlp.any()) continue;  // first the MLPs' backward, below
         if (cf.ln) step.layernorm_row(tb, dwr, A);
         else std::copy(dxr, dxr + R, dwr);
-        to_heads(dwr, b);
       }
       if (mlp.any() && lstm && b1 > b0) {  // deep gates: from each gate's dL/du back through its MLP to
         for (int d = mlp.depth; d >= 1; --d) {  // dL/dz_k, this thread's rows (a row reads only itself)
@@ -249,7 +249,6 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
             T* dwr = dRcp ? dRcp + ((t - t0) * B + b) * ldr : dRwp + b * ldr;
             if (cf.ln) step.layernorm_row(tb, dwr, A);
             else std::copy(dxr, dxr + R, dwr);
-            to_heads(dwr, b);
           }
         }
       }
@@ -261,7 +260,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         });
       }
       bar.wait();
-      if (dRcp && cf.heads == 1) tasks[0].A = dRcp + (t - t0) * B * ldr;  // layernorm: this step's chunk rows
+      if (dRcp)  // layernorm: the dh tasks read this step's chunk rows
+        for (size_t k = 0; k < dr_col.size(); ++k) tasks[k].A = dRcp + (t - t0) * B * ldr + dr_col[k];
       run_tasks<T>(tasks.data(), nA, tid, nth);
       bar.wait();
     }
@@ -270,10 +270,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
     if (cf.ln && t1 > t0) {  // dW_hh += dr_t^T h_{t-1} over this chunk (h_{-1} = h0, then y)
       at::Tensor d = dRc.narrow(0, 0, (t1 - t0) * B).narrow(1, 0, R);
       if (t0 == 0) {
-        accumulate_dwhh(dWhh, d.narrow(0, 0, B), h0, cf, perm);
-        if (t1 > 1) accumulate_dwhh(dWhh, d.narrow(0, B, (t1 - 1) * B), Y.narrow(0, 0, t1 - 1).reshape({-1, Hout}), cf, perm);
+        accumulate_dwhh(dWhh, d.narrow(0, 0, B), h0, cf);
+        if (t1 > 1) accumulate_dwhh(dWhh, d.narrow(0, B, (t1 - 1) * B), Y.narrow(0, 0, t1 - 1).reshape({-1, Hout}), cf);
       } else {
-        accumulate_dwhh(dWhh, d, Y.narrow(0, t0 - 1, t1 - t0).reshape({-1, Hout}), cf, perm);
+        accumulate_dwhh(dWhh, d, Y.narrow(0, t0 - 1, t1 - t0).reshape({-1, Hout}), cf);
       }
     }
     if (Tn == 0) break;
@@ -300,7 +300,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         if (mg.boff[j] >= 0) dmlp.narrow(0, mg.boff[j], mg.w[j + 1]).copy_(dvj.sum(0));
       }
   }
-  return {dXG, cf.ln ? finish_dwhh(dWhh, cf, perm) : e(), P > 0 ? dHP : e(), P > 0 ? Mo : e(), dh0, lstm ? dcs : e(), accs,
+  return {dXG, cf.ln ? dWhh : e(), P > 0 ? dHP : e(), P > 0 ? Mo : e(), dh0, lstm ? dcs : e(), accs,
           dZS.defined() ? dZS : e(), dmlp, dXGlow.defined() ? dXGlow : e()};
 }
 

@@ -100,13 +100,12 @@ struct MlpWeights {
 };
 
 // Heads (block-diagonal recurrent weights): each gate's rows of W_hh are k blocks, block j reading
-// only the j-th H_out/k entries of h. One segment per head and gate: the forward runs a GEMM per
-// segment on W_hh's canonical rows (gate by gate, its heads in order); the backward one per head
-// on the rows of all gates in head-major order (head j: gate by gate, its n_g/k rows), so that the
-// K dimension of its dh GEMM is contiguous. A segment maps its head-major columns to the canonical
-// ones.
+// only the j-th H_out/k entries of h. One segment per head and gate, read in W_hh's canonical rows
+// (no permuted copy): the forward runs a GEMM per segment (r's segment columns = h's head columns
+// times the block), the backward adds the segments of a head into its dh columns (a GEMM split over
+// K) and accumulates dW_hh block by block (accumulate_dwhh).
 struct HeadSeg {
-  int64_t canon, hm, len;  // canonical column, head-major column, width
+  int64_t canon, head, len;  // first canonical row of W_hh (column of r), the head, rows
 };
 
 struct Cfg {
@@ -164,7 +163,7 @@ struct Cfg {
   // the per-step products in bfloat16 on AMX (gemm.h): a bfloat16 layer where the CPU has the unit
   bool bf16_gemm = false;
   int64_t heads = 1, Dh = 0;  // heads: k; Dh = H_out / k, the width of a head of h
-  std::vector<HeadSeg> hseg;  // heads > 1: canonical <-> head-major columns of r (see HeadSeg)
+  std::vector<HeadSeg> hseg;  // heads > 1: head by head, gate by gate (see HeadSeg)
   // The heads of a call, from the stored recurrent weights' width (R, H_out/k).
   void set_heads(int64_t whh_cols) {
     TORCH_CHECK(whh_cols > 0 && Hout % whh_cols == 0, "lstmkit::recurrence: w_hh has ", whh_cols,
@@ -172,58 +171,47 @@ struct Cfg {
     heads = Hout / whh_cols; Dh = whh_cols;
     hseg.clear();
     if (heads == 1) return;
-    int64_t hm = 0;
     for (int64_t j = 0; j < heads; ++j)
       for (int64_t q = 0; q < G; ++q) {
         TORCH_CHECK(cw[q] % heads == 0, "lstmkit::recurrence: a gate's ", cw[q], " rows do not split into ",
                     heads, " heads");
         const int64_t n = cw[q] / heads;
-        hseg.push_back({co[q] + j * n, hm, n});
-        hm += n;
+        hseg.push_back({co[q] + j * n, j, n});
       }
-  }
-  // The canonical row of each head-major row (heads > 1): what permutes W_hh's rows.
-  std::vector<int64_t> head_rows() const {
-    std::vector<int64_t> rows;
-    for (const HeadSeg& s : hseg)
-      for (int64_t i = 0; i < s.len; ++i) rows.push_back(s.canon + i);
-    return rows;
   }
 };
 
-// dW_hh, accumulated over parts of the sequence: acc += d^T hprev for d (N, R) the gradients of r
-// (canonical columns) and hprev (N, H_out) the h_{t-1} they multiplied. Without heads acc is the
-// full (R, H_out); with heads it is (R, Dh), the blocks in head-major row order (head j: rows
-// j·R/k … of d's head-major columns times h's j-th Dh columns), finished by finish_dwhh.
-inline at::Tensor head_perm(const Cfg& cf, const at::TensorOptions& opt) {
-  const auto rows = cf.head_rows();
-  return at::tensor(rows, opt.dtype(at::kLong));
-}
 // A reduction over steps and rows, a^T b (float32 or float64 result): on a bfloat16 layer with the
 // AMX unit (cf.bf16_gemm) its operands are rounded to bfloat16, as the per-step products' are.
 inline at::Tensor reduce_mm(const at::Tensor& at_, const at::Tensor& b, const Cfg& cf) {
   if (!cf.bf16_gemm) return at::mm(at_, b);
   return at::mm(at_.to(at::kBFloat16), b.to(at::kBFloat16)).to(at::kFloat);
 }
-// acc += d^T hprev over each head's block (acc undefined: the first term; allocated here, so a
-// weight-sized buffer is neither zero-filled nor added to when one product is the whole sum)
-inline void accumulate_dwhh(at::Tensor& acc, const at::Tensor& d, const at::Tensor& hprev, const Cfg& cf,
-                            const at::Tensor& perm) {
+// dW_hh, accumulated over parts of the sequence: acc += d^T hprev for d (N, R) the gradients of r
+// and hprev (N, H_out) the h_{t-1} they multiplied; acc (R, H_out), with heads (R, Dh): each
+// segment's rows times its head's Dh columns of hprev, written in place (canonical rows). acc
+// undefined: the first term, allocated here, so that a weight-sized buffer is neither zero-filled
+// nor added to when one product is the whole sum.
+inline void accumulate_dwhh(at::Tensor& acc, const at::Tensor& d, const at::Tensor& hprev, const Cfg& cf) {
+  const bool first = !acc.defined();
+  auto add = [&](at::Tensor out, const at::Tensor& dt, const at::Tensor& h) {  // out (+)= dt h
+    if (cf.bf16_gemm) {
+      if (first) out.copy_(reduce_mm(dt, h, cf));
+      else out.add_(reduce_mm(dt, h, cf));
+    } else if (first) {
+      at::mm_out(out, dt, h);
+    } else {
+      out.addmm_(dt, h);  // one GEMM with beta = 1
+    }
+  };
   if (cf.heads == 1) {
-    if (!acc.defined()) acc = reduce_mm(d.t(), hprev, cf);
-    else if (!cf.bf16_gemm) acc.addmm_(d.t(), hprev);  // one GEMM with beta = 1
-    else acc.add_(reduce_mm(d.t(), hprev, cf));
+    if (first) acc = reduce_mm(d.t(), hprev, cf);
+    else add(acc, d.t(), hprev);
     return;
   }
-  if (!acc.defined()) acc = at::zeros({cf.R, cf.Dh}, hprev.options());
-  const at::Tensor dhm = d.index_select(1, perm);  // (N, R) head-major columns
-  const int64_t n = cf.R / cf.heads;
-  for (int64_t j = 0; j < cf.heads; ++j)
-    acc.narrow(0, j * n, n).add_(reduce_mm(dhm.narrow(1, j * n, n).t(), hprev.narrow(1, j * cf.Dh, cf.Dh), cf));
-}
-inline at::Tensor finish_dwhh(const at::Tensor& acc, const Cfg& cf, const at::Tensor& perm) {
-  if (cf.heads == 1) return acc;
-  return at::zeros_like(acc).index_copy_(0, perm, acc);  // head-major rows -> canonical
+  if (first) acc = at::empty({cf.R, cf.Dh}, hprev.options());  // every row is some segment's
+  for (const HeadSeg& sg : cf.hseg)
+    add(acc.narrow(0, sg.canon, sg.len), d.narrow(1, sg.canon, sg.len).t(), hprev.narrow(1, sg.head * cf.Dh, cf.Dh));
 }
 
 // The per-parameter reductions of the backward (summed over steps and rows), one vector per

@@ -73,7 +73,6 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   // heads: one block of W_hh (R, Dh) per head and gate (cf.hseg), read in its canonical rows: head
   // j's rows of a gate times h's j-th Dh columns, straight into r's canonical columns
   std::vector<Packed<T>> Wh;
-  const int64_t nh = R / cf.heads;  // rows of a head (all gates), what a segment's head-major start divides
   if (cf.heads == 1) {
     Wp.init(whh.data_ptr<T>(), whh.stride(0), whh.stride(1), (int)R, (int)Hout, Tn, cf.bf16_gemm);
   } else {
@@ -140,7 +139,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   if (cf.heads == 1) phaseA.push_back(GemmTask<T>{&Wp, (int)B, hsp, ldh, rwp, ldr, false});
   for (size_t s = 0; s < Wh.size(); ++s) {
     const HeadSeg& sg = cf.hseg[s];
-    phaseA.push_back(GemmTask<T>{&Wh[s], (int)B, hsp + sg.hm / nh * cf.Dh, ldh, rwp + sg.canon, ldr, false});
+    phaseA.push_back(GemmTask<T>{&Wh[s], (int)B, hsp + sg.head * cf.Dh, ldh, rwp + sg.canon, ldr, false});
   }
   if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wgg, (int)B, ssp, lds, fwp, lds, false});
   const int iA = (int)phaseA.size();  // the input projection's task (its A moves with t)

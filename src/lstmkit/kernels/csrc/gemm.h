@@ -342,10 +342,14 @@ struct GemmTask {
   T* C; int64_t ldc;
   bool acc;
   const T* bias = nullptr;  // added to every row (padded to whole panels), or none
+  // The next task adds its product into the same columns of C (a GEMM split over K, e.g. a head's
+  // segments of W_hh): run_tasks gives the whole group's panels to the same threads, in order, so
+  // that no two threads write one element. Its W has the same N (and panel width) as this one's.
+  bool more = false;
 };
 
-// Run a phase of independent GEMMs; thread tid of nth takes an equal share of the
-// panels, weighted by K (each panel costs M*K*NR FMAs).
+// Run a phase of independent GEMMs (a group of K-split tasks, linked by `more`, counts as one);
+// thread tid of nth takes an equal share of the panels, weighted by K (each panel costs M*K*NR FMAs).
 template <typename T>
 void run_tasks(const GemmTask<T>* tasks, int ntasks, int tid, int nth) {
   int64_t total = 0;
@@ -353,17 +357,27 @@ void run_tasks(const GemmTask<T>* tasks, int ntasks, int tid, int nth) {
   if (total == 0) return;
   const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
   int64_t base = 0;
-  for (int i = 0; i < ntasks; ++i) {
-    const GemmTask<T>& g = tasks[i];
-    const int64_t K = std::max(1, g.W->K);
-    const int64_t cost = (int64_t)g.W->npanels * g.W->K;
+  for (int i = 0; i < ntasks;) {
+    int last = i;  // the group: tasks i..last
+    int64_t K = 0;
+    for (;; ++last) {
+      K += tasks[last].W->K;
+      if (!tasks[last].more || last + 1 == ntasks) break;
+    }
+    const int64_t npanels = tasks[i].W->npanels;
+    const int64_t cost = npanels * K;
+    K = std::max<int64_t>(1, K);
     // panels whose start (base + p*K) lies in [lo, hi)
     int64_t p0 = lo <= base ? 0 : (lo - base + K - 1) / K;
     int64_t p1 = hi <= base ? 0 : (hi - base + K - 1) / K;
-    p0 = std::min<int64_t>(p0, g.W->npanels);
-    p1 = std::min<int64_t>(p1, g.W->npanels);
-    if (p1 > p0 && g.M > 0) gemm_panels<T>(*g.W, g.M, g.A, g.lda, g.C, g.ldc, g.acc, (int)p0, (int)p1, g.bias);
+    p0 = std::min<int64_t>(p0, npanels);
+    p1 = std::min<int64_t>(p1, npanels);
+    for (int k = i; k <= last; ++k) {
+      const GemmTask<T>& g = tasks[k];
+      if (p1 > p0 && g.M > 0) gemm_panels<T>(*g.W, g.M, g.A, g.lda, g.C, g.ldc, g.acc, (int)p0, (int)p1, g.bias);
+    }
     base += cost;
+    i = last + 1;
   }
 }
 }  // namespace lk

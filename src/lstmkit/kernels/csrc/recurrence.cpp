@@ -219,10 +219,8 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
   if (cf.ln) {  // accumulated in the kernel from the gradient w.r.t. r_t = h_{t-1} W_hh^T
     dwhh = out[1];
   } else {  // dW_hh = sum_t dxg_t^T h_{t-1}; h_{t-1} = h0 at t = 0, else y_{t-1} (0 on padded steps)
-    const at::Tensor perm = cf.heads > 1 ? head_perm(cf, opt) : at::Tensor();
-    accumulate_dwhh(dwhh, dXG[0], h0, cf, perm);  // dwhh undefined: the first term allocates it
-    if (Tn > 1) accumulate_dwhh(dwhh, dXGr.narrow(0, 1, Tn - 1).reshape({-1, R}), yr.narrow(0, 0, Tn - 1).reshape({-1, Hout}), cf, perm);
-    dwhh = finish_dwhh(dwhh, cf, perm);
+    accumulate_dwhh(dwhh, dXG[0], h0, cf);  // dwhh undefined: the first term allocates it
+    if (Tn > 1) accumulate_dwhh(dwhh, dXGr.narrow(0, 1, Tn - 1).reshape({-1, R}), yr.narrow(0, 0, Tn - 1).reshape({-1, Hout}), cf);
   }
   std::vector<at::Tensor> dparams(N_PARAMS);
   for (auto& d : dparams) d = at::empty({0}, opt);
