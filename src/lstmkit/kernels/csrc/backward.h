@@ -52,7 +52,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                            : std::max<int64_t>(Tn, 1);
   // rows padded to ldr: the chunk rows of step t are also that step's GEMM input (dh = dr W_hh)
   at::Tensor dRc = cf.ln ? at::zeros({Tc * B, ldr}, opt) : at::Tensor();
-  at::Tensor dWhh = cf.ln ? at::zeros({R, cf.heads == 1 ? Hout : cf.Dh}, opt) : at::Tensor();  // accumulate_dwhh's
+  at::Tensor dWhh;  // layernorm: accumulate_dwhh's sum (the first chunk's product allocates it: no zero fill)
   at::Tensor dH = at::zeros({B, Hout}, opt);               // GEMM output: dr_t W_hh
   at::Tensor dHZ = cf.zoneout ? at::zeros({B, Hout}, opt) : at::Tensor();  // zoneout: d_h dL/dh_t
   at::Tensor dRw = at::zeros({cf.ln ? 0 : B, ldr}, opt);   // GEMM input (padded; layernorm: dRc rows)
@@ -300,6 +300,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         if (mg.boff[j] >= 0) dmlp.narrow(0, mg.boff[j], mg.w[j + 1]).copy_(dvj.sum(0));
       }
   }
+  if (cf.ln && !dWhh.defined()) dWhh = at::zeros({R, cf.heads == 1 ? Hout : cf.Dh}, opt);  // no steps
   return {dXG, cf.ln ? dWhh : e(), P > 0 ? dHP : e(), P > 0 ? Mo : e(), dh0, lstm ? dcs : e(), accs,
           dZS.defined() ? dZS : e(), dmlp, dXGlow.defined() ? dXGlow : e()};
 }
