@@ -91,7 +91,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lstmkit.loop", "lstmkit.checks"),
     ("lstmkit.gates",),
     ("lstmkit.nn",),
-    ("lstmkit.inspect", "lstmkit.tracing"),
+    ("lstmkit.inspect", "lstmkit.tracing", "lstmkit.freeze"),
     ("lstmkit.convert",),
     ("lstmkit",),  # the package's re-exports
     ("lstmkit.app", "lstmkit.__main__"),

@@ -298,6 +298,9 @@ class PreparedStep:
         # sees a half-made entry
         self._kept: dict[tuple, tuple[tuple[Tensor, ...], list[Any]]] = {}
         self._ext: Any = None  # the compiled extension, once a call has run it
+        # lstmkit.freeze: each kept layer packs W_hh and W_ih once for inference (again after an
+        # in-place change that torch's version counter records; a write through .data is not seen)
+        self.frozen = False
 
     @staticmethod
     def signature(x: Tensor, hx: Any, training: bool, version: int) -> tuple:
@@ -319,7 +322,7 @@ class PreparedStep:
         for params in layers:
             w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = infer_args(params, self.spec, flat_mlp=False)
             prepared.append(ext.PreparedLayer(w_ih, b_ih, b_hh, w_hh, plist, _mlp_tensors(params, self.spec), flags,
-                                              mlp, *scalars, self.hidden_size, proj))
+                                              mlp, *scalars, self.hidden_size, proj, self.frozen))
         self._ext = ext
         self._kept = {**kept, key: (tuple(parameters.values()), prepared)}
 

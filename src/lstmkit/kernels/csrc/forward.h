@@ -25,6 +25,41 @@ struct InputProjection {
   const T* bias2;                 // (R,) a second bias added to it (b_hh), or nullptr
 };
 
+// The recurrent weights' packing, for forward_impl and FrozenPanels alike: W_hh (R, H_out) as one
+// matrix, or with heads one block per head and gate (cf.hseg), read in its canonical rows: head j's
+// rows of a gate times h's j-th Dh columns, straight into r's canonical columns. uses: how many
+// GEMMs read it (Packed::init).
+template <typename T>
+void init_recurrent(const at::Tensor& whh, const Cfg& cf, int64_t uses, Packed<T>& W, std::vector<Packed<T>>& Wh) {
+  if (cf.heads == 1) {
+    W.init(whh.data_ptr<T>(), whh.stride(0), whh.stride(1), (int)cf.R, (int)cf.Hout, uses, cf.bf16_gemm);
+    return;
+  }
+  Wh.resize(cf.hseg.size());
+  for (size_t s = 0; s < cf.hseg.size(); ++s)
+    Wh[s].init(whh.data_ptr<T>() + cf.hseg[s].canon * whh.stride(0), whh.stride(0), whh.stride(1),
+               (int)cf.hseg[s].len, (int)cf.Dh, uses, cf.bf16_gemm);
+}
+
+// A frozen layer's weights (lstmkit.freeze), packed once into the panels that forward_impl packs
+// anew on every call: W_hh (heads: its blocks) and W_ih (R, I) for the projection in the loop.
+// A step's GEMMs then read panels instead of packing 2 MiB of weights (H = 256) per call.
+template <typename T>
+struct FrozenPanels {
+  at::Tensor whh, w_ih;  // the compute-dtype weights packed (kept alive with the panels)
+  Packed<T> W;
+  std::vector<Packed<T>> Wh;
+  Packed<T> Wih;
+  FrozenPanels(const at::Tensor& whh_, const at::Tensor& w_ih_, const Cfg& cf) : whh(whh_), w_ih(w_ih_) {
+    constexpr int64_t many = 2;  // packed panels, never BLAS in place
+    init_recurrent<T>(whh, cf, many, W, Wh);
+    Wih.init(w_ih.data_ptr<T>(), w_ih.stride(0), w_ih.stride(1), (int)cf.R, (int)w_ih.size(1), many, cf.bf16_gemm);
+    W.pack_share(0, 1);
+    for (auto& w : Wh) w.pack_share(0, 1);
+    Wih.pack_share(0, 1);
+  }
+};
+
 // Returns {Y, h_n, c_n, then the buffers in abi.BUFFERS order} (an empty tensor for each one
 // not kept; without buffers_out, Y, h_n and c_n alone). params: the operator's params list (abi.PARAMS order, compute dtype).
 // xg_low: a bfloat16 / float16 layer's (T, B, R) xg in its own dtype (xg then an empty (T, B, 0)
@@ -35,7 +70,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
                                      const at::Tensor& c0, const std::vector<int64_t>& len,
                                      const std::vector<at::Tensor>& params, const Cfg& cf, const MlpLayout& mlp,
                                      const MlpWeights<T>& mw, bool save, int nthreads, bool buffers_out = true,
-                                     const InputProjection<T>* proj_in = nullptr, const at::Tensor& xg_low = {}) {
+                                     const InputProjection<T>* proj_in = nullptr, const at::Tensor& xg_low = {},
+                                     const FrozenPanels<T>* frozen = nullptr) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t Tn = xg.size(0), B = xg.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
@@ -70,17 +106,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   hs.narrow(1, 0, Hout).copy_(h0);
 
   Packed<T> Wp, Wgg, Whr;
-  // heads: one block of W_hh (R, Dh) per head and gate (cf.hseg), read in its canonical rows: head
-  // j's rows of a gate times h's j-th Dh columns, straight into r's canonical columns
   std::vector<Packed<T>> Wh;
-  if (cf.heads == 1) {
-    Wp.init(whh.data_ptr<T>(), whh.stride(0), whh.stride(1), (int)R, (int)Hout, Tn, cf.bf16_gemm);
-  } else {
-    Wh.resize(cf.hseg.size());
-    for (size_t s = 0; s < cf.hseg.size(); ++s)
-      Wh[s].init(whh.data_ptr<T>() + cf.hseg[s].canon * whh.stride(0), whh.stride(0), whh.stride(1),
-                 (int)cf.hseg[s].len, (int)cf.Dh, Tn, cf.bf16_gemm);
-  }
+  if (!frozen) init_recurrent<T>(whh, cf, Tn, Wp, Wh);
+  // the recurrent weights' panels: this call's, or a frozen layer's packed once (with proj_in)
+  const Packed<T>& Wrec = frozen ? frozen->W : Wp;
+  const std::vector<Packed<T>>& Wseg = frozen ? frozen->Wh : Wh;
   if (cf.fgr) {
     const at::Tensor& wgg = params[P_WEIGHT_GG];
     Wgg.init(wgg.data_ptr<T>(), wgg.stride(0), wgg.stride(1), (int)(cf.nS * H), (int)(cf.nS * H), Tn, cf.bf16_gemm);
@@ -92,12 +122,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   const CellParams<T> prm(cf, params);
   // inference: the input projection in the loop (xg_t into xws), W_ih packed like W_hh
   Packed<T> Wih;
+  const Packed<T>& Win = frozen ? frozen->Wih : Wih;
   at::Tensor xws, biasp;
   if (proj_in) {
-    Wih.init(proj_in->w, proj_in->sw0, proj_in->sw1, (int)R, (int)proj_in->I, Tn, cf.bf16_gemm);
+    if (!frozen) Wih.init(proj_in->w, proj_in->sw0, proj_in->sw1, (int)R, (int)proj_in->I, Tn, cf.bf16_gemm);
     xws = at::zeros({B, ldr}, opt);
     if (proj_in->bias) {  // padded to whole panels (the micro-kernel reads NR columns at a time)
-      biasp = at::zeros({std::max<int64_t>((int64_t)Wih.npanels * Packed<T>::NR, R)}, opt);
+      biasp = at::zeros({std::max<int64_t>((int64_t)Win.npanels * Packed<T>::NR, R)}, opt);
       T* bp = biasp.data_ptr<T>();
       for (int64_t n = 0; n < R; ++n) bp[n] = proj_in->bias[n] + (proj_in->bias2 ? proj_in->bias2[n] : T(0));
     }
@@ -136,20 +167,21 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   };
 
   std::vector<GemmTask<T>> phaseA;  // r = h W_hh^T (heads: one GEMM per head and gate) [, s W_gg^T] [, xg_t]
-  if (cf.heads == 1) phaseA.push_back(GemmTask<T>{&Wp, (int)B, hsp, ldh, rwp, ldr, false});
-  for (size_t s = 0; s < Wh.size(); ++s) {
+  if (cf.heads == 1) phaseA.push_back(GemmTask<T>{&Wrec, (int)B, hsp, ldh, rwp, ldr, false});
+  for (size_t s = 0; s < Wseg.size(); ++s) {
     const HeadSeg& sg = cf.hseg[s];
-    phaseA.push_back(GemmTask<T>{&Wh[s], (int)B, hsp + sg.head * cf.Dh, ldh, rwp + sg.canon, ldr, false});
+    phaseA.push_back(GemmTask<T>{&Wseg[s], (int)B, hsp + sg.head * cf.Dh, ldh, rwp + sg.canon, ldr, false});
   }
   if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wgg, (int)B, ssp, lds, fwp, lds, false});
   const int iA = (int)phaseA.size();  // the input projection's task (its A moves with t)
   if (proj_in)
-    phaseA.push_back(GemmTask<T>{&Wih, (int)B, proj_in->x, proj_in->I, xws.data_ptr<T>(), ldr, false,
+    phaseA.push_back(GemmTask<T>{&Win, (int)B, proj_in->x, proj_in->I, xws.data_ptr<T>(), ldr, false,
                                  biasp.defined() ? biasp.data_ptr<T>() : nullptr});
   const int nA = (int)phaseA.size();
 
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
-    Wp.pack_share(tid, nth); Wgg.pack_share(tid, nth); Whr.pack_share(tid, nth);  // absent ones: no panels
+    // absent ones (a frozen layer's W_hh and W_ih: packed already) have no panels here
+    Wp.pack_share(tid, nth); Wgg.pack_share(tid, nth); Whr.pack_share(tid, nth);
     Wih.pack_share(tid, nth);
     for (auto& w : Wm) w.pack_share(tid, nth);
     for (auto& w : Wh) w.pack_share(tid, nth);

@@ -53,6 +53,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 #include "backward.h"  // backward_impl
@@ -95,6 +96,19 @@ static std::vector<at::Tensor> to_compute(const std::vector<at::Tensor>& ts, at:
   return out;
 }
 
+// A frozen layer's packed weights (FrozenPanels, forward.h) in the compute dtype `type`, and the
+// version counters of W_ih and W_hh they were packed at: an in-place change that torch counts
+// (an optimizer, load_state_dict, copy_ under no_grad) makes the layer pack them again.
+struct Frozen {
+  at::ScalarType type;
+  int64_t v_ih, v_hh;
+  std::shared_ptr<void> panels;  // FrozenPanels<type's C++ type>
+  template <typename T>
+  const FrozenPanels<T>* get(at::ScalarType ct) const {
+    return type == ct ? static_cast<const FrozenPanels<T>*>(panels.get()) : nullptr;
+  }
+};
+
 // The forward. x_in defined: inference with the input projection in the loop (forward_impl's
 // InputProjection; xg_in is ignored, w_ih and bias give xg_t = x_t W_ih^T + bias); without
 // buffers_out it returns no buffers.
@@ -103,7 +117,8 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
     const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
     bool save, bool buffers_out, const at::Tensor& x_in = {}, const at::Tensor& w_ih_in = {},
-    const at::Tensor& bias_in = {}, const at::Tensor& bias2_in = {}, const std::vector<at::Tensor>& mlp_each = {}) {
+    const at::Tensor& bias_in = {}, const at::Tensor& bias2_in = {}, const std::vector<at::Tensor>& mlp_each = {},
+    const Frozen* frozen = nullptr) {
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS, "lstmkit::recurrence: expected ", (int)N_PARAMS,
@@ -153,7 +168,8 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
       const InputProjection<scalar_t> pin{x.data_ptr<scalar_t>(), x.size(2), w_ih.data_ptr<scalar_t>(), w_ih.stride(0),
                                           w_ih.stride(1), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
                                           bias2.defined() ? bias2.data_ptr<scalar_t>() : nullptr};
-      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out, &pin);
+      const FrozenPanels<scalar_t>* fp = frozen ? frozen->get<scalar_t>(ct) : nullptr;
+      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out, &pin, {}, fp);
     } else {
       out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out, nullptr, xg_low);
     }
@@ -405,7 +421,8 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> p
     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
     const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& lengths,
     std::vector<at::Tensor>& params, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
-    double zoneout_c, double zoneout_h, int64_t H, int64_t P, bool save, const std::vector<at::Tensor>& mlp_each = {}) {
+    double zoneout_c, double zoneout_h, int64_t H, int64_t P, bool save, const std::vector<at::Tensor>& mlp_each = {},
+    const Frozen* frozen = nullptr) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit: expected ", (int)N_PARAMS, " params");
   at::Tensor bias = b_ih.numel() ? b_ih : at::Tensor(), bias2 = b_hh.numel() ? b_hh : at::Tensor();
   if ((flags & F_LAYERNORM) && bias.defined()) {
@@ -413,7 +430,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> p
     bias = bias2 = at::Tensor();
   }
   return forward_call(at::Tensor(), whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H,
-                      P, save, save, x, w_ih, bias, bias2, mlp_each);
+                      P, save, save, x, w_ih, bias, bias2, mlp_each, frozen);
 }
 
 // Inference (nothing needs a gradient): the input projection and the recurrence in one call, the
@@ -559,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_step(
     const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
     const at::Tensor& whh, const at::Tensor& h0_in, const at::Tensor& c0_in, std::vector<at::Tensor> params,
     const std::vector<at::Tensor>& mlp, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
-    double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+    double zoneout_c, double zoneout_h, int64_t H, int64_t P, const Frozen* frozen = nullptr) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_step: expected ", (int)N_PARAMS, " params");
   const bool one_step = x_in.dim() == 2, layered = h0_in.dim() == 3;
   const at::Tensor x = one_step ? x_in.unsqueeze(0) : x_in;  // (T, N, I)
@@ -577,7 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_step(
   }
   if (!grad) {
     auto out = projected_forward(x, w_ih, b_ih, b_hh, whh, h0, c0, at::Tensor(), params, flags, mlp_layout, clip,
-                                 zoneout_c, zoneout_h, H, P, false, mlp);
+                                 zoneout_c, zoneout_h, H, P, false, mlp, frozen);
     return result(std::get<0>(out), std::get<1>(out), std::get<2>(out));
   }
   auto out = ProjectedRun::apply(x, w_ih, b_ih, b_hh, whh, h0, c0, at::TensorList(params), at::TensorList(mlp), flags,
@@ -596,6 +613,27 @@ struct PreparedLayer {
   std::vector<int64_t> mlp_layout;
   double clip, zoneout_c, zoneout_h;
   int64_t H, P;
+  bool frozen = false;  // lstmkit.freeze: W_hh and W_ih packed once for inference (frozen_panels)
+  mutable std::shared_ptr<const Frozen> panels;  // the packing (atomic_load / atomic_store: calls run GIL-free)
+
+  // A frozen layer's panels, packed again when W_ih's or W_hh's version counter moved since.
+  std::shared_ptr<const Frozen> frozen_panels() const {
+    auto cur = std::atomic_load(&panels);
+    if (cur && cur->v_ih == w_ih._version() && cur->v_hh == whh._version()) return cur;
+    const at::ScalarType ct = compute_type(w_ih.scalar_type());
+    const MlpLayout mlp_(mlp_layout, H);
+    Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp_);
+    cf.set_heads(whh.size(1));
+    cf.bf16_gemm = bf16_products(w_ih.scalar_type());
+    auto fresh = std::make_shared<Frozen>(Frozen{ct, w_ih._version(), whh._version(), nullptr});
+    AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_freeze", [&] {
+      fresh->panels = std::make_shared<FrozenPanels<scalar_t>>(to_compute(whh, ct).contiguous(),
+                                                               to_compute(w_ih, ct).contiguous(), cf);
+    });
+    std::shared_ptr<const Frozen> done = fresh;
+    std::atomic_store(&panels, done);
+    return done;
+  }
 
   // x (N, I) or (T, N, I); h (N, H_out) or a one-layer stack's (1, N, H_out); cells: the S cell
   // states, (N, H) each (one state: also a one-layer stack's (1, N, H)), joined here for the kernel;
@@ -609,8 +647,9 @@ struct PreparedLayer {
     std::vector<at::Tensor> p = params;
     if (keep_c.has_value()) p[P_KEEP_C] = *keep_c;
     if (keep_h.has_value()) p[P_KEEP_H] = *keep_h;
+    const std::shared_ptr<const Frozen> fz = frozen ? frozen_panels() : nullptr;
     auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, parts ? join(cells) : cells[0], std::move(p),
-                                      mlp, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P);
+                                      mlp, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P, fz.get());
     std::vector<at::Tensor> out{y, h_n};
     if (!parts) {
       out.push_back(c_n);
@@ -664,12 +703,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init([](at::Tensor w_ih, at::Tensor b_ih, at::Tensor b_hh, at::Tensor whh,
                        std::vector<at::Tensor> params, std::vector<at::Tensor> mlp, int64_t flags,
                        std::vector<int64_t> mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H,
-                       int64_t P) {
+                       int64_t P, bool frozen) {
         TORCH_CHECK((int64_t)params.size() == lk::N_PARAMS, "lstmkit PreparedLayer: expected ", (int)lk::N_PARAMS,
                     " params");
         return lk::PreparedLayer{w_ih, b_ih, b_hh, whh, std::move(params), std::move(mlp), flags,
-                                 std::move(mlp_layout), clip, zoneout_c, zoneout_h, H, P};
-      }))
+                                 std::move(mlp_layout), clip, zoneout_c, zoneout_h, H, P, frozen};
+      }), py::arg("w_ih"), py::arg("b_ih"), py::arg("b_hh"), py::arg("whh"), py::arg("params"), py::arg("mlp"),
+          py::arg("flags"), py::arg("mlp_layout"), py::arg("clip"), py::arg("zoneout_c"), py::arg("zoneout_h"),
+          py::arg("H"), py::arg("P"), py::arg("frozen") = false)
+      .def_property_readonly("packed", [](const lk::PreparedLayer& l) { return std::atomic_load(&l.panels) != nullptr; },
+                             "a frozen layer: whether its weights are packed (after its first call)")
       .def("__call__", &lk::PreparedLayer::call, py::arg("x"), py::arg("h"), py::arg("cells"),
            py::arg("keep_c") = py::none(), py::arg("keep_h") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("set_no_double_backward", &lk::set_no_double_backward, "the error a second-order gradient raises");
