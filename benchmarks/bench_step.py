@@ -8,7 +8,8 @@ For (B, H) in {1, 32} x {32, 256} (I = H): inference (one call under ``no_grad``
 (a loop of ``--steps`` calls with gradients, then ``backward`` of the last state's sum; the time
 per step of the whole loop and its backward). Rows: ``nn.LSTMCell`` (vanilla, torch's own),
 ``lstmkit.LSTMCell`` for one cell of every row of the variant table but fgr (a step cannot carry
-its state), and ``lstmkit.LSTM(...).step`` for vanilla. Rounds alternate between the rows; each
+its state), in inference also that cell frozen (``lstmkit.freeze``: its weights packed once), and
+``lstmkit.LSTM(...).step`` for vanilla. Rounds alternate between the rows; each
 number is the median over ``--repeats`` rounds of the mean of ``--calls`` calls. The CPU model,
 torch's capability and the thread count are recorded.
 """
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
                     ours.load_state_dict(ref.state_dict())
                 plan.append((name, "lstmkit.LSTMCell", make_call(ours, x, cell_state(cell, state), train,
                                                                    args.steps)))
+                if not train:  # the same cell frozen: its weights packed once
+                    plan.append((name, "lstmkit.freeze(LSTMCell)", make_call(lstmkit.freeze(ours), x,
+                                                                              cell_state(cell, state), train,
+                                                                              args.steps)))
             layer = lstmkit.LSTM(H, H).train(train)
             layer_state = (state[0][None], state[1][None])
 
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                 sec = statistics.median(ts)
                 rows.append({"B": B, "H": H, "mode": "train" if train else "infer", "cell": cell, "impl": kind,
                              "us_per_step": sec * 1e6, "ratio_vs_nn_lstmcell": sec / base})
-                print(f"B={B:3d} H={H:4d} {'train' if train else 'infer'} {kind:18s} {cell:22s} "
+                print(f"B={B:3d} H={H:4d} {'train' if train else 'infer'} {kind:24s} {cell:22s} "
                       f"{sec * 1e6:8.1f} us  {sec / base:5.2f}x", flush=True)
     result = {**environment(), "repeats": args.repeats, "calls": args.calls, "steps": args.steps, "rows": rows}
     save(args.out, "bench_step", result, markdown)
