@@ -479,22 +479,46 @@ struct NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDiffere
   }
 };
 
+// A step's and a one-layer stack's axes (forward_step): x (N, I) is one step of (1, N, I), and y
+// comes back (N, H_out); a state (1, N, ·) is read as (N, ·), and h_n, c_n come back (1, N, ·).
+// Added and dropped inside the node — views outside it would add autograd nodes on every step
+// (a select's backward allocates and fills zeros). Outputs are _unsafe_view: the kernel's fresh
+// tensors reshaped, not views in autograd's sense, so that in place changes to them are allowed.
+struct StepAxes {
+  bool one_step, layered;
+  at::Tensor run(const at::Tensor& x) const { return one_step ? x.unsqueeze(0) : x; }       // (T, N, I)
+  at::Tensor state(const at::Tensor& s) const { return layered && s.dim() == 3 ? s.select(0, 0) : s; }  // (N, ·)
+  at::Tensor y_out(const at::Tensor& y) const {                                              // (T, N, ·) -> caller's
+    return one_step ? at::_unsafe_view(y, {y.size(1), y.size(2)}) : y;
+  }
+  at::Tensor state_out(const at::Tensor& s) const {                                          // (N, ·) -> caller's
+    return layered && s.dim() == 2 ? at::_unsafe_view(s, {1, s.size(0), s.size(1)}) : s;
+  }
+  at::Tensor state_grad(const at::Tensor& g) const { return layered && g.dim() == 2 ? g.unsqueeze(0) : g; }
+};
+
 struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
-  // x (T, B, I), w_ih (R, I), b_ih / b_hh (R,) | (0,), whh, h0 (B, H_out), c0 (B, S*H) | (0,),
-  // params in abi.PARAMS order (mlp's slot empty when mlp_in, the deep gates' tensors, is given: read
-  // in place, and the kernel's flat gradient handed back to each) -> y (T, B, H_out), h_n (B, H_out),
-  // c_n (B, S*H) | (0,)
+  // x (T, B, I) or one step's (B, I), w_ih (R, I), b_ih / b_hh (R,) | (0,), whh, h0 (B, H_out) or a
+  // one-layer stack's (1, B, H_out), c0 (B, S*H) | (0,) or (1, B, S*H), params in abi.PARAMS order
+  // (mlp's slot empty when mlp_in, the deep gates' tensors, is given: read in place, and the
+  // kernel's flat gradient handed back to each) -> y (T, B, H_out) or (B, H_out), h_n and c_n as h0
+  // and c0 (StepAxes)
   static torch::autograd::variable_list forward(
-      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih,
-      const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0,
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& b_ih,
+      const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0_in, const at::Tensor& c0_in,
       at::TensorList params_in, at::TensorList mlp_in, int64_t flags, const std::vector<int64_t>& mlp_layout,
       double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+    const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
     std::vector<at::Tensor> params(params_in.begin(), params_in.end());
     const std::vector<at::Tensor> mlp(mlp_in.begin(), mlp_in.end());
-    auto [y, h_n, c_n, buffers] = projected_forward(x, w_ih, b_ih, b_hh, whh, h0, c0, at::Tensor(), params, flags,
-                                                    mlp_layout, clip, zoneout_c, zoneout_h, H, P, true, mlp);
+    auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in),
+                                                    axes.state(c0_in), at::Tensor(), params, flags, mlp_layout, clip,
+                                                    zoneout_c, zoneout_h, H, P, true, mlp);
     TORCH_CHECK((int64_t)buffers.size() == N_BUFFERS, "lstmkit forward_step: expected ", (int)N_BUFFERS, " buffers");
-    std::vector<at::Tensor> saved{x, w_ih, b_ih, whh, h0, c0, y};  // then params, buffers, the deep gates' tensors
+    const at::Tensor y_out = axes.y_out(y);
+    // the inputs and the output y as given (their versions checked by autograd), then params,
+    // buffers, the deep gates' tensors
+    std::vector<at::Tensor> saved{x_in, w_ih, b_ih, whh, h0_in, c0_in, y_out};
     saved.insert(saved.end(), params.begin(), params.end());
     saved.insert(saved.end(), buffers.begin(), buffers.end());
     saved.insert(saved.end(), mlp.begin(), mlp.end());
@@ -503,16 +527,20 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     ctx->saved_data["mlp"] = mlp_layout;
     ctx->saved_data["scalars"] = std::vector<double>{clip, zoneout_c, zoneout_h};
     ctx->saved_data["sizes"] = std::vector<int64_t>{H, P};
+    ctx->saved_data["axes"] = std::vector<bool>{axes.one_step, axes.layered};
     ctx->set_materialize_grads(false);
-    return {y, h_n, c_n};
+    return {y_out, axes.state_out(h_n), axes.state_out(c_n)};
   }
 
   // grads: dy, dh_n, dc_n (undefined: zero) -> one gradient per forward argument
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w_ih = saved[1], &b_ih = saved[2], &whh = saved[3], &h0 = saved[4],
-                     &c0 = saved[5], &y = saved[6];
+    const auto axes_saved = ctx->saved_data["axes"].toBoolList();
+    const StepAxes axes{axes_saved.get(0), axes_saved.get(1)};
+    const at::Tensor &w_ih = saved[1], &b_ih = saved[2], &whh = saved[3];
+    const at::Tensor x = axes.run(saved[0]), h0 = axes.state(saved[4]), c0 = axes.state(saved[5]),
+                     y = axes.run(saved[6]);  // (T, B, I), (B, H_out), (B, S*H) | (0,), (T, B, H_out)
     const std::vector<at::Tensor> params(saved.begin() + 7, saved.begin() + 7 + N_PARAMS);
     const std::vector<at::Tensor> buffers(saved.begin() + 7 + N_PARAMS, saved.begin() + 7 + N_PARAMS + N_BUFFERS);
     const std::vector<at::Tensor> mlp_own(saved.begin() + 7 + N_PARAMS + N_BUFFERS, saved.end());
@@ -522,7 +550,10 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     const auto sizes = ctx->saved_data["sizes"].toIntVector();
     const bool ln = flags & F_LAYERNORM;
     const bool higher = at::GradMode::is_enabled();  // create_graph=True
-    auto given = [&](size_t k) { return grads[k].defined() ? grads[k] : at::empty({0}, y.options()); };
+    auto given = [&](size_t k) {  // dy (T, B, H_out), dh_n (B, H_out), dc_n (B, S*H), or empty
+      if (!grads[k].defined()) return at::empty({0}, y.options());
+      return k == 0 ? axes.run(grads[k]) : axes.state(grads[k]);
+    };
     const size_t M = mlp_own.size();
     // x, w_ih, b_ih, b_hh, whh, h0, c0, params, the deep gates' tensors, then 7 non-tensor arguments
     torch::autograd::variable_list out(7 + N_PARAMS + M + 7);
@@ -533,7 +564,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
           sc[2], sizes[0], sizes[1], mlp_own);
       const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
       const at::Tensor dxg2 = dxg.reshape({T * B, dxg.size(2)});  // (T*B, R)
-      if (ctx->needs_input_grad(0)) out[0] = dxg2.mm(w_ih).view({T, B, I});
+      if (ctx->needs_input_grad(0)) out[0] = dxg2.mm(w_ih).view(saved[0].sizes());  // as x came: (T, B, I) | (B, I)
       if (ctx->needs_input_grad(1)) out[1] = dxg2.t().mm(x.reshape({T * B, I}));
       if (b_ih.numel()) {
         const at::Tensor db = ln ? dparams[P_BIAS] : dxg2.sum(0);  // (R,)
@@ -541,8 +572,8 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
         out[3] = db;
       }
       out[4] = dwhh;
-      out[5] = dh0;
-      if (c0.numel()) out[6] = dc0;
+      out[5] = axes.state_grad(dh0);
+      if (c0.numel()) out[6] = axes.state_grad(dc0);
       for (int k = 0; k < N_PARAMS; ++k)
         if (params[k].numel() && !PARAM_NO_GRAD[k] && !(ln && k == P_BIAS) && !(M && k == P_MLP))
           out[7 + k] = dparams[k];
@@ -597,9 +628,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_step(
                                  zoneout_c, zoneout_h, H, P, false, mlp, frozen);
     return result(std::get<0>(out), std::get<1>(out), std::get<2>(out));
   }
-  auto out = ProjectedRun::apply(x, w_ih, b_ih, b_hh, whh, h0, c0, at::TensorList(params), at::TensorList(mlp), flags,
-                                 mlp_layout, clip, zoneout_c, zoneout_h, H, P);
-  return result(out[0], out[1], out[2]);
+  // the node adds and drops the step's and the stack's axes itself (StepAxes)
+  auto out = ProjectedRun::apply(x_in, w_ih, b_ih, b_hh, whh, h0_in, c0_in, at::TensorList(params),
+                                 at::TensorList(mlp), flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P);
+  return {out[0], out[1], out[2]};
 }
 
 // A prepared layer (PreparedStep, lstmkit/kernels/fused.py): forward_step's arguments that stay the
