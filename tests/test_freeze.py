@@ -190,6 +190,31 @@ def test_nested_copied_pickled():
             assert_close(loaded(x), expected, torch.float32, "loaded")
 
 
+def test_inference_mode():
+    """Frozen under torch.inference_mode(): the copy's weights are normal tensors (packed); a
+    layer whose weights are inference tensors (no version counter) runs unpacked, correctly."""
+    torch.manual_seed(6)
+    model = lstmkit.LSTMCell(I, H)
+    x, hx = torch.randn(B, I), (torch.randn(B, H), torch.randn(B, H))
+    with torch.inference_mode():
+        frozen = lstmkit.freeze(model)
+        expected = model.eval()(x, hx)
+        for _ in range(2):
+            got = frozen(x, hx)
+        for e, g in zip(expected, got):
+            assert_close(g, e, torch.float32, "inference mode")
+        assert _packed(frozen) == [True]
+        made_inside = lstmkit.freeze(model)
+        for name, p in list(made_inside.named_parameters()):  # replaced by inference tensors
+            setattr(made_inside, name, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+        assert made_inside.weight_hh.is_inference()
+        for _ in range(2):
+            got = made_inside(x, hx)
+        for e, g in zip(expected, got):
+            assert_close(g, e, torch.float32, "inference tensors")
+        assert _packed(made_inside) == [False]
+
+
 def test_refuses_what_is_not_a_module():
     with pytest.raises(TypeError, match=r"module: expected a torch.nn.Module, got Tensor"):
         lstmkit.freeze(torch.zeros(3))

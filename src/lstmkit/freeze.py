@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from lstmkit.kernels.fused import PreparedStep
@@ -32,7 +33,8 @@ def freeze(module: nn.Module) -> nn.Module:
     to take them. An in-place change to the copy's own weights that torch's version counter
     records (``load_state_dict``, ``copy_`` or an optimizer step under ``torch.no_grad()``) is
     packed again on the next call; a write through ``.data``, which the counter does not see, is
-    not — freeze again after one.
+    not — freeze again after one. Weights made under ``torch.inference_mode()`` (which keeps no
+    version counter) are not packed: such a layer runs as an unfrozen one.
 
     Args:
         module: any ``torch.nn.Module``; the lstmkit layers in it are frozen, anything else is
@@ -43,7 +45,10 @@ def freeze(module: nn.Module) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
-    frozen = copy.deepcopy(module)  # a copy of a PreparedStep starts with no kept signature
+    # a copy of a PreparedStep starts with no kept signature; made outside inference mode, the
+    # copy's weights are normal tensors, whose version counter tells in-place changes
+    with torch.inference_mode(False):
+        frozen = copy.deepcopy(module)
     frozen.eval().requires_grad_(False)
     for sub in frozen.modules():
         prepared = getattr(sub, "_prepared", None)

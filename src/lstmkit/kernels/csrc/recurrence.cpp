@@ -679,7 +679,9 @@ struct PreparedLayer {
     std::vector<at::Tensor> p = params;
     if (keep_c.has_value()) p[P_KEEP_C] = *keep_c;
     if (keep_h.has_value()) p[P_KEEP_H] = *keep_h;
-    const std::shared_ptr<const Frozen> fz = frozen ? frozen_panels() : nullptr;
+    // (weights made under torch.inference_mode() have no version counter: read as unfrozen)
+    const bool countable = !w_ih.is_inference() && !whh.is_inference();
+    const std::shared_ptr<const Frozen> fz = frozen && countable ? frozen_panels() : nullptr;
     auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, parts ? join(cells) : cells[0], std::move(p),
                                       mlp, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P, fz.get());
     std::vector<at::Tensor> out{y, h_n};
