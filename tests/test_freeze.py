@@ -141,6 +141,11 @@ def test_snapshot_and_in_place_changes():
         frozen.weight_ih.copy_(torch.zeros_like(frozen.weight_ih))
         other.weight_ih.zero_()
         assert_close(frozen(x, hx)[0], other(x, hx)[0], torch.float32, "after copy_")
+        frozen.half().float()  # new tensors set through .data: rounded to float16 and back
+        other.load_state_dict(frozen.state_dict())
+        for _ in range(2):
+            got = frozen(x, hx)[0]
+        assert_close(got, other(x, hx)[0], torch.float32, "after half() and float()")
 
 
 def test_gradient_through_a_frozen_copy():

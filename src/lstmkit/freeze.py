@@ -30,10 +30,11 @@ def freeze(module: nn.Module) -> nn.Module:
     are those of the unfrozen module up to rounding (the products are summed in another order).
 
     The copy's weights are a snapshot: later changes to ``module`` do not reach it; freeze again
-    to take them. An in-place change to the copy's own weights that torch's version counter
-    records (``load_state_dict``, ``copy_`` or an optimizer step under ``torch.no_grad()``) is
-    packed again on the next call; a write through ``.data``, which the counter does not see, is
-    not — freeze again after one. Weights made under ``torch.inference_mode()`` (which keeps no
+    to take them. The copy's own weights are packed again on the next call after an in-place
+    change that torch's version counter records (``load_state_dict``, ``copy_`` or an optimizer
+    step under ``torch.no_grad()``) or a new tensor set in their place (``.half()`` then
+    ``.float()``); an in-place write through ``.data`` (``p.data.copy_(...)``), which the
+    counter does not see, is not — freeze again after one. Weights made under ``torch.inference_mode()`` (which keeps no
     version counter) are not packed: such a layer runs as an unfrozen one.
 
     Args:

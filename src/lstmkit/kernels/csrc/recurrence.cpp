@@ -96,12 +96,30 @@ static std::vector<at::Tensor> to_compute(const std::vector<at::Tensor>& ts, at:
   return out;
 }
 
-// A frozen layer's packed weights (FrozenPanels, forward.h) in the compute dtype `type`, and the
-// version counters of W_ih and W_hh they were packed at: an in-place change that torch counts
-// (an optimizer, load_state_dict, copy_ under no_grad) makes the layer pack them again.
+// What a weight was when it was packed: its storage (held, so that no later allocation can take
+// its address), offset, sizes, strides, dtype and version counter. Anything else later — an
+// in-place change that torch counts (an optimizer, load_state_dict, copy_ under no_grad), or a new
+// tensor set through .data (module.half() then .float()) — means the panels are stale.
+struct WeightStamp {
+  c10::Storage storage;
+  int64_t offset, version;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  explicit WeightStamp(const at::Tensor& t)
+      : storage(t.storage()), offset(t.storage_offset()), version(t._version()), sizes(t.sizes().vec()),
+        strides(t.strides().vec()), dtype(t.scalar_type()) {}
+  bool same(const at::Tensor& t) const {
+    return t.storage().unsafeGetStorageImpl() == storage.unsafeGetStorageImpl() && t.storage_offset() == offset &&
+           t._version() == version && t.sizes() == at::IntArrayRef(sizes) &&
+           t.strides() == at::IntArrayRef(strides) && t.scalar_type() == dtype;
+  }
+};
+
+// A frozen layer's packed weights (FrozenPanels, forward.h) in the compute dtype `type`, and what
+// W_ih and W_hh were when packed (a change to either: packed again).
 struct Frozen {
   at::ScalarType type;
-  int64_t v_ih, v_hh;
+  WeightStamp ih, hh;
   std::shared_ptr<void> panels;  // FrozenPanels<type's C++ type>
   template <typename T>
   const FrozenPanels<T>* get(at::ScalarType ct) const {
@@ -648,16 +666,16 @@ struct PreparedLayer {
   bool frozen = false;  // lstmkit.freeze: W_hh and W_ih packed once for inference (frozen_panels)
   mutable std::shared_ptr<const Frozen> panels;  // the packing (atomic_load / atomic_store: calls run GIL-free)
 
-  // A frozen layer's panels, packed again when W_ih's or W_hh's version counter moved since.
+  // A frozen layer's panels, packed again when W_ih or W_hh changed since (WeightStamp).
   std::shared_ptr<const Frozen> frozen_panels() const {
     auto cur = std::atomic_load(&panels);
-    if (cur && cur->v_ih == w_ih._version() && cur->v_hh == whh._version()) return cur;
+    if (cur && cur->ih.same(w_ih) && cur->hh.same(whh)) return cur;
     const at::ScalarType ct = compute_type(w_ih.scalar_type());
     const MlpLayout mlp_(mlp_layout, H);
     Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp_);
     cf.set_heads(whh.size(1));
     cf.bf16_gemm = bf16_products(w_ih.scalar_type());
-    auto fresh = std::make_shared<Frozen>(Frozen{ct, w_ih._version(), whh._version(), nullptr});
+    auto fresh = std::make_shared<Frozen>(Frozen{ct, WeightStamp(w_ih), WeightStamp(whh), nullptr});
     AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_freeze", [&] {
       fresh->panels = std::make_shared<FrozenPanels<scalar_t>>(to_compute(whh, ct).contiguous(),
                                                                to_compute(w_ih, ct).contiguous(), cf);
