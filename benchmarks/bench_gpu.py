@@ -401,14 +401,15 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def aot_report(out: Path, cells: list[str], dtypes: list[str], stem: str = "gpu_kernels_aot",
-               command: str = "python benchmarks/bench_gpu.py --aot") -> None:
+               command: str = "python benchmarks/bench_gpu.py --aot", gate_hidden: str | None = None) -> None:
     """Build every kernel of the launch plan for sm_80 and sm_90 (no GPU needed) and write the
-    worst registers / stack (spill) bytes / shared memory per kernel, shape class and dtype."""
+    worst registers / stack (spill) bytes / shared memory per kernel, shape class and dtype
+    (``gate_hidden``: triton_aot's --gate-hidden, these gates deep in every cell)."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-W", "ignore", "-m", "lstmkit.kernels.triton_aot", "--cells", ",".join(cells),
-           "--dtypes", ",".join(dtypes)]
+           "--dtypes", ",".join(dtypes)] + (["--gate-hidden", gate_hidden] if gate_hidden else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -459,6 +460,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--aot", action="store_true", help="write results/gpu_kernels_aot.md (no GPU needed)")
     ap.add_argument("--aot-cells", default=None,
                     help="--aot: these comma-separated cells only, into results/gpu_kernels_aot_cells.md")
+    ap.add_argument("--aot-gate-hidden", default=None,
+                    help="--aot-cells: LETTERS=WIDTH, these gates deep in every cell (e.g. f=32), into "
+                         "results/gpu_kernels_aot_gate_hidden.md")
     ap.add_argument("--budget", type=float, default=math.inf,
                     help="seconds: start no new shape after this (results are written after every shape)")
     ap.add_argument("--shapes", default=None,
@@ -470,8 +474,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.aot and args.aot_cells:
-        aot_report(args.out, args.aot_cells.split(","), ["float32", "bfloat16"], "gpu_kernels_aot_cells",
-                   f"python benchmarks/bench_gpu.py --aot --aot-cells {args.aot_cells}")
+        more = f" --aot-gate-hidden {args.aot_gate_hidden}" if args.aot_gate_hidden else ""
+        aot_report(args.out, args.aot_cells.split(","), ["float32", "bfloat16"],
+                   "gpu_kernels_aot_gate_hidden" if args.aot_gate_hidden else "gpu_kernels_aot_cells",
+                   f"python benchmarks/bench_gpu.py --aot --aot-cells {args.aot_cells}{more}", args.aot_gate_hidden)
         return None
     if args.aot:
         # the variant flag words (the projection and heads change launch sizes, not the kernels' code)

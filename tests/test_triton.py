@@ -308,11 +308,15 @@ class _CountingKernel:
         return self.kernel[grid]
 
 
-@pytest.mark.parametrize(("phi", "cell", "bias"), [("tanh", "vanilla", True), ("relu", "cifg+peephole", True),
-                                                   ("sigmoid", "fgr", False), ("identity", "nog", True),
-                                                   ("tanh", "heads=2", True)])
-def test_deep_gates_of_the_common_shape_run_the_fused_kernels(phi, cell, bias, monkeypatch):
-    """Every computed gate deep, one hidden layer each of one width (``deep=n``): one fused launch
+@pytest.mark.parametrize(("phi", "cell", "bias", "deep"),
+                         [("tanh", "vanilla", True, None), ("relu", "cifg+peephole", True, None),
+                          ("sigmoid", "fgr", False, None), ("identity", "nog", True, None),
+                          ("tanh", "heads=2", True, None), ("tanh", "vanilla", True, "f"),
+                          ("relu", "peephole", False, "io"), ("sigmoid", "cifg+fgr", True, "o"),
+                          ("tanh", "heads=2", True, "ig")])
+def test_deep_gates_of_the_common_shape_run_the_fused_kernels(phi, cell, bias, deep, monkeypatch):
+    """Deep gates of one hidden layer each, all of one width — every computed gate (``deep=n``) or
+    some (the others shallow, their columns H wide among the deep gates' n_1): one fused launch
     per step each way (triton_deep_kernels), float64 against the reference, with lengths, both
     directions, each hidden activation, with and without biases, with heads (the recurrent weights
     expanded); a width that is no power of two (the kernels pad it to 16). Other deep shapes stay
@@ -323,6 +327,8 @@ def test_deep_gates_of_the_common_shape_run_the_fused_kernels(phi, cell, bias, m
     for name in ("deep_forward", "deep_backward"):
         monkeypatch.setattr(triton_deep_kernels, name, _CountingKernel(getattr(triton_deep_kernels, name), counts, name))
     spec = resolve(f"{cell}+deep=6").replace(gate_hidden_activation=phi)
+    if deep is not None:  # these gates deep, the others shallow
+        spec = spec.replace(gate_hidden={g: (6,) for g in deep})
     torch.manual_seed(0)
     base = lstmkit.LSTM(3, 6, bidirectional=True, bias=bias, cell=spec).double()
     with torch.no_grad():

@@ -217,12 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", default=",".join(SHAPE_CLASSES), help="names from SHAPE_CLASSES")
     ap.add_argument("--archs", default=",".join(map(str, ARCHS)))
     ap.add_argument("--plan", help="instead of the product above: 'cell/dtype/class' entries joined by ';'")
+    ap.add_argument("--gate-hidden", default=None,
+                    help="LETTERS=WIDTH: in every cell, these gates deep with one hidden layer of WIDTH (the "
+                         "others shallow), e.g. f=32 or io=32 (CellSpec(gate_hidden=...) has no cell word)")
     args = ap.parse_args(argv)
+
+    def spec_of(c: str) -> Any:
+        spec = resolve(c)
+        if args.gate_hidden:
+            letters, width = args.gate_hidden.split("=")
+            spec = spec.replace(gate_hidden={g: (int(width),) for g in letters})
+        return spec
 
     def flags_of(c: str) -> tuple[int, tuple[int, ...]]:
         if c.startswith("rnn_"):
             return abi.flag("rnn") | (abi.flag("rnn_relu") if c == "rnn_relu" else 0), ()
-        return abi.flags(resolve(c)), tuple(abi.mlp_layout(resolve(c), True))
+        return abi.flags(spec_of(c)), tuple(abi.mlp_layout(spec_of(c), True))
     if args.plan:
         builds = []
         for entry in args.plan.split(";"):

@@ -13,9 +13,10 @@ gate's columns, as the CPU kernel keeps them), and takes the kernel's dL/du back
 layers' dL/dz (the input side's gradient, and through the recurrent GEMM to ``h_{t-1}``) and to
 the parameters.
 
-The common shape — every computed gate deep, one hidden layer each of one width n_1 ≤
-:data:`FUSED_MAX_WIDTH`, no layer norm (``deep=32``) — runs as one Triton launch per step each
-way (:mod:`lstmkit.kernels.triton_deep_kernels`) instead of some five torch operations per
+The common shapes — every deep gate with one hidden layer, all of one width n_1 ≤
+:data:`FUSED_MAX_WIDTH`, no layer norm: every computed gate (``deep=32``) or some of them
+(``gate_hidden={"f": (32,)}``) — run as one Triton launch per step each way
+(:mod:`lstmkit.kernels.triton_deep_kernels`) instead of some five torch operations per deep
 gate and step (an H100 at (B, T, I, H) = (64, 100, 256, 256): 12 elementwise launches per
 step, 1.8 of a call's 4.3 ms of kernel time).
 """
@@ -65,15 +66,17 @@ def _layer_norm_grad(dxhat: Tensor, xhat: Tensor, rstd: Tensor) -> Tensor:
     return rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
 
 
-def _tiles(B: int, H: int, N1P: int, backward: bool = False) -> tuple[int, int, int]:
+def _tiles(B: int, H: int, N1P: int, backward: bool = False, shallow: bool = False) -> tuple[int, int, int]:
     """``(BB, BH, num_warps)`` of the fused kernels. Their (BB, n_1) and (n_1, BH) tiles and the
     float32 products (3xTF32) take registers: wide first layers (n_1 > 32) get at most 32 rows,
     32-cell chunks backwards and 8 warps, the backward kernel (which loops over the cells) at
     most 32 rows always; wider tiles spilled when built for sm_90 (n_1 = 128, 64 rows: 255
-    registers and 264-528 bytes of stack)."""
+    registers and 264-528 bytes of stack). With shallow gates beside the deep ones (``shallow``)
+    the backward also takes 32-cell chunks: its 64-cell float32 build, at 255 registers without
+    them, spilled 8-16 bytes with the shallow gates' branch (B = 64, H = 64)."""
     wide = N1P > 32
     BB = max(16, min(1 << (B - 1).bit_length(), 32 if wide or backward else 64))
-    BH = max(16, min(1 << (H - 1).bit_length(), 32 if wide and backward else 64))
+    BH = max(16, min(1 << (H - 1).bit_length(), 32 if (wide or shallow) and backward else 64))
     return BB, BH, 8 if wide else 4
 
 
@@ -119,30 +122,43 @@ class DeepGates:
             bias = params["bias"]
             self.ln = (params["ln_ih_weight"].to(ct), params["ln_hh_weight"].to(ct),
                        bias.to(ct) if bias.numel() else None)
-        #: the fused kernels' launcher, constexprs, flat weights and the elements from one gate's
-        #: W_k to the next's; None: torch runs every gate
-        self.fused: tuple[Launch, dict[str, Any], Tensor, int] | None = None
-        stride = self._fused_stride()
-        if launch is not None and tl_dtypes is not None and stride is not None:
-            n1 = self.gates[0][3]
+        #: the fused kernels' launcher, constexprs, flat weights and their runtime sizes (R, ATOT,
+        #: WSTRIDE: triton_deep_kernels); None: torch runs every gate
+        self.fused: tuple[Launch, dict[str, Any], Tensor, dict[str, int]] | None = None
+        plan = self._fused_plan()
+        if launch is not None and tl_dtypes is not None and plan is not None:
+            n1, deep_mask, sizes = plan
             OP, MMA, CT = tl_dtypes
             phi = self.mlp.phi
-            consts = dict(N1=n1, N1P=max(16, 1 << (n1 - 1).bit_length()), SIGMOID=phi == "sigmoid",
+            consts = dict(N1=n1, N1P=max(16, 1 << (n1 - 1).bit_length()), DEEP=deep_mask,
+                          SHALLOW=deep_mask != (1 << len(self.gates)) - 1, SIGMOID=phi == "sigmoid",
                           IDENTITY=phi == "identity", RELU=phi == "relu", OP=OP, MMA=MMA, CT=CT)
-            self.fused = (launch, consts, flat.contiguous(), stride)
+            self.fused = (launch, consts, flat.contiguous(), sizes)
 
-    def _fused_stride(self) -> int | None:
-        """The flat ``mlp`` elements from gate k's W_k to gate k+1's (W_k (H, n_1), then b_k) if this
-        call has the fused kernels' shape — every computed gate deep with one hidden layer of one
-        width n_1 ≤ FUSED_MAX_WIDTH, no layer norm, gate k's parts at k times that stride — else None."""
-        if self.ln is not None or any(mg is None or len(mg.widths) != 2 for mg, *_ in self.gates):
+    def _fused_plan(self) -> tuple[int, int, dict[str, int]] | None:
+        """If this call has the fused kernels' shape — every deep gate with one hidden layer, all
+        of one width n_1 ≤ FUSED_MAX_WIDTH, no layer norm, the d-th deep gate's W_d, b_d and hidden
+        activations at d times one stride in the flat ``mlp`` param and the MLP buffer, gates in R
+        slot by slot — then n_1, the mask of the deep gates' slots and the kernels' sizes R (the
+        first layers' columns), ATOT (the MLP buffer's) and WSTRIDE; else None."""
+        deep = [mg for mg, *_ in self.gates if mg is not None]
+        if self.ln is not None or not deep or any(len(mg.widths) != 2 for mg in deep):
             return None
-        n1 = self.gates[0][3]
+        n1 = deep[0].widths[0]
         stride = self.H * n1 + (self.H if self.mlp.bias else 0)
-        fits = n1 <= FUSED_MAX_WIDTH and all(
-            width == n1 and slot == k and col == k * n1 and mg.woff[0] == k * stride and mg.aoff[0] == k * n1
-            for k, (mg, slot, col, width) in enumerate(self.gates))
-        return stride if fits else None
+        mask, col, d = 0, 0, 0
+        for k, (mg, slot, first, width) in enumerate(self.gates):
+            if slot != k or first != col:
+                return None
+            if mg is not None:
+                if width != n1 or mg.woff[0] != d * stride or mg.aoff[0] != d * n1:
+                    return None
+                mask |= 1 << k
+                d += 1
+            col += width
+        if n1 > FUSED_MAX_WIDTH:
+            return None
+        return n1, mask, dict(R=col, ATOT=d * n1, WSTRIDE=stride)
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -195,7 +211,7 @@ class DeepGates:
         """:meth:`forward` as one launch (:func:`~lstmkit.kernels.triton_deep_kernels.deep_forward`)."""
         from lstmkit.kernels.triton_deep_kernels import deep_forward
 
-        launch, consts, flat, stride = self.fused
+        launch, consts, flat, sizes = self.fused
         B, G, H = r.shape[0], len(self.gates), self.H
         rz = r.new_empty((B, G * H))                                          # (B, G·H)
         BB, BH, warps = _tiles(B, H, consts["N1P"])
@@ -203,7 +219,7 @@ class DeepGates:
         none = r.new_empty((0,))
         args = dict(xg=xg_t, xg_ld=xg_t.stride(0), r=r.contiguous(), w=flat,
                     a_kept=a_kept if a_kept is not None else none, rz=rz,
-                    lengths=lengths if lengths is not None else none, t=t, B=B, H=H, WSTRIDE=stride)
+                    lengths=lengths if lengths is not None else none, t=t, B=B, H=H, **sizes)
         launch(deep_forward, (-(-B // BB), -(-H // BH), G), args,
                dict(consts, HAS_BIAS=self.mlp.bias, KEEP=a_kept is not None, HAS_LEN=lengths is not None, BB=BB,
                     BH=BH), warps)
@@ -242,10 +258,10 @@ class DeepGates:
         """:meth:`backward` as one launch (:func:`~lstmkit.kernels.triton_deep_kernels.deep_backward`)."""
         from lstmkit.kernels.triton_deep_kernels import deep_backward
 
-        launch, consts, flat, stride = self.fused
+        launch, consts, flat, sizes = self.fused
         B, G, H = du.shape[0], len(self.gates), self.H
-        BB, BH, warps = _tiles(B, H, consts["N1P"], backward=True)
-        args = dict(du=du, w=flat, a_kept=a_kept, dxg=dxg, B=B, H=H, WSTRIDE=stride)
+        BB, BH, warps = _tiles(B, H, consts["N1P"], backward=True, shallow=consts["SHALLOW"])
+        args = dict(du=du, w=flat, a_kept=a_kept, dxg=dxg, B=B, H=H, **sizes)
         launch(deep_backward, (-(-B // BB), G), args, dict(consts, BB=BB, BH=BH), warps)
 
     def new_grads(self, du: Tensor) -> dict[str, list[Tensor]]:
