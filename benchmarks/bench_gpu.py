@@ -46,7 +46,9 @@ from lstmkit import kernels  # noqa: E402
 SHAPES = [(64, 100, 256, 256), (1, 100, 32, 32), (32, 100, 128, 128), (64, 200, 512, 512),
           (32, 100, 1024, 1024), (256, 50, 256, 256)]
 VARIANTS = ["vanilla", "peephole", "nig", "nfg", "nog", "niaf", "noaf", "cifg", "fgr", "layernorm", "clip=3",
-            "peephole+cifg+layernorm", "projection", "heads=4", "deep=32", "slstm+heads=4"]
+            "peephole+cifg+layernorm", "projection", "heads=4", "deep=32", "deep_f=32", "slstm+heads=4"]
+#: Rows that no cell word names: "deep_f=32" = only the forget gate deep (the fused kernels' per-gate case).
+ROW_SPECS: dict[str, lstmkit.CellSpec] = {"deep_f=32": lstmkit.CellSpec(gate_hidden={"f": (32,)})}
 #: The sLSTM against FlashRNN's (same equations: its normaliser floor, block-diagonal heads): (B, T, I, H),
 #: heads, FlashRNN's backends timed by default (its "cuda"/"cuda_fused" compile CUDA code first: --peer-backends).
 PEER_SHAPES = [(64, 100, 256, 256), (16, 256, 768, 768)]
@@ -77,7 +79,8 @@ def make_layer(row: str, I: int, H: int, device: torch.device, dtype: torch.dtyp
     else:
         backend, cell = row.split(":")
         proj = H // 2 if cell == "projection" else 0
-        m = lstmkit.LSTM(I, H, cell="vanilla" if cell == "projection" else cell, proj_size=proj, backend=backend)
+        spec = ROW_SPECS.get(cell, "vanilla" if cell == "projection" else cell)
+        m = lstmkit.LSTM(I, H, cell=spec, proj_size=proj, backend=backend)
     return m.to(device=device, dtype=dtype)
 
 
@@ -481,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     if args.aot:
         # the variant flag words (the projection and heads change launch sizes, not the kernels' code)
-        cells = [v for v in VARIANTS if v not in ("projection", "heads=4")]
+        cells = [v for v in VARIANTS if v not in ("projection", "heads=4", *ROW_SPECS)]
         cells += ["fgr+peephole+nog+clip=0.4", "fgr+cifg+noaf", "nig+niaf+noaf", "nfg+peephole+layernorm",
                   "fgr+layernorm", "rnn_tanh", "rnn_relu"] + AOT_NEW_ROWS
         aot_report(args.out, cells, ["float32", "bfloat16"])

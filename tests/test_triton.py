@@ -530,9 +530,10 @@ def test_gpu_benchmark_dry_run(tmp_path):
         import bench_gpu
     finally:
         sys.path.pop(0)
-    # the variants whose rows the script builds in its own way (a projection, heads, the sLSTM), and
-    # vanilla: every other variant's row is the same code with another cell word
-    variants = ["vanilla", "projection", "heads=4", "slstm+heads=4"]
+    # the variants whose rows the script builds in its own way (a projection, heads, the sLSTM, a
+    # spec no cell word names), and vanilla: every other variant's row is the same code with another
+    # cell word
+    variants = ["vanilla", "projection", "heads=4", "slstm+heads=4", *bench_gpu.ROW_SPECS]
     assert set(variants) <= set(bench_gpu.VARIANTS)
     result = bench_gpu.main(["--dry-run", "--jobs", "1", "--out", str(tmp_path), "--variants", ",".join(variants)])
     rows = {(r["row"], r["mode"]) for r in result["rows"]}
