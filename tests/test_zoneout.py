@@ -43,6 +43,23 @@ def test_a_seed_reproduces_the_masks_on_every_kernel(kw):
     assert not torch.equal(a[0], c[0])  # another seed, other masks
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_masks_keep_each_unit_with_its_probability(dtype):
+    """d_c and d_h are 0/1 masks of the layer's dtype, 1 with probability z_c and z_h (400,000
+    draws each: within 5 standard deviations), and a seed draws the same ones."""
+    spec = lstmkit.resolve("zoneout=0.3/0.05")
+    like = torch.empty(0, dtype=dtype)
+    torch.manual_seed(1)
+    d_c, d_h = lstmkit.cell.zoneout_masks(spec, (100, 40, 100), (100, 40, 100), like)
+    assert d_c.dtype == d_h.dtype == dtype
+    for d, z in ((d_c, 0.3), (d_h, 0.05)):
+        assert set(d.unique().tolist()) == {0.0, 1.0}
+        assert abs(d.double().mean().item() - z) < 5 * (z * (1 - z) / d.numel()) ** 0.5
+    torch.manual_seed(1)
+    again = lstmkit.cell.zoneout_masks(spec, (100, 40, 100), (100, 40, 100), like)
+    assert torch.equal(again[0], d_c) and torch.equal(again[1], d_h)
+
+
 def test_evaluation_is_the_expectation_and_deterministic():
     layer = _layer("cpu_fused").eval()
     x = torch.randn(6, 2, 3, dtype=torch.float64)

@@ -61,11 +61,19 @@ def zoneout_masks(spec: CellSpec, c_shape: tuple[int, ...], h_shape: tuple[int, 
                   ) -> tuple[Tensor, Tensor]:
     """Training masks of zoneout, drawn from torch's generator: ``d_c`` (shape ``c_shape``) is
     1 where a unit keeps its previous ``c`` (probability ``z_c``), ``d_h`` likewise for ``h``;
-    dtype and device of ``like``."""
+    dtype and device of ``like``.
+
+    Each element is ``u < z`` for a uniform ``u`` in float32 (float64 for a float64 layer, never
+    16 bits, whose coarse steps would bend the probability), compared in place: on the CPU
+    ``torch.rand`` draws 2.4x faster than ``torch.bernoulli`` (16,384 elements: 98 against 239
+    µs, one EPYC core); a (1, 32, 256) mask took 77 µs against 121, a (1, 1, 256) one 19 against
+    13 (there the second operation's own cost shows)."""
     z_c, z_h = spec.zoneout
-    d_c = torch.bernoulli(torch.full(c_shape, z_c, dtype=like.dtype, device=like.device))
-    d_h = torch.bernoulli(torch.full(h_shape, z_h, dtype=like.dtype, device=like.device))
-    return d_c, d_h
+    draw = torch.float64 if like.dtype == torch.float64 else torch.float32
+
+    def mask(shape: tuple[int, ...], z: float) -> Tensor:
+        return torch.rand(shape, dtype=draw, device=like.device).lt_(z).to(like.dtype)  # (no copy if draw)
+    return mask(c_shape, z_c), mask(h_shape, z_h)
 
 
 def chunk_layernorm(v: Tensor, spec: CellSpec, hidden_size: int) -> Tensor:
