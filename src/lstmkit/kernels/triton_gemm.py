@@ -114,12 +114,11 @@ class Recurrent:
         """The dense (R, H_out) recurrent weights, if this call expands them (made on first use)."""
         if self.expand and self._dense is None:
             R, e = self.w_hh.shape
-            w = self.widths[0]                                                # every gate's rows
-            rows = torch.arange(R, device=self.w_hh.device)
-            head = (rows % w) // (w // self.k)                                # (R,): each row's head
-            dense = self.w_hh.new_zeros((R, self.k, e))
-            dense[rows, head] = self.w_hh                                     # device work only (graph capture)
-            self._dense = dense.view(R, self.k * e)
+            k, w = self.k, self.widths[0]                                     # every gate's rows
+            blocks = _blocks(self.w_hh, k, w, self.w_hh.dtype)                # (G, k, w/k, e): gate g's block j
+            dense = blocks.new_zeros((R // w, k, w // k, k, e))               # (G, k, w/k, k, e)
+            dense.diagonal(dim1=1, dim2=3).copy_(blocks.permute(0, 2, 3, 1))  # block j in head j's columns
+            self._dense = dense.view(R, k * e)                                # device work only (graph capture)
         return self._dense
 
     def forward(self, h: Tensor) -> Tensor:

@@ -497,7 +497,7 @@ struct NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDiffere
   }
 };
 
-// A step's and a one-layer stack's axes (forward_step): x (N, I) is one step of (1, N, I), and y
+// A step's and a one-layer stack's axes (forward_step, both ways): x (N, I) is one step of (1, N, I), and y
 // comes back (N, H_out); a state (1, N, ·) is read as (N, ·), and h_n, c_n come back (1, N, ·).
 // Added and dropped inside the node — views outside it would add autograd nodes on every step
 // (a select's backward allocates and fills zeros). Outputs are _unsafe_view: the kernel's fresh
@@ -627,29 +627,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_step(
     const std::vector<at::Tensor>& mlp, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
     double zoneout_c, double zoneout_h, int64_t H, int64_t P, const Frozen* frozen = nullptr) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_step: expected ", (int)N_PARAMS, " params");
-  const bool one_step = x_in.dim() == 2, layered = h0_in.dim() == 3;
-  const at::Tensor x = one_step ? x_in.unsqueeze(0) : x_in;  // (T, N, I)
-  const at::Tensor h0 = layered ? h0_in.select(0, 0) : h0_in, c0 = layered ? c0_in.select(0, 0) : c0_in;  // (N, ·)
-  auto result = [one_step, layered](const at::Tensor& y, const at::Tensor& h_n, const at::Tensor& c_n) {
-    return std::tuple<at::Tensor, at::Tensor, at::Tensor>{one_step ? y.select(0, 0) : y,
-                                                          layered ? h_n.unsqueeze(0) : h_n,
-                                                          layered ? c_n.unsqueeze(0) : c_n};
-  };
   bool grad = false;
   if (at::GradMode::is_enabled()) {
-    for (const at::Tensor* t : {&x, &w_ih, &b_ih, &b_hh, &whh, &h0, &c0}) grad = grad || t->requires_grad();
+    for (const at::Tensor* t : {&x_in, &w_ih, &b_ih, &b_hh, &whh, &h0_in, &c0_in}) grad = grad || t->requires_grad();
     for (const auto& t : params) grad = grad || t.requires_grad();
     for (const auto& t : mlp) grad = grad || t.requires_grad();
   }
-  if (!grad) {
-    auto out = projected_forward(x, w_ih, b_ih, b_hh, whh, h0, c0, at::Tensor(), params, flags, mlp_layout, clip,
-                                 zoneout_c, zoneout_h, H, P, false, mlp, frozen);
-    return result(std::get<0>(out), std::get<1>(out), std::get<2>(out));
+  if (grad) {  // the node adds and drops the step's and the stack's axes itself
+    auto out = ProjectedRun::apply(x_in, w_ih, b_ih, b_hh, whh, h0_in, c0_in, at::TensorList(params),
+                                   at::TensorList(mlp), flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P);
+    return {out[0], out[1], out[2]};
   }
-  // the node adds and drops the step's and the stack's axes itself (StepAxes)
-  auto out = ProjectedRun::apply(x_in, w_ih, b_ih, b_hh, whh, h0_in, c0_in, at::TensorList(params),
-                                 at::TensorList(mlp), flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P);
-  return {out[0], out[1], out[2]};
+  const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
+  auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in),
+                                                  axes.state(c0_in), at::Tensor(), params, flags, mlp_layout, clip,
+                                                  zoneout_c, zoneout_h, H, P, false, mlp, frozen);
+  return {axes.y_out(y), axes.state_out(h_n), axes.state_out(c_n)};
 }
 
 // A prepared layer (PreparedStep, lstmkit/kernels/fused.py): forward_step's arguments that stay the
