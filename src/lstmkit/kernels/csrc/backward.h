@@ -13,8 +13,8 @@
 namespace lk {
 
 // Returns dXG (T,B,R) (layernorm: the gradient w.r.t. the RAW a = x W_ih^T, through the
-// input LN), dWhh (R,H_out) (layernorm only; other variants: empty, the wrapper computes it
-// from dXG), dHP (T,B,P) and M (T,B,H) (projection: the gradient w.r.t. the projected h~_t,
+// input LN), dWhh (R,H_out) (layernorm only, written into dwhh_out where that is defined; other
+// variants: empty, the wrapper computes it from dXG), dHP (T,B,P) and M (T,B,H) (projection: the gradient w.r.t. the projected h~_t,
 // and o*act(LN(c)) for dW_hr), dh0, dc0, acc (the per-parameter reductions, AccLayout),
 // dZS (T,B,nS*H) (fgr with layernorm or deep gates: the gradient w.r.t. the sigmoid gates' u, for dW_gg),
 // dMLP (the deep gates' flat weights' gradient: dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j, as large
@@ -30,7 +30,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& whh,
                                       const std::vector<int64_t>& len, const std::vector<at::Tensor>& params,
                                       const at::Tensor& dY, const at::Tensor& dhn, const at::Tensor& dcn,
-                                      const Cfg& cf, const MlpLayout& mlp, const MlpWeights<T>& mw,
+                                      const at::Tensor& dwhh_out, const Cfg& cf, const MlpLayout& mlp,
+                                      const MlpWeights<T>& mw,
                                       int nthreads, at::ScalarType low = at::ScalarType::Undefined) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
@@ -52,7 +53,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                            : std::max<int64_t>(Tn, 1);
   // rows padded to ldr: the chunk rows of step t are also that step's GEMM input (dh = dr W_hh)
   at::Tensor dRc = cf.ln ? at::zeros({Tc * B, ldr}, opt) : at::Tensor();
-  at::Tensor dWhh;  // layernorm: accumulate_dwhh's sum (the first chunk's product allocates it: no zero fill)
+  at::Tensor dWhh = dwhh_out;  // layernorm: accumulate_dwhh's sum (the first chunk's product writes it: no zero fill)
+  bool dwhh_written = false;
   at::Tensor dH = at::zeros({B, Hout}, opt);               // GEMM output: dr_t W_hh
   at::Tensor dHZ = cf.zoneout ? at::zeros({B, Hout}, opt) : at::Tensor();  // zoneout: d_h dL/dh_t
   at::Tensor dRw = at::zeros({cf.ln ? 0 : B, ldr}, opt);   // GEMM input (padded; layernorm: dRc rows)
@@ -270,11 +272,12 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
     if (cf.ln && t1 > t0) {  // dW_hh += dr_t^T h_{t-1} over this chunk (h_{-1} = h0, then y)
       at::Tensor d = dRc.narrow(0, 0, (t1 - t0) * B).narrow(1, 0, R);
       if (t0 == 0) {
-        accumulate_dwhh(dWhh, d.narrow(0, 0, B), h0, cf);
-        if (t1 > 1) accumulate_dwhh(dWhh, d.narrow(0, B, (t1 - 1) * B), Y.narrow(0, 0, t1 - 1).reshape({-1, Hout}), cf);
+        accumulate_dwhh(dWhh, !dwhh_written, d.narrow(0, 0, B), h0, cf);
+        if (t1 > 1) accumulate_dwhh(dWhh, false, d.narrow(0, B, (t1 - 1) * B), Y.narrow(0, 0, t1 - 1).reshape({-1, Hout}), cf);
       } else {
-        accumulate_dwhh(dWhh, d, Y.narrow(0, t0 - 1, t1 - t0).reshape({-1, Hout}), cf);
+        accumulate_dwhh(dWhh, !dwhh_written, d, Y.narrow(0, t0 - 1, t1 - t0).reshape({-1, Hout}), cf);
       }
+      dwhh_written = true;
     }
     if (Tn == 0) break;
   }
@@ -300,7 +303,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         if (mg.boff[j] >= 0) dmlp.narrow(0, mg.boff[j], mg.w[j + 1]).copy_(dvj.sum(0));
       }
   }
-  if (cf.ln && !dWhh.defined()) dWhh = at::zeros({R, cf.heads == 1 ? Hout : cf.Dh}, opt);  // no steps
+  if (cf.ln && !dwhh_written) {  // no steps
+    if (dWhh.defined()) dWhh.zero_();
+    else dWhh = at::zeros({R, cf.heads == 1 ? Hout : cf.Dh}, opt);
+  }
   return {dXG, cf.ln ? dWhh : e(), P > 0 ? dHP : e(), P > 0 ? Mo : e(), dh0, lstm ? dcs : e(), accs,
           dZS.defined() ? dZS : e(), dmlp, dXGlow.defined() ? dXGlow : e()};
 }

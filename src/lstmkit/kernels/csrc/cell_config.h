@@ -187,13 +187,14 @@ inline at::Tensor reduce_mm(const at::Tensor& at_, const at::Tensor& b, const Cf
   if (!cf.bf16_gemm) return at::mm(at_, b);
   return at::mm(at_.to(at::kBFloat16), b.to(at::kBFloat16)).to(at::kFloat);
 }
-// dW_hh, accumulated over parts of the sequence: acc += d^T hprev for d (N, R) the gradients of r
-// and hprev (N, H_out) the h_{t-1} they multiplied; acc (R, H_out), with heads (R, Dh): each
-// segment's rows times its head's Dh columns of hprev, written in place (canonical rows). acc
-// undefined: the first term, allocated here, so that a weight-sized buffer is neither zero-filled
-// nor added to when one product is the whole sum.
-inline void accumulate_dwhh(at::Tensor& acc, const at::Tensor& d, const at::Tensor& hprev, const Cfg& cf) {
-  const bool first = !acc.defined();
+// dW_hh, accumulated over parts of the sequence: acc = d^T hprev (`first`) or acc += d^T hprev
+// (later parts) for d (N, R) the gradients of r and hprev (N, H_out) the h_{t-1} they multiplied;
+// acc (R, H_out), with heads (R, Dh): each segment's rows times its head's Dh columns of hprev,
+// written in place (canonical rows). The first term writes acc (a caller's buffer) or, acc
+// undefined, allocates it: a weight-sized buffer is neither zero-filled nor added to when one
+// product is the whole sum.
+inline void accumulate_dwhh(at::Tensor& acc, bool first, const at::Tensor& d, const at::Tensor& hprev,
+                            const Cfg& cf) {
   auto add = [&](at::Tensor out, const at::Tensor& dt, const at::Tensor& h) {  // out (+)= dt h
     if (cf.bf16_gemm) {
       if (first) out.copy_(reduce_mm(dt, h, cf));
@@ -205,11 +206,11 @@ inline void accumulate_dwhh(at::Tensor& acc, const at::Tensor& d, const at::Tens
     }
   };
   if (cf.heads == 1) {
-    if (first) acc = reduce_mm(d.t(), hprev, cf);
+    if (first && !acc.defined()) acc = reduce_mm(d.t(), hprev, cf);
     else add(acc, d.t(), hprev);
     return;
   }
-  if (first) acc = at::empty({cf.R, cf.Dh}, hprev.options());  // every row is some segment's
+  if (!acc.defined()) acc = at::empty({cf.R, cf.Dh}, hprev.options());  // every row is some segment's
   for (const HeadSeg& sg : cf.hseg)
     add(acc.narrow(0, sg.canon, sg.len), d.narrow(1, sg.canon, sg.len).t(), hprev.narrow(1, sg.head * cf.Dh, cf.Dh));
 }

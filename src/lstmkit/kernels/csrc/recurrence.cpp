@@ -207,13 +207,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurren
                       true);
 }
 
-// The backward; mlp_each as forward_call's (the deep gates' own tensors, params[P_MLP] then empty).
+// The backward; mlp_each as forward_call's (the deep gates' own tensors, params[P_MLP] then empty);
+// dwhh_out: where dW_hh is written ((R, H_out), or with heads (R, Dh), in whh's dtype, which must
+// be the compute type), or undefined: allocated.
 static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_call(
     const at::Tensor& dy_in, const at::Tensor& dhn_in, const at::Tensor& dcn_in, const at::Tensor& y_in,
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
     const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
-    const std::vector<at::Tensor>& mlp_each) {
+    const std::vector<at::Tensor>& mlp_each, const at::Tensor& dwhh_out = at::Tensor()) {
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
@@ -241,7 +243,7 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_bwd", [&] {
     const MlpWeights<scalar_t> mw(mlp, params[P_MLP], mlp_own);
     out = backward_impl<scalar_t>(bufs, y, h0, c0.contiguous(), whh, len, params, dy, dhn.contiguous(),
-                                  dcn.contiguous(), cf, mlp, mw, nt, io != ct ? io : at::ScalarType::Undefined);
+                                  dcn.contiguous(), dwhh_out, cf, mlp, mw, nt, io != ct ? io : at::ScalarType::Undefined);
   });
   // out = {dXG, dWhh (layernorm), dHP, Mo, dh0, dc0, acc, dZS, dmlp, dXG in a 16-bit layer's dtype}
   const at::Tensor& dXG = out[0];
@@ -249,12 +251,14 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
   const at::Tensor dxg_io = io != ct ? out[9] : dXG;
   const at::Tensor dXGr = cf.bf16_gemm ? dxg_io : dXG;
   const at::Tensor yr = cf.bf16_gemm ? y_in.contiguous() : y;
-  at::Tensor dwhh;
+  at::Tensor dwhh = dwhh_out;
   if (cf.ln) {  // accumulated in the kernel from the gradient w.r.t. r_t = h_{t-1} W_hh^T
     dwhh = out[1];
   } else {  // dW_hh = sum_t dxg_t^T h_{t-1}; h_{t-1} = h0 at t = 0, else y_{t-1} (0 on padded steps)
-    accumulate_dwhh(dwhh, dXG[0], h0, cf);  // dwhh undefined: the first term allocates it
-    if (Tn > 1) accumulate_dwhh(dwhh, dXGr.narrow(0, 1, Tn - 1).reshape({-1, R}), yr.narrow(0, 0, Tn - 1).reshape({-1, Hout}), cf);
+    accumulate_dwhh(dwhh, true, dXG[0], h0, cf);
+    if (Tn > 1)
+      accumulate_dwhh(dwhh, false, dXGr.narrow(0, 1, Tn - 1).reshape({-1, R}),
+                      yr.narrow(0, 0, Tn - 1).reshape({-1, Hout}), cf);
   }
   std::vector<at::Tensor> dparams(N_PARAMS);
   for (auto& d : dparams) d = at::empty({0}, opt);
@@ -577,13 +581,26 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     torch::autograd::variable_list out(7 + N_PARAMS + M + 7);
     {
       at::NoGradGuard no_grad;
+      const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+      // dW_ih (R, I) and dW_hh (R, ·) in one allocation when both are wanted and are computed in
+      // their own dtype: one step per call frees them together after autograd has added them to
+      // .grad, and two fresh weight-sized buffers freed at once are what lets malloc give the
+      // heap's top back to the system, page-faulting it in again on the next step.
+      at::Tensor dwih_out, dwhh_out;
+      const at::ScalarType wt = whh.scalar_type();
+      if (ctx->needs_input_grad(1) && ctx->needs_input_grad(4) && w_ih.scalar_type() == wt &&
+          x.scalar_type() == wt && y.scalar_type() == wt && (wt == at::kFloat || wt == at::kDouble)) {
+        const at::Tensor flat = at::empty({w_ih.numel() + whh.numel()}, whh.options());
+        dwih_out = flat.narrow(0, 0, w_ih.numel()).view(w_ih.sizes());
+        dwhh_out = flat.narrow(0, w_ih.numel(), whh.numel()).view(whh.sizes());
+      }
       auto [dxg, dwhh, dh0, dc0, dparams] = backward_call(
           given(0), given(1), given(2), y, h0, c0, whh, at::Tensor(), params, buffers, flags, mlp, sc[0], sc[1],
-          sc[2], sizes[0], sizes[1], mlp_own);
-      const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+          sc[2], sizes[0], sizes[1], mlp_own, dwhh_out);
       const at::Tensor dxg2 = dxg.reshape({T * B, dxg.size(2)});  // (T*B, R)
       if (ctx->needs_input_grad(0)) out[0] = dxg2.mm(w_ih).view(saved[0].sizes());  // as x came: (T, B, I) | (B, I)
-      if (ctx->needs_input_grad(1)) out[1] = dxg2.t().mm(x.reshape({T * B, I}));
+      if (dwih_out.defined()) out[1] = at::mm_out(dwih_out, dxg2.t(), x.reshape({T * B, I}));
+      else if (ctx->needs_input_grad(1)) out[1] = dxg2.t().mm(x.reshape({T * B, I}));
       if (b_ih.numel()) {
         const at::Tensor db = ln ? dparams[P_BIAS] : dxg2.sum(0);  // (R,)
         out[2] = db;
