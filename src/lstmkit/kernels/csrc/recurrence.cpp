@@ -49,6 +49,7 @@
 #include <torch/extension.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/strides.h>  // contiguous_strides
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <atomic>
 #include <cmath>
@@ -613,10 +614,10 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
         if (params[k].numel() && !PARAM_NO_GRAD[k] && !(ln && k == P_BIAS) && !(M && k == P_MLP))
           out[7 + k] = dparams[k];
       int64_t off = 0;  // the flat gradient back to each deep-gate tensor, in order, in its shape
-      for (size_t j = 0; j < M; ++j) {
-        const int64_t numel = mlp_own[j].numel();
-        out[7 + N_PARAMS + j] = dparams[P_MLP].narrow(0, off, numel).view(mlp_own[j].sizes());
-        off += numel;
+      for (size_t j = 0; j < M; ++j) {  // (one contiguous view each: as_strided, not narrow then view)
+        const auto sizes_j = mlp_own[j].sizes();
+        out[7 + N_PARAMS + j] = dparams[P_MLP].as_strided(sizes_j, c10::contiguous_strides(sizes_j), off);
+        off += mlp_own[j].numel();
       }
     }
     if (!higher) return out;
