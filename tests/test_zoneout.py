@@ -60,6 +60,17 @@ def test_masks_keep_each_unit_with_its_probability(dtype):
     assert torch.equal(again[0], d_c) and torch.equal(again[1], d_h)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_masks_at_the_ends_of_the_range(dtype):
+    """z = 0 keeps nothing; z just below 1 keeps (nearly) everything and still draws only 0 and 1
+    (the draw's uniform on [z, 1 + z) must stay below 2)."""
+    spec = lstmkit.CellSpec(zoneout=(0.0, 1.0 - 1e-9))
+    torch.manual_seed(2)
+    d_c, d_h = lstmkit.cell.zoneout_masks(spec, (1000, 100), (1000, 100), torch.empty(0, dtype=dtype))
+    assert not d_c.any()
+    assert set(d_h.unique().tolist()) <= {0.0, 1.0} and d_h.mean().item() > 0.9999
+
+
 def test_evaluation_is_the_expectation_and_deterministic():
     layer = _layer("cpu_fused").eval()
     x = torch.randn(6, 2, 3, dtype=torch.float64)
