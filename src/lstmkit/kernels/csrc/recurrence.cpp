@@ -502,6 +502,46 @@ struct NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDiffere
   }
 };
 
+// The S cell states (N, H) each, side by side as the kernel reads them: (N, S·H). Contiguous
+// parts of one dtype on the CPU are copied row block by row block into one allocation (at::cat's
+// dispatch and checks cost more than these copies at a step's sizes); undefined parts (a
+// gradient autograd did not materialise) are zeros; anything else is copied through a view.
+// Called where no autograd graph is built (inside the node, or without gradients).
+static at::Tensor join_cells(const std::vector<at::Tensor>& parts, const at::TensorOptions& like) {
+  const at::Tensor* first = nullptr;
+  for (const auto& c : parts) if (c.defined()) { first = &c; break; }
+  TORCH_CHECK(first && first->dim() == 2, "lstmkit: cell states must be (N, H)");
+  const int64_t N = first->size(0), Hc = first->size(1), S = (int64_t)parts.size();
+  at::Tensor joined = at::empty({N, S * Hc}, like.dtype(first->scalar_type()));
+  const size_t row = (size_t)Hc * joined.element_size();
+  char* dst = static_cast<char*>(joined.data_ptr());
+  for (int64_t k = 0; k < S; ++k) {
+    const at::Tensor& c = parts[k];
+    if (!c.defined()) {
+      for (int64_t n = 0; n < N; ++n) std::memset(dst + (n * S + k) * row, 0, row);
+    } else if (c.is_contiguous() && c.sizes() == first->sizes() && c.scalar_type() == joined.scalar_type() &&
+               c.device().is_cpu()) {
+      const char* src = static_cast<const char*>(c.data_ptr());
+      for (int64_t n = 0; n < N; ++n) std::memcpy(dst + (n * S + k) * row, src + n * row, row);
+    } else {
+      joined.narrow(1, k * Hc, Hc).copy_(c);
+    }
+  }
+  return joined;
+}
+
+// (N, S·H) -> the S cell states (N, H): views (copy false), or fresh tensors (copy true: what a
+// node returns, so that in-place changes of a returned state stay allowed).
+static std::vector<at::Tensor> split_cells(const at::Tensor& joined, int64_t S, bool copy) {
+  std::vector<at::Tensor> out;
+  const int64_t N = joined.size(0), Hc = joined.size(1) / S;
+  for (int64_t k = 0; k < S; ++k) {
+    at::Tensor part = joined.as_strided({N, Hc}, joined.strides(), joined.storage_offset() + k * Hc * joined.stride(1));
+    out.push_back(copy ? part.clone(at::MemoryFormat::Contiguous) : part);
+  }
+  return out;
+}
+
 // A step's and a one-layer stack's axes (forward_step, both ways): x (N, I) is one step of (1, N, I), and y
 // comes back (N, H_out); a state (1, N, ·) is read as (N, ·), and h_n, c_n come back (1, N, ·).
 // Added and dropped inside the node — views outside it would add autograd nodes on every step
@@ -522,16 +562,20 @@ struct StepAxes {
 
 struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
   // x (T, B, I) or one step's (B, I), w_ih (R, I), b_ih / b_hh (R,) | (0,), whh, h0 (B, H_out) or a
-  // one-layer stack's (1, B, H_out), c0 (B, S*H) | (0,) or (1, B, S*H), params in abi.PARAMS order
-  // (mlp's slot empty when mlp_in, the deep gates' tensors, is given: read in place, and the
-  // kernel's flat gradient handed back to each) -> y (T, B, H_out) or (B, H_out), h_n and c_n as h0
-  // and c0 (StepAxes)
+  // one-layer stack's (1, B, H_out), cells: the S cell states (B, H) each (S = 1: also (1, B, H), or
+  // the RNN's (0,)), joined here (no cat / split nodes around the node), params in abi.PARAMS
+  // order (mlp's slot empty when mlp_in, the deep gates' tensors, is given: read in place, and the
+  // kernel's flat gradient handed back to each) -> y (T, B, H_out) or (B, H_out), h_n as h0, then
+  // the S cell states as given (StepAxes; S > 1: fresh (B, H) tensors)
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& b_ih,
-      const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0_in, const at::Tensor& c0_in,
+      const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0_in, at::TensorList cells,
       at::TensorList params_in, at::TensorList mlp_in, int64_t flags, const std::vector<int64_t>& mlp_layout,
       double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
     const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
+    const int64_t S = (int64_t)cells.size();
+    // (B, S*H) | (0,) or (1, B, H): one state is saved as given (autograd checks its version)
+    const at::Tensor c0_in = S == 1 ? cells[0] : join_cells(cells.vec(), x_in.options());
     std::vector<at::Tensor> params(params_in.begin(), params_in.end());
     const std::vector<at::Tensor> mlp(mlp_in.begin(), mlp_in.end());
     auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in),
@@ -551,8 +595,12 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     ctx->saved_data["scalars"] = std::vector<double>{clip, zoneout_c, zoneout_h};
     ctx->saved_data["sizes"] = std::vector<int64_t>{H, P};
     ctx->saved_data["axes"] = std::vector<bool>{axes.one_step, axes.layered};
+    ctx->saved_data["states"] = S;
     ctx->set_materialize_grads(false);
-    return {y_out, axes.state_out(h_n), axes.state_out(c_n)};
+    torch::autograd::variable_list out{y_out, axes.state_out(h_n)};
+    if (S == 1) out.push_back(axes.state_out(c_n));
+    else for (auto& c : split_cells(c_n, S, true)) out.push_back(c);
+    return out;
   }
 
   // grads: dy, dh_n, dc_n (undefined: zero) -> one gradient per forward argument
@@ -573,13 +621,22 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     const auto sizes = ctx->saved_data["sizes"].toIntVector();
     const bool ln = flags & F_LAYERNORM;
     const bool higher = at::GradMode::is_enabled();  // create_graph=True
+    const int64_t S = ctx->saved_data["states"].toInt();
     auto given = [&](size_t k) {  // dy (T, B, H_out), dh_n (B, H_out), dc_n (B, S*H), or empty
+      if (k == 2 && S > 1) {  // the S states' gradients joined (undefined ones: zeros)
+        const std::vector<at::Tensor> parts(grads.begin() + 2, grads.begin() + 2 + S);
+        bool any = false;
+        for (const auto& g : parts) any = any || g.defined();
+        return any ? join_cells(parts, y.options()) : at::empty({0}, y.options());
+      }
       if (!grads[k].defined()) return at::empty({0}, y.options());
       return k == 0 ? axes.run(grads[k]) : axes.state(grads[k]);
     };
     const size_t M = mlp_own.size();
-    // x, w_ih, b_ih, b_hh, whh, h0, c0, params, the deep gates' tensors, then 7 non-tensor arguments
-    torch::autograd::variable_list out(7 + N_PARAMS + M + 7);
+    // x, w_ih, b_ih, b_hh, whh, h0, the S cell states, params, the deep gates' tensors, then 7
+    // non-tensor arguments
+    const int64_t PAR = 6 + S;  // where params start in `out`
+    torch::autograd::variable_list out(PAR + N_PARAMS + M + 7);
     {
       at::NoGradGuard no_grad;
       const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
@@ -609,14 +666,21 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       }
       out[4] = dwhh;
       out[5] = axes.state_grad(dh0);
-      if (c0.numel()) out[6] = axes.state_grad(dc0);
+      if (c0.numel()) {
+        if (S == 1) {
+          out[6] = axes.state_grad(dc0);
+        } else {
+          const auto parts = split_cells(dc0, S, false);
+          for (int64_t k = 0; k < S; ++k) out[6 + k] = parts[k];
+        }
+      }
       for (int k = 0; k < N_PARAMS; ++k)
         if (params[k].numel() && !PARAM_NO_GRAD[k] && !(ln && k == P_BIAS) && !(M && k == P_MLP))
-          out[7 + k] = dparams[k];
+          out[PAR + k] = dparams[k];
       int64_t off = 0;  // the flat gradient back to each deep-gate tensor, in order, in its shape
       for (size_t j = 0; j < M; ++j) {  // (one contiguous view each: as_strided, not narrow then view)
         const auto sizes_j = mlp_own[j].sizes();
-        out[7 + N_PARAMS + j] = dparams[P_MLP].as_strided(sizes_j, c10::contiguous_strides(sizes_j), off);
+        out[PAR + N_PARAMS + j] = dparams[P_MLP].as_strided(sizes_j, c10::contiguous_strides(sizes_j), off);
         off += mlp_own[j].numel();
       }
     }
@@ -637,30 +701,38 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
 // One step (or run) for PreparedLayer below: with gradients wanted (grad mode on and any input requires
 // grad) the autograd node above, else forward_infer. Arguments and results as forward_infer's, but
 // for `mlp`: the deep gates' tensors in abi.mlp_names order (empty without), params[P_MLP] empty;
-// x may be one step's (N, I), then y is (N, H_out); and the state a one-layer stack's (1, N, ·),
-// then h_n and c_n are too (the axes added and dropped here, not by Python calls around it).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_step(
+// x may be one step's (N, I), then y is (N, H_out); the S cell states come as a list, (N, H) each
+// (one state: also a one-layer stack's (1, N, ·), then h0 is too, and h_n and c_n come back so: the
+// axes added and dropped here, not by Python calls around it) and go back as one.
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_step(
     const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
-    const at::Tensor& whh, const at::Tensor& h0_in, const at::Tensor& c0_in, std::vector<at::Tensor> params,
-    const std::vector<at::Tensor>& mlp, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
-    double zoneout_c, double zoneout_h, int64_t H, int64_t P, const Frozen* frozen = nullptr) {
+    const at::Tensor& whh, const at::Tensor& h0_in, const std::vector<at::Tensor>& cells,
+    std::vector<at::Tensor> params, const std::vector<at::Tensor>& mlp, int64_t flags,
+    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
+    const Frozen* frozen = nullptr) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_step: expected ", (int)N_PARAMS, " params");
+  TORCH_CHECK(!cells.empty(), "lstmkit prepared step: no cell state");
+  const int64_t S = (int64_t)cells.size();
   bool grad = false;
   if (at::GradMode::is_enabled()) {
-    for (const at::Tensor* t : {&x_in, &w_ih, &b_ih, &b_hh, &whh, &h0_in, &c0_in}) grad = grad || t->requires_grad();
+    for (const at::Tensor* t : {&x_in, &w_ih, &b_ih, &b_hh, &whh, &h0_in}) grad = grad || t->requires_grad();
+    for (const auto& t : cells) grad = grad || t.requires_grad();
     for (const auto& t : params) grad = grad || t.requires_grad();
     for (const auto& t : mlp) grad = grad || t.requires_grad();
   }
-  if (grad) {  // the node adds and drops the step's and the stack's axes itself
-    auto out = ProjectedRun::apply(x_in, w_ih, b_ih, b_hh, whh, h0_in, c0_in, at::TensorList(params),
+  if (grad) {  // the node adds and drops the step's and the stack's axes, and joins the states, itself
+    auto out = ProjectedRun::apply(x_in, w_ih, b_ih, b_hh, whh, h0_in, at::TensorList(cells), at::TensorList(params),
                                    at::TensorList(mlp), flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P);
-    return {out[0], out[1], out[2]};
+    return {out[0], out[1], std::vector<at::Tensor>(out.begin() + 2, out.end())};
   }
   const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
-  auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in),
-                                                  axes.state(c0_in), at::Tensor(), params, flags, mlp_layout, clip,
-                                                  zoneout_c, zoneout_h, H, P, false, mlp, frozen);
-  return {axes.y_out(y), axes.state_out(h_n), axes.state_out(c_n)};
+  const at::Tensor c0 = S == 1 ? axes.state(cells[0]) : join_cells(cells, x_in.options());  // (N, S·H)
+  auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in), c0,
+                                                  at::Tensor(), params, flags, mlp_layout, clip, zoneout_c, zoneout_h,
+                                                  H, P, false, mlp, frozen);
+  // inference: the S states as views of the kernel's one (N, S·H) tensor
+  return {axes.y_out(y), axes.state_out(h_n),
+          S == 1 ? std::vector<at::Tensor>{axes.state_out(c_n)} : split_cells(c_n, S, false)};
 }
 
 // A prepared layer (PreparedStep, lstmkit/kernels/fused.py): forward_step's arguments that stay the
@@ -697,54 +769,22 @@ struct PreparedLayer {
   }
 
   // x (N, I) or (T, N, I); h (N, H_out) or a one-layer stack's (1, N, H_out); cells: the S cell
-  // states, (N, H) each (one state: also a one-layer stack's (1, N, H)), joined here for the kernel;
-  // keep_c / keep_h: zoneout's masks of this call (training), or None. Returns y, h_n, then the S
-  // cell states (views of one (N, S·H) tensor).
+  // states, (N, H) each (one state: also a one-layer stack's (1, N, H)); keep_c / keep_h: zoneout's
+  // masks of this call (training), or None. Returns y, h_n, then the S cell states.
   std::vector<at::Tensor> call(const at::Tensor& x, const at::Tensor& h, const std::vector<at::Tensor>& cells,
                                const std::optional<at::Tensor>& keep_c,
                                const std::optional<at::Tensor>& keep_h) const {
-    TORCH_CHECK(!cells.empty(), "lstmkit prepared step: no cell state");
-    const bool parts = cells.size() > 1;
     std::vector<at::Tensor> p = params;
     if (keep_c.has_value()) p[P_KEEP_C] = *keep_c;
     if (keep_h.has_value()) p[P_KEEP_H] = *keep_h;
     // (weights made under torch.inference_mode() have no version counter: read as unfrozen)
     const bool countable = !w_ih.is_inference() && !whh.is_inference();
     const std::shared_ptr<const Frozen> fz = frozen && countable ? frozen_panels() : nullptr;
-    auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, parts ? join(cells) : cells[0], std::move(p),
-                                      mlp, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P, fz.get());
+    auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, cells, std::move(p), mlp, flags, mlp_layout, clip,
+                                      zoneout_c, zoneout_h, H, P, fz.get());
     std::vector<at::Tensor> out{y, h_n};
-    if (!parts) {
-      out.push_back(c_n);
-    } else if (c_n.requires_grad()) {
-      for (const auto& c : c_n.split(H, -1)) out.push_back(c);  // split's backward: one cat of the parts
-    } else {  // inference: S views made directly (split goes through narrow and slice for each)
-      std::vector<int64_t> sizes = c_n.sizes().vec();
-      sizes.back() = H;
-      for (int64_t k = 0; k < (int64_t)cells.size(); ++k)
-        out.push_back(c_n.as_strided(sizes, c_n.strides(), c_n.storage_offset() + k * H * c_n.stride(-1)));
-    }
+    out.insert(out.end(), c_n.begin(), c_n.end());
     return out;
-  }
-
-  // The S cell states (N, H) each, side by side as the kernel reads them: (N, S·H). Contiguous
-  // parts of one dtype are copied row block by row block into one allocation (at::cat's dispatch
-  // and checks cost more than these copies at a step's sizes); anything else goes through cat.
-  static at::Tensor join(const std::vector<at::Tensor>& cells) {
-    const at::Tensor& first = cells[0];
-    bool plain = first.dim() == 2;
-    for (const auto& c : cells)
-      plain = plain && c.is_contiguous() && c.sizes() == first.sizes() && c.scalar_type() == first.scalar_type() &&
-              c.device().is_cpu() && !c.requires_grad();
-    if (!plain) return at::cat(cells, -1);
-    const int64_t N = first.size(0), Hc = first.size(1), S = (int64_t)cells.size();
-    at::Tensor joined = at::empty({N, S * Hc}, first.options());
-    const size_t row = (size_t)Hc * first.element_size();
-    char* dst = static_cast<char*>(joined.data_ptr());
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < S; ++k)
-        std::memcpy(dst + (n * S + k) * row, static_cast<const char*>(cells[k].data_ptr()) + n * row, row);
-    return joined;
   }
 };
 
