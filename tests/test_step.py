@@ -334,6 +334,44 @@ def test_prepared_training_step_double_backward_raises_clearly():
         torch.autograd.grad(g.sum(), x)
 
 
+@pytest.mark.parametrize("cell", ["vanilla", "layernorm", "heads=2"])
+def test_prepared_step_weight_gradients_share_one_allocation_safely(cell):
+    """The step node writes dW_ih and dW_hh into one buffer (two contiguous views): kept by
+    autograd as ``.grad`` (one step, no earlier gradient) or added into existing ones, each
+    weight's gradient is its own — equal to the reference loop's, changed alone by an in-place
+    write, and accumulated correctly by a later backward."""
+    torch.manual_seed(0)
+    n = 6  # hidden units (heads=2 splits them)
+    x, h, c = torch.randn(B, I, dtype=torch.float64), torch.randn(B, n, dtype=torch.float64), \
+        torch.randn(B, n, dtype=torch.float64)
+    fast = lstmkit.LSTMCell(I, n, cell=cell).double()
+    ref = lstmkit.LSTMCell(I, n, cell=cell, backend="reference").double()
+    ref.load_state_dict(fast.state_dict())
+    fast(x, (h, c))  # prepares the step
+    fast.zero_grad(set_to_none=True)
+
+    def backward(m, n_steps):
+        s = (h, c)
+        for _ in range(n_steps):
+            s = m(x, s)
+        (s[0].sum() + 2 * s[1].sum()).backward()
+
+    def check():
+        for name in ("weight_ih", "weight_hh"):
+            torch.testing.assert_close(getattr(fast, name).grad, getattr(ref, name).grad, rtol=1e-10, atol=1e-12)
+    backward(fast, 1)
+    # the case this test is about: autograd kept the node's two views as .grad
+    assert fast.weight_hh.grad.untyped_storage().data_ptr() == fast.weight_ih.grad.untyped_storage().data_ptr()
+    backward(ref, 1)
+    check()
+    fast.weight_ih.grad.zero_()
+    ref.weight_ih.grad.zero_()
+    check()  # weight_hh's gradient untouched
+    backward(fast, 3)  # accumulates: weight_ih's from zero, weight_hh's onto the first
+    backward(ref, 3)
+    check()
+
+
 def test_prepared_step_draws_in_training_mode():
     """A step prepared in eval mode is not reused after ``.train()``: zoneout's and dropout's
     masks are drawn there (without gradients too), as on the general path."""
