@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <cstdint>
 #include <vector>
+#include "gemm.h"  // blas_gemm
 #include "lstmkit_abi.h"  // generated from lstmkit/kernels/abi.py
 
 namespace lk {
@@ -187,6 +188,22 @@ inline at::Tensor reduce_mm(const at::Tensor& at_, const at::Tensor& b, const Cf
   if (!cf.bf16_gemm) return at::mm(at_, b);
   return at::mm(at_.to(at::kBFloat16), b.to(at::kBFloat16)).to(at::kFloat);
 }
+// accumulate_dwhh's heads case by BLAS: each segment's rows of acc (len, Dh), row-major, (=|+=)
+// d_seg^T hprev_head, i.e. column-major acc_seg^T = hprev_head^T d_seg. False (nothing written)
+// where this torch carries no BLAS.
+template <typename T>
+inline bool dwhh_segments_blas(at::Tensor& acc, bool first, const at::Tensor& d, const at::Tensor& hprev,
+                               const Cfg& cf) {
+  const int N = (int)d.size(0), Dh = (int)cf.Dh;
+  T* c = acc.data_ptr<T>();
+  const T *dp = d.data_ptr<T>(), *hp = hprev.data_ptr<T>();
+  for (const HeadSeg& sg : cf.hseg)
+    if (!blas_gemm<T>('N', 'T', Dh, (int)sg.len, N, hp + sg.head * Dh, (int)hprev.stride(0), dp + sg.canon,
+                      (int)d.stride(0), !first, c + sg.canon * Dh, Dh))
+      return false;
+  return true;
+}
+
 // dW_hh, accumulated over parts of the sequence: acc = d^T hprev (`first`) or acc += d^T hprev
 // (later parts) for d (N, R) the gradients of r and hprev (N, H_out) the h_{t-1} they multiplied;
 // acc (R, H_out), with heads (R, Dh): each segment's rows times its head's Dh columns of hprev,
@@ -211,6 +228,13 @@ inline void accumulate_dwhh(at::Tensor& acc, bool first, const at::Tensor& d, co
     return;
   }
   if (!acc.defined()) acc = at::empty({cf.R, cf.Dh}, hprev.options());  // every row is some segment's
+  // one BLAS call a segment on the operands in place where torch carries it: at one step per call
+  // the views and dispatch of the ATen calls below cost more than the products
+  const bool plain = !cf.bf16_gemm && d.size(0) > 0 && d.stride(1) == 1 && hprev.stride(1) == 1 &&
+                     acc.is_contiguous() && d.scalar_type() == acc.scalar_type() &&
+                     hprev.scalar_type() == acc.scalar_type();
+  if (plain && acc.scalar_type() == at::kFloat && dwhh_segments_blas<float>(acc, first, d, hprev, cf)) return;
+  if (plain && acc.scalar_type() == at::kDouble && dwhh_segments_blas<double>(acc, first, d, hprev, cf)) return;
   for (const HeadSeg& sg : cf.hseg)
     add(acc.narrow(0, sg.canon, sg.len), d.narrow(1, sg.canon, sg.len).t(), hprev.narrow(1, sg.head * cf.Dh, cf.Dh));
 }
