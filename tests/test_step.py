@@ -334,12 +334,13 @@ def test_prepared_training_step_double_backward_raises_clearly():
         torch.autograd.grad(g.sum(), x)
 
 
-@pytest.mark.parametrize("cell", ["vanilla", "layernorm", "heads=2"])
+@pytest.mark.parametrize("cell", ["vanilla", "layernorm", "heads=2", "peephole+layernorm"])
 def test_prepared_step_weight_gradients_share_one_allocation_safely(cell):
-    """The step node writes dW_ih and dW_hh into one buffer (two contiguous views): kept by
+    """The step node writes dW_ih and dW_hh into one buffer (two contiguous views), and hands the
+    peepholes and layer norm their gradients as views of the kernel's one accumulator: kept by
     autograd as ``.grad`` (one step, no earlier gradient) or added into existing ones, each
-    weight's gradient is its own — equal to the reference loop's, changed alone by an in-place
-    write, and accumulated correctly by a later backward."""
+    parameter's gradient is its own — equal to the reference loop's, unchanged by an in-place
+    write to another's, and accumulated correctly by a later backward."""
     torch.manual_seed(0)
     n = 6  # hidden units (heads=2 splits them)
     x, h, c = torch.randn(B, I, dtype=torch.float64), torch.randn(B, n, dtype=torch.float64), \
@@ -357,16 +358,19 @@ def test_prepared_step_weight_gradients_share_one_allocation_safely(cell):
         (s[0].sum() + 2 * s[1].sum()).backward()
 
     def check():
-        for name in ("weight_ih", "weight_hh"):
-            torch.testing.assert_close(getattr(fast, name).grad, getattr(ref, name).grad, rtol=1e-10, atol=1e-12)
+        for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
     backward(fast, 1)
     # the case this test is about: autograd kept the node's two views as .grad
     assert fast.weight_hh.grad.untyped_storage().data_ptr() == fast.weight_ih.grad.untyped_storage().data_ptr()
     backward(ref, 1)
     check()
-    fast.weight_ih.grad.zero_()
-    ref.weight_ih.grad.zero_()
-    check()  # weight_hh's gradient untouched
+    for m in (fast, ref):  # every other gradient untouched
+        m.weight_ih.grad.zero_()
+        for name, p in m.named_parameters():
+            if name.startswith(("ln_", "peephole")):
+                p.grad.mul_(-1.0)
+    check()
     backward(fast, 3)  # accumulates: weight_ih's from zero, weight_hh's onto the first
     backward(ref, 3)
     check()

@@ -210,13 +210,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurren
 
 // The backward; mlp_each as forward_call's (the deep gates' own tensors, params[P_MLP] then empty);
 // dwhh_out: where dW_hh is written ((R, H_out), or with heads (R, Dh), in whh's dtype, which must
-// be the compute type), or undefined: allocated.
+// be the compute type), or undefined: allocated. views: the small parameters' gradients (peephole,
+// layer norm) may be views of the kernel's one accumulator — for the autograd node; the operator
+// copies them out, as its outputs must not alias each other.
 static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_call(
     const at::Tensor& dy_in, const at::Tensor& dhn_in, const at::Tensor& dcn_in, const at::Tensor& y_in,
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
     const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
-    const std::vector<at::Tensor>& mlp_each, const at::Tensor& dwhh_out = at::Tensor()) {
+    const std::vector<at::Tensor>& mlp_each, const at::Tensor& dwhh_out = at::Tensor(), bool views = false) {
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
@@ -267,17 +269,21 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
     if (mlp.any()) dparams[P_MLP] = out[8];  // the deep gates' flat weights
     const at::Tensor& acc = out[6];  // AccLayout, summed over threads
     const AccLayout al{H, R};
+    auto slot = [&](int64_t off, int64_t n) {  // (n,) at off: a contiguous view, or its copy
+      at::Tensor v = acc.as_strided({n}, {1}, acc.storage_offset() + off);
+      return views ? v : v.clone();
+    };
     if (cf.peep) {
-      if (cf.has_i) dparams[P_PEEPHOLE_I] = acc.narrow(0, al.peephole(0), H).clone();
-      if (cf.has_f) dparams[P_PEEPHOLE_F] = acc.narrow(0, al.peephole(1), H).clone();
-      if (cf.has_o) dparams[P_PEEPHOLE_O] = acc.narrow(0, al.peephole(2), H).clone();
+      if (cf.has_i) dparams[P_PEEPHOLE_I] = slot(al.peephole(0), H);
+      if (cf.has_f) dparams[P_PEEPHOLE_F] = slot(al.peephole(1), H);
+      if (cf.has_o) dparams[P_PEEPHOLE_O] = slot(al.peephole(2), H);
     }
     if (cf.ln) {
-      dparams[P_LN_C_WEIGHT] = acc.narrow(0, al.ln_c_weight(), H).clone();
-      dparams[P_LN_C_BIAS] = acc.narrow(0, al.ln_c_bias(), H).clone();
-      dparams[P_LN_HH_WEIGHT] = acc.narrow(0, al.ln_hh_weight(), R).clone();
-      dparams[P_LN_IH_WEIGHT] = acc.narrow(0, al.ln_ih_weight(), R).clone();
-      if (params[P_BIAS].numel()) dparams[P_BIAS] = acc.narrow(0, al.bias(), R).clone();
+      dparams[P_LN_C_WEIGHT] = slot(al.ln_c_weight(), H);
+      dparams[P_LN_C_BIAS] = slot(al.ln_c_bias(), H);
+      dparams[P_LN_HH_WEIGHT] = slot(al.ln_hh_weight(), R);
+      dparams[P_LN_IH_WEIGHT] = slot(al.ln_ih_weight(), R);
+      if (params[P_BIAS].numel()) dparams[P_BIAS] = slot(al.bias(), R);
     }
     if (P > 0) dparams[P_WEIGHT_HR] = reduce_mm(out[2].reshape({-1, P}).t(), out[3].reshape({-1, H}), cf);
     if (cf.fgr) {  // dW_gg = sum_t du_S,t^T s_{t-1}, the sigmoid gates i, f, o in order
@@ -654,7 +660,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       }
       auto [dxg, dwhh, dh0, dc0, dparams] = backward_call(
           given(0), given(1), given(2), y, h0, c0, whh, at::Tensor(), params, buffers, flags, mlp, sc[0], sc[1],
-          sc[2], sizes[0], sizes[1], mlp_own, dwhh_out);
+          sc[2], sizes[0], sizes[1], mlp_own, dwhh_out, /*views=*/true);
       const at::Tensor dxg2 = dxg.reshape({T * B, dxg.size(2)});  // (T*B, R)
       if (ctx->needs_input_grad(0)) out[0] = dxg2.mm(w_ih).view(saved[0].sizes());  // as x came: (T, B, I) | (B, I)
       if (dwih_out.defined()) out[1] = at::mm_out(dwih_out, dxg2.t(), x.reshape({T * B, I}));
