@@ -138,6 +138,27 @@ def test_gradcheck_stacked_bidirectional_projection_lengths():
     _check(lstmkit.RNN(2, 4, num_layers=2, bidirectional=True, heads=2), lstm=False)
 
 
+@pytest.mark.parametrize("cell", ["heads=2", "heads=2+layernorm", "vanilla", "layernorm"])
+def test_one_row_state_with_any_stride(cell):
+    """A batch of one whose initial state has a stride other than its width on the batch axis (a
+    transposed column: torch calls it contiguous, its size being 1) trains as the reference loop
+    does — the CPU kernel hands BLAS its row strides as leading dimensions only where they are
+    valid ones (once MKL refused such a dW_hh product and left it unwritten)."""
+    torch.manual_seed(0)
+    fused = lstmkit.LSTM(4, 6, cell=cell).double()
+    ref = lstmkit.LSTM(4, 6, cell=cell, backend="reference").double()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 1, 4, dtype=torch.float64)
+    h0 = torch.randn(6, 1, dtype=torch.float64).t().unsqueeze(0)  # (1, 1, 6), strides (1, 1, 1)
+    c0 = torch.randn(1, 1, 6, dtype=torch.float64)
+    assert h0.is_contiguous() and h0.stride(1) == 1
+    for layer in (fused, ref):
+        y, (h, c) = layer(x, (h0, c0))
+        (y.sum() + c.sum()).backward()
+    for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_record_mode_matches_reference():
     torch.manual_seed(0)
     ref = lstmkit.LSTM(3, 6, num_layers=2, bidirectional=True, heads=3, cell="layernorm", backend="reference")

@@ -230,9 +230,11 @@ inline void accumulate_dwhh(at::Tensor& acc, bool first, const at::Tensor& d, co
   if (!acc.defined()) acc = at::empty({cf.R, cf.Dh}, hprev.options());  // every row is some segment's
   // one BLAS call a segment on the operands in place where torch carries it: at one step per call
   // the views and dispatch of the ATen calls below cost more than the products
+  // (row strides checked, not only "contiguous": a one-row tensor may carry any stride there, which
+  // BLAS would refuse as a leading dimension)
   const bool plain = !cf.bf16_gemm && d.size(0) > 0 && d.stride(1) == 1 && hprev.stride(1) == 1 &&
-                     acc.is_contiguous() && d.scalar_type() == acc.scalar_type() &&
-                     hprev.scalar_type() == acc.scalar_type();
+                     d.stride(0) >= d.size(1) && hprev.stride(0) >= hprev.size(1) && acc.is_contiguous() &&
+                     d.scalar_type() == acc.scalar_type() && hprev.scalar_type() == acc.scalar_type();
   if (plain && acc.scalar_type() == at::kFloat && dwhh_segments_blas<float>(acc, first, d, hprev, cf)) return;
   if (plain && acc.scalar_type() == at::kDouble && dwhh_segments_blas<double>(acc, first, d, hprev, cf)) return;
   for (const HeadSeg& sg : cf.hseg)
