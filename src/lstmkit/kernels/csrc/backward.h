@@ -301,27 +301,28 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
     T* dm = dmlp.data_ptr<T>();
     const T* dv = dV.data_ptr<T>();
     const T* act = buffers[B_MLP].data_ptr<T>();
-    const std::vector<T> ones(std::max<int64_t>(N, 1), T(1));
-    if (N == 0) dmlp.zero_();
-    for (const MlpGate& mg : mlp.gates)
-      for (int j = 0; j < mg.m && N > 0; ++j) {
-        const int n_out = (int)mg.w[j + 1], n_in = (int)mg.w[j];
-        T* dw = dm + mg.woff[j];  // row-major (n_out, n_in): column-major dW_jᵀ = a_jᵀ dv_j
-        if (!blas_gemm<T>('N', 'T', n_in, n_out, (int)N, act + mg.aoff[j], (int)mlp.atot, dv + mg.voff[j],
-                          (int)mlp.vtot, false, dw, n_in)) {
-          const at::Tensor dvj = dV.view({N, mlp.vtot}).narrow(1, mg.voff[j], n_out);
-          at::Tensor dw_slot = dmlp.narrow(0, mg.woff[j], (int64_t)n_out * n_in).view({n_out, n_in});
-          at::mm_out(dw_slot, dvj.t(), buffers[B_MLP].view({N, mlp.atot}).narrow(1, mg.aoff[j], n_in));
-          if (mg.boff[j] >= 0) {
-            at::Tensor db_slot = dmlp.narrow(0, mg.boff[j], n_out);
-            at::sum_out(db_slot, dvj, 0);
+    const std::vector<T> ones(mlp.bias ? N : 0, T(1));  // db_j = dv_jᵀ 1
+    if (N == 0) dmlp.zero_();  // no rows: every sum is empty
+    else
+      for (const MlpGate& mg : mlp.gates)
+        for (int j = 0; j < mg.m; ++j) {
+          const int n_out = (int)mg.w[j + 1], n_in = (int)mg.w[j];
+          T* dw = dm + mg.woff[j];  // row-major (n_out, n_in): column-major dW_jᵀ = a_jᵀ dv_j
+          if (!blas_gemm<T>('N', 'T', n_in, n_out, (int)N, act + mg.aoff[j], (int)mlp.atot, dv + mg.voff[j],
+                            (int)mlp.vtot, false, dw, n_in)) {
+            const at::Tensor dvj = dV.view({N, mlp.vtot}).narrow(1, mg.voff[j], n_out);
+            at::Tensor dw_slot = dmlp.narrow(0, mg.woff[j], (int64_t)n_out * n_in).view({n_out, n_in});
+            at::mm_out(dw_slot, dvj.t(), buffers[B_MLP].view({N, mlp.atot}).narrow(1, mg.aoff[j], n_in));
+            if (mg.boff[j] >= 0) {
+              at::Tensor db_slot = dmlp.narrow(0, mg.boff[j], n_out);
+              at::sum_out(db_slot, dvj, 0);
+            }
+            continue;
           }
-          continue;
+          if (mg.boff[j] >= 0)
+            blas_gemm<T>('N', 'N', n_out, 1, (int)N, dv + mg.voff[j], (int)mlp.vtot, ones.data(), (int)N, false,
+                         dm + mg.boff[j], n_out);
         }
-        if (mg.boff[j] >= 0)  // db_j (n_out) = dv_jᵀ 1
-          blas_gemm<T>('N', 'N', n_out, 1, (int)N, dv + mg.voff[j], (int)mlp.vtot, ones.data(), (int)N, false,
-                       dm + mg.boff[j], n_out);
-      }
   }
   if (cf.ln && !dwhh_written) {  // no steps
     if (dWhh.defined()) dWhh.zero_();
