@@ -16,7 +16,7 @@ namespace lk {
 // into one (B, ldr) block that the pointwise pass reads (the operator's xg contract, ops.py:
 // layernorm takes the raw product, its summed bias is params[P_BIAS]). The (T, B, R) xg of a
 // long sequence is written and read once more than the GEMM needs, and fresh memory of that
-// size is page-faulted in on every call (one_step and forward_infer in recurrence.cpp).
+// size is page-faulted in on every call (forward_step and forward_infer: step_node.h, entry.h).
 template <typename T>
 struct InputProjection {
   const T* x; int64_t I;          // (T, B, I) contiguous

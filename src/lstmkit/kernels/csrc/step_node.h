@@ -1,0 +1,335 @@
+// The prepared step: one step (or a short run) of a layer as ONE call — LSTMCell and layer.step,
+// with gradients as one autograd node (ProjectedRun), without as forward_infer — and the prepared
+// layer that holds a call signature's constant arguments (PreparedLayer; its Python side is
+// PreparedStep in lstmkit/kernels/fused.py).
+#pragma once
+#include <torch/extension.h>
+#include <c10/util/strides.h>  // contiguous_strides
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+#include "entry.h"  // projected_forward, backward_call, Frozen
+
+namespace lk {
+
+using namespace lk::abi;
+
+// ------------------------------------------------------------------ one step with gradients
+// A step (or a short run) with gradients, for LSTMCell and layer.step in training: the input
+// projection and the recurrence as ONE autograd node built here, so a step costs one Python
+// call, not the operator road's Python autograd.Function and its Python backward (about 70 us
+// a step at B = 1, H = 32; the whole step takes less). Taken by PreparedStep's layers
+// (PreparedLayer; lstmkit/kernels/fused.py) for plain eager tensors only; compile, export, functorch and
+// autocast take the operator. Same gradient: dxg from recurrence_backward, then the
+// projection's dx = dxg W_ih, dW_ih = dxg^T x, db_ih = db_hh = sum dxg (layernorm: the summed
+// bias's gradient from the kernel).
+
+inline std::string no_double_backward = "lstmkit: the fused kernels' backward is not differentiable";
+
+// Set once at load from lstmkit/kernels/ops.py (the message the operator road raises).
+inline void set_no_double_backward(const std::string& message) { no_double_backward = message; }
+
+// Gradients computed under create_graph=True pass through this node: identity forward, and a
+// second-order gradient through it raises (the operator road's DelayedError). `anchors` are the
+// saved inputs that require grad, connecting it to the graph such a gradient would traverse.
+struct NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDifferentiable> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext*, at::TensorList grads,
+                                                at::TensorList anchors) {
+    return torch::autograd::variable_list(grads.begin(), grads.end());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list) {
+    TORCH_CHECK(false, no_double_backward);
+  }
+};
+
+// The S cell states (N, H) each, side by side as the kernel reads them: (N, S·H). Contiguous
+// parts of one dtype on the CPU are copied row block by row block into one allocation (at::cat's
+// dispatch and checks cost more than these copies at a step's sizes); undefined parts (a
+// gradient autograd did not materialise) are zeros; anything else is copied through a view.
+// Called where no autograd graph is built (inside the node, or without gradients).
+inline at::Tensor join_cells(const std::vector<at::Tensor>& parts, const at::TensorOptions& like) {
+  const at::Tensor* first = nullptr;
+  for (const auto& c : parts) if (c.defined()) { first = &c; break; }
+  TORCH_CHECK(first && first->dim() == 2, "lstmkit: cell states must be (N, H)");
+  const int64_t N = first->size(0), Hc = first->size(1), S = (int64_t)parts.size();
+  at::Tensor joined = at::empty({N, S * Hc}, like.dtype(first->scalar_type()));
+  const size_t row = (size_t)Hc * joined.element_size();
+  char* dst = static_cast<char*>(joined.data_ptr());
+  for (int64_t k = 0; k < S; ++k) {
+    const at::Tensor& c = parts[k];
+    if (!c.defined()) {
+      for (int64_t n = 0; n < N; ++n) std::memset(dst + (n * S + k) * row, 0, row);
+    } else if (c.is_contiguous() && c.sizes() == first->sizes() && c.scalar_type() == joined.scalar_type() &&
+               c.device().is_cpu()) {
+      const char* src = static_cast<const char*>(c.data_ptr());
+      for (int64_t n = 0; n < N; ++n) std::memcpy(dst + (n * S + k) * row, src + n * row, row);
+    } else {
+      joined.narrow(1, k * Hc, Hc).copy_(c);
+    }
+  }
+  return joined;
+}
+
+// (N, S·H) -> the S cell states (N, H): views (copy false), or fresh tensors (copy true: what a
+// node returns, so that in-place changes of a returned state stay allowed).
+inline std::vector<at::Tensor> split_cells(const at::Tensor& joined, int64_t S, bool copy) {
+  std::vector<at::Tensor> out;
+  const int64_t N = joined.size(0), Hc = joined.size(1) / S;
+  for (int64_t k = 0; k < S; ++k) {
+    at::Tensor part = joined.as_strided({N, Hc}, joined.strides(), joined.storage_offset() + k * Hc * joined.stride(1));
+    out.push_back(copy ? part.clone(at::MemoryFormat::Contiguous) : part);
+  }
+  return out;
+}
+
+// A step's and a one-layer stack's axes (forward_step, both ways): x (N, I) is one step of (1, N, I), and y
+// comes back (N, H_out); a state (1, N, ·) is read as (N, ·), and h_n, c_n come back (1, N, ·).
+// Added and dropped inside the node — views outside it would add autograd nodes on every step
+// (a select's backward allocates and fills zeros). Outputs are _unsafe_view: the kernel's fresh
+// tensors reshaped, not views in autograd's sense, so that in place changes to them are allowed.
+struct StepAxes {
+  bool one_step, layered;
+  at::Tensor run(const at::Tensor& x) const { return one_step ? x.unsqueeze(0) : x; }       // (T, N, I)
+  at::Tensor state(const at::Tensor& s) const { return layered && s.dim() == 3 ? s.select(0, 0) : s; }  // (N, ·)
+  at::Tensor y_out(const at::Tensor& y) const {                                              // (T, N, ·) -> caller's
+    return one_step ? at::_unsafe_view(y, {y.size(1), y.size(2)}) : y;
+  }
+  at::Tensor state_out(const at::Tensor& s) const {                                          // (N, ·) -> caller's
+    return layered && s.dim() == 2 ? at::_unsafe_view(s, {1, s.size(0), s.size(1)}) : s;
+  }
+  at::Tensor state_grad(const at::Tensor& g) const { return layered && g.dim() == 2 ? g.unsqueeze(0) : g; }
+};
+
+struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
+  // x (T, B, I) or one step's (B, I), w_ih (R, I), b_ih / b_hh (R,) | (0,), whh, h0 (B, H_out) or a
+  // one-layer stack's (1, B, H_out), cells: the S cell states (B, H) each (S = 1: also (1, B, H), or
+  // the RNN's (0,)), joined here (no cat / split nodes around the node), params in abi.PARAMS
+  // order (mlp's slot empty when mlp_in, the deep gates' tensors, is given: read in place, and the
+  // kernel's flat gradient handed back to each) -> y (T, B, H_out) or (B, H_out), h_n as h0, then
+  // the S cell states as given (StepAxes; S > 1: fresh (B, H) tensors)
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& b_ih,
+      const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0_in, at::TensorList cells,
+      at::TensorList params_in, at::TensorList mlp_in, int64_t flags, const std::vector<int64_t>& mlp_layout,
+      double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+    const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
+    const int64_t S = (int64_t)cells.size();
+    // (B, S*H) | (0,) or (1, B, H): one state is saved as given (autograd checks its version)
+    const at::Tensor c0_in = S == 1 ? cells[0] : join_cells(cells.vec(), x_in.options());
+    std::vector<at::Tensor> params(params_in.begin(), params_in.end());
+    const std::vector<at::Tensor> mlp(mlp_in.begin(), mlp_in.end());
+    auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in),
+                                                    axes.state(c0_in), at::Tensor(), params, flags, mlp_layout, clip,
+                                                    zoneout_c, zoneout_h, H, P, true, mlp);
+    TORCH_CHECK((int64_t)buffers.size() == N_BUFFERS, "lstmkit forward_step: expected ", (int)N_BUFFERS, " buffers");
+    const at::Tensor y_out = axes.y_out(y);
+    // the inputs and the output y as given (their versions checked by autograd), then params,
+    // buffers, the deep gates' tensors
+    std::vector<at::Tensor> saved{x_in, w_ih, b_ih, whh, h0_in, c0_in, y_out};
+    saved.insert(saved.end(), params.begin(), params.end());
+    saved.insert(saved.end(), buffers.begin(), buffers.end());
+    saved.insert(saved.end(), mlp.begin(), mlp.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["flags"] = flags;
+    ctx->saved_data["mlp"] = mlp_layout;
+    ctx->saved_data["scalars"] = std::vector<double>{clip, zoneout_c, zoneout_h};
+    ctx->saved_data["sizes"] = std::vector<int64_t>{H, P};
+    ctx->saved_data["axes"] = std::vector<bool>{axes.one_step, axes.layered};
+    ctx->saved_data["states"] = S;
+    ctx->set_materialize_grads(false);
+    torch::autograd::variable_list out{y_out, axes.state_out(h_n)};
+    if (S == 1) out.push_back(axes.state_out(c_n));
+    else for (auto& c : split_cells(c_n, S, true)) out.push_back(c);
+    return out;
+  }
+
+  // grads: dy, dh_n, dc_n (undefined: zero) -> one gradient per forward argument
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto axes_saved = ctx->saved_data["axes"].toBoolList();
+    const StepAxes axes{axes_saved.get(0), axes_saved.get(1)};
+    const at::Tensor &w_ih = saved[1], &b_ih = saved[2], &whh = saved[3];
+    const at::Tensor x = axes.run(saved[0]), h0 = axes.state(saved[4]), c0 = axes.state(saved[5]),
+                     y = axes.run(saved[6]);  // (T, B, I), (B, H_out), (B, S*H) | (0,), (T, B, H_out)
+    const std::vector<at::Tensor> params(saved.begin() + 7, saved.begin() + 7 + N_PARAMS);
+    const std::vector<at::Tensor> buffers(saved.begin() + 7 + N_PARAMS, saved.begin() + 7 + N_PARAMS + N_BUFFERS);
+    const std::vector<at::Tensor> mlp_own(saved.begin() + 7 + N_PARAMS + N_BUFFERS, saved.end());
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const auto mlp = ctx->saved_data["mlp"].toIntVector();
+    const auto sc = ctx->saved_data["scalars"].toDoubleVector();
+    const auto sizes = ctx->saved_data["sizes"].toIntVector();
+    const bool ln = flags & F_LAYERNORM;
+    const bool higher = at::GradMode::is_enabled();  // create_graph=True
+    const int64_t S = ctx->saved_data["states"].toInt();
+    auto given = [&](size_t k) {  // dy (T, B, H_out), dh_n (B, H_out), dc_n (B, S*H), or empty
+      if (k == 2 && S > 1) {  // the S states' gradients joined (undefined ones: zeros)
+        const std::vector<at::Tensor> parts(grads.begin() + 2, grads.begin() + 2 + S);
+        bool any = false;
+        for (const auto& g : parts) any = any || g.defined();
+        return any ? join_cells(parts, y.options()) : at::empty({0}, y.options());
+      }
+      if (!grads[k].defined()) return at::empty({0}, y.options());
+      return k == 0 ? axes.run(grads[k]) : axes.state(grads[k]);
+    };
+    const size_t M = mlp_own.size();
+    // x, w_ih, b_ih, b_hh, whh, h0, the S cell states, params, the deep gates' tensors, then 7
+    // non-tensor arguments
+    const int64_t PAR = 6 + S;  // where params start in `out`
+    torch::autograd::variable_list out(PAR + N_PARAMS + M + 7);
+    {
+      at::NoGradGuard no_grad;
+      const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+      // dW_ih (R, I) and dW_hh (R, ·) in one allocation when both are wanted and are computed in
+      // their own dtype: one step per call frees them together after autograd has added them to
+      // .grad, and two fresh weight-sized buffers freed at once are what lets malloc give the
+      // heap's top back to the system, page-faulting it in again on the next step.
+      at::Tensor dwih_out, dwhh_out;
+      const at::ScalarType wt = whh.scalar_type();
+      if (ctx->needs_input_grad(1) && ctx->needs_input_grad(4) && w_ih.scalar_type() == wt &&
+          x.scalar_type() == wt && y.scalar_type() == wt && (wt == at::kFloat || wt == at::kDouble)) {
+        const at::Tensor flat = at::empty({w_ih.numel() + whh.numel()}, whh.options());
+        dwih_out = flat.narrow(0, 0, w_ih.numel()).view(w_ih.sizes());
+        dwhh_out = flat.narrow(0, w_ih.numel(), whh.numel()).view(whh.sizes());
+      }
+      auto [dxg, dwhh, dh0, dc0, dparams] = backward_call(
+          given(0), given(1), given(2), y, h0, c0, whh, at::Tensor(), params, buffers, flags, mlp, sc[0], sc[1],
+          sc[2], sizes[0], sizes[1], mlp_own, dwhh_out, /*views=*/true);
+      const at::Tensor dxg2 = dxg.reshape({T * B, dxg.size(2)});  // (T*B, R)
+      if (ctx->needs_input_grad(0)) out[0] = dxg2.mm(w_ih).view(saved[0].sizes());  // as x came: (T, B, I) | (B, I)
+      if (dwih_out.defined()) out[1] = at::mm_out(dwih_out, dxg2.t(), x.reshape({T * B, I}));
+      else if (ctx->needs_input_grad(1)) out[1] = dxg2.t().mm(x.reshape({T * B, I}));
+      if (b_ih.numel()) {
+        const at::Tensor db = ln ? dparams[P_BIAS] : dxg2.sum(0);  // (R,)
+        out[2] = db;
+        out[3] = db;
+      }
+      out[4] = dwhh;
+      out[5] = axes.state_grad(dh0);
+      if (c0.numel()) {
+        if (S == 1) {
+          out[6] = axes.state_grad(dc0);
+        } else {
+          const auto parts = split_cells(dc0, S, false);
+          for (int64_t k = 0; k < S; ++k) out[6 + k] = parts[k];
+        }
+      }
+      for (int k = 0; k < N_PARAMS; ++k)
+        if (params[k].numel() && !PARAM_NO_GRAD[k] && !(ln && k == P_BIAS) && !(M && k == P_MLP))
+          out[PAR + k] = dparams[k];
+      int64_t off = 0;  // the flat gradient back to each deep-gate tensor, in order, in its shape
+      for (size_t j = 0; j < M; ++j) {  // (one contiguous view each: as_strided, not narrow then view)
+        const auto sizes_j = mlp_own[j].sizes();
+        out[PAR + N_PARAMS + j] = dparams[P_MLP].as_strided(sizes_j, c10::contiguous_strides(sizes_j), off);
+        off += mlp_own[j].numel();
+      }
+    }
+    if (!higher) return out;
+    std::vector<at::Tensor> defined, anchors;
+    for (const auto& g : out) if (g.defined()) defined.push_back(g);
+    for (const auto& t : saved) if (t.defined() && t.requires_grad()) anchors.push_back(t);
+    for (const auto& g : grads) if (g.defined() && g.requires_grad()) anchors.push_back(g);
+    if (anchors.empty()) return out;
+    // (autograd counts a list's tensors as inputs only when passed as at::TensorList)
+    auto wrapped = NotTwiceDifferentiable::apply(at::TensorList(defined), at::TensorList(anchors));
+    size_t j = 0;
+    for (auto& g : out) if (g.defined()) g = wrapped[j++];
+    return out;
+  }
+};
+
+// One step (or run) for PreparedLayer below: with gradients wanted (grad mode on and any input requires
+// grad) the autograd node above, else forward_infer. Arguments and results as forward_infer's, but
+// for `mlp`: the deep gates' tensors in abi.mlp_names order (empty without), params[P_MLP] empty;
+// x may be one step's (N, I), then y is (N, H_out); the S cell states come as a list, (N, H) each
+// (one state: also a one-layer stack's (1, N, ·), then h0 is too, and h_n and c_n come back so: the
+// axes added and dropped here, not by Python calls around it) and go back as one.
+inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_step(
+    const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
+    const at::Tensor& whh, const at::Tensor& h0_in, const std::vector<at::Tensor>& cells,
+    std::vector<at::Tensor> params, const std::vector<at::Tensor>& mlp, int64_t flags,
+    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
+    const Frozen* frozen = nullptr) {
+  TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_step: expected ", (int)N_PARAMS, " params");
+  TORCH_CHECK(!cells.empty(), "lstmkit prepared step: no cell state");
+  const int64_t S = (int64_t)cells.size();
+  bool grad = false;
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor* t : {&x_in, &w_ih, &b_ih, &b_hh, &whh, &h0_in}) grad = grad || t->requires_grad();
+    for (const auto& t : cells) grad = grad || t.requires_grad();
+    for (const auto& t : params) grad = grad || t.requires_grad();
+    for (const auto& t : mlp) grad = grad || t.requires_grad();
+  }
+  if (grad) {  // the node adds and drops the step's and the stack's axes, and joins the states, itself
+    auto out = ProjectedRun::apply(x_in, w_ih, b_ih, b_hh, whh, h0_in, at::TensorList(cells), at::TensorList(params),
+                                   at::TensorList(mlp), flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P);
+    return {out[0], out[1], std::vector<at::Tensor>(out.begin() + 2, out.end())};
+  }
+  const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
+  const at::Tensor c0 = S == 1 ? axes.state(cells[0]) : join_cells(cells, x_in.options());  // (N, S·H)
+  auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in), c0,
+                                                  at::Tensor(), params, flags, mlp_layout, clip, zoneout_c, zoneout_h,
+                                                  H, P, false, mlp, frozen);
+  // inference: the S states as views of the kernel's one (N, S·H) tensor
+  return {axes.y_out(y), axes.state_out(h_n),
+          S == 1 ? std::vector<at::Tensor>{axes.state_out(c_n)} : split_cells(c_n, S, false)};
+}
+
+// A prepared layer (PreparedStep, lstmkit/kernels/fused.py): forward_step's arguments that stay the
+// same from call to call — the layer's parameters (the module's own tensors, read in place on every
+// call, so that in-place updates are seen), flags, mlp layout, scalars — held here once per call
+// signature, so that a call converts its few tensors rather than some thirty arguments.
+struct PreparedLayer {
+  at::Tensor w_ih, b_ih, b_hh, whh;
+  std::vector<at::Tensor> params, mlp;  // params: abi.PARAMS order, zoneout's slots empty; mlp: forward_step's
+  int64_t flags;
+  std::vector<int64_t> mlp_layout;
+  double clip, zoneout_c, zoneout_h;
+  int64_t H, P;
+  bool frozen = false;  // lstmkit.freeze: W_hh and W_ih packed once for inference (frozen_panels)
+  mutable std::shared_ptr<const Frozen> panels;  // the packing (atomic_load / atomic_store: calls run GIL-free)
+
+  // A frozen layer's panels, packed again when W_ih or W_hh changed since (WeightStamp).
+  std::shared_ptr<const Frozen> frozen_panels() const {
+    auto cur = std::atomic_load(&panels);
+    if (cur && cur->ih.same(w_ih) && cur->hh.same(whh)) return cur;
+    const at::ScalarType ct = compute_type(w_ih.scalar_type());
+    const MlpLayout mlp_(mlp_layout, H);
+    Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp_);
+    cf.set_heads(whh.size(1));
+    cf.bf16_gemm = bf16_products(w_ih.scalar_type());
+    auto fresh = std::make_shared<Frozen>(Frozen{ct, WeightStamp(w_ih), WeightStamp(whh), nullptr});
+    AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_freeze", [&] {
+      fresh->panels = std::make_shared<FrozenPanels<scalar_t>>(to_compute(whh, ct).contiguous(),
+                                                               to_compute(w_ih, ct).contiguous(), cf);
+    });
+    std::shared_ptr<const Frozen> done = fresh;
+    std::atomic_store(&panels, done);
+    return done;
+  }
+
+  // x (N, I) or (T, N, I); h (N, H_out) or a one-layer stack's (1, N, H_out); cells: the S cell
+  // states, (N, H) each (one state: also a one-layer stack's (1, N, H)); keep_c / keep_h: zoneout's
+  // masks of this call (training), or None. Returns y, h_n, then the S cell states.
+  std::vector<at::Tensor> call(const at::Tensor& x, const at::Tensor& h, const std::vector<at::Tensor>& cells,
+                               const std::optional<at::Tensor>& keep_c,
+                               const std::optional<at::Tensor>& keep_h) const {
+    std::vector<at::Tensor> p = params;
+    if (keep_c.has_value()) p[P_KEEP_C] = *keep_c;
+    if (keep_h.has_value()) p[P_KEEP_H] = *keep_h;
+    // (weights made under torch.inference_mode() have no version counter: read as unfrozen)
+    const bool countable = !w_ih.is_inference() && !whh.is_inference();
+    const std::shared_ptr<const Frozen> fz = frozen && countable ? frozen_panels() : nullptr;
+    auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, cells, std::move(p), mlp, flags, mlp_layout, clip,
+                                      zoneout_c, zoneout_h, H, P, fz.get());
+    std::vector<at::Tensor> out{y, h_n};
+    out.insert(out.end(), c_n.begin(), c_n.end());
+    return out;
+  }
+};
+
+}  // namespace lk
