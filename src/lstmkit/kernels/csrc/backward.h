@@ -13,7 +13,8 @@
 namespace lk {
 
 // Returns dXG (T,B,R) (layernorm: the gradient w.r.t. the RAW a = x W_ih^T, through the
-// input LN), dWhh (R,H_out) (layernorm only, written into dwhh_out where that is defined;
+// input LN), dWhh (R,H_out) (layernorm only, written into dwhh_out where that is defined, or
+// with dwhh_add added to its values;
 // other variants: empty, the wrapper computes it from dXG), dHP (T,B,P) and M (T,B,H)
 // (projection: the gradient w.r.t. the projected h~_t, and o*act(LN(c)) for dW_hr), dh0, dc0, acc (the per-parameter reductions, AccLayout),
 // dZS (T,B,nS*H) (fgr with layernorm or deep gates: the gradient w.r.t. the sigmoid gates' u, for dW_gg),
@@ -30,7 +31,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& whh,
                                       const std::vector<int64_t>& len, const std::vector<at::Tensor>& params,
                                       const at::Tensor& dY, const at::Tensor& dhn, const at::Tensor& dcn,
-                                      const at::Tensor& dwhh_out, const Cfg& cf, const MlpLayout& mlp,
+                                      const at::Tensor& dwhh_out, bool dwhh_add, const Cfg& cf, const MlpLayout& mlp,
                                       const MlpWeights<T>& mw,
                                       int nthreads, at::ScalarType low = at::ScalarType::Undefined) {
   using V = Vectorized<T>;
@@ -54,7 +55,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   // rows padded to ldr: the chunk rows of step t are also that step's GEMM input (dh = dr W_hh)
   at::Tensor dRc = cf.ln ? at::zeros({Tc * B, ldr}, opt) : at::Tensor();
   at::Tensor dWhh = dwhh_out;  // layernorm: accumulate_dwhh's sum (the first chunk's product writes it: no zero fill)
-  bool dwhh_written = false;
+  bool dwhh_written = dwhh_add;  // dwhh_add: the sum goes on from dwhh_out's values
   at::Tensor dH = at::zeros({B, Hout}, opt);               // GEMM output: dr_t W_hh
   at::Tensor dHZ = cf.zoneout ? at::zeros({B, Hout}, opt) : at::Tensor();  // zoneout: d_h dL/dh_t
   at::Tensor dRw = at::zeros({cf.ln ? 0 : B, ldr}, opt);   // GEMM input (padded; layernorm: dRc rows)

@@ -161,15 +161,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> r
 
 // The backward; mlp_each as forward_call's (the deep gates' own tensors, params[P_MLP] then empty);
 // dwhh_out: where dW_hh is written ((R, H_out), or with heads (R, Dh), in whh's dtype, which must
-// be the compute type), or undefined: allocated. views: the small parameters' gradients (peephole,
-// layer norm) may be views of the kernel's one accumulator — for the autograd node; the operator
-// copies them out, as its outputs must not alias each other.
+// be the compute type; dwhh_add: added to its values, else overwritten), or undefined: allocated.
+// views: the small parameters' gradients (peephole, layer norm) may be views of the kernel's one
+// accumulator — for the autograd node; the operator copies them out, as its outputs must not alias
+// each other.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_call(
     const at::Tensor& dy_in, const at::Tensor& dhn_in, const at::Tensor& dcn_in, const at::Tensor& y_in,
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
     const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
-    const std::vector<at::Tensor>& mlp_each, const at::Tensor& dwhh_out = at::Tensor(), bool views = false) {
+    const std::vector<at::Tensor>& mlp_each, const at::Tensor& dwhh_out = at::Tensor(), bool views = false,
+    bool dwhh_add = false) {
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
@@ -197,7 +199,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_bwd", [&] {
     const MlpWeights<scalar_t> mw(mlp, params[P_MLP], mlp_own);
     out = backward_impl<scalar_t>(bufs, y, h0, c0.contiguous(), whh, len, params, dy, dhn.contiguous(),
-                                  dcn.contiguous(), dwhh_out, cf, mlp, mw, nt, io != ct ? io : at::ScalarType::Undefined);
+                                  dcn.contiguous(), dwhh_out, dwhh_add, cf, mlp, mw, nt,
+                                  io != ct ? io : at::ScalarType::Undefined);
   });
   // out = {dXG, dWhh (layernorm), dHP, Mo, dh0, dc0, acc, dZS, dmlp, dXG in a 16-bit layer's dtype}
   const at::Tensor& dXG = out[0];
@@ -209,7 +212,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
   if (cf.ln) {  // accumulated in the kernel from the gradient w.r.t. r_t = h_{t-1} W_hh^T
     dwhh = out[1];
   } else {  // dW_hh = sum_t dxg_t^T h_{t-1}; h_{t-1} = h0 at t = 0, else y_{t-1} (0 on padded steps)
-    accumulate_dwhh(dwhh, true, dXG[0], h0, cf);
+    accumulate_dwhh(dwhh, !dwhh_add, dXG[0], h0, cf);
     if (Tn > 1)
       accumulate_dwhh(dwhh, false, dXGr.narrow(0, 1, Tn - 1).reshape({-1, R}),
                       yr.narrow(0, 0, Tn - 1).reshape({-1, Hout}), cf);

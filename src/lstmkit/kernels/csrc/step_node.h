@@ -5,9 +5,12 @@
 #pragma once
 #include <torch/extension.h>
 #include <c10/util/strides.h>  // contiguous_strides
+#include <torch/csrc/autograd/graph_task.h>  // get_current_graph_task_id
+#include <torch/csrc/autograd/node.h>  // get_current_node
 #include <atomic>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -104,6 +107,41 @@ struct StepAxes {
   at::Tensor state_grad(const at::Tensor& g) const { return layered && g.dim() == 2 ? g.unsqueeze(0) : g; }
 };
 
+// The weight gradients of one backward pass, summed in place. Autograd adds the gradients that
+// a pass's step nodes return for a weight in its input buffer before the weight's own node
+// (AccumulateGrad, or whatever made the weight) reads the sum: at one step per call that is a
+// fresh weight-sized product written, then added, on every step — at B = 1 most of a step. Here
+// the first node of a pass to run returns a fresh pair (dW_ih, dW_hh) and keeps a weak reference
+// to it; each later node of the same pass adds its products into that pair (a GEMM with beta = 1)
+// and returns no gradient for the weights. Sound while the pair is exactly autograd's buffer, which
+// is checked on every use: the same graph task (a later, nested or other thread's backward starts
+// a fresh pair), the pair alive and held by one other reference (the buffer: where autograd could
+// not add some other node's gradient of the weight into the pair in place it replaced it, and the
+// pair died), and kept only from a node without post hooks (which could hold on to the pair).
+struct GradCarry : torch::CustomClassHolder {
+  std::mutex mutex;
+  int task = -1;
+  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> ih, hh;
+
+  // The pair a node of graph task `now` adds into, or none (the node returns a fresh one).
+  std::optional<std::pair<at::Tensor, at::Tensor>> take(int now) {
+    std::lock_guard<std::mutex> guard(mutex);
+    if (now < 0 || now != task || !ih || !hh) return std::nullopt;
+    auto a = ih->lock(), b = hh->lock();
+    if (!a || !b || a.use_count() != 2 || b.use_count() != 2) return std::nullopt;  // ours and the buffer's
+    return std::make_pair(at::Tensor(std::move(a)), at::Tensor(std::move(b)));
+  }
+  // A fresh pair returned by a node of graph task `now` (nothing kept from a node with post hooks).
+  void keep(int now, const at::Tensor& dwih, const at::Tensor& dwhh) {
+    const auto node = torch::autograd::get_current_node();
+    const bool hooked = !node || !node->post_hooks().empty();
+    std::lock_guard<std::mutex> guard(mutex);
+    task = hooked ? -1 : now;
+    ih = c10::weak_intrusive_ptr<c10::TensorImpl>(dwih.getIntrusivePtr());
+    hh = c10::weak_intrusive_ptr<c10::TensorImpl>(dwhh.getIntrusivePtr());
+  }
+};
+
 struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
   // x (T, B, I) or one step's (B, I), w_ih (R, I), b_ih / b_hh (R,) | (0,), whh, h0 (B, H_out) or a
   // one-layer stack's (1, B, H_out), cells: the S cell states (B, H) each (S = 1: also (1, B, H), or
@@ -115,7 +153,8 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& b_ih,
       const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0_in, at::TensorList cells,
       at::TensorList params_in, at::TensorList mlp_in, int64_t flags, const std::vector<int64_t>& mlp_layout,
-      double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+      double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
+      const c10::intrusive_ptr<GradCarry>& carry) {
     const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
     const int64_t S = (int64_t)cells.size();
     // (B, S*H) | (0,) or (1, B, H): one state is saved as given (autograd checks its version)
@@ -140,6 +179,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     ctx->saved_data["sizes"] = std::vector<int64_t>{H, P};
     ctx->saved_data["axes"] = std::vector<bool>{axes.one_step, axes.layered};
     ctx->saved_data["states"] = S;
+    if (carry) ctx->saved_data["carry"] = c10::IValue::make_capsule(carry);
     ctx->set_materialize_grads(false);
     torch::autograd::variable_list out{y_out, axes.state_out(h_n)};
     if (S == 1) out.push_back(axes.state_out(c_n));
@@ -177,32 +217,49 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       return k == 0 ? axes.run(grads[k]) : axes.state(grads[k]);
     };
     const size_t M = mlp_own.size();
-    // x, w_ih, b_ih, b_hh, whh, h0, the S cell states, params, the deep gates' tensors, then 7
+    // x, w_ih, b_ih, b_hh, whh, h0, the S cell states, params, the deep gates' tensors, then 8
     // non-tensor arguments
     const int64_t PAR = 6 + S;  // where params start in `out`
-    torch::autograd::variable_list out(PAR + N_PARAMS + M + 7);
+    torch::autograd::variable_list out(PAR + N_PARAMS + M + 8);
     {
       at::NoGradGuard no_grad;
       const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
-      // dW_ih (R, I) and dW_hh (R, ·) in one allocation when both are wanted and are computed in
-      // their own dtype: one step per call frees them together after autograd has added them to
-      // .grad, and two fresh weight-sized buffers freed at once are what lets malloc give the
-      // heap's top back to the system, page-faulting it in again on the next step.
+      // dW_ih (R, I) and dW_hh (R, ·) when both are wanted and are computed in their own dtype:
+      // added into the pass's pair (GradCarry: no gradient returned for them), or written into a
+      // fresh pair in one allocation — two weight-sized buffers freed at once are what lets malloc
+      // give the heap's top back to the system, page-faulting it in again on the next call.
       at::Tensor dwih_out, dwhh_out;
+      bool into_pass = false;  // adding into the pass's pair
       const at::ScalarType wt = whh.scalar_type();
+      const auto carry = ctx->saved_data.count("carry")
+                             ? c10::static_intrusive_pointer_cast<GradCarry>(ctx->saved_data["carry"].toCapsule())
+                             : c10::intrusive_ptr<GradCarry>();
+      const int task = torch::autograd::get_current_graph_task_id();
       if (ctx->needs_input_grad(1) && ctx->needs_input_grad(4) && w_ih.scalar_type() == wt &&
           x.scalar_type() == wt && y.scalar_type() == wt && (wt == at::kFloat || wt == at::kDouble)) {
-        const at::Tensor flat = at::empty({w_ih.numel() + whh.numel()}, whh.options());
-        dwih_out = flat.narrow(0, 0, w_ih.numel()).view(w_ih.sizes());
-        dwhh_out = flat.narrow(0, w_ih.numel(), whh.numel()).view(whh.sizes());
+        if (auto pair = carry && !higher ? carry->take(task) : std::nullopt) {
+          std::tie(dwih_out, dwhh_out) = *pair;
+          into_pass = true;
+        } else {
+          const at::Tensor flat = at::empty({w_ih.numel() + whh.numel()}, whh.options());
+          dwih_out = flat.narrow(0, 0, w_ih.numel()).view(w_ih.sizes());
+          dwhh_out = flat.narrow(0, w_ih.numel(), whh.numel()).view(whh.sizes());
+        }
       }
       auto [dxg, dwhh, dh0, dc0, dparams] = backward_call(
           given(0), given(1), given(2), y, h0, c0, whh, at::Tensor(), params, buffers, flags, mlp, sc[0], sc[1],
-          sc[2], sizes[0], sizes[1], mlp_own, dwhh_out, /*views=*/true);
+          sc[2], sizes[0], sizes[1], mlp_own, dwhh_out, /*views=*/true, /*dwhh_add=*/into_pass);
       const at::Tensor dxg2 = dxg.reshape({T * B, dxg.size(2)});  // (T*B, R)
       if (ctx->needs_input_grad(0)) out[0] = dxg2.mm(w_ih).view(saved[0].sizes());  // as x came: (T, B, I) | (B, I)
-      if (dwih_out.defined()) out[1] = at::mm_out(dwih_out, dxg2.t(), x.reshape({T * B, I}));
-      else if (ctx->needs_input_grad(1)) out[1] = dxg2.t().mm(x.reshape({T * B, I}));
+      if (into_pass) {
+        dwih_out.addmm_(dxg2.t(), x.reshape({T * B, I}));  // out[1], out[4]: none (the pass's pair has them)
+        dwhh = at::Tensor();
+      } else if (dwih_out.defined()) {
+        out[1] = at::mm_out(dwih_out, dxg2.t(), x.reshape({T * B, I}));
+        if (carry && !higher) carry->keep(task, out[1], dwhh);
+      } else if (ctx->needs_input_grad(1)) {
+        out[1] = dxg2.t().mm(x.reshape({T * B, I}));
+      }
       if (b_ih.numel()) {
         const at::Tensor db = ln ? dparams[P_BIAS] : dxg2.sum(0);  // (R,)
         out[2] = db;
@@ -253,7 +310,7 @@ inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_step(
     const at::Tensor& whh, const at::Tensor& h0_in, const std::vector<at::Tensor>& cells,
     std::vector<at::Tensor> params, const std::vector<at::Tensor>& mlp, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
-    const Frozen* frozen = nullptr) {
+    const Frozen* frozen = nullptr, const c10::intrusive_ptr<GradCarry>& carry = {}) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_step: expected ", (int)N_PARAMS, " params");
   TORCH_CHECK(!cells.empty(), "lstmkit prepared step: no cell state");
   const int64_t S = (int64_t)cells.size();
@@ -266,7 +323,7 @@ inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_step(
   }
   if (grad) {  // the node adds and drops the step's and the stack's axes, and joins the states, itself
     auto out = ProjectedRun::apply(x_in, w_ih, b_ih, b_hh, whh, h0_in, at::TensorList(cells), at::TensorList(params),
-                                   at::TensorList(mlp), flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P);
+                                   at::TensorList(mlp), flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P, carry);
     return {out[0], out[1], std::vector<at::Tensor>(out.begin() + 2, out.end())};
   }
   const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
@@ -291,6 +348,7 @@ struct PreparedLayer {
   double clip, zoneout_c, zoneout_h;
   int64_t H, P;
   bool frozen = false;  // lstmkit.freeze: W_hh and W_ih packed once for inference (frozen_panels)
+  c10::intrusive_ptr<GradCarry> carry = c10::make_intrusive<GradCarry>();  // its steps' weight gradients in a pass
   mutable std::shared_ptr<const Frozen> panels;  // the packing (atomic_load / atomic_store: calls run GIL-free)
 
   // A frozen layer's panels, packed again when W_ih or W_hh changed since (WeightStamp).
@@ -325,7 +383,7 @@ struct PreparedLayer {
     const bool countable = !w_ih.is_inference() && !whh.is_inference();
     const std::shared_ptr<const Frozen> fz = frozen && countable ? frozen_panels() : nullptr;
     auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, cells, std::move(p), mlp, flags, mlp_layout, clip,
-                                      zoneout_c, zoneout_h, H, P, fz.get());
+                                      zoneout_c, zoneout_h, H, P, fz.get(), carry);
     std::vector<at::Tensor> out{y, h_n};
     out.insert(out.end(), c_n.begin(), c_n.end());
     return out;
