@@ -199,3 +199,28 @@ def test_passes_on_two_threads():
     for th in threads:
         th.join()
     assert not errors, errors[0]
+
+
+def test_a_stack_of_layers_stepped():
+    """``LSTM.step`` of a two-layer stack (a prepared layer each, a pair each): the reference's
+    gradients, each layer's dW_ih and dW_hh one pair."""
+    torch.manual_seed(0)
+    fast = lstmkit.LSTM(I, N, num_layers=2, cell="peephole").double()
+    ref = lstmkit.LSTM(I, N, num_layers=2, cell="peephole", backend="reference").double()
+    ref.load_state_dict(fast.state_dict())
+    xs, h, c = _inputs()
+    state = (h.expand(2, -1, -1).contiguous(), c.expand(2, -1, -1).contiguous())
+    fast.step(xs[0], state)  # prepares the step
+
+    def loss(m: lstmkit.LSTM) -> torch.Tensor:
+        total, s = 0.0, state
+        for t in range(xs.shape[0]):
+            y, s = m.step(xs[t], s)
+            total = total + (t + 1) * y.sum() + s[1].pow(2).sum()
+        return total
+    loss(fast).backward()
+    loss(ref).backward()
+    _assert_same({k: p.grad for k, p in fast.named_parameters()}, {k: p.grad for k, p in ref.named_parameters()})
+    for layer in range(2):
+        w_ih, w_hh = getattr(fast, f"weight_ih_l{layer}"), getattr(fast, f"weight_hh_l{layer}")
+        assert w_ih.grad.untyped_storage().data_ptr() == w_hh.grad.untyped_storage().data_ptr()

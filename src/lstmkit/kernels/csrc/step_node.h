@@ -117,26 +117,34 @@ struct StepAxes {
 // is checked on every use: the same graph task (a later, nested or other thread's backward starts
 // a fresh pair), the pair alive and held by one other reference (the buffer: where autograd could
 // not add some other node's gradient of the weight into the pair in place it replaced it, and the
-// pair died), and kept only from a node without post hooks (which could hold on to the pair).
+// pair died), the same weights (compared by identity only), and kept only from a node without
+// post hooks (which could hold on to the pair).
 struct GradCarry : torch::CustomClassHolder {
   std::mutex mutex;
   int task = -1;
+  const c10::TensorImpl *w_ih = nullptr, *w_hh = nullptr;  // the weights of the kept pair: identity only
   std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> ih, hh;
 
-  // The pair a node of graph task `now` adds into, or none (the node returns a fresh one).
-  std::optional<std::pair<at::Tensor, at::Tensor>> take(int now) {
+  // The pair a node of graph task `now` adds its gradients of weights w_ih_, w_hh_ into, or none
+  // (the node returns a fresh one).
+  std::optional<std::pair<at::Tensor, at::Tensor>> take(int now, const at::Tensor& w_ih_, const at::Tensor& w_hh_) {
     std::lock_guard<std::mutex> guard(mutex);
-    if (now < 0 || now != task || !ih || !hh) return std::nullopt;
+    if (now < 0 || now != task || !ih || !hh || w_ih_.unsafeGetTensorImpl() != w_ih ||
+        w_hh_.unsafeGetTensorImpl() != w_hh)
+      return std::nullopt;
     auto a = ih->lock(), b = hh->lock();
     if (!a || !b || a.use_count() != 2 || b.use_count() != 2) return std::nullopt;  // ours and the buffer's
     return std::make_pair(at::Tensor(std::move(a)), at::Tensor(std::move(b)));
   }
-  // A fresh pair returned by a node of graph task `now` (nothing kept from a node with post hooks).
-  void keep(int now, const at::Tensor& dwih, const at::Tensor& dwhh) {
+  // A fresh pair returned by a node of graph task `now` for weights w_ih_, w_hh_ (nothing kept
+  // from a node with post hooks).
+  void keep(int now, const at::Tensor& w_ih_, const at::Tensor& w_hh_, const at::Tensor& dwih, const at::Tensor& dwhh) {
     const auto node = torch::autograd::get_current_node();
     const bool hooked = !node || !node->post_hooks().empty();
     std::lock_guard<std::mutex> guard(mutex);
     task = hooked ? -1 : now;
+    w_ih = w_ih_.unsafeGetTensorImpl();
+    w_hh = w_hh_.unsafeGetTensorImpl();
     ih = c10::weak_intrusive_ptr<c10::TensorImpl>(dwih.getIntrusivePtr());
     hh = c10::weak_intrusive_ptr<c10::TensorImpl>(dwhh.getIntrusivePtr());
   }
@@ -237,7 +245,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       const int task = torch::autograd::get_current_graph_task_id();
       if (ctx->needs_input_grad(1) && ctx->needs_input_grad(4) && w_ih.scalar_type() == wt &&
           x.scalar_type() == wt && y.scalar_type() == wt && (wt == at::kFloat || wt == at::kDouble)) {
-        if (auto pair = carry && !higher ? carry->take(task) : std::nullopt) {
+        if (auto pair = carry && !higher ? carry->take(task, w_ih, whh) : std::nullopt) {
           std::tie(dwih_out, dwhh_out) = *pair;
           into_pass = true;
         } else {
@@ -256,7 +264,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
         dwhh = at::Tensor();
       } else if (dwih_out.defined()) {
         out[1] = at::mm_out(dwih_out, dxg2.t(), x.reshape({T * B, I}));
-        if (carry && !higher) carry->keep(task, out[1], dwhh);
+        if (carry && !higher) carry->keep(task, w_ih, whh, out[1], dwhh);
       } else if (ctx->needs_input_grad(1)) {
         out[1] = dxg2.t().mm(x.reshape({T * B, I}));
       }
