@@ -148,9 +148,11 @@ def test_retained_graph_twice_and_autograd_grad():
     _assert_same(_grads(fast), before)
 
 
-def test_two_graphs_two_signatures_and_a_nested_pass():
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_two_graphs_two_signatures_and_a_checkpoint(reentrant):
     """Two loops at two batch sizes (two prepared signatures) in one loss, and a checkpointed
-    (re-entrant: a nested backward pass inside the outer one) stretch of steps."""
+    stretch of steps (re-entrant: a nested backward pass inside the outer one; else the saved
+    tensors recomputed during the outer pass)."""
     fast, ref = _pair("layernorm")
     xs, h, c = _inputs(batch=2)
     xs1, h1, c1 = _inputs(batch=1, steps=3)
@@ -167,7 +169,7 @@ def test_two_graphs_two_signatures_and_a_nested_pass():
             for t in range(2, 4):
                 h_, c_ = m(xs[t], (h_, c_))
             return h_, c_
-        s = checkpoint(middle, *s, use_reentrant=True)
+        s = checkpoint(middle, *s, use_reentrant=reentrant)
         s = m(xs[4], s)
         return a + 2 * b + s[0].sum()
     loss(fast).backward()
