@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 import lstmkit
 
 I, N = 3, 6  # inputs, hidden units (heads=2 splits them)
-CELLS = ["vanilla", "layernorm", "heads=2", "zoneout=0.3/0.2"]
+CELLS = ["vanilla", "layernorm", "heads=2", "zoneout=0.3/0.2", "deep=4"]
 
 
 def _pair(cell: str) -> tuple[lstmkit.LSTMCell, lstmkit.LSTMCell]:
@@ -61,13 +61,16 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 @pytest.mark.parametrize("cell", CELLS)
 def test_a_loop_of_steps_sums_into_one_pair(cell):
     """Five steps, one backward: the reference's gradients, and dW_ih, dW_hh the one pair the
-    first node to run returned (a single allocation: the later nodes added into it)."""
+    first node to run returned (a single allocation: the later nodes added into it); the deep
+    gates' tensors' gradients likewise (one allocation of their own)."""
     fast, ref = _pair(cell)
     xs, h, c = _inputs()
     _loss(fast, xs, h, c).backward()
     _loss(ref, xs, h, c).backward()
     _assert_same(_grads(fast), _grads(ref))
     assert fast.weight_ih.grad.untyped_storage().data_ptr() == fast.weight_hh.grad.untyped_storage().data_ptr()
+    deep = {p.grad.untyped_storage().data_ptr() for n, p in fast.named_parameters() if n.startswith("mlp_")}
+    assert len(deep) == (1 if cell.startswith("deep") else 0)
     # a second pass starts a pair of its own and autograd adds it to .grad
     _loss(fast, xs, h, c, seed=3).backward()
     _loss(ref, xs, h, c, seed=3).backward()

@@ -14,7 +14,7 @@ namespace lk {
 
 // Returns dXG (T,B,R) (layernorm: the gradient w.r.t. the RAW a = x W_ih^T, through the
 // input LN), dWhh (R,H_out) (layernorm only, written into dwhh_out where that is defined, or
-// with dwhh_add added to its values;
+// with `add` added to its values;
 // other variants: empty, the wrapper computes it from dXG), dHP (T,B,P) and M (T,B,H)
 // (projection: the gradient w.r.t. the projected h~_t, and o*act(LN(c)) for dW_hr), dh0, dc0, acc (the per-parameter reductions, AccLayout),
 // dZS (T,B,nS*H) (fgr with layernorm or deep gates: the gradient w.r.t. the sigmoid gates' u, for dW_gg),
@@ -31,7 +31,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
                                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& whh,
                                       const std::vector<int64_t>& len, const std::vector<at::Tensor>& params,
                                       const at::Tensor& dY, const at::Tensor& dhn, const at::Tensor& dcn,
-                                      const at::Tensor& dwhh_out, bool dwhh_add, const Cfg& cf, const MlpLayout& mlp,
+                                      const at::Tensor& dwhh_out, const at::Tensor& dmlp_out, bool add,
+                                      const Cfg& cf, const MlpLayout& mlp,
                                       const MlpWeights<T>& mw,
                                       int nthreads, at::ScalarType low = at::ScalarType::Undefined) {
   using V = Vectorized<T>;
@@ -55,7 +56,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   // rows padded to ldr: the chunk rows of step t are also that step's GEMM input (dh = dr W_hh)
   at::Tensor dRc = cf.ln ? at::zeros({Tc * B, ldr}, opt) : at::Tensor();
   at::Tensor dWhh = dwhh_out;  // layernorm: accumulate_dwhh's sum (the first chunk's product writes it: no zero fill)
-  bool dwhh_written = dwhh_add;  // dwhh_add: the sum goes on from dwhh_out's values
+  bool dwhh_written = add;  // add: the sum goes on from dwhh_out's values
   at::Tensor dH = at::zeros({B, Hout}, opt);               // GEMM output: dr_t W_hh
   at::Tensor dHZ = cf.zoneout ? at::zeros({B, Hout}, opt) : at::Tensor();  // zoneout: d_h dL/dh_t
   at::Tensor dRw = at::zeros({cf.ln ? 0 : B, ldr}, opt);   // GEMM input (padded; layernorm: dRc rows)
@@ -297,31 +298,36 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
     // each product written into its slot of the flat gradient (every element is some W_j's or
     // b_j's): by BLAS on the rows in place where torch carries it (blas_gemm), no per-gate
     // views, copies or zero fill, which at one step per call cost more than the products
-    dmlp = at::empty({mlp.wtot}, opt);
+    // (into dmlp_out where that is defined; with `add` added to its values)
+    dmlp = dmlp_out.defined() ? dmlp_out : at::empty({mlp.wtot}, opt);
     const int64_t N = Tn * B;  // rows: dv (N, vtot), a (N, atot), row-major
     T* dm = dmlp.data_ptr<T>();
     const T* dv = dV.data_ptr<T>();
     const T* act = buffers[B_MLP].data_ptr<T>();
     const std::vector<T> ones(mlp.bias ? N : 0, T(1));  // db_j = dv_jᵀ 1
-    if (N == 0) dmlp.zero_();  // no rows: every sum is empty
-    else
+    if (N == 0) {  // no rows: every sum is empty
+      if (!add) dmlp.zero_();
+    } else
       for (const MlpGate& mg : mlp.gates)
         for (int j = 0; j < mg.m; ++j) {
           const int n_out = (int)mg.w[j + 1], n_in = (int)mg.w[j];
           T* dw = dm + mg.woff[j];  // row-major (n_out, n_in): column-major dW_jᵀ = a_jᵀ dv_j
           if (!blas_gemm<T>('N', 'T', n_in, n_out, (int)N, act + mg.aoff[j], (int)mlp.atot, dv + mg.voff[j],
-                            (int)mlp.vtot, false, dw, n_in)) {
+                            (int)mlp.vtot, add, dw, n_in)) {
             const at::Tensor dvj = dV.view({N, mlp.vtot}).narrow(1, mg.voff[j], n_out);
             at::Tensor dw_slot = dmlp.narrow(0, mg.woff[j], (int64_t)n_out * n_in).view({n_out, n_in});
-            at::mm_out(dw_slot, dvj.t(), buffers[B_MLP].view({N, mlp.atot}).narrow(1, mg.aoff[j], n_in));
+            const at::Tensor aj = buffers[B_MLP].view({N, mlp.atot}).narrow(1, mg.aoff[j], n_in);
+            if (add) dw_slot.addmm_(dvj.t(), aj);
+            else at::mm_out(dw_slot, dvj.t(), aj);
             if (mg.boff[j] >= 0) {
               at::Tensor db_slot = dmlp.narrow(0, mg.boff[j], n_out);
-              at::sum_out(db_slot, dvj, 0);
+              if (add) db_slot.add_(dvj.sum(0));
+              else at::sum_out(db_slot, dvj, 0);
             }
             continue;
           }
           if (mg.boff[j] >= 0)
-            blas_gemm<T>('N', 'N', n_out, 1, (int)N, dv + mg.voff[j], (int)mlp.vtot, ones.data(), (int)N, false,
+            blas_gemm<T>('N', 'N', n_out, 1, (int)N, dv + mg.voff[j], (int)mlp.vtot, ones.data(), (int)N, add,
                          dm + mg.boff[j], n_out);
         }
   }

@@ -161,7 +161,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> r
 
 // The backward; mlp_each as forward_call's (the deep gates' own tensors, params[P_MLP] then empty);
 // dwhh_out: where dW_hh is written ((R, H_out), or with heads (R, Dh), in whh's dtype, which must
-// be the compute type; dwhh_add: added to its values, else overwritten), or undefined: allocated.
+// be the compute type), dmlp_out where the deep gates' flat gradient is (mlp.wtot,), either
+// undefined: allocated; with `add` the gradients are added to their values, else overwrite them.
 // views: the small parameters' gradients (peephole, layer norm) may be views of the kernel's one
 // accumulator — for the autograd node; the operator copies them out, as its outputs must not alias
 // each other.
@@ -171,7 +172,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
     const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
     const std::vector<at::Tensor>& mlp_each, const at::Tensor& dwhh_out = at::Tensor(), bool views = false,
-    bool dwhh_add = false) {
+    bool add = false, const at::Tensor& dmlp_out = at::Tensor()) {
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
@@ -199,7 +200,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_bwd", [&] {
     const MlpWeights<scalar_t> mw(mlp, params[P_MLP], mlp_own);
     out = backward_impl<scalar_t>(bufs, y, h0, c0.contiguous(), whh, len, params, dy, dhn.contiguous(),
-                                  dcn.contiguous(), dwhh_out, dwhh_add, cf, mlp, mw, nt,
+                                  dcn.contiguous(), dwhh_out, dmlp_out, add, cf, mlp, mw, nt,
                                   io != ct ? io : at::ScalarType::Undefined);
   });
   // out = {dXG, dWhh (layernorm), dHP, Mo, dh0, dc0, acc, dZS, dmlp, dXG in a 16-bit layer's dtype}
@@ -212,7 +213,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
   if (cf.ln) {  // accumulated in the kernel from the gradient w.r.t. r_t = h_{t-1} W_hh^T
     dwhh = out[1];
   } else {  // dW_hh = sum_t dxg_t^T h_{t-1}; h_{t-1} = h0 at t = 0, else y_{t-1} (0 on padded steps)
-    accumulate_dwhh(dwhh, !dwhh_add, dXG[0], h0, cf);
+    accumulate_dwhh(dwhh, !add, dXG[0], h0, cf);
     if (Tn > 1)
       accumulate_dwhh(dwhh, false, dXGr.narrow(0, 1, Tn - 1).reshape({-1, R}),
                       yr.narrow(0, 0, Tn - 1).reshape({-1, Hout}), cf);

@@ -111,42 +111,46 @@ struct StepAxes {
 // a pass's step nodes return for a weight in its input buffer before the weight's own node
 // (AccumulateGrad, or whatever made the weight) reads the sum: at one step per call that is a
 // fresh weight-sized product written, then added, on every step — at B = 1 most of a step. Here
-// the first node of a pass to run returns a fresh pair (dW_ih, dW_hh) and keeps a weak reference
-// to it; each later node of the same pass adds its products into that pair (a GEMM with beta = 1)
-// and returns no gradient for the weights. Sound while the pair is exactly autograd's buffer, which
-// is checked on every use: the same graph task (a later, nested or other thread's backward starts
-// a fresh pair), the pair alive and held by one other reference (the buffer: where autograd could
-// not add some other node's gradient of the weight into the pair in place it replaced it, and the
-// pair died), the same weights (compared by identity only), and kept only from a node without
-// post hooks (which could hold on to the pair).
+// the first node of a pass to run returns fresh gradients (dW_ih, dW_hh, and the deep gates'
+// tensors') and keeps weak references to them; each later node of the same pass adds its products
+// into them (GEMMs with beta = 1) and returns no gradient for those weights. Sound while each kept
+// gradient is exactly autograd's buffer, which is checked on every use: the same graph task (a
+// later, nested or other thread's backward starts afresh), each kept gradient alive and held by
+// one other reference (the buffer: where autograd could not add some other node's gradient of the
+// weight into it in place it replaced it, and the kept one died), the same weights (compared by
+// identity only), and nothing kept from a node with post hooks (which could hold on to it).
 struct GradCarry : torch::CustomClassHolder {
   std::mutex mutex;
   int task = -1;
-  const c10::TensorImpl *w_ih = nullptr, *w_hh = nullptr;  // the weights of the kept pair: identity only
-  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> ih, hh;
+  std::vector<const c10::TensorImpl*> weights;  // identity only
+  std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> grads;  // weights[k]'s gradient
 
-  // The pair a node of graph task `now` adds its gradients of weights w_ih_, w_hh_ into, or none
-  // (the node returns a fresh one).
-  std::optional<std::pair<at::Tensor, at::Tensor>> take(int now, const at::Tensor& w_ih_, const at::Tensor& w_hh_) {
+  // The gradients a node of graph task `now` adds its gradients of `w` into, or none (the node
+  // returns fresh ones).
+  std::optional<std::vector<at::Tensor>> take(int now, const std::vector<at::Tensor>& w) {
     std::lock_guard<std::mutex> guard(mutex);
-    if (now < 0 || now != task || !ih || !hh || w_ih_.unsafeGetTensorImpl() != w_ih ||
-        w_hh_.unsafeGetTensorImpl() != w_hh)
-      return std::nullopt;
-    auto a = ih->lock(), b = hh->lock();
-    if (!a || !b || a.use_count() != 2 || b.use_count() != 2) return std::nullopt;  // ours and the buffer's
-    return std::make_pair(at::Tensor(std::move(a)), at::Tensor(std::move(b)));
+    if (now < 0 || now != task || w.size() != weights.size()) return std::nullopt;
+    for (size_t k = 0; k < w.size(); ++k)
+      if (w[k].unsafeGetTensorImpl() != weights[k]) return std::nullopt;
+    std::vector<at::Tensor> held;
+    for (const auto& g : grads) {
+      auto p = g.lock();
+      if (!p || p.use_count() != 2) return std::nullopt;  // ours and the buffer's
+      held.emplace_back(std::move(p));
+    }
+    return held;
   }
-  // A fresh pair returned by a node of graph task `now` for weights w_ih_, w_hh_ (nothing kept
-  // from a node with post hooks).
-  void keep(int now, const at::Tensor& w_ih_, const at::Tensor& w_hh_, const at::Tensor& dwih, const at::Tensor& dwhh) {
+  // Fresh gradients `g` of weights `w` returned by a node of graph task `now` (nothing kept from
+  // a node with post hooks).
+  void keep(int now, const std::vector<at::Tensor>& w, const std::vector<at::Tensor>& g) {
     const auto node = torch::autograd::get_current_node();
     const bool hooked = !node || !node->post_hooks().empty();
     std::lock_guard<std::mutex> guard(mutex);
     task = hooked ? -1 : now;
-    w_ih = w_ih_.unsafeGetTensorImpl();
-    w_hh = w_hh_.unsafeGetTensorImpl();
-    ih = c10::weak_intrusive_ptr<c10::TensorImpl>(dwih.getIntrusivePtr());
-    hh = c10::weak_intrusive_ptr<c10::TensorImpl>(dwhh.getIntrusivePtr());
+    weights.clear();
+    grads.clear();
+    for (const auto& t : w) weights.push_back(t.unsafeGetTensorImpl());
+    for (const auto& t : g) grads.emplace_back(t.getIntrusivePtr());
   }
 };
 
@@ -232,21 +236,34 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     {
       at::NoGradGuard no_grad;
       const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
-      // dW_ih (R, I) and dW_hh (R, ·) when both are wanted and are computed in their own dtype:
-      // added into the pass's pair (GradCarry: no gradient returned for them), or written into a
-      // fresh pair in one allocation — two weight-sized buffers freed at once are what lets malloc
-      // give the heap's top back to the system, page-faulting it in again on the next call.
-      at::Tensor dwih_out, dwhh_out;
-      bool into_pass = false;  // adding into the pass's pair
+      // dW_ih (R, I) and dW_hh (R, ·) — and the deep gates' tensors' gradients, where every one is
+      // wanted in the same dtype — when both are wanted and are computed in their own dtype: added
+      // into the pass's gradients (GradCarry: none returned for those weights), or written fresh,
+      // dW_ih and dW_hh in one allocation — two weight-sized buffers freed at once are what lets
+      // malloc give the heap's top back to the system, page-faulting it in again on the next call.
+      at::Tensor dwih_out, dwhh_out, dmlp_out;
+      bool into_pass = false;  // adding into the pass's gradients
       const at::ScalarType wt = whh.scalar_type();
       const auto carry = ctx->saved_data.count("carry")
                              ? c10::static_intrusive_pointer_cast<GradCarry>(ctx->saved_data["carry"].toCapsule())
                              : c10::intrusive_ptr<GradCarry>();
       const int task = torch::autograd::get_current_graph_task_id();
-      if (ctx->needs_input_grad(1) && ctx->needs_input_grad(4) && w_ih.scalar_type() == wt &&
-          x.scalar_type() == wt && y.scalar_type() == wt && (wt == at::kFloat || wt == at::kDouble)) {
-        if (auto pair = carry && !higher ? carry->take(task, w_ih, whh) : std::nullopt) {
-          std::tie(dwih_out, dwhh_out) = *pair;
+      const bool pair = ctx->needs_input_grad(1) && ctx->needs_input_grad(4) && w_ih.scalar_type() == wt &&
+                        x.scalar_type() == wt && y.scalar_type() == wt && (wt == at::kFloat || wt == at::kDouble);
+      bool with_mlp = pair && M > 0;  // the deep gates' gradients carried too
+      for (size_t j = 0; j < M; ++j)
+        with_mlp = with_mlp && ctx->needs_input_grad(PAR + N_PARAMS + j) && mlp_own[j].scalar_type() == wt;
+      std::vector<at::Tensor> carried{w_ih, whh};  // the weights whose gradients the pass holds
+      if (with_mlp) carried.insert(carried.end(), mlp_own.begin(), mlp_own.end());
+      if (pair) {
+        if (auto held = carry && !higher ? carry->take(task, carried) : std::nullopt) {
+          dwih_out = (*held)[0];
+          dwhh_out = (*held)[1];
+          if (with_mlp) {  // the deep gates' tensors' gradients: views in order of one flat buffer
+            int64_t wtot = 0;
+            for (const auto& t : mlp_own) wtot += t.numel();
+            dmlp_out = (*held)[2].as_strided({wtot}, {1}, (*held)[2].storage_offset());
+          }
           into_pass = true;
         } else {
           const at::Tensor flat = at::empty({w_ih.numel() + whh.numel()}, whh.options());
@@ -256,24 +273,18 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       }
       auto [dxg, dwhh, dh0, dc0, dparams] = backward_call(
           given(0), given(1), given(2), y, h0, c0, whh, at::Tensor(), params, buffers, flags, mlp, sc[0], sc[1],
-          sc[2], sizes[0], sizes[1], mlp_own, dwhh_out, /*views=*/true, /*dwhh_add=*/into_pass);
+          sc[2], sizes[0], sizes[1], mlp_own, dwhh_out, /*views=*/true, /*add=*/into_pass, dmlp_out);
       const at::Tensor dxg2 = dxg.reshape({T * B, dxg.size(2)});  // (T*B, R)
       if (ctx->needs_input_grad(0)) out[0] = dxg2.mm(w_ih).view(saved[0].sizes());  // as x came: (T, B, I) | (B, I)
-      if (into_pass) {
-        dwih_out.addmm_(dxg2.t(), x.reshape({T * B, I}));  // out[1], out[4]: none (the pass's pair has them)
-        dwhh = at::Tensor();
-      } else if (dwih_out.defined()) {
-        out[1] = at::mm_out(dwih_out, dxg2.t(), x.reshape({T * B, I}));
-        if (carry && !higher) carry->keep(task, w_ih, whh, out[1], dwhh);
-      } else if (ctx->needs_input_grad(1)) {
-        out[1] = dxg2.t().mm(x.reshape({T * B, I}));
-      }
+      if (into_pass) dwih_out.addmm_(dxg2.t(), x.reshape({T * B, I}));  // out[1], out[4]: none
+      else if (dwih_out.defined()) out[1] = at::mm_out(dwih_out, dxg2.t(), x.reshape({T * B, I}));
+      else if (ctx->needs_input_grad(1)) out[1] = dxg2.t().mm(x.reshape({T * B, I}));
       if (b_ih.numel()) {
         const at::Tensor db = ln ? dparams[P_BIAS] : dxg2.sum(0);  // (R,)
         out[2] = db;
         out[3] = db;
       }
-      out[4] = dwhh;
+      if (!into_pass) out[4] = dwhh;
       out[5] = axes.state_grad(dh0);
       if (c0.numel()) {
         if (S == 1) {
@@ -286,11 +297,19 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       for (int k = 0; k < N_PARAMS; ++k)
         if (params[k].numel() && !PARAM_NO_GRAD[k] && !(ln && k == P_BIAS) && !(M && k == P_MLP))
           out[PAR + k] = dparams[k];
-      int64_t off = 0;  // the flat gradient back to each deep-gate tensor, in order, in its shape
-      for (size_t j = 0; j < M; ++j) {  // (one contiguous view each: as_strided, not narrow then view)
-        const auto sizes_j = mlp_own[j].sizes();
-        out[PAR + N_PARAMS + j] = dparams[P_MLP].as_strided(sizes_j, c10::contiguous_strides(sizes_j), off);
-        off += mlp_own[j].numel();
+      if (!(into_pass && with_mlp)) {  // the flat gradient back to each deep-gate tensor, in order, in its shape
+        int64_t off = dparams[P_MLP].storage_offset();  // (one contiguous view each: as_strided, not narrow then view)
+        for (size_t j = 0; j < M; ++j) {
+          const auto sizes_j = mlp_own[j].sizes();
+          out[PAR + N_PARAMS + j] = dparams[P_MLP].as_strided(sizes_j, c10::contiguous_strides(sizes_j), off);
+          off += mlp_own[j].numel();
+        }
+      }
+      if (pair && !into_pass && carry && !higher) {
+        std::vector<at::Tensor> fresh{out[1], out[4]};
+        if (with_mlp)
+          for (size_t j = 0; j < M; ++j) fresh.push_back(out[PAR + N_PARAMS + j]);
+        carry->keep(task, carried, fresh);
       }
     }
     if (!higher) return out;
