@@ -159,8 +159,9 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
   // one-layer stack's (1, B, H_out), cells: the S cell states (B, H) each (S = 1: also (1, B, H), or
   // the RNN's (0,)), joined here (no cat / split nodes around the node), params in abi.PARAMS
   // order (mlp's slot empty when mlp_in, the deep gates' tensors, is given: read in place, and the
-  // kernel's flat gradient handed back to each) -> y (T, B, H_out) or (B, H_out), h_n as h0, then
-  // the S cell states as given (StepAxes; S > 1: fresh (B, H) tensors)
+  // kernel's flat gradient handed back to each), carry: the prepared layer's GradCarry (null: every
+  // node returns its weight gradients) -> y (T, B, H_out) or (B, H_out), h_n as h0, then the S cell
+  // states as given (StepAxes; S > 1: fresh (B, H) tensors)
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& b_ih,
       const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0_in, at::TensorList cells,
