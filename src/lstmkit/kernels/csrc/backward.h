@@ -13,9 +13,9 @@
 namespace lk {
 
 // Returns dXG (T,B,R) (layernorm: the gradient w.r.t. the RAW a = x W_ih^T, through the
-// input LN), dWhh (R,H_out) (layernorm only, written into dwhh_out where that is defined, or
-// with `add` added to its values;
-// other variants: empty, the wrapper computes it from dXG), dHP (T,B,P) and M (T,B,H)
+// input LN), dWhh (R,H_out) (layernorm only, written into dwhh_out where that is defined — with
+// `add` added to its values, as dMLP to dmlp_out's; other variants: empty, the wrapper computes
+// it from dXG), dHP (T,B,P) and M (T,B,H)
 // (projection: the gradient w.r.t. the projected h~_t, and o*act(LN(c)) for dW_hr), dh0, dc0, acc (the per-parameter reductions, AccLayout),
 // dZS (T,B,nS*H) (fgr with layernorm or deep gates: the gradient w.r.t. the sigmoid gates' u, for dW_gg),
 // dMLP (the deep gates' flat weights' gradient: dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j, as large
