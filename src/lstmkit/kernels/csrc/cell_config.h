@@ -111,6 +111,8 @@ struct HeadSeg {
 
 struct Cfg {
   bool rnn, relu, has_i, has_f, has_o, cifg, peep, fgr, ln, clip, zoneout;
+  bool plain;                     // an LSTM cell of sigmoid gates i, f, o and tanh activations, without cifg,
+                                  // peepholes, fgr, layernorm, clip, zoneout or a projection (deep gates allowed)
   bool gate_hard;                 // the gates use clamp(slope u + 1/2, 0, 1) instead of sigma
   bool slstm, fexp, nclamp;       // the sLSTM; its exponential forget gate; its normaliser floor n >= 1
   int64_t S, SH, GW;              // cell states per row (1: c; sLSTM 3: c, n, m; RNN 0), their width S·H,
@@ -156,6 +158,8 @@ struct Cfg {
     si = soff[0]; sf = soff[1]; so = soff[3];
     G = k; R = col; nS = s;
     slstm = flags & F_SLSTM; fexp = flags & F_FORGET_ACT_EXP; nclamp = flags & F_N_CLAMP;
+    plain = !rnn && !slstm && has_i && has_f && has_o && !cifg && !peep && !fgr && !ln && !clip && !zoneout &&
+            !gate_hard && cand_act == ACT_TANH && out_act == ACT_TANH && P == 0;
     S = rnn ? 0 : slstm ? 3 : 1;
     SH = S * H;
     GW = slstm ? 6 * H : G * H;

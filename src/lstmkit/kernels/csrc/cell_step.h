@@ -231,7 +231,23 @@ struct StepForward {
 
   // One valid step of one row of the LSTM (after pre_row and, with deep gates, the MLPs).
   void lstm_row(int64_t t, int64_t b, int tid) const {
-    if (cf.slstm) { slstm_row(t, b); return; }
+    if (cf.slstm) slstm_row(t, b);
+    else if (cf.plain) lstm_row_impl<true>(t, b, tid);
+    else lstm_row_impl<false>(t, b, tid);
+  }
+  // Plain: the cell's options that Cfg::plain rules out are folded to constants at compile time
+  // (the same code: fewer tests per vector, and the activations' constants stay in registers).
+  // perf on AVX2 (Zen 1), B = 64, H = 256, inference: this pass's samples 18 % fewer for vanilla, 21 %
+  // for gate_hidden=(32,).
+  template <bool Plain>
+  void lstm_row_impl(int64_t t, int64_t b, int tid) const {
+    const bool has_i = Plain || cf.has_i, has_f = Plain || cf.has_f, has_o = Plain || cf.has_o;
+    const bool cifg = !Plain && cf.cifg, clip = !Plain && cf.clip, zoneout = !Plain && cf.zoneout;
+    const bool ln = !Plain && cf.ln, fgr = !Plain && cf.fgr;
+    const int cand_act = Plain ? int(Cfg::ACT_TANH) : cf.cand_act, out_act = Plain ? int(Cfg::ACT_TANH) : cf.out_act;
+    const int64_t P = Plain ? 0 : cf.P;
+    const T *pi = Plain ? nullptr : prm.pi, *pf = Plain ? nullptr : prm.pf, *po = Plain ? nullptr : prm.po;
+    const T* cw = Plain ? nullptr : prm.cw;  // layernorm of c
     using V = Vectorized<T>;
     constexpr int VL = V::size();
     const int64_t R = cf.R, H = cf.H, Hout = cf.Hout, tb = t * B + b;
@@ -247,12 +263,12 @@ struct StepForward {
     auto pre = [&](int g, int64_t j, int n) LK_INLINE -> V {
       if (u_deep[g]) return ldv(u_deep[g] + j, n);
       const int64_t off = cf.zoff[g];
-      if (cf.ln) return ldv(rr + off + j, n);
+      if (ln) return ldv(rr + off + j, n);
       return ldv(xr + off + j, n) + ldv(rr + off + j, n);
     };
-    const T* fr = cf.fgr ? fw + b * lds : nullptr;
-    T* sr = cf.fgr ? s + b * lds : nullptr;
-    T* cprev = cf.zoneout ? scratch + tid * ldscratch : nullptr;
+    const T* fr = fgr ? fw + b * lds : nullptr;
+    T* sr = fgr ? s + b * lds : nullptr;
+    T* cprev = zoneout ? scratch + tid * ldscratch : nullptr;
     if (cprev) std::copy(cr, cr + H, cprev);
     // a gate i, f or o (g = 0, 1, 3; soff its place in fgr's s): act(u [+ p ⊙ c] [+ fgr's input]),
     // kept in G and in fgr's s
@@ -260,7 +276,7 @@ struct StepForward {
       V u = pre(g, j, n);
       if (peep) u = at::vec::fmadd(ldv(peep + j, n), cv, u);
       if (fr) u = u + ldv(fr + soff + j, n);
-      const V a = gate_act(cf, prm, u);
+      const V a = Plain ? sigm(u) : gate_act(cf, prm, u);
       if (gr) stv(a, gr + cf.aoff[g] + j, n);
       if (sr) stv(a, sr + soff + j, n);
       return a;
@@ -271,34 +287,34 @@ struct StepForward {
       const int n = (int)std::min<int64_t>(VL, H - j);
       const V cp = ldv(cr + j, n);
       V i = one, f = one;
-      if (cf.has_i) i = gate(0, cf.si, prm.pi, cp, j, n);
-      if (cf.has_f) f = gate(1, cf.sf, prm.pf, cp, j, n);
-      else if (cf.cifg) f = one - i;
-      const V g = act(cf.cand_act, pre(2, j, n));
+      if (has_i) i = gate(0, cf.si, pi, cp, j, n);
+      if (has_f) f = gate(1, cf.sf, pf, cp, j, n);
+      else if (cifg) f = one - i;
+      const V g = act(cand_act, pre(2, j, n));
       if (gr) stv(g, gr + cf.aoff[2] + j, n);
       V cn = at::vec::fmadd(f, cp, i * g);
-      if (cf.clip) cn = at::vec::clamp(cn, V(-prm.clipv), V(prm.clipv));
+      if (clip) cn = at::vec::clamp(cn, V(-prm.clipv), V(prm.clipv));
       stv(cn, cr + j, n);
     }
     if (CN) std::copy(cr, cr + H, CN + tb * H);
     T cmean = 0, crstd = 1;
-    if (prm.cw) row_stats(cr, H, cmean, crstd);
-    T* hout = cf.P > 0 ? m + b * ldm : h + b * ldh;
-    const T* kh = prm.keep_h ? prm.keep_h + tb * Hout : nullptr;
+    if (cw) row_stats(cr, H, cmean, crstd);
+    T* hout = P > 0 ? m + b * ldm : h + b * ldh;
+    const T* kh = zoneout && prm.keep_h ? prm.keep_h + tb * Hout : nullptr;
     // o, h~ (no projection: zoneout mixes in h_{t-1}, still in hout, here)
     for (int64_t j = 0; j < H; j += VL) {
       const int n = (int)std::min<int64_t>(VL, H - j);
       const V cv = ldv(cr + j, n);
       V o = one;
-      if (cf.has_o) o = gate(3, cf.so, prm.po, cv, j, n);
+      if (has_o) o = gate(3, cf.so, po, cv, j, n);
       V mv = cv;
-      if (prm.cw) mv = at::vec::fmadd((cv - V(cmean)) * V(crstd), ldv(prm.cw + j, n), ldv(prm.cb + j, n));
-      V hv = o * act(cf.out_act, mv);
-      if (cf.zoneout && cf.P == 0) hv = at::vec::fmadd(keep_of(kh, prm.zh, j, n), ldv(hout + j, n) - hv, hv);
+      if (cw) mv = at::vec::fmadd((cv - V(cmean)) * V(crstd), ldv(cw + j, n), ldv(prm.cb + j, n));
+      V hv = o * act(out_act, mv);
+      if (zoneout && P == 0) hv = at::vec::fmadd(keep_of(kh, prm.zh, j, n), ldv(hout + j, n) - hv, hv);
       stv(hv, hout + j, n);
-      if (cf.P == 0) stv(hv, yr + j, n);
+      if (P == 0) stv(hv, yr + j, n);
     }
-    if (cf.zoneout) {  // c_t = c~ + d_c (c_{t-1} − c~)
+    if (zoneout) {  // c_t = c~ + d_c (c_{t-1} − c~)
       const T* kc = prm.keep_c ? prm.keep_c + tb * H : nullptr;
       for (int64_t j = 0; j < H; j += VL) {
         const int n = (int)std::min<int64_t>(VL, H - j);
