@@ -395,8 +395,10 @@ struct StepBackward {
   T* Mo;                               // projection: (T, B, H) o ⊙ act(m), for dW_hr
   const MlpLayout& mlp;                // deep gates (none: mlp.any() is false)
   const T* acts;                       // (T, B, atot) the forward's a_j of every deep gate
-  T* dV;                               // (T, B, vtot) dL/d(each layer's output); the last: dL/du
+  T* dV; int64_t ldV;                  // (T, B, vtot) dL/d(each layer's output), row stride ldV; the last: dL/du
   T* dA;                               // (B, atot) the GEMMs' dL/da_j of this step
+
+  T* dv_row(int64_t tb) const { return dV + tb * ldV; }
 
   // The gate activations of row (t, b) recomputed from layernorm's a_hat, r_hat (G not kept),
   // into gbuf: the same instructions on the same values as the forward (bit-identical).
@@ -508,7 +510,7 @@ struct StepBackward {
     // where gate g's dL/du goes: its columns of dXG, or a deep gate's MLP output gradient
     T* du_to[4];
     for (int g = 0; g < 4; ++g) du_to[g] = cf.zoff[g] >= 0 ? dxr + cf.zoff[g] : nullptr;
-    for (const MlpGate& mg : mlp.gates) du_to[mg.g] = dV + tb * mlp.vtot + mg.voff[mg.m - 1];
+    for (const MlpGate& mg : mlp.gates) du_to[mg.g] = dv_row(tb) + mg.voff[mg.m - 1];
     T* dcr = dc + b * H;
     T* dus = !Plain && cf.fgr ? dUS + b * lds : nullptr;
     T* dchat = tmp;
@@ -616,7 +618,7 @@ struct StepBackward {
       if (mg.m < depth) continue;
       const int j0 = depth - 1;
       const int64_t w = mg.w[j0];
-      T* out = depth > 1 ? dV + tb * mlp.vtot + mg.voff[j0 - 1] : dXG + tb * cf.R + cf.zoff[mg.g];
+      T* out = depth > 1 ? dv_row(tb) + mg.voff[j0 - 1] : dXG + tb * cf.R + cf.zoff[mg.g];
       for (int64_t j = 0; j < w; j += VL) {
         const int n = (int)std::min<int64_t>(VL, w - j);
         stv(phi_grad<T>(mlp.phi, ldv(da + mg.aoff[j0] + j, n), ldv(ar + mg.aoff[j0] + j, n)), out + j, n);
