@@ -14,7 +14,7 @@ import torch
 
 import lstmkit
 from lstmkit import cell, kernels
-from lstmkit.kernels import abi, cpu_ext, ops
+from lstmkit.kernels import abi, cpu_ext, fused, ops
 from lstmkit.layout import GATES
 from lstmkit.spec import resolve
 
@@ -293,6 +293,35 @@ def test_bf16_products_run_on_the_matrix_unit_where_the_cpu_has_one():
     """bfloat16 layers' per-step products run in bfloat16 on AMX tiles wherever torch reports
     the unit (else the recurrence computes them in float32, as before)."""
     assert cpu_ext.bf16_unit() == ("amx" if torch.cpu._is_amx_tile_supported() else "float32")
+
+
+@pytest.mark.parametrize("units", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_input_projection_with_and_without_units(monkeypatch, dtype, units):
+    """A 16-bit layer's input projection: torch's own 16-bit GEMM where the CPU has units for the
+    dtype, else the float32 product of the widened operands rounded once — bit for bit ``F.linear``
+    in float32, and so are its gradients. Either way within one rounding of the float64 product."""
+    monkeypatch.setitem(fused.SIXTEEN_BIT_UNITS, dtype, units)
+    torch.manual_seed(0)
+    x, w, b = torch.randn(300, 64), torch.randn(256, 64) * 0.1, torch.randn(256)
+    x, w, b = (t.to(dtype).requires_grad_() for t in (x, w, b))
+    out = fused.input_linear(x, w, b)
+    assert out.dtype == dtype
+    assert (type(out.grad_fn).__name__ == "ToCopyBackward0") == (not units)  # widened, then rounded once
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
+    eps = torch.finfo(dtype).eps
+    assert ((out.double() - exact).abs() <= eps * exact.abs() + 1e-6).all()
+    g = torch.randn(300, 256).to(dtype)
+    out.backward(g)
+    if not units:
+        x32, w32, b32 = (t.detach().float().requires_grad_() for t in (x, w, b))
+        want = torch.nn.functional.linear(x32, w32, b32)
+        assert torch.equal(out, want.to(dtype))
+        want.backward(g.float())
+        for got, ref in ((x.grad, x32.grad), (w.grad, w32.grad), (b.grad, b32.grad)):
+            assert got.dtype == dtype and torch.equal(got, ref.to(dtype))
+    dx = g.double() @ w.double()
+    assert ((x.grad.double() - dx).abs() <= 4 * eps * dx.abs().max()).all()
 
 
 BF16_SHAPES = {  # (I, H, layer options): odd K (padded to even), widths that leave a narrow last panel
