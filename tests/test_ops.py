@@ -295,17 +295,23 @@ def test_bf16_products_run_on_the_matrix_unit_where_the_cpu_has_one():
     assert cpu_ext.bf16_unit() == ("amx" if torch.cpu._is_amx_tile_supported() else "float32")
 
 
+@pytest.mark.parametrize("how", ["layer", "autocast"])
 @pytest.mark.parametrize("units", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_sixteen_bit_input_projection_with_and_without_units(monkeypatch, dtype, units):
-    """A 16-bit layer's input projection: torch's own 16-bit GEMM where the CPU has units for the
-    dtype, else the float32 product of the widened operands rounded once — bit for bit ``F.linear``
-    in float32, and so are its gradients. Either way within one rounding of the float64 product."""
+def test_sixteen_bit_input_projection_with_and_without_units(monkeypatch, dtype, units, how):
+    """A 16-bit input projection — a 16-bit layer's, or a float32 layer's under autocast: torch's
+    own 16-bit GEMM where the CPU has units for the dtype, else the float32 product of the widened
+    operands rounded once — bit for bit ``F.linear`` in float32, and so are its gradients. Either
+    way within one rounding of the float64 product."""
     monkeypatch.setitem(fused.SIXTEEN_BIT_UNITS, dtype, units)
     torch.manual_seed(0)
     x, w, b = torch.randn(300, 64), torch.randn(256, 64) * 0.1, torch.randn(256)
-    x, w, b = (t.to(dtype).requires_grad_() for t in (x, w, b))
-    out = fused.input_linear(x, w, b)
+    x, w, b = (t.to(dtype) for t in (x, w, b))  # values a 16-bit dtype holds
+    if how == "autocast":
+        x, w, b = (t.float() for t in (x, w, b))
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    with torch.autocast("cpu", dtype=dtype, enabled=how == "autocast"):
+        out = fused.input_linear(x, w, b)
     assert out.dtype == dtype
     assert (type(out.grad_fn).__name__ == "ToCopyBackward0") == (not units)  # widened, then rounded once
     exact = torch.nn.functional.linear(x.double(), w.double(), b.double())
@@ -319,7 +325,7 @@ def test_sixteen_bit_input_projection_with_and_without_units(monkeypatch, dtype,
         assert torch.equal(out, want.to(dtype))
         want.backward(g.float())
         for got, ref in ((x.grad, x32.grad), (w.grad, w32.grad), (b.grad, b32.grad)):
-            assert got.dtype == dtype and torch.equal(got, ref.to(dtype))
+            assert torch.equal(got.float(), ref.to(dtype).float() if how == "layer" else ref)
     dx = g.double() @ w.double()
     assert ((x.grad.double() - dx).abs() <= 4 * eps * dx.abs().max()).all()
 

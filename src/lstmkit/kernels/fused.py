@@ -83,13 +83,16 @@ SIXTEEN_BIT_UNITS: dict[torch.dtype, bool] = {
 
 def input_linear(x2d: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """``x2d wᵀ + b`` for the input projection: oneDNN's GEMM where measured faster, else MKL's.
-    A bfloat16 / float16 layer on a CPU without units for its dtype (:data:`SIXTEEN_BIT_UNITS`)
-    computes the product in float32 — the operands widened exactly, rounded to the dtype once, as
-    the 16-bit GEMM rounds its float32 sums — and so does its backward (autograd through the
-    conversions); the widened ``x2d`` and ``w`` are what it keeps for backward (T·B·I floats)."""
-    if x2d.dtype in SIXTEEN_BIT_UNITS and not SIXTEEN_BIT_UNITS[x2d.dtype]:
+    A bfloat16 / float16 product (the layer's dtype, or autocast's) on a CPU without units for
+    that dtype (:data:`SIXTEEN_BIT_UNITS`) is computed in float32 — the operands widened exactly,
+    the result rounded to the dtype once, as the 16-bit GEMM rounds its float32 sums — and so is
+    its backward (autograd through the conversions); the widened ``x2d`` and ``w`` are what it
+    keeps for backward (T·B·I floats)."""
+    low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x2d.dtype
+    if low in SIXTEEN_BIT_UNITS and not SIXTEEN_BIT_UNITS[low]:
         b32 = None if b is None else b.float()
-        return torch.nn.functional.linear(x2d.float(), w.float(), b32).to(x2d.dtype)
+        with torch.autocast("cpu", enabled=False):
+            return torch.nn.functional.linear(x2d.float(), w.float(), b32).to(low)
     if _use_onednn(x2d.shape[0], w) and ops.plain_eager((x2d, w)):  # transforms: F.linear, which they know
         return _Linear.apply(x2d.contiguous(), w, b)
     return torch.nn.functional.linear(x2d, w, b)
