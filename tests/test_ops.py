@@ -330,6 +330,16 @@ def test_sixteen_bit_input_projection_with_and_without_units(monkeypatch, dtype,
     assert ((x.grad.double() - dx).abs() <= 4 * eps * dx.abs().max()).all()
 
 
+def test_autocast_leaves_a_float64_projection_alone(monkeypatch):
+    """Autocast lowers float32 alone: a float64 layer's projection stays float64 (no float32 detour)."""
+    monkeypatch.setitem(fused.SIXTEEN_BIT_UNITS, torch.bfloat16, False)
+    x, w, b = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused.input_linear(x, w, b.double())
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, x @ w.t() + b.double(), rtol=1e-12, atol=1e-12)
+
+
 BF16_SHAPES = {  # (I, H, layer options): odd K (padded to even), widths that leave a narrow last panel
     "odd": (5, 33, {}),
     "wide": (64, 70, {"bidirectional": True}),

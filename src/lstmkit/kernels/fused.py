@@ -88,7 +88,9 @@ def input_linear(x2d: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     the result rounded to the dtype once, as the 16-bit GEMM rounds its float32 sums — and so is
     its backward (autograd through the conversions); the widened ``x2d`` and ``w`` are what it
     keeps for backward (T·B·I floats)."""
-    low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x2d.dtype
+    low = x2d.dtype  # autocast lowers float32 alone
+    if low == torch.float32 and torch.is_autocast_enabled("cpu"):
+        low = torch.get_autocast_dtype("cpu")
     if low in SIXTEEN_BIT_UNITS and not SIXTEEN_BIT_UNITS[low]:
         b32 = None if b is None else b.float()
         with torch.autocast("cpu", enabled=False):
