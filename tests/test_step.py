@@ -518,3 +518,30 @@ def test_prepared_sequence_rechecks_what_changed():
     with torch.no_grad():
         y1, _ = layer(torch.randn(T + 2, B, I, dtype=torch.float64))
     assert y1.shape == (T + 2, B, H)
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_sixteen_bit_step_training_with_and_without_units(monkeypatch, units):
+    """A bfloat16 cell's prepared training steps (the C++ node) compute dX and dW_ih in float32
+    where the CPU has no bfloat16 units (``fused.SIXTEEN_BIT_UNITS``), with torch's bfloat16 GEMM
+    elsewhere: either way the gradients come back in bfloat16 and match the float64 reference
+    within bfloat16's rounding (the last two of four steps run the prepared node)."""
+    from lstmkit.kernels import fused
+    monkeypatch.setitem(fused.SIXTEEN_BIT_UNITS, torch.bfloat16, units)
+    torch.manual_seed(0)
+    cell = lstmkit.LSTMCell(I, H).bfloat16()
+    ref = lstmkit.LSTMCell(I, H, backend="reference").double()
+    ref.load_state_dict(cell.state_dict())
+    xs = torch.randn(4, B, I).bfloat16()
+    grads = []
+    for m, dtype in ((cell, torch.bfloat16), (ref, torch.float64)):
+        x = xs.to(dtype).detach().requires_grad_()
+        hc, loss = None, 0.0
+        for t in range(4):
+            hc = m(x[t], hc)
+            loss = loss + (hc[0].double() * torch.linspace(-1, 1, H, dtype=torch.float64)).sum()
+        loss.backward()
+        grads.append([x.grad, m.weight_ih.grad, m.weight_hh.grad, m.bias_ih.grad])
+    for got, want, what in zip(*grads, ("x", "weight_ih", "weight_hh", "bias_ih")):
+        assert got.dtype == torch.bfloat16, what
+        assert (got.double() - want).abs().max() <= 3e-2 * want.abs().max(), what

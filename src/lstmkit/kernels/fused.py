@@ -343,7 +343,8 @@ class PreparedStep:
         for params in layers:
             w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = infer_args(params, self.spec, flat_mlp=False)
             prepared.append(ext.PreparedLayer(w_ih, b_ih, b_hh, w_hh, plist, _mlp_tensors(params, self.spec), flags,
-                                              mlp, *scalars, self.hidden_size, proj, self.frozen))
+                                              mlp, *scalars, self.hidden_size, proj, self.frozen,
+                                              not SIXTEEN_BIT_UNITS.get(w_ih.dtype, True)))
         self._ext = ext
         self._kept = {**kept, key: (tuple(parameters.values()), prepared)}
 

@@ -167,7 +167,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0_in, at::TensorList cells,
       at::TensorList params_in, at::TensorList mlp_in, int64_t flags, const std::vector<int64_t>& mlp_layout,
       double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
-      const c10::intrusive_ptr<GradCarry>& carry) {
+      const c10::intrusive_ptr<GradCarry>& carry, bool widen16) {
     const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
     const int64_t S = (int64_t)cells.size();
     // (B, S*H) | (0,) or (1, B, H): one state is saved as given (autograd checks its version)
@@ -193,6 +193,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     ctx->saved_data["axes"] = std::vector<bool>{axes.one_step, axes.layered};
     ctx->saved_data["states"] = S;
     if (carry) ctx->saved_data["carry"] = c10::IValue::make_capsule(carry);
+    ctx->saved_data["widen16"] = widen16;
     ctx->set_materialize_grads(false);
     torch::autograd::variable_list out{y_out, axes.state_out(h_n)};
     if (S == 1) out.push_back(axes.state_out(c_n));
@@ -233,7 +234,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     // x, w_ih, b_ih, b_hh, whh, h0, the S cell states, params, the deep gates' tensors, then 8
     // non-tensor arguments
     const int64_t PAR = 6 + S;  // where params start in `out`
-    torch::autograd::variable_list out(PAR + N_PARAMS + M + 8);
+    torch::autograd::variable_list out(PAR + N_PARAMS + M + 9);  // + flags, mlp, 3 scalars, H, P, carry, widen16
     {
       at::NoGradGuard no_grad;
       const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
@@ -276,10 +277,16 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
           given(0), given(1), given(2), y, h0, c0, whh, at::Tensor(), params, buffers, flags, mlp, sc[0], sc[1],
           sc[2], sizes[0], sizes[1], mlp_own, dwhh_out, /*views=*/true, /*add=*/into_pass, dmlp_out);
       const at::Tensor dxg2 = dxg.reshape({T * B, dxg.size(2)});  // (T*B, R)
-      if (ctx->needs_input_grad(0)) out[0] = dxg2.mm(w_ih).view(saved[0].sizes());  // as x came: (T, B, I) | (B, I)
+      // a 16-bit layer on a CPU without units for its dtype (widen16, from the caller: fused.py's
+      // SIXTEEN_BIT_UNITS): dX and dW_ih in float32, rounded to the dtype once, as the input
+      // projection of the general path; torch's 16-bit GEMM widens in software there
+      const bool widen = ctx->saved_data["widen16"].toBool() && wt != at::kFloat && wt != at::kDouble;
+      auto wide = [&](const at::Tensor& t) { return widen ? t.to(at::kFloat) : t; };
+      if (ctx->needs_input_grad(0))  // as x came: (T, B, I) | (B, I)
+        out[0] = wide(dxg2).mm(wide(w_ih)).to(saved[0].scalar_type()).view(saved[0].sizes());
       if (into_pass) dwih_out.addmm_(dxg2.t(), x.reshape({T * B, I}));  // out[1], out[4]: none
       else if (dwih_out.defined()) out[1] = at::mm_out(dwih_out, dxg2.t(), x.reshape({T * B, I}));
-      else if (ctx->needs_input_grad(1)) out[1] = dxg2.t().mm(x.reshape({T * B, I}));
+      else if (ctx->needs_input_grad(1)) out[1] = wide(dxg2).t().mm(wide(x.reshape({T * B, I}))).to(w_ih.scalar_type());
       if (b_ih.numel()) {
         const at::Tensor db = ln ? dparams[P_BIAS] : dxg2.sum(0);  // (R,)
         out[2] = db;
@@ -338,7 +345,7 @@ inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_step(
     const at::Tensor& whh, const at::Tensor& h0_in, const std::vector<at::Tensor>& cells,
     std::vector<at::Tensor> params, const std::vector<at::Tensor>& mlp, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
-    const Frozen* frozen = nullptr, const c10::intrusive_ptr<GradCarry>& carry = {}) {
+    const Frozen* frozen = nullptr, const c10::intrusive_ptr<GradCarry>& carry = {}, bool widen16 = false) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_step: expected ", (int)N_PARAMS, " params");
   TORCH_CHECK(!cells.empty(), "lstmkit prepared step: no cell state");
   const int64_t S = (int64_t)cells.size();
@@ -351,7 +358,8 @@ inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_step(
   }
   if (grad) {  // the node adds and drops the step's and the stack's axes, and joins the states, itself
     auto out = ProjectedRun::apply(x_in, w_ih, b_ih, b_hh, whh, h0_in, at::TensorList(cells), at::TensorList(params),
-                                   at::TensorList(mlp), flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P, carry);
+                                   at::TensorList(mlp), flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P, carry,
+                                   widen16);
     return {out[0], out[1], std::vector<at::Tensor>(out.begin() + 2, out.end())};
   }
   const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
@@ -376,6 +384,7 @@ struct PreparedLayer {
   double clip, zoneout_c, zoneout_h;
   int64_t H, P;
   bool frozen = false;  // lstmkit.freeze: W_hh and W_ih packed once for inference (frozen_panels)
+  bool widen16 = false;  // a 16-bit layer without 16-bit units: its backward's dX, dW_ih in float32 (ProjectedRun)
   c10::intrusive_ptr<GradCarry> carry = c10::make_intrusive<GradCarry>();  // its steps' weight gradients in a pass
   mutable std::shared_ptr<const Frozen> panels;  // the packing (atomic_load / atomic_store: calls run GIL-free)
 
@@ -411,7 +420,7 @@ struct PreparedLayer {
     const bool countable = !w_ih.is_inference() && !whh.is_inference();
     const std::shared_ptr<const Frozen> fz = frozen && countable ? frozen_panels() : nullptr;
     auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, cells, std::move(p), mlp, flags, mlp_layout, clip,
-                                      zoneout_c, zoneout_h, H, P, fz.get(), carry);
+                                      zoneout_c, zoneout_h, H, P, fz.get(), carry, widen16);
     std::vector<at::Tensor> out{y, h_n};
     out.insert(out.end(), c_n.begin(), c_n.end());
     return out;
