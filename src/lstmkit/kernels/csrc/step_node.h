@@ -231,10 +231,10 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       return k == 0 ? axes.run(grads[k]) : axes.state(grads[k]);
     };
     const size_t M = mlp_own.size();
-    // x, w_ih, b_ih, b_hh, whh, h0, the S cell states, params, the deep gates' tensors, then 8
-    // non-tensor arguments
+    // x, w_ih, b_ih, b_hh, whh, h0, the S cell states, params, the deep gates' tensors, then 9
+    // non-tensor arguments (flags, mlp_layout, 3 scalars, H, P, carry, widen16)
     const int64_t PAR = 6 + S;  // where params start in `out`
-    torch::autograd::variable_list out(PAR + N_PARAMS + M + 9);  // + flags, mlp, 3 scalars, H, P, carry, widen16
+    torch::autograd::variable_list out(PAR + N_PARAMS + M + 9);
     {
       at::NoGradGuard no_grad;
       const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
@@ -280,7 +280,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       // a 16-bit layer on a CPU without units for its dtype (widen16, from the caller: fused.py's
       // SIXTEEN_BIT_UNITS): dX and dW_ih in float32, rounded to the dtype once, as the input
       // projection of the general path; torch's 16-bit GEMM widens in software there
-      const bool widen = ctx->saved_data["widen16"].toBool() && wt != at::kFloat && wt != at::kDouble;
+      const bool widen = ctx->saved_data["widen16"].toBool();
       auto wide = [&](const at::Tensor& t) { return widen ? t.to(at::kFloat) : t; };
       if (ctx->needs_input_grad(0))  // as x came: (T, B, I) | (B, I)
         out[0] = wide(dxg2).mm(wide(w_ih)).to(saved[0].scalar_type()).view(saved[0].sizes());
