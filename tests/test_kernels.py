@@ -4,6 +4,8 @@ the initial states and every parameter (rel. 1e-5 float32, 1e-10 float64)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -371,6 +373,35 @@ def test_fused_activations_accuracy_and_nan(dtype):
         tol = 4e-7 if dtype == torch.float32 else 1e-15
         assert rel.max() < tol, f"{fn.__name__}: max relative error {rel.max():.2e}"
         assert torch.isnan(got[-1]), f"{fn.__name__} swallowed NaN"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_step_gemm_every_path_against_float64(dtype):
+    """The kernel's per-step GEMM, C (+)= A Wᵀ (+ bias), on every path it takes: W packed ahead (a
+    weight that several steps read) or read in place (one step: BLAS gemv for one row, gemm for two
+    or three, from four rows on each panel packed at use), W row- or column-major, one and two
+    threads, partial panels and K not a multiple of the vector width — against float64 matmul."""
+    from lstmkit.kernels import cpu_ext
+
+    if not cpu_ext.available():
+        pytest.fail("the fused kernel did not build")
+    gen = torch.Generator().manual_seed(0)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for M, N, K in [(1, 40, 37), (2, 16, 8), (3, 33, 5), (4, 16, 1), (7, 37, 64), (13, 70, 19), (32, 128, 96)]:
+        A = torch.randn(M, K, generator=gen, dtype=torch.float64)
+        W = torch.randn(N, K, generator=gen, dtype=torch.float64)
+        bias = torch.randn(N, generator=gen, dtype=torch.float64)
+        C0 = torch.randn(M, N, generator=gen, dtype=torch.float64)
+        for uses, column_major, with_bias, acc, threads in itertools.product((1, 2), (False, True), (False, True),
+                                                                           (False, True), (1, 2)):
+            w = W.t().contiguous().t() if column_major else W  # the same values, strides (1, N)
+            got = cpu_ext._ext._gemm_test(A.to(dtype), w.to(dtype), bias.to(dtype) if with_bias else torch.empty(0, dtype=dtype),
+                                          C0.to(dtype).clone(), acc, uses, threads)
+            want = A.to(dtype).double() @ W.to(dtype).double().t() + (C0.to(dtype).double() if acc else 0)
+            if with_bias:
+                want = want + bias.to(dtype).double()
+            where = f"M={M} N={N} K={K} uses={uses} column_major={column_major} bias={with_bias} acc={acc} threads={threads}"
+            torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, where=where: f"{where}: {m}")
 
 
 @pytest.mark.parametrize("kernel_name", FUSED)

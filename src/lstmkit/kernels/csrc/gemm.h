@@ -9,10 +9,15 @@
 // torch.mm; at B=32, H=64: 5.2 us vs 20 us (oneDNN) and 11 us (mm). No per-call overhead.
 //
 // A weight used by one step only (a call with T = 1: LSTMCell, layer.step, streaming) is not
-// packed: packing reads and writes the whole weight once more than the GEMM itself does, which
-// at T = 1 costs more than the product (B = 1, H = 256: W_hh is 1 MiB). Such a Packed is
-// "direct": each thread's share of the columns is one BLAS call (the sgemm_/dgemm_ that
-// torch's CPU build carries; declared weak, so a torch without them keeps packing).
+// packed ahead: packing the whole weight reads and writes it once more than the GEMM itself does,
+// which at T = 1 costs more than the product (B = 1, H = 256: W_hh is 1 MiB). Such a Packed is
+// "direct": for A of one to three rows each thread's share of the columns is one BLAS call (the
+// sgemv_/sgemm_ that torch's CPU build carries; declared weak, so a torch without them keeps
+// packing); from four rows on (PACK_AT_USE_MIN_ROWS) each thread packs one panel at a time into a
+// buffer that stays in cache and runs the micro-kernel on it. Measured on the 2 GHz Zen (AVX2),
+// one thread, a one-step inference call against nn.LSTMCell (which calls MKL's gemm): B = 4 / 8 /
+// 32 at H = 256 and B = 32 at H = 1,024, 1.01 / 0.97 / 0.97 / 0.98 with BLAS, 0.75 / 0.78 / 0.88 /
+// 0.74 packed at use; B = 2 the other way (0.95 with BLAS, 1.15 packed at use).
 //
 // bfloat16 layers on a CPU with AMX (Packed::init's `bf16`): the weight is converted to bfloat16 once
 // per call and packed into oneDNN's VNNI panels (at::native::cpublas::pack, 64 columns a panel,
@@ -38,6 +43,10 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a, const int* lda,
+            const float* x, const int* incx, const float* beta, float* y, const int* incy) __attribute__((weak));
+void dgemv_(const char* trans, const int* m, const int* n, const double* alpha, const double* a, const int* lda,
+            const double* x, const int* incx, const double* beta, double* y, const int* incy) __attribute__((weak));
 }
 
 namespace lk {
@@ -66,6 +75,23 @@ inline bool bf16_gemm_available() {
 }
 // Whether a layer whose inputs and outputs are `io` takes that path (Cfg::bf16_gemm).
 inline bool bf16_products(at::ScalarType io) { return io == at::kBFloat16 && bf16_gemm_available(); }
+
+// Column-major BLAS gemv, y = op(A) x (+ y), x and y contiguous: false where this torch carries none.
+template <typename T>
+inline bool blas_gemv(char ta, int m, int n, const T* a, int lda, const T* x, bool acc, T* y) {
+  const T one = T(1), beta = acc ? T(1) : T(0);
+  const int inc = 1;
+  if constexpr (std::is_same_v<T, float>) {
+    if (!sgemv_) return false;
+    sgemv_(&ta, &m, &n, &one, a, &lda, x, &inc, &beta, y, &inc);
+    return true;
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (!dgemv_) return false;
+    dgemv_(&ta, &m, &n, &one, a, &lda, x, &inc, &beta, y, &inc);
+    return true;
+  }
+  return false;
+}
 
 template <typename T>
 inline bool blas_available() {
@@ -210,21 +236,40 @@ struct Packed {
   // Fill panels [p0, p1) (callable from several threads on disjoint ranges).
   void pack_panels(int p0, int p1) {
     if (bf16) return pack_panels_bf16(p0, p1);
-    for (int p = p0; p < p1; ++p) {
-      T* dst = buf.get() + (size_t)p * K * NR;
-      const int nc = std::min(NR, N - p * NR);
-      if (sk == 1) {  // the panel's nc rows of W, K long each, transposed into [k][NR] (torch's
-                      // 16 x 16 register transposes for float on AVX-512, else element by element)
-        at::vec::transpose_mxn<T>(src + (int64_t)p * NR * sn, sn, dst, NR, nc, K);
-        for (int j = nc; j < NR; ++j)
-          for (int k = 0; k < K; ++k) dst[(size_t)k * NR + j] = T(0);
-      } else {
-        for (int k = 0; k < K; ++k) {
-          for (int j = 0; j < nc; ++j) dst[(size_t)k * NR + j] = src[(int64_t)(p * NR + j) * sn + (int64_t)k * sk];
-          for (int j = nc; j < NR; ++j) dst[(size_t)k * NR + j] = T(0);
-        }
+    for (int p = p0; p < p1; ++p) pack_panel(p, buf.get() + (size_t)p * K * NR);
+  }
+  // Panel p of the weight into dst, (K, NR) row-major, its columns past N zero.
+  void pack_panel(int p, T* dst) const {
+    const int nc = std::min(NR, N - p * NR);
+    if (sk == 1) {  // the panel's nc rows of W, K long each, transposed into [k][NR]
+      transpose_rows(src + (int64_t)p * NR * sn, sn, dst, nc);
+      for (int j = nc; j < NR; ++j)
+        for (int k = 0; k < K; ++k) dst[(size_t)k * NR + j] = T(0);
+    } else {
+      for (int k = 0; k < K; ++k) {
+        for (int j = 0; j < nc; ++j) dst[(size_t)k * NR + j] = src[(int64_t)(p * NR + j) * sn + (int64_t)k * sk];
+        for (int j = nc; j < NR; ++j) dst[(size_t)k * NR + j] = T(0);
       }
     }
+  }
+  // nc rows of K (row stride ld) into the first nc columns of dst (K, NR): torch's 16 x 16
+  // register transposes for float on AVX-512; on AVX2 its 8 x 8 ones for a whole panel (torch's
+  // AVX2 transpose of any size goes element by element), the last K % 8 columns element by element.
+  void transpose_rows(const T* s, int64_t ld, T* dst, int nc) const {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      if (nc == NR) {
+        int k = 0;
+        for (; k + 8 <= K; k += 8)
+          for (int r = 0; r < NR; r += 8)
+            at::vec::transpose_mxn<float, 8, 8>(s + r * ld + k, ld, dst + (size_t)k * NR + r, NR);
+        for (; k < K; ++k)
+          for (int r = 0; r < NR; ++r) dst[(size_t)k * NR + r] = s[r * ld + k];
+        return;
+      }
+    }
+#endif
+    at::vec::transpose_mxn<T>(s, ld, dst, NR, nc, K);
   }
   void pack_panels_bf16(int p0, int p1) {
     thread_local std::vector<T> col;                 // one column of B, (K,)
@@ -293,44 +338,64 @@ void gemm_panels_bf16(const Packed<T>& W, int M, const T* A, int64_t lda, T* C, 
 // at I = H = 32 1.08-1.15x faster.
 constexpr int narrow_unroll(int r) { return r == 1 ? 4 : r <= 3 ? 2 : 1; }
 
+// One packed panel wp (K, NR) times all M rows of A: C[:, :ncols] (=|+=) A wp (+ bias), MR rows at
+// a time, then the remaining rows in one narrower tile.
+template <typename T>
+void panel_rows(const T* wp, int K, int ncols, int M, const T* A, int64_t lda, T* C, int64_t ldc, bool acc,
+                const T* bias) {
+  constexpr int NV = Packed<T>::NV, MR = Packed<T>::MR;
+  int m = 0;
+  for (; m + MR <= M; m += MR)
+    micro<T, MR, NV>(K, A + (int64_t)m * lda, (int)lda, wp, C + (int64_t)m * ldc, (int)ldc, acc, ncols, bias);
+  const T* a = A + (int64_t)m * lda;
+  T* c = C + (int64_t)m * ldc;
+  switch (M - m) {
+    case 0: break;
+#define LKC(r) case r: if constexpr (r < MR) micro<T, r, NV, narrow_unroll(r)>(K, a, (int)lda, wp, c, (int)ldc, acc, ncols, bias); break;
+    LKC(1) LKC(2) LKC(3) LKC(4) LKC(5) LKC(6) LKC(7)
+#undef LKC
+    default: break;
+  }
+}
+
+// A weight read in place (Packed::direct) meets A of at least this many rows: each thread packs one
+// panel at a time into a buffer of its own and runs the micro-kernel on it, instead of one BLAS
+// call (see the top of this file). Fewer rows: BLAS (one row: gemv).
+constexpr int PACK_AT_USE_MIN_ROWS = 4;
+
 // C[M x N] (=|+=) A[M x K] * B^T over panels [p0, p1)
 template <typename T>
 void gemm_panels(const Packed<T>& W, int M, const T* A, int64_t lda, T* C, int64_t ldc, bool acc, int p0, int p1,
                  const T* bias = nullptr) {
-  constexpr int NV = Packed<T>::NV, MR = Packed<T>::MR, NR = Packed<T>::NR;
+  constexpr int NR = Packed<T>::NR;
   const int K = W.K;
   if (W.bf16) return gemm_panels_bf16<T>(W, M, A, lda, C, ldc, acc, p0, p1, bias);
+  if (W.direct && M >= PACK_AT_USE_MIN_ROWS) {  // each panel packed into this thread's buffer just before use
+    thread_local std::vector<T> panel;
+    panel.resize((size_t)K * NR);
+    for (int p = p0; p < p1; ++p) {
+      W.pack_panel(p, panel.data());
+      panel_rows<T>(panel.data(), K, std::min(NR, W.N - p * NR), M, A, lda, C + (int64_t)p * NR, ldc, acc,
+                    bias ? bias + (int64_t)p * NR : nullptr);
+    }
+    return;
+  }
   if (W.direct) {  // columns [n0, n1): C^T (n x M) = B[n0:n1] (n x K) A^T, column-major
     const int n0 = p0 * NR, n1 = std::min(W.N, p1 * NR);
     if (n1 <= n0 || M <= 0) return;
-    if (W.rows)  // B row-major (N x K)
-      blas_gemm('t', 'n', n1 - n0, M, K, W.src + (int64_t)n0 * W.ld, (int)W.ld, A, (int)lda, acc, C + n0, (int)ldc);
-    else  // B column-major (N x K)
-      blas_gemm('n', 'n', n1 - n0, M, K, W.src + n0, (int)W.ld, A, (int)lda, acc, C + n0, (int)ldc);
+    const T* b = W.rows ? W.src + (int64_t)n0 * W.ld : W.src + n0;
+    const char tb = W.rows ? 't' : 'n';  // B row-major (N x K), or column-major
+    // one row: a gemv (MKL's gemm with one column runs a B = 1, H = 1,024 step 1.13x nn.LSTMCell's time, its gemv 0.98x)
+    if (!(M == 1 && blas_gemv<T>(tb, W.rows ? K : n1 - n0, W.rows ? n1 - n0 : K, b, (int)W.ld, A, acc, C + n0)))
+      blas_gemm(tb, 'n', n1 - n0, M, K, b, (int)W.ld, A, (int)lda, acc, C + n0, (int)ldc);
     if (bias)
       for (int m = 0; m < M; ++m)
         for (int n = n0; n < n1; ++n) C[(int64_t)m * ldc + n] += bias[n];
     return;
   }
-  for (int p = p0; p < p1; ++p) {
-    const T* wp = W.buf.get() + (size_t)p * K * NR;
-    const int ncols = std::min(NR, W.N - p * NR);
-    T* cp = C + (int64_t)p * NR;
-    const T* bp = bias ? bias + (int64_t)p * NR : nullptr;
-    int m = 0;
-    for (; m + MR <= M; m += MR)
-      micro<T, MR, NV>(K, A + (int64_t)m * lda, (int)lda, wp, cp + (int64_t)m * ldc, (int)ldc, acc, ncols, bp);
-    const int rem = M - m;
-    const T* a = A + (int64_t)m * lda;
-    T* c = cp + (int64_t)m * ldc;
-    switch (rem) {
-      case 0: break;
-#define LKC(r) case r: if constexpr (r < MR) micro<T, r, NV, narrow_unroll(r)>(K, a, (int)lda, wp, c, (int)ldc, acc, ncols, bp); break;
-      LKC(1) LKC(2) LKC(3) LKC(4) LKC(5) LKC(6) LKC(7)
-#undef LKC
-      default: break;
-    }
-  }
+  for (int p = p0; p < p1; ++p)
+    panel_rows<T>(W.buf.get() + (size_t)p * K * NR, K, std::min(NR, W.N - p * NR), M, A, lda, C + (int64_t)p * NR,
+                  ldc, acc, bias ? bias + (int64_t)p * NR : nullptr);
 }
 
 // One GEMM of a phase: C = A * W^T (+C if acc).

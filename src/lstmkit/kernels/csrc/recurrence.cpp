@@ -113,6 +113,35 @@ py::tuple mlp_layout_test(const std::vector<int64_t>& code, int64_t H) {
   return py::make_tuple(mlp.phi, mlp.bias, mlp.atot, mlp.wtot, gates);
 }
 
+// test hook: C (=|+=) A W^T (+ bias) through the per-step GEMM (run_tasks over nthreads): A (M, K)
+// with unit column stride, W (N, K) with any strides, C (M, N) contiguous, bias (N,) or empty; W
+// packed ahead (uses > 1) or read in place (uses 1: BLAS for fewer than PACK_AT_USE_MIN_ROWS rows,
+// packed panel by panel at use from there).
+at::Tensor gemm_test(const at::Tensor& A, const at::Tensor& W, const at::Tensor& bias, at::Tensor C, bool acc,
+                     int64_t uses, int64_t nthreads) {
+  TORCH_CHECK(A.dim() == 2 && W.dim() == 2 && A.size(1) == W.size(1) && A.stride(1) == 1, "gemm_test: shapes");
+  TORCH_CHECK(C.is_contiguous() && C.size(0) == A.size(0) && C.size(1) == W.size(0), "gemm_test: C");
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "lstmkit_gemm_test", [&] {
+    using T = scalar_t;
+    const int M = (int)A.size(0), N = (int)W.size(0), K = (int)W.size(1);
+    Packed<T> Wp;
+    Wp.init(W.data_ptr<T>(), W.stride(0), W.stride(1), N, K, uses);
+    at::Tensor bp;  // the bias padded to whole panels, as the kernel's callers pad it
+    if (bias.numel()) {
+      bp = at::zeros({std::max<int64_t>((int64_t)Wp.npanels * Packed<T>::NR, N)}, A.options());
+      bp.narrow(0, 0, N).copy_(bias);
+    }
+    GemmTask<T> task{&Wp, M, A.data_ptr<T>(), A.stride(0), C.data_ptr<T>(), N, acc,
+                     bp.defined() ? bp.data_ptr<T>() : nullptr};
+    parallel_region((int)nthreads, [&](const int tid, const int nth, Barrier& bar) {
+      Wp.pack_share(tid, nth);
+      bar.wait();
+      run_tasks<T>(&task, 1, tid, nth);
+    });
+  });
+  return C;
+}
+
 }  // namespace lk
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -154,4 +183,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("abi", &lk::compiled_abi, "the variant ABI compiled in (flags, parameter and buffer order)");
   m.def("_act_test", &lk::act_test, "test hook: vectorised exp/tanh/sigmoid");
   m.def("_mlp_layout_test", &lk::mlp_layout_test, "test hook: an mlp layout as the kernel decodes it");
+  m.def("_gemm_test", &lk::gemm_test, "test hook: C (+)= A W^T (+ bias) through the per-step GEMM");
 }
