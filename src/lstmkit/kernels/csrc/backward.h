@@ -57,24 +57,30 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   at::Tensor dRc = cf.ln ? at::zeros({Tc * B, ldr}, opt) : at::Tensor();
   at::Tensor dWhh = dwhh_out;  // layernorm: accumulate_dwhh's sum (the first chunk's product writes it: no zero fill)
   bool dwhh_written = add;  // add: the sum goes on from dwhh_out's values
-  at::Tensor dH = at::zeros({B, Hout}, opt);               // GEMM output: dr_t W_hh
-  at::Tensor dHZ = cf.zoneout ? at::zeros({B, Hout}, opt) : at::Tensor();  // zoneout: d_h dL/dh_t
-  at::Tensor dRw = at::zeros({cf.ln ? 0 : B, ldr}, opt);   // GEMM input (padded; layernorm: dRc rows)
   at::Tensor dcs = lstm ? dcn.clone() : at::Tensor();
-  at::Tensor dS, dUS, dHPw, dMo, dV, dA;
+  at::Tensor dV;
   // deep gates: dV's rows padded (ldV), so that one layer's columns, which the reductions after the
   // loop read over all T·B rows, do not start at a multiple of 4 KiB apart (vtot = 4·256: MKL's product
   // of (6400, 256) of them with the activations 3.6 -> 2.1 ms on AVX2, alone)
   const int64_t ldV = mlp.any() ? pad_ld(mlp.vtot, VL) : 0;
-  if (mlp.any()) { dV = at::empty({Tn, B, ldV}, opt); dA = at::zeros({B, mlp.atot}, opt); }
-  if (cf.fgr) { dS = at::zeros({B, cf.nS * H}, opt); dUS = at::zeros({B, lds}, opt); }
-  if (P > 0) { dHPw = at::zeros({B, ldp}, opt); dMo = at::zeros({B, H}, opt); }
+  if (mlp.any()) dV = at::empty({Tn, B, ldV}, opt);
   const AccLayout al{H, R};
   const int64_t NACC = al.size();
   at::Tensor acc = at::zeros({nthreads, NACC}, opt);
   // per thread: LN-c row (H), gathered dy row (H_out), zoneout's dh row (H_out), recomputed gates (R)
   const int64_t ldtmp = pad_ld(H, VL) + 2 * pad_ld(Hout, VL) + (regate ? pad_ld(R, VL) : 0);
-  at::Tensor rowtmp = at::zeros({nthreads, ldtmp}, opt);
+  // the call's workspaces: one zeroed allocation (Carve)
+  Carve<T> ws;
+  T *dHp, *dHZp = nullptr, *dRwp = nullptr, *dAp = nullptr, *dSp = nullptr, *dUSp = nullptr, *dHPwp = nullptr,
+    *dMop = nullptr, *rowtmpp;
+  ws.take(dHp, B * Hout);                                 // GEMM output: dr_t W_hh, (B, H_out)
+  if (cf.zoneout) ws.take(dHZp, B * Hout);                // zoneout: d_h dL/dh_t
+  if (!cf.ln) ws.take(dRwp, B * ldr);                     // GEMM input, (B, R) padded (layernorm: dRc's rows)
+  if (mlp.any()) ws.take(dAp, B * mlp.atot);              // deep gates: dL/da, (B, atot)
+  if (cf.fgr) { ws.take(dSp, B * cf.nS * H); ws.take(dUSp, B * lds); }  // fgr: ds, du_S
+  if (P > 0) { ws.take(dHPwp, B * ldp); ws.take(dMop, B * H); }          // projection: dy rows, dL/dm
+  ws.take(rowtmpp, nthreads * ldtmp);
+  const at::Tensor workspace = ws.allocate(opt);
 
   Packed<T> Wt, Wggt, Whrt;
   // heads: one block of W_hh per head and gate (cf.hseg), read in its canonical rows: a head's dh
@@ -111,20 +117,12 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   const T* dhnp = dhn.data_ptr<T>();
   T* dRcp = ptr(dRc);
   T* dHPp = ptr(dHP);
-  T* dHp = dH.data_ptr<T>();
-  T* dHZp = ptr(dHZ);
-  T* dRwp = ptr(dRw);
-  T* dSp = ptr(dS);
-  T* dUSp = ptr(dUS);
-  T* dHPwp = ptr(dHPw);
-  T* dMop = ptr(dMo);
   T* accp = acc.data_ptr<T>();
-  T* rowtmpp = rowtmp.data_ptr<T>();
   const StepBackward<T> step{cf, prm, al, B, regate ? nullptr : ptr(buffers[B_G]), ptr(buffers[B_C]),
                              ptr(buffers[B_CN]), Y.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr,
                              ptr(buffers[B_RH]), ptr(buffers[B_RS]), ptr(buffers[B_AH]), ptr(buffers[B_AS]),
                              dXG.data_ptr<T>(), lstm ? dcs.data_ptr<T>() : nullptr, dSp, dUSp, lds, ptr(dZS),
-                             ptr(Mo), mlp, ptr(buffers[B_MLP]), ptr(dV), ldV, ptr(dA)};
+                             ptr(Mo), mlp, ptr(buffers[B_MLP]), ptr(dV), ldV, dAp};
 
   std::vector<GemmTask<T>> phaseA;  // dh = dr W_hh (heads: per head, its gates' segments) [, ds = du_S W_gg]
   std::vector<int64_t> dr_col;       // the dh tasks' first column of dr (their A moves with t under layernorm)

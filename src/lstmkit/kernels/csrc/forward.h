@@ -90,20 +90,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
     buf[B_AH] = at::empty({Tn, B, R}, opt); buf[B_AS] = at::empty({Tn, B, cf.G}, opt);
   }
   auto kept = [&](int k) -> T* { return buf[k].defined() ? buf[k].data_ptr<T>() : nullptr; };
-  // workspaces (one allocation per call)
   const int64_t ldh = pad_ld(Hout, VL), ldr = pad_ld(R, VL), lds = pad_ld(std::max<int64_t>(cf.nS * H, 1), VL),
                 ldm = pad_ld(H, VL), ldscratch = pad_ld(H, VL);
-  at::Tensor hs = at::zeros({B, ldh}, opt), rws = at::zeros({B, ldr}, opt);  // (B, H_out) h, (B, R) r
-  at::Tensor cs = lstm ? c0.contiguous().clone() : at::Tensor();                // (B, S·H) c [, n, m]
-  at::Tensor ss, fws, mws, scratch, acts_ws, vout;
-  if (mlp.any()) {  // deep gates: each layer's output (B, vtot); a_j per step when not kept
-    vout = at::zeros({B, mlp.vtot}, opt);
-    if (!buf[B_MLP].defined()) acts_ws = at::zeros({B, mlp.atot}, opt);
-  }
-  if (cf.fgr) { ss = at::zeros({B, lds}, opt); fws = at::zeros({B, lds}, opt); }  // fgr: s, s W_gg^T
-  if (P > 0) mws = at::zeros({B, ldm}, opt);                                       // o ⊙ act(c), (B, H)
-  if (cf.zoneout) scratch = at::zeros({nthreads, ldscratch}, opt);
-  hs.narrow(1, 0, Hout).copy_(h0);
+  at::Tensor cs = lstm ? c0.contiguous().clone() : at::Tensor();  // (B, S·H) c [, n, m]
 
   Packed<T> Wp, Wgg, Whr;
   std::vector<Packed<T>> Wh;
@@ -123,18 +112,36 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   // inference: the input projection in the loop (xg_t into xws), W_ih packed like W_hh
   Packed<T> Wih;
   const Packed<T>& Win = frozen ? frozen->Wih : Wih;
-  at::Tensor xws, biasp;
-  if (proj_in) {
-    if (!frozen) Wih.init(proj_in->w, proj_in->sw0, proj_in->sw1, (int)R, (int)proj_in->I, Tn, cf.bf16_gemm);
-    xws = at::zeros({B, ldr}, opt);
-    if (proj_in->bias) {  // padded to whole panels (the micro-kernel reads NR columns at a time)
-      biasp = at::zeros({std::max<int64_t>((int64_t)Win.npanels * Packed<T>::NR, R)}, opt);
-      T* bp = biasp.data_ptr<T>();
-      for (int64_t n = 0; n < R; ++n) bp[n] = proj_in->bias[n] + (proj_in->bias2 ? proj_in->bias2[n] : T(0));
-    }
-  }
+  if (proj_in && !frozen) Wih.init(proj_in->w, proj_in->sw0, proj_in->sw1, (int)R, (int)proj_in->I, Tn, cf.bf16_gemm);
   const bool widen = xg_low.defined() && !proj_in;  // xg_t's rows widened into xws, step by step
-  if (widen) xws = at::zeros({B, ldr}, opt);
+
+  // the call's workspaces: one zeroed allocation (Carve)
+  Carve<T> ws;
+  T *hsp, *rwp, *xwp = nullptr, *biasp = nullptr, *ssp = nullptr, *fwp = nullptr, *mwp = nullptr,
+    *scratchp = nullptr, *voutp = nullptr, *actsp = nullptr;
+  ws.take(hsp, B * ldh);                                 // h, (B, H_out)
+  ws.take(rwp, B * ldr);                                 // r, (B, R)
+  if (proj_in || widen) ws.take(xwp, B * ldr);           // xg_t, (B, R)
+  if (proj_in && proj_in->bias)  // the projection's bias, padded to whole panels (the micro-kernel reads NR columns)
+    ws.take(biasp, std::max<int64_t>((int64_t)Win.npanels * Packed<T>::NR, R));
+  if (cf.fgr) { ws.take(ssp, B * lds); ws.take(fwp, B * lds); }  // fgr: s and s W_gg^T, (B, nS·H)
+  if (P > 0) ws.take(mwp, B * ldm);                      // o ⊙ act(c), (B, H)
+  if (cf.zoneout) ws.take(scratchp, nthreads * ldscratch);
+  const bool acts_own = mlp.any() && !buf[B_MLP].defined();
+  if (mlp.any()) {  // deep gates: each layer's output (B, vtot); a_j (B, atot) per step when not kept
+    ws.take(voutp, B * mlp.vtot);
+    if (acts_own) ws.take(actsp, B * mlp.atot);
+  }
+  const at::Tensor workspace = ws.allocate(opt);
+  if (mlp.any() && !acts_own) actsp = kept(B_MLP);
+  {
+    const at::Tensor h0c = h0.contiguous();  // (B, H_out), the compute dtype
+    TORCH_INTERNAL_ASSERT(h0c.scalar_type() == Y.scalar_type() && h0c.numel() == B * Hout);
+    const T* h0p = h0c.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) std::copy(h0p + b * Hout, h0p + (b + 1) * Hout, hsp + b * ldh);
+  }
+  if (biasp)
+    for (int64_t n = 0; n < R; ++n) biasp[n] = proj_in->bias[n] + (proj_in->bias2 ? proj_in->bias2[n] : T(0));
   // deep gates: W_j of every MLP layer, packed once per call (v = a W_j^T)
   std::vector<Packed<T>> Wm(mlp.gates.size() * std::max(mlp.depth, 1));
   for (size_t k = 0; k < mlp.gates.size(); ++k)
@@ -143,23 +150,16 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
       Wm[k * mlp.depth + j].init(mw.w[k * mlp.depth + j], mg.w[j], 1, (int)mg.w[j + 1], (int)mg.w[j], Tn,
                                  cf.bf16_gemm);
     }
-  T* hsp = hs.data_ptr<T>();
-  T* rwp = rws.data_ptr<T>();
-  T* ssp = cf.fgr ? ss.data_ptr<T>() : nullptr;
-  T* fwp = cf.fgr ? fws.data_ptr<T>() : nullptr;
-  T* mwp = P > 0 ? mws.data_ptr<T>() : nullptr;
-  StepForward<T> step{cf, prm, B, xws.defined() ? xws.data_ptr<T>() : xg.data_ptr<T>(), rwp, ldr, fwp, lds, ssp,
+  StepForward<T> step{cf, prm, B, xwp ? xwp : xg.data_ptr<T>(), rwp, ldr, fwp, lds, ssp,
                             lstm ? cs.data_ptr<T>() : nullptr, hsp, ldh, mwp, ldm, Y.data_ptr<T>(),
                             kept(B_G), kept(B_C), kept(B_CN), kept(B_RH), kept(B_RS), kept(B_AH), kept(B_AS),
-                            cf.zoneout ? scratch.data_ptr<T>() : nullptr, ldscratch, mlp, mw,
-                            mlp.any() ? (acts_ws.defined() ? acts_ws.data_ptr<T>() : kept(B_MLP)) : nullptr,
-                            acts_ws.defined(), mlp.any() ? vout.data_ptr<T>() : nullptr};
+                            scratchp, ldscratch, mlp, mw, actsp, acts_own, voutp};
 
-  step.xg_ts = xws.defined() ? 0 : B * R;
-  step.xg_bs = xws.defined() ? ldr : R;
+  step.xg_ts = xwp ? 0 : B * R;
+  step.xg_bs = xwp ? ldr : R;
   // widen row (t, b) of xg_low into row b of xws (the caller's thread owns row b in phase B)
   auto widen_row = [&](int64_t t, int64_t b) {
-    T* dst = xws.data_ptr<T>() + b * ldr;
+    T* dst = xwp + b * ldr;
     AT_DISPATCH_REDUCED_FLOATING_TYPES(xg_low.scalar_type(), "lstmkit_widen", [&] {
       const scalar_t* src = xg_low.data_ptr<scalar_t>() + (t * B + b) * R;
       for (int64_t j = 0; j < R; ++j) dst[j] = static_cast<T>(src[j]);
@@ -175,8 +175,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wgg, (int)B, ssp, lds, fwp, lds, false});
   const int iA = (int)phaseA.size();  // the input projection's task (its A moves with t)
   if (proj_in)
-    phaseA.push_back(GemmTask<T>{&Win, (int)B, proj_in->x, proj_in->I, xws.data_ptr<T>(), ldr, false,
-                                 biasp.defined() ? biasp.data_ptr<T>() : nullptr});
+    phaseA.push_back(GemmTask<T>{&Win, (int)B, proj_in->x, proj_in->I, xwp, ldr, false, biasp});
   const int nA = (int)phaseA.size();
 
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
@@ -230,7 +229,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
       }
     }
   });
-  at::Tensor hn = hs.narrow(1, 0, Hout).contiguous();
+  at::Tensor hn = at::empty({B, Hout}, opt);
+  T* hnp = hn.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) std::copy(hsp + b * ldh, hsp + b * ldh + Hout, hnp + b * Hout);
   // a separate empty tensor per absent output: outputs of an operator must not alias each other
   auto e = [&] { return at::empty({0}, opt); };
   std::vector<at::Tensor> out = {Y, hn, lstm ? cs : e()};

@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
 #include "lstmkit_abi.h"  // LN_EPS
 
 namespace lk {
@@ -24,6 +27,28 @@ static inline int64_t pad_ld(int64_t K, int VL) {
   // round up to whole vectors, then one more vector: breaks 4 KiB aliasing of row starts
   return (K + VL - 1) / VL * VL + VL;
 }
+
+// A call's workspaces carved from one zeroed allocation: take(p, n) for each (n elements; every
+// part starts on a 64-byte line), then allocate() once, which points each p at its part — valid for
+// as long as the returned tensor lives. (A one-step call spends more on allocations, each a
+// dispatcher round trip, than on its arithmetic.)
+template <typename T>
+struct Carve {
+  std::vector<std::pair<T**, int64_t>> parts;  // where each part's address goes, its offset
+  int64_t total = 0;
+  void take(T*& p, int64_t n) {
+    constexpr int64_t line = 64 / sizeof(T);
+    parts.emplace_back(&p, total);
+    total += (std::max<int64_t>(n, 0) + line - 1) / line * line;
+  }
+  at::Tensor allocate(const at::TensorOptions& opt) {
+    at::Tensor mem = at::empty({std::max<int64_t>(total, 1)}, opt);  // CPU allocations: 64-byte aligned
+    T* base = mem.data_ptr<T>();
+    std::memset(base, 0, (size_t)total * sizeof(T));
+    for (auto& [p, off] : parts) *p = base + off;
+    return mem;
+  }
+};
 
 template <typename T>
 static inline T hsum(const Vectorized<T>& v) {
