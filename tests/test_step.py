@@ -494,6 +494,87 @@ def test_inference_sequence_prepared_like_a_step(cell, batch_first, forward_infe
     assert calls, "the fused kernel's forward_infer ran"
 
 
+@pytest.mark.parametrize("cell", [pytest.param(v, id=k) for k, v in LSTM_VARIANTS.items()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_training_sequence_prepared_bit_for_bit(cell, dtype):
+    """A whole sequence with gradients is prepared per call signature too (the compiled node,
+    its input projection apart from the loop as the general path computes it): for every variant,
+    a two-layer stack with dropout between the layers, a state that wants gradients and
+    batch_first, the calls after the first give bit-identical outputs, states and gradients
+    (input, state, every parameter) without the general path — but zoneout in training, whose
+    masks the general path draws for the whole sequence."""
+    spec = resolve(cell)
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(I, H, num_layers=2, cell=cell, batch_first=True, dropout=0.5).to(dtype).train()
+    x = torch.randn(B, T, I, dtype=dtype, requires_grad=True)
+    states = layer(x.detach())[1]
+    hx = tuple(torch.randn_like(t).requires_grad_() for t in states)
+    general = []
+    real_run = type(layer)._run
+    layer._run = lambda *a, **k: general.append(1) or real_run(layer, *a, **k)  # type: ignore[method-assign]
+    results = []
+    for _ in range(3):
+        torch.manual_seed(1)  # the same dropout (and zoneout) masks
+        layer.zero_grad()
+        x.grad = None
+        for t in hx:
+            t.grad = None
+        y, out_states = layer(x, hx)
+        (y.square().sum() + sum((t * t).sum() for t in out_states)).backward()
+        results.append([y, *out_states, x.grad, *(t.grad for t in hx), *(p.grad for p in layer.parameters())])
+    zoneout = spec.zoneout != (0.0, 0.0)
+    assert len(general) == (3 if zoneout else 1), "the calls after the first take the prepared path"
+    for first, later in zip(results[0], results[2]):
+        assert first is not None and later is not None
+        torch.testing.assert_close(later, first, rtol=0, atol=0)
+
+
+def test_training_sequence_prepared_only_where_it_projects_alike(monkeypatch):
+    """Grad mode with nothing wanting a gradient, 16-bit layers and oneDNN's projection GEMM stay
+    on the general path (the prepared node could not compute what it computes), and a prepared
+    signature without gradients is not taken with them (nor the other way round)."""
+    from lstmkit.kernels import fused
+
+    torch.manual_seed(0)
+    x = torch.randn(T, B, I)
+    layer = lstmkit.LSTM(I, H)
+    general = []
+    real_run = type(layer)._run
+    layer._run = lambda *a, **k: general.append(1) or real_run(layer, *a, **k)  # type: ignore[method-assign]
+    layer.requires_grad_(False)
+    for _ in range(2):
+        layer(x)
+    assert len(general) == 2
+    layer.requires_grad_(True)
+    with torch.no_grad():
+        layer(x)  # an inference signature
+    general.clear()
+    layer(x)[0].sum().backward()  # with gradients: a signature of its own, the general path first
+    layer(x)[0].sum().backward()
+    assert len(general) == 1
+    general.clear()
+    with torch.no_grad():
+        layer(x)
+    assert not general, "the inference signature kept apart from the training one"
+    monkeypatch.setattr(fused, "_use_onednn", lambda rows, w: True)
+    other = lstmkit.LSTM(I, H)
+    other._prepared.clear()
+    called = []
+    real_other = type(other)._run
+    other._run = lambda *a, **k: called.append(1) or real_other(other, *a, **k)  # type: ignore[method-assign]
+    for _ in range(2):
+        other(x)[0].sum().backward()
+    assert len(called) == 2, "oneDNN's projection: the general path every time"
+    monkeypatch.undo()
+    low = lstmkit.LSTM(I, H).bfloat16()
+    low_calls = []
+    real_low = type(low)._run
+    low._run = lambda *a, **k: low_calls.append(1) or real_low(low, *a, **k)  # type: ignore[method-assign]
+    for _ in range(2):
+        low(x.bfloat16())[0].float().sum().backward()
+    assert len(low_calls) == 2, "a 16-bit layer: the general path every time"
+
+
 def test_prepared_sequence_rechecks_what_changed():
     """A prepared sequence signature gives way to the general path where it must decide: gradients
     wanted, a NaN (named), a module converted in place to another dtype (the mismatch named), a

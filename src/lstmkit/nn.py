@@ -554,15 +554,17 @@ class LSTM(_Recurrent):
         step; reversed within its length for the backward direction), with ``output`` padded
         with zeros past each length, shaped as the input.
         """
-        # eager inference over a padded batch: what the general path derives, kept per call
-        # signature (PreparedStep), where that path ran forward_infer on every layer
+        # eager runs over a padded batch: what the general path derives, kept per call signature
+        # (PreparedStep) — without gradients where that path ran forward_infer on every layer, with
+        # them where it ran the operator on every layer (the compiled node projects as it did)
         run = lengths is None and not self.bidirectional and type(input) is Tensor and input.dim() == 3 \
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.compiler.is_compiling()
         if run:
+            grad = torch.is_grad_enabled()
             x = input.transpose(0, 1) if self.batch_first else input  # (T, N, I)
             version = kernels.registry_version()
             fast = self._prepared.run(x, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
-                                      self.check_finite, True, self.dropout)
+                                      self.check_finite, True, self.dropout, grad)
             if fast is not None:
                 y, h_n, cells = fast  # (T, N, H_out), (L, N, H_out), S × (L, N, H)
                 return (y.transpose(0, 1) if self.batch_first else y), (h_n, *cells)
@@ -570,9 +572,9 @@ class LSTM(_Recurrent):
         assert c_n is not None
         if run and isinstance(out.kernel, FusedCPUKernel):
             layers = [self.layer_params(layer) for layer in range(self.num_layers)]
-            if all(in_loop_projection(x, p["weight_ih"]) for p in layers):  # (T, N) decide it for every layer
-                self._prepared.remember(self._prepared.signature(x, hx, self.training, version), layers,
-                                        self._parameters)  # type: ignore[arg-type]
+            if grad or all(in_loop_projection(x, p["weight_ih"]) for p in layers):  # (T, N) decide it for every layer
+                self._prepared.remember(self._prepared.signature(x, hx, self.training, version, grad), layers,
+                                        self._parameters, grad_run=grad)  # type: ignore[arg-type]
         return output, (h_n, *self._cell_states(c_n))
 
     def step(self, input: Tensor, hx: State | None = None) -> tuple[Tensor, State]:

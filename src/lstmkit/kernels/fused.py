@@ -290,13 +290,14 @@ def forward_infer(args: tuple[Any, ...], x: Tensor, h0: Tensor, c0: Tensor | Non
 
 class PreparedStep:
     """One step on the compiled CPU kernel — of a cell or of a whole stack of layers — or a whole
-    sequence's inference (``LSTM.forward`` without gradients), for a call signature whose checks
-    the general path has passed: what that path derives on every call (the kernel's choice, each
-    layer's operator parameter list, flags and scalars) kept per signature; a one-step-per-call
-    decoder, policy or truncated-BPTT loop, or a short sequence, otherwise spends more in Python
-    than in the kernel. Without gradients a step is ``forward_infer``; with them, one
-    autograd node built in C++ (``forward_step``: the projection and the recurrence, the same
-    gradient as the operator's).
+    sequence (``LSTM.forward``), for a call signature whose checks the general path has passed:
+    what that path derives on every call (the kernel's choice, each layer's operator parameter
+    list, flags and scalars) kept per signature; a one-step-per-call decoder, policy or
+    truncated-BPTT loop, or a short sequence, otherwise spends more in Python than in the kernel.
+    Without gradients a step is ``forward_infer``; with them, one autograd node built in C++
+    (``forward_step``: the projection and the recurrence, the same gradient as the operator's). A
+    whole sequence with gradients projects its input apart from the loop, op for op as the general
+    path does, so that it computes what that path computes, bit for bit.
 
     In training mode it draws what the general path draws, in the same order from torch's
     generator (per layer: dropout on its input but the first's, then zoneout's masks), so a seed
@@ -324,19 +325,31 @@ class PreparedStep:
         self.frozen = False
 
     @staticmethod
-    def signature(x: Tensor, hx: Any, training: bool, version: int) -> tuple:
+    def signature(x: Tensor, hx: Any, training: bool, version: int, grad: bool | None = None) -> tuple:
         """What a call's checks and choices depend on besides values: types, shapes, dtypes,
-        devices, the module's mode, the kernel registry's version."""
+        devices, the module's mode, the kernel registry's version; for a whole run (``grad`` given)
+        also whether grad mode is on: the general path projects a run with gradients apart from its
+        loop, and one without inside it."""
         states = None if hx is None else (type(hx), *[(type(t), t.shape, t.dtype, t.device) for t in hx])
-        return type(x), x.shape, x.dtype, x.device, states, training, version
+        key = (type(x), x.shape, x.dtype, x.device, states, training, version)
+        return key if grad is None else (*key, grad)
 
-    def remember(self, key: tuple, layers: list[dict[str, Tensor]], parameters: dict[str, Tensor]) -> None:
+    def remember(self, key: tuple, layers: list[dict[str, Tensor]], parameters: dict[str, Tensor],
+                 grad_run: bool = False) -> None:
         """After the general path ran this kernel for signature ``key``: ``layers`` each layer's
-        parameters, ``parameters`` the module's own (whose identity later calls compare)."""
+        parameters, ``parameters`` the module's own (whose identity later calls compare);
+        ``grad_run``: a whole run in grad mode, prepared only where its compiled node projects the
+        input as the general path did (float32 / float64 through ``F.linear``, not oneDNN's GEMM)
+        and some parameter wants a gradient."""
         if key[0] is not Tensor or len(key[1]) not in (2, 3) or key[3].type != "cpu" or not self.spec.is_lstm:
             return
         if len(key[1]) == 3 and key[5] and self.spec.zoneout != (0.0, 0.0):
             return  # a run's zoneout in training: the whole sequence's masks, drawn by the general path
+        if grad_run:
+            rows = key[1][0] * key[1][1]  # T·N
+            if key[2] not in (torch.float32, torch.float64) or not any(p.requires_grad for p in parameters.values()) \
+                    or any(_use_onednn(rows, p["weight_ih"]) for p in layers):
+                return
         kept = self._kept if len(self._kept) < _KEPT_SIGNATURES else {}
         ext = cpu_ext.load()
         prepared = []
@@ -358,18 +371,19 @@ class PreparedStep:
         return {**self.__dict__, "_kept": {}, "_ext": None}
 
     def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: int,
-            check_finite: bool, stacked: bool, dropout: float = 0.0
+            check_finite: bool, stacked: bool, dropout: float = 0.0, grad: bool | None = None
             ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]] | None:
         """The step for input ``x`` (N, I) and ``hx`` — a cell's ``(h, c)`` (the sLSTM's ``(h, c, n, m)``)
         each (N, H), or with ``stacked`` a stack's, each (L, N, ·) — or None (see above); ``dropout``
         on each layer's input but the first's in training. Returns the output (N, H_out), ``h'`` and
         the S cell states: a cell's (N, H_out) and (N, H) each, a stack's (L, N, H_out) and (L, N, H)
         each. With ``stacked``, ``x`` may also be a whole time-major run (T, N, I), kept by
-        :meth:`LSTM.forward <lstmkit.LSTM.forward>` for inference; the output is then (T, N, H_out)."""
+        :meth:`LSTM.forward <lstmkit.LSTM.forward>` (``grad``: whether grad mode is on); the output is
+        then (T, N, H_out)."""
         if not self._kept:
             return None
         try:
-            kept = self._kept.get(self.signature(x, hx, training, version))
+            kept = self._kept.get(self.signature(x, hx, training, version, grad))
         except (AttributeError, TypeError):
             return None  # arguments that are not tensors: the general path names them
         if kept is None:
@@ -380,6 +394,8 @@ class PreparedStep:
         current = tuple(parameters.values())
         if len(current) != len(params) or not all(map(operator.is_, current, params)):
             return None
+        if grad and not any(p.requires_grad for p in current):
+            return None  # the general path runs it without gradients (inside its loop, where it pays)
         if current[0].dtype != x.dtype or current[0].device != x.device:
             return None  # converted in place since (module.double()): the general path names the mismatch
         # functorch, autocast, the TorchScript-based ONNX export's trace; a NaN or inf (one call)

@@ -291,6 +291,34 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> p
                       P, save, save, x, w_ih, bias, bias2, mlp_each, frozen);
 }
 
+// A whole run with gradients (a prepared LSTM.forward in training: PreparedStep, fused.py): the
+// input projection apart, op for op as the general path computes it (cell.input_projection with
+// F.linear, i.e. at::linear: x W_ih^T + (b_ih + b_hh), or for layernorm the raw product, the summed
+// bias then params[P_BIAS]), then the operator's forward on that xg — so that a prepared call
+// computes what the general path does, bit for bit (ProjectedRun's backward mirrors its autograd).
+// x (T, B, I); otherwise as projected_forward.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> apart_forward(
+    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
+    const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, std::vector<at::Tensor>& params,
+    int64_t flags, const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H,
+    int64_t P, const std::vector<at::Tensor>& mlp_each) {
+  TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit: expected ", (int)N_PARAMS, " params");
+  TORCH_CHECK(x.dim() == 3, "lstmkit: a run's x must be (T, B, I)");
+  const int64_t T = x.size(0), B = x.size(1);
+  const at::Tensor x2d = x.reshape({T * B, x.size(2)});
+  const at::Tensor bias = b_ih.numel() ? b_ih + b_hh : at::Tensor();  // (R,)
+  at::Tensor xg;  // (T·B, R)
+  if (flags & F_LAYERNORM) {
+    xg = at::linear(x2d, w_ih);
+    if (bias.defined()) params[P_BIAS] = bias;
+  } else {
+    xg = at::linear(x2d, w_ih, bias);
+  }
+  return forward_call(xg.view({T, B, w_ih.size(0)}), whh, h0, c0, at::Tensor(), params, flags, mlp_layout, clip,
+                      zoneout_c, zoneout_h, H, P, true, true, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+                      mlp_each);
+}
+
 // Inference (nothing needs a gradient): the input projection and the recurrence in one call, the
 // projection inside the loop (forward_impl's InputProjection), for a whole sequence or one step
 // (LSTMCell, layer.step, streaming). Taken by FusedCPUKernel.run (lstmkit/kernels/fused.py); the

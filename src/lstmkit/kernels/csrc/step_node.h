@@ -169,14 +169,19 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
       const c10::intrusive_ptr<GradCarry>& carry, bool widen16) {
     const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
+    // a whole run (a prepared LSTM.forward): the projection apart, as the general path computes it;
+    // a step's (LSTMCell, layer.step) inside the loop
+    const bool run = x_in.dim() == 3;
     const int64_t S = (int64_t)cells.size();
     // (B, S*H) | (0,) or (1, B, H): one state is saved as given (autograd checks its version)
     const at::Tensor c0_in = S == 1 ? cells[0] : join_cells(cells.vec(), x_in.options());
     std::vector<at::Tensor> params(params_in.begin(), params_in.end());
     const std::vector<at::Tensor> mlp(mlp_in.begin(), mlp_in.end());
-    auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in),
-                                                    axes.state(c0_in), at::Tensor(), params, flags, mlp_layout, clip,
-                                                    zoneout_c, zoneout_h, H, P, true, mlp);
+    auto [y, h_n, c_n, buffers] =
+        run ? apart_forward(x_in, w_ih, b_ih, b_hh, whh, axes.state(h0_in), axes.state(c0_in), params, flags,
+                            mlp_layout, clip, zoneout_c, zoneout_h, H, P, mlp)
+            : projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in), axes.state(c0_in),
+                                at::Tensor(), params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P, true, mlp);
     TORCH_CHECK((int64_t)buffers.size() == N_BUFFERS, "lstmkit forward_step: expected ", (int)N_BUFFERS, " buffers");
     const at::Tensor y_out = axes.y_out(y);
     // the inputs and the output y as given (their versions checked by autograd), then params,
@@ -268,9 +273,12 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
           }
           into_pass = true;
         } else {
-          const at::Tensor flat = at::empty({w_ih.numel() + whh.numel()}, whh.options());
+          // dW_hh on a 64-byte line, as a tensor of its own starts: MKL's results depend on the
+          // output's alignment, bits included, and the general path's dW_hh is a tensor of its own
+          const int64_t line = 64 / whh.element_size(), off = (w_ih.numel() + line - 1) / line * line;
+          const at::Tensor flat = at::empty({off + whh.numel()}, whh.options());
           dwih_out = flat.narrow(0, 0, w_ih.numel()).view(w_ih.sizes());
-          dwhh_out = flat.narrow(0, w_ih.numel(), whh.numel()).view(whh.sizes());
+          dwhh_out = flat.narrow(0, off, whh.numel()).view(whh.sizes());
         }
       }
       auto [dxg, dwhh, dh0, dc0, dparams] = backward_call(
