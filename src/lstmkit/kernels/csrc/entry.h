@@ -272,51 +272,37 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
                        mlp_layout, clip, zoneout_c, zoneout_h, H, P, {});
 }
 
-// The forward with the input projection in the loop, for forward_infer and ProjectedRun (with
-// `save`: the buffers too). The projection's bias b_ih + b_hh is summed by the kernel (no extra op
-// per call); layernorm adds the summed bias after the norm: set here as params[P_BIAS].
+// The forward with the input projection, for forward_infer and ProjectedRun (with `save`: the
+// buffers too). Inside the loop: the projection's bias b_ih + b_hh is summed by the kernel (no extra
+// op per call). With `apart` (a whole run with gradients, a prepared LSTM.forward: PreparedStep,
+// fused.py) before it, op for op as the general path computes it (cell.input_projection with
+// F.linear, i.e. at::linear, x W_ih^T + (b_ih + b_hh)), then the operator's forward on that xg —
+// so that a prepared call computes what the general path does, bit for bit (ProjectedRun's
+// backward mirrors its autograd). Layernorm adds the summed bias after the norm either way: set
+// here as params[P_BIAS], and its projection is the raw product.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> projected_forward(
     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
     const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& lengths,
     std::vector<at::Tensor>& params, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
     double zoneout_c, double zoneout_h, int64_t H, int64_t P, bool save, const std::vector<at::Tensor>& mlp_each = {},
-    const Frozen* frozen = nullptr) {
+    const Frozen* frozen = nullptr, bool apart = false) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit: expected ", (int)N_PARAMS, " params");
   at::Tensor bias = b_ih.numel() ? b_ih : at::Tensor(), bias2 = b_hh.numel() ? b_hh : at::Tensor();
   if ((flags & F_LAYERNORM) && bias.defined()) {
     params[P_BIAS] = b_ih + b_hh;  // (R,)
     bias = bias2 = at::Tensor();
   }
+  if (apart) {
+    TORCH_CHECK(x.dim() == 3 && !frozen, "lstmkit: the projection apart takes a run's x (T, B, I)");
+    const int64_t T = x.size(0), B = x.size(1);
+    const at::Tensor x2d = x.reshape({T * B, x.size(2)});
+    const at::Tensor xg = bias.defined() ? at::linear(x2d, w_ih, bias + bias2) : at::linear(x2d, w_ih);  // (T·B, R)
+    return forward_call(xg.view({T, B, w_ih.size(0)}), whh, h0, c0, lengths, params, flags, mlp_layout, clip,
+                        zoneout_c, zoneout_h, H, P, save, save, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+                        mlp_each);
+  }
   return forward_call(at::Tensor(), whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H,
                       P, save, save, x, w_ih, bias, bias2, mlp_each, frozen);
-}
-
-// A whole run with gradients (a prepared LSTM.forward in training: PreparedStep, fused.py): the
-// input projection apart, op for op as the general path computes it (cell.input_projection with
-// F.linear, i.e. at::linear: x W_ih^T + (b_ih + b_hh), or for layernorm the raw product, the summed
-// bias then params[P_BIAS]), then the operator's forward on that xg — so that a prepared call
-// computes what the general path does, bit for bit (ProjectedRun's backward mirrors its autograd).
-// x (T, B, I); otherwise as projected_forward.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> apart_forward(
-    const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
-    const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, std::vector<at::Tensor>& params,
-    int64_t flags, const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H,
-    int64_t P, const std::vector<at::Tensor>& mlp_each) {
-  TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit: expected ", (int)N_PARAMS, " params");
-  TORCH_CHECK(x.dim() == 3, "lstmkit: a run's x must be (T, B, I)");
-  const int64_t T = x.size(0), B = x.size(1);
-  const at::Tensor x2d = x.reshape({T * B, x.size(2)});
-  const at::Tensor bias = b_ih.numel() ? b_ih + b_hh : at::Tensor();  // (R,)
-  at::Tensor xg;  // (T·B, R)
-  if (flags & F_LAYERNORM) {
-    xg = at::linear(x2d, w_ih);
-    if (bias.defined()) params[P_BIAS] = bias;
-  } else {
-    xg = at::linear(x2d, w_ih, bias);
-  }
-  return forward_call(xg.view({T, B, w_ih.size(0)}), whh, h0, c0, at::Tensor(), params, flags, mlp_layout, clip,
-                      zoneout_c, zoneout_h, H, P, true, true, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-                      mlp_each);
 }
 
 // Inference (nothing needs a gradient): the input projection and the recurrence in one call, the

@@ -177,11 +177,9 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     const at::Tensor c0_in = S == 1 ? cells[0] : join_cells(cells.vec(), x_in.options());
     std::vector<at::Tensor> params(params_in.begin(), params_in.end());
     const std::vector<at::Tensor> mlp(mlp_in.begin(), mlp_in.end());
-    auto [y, h_n, c_n, buffers] =
-        run ? apart_forward(x_in, w_ih, b_ih, b_hh, whh, axes.state(h0_in), axes.state(c0_in), params, flags,
-                            mlp_layout, clip, zoneout_c, zoneout_h, H, P, mlp)
-            : projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in), axes.state(c0_in),
-                                at::Tensor(), params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P, true, mlp);
+    auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in),
+                                                    axes.state(c0_in), at::Tensor(), params, flags, mlp_layout, clip,
+                                                    zoneout_c, zoneout_h, H, P, true, mlp, nullptr, run);
     TORCH_CHECK((int64_t)buffers.size() == N_BUFFERS, "lstmkit forward_step: expected ", (int)N_BUFFERS, " buffers");
     const at::Tensor y_out = axes.y_out(y);
     // the inputs and the output y as given (their versions checked by autograd), then params,
