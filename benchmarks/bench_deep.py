@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# Deep gates on the fused CPU kernel", "",
-             f"Machine: {m['cpu']}, capability {m['capability']}, {m['cores']} cores; torch {result['torch']}; "
+             f"Machine: {m['cpu']}, capability {m['capability']}, "
+             f"16-bit units {m.get('units', 'not recorded')}, {m['cores']} cores; torch {result['torch']}; "
              f"{result['threads']} threads; median of {result['repeats']} interleaved rounds "
              f"(reference loop: {result['reference_repeats']}). `python benchmarks/bench_deep.py`.", "",
              "| shape (B, T, I, H) | mode | cell | fused ms | FLOPs ÷ vanilla's | time per FLOP ÷ vanilla's "

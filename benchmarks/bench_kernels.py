@@ -337,7 +337,8 @@ def markdown_heads_slstm(result: dict) -> str:
     m = result["machine"]
     shape = tuple(result["rows"][0]["shape"])
     lines = ["# Heads and the sLSTM", "",
-             f"Machine: {m['cpu']}, capability {m['capability']}, {m['cores']} cores; torch {result['torch']}; "
+             f"Machine: {m['cpu']}, capability {m['capability']}, "
+             f"16-bit units {m.get('units', 'not recorded')}, {m['cores']} cores; torch {result['torch']}; "
              f"{result['threads']} threads; median of {result['repeats']} rounds ({result['reference_repeats']} for "
              f"the reference loop and FlashRNN); (B, T, I, H) = {shape}, float32. Every ratio is within this "
              f"run (the machine is shared).", ""]
@@ -369,14 +370,27 @@ def markdown_heads_slstm(result: dict) -> str:
 
 
 def machine() -> dict[str, str]:
-    """The CPU this run measured: model name, torch's capability, cores."""
+    """The CPU this run measured: model name (with x86 family and model number, which tell apart CPUs
+    that a VM names alike), torch's capability, the 16-bit units torch reports, cores."""
     model = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in fh:
+                key, sep, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block ends
+                if sep:
+                    fields.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
-    return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(), "cores": str(os.cpu_count())}
+    model = fields.get("model name", model)
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
+    units = [name for name, has in (("AVX512_BF16", torch.cpu._is_avx512_bf16_supported()),
+                                    ("AMX", torch.cpu._is_amx_tile_supported())) if has]
+    return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(),
+            "units": ", ".join(units) or "none", "cores": str(os.cpu_count())}
 
 
 def environment() -> dict:
@@ -387,7 +401,8 @@ def environment() -> dict:
 def title(what: str, result: dict) -> str:
     """A results page's first line: ``what`` and the run's machine, threads and torch."""
     m = result["machine"]
-    return (f"# {what} ({m['cpu']}, capability {m['capability']}, {m['threads']} threads, "
+    units = f", 16-bit units: {m['units']}" if "units" in m else ""
+    return (f"# {what} ({m['cpu']}, capability {m['capability']}{units}, {m['threads']} threads, "
             f"torch {result['torch']})")
 
 
@@ -443,7 +458,8 @@ def measure_memory(variants: list[str], shape=(32, 200, 512, 512)) -> list[dict]
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# Kernel benchmark", "",
-             f"Machine: {m['cpu']}, capability {m['capability']}, {m['cores']} cores; torch {result['torch']}; "
+             f"Machine: {m['cpu']}, capability {m['capability']}, "
+             f"16-bit units {m.get('units', 'not recorded')}, {m['cores']} cores; torch {result['torch']}; "
              f"{result['threads']} threads (default); median of {result['repeats']} repeats after warm-up.", "",
              "GEMM peak measured in this run: " + ", ".join(
                  f"{k} {v:.0f} GFLOP/s" for k, v in result["gemm_peak"].items()), "",

@@ -14,35 +14,36 @@ trace of such a layer runs the next row that can (:attr:`Kernel.records`).
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
-
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lstmkit.kernels.base import Kernel, KernelOut, Workload
+from lstmkit.kernels.machine import cpu_vendor
 from lstmkit.spec import CellSpec
 
-__all__ = ["TorchKernel", "ONEDNN_FASTER", "ONEDNN_MEASURED_ON", "cpu_vendor", "onednn_faster", "operator_weights"]
+__all__ = [
+    "TorchKernel", "ONEDNN_FASTER", "ONEDNN_MEASURED_AT", "ONEDNN_MEASURED_ON", "onednn_faster", "operator_weights",
+]
 
 #: Where torch's LSTM operator (oneDNN) runs a vanilla CPU layer faster than the fused kernel:
 #: (dtype, with gradient) -> (least batch B, least B·H, least hidden size H, greatest H), for
 #: sequences of at least :data:`ONEDNN_MIN_STEPS` steps without lengths or projection; bfloat16
-#: only where oneDNN runs it on AMX tiles. From ``benchmarks/results/onednn_choice_{1t,2t}.md``
-#: (fused ÷ oneDNN, one process, the two alternating, an AVX-512 Xeon with AMX, T = 20-200):
-#: float32 inference 1.03-1.25 from B·H = 2048 up to H = 512, a tie at B·H = 1024 (0.89-1.14), the
-#: fused kernel 0.36-0.52 at B = 1 and at H = 1024 a tie with AVX-512 (1.02-1.03) but faster with
-#: AVX2 (0.97 in onednn_choice, 0.92 against oneDNN's 1.04 in the AVX2 full grid); float32 training
-#: 1.04-1.13 at B = 32, H = 64-128 in all four runs (one and two threads, AVX2, and a rerun:
-#: 1.08 / 1.12), ties at B = 8-16 (0.97-1.02 with AVX-512), the fused
-#: kernel's backward 0.86-0.98 from H = 256 and 0.80-0.89 at B = 1; bfloat16
-#: inference 1.01-2.7 from B·H = 1024 up to H = 512, 0.85-0.91 at H = 1024; bfloat16 training
-#: 1.08-1.67 at B = 32, H = 64-128 (1.06-1.10 at H = 512 and 0.99-1.04 at B = 64, H = 256: ties),
-#: the fused kernel 0.68-0.72 at B = 4 and 0.70-0.81 at H = 1024.
+#: only where oneDNN runs it on AMX tiles. Fused ÷ oneDNN, one process, the two alternating, T = 20-200.
+#: float32 (``benchmarks/results/avx512_xeon/onednn_choice_{1t,2t}.md`` and two runs before them, an
+#: AVX-512 Xeon, one and two threads, 11 rounds): inference 1.04-1.26 at B >= 32 with H = 256-512
+#: and B·H >= 16384, 0.97-1.15 at (B, H) = (32, 256) (three of four runs above 1); the fused kernel
+#: faster or level at B <= 16 (0.23-1.07; one exception, B = 4, H = 256 with two threads 1.09-1.20,
+#: 0.72-0.84 with one), at H <= 128 (0.79-1.04) and at H = 1,024 (0.87-0.99). Training: the fused
+#: kernel 0.75-1.05 wherever B >= 16 or H != 256 (0.85-1.05 at B = 32, H = 64-128, where an earlier
+#: version of it measured 1.04-1.13 and this table sent those calls to oneDNN); 0.88-1.13 at B = 4-8,
+#: H = 256, which the table does not describe (it has no greatest batch). bfloat16 (the AVX-512
+#: Xeon with AMX, ``benchmarks/results/onednn_choice_{1t,2t}.md``): inference 1.01-2.7 from
+#: B·H = 1024 up to H = 512, 0.85-0.91 at H = 1024; training 1.08-1.67 at B = 32, H = 64-128
+#: (1.06-1.10 at H = 512 and 0.99-1.04 at B = 64, H = 256: ties), the fused kernel 0.68-0.72 at
+#: B = 4 and 0.70-0.81 at H = 1024.
 ONEDNN_FASTER: dict[tuple[torch.dtype, bool], tuple[int, int, int, int]] = {
-    (torch.float32, False): (8, 2048, 64, 512),
-    (torch.float32, True): (32, 0, 64, 128),
+    (torch.float32, False): (32, 0, 256, 512),
     (torch.bfloat16, False): (4, 1024, 64, 512),
     (torch.bfloat16, True): (32, 0, 64, 128),
 }
@@ -53,23 +54,11 @@ ONEDNN_MIN_STEPS = 50
 #: inference 0.84-0.99, training 0.99-1.05 (ties) — so on a CPU of another vendor it keeps them.
 #: A CPU whose vendor is not known (no ``vendor_id`` in ``/proc/cpuinfo``) follows the table.
 ONEDNN_MEASURED_ON = "GenuineIntel"
-
-
-@functools.cache
-def cpu_vendor() -> str | None:
-    """The x86 CPU vendor /proc/cpuinfo names ('GenuineIntel', 'AuthenticAMD'); None where
-    unknown (another system or architecture)."""
-    try:
-        with Path("/proc/cpuinfo").open(encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() == "vendor_id":
-                    return value.strip()
-                if not line.strip():  # the first processor's block ends: no vendor_id line
-                    return None
-    except OSError:
-        return None
-    return None
+#: torch's CPU capability the table holds at. On the AVX-512 Xeon with every library held to AVX2
+#: (``ATEN_CPU_CAPABILITY=avx2``, oneDNN and MKL likewise; ``avx512_xeon/onednn_choice_avx2_1t.md``
+#: and a run before it) the fused kernel measured as fast or faster at every shape, 0.75-1.01
+#: (0.93-1.00 at the table's float32 cells), so at a lower capability it keeps every call.
+ONEDNN_MEASURED_AT = "AVX512"
 
 
 def _onednn_amx() -> bool:
@@ -79,15 +68,23 @@ def _onednn_amx() -> bool:
     return torch.cpu._is_amx_tile_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _capability() -> str:
+    """torch's CPU capability in this process (``ATEN_CPU_CAPABILITY`` lowers it)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def onednn_faster(workload: Workload) -> bool:
     """Whether :data:`ONEDNN_FASTER` says oneDNN runs this vanilla LSTM call on the CPU faster
-    (on a CPU of the vendor it was measured on, :data:`ONEDNN_MEASURED_ON`)."""
+    (on a CPU of the vendor it was measured on, :data:`ONEDNN_MEASURED_ON`, at the capability it
+    was measured at, :data:`ONEDNN_MEASURED_AT`)."""
     if workload.kind != "lstm" or workload.lengths or workload.projection or workload.steps < ONEDNN_MIN_STEPS:
         return False  # packed input leaves oneDNN's fast path; the RNN, projection, short runs: not measured faster
     bounds = ONEDNN_FASTER.get((workload.dtype, workload.gradient))
     if bounds is None:
         return False
     if cpu_vendor() not in (None, ONEDNN_MEASURED_ON):  # measured on Intel's CPUs only
+        return False
+    if _capability() != ONEDNN_MEASURED_AT:  # held to AVX2, the fused kernel measured as fast
         return False
     least_batch, least_work, least_hidden, most_hidden = bounds
     if not (workload.batch >= least_batch and workload.batch * workload.hidden >= least_work
