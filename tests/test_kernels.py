@@ -384,7 +384,8 @@ def test_fused_activations_accuracy_and_nan(dtype):
 def test_step_gemm_every_path_against_float64(dtype):
     """The kernel's per-step GEMM, C (+)= A Wᵀ (+ bias), on every path it takes: W packed ahead (a
     weight that several steps read) or read in place (one step: BLAS gemv for one row, gemm for two
-    or three, from four rows on each panel packed at use), W row- or column-major, one and two
+    or three, from four rows on each panel packed at use — AVX-512 builds: BLAS gemm at every row
+    count, the path measured faster there), W row- or column-major, one and two
     threads, partial panels and K not a multiple of the vector width — against float64 matmul."""
     from lstmkit.kernels import cpu_ext
 

@@ -23,6 +23,7 @@ from torch import Tensor
 from lstmkit import cell, variants
 from lstmkit.kernels import abi, cpu_ext, ops, selfcheck
 from lstmkit.kernels.base import Kernel, KernelOut, Workload, hidden_keys
+from lstmkit.kernels.machine import cpu_vendor
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.spec import CellSpec
 
@@ -72,11 +73,18 @@ class _Linear(torch.autograd.Function):
         return dx, dw, db
 
 
-#: Whether torch's own GEMM of each 16-bit dtype runs on 16-bit units of this CPU (AMX tiles,
-#: AVX512_BF16's dot products). Without them it widens in software: a bfloat16 (6,400 x 256) x
-#: (256 x 1,024) product took 407 ms on an AVX2 EPYC where float32's took 52 (7-10x at three shapes).
+#: Whether torch's own GEMM of each 16-bit dtype runs on 16-bit units of this CPU that outpace its
+#: float32 GEMM (else the product of the widened operands in float32 is the faster one). Without
+#: units torch widens in software: a bfloat16 (6,400 x 256) x (256 x 1,024) product took 407 ms on an
+#: AVX2 EPYC where float32's took 52 (7-10x at three shapes). AMX tiles outpace float32. AVX512_BF16's
+#: dot products did not on an Intel Xeon without AMX (family 6, model 207): vdpbf16ps issued at half
+#: vfmadd231ps's rate there (100 against 206 GFLOP/s on one core), and torch's bfloat16 GEMM took
+#: 1.32-1.43x the widened float32 product's time at three input-projection shapes ((3,200 x 512) x
+#: (512 x 2,048): 39.5 against 27.6 ms, two threads). On other vendors' CPUs with AVX512_BF16 (AMD's
+#: Zen 4 and later) they still count as units: not measured there.
 SIXTEEN_BIT_UNITS: dict[torch.dtype, bool] = {
-    torch.bfloat16: torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported(),
+    torch.bfloat16: torch.cpu._is_amx_tile_supported()
+    or (torch.cpu._is_avx512_bf16_supported() and cpu_vendor() != "GenuineIntel"),
     torch.float16: torch.cpu._is_amx_fp16_supported(),
 }
 

@@ -17,7 +17,11 @@
 // buffer that stays in cache and runs the micro-kernel on it. Measured on the 2 GHz Zen (AVX2),
 // one thread, a one-step inference call against nn.LSTMCell (which calls MKL's gemm): B = 4 / 8 /
 // 32 at H = 256 and B = 32 at H = 1,024, 1.01 / 0.97 / 0.97 / 0.98 with BLAS, 0.75 / 0.78 / 0.88 /
-// 0.74 packed at use; B = 2 the other way (0.95 with BLAS, 1.15 packed at use).
+// 0.74 packed at use; B = 2 the other way (0.95 with BLAS, 1.15 packed at use). Held to AVX2 on an
+// Intel Xeon likewise (0.80-0.97 packed at use, 0.90-1.00 with BLAS, the same five shapes and B = 64).
+// AVX-512 builds call BLAS at every row count: on that Xeon a 16 x 16 transpose of packing takes the
+// shuffle port that the second 512-bit FMA shares, and packing at use ran those shapes 1.10-1.86x
+// nn.LSTMCell's time (the transposes 4x the micro-kernel's samples at B = 4), BLAS 0.85-1.01x.
 //
 // bfloat16 layers on a CPU with AMX (Packed::init's `bf16`): the weight is converted to bfloat16 once
 // per call and packed into oneDNN's VNNI panels (at::native::cpublas::pack, 64 columns a panel,
@@ -25,7 +29,13 @@
 // each panel is one cpublas::brgemm call (AMX tiles, float32 accumulation, float32 C): the
 // recurrence keeps h, c and the gates in float32 and only the products' operands are rounded,
 // as bfloat16 nn.LSTM's oneDNN path rounds them. Where torch's oneDNN has no such kernel
-// (cpublas::could_pack false: no AMX) the float32 path below runs.
+// (cpublas::could_pack false: no AMX) the float32 path below runs. That includes CPUs with
+// AVX512_BF16's dot products but no AMX, where it is also the faster one as measured: on an Intel Xeon
+// (family 6, model 207, AMX not exposed) vdpbf16ps issued at half vfmadd231ps's rate (100 against
+// 206 GFLOP/s on one core), and a register tile of vdpbf16ps in place of micro's FMAs (the same
+// 8 x 32 tile, the weight packed as k pairs) made bfloat16 layers slower than these float32
+// products: inference at (B, T, I, H) = (32, 100, 256, 256) 25.9 against 16.9 ms, training at
+// (64, 100, 256, 256) 136 against 105 ms (two threads).
 #pragma once
 #include <memory>
 #include <ATen/native/CPUBlas.h>
@@ -34,6 +44,7 @@
 #include <vector>
 #include <cstring>
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 
 extern "C" {
@@ -361,7 +372,11 @@ void panel_rows(const T* wp, int K, int ncols, int M, const T* A, int64_t lda, T
 // A weight read in place (Packed::direct) meets A of at least this many rows: each thread packs one
 // panel at a time into a buffer of its own and runs the micro-kernel on it, instead of one BLAS
 // call (see the top of this file). Fewer rows: BLAS (one row: gemv).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int PACK_AT_USE_MIN_ROWS = std::numeric_limits<int>::max();  // never: BLAS (see the top of this file)
+#else
 constexpr int PACK_AT_USE_MIN_ROWS = 4;
+#endif
 
 // C[M x N] (=|+=) A[M x K] * B^T over panels [p0, p1)
 template <typename T>

@@ -116,7 +116,7 @@ py::tuple mlp_layout_test(const std::vector<int64_t>& code, int64_t H) {
 // test hook: C (=|+=) A W^T (+ bias) through the per-step GEMM (run_tasks over nthreads): A (M, K)
 // with unit column stride, W (N, K) with any strides, C (M, N) contiguous, bias (N,) or empty; W
 // packed ahead (uses > 1) or read in place (uses 1: BLAS for fewer than PACK_AT_USE_MIN_ROWS rows,
-// packed panel by panel at use from there).
+// packed panel by panel at use from there; AVX-512 builds: BLAS at every row count).
 at::Tensor gemm_test(const at::Tensor& A, const at::Tensor& W, const at::Tensor& bias, at::Tensor C, bool acc,
                      int64_t uses, int64_t nthreads) {
   TORCH_CHECK(A.dim() == 2 && W.dim() == 2 && A.size(1) == W.size(1) && A.stride(1) == 1, "gemm_test: shapes");
