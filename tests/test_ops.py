@@ -295,6 +295,22 @@ def test_bf16_products_run_on_the_matrix_unit_where_the_cpu_has_one():
     assert cpu_ext.bf16_unit() == ("amx" if torch.cpu._is_amx_tile_supported() else "float32")
 
 
+def test_sixteen_bit_units_are_the_ones_that_outpace_float32():
+    """AMX tiles count for bfloat16 (AMX-FP16 for float16); AVX512_BF16's dot products only on CPUs
+    other than Intel's (on an Intel Xeon without AMX they ran at half the float32 FMAs' rate); and
+    this process's table is the rule applied to this CPU."""
+    units = fused.sixteen_bit_units
+    assert units(True, False, True, "GenuineIntel") == {torch.bfloat16: True, torch.float16: False}
+    assert units(False, False, True, "GenuineIntel")[torch.bfloat16] is False
+    assert units(False, False, True, "AuthenticAMD")[torch.bfloat16] is True
+    assert units(False, False, False, "AuthenticAMD")[torch.bfloat16] is False
+    assert units(False, True, False, None)[torch.float16] is True
+    from lstmkit.kernels import machine
+
+    assert fused.SIXTEEN_BIT_UNITS == units(torch.cpu._is_amx_tile_supported(), torch.cpu._is_amx_fp16_supported(),
+                                            torch.cpu._is_avx512_bf16_supported(), machine.cpu_vendor())
+
+
 @pytest.mark.parametrize("how", ["layer", "autocast"])
 @pytest.mark.parametrize("units", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -73,6 +73,12 @@ class _Linear(torch.autograd.Function):
         return dx, dw, db
 
 
+def sixteen_bit_units(amx_tiles: bool, amx_fp16: bool, avx512_bf16: bool,
+                      vendor: str | None) -> dict[torch.dtype, bool]:
+    """:data:`SIXTEEN_BIT_UNITS` for a CPU with these units (torch's queries) and this vendor."""
+    return {torch.bfloat16: amx_tiles or (avx512_bf16 and vendor != "GenuineIntel"), torch.float16: amx_fp16}
+
+
 #: Whether torch's own GEMM of each 16-bit dtype runs on 16-bit units of this CPU that outpace its
 #: float32 GEMM (else the product of the widened operands in float32 is the faster one). Without
 #: units torch widens in software: a bfloat16 (6,400 x 256) x (256 x 1,024) product took 407 ms on an
@@ -82,11 +88,9 @@ class _Linear(torch.autograd.Function):
 #: 1.32-1.43x the widened float32 product's time at three input-projection shapes ((3,200 x 512) x
 #: (512 x 2,048): 39.5 against 27.6 ms, two threads). On other vendors' CPUs with AVX512_BF16 (AMD's
 #: Zen 4 and later) they still count as units: not measured there.
-SIXTEEN_BIT_UNITS: dict[torch.dtype, bool] = {
-    torch.bfloat16: torch.cpu._is_amx_tile_supported()
-    or (torch.cpu._is_avx512_bf16_supported() and cpu_vendor() != "GenuineIntel"),
-    torch.float16: torch.cpu._is_amx_fp16_supported(),
-}
+SIXTEEN_BIT_UNITS: dict[torch.dtype, bool] = sixteen_bit_units(
+    torch.cpu._is_amx_tile_supported(), torch.cpu._is_amx_fp16_supported(), torch.cpu._is_avx512_bf16_supported(),
+    cpu_vendor())
 
 
 def input_linear(x2d: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
