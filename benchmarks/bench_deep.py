@@ -24,7 +24,7 @@ import torch
 import lstmkit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import OUT, machine, make_step, save  # noqa: E402
+from bench_kernels import OUT, machine, machine_line, make_step, save  # noqa: E402
 
 SHAPES = [(32, 100, 64, 64), (64, 100, 256, 256)]
 
@@ -89,10 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(result: dict) -> str:
-    m = result["machine"]
     lines = ["# Deep gates on the fused CPU kernel", "",
-             f"Machine: {m['cpu']}, capability {m['capability']}, "
-             f"16-bit units {m.get('units', 'not recorded')}, {m['cores']} cores; torch {result['torch']}; "
+             machine_line(result) +
              f"{result['threads']} threads; median of {result['repeats']} interleaved rounds "
              f"(reference loop: {result['reference_repeats']}). `python benchmarks/bench_deep.py`.", "",
              "| shape (B, T, I, H) | mode | cell | fused ms | FLOPs ÷ vanilla's | time per FLOP ÷ vanilla's "

@@ -37,6 +37,7 @@ import torch
 
 import lstmkit
 from lstmkit import kernels
+from lstmkit.kernels.machine import cpuinfo
 
 GRID = [(1, 100, 32, 32), (32, 100, 64, 64), (32, 100, 128, 128), (64, 100, 256, 256),
         (32, 200, 512, 512), (16, 50, 1024, 1024)]
@@ -334,11 +335,9 @@ def bench_heads_slstm(repeats: int, reference_repeats: int, threads: int, with_r
 
 def markdown_heads_slstm(result: dict) -> str:
     """The heads/sLSTM rows as a table, and the issue's two targets computed from this run."""
-    m = result["machine"]
     shape = tuple(result["rows"][0]["shape"])
     lines = ["# Heads and the sLSTM", "",
-             f"Machine: {m['cpu']}, capability {m['capability']}, "
-             f"16-bit units {m.get('units', 'not recorded')}, {m['cores']} cores; torch {result['torch']}; "
+             machine_line(result) +
              f"{result['threads']} threads; median of {result['repeats']} rounds ({result['reference_repeats']} for "
              f"the reference loop and FlashRNN); (B, T, I, H) = {shape}, float32. Every ratio is within this "
              f"run (the machine is shared).", ""]
@@ -372,25 +371,21 @@ def markdown_heads_slstm(result: dict) -> str:
 def machine() -> dict[str, str]:
     """The CPU this run measured: model name (with x86 family and model number, which tell apart CPUs
     that a VM names alike), torch's capability, the 16-bit units torch reports, cores."""
-    model = platform.processor() or platform.machine()
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, sep, value = line.partition(":")
-                if not line.strip():
-                    break  # the first processor's block ends
-                if sep:
-                    fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    model = fields.get("model name", model)
+    fields = cpuinfo()
+    model = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields and "model" in fields:
         model += f" (family {fields['cpu family']}, model {fields['model']})"
     units = [name for name, has in (("AVX512_BF16", torch.cpu._is_avx512_bf16_supported()),
                                     ("AMX", torch.cpu._is_amx_tile_supported())) if has]
     return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(),
             "units": ", ".join(units) or "none", "cores": str(os.cpu_count())}
+
+
+def machine_line(result: dict) -> str:
+    """A results page's line on the run's machine and torch (ending in '; ')."""
+    m = result["machine"]
+    return (f"Machine: {m['cpu']}, capability {m['capability']}, 16-bit units {m.get('units', 'not recorded')}, "
+            f"{m['cores']} cores; torch {result['torch']}; ")
 
 
 def environment() -> dict:
@@ -458,8 +453,7 @@ def measure_memory(variants: list[str], shape=(32, 200, 512, 512)) -> list[dict]
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = ["# Kernel benchmark", "",
-             f"Machine: {m['cpu']}, capability {m['capability']}, "
-             f"16-bit units {m.get('units', 'not recorded')}, {m['cores']} cores; torch {result['torch']}; "
+             machine_line(result) +
              f"{result['threads']} threads (default); median of {result['repeats']} repeats after warm-up.", "",
              "GEMM peak measured in this run: " + ", ".join(
                  f"{k} {v:.0f} GFLOP/s" for k, v in result["gemm_peak"].items()), "",

@@ -5,21 +5,28 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-__all__ = ["cpu_vendor"]
+__all__ = ["cpuinfo", "cpu_vendor"]
 
 
 @functools.cache
-def cpu_vendor() -> str | None:
-    """The x86 CPU vendor /proc/cpuinfo names ('GenuineIntel', 'AuthenticAMD'); None where
-    unknown (another system or architecture)."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ('vendor_id', 'cpu family', 'model',
+    'model name', ...); empty where there is no such file (another system)."""
+    fields: dict[str, str] = {}
     try:
         with Path("/proc/cpuinfo").open(encoding="utf-8", errors="replace") as f:
             for line in f:
+                if not line.strip():  # the first processor's block ends
+                    break
                 key, sep, value = line.partition(":")
-                if sep and key.strip() == "vendor_id":
-                    return value.strip()
-                if not line.strip():  # the first processor's block ends: no vendor_id line
-                    return None
+                if sep:
+                    fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return None
-    return None
+        pass
+    return fields
+
+
+def cpu_vendor() -> str | None:
+    """The x86 CPU vendor /proc/cpuinfo names ('GenuineIntel', 'AuthenticAMD'); None where
+    unknown (another system or architecture)."""
+    return cpuinfo().get("vendor_id")
