@@ -126,6 +126,22 @@ def test_fused_kernel_threads_and_chunks():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("cell", [lstmkit.CellSpec(gate_hidden=(3,)), lstmkit.CellSpec(gate_hidden={"f": (4, 2)}),
+                                  lstmkit.CellSpec(layernorm=True, gate_hidden={"g": (5,)})],
+                         ids=["deep_all", "deep_f", "layernorm+deep_g"])
+def test_deep_gates_backward_over_several_chunks(cell):
+    """The deep gates' dW_j, db_j are summed chunk by chunk (about 512 rows of dV at a time): 41 steps
+    of 30 rows are three chunks, with lengths (rows that end inside a chunk), two layers, both
+    directions and two threads — float64 against the reference to 1e-10."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        test_kernels.compare("cpu_fused", lambda I, H, L, bd, P: lstmkit.LSTM(I, H, L, bidirectional=bd, cell=cell),
+                             (41, 30, 3, 5, 0, 2, True, [41, 17, 40, 1, 23] * 6), torch.float64)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("kernel_name", ["reference", "cpu_fused"])
 @pytest.mark.parametrize("cell", ["heads=2", "heads=2+peephole+layernorm+cifg", "heads=2+fgr+nog+clip=0.4"])
 def test_gradcheck(kernel_name, cell):

@@ -50,9 +50,13 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   at::Tensor dZS = ((cf.ln || mlp.any()) && cf.fgr) ? at::empty({Tn, B, cf.nS * H}, opt) : at::Tensor();
   const int64_t ldr = pad_ld(R, VL), lds = pad_ld(std::max<int64_t>(cf.nS * H, 1), VL),
                 ldp = pad_ld(std::max<int64_t>(P, 1), VL);
-  // layernorm: dW_hh accumulated chunk by chunk (about 512 rows of dr at a time)
-  const int64_t Tc = cf.ln ? std::max<int64_t>(1, std::min<int64_t>(Tn, (512 + B - 1) / std::max<int64_t>(B, 1)))
-                           : std::max<int64_t>(Tn, 1);
+  // layernorm: dW_hh accumulated chunk by chunk (about 512 rows of dr at a time); deep gates: the
+  // MLPs' dW_j, db_j likewise from a chunk of dV rows, which stays in cache between the loop that
+  // writes it and the products that read it (kept for all T·B rows, dV had cost a write and two
+  // reads from memory as large as dXG: 26 MB at (64, 100, 256, 256))
+  const int64_t Tc = (cf.ln || mlp.any())
+                         ? std::max<int64_t>(1, std::min<int64_t>(Tn, (512 + B - 1) / std::max<int64_t>(B, 1)))
+                         : std::max<int64_t>(Tn, 1);
   // rows padded to ldr: the chunk rows of step t are also that step's GEMM input (dh = dr W_hh)
   at::Tensor dRc = cf.ln ? at::zeros({Tc * B, ldr}, opt) : at::Tensor();
   at::Tensor dWhh = dwhh_out;  // layernorm: accumulate_dwhh's sum (the first chunk's product writes it: no zero fill)
@@ -63,7 +67,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   // loop read over all T·B rows, do not start at a multiple of 4 KiB apart (vtot = 4·256: MKL's product
   // of (6400, 256) of them with the activations 3.6 -> 2.1 ms on AVX2, alone)
   const int64_t ldV = mlp.any() ? pad_ld(mlp.vtot, VL) : 0;
-  if (mlp.any()) dV = at::empty({Tn, B, ldV}, opt);
+  if (mlp.any()) dV = at::empty({Tc, B, ldV}, opt);  // the chunk's rows: step t's at (t − t0)·B
   const AccLayout al{H, R};
   const int64_t NACC = al.size();
   at::Tensor acc = at::zeros({nthreads, NACC}, opt);
@@ -118,7 +122,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   T* dRcp = ptr(dRc);
   T* dHPp = ptr(dHP);
   T* accp = acc.data_ptr<T>();
-  const StepBackward<T> step{cf, prm, al, B, regate ? nullptr : ptr(buffers[B_G]), ptr(buffers[B_C]),
+  const StepBackward<T> step_proto{cf, prm, al, B, regate ? nullptr : ptr(buffers[B_G]), ptr(buffers[B_C]),
                              ptr(buffers[B_CN]), Y.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr,
                              ptr(buffers[B_RH]), ptr(buffers[B_RS]), ptr(buffers[B_AH]), ptr(buffers[B_AS]),
                              dXG.data_ptr<T>(), lstm ? dcs.data_ptr<T>() : nullptr, dSp, dUSp, lds, ptr(dZS),
@@ -142,9 +146,62 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wggt, (int)B, dUSp, lds, dSp, cf.nS * H, false});
   const int nA = (int)phaseA.size();
 
+  // deep gates: dW_j = Σ dv_jᵀ a_j, db_j = Σ dv_j over one chunk's rows (t0·B .. t1·B), added
+  // to the sums so far (`more`), each product written into its slot of the flat gradient (every
+  // element is some W_j's or b_j's; into dmlp_out where that is defined, with `add` added to its
+  // values). With BLAS (blas_gemm) the products are on the rows in place, inside the parallel
+  // region while the chunk is in cache: each thread the columns n0..n1 of every W_j and b_j
+  // (BLAS runs on one thread there; no fork and join of its own per product, no K split) — no
+  // per-gate views, copies or zero fill, which at one step per call cost more than the products.
+  at::Tensor dmlp = mlp.any() ? (dmlp_out.defined() ? dmlp_out : at::empty({mlp.wtot}, opt)) : at::Tensor();
+  bool dmlp_written = add;
+  const bool dmlp_in_region = mlp.any() && blas_available<T>();
+  const std::vector<T> ones(mlp.bias && dmlp_in_region ? Tc * B : 0, T(1));  // db_j = dv_jᵀ 1
+  auto dmlp_columns = [&](int64_t t0, int64_t t1, bool more, int tid, int nth) {  // BLAS, this thread's share
+    const int N = (int)((t1 - t0) * B);  // rows: dv (N, vtot) with row stride ldV, a (N, atot), row-major
+    if (N == 0) return;
+    T* dm = dmlp.data_ptr<T>();
+    const T* dv = dV.data_ptr<T>();
+    const T* act = buffers[B_MLP].data_ptr<T>() + t0 * B * mlp.atot;
+    for (const MlpGate& mg : mlp.gates)
+      for (int j = 0; j < mg.m; ++j) {
+        const int64_t n_out = mg.w[j + 1], n_in = mg.w[j];
+        int64_t c0, c1;  // this thread's columns, whole vectors
+        split_range((n_out + VL - 1) / VL, tid, nth, c0, c1);
+        c0 *= VL;
+        c1 = std::min(c1 * VL, n_out);
+        if (c1 <= c0) continue;
+        // row-major (n_out, n_in) dW_j: column-major dW_jᵀ = a_jᵀ dv_j, its columns c0..c1
+        blas_gemm<T>('N', 'T', (int)n_in, (int)(c1 - c0), N, act + mg.aoff[j], (int)mlp.atot, dv + mg.voff[j] + c0,
+                     (int)ldV, more, dm + mg.woff[j] + c0 * n_in, (int)n_in);
+        if (mg.boff[j] >= 0)
+          blas_gemm<T>('N', 'N', (int)(c1 - c0), 1, N, dv + mg.voff[j] + c0, (int)ldV, ones.data(), N, more,
+                       dm + mg.boff[j] + c0, (int)(c1 - c0));
+      }
+  };
+  auto dmlp_torch = [&](int64_t t0, int64_t t1, bool more) {  // no BLAS symbols in this torch: its operators
+    const int64_t N = (t1 - t0) * B;
+    for (const MlpGate& mg : mlp.gates)
+      for (int j = 0; j < mg.m; ++j) {
+        const int64_t n_out = mg.w[j + 1], n_in = mg.w[j];
+        const at::Tensor dvj = dV.view({Tc * B, ldV}).narrow(0, 0, N).narrow(1, mg.voff[j], n_out);
+        at::Tensor dw_slot = dmlp.narrow(0, mg.woff[j], n_out * n_in).view({n_out, n_in});
+        const at::Tensor aj = buffers[B_MLP].view({Tn * B, mlp.atot}).narrow(0, t0 * B, N).narrow(1, mg.aoff[j], n_in);
+        if (more) dw_slot.addmm_(dvj.t(), aj);
+        else at::mm_out(dw_slot, dvj.t(), aj);
+        if (mg.boff[j] >= 0) {
+          at::Tensor db_slot = dmlp.narrow(0, mg.boff[j], n_out);
+          if (more) db_slot.add_(dvj.sum(0));
+          else at::sum_out(db_slot, dvj, 0);
+        }
+      }
+  };
+
   bool packed = false;
   for (int64_t t1 = Tn; t1 > 0 || (Tn == 0 && !packed); t1 -= Tc) {
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc);
+    StepBackward<T> step = step_proto;
+    step.dv_row0 = t0 * B;  // deep gates: dV holds this chunk's rows
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
     if (!packed) {
       Wt.pack_share(tid, nth); Wggt.pack_share(tid, nth); Whrt.pack_share(tid, nth);
@@ -162,7 +219,9 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
     auto dy_row = [&](int64_t t, int64_t b) -> const T* {  // row (t, b) of dY, gathered if strided
       const T* p = dYp + t * dys0 + b * dys1;
       if (dys2 == 1) return p;
-      for (int64_t j = 0; j < Hout; ++j) dybuf[j] = p[j * dys2];
+      if (dys2 == 0) std::fill(dybuf, dybuf + Hout, *p);  // broadcast along H (y.sum()'s gradient)
+      else
+        for (int64_t j = 0; j < Hout; ++j) dybuf[j] = p[j * dys2];
       return dybuf;
     };
     // dL/dh_t of a valid row = dy_t + what flows back from step t+1 (h_n's gradient at its last
@@ -271,6 +330,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
       run_tasks<T>(tasks.data(), nA, tid, nth);
       bar.wait();
     }
+    if (dmlp_in_region) dmlp_columns(t0, t1, dmlp_written, tid, nth);  // the chunk's dV rows are complete
   });
     packed = true;
     if (cf.ln && t1 > t0) {  // dW_hh += dr_t^T h_{t-1} over this chunk (h_{-1} = h0, then y)
@@ -282,6 +342,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
         accumulate_dwhh(dWhh, !dwhh_written, d, Y.narrow(0, t0 - 1, t1 - t0).reshape({-1, Hout}), cf);
       }
       dwhh_written = true;
+    }
+    if (mlp.any() && t1 > t0) {
+      if (!dmlp_in_region) dmlp_torch(t0, t1, dmlp_written);
+      dmlp_written = true;
     }
     if (Tn == 0) break;
   }
@@ -295,50 +359,13 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   }
   at::Tensor accs = acc.sum(0);
   auto e = [&] { return at::empty({0}, opt); };
-  at::Tensor dmlp = e();
-  if (mlp.any()) {  // dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j over every (t, b) row
-    // each product written into its slot of the flat gradient (every element is some W_j's or
-    // b_j's): by BLAS on the rows in place where torch carries it (blas_gemm), no per-gate
-    // views, copies or zero fill, which at one step per call cost more than the products
-    // (into dmlp_out where that is defined; with `add` added to its values)
-    dmlp = dmlp_out.defined() ? dmlp_out : at::empty({mlp.wtot}, opt);
-    const int64_t N = Tn * B;  // rows: dv (N, vtot) with row stride ldV, a (N, atot), row-major
-    T* dm = dmlp.data_ptr<T>();
-    const T* dv = dV.data_ptr<T>();
-    const T* act = buffers[B_MLP].data_ptr<T>();
-    const std::vector<T> ones(mlp.bias ? N : 0, T(1));  // db_j = dv_jᵀ 1
-    if (N == 0) {  // no rows: every sum is empty
-      if (!add) dmlp.zero_();
-    } else
-      for (const MlpGate& mg : mlp.gates)
-        for (int j = 0; j < mg.m; ++j) {
-          const int n_out = (int)mg.w[j + 1], n_in = (int)mg.w[j];
-          T* dw = dm + mg.woff[j];  // row-major (n_out, n_in): column-major dW_jᵀ = a_jᵀ dv_j
-          if (!blas_gemm<T>('N', 'T', n_in, n_out, (int)N, act + mg.aoff[j], (int)mlp.atot, dv + mg.voff[j],
-                            (int)ldV, add, dw, n_in)) {
-            const at::Tensor dvj = dV.view({N, ldV}).narrow(1, mg.voff[j], n_out);
-            at::Tensor dw_slot = dmlp.narrow(0, mg.woff[j], (int64_t)n_out * n_in).view({n_out, n_in});
-            const at::Tensor aj = buffers[B_MLP].view({N, mlp.atot}).narrow(1, mg.aoff[j], n_in);
-            if (add) dw_slot.addmm_(dvj.t(), aj);
-            else at::mm_out(dw_slot, dvj.t(), aj);
-            if (mg.boff[j] >= 0) {
-              at::Tensor db_slot = dmlp.narrow(0, mg.boff[j], n_out);
-              if (add) db_slot.add_(dvj.sum(0));
-              else at::sum_out(db_slot, dvj, 0);
-            }
-            continue;
-          }
-          if (mg.boff[j] >= 0)
-            blas_gemm<T>('N', 'N', n_out, 1, (int)N, dv + mg.voff[j], (int)ldV, ones.data(), (int)N, add,
-                         dm + mg.boff[j], n_out);
-        }
-  }
+  if (mlp.any() && !dmlp_written) dmlp.zero_();  // no steps: every sum is empty
   if (cf.ln && !dwhh_written) {  // no steps
     if (dWhh.defined()) dWhh.zero_();
     else dWhh = at::zeros({R, cf.heads == 1 ? Hout : cf.Dh}, opt);
   }
   return {dXG, cf.ln ? dWhh : e(), P > 0 ? dHP : e(), P > 0 ? Mo : e(), dh0, lstm ? dcs : e(), accs,
-          dZS.defined() ? dZS : e(), dmlp, dXGlow.defined() ? dXGlow : e()};
+          dZS.defined() ? dZS : e(), mlp.any() ? dmlp : e(), dXGlow.defined() ? dXGlow : e()};
 }
 
 }  // namespace lk

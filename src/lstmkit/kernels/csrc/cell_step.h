@@ -395,10 +395,11 @@ struct StepBackward {
   T* Mo;                               // projection: (T, B, H) o ⊙ act(m), for dW_hr
   const MlpLayout& mlp;                // deep gates (none: mlp.any() is false)
   const T* acts;                       // (T, B, atot) the forward's a_j of every deep gate
-  T* dV; int64_t ldV;                  // (T, B, vtot) dL/d(each layer's output), row stride ldV; the last: dL/du
+  T* dV; int64_t ldV;                  // (Tc, B, vtot) dL/d(each layer's output), row stride ldV; the last: dL/du
   T* dA;                               // (B, atot) the GEMMs' dL/da_j of this step
+  int64_t dv_row0 = 0;                 // dV holds a chunk of steps: row tb = t·B + b at tb − dv_row0
 
-  T* dv_row(int64_t tb) const { return dV + tb * ldV; }
+  T* dv_row(int64_t tb) const { return dV + (tb - dv_row0) * ldV; }
 
   // The gate activations of row (t, b) recomputed from layernorm's a_hat, r_hat (G not kept),
   // into gbuf: the same instructions on the same values as the forward (bit-identical).
