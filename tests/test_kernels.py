@@ -361,8 +361,9 @@ def test_narrow_gemm_tiles_match_the_reference(batch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 def test_fused_activations_accuracy_and_nan(dtype):
-    """The kernel's own vectorised exp / tanh / sigmoid against torch's, over a wide range,
-    with odd lengths (vector tails), extremes and NaN."""
+    """The kernel's own vectorised exp / tanh / sigmoid / log sigmoid (the sLSTM's, through its
+    log1p on [0, 1]) against torch's, over a wide range, with odd lengths (vector tails), extremes
+    and NaN."""
     from lstmkit.kernels import cpu_ext
 
     if not cpu_ext.available():
@@ -370,7 +371,7 @@ def test_fused_activations_accuracy_and_nan(dtype):
     x = torch.cat([torch.linspace(-30, 30, 20001, dtype=torch.float64), torch.randn(777, dtype=torch.float64),
                    torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.0, -100.0, 500.0, -500.0, float("nan")],
                                 dtype=torch.float64)]).to(dtype)
-    for which, fn in enumerate((torch.exp, torch.tanh, torch.sigmoid)):
+    for which, fn in enumerate((torch.exp, torch.tanh, torch.sigmoid, torch.nn.functional.logsigmoid)):
         got = cpu_ext._ext._act_test(x, which)
         want = fn(x.double())
         finite = torch.isfinite(want) & (want.abs() < 1e30)

@@ -73,7 +73,7 @@ static inline Vectorized<T> keep_of(const T* mask_row, T z, int64_t j, int n) {
 template <typename T>
 static inline Vectorized<T> log_sigmoid(const Vectorized<T>& x) {
   using V = Vectorized<T>;
-  return at::vec::minimum(x, V(T(0))) - (vexp<T>(V(T(0)) - x.abs())).log1p();
+  return at::vec::minimum(x, V(T(0))) - log1p_unit<T>(vexp<T>(V(T(0)) - x.abs()));
 }
 // kept = log f + m_{t-1}: what the forget gate keeps, on the previous step's scale (log f = f~ or log sigma(f~)).
 template <typename T>

@@ -84,7 +84,7 @@ py::dict compiled_abi() {
   return d;
 }
 
-// test hook: the vectorised activations on a contiguous tensor (0 exp, 1 tanh, 2 sigmoid)
+// test hook: the vectorised activations on a contiguous tensor (0 exp, 1 tanh, 2 sigmoid, 3 log sigmoid)
 at::Tensor act_test(at::Tensor x, int64_t which) {
   x = x.contiguous();
   at::Tensor y = at::empty_like(x);
@@ -96,7 +96,10 @@ at::Tensor act_test(at::Tensor x, int64_t which) {
     for (int64_t j = 0; j < n; j += V::size()) {
       const int c = (int)std::min<int64_t>(V::size(), n - j);
       V v = ldv(xp + j, c);
-      V r = which == 0 ? vexp<scalar_t>(v) : which == 1 ? vtanh<scalar_t>(v) : sigm<scalar_t>(v);
+      V r = which == 0   ? vexp<scalar_t>(v)
+            : which == 1 ? vtanh<scalar_t>(v)
+            : which == 2 ? sigm<scalar_t>(v)
+                         : log_sigmoid<scalar_t>(v);
       stv(r, yp + j, c);
     }
   });
@@ -181,7 +184,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_gemm", &lk::bf16_gemm_available,
         "whether bfloat16 layers' per-step products run in bfloat16 on AMX tiles (else in float32)");
   m.def("abi", &lk::compiled_abi, "the variant ABI compiled in (flags, parameter and buffer order)");
-  m.def("_act_test", &lk::act_test, "test hook: vectorised exp/tanh/sigmoid");
+  m.def("_act_test", &lk::act_test, "test hook: vectorised exp/tanh/sigmoid/log sigmoid");
   m.def("_mlp_layout_test", &lk::mlp_layout_test, "test hook: an mlp layout as the kernel decodes it");
   m.def("_gemm_test", &lk::gemm_test, "test hook: C (+)= A W^T (+ bias) through the per-step GEMM");
 }

@@ -134,6 +134,25 @@ LK_INLINE inline Vectorized<float> vexp<float>(const Vectorized<float>& xv) {
   return times_pow2(p, n);
 }
 #endif
+// log(1 + y) for y in [0, 1] (the sLSTM's log sigmoid takes it of e^-|x|). float on AVX-512 and
+// AVX2: 2 atanh(z), z = y / (2 + y) in [0, 1/3], as z's odd series to z^15 (truncation below
+// 2e-9 relative; measured max rel. err. ~2.5e-7 over [0, 1]) — a division and eight FMAs
+// inline, where Sleef's out-of-line log1p took ~3 % of a one-step sLSTM call (B = 32, H = 256)
+// on AVX-512. NaN passes through. double: Sleef.
+template <typename T>
+static inline Vectorized<T> log1p_unit(const Vectorized<T>& y) { return y.log1p(); }
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <>
+LK_INLINE inline Vectorized<float> log1p_unit<float>(const Vectorized<float>& y) {
+  using V = Vectorized<float>;
+  const V z = y / (V(2.f) + y), z2 = z * z;
+  V p(1.f / 15.f);
+  for (const float c : {1.f / 13.f, 1.f / 11.f, 1.f / 9.f, 1.f / 7.f, 1.f / 5.f, 1.f / 3.f, 1.f})
+    p = at::vec::fmadd(p, z2, V(c));
+  return V(2.f) * z * p;
+}
+#endif
+
 template <typename T>
 LK_INLINE static inline Vectorized<T> sigm(const Vectorized<T>& x) {
   const Vectorized<T> one(T(1));
