@@ -13,9 +13,10 @@ namespace lk {
 
 // ---------------------------------------------------------------------------- activations
 
-// tanh, identity or relu (Cfg::ACT_*), and its derivative from its output a.
+// tanh, identity or relu (Cfg::ACT_*), and its derivative from its output a. Always inlined: an
+// out-of-line call per vector took ~1 % of a one-step layernorm call (B = 32, H = 256, AVX-512).
 template <typename T>
-static inline Vectorized<T> act(int kind, const Vectorized<T>& u) {
+LK_INLINE static inline Vectorized<T> act(int kind, const Vectorized<T>& u) {
   if (kind == Cfg::ACT_TANH) return vtanh<T>(u);
   if (kind == Cfg::ACT_RELU) return at::vec::maximum(u, Vectorized<T>(T(0)));
   return u;
