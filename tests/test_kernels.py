@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import lstmkit
 from conftest import assert_rel
 from lstmkit import kernels
-from lstmkit.kernels import abi, fused
+from lstmkit.kernels import abi, cpu_ext, fused
 from lstmkit.kernels.fused import FusedKernel
 from lstmkit.spec import CellSpec, resolve
 from variants import LSTM_VARIANTS, RNN_VARIANTS
@@ -337,6 +337,39 @@ def test_onednn_input_projection_matches_linear():
                        ("db", bs.grad, bd.grad)):
         err = (a.double() - e).abs().max() / e.abs().max()
         assert err < 1e-5, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("cell, proj", [("vanilla", 16), ("layernorm+peephole", 0), ("heads=2+fgr", 0),
+                                        (CellSpec(gate_hidden={"f": (8, 4), "g": (8,)}), 0), ("heads=2+layernorm", 0)],
+                         ids=["projection", "layernorm", "heads+fgr", "deep", "heads+layernorm"])
+@pytest.mark.parametrize("split", ["rows", "panels"])
+def test_two_threads_split_a_step_by_rows_or_by_panels(cell, proj, split):
+    """With two threads the kernel splits each step's GEMMs by the batch's rows (each thread every
+    panel of its own rows, no barrier in the time loop: from two register tiles of rows a thread, the
+    weights small) or by panels (a barrier between the phases): both, on every phase that has a GEMM
+    (projection, layernorm's chunked dW_hh, heads' K-split groups, fgr's W_gg, deep gates' MLPs),
+    two layers, both directions, lengths — values, every gradient and inference (the input
+    projection in the loop) against the reference, float64. (H = 32: each step's work is enough
+    for the kernel to take both threads, choose_threads.)"""
+    tile_rows = cpu_ext.load().abi()["gemm_tile"][0]
+    B = 4 * tile_rows if split == "rows" else 4 * tile_rows - 1  # one thread below two tiles: panels
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(3)
+        lengths = torch.randint(1, 8, (B,), generator=g).tolist()
+        compare(FUSED[0], lambda I, H, L, bd, P: lstmkit.LSTM(I, H, L, bidirectional=bd, proj_size=P, cell=cell),
+                (7, B, 5, 32, proj, 2, True, lengths), torch.float64)
+        torch.manual_seed(0)
+        ref = lstmkit.LSTM(5, 32, 2, bidirectional=True, proj_size=proj, cell=cell, backend="reference").double()
+        fast = lstmkit.LSTM(5, 32, 2, bidirectional=True, proj_size=proj, cell=cell, backend=FUSED[0]).double()
+        fast.load_state_dict(ref.state_dict())
+        x = torch.randn(7, B, 5, dtype=torch.float64, generator=g)
+        with torch.no_grad():
+            for a, b in zip(ref(x, lengths=lengths)[0:1], fast(x, lengths=lengths)[0:1]):
+                assert_rel(b, a, torch.float64, "inference")
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 7])

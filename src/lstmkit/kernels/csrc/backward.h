@@ -197,6 +197,18 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
       }
   };
 
+  // row mode (split_by_rows): the weights every thread reads each step, all of them packed panels?
+  int64_t step_bytes = 0;
+  bool all_packed = true;
+  auto count = [&](const Packed<T>& w) {
+    step_bytes += (int64_t)w.N * w.K * (int64_t)sizeof(T);
+    all_packed = all_packed && !w.direct && !w.bf16;
+  };
+  for (const auto& g : phaseA) count(*g.W);
+  for (const auto& w : Wmt) count(w);
+  if (P > 0) count(Whrt);
+  const bool by_rows = split_by_rows<T>(B, nthreads, step_bytes, all_packed);
+
   bool packed = false;
   for (int64_t t1 = Tn; t1 > 0 || (Tn == 0 && !packed); t1 -= Tc) {
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc);
@@ -211,6 +223,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
     std::vector<GemmTask<T>> tasks(phaseA);  // this thread's copy (layernorm's A moves with t)
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
+    // row mode: every panel of this thread's rows, and no barrier in the loop; else a share of the panels
+    if (by_rows)
+      for (auto& g : tasks) g = rows_of(g, b0, b1);
+    const int gtid = by_rows ? 0 : tid, gnth = by_rows ? 1 : nth;
     T* A = accp + tid * NACC;  // this thread's accumulators (AccLayout)
     T* tmp = rowtmpp + tid * ldtmp;
     T* dybuf = tmp + pad_ld(H, VL);
@@ -257,10 +273,11 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
             std::fill(w, w + P, T(0)); std::fill(d, d + P, T(0));
           }
         }
-        bar.wait();
+        if (!by_rows) bar.wait();
         GemmTask<T> pc{&Whrt, (int)B, dHPwp, ldp, dMop, H, false};
-        run_tasks<T>(&pc, 1, tid, nth);
-        bar.wait();
+        if (by_rows) pc = rows_of(pc, b0, b1);
+        run_tasks<T>(&pc, 1, gtid, gnth);
+        if (!by_rows) bar.wait();
       }
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t tb = t * B + b;
@@ -324,13 +341,17 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
           for (int64_t j = 0; j < (b1 - b0) * R; ++j) lo[j] = static_cast<scalar_t>(hi[j]);
         });
       }
-      bar.wait();
+      if (!by_rows) bar.wait();
       if (dRcp)  // layernorm: the dh tasks read this step's chunk rows
-        for (size_t k = 0; k < dr_col.size(); ++k) tasks[k].A = dRcp + (t - t0) * B * ldr + dr_col[k];
-      run_tasks<T>(tasks.data(), nA, tid, nth);
-      bar.wait();
+        for (size_t k = 0; k < dr_col.size(); ++k)
+          tasks[k].A = dRcp + ((t - t0) * B + (by_rows ? b0 : 0)) * ldr + dr_col[k];
+      run_tasks<T>(tasks.data(), nA, gtid, gnth);
+      if (!by_rows) bar.wait();
     }
-    if (dmlp_in_region) dmlp_columns(t0, t1, dmlp_written, tid, nth);  // the chunk's dV rows are complete
+    if (dmlp_in_region) {  // once the chunk's dV rows are complete, every thread's
+      if (by_rows) bar.wait();
+      dmlp_columns(t0, t1, dmlp_written, tid, nth);
+    }
   });
     packed = true;
     if (cf.ln && t1 > t0) {  // dW_hh += dr_t^T h_{t-1} over this chunk (h_{-1} = h0, then y)

@@ -177,6 +177,17 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   if (proj_in)
     phaseA.push_back(GemmTask<T>{&Win, (int)B, proj_in->x, proj_in->I, xwp, ldr, false, biasp});
   const int nA = (int)phaseA.size();
+  // row mode (split_by_rows): the weights every thread reads each step, all of them packed panels?
+  int64_t step_bytes = 0;
+  bool all_packed = true;
+  auto count = [&](const Packed<T>& w) {
+    step_bytes += (int64_t)w.N * w.K * (int64_t)sizeof(T);
+    all_packed = all_packed && !w.direct && !w.bf16;
+  };
+  for (const auto& g : phaseA) count(*g.W);
+  for (const auto& w : Wm) count(w);
+  if (P > 0) count(Whr);
+  const bool by_rows = split_by_rows<T>(B, nthreads, step_bytes, all_packed);
 
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
     // absent ones (a frozen layer's W_hh and W_ih: packed already) have no panels here
@@ -187,11 +198,15 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
     std::vector<GemmTask<T>> tasks(phaseA);  // this thread's copy (the input projection's A moves with t)
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
+    // row mode: every panel of this thread's rows, and no barrier in the loop; else a share of the panels
+    if (by_rows)
+      for (auto& g : tasks) g = rows_of(g, b0, b1);
+    const int gtid = by_rows ? 0 : tid, gnth = by_rows ? 1 : nth;
     bar.wait();
     for (int64_t t = 0; t < Tn; ++t) {
-      if (proj_in) tasks[iA].A = proj_in->x + t * B * proj_in->I;
-      run_tasks<T>(tasks.data(), nA, tid, nth);  // phase A: r = h_{t-1} W_hh^T [, s_{t-1} W_gg^T] [, xg_t]
-      bar.wait();
+      if (proj_in) tasks[iA].A = proj_in->x + (t * B + (by_rows ? b0 : 0)) * proj_in->I;
+      run_tasks<T>(tasks.data(), nA, gtid, gnth);  // phase A: r = h_{t-1} W_hh^T [, s_{t-1} W_gg^T] [, xg_t]
+      if (!by_rows) bar.wait();
       for (int64_t b = b0; b < b1; ++b) {  // phase B: the cell, row by row
         if (widen && t < len[b]) widen_row(t, b);
         if (t >= len[b]) step.padded_row(t, b);
@@ -219,13 +234,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           }
         }
       }
-      bar.wait();
+      if (!by_rows) bar.wait();
       if (P > 0) {  // phase C: y_t = m W_hr^T; phase D: zoneout, the state (padded rows: 0)
         GemmTask<T> pc{&Whr, (int)B, mwp, ldm, step.Y + t * B * P, P, false};
-        run_tasks<T>(&pc, 1, tid, nth);
-        bar.wait();
+        if (by_rows) pc = rows_of(pc, b0, b1);
+        run_tasks<T>(&pc, 1, gtid, gnth);
+        if (!by_rows) bar.wait();
         for (int64_t b = b0; b < b1; ++b) step.project_row(t, b, t < len[b]);
-        bar.wait();
+        if (!by_rows) bar.wait();
       }
     }
   });

@@ -43,6 +43,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <vector>
 #include <cstring>
+#include <unistd.h>
 #include <algorithm>
 #include <limits>
 #include <type_traits>
@@ -427,6 +428,38 @@ struct GemmTask {
   // that no two threads write one element. Its W has the same N (and panel width) as this one's.
   bool more = false;
 };
+
+// The same GEMM restricted to rows b0..b1 of A and C (row mode, below).
+template <typename T>
+GemmTask<T> rows_of(GemmTask<T> g, int64_t b0, int64_t b1) {
+  g.A += b0 * g.lda;
+  g.C += b0 * g.ldc;
+  g.M = (int)(b1 - b0);
+  return g;
+}
+
+// One core's L2 cache in bytes (512 KiB where the system does not say).
+inline int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    const long s = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return s > 0 ? (int64_t)s : (int64_t)512 << 10;
+  }();
+  return bytes;
+}
+
+// Row mode: the threads of a time loop split its per-step GEMMs by rows of the batch (each thread
+// every panel, its own rows) rather than by panels (each thread some columns of every row). Row b
+// of r_t = h_{t-1} W_hhᵀ needs row b of h_{t-1} alone, and so do the cell and, backwards,
+// dh_{t-1} = dr_t W_hh: a thread then runs its rows through every step with no barrier at all,
+// where splitting by panels takes two a step (each a wait on the slowest thread, and on a loaded
+// machine on a descheduled one). Chosen where each thread has at least two register tiles of
+// rows and the weights that a step reads (`weight_bytes`, every thread all of them) take at most a
+// quarter of one core's L2, so that each core keeps its own copy in cache; packed weights only
+// (not those read in place through BLAS, nor bfloat16 panels).
+template <typename T>
+bool split_by_rows(int64_t B, int nth, int64_t weight_bytes, bool packed) {
+  return packed && nth > 1 && B >= (int64_t)nth * 2 * Packed<T>::MR && weight_bytes <= l2_bytes() / 4;
+}
 
 // Run a phase of independent GEMMs (a group of K-split tasks, linked by `more`, counts as one);
 // thread tid of nth takes an equal share of the panels, weighted by K (each panel costs M*K*NR FMAs).
