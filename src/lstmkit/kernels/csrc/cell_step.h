@@ -72,7 +72,7 @@ static inline Vectorized<T> keep_of(const T* mask_row, T z, int64_t j, int n) {
 // comparison and the normaliser's floor with the same instructions on the same stored values).
 // log sigma(x) = min(x, 0) - log1p(exp(-|x|)).
 template <typename T>
-static inline Vectorized<T> log_sigmoid(const Vectorized<T>& x) {
+LK_INLINE static inline Vectorized<T> log_sigmoid(const Vectorized<T>& x) {
   using V = Vectorized<T>;
   return at::vec::minimum(x, V(T(0))) - log1p_unit<T>(vexp<T>(V(T(0)) - x.abs()));
 }
