@@ -22,10 +22,14 @@
 //             [projection: phase C GEMM y_t = m_t W_hr^T, phase D state copy / masking]
 //   backward: [projection: dh -> dm = dh W_hr]
 //             phase B  pointwise (rows), phase A GEMMs dh_{t-1} = dr W_hh [+ ds = du_S W_gg]
-// separated by barriers (parallel.h: spin briefly, then sleep). The GEMMs are the packed
+// separated by barriers (parallel.h: spin briefly, then sleep) where the threads split each GEMM's
+// panels; where each thread has two register tiles of rows or more and the step's weights are small
+// (gemm.h, split_by_rows) they split the batch instead, and a thread runs its own rows through
+// every phase of every step with no barrier (a row of each phase reads that row alone). The GEMMs are the packed
 // kernel of gemm.h (W packed once per call; register tile per CPU capability); the pointwise
-// pass uses at::vec::Vectorized (Sleef exp/tanh, the same functions torch's CPU sigmoid/tanh
-// use). No allocation inside the time loop. The after-loop reductions (dW_hh, dW_hr, dW_gg)
+// pass uses at::vec::Vectorized (for float on AVX-512 and AVX2 its own inline exp, tanh and the
+// sLSTM's log1p, vec_math.h; for double Sleef's, as torch's CPU sigmoid/tanh). No allocation
+// inside the time loop. The after-loop reductions (dW_hh, dW_hr, dW_gg)
 // are large GEMMs (at::mm) in backward_call (entry.h); layernorm's dW_hh is accumulated chunk by
 // chunk inside the loop (its dr_t differs from dXG and is not kept for all T steps).
 // bfloat16 / float16 layers compute in float32 (recurrence_forward / recurrence_backward); a
