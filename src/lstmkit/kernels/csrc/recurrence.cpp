@@ -23,7 +23,7 @@
 //   backward: [projection: dh -> dm = dh W_hr]
 //             phase B  pointwise (rows), phase A GEMMs dh_{t-1} = dr W_hh [+ ds = du_S W_gg]
 // separated by barriers (parallel.h: spin briefly, then sleep) where the threads split each GEMM's
-// panels; where each thread has two register tiles of rows or more and the step's weights are small
+// panels; where each thread has a register tile of rows or more and the step's weights are small
 // (gemm.h, split_by_rows) they split the batch instead, and a thread runs its own rows through
 // every phase of every step with no barrier (a row of each phase reads that row alone). The GEMMs are the packed
 // kernel of gemm.h (W packed once per call; register tile per CPU capability); the pointwise
@@ -191,4 +191,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_act_test", &lk::act_test, "test hook: vectorised exp/tanh/sigmoid/log sigmoid");
   m.def("_mlp_layout_test", &lk::mlp_layout_test, "test hook: an mlp layout as the kernel decodes it");
   m.def("_gemm_test", &lk::gemm_test, "test hook: C (+)= A W^T (+ bias) through the per-step GEMM");
+  m.def(
+      "_force_split", [](int64_t mode) { lk::split_override().store((int)mode); },
+      "test hook: how threads split a step's GEMMs (0 the rule, split_by_rows; 1 by rows; 2 by panels)");
 }
