@@ -197,17 +197,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
       }
   };
 
-  // row mode (split_by_rows): the weights every thread reads each step, all of them packed panels?
-  int64_t step_bytes = 0;
-  bool all_packed = true;
-  auto count = [&](const Packed<T>& w) {
-    step_bytes += (int64_t)w.N * w.K * (int64_t)sizeof(T);
-    all_packed = all_packed && !w.direct && !w.bf16;
-  };
-  for (const auto& g : phaseA) count(*g.W);
-  for (const auto& w : Wmt) count(w);
-  if (P > 0) count(Whrt);
-  const bool by_rows = split_by_rows<T>(B, nthreads, step_bytes, all_packed);
+  const bool by_rows = split_by_rows<T>(B, nthreads, phaseA, Wmt, P > 0 ? &Whrt : nullptr);
 
   bool packed = false;
   for (int64_t t1 = Tn; t1 > 0 || (Tn == 0 && !packed); t1 -= Tc) {

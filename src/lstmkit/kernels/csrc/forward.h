@@ -177,17 +177,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   if (proj_in)
     phaseA.push_back(GemmTask<T>{&Win, (int)B, proj_in->x, proj_in->I, xwp, ldr, false, biasp});
   const int nA = (int)phaseA.size();
-  // row mode (split_by_rows): the weights every thread reads each step, all of them packed panels?
-  int64_t step_bytes = 0;
-  bool all_packed = true;
-  auto count = [&](const Packed<T>& w) {
-    step_bytes += (int64_t)w.N * w.K * (int64_t)sizeof(T);
-    all_packed = all_packed && !w.direct && !w.bf16;
-  };
-  for (const auto& g : phaseA) count(*g.W);
-  for (const auto& w : Wm) count(w);
-  if (P > 0) count(Whr);
-  const bool by_rows = split_by_rows<T>(B, nthreads, step_bytes, all_packed);
+  const bool by_rows = split_by_rows<T>(B, nthreads, phaseA, Wm, P > 0 ? &Whr : nullptr);
 
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
     // absent ones (a frozen layer's W_hh and W_ih: packed already) have no panels here

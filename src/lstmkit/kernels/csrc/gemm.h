@@ -454,8 +454,8 @@ inline int64_t l2_bytes() {
 // dh_{t-1} = dr_t W_hh: a thread then runs its rows through every step with no barrier at all,
 // where splitting by panels takes two a step (each a wait on the slowest thread, and on a loaded
 // machine on a descheduled one). Chosen where each thread has at least one register tile of rows
-// (fewer run the micro-kernel's narrow tiles) and the weights that a step reads (`weight_bytes`,
-// every thread all of them) take at most a quarter of one core's L2, so that each core keeps its
+// (fewer run the micro-kernel's narrow tiles) and the weights that a step reads (every thread all
+// of them) take at most a quarter of one core's L2, so that each core keeps its
 // own copy in cache; packed weights only (not those read in place through BLAS, nor bfloat16
 // panels). Measured on a 2-core AVX-512 Xeon (2 MiB L2), two threads, alternating processes: at one
 // tile a thread (B = 16) the batch split as fast or faster (H = 32-128); with the weights up to the
@@ -465,8 +465,20 @@ inline std::atomic<int>& split_override() {
   static std::atomic<int> mode{0};
   return mode;
 }
+// The weights a step reads: the phase's tasks' W, `more` (the deep gates' MLP layers) and `last`
+// (the projection's W_hr, or none).
 template <typename T>
-bool split_by_rows(int64_t B, int nth, int64_t weight_bytes, bool packed) {
+bool split_by_rows(int64_t B, int nth, const std::vector<GemmTask<T>>& phase, const std::vector<Packed<T>>& more,
+                   const Packed<T>* last) {
+  int64_t weight_bytes = 0;
+  bool packed = true;
+  auto count = [&](const Packed<T>& w) {
+    weight_bytes += (int64_t)w.N * w.K * (int64_t)sizeof(T);
+    packed = packed && !w.direct && !w.bf16;
+  };
+  for (const auto& g : phase) count(*g.W);
+  for (const auto& w : more) count(w);
+  if (last) count(*last);
   if (!packed || nth <= 1) return false;
   const int forced = split_override().load(std::memory_order_relaxed);
   if (forced) return forced == 1;
