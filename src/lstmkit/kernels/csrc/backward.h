@@ -63,9 +63,9 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   bool dwhh_written = add;  // add: the sum goes on from dwhh_out's values
   at::Tensor dcs = lstm ? dcn.clone() : at::Tensor();
   at::Tensor dV;
-  // deep gates: dV's rows padded (ldV), so that one layer's columns, which the reductions after the
-  // loop read over all T·B rows, do not start at a multiple of 4 KiB apart (vtot = 4·256: MKL's product
-  // of (6400, 256) of them with the activations 3.6 -> 2.1 ms on AVX2, alone)
+  // deep gates: dV's rows padded (ldV), so that one layer's columns, which each chunk's reductions
+  // read over its rows, do not start at a multiple of 4 KiB apart (vtot = 4·256: MKL's product of
+  // (6400, 256) of them with the activations 3.6 -> 2.1 ms on AVX2, alone)
   const int64_t ldV = mlp.any() ? pad_ld(mlp.vtot, VL) : 0;
   if (mlp.any()) dV = at::empty({Tc, B, ldV}, opt);  // the chunk's rows: step t's at (t − t0)·B
   const AccLayout al{H, R};
@@ -123,10 +123,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   T* dHPp = ptr(dHP);
   T* accp = acc.data_ptr<T>();
   const StepBackward<T> step_proto{cf, prm, al, B, regate ? nullptr : ptr(buffers[B_G]), ptr(buffers[B_C]),
-                             ptr(buffers[B_CN]), Y.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr,
-                             ptr(buffers[B_RH]), ptr(buffers[B_RS]), ptr(buffers[B_AH]), ptr(buffers[B_AS]),
-                             dXG.data_ptr<T>(), lstm ? dcs.data_ptr<T>() : nullptr, dSp, dUSp, lds, ptr(dZS),
-                             ptr(Mo), mlp, ptr(buffers[B_MLP]), ptr(dV), ldV, dAp};
+                                   ptr(buffers[B_CN]), Y.data_ptr<T>(), lstm ? c0.data_ptr<T>() : nullptr,
+                                   ptr(buffers[B_RH]), ptr(buffers[B_RS]), ptr(buffers[B_AH]), ptr(buffers[B_AS]),
+                                   dXG.data_ptr<T>(), lstm ? dcs.data_ptr<T>() : nullptr, dSp, dUSp, lds, ptr(dZS),
+                                   ptr(Mo), mlp, ptr(buffers[B_MLP]), ptr(dV), ldV, dAp};
 
   std::vector<GemmTask<T>> phaseA;  // dh = dr W_hh (heads: per head, its gates' segments) [, ds = du_S W_gg]
   std::vector<int64_t> dr_col;       // the dh tasks' first column of dr (their A moves with t under layernorm)

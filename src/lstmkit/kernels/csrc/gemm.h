@@ -455,12 +455,12 @@ inline int64_t l2_bytes() {
 // where splitting by panels takes two a step (each a wait on the slowest thread, and on a loaded
 // machine on a descheduled one). Chosen where each thread has at least one register tile of rows
 // (fewer run the micro-kernel's narrow tiles) and the weights that a step reads (every thread all
-// of them) take at most a quarter of one core's L2, so that each core keeps its
-// own copy in cache; packed weights only (not those read in place through BLAS, nor bfloat16
-// panels). Measured on a 2-core AVX-512 Xeon (2 MiB L2), two threads, alternating processes: at one
-// tile a thread (B = 16) the batch split as fast or faster (H = 32-128); with the weights up to the
-// whole L2 (H = 256) slower than the panels.
-// (a test hook, _force_split, sets the override: 0 the rule, 1 always rows, 2 always panels)
+// of them) take at most a quarter of one core's L2, so that each core keeps its own copy in cache;
+// packed weights only (not those read in place through BLAS, nor bfloat16 panels). Measured on a
+// 2-core AVX-512 Xeon (2 MiB L2), two threads, alternating processes: at one tile a thread
+// (B = 16) the batch split as fast or faster (H = 32-128); with the weights up to the whole L2
+// (H = 256) slower than the panels. A test hook, _force_split, overrides the rule (0 the rule,
+// 1 always rows, 2 always panels).
 inline std::atomic<int>& split_override() {
   static std::atomic<int> mode{0};
   return mode;
