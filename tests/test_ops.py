@@ -15,6 +15,7 @@ import torch
 import lstmkit
 from lstmkit import cell, kernels
 from lstmkit.kernels import abi, cpu_ext, fused, ops
+from lstmkit.kernels.machine import cpu_vendor
 from lstmkit.layout import GATES
 from lstmkit.spec import resolve
 
@@ -305,10 +306,8 @@ def test_sixteen_bit_units_are_the_ones_that_outpace_float32():
     assert units(False, False, True, "AuthenticAMD")[torch.bfloat16] is True
     assert units(False, False, False, "AuthenticAMD")[torch.bfloat16] is False
     assert units(False, True, False, None)[torch.float16] is True
-    from lstmkit.kernels import machine
-
     assert fused.SIXTEEN_BIT_UNITS == units(torch.cpu._is_amx_tile_supported(), torch.cpu._is_amx_fp16_supported(),
-                                            torch.cpu._is_avx512_bf16_supported(), machine.cpu_vendor())
+                                            torch.cpu._is_avx512_bf16_supported(), cpu_vendor())
 
 
 @pytest.mark.parametrize("how", ["layer", "autocast"])

@@ -457,9 +457,11 @@ inline int64_t l2_bytes() {
 // (fewer run the micro-kernel's narrow tiles) and the weights that a step reads (every thread all
 // of them) take at most a quarter of one core's L2, so that each core keeps its own copy in cache;
 // packed weights only (not those read in place through BLAS, nor bfloat16 panels). Measured on a
-// 2-core AVX-512 Xeon (2 MiB L2), two threads, alternating processes: at one tile a thread
-// (B = 16) the batch split as fast or faster (H = 32-128); with the weights up to the whole L2
-// (H = 256) slower than the panels. A test hook, _force_split, overrides the rule (0 the rule,
+// 2-core AVX-512 Xeon (2 MiB L2), two threads, alternating processes, at one tile a thread
+// (B = 16): the batch split faster in inference at H = 32-64 (0.26-0.99 against 0.38-1.06 ms),
+// level at H = 128; in training level at H = 32-64 and at H = 128 mixed (7.2-10.7 against
+// 7.0-10.6 ms, the host's noise as wide as the difference). With the weights up to the whole L2
+// (H = 256, B = 64) slower than the panels. A test hook, _force_split, overrides the rule (0 the rule,
 // 1 always rows, 2 always panels).
 inline std::atomic<int>& split_override() {
   static std::atomic<int> mode{0};

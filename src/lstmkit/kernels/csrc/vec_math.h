@@ -136,7 +136,8 @@ LK_INLINE inline Vectorized<float> vexp<float>(const Vectorized<float>& xv) {
 #endif
 // log(1 + y) for y in [0, 1] (the sLSTM's log sigmoid takes it of e^-|x|). float on AVX-512 and
 // AVX2: 2 atanh(z), z = y / (2 + y) in [0, 1/3], as z's odd series to z^15 (truncation below
-// 2e-9 relative; measured max rel. err. ~2.5e-7 over [0, 1]) — a division and eight FMAs
+// 2e-9 relative; the log sigmoid built on it measured max rel. err. 2.4e-7 over x in [-30, 30]
+// against float64, torch's float32 one 1.1e-7) — a division and eight FMAs
 // inline, where Sleef's out-of-line log1p took ~3 % of a one-step sLSTM call (B = 32, H = 256)
 // on AVX-512. NaN passes through. double: Sleef.
 template <typename T>
