@@ -16,7 +16,7 @@ from lstmkit import kernels
 from lstmkit.kernels import abi, cpu_ext, fused
 from lstmkit.kernels.fused import FusedKernel
 from lstmkit.spec import CellSpec, resolve
-from variants import LSTM_VARIANTS, RNN_VARIANTS
+from variants import HEADS_VARIANTS, LSTM_VARIANTS, RNN_VARIANTS, SLSTM_VARIANTS
 
 # Rows that run layers on CPU tensors (onnx_export only writes ONNX during torch.onnx.export:
 # tests/test_ops.py; triton runs CPU tensors only through Triton's interpreter: test_triton.py):
@@ -630,3 +630,47 @@ def test_torch_row_runs_the_whole_stack_in_one_call_but_dropout_layer_by_layer(m
     for a, b in ((y, y_f), (h, h_f), (c, c_f)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(y, layer.eval()(x)[0])  # dropout did act
+
+
+_ALL_VARIANTS = {**LSTM_VARIANTS, **RNN_VARIANTS, **HEADS_VARIANTS, **SLSTM_VARIANTS}
+
+
+@pytest.mark.parametrize("name", list(_ALL_VARIANTS))
+def test_workspaces_are_written_before_they_are_read(name):
+    """A call's workspace parts that its GEMMs write before the cell reads them (r and xg_t,
+    Carve::take_rows) are not zeroed. With the extension's test hook filling them with NaN instead,
+    every variant must give the same results bit for bit: two layers, both directions, lengths, an
+    odd batch — training (values and every gradient), inference (the input projection in the loop),
+    one step of LSTMCell (the sLSTM and heads: a layer's step), and a bfloat16 layer's training
+    forward (its xg_t widened row by row into the workspace)."""
+    cell = _ALL_VARIANTS[name]
+    ext = cpu_ext.load()
+    rnn = name in RNN_VARIANTS
+    kind = lstmkit.RNN if rnn else lstmkit.LSTM
+    opts = {"nonlinearity": cell} if rnn else {"cell": cell}
+    lengths = [5, 3, 4]
+
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        layer = kind(6, 8, 2, bidirectional=True, backend=FUSED[0], **opts)
+        x = torch.randn(5, 3, 6, requires_grad=True)
+        out = layer(x, lengths=lengths)[0]
+        (out * torch.randn_like(out)).sum().backward()
+        results = [out, x.grad, *(p.grad for p in layer.parameters())]
+        with torch.no_grad():
+            layer.eval()
+            results.append(layer(x, lengths=lengths)[0])
+            results.append(layer(x[0])[0])  # one step, (N, I)
+        if not rnn:
+            layer16 = kind(6, 8, backend=FUSED[0], dtype=torch.bfloat16, **opts)
+            results.append(layer16(x.detach().to(torch.bfloat16).requires_grad_(True))[0].float())
+        return results
+
+    expected = run()
+    ext._poison_workspaces(True)
+    try:
+        got = run()
+    finally:
+        ext._poison_workspaces(False)
+    for k, (a, e) in enumerate(zip(got, expected)):
+        assert torch.equal(a, e), f"result {k} differs with the workspaces poisoned"

@@ -194,4 +194,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "_force_split", [](int64_t mode) { lk::split_override().store((int)mode); },
       "test hook: how threads split a step's GEMMs (0 the rule, split_by_rows; 1 by rows; 2 by panels)");
+  m.def(
+      "_poison_workspaces", [](bool on) { lk::poison_workspaces().store(on); },
+      "test hook: fill the workspace parts a call writes before reading with NaN (Carve::take_rows)");
 }
