@@ -625,3 +625,31 @@ def test_sixteen_bit_step_training_with_and_without_units(monkeypatch, units):
     for got, want, what in zip(*grads, ("x", "weight_ih", "weight_hh", "bias_ih")):
         assert got.dtype == torch.bfloat16, what
         assert (got.double() - want).abs().max() <= 3e-2 * want.abs().max(), what
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cell", ["vanilla", "slstm", "slstm+heads=2", "layernorm+peephole", "zoneout=0.2"])
+def test_inference_leaves_the_callers_states_untouched(cell, dtype):
+    """Inference updates the cell state in place inside the kernel — in a buffer of its own (the sLSTM's
+    three states joined, a 16-bit state widened, zeros) or a copy of the caller's: the states a caller
+    gives (cell and layer, first and prepared calls, one step and a run) keep their values, and the
+    step's new states are what the float32 reference computes from them."""
+    torch.manual_seed(0)
+    cellm = lstmkit.LSTMCell(6, 8, cell=cell, dtype=dtype).eval()
+    layer = lstmkit.LSTM(6, 8, cell=cell, dtype=dtype).eval()
+    ref = lstmkit.LSTMCell(6, 8, cell=cell, backend="reference").eval()
+    ref.load_state_dict({k: v.float() for k, v in cellm.state_dict().items()})
+    x = torch.randn(3, 6, dtype=dtype)
+    with torch.no_grad():
+        states = tuple(t.to(dtype) for t in ref(torch.randn(3, 6)))  # a state the cell can reach
+        before = tuple(t.clone() for t in states)
+        expected = ref(x.float(), tuple(t.float() for t in before))
+        tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        for _ in range(3):  # the first call takes the general path, the later ones the prepared step
+            got = cellm(x, states)
+            layer(x[None], tuple(t[None] for t in states))
+            layer.step(x, tuple(t[None] for t in states))
+            for a, b in zip(states, before):
+                assert torch.equal(a, b), "a caller's state changed"
+            for a, e in zip(got, expected):
+                torch.testing.assert_close(a.float(), e, **tol)

@@ -88,7 +88,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
     bool save, bool buffers_out, const at::Tensor& x_in = {}, const at::Tensor& w_ih_in = {},
     const at::Tensor& bias_in = {}, const at::Tensor& bias2_in = {}, const std::vector<at::Tensor>& mlp_each = {},
-    const Frozen* frozen = nullptr) {
+    const Frozen* frozen = nullptr, bool c0_scratch = false) {
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS, "lstmkit::recurrence: expected ", (int)N_PARAMS,
@@ -125,6 +125,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
   const int64_t Tn = xg.size(0), B = xg.size(1);
   cf.set_heads(whh.size(1));
   if (!cf.rnn && c0.numel() == 0) c0 = at::zeros({B, cf.SH}, xg.options());
+  // the kernel may update c0 in place where the caller says it is scratch, or where it was made here
+  // (zeros, or a 16-bit state widened)
+  c0_scratch = c0_scratch || !c0.is_same(c0_in);
   TORCH_CHECK(cf.rnn || (c0.dim() == 2 && c0.size(0) == B && c0.size(1) == cf.SH),
               "lstmkit::recurrence: c0 must be (B, ", cf.SH, "): the cell's ", cf.S, " states side by side");
   cf.bf16_gemm = bf16_products(io);
@@ -139,9 +142,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
                                           w_ih.stride(1), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
                                           bias2.defined() ? bias2.data_ptr<scalar_t>() : nullptr};
       const FrozenPanels<scalar_t>* fp = frozen ? frozen->get<scalar_t>(ct) : nullptr;
-      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out, &pin, {}, fp);
+      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out, &pin, {}, fp,
+                                   c0_scratch);
     } else {
-      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out, nullptr, xg_low);
+      out = forward_impl<scalar_t>(xg, whh, h0, c0, len, params, cf, mlp, mw, save, nt, buffers_out, nullptr, xg_low,
+                                   nullptr, c0_scratch);
     }
   });
   // out = {Y, h_n, c_n, then the buffers in abi.BUFFERS order}
@@ -285,7 +290,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> p
     const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& lengths,
     std::vector<at::Tensor>& params, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
     double zoneout_c, double zoneout_h, int64_t H, int64_t P, bool save, const std::vector<at::Tensor>& mlp_each = {},
-    const Frozen* frozen = nullptr, bool apart = false) {
+    const Frozen* frozen = nullptr, bool apart = false, bool c0_scratch = false) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit: expected ", (int)N_PARAMS, " params");
   at::Tensor bias = b_ih.numel() ? b_ih : at::Tensor(), bias2 = b_hh.numel() ? b_hh : at::Tensor();
   if ((flags & F_LAYERNORM) && bias.defined()) {
@@ -302,7 +307,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> p
                         mlp_each);
   }
   return forward_call(at::Tensor(), whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H,
-                      P, save, save, x, w_ih, bias, bias2, mlp_each, frozen);
+                      P, save, save, x, w_ih, bias, bias2, mlp_each, frozen, c0_scratch);
 }
 
 // Inference (nothing needs a gradient): the input projection and the recurrence in one call, the

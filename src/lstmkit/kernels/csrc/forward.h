@@ -60,6 +60,7 @@ struct FrozenPanels {
   }
 };
 
+// c0_scratch: c0 is this call's own (made for it, read by nobody after it), so c_n may be it.
 // Returns {Y, h_n, c_n, then the buffers in abi.BUFFERS order} (an empty tensor for each one
 // not kept; without buffers_out, Y, h_n and c_n alone). params: the operator's params list (abi.PARAMS order, compute dtype).
 // xg_low: a bfloat16 / float16 layer's (T, B, R) xg in its own dtype (xg then an empty (T, B, 0)
@@ -71,7 +72,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
                                      const std::vector<at::Tensor>& params, const Cfg& cf, const MlpLayout& mlp,
                                      const MlpWeights<T>& mw, bool save, int nthreads, bool buffers_out = true,
                                      const InputProjection<T>* proj_in = nullptr, const at::Tensor& xg_low = {},
-                                     const FrozenPanels<T>* frozen = nullptr) {
+                                     const FrozenPanels<T>* frozen = nullptr, bool c0_scratch = false) {
   using V = Vectorized<T>;
   constexpr int VL = V::size();
   const int64_t Tn = xg.size(0), B = xg.size(1), R = cf.R, H = cf.H, Hout = cf.Hout, P = cf.P;
@@ -92,7 +93,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   auto kept = [&](int k) -> T* { return buf[k].defined() ? buf[k].data_ptr<T>() : nullptr; };
   const int64_t ldh = pad_ld(Hout, VL), ldr = pad_ld(R, VL), lds = pad_ld(std::max<int64_t>(cf.nS * H, 1), VL),
                 ldm = pad_ld(H, VL), ldscratch = pad_ld(H, VL);
-  at::Tensor cs = lstm ? c0.contiguous().clone() : at::Tensor();  // (B, S·H) c [, n, m]
+  // (B, S·H) c [, n, m], updated in place step by step: c0 itself where the caller made it for this
+  // call (c0_scratch), else a copy
+  at::Tensor cs = !lstm ? at::Tensor() : c0_scratch && c0.is_contiguous() ? c0 : c0.contiguous().clone();
 
   Packed<T> Wp, Wgg, Whr;
   std::vector<Packed<T>> Wh;

@@ -369,10 +369,11 @@ inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_step(
     return {out[0], out[1], std::vector<at::Tensor>(out.begin() + 2, out.end())};
   }
   const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
-  const at::Tensor c0 = S == 1 ? axes.state(cells[0]) : join_cells(cells, x_in.options());  // (N, S·H)
+  // (N, S·H); S states joined: this call's own, which the kernel updates in place (c0_scratch)
+  const at::Tensor c0 = S == 1 ? axes.state(cells[0]) : join_cells(cells, x_in.options());
   auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in), c0,
                                                   at::Tensor(), params, flags, mlp_layout, clip, zoneout_c, zoneout_h,
-                                                  H, P, false, mlp, frozen);
+                                                  H, P, false, mlp, frozen, false, S > 1);
   // inference: the S states as views of the kernel's one (N, S·H) tensor
   return {axes.y_out(y), axes.state_out(h_n),
           S == 1 ? std::vector<at::Tensor>{axes.state_out(c_n)} : split_cells(c_n, S, false)};
