@@ -9,9 +9,13 @@ For (B, H) in {1, 32} x {32, 256} (I = H): inference (one call under ``no_grad``
 per step of the whole loop and its backward). Rows: ``nn.LSTMCell`` (vanilla, torch's own),
 ``lstmkit.LSTMCell`` for one cell of every row of the variant table but fgr (a step cannot carry
 its state), in inference also that cell frozen (``lstmkit.freeze``: its weights packed once), and
-``lstmkit.LSTM(...).step`` for vanilla. Rounds alternate between the rows; each
-number is the median over ``--repeats`` rounds of the mean of ``--calls`` calls. The CPU model,
-torch's capability and the thread count are recorded.
+``lstmkit.LSTM(...).step`` for vanilla. Rounds alternate between the rows, and each row is timed
+right after ``nn.LSTMCell`` (the mean of ``--calls`` calls each): a row's time is the median over
+``--repeats`` rounds, its ratio the median of its rounds' ratios to the ``nn.LSTMCell`` timing just
+before it — on a shared host whose speed drifts within seconds, the two sides of a ratio are then
+timed under the same load (a row timed a second after its reference read 1.05-1.19 in one run where
+rows doing the same work read 0.85-0.94). The CPU model, torch's capability and the thread count are
+recorded.
 """
 
 from __future__ import annotations
@@ -115,21 +119,30 @@ def main(argv: list[str] | None = None) -> dict:
             calls = args.calls if not train else max(1, args.calls // args.steps)
             for _, _, fn in plan:  # warm up (builds the kernel once)
                 fn()
+            def timed(fn: Callable[[], int], calls: int = calls) -> float:
+                n = 0
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    n += fn()
+                return (time.perf_counter() - t0) / n
+
+            reference = plan[0][2]
             times: dict[tuple[str, str], list[float]] = {(c, k): [] for c, k, _ in plan}
+            ratios: dict[tuple[str, str], list[float]] = {(c, k): [] for c, k, _ in plan}
             for _ in range(args.repeats):
-                for cell, kind, fn in plan:
-                    n = 0
-                    t0 = time.perf_counter()
-                    for _ in range(calls):
-                        n += fn()
-                    times[(cell, kind)].append((time.perf_counter() - t0) / n)
-            base = statistics.median(times[("vanilla", "nn.LSTMCell")])
+                for cell, kind, fn in plan[1:]:  # each row right after its own reference timing
+                    base = timed(reference)
+                    sec = timed(fn)
+                    times[plan[0][:2]].append(base)
+                    times[(cell, kind)].append(sec)
+                    ratios[(cell, kind)].append(sec / base)
+            ratios[plan[0][:2]] = [1.0]
             for (cell, kind), ts in times.items():
-                sec = statistics.median(ts)
+                sec, ratio = statistics.median(ts), statistics.median(ratios[(cell, kind)])
                 rows.append({"B": B, "H": H, "mode": "train" if train else "infer", "cell": cell, "impl": kind,
-                             "us_per_step": sec * 1e6, "ratio_vs_nn_lstmcell": sec / base})
+                             "us_per_step": sec * 1e6, "ratio_vs_nn_lstmcell": ratio})
                 print(f"B={B:3d} H={H:4d} {'train' if train else 'infer'} {kind:24s} {cell:22s} "
-                      f"{sec * 1e6:8.1f} us  {sec / base:5.2f}x", flush=True)
+                      f"{sec * 1e6:8.1f} us  {ratio:5.2f}x", flush=True)
     result = {**environment(), "repeats": args.repeats, "calls": args.calls, "steps": args.steps, "rows": rows}
     save(args.out, "bench_step", result, markdown)
     return result
@@ -137,8 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [title("One step per call", result), "",
-             "Time per step (µs) and ratio to `nn.LSTMCell` (vanilla) in the same process; inference: one call "
-             f"under no_grad; training: {result['steps']} steps with gradients, then backward, per step.", "",
+             "Time per step (µs, median over rounds) and ratio to `nn.LSTMCell` (vanilla) in the same process "
+             "(the median of each round's ratio to the `nn.LSTMCell` timing just before the row); inference: one "
+             f"call under no_grad; training: {result['steps']} steps with gradients, then backward, per step.", "",
              "| B | H | mode | implementation | cell | µs per step | × nn.LSTMCell |", "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['B']} | {r['H']} | {r['mode']} | {r['impl']} | {r['cell']} | {r['us_per_step']:.1f} | "
