@@ -160,8 +160,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> r
     const at::Tensor& lengths, const std::vector<at::Tensor>& params, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
     bool save) {
-  return forward_call(xg, whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P, save,
-                      true);
+  auto out = forward_call(xg, whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P,
+                          save, true);
+  // the buffers not kept: empty tensors, one each (an operator's outputs are defined and do not alias)
+  for (auto& b : std::get<3>(out))
+    if (!b.defined()) b = at::empty({0}, std::get<0>(out).options());
+  return out;
 }
 
 // The backward; mlp_each as forward_call's (the deep gates' own tensors, params[P_MLP] then empty);
@@ -194,18 +198,20 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
   const auto opt = y.options();
   at::Tensor c0 = to_compute(c0_in, ct);
   if (lstm && c0.numel() == 0) c0 = at::zeros({B, cf.SH}, opt);
-  at::Tensor dy = dy_in.numel() ? to_compute(dy_in, ct) : at::zeros({1}, opt).expand({Tn, B, Hout});
-  at::Tensor dhn = dhn_in.numel() ? to_compute(dhn_in, ct) : at::zeros({B, Hout}, opt);
-  at::Tensor dcn = !lstm ? at::empty({0}, opt) : dcn_in.numel() ? to_compute(dcn_in, ct) : at::zeros({B, cf.SH}, opt);
+  // an undefined or empty gradient: zero
+  auto given = [](const at::Tensor& g) { return g.defined() && g.numel() > 0; };
+  at::Tensor dy = given(dy_in) ? to_compute(dy_in, ct) : at::zeros({1}, opt).expand({Tn, B, Hout});
+  at::Tensor dhn = given(dhn_in) ? to_compute(dhn_in, ct) : at::zeros({B, Hout}, opt);
+  at::Tensor dcn = !lstm ? at::Tensor() : given(dcn_in) ? to_compute(dcn_in, ct) : at::zeros({B, cf.SH}, opt);
   const auto len = lengths_vec(lengths, B, Tn);
   const int nt = choose_threads(B * R * cf.Dh, B);
   std::vector<at::Tensor> bufs;
-  for (const auto& b : buffers) bufs.push_back(b.contiguous());
+  for (const auto& b : buffers) bufs.push_back(b.defined() ? b.contiguous() : b);  // undefined: not kept
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(ct, "lstmkit_bwd", [&] {
     const MlpWeights<scalar_t> mw(mlp, params[P_MLP], mlp_own);
     out = backward_impl<scalar_t>(bufs, y, h0, c0.contiguous(), whh, len, params, dy, dhn.contiguous(),
-                                  dcn.contiguous(), dwhh_out, dmlp_out, add, cf, mlp, mw, nt,
+                                  lstm ? dcn.contiguous() : dcn, dwhh_out, dmlp_out, add, cf, mlp, mw, nt,
                                   io != ct ? io : at::ScalarType::Undefined);
   });
   // out = {dXG, dWhh (layernorm), dHP, Mo, dh0, dc0, acc, dZS, dmlp, dXG in a 16-bit layer's dtype}
@@ -223,8 +229,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
       accumulate_dwhh(dwhh, false, dXGr.narrow(0, 1, Tn - 1).reshape({-1, R}),
                       yr.narrow(0, 0, Tn - 1).reshape({-1, Hout}), cf);
   }
+  // a parameter the variant has not: an empty tensor of its own for the operator (its outputs are
+  // defined and do not alias), undefined for the autograd node (`views`)
   std::vector<at::Tensor> dparams(N_PARAMS);
-  for (auto& d : dparams) d = at::empty({0}, opt);
+  if (!views)
+    for (auto& d : dparams) d = at::empty({0}, opt);
   if (lstm) {
     if (mlp.any()) dparams[P_MLP] = out[8];  // the deep gates' flat weights
     const at::Tensor& acc = out[6];  // AccLayout, summed over threads
@@ -254,7 +263,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
           for (int g : {0, 1, 3}) if (off[g] >= 0) parts.push_back(t.narrow(0, t0, Tn - 1).narrow(2, off[g], H));
           return at::cat(parts, -1).reshape({-1, nS});
         };
-        const at::Tensor dus = out[7].numel() ? out[7].narrow(0, 1, Tn - 1).reshape({-1, nS}) : gather(dXG, 1, cf.zoff);
+        const at::Tensor dus = out[7].defined() ? out[7].narrow(0, 1, Tn - 1).reshape({-1, nS}) : gather(dXG, 1, cf.zoff);
         dparams[P_WEIGHT_GG] = reduce_mm(dus.t(), gather(buffers[B_G], 0, cf.aoff), cf);
       } else {
         dparams[P_WEIGHT_GG] = at::zeros({nS, nS}, opt);

@@ -241,11 +241,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   at::Tensor hn = at::empty({B, Hout}, opt);
   T* hnp = hn.data_ptr<T>();
   for (int64_t b = 0; b < B; ++b) std::copy(hsp + b * ldh, hsp + b * ldh + Hout, hnp + b * Hout);
-  // a separate empty tensor per absent output: outputs of an operator must not alias each other
-  auto e = [&] { return at::empty({0}, opt); };
-  std::vector<at::Tensor> out = {Y, hn, lstm ? cs : e()};
+  // the RNN's c_n: an empty tensor of its own (outputs of an operator must not alias each other);
+  // a buffer not kept: undefined (the operator's entry, recurrence_forward, makes it an empty tensor)
+  std::vector<at::Tensor> out = {Y, hn, lstm ? cs : at::empty({0}, opt)};
   if (!buffers_out) return out;  // one_step: nothing kept, nothing to return
-  for (auto& b : buf) out.push_back(b.defined() ? b : e());
+  out.insert(out.end(), buf.begin(), buf.end());
   return out;
 }
 

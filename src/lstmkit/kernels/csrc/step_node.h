@@ -228,9 +228,9 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
         const std::vector<at::Tensor> parts(grads.begin() + 2, grads.begin() + 2 + S);
         bool any = false;
         for (const auto& g : parts) any = any || g.defined();
-        return any ? join_cells(parts, y.options()) : at::empty({0}, y.options());
+        return any ? join_cells(parts, y.options()) : at::Tensor();
       }
-      if (!grads[k].defined()) return at::empty({0}, y.options());
+      if (!grads[k].defined()) return at::Tensor();  // backward_call: zero
       return k == 0 ? axes.run(grads[k]) : axes.state(grads[k]);
     };
     const size_t M = mlp_own.size();
