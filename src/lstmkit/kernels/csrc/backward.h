@@ -14,13 +14,14 @@ namespace lk {
 
 // Returns dXG (T,B,R) (layernorm: the gradient w.r.t. the RAW a = x W_ih^T, through the
 // input LN), dWhh (R,H_out) (layernorm only, written into dwhh_out where that is defined — with
-// `add` added to its values, as dMLP to dmlp_out's; other variants: empty, the wrapper computes
+// `add` added to its values, as dMLP to dmlp_out's; other variants: undefined, the wrapper computes
 // it from dXG), dHP (T,B,P) and M (T,B,H)
 // (projection: the gradient w.r.t. the projected h~_t, and o*act(LN(c)) for dW_hr), dh0, dc0, acc (the per-parameter reductions, AccLayout),
 // dZS (T,B,nS*H) (fgr with layernorm or deep gates: the gradient w.r.t. the sigmoid gates' u, for dW_gg),
-// dMLP (the deep gates' flat weights' gradient: dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j, as large
-// GEMMs after the loop over the kept a_j and every step's dv_j), and for a 16-bit layer (`low`)
-// dXG again in that dtype (else empty).
+// dMLP (the deep gates' flat weights' gradient: dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j, summed chunk
+// by chunk of steps while the chunk's dv_j rows are in cache: dmlp_columns), and for a 16-bit layer
+// (`low`) dXG again in that dtype; what the variant has not (dWhh, dHP, M, dc0, dZS, dMLP, the
+// 16-bit dXG): undefined.
 // layernorm: dr_t (the gradient w.r.t. the raw r_t) is kept for a chunk of Tc steps only;
 // after each chunk dW_hh += dr_chunk^T h_prev_chunk (at::addmm_, outside the OpenMP region).
 // Zoneout: the carried dL/dh_t, dL/dc_t are w.r.t. the zoned states; d_h·dL/dh_t goes straight

@@ -61,8 +61,8 @@ struct FrozenPanels {
 };
 
 // c0_scratch: c0 is this call's own (made for it, read by nobody after it), so c_n may be it.
-// Returns {Y, h_n, c_n, then the buffers in abi.BUFFERS order} (an empty tensor for each one
-// not kept; without buffers_out, Y, h_n and c_n alone). params: the operator's params list (abi.PARAMS order, compute dtype).
+// Returns {Y, h_n, c_n, then the buffers in abi.BUFFERS order} (undefined for each one not kept;
+// without buffers_out, Y, h_n and c_n alone). params: the operator's params list (abi.PARAMS order, compute dtype).
 // xg_low: a bfloat16 / float16 layer's (T, B, R) xg in its own dtype (xg then an empty (T, B, 0)
 // tensor giving the sizes): each thread widens its rows of step t into a (B, ldr) block just before
 // the cell reads them, instead of a float32 copy of the whole (T, B, R) written and read back.
