@@ -108,7 +108,10 @@ def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default
     Rows are interleaved: each round runs every row once (reference rows only in the
     first ``reference_repeats`` rounds), so machine noise drifts over all rows alike;
     each row's time is its median over rounds. Rows with another thread count (the
-    one-thread rows) run in their own interleaved pass.
+    one-thread rows) run in their own interleaved pass. Within the pass of torch's default
+    threads every row is timed right after ``torch.nn.LSTM`` and its ratio is the median of
+    those pairs' ratios (on a shared host whose speed drifts within seconds, both sides of a
+    ratio then run under the same load); other rows' ratios are their medians' ratio.
     """
     B, T, I, H = shape
     torch.manual_seed(0)
@@ -157,11 +160,22 @@ def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default
                 if cell == "vanilla":
                     plan.append(("reference vanilla (1 thread)", "reference", ref, 1, True))
         times: dict[str, list[float]] = {name: [] for name, *_ in plan}
+        paired: dict[str, list[float]] = {}  # row -> its rounds' ratios to the nn.LSTM call just before
+
+        def timed(fn: Callable[[], object], warm: bool) -> float:
+            if warm:
+                fn()  # untimed: caches warm with this row's data, as in a loop of it
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+
+        reference_step = plan[0][2]  # torch.nn.LSTM, default threads
         # One interleaved pass per (thread count, reference or not): switching the count
         # wakes or parks the OpenMP pool, and the slow reference loops churn caches and the
         # allocator, either of which would tax the row that comes next.
         for threads, is_reference in sorted({(p[3], p[4]) for p in plan}, key=lambda k: (-k[0], k[1])):
             group = [p for p in plan if p[3] == threads and p[4] == is_reference]
+            pairs = threads == threads_default and not is_reference
             torch.set_num_threads(threads)
             for _name, _, fn, _, is_ref in group:  # warm-up
                 for _ in range(1 if is_ref else 2):
@@ -170,17 +184,21 @@ def bench_shape(shape, kw, variants, repeats, reference_repeats, threads_default
                 for name, _, fn, _, is_ref in group:
                     if is_ref and rnd >= reference_repeats:
                         continue
-                    if not is_ref:
-                        fn()  # untimed: caches warm with this row's data, as in a loop of it
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t0)
+                    if pairs and name != "torch.nn.LSTM":
+                        base_sec = timed(reference_step, True)
+                        times["torch.nn.LSTM"].append(base_sec)
+                        sec = timed(fn, True)
+                        paired.setdefault(name, []).append(sec / base_sec)
+                    else:
+                        sec = timed(fn, not is_ref)
+                    times[name].append(sec)
         torch.set_num_threads(threads_default)
         base = statistics.median(times["torch.nn.LSTM"])
         for name, kname, *_ in plan:
             sec = statistics.median(times[name])
+            ratio = statistics.median(paired[name]) if name in paired else sec / base
             rows.append({"shape": list(shape), "mode": mode, "row": name, "kernel": kname, "seconds": sec,
-                         "ratio_vs_torch": sec / base, "gflops": flops / sec / 1e9})
+                         "ratio_vs_torch": ratio, "gflops": flops / sec / 1e9})
             if name in bf16_error:
                 rows[-1]["error_vs_float32"] = bf16_error[name]
         if neighbour:
@@ -458,7 +476,8 @@ def markdown(result: dict) -> str:
              "GEMM peak measured in this run: " + ", ".join(
                  f"{k} {v:.0f} GFLOP/s" for k, v in result["gemm_peak"].items()), "",
              "Ratios are time ÷ torch.nn.LSTM's time (vanilla, default threads) at the same "
-             "shape and mode; below 1 is faster.", ""]
+             "shape and mode; below 1 is faster. Rows with torch's default threads are each timed right after "
+             "an nn.LSTM call, their ratio the median of those pairs'; the others: the medians' ratio.", ""]
     for mode in ("infer", "train"):
         rows = [r for r in result["rows"] if r["mode"] == mode]
         shapes = []
