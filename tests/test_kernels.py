@@ -640,9 +640,10 @@ def test_workspaces_are_written_before_they_are_read(name):
     """A call's workspace parts that its GEMMs write before the cell reads them (r and xg_t,
     Carve::take_rows) are not zeroed. With the extension's test hook filling them with NaN instead,
     every variant must give the same results bit for bit: two layers, both directions, lengths, an
-    odd batch — training (values and every gradient), inference (the input projection in the loop),
-    one step of LSTMCell (the sLSTM and heads: a layer's step), and a bfloat16 layer's training
-    forward (its xg_t widened row by row into the workspace)."""
+    odd batch — training (values and every gradient), inference (the input projection in the loop);
+    one time step (T = 1: the weights read in place through BLAS, a gemm at B = 3 and a gemv at
+    B = 1), in inference and in training, each twice (the second call takes the prepared step); and a
+    bfloat16 layer's training forward (its xg_t widened row by row into the workspace)."""
     cell = _ALL_VARIANTS[name]
     ext = cpu_ext.load()
     rnn = name in RNN_VARIANTS
@@ -660,7 +661,15 @@ def test_workspaces_are_written_before_they_are_read(name):
         with torch.no_grad():
             layer.eval()
             results.append(layer(x, lengths=lengths)[0])
-            results.append(layer(x[0])[0])  # one step, (N, I)
+        single = kind(6, 8, backend=FUSED[0], **opts)
+        for x1 in (x[:1].detach(), x[:1, :1].detach()):  # one step: (1, 3, I) and (1, 1, I)
+            for _ in range(2):
+                with torch.no_grad():
+                    results.append(single.eval()(x1)[0])
+                x1g = x1.clone().requires_grad_(True)
+                out1 = single.train()(x1g)[0]
+                out1.sum().backward()
+                results += [out1, x1g.grad]
         if not rnn:
             layer16 = kind(6, 8, backend=FUSED[0], dtype=torch.bfloat16, **opts)
             results.append(layer16(x.detach().to(torch.bfloat16).requires_grad_(True))[0].float())
