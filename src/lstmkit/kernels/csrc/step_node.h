@@ -311,7 +311,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       for (int k = 0; k < N_PARAMS; ++k)
         if (params[k].numel() && !PARAM_NO_GRAD[k] && !(ln && k == P_BIAS) && !(M && k == P_MLP))
           out[PAR + k] = dparams[k];
-      if (!(into_pass && with_mlp)) {  // the flat gradient back to each deep-gate tensor, in order, in its shape
+      if (M > 0 && !(into_pass && with_mlp)) {  // the flat gradient back to each deep-gate tensor, in order, in its shape
         int64_t off = dparams[P_MLP].storage_offset();  // (one contiguous view each: as_strided, not narrow then view)
         for (size_t j = 0; j < M; ++j) {
           const auto sizes_j = mlp_own[j].sizes();
