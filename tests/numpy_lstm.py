@@ -644,7 +644,7 @@ def _slstm_step(cfg: _Cfg, p: Params, x_t, h_prev, state, s_prev=None, keep=None
     empty = n == 0.0  # nothing kept: the stabiliser is ĩ
     m_new = np.where(empty, ui, np.maximum(kept, ui))
     i = np.exp(ui - m_new)
-    f = np.exp(kept - m_new)
+    f = np.exp(np.where(empty, -np.inf, kept - m_new))  # nothing kept from an empty cell
     g = np.tanh(uz)
     o = _sigmoid(uo)
     c_new = f * c + i * g

@@ -34,14 +34,17 @@ def _states(rng: np.random.Generator, lead: int, H_: int = H) -> list[np.ndarray
             rng.uniform(0.2, 1.5, (lead, B, H_)), rng.standard_normal((lead, B, H_))]
 
 
-def compare(layer, dtype, lengths=None, zero_state=False, seed=0):
+def compare(layer, dtype, lengths=None, zero_state=False, seed=0, input_bias=None):
     """``layer`` (any backend) against the oracle: output, the four final states, and the
-    gradients of the input, the four initial states and every parameter."""
+    gradients of the input, the four initial states and every parameter (``input_bias``: the
+    first layer's input-gate bias set to that value)."""
     torch.manual_seed(seed)
     layer = layer.to(dtype)
     with torch.no_grad():
         for p in layer.parameters():
             p.uniform_(-0.6, 0.6)
+        if input_bias is not None:
+            layer.bias_ih_l0[:H] = input_bias
     lead = layer.num_layers * layer.num_directions
     rng = np.random.default_rng(seed)
     x_np = rng.standard_normal((T, B, I))
@@ -103,6 +106,16 @@ def test_oracle_from_the_zero_state(backend):
     for cell in ("slstm", "slstm+forget_act=exp+heads=2"):
         compare(lstmkit.LSTM(I, H, num_layers=2, cell=cell, backend=backend), torch.float64, lengths=[5, 1, 3],
                 zero_state=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_an_empty_cell_keeps_nothing_however_closed_its_input_gate(backend, dtype):
+    """From the zero state the first stabiliser is ĩ, and ``exp(log f − ĩ)`` is unbounded: with
+    ĩ near −100 it overflowed to inf in float32, and inf times the empty cell's 0 made every
+    output NaN. An empty cell keeps nothing (f' = 0): finite, and equal to the oracle."""
+    for cell in ("slstm", "slstm+forget_act=exp+n_clamp"):
+        compare(lstmkit.LSTM(I, H, cell=cell, backend=backend), dtype, zero_state=True, input_bias=-100.0)
 
 
 def test_fused_kernel_threads_and_batches():

@@ -18,6 +18,7 @@ and ``weight_hh`` (4H × H).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -256,7 +257,8 @@ def slstm_step(z: Tensor, state: Tensor, spec: CellSpec, hidden_size: int) -> St
     scaled by ``exp(−m_t)``, the stabiliser ``m_t`` being the largest log-weight of the step: the
     stabilised gates ``i', f'`` are at most 1, and ``h = o ⊙ c / n`` does not depend on ``m``
     (``c`` and ``n`` are scaled alike). An empty cell (``n_{t−1} = 0``, e.g. the zero initial
-    state) has nothing to keep: there ``m_t = ĩ``.
+    state) has nothing to keep: there ``m_t = ĩ`` and ``f' = 0`` (``exp(kept − ĩ)`` would be
+    unbounded: it overflowed to inf for ``ĩ`` below about −88, and inf times the empty cell's 0 is NaN).
 
     Args:
         z: (B, 4H) pre-activations ``ĩ, f̃, z̃, õ`` (``x W_ihᵀ + h W_hhᵀ + b``).
@@ -269,9 +271,10 @@ def slstm_step(z: Tensor, state: Tensor, spec: CellSpec, hidden_size: int) -> St
     u_i, u_f, u_z, u_o = z.split(hidden_size, dim=-1)  # ĩ, f̃, z̃, õ (B, H) each
     log_f = u_f if spec.forget_activation == "exp" else F.logsigmoid(u_f)  # log of the forget gate
     kept = log_f + m  # log-weight of what is kept, on the previous step's scale
-    m_new = torch.where(n == 0, u_i, torch.maximum(kept, u_i))  # the stabiliser (B, H)
+    empty = n == 0  # (B, H)
+    m_new = torch.where(empty, u_i, torch.maximum(kept, u_i))  # the stabiliser (B, H)
     i = torch.exp(u_i - m_new)  # i' ≤ 1
-    f = torch.exp(kept - m_new)  # f' ≤ 1
+    f = torch.exp(torch.where(empty, -math.inf, kept - m_new))  # f' ≤ 1; 0 where empty (its gradient too)
     g = torch.tanh(u_z)
     o = torch.sigmoid(u_o)
     c_new = f * c + i * g

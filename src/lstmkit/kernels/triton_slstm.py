@@ -40,7 +40,7 @@ def slstm_fwd(xg, r, c_s, h_s, y, G, C, row, rb64, valid, m2, ch, H, R, FLAGS: t
     (BB, BH) tile: from z = xg[row] + r (ĩ, f̃, z̃, õ in slots 0-3 of R = 4H) and the state
     c_s (B, 3H) = c | n | m, updated in place (carried on rows that are not ``valid``).
     m_t = max(log f + m_{t-1}, ĩ) (ĩ where the cell is empty, n_{t-1} = 0), i' = e^{ĩ − m_t},
-    f' = e^{log f + m_{t-1} − m_t}, c_t = f' c + i' tanh(z̃), n_t = f' n + i' (n_clamp: at
+    f' = e^{log f + m_{t-1} − m_t} (0 where empty), c_t = f' c + i' tanh(z̃), n_t = f' n + i' (n_clamp: at
     least 1), h_t = σ(õ) c_t / n_t. Writes h_s, y[t], G (T, B, 6H: i', f', z, o, ĩ, f̃; zeros
     on rows not valid) and C (T, B, 3H)."""
     v2 = valid[:, None]
@@ -54,7 +54,7 @@ def slstm_fwd(xg, r, c_s, h_s, y, G, C, row, rb64, valid, m2, ch, H, R, FLAGS: t
     kept = _slstm_kept(u_f, mp, FLAGS)
     m = tl.where(np_ == 0.0, u_i, tl.maximum(kept, u_i, propagate_nan=tl.PropagateNan.ALL))
     iv = tl.exp(u_i - m)
-    fv = tl.exp(kept - m)
+    fv = tl.where(np_ == 0.0, 0.0, tl.exp(kept - m))  # an empty cell keeps nothing (exp(kept - ĩ) is unbounded)
     z = tanh(u_z)
     o = sigmoid(u_o)
     cn = fv * cp + iv * z

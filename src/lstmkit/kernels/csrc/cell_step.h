@@ -87,6 +87,13 @@ static inline Vectorized<T> slstm_stabiliser(const Vectorized<T>& ui, const Vect
   using V = Vectorized<T>;
   return V::blendv(at::vec::maximum(kept, ui), ui, np == V(T(0)));
 }
+// f' = exp(kept - m_t), or 0 where the cell was empty (n_{t-1} = 0: nothing to keep; exp(kept - i~)
+// is unbounded there, and inf times the empty cell's 0 would be NaN).
+template <typename T>
+static inline Vectorized<T> slstm_forget(const Vectorized<T>& kept, const Vectorized<T>& m, const Vectorized<T>& np) {
+  using V = Vectorized<T>;
+  return V::blendv(vexp<T>(kept - m), V(T(0)), np == V(T(0)));
+}
 // n_t before its floor: f' n_{t-1} + i'; with n_clamp, max(that, 1).
 template <typename T>
 static inline Vectorized<T> slstm_n_raw(const Vectorized<T>& fv, const Vectorized<T>& np, const Vectorized<T>& iv) {
@@ -214,7 +221,7 @@ struct StepForward {
       const V cp = ldv(st + j, n), np = ldv(st + H + j, n), mp = ldv(st + 2 * H + j, n);
       const V kept = slstm_kept(cf, uf, mp);
       const V m = slstm_stabiliser(ui, kept, np);
-      const V iv = vexp<T>(ui - m), fv = vexp<T>(kept - m);
+      const V iv = vexp<T>(ui - m), fv = slstm_forget<T>(kept, m, np);
       const V z = vtanh<T>(uz), o = sigm<T>(uo);
       const V cn = fv * cp + iv * z;
       const V nn = slstm_normaliser(cf, fv, np, iv);
@@ -470,7 +477,7 @@ struct StepBackward {
       // c_t = f' c + i' z, n_t = f' n + i'
       const V di = dcv * z + dnv, df = dcv * cp + dnv * np;
       const V duz = dcv * iv * (one - z * z);
-      // i' = exp(i~ - m_t), f' = exp(kept - m_t), m_t = max(kept, i~) (i~ where empty)
+      // i' = exp(i~ - m_t), f' = exp(kept - m_t) (0 where empty), m_t = max(kept, i~) (i~ where empty)
       const V dm = ldv(ds + 2 * H + j, n) - di * iv - df * fv;
       const V kept = slstm_kept<T>(cf, uf, mp);
       V to_i = V::blendv(V::blendv(zero, half, ui == kept), one, ui > kept);
