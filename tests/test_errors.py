@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import lstmkit
+from lstmkit import CellSpec
+from variants import LSTM_VARIANTS
 
 I, H = 4, 5
 
@@ -78,8 +82,6 @@ def test_devices(lstm):
 def test_zero_length(lstm):
     with pytest.raises(ValueError, match=r"input: expected a sequence length L >= 1, got L = 0"):
         lstm(torch.randn(0, 2, I))
-    with pytest.raises(ValueError, match=r"batch size >= 1, got 0"):
-        lstm(torch.randn(3, 0, I))
     # A hand-made PackedSequence with a zero-length sequence (pack_padded_sequence refuses those).
     packed = pack_padded_sequence(torch.randn(3, 2, I), torch.tensor([3, 1]))
     bad = PackedSequence(packed.data, torch.tensor([2, 1, 1]), None, None)
@@ -294,3 +296,82 @@ def test_finite_check_of_a_large_input_split_among_threads(dtype):
     x[-1, -1, -1] = float("nan")
     with pytest.raises(ValueError, match="input: contains NaN or inf"):
         layer(x)
+
+
+def _shorter(t: torch.Tensor) -> torch.nn.Parameter:
+    """``t`` without its last row (a 1-D tensor: its last entry), as a new parameter."""
+    return torch.nn.Parameter(t.detach()[:-1].clone())
+
+
+@pytest.mark.parametrize("variant", list(LSTM_VARIANTS))
+def test_a_parameter_of_another_shape_is_named(variant):
+    """Every parameter of every variant: one replaced by a tensor one row short is refused with
+    its name before any work — by forward, by step and by a cell — instead of read past its end;
+    one of another dtype likewise. (Before, a peephole one entry short ran, reading memory past it.)"""
+    layer = lstmkit.LSTM(3, 4, cell=LSTM_VARIANTS[variant])
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        layer(x)  # a kept signature: the next calls may take the prepared road
+    for name, p in list(layer.named_parameters()):
+        setattr(layer, name, _shorter(p))
+        with pytest.raises(ValueError, match=re.escape(f"parameter {name}: this layer's cell reads shape {tuple(p.shape)}")):
+            layer(x)
+        if not layer.spec.fgr:
+            with pytest.raises(ValueError, match=rf"parameter {name}:"):
+                layer.step(x[0])
+        setattr(layer, name, torch.nn.Parameter(p.detach().double()))
+        if name != "weight_ih_l0":  # (the first parameter sets the dtype the others are compared with)
+            with pytest.raises(TypeError, match=rf"parameter {name}: torch.float64"):
+                layer(x)
+        setattr(layer, name, p)
+    assert torch.isfinite(layer(x)[0]).all()
+    if layer.spec.fgr:
+        return
+    cell = lstmkit.LSTMCell(3, 4, cell=LSTM_VARIANTS[variant])
+    for name, p in list(cell.named_parameters()):
+        setattr(cell, name, _shorter(p))
+        with pytest.raises(ValueError, match=rf"parameter {name}:"):
+            cell(x[0])
+        setattr(cell, name, p)
+
+
+def test_a_deep_gate_weight_transposed_is_named():
+    """A deep gate's second-layer weight (H, n_1) given as (n_1, H) has the same number of
+    entries; its shape names it."""
+    layer = lstmkit.LSTM(3, 4, cell=CellSpec(gate_hidden={"f": (2,)}))
+    w = layer.mlp_f_weight1_l0
+    layer.mlp_f_weight1_l0 = torch.nn.Parameter(w.detach().t().contiguous())
+    with pytest.raises(ValueError, match=r"parameter mlp_f_weight1_l0: this layer's cell reads shape \(4, 2\)"):
+        layer(torch.randn(5, 2, 3))
+
+
+def test_a_parameter_set_through_data_is_seen_by_the_prepared_step():
+    """``.data`` swaps a parameter's tensor without replacing the parameter, so the prepared
+    step's identity check passes; the kernel's own check names the parameter the operator reads."""
+    cell = lstmkit.LSTMCell(3, 4, cell="peephole")
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        for _ in range(2):
+            cell(x)
+        cell.peephole_i.data = torch.zeros(3)
+        with pytest.raises(RuntimeError, match=r"the param peephole_i must be \[4\]"):
+            cell(x)
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "layernorm", "deep=3", "slstm", "fgr", "zoneout=0.2"])
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_an_empty_batch_gives_empty_results(cell, backend):
+    """A batch of no sequences (B = 0) runs as nn.LSTM runs it: empty outputs and states, and a
+    backward that leaves zero gradients (it was refused, while lstmkit.LSTMCell took it)."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(4, 6, cell=cell, backend=backend, num_layers=2, bidirectional=True)
+    want = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True)(torch.randn(5, 0, 4))
+    for _ in range(2):  # the second call: a kept signature where there is one
+        y, state = layer(torch.randn(5, 0, 4, requires_grad=True))
+        assert y.shape == want[0].shape and all(s.shape == want[1][0].shape for s in state)
+        (y.sum() + sum(s.sum() for s in state)).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
+    assert layer(torch.randn(5, 0, 4), lengths=torch.zeros(0, dtype=torch.long))[0].shape == want[0].shape
+    if not layer.spec.fgr:
+        single = lstmkit.LSTM(4, 6, cell=cell, backend=backend, num_layers=2)
+        assert single.step(torch.randn(0, 4))[0].shape == (0, 6)

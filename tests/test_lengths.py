@@ -71,3 +71,30 @@ def test_lengths_need_a_padded_batch():
         layer(pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False), lengths=LENGTHS)
     with pytest.raises(ValueError, match="batched 3-D"):
         layer(x[:, 0], lengths=[3])
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "layernorm"])
+def test_lengths_through_compile_and_export(cell):
+    """``lengths=`` under ``torch.compile(fullgraph=True)`` and ``torch.export``: the values'
+    range check is an assertion in the graph (eager's is a Python branch on them, which a trace
+    cannot take), so an exported program still refuses a length past L."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(5, 8, cell=cell)
+    x, lengths = torch.randn(6, 3, 5), torch.tensor([6, 2, 4])
+    want = layer(x, lengths=lengths)[0]
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x, lengths=lengths)[0]
+    torch.testing.assert_close(got, want)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = layer
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x, lengths=lengths)[0]
+    exported = torch.export.export(Model(), (x, lengths)).module()
+    torch.testing.assert_close(exported(x, lengths), want)
+    torch.testing.assert_close(exported(x, torch.tensor([1, 6, 6])), layer(x, lengths=torch.tensor([1, 6, 6]))[0])
+    with pytest.raises(RuntimeError, match=r"lengths: each must be in \[1, L = 6\]"):
+        exported(x, torch.tensor([7, 2, 4]))

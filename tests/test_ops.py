@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lstmkit
-from lstmkit import cell, kernels
+from lstmkit import CellSpec, cell, kernels
 from lstmkit.kernels import abi, cpu_ext, fused, ops
 from lstmkit.kernels.machine import cpu_vendor
 from lstmkit.layout import GATES
@@ -103,6 +103,42 @@ def test_schema_names_every_parameter_and_buffer_in_abi_order():
     assert [r.name for r in fwd.returns][3:] == list(abi.BUFFERS)
     bwd = ops.recurrence_backward_op._schema
     assert [r.name for r in bwd.returns][4:] == [f"d_{n}" for n in abi.PARAMS]
+
+
+@pytest.mark.parametrize("variant", [*FUSED, "zoneout"])
+def test_the_kernel_reads_exactly_the_shapes_the_layout_gives(variant):
+    """Python's layout and the C++ kernel agree on every parameter's shape: the operator takes
+    the parameters a layer of each variant has (and zoneout's training masks), and refuses each
+    of them one row short — forward and backward — naming it, instead of reading past its end."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(4, 5, cell="zoneout=0.2/0.1+peephole") if variant == "zoneout" else make(variant)
+    T, B = 6, 3
+    p = layer.layer_params(0, 0)
+    spec, H = layer.spec, layer.hidden_size
+    plist = [p.get(n, torch.empty(0)).detach() for n in abi.PARAMS]
+    if spec.layernorm:
+        plist[abi.PARAMS.index("bias")] = (p["bias_ih"] + p["bias_hh"]).detach()
+    if spec.zoneout != (0.0, 0.0):
+        for name in ("keep_c", "keep_h"):
+            plist[abi.PARAMS.index(name)] = (torch.rand(T, B, H) < 0.2).float()
+    R = p["weight_hh"].shape[0]
+    w_hh = p["weight_hh"].detach()
+    head = (torch.randn(T, B, R), w_hh, torch.randn(B, layer.output_size),
+            torch.rand(B, abi.cell_state_count(abi.flags(spec)) * H) if spec.is_lstm else torch.empty(0),
+            torch.tensor([6, 2, 4]))
+    meta = (abi.flags(spec), abi.mlp_layout(spec, layer.bias), *abi.scalars(spec), H, layer.proj_size)
+    y, _, _, *buffers = ops.recurrence_op(*head, *plist, *meta, True)
+    bhead = (torch.randn_like(y), torch.empty(0), torch.empty(0), y, *head[2:4], w_hh, head[4])
+    ops.recurrence_backward_op(*bhead, *plist, *buffers, *meta)
+    for k in [k for k, t in enumerate(plist) if t.numel()]:
+        short = list(plist)
+        short[k] = plist[k][:-1]
+        with pytest.raises(RuntimeError, match=f"the param {abi.PARAMS[k]} must be"):
+            ops.recurrence_op(*head, *short, *meta, True)
+        with pytest.raises(RuntimeError, match=f"the param {abi.PARAMS[k]} must be"):
+            ops.recurrence_backward_op(*bhead, *short, *buffers, *meta)
+    with pytest.raises(RuntimeError, match="w_hh must be"):
+        ops.recurrence_op(head[0], w_hh[:-1], *head[2:], *plist, *meta, True)
 
 
 @pytest.mark.parametrize("variant", list(FUSED))
@@ -254,6 +290,38 @@ def test_func_grad_and_vmap(variant):
         torch.testing.assert_close(per[name][1], one[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("variant", list(FUSED))
+def test_func_jacrev(variant):
+    """``torch.func.jacrev`` (vmap over a vjp) equals the reference row's Jacobian; it raised
+    "accessing `data` under vmap" before (torch's error node under vmap); a Jacobian of a
+    Jacobian is refused as every second-order gradient is."""
+    torch.manual_seed(0)
+    layer = make(variant).double()
+    ref = make(variant, backend="reference").double()
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    want = torch.autograd.functional.jacobian(lambda x: ref(x)[0], x)
+    torch.testing.assert_close(torch.func.jacrev(lambda x: layer(x)[0])(x), want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        torch.func.jacrev(torch.func.jacrev(lambda x: layer(x)[0].sum()))(x)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_legacy_batched_gradients_are_refused_with_the_way_out(warm):
+    """``autograd.functional.jacobian(vectorize=True)`` hands the backward legacy batched
+    gradients, which neither the operator nor the compiled step node can read: one clear error
+    naming what works (it was "Cannot access data pointer" from inside the kernel)."""
+    layer = lstmkit.LSTM(4, 5).double()
+    cell = lstmkit.LSTMCell(4, 5).double()
+    x = torch.randn(3, 2, 4, dtype=torch.float64)
+    if warm:  # the prepared step's node (C++) rather than the operator's autograd
+        layer(x), layer(x), cell(x[0]), cell(x[0])
+    for f, arg in ((lambda x: layer(x)[0], x), (lambda x: cell(x)[0], x[0])):
+        with pytest.raises(RuntimeError, match="takes no batched gradients.*torch.func.jacrev"):
+            torch.autograd.functional.jacobian(f, arg, vectorize=True)
+        torch.autograd.functional.jacobian(f, arg)  # vectorize=False: fine
+
+
 def _bf16_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-3)).item()
 
@@ -288,6 +356,127 @@ def test_bf16_autocast_and_bf16_layers_on_the_fused_kernel(variant):
     for (name, p), q in zip(low.named_parameters(), ref_grads):
         assert p.grad.dtype == torch.bfloat16
         assert _bf16_error(p.grad, q) <= 3 * bound, name
+
+
+@pytest.mark.parametrize("variant", list(FUSED))
+def test_autocast_takes_an_input_in_its_dtype_and_a_backward_inside_it(variant):
+    """Under autocast the layer takes what an autocast ``nn.Linear`` before it returns (bfloat16
+    into float32 parameters), as nn.LSTM does; and a backward run inside the autocast region
+    works (the kernel's backward products are not recast: it raised a dtype mismatch before).
+    Values: the same call on the float32 input (autocast casts it there); gradients: the same
+    backward outside the region (within bfloat16's rounding: autocast recasts the float32 input
+    projection's own backward products inside it)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4)
+    x = torch.randn(5, 3, 6)
+    layer = make(variant, I=4, H=6 if variant in ("heads", "slstm") else 5)
+    outs, grads = [], []
+    for inside in (False, True):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            u = lin(x)
+            assert u.dtype == torch.bfloat16
+            y = layer(u)[0]
+            ref = layer(u.float())[0]
+            if inside:
+                y.float().sum().backward()
+        if not inside:
+            y.float().sum().backward()
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, ref)
+        outs.append(y)
+        grads.append([p.grad.clone() for p in layer.parameters()])
+    torch.testing.assert_close(outs[1], outs[0])
+    for g_in, g_out in zip(*grads[::-1]):
+        assert _bf16_error(g_in, g_out) <= 0.02
+
+
+def test_autocast_input_to_a_cell_and_a_step():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    cell, layer = lstmkit.LSTMCell(4, 5), lstmkit.LSTM(4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, c = cell(x.bfloat16(), (torch.zeros(3, 5), torch.zeros(3, 5)))  # float32 states, as nn.LSTMCell takes
+        y, _ = layer.step(x.bfloat16(), (torch.zeros(1, 3, 5), torch.zeros(1, 3, 5)))
+        assert h.dtype == y.dtype == torch.bfloat16
+        torch.testing.assert_close(h, cell(x)[0], atol=1e-3, rtol=1.6e-2)  # (bfloat16 outputs: a few ulps)
+        torch.testing.assert_close(y, layer.step(x)[0], atol=1e-3, rtol=1.6e-2)
+    with pytest.raises(TypeError, match="does not match the layer's parameters"):
+        layer.step(x.bfloat16())  # outside autocast: the dtypes must agree
+
+
+@pytest.mark.parametrize("what", ["cell", "step"])
+def test_compile_fullgraph_of_a_cell_and_a_step(what):
+    """A cell's forward and ``layer.step`` trace the general path under compile (the prepared
+    step, a compiled extension's object, is eager's), so ``fullgraph=True`` holds, even where
+    eager calls have kept a signature already."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = lstmkit.LSTMCell(4, 5, cell="peephole") if what == "cell" else lstmkit.LSTM(4, 5, num_layers=2)
+    call = module if what == "cell" else module.step
+    x = torch.randn(3, 4)
+    eager = call(x)
+    eager = call(x)  # the second call takes the prepared step
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    flat = (lambda o: o) if what == "cell" else (lambda o: (o[0], *o[1]))
+    for a, b in zip(flat(out), flat(eager)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "layernorm", "deep"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_non_reentrant_checkpointing(variant, warm):
+    """``torch.utils.checkpoint(use_reentrant=False)`` requires the recomputation to save what
+    the forward saved: a fresh layer's first call (the general path) and its recomputation (which
+    found the signature kept) did not. Both take the general path under saved-tensor hooks; the
+    gradients equal an unchecked run's, also with other signatures called in between."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    cell = CellSpec(gate_hidden=(3,)) if variant == "deep" else variant
+    layer = lstmkit.LSTM(5, 8, cell=cell)
+    x = torch.randn(4, 3, 5)
+    if warm:
+        layer(x)
+    xr = x.clone().requires_grad_()
+    layer(xr)[0].sum().backward()
+    want = [xr.grad.clone(), *(p.grad.clone() for p in layer.parameters())]
+    layer.zero_grad()
+    xc = x.clone().requires_grad_()
+    y = checkpoint(lambda z: layer(z)[0], xc, use_reentrant=False)
+    for T in range(2, 12):  # other signatures: a warm layer's kept ones are replaced
+        layer(torch.randn(T, 3, 5))
+    y.sum().backward()
+    for a, b in zip([xc.grad, *(p.grad for p in layer.parameters())], want):
+        torch.testing.assert_close(a, b)
+
+
+def test_parametrized_weights():
+    """``weight_norm`` (any parametrization) on a layer's and a cell's weight: the layer reads
+    the computed weight, as nn.LSTM does, values and gradients (it raised a KeyError before)."""
+    torch.manual_seed(0)
+    ref, layer = torch.nn.LSTM(5, 8), lstmkit.LSTM(5, 8)
+    layer.load_state_dict(ref.state_dict())
+    for m in (ref, layer):
+        torch.nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
+    x = torch.randn(4, 3, 5)
+    for _ in range(2):  # a second call: no prepared step keeps a parametrized weight
+        torch.testing.assert_close(layer(x)[0], ref(x)[0])
+    layer(x)[0].sum().backward()
+    ref(x)[0].sum().backward()
+    g = "parametrizations.weight_hh_l0.original0"
+    torch.testing.assert_close(dict(layer.named_parameters())[g].grad, dict(ref.named_parameters())[g].grad)
+    cell = lstmkit.LSTMCell(5, 8)
+    torch.nn.utils.parametrizations.spectral_norm(cell, "weight_hh")
+    h = torch.randn(3, 8)
+    cell(x[0], (h, h))  # training: a power iteration; evaluation reads the weight it gives
+    cell.eval()
+    want = torch.nn.LSTMCell(5, 8)
+    with torch.no_grad():
+        want.weight_ih.copy_(cell.weight_ih), want.weight_hh.copy_(cell.weight_hh)
+        want.bias_ih.copy_(cell.bias_ih), want.bias_hh.copy_(cell.bias_hh)
+        torch.testing.assert_close(cell(x[0], (h, h))[0], want(x[0], (h, h))[0])
 
 
 def test_bf16_products_run_on_the_matrix_unit_where_the_cpu_has_one():

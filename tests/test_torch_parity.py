@@ -219,3 +219,18 @@ def test_cuda_the_torch_rows_weights_are_one_cudnn_buffer(cell):
     theirs = dict(ref.named_parameters())
     for n, a in kit.named_parameters():
         torch.testing.assert_close(a.grad, theirs[n].grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "layernorm", "slstm", "deep=3"])
+def test_the_meta_device_gives_shapes_as_nn_lstm(cell):
+    """On the meta device (shapes, no values: a model built before ``to_empty``) a layer, its
+    step and a cell run as nn.LSTM does there: the finite check has no values to read."""
+    x = torch.randn(5, 2, I, device="meta")
+    layer = lstmkit.LSTM(I, H, num_layers=2, cell=cell, device="meta")
+    want = torch.nn.LSTM(I, H, num_layers=2, device="meta")(x)
+    y, state = layer(x)
+    assert y.device.type == "meta" and y.shape == want[0].shape
+    assert all(s.shape == want[1][0].shape for s in state)
+    assert layer.step(x[0])[0].shape == (2, H)
+    if cell != "slstm":
+        assert lstmkit.LSTMCell(I, H, cell=cell, device="meta")(x[0])[0].shape == (2, H)

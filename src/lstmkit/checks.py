@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from lstmkit.kernels.onnx_export import exporting
 from lstmkit.spec import CellSpec, layer_param_shapes
 
 __all__ = ["check_finite", "check_finite_all", "check_device", "check_backend", "check_dtype", "check_memory",
-           "check_packed_sequence", "vmapped", "NONFINITE_INPUT"]
+           "check_packed_sequence", "check_parameters", "input_dtype_ok", "vmapped", "NONFINITE_INPUT"]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -35,8 +36,10 @@ def check_finite(t: Tensor, message: str) -> None:
     program raises a RuntimeError with this message), as it does while a CUDA graph is
     captured (a host read would end the capture). Under ``vmap`` the check is skipped
     (a batched tensor has no single truth value), as it is during ONNX export (the ONNX
-    graph has no assertions).
+    graph has no assertions), and on the meta device (no values: shapes only).
     """
+    if t.device.type == "meta":
+        return
     if type(t) in _PLAIN and not torch.compiler.is_compiling() and not _functorch.is_functorch_wrapped_tensor(t):
         if t.is_cuda and torch.cuda.is_current_stream_capturing():
             torch._assert_async(torch.isfinite(t).all(), message)  # a CUDA graph cannot read a value back
@@ -180,3 +183,37 @@ def check_packed_sequence(packed: PackedSequence, what: str = "input") -> None:
     s, u = packed.sorted_indices, packed.unsorted_indices
     if (s is None) != (u is None) or (s is not None and not torch.equal(s.cpu()[u.cpu()], ident)):
         raise ValueError(f"{what}: PackedSequence.unsorted_indices must be the inverse of sorted_indices")
+
+
+def check_parameters(parameters: Mapping[str, Tensor | None], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise ValueError (shape) or TypeError (dtype, device) naming the first parameter that is not
+    as the module's variant reads it: each of ``shapes`` (name -> shape, from
+    :func:`lstmkit.spec.layer_param_shapes`) present with that shape, all of one floating dtype and
+    one device. A parameter replaced, loaded with ``load_state_dict(..., assign=True)`` or set
+    through ``.data`` since the module was built is refused here, before any work, instead of
+    being read past its end by a kernel or cast silently."""
+    first: tuple[str, Tensor] | None = None
+    for name, shape in shapes.items():
+        p = parameters.get(name)
+        if p is None:
+            raise ValueError(f"parameter {name}: missing (None); this layer's cell reads one of shape {shape}")
+        if tuple(p.shape) != shape:
+            raise ValueError(f"parameter {name}: this layer's cell reads shape {shape}, got {tuple(p.shape)}")
+        if first is None:
+            if not p.dtype.is_floating_point:
+                raise TypeError(f"parameter {name}: expected a floating-point dtype, got {p.dtype}")
+            first = (name, p)
+        elif p.dtype != first[1].dtype or p.device != first[1].device:
+            raise TypeError(f"parameter {name}: {p.dtype} on {p.device}, but {first[0]} is {first[1].dtype} on "
+                            f"{first[1].device}; convert the module as a whole, e.g. module.to({first[1].dtype})")
+
+
+def input_dtype_ok(x: Tensor, weight: Tensor) -> bool:
+    """Whether a module with parameters of ``weight``'s dtype takes input ``x``'s dtype: the same,
+    or under autocast on ``x``'s device the autocast dtype with float32 parameters (as a
+    float32 layer after an autocast ``nn.Linear``; the operator then runs in the autocast dtype)."""
+    if x.dtype == weight.dtype:
+        return True
+    device = x.device.type
+    return weight.dtype == torch.float32 and device in ("cpu", "cuda") and torch.is_autocast_enabled(device) \
+        and x.dtype == torch.get_autocast_dtype(device)

@@ -28,6 +28,8 @@ from lstmkit.checks import (
     check_finite_all,
     check_memory,
     check_packed_sequence,
+    check_parameters,
+    input_dtype_ok,
 )
 from lstmkit.gates import gate_views
 from lstmkit.kernels.fused import FusedCPUKernel, PreparedStep, in_loop_projection
@@ -102,6 +104,7 @@ class _Recurrent(nn.Module):
                 f"expects num_layers greater than 1, but got dropout={dropout} and "
                 f"num_layers={num_layers}", stacklevel=3)
         self.spec = spec
+        self._state_names = cell_states(spec)  # the cell's states after h (kept: compile traces no cache)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -119,6 +122,7 @@ class _Recurrent(nn.Module):
         factory = {"device": device, "dtype": dtype}
         num_dirs = 2 if bidirectional else 1
         self._param_names: list[list[dict[str, str]]] = []
+        self._param_shapes: dict[str, tuple[int, ...]] = {}  # full name -> the shape the cell reads
         for layer in range(num_layers):
             layer_input = input_size if layer == 0 else self.output_size * num_dirs
             names = []
@@ -128,6 +132,7 @@ class _Recurrent(nn.Module):
                 for base, shape in shapes.items():
                     full = base + suffix(layer, direction)
                     setattr(self, full, nn.Parameter(torch.empty(shape, **factory)))
+                    self._param_shapes[full] = tuple(shape)
                     mapping[base] = full
                 names.append(mapping)
             self._param_names.append(names)
@@ -246,7 +251,7 @@ class _Recurrent(nn.Module):
     def _all_params(self) -> list[list[dict[str, Tensor]]]:
         """``[layer][direction]`` -> the parameters by name without suffix (read from
         ``_parameters`` directly: ``torch.func.functional_call`` swaps tensors there too)."""
-        p = self._parameters
+        p = _parameters_now(self, self._param_shapes)
         return [[{base: p[full] for base, full in names.items()} for names in layer] for layer in self._param_names]
 
     def gates(self, layer: int = 0, direction: int = 0) -> dict[str, Any]:
@@ -290,6 +295,7 @@ class _Recurrent(nn.Module):
         """Validate, pack/unpack and run. Returns output, h_n, c_n and the raw stack result."""
         if torch.jit.is_tracing():
             raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.trace (and torch.onnx.export(dynamo=False))"))
+        check_parameters(_parameters_now(self, self._param_shapes), self._param_shapes)
         packed = isinstance(input, PackedSequence)
         if lengths is not None:
             lengths = self._check_lengths(lengths, input)
@@ -315,22 +321,20 @@ class _Recurrent(nn.Module):
             raise TypeError(
                 f"input: expected a Tensor or a PackedSequence, got {type(input).__name__}"
             )
-        T, B = x.shape[0], x.shape[1]
+        T = x.shape[0]  # (a batch of none, B = 0, runs as nn.LSTM runs it: empty results)
         if T == 0:
             raise ValueError(f"input: expected a sequence length L >= 1, got L = 0 (shape {_shape(x)})")
-        if B == 0:
-            raise ValueError(f"input: expected a batch size >= 1, got 0 (shape {_shape(x)})")
         h0, c0 = self._initial_state(hx, x, batched)
         if self.check_finite:
             checks = [(x, NONFINITE_INPUT)]
             if hx is not None:
                 checks.append((h0, "hx: h_0 contains NaN or inf"))
                 if c0 is not None:  # the cell states side by side (the sLSTM: c_0, n_0, m_0)
-                    names = " or ".join(f"{k}_0" for k in cell_states(self.spec))
+                    names = " or ".join(f"{k}_0" for k in self._state_names)
                     checks.append((c0, f"hx: {names} contains NaN or inf"))
             check_finite_all(checks)
-        if lengths is not None and bool((lengths == T).all()):
-            lengths = None
+        if lengths is not None and not torch.compiler.is_compiling() and bool((lengths == T).all()):
+            lengths = None  # every sequence whole (eager: a branch on the values)
         out = run_stack(x, lengths, h0, c0, self._all_params(), self.spec, self.hidden_size,
                         dropout=self.dropout, training=self.training, backend=self.backend,
                         record=record)
@@ -387,7 +391,9 @@ class _Recurrent(nn.Module):
                             f"{type(lengths).__name__}")
         if lens.numel() != N:
             raise ValueError(f"lengths: expected one length per sequence ({N}), got {lens.numel()}")
-        if N and not (bool((lens >= 1).all()) and bool((lens <= T).all())):
+        if torch.compiler.is_compiling():  # values are data: a check in the graph (compile, export), not a branch
+            torch._assert_async(((lens >= 1) & (lens <= T)).all(), f"lengths: each must be in [1, L = {T}]")
+        elif N and not (bool((lens >= 1).all()) and bool((lens <= T).all())):
             raise ValueError(f"lengths: each must be in [1, L = {T}], got min {int(lens.min())}, max {int(lens.max())}")
         return lens
 
@@ -419,7 +425,7 @@ class _Recurrent(nn.Module):
         if not x.dtype.is_floating_point:
             raise TypeError(f"{what}: expected a floating-point tensor, got dtype {x.dtype}")
         w = self.weight_ih_l0
-        if x.dtype != w.dtype:
+        if not input_dtype_ok(x, w):
             raise TypeError(
                 f"{what}: dtype {x.dtype} does not match the layer's parameters ({w.dtype}); "
                 f"convert one of them, e.g. layer.to({x.dtype}) or input.to({w.dtype})"
@@ -437,7 +443,7 @@ class _Recurrent(nn.Module):
     def _state_shapes(self, batch: int, batched: bool) -> list[tuple[str, tuple[int, ...]]]:
         lead = self.num_layers * self.num_directions
         shapes = [("h_0", (lead, batch, self.output_size))]
-        shapes += [(f"{name}_0", (lead, batch, self.hidden_size)) for name in cell_states(self.spec)]
+        shapes += [(f"{name}_0", (lead, batch, self.hidden_size)) for name in self._state_names]
         if not batched:
             shapes = [(n, (s[0], s[2])) for n, s in shapes]
         return shapes
@@ -447,7 +453,7 @@ class _Recurrent(nn.Module):
         checked; zeros where ``hx`` is None."""
         B = x.shape[1]  # 1 for an unbatched input (x is (T, 1, I) here)
         if hx is None:  # (L·D, B, H_out) and (L·D, B, S·H)
-            lead, cells = self.num_layers * self.num_directions, len(cell_states(self.spec))
+            lead, cells = self.num_layers * self.num_directions, len(self._state_names)
             h0 = x.new_zeros((lead, B, self.output_size))
             return h0, (x.new_zeros((lead, B, cells * self.hidden_size)) if cells else None)
         shapes = self._state_shapes(B, batched)
@@ -467,7 +473,7 @@ class _Recurrent(nn.Module):
         for (name, shape), t in zip(shapes, states):
             if not isinstance(t, Tensor):
                 raise TypeError(f"hx: {name} must be a tensor, got {type(t).__name__}")
-            if t.dtype != x.dtype:
+            if not (input_dtype_ok(x, t) or input_dtype_ok(t, x)):  # (autocast: float32 or its dtype)
                 raise TypeError(f"hx: {name} has dtype {t.dtype}, expected {x.dtype} like the input")
             if t.device != x.device:
                 raise ValueError(f"hx: {name} is on device {t.device}, expected {x.device} like the input")
@@ -490,6 +496,22 @@ class _Recurrent(nn.Module):
             return (cells,)
         H = self.hidden_size
         return tuple(cells.split_with_sizes([H] * (cells.shape[-1] // H), -1))
+
+
+def _parameters_now(module: nn.Module, names: Any) -> dict[str, Tensor]:
+    """A module's parameters by name as a call reads them: ``_parameters`` itself (where
+    ``torch.func.functional_call`` swaps tensors too), or where parametrizations are registered
+    (``weight_norm``, ``spectral_norm``, ``register_parametrization``) each of ``names``
+    computed anew, as ``getattr`` gives it."""
+    if "parametrizations" not in module._modules:
+        return module._parameters  # type: ignore[return-value]
+    return {name: getattr(module, name) for name in names}
+
+
+def _prepared_road(module: nn.Module) -> bool:
+    """Whether a call may take (and keep) the prepared step: eager, and with no parametrization,
+    whose tensors are computed anew on every call (compile and export trace the general path)."""
+    return not torch.compiler.is_compiling() and "parametrizations" not in module._modules
 
 
 def _with_heads(spec: CellSpec, heads: Any) -> CellSpec:
@@ -558,7 +580,7 @@ class LSTM(_Recurrent):
         # (PreparedStep) — without gradients where that path ran forward_infer on every layer, with
         # them where it ran the operator on every layer (the compiled node projects as it did)
         run = lengths is None and not self.bidirectional and type(input) is Tensor and input.dim() == 3 \
-            and not torch.compiler.is_compiling()
+            and _prepared_road(self)
         if run:
             grad = torch.is_grad_enabled()
             x = input.transpose(0, 1) if self.batch_first else input  # (T, N, I)
@@ -589,14 +611,15 @@ class LSTM(_Recurrent):
         A bidirectional layer cannot step (it reads each sequence from its end too).
         """
         version = kernels.registry_version()
+        eager = _prepared_road(self)
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
-                                  self.check_finite, True, self.dropout)
+                                  self.check_finite, True, self.dropout) if eager else None
         if fast is not None:
             output, h_n, cells = fast  # (N, H_out), (L, N, H_out), S × (L, N, H)
             return output, (h_n, *cells)
         output, h_n, c_n = self._step(input, hx)
         assert c_n is not None
-        if input.dim() == 2 and not self.bidirectional \
+        if eager and input.dim() == 2 and not self.bidirectional \
                 and isinstance(kernels.select(self.spec, input.device, input.dtype, self.backend), FusedCPUKernel):
             self._prepared.remember(self._prepared.signature(input, hx, self.training, version),
                                     [self.layer_params(layer) for layer in range(self.num_layers)],
@@ -666,10 +689,13 @@ class LSTMCell(nn.Module):
         # One layer, one direction: reuse the layer's parameter machinery and checks.
         self._layer = _Recurrent(spec, input_size, hidden_size, 1, bias, False, 0.0, False, 0,
                                  device, dtype, None, True)
+        self._param_shapes: dict[str, tuple[int, ...]] = {}  # name -> the shape the cell reads
         for base, full in self._layer._param_names[0][0].items():
             self.register_parameter(base, getattr(self._layer, full))
+            self._param_shapes[base] = self._layer._param_shapes[full]
         del self._layer
         self.spec = spec
+        self._state_names = cell_states(spec)  # the cell's states after h
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
@@ -688,7 +714,7 @@ class LSTMCell(nn.Module):
         if not input.dtype.is_floating_point:
             raise TypeError(f"input: expected a floating-point tensor, got dtype {input.dtype}")
         w = self.weight_ih
-        if input.dtype != w.dtype:
+        if not input_dtype_ok(input, w):
             raise TypeError(f"input: dtype {input.dtype} does not match the cell's parameters ({w.dtype})")
         if input.device != w.device:
             raise ValueError(f"input: on device {input.device}, but the cell is on {w.device}")
@@ -701,7 +727,7 @@ class LSTMCell(nn.Module):
         """``h`` (N, H) and the cell states side by side (N, S·H) (zeros for None), checked against the
         input ``x`` (N, I)."""
         shape = (x.shape[0], self.hidden_size)
-        names = ("h", *cell_states(self.spec))
+        names = ("h", *self._state_names)
         if hx is None:
             return x.new_zeros(shape), x.new_zeros((x.shape[0], (len(names) - 1) * self.hidden_size))
         if not (isinstance(hx, (tuple, list)) and len(hx) == len(names) and all(isinstance(t, Tensor) for t in hx)):
@@ -710,7 +736,7 @@ class LSTMCell(nn.Module):
         for name, t in zip(names, hx):
             if _shape(t) != want:
                 raise ValueError(f"hx: {name} must have shape {want}, got {_shape(t)}")
-            if t.dtype != x.dtype or t.device != x.device:
+            if not (input_dtype_ok(x, t) or input_dtype_ok(t, x)) or t.device != x.device:
                 raise TypeError(f"hx: {name} has dtype {t.dtype} on {t.device}, expected {x.dtype} on {x.device}")
         states = list(hx) if batched else [t.unsqueeze(0) for t in hx]
         return states[0], states[1] if len(states) == 2 else torch.cat(states[1:], dim=-1)
@@ -718,13 +744,16 @@ class LSTMCell(nn.Module):
     def forward(self, input: Tensor, hx: State | None = None) -> State:
         """One step: ``(h', c') = cell(x, (h, c))`` (the sLSTM: ``(h', c', n', m')``)."""
         version = kernels.registry_version()
+        eager = _prepared_road(self)
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
-                                  self.check_finite, False)
+                                  self.check_finite, False) if eager else None
         if fast is not None:
             _, h_n, cells = fast  # (N, H_out), S × (N, H)
             return (h_n, *cells)
         if torch.jit.is_tracing():
             raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.trace (and torch.onnx.export(dynamo=False))"))
+        params = _parameters_now(self, self._param_shapes)
+        check_parameters(params, self._param_shapes)
         self._check_input(input)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)  # (N, I)
@@ -733,16 +762,15 @@ class LSTMCell(nn.Module):
             checks = [(x, NONFINITE_INPUT)]
             if hx is not None:
                 checks += [(t, f"hx: {name} contains NaN or inf")
-                           for name, t in zip(("h", *cell_states(self.spec)), hx)]
+                           for name, t in zip(("h", *self._state_names), hx)]
             check_finite_all(checks)
         keep = None
         if self.training and self.spec.zoneout != (0.0, 0.0):  # this step's masks, (1, N, H) each
             keep = cell_eqs.zoneout_masks(self.spec, (1, *c.shape), (1, *h.shape), x)
         kernel = kernels.select(self.spec, x.device, x.dtype, self.backend)
-        out = kernel.run(x.unsqueeze(0), None, h, c, dict(self._parameters), self.spec,  # type: ignore[arg-type]
-                         self.hidden_size, keep=keep)
-        if isinstance(kernel, FusedCPUKernel):
-            params = dict(self._parameters)
+        params = dict(params)
+        out = kernel.run(x.unsqueeze(0), None, h, c, params, self.spec, self.hidden_size, keep=keep)
+        if eager and isinstance(kernel, FusedCPUKernel):
             self._prepared.remember(self._prepared.signature(input, hx, self.training, version), [params],
                                     params)  # type: ignore[arg-type]
         assert out.c_n is not None

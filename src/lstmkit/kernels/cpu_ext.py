@@ -165,7 +165,7 @@ def load(verbose: bool = False) -> Any:
         with _lock:
             if _ext is None:
                 ext = _build(capability(), verbose=verbose)
-                ext.set_no_double_backward(ops.NO_DOUBLE_BACKWARD)
+                ext.set_messages(ops.NO_DOUBLE_BACKWARD, ops.NO_BATCHED_BACKWARD)
                 _ext = ext
     return _ext
 

@@ -55,8 +55,8 @@ from torch import Tensor
 
 from lstmkit.kernels import abi
 
-__all__ = ["NO_DOUBLE_BACKWARD", "Impl", "register_device", "recurrence", "plain_eager", "eager_mode", "recurrence_op",
-           "recurrence_backward_op"]
+__all__ = ["NO_DOUBLE_BACKWARD", "NO_BATCHED_BACKWARD", "Impl", "register_device", "recurrence", "plain_eager",
+           "eager_mode", "recurrence_op", "recurrence_backward_op"]
 
 NP, NB, NS = len(abi.PARAMS), len(abi.BUFFERS), len(abi.SCALARS)
 
@@ -152,6 +152,9 @@ def _grads(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None
     (``y, h0, c0, w_hh, lengths, *params, *buffers``) and ``ctx.meta = (flags, mlp_layout,
     *scalars, hidden_size, proj_size)``; absent parameters (and the RNN's c0) get None, and so do
     zoneout's masks (no gradient)."""
+    if not torch.compiler.is_compiling() and any(
+            g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in (dy, dh_n, dc_n)):
+        raise RuntimeError(NO_BATCHED_BACKWARD)
     saved = ctx.saved_tensors
     y, h0, c0, w_hh, lengths, *rest = saved
     # create_graph=True (also every torch.func.grad): the hand-written backward has no graph of
@@ -163,7 +166,8 @@ def _grads(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None
     if higher and _functorch_active() and _differentiation_levels() > 1:  # nested torch.func.grad
         raise RuntimeError(NO_DOUBLE_BACKWARD)
     empty = y.new_empty((0,))
-    with torch.no_grad():
+    # (a backward run inside an autocast region: autocast must not recast the backward's own products)
+    with torch.no_grad(), torch.autocast(y.device.type, enabled=False):
         dxg, dw_hh, dh0, dc0, *dparams = backward(
             empty if dy is None else dy, empty if dh_n is None else dh_n, empty if dc_n is None else dc_n,
             y, h0, c0, w_hh, lengths, *rest, *ctx.meta)
@@ -176,9 +180,40 @@ def _grads(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None
     # requires grad, connects it to the graph a second-order gradient would traverse.
     anchor = torch.cat([t.reshape(-1)[:0] for t in upstream])
     present = [g for g in grads if g is not None]
-    delayed = iter(torch._C._functions.DelayedError(NO_DOUBLE_BACKWARD, len(present) + 1)(*present, anchor))
+    if _vmapping():  # (torch.func.jacrev, vmap over a vjp): torch's DelayedError reads .data, which vmap forbids
+        delayed = iter(_NotTwiceDifferentiable.apply(anchor, *present))
+    else:
+        delayed = iter(torch._C._functions.DelayedError(NO_DOUBLE_BACKWARD, len(present) + 1)(*present, anchor))
     return tuple(None if g is None else next(delayed) for g in grads)
 
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """The error node of :func:`_grads` under vmap: its outputs are its inputs but the first
+    (the anchor), and its backward raises :data:`NO_DOUBLE_BACKWARD`; functorch batches it by
+    running it per batch entry (``generate_vmap_rule``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(anchor: Tensor, *grads: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> Any:  # type: ignore[override]
+        raise RuntimeError(NO_DOUBLE_BACKWARD)
+
+
+#: What a backward of legacy batched gradients raises (``torch.autograd.grad(is_grads_batched=True)``,
+#: ``torch.autograd.functional.jacobian(vectorize=True)``; the compiled step's node also under
+#: torch.func.vmap): the kernels read plain memory, and only functorch's vmap has a rule for them.
+NO_BATCHED_BACKWARD = (
+    "lstmkit: the fused kernels' backward takes no batched gradients (autograd.grad(is_grads_batched=True), "
+    "autograd.functional.jacobian/hessian(vectorize=True), vmap over autograd.grad); use torch.func.jacrev / "
+    "torch.func.vjp under torch.func.vmap, vectorize=False, or backend='reference'")
 
 #: What a second-order gradient through a fused kernel raises (the compiled step's node too).
 NO_DOUBLE_BACKWARD = (
@@ -337,11 +372,20 @@ def plain_eager(tensors: Sequence[Tensor]) -> bool:
 def eager_mode(device_type: str) -> bool:
     """:func:`plain_eager` without the tensors: no compile/export tracing, functorch transform or
     autocast on ``device_type`` (for a caller that has checked its tensors' types already)."""
-    return not (torch.compiler.is_compiling() or _functorch_active() or torch.is_autocast_enabled(device_type))
+    return not (torch.compiler.is_compiling() or _functorch_active()
+                or (device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)))
 
 
 def _functorch_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _vmapping() -> bool:
+    """Whether a functorch vmap transform is active (also inside torch.func.jacrev)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 def _differentiation_levels() -> int:

@@ -355,7 +355,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
       }
       dwhh_written = true;
     }
-    if (mlp.any() && t1 > t0) {
+    if (mlp.any() && t1 > t0 && B > 0) {  // (no rows, B = 0: dmlp_columns writes nothing; zeroed below)
       if (!dmlp_in_region) dmlp_torch(t0, t1, dmlp_written);
       dmlp_written = true;
     }

@@ -78,9 +78,10 @@ struct MlpWeights {
     TORCH_CHECK(!from_flat || flat.numel() == mlp.wtot, "lstmkit::recurrence: the mlp param must have ", mlp.wtot,
                 " entries (the deep gates' layers, flat)");
     size_t i = 0;  // the next of `each`
-    auto next = [&](int64_t numel) -> const T* {
-      TORCH_CHECK(i < each.size() && each[i].numel() == numel && each[i].is_contiguous(),
-                  "lstmkit::recurrence: the deep gates' tensors do not match the mlp layout");
+    auto next = [&](at::IntArrayRef sizes) -> const T* {
+      TORCH_CHECK(i < each.size() && each[i].sizes() == sizes && each[i].is_contiguous(),
+                  "lstmkit::recurrence: deep-gate tensor ", i, " must be ", sizes, " (the mlp layout), got ",
+                  i < each.size() ? each[i].sizes() : at::IntArrayRef());
       return each[i++].data_ptr<T>();
     };
     for (size_t k = 0; k < mlp.gates.size(); ++k) {
@@ -91,8 +92,8 @@ struct MlpWeights {
           w[at] = flat.data_ptr<T>() + mg.woff[j];
           if (mg.boff[j] >= 0) b[at] = flat.data_ptr<T>() + mg.boff[j];
         } else {
-          w[at] = next(mg.w[j + 1] * mg.w[j]);
-          if (mlp.bias) b[at] = next(mg.w[j + 1]);
+          w[at] = next({mg.w[j + 1], mg.w[j]});
+          if (mlp.bias) b[at] = next({mg.w[j + 1]});
         }
       }
     }
@@ -259,8 +260,58 @@ struct AccLayout {
   int64_t size() const { return 5 * H + 3 * R; }
 };
 
+// What the kernel reads of params[k] (abi.PARAMS order) for this variant through a raw pointer:
+// the tensor's sizes, or none (empty) where it reads nothing. `optional`: an empty tensor is
+// allowed too — a layer without biases (layernorm's summed bias), zoneout at evaluation (its masks;
+// TB: the call's T·B rows). The deep gates' `mlp` is MlpWeights's to check.
+struct ParamUse {
+  std::vector<int64_t> sizes;
+  bool optional = false;
+  bool read() const { return !sizes.empty(); }
+};
+inline ParamUse param_use(const Cfg& cf, int k, int64_t T, int64_t B) {
+  const int64_t H = cf.H, R = cf.R, nSH = cf.nS * cf.H;
+  const bool lstm = !cf.rnn;
+  switch (k) {
+    case P_PEEPHOLE_I: return {cf.peep && cf.has_i ? std::vector<int64_t>{H} : std::vector<int64_t>{}};
+    case P_PEEPHOLE_F: return {cf.peep && cf.has_f ? std::vector<int64_t>{H} : std::vector<int64_t>{}};
+    case P_PEEPHOLE_O: return {cf.peep && cf.has_o ? std::vector<int64_t>{H} : std::vector<int64_t>{}};
+    case P_WEIGHT_GG: return {cf.fgr ? std::vector<int64_t>{nSH, nSH} : std::vector<int64_t>{}};
+    case P_LN_HH_WEIGHT:
+    case P_LN_IH_WEIGHT: return {cf.ln ? std::vector<int64_t>{R} : std::vector<int64_t>{}};
+    case P_LN_C_WEIGHT:
+    case P_LN_C_BIAS: return {cf.ln && lstm ? std::vector<int64_t>{H} : std::vector<int64_t>{}};
+    case P_WEIGHT_HR: return {cf.P > 0 ? std::vector<int64_t>{cf.P, H} : std::vector<int64_t>{}};
+    case P_BIAS: return {cf.ln ? std::vector<int64_t>{R} : std::vector<int64_t>{}, true};
+    case P_KEEP_C: return {cf.zoneout ? std::vector<int64_t>{T, B, H} : std::vector<int64_t>{}, true};
+    case P_KEEP_H: return {cf.zoneout ? std::vector<int64_t>{T, B, cf.Hout} : std::vector<int64_t>{}, true};
+    default: return {};
+  }
+}
+
+// Every parameter the variant reads has exactly the sizes it reads (param_use), and W_hh its R
+// rows: checked before anything is allocated, so that a tensor of another shape is refused by its
+// name instead of read past its end. (A module checks its parameters by name before it calls the
+// kernel; this is the operator's own contract, for every road into it.)
+inline void check_params(const Cfg& cf, const at::Tensor& whh, const std::vector<at::Tensor>& params, int64_t T,
+                         int64_t B) {
+  TORCH_CHECK(whh.dim() == 2 && whh.size(0) == cf.R, "lstmkit::recurrence: w_hh must be (R = ", cf.R,
+              ", H_out / heads), got ", whh.sizes());
+  for (int k = 0; k < N_PARAMS; ++k) {
+    const ParamUse use = param_use(cf, k, T, B);
+    if (!use.read()) continue;
+    const at::Tensor& t = params[k];
+    const bool empty = !t.defined() || t.numel() == 0;
+    TORCH_CHECK((use.optional && empty) || (!empty && t.sizes() == at::IntArrayRef(use.sizes)),
+                "lstmkit::recurrence: the param ", PARAM_NAMES[k], " must be ", at::IntArrayRef(use.sizes),
+                use.optional ? " or empty" : "", " for this variant, got ",
+                t.defined() ? t.sizes() : at::IntArrayRef());
+  }
+}
+
 // The cell's own parameters, as raw pointers read from the operator's params list by the ABI's
-// indices (P_*), nullptr where the variant has none; the same for forward and backward.
+// indices (P_*), nullptr where the variant has none (param_use; check_params has checked their
+// sizes); the same for forward and backward.
 template <typename T>
 struct CellParams {
   const T *pi, *pf, *po;  // peephole weights (H each)
@@ -273,19 +324,19 @@ struct CellParams {
   T slope;                // the hard sigmoid's slope
 
   CellParams(const Cfg& cf, const std::vector<at::Tensor>& p) {
-    auto ptr = [&](int k, bool wanted) -> const T* {
-      return (wanted && p[k].defined() && p[k].numel() > 0) ? p[k].data_ptr<T>() : nullptr;
+    auto ptr = [&](int k) -> const T* {
+      return (param_use(cf, k, 0, 0).read() && p[k].defined() && p[k].numel() > 0) ? p[k].data_ptr<T>() : nullptr;
     };
-    pi = ptr(P_PEEPHOLE_I, cf.peep && cf.has_i);
-    pf = ptr(P_PEEPHOLE_F, cf.peep && cf.has_f);
-    po = ptr(P_PEEPHOLE_O, cf.peep && cf.has_o);
-    gln = ptr(P_LN_HH_WEIGHT, cf.ln);
-    glnih = ptr(P_LN_IH_WEIGHT, cf.ln);
-    biasp = ptr(P_BIAS, cf.ln);
-    cw = ptr(P_LN_C_WEIGHT, cf.ln && !cf.rnn);
-    cb = ptr(P_LN_C_BIAS, cf.ln && !cf.rnn);
-    keep_c = ptr(P_KEEP_C, cf.zoneout);
-    keep_h = ptr(P_KEEP_H, cf.zoneout);
+    pi = ptr(P_PEEPHOLE_I);
+    pf = ptr(P_PEEPHOLE_F);
+    po = ptr(P_PEEPHOLE_O);
+    gln = ptr(P_LN_HH_WEIGHT);
+    glnih = ptr(P_LN_IH_WEIGHT);
+    biasp = ptr(P_BIAS);
+    cw = ptr(P_LN_C_WEIGHT);
+    cb = ptr(P_LN_C_BIAS);
+    keep_c = ptr(P_KEEP_C);
+    keep_h = ptr(P_KEEP_H);
     clipv = (T)cf.clipv; zc = (T)cf.zc; zh = (T)cf.zh; slope = (T)cf.gate_slope;
   }
 };

@@ -2,6 +2,7 @@
 // infinity in its tensors (first_nonfinite), plain eager CPU code (step_ready).
 #pragma once
 #include <torch/extension.h>
+#include <ATen/SavedTensorHooks.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/jit/frontend/tracer.h>
@@ -79,14 +80,17 @@ inline int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
 // A prepared step's checks in one call (lstmkit/kernels/fused.py, PreparedStep.run): true when
 // this thread runs plain eager CPU code — no autocast on the CPU, no functorch transform, no
 // TorchScript trace (torch.is_autocast_enabled("cpu"), torch._C._functorch.peek_interpreter_stack(),
-// torch.jit.is_tracing(): each would make the operator road behave otherwise) — and, with
-// check_finite, no NaN or inf in `tensors` (first_nonfinite). Dynamo's tracing is Python's to see.
+// torch.jit.is_tracing(): each would make the operator road behave otherwise), no default hooks on
+// saved tensors (torch.autograd.graph.saved_tensors_hooks: non-reentrant checkpointing compares
+// what the forward and its recomputation save, so both must take the general road, whichever
+// signatures are kept by then) — and, with check_finite, no NaN or inf in `tensors`
+// (first_nonfinite). Dynamo's tracing is Python's to see.
 // A functorch transform is active exactly while its front dispatch key is in this thread's
 // included set (functorch adds it with the first interpreter it pushes, removes it with the last).
 inline bool step_ready(const std::vector<at::Tensor>& tensors, bool check_finite) {
   if (at::autocast::is_autocast_enabled(at::kCPU) ||
       c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-      torch::jit::tracer::isTracing())
+      torch::jit::tracer::isTracing() || !at::SavedTensorDefaultHooks::get_tls_state().stack.empty())
     return false;
   return !check_finite || first_nonfinite(tensors) == -1;
 }

@@ -99,14 +99,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
   TORCH_CHECK(!in_loop || (x_in.dim() == 3 && w_ih_in.dim() == 2 && w_ih_in.size(0) == cf.R &&
                            w_ih_in.size(1) == x_in.size(2)), "lstmkit forward_infer: x (T, B, I), W_ih (R=", cf.R,
               ", I)");
-  const at::ScalarType io = (in_loop ? x_in : xg_in).scalar_type(), ct = compute_type(io);
+  const at::Tensor& sized = in_loop ? x_in : xg_in;  // (T, B, ·)
+  check_params(cf, whh_in, params_in, sized.size(0), sized.size(1));
+  TORCH_CHECK(h0_in.numel() == sized.size(1) * cf.Hout, "lstmkit::recurrence: h0 must be (B = ", sized.size(1),
+              ", H_out = ", cf.Hout, "), got ", h0_in.sizes());
+  for (const at::Tensor* b : {&bias_in, &bias2_in})
+    TORCH_CHECK(!in_loop || !b->defined() || b->numel() == 0 || (b->dim() == 1 && b->size(0) == cf.R),
+                "lstmkit forward_infer: a bias must be (R = ", cf.R, "), got ", b->sizes());
+  const at::ScalarType io = sized.scalar_type(), ct = compute_type(io);
   const auto params = to_compute(params_in, ct);
   const auto mlp_own = to_compute(mlp_each, ct);  // the deep gates' own tensors (else params[P_MLP], flat)
-  if (cf.ln) {
-    TORCH_CHECK(params[P_LN_IH_WEIGHT].numel() == cf.R, "lstmkit::recurrence: layernorm needs ln_ih_weight (R=", cf.R, ")");
-    TORCH_CHECK(params[P_BIAS].numel() == 0 || params[P_BIAS].numel() == cf.R,
-                "lstmkit::recurrence: bias must be (R=", cf.R, ") or empty");
-  }
   const at::Tensor x = in_loop ? to_compute(x_in, ct).contiguous() : at::Tensor();
   const at::Tensor w_ih = in_loop ? to_compute(w_ih_in, ct) : at::Tensor();
   const at::Tensor bias = in_loop && bias_in.defined() && bias_in.numel() ? to_compute(bias_in, ct).contiguous()
@@ -182,10 +184,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
     const std::vector<at::Tensor>& mlp_each, const at::Tensor& dwhh_out = at::Tensor(), bool views = false,
     bool add = false, const at::Tensor& dmlp_out = at::Tensor()) {
+  // a backward run inside an autocast region: autocast must not recast its products (at::mm into a
+  // float32 gradient, the dtypes set by the forward)
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const MlpLayout mlp(mlp_layout, H);
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
               "lstmkit::recurrence_backward: expected ", (int)N_PARAMS, " params and ", (int)N_BUFFERS, " buffers");
+  TORCH_CHECK(y_in.dim() == 3, "lstmkit::recurrence_backward: y must be (T, B, H_out)");
+  check_params(cf, whh_in, params_in, y_in.size(0), y_in.size(1));
   const at::ScalarType io = y_in.scalar_type(), ct = compute_type(io);
   const auto params = to_compute(params_in, ct);
   const auto mlp_own = to_compute(mlp_each, ct);

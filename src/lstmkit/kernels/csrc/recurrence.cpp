@@ -60,7 +60,7 @@
 #include "entry.h"  // recurrence_forward, recurrence_backward, forward_infer
 #include "gemm.h"  // Packed
 #include "lstmkit_abi.h"  // generated from lstmkit/kernels/abi.py: flags, parameter and buffer order
-#include "step_node.h"  // forward_step, PreparedLayer, set_no_double_backward
+#include "step_node.h"  // forward_step, PreparedLayer, set_messages
 #include "vec_math.h"  // ldv, stv, vexp, vtanh, sigm
 
 namespace lk {
@@ -179,7 +179,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              "a frozen layer: whether its weights are packed (after its first call)")
       .def("__call__", &lk::PreparedLayer::call, py::arg("x"), py::arg("h"), py::arg("cells"),
            py::arg("keep_c") = py::none(), py::arg("keep_h") = py::none(), py::call_guard<py::gil_scoped_release>());
-  m.def("set_no_double_backward", &lk::set_no_double_backward, "the error a second-order gradient raises");
+  m.def("set_messages", &lk::set_messages, "the errors a second-order gradient and a batched backward raise");
   m.def("first_nonfinite", &lk::first_nonfinite, "index of the first tensor with a NaN or inf, -1 if none",
         py::call_guard<py::gil_scoped_release>());
   m.def("step_ready", &lk::step_ready,

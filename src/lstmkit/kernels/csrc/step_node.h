@@ -31,9 +31,13 @@ using namespace lk::abi;
 // bias's gradient from the kernel).
 
 inline std::string no_double_backward = "lstmkit: the fused kernels' backward is not differentiable";
+inline std::string no_batched_backward = "lstmkit: the fused kernels' backward takes no batched gradients";
 
-// Set once at load from lstmkit/kernels/ops.py (the message the operator road raises).
-inline void set_no_double_backward(const std::string& message) { no_double_backward = message; }
+// Set once at load from lstmkit/kernels/ops.py (the messages the operator road raises).
+inline void set_messages(const std::string& double_backward, const std::string& batched_backward) {
+  no_double_backward = double_backward;
+  no_batched_backward = batched_backward;
+}
 
 // Gradients computed under create_graph=True pass through this node: identity forward, and a
 // second-order gradient through it raises (the operator road's DelayedError). `anchors` are the
@@ -222,6 +226,10 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     const auto sizes = ctx->saved_data["sizes"].toIntVector();
     const bool ln = flags & F_LAYERNORM;
     const bool higher = at::GradMode::is_enabled();  // create_graph=True
+    // batched incoming gradients (vmap over this backward, autograd.grad(is_grads_batched=True)):
+    // the kernel reads plain memory
+    const c10::DispatchKeySet batched({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched});
+    for (const auto& g : grads) TORCH_CHECK(!g.defined() || !g.key_set().has_any(batched), no_batched_backward);
     const int64_t S = ctx->saved_data["states"].toInt();
     auto given = [&](size_t k) {  // dy (T, B, H_out), dh_n (B, H_out), dc_n (B, S*H), or empty
       if (k == 2 && S > 1) {  // the S states' gradients joined (undefined ones: zeros)
