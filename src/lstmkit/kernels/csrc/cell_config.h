@@ -5,6 +5,7 @@
 #pragma once
 #include <torch/extension.h>
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 #include "gemm.h"  // blas_gemm
 #include "lstmkit_abi.h"  // generated from lstmkit/kernels/abi.py
@@ -263,28 +264,37 @@ struct AccLayout {
 // What the kernel reads of params[k] (abi.PARAMS order) for this variant through a raw pointer:
 // the tensor's sizes, or none (empty) where it reads nothing. `optional`: an empty tensor is
 // allowed too — a layer without biases (layernorm's summed bias), zoneout at evaluation (its masks;
-// TB: the call's T·B rows). The deep gates' `mlp` is MlpWeights's to check.
+// T, B: the call's steps and rows). The deep gates' `mlp` is MlpWeights's to check.
 struct ParamUse {
-  std::vector<int64_t> sizes;
+  int64_t sizes[3] = {0, 0, 0};
+  int ndim = 0;  // 0: not read
   bool optional = false;
-  bool read() const { return !sizes.empty(); }
+  bool read() const { return ndim > 0; }
+  at::IntArrayRef shape() const { return at::IntArrayRef(sizes, ndim); }
 };
 inline ParamUse param_use(const Cfg& cf, int k, int64_t T, int64_t B) {
   const int64_t H = cf.H, R = cf.R, nSH = cf.nS * cf.H;
   const bool lstm = !cf.rnn;
+  auto use = [](bool read, std::initializer_list<int64_t> sizes, bool optional = false) {
+    ParamUse u;
+    if (!read) return u;
+    for (int64_t n : sizes) u.sizes[u.ndim++] = n;
+    u.optional = optional;
+    return u;
+  };
   switch (k) {
-    case P_PEEPHOLE_I: return {cf.peep && cf.has_i ? std::vector<int64_t>{H} : std::vector<int64_t>{}};
-    case P_PEEPHOLE_F: return {cf.peep && cf.has_f ? std::vector<int64_t>{H} : std::vector<int64_t>{}};
-    case P_PEEPHOLE_O: return {cf.peep && cf.has_o ? std::vector<int64_t>{H} : std::vector<int64_t>{}};
-    case P_WEIGHT_GG: return {cf.fgr ? std::vector<int64_t>{nSH, nSH} : std::vector<int64_t>{}};
+    case P_PEEPHOLE_I: return use(cf.peep && cf.has_i, {H});
+    case P_PEEPHOLE_F: return use(cf.peep && cf.has_f, {H});
+    case P_PEEPHOLE_O: return use(cf.peep && cf.has_o, {H});
+    case P_WEIGHT_GG: return use(cf.fgr, {nSH, nSH});
     case P_LN_HH_WEIGHT:
-    case P_LN_IH_WEIGHT: return {cf.ln ? std::vector<int64_t>{R} : std::vector<int64_t>{}};
+    case P_LN_IH_WEIGHT: return use(cf.ln, {R});
     case P_LN_C_WEIGHT:
-    case P_LN_C_BIAS: return {cf.ln && lstm ? std::vector<int64_t>{H} : std::vector<int64_t>{}};
-    case P_WEIGHT_HR: return {cf.P > 0 ? std::vector<int64_t>{cf.P, H} : std::vector<int64_t>{}};
-    case P_BIAS: return {cf.ln ? std::vector<int64_t>{R} : std::vector<int64_t>{}, true};
-    case P_KEEP_C: return {cf.zoneout ? std::vector<int64_t>{T, B, H} : std::vector<int64_t>{}, true};
-    case P_KEEP_H: return {cf.zoneout ? std::vector<int64_t>{T, B, cf.Hout} : std::vector<int64_t>{}, true};
+    case P_LN_C_BIAS: return use(cf.ln && lstm, {H});
+    case P_WEIGHT_HR: return use(cf.P > 0, {cf.P, H});
+    case P_BIAS: return use(cf.ln, {R}, true);
+    case P_KEEP_C: return use(cf.zoneout, {T, B, H}, true);
+    case P_KEEP_H: return use(cf.zoneout, {T, B, cf.Hout}, true);
     default: return {};
   }
 }
@@ -302,8 +312,8 @@ inline void check_params(const Cfg& cf, const at::Tensor& whh, const std::vector
     if (!use.read()) continue;
     const at::Tensor& t = params[k];
     const bool empty = !t.defined() || t.numel() == 0;
-    TORCH_CHECK((use.optional && empty) || (!empty && t.sizes() == at::IntArrayRef(use.sizes)),
-                "lstmkit::recurrence: the param ", PARAM_NAMES[k], " must be ", at::IntArrayRef(use.sizes),
+    TORCH_CHECK((use.optional && empty) || (!empty && t.sizes() == use.shape()),
+                "lstmkit::recurrence: the param ", PARAM_NAMES[k], " must be ", use.shape(),
                 use.optional ? " or empty" : "", " for this variant, got ",
                 t.defined() ? t.sizes() : at::IntArrayRef());
   }
