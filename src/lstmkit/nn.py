@@ -249,8 +249,8 @@ class _Recurrent(nn.Module):
                 for layer in self._param_names for names in layer]
 
     def _all_params(self) -> list[list[dict[str, Tensor]]]:
-        """``[layer][direction]`` -> the parameters by name without suffix (read from
-        ``_parameters`` directly: ``torch.func.functional_call`` swaps tensors there too)."""
+        """``[layer][direction]`` -> the parameters by name without suffix, as a call reads them
+        (:func:`_parameters_now`)."""
         p = _parameters_now(self, self._param_shapes)
         return [[{base: p[full] for base, full in names.items()} for names in layer] for layer in self._param_names]
 
