@@ -211,8 +211,9 @@ def test_trace_errors():
 
 
 def manual_flow(layer, x, loss_fn):
-    """∂L/∂h_t, ∂L/∂c_t by autograd on a hand-written loop (vanilla, nfg, plain RNN):
-    perturbation variables δ added to each step's state; the gradient at δ = 0."""
+    """∂L/∂h_t, ∂L/∂c_t by autograd on a hand-written loop (vanilla, nfg, plain RNN, the
+    sLSTM from the zero state): perturbation variables δ added to each step's state; the
+    gradient at δ = 0."""
     p = layer.layer_params(0, 0)
     Tn, Bn = x.shape[0], x.shape[1]
     lstm = layer.spec.is_lstm
@@ -220,10 +221,21 @@ def manual_flow(layer, x, loss_fn):
     dc = [torch.zeros(Bn, H, dtype=x.dtype, requires_grad=True) for _ in range(Tn)]
     h = torch.zeros(Bn, H, dtype=x.dtype)
     c = torch.zeros(Bn, H, dtype=x.dtype)
+    n = torch.zeros(Bn, H, dtype=x.dtype)
+    m = torch.zeros(Bn, H, dtype=x.dtype)
     ys = []
     for t in range(Tn):
         z = x[t] @ p["weight_ih"].T + p["bias_ih"] + h @ p["weight_hh"].T + p["bias_hh"]
-        if not lstm:
+        if layer.spec.slstm:  # m_t = max(log σ(f̃) + m, ĩ) (ĩ from the empty cell), i' = e^{ĩ − m_t}, f' = …
+            ui, uf, uz, uo = z.split(H, dim=1)
+            kept = torch.nn.functional.logsigmoid(uf) + m
+            m_new = ui if t == 0 else torch.maximum(kept, ui)
+            f = torch.zeros_like(c) if t == 0 else torch.exp(kept - m_new)
+            i = torch.exp(ui - m_new)
+            c = f * c + i * torch.tanh(uz) + dc[t]
+            n, m = f * n + i, m_new
+            h = torch.sigmoid(uo) * c / n + dh[t]
+        elif not lstm:
             h = torch.tanh(z) + dh[t]
         else:
             if layer.spec.forget_gate:
@@ -247,9 +259,11 @@ def _loss(y: torch.Tensor) -> torch.Tensor:
     return (w * y).sum() + (y[-1] ** 2).sum() + 0.5 * (y[0] ** 3).sum()
 
 
-@pytest.mark.parametrize("cell", ["vanilla", "nfg", ("rnn", "tanh")], ids=["vanilla", "nfg", "rnn"])
+@pytest.mark.parametrize("cell", ["vanilla", "nfg", ("rnn", "tanh"), "slstm"], ids=["vanilla", "nfg", "rnn", "slstm"])
 @pytest.mark.parametrize("backend", ["cpu_fused", "reference"])
 def test_gradient_flow_equals_perturbation_autograd(cell, backend):
+    """(The sLSTM's ∂L/∂c_t lacked the path through h_t = o c_t / n_t: the probe's state node
+    was not upstream of h.)"""
     layer = build(cell, backend=backend)
     x = x_data(t=9)
     flow = gradient_flow(layer, x, _loss)
@@ -390,6 +404,8 @@ def test_gradient_flow_errors_restore_state():
     assert layer.backend == "cpu_fused" and "_gradient_probe" not in kernels.REGISTRY
     with pytest.raises(TypeError, match="loss_fn: expected a callable"):
         gradient_flow(layer, x_data(), 3.0)
+    with pytest.raises(ValueError, match="loss_fn: the loss does not depend on the model's output"):
+        gradient_flow(layer, x_data(), lambda y: torch.tensor(1.0, requires_grad=True))  # (it gave zeros)
     with pytest.raises(ValueError, match=r"x: expected input size \(last dimension\) 3, got 2"):
         gradient_flow(layer, torch.randn(T, B, 2, dtype=torch.float64), _loss)
 

@@ -281,6 +281,10 @@ def slstm_step(z: Tensor, state: Tensor, spec: CellSpec, hidden_size: int) -> St
     n_new = f * n + i  # the normaliser: the same sum of weights, without the values
     if spec.n_clamp:  # FlashRNN: n_t ≥ 1 (gradient 0 where the floor holds n)
         n_new = torch.clamp_min(n_new, 1.0)
-    h_new = o * (c_new / n_new)
-    return StepOut(h_new, torch.cat([c_new, n_new, m_new], dim=-1), None, i, f, g, o)
+    state_new = torch.cat([c_new, n_new, m_new], dim=-1)  # (B, 3H)
+    # h reads c_t and n_t from the state it returns, so that the state's node is upstream of h too (the
+    # gradient with respect to it, lstmkit.gradient_flow's ∂L/∂c_t, is then the total one)
+    c_out, n_out, _ = state_new.split(hidden_size, dim=-1)
+    h_new = o * (c_out / n_out)
+    return StepOut(h_new, state_new, None, i, f, g, o)
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from lstmkit import kernels
+from lstmkit._validate import check_int
 from lstmkit.checks import check_packed_sequence
 from lstmkit.kernels.base import TRACE_KEYS, KernelOut, hidden_keys
 from lstmkit.kernels.reference import ReferenceKernel
@@ -367,6 +368,8 @@ class GradientFlow:
             ``{"quantity": "c" or "h", "T": T, "t1": …, "t_mid": …, "t_last": …,
             "ratio_first_last": …, "f_mean": mean of f over all steps or None}``.
         """
+        check_int("layer", layer, 0, len(self.layers) - 1)
+        check_int("direction", direction, 0, len(self.layers[layer]) - 1)
         rec = self.layers[layer][direction]
         n = rec.norm().double()
         T = int(n.shape[0])
@@ -482,6 +485,8 @@ def gradient_flow(model: nn.Module, x: Tensor | PackedSequence, loss_fn: Callabl
             raise ValueError("loss_fn: the loss does not depend on the model's output (no gradient)")
         nodes = [n for call in probe.calls for n in itertools.chain(call["h"], call["c"] or [])]
         grads = torch.autograd.grad(loss, nodes, allow_unused=True)
+        if all(g is None for g in grads):
+            raise ValueError("loss_fn: the loss does not depend on the model's output (no gradient reaches it)")
     D = layer.num_directions
     it = iter(grads)
     layers: list[list[DirectionFlow]] = []
