@@ -36,6 +36,15 @@ def test_torch_round_trip_every_flag(num_layers, bidirectional, proj_size, bias,
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_from_torch_reads_parametrized_weights():
+    """A ``weight_norm``-ed nn.LSTM: its weight as it computes with it (it raised torch's raw
+    "Error(s) in loading state_dict" on the parametrization's keys)."""
+    ref = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True).double()
+    torch.nn.utils.parametrizations.weight_norm(ref, "weight_hh_l0")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(from_torch(ref)(x)[0], ref(x)[0], rtol=1e-10, atol=1e-10)
+
+
 def test_torch_rnn_round_trip_and_refusals():
     ref = torch.nn.RNN(3, 4, num_layers=2, nonlinearity="relu").double()
     kit = from_torch(ref)

@@ -402,3 +402,30 @@ def test_installed_entry_point(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "a.pt (torch) -> " in ok.stdout and (tmp_path / "a.onnx").is_file()
     assert isinstance(read_layer(tmp_path / "a.onnx"), lstmkit.LSTM)
+
+
+@pytest.mark.parametrize("make, cell", [
+    (lambda: lstmkit.RNN(3, 4, heads=2), "rnn+heads=2"),
+    (lambda: lstmkit.RNN(3, 4, heads=2, nonlinearity="relu"), "rnn_relu+heads=2"),
+    (lambda: lstmkit.LSTM(3, 4, cell="heads=2"), "heads=2"),
+    (lambda: lstmkit.LSTM(3, 4, cell="slstm+heads=2"), "slstm+heads=2"),
+    (lambda: lstmkit.LSTM(3, 4, cell="deep=4+heads=2"), "deep=4+heads=2"),
+    (lambda: lstmkit.LSTM(3, 4, cell="heads=2", proj_size=2), "heads=2"),
+], ids=["rnn", "rnn_relu", "lstm", "slstm", "deep", "projection"])
+def test_layers_with_heads_read_back_from_every_format(make, cell, tmp_path):
+    """Block-diagonal recurrent weights (H_out / heads columns) are read back from the files
+    lstmkit writes: an RNN's heads were dropped (its files failed write_layer's own read-back),
+    and a bare state dict's hidden size was taken from W_hh's columns (H / heads) even with
+    --cell heads=k. The spec's name is what resolve reads back (an RNN's was 'rnn(tanh)')."""
+    torch.manual_seed(0)
+    layer = make()
+    assert lstmkit.resolve(layer.spec.name) == layer.spec
+    x = torch.randn(5, 2, 3)
+    for ext in ("safetensors", "onnx", "pt"):
+        write_layer(layer, tmp_path / f"m.{ext}")
+        back = read_layer(tmp_path / f"m.{ext}", cell=cell) if ext == "pt" else read_layer(tmp_path / f"m.{ext}")
+        assert back.spec == layer.spec, ext
+        torch.testing.assert_close(back(x)[0], layer(x)[0], rtol=0, atol=0, msg=ext)
+    if isinstance(layer, lstmkit.RNN):
+        with pytest.raises(ValueError, match="torch.nn.RNN has no block-diagonal recurrence"):
+            lstmkit.convert.to_torch(layer)

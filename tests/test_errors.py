@@ -372,6 +372,8 @@ def test_an_empty_batch_gives_empty_results(cell, backend):
         (y.sum() + sum(s.sum() for s in state)).backward()
     assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
     assert layer(torch.randn(5, 0, 4), lengths=torch.zeros(0, dtype=torch.long))[0].shape == want[0].shape
+    traced = lstmkit.trace(layer, torch.randn(5, 0, 4))  # (a kept buffer of no rows is not an absent one)
+    assert traced[1][1]["h"].shape == (5, 0, 6) and traced[1][1]["f"].shape == (5, 0, 6)
     if not layer.spec.fgr:
         single = lstmkit.LSTM(4, 6, cell=cell, backend=backend, num_layers=2)
         assert single.step(torch.randn(0, 4))[0].shape == (0, 6)

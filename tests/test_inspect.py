@@ -123,3 +123,29 @@ def test_describe_model_with_several_layers():
     model = torch.nn.Sequential(lstmkit.LSTM(3, 4), torch.nn.Linear(4, 2))
     text = lstmkit.describe(model, file=io.StringIO())
     assert "0: LSTM(3 → 4)" in text
+
+
+@pytest.mark.parametrize("cell, want", [
+    ("gate_act=hard_sigmoid", ["hard_sigmoid", "hard_sigmoid", "tanh", "hard_sigmoid"]),
+    ("cifg+gate_act=hardsigmoid+cand_act=relu", ["hardsigmoid", "hardsigmoid", "relu", "hardsigmoid"]),
+    ("slstm", ["exp", "sigmoid", "tanh", "sigmoid"]),
+    ("slstm+forget_act=exp", ["exp", "exp", "tanh", "sigmoid"]),
+])
+def test_each_gate_names_the_activation_it_computes(cell, want):
+    """(Every gate but the candidate said "sigmoid", whatever ``gate_act`` or the sLSTM.)"""
+    layer = lstmkit.LSTM(I, H, cell=cell)
+    assert [v.activation for v in layer.gates().values()] == want
+    assert all(f" {a} " in lstmkit.describe(layer, file=io.StringIO()) for a in set(want))
+
+
+def test_gates_by_letter_and_the_errors_of_inspection():
+    layer = lstmkit.LSTM(I, H, cell="peephole")
+    g = layer.gates()
+    assert g["f"] is g["forget"] and g["i"].name == "input"
+    with pytest.raises(KeyError, match=r"'forgets': the gates are 'input', 'forget', 'candidate', 'output'"):
+        g["forgets"]
+    with pytest.raises(TypeError, match="model: expected an lstmkit LSTM or RNN"):
+        lstmkit.describe(3)
+    flow = lstmkit.gradient_flow(layer, torch.randn(4, 2, I), lambda y: y.sum())
+    with pytest.raises(ValueError, match="layer"):
+        flow.summary(layer=7)

@@ -17,7 +17,7 @@ from lstmkit._validate import check_bool, check_int
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.spec import gate_slices
 
-__all__ = ["GateView", "gate_views"]
+__all__ = ["GateView", "GateViews", "gate_views"]
 
 _ABSENT_NOTE = {
     "i": "absent: i ≡ 1 (nig)",
@@ -34,7 +34,9 @@ class GateView:
         letter: ``"i"``, ``"f"``, ``"g"`` or ``"o"``.
         present: False when the variant has no such gate (then ``note`` says why and
             every tensor attribute is None).
-        activation: ``"sigmoid"``, ``"tanh"`` or ``"identity"``.
+        activation: as the cell computes the gate: ``"sigmoid"``, ``"hard_sigmoid"`` or
+            ``"hardsigmoid"`` (``gate_act``), ``"exp"`` (the sLSTM's input gate, and its
+            forget gate with ``forget_act=exp``), ``"tanh"``, ``"relu"`` or ``"identity"``.
         W_x: (n, I) view of the gate's rows of ``weight_ih`` (n = H, or the first hidden
             width of a deep gate). Editing it in place edits the layer.
         W_h: (n, H_out) view of the gate's rows of ``weight_hh``; with ``heads = k`` the stored
@@ -125,12 +127,36 @@ class GateView:
                 f"{', peephole' if self.peephole is not None else ''}{deep})")
 
 
-def gate_views(layer: Any, index: int = 0, direction: int = 0) -> dict[str, GateView]:
+def _activation(spec: Any, letter: str) -> str:
+    """The activation of gate ``letter`` as the cell computes it: the candidate's (the RNN's
+    nonlinearity), the gates' (a hard sigmoid where ``gate_act`` says so), the sLSTM's
+    exponential input gate and its forget gate (exponential with ``forget_act=exp``; both
+    stabilised)."""
+    if letter == "g":
+        return spec.nonlinearity if not spec.is_lstm else spec.candidate_activation
+    if spec.slstm and letter == "i":
+        return "exp"
+    if spec.slstm and letter == "f":
+        return spec.forget_activation  # "sigmoid" (log f = log σ(f̃)) or "exp"
+    return spec.gate_activation
+
+
+class GateViews(dict):  # type: ignore[type-arg]
+    """``{"input": GateView, "forget": …, "candidate": …, "output": …}``, which a gate's letter
+    (``"i"``, ``"f"``, ``"g"``, ``"o"``, as :func:`lstmkit.trace` keys them) also indexes."""
+
+    def __missing__(self, key: Any) -> GateView:
+        if key in GATES:
+            return self[GATE_NAMES[GATES.index(key)]]  # type: ignore[no-any-return]
+        raise KeyError(f"{key!r}: the gates are {', '.join(map(repr, self))} (or their letters i, f, g, o)")
+
+
+def gate_views(layer: Any, index: int = 0, direction: int = 0) -> GateViews:
     """Views of the four gates of ``layer`` (an lstmkit LSTM/RNN) at one layer/direction."""
     spec = layer.spec
     p = layer.layer_params(index, direction)
     rows = gate_slices(spec, layer.hidden_size)
-    views: dict[str, GateView] = {}
+    views = GateViews()
     for letter in GATES:
         name = GATE_NAMES[GATES.index(letter)]
         if not spec.is_lstm and letter != "g":
@@ -139,13 +165,10 @@ def gate_views(layer: Any, index: int = 0, direction: int = 0) -> dict[str, Gate
         if letter not in rows:
             coupled = letter == "f" and spec.coupled
             note = "f = 1 − i (cifg), no parameters" if coupled else _ABSENT_NOTE[letter]
-            views[name] = GateView(letter, False, note, "sigmoid")
+            views[name] = GateView(letter, False, note, _activation(spec, letter))
             continue
         sl = rows[letter]
-        if letter == "g":
-            act = spec.nonlinearity if not spec.is_lstm else spec.candidate_activation
-        else:
-            act = "sigmoid"
+        act = _activation(spec, letter)
         mlp = []
         for j in range(1, len(spec.hidden_widths(letter)) + 1):
             mlp.append((p[f"mlp_{letter}_weight{j}"], p.get(f"mlp_{letter}_bias{j}")))

@@ -73,6 +73,9 @@ def describe(model: nn.Module, file: IO[str] | None = None) -> str:
     Returns:
         The printed text.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an lstmkit LSTM or RNN (or a module containing one), got "
+                        f"{type(model).__name__}")
     out: list[str] = []
     total = 0
     layers = [(name or type(model).__name__, m) for name, m in model.named_modules()

@@ -258,7 +258,8 @@ class _Recurrent(nn.Module):
         """Each gate as the textbook writes it: ``W`` (H × (I + H)) over ``[x_t, h_{t-1}]``.
 
         Returns:
-            ``{"input": GateView, "forget": …, "candidate": …, "output": …}``; see
+            ``{"input": GateView, "forget": …, "candidate": …, "output": …}``, also indexed by
+            the gates' letters ``"i"``, ``"f"``, ``"g"``, ``"o"``; see
             :class:`lstmkit.gates.GateView` (absent gates say so and why).
         """
         self._check_layer_direction(layer, direction)

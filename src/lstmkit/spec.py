@@ -408,8 +408,6 @@ class CellSpec:
         for key, spec in PRESETS.items():
             if spec == self:
                 return key
-        if self.kind == "rnn":
-            return f"rnn({self.nonlinearity})"
         parts = []
         for row in variants.active_rows(self):
             if row.word == "deep" and self._deep_word() is None:  # per gate: no word says it

@@ -140,7 +140,7 @@ def _infer_layer(tensors: dict[str, Tensor], where: str, cell: str | None, batch
     if "weight_hr_l0" in sd:
         proj, H = sd["weight_hr_l0"].shape
     else:
-        H = w_hh.shape[1]
+        H = w_hh.shape[1]  # H / heads with heads (below, once --cell says how many)
     extra = sorted(bases - set(_BASE_KEYS))
     if cell is not None:
         spec = resolve(cell)
@@ -154,13 +154,15 @@ def _infer_layer(tensors: dict[str, Tensor], where: str, cell: str | None, batch
     else:
         raise ValueError(f"{where}: weight_ih_l0 has {rows} rows for hidden size {H}; a vanilla LSTM has {4 * H} "
                          f"and an RNN {H}: pass --cell NAME for the variant it was saved from")
+    if not proj:
+        H *= spec.heads  # W_hh holds one head's H / heads columns
     kw = dict(num_layers=L, bias="bias_ih" in bases, batch_first=batch_first, bidirectional=bidir,
               dtype=w_ih.dtype)
     try:
         if spec.is_lstm:
             layer: Layer = LSTM(I, H, proj_size=proj, cell=spec, **kw)
         else:
-            layer = RNN(I, H, nonlinearity=spec.nonlinearity, **kw)
+            layer = RNN(I, H, nonlinearity=spec.nonlinearity, heads=spec.heads, **kw)
     except ValueError as exc:
         raise ValueError(f"{where}: inferred sizes make no layer: {exc}") from None
     return _load_strict(layer, sd, where, describe_layer(layer))

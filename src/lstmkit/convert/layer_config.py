@@ -61,7 +61,8 @@ def _make_layer(cfg: dict[str, Any], dtype: torch.dtype, where: str, device: str
                   device=device)
         if cfg["kind"] == "rnn":
             spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else CellSpec(kind="rnn")
-            return RNN(int(cfg["input_size"]), int(cfg["hidden_size"]), nonlinearity=spec.nonlinearity, **kw)
+            return RNN(int(cfg["input_size"]), int(cfg["hidden_size"]), nonlinearity=spec.nonlinearity,
+                       heads=spec.heads, **kw)
         if cfg["kind"] != "lstm":
             raise ValueError(f"kind: expected 'lstm' or 'rnn', got {cfg['kind']!r}")
         spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else resolve(cfg["cell"])

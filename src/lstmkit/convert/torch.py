@@ -28,7 +28,9 @@ def from_torch(module: nn.LSTM | nn.RNN) -> LSTM | RNN:
         out = RNN(module.input_size, module.hidden_size, nonlinearity=module.nonlinearity, **_flags(module))
     else:
         raise TypeError(f"module: expected torch.nn.LSTM or torch.nn.RNN, got {type(module).__name__}")
-    out.load_state_dict(module.state_dict())  # strict: every key and shape must match
+    # each weight as the module computes with it (a parametrized one, e.g. weight_norm, is computed
+    # from its parametrization; the copy holds the value); strict: every key and shape must match
+    out.load_state_dict({name: getattr(module, name).detach() for name in module._flat_weights_names})
     out.train(module.training)
     return out
 
@@ -44,6 +46,9 @@ def to_torch(layer: LSTM | RNN) -> nn.LSTM | nn.RNN:
                  dropout=layer.dropout, bidirectional=layer.bidirectional,
                  device=layer.weight_ih_l0.device, dtype=layer.weight_ih_l0.dtype)
     if isinstance(layer, RNN):
+        if layer.spec.heads != 1:
+            raise ValueError(f"layer: torch.nn.RNN has no block-diagonal recurrence; this layer has "
+                             f"heads={layer.spec.heads}, which it cannot carry")
         out: nn.LSTM | nn.RNN = nn.RNN(layer.input_size, layer.hidden_size, nonlinearity=layer.nonlinearity,
                                        **flags)
     elif isinstance(layer, LSTM):

@@ -207,7 +207,8 @@ def trace_from_buffers(buffers: list[Tensor], y: Tensor, h0: Tensor, c0: Tensor,
     if not spec.is_lstm:
         out["g"] = out["h"]  # the RNN's activation is its output
         return out
-    G = b["G"] if b["G"].numel() else _layernorm_gates(b, y.detach(), h0, c0, lengths, params, spec, H)
+    # (a buffer not kept is an empty (0,) tensor; a kept one is (T, B, ·), empty too where B = 0)
+    G = b["G"] if b["G"].dim() == 3 else _layernorm_gates(b, y.detach(), h0, c0, lengths, params, spec, H)
     for n, k in enumerate(spec.computed_gates):  # the sLSTM's i, f: its stabilised i', f'
         out[k] = G[:, :, n * H:(n + 1) * H]
     if spec.coupled:
@@ -231,7 +232,8 @@ def _layernorm_gates(b: dict[str, Tensor], y: Tensor, h0: Tensor, c0: Tensor, le
     a = AH * p["ln_ih_weight"] + p["bias"] if "bias" in p else AH * p["ln_ih_weight"]  # (T, B, R)
     h_prev = torch.cat([h0.detach().to(dt).unsqueeze(0), y[:-1].to(dt)])  # (T, B, H_out)
     c_prev = torch.cat([c0.detach().to(dt).unsqueeze(0), C[:-1]])  # (T, B, H)
-    out = cell.step(a.reshape(T * B, R), h_prev.reshape(T * B, -1), c_prev.reshape(T * B, H), None, p, spec, H)
+    out = cell.step(a.reshape(T * B, R), h_prev.reshape(T * B, h_prev.shape[-1]), c_prev.reshape(T * B, H), None,
+                    p, spec, H)
     G = torch.cat([getattr(out, k) for k in spec.computed_gates], -1).view(T, B, R)
     if lengths.numel():
         valid = torch.arange(T).unsqueeze(1) < lengths.clamp(max=T).unsqueeze(0)  # (T, B)
