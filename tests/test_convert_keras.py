@@ -170,3 +170,83 @@ def test_keras_activations_both_ways_against_keras_own_runtime(activation, recur
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     back = to_keras(layer)
     np.testing.assert_allclose(np.asarray(keras.ops.convert_to_numpy(back(X))), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bidirectional_whose_forward_layer_reads_backwards_is_refused():
+    """Keras' fused cuDNN path ignores go_backwards on the forward layer, its per-direction path
+    does not: the two disagree, so no lstmkit LSTM can match Keras on both."""
+    bi = keras.Sequential([keras.Input((None, 4)), keras.layers.Bidirectional(
+        keras.layers.LSTM(5, return_sequences=True, go_backwards=True),
+        backward_layer=keras.layers.LSTM(5, return_sequences=True))])
+    bi.predict(X, verbose=0)
+    with pytest.raises(ValueError, match=r"has go_backwards=True on its forward layer, which Keras' fused cuDNN "
+                                         r"path ignores"):
+        from_keras(bi)
+
+
+def test_functional_chain_matches_keras_predict_and_other_graphs_are_refused():
+    keras.utils.set_random_seed(6)
+    L = keras.layers
+    inp = keras.Input((None, 4))
+    y = L.LSTM(5, return_sequences=True)(inp)
+    y, h, c = L.LSTM(5, return_sequences=True, return_state=True)(y)
+    chain = keras.Model(inp, [y, h, c])
+    want_y, want_h, want_c = chain.predict(X, verbose=0)
+    with torch.no_grad():
+        out, (h_n, c_n) = from_keras(chain)(torch.from_numpy(X))
+    _close(out, want_y)
+    _close(h_n[-1], want_h)
+    _close(c_n[-1], want_c)
+
+    x5 = np.random.default_rng(1).standard_normal((3, 7, 5)).astype("float32")  # input size = units
+    inp = keras.Input((None, 5))
+    a, b = L.LSTM(5, return_sequences=True)(inp), L.LSTM(5, return_sequences=True)(inp)
+    parallel = keras.Model(inp, [b, a])
+    parallel.predict(x5, verbose=0)
+    with pytest.raises(ValueError, match=r"is not one chain of its LSTM layers .*: its outputs come from"):
+        from_keras(parallel)
+    with pytest.raises(ValueError, match=r"is not one chain of its LSTM layers .*: '.*' reads 'flip[_0-9]*', not the "
+                                         r"output sequence of"):
+        from_keras(keras.Model(inp, L.LSTM(5, return_sequences=True)(keras.ops.flip(a, 1))))  # an op between
+    shared = L.LSTM(5, return_sequences=True)
+    with pytest.raises(ValueError, match=r"is not one chain of its LSTM layers .*so a layer is run more than once"):
+        from_keras(keras.Model(inp, shared(shared(inp))))  # one layer, run twice
+    with pytest.raises(ValueError, match=r"the first layer '.*' reads 'flip[_0-9]*', not the model's input"):
+        from_keras(keras.Model(inp, L.LSTM(5, return_sequences=True)(keras.ops.flip(inp, 1))))
+    h0, c0 = keras.Input((5,)), keras.Input((5,))
+    with pytest.raises(ValueError, match=r"it has 3 inputs"):
+        from_keras(keras.Model([inp, h0, c0], L.LSTM(5)(inp, initial_state=[h0, c0])))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_stateful_is_refused(bidirectional):
+    lstm = keras.layers.LSTM(5, stateful=True, return_sequences=True)
+    model = keras.Sequential([keras.Input((7, 4), batch_size=3),
+                              keras.layers.Bidirectional(lstm) if bidirectional else lstm])
+    first, second = model.predict(X, verbose=0), model.predict(X, verbose=0)
+    assert np.abs(first - second).max() > 1e-3  # Keras carries the states into the second call
+    with pytest.raises(ValueError, match=r"has stateful=True: Keras carries its states from one batch into the "
+                                         r"next"):
+        from_keras(model)
+
+
+def test_damaged_keras_files_get_one_clear_line(tmp_path):
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((None, 4)), keras.layers.LSTM(5, return_sequences=True)])
+    model.save(tmp_path / "m.keras")
+    model.save_weights(tmp_path / "m.weights.h5")
+    data = (tmp_path / "m.keras").read_bytes()
+    for name, content in [("empty.keras", b""), ("cut.keras", data[: len(data) // 2])]:
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError) as info:
+            from_keras_file(tmp_path / name)
+        assert str(info.value) == (f"path: {tmp_path / name} is not a .keras model: a .keras file is a zip "
+                                   f"archive and this one is not (empty, truncated or another format)")
+    wider = keras.Sequential([keras.Input((None, 4)), keras.layers.LSTM(6, return_sequences=True)])
+    with pytest.raises(ValueError) as info:
+        from_keras_file(tmp_path / "m.weights.h5", model=wider)
+    message = str(info.value)
+    assert "\n" not in message and "Target variable" not in message
+    assert message.startswith(f"path: cannot load the weights in {tmp_path / 'm.weights.h5'} into the given Keras "
+                              f"model (The shape of the target variable")
+    assert "variable.shape=(4, 24), Received: value.shape=torch.Size([4, 20])" in message

@@ -7,7 +7,11 @@ converted layers are ``batch_first=True``.
 
 Supported: ``keras.layers.LSTM``, ``keras.layers.Bidirectional(LSTM)`` with
 ``merge_mode="concat"``, and ``Sequential``/functional models made only of those (all of
-one hidden size and direction count, each but the last with ``return_sequences=True``).
+one hidden size and direction count, each but the last with ``return_sequences=True``; a
+functional model must chain them: its one input into the first, each layer's sequence into
+the next, every output from the last). Refused: ``stateful=True`` (Keras carries states
+across batches), and a ``Bidirectional`` whose forward layer has ``go_backwards=True``
+(Keras' fused cuDNN path and its per-direction path compute it differently).
 A ``go_backwards=True`` LSTM reads its input reversed and returns the reversed sequence;
 when it is the first (or only) layer, the lstmkit twin of the whole stack is fed
 ``x.flip(1)`` (a warning says so; ``allow_go_backwards=False`` refuses it, as files do,
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -75,19 +80,84 @@ def _lstm_layers(obj: Any) -> list[Any]:
     else:
         raise TypeError(f"keras: expected a keras LSTM, Bidirectional(LSTM) or a model of them, "
                         f"got {type(obj).__name__}")
+    if not layers:
+        raise ValueError(f"keras: model {obj.name!r} has no LSTM layer")
     for layer in layers:
-        inner = layer.forward_layer if isinstance(layer, keras.layers.Bidirectional) else layer
+        bidir = isinstance(layer, keras.layers.Bidirectional)
+        inner = layer.forward_layer if bidir else layer
         if not isinstance(inner, keras.layers.LSTM):
             raise ValueError(f"keras: layer {layer.name!r} ({type(layer).__name__}) is not an LSTM; convert "
                              f"the LSTM layers one by one")
-        if isinstance(layer, keras.layers.Bidirectional) and layer.merge_mode != "concat":
+        if bidir and not isinstance(layer.backward_layer, keras.layers.LSTM):
+            raise ValueError(f"keras: {layer.name!r}'s backward layer {layer.backward_layer.name!r} "
+                             f"({type(layer.backward_layer).__name__}) is not an LSTM")
+        if bidir and layer.merge_mode != "concat":
             raise ValueError(f"keras: {layer.name!r} merges directions with {layer.merge_mode!r}; only "
                              f"'concat' matches lstmkit's bidirectional output")
+        if bidir and layer.forward_layer.go_backwards:
+            raise ValueError(f"keras: {layer.name!r} has go_backwards=True on its forward layer, which Keras' fused "
+                             f"cuDNN path ignores and its per-direction path honours; no lstmkit LSTM matches both")
+        for sub in [layer.forward_layer, layer.backward_layer] if bidir else [layer]:
+            if sub.stateful:
+                raise ValueError(f"keras: {sub.name!r} has stateful=True: Keras carries its states from one batch "
+                                 f"into the next, an lstmkit LSTM does not; rebuild it with stateful=False")
+            if (sub.units, sub.use_bias) != (inner.units, inner.use_bias):
+                raise ValueError(f"keras: {layer.name!r}'s directions differ in (units, use_bias): "
+                                 f"{(inner.units, inner.use_bias)} and {(sub.units, sub.use_bias)}; an lstmkit "
+                                 f"LSTM has one of each")
     sizes = {(_units(layer), isinstance(layer, keras.layers.Bidirectional), _use_bias(layer)) for layer in layers}
     if len(sizes) != 1:
         raise ValueError(f"keras: the stack mixes (units, bidirectional, use_bias) = {sorted(sizes)}; an lstmkit "
                          f"LSTM has one of each: convert the layers one by one")
+    if isinstance(obj, keras.Model):
+        _check_chain(obj, layers)
     return layers
+
+
+def _check_chain(model: Any, layers: list[Any]) -> None:
+    """Raise unless ``model`` computes ``layers`` one after the other: the model's one input
+    feeds the first layer, each layer's output sequence is the next layer's only input, and
+    every output of the model is the last layer's. A ``Sequential`` model is such a chain by
+    construction; a functional model is checked on its graph (so a layer fed twice, two
+    layers reading the same tensor, or an operation between layers are refused)."""
+    keras = _keras()
+    if isinstance(model, keras.Sequential):
+        return
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if not isinstance(inputs, list) or not isinstance(outputs, list):
+        raise ValueError(f"keras: {model.name!r} ({type(model).__name__}) is a subclassed model whose call() "
+                         f"can compute anything; only Sequential and functional models of LSTM layers are read")
+    names = [layer.name for layer in layers]
+    what = f"keras: model {model.name!r} is not one chain of its LSTM layers {names}"
+    if len(inputs) != 1:
+        raise ValueError(f"{what}: it has {len(inputs)} inputs")
+    histories = {(id(t._keras_history.operation), t._keras_history.node_index) for t in outputs}
+    last = outputs[0]._keras_history
+    if len(histories) != 1 or last.operation is not layers[-1]:
+        producers = sorted({t._keras_history.operation.name for t in outputs})
+        raise ValueError(f"{what}: its outputs come from {producers}, not all from the last layer "
+                         f"{layers[-1].name!r}")
+    node_index = last.node_index
+    for k in range(len(layers) - 1, -1, -1):
+        layer = layers[k]
+        node = layer._inbound_nodes[node_index]
+        tensors = node.arguments.keras_tensors
+        if len(tensors) != 1:
+            raise ValueError(f"{what}: {layer.name!r} is called with {len(tensors)} tensors (initial states "
+                             f"or a mask?); only the sequence is read")
+        history = tensors[0]._keras_history
+        source = history.operation
+        if k == 0:
+            if any(source is other for other in layers):
+                raise ValueError(f"{what}: the first layer {layer.name!r} reads the output of {source.name!r}, "
+                                 f"so a layer is run more than once")
+            if tensors[0] is not inputs[0]:
+                raise ValueError(f"{what}: the first layer {layer.name!r} reads "
+                                 f"{getattr(source, 'name', 'a tensor')!r}, not the model's input")
+        elif source is not layers[k - 1] or history.tensor_index != 0:
+            raise ValueError(f"{what}: {layer.name!r} reads {getattr(source, 'name', 'a tensor')!r}, not the "
+                             f"output sequence of {layers[k - 1].name!r}")
+        node_index = history.node_index
 
 
 def _cell_of(layers: list[Any]) -> CellSpec:
@@ -240,15 +310,37 @@ def from_keras_file(path: str | os.PathLike[str], model: Any = None, *, allow_go
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"path: no file at {p}")
-    try:
-        if p.name.endswith(".weights.h5"):
-            if model is None:
-                raise ValueError(f"path: {p.name} holds weights without the architecture; pass the Keras "
-                                 f"model it belongs to (model=...)")
+    if p.name.endswith(".weights.h5"):
+        if model is None:
+            raise ValueError(f"path: {p.name} holds weights without the architecture; pass the Keras "
+                             f"model it belongs to (model=...)")
+        try:
             model.load_weights(str(p))
-            return from_keras(model, allow_go_backwards=allow_go_backwards)
-        if p.suffix == ".keras":
-            return from_keras(keras.saving.load_model(str(p), safe_mode=True), allow_go_backwards=allow_go_backwards)
-    except (OSError, KeyError) as exc:
-        raise ValueError(f"path: cannot read {p} as a Keras file ({exc})") from None
+        except (OSError, KeyError) as exc:
+            raise ValueError(f"path: cannot read {p} as a Keras weights file ({_cause(exc)})") from None
+        except ValueError as exc:
+            raise ValueError(f"path: cannot load the weights in {p} into the given Keras model "
+                             f"({_cause(exc)})") from None
+        return from_keras(model, allow_go_backwards=allow_go_backwards)
+    if p.suffix == ".keras":
+        if not zipfile.is_zipfile(p):
+            raise ValueError(f"path: {p} is not a .keras model: a .keras file is a zip archive and this one is "
+                             f"not (empty, truncated or another format)")
+        try:
+            loaded = keras.saving.load_model(str(p), safe_mode=True)
+        except Exception as exc:  # zip, HDF5 and deserialisation errors of a damaged or foreign archive
+            raise ValueError(f"path: cannot load {p} as a Keras model ({type(exc).__name__}: "
+                             f"{_cause(exc)})") from None
+        return from_keras(loaded, allow_go_backwards=allow_go_backwards)
     raise ValueError(f"path: expected a .keras or .weights.h5 file, got {p.name!r}")
+
+
+def _cause(exc: BaseException) -> str:
+    """One line saying why Keras failed: the example error of its "A total of N objects could
+    not be loaded" report (without the variable's values), else the first line."""
+    parts = [part.strip() for part in str(exc).split("\n\n") if part.strip()]
+    if not parts:
+        return type(exc).__name__
+    text = parts[1] if len(parts) > 1 and parts[0].startswith("A total of") else parts[0]
+    text = " ".join(text.split(" Target variable:")[0].split())
+    return text if len(text) <= 300 else text[:297] + "..."
