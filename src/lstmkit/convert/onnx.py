@@ -105,10 +105,13 @@ def _np_dtype(dtype: Any) -> tuple[np.dtype, int]:
 # ---------------------------------------------------------------------------- weights
 
 
-def _operator_arrays(layer: LSTM | RNN, index: int, direction: int) -> dict[str, np.ndarray | None]:
-    """ONNX W, R, B (or None), P (or None) of one layer-direction, as arrays (the permutation
-    is :func:`lstmkit.kernels.onnx_export.operator_weights`, shared with ``torch.onnx.export``)."""
-    p = {k: v.detach().cpu() for k, v in layer.layer_params(index, direction).items()}
+def _operator_arrays(layer: LSTM | RNN, index: int, direction: int, dtype: torch.dtype
+                     ) -> dict[str, np.ndarray | None]:
+    """ONNX W, R, B (or None), P (or None) of one layer-direction, as arrays of the graph's
+    ``dtype`` (the permutation is :func:`lstmkit.kernels.onnx_export.operator_weights`, shared
+    with ``torch.onnx.export``). The parameters are cast first, as the Scan graph's are: a
+    float16 or bfloat16 layer is written exactly in float32 (or float64)."""
+    p = {k: v.detach().cpu().to(dtype) for k, v in layer.layer_params(index, direction).items()}
     out = onnx_export.operator_weights(p, layer.spec, layer.hidden_size)
     return {k: (v.numpy().copy() if v is not None else None) for k, v in out.items()}
 
@@ -273,7 +276,8 @@ def _operator_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dic
     """One layer as one ONNX ``LSTM``/``RNN`` node; returns Y [T, B, D·H], Y_h and [Y_c] [D, B, H]."""
     is_lstm = isinstance(model, LSTM)
     D, H = model.num_directions, model.hidden_size
-    arrays = [_operator_arrays(model, index, d) for d in range(D)]
+    dtype = torch.float64 if g.np_dtype == np.float64 else torch.float32
+    arrays = [_operator_arrays(model, index, d, dtype) for d in range(D)]
 
     def stacked(key: str) -> str:
         return g.const(np.stack([a[key] for a in arrays]).astype(g.np_dtype), name=f"{key}_l{index}")
