@@ -201,8 +201,8 @@ def test_scalar_input_gets_the_rank_message():
 
 
 @pytest.mark.parametrize("kwargs,exc,expected", [
-    (dict(dtype=torch.int32), TypeError, r"dtype: expected a floating-point torch.dtype .* got torch.int32"),
-    (dict(dtype="float32"), TypeError, r"dtype: expected a floating-point torch.dtype .* got 'float32'"),
+    (dict(dtype=torch.int32), TypeError, r"dtype: expected one of torch.float16, .* got torch.int32"),
+    (dict(dtype="float32"), TypeError, r"dtype: expected one of torch.float16, .* got 'float32'"),
     (dict(device="nowhere"), ValueError, r"device: 'nowhere' is not a device"),
     (dict(cell="deep=2147483648"), ValueError,
      r"gate_hidden\['i'\]: expected positive integer widths of at most 1,048,576 \(a sane bound\), got \(2147483648,\)"),
@@ -377,3 +377,43 @@ def test_an_empty_batch_gives_empty_results(cell, backend):
     if not layer.spec.fgr:
         single = lstmkit.LSTM(4, 6, cell=cell, backend=backend, num_layers=2)
         assert single.step(torch.randn(0, 4))[0].shape == (0, 6)
+
+
+def test_tensors_of_other_layouts_are_named():
+    """Sparse, mkldnn and nested inputs (and states) are named before any work — also where a
+    dense call of the same shape was kept (its signature includes the layout)."""
+    layer, cell = lstmkit.LSTM(I, H), lstmkit.LSTMCell(I, H)
+    x = torch.randn(5, 2, I)
+    with torch.no_grad():
+        for _ in range(2):
+            layer(x), layer.step(x[0]), cell(x[0])
+    for what, call in [
+        ("input", lambda: layer(x.to_sparse())), ("input", lambda: layer.step(x[0].to_sparse())),
+        ("input", lambda: cell(x[0].to_sparse())), ("input", lambda: cell(x[0].to_mkldnn())),
+        ("input", lambda: layer(torch.nested.nested_tensor([torch.randn(5, I), torch.randn(4, I)]))),
+        ("hx: h_0", lambda: layer(x, (torch.zeros(1, 2, H).to_sparse(), torch.zeros(1, 2, H)))),
+        ("hx: c", lambda: cell(x[0], (torch.zeros(2, H), torch.zeros(2, H).to_sparse()))),
+    ]:
+        with pytest.raises(TypeError, match=f"{what}: expected a dense \\(strided\\) tensor"):
+            call()
+
+
+def test_initial_values_the_dtype_cannot_hold_and_storage_only_dtypes():
+    with pytest.raises(ValueError, match=r"initial bias of gate f \(100000\) does not fit in torch.float16"):
+        lstmkit.LSTM(I, H, cell="fb=1e5", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"initial bias of gate f \(1e\+39\) does not fit in torch.float32"):
+        lstmkit.LSTM(I, H, cell="fb=1e39")
+    with pytest.raises(TypeError, match="dtype: expected one of torch.float16, torch.bfloat16"):
+        lstmkit.LSTM(I, H, dtype=torch.float8_e4m3fn)
+    layer = lstmkit.LSTM(I, H, cell="chrono=1e30", dtype=torch.float16)  # drawn in float32: log(U) fits
+    assert torch.isfinite(layer.bias_ih_l0).all()
+
+
+def test_lengths_as_numpy_and_out_of_range_ints():
+    import numpy as np
+
+    layer = lstmkit.LSTM(I, H)
+    x = torch.randn(5, 2, I)
+    torch.testing.assert_close(layer(x, lengths=np.array([5, 3]))[0], layer(x, lengths=[5, 3])[0])
+    with pytest.raises(ValueError, match=r"lengths: each must be in \[1, L = 5\]"):
+        layer(x, lengths=[2**64, 3])

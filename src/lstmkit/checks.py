@@ -19,7 +19,8 @@ from lstmkit.kernels.onnx_export import exporting
 from lstmkit.spec import CellSpec, layer_param_shapes
 
 __all__ = ["check_finite", "check_finite_all", "check_device", "check_backend", "check_dtype", "check_memory",
-           "check_packed_sequence", "check_parameters", "input_dtype_ok", "vmapped", "NONFINITE_INPUT"]
+           "check_packed_sequence", "check_parameters", "check_init_values", "check_dense", "input_dtype_ok", "vmapped",
+           "NONFINITE_INPUT", "LAYER_DTYPES"]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -117,10 +118,29 @@ def check_backend(backend: Any, spec: CellSpec) -> str | None:
 NONFINITE_INPUT = ("input: contains NaN or inf; lstmkit checks this so that bad data fails here and not as "
                     "NaN weights later (pass check_finite=False to skip the check)")
 
+#: The dtypes a layer computes in (float8 types are storage formats: no arithmetic on them).
+LAYER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_dtype(dtype: Any) -> None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype: expected a floating-point torch.dtype such as torch.float32 or torch.float64, "
-                        f"got {dtype!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in LAYER_DTYPES):
+        raise TypeError(f"dtype: expected one of {', '.join(map(str, LAYER_DTYPES))}, got {dtype!r}")
+
+
+def check_init_values(spec: CellSpec, dtype: torch.dtype | None) -> None:
+    """Raise ValueError naming an initial gate bias (``fb=``, ``ib=``, ``ob=``) that the layer's
+    dtype cannot hold (``fb=1e5`` in float16 would be inf), or a chrono ``T_max`` beyond the
+    float32 (float64 layer: float64) range its draw takes place in."""
+    dtype = dtype if dtype is not None else torch.get_default_dtype()
+    limit = torch.finfo(dtype).max
+    for gate, value in spec.init_biases.items():
+        if not abs(value) <= limit:
+            raise ValueError(f"cell: the initial bias of gate {gate} ({value:g}) does not fit in {dtype} "
+                             f"(largest {limit:g})")
+    draw = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).max
+    if spec.chrono is not None and not spec.chrono <= draw:
+        raise ValueError(f"cell: chrono's T_max ({spec.chrono:g}) is beyond the range its draw takes place in "
+                         f"(largest {draw:g})")
 
 
 def _physical_memory() -> int | None:
@@ -183,6 +203,15 @@ def check_packed_sequence(packed: PackedSequence, what: str = "input") -> None:
     s, u = packed.sorted_indices, packed.unsorted_indices
     if (s is None) != (u is None) or (s is not None and not torch.equal(s.cpu()[u.cpu()], ident)):
         raise ValueError(f"{what}: PackedSequence.unsorted_indices must be the inverse of sorted_indices")
+
+
+def check_dense(t: Tensor, what: str) -> None:
+    """Raise TypeError unless ``t`` is a dense (strided) tensor: a sparse, mkldnn or nested one
+    is named here rather than failing inside a kernel."""
+    if t.layout != torch.strided or t.is_nested:
+        kind = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
+        raise TypeError(f"{what}: expected a dense (strided) tensor, got a {kind} one; convert it first "
+                        f"(e.g. .to_dense(), or torch.nested.to_padded_tensor with lengths=)")
 
 
 def check_parameters(parameters: Mapping[str, Tensor | None], shapes: Mapping[str, tuple[int, ...]]) -> None:

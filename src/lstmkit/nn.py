@@ -13,6 +13,7 @@ import numbers
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -23,9 +24,11 @@ from lstmkit._validate import check_bool, check_int
 from lstmkit.checks import (
     NONFINITE_INPUT,
     check_backend,
+    check_dense,
     check_device,
     check_dtype,
     check_finite_all,
+    check_init_values,
     check_memory,
     check_packed_sequence,
     check_parameters,
@@ -118,6 +121,7 @@ class _Recurrent(nn.Module):
         self._prepared = PreparedStep(spec, hidden_size, proj_size)  # the step of a signature seen before
         device = check_device(device)
         check_dtype(dtype)
+        check_init_values(spec, dtype)
         check_memory(spec, input_size, hidden_size, num_layers, bidirectional, proj_size, bias, device, dtype)
         factory = {"device": device, "dtype": dtype}
         num_dirs = 2 if bidirectional else 1
@@ -180,8 +184,9 @@ class _Recurrent(nn.Module):
         values: dict[str, float | Tensor] = dict(self.spec.init_biases)
         if self.spec.chrono is not None:
             w = getattr(self, names["weight_ih"])
-            b_f = torch.empty(self.hidden_size, dtype=w.dtype, device=w.device)
-            b_f.uniform_(1.0, self.spec.chrono - 1.0).log_()
+            draw = torch.float64 if w.dtype == torch.float64 else torch.float32  # (a 16-bit U[1, T_max - 1] is coarse)
+            b_f = torch.empty(self.hidden_size, dtype=draw, device=w.device)
+            b_f = b_f.uniform_(1.0, self.spec.chrono - 1.0).log_().to(w.dtype)
             values.update(f=b_f, i=-b_f)
         rows = gate_slices(self.spec, self.hidden_size)
         for gate, value in values.items():
@@ -378,6 +383,8 @@ class _Recurrent(nn.Module):
         if not isinstance(input, Tensor) or input.dim() != 3:
             raise ValueError("lengths: needs a batched 3-D padded input (a 2-D input is one unbatched sequence)")
         T, N = (input.shape[1], input.shape[0]) if self.batch_first else (input.shape[0], input.shape[1])
+        if isinstance(lengths, np.ndarray) and lengths.dtype.kind in "iu":  # (as pack_padded_sequence takes them)
+            lengths = torch.from_numpy(lengths.astype(np.int64, copy=False))
         if isinstance(lengths, Tensor):
             if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool \
                     or lengths.dim() != 1:
@@ -386,6 +393,8 @@ class _Recurrent(nn.Module):
             lens = lengths.to(device="cpu", dtype=torch.int64)
         elif isinstance(lengths, (list, tuple)) and all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
                                                          for n in lengths):
+            if any(not -2**63 <= int(n) < 2**63 for n in lengths):
+                raise ValueError(f"lengths: each must be in [1, L = {T}], got {max(lengths, key=abs)}")
             lens = torch.tensor([int(n) for n in lengths], dtype=torch.int64)
         else:
             raise TypeError(f"lengths: expected a 1-D integer tensor or a sequence of ints, got "
@@ -418,6 +427,7 @@ class _Recurrent(nn.Module):
         return output.squeeze(1 if batched and self.batch_first else 0), h_n, c_n
 
     def _check_input_tensor(self, x: Tensor, what: str) -> None:
+        check_dense(x, what)
         if x.dim() not in (2, 3):
             raise ValueError(
                 f"{what}: expected a 2-D (L, {self.input_size}) unbatched or 3-D batched tensor, "
@@ -474,6 +484,7 @@ class _Recurrent(nn.Module):
         for (name, shape), t in zip(shapes, states):
             if not isinstance(t, Tensor):
                 raise TypeError(f"hx: {name} must be a tensor, got {type(t).__name__}")
+            check_dense(t, f"hx: {name}")
             if not (input_dtype_ok(x, t) or input_dtype_ok(t, x)):  # (autocast: float32 or its dtype)
                 raise TypeError(f"hx: {name} has dtype {t.dtype}, expected {x.dtype} like the input")
             if t.device != x.device:
@@ -707,6 +718,7 @@ class LSTMCell(nn.Module):
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
+        check_dense(input, "input")
         if input.dim() not in (1, 2):
             raise ValueError(
                 f"input: expected a 1-D ({self.input_size},) or 2-D (N, {self.input_size}) tensor, "
@@ -735,6 +747,7 @@ class LSTMCell(nn.Module):
             raise TypeError(f"hx: expected a tuple ({', '.join(names)}) of {len(names)} tensors")
         want = shape if batched else (self.hidden_size,)
         for name, t in zip(names, hx):
+            check_dense(t, f"hx: {name}")
             if _shape(t) != want:
                 raise ValueError(f"hx: {name} must have shape {want}, got {_shape(t)}")
             if not (input_dtype_ok(x, t) or input_dtype_ok(t, x)) or t.device != x.device:

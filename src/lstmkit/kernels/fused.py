@@ -344,8 +344,8 @@ class PreparedStep:
         devices, the module's mode, the kernel registry's version; for a whole run (``grad`` given)
         also whether grad mode is on: the general path projects a run with gradients apart from its
         loop, and one without inside it."""
-        states = None if hx is None else (type(hx), *[(type(t), t.shape, t.dtype, t.device) for t in hx])
-        key = (type(x), x.shape, x.dtype, x.device, states, training, version)
+        states = None if hx is None else (type(hx), *[(type(t), t.shape, t.dtype, t.device, t.layout) for t in hx])
+        key = (type(x), x.shape, x.dtype, x.device, x.layout, states, training, version)
         return key if grad is None else (*key, grad)
 
     def remember(self, key: tuple, layers: list[dict[str, Tensor]], parameters: dict[str, Tensor],
@@ -355,13 +355,15 @@ class PreparedStep:
         ``grad_run``: a whole run in grad mode, prepared only where its compiled node projects the
         input as the general path did (float32 / float64 through ``F.linear``, not oneDNN's GEMM)
         and some parameter wants a gradient."""
-        if key[0] is not Tensor or len(key[1]) not in (2, 3) or key[3].type != "cpu" or not self.spec.is_lstm:
+        kind, shape, dtype, device, layout, _states, training, *_ = key  # (signature's order)
+        if kind is not Tensor or layout != torch.strided or len(shape) not in (2, 3) or device.type != "cpu" \
+                or not self.spec.is_lstm:
             return
-        if len(key[1]) == 3 and key[5] and self.spec.zoneout != (0.0, 0.0):
+        if len(shape) == 3 and training and self.spec.zoneout != (0.0, 0.0):
             return  # a run's zoneout in training: the whole sequence's masks, drawn by the general path
         if grad_run:
-            rows = key[1][0] * key[1][1]  # T·N
-            if key[2] not in (torch.float32, torch.float64) or not any(p.requires_grad for p in parameters.values()) \
+            rows = shape[0] * shape[1]  # T·N
+            if dtype not in (torch.float32, torch.float64) or not any(p.requires_grad for p in parameters.values()) \
                     or any(_use_onednn(rows, p["weight_ih"]) for p in layers):
                 return
         kept = self._kept if len(self._kept) < _KEPT_SIGNATURES else {}
@@ -398,8 +400,8 @@ class PreparedStep:
             return None
         try:
             kept = self._kept.get(self.signature(x, hx, training, version, grad))
-        except (AttributeError, TypeError):
-            return None  # arguments that are not tensors: the general path names them
+        except (AttributeError, TypeError, RuntimeError):
+            return None  # arguments that are not tensors (or nested ones, without sizes): the general path names them
         if kept is None:
             return None
         params, layers = kept
