@@ -83,6 +83,7 @@ def test_tasks_command_lists_tasks_and_options(capsys):
     cfg = TrainConfig.for_task("copy", {})  # what `lstmkit train copy` runs: the recipe is printed
     assert f"  cell={cfg.cell}, hidden_size={cfg.hidden_size}, lr={cfg.lr}," in out
     assert f"steps={cfg.steps}," in out and "stop_at_target=False" in out
+    assert "  seed = " not in out  # the seed is --seed, not a task option (-o seed=N is refused)
     fails(capsys, ["tasks", "addng"], "unknown task 'addng' (did you mean 'adding'?)")
 
 
@@ -155,6 +156,15 @@ MISTAKES = [
     (["--optimizer", "adm"], "invalid choice: 'adm'", "(did you mean 'adam'?)"),
     (["--hiden", "3"], "unrecognized arguments: --hiden 3 (did you mean '--hidden'?)"),
     (["--eval-split", "valid", "-o", "eval_size=0"], "eval_size must be a positive int, got 0"),
+    # float32 optimiser arithmetic overflowed with a traceback beyond these
+    (["--lr", "1e40"], "lr: expected a number <= 10000, got 1e+40 (a sane upper bound)"),
+    (["--lr", "1e300", "--optimizer", "sgd"], "lr: expected a number <= 10000, got 1e+300"),
+    (["--weight-decay", "1e308"], "weight_decay: expected a number <= 10000, got 1e+308"),
+    # the seed is --seed's; a bad option is named, not the recipe's cell made from it (chrono=T)
+    (["-o", "seed=3"], "-o seed: the run's seed is set with --seed", "got -o seed=3"),
+    (["-o", "length=-5"], "task 'adding': length must be a positive int, got -5"),
+    (["-o", "length=NaN"], "task 'adding': length must be a positive int, got nan"),
+    (["--out", ""], "argument --out: expected a path, got an empty one"),
 ]
 
 
@@ -189,7 +199,47 @@ def test_other_commands_mistakes(tmp_path, capsys, good_run):
     fails(capsys, ["trian"], "invalid choice: 'trian'", "(did you mean 'train'?)")
     fails(capsys, ["plot", "gates", good_run, "--layr", "1"], "(did you mean '--layer'?)")
     fails(capsys, ["demo", "--seeds", "0"], "--seeds: expected an int in [1, 1000], got 0")
+    fails(capsys, ["sample", good_run, "--seed", "99999999999999999999999"],
+          "--seed: expected an int in [0, 2**63), got 99999999999999999999999")
+    fails(capsys, ["sample", good_run, "--seed", "-1"], "--seed: expected an int in [0, 2**63), got -1")
+    for argv in (["eval", ""], ["report", ""], ["report", good_run, "-o", ""], ["plot", "weights", good_run, "-o", ""],
+                 ["study", "--task", "adding", "--variants", "vanilla", "--out", ""], ["demo", "--out", ""]):
+        fails(capsys, argv, "expected a path, got an empty one")  # '' is not the current directory
+    fails(capsys, ["study", "--task", "adding", "--variants", "vanilla,,peephole", "--out", tmp_path / "s"],
+          "variants: expected variant names, got an empty one in ['vanilla', '', 'peephole']")
+    fails(capsys, ["study", "--task", "adding", "--variants", "vanilla", "--study-seed", "-1", "--out", tmp_path / "s"],
+          "seed (--study-seed): expected an int in [0, 2**63), got -1")
+    fails(capsys, ["study", "--task", "adding", "--variants", "vanilla", "--lr-range", "1e-3", "1e300",
+                   "--out", tmp_path / "s"], "lr_range: expected a high <= 10000 (a sane upper bound)")
+    fails(capsys, ["study", "--task", "adding", "--variants", "vanilla", "-o", "seed=3", "--out", tmp_path / "s"],
+          "task_options: the seed is not a task option")
+    fails(capsys, ["plot", "gradflow", "--lr", "1e40", "-o", tmp_path / "g.png"], "lr: expected a number <= 10000")
     assert snapshot(tmp_path) == before
+
+
+def test_eval_prints_json_even_when_a_metric_is_nan(good_run, capsys, monkeypatch):
+    """JSON has no NaN: a metric without a value (no sequences to count) is null."""
+    monkeypatch.setattr("lstmkit.app.train.evaluate", lambda *a, **k: {"mse": float("nan"), "accuracy": 0.5})
+    assert run(["eval", good_run]) == 0
+    line = capsys.readouterr().out.strip()
+    assert json.loads(line) == {"task": "adding", "split": "test", "mse": None, "accuracy": 0.5}
+    assert "NaN" not in line
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324, 1e-31])
+def test_sampling_at_a_tiny_temperature_is_greedy_not_a_crash(temperature):
+    """Dividing the logits by 1e-40 gave inf - inf = NaN probabilities (a traceback): below 1e-30
+    sampling is the argmax, which is what such a temperature means."""
+    from lstmkit.app.tasks._charlm import sample
+
+    def step(x, state):
+        return torch.tensor([0.0, 1.0, 5.0, 2.0]), state
+
+    gen = torch.Generator().manual_seed(0)
+    assert sample(step, "a", 20, temperature, gen, vocab="abc") == "c" * 20
+    assert sample(step, "a", 20, 0.0, gen, vocab="abc") == "c" * 20
+    hot = sample(step, "a", 200, 1e6, torch.Generator().manual_seed(0), vocab="abc")
+    assert len(set(hot)) == 4  # a huge temperature: every character, none NaN
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -265,8 +315,9 @@ def test_a_run_without_a_checkpoint_restarts_with_the_same_command(good_run, tmp
     for resume in ([], ["--resume"]):
         d = tmp_path / f"run{len(resume)}"
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"task": "adding", "hidden_size": 99}))
-        (d / "metrics.jsonl").write_text('{"step": 10, "test_mse": 1.0}\n')
+        killed = dataclasses.asdict(TrainConfig.for_task("adding", {"length": 24}, hidden_size=99))
+        (d / "config.json").write_text(json.dumps(killed))  # what a killed run wrote
+        (d / "metrics.jsonl").write_text('{"step": 10, "train_loss": 0.5, "valid_accuracy": NaN}\n')
         (d / ".checkpoint.safetensors.otherhost-123-abcd1234.tmp").write_bytes(b"half")  # another machine's
         (d / ".checkpoint.safetensors.k2j4h5l6.tmp").write_bytes(b"half")  # an older version's name
         capsys.readouterr()
@@ -285,6 +336,35 @@ def test_a_run_without_a_checkpoint_restarts_with_the_same_command(good_run, tmp
     fails(capsys, ADDING + ["--out", other, "--resume"], "--resume: no checkpoint in", "is not empty")
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
     fails(capsys, ADDING + ["--out", good_run], "is not empty; nothing was overwritten (it holds a run: use --resume")
+
+
+USERS_FILES = {
+    "a user's config.json": {"config.json": '{"name": "my precious settings"}'},
+    "a user's metrics.jsonl": {"metrics.jsonl": '{"step": 1}\n'},
+    "a run's config, a user's metrics": {"config.json": None, "metrics.jsonl": "hello\n"},
+    "a partial run config": {"config.json": '{"task": "adding", "hidden_size": 99}'},
+    "a config with a bad value": {"config.json": "bad"},
+    "a config that is a list": {"config.json": "[1, 2]"},
+}
+
+
+@pytest.mark.parametrize("case", list(USERS_FILES))
+def test_files_of_a_runs_names_that_lstmkit_did_not_write_are_never_overwritten(tmp_path, capsys, case):
+    """Only what lstmkit wrote before a first checkpoint makes an unstarted run: a user's
+    config.json or metrics.jsonl in the directory is refused, with or without --resume."""
+    d = tmp_path / "mine"
+    d.mkdir()
+    real = dataclasses.asdict(TrainConfig.for_task("adding", {"length": 24}))
+    for name, text in USERS_FILES[case].items():
+        if text is None:
+            text = json.dumps(real)
+        elif text == "bad":
+            text = json.dumps({**real, "hidden_size": -1})
+        (d / name).write_text(text)
+    before = snapshot(tmp_path)
+    fails(capsys, ADDING + ["--out", d], "is not empty; nothing was overwritten", "not an lstmkit run's")
+    fails(capsys, ADDING + ["--out", d, "--resume"], "--resume: no checkpoint in", "nothing was overwritten")
+    assert snapshot(tmp_path) == before
 
 
 def test_python_entry_point_has_no_traceback(tmp_path):

@@ -193,3 +193,28 @@ def test_report_errors(run_dir, tmp_path, capsys, argv, message):
     assert err.startswith("lstmkit report: error: ") and err.count("\n") == 1
     assert message.format(**fill) in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"target": "nope"}, "target: expected an object, got 'nope'"),
+    ({"baselines": "x"}, "baselines: expected an object of baseline names and numbers, got 'x'"),
+    ({"test": "x"}, "test: expected an object, got 'x'"),
+    ({"test": {"value": 0.5, "met": False, "metrics": [1]}}, "test.metrics: expected an object of metric names"),
+    ({"target": {"goal": "up"}}, "target.goal: expected 'max' or 'min', got 'up'"),
+    ({"value": "high"}, "value: expected a number or null, got 'high'"),
+    ([1, 2], "expected a JSON object, got list"),
+])
+def test_a_damaged_summary_is_one_line_for_report_and_plot_compare(run_dir, tmp_path, capsys, change, message):
+    """summary.json's fields are checked when it is read (lstmkit.app.runs): a wrong type was an
+    AttributeError traceback in report and in plot compare."""
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    summary = json.loads((d / "summary.json").read_text())
+    (d / "summary.json").write_text(json.dumps({**summary, **change} if isinstance(change, dict) else change))
+    for argv in (["report", str(d), "-o", str(tmp_path / "r.html")],
+                 ["plot", "compare", str(d), str(run_dir), "-o", str(tmp_path / "c.png")]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: damaged summary.json: {d / 'summary.json'}: {message}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

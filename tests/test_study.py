@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -43,6 +44,9 @@ def _values(summary: dict) -> dict:
     (dict(lr_range=(1e-2, 1e-3)), "lr_range: expected 0 < low <= high"),
     (dict(train={"lr": 0.1}), "unknown settings ['lr']"),
     (dict(baseline="peephole"), "baseline: expected one of the studied variants"),
+    (dict(variants=["vanilla", "", "nfg"]), "variants: expected variant names, got an empty one"),
+    (dict(seed=-1), "seed (--study-seed): expected an int in [0, 2**63), got -1"),
+    (dict(lr_range=(1e-3, 1e300)), "lr_range: expected a high <= 10000 (a sane upper bound)"),
 ])
 def test_settings_are_checked(kw, pattern):
     with pytest.raises(ValueError) as exc:
@@ -138,6 +142,16 @@ def test_refuses_foreign_or_different_directory(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("text", ["[]", "null", "[1, 2]", "3"])
+def test_a_study_json_that_is_not_an_object_is_refused(tmp_path, text):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "study.json").write_text(text)
+    with pytest.raises(ValueError, match="study.json: expected a JSON object .* not an lstmkit study"):
+        run_study(_cfg(seeds=1, lr_trials=1, variants=["vanilla"]), out, jobs=1, progress=False)
+    assert [p.name for p in out.iterdir()] == ["study.json"]
+
+
 def test_killed_study_resumes_without_redoing_runs(tmp_path):
     out = tmp_path / "killed"
     cfg = _cfg(train={**TRAIN, "steps": 24})
@@ -206,3 +220,29 @@ def test_workers_end_with_a_killed_study(tmp_path):
     while time.time() < deadline and any(_alive(c) for c in children):
         time.sleep(0.1)
     assert not any(_alive(c) for c in children), "workers outlived the killed study"
+
+
+def test_ctrl_c_ends_the_study_and_its_workers_in_one_line(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group: the study and its workers) ends the
+    study at once with one line and exit code 130; the workers ignore it and are ended by the
+    study (no traceback of theirs, no leaked-semaphore warning), and none outlives it."""
+    out = tmp_path / "s"
+    argv = [sys.executable, "-m", "lstmkit", "study", "--task", "adding", "--variants", "vanilla,nfg", "--seeds", "1",
+            "--lr-trials", "1", "--jobs", "2", "--quiet", "--out", str(out), "-o", "length=24", "-o", "eval_size=128",
+            "--hidden", "6", "--batch-size", "8", "--steps", "100000", "--eval-every", "6", "--eval-batch-size", "128"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("runs/*/*/checkpoint.safetensors"))) < 2:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    children = [int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("lstmkit study: interrupted; the same command continues the study"), err
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(c) for c in children):
+        time.sleep(0.1)
+    assert not any(_alive(c) for c in children), "workers outlived the interrupted study"

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lstmkit.app import runs
 from lstmkit.app.cli import main
 from lstmkit.app.train import TrainConfig, Trainer, load_checkpoint, train
 
@@ -149,3 +152,109 @@ def test_two_processes_match_one_with_same_global_batch(tmp_path):
     ja = json.loads((one / "summary.json").read_text())
     jb = json.loads((two / "summary.json").read_text())
     assert abs(ja["value"] - jb["value"]) < 1e-5
+
+
+# ----------------------------------------------------------------------------- one run at a time, Ctrl-C
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+
+
+def _launch(argv: list[str]) -> subprocess.Popen:
+    """``python -m lstmkit ARGV`` in its own session, with Ctrl-C (SIGINT) at its default
+    (a test runner started in the background may have it ignored)."""
+    return subprocess.Popen([sys.executable, "-m", "lstmkit", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_a_second_run_of_a_directory_in_use_is_refused_and_a_killed_one_resumes(tmp_path, capsys):
+    """Two runs of one directory at once would interleave metrics.jsonl and overwrite each
+    other's checkpoints: the second one exits 2 naming the first's process; once the first
+    is killed (the OS drops its lock), --resume continues."""
+    out = tmp_path / "run"
+    first = _launch(ADDING + ["--steps", "1000000", "--out", str(out)])
+    try:
+        _wait_for(out / "checkpoint.safetensors", first)
+        for extra in ([], ["--resume"], ["--steps", "30", "--resume"]):
+            capsys.readouterr()
+            assert main(ADDING + ["--steps", "1000000", "--out", str(out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert f"is in use by another run (pid {first.pid})" in err and err.count("\n") == 1, err
+        assert first.poll() is None  # the first run goes on, untouched
+    finally:
+        first.kill()
+        first.communicate()
+    step = runs.checkpoint_step(out)
+    assert step is not None and step % 10 == 0
+    assert main(ADDING + ["--steps", str(step + 20), "--out", str(out), "--resume"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(10, step + 21, 10))  # one line per evaluation
+
+
+def test_the_run_lock_is_held_from_start_to_end_in_one_process_too(tmp_path, capsys):
+    from lstmkit.app.cli import train_plan
+
+    out = tmp_path / "run"
+    cfg, _ = train_plan(ADDING[1:] + ["--steps", "20", "--out", str(out)])
+    held = Trainer(cfg, out, progress=False)  # set up (config.json written): it holds the directory
+    assert main(ADDING + ["--steps", "20", "--out", str(out)]) == 2
+    assert f"is in use by another run (pid {os.getpid()})" in capsys.readouterr().err
+    held.run()  # released at the end
+    assert main(ADDING + ["--steps", "30", "--out", str(out), "--resume"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.safetensors", "config.json", "metrics.jsonl",
+                                                    "model.safetensors", "summary.json"]  # the lock leaves no file
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path):
+    """SIGINT (Ctrl-C) in the middle of training: no traceback, one line saying how to go on,
+    exit code 130; the same command with --resume finishes the run."""
+    out = tmp_path / "run"
+    proc = _launch(ADDING + ["--steps", "1000000", "--out", str(out)])
+    try:
+        _wait_for(out / "checkpoint.safetensors", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    step = runs.checkpoint_step(out)
+    assert proc.returncode == 130 and "Traceback" not in err and err.count("\n") == 1, err
+    assert f"interrupted; the same command with --resume continues from step {step} (the last checkpoint in " in err
+    assert main(ADDING + ["--steps", str(step + 10), "--out", str(out), "--resume"]) == 0
+
+
+def test_ctrl_c_before_the_first_checkpoint_and_in_other_commands(tmp_path, capsys, monkeypatch):
+    def interrupt(self):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_step", interrupt)
+        assert main(ADDING + ["--steps", "20", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err == (f"lstmkit train: interrupted before the first checkpoint; the same command starts the run in {out} "
+                   f"afresh (with or without --resume)\n")
+    assert main(ADDING + ["--steps", "20", "--out", str(out)]) == 0  # and it does
+    with monkeypatch.context() as m:
+        m.setattr("lstmkit.app.train.evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        capsys.readouterr()
+        assert main(["eval", str(out)]) == 130
+    assert capsys.readouterr().err == "lstmkit eval: interrupted\n"
+
+
+def test_a_diverged_run_is_one_line_exit_2_and_its_directory_can_be_reused(tmp_path, capsys):
+    """Divergence comes of the settings (a learning rate too large): one line and exit 2 as for
+    any bad input; the directory, which holds no checkpoint yet, takes a run with other settings."""
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(ADDING + ["--steps", "20", "--optimizer", "sgd", "--lr", "1e4", "--clip", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lstmkit train: error: training diverged: loss is") and err.count("\n") == 1, err
+    assert f"{out} has no checkpoint: a run with other settings can start afresh in it" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert main(ADDING + ["--steps", "10", "--out", str(out)]) == 0
+    assert (out / "summary.json").is_file()

@@ -13,13 +13,14 @@ import dataclasses
 import json
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from lstmkit._suggest import did_you_mean
 from lstmkit._validate import loads_json
 from lstmkit.app.config import Option, TrainConfig, option_of
 
-__all__ = ["Parser", "add_config_options", "config_values", "key_value", "default_text"]
+__all__ = ["Parser", "add_config_options", "config_values", "key_value", "default_text", "path_arg"]
 
 _CHOICE = re.compile(r"invalid choice: '(?P<word>[^']*)' \(choose from (?P<choices>.*)\)")
 
@@ -67,6 +68,13 @@ def _all_flags(parser: argparse.ArgumentParser) -> list[str]:
             for sub in action.choices.values():
                 out += _all_flags(sub)
     return out
+
+
+def path_arg(text: str) -> Path:
+    """A path argument; an empty one is refused (``Path("")`` would be the current directory)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return Path(text)
 
 
 def key_value(text: str) -> tuple[str, Any]:

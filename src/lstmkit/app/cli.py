@@ -12,8 +12,10 @@
     lstmkit build                         compile the fused CPU kernel ahead of time
 
 Errors (unknown task, option or variant, impossible sizes, an unwritable output or a full
-disk, a corrupt or incompatible checkpoint) print one line and exit with code 2; no
-existing file is changed. Under torchrun only rank 0 prints results.
+disk, a corrupt or incompatible checkpoint, a run directory another run is using, a
+training run that diverged) print one line and exit with code 2; no existing file is
+changed. Ctrl-C prints one line (for train: how to continue) and exits with code 130.
+Under torchrun only rank 0 prints results.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import contextlib
 import importlib
 import inspect
 import json
+import math
 import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lstmkit.app._argparse import Parser, add_config_options, config_values, key_value
+from lstmkit.app._argparse import Parser, add_config_options, config_values, key_value, path_arg
 
 if TYPE_CHECKING:
     from lstmkit.app.config import TrainConfig
@@ -90,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--seeds", type=int, default=d["seeds"], help="trials per model and task")
     demo.add_argument("--jobs", type=int, default=d["jobs"], help="trials run in parallel (one thread each)")
-    demo.add_argument("--out", type=Path, default=None, help="directory of the runs (default: runs/demo-DATE-TIME)")
+    demo.add_argument("--out", type=path_arg, default=None, help="directory of the runs (default: runs/demo-DATE-TIME)")
 
     ta = sub.add_parser("tasks", help="list the built-in tasks and their options",
                         description="list the built-in tasks and their options")
@@ -102,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("task", help="task name (see below)")
     tr.add_argument("-o", "--option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                     help="task option, e.g. -o length=200 (repeatable; see below)")
-    tr.add_argument("--out", type=Path, help="run directory (default: runs/TASK[-OPTIONS]-MODEL-sSEED, e.g. "
+    tr.add_argument("--out", type=path_arg, help="run directory (default: runs/TASK[-OPTIONS]-MODEL-sSEED, e.g. "
                     "runs/adding-length100-lstm-s0; MODEL is lstm, rnn, or the --cell given)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its checkpoint (or start it, if it has none yet)")
@@ -111,12 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     tr.hint = _task_option_hint  # type: ignore[attr-defined]
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its task")
-    ev.add_argument("checkpoint", type=Path, metavar="RUN_DIR|CHECKPOINT")
+    ev.add_argument("checkpoint", type=path_arg, metavar="RUN_DIR|CHECKPOINT")
     ev.add_argument("--split", default="test", choices=("train", "valid", "test"), help="split (default: test)")
 
     sa = sub.add_parser("sample", help="generate text (charlm) or show predictions",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sa.add_argument("checkpoint", type=Path, metavar="RUN_DIR|CHECKPOINT")
+    sa.add_argument("checkpoint", type=path_arg, metavar="RUN_DIR|CHECKPOINT")
     sa.add_argument("-n", type=int, default=400, help="characters to generate (charlm)")
     sa.add_argument("--prime", default="def ", help="text to start from (charlm)")
     sa.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (> 0)")
@@ -146,7 +149,9 @@ def _train(args: argparse.Namespace) -> int:
     from lstmkit.app.train import Trainer
 
     cfg, out = _plan(args)
+    args.run_dir = out
     trainer = Trainer(cfg, out, resume=args.resume, progress=not args.quiet)
+    args.started = True  # the run directory is set up (and locked): an interrupt leaves it resumable
     summary = trainer.run()
     if trainer.rank == 0:
         _print_summary(summary, out)
@@ -197,9 +202,10 @@ def _tasks(args: argparse.Namespace) -> int:
     if args.task is not None:
         opts = task_options(args.task)  # raises for an unknown name, with a suggestion
         print(f"{args.task}: {task_description(args.task)}\n")
-        print("options (-o KEY=VALUE):")
+        print("options (-o KEY=VALUE; the seed is --seed):")
         for k, v in opts.items():
-            print(f"  {k} = {v!r}")
+            if k != "seed":
+                print(f"  {k} = {v!r}")
         print(f"recipe (what `lstmkit train {args.task}` uses at these options; a setting given on the command "
               f"line replaces it):\n  {_recipe_text(args.task)}")
         return 0
@@ -218,7 +224,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     cfg, task, model = load_run(args.checkpoint)
     metrics = evaluate(model, task, args.split, cfg.eval_batch_size)
-    print(json.dumps({"task": cfg.task, "split": args.split, **metrics}))
+    shown = {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN: null
+    print(json.dumps({"task": cfg.task, "split": args.split, **shown}, allow_nan=False))
     target = task.target
     value = metrics.get(target.metric)
     if value is not None:
@@ -237,6 +244,8 @@ def _sample(args: argparse.Namespace) -> int:
         raise ValueError(f"-n: expected an int in [1, 10000000], got {args.n}")
     if not args.temperature > 0:
         raise ValueError(f"--temperature: expected a number > 0, got {args.temperature}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed: expected an int in [0, 2**63), got {args.seed}")
     cfg, task, model = load_run(args.checkpoint)
     if isinstance(task, CharLM):
         gen = torch.Generator().manual_seed(args.seed)
@@ -290,6 +299,41 @@ def _one_line_warnings(command: str) -> Iterator[None]:
         yield
 
 
+def _diverged(args: argparse.Namespace) -> str:
+    """What a diverged ``train`` left in its run directory, and how it can be used again."""
+    out = getattr(args, "run_dir", None)
+    if args.command != "train" or out is None or not getattr(args, "started", False):
+        return ""
+    from lstmkit.app.runs import checkpoint_step
+
+    step = checkpoint_step(out)
+    if step is None:
+        return f"; {out} has no checkpoint: a run with other settings can start afresh in it"
+    return f"; {out} keeps the checkpoint of step {step} (a run with other settings needs another --out)"
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """What a Ctrl-C left, in one line: for train, how the run directory continues."""
+    if args.command == "study":
+        return ("interrupted; the same command continues the study (finished runs are kept, an unfinished one "
+                "resumes from its last checkpoint)")
+    if args.command != "train":
+        return "interrupted"
+    out = getattr(args, "run_dir", None)
+    if out is None or not out.is_dir():
+        return "interrupted before the run started; nothing was written"
+    from lstmkit.app.runs import checkpoint_step
+
+    step = checkpoint_step(out)
+    if step is not None:
+        return (f"interrupted; the same command with --resume continues from step {step} (the last checkpoint in "
+                f"{out})")
+    if getattr(args, "started", False):  # the directory holds this run's config (and metrics) only
+        return (f"interrupted before the first checkpoint; the same command starts the run in {out} afresh "
+                f"(with or without --resume)")
+    return "interrupted before the run started"
+
+
 _RUN = {"demo": _demo, "tasks": _tasks, "train": _train, "eval": _eval, "sample": _sample}
 
 
@@ -309,9 +353,13 @@ def main(argv: list[str] | None = None) -> int:
             where = f" (rank {rank})" if rank else ""
             print(f"lstmkit {args.command}{where}: error: {_one_line(exc)}", file=sys.stderr)
             return 2
-        except FloatingPointError as exc:
-            print(f"lstmkit {args.command}: {exc}", file=sys.stderr)
-            return 1
+        except FloatingPointError as exc:  # training diverged: the settings' (--lr, --clip), as a bad input's
+            where = f" (rank {rank})" if rank else ""
+            print(f"lstmkit {args.command}{where}: error: {_one_line(exc)}{_diverged(args)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"lstmkit {args.command}: {_interrupted(args)}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from lstmkit._suggest import did_you_mean
 from lstmkit.spec import resolve
 
 __all__ = ["TrainConfig", "Option", "option_of", "MAX_PARAMETERS",
-           "MAX_ACTIVATIONS"]
+           "MAX_ACTIVATIONS", "MAX_LR"]
 
 #: Sane upper bounds: a config (typed, or read from a file) beyond them is refused before
 #: anything is allocated. Parameters of the whole model (2**28 float32 = 1 GiB, 4 GiB with
@@ -30,6 +30,9 @@ MAX_PARAMETERS = 2**28
 #: Values one training or evaluation batch keeps for the backward pass (inputs and the
 #: per-step activations of every layer), 2**31 float32 = 8 GiB.
 MAX_ACTIVATIONS = 2**31
+#: Learning rate and weight decay: far beyond any that trains, and small enough that the
+#: optimiser's float32 arithmetic cannot overflow (1e40 did, with a traceback).
+MAX_LR = 1e4
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,9 @@ class TrainConfig:
     proj_size: int = _f(0, "LSTMP: project h_t to this size (0 = no projection; < hidden size)", int, lo=0,
                         hi=65535)
     optimizer: str = _f("adam", "optimiser", str, choices=("adam", "sgd"))
-    lr: float = _f(1e-3, "learning rate", float, lo=0, lo_open=True)
+    lr: float = _f(1e-3, "learning rate", float, lo=0, lo_open=True, hi=MAX_LR)
     momentum: float = _f(0.9, "momentum (sgd only)", float, lo=0, hi=1, hi_open=True)
-    weight_decay: float = _f(0.0, "L2 weight decay", float, lo=0)
+    weight_decay: float = _f(0.0, "L2 weight decay", float, lo=0, hi=MAX_LR)
     clip: float | None = _f(1.0, "max gradient norm (0 or none: no clipping)", float, lo=0, lo_open=True,
                             optional=True, none_word="0")
     schedule: str = _f("constant", "learning-rate schedule (step: x0.1 at half and at three quarters of the "
@@ -152,6 +155,9 @@ class TrainConfig:
         value of the wrong type, out of its bounds, or an impossible combination."""
         for f in dataclasses.fields(self):
             _check(f.name, getattr(self, f.name), option_of(f))
+        if "seed" in self.task_options:
+            raise ValueError(f"task_options: the seed is not a task option (the run's seed seeds the task's data "
+                             f"and the model), got seed={self.task_options['seed']!r}")
         if self.proj_size and self.proj_size >= self.hidden_size:
             raise ValueError(f"proj_size: expected 0 <= proj_size < hidden_size ({self.hidden_size}), "
                              f"got {self.proj_size}")
@@ -179,6 +185,7 @@ class TrainConfig:
         Raises:
             ValueError: an unknown task or setting (with the closest name), or a bad value.
         """
+        from lstmkit.app.tasks.registry import task_options as task_options_of
         from lstmkit.app.tasks.registry import task_recipe
 
         names = [f.name for f in dataclasses.fields(cls) if f.name not in ("task", "task_options")]
@@ -187,15 +194,26 @@ class TrainConfig:
                 raise ValueError(f"{key}: not a training setting{did_you_mean(key, names)}; the settings are "
                                  f"{names}")
         options = dict(task_options or {})
+        if "seed" in options:
+            raise ValueError(f"-o seed: the run's seed is set with --seed (it seeds the task's data and the model), "
+                             f"not as a task option; got -o seed={options['seed']!r}")
+        task_options_of(task)  # an unknown task is reported as such
         try:
             recipe = task_recipe(task, options)
-        except (TypeError, KeyError, ArithmeticError):  # a bad option value: the task reports it when made
+        except (TypeError, KeyError, ArithmeticError, ValueError):  # a bad option value: the task reports it
+            _check_task_options(task, options)
             recipe = {}
         bad = sorted(set(recipe) - set(names))
         if bad:  # the task's own mistake, not the user's
             raise ValueError(f"task {task!r}: its recipe sets unknown settings {bad}")
         cfg = cls(task=task, task_options=options, **{**recipe, **given})
-        cfg.validate()
+        try:
+            cfg.validate()
+        except ValueError:
+            if recipe and _valid(cls(task=task, task_options=options, **given)):
+                # a recipe value made from a bad option (chrono=T from length=-5): the task names the option
+                _check_task_options(task, options)
+            raise
         return cfg
 
     @classmethod
@@ -222,6 +240,24 @@ class TrainConfig:
     def cell_name(self) -> str:
         """The variant's name (``"rnn"`` for the plain RNN)."""
         return resolve(self.cell).name if self.model == "lstm" else "rnn"
+
+
+def _valid(cfg: TrainConfig) -> bool:
+    try:
+        cfg.validate()
+    except ValueError:
+        return False
+    return True
+
+
+def _check_task_options(task: str, options: Mapping[str, Any]) -> None:
+    """Raise the task's own error for bad ``options`` (the task is made: on error paths only)."""
+    from lstmkit.app.tasks.registry import get_task
+
+    try:
+        get_task(task, **options)
+    except (TypeError, KeyError, ArithmeticError) as exc:
+        raise ValueError(f"task {task!r}: bad options {dict(options)} ({exc})") from None
 
 
 def _check_cell(cell: Any) -> None:

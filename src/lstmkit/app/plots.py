@@ -600,18 +600,20 @@ def plot_gradflow(result: dict[str, Any], *, title: str | None = None,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``lstmkit plot KIND …``: one subcommand per picture."""
+    from lstmkit.app._argparse import path_arg
+
     sub = parser.add_subparsers(dest="kind", required=True, metavar="KIND",
                                 help="one of: " + ", ".join(KINDS))
 
     def common(p: argparse.ArgumentParser, default: str) -> None:
-        p.add_argument("-o", "--output", type=Path, default=None,
+        p.add_argument("-o", "--output", type=path_arg, default=None,
                        help=f"PNG file to write (default: {default})")
         p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
 
     for kind, text in (("gates", "heatmaps of the gate activations over time for one input"),
                        ("cells", "trajectories of the cell state c_t and h_t for one input")):
         p = sub.add_parser(kind, help=text, description=text)
-        p.add_argument("run", type=Path, metavar="RUN_DIR|CHECKPOINT")
+        p.add_argument("run", type=path_arg, metavar="RUN_DIR|CHECKPOINT")
         p.add_argument("--text", default=None, help="input text (charlm runs; default: the test set's start)")
         p.add_argument("--max-steps", type=int, default=None, help="draw at most this many time steps")
         p.add_argument("--layer", type=int, default=0)
@@ -621,17 +623,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         common(p, f"RUN_DIR/{kind}.png")
     p = sub.add_parser("weights", help="each gate's W (H x (I + H)) with the [x | h] split",
                        description="each gate's W (H x (I + H)) with the [x | h] split")
-    p.add_argument("run", type=Path, metavar="RUN_DIR|CHECKPOINT")
+    p.add_argument("run", type=path_arg, metavar="RUN_DIR|CHECKPOINT")
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--direction", type=int, default=0)
     common(p, "RUN_DIR/weights.png")
     p = sub.add_parser("curves", help="training loss and test metric of runs (metrics.jsonl)",
                        description="training loss and test metric of runs (metrics.jsonl)")
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("runs", type=path_arg, nargs="+", metavar="RUN_DIR")
     common(p, "curves.png")
     p = sub.add_parser("compare", help="final test metric per cell variant over a set of runs",
                        description="final test metric per cell variant over a set of runs")
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    p.add_argument("runs", type=path_arg, nargs="+", metavar="RUN_DIR")
     p.add_argument("--metric", default=None, help="metric to compare (default: the task's target metric)")
     common(p, "compare.png")
     text = ("gradient norms per step on the adding problem: plain RNN, LSTM, no-forget-gate LSTM, "
@@ -655,7 +657,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"test sequences the gradients are measured on (default {d['probe_size']})")
     p.add_argument("--threads", type=int, default=d["threads"],
                    help=f"torch threads for training (default {d['threads']})")
-    p.add_argument("--runs", type=Path, nargs="+", default=None, metavar="RUN_DIR",
+    p.add_argument("--runs", type=path_arg, nargs="+", default=None, metavar="RUN_DIR",
                    help="use these trained adding runs instead of training")
     common(p, "gradflow.png (and gradflow.json)")
 

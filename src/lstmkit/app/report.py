@@ -319,8 +319,10 @@ def write_report(run_dir: str | os.PathLike[str], output: str | os.PathLike[str]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``lstmkit report RUN_DIR [-o FILE] [--overwrite] [--text TEXT] [--no-gradflow]``."""
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    parser.add_argument("-o", "--output", type=Path, default=None,
+    from lstmkit.app._argparse import path_arg
+
+    parser.add_argument("run_dir", type=path_arg, metavar="RUN_DIR")
+    parser.add_argument("-o", "--output", type=path_arg, default=None,
                         help="HTML file to write (default RUN_DIR/report.html)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     parser.add_argument("--text", default=None, help="input text for the gate pictures (charlm runs)")

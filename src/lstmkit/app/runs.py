@@ -17,8 +17,16 @@ trainer state against the config — all before a tensor is read. Every file is 
 through :mod:`lstmkit._atomic`. Nothing is ever read with pickle.
 
 A run directory is never stuck: one that holds only what a run writes before its first
-checkpoint (``config.json``, ``metrics.jsonl``, temporary files) is an *unstarted* run,
-and ``train`` — with or without ``--resume`` — starts it afresh.
+checkpoint (an lstmkit ``config.json``, its ``metrics.jsonl``, temporary files) is an
+*unstarted* run, and ``train`` — with or without ``--resume`` — starts it afresh. Files of
+the same names that lstmkit did not write (a ``config.json`` that is not a run's config)
+are never taken for one: such a directory is refused, nothing overwritten.
+
+One run at a time: a training run holds an exclusive lock on its directory (``flock`` on
+the directory itself, :func:`start` takes it, :class:`RunLock`) from its start to its end;
+a second run of the same directory is refused with the holder's process id. The OS drops
+the lock when its process ends, however it ends, so a killed run resumes at once; the
+lock leaves no file behind.
 
 The commands (:mod:`lstmkit.app.cli`, plots, report, study, eval) and the trainer read and
 write runs only through this module.
@@ -26,6 +34,8 @@ write runs only through this module.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import numbers
@@ -44,11 +54,11 @@ from lstmkit.app.model import SequenceModel
 from lstmkit.app.tasks.base import Task
 from lstmkit.app.tasks.registry import get_task
 
-__all__ = ["CheckpointError", "Checkpoint", "FORMAT", "WEIGHTS_FORMAT", "CHECKPOINT", "CONFIG", "METRICS",
-           "SUMMARY", "MODEL", "plan", "start", "read_checkpoint", "write_checkpoint", "checkpoint_tensors",
-           "restore", "selected_weights", "append_metrics", "write_metrics", "read_metrics", "write_summary",
-           "read_summary", "read_config", "write_model", "load_run", "variant_of", "eval_split_of", "metric_of",
-           "final_values", "criterion_of"]
+__all__ = ["CheckpointError", "InUseError", "RunLock", "lock", "checkpoint_step", "Checkpoint", "FORMAT",
+           "WEIGHTS_FORMAT", "CHECKPOINT", "CONFIG", "METRICS", "SUMMARY", "MODEL", "plan", "start",
+           "read_checkpoint", "write_checkpoint", "checkpoint_tensors", "restore", "selected_weights",
+           "append_metrics", "write_metrics", "read_metrics", "write_summary", "read_summary", "read_config",
+           "write_model", "load_run", "variant_of", "eval_split_of", "metric_of", "final_values", "criterion_of"]
 
 #: Identifies lstmkit checkpoints (metadata key "format").
 FORMAT = "lstmkit-checkpoint-1"
@@ -63,35 +73,110 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, foreign or incompatible."""
 
 
+class InUseError(ValueError):
+    """The run directory is being trained by another process (it holds its lock)."""
+
+
 @dataclass
 class Checkpoint:
-    """A validated checkpoint: its config, its task, its tensors and the trainer's state."""
+    """A validated checkpoint: its config, its task, its tensors and the trainer's state
+    (``stamp``: the file's inode, modification time and size when it was read)."""
 
     path: Path
     config: TrainConfig
     task: Task
     tensors: dict[str, Tensor]
     state: dict[str, Any]
+    stamp: tuple[int, int, int] | None = None
 
 
 # ---------------------------------------------------------------------------- the directory
 
 
 def _unstarted(d: Path) -> bool:
-    """Holds only what a run writes before its first checkpoint (or nothing)."""
-    return all(p.name in _BEFORE_FIRST_CHECKPOINT or _atomic.is_temporary(p.name) for p in d.iterdir())
+    """Holds only what a run writes before its first checkpoint (or nothing): temporary
+    files, and an lstmkit ``config.json`` with, if any, its ``metrics.jsonl``. Files of
+    those names that lstmkit did not write are someone's: not an unstarted run."""
+    names = set()
+    for p in d.iterdir():
+        if _atomic.is_temporary(p.name):
+            continue
+        if p.name not in _BEFORE_FIRST_CHECKPOINT or not p.is_file():
+            return False
+        names.add(p.name)
+    if not names:
+        return True
+    return CONFIG in names and _is_run_config(d / CONFIG) and (METRICS not in names or _is_run_metrics(d / METRICS))
 
 
-def plan(run_dir: str | os.PathLike[str], resume: bool) -> bool:
+_MAX_SMALL_FILE = 1 << 20  # a run's config.json, or the metrics.jsonl of a run before its first checkpoint
+
+
+def _small_text(path: Path) -> str | None:
+    try:
+        if path.stat().st_size > _MAX_SMALL_FILE:
+            return None
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _is_run_config(path: Path) -> bool:
+    """``path`` is a config.json lstmkit wrote: every field of TrainConfig, and valid."""
+    text = _small_text(path)
+    if text is None:
+        return False
+    try:
+        d = loads_json(text, "config")
+        if not isinstance(d, dict) or set(d) != {f for f in TrainConfig.__dataclass_fields__}:
+            return False
+        TrainConfig.from_dict(d)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _is_run_metrics(path: Path) -> bool:
+    """``path`` is a metrics.jsonl lstmkit wrote: evaluation records (objects with a step >= 1
+    and numbers), one a line."""
+    text = _small_text(path)
+    if text is None:
+        return False
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return False
+        if not isinstance(rec, dict) or isinstance(rec.get("step"), bool) or not isinstance(rec.get("step"), int) \
+                or rec["step"] < 1 or not all(_number(v) or v is None for v in rec.values()):
+            return False
+    return True
+
+
+def plan(run_dir: str | os.PathLike[str], resume: bool, *, check_in_use: bool = True) -> bool:
     """Check ``run_dir`` for a run and decide, touching nothing: True to resume from its
     checkpoint, False to start afresh (a new or empty directory, or an unstarted run).
 
+    Args:
+        check_in_use: first see whether another run holds the directory (False for a
+            process that does not lock it itself: a torchrun rank other than 0).
+
     Raises:
         ValueError: ``run_dir`` is a file, or cannot be written.
+        InUseError: another run is training in it (``check_in_use``).
         FileExistsError: not empty (a run, or other files) and not ``resume``.
         CheckpointError: ``resume`` of a directory that does not exist or holds other files.
     """
     d = Path(run_dir)
+    if check_in_use and d.is_dir():
+        lock(d).release()  # another run training in it is named first (start() takes the lock for the run)
+    return _decide(d, resume)
+
+
+def _decide(d: Path, resume: bool) -> bool:
+    """:func:`plan`'s decision, once the directory is not another run's."""
     if d.exists() and not d.is_dir():
         raise ValueError(f"--out {d}: is a file, expected a run directory (a new or empty directory, or a run "
                          f"to --resume)")
@@ -104,7 +189,8 @@ def plan(run_dir: str | os.PathLike[str], resume: bool) -> bool:
         if not _unstarted(d):
             raise (CheckpointError if resume else FileExistsError)(
                 f"{'--resume: no checkpoint in' if resume else 'output directory'} {d}"
-                f"{', and it' if resume else ''} is not empty; nothing was overwritten (choose another directory)")
+                f"{', and it' if resume else ''} is not empty; nothing was overwritten (it holds files that are not "
+                f"an lstmkit run's; choose another directory)")
     elif resume:
         raise CheckpointError(f"--resume: no checkpoint in {d} (no such directory)")
     _check_creatable(d)
@@ -129,14 +215,105 @@ def _read_only(p: Path) -> bool:
         return False
 
 
-def start(run_dir: str | os.PathLike[str], cfg: TrainConfig, resumed: bool,
-          history: list[dict[str, Any]] | None = None) -> None:
-    """Set the directory up for the run :func:`plan` decided on (call after every check).
+class RunLock:
+    """This process's exclusive hold on a run directory (see :func:`lock`); :meth:`release`
+    (or the end of the process, however it ends) lets the next run in."""
 
-    Removes temporary files of killed writers; a fresh run replaces an unstarted run's
-    files and writes ``config.json``; a resumed run rewrites ``metrics.jsonl`` from the
-    checkpoint's ``history``, so that it holds exactly one line per evaluation however
-    the previous process ended.
+    def __init__(self, directory: Path, fd: int | None) -> None:
+        self.directory = directory
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        """Whether the lock is held (False once released, or where the file system has no locks)."""
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Let go of the directory (closing the descriptor drops the lock); idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _holder(d: Path) -> int | None:
+    """The process id holding the flock on directory ``d`` (Linux' /proc/locks), if it can be told."""
+    try:
+        st = os.stat(d)
+        with open("/proc/locks") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in text.splitlines():
+        f = line.split()  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2147372 0 EOF"; a waiter's has "->" after "1:"
+        if len(f) >= 6 and f[1] == "FLOCK" and f[3] == "WRITE" and f[5] == inode and f[4].isdigit():
+            return int(f[4]) or None  # 0: a process outside this PID namespace
+    return None
+
+
+def lock(run_dir: str | os.PathLike[str]) -> RunLock:
+    """Take the exclusive lock of the existing run directory ``run_dir``, without waiting.
+
+    An ``flock`` on the directory itself: no file is created, and the OS drops it when the
+    holder's process ends (a killed run can be resumed at once). On a file system without
+    ``flock`` on directories (some network file systems) the run goes on unlocked.
+
+    Raises:
+        InUseError: another process holds it (the message names its process id where it can).
+        WriteError: the directory cannot be opened.
+    """
+    d = Path(run_dir)
+    try:
+        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as exc:
+        raise _atomic.WriteError(exc.errno or errno.EIO, f"--out {d}: cannot open the run directory "
+                                                         f"({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = _holder(d)
+        raise InUseError(f"--out {d}: is in use by another run{f' (pid {pid})' if pid else ''}; nothing was "
+                         f"changed (wait for it to end, or stop it: --resume then continues it)") from None
+    except OSError:  # no flock on this file system: unlocked, as before
+        os.close(fd)
+        return RunLock(d, None)
+    return RunLock(d, fd)
+
+
+def _stamp(p: Path) -> tuple[int, int, int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def start(run_dir: str | os.PathLike[str], cfg: TrainConfig, resumed: bool,
+          history: list[dict[str, Any]] | None = None, *, checkpoint: Checkpoint | None = None) -> RunLock:
+    """Set the directory up for the run :func:`plan` decided on (call after every check);
+    returns the directory's lock, which the run holds until it ends (:meth:`RunLock.release`).
+
+    Takes the lock (:func:`lock`), then checks that the directory is still as :func:`plan`
+    found it (and, resuming, that ``checkpoint`` is still its checkpoint file): another run
+    may have started or finished in between. Removes temporary files of killed writers; a
+    fresh run replaces an unstarted run's files and writes ``config.json``; a resumed run
+    rewrites ``metrics.jsonl`` from the checkpoint's ``history``, so that it holds exactly
+    one line per evaluation however the previous process ended.
+
+    Raises:
+        InUseError: another run holds the directory.
+        FileExistsError, CheckpointError: the directory changed since :func:`plan`.
+        WriteError: it cannot be created or written.
     """
     d = Path(run_dir)
     try:
@@ -144,12 +321,24 @@ def start(run_dir: str | os.PathLike[str], cfg: TrainConfig, resumed: bool,
     except OSError as exc:
         raise _atomic.WriteError(exc.errno or 5, f"--out {d}: cannot create the directory "
                                                  f"({exc.strerror or exc})") from None
-    _atomic.clean_stale(d, exclusive=True)
-    if resumed:
-        write_metrics(d, history or [])
-        return
-    (d / METRICS).unlink(missing_ok=True)
-    _atomic.write_json(d / CONFIG, asdict(cfg), what="config")
+    held = lock(d)
+    try:
+        if _decide(d, resumed) != resumed:  # a checkpoint appeared or went since plan(): another run
+            raise CheckpointError(f"--out {d}: another run changed the directory while this one started; nothing "
+                                  f"was changed (run the command again)")
+        if resumed and checkpoint is not None and checkpoint.stamp != _stamp(d / CHECKPOINT):
+            raise CheckpointError(f"--resume: the checkpoint in {d} was replaced while this run started (another "
+                                  f"run wrote it); nothing was changed (run the command again)")
+        _atomic.clean_stale(d, exclusive=True)
+        if resumed:
+            write_metrics(d, history or [])
+        else:
+            (d / METRICS).unlink(missing_ok=True)
+            _atomic.write_json(d / CONFIG, asdict(cfg), what="config")
+    except BaseException:
+        held.release()
+        raise
+    return held
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -338,6 +527,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, world: int | None = None) -
             message names the file and what is wrong.
     """
     p = _checkpoint_file(path)
+    stamp = _stamp(p)  # before reading: a file replaced meanwhile does not match it
     meta, shapes = _header(p)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint: {p} is not an lstmkit checkpoint (format {meta.get('format')!r}, "
@@ -364,7 +554,21 @@ def read_checkpoint(path: str | os.PathLike[str], *, world: int | None = None) -
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint: {p} is damaged ({str(exc).strip()[:120]})") from None
-    return Checkpoint(p, cfg, task, tensors, state)
+    return Checkpoint(p, cfg, task, tensors, state, stamp)
+
+
+def checkpoint_step(run_dir: str | os.PathLike[str]) -> int | None:
+    """The step of ``run_dir``'s checkpoint (read from its header, no tensor), or None if
+    it has no readable one: where ``--resume`` would continue from."""
+    p = Path(run_dir) / CHECKPOINT
+    if not p.is_file():
+        return None
+    try:
+        meta, _ = _header(p)
+        step = json.loads(meta["trainer"])["step"]
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def restore(ck: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Any:
@@ -466,9 +670,71 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: What each field of summary.json holds (checked where present): a test of the value, and its words.
+_SUMMARY_FIELDS: dict[str, tuple[Any, str]] = {
+    **{k: (lambda v: isinstance(v, str), "a string") for k in ("task", "model", "cell", "stopped", "metric", "split")},
+    **{k: (lambda v: isinstance(v, dict), "an object") for k in ("task_options", "final", "environment", "data")},
+    **{k: (_is_int, "an int") for k in ("seed", "parameters", "steps", "sequences")},
+    "wall_time_s": (_number, "a number"),
+    "value": (lambda v: v is None or _number(v), "a number or null"),
+    "selected_step": (lambda v: v is None or _is_int(v), "an int or null"),
+    "solved": (lambda v: isinstance(v, bool), "true or false"),
+    "baselines": (lambda v: isinstance(v, dict) and all(_number(b) for b in v.values()),
+                  "an object of baseline names and numbers"),
+    "target": (lambda v: isinstance(v, dict), "an object"),
+    "test": (lambda v: isinstance(v, dict), "an object"),
+}
+_TARGET_FIELDS: dict[str, tuple[Any, str]] = {
+    "goal": (lambda v: v in ("max", "min"), "'max' or 'min'"),
+    "threshold": (lambda v: v is None or _number(v), "a number or null"),
+    "published": (lambda v: isinstance(v, str), "a string"),
+    "met": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "first_met_step": (lambda v: v is None or _is_int(v), "an int or null"),
+    "sequences_to_target": (lambda v: v is None or _is_int(v), "an int or null"),
+}
+_TEST_FIELDS: dict[str, tuple[Any, str]] = {
+    "value": (lambda v: v is None or _number(v), "a number or null"),
+    "met": (lambda v: isinstance(v, bool), "true or false"),
+    "metrics": (lambda v: isinstance(v, dict) and all(_number(m) or m is None for m in v.values()),
+                "an object of metric names and numbers"),
+}
+
+
+def _check_summary(path: Path, s: Any) -> dict[str, Any]:
+    """``s`` as the trainer writes a summary (the fields the readers use, with their types)."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"damaged summary.json: {path}: {what}")
+
+    if not isinstance(s, dict):
+        raise bad(f"expected a JSON object, got {'null' if s is None else type(s).__name__}")
+    for fields, where, obj in ((_SUMMARY_FIELDS, "", s), (_TARGET_FIELDS, "target.", s.get("target") or {}),
+                               (_TEST_FIELDS, "test.", s.get("test") or {})):
+        for key, (ok, words) in fields.items():
+            if key in obj and not ok(obj[key]):
+                raise bad(f"{where}{key}: expected {words}, got {str(obj[key])[:60]!r}")
+    return s
+
+
 def read_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """``summary.json`` of a finished run (None while the run has not finished)."""
-    return _read_json(Path(run_dir) / SUMMARY)
+    """``summary.json`` of a finished run (None while the run has not finished), its fields'
+    types checked.
+
+    Raises:
+        ValueError: "damaged summary.json: …" — not JSON, not an object, or a field of the
+            wrong type.
+    """
+    path = Path(run_dir) / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        value = loads_json(path.read_text(), "JSON")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"damaged summary.json: {path} is not JSON ({exc})") from None
+    return _check_summary(path, value)
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

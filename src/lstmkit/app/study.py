@@ -44,7 +44,7 @@ from typing import Any
 
 from lstmkit import _atomic
 from lstmkit._validate import check_int, loads_json
-from lstmkit.app._argparse import add_config_options, config_values, key_value
+from lstmkit.app._argparse import add_config_options, config_values, key_value, path_arg
 from lstmkit.app.config import TrainConfig, option_of
 from lstmkit.spec import resolve
 
@@ -78,6 +78,8 @@ class StudyConfig:
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants: expected distinct names, got {self.variants}")
         for v in self.variants:
+            if not isinstance(v, str) or not v:
+                raise ValueError(f"variants: expected variant names, got an empty one in {self.variants}")
             if not _SAFE.match(v):
                 raise ValueError(f"variants: {v!r} has characters that cannot name a directory")
             if v != "rnn":
@@ -91,8 +93,13 @@ class StudyConfig:
         if len(self.variants) > 1000:
             raise ValueError(f"variants: expected at most 1000 variants, got {len(self.variants)}")
         lo, hi = self.lr_range
+        top = option_of(TrainConfig.__dataclass_fields__["lr"]).hi
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"lr_range: expected 0 < low <= high, got {self.lr_range}")
+        if top is not None and hi > top:
+            raise ValueError(f"lr_range: expected a high <= {top:g} (a sane upper bound), got {self.lr_range}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed (--study-seed): expected an int in [0, 2**63), got {self.seed!r}")
         unknown = sorted(set(self.train) - set(TRAIN_KEYS))
         if unknown:
             raise ValueError(f"train: unknown settings {unknown}; a study may set {list(TRAIN_KEYS)}")
@@ -209,8 +216,18 @@ def _train_one(path: Path, cfg: Any, config: dict[str, Any], metric: str) -> dic
 
 def _exit_with_parent(parent: int) -> None:
     """Worker initializer: end the worker when the study process is gone (killed), instead of
-    finishing its run and idling as an orphan; the interrupted run resumes from its checkpoint."""
+    finishing its run and idling as an orphan; the interrupted run resumes from its checkpoint.
+    Ctrl-C is the study process's to handle (it ends the workers: :func:`_stop_workers`), so a
+    worker ignores SIGINT rather than print a traceback of its own."""
+    import signal
     import threading
+
+    from tqdm import tqdm
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing one: a named semaphore that a worker ended by
+    # _stop_workers leaves registered (the resource tracker reports it as leaked). A thread lock will do.
+    tqdm.set_lock(threading.RLock())
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -218,6 +235,20 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Ctrl-C: cancel the queued runs and end the running ones now (each resumes from its last
+    checkpoint when the study is run again), instead of waiting for them to finish."""
+    import multiprocessing
+
+    pool.shutdown(wait=False, cancel_futures=True)
+    workers = multiprocessing.active_children()
+    for w in workers:
+        w.terminate()
+    for w in workers:
+        w.join(timeout=10)
+    pool.shutdown(wait=True)  # its queues closed and their semaphores released, not reported as leaked at exit
 
 
 def _selection_split(task: Any) -> str:
@@ -236,8 +267,12 @@ def _prepare(cfg: StudyConfig, out: Path) -> None:
     if settings.is_file():
         try:
             theirs = loads_json(settings.read_text(), "not valid JSON")
-        except ValueError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"{settings}: {exc}; not an lstmkit study") from None
+        if not isinstance(theirs, dict):
+            raise ValueError(f"{settings}: expected a JSON object (a study's settings), got "
+                             f"{'null' if theirs is None else type(theirs).__name__}; not an lstmkit study, or "
+                             f"damaged (nothing was touched)")
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             detail = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff)
@@ -286,6 +321,7 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
     cfg.validate()
     out = Path(out)
     jobs = (os.cpu_count() or 1) if jobs is None else check_int("jobs", jobs, 1, 256)
+    TrainConfig.from_dict(_train_config(cfg, Run(cfg.variants[0], 0, 1e-3, 0), "valid"))  # before the task
     task = get_task(cfg.task, seed=0, **cfg.train.get("task_options", {}))
     metric = cfg.metric or task.target.metric
     split = _selection_split(task)
@@ -334,13 +370,17 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
             with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                                      initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
                 pending: dict[Future[Any], Run] = {}
-                submit_all(pool, tuning_runs, pending)
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        pending_done(pending.pop(fut), fut.result())
-                    batch, finals[:] = list(finals), []
-                    submit_all(pool, batch, pending)
+                try:
+                    submit_all(pool, tuning_runs, pending)
+                    while pending:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            pending_done(pending.pop(fut), fut.result())
+                        batch, finals[:] = list(finals), []
+                        submit_all(pool, batch, pending)
+                except KeyboardInterrupt:
+                    _stop_workers(pool)
+                    raise
     finally:
         bar.close()
     summary = summarize(cfg, results, metric, goal, split, task.target, time.perf_counter() - start,
@@ -594,7 +634,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study-seed", type=int, default=d["seed"], help="seed of the learning-rate draws")
     parser.add_argument("--baseline", default=None, help="variant to test against (default vanilla)")
     parser.add_argument("--metric", default=None, help="test metric (default: the task's target metric)")
-    parser.add_argument("--out", type=Path, default=None, help="study directory (default studies/TASK)")
+    parser.add_argument("--out", type=path_arg, default=None, help="study directory (default studies/TASK)")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: one per core)")
     parser.add_argument("-o", "--option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="task option, e.g. -o length=100 (repeatable; see lstmkit tasks TASK)")
@@ -608,7 +648,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     train: dict[str, Any] = config_values(args)
     if args.option:
         train["task_options"] = dict(args.option)
-    return StudyConfig(task=args.task, variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+    return StudyConfig(task=args.task, variants=[v.strip() for v in args.variants.split(",")],
                        seeds=args.seeds, lr_trials=args.lr_trials, lr_range=tuple(args.lr_range),
                        seed=args.study_seed, baseline=args.baseline, metric=args.metric, train=train)
 

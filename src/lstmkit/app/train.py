@@ -180,6 +180,8 @@ class Trainer:
     Raises:
         ValueError (CheckpointError, FileExistsError): before anything is created, for
             any bad setting, an impossible size, an unusable run directory or checkpoint.
+        InUseError (a ValueError): another run is training in ``run_dir``; the run holds
+            the directory's lock (:func:`lstmkit.app.runs.lock`) until :meth:`run` ends.
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = False,
@@ -194,7 +196,8 @@ class Trainer:
         self.progress = progress and self.rank == 0
         self.label = label if label is not None else f"{cfg.task} {cfg.cell_name} s{cfg.seed}"
         self.position = position
-        self.resumed = runs.plan(self.run_dir, resume)  # touches nothing yet
+        # touches nothing yet; only rank 0 locks the directory (start()), the other ranks must not probe it
+        self.resumed = runs.plan(self.run_dir, resume, check_in_use=self.rank == 0)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.task: Task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
@@ -235,11 +238,12 @@ class Trainer:
             self.elapsed, self.history, self.stopped = st["elapsed"], st["history"], st.get("stopped", "")
             self.best_step = st.get("best_step")
             self.best_weights = runs.selected_weights(checkpoint)
+        self._lock: runs.RunLock | None = None  # the run directory's, held from here to the end of run()
         if self.rank == 0:
+            self._lock = runs.start(self.run_dir, cfg, self.resumed, self.history, checkpoint=checkpoint)
             if resume and not self.resumed:
                 print(f"lstmkit: {self.run_dir} has no checkpoint yet (the run stopped before its first one); "
                       f"starting it afresh", file=sys.stderr)
-            runs.start(self.run_dir, cfg, self.resumed, self.history)
         self._batches = self._batch_iter()
 
     # ------------------------------------------------------------------ files
@@ -316,7 +320,15 @@ class Trainer:
         return better
 
     def run(self) -> dict[str, Any]:
-        """Train until ``steps``, the target or early stopping; returns the summary."""
+        """Train until ``steps``, the target or early stopping; returns the summary. The run
+        directory's lock (:func:`lstmkit.app.runs.lock`) is released when it returns or raises."""
+        try:
+            return self._run()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _run(self) -> dict[str, Any]:
         from tqdm import tqdm
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", desc=self.label,

@@ -431,6 +431,11 @@ class CharLM(Task):
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 
 
+#: Temperatures below this sample greedily (the argmax): float32 cannot divide by them (1e-300 is
+#: 0 in float32), and at them every character but the likeliest has probability 0 anyway.
+_GREEDY_BELOW = 1e-30
+
+
 @torch.no_grad()
 def sample(model_step_fn: StepFn, prime: str, n: int, temperature: float = 1.0,
            generator: torch.Generator | None = None, *, vocab: str) -> str:
@@ -444,7 +449,7 @@ def sample(model_step_fn: StepFn, prime: str, n: int, temperature: float = 1.0,
         prime: text fed first (characters outside ``vocab`` are fed as "other"); empty
             means a single ``"\\n"``.
         n: number of characters to generate.
-        temperature: logits are divided by it before sampling; ``0`` = greedy (argmax).
+        temperature: logits are divided by it before sampling; ``0`` (or below 1e-30) = greedy (argmax).
         generator: the torch.Generator for the draws (None: torch's global one).
         vocab: the task's vocabulary (``CharLM.vocab``); ``V = len(vocab) + 1``.
 
@@ -470,10 +475,10 @@ def sample(model_step_fn: StepFn, prime: str, n: int, temperature: float = 1.0,
         logits = step(i)
     for k in range(n):
         assert logits is not None
-        if temperature == 0:
+        if temperature < _GREEDY_BELOW:  # 0, or so small that float32 cannot divide by it: the argmax
             nxt = int(logits.argmax())
-        else:
-            probs = torch.softmax(logits / temperature, dim=0)
+        else:  # the largest logit shifted to 0 first: a tiny temperature gives -inf elsewhere, not inf - inf
+            probs = torch.softmax((logits - logits.max()) / temperature, dim=0)
             nxt = int(torch.multinomial(probs, 1, generator=generator))
         out.append(table[nxt])
         if k + 1 < n:
