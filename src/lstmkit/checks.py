@@ -5,10 +5,12 @@ sequences). Each raises one ValueError or TypeError that names the argument and 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
@@ -19,8 +21,8 @@ from lstmkit.kernels.onnx_export import exporting
 from lstmkit.spec import CellSpec, layer_param_shapes
 
 __all__ = ["check_finite", "check_finite_all", "check_device", "check_backend", "check_dtype", "check_memory",
-           "check_packed_sequence", "check_parameters", "check_init_values", "check_dense", "input_dtype_ok", "vmapped",
-           "NONFINITE_INPUT", "LAYER_DTYPES"]
+           "check_packed_sequence", "check_parameters", "check_init_values", "check_dense", "check_lengths",
+           "input_dtype_ok", "vmapped", "NONFINITE_INPUT", "LAYER_DTYPES"]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -203,6 +205,41 @@ def check_packed_sequence(packed: PackedSequence, what: str = "input") -> None:
     s, u = packed.sorted_indices, packed.unsorted_indices
     if (s is None) != (u is None) or (s is not None and not torch.equal(s.cpu()[u.cpu()], ident)):
         raise ValueError(f"{what}: PackedSequence.unsorted_indices must be the inverse of sorted_indices")
+
+
+def check_lengths(lengths: Any, input: Any, batch_first: bool) -> Tensor:
+    """``lengths=`` of a layer's call as a (N,) int64 CPU tensor (from a tensor, a NumPy integer
+    array or a sequence of ints), checked against the padded ``input`` (T, N, I), or (N, T, I)
+    with ``batch_first``: one length per sequence, each in [1, T] (under compile and export an
+    assertion in the graph)."""
+    if isinstance(input, PackedSequence):
+        raise ValueError("lengths: a PackedSequence carries its own lengths; pass a padded tensor with lengths=")
+    if not isinstance(input, Tensor) or input.dim() != 3:
+        raise ValueError("lengths: needs a batched 3-D padded input (a 2-D input is one unbatched sequence)")
+    T, N = (input.shape[1], input.shape[0]) if batch_first else (input.shape[0], input.shape[1])
+    if isinstance(lengths, np.ndarray) and lengths.dtype.kind in "iu":  # (as pack_padded_sequence takes them)
+        lengths = torch.from_numpy(lengths.astype(np.int64, copy=False))
+    if isinstance(lengths, Tensor):
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool \
+                or lengths.dim() != 1:
+            raise TypeError(f"lengths: expected a 1-D integer tensor or a sequence of ints, got a "
+                            f"{lengths.dim()}-D {lengths.dtype} tensor")
+        lens = lengths.to(device="cpu", dtype=torch.int64)
+    elif isinstance(lengths, (list, tuple)) and all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
+                                                     for n in lengths):
+        if any(not -2**63 <= int(n) < 2**63 for n in lengths):
+            raise ValueError(f"lengths: each must be in [1, L = {T}], got {max(lengths, key=abs)}")
+        lens = torch.tensor([int(n) for n in lengths], dtype=torch.int64)
+    else:
+        raise TypeError(f"lengths: expected a 1-D integer tensor or a sequence of ints, got "
+                        f"{type(lengths).__name__}")
+    if lens.numel() != N:
+        raise ValueError(f"lengths: expected one length per sequence ({N}), got {lens.numel()}")
+    if torch.compiler.is_compiling():  # values are data: a check in the graph (compile, export), not a branch
+        torch._assert_async(((lens >= 1) & (lens <= T)).all(), f"lengths: each must be in [1, L = {T}]")
+    elif N and not (bool((lens >= 1).all()) and bool((lens <= T).all())):
+        raise ValueError(f"lengths: each must be in [1, L = {T}], got min {int(lens.min())}, max {int(lens.max())}")
+    return lens
 
 
 def check_dense(t: Tensor, what: str) -> None:

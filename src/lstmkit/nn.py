@@ -13,7 +13,6 @@ import numbers
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -29,6 +28,7 @@ from lstmkit.checks import (
     check_dtype,
     check_finite_all,
     check_init_values,
+    check_lengths,
     check_memory,
     check_packed_sequence,
     check_parameters,
@@ -304,7 +304,7 @@ class _Recurrent(nn.Module):
         check_parameters(_parameters_now(self, self._param_shapes), self._param_shapes)
         packed = isinstance(input, PackedSequence)
         if lengths is not None:
-            lengths = self._check_lengths(lengths, input)
+            lengths = check_lengths(lengths, input, self.batch_first)
         if packed:
             check_packed_sequence(input)
             x, lengths = pad_packed_sequence(input)  # (T, B, I) in the caller's batch order
@@ -375,37 +375,6 @@ class _Recurrent(nn.Module):
         output, h_n, c_n, out = self._run(input, hx, record=True)
         assert out.traces is not None
         return output, h_n, None if c_n is None else self._cell_states(c_n)[0], out.traces
-
-    def _check_lengths(self, lengths: Any, input: Any) -> Tensor:
-        """``lengths=`` as a (N,) int64 CPU tensor, checked against the padded ``input``."""
-        if isinstance(input, PackedSequence):
-            raise ValueError("lengths: a PackedSequence carries its own lengths; pass a padded tensor with lengths=")
-        if not isinstance(input, Tensor) or input.dim() != 3:
-            raise ValueError("lengths: needs a batched 3-D padded input (a 2-D input is one unbatched sequence)")
-        T, N = (input.shape[1], input.shape[0]) if self.batch_first else (input.shape[0], input.shape[1])
-        if isinstance(lengths, np.ndarray) and lengths.dtype.kind in "iu":  # (as pack_padded_sequence takes them)
-            lengths = torch.from_numpy(lengths.astype(np.int64, copy=False))
-        if isinstance(lengths, Tensor):
-            if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool \
-                    or lengths.dim() != 1:
-                raise TypeError(f"lengths: expected a 1-D integer tensor or a sequence of ints, got a "
-                                f"{lengths.dim()}-D {lengths.dtype} tensor")
-            lens = lengths.to(device="cpu", dtype=torch.int64)
-        elif isinstance(lengths, (list, tuple)) and all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
-                                                         for n in lengths):
-            if any(not -2**63 <= int(n) < 2**63 for n in lengths):
-                raise ValueError(f"lengths: each must be in [1, L = {T}], got {max(lengths, key=abs)}")
-            lens = torch.tensor([int(n) for n in lengths], dtype=torch.int64)
-        else:
-            raise TypeError(f"lengths: expected a 1-D integer tensor or a sequence of ints, got "
-                            f"{type(lengths).__name__}")
-        if lens.numel() != N:
-            raise ValueError(f"lengths: expected one length per sequence ({N}), got {lens.numel()}")
-        if torch.compiler.is_compiling():  # values are data: a check in the graph (compile, export), not a branch
-            torch._assert_async(((lens >= 1) & (lens <= T)).all(), f"lengths: each must be in [1, L = {T}]")
-        elif N and not (bool((lens >= 1).all()) and bool((lens <= T).all())):
-            raise ValueError(f"lengths: each must be in [1, L = {T}], got min {int(lens.min())}, max {int(lens.max())}")
-        return lens
 
     def _step(self, input: Tensor, hx: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         """One time step of the whole stack (what :meth:`LSTM.step` and :meth:`RNN.step` run):

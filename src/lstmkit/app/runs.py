@@ -22,11 +22,9 @@ checkpoint (an lstmkit ``config.json``, its ``metrics.jsonl``, temporary files) 
 the same names that lstmkit did not write (a ``config.json`` that is not a run's config)
 are never taken for one: such a directory is refused, nothing overwritten.
 
-One run at a time: a training run holds an exclusive lock on its directory (``flock`` on
-the directory itself, :func:`start` takes it, :class:`RunLock`) from its start to its end;
-a second run of the same directory is refused with the holder's process id. The OS drops
-the lock when its process ends, however it ends, so a killed run resumes at once; the
-lock leaves no file behind.
+One run at a time: a training run holds an exclusive lock on its directory
+(:mod:`lstmkit.app.runlock`; :func:`start` takes it) from its start to its end; a second run
+of the same directory is refused with the holder's process id.
 
 The commands (:mod:`lstmkit.app.cli`, plots, report, study, eval) and the trainer read and
 write runs only through this module.
@@ -34,11 +32,8 @@ write runs only through this module.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import math
-import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +46,8 @@ from lstmkit import _atomic
 from lstmkit._validate import loads_json
 from lstmkit.app.config import TrainConfig
 from lstmkit.app.model import SequenceModel
+from lstmkit.app.run_schema import is_number, summary_problem
+from lstmkit.app.runlock import InUseError, RunLock, lock
 from lstmkit.app.tasks.base import Task
 from lstmkit.app.tasks.registry import get_task
 
@@ -71,10 +68,6 @@ _BEFORE_FIRST_CHECKPOINT = {CONFIG, METRICS}
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, foreign or incompatible."""
-
-
-class InUseError(ValueError):
-    """The run directory is being trained by another process (it holds its lock)."""
 
 
 @dataclass
@@ -150,7 +143,7 @@ def _is_run_metrics(path: Path) -> bool:
         except ValueError:
             return False
         if not isinstance(rec, dict) or isinstance(rec.get("step"), bool) or not isinstance(rec.get("step"), int) \
-                or rec["step"] < 1 or not all(_number(v) or v is None for v in rec.values()):
+                or rec["step"] < 1 or not all(is_number(v) or v is None for v in rec.values()):
             return False
     return True
 
@@ -213,81 +206,6 @@ def _read_only(p: Path) -> bool:
         return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
     except OSError:
         return False
-
-
-class RunLock:
-    """This process's exclusive hold on a run directory (see :func:`lock`); :meth:`release`
-    (or the end of the process, however it ends) lets the next run in."""
-
-    def __init__(self, directory: Path, fd: int | None) -> None:
-        self.directory = directory
-        self._fd = fd
-
-    @property
-    def held(self) -> bool:
-        """Whether the lock is held (False once released, or where the file system has no locks)."""
-        return self._fd is not None
-
-    def release(self) -> None:
-        """Let go of the directory (closing the descriptor drops the lock); idempotent."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __del__(self) -> None:
-        self.release()
-
-
-def _holder(d: Path) -> int | None:
-    """The process id holding the flock on directory ``d`` (Linux' /proc/locks), if it can be told."""
-    try:
-        st = os.stat(d)
-        with open("/proc/locks") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in text.splitlines():
-        f = line.split()  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2147372 0 EOF"; a waiter's has "->" after "1:"
-        if len(f) >= 6 and f[1] == "FLOCK" and f[3] == "WRITE" and f[5] == inode and f[4].isdigit():
-            return int(f[4]) or None  # 0: a process outside this PID namespace
-    return None
-
-
-def lock(run_dir: str | os.PathLike[str]) -> RunLock:
-    """Take the exclusive lock of the existing run directory ``run_dir``, without waiting.
-
-    An ``flock`` on the directory itself: no file is created, and the OS drops it when the
-    holder's process ends (a killed run can be resumed at once). On a file system without
-    ``flock`` on directories (some network file systems) the run goes on unlocked.
-
-    Raises:
-        InUseError: another process holds it (the message names its process id where it can).
-        WriteError: the directory cannot be opened.
-    """
-    d = Path(run_dir)
-    try:
-        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as exc:
-        raise _atomic.WriteError(exc.errno or errno.EIO, f"--out {d}: cannot open the run directory "
-                                                         f"({exc.strerror or exc})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        pid = _holder(d)
-        raise InUseError(f"--out {d}: is in use by another run{f' (pid {pid})' if pid else ''}; nothing was "
-                         f"changed (wait for it to end, or stop it: --resume then continues it)") from None
-    except OSError:  # no flock on this file system: unlocked, as before
-        os.close(fd)
-        return RunLock(d, None)
-    return RunLock(d, fd)
 
 
 def _stamp(p: Path) -> tuple[int, int, int] | None:
@@ -459,10 +377,6 @@ def _check_tensors(p: Path, shapes: dict[str, tuple[tuple[int, ...], str]], cfg:
         raise CheckpointError(f"checkpoint: {p}: incomplete selected weights ({selected[:4]})")
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _check_state(p: Path, st: Any, cfg: TrainConfig) -> None:
     """The trainer's state against the checkpoint's own config (it is written right after
     an evaluation: ``history[-1]["step"] == step <= steps``)."""
@@ -486,17 +400,17 @@ def _check_state(p: Path, st: Any, cfg: TrainConfig) -> None:
                 or not last < rec["step"] <= step:
             raise bad(f"history[{n}]: expected an evaluation record with a step in ({last}, {step}], got "
                       f"{str(rec)[:60]}")
-        if not all(_number(v) or v is None for k, v in rec.items()):
+        if not all(is_number(v) or v is None for k, v in rec.items()):
             raise bad(f"history[{n}]: expected numbers, got {str(rec)[:60]}")
         last = rec["step"]
     if last != step:
         raise bad(f"history ends at step {last}, but the checkpoint is of step {step}")
-    if st["best"] is not None and not _number(st["best"]):
+    if st["best"] is not None and not is_number(st["best"]):
         raise bad(f"best: expected a number or null, got {st['best']!r}")
     if isinstance(st["bad_evals"], bool) or not isinstance(st["bad_evals"], int) \
             or not 0 <= st["bad_evals"] <= len(history):
         raise bad(f"bad_evals: expected an int in [0, {len(history)}], got {st['bad_evals']!r}")
-    if not _number(st["elapsed"]) or not math.isfinite(st["elapsed"]) or st["elapsed"] < 0:
+    if not is_number(st["elapsed"]) or not math.isfinite(st["elapsed"]) or st["elapsed"] < 0:
         raise bad(f"elapsed: expected seconds >= 0, got {st['elapsed']!r}")
     if not isinstance(st.get("stopped", ""), str):
         raise bad(f"stopped: expected a string, got {st['stopped']!r}")
@@ -508,7 +422,7 @@ def _check_state(p: Path, st: Any, cfg: TrainConfig) -> None:
         raise bad(f"param_groups: expected a list of one group, got {str(groups)[:60]}")
     for key in ("lr", "weight_decay"):
         v = groups[0].get(key)
-        if not _number(v) or not math.isfinite(v) or v < 0:
+        if not is_number(v) or not math.isfinite(v) or v < 0:
             raise bad(f"param_groups[0].{key}: expected a finite number >= 0, got {v!r}")
 
 
@@ -670,52 +584,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-#: What each field of summary.json holds (checked where present): a test of the value, and its words.
-_SUMMARY_FIELDS: dict[str, tuple[Any, str]] = {
-    **{k: (lambda v: isinstance(v, str), "a string") for k in ("task", "model", "cell", "stopped", "metric", "split")},
-    **{k: (lambda v: isinstance(v, dict), "an object") for k in ("task_options", "final", "environment", "data")},
-    **{k: (_is_int, "an int") for k in ("seed", "parameters", "steps", "sequences")},
-    "wall_time_s": (_number, "a number"),
-    "value": (lambda v: v is None or _number(v), "a number or null"),
-    "selected_step": (lambda v: v is None or _is_int(v), "an int or null"),
-    "solved": (lambda v: isinstance(v, bool), "true or false"),
-    "baselines": (lambda v: isinstance(v, dict) and all(_number(b) for b in v.values()),
-                  "an object of baseline names and numbers"),
-    "target": (lambda v: isinstance(v, dict), "an object"),
-    "test": (lambda v: isinstance(v, dict), "an object"),
-}
-_TARGET_FIELDS: dict[str, tuple[Any, str]] = {
-    "goal": (lambda v: v in ("max", "min"), "'max' or 'min'"),
-    "threshold": (lambda v: v is None or _number(v), "a number or null"),
-    "published": (lambda v: isinstance(v, str), "a string"),
-    "met": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
-    "first_met_step": (lambda v: v is None or _is_int(v), "an int or null"),
-    "sequences_to_target": (lambda v: v is None or _is_int(v), "an int or null"),
-}
-_TEST_FIELDS: dict[str, tuple[Any, str]] = {
-    "value": (lambda v: v is None or _number(v), "a number or null"),
-    "met": (lambda v: isinstance(v, bool), "true or false"),
-    "metrics": (lambda v: isinstance(v, dict) and all(_number(m) or m is None for m in v.values()),
-                "an object of metric names and numbers"),
-}
-
-
 def _check_summary(path: Path, s: Any) -> dict[str, Any]:
     """``s`` as the trainer writes a summary (the fields the readers use, with their types)."""
     def bad(what: str) -> ValueError:
         return ValueError(f"damaged summary.json: {path}: {what}")
 
-    if not isinstance(s, dict):
-        raise bad(f"expected a JSON object, got {'null' if s is None else type(s).__name__}")
-    for fields, where, obj in ((_SUMMARY_FIELDS, "", s), (_TARGET_FIELDS, "target.", s.get("target") or {}),
-                               (_TEST_FIELDS, "test.", s.get("test") or {})):
-        for key, (ok, words) in fields.items():
-            if key in obj and not ok(obj[key]):
-                raise bad(f"{where}{key}: expected {words}, got {str(obj[key])[:60]!r}")
+    problem = summary_problem(s)
+    if problem is not None:
+        raise bad(problem)
     return s
 
 
@@ -841,7 +717,7 @@ def criterion_of(run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         t = summary["target"]
         return ({"metric": summary["metric"], "goal": t.get("goal"), "threshold": t.get("threshold"),
                  "published": t.get("published", "")},
-                {k: float(v) for k, v in (summary.get("baselines") or {}).items() if _number(v)})
+                {k: float(v) for k, v in (summary.get("baselines") or {}).items() if is_number(v)})
     cfg = read_config(d)
     if not cfg or not isinstance(cfg.get("task"), str) or not isinstance(cfg.get("task_options", {}), dict):
         raise ValueError(f"run_dirs: {d} has neither a summary.json nor a config.json naming its task")
@@ -870,7 +746,7 @@ def final_values(run_dirs: list[str | os.PathLike[str]] | tuple[str | os.PathLik
         m = chosen or metric_of(d, recs)
         chosen = chosen or m
         tested = ((read_summary(d) or {}).get("test") or {}).get("metrics") or {}
-        if _number(tested.get(m)):
+        if is_number(tested.get(m)):
             rows.append((variant_of(d), float(tested[m]), d.name, "test"))
             continue
         split = eval_split_of(d)
