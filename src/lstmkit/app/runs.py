@@ -574,25 +574,15 @@ def write_summary(run_dir: str | os.PathLike[str], summary: dict[str, Any]) -> N
     _atomic.write_json(Path(run_dir) / SUMMARY, summary, what="summary")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path, damaged: str) -> Any:
+    """The parsed JSON of ``path`` (None if there is no such file); ``damaged`` begins the message
+    when it is not JSON."""
     if not path.is_file():
         return None
     try:
-        value = loads_json(path.read_text(), "JSON")
+        return loads_json(path.read_text(), "JSON")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"run_dirs: {path} is not JSON ({exc})") from None
-    return value if isinstance(value, dict) else None
-
-
-def _check_summary(path: Path, s: Any) -> dict[str, Any]:
-    """``s`` as the trainer writes a summary (the fields the readers use, with their types)."""
-    def bad(what: str) -> ValueError:
-        return ValueError(f"damaged summary.json: {path}: {what}")
-
-    problem = summary_problem(s)
-    if problem is not None:
-        raise bad(problem)
-    return s
+        raise ValueError(f"{damaged}: {path} is not JSON ({exc})") from None
 
 
 def read_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -604,18 +594,19 @@ def read_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
             wrong type.
     """
     path = Path(run_dir) / SUMMARY
-    if not path.is_file():
+    value = _read_json(path, "damaged summary.json")
+    if value is None and not path.is_file():
         return None
-    try:
-        value = loads_json(path.read_text(), "JSON")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"damaged summary.json: {path} is not JSON ({exc})") from None
-    return _check_summary(path, value)
+    problem = summary_problem(value)  # the fields the readers use, with their types
+    if problem is not None:
+        raise ValueError(f"damaged summary.json: {path}: {problem}")
+    return value  # type: ignore[no-any-return]
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """``config.json`` as written (a mapping), or None if there is none."""
-    return _read_json(Path(run_dir) / CONFIG)
+    value = _read_json(Path(run_dir) / CONFIG, "run_dirs")
+    return value if isinstance(value, dict) else None
 
 
 def write_model(run_dir: str | os.PathLike[str], cfg: TrainConfig, model: torch.nn.Module) -> None:
