@@ -4,7 +4,9 @@ the initial states and every parameter (rel. 1e-5 float32, 1e-10 float64)."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import os
 
 import pytest
 import torch
@@ -683,3 +685,32 @@ def test_workspaces_are_written_before_they_are_read(name):
         ext._poison_workspaces(False)
     for k, (a, e) in enumerate(zip(got, expected)):
         assert torch.equal(a, e), f"result {k} differs with the workspaces poisoned"
+
+
+_CLIP_BACKENDS = ["reference", "cpu_fused"] + (
+    ["triton"] if importlib.util.find_spec("triton") and os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+@pytest.mark.parametrize("backend", _CLIP_BACKENDS)
+@pytest.mark.parametrize("cell", ["nfg+nig+clip=0.3", "cifg+clip=0.3", "clip=0.3+zoneout=0.2"])
+def test_the_clip_passes_the_gradient_at_its_boundary_as_clamp_does(backend, cell):
+    """Where the new cell state lands exactly on ±clip, torch.clamp (the reference equations,
+    the NumPy oracle's rule) passes the gradient; the fused kernels keep c after the clip, where
+    'exactly clip' and 'clipped to clip' look alike, and stopped it. They recompute the state
+    before the clip from the kept gates now. Values: a state at the boundary with the gates'
+    contributions zero (all weights 0: f = 1 or 1 − i, i·g = 0), and one beyond it."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(1, 2, cell=cell, backend=backend).double().eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+    x = torch.zeros(1, 1, 1, dtype=torch.float64)
+    h0 = torch.zeros(1, 1, 2, dtype=torch.float64)
+    f = 1.0 if "nfg" in cell else 0.5  # σ(0), or cifg's 1 − σ(0); nfg: f ≡ 1
+    z = 0.2 if "zoneout" in cell else 0.0  # evaluation: c_t = c~ + z (c_{t-1} − c~)
+    for c_value, passed in ((0.3 / f, 1.0), (-0.3 / f, 1.0), (0.31 / f, 0.0)):
+        c0 = torch.full((1, 1, 2), c_value, dtype=torch.float64, requires_grad=True)
+        _, (_, c_n) = layer(x, (h0, c0))
+        c_n.sum().backward()
+        want = (1 - z) * passed * f + z  # dc_t / dc_{t-1}
+        torch.testing.assert_close(c0.grad, torch.full_like(c0, want), msg=f"{backend} {cell} c0={c_value}")

@@ -595,8 +595,8 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
     if PEEP and GO >= 0:
         dc += du_o * _vec(p_o, 0, ch, cm, CT, True, BH)[None, :]
         _acc(acc, 2 * H, ch, cm, du_o * c, True)
-    if has(FLAGS, "clip"):
-        dc = tl.where(tl.abs(c) < clip, dc, 0.0)
+    if has(FLAGS, "clip"):  # passed where |c~| <= clip before it (torch.clamp's rule), c~ recomputed as _cell has it
+        dc = tl.where(tl.abs(f * cp + i * g) <= clip, dc, 0.0)
     # dc -> g, f, i, c_{t-1}
     du_g = act_grad(dc * i, g, has(FLAGS, "niaf"), has(FLAGS, "cand_act_relu"))
     df = dc * cp

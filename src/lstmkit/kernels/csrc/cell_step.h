@@ -583,12 +583,15 @@ struct StepBackward {
         dcn = dcn + ldv(dchat + j, n);
       }
       if (po) dcn = at::vec::fmadd(ldv(du_to[3] + j, n), ldv(po + j, n), dcn);
-      if (clip) dcn = V::blendv(zero, dcn, cv.abs() < V(prm.clipv));
       const V i = has_i ? ldv(gr + cf.aoff[0] + j, n) : one;
       const V g = ldv(gr + cf.aoff[2] + j, n);
       V f = one;
       if (has_f) f = ldv(gr + cf.aoff[1] + j, n);
       else if (cifg) f = one - i;
+      // the clip passes the gradient where |c~| <= clip before it (torch.clamp's rule, the boundary
+      // included): c~ recomputed from the kept gates as the forward computed it (the kept c_t is
+      // after the clip, where exactly clip and clipped to clip look alike)
+      if (clip) dcn = V::blendv(zero, dcn, at::vec::fmadd(f, cp, i * g).abs() <= V(prm.clipv));
       dcp = at::vec::fmadd(dcn, f, dcp);
       stv(act_grad(cand_act, dcn * i, g), du_to[2] + j, n);
       const V df = dcn * cp;
