@@ -380,20 +380,25 @@ def _functorch_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def _transforms() -> list[Any]:
+    """The kinds (``TransformType``) of the active functorch transforms, outermost first."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return [i.key() for i in retrieve_all_functorch_interpreters()]
+
+
 def _vmapping() -> bool:
     """Whether a functorch vmap transform is active (also inside torch.func.jacrev)."""
     from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+    return TransformType.Vmap in _transforms()
 
 
 def _differentiation_levels() -> int:
     """Active functorch grad/jvp transforms (two or more: a higher-order derivative)."""
     from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    return sum(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
+    return sum(k in (TransformType.Grad, TransformType.Jvp) for k in _transforms())
 
 
 def recurrence(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, params: Sequence[Tensor],
