@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from lstmkit import cell as cell_eqs
 from lstmkit import kernels
+from lstmkit._prepared import PreparedModule, parameters_now, prepared_road
 from lstmkit._validate import check_bool, check_int
 from lstmkit.checks import (
     NONFINITE_INPUT,
@@ -63,7 +64,7 @@ _FGR_STEP = ("fgr keeps the previous gate activations as extra state, which (h, 
              "run lstmkit.LSTM over the whole sequence instead")
 
 
-class _Recurrent(nn.Module):
+class _Recurrent(PreparedModule):
     """Shared machinery of :class:`LSTM` and :class:`RNN`: parameters, checks, packing.
 
     Not used directly; its two leaves fix the cell kind and the state type.
@@ -116,7 +117,7 @@ class _Recurrent(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bool(bidirectional)
         self.proj_size = proj_size
-        self.backend = check_backend(backend, spec)
+        self.backend = backend
         self.check_finite = check_finite
         self._prepared = PreparedStep(spec, hidden_size, proj_size)  # the step of a signature seen before
         device = check_device(device)
@@ -256,7 +257,7 @@ class _Recurrent(nn.Module):
     def _all_params(self) -> list[list[dict[str, Tensor]]]:
         """``[layer][direction]`` -> the parameters by name without suffix, as a call reads them
         (:func:`_parameters_now`)."""
-        p = _parameters_now(self, self._param_shapes)
+        p = parameters_now(self, self._param_shapes)
         return [[{base: p[full] for base, full in names.items()} for names in layer] for layer in self._param_names]
 
     def gates(self, layer: int = 0, direction: int = 0) -> dict[str, Any]:
@@ -301,7 +302,7 @@ class _Recurrent(nn.Module):
         """Validate, pack/unpack and run. Returns output, h_n, c_n and the raw stack result."""
         if torch.jit.is_tracing():
             raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.trace (and torch.onnx.export(dynamo=False))"))
-        check_parameters(_parameters_now(self, self._param_shapes), self._param_shapes)
+        check_parameters(parameters_now(self, self._param_shapes), self._param_shapes)
         packed = isinstance(input, PackedSequence)
         if lengths is not None:
             lengths = check_lengths(lengths, input, self.batch_first)
@@ -479,22 +480,6 @@ class _Recurrent(nn.Module):
         return tuple(cells.split_with_sizes([H] * (cells.shape[-1] // H), -1))
 
 
-def _parameters_now(module: nn.Module, names: Any) -> dict[str, Tensor]:
-    """A module's parameters by name as a call reads them: ``_parameters`` itself (where
-    ``torch.func.functional_call`` swaps tensors too), or where parametrizations are registered
-    (``weight_norm``, ``spectral_norm``, ``register_parametrization``) each of ``names``
-    computed anew, as ``getattr`` gives it."""
-    if "parametrizations" not in module._modules:
-        return module._parameters  # type: ignore[return-value]
-    return {name: getattr(module, name) for name in names}
-
-
-def _prepared_road(module: nn.Module) -> bool:
-    """Whether a call may take (and keep) the prepared step: eager, and with no parametrization,
-    whose tensors are computed anew on every call (compile and export trace the general path)."""
-    return not torch.compiler.is_compiling() and "parametrizations" not in module._modules
-
-
 def _with_heads(spec: CellSpec, heads: Any) -> CellSpec:
     """``spec`` with the layer's ``heads=`` argument (None: the spec's own)."""
     if heads is None:
@@ -561,7 +546,7 @@ class LSTM(_Recurrent):
         # (PreparedStep) — without gradients where that path ran forward_infer on every layer, with
         # them where it ran the operator on every layer (the compiled node projects as it did)
         run = lengths is None and not self.bidirectional and type(input) is Tensor and input.dim() == 3 \
-            and _prepared_road(self)
+            and prepared_road(self)
         if run:
             grad = torch.is_grad_enabled()
             x = input.transpose(0, 1) if self.batch_first else input  # (T, N, I)
@@ -592,7 +577,7 @@ class LSTM(_Recurrent):
         A bidirectional layer cannot step (it reads each sequence from its end too).
         """
         version = kernels.registry_version()
-        eager = _prepared_road(self)
+        eager = prepared_road(self)
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
                                   self.check_finite, True, self.dropout) if eager else None
         if fast is not None:
@@ -640,7 +625,7 @@ class RNN(_Recurrent):
         return output, h_n
 
 
-class LSTMCell(nn.Module):
+class LSTMCell(PreparedModule):
     """One LSTM step with ``torch.nn.LSTMCell``'s signature, plus ``cell=``.
 
     Parameters are named as torch's (``weight_ih``, ``weight_hh``, ``bias_ih``,
@@ -666,7 +651,7 @@ class LSTMCell(nn.Module):
             raise ValueError("cell: LSTMCell takes LSTM variants, not the plain RNN")
         if spec.fgr:
             raise ValueError(f"cell: {_FGR_STEP}")
-        backend = check_backend(backend, spec)
+        check_backend(backend, spec)
         # One layer, one direction: reuse the layer's parameter machinery and checks.
         self._layer = _Recurrent(spec, input_size, hidden_size, 1, bias, False, 0.0, False, 0,
                                  device, dtype, None, True)
@@ -727,7 +712,7 @@ class LSTMCell(nn.Module):
     def forward(self, input: Tensor, hx: State | None = None) -> State:
         """One step: ``(h', c') = cell(x, (h, c))`` (the sLSTM: ``(h', c', n', m')``)."""
         version = kernels.registry_version()
-        eager = _prepared_road(self)
+        eager = prepared_road(self)
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
                                   self.check_finite, False) if eager else None
         if fast is not None:
@@ -735,7 +720,7 @@ class LSTMCell(nn.Module):
             return (h_n, *cells)
         if torch.jit.is_tracing():
             raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.trace (and torch.onnx.export(dynamo=False))"))
-        params = _parameters_now(self, self._param_shapes)
+        params = parameters_now(self, self._param_shapes)
         check_parameters(params, self._param_shapes)
         self._check_input(input)
         batched = input.dim() == 2

@@ -366,6 +366,9 @@ class PreparedStep:
             if dtype not in (torch.float32, torch.float64) or not any(p.requires_grad for p in parameters.values()) \
                     or any(_use_onednn(rows, p["weight_ih"]) for p in layers):
                 return
+        own = {id(p) for p in parameters.values()}
+        if any(id(t) not in own for params in layers for t in params.values() if t is not None):
+            return  # a tensor made for the call (a hook's, as the hook-based weight_norm's): new every call
         kept = self._kept if len(self._kept) < _KEPT_SIGNATURES else {}
         ext = cpu_ext.load()
         prepared = []

@@ -422,12 +422,29 @@ struct PreparedLayer {
     return done;
   }
 
+  // Every parameter in x's dtype: one given another through .data since this signature was kept
+  // (the module's identity check cannot see that) is refused as the general path refuses it.
+  void check_dtypes(const at::Tensor& x) const {
+    const at::ScalarType want = x.scalar_type();
+    auto torch_name = [](at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); };
+    auto check = [&](const at::Tensor& t, const char* name) {
+      TORCH_CHECK_TYPE(!t.defined() || t.numel() == 0 || t.scalar_type() == want, "parameter ", name, ": ",
+                       torch_name(t.scalar_type()), ", but the layer computes in ", torch_name(want),
+                       " (changed through .data?); convert the module as a whole, e.g. module.to(",
+                       torch_name(want), ")");
+    };
+    check(w_ih, "weight_ih"); check(whh, "weight_hh"); check(b_ih, "bias_ih"); check(b_hh, "bias_hh");
+    for (int k = 0; k < N_PARAMS; ++k) check(params[k], PARAM_NAMES[k]);
+    for (const auto& t : mlp) check(t, "of a deep gate");
+  }
+
   // x (N, I) or (T, N, I); h (N, H_out) or a one-layer stack's (1, N, H_out); cells: the S cell
   // states, (N, H) each (one state: also a one-layer stack's (1, N, H)); keep_c / keep_h: zoneout's
   // masks of this call (training), or None. Returns y, h_n, then the S cell states.
   std::vector<at::Tensor> call(const at::Tensor& x, const at::Tensor& h, const std::vector<at::Tensor>& cells,
                                const std::optional<at::Tensor>& keep_c,
                                const std::optional<at::Tensor>& keep_h) const {
+    check_dtypes(x);
     std::vector<at::Tensor> p = params;
     if (keep_c.has_value()) p[P_KEEP_C] = *keep_c;
     if (keep_h.has_value()) p[P_KEEP_H] = *keep_h;

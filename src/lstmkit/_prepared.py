@@ -1,0 +1,69 @@
+"""What the modules share about their prepared steps (:class:`lstmkit.kernels.fused.PreparedStep`):
+the parameters a call reads, whether a call may take the prepared road, and a base class that
+forgets the kept steps where they would hold stale or swapped tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lstmkit.checks import check_backend
+from lstmkit.kernels.fused import PreparedStep
+from lstmkit.spec import CellSpec
+
+
+class PreparedModule(nn.Module):
+    """A module keeping prepared steps (``_prepared``, whose kept signatures hold its parameters):
+    forgotten when the parameters are converted or loaded (so that torch may swap them, under
+    ``torch.__future__.set_swap_module_params_on_conversion``) and when ``backend`` is set."""
+
+    _prepared: PreparedStep
+    spec: CellSpec
+
+    def _forget_prepared(self) -> None:
+        prepared = self.__dict__.get("_prepared")  # (none yet while __init__ runs)
+        if prepared is not None:
+            prepared.clear()
+
+    @property
+    def backend(self) -> str | None:
+        """The kernel row forced by name (None: chosen per call); checked when set."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self._backend = check_backend(value, self.spec)
+        self._forget_prepared()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._forget_prepared()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._forget_prepared()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "backend" in state:  # pickled while backend was a plain attribute
+            state["_backend"] = state.pop("backend")
+        super().__setstate__(state)
+
+
+def parameters_now(module: nn.Module, names: Any) -> dict[str, Tensor]:
+    """A module's parameters by name as a call reads them: ``_parameters`` itself (where
+    ``torch.func.functional_call`` swaps tensors too), or where parametrizations are registered
+    (``weight_norm``, ``spectral_norm``, ``register_parametrization``) or a name is no parameter
+    (the hook-based ``torch.nn.utils.weight_norm`` sets a computed tensor before each call) each
+    of ``names`` (name -> shape) as ``getattr`` gives it."""
+    own = module._parameters
+    if "parametrizations" not in module._modules and names.keys() <= own.keys():
+        return own  # type: ignore[return-value]
+    return {name: getattr(module, name, None) for name in names}
+
+
+def prepared_road(module: nn.Module) -> bool:
+    """Whether a call may take (and keep) the prepared step: eager, and with no parametrization,
+    whose tensors are computed anew on every call (compile and export trace the general path)."""
+    return not torch.compiler.is_compiling() and "parametrizations" not in module._modules

@@ -1,0 +1,131 @@
+"""What users do to a module after it has run — convert it, load into it, wrap a weight in a
+hook-based norm, give a parameter another dtype, force another kernel — against a fresh module
+or ``torch.nn.LSTM``: a module that ran keeps prepared steps (``PreparedStep``), which must
+neither hold what torch swaps nor run on what the user changed."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import lstmkit
+
+I, H = 5, 6
+
+
+def _warm(m: torch.nn.Module, x: torch.Tensor) -> None:
+    """Calls that keep prepared steps: with and without gradients, a run and a step."""
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            for _ in range(2):
+                if isinstance(m, lstmkit.LSTMCell):
+                    m(x[0])
+                else:
+                    m(x)
+                    m.step(x[0])
+
+
+@pytest.fixture
+def swap_on_conversion():
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "LSTMCell"])
+@pytest.mark.usefixtures("swap_on_conversion")
+def test_a_module_that_ran_converts_and_loads_with_swapped_parameters(kind):
+    """Under ``set_swap_module_params_on_conversion(True)`` torch swaps each parameter's tensor,
+    which fails while anything else holds it (the kept steps did: ``.double()`` and
+    ``load_state_dict`` raised on a module that had run)."""
+    torch.manual_seed(0)
+    make = getattr(lstmkit, kind)
+    m = make(I, H, cell="peephole")
+    x = torch.randn(4, 3, I)
+    _warm(m, x)
+    state = {k: v.clone() * 0.5 for k, v in m.state_dict().items()}
+    m.load_state_dict(state)
+    fresh = make(I, H, cell="peephole")
+    fresh.load_state_dict(state)
+    inp = x if kind == "LSTM" else x[0]
+    torch.testing.assert_close(m(inp)[0], fresh(inp)[0], rtol=0, atol=0)
+    m.double()
+    fresh.double()
+    _warm(m, x.double())
+    torch.testing.assert_close(m(inp.double())[0], fresh(inp.double())[0], rtol=0, atol=0)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_hook_based_weight_norms_as_nn_lstm(norm):
+    """``torch.nn.utils.weight_norm`` / ``spectral_norm`` (the forms that set a computed weight
+    from a forward pre-hook) on a layer and on a cell: as on ``nn.LSTM`` / ``nn.LSTMCell``, call
+    after call while an optimizer changes the norm's parameters (a kept step must not run on the
+    weight of its first call), values and gradients. They were refused as 'missing'."""
+    wrap = getattr(torch.nn.utils, norm)
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    for ours, theirs, inp in ((lstmkit.LSTM(I, H, dtype=torch.float64), torch.nn.LSTM(I, H, dtype=torch.float64), x),
+                              (lstmkit.LSTMCell(I, H, dtype=torch.float64),
+                               torch.nn.LSTMCell(I, H, dtype=torch.float64), x[0])):
+        theirs.load_state_dict(ours.state_dict())
+        name = "weight_hh_l0" if isinstance(ours, lstmkit.LSTM) else "weight_hh"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # weight_norm's deprecation
+            for m in (ours, theirs):
+                torch.manual_seed(1)  # spectral_norm's starting vector
+                wrap(m, name)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (ours, theirs)]
+        for _ in range(3):
+            outs = []
+            for m, opt in zip((ours, theirs), opts):
+                opt.zero_grad()
+                y = m(inp)[0]
+                y.square().sum().backward()
+                outs.append((y.detach(), [p.grad.clone() for p in m.parameters()]))
+                opt.step()
+            torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=1e-12)
+            for a, b in zip(outs[0][1], outs[1][1]):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("name", ["weight_hh", "bias_ih", "peephole_i", "weight_ih"])
+def test_a_parameter_given_another_dtype_through_data_is_refused_after_calls_too(layers, name):
+    """A fresh module refuses a parameter of another dtype (TypeError naming it); after calls it
+    ran it in silence or failed inside torch ('self and mat2 must have the same dtype'), as the
+    kept steps compare the module's tensors by identity, which ``.data =`` keeps."""
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(I, H, num_layers=layers, cell="peephole", dtype=torch.float64)
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    _warm(m, x)
+    p = getattr(m, f"{name}_l{layers - 1}")
+    p.data = p.data.float()
+    named = r"parameter \w+: torch.float(32|64).*convert the module as a whole"  # it, or the first against it
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(TypeError, match=named):
+                m(x)
+            with pytest.raises(TypeError, match=named):
+                m.step(x[0])
+
+
+def test_setting_backend_after_calls_takes_effect():
+    """``layer.backend = "reference"`` after calls on the fused kernel: the next calls run the
+    reference (twice differentiable, which the fused kernel refuses), not a kept fused step; a
+    name no kernel has is refused where it is set."""
+    torch.manual_seed(0)
+    for m in (lstmkit.LSTM(I, H, dtype=torch.float64), lstmkit.LSTMCell(I, H, dtype=torch.float64)):
+        x = torch.randn(4, 3, I, dtype=torch.float64, requires_grad=True)
+        inp = x if isinstance(m, lstmkit.LSTM) else x[0]
+        _warm(m, x.detach())
+        with pytest.raises(RuntimeError, match="not differentiable"):
+            g, = torch.autograd.grad(m(inp)[0].sum(), x, create_graph=True)
+            g.sum().backward()
+        m.backend = "reference"
+        g, = torch.autograd.grad(m(inp)[0].square().sum(), x, create_graph=True)
+        g.sum().backward()  # second order through the reference loop
+        with pytest.raises(ValueError, match="backend"):
+            m.backend = "no-such-kernel"
