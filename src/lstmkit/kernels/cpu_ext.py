@@ -201,6 +201,17 @@ def bf16_unit() -> str:
     return "amx" if load().bf16_gemm() else "float32"
 
 
+def full_omp_teams() -> bool:
+    """Whether OpenMP gives a parallel region every thread torch asks for — not under
+    ``OMP_DYNAMIC`` nor an ``OMP_THREAD_LIMIT`` below torch's thread count, where torch's oneDNN
+    computes wrong results (its linear layer, 0.99 relative off, and nn.LSTM's training gradients,
+    measured): lstmkit then calls none of oneDNN's. True where the extension cannot be built
+    (the torch row, which is oneDNN's, is then what there is) and while torch compiles."""
+    if torch.compiler.is_compiling():
+        return True
+    return bool(load().full_omp_teams()) if available() else True
+
+
 def first_nonfinite(tensors: list[Tensor]) -> int | None:
     """The index of the first of these floating CPU tensors that holds a NaN or inf (-1: none),
     in one call of the compiled kernel; None while the extension is not loaded (nothing is

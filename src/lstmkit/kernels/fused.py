@@ -41,9 +41,11 @@ def _onednn_linear(x2d: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 def _use_onednn(rows: int, w: Tensor) -> bool:
     # Measured here (2 threads): oneDNN 209-223 GFLOP/s vs MKL sgemm 155-169 from
-    # I·R >= 256·1024 up; equal at 128·512, slower below. float32 only.
+    # I·R >= 256·1024 up; equal at 128·512, slower below. float32 only. Not where OpenMP may
+    # give a region fewer threads than torch's count (cpu_ext.full_omp_teams): oneDNN's products
+    # are wrong there, MKL's and the kernel's are not.
     return (_ONEDNN and w.dtype == torch.float32 and rows >= 256
-            and w.shape[0] * w.shape[1] >= 256 * 1024)
+            and w.shape[0] * w.shape[1] >= 256 * 1024 and cpu_ext.full_omp_teams())
 
 
 class _Linear(torch.autograd.Function):
@@ -107,7 +109,7 @@ def input_linear(x2d: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         b32 = None if b is None else b.float()
         with torch.autocast("cpu", enabled=False):
             return torch.nn.functional.linear(x2d.float(), w.float(), b32).to(low)
-    if _use_onednn(x2d.shape[0], w) and ops.plain_eager((x2d, w)):  # transforms: F.linear, which they know
+    if ops.plain_eager((x2d, w)) and _use_onednn(x2d.shape[0], w):  # transforms: F.linear, which they know
         return _Linear.apply(x2d.contiguous(), w, b)
     return torch.nn.functional.linear(x2d, w, b)
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from lstmkit.kernels import cpu_ext
 from lstmkit.kernels.base import Kernel, KernelOut, Workload
 from lstmkit.kernels.machine import cpu_vendor
 from lstmkit.spec import CellSpec
@@ -91,6 +92,8 @@ def onednn_faster(workload: Workload) -> bool:
             and least_hidden <= workload.hidden <= most_hidden):
         return False
     if not torch._C._get_mkldnn_enabled():  # torch.backends.mkldnn.flags(enabled=False): aten's own loop
+        return False
+    if not cpu_ext.full_omp_teams():  # OMP_DYNAMIC, a lower OMP_THREAD_LIMIT: oneDNN's results are wrong
         return False
     return workload.dtype != torch.bfloat16 or _onednn_amx()
 

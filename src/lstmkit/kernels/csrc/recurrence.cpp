@@ -187,6 +187,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("bf16_gemm", &lk::bf16_gemm_available,
         "whether bfloat16 layers' per-step products run in bfloat16 on AMX tiles (else in float32)");
+  m.def("full_omp_teams", &lk::full_teams,
+        "whether OpenMP gives a region every thread torch asks for (no OMP_DYNAMIC, no lower OMP_THREAD_LIMIT)");
   m.def("abi", &lk::compiled_abi, "the variant ABI compiled in (flags, parameter and buffer order)");
   m.def("_act_test", &lk::act_test, "test hook: vectorised exp/tanh/sigmoid/log sigmoid");
   m.def("_mlp_layout_test", &lk::mlp_layout_test, "test hook: an mlp layout as the kernel decodes it");
