@@ -82,9 +82,10 @@ def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
     if workload is None:
         return _first_automatic(spec, device, dtype, record, None)
     # a plain eager call (every call of a training loop): the row found before for the same call.
-    # The rows' answers depend on the call and on the registry and oneDNN's switch, all in the key
-    # (the rows' other facts — the CPU, whether an extension built — do not change in a process)
-    key = (spec, device, dtype, record, workload, _version, torch._C._get_mkldnn_enabled())
+    # The rows' answers depend on the call, the registry, oneDNN's switch and torch's thread count
+    # (against OpenMP's thread limit: cpu_ext.full_omp_teams), all in the key (the rows' other
+    # facts — the CPU, whether an extension built — do not change in a process)
+    key = (spec, device, dtype, record, workload, _version, torch._C._get_mkldnn_enabled(), torch.get_num_threads())
     kernel = _chosen.get(key)
     if kernel is None:
         if len(_chosen) >= 1024:  # e.g. every sequence length once: start over
