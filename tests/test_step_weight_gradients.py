@@ -229,3 +229,35 @@ def test_a_stack_of_layers_stepped():
     for layer in range(2):
         w_ih, w_hh = getattr(fast, f"weight_ih_l{layer}"), getattr(fast, f"weight_hh_l{layer}")
         assert w_ih.grad.untyped_storage().data_ptr() == w_hh.grad.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("frozen", ["mlp_o_bias1", "mlp_i_weight1"])
+def test_a_frozen_deep_gate_tensor_leaves_the_others_summed(frozen):
+    """One deep-gate tensor without a gradient: the pass's pair of W_ih, W_hh is carried, the
+    deep gates' gradients are not (each node returns its own) — the kernel took the carried
+    pair's 'add' for them too and summed into fresh, uninitialised memory (0.4 off, or 1e98).
+    Steps of a cell, of a layer, and two whole runs of a layer in one graph."""
+    fast, ref = _pair("deep=4")
+    for m in (fast, ref):
+        getattr(m, frozen).requires_grad_(False)
+    xs, h, c = _inputs()
+    _loss(fast, xs, h, c).backward()
+    _loss(ref, xs, h, c).backward()
+    _assert_same(_grads_wanted(fast), _grads_wanted(ref))
+    torch.manual_seed(0)
+    layers = [lstmkit.LSTM(I, N, cell="deep=4", backend=b).double() for b in (None, "reference")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    for m in layers:
+        getattr(m, f"{frozen}_l0").requires_grad_(False)
+        m(xs), m(xs)  # the run's signature prepared
+        state = None
+        total = m(xs)[0].sum() + m(xs * 0.5)[0].square().sum()
+        for t in range(xs.shape[0]):
+            y, state = m.step(xs[t], state)
+            total = total + y.sum() * (t + 1)
+        total.backward()
+    _assert_same(_grads_wanted(layers[0]), _grads_wanted(layers[1]))
+
+
+def _grads_wanted(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad}

@@ -153,6 +153,14 @@ def test_trace_conventions():
     tp = trace(layer, pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False))
     for k in tl[1][1]:
         torch.testing.assert_close(tp[1][1][k], tl[1][1][k], equal_nan=True, **TOL)
+    # every sequence shorter than T: the trace still spans T steps, NaN past each length (it
+    # raised: the records of the packed run end at the longest sequence)
+    short = trace(layer, x, lengths=[4, 2, 3])
+    assert short[1][1]["c"].shape == (T, B, H) and short.output.shape == tl.output.shape
+    for k in short[1][1]:
+        assert short[1][1][k][4:].isnan().all()
+        torch.testing.assert_close(short[1][1][k][:4], trace(layer, x[:4], lengths=[4, 2, 3])[1][1][k],
+                                   equal_nan=True, **TOL)
     # each sequence alone equals its row of the padded batch
     alone = trace(layer, x[:2, 1:2])
     for k in alone[1][1]:

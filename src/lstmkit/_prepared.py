@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lstmkit.checks import check_backend
+from lstmkit.kernels.base import Kernel
 from lstmkit.kernels.fused import PreparedStep
 from lstmkit.spec import CellSpec
 
@@ -28,13 +29,14 @@ class PreparedModule(nn.Module):
             prepared.clear()
 
     @property
-    def backend(self) -> str | None:
-        """The kernel row forced by name (None: chosen per call); checked when set."""
+    def backend(self) -> str | Kernel | None:
+        """The kernel row forced by name (None: chosen per call), checked when set; or a
+        :class:`~lstmkit.kernels.base.Kernel` instance, which ``kernels.select`` takes as it is."""
         return self._backend
 
     @backend.setter
-    def backend(self, value: str | None) -> None:
-        self._backend = check_backend(value, self.spec)
+    def backend(self, value: str | Kernel | None) -> None:
+        self._backend = value if isinstance(value, Kernel) else check_backend(value, self.spec)
         self._forget_prepared()
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:

@@ -291,7 +291,9 @@ def trace(model: nn.Module, x: Tensor | PackedSequence, hx: Any = None,
             for key in (*TRACE_KEYS, *hidden_keys(layer.spec)):
                 if key not in rec:
                     continue
-                v = rec[key].detach()
+                v = rec[key].detach()  # (T', B, ·): a packed input's records end at its longest sequence
+                if v.shape[0] < T:
+                    v = torch.cat([v, v.new_full((T - v.shape[0], *v.shape[1:]), float("nan"))])
                 if pad is not None:
                     v = v.masked_fill(pad.to(v.device), float("nan"))
                 values[key] = v if batched else v.squeeze(1)
@@ -412,7 +414,7 @@ def _probing(layer: LSTM | RNN) -> Iterator[_ProbeKernel]:
     another thread would run on the probe meanwhile: measure on a copy in that case.)"""
     probe = _ProbeKernel()
     previous = layer.backend
-    layer.backend = probe  # type: ignore[assignment]  # kernels.select takes a Kernel instance as it is
+    layer.backend = probe  # type: ignore[assignment]  # a Kernel instance, as kernels.select takes it
     try:
         yield probe
     finally:

@@ -61,7 +61,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   // rows padded to ldr: the chunk rows of step t are also that step's GEMM input (dh = dr W_hh)
   at::Tensor dRc = cf.ln ? at::zeros({Tc * B, ldr}, opt) : at::Tensor();
   at::Tensor dWhh = dwhh_out;  // layernorm: accumulate_dwhh's sum (the first chunk's product writes it: no zero fill)
-  bool dwhh_written = add;  // add: the sum goes on from dwhh_out's values
+  bool dwhh_written = add && dwhh_out.defined();  // add: the sum goes on from dwhh_out's values
   at::Tensor dcs = lstm ? dcn.clone() : at::Tensor();
   at::Tensor dV;
   // deep gates: dV's rows padded (ldV), so that one layer's columns, which each chunk's reductions
@@ -155,7 +155,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   // (BLAS runs on one thread there; no fork and join of its own per product, no K split) — no
   // per-gate views, copies or zero fill, which at one step per call cost more than the products.
   at::Tensor dmlp = mlp.any() ? (dmlp_out.defined() ? dmlp_out : at::empty({mlp.wtot}, opt)) : at::Tensor();
-  bool dmlp_written = add;
+  bool dmlp_written = add && dmlp_out.defined();  // (add without dmlp_out: a fresh sum all the same)
   const bool dmlp_in_region = mlp.any() && blas_available<T>();
   const std::vector<T> ones(mlp.bias && dmlp_in_region ? Tc * B : 0, T(1));  // db_j = dv_jᵀ 1
   auto dmlp_columns = [&](int64_t t0, int64_t t1, bool more, int tid, int nth) {  // BLAS, this thread's share
