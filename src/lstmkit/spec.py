@@ -500,9 +500,10 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
             words.add(word)
             for name, value in changes.items():
                 if name in set_by:
-                    same = "is given twice" if set_by[name].partition("=")[0] == word.partition("=")[0] \
-                        else f"and {set_by[name]!r} both set {name}"
-                    raise ValueError(f"cell: {word!r} {same} in {cell!r}; give each option once")
+                    option, before = word.partition("=")[0], set_by[name]
+                    same = f"{option!r} is given twice ({before!r} and {word!r})" \
+                        if before.partition("=")[0] == option else f"{word!r} and {before!r} both set {name}"
+                    raise ValueError(f"cell: {same} in {cell!r}; give each option once")
                 set_by[name] = word
                 fields[name] = value
 
