@@ -42,6 +42,8 @@ Variant keys (all optional except ``hidden_size``)::
     cell_clip             float or None
     zoneout               (z_c, z_h), default (0, 0); the masks are given to forward()
     gate_hidden           {gate letter: tuple of MLP hidden widths}, e.g. {"f": (8,), "g": (5, 3)}
+    gate_hidden_activation  φ between a deep gate's layers: "tanh" (default) | "relu" | "sigmoid"
+                          | "identity"
     slstm                 True = the sLSTM (Beck et al. 2024): exponential input gate, forget gate
                           exp(log σ(f̃) + m_prev − m), normaliser n, stabiliser m, h = o c / n; its
                           "c" state is c, n, m side by side (B, 3H) wherever c appears below
@@ -74,6 +76,7 @@ _LSTM_KEYS = {
     "kind", "hidden_size", "proj_size", "bias", "input_gate", "forget_gate", "output_gate",
     "coupled", "peephole", "fgr", "layernorm", "candidate_activation", "output_activation",
     "cell_clip", "gate_hidden", "gate_activation", "zoneout", "heads", "slstm", "forget_activation", "n_clamp",
+    "gate_hidden_activation",
 }
 _RNN_KEYS = {"kind", "hidden_size", "bias", "nonlinearity", "heads"}
 
@@ -95,6 +98,7 @@ class _Cfg:
     S: tuple[str, ...]  # sigmoid gates  C ∩ (i, f, o), in that order
     f_mode: str  # "sigmoid" | "one" (nfg) | "cifg" (f = 1 - i)
     hidden: dict  # gate -> tuple of MLP hidden widths (only deep gates)
+    phi: str  # between a deep gate's layers: "tanh" | "relu" | "sigmoid" | "identity"
     width: dict  # gate -> first-layer width n_k
     slices: dict  # gate -> slice of its n_k rows inside the R rows
     R: int  # sum of n_k
@@ -137,7 +141,7 @@ def _config(variant: Variant) -> _Cfg:
         if nl not in ("tanh", "relu"):
             raise ValueError(f"unknown nonlinearity {nl!r}")
         heads = _heads(v, H, H, [H])
-        return _Cfg(kind, H, 0, H, bias, nl, (), (), "one", {}, {}, {"g": slice(0, H)}, H,
+        return _Cfg(kind, H, 0, H, bias, nl, (), (), "one", {}, "tanh", {}, {"g": slice(0, H)}, H,
                     False, False, False, "tanh", "tanh", None, None, (0.0, 0.0), heads)
 
     P = int(v.get("proj_size", 0) or 0)
@@ -187,7 +191,7 @@ def _config(variant: Variant) -> _Cfg:
             raise ValueError("cell_clip must be positive")
     return _Cfg(
         kind="lstm", H=H, P=P, H_out=P if P > 0 else H, bias=bias, nonlinearity="tanh",
-        C=C, S=S, f_mode=f_mode, hidden=hidden, width=width, slices=slices, R=start,
+        C=C, S=S, f_mode=f_mode, hidden=hidden, phi=_hidden_activation(v), width=width, slices=slices, R=start,
         peephole=bool(v.get("peephole", False)), fgr=bool(v.get("fgr", False)),
         layernorm=bool(v.get("layernorm", False)),
         cand=cand, out=out, clip=clip, gate_slope=slopes[gate_act], zoneout=(zc, zh),
@@ -195,6 +199,15 @@ def _config(variant: Variant) -> _Cfg:
         slstm=_slstm(v, P, C, hidden), fexp=v.get("forget_activation", "sigmoid") == "exp",
         nclamp=bool(v.get("n_clamp", False)),
     )
+
+
+def _hidden_activation(v: Variant) -> str:
+    phi = v.get("gate_hidden_activation", "tanh")
+    if phi not in ("tanh", "relu", "sigmoid", "identity"):
+        raise ValueError("gate_hidden_activation must be 'tanh', 'relu', 'sigmoid' or 'identity'")
+    if phi != "tanh" and not v.get("gate_hidden"):
+        raise ValueError("gate_hidden_activation needs deep gates (gate_hidden)")
+    return phi
 
 
 def _slstm(v: Variant, P: int, C: tuple[str, ...], hidden: dict) -> bool:
@@ -421,12 +434,22 @@ def _ln_chunks_backward(dout: np.ndarray, caches, cfg: _Cfg):
     return dv, dgamma
 
 
+def _phi(name: str, v: np.ndarray) -> np.ndarray:
+    """A deep gate's activation between its layers."""
+    return _sigmoid(v) if name == "sigmoid" else _act(name, v)
+
+
+def _phi_backward(name: str, dout: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Gradient through :func:`_phi`, from its output (σ: out (1 − out))."""
+    return dout * out * (1.0 - out) if name == "sigmoid" else _act_backward(name, dout, out)
+
+
 def _mlp_forward(z_k: np.ndarray, p: Params, k: str, cfg: _Cfg):
-    """Deep gate: u_k = W_m φ(… W_2 φ(W_1 φ(z_k) + b_1) …) + b_m, φ = tanh.
+    """Deep gate: u_k = W_m φ(… W_2 φ(W_1 φ(z_k) + b_1) …) + b_m, φ = cfg.phi (tanh by default).
     z_k (B, n_1) -> u_k (B, H)."""
     v, acts = z_k, []
     for j in range(1, len(cfg.hidden[k]) + 1):
-        a = np.tanh(v)  # (B, n_j)
+        a = _phi(cfg.phi, v)  # (B, n_j)
         acts.append(a)
         v = a @ p[f"mlp_{k}_weight{j}"].T  # (B, n_{j+1})
         if cfg.bias:
@@ -441,7 +464,7 @@ def _mlp_backward(du: np.ndarray, acts, p: Params, k: str, cfg: _Cfg, grads: Par
         grads[f"mlp_{k}_weight{j}"] += dv.T @ a
         if cfg.bias:
             grads[f"mlp_{k}_bias{j}"] += dv.sum(axis=0)
-        dv = (dv @ p[f"mlp_{k}_weight{j}"]) * (1.0 - a**2)  # (B, n_j)
+        dv = _phi_backward(cfg.phi, dv @ p[f"mlp_{k}_weight{j}"], a)  # (B, n_j)
     return dv  # dz_k (B, n_1)
 
 

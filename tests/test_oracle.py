@@ -39,8 +39,8 @@ def oracle_variant(layer) -> dict:
     if s.kind == "rnn":
         v["nonlinearity"] = s.nonlinearity
         return v
-    assert s.gate_hidden_activation == "tanh"
-    v.update(proj_size=layer.proj_size, input_gate=s.input_gate, forget_gate=s.forget_gate,
+    v.update(gate_hidden_activation=s.gate_hidden_activation,
+             proj_size=layer.proj_size, input_gate=s.input_gate, forget_gate=s.forget_gate,
              output_gate=s.output_gate, coupled=s.coupled, peephole=s.peephole, fgr=s.fgr,
              layernorm=s.layernorm, candidate_activation=s.candidate_activation,
              output_activation=s.output_activation, cell_clip=s.cell_clip,

@@ -35,9 +35,8 @@ MAX_GATE_WIDTH = 2**20
 #: equation, so two specs that differ only in them compute the same function of the same parameters.
 INIT_FIELDS: tuple[str, ...] = variants.init_fields()
 
-#: Activations between a deep gate's layers (no table word: ``CellSpec(gate_hidden_activation=…)``).
-_HIDDEN_ACTIVATIONS = ("tanh", "relu", "sigmoid", "identity")
-_CHOICE_FIELDS = ("nonlinearity", "candidate_activation", "output_activation", "gate_activation", "forget_activation")
+_CHOICE_FIELDS = ("nonlinearity", "candidate_activation", "output_activation", "gate_activation", "forget_activation",
+                  "gate_hidden_activation")
 _CHOICES: dict[str, tuple[str, ...]] = {}
 
 
@@ -193,7 +192,9 @@ class CellSpec:
             raise ValueError(f"CellSpec.kind: expected 'lstm' or 'rnn', got {self.kind!r}")
         for name in _CHOICE_FIELDS:
             _check_choice(name, getattr(self, name), _CHOICES[name] if _CHOICES else spec_choices(name))
-        _check_choice("gate_hidden_activation", self.gate_hidden_activation, _HIDDEN_ACTIVATIONS)
+        if not self.gate_hidden and self.gate_hidden_activation != CellSpec.gate_hidden_activation:
+            raise ValueError(f"CellSpec: deep_act={self.gate_hidden_activation} is the activation between a deep "
+                             f"gate's layers, and this cell has no deep gate; add deep=<w> (or gate_hidden=...)")
         if every_gate and self.kind == "lstm":  # widths for every gate: the gates this variant computes
             object.__setattr__(self, "gate_hidden", tuple(
                 (g, w) for g, w in self.gate_hidden if g in variants.computed_gates(self)))
