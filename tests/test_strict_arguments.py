@@ -234,3 +234,10 @@ def test_cli_refuses_repeated_cell_words_and_jobs_0_in_one_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and re.search(message, proc.stderr), proc.stderr
         assert not any(tmp_path.iterdir()), "nothing is created before the arguments are checked"
+
+
+def test_a_deep_width_below_one_is_named_as_typed():
+    """``deep=0`` was refused as "gate_hidden['i']: …", naming a gate the user never typed."""
+    for cell in ("deep=0", "deep=3x0", "deep=-2"):
+        with pytest.raises(ValueError, match=rf"cannot read '{cell}': .*width is at least 1"):
+            lstmkit.resolve(cell)

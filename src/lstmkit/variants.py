@@ -165,9 +165,12 @@ def _parse_int(text: str) -> int:
 
 def _parse_widths(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.split("x"))
+        widths = tuple(int(v) for v in text.split("x"))
     except ValueError:
         raise ValueError(f"{text!r} is not a whole number (or widths joined by 'x', e.g. deep=16x8)") from None
+    if min(widths) < 1:
+        raise ValueError(f"{text!r}: a hidden layer's width is at least 1 (without deep gates, leave deep out)")
+    return widths
 
 
 def _parse_zoneout(text: str) -> tuple[float, float]:
