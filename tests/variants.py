@@ -33,9 +33,9 @@ LSTM_VARIANTS: dict[str, object] = {
     "zoneout": "zoneout=0.3/0.2",
     "zoneout+peephole+layernorm": "zoneout=0.25+peephole+layernorm",
     "hard_sigmoid+cifg+out_relu+clip": "gate_act=hard_sigmoid+cifg+out_act=relu+clip=0.5",
-    "deep_relu": "deep=3+deep_act=relu",
+    "deep_relu": "deep=4+deep_act=relu",
     "deep_f_sigmoid": CellSpec(gate_hidden={"f": (4, 2)}, gate_hidden_activation="sigmoid"),
-    "deep_identity+peephole": "deep=3+deep_act=identity+peephole",
+    "deep_identity+peephole": "deep=4+deep_act=identity+peephole",
 }
 
 RNN_VARIANTS: dict[str, str] = {"rnn_tanh": "tanh", "rnn_relu": "relu"}
