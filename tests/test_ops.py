@@ -290,6 +290,29 @@ def test_func_grad_and_vmap(variant):
         torch.testing.assert_close(per[name][1], one[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
+def test_vmap_over_lengths():
+    """``vmap`` over sets of ``lengths=`` for one batch (and over inputs with them, and the
+    gradient of each member): as the calls one by one; a length out of range in any member is
+    refused by name. The length checks branched on a batched value ("data-dependent control flow")."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, num_layers=2, cell="peephole").double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    lens = torch.tensor([[5, 3], [2, 5], [1, 4], [5, 5]])
+    got = torch.func.vmap(lambda n: layer(x, lengths=n)[0])(lens)
+    torch.testing.assert_close(got, torch.stack([layer(x, lengths=n)[0] for n in lens]), rtol=1e-12, atol=1e-12)
+    xs = torch.randn(4, 5, 2, 3, dtype=torch.float64)
+    got = torch.func.vmap(lambda x, n: layer(x, lengths=n)[0])(xs, lens)
+    torch.testing.assert_close(got, torch.stack([layer(a, lengths=n)[0] for a, n in zip(xs, lens)]),
+                               rtol=1e-12, atol=1e-12)
+    grads = torch.func.vmap(torch.func.grad(lambda x, n: layer(x, lengths=n)[0].square().sum()))(xs, lens)
+    for a, n, g in zip(xs, lens, grads):
+        a = a.clone().requires_grad_()
+        layer(a, lengths=n)[0].square().sum().backward()
+        torch.testing.assert_close(g, a.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"lengths: each must be in \[1, L = 5\], got min 0, max 6"):
+        torch.func.vmap(lambda n: layer(x, lengths=n)[0])(torch.tensor([[5, 3], [0, 6]]))
+
+
 @pytest.mark.parametrize("variant", list(FUSED))
 def test_func_jacrev(variant):
     """``torch.func.jacrev`` (vmap over a vjp) equals the reference row's Jacobian; it raised

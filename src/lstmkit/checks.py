@@ -237,9 +237,23 @@ def check_lengths(lengths: Any, input: Any, batch_first: bool) -> Tensor:
         raise ValueError(f"lengths: expected one length per sequence ({N}), got {lens.numel()}")
     if torch.compiler.is_compiling():  # values are data: a check in the graph (compile, export), not a branch
         torch._assert_async(((lens >= 1) & (lens <= T)).all(), f"lengths: each must be in [1, L = {T}]")
-    elif N and not (bool((lens >= 1).all()) and bool((lens <= T).all())):
-        raise ValueError(f"lengths: each must be in [1, L = {T}], got min {int(lens.min())}, max {int(lens.max())}")
+        return lens
+    values = plain_values(lens)  # under vmap over lengths: every member's, checked at once
+    if N and not (bool((values >= 1).all()) and bool((values <= T).all())):
+        raise ValueError(f"lengths: each must be in [1, L = {T}], got min {int(values.min())}, "
+                         f"max {int(values.max())}")
     return lens
+
+
+def plain_values(t: Tensor) -> Tensor:
+    """``t``'s values as a plain tensor: under functorch transforms (``vmap`` batching it, ``grad``)
+    the tensor they wrap, level by level (a batched tensor's members all at once), so that a check
+    on the values is not data-dependent control flow inside the transform."""
+    from torch._C import _functorch
+
+    while _functorch.is_functorch_wrapped_tensor(t) or _functorch.is_batchedtensor(t):
+        t = _functorch.get_unwrapped(t)
+    return t
 
 
 def check_dense(t: Tensor, what: str) -> None:

@@ -34,6 +34,7 @@ from lstmkit.checks import (
     check_packed_sequence,
     check_parameters,
     input_dtype_ok,
+    plain_values,
 )
 from lstmkit.gates import gate_views
 from lstmkit.kernels.fused import FusedCPUKernel, PreparedStep, in_loop_projection
@@ -340,8 +341,8 @@ class _Recurrent(PreparedModule):
                     names = " or ".join(f"{k}_0" for k in self._state_names)
                     checks.append((c0, f"hx: {names} contains NaN or inf"))
             check_finite_all(checks)
-        if lengths is not None and not torch.compiler.is_compiling() and bool((lengths == T).all()):
-            lengths = None  # every sequence whole (eager: a branch on the values)
+        if lengths is not None and not torch.compiler.is_compiling() and bool((plain_values(lengths) == T).all()):
+            lengths = None  # every sequence whole (eager: a branch on the values; under vmap: of every member)
         out = run_stack(x, lengths, h0, c0, self._all_params(), self.spec, self.hidden_size,
                         dropout=self.dropout, training=self.training, backend=self.backend,
                         record=record)
