@@ -257,7 +257,7 @@ class _Recurrent(PreparedModule):
 
     def _all_params(self) -> list[list[dict[str, Tensor]]]:
         """``[layer][direction]`` -> the parameters by name without suffix, as a call reads them
-        (:func:`_parameters_now`)."""
+        (:func:`lstmkit._prepared.parameters_now`)."""
         p = parameters_now(self, self._param_shapes)
         return [[{base: p[full] for base, full in names.items()} for names in layer] for layer in self._param_names]
 

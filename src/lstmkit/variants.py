@@ -224,6 +224,10 @@ _GREFF = "Greff et al. 2017, LSTM: A Search Space Odyssey"
 # ---------------------------------------------------------------------------- the table
 
 #: The variant table, in the order :attr:`CellSpec.name` writes words and the docs list them.
+#: The deep gates' rows: where they come from, and why the ONNX operator cannot carry them.
+_DEEPER = "the gates as fully connected layers, made deeper"
+_NOT_MLP = "the LSTM operator's gates are single linear layers, not MLPs"
+
 ROWS: tuple[Row, ...] = (
     Row("vanilla", {}, "the equations of `docs/cell.md`, as `torch.nn.LSTM`",
         "Hochreiter & Schmidhuber 1997; Gers, Schmidhuber & Cummins 2000", flag=False),
@@ -257,19 +261,14 @@ ROWS: tuple[Row, ...] = (
         "the gates i, f, o use `clamp(u / 6 + 0.5, 0, 1)` instead of σ",
         "`torch.nn.Hardsigmoid`; Keras 3's `hard_sigmoid`"),
     Row("deep", {"gate_hidden": VALUE}, "every computed gate an MLP over `[x, h]` with these hidden widths "
-        "(`CellSpec(gate_hidden={\"f\": (32,)})` for one gate)", "the gates as fully connected layers, made deeper",
-        placeholder="<w>[x<w>…]", parse=_parse_widths, params=_deep, flag=False, example="3",
-        onnx="the LSTM operator's gates are single linear layers, not MLPs"),
-    Row("deep_act=relu", {"gate_hidden_activation": "relu"}, "ReLU instead of tanh between a deep gate's layers",
-        "the gates as fully connected layers, made deeper", flag=False, example="deep=3+deep_act=relu",
-        onnx="the LSTM operator's gates are single linear layers, not MLPs"),
-    Row("deep_act=sigmoid", {"gate_hidden_activation": "sigmoid"}, "σ instead of tanh between a deep gate's layers",
-        "the gates as fully connected layers, made deeper", flag=False, example="deep=3+deep_act=sigmoid",
-        onnx="the LSTM operator's gates are single linear layers, not MLPs"),
-    Row("deep_act=identity", {"gate_hidden_activation": "identity"},
-        "no activation between a deep gate's layers (a product of linear maps: a low-rank gate)",
-        "the gates as fully connected layers, made deeper", flag=False, example="deep=3+deep_act=identity",
-        onnx="the LSTM operator's gates are single linear layers, not MLPs"),
+        "(`CellSpec(gate_hidden={\"f\": (32,)})` for one gate)", _DEEPER,
+        placeholder="<w>[x<w>…]", parse=_parse_widths, params=_deep, flag=False, example="3", onnx=_NOT_MLP),
+    *(Row(f"deep_act={act}", {"gate_hidden_activation": act}, doc, _DEEPER, flag=False,
+          example=f"deep=3+deep_act={act}", onnx=_NOT_MLP)
+      for act, doc in (("relu", "ReLU instead of tanh between a deep gate's layers"),
+                       ("sigmoid", "σ instead of tanh between a deep gate's layers"),
+                       ("identity", "no activation between a deep gate's layers (a product of linear maps: "
+                                    "a low-rank gate)"))),
     Row("clip", {"cell_clip": VALUE}, "`c_t` clipped to ±c", "TF's `cell_clip`; ONNX's clip bounds the gates",
         aliases=("cell_clip",), placeholder="<c>", parse=_parse_float, example="0.5",
         onnx="the LSTM operator's clip bounds the gate pre-activations, lstmkit's cell_clip bounds c_t: "
