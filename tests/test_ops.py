@@ -744,5 +744,8 @@ def test_flat_weights_and_repr_as_torch():
         assert repr(lstmkit.LSTM(*args, **kw)) == repr(torch.nn.LSTM(*args, **kw))
     assert repr(torch.nn.RNN(4, 6)) == repr(lstmkit.RNN(4, 6))
     assert repr(lstmkit.LSTM(4, 6, cell="peephole")) == "LSTM(4, 6, cell='peephole')"
+    for kw in ({}, {"bias": False}):  # the cell too (it printed LSTMCell())
+        assert repr(lstmkit.LSTMCell(4, 6, **kw)) == repr(torch.nn.LSTMCell(4, 6, **kw))
+    assert repr(lstmkit.LSTMCell(4, 6, cell="deep=2+deep_act=relu")) == "LSTMCell(4, 6, cell='deep=2+deep_act=relu')"
     assert repr(lstmkit.LSTM(4, 6, cell="vanilla+fb=1")) == "LSTM(4, 6, cell='fb=1')"
     assert resolve("vanilla") == lstmkit.LSTM(4, 6).spec

@@ -670,6 +670,13 @@ class LSTMCell(PreparedModule):
         self.check_finite = check_finite
         self._prepared = PreparedStep(spec, hidden_size)  # the step of a signature seen before
 
+    def extra_repr(self) -> str:
+        """As ``torch.nn.LSTMCell``'s, plus the variant and a forced kernel where set."""
+        s = f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
+        if self.spec != CellSpec():
+            s += f", cell={self.spec.name!r}"
+        return s + (f", backend={self.backend!r}" if self.backend else "")
+
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")

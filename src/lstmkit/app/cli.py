@@ -10,6 +10,7 @@
     lstmkit report RUN_DIR                one self-contained HTML report of a run
     lstmkit study --task T ...            the variant study (Greff et al. style)
     lstmkit build                         compile the fused CPU kernel ahead of time
+    lstmkit doctor                        every kernel on every variant, checked and timed here
 
 Errors (unknown task, option or variant, impossible sizes, an unwritable output or a full
 disk, a corrupt or incompatible checkpoint, a run directory another run is using, a
@@ -93,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     demo.add_argument("--seeds", type=int, default=d["seeds"], help="trials per model and task")
     demo.add_argument("--jobs", type=int, default=d["jobs"], help="trials run in parallel (one thread each)")
-    demo.add_argument("--out", type=path_arg, default=None, help="directory of the runs (default: runs/demo-DATE-TIME)")
+    demo.add_argument("--out", type=path_arg, default=None, help="directory of the runs (None: runs/demo-DATE-TIME)")
 
     ta = sub.add_parser("tasks", help="list the built-in tasks and their options",
                         description="list the built-in tasks and their options")
@@ -110,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its checkpoint (or start it, if it has none yet)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config_options(tr.add_argument_group("model and training (TrainConfig; default: the field's default)"))
+    add_config_options(tr.add_argument_group(
+        "model and training", "a setting not given is the task's recipe (lstmkit tasks TASK shows it: most\n"
+        "tasks set the cell, hidden size, learning rate and steps), else the default shown"))
     tr.hint = _task_option_hint  # type: ignore[attr-defined]
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its task")

@@ -118,7 +118,7 @@ class TrainConfig:
     model: str = _f("lstm", "recurrent layer: an lstmkit LSTM or the plain tanh RNN", str, choices=("lstm", "rnn"))
     cell: str = _f("vanilla", "LSTM variant: a preset or names joined with '+', e.g. peephole, cifg+layernorm, "
                    "deep=16, and initial biases: fb=5 (forget gate), ib=-2, ob=-1, chrono=T (ignored for --model "
-                   "rnn; default: the task's recipe, else vanilla)", str)
+                   "rnn)", str)
     hidden_size: int = _f(64, "cells per layer and direction (H)", int, lo=1, hi=65536,
                           flags=("--hidden", "--hidden-size"))
     num_layers: int = _f(1, "stacked recurrent layers", int, lo=1, hi=1024, flags=("--layers", "--num-layers"))

@@ -40,7 +40,7 @@ def to_torch(layer: LSTM | RNN) -> nn.LSTM | nn.RNN:
 
     Raises:
         ValueError: the variant has no ``torch.nn`` equivalent (only vanilla LSTMs — with
-            any initial forget bias — and plain RNNs do).
+            any initial forget bias, with or without a projection — and plain RNNs do).
     """
     flags = dict(num_layers=layer.num_layers, bias=layer.bias, batch_first=layer.batch_first,
                  dropout=layer.dropout, bidirectional=layer.bidirectional,
