@@ -241,3 +241,17 @@ def test_a_deep_width_below_one_is_named_as_typed():
     for cell in ("deep=0", "deep=3x0", "deep=-2"):
         with pytest.raises(ValueError, match=rf"cannot read '{cell}': .*width is at least 1"):
             lstmkit.resolve(cell)
+
+
+def test_a_choice_at_its_default_may_be_stated():
+    """``gate_act=sigmoid`` (and the other choices at their defaults) change nothing; they were
+    unknown words, and "did you mean" offered another activation."""
+    assert lstmkit.resolve("gate_act=sigmoid+cand_act=tanh+out_act=tanh+deep=2+deep_act=tanh") == \
+        lstmkit.resolve("deep=2")
+    assert lstmkit.resolve("slstm+forget_act=sigmoid") == lstmkit.resolve("slstm")
+    with pytest.raises(ValueError, match="did you mean 'gate_act=sigmoid'"):
+        lstmkit.resolve("gate_act=sigmod")
+    with pytest.raises(ValueError, match=r"'gate_act' is given twice \('gate_act=sigmoid' and 'gate_act=hard_sigmoid'\)"):
+        lstmkit.resolve("gate_act=sigmoid+gate_act=hard_sigmoid")
+    with pytest.raises(ValueError, match="'cand_act=tanh' and 'niaf' both set candidate_activation"):
+        lstmkit.resolve("niaf+cand_act=tanh")

@@ -515,6 +515,9 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
                 continue
             key, eq, text = word.partition("=")
             row = variants.row(key) if eq else exact
+            if word in _default_choices():  # a choice stated at its default (gate_act=sigmoid): nothing changes
+                put(word, _default_choices()[word])
+                continue
             if row is not None and row.takes_value and eq:
                 assert row.parse is not None
                 try:
@@ -523,7 +526,7 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
                     raise ValueError(f"cell: cannot read {word!r}: {exc}") from None
                 put(word, {k: value if v is variants.VALUE else v for k, v in row.sets.items()})
             else:
-                known = [n for n in preset_names() if "<" not in n]
+                known = [n for n in preset_names() if "<" not in n] + list(_default_choices())
                 hint = f" (it takes a value: {key}=...)" if row is not None and row.takes_value else \
                     did_you_mean(word, known)
                 raise ValueError(
@@ -534,6 +537,19 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
     else:
         raise TypeError(f"cell: expected a preset name, a mapping or a CellSpec, got {type(cell).__name__}")
     return spec.replace(**overrides) if overrides else spec
+
+
+def _default_choices() -> dict[str, dict[str, str]]:
+    """The choice words of the table (``gate_act=…``, ``cand_act=…``, ``out_act=…``,
+    ``forget_act=…``, ``deep_act=…``) at their field's default value, which no row spells out
+    (``gate_act=sigmoid``): word -> ``{field: default}``."""
+    words: dict[str, dict[str, str]] = {}
+    for row in variants.ROWS:
+        if "=" in row.word and len(row.sets) == 1 and not row.takes_value:
+            (name,) = row.sets
+            default = CellSpec.__dataclass_fields__[name].default
+            words[f"{row.word.partition('=')[0]}={default}"] = {name: default}
+    return words
 
 
 # ---------------------------------------------------------------------------- the parameter schema
