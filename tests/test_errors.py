@@ -379,6 +379,31 @@ def test_an_empty_batch_gives_empty_results(cell, backend):
         assert single.step(torch.randn(0, 4))[0].shape == (0, 6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cell", ["vanilla", "slstm", "deep=2"])
+def test_an_empty_batch_of_a_16_bit_layer(cell, dtype):
+    """B = 0 in a 16-bit layer: empty results in its dtype (the kernel left the empty states
+    unwidened and failed an internal assert, or read 16-bit memory as float32), with gradients and
+    without, a step, a cell, a frozen copy; under autocast the output is autocast's dtype (it came
+    back float32)."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(4, 6, cell=cell, num_layers=2).to(dtype)
+    cell_mod = lstmkit.LSTMCell(4, 6, cell=cell).to(dtype)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            for _ in range(2):  # and a kept signature
+                y, state = layer(torch.randn(5, 0, 4, dtype=dtype, requires_grad=grad))
+                assert y.shape == (5, 0, 6) and y.dtype == dtype and all(s.dtype == dtype for s in state)
+                assert layer.step(torch.randn(0, 4, dtype=dtype))[0].dtype == dtype
+                assert all(s.shape == (0, 6) and s.dtype == dtype for s in cell_mod(torch.randn(0, 4, dtype=dtype)))
+            if grad:
+                (y.sum() + sum(s.sum() for s in state)).backward()
+    with torch.no_grad():
+        assert lstmkit.freeze(layer)(torch.randn(5, 0, 4, dtype=dtype))[0].dtype == dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lstmkit.LSTM(4, 6, cell=cell)(torch.randn(5, 0, 4))[0].dtype == torch.bfloat16
+
+
 def test_tensors_of_other_layouts_are_named():
     """Sparse, mkldnn and nested inputs (and states) are named before any work — also where a
     dense call of the same shape was kept (its signature includes the layout)."""

@@ -35,11 +35,14 @@ inline std::vector<int64_t> lengths_vec(const at::Tensor& lengths, int64_t B, in
 inline at::ScalarType compute_type(at::ScalarType t) {
   return (t == at::kBFloat16 || t == at::kHalf) ? at::kFloat : t;
 }
+// An absent parameter's placeholder, an empty 1-D tensor, is left as it is; a state, input or
+// output without rows (B = 0: (0, H), (T, 0, I)) is converted as any other.
+inline bool placeholder(const at::Tensor& t) { return t.numel() == 0 && t.dim() <= 1; }
 inline at::Tensor to_compute(const at::Tensor& t, at::ScalarType ct) {
-  return (t.defined() && t.numel() > 0 && t.is_floating_point() && t.scalar_type() != ct) ? t.to(ct) : t;
+  return (t.defined() && !placeholder(t) && t.is_floating_point() && t.scalar_type() != ct) ? t.to(ct) : t;
 }
 inline at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dt) {
-  return (t.defined() && t.numel() > 0 && t.scalar_type() != dt) ? t.to(dt) : t;
+  return (t.defined() && !placeholder(t) && t.scalar_type() != dt) ? t.to(dt) : t;
 }
 inline std::vector<at::Tensor> to_compute(const std::vector<at::Tensor>& ts, at::ScalarType ct) {
   std::vector<at::Tensor> out;
