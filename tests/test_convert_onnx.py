@@ -1154,3 +1154,25 @@ def test_half_precision_layers_export_through_float32(dtype, method):
     back = from_onnx(proto)
     for k, v in wide.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("cell", ["peephole+fb=1", "chrono=20", "gate_act=hard_sigmoid+ib=-1+ob=0.5"])
+def test_the_operator_path_keeps_what_its_metadata_records(cell, tmp_path):
+    """A layer written as ONNX LSTM nodes reads back with the initial biases and the dropout that
+    to_onnx records in the metadata (the nodes cannot say them; they were lost), as the Scan path
+    and .safetensors do — and a graph whose nodes compute another cell keeps the nodes' cell."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, num_layers=2, dropout=0.25, cell=cell)
+    path = tmp_path / "m.onnx"
+    lstmkit.convert.to_onnx(layer, path, method="operator")
+    back = lstmkit.convert.from_onnx(path)
+    assert back.spec == layer.spec and repr(back) == repr(layer)
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(back.eval()(x)[0], layer.eval()(x)[0])
+    model = onnx.load(path)  # the metadata made to say another cell: the nodes decide
+    entry = next(p for p in model.metadata_props if p.key == "lstmkit.config")
+    config = json.loads(entry.value)
+    config["cell_spec"]["peephole"] = not config["cell_spec"]["peephole"]
+    entry.value = json.dumps(config)
+    onnx.save(model, path)
+    assert lstmkit.convert.from_onnx(path).spec.peephole == layer.spec.peephole

@@ -49,7 +49,7 @@ from lstmkit.convert._checks import expect_weights
 from lstmkit.convert.onnx_graph import check_stack, node_attributes
 from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates, suffix
 from lstmkit.nn import LSTM, RNN
-from lstmkit.spec import CellSpec, spec_choices
+from lstmkit.spec import INIT_FIELDS, CellSpec, resolve, spec_choices
 from lstmkit.variants import HARD_SIGMOID_SLOPES
 
 __all__ = ["from_onnx", "onnx_module", "METADATA_KEY"]
@@ -305,6 +305,7 @@ def from_onnx(model_or_path: Any, *, inputs: Mapping[str, np.ndarray] | None = N
         gate, candidate, output = first["activations"]
         cell = CellSpec(peephole=first["peephole"], coupled=first["coupled"], gate_activation=gate,
                         candidate_activation=candidate, output_activation=output)
+        cell, kw["dropout"] = _recorded_settings(cell, config, len(read))
         out: LSTM | RNN = LSTM(first["input_size"], H, cell=cell, **kw)
     else:
         out = RNN(first["input_size"], H, nonlinearity=first["nonlinearity"], **kw)
@@ -340,6 +341,22 @@ def _from_scan(graph: Any, config: dict[str, Any], where: str, base: Path | None
         for name, param in layer.state_dict().items():
             param.copy_(torch.from_numpy(arrays[name].copy()))
     return layer.eval()
+
+
+def _recorded_settings(cell: CellSpec, config: dict[str, Any] | None, layers: int) -> tuple[CellSpec, float]:
+    """What the nodes cannot say but :func:`to_onnx`'s metadata records — the initial biases
+    (``fb=``, ``ib=``, ``ob=``, ``chrono=``) and the stack's dropout — taken where that metadata's
+    cell computes what the nodes compute (else the nodes' cell, no dropout)."""
+    if config is None or config.get("kind") != "lstm" or int(config.get("num_layers", -1)) != layers:
+        return cell, 0.0
+    try:
+        recorded = resolve(config["cell_spec"])
+        dropout = float(config.get("dropout", 0.0))
+    except (KeyError, TypeError, ValueError):
+        return cell, 0.0
+    if recorded.replace(**{name: None for name in INIT_FIELDS}) != cell or not 0.0 <= dropout <= 1.0:
+        return cell, 0.0
+    return recorded, dropout
 
 
 def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[str, ...]:
