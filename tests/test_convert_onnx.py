@@ -109,7 +109,7 @@ def test_export_matches_onnxruntime_and_round_trips(case, with_lengths, initial_
             _close(f"{case}/{name}", a, b)
     back = from_onnx(proto)
     assert isinstance(back, lstmkit.LSTM) and back.batch_first == layer.batch_first
-    assert back.spec == layer.spec.without_init()  # fb=, chrono=, … are initial values, not variants
+    assert back.spec == layer.spec  # fb=, chrono=, … too: the metadata records them (not the nodes)
     assert list(back.state_dict()) == list(layer.state_dict())
     for k, v in layer.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
