@@ -49,7 +49,7 @@ from lstmkit.convert._checks import expect_weights
 from lstmkit.convert.onnx_graph import check_stack, node_attributes
 from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates, suffix
 from lstmkit.nn import LSTM, RNN
-from lstmkit.spec import INIT_FIELDS, CellSpec, resolve, spec_choices
+from lstmkit.spec import CellSpec, resolve, spec_choices
 from lstmkit.variants import HARD_SIGMOID_SLOPES
 
 __all__ = ["from_onnx", "onnx_module", "METADATA_KEY"]
@@ -347,14 +347,14 @@ def _recorded_settings(cell: CellSpec, config: dict[str, Any] | None, layers: in
     """What the nodes cannot say but :func:`to_onnx`'s metadata records — the initial biases
     (``fb=``, ``ib=``, ``ob=``, ``chrono=``) and the stack's dropout — taken where that metadata's
     cell computes what the nodes compute (else the nodes' cell, no dropout)."""
-    if config is None or config.get("kind") != "lstm" or int(config.get("num_layers", -1)) != layers:
+    if config is None or config.get("kind") != "lstm":
         return cell, 0.0
     try:
         recorded = resolve(config["cell_spec"])
-        dropout = float(config.get("dropout", 0.0))
-    except (KeyError, TypeError, ValueError):
+        dropout, same_stack = float(config.get("dropout", 0.0)), int(config["num_layers"]) == layers
+    except (KeyError, TypeError, ValueError):  # damaged metadata: the nodes alone
         return cell, 0.0
-    if recorded.replace(**{name: None for name in INIT_FIELDS}) != cell or not 0.0 <= dropout <= 1.0:
+    if not same_stack or recorded.without_init() != cell or not 0.0 <= dropout <= 1.0:
         return cell, 0.0
     return recorded, dropout
 
