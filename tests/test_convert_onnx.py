@@ -394,13 +394,19 @@ def test_from_torch_onnx_export(kw):
     proto = _torch_export(ref, x)
     layer = from_onnx(proto)
     assert layer.batch_first == ref.batch_first and layer.num_layers == ref.num_layers
-    for k, v in ref.state_dict().items():  # torch's exporter reorders gates; we reorder back
+    _same_weights_and_onnxruntime(layer, ref, proto, x, "torch_export")  # (torch reorders gates; we back)
+
+
+def _same_weights_and_onnxruntime(layer, ref, proto, x, what: str) -> None:
+    """``layer`` read from ``proto`` holds ``ref``'s weights exactly and computes onnxruntime's
+    Y, Y_h, Y_c on ``x`` (the graph's one input, named ``x``)."""
+    for k, v in ref.state_dict().items():
         assert torch.equal(layer.state_dict()[k], v), k
     y_ort = _session(proto).run(None, {"x": x.numpy()})
     with torch.no_grad():
         y, (h, c) = layer(x)
     for name, a, b in zip(("Y", "Y_h", "Y_c"), (y, h, c), y_ort):
-        _close(f"torch_export/{name}", a.numpy(), b)
+        _close(f"{what}/{name}", a.numpy(), b)
 
 
 def _hand_graph(attrs: dict, *, H=3, I=2, D=1, extra_nodes=(), x_name="X", initial_h=None, initial_c=None,
@@ -1124,13 +1130,7 @@ def test_from_torch_dynamo_export(dynamic):
         proto = torch.onnx.export(ref, (x,), dynamo=True, input_names=["x"], dynamic_shapes=shapes).model_proto
     layer = from_onnx(proto)
     assert layer.batch_first and layer.num_layers == 2
-    for k, v in ref.state_dict().items():
-        assert torch.equal(layer.state_dict()[k], v), k
-    y_ort = _session(proto).run(None, {"x": x.numpy()})
-    with torch.no_grad():
-        y, (h, c) = layer(x)
-    for name, a, b in zip(("Y", "Y_h", "Y_c"), (y, h, c), y_ort):
-        _close(f"dynamo/{name}", a.numpy(), b)
+    _same_weights_and_onnxruntime(layer, ref, proto, x, "dynamo")
 
 
 # ------------------------------------------------ to_onnx: half-precision layers

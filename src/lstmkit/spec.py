@@ -16,6 +16,7 @@ cannot also be removed).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -515,8 +516,9 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
                 continue
             key, eq, text = word.partition("=")
             row = variants.row(key) if eq else exact
-            if word in _default_choices():  # a choice stated at its default (gate_act=sigmoid): nothing changes
-                put(word, _default_choices()[word])
+            stated_default = _default_choices().get(word)
+            if stated_default is not None:  # a choice stated at its default (gate_act=sigmoid): nothing changes
+                put(word, stated_default)
                 continue
             if row is not None and row.takes_value and eq:
                 assert row.parse is not None
@@ -539,6 +541,7 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
     return spec.replace(**overrides) if overrides else spec
 
 
+@functools.cache
 def _default_choices() -> dict[str, dict[str, str]]:
     """The choice words of the table (``gate_act=…``, ``cand_act=…``, ``out_act=…``,
     ``forget_act=…``, ``deep_act=…``) at their field's default value, which no row spells out
