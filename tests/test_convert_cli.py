@@ -288,6 +288,22 @@ def test_training_run_model_safetensors(main, capsys, tmp_path):
     assert all(torch.equal(v, weights[f"rnn.{k}"]) for k, v in torch.load(tmp_path / "ck.pt").items())
 
 
+@pytest.mark.parametrize("dst, flag, says", [
+    ("m.keras", "--no-batch-first", "Keras layers are batch-first"),
+    ("m.weights.h5", "--no-batch-first", "Keras layers are batch-first"),
+    ("m.pt", "--batch-first", "records no layout"),
+    ("m.pth", "--no-batch-first", "records no layout"),
+])
+def test_a_layout_dst_cannot_record_is_refused(main, capsys, tmp_path, dst, flag, says):
+    torch.save(torch.nn.LSTM(3, 4).state_dict(), tmp_path / "nn.pt")
+    before = _snapshot(tmp_path)
+    _fails(main, capsys, [tmp_path / "nn.pt", tmp_path / dst, flag], says)
+    assert _snapshot(tmp_path) == before
+    # what the destination holds anyway is accepted
+    if dst.endswith((".keras", ".h5")):
+        assert main(["convert", str(tmp_path / "nn.pt"), str(tmp_path / dst), "--batch-first"]) == 0
+
+
 def test_existing_destination_is_refused_unless_overwrite(main, capsys, tmp_path):
     torch.save(torch.nn.LSTM(3, 4).state_dict(), tmp_path / "a.pt")
     (tmp_path / "out.onnx").write_bytes(b"keep me")

@@ -6,6 +6,7 @@ kernel and the NumPy oracle run."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +50,33 @@ def test_every_field_of_cellspec_is_set_by_a_row():
 @pytest.mark.parametrize("cell", list(LSTM_VARIANTS.values()), ids=list(LSTM_VARIANTS))
 def test_name_reads_back_as_the_same_spec(cell):
     spec = resolve(cell)
-    if "deep(" in spec.name:
-        assert spec.gate_hidden and spec._deep_word() is None  # per-gate widths: no word says them
-        return
     assert resolve(spec.name) == spec
+
+
+@pytest.mark.parametrize("gate_hidden, word", [
+    ({"f": (4,)}, "deep=f:4"),
+    ({"i": (8, 8), "forget": (4,)}, "deep=i:8x8,f:4"),
+    ({"i": (4,), "f": (4,), "g": (4,)}, "deep=i:4,f:4,g:4"),  # not every computed gate: per gate
+    ({"i": (4,), "f": (4,), "g": (4,), "o": (4,)}, "deep=4"),
+])
+def test_per_gate_deep_widths_are_a_word(gate_hidden, word):
+    spec = CellSpec(gate_hidden=gate_hidden)
+    assert spec.name == word
+    assert resolve(word) == spec
+    assert resolve(f"peephole+{word.upper()}") == spec.replace(peephole=True)
+
+
+@pytest.mark.parametrize("word, says", [
+    ("deep=f:4,f:8", "'f' is given twice"),
+    ("deep=f4,o:2", "'f4' is not <gate>:<widths>"),
+    ("deep=:4", "is not <gate>:<widths>"),
+    ("deep=z:4", "unknown gate 'z'"),
+    ("deep=f:0", "at least 1"),
+    ("cifg+deep=f:4", "gate 'f' (forget) is not computed"),
+])
+def test_per_gate_deep_word_refusals(word, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        resolve(word)
 
 
 def test_presets_words_and_flags_come_from_the_rows():

@@ -405,35 +405,15 @@ class CellSpec:
     @property
     def name(self) -> str:
         """A short, stable name: the preset it equals, or its words of the variant table
-        joined with ``+``, which :func:`resolve` reads back — except deep gates that differ per
-        gate, written ``deep(f=16x8)``."""
+        joined with ``+``, which :func:`resolve` reads back."""
         for key, spec in PRESETS.items():
             if spec == self:
                 return key
-        parts = []
-        for row in variants.active_rows(self):
-            if row.word == "deep" and self._deep_word() is None:  # per gate: no word says it
-                parts.append(f"deep({','.join(f'{g}={_widths(w)}' for g, w in self.gate_hidden)})")
-            elif row.word == "deep":
-                parts.append(f"deep={self._deep_word()}")
-            else:
-                parts.append(row.typed(self))
-        return "+".join(parts) or "vanilla"
-
-    def _deep_word(self) -> str | None:
-        """The ``deep=`` value when every computed gate is an MLP of the same widths, else None."""
-        widths = {w for _, w in self.gate_hidden}
-        if len(widths) == 1 and len(self.gate_hidden) == len(self.computed_gates):
-            return _widths(next(iter(widths)))
-        return None
+        return "+".join(row.typed(self) for row in variants.active_rows(self)) or "vanilla"
 
     def replace(self, **changes: Any) -> CellSpec:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-def _widths(widths: tuple[int, ...]) -> str:
-    return "x".join(map(str, widths))
 
 
 def spec_choices(name: str) -> tuple[str, ...]:

@@ -135,7 +135,8 @@ class Row:
         if not self.takes_value:
             return self.word
         (name,) = [k for k, v in self.sets.items() if v is VALUE]
-        return f"{self.word}={_FORMAT.get(self.word, _number)(getattr(spec, name))}"
+        value = getattr(spec, name)
+        return f"{self.word}={_FORMAT[self.word](spec, value) if self.word in _FORMAT else _number(value)}"
 
 
 def _default(spec: Any, name: str) -> Any:
@@ -181,11 +182,36 @@ def _parse_zoneout(text: str) -> tuple[float, float]:
     return (values[0], values[-1])
 
 
-def _format_zoneout(z: tuple[float, float]) -> str:
+def _parse_deep(text: str) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+    """``16x8`` (every computed gate) or ``f:16,o:8x8`` (per gate, by letter or name)."""
+    if ":" not in text:
+        return _parse_widths(text)
+    per_gate: dict[str, tuple[int, ...]] = {}
+    for part in text.split(","):
+        gate, colon, widths = (p.strip() for p in part.partition(":"))
+        if not colon or not gate:
+            raise ValueError(f"{part!r} is not <gate>:<widths>; per gate, write e.g. deep=f:16,o:8x8")
+        if gate in per_gate:
+            raise ValueError(f"gate {gate!r} is given twice; give each gate's widths once")
+        per_gate[gate] = _parse_widths(widths)
+    return per_gate
+
+
+def _format_deep(spec: Any, pairs: tuple[tuple[str, tuple[int, ...]], ...]) -> str:
+    """``deep=``'s value: one set of widths when every computed gate has it, else per gate."""
+    def widths(w: tuple[int, ...]) -> str:
+        return "x".join(map(str, w))
+    if len({w for _, w in pairs}) == 1 and len(pairs) == len(computed_gates(spec)):
+        return widths(pairs[0][1])
+    return ",".join(f"{g}:{widths(w)}" for g, w in pairs)
+
+
+def _format_zoneout(spec: Any, z: tuple[float, float]) -> str:
     return _number(z[0]) if z[0] == z[1] else f"{_number(z[0])}/{_number(z[1])}"
 
 
-_FORMAT: dict[str, Callable[[Any], str]] = {"zoneout": _format_zoneout}
+#: How a value word writes its field's value, where ``_number`` does not (given the spec and the value).
+_FORMAT: dict[str, Callable[[Any, Any], str]] = {"deep": _format_deep, "zoneout": _format_zoneout}
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -261,8 +287,8 @@ ROWS: tuple[Row, ...] = (
         "the gates i, f, o use `clamp(u / 6 + 0.5, 0, 1)` instead of σ",
         "`torch.nn.Hardsigmoid`; Keras 3's `hard_sigmoid`"),
     Row("deep", {"gate_hidden": VALUE}, "every computed gate an MLP over `[x, h]` with these hidden widths "
-        "(`CellSpec(gate_hidden={\"f\": (32,)})` for one gate)", _DEEPER,
-        placeholder="<w>[x<w>…]", parse=_parse_widths, params=_deep, flag=False, example="3", onnx=_NOT_MLP),
+        "(`deep=f:32,o:16x8`, or `CellSpec(gate_hidden={\"f\": (32,)})`, per gate)", _DEEPER,
+        placeholder="<w>[x<w>…]", parse=_parse_deep, params=_deep, flag=False, example="3", onnx=_NOT_MLP),
     *(Row(f"deep_act={act}", {"gate_hidden_activation": act}, doc, _DEEPER, flag=False,
           example=f"deep=3+deep_act={act}", onnx=_NOT_MLP)
       for act, doc in (("relu", "ReLU instead of tanh between a deep gate's layers"),

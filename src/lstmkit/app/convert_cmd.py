@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the variant of a .pt state dict (e.g. peephole, rnn_relu); files that record "
                              "their variant need none")
     parser.add_argument("--batch-first", action=argparse.BooleanOptionalAction, default=None,
-                        help="layout recorded in DST (.safetensors config, .onnx X/Y); default: SRC's")
+                        help="layout recorded in DST (.safetensors config, .onnx X/Y; Keras files are batch-first, "
+                             "a .pt records none); default: SRC's")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset for .onnx (default 17)")
     parser.add_argument("--onnx-initial-states", action="store_true",
                         help="give the .onnx graph inputs initial_h/initial_c")

@@ -494,6 +494,12 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ov
     check_optional_bool("batch_first", batch_first)
     fmt = file_format(dst, "DST")  # fail before reading anything
     file_format(src, "SRC")
+    if batch_first is not None and fmt == "torch":
+        raise ValueError(f"DST: a state dict ({Path(dst).suffix}) records no layout, so batch_first / "
+                         f"--[no-]batch-first would be lost; leave it out (the module that loads it sets its own)")
+    if batch_first is False and fmt in ("keras", "keras-weights"):
+        raise ValueError("DST: Keras layers are batch-first (batch, time, features); a Keras file cannot record "
+                         "batch_first=False / --no-batch-first")
     _atomic.check_writable(dst, overwrite=overwrite, what="DST",
                            exists_error=f"DST: {dst} exists; pass --overwrite (overwrite=True) to replace it")
     layer = read_layer(src, cell=cell, batch_first=batch_first)
