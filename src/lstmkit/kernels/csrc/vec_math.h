@@ -96,7 +96,7 @@ static inline void stv(const Vectorized<T>& v, T* p, int n) {
 // sigmoid is 1 / (1 + e^-x)), measured ~2x faster for the whole pointwise pass than the
 // out-of-line Sleef u10 calls on AVX-512 and, on AVX2 (a 2 GHz Zen), whole steps 1.09-1.14x
 // faster at B = 1-32, H = 32-64 (1.04x at H = 256); and tanh as one rational function
-// x P(x^2) / Q(x^2), clamped at |x| = 9 (max rel. err. 2.8e-7, worst near +-1): no exp, 14
+// x P(x^2) / Q(x^2), clamped at |x| = 9 (max rel. err. 2.8e-7, worst near +-1): no exp, 16
 // vector operations, written once for both instruction sets. double: Sleef (1 ulp).
 template <typename T>
 static inline Vectorized<T> vexp(const Vectorized<T>& x) { return x.exp(); }
@@ -125,7 +125,9 @@ LK_INLINE inline Vectorized<float> vtanh<float>(const Vectorized<float>& xv) {
   V p(TANH_P[0]), q(TANH_Q[0]);
   for (int i = 1; i < 7; ++i) p = at::vec::fmadd(p, x2, V(TANH_P[i]));
   for (int i = 1; i < 4; ++i) q = at::vec::fmadd(q, x2, V(TANH_Q[i]));
-  return p * x / q;
+  // near +-1 the rounding of the ratio reached 1 + 2 ulp: kept within [-1, 1] as tanh is (NaN
+  // passes, the ratio being clamp's second operand)
+  return at::vec::clamp(p * x / q, V(-1.f), V(1.f));
 }
 
 // p 2^n for exp below (n integral, within [-150, 129] after its clamp): scalef on AVX-512; on
