@@ -148,6 +148,31 @@ def test_snapshot_and_in_place_changes():
         assert_close(got, other(x, hx)[0], torch.float32, "after half() and float()")
 
 
+@pytest.mark.parametrize("write", ["W", "b", "W_x in place", "peephole in place"])
+def test_writes_through_gate_views_are_packed_again(write):
+    """The gate views (``layer.gates()``) edit the layer's parameters: a frozen copy's next call
+    computes with what they wrote (their views were of ``.data``, which bumps no version, so the
+    packed weights went stale: 0.2-0.6 off)."""
+    torch.manual_seed(5)
+    layer = lstmkit.LSTM(I, H, num_layers=2, cell="peephole").eval()
+    frozen = lstmkit.freeze(layer)
+    xs = torch.randn(5, B, I)
+    with torch.no_grad():
+        for _ in range(2):
+            frozen(xs)  # the second call packs the weights
+        for module in (frozen, layer):
+            view = module.gates(1)["forget"]
+            if write == "W":
+                view.W = torch.linspace(-1, 1, H * 2 * H).reshape(H, 2 * H)
+            elif write == "b":
+                view.b = torch.full((H,), 2.0)
+            elif write == "W_x in place":
+                view.W_x.mul_(-3.0)
+            else:
+                view.peephole.fill_(1.5)
+        assert_close(frozen(xs)[0], layer(xs)[0], torch.float32, write)
+
+
 def test_gradient_through_a_frozen_copy():
     """An input that requires a gradient: the frozen copy's gradient = the original's (eval)."""
     torch.manual_seed(4)

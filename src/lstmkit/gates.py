@@ -175,10 +175,10 @@ def gate_views(layer: Any, index: int = 0, direction: int = 0) -> GateViews:
         note = "deep gate: an MLP over [x, h]" if mlp else ""
         views[name] = GateView(
             letter, True, note, act,
-            W_x=p["weight_ih"].data[sl], W_h=p["weight_hh"].data[sl],
-            b_x=p["bias_ih"].data[sl] if "bias_ih" in p else None,
-            b_h=p["bias_hh"].data[sl] if "bias_hh" in p else None,
-            peephole=p[f"peephole_{letter}"].data if f"peephole_{letter}" in p else None,
+            W_x=p["weight_ih"].detach()[sl], W_h=p["weight_hh"].detach()[sl],
+            b_x=p["bias_ih"].detach()[sl] if "bias_ih" in p else None,
+            b_h=p["bias_hh"].detach()[sl] if "bias_hh" in p else None,
+            peephole=p[f"peephole_{letter}"].detach() if f"peephole_{letter}" in p else None,
             mlp=mlp, heads=spec.heads,
         )
     return views
