@@ -38,6 +38,31 @@ def test_lengths_equal_a_packed_sequence(cell, batch_first):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("layer_kind, cell", [("LSTM", "vanilla"), ("LSTM", "layernorm"), ("LSTM", "deep=3"),
+                                              ("RNN", None)])
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_what_the_padding_holds_is_never_read(layer_kind, cell, fill):
+    """NaN or inf past each length (a padded batch's filler): accepted, as a PackedSequence of the
+    same data is, and outputs and every gradient equal those of zeros there (the projection's
+    dW_ih = dXGᵀ X computed 0 · NaN at the padding)."""
+    torch.manual_seed(1)
+    kw = {"cell": cell} if cell else {}
+    layer = getattr(lstmkit, layer_kind)(I, H, num_layers=2, bidirectional=True, **kw).double()
+    lengths = torch.tensor(LENGTHS)
+    past_end = (torch.arange(T)[:, None] >= lengths[None, :])[..., None]  # (T, B, 1)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    results = []
+    for padding in (fill, 0.0):
+        xp = x.masked_fill(past_end, padding).requires_grad_()
+        y, state = layer(xp, lengths=lengths)
+        h = state[0] if isinstance(state, tuple) else state
+        loss = y.square().sum() + h.sum()
+        results.append((y, h, *torch.autograd.grad(loss, [xp, *layer.parameters()])))
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_rnn_lengths_as_list():
     torch.manual_seed(0)
     layer = lstmkit.RNN(I, H).double()

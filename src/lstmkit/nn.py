@@ -333,6 +333,13 @@ class _Recurrent(PreparedModule):
         if T == 0:
             raise ValueError(f"input: expected a sequence length L >= 1, got L = 0 (shape {_shape(x)})")
         h0, c0 = self._initial_state(hx, x, batched)
+        if lengths is not None and not torch.compiler.is_compiling() and bool((plain_values(lengths) == T).all()):
+            lengths = None  # every sequence whole (eager: a branch on the values; under vmap: of every member)
+        if lengths is not None and not packed:
+            # the padding past each length is never read: zeroed, so that neither the finiteness check nor
+            # the input projection's weight gradient (dW_ih = dXGᵀ X, 0 · NaN) sees what it holds
+            past_end = torch.arange(T, device=x.device)[:, None] >= lengths.to(x.device)[None, :]  # (T, B)
+            x = x.masked_fill(past_end[..., None], 0)  # (T, B, I)
         if self.check_finite:
             checks = [(x, NONFINITE_INPUT)]
             if hx is not None:
@@ -341,8 +348,6 @@ class _Recurrent(PreparedModule):
                     names = " or ".join(f"{k}_0" for k in self._state_names)
                     checks.append((c0, f"hx: {names} contains NaN or inf"))
             check_finite_all(checks)
-        if lengths is not None and not torch.compiler.is_compiling() and bool((plain_values(lengths) == T).all()):
-            lengths = None  # every sequence whole (eager: a branch on the values; under vmap: of every member)
         out = run_stack(x, lengths, h0, c0, self._all_params(), self.spec, self.hidden_size,
                         dropout=self.dropout, training=self.training, backend=self.backend,
                         record=record)
