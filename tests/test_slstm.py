@@ -218,6 +218,31 @@ def test_the_four_states_in_and_out():
     assert yu.shape == (T, H) and all(s.shape == (2, H) for s in stu)
 
 
+def test_returned_states_may_be_changed_in_place_on_every_call():
+    """Each returned state is a tensor of its own, on a signature's first call (the general path:
+    its split's parts were views that autograd forbids changing in place) as on later ones (the
+    prepared steps), and a change of one leaves the others."""
+    torch.manual_seed(0)
+    cell = lstmkit.LSTMCell(I, H, cell="slstm")
+    layer = lstmkit.LSTM(I, H, cell="slstm")
+    x = torch.randn(B, I)
+    state = None
+    for _ in range(3):
+        state = cell(x, state)
+        before = [s.detach().clone() for s in state]
+        state[1].clamp_(-0.1, 0.1)
+        assert torch.equal(state[2], before[2]) and torch.equal(state[3], before[3])
+        assert state[1].abs().max() <= 0.1
+        loss = sum(s.sum() for s in state)
+        loss.backward()
+        state = tuple(s.detach() for s in state)
+    for _ in range(2):
+        _, (h, c, n, m) = layer(x[None])
+        for s in (c, n, m):
+            s.mul_(0.5)  # no error
+        layer.step(x, (h, c, n, m))[1][1].zero_()
+
+
 def test_lstmcell_is_one_step_of_the_layer():
     torch.manual_seed(0)
     layer = lstmkit.LSTM(I, H, cell="slstm+forget_act=exp").double()

@@ -482,8 +482,14 @@ class _Recurrent(PreparedModule):
         """The cell states side by side (…, S·H) as a tuple ``(c, n, m)`` (``(c,)`` for the LSTM)."""
         if cells.shape[-1] == self.hidden_size:  # one state: the tensor itself (a split is a view and an autograd node)
             return (cells,)
-        H = self.hidden_size
-        return tuple(cells.split_with_sizes([H] * (cells.shape[-1] // H), -1))
+        return _apart(cells, self.hidden_size)
+
+
+def _apart(cells: Tensor, H: int) -> tuple[Tensor, ...]:
+    """The cell states side by side (…, S·H) as S tensors (…, H) of their own, as the prepared
+    steps return them: a split's parts are views that autograd forbids changing in place
+    (``split_with_sizes``: the operator itself, without Tensor.split's Python)."""
+    return tuple(part.clone() for part in cells.split_with_sizes([H] * (cells.shape[-1] // H), -1))
 
 
 def _with_heads(spec: CellSpec, heads: Any) -> CellSpec:
@@ -764,5 +770,4 @@ class LSTMCell(PreparedModule):
     def _new_state(self, h: Tensor, cells: Tensor) -> State:
         """``(h', c')`` (the sLSTM: ``(h', c', n', m')``) from ``h'`` and the cell states side by side
         (N, S·H)."""
-        H = self.hidden_size  # (split_with_sizes: the operator itself, without Tensor.split's Python)
-        return (h, cells) if cells.shape[-1] == H else (h, *cells.split_with_sizes([H] * (cells.shape[-1] // H), -1))
+        return (h, cells) if cells.shape[-1] == self.hidden_size else (h, *_apart(cells, self.hidden_size))
