@@ -112,6 +112,27 @@ def test_a_parameter_given_another_dtype_through_data_is_refused_after_calls_too
                 m.step(x[0])
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("name", ["weight_hh", "bias_ih", "peephole_i", "weight_ih", "mlp_f_weight1"])
+def test_a_parameter_given_another_shape_through_data_is_refused_after_calls_too(layers, name):
+    """As the dtype above: a fresh module refuses a parameter of another shape (ValueError naming
+    it and both shapes); after calls the kernel failed with an internal RuntimeError."""
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(I, H, num_layers=layers, cell="peephole+deep=f:2", dtype=torch.float64)
+    cell = lstmkit.LSTMCell(I, H, cell="peephole+deep=f:2", dtype=torch.float64)
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    _warm(m, x)
+    _warm(cell, x[0])
+    for p in (getattr(m, f"{name}_l{layers - 1}"), getattr(cell, name)):
+        p.data = p.data[..., :1].clone()
+    named = r"parameter \w+: this layer's cell reads shape \(\d+(, \d+)?,?\), got \(\d+(, 1)?,?\)"
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            for call in (lambda: m(x), lambda: m.step(x[0]), lambda: cell(x[0])):
+                with pytest.raises(ValueError, match=named):
+                    call()
+
+
 def test_setting_backend_after_calls_takes_effect():
     """``layer.backend = "reference"`` after calls on the fused kernel: the next calls run the
     reference (twice differentiable, which the fused kernel refuses), not a kept fused step; a

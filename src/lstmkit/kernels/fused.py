@@ -378,7 +378,8 @@ class PreparedStep:
             w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = infer_args(params, self.spec, flat_mlp=False)
             prepared.append(ext.PreparedLayer(w_ih, b_ih, b_hh, w_hh, plist, _mlp_tensors(params, self.spec), flags,
                                               mlp, *scalars, self.hidden_size, proj, self.frozen,
-                                              not SIXTEEN_BIT_UNITS.get(w_ih.dtype, True)))
+                                              not SIXTEEN_BIT_UNITS.get(w_ih.dtype, True),
+                                              _mlp_names(params, self.spec)))
         self._ext = ext
         self._kept = {**kept, key: (tuple(parameters.values()), prepared)}
 
@@ -453,10 +454,15 @@ class PreparedStep:
         return cell.zoneout_masks(self.spec, (1, N, self.hidden_size), (1, N, self.H_out), x)
 
 
+def _mlp_names(params: dict[str, Tensor], spec: CellSpec) -> list[str]:
+    """The deep gates' tensors' names in the flat ``mlp`` param's order; [] without."""
+    return abi.mlp_names(spec, "bias_ih" in params)
+
+
 def _mlp_tensors(params: dict[str, Tensor], spec: CellSpec) -> list[Tensor]:
     """The deep gates' tensors in the flat ``mlp`` param's order (the compiled step reads them in
     place — their current values, no flat copy — and hands each its gradient); [] without."""
-    return [params[name] for name in abi.mlp_names(spec, "bias_ih" in params)] if spec.gate_hidden else []
+    return [params[name] for name in _mlp_names(params, spec)]
 
 
 #: How many call signatures a PreparedStep keeps (all are dropped when one more comes).

@@ -167,14 +167,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init([](at::Tensor w_ih, at::Tensor b_ih, at::Tensor b_hh, at::Tensor whh,
                        std::vector<at::Tensor> params, std::vector<at::Tensor> mlp, int64_t flags,
                        std::vector<int64_t> mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H,
-                       int64_t P, bool frozen, bool widen16) {
+                       int64_t P, bool frozen, bool widen16, std::vector<std::string> mlp_names) {
         TORCH_CHECK((int64_t)params.size() == lk::N_PARAMS, "lstmkit PreparedLayer: expected ", (int)lk::N_PARAMS,
                     " params");
-        return lk::PreparedLayer{w_ih, b_ih, b_hh, whh, std::move(params), std::move(mlp), flags,
-                                 std::move(mlp_layout), clip, zoneout_c, zoneout_h, H, P, frozen, widen16};
+        lk::PreparedLayer layer{w_ih, b_ih, b_hh, whh, std::move(params), std::move(mlp), flags,
+                                std::move(mlp_layout), clip, zoneout_c, zoneout_h, H, P, frozen, widen16};
+        layer.mlp_names = std::move(mlp_names);
+        layer.keep_shapes();
+        return layer;
       }), py::arg("w_ih"), py::arg("b_ih"), py::arg("b_hh"), py::arg("whh"), py::arg("params"), py::arg("mlp"),
           py::arg("flags"), py::arg("mlp_layout"), py::arg("clip"), py::arg("zoneout_c"), py::arg("zoneout_h"),
-          py::arg("H"), py::arg("P"), py::arg("frozen") = false, py::arg("widen16") = false)
+          py::arg("H"), py::arg("P"), py::arg("frozen") = false, py::arg("widen16") = false,
+          py::arg("mlp_names") = std::vector<std::string>{})
       .def_property_readonly("packed", [](const lk::PreparedLayer& l) { return std::atomic_load(&l.panels) != nullptr; },
                              "a frozen layer: whether its weights are packed (after its first call)")
       .def("__call__", &lk::PreparedLayer::call, py::arg("x"), py::arg("h"), py::arg("cells"),

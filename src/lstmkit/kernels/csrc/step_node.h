@@ -402,6 +402,8 @@ struct PreparedLayer {
   bool widen16 = false;  // a 16-bit layer without 16-bit units: its backward's dX, dW_ih in float32 (ProjectedRun)
   c10::intrusive_ptr<GradCarry> carry = c10::make_intrusive<GradCarry>();  // its steps' weight gradients in a pass
   mutable std::shared_ptr<const Frozen> panels;  // the packing (atomic_load / atomic_store: calls run GIL-free)
+  std::vector<std::vector<int64_t>> shapes;  // the tensors' shapes when kept (keep_shapes)
+  std::vector<std::string> mlp_names;  // mlp's names (abi.mlp_names), for messages
 
   // A frozen layer's panels, packed again when W_ih or W_hh changed since (WeightStamp).
   std::shared_ptr<const Frozen> frozen_panels() const {
@@ -422,20 +424,42 @@ struct PreparedLayer {
     return done;
   }
 
-  // Every parameter in x's dtype: one given another through .data since this signature was kept
-  // (the module's identity check cannot see that) is refused as the general path refuses it.
-  void check_dtypes(const at::Tensor& x) const {
+  // Every parameter in x's dtype and of the shape it had when this signature was kept: one given
+  // another through .data since (the module's identity check cannot see that) is refused as the
+  // general path refuses it.
+  void check_tensors(const at::Tensor& x) const {
     const at::ScalarType want = x.scalar_type();
     auto torch_name = [](at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); };
+    size_t k_shape = 0;
     auto check = [&](const at::Tensor& t, const char* name) {
       TORCH_CHECK_TYPE(!t.defined() || t.numel() == 0 || t.scalar_type() == want, "parameter ", name, ": ",
                        torch_name(t.scalar_type()), ", but the layer computes in ", torch_name(want),
                        " (changed through .data?); convert the module as a whole, e.g. module.to(",
                        torch_name(want), ")");
+      const std::vector<int64_t>& kept = shapes[k_shape++];
+      TORCH_CHECK_VALUE(!t.defined() || t.sizes() == c10::IntArrayRef(kept), "parameter ", name,
+                        ": this layer's cell reads shape ", python_shape(kept), ", got ", python_shape(t.sizes()),
+                        " (changed through .data?)");
     };
     check(w_ih, "weight_ih"); check(whh, "weight_hh"); check(b_ih, "bias_ih"); check(b_hh, "bias_hh");
     for (int k = 0; k < N_PARAMS; ++k) check(params[k], PARAM_NAMES[k]);
-    for (const auto& t : mlp) check(t, "of a deep gate");
+    for (size_t j = 0; j < mlp.size(); ++j) check(mlp[j], j < mlp_names.size() ? mlp_names[j].c_str() : "of a deep gate");
+  }
+
+  // The shapes check_tensors compares with, in its order (an undefined tensor: none).
+  void keep_shapes() {
+    shapes.clear();
+    auto keep = [&](const at::Tensor& t) { shapes.push_back(t.defined() ? t.sizes().vec() : std::vector<int64_t>{}); };
+    keep(w_ih); keep(whh); keep(b_ih); keep(b_hh);
+    for (const auto& t : params) keep(t);
+    for (const auto& t : mlp) keep(t);
+  }
+
+  // (4,) or (4, 3), as Python writes a shape
+  static std::string python_shape(c10::IntArrayRef sizes) {
+    std::string out = "(";
+    for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+    return out + (sizes.size() == 1 ? ",)" : ")");
   }
 
   // x (N, I) or (T, N, I); h (N, H_out) or a one-layer stack's (1, N, H_out); cells: the S cell
@@ -444,7 +468,7 @@ struct PreparedLayer {
   std::vector<at::Tensor> call(const at::Tensor& x, const at::Tensor& h, const std::vector<at::Tensor>& cells,
                                const std::optional<at::Tensor>& keep_c,
                                const std::optional<at::Tensor>& keep_h) const {
-    check_dtypes(x);
+    check_tensors(x);
     std::vector<at::Tensor> p = params;
     if (keep_c.has_value()) p[P_KEEP_C] = *keep_c;
     if (keep_h.has_value()) p[P_KEEP_H] = *keep_h;
