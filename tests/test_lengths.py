@@ -3,6 +3,7 @@ lengths (lstmkit's and ``torch.nn.LSTM``'s), values and gradients; bad lengths r
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -83,6 +84,8 @@ def test_rnn_lengths_as_list():
     ([6, 2, True, 1], TypeError, "sequence of ints"),
     ("6251", TypeError, "sequence of ints"),
     (torch.tensor([[6, 2, 5, 1]]), TypeError, "1-D"),
+    (np.array([6, 2, 5, 2**64 - 1], dtype=np.uint64), ValueError, r"in \[1, L = 6\], got max 18446744073709551615"),
+    (torch.tensor([6, 2, 5, 1], device="meta"), ValueError, "meta device holds no values"),
 ])
 def test_bad_lengths_are_refused(lengths, error, match):
     with pytest.raises(error, match=f"lengths: .*{match}"):

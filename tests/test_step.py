@@ -137,6 +137,11 @@ def test_step_refusals():
         lstmkit.LSTM(I, H).step(torch.randn(T, B, I))
     with pytest.raises(TypeError, match="Tensor"):
         lstmkit.LSTM(I, H).step([1.0, 2.0, 3.0])
+    for batch_first in (False, True):  # the shape given, not the one-step sequence made of it
+        with pytest.raises(ValueError, match=rf"input size \(last dimension\) {I}, got {I + 1} \(shape \({B}, {I + 1}\)\)"):
+            lstmkit.LSTM(I, H, batch_first=batch_first).step(torch.randn(B, I + 1))
+        with pytest.raises(ValueError, match=rf"got {I + 1} \(shape \({I + 1},\)\)"):
+            lstmkit.LSTM(I, H, batch_first=batch_first).step(torch.randn(I + 1))
     with pytest.raises(ValueError, match="h_0"):
         lstmkit.LSTM(I, H).step(torch.randn(B, I), (torch.zeros(1, B + 1, H), torch.zeros(1, B, H)))
     with pytest.raises(ValueError, match="NaN"):

@@ -218,12 +218,16 @@ def check_lengths(lengths: Any, input: Any, batch_first: bool) -> Tensor:
         raise ValueError("lengths: needs a batched 3-D padded input (a 2-D input is one unbatched sequence)")
     T, N = (input.shape[1], input.shape[0]) if batch_first else (input.shape[0], input.shape[1])
     if isinstance(lengths, np.ndarray) and lengths.dtype.kind in "iu":  # (as pack_padded_sequence takes them)
+        if lengths.dtype.kind == "u" and lengths.size and int(lengths.max()) >= 2**63:  # (would wrap below 0)
+            raise ValueError(f"lengths: each must be in [1, L = {T}], got max {int(lengths.max())}")
         lengths = torch.from_numpy(lengths.astype(np.int64, copy=False))
     if isinstance(lengths, Tensor):
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool \
                 or lengths.dim() != 1:
             raise TypeError(f"lengths: expected a 1-D integer tensor or a sequence of ints, got a "
                             f"{lengths.dim()}-D {lengths.dtype} tensor")
+        if lengths.device.type == "meta":
+            raise ValueError("lengths: a tensor on the meta device holds no values; give the lengths on the CPU")
         lens = lengths.to(device="cpu", dtype=torch.int64)
     elif isinstance(lengths, (list, tuple)) and all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
                                                      for n in lengths):

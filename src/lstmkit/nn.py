@@ -396,6 +396,7 @@ class _Recurrent(PreparedModule):
         if input.dim() not in (1, 2):
             raise ValueError(f"input: step takes one time step, a 2-D (N, {self.input_size}) batched or 1-D "
                              f"({self.input_size},) unbatched tensor, got {input.dim()}-D of shape {_shape(input)}")
+        self._check_input_size(input, "input")  # (the shape given, not the step's (1, N, I) below)
         batched = input.dim() == 2
         x = input.unsqueeze(1 if batched and self.batch_first else 0)  # one step: (1, N, I), (N, 1, I) or (1, I)
         output, h_n, c_n, _ = self._run(x, hx)
@@ -421,6 +422,9 @@ class _Recurrent(PreparedModule):
             raise ValueError(
                 f"{what}: on device {x.device}, but the layer's parameters are on {w.device}"
             )
+        self._check_input_size(x, what)
+
+    def _check_input_size(self, x: Tensor, what: str) -> None:
         if x.shape[-1] != self.input_size:
             raise ValueError(
                 f"{what}: expected input size (last dimension) {self.input_size}, got {x.shape[-1]} "
