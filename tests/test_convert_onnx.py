@@ -333,6 +333,22 @@ def test_scan_graph_at_the_oldest_opset():
         _close("scan_opset14", a, b)
 
 
+def test_a_cell_the_exporter_cannot_write_at_an_opset_is_refused_with_the_one_it_needs(capfd):
+    """heads: the traced step holds an operator without a converter from opset 16 to 15 — refused
+    naming 16 (not the exporter's own 18), and written at 16; the exporter's internal logging
+    (torchvision's absence, each conversion's fallback, a failed one's traceback) stays quiet."""
+    layer = lstmkit.LSTM(3, 8, cell="heads=2").eval()
+    with pytest.raises(ValueError, match=r"this cell's equations as ONNX need opset >= 16, got 15"):
+        to_onnx(layer, opset=15)
+    proto = to_onnx(layer, opset=16)
+    assert proto.opset_import[0].version == 16
+    x = torch.randn(5, 2, 3)
+    for a, b in zip(_session(proto).run(None, {"X": x.numpy()}), _reference(layer, x, None, None)):
+        _close("heads_opset16", a, b)
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""
+
+
 def test_a_tampered_scan_graph_is_refused():
     proto = to_onnx(lstmkit.LSTM(3, 4, cell="layernorm"))
     for t in proto.graph.initializer:

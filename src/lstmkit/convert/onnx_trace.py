@@ -25,9 +25,12 @@ that takes a table (:func:`_exporter`); where this torch has no such entry point
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -75,25 +78,58 @@ def _exporter(opset: int) -> Any:
     return functools.partial(_core.export, registry=registry)
 
 
-def _export(fn: Any, params: dict[str, Tensor], inputs: list[tuple[str, Tensor, dict[int, Any]]],
-            outputs: list[str], opset: int) -> Any:
-    """The ONNX graph of ``fn`` traced on ``inputs`` (name, example, dynamic dims) — checked
-    to be at ``opset`` (the exporter converts down from its own; a cell that needs a newer
-    opset is refused with the one it needs)."""
-    module = _Traced(fn, params)
+#: The loggers of the exporter's internals, quiet while tracing: they report torchvision's absence
+#: and the fallback of each conversion to an older opset (a failed one is this module's error).
+_EXPORTER_LOGGERS = ("torch.onnx", "onnxscript")
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _trace(module: torch.nn.Module, inputs: list[tuple[str, Tensor, dict[int, Any]]], outputs: list[str],
+           opset: int) -> Any:
+    """``module`` as an ONNX model traced on ``inputs`` (name, example, dynamic dims), converted
+    down to ``opset`` by the exporter where it can (else left at the exporter's own)."""
     examples = tuple(t for _, t, _ in inputs)
     options = dict(dynamic_shapes=(tuple(d for _, _, d in inputs),),  # forward(*inputs)
                    input_names=[n for n, _, _ in inputs], output_names=outputs, opset_version=opset,
                    optimize=False, verbose=False)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with _quiet_exporter():
         export = _exporter(opset)
         program = (export(module, examples, None, **options) if export is not None
                    else torch.onnx.export(module, examples, **options))
-    proto = program.model_proto
-    got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    if got != opset:
-        raise ValueError(f"opset: the cell's equations as ONNX need opset >= {got}, got {opset}")
+    return program.model_proto
+
+
+def _opset_of(proto: Any) -> int:
+    return int(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")))
+
+
+def _export(fn: Any, params: dict[str, Tensor], inputs: list[tuple[str, Tensor, dict[int, Any]]],
+            outputs: list[str], opset: int) -> Any:
+    """The ONNX graph of ``fn`` traced on ``inputs`` (name, example, dynamic dims) — checked
+    to be at ``opset``. The exporter writes its own opset and converts down; where it cannot
+    (an operator without a converter to ``opset``), the cell is refused with the lowest opset
+    it reaches."""
+    module = _Traced(fn, params)
+    proto = _trace(module, inputs, outputs, opset)
+    native = _opset_of(proto)
+    if native != opset:
+        needed = next((v for v in range(opset + 1, native) if _opset_of(_trace(module, inputs, outputs, v)) == v),
+                      native)
+        raise ValueError(f"opset: this cell's equations as ONNX need opset >= {needed}, got {opset}")
     return proto.graph
 
 
