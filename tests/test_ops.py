@@ -329,6 +329,38 @@ def test_func_jacrev(variant):
         torch.func.jacrev(torch.func.jacrev(lambda x: layer(x)[0].sum()))(x)
 
 
+@pytest.mark.parametrize("variant", ["vanilla", "peephole", "slstm"])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_forward_mode_derivatives_run_the_reference_row(variant, trainable):
+    """Forward-mode AD (a ``forward_ad`` dual level; ``torch.func.jvp`` / ``jacfwd``) runs on the
+    reference row, which carries tangents (the fused kernel dropped them in silence where nothing
+    required grad: a tangent of None), also after prepared calls and with ``backend`` forced to
+    the fused kernel; the layer, a step and a cell, against the reference's tangents and the
+    Jacobian by reverse mode."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    cell = FUSED[variant].get("cell", "vanilla")
+    layer = lstmkit.LSTM(4, 6, num_layers=2, cell=cell, backend="cpu_fused").double().requires_grad_(trainable)
+    ref = lstmkit.LSTM(4, 6, num_layers=2, cell=cell, backend="reference").double()
+    ref.load_state_dict(layer.state_dict())
+    step = lstmkit.LSTMCell(4, 6, cell=cell).double().requires_grad_(trainable)
+    x, v = torch.randn(3, 2, 4, dtype=torch.float64), torch.randn(3, 2, 4, dtype=torch.float64)
+    for _ in range(2):  # the second call of each runs on kept steps where it can
+        layer(x), layer.step(x[0]), step(x[0])
+    want = torch.autograd.functional.jvp(lambda x: ref(x)[0], x, v)[1]
+    with fwAD.dual_level():
+        for _ in range(2):
+            tangent = fwAD.unpack_dual(layer(fwAD.make_dual(x, v))[0]).tangent
+            assert tangent is not None
+            torch.testing.assert_close(tangent, want, rtol=1e-10, atol=1e-12)
+            step_tangent = fwAD.unpack_dual(layer.step(fwAD.make_dual(x[0], v[0]))[0]).tangent
+            torch.testing.assert_close(step_tangent, want[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.jvp(lambda x: layer(x)[0], (x,), (v,))[1], want, rtol=1e-10, atol=1e-12)
+    jac = torch.func.jacfwd(lambda x: step(x)[0])(x[0])
+    torch.testing.assert_close(jac, torch.func.jacrev(lambda x: step(x)[0])(x[0]), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("warm", [False, True])
 def test_legacy_batched_gradients_are_refused_with_the_way_out(warm):
     """``autograd.functional.jacobian(vectorize=True)`` hands the backward legacy batched

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut, Workload
+from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut, Workload, forward_mode_active
 from lstmkit.kernels.fused import FusedCPUKernel, TritonKernel
 from lstmkit.kernels.onnx_export import OnnxExportKernel, exporting
 from lstmkit.kernels.reference import ReferenceKernel
@@ -50,8 +50,9 @@ def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
            backend: str | Kernel | None = None, record: bool = False, workload: Workload | None = None) -> Kernel:
     """The kernel to run ``spec`` on ``device`` in ``dtype``: the first registered row that
     supports it and may be chosen automatically there for ``workload`` (:meth:`Kernel.automatic`;
-    None: a call not described); with ``record`` (a trace), the first such row that can record —
-    a forced ``backend`` that cannot gives way to it.
+    None: a call not described); with ``record`` (a trace), the first such row that can record,
+    and while a forward-mode derivative is taken (:func:`~lstmkit.kernels.base.forward_mode_active`)
+    the first that can carry it — a forced ``backend`` that cannot gives way to it.
 
     Args:
         backend: a registry name to force, a Kernel instance (used as it is, unregistered:
@@ -70,6 +71,7 @@ def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
         if why:
             raise ValueError(f"backend: kernel {backend.name!r} cannot run this layer: {why}")
         return backend
+    forward = forward_mode_active()
     if backend is not None:
         if backend not in REGISTRY:
             raise ValueError(f"backend: unknown kernel {backend!r}; expected one of {list(REGISTRY)}")
@@ -77,10 +79,10 @@ def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
         why = _why_not(kernel, spec, device, dtype)
         if why:
             raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
-        if kernel.records or not record:
+        if (kernel.records or not record) and (kernel.forward_ad or not forward):
             return kernel
-    if workload is None:
-        return _first_automatic(spec, device, dtype, record, None)
+    if workload is None or forward:
+        return _first_automatic(spec, device, dtype, record, None, forward)
     # a plain eager call (every call of a training loop): the row found before for the same call.
     # The rows' answers depend on the call, the registry, oneDNN's switch and torch's thread count
     # (against OpenMP's thread limit: cpu_ext.full_omp_teams), all in the key (the rows' other
@@ -104,10 +106,10 @@ def forget_choices() -> None:
 
 
 def _first_automatic(spec: CellSpec, device: torch.device, dtype: torch.dtype, record: bool,
-                     workload: Workload | None) -> Kernel:
+                     workload: Workload | None, forward: bool = False) -> Kernel:
     for kernel in REGISTRY.values():
         if kernel.automatic(device, workload) and (kernel.records or not record) \
-                and _why_not(kernel, spec, device, dtype) is None:
+                and (kernel.forward_ad or not forward) and _why_not(kernel, spec, device, dtype) is None:
             return kernel
     raise RuntimeError("no kernel supports this layer, not even 'reference'")  # unreachable
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lstmkit.spec import CellSpec
 
-__all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "FLOAT_DTYPES", "hidden_keys"]
+__all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "FLOAT_DTYPES", "hidden_keys", "forward_mode_active"]
 
 #: What a recording kernel returns per step, each (T, B, ·); absent gates are missing. Deep
 #: gates add their MLPs' hidden activations under ``"<gate>.<layer>"`` (``"f.1"``, (T, B, n_1)).
@@ -31,6 +31,19 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 def hidden_keys(spec: CellSpec) -> list[str]:
     """The trace keys of a spec's deep gates' hidden activations, in order (``"f.1"``, …)."""
     return [f"{g}.{j}" for g, widths in spec.gate_hidden for j in range(1, len(widths) + 1)]
+
+
+def forward_mode_active() -> bool:
+    """Whether a forward-mode derivative is being taken: a ``torch.autograd.forward_ad`` dual level
+    is open, or a ``torch.func`` jvp transform (``jvp``, ``jacfwd``, ``hessian``) is on the stack."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    functorch = torch._C._functorch
+    if functorch.peek_interpreter_stack() is None:
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters())
 
 
 class Workload(NamedTuple):
@@ -69,6 +82,8 @@ class Kernel(ABC):
     devices: tuple[str, ...]
     #: Whether the row can record each step's activations (``record=True``, what a trace asks).
     records: bool = True
+    #: Whether forward-mode differentiation (:func:`forward_mode_active`) goes through the row.
+    forward_ad: bool = False
 
     def refuses(self, spec: CellSpec) -> str | None:
         """Why this kernel can never run ``spec``, on any device and in any dtype, or None.

@@ -402,8 +402,8 @@ class PreparedStep:
         each. With ``stacked``, ``x`` may also be a whole time-major run (T, N, I), kept by
         :meth:`LSTM.forward <lstmkit.LSTM.forward>` (``grad``: whether grad mode is on); the output is
         then (T, N, H_out)."""
-        if not self._kept:
-            return None
+        if not self._kept or torch.autograd.forward_ad._current_level >= 0:
+            return None  # (a forward_ad dual level: the general path picks a row that carries it)
         try:
             kept = self._kept.get(self.signature(x, hx, training, version, grad))
         except (AttributeError, TypeError, RuntimeError):

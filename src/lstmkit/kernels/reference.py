@@ -22,6 +22,7 @@ class ReferenceKernel(Kernel):
 
     name = "reference"
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
+    forward_ad = True  # torch operations: forward-mode derivatives go through them
 
     def unsupported(self, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
         return None
