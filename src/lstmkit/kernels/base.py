@@ -35,7 +35,10 @@ def hidden_keys(spec: CellSpec) -> list[str]:
 
 def forward_mode_active() -> bool:
     """Whether a forward-mode derivative is being taken: a ``torch.autograd.forward_ad`` dual level
-    is open, or a ``torch.func`` jvp transform (``jvp``, ``jacfwd``, ``hessian``) is on the stack."""
+    is open, or a ``torch.func`` jvp transform (``jvp``, ``jacfwd``, ``hessian``) is on the stack.
+    False while compile or export traces (which take no forward-mode derivative of the operator)."""
+    if torch.compiler.is_compiling():
+        return False
     if torch.autograd.forward_ad._current_level >= 0:
         return True
     functorch = torch._C._functorch
