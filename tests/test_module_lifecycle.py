@@ -133,6 +133,31 @@ def test_a_parameter_given_another_shape_through_data_is_refused_after_calls_too
                     call()
 
 
+@pytest.mark.parametrize("cell", ["vanilla", "peephole+deep=f:2"])
+def test_first_calls_under_inference_mode_then_training(cell):
+    """A validation pass under torch.inference_mode() before training: the steps kept by its calls
+    held placeholders made in inference mode, which a training call then saved for backward
+    ("Inference tensors cannot be saved for backward"). Gradients against the reference row."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, I, dtype=torch.float64)
+    for make in (lambda **kw: lstmkit.LSTMCell(I, H, cell=cell, dtype=torch.float64, **kw),
+                 lambda **kw: lstmkit.LSTM(I, H, num_layers=2, cell=cell, dtype=torch.float64, **kw)):
+        m, ref = make(), make(backend="reference")
+        ref.load_state_dict(m.state_dict())
+        calls = [lambda mod: mod(x[0])] if isinstance(m, lstmkit.LSTMCell) else \
+            [lambda mod: mod.step(x[0]), lambda mod: mod(x)]
+        for call in calls:
+            with torch.inference_mode():
+                for _ in range(2):
+                    call(m)
+            for mod in (m, ref):
+                mod.zero_grad()
+                out = call(mod)
+                (out[0].square().sum() + out[1][0].sum()).backward()
+            for a, b in zip(m.parameters(), ref.parameters()):
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_setting_backend_after_calls_takes_effect():
     """``layer.backend = "reference"`` after calls on the fused kernel: the next calls run the
     reference (twice differentiable, which the fused kernel refuses), not a kept fused step; a

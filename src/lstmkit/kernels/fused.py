@@ -375,7 +375,9 @@ class PreparedStep:
         ext = cpu_ext.load()
         prepared = []
         for params in layers:
-            w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = infer_args(params, self.spec, flat_mlp=False)
+            with torch.inference_mode(False):  # its placeholders outlive the call: later ones may save them
+                w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = infer_args(params, self.spec,
+                                                                                        flat_mlp=False)
             prepared.append(ext.PreparedLayer(w_ih, b_ih, b_hh, w_hh, plist, _mlp_tensors(params, self.spec), flags,
                                               mlp, *scalars, self.hidden_size, proj, self.frozen,
                                               not SIXTEEN_BIT_UNITS.get(w_ih.dtype, True),
