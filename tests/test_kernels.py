@@ -172,6 +172,26 @@ def test_kernel_double_backward_raises_clearly(kernel_name):
     assert torch.autograd.gradgradcheck(lambda x: ref(x)[0], (x,))
 
 
+def test_create_graph_through_the_onednn_input_projection():
+    """A first-order gradient with create_graph=True (a penalty on a read-out's gradient) where the
+    input projection runs on oneDNN (float32, T·B >= 256, I·4H >= 256·1024): its backward refused
+    any call in grad mode; now the first-order gradients equal those without create_graph, and a
+    second order through the read-out alone runs, as for nn.LSTM."""
+    from lstmkit.kernels.fused import _use_onednn
+
+    torch.manual_seed(0)
+    rnn, head = lstmkit.LSTM(256, 256), torch.nn.Linear(256, 1)
+    assert _use_onednn(16 * 16, rnn.weight_ih_l0)
+    x = torch.randn(16, 16, 256, requires_grad=True)
+    params = [x, *rnn.parameters(), *head.parameters()]
+    plain = torch.autograd.grad(head(rnn(x)[0]).square().mean(), params)
+    graph = torch.autograd.grad(head(rnn(x)[0]).square().mean(), params, create_graph=True)
+    for a, b in zip(plain, graph):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    (second,) = torch.autograd.grad(graph[-2].square().sum(), head.weight)  # through the read-out only
+    assert torch.isfinite(second).all() and second.abs().sum() > 0
+
+
 def test_registry_rows_and_selection():
     assert "reference" in kernels.REGISTRY
     cpu = torch.device("cpu")

@@ -60,14 +60,14 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise RuntimeError("lstmkit: the fused kernel's input projection has no double backward; "
-                               "use backend='reference'")
         x2d, w = ctx.saved_tensors
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             wt = w.t().contiguous()  # (I, R): dX = dY W is a linear layer with weight Wᵀ
-            dx = _onednn_linear(dy.contiguous(), wt, None) if _use_onednn(dy.shape[0], wt) else dy.mm(w)
+            # with create_graph (grad mode on here) the differentiable product: a first-order
+            # gradient that is itself differentiated later (a penalty through a read-out) is exact
+            onednn = _use_onednn(dy.shape[0], wt) and not torch.is_grad_enabled()
+            dx = _onednn_linear(dy.contiguous(), wt, None) if onednn else dy.mm(w)
         if ctx.needs_input_grad[1]:
             dw = dy.t().mm(x2d)
         if ctx.needs_input_grad[2]:
