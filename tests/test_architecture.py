@@ -89,7 +89,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lstmkit.cell",),
     ("lstmkit.kernels",),
     ("lstmkit.loop", "lstmkit.checks"),
-    ("lstmkit.gates", "lstmkit._prepared"),
+    ("lstmkit.gates", "lstmkit._prepared", "lstmkit._initial"),
     ("lstmkit.nn",),
     ("lstmkit.inspect", "lstmkit.tracing", "lstmkit.freeze"),
     ("lstmkit.convert",),

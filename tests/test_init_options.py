@@ -146,3 +146,23 @@ def test_a_large_forget_bias_keeps_the_carousel_gradient():
         grads[cell] = float(x.grad[0].abs().mean())
     assert grads["fb=5"] > 1e6 * grads["vanilla"] and grads["fb=5"] > 1e3 * grads["fb=1"]
     assert grads["chrono=100"] > 100 * grads["fb=1"]
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "fb=1+layernorm", "deep=f:3x2+chrono=20", "slstm"])
+def test_a_cell_resets_its_parameters_as_it_made_them(cell):
+    """LSTMCell.reset_parameters (it had none: a cell made on the meta device kept uninitialised
+    memory after to_empty): the same draw as the construction's under the same seed, the layer
+    norms' and initial biases' values, and finite weights after meta -> to_empty -> reset."""
+    torch.manual_seed(7)
+    made = lstmkit.LSTMCell(3, 4, cell=cell)
+    with torch.device("meta"):
+        meta = lstmkit.LSTMCell(3, 4, cell=cell)
+    meta.to_empty(device="cpu")
+    torch.manual_seed(7)
+    meta.reset_parameters()
+    assert made.state_dict().keys() == meta.state_dict().keys()
+    for name, value in made.state_dict().items():
+        assert torch.equal(meta.state_dict()[name], value), name
+    if "fb=1" in cell:
+        assert torch.equal(meta.ln_c_weight, torch.ones(4)) and (meta.bias_ih[4:8] == 1).all()
+

@@ -8,7 +8,6 @@ a variant brings are listed in ``docs/cell.md``.
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from lstmkit import _initial as initial
 from lstmkit import cell as cell_eqs
 from lstmkit import kernels
 from lstmkit._prepared import PreparedModule, parameters_now, prepared_road
@@ -41,7 +41,7 @@ from lstmkit.kernels.fused import FusedCPUKernel, PreparedStep, in_loop_projecti
 from lstmkit.kernels.torch_native import TorchKernel, operator_weights
 from lstmkit.layout import suffix
 from lstmkit.loop import StackOut, run_stack
-from lstmkit.spec import INIT_FIELDS, CellSpec, check_heads, gate_slices, layer_param_shapes, resolve
+from lstmkit.spec import INIT_FIELDS, CellSpec, check_heads, layer_param_shapes, resolve
 from lstmkit.variants import cell_states
 
 __all__ = ["LSTM", "RNN", "LSTMCell"]
@@ -159,46 +159,8 @@ class _Recurrent(PreparedModule):
 
     def reset_parameters(self) -> None:
         """torch's initialisation: U(−1/√H, 1/√H) everywhere; see docs/cell.md for extras."""
-        stdv = 1.0 / math.sqrt(self.hidden_size)
-        with torch.no_grad():
-            for layer in self._param_names:
-                for names in layer:
-                    for base, full in names.items():
-                        w = getattr(self, full)
-                        if base.startswith("ln_"):
-                            w.fill_(0.0 if base.endswith("bias") else 1.0)
-                        elif base.startswith("mlp_") and not base.endswith(("weight1", "bias1")):
-                            fan_in = getattr(self, names[base.replace("bias", "weight")]).shape[1]
-                            bound = 1.0 / math.sqrt(fan_in)
-                            w.uniform_(-bound, bound)
-                        else:
-                            w.uniform_(-stdv, stdv)
-                    self._init_gate_biases(names)
-
-    def _init_gate_biases(self, names: dict[str, str]) -> None:
-        """The spec's initial gate biases (``ib=``, ``fb=``, ``ob=``, ``chrono=``).
-
-        The value goes where it adds directly to the gate's pre-activation ``u_k``:
-        ``bias_ih``'s rows of gate k (``bias_hh``'s rows set to 0), or the last bias of a
-        deep gate's MLP. Chrono (Tallec & Ollivier 2018) draws ``b_f = log u``,
-        ``u ~ U[1, T_max − 1]`` per cell from torch's generator, and sets ``b_i = −b_f``.
-        """
-        values: dict[str, float | Tensor] = dict(self.spec.init_biases)
-        if self.spec.chrono is not None:
-            w = getattr(self, names["weight_ih"])
-            draw = torch.float64 if w.dtype == torch.float64 else torch.float32  # (a 16-bit U[1, T_max - 1] is coarse)
-            b_f = torch.empty(self.hidden_size, dtype=draw, device=w.device)
-            b_f = b_f.uniform_(1.0, self.spec.chrono - 1.0).log_().to(w.dtype)
-            values.update(f=b_f, i=-b_f)
-        rows = gate_slices(self.spec, self.hidden_size)
-        for gate, value in values.items():
-            deep = self.spec.hidden_widths(gate)
-            if deep:
-                getattr(self, names[f"mlp_{gate}_bias{len(deep)}"]).copy_(
-                    torch.as_tensor(value).expand(self.hidden_size))
-                continue
-            getattr(self, names["bias_ih"])[rows[gate]] = value
-            getattr(self, names["bias_hh"])[rows[gate]] = 0.0
+        initial.reset_parameters(self, [names for layer in self._param_names for names in layer], self.spec,
+                          self.hidden_size)
 
     def layer_params(self, layer: int = 0, direction: int = 0) -> dict[str, Tensor]:
         """The parameters of one layer and direction, keyed by name without suffix."""
@@ -684,6 +646,11 @@ class LSTMCell(PreparedModule):
         self.backend = backend
         self.check_finite = check_finite
         self._prepared = PreparedStep(spec, hidden_size)  # the step of a signature seen before
+
+    def reset_parameters(self) -> None:
+        """The layers' initialisation (:meth:`LSTM.reset_parameters`), as ``torch.nn.LSTMCell``'s;
+        e.g. after ``to_empty`` of a cell made on the meta device."""
+        initial.reset_parameters(self, [{base: base for base in self._param_shapes}], self.spec, self.hidden_size)
 
     def extra_repr(self) -> str:
         """As ``torch.nn.LSTMCell``'s, plus the variant and a forced kernel where set."""
