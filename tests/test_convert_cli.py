@@ -348,7 +348,7 @@ def test_unreadable_sources_fail_cleanly(main, capsys, tmp_path):
     _fails(main, capsys, [tmp_path / "corrupt.weights.h5", out], "not a readable Keras 3 .weights.h5 file")
     _fails(main, capsys, [tmp_path / "foreign.safetensors", out], "no 'weight_ih_l0' tensor: expected the state dict")
     _fails(main, capsys, [tmp_path / "meta.safetensors", out], "metadata format 'pt' is not one lstmkit reads")
-    _fails(main, capsys, [tmp_path / "gru.pt", out], "weight_ih_l0 has 12 rows for hidden size 4")
+    _fails(main, capsys, [tmp_path / "gru.pt", out], "weight_ih_l0 has 12 rows and weight_hh_l0 4 columns, which is no vanilla LSTM")
     _fails(main, capsys, [tmp_path / "list.pt", out], "holds a list, expected a state dict")
     _fails(main, capsys, [tmp_path / "two.pt", out], "holds 2 recurrent layers")
     _fails(main, capsys, [tmp_path / "huge.safetensors", out],

@@ -243,6 +243,9 @@ def test_sizes_that_do_not_divide_are_refused_before_allocating():
         lstmkit.LSTM(3, 6, heads=2.0)
     with pytest.raises(ValueError, match=r"CellSpec.heads: expected a whole number >= 1"):
         resolve("heads=0")
+    with pytest.raises(TypeError, match=r"CellSpec.heads: expected a whole number >= 1, got 2.0"):
+        lstmkit.CellSpec(heads=2.0)
+    assert lstmkit.CellSpec(heads=np.int64(2)) == lstmkit.CellSpec(heads=2)  # a NumPy integer, as the layer takes
     assert lstmkit.LSTM(3, 6, cell="heads=2", heads=2).spec.heads == 2
 
 

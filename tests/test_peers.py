@@ -124,6 +124,24 @@ def test_to_flashrnn_round_trip_and_refusals():
         from_flashrnn(R, b, W, "gru")
     with pytest.raises(ValueError, match=r"b: expected \(4, NH, D\)"):
         from_flashrnn(R, b[:, :1], W, "lstm")
+    with pytest.raises(ValueError, match=r"lstmkit computes FlashRNN's \['lstm', 'slstm'\], not \['slstm'\]"):
+        from_flashrnn(R, b, W, ["slstm"])
+
+
+@pytest.mark.parametrize("state, kwargs, error, match", [
+    ({"_recurrent_kernel_": torch.randn(2, 12, 3), "_bias_": torch.randn(5)}, {}, ValueError,
+     r"_bias_: expected 24 values \(4 gates × H = 6\), got shape \(5,\)"),
+    ({"_recurrent_kernel_": torch.randn(2, 3, 12), "_bias_": torch.randn(23)}, {}, ValueError, r"expected 24 values"),
+    ({"_recurrent_kernel_": torch.randn(2, 5, 3), "_bias_": torch.randn(24)}, {}, ValueError, r"\(NH, 4D, D\)"),
+    ({"slstm_cell._recurrent_kernel_": torch.randn(2, 12, 3), "slstm_cell._bias_": torch.randn(24),
+      **{f"{g}gate.weight": torch.randn(2, 3, 3) for g in "fzo"}}, {"drop_group_norm": True}, ValueError,
+     r"missing \['igate.weight'\]"),
+    ({"_recurrent_kernel_": torch.randn(2, 12, 3), "_bias_": torch.randn(24)}, {"dtype": "float32"}, TypeError,
+     r"dtype: expected one of"),
+])
+def test_xlstm_state_dicts_lstmkit_cannot_read_are_refused_by_name(state, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        from_xlstm_slstm(state, **kwargs)
 
 
 # ----------------------------------------------------------------------------- xLSTM

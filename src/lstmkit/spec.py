@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -200,7 +201,10 @@ class CellSpec:
             object.__setattr__(self, "gate_hidden", tuple(
                 (g, w) for g, w in self.gate_hidden if g in variants.computed_gates(self)))
         object.__setattr__(self, "zoneout", _check_zoneout(self.zoneout))
-        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or not 1 <= self.heads <= MAX_GATE_WIDTH:
+        if isinstance(self.heads, bool) or not isinstance(self.heads, numbers.Integral):
+            raise TypeError(f"CellSpec.heads: expected a whole number >= 1, got {self.heads!r}")
+        object.__setattr__(self, "heads", int(self.heads))  # (a NumPy integer: a plain int, so specs compare equal)
+        if not 1 <= self.heads <= MAX_GATE_WIDTH:
             raise ValueError(f"CellSpec.heads: expected a whole number >= 1, got {self.heads!r}")
         if self.cell_clip is not None:
             if isinstance(self.cell_clip, bool) or not isinstance(self.cell_clip, (int, float)):

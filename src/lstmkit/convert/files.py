@@ -152,8 +152,9 @@ def _infer_layer(tensors: dict[str, Tensor], where: str, cell: str | None, batch
     elif rows == H and not proj:
         spec = CellSpec(kind="rnn")  # nn.RNN; a relu RNN needs --cell rnn_relu
     else:
-        raise ValueError(f"{where}: weight_ih_l0 has {rows} rows for hidden size {H}; a vanilla LSTM has {4 * H} "
-                         f"and an RNN {H}: pass --cell NAME for the variant it was saved from")
+        raise ValueError(f"{where}: weight_ih_l0 has {rows} rows and weight_hh_l0 {H} columns, which is no vanilla "
+                         f"LSTM (4H rows for H columns) or RNN (H for H): pass --cell NAME for the variant it was "
+                         f"saved from (with heads=k, weight_hh_l0 holds each head's H/k columns)")
     if not proj:
         H *= spec.heads  # W_hh holds one head's H / heads columns
     kw = dict(num_layers=L, bias="bias_ih" in bases, batch_first=batch_first, bidirectional=bidir,

@@ -71,7 +71,7 @@ def from_flashrnn(R: Any, b: Any, W: Any = None, function: str = "lstm", *, batc
         TypeError: not floating tensors.
     """
     check_bool("batch_first", batch_first)
-    if function not in FUNCTIONS:
+    if not isinstance(function, str) or function not in FUNCTIONS:
         raise ValueError(f"function: lstmkit computes FlashRNN's {sorted(FUNCTIONS)}, not {function!r} (FlashRNN's "
                          f"gru and elman cells have no lstmkit layer)")
     R = _tensor("R", R, 4)

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from lstmkit._validate import check_bool
+from lstmkit.checks import check_dtype
 from lstmkit.nn import LSTM
 
 __all__ = ["from_xlstm_slstm"]
@@ -82,6 +83,7 @@ def from_xlstm_slstm(state_dict: Mapping[str, Any], *, drop_group_norm: bool = F
     """
     check_bool("drop_group_norm", drop_group_norm)
     check_bool("batch_first", batch_first)
+    check_dtype(dtype)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
     keys = list(state_dict)
@@ -106,25 +108,28 @@ def from_xlstm_slstm(state_dict: Mapping[str, Any], *, drop_group_norm: bool = F
     unknown = [k for k in keys if k not in known]
     if unknown:
         raise ValueError(f"state_dict: keys lstmkit's sLSTM cannot carry: {unknown[:6]} (expected {sorted(known)})")
+    missing = sorted(known - {f"{prefix}group_norm.weight"} - set(keys))
+    if missing:
+        raise ValueError(f"state_dict: missing {missing} (an sLSTM {'layer' if is_layer else 'cell'} has "
+                         f"{sorted(known)})")
     R = _get(state_dict, cell_prefix + "_recurrent_kernel_")
     bias = _get(state_dict, cell_prefix + "_bias_")
     if R.dim() != 3:
         raise ValueError(f"_recurrent_kernel_: expected 3 dimensions, got shape {tuple(R.shape)}")
     NH, a, c = R.shape
-    if a == 4 * c:  # vanilla: (NH, 4D, D), [j, g·D + o, i]
-        D = c
-        blocks = R.reshape(NH, 4, D, D).permute(1, 0, 2, 3)  # (4, NH, D_out, D_in)
-        b = bias.reshape(4, NH, D)  # gate, head, unit
-    elif c == 4 * a:  # cuda: (NH, D, 4D), [j, i, g·D + o]
-        D = a
-        blocks = R.reshape(NH, D, 4, D).permute(2, 0, 3, 1)  # (4, NH, D_out, D_in)
-        b = bias.reshape(NH, 4, D).permute(1, 0, 2)  # head, gate, unit -> gate, head, unit
-    else:
+    if a != 4 * c and c != 4 * a:
         raise ValueError(f"_recurrent_kernel_: expected (NH, 4D, D) (vanilla) or (NH, D, 4D) (cuda), got "
                          f"{tuple(R.shape)}")
+    D = min(a, c)
     H = NH * D
     if bias.numel() != 4 * H:
         raise ValueError(f"_bias_: expected {4 * H} values (4 gates × H = {H}), got shape {tuple(bias.shape)}")
+    if a == 4 * c:  # vanilla: (NH, 4D, D), [j, g·D + o, i]
+        blocks = R.reshape(NH, 4, D, D).permute(1, 0, 2, 3)  # (4, NH, D_out, D_in)
+        b = bias.reshape(4, NH, D)  # gate, head, unit
+    else:  # cuda: (NH, D, 4D), [j, i, g·D + o]
+        blocks = R.reshape(NH, D, 4, D).permute(2, 0, 3, 1)  # (4, NH, D_out, D_in)
+        b = bias.reshape(NH, 4, D).permute(1, 0, 2)  # head, gate, unit -> gate, head, unit
     if dtype is None:
         dtype = R.dtype if R.dtype in (torch.float32, torch.float64) else torch.float32
     w_ih = torch.eye(4 * H, dtype=dtype)
