@@ -347,14 +347,15 @@ def test_a_deep_gate_weight_transposed_is_named():
 
 def test_a_parameter_set_through_data_is_seen_by_the_prepared_step():
     """``.data`` swaps a parameter's tensor without replacing the parameter, so the prepared
-    step's identity check passes; the kernel's own check names the parameter the operator reads."""
+    step's identity check passes; the kept layer's own check refuses it as a fresh module does
+    (ValueError naming the parameter and both shapes)."""
     cell = lstmkit.LSTMCell(3, 4, cell="peephole")
     x = torch.randn(2, 3)
     with torch.no_grad():
         for _ in range(2):
             cell(x)
         cell.peephole_i.data = torch.zeros(3)
-        with pytest.raises(RuntimeError, match=r"the param peephole_i must be \[4\]"):
+        with pytest.raises(ValueError, match=r"parameter peephole_i: this layer's cell reads shape \(4,\), got \(3,\)"):
             cell(x)
 
 
