@@ -60,13 +60,16 @@ def test_run_files_and_summary(tmp_path):
     assert cfg.cell == "peephole" and state["step"] == 20 and any(k.startswith("optim.") for k in tensors)
 
 
-def test_stream_task_resume_carries_state(tmp_path):
-    cfg = _cfg(task="continual_reber", task_options={"bptt": 10}, steps=30, eval_every=10)
+@pytest.mark.parametrize("cell", ["vanilla", "slstm"])
+def test_stream_task_resume_carries_state(tmp_path, cell):
+    """The streams' carried state — (h, c), the sLSTM's (h, c, n, m), whose n and m a checkpoint
+    held but its reader refused — is in the checkpoint, and a resumed run is bit-identical."""
+    cfg = _cfg(task="continual_reber", task_options={"bptt": 10}, steps=30, eval_every=10, cell=cell)
     full = train(cfg, tmp_path / "full", progress=False)
-    part = Trainer(_cfg(task="continual_reber", task_options={"bptt": 10}, steps=10, eval_every=10),
+    part = Trainer(_cfg(task="continual_reber", task_options={"bptt": 10}, steps=10, eval_every=10, cell=cell),
                    tmp_path / "part", progress=False)
     part.run()
-    assert part.state is not None  # the carried (h, c) of the streams is in the checkpoint
+    assert part.state is not None and len(part.state) == (4 if cell == "slstm" else 2)
     rest = train(cfg, tmp_path / "part", resume=True, progress=False)
     assert rest["value"] == full["value"]
     for k, v in _weights(tmp_path / "full").items():

@@ -50,6 +50,7 @@ from lstmkit.app.run_schema import is_number, summary_problem
 from lstmkit.app.runlock import InUseError, RunLock, lock
 from lstmkit.app.tasks.base import Task
 from lstmkit.app.tasks.registry import get_task
+from lstmkit.variants import cell_states
 
 __all__ = ["CheckpointError", "InUseError", "RunLock", "lock", "checkpoint_step", "Checkpoint", "FORMAT",
            "WEIGHTS_FORMAT", "CHECKPOINT", "CONFIG", "METRICS", "SUMMARY", "MODEL", "plan", "start",
@@ -337,9 +338,9 @@ def _expected(cfg: TrainConfig, task: Task, world: int | None) -> dict[str, tupl
     if task.stream:
         rnn = model.rnn
         lead, batch = rnn.num_layers * rnn.num_directions, cfg.batch_size // (world or 1)
-        want["carry.0"] = ((lead, batch, rnn.output_size), "F32")
-        if cfg.model == "lstm":
-            want["carry.1"] = ((lead, batch, rnn.hidden_size), "F32")
+        want["carry.0"] = ((lead, batch, rnn.output_size), "F32")  # h, then the cell's states (c; the sLSTM's c, n, m)
+        for i, _ in enumerate(cell_states(rnn.spec), start=1):
+            want[f"carry.{i}"] = ((lead, batch, rnn.hidden_size), "F32")
     return want
 
 
@@ -502,7 +503,7 @@ def restore(ck: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optim
         g.update({k: v for k, v in saved.items() if k in g and k != "params"})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     torch.set_rng_state(ck.tensors["rng.torch"])
-    carry = [ck.tensors[f"carry.{i}"] for i in range(2) if f"carry.{i}" in ck.tensors]
+    carry = [ck.tensors[f"carry.{i}"] for i in range(len(ck.tensors)) if f"carry.{i}" in ck.tensors]
     return None if not carry else (carry[0] if len(carry) == 1 else tuple(carry))
 
 
