@@ -121,6 +121,39 @@ def test_study_outputs_and_reproducible(tmp_path):
     assert _values(a) == _values(b)
 
 
+def test_another_metric_takes_its_own_direction_and_no_target(tmp_path):
+    """--metric mse on adding (whose target is accuracy, higher better): the rate is chosen by the
+    lowest validation MSE, and the accuracy threshold is applied to no MSE value (the study took the
+    target's goal and threshold for any metric)."""
+    a = run_study(_cfg(metric="mse", variants=["vanilla"]), tmp_path / "a", jobs=1, progress=False)
+    assert a["goal"] == "min"
+    (e,) = a["variants"]
+    tuning = {r["lr"]: r["select"] for r in a["rows"] if r["seed"] == 0}
+    assert e["lr"] == min(tuning, key=lambda lr: (tuning[lr], lr))
+    assert e["met"] is None and all(r["target_step"] is None for r in a["rows"])
+    md = (tmp_path / "a" / "summary.md").read_text()
+    assert "(lower is better)" in md and "Target: none on `mse`" in md
+
+
+def test_rates_that_coincide_count_each_run_once(tmp_path):
+    """Learning-rate draws that coincide (a range of one value): each variant's statistics hold its
+    seeds once each (the seed-0 run was counted once per coinciding draw)."""
+    a = run_study(_cfg(lr_range=(0.01, 0.01), lr_trials=3, variants=["vanilla"]), tmp_path / "a", jobs=1,
+                  progress=False)
+    (e,) = a["variants"]
+    assert e["n"] == 2 and len(e["values"]) == 2
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(variants=["vanilla", "rnn_relu"]), "rnn"),
+    (dict(variants=["vanilla", "peephole"], train={**TRAIN, "backend": "torch"}), "peephole"),
+])
+def test_every_variant_is_checked_before_anything_is_written(tmp_path, kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        run_study(_cfg(**kw), tmp_path / "s", jobs=1, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
 def test_refuses_foreign_or_different_directory(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lstmkit._suggest import did_you_mean
-from lstmkit.spec import resolve
+from lstmkit.spec import CellSpec, resolve
 
 __all__ = ["TrainConfig", "Option", "option_of", "MAX_PARAMETERS",
            "MAX_ACTIVATIONS", "MAX_LR"]
@@ -171,6 +171,10 @@ class TrainConfig:
                 raise ValueError(f"backend: unknown kernel {self.backend!r}"
                                  f"{did_you_mean(self.backend, kernels.REGISTRY)}; expected one of "
                                  f"{list(kernels.REGISTRY)}")
+            spec = resolve(self.cell) if self.model == "lstm" else CellSpec(kind="rnn")
+            why = kernels.REGISTRY[self.backend].refuses(spec)  # (the layer refuses it so; here before any run)
+            if why:
+                raise ValueError(f"backend: kernel {self.backend!r} cannot run this layer: {why}")
 
     @classmethod
     def for_task(cls, task: str, task_options: Mapping[str, Any] | None = None, **given: Any) -> TrainConfig:

@@ -205,7 +205,9 @@ def _train_one(path: Path, cfg: Any, config: dict[str, Any], metric: str) -> dic
     else:
         history = trainer.history
         key = f"{cfg.eval_split}_{metric}"
-        met_at = next((r["step"] for r in history if key in r and trainer.task.target.met(r[key])), None)
+        target = trainer.task.target  # (its threshold is of its own metric)
+        met_at = None if metric != target.metric else \
+            next((r["step"] for r in history if key in r and target.met(r[key])), None)
         kept = next((r for r in history if r["step"] == summary["selected_step"]), history[-1])
         result.update(diverged=False, select=kept.get(key), test=summary["test"]["metrics"],
                       steps=summary["steps"], wall_time_s=summary["wall_time_s"],
@@ -316,23 +318,29 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
     """Run (or resume) the study in ``out``; returns the aggregated results (see module doc)."""
     from tqdm import tqdm
 
+    from lstmkit.app.tasks.base import metric_goal
     from lstmkit.app.tasks.registry import get_task
 
     cfg.validate()
     out = Path(out)
     jobs = (os.cpu_count() or 1) if jobs is None else check_int("jobs", jobs, 1, 256)
-    TrainConfig.from_dict(_train_config(cfg, Run(cfg.variants[0], 0, 1e-3, 0), "valid"))  # before the task
+    for variant in cfg.variants:  # every variant's configuration, before the task (and anything written)
+        TrainConfig.from_dict(_train_config(cfg, Run(variant, 0, 1e-3, 0), "valid"))
     task = get_task(cfg.task, seed=0, **cfg.train.get("task_options", {}))
     metric = cfg.metric or task.target.metric
     split = _selection_split(task)
     names = _metric_names(task)
     if metric not in names:
         raise ValueError(f"metric: expected one of task {cfg.task!r}'s metrics {names}, got {metric!r}")
-    TrainConfig.from_dict(_train_config(cfg, Run(cfg.variants[0], 0, 1e-3, 0), split))
+    goal = task.target.goal if metric == task.target.metric else metric_goal(metric)
+    if goal is None:
+        raise ValueError(f"metric: whether a higher or a lower {metric!r} is better is unknown; choose one of "
+                         f"{[m for m in names if metric_goal(m)]}")
+    for variant in cfg.variants:
+        TrainConfig.from_dict(_train_config(cfg, Run(variant, 0, 1e-3, 0), split))
     _check_out(out)
     _prepare(cfg, out)
     lrs = cfg.learning_rates()
-    goal = task.target.goal
     results: dict[Run, dict[str, Any]] = {}
     total = len(cfg.variants) * (len(lrs) + cfg.seeds - 1)
     bar = tqdm(total=total, disable=not progress, unit="run", dynamic_ncols=True)
@@ -430,18 +438,20 @@ def summarize(cfg: StudyConfig, results: dict[Run, dict[str, Any]], metric: str,
              "parameters": res.get("parameters")}
             for r, res in sorted(results.items(), key=lambda kv: (cfg.variants.index(kv[0].variant),
                                                                   kv[0].lr_index, kv[0].seed))]
-    chosen: dict[str, float] = {}
+    chosen: dict[str, Run] = {}  # variant -> its seed-0 run at the chosen rate (by index: rates may coincide)
     for v in cfg.variants:
         finals = [r for r in results if r.variant == v and r.seed > 0]
         tuning = [r for r in results if r.variant == v and r.seed == 0]
         if finals:
-            chosen[v] = finals[0].lr
+            chosen[v] = next(r for r in tuning if r.lr_index == finals[0].lr_index)
         elif tuning:  # seeds == 1: the best of the search
-            best = min(tuning, key=lambda x: (_better(goal)(results[x]["select"]), x.lr_index))
-            chosen[v] = best.lr
+            chosen[v] = min(tuning, key=lambda x: (_better(goal)(results[x]["select"]), x.lr_index))
+
+    def at_chosen_rate(v: str) -> list[Run]:
+        return [r for r in results if r.variant == v and v in chosen and r.lr_index == chosen[v].lr_index]
 
     def final_values(v: str) -> tuple[list[float], int]:
-        runs = [r for r in results if r.variant == v and r.lr == chosen.get(v)]
+        runs = at_chosen_rate(v)
         vals = [results[r]["test"][metric] for r in runs if not results[r]["diverged"]]
         return [x for x in vals if x is not None and math.isfinite(x)], len(runs) - len(vals)
 
@@ -450,8 +460,9 @@ def summarize(cfg: StudyConfig, results: dict[Run, dict[str, Any]], metric: str,
     variants = []
     for v in cfg.variants:
         vals, diverged = final_values(v)
-        runs = [r for r in results if r.variant == v and r.lr == chosen.get(v)]
-        entry: dict[str, Any] = {"variant": v, "lr": chosen.get(v), "n": len(vals), "diverged": diverged,
+        runs = at_chosen_rate(v)
+        entry: dict[str, Any] = {"variant": v, "lr": chosen[v].lr if v in chosen else None, "n": len(vals),
+                                 "diverged": diverged,
                                  "parameters": next((results[r].get("parameters") for r in runs
                                                      if results[r].get("parameters")), None),
                                  "values": vals}
@@ -459,7 +470,7 @@ def summarize(cfg: StudyConfig, results: dict[Run, dict[str, Any]], metric: str,
             q1, med, q3 = _quartiles(vals)
             entry.update(median=med, q1=q1, q3=q3, mean=statistics.mean(vals),
                          std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                         met=sum(bool(target.met(x)) for x in vals),
+                         met=sum(bool(target.met(x)) for x in vals) if metric == target.metric else None,
                          target_step=_median_or_none([results[r].get("target_step") for r in runs]),
                          time_s=statistics.mean(results[r].get("wall_time_s") or 0.0 for r in runs))
         if v != base and vals and base_vals:
@@ -469,7 +480,7 @@ def summarize(cfg: StudyConfig, results: dict[Run, dict[str, Any]], metric: str,
     return {"task": cfg.task, "task_options": cfg.train.get("task_options", {}), "metric": metric, "goal": goal,
             "selection_split": split, "baseline": base, "learning_rates": cfg.learning_rates(),
             "settings": {**asdict(cfg), "lr_range": list(cfg.lr_range)},
-            "target": {"threshold": target.threshold if metric == target.metric else None,
+            "target": {"metric": target.metric, "threshold": target.threshold if metric == target.metric else None,
                        "published": target.published},
             "baselines": dict(baselines or {}),
             "runs": len(results), "cpu_time_s": round(sum(r.get("wall_time_s") or 0 for r in rows), 1),
@@ -503,7 +514,8 @@ def results_table(summary: dict[str, Any]) -> str:
             f"| {e['variant']} | {_fmt(e['lr'], 'g')} | {n} | {_fmt(e['median'])} | {_fmt(e['q1'])}–{_fmt(e['q3'])} "
             f"| {_fmt(e['mean'])} ± {_fmt(e['std'], '.2g')} | {_fmt(e.get('delta'), '+.3g')} "
             f"| {_fmt(e.get('t'), '.2f')} "
-            f"| {_fmt(p, '.2g')}{sig} | {e['met']}/{e['n']} | {_fmt(e['target_step'], 'g')} "
+            f"| {_fmt(p, '.2g')}{sig} | {_fmt(e['met'])}{'' if e['met'] is None else '/' + str(e['n'])} "
+            f"| {_fmt(e['target_step'], 'g')} "
             f"| {_fmt(e['parameters'], ',')} |")
     return "\n".join(lines)
 
@@ -524,10 +536,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"[{s['lr_range'][0]:g}, {s['lr_range'][1]:g}] ({', '.join(f'{x:g}' for x in summary['learning_rates'])}; "
         f"the same for every variant), chosen on the `{summary['selection_split']}` split with seed 0; "
         f"then {s['seeds']} seeds at that rate. Welch's t-test against `{summary['baseline']}`. "
-        f"Target: the task's criterion ({'≥' if summary['goal'] == 'max' else '≤'} "
-        f"{_fmt(summary['target']['threshold'])}); steps to target: the median, over the runs that met it, of "
-        f"the first evaluation (every {_setting(train, 'eval_every')} steps) on the `{summary['selection_split']}` "
-        f"split that met it.", "",
+        + (f"Target: the task's criterion ({'≥' if summary['goal'] == 'max' else '≤'} "
+         f"{_fmt(summary['target']['threshold'])}); steps to target: the median, over the runs that met it, of "
+         f"the first evaluation (every {_setting(train, 'eval_every')} steps) on the `{summary['selection_split']}` "
+         f"split that met it." if summary["target"].get("metric", summary["metric"]) == summary["metric"] else
+         f"Target: none on `{summary['metric']}` (the task's criterion is on another metric)."), "",
         f"Budget: {summary['runs']} runs, {summary['cpu_time_s'] / 60:.1f} CPU-minutes of training "
         f"(one thread per run).", "",
         results_table(summary), "",

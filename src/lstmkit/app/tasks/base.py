@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "Target", "Task"]
+__all__ = ["Batch", "Target", "Task", "metric_goal"]
 
 
 @dataclass
@@ -61,6 +61,22 @@ class Batch:
         return Batch(self.x[:, sl], self.y.narrow(self.y_batch_dim, start, stop - start),
                      None if self.lengths is None else self.lengths[sl],
                      None if self.reset is None else self.reset[sl], self.y_batch_dim)
+
+
+#: Which way each kind of metric improves, by the end of its name: the fractions right (``accuracy``,
+#: ``solved``, …) up, the errors and losses down.
+_HIGHER_IS_BETTER = ("accuracy", "solved", "perfect_steps", "generalization")
+_LOWER_IS_BETTER = ("loss", "mse", "rmse", "xent", "nll", "bpc", "error")
+
+
+def metric_goal(name: str) -> str | None:
+    """``"max"`` if a larger value of metric ``name`` is better, ``"min"`` if a smaller one, None
+    where its name does not say."""
+    if name.endswith(_HIGHER_IS_BETTER):
+        return "max"
+    if name.endswith(_LOWER_IS_BETTER):
+        return "min"
+    return None
 
 
 @dataclass(frozen=True)
