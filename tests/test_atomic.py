@@ -44,6 +44,26 @@ def test_leftovers_of_dead_writers_go_and_live_ones_stay(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.bin", "other.bin"]
 
 
+def test_a_users_file_shaped_like_an_old_temporary_one_stays(tmp_path, capsys):
+    """An older version's temporary names (.NAME.XXXXXXXX.tmp) are taken for the kinds of file lstmkit
+    writes only: a user's .backup.20240101.tmp made a run directory look empty, and train deleted it."""
+    from lstmkit.app.cli import main
+
+    old = tmp_path / ".checkpoint.safetensors.k2j4h5l6.tmp"
+    mine = tmp_path / ".backup.20240101.tmp"
+    for p in (old, mine):
+        p.write_bytes(b"x")
+    assert _atomic.is_temporary(old.name) and not _atomic.is_temporary(mine.name)
+    assert _atomic.clean_stale(tmp_path, exclusive=True) == [old] and mine.exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / mine.name).write_bytes(b"mine")
+    assert main(["train", "adding", "-o", "length=10", "--steps", "1", "--hidden", "4", "--quiet",
+                 "--out", str(run)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert [p.name for p in run.iterdir()] == [mine.name] and (run / mine.name).read_bytes() == b"mine"
+
+
 def test_exclusive_lock_is_released_when_its_holder_is_killed(tmp_path):
     """A process killed while holding :func:`_atomic.exclusive` leaves nothing that blocks the
     next holder (the OS drops an flock with its process); while it lives, the lock is held."""

@@ -30,8 +30,10 @@ __all__ = ["WriteError", "check_writable", "atomic_path", "write_bytes", "write_
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9]*)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp(\..*)?$")
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16]
-# Names of an older version (no process id): ``.NAME.XXXXXXXX.tmp[.ext]``.
-_OLD_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp(\..*)?$")
+# Names of an older version (no process id): ``.NAME.XXXXXXXX.tmp[.ext]`` — of the kinds of file
+# lstmkit writes only (a user's ``.backup.20240101.tmp`` has that shape too, and is not lstmkit's).
+_OLD_TEMP = re.compile(r"^\.(?P<name>.+\.(json|jsonl|safetensors|png|svg|pdf|md|html|onnx|keras|h5|pt|pth))"
+                       r"\.[a-z0-9_]{8}\.tmp(\..*)?$")
 
 
 class WriteError(OSError):
