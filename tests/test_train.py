@@ -76,6 +76,40 @@ def test_stream_task_resume_carries_state(tmp_path, cell):
         assert torch.equal(v, _weights(tmp_path / "part")[k]), k
 
 
+def test_a_checkpoint_with_damaged_values_is_one_line_and_its_flags_are_not_taken(tmp_path):
+    """A checkpoint whose header and shapes are right but whose generator state is damaged: one
+    line, exit 2 (a traceback before); optimiser flags changed in its trainer state (maximize,
+    amsgrad) are not taken — the config sets the optimiser — so the resumed run equals a straight one."""
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    straight = train(_cfg(steps=20), tmp_path / "straight", progress=False)
+    for damage in ("rng", "maximize", "amsgrad"):
+        d = tmp_path / damage
+        Trainer(_cfg(steps=10), d, progress=False).run()
+        p = d / "checkpoint.safetensors"
+        with safe_open(str(p), "pt") as f:
+            meta = dict(f.metadata())
+        tensors = load_file(str(p))
+        if damage == "rng":
+            tensors["rng.torch"][:] = 255
+        else:
+            state = _json.loads(meta["trainer"])
+            state["param_groups"][0][damage] = True
+            meta["trainer"] = _json.dumps(state)
+        save_file(tensors, str(p), metadata=meta)
+        if damage == "rng":  # (the CLI prints a CheckpointError as one line, exit 2)
+            with pytest.raises(runs.CheckpointError, match=r"random generator's state is damaged \(Invalid mt19937"):
+                Trainer(_cfg(steps=20), d, resume=True, progress=False)
+        else:
+            rest = train(_cfg(steps=20), d, resume=True, progress=False)
+            assert rest["value"] == straight["value"]
+            for k, v in _weights(tmp_path / "straight").items():
+                assert torch.equal(v, _weights(d)[k]), (damage, k)
+
+
 def test_errors_exit_2_and_overwrite_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(ADDING + ["--steps", "10", "--out", str(out)]) == 0

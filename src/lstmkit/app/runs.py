@@ -498,11 +498,15 @@ def restore(ck: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optim
         if k.startswith("optim."):
             _, idx, key = k.split(".", 2)
             state.setdefault(int(idx), {})[key] = v
+    # the optimiser's settings are its config's (the trainer sets the rate every step); a checkpoint's
+    # param_groups were taken before, so a changed flag (maximize, amsgrad) ran or failed inside torch
     groups = optimizer.state_dict()["param_groups"]
-    for g, saved in zip(groups, ck.state["param_groups"]):
-        g.update({k: v for k, v in saved.items() if k in g and k != "params"})
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    torch.set_rng_state(ck.tensors["rng.torch"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(ck.tensors["rng.torch"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint: {ck.path}: the optimiser state or the random generator's state is "
+                              f"damaged ({str(exc).splitlines()[0][:120]})") from None
     carry = [ck.tensors[f"carry.{i}"] for i in range(len(ck.tensors)) if f"carry.{i}" in ck.tensors]
     return None if not carry else (carry[0] if len(carry) == 1 else tuple(carry))
 
