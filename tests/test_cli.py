@@ -5,6 +5,7 @@ or allocated; a run directory is never stuck. Everything goes through ``lstmkit.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
@@ -109,6 +110,31 @@ def test_for_task_defaults_then_given():
         TrainConfig.for_task("adding", {}, hiden_size=8)
     with pytest.raises(ValueError, match=r"lr: expected a number > 0, got -1"):
         TrainConfig.for_task("adding", {}, lr=-1)
+
+
+def test_the_default_run_directory_is_one_directory():
+    """A cell word with '/' (zoneout=<z_c>/<z_h>) named two nested directories, which plot compare
+    runs/* then read as a run."""
+    from lstmkit.app.cli import default_run_dir
+
+    cfg = TrainConfig.for_task("adding", {"length": 30}, cell="zoneout=0.1/0.2+deep=f:3")
+    d = default_run_dir(cfg, cell_given=True)
+    assert d.parent == Path("runs") and d.name == "adding-length30-zoneout=0.1_0.2+deep=f:3-s0"
+
+
+def test_the_none_words_the_help_names_are_read(tmp_path):
+    """--backend none (the help's default) was an unknown kernel, and --clip 0.0 was refused as
+    'expected a number > 0 or 0'; both mean off, as --clip 0 and --threads none do."""
+    from lstmkit.app._argparse import add_config_options, config_values
+
+    parser = argparse.ArgumentParser()
+    add_config_options(parser)
+    got = config_values(parser.parse_args(["--backend", "none", "--clip", "0.0", "--threads", "None"]))
+    assert got == {"backend": None, "clip": None, "threads": None}
+    assert config_values(parser.parse_args(["--backend", "reference", "--clip", "0.5"])) == \
+        {"backend": "reference", "clip": 0.5}
+    with pytest.raises(ValueError, match=r"clip: expected a number > 0 or None, got -1"):
+        TrainConfig(task="adding", clip=-1).validate()
 
 
 def test_the_chorales_parse_announces_itself(monkeypatch, tmp_path, capsys):

@@ -108,8 +108,13 @@ def _parser_of(name: str, opt: Option) -> Any:
     def parse(text: str) -> Any:
         if opt.optional and text.lower() in ("none", opt.none_word):
             return None
+        if opt.kind is str:
+            return text
         try:
-            return opt.kind(text)
+            value = opt.kind(text)
+            if opt.optional and opt.none_word[:1].isdigit() and value == opt.kind(opt.none_word):
+                return None  # (--clip 0.0 as --clip 0)
+            return value
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected {'an int' if opt.kind is int else 'a number'}, got {text!r}") from None
@@ -142,7 +147,7 @@ def add_config_options(parser: Any, *, only: Iterable[str] | None = None,
                                 default=argparse.SUPPRESS, help=help_text)
             continue
         metavar = None if opt.choices else {int: "N", float: "X"}.get(opt.kind, "NAME")
-        parser.add_argument(*flags, dest=f.name, type=_parser_of(f.name, opt) if opt.kind is not str else str,
+        parser.add_argument(*flags, dest=f.name, type=_parser_of(f.name, opt),
                             choices=opt.choices or None, metavar=metavar, default=argparse.SUPPRESS, help=help_text)
 
 

@@ -27,6 +27,7 @@ import importlib
 import inspect
 import json
 import math
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -166,7 +167,8 @@ def default_run_dir(cfg: TrainConfig, cell_given: bool) -> Path:
     MODEL ``lstm`` (the task's recipe cell), ``rnn``, or the ``--cell`` given."""
     label = "rnn" if cfg.model == "rnn" else cfg.cell if cell_given else "lstm"
     opts = [f"{k}{v}" for k, v in cfg.task_options.items()]
-    return Path("runs") / "-".join([cfg.task, *opts, label, f"s{cfg.seed}"])
+    name = "-".join([cfg.task, *opts, label, f"s{cfg.seed}"])
+    return Path("runs") / re.sub(r"[^A-Za-z0-9._+=,:-]", "_", name)  # one directory (zoneout=0.1/0.2: no '/')
 
 
 def _print_summary(s: dict[str, Any], out: Path) -> None:

@@ -101,7 +101,7 @@ def _check(name: str, value: Any, opt: Option) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{name}: expected a finite number, got {value!r}")
         what = "a number"
-    none = f" or {opt.none_word}" if opt.optional else ""
+    none = f" or {'None' if opt.none_word[:1].isdigit() else opt.none_word}" if opt.optional else ""
     if opt.lo is not None and (value <= opt.lo if opt.lo_open else value < opt.lo):
         raise ValueError(f"{name}: expected {what} {'>' if opt.lo_open else '>='} {opt.lo:g}{none}, got {value!r}")
     if opt.hi is not None and (value >= opt.hi if opt.hi_open else value > opt.hi):
