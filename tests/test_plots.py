@@ -209,6 +209,13 @@ def test_compare(runs, tmp_path):
     assert fig.axes[0].get_ylabel() == "test mse"
     with pytest.raises(ValueError, match=r"metric: run .* has no valid metric 'bpc'; it has \['accuracy', 'loss', 'mse'\]"):
         rundir.final_values(dirs, metric="bpc")
+    # runs of another task (or other options) are not pooled into one box: refused, naming them
+    other = tmp_path / "other"
+    shutil.copytree(runs["nfg"], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "task": "multiplication"}))
+    with pytest.raises(ValueError, match=r"different tasks or task options \(adding .*multiplication .*: other\)"):
+        plots.plot_compare([*dirs, other])
 
 
 def test_gradient_flow_picture(runs):

@@ -737,6 +737,15 @@ def final_values(run_dirs: list[str | os.PathLike[str]] | tuple[str | os.PathLik
         raise ValueError(f"run_dirs: expected a non-empty list of run directories, got {run_dirs!r}")
     rows = []
     chosen = metric
+    tasks: dict[str, list[str]] = {}  # the task and its options, as written -> its runs
+    for d in map(Path, run_dirs):
+        cfg = read_config(d) or {}
+        tasks.setdefault(f"{cfg.get('task')} {json.dumps(cfg.get('task_options') or {}, sort_keys=True)}",
+                         []).append(d.name)
+    if len(tasks) > 1:
+        raise ValueError("run_dirs: the runs are of different tasks or task options (" + "; ".join(
+            f"{k}: {', '.join(v[:3])}{', …' if len(v) > 3 else ''}" for k, v in tasks.items())
+            + "); compare runs of one task")
     for d in map(Path, run_dirs):
         recs = read_metrics(d)
         m = chosen or metric_of(d, recs)
