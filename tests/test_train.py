@@ -191,6 +191,24 @@ def test_two_processes_match_one_with_same_global_batch(tmp_path):
     assert abs(ja["value"] - jb["value"]) < 1e-5
 
 
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_two_processes_resume_a_stream_task_bit_identically(tmp_path):
+    """A stream task under torchrun: each process carries its share of the streams; the checkpoint
+    holds every stream's state (rank 0's alone before, which every rank then resumed from)."""
+    args = ["-m", "lstmkit", "train", "continual_reber", "-o", "bptt=10", "-o", "eval_symbols=200", "--hidden", "8",
+            "--eval-every", "5", "--batch-size", "4", "--eval-batch-size", "4", "--threads", "1", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519"]
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    for extra in (["--steps", "10", "--out", str(straight)], ["--steps", "5", "--out", str(parted)],
+                  ["--steps", "10", "--out", str(parted), "--resume"]):
+        subprocess.run([*torchrun, *args, *extra], check=True, env=env, capture_output=True, text=True)
+    a, b = _weights(straight), _weights(parted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _, tensors, _ = load_checkpoint(parted)
+    assert tensors["carry.0"].shape == (1, 4, 8)  # every stream (batch 4), not one process's 2
+
+
 # ----------------------------------------------------------------------------- one run at a time, Ctrl-C
 
 

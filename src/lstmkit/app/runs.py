@@ -323,9 +323,9 @@ _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", tor
            torch.uint8: "U8", torch.int64: "I64"}
 
 
-def _expected(cfg: TrainConfig, task: Task, world: int | None) -> dict[str, tuple[tuple[int, ...], str]]:
+def _expected(cfg: TrainConfig, task: Task) -> dict[str, tuple[tuple[int, ...], str]]:
     """``name -> (shape, dtype)`` of every tensor a checkpoint of ``cfg`` may hold (the carried
-    state's batch is ``batch_size / world``; any divisor of ``batch_size`` if ``world`` is None)."""
+    state holds every stream, ``batch_size``, whatever the number of processes)."""
     model = SequenceModel(cfg, task.input_size, task.output_size, device="meta")
     want = {f"model.{k}": (tuple(v.shape), _DTYPES[v.dtype]) for k, v in model.state_dict().items()}
     want.update({f"selected.{k[len('model.'):]}": v for k, v in want.items()})
@@ -337,7 +337,7 @@ def _expected(cfg: TrainConfig, task: Task, world: int | None) -> dict[str, tupl
     want["rng.torch"] = (tuple(torch.get_rng_state().shape), "U8")
     if task.stream:
         rnn = model.rnn
-        lead, batch = rnn.num_layers * rnn.num_directions, cfg.batch_size // (world or 1)
+        lead, batch = rnn.num_layers * rnn.num_directions, cfg.batch_size
         want["carry.0"] = ((lead, batch, rnn.output_size), "F32")  # h, then the cell's states (c; the sLSTM's c, n, m)
         for i, _ in enumerate(cell_states(rnn.spec), start=1):
             want[f"carry.{i}"] = ((lead, batch, rnn.hidden_size), "F32")
@@ -346,8 +346,8 @@ def _expected(cfg: TrainConfig, task: Task, world: int | None) -> dict[str, tupl
 
 def _check_tensors(p: Path, shapes: dict[str, tuple[tuple[int, ...], str]], cfg: TrainConfig, task: Task,
                    world: int | None) -> None:
-    want = _expected(cfg, task, world)
-    if world is None:  # reading, not resuming: the carried state of any number of processes
+    want = _expected(cfg, task)
+    if world is None:  # reading, not resuming: also one process's streams (an older version kept those)
         for k in [k for k in want if k.startswith("carry.") and k in shapes]:
             shape = shapes[k][0]
             if len(shape) == 3 and shape[1] >= 1 and cfg.batch_size % shape[1] == 0:

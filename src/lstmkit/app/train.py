@@ -232,7 +232,7 @@ class Trainer:
         self.best_weights: dict[str, Tensor] | None = None  # its weights
         self.test_metrics: dict[str, float] | None = None  # the one test-split evaluation, at the end
         if checkpoint is not None:
-            self.state = runs.restore(checkpoint, self.model, self.opt)
+            self.state = self._local_state(runs.restore(checkpoint, self.model, self.opt))
             st = checkpoint.state
             self.step, self.best, self.bad_evals = st["step"], st["best"], st["bad_evals"]
             self.elapsed, self.history, self.stopped = st["elapsed"], st["history"], st.get("stopped", "")
@@ -249,15 +249,41 @@ class Trainer:
     # ------------------------------------------------------------------ files
 
     def save(self) -> None:
-        """Write the checkpoint (rank 0), replacing the previous one atomically."""
+        """Write the checkpoint (rank 0), replacing the previous one atomically; every rank takes
+        part (a stream's carried state is gathered: each process carries its share of the streams)."""
+        carry = self._gathered_state()
         if self.rank != 0:
             return
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.state_dict()["param_groups"]]
         trainer = {"step": self.step, "best": self.best, "bad_evals": self.bad_evals,
                    "elapsed": self.elapsed, "param_groups": groups, "history": self.history,
                    "stopped": self.stopped, "best_step": self.best_step}
-        runs.write_checkpoint(self.run_dir, self.cfg, runs.checkpoint_tensors(self.model, self.opt, self.state,
+        runs.write_checkpoint(self.run_dir, self.cfg, runs.checkpoint_tensors(self.model, self.opt, carry,
                                                                               selected=self.best_weights), trainer)
+
+    def _gathered_state(self) -> Any:
+        """The carried stream state of every stream, (L·D, batch_size, ·) each: this process's alone,
+        or every process's share side by side in rank order (as :meth:`_local` splits a batch)."""
+        if self.state is None or self.world == 1:
+            return self.state
+        import torch.distributed as dist
+
+        def gather(t: Tensor) -> Tensor:
+            parts = [torch.empty_like(t) for _ in range(self.world)]
+            dist.all_gather(parts, t.detach().contiguous())
+            return torch.cat(parts, dim=1)  # (L·D, batch_size, ·)
+
+        return tuple(map(gather, self.state)) if isinstance(self.state, tuple) else gather(self.state)
+
+    def _local_state(self, state: Any) -> Any:
+        """This process's share of a gathered carried state (the inverse of :meth:`_gathered_state`)."""
+        if state is None or self.world == 1:
+            return state
+        n = self.cfg.batch_size // self.world
+
+        def share(t: Tensor) -> Tensor:
+            return t[:, self.rank * n:(self.rank + 1) * n].clone()
+        return tuple(map(share, state)) if isinstance(state, tuple) else share(state)
 
     # ------------------------------------------------------------------ loop
 
