@@ -141,6 +141,12 @@ def test_report_of_a_directory_of_runs(run_dir, tmp_path, capsys):
     assert all(f"wrote {tmp_path / 'demo' / n / 'report.html'}" in out for n in ("a", "b"))
     assert cli([str(tmp_path / "demo")]) == 2  # each exists now: nothing replaced without --overwrite
     assert "exist; nothing was overwritten" in capsys.readouterr().err
+    # a study's runs lie two levels down (runs/<variant>/lr<k>-s<seed>): found there too
+    for rel in ("runs/vanilla/lr0-s0", "runs/nfg/lr1-s0"):
+        shutil.copytree(run_dir, tmp_path / "study" / rel)
+    assert cli([str(tmp_path / "study"), "--no-gradflow"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("wrote ") == 2 and str(tmp_path / "study" / "runs" / "nfg" / "lr1-s0" / "report.html") in out
 
 
 def test_report_never_overwrites_unless_asked(run_dir, tmp_path, capsys):

@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=path_arg, help="run directory (default: runs/TASK[-OPTIONS]-MODEL-sSEED, e.g. "
                     "runs/adding-length100-lstm-s0; MODEL is lstm, rnn, or the --cell given)")
     tr.add_argument("--resume", action="store_true",
-                    help="continue the run in --out from its checkpoint (or start it, if it has none yet)")
+                    help="continue the run in --out from its checkpoint (or start it, if the directory holds none "
+                         "yet; a directory that does not exist is refused)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_options(tr.add_argument_group(
         "model and training", "a setting not given is the task's recipe (lstmkit tasks TASK shows it: most\n"

@@ -7,7 +7,7 @@ also writes it as a PNG::
     plot_cells(model, x, labels=…)      trajectories of c_t and h_t (``highlight=``: the cells
                                         that hold what must be remembered, :func:`memory_units`)
     plot_weights(model)                 each gate's W (H × (I + H)) with the [x | h] split
-    plot_curves(run_dirs)               training loss and test metric from metrics.jsonl
+    plot_curves(run_dirs)               training loss and the evaluated split's metric from metrics.jsonl
     plot_compare(run_dirs)              the test metric per cell variant (box + strip)
     plot_gradient_flow(flow)            ‖∂L/∂c_t‖, ‖∂L/∂h_t‖ and the forget gate of one model
     plot_gradflow(result)               RNN vs LSTM vs no-forget-gate LSTM on the adding problem
@@ -627,8 +627,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--direction", type=int, default=0)
     common(p, "RUN_DIR/weights.png")
-    p = sub.add_parser("curves", help="training loss and test metric of runs (metrics.jsonl)",
-                       description="training loss and test metric of runs (metrics.jsonl)")
+    p = sub.add_parser("curves", help="training loss and the metric on the evaluated split (metrics.jsonl)",
+                       description="training loss and the metric on the split each run evaluated during "
+                                   "training (metrics.jsonl; valid unless --eval-split said otherwise)")
     p.add_argument("runs", type=path_arg, nargs="+", metavar="RUN_DIR")
     common(p, "curves.png")
     p = sub.add_parser("compare", help="final test metric per cell variant over a set of runs",

@@ -14,7 +14,7 @@ embedded as ``data:image/png;base64`` URIs and the style sheet is inline: the fi
 from disk in any browser, with no server and nothing fetched from the network. Every text
 is escaped with :func:`html.escape`.
 
-``lstmkit report DIR`` on a directory of runs (``lstmkit demo``'s, a study's) writes a
+``lstmkit report DIR`` on a directory of runs (``lstmkit demo``'s; a study's, whose runs lie two levels down) writes a
 report into each of them.
 """
 
@@ -331,11 +331,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave out the gradient flow section")
 
 
-def _runs_below(d: Path) -> list[Path]:
-    """The run directories (with a checkpoint) directly inside ``d``, sorted."""
-    if not d.is_dir() or (d / runs.CHECKPOINT).is_file():
+def _runs_below(d: Path, depth: int = 3) -> list[Path]:
+    """The run directories (with a checkpoint) inside ``d``, up to ``depth`` levels down (a study's
+    are ``runs/<variant>/lr<k>-s<seed>``), sorted; none if ``d`` is a run itself."""
+    if not d.is_dir() or (d / runs.CHECKPOINT).is_file() or depth == 0:
         return []
-    return sorted(p for p in d.iterdir() if p.is_dir() and (p / runs.CHECKPOINT).is_file())
+    found = []
+    for p in sorted(q for q in d.iterdir() if q.is_dir() and not q.is_symlink()):
+        found += [p] if (p / runs.CHECKPOINT).is_file() else _runs_below(p, depth - 1)
+    return found
 
 
 def run(args: argparse.Namespace) -> int:
