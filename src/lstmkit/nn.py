@@ -159,8 +159,8 @@ class _Recurrent(PreparedModule):
 
     def reset_parameters(self) -> None:
         """torch's initialisation: U(−1/√H, 1/√H) everywhere; see docs/cell.md for extras."""
-        initial.reset_parameters(self, [names for layer in self._param_names for names in layer], self.spec,
-                          self.hidden_size)
+        layers = [names for layer in self._param_names for names in layer]  # per layer-direction
+        initial.reset_parameters(self, layers, self.spec, self.hidden_size)
 
     def layer_params(self, layer: int = 0, direction: int = 0) -> dict[str, Tensor]:
         """The parameters of one layer and direction, keyed by name without suffix."""
