@@ -10,7 +10,7 @@ Data (no network; the CSV files inside the statsmodels wheel):
   linear in time; a gap at either end would take the nearest value).
 
 Split, chronological: the first 70 % of the values are ``train``, the next 15 % ``valid``,
-the last 15 % ``test`` (sunspots 216/46/47, co2 1,598/343/343).
+the last 15 % ``test`` (sunspots 216/46/47, co2 1,599/343/342).
 
 Modelled series ``m``: the values (or, with ``difference=True``, the first differences
 ``m[j] = s[j] - s[j-1]``), normalised as ``z = (m - mean) / std`` with the mean and the
