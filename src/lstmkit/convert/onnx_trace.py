@@ -85,6 +85,7 @@ _EXPORTER_LOGGERS = ("torch.onnx", "onnxscript")
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
+    """The exporter's loggers and warnings quiet, and no gradients, for the ``with`` block."""
     loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
     levels = [logger.level for logger in loggers]
     try:
