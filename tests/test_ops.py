@@ -447,14 +447,24 @@ def test_autocast_takes_an_input_in_its_dtype_and_a_backward_inside_it(variant):
 
 
 def test_autocast_input_to_a_cell_and_a_step():
+    """Under autocast a cell returns float32 states, as nn.LSTMCell does (so a loop of steps carries c
+    unrounded), computing its step in float32; a layer's step returns the autocast dtype, as
+    nn.LSTM does."""
     torch.manual_seed(0)
     x = torch.randn(3, 4)
     cell, layer = lstmkit.LSTMCell(4, 5), lstmkit.LSTM(4, 5)
+    state = (torch.randn(3, 5), torch.randn(3, 5))
+    want = cell(x, state)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        h, c = cell(x.bfloat16(), (torch.zeros(3, 5), torch.zeros(3, 5)))  # float32 states, as nn.LSTMCell takes
+        assert all(t.dtype == torch.float32 for t in torch.nn.LSTMCell(4, 5)(x, state))
+        for _ in range(2):  # (the second call: a kept signature, if one were kept)
+            h, c = cell(x.bfloat16(), state)  # an input from an autocast nn.Linear: bfloat16
+            assert h.dtype == c.dtype == torch.float32
+            torch.testing.assert_close(h, want[0], rtol=0, atol=1e-2)  # (the input rounded to bfloat16)
+            h, c = cell(x, state)
+            assert torch.equal(h, want[0]) and torch.equal(c, want[1])
         y, _ = layer.step(x.bfloat16(), (torch.zeros(1, 3, 5), torch.zeros(1, 3, 5)))
-        assert h.dtype == y.dtype == torch.bfloat16
-        torch.testing.assert_close(h, cell(x)[0], atol=1e-3, rtol=1.6e-2)  # (bfloat16 outputs: a few ulps)
+        assert y.dtype == torch.bfloat16
         torch.testing.assert_close(y, layer.step(x)[0], atol=1e-3, rtol=1.6e-2)
     with pytest.raises(TypeError, match="does not match the layer's parameters"):
         layer.step(x.bfloat16())  # outside autocast: the dtypes must agree

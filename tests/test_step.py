@@ -311,8 +311,8 @@ def test_prepared_modules_copy_and_pickle():
 
 def test_prepared_step_gives_way_to_vmap_and_autocast(forward_infer_calls):
     """A prepared step (a call signature seen before) leaves to the general path what it cannot
-    run itself: a vmap's batched tensors (the same signature from Python) and autocast (bfloat16
-    results; TorchScript's trace: tests/test_ops.py)."""
+    run itself: a vmap's batched tensors (the same signature from Python) and autocast (a bfloat16
+    input, float32 states as nn.LSTMCell's; TorchScript's trace: tests/test_ops.py)."""
     torch.manual_seed(0)
     cell = lstmkit.LSTMCell(I, H).eval()
     x, xs = torch.randn(B, I), torch.randn(2, B, I)
@@ -322,8 +322,10 @@ def test_prepared_step_gives_way_to_vmap_and_autocast(forward_infer_calls):
         assert forward_infer_calls.count(torch.Size([B, I])) == 1  # the second call: prepared
         batched = torch.func.vmap(lambda xi: cell(xi)[0])(xs)
         torch.testing.assert_close(batched, torch.stack([cell(xi)[0] for xi in xs]), rtol=1e-6, atol=1e-6)
+        rounded = cell(x.bfloat16().float())[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert cell(x)[0].dtype == torch.bfloat16
+            h = cell(x.bfloat16())[0]
+        assert h.dtype == torch.float32 and torch.equal(h, rounded)
 
 
 def test_prepared_training_step_double_backward_raises_clearly():

@@ -725,9 +725,19 @@ class LSTMCell(PreparedModule):
         keep = None
         if self.training and self.spec.zoneout != (0.0, 0.0):  # this step's masks, (1, N, H) each
             keep = cell_eqs.zoneout_masks(self.spec, (1, *c.shape), (1, *h.shape), x)
-        kernel = kernels.select(self.spec, x.device, x.dtype, self.backend)
         params = dict(params)
-        out = kernel.run(x.unsqueeze(0), None, h, c, params, self.spec, self.hidden_size, keep=keep)
+        device = x.device.type
+        autocast = device in ("cpu", "cuda") and torch.is_autocast_enabled(device)
+        if autocast and params["weight_ih"].dtype == torch.float32:
+            # as torch.nn.LSTMCell under autocast: the step in float32, its states float32 (a loop of steps
+            # carries c unrounded; a whole sequence, LSTM, runs in the autocast dtype as nn.LSTM does)
+            x, h, c = x.float(), h.float(), c.float()
+            with torch.autocast(device, enabled=False):
+                kernel = kernels.select(self.spec, x.device, x.dtype, self.backend)
+                out = kernel.run(x.unsqueeze(0), None, h, c, params, self.spec, self.hidden_size, keep=keep)
+        else:
+            kernel = kernels.select(self.spec, x.device, x.dtype, self.backend)
+            out = kernel.run(x.unsqueeze(0), None, h, c, params, self.spec, self.hidden_size, keep=keep)
         if eager and isinstance(kernel, FusedCPUKernel):
             self._prepared.remember(self._prepared.signature(input, hx, self.training, version), [params],
                                     params)  # type: ignore[arg-type]
