@@ -135,6 +135,18 @@ def test_another_metric_takes_its_own_direction_and_no_target(tmp_path):
     assert "(lower is better)" in md and "Target: none on `mse`" in md
 
 
+def test_a_targets_goal_agrees_with_its_metrics_direction():
+    """Target.goal is each task's; metric_goal reads a metric's direction from its name (the study's
+    --metric): a Target whose goal contradicts it is refused where it is made."""
+    from lstmkit.app.tasks.base import Target, metric_goal
+
+    assert (metric_goal("symbol_accuracy"), metric_goal("max_error"), metric_goal("bpc"), metric_goal("mean")) == \
+        ("max", "min", "min", None)
+    assert Target("accuracy", "max", 0.9, "").goal == "max" and Target("mean", "min", None, "").goal == "min"
+    with pytest.raises(ValueError, match="contradicts"):
+        Target("mse", "max", 0.1, "")
+
+
 def test_rates_that_coincide_count_each_run_once(tmp_path):
     """Learning-rate draws that coincide (a range of one value): each variant's statistics hold its
     seeds once each (the seed-0 run was counted once per coinciding draw)."""

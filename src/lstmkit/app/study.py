@@ -438,12 +438,12 @@ def summarize(cfg: StudyConfig, results: dict[Run, dict[str, Any]], metric: str,
              "parameters": res.get("parameters")}
             for r, res in sorted(results.items(), key=lambda kv: (cfg.variants.index(kv[0].variant),
                                                                   kv[0].lr_index, kv[0].seed))]
-    chosen: dict[str, Run] = {}  # variant -> its seed-0 run at the chosen rate (by index: rates may coincide)
+    chosen: dict[str, Run] = {}  # variant -> a run at the chosen rate (its index: draws may coincide)
     for v in cfg.variants:
         finals = [r for r in results if r.variant == v and r.seed > 0]
         tuning = [r for r in results if r.variant == v and r.seed == 0]
         if finals:
-            chosen[v] = next(r for r in tuning if r.lr_index == finals[0].lr_index)
+            chosen[v] = finals[0]
         elif tuning:  # seeds == 1: the best of the search
             chosen[v] = min(tuning, key=lambda x: (_better(goal)(results[x]["select"]), x.lr_index))
 

@@ -95,6 +95,11 @@ class Target:
     threshold: float | None
     published: str
 
+    def __post_init__(self) -> None:
+        if self.goal not in ("max", "min") or metric_goal(self.metric) not in (None, self.goal):
+            raise ValueError(f"Target: goal {self.goal!r} of metric {self.metric!r} contradicts the direction its "
+                             f"name gives (metric_goal: {metric_goal(self.metric)!r})")
+
     def met(self, value: float) -> bool:
         """True when ``value`` reaches the threshold."""
         if self.threshold is None:
