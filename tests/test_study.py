@@ -54,6 +54,14 @@ def test_settings_are_checked(kw, pattern):
     assert pattern in str(exc.value)
 
 
+def test_a_variant_named_by_its_cell_words_is_one_directory():
+    """Variant names are directories: a cell's own words pass (per-gate deep widths, deep=f:3, too —
+    the same characters the CLI's default run directory keeps), a '/' does not."""
+    _cfg(variants=["vanilla", "deep=f:3+peephole", "zoneout=0.1"]).validate()
+    with pytest.raises(ValueError, match="cannot name a directory"):
+        _cfg(variants=["vanilla", "zoneout=0.1/0.2"]).validate()
+
+
 def test_learning_rates_log_uniform_same_for_every_variant():
     cfg = _cfg(lr_trials=200, lr_range=(1e-4, 1e-1))
     lrs = cfg.learning_rates()

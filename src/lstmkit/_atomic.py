@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["WriteError", "check_writable", "atomic_path", "write_bytes", "write_text", "write_json",
-           "clean_stale", "is_temporary", "exclusive"]
+           "clean_stale", "is_temporary", "exclusive", "safe_name", "is_safe_name"]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9]*)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp(\..*)?$")
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16]
@@ -34,6 +34,21 @@ _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16]
 # lstmkit writes only (a user's ``.backup.20240101.tmp`` has that shape too, and is not lstmkit's).
 _OLD_TEMP = re.compile(r"^\.(?P<name>.+\.(json|jsonl|safetensors|png|svg|pdf|md|html|onnx|keras|h5|pt|pth))"
                        r"\.[a-z0-9_]{8}\.tmp(\..*)?$")
+
+
+#: The characters of a file or directory name lstmkit makes from words (a run's, a study variant's):
+#: a cell word's own (``zoneout=0.1``, ``deep=f:16x8``, ``peephole+cifg``), no separator.
+_NAME_CHARS = r"A-Za-z0-9._+=,:-"
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one file name: each character outside :data:`_NAME_CHARS` replaced by ``_``."""
+    return re.sub(f"[^{_NAME_CHARS}]", "_", text)
+
+
+def is_safe_name(text: str) -> bool:
+    """Whether ``text`` is a name of :data:`_NAME_CHARS` alone (and not empty)."""
+    return re.fullmatch(f"[{_NAME_CHARS}]+", text) is not None
 
 
 class WriteError(OSError):

@@ -27,13 +27,13 @@ import importlib
 import inspect
 import json
 import math
-import re
 import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lstmkit import _atomic
 from lstmkit.app._argparse import Parser, add_config_options, config_values, key_value, path_arg
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def default_run_dir(cfg: TrainConfig, cell_given: bool) -> Path:
     label = "rnn" if cfg.model == "rnn" else cfg.cell if cell_given else "lstm"
     opts = [f"{k}{v}" for k, v in cfg.task_options.items()]
     name = "-".join([cfg.task, *opts, label, f"s{cfg.seed}"])
-    return Path("runs") / re.sub(r"[^A-Za-z0-9._+=,:-]", "_", name)  # one directory (zoneout=0.1/0.2: no '/')
+    return Path("runs") / _atomic.safe_name(name)  # one directory (zoneout=0.1/0.2: no '/')
 
 
 def _print_summary(s: dict[str, Any], out: Path) -> None:

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import random
-import re
 import statistics
 import sys
 import time
@@ -54,9 +53,6 @@ __all__ = ["StudyConfig", "run_study", "summarize", "welch", "add_arguments", "r
 TRAIN_KEYS = ("task_options", "hidden_size", "num_layers", "dropout", "optimizer", "momentum", "weight_decay",
               "clip", "schedule", "warmup", "batch_size", "steps", "eval_every", "eval_batch_size", "patience",
               "backend")
-_SAFE = re.compile(r"^[A-Za-z0-9_.+=,-]+$")
-
-
 @dataclass
 class StudyConfig:
     """What a study runs. Same config → same runs, same numbers (up to thread timing)."""
@@ -80,7 +76,7 @@ class StudyConfig:
         for v in self.variants:
             if not isinstance(v, str) or not v:
                 raise ValueError(f"variants: expected variant names, got an empty one in {self.variants}")
-            if not _SAFE.match(v):
+            if not _atomic.is_safe_name(v):
                 raise ValueError(f"variants: {v!r} has characters that cannot name a directory")
             if v != "rnn":
                 resolve(v)  # raises with the reason for an unknown or impossible variant
