@@ -6,6 +6,8 @@
 * :class:`SampledTask`: the train/eval plumbing of tasks whose sequences are sampled
   i.i.d. (adding, temporal order, copy).
 * :func:`last_step`: the output at each sequence's last valid step.
+* :class:`MarkedPairTask`: the answer-at-the-last-step scoring of the (value, marker)
+  sequences (adding, multiplication).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lstmkit.app.tasks.base import Batch, Task
 
-__all__ = ["EVAL_SPLITS", "SampledTask", "check_batch_size", "check_split", "check_positive", "check_values",
-           "derive_seed", "generator_for", "last_step", "MAX_LENGTH", "MAX_VALUES"]
+__all__ = ["EVAL_SPLITS", "MarkedPairTask", "SampledTask", "check_batch_size", "check_split", "check_positive",
+           "check_values", "derive_seed", "generator_for", "last_step", "MAX_LENGTH", "MAX_VALUES"]
 
 #: Sane upper bounds of a task's sizes, checked when the task is made (before any data is):
 #: time steps of a sequence or chunk, and values one set of data (an evaluation split, a
@@ -149,3 +152,48 @@ class SampledTask(Task):
         raw = self.eval_raw(split)
         return (self._encode({k: v[s:s + batch_size] for k, v in raw.items()})
                 for s in range(0, self.eval_size, batch_size))
+
+
+class MarkedPairTask(SampledTask):
+    """Base of the tasks over (value, marker) pairs whose answer is one number.
+
+    ``x`` (T, B, 2): per step a value and a marker (1 on the marked steps); ``y`` (B,) the
+    target; the model's single output (output_size 1) at each sequence's last valid step is
+    the answer. Loss and ``mse``: the squared error there; ``accuracy``: the fraction of
+    answers within :attr:`tolerance`. A subclass sets :attr:`tolerance` and says how
+    :meth:`show` writes the marked values (:meth:`_terms`).
+    """
+
+    #: |error| below which an answer counts as correct.
+    tolerance: ClassVar[float]
+
+    def _terms(self, values: list[tuple[int, float]]) -> str:
+        """The marked steps' ``(t, value)`` pairs as :meth:`show` writes them."""
+        return "marked " + ", ".join(f"t={t}: {v:+.3f}" for t, v in values)
+
+    def _pred(self, output: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(B,) answers at the last valid step and (B,) targets, on the output's device."""
+        return last_step(output, batch.lengths)[:, 0], batch.y.to(output.device, output.dtype)
+
+    def loss(self, output: Tensor, batch: Batch) -> Tensor:
+        pred, y = self._pred(output, batch)
+        return F.mse_loss(pred, y)
+
+    def metrics(self, output: Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
+        pred, y = self._pred(output.detach(), batch)
+        err = pred - y
+        n = float(y.numel())
+        sq = float((err * err).sum())
+        return {"mse": (sq, n), "accuracy": (float((err.abs() < self.tolerance).sum()), n), "loss": (sq, n)}
+
+    def show(self, output: Tensor, batch: Batch, n: int = 3) -> str:
+        pred, y = self._pred(output.detach(), batch)
+        lines = []
+        for b in range(min(n, y.numel())):
+            steps = output.shape[0] if batch.lengths is None else int(batch.lengths[b])
+            marked = (batch.x[:steps, b, 1] == 1).nonzero().flatten().tolist()
+            terms = self._terms([(i, float(batch.x[i, b, 0])) for i in marked])
+            err = float(pred[b] - y[b])
+            lines.append(f"T={steps}, {terms}: target {float(y[b]):.4f}, output {float(pred[b]):.4f} "
+                         f"({'ok' if abs(err) < self.tolerance else 'wrong'}, err {err:+.4f})")
+        return "\n".join(lines)

@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmkit.app.tasks._synth_common import MAX_LENGTH, SampledTask, check_positive, check_values, last_step
+from lstmkit.app.tasks._synth_common import (
+    MAX_LENGTH,
+    MarkedPairTask,
+    SampledTask,
+    check_positive,
+    check_values,
+    last_step,
+)
 from lstmkit.app.tasks.base import Batch, Target
 
 __all__ = ["LongLagTask", "MultiplicationTask", "LAG_TABLE_2C", "lag_extra_mean", "multiplication_baselines",
@@ -323,7 +330,7 @@ def multiplication_baselines(length: int) -> dict[str, float]:
 
 
 @dataclass
-class MultiplicationTask(SampledTask):
+class MultiplicationTask(MarkedPairTask):
     """The multiplication problem, Hochreiter & Schmidhuber 1997 §5.5 (Experiment 5).
 
     The adding problem's sequences (``adding``, 1997 form, §5.4) with values from
@@ -352,6 +359,7 @@ class MultiplicationTask(SampledTask):
     eval_size: int = 2560
 
     name: ClassVar[str] = "multiplication"
+    tolerance: ClassVar[float] = PRODUCT_TOLERANCE
     input_size = 2
     output_size = 1
 
@@ -431,28 +439,5 @@ class MultiplicationTask(SampledTask):
         x = torch.stack([raw["values"][:, :t], raw["markers"][:, :t]], -1).transpose(0, 1)  # (T, B, 2)
         return Batch(x.contiguous(), raw["target"].clone(), raw["lengths"].clone(), y_batch_dim=0)
 
-    def _pred(self, output: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        return last_step(output, batch.lengths)[:, 0], batch.y.to(output.device, output.dtype)
-
-    def loss(self, output: Tensor, batch: Batch) -> Tensor:
-        pred, y = self._pred(output, batch)
-        return F.mse_loss(pred, y)
-
-    def metrics(self, output: Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
-        pred, y = self._pred(output.detach(), batch)
-        err = pred - y
-        n = float(y.numel())
-        sq = float((err * err).sum())
-        return {"mse": (sq, n), "accuracy": (float((err.abs() < PRODUCT_TOLERANCE).sum()), n), "loss": (sq, n)}
-
-    def show(self, output: Tensor, batch: Batch, n: int = 3) -> str:
-        pred, y = self._pred(output.detach(), batch)
-        lines = []
-        for b in range(min(n, y.numel())):
-            steps = int(batch.lengths[b]) if batch.lengths is not None else output.shape[0]
-            marked = (batch.x[:steps, b, 1] == 1).nonzero().flatten().tolist()
-            terms = " x ".join(f"{float(batch.x[i, b, 0]):.3f} (t={i})" for i in marked)
-            err = float(pred[b] - y[b])
-            lines.append(f"T={steps}, {terms}: target {float(y[b]):.4f}, output {float(pred[b]):.4f} "
-                         f"({'ok' if abs(err) < PRODUCT_TOLERANCE else 'wrong'}, err {err:+.4f})")
-        return "\n".join(lines)
+    def _terms(self, values: list[tuple[int, float]]) -> str:
+        return " x ".join(f"{v:.3f} (t={t})" for t, v in values)

@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmkit.app.tasks._synth_common import MAX_LENGTH, SampledTask, check_positive, check_values, last_step
+from lstmkit.app.tasks._synth_common import (
+    MAX_LENGTH,
+    MarkedPairTask,
+    SampledTask,
+    check_positive,
+    check_values,
+    last_step,
+)
 from lstmkit.app.tasks.base import Batch, Target
 
 __all__ = ["AddingTask", "TemporalOrderTask", "CopyTask", "hochreiter_adding_baselines"]
@@ -48,7 +55,7 @@ def hochreiter_adding_baselines(length: int) -> dict[str, float]:
 
 
 @dataclass
-class AddingTask(SampledTask):
+class AddingTask(MarkedPairTask):
     """The adding problem, in two forms (``form``): Hochreiter & Schmidhuber 1997 §5.4
     (Experiment 4) and Le, Jaitly & Hinton 2015 / Arjovsky, Shah & Bengio 2016.
 
@@ -93,6 +100,7 @@ class AddingTask(SampledTask):
     eval_size: int = 2560
 
     name: ClassVar[str] = "adding"
+    tolerance: ClassVar[float] = ADDING_TOLERANCE
     input_size = 2
     output_size = 1
 
@@ -198,34 +206,6 @@ class AddingTask(SampledTask):
         x = torch.stack([raw["values"][:, :t], raw["markers"][:, :t]], -1).transpose(0, 1)  # (T, B, 2)
         lengths = None if self.form == "le" else raw["lengths"].clone()
         return Batch(x.contiguous(), raw["target"].clone(), lengths, y_batch_dim=0)
-
-    def _pred(self, output: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
-        """(B,) answers at the last valid step and (B,) targets, on the output's device."""
-        return last_step(output, batch.lengths)[:, 0], batch.y.to(output.device, output.dtype)
-
-    def loss(self, output: Tensor, batch: Batch) -> Tensor:
-        pred, y = self._pred(output, batch)
-        return F.mse_loss(pred, y)
-
-    def metrics(self, output: Tensor, batch: Batch) -> dict[str, tuple[float, float]]:
-        pred, y = self._pred(output.detach(), batch)
-        err = pred - y
-        n = float(y.numel())
-        sq = float((err * err).sum())
-        return {"mse": (sq, n), "accuracy": (float((err.abs() < ADDING_TOLERANCE).sum()), n),
-                "loss": (sq, n)}
-
-    def show(self, output: Tensor, batch: Batch, n: int = 3) -> str:
-        pred, y = self._pred(output.detach(), batch)
-        lines = []
-        for b in range(min(n, y.numel())):
-            steps = output.shape[0] if batch.lengths is None else int(batch.lengths[b])
-            marked = (batch.x[:steps, b, 1] == 1).nonzero().flatten().tolist()
-            terms = ", ".join(f"t={i}: {float(batch.x[i, b, 0]):+.3f}" for i in marked)
-            err = float(pred[b] - y[b])
-            lines.append(f"T={steps}, marked {terms}: target {float(y[b]):.4f}, output {float(pred[b]):.4f} "
-                         f"({'ok' if abs(err) < ADDING_TOLERANCE else 'wrong'}, err {err:+.4f})")
-        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------- temporal order
