@@ -443,3 +443,21 @@ def test_lengths_as_numpy_and_out_of_range_ints():
     torch.testing.assert_close(layer(x, lengths=np.array([5, 3]))[0], layer(x, lengths=[5, 3])[0])
     with pytest.raises(ValueError, match=r"lengths: each must be in \[1, L = 5\]"):
         layer(x, lengths=[2**64, 3])
+
+
+@pytest.mark.parametrize("module,x,owner", [
+    (lambda: lstmkit.LSTM(I, H), torch.randn(3, 2, I), "layer"),
+    (lambda: lstmkit.LSTMCell(I, H), torch.randn(2, I), "cell"),
+])
+def test_input_refused_alike_by_layer_and_cell(module, x, owner):
+    """A layer and a cell check their input with one function: the same refusals, each naming its module."""
+    m = module()
+    with pytest.raises(TypeError, match=rf"input: dtype torch.float64 does not match the {owner}'s parameters "
+                                        rf"\(torch.float32\); convert one of them, e.g. {owner}.to\(torch.float64\)"):
+        m(x.double())
+    with pytest.raises(TypeError, match="input: expected a floating-point tensor, got dtype torch.int64"):
+        m(x.long())
+    with pytest.raises(TypeError, match="input: expected a dense"):
+        m(x.to_sparse())
+    with pytest.raises(ValueError, match=rf"input: expected input size \(last dimension\) {I}, got {I + 1}"):
+        m(torch.randn(*x.shape[:-1], I + 1))

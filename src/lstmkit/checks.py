@@ -22,7 +22,8 @@ from lstmkit.spec import CellSpec, layer_param_shapes
 
 __all__ = ["check_finite", "check_finite_all", "check_device", "check_backend", "check_dtype", "check_memory",
            "check_packed_sequence", "check_parameters", "check_init_values", "check_dense", "check_lengths",
-           "input_dtype_ok", "vmapped", "NONFINITE_INPUT", "LAYER_DTYPES"]
+           "check_input_size", "check_module_input", "input_dtype_ok", "vmapped", "NONFINITE_INPUT",
+           "LAYER_DTYPES"]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -301,3 +302,30 @@ def input_dtype_ok(x: Tensor, weight: Tensor) -> bool:
     device = x.device.type
     return weight.dtype == torch.float32 and device in ("cpu", "cuda") and torch.is_autocast_enabled(device) \
         and x.dtype == torch.get_autocast_dtype(device)
+
+
+def check_input_size(x: Tensor, what: str, input_size: int) -> None:
+    """Raise ValueError unless ``x``'s last dimension is a module's ``input_size``."""
+    if x.shape[-1] != input_size:
+        raise ValueError(f"{what}: expected input size (last dimension) {input_size}, got {x.shape[-1]} "
+                         f"(shape {_shape(x)})")
+
+
+def check_module_input(x: Tensor, what: str, dims: tuple[int, ...], shapes: str, weight: Tensor, owner: str,
+                       input_size: int) -> None:
+    """Raise TypeError / ValueError, naming ``what``, unless ``x`` is an input the module takes: a dense
+    tensor of one of ``dims`` dimensions (``shapes`` says which, e.g. "a 1-D (I,) or 2-D (N, I)
+    tensor"), floating point, in the dtype of the module's ``weight`` (or autocast's,
+    :func:`input_dtype_ok`) and on its device, its last dimension ``input_size``. ``owner`` ("layer",
+    "cell") names the module in the messages."""
+    check_dense(x, what)
+    if x.dim() not in dims:
+        raise ValueError(f"{what}: expected {shapes}, got {x.dim()}-D of shape {_shape(x)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{what}: expected a floating-point tensor, got dtype {x.dtype}")
+    if not input_dtype_ok(x, weight):
+        raise TypeError(f"{what}: dtype {x.dtype} does not match the {owner}'s parameters ({weight.dtype}); "
+                        f"convert one of them, e.g. {owner}.to({x.dtype}) or input.to({weight.dtype})")
+    if x.device != weight.device:
+        raise ValueError(f"{what}: on device {x.device}, but the {owner}'s parameters are on {weight.device}")
+    check_input_size(x, what, input_size)

@@ -29,8 +29,10 @@ from lstmkit.checks import (
     check_dtype,
     check_finite_all,
     check_init_values,
+    check_input_size,
     check_lengths,
     check_memory,
+    check_module_input,
     check_packed_sequence,
     check_parameters,
     input_dtype_ok,
@@ -358,7 +360,7 @@ class _Recurrent(PreparedModule):
         if input.dim() not in (1, 2):
             raise ValueError(f"input: step takes one time step, a 2-D (N, {self.input_size}) batched or 1-D "
                              f"({self.input_size},) unbatched tensor, got {input.dim()}-D of shape {_shape(input)}")
-        self._check_input_size(input, "input")  # (the shape given, not the step's (1, N, I) below)
+        check_input_size(input, "input", self.input_size)  # (the shape given, not the step's (1, N, I) below)
         batched = input.dim() == 2
         x = input.unsqueeze(1 if batched and self.batch_first else 0)  # one step: (1, N, I), (N, 1, I) or (1, I)
         output, h_n, c_n, _ = self._run(x, hx)
@@ -366,32 +368,8 @@ class _Recurrent(PreparedModule):
         return output.squeeze(1 if batched and self.batch_first else 0), h_n, c_n
 
     def _check_input_tensor(self, x: Tensor, what: str) -> None:
-        check_dense(x, what)
-        if x.dim() not in (2, 3):
-            raise ValueError(
-                f"{what}: expected a 2-D (L, {self.input_size}) unbatched or 3-D batched tensor, "
-                f"got {x.dim()}-D of shape {_shape(x)}"
-            )
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{what}: expected a floating-point tensor, got dtype {x.dtype}")
-        w = self.weight_ih_l0
-        if not input_dtype_ok(x, w):
-            raise TypeError(
-                f"{what}: dtype {x.dtype} does not match the layer's parameters ({w.dtype}); "
-                f"convert one of them, e.g. layer.to({x.dtype}) or input.to({w.dtype})"
-            )
-        if x.device != w.device:
-            raise ValueError(
-                f"{what}: on device {x.device}, but the layer's parameters are on {w.device}"
-            )
-        self._check_input_size(x, what)
-
-    def _check_input_size(self, x: Tensor, what: str) -> None:
-        if x.shape[-1] != self.input_size:
-            raise ValueError(
-                f"{what}: expected input size (last dimension) {self.input_size}, got {x.shape[-1]} "
-                f"(shape {_shape(x)})"
-            )
+        check_module_input(x, what, (2, 3), f"a 2-D (L, {self.input_size}) unbatched or 3-D batched tensor",
+                           self.weight_ih_l0, "layer", self.input_size)
 
     def _state_shapes(self, batch: int, batched: bool) -> list[tuple[str, tuple[int, ...]]]:
         lead = self.num_layers * self.num_directions
@@ -662,23 +640,8 @@ class LSTMCell(PreparedModule):
     def _check_input(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
-        check_dense(input, "input")
-        if input.dim() not in (1, 2):
-            raise ValueError(
-                f"input: expected a 1-D ({self.input_size},) or 2-D (N, {self.input_size}) tensor, "
-                f"got {input.dim()}-D of shape {_shape(input)}"
-            )
-        if not input.dtype.is_floating_point:
-            raise TypeError(f"input: expected a floating-point tensor, got dtype {input.dtype}")
-        w = self.weight_ih
-        if not input_dtype_ok(input, w):
-            raise TypeError(f"input: dtype {input.dtype} does not match the cell's parameters ({w.dtype})")
-        if input.device != w.device:
-            raise ValueError(f"input: on device {input.device}, but the cell is on {w.device}")
-        if input.shape[-1] != self.input_size:
-            raise ValueError(
-                f"input: expected input size {self.input_size}, got {input.shape[-1]} (shape {_shape(input)})"
-            )
+        check_module_input(input, "input", (1, 2), f"a 1-D ({self.input_size},) or 2-D (N, {self.input_size}) tensor",
+                           self.weight_ih, "cell", self.input_size)
 
     def _check_state(self, hx: Any, x: Tensor, batched: bool) -> tuple[Tensor, Tensor]:
         """``h`` (N, H) and the cell states side by side (N, S·H) (zeros for None), checked against the

@@ -33,7 +33,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from lstmkit import kernels
 from lstmkit._validate import check_int
-from lstmkit.checks import check_packed_sequence
+from lstmkit.checks import check_input_size, check_packed_sequence
 from lstmkit.kernels.base import TRACE_KEYS, KernelOut, hidden_keys
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.layout import GATE_NAMES, GATES
@@ -194,9 +194,7 @@ def _check_x(layer: LSTM | RNN, x: Any, lengths: Any) -> Tensor | None:
     if x.dim() not in (2, 3):
         raise ValueError(f"x: expected a 2-D (T, {layer.input_size}) unbatched or 3-D batched tensor, "
                          f"got {x.dim()}-D of shape {tuple(x.shape)}")
-    if x.shape[-1] != layer.input_size:
-        raise ValueError(f"x: expected input size (last dimension) {layer.input_size}, got {x.shape[-1]} "
-                         f"(shape {tuple(x.shape)})")
+    check_input_size(x, "x", layer.input_size)
     if lengths is None:
         return None
     if x.dim() != 3:
