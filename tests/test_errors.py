@@ -201,8 +201,8 @@ def test_scalar_input_gets_the_rank_message():
 
 
 @pytest.mark.parametrize("kwargs,exc,expected", [
-    (dict(dtype=torch.int32), TypeError, r"dtype: expected one of torch.float16, .* got torch.int32"),
-    (dict(dtype="float32"), TypeError, r"dtype: expected one of torch.float16, .* got 'float32'"),
+    (dict(dtype=torch.int32), TypeError, r"dtype: expected one of torch.float32, .* got torch.int32"),
+    (dict(dtype="float32"), TypeError, r"dtype: expected one of torch.float32, .* got 'float32'"),
     (dict(device="nowhere"), ValueError, r"device: 'nowhere' is not a device"),
     (dict(cell="deep=2147483648"), ValueError,
      r"gate_hidden\['i'\]: expected positive integer widths of at most 1,048,576 \(a sane bound\), got \(2147483648,\)"),
@@ -429,7 +429,7 @@ def test_initial_values_the_dtype_cannot_hold_and_storage_only_dtypes():
         lstmkit.LSTM(I, H, cell="fb=1e5", dtype=torch.float16)
     with pytest.raises(ValueError, match=r"initial bias of gate f \(1e\+39\) does not fit in torch.float32"):
         lstmkit.LSTM(I, H, cell="fb=1e39")
-    with pytest.raises(TypeError, match="dtype: expected one of torch.float16, torch.bfloat16"):
+    with pytest.raises(TypeError, match="dtype: expected one of torch.float32, torch.float64, torch.bfloat16, torch.float16"):
         lstmkit.LSTM(I, H, dtype=torch.float8_e4m3fn)
     layer = lstmkit.LSTM(I, H, cell="chrono=1e30", dtype=torch.float16)  # drawn in float32: log(U) fits
     assert torch.isfinite(layer.bias_ih_l0).all()

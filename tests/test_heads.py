@@ -241,8 +241,10 @@ def test_sizes_that_do_not_divide_are_refused_before_allocating():
         lstmkit.LSTM(3, 6, cell="heads=2", heads=3)
     with pytest.raises(TypeError, match=r"heads: expected an int"):
         lstmkit.LSTM(3, 6, heads=2.0)
-    with pytest.raises(ValueError, match=r"CellSpec.heads: expected a whole number >= 1"):
+    with pytest.raises(ValueError, match=r"CellSpec.heads: expected a whole number in \[1, 1048576\], got 0"):
         resolve("heads=0")
+    with pytest.raises(ValueError, match=r"CellSpec.heads: expected a whole number in \[1, 1048576\], got 1048577"):
+        lstmkit.CellSpec(heads=2**20 + 1)
     with pytest.raises(TypeError, match=r"CellSpec.heads: expected a whole number >= 1, got 2.0"):
         lstmkit.CellSpec(heads=2.0)
     assert lstmkit.CellSpec(heads=np.int64(2)) == lstmkit.CellSpec(heads=2)  # a NumPy integer, as the layer takes

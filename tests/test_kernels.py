@@ -207,6 +207,27 @@ def test_registry_rows_and_selection():
     assert kernels.REGISTRY["triton"].refuses(lstmkit.CellSpec(gate_hidden=(3,), layernorm=True)) is None
 
 
+def test_a_row_that_lacks_a_step_refuses_it_by_name():
+    """A fused row declares the variant table's flags it computes (the two rows here: every one,
+    abi.FLAGS); a row that lacks some names each part it does not compute, and points to cpu_fused
+    only where that row computes the whole cell."""
+    from lstmkit.kernels import abi
+    from lstmkit.kernels.fused import FusedKernel
+
+    assert kernels.REGISTRY["cpu_fused"].implements == kernels.REGISTRY["triton"].implements == frozenset(abi.FLAGS)
+
+    class Partial(FusedKernel):
+        name, implements = "partial", frozenset({"peephole"})
+
+        def unsupported(self, spec, device, dtype):
+            return self.refuses_or_dtype(spec, dtype)
+
+    why = Partial().refuses(resolve("peephole+layernorm+deep=3+heads=1"))
+    assert why == ("its kernels do not compute deep gates (gate_hidden), layernorm: such layers run on the "
+                   "'reference' kernel (on the CPU, 'cpu_fused' computes them)")
+    assert Partial().refuses(resolve("peephole")) is None
+
+
 def _workload(**kw):
     base = dict(kind="lstm", steps=100, batch=32, hidden=128, dtype=torch.float32, gradient=False, lengths=False,
                 projection=False)

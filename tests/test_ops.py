@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lstmkit
-from lstmkit import CellSpec, cell, kernels
+from lstmkit import CellSpec, cell, kernels, variants
 from lstmkit.kernels import abi, cpu_ext, fused, ops
 from lstmkit.kernels.machine import cpu_vendor
 from lstmkit.layout import GATES
@@ -78,6 +78,9 @@ def test_compiled_abi_equals_abi_module():
     assert tuple(compiled["buffers"]) == abi.BUFFERS
     assert {n for n, off in zip(abi.PARAMS, compiled["param_no_grad"]) if off} == abi.NO_GRAD
     assert compiled["ln_eps"] == cell.LN_EPS
+    assert tuple(compiled["gate_removed"]) == tuple(abi.GATE_REMOVED[g] for g in GATES)
+    assert compiled["slopes"] == dict(variants.HARD_SIGMOID_SLOPES)
+    assert compiled["phis"] == {name: code for code, name in enumerate(abi.PHIS)}
 
 
 @pytest.mark.parametrize("gate_hidden", [(3,), {"f": (4, 2)}, {"i": (2,), "o": (5, 3, 2)}])

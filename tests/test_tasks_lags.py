@@ -11,7 +11,7 @@ import torch
 
 from lstmkit.app.tasks.base import Batch
 from lstmkit.app.tasks.registry import TASKS, get_task
-from lstmkit.app.tasks.synthetic import LongLagTask, MultiplicationTask, multiplication_baselines
+from lstmkit.app.tasks.synthetic import LongLagTask, MultiplicationTask, lag_extra_mean, multiplication_baselines
 
 
 def draw(task, n: int, seed: int = 0) -> Batch:
@@ -119,7 +119,8 @@ def test_2c_sequences_follow_section_5_2():
         assert bool((batch.x[len(s):, i] == 0).all())
     assert min(ks) >= 1
     mean_len = q + 3 + sum(ks) / len(ks) + 1  # with the final target symbol
-    assert mean_len == pytest.approx(q + 14, abs=0.6)  # the paper's "q + 14"; sd of the mean ≈ 0.21
+    assert q + 3 + lag_extra_mean() + 1 == q + 14  # the paper's mean length "q + 14"
+    assert mean_len == pytest.approx(q + 14, abs=0.6)  # sd of the mean ≈ 0.21
     assert sum(k == 1 for k in ks) / len(ks) == pytest.approx(0.1, abs=0.025)
 
 

@@ -243,7 +243,7 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
     s_new = None
     if spec.fgr:
         s_new = torch.cat([{"i": i, "f": f, "o": o}[k] for k in spec.sigmoid_gates], dim=-1)
-    if spec.zoneout != (0.0, 0.0):  # each unit keeps its previous state with probability z
+    if spec.has_zoneout:  # each unit keeps its previous state with probability z
         d_c, d_h = keep if keep is not None else spec.zoneout
         c_new = c_new + d_c * (c - c_new)  # d_c c_{t-1} + (1 − d_c) c̃_t
         h_new = h_new + d_h * (h - h_new)  # (B, H_out)

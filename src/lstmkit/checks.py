@@ -17,13 +17,13 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lstmkit import kernels
 from lstmkit.kernels import cpu_ext
+from lstmkit.kernels.base import FLOAT_DTYPES
 from lstmkit.kernels.onnx_export import exporting
 from lstmkit.spec import CellSpec, layer_param_shapes
 
 __all__ = ["check_finite", "check_finite_all", "check_device", "check_backend", "check_dtype", "check_memory",
            "check_packed_sequence", "check_parameters", "check_init_values", "check_dense", "check_lengths",
-           "check_input_size", "check_module_input", "input_dtype_ok", "vmapped", "NONFINITE_INPUT",
-           "LAYER_DTYPES"]
+           "check_input_size", "check_module_input", "input_dtype_ok", "vmapped", "NONFINITE_INPUT"]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -121,13 +121,10 @@ def check_backend(backend: Any, spec: CellSpec) -> str | None:
 NONFINITE_INPUT = ("input: contains NaN or inf; lstmkit checks this so that bad data fails here and not as "
                     "NaN weights later (pass check_finite=False to skip the check)")
 
-#: The dtypes a layer computes in (float8 types are storage formats: no arithmetic on them).
-LAYER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def check_dtype(dtype: Any) -> None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in LAYER_DTYPES):
-        raise TypeError(f"dtype: expected one of {', '.join(map(str, LAYER_DTYPES))}, got {dtype!r}")
+    """Raise TypeError unless ``dtype`` is None or one a layer computes in (:data:`FLOAT_DTYPES`)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in FLOAT_DTYPES):
+        raise TypeError(f"dtype: expected one of {', '.join(map(str, FLOAT_DTYPES))}, got {dtype!r}")
 
 
 def check_init_values(spec: CellSpec, dtype: torch.dtype | None) -> None:

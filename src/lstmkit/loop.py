@@ -1,4 +1,9 @@
-"""The only loop over layers and directions: stacking, reversal, dropout, state carry.
+"""The general path's loop over layers and directions: stacking, reversal, dropout, state carry.
+
+One other loop stacks layers: a kept signature's fast path on the compiled CPU kernel
+(:class:`lstmkit.kernels.fused.PreparedStep`), for forward-only directions, which draws dropout
+and zoneout masks as this one does, in the same order, so that a seed gives the same masks on
+either path (a test compares them bit for bit).
 
 Each layer-direction is handed to a kernel (:mod:`lstmkit.kernels`), which runs the
 time loop — or the whole stack, to a row whose operator runs every layer and direction in
@@ -80,7 +85,7 @@ def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
     forced = backend is not None and not record  # select then returns the named row: no workload to weigh
     workload = None if forced else _workload(spec, x, lengths, h0, c0, params, hidden_size)
     kernel = kernels.select(spec, x.device, x.dtype, backend, record, workload)
-    if not record and spec.zoneout == (0.0, 0.0):
+    if not record and not spec.has_zoneout:
         whole = kernel.run_layers(x, lengths, h0, c0, params, spec, hidden_size, dropout, training)
         if whole is not None:  # the row ran every layer and direction in one call
             return StackOut(*whole, None, kernel)
@@ -94,7 +99,7 @@ def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
             k = layer * num_dirs + direction
             inp = layer_in if direction == 0 else reverse_within_lengths(layer_in, lengths)
             keep = None
-            if training and spec.zoneout != (0.0, 0.0):  # (T, B, H), (T, B, H_out)
+            if training and spec.has_zoneout:  # (T, B, H), (T, B, H_out)
                 T, B = inp.shape[0], inp.shape[1]
                 keep = cell.zoneout_masks(spec, (T, B, hidden_size), (T, B, h0.shape[-1]), inp)
             out = kernel.run(inp, lengths, h0[k], None if c0 is None else c0[k], p, spec,

@@ -686,7 +686,7 @@ class LSTMCell(PreparedModule):
                            for name, t in zip(("h", *self._state_names), hx)]
             check_finite_all(checks)
         keep = None
-        if self.training and self.spec.zoneout != (0.0, 0.0):  # this step's masks, (1, N, H) each
+        if self.training and self.spec.has_zoneout:  # this step's masks, (1, N, H) each
             keep = cell_eqs.zoneout_masks(self.spec, (1, *c.shape), (1, *h.shape), x)
         params = dict(params)
         device = x.device.type

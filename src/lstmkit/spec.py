@@ -205,7 +205,7 @@ class CellSpec:
             raise TypeError(f"CellSpec.heads: expected a whole number >= 1, got {self.heads!r}")
         object.__setattr__(self, "heads", int(self.heads))  # (a NumPy integer: a plain int, so specs compare equal)
         if not 1 <= self.heads <= MAX_GATE_WIDTH:
-            raise ValueError(f"CellSpec.heads: expected a whole number >= 1, got {self.heads!r}")
+            raise ValueError(f"CellSpec.heads: expected a whole number in [1, {MAX_GATE_WIDTH}], got {self.heads!r}")
         if self.cell_clip is not None:
             if isinstance(self.cell_clip, bool) or not isinstance(self.cell_clip, (int, float)):
                 raise TypeError(f"CellSpec.cell_clip: expected a number or None, got {self.cell_clip!r}")
@@ -381,6 +381,11 @@ class CellSpec:
             vanilla = all(getattr(self, name) == value for name, value in _VANILLA_EQUATIONS)
             object.__setattr__(self, "_vanilla", vanilla)
         return vanilla  # type: ignore[no-any-return]
+
+    @property
+    def has_zoneout(self) -> bool:
+        """True when a unit may keep its previous state (either zoneout probability above 0)."""
+        return any(z > 0.0 for z in self.zoneout)
 
     @property
     def computed_gates(self) -> tuple[str, ...]:

@@ -74,13 +74,13 @@ def recurrent_layer(model: nn.Module) -> LSTM | RNN:
 class DirectionTrace(Mapping[str, Tensor]):
     """The per-step activations of one layer and direction: a read-only mapping.
 
-    Keys are those of ``TRACE_KEYS`` (``i, f, g, o, c, h``) that this variant has; each
-    value is ``(T, B, H)`` (``h`` is ``(T, B, P)`` with a projection), or ``(T, H)`` for
-    unbatched input. Deep gates add their MLPs' hidden activations, ``"f.1"`` ``(T, B, n_1)``
-    for the forget gate's first hidden layer and so on. A gate the variant does not have is
-    not a key: ``absent`` maps it to the reason (``"absent: f ≡ 1 (nfg)"``); asking for it
-    raises a KeyError saying so.
-    cifg's forget gate ``f = 1 − i`` is present (it is computed, from ``i``).
+    Keys are those of ``TRACE_KEYS`` (``i, f, g, o, c, n, m, h``: the sLSTM adds its states
+    ``n``, ``m``) that this variant has; each value is ``(T, B, H)`` (``h`` is ``(T, B, P)``
+    with a projection), or ``(T, H)`` for unbatched input. Deep gates add their MLPs' hidden
+    activations, ``"f.1"`` ``(T, B, n_1)`` for the forget gate's first hidden layer and so on.
+    A gate the variant does not have is not a key: ``absent`` maps it to the reason
+    (``"absent: f ≡ 1 (nfg)"``); asking for it raises a KeyError saying so. cifg's forget
+    gate ``f = 1 − i`` is present (it is computed, from ``i``).
 
     Attributes:
         layer, direction: where in the stack (direction 1 = reverse, in natural time order).

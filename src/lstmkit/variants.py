@@ -249,11 +249,11 @@ _GREFF = "Greff et al. 2017, LSTM: A Search Space Odyssey"
 
 # ---------------------------------------------------------------------------- the table
 
-#: The variant table, in the order :attr:`CellSpec.name` writes words and the docs list them.
 #: The deep gates' rows: where they come from, and why the ONNX operator cannot carry them.
 _DEEPER = "the gates as fully connected layers, made deeper"
 _NOT_MLP = "the LSTM operator's gates are single linear layers, not MLPs"
 
+#: The variant table, in the order :attr:`CellSpec.name` writes words and the docs list them.
 ROWS: tuple[Row, ...] = (
     Row("vanilla", {}, "the equations of `docs/cell.md`, as `torch.nn.LSTM`",
         "Hochreiter & Schmidhuber 1997; Gers, Schmidhuber & Cummins 2000", flag=False),

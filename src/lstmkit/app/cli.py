@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from lstmkit.app.demo import main as demo_main
+    from lstmkit.app.tasks.base import SPLITS
 
     d = {k: v.default for k, v in inspect.signature(demo_main).parameters.items()}
     demo = sub.add_parser("demo", help="LSTM against the plain RNN: embedded Reber grammar and the adding problem",
@@ -120,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its task")
     ev.add_argument("checkpoint", type=path_arg, metavar="RUN_DIR|CHECKPOINT")
-    ev.add_argument("--split", default="test", choices=("train", "valid", "test"), help="split (default: test)")
+    ev.add_argument("--split", default="test", choices=SPLITS, help="split (default: test)")
 
     sa = sub.add_parser("sample", help="generate text (charlm) or show predictions",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

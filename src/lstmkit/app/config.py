@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lstmkit._suggest import did_you_mean
+from lstmkit.app.tasks.base import EVAL_BATCH_SIZE, SPLITS
 from lstmkit.spec import CellSpec, resolve
 
 __all__ = ["TrainConfig", "Option", "option_of", "MAX_PARAMETERS",
@@ -138,12 +139,12 @@ class TrainConfig:
     batch_size: int = _f(32, "sequences (or streams) per training batch", int, lo=1, hi=2**20)
     steps: int = _f(1000, "optimiser steps", int, lo=1, hi=10**9)
     eval_every: int = _f(100, "evaluate (and checkpoint) every this many steps", int, lo=1, hi=10**9)
-    eval_batch_size: int = _f(256, "sequences per evaluation batch", int, lo=1, hi=2**20)
+    eval_batch_size: int = _f(EVAL_BATCH_SIZE, "sequences per evaluation batch", int, lo=1, hi=2**20)
     patience: int | None = _f(None, "stop after this many evaluations without improvement (none: never)", int,
                               lo=1, hi=10**9, optional=True)
     eval_split: str = _f("valid", "split evaluated during training: stopping at the target, patience, the "
                          "choice of the weights kept, metrics.jsonl (the test split is evaluated once, at the "
-                         "end, on the weights kept)", str, choices=("train", "valid", "test"))
+                         "end, on the weights kept)", str, choices=SPLITS)
     stop_at_target: bool = _f(True, "stop once the task's published success criterion is met", bool)
     seed: int = _f(0, "seed of the initialisation and of the training data", int, lo=0, hi=2**63 - 1)
     backend: str | None = _f(None, "force a kernel, reference or cpu_fused (none: the fastest that runs the "

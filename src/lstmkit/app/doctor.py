@@ -29,6 +29,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import lstmkit
 from lstmkit import kernels, variants
 from lstmkit.kernels import cpu_ext
+from lstmkit.kernels.machine import cpu_model
 
 __all__ = ["add_arguments", "run", "check", "TOLERANCE"]
 
@@ -134,7 +135,7 @@ def timing(cell: str, backend: str, device: torch.device) -> float | None:
 def _environment() -> list[str]:
     cap = torch.backends.cpu.get_cpu_capability()
     lines = [f"lstmkit {lstmkit.__version__}, python {platform.python_version()}, torch {torch.__version__}",
-             f"CPU: {_cpu_model()}, capability {cap}, {torch.get_num_threads()} threads"]
+             f"CPU: {cpu_model()}, capability {cap}, {torch.get_num_threads()} threads"]
     if torch.cuda.is_available():
         lines.append(f"CUDA {torch.version.cuda}: {torch.cuda.get_device_name(0)}, cuDNN "
                      f"{torch.backends.cudnn.version()}")
@@ -147,14 +148,6 @@ def _environment() -> list[str]:
     else:
         lines.append("Triton: not installed (pip install 'lstmkit[gpu]' for the GPU kernels)")
     return lines
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _rows(device: torch.device) -> list[str]:

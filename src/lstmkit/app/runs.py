@@ -140,7 +140,7 @@ def _is_run_metrics(path: Path) -> bool:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = loads_json(line, "metrics")
         except ValueError:
             return False
         if not isinstance(rec, dict) or isinstance(rec.get("step"), bool) or not isinstance(rec.get("step"), int) \
@@ -480,7 +480,7 @@ def checkpoint_step(run_dir: str | os.PathLike[str]) -> int | None:
         return None
     try:
         meta, _ = _header(p)
-        step = json.loads(meta["trainer"])["step"]
+        step = loads_json(meta["trainer"], "trainer")["step"]
     except (CheckpointError, KeyError, TypeError, ValueError):
         return None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
@@ -562,10 +562,7 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for n, line in enumerate(f.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"run_dirs: {f} line {n} is not JSON ({exc.msg})") from None
+        rec = loads_json(line, f"run_dirs: {f} line {n} is not JSON")
         if not isinstance(rec, dict) or "step" not in rec:
             raise ValueError(f"run_dirs: {f} line {n}: expected a JSON object with a 'step', got {line[:60]!r}")
         records.append(rec)

@@ -41,7 +41,7 @@ from lstmkit.app import runs
 from lstmkit.app.config import MAX_ACTIVATIONS, TrainConfig
 from lstmkit.app.model import SequenceModel, parameter_count
 from lstmkit.app.runs import CheckpointError
-from lstmkit.app.tasks.base import Batch, Task
+from lstmkit.app.tasks.base import EVAL_BATCH_SIZE, Batch, Task
 from lstmkit.app.tasks.registry import get_task
 
 __all__ = ["TrainConfig", "SequenceModel", "Trainer", "train", "evaluate", "load_checkpoint", "CheckpointError",
@@ -79,15 +79,10 @@ def environment() -> dict[str, Any]:
     import platform
 
     import lstmkit
+    from lstmkit.kernels.machine import cpu_model
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     return {"lstmkit": lstmkit.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": cpu, "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu": cpu_model(), "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "platform": platform.platform(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
@@ -449,7 +444,8 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: SequenceModel, task: Task, split: str = "test", batch_size: int = 256) -> dict[str, float]:
+def evaluate(model: SequenceModel, task: Task, split: str = "test",
+             batch_size: int = EVAL_BATCH_SIZE) -> dict[str, float]:
     """Exact metrics over the task's fixed ``split`` (sums and counts added over batches)."""
     model.eval()
     sums: dict[str, list[float]] = {}

@@ -78,7 +78,6 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 14
 #: Oldest opset of a Scan graph: the traced cell reads sizes with ``Shape``'s start/end (15).
 SCAN_MIN_OPSET = 15
-_METADATA_KEY = METADATA_KEY
 _onnx = onnx_module
 
 
@@ -263,7 +262,7 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
     from lstmkit.convert.layer_config import layer_config
 
     config = {**layer_config(model), "batch_first": batch_first, "onnx_method": "scan" if use_scan else "operator"}
-    helper.set_model_props(proto, {_METADATA_KEY: json.dumps(config)})
+    helper.set_model_props(proto, {METADATA_KEY: json.dumps(config)})
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
         check_writable(path, overwrite=True, what="DST")

@@ -36,7 +36,6 @@ the first parameter is filled).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lstmkit._validate import loads_json
 from lstmkit.convert._checks import expect_weights
 from lstmkit.convert.onnx_graph import check_stack, node_attributes
 from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates, suffix
@@ -257,9 +257,9 @@ def from_onnx(model_or_path: Any, *, inputs: Mapping[str, np.ndarray] | None = N
     config = None
     if METADATA_KEY in meta:
         try:
-            config = json.loads(meta[METADATA_KEY])
-        except json.JSONDecodeError:
-            raise ValueError(f"{where}: damaged metadata {METADATA_KEY!r} (not JSON)") from None
+            config = loads_json(meta[METADATA_KEY], "metadata")
+        except ValueError:
+            raise ValueError(f"{where}: damaged metadata {METADATA_KEY!r} (not JSON, or a key given twice)") from None
         if not isinstance(config, dict):
             raise ValueError(f"{where}: damaged metadata {METADATA_KEY!r} (not an object)")
         if config.get("onnx_method") == "scan":

@@ -1,6 +1,6 @@
 """The variant ABI between Python and the compiled kernels, written once.
 
-Three ordered lists define how a layer-direction crosses into a kernel:
+Four ordered lists define how a layer-direction crosses into a kernel:
 
 * :data:`FLAGS` — the variant as bit flags (bit ``k`` is ``1 << k``), from a
   :class:`~lstmkit.spec.CellSpec` by :func:`flags`: one bit per row of the variant table
@@ -232,7 +232,8 @@ def header() -> str:
               for name, value in variants.HARD_SIGMOID_SLOPES.items()]
     lines += ["constexpr const char* SCALAR_NAMES[] = {" + ", ".join(f'"{n}"' for n in SCALARS) + "};",
               "constexpr int N_SCALARS = " + str(len(SCALARS)) + ";"]
-    lines += ["", "// the activation between a deep gate's layers, by its code in the mlp layout"]
+    lines += ["", "// an activation by its code: a deep gate's between its layers (the mlp layout), the candidate's",
+              "// and the output's (Cfg::cand_act, out_act)"]
     lines += [f"constexpr int PHI_{name.upper()} = {k};" for k, name in enumerate(PHIS)]
     lines += ["", "}  // namespace lk::abi", ""]
     return "\n".join(lines)

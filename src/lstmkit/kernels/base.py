@@ -24,7 +24,9 @@ __all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "FLOAT_DTYPES", "hid
 TRACE_KEYS: tuple[str, ...] = ("i", "f", "g", "o", "c", "n", "m", "h")
 
 
-#: The dtypes the compiled rows run (bfloat16 and float16 compute in float32).
+#: The dtypes lstmkit computes in: a layer's parameters take one of them, and the compiled rows
+#: run each (bfloat16 and float16 compute in float32). float8 types are storage formats: no
+#: arithmetic on them.
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -105,7 +107,8 @@ class Kernel(ABC):
         if why:
             return why
         if dtype not in FLOAT_DTYPES:
-            return f"it runs float32, float64, bfloat16 and float16, not {dtype}"
+            *most, last = (str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+            return f"it runs {', '.join(most)} and {last}, not {dtype}"
         return None
 
     def automatic(self, device: torch.device, workload: Workload | None = None) -> bool:

@@ -1,7 +1,7 @@
 """CUDA graphs of whole calls: a per-step time loop replayed without Python or launch overhead.
 
 The Triton per-step path launches a GEMM and a pointwise kernel per time step from Python.
-On an H200 (``benchmarks/results/gpu_session_h200_2/gpu_profile.md``) one vanilla
+On an H200 (``benchmarks/results/gpu_session_h200_2/gpu_profile_before_graphs.md``) one vanilla
 inference call at (B, T, I, H) = (64, 100, 256, 256) spent 1.0 ms in GPU kernels and
 12.4 ms of wall time: the loop is bound by Python and launches, not by the kernels. A CUDA
 graph captures all of a call's launches once and replays them with one launch.

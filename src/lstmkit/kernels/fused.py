@@ -142,13 +142,9 @@ class FusedKernel(Kernel):
             missing.append(f"heads={spec.heads} (block-diagonal recurrent weights)")
         if not missing:
             return None
+        cpu_computes = self.name != "cpu_fused" and FusedCPUKernel().refuses(spec) is None
         return (f"its kernels do not compute {', '.join(missing)}: such layers run on the 'reference' kernel"
-                + ("" if self.name == "cpu_fused" else " (on the CPU, 'cpu_fused' computes them)"
-                   if all(self._cpu_computes(m) for m in missing) else ""))
-
-    @staticmethod
-    def _cpu_computes(part: str) -> bool:
-        return part.split(" ")[0].split("=")[0] in FusedCPUKernel.implements | {"deep", "heads"}
+                + (" (on the CPU, 'cpu_fused' computes them)" if cpu_computes else ""))
     #: The input projection's GEMM (``linear(x2d, W, b)``); None is ``F.linear``.
     linear: Any = None
 
@@ -251,9 +247,7 @@ class FusedCPUKernel(FusedKernel):
     devices = ("cpu",)
     deep_gates = True
     heads = True
-    implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
-                            "rnn", "rnn_relu", "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "cand_act_relu",
-                            "out_act_relu", "zoneout", "slstm", "forget_act_exp", "n_clamp"})
+    implements = frozenset(abi.FLAGS)  # every row: csrc/cell_step.h has each one's step and BPTT
     linear = staticmethod(input_linear)
 
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
@@ -361,7 +355,7 @@ class PreparedStep:
         if kind is not Tensor or layout != torch.strided or len(shape) not in (2, 3) or device.type != "cpu" \
                 or not self.spec.is_lstm:
             return
-        if len(shape) == 3 and training and self.spec.zoneout != (0.0, 0.0):
+        if len(shape) == 3 and training and self.spec.has_zoneout:
             return  # a run's zoneout in training: the whole sequence's masks, drawn by the general path
         if grad_run:
             rows = shape[0] * shape[1]  # T·N
@@ -425,7 +419,7 @@ class PreparedStep:
         # functorch, autocast, the TorchScript-based ONNX export's trace; a NaN or inf (one call)
         if not self._ext.step_ready([x] if hx is None else [x, *hx], check_finite):
             return None
-        zoneout = training and self.spec.zoneout != (0.0, 0.0)  # (a step's: a run's is never kept)
+        zoneout = training and self.spec.has_zoneout  # (a step's: a run's is never kept)
         if not stacked:  # a cell: (N, H_out) and the S states (N, H) each, in and out
             h, *cells = self._zeros(x, x.shape[0]) if hx is None else hx
             y, h_n, *c_n = layers[0](x, h, cells, *(self._masks(x) if zoneout else ()))
@@ -540,9 +534,7 @@ class TritonKernel(FusedKernel):
     name = "triton"
     heads = True  # per step: the recurrent GEMM batched over the heads (triton_gemm.recurrent)
     deep_gates = True  # per step: the gate MLPs' layers as cuBLAS GEMMs (triton_deep.DeepGates)
-    implements = frozenset({"peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "noaf", "clip",
-                            "rnn", "rnn_relu", "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "cand_act_relu",
-                            "out_act_relu", "zoneout", "slstm", "forget_act_exp", "n_clamp"})
+    implements = frozenset(abi.FLAGS)  # every row: triton_cell.py has each one's step and BPTT
 
     @property
     def devices(self) -> tuple[str, ...]:  # type: ignore[override]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import platform
 from pathlib import Path
 
-__all__ = ["cpuinfo", "cpu_vendor"]
+__all__ = ["cpuinfo", "cpu_model", "cpu_vendor"]
 
 
 @functools.cache
@@ -30,3 +31,8 @@ def cpu_vendor() -> str | None:
     """The x86 CPU vendor /proc/cpuinfo names ('GenuineIntel', 'AuthenticAMD'); None where
     unknown (another system or architecture)."""
     return cpuinfo().get("vendor_id")
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it, else what :mod:`platform` says."""
+    return cpuinfo().get("model name") or platform.processor() or platform.machine()

@@ -40,7 +40,7 @@ in float32 (GEMM accumulation, gates, cell state) and keep their buffers in floa
 
 Eager calls take a shorter road to the same implementation (:func:`recurrence`): the
 operator's Python autograd wrapper costs tens of microseconds per call, more than a whole
-small layer. Plain tensors outside any transform go through :class:`_Eager`, an
+small layer. Plain tensors outside any transform go through :class:`_EagerRecurrence`, an
 ``autograd.Function`` with the same gradient (:func:`_grads`); everything else — compile,
 export, functorch transforms, autocast, FakeTensors, tensor subclasses — calls the operator.
 """

@@ -72,8 +72,16 @@ from torch import Tensor
 
 from lstmkit import _atomic
 from lstmkit.app.tasks._corpus_util import cache_dir, hash_order, sha256_hex, time_mask
-from lstmkit.app.tasks._synth_common import MAX_LENGTH, check_positive, check_values
-from lstmkit.app.tasks.base import Batch, Target, Task
+from lstmkit.app.tasks.base import (
+    EVAL_BATCH_SIZE,
+    MAX_LENGTH,
+    SPLITS,
+    Batch,
+    Target,
+    Task,
+    check_positive,
+    check_values,
+)
 
 __all__ = ["CharLM", "EXCLUDED_DIRS", "StepFn", "sample", "stdlib_files", "xz_bpc", "xz_given_bpc"]
 
@@ -279,7 +287,7 @@ class CharLM(Task):
 
     def describe_data(self) -> dict[str, object]:
         c = self._corpus
-        files = [p for s in ("train", "valid", "test") for p in c.files[s]]
+        files = [p for s in SPLITS for p in c.files[s]]
         all_files = sorted(files)
         all_text = "".join((Path(c.root) / p).read_bytes().decode("utf-8", errors="replace")
                            for p in all_files)
@@ -370,7 +378,7 @@ class CharLM(Task):
                 offset = 0
             yield from self._chunks(*_streams(data, offset, batch_size))
 
-    def eval_batches(self, split: str = "test", batch_size: int = 256) -> Iterator[Batch]:
+    def eval_batches(self, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> Iterator[Batch]:
         """The split's text, in order, in ``eval_streams`` parallel streams (fewer if the
         text is shorter; ``batch_size`` is ignored), chunks of ``bptt``: x (≤ bptt, S, V),
         y (≤ bptt, S); the first chunk has ``reset`` all True."""

@@ -59,7 +59,7 @@ from torch import Tensor
 
 from lstmkit import _atomic
 from lstmkit.app.tasks._corpus_util import cache_dir, hash_order, progress, require, sha256_hex, time_mask
-from lstmkit.app.tasks.base import Batch, Target, Task
+from lstmkit.app.tasks.base import EVAL_BATCH_SIZE, SPLITS, Batch, Target, Task, check_split
 
 __all__ = ["Chorales", "PITCH_HIGH", "PITCH_LOW", "load_chorales"]
 
@@ -383,10 +383,9 @@ class Chorales(Task):
             for k in range(0, len(perm), batch_size):
                 yield self._batch([train[i] for i in perm[k : k + batch_size]])
 
-    def eval_batches(self, split: str = "test", batch_size: int = 256) -> Iterator[Batch]:
+    def eval_batches(self, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> Iterator[Batch]:
         """The split's chorales in path order, ``batch_size`` per batch."""
-        if split not in ("train", "valid", "test"):
-            raise ValueError(f"chorales: unknown split {split!r}; expected train, valid or test")
+        check_split(self.name, split, SPLITS)
         idx = self.splits[split]
         for k in range(0, len(idx), batch_size):
             yield self._batch(idx[k : k + batch_size])

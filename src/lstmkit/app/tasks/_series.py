@@ -51,8 +51,7 @@ import torch
 from torch import Tensor
 
 from lstmkit.app.tasks._corpus_util import require, sha256_hex
-from lstmkit.app.tasks._synth_common import check_positive
-from lstmkit.app.tasks.base import Batch, Target, Task
+from lstmkit.app.tasks.base import EVAL_BATCH_SIZE, Batch, Target, Task, check_positive
 
 __all__ = ["CO2", "SeriesData", "Sunspots", "load_series"]
 
@@ -255,7 +254,7 @@ class _SeriesTask(Task):
             idx = starts.view(1, -1) + steps.view(-1, 1)  # (window, B)
             yield Batch(x=self._x[idx], y=self._y[idx].unsqueeze(-1))
 
-    def eval_batches(self, split: str = "test", batch_size: int = 256) -> Iterator[Batch]:
+    def eval_batches(self, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> Iterator[Batch]:
         """One batch (B = 1): the split with ``window`` warm-up steps before it (NaN targets)."""
         if split not in self.ranges:
             raise ValueError(f"{self.name}: unknown split {split!r}; expected train, valid or test")

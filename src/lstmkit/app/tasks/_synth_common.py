@@ -21,22 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmkit.app.tasks.base import Batch, Task
+from lstmkit.app.tasks.base import EVAL_BATCH_SIZE, SPLITS, Batch, Task, check_batch_size, check_split
 
-__all__ = ["EVAL_SPLITS", "MarkedPairTask", "SampledTask", "check_batch_size", "check_split", "check_positive",
-           "check_values", "derive_seed", "generator_for", "last_step", "MAX_LENGTH", "MAX_VALUES"]
-
-#: Sane upper bounds of a task's sizes, checked when the task is made (before any data is):
-#: time steps of a sequence or chunk, and values one set of data (an evaluation split, a
-#: batch of streams) holds (2**28 float32 = 1 GiB).
-MAX_LENGTH = 100_000
-MAX_VALUES = 2**28
-
-#: Splits every i.i.d. generated task offers: three fixed sets drawn from the task's
-#: distribution with different derived seeds ("train" is a fixed sample of the training
-#: distribution, for reporting training-set metrics without touching the training draws).
-EVAL_SPLITS: tuple[str, ...] = ("test", "valid", "train")
-
+__all__ = ["MarkedPairTask", "SampledTask", "derive_seed", "generator_for", "last_step"]
 
 def derive_seed(seed: int, *tags: str) -> int:
     """A 63-bit seed derived from ``seed`` and ``tags`` (stable across runs and platforms).
@@ -50,34 +37,6 @@ def derive_seed(seed: int, *tags: str) -> int:
 def generator_for(seed: int, *tags: str) -> torch.Generator:
     """A fresh CPU generator seeded with :func:`derive_seed` ``(seed, *tags)``."""
     return torch.Generator().manual_seed(derive_seed(seed, *tags))
-
-
-def check_split(task: str, split: str, splits: tuple[str, ...]) -> None:
-    """Raise ValueError if ``split`` is not one of ``splits``."""
-    if split not in splits:
-        raise ValueError(f"task {task!r}: unknown split {split!r}; expected one of {list(splits)}")
-
-
-def check_batch_size(task: str, batch_size: int) -> None:
-    """Raise ValueError unless ``batch_size`` is a positive int."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"task {task!r}: batch_size must be a positive int, got {batch_size!r}")
-
-
-def check_positive(task: str, maximum: int = MAX_VALUES, **options: object) -> None:
-    """Raise ValueError unless every option is a positive int of at most ``maximum``."""
-    for key, v in options.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"task {task!r}: {key} must be a positive int, got {v!r}")
-        if v > maximum:
-            raise ValueError(f"task {task!r}: {key} must be at most {maximum:,} (a sane bound), got {v:,}")
-
-
-def check_values(task: str, what: str, values: int) -> None:
-    """Raise ValueError if one set of the task's data would hold more than :data:`MAX_VALUES`."""
-    if values > MAX_VALUES:
-        raise ValueError(f"task {task!r}: {what} would hold {values:,} values, more than the bound of "
-                         f"{MAX_VALUES:,} (1 GiB of float32); use smaller options")
 
 
 def last_step(output: Tensor, lengths: Tensor | None) -> Tensor:
@@ -113,7 +72,7 @@ class SampledTask(Task):
     batches in order; its content does not depend on ``batch_size``.
     """
 
-    splits: ClassVar[tuple[str, ...]] = EVAL_SPLITS
+    splits: ClassVar[tuple[str, ...]] = SPLITS
     seed: int
     eval_size: int
 
@@ -146,7 +105,7 @@ class SampledTask(Task):
 
         return batches()
 
-    def eval_batches(self, split: str = "test", batch_size: int = 256) -> Iterator[Batch]:
+    def eval_batches(self, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> Iterator[Batch]:
         """The fixed ``eval_size`` sequences of ``split``, in batches of ``batch_size``."""
         check_batch_size(self.name, batch_size)
         raw = self.eval_raw(split)

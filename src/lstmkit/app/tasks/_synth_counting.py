@@ -18,8 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmkit.app.tasks._synth_common import MAX_LENGTH, check_batch_size, check_positive, check_split
-from lstmkit.app.tasks.base import Batch, Target, Task
+from lstmkit.app.tasks.base import (
+    EVAL_BATCH_SIZE,
+    MAX_LENGTH,
+    SPLITS,
+    Batch,
+    Target,
+    Task,
+    check_batch_size,
+    check_positive,
+    check_split,
+)
 
 __all__ = ["CountingTask", "COUNTING_CRITERION", "INPUTS", "OUTPUTS", "string_of", "legal_sets"]
 
@@ -91,7 +100,7 @@ class CountingTask(Task):
     test_max: int = 1000
 
     name: ClassVar[str] = "counting"
-    splits: ClassVar[tuple[str, ...]] = ("test", "valid", "train")
+    splits: ClassVar[tuple[str, ...]] = SPLITS
     input_size = 3
     output_size = 3
 
@@ -192,7 +201,7 @@ class CountingTask(Task):
 
         return batches()
 
-    def eval_batches(self, split: str = "test", batch_size: int = 256) -> Iterator[Batch]:
+    def eval_batches(self, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> Iterator[Batch]:
         """All strings of ``split`` in one batch, n ascending (``batch_size`` is ignored:
         ``generalization`` needs them together)."""
         check_batch_size(self.name, batch_size)

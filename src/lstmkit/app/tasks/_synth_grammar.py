@@ -18,15 +18,19 @@ import torch
 from torch import Tensor
 
 from lstmkit.app.tasks import reber
-from lstmkit.app.tasks._synth_common import (
+from lstmkit.app.tasks._synth_common import generator_for
+from lstmkit.app.tasks.base import (
+    EVAL_BATCH_SIZE,
     MAX_LENGTH,
+    SPLITS,
+    Batch,
+    Target,
+    Task,
     check_batch_size,
     check_positive,
     check_split,
     check_values,
-    generator_for,
 )
-from lstmkit.app.tasks.base import Batch, Target, Task
 
 __all__ = ["ReberTask", "ContinualReberTask", "VALID_STRINGS", "stream_baselines"]
 
@@ -84,7 +88,7 @@ class ReberTask(Task):
     seed: int = 0
 
     name: ClassVar[str] = "reber"
-    splits: ClassVar[tuple[str, ...]] = ("test", "valid", "train")
+    splits: ClassVar[tuple[str, ...]] = SPLITS
     input_size = reber.N_SYMBOLS
     output_size = reber.N_SYMBOLS
 
@@ -153,7 +157,7 @@ class ReberTask(Task):
 
         return batches()
 
-    def eval_batches(self, split: str = "test", batch_size: int = 256) -> Iterator[Batch]:
+    def eval_batches(self, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> Iterator[Batch]:
         check_batch_size(self.name, batch_size)
         _, x, y, lengths = self._split(split)
         n = len(lengths)
@@ -424,7 +428,7 @@ class ContinualReberTask(Task):
             cache[split] = (symbols, states)
         return cache[split]
 
-    def eval_batches(self, split: str = "test", batch_size: int = 256) -> Iterator[Batch]:
+    def eval_batches(self, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> Iterator[Batch]:
         symbols, states = self.eval_stream(split)
         n = self.eval_streams
         return (_encode_stream(symbols[t:t + self.bptt], states[t:t + self.bptt],

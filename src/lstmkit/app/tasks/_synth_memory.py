@@ -18,15 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmkit.app.tasks._synth_common import (
-    MAX_LENGTH,
-    MarkedPairTask,
-    SampledTask,
-    check_positive,
-    check_values,
-    last_step,
-)
-from lstmkit.app.tasks.base import Batch, Target
+from lstmkit.app.tasks._synth_common import MarkedPairTask, SampledTask, last_step
+from lstmkit.app.tasks.base import MAX_LENGTH, Batch, Target, check_positive, check_values
 
 __all__ = ["AddingTask", "TemporalOrderTask", "CopyTask", "hochreiter_adding_baselines"]
 

@@ -22,15 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lstmkit.app.tasks._synth_common import (
+from lstmkit.app.tasks._synth_common import SampledTask
+from lstmkit.app.tasks.base import (
+    EVAL_BATCH_SIZE,
     MAX_LENGTH,
-    SampledTask,
+    SPLITS,
+    Batch,
+    Target,
+    Task,
     check_batch_size,
     check_positive,
     check_split,
     check_values,
 )
-from lstmkit.app.tasks.base import Batch, Target, Task
 
 __all__ = ["SpikeDelaysTask", "TimedSpikesTask", "PeriodicTask", "SPIKE_TOLERANCE", "PERIODIC_TOLERANCE",
            "periodic_target", "PERIODIC_SHAPES"]
@@ -419,7 +423,7 @@ class PeriodicTask(Task):
     eval_periods: int = 50
 
     name: ClassVar[str] = "periodic"
-    splits: ClassVar[tuple[str, ...]] = ("test", "valid", "train")
+    splits: ClassVar[tuple[str, ...]] = SPLITS
     input_size = 1
     output_size = 1
 
@@ -495,7 +499,7 @@ class PeriodicTask(Task):
 
         return batches()
 
-    def eval_batches(self, split: str = "test", batch_size: int = 256) -> Iterator[Batch]:
+    def eval_batches(self, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> Iterator[Batch]:
         """The one sequence of ``split`` (``batch_size`` is ignored)."""
         check_batch_size(self.name, batch_size)
         return iter([self._batch(self._steps(split), 1)])

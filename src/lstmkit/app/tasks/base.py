@@ -27,7 +27,52 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "Target", "Task", "metric_goal"]
+__all__ = ["Batch", "Target", "Task", "metric_goal", "check_batch_size", "check_positive", "check_split",
+           "check_values", "EVAL_BATCH_SIZE", "MAX_LENGTH", "MAX_VALUES", "SPLITS"]
+
+
+#: Sane upper bounds of a task's sizes, checked when the task is made (before any data is):
+#: time steps of a sequence or chunk, and values one set of data (an evaluation split, a
+#: batch of streams) holds (2**28 float32 = 1 GiB).
+MAX_LENGTH = 100_000
+MAX_VALUES = 2**28
+
+#: The splits of a task's data, each a fixed set a run evaluates on (a generated task draws
+#: each from its distribution with a seed of its own; its "train" is a fixed sample of the
+#: training distribution, for training-set metrics without touching the training draws).
+SPLITS: tuple[str, ...] = ("test", "valid", "train")
+
+#: Sequences per batch when a task's split is evaluated.
+EVAL_BATCH_SIZE = 256
+
+
+def check_split(task: str, split: str, splits: tuple[str, ...]) -> None:
+    """Raise ValueError if ``split`` is not one of ``splits``."""
+    if split not in splits:
+        raise ValueError(f"task {task!r}: unknown split {split!r}; expected one of {list(splits)}")
+
+
+def check_batch_size(task: str, batch_size: int) -> None:
+    """Raise ValueError unless ``batch_size`` is a positive int."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"task {task!r}: batch_size must be a positive int, got {batch_size!r}")
+
+
+def check_positive(task: str, maximum: int = MAX_VALUES, **options: object) -> None:
+    """Raise ValueError unless every option is a positive int of at most ``maximum``."""
+    for key, v in options.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"task {task!r}: {key} must be a positive int, got {v!r}")
+        if v > maximum:
+            raise ValueError(f"task {task!r}: {key} must be at most {maximum:,} (a sane bound), got {v:,}")
+
+
+def check_values(task: str, what: str, values: int) -> None:
+    """Raise ValueError if one set of the task's data would hold more than :data:`MAX_VALUES`."""
+    if values > MAX_VALUES:
+        raise ValueError(f"task {task!r}: {what} would hold {values:,} values, more than the bound of "
+                         f"{MAX_VALUES:,} (1 GiB of float32); use smaller options")
+
 
 
 @dataclass
@@ -178,7 +223,7 @@ class Task(ABC):
         """
 
     @abstractmethod
-    def eval_batches(self, split: str = "test", batch_size: int = 256) -> Iterator[Batch]:
+    def eval_batches(self, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> Iterator[Batch]:
         """The fixed evaluation set of ``split`` (``"test"``, ``"valid"``, ``"train"``)."""
 
     @abstractmethod

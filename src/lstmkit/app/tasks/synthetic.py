@@ -32,7 +32,7 @@ from __future__ import annotations
 from lstmkit.app.tasks._synth_common import derive_seed, last_step
 from lstmkit.app.tasks._synth_counting import CountingTask
 from lstmkit.app.tasks._synth_grammar import VALID_STRINGS, ContinualReberTask, ReberTask, stream_baselines
-from lstmkit.app.tasks._synth_lags import LongLagTask, MultiplicationTask, multiplication_baselines
+from lstmkit.app.tasks._synth_lags import LongLagTask, MultiplicationTask, lag_extra_mean, multiplication_baselines
 from lstmkit.app.tasks._synth_memory import AddingTask, CopyTask, TemporalOrderTask, hochreiter_adding_baselines
 from lstmkit.app.tasks._synth_timing import PeriodicTask, SpikeDelaysTask, TimedSpikesTask
 
@@ -51,6 +51,7 @@ __all__ = [
     "VALID_STRINGS",
     "derive_seed",
     "hochreiter_adding_baselines",
+    "lag_extra_mean",
     "last_step",
     "multiplication_baselines",
     "stream_baselines",

@@ -120,7 +120,7 @@ struct Cfg {
   int64_t S, SH, GW;              // cell states per row (1: c; sLSTM 3: c, n, m; RNN 0), their width S·H,
                                   // the width of a row of the gate buffer G (G·H; sLSTM 6H: i', f', z, o, ĩ, f̃)
   double gate_slope;
-  int cand_act, out_act;          // ACT_TANH, ACT_IDENTITY or ACT_RELU
+  int cand_act, out_act;          // PHI_TANH, PHI_IDENTITY or PHI_RELU (lstmkit_abi.h's codes)
   double clipv, zc, zh;           // the operator's scalars (abi.SCALARS)
   int64_t H, P, Hout, R, G, nS;
   int64_t oi, of, og, oo;  // column offsets in R (-1 absent)
@@ -128,8 +128,6 @@ struct Cfg {
   int64_t cw[4], co[4];    // width and offset in R of the k-th computed gate's columns (deep: n_1)
   int64_t zoff[4], aoff[4];  // per gate i, f, g, o: its columns in R (-1 absent), and in the gate
                              // activations G (T, B, G·H): slot·H (deep gates' u is H wide too)
-  static constexpr int ACT_TANH = 0, ACT_IDENTITY = 1, ACT_RELU = 2;
-
   Cfg(int64_t flags, double clip_, double zc_, double zh_, int64_t H_, int64_t P_, const MlpLayout& mlp) {
     rnn = flags & F_RNN; relu = flags & F_RNN_RELU;
     // which gates are computed, and where: the variant table's removal masks (lstmkit_abi.h)
@@ -141,8 +139,8 @@ struct Cfg {
     clip = flags & F_CLIP; zoneout = flags & F_ZONEOUT;
     gate_hard = flags & (F_GATE_ACT_HARD_SIGMOID | F_GATE_ACT_HARDSIGMOID);
     gate_slope = (flags & F_GATE_ACT_HARDSIGMOID) ? SLOPE_HARDSIGMOID : SLOPE_HARD_SIGMOID;
-    cand_act = (flags & F_NIAF) ? ACT_IDENTITY : (flags & F_CAND_ACT_RELU) ? ACT_RELU : ACT_TANH;
-    out_act = (flags & F_NOAF) ? ACT_IDENTITY : (flags & F_OUT_ACT_RELU) ? ACT_RELU : ACT_TANH;
+    cand_act = (flags & F_NIAF) ? PHI_IDENTITY : (flags & F_CAND_ACT_RELU) ? PHI_RELU : PHI_TANH;
+    out_act = (flags & F_NOAF) ? PHI_IDENTITY : (flags & F_OUT_ACT_RELU) ? PHI_RELU : PHI_TANH;
     clipv = clip_; zc = zc_; zh = zh_;
     H = H_; P = rnn ? 0 : P_; Hout = P > 0 ? P : H;
     int64_t off[4], soff[4], k = 0, s = 0, col = 0;
@@ -160,8 +158,7 @@ struct Cfg {
     si = soff[0]; sf = soff[1]; so = soff[3];
     G = k; R = col; nS = s;
     slstm = flags & F_SLSTM; fexp = flags & F_FORGET_ACT_EXP; nclamp = flags & F_N_CLAMP;
-    plain = !rnn && !slstm && has_i && has_f && has_o && !cifg && !peep && !fgr && !ln && !clip && !zoneout &&
-            !gate_hard && cand_act == ACT_TANH && out_act == ACT_TANH && P == 0;
+    plain = flags == 0 && P == 0;  // no row of the variant table changes an equation, no projection
     S = rnn ? 0 : slstm ? 3 : 1;
     SH = S * H;
     GW = slstm ? 6 * H : G * H;

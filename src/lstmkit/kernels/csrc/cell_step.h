@@ -13,22 +13,6 @@ namespace lk {
 
 // ---------------------------------------------------------------------------- activations
 
-// tanh, identity or relu (Cfg::ACT_*), and its derivative from its output a. Always inlined: an
-// out-of-line call per vector took ~1 % of a one-step layernorm call (B = 32, H = 256, AVX-512).
-template <typename T>
-LK_INLINE static inline Vectorized<T> act(int kind, const Vectorized<T>& u) {
-  if (kind == Cfg::ACT_TANH) return vtanh<T>(u);
-  if (kind == Cfg::ACT_RELU) return at::vec::maximum(u, Vectorized<T>(T(0)));
-  return u;
-}
-template <typename T>
-static inline Vectorized<T> act_grad(int kind, const Vectorized<T>& d, const Vectorized<T>& a) {
-  using V = Vectorized<T>;
-  if (kind == Cfg::ACT_TANH) return d * (V(T(1)) - a * a);
-  if (kind == Cfg::ACT_RELU) return V::blendv(V(T(0)), d, a > V(T(0)));
-  return d;
-}
-
 // A gate i, f or o: sigma(u), or (hard: Cfg::gate_hard) the hard sigmoid clamp(slope u + 1/2, 0, 1);
 // and dL/du from dL/da and the gate's value a (the hard sigmoid's slope strictly inside (0, 1), else 0).
 template <typename T>
@@ -45,16 +29,18 @@ static inline Vectorized<T> gate_grad(bool hard, T slope, const Vectorized<T>& d
   return V::blendv(zero, d * V(slope), (a > zero) & (a < one));
 }
 
-// A deep gate's activation between layers (PHI_*, lstmkit_abi.h), and its derivative from its output.
+// An activation by its code (PHI_*, lstmkit_abi.h: a deep gate's between layers, the candidate's
+// and the output's), and its derivative from its output. Always inlined: an out-of-line call per
+// vector took ~1 % of a one-step layernorm call (B = 32, H = 256, AVX-512).
 template <typename T>
-static inline Vectorized<T> phi(int kind, const Vectorized<T>& v) {
+LK_INLINE static inline Vectorized<T> phi(int kind, const Vectorized<T>& v) {
   if (kind == PHI_TANH) return vtanh<T>(v);
   if (kind == PHI_RELU) return at::vec::maximum(v, Vectorized<T>(T(0)));
   if (kind == PHI_SIGMOID) return sigm(v);
   return v;
 }
 template <typename T>
-static inline Vectorized<T> phi_grad(int kind, const Vectorized<T>& d, const Vectorized<T>& a) {
+LK_INLINE static inline Vectorized<T> phi_grad(int kind, const Vectorized<T>& d, const Vectorized<T>& a) {
   using V = Vectorized<T>;
   if (kind == PHI_TANH) return d * (V(T(1)) - a * a);
   if (kind == PHI_RELU) return V::blendv(V(T(0)), d, a > V(T(0)));
@@ -252,7 +238,7 @@ struct StepForward {
     const bool cifg = !Plain && cf.cifg, clip = !Plain && cf.clip, zoneout = !Plain && cf.zoneout;
     const bool hard = !Plain && cf.gate_hard;
     const bool ln = !Plain && cf.ln, fgr = !Plain && cf.fgr;
-    const int cand_act = Plain ? int(Cfg::ACT_TANH) : cf.cand_act, out_act = Plain ? int(Cfg::ACT_TANH) : cf.out_act;
+    const int cand_act = Plain ? PHI_TANH : cf.cand_act, out_act = Plain ? PHI_TANH : cf.out_act;
     const int64_t P = Plain ? 0 : cf.P;
     const T *pi = Plain ? nullptr : prm.pi, *pf = Plain ? nullptr : prm.pf, *po = Plain ? nullptr : prm.po;
     const T* cw = Plain ? nullptr : prm.cw;  // layernorm of c
@@ -298,7 +284,7 @@ struct StepForward {
       if (has_i) i = gate(0, cf.si, pi, cp, j, n);
       if (has_f) f = gate(1, cf.sf, pf, cp, j, n);
       else if (cifg) f = one - i;
-      const V g = act(cand_act, pre(2, j, n));
+      const V g = phi(cand_act, pre(2, j, n));
       if (gr) stv(g, gr + cf.aoff[2] + j, n);
       V cn = at::vec::fmadd(f, cp, i * g);
       if (clip) cn = at::vec::clamp(cn, V(-prm.clipv), V(prm.clipv));
@@ -317,7 +303,7 @@ struct StepForward {
       if (has_o) o = gate(3, cf.so, po, cv, j, n);
       V mv = cv;
       if (cw) mv = at::vec::fmadd((cv - V(cmean)) * V(crstd), ldv(cw + j, n), ldv(prm.cb + j, n));
-      V hv = o * act(out_act, mv);
+      V hv = o * phi(out_act, mv);
       if (zoneout && P == 0) hv = at::vec::fmadd(keep_of(kh, prm.zh, j, n), ldv(hout + j, n) - hv, hv);
       stv(hv, hout + j, n);
       if (P == 0) stv(hv, yr + j, n);
@@ -431,7 +417,7 @@ struct StepBackward {
         if (prm.pf) u = at::vec::fmadd(ldv(prm.pf + j, n), cp, u);
         stv(gate_act(cf.gate_hard, prm.slope, u), gbuf + cf.aoff[1] + j, n);
       }
-      stv(act(cf.cand_act, z(cf.og + j, n)), gbuf + cf.aoff[2] + j, n);
+      stv(phi(cf.cand_act, z(cf.og + j, n)), gbuf + cf.aoff[2] + j, n);
       if (cf.has_o) {
         V u = z(cf.oo + j, n);
         if (prm.po) u = at::vec::fmadd(ldv(prm.po + j, n), ldv(cr + j, n), u);
@@ -503,7 +489,7 @@ struct StepBackward {
     const bool has_i = Plain || cf.has_i, has_f = Plain || cf.has_f, has_o = Plain || cf.has_o;
     const bool cifg = !Plain && cf.cifg, clip = !Plain && cf.clip, zoneout = !Plain && cf.zoneout;
     const bool hard = !Plain && cf.gate_hard;
-    const int cand_act = Plain ? int(Cfg::ACT_TANH) : cf.cand_act, out_act = Plain ? int(Cfg::ACT_TANH) : cf.out_act;
+    const int cand_act = Plain ? PHI_TANH : cf.cand_act, out_act = Plain ? PHI_TANH : cf.out_act;
     const T *pi = Plain ? nullptr : prm.pi, *pf = Plain ? nullptr : prm.pf, *po = Plain ? nullptr : prm.po;
     const T* cw = Plain ? nullptr : prm.cw;  // layernorm of c
     if (Plain) dsr = nullptr;  // fgr's
@@ -537,7 +523,7 @@ struct StepBackward {
         const V dhv = dh2 ? ldv(dh + j, n) + ldv(dh2 + j, n) : ldv(dh + j, n);
         V chat, mv = cv;
         if (cw) { chat = (cv - V(cmean)) * V(crstd); mv = at::vec::fmadd(chat, ldv(cw + j, n), ldv(prm.cb + j, n)); }
-        const V tm = act(out_act, mv);
+        const V tm = phi(out_act, mv);
         V o = one;
         if (has_o) {
           o = ldv(gr + cf.aoff[3] + j, n);
@@ -549,7 +535,7 @@ struct StepBackward {
           if (po) stv(at::vec::fmadd(du, cv, ldv(A_po + j, n)), A_po + j, n);
         }
         if (Mo) stv(o * tm, Mo + tb * H + j, n);
-        const V dm = act_grad(out_act, dhv * o, tm);
+        const V dm = phi_grad(out_act, dhv * o, tm);
         if (cw) {
           stv(at::vec::fmadd(dm, chat, ldv(A_cw + j, n)), A_cw + j, n);
           stv(ldv(A_cb + j, n) + dm, A_cb + j, n);
@@ -593,7 +579,7 @@ struct StepBackward {
       // after the clip, where exactly clip and clipped to clip look alike)
       if (clip) dcn = V::blendv(zero, dcn, at::vec::fmadd(f, cp, i * g).abs() <= V(prm.clipv));
       dcp = at::vec::fmadd(dcn, f, dcp);
-      stv(act_grad(cand_act, dcn * i, g), du_to[2] + j, n);
+      stv(phi_grad(cand_act, dcn * i, g), du_to[2] + j, n);
       const V df = dcn * cp;
       if (has_f) {
         V d = df;

@@ -84,6 +84,11 @@ py::dict compiled_abi() {
   d["param_no_grad"] = no_grad;
   d["gate_removed"] = removed;
   d["ln_eps"] = LN_EPS;
+  // the constants the cell step names (Cfg): each hard sigmoid's slope, each activation's code
+  py::dict slopes, phis;
+  slopes["hard_sigmoid"] = SLOPE_HARD_SIGMOID; slopes["hardsigmoid"] = SLOPE_HARDSIGMOID;
+  phis["tanh"] = PHI_TANH; phis["relu"] = PHI_RELU; phis["sigmoid"] = PHI_SIGMOID; phis["identity"] = PHI_IDENTITY;
+  d["slopes"] = slopes; d["phis"] = phis;
   d["gemm_tile"] = py::make_tuple(Packed<float>::MR, Packed<float>::NV * Packed<float>::VL);
   return d;
 }
