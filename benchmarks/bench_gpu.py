@@ -185,7 +185,7 @@ def bench_shape(shape: tuple[int, int, int, int], variants: list[str], device: t
         if device.type == "cuda":  # the memory the cached CUDA graphs of this mode's Triton rows hold
             from lstmkit.kernels import cuda_graphs
 
-            n_graphs = len(cuda_graphs._GRAPHS)
+            n_graphs = cuda_graphs.graph_count()
             torch.cuda.synchronize()
             held = torch.cuda.memory_allocated()
             cuda_graphs.clear()

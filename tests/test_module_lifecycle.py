@@ -175,3 +175,39 @@ def test_setting_backend_after_calls_takes_effect():
         g.sum().backward()  # second order through the reference loop
         with pytest.raises(ValueError, match="backend"):
             m.backend = "no-such-kernel"
+
+
+def test_kept_steps_hold_no_tensors_of_a_functional_call():
+    """Steps are kept per call signature for the parameters a call ran with: under
+    torch.func.functional_call (fast weights, a new batch size per task) they held each call's
+    tensors and autograd graph, 8 of 8 (nn.LSTM: 1). Only the current parameters' are kept now,
+    and a parameter replaced on the module is let go at the next call."""
+    import gc
+    import weakref
+
+    from torch.func import functional_call
+
+    for module, shape in ((lstmkit.LSTM(4, 5), (3, 0, 4)), (lstmkit.LSTMCell(4, 5), (0, 4))):
+        refs = []
+        for i in range(6):
+            big = torch.randn(64, 64, requires_grad=True)
+            fast = {k: v.detach() - 0.01 * big.mean() for k, v in module.named_parameters()}
+            size = tuple(1 + i if n == 0 else n for n in shape)
+            out = functional_call(module, fast, (torch.randn(size),))
+            (out[0] if isinstance(out, tuple) else out).sum().backward()
+            refs.append(weakref.ref(big))
+            del fast, big, out
+        gc.collect()
+        assert sum(r() is not None for r in refs) <= 1, type(module).__name__
+        module(torch.randn(tuple(2 if n == 0 else n for n in shape)))  # the module's own parameters again
+        gc.collect()
+        assert sum(r() is not None for r in refs) == 0, type(module).__name__
+
+    layer = lstmkit.LSTM(4, 5)
+    for _ in range(2):
+        layer(torch.randn(3, 2, 4))
+    old = weakref.ref(layer.weight_hh_l0)
+    layer.weight_hh_l0 = torch.nn.Parameter(torch.randn(20, 5))
+    layer(torch.randn(3, 2, 4))
+    gc.collect()
+    assert old() is None

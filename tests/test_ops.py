@@ -81,6 +81,11 @@ def test_compiled_abi_equals_abi_module():
     assert tuple(compiled["gate_removed"]) == tuple(abi.GATE_REMOVED[g] for g in GATES)
     assert compiled["slopes"] == dict(variants.HARD_SIGMOID_SLOPES)
     assert compiled["phis"] == {name: code for code, name in enumerate(abi.PHIS)}
+    summed = dict(abi.ACCUMULATED)
+    assert [(h, r) for n, h, r in zip(abi.PARAMS, compiled["acc_h"], compiled["acc_r"]) if n in summed] == \
+        [abi.acc_offset(n) for n in abi.PARAMS if n in summed]
+    assert all(h == r == -1 for n, h, r in zip(abi.PARAMS, compiled["acc_h"], compiled["acc_r"]) if n not in summed)
+    assert tuple(compiled["acc_size"]) == abi.acc_offset("size")
 
 
 @pytest.mark.parametrize("gate_hidden", [(3,), {"f": (4, 2)}, {"i": (2,), "o": (5, 3, 2)}])

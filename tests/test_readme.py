@@ -73,3 +73,26 @@ def test_readme_run_directories_are_those_its_train_commands_write():
     for path in used:
         assert any(fnmatch.fnmatch(w, path) for w in written), \
             f"README: {path} is not written by any of its train commands ({sorted(written)})"
+
+
+DOCS = README.parent / "docs"
+
+
+@pytest.mark.parametrize("path,pattern,value", [
+    ("README.md", r"sequences of at least (\d+) steps", "lstmkit.kernels.torch_native.ONEDNN_MIN_STEPS"),
+    ("README.md", r"Up to (\d+) signatures are\s+kept", "lstmkit.kernels.fused.KEPT_SIGNATURES"),
+    ("docs/gpu.md", r"exceed (\d+) MiB run eagerly", "lstmkit.kernels.cuda_graphs.MAX_GRAPH_BYTES"),
+    ("docs/gpu.md", r"at most (\d+)\s+graphs are kept", "lstmkit.kernels.cuda_graphs.MAX_GRAPHS"),
+    ("docs/gpu.md", r"training calls above (\d+) MiB run", "lstmkit.kernels.cuda_graphs.MAX_GRAPH_BYTES"),
+])
+def test_docs_state_the_constants_the_code_uses(path, pattern, value):
+    """Where the docs give a number the code holds as a constant, the two agree."""
+    import importlib
+
+    module, _, name = value.rpartition(".")
+    constant = getattr(importlib.import_module(module), name)
+    if name.endswith("_BYTES"):
+        constant //= 2**20  # the docs say MiB
+    found = re.findall(pattern, (README.parent / path).read_text(encoding="utf-8"))
+    assert found, f"{path} no longer says {pattern!r}: update this test with the docs"
+    assert {int(n) for n in found} == {constant}, (path, pattern, found, constant)

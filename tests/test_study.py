@@ -45,7 +45,7 @@ def _values(summary: dict) -> dict:
     (dict(train={"lr": 0.1}), "unknown settings ['lr']"),
     (dict(baseline="peephole"), "baseline: expected one of the studied variants"),
     (dict(variants=["vanilla", "", "nfg"]), "variants: expected variant names, got an empty one"),
-    (dict(seed=-1), "seed (--study-seed): expected an int in [0, 2**63), got -1"),
+    (dict(seed=-1), "seed (--study-seed): expected an int in [0, 9223372036854775807], got -1"),
     (dict(lr_range=(1e-3, 1e300)), "lr_range: expected a high <= 10000 (a sane upper bound)"),
 ])
 def test_settings_are_checked(kw, pattern):

@@ -23,6 +23,11 @@ class PreparedModule(nn.Module):
     _prepared: PreparedStep
     spec: CellSpec
 
+    def freeze_prepared(self) -> None:
+        """Mark the kept steps frozen (:func:`lstmkit.freeze`): their weights no longer change,
+        so the compiled kernel may keep them packed."""
+        self._prepared.frozen = True
+
     def _forget_prepared(self) -> None:
         prepared = self.__dict__.get("_prepared")  # (none yet while __init__ runs)
         if prepared is not None:

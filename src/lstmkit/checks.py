@@ -110,11 +110,9 @@ def check_device(device: Any) -> Any:
 def check_backend(backend: Any, spec: CellSpec) -> str | None:
     """The ``backend`` argument: None or a registered kernel that can run ``spec``."""
     if backend is not None:
-        if not isinstance(backend, str) or backend not in kernels.REGISTRY:
-            raise ValueError(f"backend: unknown kernel {backend!r}; expected one of {list(kernels.REGISTRY)}")
-        why = kernels.REGISTRY[backend].refuses(spec)
+        why = kernels.kernel_named(backend).refuses(spec)
         if why:
-            raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
+            raise kernels.refusal(backend, why)
     return backend
 
 

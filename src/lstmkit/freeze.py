@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from lstmkit.kernels.fused import PreparedStep
+from lstmkit._prepared import PreparedModule
 
 __all__ = ["freeze"]
 
@@ -52,7 +52,6 @@ def freeze(module: nn.Module) -> nn.Module:
         frozen = copy.deepcopy(module)
     frozen.eval().requires_grad_(False)
     for sub in frozen.modules():
-        prepared = getattr(sub, "_prepared", None)
-        if isinstance(prepared, PreparedStep):
-            prepared.frozen = True
+        if isinstance(sub, PreparedModule):
+            sub.freeze_prepared()
     return frozen

@@ -13,17 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lstmkit import variants
 from lstmkit._validate import check_bool, check_int
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.spec import gate_slices
 
 __all__ = ["GateView", "GateViews", "gate_views"]
 
-_ABSENT_NOTE = {
-    "i": "absent: i ≡ 1 (nig)",
-    "f": "absent: f ≡ 1 (nfg)",
-    "o": "absent: o ≡ 1 (nog)",
-}
+#: Why an LSTM gate is absent, by letter: the variant table's row that removes it alone.
+_ABSENT_NOTE = {r.removes: f"absent: {r.removes} ≡ 1 ({r.word})" for r in variants.ROWS if len(r.removes) == 1}
 
 
 class GateView:

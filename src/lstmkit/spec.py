@@ -37,9 +37,17 @@ MAX_GATE_WIDTH = 2**20
 #: equation, so two specs that differ only in them compute the same function of the same parameters.
 INIT_FIELDS: tuple[str, ...] = variants.init_fields()
 
-_CHOICE_FIELDS = ("nonlinearity", "candidate_activation", "output_activation", "gate_activation", "forget_activation",
-                  "gate_hidden_activation")
 _CHOICES: dict[str, tuple[str, ...]] = {}
+
+#: The fields of the constant initial gate biases (ib=, fb=, ob=), by gate letter.
+_INIT_BIAS_FIELDS: dict[str, str] = {"i": "input_bias", "f": "forget_bias", "o": "output_bias"}
+
+
+@functools.cache
+def _fields_of_type(annotation: str) -> tuple[str, ...]:
+    """CellSpec's fields annotated ``annotation`` ("bool": the switches; "str": the choices
+    and ``kind``), from its dataclass fields."""
+    return tuple(f.name for f in dataclasses.fields(CellSpec) if f.type == annotation)
 
 
 def _widths_for_every_gate(value: Any) -> bool:
@@ -185,15 +193,15 @@ class CellSpec:
     def __post_init__(self) -> None:
         every_gate = _widths_for_every_gate(self.gate_hidden)
         object.__setattr__(self, "gate_hidden", _freeze_gate_hidden(self.gate_hidden))
-        for name in ("input_gate", "forget_gate", "output_gate", "coupled", "peephole", "fgr",
-                     "layernorm", "slstm", "n_clamp"):
+        for name in _fields_of_type("bool"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"CellSpec.{name}: expected a bool, got {value!r}")
         if self.kind not in ("lstm", "rnn"):
             raise ValueError(f"CellSpec.kind: expected 'lstm' or 'rnn', got {self.kind!r}")
-        for name in _CHOICE_FIELDS:
-            _check_choice(name, getattr(self, name), _CHOICES[name] if _CHOICES else spec_choices(name))
+        for name in _fields_of_type("str"):
+            if name != "kind":  # (checked above)
+                _check_choice(name, getattr(self, name), _CHOICES[name] if _CHOICES else spec_choices(name))
         if not self.gate_hidden and self.gate_hidden_activation != CellSpec.gate_hidden_activation:
             raise ValueError(f"CellSpec: deep_act={self.gate_hidden_activation} is the activation between a deep "
                              f"gate's layers, and this cell has no deep gate; add deep=<w> (or gate_hidden=...)")
@@ -322,16 +330,19 @@ class CellSpec:
             "zoneout": "zoneout would mix c and n across different stabilisers m",
             "chrono": "chrono initialisation is derived for sigmoid gates",
         }
-        for name, reason in why.items():
-            if getattr(self, name) != CellSpec.__dataclass_fields__[name].default:
-                raise ValueError(f"CellSpec: the sLSTM (slstm) does not take {name}: {reason}")
+        takes = {"kind", "nonlinearity", "slstm", "forget_activation", "n_clamp", "heads", "gate_hidden_activation",
+                 "input_bias", "forget_bias", "output_bias"}  # (deep_act needs deep gates: refused there)
+        for f in dataclasses.fields(self):  # every other field at its default (a new one too, until it is said)
+            if f.name not in takes and getattr(self, f.name) != f.default:
+                raise ValueError(f"CellSpec: the sLSTM (slstm) does not take {f.name}: "
+                                 f"{why.get(f.name, 'not part of the sLSTM')}")
 
     def _validate_init(self) -> None:
         """Each initial bias needs its gate computed; chrono sets b_f and b_i itself."""
         no_f = "cifg derives f = 1 − i" if self.coupled else "nfg removes the forget gate"
-        for name, gate, why in (("input_bias", "i", "nig removes the input gate"),
-                                ("forget_bias", "f", no_f),
-                                ("output_bias", "o", "nog removes the output gate")):
+        removed = {"i": "nig removes the input gate", "f": no_f, "o": "nog removes the output gate"}
+        for gate, name in _INIT_BIAS_FIELDS.items():
+            why = removed[gate]
             if getattr(self, name) is not None and gate not in self.computed_gates:
                 raise ValueError(f"CellSpec.{name}: the {GATE_NAMES[GATES.index(gate)]} gate has no "
                                  f"bias of its own here ({why})")
@@ -362,8 +373,8 @@ class CellSpec:
     @property
     def init_biases(self) -> dict[str, float]:
         """The constant initial gate biases this spec sets, by gate letter (chrono excluded)."""
-        return {gate: v for gate, v in (("i", self.input_bias), ("f", self.forget_bias),
-                                        ("o", self.output_bias)) if v is not None}
+        values = {gate: getattr(self, name) for gate, name in _INIT_BIAS_FIELDS.items()}
+        return {gate: v for gate, v in values.items() if v is not None}
 
     # ---- derived facts (the kernels and the loop read these, never the raw flags) ----
 
@@ -648,4 +659,4 @@ _VANILLA_EQUATIONS: tuple[tuple[str, Any], ...] = tuple(
     (f.name, getattr(CellSpec(), f.name)) for f in dataclasses.fields(CellSpec) if f.name not in INIT_FIELDS)
 #: :func:`spec_choices` of each field with choices, computed once (the table is constant);
 #: empty while the first spec above is built.
-_CHOICES.update({name: spec_choices(name) for name in _CHOICE_FIELDS})
+_CHOICES.update({name: spec_choices(name) for name in _fields_of_type("str") if name != "kind"})

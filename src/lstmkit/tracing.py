@@ -40,6 +40,7 @@ from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.loop import reverse_within_lengths
 from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import CellSpec
+from lstmkit.variants import STATES, state_row
 
 __all__ = ["Trace", "DirectionTrace", "trace", "GradientFlow", "DirectionFlow", "gradient_flow",
            "recurrent_layer", "NAMES"]
@@ -50,8 +51,9 @@ NAMES: dict[str, str] = {**dict(zip(GATES, GATE_NAMES)), "c": "cell state", "n":
 
 
 def recurrent_layer(model: nn.Module) -> LSTM | RNN:
-    """The lstmkit LSTM/RNN inside ``model``: the model itself, or its ``.rnn`` (the
-    training :class:`lstmkit.app.train.SequenceModel`).
+    """The lstmkit LSTM/RNN inside ``model``: the model itself, or its ``.rnn`` — a model with
+    a head holds its layer there, and its ``forward(x, state[, lengths])`` returns the head's
+    output first (as the training application's model does).
 
     Raises:
         TypeError: ``model`` is neither.
@@ -63,7 +65,7 @@ def recurrent_layer(model: nn.Module) -> LSTM | RNN:
         return inner
     raise TypeError(
         "model: expected an lstmkit LSTM or RNN, or a module with one as its .rnn "
-        f"(lstmkit.app.train.SequenceModel), got {type(model).__name__}"
+        f"(a model with a head), got {type(model).__name__}"
     )
 
 
@@ -176,9 +178,10 @@ def _absent_notes(layer: LSTM | RNN, index: int, direction: int, present: set[st
     notes = {k: views[NAMES[k]].note for k in GATES if k not in present}
     if "c" not in present:
         notes["c"] = "absent: the plain RNN has no cell state"
-    for k in ("n", "m"):
-        if k not in present:
-            notes[k] = f"absent: only the sLSTM (cell='slstm') has a {NAMES[k]} ({k})"
+    for k in STATES[1:]:  # the states a row adds
+        row = state_row(k)
+        if k not in present and row is not None:
+            notes[k] = f"absent: only a cell with {row.word!r} has a {NAMES[k]} ({k})"
     return notes
 
 
@@ -255,7 +258,8 @@ def trace(model: nn.Module, x: Tensor | PackedSequence, hx: Any = None,
     under ``torch.no_grad()`` with dropout off (the module's mode is restored).
 
     Args:
-        model: an lstmkit ``LSTM`` or ``RNN``, or a ``SequenceModel`` (its ``.rnn`` is traced).
+        model: an lstmkit ``LSTM`` or ``RNN``, or a model with a head (its ``.rnn`` is traced;
+            :func:`recurrent_layer`).
         x: the layer's input: ``(T, B, I)``, ``(B, T, I)`` if ``batch_first``, ``(T, I)``
             unbatched, or a ``PackedSequence``.
         hx: initial state as the layer takes it (``(h_0, c_0)`` for the LSTM, ``h_0`` for the RNN).
@@ -422,7 +426,7 @@ def _probing(layer: LSTM | RNN) -> Iterator[_ProbeKernel]:
 def _model_output(model: nn.Module, layer: LSTM | RNN, x: Tensor | PackedSequence, hx: Any,
                   lens: Tensor | None, T: int) -> Any:
     """The model's output as ``loss_fn`` gets it (first element of what ``model`` returns)."""
-    if model is not layer:  # SequenceModel-style: forward(x, state, lengths)
+    if model is not layer:  # a model with a head: forward(x, state[, lengths]) (recurrent_layer)
         if isinstance(x, PackedSequence):
             raise TypeError("x: a model with a head takes a padded tensor and lengths=, not a PackedSequence")
         out = model(x, hx, lens) if lens is not None else model(x, hx)
@@ -451,7 +455,8 @@ def gradient_flow(model: nn.Module, x: Tensor | PackedSequence, loss_fn: Callabl
 
     Args:
         model: an lstmkit ``LSTM``/``RNN`` (``loss_fn`` gets its ``output``), or a
-            ``SequenceModel`` (``loss_fn`` gets the head's output ``(T, B, output_size)``).
+            model with a head (:func:`recurrent_layer`; ``loss_fn`` gets the head's output
+            ``(T, B, output_size)``).
         x: input as the model takes it (``(T, B, I)``, batch_first, unbatched, or a
             PackedSequence for a bare layer).
         loss_fn: ``output -> scalar tensor``, e.g. ``lambda out: task.loss(out, batch)``.

@@ -344,6 +344,15 @@ for _row in ROWS:
 #: The kernels' flag bits: bit ``k`` of a flag word is ``FLAGS[k]``.
 FLAGS: tuple[str, ...] = tuple(r.flag_name for r in ROWS if r.flag)
 
+#: Every cell state a variant may carry after ``h``: the LSTM's ``c``, then those rows add
+#: (the sLSTM's ``n``, ``m``); :func:`cell_states` gives one spec's.
+STATES: tuple[str, ...] = ("c", *dict.fromkeys(name for r in ROWS for name in r.states))
+
+
+def state_row(name: str) -> Row | None:
+    """The row that adds cell state ``name`` (None for the LSTM's own ``c``)."""
+    return next((r for r in ROWS if name in r.states), None)
+
 
 def example_cells() -> list[str]:
     """One cell per row of the table (a value word with its example value): what a check of

@@ -67,7 +67,7 @@ def _tasks_epilog() -> str:
 
 def _task_option_hint(extras: list[str], ns: argparse.Namespace) -> str:
     """``--length 3`` given to train: the task's options are ``-o KEY=VALUE``."""
-    from lstmkit._suggest import did_you_mean
+    from lstmkit._suggest import closest
     from lstmkit.app.tasks.registry import task_options
 
     flag = next((w for w in extras if w.startswith("--")), None)
@@ -78,7 +78,7 @@ def _task_option_hint(extras: list[str], ns: argparse.Namespace) -> str:
     if flag is None:
         return ""
     key = flag[2:].split("=")[0].replace("-", "_")
-    close = key if key in names else did_you_mean(key, names).partition("'")[2].partition("'")[0]
+    close = key if key in names else closest(key, names)
     return f" (task options are given as -o KEY=VALUE: did you mean -o {close}=...?)" if close else ""
 
 
@@ -244,6 +244,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
+    from lstmkit.app.config import MAX_SEED
     from lstmkit.app.runs import load_run
     from lstmkit.app.tasks.corpora import CharLM
 
@@ -251,8 +252,8 @@ def _sample(args: argparse.Namespace) -> int:
         raise ValueError(f"-n: expected an int in [1, 10000000], got {args.n}")
     if not args.temperature > 0:
         raise ValueError(f"--temperature: expected a number > 0, got {args.temperature}")
-    if not 0 <= args.seed < 2**63:
-        raise ValueError(f"--seed: expected an int in [0, 2**63), got {args.seed}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed: expected an int in [0, {MAX_SEED}], got {args.seed}")
     cfg, task, model = load_run(args.checkpoint)
     if isinstance(task, CharLM):
         gen = torch.Generator().manual_seed(args.seed)
@@ -267,7 +268,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    for name, hi in (("seeds", 1000), ("jobs", 256)):
+    from lstmkit.app.config import MAX_JOBS
+
+    for name, hi in (("seeds", 1000), ("jobs", MAX_JOBS)):
         value = getattr(args, name)
         if not 1 <= value <= hi:
             raise ValueError(f"--{name}: expected an int in [1, {hi}], got {value}")

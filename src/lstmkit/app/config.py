@@ -22,7 +22,7 @@ from lstmkit.app.tasks.base import EVAL_BATCH_SIZE, SPLITS
 from lstmkit.spec import CellSpec, resolve
 
 __all__ = ["TrainConfig", "Option", "option_of", "MAX_PARAMETERS",
-           "MAX_ACTIVATIONS", "MAX_LR"]
+           "MAX_ACTIVATIONS", "MAX_LR", "MAX_SEED", "MAX_JOBS"]
 
 #: Sane upper bounds: a config (typed, or read from a file) beyond them is refused before
 #: anything is allocated. Parameters of the whole model (2**28 float32 = 1 GiB, 4 GiB with
@@ -34,6 +34,10 @@ MAX_ACTIVATIONS = 2**31
 #: Learning rate and weight decay: far beyond any that trains, and small enough that the
 #: optimiser's float32 arithmetic cannot overflow (1e40 did, with a traceback).
 MAX_LR = 1e4
+#: Seeds are ints in [0, MAX_SEED]: torch.Generator's manual_seed takes 64 bits; these fit int64.
+MAX_SEED = 2**63 - 1
+#: Processes a study or the demo runs at once.
+MAX_JOBS = 256
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ class TrainConfig:
                          "choice of the weights kept, metrics.jsonl (the test split is evaluated once, at the "
                          "end, on the weights kept)", str, choices=SPLITS)
     stop_at_target: bool = _f(True, "stop once the task's published success criterion is met", bool)
-    seed: int = _f(0, "seed of the initialisation and of the training data", int, lo=0, hi=2**63 - 1)
+    seed: int = _f(0, "seed of the initialisation and of the training data", int, lo=0, hi=MAX_SEED)
     backend: str | None = _f(None, "force a kernel, reference or cpu_fused (none: the fastest that runs the "
                              "variant)", str, optional=True)
     threads: int | None = _f(None, "torch threads (none: torch's choice)", int, lo=1, hi=4096, optional=True)
@@ -166,16 +170,10 @@ class TrainConfig:
             _check_cell(self.cell)
         elif self.proj_size:
             raise ValueError("proj_size: only the LSTM has a projection, not the plain RNN (--model rnn)")
-        if self.backend is not None:
-            from lstmkit import kernels  # the registry; importing it builds nothing
-            if self.backend not in kernels.REGISTRY:
-                raise ValueError(f"backend: unknown kernel {self.backend!r}"
-                                 f"{did_you_mean(self.backend, kernels.REGISTRY)}; expected one of "
-                                 f"{list(kernels.REGISTRY)}")
-            spec = resolve(self.cell) if self.model == "lstm" else CellSpec(kind="rnn")
-            why = kernels.REGISTRY[self.backend].refuses(spec)  # (the layer refuses it so; here before any run)
-            if why:
-                raise ValueError(f"backend: kernel {self.backend!r} cannot run this layer: {why}")
+        if self.backend is not None:  # as the layer refuses it, here before any run
+            from lstmkit.checks import check_backend  # (the registry; importing it builds nothing)
+
+            check_backend(self.backend, resolve(self.cell) if self.model == "lstm" else CellSpec(kind="rnn"))
 
     @classmethod
     def for_task(cls, task: str, task_options: Mapping[str, Any] | None = None, **given: Any) -> TrainConfig:

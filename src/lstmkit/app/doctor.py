@@ -77,10 +77,8 @@ def _outputs(layer: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
 def check(cell: str, backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str, float | None]:
     """``("ok" | "FAILED: …" | "refused: …", worst relative error)`` of one kernel row on one
     variant against the float64 reference on the CPU."""
-    try:
-        kernels.select(_layer(cell, None).spec, device, dtype, backend)  # raises if the row cannot run it
-    except ValueError as exc:  # "backend: kernel 'x' cannot run this layer: <why>; <more>"
-        why = str(exc).partition("cannot run this layer: ")[2] or str(exc)
+    why = kernels.why_not(kernels.kernel_named(backend), _layer(cell, None).spec, device, dtype)
+    if why:  # "<why>[; <more>]", or "it runs …, not <what was asked>": the first clause
         return f"refused ({why.split(';')[0].split(', not ')[0]})", None
     try:
         got = _outputs(_layer(cell, backend), device, dtype)

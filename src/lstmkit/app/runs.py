@@ -8,6 +8,7 @@ A run directory holds::
                               and the config in its JSON metadata (one file, replaced atomically)
     summary.json              the final result, against the target and the baselines
     model.safetensors         the final weights alone
+    result.json               a study's record of the run (lstmkit.app.study), once finished
 
 Everything here is validated before it is used: a checkpoint's config goes through
 :meth:`TrainConfig.validate` (types, bounds), its tensors' names, shapes and dtypes are
@@ -33,7 +34,6 @@ write runs only through this module.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,29 +46,25 @@ from lstmkit import _atomic
 from lstmkit._validate import loads_json
 from lstmkit.app.config import TrainConfig
 from lstmkit.app.model import SequenceModel
-from lstmkit.app.run_schema import is_number, summary_problem
+from lstmkit.app.run_schema import CheckpointError, check_tensors, check_trainer_state, is_number, summary_problem
 from lstmkit.app.runlock import InUseError, RunLock, lock
 from lstmkit.app.tasks.base import Task
 from lstmkit.app.tasks.registry import get_task
-from lstmkit.variants import cell_states
 
 __all__ = ["CheckpointError", "InUseError", "RunLock", "lock", "checkpoint_step", "Checkpoint", "FORMAT",
            "WEIGHTS_FORMAT", "CHECKPOINT", "CONFIG", "METRICS", "SUMMARY", "MODEL", "plan", "start",
            "read_checkpoint", "write_checkpoint", "checkpoint_tensors", "restore", "selected_weights",
            "append_metrics", "write_metrics", "read_metrics", "write_summary", "read_summary", "read_config",
-           "write_model", "load_run", "variant_of", "eval_split_of", "metric_of", "final_values", "criterion_of"]
+           "write_model", "load_run", "variant_of", "eval_split_of", "metric_of", "final_values", "criterion_of",
+           "STUDY_RESULT", "read_study_result", "write_study_result"]
 
 #: Identifies lstmkit checkpoints (metadata key "format").
 FORMAT = "lstmkit-checkpoint-1"
 #: Identifies a run's final ``model.safetensors``.
 WEIGHTS_FORMAT = "lstmkit-weights-1"
-CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL = (
-    "config.json", "metrics.jsonl", "checkpoint.safetensors", "summary.json", "model.safetensors")
+CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, STUDY_RESULT = (
+    "config.json", "metrics.jsonl", "checkpoint.safetensors", "summary.json", "model.safetensors", "result.json")
 _BEFORE_FIRST_CHECKPOINT = {CONFIG, METRICS}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, foreign or incompatible."""
 
 
 @dataclass
@@ -319,114 +315,6 @@ def _header(p: Path) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], s
     return meta, shapes
 
 
-_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.uint8: "U8", torch.int64: "I64"}
-
-
-def _expected(cfg: TrainConfig, task: Task) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``name -> (shape, dtype)`` of every tensor a checkpoint of ``cfg`` may hold (the carried
-    state holds every stream, ``batch_size``, whatever the number of processes)."""
-    model = SequenceModel(cfg, task.input_size, task.output_size, device="meta")
-    want = {f"model.{k}": (tuple(v.shape), _DTYPES[v.dtype]) for k, v in model.state_dict().items()}
-    want.update({f"selected.{k[len('model.'):]}": v for k, v in want.items()})
-    keys = ("step", "exp_avg", "exp_avg_sq") if cfg.optimizer == "adam" else \
-        (("momentum_buffer",) if cfg.momentum else ())
-    for idx, p in enumerate(model.parameters()):
-        for key in keys:
-            want[f"optim.{idx}.{key}"] = ((), "F32") if key == "step" else (tuple(p.shape), _DTYPES[p.dtype])
-    want["rng.torch"] = (tuple(torch.get_rng_state().shape), "U8")
-    if task.stream:
-        rnn = model.rnn
-        lead, batch = rnn.num_layers * rnn.num_directions, cfg.batch_size
-        want["carry.0"] = ((lead, batch, rnn.output_size), "F32")  # h, then the cell's states (c; the sLSTM's c, n, m)
-        for i, _ in enumerate(cell_states(rnn.spec), start=1):
-            want[f"carry.{i}"] = ((lead, batch, rnn.hidden_size), "F32")
-    return want
-
-
-def _check_tensors(p: Path, shapes: dict[str, tuple[tuple[int, ...], str]], cfg: TrainConfig, task: Task,
-                   world: int | None) -> None:
-    want = _expected(cfg, task)
-    if world is None:  # reading, not resuming: also one process's streams (an older version kept those)
-        for k in [k for k in want if k.startswith("carry.") and k in shapes]:
-            shape = shapes[k][0]
-            if len(shape) == 3 and shape[1] >= 1 and cfg.batch_size % shape[1] == 0:
-                want[k] = ((want[k][0][0], shape[1], want[k][0][2]), want[k][1])
-    optional = {k for k in want if k.startswith(("optim.", "carry.", "selected."))}
-    missing = sorted(k for k in want if k not in shapes and k not in optional)
-    unexpected = sorted(k for k in shapes if k not in want)
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint: {p} does not match its own config (missing {missing[:4]}, unexpected "
-                              f"{unexpected[:4]})")
-    for k in want:  # in the model's order: the first layer's mismatch is the one reported
-        got = shapes.get(k, want[k])
-        if got != want[k]:
-            raise CheckpointError(f"checkpoint: {p}: {k} is {got[1]} {list(got[0])}, expected {want[k][1]} "
-                                  f"{list(want[k][0])} for its config ({cfg.model} {cfg.cell_name}, hidden_size="
-                                  f"{cfg.hidden_size}, num_layers={cfg.num_layers}, task {cfg.task!r})")
-    params = {k.split(".")[1] for k in shapes if k.startswith("optim.")}
-    for idx in params:  # a parameter's optimiser state is all there or absent
-        have = sorted(k for k in shapes if k.startswith(f"optim.{idx}."))
-        full = sorted(k for k in want if k.startswith(f"optim.{idx}."))
-        if have != full:
-            raise CheckpointError(f"checkpoint: {p}: optimiser state of parameter {idx} is incomplete ({have})")
-    carry = sorted(k for k in shapes if k.startswith("carry."))
-    if carry and carry != sorted(k for k in want if k.startswith("carry.")):
-        raise CheckpointError(f"checkpoint: {p}: incomplete carried state ({carry})")
-    selected = sorted(k for k in shapes if k.startswith("selected."))
-    if selected and selected != sorted(k for k in want if k.startswith("selected.")):
-        raise CheckpointError(f"checkpoint: {p}: incomplete selected weights ({selected[:4]})")
-
-
-def _check_state(p: Path, st: Any, cfg: TrainConfig) -> None:
-    """The trainer's state against the checkpoint's own config (it is written right after
-    an evaluation: ``history[-1]["step"] == step <= steps``)."""
-    def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint: {p}: trainer state: {what}")
-
-    if not isinstance(st, dict):
-        raise bad(f"expected a JSON object, got {type(st).__name__}")
-    for key in ("step", "best", "bad_evals", "elapsed", "param_groups", "history"):
-        if key not in st:
-            raise bad(f"no {key!r}")
-    step, history = st["step"], st["history"]
-    if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= cfg.steps:
-        raise bad(f"step: expected an int in [1, {cfg.steps}] (its config's steps), got {step!r}")
-    if not isinstance(history, list) or not history or len(history) > step:
-        raise bad(f"history: expected a list of 1 to {step} evaluations, got {type(history).__name__} "
-                  f"of length {len(history) if isinstance(history, list) else '-'}")
-    last = 0
-    for n, rec in enumerate(history):
-        if not isinstance(rec, dict) or isinstance(rec.get("step"), bool) or not isinstance(rec.get("step"), int) \
-                or not last < rec["step"] <= step:
-            raise bad(f"history[{n}]: expected an evaluation record with a step in ({last}, {step}], got "
-                      f"{str(rec)[:60]}")
-        if not all(is_number(v) or v is None for k, v in rec.items()):
-            raise bad(f"history[{n}]: expected numbers, got {str(rec)[:60]}")
-        last = rec["step"]
-    if last != step:
-        raise bad(f"history ends at step {last}, but the checkpoint is of step {step}")
-    if st["best"] is not None and not is_number(st["best"]):
-        raise bad(f"best: expected a number or null, got {st['best']!r}")
-    if isinstance(st["bad_evals"], bool) or not isinstance(st["bad_evals"], int) \
-            or not 0 <= st["bad_evals"] <= len(history):
-        raise bad(f"bad_evals: expected an int in [0, {len(history)}], got {st['bad_evals']!r}")
-    if not is_number(st["elapsed"]) or not math.isfinite(st["elapsed"]) or st["elapsed"] < 0:
-        raise bad(f"elapsed: expected seconds >= 0, got {st['elapsed']!r}")
-    if not isinstance(st.get("stopped", ""), str):
-        raise bad(f"stopped: expected a string, got {st['stopped']!r}")
-    best_step = st.get("best_step")
-    if best_step is not None and best_step not in {rec["step"] for rec in history}:
-        raise bad(f"best_step: expected the step of an evaluation in its history or null, got {best_step!r}")
-    groups = st["param_groups"]
-    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict):
-        raise bad(f"param_groups: expected a list of one group, got {str(groups)[:60]}")
-    for key in ("lr", "weight_decay"):
-        v = groups[0].get(key)
-        if not is_number(v) or not math.isfinite(v) or v < 0:
-            raise bad(f"param_groups[0].{key}: expected a finite number >= 0, got {v!r}")
-
-
 def read_checkpoint(path: str | os.PathLike[str], *, world: int | None = None) -> Checkpoint:
     """Read and validate a checkpoint (the file or its run directory). Never executes code.
 
@@ -454,12 +342,12 @@ def read_checkpoint(path: str | os.PathLike[str], *, world: int | None = None) -
         raise CheckpointError(f"checkpoint: {p} has damaged metadata (no readable {exc})") from None
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint: {p}: its config is damaged ({exc})") from None
-    _check_state(p, state, cfg)
+    check_trainer_state(p, state, cfg)
     try:
         task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint: {p}: its task cannot be made ({exc})") from None
-    _check_tensors(p, shapes, cfg, task, world)
+    check_tensors(p, shapes, cfg, task, world)
     if (state.get("best_step") is None) != (not any(k.startswith("selected.") for k in shapes)):
         raise CheckpointError(f"checkpoint: {p}: trainer state: best_step {state.get('best_step')!r} does not match "
                               f"the selected weights it holds")
@@ -603,6 +491,26 @@ def read_summary(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     if problem is not None:
         raise ValueError(f"damaged summary.json: {path}: {problem}")
     return value  # type: ignore[no-any-return]
+
+
+def write_study_result(run_dir: str | os.PathLike[str], result: dict[str, Any]) -> None:
+    """Write a study's record of a finished run, ``result.json``, atomically."""
+    _atomic.write_json(Path(run_dir) / STUDY_RESULT, result, what="study")
+
+
+def read_study_result(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A study's record of a finished run (None while there is none).
+
+    Raises:
+        ValueError: "damaged result.json: …" — not JSON, or not an object.
+    """
+    path = Path(run_dir) / STUDY_RESULT
+    value = _read_json(path, "damaged result.json")
+    if value is None and not path.is_file():
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"damaged result.json: {path}: expected a JSON object")
+    return value
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

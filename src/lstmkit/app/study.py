@@ -43,8 +43,9 @@ from typing import Any
 
 from lstmkit import _atomic
 from lstmkit._validate import check_int, loads_json
+from lstmkit.app import runs
 from lstmkit.app._argparse import add_config_options, config_values, key_value, path_arg
-from lstmkit.app.config import TrainConfig, option_of
+from lstmkit.app.config import MAX_JOBS, MAX_SEED, TrainConfig, option_of
 from lstmkit.spec import resolve
 
 __all__ = ["StudyConfig", "run_study", "summarize", "welch", "add_arguments", "run"]
@@ -94,8 +95,8 @@ class StudyConfig:
             raise ValueError(f"lr_range: expected 0 < low <= high, got {self.lr_range}")
         if top is not None and hi > top:
             raise ValueError(f"lr_range: expected a high <= {top:g} (a sane upper bound), got {self.lr_range}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed (--study-seed): expected an int in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed (--study-seed): expected an int in [0, {MAX_SEED}], got {self.seed!r}")
         unknown = sorted(set(self.train) - set(TRAIN_KEYS))
         if unknown:
             raise ValueError(f"train: unknown settings {unknown}; a study may set {list(TRAIN_KEYS)}")
@@ -130,7 +131,7 @@ class StudyConfig:
         if unknown:
             raise ValueError(f"study.json: unknown keys {unknown}; not an lstmkit study")
         d = {k: v for k, v in d.items() if k != "learning_rates"}  # study.json records the draws too
-        d["lr_range"] = tuple(d.get("lr_range", (1e-3, 3e-2)))
+        d["lr_range"] = tuple(d.get("lr_range", cls.__dataclass_fields__["lr_range"].default))
         return cls(**d)
 
 
@@ -174,9 +175,8 @@ def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, An
     import torch
 
     path = Path(run_dir)
-    done = path / "result.json"
-    if done.is_file():
-        result = loads_json(done.read_text(), str(done))
+    result = runs.read_study_result(path)
+    if result is not None:
         if result.get("config") != config:
             raise ValueError(f"{path}: holds a finished run with other settings than this study's; "
                              f"nothing was touched (use another --out)")
@@ -191,7 +191,6 @@ def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, An
 def _train_one(path: Path, cfg: Any, config: dict[str, Any], metric: str) -> dict[str, Any]:
     from lstmkit.app.train import Trainer
 
-    done = path / "result.json"
     result: dict[str, Any] = {"config": config}
     try:  # a run killed before its first checkpoint starts afresh (lstmkit.app.runs)
         trainer = Trainer(cfg, path, resume=path.exists(), progress=False)
@@ -208,7 +207,7 @@ def _train_one(path: Path, cfg: Any, config: dict[str, Any], metric: str) -> dic
         result.update(diverged=False, select=kept.get(key), test=summary["test"]["metrics"],
                       steps=summary["steps"], wall_time_s=summary["wall_time_s"],
                       parameters=summary["parameters"], target_step=met_at)
-    _atomic.write_json(done, result, what="study")
+    runs.write_study_result(path, result)
     return result
 
 
@@ -319,7 +318,7 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
 
     cfg.validate()
     out = Path(out)
-    jobs = (os.cpu_count() or 1) if jobs is None else check_int("jobs", jobs, 1, 256)
+    jobs = (os.cpu_count() or 1) if jobs is None else check_int("jobs", jobs, 1, MAX_JOBS)
     for variant in cfg.variants:  # every variant's configuration, before the task (and anything written)
         TrainConfig.from_dict(_train_config(cfg, Run(variant, 0, 1e-3, 0), "valid"))
     task = get_task(cfg.task, seed=0, **cfg.train.get("task_options", {}))

@@ -47,6 +47,7 @@ import torch
 from lstmkit._validate import loads_json
 from lstmkit.convert._checks import expect_weights
 from lstmkit.convert.onnx_graph import check_stack, node_attributes
+from lstmkit.kernels.onnx_export import DEFAULT_ACTIVATIONS
 from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates, suffix
 from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import CellSpec, resolve, spec_choices
@@ -371,13 +372,11 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
     given; its beta defaults to 0."""
     names = [s.decode() if isinstance(s, bytes) else s for s in a.get("activations", [])]
     per = 3 if is_lstm else 1
-    default = ["Sigmoid", "Tanh", "Tanh"] if is_lstm else ["Tanh"]
-    names = names or default * D
+    names = names or list(DEFAULT_ACTIVATIONS["lstm" if is_lstm else "rnn"]) * D
     alphas, betas = list(a.get("activation_alpha", [])), list(a.get("activation_beta", []))
     if len(names) != per * D:
         raise ValueError(f"{what}: activations={names}: expected {per * D} names ({per} per direction)")
     slopes = {round(v, 6): k for k, v in HARD_SIGMOID_SLOPES.items()}
-    onnx_names = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu"}
     out = []
     for name in names:
         key = name.lower()
@@ -400,7 +399,7 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
                                  f"clamp(a·x + 0.5, 0, 1) with a = 0.2 (hard_sigmoid) or 1/6 (hardsigmoid)")
             out.append(slopes[round(alpha, 6)])
         else:
-            out.append(onnx_names.get(key, key))
+            out.append(key)  # Sigmoid, Tanh, Relu: lstmkit's words in lower case
     if alphas or betas:
         raise ValueError(f"{what}: activation_alpha/beta {a.get('activation_alpha')}/{a.get('activation_beta')} "
                          f"parametrise activations lstmkit does not have ({names})")

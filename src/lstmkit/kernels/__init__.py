@@ -7,8 +7,11 @@ that supports a layer's spec, device and dtype, or the one ``backend=`` names.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from lstmkit._suggest import did_you_mean
 from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut, Workload, forward_mode_active
 from lstmkit.kernels.fused import FusedCPUKernel, TritonKernel
 from lstmkit.kernels.onnx_export import OnnxExportKernel, exporting
@@ -17,7 +20,7 @@ from lstmkit.kernels.torch_native import TorchKernel
 from lstmkit.spec import CellSpec
 
 __all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "REGISTRY", "select", "register", "registry_version",
-           "forget_choices"]
+           "forget_choices", "kernel_named", "refusal", "why_not"]
 
 #: name -> kernel, fastest first.
 REGISTRY: dict[str, Kernel] = {}
@@ -67,18 +70,16 @@ def select(spec: CellSpec, device: torch.device, dtype: torch.dtype,
     if exporting() and not isinstance(backend, Kernel):
         return REGISTRY[OnnxExportKernel.name]
     if backend is not None and isinstance(backend, Kernel):  # (an ABC's isinstance is slow: not for None)
-        why = _why_not(backend, spec, device, dtype)
+        why = why_not(backend, spec, device, dtype)
         if why:
-            raise ValueError(f"backend: kernel {backend.name!r} cannot run this layer: {why}")
+            raise refusal(backend.name, why)
         return backend
     forward = forward_mode_active()
     if backend is not None:
-        if backend not in REGISTRY:
-            raise ValueError(f"backend: unknown kernel {backend!r}; expected one of {list(REGISTRY)}")
-        kernel = REGISTRY[backend]
-        why = _why_not(kernel, spec, device, dtype)
+        kernel = kernel_named(backend)
+        why = why_not(kernel, spec, device, dtype)
         if why:
-            raise ValueError(f"backend: kernel {backend!r} cannot run this layer: {why}")
+            raise refusal(backend, why)
         if (kernel.records or not record) and (kernel.forward_ad or not forward):
             return kernel
     if workload is None or forward:
@@ -109,12 +110,31 @@ def _first_automatic(spec: CellSpec, device: torch.device, dtype: torch.dtype, r
                      workload: Workload | None, forward: bool = False) -> Kernel:
     for kernel in REGISTRY.values():
         if kernel.automatic(device, workload) and (kernel.records or not record) \
-                and (kernel.forward_ad or not forward) and _why_not(kernel, spec, device, dtype) is None:
+                and (kernel.forward_ad or not forward) and why_not(kernel, spec, device, dtype) is None:
             return kernel
     raise RuntimeError("no kernel supports this layer, not even 'reference'")  # unreachable
 
 
-def _why_not(kernel: Kernel, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+def kernel_named(name: Any) -> Kernel:
+    """The registered kernel ``name``.
+
+    Raises:
+        ValueError: no kernel has that name (the message names the registered ones).
+    """
+    if not isinstance(name, str) or name not in REGISTRY:
+        hint = did_you_mean(name, REGISTRY) if isinstance(name, str) else ""
+        raise ValueError(f"backend: unknown kernel {name!r}{hint}; expected one of {list(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def refusal(name: str, why: str) -> ValueError:
+    """The error of a kernel forced by ``backend=`` that cannot run a layer, ``why`` (from
+    :func:`why_not` or :meth:`Kernel.refuses`) its reason."""
+    return ValueError(f"backend: kernel {name!r} cannot run this layer: {why}")
+
+
+def why_not(kernel: Kernel, spec: CellSpec, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``kernel`` cannot run a layer of ``spec`` on ``device`` in ``dtype``; None if it can."""
     if device.type not in kernel.devices:
         return f"it runs on {list(kernel.devices)}, not on {device.type!r}"
     return kernel.unsupported(spec, device, dtype)

@@ -1,6 +1,6 @@
 """The variant ABI between Python and the compiled kernels, written once.
 
-Four ordered lists define how a layer-direction crosses into a kernel:
+Five ordered lists define how a layer-direction crosses into a kernel:
 
 * :data:`FLAGS` — the variant as bit flags (bit ``k`` is ``1 << k``), from a
   :class:`~lstmkit.spec.CellSpec` by :func:`flags`: one bit per row of the variant table
@@ -14,6 +14,8 @@ Four ordered lists define how a layer-direction crosses into a kernel:
   :func:`scalars`;
 * :data:`BUFFERS` — what the forward keeps for backward (and for the trace), in the order of
   the operator's ``buffers`` output, with their shapes given by :func:`buffer_shapes`.
+* :data:`ACCUMULATED` — the parameters whose gradients the backward sums over steps and rows
+  into one reduction vector per thread, in its order (:func:`acc_offset`).
 
 The C++ kernel does not restate them, nor layer norm's epsilon (:data:`lstmkit.cell.LN_EPS`):
 :func:`header` writes them as a C++ header that the build compiles in (``lstmkit_abi.h``),
@@ -31,7 +33,8 @@ from lstmkit.cell import LN_EPS
 from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 
-__all__ = ["FLAGS", "PARAMS", "NO_GRAD", "BUFFERS", "SCALARS", "PHIS", "GATE_REMOVED", "flags", "flag", "scalars",
+__all__ = ["FLAGS", "PARAMS", "NO_GRAD", "BUFFERS", "SCALARS", "PHIS", "GATE_REMOVED", "ACCUMULATED", "acc_offset",
+           "acc_size", "acc_slice", "flags", "flag", "scalars",
            "gate_slots", "mlp_layout", "decode_mlp", "Mlp", "MlpGate", "mlp_width", "mlp_names",
            "buffer_shapes", "cell_state_count", "header"]
 
@@ -60,8 +63,42 @@ SCALARS: tuple[str, ...] = ("clip", "zoneout_c", "zoneout_h")
 #: Buffers the forward keeps for backward, each (T, B, ·) or empty (see :func:`buffer_shapes`).
 BUFFERS: tuple[str, ...] = ("G", "C", "RH", "RS", "AH", "AS", "CN", "MLP")
 
+#: The backward's per-parameter reductions (summed over steps and rows into one vector per
+#: thread or batch block): the parameters whose gradients it sums there, in this order, each
+#: H or R wide. The C++ ``AccLayout`` and the Triton cell take their offsets from here
+#: (:func:`acc_offset`).
+ACCUMULATED: tuple[tuple[str, str], ...] = (
+    ("peephole_i", "H"), ("peephole_f", "H"), ("peephole_o", "H"), ("ln_c_weight", "H"), ("ln_c_bias", "H"),
+    ("ln_hh_weight", "R"), ("ln_ih_weight", "R"), ("bias", "R"))
+
 #: The activations between a deep gate's layers, by their code in :func:`mlp_layout`.
 PHIS: tuple[str, ...] = ("tanh", "relu", "sigmoid", "identity")
+
+
+def acc_offset(name: str) -> tuple[int, int]:
+    """``(h, r)``: parameter ``name``'s summed gradient starts at ``h·H + r·R`` in the backward's
+    reduction vector (:data:`ACCUMULATED`; ``"size"``: that vector's length). (Triton kernels call
+    it while they are built: written in the Python their builder reads.)"""
+    names = [entry[0] for entry in ACCUMULATED]
+    if name != "size" and name not in names:
+        raise KeyError(f"{name!r} is not summed in the backward's reduction vector")
+    before = ACCUMULATED if name == "size" else ACCUMULATED[:names.index(name)]
+    return (sum(entry[1] == "H" for entry in before), sum(entry[1] == "R" for entry in before))
+
+
+def acc_size(H: int, R: int) -> int:
+    """The length of the backward's reduction vector of a layer with hidden size ``H`` and ``R``
+    gate rows."""
+    h, r = acc_offset("size")
+    return h * H + r * R
+
+
+def acc_slice(name: str, H: int, R: int) -> slice:
+    """Where parameter ``name``'s summed gradient lies in the reduction vector of a layer with
+    hidden size ``H`` and ``R`` gate rows."""
+    h, r = acc_offset(name)
+    start = h * H + r * R
+    return slice(start, start + (H if dict(ACCUMULATED)[name] == "H" else R))
 
 
 def flag(name: str) -> int:
@@ -235,5 +272,12 @@ def header() -> str:
     lines += ["", "// an activation by its code: a deep gate's between its layers (the mlp layout), the candidate's",
               "// and the output's (Cfg::cand_act, out_act)"]
     lines += [f"constexpr int PHI_{name.upper()} = {k};" for k, name in enumerate(PHIS)]
+    lines += ["", "// per parameter (Param): where the backward's reduction vector holds its summed gradient,",
+              "// ACC_H[p]·H + ACC_R[p]·R (-1: not summed there); the vector is ACC_SIZE_H·H + ACC_SIZE_R·R long",
+              "constexpr int ACC_H[] = {" + ", ".join(str(acc_offset(n)[0] if n in dict(ACCUMULATED) else -1)
+                                                     for n in PARAMS) + "};",
+              "constexpr int ACC_R[] = {" + ", ".join(str(acc_offset(n)[1] if n in dict(ACCUMULATED) else -1)
+                                                     for n in PARAMS) + "};",
+              f"constexpr int ACC_SIZE_H = {acc_offset('size')[0]}, ACC_SIZE_R = {acc_offset('size')[1]};"]
     lines += ["", "}  // namespace lk::abi", ""]
     return "\n".join(lines)

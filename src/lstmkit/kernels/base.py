@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from lstmkit import variants
+from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 
 __all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "FLOAT_DTYPES", "hidden_keys", "forward_mode_active"]
@@ -21,7 +23,7 @@ __all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "FLOAT_DTYPES", "hid
 #: gates add their MLPs' hidden activations under ``"<gate>.<layer>"`` (``"f.1"``, (T, B, n_1)).
 #: The sLSTM's ``i`` and ``f`` are its stabilised gates ``i'``, ``f'``; it adds its normaliser
 #: ``n`` and stabiliser ``m``.
-TRACE_KEYS: tuple[str, ...] = ("i", "f", "g", "o", "c", "n", "m", "h")
+TRACE_KEYS: tuple[str, ...] = (*GATES, *variants.STATES, "h")
 
 
 #: The dtypes lstmkit computes in: a layer's parameters take one of them, and the compiled rows

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["call", "enabled", "clear", "GRAPHS_ENV", "MAX_GRAPHS", "MAX_GRAPH_BYTES"]
+__all__ = ["call", "enabled", "clear", "graph_count", "GRAPHS_ENV", "MAX_GRAPHS", "MAX_GRAPH_BYTES"]
 
 #: ``LSTMKIT_CUDA_GRAPHS=0`` turns graphs off (every call eager).
 GRAPHS_ENV = "LSTMKIT_CUDA_GRAPHS"
@@ -65,6 +65,11 @@ _EAGER: set[tuple] = set()  # failed to capture, too large, or dropped
 def enabled() -> bool:
     """Whether graphs may be used at all in this process state."""
     return os.environ.get(GRAPHS_ENV, "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def graph_count() -> int:
+    """How many graphs are kept now (at most :data:`MAX_GRAPHS`)."""
+    return len(_GRAPHS)
 
 
 def clear() -> None:

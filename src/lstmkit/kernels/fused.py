@@ -27,8 +27,8 @@ from lstmkit.kernels.machine import cpu_vendor
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.spec import CellSpec
 
-__all__ = ["FusedKernel", "FusedCPUKernel", "PreparedStep", "TritonKernel", "forward_infer", "infer_args",
-           "trace_from_buffers", "triton_available"]
+__all__ = ["FusedKernel", "FusedCPUKernel", "PreparedStep", "TritonKernel", "KEPT_SIGNATURES", "forward_infer",
+           "infer_args", "trace_from_buffers", "triton_available"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -365,7 +365,14 @@ class PreparedStep:
         own = {id(p) for p in parameters.values()}
         if any(id(t) not in own for params in layers for t in params.values() if t is not None):
             return  # a tensor made for the call (a hook's, as the hook-based weight_norm's): new every call
-        kept = self._kept if len(self._kept) < _KEPT_SIGNATURES else {}
+        # only signatures of these very parameters stay: one kept for others (replaced since, or
+        # torch.func.functional_call's for one call) is never run again, and would hold its tensors
+        current = tuple(parameters.values())
+        kept = {k: v for k, v in self._kept.items()
+                if len(v[0]) == len(current) and all(map(operator.is_, v[0], current))}
+        if len(kept) >= KEPT_SIGNATURES:
+            kept = {}
+        sibling = next(iter(kept.values()), None)  # a frozen layer packs its weights once for every signature
         ext = cpu_ext.load()
         prepared = []
         for params in layers:
@@ -376,8 +383,10 @@ class PreparedStep:
                                               mlp, *scalars, self.hidden_size, proj, self.frozen,
                                               not SIXTEEN_BIT_UNITS.get(w_ih.dtype, True),
                                               _mlp_names(params, self.spec)))
+            if sibling is not None and self.frozen:
+                prepared[-1].share_panels(sibling[1][len(prepared) - 1])
         self._ext = ext
-        self._kept = {**kept, key: (tuple(parameters.values()), prepared)}
+        self._kept = {**kept, key: (current, prepared)}
 
     def clear(self) -> None:
         """Forget every kept signature (the next call of each takes the general path)."""
@@ -462,7 +471,7 @@ def _mlp_tensors(params: dict[str, Tensor], spec: CellSpec) -> list[Tensor]:
 
 
 #: How many call signatures a PreparedStep keeps (all are dropped when one more comes).
-_KEPT_SIGNATURES = 8
+KEPT_SIGNATURES = 8
 
 
 def in_loop_projection(x: Tensor, w_ih: Tensor) -> bool:

@@ -31,11 +31,14 @@ from lstmkit.layout import ONNX_PEEPHOLE_ORDER, reorder_gates
 from lstmkit.spec import CellSpec
 
 __all__ = ["OnnxExportKernel", "operator_refusal", "operator_weights", "operator_activations", "masked_step",
-           "exporting"]
+           "exporting", "ONNX_ACTIVATIONS", "DEFAULT_ACTIVATIONS"]
 
 #: lstmkit's activations as ONNX's activation names (hard sigmoids: ``HardSigmoid`` with alpha = slope).
 ONNX_ACTIVATIONS = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "hard_sigmoid": "HardSigmoid",
                     "hardsigmoid": "HardSigmoid"}
+#: The operators' activations where a node names none, per direction: ``LSTM``'s (gates,
+#: candidate, output), ``RNN``'s φ (the ONNX spec's defaults).
+DEFAULT_ACTIVATIONS: dict[str, tuple[str, ...]] = {"lstm": ("Sigmoid", "Tanh", "Tanh"), "rnn": ("Tanh",)}
 
 
 def _assume_constant_result(fn: Any) -> Any:
@@ -91,7 +94,7 @@ def operator_activations(spec: CellSpec, directions: int) -> dict[str, Any]:
     if not spec.is_lstm:
         return {"activations": [spec.nonlinearity.capitalize()] * directions}
     names = [ONNX_ACTIVATIONS[a] for a in (spec.gate_activation, spec.candidate_activation, spec.output_activation)]
-    if names == ["Sigmoid", "Tanh", "Tanh"]:
+    if tuple(names) == DEFAULT_ACTIVATIONS["lstm"]:
         return {}
     attrs: dict[str, Any] = {"activations": names * directions}
     if spec.gate_activation in variants.HARD_SIGMOID_SLOPES:

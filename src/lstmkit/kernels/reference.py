@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lstmkit import cell
 from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut, hidden_keys
+from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 from lstmkit.variants import cell_states
 
@@ -70,7 +71,7 @@ class ReferenceKernel(Kernel):
             else:
                 ys.append(h_new)
             if record:
-                for k in ("i", "f", "g", "o"):
+                for k in GATES:
                     value = getattr(out, k)
                     if value is not None:
                         rec[k].append(value)

@@ -28,6 +28,7 @@ _BITS: dict[str, int] = {name: abi.flag(name) for name in abi.FLAGS}
 #: :func:`lstmkit.kernels.abi.gate_slots` itself, callable while a kernel is built (Triton
 #: hashes its source and the ABI tables it reads into the kernels' cache keys).
 _gate_slots = triton.constexpr_function(abi.gate_slots)
+_acc_offset = triton.constexpr_function(abi.acc_offset)
 
 
 @triton.constexpr_function
@@ -48,6 +49,19 @@ def fgr_slot(flags: int, gate: str) -> int:
     """fgr: gate ``gate``'s (i, f or o) slot in the sigmoid-gate state s (|S|·H wide) and in
     ``W_gg``; -1 if absent, and for every gate without fgr."""
     return _gate_slots(flags)[1][gate] if flags & _BITS["fgr"] else -1
+
+
+@triton.constexpr_function
+def acc_h(param: str) -> int:
+    """Parameter ``param``'s summed gradient starts at ``acc_h(param)·H + acc_r(param)·R`` in a
+    row of the backward's ``acc`` (:func:`lstmkit.kernels.abi.acc_offset`, as the C++ AccLayout)."""
+    return _acc_offset(param)[0]
+
+
+@triton.constexpr_function
+def acc_r(param: str) -> int:
+    """The R coefficient of :func:`acc_h`'s offset."""
+    return _acc_offset(param)[1]
 
 
 #: The bit of each hard-sigmoid row of the variant table -> its slope (``HARD_SIGMOID_SLOPES``).
@@ -584,8 +598,8 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
         st(MO, row, H, 0, ch, m2, tl.where(v2, o * tm, 0.0), True)
     dm = act_grad(dh * o, tm, NOAF, OUT_RELU)
     if LN:
-        _acc(acc, 3 * H, ch, cm, dm * chat, True)
-        _acc(acc, 4 * H, ch, cm, dm, True)
+        _acc(acc, acc_h("ln_c_weight") * H + acc_r("ln_c_weight") * R, ch, cm, dm * chat, True)
+        _acc(acc, acc_h("ln_c_bias") * H + acc_r("ln_c_bias") * R, ch, cm, dm, True)
         dch = dm * _vec(c_w, 0, ch, cm, CT, True, BH)[None, :]
         s1 = tl.sum(dch, 1) / H
         s2 = tl.sum(dch * chat, 1) / H
@@ -594,7 +608,7 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
         dc = dc + dm
     if PEEP and GO >= 0:
         dc += du_o * _vec(p_o, 0, ch, cm, CT, True, BH)[None, :]
-        _acc(acc, 2 * H, ch, cm, du_o * c, True)
+        _acc(acc, acc_h("peephole_o") * H + acc_r("peephole_o") * R, ch, cm, du_o * c, True)
     if has(FLAGS, "clip"):  # passed where |c~| <= clip before it (torch.clamp's rule), c~ recomputed as _cell has it
         dc = tl.where(tl.abs(f * cp + i * g) <= clip, dc, 0.0)
     # dc -> g, f, i, c_{t-1}
@@ -611,7 +625,7 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
         du_f = gate_grad(d_f, f, FLAGS)
         if PEEP:
             dcp += du_f * _vec(p_f, 0, ch, cm, CT, True, BH)[None, :]
-            _acc(acc, H, ch, cm, du_f * cp, True)
+            _acc(acc, acc_h("peephole_f") * H + acc_r("peephole_f") * R, ch, cm, du_f * cp, True)
     du_i = zero
     if GI >= 0:
         d_i = dc * g
@@ -622,7 +636,7 @@ def bwd_core(i, f, g, o, c, cp, dh, dc, ds_i, ds_f, ds_o, valid, rm, ch, cm, H, 
         du_i = gate_grad(d_i, i, FLAGS)
         if PEEP:
             dcp += du_i * _vec(p_i, 0, ch, cm, CT, True, BH)[None, :]
-            _acc(acc, 0, ch, cm, du_i * cp, True)
+            _acc(acc, acc_h("peephole_i") * H + acc_r("peephole_i") * R, ch, cm, du_i * cp, True)
     if LN and not READY:  # both layer norms of each gate backwards; dz -> da (dXG), dr (next GEMM, dW_hh)
         din_i = _ln_gate_bwd(du_i, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_ih, g_hh,
                              GI, HAS_BIAS, CT, BB, BH)
@@ -662,9 +676,9 @@ def _ln_gate_bwd(dz, AH, AS, RH, RS, DXG, DR, acc, row, R, NG, rm, ch, cm, H, g_
         rs = tl.load(RS + row * NG + SLOT, mask=rm, other=0.0).to(CT)
         da, dr = _ln_bwd(dz, ah, ra, rh, rs, _vec(g_ih, SLOT * H, ch, cm, CT, True, BH),
                          _vec(g_hh, SLOT * H, ch, cm, CT, True, BH), H)
-        _acc(acc, 5 * H + SLOT * H, ch, cm, dz * rh, True)
-        _acc(acc, 5 * H + R + SLOT * H, ch, cm, dz * ah, True)
-        _acc(acc, 5 * H + 2 * R + SLOT * H, ch, cm, dz, HAS_BIAS)
+        _acc(acc, acc_h("ln_hh_weight") * H + acc_r("ln_hh_weight") * R + SLOT * H, ch, cm, dz * rh, True)
+        _acc(acc, acc_h("ln_ih_weight") * H + acc_r("ln_ih_weight") * R + SLOT * H, ch, cm, dz * ah, True)
+        _acc(acc, acc_h("bias") * H + acc_r("bias") * R + SLOT * H, ch, cm, dz, HAS_BIAS)
         st(DXG, row, R, SLOT * H, ch, m2, da, True)
         st(DR, row, R, SLOT * H, ch, m2, dr, True)
     return dr

@@ -380,7 +380,7 @@ class TritonImpl:
         MO = torch.empty((T, B, H), dtype=ct, device=dev) if P > 0 else a.nothing
         dh0 = torch.empty((B, HO), dtype=ct, device=dev)
         dc0 = torch.empty((B, SH), dtype=ct, device=dev) if not v.rnn else a.nothing
-        n_acc = 5 * H + 3 * RK
+        n_acc = abi.acc_size(H, RK)
         persistent = T > 0 and B > 0 and choose_path(v, B, H, HO, io, P > 0, dev, a.heads, a.deep is not None) \
             == "persistent"
         BB = persistent_tiles(v, H, HO, P > 0)[0] if persistent else step_tiles(v, B, H)[0]
@@ -493,18 +493,14 @@ class TritonImpl:
         dparams = [torch.empty((0,), dtype=p.dtype, device=a.dev) for p in params]
         if not v.rnn:
             tot = acc.sum(0) if acc.numel() else acc
-            if v.peep:
-                for name, slot, off in (("peephole_i", v.gi, 0), ("peephole_f", v.gf, H), ("peephole_o", v.go, 2 * H)):
-                    if slot >= 0:
-                        dparams[_P[name]] = tot[off:off + H].clone()
+            summed = [name for name, slot in (("peephole_i", v.gi), ("peephole_f", v.gf), ("peephole_o", v.go))
+                      if v.peep and slot >= 0]
             if v.ln:
-                dparams[_P["ln_c_weight"]] = tot[3 * H:4 * H].clone()
-                dparams[_P["ln_c_bias"]] = tot[4 * H:5 * H].clone()
+                summed += ["ln_c_weight", "ln_c_bias"]
             if v.ln and not a.ready:  # (with deep gates: DeepGates.layer_norm_grads)
-                dparams[_P["ln_hh_weight"]] = tot[5 * H:5 * H + R].clone()
-                dparams[_P["ln_ih_weight"]] = tot[5 * H + R:5 * H + 2 * R].clone()
-                if params[_P["bias"]].numel():
-                    dparams[_P["bias"]] = tot[5 * H + 2 * R:].clone()
+                summed += ["ln_hh_weight", "ln_ih_weight"] + (["bias"] if params[_P["bias"]].numel() else [])
+            for name in summed:
+                dparams[_P[name]] = tot[abi.acc_slice(name, H, R)].clone()
             if P > 0:
                 dparams[_P["weight_hr"]] = torch.mm(dHP.reshape(-1, HO).t(), MO.reshape(-1, H))
             if v.fgr:

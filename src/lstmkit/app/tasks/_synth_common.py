@@ -126,6 +126,47 @@ class MarkedPairTask(SampledTask):
     #: |error| below which an answer counts as correct.
     tolerance: ClassVar[float]
 
+    @property
+    def _lengths_vary(self) -> bool:
+        """Whether a batch carries its sequences' lengths (False: every one is T long)."""
+        return True
+
+    @staticmethod
+    def _pairs_1997(n: int, length: int, signed: bool, generator: torch.Generator) -> dict[str, Tensor]:
+        """``n`` sequences of Hochreiter & Schmidhuber 1997's adding and multiplication problems
+        (§5.4, §5.5): length uniform in ``[T, T + T//10]``; values U[-1, 1] (``signed``) or
+        U[0, 1], zero on the padding; one of the first 10 pairs marked (X1), then one of the
+        first ``T//2 - 1`` pairs not yet marked (X2); markers 1 there, -1 on the first and last
+        pair, else 0; a marked first pair's value set to 0.
+
+        Returns ``values`` and ``markers`` (n, T + T//10), ``lengths`` (n,) and the marked
+        positions ``i1``, ``i2`` (n,).
+        """
+        t, g = length, generator
+        rows = torch.arange(n)
+        t_max = t + t // 10
+        lengths = t + torch.randint(0, t // 10 + 1, (n,), generator=g)
+        values = torch.rand(n, t_max, generator=g)
+        if signed:
+            values = values * 2 - 1
+        i1 = torch.randint(0, 10, (n,), generator=g)
+        r = torch.randint(0, t // 2 - 2, (n,), generator=g)  # one of the T//2 - 2 others
+        i2 = r + (r >= i1).long()
+        values = values * (torch.arange(t_max)[None, :] < lengths[:, None])
+        values[:, 0] = torch.where((i1 == 0) | (i2 == 0), 0.0, values[:, 0])  # marked first pair: 0
+        markers = torch.zeros(n, t_max)
+        markers[:, 0] = -1
+        markers[rows, lengths - 1] = -1
+        markers[rows, i1] = 1
+        markers[rows, i2] = 1
+        return {"values": values, "markers": markers, "lengths": lengths, "i1": i1, "i2": i2}
+
+    def _encode(self, raw: dict[str, Tensor]) -> Batch:
+        t = int(raw["lengths"].max())
+        x = torch.stack([raw["values"][:, :t], raw["markers"][:, :t]], -1).transpose(0, 1)  # (T, B, 2)
+        lengths = raw["lengths"].clone() if self._lengths_vary else None
+        return Batch(x.contiguous(), raw["target"].clone(), lengths, y_batch_dim=0)
+
     def _terms(self, values: list[tuple[int, float]]) -> str:
         """The marked steps' ``(t, value)`` pairs as :meth:`show` writes them."""
         return "marked " + ", ".join(f"t={t}: {v:+.3f}" for t, v in values)

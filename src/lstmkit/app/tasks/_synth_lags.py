@@ -409,28 +409,10 @@ class MultiplicationTask(MarkedPairTask):
         return [(t, f"X{k + 1} = {float(x[t, 0]):.2f}") for k, t in enumerate(flagged)]
 
     def _sample(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
-        t, g = self.length, generator
-        rows = torch.arange(n)
-        t_max = t + t // 10
-        lengths = t + torch.randint(0, t // 10 + 1, (n,), generator=g)
-        values = torch.rand(n, t_max, generator=g)
-        i1 = torch.randint(0, 10, (n,), generator=g)
-        r = torch.randint(0, t // 2 - 2, (n,), generator=g)  # one of the T//2 - 2 others
-        i2 = r + (r >= i1).long()
-        values = values * (torch.arange(t_max)[None, :] < lengths[:, None])
-        values[:, 0] = torch.where((i1 == 0) | (i2 == 0), 0.0, values[:, 0])  # marked first pair: 0
-        markers = torch.zeros(n, t_max)
-        markers[:, 0] = -1
-        markers[rows, lengths - 1] = -1
-        markers[rows, i1] = 1
-        markers[rows, i2] = 1
-        return {"values": values, "markers": markers, "lengths": lengths,
-                "target": values[rows, i1] * values[rows, i2]}
-
-    def _encode(self, raw: dict[str, Tensor]) -> Batch:
-        t = int(raw["lengths"].max())
-        x = torch.stack([raw["values"][:, :t], raw["markers"][:, :t]], -1).transpose(0, 1)  # (T, B, 2)
-        return Batch(x.contiguous(), raw["target"].clone(), raw["lengths"].clone(), y_batch_dim=0)
+        pairs = self._pairs_1997(n, self.length, False, generator)
+        rows, values = torch.arange(n), pairs["values"]
+        return {"values": values, "markers": pairs["markers"], "lengths": pairs["lengths"],
+                "target": values[rows, pairs["i1"]] * values[rows, pairs["i2"]]}
 
     def _terms(self, values: list[tuple[int, float]]) -> str:
         return " x ".join(f"{v:.3f} (t={t})" for t, v in values)

@@ -177,28 +177,14 @@ class AddingTask(MarkedPairTask):
             markers[rows, i2] = 1
             return {"values": values, "markers": markers, "lengths": torch.full((n,), t),
                     "target": values[rows, i1] + values[rows, i2]}
-        t_max = t + t // 10
-        lengths = t + torch.randint(0, t // 10 + 1, (n,), generator=g)
-        values = torch.rand(n, t_max, generator=g) * 2 - 1
-        i1 = torch.randint(0, 10, (n,), generator=g)
-        r = torch.randint(0, t // 2 - 2, (n,), generator=g)  # one of the T//2 - 2 others
-        i2 = r + (r >= i1).long()
-        valid = torch.arange(t_max)[None, :] < lengths[:, None]
-        values = values * valid
-        values[:, 0] = torch.where((i1 == 0) | (i2 == 0), 0.0, values[:, 0])  # marked first pair: 0
-        markers = torch.zeros(n, t_max)
-        markers[:, 0] = -1
-        markers[rows, lengths - 1] = -1
-        markers[rows, i1] = 1
-        markers[rows, i2] = 1
-        target = 0.5 + (values[rows, i1] + values[rows, i2]) / 4
-        return {"values": values, "markers": markers, "lengths": lengths, "target": target}
+        pairs = self._pairs_1997(n, t, True, g)
+        values = pairs["values"]
+        target = 0.5 + (values[rows, pairs["i1"]] + values[rows, pairs["i2"]]) / 4
+        return {"values": values, "markers": pairs["markers"], "lengths": pairs["lengths"], "target": target}
 
-    def _encode(self, raw: dict[str, Tensor]) -> Batch:
-        t = int(raw["lengths"].max())
-        x = torch.stack([raw["values"][:, :t], raw["markers"][:, :t]], -1).transpose(0, 1)  # (T, B, 2)
-        lengths = None if self.form == "le" else raw["lengths"].clone()
-        return Batch(x.contiguous(), raw["target"].clone(), lengths, y_batch_dim=0)
+    @property
+    def _lengths_vary(self) -> bool:
+        return self.form != "le"
 
 
 # ----------------------------------------------------------------- temporal order

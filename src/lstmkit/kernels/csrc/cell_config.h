@@ -245,17 +245,19 @@ inline void accumulate_dwhh(at::Tensor& acc, bool first, const at::Tensor& d, co
 }
 
 // The per-parameter reductions of the backward (summed over steps and rows), one vector per
-// thread: where each parameter's gradient sits in it. Written here once; the cell's backward
-// accumulates into these slices and recurrence_backward reads them out.
+// thread: where each parameter's gradient sits in it, from the generated ACC_H / ACC_R
+// (lstmkit_abi.h: abi.ACCUMULATED). The cell's backward accumulates into these slices and
+// recurrence_backward reads them out.
 struct AccLayout {
   int64_t H, R;
-  int64_t peephole(int k) const { return k * H; }  // k = 0, 1, 2: i, f, o (H each)
-  int64_t ln_c_weight() const { return 3 * H; }
-  int64_t ln_c_bias() const { return 4 * H; }
-  int64_t ln_hh_weight() const { return 5 * H; }  // R each from here on
-  int64_t ln_ih_weight() const { return 5 * H + R; }
-  int64_t bias() const { return 5 * H + 2 * R; }
-  int64_t size() const { return 5 * H + 3 * R; }
+  int64_t of(int p) const { return ACC_H[p] * H + ACC_R[p] * R; }  // p: a Param that is summed here
+  int64_t peephole(int k) const { return of(k == 0 ? P_PEEPHOLE_I : k == 1 ? P_PEEPHOLE_F : P_PEEPHOLE_O); }
+  int64_t ln_c_weight() const { return of(P_LN_C_WEIGHT); }  // H each
+  int64_t ln_c_bias() const { return of(P_LN_C_BIAS); }
+  int64_t ln_hh_weight() const { return of(P_LN_HH_WEIGHT); }  // R each
+  int64_t ln_ih_weight() const { return of(P_LN_IH_WEIGHT); }
+  int64_t bias() const { return of(P_BIAS); }
+  int64_t size() const { return ACC_SIZE_H * H + ACC_SIZE_R * R; }
 };
 
 // What the kernel reads of params[k] (abi.PARAMS order) for this variant through a raw pointer:

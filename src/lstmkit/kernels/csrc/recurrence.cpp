@@ -89,6 +89,9 @@ py::dict compiled_abi() {
   slopes["hard_sigmoid"] = SLOPE_HARD_SIGMOID; slopes["hardsigmoid"] = SLOPE_HARDSIGMOID;
   phis["tanh"] = PHI_TANH; phis["relu"] = PHI_RELU; phis["sigmoid"] = PHI_SIGMOID; phis["identity"] = PHI_IDENTITY;
   d["slopes"] = slopes; d["phis"] = phis;
+  py::list acc_h, acc_r;  // the backward's reduction vector (AccLayout)
+  for (int k = 0; k < N_PARAMS; ++k) { acc_h.append(ACC_H[k]); acc_r.append(ACC_R[k]); }
+  d["acc_h"] = acc_h; d["acc_r"] = acc_r; d["acc_size"] = py::make_tuple(ACC_SIZE_H, ACC_SIZE_R);
   d["gemm_tile"] = py::make_tuple(Packed<float>::MR, Packed<float>::NV * Packed<float>::VL);
   return d;
 }
@@ -184,8 +187,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("flags"), py::arg("mlp_layout"), py::arg("clip"), py::arg("zoneout_c"), py::arg("zoneout_h"),
           py::arg("H"), py::arg("P"), py::arg("frozen") = false, py::arg("widen16") = false,
           py::arg("mlp_names") = std::vector<std::string>{})
-      .def_property_readonly("packed", [](const lk::PreparedLayer& l) { return std::atomic_load(&l.panels) != nullptr; },
+      .def_property_readonly("packed",
+                             [](const lk::PreparedLayer& l) { return std::atomic_load(&l.slot->panels) != nullptr; },
                              "a frozen layer: whether its weights are packed (after its first call)")
+      .def("share_panels", [](lk::PreparedLayer& l, const lk::PreparedLayer& other) { l.slot = other.slot; },
+           py::arg("other"), "take other's packing (a layer of the same weights kept for another signature)")
       .def("__call__", &lk::PreparedLayer::call, py::arg("x"), py::arg("h"), py::arg("cells"),
            py::arg("keep_c") = py::none(), py::arg("keep_h") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("set_messages", &lk::set_messages, "the errors a second-order gradient and a batched backward raise");

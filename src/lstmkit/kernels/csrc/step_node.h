@@ -387,6 +387,12 @@ inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_step(
           S == 1 ? std::vector<at::Tensor>{axes.state_out(c_n)} : split_cells(c_n, S, false)};
 }
 
+// A frozen layer's packed weights (lstmkit.freeze), held where every call signature kept for the
+// layer finds them: packed once per layer, not once per signature.
+struct PanelSlot {
+  std::shared_ptr<const Frozen> panels;
+};
+
 // A prepared layer (PreparedStep, lstmkit/kernels/fused.py): forward_step's arguments that stay the
 // same from call to call — the layer's parameters (the module's own tensors, read in place on every
 // call, so that in-place updates are seen), flags, mlp layout, scalars — held here once per call
@@ -401,13 +407,15 @@ struct PreparedLayer {
   bool frozen = false;  // lstmkit.freeze: W_hh and W_ih packed once for inference (frozen_panels)
   bool widen16 = false;  // a 16-bit layer without 16-bit units: its backward's dX, dW_ih in float32 (ProjectedRun)
   c10::intrusive_ptr<GradCarry> carry = c10::make_intrusive<GradCarry>();  // its steps' weight gradients in a pass
-  mutable std::shared_ptr<const Frozen> panels;  // the packing (atomic_load / atomic_store: calls run GIL-free)
+  // the packing (atomic_load / atomic_store on its panels: calls run GIL-free), one per layer of a
+  // module: the layers kept for its other call signatures share it (share_panels)
+  std::shared_ptr<PanelSlot> slot = std::make_shared<PanelSlot>();
   std::vector<std::vector<int64_t>> shapes;  // the tensors' shapes when kept (keep_shapes)
   std::vector<std::string> mlp_names;  // mlp's names (abi.mlp_names), for messages
 
   // A frozen layer's panels, packed again when W_ih or W_hh changed since (WeightStamp).
   std::shared_ptr<const Frozen> frozen_panels() const {
-    auto cur = std::atomic_load(&panels);
+    auto cur = std::atomic_load(&slot->panels);
     if (cur && cur->ih.same(w_ih) && cur->hh.same(whh)) return cur;
     const at::ScalarType ct = compute_type(w_ih.scalar_type());
     const MlpLayout mlp_(mlp_layout, H);
@@ -420,7 +428,7 @@ struct PreparedLayer {
                                                                to_compute(w_ih, ct).contiguous(), cf);
     });
     std::shared_ptr<const Frozen> done = fresh;
-    std::atomic_store(&panels, done);
+    std::atomic_store(&slot->panels, done);
     return done;
   }
 
