@@ -162,6 +162,29 @@ def test_weights(runs, tmp_path):
         plots.plot_weights(model, layer=2)
 
 
+def test_labels_say_what_each_panel_holds():
+    """Found by a sweep of the inspection features: a layer with heads titled W_k with one head's
+    block width (8 × (3 + 2) for an (8, 11) image); every gate panel said 'sigmoid' (a hard
+    sigmoid's, the sLSTM's exponential gates); a highlighted cell of a projected layer was
+    checked against h's P units (and drawn on h's unit j, no cell after the projection)."""
+    import lstmkit
+
+    ax = plots.plot_weights(lstmkit.LSTM(3, 8, heads=4)).axes[0]
+    assert ax.get_title() == "input gate W_i: 8 × (3 + 8)"
+    assert ax.get_xlabel() == "[x | h]: columns 0-2 input x_t, 3-10 recurrent h_(t-1)"
+    x = torch.randn(6, 1, 3)
+    for cell, want in (("gate_act=hard_sigmoid", ["hard_sigmoid", "hard_sigmoid", "tanh", "hard_sigmoid"]),
+                       ("slstm", ["exp, stabilised", "sigmoid, stabilised", "tanh", "sigmoid"]),
+                       ("slstm+forget_act=exp", ["exp, stabilised", "exp, stabilised", "tanh", "sigmoid"])):
+        titles = [a.get_title() for a in plots.plot_gates(lstmkit.LSTM(3, 4, cell=cell), x).axes if a.get_title()]
+        assert [t[t.index("(") + 1:t.index(")")] for t in titles] == want, (cell, titles)
+    fig = plots.plot_cells(lstmkit.LSTM(3, 8, proj_size=2), x, highlight=[(5, "cell 5")])
+    c_ax, h_ax = [a for a in fig.axes if a.get_title()]
+    assert "highlighted" in c_ax.get_title() and "highlighted" not in h_ax.get_title()
+    with pytest.raises(ValueError, match="highlight: unit 8 is not one of the layer's 8 cells"):
+        plots.plot_cells(lstmkit.LSTM(3, 8, proj_size=2), x, highlight=[(8, "cell 8")])
+
+
 def test_curves(runs, tmp_path):
     dirs = [runs["vanilla"], runs["nfg"], runs["rnn"]]
     fig = plots.plot_curves(dirs, path=tmp_path / "curves.png")

@@ -379,6 +379,26 @@ def test_gradient_flow_lengths_each_sequence_alone():
                 assert (flow[l][d].grad_c[n:, b] == 0).all() and (flow[l][d].grad_h[n:, b] == 0).all()
 
 
+def test_gradient_flow_keeps_every_step_when_every_length_is_short():
+    """Every length below T: the flow has T steps as its trace does (it stopped at the longest
+    length, where its valid mask and trace(..., lengths=) have T), the steps past the longest
+    of zero gradient and NaN forget mean; the steps before equal a batch cut to the longest."""
+    layer = build("vanilla", num_layers=2, bidirectional=True)
+    x, lengths = x_data(), [3, 2]
+    x = x[:, :2]
+    flow = gradient_flow(layer, x, lambda y: (y ** 2).sum(), lengths=lengths)
+    cut = gradient_flow(layer, x[:3], lambda y: (y ** 2).sum(), lengths=lengths)
+    assert flow.valid.shape == (T, 2) and flow.summary()["T"] == T
+    for l in range(2):
+        for d in range(2):
+            f, c = flow[l][d], cut[l][d]
+            assert f.grad_h.shape[0] == f.grad_c.shape[0] == f.f_mean.shape[0] == T
+            torch.testing.assert_close(f.grad_h[:3], c.grad_h, **TOL)
+            torch.testing.assert_close(f.grad_c[:3], c.grad_c, **TOL)
+            torch.testing.assert_close(f.f_mean[:3], c.f_mean, **TOL)
+            assert (f.grad_h[3:] == 0).all() and (f.grad_c[3:] == 0).all() and f.f_mean[3:].isnan().all()
+
+
 def test_gradient_flow_sequence_model_and_task_loss():
     from lstmkit.app.model import SequenceModel
     from lstmkit.app.tasks.registry import get_task
@@ -446,3 +466,39 @@ def test_a_layer_on_torchs_own_lstm_is_traced_on_a_recording_kernel_which_the_tr
     valid = tr.valid.unsqueeze(-1)
     torch.testing.assert_close(tr.output * valid, want * valid, **TOL)
     assert trace(build("vanilla"), x).note == ""
+
+
+def test_layers_and_directions_out_of_range_are_refused_by_name():
+    """tr[3] on a 2-layer trace, tr[0][1] on one direction, flow[3]: a bare IndexError before;
+    a missing deep key named the plain keys, not this trace's."""
+    layer = build("deep=2", num_layers=2)
+    x = x_data()
+    tr = trace(layer, x)
+    flow = gradient_flow(layer, x, _loss)
+    for what in (tr, flow):
+        with pytest.raises(ValueError, match=r"layer: expected an int in \[0, 1\], got 3"):
+            what[3]
+        with pytest.raises(ValueError, match=r"layer: expected an int in \[0, 1\], got -1"):
+            what[-1]
+        with pytest.raises(ValueError, match=r"direction: expected an int in \[0, 0\], got 1"):
+            what[0][1]
+        assert what[1][0] is what.layers[1][0]
+    with pytest.raises(KeyError, match=r"'f.2': not a key of this trace; expected one of .*'f.1'"):
+        tr[0][0]["f.2"]
+
+
+def test_runs_on_names_the_row_this_input_runs_on():
+    """The note that a trace was recorded on another kernel than the layer's: the row was chosen
+    without the call, so a layer that runs this input on oneDNN (torch's row) said nothing."""
+    from lstmkit import kernels
+
+    layer = lstmkit.LSTM(64, 256)
+    x = torch.randn(50, 32, 64)
+    with torch.no_grad():
+        ran = layer._run(x, None)[3].kernel.name
+    tr = trace(layer, x)
+    assert tr.runs_on == ran
+    assert (tr.note != "") == (ran != tr.kernel)
+    assert trace(lstmkit.LSTM(3, 4), torch.randn(5, 2, 3)).runs_on == kernels.select(
+        lstmkit.CellSpec(), torch.device("cpu"), torch.float32, None, False,
+        kernels.Workload("lstm", 5, 2, 4, torch.float32, False, False, False)).name

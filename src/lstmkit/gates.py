@@ -18,7 +18,7 @@ from lstmkit._validate import check_bool, check_int
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.spec import gate_slices
 
-__all__ = ["GateView", "GateViews", "gate_views"]
+__all__ = ["GateView", "GateViews", "gate_views", "activation_of"]
 
 #: Why an LSTM gate is absent, by letter: the variant table's row that removes it alone.
 _ABSENT_NOTE = {r.removes: f"absent: {r.removes} ≡ 1 ({r.word})" for r in variants.ROWS if len(r.removes) == 1}
@@ -125,7 +125,7 @@ class GateView:
                 f"{', peephole' if self.peephole is not None else ''}{deep})")
 
 
-def _activation(spec: Any, letter: str) -> str:
+def activation_of(spec: Any, letter: str) -> str:
     """The activation of gate ``letter`` as the cell computes it: the candidate's (the RNN's
     nonlinearity), the gates' (a hard sigmoid where ``gate_act`` says so), the sLSTM's
     exponential input gate and its forget gate (exponential with ``forget_act=exp``; both
@@ -163,10 +163,10 @@ def gate_views(layer: Any, index: int = 0, direction: int = 0) -> GateViews:
         if letter not in rows:
             coupled = letter == "f" and spec.coupled
             note = "f = 1 − i (cifg), no parameters" if coupled else _ABSENT_NOTE[letter]
-            views[name] = GateView(letter, False, note, _activation(spec, letter))
+            views[name] = GateView(letter, False, note, activation_of(spec, letter))
             continue
         sl = rows[letter]
-        act = _activation(spec, letter)
+        act = activation_of(spec, letter)
         mlp = []
         for j in range(1, len(spec.hidden_widths(letter)) + 1):
             mlp.append((p[f"mlp_{letter}_weight{j}"], p.get(f"mlp_{letter}_bias{j}")))

@@ -100,7 +100,7 @@ class DirectionTrace(Mapping[str, Tensor]):
             return self.tensors[key]
         if key in self.absent:
             raise KeyError(f"{key!r} ({NAMES[key]}): {self.absent[key]}")
-        raise KeyError(f"{key!r}: not a trace key; expected one of {list(TRACE_KEYS)}")
+        raise KeyError(f"{key!r}: not a key of this trace; expected one of {list(self.tensors)}")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
@@ -127,9 +127,9 @@ class Trace:
             (``(T,)`` unbatched); values elsewhere are NaN.
         kernel: the registry name of the kernel that recorded the trace.
         batched: False for unbatched 2-D input.
-        runs_on: the kernel the layer runs on outside a trace; it differs from ``kernel``
-            where that one keeps no per-step gates (torch's own LSTM: cuDNN on a GPU), and then
-            ``note`` says so.
+        runs_on: the kernel the layer runs this input on outside a trace (without gradients);
+            it differs from ``kernel`` where that one keeps no per-step gates (torch's own LSTM:
+            oneDNN on the CPU, cuDNN on a GPU), and then ``note`` says so.
     """
 
     spec: CellSpec
@@ -168,7 +168,18 @@ class Trace:
         return int(self.valid.shape[0])
 
     def __getitem__(self, layer: int) -> list[DirectionTrace]:
-        return self.layers[layer]
+        check_int("layer", layer, 0, len(self.layers) - 1)
+        return _Directions(self.layers[layer])
+
+
+class _Directions(list):  # type: ignore[type-arg]
+    """One layer's directions, ``[forward]`` or ``[forward, reverse]``: an index out of range is
+    refused by name, as ``layer`` is."""
+
+    def __getitem__(self, direction: Any) -> Any:
+        if not isinstance(direction, slice):
+            check_int("direction", direction, 0, len(self) - 1)
+        return super().__getitem__(direction)
 
 
 def _absent_notes(layer: LSTM | RNN, index: int, direction: int, present: set[str]) -> dict[str, str]:
@@ -302,7 +313,11 @@ def trace(model: nn.Module, x: Tensor | PackedSequence, hx: Any = None,
             row.append(DirectionTrace(index, d, values, _absent_notes(layer, index, d, set(values))))
         layers.append(row)
     where = (layer.spec, layer.weight_ih_l0.device, layer.weight_ih_l0.dtype, layer.backend)
-    name, runs_on = kernels.select(*where, record=True).name, kernels.select(*where).name
+    # the row this input runs on without a record (and without gradients, as traced)
+    call = kernels.Workload(kind=layer.spec.kind, steps=T, batch=B, hidden=layer.hidden_size,
+                            dtype=layer.weight_ih_l0.dtype, gradient=False, lengths=lens is not None,
+                            projection=layer.proj_size > 0)
+    name, runs_on = kernels.select(*where, record=True).name, kernels.select(*where, workload=call).name
     return Trace(layer.spec, layers, output.detach(), h_n.detach(),
                  None if c_n is None else c_n.detach(), valid if batched else valid[:, 0], name, batched, runs_on)
 
@@ -363,7 +378,8 @@ class GradientFlow:
     valid: Tensor
 
     def __getitem__(self, layer: int) -> list[DirectionFlow]:
-        return self.layers[layer]
+        check_int("layer", layer, 0, len(self.layers) - 1)
+        return _Directions(self.layers[layer])
 
     def summary(self, layer: int = 0, direction: int = 0) -> dict[str, Any]:
         """``‖∂L/∂c_t‖`` (``h`` for the RNN) at t = 1, T/2, T (1-based) and first/last.
@@ -512,6 +528,10 @@ def gradient_flow(model: nn.Module, x: Tensor | PackedSequence, loss_fn: Callabl
             if d == 1:  # the kernel ran backwards in time: put the steps back in input order
                 gh = reverse_within_lengths(gh, call["lengths"])
                 gc = None if gc is None else reverse_within_lengths(gc, call["lengths"])
+            # a packed run records max(lengths) steps: the rest of T are padding (gradient 0, no f)
+            gh = _pad_steps(gh, T, 0.0)
+            gc = None if gc is None else _pad_steps(gc, T, 0.0)
+            fm = None if fm is None else _pad_steps(fm, T, float("nan"))
             if not batched:
                 gh = gh.squeeze(1)
                 gc = None if gc is None else gc.squeeze(1)
@@ -519,6 +539,13 @@ def gradient_flow(model: nn.Module, x: Tensor | PackedSequence, loss_fn: Callabl
         layers.append(row)
     valid = _valid_mask(lens, T, B)
     return GradientFlow(layer.spec, float(loss.detach()), layers, valid if batched else valid[:, 0])
+
+
+def _pad_steps(v: Tensor, T: int, value: float) -> Tensor:
+    """``v`` (T', ...) with its first dimension filled up to T with ``value``."""
+    if v.shape[0] >= T:
+        return v
+    return torch.cat([v, v.new_full((T - v.shape[0], *v.shape[1:]), value)])
 
 
 def _stack(nodes: list[Tensor], grads: list[Tensor | None]) -> Tensor:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from lstmkit import _atomic
 from lstmkit.app import runs
+from lstmkit.gates import activation_of
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.tracing import GradientFlow, recurrent_layer, trace
 
@@ -326,7 +327,8 @@ def plot_gates(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
                     if not spec.is_lstm else f"candidate g_t ({act})")
         else:
             cmap, lo, hi = "viridis", 0.0, 1.0
-            what = f"{name} gate {letter}_t (sigmoid)" + (" = 1 - i_t (cifg)" if letter == "f" and spec.coupled else "")
+            act = activation_of(spec, letter) + (", stabilised" if spec.slstm and letter in "if" else "")
+            what = f"{name} gate {letter}_t ({act})" + (" = 1 - i_t (cifg)" if letter == "f" and spec.coupled else "")
         im = ax.imshow(v, aspect="auto", interpolation="nearest", origin="lower", cmap=cmap, vmin=lo, vmax=hi)
         fig.colorbar(im, ax=ax, pad=0.01)
         ax.set_title(what)
@@ -360,17 +362,18 @@ def plot_cells(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
     rec, values, _ = _one_sequence(model, x, layer, direction)
     keys = ("c", "h") if "c" in values else ("h",)
     T = values["h"].shape[0]
-    H = values["h"].shape[1]
-    chosen = list(highlight or ())
-    for unit, _ in chosen:
+    H = values[keys[0]].shape[1]  # the cells (c's units; the RNN's h)
+    highlighted = list(highlight or ())
+    for unit, _ in highlighted:
         if not 0 <= unit < H:
-            raise ValueError(f"highlight: unit {unit} is not one of the layer's {H} units")
-    bold = {unit for unit, _ in chosen}
+            raise ValueError(f"highlight: unit {unit} is not one of the layer's {H} cells")
     fig = _figure(figsize=(min(max(7.0, 0.1 * T + 3.0), 22.0), 2.6 * len(keys) + 0.8))
     axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
     steps = range(T)
     for ax, key in zip(axes, keys):
-        v = values[key]  # (T, H)
+        v = values[key]  # (T, H); a projection's h: (T, P), whose units are no cells to highlight
+        chosen = highlighted if v.shape[1] == H else []
+        bold = {unit for unit, _ in chosen}
         n = min(max_units, v.shape[1])
         for j in range(n):
             if j not in bold:
@@ -425,7 +428,7 @@ def plot_weights(model: nn.Module, *, layer: int = 0, direction: int = 0, title:
             continue
         W = v.W.float().numpy()
         n, i_in = v.W_x.shape
-        h_in = v.W_h.shape[1]
+        h_in = W.shape[1] - i_in  # all of h_{t-1} (with heads, W_h is one head's block; W is whole)
         lim = float(abs(W).max()) or 1.0
         im = ax.imshow(W, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-lim, vmax=lim)
         fig.colorbar(im, ax=ax, pad=0.01)
