@@ -43,7 +43,7 @@ from lstmkit.kernels.fused import FusedCPUKernel, PreparedStep, in_loop_projecti
 from lstmkit.kernels.torch_native import TorchKernel, operator_weights
 from lstmkit.layout import suffix
 from lstmkit.loop import StackOut, run_stack
-from lstmkit.spec import INIT_FIELDS, CellSpec, check_heads, layer_param_shapes, resolve
+from lstmkit.spec import INIT_FIELDS, CellSpec, check_heads, layer_param_shapes, resolve, spec_choices
 from lstmkit.variants import cell_states
 
 __all__ = ["LSTM", "RNN", "LSTMCell"]
@@ -560,8 +560,9 @@ class RNN(_Recurrent):
                  dropout: float = 0.0, bidirectional: bool = False, device: Any = None,
                  dtype: Any = None, *, heads: int | None = None, backend: str | None = None,
                  check_finite: bool = True) -> None:
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+        choices = spec_choices("nonlinearity")
+        if nonlinearity not in choices:
+            raise ValueError(f"nonlinearity: expected one of {list(choices)}, got {nonlinearity!r}")
         spec = _with_heads(CellSpec(kind="rnn", nonlinearity=nonlinearity), heads)
         self.nonlinearity = nonlinearity
         super().__init__(spec, input_size, hidden_size, num_layers, bias, batch_first, dropout,

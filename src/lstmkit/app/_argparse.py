@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from lstmkit._suggest import did_you_mean
 from lstmkit._validate import loads_json
-from lstmkit.app.config import Option, TrainConfig, option_of
+from lstmkit.app.config import TASK_FIELDS, Option, TrainConfig, option_of
 
 __all__ = ["Parser", "add_config_options", "config_values", "key_value", "default_text", "path_arg"]
 
@@ -124,7 +124,7 @@ def _parser_of(name: str, opt: Option) -> Any:
 
 
 def add_config_options(parser: Any, *, only: Iterable[str] | None = None,
-                       exclude: Iterable[str] = ("task", "task_options")) -> None:
+                       exclude: Iterable[str] = TASK_FIELDS) -> None:
     """One option per :class:`TrainConfig` field, with its help and default in ``--help``.
 
     Nothing is stored for an option that is not given (``default=SUPPRESS``): the
@@ -153,5 +153,5 @@ def add_config_options(parser: Any, *, only: Iterable[str] | None = None,
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`TrainConfig` settings given on the command line (and only those)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"task", "task_options"}
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(TASK_FIELDS)
     return {k: v for k, v in vars(args).items() if k in names}

@@ -22,7 +22,7 @@ from lstmkit.app.tasks.base import EVAL_BATCH_SIZE, SPLITS
 from lstmkit.spec import CellSpec, resolve
 
 __all__ = ["TrainConfig", "Option", "option_of", "MAX_PARAMETERS",
-           "MAX_ACTIVATIONS", "MAX_LR", "MAX_SEED", "MAX_JOBS"]
+           "MAX_ACTIVATIONS", "MAX_LR", "MAX_SEED", "MAX_JOBS", "TASK_FIELDS"]
 
 #: Sane upper bounds: a config (typed, or read from a file) beyond them is refused before
 #: anything is allocated. Parameters of the whole model (2**28 float32 = 1 GiB, 4 GiB with
@@ -38,6 +38,9 @@ MAX_LR = 1e4
 MAX_SEED = 2**63 - 1
 #: Processes a study or the demo runs at once.
 MAX_JOBS = 256
+#: TrainConfig's fields that say what to train on rather than how: a task's recipe sets the
+#: others, the command line takes these apart (--task, -o KEY=VALUE).
+TASK_FIELDS: tuple[str, ...] = ("task", "task_options")
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ class TrainConfig:
         from lstmkit.app.tasks.registry import task_options as task_options_of
         from lstmkit.app.tasks.registry import task_recipe
 
-        names = [f.name for f in dataclasses.fields(cls) if f.name not in ("task", "task_options")]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in TASK_FIELDS]
         for key in given:
             if key not in names:
                 raise ValueError(f"{key}: not a training setting{did_you_mean(key, names)}; the settings are "
