@@ -3,6 +3,7 @@ replaced by accident, and the leftovers of killed writers (and only theirs) remo
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -86,3 +87,25 @@ def test_exclusive_lock_is_released_when_its_holder_is_killed(tmp_path):
         holder.wait()
     with _atomic.exclusive(lock):  # the killed holder's lock is gone
         pass
+
+
+def test_scratch_directories_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    """A killed conversion or gradflow run left its temporary directory in the system's temporary
+    directory (found by a sweep of killed runs: one more per kill); the next one removes those of
+    this machine whose process is gone, and no other."""
+    monkeypatch.setattr(_atomic.tempfile, "tempdir", str(tmp_path))
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    host = _atomic._HOST
+    dead = tmp_path / f"lstmkit-convert-{host}-{dead_pid}-abcd1234"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "sub" / "model.keras").write_bytes(b"left by a killed conversion")
+    live = tmp_path / f"lstmkit-convert-{host}-{os.getpid()}-efgh5678"  # this process: alive
+    foreign = tmp_path / "lstmkit-convert-elsewhere-1-ijkl9012"  # another machine's
+    users = tmp_path / "lstmkit-mine"  # not lstmkit's shape
+    for d in (live, foreign, users):
+        d.mkdir()
+    with _atomic.scratch_directory("gradflow") as scratch:
+        assert scratch.parent == tmp_path and scratch.name.startswith(f"lstmkit-gradflow-{host}-{os.getpid()}-")
+        assert not dead.exists() and live.exists() and foreign.exists() and users.exists()
+    assert not scratch.exists()

@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["WriteError", "check_writable", "atomic_path", "write_bytes", "write_text", "write_json",
-           "clean_stale", "is_temporary", "exclusive", "safe_name", "is_safe_name"]
+           "clean_stale", "is_temporary", "exclusive", "safe_name", "is_safe_name", "scratch_directory"]
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9]*)-(?P<pid>\d+)-[A-Za-z0-9_]+\.tmp(\..*)?$")
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16]
@@ -253,6 +254,26 @@ def clean_stale(directory: str | os.PathLike[str], name: str | None = None, *, e
             p.unlink()
             removed.append(p)
     return removed
+
+
+#: A scratch directory's name in the system's temporary directory: ``lstmkit-KIND-HOST-PID-XXXXXXXX``.
+_SCRATCH = re.compile(r"^lstmkit-(?P<kind>[a-z]+)-(?P<host>[A-Za-z0-9]*)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+
+
+@contextlib.contextmanager
+def scratch_directory(kind: str) -> Iterator[Path]:
+    """A temporary directory for the ``with`` block (removed after it), named with this machine and
+    process: one that a killed process left (of this machine, its process gone) is removed first,
+    so kills do not pile them up in the system's temporary directory."""
+    root = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for p in root.iterdir():
+            m = _SCRATCH.match(p.name)
+            if m is not None and m["host"] == _HOST and not _alive(int(m["pid"])) and p.is_dir() \
+                    and not p.is_symlink() and p.stat().st_uid == os.getuid():
+                shutil.rmtree(p, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"lstmkit-{kind}-{_HOST}-{os.getpid()}-", dir=root) as d:
+        yield Path(d)
 
 
 @contextlib.contextmanager

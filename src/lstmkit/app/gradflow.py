@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lstmkit import _atomic
 from lstmkit.app.runs import load_run, read_checkpoint
 from lstmkit.app.tasks.base import Task
 from lstmkit.tracing import GradientFlow, gradient_flow
@@ -110,8 +109,8 @@ def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, len
                                   cell="vanilla" if cell == "rnn" else cell, hidden_size=hidden,
                                   batch_size=batch_size, steps=max(steps, 1), eval_every=max(steps, 1),
                                   lr=lr, seed=seed, threads=threads)
-                with tempfile.TemporaryDirectory(prefix="lstmkit-gradflow-") as tmp:
-                    trainer = Trainer(cfg, Path(tmp) / "run", progress=False)
+                with _atomic.scratch_directory("gradflow") as tmp:
+                    trainer = Trainer(cfg, tmp / "run", progress=False)
                     batch = next(iter(trainer.task.eval_batches("test", probe_size)))
                     t0 = time.perf_counter()
                     init = _measure(trainer.model, trainer.task, batch)

@@ -33,7 +33,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -401,8 +400,8 @@ def _in_memory(save: Any, ext: str) -> bytes:
     """What ``save(path)`` writes, made in memory where the system allows: on Linux the
     path is a link to an anonymous in-memory file (``memfd_create``); elsewhere a
     temporary directory holds it."""
-    with tempfile.TemporaryDirectory(prefix="lstmkit-") as d:
-        link = Path(d) / f"model{ext}"
+    with _atomic.scratch_directory("convert") as d:
+        link = d / f"model{ext}"
         memfd = getattr(os, "memfd_create", None)
         if memfd is None or not Path("/proc/self/fd").is_dir():
             save(str(link))
