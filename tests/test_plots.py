@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lstmkit.app.runs as rundir
-from lstmkit.app import gradflow, plots
+from lstmkit.app import gradflow, plot_cmd, plots
 from lstmkit.app.cli import main
 from lstmkit.app.train import TrainConfig, train
 from lstmkit.tracing import gradient_flow
@@ -369,7 +369,7 @@ def test_unknown_plot_kind(capsys):
     assert exc.value.code == 2
     assert "invalid choice: 'heatmap'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"kind: unknown plot kind 'heatmap'; expected one of \['gates'"):
-        plots.run(argparse.Namespace(kind="heatmap"))
+        plot_cmd.run(argparse.Namespace(kind="heatmap"))
 
 
 def test_main_dispatches_plot(runs, tmp_path, capsys):

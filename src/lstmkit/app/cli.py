@@ -47,7 +47,7 @@ __all__ = ["main", "COMMANDS", "default_run_dir", "train_plan"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("lstmkit.app.convert_cmd",
                 "convert weights between formats (.pt .safetensors .keras .weights.h5 .onnx)"),
-    "plot": ("lstmkit.app.plots", "draw gate heatmaps, cell trajectories, weights, curves, gradient flow (PNG)"),
+    "plot": ("lstmkit.app.plot_cmd", "draw gate heatmaps, cell trajectories, weights, curves, gradient flow (PNG)"),
     "report": ("lstmkit.app.report", "write one self-contained HTML report of a run directory"),
     "study": ("lstmkit.app.study", "variant study: every variant x seed with a learning-rate search, tables and plots"),
     "build": ("lstmkit.app.build_cmd", "compile the fused CPU kernel ahead of time (else the first use does)"),

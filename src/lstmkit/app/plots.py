@@ -1,4 +1,5 @@
-"""Pictures of a layer and of a run, as PNG files (matplotlib, headless), and ``lstmkit plot``.
+"""Pictures of a layer and of a run, as PNG files (matplotlib, headless); ``lstmkit plot`` draws them
+from the command line (:mod:`lstmkit.app.plot_cmd`).
 
 Every picture is a function that returns the matplotlib ``Figure`` and, given ``path``,
 also writes it as a PNG::
@@ -21,7 +22,6 @@ imported only when a picture is drawn (``pip install 'lstmkit[plot]'``).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -44,12 +44,9 @@ if TYPE_CHECKING:
 
     from lstmkit.app.tasks.base import Task
 
-__all__ = ["KINDS", "plot_gates", "plot_cells", "plot_weights", "plot_curves", "plot_compare",
+__all__ = ["plot_gates", "plot_cells", "plot_weights", "plot_curves", "plot_compare",
            "plot_gradient_flow", "plot_gradflow", "sample_input", "input_marks", "memory_units", "memory_highlight",
-           "reference_lines", "figure_png", "save_png", "add_arguments", "run"]
-
-#: The kinds of ``lstmkit plot KIND``.
-KINDS: tuple[str, ...] = ("gates", "cells", "weights", "curves", "compare", "gradflow")
+           "reference_lines", "figure_png", "save_png", "save_json", "check_output"]
 
 _DPI = 100
 
@@ -77,7 +74,9 @@ def _exists(p: Path) -> str:
     return f"output: {p} exists; nothing was overwritten (use --overwrite to replace it)"
 
 
-def _check_output(path: str | os.PathLike[str], overwrite: bool, suffix: str) -> Path:
+def check_output(path: str | os.PathLike[str], overwrite: bool, suffix: str) -> Path:
+    """``path`` as an output file of ``suffix`` that may be written (an existing one only with
+    ``overwrite``), checked before anything is drawn or computed."""
     p = Path(path)
     return _atomic.check_writable(p, overwrite=overwrite, what="output", suffix=suffix, exists_error=_exists(p))
 
@@ -90,7 +89,7 @@ def save_png(fig: Figure, path: str | os.PathLike[str], overwrite: bool = False,
         ValueError: not a ``.png`` name, no such directory; FileExistsError;
             lstmkit._atomic.WriteError (full disk, read-only): nothing was changed.
     """
-    p = _check_output(path, overwrite, ".png")
+    p = check_output(path, overwrite, ".png")
     return _atomic.write_bytes(p, figure_png(fig, dpi), overwrite=overwrite, exists_error=_exists(p))
 
 
@@ -98,6 +97,14 @@ def _finish(fig: Figure, path: str | os.PathLike[str] | None, overwrite: bool) -
     if path is not None:
         save_png(fig, path, overwrite)
     return fig
+
+
+def save_json(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Write ``obj`` as strict JSON (infinite or NaN floats as null) at ``path``, atomically; an
+    existing file is replaced only with ``overwrite``."""
+    p = check_output(path, overwrite, ".json")
+    data = (json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n").encode()
+    return _atomic.write_bytes(p, data, overwrite=overwrite, exists_error=_exists(p))
 
 
 def _json_safe(value: Any) -> Any:
@@ -596,138 +603,3 @@ def plot_gradflow(result: dict[str, Any], *, title: str | None = None,
     T = len(result["models"][0]["init"]["norms"])
     fig.suptitle(title or f"Gradient flow on the adding problem (T = {T}, loss at the last step)")
     return _finish(fig, path, overwrite)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``lstmkit plot KIND …``: one subcommand per picture."""
-    from lstmkit.app._argparse import path_arg
-
-    sub = parser.add_subparsers(dest="kind", required=True, metavar="KIND",
-                                help="one of: " + ", ".join(KINDS))
-
-    def common(p: argparse.ArgumentParser, default: str) -> None:
-        p.add_argument("-o", "--output", type=path_arg, default=None,
-                       help=f"PNG file to write (default: {default})")
-        p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
-
-    for kind, text in (("gates", "heatmaps of the gate activations over time for one input"),
-                       ("cells", "trajectories of the cell state c_t and h_t for one input")):
-        p = sub.add_parser(kind, help=text, description=text)
-        p.add_argument("run", type=path_arg, metavar="RUN_DIR|CHECKPOINT")
-        p.add_argument("--text", default=None, help="input text (charlm runs; default: the test set's start)")
-        p.add_argument("--max-steps", type=int, default=None, help="draw at most this many time steps")
-        p.add_argument("--layer", type=int, default=0)
-        p.add_argument("--direction", type=int, default=0, help="0 forward, 1 reverse")
-        if kind == "cells":
-            p.add_argument("--units", type=int, default=16, help="draw at most this many units (default 16)")
-        common(p, f"RUN_DIR/{kind}.png")
-    p = sub.add_parser("weights", help="each gate's W (H x (I + H)) with the [x | h] split",
-                       description="each gate's W (H x (I + H)) with the [x | h] split")
-    p.add_argument("run", type=path_arg, metavar="RUN_DIR|CHECKPOINT")
-    p.add_argument("--layer", type=int, default=0)
-    p.add_argument("--direction", type=int, default=0)
-    common(p, "RUN_DIR/weights.png")
-    p = sub.add_parser("curves", help="training loss and the metric on the evaluated split (metrics.jsonl)",
-                       description="training loss and the metric on the split each run evaluated during "
-                                   "training (metrics.jsonl; valid unless --eval-split said otherwise)")
-    p.add_argument("runs", type=path_arg, nargs="+", metavar="RUN_DIR")
-    common(p, "curves.png")
-    p = sub.add_parser("compare", help="final test metric per cell variant over a set of runs",
-                       description="final test metric per cell variant over a set of runs")
-    p.add_argument("runs", type=path_arg, nargs="+", metavar="RUN_DIR")
-    p.add_argument("--metric", default=None, help="metric to compare (default: the task's target metric)")
-    common(p, "compare.png")
-    text = ("gradient norms per step on the adding problem: plain RNN, LSTM, no-forget-gate LSTM, "
-            "at initialisation and after training; prints the table and writes it as JSON next to the PNG")
-    p = sub.add_parser("gradflow", help=text, description=text)
-    import inspect
-
-    from lstmkit.app.gradflow import gradflow_experiment
-
-    d = {k: v.default for k, v in inspect.signature(gradflow_experiment).parameters.items()}
-    p.add_argument("--cells", default=",".join(d["cells"]),
-                   help=f"comma-separated models: 'rnn' or LSTM variants (default {','.join(d['cells'])})")
-    p.add_argument("--length", type=int, default=d["length"], help=f"sequence length T (default {d['length']})")
-    p.add_argument("--hidden", type=int, default=d["hidden"], help=f"cells per model (default {d['hidden']})")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"(default {d['batch_size']})")
-    p.add_argument("--steps", type=int, default=d["steps"],
-                   help=f"training steps per model (default {d['steps']}; 0 = none)")
-    p.add_argument("--lr", type=float, default=d["lr"], help=f"Adam learning rate (default {d['lr']:g})")
-    p.add_argument("--seed", type=int, default=d["seed"], help=f"(default {d['seed']})")
-    p.add_argument("--probe-size", type=int, default=d["probe_size"],
-                   help=f"test sequences the gradients are measured on (default {d['probe_size']})")
-    p.add_argument("--threads", type=int, default=d["threads"],
-                   help=f"torch threads for training (default {d['threads']})")
-    p.add_argument("--runs", type=path_arg, nargs="+", default=None, metavar="RUN_DIR",
-                   help="use these trained adding runs instead of training")
-    common(p, "gradflow.png (and gradflow.json)")
-
-
-def _default_output(args: argparse.Namespace) -> Path:
-    if args.output is not None:
-        return Path(args.output)
-    if args.kind in ("gates", "cells", "weights"):
-        base = args.run if args.run.is_dir() else args.run.parent
-        return base / f"{args.kind}.png"
-    return Path(f"{args.kind}.png")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Draw the picture ``args.kind`` and write it; returns the exit code."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    kind = args.kind
-    if kind not in KINDS:
-        raise ValueError(f"kind: unknown plot kind {kind!r}; expected one of {list(KINDS)}")
-    if kind in ("gates", "cells", "weights") and not args.run.exists():
-        raise ValueError(f"run: no run directory or checkpoint at {str(args.run)!r}")
-    out = _check_output(_default_output(args), args.overwrite, ".png")
-    if kind in ("gates", "cells", "weights"):
-        cfg, task, model = runs.load_run(args.run)
-        if kind == "weights":
-            plot_weights(model, layer=args.layer, direction=args.direction, path=out, overwrite=args.overwrite)
-        else:
-            x, labels = sample_input(task, args.text, args.max_steps)
-            marks = input_marks(task, x)
-            if kind == "gates":
-                plot_gates(model, x, labels=labels, layer=args.layer, direction=args.direction, path=out,
-                           overwrite=args.overwrite, marks=marks)
-            else:
-                highlight = memory_highlight(model, task, layer=args.layer, direction=args.direction)
-                plot_cells(model, x, labels=labels, layer=args.layer, direction=args.direction,
-                           max_units=args.units, path=out, overwrite=args.overwrite, marks=marks,
-                           highlight=highlight)
-                for _, label in highlight:
-                    print(f"holds the memory: {label}")
-    elif kind == "curves":
-        plot_curves(args.runs, path=out, overwrite=args.overwrite)
-    elif kind == "compare":
-        metric, rows = runs.final_values(args.runs, args.metric)
-        plot_compare(args.runs, metric=metric, path=out, overwrite=args.overwrite)
-        for variant, value, name, split in rows:
-            print(f"{variant:<24} {name:<32} {split} {metric} = {value:.4g}")
-    else:
-        from lstmkit.app.gradflow import gradflow_experiment, gradflow_table
-
-        json_out = _check_output(out.with_suffix(".json"), args.overwrite, ".json")
-        cells = [c.strip() for c in args.cells.split(",") if c.strip()]
-        if not args.runs:
-            from lstmkit.spec import resolve
-            for c in cells:
-                if c != "rnn":
-                    resolve(c)  # an unknown variant fails before any training
-        result = gradflow_experiment(cells, length=args.length, hidden=args.hidden, batch_size=args.batch_size,
-                                     steps=args.steps, lr=args.lr, seed=args.seed, probe_size=args.probe_size,
-                                     threads=args.threads, runs=args.runs, log=print)
-        print(gradflow_table(result))
-        print(f"({result['elapsed_s']:.1f} s)")
-        plot_gradflow(result, path=out, overwrite=args.overwrite)
-        _atomic.write_bytes(json_out, (json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n").encode(),
-                            overwrite=args.overwrite, exists_error=_exists(json_out))
-        print(f"wrote {json_out}")
-    print(f"wrote {out}")
-    return 0
