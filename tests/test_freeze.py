@@ -39,7 +39,7 @@ def _packed(module: torch.nn.Module) -> list[bool]:
     for sub in module.modules():
         prepared = getattr(sub, "_prepared", None)
         if prepared is not None:
-            for _, layers in prepared._kept.values():
+            for layers in (k.layers for k in prepared._kept.values()):
                 out += [layer.packed for layer in layers]
     return out
 
@@ -263,7 +263,7 @@ def test_a_frozen_layer_packs_its_weights_once_for_every_signature():
         got = frozen.step(x)  # a new signature: its first call takes the general path and keeps it
         kept = frozen._prepared._kept
         assert len(kept) == 2
-        assert all(layer.packed for _, layers in kept.values() for layer in layers)
+        assert all(layer.packed for k in kept.values() for layer in k.layers)
         got2 = frozen.step(x)  # (run on the shared packing)
         want = module.step(x)
     for a, b, c in zip(got, got2, want):

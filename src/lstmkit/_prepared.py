@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 from lstmkit.checks import check_backend
 from lstmkit.kernels.base import Kernel
@@ -56,6 +57,35 @@ class PreparedModule(nn.Module):
         if "backend" in state:  # pickled while backend was a plain attribute
             state["_backend"] = state.pop("backend")
         super().__setstate__(state)
+
+
+def call_hooked(module: nn.Module, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` as a call of ``module`` (a method other than ``forward``: ``LSTM.step``): its
+    forward pre-hooks and torch's global ones see ``args`` first and may replace them — pruning
+    and the hook-based weight normalisation compute their weights there — and its forward hooks
+    see the output and may replace it, as ``module(...)`` runs them around ``forward``. Hooks
+    registered ``with_kwargs`` get no keyword arguments."""
+    pre, post = module._forward_pre_hooks, module._forward_hooks
+    global_pre, global_post = _torch_module._global_forward_pre_hooks, _torch_module._global_forward_hooks
+    if not (pre or post or global_pre or global_post):
+        return fn(*args)
+    for hook_id, hook in (*global_pre.items(), *pre.items()):
+        if hook_id in module._forward_pre_hooks_with_kwargs:
+            result = hook(module, args, {})
+            if result is not None:
+                args = result[0]
+        else:
+            result = hook(module, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+    output = fn(*args)
+    with_kwargs = {**module._forward_hooks_with_kwargs, **_torch_module._global_forward_hooks_with_kwargs}
+    for hook_id, hook in (*global_post.items(), *post.items()):
+        kwargs = hook_id in with_kwargs
+        result = hook(module, args, {}, output) if kwargs else hook(module, args, output)
+        if result is not None:
+            output = result
+    return output
 
 
 def parameters_now(module: nn.Module, names: Any) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from lstmkit import _initial as initial
 from lstmkit import cell as cell_eqs
 from lstmkit import kernels
-from lstmkit._prepared import PreparedModule, parameters_now, prepared_road
+from lstmkit._prepared import PreparedModule, call_hooked, parameters_now, prepared_road
 from lstmkit._validate import check_bool, check_int
 from lstmkit.checks import (
     NONFINITE_INPUT,
@@ -530,8 +530,13 @@ class LSTM(_Recurrent):
         Shapes: ``input`` (N, I) (also with ``batch_first``) or unbatched (I,); ``hx`` as
         :meth:`forward`'s, (L, N, H_out) and (L, N, H) (unbatched: (L, H_out), (L, H)), None for
         zeros; returns ``output`` (N, H_out) (unbatched: (H_out,)) and the new state, shaped as ``hx``.
-        A bidirectional layer cannot step (it reads each sequence from its end too).
+        A bidirectional layer cannot step (it reads each sequence from its end too). The module's
+        forward hooks run around a step as around a call (pruning's and the hook-based weight
+        normalisation's weights are computed there), with ``(input, hx)`` as the arguments.
         """
+        return call_hooked(self, self._step_once, input, hx)
+
+    def _step_once(self, input: Tensor, hx: State | None = None) -> tuple[Tensor, State]:
         version = kernels.registry_version()
         eager = prepared_road(self)
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
@@ -578,6 +583,9 @@ class RNN(_Recurrent):
     def step(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One time step of the whole stack, as :meth:`LSTM.step` (the state is ``h`` alone):
         ``input`` (N, I) or (I,), ``hx`` (L, N, H) or (L, H); returns output (N, H) and h_n."""
+        return call_hooked(self, self._step_once, input, hx)
+
+    def _step_once(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         output, h_n, _ = self._step(input, hx)
         return output, h_n
 

@@ -15,7 +15,7 @@ import importlib.util
 import operator
 import os
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -298,6 +298,21 @@ def forward_infer(args: tuple[Any, ...], x: Tensor, h0: Tensor, c0: Tensor | Non
                                         hidden_size, proj)
 
 
+class _Kept(NamedTuple):
+    """A call signature's prepared layers, with the module's parameters they were made for: its
+    ``names`` and ``values`` (a parameter moved under another name — torch's prune re-registers
+    ``weight`` as ``weight_orig`` and computes ``weight`` in a hook — leaves the values alike)."""
+
+    names: tuple[str, ...]
+    values: tuple[Tensor, ...]
+    layers: list[Any]
+
+    def holds(self, parameters: dict[str, Tensor]) -> bool:
+        """Whether ``parameters`` (the module's, now) are the very ones, under the same names."""
+        return len(parameters) == len(self.values) and all(map(operator.is_, parameters.values(), self.values)) \
+            and tuple(parameters) == self.names
+
+
 class PreparedStep:
     """One step on the compiled CPU kernel — of a cell or of a whole stack of layers — or a whole
     sequence (``LSTM.forward``), for a call signature whose checks the general path has passed:
@@ -328,7 +343,7 @@ class PreparedStep:
         # forward_step's arguments but x and the states), for the last few signatures (a loop's first
         # step with hx=None, then its others): a dict replaced whole on every change, so a call never
         # sees a half-made entry
-        self._kept: dict[tuple, tuple[tuple[Tensor, ...], list[Any]]] = {}
+        self._kept: dict[tuple, _Kept] = {}
         self._ext: Any = None  # the compiled extension, once a call has run it
         # lstmkit.freeze: each kept layer packs W_hh and W_ih once for inference (again after an
         # in-place change that torch's version counter records; a write through .data is not seen)
@@ -367,9 +382,7 @@ class PreparedStep:
             return  # a tensor made for the call (a hook's, as the hook-based weight_norm's): new every call
         # only signatures of these very parameters stay: one kept for others (replaced since, or
         # torch.func.functional_call's for one call) is never run again, and would hold its tensors
-        current = tuple(parameters.values())
-        kept = {k: v for k, v in self._kept.items()
-                if len(v[0]) == len(current) and all(map(operator.is_, v[0], current))}
+        kept = {k: v for k, v in self._kept.items() if v.holds(parameters)}
         if len(kept) >= KEPT_SIGNATURES:
             kept = {}
         sibling = next(iter(kept.values()), None)  # a frozen layer packs its weights once for every signature
@@ -384,9 +397,9 @@ class PreparedStep:
                                               not SIXTEEN_BIT_UNITS.get(w_ih.dtype, True),
                                               _mlp_names(params, self.spec)))
             if sibling is not None and self.frozen:
-                prepared[-1].share_panels(sibling[1][len(prepared) - 1])
+                prepared[-1].share_panels(sibling.layers[len(prepared) - 1])
         self._ext = ext
-        self._kept = {**kept, key: (current, prepared)}
+        self._kept = {**kept, key: _Kept(tuple(parameters), tuple(parameters.values()), prepared)}
 
     def clear(self) -> None:
         """Forget every kept signature (the next call of each takes the general path)."""
@@ -415,12 +428,12 @@ class PreparedStep:
             return None  # arguments that are not tensors (or nested ones, without sizes): the general path names them
         if kept is None:
             return None
-        params, layers = kept
+        layers = kept.layers
         if torch.compiler.is_compiling():  # compile and export (the tensors' types are in the signature)
             return None
-        current = tuple(parameters.values())
-        if len(current) != len(params) or not all(map(operator.is_, current, params)):
+        if not kept.holds(parameters):
             return None
+        current = kept.values
         if grad and not any(p.requires_grad for p in current):
             return None  # the general path runs it without gradients (inside its loop, where it pays)
         if current[0].dtype != x.dtype or current[0].device != x.device:
