@@ -147,6 +147,23 @@ def test_the_kernel_reads_exactly_the_shapes_the_layout_gives(variant):
             ops.recurrence_backward_op(*bhead, *short, *buffers, *meta)
     with pytest.raises(RuntimeError, match="w_hh must be"):
         ops.recurrence_op(head[0], w_hh[:-1], *head[2:], *plist, *meta, True)
+    # the operator's other tensors (found by a review of the kernels: read out of bounds, or a
+    # segfault for the buffers of a call without save)
+    B_out = layer.output_size
+    with pytest.raises(RuntimeError, match=rf"h0 must be \(B = {B}, H_out = {B_out}\)"):
+        ops.recurrence_op(*head[:2], head[2].reshape(1, B * B_out), *head[3:], *plist, *meta, True)
+    bad = {0: torch.randn(T, B, 1), 1: torch.randn(1, B_out)}  # dy, dh_n
+    for k, t in bad.items():
+        with pytest.raises(RuntimeError, match=["dy must be", "dh_n must be"][k]):
+            ops.recurrence_backward_op(*bhead[:k], t, *bhead[k + 1:], *plist, *buffers, *meta)
+    if spec.is_lstm:  # (the RNN keeps nothing)
+        _, _, _, *none_kept = ops.recurrence_op(*head, *plist, *meta, False)
+        with pytest.raises(RuntimeError, match=r"buffer \w+ must be \(T, B, \d+\) = what the forward keeps"):
+            ops.recurrence_backward_op(*bhead, *plist, *none_kept, *meta)
+        xg = head[0].clone().requires_grad_()
+        y, *_ = ops.recurrence_op(xg, *head[1:], *plist, *meta, False)
+        with pytest.raises(RuntimeError, match="ran with save=False and kept nothing for its backward"):
+            y.sum().backward()
 
 
 @pytest.mark.parametrize("variant", list(FUSED))

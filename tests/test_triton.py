@@ -704,3 +704,33 @@ def test_cuda_a_layer_inside_the_callers_cuda_graph():
         x.copy_(new)
         graph.replay()
         torch.testing.assert_close(out, layer(new)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_the_operator_with_a_projection_the_modules_do_not_make(path):
+    """The operator takes what the modules refuse, and the Triton row computes it as the CPU
+    kernel does (found by a review of the kernels): a projection wider than the cells (the
+    persistent tiles held H columns: y off by 3.3, h_n and c_n garbage) and an RNN given a
+    projection size (which it has not: the persistent kernel read an empty W_hr)."""
+    from lstmkit.kernels import abi, ops
+    from lstmkit.kernels.triton_impl import TritonImpl
+
+    def run(impl, T, B, H, P, flags, device):
+        g = torch.Generator().manual_seed(0)
+        rnn = bool(flags & abi.flag("rnn"))
+        R, HO = (H if rnn else 4 * H), (P if P and not rnn else H)
+        xg = torch.randn(T, B, R, generator=g, dtype=torch.float64)
+        whh = torch.randn(R, HO, generator=g, dtype=torch.float64) * 0.3
+        h0 = torch.randn(B, HO, generator=g, dtype=torch.float64)
+        c0 = torch.empty(0, dtype=torch.float64) if rnn else torch.randn(B, H, generator=g, dtype=torch.float64)
+        params = [torch.empty(0, dtype=torch.float64) for _ in abi.PARAMS]
+        if P and not rnn:
+            params[abi.PARAMS.index("weight_hr")] = torch.randn(P, H, generator=g, dtype=torch.float64) * 0.3
+        args = (xg.to(device), whh.to(device), h0.to(device), c0.to(device), torch.empty(0, dtype=torch.long),
+                [p.to(device) for p in params], flags, [], (0.0, 0.0, 0.0), H, P, False)
+        return [t.cpu() for t in ops.recurrence(*args, impl=impl)[:3]]
+
+    for T, B, H, P, flags in ((2, 3, 16, 20, 0), (2, 3, 5, 3, abi.flag("rnn"))):
+        want = run(None, T, B, H, P, flags, torch.device("cpu"))  # the CPU kernel
+        got = run(TritonImpl(), T, B, H, P, flags, DEVICE)
+        for a, b in zip(got, want):
+            assert_rel(a, b, torch.float64, f"T={T} B={B} H={H} P={P} flags={flags}")

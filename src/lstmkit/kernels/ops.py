@@ -228,10 +228,14 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -
     y, _h_n, _c_n, *buffers = output
     ctx.save_for_backward(y, h0, c0, w_hh, lengths, *params, *buffers)
     ctx.meta = tuple(meta[:-1])  # (flags, mlp_layout, *scalars, hidden_size, proj_size): all but save
+    ctx.kept = bool(meta[-1])  # save: whether the forward kept what its backward reads
 
 
 def _backward(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None,
               *_dbuffers: Any) -> tuple[Any, ...]:
+    if not ctx.kept:
+        raise RuntimeError("lstmkit::recurrence: this call ran with save=False and kept nothing for its backward; "
+                           "call it with save=True to differentiate it")
     dxg, dw_hh, dh0, dc0, *dparams = _grads(ctx, dy, dh_n, dc_n, recurrence_backward_op)
     return (dxg, dw_hh, dh0, dc0, None, *dparams, *[None] * (NS + 5))  # lengths; flags, mlp, scalars, sizes, save
 

@@ -179,9 +179,10 @@ def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, proj
     up to :data:`PERSISTENT_FORCE_LIMIT_BYTES`). Block-diagonal recurrent weights
     (``heads`` > 1) run per step: the persistent kernels hold dense ones; so do ``deep`` gates,
     whose MLP layers are per-step cuBLAS GEMMs between the recurrent GEMM and the cell's kernel,
-    and the sLSTM (its cell is in the per-step kernels only).
+    and the sLSTM (its cell is in the per-step kernels only), and a projection wider than the
+    cells (the operator takes one; the modules refuse it).
     """
-    if heads > 1 or deep or v.slstm:
+    if heads > 1 or deep or v.slstm or H_out > H:  # (the persistent tiles hold H_out <= H columns)
         return "per_step"
     size = torch.empty((), dtype=dtype).element_size()
     BH = _pow2(H, 16)
@@ -265,7 +266,8 @@ class TritonImpl:
         if not t.is_cuda or RECORDER is not None or B == 0:
             return False
         v = Variant.from_flags(flags)
-        HO = P if P > 0 and not v.rnn else H
+        P = 0 if v.rnn else P  # the RNN has no projection (as the C++ kernel's Cfg)
+        HO = P if P > 0 else H
         return choose_path(v, B, H, HO, t.dtype, P > 0, t.device, _heads(w_hh, HO), deep) == "per_step"
 
     def _forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
@@ -273,7 +275,8 @@ class TritonImpl:
         params, (flags, mlp, clip, zc, zh, H, P, save) = list(rest[:NP]), rest[NP:]
         v = Variant.from_flags(flags)
         T, B, R = xg.shape
-        HO = P if P > 0 and not v.rnn else H
+        P = 0 if v.rnn else P  # the RNN has no projection (as the C++ kernel's Cfg)
+        HO = P if P > 0 else H
         io, ct, dev = xg.dtype, _compute(xg.dtype), xg.device
         y = torch.empty((T, B, HO), dtype=io, device=dev)
         h_n = torch.empty((B, HO), dtype=io, device=dev)
@@ -360,7 +363,8 @@ class TritonImpl:
         v = Variant.from_flags(flags)
         T, B = y.shape[0], y.shape[1]
         R = w_hh.shape[0]
-        HO = P if P > 0 and not v.rnn else H
+        P = 0 if v.rnn else P  # the RNN has no projection (as the C++ kernel's Cfg)
+        HO = P if P > 0 else H
         io, ct, dev = y.dtype, _compute(y.dtype), y.device
         SH = abi.cell_state_count(flags) * H                                  # the cell states' width
         _check_cell_state(c0, B, SH, v)

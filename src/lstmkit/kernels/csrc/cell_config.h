@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <vector>
 #include "gemm.h"  // blas_gemm
 #include "lstmkit_abi.h"  // generated from lstmkit/kernels/abi.py
@@ -191,6 +192,9 @@ inline at::Tensor reduce_mm(const at::Tensor& at_, const at::Tensor& b, const Cf
   if (!cf.bf16_gemm) return at::mm(at_, b);
   return at::mm(at_.to(at::kBFloat16), b.to(at::kBFloat16)).to(at::kFloat);
 }
+// Whether a size or stride fits BLAS's int (T·B rows of a long sequence may not: ATen's products take those).
+inline bool fits_int(int64_t n) { return n <= std::numeric_limits<int>::max(); }
+
 // accumulate_dwhh's heads case by BLAS: each segment's rows of acc (len, Dh), row-major, (=|+=)
 // d_seg^T hprev_head, i.e. column-major acc_seg^T = hprev_head^T d_seg. False (nothing written)
 // where this torch carries no BLAS.
@@ -237,11 +241,27 @@ inline void accumulate_dwhh(at::Tensor& acc, bool first, const at::Tensor& d, co
   // BLAS would refuse as a leading dimension)
   const bool plain = !cf.bf16_gemm && d.size(0) > 0 && d.stride(1) == 1 && hprev.stride(1) == 1 &&
                      d.stride(0) >= d.size(1) && hprev.stride(0) >= hprev.size(1) && acc.is_contiguous() &&
-                     d.scalar_type() == acc.scalar_type() && hprev.scalar_type() == acc.scalar_type();
+                     d.scalar_type() == acc.scalar_type() && hprev.scalar_type() == acc.scalar_type() &&
+                     fits_int(d.size(0)) && fits_int(d.stride(0)) && fits_int(hprev.stride(0));  // BLAS's int sizes
   if (plain && acc.scalar_type() == at::kFloat && dwhh_segments_blas<float>(acc, first, d, hprev, cf)) return;
   if (plain && acc.scalar_type() == at::kDouble && dwhh_segments_blas<double>(acc, first, d, hprev, cf)) return;
   for (const HeadSeg& sg : cf.hseg)
     add(acc.narrow(0, sg.canon, sg.len), d.narrow(1, sg.canon, sg.len).t(), hprev.narrow(1, sg.head * cf.Dh, cf.Dh));
+}
+
+// What the forward keeps for the backward, by buffer (abi.BUFFERS order): each kept one is
+// (T, B, width), 0 where not kept. abi.buffer_shapes writes the same rule for the Python side
+// (tests/test_ops.py test_fake_shapes_equal_real_ones compares the operator's buffers with it);
+// forward_impl allocates them so and backward_call checks that it was given them.
+inline std::vector<int64_t> kept_widths(const Cfg& cf, const MlpLayout& mlp) {
+  std::vector<int64_t> w(N_BUFFERS, 0);
+  if (cf.rnn) return w;  // the RNN keeps its output alone
+  if (!cf.ln || cf.fgr || mlp.any()) w[B_G] = cf.GW;  // layernorm alone recomputes the gates
+  if (mlp.any()) w[B_MLP] = mlp.atot;
+  w[B_C] = cf.SH;
+  if (cf.zoneout) w[B_CN] = cf.H;
+  if (cf.ln) { w[B_RH] = cf.R; w[B_RS] = cf.G; w[B_AH] = cf.R; w[B_AS] = cf.G; }
+  return w;
 }
 
 // The per-parameter reductions of the backward (summed over steps and rows), one vector per

@@ -426,12 +426,6 @@ struct StepBackward {
     }
   }
 
-  // One valid step of one row of the LSTM. dh (+ dh2 if given): (H) dL/dh~, the gradient at the
-  // cell's own output (after zoneout's split; with projection: dL/dm); dsr: fgr's carried
-  // dL/ds_t or nullptr. Writes each gate's dL/du to dXG's row (a deep gate's: to dV, for its
-  // MLP's backward), fgr's to the dUS row; updates the carried dc to dL/dc_{t-1}; accumulates the
-  // cell's parameter gradients into A (AccLayout). tmp: H scratch of this thread (the LN-c
-  // backward's row); gbuf: the regated gates' row (layernorm without G).
   // One valid step of one row of the sLSTM's BPTT. dh (+ dh2): dL/dh_t; the carried dc row holds
   // dL/d(c_t, n_t, m_t) and becomes dL/d(c_{t-1}, n_{t-1}, m_{t-1}). The stabiliser's max is
   // differentiated as it is computed (as autograd does in xLSTM's and FlashRNN's PyTorch cells):
@@ -477,6 +471,12 @@ struct StepBackward {
     }
   }
 
+  // One valid step of one row of the LSTM. dh (+ dh2 if given): (H) dL/dh~, the gradient at the
+  // cell's own output (after zoneout's split; with projection: dL/dm); dsr: fgr's carried
+  // dL/ds_t or nullptr. Writes each gate's dL/du to dXG's row (a deep gate's: to dV, for its
+  // MLP's backward), fgr's to the dUS row; updates the carried dc to dL/dc_{t-1}; accumulates the
+  // cell's parameter gradients into A (AccLayout). tmp: H scratch of this thread (the LN-c
+  // backward's row); gbuf: the regated gates' row (layernorm without G). The sLSTM: slstm_row.
   void lstm_row(int64_t t, int64_t b, const T* dh, const T* dh2, const T* dsr, T* A, T* tmp, T* gbuf) const {
     if (cf.slstm) slstm_row(t, b, dh, dh2);
     else if (cf.plain) lstm_row_impl<true>(t, b, dh, dh2, dsr, A, tmp, gbuf);

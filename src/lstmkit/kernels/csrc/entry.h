@@ -51,6 +51,33 @@ inline std::vector<at::Tensor> to_compute(const std::vector<at::Tensor>& ts, at:
   return out;
 }
 
+// The backward's tensors against the forward's call (T steps, B rows): each gradient given is
+// shaped as its output, h0 / c0 as the forward took them, and every buffer the forward keeps for
+// this variant (kept_widths) is there — one made without save=True is refused, not read.
+inline void check_backward_inputs(const Cfg& cf, const MlpLayout& mlp, int64_t Tn, int64_t B, const at::Tensor& dy,
+                                  const at::Tensor& dhn, const at::Tensor& dcn, const at::Tensor& h0,
+                                  const at::Tensor& c0, const std::vector<at::Tensor>& buffers) {
+  auto shaped = [](const at::Tensor& t, std::initializer_list<int64_t> want) {
+    return t.sizes().equals(want);
+  };
+  auto given = [](const at::Tensor& t) { return t.defined() && t.numel() > 0; };
+  const char* op = "lstmkit::recurrence_backward: ";
+  TORCH_CHECK(!given(dy) || shaped(dy, {Tn, B, cf.Hout}), op, "dy must be (T, B, H_out) = (", Tn, ", ", B, ", ",
+              cf.Hout, "), got ", dy.sizes());
+  TORCH_CHECK(!given(dhn) || shaped(dhn, {B, cf.Hout}), op, "dh_n must be (B, H_out) = (", B, ", ", cf.Hout,
+              "), got ", dhn.sizes());
+  TORCH_CHECK(cf.rnn || !given(dcn) || shaped(dcn, {B, cf.SH}), op, "dc_n must be (B, S·H) = (", B, ", ", cf.SH,
+              "), got ", dcn.sizes());
+  TORCH_CHECK(shaped(h0, {B, cf.Hout}), op, "h0 must be (B, H_out) = (", B, ", ", cf.Hout, "), got ", h0.sizes());
+  TORCH_CHECK(cf.rnn || !given(c0) || shaped(c0, {B, cf.SH}), op, "c0 must be (B, S·H) = (", B, ", ", cf.SH,
+              "), got ", c0.sizes());
+  const std::vector<int64_t> widths = kept_widths(cf, mlp);
+  for (int k = 0; k < N_BUFFERS; ++k)
+    TORCH_CHECK(widths[k] == 0 || (buffers[k].defined() && shaped(buffers[k], {Tn, B, widths[k]})), op,
+                "buffer ", BUFFER_NAMES[k], " must be (T, B, ", widths[k], ") = what the forward keeps with save=True, "
+                "got ", buffers[k].defined() ? buffers[k].sizes() : at::IntArrayRef{});
+}
+
 // What a weight was when it was packed: its storage (held, so that no later allocation can take
 // its address), offset, sizes, strides, dtype and version counter. Anything else later — an
 // in-place change that torch counts (an optimizer, load_state_dict, copy_ under no_grad), or a new
@@ -104,8 +131,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
               ", I)");
   const at::Tensor& sized = in_loop ? x_in : xg_in;  // (T, B, ·)
   check_params(cf, whh_in, params_in, sized.size(0), sized.size(1));
-  TORCH_CHECK(h0_in.numel() == sized.size(1) * cf.Hout, "lstmkit::recurrence: h0 must be (B = ", sized.size(1),
-              ", H_out = ", cf.Hout, "), got ", h0_in.sizes());
+  TORCH_CHECK(h0_in.dim() == 2 && h0_in.size(0) == sized.size(1) && h0_in.size(1) == cf.Hout,
+              "lstmkit::recurrence: h0 must be (B = ", sized.size(1), ", H_out = ", cf.Hout, "), got ",
+              h0_in.sizes());
   for (const at::Tensor* b : {&bias_in, &bias2_in})
     TORCH_CHECK(!in_loop || !b->defined() || b->numel() == 0 || (b->dim() == 1 && b->size(0) == cf.R),
                 "lstmkit forward_infer: a bias must be (R = ", cf.R, "), got ", b->sizes());
@@ -194,8 +222,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
   Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
               "lstmkit::recurrence_backward: expected ", (int)N_PARAMS, " params and ", (int)N_BUFFERS, " buffers");
-  TORCH_CHECK(y_in.dim() == 3, "lstmkit::recurrence_backward: y must be (T, B, H_out)");
+  TORCH_CHECK(y_in.dim() == 3 && y_in.size(2) == cf.Hout, "lstmkit::recurrence_backward: y must be (T, B, H_out = ",
+              cf.Hout, "), got ", y_in.sizes());
   check_params(cf, whh_in, params_in, y_in.size(0), y_in.size(1));
+  check_backward_inputs(cf, mlp, y_in.size(0), y_in.size(1), dy_in, dhn_in, dcn_in, h0_in, c0_in, buffers);
   const at::ScalarType io = y_in.scalar_type(), ct = compute_type(io);
   const auto params = to_compute(params_in, ct);
   const auto mlp_own = to_compute(mlp_each, ct);

@@ -79,16 +79,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   const bool lstm = !cf.rnn;
   auto opt = xg.options();
   at::Tensor Y = at::empty({Tn, B, Hout}, opt);
-  std::vector<at::Tensor> buf(N_BUFFERS);
-  // layernorm (without fgr or deep gates) keeps a_hat and r_hat instead of G: backward recomputes the gates
-  const bool saveC = save && lstm;
-  if (saveC && (!cf.ln || cf.fgr || mlp.any())) buf[B_G] = at::empty({Tn, B, cf.GW}, opt);
-  if (saveC && mlp.any()) buf[B_MLP] = at::empty({Tn, B, mlp.atot}, opt);
-  if (saveC) buf[B_C] = at::empty({Tn, B, cf.SH}, opt);
-  if (saveC && cf.zoneout) buf[B_CN] = at::empty({Tn, B, H}, opt);
-  if (save && cf.ln) {
-    buf[B_RH] = at::empty({Tn, B, R}, opt); buf[B_RS] = at::empty({Tn, B, cf.G}, opt);
-    buf[B_AH] = at::empty({Tn, B, R}, opt); buf[B_AS] = at::empty({Tn, B, cf.G}, opt);
+  std::vector<at::Tensor> buf(N_BUFFERS);  // what the backward reads (kept_widths), each (T, B, width)
+  if (save) {
+    const std::vector<int64_t> widths = kept_widths(cf, mlp);
+    for (int k = 0; k < N_BUFFERS; ++k)
+      if (widths[k] > 0) buf[k] = at::empty({Tn, B, widths[k]}, opt);
   }
   auto kept = [&](int k) -> T* { return buf[k].defined() ? buf[k].data_ptr<T>() : nullptr; };
   const int64_t ldh = pad_ld(Hout, VL), ldr = pad_ld(R, VL), lds = pad_ld(std::max<int64_t>(cf.nS * H, 1), VL),
@@ -118,7 +113,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   if (proj_in && !frozen) Wih.init(proj_in->w, proj_in->sw0, proj_in->sw1, (int)R, (int)proj_in->I, Tn, cf.bf16_gemm);
   const bool widen = xg_low.defined() && !proj_in;  // xg_t's rows widened into xws, step by step
 
-  // the call's workspaces: one zeroed allocation (Carve)
+  // the call's workspaces: one allocation (Carve; zeroed but where a GEMM writes before the cell reads)
   Carve<T> ws;
   T *hsp, *rwp, *xwp = nullptr, *biasp = nullptr, *ssp = nullptr, *fwp = nullptr, *mwp = nullptr,
     *scratchp = nullptr, *voutp = nullptr, *actsp = nullptr;

@@ -1,4 +1,5 @@
-// One parallel region per kernel call, with a barrier between the phases of every step.
+// One parallel region per kernel call (the backward with layernorm or deep gates: one per chunk of
+// steps), with a barrier between the phases of every step.
 //
 // The region is an OpenMP team (torch's own libgomp: the extension links the same soname,
 // so no second thread pool exists). The per-step barrier is ours: it spins for at most
@@ -78,7 +79,8 @@ class Barrier {
 };
 
 // Threads for a call: torch's current setting, 1 below `min_work` FMAs per step per thread
-// (a barrier then costs more than the work it splits), at most one per row of work.
+// (a barrier then costs more than the work it splits), at most 64 per row of work (the GEMMs split
+// a row's panels too).
 inline int choose_threads(int64_t work_per_step, int64_t rows, int64_t min_work = int64_t(1) << 14) {
   int nt = std::max(1, at::get_num_threads());
   nt = (int)std::min<int64_t>(nt, std::max<int64_t>(1, work_per_step / min_work));

@@ -11,11 +11,13 @@
 // decoded variant and the gradient accumulators' layout, vec_math.h the pointwise pass's vector
 // helpers, gemm.h the packed recurrent GEMM, parallel.h the thread region and barrier.
 //
-// The input projection is computed outside (PyTorch autograd): xg = x W_ih^T + b_ih + b_hh,
+// The operator's input projection is computed outside (PyTorch autograd): xg = x W_ih^T + b_ih + b_hh,
 // (T, B, R), for every variant except layernorm, where xg is the RAW a = x W_ih^T (no bias,
 // no LN) and the kernel applies the input LN, its gain ln_ih_weight and bias = b_ih + b_hh
-// (optional) itself. The kernel runs the whole time loop in C++ inside ONE parallel region
-// (parallel.h; layernorm backward: one region per chunk of steps, see backward_impl); per step:
+// (optional) itself; inference without a (T, B, R) xg (forward_infer, a prepared step) computes
+// xg_t inside the loop instead (forward.h, InputProjection). The kernel runs the whole time loop
+// in C++ inside ONE parallel region (parallel.h; backward with layernorm or deep gates: one region
+// per chunk of steps, see backward_impl); per step:
 //   forward : phase A  GEMMs   r = h_{t-1} W_hh^T            (B, R)   [+ fgr: s_{t-1} W_gg^T]
 //             phase B  pointwise, rows split over threads (layernorm: z = LN(a) g_ih +
 //                      LN(r) g_hh + bias, both LNs' stats in one fused pass; gates, c, LN of c, h)
@@ -40,7 +42,7 @@
 //   every LSTM variant : G (T,B,R) gate activations of the computed gates, in order i,f,g,o
 //                        (these are the "trace" i, f, g, o), C (T,B,H) the (clipped) c_t,
 //                        (the caller keeps y, h0, c0, the weights and lengths for backward).
-//   layernorm          : G is NOT saved (without fgr); instead
+//   layernorm          : G is NOT saved (without fgr or deep gates); instead
 //                        AH (T,B,R) the normalised a-hat of the input LN, AS (T,B,G) its 1/std
 //                        per gate chunk, RH (T,B,R) the normalised r-hat of the recurrent LN,
 //                        RS (T,B,G) its 1/std.
