@@ -734,3 +734,17 @@ def test_the_operator_with_a_projection_the_modules_do_not_make(path):
         got = run(TritonImpl(), T, B, H, P, flags, DEVICE)
         for a, b in zip(got, want):
             assert_rel(a, b, torch.float64, f"T={T} B={B} H={H} P={P} flags={flags}")
+
+
+def test_rows_past_32_bits_are_refused():
+    """The kernels index a step's rows t·B + b in 32 bits (found by a review of the kernels: past
+    2**31 rows they would wrap); such a call is refused before anything is read (meta tensors)."""
+    from lstmkit.kernels import abi, ops
+    from lstmkit.kernels.triton_impl import TritonImpl
+
+    meta, T, B = torch.device("meta"), 2**16, 2**15
+    args = (torch.empty(T, B, 4, device=meta), torch.empty(4, 1, device=meta), torch.empty(B, 1, device=meta),
+            torch.empty(B, 1, device=meta), torch.empty(0, dtype=torch.long),
+            [torch.empty(0, device=meta) for _ in abi.PARAMS], 0, [], (0.0, 0.0, 0.0), 1, 0, False)
+    with pytest.raises(ValueError, match=r"the Triton kernels take T·B < 2\*\*31 rows, got T = 65536, B = 32768"):
+        ops.recurrence(*args, impl=TritonImpl())

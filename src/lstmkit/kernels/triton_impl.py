@@ -163,6 +163,14 @@ def _weight_budget(device: torch.device | None) -> int:
     return PERSISTENT_MAX_WEIGHT_BYTES_LARGE_SMEM if smem >= LARGE_SHARED_MEMORY else PERSISTENT_MAX_WEIGHT_BYTES
 
 
+def _check_rows(T: int, B: int) -> None:
+    """The kernels index a step's rows as ``t·B + b`` in 32-bit arithmetic (widened after; in 64
+    bits the persistent kernels took up to 25 more registers and spilled): refuse T·B ≥ 2**31."""
+    if T * B >= 2**31:
+        raise ValueError(f"the Triton kernels take T·B < 2**31 rows, got T = {T}, B = {B}; split the "
+                         f"sequence (a state carries across calls) or the batch")
+
+
 def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, projection: bool,
                 device: torch.device | None = None, heads: int = 1, deep: bool = False) -> str:
     """How to run the time loop of one layer-direction: ``"persistent"`` or ``"per_step"``.
@@ -275,6 +283,7 @@ class TritonImpl:
         params, (flags, mlp, clip, zc, zh, H, P, save) = list(rest[:NP]), rest[NP:]
         v = Variant.from_flags(flags)
         T, B, R = xg.shape
+        _check_rows(T, B)
         P = 0 if v.rnn else P  # the RNN has no projection (as the C++ kernel's Cfg)
         HO = P if P > 0 else H
         io, ct, dev = xg.dtype, _compute(xg.dtype), xg.device
@@ -362,6 +371,7 @@ class TritonImpl:
         flags, mlp, clip, zc, zh, H, P = rest[NP + NB:]
         v = Variant.from_flags(flags)
         T, B = y.shape[0], y.shape[1]
+        _check_rows(T, B)
         R = w_hh.shape[0]
         P = 0 if v.rnn else P  # the RNN has no projection (as the C++ kernel's Cfg)
         HO = P if P > 0 else H
