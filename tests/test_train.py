@@ -212,10 +212,16 @@ def test_two_processes_resume_a_stream_task_bit_identically(tmp_path):
 # ----------------------------------------------------------------------------- one run at a time, Ctrl-C
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Wait until ``proc`` has written ``path``; fail (the process killed, its output shown) if it
+    exits or takes ``timeout`` seconds (a loaded 2-core machine took two minutes to start a run;
+    an assertion that read the output of a still running process waited for its 10**6 steps)."""
     deadline = time.time() + timeout
     while not path.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            _, err = proc.communicate()
+            raise AssertionError(f"{path} was not written (exit {proc.returncode}): {err[-2000:]}")
         time.sleep(0.02)
 
 
