@@ -214,7 +214,7 @@ def test_killed_study_resumes_without_redoing_runs(tmp_path):
             "run_study(StudyConfig.from_dict(json.load(open(sys.argv[1]))), sys.argv[2], jobs=1, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(settings), str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # (a loaded 2-core machine took minutes to start a run)
     while time.time() < deadline and len(list(out.glob("runs/*/*/result.json"))) < 2:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
