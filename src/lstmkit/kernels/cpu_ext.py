@@ -80,6 +80,9 @@ def _key(cap: str) -> str:
     h.update(abi.header().encode())
     h.update(" ".join(_flags(cap)).encode())
     h.update(f"torch {torch.__version__} python {sys.version_info[:2]} {sys.platform}".encode())
+    # the absolute paths torch writes into build.ninja (the sources, torch's headers and libraries):
+    # two checkouts or environments of the same sources would otherwise rebuild each other's build
+    h.update(f"{_CSRC.resolve()} {Path(torch.__file__).resolve().parent}".encode())
     return h.hexdigest()[:16]
 
 
