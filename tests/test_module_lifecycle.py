@@ -177,6 +177,40 @@ def test_setting_backend_after_calls_takes_effect():
             m.backend = "no-such-kernel"
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "LSTMCell", "step"])
+def test_backend_set_during_a_call_is_not_undone_by_it(kind, monkeypatch):
+    """Another thread sets ``backend`` while a call is running the fused kernel: the call ended by
+    keeping its prepared step, which later calls took whatever the backend now said. The setting
+    clears the kept steps, and a call that began before it keeps nothing (the module's generation
+    of kept steps is in the call's signature). Here the fused kernel's run sets it."""
+    from lstmkit.kernels.fused import FusedCPUKernel
+
+    real_run = FusedCPUKernel.run
+    m = lstmkit.LSTMCell(I, H) if kind == "LSTMCell" else lstmkit.LSTM(I, H)
+    x = torch.randn(3, 2, I)
+    call = {"LSTM": lambda: m(x), "step": lambda: m.step(x[0]), "LSTMCell": lambda: m(x[0])}[kind]
+    switched = []
+
+    def run_then_switch(self, *args, **kwargs):
+        out = real_run(self, *args, **kwargs)
+        if not switched:
+            m.backend = "reference"  # as another thread would, mid-call
+            switched.append(True)
+        return out
+
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(FusedCPUKernel, "run", run_then_switch)
+        call()
+    assert switched and m.backend == "reference"
+    assert not m._prepared._kept
+    ran = []
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(FusedCPUKernel, "run", lambda *a, **k: ran.append("fused") or real_run(*a, **k))
+        for _ in range(3):
+            call()
+    assert not ran and not m._prepared._kept  # the reference row, every call
+
+
 def test_kept_steps_hold_no_tensors_of_a_functional_call():
     """Steps are kept per call signature for the parameters a call ran with: under
     torch.func.functional_call (fast weights, a new batch size per task) they held each call's

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import operator
 import os
+import threading
 import warnings
 from typing import Any, NamedTuple
 
@@ -344,15 +345,21 @@ class PreparedStep:
         # step with hx=None, then its others): a dict replaced whole on every change, so a call never
         # sees a half-made entry
         self._kept: dict[tuple, _Kept] = {}
+        # bumped by clear(): a call captures it at its start (in its signature's version), and a
+        # remember() of a call that began before a clear (another thread set the module's backend
+        # meanwhile) keeps nothing; the lock orders clear()'s bump against remember()'s store
+        self.generation = 0
+        self._lock = threading.Lock()
         self._ext: Any = None  # the compiled extension, once a call has run it
         # lstmkit.freeze: each kept layer packs W_hh and W_ih once for inference (again after an
         # in-place change that torch's version counter records; a write through .data is not seen)
         self.frozen = False
 
     @staticmethod
-    def signature(x: Tensor, hx: Any, training: bool, version: int, grad: bool | None = None) -> tuple:
+    def signature(x: Tensor, hx: Any, training: bool, version: tuple[int, int], grad: bool | None = None) -> tuple:
         """What a call's checks and choices depend on besides values: types, shapes, dtypes,
-        devices, the module's mode, the kernel registry's version; for a whole run (``grad`` given)
+        devices, the module's mode, ``version``: the kernel registry's version and this step's
+        :attr:`generation` when the call began, ``(registry, generation)``; for a whole run (``grad`` given)
         also whether grad mode is on: the general path projects a run with gradients apart from its
         loop, and one without inside it."""
         states = None if hx is None else (type(hx), *[(type(t), t.shape, t.dtype, t.device, t.layout) for t in hx])
@@ -366,7 +373,9 @@ class PreparedStep:
         ``grad_run``: a whole run in grad mode, prepared only where its compiled node projects the
         input as the general path did (float32 / float64 through ``F.linear``, not oneDNN's GEMM)
         and some parameter wants a gradient."""
-        kind, shape, dtype, device, layout, _states, training, *_ = key  # (signature's order)
+        kind, shape, dtype, device, layout, _states, training, (_registry, generation), *_ = key  # (signature's order)
+        if generation != self.generation:
+            return  # cleared since the call began: what it ran may no longer be the module's choice
         if kind is not Tensor or layout != torch.strided or len(shape) not in (2, 3) or device.type != "cpu" \
                 or not self.spec.is_lstm:
             return
@@ -398,19 +407,32 @@ class PreparedStep:
                                               _mlp_names(params, self.spec)))
             if sibling is not None and self.frozen:
                 prepared[-1].share_panels(sibling.layers[len(prepared) - 1])
-        self._ext = ext
-        self._kept = {**kept, key: _Kept(tuple(parameters), tuple(parameters.values()), prepared)}
+        with self._lock:
+            if generation != self.generation:
+                return
+            self._ext = ext
+            self._kept = {**kept, key: _Kept(tuple(parameters), tuple(parameters.values()), prepared)}
 
     def clear(self) -> None:
-        """Forget every kept signature (the next call of each takes the general path)."""
-        self._kept = {}
+        """Forget every kept signature (the next call of each takes the general path), and every
+        call under way: none of them keeps what it ran (see :attr:`generation`)."""
+        with self._lock:
+            self.generation += 1
+            self._kept = {}
 
     def __getstate__(self) -> dict[str, Any]:
         """A cache: a copy or a pickle starts empty (its module's parameters are other tensors,
         and the loaded extension is no picklable value); each signature is prepared again."""
-        return {**self.__dict__, "_kept": {}, "_ext": None}
+        state = {**self.__dict__, "_kept": {}, "_ext": None}
+        del state["_lock"]
+        return state
 
-    def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: int,
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("generation", 0)  # (pickled before there was one)
+        self._lock = threading.Lock()
+
+    def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: tuple[int, int],
             check_finite: bool, stacked: bool, dropout: float = 0.0, grad: bool | None = None
             ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]] | None:
         """The step for input ``x`` (N, I) and ``hx`` — a cell's ``(h, c)`` (the sLSTM's ``(h, c, n, m)``)
