@@ -112,6 +112,17 @@ struct HeadSeg {
   int64_t canon, head, len;  // first canonical row of W_hh (column of r), the head, rows
 };
 
+// A call's cell as the operators' non-tensor arguments give it (ops.py's schema, in its order): the
+// variant's flag word, the deep gates' layout code, the scalars (abi.SCALARS: clip, zoneout's z_c
+// and z_h), the cell size H and the projection size P. MlpLayout and Cfg decode it.
+struct Variant {
+  int64_t flags = 0;
+  std::vector<int64_t> mlp_layout;
+  double clip = 0, zoneout_c = 0, zoneout_h = 0;
+  int64_t H = 0, P = 0;
+  MlpLayout layout() const { return MlpLayout(mlp_layout, H); }
+};
+
 struct Cfg {
   bool rnn, relu, has_i, has_f, has_o, cifg, peep, fgr, ln, clip, zoneout;
   bool plain;                     // an LSTM cell of sigmoid gates i, f, o and tanh activations, without cifg,
@@ -129,7 +140,8 @@ struct Cfg {
   int64_t cw[4], co[4];    // width and offset in R of the k-th computed gate's columns (deep: n_1)
   int64_t zoff[4], aoff[4];  // per gate i, f, g, o: its columns in R (-1 absent), and in the gate
                              // activations G (T, B, G·H): slot·H (deep gates' u is H wide too)
-  Cfg(int64_t flags, double clip_, double zc_, double zh_, int64_t H_, int64_t P_, const MlpLayout& mlp) {
+  Cfg(const Variant& v, const MlpLayout& mlp) {
+    const int64_t flags = v.flags;
     rnn = flags & F_RNN; relu = flags & F_RNN_RELU;
     // which gates are computed, and where: the variant table's removal masks (lstmkit_abi.h)
     bool present[4];
@@ -142,8 +154,8 @@ struct Cfg {
     gate_slope = (flags & F_GATE_ACT_HARDSIGMOID) ? SLOPE_HARDSIGMOID : SLOPE_HARD_SIGMOID;
     cand_act = (flags & F_NIAF) ? PHI_IDENTITY : (flags & F_CAND_ACT_RELU) ? PHI_RELU : PHI_TANH;
     out_act = (flags & F_NOAF) ? PHI_IDENTITY : (flags & F_OUT_ACT_RELU) ? PHI_RELU : PHI_TANH;
-    clipv = clip_; zc = zc_; zh = zh_;
-    H = H_; P = rnn ? 0 : P_; Hout = P > 0 ? P : H;
+    clipv = v.clip; zc = v.zoneout_c; zh = v.zoneout_h;
+    H = v.H; P = rnn ? 0 : v.P; Hout = P > 0 ? P : H;
     int64_t off[4], soff[4], k = 0, s = 0, col = 0;
     for (int g = 0; g < 4; ++g) {
       soff[g] = (present[g] && g != 2 && !rnn) ? H * s++ : -1;  // the sigmoid gates i, f, o (fgr's s)

@@ -109,20 +109,24 @@ struct Frozen {
   }
 };
 
-// The forward. x_in defined: inference with the input projection in the loop (forward_impl's
-// InputProjection; xg_in is ignored, w_ih and bias give xg_t = x_t W_ih^T + bias); without
-// buffers_out it returns no buffers.
+// The input projected inside the loop (inference: forward_impl's InputProjection reads it), as
+// given: x (T, B, I), W_ih (R, I), the biases b_ih and b_hh (R,), each undefined or empty if none.
+struct LoopInput {
+  at::Tensor x, w_ih, bias, bias2;
+};
+
+// The forward. loop.x defined: inference with the input projection in the loop (xg_in is ignored;
+// xg_t = x_t W_ih^T + bias + bias2); without buffers_out it returns no buffers.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_call(
     const at::Tensor& xg_in, const at::Tensor& whh_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
-    const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, int64_t flags,
-    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
-    bool save, bool buffers_out, const at::Tensor& x_in = {}, const at::Tensor& w_ih_in = {},
-    const at::Tensor& bias_in = {}, const at::Tensor& bias2_in = {}, const std::vector<at::Tensor>& mlp_each = {},
+    const at::Tensor& lengths, const std::vector<at::Tensor>& params_in, const Variant& v, bool save,
+    bool buffers_out, const LoopInput& loop = {}, const std::vector<at::Tensor>& mlp_each = {},
     const Frozen* frozen = nullptr, bool c0_scratch = false) {
-  const MlpLayout mlp(mlp_layout, H);
-  Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
+  const MlpLayout mlp = v.layout();
+  Cfg cf(v, mlp);
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS, "lstmkit::recurrence: expected ", (int)N_PARAMS,
               " params, got ", params_in.size());
+  const at::Tensor &x_in = loop.x, &w_ih_in = loop.w_ih, &bias_in = loop.bias, &bias2_in = loop.bias2;
   const bool in_loop = x_in.defined();
   TORCH_CHECK(in_loop || (xg_in.dim() == 3 && xg_in.size(2) == cf.R),
               "lstmkit::recurrence: xg must be (T, B, R=", cf.R, ")");
@@ -193,7 +197,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> r
     const at::Tensor& lengths, const std::vector<at::Tensor>& params, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
     bool save) {
-  auto out = forward_call(xg, whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P,
+  auto out = forward_call(xg, whh, h0, c0, lengths, params, {flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P},
                           save, true);
   // the buffers not kept: empty tensors, one each (an operator's outputs are defined and do not alias)
   for (auto& b : std::get<3>(out))
@@ -211,15 +215,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> r
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_call(
     const at::Tensor& dy_in, const at::Tensor& dhn_in, const at::Tensor& dcn_in, const at::Tensor& y_in,
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
-    const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags,
-    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
+    const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, const Variant& v,
     const std::vector<at::Tensor>& mlp_each, const at::Tensor& dwhh_out = at::Tensor(), bool views = false,
     bool add = false, const at::Tensor& dmlp_out = at::Tensor()) {
   // a backward run inside an autocast region: autocast must not recast its products (at::mm into a
   // float32 gradient, the dtypes set by the forward)
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const MlpLayout mlp(mlp_layout, H);
-  Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp);
+  const MlpLayout mlp = v.layout();
+  Cfg cf(v, mlp);
+  const int64_t H = cf.H, P = cf.P;
   TORCH_CHECK((int64_t)params_in.size() == N_PARAMS && (int64_t)buffers.size() == N_BUFFERS,
               "lstmkit::recurrence_backward: expected ", (int)N_PARAMS, " params and ", (int)N_BUFFERS, " buffers");
   TORCH_CHECK(y_in.dim() == 3 && y_in.size(2) == cf.Hout, "lstmkit::recurrence_backward: y must be (T, B, H_out = ",
@@ -322,8 +326,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
     const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags,
     const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
-  return backward_call(dy_in, dhn_in, dcn_in, y_in, h0_in, c0_in, whh_in, lengths, params_in, buffers, flags,
-                       mlp_layout, clip, zoneout_c, zoneout_h, H, P, {});
+  return backward_call(dy_in, dhn_in, dcn_in, y_in, h0_in, c0_in, whh_in, lengths, params_in, buffers,
+                       {flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P}, {});
 }
 
 // The forward with the input projection, for forward_infer and ProjectedRun (with `save`: the
@@ -337,12 +341,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> projected_forward(
     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
     const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& lengths,
-    std::vector<at::Tensor>& params, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
-    double zoneout_c, double zoneout_h, int64_t H, int64_t P, bool save, const std::vector<at::Tensor>& mlp_each = {},
+    std::vector<at::Tensor>& params, const Variant& v, bool save, const std::vector<at::Tensor>& mlp_each = {},
     const Frozen* frozen = nullptr, bool apart = false, bool c0_scratch = false) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit: expected ", (int)N_PARAMS, " params");
   at::Tensor bias = b_ih.numel() ? b_ih : at::Tensor(), bias2 = b_hh.numel() ? b_hh : at::Tensor();
-  if ((flags & F_LAYERNORM) && bias.defined()) {
+  if ((v.flags & F_LAYERNORM) && bias.defined()) {
     params[P_BIAS] = b_ih + b_hh;  // (R,)
     bias = bias2 = at::Tensor();
   }
@@ -351,12 +354,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> p
     const int64_t T = x.size(0), B = x.size(1);
     const at::Tensor x2d = x.reshape({T * B, x.size(2)});
     const at::Tensor xg = bias.defined() ? at::linear(x2d, w_ih, bias + bias2) : at::linear(x2d, w_ih);  // (T·B, R)
-    return forward_call(xg.view({T, B, w_ih.size(0)}), whh, h0, c0, lengths, params, flags, mlp_layout, clip,
-                        zoneout_c, zoneout_h, H, P, save, save, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-                        mlp_each);
+    return forward_call(xg.view({T, B, w_ih.size(0)}), whh, h0, c0, lengths, params, v, save, save, {}, mlp_each);
   }
-  return forward_call(at::Tensor(), whh, h0, c0, lengths, params, flags, mlp_layout, clip, zoneout_c, zoneout_h, H,
-                      P, save, save, x, w_ih, bias, bias2, mlp_each, frozen, c0_scratch);
+  return forward_call(at::Tensor(), whh, h0, c0, lengths, params, v, save, save, {x, w_ih, bias, bias2}, mlp_each,
+                      frozen, c0_scratch);
 }
 
 // Inference (nothing needs a gradient): the input projection and the recurrence in one call, the
@@ -371,8 +372,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_infer(
     const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& lengths,
     std::vector<at::Tensor> params, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
     double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
-  auto out = projected_forward(x, w_ih, b_ih, b_hh, whh, h0, c0, lengths, params, flags, mlp_layout, clip,
-                               zoneout_c, zoneout_h, H, P, false);
+  auto out = projected_forward(x, w_ih, b_ih, b_hh, whh, h0, c0, lengths, params,
+                               {flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P}, false);
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 

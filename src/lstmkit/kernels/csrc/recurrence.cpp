@@ -180,8 +180,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                        int64_t P, bool frozen, bool widen16, std::vector<std::string> mlp_names) {
         TORCH_CHECK((int64_t)params.size() == lk::N_PARAMS, "lstmkit PreparedLayer: expected ", (int)lk::N_PARAMS,
                     " params");
-        lk::PreparedLayer layer{w_ih, b_ih, b_hh, whh, std::move(params), std::move(mlp), flags,
-                                std::move(mlp_layout), clip, zoneout_c, zoneout_h, H, P, frozen, widen16};
+        lk::PreparedLayer layer{w_ih, b_ih, b_hh, whh, std::move(params), std::move(mlp),
+                                {flags, std::move(mlp_layout), clip, zoneout_c, zoneout_h, H, P}, frozen, widen16};
         layer.mlp_names = std::move(mlp_names);
         layer.keep_shapes();
         return layer;

@@ -169,9 +169,8 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& b_ih,
       const at::Tensor& b_hh, const at::Tensor& whh, const at::Tensor& h0_in, at::TensorList cells,
-      at::TensorList params_in, at::TensorList mlp_in, int64_t flags, const std::vector<int64_t>& mlp_layout,
-      double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
-      const c10::intrusive_ptr<GradCarry>& carry, bool widen16) {
+      at::TensorList params_in, at::TensorList mlp_in, const Variant& v, const c10::intrusive_ptr<GradCarry>& carry,
+      bool widen16) {
     const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
     // a whole run (a prepared LSTM.forward): the projection apart, as the general path computes it;
     // a step's (LSTMCell, layer.step) inside the loop
@@ -182,8 +181,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     std::vector<at::Tensor> params(params_in.begin(), params_in.end());
     const std::vector<at::Tensor> mlp(mlp_in.begin(), mlp_in.end());
     auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in),
-                                                    axes.state(c0_in), at::Tensor(), params, flags, mlp_layout, clip,
-                                                    zoneout_c, zoneout_h, H, P, true, mlp, nullptr, run);
+                                                    axes.state(c0_in), at::Tensor(), params, v, true, mlp, nullptr, run);
     TORCH_CHECK((int64_t)buffers.size() == N_BUFFERS, "lstmkit forward_step: expected ", (int)N_BUFFERS, " buffers");
     const at::Tensor y_out = axes.y_out(y);
     // the inputs and the output y as given (their versions checked by autograd), then params,
@@ -193,10 +191,10 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     saved.insert(saved.end(), buffers.begin(), buffers.end());
     saved.insert(saved.end(), mlp.begin(), mlp.end());
     ctx->save_for_backward(saved);
-    ctx->saved_data["flags"] = flags;
-    ctx->saved_data["mlp"] = mlp_layout;
-    ctx->saved_data["scalars"] = std::vector<double>{clip, zoneout_c, zoneout_h};
-    ctx->saved_data["sizes"] = std::vector<int64_t>{H, P};
+    ctx->saved_data["flags"] = v.flags;
+    ctx->saved_data["mlp"] = v.mlp_layout;
+    ctx->saved_data["scalars"] = std::vector<double>{v.clip, v.zoneout_c, v.zoneout_h};
+    ctx->saved_data["sizes"] = std::vector<int64_t>{v.H, v.P};
     ctx->saved_data["axes"] = std::vector<bool>{axes.one_step, axes.layered};
     ctx->saved_data["states"] = S;
     if (carry) ctx->saved_data["carry"] = c10::IValue::make_capsule(carry);
@@ -220,11 +218,11 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     const std::vector<at::Tensor> params(saved.begin() + 7, saved.begin() + 7 + N_PARAMS);
     const std::vector<at::Tensor> buffers(saved.begin() + 7 + N_PARAMS, saved.begin() + 7 + N_PARAMS + N_BUFFERS);
     const std::vector<at::Tensor> mlp_own(saved.begin() + 7 + N_PARAMS + N_BUFFERS, saved.end());
-    const int64_t flags = ctx->saved_data["flags"].toInt();
-    const auto mlp = ctx->saved_data["mlp"].toIntVector();
     const auto sc = ctx->saved_data["scalars"].toDoubleVector();
     const auto sizes = ctx->saved_data["sizes"].toIntVector();
-    const bool ln = flags & F_LAYERNORM;
+    const Variant v{ctx->saved_data["flags"].toInt(), ctx->saved_data["mlp"].toIntVector(), sc[0], sc[1], sc[2],
+                    sizes[0], sizes[1]};
+    const bool ln = v.flags & F_LAYERNORM;
     const bool higher = at::GradMode::is_enabled();  // create_graph=True
     // batched incoming gradients (vmap over this backward, autograd.grad(is_grads_batched=True)):
     // the kernel reads plain memory
@@ -242,10 +240,10 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       return k == 0 ? axes.run(grads[k]) : axes.state(grads[k]);
     };
     const size_t M = mlp_own.size();
-    // x, w_ih, b_ih, b_hh, whh, h0, the S cell states, params, the deep gates' tensors, then 9
-    // non-tensor arguments (flags, mlp_layout, 3 scalars, H, P, carry, widen16)
+    // x, w_ih, b_ih, b_hh, whh, h0, the S cell states, params, the deep gates' tensors, then 3
+    // non-tensor arguments (the variant, carry, widen16)
     const int64_t PAR = 6 + S;  // where params start in `out`
-    torch::autograd::variable_list out(PAR + N_PARAMS + M + 9);
+    torch::autograd::variable_list out(PAR + N_PARAMS + M + 3);
     {
       at::NoGradGuard no_grad;
       const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
@@ -288,8 +286,8 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
         }
       }
       auto [dxg, dwhh, dh0, dc0, dparams] = backward_call(
-          given(0), given(1), given(2), y, h0, c0, whh, at::Tensor(), params, buffers, flags, mlp, sc[0], sc[1],
-          sc[2], sizes[0], sizes[1], mlp_own, dwhh_out, /*views=*/true, /*add=*/into_pass, dmlp_out);
+          given(0), given(1), given(2), y, h0, c0, whh, at::Tensor(), params, buffers, v, mlp_own, dwhh_out,
+          /*views=*/true, /*add=*/into_pass, dmlp_out);
       const at::Tensor dxg2 = dxg.reshape({T * B, dxg.size(2)});  // (T*B, R)
       // a 16-bit layer on a CPU without units for its dtype (widen16, from the caller: fused.py's
       // SIXTEEN_BIT_UNITS): dX and dW_ih in float32, rounded to the dtype once, as the input
@@ -357,8 +355,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
 inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_step(
     const at::Tensor& x_in, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
     const at::Tensor& whh, const at::Tensor& h0_in, const std::vector<at::Tensor>& cells,
-    std::vector<at::Tensor> params, const std::vector<at::Tensor>& mlp, int64_t flags,
-    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
+    std::vector<at::Tensor> params, const std::vector<at::Tensor>& mlp, const Variant& v,
     const Frozen* frozen = nullptr, const c10::intrusive_ptr<GradCarry>& carry = {}, bool widen16 = false) {
   TORCH_CHECK((int64_t)params.size() == N_PARAMS, "lstmkit forward_step: expected ", (int)N_PARAMS, " params");
   TORCH_CHECK(!cells.empty(), "lstmkit prepared step: no cell state");
@@ -372,16 +369,14 @@ inline std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> forward_step(
   }
   if (grad) {  // the node adds and drops the step's and the stack's axes, and joins the states, itself
     auto out = ProjectedRun::apply(x_in, w_ih, b_ih, b_hh, whh, h0_in, at::TensorList(cells), at::TensorList(params),
-                                   at::TensorList(mlp), flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P, carry,
-                                   widen16);
+                                   at::TensorList(mlp), v, carry, widen16);
     return {out[0], out[1], std::vector<at::Tensor>(out.begin() + 2, out.end())};
   }
   const StepAxes axes{x_in.dim() == 2, h0_in.dim() == 3};
   // (N, S·H); S states joined: this call's own, which the kernel updates in place (c0_scratch)
   const at::Tensor c0 = S == 1 ? axes.state(cells[0]) : join_cells(cells, x_in.options());
   auto [y, h_n, c_n, buffers] = projected_forward(axes.run(x_in), w_ih, b_ih, b_hh, whh, axes.state(h0_in), c0,
-                                                  at::Tensor(), params, flags, mlp_layout, clip, zoneout_c, zoneout_h,
-                                                  H, P, false, mlp, frozen, false, S > 1);
+                                                  at::Tensor(), params, v, false, mlp, frozen, false, S > 1);
   // inference: the S states as views of the kernel's one (N, S·H) tensor
   return {axes.y_out(y), axes.state_out(h_n),
           S == 1 ? std::vector<at::Tensor>{axes.state_out(c_n)} : split_cells(c_n, S, false)};
@@ -395,15 +390,12 @@ struct PanelSlot {
 
 // A prepared layer (PreparedStep, lstmkit/kernels/fused.py): forward_step's arguments that stay the
 // same from call to call — the layer's parameters (the module's own tensors, read in place on every
-// call, so that in-place updates are seen), flags, mlp layout, scalars — held here once per call
-// signature, so that a call converts its few tensors rather than some thirty arguments.
+// call, so that in-place updates are seen) and its variant — held here once per call signature, so
+// that a call converts its few tensors rather than some thirty arguments.
 struct PreparedLayer {
   at::Tensor w_ih, b_ih, b_hh, whh;
   std::vector<at::Tensor> params, mlp;  // params: abi.PARAMS order, zoneout's slots empty; mlp: forward_step's
-  int64_t flags;
-  std::vector<int64_t> mlp_layout;
-  double clip, zoneout_c, zoneout_h;
-  int64_t H, P;
+  Variant variant;
   bool frozen = false;  // lstmkit.freeze: W_hh and W_ih packed once for inference (frozen_panels)
   bool widen16 = false;  // a 16-bit layer without 16-bit units: its backward's dX, dW_ih in float32 (ProjectedRun)
   c10::intrusive_ptr<GradCarry> carry = c10::make_intrusive<GradCarry>();  // its steps' weight gradients in a pass
@@ -418,8 +410,8 @@ struct PreparedLayer {
     auto cur = std::atomic_load(&slot->panels);
     if (cur && cur->ih.same(w_ih) && cur->hh.same(whh)) return cur;
     const at::ScalarType ct = compute_type(w_ih.scalar_type());
-    const MlpLayout mlp_(mlp_layout, H);
-    Cfg cf(flags, clip, zoneout_c, zoneout_h, H, P, mlp_);
+    const MlpLayout mlp_ = variant.layout();
+    Cfg cf(variant, mlp_);
     cf.set_heads(whh.size(1));
     cf.bf16_gemm = bf16_products(w_ih.scalar_type());
     auto fresh = std::make_shared<Frozen>(Frozen{ct, WeightStamp(w_ih), WeightStamp(whh), nullptr});
@@ -483,8 +475,8 @@ struct PreparedLayer {
     // (weights made under torch.inference_mode() have no version counter: read as unfrozen)
     const bool countable = !w_ih.is_inference() && !whh.is_inference();
     const std::shared_ptr<const Frozen> fz = frozen && countable ? frozen_panels() : nullptr;
-    auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, cells, std::move(p), mlp, flags, mlp_layout, clip,
-                                      zoneout_c, zoneout_h, H, P, fz.get(), carry, widen16);
+    auto [y, h_n, c_n] = forward_step(x, w_ih, b_ih, b_hh, whh, h, cells, std::move(p), mlp, variant, fz.get(), carry,
+                                      widen16);
     std::vector<at::Tensor> out{y, h_n};
     out.insert(out.end(), c_n.begin(), c_n.end());
     return out;
