@@ -8,6 +8,7 @@
 #include "cell_step.h"
 #include "gemm.h"
 #include "parallel.h"
+#include "step_weights.h"
 #include "vec_math.h"
 
 namespace lk {
@@ -87,36 +88,11 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   ws.take(rowtmpp, nthreads * ldtmp);
   const at::Tensor workspace = ws.allocate(opt);
 
-  Packed<T> Wt, Wggt, Whrt;
-  // heads: one block of W_hh per head and gate (cf.hseg), read in its canonical rows: a head's dh
-  // columns = the sum over its gates of dr's segment columns times the block (one K-split group)
-  std::vector<Packed<T>> Wth;
-  if (cf.heads == 1) {
-    Wt.init(whh.data_ptr<T>(), whh.stride(1), whh.stride(0), (int)Hout, (int)R, Tn, cf.bf16_gemm);
-  } else {
-    Wth.resize(cf.hseg.size());
-    for (size_t s = 0; s < cf.hseg.size(); ++s)
-      Wth[s].init(whh.data_ptr<T>() + cf.hseg[s].canon * whh.stride(0), whh.stride(1), whh.stride(0),
-                  (int)cf.Dh, (int)cf.hseg[s].len, Tn, cf.bf16_gemm);
-  }
-  if (cf.fgr) {
-    const at::Tensor& wgg = params[P_WEIGHT_GG];
-    Wggt.init(wgg.data_ptr<T>(), wgg.stride(1), wgg.stride(0), (int)(cf.nS * H), (int)(cf.nS * H), Tn, cf.bf16_gemm);
-  }
-  if (P > 0) {
-    const at::Tensor& whr = params[P_WEIGHT_HR];
-    Whrt.init(whr.data_ptr<T>(), whr.stride(1), whr.stride(0), (int)H, (int)P, Tn, cf.bf16_gemm);
-  }
+  // dh = dr W_hh (heads: a head's dh columns = the sum over its gates of dr's segment columns times
+  // the block, one K-split group), ds = du_S W_gg, dm = dy W_hr, dA = dV W_j
+  StepWeights<T> Wt(cf, mlp, mw, whh, params, Tn, /*transposed=*/true);
   auto ptr = [](const at::Tensor& t) -> T* { return (t.defined() && t.numel() > 0) ? t.data_ptr<T>() : nullptr; };
   const CellParams<T> prm(cf, params);
-  // deep gates: W_j of every MLP layer, packed once per call for dA = dV W_j
-  std::vector<Packed<T>> Wmt(mlp.gates.size() * std::max(mlp.depth, 1));
-  for (size_t k = 0; k < mlp.gates.size(); ++k)
-    for (int j = 0; j < mlp.gates[k].m; ++j) {
-      const MlpGate& mg = mlp.gates[k];
-      Wmt[k * mlp.depth + j].init(mw.w[k * mlp.depth + j], 1, mg.w[j], (int)mg.w[j], (int)mg.w[j + 1], Tn,
-                                  cf.bf16_gemm);
-    }
   const T* dYp = dY.data_ptr<T>();
   const int64_t dys0 = dY.stride(0), dys1 = dY.stride(1), dys2 = dY.stride(2);
   const T* dhnp = dhn.data_ptr<T>();
@@ -132,19 +108,19 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   std::vector<GemmTask<T>> phaseA;  // dh = dr W_hh (heads: per head, its gates' segments) [, ds = du_S W_gg]
   std::vector<int64_t> dr_col;       // the dh tasks' first column of dr (their A moves with t under layernorm)
   if (cf.heads == 1) {
-    phaseA.push_back(GemmTask<T>{&Wt, (int)B, dRwp, ldr, dHp, Hout, false});
+    phaseA.push_back(GemmTask<T>{&Wt.recurrent, (int)B, dRwp, ldr, dHp, Hout, false});
     dr_col.push_back(0);
   }
-  for (size_t s = 0; s < Wth.size(); ++s) {
+  for (size_t s = 0; s < Wt.heads.size(); ++s) {
     const HeadSeg& sg = cf.hseg[s];
     const bool head_begins = s == 0 || cf.hseg[s - 1].head != sg.head;
-    const bool head_goes_on = s + 1 < Wth.size() && cf.hseg[s + 1].head == sg.head;
-    GemmTask<T> task{&Wth[s], (int)B, dRwp + sg.canon, ldr, dHp + sg.head * cf.Dh, Hout, !head_begins};
+    const bool head_goes_on = s + 1 < Wt.heads.size() && cf.hseg[s + 1].head == sg.head;
+    GemmTask<T> task{&Wt.heads[s], (int)B, dRwp + sg.canon, ldr, dHp + sg.head * cf.Dh, Hout, !head_begins};
     task.more = head_goes_on;
     phaseA.push_back(task);
     dr_col.push_back(sg.canon);
   }
-  if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wggt, (int)B, dUSp, lds, dSp, cf.nS * H, false});
+  if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wt.gg, (int)B, dUSp, lds, dSp, cf.nS * H, false});
   const int nA = (int)phaseA.size();
 
   // deep gates: dW_j = Σ dv_jᵀ a_j, db_j = Σ dv_j over one chunk's rows (t0·B .. t1·B), added
@@ -198,7 +174,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
       }
   };
 
-  const bool by_rows = split_by_rows<T>(B, nthreads, phaseA, Wmt, P > 0 ? &Whrt : nullptr);
+  const bool by_rows = split_by_rows<T>(B, nthreads, phaseA, Wt.mlp, P > 0 ? &Wt.hr : nullptr);
 
   bool packed = false;
   for (int64_t t1 = Tn; t1 > 0 || (Tn == 0 && !packed); t1 -= Tc) {
@@ -207,9 +183,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
     step.dv_row0 = t0 * B;  // deep gates: dV holds this chunk's rows
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
     if (!packed) {
-      Wt.pack_share(tid, nth); Wggt.pack_share(tid, nth); Whrt.pack_share(tid, nth);
-      for (auto& w : Wmt) w.pack_share(tid, nth);
-      for (auto& w : Wth) w.pack_share(tid, nth);
+      Wt.pack_share(tid, nth);
     }
     std::vector<GemmTask<T>> tasks(phaseA);  // this thread's copy (layernorm's A moves with t)
     int64_t b0, b1;
@@ -265,7 +239,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
           }
         }
         if (!by_rows) bar.wait();
-        GemmTask<T> pc{&Whrt, (int)B, dHPwp, ldp, dMop, H, false};
+        GemmTask<T> pc{&Wt.hr, (int)B, dHPwp, ldp, dMop, H, false};
         if (by_rows) pc = rows_of(pc, b0, b1);
         run_tasks<T>(&pc, 1, gtid, gnth);
         if (!by_rows) bar.wait();
@@ -307,7 +281,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
           for (size_t k = 0; k < mlp.gates.size(); ++k) {
             const MlpGate& mg = mlp.gates[k];
             if (mg.m >= d)
-              tasks[nt++] = GemmTask<T>{&Wmt[k * mlp.depth + d - 1], (int)(b1 - b0),
+              tasks[nt++] = GemmTask<T>{&Wt.layer(mlp, k, d - 1), (int)(b1 - b0),
                                         step.dv_row(t * B + b0) + mg.voff[d - 1], ldV,
                                         step.dA + b0 * mlp.atot + mg.aoff[d - 1], mlp.atot, false};
           }

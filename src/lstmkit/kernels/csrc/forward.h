@@ -8,6 +8,7 @@
 #include "cell_step.h"
 #include "gemm.h"
 #include "parallel.h"
+#include "step_weights.h"
 #include "vec_math.h"
 
 namespace lk {
@@ -25,22 +26,6 @@ struct InputProjection {
   const T* bias2;                 // (R,) a second bias added to it (b_hh), or nullptr
 };
 
-// The recurrent weights' packing, for forward_impl and FrozenPanels alike: W_hh (R, H_out) as one
-// matrix, or with heads one block per head and gate (cf.hseg), read in its canonical rows: head j's
-// rows of a gate times h's j-th Dh columns, straight into r's canonical columns. uses: how many
-// GEMMs read it (Packed::init).
-template <typename T>
-void init_recurrent(const at::Tensor& whh, const Cfg& cf, int64_t uses, Packed<T>& W, std::vector<Packed<T>>& Wh) {
-  if (cf.heads == 1) {
-    W.init(whh.data_ptr<T>(), whh.stride(0), whh.stride(1), (int)cf.R, (int)cf.Hout, uses, cf.bf16_gemm);
-    return;
-  }
-  Wh.resize(cf.hseg.size());
-  for (size_t s = 0; s < cf.hseg.size(); ++s)
-    Wh[s].init(whh.data_ptr<T>() + cf.hseg[s].canon * whh.stride(0), whh.stride(0), whh.stride(1),
-               (int)cf.hseg[s].len, (int)cf.Dh, uses, cf.bf16_gemm);
-}
-
 // A frozen layer's weights (lstmkit.freeze), packed once into the panels that forward_impl packs
 // anew on every call: W_hh (heads: its blocks) and W_ih (R, I) for the projection in the loop.
 // A step's GEMMs then read panels instead of packing 2 MiB of weights (H = 256) per call.
@@ -52,7 +37,7 @@ struct FrozenPanels {
   Packed<T> Wih;
   FrozenPanels(const at::Tensor& whh_, const at::Tensor& w_ih_, const Cfg& cf) : whh(whh_), w_ih(w_ih_) {
     constexpr int64_t many = 2;  // packed panels, never BLAS in place
-    init_recurrent<T>(whh, cf, many, W, Wh);
+    pack_recurrent<T>(whh, cf, /*transposed=*/false, many, W, Wh);
     Wih.init(w_ih.data_ptr<T>(), w_ih.stride(0), w_ih.stride(1), (int)cf.R, (int)w_ih.size(1), many, cf.bf16_gemm);
     W.pack_share(0, 1);
     for (auto& w : Wh) w.pack_share(0, 1);
@@ -92,20 +77,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   // call (c0_scratch), else a copy
   at::Tensor cs = !lstm ? at::Tensor() : c0_scratch && c0.is_contiguous() ? c0 : c0.contiguous().clone();
 
-  Packed<T> Wp, Wgg, Whr;
-  std::vector<Packed<T>> Wh;
-  if (!frozen) init_recurrent<T>(whh, cf, Tn, Wp, Wh);
+  StepWeights<T> W(cf, mlp, mw, whh, params, Tn, /*transposed=*/false, /*with_recurrent=*/!frozen);
   // the recurrent weights' panels: this call's, or a frozen layer's packed once (with proj_in)
-  const Packed<T>& Wrec = frozen ? frozen->W : Wp;
-  const std::vector<Packed<T>>& Wseg = frozen ? frozen->Wh : Wh;
-  if (cf.fgr) {
-    const at::Tensor& wgg = params[P_WEIGHT_GG];
-    Wgg.init(wgg.data_ptr<T>(), wgg.stride(0), wgg.stride(1), (int)(cf.nS * H), (int)(cf.nS * H), Tn, cf.bf16_gemm);
-  }
-  if (P > 0) {
-    const at::Tensor& whr = params[P_WEIGHT_HR];
-    Whr.init(whr.data_ptr<T>(), whr.stride(0), whr.stride(1), (int)P, (int)H, Tn, cf.bf16_gemm);
-  }
+  const Packed<T>& Wrec = frozen ? frozen->W : W.recurrent;
+  const std::vector<Packed<T>>& Wseg = frozen ? frozen->Wh : W.heads;
   const CellParams<T> prm(cf, params);
   // inference: the input projection in the loop (xg_t into xws), W_ih packed like W_hh
   Packed<T> Wih;
@@ -140,14 +115,6 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   }
   if (biasp)
     for (int64_t n = 0; n < R; ++n) biasp[n] = proj_in->bias[n] + (proj_in->bias2 ? proj_in->bias2[n] : T(0));
-  // deep gates: W_j of every MLP layer, packed once per call (v = a W_j^T)
-  std::vector<Packed<T>> Wm(mlp.gates.size() * std::max(mlp.depth, 1));
-  for (size_t k = 0; k < mlp.gates.size(); ++k)
-    for (int j = 0; j < mlp.gates[k].m; ++j) {
-      const MlpGate& mg = mlp.gates[k];
-      Wm[k * mlp.depth + j].init(mw.w[k * mlp.depth + j], mg.w[j], 1, (int)mg.w[j + 1], (int)mg.w[j], Tn,
-                                 cf.bf16_gemm);
-    }
   StepForward<T> step{cf, prm, B, xwp ? xwp : xg.data_ptr<T>(), rwp, ldr, fwp, lds, ssp,
                             lstm ? cs.data_ptr<T>() : nullptr, hsp, ldh, mwp, ldm, Y.data_ptr<T>(),
                             kept(B_G), kept(B_C), kept(B_CN), kept(B_RH), kept(B_RS), kept(B_AH), kept(B_AS),
@@ -170,19 +137,17 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
     const HeadSeg& sg = cf.hseg[s];
     phaseA.push_back(GemmTask<T>{&Wseg[s], (int)B, hsp + sg.head * cf.Dh, ldh, rwp + sg.canon, ldr, false});
   }
-  if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wgg, (int)B, ssp, lds, fwp, lds, false});
+  if (cf.fgr) phaseA.push_back(GemmTask<T>{&W.gg, (int)B, ssp, lds, fwp, lds, false});
   const int iA = (int)phaseA.size();  // the input projection's task (its A moves with t)
   if (proj_in)
     phaseA.push_back(GemmTask<T>{&Win, (int)B, proj_in->x, proj_in->I, xwp, ldr, false, biasp});
   const int nA = (int)phaseA.size();
-  const bool by_rows = split_by_rows<T>(B, nthreads, phaseA, Wm, P > 0 ? &Whr : nullptr);
+  const bool by_rows = split_by_rows<T>(B, nthreads, phaseA, W.mlp, P > 0 ? &W.hr : nullptr);
 
   parallel_region(nthreads, [&](const int tid, const int nth, Barrier& bar) {
     // absent ones (a frozen layer's W_hh and W_ih: packed already) have no panels here
-    Wp.pack_share(tid, nth); Wgg.pack_share(tid, nth); Whr.pack_share(tid, nth);
+    W.pack_share(tid, nth);
     Wih.pack_share(tid, nth);
-    for (auto& w : Wm) w.pack_share(tid, nth);
-    for (auto& w : Wh) w.pack_share(tid, nth);
     std::vector<GemmTask<T>> tasks(phaseA);  // this thread's copy (the input projection's A moves with t)
     int64_t b0, b1;
     split_range(B, tid, nth, b0, b1);
@@ -211,7 +176,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           for (size_t k = 0; k < mlp.gates.size(); ++k) {
             const MlpGate& mg = mlp.gates[k];
             if (mg.m >= d)
-              tasks[nt++] = GemmTask<T>{&Wm[k * mlp.depth + d - 1], (int)(b1 - b0), step.act_row(t, b0) + mg.aoff[d - 1],
+              tasks[nt++] = GemmTask<T>{&W.layer(mlp, k, d - 1), (int)(b1 - b0), step.act_row(t, b0) + mg.aoff[d - 1],
                                         mlp.atot, step.vout + b0 * mlp.vtot + mg.voff[d - 1], mlp.vtot, false};
           }
           run_tasks<T>(tasks, nt, 0, 1);  // every panel, this thread's rows
@@ -224,7 +189,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
       }
       if (!by_rows) bar.wait();
       if (P > 0) {  // phase C: y_t = m W_hr^T; phase D: zoneout, the state (padded rows: 0)
-        GemmTask<T> pc{&Whr, (int)B, mwp, ldm, step.Y + t * B * P, P, false};
+        GemmTask<T> pc{&W.hr, (int)B, mwp, ldm, step.Y + t * B * P, P, false};
         if (by_rows) pc = rows_of(pc, b0, b1);
         run_tasks<T>(&pc, 1, gtid, gnth);
         if (!by_rows) bar.wait();
