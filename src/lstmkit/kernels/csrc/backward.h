@@ -7,6 +7,7 @@
 #include "cell_config.h"
 #include "cell_step.h"
 #include "gemm.h"
+#include "mlp_grads.h"
 #include "parallel.h"
 #include "step_weights.h"
 #include "vec_math.h"
@@ -20,7 +21,7 @@ namespace lk {
 // (projection: the gradient w.r.t. the projected h~_t, and o*act(LN(c)) for dW_hr), dh0, dc0, acc (the per-parameter reductions, AccLayout),
 // dZS (T,B,nS*H) (fgr with layernorm or deep gates: the gradient w.r.t. the sigmoid gates' u, for dW_gg),
 // dMLP (the deep gates' flat weights' gradient: dW_j = Σ_t dv_jᵀ a_j, db_j = Σ_t dv_j, summed chunk
-// by chunk of steps while the chunk's dv_j rows are in cache: dmlp_columns), and for a 16-bit layer
+// by chunk of steps while the chunk's dv_j rows are in cache: MlpGradSums), and for a 16-bit layer
 // (`low`) dXG again in that dtype; what the variant has not (dWhh, dHP, M, dc0, dZS, dMLP, the
 // 16-bit dXG): undefined.
 // layernorm: dr_t (the gradient w.r.t. the raw r_t) is kept for a chunk of Tc steps only;
@@ -123,56 +124,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   if (cf.fgr) phaseA.push_back(GemmTask<T>{&Wt.gg, (int)B, dUSp, lds, dSp, cf.nS * H, false});
   const int nA = (int)phaseA.size();
 
-  // deep gates: dW_j = Σ dv_jᵀ a_j, db_j = Σ dv_j over one chunk's rows (t0·B .. t1·B), added
-  // to the sums so far (`more`), each product written into its slot of the flat gradient (every
-  // element is some W_j's or b_j's; into dmlp_out where that is defined, with `add` added to its
-  // values). With BLAS (blas_gemm) the products are on the rows in place, inside the parallel
-  // region while the chunk is in cache: each thread the columns n0..n1 of every W_j and b_j
-  // (BLAS runs on one thread there; no fork and join of its own per product, no K split) — no
-  // per-gate views, copies or zero fill, which at one step per call cost more than the products.
-  at::Tensor dmlp = mlp.any() ? (dmlp_out.defined() ? dmlp_out : at::empty({mlp.wtot}, opt)) : at::Tensor();
-  bool dmlp_written = add && dmlp_out.defined();  // (add without dmlp_out: a fresh sum all the same)
-  const bool dmlp_in_region = mlp.any() && blas_available<T>();
-  const std::vector<T> ones(mlp.bias && dmlp_in_region ? Tc * B : 0, T(1));  // db_j = dv_jᵀ 1
-  auto dmlp_columns = [&](int64_t t0, int64_t t1, bool more, int tid, int nth) {  // BLAS, this thread's share
-    const int N = (int)((t1 - t0) * B);  // rows: dv (N, vtot) with row stride ldV, a (N, atot), row-major
-    if (N == 0) return;
-    T* dm = dmlp.data_ptr<T>();
-    const T* dv = dV.data_ptr<T>();
-    const T* act = buffers[B_MLP].data_ptr<T>() + t0 * B * mlp.atot;
-    for (const MlpGate& mg : mlp.gates)
-      for (int j = 0; j < mg.m; ++j) {
-        const int64_t n_out = mg.w[j + 1], n_in = mg.w[j];
-        int64_t c0, c1;  // this thread's columns, whole vectors
-        split_range((n_out + VL - 1) / VL, tid, nth, c0, c1);
-        c0 *= VL;
-        c1 = std::min(c1 * VL, n_out);
-        if (c1 <= c0) continue;
-        // row-major (n_out, n_in) dW_j: column-major dW_jᵀ = a_jᵀ dv_j, its columns c0..c1
-        blas_gemm<T>('N', 'T', (int)n_in, (int)(c1 - c0), N, act + mg.aoff[j], (int)mlp.atot, dv + mg.voff[j] + c0,
-                     (int)ldV, more, dm + mg.woff[j] + c0 * n_in, (int)n_in);
-        if (mg.boff[j] >= 0)
-          blas_gemm<T>('N', 'N', (int)(c1 - c0), 1, N, dv + mg.voff[j] + c0, (int)ldV, ones.data(), N, more,
-                       dm + mg.boff[j] + c0, (int)(c1 - c0));
-      }
-  };
-  auto dmlp_torch = [&](int64_t t0, int64_t t1, bool more) {  // no BLAS symbols in this torch: its operators
-    const int64_t N = (t1 - t0) * B;
-    for (const MlpGate& mg : mlp.gates)
-      for (int j = 0; j < mg.m; ++j) {
-        const int64_t n_out = mg.w[j + 1], n_in = mg.w[j];
-        const at::Tensor dvj = dV.view({Tc * B, ldV}).narrow(0, 0, N).narrow(1, mg.voff[j], n_out);
-        at::Tensor dw_slot = dmlp.narrow(0, mg.woff[j], n_out * n_in).view({n_out, n_in});
-        const at::Tensor aj = buffers[B_MLP].view({Tn * B, mlp.atot}).narrow(0, t0 * B, N).narrow(1, mg.aoff[j], n_in);
-        if (more) dw_slot.addmm_(dvj.t(), aj);
-        else at::mm_out(dw_slot, dvj.t(), aj);
-        if (mg.boff[j] >= 0) {
-          at::Tensor db_slot = dmlp.narrow(0, mg.boff[j], n_out);
-          if (more) db_slot.add_(dvj.sum(0));
-          else at::sum_out(db_slot, dvj, 0);
-        }
-      }
-  };
+  // deep gates: dW_j, db_j summed chunk by chunk (MlpGradSums)
+  MlpGradSums<T> dmlp(mlp, B, Tc, dV, ldV, buffers[B_MLP], dmlp_out, add, opt);
 
   const bool by_rows = split_by_rows<T>(B, nthreads, phaseA, Wt.mlp, P > 0 ? &Wt.hr : nullptr);
 
@@ -313,9 +266,9 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
       run_tasks<T>(tasks.data(), nA, gtid, gnth);
       if (!by_rows) bar.wait();
     }
-    if (dmlp_in_region) {  // once the chunk's dV rows are complete, every thread's
+    if (dmlp.in_region) {  // once the chunk's dV rows are complete, every thread's columns
       if (by_rows) bar.wait();
-      dmlp_columns(t0, t1, dmlp_written, tid, nth);
+      dmlp.columns(t0, t1, tid, nth);
     }
   });
     packed = true;
@@ -329,10 +282,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
       }
       dwhh_written = true;
     }
-    if (mlp.any() && t1 > t0 && B > 0) {  // (no rows, B = 0: dmlp_columns writes nothing; zeroed below)
-      if (!dmlp_in_region) dmlp_torch(t0, t1, dmlp_written);
-      dmlp_written = true;
-    }
+    dmlp.after_chunk(t0, t1);
     if (Tn == 0) break;
   }
   at::Tensor dh0 = at::empty({B, Hout}, opt);
@@ -344,7 +294,6 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
       for (int64_t j = 0; j < Hout; ++j) dh0p[b * Hout + j] += dHZp[b * Hout + j];
   }
   at::Tensor accs = acc.sum(0);
-  if (mlp.any() && !dmlp_written) dmlp.zero_();  // no steps: every sum is empty
   if (cf.ln && !dwhh_written) {  // no steps
     if (dWhh.defined()) dWhh.zero_();
     else dWhh = at::zeros({R, cf.heads == 1 ? Hout : cf.Dh}, opt);
@@ -352,7 +301,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& buffers, co
   // what the variant has not: undefined (backward_call reads only what it has)
   const at::Tensor none;
   return {dXG, cf.ln ? dWhh : none, P > 0 ? dHP : none, P > 0 ? Mo : none, dh0, lstm ? dcs : none, accs, dZS,
-          mlp.any() ? dmlp : none, dXGlow};
+          dmlp.result(), dXGlow};
 }
 
 }  // namespace lk
