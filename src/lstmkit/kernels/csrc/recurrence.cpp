@@ -8,8 +8,10 @@
 // reductions), step_node.h the prepared step (its autograd node ProjectedRun and PreparedLayer),
 // checks.h a step's finite and eager-mode checks; forward.h forward_impl and backward.h
 // backward_impl (the time loops), cell_step.h one step's cell forward and BPTT, cell_config.h the
-// decoded variant and the gradient accumulators' layout, vec_math.h the pointwise pass's vector
-// helpers, gemm.h the packed recurrent GEMM, parallel.h the thread region and barrier.
+// call's Variant, its decoding (Cfg) and the gradient accumulators' layout, step_weights.h the
+// weights a step multiplies by, packed for either pass, mlp_grads.h the deep gates' weight
+// gradients, vec_math.h the pointwise pass's vector helpers, gemm.h the packed recurrent GEMM,
+// parallel.h the thread region and barrier.
 //
 // The operator's input projection is computed outside (PyTorch autograd): xg = x W_ih^T + b_ih + b_hh,
 // (T, B, R), for every variant except layernorm, where xg is the RAW a = x W_ih^T (no bias,
