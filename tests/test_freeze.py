@@ -269,3 +269,28 @@ def test_a_frozen_layer_packs_its_weights_once_for_every_signature():
     for a, b, c in zip(got, got2, want):
         assert_close(a, c, torch.float32, "first call")
         assert_close(b, c, torch.float32, "kept step")
+
+
+@pytest.mark.parametrize("kind", ["step", "run", "cell"])
+def test_a_frozen_layer_in_shared_memory_reads_its_weights_on_every_call(kind):
+    """A frozen model in shared memory (``share_memory()``, or received by another process) served
+    the weights it packed first: another process's ``load_state_dict`` into the shared tensors is
+    never counted by this process's version counters, so a worker mixed the old W_ih, W_hh with
+    the new biases (0.35 off; found by a sweep of multi-process serving). Shared weights are not
+    packed. Here a write through ``.data`` stands for the other process's write (uncounted too)."""
+    torch.manual_seed(0)
+    make = (lambda: lstmkit.LSTMCell(6, 5)) if kind == "cell" else (lambda: lstmkit.LSTM(6, 5, num_layers=2))
+    frozen, new = lstmkit.freeze(make()), make()
+    frozen.share_memory()
+    x = torch.randn(4, 3, 6) if kind == "run" else torch.randn(3, 6)
+    call = {"step": lambda m: m.step(x), "run": lambda m: m(x), "cell": lambda m: m(x)}[kind]
+    with torch.no_grad():
+        for _ in range(3):
+            call(frozen)
+        kept = frozen._prepared._kept
+        assert kept and not any(layer.packed for k in kept.values() for layer in k.layers)
+        for p, q in zip(frozen.parameters(), new.parameters()):
+            p.data.copy_(q)  # as another process writes the shared tensors
+        got, want = call(frozen), call(new)
+    for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+        assert_close(a, b, torch.float32, kind)

@@ -35,7 +35,9 @@ def freeze(module: nn.Module) -> nn.Module:
     step under ``torch.no_grad()``) or a new tensor set in their place (``.half()`` then
     ``.float()``); an in-place write through ``.data`` (``p.data.copy_(...)``), which the
     counter does not see, is not — freeze again after one. Weights made under ``torch.inference_mode()`` (which keeps no
-    version counter) are not packed: such a layer runs as an unfrozen one.
+    version counter) are not packed, nor weights in shared memory (``share_memory()``, or a copy
+    received from another process), which another process may write without this process's
+    counter knowing: such a layer runs as an unfrozen one.
 
     Args:
         module: any ``torch.nn.Module``; the lstmkit layers in it are frozen, anything else is

@@ -395,6 +395,11 @@ class PreparedStep:
         if len(kept) >= KEPT_SIGNATURES:
             kept = {}
         sibling = next(iter(kept.values()), None)  # a frozen layer packs its weights once for every signature
+        # weights in shared memory (share_memory(), or received from another process) are not packed:
+        # another process's in-place writes never reach this process's version counters, so packed
+        # panels would keep the old W_ih, W_hh beside the new biases (share_memory() itself clears
+        # the kept steps, through Module._apply, so a layer shared after its calls is seen here too)
+        frozen = self.frozen and not any(t.is_shared() for params in layers for t in params.values() if t is not None)
         ext = cpu_ext.load()
         prepared = []
         for params in layers:
@@ -402,10 +407,10 @@ class PreparedStep:
                 w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = infer_args(params, self.spec,
                                                                                         flat_mlp=False)
             prepared.append(ext.PreparedLayer(w_ih, b_ih, b_hh, w_hh, plist, _mlp_tensors(params, self.spec), flags,
-                                              mlp, *scalars, self.hidden_size, proj, self.frozen,
+                                              mlp, *scalars, self.hidden_size, proj, frozen,
                                               not SIXTEEN_BIT_UNITS.get(w_ih.dtype, True),
                                               _mlp_names(params, self.spec)))
-            if sibling is not None and self.frozen:
+            if sibling is not None and frozen:
                 prepared[-1].share_panels(sibling.layers[len(prepared) - 1])
         with self._lock:
             if generation != self.generation:
