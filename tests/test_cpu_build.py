@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -29,6 +30,65 @@ def test_build_directory_is_keyed_by_capability_abi_and_sources(monkeypatch, tmp
     assert cpu_ext.build_dir("AVX2") != avx2  # a changed ABI is a new build, not an overwrite
     with pytest.raises(ValueError, match="capability: expected one of"):
         cpu_ext.build("SSE9")
+
+
+def test_a_build_waits_for_a_killed_builders_ninja(monkeypatch, tmp_path, capsys):
+    """A builder killed mid-compile releases the build lock, but its ninja (and compilers) go on
+    in the build directory; the next build started another ninja there, two compilers writing the
+    same objects (found by a sweep of multi-process use). It waits for the orphan first. Here the
+    orphan is a process named ninja (a copy of sleep) running in the build directory."""
+    import shutil
+    import threading
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    where = cpu_ext.build_dir("AVX2")
+    where.mkdir(parents=True)
+    ninja = tmp_path / "bin" / "ninja"
+    ninja.parent.mkdir()
+    shutil.copy(shutil.which("sleep"), ninja)
+    orphan = subprocess.Popen([str(ninja), "60"], cwd=where)
+    try:
+        assert cpu_ext._orphaned_ninja(where) == [orphan.pid]
+        assert cpu_ext._orphaned_ninja(tmp_path) == []  # another directory's
+        loaded = []
+
+        def fake_load(name, build_directory, **kw):
+            loaded.append(orphan.poll())  # the orphan is gone when the build starts
+            return object()
+        monkeypatch.setattr(cpp, "load", fake_load)
+        threading.Timer(1.0, orphan.kill).start()
+        t0 = time.monotonic()
+        cpu_ext.build("AVX2")
+        assert time.monotonic() - t0 >= 0.9 and loaded and loaded[0] is not None
+        assert f"pid {orphan.pid}" in capsys.readouterr().err
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+def test_a_process_that_waited_for_another_build_says_so(monkeypatch, tmp_path, capsys):
+    """A process that waited on the build lock while another compiled said it had compiled the
+    kernel itself ('kernel compiled in 61 s')."""
+    import contextlib
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    where = cpu_ext.build_dir("AVX2")
+    real = cpu_ext._atomic.exclusive
+
+    @contextlib.contextmanager
+    def another_builds_meanwhile(path, what):
+        (where / f"{where.name}.so").write_bytes(b"")  # what the other process built
+        with real(path, what=what):
+            yield
+    monkeypatch.setattr(cpu_ext._atomic, "exclusive", another_builds_meanwhile)
+    monkeypatch.setattr(cpp, "load", lambda name, build_directory, **kw: object())
+    cpu_ext.build("AVX2")
+    err = capsys.readouterr().err
+    assert "compiling the fused CPU kernel" in err and "kernel compiled by another process in" in err
 
 
 def test_a_first_build_announces_itself_once(monkeypatch, tmp_path, capsys):

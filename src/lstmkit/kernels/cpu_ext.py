@@ -114,13 +114,47 @@ def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:
                    extra_cflags=_flags(cap), extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
     # torch's build lock is a file that a killed build leaves behind, and every later build then
     # waits on it forever; ours is an flock, which the OS releases when its holder dies. Holding
-    # it, no other lstmkit build of this directory runs, so a torch lock found there is stale.
+    # it, no other lstmkit build of this directory runs, so a torch lock found there is stale —
+    # but the ninja of a builder killed mid-compile goes on (its compilers with it) after the lock
+    # is released: it is waited for, so that two compilers never write the same objects.
     with _atomic.exclusive(where / "build.lock", what="kernel build lock"):
+        by_another = not built and any(where.glob(f"{name}*.so"))  # built while this process waited
+        _wait_for_orphaned_ninja(where)
         (where / "lock").unlink(missing_ok=True)
         ext = cpp_load(**options) if load else _compile_only(cap, options)
     if announce:
-        print(f"lstmkit: kernel compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        done = "compiled by another process" if by_another else "compiled"
+        print(f"lstmkit: kernel {done} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return ext
+
+
+def _orphaned_ninja(where: Path) -> list[int]:
+    """The ninja processes building in ``where`` (Linux's /proc; elsewhere none are found). Called
+    under the build lock, they are a killed builder's, left running."""
+    target, found = str(where.resolve()), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "comm").read_text().strip() == "ninja" and os.readlink(proc / "cwd") == target:
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+#: How long a build waits for a killed builder's ninja to finish (a whole build takes 30-120 s).
+ORPHAN_WAIT_S = 600.0
+
+
+def _wait_for_orphaned_ninja(where: Path) -> None:
+    """Wait until no killed builder's ninja runs in ``where`` (at most :data:`ORPHAN_WAIT_S`)."""
+    pids = _orphaned_ninja(where)
+    if not pids:
+        return
+    print(f"lstmkit: waiting for the compiler of an interrupted build (ninja, pid {', '.join(map(str, pids))}) "
+          f"to finish in {where}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while _orphaned_ninja(where) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def runs_here(cap: str) -> bool:
