@@ -50,6 +50,9 @@ def test_a_build_waits_for_a_killed_builders_ninja(monkeypatch, tmp_path, capsys
     shutil.copy(shutil.which("sleep"), ninja)
     orphan = subprocess.Popen([str(ninja), "60"], cwd=where)
     try:
+        deadline = time.monotonic() + 10  # (a process just started may not be listed under /proc at once)
+        while not cpu_ext._orphaned_ninja(where) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert cpu_ext._orphaned_ninja(where) == [orphan.pid]
         assert cpu_ext._orphaned_ninja(tmp_path) == []  # another directory's
         loaded = []
