@@ -204,6 +204,88 @@ def test_fake_shapes_equal_real_ones(variant, save):
     assert [tuple(t.shape) for t in fake_b] == [tuple(t.shape) for t in real_b]
 
 
+@pytest.mark.parametrize("kind", ["run", "step", "cell"])
+def test_modules_under_fake_tensor_mode_give_nn_lstms_shapes(kind):
+    """Inside FakeTensorMode (shape propagation, as torch.compile's and export's tracers run)
+    every call raised DataDependentOutputException: the NaN/inf check of the input read a value.
+    The check is skipped there, as on the meta device; outputs and gradients have nn.LSTM's
+    shapes (found by a sweep of torch's global modes)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    torch.manual_seed(0)
+    ours = lstmkit.LSTMCell(4, 6) if kind == "cell" else lstmkit.LSTM(4, 6, num_layers=2)
+    theirs = torch.nn.LSTMCell(4, 6) if kind == "cell" else torch.nn.LSTM(4, 6, num_layers=2)
+    call = {"run": lambda m, x: m(x), "step": lambda m, x: m.step(x[0]),
+            "cell": lambda m, x: m(x[0])}[kind]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(5, 3, 4)
+        for _ in range(2):  # (a second call of a signature may take the prepared step)
+            got = torch.utils._pytree.tree_leaves(call(ours, x))
+            assert all(isinstance(t, FakeTensor) for t in got)
+            if kind == "step":  # nn.LSTM's one-step run without its time axis
+                y, hc = theirs(x[:1])
+                want = [y[0], *hc]
+            else:
+                want = torch.utils._pytree.tree_leaves(theirs(x[0] if kind == "cell" else x))
+            assert [t.shape for t in got] == [t.shape for t in want]
+        got[0].sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in ours.parameters())
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the operators a block dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["run", "run_grad", "step", "cell"])
+def test_a_dispatch_mode_sees_the_recurrence(kind):
+    """A TorchDispatchMode (an op logger, torch.utils.flop_counter.FlopCounterMode) never saw
+    the recurrence: eager calls ran the compiled kernel directly, bypassing the dispatcher, and
+    the mode saw only the input projection (nn.LSTM shows its mkldnn_rnn_layer). Under a mode
+    the operator is called, on first and repeated calls, forward and backward."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTMCell(4, 6) if kind == "cell" else lstmkit.LSTM(4, 6)
+    x = torch.randn(5, 3, 4)
+    call = {"run": lambda: layer(x), "run_grad": lambda: layer(x), "step": lambda: layer.step(x[0]),
+            "cell": lambda: layer(x[0])}[kind]
+    grad = kind != "run"
+    with torch.set_grad_enabled(grad):
+        call()
+        call()  # the signature is kept now: the prepared step
+        with _OpLog() as log:
+            out = call()
+            if grad:
+                torch.utils._pytree.tree_leaves(out)[0].sum().backward()
+    assert "lstmkit.recurrence.default" in log.names, log.names
+    if grad:
+        assert "lstmkit.recurrence_backward.default" in log.names, log.names
+
+
+def test_onednn_switched_off_is_not_called():
+    """torch.backends.mkldnn.flags(enabled=False) — which users set to step around a oneDNN
+    bug — was ignored by the input projection, which called oneDNN's linear from I·4H >= 256·1024
+    (nn.LSTM calls no oneDNN op then)."""
+    layer = lstmkit.LSTM(1100, 64)
+    x = torch.randn(16, 16, 1100)
+    assert fused._use_onednn(16 * 16, layer.weight_ih_l0) == (fused._ONEDNN and cpu_ext.full_omp_teams())
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), torch.backends.mkldnn.flags(enabled=False):
+            assert not fused._use_onednn(16 * 16, layer.weight_ih_l0)
+            with _OpLog() as log:
+                for _ in range(2):
+                    y = layer(x)[0]
+                    if grad:
+                        y.sum().backward()
+        assert not [n for n in log.names if "mkldnn" in n], log.names
+
+
 def test_double_backward_raises_in_func_grad_too():
     layer = lstmkit.LSTM(3, 4).double()
     x = torch.randn(5, 2, 3, dtype=torch.float64)

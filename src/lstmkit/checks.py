@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmkit import kernels
@@ -40,10 +41,11 @@ def check_finite(t: Tensor, message: str) -> None:
     program raises a RuntimeError with this message), as it does while a CUDA graph is
     captured (a host read would end the capture). Under ``vmap`` the check is skipped
     (a batched tensor has no single truth value), as it is during ONNX export (the ONNX
-    graph has no assertions), and on the meta device (no values: shapes only).
+    graph has no assertions), and on the meta device and under ``FakeTensorMode`` (no values:
+    shapes only).
     """
-    if t.device.type == "meta":
-        return
+    if t.device.type == "meta" or (not torch.compiler.is_compiling() and _faking(t)):
+        return  # (compile's tracer runs fake tensors too: its graph asserts, below)
     if type(t) in _PLAIN and not torch.compiler.is_compiling() and not _functorch.is_functorch_wrapped_tensor(t):
         if t.is_cuda and torch.cuda.is_current_stream_capturing():
             torch._assert_async(torch.isfinite(t).all(), message)  # a CUDA graph cannot read a value back
@@ -82,6 +84,11 @@ def check_finite_all(checks: list[tuple[Tensor, str]]) -> None:
 
 _PLAIN = (Tensor, nn.Parameter)
 _functorch = torch._C._functorch
+
+
+def _faking(t: Tensor) -> bool:
+    """Whether ``t`` is a FakeTensor or a FakeTensorMode is active (shapes, no values)."""
+    return isinstance(t, FakeTensor) or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 def vmapped(t: Tensor) -> bool:
     """True if ``t`` is batched by ``torch.func.vmap`` at any level of functorch wrapping."""

@@ -45,8 +45,9 @@ def _use_onednn(rows: int, w: Tensor) -> bool:
     # I·R >= 256·1024 up; equal at 128·512, slower below. float32 only. Not where OpenMP may
     # give a region fewer threads than torch's count (cpu_ext.full_omp_teams): oneDNN's products
     # are wrong there, MKL's and the kernel's are not.
-    return (_ONEDNN and w.dtype == torch.float32 and rows >= 256
-            and w.shape[0] * w.shape[1] >= 256 * 1024 and cpu_ext.full_omp_teams())
+    # torch.backends.mkldnn.enabled = False (or its flags context) turns it off, as for torch's own ops
+    return (_ONEDNN and w.dtype == torch.float32 and rows >= 256 and w.shape[0] * w.shape[1] >= 256 * 1024
+            and torch.backends.mkldnn.enabled and cpu_ext.full_omp_teams())
 
 
 class _Linear(torch.autograd.Function):
@@ -259,7 +260,8 @@ class FusedCPUKernel(FusedKernel):
         with the input projection inside the loop (``forward_infer``): no (T, B, R) xg."""
         # plain eager first: under compile or export, sizes are symbolic and must not be branched on
         if keep is None and not record and ops.plain_eager((x, h0, *params.values())) \
-                and _no_gradient(x, h0, c0, params) and in_loop_projection(x, params["weight_ih"]):
+                and not ops.dispatch_mode_active() and _no_gradient(x, h0, c0, params) \
+                and in_loop_projection(x, params["weight_ih"]):
             y, h_n, c_n = forward_infer(infer_args(params, spec), x, h0, c0, lengths, hidden_size)
             return KernelOut(y, h_n, c_n if spec.is_lstm else None, None)
         return super().run(x, lengths, h0, c0, params, spec, hidden_size, record, keep)

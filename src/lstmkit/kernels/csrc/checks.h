@@ -5,6 +5,7 @@
 #include <ATen/SavedTensorHooks.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <algorithm>
 #include <atomic>
@@ -90,7 +91,8 @@ inline int64_t first_nonfinite(const std::vector<at::Tensor>& tensors) {
 inline bool step_ready(const std::vector<at::Tensor>& tensors, bool check_finite) {
   if (at::autocast::is_autocast_enabled(at::kCPU) ||
       c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-      torch::jit::tracer::isTracing() || !at::SavedTensorDefaultHooks::get_tls_state().stack.empty())
+      torch::jit::tracer::isTracing() || !at::SavedTensorDefaultHooks::get_tls_state().stack.empty() ||
+      c10::impl::TorchDispatchModeTLS::any_modes_set())  // a Python dispatch mode: the operator, which it sees
     return false;
   return !check_finite || first_nonfinite(tensors) == -1;
 }
