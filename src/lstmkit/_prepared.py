@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 
+from lstmkit import kernels
 from lstmkit.checks import check_backend
 from lstmkit.kernels.base import Kernel
 from lstmkit.kernels.fused import PreparedStep
@@ -28,6 +29,11 @@ class PreparedModule(nn.Module):
         """Mark the kept steps frozen (:func:`lstmkit.freeze`): their weights no longer change,
         so the compiled kernel may keep them packed."""
         self._prepared.frozen = True
+
+    def _call_version(self) -> tuple[int, int]:
+        """A call's version for its signature (:meth:`PreparedStep.signature`), taken at its start,
+        before the kernel is chosen: the kernel registry's version and the kept steps' generation."""
+        return kernels.registry_version(), self._prepared.generation
 
     def _forget_prepared(self) -> None:
         prepared = self.__dict__.get("_prepared")  # (none yet while __init__ runs)

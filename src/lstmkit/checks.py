@@ -90,6 +90,7 @@ def _faking(t: Tensor) -> bool:
     """Whether ``t`` is a FakeTensor or a FakeTensorMode is active (shapes, no values)."""
     return isinstance(t, FakeTensor) or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
+
 def vmapped(t: Tensor) -> bool:
     """True if ``t`` is batched by ``torch.func.vmap`` at any level of functorch wrapping."""
     functorch = torch._C._functorch

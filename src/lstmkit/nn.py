@@ -506,7 +506,7 @@ class LSTM(_Recurrent):
         if run:
             grad = torch.is_grad_enabled()
             x = input.transpose(0, 1) if self.batch_first else input  # (T, N, I)
-            version = (kernels.registry_version(), self._prepared.generation)  # (before the kernel is chosen)
+            version = self._call_version()
             fast = self._prepared.run(x, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
                                       self.check_finite, True, self.dropout, grad)
             if fast is not None:
@@ -537,7 +537,7 @@ class LSTM(_Recurrent):
         return call_hooked(self, self._step_once, input, hx)
 
     def _step_once(self, input: Tensor, hx: State | None = None) -> tuple[Tensor, State]:
-        version = (kernels.registry_version(), self._prepared.generation)  # (before the kernel is chosen)
+        version = self._call_version()
         eager = prepared_road(self)
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
                                   self.check_finite, True, self.dropout) if eager else None
@@ -673,7 +673,7 @@ class LSTMCell(PreparedModule):
 
     def forward(self, input: Tensor, hx: State | None = None) -> State:
         """One step: ``(h', c') = cell(x, (h, c))`` (the sLSTM: ``(h', c', n', m')``)."""
-        version = (kernels.registry_version(), self._prepared.generation)  # (before the kernel is chosen)
+        version = self._call_version()
         eager = prepared_road(self)
         fast = self._prepared.run(input, hx, self._parameters, self.training, version,  # type: ignore[arg-type]
                                   self.check_finite, False) if eager else None

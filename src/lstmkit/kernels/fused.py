@@ -259,9 +259,8 @@ class FusedCPUKernel(FusedKernel):
         says so — every single step (LSTMCell, layer.step) — is one call of the compiled kernel
         with the input projection inside the loop (``forward_infer``): no (T, B, R) xg."""
         # plain eager first: under compile or export, sizes are symbolic and must not be branched on
-        if keep is None and not record and ops.plain_eager((x, h0, *params.values())) \
-                and not ops.dispatch_mode_active() and _no_gradient(x, h0, c0, params) \
-                and in_loop_projection(x, params["weight_ih"]):
+        if keep is None and not record and ops.callable_directly((x, h0, *params.values())) \
+                and _no_gradient(x, h0, c0, params) and in_loop_projection(x, params["weight_ih"]):
             y, h_n, c_n = forward_infer(infer_args(params, spec), x, h0, c0, lengths, hidden_size)
             return KernelOut(y, h_n, c_n if spec.is_lstm else None, None)
         return super().run(x, lengths, h0, c0, params, spec, hidden_size, record, keep)

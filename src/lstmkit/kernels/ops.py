@@ -56,7 +56,7 @@ from torch import Tensor
 from lstmkit.kernels import abi
 
 __all__ = ["NO_DOUBLE_BACKWARD", "NO_BATCHED_BACKWARD", "Impl", "register_device", "recurrence", "plain_eager",
-           "eager_mode", "dispatch_mode_active", "recurrence_op", "recurrence_backward_op"]
+           "eager_mode", "callable_directly", "recurrence_op", "recurrence_backward_op"]
 
 NP, NB, NS = len(abi.PARAMS), len(abi.BUFFERS), len(abi.SCALARS)
 
@@ -373,11 +373,11 @@ def plain_eager(tensors: Sequence[Tensor]) -> bool:
     return eager_mode(tensors[0].device.type) and all(type(t) in _PLAIN for t in tensors)
 
 
-def dispatch_mode_active() -> bool:
-    """Whether a Python dispatch mode is active (a ``TorchDispatchMode`` — a logging or
-    FLOP-counting mode — or ``FakeTensorMode``): the compiled kernel is then called through the
-    dispatcher, as the operator, so that the mode sees it, never directly."""
-    return torch._C._len_torch_dispatch_stack() > 0
+def callable_directly(tensors: Sequence[Tensor]) -> bool:
+    """:func:`plain_eager`, and no Python dispatch mode active (a ``TorchDispatchMode`` — a logging
+    or FLOP-counting mode — or ``FakeTensorMode``): the compiled kernel may be called without the
+    dispatcher. Under a mode it is called as the operator, so that the mode sees it."""
+    return plain_eager(tensors) and torch._C._len_torch_dispatch_stack() == 0
 
 
 def eager_mode(device_type: str) -> bool:
@@ -427,7 +427,7 @@ def recurrence(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor
             would send to the CPU kernel); eager tensors only.
     """
     meta = (flags, list(mlp_layout), *scalars, hidden_size, proj_size, save)
-    if impl is not None or (plain_eager((xg, w_hh, h0, c0, *params)) and not dispatch_mode_active()):
+    if impl is not None or callable_directly((xg, w_hh, h0, c0, *params)):
         impl = impl or _DEVICES["CUDA" if xg.is_cuda else "CPU"]
         if save:
             out = _EagerRecurrence.apply(impl, meta, lengths, xg, w_hh, h0, c0, *params)

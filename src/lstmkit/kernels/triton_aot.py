@@ -85,7 +85,7 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
     v = triton_impl.Variant.from_flags(cell_flags)
     deep = abi.decode_mlp(list(mlp), H)
     R = sum(deep_gate.widths[0] - H for deep_gate in deep.gates) + v.n_gates * H
-    HO = P if P > 0 and not v.rnn else H
+    _, HO = triton_impl.projection_sizes(v, H, P)
     seen: dict[Launch, None] = {}
 
     def record(kernel: Any, grid: tuple[int, ...], args: dict[str, Any], consts: dict[str, Any],

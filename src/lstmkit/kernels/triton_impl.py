@@ -34,7 +34,8 @@ from lstmkit.kernels import abi, cuda_graphs
 from lstmkit.kernels.triton_deep import DeepGates
 from lstmkit.kernels.triton_gemm import Recurrent, mm, recurrent_grad_w
 
-__all__ = ["Variant", "TritonImpl", "choose_path", "persistent_tiles", "step_tiles", "PATHS", "PATH_ENV"]
+__all__ = ["Variant", "TritonImpl", "choose_path", "projection_sizes", "persistent_tiles", "step_tiles", "PATHS",
+           "PATH_ENV"]
 
 NP, NB = len(abi.PARAMS), len(abi.BUFFERS)
 _P = {name: k for k, name in enumerate(abi.PARAMS)}
@@ -163,6 +164,13 @@ def _weight_budget(device: torch.device | None) -> int:
     return PERSISTENT_MAX_WEIGHT_BYTES_LARGE_SMEM if smem >= LARGE_SHARED_MEMORY else PERSISTENT_MAX_WEIGHT_BYTES
 
 
+def projection_sizes(v: Variant, H: int, P: int) -> tuple[int, int]:
+    """The operator's projection size P as the cell takes it and the output width H_out: the RNN
+    has no projection (as the C++ kernel's Cfg), so P counts as 0 there; H_out = P if P > 0 else H."""
+    P = 0 if v.rnn else P
+    return P, (P if P > 0 else H)
+
+
 def _check_rows(T: int, B: int) -> None:
     """The kernels index a step's rows as ``t·B + b`` in 32-bit arithmetic (widened after; in 64
     bits the persistent kernels took up to 25 more registers and spilled): refuse T·B ≥ 2**31."""
@@ -274,8 +282,7 @@ class TritonImpl:
         if not t.is_cuda or RECORDER is not None or B == 0:
             return False
         v = Variant.from_flags(flags)
-        P = 0 if v.rnn else P  # the RNN has no projection (as the C++ kernel's Cfg)
-        HO = P if P > 0 else H
+        P, HO = projection_sizes(v, H, P)
         return choose_path(v, B, H, HO, t.dtype, P > 0, t.device, _heads(w_hh, HO), deep) == "per_step"
 
     def _forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
@@ -284,8 +291,7 @@ class TritonImpl:
         v = Variant.from_flags(flags)
         T, B, R = xg.shape
         _check_rows(T, B)
-        P = 0 if v.rnn else P  # the RNN has no projection (as the C++ kernel's Cfg)
-        HO = P if P > 0 else H
+        P, HO = projection_sizes(v, H, P)
         io, ct, dev = xg.dtype, _compute(xg.dtype), xg.device
         y = torch.empty((T, B, HO), dtype=io, device=dev)
         h_n = torch.empty((B, HO), dtype=io, device=dev)
@@ -373,8 +379,7 @@ class TritonImpl:
         T, B = y.shape[0], y.shape[1]
         _check_rows(T, B)
         R = w_hh.shape[0]
-        P = 0 if v.rnn else P  # the RNN has no projection (as the C++ kernel's Cfg)
-        HO = P if P > 0 else H
+        P, HO = projection_sizes(v, H, P)
         io, ct, dev = y.dtype, _compute(y.dtype), y.device
         SH = abi.cell_state_count(flags) * H                                  # the cell states' width
         _check_cell_state(c0, B, SH, v)
