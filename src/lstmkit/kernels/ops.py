@@ -53,7 +53,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from lstmkit.kernels import abi
+from lstmkit.kernels import abi, flops
 
 __all__ = ["NO_DOUBLE_BACKWARD", "NO_BATCHED_BACKWARD", "Impl", "register_device", "recurrence", "plain_eager",
            "eager_mode", "callable_directly", "recurrence_op", "recurrence_backward_op"]
@@ -438,3 +438,6 @@ def recurrence(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor
     else:  # compile, export, autocast, FakeTensors, subclasses, dispatch modes: the operator itself
         out = recurrence_op(xg, w_hh, h0, c0, lengths, *params, *meta)
     return out[0], out[1], out[2], list(out[3:])
+
+
+flops.register_when_imported()  # FlopCounterMode counts the operators' products (lstmkit.kernels.flops)
