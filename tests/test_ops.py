@@ -553,6 +553,30 @@ def test_autocast_takes_an_input_in_its_dtype_and_a_backward_inside_it(variant):
         assert _bf16_error(g_in, g_out) <= 0.02
 
 
+@pytest.mark.parametrize("variant", list(FUSED))
+def test_autocast_outputs_in_its_dtype_on_every_backend(variant):
+    """A layer under autocast returns its output and final states in autocast's dtype, as nn.LSTM
+    does, whichever row runs it — the reference loop (forced, or taken for a trace) as the fused
+    operator — with its float32 values within bfloat16's rounding, and gradients for every
+    parameter. (Two layers: the second takes the first's bfloat16 output.)"""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4)
+    fast = make(variant, num_layers=2)
+    slow = make(variant, num_layers=2, backend="reference")
+    slow.load_state_dict(fast.state_dict())
+    for layer in (fast, slow):
+        with torch.no_grad():
+            y32, state32 = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, state = layer(x)
+        states, states32 = (s if isinstance(s, tuple) else (s,) for s in (state, state32))
+        assert {t.dtype for t in (y, *states)} == {torch.bfloat16}, (layer.backend, variant)
+        for got, want in zip((y, *states), (y32, *states32)):
+            assert _bf16_error(got, want) <= 0.03, (layer.backend, variant)
+        y.float().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
 def test_autocast_input_to_a_cell_and_a_step():
     """Under autocast a cell returns float32 states, as nn.LSTMCell does (so a loop of steps carries c
     unrounded), computing its step in float32; a layer's step returns the autocast dtype, as

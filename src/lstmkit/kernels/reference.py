@@ -32,6 +32,12 @@ class ReferenceKernel(Kernel):
             params: dict[str, Tensor], spec: CellSpec, hidden_size: int,
             record: bool = False, keep: tuple[Tensor, Tensor] | None = None) -> KernelOut:
         y, h, c, rec = self.loop(x, lengths, h0, c0, params, spec, hidden_size, record, keep)
+        device = y.device.type
+        if h0.dtype == torch.float32 and device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            # the outputs in autocast's dtype, as torch's LSTM operator and the fused one return them
+            # (the loop's products ran in it; its cell arithmetic, like theirs, in float32)
+            low = torch.get_autocast_dtype(device)
+            y, h, c = y.to(low), h.to(low), None if c is None else c.to(low)
         trace = None
         if record:
             trace = {k: torch.stack(v) for k, v in rec.items() if v}
