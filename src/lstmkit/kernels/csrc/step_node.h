@@ -158,6 +158,18 @@ struct GradCarry : torch::CustomClassHolder {
   }
 };
 
+// What a ProjectedRun node's backward needs besides tensors, kept as one capsule in saved_data
+// (one allocation per call, where an IValue per field cost one each).
+struct NodeFacts : torch::CustomClassHolder {
+  Variant v;
+  StepAxes axes;
+  int64_t S;       // the cell states given (the sLSTM's 3 joined in the node)
+  bool widen16;    // a 16-bit layer's dX and dW_ih in float32 (fused.py's SIXTEEN_BIT_UNITS)
+  c10::intrusive_ptr<GradCarry> carry;  // the prepared layer's, or null
+  NodeFacts(const Variant& v_, const StepAxes& axes_, int64_t S_, bool widen16_, c10::intrusive_ptr<GradCarry> carry_)
+      : v(v_), axes(axes_), S(S_), widen16(widen16_), carry(std::move(carry_)) {}
+};
+
 struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
   // x (T, B, I) or one step's (B, I), w_ih (R, I), b_ih / b_hh (R,) | (0,), whh, h0 (B, H_out) or a
   // one-layer stack's (1, B, H_out), cells: the S cell states (B, H) each (S = 1: also (1, B, H), or
@@ -191,14 +203,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     saved.insert(saved.end(), buffers.begin(), buffers.end());
     saved.insert(saved.end(), mlp.begin(), mlp.end());
     ctx->save_for_backward(saved);
-    ctx->saved_data["flags"] = v.flags;
-    ctx->saved_data["mlp"] = v.mlp_layout;
-    ctx->saved_data["scalars"] = std::vector<double>{v.clip, v.zoneout_c, v.zoneout_h};
-    ctx->saved_data["sizes"] = std::vector<int64_t>{v.H, v.P};
-    ctx->saved_data["axes"] = std::vector<bool>{axes.one_step, axes.layered};
-    ctx->saved_data["states"] = S;
-    if (carry) ctx->saved_data["carry"] = c10::IValue::make_capsule(carry);
-    ctx->saved_data["widen16"] = widen16;
+    ctx->saved_data["node"] = c10::IValue::make_capsule(c10::make_intrusive<NodeFacts>(v, axes, S, widen16, carry));
     ctx->set_materialize_grads(false);
     torch::autograd::variable_list out{y_out, axes.state_out(h_n)};
     if (S == 1) out.push_back(axes.state_out(c_n));
@@ -210,25 +215,22 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto axes_saved = ctx->saved_data["axes"].toBoolList();
-    const StepAxes axes{axes_saved.get(0), axes_saved.get(1)};
+    const auto facts = c10::static_intrusive_pointer_cast<NodeFacts>(ctx->saved_data["node"].toCapsule());
+    const StepAxes axes = facts->axes;
+    const Variant& v = facts->v;
+    const int64_t S = facts->S;
     const at::Tensor &w_ih = saved[1], &b_ih = saved[2], &whh = saved[3];
     const at::Tensor x = axes.run(saved[0]), h0 = axes.state(saved[4]), c0 = axes.state(saved[5]),
                      y = axes.run(saved[6]);  // (T, B, I), (B, H_out), (B, S*H) | (0,), (T, B, H_out)
     const std::vector<at::Tensor> params(saved.begin() + 7, saved.begin() + 7 + N_PARAMS);
     const std::vector<at::Tensor> buffers(saved.begin() + 7 + N_PARAMS, saved.begin() + 7 + N_PARAMS + N_BUFFERS);
     const std::vector<at::Tensor> mlp_own(saved.begin() + 7 + N_PARAMS + N_BUFFERS, saved.end());
-    const auto sc = ctx->saved_data["scalars"].toDoubleVector();
-    const auto sizes = ctx->saved_data["sizes"].toIntVector();
-    const Variant v{ctx->saved_data["flags"].toInt(), ctx->saved_data["mlp"].toIntVector(), sc[0], sc[1], sc[2],
-                    sizes[0], sizes[1]};
     const bool ln = v.flags & F_LAYERNORM;
     const bool higher = at::GradMode::is_enabled();  // create_graph=True
     // batched incoming gradients (vmap over this backward, autograd.grad(is_grads_batched=True)):
     // the kernel reads plain memory
     const c10::DispatchKeySet batched({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched});
     for (const auto& g : grads) TORCH_CHECK(!g.defined() || !g.key_set().has_any(batched), no_batched_backward);
-    const int64_t S = ctx->saved_data["states"].toInt();
     auto given = [&](size_t k) {  // dy (T, B, H_out), dh_n (B, H_out), dc_n (B, S*H), or empty
       if (k == 2 && S > 1) {  // the S states' gradients joined (undefined ones: zeros)
         const std::vector<at::Tensor> parts(grads.begin() + 2, grads.begin() + 2 + S);
@@ -255,9 +257,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       at::Tensor dwih_out, dwhh_out, dmlp_out;
       bool into_pass = false;  // adding into the pass's gradients
       const at::ScalarType wt = whh.scalar_type();
-      const auto carry = ctx->saved_data.count("carry")
-                             ? c10::static_intrusive_pointer_cast<GradCarry>(ctx->saved_data["carry"].toCapsule())
-                             : c10::intrusive_ptr<GradCarry>();
+      const c10::intrusive_ptr<GradCarry>& carry = facts->carry;
       const int task = torch::autograd::get_current_graph_task_id();
       const bool pair = ctx->needs_input_grad(1) && ctx->needs_input_grad(4) && w_ih.scalar_type() == wt &&
                         x.scalar_type() == wt && y.scalar_type() == wt && (wt == at::kFloat || wt == at::kDouble);
@@ -292,7 +292,7 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
       // a 16-bit layer on a CPU without units for its dtype (widen16, from the caller: fused.py's
       // SIXTEEN_BIT_UNITS): dX and dW_ih in float32, rounded to the dtype once, as the input
       // projection of the general path; torch's 16-bit GEMM widens in software there
-      const bool widen = ctx->saved_data["widen16"].toBool();
+      const bool widen = facts->widen16;
       auto wide = [&](const at::Tensor& t) { return widen ? t.to(at::kFloat) : t; };
       if (ctx->needs_input_grad(0))  // as x came: (T, B, I) | (B, I)
         out[0] = wide(dxg2).mm(wide(w_ih)).to(saved[0].scalar_type()).view(saved[0].sizes());
