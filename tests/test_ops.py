@@ -355,6 +355,65 @@ def test_export_with_dynamic_T_and_B(variant):
         torch.testing.assert_close(ep.module()(tokens), model(tokens), rtol=1e-5, atol=1e-6)
 
 
+def test_aot_inductor_package_runs_the_operator(tmp_path):
+    """An AOTInductor package of a model holding lstmkit layers compiles, loads and computes what
+    the eager model does: a variant without deep gates (its empty ``mlp_layout`` reaches the kernel
+    as None from AOTInductor's runner: refused by an ``int[]`` schema before) and one with them,
+    two layers, dynamic T."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = lstmkit.LSTM(4, 6, 2)
+    deep = lstmkit.LSTM(4, 6, cell=CellSpec(gate_hidden=(3,)))
+    for i, layer in enumerate((model, deep)):
+        layer.eval()
+        x = torch.randn(5, 3, 4)
+        ep = torch.export.export(layer, (x,), dynamic_shapes=({0: Dim("T", min=2)},))
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / f"m{i}.pt2"))
+        runner = torch._inductor.aoti_load_package(path)
+        for T in (5, 8):
+            x = torch.randn(T, 3, 4)
+            with torch.no_grad():
+                want = layer(x)
+            torch.testing.assert_close(runner(x)[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_lengths_under_dynamic_compile_compile_once():
+    """``lengths=`` does not fix T in a compiled graph (its check's message named T, which
+    specialised the graph: a recompile for every new T, eager after eight); an exported program's
+    failed check says what L is, not a symbol."""
+    from torch.export import Dim
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(gm)
+        return gm.forward
+
+    layer = lstmkit.LSTM(3, 4).eval()
+    layer(torch.randn(2, 4, 3))  # (the kernel loaded: a first call's kernel choice is a guard of its own)
+    compiled = torch.compile(layer, backend=backend, dynamic=True)
+    for T in (5, 6, 7, 9, 11, 12):  # (none equal to B or I: torch would give them one symbol)
+        x, lengths = torch.randn(T, 4, 3), torch.tensor([T, 2, 1, T])
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, lengths=lengths)[0], layer(x, lengths=lengths)[0])
+    assert len(graphs) == 1
+
+    class WithLengths(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            return self.layer(x, lengths=lengths)[0]
+
+    ep = torch.export.export(WithLengths(), (torch.randn(6, 4, 3), torch.tensor([6, 2, 1, 6])),
+                             dynamic_shapes=({0: Dim("T", min=2)}, None), strict=True)
+    with pytest.raises(RuntimeError, match=r"lengths: each must be in \[1, L\], L the padded input's number"):
+        ep.module()(torch.randn(5, 4, 3), torch.tensor([9, 2, 1, 3]))
+
+
 def test_exported_program_keeps_the_nan_check():
     model = lstmkit.LSTM(3, 4).eval()
     ep = torch.export.export(model, (torch.randn(5, 2, 3),))

@@ -244,7 +244,9 @@ def check_lengths(lengths: Any, input: Any, batch_first: bool) -> Tensor:
     if lens.numel() != N:
         raise ValueError(f"lengths: expected one length per sequence ({N}), got {lens.numel()}")
     if torch.compiler.is_compiling():  # values are data: a check in the graph (compile, export), not a branch
-        torch._assert_async(((lens >= 1) & (lens <= T)).all(), f"lengths: each must be in [1, L = {T}]")
+        # (the message does not name T: formatting a dynamic size into it would specialise the graph to it)
+        torch._assert_async(((lens >= 1) & (lens <= T)).all(),
+                            "lengths: each must be in [1, L], L the padded input's number of steps")
         return lens
     values = plain_values(lens)  # under vmap over lengths: every member's, checked at once
     if N and not (bool((values >= 1).all()) and bool((values <= T).all())):

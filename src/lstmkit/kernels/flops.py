@@ -67,7 +67,7 @@ def _arguments(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[s
 
 
 def _step_elements(a: dict[str, Any]) -> int:
-    return step_weight_elements(a["w_hh"], {n: a[n] for n in abi.PARAMS}, a["mlp_layout"], a["hidden_size"])
+    return step_weight_elements(a["w_hh"], {n: a[n] for n in abi.PARAMS}, a["mlp_layout"] or [], a["hidden_size"])
 
 
 def recurrence_flops(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:

@@ -8,7 +8,7 @@ H_out = proj_size or H; ``(0,)`` is an empty tensor meaning "none")::
 
     lstmkit::recurrence(xg (T, B, R), w_hh (R, H_out/k), h0 (B, H_out), c0 (B, S·H) | (0,),
                         lengths (B,) int64 | (0,), params: Tensor[len(abi.PARAMS)],
-                        flags: int, mlp_layout: int[], scalars: float[len(abi.SCALARS)],
+                        flags: int, mlp_layout: int[]?, scalars: float[len(abi.SCALARS)],
                         hidden_size: int, proj_size: int, save: bool)
         -> y (T, B, H_out), h_n (B, H_out), c_n (B, S·H) | (0,), buffers: Tensor[len(abi.BUFFERS)]
 
@@ -18,7 +18,7 @@ H_out = proj_size or H; ``(0,)`` is an empty tensor meaning "none")::
         -> dxg (T, B, R), dw_hh, dh0, dc0 | (0,), dparams: Tensor[len(abi.PARAMS)]
 
 (each tensor list and the scalars are separate named arguments of the schema, in the ABI's order;
-``mlp_layout`` is :func:`lstmkit.kernels.abi.mlp_layout`, ``[]`` without deep gates)
+``mlp_layout`` is :func:`lstmkit.kernels.abi.mlp_layout`, ``[]`` without deep gates; None is read as ``[]``)
 
 ``c0``/``c_n`` hold the cell's S states side by side (:func:`lstmkit.kernels.abi.cell_state_count`:
 the LSTM's c, the sLSTM's c, n, m). ``w_hh`` is the stored recurrent weight: with k heads
@@ -69,10 +69,10 @@ def _schemas() -> tuple[str, str]:
     grads = ", ".join(f"Tensor d_{n}" for n in abi.PARAMS)
     scalars = ", ".join(f"float {n}" for n in abi.SCALARS)
     forward = (f"recurrence(Tensor xg, Tensor w_hh, Tensor h0, Tensor c0, Tensor lengths, {params}, int flags, "
-               f"int[] mlp_layout, {scalars}, int hidden_size, int proj_size, bool save) "
+               f"int[]? mlp_layout, {scalars}, int hidden_size, int proj_size, bool save) "
                f"-> (Tensor y, Tensor h_n, Tensor c_n, {buffers})")
     backward = (f"recurrence_backward(Tensor dy, Tensor dh_n, Tensor dc_n, Tensor y, Tensor h0, Tensor c0, "
-                f"Tensor w_hh, Tensor lengths, {params}, {buffers}, int flags, int[] mlp_layout, {scalars}, "
+                f"Tensor w_hh, Tensor lengths, {params}, {buffers}, int flags, int[]? mlp_layout, {scalars}, "
                 f"int hidden_size, "
                 f"int proj_size) -> (Tensor dxg, Tensor dw_hh, Tensor dh0, Tensor dc0, {grads})")
     return forward, backward
@@ -103,10 +103,27 @@ class Impl(Protocol):
 _DEVICES: dict[str, Impl] = {}
 
 
+#: Where ``mlp_layout`` stands among each operator's positional arguments.
+_LAYOUT_AT = {"recurrence": 5 + NP + 1, "recurrence_backward": 8 + NP + NB + 1}
+
+
+def _layout_as_list(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` with an ``mlp_layout`` of None read as ``[]``. The schema takes ``int[]?``, not
+    ``int[]``: AOTInductor's runner (torch 2.13) passes an empty int list as None, which an
+    ``int[]`` argument refuses before any kernel runs — every variant without deep gates."""
+    at = _LAYOUT_AT[name]
+
+    def call(*args: Any) -> Any:
+        if len(args) > at and args[at] is None:
+            args = (*args[:at], [], *args[at + 1:])
+        return kernel(*args)
+    return call
+
+
 def register_device(dispatch_key: str, impl: Impl) -> None:
     """Register ``impl`` as both operators' kernel for ``dispatch_key`` ("CPU", "CUDA")."""
-    _lib.impl("recurrence", impl.forward, dispatch_key)
-    _lib.impl("recurrence_backward", impl.backward, dispatch_key)
+    _lib.impl("recurrence", _layout_as_list("recurrence", impl.forward), dispatch_key)
+    _lib.impl("recurrence_backward", _layout_as_list("recurrence_backward", impl.backward), dispatch_key)
     _DEVICES[dispatch_key] = impl
 
 
@@ -125,7 +142,7 @@ def _recurrence_fake(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: 
     h_out = proj_size if proj_size > 0 else hidden_size
     lstm = not flags & abi.flag("rnn")
     buffers = [xg.new_empty(s, dtype=_compute_dtype(xg.dtype))
-               for s in abi.buffer_shapes(flags, T, B, R, hidden_size, save, mlp_layout)]
+               for s in abi.buffer_shapes(flags, T, B, R, hidden_size, save, mlp_layout or [])]
     c_n = xg.new_empty((B, abi.cell_state_count(flags) * hidden_size)) if lstm else xg.new_empty((0,))
     return (xg.new_empty((T, B, h_out)), xg.new_empty((B, h_out)), c_n, *buffers)
 
