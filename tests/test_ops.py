@@ -387,7 +387,7 @@ def test_lengths_under_dynamic_compile_compile_once():
     torch._dynamo.reset()
     graphs = []
 
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
         graphs.append(gm)
         return gm.forward
 
