@@ -68,3 +68,5 @@ def loads_json(text: str | bytes, what: str) -> Any:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"{what}: {exc}") from None
+    except RecursionError:  # (arrays nested thousands deep: no file lstmkit writes)
+        raise ValueError(f"{what}: JSON nested too deeply to read") from None

@@ -7,11 +7,13 @@ import numbers
 from typing import Any
 
 import numpy as np
+import torch
 
 from lstmkit._validate import check_int
 from lstmkit.nn import LSTM
 
-__all__ = ["require_plain_lstm", "expect_shape", "expect_weights", "expect_finite_float", "layer_slot"]
+__all__ = ["require_plain_lstm", "expect_shape", "expect_weights", "expect_finite_float", "layer_slot",
+           "expect_finite_parameters"]
 
 
 def require_plain_lstm(layer: object, fmt: str) -> None:
@@ -63,6 +65,17 @@ def expect_weights(name: str, a: Any, shape: tuple[int, ...] | None = None) -> n
         raise ValueError(f"{name}: contains NaN or inf ({len(bad)} of {arr.size} values, first at "
                          f"{tuple(int(i) for i in bad[0])})")
     return arr
+
+
+def expect_finite_parameters(layer: torch.nn.Module, where: str) -> None:
+    """Every parameter of a converted ``layer`` finite: a NaN or inf in the source, or a value beyond
+    the layer dtype's range (1e300 stored as float32 is inf), is a ValueError naming the parameter."""
+    for name, p in layer.named_parameters():
+        finite = torch.isfinite(p)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero()
+            raise ValueError(f"{where}: {name}: contains NaN or inf as {p.dtype} ({len(bad)} of {p.numel()} values, "
+                             f"first at {tuple(int(i) for i in bad[0])}; a value beyond the dtype's range becomes inf)")
 
 
 def expect_finite_float(name: str, value: Any) -> float:

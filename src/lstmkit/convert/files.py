@@ -43,6 +43,7 @@ from torch import Tensor
 
 from lstmkit import _atomic
 from lstmkit._validate import check_bool, check_optional_bool, loads_json
+from lstmkit.convert._checks import expect_finite_parameters
 from lstmkit.convert.layer_config import (
     Layer,
     check_shapes,
@@ -92,6 +93,7 @@ def _load_strict(layer: Layer, tensors: dict[str, Tensor], where: str, what: str
     with torch.no_grad():
         for k, v in want.items():
             v.copy_(tensors[k])
+    expect_finite_parameters(layer, where)
     return layer.eval()
 
 
@@ -127,7 +129,7 @@ def _infer_layer(tensors: dict[str, Tensor], where: str, cell: str | None, batch
         bidir = bidir or bool(m["rev"])
         bases.add(m["base"])
     L = max(layers) + 1
-    if layers != set(range(L)):
+    if sorted(layers) != list(range(len(layers))):  # (not range(L): a key may name layer 10**20)
         raise ValueError(f"{where}: layers {sorted(layers)} are not numbered 0..{L - 1}")
     w_ih, w_hh = sd["weight_ih_l0"], sd.get("weight_hh_l0")
     if w_hh is None or w_ih.dim() != 2 or w_hh.dim() != 2:
@@ -185,6 +187,10 @@ def _read_torch(src: Path, cell: str | None, batch_first: bool | None) -> Layer:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise ValueError(f"SRC {src}: holds a {type(obj).__name__}, expected a state dict (str -> Tensor) as "
                          f"torch.save(module.state_dict()) writes")
+    for k, v in obj.items():  # (weights_only lets sparse, quantized and meta tensors through)
+        if v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized:
+            raise ValueError(f"SRC {src}: {k}: a {'quantized' if v.is_quantized else str(v.layout)} tensor on "
+                             f"{v.device.type}; expected dense tensors with values, as a state dict holds them")
     return _infer_layer(dict(obj), f"SRC {src}", cell, bool(batch_first))
 
 
@@ -222,7 +228,7 @@ def _read_safetensors(src: Path, cell: str | None, batch_first: bool | None) -> 
             cfg = {"kind": tc.get("model", "lstm"), "input_size": w.shape[1], "hidden_size": tc["hidden_size"],
                    "num_layers": tc["num_layers"], "bias": True, "batch_first": bool(batch_first),
                    "bidirectional": tc["bidirectional"], "proj_size": tc.get("proj_size", 0), "cell": tc["cell"]}
-        except (KeyError, ValueError, TypeError, AttributeError):
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError):
             raise ValueError(f"{where}: a training-run file ({fmt}) with damaged metadata or no rnn weights") \
                 from None
         layer = layer_from_config(cfg, w.dtype, where, {k[len(prefix):]: tuple(t.shape) for k, t in tensors.items()

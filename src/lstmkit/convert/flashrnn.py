@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lstmkit._validate import check_bool
-from lstmkit.convert._checks import layer_slot
+from lstmkit.convert._checks import expect_finite_parameters, layer_slot
 from lstmkit.nn import LSTM
 from lstmkit.spec import CellSpec
 
@@ -95,6 +95,7 @@ def from_flashrnn(R: Any, b: Any, W: Any = None, function: str = "lstm", *, batc
         layer.weight_hh_l0.copy_(R.reshape(4 * H, D))  # rows: gate, head, unit; columns: the head's units
         layer.bias_ih_l0.copy_(b.reshape(4 * H))
         layer.bias_hh_l0.zero_()
+    expect_finite_parameters(layer, "from_flashrnn")
     return layer
 
 

@@ -48,27 +48,49 @@ def layer_from_config(cfg: dict[str, Any], dtype: torch.dtype, where: str,
             (``where`` names the file).
     """
     if shapes is not None:
+        layers = _field(cfg, "num_layers", int, where)
+        if layers > len(shapes):  # (each layer holds tensors of its own; a probe of 2**31 layers, even
+            # on the meta device, would take minutes and gigabytes to build)
+            raise ValueError(f"{where}: damaged configuration in the metadata: num_layers={layers}, but the file "
+                             f"holds {len(shapes)} tensors")
         probe = _make_layer(cfg, dtype, where, "meta")
         check_shapes({k: tuple(v.shape) for k, v in probe.state_dict().items()}, shapes, where, describe_layer(probe),
                       extra_ok)
     return _make_layer(cfg, dtype, where, None)
 
 
+def _field(cfg: Any, key: str, kind: type, where: str, default: Any = None) -> Any:
+    """``cfg[key]`` if it is of JSON type ``kind`` (int: not a bool; float: an int too), else a
+    ValueError naming the file: a string "false" or a 4.5 where lstmkit writes a bool or an int is
+    a damaged file, not a value to convert."""
+    if not isinstance(cfg, dict) or (key not in cfg and default is None):
+        raise ValueError(f"{where}: damaged configuration in the metadata (no {key!r})")
+    value = cfg.get(key, default)
+    ok = isinstance(value, bool) if kind is bool else \
+        isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+    if not ok:
+        expected = {bool: "boolean", int: "integer", float: "number"}.get(kind, kind.__name__)
+        raise ValueError(f"{where}: damaged configuration in the metadata ({key}: expected a JSON {expected}, "
+                         f"got {value!r})"[:300])
+    return value
+
+
 def _make_layer(cfg: dict[str, Any], dtype: torch.dtype, where: str, device: str | None) -> Layer:
+    kw = dict(num_layers=_field(cfg, "num_layers", int, where), bias=_field(cfg, "bias", bool, where),
+              batch_first=_field(cfg, "batch_first", bool, where),
+              bidirectional=_field(cfg, "bidirectional", bool, where),
+              dropout=float(_field(cfg, "dropout", float, where, 0.0)), dtype=dtype, device=device)
+    sizes = (_field(cfg, "input_size", int, where), _field(cfg, "hidden_size", int, where))
+    kind = _field(cfg, "kind", str, where)
     try:
-        kw = dict(num_layers=int(cfg["num_layers"]), bias=bool(cfg["bias"]), batch_first=bool(cfg["batch_first"]),
-                  bidirectional=bool(cfg["bidirectional"]), dropout=float(cfg.get("dropout", 0.0)), dtype=dtype,
-                  device=device)
-        if cfg["kind"] == "rnn":
+        if kind == "rnn":
             spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else CellSpec(kind="rnn")
-            return RNN(int(cfg["input_size"]), int(cfg["hidden_size"]), nonlinearity=spec.nonlinearity,
-                       heads=spec.heads, **kw)
-        if cfg["kind"] != "lstm":
-            raise ValueError(f"kind: expected 'lstm' or 'rnn', got {cfg['kind']!r}")
+            return RNN(*sizes, nonlinearity=spec.nonlinearity, heads=spec.heads, **kw)
+        if kind != "lstm":
+            raise ValueError(f"kind: expected 'lstm' or 'rnn', got {kind!r}")
         spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else resolve(cfg["cell"])
-        return LSTM(int(cfg["input_size"]), int(cfg["hidden_size"]), proj_size=int(cfg.get("proj_size", 0)),
-                    cell=spec, **kw)
-    except (KeyError, TypeError, ValueError) as exc:
+        return LSTM(*sizes, proj_size=_field(cfg, "proj_size", int, where, 0), cell=spec, **kw)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{where}: damaged configuration in the metadata ({first_line(exc)})") from None
 
 

@@ -59,6 +59,7 @@ def _walk_back(name: str, producer: dict[str, Any], value: Reader) -> tuple[list
         its producer (None for a graph input or a constant).
     """
     ops: list[Any] = []
+    seen = {name}
     while True:
         src = producer.get(name)
         if src is None or src.op_type not in _DATA_MOVEMENT or src.domain not in ("", "ai.onnx") \
@@ -67,6 +68,10 @@ def _walk_back(name: str, producer: dict[str, Any], value: Reader) -> tuple[list
         if not _is_inert(src, value):
             ops.append(src)
         name = src.input[0]
+        if name in seen:  # (an ONNX graph is acyclic; a damaged one would loop here forever)
+            raise ValueError(f"the graph has a cycle: tensor {name!r} is computed from itself through "
+                             f"{src.op_type} node {src.name!r}")
+        seen.add(name)
 
 
 #: A dimension known symbolically: ``coefficient × product of symbols`` (T and B, the time

@@ -62,7 +62,10 @@ _SLOTS = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")
 #: The slots whose value ``inputs=`` may give: those an initializer would give (weights, constant states).
 _GIVABLE = ("W", "R", "B", "initial_h", "initial_c", "P")
 #: The attributes of the RNN operator (the LSTM operator's also include input_forget).
-_ATTRIBUTES = ("activation_alpha", "activation_beta", "activations", "clip", "direction", "hidden_size", "layout")
+#: The attributes of ONNX's RNN operator and their types (LSTM's: these and input_forget).
+_ATTRIBUTES = {"activation_alpha": "FLOATS", "activation_beta": "FLOATS", "activations": "STRINGS", "clip": "FLOAT",
+               "direction": "STRING", "hidden_size": "INT", "layout": "INT"}
+_LSTM_ATTRIBUTES = {**_ATTRIBUTES, "input_forget": "INT"}
 
 
 def onnx_module() -> Any:
@@ -146,7 +149,11 @@ def _tensor(t: Any, base: Path | None, where: str) -> np.ndarray:
         return t
     if t.data_location == 1:  # TensorProto.EXTERNAL
         return _external(t, base, where)
-    return numpy_helper.to_array(t)
+    try:
+        return numpy_helper.to_array(t)
+    except (KeyError, ValueError, TypeError) as exc:  # an unknown data_type, raw_data of the wrong length, …
+        raise ValueError(f"{where}: tensor {t.name!r} (data_type {t.data_type}, dims {list(t.dims)}) cannot be "
+                         f"read: {type(exc).__name__}: {exc}"[:400]) from None
 
 
 def _constants(graph: Any) -> dict[str, Any]:
@@ -370,7 +377,7 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
     in order by the activations that take them; defaults HardSigmoid 0.2 / 0.5. Affine's
     alpha has no default runtimes agree on (onnxruntime: 0, a zero candidate), so it must be
     given; its beta defaults to 0."""
-    names = [s.decode() if isinstance(s, bytes) else s for s in a.get("activations", [])]
+    names = [s.decode("utf-8", "replace") if isinstance(s, bytes) else s for s in a.get("activations", [])]
     per = 3 if is_lstm else 1
     names = names or list(DEFAULT_ACTIVATIONS["lstm" if is_lstm else "rnn"]) * D
     alphas, betas = list(a.get("activation_alpha", [])), list(a.get("activation_beta", []))
@@ -419,12 +426,21 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
 def _read_node(n: Any, k: int, consts: dict[str, Any], where: str, is_lstm: bool, base: Path | None,
                graph_inputs: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Parameters (lstmkit names and layout) and facts of one LSTM/RNN node."""
+    from onnx import AttributeProto
+
     what = f"{where}: {n.op_type} node {k} ({n.name!r})"
     a = node_attributes(n)
-    unknown = sorted(set(a) - set(_ATTRIBUTES) - ({"input_forget"} if is_lstm else set()))
+    allowed = _LSTM_ATTRIBUTES if is_lstm else _ATTRIBUTES
+    unknown = sorted(set(a) - set(allowed))
     if unknown:
         raise ValueError(f"{what}: attributes {unknown} are not attributes of the {n.op_type} operator (onnxruntime "
                          f"refuses such a node)")
+    for attribute in n.attribute:  # (a hidden_size of 4.7, activations as INTS: onnxruntime refuses them too)
+        got = AttributeProto.AttributeType.Name(attribute.type) if attribute.type in \
+            AttributeProto.AttributeType.values() else str(attribute.type)
+        if got != allowed[attribute.name]:
+            raise ValueError(f"{what}: attribute {attribute.name} is {got}; the {n.op_type} operator takes "
+                             f"{allowed[attribute.name]}")
     direction = a.get("direction", b"forward")
     direction = direction.decode() if isinstance(direction, bytes) else direction
     if direction == "reverse":

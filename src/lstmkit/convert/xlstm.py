@@ -39,6 +39,7 @@ from torch import Tensor
 
 from lstmkit._validate import check_bool
 from lstmkit.checks import check_dtype
+from lstmkit.convert._checks import expect_finite_parameters
 from lstmkit.nn import LSTM
 
 __all__ = ["from_xlstm_slstm"]
@@ -148,4 +149,5 @@ def from_xlstm_slstm(state_dict: Mapping[str, Any], *, drop_group_norm: bool = F
         layer.weight_hh_l0.copy_(blocks.reshape(4 * H, D))
         layer.bias_ih_l0.copy_(b.reshape(4 * H))
         layer.bias_hh_l0.zero_()
+    expect_finite_parameters(layer, "state_dict")
     return layer

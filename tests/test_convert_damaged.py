@@ -1,0 +1,158 @@
+"""Damaged and hostile model files: one clear ValueError naming the file and what is wrong, found
+before anything large is built — no hang, no deep-inside exception, no silently different model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lstmkit
+from lstmkit.convert import from_flashrnn, from_onnx, read_layer
+from lstmkit.convert.layer_config import layer_config
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+
+def _lstm_model(attrs: dict | None = None, pre_nodes: tuple = (), x_name: str = "X", W=None) -> onnx.ModelProto:
+    """One ONNX LSTM node (H = 4, I = 3) reading X (or ``x_name`` after ``pre_nodes``)."""
+    rng = np.random.default_rng(0)
+    W = numpy_helper.from_array(rng.standard_normal((1, 16, 3)).astype(np.float32), "W") if W is None else W
+    R = numpy_helper.from_array(rng.standard_normal((1, 16, 4)).astype(np.float32), "R")
+    node = helper.make_node("LSTM", [x_name, "W", "R"], ["Y", "Y_h", "Y_c"], name="n0", hidden_size=4,
+                            **(attrs or {}))
+    graph = helper.make_graph([*pre_nodes, node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT,
+                                                                                       ["T", "B", 3])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=[W, R])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_plain_model_of_these_tests_reads():
+    assert isinstance(from_onnx(_lstm_model()), lstmkit.LSTM)
+
+
+@pytest.mark.parametrize("op", ["Identity", "Transpose"])
+def test_a_cycle_in_front_of_the_layer_is_refused_not_followed_forever(op):
+    attrs = {"perm": [1, 0, 2]} if op == "Transpose" else {}
+    cycle = (helper.make_node(op, ["b"], ["a"], **attrs), helper.make_node(op, ["a"], ["b"], **attrs))
+    with pytest.raises(ValueError, match="the graph has a cycle: tensor 'a' is computed from itself"):
+        from_onnx(_lstm_model(pre_nodes=cycle, x_name="a"))
+
+
+@pytest.mark.parametrize("attribute, value, kind", [
+    ("activations", helper.make_attribute("activations", [1, 2, 3]), "INTS"),
+    ("hidden_size", helper.make_attribute("hidden_size", 4.7), "FLOAT"),
+    ("input_forget", helper.make_attribute("input_forget", 1.5), "FLOAT"),
+    ("layout", helper.make_attribute("layout", 0.9), "FLOAT"),
+    ("activation_alpha", helper.make_attribute("activation_alpha", 1.0), "FLOAT"),
+])
+def test_an_attribute_of_the_wrong_type_is_refused_not_converted(attribute, value, kind):
+    """(an INTS ``activations`` raised AttributeError deep inside; a FLOAT hidden_size 4.7 was read as 4)"""
+    model = _lstm_model()
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != attribute]
+    del node.attribute[:]
+    node.attribute.extend([*kept, value])
+    with pytest.raises(ValueError, match=f"attribute {attribute} is {kind}; the LSTM operator takes"):
+        from_onnx(model)
+
+
+def test_a_tensor_of_an_unknown_data_type_is_refused_naming_it():
+    W = numpy_helper.from_array(np.zeros((1, 16, 3), np.float32), "W")
+    W.data_type = 999
+    with pytest.raises(ValueError, match=r"tensor 'W' \(data_type 999, dims \[1, 16, 3\]\) cannot be read"):
+        from_onnx(_lstm_model(W=W))
+
+
+# ---------------------------------------------------------------------------- state dicts and safetensors
+
+
+def _state_dict() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in lstmkit.LSTM(3, 4).state_dict().items()}
+
+
+def test_a_key_naming_a_huge_layer_is_refused_without_counting_to_it(tmp_path):
+    """(``set(range(10**20))``: a 2 KB file exhausted the memory)"""
+    sd = _state_dict()
+    sd["weight_ih_l99999999999999999999"] = sd["weight_ih_l0"]
+    torch.save(sd, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"layers \[0, 99999999999999999999\] are not numbered"):
+        read_layer(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("fmt", ["lstmkit-layer-1", "lstmkit-weights-1"])
+def test_a_huge_num_layers_in_the_metadata_is_refused_before_building(tmp_path, fmt):
+    """(a 2**31-layer probe was built on the meta device: minutes, gigabytes)"""
+    layer = lstmkit.LSTM(3, 4)
+    if fmt == "lstmkit-layer-1":
+        tensors = {k: v.contiguous() for k, v in layer.state_dict().items()}
+        config = dict(layer_config(layer), num_layers=2**31)
+    else:
+        tensors = {"rnn." + k: v.contiguous() for k, v in layer.state_dict().items()}
+        config = {"model": "lstm", "hidden_size": 4, "num_layers": 2**31, "bidirectional": False, "cell": "vanilla"}
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": fmt, "config": json.dumps(config)})
+    with pytest.raises(ValueError, match="num_layers=2147483648, but the file holds 4 tensors"):
+        read_layer(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("batch_first", "false", "boolean"), ("bidirectional", 1, "boolean"), ("hidden_size", "4", "integer"),
+    ("hidden_size", 4.5, "integer"), ("num_layers", True, "integer"), ("dropout", "0.5", "number"),
+])
+def test_metadata_values_of_the_wrong_json_type_are_refused_not_converted(tmp_path, key, value, expected):
+    """(``bool("false")`` is True: a time-major layer was read as batch-first)"""
+    layer = lstmkit.LSTM(3, 4)
+    save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "m.safetensors",
+              metadata={"format": "lstmkit-layer-1", "config": json.dumps({**layer_config(layer), key: value})})
+    with pytest.raises(ValueError, match=f"{key}: expected a JSON {expected}, got {value!r}"):
+        read_layer(tmp_path / "m.safetensors")
+
+
+def test_json_nested_too_deeply_is_refused(tmp_path):
+    layer = lstmkit.LSTM(3, 4)
+    save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "m.safetensors",
+              metadata={"format": "lstmkit-layer-1", "config": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(ValueError, match="JSON nested too deeply to read"):
+        read_layer(tmp_path / "m.safetensors")
+
+
+def test_a_one_dimensional_weight_in_a_training_file_is_refused(tmp_path):
+    layer = lstmkit.LSTM(3, 4)
+    tensors = {"rnn." + k: v.contiguous() for k, v in layer.state_dict().items()}
+    tensors["rnn.weight_ih_l0"] = torch.zeros(16)
+    config = {"model": "lstm", "hidden_size": 4, "num_layers": 1, "bidirectional": False, "cell": "vanilla"}
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "lstmkit-weights-1",
+                                                             "config": json.dumps(config)})
+    with pytest.raises(ValueError, match="damaged metadata or no rnn weights"):
+        read_layer(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("bad", ["nan", "overflow"])
+def test_nan_or_a_value_beyond_the_dtype_is_refused_naming_the_parameter(tmp_path, bad):
+    """(converted silently, into a file lstmkit's own from_onnx then refused)"""
+    sd = _state_dict()
+    if bad == "nan":
+        sd["weight_hh_l0"][1, 2] = float("nan")
+    else:  # float64 1e300 into the float32 layer the float32 weight_ih makes: inf
+        sd["weight_hh_l0"] = sd["weight_hh_l0"].double()
+        sd["weight_hh_l0"][1, 2] = 1e300
+    torch.save(sd, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"weight_hh_l0: contains NaN or inf as torch.float32 \(1 of 64 values, "
+                                         r"first at \(1, 2\)"):
+        read_layer(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="bias_ih_l0: contains NaN or inf"):
+        from_flashrnn(torch.randn(4, 2, 2, 2), torch.full((4, 2, 2), 1e300, dtype=torch.float64), torch.randn(16, 3))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "meta"])
+def test_a_sparse_or_meta_tensor_is_refused_naming_it(tmp_path, kind):
+    sd = _state_dict()
+    sd["weight_hh_l0"] = sd["weight_hh_l0"].to_sparse() if kind == "sparse" else sd["weight_hh_l0"].to("meta")
+    torch.save(sd, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="weight_hh_l0: a .* tensor on .*; expected dense tensors with values"):
+        read_layer(tmp_path / "m.pt")
