@@ -156,3 +156,14 @@ def test_a_sparse_or_meta_tensor_is_refused_naming_it(tmp_path, kind):
     torch.save(sd, tmp_path / "m.pt")
     with pytest.raises(ValueError, match="weight_hh_l0: a .* tensor on .*; expected dense tensors with values"):
         read_layer(tmp_path / "m.pt")
+
+
+def test_recorded_batch_first_that_the_graph_contradicts_is_refused():
+    """(the metadata's batch_first overrode the graph's layout: a time-major graph imported as batch-first
+    computed 0.25 off onnxruntime)"""
+    model = _lstm_model()
+    helper.set_model_props(model, {"lstmkit.config": json.dumps({"batch_first": True})})
+    with pytest.raises(ValueError, match="batch_first=True, but the graph reads its input time-major"):
+        from_onnx(model)
+    helper.set_model_props(model, {"lstmkit.config": json.dumps({"batch_first": False})})
+    assert from_onnx(model).batch_first is False

@@ -304,9 +304,11 @@ def from_onnx(model_or_path: Any, *, inputs: Mapping[str, np.ndarray] | None = N
             raise ValueError(f"{where}: {op} node {k} reads inputs of size {r['input_size']}, expected "
                              f"{want} (directions × hidden_size of the node below)")
     H, D = first["hidden_size"], first["D"]
-    batch_first = (first["layout"] == 1) != input_batch_first
-    if config is not None:
-        batch_first = bool(config.get("batch_first", batch_first))
+    batch_first = (first["layout"] == 1) != input_batch_first  # the graph's layout decides
+    recorded = batch_first if config is None else config.get("batch_first", batch_first)
+    if recorded is not batch_first:  # (a damaged or hand-edited 'lstmkit.config' would change the model)
+        raise ValueError(f"{where}: damaged metadata 'lstmkit.config': batch_first={recorded!r}, but the graph "
+                         f"reads its input {'batch' if batch_first else 'time'}-major")
     dtype = torch.float64 if first["dtype"] == np.float64 else torch.float32
     kw = dict(num_layers=len(read), bias=first["bias"], batch_first=batch_first, bidirectional=D == 2, dtype=dtype)
     if is_lstm:
