@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,plot,build,tasks,interop,gpu,peers]"
+	$(PY) -m pip install -q -e ".[test,plot,tasks,interop,gpu,peers]"
 	# The peers' sLSTM and LSTM with heads, for tests/test_peers.py: their PyTorch paths need only torch
 	# (and einops, above); --no-deps keeps their CUDA-side requirements (mlstm_kernels, …) and any
 	# torch they might pull away.

@@ -94,6 +94,44 @@ def test_a_process_that_waited_for_another_build_says_so(monkeypatch, tmp_path, 
     assert "compiling the fused CPU kernel" in err and "kernel compiled by another process in" in err
 
 
+_READ_ONLY_AND_NO_NINJA = """
+import warnings, torch, lstmkit
+from lstmkit import _atomic
+from lstmkit.kernels import cpu_ext
+def refused(path, what):
+    raise OSError(30, f"{what}: cannot write {path} (read-only file system)")
+_atomic.exclusive = refused  # the cache on a read-only mount: no lock can be taken
+warnings.simplefilter("error")  # a failed load would warn and fall back to the reference loop
+layer = lstmkit.LSTM(3, 4)
+assert cpu_ext.available() and lstmkit.kernels.select(layer.spec, torch.device("cpu"), torch.float32).name == "cpu_fused"
+layer(torch.randn(5, 2, 3))[0].sum().backward()
+print("ok", cpu_ext._ext.__file__)
+"""
+
+
+@pytest.mark.skipif(not cpu_ext.available(), reason="the CPU kernel does not build here")
+def test_a_built_kernel_loads_from_a_read_only_cache_without_ninja(tmp_path):
+    """A cache built once (``lstmkit build``, a shared or copied cache, a container image) is
+    imported as it is: on a read-only mount (no build lock), without ninja on the PATH, reached
+    through another path (a copy here) — where torch's ``load`` would take the lock, need ninja,
+    and recompile wherever the paths in build.ninja differ."""
+    import shutil
+
+    built = cpu_ext.build_dir()
+    copy = tmp_path / "cache"
+    shutil.copytree(built, copy / built.name, ignore=shutil.ignore_patterns("*.o", "build.lock", "lock"))
+    no_ninja = tmp_path / "bin"
+    no_ninja.mkdir()
+    (no_ninja / "ninja").write_text("#!/bin/sh\nexit 127\n")
+    (no_ninja / "ninja").chmod(0o755)
+    env = {**os.environ, "LSTMKIT_CACHE_DIR": str(copy), "PATH": f"{no_ninja}:{os.environ.get('PATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", _READ_ONLY_AND_NO_NINJA], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ok " + str(copy)), done.stdout
+    assert "compiling" not in done.stderr
+
+
 def test_a_first_build_announces_itself_once(monkeypatch, tmp_path, capsys):
     import torch.utils.cpp_extension as cpp
 
@@ -235,3 +273,15 @@ def test_forked_dataloader_workers_never_hang():
         print("ok")
     """, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_ninja_package_is_put_on_the_path_for_a_build_where_none_is(monkeypatch):
+    """torch runs ``ninja`` from the PATH; the ninja package's binary is there only in an activated
+    environment (not for ``.venv/bin/python`` called directly)."""
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", "/nowhere")
+    monkeypatch.setattr(cpu_ext.shutil, "which", lambda name: None)
+    with cpu_ext._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
+        assert os.path.exists(os.path.join(ninja.BIN_DIR, "ninja"))
+    assert os.environ["PATH"] == "/nowhere"

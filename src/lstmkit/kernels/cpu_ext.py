@@ -20,12 +20,15 @@ and :mod:`lstmkit.kernels.ops`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,7 @@ from lstmkit.kernels import abi, ops
 
 __all__ = ["available", "load", "build", "capability", "runs_here", "build_dir", "forward", "backward", "IMPL"]
 
-_CSRC = Path(__file__).resolve().parent / "csrc"
+_CSRC = Path(os.path.abspath(__file__)).parent / "csrc"  # (as torch writes it into build.ninja: not resolved)
 #: Every source file of the extension (recurrence.cpp includes the headers): the build key hashes them all.
 _SOURCES = tuple(sorted(p.name for p in _CSRC.iterdir() if p.suffix in (".cpp", ".h")))
 _lock = threading.Lock()
@@ -80,9 +83,10 @@ def _key(cap: str) -> str:
     h.update(abi.header().encode())
     h.update(" ".join(_flags(cap)).encode())
     h.update(f"torch {torch.__version__} python {sys.version_info[:2]} {sys.platform}".encode())
-    # the absolute paths torch writes into build.ninja (the sources, torch's headers and libraries):
-    # two checkouts or environments of the same sources would otherwise rebuild each other's build
-    h.update(f"{_CSRC.resolve()} {Path(torch.__file__).resolve().parent}".encode())
+    # the absolute paths torch writes into build.ninja (the sources, torch's headers and libraries,
+    # as torch spells them: os.path.abspath, not resolved): two checkouts or environments of the
+    # same sources would otherwise rebuild each other's build (a built one is imported directly)
+    h.update(f"{_CSRC} {os.path.dirname(os.path.abspath(torch.__file__))}".encode())
     return h.hexdigest()[:16]
 
 
@@ -105,6 +109,10 @@ def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:
     if not header.exists() or header.read_text() != text:
         _atomic.write_text(header, text, what="kernel ABI header")
     built = any(where.glob(f"{name}*.so"))
+    if built and load:  # the key names these sources, flags and versions: import it as it is
+        module = _import_built(name, where)
+        if module is not None:
+            return module
     announce = not built and os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks
     if announce:
         print(f"lstmkit: compiling the fused CPU kernel for {cap} (once per machine and version; "
@@ -121,11 +129,53 @@ def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:
         by_another = not built and any(where.glob(f"{name}*.so"))  # built while this process waited
         _wait_for_orphaned_ninja(where)
         (where / "lock").unlink(missing_ok=True)
-        ext = cpp_load(**options) if load else _compile_only(cap, options)
+        with _ninja_on_path():
+            ext = cpp_load(**options) if load else _compile_only(cap, options)
     if announce:
         done = "compiled by another process" if by_another else "compiled"
         print(f"lstmkit: kernel {done} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return ext
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch runs ``ninja`` from the PATH; where none is there, the ``ninja`` package's (a dependency
+    of lstmkit's), whose directory is on the PATH only in an activated environment (not for
+    ``.venv/bin/python`` called directly), is put there for the build."""
+    if shutil.which("ninja") is not None:
+        yield
+        return
+    try:
+        import ninja
+    except ImportError:  # torch then says that ninja is required
+        yield
+        return
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+def _import_built(name: str, where: Path) -> Any:
+    """The extension built in ``where`` imported directly, or None where it cannot be (a library
+    still being written). Without ninja, the build lock or a writable cache: a cache on a read-only
+    mount, a machine without ninja, a cache reached through another path (torch's ``load`` would
+    rebuild wherever the paths written into build.ninja differ from this process's)."""
+    import importlib.util
+
+    for library in sorted(where.glob(f"{name}*.so")):
+        try:
+            spec = importlib.util.spec_from_file_location(name, library)
+            if spec is None or spec.loader is None:
+                continue
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except ImportError:  # truncated or half-linked: build under the lock, as torch's load does
+            continue
+    return None
 
 
 def _orphaned_ninja(where: Path) -> list[int]:
