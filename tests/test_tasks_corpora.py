@@ -418,3 +418,22 @@ def test_frameworks_imported_lazily():
             "bad = [m for m in ('music21', 'statsmodels', 'pandas') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_task_cache_follows_lstmkit_s_cache_and_tolerates_a_read_only_one(monkeypatch, tmp_path):
+    """$LSTMKIT_CACHE_DIR and $XDG_CACHE_HOME move the tasks' cache as they move the kernels' (it
+    read $LSTMKIT_CACHE or ~/.cache only); a cache directory that cannot be made is no error (a
+    read-only home failed every charlm run)."""
+    from lstmkit.app.tasks._corpus_util import cache_dir
+
+    monkeypatch.delenv("LSTMKIT_CACHE", raising=False)
+    monkeypatch.delenv("LSTMKIT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "lstmkit" and cache_dir().is_dir()
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path / "all"))
+    assert cache_dir() == tmp_path / "all"
+    monkeypatch.setenv("LSTMKIT_CACHE", str(tmp_path / "tasks"))
+    assert cache_dir() == tmp_path / "tasks"
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LSTMKIT_CACHE", str(tmp_path / "file" / "below"))  # cannot be made
+    assert cache_dir() == tmp_path / "file" / "below"

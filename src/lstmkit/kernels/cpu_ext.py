@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import _atomic
+from lstmkit._cache import cache_root
 from lstmkit.kernels import abi, ops
 
 __all__ = ["available", "load", "build", "capability", "runs_here", "build_dir", "forward", "backward", "IMPL"]
@@ -64,14 +65,6 @@ def capability() -> str:
     return cap if cap in ISA_FLAGS else "DEFAULT"
 
 
-def _cache_root() -> Path:
-    root = os.environ.get("LSTMKIT_CACHE_DIR")
-    if root:
-        return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lstmkit"
-
-
 def _flags(cap: str) -> list[str]:
     return _COMMON_FLAGS + ISA_FLAGS[cap]
 
@@ -93,7 +86,7 @@ def _key(cap: str) -> str:
 def build_dir(cap: str | None = None) -> Path:
     """Where the build for ``cap`` (default: this CPU's) lives."""
     cap = cap or capability()
-    return _cache_root() / f"lstmkit_cpu_{cap.lower()}_{_key(cap)}"
+    return cache_root() / f"lstmkit_cpu_{cap.lower()}_{_key(cap)}"
 
 
 def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:

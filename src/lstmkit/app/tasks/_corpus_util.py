@@ -11,14 +11,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lstmkit._cache import cache_root
+
 __all__ = ["cache_dir", "hash_order", "progress", "require", "sha256_hex", "time_mask"]
 
 
 def cache_dir() -> Path:
-    """The cache directory: ``$LSTMKIT_CACHE`` if set, else ``~/.cache/lstmkit`` (created)."""
+    """The tasks' cache directory: ``$LSTMKIT_CACHE`` (this cache alone) if set, else lstmkit's
+    (:func:`lstmkit._cache.cache_root`: ``$LSTMKIT_CACHE_DIR``, ``$XDG_CACHE_HOME/lstmkit`` or
+    ``~/.cache/lstmkit``); created where it can be (a read-only one is read, never an error)."""
     env = os.environ.get("LSTMKIT_CACHE")
-    path = Path(env).expanduser() if env else Path.home() / ".cache" / "lstmkit"
-    path.mkdir(parents=True, exist_ok=True)
+    path = Path(env).expanduser() if env else cache_root()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only: each cached value is computed again (the writers say so)
+        pass
     return path
 
 
