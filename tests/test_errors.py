@@ -461,3 +461,22 @@ def test_input_refused_alike_by_layer_and_cell(module, x, owner):
         m(x.to_sparse())
     with pytest.raises(ValueError, match=rf"input: expected input size \(last dimension\) {I}, got {I + 1}"):
         m(torch.randn(*x.shape[:-1], I + 1))
+
+
+def test_a_missing_optional_package_is_named_with_its_install_line(monkeypatch):
+    """(lstmkit study trained every run and then failed on 'No module named scipy'; plot, report and
+    the Keras converters said only 'No module named ...')"""
+    import importlib.util
+
+    from lstmkit import _optional
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("matplotlib", "scipy") else real(name, *a))
+    with pytest.raises(ImportError, match=r"lstmkit study needs matplotlib, scipy: pip install 'lstmkit\[plot,tasks\]'"):
+        _optional.require("lstmkit study", "matplotlib", "scipy")
+    _optional.require("anything", "torch")  # installed: nothing to say
+    from lstmkit.app import study
+
+    with pytest.raises(ImportError, match="lstmkit study needs matplotlib, scipy"):
+        study.run(None)  # before reading its arguments, so before any run

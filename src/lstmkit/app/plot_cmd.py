@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lstmkit._optional import require
 from lstmkit.app import plots, runs
 
 __all__ = ["KINDS", "add_arguments", "run"]
@@ -89,6 +90,7 @@ def _default_output(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Draw the picture ``args.kind`` and write it; returns the exit code."""
+    require("lstmkit plot", "matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lstmkit import _atomic
+from lstmkit._optional import require
 from lstmkit.app import plots, runs
 from lstmkit.app.gradflow import task_gradient_flow
 
@@ -344,6 +345,7 @@ def _runs_below(d: Path, depth: int = 3) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Write the report (one per run for a directory of runs); returns the exit code."""
+    require("lstmkit report", "matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from lstmkit import _atomic
+from lstmkit._optional import require
 from lstmkit._validate import check_int, loads_json
 from lstmkit.app import runs
 from lstmkit.app._argparse import add_config_options, config_values, key_value, path_arg
@@ -310,6 +311,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
 
 def run(args: argparse.Namespace) -> int:
     """``lstmkit study``: run or resume, then print the summary."""
+    require("lstmkit study", "matplotlib", "scipy")  # (its summary's plot and tests, after every run)
     cfg = config_from_args(args)
     out = args.out or Path("studies") / cfg.task
     summary = run_study(cfg, out, jobs=args.jobs, progress=not args.quiet)

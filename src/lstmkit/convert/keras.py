@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lstmkit._optional import require
 from lstmkit._validate import check_bool
 from lstmkit.convert._checks import expect_shape
 from lstmkit.layout import ORDERS
@@ -44,6 +45,7 @@ assert ORDERS["keras"] == ORDERS["lstmkit"]  # same gate order: only transposes 
 
 def _keras() -> Any:
     os.environ.setdefault("KERAS_BACKEND", "torch")
+    require("the Keras converters", "keras")
     import keras
 
     return keras

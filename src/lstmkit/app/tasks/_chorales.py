@@ -58,7 +58,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lstmkit import _atomic
-from lstmkit.app.tasks._corpus_util import cache_dir, hash_order, progress, require, sha256_hex, time_mask
+from lstmkit._optional import require
+from lstmkit.app.tasks._corpus_util import cache_dir, hash_order, progress, sha256_hex, time_mask
 from lstmkit.app.tasks.base import EVAL_BATCH_SIZE, SPLITS, Batch, Target, Task, check_split
 
 __all__ = ["Chorales", "PITCH_HIGH", "PITCH_LOW", "load_chorales"]
@@ -215,7 +216,7 @@ def load_chorales(limit: int | None = None) -> ChoraleData:
     or parsed (and cached) now. Needs music21."""
     if limit is not None and limit < 1:
         raise ValueError(f"chorales: limit must be ≥ 1 or None, got {limit}")
-    require("music21", "chorales")
+    require("task 'chorales'", "music21")
     return _load_cached(str(cache_dir()), limit)
 
 

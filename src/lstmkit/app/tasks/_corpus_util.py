@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lstmkit._cache import cache_root
 
-__all__ = ["cache_dir", "hash_order", "progress", "require", "sha256_hex", "time_mask"]
+__all__ = ["cache_dir", "hash_order", "progress", "sha256_hex", "time_mask"]
 
 
 def cache_dir() -> Path:
@@ -27,14 +27,6 @@ def cache_dir() -> Path:
     except OSError:  # read-only: each cached value is computed again (the writers say so)
         pass
     return path
-
-
-def require(module: str, task: str) -> None:
-    """Raise an ImportError that says how to install ``module`` if it is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise ImportError(f"task {task!r} needs the optional package {module}: pip install {module}")
 
 
 def sha256_hex(data: bytes | str) -> str:

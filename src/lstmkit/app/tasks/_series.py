@@ -50,7 +50,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lstmkit.app.tasks._corpus_util import require, sha256_hex
+from lstmkit._optional import require
+from lstmkit.app.tasks._corpus_util import sha256_hex
 from lstmkit.app.tasks.base import EVAL_BATCH_SIZE, Batch, Target, Task, check_positive
 
 __all__ = ["CO2", "SeriesData", "Sunspots", "load_series"]
@@ -83,7 +84,7 @@ class SeriesData:
 @functools.lru_cache(maxsize=4)
 def load_series(name: str) -> SeriesData:
     """Load ``"sunspots"`` or ``"co2"`` from statsmodels' bundled datasets."""
-    require("statsmodels", name)
+    require(f"task {name!r}", "statsmodels")
     import statsmodels
 
     version = f"statsmodels {statsmodels.__version__}"
