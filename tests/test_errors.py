@@ -480,3 +480,15 @@ def test_a_missing_optional_package_is_named_with_its_install_line(monkeypatch):
 
     with pytest.raises(ImportError, match="lstmkit study needs matplotlib, scipy"):
         study.run(None)  # before reading its arguments, so before any run
+
+
+def test_the_install_hints_name_the_extras_pyproject_declares():
+    import tomllib
+    from pathlib import Path
+
+    from lstmkit._optional import EXTRAS
+
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for module, extra in EXTRAS.items():
+        assert any(req.split(">")[0].split("=")[0].strip() == module for req in extras[extra]), (module, extra)
