@@ -167,3 +167,36 @@ def test_recorded_batch_first_that_the_graph_contradicts_is_refused():
         from_onnx(model)
     helper.set_model_props(model, {"lstmkit.config": json.dumps({"batch_first": False})})
     assert from_onnx(model).batch_first is False
+
+
+def test_a_weight_defined_twice_is_refused():
+    """(W both an initializer and a Constant node's output: lstmkit read one, onnxruntime ran the other,
+    0.85 apart)"""
+    model = _lstm_model()
+    value = numpy_helper.from_array(np.ones((1, 16, 3), np.float32), "W")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["W"], name="c", value=value))
+    with pytest.raises(ValueError, match="'W' is defined twice"):
+        from_onnx(model)
+
+
+def test_a_one_dimensional_projection_in_a_state_dict_is_refused(tmp_path):
+    torch.manual_seed(0)
+    sd = {k: v.clone() for k, v in lstmkit.LSTM(3, 4, proj_size=2).state_dict().items()}
+    sd["weight_hr_l0"] = sd["weight_hr_l0"].reshape(-1)
+    torch.save(sd, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match=r"weight_hr_l0 must be a 2-D \(proj_size, hidden_size\) matrix"):
+        read_layer(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("make", [lambda t: t.to_sparse(), lambda t: t.to("meta"), lambda t: t.to(torch.float8_e4m3fn)],
+                         ids=["sparse", "meta", "float8"])
+def test_peer_state_dicts_of_tensors_without_dense_values_are_refused(make):
+    from lstmkit.convert import from_xlstm_slstm
+
+    R, b = torch.randn(4, 2, 2, 2), torch.randn(4, 2, 2)
+    with pytest.raises(TypeError, match="R: expected a"):
+        from_flashrnn(make(R), b)
+    with pytest.raises(TypeError, match=r"state_dict\['_recurrent_kernel_'\]: expected a"):
+        from_xlstm_slstm({"_recurrent_kernel_": make(torch.randn(2, 8, 2)), "_bias_": torch.randn(16)})
+    with pytest.raises(TypeError, match=r"state_dict: expected names \(str\) as keys, got \[0\]"):
+        from_xlstm_slstm({0: torch.randn(2, 8, 2)})

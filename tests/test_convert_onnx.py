@@ -542,7 +542,7 @@ def test_files_that_are_not_onnx_or_have_no_lstm(tmp_path):
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2])])
     relu = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(g), relu)
-    with pytest.raises(ValueError, match=rf"{relu}: expected an ONNX model with LSTM or RNN nodes, found none "
+    with pytest.raises(ValueError, match=rf"{relu}: expected an ONNX model with LSTM or RNN nodes of the ONNX domain, found none "
                                          r"\(ops: \['Relu'\]\)"):
         from_onnx(relu)
     with pytest.raises(TypeError, match="model_or_path: expected an onnx.ModelProto or a path, got int"):

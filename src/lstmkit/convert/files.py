@@ -139,6 +139,9 @@ def _infer_layer(tensors: dict[str, Tensor], where: str, cell: str | None, batch
     rows, I = w_ih.shape
     proj = 0
     if "weight_hr_l0" in sd:
+        if sd["weight_hr_l0"].dim() != 2:
+            raise ValueError(f"{where}: weight_hr_l0 must be a 2-D (proj_size, hidden_size) matrix, got shape "
+                             f"{tuple(sd['weight_hr_l0'].shape)}")
         proj, H = sd["weight_hr_l0"].shape
     else:
         H = w_hh.shape[1]  # H / heads with heads (below, once --cell says how many)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lstmkit._validate import check_bool
-from lstmkit.convert._checks import expect_finite_parameters, layer_slot
+from lstmkit.convert._checks import expect_dense_float, expect_finite_parameters, layer_slot
 from lstmkit.nn import LSTM
 from lstmkit.spec import CellSpec
 
@@ -42,6 +42,7 @@ def _tensor(name: str, a: Any, ndim: int) -> Tensor:
         raise TypeError(f"{name}: expected a tensor (or a NumPy array), got {type(a).__name__}")
     if not a.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating tensor, got {a.dtype}; integers and bools are not weights")
+    expect_dense_float(name, a)
     if a.dim() != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(a.shape)}")
     if not bool(torch.isfinite(a).all()):

@@ -156,13 +156,21 @@ def _tensor(t: Any, base: Path | None, where: str) -> np.ndarray:
                          f"read: {type(exc).__name__}: {exc}"[:400]) from None
 
 
-def _constants(graph: Any) -> dict[str, Any]:
-    """Name -> TensorProto for initializers and ``Constant`` nodes' ``value``."""
-    out = {t.name: t for t in graph.initializer}
+def _constants(graph: Any, where: str) -> dict[str, Any]:
+    """Name -> TensorProto for initializers and ``Constant`` nodes' ``value``; a name given two
+    values (an ONNX graph defines each name once; runtimes would each pick one) is refused."""
+    out: dict[str, Any] = {}
+    for t in graph.initializer:
+        if t.name in out:
+            raise ValueError(f"{where}: initializer {t.name!r} is defined twice")
+        out[t.name] = t
     for n in graph.node:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
             for a in n.attribute:
                 if a.name == "value":
+                    if n.output[0] in out:
+                        raise ValueError(f"{where}: {n.output[0]!r} is defined twice (an initializer, and the output "
+                                         f"of Constant node {n.name!r})")
                     out[n.output[0]] = a.t
     return out
 
@@ -277,15 +285,16 @@ def from_onnx(model_or_path: Any, *, inputs: Mapping[str, np.ndarray] | None = N
             return _from_scan(graph, config, where, base)
     rec = [n for n in graph.node if n.op_type in ("LSTM", "RNN") and n.domain in ("", "ai.onnx")]
     if not rec:
-        ops = sorted({n.op_type for n in graph.node})
-        raise ValueError(f"{where}: expected an ONNX model with LSTM or RNN nodes, found none (ops: {ops})")
+        ops = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in graph.node})
+        raise ValueError(f"{where}: expected an ONNX model with LSTM or RNN nodes of the ONNX domain, found none "
+                         f"(ops: {ops})")
     kinds = {n.op_type for n in rec}
     if len(kinds) > 1:
         raise ValueError(f"{where}: the graph mixes LSTM and RNN nodes; an lstmkit layer is one or the other")
     op = rec[0].op_type
     is_lstm = op == "LSTM"
     _refuse_runtime_inputs(given, rec, where)
-    consts = {**_constants(graph), **given}  # a given value overrides an initializer's default, as at run time
+    consts = {**_constants(graph, where), **given}  # a given value overrides an initializer's default, as at run time
     graph_inputs = frozenset(v.name for v in graph.input)
     read = [_read_node(n, k, consts, where, is_lstm, base, graph_inputs) for k, n in enumerate(rec)]
     def constant(name: str) -> np.ndarray | None:  # a constant's value, read as the weights are

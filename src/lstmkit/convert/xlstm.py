@@ -39,7 +39,7 @@ from torch import Tensor
 
 from lstmkit._validate import check_bool
 from lstmkit.checks import check_dtype
-from lstmkit.convert._checks import expect_finite_parameters
+from lstmkit.convert._checks import expect_dense_float, expect_finite_parameters
 from lstmkit.nn import LSTM
 
 __all__ = ["from_xlstm_slstm"]
@@ -53,6 +53,7 @@ def _get(state: Mapping[str, Any], key: str) -> Tensor:
     if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
         raise TypeError(f"state_dict[{key!r}]: expected a floating tensor, got {type(t).__name__}"
                         + (f" of {t.dtype}" if isinstance(t, Tensor) else ""))
+    expect_dense_float(f"state_dict[{key!r}]", t)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"state_dict[{key!r}]: contains NaN or inf")
     return t.detach()
@@ -88,6 +89,9 @@ def from_xlstm_slstm(state_dict: Mapping[str, Any], *, drop_group_norm: bool = F
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict: expected a mapping of names to tensors, got {type(state_dict).__name__}")
     keys = list(state_dict)
+    if not all(isinstance(k, str) for k in keys):
+        others = [k for k in keys if not isinstance(k, str)]
+        raise TypeError(f"state_dict: expected names (str) as keys, got {others[:4]}")
     kernel_keys = [k for k in keys if k.endswith("_recurrent_kernel_")]
     if len(kernel_keys) != 1:
         raise ValueError(f"state_dict: expected one sLSTM cell ('…_recurrent_kernel_'), found {len(kernel_keys)} "
