@@ -200,3 +200,20 @@ def test_peer_state_dicts_of_tensors_without_dense_values_are_refused(make):
         from_xlstm_slstm({"_recurrent_kernel_": make(torch.randn(2, 8, 2)), "_bias_": torch.randn(16)})
     with pytest.raises(TypeError, match=r"state_dict: expected names \(str\) as keys, got \[0\]"):
         from_xlstm_slstm({0: torch.randn(2, 8, 2)})
+
+
+def test_a_pt_whose_record_expands_a_thousandfold_is_refused_before_loading(tmp_path):
+    """(a 1 MB .pt with a deflated 1 GiB storage record: 1.28 GB allocated before any check)"""
+    import zipfile
+
+    torch.save(_state_dict(), tmp_path / "m.pt")
+    with zipfile.ZipFile(tmp_path / "m.pt") as good, \
+            zipfile.ZipFile(tmp_path / "bomb.pt", "w", zipfile.ZIP_DEFLATED) as bomb:
+        for info in good.infolist():
+            data = good.read(info)
+            if "/data/" in info.filename and info.filename.rsplit("/", 1)[-1].isdigit():
+                data = data + bytes(32 * 2**20)  # a storage far larger than its shape says
+            bomb.writestr(info.filename, data)
+    with pytest.raises(ValueError, match="expands from .* bytes; torch.save stores records uncompressed"):
+        read_layer(tmp_path / "bomb.pt")
+    assert isinstance(read_layer(tmp_path / "m.pt"), lstmkit.LSTM)

@@ -176,7 +176,31 @@ def _infer_layer(tensors: dict[str, Tensor], where: str, cell: str | None, batch
 # ---------------------------------------------------------------------------- readers
 
 
+#: A compressed record of a .pt file may expand at most this many times (torch.save stores its
+#: records uncompressed; a deflated one that expands a thousandfold is built to exhaust memory).
+_MAX_EXPANSION = 64
+
+
+def _check_torch_archive(src: Path) -> None:
+    """Refuse a zip-format .pt whose records expand far beyond the file (read from its directory,
+    before torch.load would allocate what they claim)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(src):
+        return  # the legacy format: torch.load's own checks
+    try:
+        with zipfile.ZipFile(src) as archive:
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED and \
+                        info.file_size > _MAX_EXPANSION * info.compress_size + 2**20:
+                    raise ValueError(f"SRC {src}: record {info.filename!r} expands from {info.compress_size:,} to "
+                                     f"{info.file_size:,} bytes; torch.save stores records uncompressed")
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"SRC {src}: not a torch state dict readable with weights_only=True ({exc})") from None
+
+
 def _read_torch(src: Path, cell: str | None, batch_first: bool | None) -> Layer:
+    _check_torch_archive(src)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
             warnings.simplefilter("ignore", UserWarning)
