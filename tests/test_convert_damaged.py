@@ -217,3 +217,21 @@ def test_a_pt_whose_record_expands_a_thousandfold_is_refused_before_loading(tmp_
     with pytest.raises(ValueError, match="expands from .* bytes; torch.save stores records uncompressed"):
         read_layer(tmp_path / "bomb.pt")
     assert isinstance(read_layer(tmp_path / "m.pt"), lstmkit.LSTM)
+
+
+def test_a_weights_h5_claiming_more_than_it_holds_is_refused_before_building(tmp_path):
+    """(a 14 KB file of unallocated datasets claiming units=12000 allocated 5 GB before failing)"""
+    h5py = pytest.importorskip("h5py")
+    from lstmkit.convert import write_layer
+
+    path = tmp_path / "m.weights.h5"
+    write_layer(lstmkit.LSTM(3, 4), path)
+    assert isinstance(read_layer(path), lstmkit.LSTM)
+    units = 12000
+    with h5py.File(path, "r+") as fh:
+        variables = fh["layers/lstm/cell/vars"]
+        for key, shape in (("0", (3, 4 * units)), ("1", (units, 4 * units)), ("2", (4 * units,))):
+            del variables[key]
+            variables.create_dataset(key, shape=shape, dtype="f4", chunks=True)
+    with pytest.raises(ValueError, match="its datasets claim 2,304,768,000 bytes of weights but the file holds"):
+        read_layer(path)

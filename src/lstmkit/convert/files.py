@@ -330,6 +330,12 @@ def _keras_weights_architecture(src: Path) -> dict[str, Any]:
                 raise ValueError(f"{where}: holds layers {names}; expected only LSTM layers or only "
                                  f"Bidirectional(LSTM) layers")
             bidir = kinds == {"bidirectional"}
+            claimed = []  # every dataset's bytes: Keras writes them in full, so they fit in the file
+            fh.visititems(lambda _, obj: claimed.append(obj.size * obj.dtype.itemsize)
+                          if isinstance(obj, h5py.Dataset) else None)
+            if sum(claimed) > src.stat().st_size:
+                raise ValueError(f"{where}: its datasets claim {sum(claimed):,} bytes of weights but the file holds "
+                                 f"{src.stat().st_size:,}; damaged (refused before building a layer of that size)")
             first = fh["layers"][names[0]]
             cell = (first["forward_layer"] if bidir else first)["cell"]["vars"]
             kernel, recurrent = cell["0"].shape, cell["1"].shape
