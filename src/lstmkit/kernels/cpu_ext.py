@@ -109,7 +109,7 @@ def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:
     announce = not built and os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks
     if announce:
         print(f"lstmkit: compiling the fused CPU kernel for {cap} (once per machine and version; "
-              f"usually 30-60 s) into {where}", file=sys.stderr, flush=True)
+              f"usually 1-2 minutes) into {where}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     options = dict(name=name, sources=[str(_CSRC / "recurrence.cpp")], extra_include_paths=[str(_CSRC), str(include)],
                    extra_cflags=_flags(cap), extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=verbose)
