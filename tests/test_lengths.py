@@ -124,5 +124,5 @@ def test_lengths_through_compile_and_export(cell):
     exported = torch.export.export(Model(), (x, lengths)).module()
     torch.testing.assert_close(exported(x, lengths), want)
     torch.testing.assert_close(exported(x, torch.tensor([1, 6, 6])), layer(x, lengths=torch.tensor([1, 6, 6]))[0])
-    with pytest.raises(RuntimeError, match=r"lengths: each must be in \[1, L = 6\]"):
+    with pytest.raises(RuntimeError, match=r"lengths: each must be in \[1, L\], L the padded input's number of steps"):
         exported(x, torch.tensor([7, 2, 4]))

@@ -244,7 +244,8 @@ def check_lengths(lengths: Any, input: Any, batch_first: bool) -> Tensor:
     if lens.numel() != N:
         raise ValueError(f"lengths: expected one length per sequence ({N}), got {lens.numel()}")
     if torch.compiler.is_compiling():  # values are data: a check in the graph (compile, export), not a branch
-        # (the message does not name T: formatting a dynamic size into it would specialise the graph to it)
+        # (the message does not name T's value: formatting a dynamic size into it would specialise the
+        # graph to that size, and dynamo reads a SymInt's type as int)
         torch._assert_async(((lens >= 1) & (lens <= T)).all(),
                             "lengths: each must be in [1, L], L the padded input's number of steps")
         return lens
