@@ -100,3 +100,20 @@ def test_formulas_registered_in_either_import_order(first):
     code = _IMPORT_ORDER.format(first=first)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+_PROBE_RELOAD_COPY = """
+import copy, importlib, importlib.util, pickle, sys, torch, lstmkit
+assert importlib.util.find_spec("torch.utils.flop_counter") is not None  # a lookup, no import
+import torch.utils.flop_counter as fc
+assert torch.ops.lstmkit.recurrence in fc.flop_registry  # (the lookup had used the hook up)
+fc = importlib.reload(fc)
+assert torch.ops.lstmkit.recurrence in fc.flop_registry  # (a reload's new registry had none)
+copy.copy(fc.__spec__.loader); copy.deepcopy(fc.__spec__); pickle.loads(pickle.dumps(fc.__spec__.loader))
+print("ok")
+"""
+
+
+def test_formulas_survive_a_lookup_a_reload_and_a_copied_loader():
+    done = subprocess.run([sys.executable, "-c", _PROBE_RELOAD_COPY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

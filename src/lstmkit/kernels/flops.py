@@ -13,11 +13,15 @@ the kernels multiply, in the same convention:
   weight's (``dA = dC W``, ``dW = dCᵀ A``), as torch counts an ``mm``'s backward.
 
 Every step of the (T, B) batch is counted, as for a padded batch: ``lengths`` shorter than T
-skip work that the count still holds (a FLOP count is a function of shapes, not values).
+skip work that the count still holds (a FLOP count is a function of shapes, not values). The
+backward's count holds the products for the initial states' gradients, which the fused kernels
+compute whether or not they are asked for (a reference loop's count lacks them where ``h0`` needs
+no gradient). A forward run outside the counting mode runs its backward straight on the kernel:
+a ``FlopCounterMode`` around that backward alone sees none of it.
 
 ``torch.utils.flop_counter`` takes 0.3 s to import, more than lstmkit itself; the formulas are
-registered when that module is imported (:func:`register_when_imported`), or at once where it
-has been. A ``FlopCounterMode`` copies the registered formulas when it is made, so one made
+registered when that module is imported or reloaded (:func:`register_when_imported`), or at once
+where it has been. A ``FlopCounterMode`` copies the registered formulas when it is made, so one made
 before ``import lstmkit`` counts none of them.
 """
 
@@ -93,10 +97,12 @@ def recurrence_backward_flops(*args: Any, out_shape: Any = None, **kwargs: Any) 
 def _register(counter: types.ModuleType) -> None:
     import torch
 
-    formulas = {torch.ops.lstmkit.recurrence: recurrence_flops,
-                torch.ops.lstmkit.recurrence_backward: recurrence_backward_flops}
+    formulas = {
+        torch.ops.lstmkit.recurrence: recurrence_flops,
+        torch.ops.lstmkit.recurrence_backward: recurrence_backward_flops,
+    }
     for op, formula in formulas.items():
-        if op not in counter.flop_registry:  # once per process (a module reloaded keeps its entries)
+        if op not in counter.flop_registry:  # once per module object (a reload makes a new registry)
             counter.register_flop_formula(op)(formula)
 
 
@@ -114,11 +120,15 @@ class _Loader(importlib.abc.Loader):
         self._hook(module)
 
     def __getattr__(self, name: str) -> Any:  # get_source, get_code, …: the module's own loader's
+        if name in ("_loader", "_hook"):  # (not set yet: a copy or an unpickling in progress)
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
 
 class _WhenImported(importlib.abc.MetaPathFinder):
-    """Finds module ``name`` with the other finders once and runs ``hook`` on it after it executes."""
+    """Finds module ``name`` through the finders after it and runs ``hook`` on the module each time it
+    executes (its import, a reload). It stays in ``sys.meta_path``: a lookup that does not import
+    (``importlib.util.find_spec``) must not use it up; for other names it answers None at once."""
 
     def __init__(self, name: str, hook: Callable[[types.ModuleType], None]) -> None:
         self.name, self.hook = name, hook
@@ -126,11 +136,15 @@ class _WhenImported(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname != self.name:
             return None
-        sys.meta_path.remove(self)  # once: the other finders find the module
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader, self.hook)
-        return spec
+        finders = sys.meta_path
+        for finder in finders[finders.index(self) + 1:] if self in finders else ():
+            find = getattr(finder, "find_spec", None)
+            spec = find(fullname, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None and not isinstance(spec.loader, _Loader):
+                    spec.loader = _Loader(spec.loader, self.hook)
+                return spec
+        return None
 
 
 def register_when_imported() -> None:
