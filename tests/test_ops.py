@@ -634,6 +634,11 @@ def test_autocast_outputs_in_its_dtype_on_every_backend(variant):
             assert _bf16_error(got, want) <= 0.03, (layer.backend, variant)
         y.float().sum().backward()
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+    for layer in (fast.double(), slow.double()):  # float64 is left alone by autocast, as nn.LSTM's is
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, state = layer(x.double())
+        states = state if isinstance(state, tuple) else (state,)
+        assert {t.dtype for t in (y, *states)} == {torch.float64}, (layer.backend, variant)
 
 
 def test_autocast_input_to_a_cell_and_a_step():

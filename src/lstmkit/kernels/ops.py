@@ -264,14 +264,16 @@ torch.library.register_autograd("lstmkit::recurrence", _backward, setup_context=
 
 
 def _autocast(device_type: str) -> Callable[..., Any]:
-    """Autocast kernel: cast the floating inputs to the autocast dtype of ``device_type``, run."""
+    """Autocast kernel: cast the floating inputs (float64 ones excepted, as torch's autocast leaves
+    them) to the autocast dtype of ``device_type``, run."""
     key = torch._C.DispatchKey.AutocastCPU if device_type == "cpu" else torch._C.DispatchKey.AutocastCUDA
 
     def kernel(*args: Any) -> Any:
         dtype = torch.get_autocast_dtype(device_type)
 
-        def cast(a: Any) -> Any:
-            return a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.numel() else a
+        def cast(a: Any) -> Any:  # as torch's autocast casts: floating tensors but float64 ones
+            return a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64 \
+                and a.numel() else a
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return recurrence_op(*(cast(a) for a in args))
     return kernel

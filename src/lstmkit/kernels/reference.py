@@ -34,8 +34,9 @@ class ReferenceKernel(Kernel):
         y, h, c, rec = self.loop(x, lengths, h0, c0, params, spec, hidden_size, record, keep)
         device = y.device.type
         if h0.dtype == torch.float32 and device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-            # the outputs in autocast's dtype, as torch's LSTM operator and the fused one return them
-            # (the loop's products ran in it; its cell arithmetic, like theirs, in float32)
+            # the outputs in autocast's dtype, as the fused operator returns them (and torch's LSTM
+            # operator, but for a projection's c_n); the loop's products ran in it, its cell
+            # arithmetic, like theirs, in float32
             low = torch.get_autocast_dtype(device)
             y, h, c = y.to(low), h.to(low), None if c is None else c.to(low)
         trace = None
