@@ -235,3 +235,14 @@ def test_a_weights_h5_claiming_more_than_it_holds_is_refused_before_building(tmp
             variables.create_dataset(key, shape=shape, dtype="f4", chunks=True)
     with pytest.raises(ValueError, match="its datasets claim 2,304,768,000 bytes of weights but the file holds"):
         read_layer(path)
+
+
+def test_a_configuration_field_of_the_wrong_type_is_named_once(tmp_path):
+    layer = lstmkit.LSTM(3, 4)
+    for key, value, message in (("proj_size", None, "proj_size: expected a JSON integer, got None"),
+                                ("kind", 3, "kind: expected a JSON string, got 3")):
+        save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "m.safetensors",
+                  metadata={"format": "lstmkit-layer-1", "config": json.dumps({**layer_config(layer), key: value})})
+        with pytest.raises(ValueError) as info:
+            read_layer(tmp_path / "m.safetensors")
+        assert str(info.value).count("damaged configuration") == 1 and message in str(info.value)

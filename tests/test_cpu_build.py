@@ -285,3 +285,31 @@ def test_the_ninja_package_is_put_on_the_path_for_a_build_where_none_is(monkeypa
         assert os.environ["PATH"].split(os.pathsep)[0] == ninja.BIN_DIR
         assert os.path.exists(os.path.join(ninja.BIN_DIR, "ninja"))
     assert os.environ["PATH"] == "/nowhere"
+
+
+def test_a_library_damaged_since_its_build_is_linked_anew_not_imported(monkeypatch, tmp_path):
+    """A built library is imported directly only with the digest its build recorded: a truncated or
+    overwritten one (an interrupted copy of a cache, a full disk) killed the process on import
+    (SIGBUS, SIGSEGV); under the build lock it is removed, so that ninja links it anew."""
+    import hashlib
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    where = cpu_ext.build_dir("AVX2")
+    where.mkdir(parents=True)
+    library = where / f"{where.name}.so"
+    library.write_bytes(b"\x7fELF half of a library")
+    (where / f"{where.name}.so.sha256").write_text(hashlib.sha256(b"\x7fELF the whole library").hexdigest())
+    assert cpu_ext._import_built(where.name, where) is None  # not imported: its digest differs
+    seen = []
+
+    def fake_load(name, build_directory, **kw):
+        seen.append(library.exists())  # what ninja finds
+        library.write_bytes(b"\x7fELF linked anew")
+        return object()
+    monkeypatch.setattr(cpp, "load", fake_load)
+    monkeypatch.setattr(cpu_ext, "runs_here", lambda cap: True)
+    cpu_ext.build("AVX2")
+    assert seen == [False]  # removed before the build
+    assert (where / f"{where.name}.so.sha256").read_text() == hashlib.sha256(b"\x7fELF linked anew").hexdigest()

@@ -63,13 +63,15 @@ def _field(cfg: Any, key: str, kind: type, where: str, default: Any = None) -> A
     """``cfg[key]`` if it is of JSON type ``kind`` (int: not a bool; float: an int too), else a
     ValueError naming the file: a string "false" or a 4.5 where lstmkit writes a bool or an int is
     a damaged file, not a value to convert."""
-    if not isinstance(cfg, dict) or (key not in cfg and default is None):
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: damaged configuration in the metadata (not a JSON object)")
+    if key not in cfg and default is None:
         raise ValueError(f"{where}: damaged configuration in the metadata (no {key!r})")
     value = cfg.get(key, default)
     ok = isinstance(value, bool) if kind is bool else \
         isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
     if not ok:
-        expected = {bool: "boolean", int: "integer", float: "number"}.get(kind, kind.__name__)
+        expected = {bool: "boolean", int: "integer", float: "number", str: "string"}[kind]
         raise ValueError(f"{where}: damaged configuration in the metadata ({key}: expected a JSON {expected}, "
                          f"got {value!r})"[:300])
     return value
@@ -82,6 +84,7 @@ def _make_layer(cfg: dict[str, Any], dtype: torch.dtype, where: str, device: str
               dropout=float(_field(cfg, "dropout", float, where, 0.0)), dtype=dtype, device=device)
     sizes = (_field(cfg, "input_size", int, where), _field(cfg, "hidden_size", int, where))
     kind = _field(cfg, "kind", str, where)
+    proj_size = _field(cfg, "proj_size", int, where, 0)
     try:
         if kind == "rnn":
             spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else CellSpec(kind="rnn")
@@ -89,7 +92,7 @@ def _make_layer(cfg: dict[str, Any], dtype: torch.dtype, where: str, device: str
         if kind != "lstm":
             raise ValueError(f"kind: expected 'lstm' or 'rnn', got {kind!r}")
         spec = resolve(cfg["cell_spec"]) if "cell_spec" in cfg else resolve(cfg["cell"])
-        return LSTM(*sizes, proj_size=_field(cfg, "proj_size", int, where, 0), cell=spec, **kw)
+        return LSTM(*sizes, proj_size=proj_size, cell=spec, **kw)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{where}: damaged configuration in the metadata ({first_line(exc)})") from None
 

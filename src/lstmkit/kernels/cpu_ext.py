@@ -122,8 +122,15 @@ def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:
         by_another = not built and any(where.glob(f"{name}*.so"))  # built while this process waited
         _wait_for_orphaned_ninja(where)
         (where / "lock").unlink(missing_ok=True)
+        for library in where.glob(f"{name}*.so"):  # damaged since it was built: linked anew (ninja
+            if _recorded_digest(library) not in (None, _digest(library)):  # takes a newer file as done)
+                library.unlink()
+                _digest_file(library).unlink()
         with _ninja_on_path():
             ext = cpp_load(**options) if load else _compile_only(cap, options)
+        for library in where.glob(f"{name}*.so"):
+            if _recorded_digest(library) is None:
+                _atomic.write_text(_digest_file(library), _digest(library), what="kernel digest")
     if announce:
         done = "compiled by another process" if by_another else "compiled"
         print(f"lstmkit: kernel {done} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -143,22 +150,45 @@ def _ninja_on_path() -> Iterator[None]:
     except ImportError:  # torch then says that ninja is required
         yield
         return
-    path = os.environ.get("PATH", "")
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    path = os.environ.get("PATH")
+    os.environ["PATH"] = ninja.BIN_DIR + (os.pathsep + path if path else "")
     try:
         yield
     finally:
-        os.environ["PATH"] = path
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
+
+
+def _digest_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _digest(library: Path) -> str:
+    return hashlib.sha256(library.read_bytes()).hexdigest()
+
+
+def _recorded_digest(library: Path) -> str | None:
+    """The SHA-256 recorded when ``library`` was built (None: none recorded, or unreadable)."""
+    try:
+        return _digest_file(library).read_text().strip()
+    except OSError:
+        return None
 
 
 def _import_built(name: str, where: Path) -> Any:
     """The extension built in ``where`` imported directly, or None where it cannot be (a library
-    still being written). Without ninja, the build lock or a writable cache: a cache on a read-only
-    mount, a machine without ninja, a cache reached through another path (torch's ``load`` would
-    rebuild wherever the paths written into build.ninja differ from this process's)."""
+    without the digest its build recorded, or another: still being written, truncated or damaged
+    since — importing one can kill the process). Without ninja, the build lock or a writable cache:
+    a cache on a read-only mount, a machine without ninja, a cache reached through another path
+    (torch's ``load`` would rebuild wherever the paths written into build.ninja differ from this
+    process's)."""
     import importlib.util
 
     for library in sorted(where.glob(f"{name}*.so")):
+        if _recorded_digest(library) != _digest(library):
+            continue
         try:
             spec = importlib.util.spec_from_file_location(name, library)
             if spec is None or spec.loader is None:
@@ -166,7 +196,7 @@ def _import_built(name: str, where: Path) -> Any:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
-        except ImportError:  # truncated or half-linked: build under the lock, as torch's load does
+        except ImportError:  # build under the lock, as torch's load does
             continue
     return None
 
