@@ -313,3 +313,22 @@ def test_a_library_damaged_since_its_build_is_linked_anew_not_imported(monkeypat
     cpu_ext.build("AVX2")
     assert seen == [False]  # removed before the build
     assert (where / f"{where.name}.so.sha256").read_text() == hashlib.sha256(b"\x7fELF linked anew").hexdigest()
+
+
+def test_prune_removes_other_builds_but_this_installation_s_and_one_being_built(monkeypatch, tmp_path):
+    """Builds of other versions, sources and environments accumulate in a shared cache (113 builds,
+    315 MB after a day of development): ``lstmkit build --prune`` removes them, never this
+    installation's, one being compiled now, or what is not a build directory."""
+    from lstmkit import _atomic
+
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    ours = cpu_ext.build_dir("AVX2")
+    old, busy = tmp_path / "lstmkit_cpu_avx2_0123456789abcdef", tmp_path / "lstmkit_cpu_avx512_fedcba9876543210"
+    other = tmp_path / "lstmkit_cpu_notes"
+    for d in (ours, old, busy, other):
+        d.mkdir(parents=True)
+        (d / "x.so").write_bytes(bytes(1000))
+    with _atomic.exclusive(busy / "build.lock"):  # another process compiles there
+        removed = cpu_ext.prune()
+    assert removed == [(old, 1000)]
+    assert not old.exists() and ours.exists() and busy.exists() and other.exists()

@@ -277,17 +277,17 @@ def scratch_directory(kind: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def exclusive(lock: str | os.PathLike[str], what: str = "lock") -> Iterator[None]:
+def exclusive(lock: str | os.PathLike[str], what: str = "lock", wait: bool = True) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the (empty) file ``lock`` for the ``with`` block: one holder
     at a time across processes, and the OS releases it when its holder dies, so no lock is ever
-    left behind by a killed process."""
+    left behind by a killed process. ``wait=False``: BlockingIOError where another holds it."""
     path = Path(lock)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise _fail(path, exc, what) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -12,6 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capability", default=None, choices=sorted(cpu_ext.ISA_FLAGS),
                         help=f"instruction set to build for (default: this CPU's, now {cpu_ext.capability()})")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    parser.add_argument("--prune", action="store_true",
+                        help="then remove the cache's builds of other lstmkit versions, sources and environments "
+                             "(kept otherwise; another checkout sharing the cache rebuilds its own on next use)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,4 +22,8 @@ def run(args: argparse.Namespace) -> int:
     where = cpu_ext.build(cap, verbose=args.verbose)
     unloaded = "" if cpu_ext.runs_here(cap) else f" (compiled only: this CPU cannot run {cap} code)"
     print(f"lstmkit: fused CPU kernel for {cap} ready in {where}{unloaded}")
+    if args.prune:
+        removed = cpu_ext.prune()
+        freed = sum(size for _, size in removed)
+        print(f"lstmkit: removed {len(removed)} other kernel build(s) from {where.parent}, {freed / 2**20:.1f} MiB")
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import sys
 import threading
@@ -39,7 +40,7 @@ from lstmkit import _atomic
 from lstmkit._cache import cache_root
 from lstmkit.kernels import abi, ops
 
-__all__ = ["available", "load", "build", "capability", "runs_here", "build_dir", "forward", "backward", "IMPL"]
+__all__ = ["available", "load", "build", "prune", "capability", "runs_here", "build_dir", "forward", "backward", "IMPL"]
 
 _CSRC = Path(os.path.abspath(__file__)).parent / "csrc"  # (as torch writes it into build.ninja: not resolved)
 #: Every source file of the extension (recurrence.cpp includes the headers): the build key hashes them all.
@@ -266,6 +267,31 @@ def build(cap: str | None = None, verbose: bool = False) -> Path:
         raise ValueError(f"capability: expected one of {list(ISA_FLAGS)}, got {cap!r}")
     _build(cap, verbose=verbose, load=runs_here(cap))
     return build_dir(cap)
+
+
+#: A build directory's name: lstmkit_cpu_<capability>_<key> (:func:`build_dir`).
+_BUILD_NAME = re.compile(r"lstmkit_cpu_(?:" + "|".join(c.lower() for c in ISA_FLAGS) + r")_[0-9a-f]{16}")
+
+
+def prune() -> list[tuple[Path, int]]:
+    """Remove the kernel builds in the cache other than this installation's (one per capability,
+    :func:`build_dir`): those of other versions, sources and environments, which are never removed
+    otherwise (3-4 MB each; another checkout or environment sharing the cache builds its own again
+    on its next use). A build being compiled (its lock held) is left. Returns each removed
+    directory with its size in bytes."""
+    keep = {build_dir(cap).name for cap in ISA_FLAGS}
+    removed = []
+    for directory in sorted(cache_root().glob("lstmkit_cpu_*")):
+        if directory.name in keep or not directory.is_dir() or not _BUILD_NAME.fullmatch(directory.name):
+            continue
+        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        try:
+            with _atomic.exclusive(directory / "build.lock", what="kernel build lock", wait=False):
+                shutil.rmtree(directory)
+        except BlockingIOError:  # being built now
+            continue
+        removed.append((directory, size))
+    return removed
 
 
 def load(verbose: bool = False) -> Any:
