@@ -129,9 +129,10 @@ def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:
                 _digest_file(library).unlink()
         with _ninja_on_path():
             ext = cpp_load(**options) if load else _compile_only(cap, options)
-        for library in where.glob(f"{name}*.so"):
-            if _recorded_digest(library) is None:
-                _atomic.write_text(_digest_file(library), _digest(library), what="kernel digest")
+        for library in where.glob(f"{name}*.so"):  # what ninja built (or found done), loaded: recorded
+            digest = _digest(library)
+            if _recorded_digest(library) != digest:
+                _atomic.write_text(_digest_file(library), digest, what="kernel digest")
     if announce:
         done = "compiled by another process" if by_another else "compiled"
         print(f"lstmkit: kernel {done} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
