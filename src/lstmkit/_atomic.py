@@ -146,7 +146,11 @@ def atomic_path(dst: str | os.PathLike[str], *, overwrite: bool = True, exists_e
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give dst the mode a plain open() would
+        try:  # a file replaced keeps its mode (a user's 0600 report stays private); a new one gets the
+            mode = dst.stat().st_mode & 0o777  # mode a plain open() would give (mkstemp makes 0600)
+        except OSError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         if overwrite:
             os.replace(tmp, dst)
         else:

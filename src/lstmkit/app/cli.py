@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import importlib
 import inspect
+import io
 import json
 import math
 import sys
@@ -351,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lstmkit``; returns the process exit code."""
     from lstmkit.app.train import process_rank
 
+    for stream in (sys.stdout, sys.stderr):  # an ASCII or latin-1 stream (PYTHONIOENCODING, a C locale
+        # without UTF-8 mode) shows what it cannot encode as '?': a finished run's summary ("≥") failed it
+        if isinstance(stream, io.TextIOWrapper) and stream.encoding.lower().replace("-", "") != "utf8":
+            with contextlib.suppress(ValueError, OSError):  # (a closed stream)
+                stream.reconfigure(errors="replace")
     parser = _parser()
     args = parser.parse_args(argv)
     rank = process_rank()
@@ -362,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError, OSError, ImportError) as exc:
             where = f" (rank {rank})" if rank else ""
             print(f"lstmkit {args.command}{where}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        except MemoryError as exc:  # (torch's std::bad_alloc comes as one: a ulimit, a container's limit)
+            where = f" (rank {rank})" if rank else ""
+            print(f"lstmkit {args.command}{where}: error: out of memory ({_one_line(exc) or 'MemoryError'})",
+                  file=sys.stderr)
             return 2
         except FloatingPointError as exc:  # training diverged: the settings' (--lr, --clip), as a bad input's
             where = f" (rank {rank})" if rank else ""

@@ -33,6 +33,7 @@ write runs only through this module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -413,11 +414,21 @@ def selected_weights(ck: Checkpoint) -> dict[str, Tensor] | None:
 def append_metrics(run_dir: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Add one evaluation's record to ``metrics.jsonl`` (flushed to disk)."""
     f = Path(run_dir) / METRICS
+    line = memoryview((json.dumps(record) + "\n").encode("utf-8"))
     try:
-        with open(f, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        fd = os.open(f, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while line:
+                    line = line[os.write(fd, line):]
+                os.fsync(fd)
+            except OSError:  # a short write (a full disk, a file size limit): no half line is left
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise _atomic.WriteError(exc.errno or 5, f"metrics: cannot write {f} ({exc.strerror or exc})") from None
 
@@ -447,7 +458,7 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not f.is_file():
         raise ValueError(f"run_dirs: {str(d)!r} has no {METRICS} (not a training run, or no evaluation yet)")
     records = []
-    for n, line in enumerate(f.read_text().splitlines(), 1):
+    for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         rec = loads_json(line, f"run_dirs: {f} line {n} is not JSON")
@@ -470,7 +481,7 @@ def _read_json(path: Path, damaged: str) -> Any:
     if not path.is_file():
         return None
     try:
-        return loads_json(path.read_text(), "JSON")
+        return loads_json(path.read_text(encoding="utf-8"), "JSON")
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{damaged}: {path} is not JSON ({exc})") from None
 

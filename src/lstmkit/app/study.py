@@ -145,7 +145,7 @@ def _prepare(cfg: StudyConfig, out: Path) -> None:
     mine["learning_rates"] = cfg.learning_rates()
     if settings.is_file():
         try:
-            theirs = loads_json(settings.read_text(), "not valid JSON")
+            theirs = loads_json(settings.read_text(encoding="utf-8"), "not valid JSON")
         except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"{settings}: {exc}; not an lstmkit study") from None
         if not isinstance(theirs, dict):

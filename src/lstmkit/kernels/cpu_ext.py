@@ -100,7 +100,7 @@ def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:
     include.mkdir(parents=True, exist_ok=True)
     header = include / "lstmkit_abi.h"
     text = abi.header()
-    if not header.exists() or header.read_text() != text:
+    if not header.exists() or header.read_text(encoding="utf-8") != text:
         _atomic.write_text(header, text, what="kernel ABI header")
     built = any(where.glob(f"{name}*.so"))
     if built and load:  # the key names these sources, flags and versions: import it as it is
@@ -174,7 +174,7 @@ def _digest(library: Path) -> str:
 def _recorded_digest(library: Path) -> str | None:
     """The SHA-256 recorded when ``library`` was built (None: none recorded, or unreadable)."""
     try:
-        return _digest_file(library).read_text().strip()
+        return _digest_file(library).read_text(encoding="ascii").strip()
     except OSError:
         return None
 

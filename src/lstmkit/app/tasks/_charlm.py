@@ -200,7 +200,7 @@ def _cached_xz(text: str, context: str = "") -> float:
         key += f":after:{sha256_hex(context)}:{len(context)}"
     path = cache_dir() / "charlm_xz.json"
     try:
-        table = json.loads(path.read_text())
+        table = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         table = {}
     if key in table:
