@@ -82,3 +82,13 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys):
     assert cli.main(["tasks"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["lstmkit tasks: error: out of memory (std::bad_alloc)"]
+
+
+@pytest.mark.parametrize("length", [233, 250, 255])
+def test_an_output_name_up_to_the_file_system_s_limit_is_written(tmp_path, length):
+    """(the temporary name added ~23 bytes: outputs named with 233-255 bytes were refused as 'File name
+    too long' after all the work)"""
+    name = "é" * ((length - 5) // 2) + "x" * ((length - 5) % 2) + ".html"
+    assert len(name.encode()) == length
+    _atomic.write_text(tmp_path / name, "report")
+    assert (tmp_path / name).read_text() == "report" and len(list(tmp_path.iterdir())) == 1

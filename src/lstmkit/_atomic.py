@@ -116,6 +116,18 @@ def _read_only(directory: Path) -> bool:
         return False
 
 
+def _temporary_prefix(name: str, suffix: str) -> str:
+    """``.NAME.HOST-PID-`` for mkstemp, NAME cut short where the whole temporary name (with mkstemp's 8
+    random characters and ``.tmp`` + ``suffix``) would pass the 255 bytes a file name may have (an
+    output named with 233-255 bytes was refused after all its work)."""
+    tail = f".{_HOST}-{os.getpid()}-"
+    room = 255 - len(f".{tail}.tmp{suffix}".encode("utf-8", "surrogateescape")) - 8
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > room:
+        name = encoded[:max(room, 1)].decode("utf-8", "surrogateescape")
+    return f".{name}{tail}"
+
+
 @contextlib.contextmanager
 def atomic_path(dst: str | os.PathLike[str], *, overwrite: bool = True, exists_error: str | None = None,
                 suffix: str = "", what: str = "output") -> Iterator[Path]:
@@ -138,8 +150,7 @@ def atomic_path(dst: str | os.PathLike[str], *, overwrite: bool = True, exists_e
         raise FileExistsError(message)
     clean_stale(dst.parent)  # what killed writers left behind
     try:
-        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.{_HOST}-{os.getpid()}-",
-                                    suffix=f".tmp{suffix}")
+        fd, name = tempfile.mkstemp(dir=dst.parent, prefix=_temporary_prefix(dst.name, suffix), suffix=f".tmp{suffix}")
         os.close(fd)
     except OSError as exc:
         raise _fail(dst, exc, what) from None
