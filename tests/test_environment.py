@@ -92,3 +92,19 @@ def test_an_output_name_up_to_the_file_system_s_limit_is_written(tmp_path, lengt
     assert len(name.encode()) == length
     _atomic.write_text(tmp_path / name, "report")
     assert (tmp_path / name).read_text() == "report" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_an_unreadable_checkpoint_is_named_unreadable(monkeypatch, tmp_path):
+    """(a checkpoint without read permission was reported as 'No such file or directory', safetensors'
+    word for any failure to open)"""
+    path = tmp_path / "checkpoint.safetensors"
+    path.write_bytes(b"")
+    real = os.open
+
+    def denied(file: object, flags: int, *rest: object) -> int:
+        if str(file) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(file, flags, *rest)
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(runs.CheckpointError, match=r"cannot read .*checkpoint.safetensors \(Permission denied\)"):
+        runs.read_checkpoint(path)

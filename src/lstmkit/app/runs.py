@@ -304,6 +304,10 @@ def _header(p: Path) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], s
     """The metadata and ``name -> (shape, dtype)`` of a safetensors file, reading no tensor."""
     from safetensors import SafetensorError, safe_open
 
+    try:  # the system's reason first (safetensors says "No such file or directory" for any)
+        os.close(os.open(p, os.O_RDONLY))
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint: cannot read {p} ({exc.strerror or exc})") from None
     try:
         with safe_open(str(p), framework="pt") as fh:
             meta = fh.metadata() or {}
