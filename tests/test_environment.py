@@ -108,3 +108,13 @@ def test_an_unreadable_checkpoint_is_named_unreadable(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "open", denied)
     with pytest.raises(runs.CheckpointError, match=r"cannot read .*checkpoint.safetensors \(Permission denied\)"):
         runs.read_checkpoint(path)
+
+
+def test_a_path_that_is_not_utf8_is_refused_before_a_run_is_written(tmp_path, monkeypatch, capsys):
+    """(``train --out $'bad\\xffname'`` wrote a whole run that eval, report, --resume and convert then
+    could not read: safetensors takes UTF-8 paths)"""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "reber", "--out", os.fsdecode(b"bad\xffname"), "--steps", "2"])
+    assert done.value.code == 2 and "is not valid UTF-8" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -74,6 +75,10 @@ def path_arg(text: str) -> Path:
     """A path argument; an empty one is refused (``Path("")`` would be the current directory)."""
     if not text:
         raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    try:
+        os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError:  # (a run written there could not be read back: safetensors takes UTF-8 paths)
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8; lstmkit's files need UTF-8 names") from None
     return Path(text)
 
 
