@@ -13,7 +13,7 @@ from lstmkit._validate import check_int
 from lstmkit.nn import LSTM
 
 __all__ = ["require_plain_lstm", "expect_shape", "expect_weights", "expect_finite_float", "layer_slot",
-           "expect_finite_parameters", "expect_dense_float"]
+           "expect_finite_parameters", "expect_dense", "expect_dense_float"]
 
 
 def require_plain_lstm(layer: object, fmt: str) -> None:
@@ -71,12 +71,17 @@ def expect_weights(name: str, a: Any, shape: tuple[int, ...] | None = None) -> n
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def expect_dense_float(name: str, t: torch.Tensor) -> None:
-    """TypeError naming ``name`` unless ``t`` is a dense (strided) tensor with values (not on the
-    meta device) of a weight dtype (:data:`WEIGHT_DTYPES`)."""
+def expect_dense(name: str, t: torch.Tensor) -> None:
+    """TypeError naming ``name`` unless ``t`` is a dense (strided) tensor with values: not sparse,
+    quantized or on the meta device (``torch.load(weights_only=True)`` lets each through)."""
     if t.layout != torch.strided or t.is_meta or t.is_quantized:
         kind = "quantized" if t.is_quantized else "meta" if t.is_meta else str(t.layout).removeprefix("torch.")
         raise TypeError(f"{name}: expected a dense tensor with values, got a {kind} tensor")
+
+
+def expect_dense_float(name: str, t: torch.Tensor) -> None:
+    """:func:`expect_dense`, and of a weight dtype (:data:`WEIGHT_DTYPES`)."""
+    expect_dense(name, t)
     if t.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{name}: expected a floating tensor of {[str(d) for d in WEIGHT_DTYPES]}, got {t.dtype}")
 

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from lstmkit import _atomic
 from lstmkit._validate import check_bool, check_optional_bool, loads_json
-from lstmkit.convert._checks import expect_finite_parameters
+from lstmkit.convert._checks import expect_dense, expect_finite_parameters
 from lstmkit.convert.layer_config import (
     Layer,
     check_shapes,
@@ -214,10 +214,8 @@ def _read_torch(src: Path, cell: str | None, batch_first: bool | None) -> Layer:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise ValueError(f"SRC {src}: holds a {type(obj).__name__}, expected a state dict (str -> Tensor) as "
                          f"torch.save(module.state_dict()) writes")
-    for k, v in obj.items():  # (weights_only lets sparse, quantized and meta tensors through)
-        if v.layout != torch.strided or v.device.type != "cpu" or v.is_quantized:
-            raise ValueError(f"SRC {src}: {k}: a {'quantized' if v.is_quantized else str(v.layout)} tensor on "
-                             f"{v.device.type}; expected dense tensors with values, as a state dict holds them")
+    for k, v in obj.items():
+        expect_dense(f"SRC {src}: {k}", v)
     return _infer_layer(dict(obj), f"SRC {src}", cell, bool(batch_first))
 
 

@@ -61,7 +61,6 @@ METADATA_KEY = "lstmkit.config"
 _SLOTS = ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P")
 #: The slots whose value ``inputs=`` may give: those an initializer would give (weights, constant states).
 _GIVABLE = ("W", "R", "B", "initial_h", "initial_c", "P")
-#: The attributes of the RNN operator (the LSTM operator's also include input_forget).
 #: The attributes of ONNX's RNN operator and their types (LSTM's: these and input_forget).
 _ATTRIBUTES = {"activation_alpha": "FLOATS", "activation_beta": "FLOATS", "activations": "STRINGS", "clip": "FLOAT",
                "direction": "STRING", "hidden_size": "INT", "layout": "INT"}

@@ -103,8 +103,9 @@ class Impl(Protocol):
 _DEVICES: dict[str, Impl] = {}
 
 
-#: Where ``mlp_layout`` stands among each operator's positional arguments.
-_LAYOUT_AT = {"recurrence": 5 + NP + 1, "recurrence_backward": 8 + NP + NB + 1}
+#: Where ``mlp_layout`` stands among each operator's positional arguments (read from its schema).
+_LAYOUT_AT = {name: [a.name for a in getattr(torch.ops.lstmkit, name).default._schema.arguments].index("mlp_layout")
+              for name in ("recurrence", "recurrence_backward")}
 
 
 def _layout_as_list(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]:
