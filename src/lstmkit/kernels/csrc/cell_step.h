@@ -162,27 +162,26 @@ struct StepForward {
     }
   }
 
-  // After the GEMMs of MLP layer `depth` (1-based): its output plus bias becomes the next
-  // layer's input a = phi(·), or, for a gate's last layer, the gate's u (left in vout).
+  // After the GEMMs of MLP layer `depth` (1-based): a hidden layer's output plus bias becomes the
+  // next layer's input a = phi(·). A gate's last layer is its u, left in vout by its GEMM with the
+  // bias added there (StepWeights::last_bias): nothing to do here.
   void mlp_row(int64_t t, int64_t b, int depth) const {
     using V = Vectorized<T>;
     constexpr int VL = V::size();
-    T* vr = vout + b * mlp.vtot;
+    const T* vr = vout + b * mlp.vtot;
     T* ar = act_row(t, b);
     for (size_t k = 0; k < mlp.gates.size(); ++k) {
       const MlpGate& mg = mlp.gates[k];
-      if (mg.m < depth) continue;
+      if (mg.m <= depth) continue;  // no layer this deep, or its last
       const int j0 = depth - 1;
       const int64_t w = mg.w[depth];
-      T* v = vr + mg.voff[j0];
+      const T* v = vr + mg.voff[j0];
       const T* bias = mw.b[k * mlp.depth + j0];
-      const bool last = depth == mg.m;
       for (int64_t j = 0; j < w; j += VL) {
         const int n = (int)std::min<int64_t>(VL, w - j);
         V x = ldv(v + j, n);
         if (bias) x = x + ldv(bias + j, n);
-        if (last) stv(x, v + j, n);
-        else stv(phi<T>(mlp.phi, x), ar + mg.aoff[depth] + j, n);
+        stv(phi<T>(mlp.phi, x), ar + mg.aoff[depth] + j, n);
       }
     }
   }

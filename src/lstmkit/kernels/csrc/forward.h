@@ -175,14 +175,15 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
           int nt = 0;
           for (size_t k = 0; k < mlp.gates.size(); ++k) {
             const MlpGate& mg = mlp.gates[k];
-            if (mg.m >= d)
+            if (mg.m >= d)  // a gate's last layer adds its bias in the GEMM (mlp_row: the hidden layers')
               tasks[nt++] = GemmTask<T>{&W.layer(mlp, k, d - 1), (int)(b1 - b0), step.act_row(t, b0) + mg.aoff[d - 1],
-                                        mlp.atot, step.vout + b0 * mlp.vtot + mg.voff[d - 1], mlp.vtot, false};
+                                        mlp.atot, step.vout + b0 * mlp.vtot + mg.voff[d - 1], mlp.vtot, false,
+                                        d == mg.m ? W.last_layer_bias(k) : nullptr};
           }
           run_tasks<T>(tasks, nt, 0, 1);  // every panel, this thread's rows
           for (int64_t b = b0; b < b1; ++b) {  // the last depth's rows go straight on into the cell
             if (t >= len[b]) continue;
-            step.mlp_row(t, b, d);
+            if (d < mlp.depth) step.mlp_row(t, b, d);
             if (d == mlp.depth) step.lstm_row(t, b, tid);
           }
         }
