@@ -125,6 +125,19 @@ def test_describe_model_with_several_layers():
     assert "0: LSTM(3 → 4)" in text
 
 
+def test_describe_prints_to_a_stream_that_cannot_encode_its_symbols():
+    """An ASCII stream (a C-locale terminal, a file opened so) got UnicodeEncodeError at '→'."""
+    model = torch.nn.ModuleDict({"zoné": lstmkit.LSTM(3, 4)})
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii")
+    text = lstmkit.describe(model, file=stream)
+    stream.flush()
+    printed = raw.getvalue().decode("ascii")
+    assert "zoné: LSTM(3 → 4)" in text  # the returned text as it is
+    assert "zon?: LSTM(3 -> 4)" in printed and "4 x (3 + 4)" in printed
+    assert printed.count("\n") == text.count("\n")
+
+
 @pytest.mark.parametrize("cell, want", [
     ("gate_act=hard_sigmoid", ["hard_sigmoid", "hard_sigmoid", "tanh", "hard_sigmoid"]),
     ("cifg+gate_act=hardsigmoid+cand_act=relu", ["hardsigmoid", "hardsigmoid", "relu", "hardsigmoid"]),

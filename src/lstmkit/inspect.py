@@ -102,5 +102,20 @@ def describe(model: nn.Module, file: IO[str] | None = None) -> str:
     if len(layers) > 1:
         out.append(f"total parameters: {total:,}")
     text = "\n".join(out).rstrip() + "\n"
-    print(text, end="", file=file if file is not None else sys.stdout)
+    _write(text, file if file is not None else sys.stdout)
     return text
+
+
+# The table's own symbols spelled in ASCII, for a stream that cannot encode them
+_ASCII = str.maketrans({"→": "->", "×": "x"})
+
+
+def _write(text: str, stream: IO[str]) -> None:
+    """Write ``text`` to ``stream``; one whose encoding lacks a character (an ASCII terminal, a
+    file opened with ``encoding="ascii"``) gets the table's arrows and crosses in ASCII and any
+    other such character (a module's name) as its encoding's replacement."""
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:  # raised before anything is written: the text is encoded whole
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.translate(_ASCII).encode(encoding, errors="replace").decode(encoding))
