@@ -40,8 +40,8 @@ void pack_recurrent(const at::Tensor& whh, const Cfg& cf, bool transposed, int64
 // One absent from the variant has no panels. Each thread packs its share (pack_share) inside the
 // parallel region, before the loop. The forward's (not `transposed`) also keeps each deep gate's
 // last bias padded to whole panels (`last_bias`), so that the last layer's GEMM adds it as it
-// stores its tile: a separate pass over the (B, 4·H) output, read and written once more, took 4 %
-// of a gate_hidden=(32,) inference call at (B, T, I, H) = (64, 100, 256, 256).
+// stores its tile, instead of a separate pass that read and wrote the (B, 4·H) output once more
+// (gate_hidden=(32,) inference at (B, T, I, H) = (64, 100, 256, 256), one thread: 10.88 -> 10.34 ms).
 template <typename T>
 struct StepWeights {
   Packed<T> recurrent, gg, hr;
