@@ -95,8 +95,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& xg, const at::Tensor& whh
   ws.take(hsp, B * ldh);                                 // h, (B, H_out)
   ws.take_rows(rwp, B, R, ldr);                          // r, (B, R): phase A's GEMMs write it
   if (proj_in || widen) ws.take_rows(xwp, B, R, ldr);    // xg_t, (B, R): the projection, or widened
-  if (proj_in && proj_in->bias)  // the projection's bias, padded to whole panels (the micro-kernel reads NR columns)
-    ws.take(biasp, std::max<int64_t>((int64_t)Win.npanels * Packed<T>::NR, R));
+  if (proj_in && proj_in->bias)  // the projection's bias, padded as the GEMM reads it
+    ws.take(biasp, Win.bias_length());
   if (cf.fgr) { ws.take(ssp, B * lds); ws.take(fwp, B * lds); }  // fgr: s and s W_gg^T, (B, nS·H)
   if (P > 0) ws.take(mwp, B * ldm);                      // o ⊙ act(c), (B, H)
   if (cf.zoneout) ws.take(scratchp, nthreads * ldscratch);

@@ -241,6 +241,9 @@ struct Packed {
     }
     if (!direct) buf.reset(new T[(size_t)npanels * K * NR]);
   }
+  // The length of a bias that a GEMM with this weight adds (GemmTask::bias): whole panels of NR
+  // columns, as the micro-kernel reads a panel's every column, and N at least (bfloat16 panels).
+  int64_t bias_length() const { return std::max<int64_t>((int64_t)npanels * NR, N); }
   // Thread tid of nth fills its contiguous share of the panels (a weight never init'ed has none).
   void pack_share(int tid, int nth) {
     if (direct) return;
@@ -423,7 +426,7 @@ struct GemmTask {
   const T* A; int64_t lda;
   T* C; int64_t ldc;
   bool acc;
-  const T* bias = nullptr;  // added to every row (padded to whole panels), or none
+  const T* bias = nullptr;  // added to every row (W->bias_length() long), or none
   // The next task adds its product into the same columns of C (a GEMM split over K, e.g. a head's
   // segments of W_hh): run_tasks gives the whole group's panels to the same threads, in order, so
   // that no two threads write one element. Its W has the same N (and panel width) as this one's.

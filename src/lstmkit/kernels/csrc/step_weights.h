@@ -75,9 +75,8 @@ struct StepWeights {
       const T* b = mw.b[k * layout.depth + j];
       if (!b) continue;
       const Packed<T>& w = layer(layout, k, j);
-      const int64_t n = w.N;  // read up to the last panel's end (gemm_panels), N at least (bf16 panels)
-      last_bias[k].assign((size_t)std::max<int64_t>((int64_t)w.npanels * Packed<T>::NR, n), T(0));
-      std::copy(b, b + n, last_bias[k].begin());
+      last_bias[k].assign((size_t)w.bias_length(), T(0));
+      std::copy(b, b + w.N, last_bias[k].begin());
     }
   }
 
