@@ -130,9 +130,10 @@ def test_fused_kernel_threads_and_chunks():
                                   lstmkit.CellSpec(layernorm=True, gate_hidden={"g": (5,)})],
                          ids=["deep_all", "deep_f", "layernorm+deep_g"])
 def test_deep_gates_backward_over_several_chunks(cell):
-    """The deep gates' dW_j, db_j are summed chunk by chunk (about 512 rows of dV at a time): 41 steps
-    of 30 rows are three chunks, with lengths (rows that end inside a chunk), two layers, both
-    directions and two threads — float64 against the reference to 1e-10."""
+    """The deep gates' dW_j, db_j are summed chunk by chunk (about 128 rows of dV a thread at a
+    time): with two threads 41 steps of 30 rows are five chunks of 9 steps (the last 5), with lengths
+    (rows that end inside a chunk), two layers and both directions — float64 against the reference
+    to 1e-10."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
