@@ -123,11 +123,14 @@ static inline void micro(int K, const T* __restrict A, int lda, const T* __restr
   constexpr int VL = V::size();
   constexpr int NR = NV * VL;
   V acc[MR][NV], part[KU > 1 ? KU - 1 : 1][MR][NV];  // part[u - 1]: the set of k = u mod KU, u >= 1
+  V start[NV];  // the bias (padded to whole panels by the caller), the sums' start: no pass of its own
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) start[v] = bias ? V::loadu(bias + v * VL) : V(T(0));
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      acc[m][v] = V(T(0));
+      acc[m][v] = start[v];
 #pragma GCC unroll 4
       for (int u = 0; u + 1 < KU; ++u) part[u][m][v] = V(T(0));
     }
@@ -158,14 +161,6 @@ static inline void micro(int K, const T* __restrict A, int lda, const T* __restr
       for (int v = 0; v < NV; ++v)
 #pragma GCC unroll 4
         for (int u = 0; u + 1 < KU; ++u) acc[m][v] = acc[m][v] + part[u][m][v];
-  }
-  if (bias) {  // bias is padded to whole panels by the caller
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      const V bv = V::loadu(bias + v * VL);
-#pragma GCC unroll 16
-      for (int m = 0; m < MR; ++m) acc[m][v] = acc[m][v] + bv;
-    }
   }
   if (ncols == NR) {
 #pragma GCC unroll 16
