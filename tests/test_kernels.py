@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 import os
 
 import pytest
@@ -757,3 +758,32 @@ def test_the_clip_passes_the_gradient_at_its_boundary_as_clamp_does(backend, cel
         c_n.sum().backward()
         want = (1 - z) * passed * f + z  # dc_t / dc_{t-1}
         torch.testing.assert_close(c0.grad, torch.full_like(c0, want), msg=f"{backend} {cell} c0={c_value}")
+
+
+@pytest.mark.parametrize("backend", _CLIP_BACKENDS)
+@pytest.mark.parametrize("gate_act,half_width", [("hardsigmoid", 3.0), ("hard_sigmoid", 2.5)])
+def test_the_hard_sigmoid_is_flat_at_its_kinks(backend, gate_act, half_width):
+    """At u = ±half-width the hard sigmoid is exactly 0 or 1 and its derivative 0 (the reference
+    equations, the NumPy oracle, torch.nn.Hardsigmoid). float64's 1/6 rounds down, and the fused
+    kernel's one multiply-add for 1/6·u + 1/2 gave 2.8e-17 at u = −3: inside the ramp, the slope
+    as derivative. Values: zero input, state and weights; the gates' biases at the kinks (i at
+    −w, +w; f at +w, −w; o at −w, +w) and the candidate's 0.5."""
+    w = half_width
+    layer = lstmkit.LSTM(1, 2, cell=f"gate_act={gate_act}", backend=backend).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+        layer.bias_ih_l0.copy_(torch.tensor([-w, w, w, -w, 0.5, 0.5, -w, w], dtype=torch.float64))
+    x = torch.zeros(1, 1, 1, dtype=torch.float64)
+    h0 = torch.zeros(1, 1, 2, dtype=torch.float64)
+    c0 = torch.tensor([[[0.7, -0.4]]], dtype=torch.float64, requires_grad=True)
+    y, (_, c_n) = layer(x, (h0, c0))
+    (y.sum() + c_n.sum()).backward()
+    g = math.tanh(0.5)
+    assert c_n[0, 0, 0].item() == 0.7 and y[0, 0, 0].item() == 0.0  # i = 0, f = 1, o = 0: exactly
+    torch.testing.assert_close(c_n[0, 0, 1].item(), g, rtol=0, atol=1e-15)  # i = 1, f = 0
+    torch.testing.assert_close(y[0, 0, 1].item(), math.tanh(g), rtol=0, atol=1e-15)  # o = 1
+    grad = layer.bias_ih_l0.grad
+    assert grad[:4].tolist() == [0.0] * 4 and grad[6:].tolist() == [0.0] * 2, f"{backend}: {grad.tolist()}"
+    assert grad[5].item() != 0.0  # the candidate's, where i = 1
+    assert c0.grad.flatten().tolist() == [1.0, 0.0]

@@ -100,7 +100,11 @@ def gate_act(u, FLAGS: tl.constexpr):
     (as :func:`lstmkit.cell.gate_activation`: NaN gives 0)."""
     SLOPE: tl.constexpr = hard_slope(FLAGS)
     if SLOPE > 0:
-        v = SLOPE * u + 0.5
+        # (u + 1/(2·slope))·slope, not slope·u + 1/2, which the compiler may fuse into one
+        # multiply-add that misses the kinks (2.8e-17 at u = −3 in float64): the half-width (3,
+        # 2.5) is exact, so u at a kink gives exactly 0 or 1
+        HALF_WIDTH: tl.constexpr = 0.5 / SLOPE
+        v = (u + HALF_WIDTH) * SLOPE
         a = tl.where((v > 0.0) & (v < 1.0), v, tl.where(v >= 1.0, 1.0, 0.0))
     else:
         a = sigmoid(u)
