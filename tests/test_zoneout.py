@@ -72,6 +72,28 @@ def test_masks_at_the_ends_of_the_range(dtype):
     assert set(d_h.unique().tolist()) <= {0.0, 1.0} and d_h.mean().item() > 0.9999
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu_fused"])
+def test_vmap_draws_a_mask_per_sample_as_for_dropout(backend):
+    """torch.vmap over a training layer: randomness="different" gives each sample its own masks
+    (two equal samples, different outputs), "same" one mask for all (equal outputs) — as for
+    nn.Dropout; functorch refused the masks' draw in place into a fresh tensor with its own
+    error before. Without vmap the draw is the same: a seed gives the masks it gave."""
+    layer = _layer(backend)
+    x = torch.randn(7, 4, 3, dtype=torch.float64).expand(2, 7, 4, 3)
+    for randomness, equal in (("different", False), ("same", True)):
+        torch.manual_seed(3)
+        y = torch.vmap(lambda xx: layer(xx)[0], randomness=randomness)(x)
+        assert torch.allclose(y[0], y[1], rtol=1e-12, atol=1e-12) is equal, randomness  # (batched rounding)
+    spec = lstmkit.resolve("zoneout=0.3")
+    like = torch.empty(0, dtype=torch.float64)
+    torch.manual_seed(4)
+    plain = lstmkit.cell.zoneout_masks(spec, (50, 20), (50, 20), like)
+    torch.manual_seed(4)
+    mapped = torch.vmap(lambda _: torch.stack(lstmkit.cell.zoneout_masks(spec, (50, 20), (50, 20), like)),
+                        randomness="same")(torch.zeros(1))[0]
+    assert torch.equal(mapped[0], plain[0]) and torch.equal(mapped[1], plain[1])
+
+
 def test_evaluation_is_the_expectation_and_deterministic():
     layer = _layer("cpu_fused").eval()
     x = torch.randn(6, 2, 3, dtype=torch.float64)

@@ -70,14 +70,21 @@ def zoneout_masks(spec: CellSpec, c_shape: tuple[int, ...], h_shape: tuple[int, 
     Python number to wrap as a tensor (which ``torch.rand(...) < z`` needs). On the CPU, one EPYC
     core: a (1, 1, 32) mask 10 µs against 16 for ``rand`` then ``lt_``, a (1, 32, 256) one 54
     against 59; ``torch.bernoulli_`` draws at about half the rate on large masks (111 µs there).
-    ``z`` is capped at 1 - 2⁻²³ for the draw, so that ``1 + z`` stays below 2 in float32 (a
-    float32 uniform has steps of 2⁻²⁴ anyway)."""
+    Under ``torch.func`` transforms (``vmap``'s ``randomness="different"`` gives each sample its
+    own masks, as it does ``nn.Dropout``'s) ``torch.rand`` then ``+ z`` draws the same values out
+    of place, 2 µs more a mask (rounding aside: one element in 2 million differed, float32, z =
+    0.3). ``z`` is capped at 1 - 2⁻²³ for the draw, so that ``1 + z`` stays below 2 in float32
+    (a float32 uniform has steps of 2⁻²⁴ anyway)."""
     z_c, z_h = spec.zoneout
     draw = torch.float64 if like.dtype == torch.float64 else torch.float32
 
     def mask(shape: tuple[int, ...], z: float) -> Tensor:
         z = min(z, 1.0 - 2.0**-23)
-        keep = torch.empty(shape, dtype=draw, device=like.device).uniform_(z, 1.0 + z).floor_()
+        if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+            keep = torch.empty(shape, dtype=draw, device=like.device).uniform_(z, 1.0 + z).floor_()
+        else:  # under vmap, whose randomness="different" refuses a draw in place into a fresh
+            # (unbatched) tensor, and torch.func's other transforms: drawn out of place
+            keep = torch.rand(shape, dtype=draw, device=like.device).add_(z).floor_()
         return keep if keep.dtype == like.dtype else keep.to(like.dtype)  # (a no-op `to` still dispatches)
     return mask(c_shape, z_c), mask(h_shape, z_h)
 
