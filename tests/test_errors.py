@@ -82,6 +82,12 @@ def test_devices(lstm):
 def test_zero_length(lstm):
     with pytest.raises(ValueError, match=r"input: expected a sequence length L >= 1, got L = 0"):
         lstm(torch.randn(0, 2, I))
+    # the shape as given (it said the batched, time-major one it had made: (0, 1, I), (0, 2, I))
+    with pytest.raises(ValueError, match=rf"got L = 0 \(shape \(0, {I}\)\)"):
+        lstm(torch.randn(0, I))
+    first = lstmkit.LSTM(I, H, batch_first=True)
+    with pytest.raises(ValueError, match=rf"got L = 0 \(shape \(2, 0, {I}\)\)"):
+        first(torch.randn(2, 0, I))
     # A hand-made PackedSequence with a zero-length sequence (pack_padded_sequence refuses those).
     packed = pack_padded_sequence(torch.randn(3, 2, I), torch.tensor([3, 1]))
     bad = PackedSequence(packed.data, torch.tensor([2, 1, 1]), None, None)

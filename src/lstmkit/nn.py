@@ -295,7 +295,7 @@ class _Recurrent(PreparedModule):
             )
         T = x.shape[0]  # (a batch of none, B = 0, runs as nn.LSTM runs it: empty results)
         if T == 0:
-            raise ValueError(f"input: expected a sequence length L >= 1, got L = 0 (shape {_shape(x)})")
+            raise ValueError(f"input: expected a sequence length L >= 1, got L = 0 (shape {_shape(input)})")  # as given
         h0, c0 = self._initial_state(hx, x, batched)
         if lengths is not None and not torch.compiler.is_compiling() and bool((plain_values(lengths) == T).all()):
             lengths = None  # every sequence whole (eager: a branch on the values; under vmap: of every member)
