@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lstmkit.app import runs
@@ -110,6 +111,19 @@ def test_a_checkpoint_with_damaged_values_is_one_line_and_its_flags_are_not_take
                 assert torch.equal(v, _weights(d)[k]), (damage, k)
 
 
+def test_a_resumed_run_with_more_steps_records_its_new_budget_everywhere(tmp_path):
+    """--steps may grow on --resume: config.json, summary.json and the weights' metadata then all
+    say the new budget (config.json kept the first run's before)."""
+    out = tmp_path / "run"
+    assert main(ADDING + ["--steps", "10", "--out", str(out)]) == 0
+    assert main(ADDING + ["--steps", "20", "--out", str(out), "--resume"]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        weights_steps = json.loads(f.metadata()["config"])["steps"]
+    assert json.loads((out / "config.json").read_text())["steps"] == 20
+    assert json.loads((out / "summary.json").read_text())["steps"] == 20 == weights_steps
+    assert load_checkpoint(out)[2]["step"] == 20
+
+
 def test_errors_exit_2_and_overwrite_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(ADDING + ["--steps", "10", "--out", str(out)]) == 0
@@ -129,6 +143,8 @@ def test_errors_exit_2_and_overwrite_nothing(tmp_path, capsys):
     fails([*ADDING, "-o", "nosuch=1", "--out", str(tmp_path / "v")], "task 'adding'")
     fails([*ADDING, "--steps", "20", "--hidden", "16", "--out", str(out), "--resume"],
           "trained with other settings (hidden_size)")
+    fails([*ADDING, "--steps", "5", "--out", str(out), "--resume"],
+          "--steps 5: the checkpoint in")  # a budget below the steps trained (it was taken, and recorded)
     # Corrupt and foreign checkpoints.
     ck = out / "checkpoint.safetensors"
     good = ck.read_bytes()

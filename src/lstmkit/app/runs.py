@@ -224,7 +224,9 @@ def start(run_dir: str | os.PathLike[str], cfg: TrainConfig, resumed: bool,
     may have started or finished in between. Removes temporary files of killed writers; a
     fresh run replaces an unstarted run's files and writes ``config.json``; a resumed run
     rewrites ``metrics.jsonl`` from the checkpoint's ``history``, so that it holds exactly
-    one line per evaluation however the previous process ended.
+    one line per evaluation however the previous process ended, and ``config.json`` where its
+    budget of steps changed (the one setting a resumed run may change), so that it says what
+    ``summary.json`` and the weights' metadata will.
 
     Raises:
         InUseError: another run holds the directory.
@@ -248,6 +250,8 @@ def start(run_dir: str | os.PathLike[str], cfg: TrainConfig, resumed: bool,
         _atomic.clean_stale(d, exclusive=True)
         if resumed:
             write_metrics(d, history or [])
+            if read_config(d) != json.loads(json.dumps(asdict(cfg))):  # a budget of steps grown on resume
+                _atomic.write_json(d / CONFIG, asdict(cfg), what="config")
         else:
             (d / METRICS).unlink(missing_ok=True)
             _atomic.write_json(d / CONFIG, asdict(cfg), what="config")

@@ -123,14 +123,20 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _check_same_settings(cfg: TrainConfig, theirs: TrainConfig, run_dir: Path) -> None:
-    mine, other = asdict(cfg), asdict(theirs)
+def _check_same_settings(cfg: TrainConfig, checkpoint: runs.Checkpoint, run_dir: Path) -> None:
+    """A resumed run's settings are the checkpoint's, but for a budget of steps that may grow
+    (not below the steps already trained: those would be recorded as the run's budget)."""
+    mine, other = asdict(cfg), asdict(checkpoint.config)
     mine.pop("steps")
     other.pop("steps")
     if mine != other:
         diff = sorted(k for k in mine if mine[k] != other.get(k))
         raise CheckpointError(f"--resume: the checkpoint in {run_dir} was trained with other "
                               f"settings ({', '.join(diff)}); resume with the same settings")
+    done = checkpoint.state["step"]
+    if cfg.steps < done:
+        raise CheckpointError(f"--steps {cfg.steps}: the checkpoint in {run_dir} is at step {done} already; "
+                              f"resume with --steps {done} or more (nothing was changed)")
 
 
 def _check_budget(cfg: TrainConfig, task: Task) -> str:
@@ -202,7 +208,7 @@ class Trainer:
         self.kernel = _check_budget(cfg, self.task)
         checkpoint = runs.read_checkpoint(self.run_dir, world=self.world) if self.resumed else None
         if checkpoint is not None:
-            _check_same_settings(cfg, checkpoint.config, self.run_dir)
+            _check_same_settings(cfg, checkpoint, self.run_dir)
         torch.manual_seed(cfg.seed)
         self.model = SequenceModel(cfg, self.task.input_size, self.task.output_size)
         self.ddp: nn.Module = self.model
