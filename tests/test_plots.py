@@ -338,6 +338,10 @@ def test_command_default_outputs_and_no_overwrite(runs, tmp_path, capsys):
     assert cli(["curves", str(run), "-o", str(tmp_path / "c.png")]) == 0
     assert cli(["compare", str(run), str(runs["nfg"]), "-o", str(tmp_path / "cmp.png")]) == 0
     assert "nfg" in capsys.readouterr().out
+    for kind, out in (("curves", "c.png"), ("compare", "cmp.png")):  # a mistyped run, the output there:
+        assert cli([kind, str(run), str(tmp_path / "nosuch"), "-o", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err  # the input named first (it said the output exists)
+        assert err.count("\n") == 1 and "no run directory at" in err and "nosuch" in err, err
     assert_png(tmp_path / "cmp.png")
     # a checkpoint file works as well as its run directory
     assert cli(["weights", str(run / "checkpoint.safetensors"), "-o", str(tmp_path / "w.png")]) == 0

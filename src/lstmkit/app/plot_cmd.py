@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"kind: unknown plot kind {kind!r}; expected one of {list(KINDS)}")
     if kind in ("gates", "cells", "weights") and not args.run.exists():
         raise ValueError(f"run: no run directory or checkpoint at {str(args.run)!r}")
+    for run_dir in args.runs if kind in ("curves", "compare") else []:  # the inputs before the output
+        runs.check_run_dir(run_dir)
     out = plots.check_output(_default_output(args), args.overwrite, ".png")
     if kind in ("gates", "cells", "weights"):
         cfg, task, model = runs.load_run(args.run)

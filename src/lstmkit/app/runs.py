@@ -55,9 +55,9 @@ from lstmkit.app.tasks.registry import get_task
 __all__ = ["CheckpointError", "InUseError", "RunLock", "lock", "checkpoint_step", "Checkpoint", "FORMAT",
            "WEIGHTS_FORMAT", "CHECKPOINT", "CONFIG", "METRICS", "SUMMARY", "MODEL", "plan", "start",
            "read_checkpoint", "write_checkpoint", "checkpoint_tensors", "restore", "selected_weights",
-           "append_metrics", "write_metrics", "read_metrics", "write_summary", "read_summary", "read_config",
-           "write_model", "load_run", "variant_of", "eval_split_of", "metric_of", "final_values", "criterion_of",
-           "STUDY_RESULT", "read_study_result", "write_study_result"]
+           "append_metrics", "write_metrics", "read_metrics", "check_run_dir", "write_summary", "read_summary",
+           "read_config", "write_model", "load_run", "variant_of", "eval_split_of", "metric_of", "final_values",
+           "criterion_of", "STUDY_RESULT", "read_study_result", "write_study_result"]
 
 #: Identifies lstmkit checkpoints (metadata key "format").
 FORMAT = "lstmkit-checkpoint-1"
@@ -446,7 +446,8 @@ def write_metrics(run_dir: str | os.PathLike[str], records: list[dict[str, Any]]
     _atomic.write_text(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in records), what="metrics")
 
 
-def _run_dir(path: str | os.PathLike[str]) -> Path:
+def check_run_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a directory of runs that exists (else one ValueError naming it)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"run_dirs: {str(p)!r} is a file, expected a run directory")
@@ -461,7 +462,7 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     Raises:
         ValueError: no such directory or file, or a line that is not a JSON object.
     """
-    d = _run_dir(run_dir)
+    d = check_run_dir(run_dir)
     f = d / METRICS
     if not f.is_file():
         raise ValueError(f"run_dirs: {str(d)!r} has no {METRICS} (not a training run, or no evaluation yet)")
