@@ -115,8 +115,27 @@ def test_describe_vanilla_rows_and_rnn():
     assert "parameters: 2,560" in text  # 4·20·(10+20) + 2·4·20
     rnn = lstmkit.describe(lstmkit.RNN(10, 20), file=io.StringIO())
     assert "parameters: 640" in rnn
-    with pytest.raises(ValueError, match="model: expected an lstmkit LSTM or RNN"):
+    with pytest.raises(ValueError, match="model: expected an lstmkit LSTM, RNN or LSTMCell"):
         lstmkit.describe(torch.nn.Linear(2, 2), file=io.StringIO())
+
+
+@pytest.mark.parametrize("cell", ["peephole", "cifg+layernorm", lstmkit.CellSpec(gate_hidden=(3,)), "heads=2",
+                                  "slstm"])
+def test_describe_and_gates_take_an_lstm_cell(cell):
+    """An LSTMCell is tabulated as a one-layer, one-direction layer (it was left out, and the
+    total fell short by its parameters); its gates are views of its parameters."""
+    model = torch.nn.ModuleDict({"enc": lstmkit.LSTM(I, H), "dec": lstmkit.LSTMCell(H, H, cell=cell)})
+    text = lstmkit.describe(model, file=io.StringIO())
+    assert f"dec: LSTMCell({H} → {H})" in text
+    assert f"total parameters: {sum(p.numel() for p in model.parameters()):,}" in text
+    body = [line for line in text.split("dec: ")[1].splitlines() if line[:1].isdigit()]
+    assert sum(int(line.split()[-1]) for line in body) == sum(p.numel() for p in model["dec"].parameters())
+    gate = model["dec"].gates()["g"]
+    with torch.no_grad():
+        gate.W_x.fill_(0.25)
+    assert int((model["dec"].weight_ih == 0.25).sum()) == gate.W_x.numel()  # the view wrote the parameter
+    with pytest.raises(ValueError, match="layer"):
+        model["dec"].gates(layer=1)
 
 
 def test_describe_model_with_several_layers():
@@ -157,7 +176,7 @@ def test_gates_by_letter_and_the_errors_of_inspection():
     assert g["f"] is g["forget"] and g["i"].name == "input"
     with pytest.raises(KeyError, match=r"'forgets': the gates are 'input', 'forget', 'candidate', 'output'"):
         g["forgets"]
-    with pytest.raises(TypeError, match="model: expected an lstmkit LSTM or RNN"):
+    with pytest.raises(TypeError, match="model: expected an lstmkit LSTM, RNN or LSTMCell"):
         lstmkit.describe(3)
     flow = lstmkit.gradient_flow(layer, torch.randn(4, 2, I), lambda y: y.sum())
     with pytest.raises(ValueError, match="layer"):

@@ -11,7 +11,7 @@ from typing import IO, Any
 from torch import nn
 
 from lstmkit.gates import gate_views
-from lstmkit.nn import LSTM, RNN
+from lstmkit.nn import LSTM, RNN, LSTMCell
 from lstmkit.spec import gate_slices
 
 __all__ = ["describe"]
@@ -74,14 +74,14 @@ def describe(model: nn.Module, file: IO[str] | None = None) -> str:
         The printed text.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an lstmkit LSTM or RNN (or a module containing one), got "
+        raise TypeError(f"model: expected an lstmkit LSTM, RNN or LSTMCell (or a module containing one), got "
                         f"{type(model).__name__}")
     out: list[str] = []
     total = 0
     layers = [(name or type(model).__name__, m) for name, m in model.named_modules()
-              if isinstance(m, (LSTM, RNN))]
+              if isinstance(m, (LSTM, RNN, LSTMCell))]
     if not layers:
-        raise ValueError(f"model: expected an lstmkit LSTM or RNN (or a module containing one), "
+        raise ValueError(f"model: expected an lstmkit LSTM, RNN or LSTMCell (or a module containing one), "
                          f"got {type(model).__name__} with none inside")
     header = ["layer", "dir", "gate", "activation", "W: n × (I + H)", "bias", "extras", "params"]
     for name, layer in layers:

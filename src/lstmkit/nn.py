@@ -634,6 +634,25 @@ class LSTMCell(PreparedModule):
         self.check_finite = check_finite
         self._prepared = PreparedStep(spec, hidden_size)  # the step of a signature seen before
 
+    # A cell reads as one layer and direction without projection (gates, describe)
+    num_layers = 1
+    num_directions = 1
+    proj_size = 0
+
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
+    def layer_params(self, layer: int = 0, direction: int = 0) -> dict[str, Tensor]:
+        """The parameters by name (a cell's carry no suffix); layer and direction 0 only."""
+        check_int("layer", layer, 0, 0)
+        check_int("direction", direction, 0, 0)
+        return {base: getattr(self, base) for base in self._param_shapes}
+
+    def gates(self, layer: int = 0, direction: int = 0) -> dict[str, Any]:
+        """Each gate as the textbook writes it, as :meth:`LSTM.gates` (layer and direction 0)."""
+        return gate_views(self, layer, direction)
+
     def reset_parameters(self) -> None:
         """The layers' initialisation (:meth:`LSTM.reset_parameters`), as ``torch.nn.LSTMCell``'s;
         e.g. after ``to_empty`` of a cell made on the meta device."""
