@@ -186,6 +186,17 @@ def test_report_of_an_unfinished_run_and_charlm_text(tmp_path):
         assert_png(base64.b64decode(src[len(DATA_PNG):]))
 
 
+def test_the_report_of_a_plain_rnn_run_shows_no_cell_variant(tmp_path):
+    """A plain-RNN run keeps its task's recipe cell in config.json (adding's chrono=T), which the
+    model never read; its Configuration table said cell chrono=22 as if it had."""
+    cfg = TrainConfig.for_task("adding", {"length": 22, "eval_size": 16}, model="rnn", hidden_size=4, batch_size=4,
+                               steps=2, eval_every=2, eval_batch_size=16)
+    assert cfg.cell != "vanilla"  # the recipe's
+    train(cfg, tmp_path / "rnn", progress=False)
+    text = "".join(parse(report.write_report(tmp_path / "rnn")).text)
+    assert f"— (unused by model rnn: {cfg.cell})" in text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["{tmp}/missing"], "run_dir: no run directory at '{tmp}/missing'"),
     (["{tmp}"], "checkpoint: no checkpoint.safetensors in {tmp} (not a training run"),

@@ -287,7 +287,10 @@ def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gr
                       "Norms of the loss's gradient with respect to each step's state (lstmkit.gradient_flow, "
                       "float64) on test sequences, with the task's loss.") + _table(rows)
         sections.append(("Gradient flow", body))
-    sections.append(("Configuration", _table(list(asdict(cfg).items()), ("setting", "value"))))
+    settings = asdict(cfg)
+    if cfg.model == "rnn":  # the task's recipe cell stays in the config; the plain RNN has no gates to vary
+        settings["cell"] = f"— (unused by model rnn: {settings['cell']})"
+    sections.append(("Configuration", _table(list(settings.items()), ("setting", "value"))))
     table = describe(model, file=io.StringIO())
     sections.append(("Gates (lstmkit.describe)", f"<pre>{_e(table)}</pre>"))
     sections.append(("Versions, kernel, machine and date", _environment(summary, model)))
