@@ -606,6 +606,11 @@ class LSTMCell(PreparedModule):
     (``cell="slstm"``): hx (h, c, n, m), returns (h', c', n', m').
     """
 
+    # A cell reads as one layer and direction without projection (gates, describe)
+    num_layers = 1
+    num_directions = 1
+    proj_size = 0
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device: Any = None,
                  dtype: Any = None, *, cell: str | CellSpec = "vanilla", backend: str | None = None,
                  check_finite: bool = True) -> None:
@@ -633,11 +638,6 @@ class LSTMCell(PreparedModule):
         self.backend = backend
         self.check_finite = check_finite
         self._prepared = PreparedStep(spec, hidden_size)  # the step of a signature seen before
-
-    # A cell reads as one layer and direction without projection (gates, describe)
-    num_layers = 1
-    num_directions = 1
-    proj_size = 0
 
     @property
     def output_size(self) -> int:

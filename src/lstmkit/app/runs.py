@@ -250,7 +250,11 @@ def start(run_dir: str | os.PathLike[str], cfg: TrainConfig, resumed: bool,
         _atomic.clean_stale(d, exclusive=True)
         if resumed:
             write_metrics(d, history or [])
-            if read_config(d) != json.loads(json.dumps(asdict(cfg))):  # a budget of steps grown on resume
+            try:
+                same = read_config(d) == json.loads(json.dumps(asdict(cfg)))
+            except (ValueError, OSError):  # damaged: the checkpoint's settings replace it
+                same = False
+            if not same:  # a budget of steps grown on resume
                 _atomic.write_json(d / CONFIG, asdict(cfg), what="config")
         else:
             (d / METRICS).unlink(missing_ok=True)
