@@ -502,3 +502,13 @@ def test_runs_on_names_the_row_this_input_runs_on():
     assert trace(lstmkit.LSTM(3, 4), torch.randn(5, 2, 3)).runs_on == kernels.select(
         lstmkit.CellSpec(), torch.device("cpu"), torch.float32, None, False,
         kernels.Workload("lstm", 5, 2, 4, torch.float32, False, False, False)).name
+
+
+def test_a_summary_whose_last_state_gets_no_gradient_has_no_ratio():
+    """Zoneout: h_T reads the cell before zoneout and nothing reads c_T, so ‖∂L/∂c_T‖ = 0; the
+    first/last ratio is None (it was inf, which the report printed and JSON cannot hold)."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, cell="zoneout=0.2", dtype=torch.float64)
+    flow = lstmkit.gradient_flow(layer, torch.randn(6, 2, 3, dtype=torch.float64), lambda y: y[-1].pow(2).sum())
+    s = flow.summary()
+    assert s["t_last"] == 0.0 and s["t1"] > 0 and s["ratio_first_last"] is None

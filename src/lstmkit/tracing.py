@@ -386,7 +386,9 @@ class GradientFlow:
 
         Returns:
             ``{"quantity": "c" or "h", "T": T, "t1": …, "t_mid": …, "t_last": …,
-            "ratio_first_last": …, "f_mean": mean of f over all steps or None}``.
+            "ratio_first_last": …, "f_mean": mean of f over all steps or None}``; the ratio is
+            None where no gradient reaches the last step's state (zoneout's ``c_T``: ``h_T``
+            reads the cell before zoneout, and only a next step would read ``c_T``).
         """
         check_int("layer", layer, 0, len(self.layers) - 1)
         check_int("direction", direction, 0, len(self.layers[layer]) - 1)
@@ -395,7 +397,7 @@ class GradientFlow:
         T = int(n.shape[0])
         first, mid, last = float(n[0]), float(n[max(T // 2 - 1, 0)]), float(n[-1])
         return {"quantity": "h" if rec.grad_c is None else "c", "T": T, "t1": first, "t_mid": mid,
-                "t_last": last, "ratio_first_last": first / last if last else float("inf"),
+                "t_last": last, "ratio_first_last": first / last if last else None,
                 "f_mean": None if rec.f_mean is None else float(rec.f_mean.mean())}
 
 

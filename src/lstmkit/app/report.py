@@ -280,7 +280,8 @@ def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gr
                 (f"‖∂L/∂{q}_t‖ at t=1", f"{s['t1']:.4g}"),
                 (f"‖∂L/∂{q}_t‖ at t={max(s['T'] // 2, 1)}", f"{s['t_mid']:.4g}"),
                 (f"‖∂L/∂{q}_t‖ at t={s['T']}", f"{s['t_last']:.4g}"),
-                ("first / last", f"{s['ratio_first_last']:.4g}")]
+                ("first / last", "— (no gradient reaches the last state)" if s["ratio_first_last"] is None
+                 else f"{s['ratio_first_last']:.4g}")]
         if s["f_mean"] is not None:
             rows.append(("mean forget gate f", f"{s['f_mean']:.4g}"))
         body = _image(plots.plot_gradient_flow(flow), "gradient flow",
