@@ -48,6 +48,8 @@ CALLS: dict[str, Callable[[dict[str, Any], Path], Any]] = {
                                                   "activation": "sigmoid", **kw}),
     "LSTM.gates": lambda kw, _: _layer().gates(**kw),
     "LSTM.layer_params": lambda kw, _: _layer().layer_params(**kw),
+    "LSTMCell.gates": lambda kw, _: lstmkit.LSTMCell(I, H).gates(**kw),
+    "LSTMCell.layer_params": lambda kw, _: lstmkit.LSTMCell(I, H).layer_params(**kw),
     "from_keras": lambda kw, _: convert.from_keras(convert.to_keras(_layer()), **kw),
     "to_keras": lambda kw, _: convert.to_keras(_layer(), **kw),
     "from_keras_file": lambda kw, tmp: convert.from_keras_file(tmp / "missing.keras", **kw),
