@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
@@ -121,6 +122,26 @@ def test_nn_rnn_and_relu_needs_cell(main, capsys, tmp_path):
     back = torch.nn.RNN(3, 4, num_layers=2, nonlinearity="relu")
     back.load_state_dict(torch.load(tmp_path / "bare.pt", weights_only=True))
     _close(_run(back, x)[0], _run(ref, x)[0])
+
+
+def test_a_state_dict_of_several_dtypes_is_read_at_the_widest(main, capsys, tmp_path):
+    """One float16 tensor among float32 ones: the layer is float32 and every value as saved (it
+    took weight_ih_l0's dtype and rounded the others to float16, without a word), as
+    nn.LSTM.load_state_dict keeps them; likewise a .safetensors file of lstmkit's."""
+    torch.manual_seed(2)
+    sd = dict(torch.nn.LSTM(4, 6).state_dict())
+    sd["weight_ih_l0"] = sd["weight_ih_l0"].half()
+    torch.save(sd, tmp_path / "mixed.pt")
+    assert main(["convert", str(tmp_path / "mixed.pt"), str(tmp_path / "mixed.safetensors")]) == 0
+    for layer in (read_layer(tmp_path / "mixed.pt"), read_layer(tmp_path / "mixed.safetensors")):
+        assert all(p.dtype == torch.float32 for p in layer.parameters())
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, sd[k].float()), k
+    tensors = load_file(str(tmp_path / "mixed.safetensors"))  # lstmkit's own file, its tensors mixed
+    tensors["bias_hh_l0"] = tensors["bias_hh_l0"].to(torch.float64)
+    with safe_open(str(tmp_path / "mixed.safetensors"), "pt") as f:
+        save_file(tensors, str(tmp_path / "wide.safetensors"), metadata=f.metadata())
+    assert read_layer(tmp_path / "wide.safetensors").weight_hh_l0.dtype == torch.float64
 
 
 def test_onnx_options(main, capsys, tmp_path):

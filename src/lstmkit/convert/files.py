@@ -35,6 +35,7 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,17 @@ def _only_layer(tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def _widest_dtype(tensors: Mapping[str, Tensor]) -> torch.dtype:
+    """The dtype of a layer built for ``tensors``: the widest of their floating dtypes, which holds
+    every value of each (float16 among float32 tensors: float32), float32 if none is floating
+    (refused by name when loaded). A layer computes in one dtype."""
+    widest: torch.dtype | None = None
+    for t in tensors.values():
+        if t.dtype.is_floating_point:
+            widest = t.dtype if widest is None else torch.promote_types(widest, t.dtype)
+    return widest or torch.float32
+
+
 def _infer_layer(tensors: dict[str, Tensor], where: str, cell: str | None, batch_first: bool) -> Layer:
     """Rebuild the layer of a bare state dict from its keys and shapes (and ``cell``)."""
     sd = _only_layer(tensors, where)
@@ -162,7 +174,7 @@ def _infer_layer(tensors: dict[str, Tensor], where: str, cell: str | None, batch
     if not proj:
         H *= spec.heads  # W_hh holds one head's H / heads columns
     kw = dict(num_layers=L, bias="bias_ih" in bases, batch_first=batch_first, bidirectional=bidir,
-              dtype=w_ih.dtype)
+              dtype=_widest_dtype(sd))
     try:
         if spec.is_lstm:
             layer: Layer = LSTM(I, H, proj_size=proj, cell=spec, **kw)
@@ -239,8 +251,7 @@ def _read_safetensors(src: Path, cell: str | None, batch_first: bool | None) -> 
             raise ValueError(f"{where}: damaged metadata (no readable 'config': {exc})") from None
         if not isinstance(cfg, dict):
             raise ValueError(f"{where}: damaged metadata ('config' is not an object)")
-        layer = layer_from_config(cfg, next(iter(tensors.values())).dtype if tensors else torch.float32, where,
-                                  {k: tuple(t.shape) for k, t in tensors.items()})
+        layer = layer_from_config(cfg, _widest_dtype(tensors), where, {k: tuple(t.shape) for k, t in tensors.items()})
         _check_cell(layer, cell, where)
         if batch_first is not None:
             layer.batch_first = batch_first
@@ -256,8 +267,9 @@ def _read_safetensors(src: Path, cell: str | None, batch_first: bool | None) -> 
         except (KeyError, ValueError, TypeError, AttributeError, IndexError):
             raise ValueError(f"{where}: a training-run file ({fmt}) with damaged metadata or no rnn weights") \
                 from None
-        layer = layer_from_config(cfg, w.dtype, where, {k[len(prefix):]: tuple(t.shape) for k, t in tensors.items()
-                                                        if k.startswith(prefix)})
+        layer = layer_from_config(cfg, _widest_dtype({k: t for k, t in tensors.items() if k.startswith(prefix)}),
+                                  where, {k[len(prefix):]: tuple(t.shape) for k, t in tensors.items()
+                                          if k.startswith(prefix)})
         _check_cell(layer, cell, where)
         others = [k for k in tensors if not k.startswith(prefix)]
         if any(k.startswith(_TRAIN_FORMATS[fmt] + "head.") for k in others):
