@@ -242,6 +242,27 @@ def test_a_bias_for_a_layer_without_bias_leaves_the_layer_untouched():
     assert _unchanged(layer, before)
 
 
+def test_a_layer_without_bias_takes_tf1_arrays_only_with_forget_bias_0():
+    """All-zero TF1 arrays into a bias-free layer: the cell's run-time forget_bias (1.0 unless
+    given) is what the layer cannot hold, and the message says so (it blamed the arrays' bias)."""
+    layer = lstmkit.LSTM(3, 5, bias=False)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"forget_bias: the TF1 cell adds forget_bias=1.0 .* bias=False cannot"):
+        from_tf1(layer, np.zeros((8, 20)), np.zeros(20))
+    assert _unchanged(layer, before)
+    from_tf1(layer, np.ones((8, 20)), np.zeros(20), forget_bias=0.0)
+    assert bool((layer.weight_ih_l0 == 1).all())
+
+
+def test_a_bfloat16_layer_exports_float32_arrays():
+    """NumPy has no bfloat16: to_tf1 / to_haste raised torch's "unsupported ScalarType BFloat16";
+    the arrays are float32 now, every value as in the layer."""
+    layer = lstmkit.LSTM(3, 4, dtype=torch.bfloat16)
+    tf1, haste = to_tf1(layer, forget_bias=0.0), to_haste(layer)
+    assert {a.dtype for a in (*tf1.values(), *haste.values())} == {np.dtype(np.float32)}
+    assert set(np.abs(haste["kernel"]).ravel()) <= set(layer.weight_ih_l0.abs().float().flatten().tolist())
+
+
 def test_scalar_arguments_are_checked_naming_themselves():
     arrays = _tf1_arrays()
     layer = lstmkit.LSTM(3, 4, num_layers=2)

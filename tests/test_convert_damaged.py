@@ -251,3 +251,14 @@ def test_a_configuration_field_of_the_wrong_type_is_named_once(tmp_path):
         with pytest.raises(ValueError) as info:
             read_layer(tmp_path / "m.safetensors")
         assert str(info.value).count("damaged configuration") == 1 and message in str(info.value)
+
+
+def test_flashrnn_tensors_with_an_empty_side_are_refused_naming_them():
+    """(They were refused as input_size = 0 or CellSpec.heads = 0: names the caller never gave.)"""
+    R, b = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3)
+    with pytest.raises(ValueError, match=r"^W: expected \(4H, I\) with 4H = 24 and I >= 1, got \(24, 0\)"):
+        from_flashrnn(R, b, torch.randn(24, 0))
+    with pytest.raises(ValueError, match=r"^R: expected \(4, NH, D, D\) .*NH, D >= 1\), got \(4, 0, 3, 3\)"):
+        from_flashrnn(torch.randn(4, 0, 3, 3), torch.randn(4, 0, 3))
+    with pytest.raises(ValueError, match=r"^R: .*got \(4, 2, 0, 0\)"):
+        from_flashrnn(torch.randn(4, 2, 0, 0), torch.randn(4, 2, 0))

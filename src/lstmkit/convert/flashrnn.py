@@ -77,8 +77,8 @@ def from_flashrnn(R: Any, b: Any, W: Any = None, function: str = "lstm", *, batc
                          f"gru and elman cells have no lstmkit layer)")
     R = _tensor("R", R, 4)
     G, NH, D, P = R.shape
-    if G != 4 or D != P:
-        raise ValueError(f"R: expected (4, NH, D, D) (gates, heads, units, units: FlashRNN's GHDP), "
+    if G != 4 or D != P or NH == 0 or D == 0:
+        raise ValueError(f"R: expected (4, NH, D, D) (gates, heads, units, units: FlashRNN's GHDP; NH, D >= 1), "
                          f"got {tuple(R.shape)}")
     b = _tensor("b", b, 3)
     if tuple(b.shape) != (4, NH, D):
@@ -86,8 +86,8 @@ def from_flashrnn(R: Any, b: Any, W: Any = None, function: str = "lstm", *, batc
     H = NH * D
     if W is not None:
         W = _tensor("W", W, 2)
-        if W.shape[0] != 4 * H:
-            raise ValueError(f"W: expected (4H, I) with 4H = {4 * H}, got {tuple(W.shape)}")
+        if W.shape[0] != 4 * H or W.shape[1] == 0:
+            raise ValueError(f"W: expected (4H, I) with 4H = {4 * H} and I >= 1, got {tuple(W.shape)}")
     I = 4 * H if W is None else W.shape[1]
     layer = LSTM(I, H, cell=FUNCTIONS[function].replace(heads=NH), batch_first=batch_first, dtype=R.dtype,
                  device=R.device)

@@ -32,6 +32,11 @@ def _canonical(layer: LSTM, index: int, direction: int) -> tuple[torch.Tensor, t
     return w_ih, w_hh, b
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a NumPy array of its own; bfloat16, which NumPy lacks, as float32 (every value exact)."""
+    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy().copy()
+
+
 def _as_layer_dtype(name: str, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """``a`` (checked by :func:`expect_weights`) in the layer's dtype; a value beyond that dtype's range is refused
     rather than stored as inf."""
@@ -57,7 +62,8 @@ def _store(layer: LSTM, index: int, direction: int, w_ih: torch.Tensor, w_hh: to
 
 
 def to_tf1(layer: LSTM, index: int = 0, direction: int = 0, forget_bias: float = 1.0) -> dict[str, np.ndarray]:
-    """TF1 ``kernel`` [I + H, 4H] and ``bias`` [4H] (gate order i, j, f, o) of one layer-direction.
+    """TF1 ``kernel`` [I + H, 4H] and ``bias`` [4H] (gate order i, j, f, o) of one layer-direction,
+    in the layer's dtype (a bfloat16 layer's as float32: NumPy has no bfloat16).
 
     Args:
         forget_bias: the value the TF1 cell will add at run time (its default is 1.0).
@@ -70,7 +76,7 @@ def to_tf1(layer: LSTM, index: int = 0, direction: int = 0, forget_bias: float =
     kernel = reorder_gates(torch.cat([w_ih, w_hh], dim=1), "lstmkit", "tf1").t()  # (I + H, 4H)
     bias = reorder_gates(b, "lstmkit", "tf1").clone()
     bias[2 * H:3 * H] -= forget_bias  # tf1 order i, j, f, o: f is the third block
-    return {"kernel": kernel.cpu().numpy().copy(), "bias": bias.cpu().numpy().copy()}
+    return {"kernel": _numpy(kernel), "bias": _numpy(bias)}
 
 
 def from_tf1(layer: LSTM, kernel: np.ndarray, bias: np.ndarray, index: int = 0, direction: int = 0,
@@ -82,8 +88,8 @@ def from_tf1(layer: LSTM, kernel: np.ndarray, bias: np.ndarray, index: int = 0, 
 
     Raises:
         TypeError: an array is not floating (integers, bools, objects are not cast), or a wrong argument type.
-        ValueError: a wrong shape, a NaN/inf, a value beyond the layer dtype's range, a non-zero bias for a
-            layer with ``bias=False``; the message names the array.
+        ValueError: a wrong shape, a NaN/inf, a value beyond the layer dtype's range, a non-zero bias (or
+            ``forget_bias``) for a layer with ``bias=False``; the message names the array.
     """
     require_plain_lstm(layer, "the TF1 layout")
     index, direction = layer_slot(layer, index, direction)
@@ -92,6 +98,10 @@ def from_tf1(layer: LSTM, kernel: np.ndarray, bias: np.ndarray, index: int = 0, 
     n_in = layer.layer_params(index, direction)["weight_ih"].shape[1]
     kernel = expect_weights("kernel", kernel, (n_in + H, 4 * H))
     bias = expect_weights("bias", bias, (4 * H,))
+    if forget_bias != 0.0 and "bias_ih" not in layer.layer_params(index, direction) and not np.any(bias):
+        raise ValueError(f"forget_bias: the TF1 cell adds forget_bias={forget_bias} to the forget gate at run "
+                         f"time, which a layer with bias=False cannot hold; pass forget_bias=0.0 if the cell was "
+                         f"built so, else load into a layer with a bias")
     dtype = layer.weight_ih_l0.dtype
     w = reorder_gates(_as_layer_dtype("kernel", kernel, dtype).t(), "tf1", "lstmkit")  # (4H, I + H)
     b = _as_layer_dtype("bias", bias, dtype).clone()
@@ -104,13 +114,14 @@ def from_tf1(layer: LSTM, kernel: np.ndarray, bias: np.ndarray, index: int = 0, 
 
 
 def to_haste(layer: LSTM, index: int = 0, direction: int = 0) -> dict[str, np.ndarray]:
-    """haste ``kernel`` [I, 4H], ``recurrent_kernel`` [H, 4H], ``bias`` [4H] (order i, g, f, o)."""
+    """haste ``kernel`` [I, 4H], ``recurrent_kernel`` [H, 4H], ``bias`` [4H] (order i, g, f, o), in the
+    layer's dtype (a bfloat16 layer's as float32)."""
     require_plain_lstm(layer, "the haste layout")
     index, direction = layer_slot(layer, index, direction)
     w_ih, w_hh, b = _canonical(layer, index, direction)
-    return {"kernel": reorder_gates(w_ih, "lstmkit", "haste").t().cpu().numpy().copy(),
-            "recurrent_kernel": reorder_gates(w_hh, "lstmkit", "haste").t().cpu().numpy().copy(),
-            "bias": reorder_gates(b, "lstmkit", "haste").cpu().numpy().copy()}
+    return {"kernel": _numpy(reorder_gates(w_ih, "lstmkit", "haste").t()),
+            "recurrent_kernel": _numpy(reorder_gates(w_hh, "lstmkit", "haste").t()),
+            "bias": _numpy(reorder_gates(b, "lstmkit", "haste"))}
 
 
 def from_haste(layer: LSTM, kernel: np.ndarray, recurrent_kernel: np.ndarray, bias: np.ndarray,
