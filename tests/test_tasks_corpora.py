@@ -385,6 +385,17 @@ def test_series_difference_mode_and_lags():
     assert m["rmse"][0] / m["rmse"][1] == pytest.approx(task.baselines["persistence"], rel=1e-5)
 
 
+def test_series_lags_that_do_not_fit_are_refused_naming_lags():
+    """(It said only 'window=64 does not fit', though lags was the option given.)"""
+    n_train = Sunspots().ranges["train"][1]
+    Sunspots(lags=n_train - 64)  # the most that fits at window 64
+    with pytest.raises(ValueError, match=rf"window=64 and lags={n_train - 63} do not fit the {n_train}-value "
+                                         rf"train part: window \+ lags <= {n_train}, so lags <= {n_train - 64}"):
+        Sunspots(lags=n_train - 63)
+    with pytest.raises(ValueError, match=r"lags=\d+ \(after difference=true\) .* window \+ lags \+ 1 <= "):
+        Sunspots(lags=n_train - 64, difference=True)
+
+
 def test_series_train_batches_deterministic_inside_train(sun: Sunspots):
     a = _batches_from(sun, 5, 3, 16, global_seed=1)
     b = _batches_from(sun, 5, 3, 16, global_seed=2)

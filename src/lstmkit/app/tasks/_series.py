@@ -171,8 +171,12 @@ class _SeriesTask(Task):
             feats[k:, k - 1] = self.z[:-k]
         self._x = torch.from_numpy(feats).float()
         self._y = torch.from_numpy(self.z).float()
-        if n_train - self.window < self.first_target:
-            raise ValueError(f"{self.name}: window={self.window} does not fit the {n_train}-value train part")
+        if n_train - self.window < self.first_target:  # a window's first target needs `lags` values before it
+            most = n_train - self.window - first
+            raise ValueError(f"task {self.name!r}: window={self.window} and lags={self.lags}"
+                             f"{' (after difference=true)' if self.difference else ''} do not fit the "
+                             f"{n_train}-value train part: window + lags{' + 1' if first else ''} <= {n_train}"
+                             f"{f', so lags <= {most} at this window' if most >= 1 else ''}")
 
     @property
     def raw(self) -> SeriesData:
