@@ -142,7 +142,7 @@ def test_errors_exit_2_and_overwrite_nothing(tmp_path, capsys):
     fails([*ADDING, "--proj-size", "9", "--out", str(tmp_path / "w")], "proj_size")
     fails([*ADDING, "-o", "nosuch=1", "--out", str(tmp_path / "v")], "task 'adding'")
     fails([*ADDING, "--steps", "20", "--hidden", "16", "--out", str(out), "--resume"],
-          "trained with other settings (hidden_size)")
+          "trained with other settings (hidden_size: 8 there, 16 now); resume with the same settings")
     fails([*ADDING, "--steps", "5", "--out", str(out), "--resume"],
           "--steps 5: the checkpoint in")  # a budget below the steps trained (it was taken, and recorded)
     # Corrupt and foreign checkpoints.

@@ -124,15 +124,16 @@ def _distributed() -> tuple[int, int]:
 
 
 def _check_same_settings(cfg: TrainConfig, checkpoint: runs.Checkpoint, run_dir: Path) -> None:
-    """A resumed run's settings are the checkpoint's, but for a budget of steps that may grow
-    (not below the steps already trained: those would be recorded as the run's budget)."""
+    """A resumed run is given the checkpoint's settings again, but for a budget of steps that may
+    grow (not below the steps already trained: those would be recorded as the run's budget)."""
     mine, other = asdict(cfg), asdict(checkpoint.config)
     mine.pop("steps")
     other.pop("steps")
     if mine != other:
-        diff = sorted(k for k in mine if mine[k] != other.get(k))
+        diff = "; ".join(f"{k}: {other.get(k)!r} there, {mine[k]!r} now" for k in sorted(mine)
+                         if mine[k] != other.get(k))
         raise CheckpointError(f"--resume: the checkpoint in {run_dir} was trained with other "
-                              f"settings ({', '.join(diff)}); resume with the same settings")
+                              f"settings ({diff}); resume with the same settings (the command that started it)")
     done = checkpoint.state["step"]
     if cfg.steps < done:
         raise CheckpointError(f"--steps {cfg.steps}: the checkpoint in {run_dir} is at step {done} already; "
