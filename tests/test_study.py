@@ -195,6 +195,22 @@ def test_refuses_foreign_or_different_directory(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_a_setting_spelled_out_at_its_default_resumes_the_same_study(tmp_path):
+    """--clip 1 (the default) typed when the study started and left out when it resumed, or the
+    other way round, trains alike: the study resumes and reuses its finished runs (both
+    comparisons — study.json's settings and each run's recorded config — refused it)."""
+    small = dict(seeds=1, lr_trials=1, variants=["vanilla"])
+    out = tmp_path / "s"
+    first = run_study(_cfg(**small, train={**TRAIN, "clip": 1.0}), out, jobs=1, progress=False)
+    done = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")}
+    again = run_study(_cfg(**small), out, jobs=1, progress=False)
+    assert _values(again) == _values(first) and all(p.stat().st_mtime_ns == t for p, t in done.items())
+    assert run_study(_cfg(**small, train={**TRAIN, "clip": 1, "task_options": {**TRAIN["task_options"]}}), out,
+                     jobs=1, progress=False)["runs"] == 1
+    with pytest.raises(ValueError, match=r"other settings .*'clip': 2\.0"):
+        run_study(_cfg(**small, train={**TRAIN, "clip": 2.0}), out, jobs=1, progress=False)
+
+
 @pytest.mark.parametrize("text", ["[]", "null", "[1, 2]", "3"])
 def test_a_study_json_that_is_not_an_object_is_refused(tmp_path, text):
     out = tmp_path / "s"

@@ -42,7 +42,7 @@ from lstmkit._validate import check_int, loads_json
 from lstmkit.app import runs
 from lstmkit.app._argparse import add_config_options, config_values, key_value, path_arg
 from lstmkit.app.config import MAX_JOBS, TrainConfig
-from lstmkit.app.study_config import TRAIN_KEYS, Run, StudyConfig, train_config
+from lstmkit.app.study_config import TRAIN_KEYS, Run, StudyConfig, effective_train, train_config
 from lstmkit.app.study_results import better, boxplot, summarize, summary_markdown, welch, write_outputs
 
 __all__ = ["StudyConfig", "run_study", "summarize", "welch", "boxplot", "add_arguments", "run"]
@@ -59,7 +59,7 @@ def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, An
     path = Path(run_dir)
     result = runs.read_study_result(path)
     if result is not None:
-        if result.get("config") != config:
+        if not _same_training(result.get("config"), config):
             raise ValueError(f"{path}: holds a finished run with other settings than this study's; "
                              f"nothing was touched (use another --out)")
         return result
@@ -68,6 +68,15 @@ def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, An
         return _train_one(path, TrainConfig.from_dict(config), config, metric)
     finally:
         torch.set_num_threads(threads)  # the run sets one thread; in-process (jobs=1) callers get theirs back
+
+
+def _same_training(recorded: Any, config: dict[str, Any]) -> bool:
+    """Whether a finished run's recorded config trains as ``config`` does: the same TrainConfig,
+    whichever settings were spelled out at their defaults (compared as written if either is not one)."""
+    try:
+        return TrainConfig.from_dict(recorded) == TrainConfig.from_dict(config)
+    except (TypeError, ValueError):
+        return recorded == config
 
 
 def _train_one(path: Path, cfg: Any, config: dict[str, Any], metric: str) -> dict[str, Any]:
@@ -143,6 +152,7 @@ def _prepare(cfg: StudyConfig, out: Path) -> None:
     mine = asdict(cfg)
     mine["lr_range"] = list(cfg.lr_range)
     mine["learning_rates"] = cfg.learning_rates()
+    mine["train"] = effective_train(cfg.train)
     if settings.is_file():
         try:
             theirs = loads_json(settings.read_text(encoding="utf-8"), "not valid JSON")
@@ -152,6 +162,7 @@ def _prepare(cfg: StudyConfig, out: Path) -> None:
             raise ValueError(f"{settings}: expected a JSON object (a study's settings), got "
                              f"{'null' if theirs is None else type(theirs).__name__}; not an lstmkit study, or "
                              f"damaged (nothing was touched)")
+        theirs = {**theirs, "train": effective_train(theirs.get("train", {}))}  # (as an older study wrote it)
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             detail = "; ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in diff)
@@ -288,7 +299,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-range", type=float, nargs=2, default=d["lr_range"], metavar=("LOW", "HIGH"),
                         help=f"log-uniform learning-rate range (default {d['lr_range'][0]:g} {d['lr_range'][1]:g})")
     parser.add_argument("--study-seed", type=int, default=d["seed"], help="seed of the learning-rate draws")
-    parser.add_argument("--baseline", default=None, help="variant to test against (default vanilla)")
+    parser.add_argument("--baseline", default=None,
+                        help="variant to test against (default: vanilla if studied, else the first variant)")
     parser.add_argument("--metric", default=None, help="test metric (default: the task's target metric)")
     parser.add_argument("--out", type=path_arg, default=None, help="study directory (default studies/TASK)")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: one per core)")

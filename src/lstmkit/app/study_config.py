@@ -128,6 +128,17 @@ def train_config(cfg: StudyConfig, run: Run, split: str) -> dict[str, Any]:
     return d
 
 
+def effective_train(train: Any) -> Any:
+    """``train`` (a study's training settings) without those its runs would have anyway —
+    TrainConfig's defaults, an empty ``task_options`` —: two studies that train alike compare
+    equal however their settings were typed (``--batch-size 32``, the default, or nothing).
+    Anything but a mapping is returned as it is (a damaged study.json, compared as found)."""
+    if not isinstance(train, dict):
+        return train
+    return {k: v for k, v in train.items()
+            if not (k == "task_options" and not v) and (k not in TRAIN_KEYS or v != setting({}, k))}
+
+
 def setting(train: dict[str, Any], key: str) -> Any:
     """A training setting of the study: its own, else TrainConfig's default."""
     if key in train:
