@@ -26,15 +26,19 @@ __all__ = ["to_tf1", "from_tf1", "to_haste", "from_haste"]
 
 
 def _canonical(layer: LSTM, index: int, direction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = layer.layer_params(index, direction)
-    w_ih, w_hh = p["weight_ih"].detach(), p["weight_hh"].detach()  # (4H, I), (4H, H)
-    b = (p["bias_ih"] + p["bias_hh"]).detach() if "bias_ih" in p else torch.zeros(w_ih.shape[0], dtype=w_ih.dtype)
+    """W_ih (4H, I), W_hh (4H, H) and the summed bias (4H,) of one layer-direction, in the layer's
+    dtype — a bfloat16 layer's in float32, which NumPy has (every value exact, the sum and the
+    forget_bias shift computed there)."""
+    p = {k: v.detach().float() if v.dtype == torch.bfloat16 else v.detach()
+         for k, v in layer.layer_params(index, direction).items()}
+    w_ih, w_hh = p["weight_ih"], p["weight_hh"]
+    b = p["bias_ih"] + p["bias_hh"] if "bias_ih" in p else torch.zeros(w_ih.shape[0], dtype=w_ih.dtype)
     return w_ih, w_hh, b
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    """``t`` as a NumPy array of its own; bfloat16, which NumPy lacks, as float32 (every value exact)."""
-    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy().copy()
+    """``t`` as a NumPy array of its own (from :func:`_canonical`: never bfloat16)."""
+    return t.cpu().numpy().copy()
 
 
 def _as_layer_dtype(name: str, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
