@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -169,6 +171,26 @@ def test_onnx_options(main, capsys, tmp_path):
     _fails(main, capsys, [tmp_path / "nn.pt", tmp_path / "n.onnx", "--opset", "3"], "opset: expected an int in [14,")
 
 
+@pytest.mark.parametrize("layer", [lstmkit.LSTM(3, 4, cell="gate_act=hard_sigmoid+cand_act=relu"),
+                                   lstmkit.RNN(3, 4, nonlinearity="relu")], ids=["hard_relu", "rnn_relu"])
+def test_a_pt_of_a_variant_warns_that_it_reads_back_only_with_cell(layer, tmp_path):
+    """Keys and shapes of a vanilla layer, other equations: read back alone, the .pt is taken for
+    the vanilla LSTM (tanh RNN) and computes something else — silently, before this warning; with
+    the cell the warning names, it reads back as written. Vanilla and init-only words: no warning."""
+    name = layer.spec.name
+    with pytest.warns(UserWarning, match=rf"does not record the variant '{re.escape(name)}'; read it back with "
+                                         rf"--cell {re.escape(name)}"):
+        write_layer(layer, tmp_path / "v.pt")
+    assert read_layer(tmp_path / "v.pt").spec != layer.spec  # (what the warning is about)
+    back = read_layer(tmp_path / "v.pt", cell=name)
+    x = torch.randn(5, 2, 3)
+    _close(_run(back, x)[0], _run(layer.eval(), x)[0], name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_layer(lstmkit.LSTM(3, 4, cell="fb=1"), tmp_path / "plain.pt")
+        write_layer(lstmkit.RNN(3, 4), tmp_path / "rnn.pt")
+
+
 def test_variants_travel_in_safetensors_and_need_cell_in_pt(main, capsys, tmp_path):
     torch.manual_seed(2)
     layer = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True, cell="peephole+cifg").eval()
@@ -181,6 +203,7 @@ def test_variants_travel_in_safetensors_and_need_cell_in_pt(main, capsys, tmp_pa
         _close(a, b, "peephole+cifg onnx")
     # .pt is a bare state dict: reading it back needs the variant.
     assert main(["convert", str(tmp_path / "a.onnx"), str(tmp_path / "a.pt")]) == 0
+    assert "warning: DST" in capsys.readouterr().err  # a .pt does not record the variant (needs --cell)
     _fails(main, capsys, [tmp_path / "a.pt", tmp_path / "b.safetensors"],
            "holds parameters of an lstmkit variant (['peephole_i', 'peephole_o']); a state dict does not say which "
            "variant: pass --cell NAME")

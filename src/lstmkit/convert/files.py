@@ -507,6 +507,10 @@ def write_layer(layer: Layer, dst: str | os.PathLike[str], *, overwrite: bool = 
         FileExistsError: ``dst`` exists and ``overwrite`` is False.
         ValueError: unknown extension, a variant the format cannot carry, no such directory.
         lstmkit._atomic.WriteError: the file system refused (full, read-only); nothing changed.
+
+    Warns:
+        UserWarning: a ``.pt`` of a variant, which a state dict does not record (read it back with
+            ``cell=``); only the vanilla LSTM and the tanh RNN read back without it.
     """
     if not isinstance(layer, (LSTM, RNN)):
         raise TypeError(f"layer: expected an lstmkit LSTM or RNN, got {type(layer).__name__}")
@@ -521,7 +525,14 @@ def write_layer(layer: Layer, dst: str | os.PathLike[str], *, overwrite: bool = 
     except OSError as exc:  # the temporary directory Keras writes through could not be made
         raise _atomic.WriteError(exc.errno or 5, f"DST: cannot write {p} ({exc.strerror or exc})") from None
     _check_bytes(data, fmt, f"DST {p}")
-    return _atomic.write_bytes(p, data, overwrite=overwrite, what="DST", exists_error=exists)
+    written = _atomic.write_bytes(p, data, overwrite=overwrite, what="DST", exists_error=exists)
+    if fmt == "torch" and layer.spec.without_init() not in (CellSpec(), CellSpec(kind="rnn")):
+        # the keys and shapes say vanilla (or tanh RNN) only: read back alone, some variants would be
+        # taken for it and compute something else (hard-sigmoid gates, relu, zoneout, clip)
+        warnings.warn(f"DST {p}: a state dict does not record the variant {layer.spec.name!r}; read it back with "
+                      f"--cell {layer.spec.name} (cell={layer.spec.name!r}), or write .safetensors, which records "
+                      f"it", UserWarning, stacklevel=2)
+    return written
 
 
 def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, overwrite: bool = False,
