@@ -118,6 +118,10 @@ def _only_layer(tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+#: What a state dict's keys and shapes are read as without ``cell``: vanilla LSTM, tanh RNN (_infer_layer).
+_BARE_SPECS = (CellSpec(), CellSpec(kind="rnn"))
+
+
 def _widest_dtype(tensors: Mapping[str, Tensor]) -> torch.dtype:
     """The dtype of a layer built for ``tensors``: the widest of their floating dtypes, which holds
     every value of each (float16 among float32 tensors: float32), float32 if none is floating
@@ -164,9 +168,9 @@ def _infer_layer(tensors: dict[str, Tensor], where: str, cell: str | None, batch
         raise ValueError(f"{where}: holds parameters of an lstmkit variant ({extra}); a state dict does not say "
                          f"which variant: pass --cell NAME (e.g. --cell peephole)")
     elif rows == 4 * H:
-        spec = CellSpec()
+        spec = _BARE_SPECS[0]
     elif rows == H and not proj:
-        spec = CellSpec(kind="rnn")  # nn.RNN; a relu RNN needs --cell rnn_relu
+        spec = _BARE_SPECS[1]  # nn.RNN; a relu RNN needs --cell rnn_relu
     else:
         raise ValueError(f"{where}: weight_ih_l0 has {rows} rows and weight_hh_l0 {H} columns, which is no vanilla "
                          f"LSTM (4H rows for H columns) or RNN (H for H): pass --cell NAME for the variant it was "
@@ -267,9 +271,8 @@ def _read_safetensors(src: Path, cell: str | None, batch_first: bool | None) -> 
         except (KeyError, ValueError, TypeError, AttributeError, IndexError):
             raise ValueError(f"{where}: a training-run file ({fmt}) with damaged metadata or no rnn weights") \
                 from None
-        layer = layer_from_config(cfg, _widest_dtype({k: t for k, t in tensors.items() if k.startswith(prefix)}),
-                                  where, {k[len(prefix):]: tuple(t.shape) for k, t in tensors.items()
-                                          if k.startswith(prefix)})
+        own = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+        layer = layer_from_config(cfg, _widest_dtype(own), where, {k: tuple(t.shape) for k, t in own.items()})
         _check_cell(layer, cell, where)
         others = [k for k in tensors if not k.startswith(prefix)]
         if any(k.startswith(_TRAIN_FORMATS[fmt] + "head.") for k in others):
@@ -526,7 +529,7 @@ def write_layer(layer: Layer, dst: str | os.PathLike[str], *, overwrite: bool = 
         raise _atomic.WriteError(exc.errno or 5, f"DST: cannot write {p} ({exc.strerror or exc})") from None
     _check_bytes(data, fmt, f"DST {p}")
     written = _atomic.write_bytes(p, data, overwrite=overwrite, what="DST", exists_error=exists)
-    if fmt == "torch" and layer.spec.without_init() not in (CellSpec(), CellSpec(kind="rnn")):
+    if fmt == "torch" and layer.spec.without_init() not in _BARE_SPECS:
         # the keys and shapes say vanilla (or tanh RNN) only: read back alone, some variants would be
         # taken for it and compute something else (hard-sigmoid gates, relu, zoneout, clip)
         warnings.warn(f"DST {p}: a state dict does not record the variant {layer.spec.name!r}; read it back with "
