@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lstmkit.app.cli import main
+from lstmkit.app.cli import main, train_plan
 from lstmkit.app.config import TrainConfig, option_of
 from lstmkit.app.tasks.registry import task_names
 
@@ -401,3 +401,11 @@ def test_python_entry_point_has_no_traceback(tmp_path):
     p = subprocess.run([sys.executable, "-m", "lstmkit", "train", "reber", "--out", str(tmp_path / "README.md")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
+
+
+def test_task_options_repeated_the_last_value_counts():
+    """``-o KEY=VALUE`` is repeatable; a later value of a key replaces an earlier one (dashes and
+    underscores spell one key), and the run directory is named after the values that count."""
+    cfg, out = train_plan(["adding", "-o", "length=24", "-o", "eval-size=64", "-o", "length=30", "-o", "eval_size=96"])
+    assert cfg.task_options == {"length": 30, "eval_size": 96}
+    assert out == train_plan(["adding", "-o", "length=30", "-o", "eval_size=96"])[1]

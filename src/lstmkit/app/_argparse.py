@@ -21,7 +21,7 @@ from lstmkit._suggest import did_you_mean
 from lstmkit._validate import loads_json
 from lstmkit.app.config import TASK_FIELDS, Option, TrainConfig, option_of
 
-__all__ = ["Parser", "add_config_options", "config_values", "key_value", "default_text", "path_arg"]
+__all__ = ["Parser", "add_config_options", "add_task_options", "config_values", "key_value", "default_text", "path_arg"]
 
 _CHOICE = re.compile(r"invalid choice: '(?P<word>[^']*)' \(choose from (?P<choices>.*)\)")
 
@@ -96,6 +96,23 @@ def key_value(text: str) -> tuple[str, Any]:
         return key.replace("-", "_"), loads_json(value, key)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _TaskOptions(argparse.Action):
+    """``-o KEY=VALUE``, repeatable, into one dict; a later value of a key replaces an earlier one
+    (as ``git -c`` does: a script's defaults first, then what overrides them)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        key, value = values
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), key: value})  # (default not mutated)
+
+
+def add_task_options(parser: argparse.ArgumentParser, example: str) -> None:
+    """``-o/--option KEY=VALUE`` (repeatable) on ``parser``: ``args.option`` is a dict of the task
+    options given, keys with underscores (:func:`key_value`)."""
+    parser.add_argument("-o", "--option", type=key_value, action=_TaskOptions, default={}, metavar="KEY=VALUE",
+                        help=f"task option, e.g. -o {example} (repeatable; a key's last value counts)")
 
 
 def default_text(f: dataclasses.Field[Any]) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lstmkit import _atomic
-from lstmkit.app._argparse import Parser, add_config_options, config_values, key_value, path_arg
+from lstmkit.app._argparse import Parser, add_config_options, add_task_options, config_values, path_arg
 
 if TYPE_CHECKING:
     from lstmkit.app.config import TrainConfig
@@ -107,8 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                         "task; the run directory can be resumed after a kill (--resume)",
                         epilog=_tasks_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("task", help="task name (see below)")
-    tr.add_argument("-o", "--option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-                    help="task option, e.g. -o length=200 (repeatable; see below)")
+    add_task_options(tr, "length=200; see below")
     tr.add_argument("--out", type=path_arg, help="run directory (default: runs/TASK[-OPTIONS]-MODEL-sSEED, e.g. "
                     "runs/adding-length100-lstm-s0; MODEL is lstm, rnn, or the --cell given)")
     tr.add_argument("--resume", action="store_true",
@@ -148,7 +147,7 @@ def _plan(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     from lstmkit.app.config import TrainConfig
 
     given = config_values(args)
-    cfg = TrainConfig.for_task(args.task, dict(args.option), **given)
+    cfg = TrainConfig.for_task(args.task, args.option, **given)
     return cfg, args.out or default_run_dir(cfg, "cell" in given)
 
 

@@ -40,7 +40,7 @@ from lstmkit import _atomic
 from lstmkit._optional import require
 from lstmkit._validate import check_int, loads_json
 from lstmkit.app import runs
-from lstmkit.app._argparse import add_config_options, config_values, key_value, path_arg
+from lstmkit.app._argparse import add_config_options, add_task_options, config_values, path_arg
 from lstmkit.app.config import MAX_JOBS, TrainConfig
 from lstmkit.app.study_config import TRAIN_KEYS, Run, StudyConfig, effective_train, train_config
 from lstmkit.app.study_results import better, boxplot, summarize, summary_markdown, welch, write_outputs
@@ -304,8 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", default=None, help="test metric (default: the task's target metric)")
     parser.add_argument("--out", type=path_arg, default=None, help="study directory (default studies/TASK)")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: one per core)")
-    parser.add_argument("-o", "--option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
-                        help="task option, e.g. -o length=100 (repeatable; see lstmkit tasks TASK)")
+    add_task_options(parser, "length=100; see lstmkit tasks TASK")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_options(parser.add_argument_group("training (every run; default: TrainConfig's)"),
                        only=TRAIN_KEYS[1:])
