@@ -359,11 +359,11 @@ class CellSpec:
                 "nig removes the input gate"
             raise ValueError(f"CellSpec.chrono: chrono initialisation sets the forget and the input "
                              f"gate's biases, but {why}")
-        given = [w for w, v in (("fb", self.forget_bias), ("ib", self.input_bias)) if v is not None]
+        given = [f"{w}=" for w, v in (("fb", self.forget_bias), ("ib", self.input_bias)) if v is not None]
         if given:
             raise ValueError(
                 f"CellSpec.chrono: chrono initialisation sets b_f = log U[1, T_max − 1] and "
-                f"b_i = −b_f itself; drop {' and '.join(given)}= or drop chrono="
+                f"b_i = −b_f itself; drop {' and '.join(given)} or drop chrono="
             )
 
     def without_init(self) -> CellSpec:
