@@ -456,12 +456,15 @@ def test_func_grad_and_vmap(variant):
         torch.testing.assert_close(per[name][1], one[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_vmap_over_lengths():
+@pytest.mark.parametrize("backend", ["cpu_fused", "reference"])
+def test_vmap_over_lengths(backend):
     """``vmap`` over sets of ``lengths=`` for one batch (and over inputs with them, and the
     gradient of each member): as the calls one by one; a length out of range in any member is
-    refused by name. The length checks branched on a batched value ("data-dependent control flow")."""
+    refused by name. The length checks branched on a batched value ("data-dependent control flow"),
+    and so did the reference row's loop (on its own, and under a forward-mode transform, which
+    runs a fused layer there)."""
     torch.manual_seed(0)
-    layer = lstmkit.LSTM(3, 4, num_layers=2, cell="peephole").double()
+    layer = lstmkit.LSTM(3, 4, num_layers=2, cell="peephole", backend=backend).double()
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     lens = torch.tensor([[5, 3], [2, 5], [1, 4], [5, 5]])
     got = torch.func.vmap(lambda n: layer(x, lengths=n)[0])(lens)
@@ -475,6 +478,10 @@ def test_vmap_over_lengths():
         a = a.clone().requires_grad_()
         layer(a, lengths=n)[0].square().sum().backward()
         torch.testing.assert_close(g, a.grad, rtol=1e-10, atol=1e-12)
+    jac = torch.func.vmap(lambda a, n: torch.func.jacfwd(lambda z: layer(z, lengths=n)[0])(a))(xs[:2], lens[:2])
+    for a, n, j in zip(xs[:2], lens[:2], jac):
+        torch.testing.assert_close(j, torch.autograd.functional.jacobian(lambda z: layer(z, lengths=n)[0], a),
+                                   rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"lengths: each must be in \[1, L = 5\], got min 0, max 6"):
         torch.func.vmap(lambda n: layer(x, lengths=n)[0])(torch.tensor([[5, 3], [0, 6]]))
 

@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lstmkit import kernels
 from lstmkit.kernels import cpu_ext
-from lstmkit.kernels.base import FLOAT_DTYPES
+from lstmkit.kernels.base import FLOAT_DTYPES, vmapped
 from lstmkit.kernels.onnx_export import exporting
 from lstmkit.spec import CellSpec, layer_param_shapes
 
@@ -89,16 +89,6 @@ _functorch = torch._C._functorch
 def _faking(t: Tensor) -> bool:
     """Whether ``t`` is a FakeTensor or a FakeTensorMode is active (shapes, no values)."""
     return isinstance(t, FakeTensor) or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-
-
-def vmapped(t: Tensor) -> bool:
-    """True if ``t`` is batched by ``torch.func.vmap`` at any level of functorch wrapping."""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t):
-        if functorch.is_batchedtensor(t):
-            return True
-        t = functorch.get_unwrapped(t)
-    return False
 
 
 def check_device(device: Any) -> Any:

@@ -17,7 +17,8 @@ from lstmkit import variants
 from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 
-__all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "FLOAT_DTYPES", "hidden_keys", "forward_mode_active"]
+__all__ = ["Kernel", "KernelOut", "Workload", "TRACE_KEYS", "FLOAT_DTYPES", "hidden_keys", "forward_mode_active",
+           "vmapped"]
 
 #: What a recording kernel returns per step, each (T, B, ·); absent gates are missing. Deep
 #: gates add their MLPs' hidden activations under ``"<gate>.<layer>"`` (``"f.1"``, (T, B, n_1)).
@@ -51,6 +52,17 @@ def forward_mode_active() -> bool:
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     return any(i.key() == functorch.TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
+def vmapped(t: Tensor) -> bool:
+    """True if ``t`` is batched by ``torch.func.vmap`` at any level of functorch wrapping (a batched
+    tensor has no single truth value: no Python ``if`` on its data)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 class Workload(NamedTuple):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import cell
-from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut, hidden_keys
+from lstmkit.kernels.base import TRACE_KEYS, Kernel, KernelOut, hidden_keys, vmapped
 from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 from lstmkit.variants import cell_states
@@ -60,7 +60,7 @@ class ReferenceKernel(Kernel):
         if spec.fgr:
             s = h0.new_zeros(B, len(spec.sigmoid_gates) * hidden_size)
         valid = None
-        if lengths is not None and bool((lengths < T).any()):
+        if lengths is not None and (vmapped(lengths) or bool((lengths < T).any())):  # (vmap: a mask per member)
             steps = torch.arange(T).unsqueeze(1)  # (T, 1)
             valid = (steps < lengths.unsqueeze(0)).to(x.device).unsqueeze(-1)  # (T, B, 1)
         ys: list[Tensor] = []
