@@ -378,6 +378,12 @@ def test_an_empty_batch_gives_empty_results(cell, backend):
         assert y.shape == want[0].shape and all(s.shape == want[1][0].shape for s in state)
         (y.sum() + sum(s.sum() for s in state)).backward()
     assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
+    # given initial states get their (empty) gradients, as nn.LSTM's: c0's was None on the fused
+    # kernel (a state of no rows read as an absent one), and autograd.grad on it raised
+    state0 = [torch.zeros(s.shape, requires_grad=True) for s in layer(torch.randn(5, 0, 4))[1]]
+    y, state = layer(torch.randn(5, 0, 4), tuple(state0))
+    grads = torch.autograd.grad(y.sum() + sum(s.sum() for s in state), state0)
+    assert [g.shape for g in grads] == [s.shape for s in state0]
     assert layer(torch.randn(5, 0, 4), lengths=torch.zeros(0, dtype=torch.long))[0].shape == want[0].shape
     traced = lstmkit.trace(layer, torch.randn(5, 0, 4))  # (a kept buffer of no rows is not an absent one)
     assert traced[1][1]["h"].shape == (5, 0, 6) and traced[1][1]["f"].shape == (5, 0, 6)

@@ -189,7 +189,7 @@ def _grads(ctx: Any, dy: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None
         dxg, dw_hh, dh0, dc0, *dparams = backward(
             empty if dy is None else dy, empty if dh_n is None else dh_n, empty if dc_n is None else dc_n,
             y, h0, c0, w_hh, lengths, *rest, *ctx.meta)
-    grads = (dxg, dw_hh, dh0, dc0 if c0.numel() else None,
+    grads = (dxg, dw_hh, dh0, dc0 if c0.dim() == 2 else None,  # (absent: (0,); B = 0: (0, S·H))
              *(d if p.numel() and name not in abi.NO_GRAD else None
                for d, p, name in zip(dparams, rest[:NP], abi.PARAMS)))
     if not higher:
