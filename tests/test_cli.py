@@ -409,3 +409,11 @@ def test_task_options_repeated_the_last_value_counts():
     cfg, out = train_plan(["adding", "-o", "length=24", "-o", "eval-size=64", "-o", "length=30", "-o", "eval_size=96"])
     assert cfg.task_options == {"length": 30, "eval_size": 96}
     assert out == train_plan(["adding", "-o", "length=30", "-o", "eval_size=96"])[1]
+
+
+def test_task_options_in_the_spelling_lstmkit_tasks_shows():
+    """``lstmkit tasks co2`` shows ``difference = False``; ``-o difference=True`` was refused
+    ("must be true or false, got 'True'"): Python's True / False / None read as JSON's."""
+    assert train_plan(["co2", "-o", "difference=True"])[0].task_options == {"difference": True}
+    assert train_plan(["co2", "-o", "difference=false"])[0].task_options == {"difference": False}
+    assert train_plan(["adding", "-o", "form=hochreiter"])[0].task_options == {"form": "hochreiter"}

@@ -480,7 +480,7 @@ def test_vmap_over_lengths(backend):
         torch.testing.assert_close(g, a.grad, rtol=1e-10, atol=1e-12)
     jac = torch.func.vmap(lambda a, n: torch.func.jacfwd(lambda z: layer(z, lengths=n)[0])(a))(xs[:2], lens[:2])
     for a, n, j in zip(xs[:2], lens[:2], jac):
-        torch.testing.assert_close(j, torch.autograd.functional.jacobian(lambda z: layer(z, lengths=n)[0], a),
+        torch.testing.assert_close(j, torch.autograd.functional.jacobian(lambda z, n=n: layer(z, lengths=n)[0], a),
                                    rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match=r"lengths: each must be in \[1, L = 5\], got min 0, max 6"):
         torch.func.vmap(lambda n: layer(x, lengths=n)[0])(torch.tensor([[5, 3], [0, 6]]))

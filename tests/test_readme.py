@@ -96,3 +96,15 @@ def test_docs_state_the_constants_the_code_uses(path, pattern, value):
     found = re.findall(pattern, (README.parent / path).read_text(encoding="utf-8"))
     assert found, f"{path} no longer says {pattern!r}: update this test with the docs"
     assert {int(n) for n in found} == {constant}, (path, pattern, found, constant)
+
+
+@pytest.mark.parametrize("study", ["chorales", "continual_reber"])
+def test_study_doc_tables_are_the_studies_results(study):
+    """docs/study.md says its tables are the studies' own ``results.md``: every row of
+    ``docs/study/STUDY-results.md`` stands in docs/study.md as written (three "steps to target"
+    cells of the continual Reber table had been from an earlier summary)."""
+    docs = README.parent / "docs"
+    rows = [line for line in (docs / "study" / f"{study}-results.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| ")]
+    text = (docs / "study.md").read_text(encoding="utf-8").splitlines()
+    assert len(rows) > 2 and [r for r in rows if r not in text] == []

@@ -82,12 +82,18 @@ def path_arg(text: str) -> Path:
     return Path(text)
 
 
+_PYTHON_LITERALS = {"True": "true", "False": "false", "None": "null"}
+
+
 def key_value(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` → ``(key, value)``; the value is read as JSON if it is JSON (``100``,
-    ``1e-3``, ``true``, ``null``), else kept as text; dashes in the key become underscores."""
+    ``1e-3``, ``true``, ``null``), else kept as text; ``True``, ``False`` and ``None`` are read as
+    ``true``, ``false`` and ``null`` (``lstmkit tasks`` shows defaults in Python's spelling); dashes
+    in the key become underscores."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    value = _PYTHON_LITERALS.get(value, value)
     try:
         json.loads(value)
     except json.JSONDecodeError:
