@@ -1,7 +1,7 @@
 """The figures of docs/results.md's "Seeing the memory": one run of the 1997 long-lag task 2c and
 one of the spike-delay timing task, trained and drawn with the command line as a user would.
 
-    python benchmarks/memory_figures.py      # writes docs/figures/{long_lag_2c,spike_delays}_cells.png
+    python benchmarks/memory_figures.py      # writes docs/figures/{long_lag_2c,spike_delays}_cells.png (--out DIR: elsewhere)
 
 Each run is ``lstmkit train TASK`` with the task's recipe (seconds on one thread), then
 ``lstmkit plot cells RUN``: every cell's ``c_t`` and ``h_t`` on the first test sequence, the
@@ -11,6 +11,7 @@ memory signal best (over 64 test sequences) drawn in colour.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -26,14 +27,17 @@ RUNS = {
 }
 
 
-def main() -> None:
-    FIGURES.mkdir(parents=True, exist_ok=True)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=FIGURES, help="folder of the figures (default docs/figures)")
+    out = ap.parse_args(argv).out  # (an argument it does not know is refused before anything is trained)
+    out.mkdir(parents=True, exist_ok=True)
     cli = [sys.executable, "-m", "lstmkit"]
     with tempfile.TemporaryDirectory(prefix="lstmkit-figures-") as tmp:
         for name, (train, plot) in RUNS.items():
             run = Path(tmp) / name
             subprocess.run([*cli, "train", *train, "--out", str(run), "--quiet", "--threads", "1"], check=True)
-            subprocess.run([*cli, "plot", "cells", str(run), *plot, "-o", str(FIGURES / f"{name}.png"),
+            subprocess.run([*cli, "plot", "cells", str(run), *plot, "-o", str(out / f"{name}.png"),
                             "--overwrite"], check=True)
 
 
