@@ -81,7 +81,8 @@ def test_no_module_is_several():
 #: The library's layers, lowest first; a module may import only from its own layer or
 #: below. The experiment application (lstmkit.app) sits on top; nothing below imports it.
 LAYERS: list[tuple[str, ...]] = [
-    ("lstmkit._validate", "lstmkit._suggest", "lstmkit._atomic", "lstmkit._cache", "lstmkit._optional", "lstmkit.layout"),
+    ("lstmkit._validate", "lstmkit._suggest", "lstmkit._atomic", "lstmkit._cache", "lstmkit._optional", "lstmkit.layout",
+     "lstmkit._transforms"),
     ("lstmkit.variants",),
     ("lstmkit.spec",),
     ("lstmkit.cell",),

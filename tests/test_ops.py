@@ -341,6 +341,30 @@ def test_compile_inductor(variant):
         torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("make", ["LSTM", "LSTM layernorm", "LSTMCell", "RNN"])
+def test_the_two_biases_get_gradients_of_their_own(make):
+    """b_ih and b_hh enter the cell as one sum; each gets its own gradient tensor, as nn.LSTM's do.
+    Compiled, the two ``.grad`` shared memory, so ``clip_grad_norm_`` scaled them twice and
+    gradient accumulation added twice; eager, ``autograd.grad`` returned one tensor for both."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    kind, _, cell = make.partition(" ")
+    layer = getattr(lstmkit, kind)(3, 4, **({"cell": cell} if cell else {})).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)[0 if kind == "LSTMCell" else slice(None)]
+    biases = [p for n, p in layer.named_parameters() if n.startswith("bias_")]
+    g_ih, g_hh = torch.autograd.grad(layer(x)[0].square().sum(), biases)
+    assert g_ih is not g_hh and g_ih.data_ptr() != g_hh.data_ptr()
+    torch.testing.assert_close(g_ih, g_hh, rtol=0, atol=0)
+    compiled = torch.compile(layer, fullgraph=True)
+    for _ in range(2):  # accumulated: twice the gradient, not four times
+        compiled(x)[0].square().sum().backward()
+    assert biases[0].grad.data_ptr() != biases[1].grad.data_ptr()
+    for b in biases:
+        torch.testing.assert_close(b.grad, 2 * g_ih, rtol=1e-12, atol=1e-12)
+    torch.nn.utils.clip_grad_norm_(layer.parameters(), max_norm=1e-3)
+    torch.testing.assert_close(biases[0].grad, biases[1].grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("variant", list(FUSED))
 def test_export_with_dynamic_T_and_B(variant):
     from torch.export import Dim

@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lstmkit._transforms import forward_mode_active
 from lstmkit.spec import CellSpec, gate_slices
 from lstmkit.variants import HARD_SIGMOID_SLOPES
 
-__all__ = ["input_projection", "step", "StepOut", "LN_EPS", "activation", "gate_activation", "zoneout_masks",
-           "block_diagonal", "recurrent"]
+__all__ = ["input_projection", "summed_bias", "step", "StepOut", "LN_EPS", "activation", "gate_activation",
+           "zoneout_masks", "block_diagonal", "recurrent"]
 
 #: Epsilon of every layer norm in the cell.
 LN_EPS = 1e-5
@@ -157,13 +158,47 @@ def input_projection(x: Tensor, p: Params, spec: CellSpec, hidden_size: int,
     T, B = x.shape[0], x.shape[1]
     w = p["weight_ih"]
     lin = linear or F.linear
-    bias = p["bias_ih"] + p["bias_hh"] if "bias_ih" in p else None  # (R,)
+    bias = summed_bias(p)  # (R,) or None
     x2d = x.reshape(T * B, x.shape[-1])
     if not spec.layernorm:
         return lin(x2d, w, bias).view(T, B, w.shape[0])  # the bias rides in the GEMM
     a = chunk_layernorm(lin(x2d, w, None), spec, hidden_size)  # (T·B, R)
     a = a * p["ln_ih_weight"] if bias is None else torch.addcmul(bias, a, p["ln_ih_weight"])
     return a.view(T, B, w.shape[0])
+
+
+class _BiasSum(torch.autograd.Function):
+    """``b_ih + b_hh`` whose backward gives each bias a gradient tensor of its own, as
+    ``nn.LSTM``'s two biases have: a plain sum hands both the same tensor (``torch.autograd.grad``
+    returns one object twice), and under ``torch.compile`` the two ``.grad`` then share memory,
+    so an in-place update of one (``clip_grad_norm_``, gradient accumulation) hits both."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(b_ih: Tensor, b_hh: Tensor) -> Tensor:
+        return b_ih + b_hh
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return grad, grad.clone()
+
+
+def summed_bias(p: Params) -> Tensor | None:
+    """``b_ih + b_hh`` (R,), each bias's gradient its own tensor (:class:`_BiasSum`) where a
+    gradient is taken; None without biases. A plain sum where no gradient flows, and while a
+    forward-mode derivative is taken (a Function needs a ``jvp`` for that, which
+    ``torch.compile`` refuses; tangents are not accumulated into ``.grad``)."""
+    if "bias_ih" not in p:
+        return None
+    b_ih, b_hh = p["bias_ih"], p["bias_hh"]
+    if torch.is_grad_enabled() and (b_ih.requires_grad or b_hh.requires_grad) and not forward_mode_active():
+        return _BiasSum.apply(b_ih, b_hh)
+    return b_ih + b_hh
 
 
 class StepOut(NamedTuple):

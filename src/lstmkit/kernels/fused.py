@@ -163,7 +163,7 @@ class FusedKernel(Kernel):
             xg = linear(x.reshape(T * B, x.shape[-1]), w, None).view(T, B, w.shape[0])  # (T, B, R)
             params = dict(params)
             if "bias_ih" in params:
-                params["bias"] = params["bias_ih"] + params["bias_hh"]  # (R,)
+                params["bias"] = cell.summed_bias(params)  # (R,)
         else:
             xg = cell.input_projection(x, params, spec, hidden_size, linear=self.linear)  # (T, B, R)
         empty = xg.new_empty(0)
