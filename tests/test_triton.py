@@ -205,6 +205,15 @@ def test_heads_every_variant(cell, dtype):
     check(make(cell, 3, 8, P=4), dtype, T=4, B=2)
 
 
+@pytest.mark.parametrize(("cell", "H", "P"), [(lstmkit.CellSpec(gate_hidden={"o": (4,)}, heads=2), 2, 0),
+                                         (lstmkit.CellSpec(gate_hidden={"g": (2,)}, heads=2), 4, 2)])
+def test_heads_with_one_output_column_each_and_a_deep_gate(cell, H, P):
+    """Heads with one output column each (H_out / k = 1) beside a deep gate of another width: the
+    per-gate-run products' gradient reaching h came back with strided rows, which the backward read
+    as row-major — every gradient wrong at B >= 2, silently (the output was right)."""
+    check(make(cell, 2, H, P=P), torch.float64, T=3, B=2)
+
+
 def _low_precision_cases() -> list:
     """Each variant in float32 and in bfloat16, on alternating paths (each dtype meets each
     path on half the variants; the pointwise code is the same on both paths). The float32

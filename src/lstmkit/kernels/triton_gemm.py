@@ -75,7 +75,7 @@ def recurrent_grad_h(dz: Tensor, w_hh: Tensor, k: int, widths: tuple[int, ...], 
         dzk = dz[:, r0:r0 + n].to(ct).reshape(dz.shape[0], blocks.shape[0], k, w // k)  # (B, n_G, k, w/k)
         part = torch.einsum("bgjd,gjde->bje", dzk, blocks).reshape(dz.shape[0], -1)
         out = part if out is None else out + part
-    return out
+    return out.contiguous()  # (einsum's result need not be row-major: at H_out / k = 1 its rows were strided)
 
 
 def recurrent_grad_w(dz: Tensor, h_prev: Tensor, k: int, widths: tuple[int, ...]) -> Tensor:
