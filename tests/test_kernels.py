@@ -736,6 +736,21 @@ _CLIP_BACKENDS = ["reference", "cpu_fused"] + (
 
 
 @pytest.mark.parametrize("backend", _CLIP_BACKENDS)
+@pytest.mark.parametrize(("dtype", "clip"), [(torch.float16, 1e5), (torch.float32, 1e39), (torch.bfloat16, 1e39)])
+def test_a_clip_beyond_the_dtypes_range_clips_nothing(backend, dtype, clip):
+    """A clip bound the layer's dtype cannot hold bounds nothing; the reference equations raised
+    torch's "value cannot be converted to type Half without overflow" from their clamp."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, cell=lstmkit.CellSpec(cell_clip=clip), backend=backend).to(dtype)
+    plain = lstmkit.LSTM(3, 4, backend=backend).to(dtype)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 2, 3).to(dtype)
+    torch.testing.assert_close(layer(x)[0], plain(x)[0], rtol=0, atol=0)
+    cell = lstmkit.LSTMCell(3, 4, cell=lstmkit.CellSpec(cell_clip=clip), backend=backend).to(dtype)
+    assert cell(x[0])[1].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", _CLIP_BACKENDS)
 @pytest.mark.parametrize("cell", ["nfg+nig+clip=0.3", "cifg+clip=0.3", "clip=0.3+zoneout=0.2"])
 def test_the_clip_passes_the_gradient_at_its_boundary_as_clamp_does(backend, cell):
     """Where the new cell state lands exactly on ±clip, torch.clamp (the reference equations,

@@ -268,8 +268,8 @@ def step(a_t: Tensor, h: Tensor, c: Tensor | None, s: Tensor | None, p: Params,
     g = activation(spec.candidate_activation, u["g"])
     kept = c if f is None else f * c  # what the forget gate keeps of c_{t-1}
     c_new = kept + (g if i is None else i * g)
-    if spec.cell_clip is not None:
-        c_new = c_new.clamp(-spec.cell_clip, spec.cell_clip)
+    if spec.cell_clip is not None and spec.cell_clip < torch.finfo(c_new.dtype).max:
+        c_new = c_new.clamp(-spec.cell_clip, spec.cell_clip)  # (a bound beyond the dtype's range: none)
     o = None
     if "o" in u:
         uo = u["o"] + p["peephole_o"] * c_new if spec.peephole else u["o"]
