@@ -736,6 +736,25 @@ _CLIP_BACKENDS = ["reference", "cpu_fused"] + (
 
 
 @pytest.mark.parametrize("backend", _CLIP_BACKENDS)
+def test_a_layer_norm_whose_variance_overflows_is_nan_as_torchs(backend):
+    """float32 pre-activations beyond about 1.8e19 overflow the layer norm's variance: torch's
+    layer_norm (the reference equations) gives NaN; the fused kernels gave 1/sqrt(inf) = 0, every
+    normed value 0, and finite wrong outputs. Below the overflow both agree."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, cell="layernorm", backend=backend)
+    ref = lstmkit.LSTM(3, 4, cell="layernorm", backend="reference")
+    ref.load_state_dict(layer.state_dict())
+    for scale, nan in ((1e18, False), (1e20, True)):
+        x = torch.ones(2, 1, 3) * scale
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                y, want = layer(x)[0], ref(x)[0]
+            assert bool(y.isnan().all()) == nan and bool(want.isnan().all()) == nan, (scale, grad)
+            if not nan:
+                torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", _CLIP_BACKENDS)
 @pytest.mark.parametrize(("dtype", "clip"), [(torch.float16, 1e5), (torch.float32, 1e39), (torch.bfloat16, 1e39)])
 def test_a_clip_beyond_the_dtypes_range_clips_nothing(backend, dtype, clip):
     """A clip bound the layer's dtype cannot hold bounds nothing; the reference equations raised

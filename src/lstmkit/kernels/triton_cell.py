@@ -174,7 +174,8 @@ def _ln_rows(x, cm, H, EPS: tl.constexpr):
     xm = tl.where(cm[None, :], x, 0.0)
     mean = tl.sum(xm, 1) / H
     d = tl.where(cm[None, :], xm - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / H + EPS)
+    var = tl.sum(d * d, 1) / H
+    rstd = tl.where(var < float("inf"), 1.0 / tl.sqrt(var + EPS), float("nan"))  # (overflowed: NaN, as torch's)
     return d * rstd[:, None], rstd
 
 

@@ -189,6 +189,13 @@ LK_INLINE static inline Vectorized<T> sigm(const Vectorized<T>& x) {
 
 // mean and 1/sqrt(var+eps) of n values (two-pass, biased variance; two accumulators per
 // pass to halve the add-latency chain). NaN anywhere gives NaN stats (no max/min here).
+// 1/sqrt(var + eps) of a layer norm; NaN where the variance overflowed to inf (values beyond about
+// 1.8e19 in float32), as torch's layer_norm gives: 1/sqrt(inf) = 0 would norm every value to 0.
+template <typename T>
+static inline T ln_rstd(T var) {
+  return std::isinf(var) ? std::numeric_limits<T>::quiet_NaN() : T(1) / std::sqrt(var + T(LN_EPS));
+}
+
 template <typename T>
 static inline void row_stats(const T* x, int64_t n, T& mean, T& rstd) {
   using V = Vectorized<T>;
@@ -210,8 +217,7 @@ static inline void row_stats(const T* x, int64_t n, T& mean, T& rstd) {
     if (c < VL) d = V::set(V(T(0)), d, c);
     q0 = at::vec::fmadd(d, d, q0);
   }
-  const T var = hsum(q0 + q1) / T(n);
-  rstd = T(1) / std::sqrt(var + T(LN_EPS));
+  rstd = ln_rstd(hsum(q0 + q1) / T(n));
 }
 
 // The same for two n-vectors at once (the input and recurrent chunks of one gate).
@@ -245,8 +251,8 @@ static inline void row_stats2(const T* x, const T* y, int64_t n, T& mx, T& rx, T
     if (c < VL) { dx = V::set(V(T(0)), dx, c); dy = V::set(V(T(0)), dy, c); }
     qx0 = at::vec::fmadd(dx, dx, qx0); qy0 = at::vec::fmadd(dy, dy, qy0);
   }
-  rx = T(1) / std::sqrt(hsum(qx0 + qx1) / T(n) + T(LN_EPS));
-  ry = T(1) / std::sqrt(hsum(qy0 + qy1) / T(n) + T(LN_EPS));
+  rx = ln_rstd(hsum(qx0 + qx1) / T(n));
+  ry = ln_rstd(hsum(qy0 + qy1) / T(n));
 }
 
 // layernorm: the gate pre-activation z = a_hat * g_ih + r_hat * g_hh (+ bias) at column off.
