@@ -341,6 +341,29 @@ def test_compile_inductor(variant):
         torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("layout", ["weight_hh transposed", "h0 strided"])
+def test_compile_with_strided_weights_or_states(layout):
+    """A recurrent weight stored transposed (as loaded from a (H, 4H) checkpoint) or a strided h0:
+    the backward operator's fake declared its gradients with their inputs' strides, the kernels
+    write them row-major, and the compiled backward failed inductor's stride assertion."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, cell="peephole").double()
+    if layout == "weight_hh transposed":
+        layer.weight_hh_l0.data = layer.weight_hh_l0.data.t().contiguous().t()
+    h0 = torch.randn(1, 4, 2, dtype=torch.float64).transpose(1, 2) if layout == "h0 strided" \
+        else torch.randn(1, 2, 4, dtype=torch.float64)
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+
+    def loss(x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        return layer(x, (h0, torch.zeros(1, 2, 4, dtype=torch.float64)))[0].square().sum()
+    want = torch.autograd.grad(loss(x, h0.requires_grad_()), [h0, layer.weight_hh_l0])
+    with torch._inductor.config.patch(force_disable_caches=True):  # (a cached graph keeps its old strides)
+        got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x, h0), [h0, layer.weight_hh_l0])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("make", ["LSTM", "LSTM layernorm", "LSTMCell", "RNN"])
 def test_the_two_biases_get_gradients_of_their_own(make):
     """b_ih and b_hh enter the cell as one sum; each gets its own gradient tensor, as nn.LSTM's do.

@@ -248,6 +248,36 @@ def test_awkward_shapes(shape, path):
     check(make("peephole" if shape == "odd" else "vanilla", I, H), torch.float64, T=T, B=B)
 
 
+@pytest.mark.parametrize("cell", ["peephole", "layernorm"])
+def test_an_empty_batch_gives_zero_gradients(cell, path):
+    """B = 0: the backward's per-tile sums of the peephole and layer-norm gradients have no tiles;
+    they were handed out unsummed, (0, n) where (H,) was due, and autograd refused them."""
+    layer = make(cell, 3, 4)
+    layer.backend = "triton"
+    y, (h, c) = layer(torch.randn(5, 0, 3, dtype=torch.float64, requires_grad=True))
+    (y.sum() + h.sum() + c.sum()).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any(), name
+
+
+def test_the_operator_reads_strided_int32_lengths_by_their_values():
+    """``lengths`` as a strided int32 view reached the kernel as it was (the int32 cast is a no-op
+    there) and was read as contiguous: other sequences' lengths, wrong outputs."""
+    from lstmkit.kernels import ops
+    from lstmkit.kernels.triton_impl import TritonImpl
+
+    spec, H, B, T = resolve("vanilla"), 4, 3, 3
+    g = torch.Generator().manual_seed(0)
+    xg = torch.randn(T, B, 4 * H, generator=g, dtype=torch.float64)
+    w = torch.randn(4 * H, H, generator=g, dtype=torch.float64)
+    h0, c0 = torch.zeros(B, H, dtype=torch.float64), torch.zeros(B, H, dtype=torch.float64)
+    params = [torch.empty(0, dtype=torch.float64)] * len(abi.PARAMS)
+    ys = [ops.recurrence(xg, w, h0, c0, n, params, abi.flags(spec), [], abi.scalars(spec), H, 0, False,
+                         impl=TritonImpl())[0]
+          for n in (torch.tensor([3, 1, 2]), torch.tensor([3, 9, 1, 9, 2, 9], dtype=torch.int32)[::2])]
+    torch.testing.assert_close(ys[1], ys[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(("cell", "path_name"), _by_turns(COMBOS, COMBOS))
 def test_stacked_bidirectional_projection_vs_numpy_oracle(cell, path_name, monkeypatch):
     """Two bidirectional layers with a projection (not for the RNN) and lengths, float64,

@@ -117,7 +117,10 @@ def _layout_as_list(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]
     def call(*args: Any) -> Any:
         if len(args) > at and args[at] is None:
             args = (*args[:at], [], *args[at + 1:])
-        return kernel(*args)
+        out = kernel(*args)
+        if name == "recurrence_backward":  # (row-major, as the fake declares them: a no-op where they are)
+            out = [t.contiguous() for t in out]
+        return out
     return call
 
 
@@ -153,12 +156,14 @@ def _recurrence_backward_fake(dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor,
                               w_hh: Tensor, lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
     params, (flags, _mlp, *_scalars, hidden_size, _proj_size) = rest[:NP], rest[NP + NB:]
     T, B = y.shape[0], y.shape[1]
+    # every gradient row-major, whatever its input's strides (a transposed weight_hh, a strided h0):
+    # the kernels write them so, and compile's inductor asserts the strides declared here
     if flags & abi.flag("rnn"):
         dc0 = y.new_empty((0,))
     else:
-        dc0 = torch.empty_like(c0) if c0.numel() else y.new_empty((B, abi.cell_state_count(flags) * hidden_size))
-    dparams = [torch.empty_like(p) if p.numel() else y.new_empty((0,)) for p in params]
-    return (y.new_empty((T, B, w_hh.shape[0])), torch.empty_like(w_hh), torch.empty_like(h0), dc0, *dparams)
+        dc0 = c0.new_empty(c0.shape) if c0.numel() else y.new_empty((B, abi.cell_state_count(flags) * hidden_size))
+    dparams = [p.new_empty(p.shape) if p.numel() else y.new_empty((0,)) for p in params]
+    return (y.new_empty((T, B, w_hh.shape[0])), w_hh.new_empty(w_hh.shape), h0.new_empty(h0.shape), dc0, *dparams)
 
 
 # ---------------------------------------------------------------------------- gradient

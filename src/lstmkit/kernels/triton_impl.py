@@ -511,7 +511,7 @@ class TritonImpl:
                 dw_hh.addmm_(d[B:].t(), y[:-1].reshape(-1, HO).to(ct))
         dparams = [torch.empty((0,), dtype=p.dtype, device=a.dev) for p in params]
         if not v.rnn:
-            tot = acc.sum(0) if acc.numel() else acc
+            tot = acc.sum(0) if v.peep or v.ln else acc  # (B = 0: no tiles, zero sums)
             summed = [name for name, slot in (("peephole_i", v.gi), ("peephole_f", v.gf), ("peephole_o", v.go))
                       if v.peep and slot >= 0]
             if v.ln:
@@ -576,7 +576,7 @@ class _Args:
         self.params = [p.to(self.op).contiguous() if p.numel() and n in ("weight_gg", "weight_hr") else p.contiguous()
                        for n, p in zip(abi.PARAMS, params)]
         self.has_len = lengths.numel() > 0
-        self.lens = (lengths.to(device=self.dev, dtype=torch.int32) if self.has_len
+        self.lens = (lengths.to(device=self.dev, dtype=torch.int32).contiguous() if self.has_len
                      else torch.empty((0,), dtype=torch.int32, device=self.dev))
         self.has_bias = v.ln and params[_P["bias"]].numel() > 0
         self.has_keep = v.zoneout and params[_P["keep_c"]].numel() > 0       # zoneout in training: masks
