@@ -25,12 +25,13 @@ that takes a table (:func:`_exporter`); where this torch has no such entry point
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import inspect
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -43,7 +44,22 @@ from lstmkit.variants import cell_states
 
 __all__ = ["input_projection", "step_body", "graft"]
 
-_CACHE: dict[tuple[Any, ...], Any] = {}
+#: Traced graphs by cell, sizes, dtype and opset, the most recently used last; each holds the
+#: weights of the layer it was traced from (as initializers), so only the last few are kept.
+_CACHE: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
+_CACHE_SIZE = 16
+
+
+def _cached(key: tuple[Any, ...], trace: Callable[[], Any]) -> Any:
+    """``_CACHE[key]``, traced by ``trace()`` first where it is not there (the least recently used
+    dropped beyond :data:`_CACHE_SIZE`: exports of many shapes in one process kept every graph)."""
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+    else:
+        _CACHE[key] = trace()
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return _CACHE[key]
 
 
 class _Traced(torch.nn.Module):
@@ -140,14 +156,15 @@ def input_projection(spec: CellSpec, params: dict[str, Tensor], hidden_size: int
     p = {n: params[n] for n in names}
     w = p["weight_ih"]
     key = ("input", spec, hidden_size, tuple(w.shape), tuple(names), w.dtype, opset)
-    if key not in _CACHE:
+
+    def trace() -> Any:
         T, B = torch.export.Dim("T", min=2), torch.export.Dim("B", min=2)
         x = torch.zeros(3, 2, w.shape[1], dtype=w.dtype)
 
         def project(xx: Tensor, pp: dict[str, Tensor]) -> Tensor:
             return cell.input_projection(xx, pp, spec, hidden_size)
-        _CACHE[key] = _export(project, p, [("in_x", x, {0: T, 1: B})], ["out_a"], opset)
-    return _CACHE[key]
+        return _export(project, p, [("in_x", x, {0: T, 1: B})], ["out_a"], opset)
+    return _cached(key, trace)
 
 
 def step_body(spec: CellSpec, params: dict[str, Tensor], hidden_size: int, lengths: bool, opset: int) -> Any:
@@ -162,7 +179,8 @@ def step_body(spec: CellSpec, params: dict[str, Tensor], hidden_size: int, lengt
     h_out = params["weight_hr"].shape[0] if "weight_hr" in params else H
     dtype = params["weight_hh"].dtype
     key = ("step", spec, H, R, h_out, tuple(sorted(p)), dtype, lengths, opset)
-    if key not in _CACHE:
+
+    def trace() -> Any:
         B = torch.export.Dim("B", min=2)
         widths = [("in_h", h_out)] + ([("in_c", len(cell_states(spec)) * H)] if spec.is_lstm else []) + \
             ([("in_s", len(spec.sigmoid_gates) * H)] if spec.fgr else [])
@@ -180,8 +198,8 @@ def step_body(spec: CellSpec, params: dict[str, Tensor], hidden_size: int, lengt
             new, y = masked_step(spec, H, pp, states, a_t, valid)
             return (*new, y)
         outputs = [f"out_{n[3:]}" for n, _ in widths] + ["out_y"]
-        _CACHE[key] = _export(one_step, p, inputs, outputs, opset)
-    return _CACHE[key]
+        return _export(one_step, p, inputs, outputs, opset)
+    return _cached(key, trace)
 
 
 def graft(graph: Any, fresh: Any, inputs: dict[str, str], params: dict[str, str]) -> tuple[list[Any], list[Any],
