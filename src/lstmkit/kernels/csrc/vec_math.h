@@ -187,8 +187,6 @@ LK_INLINE static inline Vectorized<T> sigm(const Vectorized<T>& x) {
   return one / (one + vexp<T>(Vectorized<T>(T(0)) - x));
 }
 
-// mean and 1/sqrt(var+eps) of n values (two-pass, biased variance; two accumulators per
-// pass to halve the add-latency chain). NaN anywhere gives NaN stats (no max/min here).
 // 1/sqrt(var + eps) of a layer norm; NaN where the variance overflowed to inf (values beyond about
 // 1.8e19 in float32), as torch's layer_norm gives: 1/sqrt(inf) = 0 would norm every value to 0.
 template <typename T>
@@ -196,6 +194,8 @@ static inline T ln_rstd(T var) {
   return std::isinf(var) ? std::numeric_limits<T>::quiet_NaN() : T(1) / std::sqrt(var + T(LN_EPS));
 }
 
+// mean and 1/sqrt(var+eps) of n values (two-pass, biased variance; two accumulators per
+// pass to halve the add-latency chain). NaN anywhere gives NaN stats (no max/min here).
 template <typename T>
 static inline void row_stats(const T* x, int64_t n, T& mean, T& rstd) {
   using V = Vectorized<T>;
