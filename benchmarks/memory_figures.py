@@ -1,7 +1,8 @@
 """The figures of docs/results.md's "Seeing the memory": one run of the 1997 long-lag task 2c and
 one of the spike-delay timing task, trained and drawn with the command line as a user would.
 
-    python benchmarks/memory_figures.py      # writes docs/figures/{long_lag_2c,spike_delays}_cells.png (--out DIR: elsewhere)
+    python benchmarks/memory_figures.py      # writes docs/figures/{long_lag_2c,spike_delays}_cells.png
+    python benchmarks/memory_figures.py --out DIR   # or into DIR
 
 Each run is ``lstmkit train TASK`` with the task's recipe (seconds on one thread), then
 ``lstmkit plot cells RUN``: every cell's ``c_t`` and ``h_t`` on the first test sequence, the
