@@ -117,10 +117,7 @@ def _layout_as_list(name: str, kernel: Callable[..., Any]) -> Callable[..., Any]
     def call(*args: Any) -> Any:
         if len(args) > at and args[at] is None:
             args = (*args[:at], [], *args[at + 1:])
-        out = kernel(*args)
-        if name == "recurrence_backward":  # (row-major, as the fake declares them: a no-op where they are)
-            out = [t.contiguous() for t in out]
-        return out
+        return kernel(*args)
     return call
 
 
