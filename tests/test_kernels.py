@@ -731,11 +731,12 @@ def test_workspaces_are_written_before_they_are_read(name):
         assert torch.equal(a, e), f"result {k} differs with the workspaces poisoned"
 
 
-_CLIP_BACKENDS = ["reference", "cpu_fused"] + (
+#: The rows these edge cases run on: the CPU ones, and Triton where its interpreter runs.
+_EVERY_ROW = ["reference", "cpu_fused"] + (
     ["triton"] if importlib.util.find_spec("triton") and os.environ.get("TRITON_INTERPRET") == "1" else [])
 
 
-@pytest.mark.parametrize("backend", _CLIP_BACKENDS)
+@pytest.mark.parametrize("backend", _EVERY_ROW)
 def test_a_layer_norm_whose_variance_overflows_is_nan_as_torchs(backend):
     """float32 pre-activations beyond about 1.8e19 overflow the layer norm's variance: torch's
     layer_norm (the reference equations) gives NaN; the fused kernels gave 1/sqrt(inf) = 0, every
@@ -754,7 +755,7 @@ def test_a_layer_norm_whose_variance_overflows_is_nan_as_torchs(backend):
                 torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", _CLIP_BACKENDS)
+@pytest.mark.parametrize("backend", _EVERY_ROW)
 @pytest.mark.parametrize(("dtype", "clip"), [(torch.float16, 1e5), (torch.float32, 1e39), (torch.bfloat16, 1e39)])
 def test_a_clip_beyond_the_dtypes_range_clips_nothing(backend, dtype, clip):
     """A clip bound the layer's dtype cannot hold bounds nothing; the reference equations raised
@@ -769,7 +770,7 @@ def test_a_clip_beyond_the_dtypes_range_clips_nothing(backend, dtype, clip):
     assert cell(x[0])[1].isfinite().all()
 
 
-@pytest.mark.parametrize("backend", _CLIP_BACKENDS)
+@pytest.mark.parametrize("backend", _EVERY_ROW)
 @pytest.mark.parametrize("cell", ["nfg+nig+clip=0.3", "cifg+clip=0.3", "clip=0.3+zoneout=0.2"])
 def test_the_clip_passes_the_gradient_at_its_boundary_as_clamp_does(backend, cell):
     """Where the new cell state lands exactly on ±clip, torch.clamp (the reference equations,
@@ -794,7 +795,7 @@ def test_the_clip_passes_the_gradient_at_its_boundary_as_clamp_does(backend, cel
         torch.testing.assert_close(c0.grad, torch.full_like(c0, want), msg=f"{backend} {cell} c0={c_value}")
 
 
-@pytest.mark.parametrize("backend", _CLIP_BACKENDS)
+@pytest.mark.parametrize("backend", _EVERY_ROW)
 @pytest.mark.parametrize("gate_act,half_width", [("hardsigmoid", 3.0), ("hard_sigmoid", 2.5)])
 def test_the_hard_sigmoid_is_flat_at_its_kinks(backend, gate_act, half_width):
     """At u = ±half-width the hard sigmoid is exactly 0 or 1 and its derivative 0 (the reference
