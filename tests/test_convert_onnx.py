@@ -957,6 +957,53 @@ def test_activation_names_are_read_in_any_case_as_onnxruntime_reads_them(names, 
     _run_hand(proto, layer, 3 * np.random.default_rng(4).standard_normal((4, 2, 2)).astype(np.float32))
 
 
+def _rnn_node_graph(activations: list[str], opset: int = 14) -> onnx.ModelProto:
+    """One RNN node (H = 3, I = 4, no bias) with these activation names."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.uniform(-1, 1, (1, 3, 4)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.uniform(-1, 1, (1, 3, 3)).astype(np.float32), "R")]
+    node = helper.make_node("RNN", ["X", "W", "R"], ["Y", "Y_h"], hidden_size=3, activations=activations)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "B", 4])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Y", "Y_h")], inits)
+    opsets = [helper.make_opsetid("", opset)]
+    return helper.make_model(g, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+
+
+def test_rnn_activation_names_are_case_sensitive_as_onnxruntime_reads_them():
+    """onnxruntime's RNN kernel takes the standard's spellings alone ('Relu'), where its LSTM kernel
+    takes any case; 'relu' on an RNN node was imported although onnxruntime refuses the node
+    (found by a converter sweep)."""
+    x = np.random.default_rng(1).standard_normal((5, 2, 4)).astype(np.float32)
+    proto = _rnn_node_graph(["Relu"])
+    layer = from_onnx(proto)
+    assert layer.nonlinearity == "relu"
+    _run_hand(proto, layer, x)
+    for name, match in [("relu", r"'relu' is spelled 'Relu'; onnxruntime refuses 'relu'"),
+                        ("TANH", r"'TANH' is spelled 'Tanh'"), ("Gelu", r"'Gelu' is not one of them")]:
+        proto = _rnn_node_graph([name])
+        with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error type
+            _session(proto)
+        with pytest.raises(ValueError, match=match):
+            from_onnx(proto)
+
+
+def test_layout_attribute_before_opset_14_is_refused_as_onnxruntime_refuses_it():
+    """``layout`` is an attribute of LSTM-14 and RNN-14; an opset-13 model with it is invalid for
+    onnxruntime and was imported as batch-first (found by a converter sweep)."""
+    for opset, ok in ((13, False), (14, True)):
+        proto = _hand_graph({"layout": 1})
+        del proto.opset_import[:]
+        proto.opset_import.append(helper.make_opsetid("", opset))
+        if ok:
+            assert from_onnx(proto).batch_first
+            continue
+        with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error type
+            _session(proto)
+        with pytest.raises(ValueError, match=r"the layout attribute belongs to the LSTM operator from opset 14, "
+                                             r"and this model imports opset 13"):
+            from_onnx(proto)
+
+
 @pytest.mark.parametrize(("attrs", "match"), [
     ({"input_forget": 2}, r"input_forget=2: expected 0 or 1"),
     ({"layout": 2}, r"layout=2: expected 0 \(time-major\) or 1 \(batch-major\)"),

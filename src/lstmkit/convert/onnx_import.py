@@ -65,6 +65,11 @@ _GIVABLE = ("W", "R", "B", "initial_h", "initial_c", "P")
 _ATTRIBUTES = {"activation_alpha": "FLOATS", "activation_beta": "FLOATS", "activations": "STRINGS", "clip": "FLOAT",
                "direction": "STRING", "hidden_size": "INT", "layout": "INT"}
 _LSTM_ATTRIBUTES = {**_ATTRIBUTES, "input_forget": "INT"}
+#: The opset from which the operators have the ``layout`` attribute (LSTM-14, RNN-14).
+_LAYOUT_OPSET = 14
+#: The activation names of ONNX's LSTM and RNN operators, as the standard spells them.
+_ONNX_ACTIVATIONS = ("Relu", "Tanh", "Sigmoid", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh",
+                     "HardSigmoid", "Elu", "Softsign", "Softplus")
 
 
 def onnx_module() -> Any:
@@ -204,7 +209,7 @@ def _given(inputs: Any, graph: Any, where: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _refuse_runtime_inputs(given: dict[str, np.ndarray], rec: list[Any], where: str) -> None:
+def _refuse_runtime_inputs(given: dict[str, np.ndarray], rec: list[Any]) -> None:
     """Refuse an ``inputs=`` name that no LSTM/RNN node reads where an initializer would be read (its X,
     sequence_lens, or a graph input read by another op): the value would change nothing."""
     roles: dict[str, list[tuple[str, str]]] = {}  # name -> (slot, where it is read)
@@ -292,10 +297,11 @@ def from_onnx(model_or_path: Any, *, inputs: Mapping[str, np.ndarray] | None = N
         raise ValueError(f"{where}: the graph mixes LSTM and RNN nodes; an lstmkit layer is one or the other")
     op = rec[0].op_type
     is_lstm = op == "LSTM"
-    _refuse_runtime_inputs(given, rec, where)
+    _refuse_runtime_inputs(given, rec)
     consts = {**_constants(graph, where), **given}  # a given value overrides an initializer's default, as at run time
     graph_inputs = frozenset(v.name for v in graph.input)
-    read = [_read_node(n, k, consts, where, is_lstm, base, graph_inputs) for k, n in enumerate(rec)]
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    read = [_read_node(n, k, consts, where, is_lstm, base, graph_inputs, opset) for k, n in enumerate(rec)]
     def constant(name: str) -> np.ndarray | None:  # a constant's value, read as the weights are
         t = consts.get(name)
         return None if t is None else _tensor(t, base, f"{where}: constant {name!r}")
@@ -382,7 +388,8 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
     ``Affine`` with alpha 1 and beta 0 is the identity (niaf / noaf), ``HardSigmoid`` with
     beta 0.5 and a slope lstmkit has is a hard-sigmoid gate —, (φ,) for an RNN.
 
-    Read as onnxruntime reads them: names in any case (``hardsigmoid`` is ONNX's
+    Read as onnxruntime reads them: an LSTM node's names in any case, an RNN node's only as
+    the standard spells them (``Relu``; its RNN kernel refuses ``relu``) (``hardsigmoid`` is ONNX's
     HardSigmoid, alpha 0.2 unless given, not lstmkit's 1/6 slope); alphas and betas consumed
     in order by the activations that take them; defaults HardSigmoid 0.2 / 0.5. Affine's
     alpha has no default runtimes agree on (onnxruntime: 0, a zero candidate), so it must be
@@ -397,6 +404,11 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
     out = []
     for name in names:
         key = name.lower()
+        if not is_lstm and name not in _ONNX_ACTIVATIONS:
+            spelled = next((n for n in _ONNX_ACTIVATIONS if n.lower() == key), None)
+            raise ValueError(f"{what}: activations={names}: the RNN operator's names are case-sensitive"
+                             + (f" ({name!r} is spelled {spelled!r}; onnxruntime refuses {name!r})" if spelled
+                                else f" and {name!r} is not one of them ({', '.join(_ONNX_ACTIVATIONS)})"))
         if key == "affine":  # alpha·x + beta; consumes one alpha and one beta, in order
             if not alphas:
                 raise ValueError(f"{what}: Affine activation without activation_alpha: runtimes disagree on its "
@@ -434,8 +446,9 @@ def _activations(a: dict[str, Any], D: int, is_lstm: bool, what: str) -> tuple[s
 
 
 def _read_node(n: Any, k: int, consts: dict[str, Any], where: str, is_lstm: bool, base: Path | None,
-               graph_inputs: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Parameters (lstmkit names and layout) and facts of one LSTM/RNN node."""
+               graph_inputs: frozenset[str] = frozenset(), opset: int | None = None) -> dict[str, Any]:
+    """Parameters (lstmkit names and layout) and facts of one LSTM/RNN node (``opset``: the
+    model's version of the ONNX domain, None if it names none)."""
     from onnx import AttributeProto
 
     what = f"{where}: {n.op_type} node {k} ({n.name!r})"
@@ -445,6 +458,9 @@ def _read_node(n: Any, k: int, consts: dict[str, Any], where: str, is_lstm: bool
     if unknown:
         raise ValueError(f"{what}: attributes {unknown} are not attributes of the {n.op_type} operator (onnxruntime "
                          f"refuses such a node)")
+    if "layout" in a and opset is not None and opset < _LAYOUT_OPSET:
+        raise ValueError(f"{what}: the layout attribute belongs to the {n.op_type} operator from opset "
+                         f"{_LAYOUT_OPSET}, and this model imports opset {opset} (onnxruntime refuses such a node)")
     for attribute in n.attribute:  # (a hidden_size of 4.7, activations as INTS: onnxruntime refuses them too)
         got = AttributeProto.AttributeType.Name(attribute.type) if attribute.type in \
             AttributeProto.AttributeType.values() else str(attribute.type)
