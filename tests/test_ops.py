@@ -19,7 +19,7 @@ from lstmkit.kernels.machine import cpu_vendor
 from lstmkit.layout import GATES
 from lstmkit.spec import resolve
 
-#: Every variant the fused kernel runs (id -> layer factory arguments).
+#: The fused kernel's variants, one of each kind of operator input (id -> layer factory arguments).
 FUSED = {
     "vanilla": dict(cell="vanilla"),
     "peephole": dict(cell="peephole"),
@@ -76,6 +76,8 @@ def test_compiled_abi_equals_abi_module():
     assert tuple(compiled["flag_bits"]) == tuple(abi.flag(n) for n in abi.FLAGS)
     assert tuple(compiled["params"]) == abi.PARAMS
     assert tuple(compiled["buffers"]) == abi.BUFFERS
+    assert tuple(compiled["scalars"]) == abi.SCALARS
+    assert tuple(compiled["gates"]) == GATES
     assert {n for n, off in zip(abi.PARAMS, compiled["param_no_grad"]) if off} == abi.NO_GRAD
     assert compiled["ln_eps"] == cell.LN_EPS
     assert tuple(compiled["gate_removed"]) == tuple(abi.GATE_REMOVED[g] for g in GATES)
@@ -166,18 +168,28 @@ def test_the_kernel_reads_exactly_the_shapes_the_layout_gives(variant):
             y.sum().backward()
 
 
-@pytest.mark.parametrize("variant", list(FUSED))
+#: Variants whose kept buffers follow rules of their own (zoneout's CN, the deep gates' MLP, G kept
+#: beside layernorm's statistics), for the fake-shape test below (FUSED's other tests do not need them).
+KEPT_RULES = {
+    "zoneout": dict(cell="zoneout=0.2/0.1"),
+    "deep": dict(cell="deep=3"),
+    "layernorm+fgr": dict(cell="layernorm+fgr"),
+    "layernorm+deep": dict(cell="layernorm+deep=f:3"),
+}
+
+
+@pytest.mark.parametrize("variant", [*FUSED, *KEPT_RULES])
 @pytest.mark.parametrize("save", [False, True])
 def test_fake_shapes_equal_real_ones(variant, save):
     """The fake (meta) implementation predicts every output of both operators."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     torch.manual_seed(0)
-    layer = make(variant)
+    layer = make(variant) if variant in FUSED else lstmkit.LSTM(4, 5, **KEPT_RULES[variant])
     T, B = 6, 3
     p = layer.layer_params(0, 0)
     spec, H = layer.spec, layer.hidden_size
-    plist = [p.get(n, torch.empty(0)) for n in abi.PARAMS]
+    plist, _ = fused.operator_params(p, spec, torch.empty(0))  # (the deep gates' layers: flat)
     if spec.layernorm:
         plist[abi.PARAMS.index("bias")] = (p["bias_ih"] + p["bias_hh"]).detach()
     plist = [t.detach() for t in plist]

@@ -68,6 +68,31 @@ COMBOS = ["vanilla", "peephole+cifg+layernorm", "fgr+peephole+nog+clip=0.4", "ni
 BF16_FLOOR = 2 ** -5
 
 
+@pytest.mark.parametrize(("cell", "P"), [("peephole+cifg", 0), ("fgr+peephole+nog", 3), ("layernorm+peephole", 0),
+                                         ("zoneout=0.3/0.2", 3), ("deep=f:3+layernorm", 0), ("slstm+heads=2", 0)])
+@pytest.mark.parametrize("masks", [False, True])
+def test_ahead_of_time_builds_take_the_parameters_a_layer_gives(cell, P, masks):
+    """The ahead-of-time builds (triton_aot) make the operator's parameters from a flag word
+    alone; their shapes are those of a real layer's (the operator's params list: peepholes,
+    W_gg, the layer norms, W_hr, the summed bias, zoneout's training masks, the flat MLP)."""
+    from lstmkit.kernels import fused, triton_aot, triton_impl
+
+    spec, (T, B, H) = resolve(cell), (5, 2, 6)
+    layer = lstmkit.LSTM(4, H, cell=spec, proj_size=P, heads=spec.heads)
+    params = layer.layer_params(0, 0)
+    real, _ = fused.operator_params(params, spec, torch.empty(0))
+    R, HO = params["weight_hh"].shape[0], layer.output_size
+    shapes = {n: tuple(t.shape) for n, t in zip(abi.PARAMS, real)}
+    if spec.layernorm:
+        shapes["bias"] = (R,)
+    if masks and spec.zoneout != (0.0, 0.0):
+        shapes.update(keep_c=(T, B, H), keep_h=(T, B, HO))
+    mlp = abi.decode_mlp(list(abi.mlp_layout(spec, True)), H) if spec.gate_hidden else None
+    built = triton_aot._spec_params(triton_impl.Variant.from_flags(abi.flags(spec)), T, B, H, P, R, HO,
+                                    torch.float32, torch.device("meta"), masks, mlp.wtot if mlp else 0)
+    assert {n: tuple(t.shape) for n, t in zip(abi.PARAMS, built)} == shapes
+
+
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     """Run the test once per way of running the time loop."""

@@ -251,11 +251,15 @@ def header() -> str:
              "#pragma once", "#include <cstdint>", "", "namespace lk::abi {", ""]
     for k, name in enumerate(FLAGS):
         lines.append(f"constexpr int64_t F_{name.upper()} = int64_t(1) << {k};")
-    lines += ["", "// per gate i, f, g, o: the flags that remove it (a gate is computed when none is set)",
-              "constexpr int64_t GATE_REMOVED[4] = {" + ", ".join(str(GATE_REMOVED[g]) for g in GATES) + "};",
+    lines += ["", "// the gates in lstmkit.layout.GATES order: every per-gate array of the kernel is indexed so",
+              "enum Gate : int { " + ", ".join(f"GATE_{g.upper()} = {k}" for k, g in enumerate(GATES))
+              + f", N_GATES = {len(GATES)} }};",
+              "constexpr const char* GATE_NAMES[] = {" + ", ".join(f'"{g}"' for g in GATES) + "};",
+              "// per gate: the flags that remove it (a gate is computed when none is set)",
+              "constexpr int64_t GATE_REMOVED[N_GATES] = {" + ", ".join(str(GATE_REMOVED[g]) for g in GATES) + "};",
               "constexpr int N_FLAGS = " + str(len(FLAGS)) + ";",
               "constexpr int64_t FLAG_BITS[] = {" + ", ".join(f"F_{n.upper()}" for n in FLAGS) + "};"]
-    for enum, prefix, names in (("Param", "P", PARAMS), ("Buffer", "B", BUFFERS)):
+    for enum, prefix, names in (("Param", "P", PARAMS), ("Buffer", "B", BUFFERS), ("Scalar", "S", SCALARS)):
         members = ", ".join(f"{prefix}_{n.upper()} = {k}" for k, n in enumerate(names))
         lines += ["", f"enum {enum} : int {{ {members}, N_{enum.upper()}S = {len(names)} }};",
                   f"constexpr const char* {enum.upper()}_NAMES[] = {{"
@@ -267,8 +271,6 @@ def header() -> str:
     lines += ["", "// the slope of each hard sigmoid gate activation (lstmkit.variants.HARD_SIGMOID_SLOPES)"]
     lines += [f"constexpr double SLOPE_{name.upper()} = {value!r};"
               for name, value in variants.HARD_SIGMOID_SLOPES.items()]
-    lines += ["constexpr const char* SCALAR_NAMES[] = {" + ", ".join(f'"{n}"' for n in SCALARS) + "};",
-              "constexpr int N_SCALARS = " + str(len(SCALARS)) + ";"]
     lines += ["", "// an activation by its code: a deep gate's between its layers (the mlp layout), the candidate's",
               "// and the output's (Cfg::cand_act, out_act)"]
     lines += [f"constexpr int PHI_{name.upper()} = {k};" for k, name in enumerate(PHIS)]

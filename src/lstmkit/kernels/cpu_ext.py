@@ -48,7 +48,7 @@ _SOURCES = tuple(sorted(p.name for p in _CSRC.iterdir() if p.suffix in (".cpp", 
 _lock = threading.Lock()
 _ext: Any = None
 _failed: str | None = None
-_NP, _NB = len(abi.PARAMS), len(abi.BUFFERS)
+_NP, _NB, _NS = len(abi.PARAMS), len(abi.BUFFERS), len(abi.SCALARS)
 
 #: Compiler flags per CPU capability: the instruction set (not -march=native, so a build
 #: runs on every machine of its capability) and ATen's matching Vectorized<T> width; widest first.
@@ -356,10 +356,16 @@ def first_nonfinite(tensors: list[Tensor]) -> int | None:
     return None if _ext is None else int(_ext.first_nonfinite(tensors))
 
 
+def _scalars_listed(meta: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The operators' non-tensor arguments ``(flags, mlp_layout, *scalars, H, P[, save])`` as the
+    compiled functions take them: the scalars (:data:`~lstmkit.kernels.abi.SCALARS`) as one list."""
+    return (*meta[:2], list(meta[2:2 + _NS]), *meta[2 + _NS:])
+
+
 def forward(xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
     """``lstmkit::recurrence`` on the CPU (arguments and results in :mod:`lstmkit.kernels.ops`)."""
     params, meta = rest[:_NP], rest[_NP:]
-    y, h_n, c_n, buffers = (_ext or load()).forward(xg, w_hh, h0, c0, lengths, params, *meta)
+    y, h_n, c_n, buffers = (_ext or load()).forward(xg, w_hh, h0, c0, lengths, params, *_scalars_listed(meta))
     return (y, h_n, c_n, *buffers)
 
 
@@ -368,7 +374,7 @@ def backward(dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: 
     """``lstmkit::recurrence_backward`` on the CPU."""
     params, buffers, meta = rest[:_NP], rest[_NP:_NP + _NB], rest[_NP + _NB:]
     dxg, dw_hh, dh0, dc0, dparams = (_ext or load()).backward(dy, dh_n, dc_n, y, h0, c0, w_hh, lengths, params,
-                                                              buffers, *meta)
+                                                              buffers, *_scalars_listed(meta))
     return (dxg, dw_hh, dh0, dc0, *dparams)
 
 

@@ -198,7 +198,7 @@ def operator_params(params: dict[str, Tensor], spec: CellSpec, empty: Tensor, fl
 def trace_from_buffers(buffers: list[Tensor], y: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                        params: dict[str, Tensor], spec: CellSpec, hidden_size: int) -> dict[str, Tensor]:
     """Per-step activations (T, B, ·) from what the forward kept (``save=True``): views of
-    its buffers, no second pass — except layernorm without fgr, which keeps the normalised
+    its buffers, no second pass — except layernorm without fgr or deep gates, which keeps the normalised
     pre-activations instead of the gates: its gates are recomputed by :func:`lstmkit.cell.step`
     on all steps at once. Absent gates are absent; cifg's f is 1 − i."""
     b = dict(zip(abi.BUFFERS, (t.detach() for t in buffers)))
@@ -280,13 +280,14 @@ _NO_LENGTHS = torch.empty(0, dtype=torch.long)  # every sequence runs all T step
 def infer_args(params: dict[str, Tensor], spec: CellSpec, flat_mlp: bool = True) -> tuple[Any, ...]:
     """A layer's arguments of the compiled ``forward_infer`` that do not change from call to call
     while its parameters stay the same tensors: ``(W_ih, b_ih, b_hh, W_hh, the operator's params
-    list, flags, mlp_layout, *scalars, proj_size)`` (empty tensors for absent biases; with
+    list, flags, mlp_layout, scalars, proj_size)`` (``scalars``: :func:`~lstmkit.kernels.abi.scalars`,
+    a list; empty tensors for absent biases; with
     ``flat_mlp`` False the deep gates' slot of the params list stays empty)."""
     empty = params["weight_ih"].new_empty(0)
     plist, mlp = operator_params(params, spec, empty, flat_mlp)
     proj = params["weight_hr"].shape[0] if "weight_hr" in params else 0
     return (params["weight_ih"], params.get("bias_ih", empty), params.get("bias_hh", empty), params["weight_hh"],
-            plist, abi.flags(spec), mlp, *abi.scalars(spec), proj)
+            plist, abi.flags(spec), mlp, list(abi.scalars(spec)), proj)
 
 
 def forward_infer(args: tuple[Any, ...], x: Tensor, h0: Tensor, c0: Tensor | None, lengths: Tensor | None,
@@ -294,9 +295,9 @@ def forward_infer(args: tuple[Any, ...], x: Tensor, h0: Tensor, c0: Tensor | Non
     """One no-gradient run of the compiled kernel with the input projection in the loop: ``x``
     (T, B, I), ``h0`` (B, H_out), ``c0`` (B, S·H) or None, ``args`` from :func:`infer_args`;
     returns ``y`` (T, B, H_out), ``h_n``, ``c_n``."""
-    w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = args
+    w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, scalars, proj = args
     return cpu_ext.load().forward_infer(x, w_ih, b_ih, b_hh, w_hh, h0, b_ih.new_empty(0) if c0 is None else c0,
-                                        _NO_LENGTHS if lengths is None else lengths, plist, flags, mlp, *scalars,
+                                        _NO_LENGTHS if lengths is None else lengths, plist, flags, mlp, scalars,
                                         hidden_size, proj)
 
 
@@ -405,10 +406,10 @@ class PreparedStep:
         prepared = []
         for params in layers:
             with torch.inference_mode(False):  # its placeholders outlive the call: later ones may save them
-                w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, *scalars, proj = infer_args(params, self.spec,
-                                                                                        flat_mlp=False)
+                w_ih, b_ih, b_hh, w_hh, plist, flags, mlp, scalars, proj = infer_args(params, self.spec,
+                                                                                       flat_mlp=False)
             prepared.append(ext.PreparedLayer(w_ih, b_ih, b_hh, w_hh, plist, _mlp_tensors(params, self.spec), flags,
-                                              mlp, *scalars, self.hidden_size, proj, frozen,
+                                              mlp, scalars, self.hidden_size, proj, frozen,
                                               not SIXTEEN_BIT_UNITS.get(w_ih.dtype, True),
                                               _mlp_names(params, self.spec)))
             if sibling is not None and frozen:

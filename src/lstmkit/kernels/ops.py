@@ -3,8 +3,9 @@
 One layer-direction's time loop, forward and hand-written BPTT, as two ``torch.library``
 operators, so that everything PyTorch does with an operator works on it: ``torch.compile``
 (no graph break), ``torch.export``, ``torch.func`` (``grad``, ``vmap``), autocast, FakeTensor
-and meta shapes. Shapes (T steps, B batch, R = G·H rows of the G computed gates, H cells,
-H_out = proj_size or H; ``(0,)`` is an empty tensor meaning "none")::
+and meta shapes. Shapes (T steps, B batch, R = Σ n_k rows of the computed gates' first layers
+(G·H for G computed gates without deep gates), H cells, H_out = proj_size or H; ``(0,)`` is an
+empty tensor meaning "none")::
 
     lstmkit::recurrence(xg (T, B, R), w_hh (R, H_out/k), h0 (B, H_out), c0 (B, S·H) | (0,),
                         lengths (B,) int64 | (0,), params: Tensor[len(abi.PARAMS)],

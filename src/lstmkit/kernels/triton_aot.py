@@ -106,15 +106,16 @@ def launches(cell_flags: int, dtype: torch.dtype, B: int, H: int, P: int, T: int
     h0 = torch.empty((B, HO), dtype=dtype, device=meta)
     c0 = torch.empty((B, abi.cell_state_count(cell_flags) * H) if not v.rnn else (0,), dtype=dtype, device=meta)
     lens = torch.full((B,), T, dtype=torch.int64) if lengths else torch.empty((0,), dtype=torch.int64)
+    scalars = [0.5 if name == "clip" else 0.0 for name in abi.SCALARS]  # runtime floats: any values compile alike
     impl = TritonImpl()
     old = triton_impl.RECORDER
     triton_impl.RECORDER = record
     try:
-        impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, list(mlp), 0.5, 0.0, 0.0, H, P, False)
-        y, h_n, c_n, *buffers = impl.forward(xg, w_hh, h0, c0, lens, *train, cell_flags, list(mlp), 0.5, 0.0, 0.0, H,
+        impl.forward(xg, w_hh, h0, c0, lens, *spec, cell_flags, list(mlp), *scalars, H, P, False)
+        y, h_n, c_n, *buffers = impl.forward(xg, w_hh, h0, c0, lens, *train, cell_flags, list(mlp), *scalars, H,
                                              P, True)
         impl.backward(torch.empty_like(y), torch.empty_like(h_n), c_n.new_empty(c_n.shape), y, h0, c0, w_hh, lens,
-                      *train, *buffers, cell_flags, list(mlp), 0.5, 0.0, 0.0, H, P)
+                      *train, *buffers, cell_flags, list(mlp), *scalars, H, P)
     finally:
         triton_impl.RECORDER = old
     return list(seen)

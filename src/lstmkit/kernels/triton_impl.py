@@ -93,18 +93,13 @@ class Variant:
     """The variant flag word and, for the launch plan and the after-loop reductions, what it
     says decoded (the kernels decode ``flags`` themselves while they are built): gate slots in
     R (``gi, gf, gg, go``; -1 absent) in :data:`lstmkit.layout.GATES` order, fgr's slots in
-    the sigmoid-gate state s (``si, sf, so``), and the switches."""
+    the sigmoid-gate state s (``si, sf, so``), and the switches these read."""
 
     flags: int
     rnn: bool
-    relu: bool
-    cifg: bool
     peep: bool
     fgr: bool
     ln: bool
-    niaf: bool
-    noaf: bool
-    clip: bool
     zoneout: bool
     slstm: bool
     gi: int
@@ -121,11 +116,9 @@ class Variant:
         slot, sslot = abi.gate_slots(flags)
         if not on["fgr"]:
             sslot = dict.fromkeys(sslot, -1)
-        return cls(flags=flags, rnn=on["rnn"], relu=on["rnn_relu"], cifg=on["cifg"], peep=on["peephole"],
-                   fgr=on["fgr"], ln=on["layernorm"], niaf=on["niaf"], noaf=on["noaf"], clip=on["clip"],
+        return cls(flags=flags, rnn=on["rnn"], peep=on["peephole"], fgr=on["fgr"], ln=on["layernorm"],
                    zoneout=on["zoneout"], slstm=on["slstm"], gi=slot["i"], gf=slot["f"], gg=slot["g"], go=slot["o"],
-                   si=sslot["i"],
-                   sf=sslot["f"], so=sslot["o"])
+                   si=sslot["i"], sf=sslot["f"], so=sslot["o"])
 
     @property
     def n_gates(self) -> int:
@@ -164,6 +157,13 @@ def _weight_budget(device: torch.device | None) -> int:
     return PERSISTENT_MAX_WEIGHT_BYTES_LARGE_SMEM if smem >= LARGE_SHARED_MEMORY else PERSISTENT_MAX_WEIGHT_BYTES
 
 
+def _named_scalars(values: list[float]) -> tuple[float, float, float]:
+    """The operators' scalars (:data:`~lstmkit.kernels.abi.SCALARS` order) as the kernels name them:
+    the cell clip's bound and zoneout's z_c, z_h."""
+    named = dict(zip(abi.SCALARS, values, strict=True))
+    return named["clip"], named["zoneout_c"], named["zoneout_h"]
+
+
 def projection_sizes(v: Variant, H: int, P: int) -> tuple[int, int]:
     """The operator's projection size P as the cell takes it and the output width H_out: the RNN
     has no projection (as the C++ kernel's Cfg), so P counts as 0 there; H_out = P if P > 0 else H."""
@@ -191,8 +191,8 @@ def choose_path(v: Variant, B: int, H: int, H_out: int, dtype: torch.dtype, proj
     pointwise kernel per step — haste's approach, its calls replayed from CUDA graphs),
     whose GEMMs spread over the whole GPU. The batch size does not enter: on an H200 the
     persistent path was 8-9x faster than per step at every batch measured (1-256) where it
-    fits. ``LSTMKIT_TRITON_PATH=persistent|per_step`` forces a path (a persistent one only
-    up to :data:`PERSISTENT_FORCE_LIMIT_BYTES`). Block-diagonal recurrent weights
+    fits. ``LSTMKIT_TRITON_PATH=persistent|per_step`` forces a path where the variant has both
+    (a persistent one only up to :data:`PERSISTENT_FORCE_LIMIT_BYTES`). Block-diagonal recurrent weights
     (``heads`` > 1) run per step: the persistent kernels hold dense ones; so do ``deep`` gates,
     whose MLP layers are per-step cuBLAS GEMMs between the recurrent GEMM and the cell's kernel,
     and the sLSTM (its cell is in the per-step kernels only), and a projection wider than the
@@ -287,7 +287,8 @@ class TritonImpl:
 
     def _forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                  *rest: Any) -> tuple[Tensor, ...]:
-        params, (flags, mlp, clip, zc, zh, H, P, save) = list(rest[:NP]), rest[NP:]
+        params, (flags, mlp, *scalars, H, P, save) = list(rest[:NP]), rest[NP:]
+        clip, zc, zh = _named_scalars(scalars)
         v = Variant.from_flags(flags)
         T, B, R = xg.shape
         _check_rows(T, B)
@@ -374,7 +375,8 @@ class TritonImpl:
     def _backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                   lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
         params, buffers = list(rest[:NP]), list(rest[NP:NP + NB])
-        flags, mlp, clip, zc, zh, H, P = rest[NP + NB:]
+        flags, mlp, *scalars, H, P = rest[NP + NB:]
+        clip, zc, zh = _named_scalars(scalars)
         v = Variant.from_flags(flags)
         T, B = y.shape[0], y.shape[1]
         _check_rows(T, B)

@@ -4,7 +4,8 @@ Imported only when a Triton row runs (``import lstmkit`` never imports triton). 
 launches, buffers and after-loop reductions are in :mod:`lstmkit.kernels.triton_impl`;
 what is computed is :mod:`lstmkit.cell`'s step, the CPU kernel's forward and BPTT.
 
-Shapes (T steps, B batch, H cells, H_out = P or H, R = G·H rows of the G computed gates,
+Shapes (T steps, B batch, H cells, H_out = P or H, R = Σ n_k rows of the computed gates' first
+layers (G·H for G computed gates without deep gates),
 NSH = |S|·H for the sigmoid gates S of fgr). Every tile is (BB rows of the batch, BH cells)
 or (BB, BO) for H_out; one gate's columns in an (·, R) matrix are ``slot·H + cell``.
 

@@ -33,7 +33,7 @@ struct MlpLayout {
   int phi = PHI_TANH, depth = 0;  // phi: PHI_* (lstmkit_abi.h)
   bool bias = false;
   std::vector<MlpGate> gates;
-  int of_gate[4] = {-1, -1, -1, -1};  // index into gates, by gate i, f, g, o
+  int of_gate[N_GATES] = {-1, -1, -1, -1};  // index into gates, by gate (Gate: GATE_I, ...)
   int64_t atot = 0, vtot = 0, wtot = 0;  // widths of the activations and outputs rows; flat weights
   MlpLayout(const std::vector<int64_t>& code, int64_t H) {
     if (code.empty()) return;
@@ -113,12 +113,13 @@ struct HeadSeg {
 };
 
 // A call's cell as the operators' non-tensor arguments give it (ops.py's schema, in its order): the
-// variant's flag word, the deep gates' layout code, the scalars (abi.SCALARS: clip, zoneout's z_c
-// and z_h), the cell size H and the projection size P. MlpLayout and Cfg decode it.
+// variant's flag word, the deep gates' layout code, the scalars (abi.SCALARS, indexed by the
+// generated Scalar enum: S_CLIP, ...), the cell size H and the projection size P. MlpLayout and
+// Cfg decode it.
 struct Variant {
   int64_t flags = 0;
   std::vector<int64_t> mlp_layout;
-  double clip = 0, zoneout_c = 0, zoneout_h = 0;
+  std::vector<double> scalars;  // (N_SCALARS,)
   int64_t H = 0, P = 0;
   MlpLayout layout() const { return MlpLayout(mlp_layout, H); }
 };
@@ -137,16 +138,16 @@ struct Cfg {
   int64_t H, P, Hout, R, G, nS;
   int64_t oi, of, og, oo;  // column offsets in R (-1 absent)
   int64_t si, sf, so;      // column offsets in s (nS*H) (-1 absent)
-  int64_t cw[4], co[4];    // width and offset in R of the k-th computed gate's columns (deep: n_1)
-  int64_t zoff[4], aoff[4];  // per gate i, f, g, o: its columns in R (-1 absent), and in the gate
+  int64_t cw[N_GATES], co[N_GATES];    // width and offset in R of the k-th computed gate's columns (deep: n_1)
+  int64_t zoff[N_GATES], aoff[N_GATES];  // per gate (Gate): its columns in R (-1 absent), and in the gate
                              // activations G (T, B, G·H): slot·H (deep gates' u is H wide too)
   Cfg(const Variant& v, const MlpLayout& mlp) {
     const int64_t flags = v.flags;
     rnn = flags & F_RNN; relu = flags & F_RNN_RELU;
     // which gates are computed, and where: the variant table's removal masks (lstmkit_abi.h)
-    bool present[4];
-    for (int g = 0; g < 4; ++g) present[g] = !(flags & GATE_REMOVED[g]);
-    has_i = present[0]; has_f = present[1]; has_o = present[3];
+    bool present[N_GATES];
+    for (int g = 0; g < N_GATES; ++g) present[g] = !(flags & GATE_REMOVED[g]);
+    has_i = present[GATE_I]; has_f = present[GATE_F]; has_o = present[GATE_O];
     cifg = flags & F_CIFG;
     peep = flags & F_PEEPHOLE; fgr = flags & F_FGR; ln = flags & F_LAYERNORM;
     clip = flags & F_CLIP; zoneout = flags & F_ZONEOUT;
@@ -154,11 +155,13 @@ struct Cfg {
     gate_slope = (flags & F_GATE_ACT_HARDSIGMOID) ? SLOPE_HARDSIGMOID : SLOPE_HARD_SIGMOID;
     cand_act = (flags & F_NIAF) ? PHI_IDENTITY : (flags & F_CAND_ACT_RELU) ? PHI_RELU : PHI_TANH;
     out_act = (flags & F_NOAF) ? PHI_IDENTITY : (flags & F_OUT_ACT_RELU) ? PHI_RELU : PHI_TANH;
-    clipv = v.clip; zc = v.zoneout_c; zh = v.zoneout_h;
+    TORCH_CHECK((int64_t)v.scalars.size() == N_SCALARS, "lstmkit: expected ", (int)N_SCALARS, " scalars (",
+                SCALAR_NAMES[0], ", ...), got ", v.scalars.size());
+    clipv = v.scalars[S_CLIP]; zc = v.scalars[S_ZONEOUT_C]; zh = v.scalars[S_ZONEOUT_H];
     H = v.H; P = rnn ? 0 : v.P; Hout = P > 0 ? P : H;
-    int64_t off[4], soff[4], k = 0, s = 0, col = 0;
-    for (int g = 0; g < 4; ++g) {
-      soff[g] = (present[g] && g != 2 && !rnn) ? H * s++ : -1;  // the sigmoid gates i, f, o (fgr's s)
+    int64_t off[N_GATES], soff[N_GATES], k = 0, s = 0, col = 0;
+    for (int g = 0; g < N_GATES; ++g) {
+      soff[g] = (present[g] && g != GATE_G && !rnn) ? H * s++ : -1;  // the sigmoid gates i, f, o (fgr's s)
       off[g] = -1;
       if (!present[g]) continue;
       const int d = mlp.of_gate[g];
@@ -166,9 +169,9 @@ struct Cfg {
       co[k] = col; cw[k] = d >= 0 ? mlp.gates[d].w[0] : H;
       col += cw[k++];
     }
-    oi = off[0]; of = off[1]; og = off[2]; oo = off[3];
-    for (int g = 0, slot = 0; g < 4; ++g) { zoff[g] = off[g]; aoff[g] = present[g] ? H * slot++ : -1; }
-    si = soff[0]; sf = soff[1]; so = soff[3];
+    oi = off[GATE_I]; of = off[GATE_F]; og = off[GATE_G]; oo = off[GATE_O];
+    for (int g = 0, slot = 0; g < N_GATES; ++g) { zoff[g] = off[g]; aoff[g] = present[g] ? H * slot++ : -1; }
+    si = soff[GATE_I]; sf = soff[GATE_F]; so = soff[GATE_O];
     G = k; R = col; nS = s;
     slstm = flags & F_SLSTM; fexp = flags & F_FORGET_ACT_EXP; nclamp = flags & F_N_CLAMP;
     plain = flags == 0 && P == 0;  // no row of the variant table changes an equation, no projection

@@ -1,7 +1,8 @@
 // The cell of one step, for one batch row: the pointwise part of docs/cell.md's "One step",
 // forward (StepForward) and backward (StepBackward). The time loops (forward.h, backward.h)
 // own the GEMMs, the barriers, the projection and the chunking; they call these between their
-// GEMM phases, each thread on its own rows. Shapes: R = G·H gate columns, H cells, H_out
+// GEMM phases, each thread on its own rows. Shapes: R = Σ n_k gate columns (G·H without deep
+// gates), H cells, H_out
 // outputs; a "row" is one batch entry b of one step t (tb = t·B + b).
 #pragma once
 #include <torch/extension.h>
@@ -153,10 +154,9 @@ struct StepForward {
       }
     }
     if (!mlp.any()) return;
-    const int64_t gcol[4] = {cf.oi, cf.of, cf.og, cf.oo};
     T* ar = act_row(t, b);
     for (const MlpGate& mg : mlp.gates) {  // a_1 = phi(z_k), z_k the gate's n_1 columns
-      const int64_t o = gcol[mg.g], w = mg.w[0];
+      const int64_t o = cf.zoff[mg.g], w = mg.w[0];
       for (int64_t j = 0; j < w; j += VL) {
         const int n = (int)std::min<int64_t>(VL, w - j);
         const V zv = cf.ln ? ldv(rr + o + j, n) : ldv(xr + o + j, n) + ldv(rr + o + j, n);
@@ -254,7 +254,7 @@ struct StepForward {
     T* cr = c + b * H;
     // where gate g's pre-activation u comes from: z = xg + r at its columns, the LN z (in r),
     // or, for a deep gate, its MLP's last output
-    const T* u_deep[4] = {nullptr, nullptr, nullptr, nullptr};
+    const T* u_deep[N_GATES] = {};
     for (const MlpGate& mg : mlp.gates) u_deep[mg.g] = vout + b * mlp.vtot + mg.voff[mg.m - 1];
     auto pre = [&](int g, int64_t j, int n) LK_INLINE -> V {
       if (u_deep[g]) return ldv(u_deep[g] + j, n);
@@ -266,7 +266,7 @@ struct StepForward {
     T* sr = fgr ? s + b * lds : nullptr;
     T* cprev = zoneout ? scratch + tid * ldscratch : nullptr;
     if (cprev) std::copy(cr, cr + H, cprev);
-    // a gate i, f or o (g = 0, 1, 3; soff its place in fgr's s): act(u [+ p ⊙ c] [+ fgr's input]),
+    // a gate i, f or o (g = GATE_I, GATE_F, GATE_O; soff its place in fgr's s): act(u [+ p ⊙ c] [+ fgr's input]),
     // kept in G and in fgr's s
     auto gate = [&](int g, int64_t soff, const T* peep, const V& cv, int64_t j, int n) LK_INLINE -> V {
       V u = pre(g, j, n);
@@ -283,11 +283,11 @@ struct StepForward {
       const int n = (int)std::min<int64_t>(VL, H - j);
       const V cp = ldv(cr + j, n);
       V i = one, f = one;
-      if (has_i) i = gate(0, cf.si, pi, cp, j, n);
-      if (has_f) f = gate(1, cf.sf, pf, cp, j, n);
+      if (has_i) i = gate(GATE_I, cf.si, pi, cp, j, n);
+      if (has_f) f = gate(GATE_F, cf.sf, pf, cp, j, n);
       else if (cifg) f = one - i;
-      const V g = phi(cand_act, pre(2, j, n));
-      if (gr) stv(g, gr + cf.aoff[2] + j, n);
+      const V g = phi(cand_act, pre(GATE_G, j, n));
+      if (gr) stv(g, gr + cf.aoff[GATE_G] + j, n);
       V cn = at::vec::fmadd(f, cp, i * g);
       if (clip) cn = at::vec::clamp(cn, V(-prm.clipv), V(prm.clipv));
       stv(cn, cr + j, n);
@@ -302,7 +302,7 @@ struct StepForward {
       const int n = (int)std::min<int64_t>(VL, H - j);
       const V cv = ldv(cr + j, n);
       V o = one;
-      if (has_o) o = gate(3, cf.so, po, cv, j, n);
+      if (has_o) o = gate(GATE_O, cf.so, po, cv, j, n);
       V mv = cv;
       if (cw) mv = at::vec::fmadd((cv - V(cmean)) * V(crstd), ldv(cw + j, n), ldv(prm.cb + j, n));
       V hv = o * phi(out_act, mv);
@@ -412,18 +412,18 @@ struct StepBackward {
       if (cf.has_i) {
         V u = z(cf.oi + j, n);
         if (prm.pi) u = at::vec::fmadd(ldv(prm.pi + j, n), cp, u);
-        stv(gate_act(cf.gate_hard, prm.slope, u), gbuf + cf.aoff[0] + j, n);
+        stv(gate_act(cf.gate_hard, prm.slope, u), gbuf + cf.aoff[GATE_I] + j, n);
       }
       if (cf.has_f) {
         V u = z(cf.of + j, n);
         if (prm.pf) u = at::vec::fmadd(ldv(prm.pf + j, n), cp, u);
-        stv(gate_act(cf.gate_hard, prm.slope, u), gbuf + cf.aoff[1] + j, n);
+        stv(gate_act(cf.gate_hard, prm.slope, u), gbuf + cf.aoff[GATE_F] + j, n);
       }
-      stv(phi(cf.cand_act, z(cf.og + j, n)), gbuf + cf.aoff[2] + j, n);
+      stv(phi(cf.cand_act, z(cf.og + j, n)), gbuf + cf.aoff[GATE_G] + j, n);
       if (cf.has_o) {
         V u = z(cf.oo + j, n);
         if (prm.po) u = at::vec::fmadd(ldv(prm.po + j, n), ldv(cr + j, n), u);
-        stv(gate_act(cf.gate_hard, prm.slope, u), gbuf + cf.aoff[3] + j, n);
+        stv(gate_act(cf.gate_hard, prm.slope, u), gbuf + cf.aoff[GATE_O] + j, n);
       }
     }
   }
@@ -467,8 +467,8 @@ struct StepBackward {
       const V dui = di * iv + dm * to_i;
       const V dkept = df * fv + dm * (one - to_i);
       const V duf = cf.fexp ? dkept : dkept * (one - sigm<T>(uf));
-      stv(dui, dxr + cf.zoff[0] + j, n); stv(duf, dxr + cf.zoff[1] + j, n);
-      stv(duz, dxr + cf.zoff[2] + j, n); stv(duo, dxr + cf.zoff[3] + j, n);
+      stv(dui, dxr + cf.zoff[GATE_I] + j, n); stv(duf, dxr + cf.zoff[GATE_F] + j, n);
+      stv(duz, dxr + cf.zoff[GATE_G] + j, n); stv(duo, dxr + cf.zoff[GATE_O] + j, n);
       stv(dcv * fv, ds + j, n); stv(dnv * fv, ds + H + j, n); stv(dkept, ds + 2 * H + j, n);
     }
   }
@@ -505,8 +505,8 @@ struct StepBackward {
     const T* gr = G ? G + tb * cf.G * H : gbuf;
     if (!G) regate(tb, cpr, cr, gbuf);
     // where gate g's dL/du goes: its columns of dXG, or a deep gate's MLP output gradient
-    T* du_to[4];
-    for (int g = 0; g < 4; ++g) du_to[g] = cf.zoff[g] >= 0 ? dxr + cf.zoff[g] : nullptr;
+    T* du_to[N_GATES];
+    for (int g = 0; g < N_GATES; ++g) du_to[g] = cf.zoff[g] >= 0 ? dxr + cf.zoff[g] : nullptr;
     for (const MlpGate& mg : mlp.gates) du_to[mg.g] = dv_row(tb) + mg.voff[mg.m - 1];
     T* dcr = dc + b * H;
     T* dus = !Plain && cf.fgr ? dUS + b * lds : nullptr;
@@ -528,11 +528,11 @@ struct StepBackward {
         const V tm = phi(out_act, mv);
         V o = one;
         if (has_o) {
-          o = ldv(gr + cf.aoff[3] + j, n);
+          o = ldv(gr + cf.aoff[GATE_O] + j, n);
           V dO = dhv * tm;
           if (dsr) dO = dO + ldv(dsr + cf.so + j, n);
           const V du = gate_grad(hard, prm.slope, dO, o);
-          stv(du, du_to[3] + j, n);
+          stv(du, du_to[GATE_O] + j, n);
           if (dus) stv(du, dus + cf.so + j, n);
           if (po) stv(at::vec::fmadd(du, cv, ldv(A_po + j, n)), A_po + j, n);
         }
@@ -570,24 +570,24 @@ struct StepBackward {
       } else {
         dcn = dcn + ldv(dchat + j, n);
       }
-      if (po) dcn = at::vec::fmadd(ldv(du_to[3] + j, n), ldv(po + j, n), dcn);
-      const V i = has_i ? ldv(gr + cf.aoff[0] + j, n) : one;
-      const V g = ldv(gr + cf.aoff[2] + j, n);
+      if (po) dcn = at::vec::fmadd(ldv(du_to[GATE_O] + j, n), ldv(po + j, n), dcn);
+      const V i = has_i ? ldv(gr + cf.aoff[GATE_I] + j, n) : one;
+      const V g = ldv(gr + cf.aoff[GATE_G] + j, n);
       V f = one;
-      if (has_f) f = ldv(gr + cf.aoff[1] + j, n);
+      if (has_f) f = ldv(gr + cf.aoff[GATE_F] + j, n);
       else if (cifg) f = one - i;
       // the clip passes the gradient where |c~| <= clip before it (torch.clamp's rule, the boundary
       // included): c~ recomputed from the kept gates as the forward computed it (the kept c_t is
       // after the clip, where exactly clip and clipped to clip look alike)
       if (clip) dcn = V::blendv(zero, dcn, at::vec::fmadd(f, cp, i * g).abs() <= V(prm.clipv));
       dcp = at::vec::fmadd(dcn, f, dcp);
-      stv(phi_grad(cand_act, dcn * i, g), du_to[2] + j, n);
+      stv(phi_grad(cand_act, dcn * i, g), du_to[GATE_G] + j, n);
       const V df = dcn * cp;
       if (has_f) {
         V d = df;
         if (dsr) d = d + ldv(dsr + cf.sf + j, n);
         const V du = gate_grad(hard, prm.slope, d, f);
-        stv(du, du_to[1] + j, n);
+        stv(du, du_to[GATE_F] + j, n);
         if (dus) stv(du, dus + cf.sf + j, n);
         if (pf) { dcp = at::vec::fmadd(du, ldv(pf + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pf + j, n)), A_pf + j, n); }
       }
@@ -596,7 +596,7 @@ struct StepBackward {
         if (cifg) d = d - df;
         if (dsr) d = d + ldv(dsr + cf.si + j, n);
         const V du = gate_grad(hard, prm.slope, d, i);
-        stv(du, du_to[0] + j, n);
+        stv(du, du_to[GATE_I] + j, n);
         if (dus) stv(du, dus + cf.si + j, n);
         if (pi) { dcp = at::vec::fmadd(du, ldv(pi + j, n), dcp); stv(at::vec::fmadd(du, cp, ldv(A_pi + j, n)), A_pi + j, n); }
       }

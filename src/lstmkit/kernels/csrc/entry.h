@@ -195,9 +195,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> recurrence_forward(
     const at::Tensor& xg, const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& lengths, const std::vector<at::Tensor>& params, int64_t flags,
-    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P,
+    const std::vector<int64_t>& mlp_layout, const std::vector<double>& scalars, int64_t H, int64_t P,
     bool save) {
-  auto out = forward_call(xg, whh, h0, c0, lengths, params, {flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P},
+  auto out = forward_call(xg, whh, h0, c0, lengths, params, {flags, mlp_layout, scalars, H, P},
                           save, true);
   // the buffers not kept: empty tensors, one each (an operator's outputs are defined and do not alias)
   for (auto& b : std::get<3>(out))
@@ -325,9 +325,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at
     const at::Tensor& dy_in, const at::Tensor& dhn_in, const at::Tensor& dcn_in, const at::Tensor& y_in,
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& whh_in, const at::Tensor& lengths,
     const std::vector<at::Tensor>& params_in, const std::vector<at::Tensor>& buffers, int64_t flags,
-    const std::vector<int64_t>& mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+    const std::vector<int64_t>& mlp_layout, const std::vector<double>& scalars, int64_t H, int64_t P) {
   return backward_call(dy_in, dhn_in, dcn_in, y_in, h0_in, c0_in, whh_in, lengths, params_in, buffers,
-                       {flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P}, {});
+                       {flags, mlp_layout, scalars, H, P}, {});
 }
 
 // The forward with the input projection, for forward_infer and ProjectedRun (with `save`: the
@@ -370,10 +370,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> p
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_infer(
     const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& b_ih, const at::Tensor& b_hh,
     const at::Tensor& whh, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& lengths,
-    std::vector<at::Tensor> params, int64_t flags, const std::vector<int64_t>& mlp_layout, double clip,
-    double zoneout_c, double zoneout_h, int64_t H, int64_t P) {
+    std::vector<at::Tensor> params, int64_t flags, const std::vector<int64_t>& mlp_layout,
+    const std::vector<double>& scalars, int64_t H, int64_t P) {
   auto out = projected_forward(x, w_ih, b_ih, b_hh, whh, h0, c0, lengths, params,
-                               {flags, mlp_layout, clip, zoneout_c, zoneout_h, H, P}, false);
+                               {flags, mlp_layout, scalars, H, P}, false);
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 

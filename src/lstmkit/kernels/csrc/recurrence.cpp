@@ -40,21 +40,13 @@
 // bfloat16 layer's products take bfloat16 operands on AMX tiles where the CPU has them
 // (Cfg::bf16_gemm; gemm.h for the per-step products, reduce_mm for the after-loop ones).
 //
-// What is saved for backward (forward with save=true), all (T, B, .):
-//   every LSTM variant : G (T,B,R) gate activations of the computed gates, in order i,f,g,o
-//                        (these are the "trace" i, f, g, o), C (T,B,H) the (clipped) c_t,
-//                        (the caller keeps y, h0, c0, the weights and lengths for backward).
-//   layernorm          : G is NOT saved (without fgr or deep gates); instead
-//                        AH (T,B,R) the normalised a-hat of the input LN, AS (T,B,G) its 1/std
-//                        per gate chunk, RH (T,B,R) the normalised r-hat of the recurrent LN,
-//                        RS (T,B,G) its 1/std.
-//                        Backward recomputes the gate activations from a-hat, r-hat (the same
-//                        instructions on the same stored values: bit-identical), and the LN of
-//                        c from C. The raw a is not kept (the caller may free it).
-//                        layernorm + fgr saves G as well (s_{t-1} is read from it).
-//   projection         : nothing more (o*tanh(LN(c)) is recomputed from G and C in backward).
-//   fgr                : nothing more (s_{t-1} is read from G).
-//   rnn                : y only.
+// What is saved for backward (forward with save=true): the buffers of abi.BUFFERS, each (T, B, .)
+// or empty, with the widths abi.buffer_shapes gives (kept_widths, cell_config.h, is the C++ side,
+// checked against it by test_ops.py::test_fake_shapes_equal_real_ones). The caller keeps y, h0,
+// c0, the weights and lengths. Layernorm without fgr or deep gates keeps the normalised
+// pre-activations instead of the gates, and the backward recomputes the gates from them (the
+// same instructions on the same stored values: bit-identical); a projection's o*act(LN(c)) is
+// recomputed from G and C, fgr's s_{t-1} read from G.
 // Steps t >= len_b: h, c, s carry over, y = 0, G/AH/RH/AS/RS rows = 0, C row = carried c.
 #include <torch/extension.h>
 #include <algorithm>
@@ -65,7 +57,7 @@
 #include "gemm.h"  // Packed
 #include "lstmkit_abi.h"  // generated from lstmkit/kernels/abi.py: flags, parameter and buffer order
 #include "step_node.h"  // forward_step, PreparedLayer, set_messages
-#include "vec_math.h"  // ldv, stv, vexp, vtanh, sigm
+#include "vec_math.h"  // ldv, stv, vexp, vtanh, sigm, log_sigmoid
 
 namespace lk {
 
@@ -78,10 +70,14 @@ py::dict compiled_abi() {
   for (const char* n : FLAG_NAMES) flags.append(n);
   for (const char* n : PARAM_NAMES) params.append(n);
   for (const char* n : BUFFER_NAMES) buffers.append(n);
-  d["flags"] = flags; d["params"] = params; d["buffers"] = buffers;
+  py::list scalars, gates;
+  for (const char* n : SCALAR_NAMES) scalars.append(n);
+  for (const char* n : GATE_NAMES) gates.append(n);  // the Gate enum's order (GATE_I, ...)
+  d["gates"] = gates;
+  d["flags"] = flags; d["params"] = params; d["buffers"] = buffers; d["scalars"] = scalars;
   py::list bits, removed;
   for (int k = 0; k < N_FLAGS; ++k) bits.append(FLAG_BITS[k]);
-  for (int g = 0; g < 4; ++g) removed.append(GATE_REMOVED[g]);
+  for (int g = 0; g < N_GATES; ++g) removed.append(GATE_REMOVED[g]);
   d["flag_bits"] = bits;
   py::list no_grad;
   for (int k = 0; k < N_PARAMS; ++k) no_grad.append(PARAM_NO_GRAD[k]);
@@ -178,17 +174,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                 py::module_local())
       .def(py::init([](at::Tensor w_ih, at::Tensor b_ih, at::Tensor b_hh, at::Tensor whh,
                        std::vector<at::Tensor> params, std::vector<at::Tensor> mlp, int64_t flags,
-                       std::vector<int64_t> mlp_layout, double clip, double zoneout_c, double zoneout_h, int64_t H,
+                       std::vector<int64_t> mlp_layout, std::vector<double> scalars, int64_t H,
                        int64_t P, bool frozen, bool widen16, std::vector<std::string> mlp_names) {
         TORCH_CHECK((int64_t)params.size() == lk::N_PARAMS, "lstmkit PreparedLayer: expected ", (int)lk::N_PARAMS,
                     " params");
         lk::PreparedLayer layer{w_ih, b_ih, b_hh, whh, std::move(params), std::move(mlp),
-                                {flags, std::move(mlp_layout), clip, zoneout_c, zoneout_h, H, P}, frozen, widen16};
+                                {flags, std::move(mlp_layout), std::move(scalars), H, P}, frozen, widen16};
         layer.mlp_names = std::move(mlp_names);
         layer.keep_shapes();
         return layer;
       }), py::arg("w_ih"), py::arg("b_ih"), py::arg("b_hh"), py::arg("whh"), py::arg("params"), py::arg("mlp"),
-          py::arg("flags"), py::arg("mlp_layout"), py::arg("clip"), py::arg("zoneout_c"), py::arg("zoneout_h"),
+          py::arg("flags"), py::arg("mlp_layout"), py::arg("scalars"),
           py::arg("H"), py::arg("P"), py::arg("frozen") = false, py::arg("widen16") = false,
           py::arg("mlp_names") = std::vector<std::string>{})
       .def_property_readonly("packed",
