@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from lstmkit import CellSpec
 
-#: One entry per row of the variant table, plus combinations that make sense.
+#: A case for each row of the variant table that changes an equation (with SLSTM_VARIANTS and
+#: HEADS_VARIANTS below; test_variants.py checks that every such row has one), plus combinations.
 LSTM_VARIANTS: dict[str, object] = {
     "vanilla": "vanilla",
     "peephole": "peephole",

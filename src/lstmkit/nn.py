@@ -463,7 +463,8 @@ class LSTM(_Recurrent):
             as ``torch.nn.LSTM``.
         cell: a preset name (``"peephole"``, ``"cifg+layernorm"``, …) or a :class:`CellSpec`.
         heads: ``k`` heads: block-diagonal recurrent weights, each gate's ``W_hh`` k blocks of
-            ``H/k × H_out/k`` (the same as ``cell="…+heads=k"``); None keeps the cell's (1).
+            ``n_k/k × H_out/k`` (n_k: the gate's rows, H unless it is deep) (the same as
+            ``cell="…+heads=k"``); None keeps the cell's (1).
         backend: force a kernel by registry name (``"reference"``, …); None picks the
             fastest that supports the variant.
         check_finite: raise on NaN/inf in the input or initial state (one cheap pass).

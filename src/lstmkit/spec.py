@@ -39,8 +39,12 @@ INIT_FIELDS: tuple[str, ...] = variants.init_fields()
 
 _CHOICES: dict[str, tuple[str, ...]] = {}
 
-#: The fields of the constant initial gate biases (ib=, fb=, ob=), by gate letter.
-_INIT_BIAS_FIELDS: dict[str, str] = {"i": "input_bias", "f": "forget_bias", "o": "output_bias"}
+#: The fields of the constant initial gate biases (ib=, fb=, ob=), by gate letter: the variant
+#: table's rows that name a gate.
+_INIT_BIAS_FIELDS: dict[str, str] = {r.gate: field for r in variants.ROWS if r.gate for field in r.sets}
+#: The sLSTM's own options (the rows whose example cell is ``slstm+…``: they need it), by field.
+_SLSTM_OPTIONS: dict[str, str] = {field: r.word for r in variants.ROWS if (r.example or "").startswith("slstm+")
+                                  for field in r.sets}
 
 
 @functools.cache
@@ -309,7 +313,7 @@ class CellSpec:
     def _validate_slstm(self) -> None:
         """The sLSTM's own options need it; the LSTM's rows that it cannot take are refused, saying why."""
         if not self.slstm:
-            for name, word in (("forget_activation", "forget_act=exp"), ("n_clamp", "n_clamp")):
+            for name, word in _SLSTM_OPTIONS.items():
                 if getattr(self, name) != CellSpec.__dataclass_fields__[name].default:
                     raise ValueError(f"CellSpec: {word} is an option of the sLSTM's exponential gating "
                                      f"(its stabiliser m keeps exp finite); use 'slstm+{word}'")
@@ -330,8 +334,8 @@ class CellSpec:
             "zoneout": "zoneout would mix c and n across different stabilisers m",
             "chrono": "chrono initialisation is derived for sigmoid gates",
         }
-        takes = {"kind", "nonlinearity", "slstm", "forget_activation", "n_clamp", "heads", "gate_hidden_activation",
-                 "input_bias", "forget_bias", "output_bias"}  # (deep_act needs deep gates: refused there)
+        takes = {"kind", "nonlinearity", "slstm", "heads", "gate_hidden_activation", *_SLSTM_OPTIONS,
+                 *_INIT_BIAS_FIELDS.values()}  # (deep_act needs deep gates: refused there)
         for f in dataclasses.fields(self):  # every other field at its default (a new one too, until it is said)
             if f.name not in takes and getattr(self, f.name) != f.default:
                 raise ValueError(f"CellSpec: the sLSTM (slstm) does not take {f.name}: "

@@ -37,7 +37,7 @@ from lstmkit.layout import GATES
 __all__ = ["Row", "ROWS", "VALUE", "FLAGS", "Dims", "row", "words", "example_cells", "active_rows", "flag_word",
            "cell_states", "example_cell",
            "flag_names", "computed_gates", "gate_removal_masks", "param_shapes", "onnx_refusal",
-           "HARD_SIGMOID_SLOPES", "init_fields"]
+           "HARD_SIGMOID_SLOPES", "init_fields", "STATES", "state_row", "sigmoid_gates", "per_spec_cache"]
 
 
 class _Value:
@@ -90,6 +90,7 @@ class Row:
         states: the cell states it adds after ``c`` (the sLSTM's normaliser and stabiliser,
             ``("n", "m")``): returned and accepted after ``(h, c)``, kept by the kernels next to
             ``c`` (:func:`cell_states`).
+        gate: the gate whose initial bias the row sets (``"f"`` for ``fb``), or ``""``.
     """
 
     word: str
@@ -108,6 +109,7 @@ class Row:
     kind: str = "lstm"
     example: str | None = None
     states: tuple[str, ...] = ()
+    gate: str = ""
 
     @property
     def takes_value(self) -> bool:
@@ -316,7 +318,7 @@ ROWS: tuple[Row, ...] = (
         "FlashRNN computes it", "Pöppel et al. 2025, FlashRNN", example="slstm+n_clamp",
         onnx="the LSTM operator has no normaliser"),
     Row("heads", {"heads": VALUE},
-        "the recurrent weights block-diagonal: each gate's `W_hh` is k blocks of `H/k × H_out/k` on the diagonal "
+        "the recurrent weights block-diagonal: each gate's `W_hh` is k blocks of `n_k/k × H_out/k` on the diagonal "
         "(head j of the gate reads head j of `h_{t-1}`); `weight_hh` is stored `(R, H_out/k)`",
         "Beck et al. 2024, xLSTM (sLSTM heads); Pöppel et al. 2025, FlashRNN", placeholder="<k>", parse=_parse_int,
         flag=False, example="2",
@@ -324,11 +326,14 @@ ROWS: tuple[Row, ...] = (
     Row("chrono", {"chrono": VALUE}, "initial `b_f = log U[1, T_max − 1]` per cell, `b_i = −b_f`",
         "Tallec & Ollivier 2018", placeholder="<T_max>", parse=_parse_float, init=True, flag=False, example="50"),
     Row("ib", {"input_bias": VALUE}, "initial input-gate bias", "Hochreiter & Schmidhuber 1997, §5.4",
-        aliases=("input_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False, example="-1"),
+        aliases=("input_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False, example="-1",
+        gate="i"),
     Row("fb", {"forget_bias": VALUE}, "initial forget-gate bias (1 recommended)", "Jozefowicz et al. 2015",
-        aliases=("forget_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False, example="1"),
+        aliases=("forget_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False, example="1",
+        gate="f"),
     Row("ob", {"output_bias": VALUE}, "initial output-gate bias", "Hochreiter & Schmidhuber 1997, §5.1",
-        aliases=("output_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False, example="-1"),
+        aliases=("output_bias",), placeholder="<b>", parse=_parse_float, init=True, flag=False, example="-1",
+        gate="o"),
     Row("rnn", {"kind": "rnn"}, "the plain tanh RNN, `h_t = tanh(W_ih x_t + W_hh h_{t-1} + b)` (`lstmkit.RNN`)",
         "Elman 1990", removes="ifo", kind="rnn"),
     Row("rnn_relu", {"kind": "rnn", "nonlinearity": "relu"}, "the plain RNN with ReLU (`nonlinearity='relu'`)",

@@ -40,6 +40,7 @@ from torch import Tensor
 from lstmkit._validate import check_bool
 from lstmkit.checks import check_dtype
 from lstmkit.convert._checks import expect_dense_float, expect_finite_parameters
+from lstmkit.layout import GATES
 from lstmkit.nn import LSTM
 
 __all__ = ["from_xlstm_slstm"]
@@ -76,7 +77,8 @@ def from_xlstm_slstm(state_dict: Mapping[str, Any], *, drop_group_norm: bool = F
     Returns:
         ``LSTM(I, H, cell="slstm", heads=NH)``: I = 4H for a cell (its input: the pre-activations,
         ``weight_ih`` the identity), the layer's embedding dimension for a layer. Its state
-        ``(h, c, n, m)`` is xLSTM's ``state[0], …, state[3]`` ((4, B, H) unstacked).
+        ``(h, c, n, m)`` is xLSTM's ``state[0], …, state[3]`` (its state is (4, B, H)), each
+        with the layer's leading dimension: ``tuple(state[:, None])``, four (1, B, H).
 
     Raises:
         ValueError: what lstmkit cannot carry, with the reason (the causal convolution, the group
@@ -140,7 +142,7 @@ def from_xlstm_slstm(state_dict: Mapping[str, Any], *, drop_group_norm: bool = F
     w_ih = torch.eye(4 * H, dtype=dtype)
     if is_layer:
         parts = []
-        for g in "ifgo":
+        for g in GATES:  # weight_ih's row blocks, in lstmkit's gate order
             w = _get(state_dict, prefix + _PROJECTIONS[g])  # (NH, D_out, D_in): head-wise
             if tuple(w.shape) != (NH, D, D):
                 raise ValueError(f"{prefix + _PROJECTIONS[g]}: expected (NH, D, D) = {(NH, D, D)} like the cell, "
