@@ -78,6 +78,8 @@ def test_compiled_abi_equals_abi_module():
     assert tuple(compiled["buffers"]) == abi.BUFFERS
     assert tuple(compiled["scalars"]) == abi.SCALARS
     assert tuple(compiled["gates"]) == GATES
+    assert tuple(compiled["slstm_kept"]) == abi.SLSTM_KEPT
+    assert tuple(compiled["slstm_states"]) == abi.SLSTM_STATES == variants.cell_states(resolve("slstm"))
     assert {n for n, off in zip(abi.PARAMS, compiled["param_no_grad"]) if off} == abi.NO_GRAD
     assert compiled["ln_eps"] == cell.LN_EPS
     assert tuple(compiled["gate_removed"]) == tuple(abi.GATE_REMOVED[g] for g in GATES)

@@ -33,8 +33,8 @@ from lstmkit.cell import LN_EPS
 from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 
-__all__ = ["FLAGS", "PARAMS", "NO_GRAD", "BUFFERS", "SCALARS", "PHIS", "GATE_REMOVED", "ACCUMULATED", "acc_offset",
-           "acc_size", "acc_slice", "flags", "flag", "scalars",
+__all__ = ["FLAGS", "PARAMS", "NO_GRAD", "BUFFERS", "SCALARS", "SLSTM_KEPT", "SLSTM_STATES", "PHIS", "GATE_REMOVED",
+           "ACCUMULATED", "acc_offset", "acc_size", "acc_slice", "flags", "flag", "scalars",
            "gate_slots", "mlp_layout", "decode_mlp", "Mlp", "MlpGate", "mlp_width", "mlp_names",
            "buffer_shapes", "cell_state_count", "header"]
 
@@ -62,6 +62,13 @@ SCALARS: tuple[str, ...] = ("clip", "zoneout_c", "zoneout_h")
 
 #: Buffers the forward keeps for backward, each (T, B, ·) or empty (see :func:`buffer_shapes`).
 BUFFERS: tuple[str, ...] = ("G", "C", "RH", "RS", "AH", "AS", "CN", "MLP")
+
+#: The sLSTM's row of the gate buffer ``G``, slot by slot (each H wide): its stabilised gates i',
+#: f', the candidate z and o (in :data:`lstmkit.layout.GATES` order), then the raw pre-activations
+#: ĩ, f̃ that its backward reads.
+SLSTM_KEPT: tuple[str, ...] = (*GATES, "i_raw", "f_raw")
+#: The sLSTM's cell states side by side (``c0``, ``c_n`` and the ``C`` buffer: (…, 3H)).
+SLSTM_STATES: tuple[str, ...] = ("c", *variants.row("slstm").states)
 
 #: The backward's per-parameter reductions (summed over steps and rows into one vector per
 #: thread or batch block): the parameters whose gradients it sums there, in this order, each
@@ -237,7 +244,8 @@ def buffer_shapes(flag_bits: int, T: int, B: int, R: int, H: int, save: bool,
     ln = bool(flag_bits & flag("layernorm"))
     keep_g = not ln or bool(flag_bits & flag("fgr")) or bool(mlp)
     slstm = bool(flag_bits & flag("slstm"))
-    shapes = {"G": (T, B, (6 if slstm else G) * H) if keep_g else empty, "C": (T, B, cell_state_count(flag_bits) * H),
+    shapes = {"G": (T, B, (len(SLSTM_KEPT) if slstm else G) * H) if keep_g else empty,
+              "C": (T, B, cell_state_count(flag_bits) * H),
               "CN": (T, B, H) if flag_bits & flag("zoneout") else empty,
               "MLP": (T, B, mlp_width(mlp)) if mlp else empty}
     for name, width in (("RH", R), ("RS", G), ("AH", R), ("AS", G)):
@@ -259,11 +267,14 @@ def header() -> str:
               "constexpr int64_t GATE_REMOVED[N_GATES] = {" + ", ".join(str(GATE_REMOVED[g]) for g in GATES) + "};",
               "constexpr int N_FLAGS = " + str(len(FLAGS)) + ";",
               "constexpr int64_t FLAG_BITS[] = {" + ", ".join(f"F_{n.upper()}" for n in FLAGS) + "};"]
-    for enum, prefix, names in (("Param", "P", PARAMS), ("Buffer", "B", BUFFERS), ("Scalar", "S", SCALARS)):
+    # an enum per list: its members PREFIX_NAME = index, their count and their names
+    for enum, prefix, names, what in (("Param", "P", PARAMS, "PARAM"), ("Buffer", "B", BUFFERS, "BUFFER"),
+                                      ("Scalar", "S", SCALARS, "SCALAR"),
+                                      ("SlstmKept", "SK", SLSTM_KEPT, "SLSTM_KEPT"),
+                                      ("SlstmState", "SS", SLSTM_STATES, "SLSTM_STATE")):
         members = ", ".join(f"{prefix}_{n.upper()} = {k}" for k, n in enumerate(names))
-        lines += ["", f"enum {enum} : int {{ {members}, N_{enum.upper()}S = {len(names)} }};",
-                  f"constexpr const char* {enum.upper()}_NAMES[] = {{"
-                  + ", ".join(f'"{n}"' for n in names) + "};"]
+        lines += ["", f"enum {enum} : int {{ {members}, N_{what}S = {len(names)} }};",
+                  f"constexpr const char* {what}_NAMES[] = {{" + ", ".join(f'"{n}"' for n in names) + "};"]
     lines.append("// per parameter: 1 where it takes no gradient (zoneout's masks)")
     lines.append("constexpr bool PARAM_NO_GRAD[] = {" + ", ".join(str(n in NO_GRAD).lower() for n in PARAMS) + "};")
     lines.append("constexpr const char* FLAG_NAMES[] = {" + ", ".join(f'"{n}"' for n in FLAGS) + "};")

@@ -209,7 +209,9 @@ def trace_from_buffers(buffers: list[Tensor], y: Tensor, h0: Tensor, c0: Tensor,
         return out
     # (a buffer not kept is an empty (0,) tensor; a kept one is (T, B, ·), empty too where B = 0)
     G = b["G"] if b["G"].dim() == 3 else _layernorm_gates(b, y.detach(), h0, c0, lengths, params, spec, H)
-    for n, k in enumerate(spec.computed_gates):  # the sLSTM's i, f: its stabilised i', f'
+    slots = abi.SLSTM_KEPT if spec.slstm else spec.computed_gates  # G's row, H-wide slots
+    for k in spec.computed_gates:  # the sLSTM's i, f: its stabilised i', f'
+        n = slots.index(k)
         out[k] = G[:, :, n * H:(n + 1) * H]
     if spec.coupled:
         out["f"] = 1.0 - out["i"]

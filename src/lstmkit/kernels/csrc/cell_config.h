@@ -131,7 +131,7 @@ struct Cfg {
   bool gate_hard;                 // the gates use clamp(slope u + 1/2, 0, 1) instead of sigma
   bool slstm, fexp, nclamp;       // the sLSTM; its exponential forget gate; its normaliser floor n >= 1
   int64_t S, SH, GW;              // cell states per row (1: c; sLSTM 3: c, n, m; RNN 0), their width S·H,
-                                  // the width of a row of the gate buffer G (G·H; sLSTM 6H: i', f', z, o, ĩ, f̃)
+                                  // the width of a row of the gate buffer G (G·H; sLSTM: its SlstmKept slots, 6H)
   double gate_slope;
   int cand_act, out_act;          // PHI_TANH, PHI_IDENTITY or PHI_RELU (lstmkit_abi.h's codes)
   double clipv, zc, zh;           // the operator's scalars (abi.SCALARS)
@@ -175,9 +175,9 @@ struct Cfg {
     G = k; R = col; nS = s;
     slstm = flags & F_SLSTM; fexp = flags & F_FORGET_ACT_EXP; nclamp = flags & F_N_CLAMP;
     plain = flags == 0 && P == 0;  // no row of the variant table changes an equation, no projection
-    S = rnn ? 0 : slstm ? 3 : 1;
+    S = rnn ? 0 : slstm ? N_SLSTM_STATES : 1;
     SH = S * H;
-    GW = slstm ? 6 * H : G * H;
+    GW = slstm ? N_SLSTM_KEPTS * H : G * H;
   }
 
   // the per-step products in bfloat16 on AMX (gemm.h): a bfloat16 layer where the CPU has the unit

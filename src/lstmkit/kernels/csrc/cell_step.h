@@ -205,8 +205,8 @@ struct StepForward {
     for (int64_t j = 0; j < H; j += VL) {
       const int n = (int)std::min<int64_t>(VL, H - j);
       auto u = [&](int g) { return ldv(xr + cf.zoff[g] + j, n) + ldv(rr + cf.zoff[g] + j, n); };
-      const V ui = u(0), uf = u(1), uz = u(2), uo = u(3);
-      const V cp = ldv(st + j, n), np = ldv(st + H + j, n), mp = ldv(st + 2 * H + j, n);
+      const V ui = u(GATE_I), uf = u(GATE_F), uz = u(GATE_G), uo = u(GATE_O);
+      const V cp = ldv(st + SS_C * H + j, n), np = ldv(st + SS_N * H + j, n), mp = ldv(st + SS_M * H + j, n);
       const V kept = slstm_kept(cf, uf, mp);
       const V m = slstm_stabiliser(ui, kept, np);
       const V iv = vexp<T>(ui - m), fv = slstm_forget<T>(kept, m, np);
@@ -214,11 +214,11 @@ struct StepForward {
       const V cn = fv * cp + iv * z;
       const V nn = slstm_normaliser(cf, fv, np, iv);
       const V hv = o * (cn / nn);
-      stv(cn, st + j, n); stv(nn, st + H + j, n); stv(m, st + 2 * H + j, n);
+      stv(cn, st + SS_C * H + j, n); stv(nn, st + SS_N * H + j, n); stv(m, st + SS_M * H + j, n);
       stv(hv, hr + j, n); stv(hv, yr + j, n);
       if (gr) {
-        stv(iv, gr + j, n); stv(fv, gr + H + j, n); stv(z, gr + 2 * H + j, n); stv(o, gr + 3 * H + j, n);
-        stv(ui, gr + 4 * H + j, n); stv(uf, gr + 5 * H + j, n);
+        stv(iv, gr + SK_I * H + j, n); stv(fv, gr + SK_F * H + j, n); stv(z, gr + SK_G * H + j, n);
+        stv(o, gr + SK_O * H + j, n); stv(ui, gr + SK_I_RAW * H + j, n); stv(uf, gr + SK_F_RAW * H + j, n);
       }
     }
     if (C) std::copy(st, st + cf.SH, C + tb * cf.SH);
@@ -438,29 +438,30 @@ struct StepBackward {
     constexpr int VL = V::size();
     const int64_t R = cf.R, H = cf.H, SH = cf.SH, tb = t * B + b;
     T* dxr = dXG + tb * R;
-    const T* gr = G + tb * cf.GW;                            // i', f', z, o, i~, f~
-    const T* sr = C + tb * SH;                               // c_t, n_t, m_t
+    const T* gr = G + tb * cf.GW;                            // i', f', z, o, i~, f~ (SlstmKept)
+    const T* sr = C + tb * SH;                               // c_t, n_t, m_t (SlstmState)
     const T* sp = t > 0 ? C + (tb - B) * SH : c0 + b * SH;  // c_{t-1}, n_{t-1}, m_{t-1}
     T* ds = dc + b * SH;
     const V one(T(1)), zero(T(0)), half(T(0.5));
     for (int64_t j = 0; j < H; j += VL) {
       const int n = (int)std::min<int64_t>(VL, H - j);
       const V dhv = dh2 ? ldv(dh + j, n) + ldv(dh2 + j, n) : ldv(dh + j, n);
-      const V iv = ldv(gr + j, n), fv = ldv(gr + H + j, n), z = ldv(gr + 2 * H + j, n), o = ldv(gr + 3 * H + j, n);
-      const V ui = ldv(gr + 4 * H + j, n), uf = ldv(gr + 5 * H + j, n);
-      const V cn = ldv(sr + j, n), nn = ldv(sr + H + j, n);
-      const V cp = ldv(sp + j, n), np = ldv(sp + H + j, n), mp = ldv(sp + 2 * H + j, n);
+      const V iv = ldv(gr + SK_I * H + j, n), fv = ldv(gr + SK_F * H + j, n), z = ldv(gr + SK_G * H + j, n),
+              o = ldv(gr + SK_O * H + j, n);
+      const V ui = ldv(gr + SK_I_RAW * H + j, n), uf = ldv(gr + SK_F_RAW * H + j, n);
+      const V cn = ldv(sr + SS_C * H + j, n), nn = ldv(sr + SS_N * H + j, n);
+      const V cp = ldv(sp + SS_C * H + j, n), np = ldv(sp + SS_N * H + j, n), mp = ldv(sp + SS_M * H + j, n);
       // h = o (c / n)
       const V ratio = cn / nn;
-      V dcv = ldv(ds + j, n) + dhv * o / nn;
-      V dnv = ldv(ds + H + j, n) - dhv * o * ratio / nn;
+      V dcv = ldv(ds + SS_C * H + j, n) + dhv * o / nn;
+      V dnv = ldv(ds + SS_N * H + j, n) - dhv * o * ratio / nn;
       const V duo = dhv * ratio * o * (one - o);
       if (cf.nclamp) dnv = V::blendv(zero, dnv, slstm_n_raw<T>(fv, np, iv) >= one);  // the floor holds n: 0
       // c_t = f' c + i' z, n_t = f' n + i'
       const V di = dcv * z + dnv, df = dcv * cp + dnv * np;
       const V duz = dcv * iv * (one - z * z);
       // i' = exp(i~ - m_t), f' = exp(kept - m_t) (0 where empty), m_t = max(kept, i~) (i~ where empty)
-      const V dm = ldv(ds + 2 * H + j, n) - di * iv - df * fv;
+      const V dm = ldv(ds + SS_M * H + j, n) - di * iv - df * fv;
       const V kept = slstm_kept<T>(cf, uf, mp);
       V to_i = V::blendv(V::blendv(zero, half, ui == kept), one, ui > kept);
       to_i = V::blendv(to_i, one, np == zero);
@@ -469,7 +470,7 @@ struct StepBackward {
       const V duf = cf.fexp ? dkept : dkept * (one - sigm<T>(uf));
       stv(dui, dxr + cf.zoff[GATE_I] + j, n); stv(duf, dxr + cf.zoff[GATE_F] + j, n);
       stv(duz, dxr + cf.zoff[GATE_G] + j, n); stv(duo, dxr + cf.zoff[GATE_O] + j, n);
-      stv(dcv * fv, ds + j, n); stv(dnv * fv, ds + H + j, n); stv(dkept, ds + 2 * H + j, n);
+      stv(dcv * fv, ds + SS_C * H + j, n); stv(dnv * fv, ds + SS_N * H + j, n); stv(dkept, ds + SS_M * H + j, n);
     }
   }
 

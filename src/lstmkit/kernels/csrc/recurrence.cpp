@@ -74,6 +74,10 @@ py::dict compiled_abi() {
   for (const char* n : SCALAR_NAMES) scalars.append(n);
   for (const char* n : GATE_NAMES) gates.append(n);  // the Gate enum's order (GATE_I, ...)
   d["gates"] = gates;
+  py::list slstm_kept, slstm_states;  // the sLSTM's slots of G and of its cell states
+  for (const char* n : SLSTM_KEPT_NAMES) slstm_kept.append(n);
+  for (const char* n : SLSTM_STATE_NAMES) slstm_states.append(n);
+  d["slstm_kept"] = slstm_kept; d["slstm_states"] = slstm_states;
   d["flags"] = flags; d["params"] = params; d["buffers"] = buffers; d["scalars"] = scalars;
   py::list bits, removed;
   for (int k = 0; k < N_FLAGS; ++k) bits.append(FLAG_BITS[k]);
