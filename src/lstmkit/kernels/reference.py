@@ -60,7 +60,9 @@ class ReferenceKernel(Kernel):
         if spec.fgr:
             s = h0.new_zeros(B, len(spec.sigmoid_gates) * hidden_size)
         valid = None
-        if lengths is not None and (vmapped(lengths) or bool((lengths < T).any())):  # (vmap: a mask per member)
+        # a mask where a sequence ends early; always while compiling or exporting (no branch on the
+        # values of lengths, which a graph does not have) and under vmap (a mask per member)
+        if lengths is not None and (torch.compiler.is_compiling() or vmapped(lengths) or bool((lengths < T).any())):
             steps = torch.arange(T).unsqueeze(1)  # (T, 1)
             valid = (steps < lengths.unsqueeze(0)).to(x.device).unsqueeze(-1)  # (T, B, 1)
         ys: list[Tensor] = []
