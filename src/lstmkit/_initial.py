@@ -16,7 +16,8 @@ __all__ = ["reset_parameters"]
 
 def reset_parameters(module: nn.Module, layers: list[dict[str, str]], spec: CellSpec, hidden_size: int) -> None:
     """torch's initialisation of ``module``'s parameters, U(−1/√H, 1/√H), but the layer norms' (1
-    and 0) and a deep gate's further layers' (U(−1/√fan_in, 1/√fan_in)), then the spec's initial
+    and 0) and a deep gate's layers from ``mlp_{k}_weight2`` on (U(−1/√fan_in, 1/√fan_in);
+    ``mlp_{k}_weight1`` and ``bias1`` take U(−1/√H, 1/√H)), then the spec's initial
     gate biases; ``layers``: per layer-direction, each parameter's name without suffix → its name
     in ``module``."""
     stdv = 1.0 / math.sqrt(hidden_size)

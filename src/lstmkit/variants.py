@@ -265,7 +265,8 @@ ROWS: tuple[Row, ...] = (
     Row("fgr", {"fgr": True}, "full gate recurrence: i, f, o also see i, f, o of t−1 (`weight_gg`)", _GREFF,
         params=_fgr, onnx="the LSTM operator has no gate-to-gate recurrence (weight_gg)"),
     Row("layernorm", {"layernorm": True},
-        "layer norm on the input and recurrent pre-activations (per gate) and on `c_t`",
+        "layer norm on the input and recurrent pre-activations (per gate chunk, where Ba et al. normalise all "
+        "4H at once) and on `c_t`",
         "Ba, Kiros & Hinton 2016", aliases=("ln",), params=_layernorm,
         onnx="the LSTM operator has no layer normalisation"),
     Row("nig", {"input_gate": False}, "no input gate: i ≡ 1", _GREFF, removes="i",
@@ -336,8 +337,9 @@ ROWS: tuple[Row, ...] = (
         gate="o"),
     Row("rnn", {"kind": "rnn"}, "the plain tanh RNN, `h_t = tanh(W_ih x_t + W_hh h_{t-1} + b)` (`lstmkit.RNN`)",
         "Elman 1990", removes="ifo", kind="rnn"),
-    Row("rnn_relu", {"kind": "rnn", "nonlinearity": "relu"}, "the plain RNN with ReLU (`nonlinearity='relu'`)",
-        "Le, Jaitly & Hinton 2015", kind="rnn"),
+    Row("rnn_relu", {"kind": "rnn", "nonlinearity": "relu"},
+        "the plain RNN with ReLU (`nonlinearity='relu'`), with torch's initialisation (not Le et al.'s identity "
+        "`W_hh`)", "Le, Jaitly & Hinton 2015", kind="rnn"),
 )
 
 _BY_WORD: dict[str, Row] = {}
