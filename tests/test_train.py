@@ -124,6 +124,38 @@ def test_a_resumed_run_with_more_steps_records_its_new_budget_everywhere(tmp_pat
     assert load_checkpoint(out)[2]["step"] == 20
 
 
+def test_resume_with_other_settings_is_refused_before_the_task_and_kernel(tmp_path, monkeypatch):
+    """The checkpoint is read and compared first: a mismatch was refused only after the task's
+    data were made and the kernel chosen, which may compile it (a minute; found by a CLI sweep)."""
+    from lstmkit.app import train as train_module
+
+    out = tmp_path / "run"
+    assert main(ADDING + ["--steps", "10", "--out", str(out)]) == 0
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the task was made before the checkpoint was compared")
+    monkeypatch.setattr(train_module, "get_task", not_yet)
+    cfg = TrainConfig.for_task("adding", {"length": 24})
+    cfg = TrainConfig(**{**cfg.__dict__, "hidden_size": 16, "steps": 20})
+    with pytest.raises(runs.CheckpointError, match="trained with other settings"):
+        Trainer(cfg, out, resume=True, progress=False)
+
+
+def test_a_run_whose_checkpoint_was_deleted_is_named_so(tmp_path, capsys):
+    """Its summary, weights and config remain; it was called 'files that are not an lstmkit
+    run's' (found by a CLI sweep). Nothing is overwritten, with or without --resume."""
+    out = tmp_path / "run"
+    assert main(ADDING + ["--steps", "10", "--out", str(out)]) == 0
+    (out / "checkpoint.safetensors").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra in ([], ["--resume"]):
+        capsys.readouterr()
+        assert main(ADDING + ["--steps", "10", "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "holds an lstmkit run's files but not its checkpoint.safetensors" in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_errors_exit_2_and_overwrite_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(ADDING + ["--steps", "10", "--out", str(out)]) == 0

@@ -100,6 +100,14 @@ def _unstarted(d: Path) -> bool:
     return CONFIG in names and _is_run_config(d / CONFIG) and (METRICS not in names or _is_run_metrics(d / METRICS))
 
 
+def _run_without_checkpoint(d: Path) -> bool:
+    """Holds the files a run writes at its end (``summary.json`` or ``model.safetensors``), an
+    lstmkit ``config.json`` and nothing else of its own, but no checkpoint (deleted)."""
+    names = {p.name for p in d.iterdir() if not _atomic.is_temporary(p.name)}
+    return (names <= {CONFIG, METRICS, SUMMARY, MODEL} and bool(names & {SUMMARY, MODEL}) and CONFIG in names
+            and _is_run_config(d / CONFIG))
+
+
 _MAX_SMALL_FILE = 1 << 20  # a run's config.json, or the metrics.jsonl of a run before its first checkpoint
 
 
@@ -178,10 +186,12 @@ def _decide(d: Path, resume: bool) -> bool:
             raise FileExistsError(f"output directory {d} is not empty; nothing was overwritten (it holds a run: use "
                                   f"--resume to continue it, or choose another directory)")
         if not _unstarted(d):
+            what = (f"it holds an lstmkit run's files but not its {CHECKPOINT}, so the run cannot be continued"
+                    if _run_without_checkpoint(d) else "it holds files that are not an lstmkit run's")
             raise (CheckpointError if resume else FileExistsError)(
                 f"{'--resume: no checkpoint in' if resume else 'output directory'} {d}"
-                f"{', and it' if resume else ''} is not empty; nothing was overwritten (it holds files that are not "
-                f"an lstmkit run's; choose another directory)")
+                f"{', and it' if resume else ''} is not empty; nothing was overwritten ({what}; choose another "
+                f"directory)")
     elif resume:
         raise CheckpointError(f"--resume: no checkpoint in {d} (no such directory)")
     _check_creatable(d)

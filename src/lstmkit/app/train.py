@@ -202,14 +202,16 @@ class Trainer:
         self.resumed = runs.plan(self.run_dir, resume, check_in_use=self.rank == 0)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        # a checkpoint that cannot be continued with these settings: refused before the task's data
+        # are made and a kernel is chosen (which may build it)
+        checkpoint = runs.read_checkpoint(self.run_dir, world=self.world) if self.resumed else None
+        if checkpoint is not None:
+            _check_same_settings(cfg, checkpoint, self.run_dir)
         self.task: Task = get_task(cfg.task, seed=cfg.seed, **cfg.task_options)
         if self.task.stream and cfg.bidirectional:
             raise ValueError(f"bidirectional: task {cfg.task!r} is a stream predicted left to "
                              f"right; a backward direction would read the future")
         self.kernel = _check_budget(cfg, self.task)
-        checkpoint = runs.read_checkpoint(self.run_dir, world=self.world) if self.resumed else None
-        if checkpoint is not None:
-            _check_same_settings(cfg, checkpoint, self.run_dir)
         torch.manual_seed(cfg.seed)
         self.model = SequenceModel(cfg, self.task.input_size, self.task.output_size)
         self.ddp: nn.Module = self.model
