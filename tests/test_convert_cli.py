@@ -348,6 +348,20 @@ def test_a_layout_dst_cannot_record_is_refused(main, capsys, tmp_path, dst, flag
         assert main(["convert", str(tmp_path / "nn.pt"), str(tmp_path / dst), "--batch-first"]) == 0
 
 
+@pytest.mark.parametrize("dst, flags, says", [
+    ("m.safetensors", ["--opset", "5"], "opset / --opset apply to an .onnx DST only"),
+    ("m.keras", ["--onnx-initial-states", "--onnx-method", "scan"],
+     "initial_states / --onnx-initial-states, method / --onnx-method apply to an .onnx DST only"),
+    ("m.pt", ["--onnx-sequence-lens"], "sequence_lens / --onnx-sequence-lens apply to an .onnx DST only"),
+])
+def test_onnx_options_for_another_format_are_refused(main, capsys, tmp_path, dst, flags, says):
+    """They were dropped without a word, out-of-range values too (found by a CLI sweep)."""
+    torch.save(torch.nn.LSTM(3, 4).state_dict(), tmp_path / "nn.pt")
+    before = _snapshot(tmp_path)
+    _fails(main, capsys, [tmp_path / "nn.pt", tmp_path / dst, *flags], says)
+    assert _snapshot(tmp_path) == before
+
+
 def test_existing_destination_is_refused_unless_overwrite(main, capsys, tmp_path):
     torch.save(torch.nn.LSTM(3, 4).state_dict(), tmp_path / "a.pt")
     (tmp_path / "out.onnx").write_bytes(b"keep me")

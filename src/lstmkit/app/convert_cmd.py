@@ -35,8 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``lstmkit convert SRC DST``; returns the exit code (errors are raised, see cli.main)."""
-    onnx_options = {"opset": args.opset, "initial_states": args.onnx_initial_states,
-                    "sequence_lens": args.onnx_sequence_lens, "method": args.onnx_method}
+    given = {"opset": args.opset, "initial_states": args.onnx_initial_states,
+             "sequence_lens": args.onnx_sequence_lens, "method": args.onnx_method}
+    # the ONNX options the command line gave (an option at its default is not passed: refused for another DST)
+    onnx_options = {k: v for k, v in given.items() if v not in (None, False, "auto")}
     layer = convert_file(args.src, args.dst, overwrite=args.overwrite, cell=args.cell, batch_first=args.batch_first,
                          **onnx_options)
     print(f"{args.src} ({file_format(args.src)}) -> {args.dst} ({file_format(args.dst)}): {describe_layer(layer)}")

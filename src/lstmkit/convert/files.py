@@ -547,10 +547,11 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ov
         cell: the variant of a ``.pt`` state dict (files that record theirs need none).
         batch_first: the layout to record in ``dst`` (default: ``src``'s).
         onnx_options: ``opset``, ``initial_states``, ``sequence_lens``, ``method`` for an ``.onnx``
-            ``dst`` (see :func:`lstmkit.convert.onnx.to_onnx`).
+            ``dst`` (see :func:`lstmkit.convert.onnx.to_onnx`); refused for another format.
 
     Raises:
-        ValueError: unreadable ``src``, unknown extension, a variant ``dst`` cannot carry.
+        ValueError: unreadable ``src``, unknown extension, a variant ``dst`` cannot carry, an option
+            ``dst``'s format does not take.
         FileExistsError: ``dst`` exists and ``overwrite`` is False.
     """
     check_bool("overwrite", overwrite)
@@ -560,6 +561,11 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ov
     if batch_first is not None and fmt == "torch":
         raise ValueError(f"DST: a state dict ({Path(dst).suffix}) records no layout, so batch_first / "
                          f"--[no-]batch-first would be lost; leave it out (the module that loads it sets its own)")
+    if onnx_options and fmt != "onnx":
+        flags = {"opset": "--opset", "initial_states": "--onnx-initial-states", "sequence_lens": "--onnx-sequence-lens",
+                 "method": "--onnx-method"}
+        named = ", ".join(f"{k} / {flags[k]}" if k in flags else k for k in onnx_options)
+        raise ValueError(f"DST: {named} apply to an .onnx DST only, and {Path(dst).name} is {fmt}; leave them out")
     if batch_first is False and fmt in ("keras", "keras-weights"):
         raise ValueError("DST: Keras layers are batch-first (batch, time, features); a Keras file cannot record "
                          "batch_first=False / --no-batch-first")
