@@ -33,8 +33,8 @@ from lstmkit.cell import LN_EPS
 from lstmkit.layout import GATES
 from lstmkit.spec import CellSpec
 
-__all__ = ["FLAGS", "PARAMS", "NO_GRAD", "BUFFERS", "SCALARS", "SLSTM_KEPT", "SLSTM_STATES", "PHIS", "GATE_REMOVED",
-           "ACCUMULATED", "acc_offset", "acc_size", "acc_slice", "flags", "flag", "scalars",
+__all__ = ["FLAGS", "PARAMS", "NO_GRAD", "BUFFERS", "SCALARS", "SLSTM_KEPT", "SLSTM_STATES", "slstm_slot", "PHIS",
+           "GATE_REMOVED", "ACCUMULATED", "acc_offset", "acc_size", "acc_slice", "flags", "flag", "scalars",
            "gate_slots", "mlp_layout", "decode_mlp", "Mlp", "MlpGate", "mlp_width", "mlp_names",
            "buffer_shapes", "cell_state_count", "header"]
 
@@ -69,6 +69,13 @@ BUFFERS: tuple[str, ...] = ("G", "C", "RH", "RS", "AH", "AS", "CN", "MLP")
 SLSTM_KEPT: tuple[str, ...] = (*GATES, "i_raw", "f_raw")
 #: The sLSTM's cell states side by side (``c0``, ``c_n`` and the ``C`` buffer: (…, 3H)).
 SLSTM_STATES: tuple[str, ...] = ("c", *variants.row("slstm").states)
+
+
+def slstm_slot(table: str, name: str) -> int:
+    """``name``'s slot (H wide) in the sLSTM's row of G (``table`` "kept": :data:`SLSTM_KEPT`) or
+    among its cell states ("states": :data:`SLSTM_STATES`); ``name`` "width": how many slots."""
+    names = SLSTM_KEPT if table == "kept" else SLSTM_STATES
+    return len(names) if name == "width" else names.index(name)
 
 #: The backward's per-parameter reductions (summed over steps and rows into one vector per
 #: thread or batch block): the parameters whose gradients it sums there, in this order, each

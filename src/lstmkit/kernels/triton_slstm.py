@@ -16,19 +16,23 @@ import triton.language as tl
 from lstmkit.kernels import abi
 from lstmkit.kernels.triton_cell import has, ld, sigmoid, slot, st, tanh
 
+#: :func:`lstmkit.kernels.abi.slstm_slot` itself, callable while a kernel is built (as triton_cell's
+#: tables: a constexpr function's own body may call no Python built-in method).
+_slstm_slot = triton.constexpr_function(abi.slstm_slot)
+
 
 @triton.constexpr_function
 def kept_slot(name: str) -> int:
     """``name``'s slot (H wide) in the sLSTM's row of the gate buffer G (:data:`abi.SLSTM_KEPT`);
     ``"width"``: the row's slots."""
-    return len(abi.SLSTM_KEPT) if name == "width" else abi.SLSTM_KEPT.index(name)
+    return _slstm_slot("kept", name)
 
 
 @triton.constexpr_function
 def state_slot(name: str) -> int:
     """``name``'s slot (H wide) among the sLSTM's cell states (:data:`abi.SLSTM_STATES`: c0, the
     carried state and C); ``"width"``: how many there are."""
-    return len(abi.SLSTM_STATES) if name == "width" else abi.SLSTM_STATES.index(name)
+    return _slstm_slot("states", name)
 
 
 @triton.jit
