@@ -78,6 +78,8 @@ def test_compiled_abi_equals_abi_module():
     assert tuple(compiled["buffers"]) == abi.BUFFERS
     assert tuple(compiled["scalars"]) == abi.SCALARS
     assert tuple(compiled["gates"]) == GATES
+    # the rows the C++ cell step claims are those the CPU kernel row says it implements
+    assert set(compiled["implemented"]) == kernels.REGISTRY["cpu_fused"].implements
     assert tuple(compiled["slstm_kept"]) == abi.SLSTM_KEPT
     assert tuple(compiled["slstm_states"]) == abi.SLSTM_STATES == variants.cell_states(resolve("slstm"))
     assert {n for n, off in zip(abi.PARAMS, compiled["param_no_grad"]) if off} == abi.NO_GRAD
@@ -90,6 +92,18 @@ def test_compiled_abi_equals_abi_module():
         [abi.acc_offset(n) for n in abi.PARAMS if n in summed]
     assert all(h == r == -1 for n, h, r in zip(abi.PARAMS, compiled["acc_h"], compiled["acc_r"]) if n not in summed)
     assert tuple(compiled["acc_size"]) == abi.acc_offset("size")
+
+
+def test_a_flag_the_cell_step_does_not_claim_is_refused():
+    """A variant word with a bit the C++ cell step does not compute (here one past every row) is
+    refused, where it used to run as the cell without it."""
+    layer = make("vanilla")
+    p = layer.layer_params(0, 0)
+    plist, mlp = fused.operator_params(p, layer.spec, torch.empty(0))
+    args = (torch.randn(3, 2, p["weight_hh"].shape[0]), p["weight_hh"].detach(), torch.zeros(2, 5), torch.zeros(2, 5),
+            torch.empty(0, dtype=torch.long), *[t.detach() for t in plist])
+    with pytest.raises(RuntimeError, match="has flags this kernel does not compute"):
+        ops.recurrence_op(*args, 1 << len(abi.FLAGS), mlp, *abi.scalars(layer.spec), 5, 0, False)
 
 
 @pytest.mark.parametrize("gate_hidden", [(3,), {"f": (4, 2)}, {"i": (2,), "o": (5, 3, 2)}])

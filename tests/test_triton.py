@@ -93,6 +93,18 @@ def test_ahead_of_time_builds_take_the_parameters_a_layer_gives(cell, P, masks):
     assert {n: tuple(t.shape) for n, t in zip(abi.PARAMS, built)} == shapes
 
 
+def test_the_kernels_claim_every_row_the_triton_row_implements(monkeypatch):
+    """triton_cell.IMPLEMENTED, the rows whose step the kernels compute, is what the Triton kernel
+    row says it implements; a flag not claimed is refused, not run as the cell without it."""
+    from lstmkit.kernels import triton_cell
+
+    assert triton_cell.IMPLEMENTED == kernels.REGISTRY["triton"].implements
+    monkeypatch.setattr(triton_cell, "IMPLEMENTED", triton_cell.IMPLEMENTED - {"clip"})
+    layer = lstmkit.LSTM(3, 4, cell="clip=0.5", backend="triton").to(DEVICE)
+    with pytest.raises(ValueError, match=r"the kernels do not compute \['clip'\]"):
+        layer(torch.randn(2, 1, 3, device=DEVICE))
+
+
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     """Run the test once per way of running the time loop."""
@@ -790,7 +802,7 @@ def test_the_operator_with_a_projection_the_modules_do_not_make(path):
         if P and not rnn:
             params[abi.PARAMS.index("weight_hr")] = torch.randn(P, H, generator=g, dtype=torch.float64) * 0.3
         args = (xg.to(device), whh.to(device), h0.to(device), c0.to(device), torch.empty(0, dtype=torch.long),
-                [p.to(device) for p in params], flags, [], (0.0, 0.0, 0.0), H, P, False)
+                [p.to(device) for p in params], flags, [], (0.0,) * len(abi.SCALARS), H, P, False)
         return [t.cpu() for t in ops.recurrence(*args, impl=impl)[:3]]
 
     for T, B, H, P, flags in ((2, 3, 16, 20, 0), (2, 3, 5, 3, abi.flag("rnn"))):
@@ -809,6 +821,6 @@ def test_rows_past_32_bits_are_refused():
     meta, T, B = torch.device("meta"), 2**16, 2**15
     args = (torch.empty(T, B, 4, device=meta), torch.empty(4, 1, device=meta), torch.empty(B, 1, device=meta),
             torch.empty(B, 1, device=meta), torch.empty(0, dtype=torch.long),
-            [torch.empty(0, device=meta) for _ in abi.PARAMS], 0, [], (0.0, 0.0, 0.0), 1, 0, False)
+            [torch.empty(0, device=meta) for _ in abi.PARAMS], 0, [], (0.0,) * len(abi.SCALARS), 1, 0, False)
     with pytest.raises(ValueError, match=r"the Triton kernels take T·B < 2\*\*31 rows, got T = 65536, B = 32768"):
         ops.recurrence(*args, impl=TritonImpl())

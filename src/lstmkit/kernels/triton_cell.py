@@ -23,6 +23,14 @@ from lstmkit.kernels import abi
 
 # ----------------------------------------------------------------------------- the variant word
 
+#: The variant table's rows whose step and BPTT these kernels compute, by flag (the kernels' claim:
+#: a row the table gains is refused by TritonImpl, not run as the plain cell, until its step is
+#: written here and it is added; test_triton.py compares it with the rows the Triton kernel row
+#: says it implements).
+IMPLEMENTED: frozenset[str] = frozenset({
+    "peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "cand_act_relu", "noaf", "out_act_relu",
+    "gate_act_hard_sigmoid", "gate_act_hardsigmoid", "clip", "zoneout", "slstm", "forget_act_exp", "n_clamp", "rnn",
+    "rnn_relu"})
 #: The bit of each flag of the variant word (:func:`lstmkit.kernels.abi.flag`).
 _BITS: dict[str, int] = {name: abi.flag(name) for name in abi.FLAGS}
 #: :func:`lstmkit.kernels.abi.gate_slots` itself, callable while a kernel is built (Triton

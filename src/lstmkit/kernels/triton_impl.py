@@ -157,11 +157,26 @@ def _weight_budget(device: torch.device | None) -> int:
     return PERSISTENT_MAX_WEIGHT_BYTES_LARGE_SMEM if smem >= LARGE_SHARED_MEMORY else PERSISTENT_MAX_WEIGHT_BYTES
 
 
-def _named_scalars(values: list[float]) -> tuple[float, float, float]:
-    """The operators' scalars (:data:`~lstmkit.kernels.abi.SCALARS` order) as the kernels name them:
-    the cell clip's bound and zoneout's z_c, z_h."""
-    named = dict(zip(abi.SCALARS, values, strict=True))
-    return named["clip"], named["zoneout_c"], named["zoneout_h"]
+#: The kernels' argument for each of the operators' scalars (:data:`~lstmkit.kernels.abi.SCALARS`).
+_SCALAR_ARGS = {"clip": "clip", "zoneout_c": "zc", "zoneout_h": "zh"}
+
+
+def _named_scalars(values: list[float]) -> dict[str, float]:
+    """The operators' scalars (:data:`~lstmkit.kernels.abi.SCALARS` order) by the kernels' argument
+    names (the cell clip's bound ``clip``, zoneout's ``zc``, ``zh``), as floats."""
+    return {_SCALAR_ARGS[name]: float(v) for name, v in zip(abi.SCALARS, values, strict=True)}
+
+
+def _claimed(flags: int) -> Variant:
+    """The variant word decoded, if the kernels compute every one of its flags (triton_cell's
+    IMPLEMENTED), else a ValueError naming the others."""
+    from lstmkit.kernels.triton_cell import IMPLEMENTED
+
+    missing = [name for name in abi.FLAGS if flags & abi.flag(name) and name not in IMPLEMENTED]
+    if missing:
+        raise ValueError(f"lstmkit::recurrence (Triton): the kernels do not compute {missing} "
+                         f"(triton_cell.IMPLEMENTED)")
+    return Variant.from_flags(flags)
 
 
 def projection_sizes(v: Variant, H: int, P: int) -> tuple[int, int]:
@@ -288,8 +303,8 @@ class TritonImpl:
     def _forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                  *rest: Any) -> tuple[Tensor, ...]:
         params, (flags, mlp, *scalars, H, P, save) = list(rest[:NP]), rest[NP:]
-        clip, zc, zh = _named_scalars(scalars)
-        v = Variant.from_flags(flags)
+        named = _named_scalars(scalars)
+        v = _claimed(flags)
         T, B, R = xg.shape
         _check_rows(T, B)
         P, HO = projection_sizes(v, H, P)
@@ -312,8 +327,7 @@ class TritonImpl:
                       EPS=cell.LN_EPS, SAVE_G=buffers[_B["G"]].numel() > 0, SAVE_C=buffers[_B["C"]].numel() > 0,
                       SAVE_LN=buffers[_B["AH"]].numel() > 0)
         bufs = [b if b.numel() else a.nothing for b in buffers]
-        sizes = dict(T=T, B=B, H=H, HO=HO, R=a.RK, NG=v.n_gates, NSH=a.nsh, clip=float(clip), zc=float(zc),
-                     zh=float(zh))
+        sizes = dict(T=T, B=B, H=H, HO=HO, R=a.RK, NG=v.n_gates, NSH=a.nsh, **named)
         k = kernels_module()
         if choose_path(v, B, H, HO, io, P > 0, dev, a.heads, a.deep is not None) == "persistent":
             BB, BH, BO, nw = persistent_tiles(v, H, HO, P > 0)
@@ -376,8 +390,8 @@ class TritonImpl:
                   lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
         params, buffers = list(rest[:NP]), list(rest[NP:NP + NB])
         flags, mlp, *scalars, H, P = rest[NP + NB:]
-        clip, zc, zh = _named_scalars(scalars)
-        v = Variant.from_flags(flags)
+        named = _named_scalars(scalars)
+        v = _claimed(flags)
         T, B = y.shape[0], y.shape[1]
         _check_rows(T, B)
         R = w_hh.shape[0]
@@ -418,8 +432,7 @@ class TritonImpl:
             consts = dict(FLAGS=flags, PROJ=P > 0, HAS_BIAS=a.has_bias, HAS_LEN=a.has_len, HAS_DY=has_dy,
                           HAS_KEEP=a.has_keep, CT=_tl_dtype(ct), EPS=cell.LN_EPS)
             bufs = _kernel_buffers([b.contiguous() if b.numel() else a.nothing for b in buffers])
-            sizes = dict(T=T, B=B, H=H, HO=HO, R=RK, NG=v.n_gates, NSH=a.nsh, NACC=n_acc, clip=float(clip),
-                         zc=float(zc), zh=float(zh))
+            sizes = dict(T=T, B=B, H=H, HO=HO, R=RK, NG=v.n_gates, NSH=a.nsh, NACC=n_acc, **named)
             common = dict(dy=dy_t, **strides, dh_n=dh_n, y=y.contiguous(), c0=a.c0, lengths=a.lens,
                           **a.named_params(with_weights=False), **bufs, dxg=du, dr=dR, dzs=dZS, mo=MO, acc=acc,
                           **sizes)

@@ -124,6 +124,15 @@ struct Variant {
   MlpLayout layout() const { return MlpLayout(mlp_layout, H); }
 };
 
+// The variant table's rows whose step and BPTT cell_step.h computes, each by its flag (the kernel's
+// claim: a row the table gains is refused by Cfg, not run as the plain cell, until its step is
+// written and it is added here; the extension reports this set, which test_ops.py compares with the
+// rows the CPU kernel row says it implements).
+constexpr int64_t IMPLEMENTED_FLAGS = F_PEEPHOLE | F_CIFG | F_FGR | F_LAYERNORM | F_NIG | F_NFG | F_NOG | F_NIAF |
+                                      F_CAND_ACT_RELU | F_NOAF | F_OUT_ACT_RELU | F_GATE_ACT_HARD_SIGMOID |
+                                      F_GATE_ACT_HARDSIGMOID | F_CLIP | F_ZONEOUT | F_SLSTM | F_FORGET_ACT_EXP |
+                                      F_N_CLAMP | F_RNN | F_RNN_RELU;
+
 struct Cfg {
   bool rnn, relu, has_i, has_f, has_o, cifg, peep, fgr, ln, clip, zoneout;
   bool plain;                     // an LSTM cell of sigmoid gates i, f, o and tanh activations, without cifg,
@@ -143,6 +152,8 @@ struct Cfg {
                              // activations G (T, B, G·H): slot·H (deep gates' u is H wide too)
   Cfg(const Variant& v, const MlpLayout& mlp) {
     const int64_t flags = v.flags;
+    TORCH_CHECK(!(flags & ~IMPLEMENTED_FLAGS), "lstmkit::recurrence: the variant word ", flags, " has flags this ",
+                "kernel does not compute (bits ", flags & ~IMPLEMENTED_FLAGS, "; see IMPLEMENTED_FLAGS)");
     rnn = flags & F_RNN; relu = flags & F_RNN_RELU;
     // which gates are computed, and where: the variant table's removal masks (lstmkit_abi.h)
     bool present[N_GATES];

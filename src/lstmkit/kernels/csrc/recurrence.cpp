@@ -83,6 +83,10 @@ py::dict compiled_abi() {
   for (int k = 0; k < N_FLAGS; ++k) bits.append(FLAG_BITS[k]);
   for (int g = 0; g < N_GATES; ++g) removed.append(GATE_REMOVED[g]);
   d["flag_bits"] = bits;
+  py::list implemented;  // the rows the cell step computes (IMPLEMENTED_FLAGS)
+  for (int k = 0; k < N_FLAGS; ++k)
+    if (FLAG_BITS[k] & IMPLEMENTED_FLAGS) implemented.append(FLAG_NAMES[k]);
+  d["implemented"] = implemented;
   py::list no_grad;
   for (int k = 0; k < N_PARAMS; ++k) no_grad.append(PARAM_NO_GRAD[k]);
   d["param_no_grad"] = no_grad;
