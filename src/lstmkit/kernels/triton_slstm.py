@@ -36,6 +36,12 @@ def state_slot(name: str) -> int:
 
 
 @triton.jit
+def _pre(xg, r, row, rb64, R, col, ch, m2, CT: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr):
+    """A gate's pre-activation xg[row] + r at its columns col.. of R, (BB, BH)."""
+    return ld(xg, row, R, col, ch, m2, CT, True, BB, BH) + ld(r, rb64, R, col, ch, m2, CT, True, BB, BH)
+
+
+@triton.jit
 def _log_sigmoid(x):
     """log σ(x) = min(x, 0) − log(1 + e^{−|x|}) (no overflow)."""
     return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
@@ -62,29 +68,14 @@ def slstm_fwd(xg, r, c_s, h_s, y, G, C, row, rb64, valid, m2, ch, H, R, FLAGS: t
     f' = e^{log f + m_{t-1} − m_t} (0 where empty), c_t = f' c + i' tanh(z̃), n_t = f' n + i' (n_clamp: at
     least 1), h_t = σ(õ) c_t / n_t. Writes h_s, y[t], G (T, B, 6H: i', f', z, o, ĩ, f̃; zeros
     on rows not valid) and C (T, B, 3H)."""
-    GI: tl.constexpr = slot(FLAGS, "i")  # the pre-activations' slots in R (layout.GATES order)
-    GF: tl.constexpr = slot(FLAGS, "f")
-    GG: tl.constexpr = slot(FLAGS, "g")
-    GO: tl.constexpr = slot(FLAGS, "o")
-    NK: tl.constexpr = kept_slot("width")  # G's row: i', f', z, o, ĩ, f̃ (abi.SLSTM_KEPT)
-    KI: tl.constexpr = kept_slot("i")
-    KF: tl.constexpr = kept_slot("f")
-    KG: tl.constexpr = kept_slot("g")
-    KO: tl.constexpr = kept_slot("o")
-    KUI: tl.constexpr = kept_slot("i_raw")
-    KUF: tl.constexpr = kept_slot("f_raw")
-    NS: tl.constexpr = state_slot("width")  # the states c | n | m (abi.SLSTM_STATES)
-    SC: tl.constexpr = state_slot("c")
-    SN: tl.constexpr = state_slot("n")
-    SM: tl.constexpr = state_slot("m")
     v2 = valid[:, None]
-    u_i = ld(xg, row, R, GI * H, ch, m2, CT, True, BB, BH) + ld(r, rb64, R, GI * H, ch, m2, CT, True, BB, BH)
-    u_f = ld(xg, row, R, GF * H, ch, m2, CT, True, BB, BH) + ld(r, rb64, R, GF * H, ch, m2, CT, True, BB, BH)
-    u_z = ld(xg, row, R, GG * H, ch, m2, CT, True, BB, BH) + ld(r, rb64, R, GG * H, ch, m2, CT, True, BB, BH)
-    u_o = ld(xg, row, R, GO * H, ch, m2, CT, True, BB, BH) + ld(r, rb64, R, GO * H, ch, m2, CT, True, BB, BH)
-    cp = ld(c_s, rb64, NS * H, SC * H, ch, m2, CT, True, BB, BH)
-    np_ = ld(c_s, rb64, NS * H, SN * H, ch, m2, CT, True, BB, BH)
-    mp = ld(c_s, rb64, NS * H, SM * H, ch, m2, CT, True, BB, BH)
+    u_i = _pre(xg, r, row, rb64, R, slot(FLAGS, "i") * H, ch, m2, CT, BB, BH)
+    u_f = _pre(xg, r, row, rb64, R, slot(FLAGS, "f") * H, ch, m2, CT, BB, BH)
+    u_z = _pre(xg, r, row, rb64, R, slot(FLAGS, "g") * H, ch, m2, CT, BB, BH)
+    u_o = _pre(xg, r, row, rb64, R, slot(FLAGS, "o") * H, ch, m2, CT, BB, BH)
+    cp = ld(c_s, rb64, state_slot("width") * H, state_slot("c") * H, ch, m2, CT, True, BB, BH)
+    np_ = ld(c_s, rb64, state_slot("width") * H, state_slot("n") * H, ch, m2, CT, True, BB, BH)
+    mp = ld(c_s, rb64, state_slot("width") * H, state_slot("m") * H, ch, m2, CT, True, BB, BH)
     kept = _slstm_kept(u_f, mp, FLAGS)
     m = tl.where(np_ == 0.0, u_i, tl.maximum(kept, u_i, propagate_nan=tl.PropagateNan.ALL))
     iv = tl.exp(u_i - m)
@@ -99,20 +90,20 @@ def slstm_fwd(xg, r, c_s, h_s, y, G, C, row, rb64, valid, m2, ch, H, R, FLAGS: t
     cn = tl.where(v2, cn, cp)
     nn = tl.where(v2, nn, np_)
     m = tl.where(v2, m, mp)
-    st(c_s, rb64, NS * H, SC * H, ch, m2, cn, True)
-    st(c_s, rb64, NS * H, SN * H, ch, m2, nn, True)
-    st(c_s, rb64, NS * H, SM * H, ch, m2, m, True)
+    st(c_s, rb64, state_slot("width") * H, state_slot("c") * H, ch, m2, cn, True)
+    st(c_s, rb64, state_slot("width") * H, state_slot("n") * H, ch, m2, nn, True)
+    st(c_s, rb64, state_slot("width") * H, state_slot("m") * H, ch, m2, m, True)
     st(h_s, rb64, H, 0, ch, v2 & m2, hv, True)
     st(y, row, H, 0, ch, m2, tl.where(v2, hv, 0.0), True)
-    st(G, row, NK * H, KI * H, ch, m2, tl.where(v2, iv, 0.0), SAVE_G)
-    st(G, row, NK * H, KF * H, ch, m2, tl.where(v2, fv, 0.0), SAVE_G)
-    st(G, row, NK * H, KG * H, ch, m2, tl.where(v2, z, 0.0), SAVE_G)
-    st(G, row, NK * H, KO * H, ch, m2, tl.where(v2, o, 0.0), SAVE_G)
-    st(G, row, NK * H, KUI * H, ch, m2, tl.where(v2, u_i, 0.0), SAVE_G)
-    st(G, row, NK * H, KUF * H, ch, m2, tl.where(v2, u_f, 0.0), SAVE_G)
-    st(C, row, NS * H, SC * H, ch, m2, cn, SAVE_C)
-    st(C, row, NS * H, SN * H, ch, m2, nn, SAVE_C)
-    st(C, row, NS * H, SM * H, ch, m2, m, SAVE_C)
+    st(G, row, kept_slot("width") * H, kept_slot("i") * H, ch, m2, tl.where(v2, iv, 0.0), SAVE_G)
+    st(G, row, kept_slot("width") * H, kept_slot("f") * H, ch, m2, tl.where(v2, fv, 0.0), SAVE_G)
+    st(G, row, kept_slot("width") * H, kept_slot("g") * H, ch, m2, tl.where(v2, z, 0.0), SAVE_G)
+    st(G, row, kept_slot("width") * H, kept_slot("o") * H, ch, m2, tl.where(v2, o, 0.0), SAVE_G)
+    st(G, row, kept_slot("width") * H, kept_slot("i_raw") * H, ch, m2, tl.where(v2, u_i, 0.0), SAVE_G)
+    st(G, row, kept_slot("width") * H, kept_slot("f_raw") * H, ch, m2, tl.where(v2, u_f, 0.0), SAVE_G)
+    st(C, row, state_slot("width") * H, state_slot("c") * H, ch, m2, cn, SAVE_C)
+    st(C, row, state_slot("width") * H, state_slot("n") * H, ch, m2, nn, SAVE_C)
+    st(C, row, state_slot("width") * H, state_slot("m") * H, ch, m2, m, SAVE_C)
 
 
 @triton.jit
@@ -124,49 +115,34 @@ def slstm_bwd(G, C, c0, dc_s, dxg, dop, dh, row, rb64, t, B, valid, m2, ch, H, R
     is differentiated as computed: dL/dm_t goes to the larger of ĩ and log f + m_{t-1} (half to
     each at a tie; all to ĩ where the cell was empty). Writes dL/d(ĩ, f̃, z̃, õ) to dxg[row] (and
     dop, the next GEMM's 16-bit operand, if SEP_OP); zeros on rows not valid."""
-    GI: tl.constexpr = slot(FLAGS, "i")  # the pre-activations' slots in R (layout.GATES order)
-    GF: tl.constexpr = slot(FLAGS, "f")
-    GG: tl.constexpr = slot(FLAGS, "g")
-    GO: tl.constexpr = slot(FLAGS, "o")
-    NK: tl.constexpr = kept_slot("width")  # G's row: i', f', z, o, ĩ, f̃ (abi.SLSTM_KEPT)
-    KI: tl.constexpr = kept_slot("i")
-    KF: tl.constexpr = kept_slot("f")
-    KG: tl.constexpr = kept_slot("g")
-    KO: tl.constexpr = kept_slot("o")
-    KUI: tl.constexpr = kept_slot("i_raw")
-    KUF: tl.constexpr = kept_slot("f_raw")
-    NS: tl.constexpr = state_slot("width")  # the states c | n | m (abi.SLSTM_STATES)
-    SC: tl.constexpr = state_slot("c")
-    SN: tl.constexpr = state_slot("n")
-    SM: tl.constexpr = state_slot("m")
     v2 = valid[:, None]
-    iv = ld(G, row, NK * H, KI * H, ch, m2, CT, True, BB, BH)
-    fv = ld(G, row, NK * H, KF * H, ch, m2, CT, True, BB, BH)
-    z = ld(G, row, NK * H, KG * H, ch, m2, CT, True, BB, BH)
-    o = ld(G, row, NK * H, KO * H, ch, m2, CT, True, BB, BH)
-    u_i = ld(G, row, NK * H, KUI * H, ch, m2, CT, True, BB, BH)
-    u_f = ld(G, row, NK * H, KUF * H, ch, m2, CT, True, BB, BH)
-    cn = ld(C, row, NS * H, SC * H, ch, m2, CT, True, BB, BH)
-    nn = ld(C, row, NS * H, SN * H, ch, m2, CT, True, BB, BH)
+    iv = ld(G, row, kept_slot("width") * H, kept_slot("i") * H, ch, m2, CT, True, BB, BH)
+    fv = ld(G, row, kept_slot("width") * H, kept_slot("f") * H, ch, m2, CT, True, BB, BH)
+    z = ld(G, row, kept_slot("width") * H, kept_slot("g") * H, ch, m2, CT, True, BB, BH)
+    o = ld(G, row, kept_slot("width") * H, kept_slot("o") * H, ch, m2, CT, True, BB, BH)
+    u_i = ld(G, row, kept_slot("width") * H, kept_slot("i_raw") * H, ch, m2, CT, True, BB, BH)
+    u_f = ld(G, row, kept_slot("width") * H, kept_slot("f_raw") * H, ch, m2, CT, True, BB, BH)
+    cn = ld(C, row, state_slot("width") * H, state_slot("c") * H, ch, m2, CT, True, BB, BH)
+    nn = ld(C, row, state_slot("width") * H, state_slot("n") * H, ch, m2, CT, True, BB, BH)
     if t > 0:
-        cp = ld(C, row - B, NS * H, SC * H, ch, m2, CT, True, BB, BH)
-        np_ = ld(C, row - B, NS * H, SN * H, ch, m2, CT, True, BB, BH)
-        mp = ld(C, row - B, NS * H, SM * H, ch, m2, CT, True, BB, BH)
+        cp = ld(C, row - B, state_slot("width") * H, state_slot("c") * H, ch, m2, CT, True, BB, BH)
+        np_ = ld(C, row - B, state_slot("width") * H, state_slot("n") * H, ch, m2, CT, True, BB, BH)
+        mp = ld(C, row - B, state_slot("width") * H, state_slot("m") * H, ch, m2, CT, True, BB, BH)
     else:
-        cp = ld(c0, rb64, NS * H, SC * H, ch, m2, CT, True, BB, BH)
-        np_ = ld(c0, rb64, NS * H, SN * H, ch, m2, CT, True, BB, BH)
-        mp = ld(c0, rb64, NS * H, SM * H, ch, m2, CT, True, BB, BH)
+        cp = ld(c0, rb64, state_slot("width") * H, state_slot("c") * H, ch, m2, CT, True, BB, BH)
+        np_ = ld(c0, rb64, state_slot("width") * H, state_slot("n") * H, ch, m2, CT, True, BB, BH)
+        mp = ld(c0, rb64, state_slot("width") * H, state_slot("m") * H, ch, m2, CT, True, BB, BH)
     nn = tl.where(v2, nn, 1.0)                       # rows not valid: any carried n, even an empty cell's 0
     ratio = cn / nn                                  # h = o (c / n)
-    dcv = ld(dc_s, rb64, NS * H, SC * H, ch, m2, CT, True, BB, BH) + dh * o / nn
-    dnv = ld(dc_s, rb64, NS * H, SN * H, ch, m2, CT, True, BB, BH) - dh * o * ratio / nn
+    dcv = ld(dc_s, rb64, state_slot("width") * H, state_slot("c") * H, ch, m2, CT, True, BB, BH) + dh * o / nn
+    dnv = ld(dc_s, rb64, state_slot("width") * H, state_slot("n") * H, ch, m2, CT, True, BB, BH) - dh * o * ratio / nn
     du_o = dh * ratio * o * (1.0 - o)
     if has(FLAGS, "n_clamp"):                        # the floor holds n: no gradient through it
         dnv = tl.where(fv * np_ + iv >= 1.0, dnv, 0.0)
     di = dcv * z + dnv                               # c_t = f' c + i' z, n_t = f' n + i'
     df = dcv * cp + dnv * np_
     du_z = dcv * iv * (1.0 - z * z)
-    dm = ld(dc_s, rb64, NS * H, SM * H, ch, m2, CT, True, BB, BH) - di * iv - df * fv
+    dm = ld(dc_s, rb64, state_slot("width") * H, state_slot("m") * H, ch, m2, CT, True, BB, BH) - di * iv - df * fv
     kept = _slstm_kept(u_f, mp, FLAGS)
     to_i = tl.where(u_i > kept, 1.0, tl.where(u_i == kept, 0.5, 0.0))
     to_i = tl.where(np_ == 0.0, 1.0, to_i)
@@ -180,15 +156,15 @@ def slstm_bwd(G, C, c0, dc_s, dxg, dop, dh, row, rb64, t, B, valid, m2, ch, H, R
     du_f = tl.where(v2, du_f, 0.0)
     du_z = tl.where(v2, du_z, 0.0)
     du_o = tl.where(v2, du_o, 0.0)
-    st(dxg, row, R, GI * H, ch, m2, du_i, True)
-    st(dxg, row, R, GF * H, ch, m2, du_f, True)
-    st(dxg, row, R, GG * H, ch, m2, du_z, True)
-    st(dxg, row, R, GO * H, ch, m2, du_o, True)
-    st(dop, rb64, R, GI * H, ch, m2, du_i, SEP_OP)
-    st(dop, rb64, R, GF * H, ch, m2, du_f, SEP_OP)
-    st(dop, rb64, R, GG * H, ch, m2, du_z, SEP_OP)
-    st(dop, rb64, R, GO * H, ch, m2, du_o, SEP_OP)
+    st(dxg, row, R, slot(FLAGS, "i") * H, ch, m2, du_i, True)
+    st(dxg, row, R, slot(FLAGS, "f") * H, ch, m2, du_f, True)
+    st(dxg, row, R, slot(FLAGS, "g") * H, ch, m2, du_z, True)
+    st(dxg, row, R, slot(FLAGS, "o") * H, ch, m2, du_o, True)
+    st(dop, rb64, R, slot(FLAGS, "i") * H, ch, m2, du_i, SEP_OP)
+    st(dop, rb64, R, slot(FLAGS, "f") * H, ch, m2, du_f, SEP_OP)
+    st(dop, rb64, R, slot(FLAGS, "g") * H, ch, m2, du_z, SEP_OP)
+    st(dop, rb64, R, slot(FLAGS, "o") * H, ch, m2, du_o, SEP_OP)
     vm2 = v2 & m2
-    st(dc_s, rb64, NS * H, SC * H, ch, vm2, dcv * fv, True)
-    st(dc_s, rb64, NS * H, SN * H, ch, vm2, dnv * fv, True)
-    st(dc_s, rb64, NS * H, SM * H, ch, vm2, dkept, True)
+    st(dc_s, rb64, state_slot("width") * H, state_slot("c") * H, ch, vm2, dcv * fv, True)
+    st(dc_s, rb64, state_slot("width") * H, state_slot("n") * H, ch, vm2, dnv * fv, True)
+    st(dc_s, rb64, state_slot("width") * H, state_slot("m") * H, ch, vm2, dkept, True)
