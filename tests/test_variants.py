@@ -41,6 +41,17 @@ def test_every_row_that_changes_an_equation_has_a_case_in_the_matrix(row):
         f"gradcheck and every kernel that claims it run it")
 
 
+@pytest.mark.parametrize("row", [r for r in variants.ROWS if r.flag], ids=lambda r: r.word)
+def test_every_row_with_a_flag_is_in_the_docs_equations(row):
+    """docs/cell.md's equations ("One step" to "Adding a variant": the step, the sLSTM's, the
+    RNN's) name every row that changes what the kernels compute, by its word or its field."""
+    text = (ROOT / "docs" / "cell.md").read_text(encoding="utf-8")
+    equations = text[text.index("## One step"):text.index("## Adding a variant")]
+    names = {row.word, row.word.split("=")[0] + "=", *row.aliases, *row.sets}
+    assert any(re.search(rf"(?<![\w-]){re.escape(n)}", equations) for n in names), (
+        f"variant table row {row.word!r}: docs/cell.md's equations name none of {sorted(names)}")
+
+
 def test_every_field_of_cellspec_is_set_by_a_row():
     by_rows = {name for r in variants.ROWS for name in r.sets}
     fields = {f.name for f in dataclasses.fields(CellSpec)}
