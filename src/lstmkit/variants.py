@@ -10,7 +10,8 @@ nowhere written again:
   "did you mean", :attr:`CellSpec.name <lstmkit.spec.CellSpec.name>`;
 * which gates a spec computes (:func:`computed_gates`) — the kernels' gate offsets come
   from the masks :func:`gate_removal_masks` gives them (``lstmkit.kernels.abi``);
-* the kernels' flag bits (:data:`FLAGS`) and a spec's flag word (:func:`flag_word`);
+* the kernels' flag bits (:data:`FLAGS`) and a spec's flag word (:func:`flag_word`), and the
+  numbers they take at run time (:data:`SCALARS`, :func:`scalar_values`);
 * the parameter schema of a layer-direction (:func:`param_shapes`);
 * the ONNX exporter's choice between the operator and a ``Scan`` (:func:`onnx_refusal`);
 * the variant tables of ``docs/cell.md`` and the README
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -37,7 +38,8 @@ from lstmkit.layout import GATES
 __all__ = ["Row", "ROWS", "VALUE", "FLAGS", "Dims", "row", "words", "example_cells", "active_rows", "flag_word",
            "cell_states", "example_cell",
            "flag_names", "computed_gates", "gate_removal_masks", "param_shapes", "onnx_refusal",
-           "HARD_SIGMOID_SLOPES", "init_fields", "STATES", "state_row", "sigmoid_gates", "per_spec_cache"]
+           "HARD_SIGMOID_SLOPES", "init_fields", "STATES", "state_row", "sigmoid_gates", "per_spec_cache", "SCALARS",
+           "scalar_values"]
 
 
 class _Value:
@@ -91,6 +93,8 @@ class Row:
             ``("n", "m")``): returned and accepted after ``(h, c)``, kept by the kernels next to
             ``c`` (:func:`cell_states`).
         gate: the gate whose initial bias the row sets (``"f"`` for ``fb``), or ``""``.
+        scalars: the numbers the kernels take at run time for this row, by name, each read from a
+            spec (0 where the spec has none): the operators' float arguments (:data:`SCALARS`).
     """
 
     word: str
@@ -110,6 +114,7 @@ class Row:
     example: str | None = None
     states: tuple[str, ...] = ()
     gate: str = ""
+    scalars: Mapping[str, Callable[[Any], float]] = field(default_factory=dict)
 
     @property
     def takes_value(self) -> bool:
@@ -300,12 +305,13 @@ ROWS: tuple[Row, ...] = (
                                     "a low-rank gate)"))),
     Row("clip", {"cell_clip": VALUE}, "`c_t` clipped to ±c", "TF's `cell_clip`; ONNX's clip bounds the gates",
         aliases=("cell_clip",), placeholder="<c>", parse=_parse_float, example="0.5",
+        scalars={"clip": lambda s: float(s.cell_clip or 0.0)},
         onnx="the LSTM operator's clip bounds the gate pre-activations, lstmkit's cell_clip bounds c_t: "
              "different functions"),
     Row("zoneout", {"zoneout": VALUE},
         "in training each unit keeps its previous `c` (prob. z_c) and `h` (prob. z_h); at evaluation the "
         "expectation", "Krueger et al. 2016, Zoneout", placeholder="<z>[/<z_h>]", parse=_parse_zoneout,
-        example="0.2/0.1",
+        example="0.2/0.1", scalars={"zoneout_c": lambda s: s.zoneout[0], "zoneout_h": lambda s: s.zoneout[1]},
         onnx="the LSTM operator has no zoneout (at evaluation c_t and h_t mix in the previous state)"),
     Row("slstm", {"slstm": True},
         "the sLSTM: exponential input gate `i' = exp(ĩ − m_t)`, forget gate `f' = exp(log σ(f̃) + m_{t−1} − m_t)`, "
@@ -350,6 +356,14 @@ for _row in ROWS:
 
 #: The kernels' flag bits: bit ``k`` of a flag word is ``FLAGS[k]``.
 FLAGS: tuple[str, ...] = tuple(r.flag_name for r in ROWS if r.flag)
+
+#: The numbers the kernels take at run time (the operators' float arguments), in the rows' order.
+SCALARS: tuple[str, ...] = tuple(name for r in ROWS for name in r.scalars)
+
+
+def scalar_values(spec: Any) -> tuple[float, ...]:
+    """The values of :data:`SCALARS` for ``spec`` (0 where the variant has none)."""
+    return tuple(float(read(spec)) for r in ROWS for read in r.scalars.values())
 
 #: Every cell state a variant may carry after ``h``: the LSTM's ``c``, then those rows add
 #: (the sLSTM's ``n``, ``m``); :func:`cell_states` gives one spec's.

@@ -58,7 +58,7 @@ PARAMS: tuple[str, ...] = ("peephole_i", "peephole_f", "peephole_o", "weight_gg"
 NO_GRAD: frozenset[str] = frozenset({"keep_c", "keep_h"})
 
 #: The operator's float arguments: the cell clip's bound and zoneout's probabilities.
-SCALARS: tuple[str, ...] = ("clip", "zoneout_c", "zoneout_h")
+SCALARS: tuple[str, ...] = variants.SCALARS  # (the rows' scalars: clip, zoneout_c, zoneout_h)
 
 #: Buffers the forward keeps for backward, each (T, B, ·) or empty (see :func:`buffer_shapes`).
 BUFFERS: tuple[str, ...] = ("G", "C", "RH", "RS", "AH", "AS", "CN", "MLP")
@@ -128,8 +128,7 @@ def flags(spec: CellSpec) -> int:
 @variants.per_spec_cache
 def scalars(spec: CellSpec) -> tuple[float, ...]:
     """The values of :data:`SCALARS` for ``spec`` (0 where the variant has none)."""
-    values = {"clip": float(spec.cell_clip or 0.0), "zoneout_c": spec.zoneout[0], "zoneout_h": spec.zoneout[1]}
-    return tuple(values[name] for name in SCALARS)
+    return variants.scalar_values(spec)
 
 
 def gate_slots(flag_bits: int) -> tuple[dict[str, int], dict[str, int]]:
