@@ -315,6 +315,53 @@ def test_a_library_damaged_since_its_build_is_linked_anew_not_imported(monkeypat
     assert (where / f"{where.name}.so.sha256").read_text() == hashlib.sha256(b"\x7fELF linked anew").hexdigest()
 
 
+def test_a_library_without_its_digest_is_linked_anew_not_imported(monkeypatch, tmp_path):
+    """A library whose digest file is missing (a copy cut off between them) was left for ninja,
+    which took it as done, and torch imported it: a truncated one killed the process (SIGBUS;
+    found by a build sweep). It is linked anew (the objects are there: a second)."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    where = cpu_ext.build_dir("AVX2")
+    where.mkdir(parents=True)
+    library = where / f"{where.name}.so"
+    library.write_bytes(b"\x7fELF half of a library")
+    seen = []
+
+    def fake_load(name, build_directory, **kw):
+        seen.append(library.exists())
+        library.write_bytes(b"\x7fELF linked anew")
+        return object()
+    monkeypatch.setattr(cpp, "load", fake_load)
+    monkeypatch.setattr(cpu_ext, "runs_here", lambda cap: True)
+    monkeypatch.setattr(cpu_ext, "_check_compiler", lambda: None)
+    cpu_ext.build("AVX2")
+    assert seen == [False]
+
+
+def test_no_compiler_and_a_failed_build_are_one_line_each(monkeypatch, tmp_path, capsys):
+    """Without a compiler torch printed its compiler-ABI banner and a 1,600-character error, and
+    `lstmkit build` a traceback with exit 1 (found by a build sweep): now one line, exit 2, and a
+    failed compile reads as its first errors."""
+    from lstmkit.app.cli import main
+
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(cpu_ext.BuildError, match=r"no C\+\+ compiler: 'c\+\+' is not on PATH"):
+        cpu_ext.build("AVX2")
+    assert main(["build", "--capability", "AVX2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lstmkit build: error: no C++ compiler") and len(err.splitlines()) == 1, err
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", "~no-such-user-here/x")
+    assert main(["build"]) == 2
+    assert "no home directory to expand '~no-such-user-here'" in capsys.readouterr().err
+    out = ("Error building extension 'x': [1/2] c++ -c recurrence.cpp\nFAILED: recurrence.o\n"
+           "recurrence.cpp:3:1: error: expected ';' before '}' token\nninja: build stopped: subcommand failed.")
+    assert cpu_ext._build_failure(RuntimeError(out)) == (
+        "the fused CPU kernel could not be compiled: recurrence.cpp:3:1: error: expected ';' before '}' token")
+
+
 def test_prune_removes_other_builds_but_this_installation_s_and_one_being_built(monkeypatch, tmp_path):
     """Builds of other versions, sources and environments accumulate in a shared cache (113 builds,
     315 MB after a day of development): ``lstmkit build --prune`` removes them, never this

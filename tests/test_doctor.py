@@ -8,6 +8,7 @@ import argparse
 from lstmkit import kernels
 from lstmkit.app import doctor
 from lstmkit.app.cli import main
+from lstmkit.kernels import cpu_ext
 
 
 def test_doctor_checks_every_variant_and_passes(capsys):
@@ -31,3 +32,16 @@ def test_a_wrong_kernel_fails_the_doctor(capsys, monkeypatch):
     assert doctor.run(argparse.Namespace(quick=True, no_timing=True)) == 1
     out = capsys.readouterr().out
     assert "cpu_fused FAILED: error" in out and "check(s) FAILED" in out
+
+
+def test_a_kernel_that_cannot_be_built_fails_the_doctor(capsys, monkeypatch):
+    """It said 'FAILED to build', then 'every check passed' and exit 0 (the cpu_fused rows were
+    refused, not failed), and built a second time (found by a build sweep)."""
+    def cannot(verbose=False):
+        raise cpu_ext.BuildError("no C++ compiler: 'c++' is not on PATH")
+    monkeypatch.setattr(cpu_ext, "_ext", None)
+    monkeypatch.setattr(cpu_ext, "_failed", "no C++ compiler: 'c++' is not on PATH")  # as load() keeps it
+    monkeypatch.setattr(cpu_ext, "load", cannot)
+    assert doctor.run(argparse.Namespace(quick=True, no_timing=True)) == 1
+    out = capsys.readouterr().out
+    assert "fused CPU kernel: FAILED to build (BuildError: no C++ compiler" in out and "1 check(s) FAILED" in out

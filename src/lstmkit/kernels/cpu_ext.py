@@ -40,7 +40,8 @@ from lstmkit import _atomic
 from lstmkit._cache import cache_root
 from lstmkit.kernels import abi, ops
 
-__all__ = ["available", "load", "build", "prune", "capability", "runs_here", "build_dir", "forward", "backward", "IMPL"]
+__all__ = ["available", "load", "build", "prune", "BuildError", "capability", "runs_here", "build_dir", "forward",
+           "backward", "IMPL"]
 
 _CSRC = Path(os.path.abspath(__file__)).parent / "csrc"  # (as torch writes it into build.ninja: not resolved)
 #: Every source file of the extension (recurrence.cpp includes the headers): the build key hashes them all.
@@ -107,6 +108,7 @@ def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:
         module = _import_built(name, where)
         if module is not None:
             return module
+    _check_compiler()  # (a missing one would cost a minute of torch's messages and a long error)
     announce = not built and os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks
     if announce:
         print(f"lstmkit: compiling the fused CPU kernel for {cap} (once per machine and version; "
@@ -123,12 +125,17 @@ def _build(cap: str, verbose: bool = False, load: bool = True) -> Any:
         by_another = not built and any(where.glob(f"{name}*.so"))  # built while this process waited
         _wait_for_orphaned_ninja(where)
         (where / "lock").unlink(missing_ok=True)
-        for library in where.glob(f"{name}*.so"):  # damaged since it was built: linked anew (ninja
-            if _recorded_digest(library) not in (None, _digest(library)):  # takes a newer file as done)
-                library.unlink()
-                _digest_file(library).unlink()
-        with _ninja_on_path():
-            ext = cpp_load(**options) if load else _compile_only(cap, options)
+        for library in where.glob(f"{name}*.so"):  # damaged since it was built, or without the digest
+            if _recorded_digest(library) != _digest(library):  # its build records: linked anew (ninja
+                library.unlink()  # takes a newer file as done; importing a truncated one kills the process)
+                _digest_file(library).unlink(missing_ok=True)
+        try:
+            with _ninja_on_path():
+                ext = cpp_load(**options) if load else _compile_only(cap, options)
+        except RuntimeError as exc:  # torch's "Error building extension", the compiler's output with it
+            if not str(exc).startswith("Error building extension"):
+                raise
+            raise BuildError(_build_failure(exc)) from exc
         for library in where.glob(f"{name}*.so"):  # what ninja built (or found done), loaded: recorded
             digest = _digest(library)
             if _recorded_digest(library) != digest:
@@ -259,6 +266,27 @@ def _compile_only(cap: str, options: dict[str, Any]) -> None:
                            f"it on a machine with {cap}") from e
 
 
+class BuildError(OSError):
+    """The kernel could not be compiled or linked (the message: the compiler's first errors)."""
+
+
+def _check_compiler() -> None:
+    """A C++ compiler on PATH (``$CXX``, else ``c++``, as torch's build uses), or BuildError."""
+    cxx = os.environ.get("CXX") or "c++"
+    if shutil.which(cxx) is None:
+        raise BuildError(f"no C++ compiler: {cxx!r} is not on PATH (install g++, or set CXX to one)")
+
+
+def _build_failure(exc: BaseException) -> str:
+    """torch's build error in a line: the compiler's or linker's first error lines (its whole
+    output is the exception's cause, and ``lstmkit build --verbose`` shows it)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.search(r"\berror\b|No space left|not found|cannot", ln, re.I)
+              and not ln.startswith(("FAILED:", "ninja: build stopped", "Error building extension"))]
+    shown = "; ".join(dict.fromkeys(errors[:3])) or (lines[-1] if lines else type(exc).__name__)
+    return f"the fused CPU kernel could not be compiled: {shown[:400]}"
+
+
 def build(cap: str | None = None, verbose: bool = False) -> Path:
     """Compile (or find) the kernel for ``cap`` (default: this CPU's capability) ahead of
     time — loaded once to check it where this CPU can run it (:func:`runs_here`), compiled
@@ -296,12 +324,19 @@ def prune() -> list[tuple[Path, int]]:
 
 
 def load(verbose: bool = False) -> Any:
-    """The compiled extension for this CPU (built on first use). Raises on a failed build."""
-    global _ext
+    """The compiled extension for this CPU (built on first use). Raises on a failed build, and
+    again, without trying anew, on every later call in this process (BuildError)."""
+    global _ext, _failed
     if _ext is None:
         with _lock:
+            if _failed is not None:
+                raise BuildError(_failed)
             if _ext is None:
-                ext = _build(capability(), verbose=verbose)
+                try:
+                    ext = _build(capability(), verbose=verbose)
+                except Exception as exc:
+                    _failed = str(exc) if isinstance(exc, BuildError) else repr(exc)
+                    raise
                 ext.set_messages(ops.NO_DOUBLE_BACKWARD, ops.NO_BATCHED_BACKWARD)
                 _ext = ext
     return _ext
@@ -324,8 +359,8 @@ def available() -> bool:
     try:
         load()
     except Exception as exc:  # noqa: BLE001 - any build failure means "not available"
-        _failed = repr(exc)
-        warnings.warn(f"lstmkit: the fused CPU kernel could not be built ({exc!r}); "
+        _failed = str(exc) if isinstance(exc, BuildError) else repr(exc)
+        warnings.warn(f"lstmkit: the fused CPU kernel could not be built ({_failed}); "
                       f"falling back to slower kernels", RuntimeWarning, stacklevel=2)
         return False
     return True
