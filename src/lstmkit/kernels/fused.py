@@ -251,7 +251,9 @@ class FusedCPUKernel(FusedKernel):
     devices = ("cpu",)
     deep_gates = True
     heads = True
-    implements = frozenset(abi.FLAGS)  # every row: csrc/cell_step.h has each one's step and BPTT
+    # every row: csrc/cell_step.h has each one's step and BPTT (its claim, IMPLEMENTED_FLAGS, is
+    # compared with this by test_ops.py)
+    implements = frozenset(abi.FLAGS)
     linear = staticmethod(input_linear)
 
     def run(self, x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
@@ -587,7 +589,9 @@ class TritonKernel(FusedKernel):
     name = "triton"
     heads = True  # per step: the recurrent GEMM batched over the heads (triton_gemm.recurrent)
     deep_gates = True  # per step: the gate MLPs' layers as cuBLAS GEMMs (triton_deep.DeepGates)
-    implements = frozenset(abi.FLAGS)  # every row: triton_cell.py has each one's step and BPTT
+    # every row: triton_cell.py has each one's step and BPTT (its claim, triton_cell.IMPLEMENTED, is
+    # compared with this by test_triton.py; this module does not import triton)
+    implements = frozenset(abi.FLAGS)
 
     @property
     def devices(self) -> tuple[str, ...]:  # type: ignore[override]
