@@ -21,6 +21,7 @@ tests); ``torch.mm`` then stands in for cuBLAS.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,9 +171,15 @@ def _named_scalars(values: list[float]) -> dict[str, float]:
 def _claimed(flags: int) -> Variant:
     """The variant word decoded, if the kernels compute every one of its flags (triton_cell's
     IMPLEMENTED), else a ValueError naming the others."""
-    from lstmkit.kernels.triton_cell import IMPLEMENTED
+    from lstmkit.kernels import triton_cell
 
-    missing = [name for name in abi.FLAGS if flags & abi.flag(name) and name not in IMPLEMENTED]
+    return _decoded(flags, triton_cell.IMPLEMENTED)
+
+
+@functools.cache
+def _decoded(flags: int, implemented: frozenset[str]) -> Variant:
+    """:func:`_claimed`'s work, once per variant word (every call of the operators asks)."""
+    missing = [name for name in abi.FLAGS if flags & abi.flag(name) and name not in implemented]
     if missing:
         raise ValueError(f"lstmkit::recurrence (Triton): the kernels do not compute {missing} "
                          f"(triton_cell.IMPLEMENTED)")
