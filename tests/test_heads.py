@@ -83,14 +83,22 @@ def _claimed(k: int) -> list[object]:
     return list(dict.fromkeys(out))
 
 
+def _claimed_cases() -> list[object]:
+    """(shape, cell) for every shape and each variant the fused kernel claims with its heads, ids
+    naming both (``-k layernorm`` selects a variant's cases)."""
+    out = []
+    for shape, (*_, k) in SHAPES.items():
+        cells = _claimed(k) if shape != "big_k8" else [resolve("heads=8"), resolve("heads=8+layernorm")]
+        out += [pytest.param(shape, spec, id=f"{shape}-{spec.name}") for spec in cells]
+    return out
+
+
 @pytest.mark.parametrize("dtype", test_kernels.DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-def test_fused_kernel_every_claimed_variant(shape, dtype):
-    *dims, k = SHAPES[shape]
-    cells = _claimed(k) if shape != "big_k8" else [resolve("heads=8"), resolve("heads=8+layernorm")]
-    for spec in cells:
-        test_kernels.compare("cpu_fused", lambda I, H, L, bd, P, spec=spec: lstmkit.LSTM(
-            I, H, L, bidirectional=bd, proj_size=P, cell=spec), tuple(dims), dtype)
+@pytest.mark.parametrize("shape,spec", _claimed_cases())
+def test_fused_kernel_every_claimed_variant(shape, spec, dtype):
+    *dims, _ = SHAPES[shape]
+    test_kernels.compare("cpu_fused", lambda I, H, L, bd, P: lstmkit.LSTM(
+        I, H, L, bidirectional=bd, proj_size=P, cell=spec), tuple(dims), dtype)
 
 
 @pytest.mark.parametrize("dtype", test_kernels.DTYPES, ids=["f32", "f64"])

@@ -53,6 +53,12 @@ def _variants(kernel_name, rnn=False):
     return out
 
 
+def _kernel_variants(kernel_names):
+    """(kernel row, cell) for every variant each row claims, as parameters whose ids name both
+    (``-k peephole`` selects a variant's cases)."""
+    return [pytest.param(name, p.values[0], id=f"{name}-{p.id}") for name in kernel_names for p in _variants(name)]
+
+
 def _run(layer, x, h0, c0, lengths):
     inp = x if lengths is None else pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
     out, st = layer(inp, (h0, c0) if c0 is not None else h0)
@@ -121,14 +127,12 @@ def test_kernel_vanilla_shapes(kernel_name, shape, dtype):
             shape, dtype)
 
 
-@pytest.mark.parametrize("kernel_name", FAST)
+@pytest.mark.parametrize("kernel_name,cell", _kernel_variants(FAST))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shape", ["odd", "lengths", "stacked_bidir", "projection", "one_step"])
-def test_kernel_every_claimed_variant(kernel_name, dtype, shape, request):
-    for param in _variants(kernel_name):
-        cell = param.values[0]
-        compare(kernel_name, lambda I, H, L, bd, P, cell=cell: lstmkit.LSTM(
-            I, H, L, bidirectional=bd, proj_size=P, cell=cell), SHAPES[shape], dtype)
+def test_kernel_every_claimed_variant(kernel_name, cell, dtype, shape):
+    compare(kernel_name, lambda I, H, L, bd, P: lstmkit.LSTM(I, H, L, bidirectional=bd, proj_size=P, cell=cell),
+            SHAPES[shape], dtype)
 
 
 @pytest.mark.parametrize("kernel_name", FAST)
@@ -598,10 +602,10 @@ INFERENCE_SHAPES = {  # (T, B, I, H, proj, layers, bidirectional, lengths): B >=
 }
 
 
-@pytest.mark.parametrize("kernel_name", FUSED)
+@pytest.mark.parametrize("kernel_name,cell", _kernel_variants(FUSED))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
 @pytest.mark.parametrize("shape", list(INFERENCE_SHAPES), ids=list(INFERENCE_SHAPES))
-def test_inference_every_claimed_variant(kernel_name, dtype, shape, forward_infer_calls):
+def test_inference_every_claimed_variant(kernel_name, cell, dtype, shape, forward_infer_calls):
     """Without gradients (the input projection inside the compiled loop, forward_infer) every variant
     matches the float64 reference: outputs and final states, lengths, stacked, bidirectional,
     projection; the in-loop path is checked to have run."""
@@ -610,30 +614,28 @@ def test_inference_every_claimed_variant(kernel_name, dtype, shape, forward_infe
     T, B, I, H, P, L, bidir, lengths = INFERENCE_SHAPES[shape]
     calls = forward_infer_calls
     tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 4e-2}[dtype]
-    for param in _variants(kernel_name):
-        cell = param.values[0]
-        torch.manual_seed(0)
-        ref = lstmkit.LSTM(I, H, L, bidirectional=bidir, proj_size=P, cell=cell, backend="reference").double().eval()
-        with torch.no_grad():
-            for name, p in ref.named_parameters():
-                if not name.startswith("ln_"):
-                    p.uniform_(-0.5, 0.5)
-        layer = lstmkit.LSTM(I, H, L, bidirectional=bidir, proj_size=P, cell=cell, backend=kernel_name)
-        layer = layer.to(dtype).eval()
-        layer.load_state_dict(ref.state_dict())
-        ref.load_state_dict(layer.state_dict())  # the same (rounded) weights on both sides
-        D = 2 if bidir else 1
-        x, h0, c0 = (torch.randn(s, dtype=torch.float64).to(dtype).double()
-                     for s in ((T, B, I), (L * D, B, P or H), (L * D, B, H)))
-        kw = {} if lengths is None else {"lengths": lengths}
-        before = len(calls)
-        with torch.no_grad():
-            want = ref(x, (h0, c0), **kw)
-            got = layer(x.to(dtype), (h0.to(dtype), c0.to(dtype)), **kw)
-        assert len(calls) - before == L * D, f"{cell}: the in-loop inference path did not run"
-        for a, b, what in ((got[0], want[0], "output"), (got[1][0], want[1][0], "h_n"), (got[1][1], want[1][1], "c_n")):
-            err = (a.double() - b).abs().max().item()
-            assert err <= tol * max(b.abs().max().item(), 1.0), f"{cell}: {what} error {err:.3g}"
+    torch.manual_seed(0)
+    ref = lstmkit.LSTM(I, H, L, bidirectional=bidir, proj_size=P, cell=cell, backend="reference").double().eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if not name.startswith("ln_"):
+                p.uniform_(-0.5, 0.5)
+    layer = lstmkit.LSTM(I, H, L, bidirectional=bidir, proj_size=P, cell=cell, backend=kernel_name)
+    layer = layer.to(dtype).eval()
+    layer.load_state_dict(ref.state_dict())
+    ref.load_state_dict(layer.state_dict())  # the same (rounded) weights on both sides
+    D = 2 if bidir else 1
+    x, h0, c0 = (torch.randn(s, dtype=torch.float64).to(dtype).double()
+                 for s in ((T, B, I), (L * D, B, P or H), (L * D, B, H)))
+    kw = {} if lengths is None else {"lengths": lengths}
+    before = len(calls)
+    with torch.no_grad():
+        want = ref(x, (h0, c0), **kw)
+        got = layer(x.to(dtype), (h0.to(dtype), c0.to(dtype)), **kw)
+    assert len(calls) - before == L * D, f"{cell}: the in-loop inference path did not run"
+    for a, b, what in ((got[0], want[0], "output"), (got[1][0], want[1][0], "h_n"), (got[1][1], want[1][1], "c_n")):
+        err = (a.double() - b).abs().max().item()
+        assert err <= tol * max(b.abs().max().item(), 1.0), f"{cell}: {what} error {err:.3g}"
     assert fused.in_loop_projection(torch.empty(T, B, I), torch.empty(4 * H, I))
 
 
