@@ -106,6 +106,26 @@ def test_a_flag_the_cell_step_does_not_claim_is_refused():
         ops.recurrence_op(*args, 1 << len(abi.FLAGS), mlp, *abi.scalars(layer.spec), 5, 0, False)
 
 
+def test_a_batch_beyond_an_int_of_rows_is_refused():
+    """A step's products take its rows as an int (BLAS's and the micro-kernel's M): a batch of 2^31
+    rows is refused by name, forward and backward, before anything is allocated, where the row count
+    wrapped to a negative one (expanded tensors: nothing of that size exists here)."""
+    layer = make("vanilla")
+    p = layer.layer_params(0, 0)
+    plist, mlp = fused.operator_params(p, layer.spec, torch.empty(0))
+    plist = [t.detach() for t in plist]
+    B, R, w_hh = 2**31, p["weight_hh"].shape[0], p["weight_hh"].detach()
+    state = torch.zeros(1, 5).expand(B, 5)
+    meta = (abi.flags(layer.spec), mlp, *abi.scalars(layer.spec), 5, 0)
+    lengths = torch.empty(0, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="a batch of 2147483648 rows"):
+        ops.recurrence_op(torch.zeros(1, 1, R).expand(1, B, R), w_hh, state, state, lengths, *plist, *meta, False)
+    y = torch.zeros(1, 1, 5).expand(1, B, 5)
+    with pytest.raises(RuntimeError, match="a batch of 2147483648 rows"):
+        ops.recurrence_backward_op(y, torch.empty(0), torch.empty(0), y, state, state, w_hh, lengths, *plist,
+                                   *[torch.empty(0)] * len(abi.BUFFERS), *meta)
+
+
 @pytest.mark.parametrize("gate_hidden", [(3,), {"f": (4, 2)}, {"i": (2,), "o": (5, 3, 2)}])
 @pytest.mark.parametrize("bias", [False, True])
 def test_compiled_mlp_decoder_equals_abi_module(gate_hidden, bias):

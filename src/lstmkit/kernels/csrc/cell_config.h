@@ -350,6 +350,9 @@ inline ParamUse param_use(const Cfg& cf, int k, int64_t T, int64_t B) {
 // kernel; this is the operator's own contract, for every road into it.)
 inline void check_params(const Cfg& cf, const at::Tensor& whh, const std::vector<at::Tensor>& params, int64_t T,
                          int64_t B) {
+  // the per-step products take a step's rows as BLAS's and the micro-kernel's int (GemmTask::M)
+  TORCH_CHECK(B <= std::numeric_limits<int>::max(), "lstmkit::recurrence: a batch of ", B,
+              " rows; the fused CPU kernel takes at most 2^31 - 1 (backend=\"reference\" takes more)");
   TORCH_CHECK(whh.dim() == 2 && whh.size(0) == cf.R, "lstmkit::recurrence: w_hh must be (R = ", cf.R,
               ", H_out / heads), got ", whh.sizes());
   for (int k = 0; k < N_PARAMS; ++k) {
