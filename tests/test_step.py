@@ -289,6 +289,34 @@ def test_prepared_step_sees_deep_gates_updated_in_place():
         (h.sum() + c.sum()).backward()
 
 
+def test_a_full_store_of_prepared_signatures_gives_up_the_least_recently_run(monkeypatch):
+    """A loop's every-call signature stays prepared while more than KEPT_SIGNATURES others pass
+    (batch sizes 1, 2, ... between its calls): a full store gives up the one run least recently,
+    where it used to forget every signature at once, the loop's own with them."""
+    from lstmkit.kernels.fused import KEPT_SIGNATURES
+
+    torch.manual_seed(0)
+    cell = lstmkit.LSTMCell(I, H).eval()
+    selected = []
+    real_select = kernels.select
+    monkeypatch.setattr(kernels, "select", lambda *a, **k: selected.append(a) or real_select(*a, **k))
+    hot = torch.randn(B, I)
+    with torch.no_grad():
+        cell(hot)
+        cell(hot)  # prepared
+        for n in range(1, 2 * KEPT_SIGNATURES + 1):
+            cell(torch.randn(B + n, I))  # a new signature each: chosen by the general path
+            before = len(selected)
+            cell(hot)
+            assert len(selected) == before, f"the loop's own signature was forgotten after {n} others"
+    assert len(cell._prepared._kept) == KEPT_SIGNATURES
+    with torch.no_grad():  # the most recent passing ones are kept, the oldest were given up
+        before = len(selected)
+        cell(torch.randn(B + 2 * KEPT_SIGNATURES, I))
+        cell(torch.randn(B + 1, I))
+    assert len(selected) == before + 1
+
+
 def test_prepared_modules_copy_and_pickle():
     """A prepared step is a cache: a deep copy or a saved and loaded module (after prepared
     steps) starts without it and steps like the original, on its own parameters."""

@@ -351,6 +351,10 @@ class PreparedStep:
         # step with hx=None, then its others): a dict replaced whole on every change, so a call never
         # sees a half-made entry
         self._kept: dict[tuple, _Kept] = {}
+        # when each kept signature was last run (a tick of _tick): a full store gives up the least
+        # recently run one, so a loop's every-call signature outlives a few passing ones
+        self._used: dict[tuple, int] = {}
+        self._tick = 0
         # bumped by clear(): a call captures it at its start (in its signature's version), and a
         # remember() of a call that began before a clear (another thread set the module's backend
         # meanwhile) keeps nothing; the lock orders clear()'s bump against remember()'s store
@@ -398,8 +402,9 @@ class PreparedStep:
         # only signatures of these very parameters stay: one kept for others (replaced since, or
         # torch.func.functional_call's for one call) is never run again, and would hold its tensors
         kept = {k: v for k, v in self._kept.items() if v.holds(parameters)}
-        if len(kept) >= KEPT_SIGNATURES:
-            kept = {}
+        used = self._used
+        while len(kept) >= KEPT_SIGNATURES:
+            del kept[min(kept, key=lambda k: used.get(k, -1))]
         sibling = next(iter(kept.values()), None)  # a frozen layer packs its weights once for every signature
         # weights in shared memory (share_memory(), or received from another process) are not packed:
         # another process's in-place writes never reach this process's version counters, so packed
@@ -422,6 +427,8 @@ class PreparedStep:
             if generation != self.generation:
                 return
             self._ext = ext
+            self._tick += 1
+            self._used = {**{k: used[k] for k in kept if k in used}, key: self._tick}
             self._kept = {**kept, key: _Kept(tuple(parameters), tuple(parameters.values()), prepared)}
 
     def clear(self) -> None:
@@ -429,18 +436,20 @@ class PreparedStep:
         call under way: none of them keeps what it ran (see :attr:`generation`)."""
         with self._lock:
             self.generation += 1
-            self._kept = {}
+            self._kept, self._used = {}, {}
 
     def __getstate__(self) -> dict[str, Any]:
         """A cache: a copy or a pickle starts empty (its module's parameters are other tensors,
         and the loaded extension is no picklable value); each signature is prepared again."""
-        state = {**self.__dict__, "_kept": {}, "_ext": None}
+        state = {**self.__dict__, "_kept": {}, "_used": {}, "_ext": None}
         del state["_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("generation", 0)  # (pickled before there was one)
+        self.__dict__.setdefault("_used", {})
+        self.__dict__.setdefault("_tick", 0)
         self._lock = threading.Lock()
 
     def run(self, x: Tensor, hx: Any, parameters: dict[str, Tensor], training: bool, version: tuple[int, int],
@@ -456,11 +465,14 @@ class PreparedStep:
         if not self._kept or torch.autograd.forward_ad._current_level >= 0:
             return None  # (a forward_ad dual level: the general path picks a row that carries it)
         try:
-            kept = self._kept.get(self.signature(x, hx, training, version, grad))
+            key = self.signature(x, hx, training, version, grad)
+            kept = self._kept.get(key)
         except (AttributeError, TypeError, RuntimeError):
             return None  # arguments that are not tensors (or nested ones, without sizes): the general path names them
         if kept is None:
             return None
+        self._tick += 1  # (threads may share a tick or lose one: an order of use, not a count)
+        self._used[key] = self._tick
         layers = kept.layers
         if torch.compiler.is_compiling():  # compile and export (the tensors' types are in the signature)
             return None
