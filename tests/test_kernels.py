@@ -135,6 +135,59 @@ def test_kernel_every_claimed_variant(kernel_name, cell, dtype, shape):
             SHAPES[shape], dtype)
 
 
+def _weighted_sum(outs) -> torch.Tensor:
+    """A loss that weighs every element of ``outs`` differently (linspace(-1, 1) over each)."""
+    return sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).sum() for o in outs)
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "peephole+layernorm", "deep=3+zoneout=0.2/0.1", "slstm+heads=2"])
+def test_negative_views_read_as_their_values(cell):
+    """A tensor with torch's lazy negation bit (``x.conj().imag``, ``_neg_view()``) is its memory
+    negated: the fused kernel, which reads memory, takes its values as the reference does — the
+    input, the states, lengths and a parameter, forward and every gradient, with and without
+    gradients, and the prepared calls that follow (the fused kernel read the memory: outputs off by
+    0.49, the sweep's measurement)."""
+    torch.manual_seed(0)
+    fused_layer = lstmkit.LSTM(3, 4, cell=cell).double()
+    ref = lstmkit.LSTM(3, 4, cell=cell, backend="reference").double()
+    ref.load_state_dict(fused_layer.state_dict())
+    S = len(fused_layer(torch.randn(2, 1, 3, dtype=torch.float64))[1]) - 1  # the cell states
+    x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
+    states = [torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(1 + S)]
+    lengths = torch.tensor([-5, -2, -4])._neg_view()
+    assert lengths.is_neg() and x._neg_view().is_neg()
+
+    def run(layer, **kw):
+        name = "weight_hh_l0"
+        params = {**dict(layer.named_parameters()), name: (-getattr(layer, name).detach())._neg_view()}
+        hx = tuple(s._neg_view() for s in states)
+        out = torch.func.functional_call(layer, params, (x._neg_view(), hx), kw)
+        return out[0], *out[1]
+
+    for kw in ({}, {"lengths": lengths}):
+        for _ in range(2):  # the second call: prepared where the first ran the fused kernel
+            want, got = run(ref, **kw), run(fused_layer, **kw)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+            ga = torch.autograd.grad(_weighted_sum(got), [x, *states])
+            gb = torch.autograd.grad(_weighted_sum(want), [x, *states])
+            for a, b in zip(ga, gb):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            for _ in range(2):
+                for a, b in zip(run(fused_layer, **kw), run(ref, **kw)):
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    cell_ = lstmkit.LSTMCell(3, 4).double()
+    ref_cell = lstmkit.LSTMCell(3, 4, backend="reference").double()
+    ref_cell.load_state_dict(cell_.state_dict())
+    xs, hs, cs = (torch.randn(3, n, dtype=torch.float64) for n in (3, 4, 4))
+    with torch.no_grad():
+        for _ in range(2):
+            for a, b in zip(cell_(xs._neg_view(), (hs._neg_view(), cs._neg_view())),
+                            ref_cell(xs._neg_view(), (hs._neg_view(), cs._neg_view()))):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("kernel_name", FAST)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])

@@ -48,6 +48,7 @@ from lstmkit import kernels, variants
 from lstmkit.kernels import abi
 from lstmkit.kernels.triton_impl import PATH_ENV, PATHS
 from lstmkit.spec import resolve
+from test_kernels import _weighted_sum
 from test_oracle import oracle_variant
 from variants import HEADS_VARIANTS, LSTM_VARIANTS, RNN_VARIANTS
 
@@ -313,6 +314,34 @@ def test_the_operator_reads_strided_int32_lengths_by_their_values():
                          impl=TritonImpl())[0]
           for n in (torch.tensor([3, 1, 2]), torch.tensor([3, 9, 1, 9, 2, 9], dtype=torch.int32)[::2])]
     torch.testing.assert_close(ys[1], ys[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "deep=3+peephole", "slstm"])
+def test_negative_views_read_as_their_values(cell):
+    """Tensors with torch's lazy negation bit (``x.conj().imag``, ``_neg_view()``) reach the kernels
+    as their values, not their memory: the input, the states, lengths and a parameter, forward and
+    gradients, against the reference (the operator resolves the bit: TritonImpl reads memory)."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, cell=cell, backend="triton").double().to(DEVICE)
+    ref = lstmkit.LSTM(3, 4, cell=cell, backend="reference").double().to(DEVICE)
+    ref.load_state_dict(layer.state_dict())
+    S = 3 if resolve(cell).slstm else 1
+    x = torch.randn(4, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    states = [torch.randn(1, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True) for _ in range(1 + S)]
+    lengths = torch.tensor([-4, -1, -3])._neg_view()
+
+    def run(module):
+        params = {**dict(module.named_parameters()), "weight_hh_l0": (-module.weight_hh_l0.detach())._neg_view()}
+        out = torch.func.functional_call(module, params, (x._neg_view(), tuple(s._neg_view() for s in states)),
+                                         {"lengths": lengths})
+        return out[0], *out[1]
+
+    got, want = run(layer), run(ref)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    wrt = [x, *states]
+    for a, b in zip(torch.autograd.grad(_weighted_sum(got), wrt), torch.autograd.grad(_weighted_sum(want), wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(("cell", "path_name"), _by_turns(COMBOS, COMBOS))

@@ -193,6 +193,12 @@ def projection_sizes(v: Variant, H: int, P: int) -> tuple[int, int]:
     return P, (P if P > 0 else H)
 
 
+def _plain(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The operator's arguments with torch's lazy negation bit resolved: a negative view (e.g.
+    ``x.conj().imag``) is its memory negated, and the kernels read memory."""
+    return tuple(a.resolve_neg() if isinstance(a, Tensor) and a.is_neg() else a for a in args)
+
+
 def _check_rows(T: int, B: int) -> None:
     """The kernels index a step's rows as ``t·B + b`` in 32-bit arithmetic (widened after; in 64
     bits the persistent kernels took up to 25 more registers and spilled): refuse T·B ≥ 2**31."""
@@ -309,6 +315,7 @@ class TritonImpl:
 
     def _forward(self, xg: Tensor, w_hh: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor,
                  *rest: Any) -> tuple[Tensor, ...]:
+        xg, w_hh, h0, c0, lengths, *rest = _plain((xg, w_hh, h0, c0, lengths, *rest))
         params, (flags, mlp, *scalars, H, P, save) = list(rest[:NP]), rest[NP:]
         named = _named_scalars(scalars)
         v = _claimed(flags)
@@ -395,6 +402,7 @@ class TritonImpl:
 
     def _backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, y: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
                   lengths: Tensor, *rest: Any) -> tuple[Tensor, ...]:
+        dy, dh_n, dc_n, y, h0, c0, w_hh, lengths, *rest = _plain((dy, dh_n, dc_n, y, h0, c0, w_hh, lengths, *rest))
         params, buffers = list(rest[:NP]), list(rest[NP:NP + NB])
         flags, mlp, *scalars, H, P = rest[NP + NB:]
         named = _named_scalars(scalars)

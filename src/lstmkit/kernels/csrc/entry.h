@@ -23,7 +23,7 @@ inline std::vector<int64_t> lengths_vec(const at::Tensor& lengths, int64_t B, in
   std::vector<int64_t> len(B, Tn);
   if (lengths.defined() && lengths.numel() > 0) {
     TORCH_CHECK(lengths.numel() == B, "lstmkit recurrence: lengths must have B entries");
-    auto l = lengths.to(at::kLong).contiguous();
+    auto l = lengths.resolve_neg().to(at::kLong).contiguous();  // (a negative view: its values, not its memory)
     const int64_t* lp = l.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) len[b] = std::max<int64_t>(0, std::min<int64_t>(lp[b], Tn));
   }
@@ -38,8 +38,13 @@ inline at::ScalarType compute_type(at::ScalarType t) {
 // An absent parameter's placeholder, an empty 1-D tensor, is left as it is; a state, input or
 // output without rows (B = 0: (0, H), (T, 0, I)) is converted as any other.
 inline bool placeholder(const at::Tensor& t) { return t.numel() == 0 && t.dim() <= 1; }
+// A tensor as the kernels read it: in the compute dtype, and without torch's lazy negation bit (a
+// negative view, e.g. x.conj().imag or _neg_view(), is its memory negated: read raw, its values
+// would come out with the opposite sign).
 inline at::Tensor to_compute(const at::Tensor& t, at::ScalarType ct) {
-  return (t.defined() && !placeholder(t) && t.is_floating_point() && t.scalar_type() != ct) ? t.to(ct) : t;
+  if (!t.defined() || placeholder(t) || !t.is_floating_point()) return t;
+  const at::Tensor plain = t.is_neg() ? t.resolve_neg() : t;
+  return plain.scalar_type() != ct ? plain.to(ct) : plain;
 }
 inline at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dt) {
   return (t.defined() && !placeholder(t) && t.scalar_type() != dt) ? t.to(dt) : t;
@@ -152,7 +157,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> f
                                                                               : at::Tensor();
   // with the projection in the loop, or a 16-bit xg (widened row by row in the loop: xg_low), xg is
   // an empty (T, B, 0) tensor carrying the sizes and options
-  const at::Tensor xg_low = !in_loop && ct != io ? xg_in.contiguous() : at::Tensor();
+  const at::Tensor xg_low = !in_loop && ct != io ? xg_in.resolve_neg().contiguous() : at::Tensor();
   const at::Tensor xg = in_loop ? at::empty({x.size(0), x.size(1), 0}, x.options())
                         : xg_low.defined() ? at::empty({xg_in.size(0), xg_in.size(1), 0}, xg_in.options().dtype(ct))
                                            : to_compute(xg_in, ct).contiguous();
