@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.utils.prune as prune
 
 import lstmkit
 from lstmkit.convert import from_haste, from_tf1, from_torch, to_haste, to_tf1, to_torch
@@ -43,6 +45,43 @@ def test_from_torch_reads_parametrized_weights():
     torch.nn.utils.parametrizations.weight_norm(ref, "weight_hh_l0")
     x = torch.randn(5, 2, 3, dtype=torch.float64)
     torch.testing.assert_close(from_torch(ref)(x)[0], ref(x)[0], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "prune"])
+def test_a_parametrized_or_pruned_layer_converts_and_writes_its_computed_weights(how, tmp_path):
+    """A layer whose weight is parametrized (``weight_norm``) or pruned: ``to_torch`` and the weights
+    files take each weight as the layer computes with it — to_torch raised torch's raw state-dict
+    key error, and write_layer wrote files of the parametrization's keys that read_layer refused."""
+    from lstmkit.convert.files import read_layer, write_layer
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for layer in (lstmkit.LSTM(3, 4, num_layers=2).double(), lstmkit.LSTM(3, 4, cell="peephole").double()):
+        if how == "weight_norm":
+            torch.nn.utils.parametrizations.weight_norm(layer, "weight_hh_l0")
+        else:
+            prune.l1_unstructured(layer, "weight_hh_l0", amount=0.5)
+        want = layer(x)[0]
+        if layer.spec.is_vanilla:
+            torch.testing.assert_close(to_torch(layer)(x)[0], want, rtol=1e-10, atol=1e-10)
+        for name in ("a.safetensors", "a.pt"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a .pt of a variant: read back with cell=
+                write_layer(layer, tmp_path / name, overwrite=True)
+                back = read_layer(tmp_path / name, cell=layer.spec.name if name.endswith(".pt") else None)
+            torch.testing.assert_close(back.double()(x)[0], want, rtol=1e-10, atol=1e-10)
+
+
+def test_converters_refuse_what_is_not_a_layer_naming_the_argument():
+    """``to_torch(None)`` / an LSTMCell raised AttributeError from the attributes read before the
+    type check; ``read_layer(None)`` pathlib's TypeError, which named no argument."""
+    from lstmkit.convert.files import read_layer
+
+    for bad in (None, lstmkit.LSTMCell(3, 4)):
+        with pytest.raises(TypeError, match="layer: expected an lstmkit LSTM or RNN"):
+            to_torch(bad)
+    with pytest.raises(TypeError, match="SRC: expected a file name"):
+        read_layer(None)
 
 
 def test_torch_rnn_round_trip_and_refusals():

@@ -85,10 +85,13 @@ def check_writable(path: str | os.PathLike[str], *, overwrite: bool = False, wha
         exists_error: the FileExistsError message (default: "WHAT: PATH exists; nothing was overwritten").
 
     Raises:
+        TypeError: ``path`` is not a str or an os.PathLike.
         ValueError: wrong extension, no such directory, a directory at ``path``.
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         WriteError: the directory cannot be written (read-only, permissions).
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what}: expected a file name (str or os.PathLike), got {type(path).__name__}")
     p = Path(path)
     if suffix is not None and not p.name.lower().endswith(suffix):
         raise ValueError(f"{what}: expected a file name ending in {suffix}, got {str(p)!r}")

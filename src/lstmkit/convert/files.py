@@ -52,6 +52,7 @@ from lstmkit.convert.layer_config import (
     first_line,
     layer_config,
     layer_from_config,
+    layer_weights,
 )
 from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import CellSpec, resolve
@@ -383,6 +384,8 @@ def read_layer(src: str | os.PathLike[str], *, cell: str | None = None, batch_fi
         ValueError: missing, unreadable, corrupt or foreign file (the message says which).
     """
     check_optional_bool("batch_first", batch_first)
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"SRC: expected a file name (str or os.PathLike), got {type(src).__name__}")
     p = Path(src)
     fmt = file_format(p, "SRC")
     if not p.is_file():
@@ -425,7 +428,7 @@ def _check_carries(layer: Layer, fmt: str, method: str = "auto") -> None:
 def _serialize(layer: Layer, fmt: str, onnx_options: dict[str, Any]) -> bytes:
     """The file's bytes, made in memory (so a full disk can only fail the final write,
     which :mod:`lstmkit._atomic` handles, and never a library's own file handling)."""
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in layer.state_dict().items()}
+    state = {k: v.cpu().contiguous().clone() for k, v in layer_weights(layer).items()}
     if fmt == "torch":
         buf = io.BytesIO()
         torch.save(state, buf)

@@ -45,7 +45,7 @@ assert ORDERS["keras"] == ORDERS["lstmkit"]  # same gate order: only transposes 
 
 def _keras() -> Any:
     os.environ.setdefault("KERAS_BACKEND", "torch")
-    require("the Keras converters", "keras")
+    require("lstmkit.convert.keras", "keras")
     import keras
 
     return keras

@@ -12,7 +12,8 @@ import torch
 from lstmkit.nn import LSTM, RNN
 from lstmkit.spec import CellSpec, resolve
 
-__all__ = ["Layer", "layer_config", "layer_from_config", "check_shapes", "describe_layer", "first_line"]
+__all__ = ["Layer", "layer_config", "layer_weights", "layer_from_config", "check_shapes", "describe_layer",
+           "first_line"]
 
 Layer = LSTM | RNN
 
@@ -31,6 +32,15 @@ def layer_config(layer: Layer) -> dict[str, Any]:
             "hidden_size": layer.hidden_size, "num_layers": layer.num_layers, "bias": layer.bias,
             "batch_first": layer.batch_first, "bidirectional": layer.bidirectional, "proj_size": layer.proj_size,
             "dropout": layer.dropout, "cell": layer.spec.name, "cell_spec": spec}
+
+
+def layer_weights(layer: Layer) -> dict[str, torch.Tensor]:
+    """Every parameter of ``layer`` by its state-dict name (``weight_ih_l0``, ...) as the layer computes
+    with it, detached: a parametrized one (``torch.nn.utils.parametrizations.weight_norm``,
+    ``register_parametrization``) computed from its parametrization, a hook-computed one (``prune``,
+    the hook-based ``weight_norm``) as its hook last set it — where ``state_dict()`` holds the
+    parametrization's or the pruning's own tensors under other names, which no format reads back."""
+    return {name: getattr(layer, name).detach() for name in layer._flat_weights_names}
 
 
 def layer_from_config(cfg: dict[str, Any], dtype: torch.dtype, where: str,

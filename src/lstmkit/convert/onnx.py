@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lstmkit._atomic import check_writable, write_bytes
 from lstmkit._validate import check_bool, check_optional_bool
 from lstmkit.convert import onnx_trace
 from lstmkit.convert.onnx_import import METADATA_KEY, from_onnx, onnx_module
@@ -190,18 +191,29 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
         optional ones above; outputs ``Y`` [T, B, D·H_out], ``Y_h`` [L·D, B, H_out] and (LSTM)
         ``Y_c`` [L·D, B, H] (the sLSTM: ``Y_c``, ``Y_n``, ``Y_m``).
 
+    Each weight is read as the layer computes with it: a parametrized one (``weight_norm``,
+    ``register_parametrization``) computed from its parametrization; one that a forward pre-hook
+    sets (``torch.nn.utils.prune``, the hook-based ``weight_norm``) as that hook last set it, i.e. as
+    of the layer's last call — call the layer once after changing the tensors such a hook reads.
+
     Raises:
         ValueError: ``method="operator"`` and a variant the operator cannot carry (the
-            message says which and why); an unsupported opset, dtype or method.
-        TypeError: ``model`` is not an lstmkit LSTM or RNN.
+            message says which and why); an unsupported opset, dtype or method; a layer on the
+            meta device; ``path`` in a directory that does not exist.
+        TypeError: ``model`` is not an lstmkit LSTM or RNN; ``path`` is not a file name.
     """
     check_optional_bool("batch_first", batch_first)
     check_bool("initial_states", initial_states)
     check_bool("sequence_lens", sequence_lens)
+    reason = operator_refusal(model)
+    if path is not None:
+        check_writable(path, overwrite=True, what="path")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("model: its parameters are on the meta device and hold no values; give it weights first "
+                         "(model.to_empty(device='cpu'), then load_state_dict)")
     onnx = _onnx()
     from onnx import TensorProto, helper
 
-    reason = operator_refusal(model)
     if method not in ("auto", "operator", "scan"):
         raise ValueError(f"method: expected 'auto', 'operator' or 'scan', got {method!r}")
     if method == "operator" and reason is not None:
@@ -258,15 +270,13 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
     opsets = [helper.make_opsetid("", opset)]
     proto = helper.make_model(graph, opset_imports=opsets, producer_name="lstmkit",
                               ir_version=helper.find_min_ir_version_for(opsets))
-    from lstmkit._atomic import check_writable, write_bytes
     from lstmkit.convert.layer_config import layer_config
 
     config = {**layer_config(model), "batch_first": batch_first, "onnx_method": "scan" if use_scan else "operator"}
     helper.set_model_props(proto, {METADATA_KEY: json.dumps(config)})
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
-        check_writable(path, overwrite=True, what="DST")
-        write_bytes(path, proto.SerializeToString(), what="DST")
+        write_bytes(path, proto.SerializeToString(), what="path")
     return proto
 
 

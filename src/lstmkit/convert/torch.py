@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lstmkit.convert.layer_config import layer_weights
 from lstmkit.nn import LSTM, RNN
 
 __all__ = ["from_torch", "to_torch"]
@@ -39,9 +40,12 @@ def to_torch(layer: LSTM | RNN) -> nn.LSTM | nn.RNN:
     """The ``torch.nn`` layer computing exactly what ``layer`` computes (weights copied).
 
     Raises:
+        TypeError: ``layer`` is not an lstmkit ``LSTM`` or ``RNN``.
         ValueError: the variant has no ``torch.nn`` equivalent (only vanilla LSTMs — with
             any initial forget bias, with or without a projection — and plain RNNs do).
     """
+    if not isinstance(layer, (LSTM, RNN)):
+        raise TypeError(f"layer: expected an lstmkit LSTM or RNN, got {type(layer).__name__}")
     flags = dict(num_layers=layer.num_layers, bias=layer.bias, batch_first=layer.batch_first,
                  dropout=layer.dropout, bidirectional=layer.bidirectional,
                  device=layer.weight_ih_l0.device, dtype=layer.weight_ih_l0.dtype)
@@ -56,8 +60,7 @@ def to_torch(layer: LSTM | RNN) -> nn.LSTM | nn.RNN:
             raise ValueError(f"layer: torch.nn.LSTM computes only the vanilla cell; this layer is "
                              f"{layer.spec.name!r}, which it cannot carry")
         out = nn.LSTM(layer.input_size, layer.hidden_size, proj_size=layer.proj_size, **flags)
-    else:
-        raise TypeError(f"layer: expected an lstmkit LSTM or RNN, got {type(layer).__name__}")
-    out.load_state_dict(layer.state_dict())
+    # each weight as the layer computes with it (a parametrized or pruned one: its value), as from_torch copies
+    out.load_state_dict(layer_weights(layer))
     out.train(layer.training)
     return out
