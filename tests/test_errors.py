@@ -238,6 +238,10 @@ def test_gate_hidden_widths_must_be_ints():
         with pytest.raises(ValueError, match=r"gate_hidden\['f'\]: expected positive integer widths"):
             lstmkit.CellSpec(gate_hidden={"f": bad})
     assert lstmkit.CellSpec(gate_hidden={"f": 16}).gate_hidden == (("f", (16,)),)
+    import numpy as np  # an array's == () compared elementwise: NumPy's "truth value ... is ambiguous"
+    for bad in (np.array([16]), np.array([])):
+        with pytest.raises(TypeError, match=r"gate_hidden: expected a tuple of hidden widths"):
+            lstmkit.CellSpec(gate_hidden=bad)
 
 
 def test_lstmcell_checks_nan_and_inf_like_lstm():
@@ -445,6 +449,12 @@ def test_initial_values_the_dtype_cannot_hold_and_storage_only_dtypes():
         lstmkit.LSTM(I, H, dtype=torch.float8_e4m3fn)
     layer = lstmkit.LSTM(I, H, cell="chrono=1e30", dtype=torch.float16)  # drawn in float32: log(U) fits
     assert torch.isfinite(layer.bias_ih_l0).all()
+    # a cell clip that rounds to 0 in the dtype clipped every state to 0: every output 0, silently
+    with pytest.raises(ValueError, match=r"clip=1e-300 rounds to 0 in torch.float32"):
+        lstmkit.LSTM(I, H, cell="clip=1e-300")
+    with pytest.raises(ValueError, match=r"clip=1e-10 rounds to 0 in torch.float16"):
+        lstmkit.LSTMCell(I, H, cell="clip=1e-10", dtype=torch.float16)
+    lstmkit.LSTM(I, H, cell="clip=1e-40")  # a subnormal float32: held, not refused
 
 
 def test_lengths_as_numpy_and_out_of_range_ints():

@@ -125,9 +125,13 @@ def check_dtype(dtype: Any) -> None:
 
 def check_init_values(spec: CellSpec, dtype: torch.dtype | None) -> None:
     """Raise ValueError naming an initial gate bias (``fb=``, ``ib=``, ``ob=``) that the layer's
-    dtype cannot hold (``fb=1e5`` in float16 would be inf), or a chrono ``T_max`` beyond the
-    float32 (float64 layer: float64) range its draw takes place in."""
+    dtype cannot hold (``fb=1e5`` in float16 would be inf), a chrono ``T_max`` beyond the
+    float32 (float64 layer: float64) range its draw takes place in, or a cell clip that rounds to
+    0 in the layer's dtype (``clip=1e-10`` in float16: every cell state and output 0)."""
     dtype = dtype if dtype is not None else torch.get_default_dtype()
+    if spec.cell_clip is not None and not torch.tensor(spec.cell_clip, dtype=dtype) > 0:
+        raise ValueError(f"cell: clip={spec.cell_clip:g} rounds to 0 in {dtype}, which would clip every cell "
+                         f"state to 0 (its smallest positive value is {_smallest_positive(dtype):g})")
     limit = torch.finfo(dtype).max
     for gate, value in spec.init_biases.items():
         if not abs(value) <= limit:
@@ -137,6 +141,11 @@ def check_init_values(spec: CellSpec, dtype: torch.dtype | None) -> None:
     if spec.chrono is not None and not spec.chrono <= draw:
         raise ValueError(f"cell: chrono's T_max ({spec.chrono:g}) is beyond the range its draw takes place in "
                          f"(largest {draw:g})")
+
+
+def _smallest_positive(dtype: torch.dtype) -> float:
+    """The smallest positive value of ``dtype`` (subnormal)."""
+    return float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
 
 
 def _physical_memory() -> int | None:

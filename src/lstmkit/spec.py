@@ -66,7 +66,7 @@ def _freeze_gate_hidden(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     Accepts a tuple of widths (every computed gate gets those hidden layers), a mapping
     from gate letter or gate name to widths, or an already frozen tuple of pairs.
     """
-    if value is None or value == () or value == {}:
+    if value is None or (isinstance(value, (tuple, list, Mapping)) and len(value) == 0):
         return ()
     if isinstance(value, Mapping):
         items = list(value.items())
