@@ -181,3 +181,196 @@ def test_gates_by_letter_and_the_errors_of_inspection():
     flow = lstmkit.gradient_flow(layer, torch.randn(4, 2, I), lambda y: y.sum())
     with pytest.raises(ValueError, match="layer"):
         flow.summary(layer=7)
+
+
+@pytest.mark.parametrize("file", ["out.txt", "path", 3, b"out.txt"], ids=["str", "pathlib", "int", "bytes"])
+def test_describe_refuses_a_file_without_write_before_building_the_table(file, monkeypatch, tmp_path):
+    """``file="out.txt"`` built the whole table, then raised AttributeError: 'str' object has no
+    attribute 'write'. ``file`` is a stream (the docstring's IO[str]): anything else is a
+    TypeError naming it, before any work; nothing is written anywhere."""
+    import pathlib
+
+    import lstmkit.inspect as inspect_module
+
+    monkeypatch.chdir(tmp_path)
+    file = pathlib.Path("out.txt") if file == "path" else file
+    built = []
+    monkeypatch.setattr(inspect_module, "_rows_of", lambda layer: built.append(layer) or [])
+    with pytest.raises(TypeError, match=r"^file: expected a text stream with a write method .* got "
+                                        rf"{type(file).__name__}"):
+        lstmkit.describe(lstmkit.LSTM(I, H), file=file)
+    assert built == [] and list(tmp_path.iterdir()) == []
+    if isinstance(file, (str, pathlib.Path)):
+        with pytest.raises(TypeError, match=r"a path\? open it"):
+            lstmkit.describe(lstmkit.LSTM(I, H), file=file)
+
+
+def _state(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
+
+
+def _same_state(layer: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    now = layer.state_dict()
+    return now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
+
+
+BAD_GATE_VALUES = {
+    "float": (1.0, TypeError, r"expected a tensor of shape .*, got float; convert it, e\.g\. torch\.(full|zeros)"),
+    "numpy": ("numpy", TypeError, r"expected a tensor of shape .*, got ndarray; convert it, e\.g\. torch\.from_numpy"),
+    "list": ("list", TypeError, r"expected a tensor of shape"),
+    "meta": ("meta", TypeError, r"expected a dense tensor with values, got a meta tensor"),
+    "sparse": ("sparse", TypeError, r"expected a dense tensor with values, got a sparse_coo tensor"),
+    "complex": ("complex", TypeError, r"expected a floating-point tensor .* got torch\.complex64"),
+    "int": ("int", TypeError, r"expected a floating-point tensor .* got torch\.int64"),
+    "shape": ("shape", ValueError, r"expected shape"),
+    "nan": ("nan", ValueError, r"contains NaN or inf as torch\.float32 \(1 of \d+ values, first at \(0,"),
+    "inf": ("inf", ValueError, r"contains NaN or inf"),
+    "beyond_float32": ("big", ValueError, r"contains NaN or inf as torch\.float32 .*beyond the dtype's range"),
+}
+
+
+def _bad_value(kind, shape):
+    import numpy as np
+
+    if not isinstance(kind, str):
+        return kind
+    good = torch.randn(shape)
+    return {"numpy": lambda: np.zeros(shape, dtype=np.float32), "list": lambda: good.tolist(),
+            "meta": lambda: torch.zeros(shape, device="meta"), "sparse": lambda: good.to_sparse(),
+            "complex": lambda: good.to(torch.complex64), "int": lambda: good.long(),
+            "shape": lambda: torch.zeros(shape[0] + 1, *shape[1:]),
+            "nan": lambda: _one_at_0(good, float("nan")), "inf": lambda: _one_at_0(good, float("inf")),
+            "big": lambda: _one_at_0(good.double(), 1e300)}[kind]()
+
+
+def _one_at_0(t, value):
+    t.view(-1)[0] = value
+    return t
+
+
+@pytest.mark.parametrize("attr", ["W", "b"])
+@pytest.mark.parametrize("case", list(BAD_GATE_VALUES.values()), ids=list(BAD_GATE_VALUES))
+def test_gate_setters_refuse_what_is_not_a_weight_by_name(attr, case):
+    """W = / b = took anything: 1.0 raised AttributeError ('float' has no attribute 'shape'), a
+    NumPy array a raw TypeError, a meta tensor NotImplementedError, a complex tensor was stored
+    without its imaginary part, NaN/inf were written (every later call NaN)."""
+    kind, error, message = case
+    layer = lstmkit.LSTM(I, H)
+    view = layer.gates()["forget"]
+    shape = (H, I + H) if attr == "W" else (H,)
+    before = _state(layer)
+    with pytest.raises(error, match=rf"^{attr}: {message}"):
+        setattr(view, attr, _bad_value(kind, shape))
+    assert _same_state(layer, before)
+
+
+def _plain_copy(layer: torch.nn.Module) -> torch.nn.Module:
+    """A layer without parametrizations holding ``layer``'s effective weights."""
+    plain = lstmkit.LSTM(layer.input_size, layer.hidden_size)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            p.copy_(getattr(layer, name))
+    return plain
+
+
+def test_gate_setters_write_through_parametrizations():
+    """A parametrized parameter (weight_norm, a parametrization with right_inverse) is computed on
+    each read: W = wrote W_x and lost W_h (copied into a throw-away tensor), and b = kept the
+    parametrized bias's old value. Now the whole tensor is assigned, through right_inverse."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Twice(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+        def right_inverse(self, x):
+            return x / 2
+
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(I, H)
+    weight_norm(layer, "weight_hh_l0")
+    parametrize.register_parametrization(layer, "bias_hh_l0", Twice())
+    W, b = torch.randn(H, I + H), torch.randn(H)
+    others = layer.gates()["input"].W
+    view = layer.gates()["forget"]
+    view.W, view.b = W, b
+    for v in (view, layer.gates()["forget"]):  # the same view and a new one read what the layer reads
+        torch.testing.assert_close(v.W, W)
+        torch.testing.assert_close(v.b, b)
+    torch.testing.assert_close(layer.gates()["input"].W, others)  # the other gates' rows as they were
+    torch.testing.assert_close(layer.weight_hh_l0[H:2 * H], W[:, I:])
+    assert torch.equal(layer.bias_hh_l0[H:2 * H], torch.zeros(H))
+    x = torch.randn(5, 2, I)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x)[0], _plain_copy(layer)(x)[0])
+        plain = lstmkit.LSTM(I, H)
+        plain.load_state_dict(_plain_copy(layer).state_dict())
+        plain.gates()["forget"].W, plain.gates()["forget"].b = W, b
+        torch.testing.assert_close(layer(x)[0], plain(x)[0])
+
+    cell = lstmkit.LSTMCell(I, H)  # a cell's parameters carry no suffix
+    weight_norm(cell, "weight_hh")
+    cell.gates()["o"].W = W
+    torch.testing.assert_close(cell.gates()["o"].W, W)
+
+
+def test_gate_setters_refuse_writes_that_would_be_lost_and_leave_the_layer_unchanged():
+    """A weight that pruning or the hook-based weight_norm computes before each call took the
+    write and lost it at the next call; a parametrization without right_inverse, or one that
+    cannot hold the value (weight_norm: a row of zeros reads back NaN), cannot take it."""
+    import warnings
+
+    import torch.nn.utils.prune as prune
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class NoInverse(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    def pruned():
+        layer = lstmkit.LSTM(I, H)
+        prune.l1_unstructured(layer, "weight_hh_l0", amount=0.5)
+        return layer
+
+    def hook_norm():
+        layer = lstmkit.LSTM(I, H)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.nn.utils.weight_norm(layer, "weight_hh_l0")
+        return layer
+
+    def no_inverse():
+        layer = lstmkit.LSTM(I, H)
+        parametrize.register_parametrization(layer, "bias_hh_l0", NoInverse())
+        return layer
+
+    def normed():
+        layer = lstmkit.LSTM(I, H)
+        weight_norm(layer, "weight_hh_l0")
+        return layer
+
+    cases = [
+        (pruned, "W", torch.ones(H, I + H), r"W: weight_hh_l0 is not a parameter but a tensor computed before "
+                                            r"each call by torch\.nn\.utils\.prune .*prune\.remove\(layer, "
+                                            r"'weight_hh_l0'\)"),
+        (hook_norm, "W", torch.ones(H, I + H), r"W: weight_hh_l0 is not a parameter .*hook-based "
+                                               r"torch\.nn\.utils\.weight_norm.*remove_weight_norm"),
+        (no_inverse, "b", torch.ones(H), r"b: parameter bias_hh_l0 is parametrized by NoInverse, which has no "
+                                         r"right_inverse.*remove_parametrizations"),
+        (normed, "W", torch.zeros(H, I + H), r"W: parameter weight_hh_l0 is parametrized \(_WeightNorm\); .*reads "
+                                             r"back as NaN or inf.*row of zeros.*left unchanged"),
+    ]
+    x = torch.randn(5, 2, I)
+    for build, attr, value, message in cases:
+        torch.manual_seed(0)
+        layer = build()
+        with torch.no_grad():
+            y = layer(x)[0]
+        before = _state(layer)
+        with pytest.raises(ValueError, match=message):
+            setattr(layer.gates()["forget"], attr, value)
+        assert _same_state(layer, before)  # weight_ih_l0, written before weight_hh_l0 failed, restored too
+        with torch.no_grad():
+            assert torch.equal(layer(x)[0], y)

@@ -204,9 +204,9 @@ def test_trace_errors():
         trace(layer, [[1.0, 2.0, 3.0]])
     with pytest.raises(TypeError, match="model: expected an lstmkit LSTM or RNN.*got Linear"):
         trace(torch.nn.Linear(3, 3), x_data())
-    with pytest.raises(ValueError, match=r"lengths: expected values in \[1, 6\].*max 9"):
+    with pytest.raises(ValueError, match=r"lengths: each must be in \[1, L = 6\], got min 2, max 9"):
         trace(layer, x_data(), lengths=[9, 2, 3])
-    with pytest.raises(ValueError, match=r"lengths: expected 3 integer lengths.*shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"lengths: expected one length per sequence \(3\), got 2"):
         trace(layer, x_data(), lengths=[2, 3])
     packed = pack_padded_sequence(x_data(), torch.tensor(LENGTHS), enforce_sorted=False)
     with pytest.raises(ValueError, match="lengths: a PackedSequence carries its own lengths"):
@@ -512,3 +512,124 @@ def test_a_summary_whose_last_state_gets_no_gradient_has_no_ratio():
     flow = lstmkit.gradient_flow(layer, torch.randn(6, 2, 3, dtype=torch.float64), lambda y: y[-1].pow(2).sum())
     s = flow.summary()
     assert s["t_last"] == 0.0 and s["t1"] > 0 and s["ratio_first_last"] is None
+
+
+BAD_LENGTHS = {
+    "str": "abc",
+    "none_inside": [1, None, 3],
+    "too_large_for_int64": [2**70, 1, 1],
+    "meta": torch.ones(3, dtype=torch.long, device="meta"),
+    "complex": torch.tensor([1 + 7j, 2, 3]),
+    "float": torch.tensor([1.0, 2.0, 3.0]),
+    "too_few": [2, 3],
+    "out_of_range": [9, 2, 3],
+    "zero": [0, 2, 3],
+    "two_dims": torch.ones(3, 1, dtype=torch.long),
+}
+
+
+@pytest.mark.parametrize("lengths", list(BAD_LENGTHS.values()), ids=list(BAD_LENGTHS))
+def test_trace_and_gradient_flow_refuse_lengths_as_the_layer_does(lengths):
+    """lengths= was checked by code of the trace's own: raw torch errors (min() of no values,
+    "Could not infer dtype of NoneType", an OverflowError, a meta tensor's NotImplementedError)
+    and complex lengths taken with their imaginary part dropped. Now: the layer's check, the
+    layer's exception and message."""
+    layer, x = build("vanilla"), x_data()
+    with pytest.raises((TypeError, ValueError)) as want:
+        layer(x, lengths=lengths)
+    assert str(want.value).startswith("lengths: ")
+    for run in (lambda: trace(layer, x, lengths=lengths),
+                lambda: gradient_flow(layer, x, lambda y: y.sum(), lengths=lengths)):
+        with pytest.raises(type(want.value)) as got:
+            run()
+        assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("lengths", [torch.zeros(0, dtype=torch.long), [], np.zeros(0, dtype=np.int64)],
+                         ids=["tensor", "list", "numpy"])
+def test_a_batch_of_no_sequences_with_lengths_is_traced_as_the_layer_runs_it(lengths):
+    """B = 0 with lengths: the layer runs it (empty results); the trace said "min(): Expected
+    reduction dim" (an empty tensor) or refused [] as dtype float32."""
+    layer, x = build("vanilla"), x_data(b=0)
+    y, (h_n, _) = layer(x, lengths=lengths)
+    tr = trace(layer, x, lengths=lengths)
+    assert tr.output.shape == y.shape == (T, 0, H) and tr.h_n.shape == h_n.shape
+    assert tr[0][0]["f"].shape == (T, 0, H) and tr.valid.shape == (T, 0)
+    flow = gradient_flow(layer, x, lambda out: out.sum(), lengths=lengths)
+    assert flow[0][0].grad_c.shape == (T, 0, H)
+
+
+def test_numpy_and_int32_lengths_trace_as_a_list():
+    layer, x = build("vanilla"), x_data()
+    want = trace(layer, x, lengths=LENGTHS)
+    for lengths in (np.array(LENGTHS), torch.tensor(LENGTHS, dtype=torch.int32), tuple(LENGTHS)):
+        got = trace(layer, x, lengths=lengths)
+        torch.testing.assert_close(got.output, want.output, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(got.valid, want.valid)
+
+
+def _pruned(seed: int = 0) -> torch.nn.Module:
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(seed)
+    layer = lstmkit.LSTM(5, 8).eval()
+    prune.l1_unstructured(layer, "weight_hh_l0", amount=0.5)
+    with torch.no_grad():  # an optimizer step: the next call's pre-hook computes the weight anew
+        layer.weight_hh_l0_orig.mul_(3.0)
+    return layer
+
+
+def test_trace_runs_the_forward_pre_hooks_that_compute_pruned_and_normalised_weights():
+    """trace called forward_recorded directly: pruning's and the hook-based weight_norm's
+    pre-hooks never ran, and a trace after an optimizer step used the previous call's weights
+    (0.21 off the layer's output)."""
+    import warnings
+
+    layer = _pruned()
+    x = torch.randn(6, 3, 5)
+    with torch.no_grad():
+        tr = trace(layer, x)
+        y, (h_n, c_n) = layer(x)
+    torch.testing.assert_close(tr.output, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr.c_n, c_n, rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(5, 8).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the hook-based weight_norm's deprecation
+        torch.nn.utils.weight_norm(layer, "weight_hh_l0")
+    with torch.no_grad():
+        layer.weight_hh_l0_g.mul_(2.0)
+        tr = trace(layer, x, lengths=[6, 2, 4])
+        y = layer(x, lengths=[6, 2, 4])[0]
+    torch.testing.assert_close(tr.output.nan_to_num(0.0), y, rtol=1e-5, atol=1e-6)
+
+
+def test_trace_runs_the_hooks_with_the_calls_arguments_and_forwards_output():
+    """Pre-hooks see (x, hx[, lengths]) and may replace them; forward hooks see the output as
+    forward returns it (padded, batch_first as the input) and cannot change the trace."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(5, 8, batch_first=True).eval()
+    x = torch.randn(3, 6, 5)  # (B, T, I)
+    seen: dict[str, object] = {}
+
+    def pre(module, args):
+        seen["args"] = args
+        return (args[0] * 2, *args[1:])
+
+    def post(module, args, output):
+        seen["output"] = output
+        return torch.zeros(1)  # not the trace
+
+    layer.register_forward_pre_hook(pre)
+    with torch.no_grad():
+        y, (h_n, c_n) = layer(x, None, [6, 2, 4])  # the call, its input doubled by the pre-hook
+        layer.register_forward_hook(post)
+        tr = trace(layer, x, lengths=[6, 2, 4])
+    assert len(seen["args"]) == 3 and seen["args"][0] is x and seen["args"][2] == [6, 2, 4]
+    out, (h, c) = seen["output"]
+    torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-6)  # padded, (B, T, H)
+    torch.testing.assert_close(tr.output.transpose(0, 1).nan_to_num(0.0), y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr.h_n, h_n, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr.c_n, c_n, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr.output[-1, 0], tr[0][0]["h"][-1, 0])  # the kernel's, not the hook's

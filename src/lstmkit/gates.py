@@ -4,17 +4,30 @@
 (``weight_ih`` is 4H × I, ``weight_hh`` is 4H × H, gate order i, f, g, o); a
 :class:`GateView` shows one gate's slice and writes back into that storage. Layers return
 them from ``layer.gates()``; :func:`lstmkit.inspect.describe` tabulates them.
+
+Writing ``view.W = ...`` or ``view.b = ...`` checks the value first (a dense floating tensor
+of the gate's shape, finite in the layer's dtype: a TypeError or ValueError naming ``W`` or
+``b`` otherwise) and writes into the parameter as the layer reads it: a plain parameter in
+place; a parametrized one (``torch.nn.utils.parametrizations.weight_norm``,
+``register_parametrization``) by assigning the whole modified tensor, which torch passes to
+the parametrization's ``right_inverse`` (refused, the layer left as it was, where there is no
+``right_inverse`` or the value does not read back); a weight a forward pre-hook computes
+before each call (``torch.nn.utils.prune``, the hook-based ``torch.nn.utils.weight_norm``) is
+refused, since the next call would overwrite the write.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lstmkit import variants
 from lstmkit._validate import check_bool, check_int
+from lstmkit.kernels.base import FLOAT_DTYPES
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.spec import gate_slices
 
@@ -36,7 +49,9 @@ class GateView:
             ``"hardsigmoid"`` (``gate_act``), ``"exp"`` (the sLSTM's input gate, and its
             forget gate with ``forget_act=exp``), ``"tanh"``, ``"relu"`` or ``"identity"``.
         W_x: (n, I) view of the gate's rows of ``weight_ih`` (n = H, or the first hidden
-            width of a deep gate). Editing it in place edits the layer.
+            width of a deep gate). Editing it in place edits a plain parameter; for a
+            parametrized or hook-computed weight it is a slice of the computed tensor (a copy
+            in effect): assign :attr:`W` instead.
         W_h: (n, H_out) view of the gate's rows of ``weight_hh``; with ``heads = k`` the stored
             blocks, (n, H_out/k): row r holds the ``H_out/k`` weights of its head's block
             (:attr:`blocks`; :attr:`W` shows them in place, zeros between).
@@ -50,7 +65,12 @@ class GateView:
                  W_x: Tensor | None = None, W_h: Tensor | None = None,
                  b_x: Tensor | None = None, b_h: Tensor | None = None,
                  peephole: Tensor | None = None,
-                 mlp: list[tuple[Tensor, Tensor | None]] | None = None, heads: int = 1) -> None:
+                 mlp: list[tuple[Tensor, Tensor | None]] | None = None, heads: int = 1,
+                 storage: tuple[nn.Module, dict[str, str], slice] | None = None) -> None:
+        """``storage``: ``(module, names, rows)`` where the views live — the module, its full
+        parameter names by base name (``"weight_ih"`` -> ``"weight_ih_l0"``) and the gate's rows —
+        so that :attr:`W` and :attr:`b` write through parametrizations; without it (a view built
+        by hand) they write into the tensors given, in place."""
         self.letter = letter
         self.name = GATE_NAMES[GATES.index(letter)]
         self.present = check_bool("present", present)
@@ -60,6 +80,7 @@ class GateView:
         self.peephole = peephole
         self.mlp = mlp or []
         self.heads = check_int("heads", heads, 1)
+        self._storage = storage
 
     @property
     def blocks(self) -> list[Tensor]:
@@ -73,7 +94,10 @@ class GateView:
         """The textbook matrix ``[W_x | W_h]``, shape (n, I + H_out): a copy (with heads, ``W_h``
         block-diagonal: the blocks on the diagonal, zeros elsewhere).
 
-        Assign to it (``view.W = new``) to write both halves back into the layer.
+        Assign to it (``view.W = new``) to write both halves back into the layer: ``new`` a
+        dense floating-point tensor of this shape, finite in the layer's dtype (TypeError /
+        ValueError naming ``W`` otherwise, the layer unchanged); written through a
+        parametrization (see the module's docstring).
         """
         if not self.present:
             return None
@@ -85,21 +109,22 @@ class GateView:
             raise ValueError(f"W: the {self.name} gate is absent in this variant ({self.note})")
         n, i = self.W_x.shape
         want = (n, i + self.W_h.shape[1] * self.heads)
-        if tuple(value.shape) != want:
-            raise ValueError(f"W: expected shape {want} for the {self.name} gate, got {tuple(value.shape)}")
+        _check_value("W", value, want, self.W_x.dtype, f" for the {self.name} gate")
         w_h = value[:, i:]
         blocks = [b.chunk(self.heads, dim=1)[j] for j, b in enumerate(w_h.chunk(self.heads, dim=0))]
         if self.heads > 1 and not torch.equal(torch.block_diag(*blocks), w_h):
             raise ValueError(f"W: with heads={self.heads} the {self.name} gate's W_h is block-diagonal "
                              f"({self.heads} blocks of {n // self.heads} × {w_h.shape[1] // self.heads}); the "
                              f"entries outside the blocks must be 0")
-        with torch.no_grad():
-            self.W_x.copy_(value[:, :i])
-            self.W_h.copy_(torch.cat(blocks, dim=0))
+        self._write("W", [("weight_ih", self.W_x, value[:, :i]), ("weight_hh", self.W_h, torch.cat(blocks, dim=0))])
 
     @property
     def b(self) -> Tensor | None:
-        """The gate's total bias ``b_x + b_h`` (n,): a copy; None without bias."""
+        """The gate's total bias ``b_x + b_h`` (n,): a copy; None without bias.
+
+        Assign to it (``view.b = new``) to write ``new`` into ``b_x`` and zeros into ``b_h``:
+        checked and written as :attr:`W` is.
+        """
         if self.b_x is None:
             return None
         return (self.b_x + self.b_h).detach()
@@ -108,11 +133,24 @@ class GateView:
     def b(self, value: Tensor) -> None:
         if self.b_x is None:
             raise ValueError(f"b: the {self.name} gate has no bias (absent gate or bias=False)")
-        if tuple(value.shape) != tuple(self.b_x.shape):
-            raise ValueError(f"b: expected shape {tuple(self.b_x.shape)}, got {tuple(value.shape)}")
-        with torch.no_grad():
-            self.b_x.copy_(value)
-            self.b_h.zero_()
+        _check_value("b", value, tuple(self.b_x.shape), self.b_x.dtype, "")
+        self._write("b", [("bias_ih", self.b_x, value), ("bias_hh", self.b_h, torch.zeros_like(self.b_h))])
+
+    def _write(self, what: str, writes: list[tuple[str, Tensor, Tensor]]) -> None:
+        """Write each ``(base name, view, new rows)``: into the layer's parameters (all refused, or
+        all written) where the view knows its storage, else into the views in place."""
+        if self._storage is None:
+            with torch.no_grad():
+                for _, view, rows in writes:
+                    view.copy_(rows)
+            return
+        module, names, sl = self._storage
+        _write_rows(module, [(names[base], sl, rows) for base, _, rows in writes], what)
+        # a parametrized weight is computed anew on each read: show what the layer now reads
+        p = {base: getattr(module, full) for base, full in names.items()}
+        self.W_x, self.W_h = p["weight_ih"].detach()[sl], p["weight_hh"].detach()[sl]
+        if self.b_x is not None:
+            self.b_x, self.b_h = p["bias_ih"].detach()[sl], p["bias_hh"].detach()[sl]
 
     def __repr__(self) -> str:
         if not self.present:
@@ -123,6 +161,125 @@ class GateView:
         heads = f", W_h {k} blocks of {n // k} × {self.W_h.shape[1]}" if k > 1 else ""
         return (f"GateView({self.name}: {self.activation}, W {n} × ({i} + {self.W_h.shape[1] * k}){heads}"
                 f"{', peephole' if self.peephole is not None else ''}{deep})")
+
+
+def _check_value(what: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, gate: str) -> None:
+    """TypeError / ValueError naming ``what`` (``"W"``, ``"b"``) unless ``value`` can be written
+    into a layer of ``dtype``: a dense tensor with values (not a number, a NumPy array, a meta,
+    sparse or quantized tensor), of a floating dtype (complex, integer and bool values are not
+    cast), of ``shape``, every value finite once in ``dtype`` (1e300 is inf as float32) — as the
+    converters refuse non-finite weights: a NaN would make every later call return NaN."""
+    if not isinstance(value, Tensor):
+        example = f"torch.full({shape}, 1.0)" if len(shape) == 1 else f"torch.zeros{shape}"
+        convert = "torch.from_numpy(array)" if type(value).__module__ == "numpy" else example
+        raise TypeError(f"{what}: expected a tensor of shape {shape}, got {type(value).__name__}; "
+                        f"convert it, e.g. {convert}")
+    if value.layout != torch.strided or value.is_nested or value.is_meta or value.is_quantized:
+        kind = ("nested" if value.is_nested else "meta" if value.is_meta else "quantized" if value.is_quantized
+                else str(value.layout).removeprefix("torch."))
+        raise TypeError(f"{what}: expected a dense tensor with values, got a {kind} tensor")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what}: expected a floating-point tensor ({', '.join(map(str, FLOAT_DTYPES))}), got "
+                        f"{value.dtype}; complex, integer and bool values are not cast")
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{what}: expected shape {shape}{gate}, got {tuple(value.shape)}")
+    finite = torch.isfinite(value.detach().to(dtype))
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        raise ValueError(f"{what}: contains NaN or inf as {dtype} ({len(bad)} of {value.numel()} values, first at "
+                         f"{tuple(int(j) for j in bad[0])}; a value beyond the dtype's range becomes inf)")
+
+
+def _computed_by(module: nn.Module, name: str) -> tuple[str, str]:
+    """What computes ``name`` (not a parameter of ``module``) before each call, and the way out."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, BasePruningMethod) and getattr(hook, "_tensor_name", None) == name:
+            return (f"torch.nn.utils.prune from {name}_orig and {name}_mask",
+                    f"make the pruning permanent first (torch.nn.utils.prune.remove(layer, {name!r})), or write "
+                    f"into {name}_orig yourself")
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return (f"the hook-based torch.nn.utils.weight_norm from {name}_g and {name}_v",
+                    f"remove it first (torch.nn.utils.remove_weight_norm(layer, {name!r})), or use "
+                    f"torch.nn.utils.parametrizations.weight_norm, which takes writes")
+        if isinstance(hook, SpectralNorm) and hook.name == name:
+            return (f"the hook-based torch.nn.utils.spectral_norm from {name}_orig",
+                    f"remove it first (torch.nn.utils.remove_spectral_norm(layer, {name!r}))")
+    return "something other than the module's parameters (e.g. a forward pre-hook)", "write into its source"
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """How far a value written through a parametrization may read back: a few roundings."""
+    return 8 * torch.finfo(dtype).eps
+
+
+def _write_rows(module: nn.Module, writes: list[tuple[str, slice, Tensor]], what: str) -> None:
+    """Write ``rows`` into rows ``sl`` of each of ``module``'s parameters ``name`` as a call reads
+    them; every write is checked possible first, and a failed one undoes those before it.
+
+    Raises:
+        ValueError: naming ``what`` and the parameter, where the value cannot be written: a weight
+            computed before each call, a parametrization without ``right_inverse``, or one that
+            does not read back the value written (``weight_norm``'s row of zeros reads back NaN).
+    """
+    for name, _, _ in writes:
+        if parametrize.is_parametrized(module, name):
+            plist = module.parametrizations[name]  # type: ignore[index]
+            missing = [type(p).__name__ for p in plist if not hasattr(p, "right_inverse")]
+            if missing:
+                raise ValueError(f"{what}: parameter {name} is parametrized by {', '.join(missing)}, which has no "
+                                 f"right_inverse, so a value cannot be written through it; give it one, or remove "
+                                 f"the parametrization (torch.nn.utils.parametrize.remove_parametrizations(layer, "
+                                 f"{name!r})) and write then")
+        elif not isinstance(module._parameters.get(name), Tensor):
+            source, way_out = _computed_by(module, name)
+            raise ValueError(f"{what}: {name} is not a parameter but a tensor computed before each call by "
+                             f"{source}: a write into it would be lost at the next call; {way_out}")
+    undo: list[Callable[[], None]] = []
+    with torch.no_grad():
+        try:
+            for name, sl, rows in writes:
+                undo.append(_write_one(module, name, sl, rows, what))
+        except BaseException:
+            for restore in reversed(undo):
+                restore()
+            raise
+
+
+def _write_one(module: nn.Module, name: str, sl: slice, rows: Tensor, what: str) -> Callable[[], None]:
+    """One write of :func:`_write_rows` (under no_grad); returns what undoes it."""
+    if not parametrize.is_parametrized(module, name):
+        param = module._parameters[name].detach()  # type: ignore[union-attr]
+        old = param[sl].clone()
+        param[sl].copy_(rows)
+        return lambda: param[sl].copy_(old)
+    plist = module.parametrizations[name]  # type: ignore[index]
+    saved = {k: v.detach().clone() for k, v in plist.state_dict(keep_vars=True).items()}
+
+    def restore() -> None:
+        for k, v in plist.state_dict(keep_vars=True).items():
+            v.detach().copy_(saved[k])
+
+    full = getattr(module, name).detach().clone()
+    full[sl] = rows.to(full)
+    setattr(module, name, full)  # torch passes it to the parametrizations' right_inverse
+    back = getattr(module, name).detach()
+    tol = _tolerance(full.dtype)
+    scale = max(float(full.abs().max()), 1.0) if full.numel() else 1.0
+    finite = bool(torch.isfinite(back).all())
+    if not (finite and bool(((back - full).abs() <= tol * scale).all())):
+        restore()
+        off = "NaN or inf" if not finite else f"values up to {float((back - full).abs().max()):.3g} off"
+        zeros = "" if finite else " (weight_norm cannot hold a row of zeros: its norm is 0)"
+        raise ValueError(f"{what}: parameter {name} is parametrized ({', '.join(type(p).__name__ for p in plist)}); "
+                         f"written through its right_inverse it reads back as {off}: the parametrization cannot "
+                         f"hold this value{zeros}. The layer is left unchanged; write a value it can hold, or "
+                         f"remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations("
+                         f"layer, {name!r}))")
+    return restore
 
 
 def activation_of(spec: Any, letter: str) -> str:
@@ -149,8 +306,11 @@ class GateViews(dict):  # type: ignore[type-arg]
         raise KeyError(f"{key!r}: the gates are {', '.join(map(repr, self))} (or their letters i, f, g, o)")
 
 
-def gate_views(layer: Any, index: int = 0, direction: int = 0) -> GateViews:
-    """Views of the four gates of ``layer`` (an lstmkit LSTM/RNN) at one layer/direction."""
+def gate_views(layer: Any, index: int = 0, direction: int = 0, names: dict[str, str] | None = None) -> GateViews:
+    """Views of the four gates of ``layer`` (an lstmkit LSTM/RNN/LSTMCell) at one layer/direction.
+    ``names``: the parameters' full names by base name (``"weight_ih"`` -> ``"weight_ih_l0"``), for
+    views whose setters write through parametrizations (``layer.gates()``); without, a view's setters
+    write into its tensors in place."""
     spec = layer.spec
     p = layer.layer_params(index, direction)
     rows = gate_slices(spec, layer.hidden_size)
@@ -172,7 +332,7 @@ def gate_views(layer: Any, index: int = 0, direction: int = 0) -> GateViews:
             mlp.append((p[f"mlp_{letter}_weight{j}"], p.get(f"mlp_{letter}_bias{j}")))
         note = "deep gate: an MLP over [x, h]" if mlp else ""
         views[name] = GateView(
-            letter, True, note, act,
+            letter, True, note, act, storage=None if names is None else (layer, dict(names), sl),
             W_x=p["weight_ih"].detach()[sl], W_h=p["weight_hh"].detach()[sl],
             b_x=p["bias_ih"].detach()[sl] if "bias_ih" in p else None,
             b_h=p["bias_hh"].detach()[sl] if "bias_hh" in p else None,

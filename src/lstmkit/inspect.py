@@ -5,6 +5,7 @@ The gates themselves, as views into the layer's storage, are :mod:`lstmkit.gates
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import IO, Any
 
@@ -70,12 +71,28 @@ def describe(model: nn.Module, file: IO[str] | None = None) -> str:
     layers) and parameter count; then the total, which equals the number of parameters
     of every lstmkit layer in ``model``.
 
+    Args:
+        model: an lstmkit LSTM, RNN or LSTMCell, or a module containing one or more.
+        file: a text stream to print to (anything with a ``write`` method: an open file,
+            ``io.StringIO``); None for ``sys.stdout``. Not a path: open the file yourself
+            (``with open(path, "w") as f: describe(model, file=f)``), or write the returned text.
+
     Returns:
         The printed text.
+
+    Raises:
+        TypeError: ``model`` is not a module, or ``file`` has no ``write`` method (checked before
+            the table is built).
+        ValueError: ``model`` holds no lstmkit layer.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an lstmkit LSTM, RNN or LSTMCell (or a module containing one), got "
                         f"{type(model).__name__}")
+    if file is not None and not callable(getattr(file, "write", None)):
+        hint = " (a path? open it: with open(path, 'w') as f: describe(model, file=f))" \
+            if isinstance(file, (str, os.PathLike)) else ""
+        raise TypeError(f"file: expected a text stream with a write method (an open file, io.StringIO) or None "
+                        f"for sys.stdout, got {type(file).__name__}{hint}")
     out: list[str] = []
     total = 0
     layers = [(name or type(model).__name__, m) for name, m in model.named_modules()

@@ -234,7 +234,7 @@ class _Recurrent(PreparedModule):
             :class:`lstmkit.gates.GateView` (absent gates say so and why).
         """
         self._check_layer_direction(layer, direction)
-        return gate_views(self, layer, direction)
+        return gate_views(self, layer, direction, self._param_names[layer][direction])
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -652,7 +652,7 @@ class LSTMCell(PreparedModule):
 
     def gates(self, layer: int = 0, direction: int = 0) -> dict[str, Any]:
         """Each gate as the textbook writes it, as :meth:`LSTM.gates` (layer and direction 0)."""
-        return gate_views(self, layer, direction)
+        return gate_views(self, layer, direction, {base: base for base in self._param_shapes})
 
     def reset_parameters(self) -> None:
         """The layers' initialisation (:meth:`LSTM.reset_parameters`), as ``torch.nn.LSTMCell``'s;

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from lstmkit import kernels
+from lstmkit._prepared import call_hooked
 from lstmkit._validate import check_int
-from lstmkit.checks import check_input_size, check_packed_sequence
+from lstmkit.checks import check_input_size, check_lengths, check_packed_sequence
 from lstmkit.kernels.base import TRACE_KEYS, KernelOut, hidden_keys
 from lstmkit.kernels.reference import ReferenceKernel
 from lstmkit.layout import GATE_NAMES, GATES
@@ -197,10 +198,13 @@ def _absent_notes(layer: LSTM | RNN, index: int, direction: int, present: set[st
 
 
 def _check_x(layer: LSTM | RNN, x: Any, lengths: Any) -> Tensor | None:
-    """Validate ``x`` and ``lengths``; returns lengths as (B,) int64 (None if not given)."""
+    """Validate ``x`` and ``lengths``; returns lengths as (B,) int64 on the CPU (None if not given).
+
+    ``lengths`` goes through :func:`lstmkit.checks.check_lengths`, the layer's own check: the
+    same rule and the same messages as ``layer(x, lengths=...)``."""
     if isinstance(x, PackedSequence):
         if lengths is not None:
-            raise ValueError("lengths: a PackedSequence carries its own lengths; pass lengths=None")
+            check_lengths(lengths, x, layer.batch_first)  # refuses it: a PackedSequence has its own
         check_packed_sequence(x, "x")
         return None
     if not isinstance(x, Tensor):
@@ -211,18 +215,7 @@ def _check_x(layer: LSTM | RNN, x: Any, lengths: Any) -> Tensor | None:
     check_input_size(x, "x", layer.input_size)
     if lengths is None:
         return None
-    if x.dim() != 3:
-        raise ValueError(f"lengths: only batched 3-D input has lengths; x has shape {tuple(x.shape)}")
-    T, B = (x.shape[1], x.shape[0]) if layer.batch_first else (x.shape[0], x.shape[1])
-    lens = torch.as_tensor(lengths)
-    if lens.dtype.is_floating_point or lens.dtype == torch.bool or lens.shape != (B,):
-        raise ValueError(f"lengths: expected {B} integer lengths (one per sequence), got "
-                         f"dtype {lens.dtype}, shape {tuple(lens.shape)}")
-    lens = lens.to("cpu", torch.int64)
-    if int(lens.min()) < 1 or int(lens.max()) > T:
-        raise ValueError(f"lengths: expected values in [1, {T}] (the sequence length), "
-                         f"got min {int(lens.min())}, max {int(lens.max())}")
-    return lens
+    return check_lengths(lengths, x, layer.batch_first)
 
 
 def _prepare(layer: LSTM | RNN, x: Tensor | PackedSequence, lengths: Any
@@ -268,6 +261,17 @@ def trace(model: nn.Module, x: Tensor | PackedSequence, hx: Any = None,
     fused CPU kernel that is the activations it keeps for its backward anyway. Runs
     under ``torch.no_grad()`` with dropout off (the module's mode is restored).
 
+    The layer's hooks run around the recorded call as around ``layer(x, hx[, lengths])``:
+    its forward pre-hooks (and torch's global ones) first, with ``(x, hx)`` (``(x, hx,
+    lengths)`` when given) as the arguments — pruning (``torch.nn.utils.prune``) and the
+    hook-based ``torch.nn.utils.weight_norm`` compute the weights the call reads there, so the
+    trace computes with the weights ``layer(x)`` would — and a replacement they return is what
+    is traced. Its forward hooks then see ``(output, (h_n, c_n))`` (the RNN's ``(output, h_n)``;
+    the sLSTM's ``c_n`` without ``n`` and ``m``, which are in the records; ``output`` padded and
+    shaped as ``x`` with ``lengths``), for their side effects only: a value a forward hook returns
+    does not change the trace, which holds what the kernel computed (its ``output`` is the last
+    layer's recorded ``h``).
+
     Args:
         model: an lstmkit ``LSTM`` or ``RNN``, or a model with a head (its ``.rnn`` is traced;
             :func:`recurrent_layer`).
@@ -287,9 +291,23 @@ def trace(model: nn.Module, x: Tensor | PackedSequence, hx: Any = None,
             the expected and the actual value); ``hx`` errors come from the layer.
     """
     layer = recurrent_layer(model)
-    inp, lens, T, B, batched = _prepare(layer, x, lengths)
-    with torch.no_grad(), _eval_mode(layer):
+    _check_x(layer, x, lengths)  # bad input is refused before any hook or kernel runs
+    run: dict[str, Any] = {}
+
+    def recorded(x: Any, hx: Any = None, lengths: Any = None) -> tuple[Any, Any]:
+        """The recorded call, its arguments and result in ``forward``'s form (as the hooks see them)."""
+        inp, lens, T, B, batched = _prepare(layer, x, lengths)  # (again: a pre-hook may replace the input)
         output, h_n, c_n, records = layer.forward_recorded(inp, hx)
+        if isinstance(output, PackedSequence) and not isinstance(x, PackedSequence):  # packed here for lengths=
+            output = pad_packed_sequence(output, batch_first=layer.batch_first, total_length=T)[0]
+        run.update(output=output, h_n=h_n, c_n=c_n, records=records, lens=lens, T=T, B=B, batched=batched)
+        return output, (h_n if c_n is None else (h_n, c_n))
+
+    args = (x, hx) if lengths is None else (x, hx, lengths)
+    with torch.no_grad(), _eval_mode(layer):
+        call_hooked(layer, recorded, *args)  # what a forward hook returns is not the trace (see above)
+    output, h_n, c_n, records = run["output"], run["h_n"], run["c_n"], run["records"]
+    lens, T, B, batched = run["lens"], run["T"], run["B"], run["batched"]
     if isinstance(output, PackedSequence):
         output = pad_packed_sequence(output, total_length=T)[0]
     elif batched and layer.batch_first:
