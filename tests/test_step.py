@@ -315,6 +315,9 @@ def test_a_full_store_of_prepared_signatures_gives_up_the_least_recently_run(mon
         cell(torch.randn(B + 2 * KEPT_SIGNATURES, I))
         cell(torch.randn(B + 1, I))
     assert len(selected) == before + 1
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a kept signature, the general path
+        cell(hot)
+    assert len(cell._prepared._kept) == KEPT_SIGNATURES  # it replaced its own entry, not another's
 
 
 def test_prepared_modules_copy_and_pickle():

@@ -401,7 +401,9 @@ class PreparedStep:
             return  # a tensor made for the call (a hook's, as the hook-based weight_norm's): new every call
         # only signatures of these very parameters stay: one kept for others (replaced since, or
         # torch.func.functional_call's for one call) is never run again, and would hold its tensors
-        kept = {k: v for k, v in self._kept.items() if v.holds(parameters)}
+        # (a kept signature made anew — a call that took the general path under autocast or vmap —
+        # replaces its own entry, not another's)
+        kept = {k: v for k, v in self._kept.items() if v.holds(parameters) and k != key}
         used = self._used
         while len(kept) >= KEPT_SIGNATURES:
             del kept[min(kept, key=lambda k: used.get(k, -1))]
@@ -528,7 +530,7 @@ def _mlp_tensors(params: dict[str, Tensor], spec: CellSpec) -> list[Tensor]:
     return [params[name] for name in _mlp_names(params, spec)]
 
 
-#: How many call signatures a PreparedStep keeps (all are dropped when one more comes).
+#: How many call signatures a PreparedStep keeps (one more replaces the one run least recently).
 KEPT_SIGNATURES = 8
 
 
