@@ -201,7 +201,7 @@ def test_describe_refuses_a_file_without_write_before_building_the_table(file, m
         lstmkit.describe(lstmkit.LSTM(I, H), file=file)
     assert built == [] and list(tmp_path.iterdir()) == []
     if isinstance(file, (str, pathlib.Path)):
-        with pytest.raises(TypeError, match=r"a path\? open it"):
+        with pytest.raises(TypeError, match=r"a path\? pass an open text file"):
             lstmkit.describe(lstmkit.LSTM(I, H), file=file)
 
 

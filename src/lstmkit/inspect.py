@@ -74,8 +74,8 @@ def describe(model: nn.Module, file: IO[str] | None = None) -> str:
     Args:
         model: an lstmkit LSTM, RNN or LSTMCell, or a module containing one or more.
         file: a text stream to print to (anything with a ``write`` method: an open file,
-            ``io.StringIO``); None for ``sys.stdout``. Not a path: open the file yourself
-            (``with open(path, "w") as f: describe(model, file=f)``), or write the returned text.
+            ``io.StringIO``); None for ``sys.stdout``. Not a path: pass an open text file, or
+            write the returned text.
 
     Returns:
         The printed text.
@@ -89,7 +89,7 @@ def describe(model: nn.Module, file: IO[str] | None = None) -> str:
         raise TypeError(f"model: expected an lstmkit LSTM, RNN or LSTMCell (or a module containing one), got "
                         f"{type(model).__name__}")
     if file is not None and not callable(getattr(file, "write", None)):
-        hint = " (a path? open it: with open(path, 'w') as f: describe(model, file=f))" \
+        hint = " (a path? pass an open text file, or write the returned text)" \
             if isinstance(file, (str, os.PathLike)) else ""
         raise TypeError(f"file: expected a text stream with a write method (an open file, io.StringIO) or None "
                         f"for sys.stdout, got {type(file).__name__}{hint}")
