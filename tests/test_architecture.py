@@ -87,7 +87,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("lstmkit.spec",),
     ("lstmkit.cell",),
     ("lstmkit.kernels",),
-    ("lstmkit.loop", "lstmkit.checks"),
+    ("lstmkit.loop", "lstmkit.checks", "lstmkit._param_writes"),
     ("lstmkit.gates", "lstmkit._prepared", "lstmkit._initial"),
     ("lstmkit.nn",),
     ("lstmkit.inspect", "lstmkit.tracing", "lstmkit.freeze"),

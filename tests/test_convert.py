@@ -84,6 +84,69 @@ def test_converters_refuse_what_is_not_a_layer_naming_the_argument():
         read_layer(None)
 
 
+@pytest.mark.parametrize("fmt", ["tf1", "haste"])
+def test_array_importers_write_through_parametrizations_and_read_any_numpy_layout(fmt):
+    """from_tf1 / from_haste copied into the tensor a parametrized weight computes (thrown away: the
+    layer kept its old weight, 0.06 off, silently) and into a pruned weight (overwritten at the next
+    call); arrays with negative strides or big-endian bytes were refused with torch's or a wrong
+    message, a read-only array leaked torch's warning, a negative-view tensor was refused."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    load, save = {"tf1": (from_tf1, to_tf1), "haste": (from_haste, to_haste)}[fmt]
+    torch.manual_seed(0)
+    src, x = lstmkit.LSTM(3, 4, num_layers=2).double().eval(), torch.randn(5, 2, 3, dtype=torch.float64)
+    dst = lstmkit.LSTM(3, 4, num_layers=2).double().eval()
+    weight_norm(dst, "weight_hh_l1")
+    for i in range(2):
+        load(dst, **save(src, index=i), index=i)
+    torch.testing.assert_close(dst(x)[0], src(x)[0], rtol=1e-10, atol=1e-10)
+    pruned = lstmkit.LSTM(3, 4).double()
+    prune.identity(pruned, "weight_hh_l0")
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    with pytest.raises(ValueError, match=r"weight_hh_l0 is not a parameter but a tensor computed before each call "
+                                         r"by torch.nn.utils.prune"):
+        load(pruned, **save(src))
+    assert all(torch.equal(v, before[k]) for k, v in pruned.state_dict().items())  # nothing written
+    arrays = save(src)
+    for name, how in (("flipped", lambda a: np.flip(np.flip(a, 0).copy(), 0)), ("big-endian", lambda a: a.astype(">f8")),
+                      ("read-only", lambda a: np.lib.stride_tricks.as_strided(a, writeable=False)),
+                      ("negative view", lambda a: torch.from_numpy(-a)._neg_view())):
+        layer = lstmkit.LSTM(3, 4).double().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (torch's "NumPy array is not writable" leaked)
+            load(layer, **{k: how(v) for k, v in arrays.items()})
+        torch.testing.assert_close(layer(x)[0], _first_layer(src)(x)[0], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def _first_layer(layer: lstmkit.LSTM) -> lstmkit.LSTM:
+    """A one-layer LSTM holding ``layer``'s first layer."""
+    one = lstmkit.LSTM(layer.input_size, layer.hidden_size).to(layer.weight_ih_l0.dtype).eval()
+    one.load_state_dict({k: v for k, v in layer.state_dict().items() if k.endswith("_l0")})
+    return one
+
+
+def test_flashrnn_arrays_in_any_numpy_layout_and_meta_layers_refused_by_name(tmp_path):
+    """from_flashrnn raised torch's errors on an array with negative strides or big-endian bytes;
+    exporting a layer on the meta device raised torch's "Cannot copy out of meta tensor" (to_tf1,
+    to_haste, write_layer) or returned meta tensors (to_flashrnn)."""
+    from lstmkit.convert import from_flashrnn, to_flashrnn
+    from lstmkit.convert.files import write_layer
+
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, cell="heads=2").double().eval()
+    f = {k: v.numpy() for k, v in to_flashrnn(layer).items() if k != "function"}
+    x = torch.randn(2, 5, 3, dtype=torch.float64)  # (FlashRNN's layers are batch-first)
+    want = layer(x.transpose(0, 1))[0].transpose(0, 1)
+    for how in (lambda a: np.flip(np.flip(a, 0).copy(), 0), lambda a: a.astype(">f8")):
+        back = from_flashrnn(how(f["R"]), how(f["b"]), how(f["W"])).eval()
+        torch.testing.assert_close(back(x)[0], want, rtol=1e-10, atol=1e-10)
+    meta = lstmkit.LSTM(3, 4, device="meta")
+    for export in (to_tf1, to_haste, to_flashrnn, lambda m: write_layer(m, tmp_path / "m.safetensors")):
+        with pytest.raises(ValueError, match="layer: its parameters are on the meta device"):
+            export(meta)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_torch_rnn_round_trip_and_refusals():
     ref = torch.nn.RNN(3, 4, num_layers=2, nonlinearity="relu").double()
     kit = from_torch(ref)

@@ -115,6 +115,24 @@ def test_to_keras_and_back(kw):
     _close(_np(outs[1]), h_n[-1 if not kw.get("bidirectional") else -2].detach())
 
 
+def test_negative_view_weights_and_bfloat16_keras_layers_convert():
+    """to_keras of a float64 layer whose weights carry torch's negation bit raised "Can't call numpy()
+    on Tensor that has negative bit set"; from_keras of a bfloat16 Keras LSTM (ml_dtypes' arrays,
+    which torch does not read) raised a raw TypeError."""
+    torch.manual_seed(0)
+    m = lstmkit.LSTM(4, 5, batch_first=True).double()
+    want = m(torch.from_numpy(X).double())[0].detach()
+    for name, p in list(m.named_parameters()):
+        setattr(m, name, torch.nn.Parameter((-p.detach()).clone()._neg_view(), requires_grad=False))
+    _close(_np(to_keras(m)(X)), want)
+    keras.utils.set_random_seed(0)
+    k = keras.layers.LSTM(5, return_sequences=True, dtype="bfloat16", recurrent_initializer="glorot_uniform")
+    y = k(X)
+    ours = from_keras(k)
+    np.testing.assert_allclose(ours.float()(torch.from_numpy(X))[0].detach().numpy(),
+                               np.asarray(_np(y), dtype=np.float32), rtol=0.05, atol=0.05)
+
+
 def test_keras_files(tmp_path):
     keras.utils.set_random_seed(2)
     model = keras.Sequential([keras.Input((None, 4)), keras.layers.LSTM(5, return_sequences=True)])

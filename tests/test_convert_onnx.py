@@ -230,6 +230,22 @@ def test_projection_and_bad_arguments_are_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("make,method", [(lambda: lstmkit.LSTM(3, 4, cell="peephole"), "scan"),
+                                         (lambda: lstmkit.RNN(3, 4), "auto")], ids=["lstm_scan", "rnn_operator"])
+def test_weights_with_the_negation_bit_export_as_their_values(make, method):
+    """A weight carrying torch's negation bit (its memory negated) raised "Can't call numpy() on
+    Tensor that has negative bit set" wherever no cast or reorder copied it first: every Scan
+    export, the RNN operator."""
+    torch.manual_seed(0)
+    layer = make().eval()
+    x = torch.randn(5, 2, 3)
+    want = layer(x)[0].detach().numpy()
+    for name, p in list(layer.named_parameters()):
+        setattr(layer, name, torch.nn.Parameter((-p.detach()).clone()._neg_view(), requires_grad=False))
+    (got,) = _session(to_onnx(layer, method=method)).run(["Y"], {"X": x.numpy()})
+    _close("negative views", got, want)
+
+
 # ---------------------------------------------------------------------------- Scan graphs
 
 

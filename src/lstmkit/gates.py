@@ -18,16 +18,14 @@ refused, since the next call would overwrite the write.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from lstmkit import variants
+from lstmkit._param_writes import check_value, write_rows
 from lstmkit._validate import check_bool, check_int
-from lstmkit.kernels.base import FLOAT_DTYPES
 from lstmkit.layout import GATE_NAMES, GATES
 from lstmkit.spec import gate_slices
 
@@ -109,7 +107,7 @@ class GateView:
             raise ValueError(f"W: the {self.name} gate is absent in this variant ({self.note})")
         n, i = self.W_x.shape
         want = (n, i + self.W_h.shape[1] * self.heads)
-        _check_value("W", value, want, self.W_x.dtype, f" for the {self.name} gate")
+        check_value("W", value, want, self.W_x.dtype, f" for the {self.name} gate")
         w_h = value[:, i:]
         blocks = [b.chunk(self.heads, dim=1)[j] for j, b in enumerate(w_h.chunk(self.heads, dim=0))]
         if self.heads > 1 and not torch.equal(torch.block_diag(*blocks), w_h):
@@ -133,7 +131,7 @@ class GateView:
     def b(self, value: Tensor) -> None:
         if self.b_x is None:
             raise ValueError(f"b: the {self.name} gate has no bias (absent gate or bias=False)")
-        _check_value("b", value, tuple(self.b_x.shape), self.b_x.dtype, "")
+        check_value("b", value, tuple(self.b_x.shape), self.b_x.dtype, "")
         self._write("b", [("bias_ih", self.b_x, value), ("bias_hh", self.b_h, torch.zeros_like(self.b_h))])
 
     def _write(self, what: str, writes: list[tuple[str, Tensor, Tensor]]) -> None:
@@ -145,7 +143,7 @@ class GateView:
                     view.copy_(rows)
             return
         module, names, sl = self._storage
-        _write_rows(module, [(names[base], sl, rows) for base, _, rows in writes], what)
+        write_rows(module, [(names[base], sl, rows) for base, _, rows in writes], what)
         # a parametrized weight is computed anew on each read: show what the layer now reads
         p = {base: getattr(module, full) for base, full in names.items()}
         self.W_x, self.W_h = p["weight_ih"].detach()[sl], p["weight_hh"].detach()[sl]
@@ -161,125 +159,6 @@ class GateView:
         heads = f", W_h {k} blocks of {n // k} × {self.W_h.shape[1]}" if k > 1 else ""
         return (f"GateView({self.name}: {self.activation}, W {n} × ({i} + {self.W_h.shape[1] * k}){heads}"
                 f"{', peephole' if self.peephole is not None else ''}{deep})")
-
-
-def _check_value(what: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, gate: str) -> None:
-    """TypeError / ValueError naming ``what`` (``"W"``, ``"b"``) unless ``value`` can be written
-    into a layer of ``dtype``: a dense tensor with values (not a number, a NumPy array, a meta,
-    sparse or quantized tensor), of a floating dtype (complex, integer and bool values are not
-    cast), of ``shape``, every value finite once in ``dtype`` (1e300 is inf as float32) — as the
-    converters refuse non-finite weights: a NaN would make every later call return NaN."""
-    if not isinstance(value, Tensor):
-        example = f"torch.full({shape}, 1.0)" if len(shape) == 1 else f"torch.zeros{shape}"
-        convert = "torch.from_numpy(array)" if type(value).__module__ == "numpy" else example
-        raise TypeError(f"{what}: expected a tensor of shape {shape}, got {type(value).__name__}; "
-                        f"convert it, e.g. {convert}")
-    if value.layout != torch.strided or value.is_nested or value.is_meta or value.is_quantized:
-        kind = ("nested" if value.is_nested else "meta" if value.is_meta else "quantized" if value.is_quantized
-                else str(value.layout).removeprefix("torch."))
-        raise TypeError(f"{what}: expected a dense tensor with values, got a {kind} tensor")
-    if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{what}: expected a floating-point tensor ({', '.join(map(str, FLOAT_DTYPES))}), got "
-                        f"{value.dtype}; complex, integer and bool values are not cast")
-    if tuple(value.shape) != shape:
-        raise ValueError(f"{what}: expected shape {shape}{gate}, got {tuple(value.shape)}")
-    finite = torch.isfinite(value.detach().to(dtype))
-    if not bool(finite.all()):
-        bad = (~finite).nonzero()
-        raise ValueError(f"{what}: contains NaN or inf as {dtype} ({len(bad)} of {value.numel()} values, first at "
-                         f"{tuple(int(j) for j in bad[0])}; a value beyond the dtype's range becomes inf)")
-
-
-def _computed_by(module: nn.Module, name: str) -> tuple[str, str]:
-    """What computes ``name`` (not a parameter of ``module``) before each call, and the way out."""
-    from torch.nn.utils.prune import BasePruningMethod
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, BasePruningMethod) and getattr(hook, "_tensor_name", None) == name:
-            return (f"torch.nn.utils.prune from {name}_orig and {name}_mask",
-                    f"make the pruning permanent first (torch.nn.utils.prune.remove(layer, {name!r})), or write "
-                    f"into {name}_orig yourself")
-        if isinstance(hook, WeightNorm) and hook.name == name:
-            return (f"the hook-based torch.nn.utils.weight_norm from {name}_g and {name}_v",
-                    f"remove it first (torch.nn.utils.remove_weight_norm(layer, {name!r})), or use "
-                    f"torch.nn.utils.parametrizations.weight_norm, which takes writes")
-        if isinstance(hook, SpectralNorm) and hook.name == name:
-            return (f"the hook-based torch.nn.utils.spectral_norm from {name}_orig",
-                    f"remove it first (torch.nn.utils.remove_spectral_norm(layer, {name!r}))")
-    return "something other than the module's parameters (e.g. a forward pre-hook)", "write into its source"
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    """How far a value written through a parametrization may read back: a few roundings."""
-    return 8 * torch.finfo(dtype).eps
-
-
-def _write_rows(module: nn.Module, writes: list[tuple[str, slice, Tensor]], what: str) -> None:
-    """Write ``rows`` into rows ``sl`` of each of ``module``'s parameters ``name`` as a call reads
-    them; every write is checked possible first, and a failed one undoes those before it.
-
-    Raises:
-        ValueError: naming ``what`` and the parameter, where the value cannot be written: a weight
-            computed before each call, a parametrization without ``right_inverse``, or one that
-            does not read back the value written (``weight_norm``'s row of zeros reads back NaN).
-    """
-    for name, _, _ in writes:
-        if parametrize.is_parametrized(module, name):
-            plist = module.parametrizations[name]  # type: ignore[index]
-            missing = [type(p).__name__ for p in plist if not hasattr(p, "right_inverse")]
-            if missing:
-                raise ValueError(f"{what}: parameter {name} is parametrized by {', '.join(missing)}, which has no "
-                                 f"right_inverse, so a value cannot be written through it; give it one, or remove "
-                                 f"the parametrization (torch.nn.utils.parametrize.remove_parametrizations(layer, "
-                                 f"{name!r})) and write then")
-        elif not isinstance(module._parameters.get(name), Tensor):
-            source, way_out = _computed_by(module, name)
-            raise ValueError(f"{what}: {name} is not a parameter but a tensor computed before each call by "
-                             f"{source}: a write into it would be lost at the next call; {way_out}")
-    undo: list[Callable[[], None]] = []
-    with torch.no_grad():
-        try:
-            for name, sl, rows in writes:
-                undo.append(_write_one(module, name, sl, rows, what))
-        except BaseException:
-            for restore in reversed(undo):
-                restore()
-            raise
-
-
-def _write_one(module: nn.Module, name: str, sl: slice, rows: Tensor, what: str) -> Callable[[], None]:
-    """One write of :func:`_write_rows` (under no_grad); returns what undoes it."""
-    if not parametrize.is_parametrized(module, name):
-        param = module._parameters[name].detach()  # type: ignore[union-attr]
-        old = param[sl].clone()
-        param[sl].copy_(rows)
-        return lambda: param[sl].copy_(old)
-    plist = module.parametrizations[name]  # type: ignore[index]
-    saved = {k: v.detach().clone() for k, v in plist.state_dict(keep_vars=True).items()}
-
-    def restore() -> None:
-        for k, v in plist.state_dict(keep_vars=True).items():
-            v.detach().copy_(saved[k])
-
-    full = getattr(module, name).detach().clone()
-    full[sl] = rows.to(full)
-    setattr(module, name, full)  # torch passes it to the parametrizations' right_inverse
-    back = getattr(module, name).detach()
-    tol = _tolerance(full.dtype)
-    scale = max(float(full.abs().max()), 1.0) if full.numel() else 1.0
-    finite = bool(torch.isfinite(back).all())
-    if not (finite and bool(((back - full).abs() <= tol * scale).all())):
-        restore()
-        off = "NaN or inf" if not finite else f"values up to {float((back - full).abs().max()):.3g} off"
-        zeros = "" if finite else " (weight_norm cannot hold a row of zeros: its norm is 0)"
-        raise ValueError(f"{what}: parameter {name} is parametrized ({', '.join(type(p).__name__ for p in plist)}); "
-                         f"written through its right_inverse it reads back as {off}: the parametrization cannot "
-                         f"hold this value{zeros}. The layer is left unchanged; write a value it can hold, or "
-                         f"remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations("
-                         f"layer, {name!r}))")
-    return restore
 
 
 def activation_of(spec: Any, letter: str) -> str:

@@ -13,7 +13,7 @@ from lstmkit._validate import check_int
 from lstmkit.nn import LSTM
 
 __all__ = ["require_plain_lstm", "expect_shape", "expect_weights", "expect_finite_float", "layer_slot",
-           "expect_finite_parameters", "expect_dense", "expect_dense_float"]
+           "expect_finite_parameters", "expect_dense", "expect_dense_float", "native_array", "require_values"]
 
 
 def require_plain_lstm(layer: object, fmt: str) -> None:
@@ -49,11 +49,14 @@ def expect_weights(name: str, a: Any, shape: tuple[int, ...] | None = None) -> n
         ValueError: the wrong shape, or a NaN/inf ("kernel: contains NaN or inf (2 of 48 values, first at
             (0, 3))").
     """
+    if isinstance(a, torch.Tensor) and a.is_neg():
+        a = a.resolve_neg()  # a negative view: its values (NumPy reads its memory)
     try:
         arr = np.asarray(a)
     except Exception as exc:  # a tensor that requires grad, a tensor on a GPU, ...
         raise TypeError(f"{name}: expected a NumPy array, got {type(a).__name__} ({type(exc).__name__}: "
                         f"{exc})"[:300]) from None
+    arr = native_array(arr)
     if arr.dtype not in (np.float16, np.float32, np.float64):
         raise TypeError(f"{name}: expected a floating array (float16, float32 or float64), got {arr.dtype}; "
                         f"integers and bools are not weights, and are not cast")
@@ -65,6 +68,23 @@ def expect_weights(name: str, a: Any, shape: tuple[int, ...] | None = None) -> n
         raise ValueError(f"{name}: contains NaN or inf ({len(bad)} of {arr.size} values, first at "
                          f"{tuple(int(i) for i in bad[0])})")
     return arr
+
+
+def native_array(arr: np.ndarray) -> np.ndarray:
+    """``arr`` as torch reads a NumPy array without a complaint: in this machine's byte order (a
+    big-endian ``>f4`` is float32 all the same), C-ordered with positive strides (``np.flip``'s
+    view, a Fortran-ordered array) and writable (a read-only array or memmap) — a copy where it
+    is not already so."""
+    native = arr.dtype.newbyteorder("=") if arr.dtype.byteorder not in ("=", "|") else arr.dtype
+    return np.require(arr, dtype=native, requirements=["C", "W"])
+
+
+def require_values(layer: torch.nn.Module, what: str = "layer") -> None:
+    """ValueError naming ``what`` where ``layer``'s parameters are on the meta device (no values to
+    convert): before any work, instead of torch's "Cannot copy out of meta tensor" from deep inside."""
+    if any(p.is_meta for p in layer.parameters()):
+        raise ValueError(f"{what}: its parameters are on the meta device and hold no values; give it weights "
+                         f"first ({what}.to_empty(device='cpu'), then load_state_dict)")
 
 
 #: The dtypes a weight tensor may come in (float8 and complex tensors are not weights).

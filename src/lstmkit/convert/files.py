@@ -44,7 +44,7 @@ from torch import Tensor
 
 from lstmkit import _atomic
 from lstmkit._validate import check_bool, check_optional_bool, loads_json
-from lstmkit.convert._checks import expect_dense, expect_finite_parameters
+from lstmkit.convert._checks import expect_dense, expect_finite_parameters, require_values
 from lstmkit.convert.layer_config import (
     Layer,
     check_shapes,
@@ -526,6 +526,7 @@ def write_layer(layer: Layer, dst: str | os.PathLike[str], *, overwrite: bool = 
     exists = f"DST: {p} exists; pass --overwrite (overwrite=True) to replace it"
     _atomic.check_writable(p, overwrite=overwrite, what="DST", exists_error=exists)
     _check_carries(layer, fmt, onnx_options.get("method", "auto"))
+    require_values(layer)
     try:
         data = _serialize(layer, fmt, onnx_options)
     except OSError as exc:  # the temporary directory Keras writes through could not be made

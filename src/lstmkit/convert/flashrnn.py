@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 
 from lstmkit._validate import check_bool
-from lstmkit.convert._checks import expect_dense_float, expect_finite_parameters, layer_slot
+from lstmkit.convert._checks import (
+    expect_dense_float,
+    expect_finite_parameters,
+    layer_slot,
+    native_array,
+    require_values,
+)
 from lstmkit.nn import LSTM
 from lstmkit.spec import CellSpec
 
@@ -37,7 +43,7 @@ FUNCTIONS: dict[str, CellSpec] = {"lstm": CellSpec(), "slstm": CellSpec(slstm=Tr
 def _tensor(name: str, a: Any, ndim: int) -> Tensor:
     """``a`` as a detached floating tensor of ``ndim`` dimensions with finite values, else the error naming ``name``."""
     if isinstance(a, np.ndarray):
-        a = torch.from_numpy(a)
+        a = torch.from_numpy(native_array(a))
     if not isinstance(a, Tensor):
         raise TypeError(f"{name}: expected a tensor (or a NumPy array), got {type(a).__name__}")
     if not a.dtype.is_floating_point:
@@ -118,6 +124,7 @@ def to_flashrnn(layer: LSTM, index: int = 0, direction: int = 0) -> dict[str, An
     if not isinstance(layer, LSTM):
         raise TypeError(f"layer: expected an lstmkit LSTM, got {type(layer).__name__}")
     index, direction = layer_slot(layer, index, direction)
+    require_values(layer)
     spec = layer.spec.without_init().replace(heads=1)
     function = "slstm" if spec.slstm else "lstm"
     if spec.slstm and spec.forget_activation != "sigmoid":

@@ -33,7 +33,7 @@ import torch
 
 from lstmkit._optional import require
 from lstmkit._validate import check_bool
-from lstmkit.convert._checks import expect_shape
+from lstmkit.convert._checks import expect_shape, native_array, require_values
 from lstmkit.layout import ORDERS
 from lstmkit.nn import LSTM
 from lstmkit.spec import CellSpec
@@ -193,6 +193,14 @@ def _use_bias(layer: Any) -> bool:
     return (layer.forward_layer if hasattr(layer, "forward_layer") else layer).use_bias
 
 
+def _readable(a: np.ndarray) -> np.ndarray:
+    """A Keras weight as torch reads it: a bfloat16 array (ml_dtypes' type, which torch does not
+    read) widened to float32, where its every value is exact; others in native order (native_array)."""
+    if a.dtype.kind == "V" and a.dtype.name == "bfloat16":
+        a = a.astype(np.float32)
+    return native_array(a)
+
+
 def from_keras(obj: Any, *, allow_go_backwards: bool = True) -> LSTM:
     """An lstmkit LSTM (``batch_first=True``) computing what the Keras LSTM stack computes.
 
@@ -229,7 +237,8 @@ def from_keras(obj: Any, *, allow_go_backwards: bool = True) -> LSTM:
                                      f"x.flip(1), or save the Keras model without go_backwards")
                 warnings.warn(f"keras: {sub.name!r} has go_backwards=True; feed its lstmkit twin the "
                               f"time-reversed input x.flip(1)", UserWarning, stacklevel=2)
-            weights = [np.asarray(keras.ops.convert_to_numpy(w)) for w in sub.cell.weights]
+            # bfloat16 weights (ml_dtypes', which torch does not read) widened to float32: exact
+            weights = [_readable(np.asarray(keras.ops.convert_to_numpy(w))) for w in sub.cell.weights]
             p = out.layer_params(index, direction)
             n_in = p["weight_ih"].shape[1]
             expect_shape(f"{sub.name}.kernel", weights[0], (n_in, 4 * H))
@@ -270,6 +279,7 @@ def to_keras(layer: LSTM, return_sequences: bool = True, return_state: bool = Fa
     check_bool("return_sequences", return_sequences)
     check_bool("return_state", return_state)
     require_keras_lstm(layer)
+    require_values(layer)
     activation, recurrent_activation = keras_activations(layer.spec)  # type: ignore[misc]
     keras = _keras()
     H = layer.hidden_size
@@ -290,7 +300,9 @@ def to_keras(layer: LSTM, return_sequences: bool = True, return_state: bool = Fa
         subs = [block.forward_layer, block.backward_layer] if layer.bidirectional else [block]
         for direction, sub in enumerate(subs):
             p = layer.layer_params(index, direction)
-            weights = [p["weight_ih"].detach().double().numpy().T, p["weight_hh"].detach().double().numpy().T]
+            # (.resolve_neg(): a weight with torch's negation bit as its values; NumPy reads memory)
+            weights = [p["weight_ih"].detach().double().resolve_neg().numpy().T,
+                       p["weight_hh"].detach().double().resolve_neg().numpy().T]
             if layer.bias:
                 weights.append((p["bias_ih"] + p["bias_hh"]).detach().double().numpy())
             sub.cell.set_weights([w.astype(np.float32) for w in weights])

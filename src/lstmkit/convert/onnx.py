@@ -64,6 +64,7 @@ import torch
 from lstmkit._atomic import check_writable, write_bytes
 from lstmkit._validate import check_bool, check_optional_bool
 from lstmkit.convert import onnx_trace
+from lstmkit.convert._checks import require_values
 from lstmkit.convert.onnx_import import METADATA_KEY, from_onnx, onnx_module
 from lstmkit.kernels import onnx_export
 from lstmkit.layout import suffix
@@ -113,7 +114,7 @@ def _operator_arrays(layer: LSTM | RNN, index: int, direction: int, dtype: torch
     float16 or bfloat16 layer is written exactly in float32 (or float64)."""
     p = {k: v.detach().cpu().to(dtype) for k, v in layer.layer_params(index, direction).items()}
     out = onnx_export.operator_weights(p, layer.spec, layer.hidden_size)
-    return {k: (v.numpy().copy() if v is not None else None) for k, v in out.items()}
+    return {k: (v.resolve_neg().numpy().copy() if v is not None else None) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------- export
@@ -208,9 +209,7 @@ def to_onnx(model: LSTM | RNN, path: str | os.PathLike[str] | None = None, *, op
     reason = operator_refusal(model)
     if path is not None:
         check_writable(path, overwrite=True, what="path")
-    if any(p.is_meta for p in model.parameters()):
-        raise ValueError("model: its parameters are on the meta device and hold no values; give it weights first "
-                         "(model.to_empty(device='cpu'), then load_state_dict)")
+    require_values(model, "model")
     onnx = _onnx()
     from onnx import TensorProto, helper
 
@@ -356,7 +355,8 @@ def _scan_layer(g: _Builder, model: LSTM | RNN, index: int, x: str, ctx: dict[st
     hs: list[str] = []
     cs: list[list[str]] = [[] for _ in cells]
     for d in range(D):
-        tensors = {base: v.detach().cpu().to(dtype) for base, v in model.layer_params(index, d).items()}
+        # (a weight with torch's negation bit made plain: NumPy reads memory)
+        tensors = {base: v.detach().cpu().to(dtype).resolve_neg() for base, v in model.layer_params(index, d).items()}
         names = {base: g.const(v.numpy(), name=base + suffix(index, d)) for base, v in tensors.items()}
         # The input side of every step at once: x W_ihᵀ (LN) + b, [T, B, R].
         traced = onnx_trace.input_projection(spec, tensors, H, g.opset)

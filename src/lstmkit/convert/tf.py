@@ -18,8 +18,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lstmkit.convert._checks import expect_finite_float, expect_weights, layer_slot, require_plain_lstm
-from lstmkit.layout import reorder_gates
+from lstmkit._param_writes import write_rows
+from lstmkit.convert._checks import (
+    expect_finite_float,
+    expect_weights,
+    layer_slot,
+    require_plain_lstm,
+    require_values,
+)
+from lstmkit.layout import reorder_gates, suffix
 from lstmkit.nn import LSTM
 
 __all__ = ["to_tf1", "from_tf1", "to_haste", "from_haste"]
@@ -28,7 +35,8 @@ __all__ = ["to_tf1", "from_tf1", "to_haste", "from_haste"]
 def _canonical(layer: LSTM, index: int, direction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W_ih (4H, I), W_hh (4H, H) and the summed bias (4H,) of one layer-direction, in the layer's
     dtype — a bfloat16 layer's in float32, which NumPy has (every value exact, the sum and the
-    forget_bias shift computed there)."""
+    forget_bias shift computed there). A layer on the meta device is refused (no values)."""
+    require_values(layer)
     p = {k: v.detach().float() if v.dtype == torch.bfloat16 else v.detach()
          for k, v in layer.layer_params(index, direction).items()}
     w_ih, w_hh = p["weight_ih"], p["weight_hh"]
@@ -38,7 +46,7 @@ def _canonical(layer: LSTM, index: int, direction: int) -> tuple[torch.Tensor, t
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     """``t`` as a NumPy array of its own (from :func:`_canonical`: never bfloat16)."""
-    return t.cpu().numpy().copy()
+    return t.cpu().resolve_neg().numpy().copy()
 
 
 def _as_layer_dtype(name: str, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -53,16 +61,17 @@ def _as_layer_dtype(name: str, a: np.ndarray, dtype: torch.dtype) -> torch.Tenso
 
 def _store(layer: LSTM, index: int, direction: int, w_ih: torch.Tensor, w_hh: torch.Tensor,
            b: torch.Tensor) -> None:
-    """Copy one layer-direction's canonical weights into ``layer``; everything is checked before the first copy."""
+    """Write one layer-direction's canonical weights into ``layer`` as its calls read them (a
+    parametrized weight through its ``right_inverse``, a pruned one refused: write_rows); everything
+    is checked before the first write, and a failed write undoes those before it."""
     p = layer.layer_params(index, direction)
     if "bias_ih" not in p and bool(b.abs().max() > 0):
         raise ValueError("bias: the arrays have a non-zero bias but the layer has bias=False")
-    with torch.no_grad():
-        p["weight_ih"].copy_(w_ih)
-        p["weight_hh"].copy_(w_hh)
-        if "bias_ih" in p:
-            p["bias_ih"].copy_(b)
-            p["bias_hh"].zero_()
+    values = {"weight_ih": w_ih, "weight_hh": w_hh}
+    if "bias_ih" in p:
+        values.update(bias_ih=b, bias_hh=torch.zeros_like(b))
+    end = suffix(index, direction)
+    write_rows(layer, [(base + end, slice(None), v) for base, v in values.items()], "layer")
 
 
 def to_tf1(layer: LSTM, index: int = 0, direction: int = 0, forget_bias: float = 1.0) -> dict[str, np.ndarray]:
