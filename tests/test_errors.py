@@ -233,6 +233,20 @@ def test_cuda_without_cuda_names_the_argument():
         lstmkit.LSTM(I, H, device="cuda")
 
 
+def test_sparse_parameters_and_lengths_are_refused_by_name():
+    """A sparse (or mkldnn) parameter passed the shape checks and crashed inside the fused kernels
+    ("Cannot access data pointer of Tensor that doesn't have storage"); sparse lengths raised torch's
+    NotImplementedError for aten::ge on SparseCPU."""
+    layer = lstmkit.LSTM(I, H)
+    weight = layer.weight_hh_l0.detach()
+    for bad in (weight.to_sparse(), weight.to_mkldnn()):
+        params = {**dict(layer.named_parameters()), "weight_hh_l0": bad}
+        with pytest.raises(TypeError, match="parameter weight_hh_l0: expected a dense"):
+            torch.func.functional_call(layer, params, (torch.randn(4, 2, I),))
+    with pytest.raises(TypeError, match="lengths: expected a dense"):
+        layer(torch.randn(4, 2, I), lengths=torch.tensor([4, 2]).to_sparse())
+
+
 def test_gate_hidden_widths_must_be_ints():
     for bad in (16.5, "16", (4, 2.0), True):
         with pytest.raises(ValueError, match=r"gate_hidden\['f'\]: expected positive integer widths"):

@@ -188,6 +188,41 @@ def test_negative_views_read_as_their_values(cell):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("cell", ["vanilla", "deep=3+peephole", "slstm"])
+def test_a_zero_tensor_gradient_and_inference_mode_inputs_train_as_on_the_reference(cell):
+    """torch's ZeroTensor (no memory: the gradient sgn()'s backward hands on) reached the fused
+    backward as a pointer ("its data is not allocated yet"); an input, states and lengths made
+    under torch.inference_mode() could not be saved for the backward ("Inference tensors cannot be
+    saved for backward") where the biases train and the weights are frozen. Both as on the
+    reference row, first and prepared calls."""
+    torch.manual_seed(0)
+    ref = lstmkit.LSTM(3, 4, cell=cell, backend="reference").double()
+    layer = lstmkit.LSTM(3, 4, cell=cell).double()
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    with torch.inference_mode():
+        lengths = torch.tensor([5, 3])
+        x_inf = torch.randn(5, 2, 3, dtype=torch.float64)
+        hx = tuple(torch.randn(1, 2, 4, dtype=torch.float64) for _ in range(4 if "slstm" in cell else 2))
+
+    def grads(m):
+        out = []
+        for _ in range(2):  # the second call: prepared where the first ran the fused kernel
+            y, (h, *_) = m(x)
+            out.append(torch.autograd.grad(y.sgn().sum() + h.square().sum(), [x, m.bias_ih_l0]))
+            for name, p in m.named_parameters():
+                p.requires_grad_(name.startswith("bias"))
+            y2 = m(x_inf, hx, lengths=lengths)[0]
+            out.append(torch.autograd.grad(y2.square().sum(), [m.bias_ih_l0]))
+            for p in m.parameters():
+                p.requires_grad_(True)
+        return out
+
+    for a, b in zip(grads(layer), grads(ref)):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("kernel_name", FAST)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])

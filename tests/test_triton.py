@@ -344,6 +344,22 @@ def test_negative_views_read_as_their_values(cell):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_a_zero_tensor_gradient_is_read_as_zeros():
+    """torch's ZeroTensor (no memory: the gradient sgn()'s backward hands on) reached the kernels as
+    a pointer ("Attempted to access the data pointer on an invalid python storage")."""
+    torch.manual_seed(0)
+    layer = lstmkit.LSTM(3, 4, backend="triton").double().to(DEVICE)
+    ref = lstmkit.LSTM(3, 4, backend="reference").double().to(DEVICE)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(5, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    grads = []
+    for m in (layer, ref):
+        y, (h, _) = m(x)
+        grads.append(torch.autograd.grad(y.sgn().sum() + h.square().sum(), [x, m.weight_hh_l0]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(("cell", "path_name"), _by_turns(COMBOS, COMBOS))
 def test_stacked_bidirectional_projection_vs_numpy_oracle(cell, path_name, monkeypatch):
     """Two bidirectional layers with a projection (not for the RNN) and lengths, float64,

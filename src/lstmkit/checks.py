@@ -231,7 +231,10 @@ def check_lengths(lengths: Any, input: Any, batch_first: bool) -> Tensor:
                             f"{lengths.dim()}-D {lengths.dtype} tensor")
         if lengths.device.type == "meta":
             raise ValueError("lengths: a tensor on the meta device holds no values; give the lengths on the CPU")
+        check_dense(lengths, "lengths")
         lens = lengths.to(device="cpu", dtype=torch.int64)
+        if not torch.compiler.is_compiling() and lens.is_inference() and not torch.is_inference_mode_enabled():
+            lens = lens.clone()  # (made under inference_mode: a call with gradients saves it for its backward)
     elif isinstance(lengths, (list, tuple)) and all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
                                                      for n in lengths):
         if any(not -2**63 <= int(n) < 2**63 for n in lengths):
@@ -281,12 +284,14 @@ def check_parameters(parameters: Mapping[str, Tensor | None], shapes: Mapping[st
     :func:`lstmkit.spec.layer_param_shapes`) present with that shape, all of one floating dtype and
     one device. A parameter replaced, loaded with ``load_state_dict(..., assign=True)`` or set
     through ``.data`` since the module was built is refused here, before any work, instead of
-    being read past its end by a kernel or cast silently."""
+    being read past its end by a kernel or cast silently. A sparse, mkldnn or nested one is a
+    TypeError (check_dense): the kernels read strided memory."""
     first: tuple[str, Tensor] | None = None
     for name, shape in shapes.items():
         p = parameters.get(name)
         if p is None:
             raise ValueError(f"parameter {name}: missing (None); this layer's cell reads one of shape {shape}")
+        check_dense(p, f"parameter {name}")
         if tuple(p.shape) != shape:
             raise ValueError(f"parameter {name}: this layer's cell reads shape {shape}, got {tuple(p.shape)}")
         if first is None:

@@ -57,7 +57,7 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x2d: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x2d, w)
+        ctx.save_for_backward(*ops.saveable((x2d, w)))
         return _onednn_linear(x2d, w, b)
 
     @staticmethod

@@ -194,9 +194,16 @@ def projection_sizes(v: Variant, H: int, P: int) -> tuple[int, int]:
 
 
 def _plain(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The operator's arguments with torch's lazy negation bit resolved: a negative view (e.g.
-    ``x.conj().imag``) is its memory negated, and the kernels read memory."""
-    return tuple(a.resolve_neg() if isinstance(a, Tensor) and a.is_neg() else a for a in args)
+    """The operator's arguments as the kernels read them, memory: a negative view (torch's lazy
+    negation bit, e.g. ``x.conj().imag``: its memory negated) resolved, a ZeroTensor (no memory: the
+    gradient ``sgn()``'s backward passes) as zeros of its own."""
+    return tuple(_plain_one(a) if isinstance(a, Tensor) else a for a in args)
+
+
+def _plain_one(t: Tensor) -> Tensor:
+    if t._is_zerotensor():
+        return torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    return t.resolve_neg() if t.is_neg() else t
 
 
 def _check_rows(T: int, B: int) -> None:

@@ -38,11 +38,13 @@ inline at::ScalarType compute_type(at::ScalarType t) {
 // An absent parameter's placeholder, an empty 1-D tensor, is left as it is; a state, input or
 // output without rows (B = 0: (0, H), (T, 0, I)) is converted as any other.
 inline bool placeholder(const at::Tensor& t) { return t.numel() == 0 && t.dim() <= 1; }
-// A tensor as the kernels read it: in the compute dtype, and without torch's lazy negation bit (a
+// A tensor as the kernels read it: in the compute dtype, without torch's lazy negation bit (a
 // negative view, e.g. x.conj().imag or _neg_view(), is its memory negated: read raw, its values
-// would come out with the opposite sign).
+// would come out with the opposite sign), and with memory (torch's ZeroTensor, e.g. the gradient
+// that sgn()'s backward passes, has none: zeros of its own).
 inline at::Tensor to_compute(const at::Tensor& t, at::ScalarType ct) {
   if (!t.defined() || placeholder(t) || !t.is_floating_point()) return t;
+  if (t._is_zerotensor()) return at::zeros(t.sizes(), t.options().dtype(ct));
   const at::Tensor plain = t.is_neg() ? t.resolve_neg() : t;
   return plain.scalar_type() != ct ? plain.to(ct) : plain;
 }

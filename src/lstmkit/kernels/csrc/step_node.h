@@ -56,8 +56,8 @@ struct NotTwiceDifferentiable : public torch::autograd::Function<NotTwiceDiffere
 // The S cell states (N, H) each, side by side as the kernel reads them: (N, S·H). Contiguous
 // parts of one dtype on the CPU are copied row block by row block into one allocation (at::cat's
 // dispatch and checks cost more than these copies at a step's sizes); undefined parts (a
-// gradient autograd did not materialise) are zeros; anything else (a negative view too) is copied
-// through a view.
+// gradient autograd did not materialise) are zeros; anything else (a negative view, a ZeroTensor)
+// is copied through a view.
 // Called where no autograd graph is built (inside the node, or without gradients).
 inline at::Tensor join_cells(const std::vector<at::Tensor>& parts, const at::TensorOptions& like) {
   const at::Tensor* first = nullptr;
@@ -71,7 +71,7 @@ inline at::Tensor join_cells(const std::vector<at::Tensor>& parts, const at::Ten
     const at::Tensor& c = parts[k];
     if (!c.defined()) {
       for (int64_t n = 0; n < N; ++n) std::memset(dst + (n * S + k) * row, 0, row);
-    } else if (c.is_contiguous() && !c.is_neg() && c.sizes() == first->sizes() &&
+    } else if (c.is_contiguous() && !c.is_neg() && !c._is_zerotensor() && c.sizes() == first->sizes() &&
                c.scalar_type() == joined.scalar_type() && c.device().is_cpu()) {
       const char* src = static_cast<const char*>(c.data_ptr());
       for (int64_t n = 0; n < N; ++n) std::memcpy(dst + (n * S + k) * row, src + n * row, row);
@@ -203,6 +203,10 @@ struct ProjectedRun : public torch::autograd::Function<ProjectedRun> {
     saved.insert(saved.end(), params.begin(), params.end());
     saved.insert(saved.end(), buffers.begin(), buffers.end());
     saved.insert(saved.end(), mlp.begin(), mlp.end());
+    // one made under torch.inference_mode() (a state or a frozen weight of a call whose other
+    // parameters train), which autograd refuses to save: a copy of its values (ops.saveable)
+    for (auto& t : saved)
+      if (t.defined() && t.is_inference()) t = t.clone();
     ctx->save_for_backward(saved);
     ctx->saved_data["node"] = c10::IValue::make_capsule(c10::make_intrusive<NodeFacts>(v, axes, S, widen16, carry));
     ctx->set_materialize_grads(false);
