@@ -111,6 +111,20 @@ def test_rnn_matches_torch(nonlinearity, num_layers, bidirectional, mode, dtype)
         assert_close(gk, gr, dtype, "grad")
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_final_states_detach_in_place_as_torchs(backend):
+    """``h_n.detach_()`` (a TBPTT loop written for nn.LSTM) raised "Can't detach views in-place" for
+    a one-layer stack, whose h_n and c_n were views of its kernel's outputs; first and prepared calls."""
+    layer = lstmkit.LSTM(3, 4, backend=backend)
+    state = None
+    for _ in range(3):
+        y, state = layer(torch.randn(5, 2, 3), state)
+        y.sum().backward()
+        for t in state:
+            t.detach_()
+        assert not any(t.requires_grad for t in state)
+
+
 def test_default_state_is_zeros_and_init_matches_torch_distribution():
     torch.manual_seed(3)
     kit = lstmkit.LSTM(I, H, num_layers=2)

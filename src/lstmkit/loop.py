@@ -115,8 +115,7 @@ def run_stack(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor | None,
                 layer_traces.append(trace)
         traces.append(layer_traces)
         layer_in = ys[0] if num_dirs == 1 else torch.cat(ys, dim=-1)  # (T, B, D·H_out)
-    if len(h_out) == 1:  # one layer, one direction: (1, B, ·) views, no copy
-        h_n, c_n = h_out[0].unsqueeze(0), None if c0 is None else c_out[0].unsqueeze(0)
-    else:
-        h_n, c_n = torch.stack(h_out), None if c0 is None else torch.stack(c_out)
+    # (L·D, B, ·) tensors of their own, as nn.LSTM's (a one-layer stack's as views of its kernel's
+    # outputs refused h_n.detach_(), which TBPTT loops written for nn.LSTM call)
+    h_n, c_n = torch.stack(h_out), None if c0 is None else torch.stack(c_out)
     return StackOut(layer_in, h_n, c_n, traces if record else None, kernel)
