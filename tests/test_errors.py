@@ -233,6 +233,32 @@ def test_cuda_without_cuda_names_the_argument():
         lstmkit.LSTM(I, H, device="cuda")
 
 
+def test_fx_symbolic_trace_is_refused_with_the_leaf_tracer_that_works():
+    """torch.fx.symbolic_trace of a model holding an lstmkit layer raised "input: expected a Tensor or
+    a PackedSequence, got Proxy" (of the bare layer: a lengths error though none was given); the
+    message now names the tracer that keeps lstmkit layers whole, which traces exactly."""
+    class Model(torch.nn.Module):
+        def __init__(self, rnn):
+            super().__init__()
+            self.rnn, self.out = rnn, torch.nn.Linear(H, 2)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0])
+
+    for model in (Model(lstmkit.LSTM(I, H)), lstmkit.LSTM(I, H), lstmkit.RNN(I, H), lstmkit.LSTMCell(I, H)):
+        with pytest.raises(TypeError, match=r"torch.fx.symbolic_trace cannot trace through an lstmkit layer"):
+            torch.fx.symbolic_trace(model)
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, (lstmkit.LSTM, lstmkit.RNN, lstmkit.LSTMCell)) or super().is_leaf_module(m, name)
+
+    model = Model(lstmkit.LSTM(I, H))
+    traced = torch.fx.GraphModule(model, Tracer().trace(model))
+    x = torch.randn(4, 2, I)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
 def test_sparse_parameters_and_lengths_are_refused_by_name():
     """A sparse (or mkldnn) parameter passed the shape checks and crashed inside the fused kernels
     ("Cannot access data pointer of Tensor that doesn't have storage"); sparse lengths raised torch's

@@ -320,6 +320,21 @@ def test_a_full_store_of_prepared_signatures_gives_up_the_least_recently_run(mon
     assert len(cell._prepared._kept) == KEPT_SIGNATURES  # it replaced its own entry, not another's
 
 
+def test_prepared_calls_appear_in_the_profiler():
+    """A prepared call (the kernels called directly, not through the dispatcher) was absent from
+    torch.profiler's tables: a layer's whole forward charged to nothing. It is lstmkit::prepared_step."""
+    from torch.profiler import profile
+
+    x = torch.randn(6, 3, I)
+    for module, arg in ((lstmkit.LSTM(I, H), x), (lstmkit.LSTMCell(I, H), x[0])):
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                module(arg)
+                with profile() as prof:
+                    module(arg)  # prepared
+            assert "lstmkit::prepared_step" in {e.key for e in prof.key_averages()}, (type(module).__name__, grad)
+
+
 def test_prepared_modules_copy_and_pickle():
     """A prepared step is a cache: a deep copy or a saved and loaded module (after prepared
     steps) starts without it and steps like the original, on its own parameters."""

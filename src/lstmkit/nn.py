@@ -61,6 +61,22 @@ _NO_TORCHSCRIPT = (
     "operator. Use torch.export.export(model, args), torch.compile(model), or "
     "torch.onnx.export(model, args) (the default, dynamo-based exporter), which all trace lstmkit layers")
 
+_NO_FX = (
+    "lstmkit: torch.fx.symbolic_trace cannot trace through an lstmkit layer (its forward checks and "
+    "branches on its arguments' values and shapes, which fx's proxies do not have); fx keeps "
+    "torch.nn's own modules whole as leaves but not others. Trace with a tracer that keeps lstmkit's "
+    "as leaves too — class Tracer(torch.fx.Tracer): def is_leaf_module(self, m, name): return "
+    "isinstance(m, (lstmkit.LSTM, lstmkit.RNN, lstmkit.LSTMCell)) or super().is_leaf_module(m, name) — "
+    "then torch.fx.GraphModule(model, Tracer().trace(model)); or use torch.export.export, which traces "
+    "lstmkit layers")
+
+
+def _refuse_fx(*args: Any) -> None:
+    """TypeError (:data:`_NO_FX`) where a call's argument is a torch.fx proxy (symbolic_trace)."""
+    if any(isinstance(a, torch.fx.Proxy) for a in args):
+        raise TypeError(_NO_FX)
+
+
 #: Why one step at a time cannot run fgr (its previous gate activations are state that
 #: ``(h, c)`` does not carry; a whole-sequence call starts them at 0).
 _FGR_STEP = ("fgr keeps the previous gate activations as extra state, which (h, c) cannot carry; "
@@ -267,6 +283,7 @@ class _Recurrent(PreparedModule):
         """Validate, pack/unpack and run. Returns output, h_n, c_n and the raw stack result."""
         if torch.jit.is_tracing():
             raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.trace (and torch.onnx.export(dynamo=False))"))
+        _refuse_fx(input, hx, lengths)
         check_parameters(parameters_now(self, self._param_shapes), self._param_shapes)
         packed = isinstance(input, PackedSequence)
         if lengths is not None:
@@ -350,6 +367,7 @@ class _Recurrent(PreparedModule):
     def _step(self, input: Tensor, hx: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         """One time step of the whole stack (what :meth:`LSTM.step` and :meth:`RNN.step` run):
         ``input`` (N, I) or unbatched (I,); returns output (N, H_out) or (H_out,), h_n, c_n."""
+        _refuse_fx(input, hx)
         if self.bidirectional:
             raise ValueError("step: a bidirectional layer reads each sequence from its end too, so it cannot "
                              "run one step at a time; call the layer on the whole sequence")
@@ -667,6 +685,7 @@ class LSTMCell(PreparedModule):
         return s + (f", backend={self.backend!r}" if self.backend else "")
 
     def _check_input(self, input: Tensor) -> None:
+        _refuse_fx(input)
         if not isinstance(input, Tensor):
             raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
         check_module_input(input, "input", (1, 2), f"a 1-D ({self.input_size},) or 2-D (N, {self.input_size}) tensor",

@@ -4,6 +4,7 @@
 // PreparedStep in lstmkit/kernels/fused.py).
 #pragma once
 #include <torch/extension.h>
+#include <ATen/record_function.h>  // RECORD_FUNCTION
 #include <c10/util/strides.h>  // contiguous_strides
 #include <torch/csrc/autograd/graph_task.h>  // get_current_graph_task_id
 #include <torch/csrc/autograd/node.h>  // get_current_node
@@ -473,6 +474,9 @@ struct PreparedLayer {
   std::vector<at::Tensor> call(const at::Tensor& x, const at::Tensor& h, const std::vector<at::Tensor>& cells,
                                const std::optional<at::Tensor>& keep_c,
                                const std::optional<at::Tensor>& keep_h) const {
+    // a call of its own in torch.profiler's tables (the general path's runs through the dispatcher,
+    // which records its operators; this one calls the kernels directly): free while no profiler runs
+    RECORD_FUNCTION("lstmkit::prepared_step", std::vector<c10::IValue>({x}));
     check_tensors(x);
     std::vector<at::Tensor> p = params;
     if (keep_c.has_value()) p[P_KEEP_C] = *keep_c;
