@@ -19,8 +19,9 @@ from lstmkit.kernels.base import FLOAT_DTYPES
 __all__ = ["check_value", "write_rows"]
 
 
-def check_value(what: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, gate: str) -> None:
-    """TypeError / ValueError naming ``what`` (``"W"``, ``"b"``) unless ``value`` can be written
+def check_value(what: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, context: str = "") -> None:
+    """TypeError / ValueError naming ``what`` (``"W"``, ``"b"``; ``context`` follows the expected
+    shape in its message, e.g. " for the forget gate") unless ``value`` can be written
     into a layer of ``dtype``: a dense tensor with values (not a number, a NumPy array, a meta,
     sparse or quantized tensor), of a floating dtype (complex, integer and bool values are not
     cast), of ``shape``, every value finite once in ``dtype`` (1e300 is inf as float32) — as the
@@ -38,7 +39,7 @@ def check_value(what: str, value: Any, shape: tuple[int, ...], dtype: torch.dtyp
         raise TypeError(f"{what}: expected a floating-point tensor ({', '.join(map(str, FLOAT_DTYPES))}), got "
                         f"{value.dtype}; complex, integer and bool values are not cast")
     if tuple(value.shape) != shape:
-        raise ValueError(f"{what}: expected shape {shape}{gate}, got {tuple(value.shape)}")
+        raise ValueError(f"{what}: expected shape {shape}{context}, got {tuple(value.shape)}")
     finite = torch.isfinite(value.detach().to(dtype))
     if not bool(finite.all()):
         bad = (~finite).nonzero()

@@ -131,7 +131,7 @@ class GateView:
     def b(self, value: Tensor) -> None:
         if self.b_x is None:
             raise ValueError(f"b: the {self.name} gate has no bias (absent gate or bias=False)")
-        check_value("b", value, tuple(self.b_x.shape), self.b_x.dtype, "")
+        check_value("b", value, tuple(self.b_x.shape), self.b_x.dtype)
         self._write("b", [("bias_ih", self.b_x, value), ("bias_hh", self.b_h, torch.zeros_like(self.b_h))])
 
     def _write(self, what: str, writes: list[tuple[str, Tensor, Tensor]]) -> None:
