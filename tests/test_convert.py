@@ -142,7 +142,7 @@ def test_flashrnn_arrays_in_any_numpy_layout_and_meta_layers_refused_by_name(tmp
         torch.testing.assert_close(back(x)[0], want, rtol=1e-10, atol=1e-10)
     meta = lstmkit.LSTM(3, 4, device="meta")
     for export in (to_tf1, to_haste, to_flashrnn, lambda m: write_layer(m, tmp_path / "m.safetensors")):
-        with pytest.raises(ValueError, match="layer: its parameters are on the meta device"):
+        with pytest.raises(ValueError, match="layer: the layer's parameters are on the meta device"):
             export(meta)
     assert list(tmp_path.iterdir()) == []
 

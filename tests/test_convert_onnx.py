@@ -225,7 +225,7 @@ def test_projection_and_bad_arguments_are_refused(tmp_path):
         to_onnx(lstmkit.LSTM(3, 4), tmp_path / "missing" / "m.onnx")
     with pytest.raises(TypeError, match="path: expected a file name .*, got int"):
         to_onnx(lstmkit.LSTM(3, 4), 3)
-    with pytest.raises(ValueError, match="model: its parameters are on the meta device"):
+    with pytest.raises(ValueError, match="model: the layer's parameters are on the meta device"):
         to_onnx(lstmkit.LSTM(3, 4, device="meta"))
     assert list(tmp_path.iterdir()) == []
 

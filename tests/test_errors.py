@@ -258,6 +258,17 @@ def test_fx_symbolic_trace_is_refused_with_the_leaf_tracer_that_works():
     x = torch.randn(4, 2, I)
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
 
+    class Stepper(torch.nn.Module):  # step() is not forward: a leaf keeps only forward whole
+        def __init__(self):
+            super().__init__()
+            self.rnn = lstmkit.LSTM(I, H)
+
+        def forward(self, x):
+            return self.rnn.step(x)[0]
+
+    with pytest.raises(TypeError, match=r"cannot trace through an lstmkit layer's step\(\)"):
+        Tracer().trace(Stepper())
+
 
 def test_sparse_parameters_and_lengths_are_refused_by_name():
     """A sparse (or mkldnn) parameter passed the shape checks and crashed inside the fused kernels
@@ -495,6 +506,9 @@ def test_initial_values_the_dtype_cannot_hold_and_storage_only_dtypes():
     with pytest.raises(ValueError, match=r"clip=1e-10 rounds to 0 in torch.float16"):
         lstmkit.LSTMCell(I, H, cell="clip=1e-10", dtype=torch.float16)
     lstmkit.LSTM(I, H, cell="clip=1e-40")  # a subnormal float32: held, not refused
+    converted = lstmkit.LSTM(I, H, cell="clip=1e-10").half()  # converted after it was built: refused by the call
+    with pytest.raises(ValueError, match=r"clip=1e-10 rounds to 0 in torch.float16"):
+        converted(torch.randn(3, 2, I).half())
 
 
 def test_lengths_as_numpy_and_out_of_range_ints():

@@ -264,6 +264,14 @@ def test_gate_setters_refuse_what_is_not_a_weight_by_name(attr, case):
     assert _same_state(layer, before)
 
 
+def test_gate_setters_refuse_a_layer_on_the_meta_device():
+    """A write into a meta layer's gate returned normally and wrote nothing (a parametrized one:
+    torch's "Tensor.item() cannot be called on meta tensors")."""
+    layer = lstmkit.LSTM(I, H, device="meta")
+    with pytest.raises(ValueError, match="b: the layer's parameters are on the meta device"):
+        layer.gates()["forget"].b = torch.zeros(H)
+
+
 def _plain_copy(layer: torch.nn.Module) -> torch.nn.Module:
     """A layer without parametrizations holding ``layer``'s effective weights."""
     plain = lstmkit.LSTM(layer.input_size, layer.hidden_size)

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from lstmkit.kernels.base import FLOAT_DTYPES
 
-__all__ = ["check_value", "write_rows"]
+__all__ = ["check_value", "require_values", "write_rows"]
 
 
 def check_value(what: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, context: str = "") -> None:
@@ -73,15 +73,27 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 8 * torch.finfo(dtype).eps
 
 
+def require_values(module: nn.Module, what: str = "layer") -> None:
+    """ValueError naming ``what`` where ``module``'s parameters are on the meta device (no values to
+    read or write): before any work, instead of torch's "Cannot copy out of meta tensor" from deep
+    inside, or writes that do nothing."""
+    if any(p.is_meta for p in module.parameters()):
+        raise ValueError(f"{what}: the layer's parameters are on the meta device and hold no values; give it "
+                         f"weights first (layer.to_empty(device='cpu'), then load_state_dict)")
+
+
 def write_rows(module: nn.Module, writes: list[tuple[str, slice, Tensor]], what: str) -> None:
-    """Write ``rows`` into rows ``sl`` of each of ``module``'s parameters ``name`` as a call reads
-    them; every write is checked possible first, and a failed one undoes those before it.
+    """For each ``(name, rows, value)`` of ``writes``, write ``value`` into rows ``rows`` (a slice of
+    the first dimension) of ``module``'s parameter ``name`` as a call reads it; every write is
+    checked possible first, and a failed one undoes those before it.
 
     Raises:
-        ValueError: naming ``what`` and the parameter, where the value cannot be written: a weight
-            computed before each call, a parametrization without ``right_inverse``, or one that
-            does not read back the value written (``weight_norm``'s row of zeros reads back NaN).
+        ValueError: naming ``what`` and the parameter, where the value cannot be written: a module
+            on the meta device, a weight computed before each call, a parametrization without
+            ``right_inverse``, or one that does not read back the value written (``weight_norm``'s
+            row of zeros reads back NaN).
     """
+    require_values(module, what)
     for name, _, _ in writes:
         if parametrize.is_parametrized(module, name):
             plist = module.parametrizations[name]  # type: ignore[index]
@@ -107,7 +119,7 @@ def write_rows(module: nn.Module, writes: list[tuple[str, slice, Tensor]], what:
 
 
 def _write_one(module: nn.Module, name: str, sl: slice, rows: Tensor, what: str) -> Callable[[], None]:
-    """One write of :func:`_write_rows` (under no_grad); returns what undoes it."""
+    """One write of :func:`write_rows` (under no_grad); returns what undoes it."""
     if not parametrize.is_parametrized(module, name):
         param = module._parameters[name].detach()  # type: ignore[union-attr]
         old = param[sl].clone()

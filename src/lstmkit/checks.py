@@ -23,8 +23,8 @@ from lstmkit.kernels.onnx_export import exporting
 from lstmkit.spec import CellSpec, layer_param_shapes
 
 __all__ = ["check_finite", "check_finite_all", "check_device", "check_backend", "check_dtype", "check_memory",
-           "check_packed_sequence", "check_parameters", "check_init_values", "check_dense", "check_lengths",
-           "check_input_size", "check_module_input", "input_dtype_ok", "vmapped", "NONFINITE_INPUT"]
+           "check_packed_sequence", "check_parameters", "check_init_values", "check_clip", "check_dense",
+           "check_lengths", "check_input_size", "check_module_input", "input_dtype_ok", "vmapped", "NONFINITE_INPUT"]
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -129,9 +129,7 @@ def check_init_values(spec: CellSpec, dtype: torch.dtype | None) -> None:
     float32 (float64 layer: float64) range its draw takes place in, or a cell clip that rounds to
     0 in the layer's dtype (``clip=1e-10`` in float16: every cell state and output 0)."""
     dtype = dtype if dtype is not None else torch.get_default_dtype()
-    if spec.cell_clip is not None and not torch.tensor(spec.cell_clip, dtype=dtype) > 0:
-        raise ValueError(f"cell: clip={spec.cell_clip:g} rounds to 0 in {dtype}, which would clip every cell "
-                         f"state to 0 (its smallest positive value is {_smallest_positive(dtype):g})")
+    check_clip(spec, dtype)
     limit = torch.finfo(dtype).max
     for gate, value in spec.init_biases.items():
         if not abs(value) <= limit:
@@ -143,9 +141,18 @@ def check_init_values(spec: CellSpec, dtype: torch.dtype | None) -> None:
                          f"(largest {draw:g})")
 
 
+def check_clip(spec: CellSpec, dtype: torch.dtype) -> None:
+    """ValueError where the cell clip rounds to 0 in ``dtype`` (``clip=1e-10`` in float16: every cell
+    state and output 0): at construction, and by every call of a layer converted since."""
+    if spec.cell_clip is not None and spec.cell_clip <= _smallest_positive(dtype) / 2:  # (ties round to even: 0)
+        raise ValueError(f"cell: clip={spec.cell_clip:g} rounds to 0 in {dtype}, which would clip every cell "
+                         f"state to 0 (its smallest positive value is {_smallest_positive(dtype):g})")
+
+
 def _smallest_positive(dtype: torch.dtype) -> float:
-    """The smallest positive value of ``dtype`` (subnormal)."""
-    return float(torch.nextafter(torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)))
+    """The smallest positive value of ``dtype`` (its smallest subnormal: the smallest normal times eps)."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
 
 
 def _physical_memory() -> int | None:

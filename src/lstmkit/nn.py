@@ -24,6 +24,7 @@ from lstmkit._validate import check_bool, check_int
 from lstmkit.checks import (
     NONFINITE_INPUT,
     check_backend,
+    check_clip,
     check_dense,
     check_device,
     check_dtype,
@@ -71,10 +72,17 @@ _NO_FX = (
     "lstmkit layers")
 
 
-def _refuse_fx(*args: Any) -> None:
-    """TypeError (:data:`_NO_FX`) where a call's argument is a torch.fx proxy (symbolic_trace)."""
+_NO_FX_STEP = (
+    "lstmkit: torch.fx.symbolic_trace cannot trace through an lstmkit layer's step() (it checks and "
+    "branches on its arguments, and a leaf module keeps only its forward whole); call the step from "
+    "the forward of a small module of your own and keep that module as a leaf of your fx Tracer, or "
+    "use torch.export.export, which traces it")
+
+
+def _refuse_fx(*args: Any, message: str = _NO_FX) -> None:
+    """TypeError (``message``) where a call's argument is a torch.fx proxy (symbolic_trace)."""
     if any(isinstance(a, torch.fx.Proxy) for a in args):
-        raise TypeError(_NO_FX)
+        raise TypeError(message)
 
 
 #: Why one step at a time cannot run fgr (its previous gate activations are state that
@@ -284,7 +292,9 @@ class _Recurrent(PreparedModule):
         if torch.jit.is_tracing():
             raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.trace (and torch.onnx.export(dynamo=False))"))
         _refuse_fx(input, hx, lengths)
-        check_parameters(parameters_now(self, self._param_shapes), self._param_shapes)
+        params = parameters_now(self, self._param_shapes)
+        check_parameters(params, self._param_shapes)
+        check_clip(self.spec, next(iter(params.values())).dtype)  # (a layer converted since it was built)
         packed = isinstance(input, PackedSequence)
         if lengths is not None:
             lengths = check_lengths(lengths, input, self.batch_first)
@@ -367,7 +377,7 @@ class _Recurrent(PreparedModule):
     def _step(self, input: Tensor, hx: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         """One time step of the whole stack (what :meth:`LSTM.step` and :meth:`RNN.step` run):
         ``input`` (N, I) or unbatched (I,); returns output (N, H_out) or (H_out,), h_n, c_n."""
-        _refuse_fx(input, hx)
+        _refuse_fx(input, hx, message=_NO_FX_STEP)
         if self.bidirectional:
             raise ValueError("step: a bidirectional layer reads each sequence from its end too, so it cannot "
                              "run one step at a time; call the layer on the whole sequence")
@@ -723,6 +733,7 @@ class LSTMCell(PreparedModule):
             raise RuntimeError(_NO_TORCHSCRIPT.format(what="torch.jit.trace (and torch.onnx.export(dynamo=False))"))
         params = parameters_now(self, self._param_shapes)
         check_parameters(params, self._param_shapes)
+        check_clip(self.spec, next(iter(params.values())).dtype)  # (a cell converted since it was built)
         self._check_input(input)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)  # (N, I)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lstmkit._param_writes import require_values
 from lstmkit._validate import check_int
 from lstmkit.nn import LSTM
 
@@ -77,14 +78,6 @@ def native_array(arr: np.ndarray) -> np.ndarray:
     is not already so."""
     native = arr.dtype.newbyteorder("=") if arr.dtype.byteorder not in ("=", "|") else arr.dtype
     return np.require(arr, dtype=native, requirements=["C", "W"])
-
-
-def require_values(layer: torch.nn.Module, what: str = "layer") -> None:
-    """ValueError naming ``what`` where ``layer``'s parameters are on the meta device (no values to
-    convert): before any work, instead of torch's "Cannot copy out of meta tensor" from deep inside."""
-    if any(p.is_meta for p in layer.parameters()):
-        raise ValueError(f"{what}: its parameters are on the meta device and hold no values; give it weights "
-                         f"first ({what}.to_empty(device='cpu'), then load_state_dict)")
 
 
 #: The dtypes a weight tensor may come in (float8 and complex tensors are not weights).

@@ -351,8 +351,9 @@ class PreparedStep:
         # step with hx=None, then its others): a dict replaced whole on every change, so a call never
         # sees a half-made entry
         self._kept: dict[tuple, _Kept] = {}
-        # when each kept signature was last run (a tick of _tick): a full store gives up the least
-        # recently run one, so a loop's every-call signature outlives a few passing ones
+        # when each kept signature was last run (a tick of _tick; updated in place by run(), replaced
+        # whole by remember()): a full store gives up the least recently run one, so a loop's
+        # every-call signature outlives a few passing ones
         self._used: dict[tuple, int] = {}
         self._tick = 0
         # bumped by clear(): a call captures it at its start (in its signature's version), and a
@@ -386,6 +387,9 @@ class PreparedStep:
         kind, shape, dtype, device, layout, _states, training, (_registry, generation), *_ = key  # (signature's order)
         if generation != self.generation:
             return  # cleared since the call began: what it ran may no longer be the module's choice
+        held = self._kept.get(key)
+        if held is not None and held.holds(parameters):
+            return  # kept already (a call that took the general path under autocast or vmap): as it is
         if kind is not Tensor or layout != torch.strided or len(shape) not in (2, 3) or device.type != "cpu" \
                 or not self.spec.is_lstm:
             return
@@ -401,8 +405,7 @@ class PreparedStep:
             return  # a tensor made for the call (a hook's, as the hook-based weight_norm's): new every call
         # only signatures of these very parameters stay: one kept for others (replaced since, or
         # torch.func.functional_call's for one call) is never run again, and would hold its tensors
-        # (a kept signature made anew — a call that took the general path under autocast or vmap —
-        # replaces its own entry, not another's)
+        # (a signature kept for other parameters is made anew: it replaces its own entry, not another's)
         kept = {k: v for k, v in self._kept.items() if v.holds(parameters) and k != key}
         used = self._used
         while len(kept) >= KEPT_SIGNATURES:

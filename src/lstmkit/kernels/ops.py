@@ -257,7 +257,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -
     xg, w_hh, h0, c0, lengths, *rest = inputs
     params, meta = rest[:NP], rest[NP:]
     y, _h_n, _c_n, *buffers = output
-    ctx.save_for_backward(*saveable((y, h0, c0, w_hh, lengths, *params, *buffers)))
+    ctx.save_for_backward(y, *saveable((h0, c0, w_hh, lengths, *params)), *buffers)  # (outputs: never inference)
     ctx.meta = tuple(meta[:-1])  # (flags, mlp_layout, *scalars, hidden_size, proj_size): all but save
     ctx.kept = bool(meta[-1])  # save: whether the forward kept what its backward reads
 
@@ -370,7 +370,7 @@ class _Recurrence(torch.autograd.Function):
         impl, meta, lengths, _xg, w_hh, h0, c0, *params = inputs
         ctx.set_materialize_grads(False)
         if meta[-1]:  # save
-            ctx.save_for_backward(*saveable((output[0], h0, c0, w_hh, lengths, *params, *output[3:])))
+            ctx.save_for_backward(output[0], *saveable((h0, c0, w_hh, lengths, *params)), *output[3:])
             ctx.meta = meta[:-1]  # (flags, mlp_layout, *scalars, hidden_size, proj_size)
             ctx.backward_fn = recurrence_backward_op if impl is None else impl.backward
         ctx.mark_non_differentiable(*output[3:])
