@@ -20,6 +20,7 @@ from lstmkit import kernels
 from lstmkit.kernels import cpu_ext
 from lstmkit.kernels.base import FLOAT_DTYPES, vmapped
 from lstmkit.kernels.onnx_export import exporting
+from lstmkit.kernels.ops import saveable
 from lstmkit.spec import CellSpec, layer_param_shapes
 
 __all__ = ["check_finite", "check_finite_all", "check_device", "check_backend", "check_dtype", "check_memory",
@@ -240,8 +241,7 @@ def check_lengths(lengths: Any, input: Any, batch_first: bool) -> Tensor:
             raise ValueError("lengths: a tensor on the meta device holds no values; give the lengths on the CPU")
         check_dense(lengths, "lengths")
         lens = lengths.to(device="cpu", dtype=torch.int64)
-        if not torch.compiler.is_compiling() and lens.is_inference() and not torch.is_inference_mode_enabled():
-            lens = lens.clone()  # (made under inference_mode: a call with gradients saves it for its backward)
+        (lens,) = saveable([lens])  # (made under inference_mode: a call with gradients saves it for its backward)
     elif isinstance(lengths, (list, tuple)) and all(isinstance(n, numbers.Integral) and not isinstance(n, bool)
                                                      for n in lengths):
         if any(not -2**63 <= int(n) < 2**63 for n in lengths):

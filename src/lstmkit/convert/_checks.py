@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lstmkit._param_writes import require_values
+from lstmkit._param_writes import expect_dense, require_values
 from lstmkit._validate import check_int
 from lstmkit.nn import LSTM
 
@@ -82,14 +82,6 @@ def native_array(arr: np.ndarray) -> np.ndarray:
 
 #: The dtypes a weight tensor may come in (float8 and complex tensors are not weights).
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def expect_dense(name: str, t: torch.Tensor) -> None:
-    """TypeError naming ``name`` unless ``t`` is a dense (strided) tensor with values: not sparse,
-    quantized or on the meta device (``torch.load(weights_only=True)`` lets each through)."""
-    if t.layout != torch.strided or t.is_meta or t.is_quantized:
-        kind = "quantized" if t.is_quantized else "meta" if t.is_meta else str(t.layout).removeprefix("torch.")
-        raise TypeError(f"{name}: expected a dense tensor with values, got a {kind} tensor")
 
 
 def expect_dense_float(name: str, t: torch.Tensor) -> None:
