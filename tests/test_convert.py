@@ -72,6 +72,16 @@ def test_a_parametrized_or_pruned_layer_converts_and_writes_its_computed_weights
             torch.testing.assert_close(back.double()(x)[0], want, rtol=1e-10, atol=1e-10)
 
 
+def test_write_layer_refuses_onnx_options_for_another_format(tmp_path):
+    """write_layer(layer, "x.pt", opset=13) dropped the ONNX option silently (convert_file and the
+    command line refused it); nothing is written."""
+    from lstmkit.convert.files import write_layer
+
+    with pytest.raises(ValueError, match=r"DST: opset / --opset apply to an .onnx DST only, and x.pt is torch"):
+        write_layer(lstmkit.LSTM(3, 4), tmp_path / "x.pt", opset=13)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_converters_refuse_what_is_not_a_layer_naming_the_argument():
     """``to_torch(None)`` / an LSTMCell raised AttributeError from the attributes read before the
     type check; ``read_layer(None)`` pathlib's TypeError, which named no argument."""

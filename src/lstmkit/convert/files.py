@@ -497,6 +497,15 @@ def _check_bytes(data: bytes, fmt: str, where: str) -> None:
         raise ValueError(f"{where}: the {fmt} writer produced an unexpected file; nothing was written")
 
 
+def _check_onnx_options(onnx_options: dict[str, Any], fmt: str, dst: str | os.PathLike[str]) -> None:
+    """ValueError where ONNX options are given for a DST of another format (they would be dropped)."""
+    if onnx_options and fmt != "onnx":
+        flags = {"opset": "--opset", "initial_states": "--onnx-initial-states", "sequence_lens": "--onnx-sequence-lens",
+                 "method": "--onnx-method"}
+        named = ", ".join(f"{k} / {flags[k]}" if k in flags else k for k in onnx_options)
+        raise ValueError(f"DST: {named} apply to an .onnx DST only, and {Path(dst).name} is {fmt}; leave them out")
+
+
 def write_layer(layer: Layer, dst: str | os.PathLike[str], *, overwrite: bool = False,
                 **onnx_options: Any) -> Path:
     """Write ``layer`` to ``dst`` in the format of its extension, atomically.
@@ -523,6 +532,7 @@ def write_layer(layer: Layer, dst: str | os.PathLike[str], *, overwrite: bool = 
     check_bool("overwrite", overwrite)
     p = Path(dst)
     fmt = file_format(p, "DST")
+    _check_onnx_options(onnx_options, fmt, p)
     exists = f"DST: {p} exists; pass --overwrite (overwrite=True) to replace it"
     _atomic.check_writable(p, overwrite=overwrite, what="DST", exists_error=exists)
     _check_carries(layer, fmt, onnx_options.get("method", "auto"))
@@ -565,11 +575,7 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ov
     if batch_first is not None and fmt == "torch":
         raise ValueError(f"DST: a state dict ({Path(dst).suffix}) records no layout, so batch_first / "
                          f"--[no-]batch-first would be lost; leave it out (the module that loads it sets its own)")
-    if onnx_options and fmt != "onnx":
-        flags = {"opset": "--opset", "initial_states": "--onnx-initial-states", "sequence_lens": "--onnx-sequence-lens",
-                 "method": "--onnx-method"}
-        named = ", ".join(f"{k} / {flags[k]}" if k in flags else k for k in onnx_options)
-        raise ValueError(f"DST: {named} apply to an .onnx DST only, and {Path(dst).name} is {fmt}; leave them out")
+    _check_onnx_options(onnx_options, fmt, dst)
     if batch_first is False and fmt in ("keras", "keras-weights"):
         raise ValueError("DST: Keras layers are batch-first (batch, time, features); a Keras file cannot record "
                          "batch_first=False / --no-batch-first")
