@@ -14,18 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lstmkit.checks import check_dense
 from lstmkit.kernels.base import FLOAT_DTYPES
 
-__all__ = ["check_value", "expect_dense", "require_values", "write_rows"]
-
-
-def expect_dense(name: str, t: Tensor) -> None:
-    """TypeError naming ``name`` unless ``t`` is a dense (strided) tensor with values: not sparse,
-    nested, quantized or on the meta device (``torch.load(weights_only=True)`` lets each through)."""
-    if t.layout != torch.strided or t.is_nested or t.is_meta or t.is_quantized:
-        kind = ("nested" if t.is_nested else "quantized" if t.is_quantized else "meta" if t.is_meta
-                else str(t.layout).removeprefix("torch."))
-        raise TypeError(f"{name}: expected a dense tensor with values, got a {kind} tensor")
+__all__ = ["check_value", "require_values", "write_rows"]
 
 
 def check_value(what: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype, context: str = "") -> None:
@@ -40,7 +32,7 @@ def check_value(what: str, value: Any, shape: tuple[int, ...], dtype: torch.dtyp
         convert = "torch.from_numpy(array)" if type(value).__module__ == "numpy" else example
         raise TypeError(f"{what}: expected a tensor of shape {shape}, got {type(value).__name__}; "
                         f"convert it, e.g. {convert}")
-    expect_dense(what, value)
+    check_dense(value, what, values=True)
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what}: expected a floating-point tensor ({', '.join(map(str, FLOAT_DTYPES))}), got "
                         f"{value.dtype}; complex, integer and bool values are not cast")

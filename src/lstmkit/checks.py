@@ -276,9 +276,16 @@ def plain_values(t: Tensor) -> Tensor:
     return t
 
 
-def check_dense(t: Tensor, what: str) -> None:
+def check_dense(t: Tensor, what: str, values: bool = False) -> None:
     """Raise TypeError unless ``t`` is a dense (strided) tensor: a sparse, mkldnn or nested one
-    is named here rather than failing inside a kernel."""
+    is named here rather than failing inside a kernel. ``values``: a tensor whose values are read
+    as they are (weights written into a layer or loaded from a file, which
+    ``torch.load(weights_only=True)`` hands over in any form), not on the meta device nor quantized
+    either."""
+    if values and (t.layout != torch.strided or t.is_nested or t.is_meta or t.is_quantized):
+        kind = ("nested" if t.is_nested else "quantized" if t.is_quantized else "meta" if t.is_meta
+                else str(t.layout).removeprefix("torch."))
+        raise TypeError(f"{what}: expected a dense tensor with values, got a {kind} tensor")
     if t.layout != torch.strided or t.is_nested:
         kind = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
         raise TypeError(f"{what}: expected a dense (strided) tensor, got a {kind} one; convert it first "

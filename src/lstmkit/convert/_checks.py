@@ -9,12 +9,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lstmkit._param_writes import expect_dense, require_values
+from lstmkit._param_writes import require_values
 from lstmkit._validate import check_int
+from lstmkit.checks import check_dense
 from lstmkit.nn import LSTM
 
 __all__ = ["require_plain_lstm", "expect_shape", "expect_weights", "expect_finite_float", "layer_slot",
-           "expect_finite_parameters", "expect_dense", "expect_dense_float", "native_array", "require_values"]
+           "expect_finite_parameters", "expect_dense_float", "native_array", "require_values"]
 
 
 def require_plain_lstm(layer: object, fmt: str) -> None:
@@ -85,8 +86,8 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def expect_dense_float(name: str, t: torch.Tensor) -> None:
-    """:func:`expect_dense`, and of a weight dtype (:data:`WEIGHT_DTYPES`)."""
-    expect_dense(name, t)
+    """Dense with values (:func:`lstmkit.checks.check_dense`), and of a weight dtype (:data:`WEIGHT_DTYPES`)."""
+    check_dense(t, name, values=True)
     if t.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{name}: expected a floating tensor of {[str(d) for d in WEIGHT_DTYPES]}, got {t.dtype}")
 

@@ -44,7 +44,8 @@ from torch import Tensor
 
 from lstmkit import _atomic
 from lstmkit._validate import check_bool, check_optional_bool, loads_json
-from lstmkit.convert._checks import expect_dense, expect_finite_parameters, require_values
+from lstmkit.checks import check_dense
+from lstmkit.convert._checks import expect_finite_parameters, require_values
 from lstmkit.convert.layer_config import (
     Layer,
     check_shapes,
@@ -232,7 +233,7 @@ def _read_torch(src: Path, cell: str | None, batch_first: bool | None) -> Layer:
         raise ValueError(f"SRC {src}: holds a {type(obj).__name__}, expected a state dict (str -> Tensor) as "
                          f"torch.save(module.state_dict()) writes")
     for k, v in obj.items():
-        expect_dense(f"SRC {src}: {k}", v)
+        check_dense(v, f"SRC {src}: {k}", values=True)
     return _infer_layer(dict(obj), f"SRC {src}", cell, bool(batch_first))
 
 
