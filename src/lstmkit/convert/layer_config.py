@@ -34,8 +34,9 @@ def layer_config(layer: Layer) -> dict[str, Any]:
             "dropout": layer.dropout, "cell": layer.spec.name, "cell_spec": spec}
 
 
-def layer_weights(layer: Layer) -> dict[str, torch.Tensor]:
-    """Every parameter of ``layer`` by its state-dict name (``weight_ih_l0``, ...) as the layer computes
+def layer_weights(layer: Layer | torch.nn.RNNBase) -> dict[str, torch.Tensor]:
+    """Every parameter of ``layer`` — an lstmkit LSTM / RNN, or a ``torch.nn.LSTM`` / ``RNN``: both name
+    theirs in ``_flat_weights_names`` — by its state-dict name (``weight_ih_l0``, ...) as the layer computes
     with it, detached: a parametrized one (``torch.nn.utils.parametrizations.weight_norm``,
     ``register_parametrization``) computed from its parametrization, a hook-computed one (``prune``,
     the hook-based ``weight_norm``) as its hook last set it — where ``state_dict()`` holds the

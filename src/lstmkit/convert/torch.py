@@ -31,7 +31,7 @@ def from_torch(module: nn.LSTM | nn.RNN) -> LSTM | RNN:
         raise TypeError(f"module: expected torch.nn.LSTM or torch.nn.RNN, got {type(module).__name__}")
     # each weight as the module computes with it (a parametrized one, e.g. weight_norm, is computed
     # from its parametrization; the copy holds the value); strict: every key and shape must match
-    out.load_state_dict({name: getattr(module, name).detach() for name in module._flat_weights_names})
+    out.load_state_dict(layer_weights(module))
     out.train(module.training)
     return out
 
