@@ -64,6 +64,31 @@ def test_name_reads_back_as_the_same_spec(cell):
     assert resolve(spec.name) == spec
 
 
+@pytest.mark.parametrize("cell", [*LSTM_VARIANTS.values(), "nfg+deep=2", "cifg+deep=3", "nog+nig+deep=2x2"])
+def test_equal_specs_hash_equal(cell):
+    """Equal specs are one key of a dict: the spec as built, its name read back, its gates' widths
+    written per gate (the form a file stores), a pickled copy (widths for every gate are kept for
+    the computed gates only; the hash was once taken before that)."""
+    import pickle
+
+    spec = resolve(cell)
+    per_gate = spec.replace(gate_hidden=dict(spec.gate_hidden)) if spec.gate_hidden else spec
+    for same in (resolve(spec.name), per_gate, pickle.loads(pickle.dumps(spec))):
+        assert same == spec and hash(same) == hash(spec)
+        assert hash(same) == hash(tuple(getattr(same, f.name) for f in dataclasses.fields(same)))
+
+
+def test_numpy_integer_widths_are_widths():
+    """Deep gates' widths as NumPy integers (an array's entries) are read as ints, as ``heads`` is."""
+    import numpy as np
+
+    for given, plain in (((np.int64(16),), (16,)), ({"f": np.int32(4)}, {"f": (4,)}),
+                         ({"o": [np.int16(3), 2]}, {"o": (3, 2)})):
+        spec = CellSpec(gate_hidden=given)
+        assert spec == CellSpec(gate_hidden=plain) and hash(spec) == hash(CellSpec(gate_hidden=plain))
+        assert all(type(w) is int for _, widths in spec.gate_hidden for w in widths)
+
+
 @pytest.mark.parametrize("gate_hidden, word", [
     ({"f": (4,)}, "deep=f:4"),
     ({"i": (8, 8), "forget": (4,)}, "deep=i:8x8,f:4"),

@@ -56,8 +56,12 @@ def _fields_of_type(annotation: str) -> tuple[str, ...]:
 
 def _widths_for_every_gate(value: Any) -> bool:
     """Whether ``gate_hidden`` is one tuple of widths for every computed gate (``deep=n``)."""
-    return isinstance(value, (tuple, list)) and bool(value) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, (tuple, list)) and bool(value) and all(_is_width(v) for v in value)
+
+
+def _is_width(v: Any) -> bool:
+    """A whole number (a NumPy integer too, as ``heads`` takes), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _freeze_gate_hidden(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -91,14 +95,13 @@ def _freeze_gate_hidden(value: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
         given[letter] = key
         if not isinstance(widths, (tuple, list)):
             widths = (widths,)
-        widths = tuple(widths)
-        if not all(isinstance(w, int) and not isinstance(w, bool) and 0 < w <= MAX_GATE_WIDTH for w in widths):
+        if not all(_is_width(w) and 0 < w <= MAX_GATE_WIDTH for w in widths):
             raise ValueError(
                 f"gate_hidden[{key!r}]: expected positive integer widths of at most {MAX_GATE_WIDTH:,} "
                 f"(a sane bound), got {widths!r}"
             )
         if widths:
-            out[letter] = widths
+            out[letter] = tuple(int(w) for w in widths)  # plain ints: specs compare and hash alike
     return tuple(sorted(out.items(), key=lambda kv: GATES.index(kv[0])))
 
 
@@ -210,8 +213,9 @@ class CellSpec:
             raise ValueError(f"CellSpec: deep_act={self.gate_hidden_activation} is the activation between a deep "
                              f"gate's layers, and this cell has no deep gate; add deep=<w> (or gate_hidden=...)")
         if every_gate and self.kind == "lstm":  # widths for every gate: the gates this variant computes
-            object.__setattr__(self, "gate_hidden", tuple(
-                (g, w) for g, w in self.gate_hidden if g in variants.computed_gates(self)))
+            # (uncached: hashing self now would keep the hash of the fields before this change)
+            computed = variants.computed_gates.uncached(self)
+            object.__setattr__(self, "gate_hidden", tuple((g, w) for g, w in self.gate_hidden if g in computed))
         object.__setattr__(self, "zoneout", _check_zoneout(self.zoneout))
         if isinstance(self.heads, bool) or not isinstance(self.heads, numbers.Integral):
             raise TypeError(f"CellSpec.heads: expected a whole number >= 1, got {self.heads!r}")

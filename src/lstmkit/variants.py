@@ -422,7 +422,8 @@ _F = Callable[..., Any]
 def per_spec_cache(fn: _F) -> _F:
     """``fn`` cached on its (hashable) arguments, except while ``torch.compile`` traces: dynamo
     cannot trace the cache's ``hash`` of the argument tuple (torch 2.11 broke the graph there), and
-    the traced program need not look anything up again."""
+    the traced program need not look anything up again. ``.uncached`` is ``fn`` itself, for a spec
+    still being built (a cache would keep it as a key, hashed before its fields are final)."""
     import torch
 
     cached = functools.lru_cache(maxsize=1024)(fn)
@@ -431,6 +432,7 @@ def per_spec_cache(fn: _F) -> _F:
     def call(*args: Any) -> Any:
         return fn(*args) if torch.compiler.is_compiling() else cached(*args)
     call.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    call.uncached = fn  # type: ignore[attr-defined]
     return call
 
 
