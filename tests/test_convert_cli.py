@@ -306,6 +306,12 @@ def test_keras_settings_no_lstmkit_file_records(main, capsys, tmp_path):
     assert err.count("\n") == 1 and err.startswith("lstmkit convert: warning: "), err
     assert "read as the standard Keras LSTM (sigmoid gates, tanh, go_backwards=False)" in err
     assert "hard_sigmoid" in err and "convert its .keras file instead" in err
+    # Nor can one be written with them: read back, it would be taken for the standard LSTM.
+    before = _snapshot(tmp_path)
+    _fails(main, capsys, [tmp_path / "hard.keras", tmp_path / "again.weights.h5"],
+           "DST: a .weights.h5 file holds weights only, not the variant 'gate_act=hardsigmoid' (its activations); "
+           "write a .keras file, which records them")
+    assert _snapshot(tmp_path) == before
 
 
 def test_training_run_model_safetensors(main, capsys, tmp_path):

@@ -418,6 +418,10 @@ def _check_carries(layer: Layer, fmt: str, method: str = "auto") -> None:
             require_keras_lstm(layer)
         except ValueError as exc:
             raise ValueError(f"DST: {str(exc).removeprefix('layer: ')}") from None
+        if fmt == "keras-weights" and layer.spec.without_init() != _BARE_SPECS[0]:
+            # read back, the file is taken for the standard Keras LSTM: the activations would be lost
+            raise ValueError(f"DST: a .weights.h5 file holds weights only, not the variant {layer.spec.name!r} "
+                             f"(its activations); write a .keras file, which records them")
     elif fmt == "onnx" and method == "operator":
         from lstmkit.convert.onnx import operator_refusal
         reason = operator_refusal(layer)
