@@ -78,6 +78,16 @@ def test_equal_specs_hash_equal(cell):
         assert hash(same) == hash(tuple(getattr(same, f.name) for f in dataclasses.fields(same)))
 
 
+def test_overrides_build_the_spec_with_the_words():
+    """Keyword overrides of a name or mapping are fields given with it: widths for every gate go to
+    the gates the overridden spec computes (they went to all four, then refused or kept stale)."""
+    assert resolve("deep=3", coupled=True) == resolve("deep=3+cifg")
+    assert resolve("deep=3", output_gate=False) == resolve("nog+deep=3")
+    assert resolve("deep=3+cifg", coupled=False) == resolve("deep=3")
+    assert resolve({"gate_hidden": (3,)}, forget_gate=False) == resolve("nfg+deep=3")
+    assert resolve(resolve("deep=3"), peephole=True) == resolve("peephole+deep=3")
+
+
 def test_numpy_integer_widths_are_widths():
     """Deep gates' widths as NumPy integers (an array's entries) are read as ints, as ``heads`` is."""
     import numpy as np

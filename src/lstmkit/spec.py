@@ -487,7 +487,9 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
     ``"deep=16"`` (every computed gate an MLP with one hidden layer of 16), ``"clip=3"``; the
     initialisation words ``ib=``, ``fb=``, ``ob=`` (initial input, forget, output gate
     bias) and ``chrono=T_max`` (chrono initialisation).
-    Keyword ``overrides`` replace fields afterwards.
+    Keyword ``overrides`` replace fields of a name or mapping before the spec is built (so that
+    ``resolve("deep=3", coupled=True)`` is ``"deep=3+cifg"``: the widths go to the computed gates),
+    and of a :class:`CellSpec` afterwards.
 
     Raises:
         ValueError: unknown name or an impossible combination (the message says why).
@@ -498,7 +500,8 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
     if isinstance(cell, CellSpec):
         spec = cell
     elif isinstance(cell, Mapping):
-        spec = CellSpec(**cell)
+        spec = CellSpec(**{**cell, **overrides})
+        overrides = {}
     elif isinstance(cell, str):
         fields: dict[str, Any] = {}
         set_by: dict[str, str] = {}  # field -> the word that set it
@@ -543,7 +546,8 @@ def resolve(cell: str | CellSpec | Mapping[str, Any] | None = "vanilla", **overr
                     f"cell: unknown variant {word!r} in {cell!r}{hint}; expected names from {preset_names()} "
                     f"joined with '+', or a CellSpec"
                 )
-        spec = CellSpec(**fields)
+        spec = CellSpec(**{**fields, **overrides})
+        overrides = {}
     else:
         raise TypeError(f"cell: expected a preset name, a mapping or a CellSpec, got {type(cell).__name__}")
     return spec.replace(**overrides) if overrides else spec
