@@ -1,4 +1,5 @@
-"""Tests of the float64 NumPy oracle (tests/numpy_lstm.py) on its own.
+"""Tests of the float64 NumPy oracle (tests/numpy_lstm.py, with its parts numpy_lstm_config.py
+and numpy_lstm_steps.py) on its own.
 
 * Its hand-written BPTT is checked against central finite differences for every variant
   of docs/cell.md, alone and combined, with lengths, projection, stacking and both
@@ -17,8 +18,12 @@ import pytest
 
 try:
     from . import numpy_lstm as nl
+    from . import numpy_lstm_config as nl_config
+    from . import numpy_lstm_steps as nl_steps
 except ImportError:  # tests/ is not a package: pytest put tests/ on sys.path
     import numpy_lstm as nl
+    import numpy_lstm_config as nl_config
+    import numpy_lstm_steps as nl_steps
 
 EPS = 1e-6
 RTOL = 1e-6
@@ -235,10 +240,10 @@ def test_zoneout_all_kept_freezes_the_state_and_none_kept_is_no_zoneout():
 
 
 def test_hard_sigmoid_gates_are_flat_outside_their_ramp():
-    cfg = nl._config({"hidden_size": 1, "gate_activation": "hard_sigmoid"})
+    cfg = nl_config._config({"hidden_size": 1, "gate_activation": "hard_sigmoid"})
     u = np.array([-3.0, -2.5, 0.0, 1.0, 2.5, 3.0])
-    np.testing.assert_allclose(nl._gate(cfg, u), [0.0, 0.0, 0.5, 0.7, 1.0, 1.0])
-    np.testing.assert_allclose(nl._gate_backward(cfg, np.ones(6), nl._gate(cfg, u)), [0, 0, 0.2, 0.2, 0, 0])
+    np.testing.assert_allclose(nl_steps._gate(cfg, u), [0.0, 0.0, 0.5, 0.7, 1.0, 1.0])
+    np.testing.assert_allclose(nl_steps._gate_backward(cfg, np.ones(6), nl_steps._gate(cfg, u)), [0, 0, 0.2, 0.2, 0, 0])
 
 
 @pytest.mark.parametrize("name", list(COMBOS))
