@@ -990,7 +990,7 @@ def test_exporting_is_marked_constant_as_torch_marks_it_without_importing_dynamo
 #: attributes), and the Scan variants whose layer differs in what the Scan carries or reads (fgr's
 #: third state, layer norm's parameters, a projection, heads, the sLSTM's three cell states, the
 #: clip). The Scan's body is the trace of ``masked_step`` for every variant alike, and
-#: tests/test_convert_onnx.py runs every variant's trace of it in onnxruntime; nfg, nog, niaf and
+#: tests/test_onnx_export.py runs every variant's trace of it in onnxruntime; nfg, nog, niaf and
 #: noaf differ from nig only inside that body.
 WHOLE_MODEL = [v for v in FUSED if v not in ("nfg", "nog", "niaf", "noaf")]
 

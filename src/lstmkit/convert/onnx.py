@@ -38,7 +38,7 @@ with the length mask, the function ``torch.onnx.export``'s own Scan runs). Lengt
 body's updates (state kept, output 0) and the reverse direction reads each sequence within
 its own length (``ReverseSequence``). The parameters are initializers under their lstmkit
 names, which the traced graphs read. A Scan graph needs opset ≥ 15 (``SCAN_MIN_OPSET``; 17
-with layer norm). Every variant is exported; ``tests/test_convert_onnx.py`` runs each with
+with layer norm). Every variant is exported; ``tests/test_onnx_export.py`` runs each with
 onnxruntime against lstmkit. Dropout is a training-time operation and is not exported, and
 zoneout is its expectation (the graph is the layer in ``eval()`` mode).
 
