@@ -22,7 +22,7 @@ from lstmkit.spec import CellSpec, resolve
 from variants import HEADS_VARIANTS, LSTM_VARIANTS, RNN_VARIANTS, SLSTM_VARIANTS
 
 # Rows that run layers on CPU tensors (onnx_export only writes ONNX during torch.onnx.export:
-# tests/test_ops.py; triton runs CPU tensors only through Triton's interpreter: test_triton.py):
+# tests/test_ops_transforms.py; triton runs CPU tensors only through Triton's interpreter: test_triton.py):
 # the fused rows (hand-written BPTT, record mode) and torch's own operators (the cells torch has).
 FUSED = [name for name, k in kernels.REGISTRY.items() if isinstance(k, FusedKernel) and name != "triton"]
 FAST = FUSED + ["torch"]

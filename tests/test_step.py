@@ -360,7 +360,7 @@ def test_prepared_modules_copy_and_pickle():
 def test_prepared_step_gives_way_to_vmap_and_autocast(forward_infer_calls):
     """A prepared step (a call signature seen before) leaves to the general path what it cannot
     run itself: a vmap's batched tensors (the same signature from Python) and autocast (a bfloat16
-    input, float32 states as nn.LSTMCell's; TorchScript's trace: tests/test_ops.py)."""
+    input, float32 states as nn.LSTMCell's; TorchScript's trace: tests/test_ops_transforms.py)."""
     torch.manual_seed(0)
     cell = lstmkit.LSTMCell(I, H).eval()
     x, xs = torch.randn(B, I), torch.randn(2, B, I)

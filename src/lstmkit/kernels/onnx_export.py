@@ -45,7 +45,7 @@ def _assume_constant_result(fn: Any) -> Any:
     """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo`` first:
     that import is most of ``import lstmkit``'s time (3.7 of 7.2 s on a slow 2-core machine
     here) and every eager call, every CLI command and every subprocess would pay it. The
-    decorator only marks ``fn`` (tests/test_ops.py checks that this torch's decorator marks
+    decorator only marks ``fn`` (tests/test_ops_transforms.py checks that this torch's decorator marks
     exactly so); where dynamo is loaded already, its own decorator runs."""
     if "torch._dynamo" in sys.modules:
         return torch.compiler.assume_constant_result(fn)
