@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import kernel_compare
 import lstmkit
-import test_kernels
 import test_oracle
 from conftest import assert_rel
 from lstmkit import kernels
@@ -93,19 +93,19 @@ def _claimed_cases() -> list[object]:
     return out
 
 
-@pytest.mark.parametrize("dtype", test_kernels.DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", kernel_compare.DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("shape,spec", _claimed_cases())
 def test_fused_kernel_every_claimed_variant(shape, spec, dtype):
     *dims, _ = SHAPES[shape]
-    test_kernels.compare("cpu_fused", lambda I, H, L, bd, P: lstmkit.LSTM(
+    kernel_compare.compare("cpu_fused", lambda I, H, L, bd, P: lstmkit.LSTM(
         I, H, L, bidirectional=bd, proj_size=P, cell=spec), tuple(dims), dtype)
 
 
-@pytest.mark.parametrize("dtype", test_kernels.DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", kernel_compare.DTYPES, ids=["f32", "f64"])
 def test_fused_kernel_rnn(dtype):
     for shape in ("odd_k3", "stacked_bidir_k3"):
         *dims, k = SHAPES[shape]
-        test_kernels.compare("cpu_fused", lambda I, H, L, bd, P, k=k: lstmkit.RNN(
+        kernel_compare.compare("cpu_fused", lambda I, H, L, bd, P, k=k: lstmkit.RNN(
             I, H, L, bidirectional=bd, heads=k), tuple(dims), dtype, lstm=False)
 
 
@@ -145,8 +145,8 @@ def test_deep_gates_backward_over_several_chunks(cell):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        test_kernels.compare("cpu_fused", lambda I, H, L, bd, P: lstmkit.LSTM(I, H, L, bidirectional=bd, cell=cell),
-                             (41, 30, 3, 5, 0, 2, True, [41, 17, 40, 1, 23] * 6), torch.float64)
+        kernel_compare.compare("cpu_fused", lambda I, H, L, bd, P: lstmkit.LSTM(I, H, L, bidirectional=bd, cell=cell),
+                               (41, 30, 3, 5, 0, 2, True, [41, 17, 40, 1, 23] * 6), torch.float64)
     finally:
         torch.set_num_threads(threads)
 

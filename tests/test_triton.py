@@ -44,11 +44,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import lstmkit
 import numpy_lstm as oracle
 from conftest import assert_rel, zoneout_keep
+from kernel_compare import _weighted_sum
 from lstmkit import kernels, variants
 from lstmkit.kernels import abi
 from lstmkit.kernels.triton_impl import PATH_ENV, PATHS
 from lstmkit.spec import resolve
-from test_kernels import _weighted_sum
 from test_oracle import oracle_variant
 from variants import HEADS_VARIANTS, LSTM_VARIANTS, RNN_VARIANTS
 
