@@ -41,7 +41,7 @@ PY
 timeout 120 python -m lstmkit doctor 2>&1 | tee "$out/doctor.log"
 # 1. The CUDA tests: the CUDA-only matrix and the float64 tests of every variant on both paths.
 par=$(python -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
-timeout "$TESTS_S" python -m pytest tests/test_triton.py tests/test_torch_parity.py -q -p no:cacheprovider $par --tb=short -rf \
+timeout "$TESTS_S" python -m pytest tests/test_triton.py tests/test_triton_cuda.py tests/test_triton_row.py tests/test_torch_parity.py -q -p no:cacheprovider $par --tb=short -rf \
     -k "cuda or every_variant_float64 or record_mode or nan or common_shape" 2>&1 | tee "$out/test_triton_cuda.log"
 # 2. The benchmark (its Triton builds are warmed in parallel first; no shape starts after the budget).
 timeout $((BENCH_S + 60)) python benchmarks/bench_gpu.py --budget "$BENCH_S" 2>&1 | tee "$out/bench_gpu.log"

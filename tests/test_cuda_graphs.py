@@ -1,6 +1,6 @@
 """lstmkit.kernels.cuda_graphs on a machine without a GPU: what must run eagerly does, and the
 cache key tells apart what a graph cannot share. The graphs themselves (capture, replay,
-outputs that never alias, equality with the eager run) are tested on CUDA in test_triton.py
+outputs that never alias, equality with the eager run) are tested on CUDA in test_triton_cuda.py
 (test_cuda_graphs_replay_the_per_step_path_exactly, test_cuda_a_layer_inside_the_callers_cuda_graph)."""
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from variants import SLSTM_VARIANTS
 
 T, B, I, H = 5, 3, 3, 4
 #: The rows that compute the sLSTM; Triton's through its interpreter on these CPU tensors (conftest sets it
-#: without a GPU; on a GPU machine tests/test_triton.py runs the sLSTM on CUDA tensors).
+#: without a GPU; on a GPU machine tests/test_triton_cuda.py runs the sLSTM on CUDA tensors).
 BACKENDS = ["reference", "cpu_fused"] + (["triton"] if importlib.util.find_spec("triton")
                                          and os.environ.get("TRITON_INTERPRET") == "1" else [])
 

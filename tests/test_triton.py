@@ -1,109 +1,39 @@
 """The Triton kernels (``backend="triton"``) against independent references.
 
-Without a GPU these run Triton's interpreter on CPU tensors (conftest sets
-``TRITON_INTERPRET=1`` when no CUDA device is present); on a GPU machine the same tests
-run the compiled kernels on CUDA tensors. Every variant the kernels claim, both ways of
-running the time loop (persistent and per step, forced through ``LSTMKIT_TRITON_PATH``),
-float64 / float32 / bfloat16, lengths, stacked and bidirectional layers and projection:
-outputs, final states and every gradient against the float64 reference loop (autograd
-through :mod:`lstmkit.cell`) and the float64 NumPy oracle. Tolerances:
-
-* float64: 1e-10 relative to each tensor's scale (conftest's ``assert_rel``);
-* float32: at most ``max(1e-5, 2 ×)`` the error of the float32 reference loop, both
-  measured against float64 (the rule of test_kernels.py);
-* bfloat16 (and float16): at most ``max(2**-5, 2.5 ×)`` the error of the reference loop in
-  that dtype (torch's own 16-bit arithmetic on the same equations), both against float64
-  run on the same rounded parameters and inputs. Measured in the interpreter (2 layers,
-  bidirectional, lengths): 0.6-1.5e-2 for every variant without layernorm or clip,
-  2.7-9.7e-2 with them (the bfloat16 reference loop: 1.1-86e-2; the CPU kernel, which
-  does not round GEMM operands: 0.5-8.7e-2) — the outputs of every layer are rounded to
-  bfloat16, and rounding moves c across the clip boundary and through the layer norms.
-
-AOT: every kernel of the launch plan compiles for sm_80 and sm_90 (a clean subprocess:
-Triton's own library is interpreted once TRITON_INTERPRET=1 is set in this one).
+Every variant the kernels claim, both ways of running the time loop (persistent and per step,
+forced through ``LSTMKIT_TRITON_PATH``), float64 / float32 / bfloat16, lengths, stacked and
+bidirectional layers and projection: outputs, final states and every gradient against the
+float64 reference loop (autograd through :mod:`lstmkit.cell`) and the float64 NumPy oracle;
+record mode; the operator on arguments the modules do not make. Interpreter or GPU, and the
+tolerances: triton_checks.py; the GPU alone, at realistic sizes: test_triton_cuda.py.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import importlib.util
-import json
-import math
-import os
-import subprocess
-import sys
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstmkit
 import numpy_lstm as oracle
 from conftest import assert_rel, zoneout_keep
 from kernel_compare import _weighted_sum
-from lstmkit import kernels, variants
 from lstmkit.kernels import abi
 from lstmkit.kernels.triton_impl import PATH_ENV, PATHS
 from lstmkit.spec import resolve
 from test_oracle import oracle_variant
-from variants import HEADS_VARIANTS, LSTM_VARIANTS, RNN_VARIANTS
+from triton_checks import CELLS, DEVICE, HEADS_CELLS, check, data, make, run
+from variants import LSTM_VARIANTS
 
 pytest.importorskip("triton")
 
-CUDA = torch.cuda.is_available()
-#: CPU tensors run Triton's interpreter (conftest); a GPU machine runs the compiled kernels.
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the interpreter runs the CPU tests)")
 
-#: Every variant the Triton row claims (the sLSTM's own tests: tests/test_slstm.py), and the RNN.
-CELLS = {vid: cell for vid, cell in LSTM_VARIANTS.items()
-         if kernels.REGISTRY["triton"].unsupported(resolve(cell), DEVICE, torch.float32) is None}
-CELLS.update({vid: f"rnn_{nl}" for vid, nl in RNN_VARIANTS.items()})
 COMBOS = ["vanilla", "peephole+cifg+layernorm", "fgr+peephole+nog+clip=0.4", "nig+niaf+noaf",
           "nfg+peephole+layernorm", "zoneout=0.3/0.2+peephole+gate_act=hardsigmoid+out_act=relu", "rnn_tanh",
           "deep=4x3+fgr+peephole+zoneout=0.2", "deep=3+layernorm+fgr+peephole"]
-BF16_FLOOR = 2 ** -5
-
-
-@pytest.mark.parametrize(("cell", "P"), [("peephole+cifg", 0), ("fgr+peephole+nog", 3), ("layernorm+peephole", 0),
-                                         ("zoneout=0.3/0.2", 3), ("deep=f:3+layernorm", 0), ("slstm+heads=2", 0)])
-@pytest.mark.parametrize("masks", [False, True])
-def test_ahead_of_time_builds_take_the_parameters_a_layer_gives(cell, P, masks):
-    """The ahead-of-time builds (triton_aot) make the operator's parameters from a flag word
-    alone; their shapes are those of a real layer's (the operator's params list: peepholes,
-    W_gg, the layer norms, W_hr, the summed bias, zoneout's training masks, the flat MLP)."""
-    from lstmkit.kernels import fused, triton_aot, triton_impl
-
-    spec, (T, B, H) = resolve(cell), (5, 2, 6)
-    layer = lstmkit.LSTM(4, H, cell=spec, proj_size=P, heads=spec.heads)
-    params = layer.layer_params(0, 0)
-    real, _ = fused.operator_params(params, spec, torch.empty(0))
-    R, HO = params["weight_hh"].shape[0], layer.output_size
-    shapes = {n: tuple(t.shape) for n, t in zip(abi.PARAMS, real)}
-    if spec.layernorm:
-        shapes["bias"] = (R,)
-    if masks and spec.zoneout != (0.0, 0.0):
-        shapes.update(keep_c=(T, B, H), keep_h=(T, B, HO))
-    mlp = abi.decode_mlp(list(abi.mlp_layout(spec, True)), H) if spec.gate_hidden else None
-    built = triton_aot._spec_params(triton_impl.Variant.from_flags(abi.flags(spec)), T, B, H, P, R, HO,
-                                    torch.float32, torch.device("meta"), masks, mlp.wtot if mlp else 0)
-    assert {n: tuple(t.shape) for n, t in zip(abi.PARAMS, built)} == shapes
-
-
-def test_the_kernels_claim_every_row_the_triton_row_implements(monkeypatch):
-    """triton_cell.IMPLEMENTED, the rows whose step the kernels compute, is what the Triton kernel
-    row says it implements; a flag not claimed is refused, not run as the cell without it."""
-    from lstmkit.kernels import triton_cell
-
-    assert triton_cell.IMPLEMENTED == kernels.REGISTRY["triton"].implements
-    monkeypatch.setattr(triton_cell, "IMPLEMENTED", triton_cell.IMPLEMENTED - {"clip"})
-    layer = lstmkit.LSTM(3, 4, cell="clip=0.5", backend="triton").to(DEVICE)
-    with pytest.raises(ValueError, match=r"the kernels do not compute \['clip'\]"):
-        layer(torch.randn(2, 1, 3, device=DEVICE))
 
 
 @pytest.fixture(params=PATHS)
@@ -111,93 +41,6 @@ def path(request, monkeypatch):
     """Run the test once per way of running the time loop."""
     monkeypatch.setenv(PATH_ENV, request.param)
     return request.param
-
-
-def make(cell: str, I: int, H: int, L: int = 1, bidirectional: bool = False, P: int = 0, seed: int = 0):
-    """A float64 layer with weights away from torch's tiny init (every path matters)."""
-    torch.manual_seed(seed)
-    if isinstance(cell, str) and cell.startswith("rnn_"):
-        layer = lstmkit.RNN(I, H, L, bidirectional=bidirectional, nonlinearity=cell[4:])
-    else:
-        layer = lstmkit.LSTM(I, H, L, bidirectional=bidirectional, proj_size=P, cell=cell)
-    layer = layer.double()
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if name.startswith("ln_"):
-                p.add_(torch.empty_like(p).uniform_(-0.3, 0.3))
-            else:
-                p.uniform_(-0.5, 0.5)
-    return layer
-
-
-def data(layer, T: int, B: int, seed: int = 1) -> dict[str, torch.Tensor | None]:
-    """Inputs and incoming gradients, float64 on the CPU."""
-    g = torch.Generator().manual_seed(seed)
-    lead, lstm = layer.num_layers * layer.num_directions, layer.spec.is_lstm
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-    return {"x": r(T, B, layer.input_size), "h0": r(lead, B, layer.output_size) * 0.5,
-            "c0": r(lead, B, layer.hidden_size) * 0.5 if lstm else None,
-            "dy": r(T, B, layer.num_directions * layer.output_size), "dhn": r(lead, B, layer.output_size),
-            "dcn": r(lead, B, layer.hidden_size) if lstm else None}
-
-
-def run(base, backend: str, dtype: torch.dtype, d: dict, lengths=None, device=DEVICE) -> dict[str, torch.Tensor]:
-    """Outputs, final states and the gradients of input, initial states and every
-    parameter, as float64 CPU tensors, of ``base`` converted to ``dtype`` on ``device``."""
-    layer = copy.deepcopy(base).to(device=device, dtype=dtype)
-    layer.backend = backend
-    lstm = layer.spec.is_lstm
-    x, h0 = (d[k].to(device, dtype).clone().requires_grad_(True) for k in ("x", "h0"))
-    c0 = d["c0"].to(device, dtype).clone().requires_grad_(True) if lstm else None
-    inp = x if lengths is None else pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
-    out, st = layer(inp, (h0, c0) if lstm else h0)
-    if lengths is not None:
-        out, _ = pad_packed_sequence(out, total_length=x.shape[0])
-    h_n, c_n = st if lstm else (st, None)
-    loss = (out.double() * d["dy"].to(device)).sum() + (h_n.double() * d["dhn"].to(device)).sum()
-    if lstm:
-        loss = loss + (c_n.double() * d["dcn"].to(device)).sum()
-    names = ["output", "h_n"] + (["c_n"] if lstm else []) + ["grad of input", "grad of h_0"]
-    names += (["grad of c_0"] if lstm else []) + [f"grad of {n}" for n, _ in layer.named_parameters()]
-    wrt = [x, h0] + ([c0] if lstm else []) + list(layer.parameters())
-    values = [out, h_n] + ([c_n] if lstm else []) + list(torch.autograd.grad(loss, wrt))
-    return {n: v.detach().double().cpu() for n, v in zip(names, values)}
-
-
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| relative to b's scale (at least 1e-3)."""
-    if not b.numel():
-        return 0.0
-    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-3)
-
-
-def check(base, dtype: torch.dtype, T: int, B: int, lengths=None, device=DEVICE, factor16: float = 2.5,
-          floor32: float = 1e-5) -> None:
-    """The Triton layer in ``dtype`` against the float64 reference (rules: module docstring;
-    ``factor16``: the 16-bit bound, in multiples of the 16-bit reference loop's error; ``floor32``:
-    the float32 bound's floor)."""
-    d = data(base, T, B)
-    if dtype == torch.float64:
-        truth = run(base, "reference", torch.float64, d, lengths, device)
-        fast = run(base, "triton", torch.float64, d, lengths, device)
-        for name, t in truth.items():
-            assert_rel(fast[name], t, torch.float64, name)
-        return
-    if dtype in (torch.bfloat16, torch.float16):  # the truth runs on the rounded parameters and inputs
-        base = copy.deepcopy(base).to(dtype).double()
-        d = {k: None if v is None else v.to(dtype).double() for k, v in d.items()}
-    truth = run(base, "reference", torch.float64, d, lengths, device)
-    fast = run(base, "triton", dtype, d, lengths, device)
-    ref = run(base, "reference", dtype, d, lengths, device)
-    for name, t in truth.items():
-        e_fast, e_ref = _err(fast[name], t), _err(ref[name], t)
-        # 16-bit: as accurate as the 16-bit reference loop within 2.5x (measured on an H200: cells
-        # with kinks (clip, relu, hard sigmoids) came out at 1.01-1.80x of the loop's error per step,
-        # 2.15-2.24x in the persistent path's reverse-direction input gradients with relu or clip)
-        bound = max(floor32, 2 * e_ref) if dtype == torch.float32 else max(BF16_FLOOR, factor16 * e_ref)
-        assert e_fast <= bound, f"{name}: {dtype} Triton error {e_fast:.2e} > {bound:.2e} (reference loop: {e_ref:.2e})"
 
 
 # ---------------------------------------------------------------------------- every variant
@@ -218,10 +61,6 @@ def test_every_variant_float64(cell, path_name, monkeypatch):
     """Each variant, lengths (one sequence of length 1), to 1e-10; the paths by turns."""
     monkeypatch.setenv(PATH_ENV, path_name)
     check(make(cell, 3, 5), torch.float64, T=6, B=4, lengths=[6, 2, 5, 1])
-
-
-HEADS_CELLS = {vid: cell for vid, cell in HEADS_VARIANTS.items()
-               if kernels.REGISTRY["triton"].unsupported(resolve(cell), DEVICE, torch.float32) is None}
 
 
 def _heads_cases() -> list:
@@ -465,27 +304,6 @@ def test_deep_gates_of_the_common_shape_run_the_fused_kernels(phi, cell, bias, d
     assert counts == {}
 
 
-def test_variant_word_decoders_match_the_abi():
-    """The kernels' compile-time decoders of the flag word (triton_cell.has, slot, fgr_slot,
-    hard_slope) say what lstmkit.kernels.abi says, for every combination of the bits that
-    remove gates, with and without fgr, and a hard sigmoid."""
-    from lstmkit.kernels import triton_cell
-
-    removal = [b for b in (1 << k for k in range(len(abi.FLAGS))) if any(b & m for m in abi.GATE_REMOVED.values())]
-    for n in range(1 << len(removal)):
-        word = sum(b for j, b in enumerate(removal) if n >> j & 1)
-        for extra in (0, abi.flag("fgr"), abi.flag("fgr") | abi.flag("gate_act_hardsigmoid")):
-            flags = word | extra
-            slots, sslots = abi.gate_slots(flags)
-            assert {g: triton_cell.slot(flags, g) for g in slots} == slots
-            fgr = bool(flags & abi.flag("fgr"))
-            assert {g: triton_cell.fgr_slot(flags, g) for g in sslots} == (sslots if fgr else dict.fromkeys(sslots, -1))
-            assert [triton_cell.has(flags, name) for name in abi.FLAGS] == [bool(flags & abi.flag(f)) for f in abi.FLAGS]
-    for name, slope in variants.HARD_SIGMOID_SLOPES.items():
-        assert triton_cell.hard_slope(abi.flags(resolve(f"gate_act={name}"))) == slope
-    assert triton_cell.hard_slope(abi.flags(resolve("vanilla"))) == 0.0
-
-
 # ---------------------------------------------------------------------------- record mode
 
 
@@ -522,309 +340,6 @@ def test_record_mode_matches_reference(cell, path_name, monkeypatch):
         assert {"f.1", "f.2"} <= set(tb)
     out_rec = fast._run(x.to(DEVICE), None, record=True)[0]
     torch.testing.assert_close(out_rec, fast(x.to(DEVICE))[0], rtol=0, atol=0)
-
-
-# ---------------------------------------------------------------------------- behaviour
-
-
-@pytest.mark.parametrize("cell", ["vanilla", "layernorm", "clip=1", "nig+niaf+noaf"])
-def test_nan_stays_in_its_sequence(cell):
-    layer = lstmkit.LSTM(3, 40, cell=cell, backend="triton", check_finite=False).to(DEVICE)
-    x = torch.randn(4, 2, 3, device=DEVICE)
-    x[1, 0, 0] = float("nan")
-    out, (h, c) = layer(x)
-    assert torch.isnan(out[1:, 0]).all() and torch.isnan(c[:, 0]).all()  # NaN spreads through batch 0
-    assert torch.isfinite(out[:, 1]).all()                                # batch 1 is untouched
-
-
-def test_selection_cuda_layers_choose_triton_cpu_layers_keep_the_cpu_kernel():
-    names = list(kernels.REGISTRY)
-    assert names.index("cpu_fused") < names.index("triton") < names.index("reference")
-    cuda = torch.device("cuda")
-    assert kernels.select(resolve("peephole+layernorm"), cuda, torch.bfloat16).name == "triton"
-    assert kernels.select(lstmkit.CellSpec(gate_hidden=(3,), layernorm=True), cuda, torch.float32).name == "triton"
-    assert kernels.select(resolve("vanilla"), cuda, torch.complex64).name == "reference"
-    assert kernels.select(resolve("vanilla"), torch.device("cpu"), torch.float32).name == "cpu_fused"
-    # CPU tensors reach the interpreter only when asked for by name, never as a fallback
-    cpu_rows = [k.name for k in kernels.REGISTRY.values() if k.automatic(torch.device("cpu"))]
-    assert "triton" not in cpu_rows and "cpu_fused" in cpu_rows
-    with pytest.raises(ValueError, match="slstm"):
-        kernels.select(resolve("slstm"), cuda, torch.float32, backend="torch")
-
-
-def test_without_triton_cuda_layers_fall_back_to_reference_with_one_warning(monkeypatch):
-    import importlib.util
-
-    from lstmkit.kernels import fused
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find_spec(name, *a))
-    monkeypatch.setattr(fused, "_TRITON_MISSING_WARNED", False)
-    cuda = torch.device("cuda")
-    # cells torch computes itself run its operator on CUDA, Triton or not (the 'torch' row)
-    assert kernels.select(resolve("vanilla"), cuda, torch.float32).name == "torch"
-    with pytest.warns(RuntimeWarning, match="Triton is not installed") as rec:
-        assert kernels.select(resolve("peephole"), cuda, torch.float32).name == "reference"
-        assert kernels.select(resolve("zoneout=0.1"), cuda, torch.float32).name == "reference"
-    assert len([w for w in rec if issubclass(w.category, RuntimeWarning)]) == 1
-    with pytest.raises(ValueError, match="Triton is not installed"):
-        kernels.select(resolve("vanilla"), cuda, torch.float32, backend="triton")
-
-
-def test_importing_lstmkit_builds_no_triton_kernel():
-    """The kernel modules load when a Triton row first runs, not at ``import lstmkit``."""
-    code = ("import sys, lstmkit, lstmkit.kernels; "
-            "assert not {'lstmkit.kernels.triton_kernels', 'lstmkit.kernels.triton_cell'} & set(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
-def test_the_path_rule_and_its_override(monkeypatch):
-    from lstmkit.kernels.triton_impl import Variant, choose_path
-
-    monkeypatch.delenv(PATH_ENV, raising=False)
-    vanilla, ln = (Variant.from_flags(abi.flags(resolve(c))) for c in ("vanilla", "layernorm"))
-    f32, bf16 = torch.float32, torch.bfloat16
-    assert choose_path(vanilla, 8, 32, 32, f32, False) == "persistent"   # 16 KiB of weights
-    assert choose_path(vanilla, 8, 64, 64, f32, False) == "per_step"     # 64 KiB
-    assert choose_path(vanilla, 8, 64, 64, bf16, False) == "persistent"  # 32 KiB
-    assert choose_path(ln, 8, 64, 64, bf16, False) == "per_step"         # layernorm: half the budget
-    assert choose_path(vanilla, 8, 1024, 1024, bf16, False) == "per_step"
-    # the larger budget on GPUs with enough shared memory (H100/H200 227 KiB; A100 163 KiB)
-    cuda = torch.device("cuda", 0)
-    for smem, want in ((227 * 1024, "persistent"), (163 * 1024, "per_step")):
-        props = SimpleNamespace(shared_memory_per_block_optin=smem)
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
-        assert choose_path(vanilla, 8, 64, 64, f32, False, cuda) == want
-        assert choose_path(ln, 8, 64, 64, f32, False, cuda) == "per_step"     # layernorm: half the budget
-        assert choose_path(vanilla, 8, 128, 128, f32, False, cuda) == "per_step"
-    assert choose_path(vanilla, 8, 64, 64, f32, False, torch.device("cpu")) == "per_step"  # the interpreter
-    monkeypatch.setenv(PATH_ENV, "per_step")
-    assert choose_path(vanilla, 8, 32, 32, f32, False) == "per_step"
-    monkeypatch.setenv(PATH_ENV, "persistent")
-    assert choose_path(vanilla, 8, 64, 64, f32, False) == "persistent"   # forced, up to 64 KiB
-    assert choose_path(vanilla, 8, 1024, 1024, f32, False) == "per_step"  # cannot fit one SM
-    monkeypatch.setenv(PATH_ENV, "fastest")
-    with pytest.raises(ValueError, match="LSTMKIT_TRITON_PATH"):
-        choose_path(vanilla, 8, 32, 32, f32, False)
-
-
-# ---------------------------------------------------------------------------- AOT
-
-
-#: Sizes of one block's shared memory (opt-in maximum) per compute capability.
-SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
-
-
-def test_every_kernel_compiles_ahead_of_time_for_sm80_and_sm90():
-    """Each kernel of the launch plan (persistent and per step, projection, layernorm, fgr)
-    builds for A100 and H100 and fits their shared memory. (Every variant × dtype × shape
-    class: ``python benchmarks/bench_gpu.py --aot``, results/gpu_kernels_aot.md.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    plan = ["peephole+cifg+layernorm/bfloat16/per-step H=256 P=128",  # every per-step kernel
-            "fgr+peephole+nog+clip=0.4/float32/persistent H=32 P=16",  # persistent: fgr, projection
-            "peephole+cifg+layernorm/bfloat16/persistent H=32",        # persistent: layernorm
-            # the new rows, zoneout's masks and scalars: per step with a projection, and persistent
-            "zoneout=0.3/0.2+gate_act=hard_sigmoid+cand_act=relu+out_act=relu/bfloat16/per-step H=256 P=128",
-            "zoneout=0.3/0.2+gate_act=hardsigmoid+peephole/float32/persistent H=32 P=16",
-            # the sLSTM (per step only): both forget activations, the normaliser's floor, heads
-            "slstm+heads=4/bfloat16/per-step H=128", "slstm+forget_act=exp+n_clamp/float32/per-step H=1024",
-            # deep gates: their MLPs in torch; with layernorm the kernels take ready pre-activations (READY)
-            "deep=32+layernorm+peephole/bfloat16/per-step H=256 P=128"]
-    cmd = [sys.executable, "-W", "ignore", "-m", "lstmkit.kernels.triton_aot", "--plan", ";".join(plan),
-           "--archs", "80,90"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parent, timeout=900)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    failed = [f"{r['cell']} {r['dtype']} {r['kernel']} {r['arch']}: {r.get('error')}" for r in rows if not r["ok"]]
-    assert proc.returncode == 0 and not failed, "\n".join(failed) or proc.stderr[-3000:]
-    kernels_built = {r["kernel"].split()[0] for r in rows}
-    assert kernels_built == {"persistent_forward", "persistent_backward", "step_forward", "step_project",
-                             "step_dh", "step_backward"}, kernels_built
-    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
-    for r in rows:
-        assert r["shared"] <= SHARED_LIMIT[r["arch"]], r
-
-
-def test_gpu_benchmark_dry_run(tmp_path):
-    """benchmarks/bench_gpu.py runs every code path on tiny shapes (here: the interpreter)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        import bench_gpu
-    finally:
-        sys.path.pop(0)
-    # the variants whose rows the script builds in its own way (a projection, heads, the sLSTM, a
-    # spec no cell word names), and vanilla: every other variant's row is the same code with another
-    # cell word
-    variants = ["vanilla", "projection", "heads=4", "slstm+heads=4", *bench_gpu.ROW_SPECS]
-    assert set(variants) <= set(bench_gpu.VARIANTS)
-    result = bench_gpu.main(["--dry-run", "--jobs", "1", "--out", str(tmp_path), "--variants", ",".join(variants)])
-    rows = {(r["row"], r["mode"]) for r in result["rows"]}
-    for v in variants:
-        for mode in ("infer", "train"):
-            assert (f"triton:{v}", mode) in rows and (f"reference:{v}", mode) in rows
-    assert all(r["kernel"] == "triton" for r in result["rows"] if r["row"].startswith("triton:"))
-    assert {r["row"] for r in result["paths"]} == {"persistent", "per_step", "cudnn"}
-    if importlib.util.find_spec("flashrnn"):  # the sLSTM against FlashRNN's (on a CPU: its PyTorch loop)
-        assert {r["row"] for r in result["peers"]} == {"lstmkit triton", "flashrnn vanilla"}
-        assert all(math.isfinite(r["seconds"]) for r in result["peers"])
-    assert all(math.isfinite(r["seconds"]) for r in result["paths"])
-    md = (tmp_path / "bench_gpu_dry_run.md").read_text()
-    assert "Dry run" in md and "Persistent vs per step" in md
-
-
-# ---------------------------------------------------------------------------- CUDA only
-
-
-# nig+niaf+noaf (no input gate, input or output activation) bounds nothing: c and h grow to ~1e8 at
-# the realistic sizes below, so every rounding difference is amplified past any fixed bound (H200,
-# float64: 2e-9 of the scale against 1e-10); the small shapes above check it.
-REALISTIC_CELLS = {vid: cell for vid, cell in CELLS.items() if vid != "nig+niaf+noaf"}
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
-@pytest.mark.parametrize("cell", list(REALISTIC_CELLS.values()), ids=list(REALISTIC_CELLS))
-@pytest.mark.parametrize("size", ["persistent", "per_step"])
-def test_cuda_every_variant_realistic_sizes(cell, dtype, size):
-    """On the GPU, sizes the interpreter cannot afford: several batch programs of the
-    persistent kernel (H = 32, B = 37) and several cell blocks per step (H = 136)."""
-    T, B, I, H = (20, 37, 24, 32) if size == "persistent" else (12, 19, 40, 136)
-    lengths = [T] + [int(v) for v in torch.randint(1, T + 1, (B - 1,), generator=torch.Generator().manual_seed(0))]
-    # a relu output (h = o·relu(c), the relu RNN) bounds nothing: 16-bit rounding differences grow through
-    # the steps (H200, persistent path, bfloat16: up to 3.7x the bfloat16 loop's error, 0.17 of the scale)
-    unbounded = cell in (CELLS.get("out_relu"), CELLS.get("rnn_relu"))
-    # layer norm's backward subtracts means, and a deep gate's first-layer bias gradient sums the result
-    # over B and T: float32 (3xTF32 products on the GPU) cancels there (H100, persistent sizes: 1.5e-5 of
-    # the scale in that gradient, the float32 loop 2.5e-6)
-    cancels = cell == CELLS.get("layernorm+deep_g")
-    check(make(cell, I, H, bidirectional=True), dtype, T=T, B=B, lengths=lengths, device=torch.device("cuda"),
-          factor16=5.0 if unbounded else 2.5, floor32=4e-5 if cancels else 1e-5)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
-@pytest.mark.parametrize("cell", list(HEADS_CELLS.values()), ids=list(HEADS_CELLS))
-def test_cuda_heads_realistic_sizes(cell, dtype):
-    """Heads on the GPU at sizes the interpreter cannot afford (4 heads of 32 cells)."""
-    cell = cell.replace("heads=2", "heads=4") if isinstance(cell, str) else dataclasses.replace(cell, heads=4)
-    check(make(cell, 24, 128, bidirectional=True), dtype, T=12, B=19, device=torch.device("cuda"))
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
-@pytest.mark.parametrize("cell", ["slstm+heads=4", "slstm+forget_act=exp+n_clamp"])
-def test_cuda_slstm_realistic_sizes(cell, dtype):
-    """The sLSTM on the GPU (several cell blocks per step, lengths, given states c, n > 0, m):
-    outputs, the four final states and every gradient against the float64 reference loop
-    (bfloat16: on the rounded inputs and weights, within 2.5x the bfloat16 loop's own error)."""
-    torch.manual_seed(0)
-    T, B, I, H, cuda = 12, 19, 24, 136, torch.device("cuda")
-    base = lstmkit.LSTM(I, H, num_layers=2, bidirectional=True, cell=cell).double()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
-    states = [torch.randn(4, B, H, generator=g, dtype=torch.float64) * 0.5 for _ in range(4)]
-    states[2] = states[2].abs() + 0.2                                       # n > 0
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    sixteen = dtype == torch.bfloat16
-    if sixteen:  # what bfloat16 holds exactly, so that the float64 truth sees the same inputs
-        base = copy.deepcopy(base).to(dtype).double()
-        x, states = x.to(dtype).double(), [s.to(dtype).double() for s in states]
-    runs = [("reference", torch.device("cpu"), torch.float64), ("triton", cuda, dtype)]
-    got = []
-    for backend, dev, dt in runs + ([("reference", cuda, dtype)] if sixteen else []):
-        layer = copy.deepcopy(base).to(dev, dt)
-        layer.backend = backend
-        xs, st = x.to(dev, dt).requires_grad_(True), [s.to(dev, dt).requires_grad_(True) for s in states]
-        y, out = layer(pack_padded_sequence(xs, lengths, enforce_sorted=False), tuple(st))
-        y = pad_packed_sequence(y, total_length=T)[0]
-        loss = sum((t.double() * torch.linspace(-1, 1, t.numel(), dtype=torch.float64, device=dev).view_as(t)).sum()
-                   for t in (y, *out))
-        got.append([t.detach().double().cpu() for t in (y, *out, *torch.autograd.grad(loss, [xs, *st,
-                                                                                               *layer.parameters()]))])
-    for k, (a, b, *loop) in enumerate(zip(*got)):
-        bound = max(BF16_FLOOR, 2.5 * _err(loop[0], a)) if sixteen else 1e-10 if dtype == torch.float64 else 1e-4
-        assert _err(b, a) <= bound, (k, _err(b, a), bound)
-
-
-@needs_cuda
-def test_cuda_operator_dispatch_compile_and_default_selection():
-    """CUDA tensors reach the Triton kernels through the operator (no explicit impl):
-    the default selection, torch.compile(fullgraph=True) and autocast."""
-    layer = lstmkit.LSTM(8, 32, cell="peephole+layernorm").cuda()
-    assert kernels.select(layer.spec, torch.device("cuda"), torch.float32).name == "triton"
-    x = torch.randn(9, 4, 8, device="cuda")
-    ref = lstmkit.LSTM(8, 32, cell="peephole+layernorm", backend="reference").cuda()
-    ref.load_state_dict(layer.state_dict())
-    want = ref(x)[0]
-    torch.testing.assert_close(layer(x)[0], want, rtol=1e-4, atol=1e-4)
-    compiled = torch.compile(layer, fullgraph=True)
-    torch.testing.assert_close(compiled(x)[0], want, rtol=1e-4, atol=1e-4)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = layer(x)[0]
-    assert out.dtype == torch.bfloat16 and _err(out.double().cpu(), want.double().cpu()) < BF16_FLOOR
-
-
-@needs_cuda
-@pytest.mark.parametrize("cell,proj", [("vanilla", 0), ("peephole+layernorm", 0), ("fgr+clip=3", 0), ("cifg", 68),
-                                       ("rnn_tanh", 0)])
-def test_cuda_graphs_replay_the_per_step_path_exactly(cell, proj, monkeypatch):
-    """The per-step path's calls are replayed from CUDA graphs once a shape repeats: every
-    call's output, state and gradients equal the eager run's (LSTMKIT_CUDA_GRAPHS=0), and a
-    result is not overwritten by later replays."""
-    from lstmkit.kernels import cuda_graphs
-
-    T, B, I, H = 7, 5, 12, 136  # H = 136 float32: the per-step path
-    torch.manual_seed(0)
-    kw = dict(nonlinearity="tanh") if cell == "rnn_tanh" else dict(cell=cell, proj_size=proj)
-    layer = (lstmkit.RNN(I, H, backend="triton", **kw) if cell == "rnn_tanh"
-             else lstmkit.LSTM(I, H, backend="triton", **kw)).cuda()
-
-    def run(x: torch.Tensor) -> list[torch.Tensor]:
-        layer.zero_grad()
-        x = x.clone().requires_grad_(True)
-        out, state = layer(x)
-        h = state[0] if isinstance(state, tuple) else state
-        (out.square().sum() + h.sum()).backward()
-        return [out.detach(), h.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
-
-    xs = [torch.randn(T, B, I, device="cuda") for _ in range(4)]
-    monkeypatch.setenv(cuda_graphs.GRAPHS_ENV, "0")
-    cuda_graphs.clear()
-    eager = [run(x) for x in xs]
-    assert not cuda_graphs._GRAPHS
-    monkeypatch.delenv(cuda_graphs.GRAPHS_ENV)
-    graphed = []
-    for k, x in enumerate(xs):
-        graphed.append(run(x))
-        if k == 2:  # the first replayed call: unchanged by the replay after it
-            first = [t.clone() for t in graphed[2]]
-    names = {key[0] for key in cuda_graphs._GRAPHS}
-    assert names == {"triton forward", "triton backward"}, names
-    for want, got in zip(eager, graphed):
-        for a, b in zip(want, got):
-            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
-    for a, b in zip(first, graphed[2]):
-        assert torch.equal(a, b)
-    cuda_graphs.clear()
-
-
-@needs_cuda
-def test_cuda_a_layer_inside_the_callers_cuda_graph():
-    """A whole forward captured by the caller's own CUDA graph (torch.compile's
-    reduce-overhead mode does the same): the finite check becomes a device assertion, the
-    per-step loop is recorded into the caller's graph, and a replay computes the new input's
-    result."""
-    layer = lstmkit.LSTM(12, 136, cell="peephole").cuda()
-    x = torch.randn(6, 3, 12, device="cuda")
-    with torch.no_grad():
-        for _ in range(2):
-            layer(x)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out, _ = layer(x)
-        new = torch.randn_like(x)
-        x.copy_(new)
-        graph.replay()
-        torch.testing.assert_close(out, layer(new)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_the_operator_with_a_projection_the_modules_do_not_make(path):

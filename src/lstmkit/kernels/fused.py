@@ -607,7 +607,7 @@ class TritonKernel(FusedKernel):
     heads = True  # per step: the recurrent GEMM batched over the heads (triton_gemm.recurrent)
     deep_gates = True  # per step: the gate MLPs' layers as cuBLAS GEMMs (triton_deep.DeepGates)
     # every row: triton_cell.py has each one's step and BPTT (its claim, triton_cell.IMPLEMENTED, is
-    # compared with this by test_triton.py; this module does not import triton)
+    # compared with this by test_triton_row.py; this module does not import triton)
     implements = frozenset(abi.FLAGS)
 
     @property

@@ -25,7 +25,7 @@ from lstmkit.kernels import abi
 
 #: The variant table's rows whose step and BPTT these kernels compute, by flag (the kernels' claim:
 #: a row the table gains is refused by TritonImpl, not run as the plain cell, until its step is
-#: written here and it is added; test_triton.py compares it with the rows the Triton kernel row
+#: written here and it is added; test_triton_row.py compares it with the rows the Triton kernel row
 #: says it implements).
 IMPLEMENTED: frozenset[str] = frozenset({
     "peephole", "cifg", "fgr", "layernorm", "nig", "nfg", "nog", "niaf", "cand_act_relu", "noaf", "out_act_relu",
@@ -96,10 +96,20 @@ def sigmoid(x):
 
 @triton.jit
 def tanh(x):
-    # 1 - 2/(e^{2|x|} + 1) through e^{-2|x|} (no overflow); NaN stays NaN
-    e = tl.exp(-2.0 * tl.abs(x))
+    # |x| >= S: 1 - 2/(e^{2|x|} + 1) through e^{-2|x|} (no overflow). Below S that form cancels
+    # (1 - e loses a small x's digits: every |x| < 3e-8 gave 0 in float32), so there the odd series
+    # x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835, nested with exact constants (a float literal
+    # such as 1/3 may be rounded to float32 first); its next term is 0.0089 x^11. S puts both
+    # errors near the dtype's rounding: 0.3 in float32, 0.05 in float64. NaN stays NaN.
+    S: tl.constexpr = 0.3 if x.dtype == tl.float32 else 0.05
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
+    small = ax < S
+    xs = tl.where(small, x, 0.0)  # (no overflow in xs^2 where the series is not taken)
+    x2 = xs * xs
+    series = xs * (1.0 - x2 / 3.0 * (1.0 - 2.0 * x2 / 5.0 * (1.0 - 17.0 * x2 / 42.0 * (1.0 - 62.0 * x2 / 153.0))))
+    return tl.where(small, series, tl.where(x < 0, -t, t))
 
 
 @triton.jit
