@@ -11,6 +11,7 @@ tolerances: triton_checks.py; the GPU alone, at realistic sizes: test_triton_cud
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -255,6 +256,36 @@ def test_hard_sigmoid_gates_on_both_flat_parts(cell, path):
         a = trace[k]
         assert (a == 0).any() and (a == 1).any() and ((a > 0) & (a < 1)).any(), k
     check(base, torch.float64, T=6, B=4, lengths=[6, 2, 5, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cell", ["out_act=relu", "vanilla", "rnn_tanh"])
+def test_tanh_of_tiny_values_keeps_their_digits(cell, dtype, path):
+    """Pre-activations of 1e-40 .. 1e-2 (zero weights, the values as biases): the candidate's, the
+    cell output's and the RNN's tanh are as torch's to the dtype's rounding — the closed form
+    (1 - e^{-2|x|}) / (1 + e^{-2|x|}) gave 0 below 3e-8 in float32, and a cell 0 where it is
+    7.3e-9 turned relu's gradient off (0.73 for 1.27)."""
+    tiny = torch.logspace(-40 if dtype == torch.float64 else -30, -2, 12, dtype=torch.float64)
+    tiny = torch.cat([tiny, -tiny])
+    H = tiny.numel()
+    base = make(cell, 1, H)
+    lstm = not cell.startswith("rnn")
+    with torch.no_grad():
+        for p in base.parameters():
+            p.zero_()
+        if lstm:  # i, f, o at sigmoid(1); the candidate u_g tiny
+            base.bias_ih_l0.copy_(torch.cat([torch.ones(H), torch.ones(H), tiny, torch.ones(H)]))
+        else:
+            base.bias_ih_l0.copy_(tiny)
+    zeros, ones = (functools.partial(f, dtype=torch.float64) for f in (torch.zeros, torch.ones))
+    d = {"x": zeros(1, 1, 1), "h0": zeros(1, 1, H), "c0": zeros(1, 1, H), "dy": ones(1, 1, H), "dhn": zeros(1, 1, H),
+         "dcn": ones(1, 1, H)}
+    got, want = run(base, "triton", dtype, d), run(base, "reference", dtype, d)
+    for k, w in want.items():
+        g = got[k]
+        assert torch.equal(g == 0, w == 0), k  # no tiny value rounded to 0
+        rel = ((g - w).abs() / w.abs().clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+        assert rel <= (4e-7 if dtype == torch.float32 else 1e-14), (k, rel)
 
 
 class _CountingKernel:
