@@ -169,6 +169,7 @@ def test_onnx_options(main, capsys, tmp_path):
     for a, b in zip(got, (y.transpose(0, 1), h, c)):
         _close(a, b.numpy(), "onnx options")
     _fails(main, capsys, [tmp_path / "nn.pt", tmp_path / "n.onnx", "--opset", "3"], "opset: expected an int in [14,")
+    _fails(main, capsys, [tmp_path / "nn.pt", tmp_path / "n.onnx", "--opset", "0"], "opset: expected an int in [14,")
 
 
 @pytest.mark.parametrize("layer", [lstmkit.LSTM(3, 4, cell="gate_act=hard_sigmoid+cand_act=relu"),
@@ -356,6 +357,7 @@ def test_a_layout_dst_cannot_record_is_refused(main, capsys, tmp_path, dst, flag
 
 @pytest.mark.parametrize("dst, flags, says", [
     ("m.safetensors", ["--opset", "5"], "opset / --opset apply to an .onnx DST only"),
+    ("m.safetensors", ["--opset", "0"], "opset / --opset apply to an .onnx DST only"),
     ("m.keras", ["--onnx-initial-states", "--onnx-method", "scan"],
      "initial_states / --onnx-initial-states, method / --onnx-method apply to an .onnx DST only"),
     ("m.pt", ["--onnx-sequence-lens"], "sequence_lens / --onnx-sequence-lens apply to an .onnx DST only"),

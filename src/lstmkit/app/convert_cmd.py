@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     given = {"opset": args.opset, "initial_states": args.onnx_initial_states,
              "sequence_lens": args.onnx_sequence_lens, "method": args.onnx_method}
     # the ONNX options the command line gave (an option at its default is not passed: refused for another DST)
-    onnx_options = {k: v for k, v in given.items() if v not in (None, False, "auto")}
+    # (None and False by identity: --opset 0 equals False and was dropped silently)
+    onnx_options = {k: v for k, v in given.items() if v is not None and v is not False and v != "auto"}
     layer = convert_file(args.src, args.dst, overwrite=args.overwrite, cell=args.cell, batch_first=args.batch_first,
                          **onnx_options)
     print(f"{args.src} ({file_format(args.src)}) -> {args.dst} ({file_format(args.dst)}): {describe_layer(layer)}")
