@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,8 +165,20 @@ def test_rates_that_coincide_count_each_run_once(tmp_path):
     assert e["n"] == 2 and len(e["values"]) == 2
 
 
+def test_the_plain_rnns_are_variants(tmp_path):
+    """'rnn' and 'rnn_relu' (the variant table's words) train the plain tanh and ReLU RNNs."""
+    from lstmkit.app.runs import load_run
+
+    s = run_study(_cfg(variants=["rnn", "rnn_relu"], seeds=1, lr_trials=1), tmp_path / "s", jobs=1, progress=False)
+    assert [e["variant"] for e in s["variants"]] == ["rnn", "rnn_relu"]
+    for word, nonlinearity in (("rnn", "tanh"), ("rnn_relu", "relu")):
+        (run,) = (tmp_path / "s" / "runs" / word).iterdir()
+        cfg, _, model = load_run(run)
+        assert cfg.model == word and model.rnn.spec.nonlinearity == nonlinearity
+
+
 @pytest.mark.parametrize("kw, pattern", [
-    (dict(variants=["vanilla", "rnn_relu"]), "rnn"),
+    (dict(variants=["vanilla", "rnn_relu+fb=1"]), "plain RNN"),
     (dict(variants=["vanilla", "peephole"], train={**TRAIN, "backend": "torch"}), "peephole"),
 ])
 def test_every_variant_is_checked_before_anything_is_written(tmp_path, kw, pattern):
@@ -258,6 +271,68 @@ def test_cli(tmp_path, capsys):
     assert main(args[:-1] + [str(tmp_path / "c2"), "--seeds", "0"]) == 2
     assert "seeds: expected an int >= 1, got 0" in capsys.readouterr().err
     assert not Path(tmp_path / "c2").exists()
+
+
+STUDY_ARGS = ["study", "--task", "adding", "--variants", "vanilla", "--seeds", "2", "--lr-trials", "1", "-o", "length=24",
+              "-o", "eval_size=64", "--hidden", "4", "--steps", "4", "--eval-every", "2", "--jobs", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory) -> Path:
+    from lstmkit.app.cli import main
+    out = tmp_path_factory.mktemp("study") / "s"
+    assert main([*STUDY_ARGS, "--out", str(out)]) == 0
+    return out
+
+
+def _without(key):
+    return lambda r: {k: v for k, v in r.items() if k != key}
+
+
+@pytest.mark.parametrize("seed, damage, message", [
+    (1, _without("test"), "no 'test'"),
+    (1, lambda r: {**r, "test": [1]}, "test: expected an object, got '[1]'"),
+    (1, _without("diverged"), "no 'diverged'"),
+    (1, lambda r: {"config": r["config"]}, "no 'diverged'"),
+    (1, lambda r: {**r, "diverged": "no"}, "diverged: expected true or false, got 'no'"),
+    (0, lambda r: {**r, "select": "abc"}, "select: expected a number or null, got 'abc'"),
+    (1, lambda r: {**r, "test": {**r["test"], "accuracy": "abc"}}, "test.accuracy: expected a number or null, got 'abc'"),
+    (1, lambda r: {**r, "test": {**r["test"], "loss": [1]}}, "test.loss: expected a number or null, got '[1]'"),
+    (1, lambda r: {**r, "test": {"loss": 1.0}}, "test: no 'accuracy' (the study's metric), for a run that did not "
+                                                "diverge"),
+    (1, lambda r: {**r, "test": {**r["test"], "accuracy": None}}, "test.accuracy: expected a number, for a run "
+                                                                  "that did not diverge, got None"),
+    (1, lambda r: {**r, "wall_time_s": "1s"}, "wall_time_s: expected a number, got '1s'"),
+    (1, lambda r: {**r, "parameters": 1.5}, "parameters: expected an int, got '1.5'"),
+    (1, lambda r: {**r, "target_step": "x"}, "target_step: expected an int or null, got 'x'"),
+    (1, lambda r: {**r, "config": "x"}, "config: expected an object, got 'x'"),
+    (1, lambda r: [r], "expected a JSON object, got list"),
+])
+def test_a_damaged_result_json_is_one_line_naming_it(finished_study, tmp_path, capsys, seed, damage, message):
+    """A finished run's result.json is read back on resume: each field the study reads is checked
+    (lstmkit.app.runs.read_study_result). A missing or mistyped one was a KeyError or an
+    AttributeError traceback, or a line that named no file ("must be real number, not str")."""
+    from lstmkit.app.cli import main
+    out = tmp_path / "s"
+    shutil.copytree(finished_study, out)
+    path = out / "runs" / "vanilla" / f"lr0-s{seed}" / "result.json"
+    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*STUDY_ARGS, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"lstmkit study: error: damaged result.json: {path}: {message}" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_diverged_runs_result_json_reads_back(finished_study, tmp_path):
+    """What a diverged run records (no test metrics, no selection value) is not damage."""
+    from lstmkit.app import runs
+    run = tmp_path / "run"
+    shutil.copytree(finished_study / "runs" / "vanilla" / "lr0-s1", run)
+    diverged = {"config": {}, "diverged": True, "error": "loss is nan", "select": None, "test": {}}
+    (run / "result.json").write_text(json.dumps(diverged))
+    assert runs.read_study_result(run, "accuracy") == diverged
 
 
 def _alive(pid: int) -> bool:

@@ -1,6 +1,7 @@
 """What a run directory's files hold, as the trainer writes them: the types of ``summary.json``'s
-fields (:func:`summary_problem`), the numbers its records are made of, and a checkpoint's
-tensors and trainer state against its config (:func:`check_tensors`, :func:`check_trainer_state`).
+fields (:func:`summary_problem`) and of a study's ``result.json`` (:func:`study_result_problem`),
+the numbers its records are made of, and a checkpoint's tensors and trainer state against its
+config (:func:`check_tensors`, :func:`check_trainer_state`).
 Pure checks on parsed values and headers; :mod:`lstmkit.app.runs` reads and writes the files and
 calls them."""
 
@@ -19,7 +20,8 @@ from lstmkit.app.tasks.base import Task
 from lstmkit.variants import cell_states
 
 __all__ = ["is_number", "is_int", "summary_problem", "SUMMARY_FIELDS", "TARGET_FIELDS", "TEST_FIELDS",
-           "CheckpointError", "expected_tensors", "check_tensors", "check_trainer_state"]
+           "numbers_problem", "study_result_problem", "STUDY_RESULT_FIELDS", "CheckpointError", "expected_tensors",
+           "check_tensors", "check_trainer_state"]
 
 
 class CheckpointError(ValueError):
@@ -66,16 +68,79 @@ TEST_FIELDS: dict[str, tuple[Any, str]] = {
 }
 
 
+#: What each field of a study's ``result.json`` holds (:mod:`lstmkit.app.study`): a test of the
+#: value, and its words; every run's record has the first four (``test`` an object of metric
+#: names and numbers, empty for a run that diverged), a run that did not diverge the others,
+#: copied from its summary.json.
+STUDY_RESULT_FIELDS: dict[str, tuple[Any, str]] = {
+    "config": (lambda v: isinstance(v, dict), "an object"),
+    "diverged": (lambda v: isinstance(v, bool), "true or false"),
+    "select": TEST_FIELDS["value"],
+    "test": (lambda v: isinstance(v, dict), "an object"),
+    "steps": SUMMARY_FIELDS["steps"],
+    "wall_time_s": SUMMARY_FIELDS["wall_time_s"],
+    "parameters": SUMMARY_FIELDS["parameters"],
+    "target_step": TARGET_FIELDS["first_met_step"],
+}
+_STUDY_RESULT_REQUIRED = ("config", "diverged", "select", "test")
+
+
+def _shown(v: Any) -> str:
+    return repr(str(v)[:60])
+
+
+def _fields_problem(obj: dict[str, Any], fields: dict[str, tuple[Any, str]], where: str = "") -> str | None:
+    """The first field of ``obj`` that ``fields`` describes and that is not what it says, or None."""
+    for key, (ok, words) in fields.items():
+        if key in obj and not ok(obj[key]):
+            return f"{where}{key}: expected {words}, got {_shown(obj[key])}"
+    return None
+
+
+def numbers_problem(obj: dict[str, Any], where: str = "") -> str | None:
+    """The first value of ``obj`` that is neither a number nor null (``where``: the words before
+    its key), or None."""
+    for key, v in obj.items():
+        if not (is_number(v) or v is None):
+            return f"{where}{key}: expected a number or null, got {_shown(v)}"
+    return None
+
+
+def _not_an_object(v: Any) -> str | None:
+    return None if isinstance(v, dict) else f"expected a JSON object, got {'null' if v is None else type(v).__name__}"
+
+
 def summary_problem(s: Any) -> str | None:
     """What is wrong with ``s`` as a parsed ``summary.json`` (the fields the readers use, with
     their types: :data:`SUMMARY_FIELDS`, its ``target`` and ``test`` objects), or None."""
-    if not isinstance(s, dict):
-        return f"expected a JSON object, got {'null' if s is None else type(s).__name__}"
+    problem = _not_an_object(s)
+    if problem is not None:
+        return problem
     for fields, where, obj in ((SUMMARY_FIELDS, "", s), (TARGET_FIELDS, "target.", s.get("target") or {}),
                                (TEST_FIELDS, "test.", s.get("test") or {})):
-        for key, (ok, words) in fields.items():
-            if key in obj and not ok(obj[key]):
-                return f"{where}{key}: expected {words}, got {str(obj[key])[:60]!r}"
+        problem = _fields_problem(obj, fields, where)
+        if problem is not None:
+            return problem
+    return None
+
+
+def study_result_problem(r: Any, metric: str | None = None) -> str | None:
+    """What is wrong with ``r`` as a parsed ``result.json`` of a study's run (every field the
+    study reads, with its type: :data:`STUDY_RESULT_FIELDS`; with ``metric``, the study's
+    metric, its test value, a number, where the run did not diverge), or None."""
+    problem = _not_an_object(r)
+    if problem is not None:
+        return problem
+    missing = next((key for key in _STUDY_RESULT_REQUIRED if key not in r), None)
+    if missing is not None:
+        return f"no {missing!r}"
+    problem = _fields_problem(r, STUDY_RESULT_FIELDS) or numbers_problem(r["test"], "test.")
+    if problem is not None or metric is None or r["diverged"]:
+        return problem
+    if metric not in r["test"]:
+        return f"test: no {metric!r} (the study's metric), for a run that did not diverge"
+    if r["test"][metric] is None:
+        return f"test.{metric}: expected a number, for a run that did not diverge, got None"
     return None
 
 

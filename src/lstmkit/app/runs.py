@@ -47,7 +47,14 @@ from lstmkit import _atomic
 from lstmkit._validate import loads_json
 from lstmkit.app.config import TrainConfig
 from lstmkit.app.model import SequenceModel
-from lstmkit.app.run_schema import CheckpointError, check_tensors, check_trainer_state, is_number, summary_problem
+from lstmkit.app.run_schema import (
+    CheckpointError,
+    check_tensors,
+    check_trainer_state,
+    is_number,
+    study_result_problem,
+    summary_problem,
+)
 from lstmkit.app.runlock import InUseError, RunLock, lock
 from lstmkit.app.tasks.base import Task
 from lstmkit.app.tasks.registry import get_task
@@ -532,19 +539,25 @@ def write_study_result(run_dir: str | os.PathLike[str], result: dict[str, Any]) 
     _atomic.write_json(Path(run_dir) / STUDY_RESULT, result, what="study")
 
 
-def read_study_result(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """A study's record of a finished run (None while there is none).
+def read_study_result(run_dir: str | os.PathLike[str], metric: str | None = None) -> dict[str, Any] | None:
+    """A study's record of a finished run (None while there is none), every field the study
+    reads checked, with its type (:func:`~lstmkit.app.run_schema.study_result_problem`).
+
+    Args:
+        metric: the study's metric: a run that did not diverge must hold its test value.
 
     Raises:
-        ValueError: "damaged result.json: …" — not JSON, or not an object.
+        ValueError: "damaged result.json: …" — not JSON, not an object, a field missing or
+            of the wrong type.
     """
     path = Path(run_dir) / STUDY_RESULT
     value = _read_json(path, "damaged result.json")
     if value is None and not path.is_file():
         return None
-    if not isinstance(value, dict):
-        raise ValueError(f"damaged result.json: {path}: expected a JSON object")
-    return value
+    problem = study_result_problem(value, metric)
+    if problem is not None:
+        raise ValueError(f"damaged result.json: {path}: {problem}")
+    return value  # type: ignore[no-any-return]
 
 
 def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -57,7 +57,7 @@ def train_one(run_dir: str, config: dict[str, Any], metric: str) -> dict[str, An
     import torch
 
     path = Path(run_dir)
-    result = runs.read_study_result(path)
+    result = runs.read_study_result(path, metric)  # (every field this module reads, checked)
     if result is not None:
         if not _same_training(result.get("config"), config):
             raise ValueError(f"{path}: holds a finished run with other settings than this study's; "
