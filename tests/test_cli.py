@@ -122,6 +122,22 @@ def test_the_default_run_directory_is_one_directory():
     assert d.parent == Path("runs") and d.name == "adding-length30-zoneout=0.1_0.2+deep=f:3-s0"
 
 
+def test_the_plain_relu_rnn_is_a_model(tmp_path):
+    """--model rnn_relu trains the plain ReLU RNN (the variant table's word), in a directory of its name."""
+    import lstmkit
+    from lstmkit.app.cli import default_run_dir
+    from lstmkit.app.runs import load_run
+    from lstmkit.app.train import train
+
+    cfg = TrainConfig.for_task("adding", {"length": 24, "eval_size": 8}, model="rnn_relu", hidden_size=4,
+                               batch_size=4, steps=2, eval_every=2)
+    assert default_run_dir(cfg, cell_given=False).name == "adding-length24-eval_size8-rnn_relu-s0"
+    assert cfg.cell_name == "rnn_relu"
+    train(cfg, tmp_path / "r", progress=False)
+    _, _, model = load_run(tmp_path / "r")
+    assert model.rnn.spec == lstmkit.resolve("rnn_relu")
+
+
 def test_the_none_words_the_help_names_are_read(tmp_path):
     """--backend none (the help's default) was an unknown kernel, and --clip 0.0 was refused as
     'expected a number > 0 or 0'; both mean off, as --clip 0 and --threads none do."""
@@ -166,6 +182,9 @@ MISTAKES = [
     (["--momentum", "nan"], "momentum: expected a finite number, got nan"),
     (["--cell", "peepole"], "cell: unknown variant 'peepole' in 'peepole' (did you mean 'peephole'?)"),
     (["--cell", "nfg+cifg"], "cannot also be removed"),
+    (["--cell", "rnn_relu"], "cell: 'rnn_relu' is the plain RNN; use --model rnn_relu instead"),
+    (["--model", "rnn_relu", "--proj-size", "2"], "proj_size: only the LSTM has a projection, not the plain RNN "
+                                                  "(--model rnn_relu)"),
     (["--hidden", "0"], "hidden_size: expected an int >= 1, got 0"),
     (["--hidden", "100000"], "hidden_size: expected an int <= 65536, got 100000 (a sane upper bound)"),
     (["--layers", "1000000"], "num_layers: expected an int <= 1024"),

@@ -293,13 +293,14 @@ def test_gradflow_experiment_measures_the_models(tmp_path):
 def test_gradflow_command_writes_png_and_json(runs, tmp_path, capsys):
     out = tmp_path / "flow.png"
     argv = ["gradflow", "--length", "20", "--hidden", "4", "--batch-size", "4", "--steps", "1",
-            "--probe-size", "4", "--cells", "rnn,nfg", "-o", str(out)]
+            "--probe-size", "4", "--cells", "rnn,rnn_relu,nfg", "-o", str(out)]
     assert cli(argv) == 0
     text = capsys.readouterr().out
     assert "dL/dh_t" in text and "dL/dc_t" in text and "t=1 / t=T" in text
     assert_png(out)
     data = json.loads(out.with_suffix(".json").read_text())
-    assert [m["name"] for m in data["models"]] == ["rnn", "nfg"] and data["settings"]["steps"] == 1
+    assert [m["name"] for m in data["models"]] == ["rnn", "rnn_relu", "nfg"] and data["settings"]["steps"] == 1
+    assert [m["model"] for m in data["models"]] == ["rnn", "rnn_relu", "lstm"]
     # trained run directories instead of training
     out2 = tmp_path / "runs.png"
     assert cli(["gradflow", "--runs", str(runs["vanilla"]), str(runs["rnn"]), "--probe-size", "4",

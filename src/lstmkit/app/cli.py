@@ -166,8 +166,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def default_run_dir(cfg: TrainConfig, cell_given: bool) -> Path:
     """``runs/TASK[-OPTIONS]-MODEL-sSEED``: the task options as written (``length100``),
-    MODEL ``lstm`` (the task's recipe cell), ``rnn``, or the ``--cell`` given."""
-    label = "rnn" if cfg.model == "rnn" else cfg.cell if cell_given else "lstm"
+    MODEL ``lstm`` (the task's recipe cell), a plain RNN's (``rnn``, ``rnn_relu``), or the ``--cell`` given."""
+    label = cfg.model if cfg.model != "lstm" else cfg.cell if cell_given else "lstm"
     opts = [f"{k}{v}" for k, v in cfg.task_options.items()]
     name = "-".join([cfg.task, *opts, label, f"s{cfg.seed}"])
     return Path("runs") / _atomic.safe_name(name)  # one directory (zoneout=0.1/0.2: no '/')

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lstmkit import variants
 from lstmkit._suggest import did_you_mean
 from lstmkit.app.tasks.base import EVAL_BATCH_SIZE, SPLITS
 from lstmkit.spec import CellSpec, resolve
@@ -117,16 +118,22 @@ def _check(name: str, value: Any, opt: Option) -> None:
                          + ("" if opt.hi_open else " (a sane upper bound)"))
 
 
+#: The plain RNNs a run's ``model`` can name besides ``"lstm"``: the variant table's words of the
+#: RNN (``rnn``: tanh, ``rnn_relu``), which ``study --variants`` and ``plot gradflow --cells`` also take.
+RNN_MODELS: tuple[str, ...] = tuple(r.word for r in variants.ROWS if r.sets.get("kind") == "rnn")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run. Same config and seed → same loss curve."""
 
     task: str = field(metadata={"option": Option("task name (see lstmkit tasks)", str)})
     task_options: dict[str, Any] = _f({}, "task options (-o KEY=VALUE; see lstmkit tasks TASK)", dict)
-    model: str = _f("lstm", "recurrent layer: an lstmkit LSTM or the plain tanh RNN", str, choices=("lstm", "rnn"))
+    model: str = _f("lstm", "recurrent layer: an lstmkit LSTM (its variant: --cell) or the plain RNN, rnn (tanh) "
+                    "or rnn_relu", str, choices=("lstm", *RNN_MODELS))
     cell: str = _f("vanilla", "LSTM variant: a preset or names joined with '+', e.g. peephole, cifg+layernorm, "
-                   "deep=16, and initial biases: fb=5 (forget gate), ib=-2, ob=-1, chrono=T (ignored for --model "
-                   "rnn)", str)
+                   "deep=16, and initial biases: fb=5 (forget gate), ib=-2, ob=-1, chrono=T (ignored for a plain "
+                   "RNN)", str)
     hidden_size: int = _f(64, "cells per layer and direction (H)", int, lo=1, hi=65536,
                           flags=("--hidden", "--hidden-size"))
     num_layers: int = _f(1, "stacked recurrent layers", int, lo=1, hi=1024, flags=("--layers", "--num-layers"))
@@ -172,11 +179,11 @@ class TrainConfig:
         if self.model == "lstm":
             _check_cell(self.cell)
         elif self.proj_size:
-            raise ValueError("proj_size: only the LSTM has a projection, not the plain RNN (--model rnn)")
+            raise ValueError(f"proj_size: only the LSTM has a projection, not the plain RNN (--model {self.model})")
         if self.backend is not None:  # as the layer refuses it, here before any run
             from lstmkit.checks import check_backend  # (the registry; importing it builds nothing)
 
-            check_backend(self.backend, resolve(self.cell) if self.model == "lstm" else CellSpec(kind="rnn"))
+            check_backend(self.backend, self.spec)
 
     @classmethod
     def for_task(cls, task: str, task_options: Mapping[str, Any] | None = None, **given: Any) -> TrainConfig:
@@ -243,9 +250,14 @@ class TrainConfig:
         return cfg
 
     @property
+    def spec(self) -> CellSpec:
+        """The recurrent layer's cell: the LSTM variant ``cell`` names, or the plain RNN ``model`` names."""
+        return resolve(self.cell if self.model == "lstm" else self.model)
+
+    @property
     def cell_name(self) -> str:
-        """The variant's name (``"rnn"`` for the plain RNN)."""
-        return resolve(self.cell).name if self.model == "lstm" else "rnn"
+        """The variant's name (``"rnn"``, ``"rnn_relu"`` for the plain RNNs)."""
+        return self.spec.name
 
 
 def _valid(cfg: TrainConfig) -> bool:
@@ -271,4 +283,4 @@ def _check_cell(cell: Any) -> None:
         raise ValueError(f"cell: expected a variant name, got {cell!r}")
     spec = resolve(cell)  # an unknown word or an impossible combination raises with the reason
     if not spec.is_lstm:
-        raise ValueError(f"cell: {cell!r} is the plain RNN; use --model rnn instead")
+        raise ValueError(f"cell: {cell!r} is the plain RNN; use --model {spec.name} instead")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lstmkit import _atomic
+from lstmkit.app.config import RNN_MODELS
 from lstmkit.app.runs import load_run, read_checkpoint
 from lstmkit.app.tasks.base import Task
 from lstmkit.tracing import GradientFlow, gradient_flow
@@ -60,7 +61,7 @@ def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, len
     are measured in float64 on ``probe_size`` test sequences.
 
     Args:
-        cells: ``"rnn"`` for the plain RNN, else an LSTM variant (``"vanilla"``, ``"nfg"``, …).
+        cells: ``"rnn"`` / ``"rnn_relu"`` for a plain RNN, else an LSTM variant (``"vanilla"``, ``"nfg"``, …).
         threads: torch threads while training (1 is fastest at these sizes on shared cores).
 
     Returns:
@@ -91,7 +92,7 @@ def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, len
             init = SequenceModel(cfg, task.input_size, task.output_size).eval()
             batch = next(iter(task.eval_batches("test", probe_size)))
             n_steps = int(read_checkpoint(d).state["step"])
-            label = "rnn" if cfg.model == "rnn" else cfg.cell
+            label = cfg.model if cfg.model != "lstm" else cfg.cell
             say(f"{label}: measuring {d}")
             models.append({"name": label, "model": cfg.model, "cell": cfg.cell, "run": str(d), "steps": n_steps,
                            "init": _measure(init, task, batch), "trained": _measure(trained, task, batch)})
@@ -104,9 +105,9 @@ def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, len
         old_threads = torch.get_num_threads()
         try:
             for cell in cells:
-                model_kind = "rnn" if cell == "rnn" else "lstm"
+                model_kind = cell if cell in RNN_MODELS else "lstm"
                 cfg = TrainConfig(task="adding", task_options=options, model=model_kind,
-                                  cell="vanilla" if cell == "rnn" else cell, hidden_size=hidden,
+                                  cell="vanilla" if model_kind != "lstm" else cell, hidden_size=hidden,
                                   batch_size=batch_size, steps=max(steps, 1), eval_every=max(steps, 1),
                                   lr=lr, seed=seed, threads=threads)
                 with _atomic.scratch_directory("gradflow") as tmp:

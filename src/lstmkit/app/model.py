@@ -31,7 +31,7 @@ class SequenceModel(nn.Module):
             self.rnn: LSTM | RNN = LSTM(input_size, cfg.hidden_size, proj_size=cfg.proj_size,
                                         cell=cfg.cell, backend=cfg.backend, **kw)
         else:
-            self.rnn = RNN(input_size, cfg.hidden_size, backend=cfg.backend, **kw)
+            self.rnn = RNN(input_size, cfg.hidden_size, nonlinearity=cfg.spec.nonlinearity, backend=cfg.backend, **kw)
         self.head = nn.Linear(self.rnn.output_size * self.rnn.num_directions, output_size, device=device)
 
     def forward(self, x: Tensor, state: Any = None, lengths: Tensor | None = None) -> tuple[Tensor, Any]:

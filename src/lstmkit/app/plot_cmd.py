@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = {k: v.default for k, v in inspect.signature(gradflow_experiment).parameters.items()}
     p.add_argument("--cells", default=",".join(d["cells"]),
-                   help=f"comma-separated models: 'rnn' or LSTM variants (default {','.join(d['cells'])})")
+                   help=f"comma-separated models: 'rnn', 'rnn_relu' or LSTM variants (default {','.join(d['cells'])})")
     p.add_argument("--length", type=int, default=d["length"], help=f"sequence length T (default {d['length']})")
     p.add_argument("--hidden", type=int, default=d["hidden"], help=f"cells per model (default {d['hidden']})")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"(default {d['batch_size']})")
@@ -132,9 +132,10 @@ def run(args: argparse.Namespace) -> int:
         json_out = plots.check_output(out.with_suffix(".json"), args.overwrite, ".json")
         cells = [c.strip() for c in args.cells.split(",") if c.strip()]
         if not args.runs:
+            from lstmkit.app.config import RNN_MODELS
             from lstmkit.spec import resolve
             for c in cells:
-                if c != "rnn":
+                if c not in RNN_MODELS:
                     resolve(c)  # an unknown variant fails before any training
         result = gradflow_experiment(cells, length=args.length, hidden=args.hidden, batch_size=args.batch_size,
                                      steps=args.steps, lr=args.lr, seed=args.seed, probe_size=args.probe_size,

@@ -289,8 +289,8 @@ def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gr
                       "float64) on test sequences, with the task's loss.") + _table(rows)
         sections.append(("Gradient flow", body))
     settings = asdict(cfg)
-    if cfg.model == "rnn":  # the task's recipe cell stays in the config; the plain RNN has no gates to vary
-        settings["cell"] = f"— (unused by model rnn: {settings['cell']})"
+    if cfg.model != "lstm":  # the task's recipe cell stays in the config; the plain RNN has no gates to vary
+        settings["cell"] = f"— (unused by model {cfg.model}: {settings['cell']})"
     sections.append(("Configuration", _table(list(settings.items()), ("setting", "value"))))
     table = describe(model, file=io.StringIO())
     sections.append(("Gates (lstmkit.describe)", f"<pre>{_e(table)}</pre>"))

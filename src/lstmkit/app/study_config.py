@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lstmkit import _atomic
-from lstmkit.app.config import MAX_SEED, TrainConfig, option_of
+from lstmkit.app.config import MAX_SEED, RNN_MODELS, TrainConfig, option_of
 from lstmkit.spec import resolve
 
 __all__ = ["StudyConfig", "Run", "TRAIN_KEYS", "train_config", "setting"]
@@ -49,7 +49,7 @@ class StudyConfig:
                 raise ValueError(f"variants: expected variant names, got an empty one in {self.variants}")
             if not _atomic.is_safe_name(v):
                 raise ValueError(f"variants: {v!r} has characters that cannot name a directory")
-            if v != "rnn":
+            if v not in RNN_MODELS:
                 resolve(v)  # raises with the reason for an unknown or impossible variant
         for name in ("seeds", "lr_trials"):
             value = getattr(self, name)
@@ -121,8 +121,8 @@ class Run:
 def train_config(cfg: StudyConfig, run: Run, split: str) -> dict[str, Any]:
     d = {"task": cfg.task, **cfg.train, "lr": run.lr, "seed": run.seed, "eval_split": split,
          "stop_at_target": False, "threads": 1}
-    if run.variant == "rnn":
-        d.update(model="rnn", cell="vanilla")
+    if run.variant in RNN_MODELS:
+        d.update(model=run.variant, cell="vanilla")
     else:
         d.update(model="lstm", cell=run.variant)
     return d

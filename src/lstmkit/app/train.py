@@ -160,10 +160,7 @@ def _check_budget(cfg: TrainConfig, task: Task) -> str:
                          f"{batch * T * per_step * 4 / 2**30:.0f} GiB of activations, more than the bound of "
                          f"{MAX_ACTIVATIONS * 4 / 2**30:.0f} GiB; use a smaller batch, model or task length")
     from lstmkit import kernels
-    from lstmkit.spec import CellSpec, resolve
-
-    spec = resolve(cfg.cell) if cfg.model == "lstm" else CellSpec(kind="rnn")
-    return kernels.select(spec, torch.device("cpu"), torch.float32, cfg.backend).name  # a first build says so
+    return kernels.select(cfg.spec, torch.device("cpu"), torch.float32, cfg.backend).name  # a first build says so
 
 
 class Trainer:
