@@ -200,6 +200,21 @@ def test_curves(runs, tmp_path):
     _assert_target_and_baseline(fig.axes[1])
 
 
+def test_a_dollar_in_a_runs_name_is_drawn_as_written(runs, tmp_path):
+    """A run directory named with '$' (matplotlib's maths) is drawn as written in the curves and
+    the report; "lr$\\frac$" failed matplotlib's maths parser, "a$x$b" was drawn as maths."""
+    dirs = []
+    for name in ("lr$\\frac$", "a$x$b"):
+        shutil.copytree(runs["vanilla"], tmp_path / name)
+        dirs.append(tmp_path / name)
+    fig = plots.plot_curves(dirs, path=tmp_path / "curves.png")
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "lr\\$\\frac\\$ (vanilla)", "a\\$x\\$b (vanilla)"]  # escaped: drawn as the name
+    assert fig._suptitle.get_text() == "Training curves: lr\\$\\frac\\$, a\\$x\\$b"
+    assert_png(tmp_path / "curves.png")
+    assert main(["report", str(dirs[0]), "-o", str(tmp_path / "r.html"), "--no-gradflow"]) == 0  # the same curves
+
+
 def _assert_target_and_baseline(ax) -> None:
     """The adding task's criterion (≥ 1 - 3/2560) and its constant-0.5 baseline are labelled
     horizontal lines, and the y axis spans both (no zoom that hides how far the runs are)."""

@@ -70,6 +70,12 @@ def figure_png(fig: Figure, dpi: int = _DPI) -> bytes:
     return buf.getvalue()
 
 
+def _literal(text: str) -> str:
+    """``text`` drawn as written: names read from run directories and their files (a directory
+    ``lr$\\frac$``) may hold '$', which matplotlib would parse as maths (and fail, or draw it)."""
+    return text.replace("$", r"\$")
+
+
 def _exists(p: Path) -> str:
     return f"output: {p} exists; nothing was overwritten (use --overwrite to replace it)"
 
@@ -250,7 +256,7 @@ def reference_lines(ax: Any, target: dict[str, Any] | None, baselines: dict[str,
         ax.axhline(thr, color="tab:green", ls="--", lw=1.3, label=f"target {goal} {thr:.4g}", zorder=1)
         ys.append(thr)
     for i, (name, v) in enumerate(baselines.items()):
-        ax.axhline(v, color="0.4", ls=(0, (1, 1 + i)), lw=1.1, label=f"baseline {name}: {v:.4g}", zorder=1)
+        ax.axhline(v, color="0.4", ls=(0, (1, 1 + i)), lw=1.1, label=_literal(f"baseline {name}: {v:.4g}"), zorder=1)
         ys.append(v)
     if ys:
         lo, hi = min(ys), max(ys)
@@ -474,13 +480,13 @@ def plot_curves(run_dirs: Sequence[str | os.PathLike[str]], *, title: str | None
     fig = _figure(figsize=(11.0, 4.2))
     ax_loss, ax_metric = fig.subplots(1, 2)
     for (d, recs), metric in zip(loaded, metrics):
-        label = f"{d.name} ({runs.variant_of(d)})"
+        label = _literal(f"{d.name} ({runs.variant_of(d)})")
         steps = [r["step"] for r in recs]
         loss = [r.get("train_loss", float("nan")) for r in recs]
         ax_loss.plot(steps, loss, marker="o", ms=3, label=label)
         key = metric.replace(" ", "_", 1)
         ax_metric.plot(steps, [r.get(key, float("nan")) for r in recs], marker="o", ms=3,
-                       label=label if len(set(metrics)) == 1 else f"{label}: {metric}")
+                       label=label if len(set(metrics)) == 1 else f"{label}: {_literal(metric)}")
     if all(r.get("train_loss", 0) > 0 for _, recs in loaded for r in recs):
         ax_loss.set_yscale("log")
     ax_loss.set_title("training loss")
@@ -491,13 +497,13 @@ def plot_curves(run_dirs: Sequence[str | os.PathLike[str]], *, title: str | None
         target, baselines = _common_criterion([d for d, _ in loaded], metrics[0].split(" ", 1)[1])
         drawn = [y for line in ax_metric.get_lines() for y in line.get_ydata()]
         reference_lines(ax_metric, target, baselines, drawn)
-    ax_metric.set_title(shown)
+    ax_metric.set_title(_literal(shown))
     ax_metric.set_xlabel("step")
-    ax_metric.set_ylabel(shown.split(" ", 1)[1] if len(set(metrics)) == 1 else "value")
+    ax_metric.set_ylabel(_literal(shown.split(" ", 1)[1]) if len(set(metrics)) == 1 else "value")
     for ax in (ax_loss, ax_metric):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title or ("Training curves: " + ", ".join(d.name for d, _ in loaded))[:120])
+    fig.suptitle(title or _literal(("Training curves: " + ", ".join(d.name for d, _ in loaded))[:120]))
     return _finish(fig, path, overwrite)
 
 
@@ -528,10 +534,10 @@ def plot_compare(run_dirs: Sequence[str | os.PathLike[str]], *, metric: str | No
     reference_lines(ax, target, baselines, [val for _, val, *_ in rows])
     if target is not None:
         ax.legend(fontsize=8, loc="best")
-    ax.set_xticks(range(len(variants)), variants, rotation=30 if len(variants) > 4 else 0)
+    ax.set_xticks(range(len(variants)), [_literal(v) for v in variants], rotation=30 if len(variants) > 4 else 0)
     ax.set_xlabel("cell variant")
-    ax.set_ylabel(what)
-    ax.set_title(title or f"{what} by cell variant ({len(rows)} run{'s' if len(rows) != 1 else ''})")
+    ax.set_ylabel(_literal(what))
+    ax.set_title(title or _literal(f"{what} by cell variant ({len(rows)} run{'s' if len(rows) != 1 else ''})"))
     ax.grid(axis="y", alpha=0.3)
     return _finish(fig, path, overwrite)
 
