@@ -235,3 +235,35 @@ def test_a_damaged_summary_is_one_line_for_report_and_plot_compare(run_dir, tmp_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"error: damaged summary.json: {d / 'summary.json'}: {message}" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([b"\xff"], "line 1 is not UTF-8 text"),
+    ([None, b'{"step": 4, "train_loss": "x"}'], "line 2: train_loss: expected a number or null, got 'x'"),
+    ([b'{"step": "abc", "train_loss": 1.0, "valid_accuracy": 0.5}'], "line 1: step: expected an int >= 1, got 'abc'"),
+    ([b'{"step": 2, "train_loss": {"a": 1}}'], "line 1: train_loss: expected a number or null, got \"{'a': 1}\""),
+    ([None, b'{"step": 4, "train_loss": 1.0, "valid_accuracy": "0.5"}'],
+     "line 2: valid_accuracy: expected a number or null, got '0.5'"),
+    ([b'{"step": 0, "train_loss": 1.0}'], "line 1: step: expected an int >= 1, got '0'"),
+    ([b'{"step": true, "train_loss": 1.0}'], "line 1: step: expected an int >= 1, got 'True'"),
+    ([b'{"train_loss": 1.0}'], "line 1: no 'step'"),
+    ([b"[1, 2]"], "line 1: expected a JSON object, got list"),
+    ([None, b'{"step": 4, "train_lo'], "line 2 is not JSON"),  # a last line a killed writer cut short
+])
+def test_a_damaged_metrics_file_is_one_line_naming_it(run_dir, tmp_path, capsys, lines, message):
+    """metrics.jsonl's records are checked when read (lstmkit.app.runs.read_metrics), as a run's
+    unstarted directory's are: a wrong type was an error naming no file ("'>' not supported
+    between instances of 'str' and 'int'", "unhashable type: 'dict'"), a step that is not a
+    number a plot of garbage (exit 0), bytes that are not UTF-8 a codec's message."""
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    metrics = d / "metrics.jsonl"
+    good = metrics.read_bytes().splitlines()
+    metrics.write_bytes(b"".join((good[n] if line is None else line) + b"\n" for n, line in enumerate(lines)))
+    for argv in (["report", str(d), "-o", str(tmp_path / "r.html"), "--no-gradflow"],
+                 ["plot", "curves", str(d), "-o", str(tmp_path / "c.png")]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: run_dirs: {metrics} {message}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

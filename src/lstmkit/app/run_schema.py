@@ -20,8 +20,8 @@ from lstmkit.app.tasks.base import Task
 from lstmkit.variants import cell_states
 
 __all__ = ["is_number", "is_int", "summary_problem", "SUMMARY_FIELDS", "TARGET_FIELDS", "TEST_FIELDS",
-           "numbers_problem", "study_result_problem", "STUDY_RESULT_FIELDS", "CheckpointError", "expected_tensors",
-           "check_tensors", "check_trainer_state"]
+           "numbers_problem", "record_problem", "study_result_problem", "STUDY_RESULT_FIELDS", "CheckpointError",
+           "expected_tensors", "check_tensors", "check_trainer_state"]
 
 
 class CheckpointError(ValueError):
@@ -108,6 +108,20 @@ def numbers_problem(obj: dict[str, Any], where: str = "") -> str | None:
 
 def _not_an_object(v: Any) -> str | None:
     return None if isinstance(v, dict) else f"expected a JSON object, got {'null' if v is None else type(v).__name__}"
+
+
+def record_problem(rec: Any) -> str | None:
+    """What is wrong with ``rec`` as an evaluation's record (a line of ``metrics.jsonl``, an
+    entry of a checkpoint's history): an object with a ``step``, an int >= 1, and numbers or
+    null, or None."""
+    problem = _not_an_object(rec)
+    if problem is not None:
+        return problem
+    if "step" not in rec:
+        return "no 'step'"
+    if not is_int(rec["step"]) or rec["step"] < 1:
+        return f"step: expected an int >= 1, got {_shown(rec['step'])}"
+    return numbers_problem(rec)
 
 
 def summary_problem(s: Any) -> str | None:
@@ -228,12 +242,12 @@ def check_trainer_state(p: Path, st: Any, cfg: TrainConfig) -> None:
                   f"of length {len(history) if isinstance(history, list) else '-'}")
     last = 0
     for n, rec in enumerate(history):
-        if not isinstance(rec, dict) or isinstance(rec.get("step"), bool) or not isinstance(rec.get("step"), int) \
-                or not last < rec["step"] <= step:
+        problem = record_problem(rec)
+        if problem is not None:
+            raise bad(f"history[{n}]: {problem}")
+        if not last < rec["step"] <= step:
             raise bad(f"history[{n}]: expected an evaluation record with a step in ({last}, {step}], got "
                       f"{str(rec)[:60]}")
-        if not all(is_number(v) or v is None for k, v in rec.items()):
-            raise bad(f"history[{n}]: expected numbers, got {str(rec)[:60]}")
         last = rec["step"]
     if last != step:
         raise bad(f"history ends at step {last}, but the checkpoint is of step {step}")

@@ -52,6 +52,7 @@ from lstmkit.app.run_schema import (
     check_tensors,
     check_trainer_state,
     is_number,
+    record_problem,
     study_result_problem,
     summary_problem,
 )
@@ -144,21 +145,35 @@ def _is_run_config(path: Path) -> bool:
 
 def _is_run_metrics(path: Path) -> bool:
     """``path`` is a metrics.jsonl lstmkit wrote: evaluation records (objects with a step >= 1
-    and numbers), one a line."""
+    and numbers), one a line (:func:`_metrics_records`)."""
     text = _small_text(path)
     if text is None:
         return False
-    for line in text.splitlines():
+    try:
+        _metrics_records(path, text)
+    except ValueError:
+        return False
+    return True
+
+
+def _metrics_records(path: Path, text: str) -> list[dict[str, Any]]:
+    """The evaluation records of ``text``, the contents of the metrics.jsonl at ``path``: one
+    JSON object a line (blank lines skipped), each checked by
+    :func:`~lstmkit.app.run_schema.record_problem`.
+
+    Raises:
+        ValueError: naming ``path``, the line and what is wrong with it.
+    """
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            rec = loads_json(line, "metrics")
-        except ValueError:
-            return False
-        if not isinstance(rec, dict) or isinstance(rec.get("step"), bool) or not isinstance(rec.get("step"), int) \
-                or rec["step"] < 1 or not all(is_number(v) or v is None for v in rec.values()):
-            return False
-    return True
+        rec = loads_json(line, f"run_dirs: {path} line {n} is not JSON")
+        problem = record_problem(rec)
+        if problem is not None:
+            raise ValueError(f"run_dirs: {path} line {n}: {problem}")
+        records.append(rec)
+    return records
 
 
 def plan(run_dir: str | os.PathLike[str], resume: bool, *, check_in_use: bool = True) -> bool:
@@ -478,23 +493,25 @@ def check_run_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of ``run_dir/metrics.jsonl`` (one per evaluation).
+    """The records of ``run_dir/metrics.jsonl`` (one per evaluation), each checked as the
+    records of an unstarted run's directory are (a step, an int >= 1, and numbers or null).
 
     Raises:
-        ValueError: no such directory or file, or a line that is not a JSON object.
+        ValueError: no such directory or file, no record, or a line that is not UTF-8, not
+            JSON (a last line cut short included) or not such a record; naming the file and
+            the line.
     """
     d = check_run_dir(run_dir)
     f = d / METRICS
     if not f.is_file():
         raise ValueError(f"run_dirs: {str(d)!r} has no {METRICS} (not a training run, or no evaluation yet)")
-    records = []
-    for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        rec = loads_json(line, f"run_dirs: {f} line {n} is not JSON")
-        if not isinstance(rec, dict) or "step" not in rec:
-            raise ValueError(f"run_dirs: {f} line {n}: expected a JSON object with a 'step', got {line[:60]!r}")
-        records.append(rec)
+    data = f.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"run_dirs: {f} line {line} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    records = _metrics_records(f, text)
     if not records:
         raise ValueError(f"run_dirs: {f} is empty")
     return records
