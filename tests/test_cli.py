@@ -126,7 +126,7 @@ def test_the_plain_relu_rnn_is_a_model(tmp_path):
     """--model rnn_relu trains the plain ReLU RNN (the variant table's word), in a directory of its name."""
     import lstmkit
     from lstmkit.app.cli import default_run_dir
-    from lstmkit.app.runs import load_run
+    from lstmkit.app.runs import load_run, variant_of
     from lstmkit.app.train import train
 
     cfg = TrainConfig.for_task("adding", {"length": 24, "eval_size": 8}, model="rnn_relu", hidden_size=4,
@@ -136,6 +136,8 @@ def test_the_plain_relu_rnn_is_a_model(tmp_path):
     train(cfg, tmp_path / "r", progress=False)
     _, _, model = load_run(tmp_path / "r")
     assert model.rnn.spec == lstmkit.resolve("rnn_relu")
+    (tmp_path / "r" / "summary.json").unlink()  # an unfinished run's variant, from its config.json
+    assert variant_of(tmp_path / "r") == "rnn_relu"
 
 
 def test_the_none_words_the_help_names_are_read(tmp_path):

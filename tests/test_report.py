@@ -149,6 +149,46 @@ def test_report_of_a_directory_of_runs(run_dir, tmp_path, capsys):
     assert out.count("wrote ") == 2 and str(tmp_path / "study" / "runs" / "nfg" / "lr1-s0" / "report.html") in out
 
 
+def test_a_directory_of_runs_with_a_damaged_one_gets_no_report(run_dir, tmp_path, capsys):
+    """Every run's report is made before any is written: one damaged run leaves no report (the
+    runs before it got theirs, and the command run again refused them as existing)."""
+    for name in ("1", "2", "3"):
+        shutil.copytree(run_dir, tmp_path / "many" / name)
+    ck = tmp_path / "many" / "2" / "checkpoint.safetensors"
+    ck.write_bytes(ck.read_bytes()[:100])
+    assert cli([str(tmp_path / "many"), "--no-gradflow"]) == 2
+    assert "2" in capsys.readouterr().err
+    assert not list((tmp_path / "many").glob("*/report.html"))
+
+
+def test_files_of_two_runs_in_one_directory_are_refused(run_dir, tmp_path, capsys):
+    """A checkpoint copied into another run's directory: its summary, metrics and config say
+    another run, so the report refuses them instead of mixing the two."""
+    cfg = TrainConfig(task="adding", task_options={"length": 22, "eval_size": 16}, cell="nfg", hidden_size=4,
+                      batch_size=4, steps=2, eval_every=2, eval_batch_size=16)
+    train(cfg, tmp_path / "other", progress=False)
+    shutil.copytree(run_dir, tmp_path / "mix")
+    shutil.copy(tmp_path / "other" / "checkpoint.safetensors", tmp_path / "mix")
+    assert cli([str(tmp_path / "mix"), "-o", str(tmp_path / "r.html"), "--no-gradflow"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds files of different runs" in err
+    assert "cell: 'peephole' in config.json, 'nfg' in the checkpoint" in err
+    assert "cell: 'peephole' in summary.json, 'nfg' in the checkpoint" in err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_first_met_step_without_its_sequences_is_shown(run_dir, tmp_path):
+    """summary.json's schema lets sequences_to_target be null beside a first_met_step: the report
+    shows the step alone (it failed on formatting None)."""
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    summary = json.loads((d / "summary.json").read_text())
+    summary["target"].update(first_met_step=5, sequences_to_target=None)
+    (d / "summary.json").write_text(json.dumps(summary))
+    page = parse(report.write_report(d, tmp_path / "r.html", gradflow=False))
+    assert "step 5" in "".join(page.text)
+
+
 def test_report_never_overwrites_unless_asked(run_dir, tmp_path, capsys):
     out = tmp_path / "r.html"
     out.write_text("my notes")

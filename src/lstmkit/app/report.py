@@ -124,9 +124,10 @@ def _summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
         ("criterion", "none published" if thr is None else f"{goal} {thr:.6g}"),
         ("solved", "n/a" if thr is None or not test else "yes" if test.get("met") else "no"),
     ]
-    if t.get("first_met_step") is not None:
-        rows.append(("first met on the validation split", f"step {t['first_met_step']:,} "
-                                                          f"({t['sequences_to_target']:,} sequences)"))
+    if t.get("first_met_step") is not None:  # (its sequences may be null: the schema allows either alone)
+        sequences = t.get("sequences_to_target")
+        rows.append(("first met on the validation split", f"step {t['first_met_step']:,}"
+                     + (f" ({sequences:,} sequences)" if sequences is not None else "")))
     return rows
 
 
@@ -225,6 +226,7 @@ def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gr
     """
     d = _run_dir(run_dir)
     cfg, task, model = runs.load_run(d)
+    runs.check_one_run(d, cfg)
     from dataclasses import asdict
 
     from lstmkit.inspect import describe
@@ -361,8 +363,18 @@ def run(args: argparse.Namespace) -> int:
     if taken and not args.overwrite:
         raise FileExistsError(f"output: {', '.join(taken[:3])} exist{'s' if len(taken) == 1 else ''}; nothing was "
                               f"overwritten (use --overwrite to replace them)")
-    for d in below or [args.run_dir]:
-        out = write_report(d, args.output, overwrite=args.overwrite, text=args.text, gradflow=args.gradflow,
-                           max_steps=args.max_steps)
+    if not below:
+        out = write_report(args.run_dir, args.output, overwrite=args.overwrite, text=args.text,
+                           gradflow=args.gradflow, max_steps=args.max_steps)
+        print(f"wrote {out}")
+        return 0
+    # every run's report made before any is written: a damaged run refuses them all, leaving no report
+    # half the runs have (which a second call would then refuse as existing)
+    pages = [(d / "report.html", build_report(d, text=args.text, gradflow=args.gradflow, max_steps=args.max_steps))
+             for d in below]
+    for out, page in pages:
+        _atomic.write_bytes(out, page.encode("utf-8"), overwrite=args.overwrite,
+                            exists_error=f"output: {out} exists; nothing was overwritten (use --overwrite to "
+                                         f"replace it)")
         print(f"wrote {out}")
     return 0

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from lstmkit import _atomic
 from lstmkit._validate import loads_json
-from lstmkit.app.config import TrainConfig
+from lstmkit.app.config import RNN_MODELS, TrainConfig
 from lstmkit.app.model import SequenceModel
 from lstmkit.app.run_schema import (
     CheckpointError,
@@ -619,6 +619,31 @@ def load_run(path: str | os.PathLike[str], weights: str = "selected") -> tuple[T
     return ck.config, ck.task, model.eval()
 
 
+def check_one_run(run_dir: str | os.PathLike[str], cfg: TrainConfig) -> None:
+    """Refuse a directory whose ``config.json`` or ``summary.json`` describe another run than its
+    checkpoint (trained with ``cfg``): files copied together from two runs would be read as one.
+    The budget of steps may differ (a resumed run writes its grown budget first).
+
+    Raises:
+        CheckpointError: the settings that differ, and in which file.
+    """
+    d = Path(run_dir)
+    mine = json.loads(json.dumps(asdict(cfg)))  # as config.json holds it
+    found: list[tuple[str, str, Any, Any]] = []  # (file, setting, there, in the checkpoint)
+    written = read_config(d)
+    if written is not None:
+        found += [(CONFIG, k, written.get(k), v) for k, v in mine.items() if k != "steps" and written.get(k) != v]
+    summary = read_summary(d)
+    if summary is not None:
+        said = {"task": mine["task"], "task_options": mine["task_options"], "model": cfg.model,
+                "cell": cfg.cell_name, "seed": cfg.seed}
+        found += [(SUMMARY, k, summary.get(k), v) for k, v in said.items() if summary.get(k) != v]
+    if found:
+        diff = "; ".join(f"{k}: {there!r} in {name}, {ours!r} in the checkpoint" for name, k, there, ours in found)
+        raise CheckpointError(f"run_dir: {d} holds files of different runs ({diff}); its {CHECKPOINT} was not "
+                              f"trained with the settings its other files record")
+
+
 # ---------------------------------------------------------------------------- facts of a run
 
 
@@ -629,8 +654,8 @@ def variant_of(run_dir: str | os.PathLike[str]) -> str:
     if summary and "cell" in summary:
         return str(summary["cell"])
     cfg = read_config(d) or {}
-    if cfg.get("model") == "rnn":
-        return "rnn"
+    if cfg.get("model") in RNN_MODELS:
+        return str(cfg["model"])
     from lstmkit.spec import resolve
     try:
         return resolve(cfg.get("cell", "vanilla")).name

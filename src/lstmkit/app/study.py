@@ -291,7 +291,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, help="task name (e.g. chorales, continual_reber, adding; see "
                                                        "lstmkit tasks)")
     parser.add_argument("--variants", required=True,
-                        help="comma-separated variants, e.g. vanilla,peephole,nfg,cifg,vanilla+fb=1 ('rnn': plain RNN)")
+                        help="comma-separated variants, e.g. vanilla,peephole,nfg,cifg,vanilla+fb=1 ('rnn', "
+                             "'rnn_relu': plain RNNs)")
     parser.add_argument("--seeds", type=int, default=d["seeds"],
                         help=f"seeds per variant at its chosen rate (default {d['seeds']})")
     parser.add_argument("--lr-trials", type=int, default=d["lr_trials"],
