@@ -187,6 +187,23 @@ def test_every_variant_is_checked_before_anything_is_written(tmp_path, kw, patte
     assert not (tmp_path / "s").exists()
 
 
+def test_a_second_study_in_the_same_directory_is_refused_before_any_run(tmp_path):
+    """A study holds its directory's lock from its start to its results: a second one with the same
+    settings is refused at once (it trained runs beside the first until it met one in use)."""
+    from lstmkit.app import runs
+
+    cfg = _cfg(seeds=1, lr_trials=1, variants=["vanilla"])
+    run_study(cfg, tmp_path / "s", jobs=1, progress=False)
+    before = sorted(str(p) for p in (tmp_path / "s").rglob("*"))
+    held = runs.lock(tmp_path / "s")  # as the first study holds it while it runs
+    try:
+        with pytest.raises(runs.InUseError, match="another lstmkit study is running in it; nothing was changed"):
+            run_study(cfg, tmp_path / "s", jobs=1, progress=False)
+    finally:
+        held.release()
+    assert sorted(str(p) for p in (tmp_path / "s").rglob("*")) == before
+
+
 def test_refuses_foreign_or_different_directory(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("mine")

@@ -195,8 +195,6 @@ def _check_out(out: Path) -> None:
 def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the study in ``out``; returns the aggregated results (see module doc)."""
-    from tqdm import tqdm
-
     from lstmkit.app.tasks.base import metric_goal
     from lstmkit.app.tasks.registry import get_task
 
@@ -219,6 +217,22 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
         TrainConfig.from_dict(train_config(cfg, Run(variant, 0, 1e-3, 0), split))
     _check_out(out)
     _prepare(cfg, out)
+    try:  # held until the results are written: a second study in out would train the same runs beside it
+        held = runs.lock(out)
+    except runs.InUseError:
+        raise runs.InUseError(f"--out {out}: another lstmkit study is running in it; nothing was changed (wait "
+                              f"for it to end, or stop it: the same command then continues it)") from None
+    try:
+        return _run_locked(cfg, out, jobs, progress, task, metric, goal, split)
+    finally:
+        held.release()
+
+
+def _run_locked(cfg: StudyConfig, out: Path, jobs: int, progress: bool, task: Any, metric: str, goal: str,
+                split: str) -> dict[str, Any]:
+    """:func:`run_study`'s runs and results, once it holds ``out``'s lock."""
+    from tqdm import tqdm
+
     lrs = cfg.learning_rates()
     results: dict[Run, dict[str, Any]] = {}
     total = len(cfg.variants) * (len(lrs) + cfg.seeds - 1)
