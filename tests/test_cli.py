@@ -185,6 +185,10 @@ MISTAKES = [
     (["--cell", "peepole"], "cell: unknown variant 'peepole' in 'peepole' (did you mean 'peephole'?)"),
     (["--cell", "nfg+cifg"], "cannot also be removed"),
     (["--cell", "rnn_relu"], "cell: 'rnn_relu' is the plain RNN; use --model rnn_relu instead"),
+    (["--model", "rnn", "--cell", "nosuch"], "--cell: the plain RNN (--model rnn) has no cell variant; leave --cell "
+                                             "out"),
+    (["--momentum", "0.5"], "--momentum: applies to --optimizer sgd, not adam"),
+    (["--warmup", "99999999"], "warmup: 99999999 steps of warm-up is more than the budget of "),
     (["--model", "rnn_relu", "--proj-size", "2"], "proj_size: only the LSTM has a projection, not the plain RNN "
                                                   "(--model rnn_relu)"),
     (["--hidden", "0"], "hidden_size: expected an int >= 1, got 0"),
@@ -243,6 +247,13 @@ def test_other_commands_mistakes(tmp_path, capsys, good_run):
     fails(capsys, ["report", tmp_path / "lstm.pt"], "lstm.pt' is a file; lstmkit report reads a training run's "
                                                     "directory")
     fails(capsys, ["sample", good_run, "-n", "0"], "-n: expected an int in [1, 10000000], got 0")
+    fails(capsys, ["sample", good_run, "--temperature", "inf"], "--temperature: expected a finite number > 0, got inf")
+    fails(capsys, ["study", "--task", "adding", "--variants", "vanilla", "--metric", "", "--out", tmp_path / "s"],
+          "metric: expected a metric's name, got ''")
+    fails(capsys, ["plot", "compare", good_run, "--metric", "", "-o", tmp_path / "c.png"],
+          "metric: expected a metric's name, got ''")
+    fails(capsys, ["plot", "gradflow", "--runs", good_run, "--cells", "rnn", "-o", tmp_path / "g.png"],
+          "--cells: --runs measures the models of the runs given; leave --cells out")
     fails(capsys, ["trian"], "invalid choice: 'trian'", "(did you mean 'train'?)")
     fails(capsys, ["plot", "gates", good_run, "--layr", "1"], "(did you mean '--layer'?)")
     fails(capsys, ["demo", "--seeds", "0"], "--seeds: expected an int in [1, 1000], got 0")

@@ -148,6 +148,12 @@ def _plan(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
 
     given = config_values(args)
     cfg = TrainConfig.for_task(args.task, args.option, **given)
+    # settings given that the run would not use (the config keeps them; the run would ignore them)
+    if "cell" in given and cfg.model != "lstm":
+        raise ValueError(f"--cell: the plain RNN (--model {cfg.model}) has no cell variant; leave --cell out")
+    if "momentum" in given and cfg.optimizer != "sgd":
+        raise ValueError(f"--momentum: applies to --optimizer sgd, not {cfg.optimizer} (which keeps moments of its "
+                         f"own); leave it out or add --optimizer sgd")
     return cfg, args.out or default_run_dir(cfg, "cell" in given)
 
 
@@ -250,8 +256,8 @@ def _sample(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.n > 10**7:
         raise ValueError(f"-n: expected an int in [1, 10000000], got {args.n}")
-    if not args.temperature > 0:
-        raise ValueError(f"--temperature: expected a number > 0, got {args.temperature}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):  # (inf sampled uniformly)
+        raise ValueError(f"--temperature: expected a finite number > 0, got {args.temperature}")
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed: expected an int in [0, {MAX_SEED}], got {args.seed}")
     cfg, task, model = load_run(args.checkpoint)

@@ -170,6 +170,9 @@ class TrainConfig:
         value of the wrong type, out of its bounds, or an impossible combination."""
         for f in dataclasses.fields(self):
             _check(f.name, getattr(self, f.name), option_of(f))
+        if self.warmup > self.steps:
+            raise ValueError(f"warmup: {self.warmup} steps of warm-up is more than the budget of {self.steps} steps "
+                             f"(the learning rate would never reach lr={self.lr:g})")
         if "seed" in self.task_options:
             raise ValueError(f"task_options: the seed is not a task option (the run's seed seeds the task's data "
                              f"and the model), got seed={self.task_options['seed']!r}")

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lstmkit.app.gradflow import gradflow_experiment
 
     d = {k: v.default for k, v in inspect.signature(gradflow_experiment).parameters.items()}
-    p.add_argument("--cells", default=",".join(d["cells"]),
+    p.add_argument("--cells", default=None,
                    help=f"comma-separated models: 'rnn', 'rnn_relu' or LSTM variants (default {','.join(d['cells'])})")
     p.add_argument("--length", type=int, default=d["length"], help=f"sequence length T (default {d['length']})")
     p.add_argument("--hidden", type=int, default=d["hidden"], help=f"cells per model (default {d['hidden']})")
@@ -130,7 +130,13 @@ def run(args: argparse.Namespace) -> int:
         from lstmkit.app.gradflow import gradflow_experiment, gradflow_table
 
         json_out = plots.check_output(out.with_suffix(".json"), args.overwrite, ".json")
-        cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+        if args.runs and args.cells is not None:
+            raise ValueError("--cells: --runs measures the models of the runs given; leave --cells out")
+        if args.cells is None:  # gradflow_experiment's own default
+            import inspect
+            cells = list(inspect.signature(gradflow_experiment).parameters["cells"].default)
+        else:
+            cells = [c.strip() for c in args.cells.split(",") if c.strip()]
         if not args.runs:
             from lstmkit.app.config import RNN_MODELS
             from lstmkit.spec import resolve

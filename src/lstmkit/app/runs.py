@@ -729,6 +729,8 @@ def final_values(run_dirs: list[str | os.PathLike[str]] | tuple[str | os.PathLik
     """
     if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
         raise ValueError(f"run_dirs: expected a non-empty list of run directories, got {run_dirs!r}")
+    if metric is not None and (not isinstance(metric, str) or not metric):
+        raise ValueError(f"metric: expected a metric's name, got {metric!r}")
     rows = []
     chosen = metric
     tasks: dict[str, list[str]] = {}  # the task and its options, as written -> its runs

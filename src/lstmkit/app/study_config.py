@@ -70,6 +70,8 @@ class StudyConfig:
         unknown = sorted(set(self.train) - set(TRAIN_KEYS))
         if unknown:
             raise ValueError(f"train: unknown settings {unknown}; a study may set {list(TRAIN_KEYS)}")
+        if self.metric is not None and (not isinstance(self.metric, str) or not self.metric):
+            raise ValueError(f"metric: expected a metric's name, got {self.metric!r}")
         if self.baseline is not None and self.baseline not in self.variants:
             raise ValueError(f"baseline: expected one of the studied variants {self.variants}, "
                              f"got {self.baseline!r}")
