@@ -132,12 +132,14 @@ class MarkedPairTask(SampledTask):
         return True
 
     @staticmethod
-    def _pairs_1997(n: int, length: int, signed: bool, generator: torch.Generator) -> dict[str, Tensor]:
+    def _pairs_1997(n: int, length: int, signed: bool, generator: torch.Generator,
+                    marked_first: float) -> dict[str, Tensor]:
         """``n`` sequences of Hochreiter & Schmidhuber 1997's adding and multiplication problems
         (§5.4, §5.5): length uniform in ``[T, T + T//10]``; values U[-1, 1] (``signed``) or
         U[0, 1], zero on the padding; one of the first 10 pairs marked (X1), then one of the
         first ``T//2 - 1`` pairs not yet marked (X2); markers 1 there, -1 on the first and last
-        pair, else 0; a marked first pair's value set to 0.
+        pair, else 0; a marked first pair's value set to ``marked_first`` (the paper's rare case:
+        0 for the sum, §5.4; 1.0 for the product, §5.5 — each the operation's neutral value).
 
         Returns ``values`` and ``markers`` (n, T + T//10), ``lengths`` (n,) and the marked
         positions ``i1``, ``i2`` (n,).
@@ -153,7 +155,7 @@ class MarkedPairTask(SampledTask):
         r = torch.randint(0, t // 2 - 2, (n,), generator=g)  # one of the T//2 - 2 others
         i2 = r + (r >= i1).long()
         values = values * (torch.arange(t_max)[None, :] < lengths[:, None])
-        values[:, 0] = torch.where((i1 == 0) | (i2 == 0), 0.0, values[:, 0])  # marked first pair: 0
+        values[:, 0] = torch.where((i1 == 0) | (i2 == 0), marked_first, values[:, 0])
         markers = torch.zeros(n, t_max)
         markers[:, 0] = -1
         markers[rows, lengths - 1] = -1

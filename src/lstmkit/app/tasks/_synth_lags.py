@@ -306,20 +306,20 @@ def multiplication_baselines(length: int) -> dict[str, float]:
     """Exact scores of constant predictions on the multiplication problem of length ``length``.
 
     With probability ``q = 0.1 + 0.9 / (T//2 - 2)`` one of the marks falls on the first
-    pair, whose value is then zero, and so is the product; otherwise the product Z of two
-    U[0, 1] values has P(Z ≤ z) = z - z ln z, a density -ln z that is largest near 0.
-    Returns ``best_constant``: the accuracy (|err| < 0.04) of the best constant answer, an
-    answer just below 0.04, which is right for every product in [0, 0.08):
-    ``q + (1 - q)(0.08 - 0.08 ln 0.08)`` (0.3673 at T = 100); ``mean``: the accuracy of
-    answering the mean product (1 - q)/4; ``mean_mse``: that answer's MSE, the variance
-    of the target, ``(1 - q)/9 - ((1 - q)/4)^2``.
+    pair, whose value is then 1.0, and the product is the other value, U[0, 1]; otherwise the
+    product Z of two U[0, 1] values has P(Z ≤ z) = z - z ln z, a density -ln z that is largest
+    near 0. Returns ``best_constant``: the accuracy (|err| < 0.04) of the best constant
+    answer, an answer just below 0.04, which is right for every product in [0, 0.08):
+    ``0.08 q + (1 - q)(0.08 - 0.08 ln 0.08)`` (0.2581 at T = 100); ``mean``: the accuracy of
+    answering the mean target ``q/2 + (1 - q)/4``; ``mean_mse``: that answer's MSE, the
+    variance of the target, ``q/3 + (1 - q)/9 - mean^2``.
     """
     q = 0.1 + 0.9 / (length // 2 - 2)
-    c = 2 * PRODUCT_TOLERANCE
-    mean = (1 - q) / 4
-    return {"best_constant": q + (1 - q) * _product_cdf(c),
-            "mean": (1 - q) * (_product_cdf(mean + PRODUCT_TOLERANCE) - _product_cdf(mean - PRODUCT_TOLERANCE)),
-            "mean_mse": (1 - q) / 9 - mean * mean}
+    c, tol = 2 * PRODUCT_TOLERANCE, PRODUCT_TOLERANCE
+    mean = q / 2 + (1 - q) / 4
+    return {"best_constant": q * c + (1 - q) * _product_cdf(c),
+            "mean": q * c + (1 - q) * (_product_cdf(mean + tol) - _product_cdf(mean - tol)),
+            "mean_mse": q / 3 + (1 - q) / 9 - mean * mean}
 
 
 @dataclass
@@ -330,8 +330,9 @@ class MultiplicationTask(MarkedPairTask):
     U[0, 1]: per step a (value, marker) pair; length uniform in ``[T, T + T//10]``
     (``lengths`` set; padding zero); one of the first 10 pairs is marked (X1), then one
     of the first ``T//2 - 1`` pairs not yet marked (X2); markers are 1 there, -1 on the
-    first and last pair, else 0; a marked first pair has its value set to 0. The target
-    is ``X1 · X2``, read from the single output at the last valid step.
+    first and last pair, else 0; a marked first pair has its value set to 1.0 (the paper's
+    "we set X1 to 1.0", where the adding problem sets 0). The target is ``X1 · X2``, read
+    from the single output at the last valid step.
 
     * ``x`` (T, B, 2); ``y`` (B,) the target. Loss and ``mse``: squared error at the last
       step. ``accuracy``: fraction with |err| < 0.04.
@@ -343,7 +344,7 @@ class MultiplicationTask(MarkedPairTask):
     482,000 training sequences; n_seq = 13: 14 wrong (MSE 0.0139) after 1,273,000.
 
     Baselines (exact, :func:`multiplication_baselines`): ``best_constant``, the accuracy
-    of the best constant answer (0.3673 at T = 100: most products are small);
+    of the best constant answer (0.2581 at T = 100: most products are small);
     ``mean``, of answering the mean product.
     """
 
@@ -409,7 +410,7 @@ class MultiplicationTask(MarkedPairTask):
         return [(t, f"X{k + 1} = {float(x[t, 0]):.2f}") for k, t in enumerate(flagged)]
 
     def _sample(self, n: int, generator: torch.Generator) -> dict[str, Tensor]:
-        pairs = self._pairs_1997(n, self.length, False, generator)
+        pairs = self._pairs_1997(n, self.length, False, generator, marked_first=1.0)
         rows, values = torch.arange(n), pairs["values"]
         return {"values": values, "markers": pairs["markers"], "lengths": pairs["lengths"],
                 "target": values[rows, pairs["i1"]] * values[rows, pairs["i2"]]}

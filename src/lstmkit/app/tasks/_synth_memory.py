@@ -177,7 +177,7 @@ class AddingTask(MarkedPairTask):
             markers[rows, i2] = 1
             return {"values": values, "markers": markers, "lengths": torch.full((n,), t),
                     "target": values[rows, i1] + values[rows, i2]}
-        pairs = self._pairs_1997(n, t, True, g)
+        pairs = self._pairs_1997(n, t, True, g, marked_first=0.0)
         values = pairs["values"]
         target = 0.5 + (values[rows, pairs["i1"]] + values[rows, pairs["i2"]]) / 4
         return {"values": values, "markers": pairs["markers"], "lengths": pairs["lengths"], "target": target}
