@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from lstmkit.app.tasks.registry import get_task
 from lstmkit.app.train import TrainConfig, environment, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -360,8 +361,9 @@ def markdown(records: list[dict[str, Any]]) -> str:
                 f"| {_label(row)} | {model_label(row, model)} | **{len(solved)}/{len(rs)}**{unsolved} | {seq_text} | "
                 f"{row.published.get(model, '')} | {rs[0]['metric']} {per_seed} ({goal} {_fmt(rs[0]['threshold'])}) | "
                 f"{statistics.median(walls):.0f} s (max {max(walls):.0f} s) |")
-            if model == "lstm":
-                base = "; ".join(f"{k} {_fmt(v)}" for k, v in (rs[0]["baselines"] or {}).items())
+            if model == "lstm":  # the task's baselines as it defines them now (facts of the task, not of a run)
+                baselines = get_task(row.task, **row.options).baselines
+                base = "; ".join(f"{k} {_fmt(v)}" for k, v in baselines.items())
                 details.append(f"- {_label(row)}: `{_recipe_text(rs[0]['config'])}`. Baselines: {base or 'none'}.")
     lines += ["", f"Measured on: {'; '.join(machines)}; {dates[0] if dates else ''} to {dates[-1] if dates else ''}.",
               ""]

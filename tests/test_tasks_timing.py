@@ -119,6 +119,19 @@ def test_periodic_targets(period):
     assert rect[0] == 0 and rect[period // 2] == 1
 
 
+@pytest.mark.parametrize(("shape", "period", "best"), [("cos", 10, 0.5), ("triangle", 10, 0.5), ("rectangle", 25, 0.5),
+                                                     ("cos", 25, 0.49803), ("triangle", 25, 0.48)])
+def test_the_best_constant_is_the_middle_of_the_targets_range(shape, period, best):
+    """The baseline is the largest error of the best constant output, measured: at an odd F the
+    cos and triangle never reach 1, so it is below 0.5 (it was 0.5 at every F)."""
+    task = get_task("periodic", shape=shape, period=period, periods=3, eval_periods=5)
+    (b,) = list(task.eval_batches("test", 1))
+    grid = torch.linspace(0.3, 0.7, 4001)
+    errors = [task.metrics(torch.full_like(b.y[..., None], float(c)), b)["max_error"][0] for c in grid]
+    assert min(errors) == pytest.approx(task.baselines["best_constant"], abs=1e-4)
+    assert task.baselines["best_constant"] == pytest.approx(best, abs=1e-4)
+
+
 def test_periodic_splits_criterion_and_baseline():
     task = get_task("periodic", shape="triangle", period=10, periods=3, eval_periods=5)
     tr, va, te = (list(task.eval_batches(s, 7)) for s in ("train", "valid", "test"))
@@ -130,6 +143,6 @@ def test_periodic_splits_criterion_and_baseline():
     assert task.target.met(task.metrics(b.y[..., None] + 0.29, b)["max_error"][0])
     assert not task.target.met(task.metrics(b.y[..., None] - 0.31, b)["max_error"][0])
     half = task.metrics(torch.full_like(b.y[..., None], 0.5), b)["max_error"][0]
-    assert half == pytest.approx(task.baselines["constant_0.5"])
+    assert half == pytest.approx(task.baselines["best_constant"])
     batches = draw(task, 4)
     assert batches.x.shape == (30, 4, 1) and torch.equal(batches.y[:, 0], batches.y[:, 3])

@@ -375,7 +375,9 @@ def periodic_target(shape: str, period: int, steps: int) -> Tensor:
     """The target of ``periodic``: (steps,) values in [0, 1] at phase φ = (t mod F)/F.
 
     ``cos``: (1 - cos 2πφ)/2; ``triangle``: 1 - |2φ - 1|; ``rectangle``: 1 for
-    1/4 ≤ φ < 3/4, else 0. All three are 0 at t = 0 and reach 1 at φ = 1/2.
+    1/4 ≤ φ < 3/4, else 0. All three are 0 at t = 0; cos and triangle are 1 at φ = 1/2,
+    which an odd F never samples (their largest value is then below 1: 0.996 and 0.96 at
+    F = 25).
     """
     if shape not in PERIODIC_SHAPES:
         raise ValueError(f"shape: expected one of {list(PERIODIC_SHAPES)}, got {shape!r}")
@@ -413,7 +415,9 @@ class PeriodicTask(Task):
     only cos at F = 10 (the paper's account); cos at F = 25 with a stricter threshold of
     0.15: RMSE 0.086 ± 0.002 after (2,704 ± 49) × 10³ training steps.
 
-    Baseline: ``constant_0.5`` = 0.5, the largest error of the best constant output.
+    Baseline: ``best_constant``, the largest error of the best constant output, the middle
+    of the target's range: half that range (0.5 where F is even; 0.498 for cos and 0.48 for
+    triangle at F = 25).
     """
 
     seed: int = 0
@@ -465,11 +469,13 @@ class PeriodicTask(Task):
 
     @property
     def baselines(self) -> dict[str, float]:
-        return {"constant_0.5": 0.5}
+        period = periodic_target(self.shape, self.period, self.period)  # every phase the task samples
+        return {"best_constant": float(period.max() - period.min()) / 2}
 
     @property
     def baseline_notes(self) -> dict[str, str]:
-        return {"constant_0.5": "always outputting 0.5, the best constant: its largest error is 0.5"}
+        return {"best_constant": "always outputting the middle of the target's range (0.5 where F is even), the "
+                                 "best constant: its largest error is half the range"}
 
     def describe_data(self) -> dict[str, object]:
         return {"shape": self.shape, "period": self.period, "train_steps": self.periods * self.period,
