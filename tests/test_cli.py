@@ -78,6 +78,9 @@ def test_tasks_command_lists_tasks_and_options(capsys):
     out = capsys.readouterr().out
     for name in task_names():
         assert f"\n{name} " in "\n" + out
+    # each task's summary whole, however its docstring wraps (it was cut at the first line break)
+    assert 'Continual embedded Reber grammar, Gers, Schmidhuber & Cummins 2000 ("Learning to forget", §4).\n' in out
+    assert "Hochreiter & Schmidhuber 1997 §5.4 (Experiment 4) and Le, Jaitly & Hinton 2015" in out
     assert run(["tasks", "copy"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("copy: Copy memory") and "  length = 100" in out

@@ -93,3 +93,15 @@ def test_memory_signal_counts_and_marks():
     assert task.marked_steps(b.x[:, n - 1]) == [(n + 1, "first b"), (2 * n + 1, "first c"), (3 * n, "then T")]
     with pytest.raises(ValueError):
         get_task("counting", language="anbn", test_max=50)  # below the criterion
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"train_max": 100}, "train_max must be below the criterion 100"),
+    ({"language": "anbncn", "train_max": 50}, "train_max must be below the criterion 30"),
+    ({"test_max": 50}, "test_max must be at least the criterion 100"),
+])
+def test_a_training_range_that_reaches_the_criterion_is_refused(options, message):
+    """The criterion is generalisation beyond the training strings: with train_max at or above it
+    the validation strings were training strings, and the baseline met the target."""
+    with pytest.raises(ValueError, match=message):
+        get_task("counting", **options)

@@ -223,7 +223,7 @@ def _tasks(args: argparse.Namespace) -> int:
               f"line replaces it):\n  {_recipe_text(args.task)}")
         return 0
     for name in task_names():
-        first = task_description(name).splitlines()[0] if task_description(name) else ""
+        first = " ".join(task_description(name).split("\n\n")[0].split())  # the summary, however it wraps
         opts = ", ".join(f"{k}={v!r}" for k, v in task_options(name).items() if k != "seed")
         print(f"{name:<16} {first}")
         print(f"{'':<16} options: {opts or '-'}")
