@@ -108,8 +108,7 @@ class CountingTask(Task):
         if self.language not in OUTPUTS:
             raise ValueError(f"task 'counting': language must be 'anbn' or 'anbncn', got {self.language!r}")
         check_positive(self.name, MAX_LENGTH // 3, train_max=self.train_max, test_max=self.test_max)
-        if self.train_max >= self.criterion:  # valid N = the criterion: strings beyond training, or the target is met by
-            # the training strings alone (their baseline)
+        if self.train_max >= self.criterion:  # (else the training strings alone, their baseline, meet the target)
             raise ValueError(f"task 'counting': train_max must be below the criterion {self.criterion} (what a run "
                              f"must generalise to, beyond the strings it trains on), got {self.train_max}")
         if self.test_max < self.criterion:
