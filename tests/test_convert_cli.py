@@ -381,6 +381,13 @@ def test_existing_destination_is_refused_unless_overwrite(main, capsys, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "out.onnx"]
     with pytest.raises(FileExistsError):
         convert_file(tmp_path / "a.pt", tmp_path / "out.onnx")
+    # a file onto itself (by its name, or another name of it) is refused even with --overwrite: a run's
+    # model.safetensors lost its read-out head that way
+    (tmp_path / "again.pt").symlink_to(tmp_path / "a.pt")
+    before = _snapshot(tmp_path)
+    for dst in ("a.pt", "again.pt", "./a.pt"):
+        _fails(main, capsys, [tmp_path / "a.pt", tmp_path / dst, "--overwrite"], "is SRC itself")
+    assert _snapshot(tmp_path) == before
 
 
 def test_unreadable_sources_fail_cleanly(main, capsys, tmp_path):

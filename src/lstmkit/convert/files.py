@@ -584,6 +584,9 @@ def convert_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, ov
     if batch_first is False and fmt in ("keras", "keras-weights"):
         raise ValueError("DST: Keras layers are batch-first (batch, time, features); a Keras file cannot record "
                          "batch_first=False / --no-batch-first")
+    if Path(dst).exists() and Path(src).exists() and os.path.samefile(src, dst):
+        raise ValueError(f"DST: {dst} is SRC itself; converting a file onto itself would replace what it holds "
+                         f"(a run's model file: its read-out head) with the layer alone; choose another DST")
     _atomic.check_writable(dst, overwrite=overwrite, what="DST",
                            exists_error=f"DST: {dst} exists; pass --overwrite (overwrite=True) to replace it")
     layer = read_layer(src, cell=cell, batch_first=batch_first)
