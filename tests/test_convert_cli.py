@@ -339,6 +339,20 @@ def test_training_run_model_safetensors(main, capsys, tmp_path):
     assert all(torch.equal(v, weights[f"rnn.{k}"]) for k, v in torch.load(tmp_path / "ck.pt").items())
 
 
+@pytest.mark.parametrize("model", ["rnn", "rnn_relu"])
+def test_a_plain_rnn_runs_files_read_as_its_rnn(model, tmp_path):
+    """A run of --model rnn_relu reads back as the ReLU RNN (it was refused: 'kind' rnn_relu)."""
+    from lstmkit.app.train import TrainConfig, train
+
+    cfg = TrainConfig(task="adding", task_options={"length": 24}, model=model, hidden_size=5, batch_size=4, steps=2,
+                      eval_every=2, threads=1, eval_batch_size=64)
+    train(cfg, tmp_path / "run", progress=False)
+    for name in ("model.safetensors", "checkpoint.safetensors"):
+        with pytest.warns(UserWarning, match="dropped"):
+            layer = read_layer(tmp_path / "run" / name)
+        assert layer.spec == lstmkit.resolve(model), name
+
+
 @pytest.mark.parametrize("dst, flag, says", [
     ("m.keras", "--no-batch-first", "Keras layers are batch-first"),
     ("m.weights.h5", "--no-batch-first", "Keras layers are batch-first"),

@@ -267,9 +267,12 @@ def _read_safetensors(src: Path, cell: str | None, batch_first: bool | None) -> 
             tc = loads_json(meta["config"], "config")
             prefix = _TRAIN_FORMATS[fmt] + "rnn."
             w = tensors[prefix + "weight_ih_l0"]
-            cfg = {"kind": tc.get("model", "lstm"), "input_size": w.shape[1], "hidden_size": tc["hidden_size"],
-                   "num_layers": tc["num_layers"], "bias": True, "batch_first": bool(batch_first),
-                   "bidirectional": tc["bidirectional"], "proj_size": tc.get("proj_size", 0), "cell": tc["cell"]}
+            model = tc.get("model", "lstm")  # "lstm" (its variant: cell) or the plain RNN's word (rnn, rnn_relu)
+            cfg = {"kind": "lstm" if model == "lstm" else "rnn", "input_size": w.shape[1],
+                   "hidden_size": tc["hidden_size"], "num_layers": tc["num_layers"], "bias": True,
+                   "batch_first": bool(batch_first), "bidirectional": tc["bidirectional"],
+                   "proj_size": tc.get("proj_size", 0), "cell": tc["cell"],
+                   **({} if model == "lstm" else {"cell_spec": model})}
         except (KeyError, ValueError, TypeError, AttributeError, IndexError):
             raise ValueError(f"{where}: a training-run file ({fmt}) with damaged metadata or no rnn weights") \
                 from None
