@@ -345,7 +345,7 @@ ROWS: tuple[Row, ...] = (
         "Elman 1990", removes="ifo", kind="rnn"),
     Row("rnn_relu", {"kind": "rnn", "nonlinearity": "relu"},
         "the plain RNN with ReLU (`nonlinearity='relu'`), with torch's initialisation (not Le et al.'s identity "
-        "`W_hh`)", "Le, Jaitly & Hinton 2015", kind="rnn"),
+        "`W_hh`)", "Le, Jaitly & Hinton 2015", removes="ifo", kind="rnn"),
 )
 
 _BY_WORD: dict[str, Row] = {}

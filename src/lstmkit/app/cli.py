@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("task", help="task name (see below)")
     add_task_options(tr, "length=200; see below")
     tr.add_argument("--out", type=path_arg, help="run directory (default: runs/TASK[-OPTIONS]-MODEL-sSEED, e.g. "
-                    "runs/adding-length100-lstm-s0; MODEL is lstm, rnn, or the --cell given)")
+                    "runs/adding-length100-lstm-s0; MODEL is lstm, rnn, rnn_relu, or the --cell given)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its checkpoint (or start it, if the directory holds none "
                          "yet; a directory that does not exist is refused)")

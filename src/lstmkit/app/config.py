@@ -132,8 +132,8 @@ class TrainConfig:
     model: str = _f("lstm", "recurrent layer: an lstmkit LSTM (its variant: --cell) or the plain RNN, rnn (tanh) "
                     "or rnn_relu", str, choices=("lstm", *RNN_MODELS))
     cell: str = _f("vanilla", "LSTM variant: a preset or names joined with '+', e.g. peephole, cifg+layernorm, "
-                   "deep=16, and initial biases: fb=5 (forget gate), ib=-2, ob=-1, chrono=T (ignored for a plain "
-                   "RNN)", str)
+                   "deep=16, and initial biases: fb=5 (forget gate), ib=-2, ob=-1, chrono=T (not for a plain RNN "
+                   "model)", str)
     hidden_size: int = _f(64, "cells per layer and direction (H)", int, lo=1, hi=65536,
                           flags=("--hidden", "--hidden-size"))
     num_layers: int = _f(1, "stacked recurrent layers", int, lo=1, hi=1024, flags=("--layers", "--num-layers"))
