@@ -141,6 +141,36 @@ def test_the_plain_relu_rnn_is_a_model(tmp_path):
     assert model.rnn.spec == lstmkit.resolve("rnn_relu")
     (tmp_path / "r" / "summary.json").unlink()  # an unfinished run's variant, from its config.json
     assert variant_of(tmp_path / "r") == "rnn_relu"
+    from lstmkit.app import plots
+
+    assert "rnn_relu" in plots.plot_weights(model.rnn)._suptitle.get_text()  # (it was titled 'rnn')
+
+
+def test_a_run_saved_with_settings_now_refused_at_the_start_still_reads_and_resumes(tmp_path, capsys):
+    """Settings refused when a run starts (a warm-up beyond the budget, --momentum with adam, --cell
+    with a plain RNN, a counting train_max at the criterion) are not part of a saved run's
+    validity: such a run (older versions started them) evaluates, reports and resumes with the
+    command that started it."""
+    from lstmkit.app.train import train
+
+    base = ["-o", "length=24", "-o", "eval_size=16", "--hidden", "4", "--batch-size", "4", "--eval-every", "2"]
+    cases = {"w": (dict(warmup=10), ["--warmup", "10"]),
+             "m": (dict(momentum=0.5), ["--momentum", "0.5"]),
+             "r": (dict(model="rnn", cell="peephole"), ["--model", "rnn", "--cell", "peephole"])}
+    for name, (kw, flags) in cases.items():
+        cfg = TrainConfig.for_task("adding", {"length": 24, "eval_size": 16}, hidden_size=4, batch_size=4, steps=2,
+                                   eval_every=2, **kw)
+        train(cfg, tmp_path / name, progress=False)  # (the library trains what it is given)
+        assert run(["eval", str(tmp_path / name)]) == 0, name
+        capsys.readouterr()
+        argv = ["train", "adding", *base, "--steps", "4", *flags, "--out", str(tmp_path / name), "--quiet"]
+        assert run([*argv, "--resume"]) == 0, (name, capsys.readouterr().err)
+        fresh = tmp_path / f"{name}-new"  # the same settings for a new run: refused, nothing made
+        assert run(["train", "adding", *base, "--steps", "4", *flags, "--out", str(fresh), "--quiet"]) == 2
+        assert not fresh.exists()
+    capsys.readouterr()
+    fails(capsys, ["train", "counting", "-o", "train_max=100", "--out", tmp_path / "c"],
+          "train_max must be below the criterion 100")
 
 
 def test_the_none_words_the_help_names_are_read(tmp_path):
@@ -187,7 +217,9 @@ MISTAKES = [
     (["--momentum", "nan"], "momentum: expected a finite number, got nan"),
     (["--cell", "peepole"], "cell: unknown variant 'peepole' in 'peepole' (did you mean 'peephole'?)"),
     (["--cell", "nfg+cifg"], "cannot also be removed"),
-    (["--cell", "rnn_relu"], "cell: 'rnn_relu' is the plain RNN; use --model rnn_relu instead"),
+    (["--cell", "rnn_relu"], "cell: 'rnn_relu' is the plain RNN, not an LSTM variant; the plain RNNs are models of "
+                             "their own: rnn, rnn_relu"),
+    (["-o", "length=100", "--steps", "10", "--warmup", "11"], "warmup: 11 steps of warm-up is more than the budget"),
     (["--model", "rnn", "--cell", "nosuch"], "--cell: the plain RNN (--model rnn) has no cell variant; leave --cell "
                                              "out"),
     (["--momentum", "0.5"], "--momentum: applies to --optimizer sgd, not adam"),
@@ -257,6 +289,10 @@ def test_other_commands_mistakes(tmp_path, capsys, good_run):
           "metric: expected a metric's name, got ''")
     fails(capsys, ["plot", "gradflow", "--runs", good_run, "--cells", "rnn", "-o", tmp_path / "g.png"],
           "--cells: --runs measures the models of the runs given; leave --cells out")
+    fails(capsys, ["study", "--task", "adding", "--variants", "vanilla", "--momentum", "0.5", "--out", tmp_path / "s"],
+          "--momentum: applies to --optimizer sgd, not adam")
+    fails(capsys, ["study", "--task", "adding", "--variants", "vanilla,rnn+heads=2", "--out", tmp_path / "s"],
+          "the plain RNNs are models of their own: rnn, rnn_relu")
     fails(capsys, ["trian"], "invalid choice: 'trian'", "(did you mean 'train'?)")
     fails(capsys, ["plot", "gates", good_run, "--layr", "1"], "(did you mean '--layer'?)")
     fails(capsys, ["demo", "--seeds", "0"], "--seeds: expected an int in [1, 1000], got 0")

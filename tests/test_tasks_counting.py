@@ -98,10 +98,19 @@ def test_memory_signal_counts_and_marks():
 @pytest.mark.parametrize(("options", "message"), [
     ({"train_max": 100}, "train_max must be below the criterion 100"),
     ({"language": "anbncn", "train_max": 50}, "train_max must be below the criterion 30"),
-    ({"test_max": 50}, "test_max must be at least the criterion 100"),
 ])
-def test_a_training_range_that_reaches_the_criterion_is_refused(options, message):
+def test_a_training_range_that_reaches_the_criterion_is_refused_for_a_new_run(options, message):
     """The criterion is generalisation beyond the training strings: with train_max at or above it
-    the validation strings were training strings, and the baseline met the target."""
+    the validation strings were training strings, and the baseline met the target. Refused when a
+    run starts (check_new_run); the task itself is still made, so a run saved with it reads."""
+    from lstmkit.app.config import TrainConfig, check_new_run
+
+    get_task("counting", **options)
     with pytest.raises(ValueError, match=message):
-        get_task("counting", **options)
+        check_new_run(TrainConfig.for_task("counting", options))
+    check_new_run(TrainConfig.for_task("counting", {}))  # the defaults pass
+
+
+def test_a_test_range_below_the_criterion_is_refused():
+    with pytest.raises(ValueError, match="test_max must be at least the criterion 100"):
+        get_task("counting", test_max=50)

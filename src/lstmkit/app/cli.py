@@ -144,16 +144,12 @@ def train_plan(argv: list[str]) -> tuple[TrainConfig, Path]:
 
 
 def _plan(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
-    from lstmkit.app.config import TrainConfig
+    from lstmkit.app.config import TrainConfig, check_new_run
 
     given = config_values(args)
     cfg = TrainConfig.for_task(args.task, args.option, **given)
-    # settings given that the run would not use (the config keeps them; the run would ignore them)
-    if "cell" in given and cfg.model != "lstm":
-        raise ValueError(f"--cell: the plain RNN (--model {cfg.model}) has no cell variant; leave --cell out")
-    if "momentum" in given and cfg.optimizer != "sgd":
-        raise ValueError(f"--momentum: applies to --optimizer sgd, not {cfg.optimizer} (which keeps moments of its "
-                         f"own); leave it out or add --optimizer sgd")
+    if not getattr(args, "resume", False):  # a saved run resumes with the settings it was started with
+        check_new_run(cfg, given)
     return cfg, args.out or default_run_dir(cfg, "cell" in given)
 
 

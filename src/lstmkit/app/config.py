@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,9 +170,6 @@ class TrainConfig:
         value of the wrong type, out of its bounds, or an impossible combination."""
         for f in dataclasses.fields(self):
             _check(f.name, getattr(self, f.name), option_of(f))
-        if self.warmup > self.steps:
-            raise ValueError(f"warmup: {self.warmup} steps of warm-up is more than the budget of {self.steps} steps "
-                             f"(the learning rate would never reach lr={self.lr:g})")
         if "seed" in self.task_options:
             raise ValueError(f"task_options: the seed is not a task option (the run's seed seeds the task's data "
                              f"and the model), got seed={self.task_options['seed']!r}")
@@ -286,4 +283,31 @@ def _check_cell(cell: Any) -> None:
         raise ValueError(f"cell: expected a variant name, got {cell!r}")
     spec = resolve(cell)  # an unknown word or an impossible combination raises with the reason
     if not spec.is_lstm:
-        raise ValueError(f"cell: {cell!r} is the plain RNN; use --model {spec.name} instead")
+        raise ValueError(f"cell: {cell!r} is the plain RNN, not an LSTM variant; the plain RNNs are models of their "
+                         f"own: {', '.join(RNN_MODELS)}")
+
+
+def check_new_run(cfg: TrainConfig, given: Iterable[str] = ()) -> None:
+    """Refuse, for a run about to start, settings it would not use as asked: ``--cell`` with a
+    plain RNN model, ``--momentum`` with an optimiser other than sgd (``given``: the settings
+    typed), a warm-up longer than the step budget, task options that make the task measure
+    nothing (:meth:`Task.training_problem`). Not part of :meth:`TrainConfig.validate`: a saved
+    run's config from before these rules still reads (eval, report, ``--resume``).
+
+    Raises:
+        ValueError: the first such setting, by name.
+    """
+    from lstmkit.app.tasks.registry import TASKS
+
+    given = set(given)
+    if "cell" in given and cfg.model != "lstm":
+        raise ValueError(f"--cell: the plain RNN (--model {cfg.model}) has no cell variant; leave --cell out")
+    if "momentum" in given and cfg.optimizer != "sgd":
+        raise ValueError(f"--momentum: applies to --optimizer sgd, not {cfg.optimizer} (which keeps moments of its "
+                         f"own); leave it out or add --optimizer sgd")
+    if cfg.warmup > cfg.steps:
+        raise ValueError(f"warmup: {cfg.warmup} steps of warm-up is more than the budget of {cfg.steps} steps "
+                         f"(the learning rate would never reach lr={cfg.lr:g})")
+    problem = TASKS[cfg.task].training_problem(cfg.task_options) if cfg.task in TASKS else None
+    if problem:
+        raise ValueError(problem)

@@ -41,7 +41,7 @@ from lstmkit._optional import require
 from lstmkit._validate import check_int, loads_json
 from lstmkit.app import runs
 from lstmkit.app._argparse import add_config_options, add_task_options, config_values, path_arg
-from lstmkit.app.config import MAX_JOBS, TrainConfig
+from lstmkit.app.config import MAX_JOBS, TrainConfig, check_new_run
 from lstmkit.app.study_config import TRAIN_KEYS, Run, StudyConfig, effective_train, train_config
 from lstmkit.app.study_results import better, boxplot, summarize, summary_markdown, welch, write_outputs
 
@@ -213,8 +213,11 @@ def run_study(cfg: StudyConfig, out: str | os.PathLike[str], jobs: int | None = 
     if goal is None:
         raise ValueError(f"metric: whether a higher or a lower {metric!r} is better is unknown; choose one of "
                          f"{[m for m in names if metric_goal(m)]}")
+    fresh = not (out / "study.json").is_file()  # (a study resumes with the settings it was started with)
     for variant in cfg.variants:
-        TrainConfig.from_dict(train_config(cfg, Run(variant, 0, 1e-3, 0), split))
+        run_cfg = TrainConfig.from_dict(train_config(cfg, Run(variant, 0, 1e-3, 0), split))
+        if fresh:
+            check_new_run(run_cfg, cfg.train)
     _check_out(out)
     _prepare(cfg, out)
     try:  # held until the results are written: a second study in out would train the same runs beside it

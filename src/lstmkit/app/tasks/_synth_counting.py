@@ -108,14 +108,21 @@ class CountingTask(Task):
         if self.language not in OUTPUTS:
             raise ValueError(f"task 'counting': language must be 'anbn' or 'anbncn', got {self.language!r}")
         check_positive(self.name, MAX_LENGTH // 3, train_max=self.train_max, test_max=self.test_max)
-        if self.train_max >= self.criterion:  # (else the training strings alone, their baseline, meet the target)
-            raise ValueError(f"task 'counting': train_max must be below the criterion {self.criterion} (what a run "
-                             f"must generalise to, beyond the strings it trains on), got {self.train_max}")
         if self.test_max < self.criterion:
             raise ValueError(f"task 'counting': test_max must be at least the criterion {self.criterion} (the "
                              f"test split holds every n up to test_max), got {self.test_max}")
         self.output_size = len(OUTPUTS[self.language])
         self.input_size = 3 if self.language == "anbn" else 4
+
+    @classmethod
+    def training_problem(cls, options: Mapping[str, Any]) -> str | None:
+        """A ``train_max`` at or above the criterion: the validation strings would be training
+        strings, and the training strings alone (the baseline) would meet the target."""
+        train_max, criterion = cls.option(options, "train_max"), COUNTING_CRITERION.get(cls.option(options, "language"))
+        if criterion is not None and isinstance(train_max, int) and train_max >= criterion:
+            return (f"task 'counting': train_max must be below the criterion {criterion} (what a run must "
+                    f"generalise to, beyond the strings it trains on), got {train_max}")
+        return None
 
     @property
     def criterion(self) -> int:

@@ -114,6 +114,13 @@ _HIGHER_IS_BETTER = ("accuracy", "solved", "perfect_steps", "generalization")
 _LOWER_IS_BETTER = ("loss", "mse", "rmse", "xent", "nll", "bpc", "error")
 
 
+def check_metric_name(metric: Any) -> None:
+    """Refuse a chosen metric that names nothing (``--metric ''``: the default was taken silently);
+    None (no choice) passes."""
+    if metric is not None and (not isinstance(metric, str) or not metric):
+        raise ValueError(f"metric: expected a metric's name, got {metric!r}")
+
+
 def metric_goal(name: str) -> str | None:
     """``"max"`` if a larger value of metric ``name`` is better, ``"min"`` if a smaller one, None
     where its name does not say."""
@@ -178,6 +185,14 @@ class Task(ABC):
         the settings given explicitly. The default: no recommendation.
         """
         return {}
+
+    @classmethod
+    def training_problem(cls, options: Mapping[str, Any]) -> str | None:
+        """Why a new run should not train on ``options`` (valid options that make the task
+        measure nothing, e.g. a training range that reaches the criterion), or None. Asked
+        only when a run starts (:func:`lstmkit.app.config.check_new_run`): a saved run with such
+        options still reads. The default: none."""
+        return None
 
     @classmethod
     def option(cls, options: Mapping[str, Any], name: str) -> Any:
