@@ -353,6 +353,22 @@ def test_a_plain_rnn_runs_files_read_as_its_rnn(model, tmp_path):
         assert layer.spec == lstmkit.resolve(model), name
 
 
+def test_a_runs_own_files_are_not_a_destination(main, capsys, tmp_path):
+    """convert writes no file of a training run's directory: the run's model.safetensors (its
+    read-out head too) was replaced by a layer file converted from its checkpoint."""
+    from lstmkit.app.train import TrainConfig, train
+
+    cfg = TrainConfig(task="adding", task_options={"length": 24}, hidden_size=4, batch_size=4, steps=2, eval_every=2,
+                      threads=1, eval_batch_size=64)
+    train(cfg, tmp_path / "run", progress=False)
+    before = _snapshot(tmp_path / "run")
+    for name in ("model.safetensors", "checkpoint.safetensors"):
+        _fails(main, capsys, [tmp_path / "run" / "checkpoint.safetensors", tmp_path / "run" / name, "--overwrite"],
+               "is a file of the training run in")
+    assert _snapshot(tmp_path / "run") == before
+    assert main(["convert", str(tmp_path / "run" / "checkpoint.safetensors"), str(tmp_path / "run" / "layer.pt")]) == 0
+
+
 @pytest.mark.parametrize("dst, flag, says", [
     ("m.keras", "--no-batch-first", "Keras layers are batch-first"),
     ("m.weights.h5", "--no-batch-first", "Keras layers are batch-first"),

@@ -159,6 +159,12 @@ def test_a_directory_of_runs_with_a_damaged_one_gets_no_report(run_dir, tmp_path
     assert cli([str(tmp_path / "many"), "--no-gradflow"]) == 2
     assert "2" in capsys.readouterr().err
     assert not list((tmp_path / "many").glob("*/report.html"))
+    # an output that cannot be written is found before any report is: nothing written either
+    ck.write_bytes((run_dir / "checkpoint.safetensors").read_bytes())
+    (tmp_path / "many" / "3" / "report.html").mkdir()
+    assert cli([str(tmp_path / "many"), "--no-gradflow", "--overwrite"]) == 2
+    assert "report.html" in capsys.readouterr().err
+    assert not [p for p in (tmp_path / "many").glob("*/report.html") if p.is_file()]
 
 
 def test_files_of_two_runs_in_one_directory_are_refused(run_dir, tmp_path, capsys):
@@ -175,6 +181,12 @@ def test_files_of_two_runs_in_one_directory_are_refused(run_dir, tmp_path, capsy
     assert "cell: 'peephole' in config.json, 'nfg' in the checkpoint" in err
     assert "cell: 'peephole' in summary.json, 'nfg' in the checkpoint" in err
     assert not (tmp_path / "r.html").exists()
+    # a variant's name from an older version (no longer read) is no evidence: the run is reported
+    d = tmp_path / "older"
+    shutil.copytree(run_dir, d)
+    summary = json.loads((d / "summary.json").read_text())
+    (d / "summary.json").write_text(json.dumps({**summary, "cell": "peephole(i,f,o)"}))
+    assert cli([str(d), "-o", str(tmp_path / "older.html"), "--no-gradflow"]) == 0
 
 
 def test_a_first_met_step_without_its_sequences_is_shown(run_dir, tmp_path):

@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``lstmkit convert SRC DST``; returns the exit code (errors are raised, see cli.main)."""
+    from lstmkit.app import runs
+
+    if runs.is_run_file(args.dst):  # (its model.safetensors holds the read-out head a layer file lacks)
+        raise ValueError(f"DST: {args.dst} is a file of the training run in {Path(args.dst).parent}, which only "
+                         f"lstmkit train writes; choose another DST")
     given = {"opset": args.opset, "initial_states": args.onnx_initial_states,
              "sequence_lens": args.onnx_sequence_lens, "method": args.onnx_method}
     # the ONNX options the command line gave (an option at its default is not passed: refused for another DST)

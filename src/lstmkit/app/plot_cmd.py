@@ -130,20 +130,17 @@ def run(args: argparse.Namespace) -> int:
         from lstmkit.app.gradflow import gradflow_experiment, gradflow_table
 
         json_out = plots.check_output(out.with_suffix(".json"), args.overwrite, ".json")
-        if args.runs and args.cells is not None:
-            raise ValueError("--cells: --runs measures the models of the runs given; leave --cells out")
-        if args.cells is None:  # gradflow_experiment's own default
-            import inspect
-            cells = list(inspect.signature(gradflow_experiment).parameters["cells"].default)
-        else:
-            cells = [c.strip() for c in args.cells.split(",") if c.strip()]
-        if not args.runs:
+        chosen: dict[str, list[str]] = {}  # the cells given (else gradflow_experiment's own default)
+        if args.cells is not None:
+            if args.runs:
+                raise ValueError("--cells: --runs measures the models of the runs given; leave --cells out")
             from lstmkit.app.config import RNN_MODELS
             from lstmkit.spec import resolve
-            for c in cells:
+            chosen["cells"] = [c.strip() for c in args.cells.split(",") if c.strip()]
+            for c in chosen["cells"]:
                 if c not in RNN_MODELS:
                     resolve(c)  # an unknown variant fails before any training
-        result = gradflow_experiment(cells, length=args.length, hidden=args.hidden, batch_size=args.batch_size,
+        result = gradflow_experiment(**chosen, length=args.length, hidden=args.hidden, batch_size=args.batch_size,
                                      steps=args.steps, lr=args.lr, seed=args.seed, probe_size=args.probe_size,
                                      threads=args.threads, runs=args.runs, log=print)
         print(gradflow_table(result))

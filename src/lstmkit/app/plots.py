@@ -348,7 +348,7 @@ def plot_gates(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
         ax.set_ylabel("cell")
     _time_axis(axes[-1], T, labels)
     _mark(list(axes), marks)
-    fig.suptitle(title or f"Gate activations: {spec.name if spec.is_lstm else 'rnn'}, layer {layer}, "
+    fig.suptitle(title or f"Gate activations: {spec.name}, layer {layer}, "
                           f"{_direction_name(direction)}")
     return _finish(fig, path, overwrite)
 
@@ -411,7 +411,7 @@ def plot_cells(model: nn.Module, x: Tensor, *, labels: Sequence[str] | None = No
     _time_axis(axes[-1], T, labels)
     _mark(list(axes), marks)
     spec = rec.spec
-    fig.suptitle(title or f"Cell-state trajectories: {spec.name if spec.is_lstm else 'rnn'}, layer {layer}, "
+    fig.suptitle(title or f"Cell-state trajectories: {spec.name}, layer {layer}, "
                           f"{_direction_name(direction)}")
     return _finish(fig, path, overwrite)
 
@@ -456,7 +456,7 @@ def plot_weights(model: nn.Module, *, layer: int = 0, direction: int = 0, title:
         ax.set_ylabel("cell" if not v.mlp else "hidden unit")
     for ax in axes[len(shown):]:
         ax.set_visible(False)
-    fig.suptitle(title or f"Gate weights W = [W_x | W_h]: {spec.name if spec.is_lstm else 'rnn'}, "
+    fig.suptitle(title or f"Gate weights W = [W_x | W_h]: {spec.name}, "
                           f"layer {layer}, {_direction_name(direction)}")
     return _finish(fig, path, overwrite)
 
@@ -578,7 +578,7 @@ def plot_gradient_flow(flow: GradientFlow, *, title: str | None = None,
         axes[1].set_ylim(-0.02, 1.02)
         axes[1].grid(alpha=0.3)
     axes[-1].set_xlabel("time step t")
-    fig.suptitle(title or f"Gradient flow: {flow.spec.name if lstm else 'rnn'}, loss {flow.loss:.4g}")
+    fig.suptitle(title or f"Gradient flow: {flow.spec.name}, loss {flow.loss:.4g}")
     return _finish(fig, path, overwrite)
 
 

@@ -318,10 +318,22 @@ def write_report(run_dir: str | os.PathLike[str], output: str | os.PathLike[str]
         ValueError: see :func:`build_report`; an output directory that does not exist.
     """
     d = _run_dir(run_dir)
-    out = Path(output) if output is not None else d / "report.html"
-    exists = f"output: {out} exists; nothing was overwritten (use --overwrite to replace it)"
-    _atomic.check_writable(out, overwrite=overwrite, what="output", suffix=".html", exists_error=exists)
-    return _atomic.write_bytes(out, build_report(d, **kw).encode("utf-8"), overwrite=overwrite, exists_error=exists)
+    out = _check_output(Path(output) if output is not None else d / "report.html", overwrite)
+    return _write(out, build_report(d, **kw), overwrite)
+
+
+def _check_output(out: Path, overwrite: bool) -> Path:
+    """``out`` as a report that may be written (an existing one only with ``overwrite``)."""
+    _atomic.check_writable(out, overwrite=overwrite, what="output", suffix=".html", exists_error=_exists(out))
+    return out
+
+
+def _write(out: Path, page: str, overwrite: bool) -> Path:
+    return _atomic.write_bytes(out, page.encode("utf-8"), overwrite=overwrite, exists_error=_exists(out))
+
+
+def _exists(out: Path) -> str:
+    return f"output: {out} exists; nothing was overwritten (use --overwrite to replace it)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -368,13 +380,12 @@ def run(args: argparse.Namespace) -> int:
                            gradflow=args.gradflow, max_steps=args.max_steps)
         print(f"wrote {out}")
         return 0
-    # every run's report made before any is written: a damaged run refuses them all, leaving no report
-    # half the runs have (which a second call would then refuse as existing)
-    pages = [(d / "report.html", build_report(d, text=args.text, gradflow=args.gradflow, max_steps=args.max_steps))
-             for d in below]
-    for out, page in pages:
-        _atomic.write_bytes(out, page.encode("utf-8"), overwrite=args.overwrite,
-                            exists_error=f"output: {out} exists; nothing was overwritten (use --overwrite to "
-                                         f"replace it)")
+    # every output checked and every run's report made before any is written: a damaged run or an
+    # unwritable output refuses them all, leaving no report half the runs have (which a second call
+    # would then refuse as existing)
+    outs = [_check_output(d / "report.html", args.overwrite) for d in below]
+    pages = [build_report(d, text=args.text, gradflow=args.gradflow, max_steps=args.max_steps) for d in below]
+    for out, page in zip(outs, pages):
+        _write(out, page, args.overwrite)
         print(f"wrote {out}")
     return 0

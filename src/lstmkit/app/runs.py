@@ -57,7 +57,7 @@ from lstmkit.app.run_schema import (
     summary_problem,
 )
 from lstmkit.app.runlock import InUseError, RunLock, lock
-from lstmkit.app.tasks.base import Task
+from lstmkit.app.tasks.base import Task, check_metric_name
 from lstmkit.app.tasks.registry import get_task
 
 __all__ = ["CheckpointError", "InUseError", "RunLock", "lock", "checkpoint_step", "Checkpoint", "FORMAT",
@@ -74,6 +74,14 @@ WEIGHTS_FORMAT = "lstmkit-weights-1"
 CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, STUDY_RESULT = (
     "config.json", "metrics.jsonl", "checkpoint.safetensors", "summary.json", "model.safetensors", "result.json")
 _BEFORE_FIRST_CHECKPOINT = {CONFIG, METRICS}
+
+
+def is_run_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names one of a training run's files in a run's directory (one that holds
+    its config or checkpoint): files that only a run writes."""
+    p = Path(path)
+    return p.name in (CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, STUDY_RESULT) and (
+        (p.parent / CONFIG).is_file() or (p.parent / CHECKPOINT).is_file())
 
 
 @dataclass
@@ -634,14 +642,29 @@ def check_one_run(run_dir: str | os.PathLike[str], cfg: TrainConfig) -> None:
     if written is not None:
         found += [(CONFIG, k, written.get(k), v) for k, v in mine.items() if k != "steps" and written.get(k) != v]
     summary = read_summary(d)
-    if summary is not None:
-        said = {"task": mine["task"], "task_options": mine["task_options"], "model": cfg.model,
-                "cell": cfg.cell_name, "seed": cfg.seed}
-        found += [(SUMMARY, k, summary.get(k), v) for k, v in said.items() if summary.get(k) != v]
+    if summary is not None:  # the fields it has (an older summary may lack some)
+        said = {"task": mine["task"], "task_options": mine["task_options"], "model": cfg.model, "seed": cfg.seed}
+        found += [(SUMMARY, k, summary[k], v) for k, v in said.items() if k in summary and summary[k] != v]
+        if "cell" in summary and not _same_cell(summary["cell"], cfg):
+            found.append((SUMMARY, "cell", summary["cell"], cfg.cell_name))
     if found:
         diff = "; ".join(f"{k}: {there!r} in {name}, {ours!r} in the checkpoint" for name, k, there, ours in found)
         raise CheckpointError(f"run_dir: {d} holds files of different runs ({diff}); its {CHECKPOINT} was not "
                               f"trained with the settings its other files record")
+
+
+def _same_cell(name: Any, cfg: TrainConfig) -> bool:
+    """Whether a summary's variant ``name`` is ``cfg``'s cell. Compared as specs: the names of a
+    variant have changed between versions (``deep(i=3,f=3,g=3,o=3)`` is now ``deep=3``); a name
+    that no longer reads is no evidence either way."""
+    from lstmkit.spec import resolve
+
+    if name == cfg.cell_name:
+        return True
+    try:
+        return resolve(str(name)) == cfg.spec
+    except (ValueError, TypeError):
+        return True
 
 
 # ---------------------------------------------------------------------------- facts of a run
@@ -729,8 +752,7 @@ def final_values(run_dirs: list[str | os.PathLike[str]] | tuple[str | os.PathLik
     """
     if isinstance(run_dirs, (str, os.PathLike)) or not run_dirs:
         raise ValueError(f"run_dirs: expected a non-empty list of run directories, got {run_dirs!r}")
-    if metric is not None and (not isinstance(metric, str) or not metric):
-        raise ValueError(f"metric: expected a metric's name, got {metric!r}")
+    check_metric_name(metric)
     rows = []
     chosen = metric
     tasks: dict[str, list[str]] = {}  # the task and its options, as written -> its runs

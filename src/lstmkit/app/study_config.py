@@ -13,6 +13,7 @@ from typing import Any
 
 from lstmkit import _atomic
 from lstmkit.app.config import MAX_SEED, RNN_MODELS, TrainConfig, option_of
+from lstmkit.app.tasks.base import check_metric_name
 from lstmkit.spec import resolve
 
 __all__ = ["StudyConfig", "Run", "TRAIN_KEYS", "train_config", "setting"]
@@ -70,8 +71,7 @@ class StudyConfig:
         unknown = sorted(set(self.train) - set(TRAIN_KEYS))
         if unknown:
             raise ValueError(f"train: unknown settings {unknown}; a study may set {list(TRAIN_KEYS)}")
-        if self.metric is not None and (not isinstance(self.metric, str) or not self.metric):
-            raise ValueError(f"metric: expected a metric's name, got {self.metric!r}")
+        check_metric_name(self.metric)
         if self.baseline is not None and self.baseline not in self.variants:
             raise ValueError(f"baseline: expected one of the studied variants {self.variants}, "
                              f"got {self.baseline!r}")
