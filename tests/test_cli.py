@@ -167,10 +167,14 @@ def test_a_run_saved_with_settings_now_refused_at_the_start_still_reads_and_resu
         assert run([*argv, "--resume"]) == 0, (name, capsys.readouterr().err)
         fresh = tmp_path / f"{name}-new"  # the same settings for a new run: refused, nothing made
         assert run(["train", "adding", *base, "--steps", "4", *flags, "--out", str(fresh), "--quiet"]) == 2
+        # --resume where no checkpoint is yet starts a new run: refused as well
+        assert run(["train", "adding", *base, "--steps", "4", *flags, "--out", str(fresh), "--resume"]) == 2
         assert not fresh.exists()
     capsys.readouterr()
     fails(capsys, ["train", "counting", "-o", "train_max=100", "--out", tmp_path / "c"],
           "train_max must be below the criterion 100")
+    fails(capsys, ["train", "counting", "-o", 'language=["x"]', "--out", tmp_path / "c"],
+          "task 'counting': language must be 'anbn' or 'anbncn'")
 
 
 def test_the_none_words_the_help_names_are_read(tmp_path):
@@ -289,6 +293,10 @@ def test_other_commands_mistakes(tmp_path, capsys, good_run):
           "metric: expected a metric's name, got ''")
     fails(capsys, ["plot", "gradflow", "--runs", good_run, "--cells", "rnn", "-o", tmp_path / "g.png"],
           "--cells: --runs measures the models of the runs given; leave --cells out")
+    fails(capsys, ["plot", "gradflow", "--cells", " , ", "-o", tmp_path / "g.png"],
+          "--cells: expected comma-separated models, got ' , '")
+    fails(capsys, ["plot", "gradflow", "--cells", "vanilla,heads=3", "--hidden", "4", "-o", tmp_path / "g.png"],
+          "hidden_size=4 is not divisible by 3")
     fails(capsys, ["study", "--task", "adding", "--variants", "vanilla", "--momentum", "0.5", "--out", tmp_path / "s"],
           "--momentum: applies to --optimizer sgd, not adam")
     fails(capsys, ["study", "--task", "adding", "--variants", "vanilla,rnn+heads=2", "--out", tmp_path / "s"],

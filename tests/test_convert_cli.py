@@ -364,9 +364,13 @@ def test_a_runs_own_files_are_not_a_destination(main, capsys, tmp_path):
     before = _snapshot(tmp_path / "run")
     for name in ("model.safetensors", "checkpoint.safetensors"):
         _fails(main, capsys, [tmp_path / "run" / "checkpoint.safetensors", tmp_path / "run" / name, "--overwrite"],
-               "is a file of the training run in")
+               "names a file of the training run in")
     assert _snapshot(tmp_path / "run") == before
     assert main(["convert", str(tmp_path / "run" / "checkpoint.safetensors"), str(tmp_path / "run" / "layer.pt")]) == 0
+    # another tool's config.json beside a model.safetensors is no run
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"architectures": ["BertModel"]}')
+    assert main(["convert", str(tmp_path / "run" / "layer.pt"), str(tmp_path / "hf" / "model.safetensors")]) == 0
 
 
 @pytest.mark.parametrize("dst, flag, says", [

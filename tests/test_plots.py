@@ -305,6 +305,17 @@ def test_gradflow_experiment_measures_the_models(tmp_path):
     assert_png(tmp_path / "gf.png")
 
 
+@pytest.mark.parametrize(("cells", "says"), [(("vanilla", "heads=3"), "not divisible by 3"),
+                                             (("vanilla", "vanilla+rnn"), "the plain RNNs are models of their own")])
+def test_gradflow_refuses_a_bad_cell_before_training_any(cells, says):
+    """Every model is made before the first trains: a cell that reads but cannot be built failed
+    only after the cells before it had trained (minutes at the default 3,000 steps)."""
+    logs: list[str] = []
+    with pytest.raises(ValueError, match=says):
+        gradflow.gradflow_experiment(cells, length=20, hidden=4, batch_size=4, steps=1, probe_size=4, log=logs.append)
+    assert logs == []
+
+
 def test_gradflow_command_writes_png_and_json(runs, tmp_path, capsys):
     out = tmp_path / "flow.png"
     argv = ["gradflow", "--length", "20", "--hidden", "4", "--batch-size", "4", "--steps", "1",

@@ -144,13 +144,17 @@ def train_plan(argv: list[str]) -> tuple[TrainConfig, Path]:
 
 
 def _plan(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
+    from lstmkit.app import runs
     from lstmkit.app.config import TrainConfig, check_new_run
 
     given = config_values(args)
     cfg = TrainConfig.for_task(args.task, args.option, **given)
-    if not getattr(args, "resume", False):  # a saved run resumes with the settings it was started with
+    out = args.out or default_run_dir(cfg, "cell" in given)
+    # a saved run resumes with the settings it was started with; --resume where there is no
+    # checkpoint yet starts a new run
+    if not (getattr(args, "resume", False) and (Path(out) / runs.CHECKPOINT).is_file()):
         check_new_run(cfg, given)
-    return cfg, args.out or default_run_dir(cfg, "cell" in given)
+    return cfg, out
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -307,7 +307,7 @@ def check_new_run(cfg: TrainConfig, given: Iterable[str] = ()) -> None:
                          f"own); leave it out or add --optimizer sgd")
     if cfg.warmup > cfg.steps:
         raise ValueError(f"warmup: {cfg.warmup} steps of warm-up is more than the budget of {cfg.steps} steps "
-                         f"(the learning rate would never reach lr={cfg.lr:g})")
+                         f"(the learning rate would never reach its full value)")
     problem = TASKS[cfg.task].training_problem(cfg.task_options) if cfg.task in TASKS else None
     if problem:
         raise ValueError(problem)

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from lstmkit.app import runs
 
     if runs.is_run_file(args.dst):  # (its model.safetensors holds the read-out head a layer file lacks)
-        raise ValueError(f"DST: {args.dst} is a file of the training run in {Path(args.dst).parent}, which only "
+        raise ValueError(f"DST: {args.dst} names a file of the training run in {Path(args.dst).parent}, which only "
                          f"lstmkit train writes; choose another DST")
     given = {"opset": args.opset, "initial_states": args.onnx_initial_states,
              "sequence_lens": args.onnx_sequence_lens, "method": args.onnx_method}

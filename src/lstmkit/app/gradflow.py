@@ -101,15 +101,20 @@ def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, len
         if isinstance(cells, str) or not cells:
             raise ValueError(f"cells: expected a non-empty list of variants (e.g. ['rnn', 'vanilla']), got {cells!r}")
         options = {"length": length, "form": "le", "eval_size": max(probe_size, 1)}
-        get_task("adding", seed=seed, **options)  # bad options fail before any training
+        task = get_task("adding", seed=seed, **options)  # bad options fail before any training
+        configs = []
+        for cell in cells:  # every model made once first: a bad cell fails before any training
+            model_kind = cell if cell in RNN_MODELS else "lstm"
+            cfg = TrainConfig(task="adding", task_options=options, model=model_kind,
+                              cell="vanilla" if model_kind != "lstm" else cell, hidden_size=hidden,
+                              batch_size=batch_size, steps=max(steps, 1), eval_every=max(steps, 1),
+                              lr=lr, seed=seed, threads=threads)
+            cfg.validate()
+            SequenceModel(cfg, task.input_size, task.output_size, device="meta")
+            configs.append((cell, model_kind, cfg))
         old_threads = torch.get_num_threads()
         try:
-            for cell in cells:
-                model_kind = cell if cell in RNN_MODELS else "lstm"
-                cfg = TrainConfig(task="adding", task_options=options, model=model_kind,
-                                  cell="vanilla" if model_kind != "lstm" else cell, hidden_size=hidden,
-                                  batch_size=batch_size, steps=max(steps, 1), eval_every=max(steps, 1),
-                                  lr=lr, seed=seed, threads=threads)
+            for cell, model_kind, cfg in configs:
                 with _atomic.scratch_directory("gradflow") as tmp:
                     trainer = Trainer(cfg, tmp / "run", progress=False)
                     batch = next(iter(trainer.task.eval_batches("test", probe_size)))

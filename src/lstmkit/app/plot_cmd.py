@@ -137,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
             from lstmkit.app.config import RNN_MODELS
             from lstmkit.spec import resolve
             chosen["cells"] = [c.strip() for c in args.cells.split(",") if c.strip()]
+            if not chosen["cells"]:
+                raise ValueError(f"--cells: expected comma-separated models, got {args.cells!r}")
             for c in chosen["cells"]:
                 if c not in RNN_MODELS:
                     resolve(c)  # an unknown variant fails before any training

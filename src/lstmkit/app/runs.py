@@ -77,11 +77,18 @@ _BEFORE_FIRST_CHECKPOINT = {CONFIG, METRICS}
 
 
 def is_run_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` names one of a training run's files in a run's directory (one that holds
-    its config or checkpoint): files that only a run writes."""
+    """Whether ``path`` names one of a training run's files in a run's directory (one holding
+    the config.json or checkpoint lstmkit wrote; another tool's config.json beside a
+    model.safetensors is not one): files that only a run writes."""
     p = Path(path)
-    return p.name in (CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, STUDY_RESULT) and (
-        (p.parent / CONFIG).is_file() or (p.parent / CHECKPOINT).is_file())
+    if p.name not in (CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, STUDY_RESULT):
+        return False
+    if _is_run_config(p.parent / CONFIG):
+        return True
+    try:
+        return _header(p.parent / CHECKPOINT)[0].get("format") == FORMAT
+    except (ValueError, OSError):  # none, or not a checkpoint lstmkit wrote
+        return False
 
 
 @dataclass

@@ -105,7 +105,7 @@ class CountingTask(Task):
     output_size = 3
 
     def __post_init__(self) -> None:
-        if self.language not in OUTPUTS:
+        if not isinstance(self.language, str) or self.language not in OUTPUTS:
             raise ValueError(f"task 'counting': language must be 'anbn' or 'anbncn', got {self.language!r}")
         check_positive(self.name, MAX_LENGTH // 3, train_max=self.train_max, test_max=self.test_max)
         if self.test_max < self.criterion:
@@ -118,7 +118,8 @@ class CountingTask(Task):
     def training_problem(cls, options: Mapping[str, Any]) -> str | None:
         """A ``train_max`` at or above the criterion: the validation strings would be training
         strings, and the training strings alone (the baseline) would meet the target."""
-        train_max, criterion = cls.option(options, "train_max"), COUNTING_CRITERION.get(cls.option(options, "language"))
+        train_max, language = cls.option(options, "train_max"), cls.option(options, "language")
+        criterion = COUNTING_CRITERION.get(language) if isinstance(language, str) else None  # (else the task says)
         if criterion is not None and isinstance(train_max, int) and train_max >= criterion:
             return (f"task 'counting': train_max must be below the criterion {criterion} (what a run must "
                     f"generalise to, beyond the strings it trains on), got {train_max}")
