@@ -156,6 +156,54 @@ def test_a_targets_goal_agrees_with_its_metrics_direction():
         Target("mse", "max", 0.1, "")
 
 
+def _summary_of(values: dict[str, list[float | None]], metric: str = "mse", goal: str = "min") -> dict:
+    """summarize() of made-up final runs (one rate, seeds in order, the last run of each variant
+    ending first), without training."""
+    from lstmkit.app.study_config import Run
+    from lstmkit.app.study_results import summarize
+    from lstmkit.app.tasks.registry import get_task
+
+    cfg = _cfg(variants=list(values), seeds=max(len(v) for v in values.values()), lr_trials=1)
+    results = {}
+    for variant, xs in values.items():
+        for seed in reversed(range(len(xs))):  # (results: in the order runs ended)
+            results[Run(variant, 0, 1e-3, seed)] = {"diverged": False, "select": 0.5, "test": {metric: xs[seed]}}
+    return summarize(cfg, results, metric, goal, "valid", get_task("adding", length=24).target, 1.0)
+
+
+def test_the_verdict_follows_the_means_the_test_is_about():
+    """Welch's test compares means: better or worse is the sign of t, not of the medians'
+    difference (here the medians say better, the means and the test say worse), and the table,
+    the summary and the box plot say the same."""
+    from lstmkit.app.study_results import boxplot, results_table, summary_markdown, verdict
+
+    base = [.049, .0495, .05, .0505, .051] * 2 + [.049, .0495]
+    other = [.049, .0492, .0494] * 2 + [.049, .08, .081, .082, .083, .084]
+    s = _summary_of({"vanilla": base, "nfg": other})
+    (_, e) = s["variants"]
+    assert e["delta"] < 0 and e["t"] > 0 and e["p"] < 0.05 and verdict(e, "min") == "worse"
+    assert "(worse)" in results_table(s).splitlines()[-1]
+    assert "Significantly worse than vanilla (p < 0.05, by the means): nfg." in summary_markdown(s)
+    ax = boxplot(s).axes[0]
+    assert [c.get_facecolor()[0][:3] for c in ax.collections][1] == pytest.approx((0.839, 0.153, 0.157), abs=1e-3)
+
+
+def test_what_cannot_be_tested_is_said_and_nothing_is_dropped_silently():
+    """One value, or no variance, is 'not tested' (it was listed as no significant difference);
+    a run without a finite value is counted beside n; a single value has no sd; the values are
+    in seed order whatever order the runs ended in."""
+    from lstmkit.app.study_results import results_table, summary_markdown
+
+    s = _summary_of({"vanilla": [0.1, 0.2, 0.3], "nfg": [0.25, 0.2, float("nan")], "peephole": [0.4]})
+    vanilla, nfg, peephole = s["variants"]
+    assert vanilla["values"] == [0.1, 0.2, 0.3]
+    assert nfg["n"] == 2 and nfg["missing"] == 1 and peephole["std"] is None
+    text = summary_markdown(s)
+    assert "Not tested (fewer than two values, or no variance): peephole." in text
+    assert "No significant difference: nfg." in text
+    assert "| 2 (+1 without a finite mse) |" in results_table(s)
+
+
 def test_rates_that_coincide_count_each_run_once(tmp_path):
     """Learning-rate draws that coincide (a range of one value): each variant's statistics hold its
     seeds once each (the seed-0 run was counted once per coinciding draw)."""

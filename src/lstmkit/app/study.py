@@ -319,7 +319,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study-seed", type=int, default=d["seed"], help="seed of the learning-rate draws")
     parser.add_argument("--baseline", default=None,
                         help="variant to test against (default: vanilla if studied, else the first variant)")
-    parser.add_argument("--metric", default=None, help="test metric (default: the task's target metric)")
+    parser.add_argument("--metric", default=None,
+                        help="the metric compared on test, and on the selection split to choose the rate (default: "
+                             "the task's target metric; each run keeps the weights of its best evaluation of the "
+                             "target metric, on which another metric is then read)")
     parser.add_argument("--out", type=path_arg, default=None, help="study directory (default studies/TASK)")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: one per core)")
     add_task_options(parser, "length=100; see lstmkit tasks TASK")

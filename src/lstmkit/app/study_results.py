@@ -33,7 +33,9 @@ def better(goal: str) -> Callable[[float | None], float]:
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Welch's t statistic and two-sided p-value of ``mean(a) - mean(b)`` (NaN if undefined)."""
+    """Welch's t statistic and two-sided p-value of ``mean(a) - mean(b)``: NaN where undefined
+    (fewer than two values, or no variance in either sample with different means); (0, 1) for
+    two samples of one and the same constant (no difference)."""
     from scipy import stats
     if len(a) < 2 or len(b) < 2:
         return math.nan, math.nan
@@ -78,26 +80,29 @@ def summarize(cfg: StudyConfig, results: dict[Run, dict[str, Any]], metric: str,
     def at_chosen_rate(v: str) -> list[Run]:
         return [r for r in results if r.variant == v and v in chosen and r.lr_index == chosen[v].lr_index]
 
-    def final_values(v: str) -> tuple[list[float], int]:
-        runs = at_chosen_rate(v)
-        vals = [results[r]["test"][metric] for r in runs if not results[r]["diverged"]]
-        return [x for x in vals if x is not None and math.isfinite(x)], len(runs) - len(vals)
+    def final_values(v: str) -> tuple[list[float], int, int]:
+        """The finite test values at the chosen rate in seed order, the diverged runs, and the
+        runs that did not diverge but have no finite value."""
+        runs = sorted(at_chosen_rate(v), key=lambda r: r.seed)  # (results: in the order runs ended)
+        kept = [results[r]["test"].get(metric) for r in runs if not results[r]["diverged"]]
+        vals = [x for x in kept if x is not None and math.isfinite(x)]
+        return vals, len(runs) - len(kept), len(kept) - len(vals)
 
     base = cfg.baseline_variant
-    base_vals, _ = final_values(base)
+    base_vals = final_values(base)[0]
     variants = []
     for v in cfg.variants:
-        vals, diverged = final_values(v)
+        vals, diverged, missing = final_values(v)
         runs = at_chosen_rate(v)
         entry: dict[str, Any] = {"variant": v, "lr": chosen[v].lr if v in chosen else None, "n": len(vals),
-                                 "diverged": diverged,
+                                 "diverged": diverged, "missing": missing,
                                  "parameters": next((results[r].get("parameters") for r in runs
                                                      if results[r].get("parameters")), None),
                                  "values": vals}
         if vals:
             q1, med, q3 = _quartiles(vals)
             entry.update(median=med, q1=q1, q3=q3, mean=statistics.mean(vals),
-                         std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                         std=statistics.stdev(vals) if len(vals) > 1 else None,
                          met=sum(bool(target.met(x)) for x in vals) if metric == target.metric else None,
                          target_step=_median_or_none([results[r].get("target_step") for r in runs]),
                          time_s=statistics.mean(results[r].get("wall_time_s") or 0.0 for r in runs))
@@ -121,23 +126,42 @@ def _fmt(v: Any, spec: str = ".4g") -> str:
     return format(v, spec)
 
 
+def verdict(entry: dict[str, Any], goal: str) -> str | None:
+    """A variant's result against the baseline: ``"worse"`` or ``"better"`` (p < 0.05, by the
+    sign of Welch's t: the difference of the means the test is about), ``"same"`` (p ≥ 0.05),
+    ``"untested"`` (no p-value: fewer than two values, or no variance), or None for the baseline
+    itself and variants without values."""
+    if "t" not in entry or not entry["n"]:
+        return None
+    t, p = entry["t"], entry["p"]
+    if p is None or math.isnan(p):
+        return "untested"
+    if p >= 0.05:
+        return "same"
+    return "worse" if (t < 0) == (goal == "max") else "better"
+
+
+def _n(e: dict[str, Any], metric: str) -> str:
+    """A variant's run count, with the runs left out and why."""
+    return (f"{e['n']}" + (f" (+{e['diverged']} diverged)" if e["diverged"] else "")
+            + (f" (+{e['missing']} without a finite {metric})" if e.get("missing") else ""))
+
+
 def results_table(summary: dict[str, Any]) -> str:
     """The markdown table of per-variant statistics."""
-    goal = summary["goal"]
+    goal, split = summary["goal"], summary["selection_split"]
     lines = [f"| variant | lr | n | median {summary['metric']} | IQR | mean ± sd | Δ median vs {summary['baseline']} "
-             f"| Welch t | p | target met | steps to target | parameters |",
+             f"| Welch t | p | target met (test) | steps to target ({split}) | parameters |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary["variants"]:
         if not e["n"]:
-            lines.append(f"| {e['variant']} | {_fmt(e['lr'], 'g')} | 0 ({e['diverged']} diverged) "
+            lines.append(f"| {e['variant']} | {_fmt(e['lr'], 'g')} | 0{_n(e, summary['metric'])[1:]} "
                          f"| — | — | — | — | — | — | — | — | — |")
             continue
         p = e.get("p")
-        sig = ""
-        if p is not None and p < 0.05 and e.get("delta"):
-            worse = (e["delta"] < 0) == (goal == "max")
-            sig = " (worse)" if worse else " (better)"
-        n = f"{e['n']}" + (f" (+{e['diverged']} diverged)" if e["diverged"] else "")
+        sig = {"worse": " (worse)", "better": " (better)", "untested": " (untested)"}.get(
+            verdict(e, goal) or "", "")
+        n = _n(e, summary["metric"])
         lines.append(
             f"| {e['variant']} | {_fmt(e['lr'], 'g')} | {n} | {_fmt(e['median'])} | {_fmt(e['q1'])}–{_fmt(e['q3'])} "
             f"| {_fmt(e['mean'])} ± {_fmt(e['std'], '.2g')} | {_fmt(e.get('delta'), '+.3g')} "
@@ -157,7 +181,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# Variant study: {summary['task']} ({opts})", "",
         f"Metric: test `{summary['metric']}` ({goal} is better) of the weights of each run's best "
-        f"`{summary['selection_split']}` evaluation within a fixed budget of "
+        f"`{summary['selection_split']}` evaluation of the task's target metric "
+        f"(`{summary['target'].get('metric', summary['metric'])}`) within a fixed budget of "
         f"{setting(train, 'steps')} steps × batch {setting(train, 'batch_size')}; "
         f"H = {setting(train, 'hidden_size')}, {setting(train, 'num_layers')} layer(s). "
         f"Learning rate: best of {s['lr_trials']} log-uniform draws from "
@@ -173,17 +198,16 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"(one thread per run).", "",
         results_table(summary), "",
     ]
-    worse, better, same = [], [], []
+    found: dict[str, list[str]] = {"worse": [], "better": [], "same": [], "untested": []}
     for e in summary["variants"]:
-        if e["variant"] == summary["baseline"] or e.get("p") is None or not e["n"]:
-            continue
-        if e["p"] < 0.05 and e.get("delta"):
-            (worse if (e["delta"] < 0) == (summary["goal"] == "max") else better).append(e["variant"])
-        else:
-            same.append(e["variant"])
-    lines.append(f"Significantly worse than {summary['baseline']} (p < 0.05): {', '.join(worse) or 'none'}. "
-                 f"Significantly better: {', '.join(better) or 'none'}. "
-                 f"No significant difference: {', '.join(same) or 'none'}.")
+        v = verdict(e, summary["goal"]) if e["variant"] != summary["baseline"] else None
+        if v is not None:
+            found[v].append(e["variant"])
+    named = {k: ", ".join(v) or "none" for k, v in found.items()}
+    lines.append(f"Significantly worse than {summary['baseline']} (p < 0.05, by the means): {named['worse']}. "
+                 f"Significantly better: {named['better']}. No significant difference: {named['same']}."
+                 + (f" Not tested (fewer than two values, or no variance): {', '.join(found['untested'])}."
+                    if found["untested"] else ""))
     lines.append("")
     lines.append(f"Regenerate: `{command_line(summary['settings'])}`")
     return "\n".join(lines) + "\n"
@@ -222,8 +246,7 @@ def boxplot(summary: dict[str, Any]) -> Any:
         ax.boxplot([e["values"] for e in entries], tick_labels=[e["variant"] for e in entries], showfliers=False)
         for k, e in enumerate(entries, start=1):
             jitter = [k + 0.08 * ((j % 5) - 2) for j in range(len(e["values"]))]
-            p = e.get("p")
-            color = "tab:red" if p is not None and p < 0.05 else "tab:blue"
+            color = "tab:red" if verdict(e, summary["goal"]) in ("worse", "better") else "tab:blue"
             ax.scatter(jitter, e["values"], s=14, color=color, alpha=0.8, zorder=3)
         base = next((e for e in entries if e["variant"] == summary["baseline"]), None)
         if base:
