@@ -107,6 +107,25 @@ def test_gate_and_cell_pictures_mark_the_adding_problems_flagged_inputs(runs):
     assert plots.input_marks(rundir.load_run(runs["charlm"])[1], x[:, :, :1]) == []  # nothing to mark there
 
 
+@pytest.mark.parametrize(("task_name", "options"), [("copy", {"length": 24, "eval_size": 8}),
+                                                    ("long_lag", {"variant": "2a", "p": 10, "q": 10, "eval_size": 8}),
+                                                    ("adding", {"length": 24, "eval_size": 8})])
+def test_the_marks_of_a_cut_sequence_are_the_whole_ones_within_it(task_name, options):
+    """--max-steps cuts the picture, not the task's reading of the sequence: the marks are those
+    of the whole sequence within the steps shown (the copy task's marks failed with an IndexError
+    below 10 steps; long_lag labelled the last step shown 'recall')."""
+    from lstmkit.app.tasks.registry import get_task
+
+    task = get_task(task_name, **options)
+    whole, labels, marks = plots.shown_input(task)
+    assert marks == plots.input_marks(task, whole) and marks
+    for n in (1, 3, marks[-1][0]):
+        x, _, cut = plots.shown_input(task, max_steps=n)
+        assert x.shape[0] == n and cut == [(t, m) for t, m in marks if t < n]
+    with pytest.raises(ValueError, match="max_steps: expected an int >= 1, got 0"):
+        plots.shown_input(task, max_steps=0)
+
+
 def test_gates_charlm_characters_along_the_axis(runs, tmp_path):
     _, task, model = rundir.load_run(runs["charlm"])
     x, labels = plots.sample_input(task, text="def f(x):\n\treturn x")
@@ -303,6 +322,14 @@ def test_gradflow_experiment_measures_the_models(tmp_path):
     assert [ax.get_xlabel() for ax in fig.axes] == ["time step t"] * 2 and fig.axes[0].get_yscale() == "log"
     assert all(len(ax.get_lines()) == 3 for ax in fig.axes)
     assert_png(tmp_path / "gf.png")
+
+
+def test_gradflow_of_runs_of_different_lengths_is_refused(runs, tmp_path):
+    """The table and the picture compare the gradients at shared steps (t = 1, T/2, T): runs of
+    the adding problem at other lengths were labelled with the first run's T."""
+    other = _run(tmp_path, "add-26", cell="vanilla", task="adding", task_options={"length": 26, "eval_size": 16})
+    with pytest.raises(ValueError, match="different options"):
+        gradflow.gradflow_experiment(runs=[runs["vanilla"], other])
 
 
 @pytest.mark.parametrize(("cells", "says"), [(("vanilla", "heads=3"), "not divisible by 3"),

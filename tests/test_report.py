@@ -247,6 +247,9 @@ def test_the_report_of_a_plain_rnn_run_shows_no_cell_variant(tmp_path):
     train(cfg, tmp_path / "rnn", progress=False)
     text = "".join(parse(report.write_report(tmp_path / "rnn")).text)
     assert f"— (unused by model rnn: {cfg.cell})" in text
+    # the captions say what the pictures show of a plain RNN (they spoke of its gates and cell state)
+    assert "Every gate" not in text and "c_t and h_t" not in text and "Each gate's W" not in text
+    assert "The plain RNN has no gates" in text and "h_t (the plain RNN has no cell state)" in text
 
 
 @pytest.mark.parametrize("argv, message", [

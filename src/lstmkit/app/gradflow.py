@@ -84,10 +84,15 @@ def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, len
         raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
     models = []
     if runs:
-        for d in runs:
-            cfg, task, trained = load_run(d)
+        loaded = [(d, *load_run(d)) for d in runs]
+        for d, cfg, _, _ in loaded:
             if cfg.task != "adding":
                 raise ValueError(f"runs: {str(d)!r} is a run of task {cfg.task!r}, expected 'adding'")
+        options = {str(d): cfg.task_options for d, cfg, _, _ in loaded}
+        if len({repr(sorted(o.items())) for o in options.values()}) > 1:  # one T: the table's steps are shared
+            raise ValueError(f"runs: the runs are of the adding problem with different options ({options}); the "
+                             f"gradients are compared at the same steps, so give runs of one length")
+        for d, cfg, task, trained in loaded:
             torch.manual_seed(cfg.seed)  # the Trainer's initialisation, from the run's seed
             init = SequenceModel(cfg, task.input_size, task.output_size).eval()
             batch = next(iter(task.eval_batches("test", probe_size)))

@@ -107,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
         if kind == "weights":
             plots.plot_weights(model, layer=args.layer, direction=args.direction, path=out, overwrite=args.overwrite)
         else:
-            x, labels = plots.sample_input(task, args.text, args.max_steps)
-            marks = plots.input_marks(task, x)
+            x, labels, marks = plots.shown_input(task, args.text, args.max_steps)
             if kind == "gates":
                 plots.plot_gates(model, x, labels=labels, layer=args.layer, direction=args.direction, path=out,
                            overwrite=args.overwrite, marks=marks)

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from lstmkit.app.tasks.base import Task
 
 __all__ = ["plot_gates", "plot_cells", "plot_weights", "plot_curves", "plot_compare",
-           "plot_gradient_flow", "plot_gradflow", "sample_input", "input_marks", "memory_units", "memory_highlight",
+           "plot_gradient_flow", "plot_gradflow", "sample_input", "shown_input", "input_marks", "memory_units",
+           "memory_highlight",
            "reference_lines", "figure_png", "save_png", "save_json", "check_output"]
 
 _DPI = 100
@@ -153,8 +154,7 @@ def sample_input(task: Task, text: str | None = None, max_steps: int | None = No
     """
     import torch.nn.functional as F
 
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps: expected an int >= 1, got {max_steps}")
+    _check_max_steps(max_steps)
     alphabet = _symbols(task)
     if text is not None:
         if getattr(task, "name", "") != "charlm":
@@ -173,6 +173,26 @@ def sample_input(task: Task, text: str | None = None, max_steps: int | None = No
     if alphabet is not None and x.shape[-1] == len(alphabet):
         labels = [_show_char(alphabet[int(i)]) for i in x[:, 0].argmax(-1)]
     return x, labels
+
+
+def _check_max_steps(max_steps: int | None) -> None:
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps: expected an int >= 1, got {max_steps}")
+
+
+def shown_input(task: Task, text: str | None = None, max_steps: int | None = None
+                ) -> tuple[Tensor, list[str] | None, list[tuple[int, str]]]:
+    """What the pictures show: :func:`sample_input`'s sequence ``x`` (T, 1, input_size) and its
+    labels, cut at ``max_steps``, and the marks (:func:`input_marks`) of the whole sequence that
+    fall within the steps shown — a task reads its marks from the whole sequence (the copy
+    task's symbols, the recall at the last step), not from a cut one."""
+    _check_max_steps(max_steps)
+    x, labels = sample_input(task, text)
+    marks = input_marks(task, x)
+    if max_steps is not None:
+        x, labels = x[:max_steps], (labels[:max_steps] if labels is not None else None)
+        marks = [(t, m) for t, m in marks if t < max_steps]
+    return x, labels, marks
 
 
 def input_marks(task: Task, x: Tensor) -> list[tuple[int, str]]:

@@ -253,23 +253,26 @@ def build_report(run_dir: str | os.PathLike[str], *, text: str | None = None, gr
         body = '<p class="note">no metrics.jsonl: no evaluation was recorded</p>'
     sections.append(("Training curves", body))
 
-    x, labels = plots.sample_input(task, text, max_steps)
-    marks = plots.input_marks(task, x)
+    x, labels, marks = plots.shown_input(task, text, max_steps)
     what = "the given text" if text is not None else "the first sequence of the test set"
     marked = f"; red dotted lines mark the inputs to remember ({', '.join(m for _, m in marks)})" if marks else ""
+    lstm = model.rnn.spec.is_lstm  # (the plain RNN: no gates, no cell state; its pictures say so)
     sections.append(("Gate activations", _image(
         plots.plot_gates(model, x, labels=labels, marks=marks), "gate activation heatmaps",
-        f"Every gate of layer 0 (forward) at every step of {what} ({x.shape[0]} steps); "
-        f"recorded by the layer's kernel (lstmkit.trace){marked}.")))
+        (f"Every gate of layer 0 (forward) at every step of {what} ({x.shape[0]} steps)" if lstm else
+         f"The plain RNN has no gates; {what} ({x.shape[0]} steps)")
+        + f"; recorded by the layer's kernel (lstmkit.trace){marked}.")))
     highlight = plots.memory_highlight(model, task)
     held = (f" The thick line is the cell whose state follows what must be held most closely ("
             f"{highlight[0][1]}), measured by lstmkit.app.plots.memory_units." if highlight else "")
     sections.append(("Cell states", _image(
         plots.plot_cells(model, x, labels=labels, marks=marks, highlight=highlight), "cell-state trajectories",
-        f"c_t and h_t of layer 0 (forward) over {what}{marked}.{held}")))
+        f"{'c_t and h_t' if lstm else 'h_t (the plain RNN has no cell state)'} of layer 0 (forward) over "
+        f"{what}{marked}.{held}")))
     sections.append(("Weights", _image(
         plots.plot_weights(model), "gate weight matrices",
-        "Each gate's W = [W_x | W_h] over [x_t, h_(t-1)], layer 0 (forward); the dashed line is the split.")))
+        ("Each gate's W" if lstm else "The plain RNN's one layer W")
+        + " = [W_x | W_h] over [x_t, h_(t-1)], layer 0 (forward); the dashed line is the split.")))
 
     if gradflow:
         batch = next(iter(task.eval_batches("test", batch_size)))
