@@ -142,19 +142,17 @@ def _show_char(c: str) -> str:
     return {"\n": "\u21b5", "\t": "\u2192", " ": "\u2423", "$": r"\$"}.get(c, c)
 
 
-def sample_input(task: Task, text: str | None = None, max_steps: int | None = None
-                 ) -> tuple[Tensor, list[str] | None]:
-    """One input sequence for the pictures: ``text`` (charlm only), else the first sequence
-    of the task's test set.
+def sample_input(task: Task, text: str | None = None) -> tuple[Tensor, list[str] | None]:
+    """One input sequence for the pictures, whole: ``text`` (charlm only), else the first
+    sequence of the task's test set (:func:`shown_input` cuts it).
 
     Returns:
         ``x`` (T, 1, input_size) and the symbol at each step (charlm, Reber), or None.
     Raises:
-        ValueError: ``text`` for a task that does not read text, empty text, bad ``max_steps``.
+        ValueError: ``text`` for a task that does not read text, empty text.
     """
     import torch.nn.functional as F
 
-    _check_max_steps(max_steps)
     alphabet = _symbols(task)
     if text is not None:
         if getattr(task, "name", "") != "charlm":
@@ -167,17 +165,10 @@ def sample_input(task: Task, text: str | None = None, max_steps: int | None = No
         batch = next(iter(task.eval_batches("test", 1)))
         n = batch.x.shape[0] if batch.lengths is None else int(batch.lengths[0])
         x = batch.x[:n, :1]
-    if max_steps is not None:
-        x = x[:max_steps]
     labels = None
     if alphabet is not None and x.shape[-1] == len(alphabet):
         labels = [_show_char(alphabet[int(i)]) for i in x[:, 0].argmax(-1)]
     return x, labels
-
-
-def _check_max_steps(max_steps: int | None) -> None:
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps: expected an int >= 1, got {max_steps}")
 
 
 def shown_input(task: Task, text: str | None = None, max_steps: int | None = None
@@ -185,8 +176,13 @@ def shown_input(task: Task, text: str | None = None, max_steps: int | None = Non
     """What the pictures show: :func:`sample_input`'s sequence ``x`` (T, 1, input_size) and its
     labels, cut at ``max_steps``, and the marks (:func:`input_marks`) of the whole sequence that
     fall within the steps shown — a task reads its marks from the whole sequence (the copy
-    task's symbols, the recall at the last step), not from a cut one."""
-    _check_max_steps(max_steps)
+    task's symbols, the recall at the last step), not from a cut one.
+
+    Raises:
+        ValueError: as :func:`sample_input`, and a ``max_steps`` below 1.
+    """
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps: expected an int >= 1, got {max_steps}")
     x, labels = sample_input(task, text)
     marks = input_marks(task, x)
     if max_steps is not None:
