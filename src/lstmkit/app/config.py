@@ -123,6 +123,13 @@ def _check(name: str, value: Any, opt: Option) -> None:
 RNN_MODELS: tuple[str, ...] = tuple(r.word for r in variants.ROWS if r.sets.get("kind") == "rnn")
 
 
+def model_and_cell(word: str) -> dict[str, str]:
+    """The settings ``model`` and ``cell`` of a run of ``word``, a variant as ``study --variants``
+    and ``plot gradflow --cells`` take it: a plain RNN's word is the model (its cell unused,
+    vanilla), anything else an LSTM variant."""
+    return {"model": word, "cell": "vanilla"} if word in RNN_MODELS else {"model": "lstm", "cell": word}
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run. Same config and seed → same loss curve."""

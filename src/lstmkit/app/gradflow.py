@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lstmkit import _atomic
-from lstmkit.app.config import RNN_MODELS
+from lstmkit.app.config import model_and_cell
 from lstmkit.app.runs import load_run, read_checkpoint
 from lstmkit.app.tasks.base import Task
 from lstmkit.tracing import GradientFlow, gradient_flow
@@ -109,17 +109,15 @@ def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, len
         task = get_task("adding", seed=seed, **options)  # bad options fail before any training
         configs = []
         for cell in cells:  # every model made once first: a bad cell fails before any training
-            model_kind = cell if cell in RNN_MODELS else "lstm"
-            cfg = TrainConfig(task="adding", task_options=options, model=model_kind,
-                              cell="vanilla" if model_kind != "lstm" else cell, hidden_size=hidden,
+            cfg = TrainConfig(task="adding", task_options=options, **model_and_cell(cell), hidden_size=hidden,
                               batch_size=batch_size, steps=max(steps, 1), eval_every=max(steps, 1),
                               lr=lr, seed=seed, threads=threads)
             cfg.validate()
             SequenceModel(cfg, task.input_size, task.output_size, device="meta")
-            configs.append((cell, model_kind, cfg))
+            configs.append((cell, cfg))
         old_threads = torch.get_num_threads()
         try:
-            for cell, model_kind, cfg in configs:
+            for cell, cfg in configs:
                 with _atomic.scratch_directory("gradflow") as tmp:
                     trainer = Trainer(cfg, tmp / "run", progress=False)
                     batch = next(iter(trainer.task.eval_batches("test", probe_size)))
@@ -128,7 +126,7 @@ def gradflow_experiment(cells: Sequence[str] = ("rnn", "vanilla", "nfg"), *, len
                     for _ in range(steps):
                         trainer.train_step()
                     say(f"{cell}: {steps} training steps in {time.perf_counter() - t0:.1f} s")
-                    models.append({"name": cell, "model": model_kind, "cell": cfg.cell, "steps": steps,
+                    models.append({"name": cell, "model": cfg.model, "cell": cfg.cell, "steps": steps,
                                    "init": init, "trained": _measure(trainer.model, trainer.task, batch)})
         finally:
             torch.set_num_threads(old_threads)

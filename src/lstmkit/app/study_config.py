@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lstmkit import _atomic
-from lstmkit.app.config import MAX_SEED, RNN_MODELS, TrainConfig, option_of
+from lstmkit.app.config import MAX_SEED, RNN_MODELS, TrainConfig, model_and_cell, option_of
 from lstmkit.app.tasks.base import check_metric_name
 from lstmkit.spec import resolve
 
@@ -123,11 +123,7 @@ class Run:
 def train_config(cfg: StudyConfig, run: Run, split: str) -> dict[str, Any]:
     d = {"task": cfg.task, **cfg.train, "lr": run.lr, "seed": run.seed, "eval_split": split,
          "stop_at_target": False, "threads": 1}
-    if run.variant in RNN_MODELS:
-        d.update(model=run.variant, cell="vanilla")
-    else:
-        d.update(model="lstm", cell=run.variant)
-    return d
+    return {**d, **model_and_cell(run.variant)}
 
 
 def effective_train(train: Any) -> Any:
