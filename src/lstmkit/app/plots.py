@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["plot_gates", "plot_cells", "plot_weights", "plot_curves", "plot_compare",
            "plot_gradient_flow", "plot_gradflow", "sample_input", "shown_input", "input_marks", "memory_units",
            "memory_highlight",
-           "reference_lines", "figure_png", "save_png", "save_json", "check_output"]
+           "reference_lines", "figure_png", "save_png", "save_json", "check_output", "write_output"]
 
 _DPI = 100
 
@@ -97,7 +97,12 @@ def save_png(fig: Figure, path: str | os.PathLike[str], overwrite: bool = False,
             lstmkit._atomic.WriteError (full disk, read-only): nothing was changed.
     """
     p = check_output(path, overwrite, ".png")
-    return _atomic.write_bytes(p, figure_png(fig, dpi), overwrite=overwrite, exists_error=_exists(p))
+    return write_output(p, figure_png(fig, dpi), overwrite)
+
+
+def write_output(path: Path, data: bytes, overwrite: bool) -> Path:
+    """Write ``data`` at the output ``path`` (checked by :func:`check_output`), atomically."""
+    return _atomic.write_bytes(path, data, overwrite=overwrite, exists_error=_exists(path))
 
 
 def _finish(fig: Figure, path: str | os.PathLike[str] | None, overwrite: bool) -> Figure:
@@ -111,7 +116,7 @@ def save_json(obj: Any, path: str | os.PathLike[str], overwrite: bool = False) -
     existing file is replaced only with ``overwrite``."""
     p = check_output(path, overwrite, ".json")
     data = (json.dumps(_json_safe(obj), indent=1, allow_nan=False) + "\n").encode()
-    return _atomic.write_bytes(p, data, overwrite=overwrite, exists_error=_exists(p))
+    return write_output(p, data, overwrite)
 
 
 def _json_safe(value: Any) -> Any:

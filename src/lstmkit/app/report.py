@@ -29,7 +29,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lstmkit import _atomic
 from lstmkit._optional import require
 from lstmkit.app import plots, runs
 from lstmkit.app.gradflow import task_gradient_flow
@@ -321,22 +320,8 @@ def write_report(run_dir: str | os.PathLike[str], output: str | os.PathLike[str]
         ValueError: see :func:`build_report`; an output directory that does not exist.
     """
     d = _run_dir(run_dir)
-    out = _check_output(Path(output) if output is not None else d / "report.html", overwrite)
-    return _write(out, build_report(d, **kw), overwrite)
-
-
-def _check_output(out: Path, overwrite: bool) -> Path:
-    """``out`` as a report that may be written (an existing one only with ``overwrite``)."""
-    _atomic.check_writable(out, overwrite=overwrite, what="output", suffix=".html", exists_error=_exists(out))
-    return out
-
-
-def _write(out: Path, page: str, overwrite: bool) -> Path:
-    return _atomic.write_bytes(out, page.encode("utf-8"), overwrite=overwrite, exists_error=_exists(out))
-
-
-def _exists(out: Path) -> str:
-    return f"output: {out} exists; nothing was overwritten (use --overwrite to replace it)"
+    out = plots.check_output(Path(output) if output is not None else d / "report.html", overwrite, ".html")
+    return plots.write_output(out, build_report(d, **kw).encode("utf-8"), overwrite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -386,9 +371,9 @@ def run(args: argparse.Namespace) -> int:
     # every output checked and every run's report made before any is written: a damaged run or an
     # unwritable output refuses them all, leaving no report half the runs have (which a second call
     # would then refuse as existing)
-    outs = [_check_output(d / "report.html", args.overwrite) for d in below]
+    outs = [plots.check_output(d / "report.html", args.overwrite, ".html") for d in below]
     pages = [build_report(d, text=args.text, gradflow=args.gradflow, max_steps=args.max_steps) for d in below]
     for out, page in zip(outs, pages):
-        _write(out, page, args.overwrite)
+        plots.write_output(out, page.encode("utf-8"), args.overwrite)
         print(f"wrote {out}")
     return 0
