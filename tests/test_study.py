@@ -202,6 +202,8 @@ def test_what_cannot_be_tested_is_said_and_nothing_is_dropped_silently():
     assert "Not tested (fewer than two values, or no variance): peephole." in text
     assert "No significant difference: nfg." in text
     assert "| 2 (+1 without a finite mse) |" in results_table(s)
+    empty = _summary_of({"vanilla": [0.1, 0.2], "nfg": [float("nan")] * 2})
+    assert "| nfg | 0.001 | 0 (+2 without a finite mse) | — |" in results_table(empty)
 
 
 def test_rates_that_coincide_count_each_run_once(tmp_path):

@@ -155,7 +155,7 @@ def results_table(summary: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary["variants"]:
         if not e["n"]:
-            lines.append(f"| {e['variant']} | {_fmt(e['lr'], 'g')} | 0{_n(e, summary['metric'])[1:]} "
+            lines.append(f"| {e['variant']} | {_fmt(e['lr'], 'g')} | {_n(e, summary['metric'])} "
                          f"| — | — | — | — | — | — | — | — | — |")
             continue
         p = e.get("p")
